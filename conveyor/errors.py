@@ -1,0 +1,178 @@
+"""Typed operating errors shared by every layer.
+
+Operating errors are expected: bad bytes, exceeded limits, unknown names, a full
+disk. Each carries a stable ``code`` (protocols map it to their own error: Kafka
+error codes, AMQP reply codes, SQS error shapes, HTTP statuses) and the evidence
+in ``details``. Programmer errors are ``assert``s and never use these classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConveyorError(Exception):
+    """Base of every error Conveyor raises on purpose."""
+
+    code = "internal_error"
+    http_status = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        if not self.details:
+            return self.message
+        evidence = ", ".join(f"{key}={value!r}" for key, value in self.details.items())
+        return f"{self.message} ({evidence})"
+
+
+class OperatingError(ConveyorError):
+    """An expected failure caused by input or the environment, not by a bug."""
+
+    code = "operating_error"
+    http_status = 400
+
+
+# --- input -------------------------------------------------------------------
+class InvalidRequestError(OperatingError):
+    code = "invalid_request"
+
+
+class InvalidNameError(OperatingError):
+    code = "invalid_name"
+
+
+class InvalidConfigError(OperatingError):
+    code = "invalid_config"
+
+
+class CorruptRecordError(OperatingError):
+    """A record batch failed validation (CRC, lengths, magic)."""
+
+    code = "corrupt_record"
+
+
+class RecordTooLargeError(OperatingError):
+    code = "record_too_large"
+    http_status = 413
+
+
+class LimitExceededError(OperatingError):
+    code = "limit_exceeded"
+    http_status = 413
+
+
+# --- names -------------------------------------------------------------------
+class NotFoundError(OperatingError):
+    code = "not_found"
+    http_status = 404
+
+
+class UnknownTopicError(NotFoundError):
+    code = "unknown_topic"
+
+
+class UnknownPartitionError(NotFoundError):
+    code = "unknown_partition"
+
+
+class UnknownGroupError(NotFoundError):
+    code = "unknown_group"
+
+
+class UnknownExchangeError(NotFoundError):
+    code = "unknown_exchange"
+
+
+class UnknownQueueError(NotFoundError):
+    code = "unknown_queue"
+
+
+class AlreadyExistsError(OperatingError):
+    code = "already_exists"
+    http_status = 409
+
+
+class TopicExistsError(AlreadyExistsError):
+    code = "topic_exists"
+
+
+class PreconditionFailedError(OperatingError):
+    """A declaration conflicts with an existing one (AMQP 406 semantics)."""
+
+    code = "precondition_failed"
+    http_status = 409
+
+
+# --- state machines ----------------------------------------------------------
+class IllegalStateError(OperatingError):
+    code = "illegal_state"
+    http_status = 409
+
+
+class UnknownMemberError(IllegalStateError):
+    code = "unknown_member"
+
+
+class IllegalGenerationError(IllegalStateError):
+    code = "illegal_generation"
+
+
+class RebalanceInProgressError(IllegalStateError):
+    code = "rebalance_in_progress"
+
+
+class UnknownDeliveryError(IllegalStateError):
+    """A receipt handle / delivery id that is unknown, already acked or expired."""
+
+    code = "unknown_delivery"
+
+
+class LockExpiredError(IllegalStateError):
+    code = "lock_expired"
+
+
+class OffsetOutOfRangeError(OperatingError):
+    code = "offset_out_of_range"
+    http_status = 416
+
+
+# --- idempotent producer -----------------------------------------------------
+class DuplicateSequenceError(OperatingError):
+    code = "duplicate_sequence"
+
+
+class OutOfOrderSequenceError(OperatingError):
+    code = "out_of_order_sequence"
+
+
+class InvalidProducerEpochError(OperatingError):
+    code = "invalid_producer_epoch"
+
+
+class UnknownProducerIdError(OperatingError):
+    code = "unknown_producer_id"
+
+
+# --- environment -------------------------------------------------------------
+class StorageError(OperatingError):
+    code = "storage_error"
+    http_status = 503
+
+
+class StorageFullError(StorageError):
+    code = "storage_full"
+    http_status = 507
+
+
+class UnavailableError(OperatingError):
+    code = "unavailable"
+    http_status = 503
+
+
+class AuthenticationError(OperatingError):
+    code = "authentication_failed"
+    http_status = 401
