@@ -1,0 +1,184 @@
+"""Server configuration: defaults < TOML file < CONVEYOR_* environment < command-line flags.
+
+Every limit is a named field whose unit ends its name. The configuration is a
+frozen dataclass tree; ``load_config`` is the only place that reads the file or
+the environment.
+
+Environment variables: ``CONVEYOR_DATA_DIR``, ``CONVEYOR_HOST``,
+``CONVEYOR_ADVERTISED_HOST``, ``CONVEYOR_LOG_LEVEL``, ``CONVEYOR_LOG_FORMAT``,
+``CONVEYOR_LISTENERS`` (comma-separated names), ``CONVEYOR_<NAME>_PORT`` for a
+listener's port, and ``CONVEYOR_BROKER__<FIELD>`` for a broker field
+(``CONVEYOR_BROKER__AUTO_CREATE_TOPICS=false``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conveyor.errors import InvalidConfigError
+
+DEFAULT_PORTS: dict[str, int] = {"kafka": 9092, "amqp": 5672, "sqs": 9324, "http": 8080}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    enabled: bool = True
+    host: str | None = None  # None: the server's host
+    port: int = 0
+    settings: Mapping[str, Any] = field(default_factory=dict)  # protocol-specific section
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    auto_create_topics: bool = True
+    default_partitions: int = 1
+    record_bytes_max: int = 1 << 20  # 1 MiB, Kafka's message.max.bytes order of magnitude
+    retention_check_interval_ms: int = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path = Path("./conveyor-data")
+    host: str = "127.0.0.1"
+    advertised_host: str | None = None  # what Kafka Metadata tells clients; None: host
+    log_level: str = "info"
+    log_format: str = "text"  # "text" or "json"
+    shutdown_grace_ms: int = 10_000
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    listeners: tuple[ListenerConfig, ...] = field(
+        default_factory=lambda: tuple(
+            ListenerConfig(name=name, port=port)
+            for name, port in DEFAULT_PORTS.items()
+            if name != "sqs"
+        )
+    )
+
+    def listener(self, name: str) -> ListenerConfig | None:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        return None
+
+
+def _coerce(value: str, template: Any, name: str) -> Any:
+    if isinstance(template, bool):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise InvalidConfigError(f"{name} must be a boolean", value=value)
+    if isinstance(template, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidConfigError(f"{name} must be an integer", value=value) from None
+    return value
+
+
+def _broker_settings(base: BrokerSettings, overrides: Mapping[str, Any]) -> BrokerSettings:
+    known = {f.name for f in dataclasses.fields(BrokerSettings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise InvalidConfigError("unknown [broker] settings", names=sorted(unknown))
+    values: dict[str, Any] = {}
+    for key, value in overrides.items():
+        template = getattr(base, key)
+        values[key] = _coerce(value, template, f"broker.{key}") if isinstance(value, str) else value
+        if type(values[key]) is not type(template):
+            raise InvalidConfigError(f"broker.{key} has the wrong type", value=value)
+    return dataclasses.replace(base, **values)
+
+
+def _listeners_from(
+    sections: Mapping[str, Any], enabled_names: list[str] | None, ports: Mapping[str, int]
+) -> tuple[ListenerConfig, ...]:
+    names = list(DEFAULT_PORTS)
+    result = []
+    for name in names:
+        section = dict(sections.get(name, {}))
+        enabled = bool(section.pop("enabled", name != "sqs"))
+        host = section.pop("host", None)
+        port = int(section.pop("port", DEFAULT_PORTS[name]))
+        if enabled_names is not None:
+            enabled = name in enabled_names
+        if name in ports:
+            port = ports[name]
+        if not 0 <= port <= 65535:
+            raise InvalidConfigError("listener port out of range", listener=name, port=port)
+        result.append(ListenerConfig(name, enabled, host, port, section))
+    unknown = set(sections) - set(names)
+    if unknown:
+        raise InvalidConfigError("unknown listeners", names=sorted(unknown))
+    return tuple(result)
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Merge defaults, the TOML file, the environment and flags (later wins)."""
+    environ = os.environ if environ is None else environ
+    flags = flags or {}
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise InvalidConfigError(
+                "cannot read config file", path=str(path), error=str(error)
+            ) from None
+    top: dict[str, Any] = {
+        key: document[key]
+        for key in ("data_dir", "host", "advertised_host", "log_level", "log_format")
+        if key in document
+    }
+    broker_overrides: dict[str, Any] = dict(document.get("broker", {}))
+    listener_sections: dict[str, Any] = dict(document.get("listeners", {}))
+    enabled_names: list[str] | None = None
+    ports: dict[str, int] = {}
+
+    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format"):
+        env_name = f"CONVEYOR_{key.upper()}"
+        if env_name in environ:
+            top[key] = environ[env_name]
+    if "CONVEYOR_LISTENERS" in environ:
+        enabled_names = [n.strip() for n in environ["CONVEYOR_LISTENERS"].split(",") if n.strip()]
+    for name in DEFAULT_PORTS:
+        env_name = f"CONVEYOR_{name.upper()}_PORT"
+        if env_name in environ:
+            ports[name] = int(_coerce(environ[env_name], 0, env_name))
+    for env_name, value in environ.items():
+        if env_name.startswith("CONVEYOR_BROKER__"):
+            broker_overrides[env_name.removeprefix("CONVEYOR_BROKER__").lower()] = value
+
+    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format"):
+        if flags.get(key) is not None:
+            top[key] = flags[key]
+    if flags.get("listeners") is not None:
+        enabled_names = list(flags["listeners"])
+    for name, port in (flags.get("ports") or {}).items():
+        ports[name] = int(port)
+
+    unknown_top = set(document) - {
+        "data_dir", "host", "advertised_host", "log_level", "log_format", "broker", "listeners",
+    }
+    if unknown_top:
+        raise InvalidConfigError("unknown settings in config file", names=sorted(unknown_top))
+    if "data_dir" in top:
+        top["data_dir"] = Path(top["data_dir"])
+    if top.get("log_format", "text") not in ("text", "json"):
+        raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
+    return ServerConfig(
+        **top,
+        broker=_broker_settings(BrokerSettings(), broker_overrides),
+        listeners=_listeners_from(listener_sections, enabled_names, ports),
+    )

@@ -1,0 +1,163 @@
+"""The server: config -> storage -> broker -> listeners, and the way back down.
+
+This is the one place that chooses concrete classes (FileLogStore on the OS file
+system, SQLite state). Start order: lock the data directory, recover the log
+store, open the state store and broker, start listeners. Stop order (SIGINT /
+SIGTERM): stop accepting and close connections, let the broker finish in-flight
+appends and fsync, close the stores, release the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from conveyor.clock import Clock, SystemClock
+from conveyor.config import ServerConfig
+from conveyor.errors import UnavailableError
+from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+logger = logging.getLogger("conveyor.server")
+
+
+class DataDirectoryLock:
+    """An exclusive flock on ``<data_dir>/.lock`` so two servers never share a directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UnavailableError(
+                "data directory is in use by another server", path=str(self._path)
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Server:
+    def __init__(
+        self, config: ServerConfig, clock: Clock | None = None, rng: random.Random | None = None
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.ports: dict[str, int] = {}
+        self._broker: Broker | None = None
+        self._listeners: dict[str, RunningListener] = {}
+        self._lock = DataDirectoryLock(config.data_dir)
+
+    @property
+    def broker(self) -> Broker:
+        assert self._broker is not None, "server not started"
+        return self._broker
+
+    async def start(self) -> None:
+        from conveyor.broker.broker import Broker, BrokerConfig
+        from conveyor.storage.fs import OsFileSystem
+        from conveyor.storage.log_store import FileLogStore
+        from conveyor.storage.state_store import SqliteStateStore
+
+        data_dir = self.config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            log_store = FileLogStore(data_dir / "logs", OsFileSystem(), self.clock)
+            state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
+            settings = self.config.broker
+            broker_config = BrokerConfig(
+                auto_create_topics=settings.auto_create_topics,
+                default_partitions=settings.default_partitions,
+                record_bytes_max=settings.record_bytes_max,
+            )
+            self._broker = Broker(log_store, state_store, self.clock, self.rng, broker_config)
+            await self._broker.open()
+            await self._start_listeners()
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info("conveyor started", extra={"data_dir": str(data_dir), "ports": self.ports})
+
+    async def _start_listeners(self) -> None:
+        advertised_host = self.config.advertised_host or self.config.host
+        if advertised_host in ("0.0.0.0", "::"):
+            advertised_host = "127.0.0.1"
+        for listener_config in self.config.listeners:
+            if not listener_config.enabled:
+                continue
+            start = find_listener(listener_config.name)
+            context = ListenerContext(
+                host=listener_config.host or self.config.host,
+                port=listener_config.port,
+                settings=listener_config.settings,
+                advertised_host=advertised_host,
+            )
+            running = await start(self.broker, context)
+            self._listeners[listener_config.name] = running
+            self.ports[listener_config.name] = running.port
+            logger.info(
+                "listening",
+                extra={
+                    "listener": listener_config.name, "host": context.host, "port": running.port
+                },
+            )
+
+    async def stop(self) -> None:
+        for name, listener in list(self._listeners.items()):
+            try:
+                await listener.close()
+            except Exception:
+                logger.exception("listener failed to close", extra={"listener": name})
+            del self._listeners[name]
+        if self._broker is not None:
+            await self._broker.close()
+            self._broker = None
+        self._lock.release()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    server = Server(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop_requested.set)
+    await server.start()
+    print(
+        "conveyor ready: "
+        + ", ".join(f"{name}={config.host}:{port}" for name, port in server.ports.items()),
+        flush=True,
+    )
+    try:
+        await stop_requested.wait()
+        logger.info("shutting down")
+    finally:
+        await server.stop()
+        logger.info("stopped")
+
+
+def run(config: ServerConfig) -> None:
+    import uvloop
+
+    uvloop.run(serve(config))

@@ -1,0 +1,70 @@
+"""The listener contract: how a protocol plugs into the server.
+
+A protocol package exposes ``conveyor.protocols.<name>.listener.start_listener``;
+the server finds it by name in ``LISTENER_MODULES``. Adding a protocol is adding
+one line there.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+LISTENER_MODULES: dict[str, str] = {
+    "kafka": "conveyor.protocols.kafka.listener",
+    "amqp": "conveyor.protocols.amqp.listener",
+    "http": "conveyor.protocols.http.listener",
+    "sqs": "conveyor.protocols.sqs.listener",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerContext:
+    host: str
+    port: int  # 0: any free port
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    advertised_host: str = "127.0.0.1"
+
+
+class RunningListener(Protocol):
+    port: int
+
+    async def close(self) -> None:
+        """Stop accepting, then close every connection."""
+        ...
+
+
+StartListener = Callable[["Broker", ListenerContext], Awaitable[RunningListener]]
+
+
+def find_listener(name: str) -> StartListener:
+    """Return the protocol's ``start_listener``; unknown names are a config error."""
+    from conveyor.errors import InvalidConfigError
+
+    module_name = LISTENER_MODULES.get(name)
+    if module_name is None:
+        raise InvalidConfigError("unknown listener", name=name, known=sorted(LISTENER_MODULES))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            raise InvalidConfigError("listener not available in this build", name=name) from None
+        raise
+    start: StartListener = module.start_listener
+    return start
+
+
+def available_listeners() -> list[str]:
+    """Names whose protocol module is present in this build."""
+    import importlib.util
+
+    return [
+        name
+        for name, module_name in LISTENER_MODULES.items()
+        if importlib.util.find_spec(module_name) is not None
+    ]
