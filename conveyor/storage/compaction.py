@@ -1,0 +1,120 @@
+"""Compaction: the key-based cleaner of ``compact`` partitions.
+
+Keeps, for every key, only the record with the highest offset; a tombstone (null
+value) is kept until its segment is older than ``delete_retention_ms`` and then
+dropped. Records without a key are kept. Only sealed segments whose newest record is
+older than ``min_compaction_lag_ms`` are rewritten; the active segment is read (its
+keys shadow older ones) but never rewritten. Offsets never change; gaps appear.
+
+Crash safety: each segment is rewritten to ``<base>.log.cleaned`` (fdatasync), renamed
+to ``.log.swap`` (directory fsync), its index files removed, then renamed over
+``.log`` (directory fsync). Recovery deletes a ``.cleaned`` (the original is intact)
+and completes a ``.swap`` (the new content is complete and durable).
+Batches kept whole are copied byte for byte; a batch losing records is rebuilt with
+one batch per kept record, keeping the original offsets, timestamps and compression.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from conveyor.storage import segment_files
+from conveyor.storage.record_batch import RecordData, build_batch, decode_records
+from conveyor.storage.segment import Segment
+
+if TYPE_CHECKING:
+    from conveyor.storage.partition_log import PartitionLog
+
+
+def latest_offsets(log: PartitionLog) -> dict[bytes, int]:
+    """Highest offset of every key in the readable log."""
+    latest: dict[bytes, int] = {}
+    for segment in log.segments:
+        for position, header in segment.batch_headers():
+            if header.is_control:
+                continue
+            data = log.fs.pread(segment.handle, header.size_bytes, position)
+            for record in decode_records(data):
+                if record.key is not None:
+                    latest[record.key] = record.offset
+    return latest
+
+
+def clean_segment_bytes(
+    log: PartitionLog, segment: Segment, latest: dict[bytes, int], drop_tombstones: bool
+) -> bytes | None:
+    """The cleaned content of ``segment``; None when nothing would change."""
+    output = bytearray()
+    changed = False
+    for position, header in segment.batch_headers():
+        data = log.fs.pread(segment.handle, header.size_bytes, position)
+        if header.is_control:
+            output += data
+            continue
+        records = decode_records(data)
+        kept = [record for record in records if record.key is None or (
+            latest.get(record.key) == record.offset
+            and not (drop_tombstones and record.value is None))]
+        if len(kept) == len(records):
+            output += data
+            continue
+        changed = True
+        for record in kept:
+            output += build_batch(
+                [RecordData(record.key, record.value, record.headers, record.timestamp_ms)],
+                base_offset=record.offset, compression=header.compression,
+                producer_id=header.producer_id, producer_epoch=header.producer_epoch,
+                base_sequence=header.base_sequence, is_transactional=header.is_transactional)
+    return bytes(output) if changed else None
+
+
+def swap_in(log: PartitionLog, segment: Segment, content: bytes) -> Segment:
+    """Replace ``segment``'s log file with ``content`` through .cleaned -> .swap -> .log."""
+    fs, directory = log.fs, log.directory
+    live = segment.log_path
+    cleaned, swap = live + segment_files.CLEANED_SUFFIX, live + segment_files.SWAP_SUFFIX
+    handle = fs.open(cleaned, create=True)
+    try:
+        fs.truncate(handle, 0)
+        fs.pwrite(handle, content, 0)
+        fs.fdatasync(handle)
+    finally:
+        fs.close(handle)
+    fs.rename(cleaned, swap)
+    fs.fsync_dir(directory)
+    log.committer.forget(segment.handle)
+    segment.close()
+    for path in (segment_files.offset_index_path(directory, segment.base_offset),
+                 segment_files.time_index_path(directory, segment.base_offset)):
+        if fs.exists(path):
+            fs.remove(path)
+    fs.rename(swap, live)
+    fs.fsync_dir(directory)
+    replacement = Segment.open(fs, directory, segment.base_offset,
+                               index_interval_bytes=segment.index_interval_bytes,
+                               created_ms=segment.created_ms)
+    replacement.rebuild(validate=False)
+    replacement.write_indexes()
+    return replacement
+
+
+def compact(log: PartitionLog, now_ms: int) -> int:
+    """Clean every eligible sealed segment of ``log``; return how many were rewritten."""
+    config = log.config
+    latest = latest_offsets(log)
+    rewritten = 0
+    for index, segment in enumerate(list(log.segments[:-1])):
+        if segment.max_timestamp_ms > now_ms - config.min_compaction_lag_ms:
+            break
+        if segment is log.visible_segment:
+            break  # its bytes are not all durable yet
+        drop_tombstones = segment.max_timestamp_ms < now_ms - config.delete_retention_ms
+        content = clean_segment_bytes(log, segment, latest, drop_tombstones)
+        if content is None:
+            continue
+        log.segments[index] = swap_in(log, segment, content)
+        rewritten += 1
+    return rewritten
+
+
+__all__ = ["compact"]

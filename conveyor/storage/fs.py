@@ -1,0 +1,132 @@
+"""FileSystem: the one seam between storage/ and the disk.
+
+Owns: the small set of file operations the log needs (positional reads and writes,
+fdatasync, truncate, rename, directory listing and directory fsync) and
+``OsFileSystem``, the real implementation over ``os`` file descriptors.
+``conveyor.testing.memory_fs.MemoryFileSystem`` is the simulated one (crashes, torn
+writes, a full disk).
+
+Contract: a write is durable only after ``fdatasync`` of its handle; a create, rename
+or remove is durable only after ``fsync_dir`` of its directory. A full disk raises
+``OSError(errno.ENOSPC)`` from ``pwrite`` (possibly after writing a prefix). Handles are
+ints; ``fileno`` gives an OS descriptor usable with ``os.sendfile`` or -1 when there is
+none. Not thread-safe except ``fdatasync``, which may run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+
+class FileSystem(Protocol):
+    def open(self, path: str, *, create: bool = False) -> int:
+        """Open ``path`` for reading and writing; ``create`` makes it if missing."""
+        ...
+
+    def close(self, handle: int) -> None: ...
+
+    def pwrite(self, handle: int, data: bytes | bytearray | memoryview, position: int) -> None:
+        """Write all of ``data`` at ``position`` (raises OSError ENOSPC on a full disk)."""
+        ...
+
+    def append(self, handle: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at the end of the file; return the position it was written at."""
+        ...
+
+    def pread(self, handle: int, size: int, position: int) -> bytes:
+        """Up to ``size`` bytes from ``position`` (fewer at the end of the file)."""
+        ...
+
+    def fdatasync(self, handle: int) -> None: ...
+
+    def truncate(self, handle: int, size: int) -> None: ...
+
+    def size(self, handle: int) -> int: ...
+
+    def fileno(self, handle: int) -> int:
+        """An OS file descriptor for os.sendfile, or -1 when the file is not on a real disk."""
+        ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def rename(self, source: str, destination: str) -> None:
+        """Atomically replace ``destination`` with ``source``."""
+        ...
+
+    def remove(self, path: str) -> None: ...
+
+    def make_dirs(self, path: str) -> None: ...
+
+    def list_dir(self, path: str) -> list[str]:
+        """Names (not paths) of the entries of ``path``, sorted."""
+        ...
+
+    def remove_dir(self, path: str) -> None: ...
+
+    def fsync_dir(self, path: str) -> None:
+        """Make creates, renames and removes inside ``path`` durable."""
+        ...
+
+
+class OsFileSystem:
+    """The real disk, through os file descriptors (handle == descriptor)."""
+
+    def open(self, path: str, *, create: bool = False) -> int:
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        return os.open(path, flags, 0o644)
+
+    def close(self, handle: int) -> None:
+        os.close(handle)
+
+    def pwrite(self, handle: int, data: bytes | bytearray | memoryview, position: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(handle, view, position)
+            view = view[written:]
+            position += written
+
+    def append(self, handle: int, data: bytes | bytearray | memoryview) -> int:
+        position = os.fstat(handle).st_size
+        self.pwrite(handle, data, position)
+        return position
+
+    def pread(self, handle: int, size: int, position: int) -> bytes:
+        return os.pread(handle, size, position)
+
+    def fdatasync(self, handle: int) -> None:
+        os.fdatasync(handle)
+
+    def truncate(self, handle: int, size: int) -> None:
+        os.ftruncate(handle, size)
+
+    def size(self, handle: int) -> int:
+        return os.fstat(handle).st_size
+
+    def fileno(self, handle: int) -> int:
+        return handle
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def rename(self, source: str, destination: str) -> None:
+        os.replace(source, destination)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
+    def make_dirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def list_dir(self, path: str) -> list[str]:
+        return sorted(os.listdir(path))
+
+    def remove_dir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def fsync_dir(self, path: str) -> None:
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

@@ -1,0 +1,131 @@
+"""GroupCommitter: turns many appends into few fdatasyncs, per the partition's fsync policy.
+
+Owns the durability wait of one partition. Policies:
+``always``: an append's future resolves only after an fdatasync that started after its
+bytes were written. All appends written while no sync is running share the next one,
+which starts on the next loop turn (``call_soon``) and runs in a worker thread
+(``asyncio.to_thread``) so the event loop keeps accepting appends; those become the
+next group. ``interval``: appends resolve at once; a task syncs every
+``fsync_interval_ms`` on the Clock. ``never``: appends resolve at once; sync on close.
+"At once" still means on the next loop turn, so a tight append loop cannot starve the
+interval task or other connections.
+
+Invariant: durability is reported in write order; ``on_durable(token)`` is called with
+the token of the last write a completed sync covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from conveyor.clock import Clock
+from conveyor.errors import StorageError
+from conveyor.storage.fs import FileSystem
+
+
+class GroupCommitter:
+    def __init__(
+        self, fs: FileSystem, clock: Clock, *, policy: str, interval_ms: int,
+        on_durable: Callable[[Any], None],
+    ) -> None:
+        assert policy in ("always", "interval", "never"), policy
+        self.fs = fs
+        self.clock = clock
+        self.policy = policy
+        self.interval_ms = interval_ms
+        self._on_durable = on_durable
+        self._dirty: set[int] = set()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._last_token: Any = None
+        self._scheduled = False
+        self._syncing = False
+        self._sync_task: asyncio.Task[None] | None = None
+        self._interval_task: asyncio.Task[None] | None = None
+        self.sync_count = 0
+
+    def wrote(self, handle: int, token: Any) -> asyncio.Future[None]:
+        """Record a write to ``handle``; the future resolves when it is durable per policy."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._dirty.add(handle)
+        self._last_token = token
+        if self.policy != "always":
+            self._on_durable(token)
+            loop.call_soon(_resolve, future)  # yield once, so a tight append loop lets others run
+            if self.policy == "interval" and self._interval_task is None:
+                self._interval_task = loop.create_task(self._sync_every_interval())
+            return future
+        self._waiters.append(future)
+        if not self._scheduled and not self._syncing:
+            self._scheduled = True
+            loop.call_soon(self._start_sync)
+        return future
+
+    def _start_sync(self) -> None:
+        self._scheduled = False
+        if self._waiters and not self._syncing:
+            self._syncing = True
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_group())
+
+    async def _sync_group(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        handles, self._dirty = self._dirty, set()
+        token = self._last_token
+        try:
+            await asyncio.to_thread(self._sync_handles, handles)
+        except OSError as error:
+            failure = StorageError("fdatasync failed", reason=str(error))
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(failure)
+        else:
+            self._on_durable(token)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            self._syncing = False
+            self._sync_task = None
+            if self._waiters:
+                self._start_sync()
+
+    def _sync_handles(self, handles: set[int]) -> None:
+        for handle in handles:
+            self.fs.fdatasync(handle)
+        self.sync_count += 1
+
+    async def _sync_every_interval(self) -> None:
+        while True:
+            await self.clock.sleep_ms(self.interval_ms)
+            if self._dirty:
+                handles, self._dirty = self._dirty, set()
+                await asyncio.to_thread(self._sync_handles, handles)
+
+    def forget(self, handle: int) -> None:
+        """A handle about to be closed: sync it now (synchronously) if it has pending writes."""
+        if handle in self._dirty:
+            self.fs.fdatasync(handle)
+            self._dirty.discard(handle)
+
+    async def close(self) -> None:
+        """Sync everything written so far and stop the interval task."""
+        if self._interval_task is not None:
+            self._interval_task.cancel()
+            self._interval_task = None
+        while self._sync_task is not None or self._waiters:
+            if self._sync_task is None:
+                self._start_sync()
+            if self._sync_task is not None:
+                await asyncio.wait([self._sync_task])
+        handles, self._dirty = self._dirty, set()
+        if handles:
+            await asyncio.to_thread(self._sync_handles, handles)
+        if self._last_token is not None:
+            self._on_durable(self._last_token)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,165 @@
+"""LogStore: the partition-log interface the broker uses, and FileLogStore, its file backend.
+
+Owns: the set of partitions under one data root (``<root>/<topic>-<partition>/``),
+their LogConfig, opening them with recovery, and the periodic retention/compaction
+pass. Knows nothing of protocols, groups or topics beyond their names.
+Time and the file system come in through the constructor. Not thread-safe: one loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from conveyor.clock import Clock
+from conveyor.errors import InvalidConfigError, UnknownPartitionError
+from conveyor.storage import compaction, segment_files
+from conveyor.storage.fs import FileSystem
+from conveyor.storage.partition_log import PartitionLog
+from conveyor.storage.recovery import RecoveryReport, load_segments
+from conveyor.storage.retention import RetentionPolicy, SegmentInfo, segments_to_delete
+
+CONFIG_FILE = "log-config.json"
+CleanupPolicy = Literal["delete", "compact", "work-queue"]
+FsyncPolicy = Literal["always", "interval", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    segment_bytes: int = 1 << 30
+    segment_ms: int = 7 * 24 * 3600 * 1000
+    retention_ms: int = 7 * 24 * 3600 * 1000  # -1: keep forever
+    retention_bytes: int = -1  # -1: no size limit
+    cleanup_policy: CleanupPolicy = "delete"
+    fsync: FsyncPolicy = "always"
+    fsync_interval_ms: int = 1000
+    index_interval_bytes: int = 4096
+    delete_retention_ms: int = 24 * 3600 * 1000
+    min_compaction_lag_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cleanup_policy not in ("delete", "compact", "work-queue"):
+            raise InvalidConfigError("unknown cleanup policy", cleanup_policy=self.cleanup_policy)
+        if self.fsync not in ("always", "interval", "never"):
+            raise InvalidConfigError("unknown fsync policy", fsync=self.fsync)
+        if self.segment_bytes <= 0 or self.index_interval_bytes <= 0:
+            raise InvalidConfigError("sizes must be positive", segment_bytes=self.segment_bytes)
+
+
+class LogStore(Protocol):
+    async def open(self) -> None: ...
+    def partitions(self) -> list[tuple[str, int]]: ...
+    async def create_partition(self, topic: str, partition: int,
+                               config: LogConfig) -> PartitionLog: ...
+    def partition(self, topic: str, partition: int) -> PartitionLog: ...
+    def update_config(self, topic: str, partition: int, config: LogConfig) -> None: ...
+    async def delete_partition(self, topic: str, partition: int) -> None: ...
+    async def run_retention(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class FileLogStore:
+    def __init__(self, root: str | os.PathLike[str], fs: FileSystem, clock: Clock,
+                 default_config: LogConfig | None = None) -> None:
+        self.root = os.fspath(root)
+        self.fs = fs
+        self.clock = clock
+        self.default_config = default_config or LogConfig()
+        self._logs: dict[tuple[str, int], PartitionLog] = {}
+        self.recovery_reports: list[RecoveryReport] = []
+
+    async def open(self) -> None:
+        """Scan the root and recover every partition directory found."""
+        self.fs.make_dirs(self.root)
+        for name in self.fs.list_dir(self.root):
+            parsed = segment_files.parse_partition_directory(name)
+            if parsed is not None and parsed not in self._logs:
+                config = self._read_config(posixpath.join(self.root, name))
+                self._logs[parsed] = self._load(parsed[0], parsed[1], config)
+
+    def _read_config(self, directory: str) -> LogConfig:
+        """The config saved beside the segments (so retention is right before redeclaring)."""
+        path = posixpath.join(directory, CONFIG_FILE)
+        if not self.fs.exists(path):
+            return self.default_config
+        handle = self.fs.open(path)
+        try:
+            saved = json.loads(self.fs.pread(handle, self.fs.size(handle), 0))
+        except ValueError:
+            return self.default_config
+        finally:
+            self.fs.close(handle)
+        fields = {field.name for field in dataclasses.fields(LogConfig)}
+        return LogConfig(**{key: value for key, value in saved.items() if key in fields})
+
+    def _write_config(self, directory: str, config: LogConfig) -> None:
+        data = json.dumps(dataclasses.asdict(config), sort_keys=True).encode()
+        segment_files.write_file_atomically(self.fs, directory, CONFIG_FILE, data)
+
+    def _load(self, topic: str, partition: int, config: LogConfig) -> PartitionLog:
+        directory = segment_files.partition_directory(self.root, topic, partition)
+        segments, log_start_offset, reports = load_segments(
+            self.fs, directory, self.clock, index_interval_bytes=config.index_interval_bytes)
+        self.recovery_reports.extend(reports)
+        return PartitionLog(self.fs, directory, self.clock, config, segments, log_start_offset)
+
+    def partitions(self) -> list[tuple[str, int]]:
+        return sorted(self._logs)
+
+    async def create_partition(self, topic: str, partition: int,
+                               config: LogConfig) -> PartitionLog:
+        """Create (or, if it exists, reconfigure and return) a partition log."""
+        key = (topic, partition)
+        if key in self._logs:
+            self.update_config(topic, partition, config)
+            return self._logs[key]
+        directory = segment_files.partition_directory(self.root, topic, partition)
+        self.fs.make_dirs(directory)
+        self.fs.fsync_dir(self.root)
+        self._write_config(directory, config)
+        log = self._logs[key] = self._load(topic, partition, config)
+        return log
+
+    def partition(self, topic: str, partition: int) -> PartitionLog:
+        try:
+            return self._logs[(topic, partition)]
+        except KeyError:
+            raise UnknownPartitionError("unknown partition", topic=topic,
+                                        partition=partition) from None
+
+    def update_config(self, topic: str, partition: int, config: LogConfig) -> None:
+        log = self.partition(topic, partition)
+        if config != log.config:
+            self._write_config(log.directory, config)
+            log.update_config(config)
+
+    async def delete_partition(self, topic: str, partition: int) -> None:
+        log = self.partition(topic, partition)
+        await log.close()
+        del self._logs[(topic, partition)]
+        for name in self.fs.list_dir(log.directory):
+            self.fs.remove(f"{log.directory}/{name}")
+        self.fs.remove_dir(log.directory)
+        self.fs.fsync_dir(self.root)
+
+    async def run_retention(self) -> None:
+        """One pass: time/size retention for ``delete`` logs, cleaning for ``compact`` logs."""
+        now_ms = self.clock.wall_ms()
+        for log in list(self._logs.values()):
+            config = log.config
+            if config.cleanup_policy == "delete":
+                infos = [SegmentInfo(segment.base_offset, segment.size_bytes,
+                                     segment.max_timestamp_ms) for segment in log.segments]
+                policy = RetentionPolicy(config.retention_ms, config.retention_bytes)
+                log.delete_segments(segments_to_delete(infos, policy, now_ms))
+            elif config.cleanup_policy == "compact":
+                compaction.compact(log, now_ms)
+
+    async def close(self) -> None:
+        for log in self._logs.values():
+            await log.close()
+        self._logs.clear()

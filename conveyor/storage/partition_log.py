@@ -1,0 +1,255 @@
+"""PartitionLog: the ordered segments of one partition, its offsets and its read slices.
+
+Owns: assigning offsets (patching base offsets of incoming batches), rolling segments
+by size and age, the log start offset and high watermark, whole-batch read slices for
+``os.sendfile``, timestamp lookup and deleting whole segments from the front.
+Knows nothing of protocols, groups or why records are deleted.
+
+Offsets: ``log_start_offset`` <= every readable offset < ``high_watermark``. The high
+watermark is the next offset to be written once everything written is durable under
+the fsync policy (single node: HW = log end after each acknowledged append); reads
+never see bytes past it, so a consumer never sees a record a crash could lose.
+Not thread-safe: called from one event loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from conveyor.clock import Clock
+from conveyor.errors import OffsetOutOfRangeError, StorageError, StorageFullError
+from conveyor.storage import segment_files
+from conveyor.storage.fs import FileSystem
+from conveyor.storage.group_commit import GroupCommitter
+from conveyor.storage.record_batch import (
+    BatchHeader,
+    decode_records,
+    patch_base_offset,
+    split_batches,
+)
+from conveyor.storage.segment import Segment
+
+if TYPE_CHECKING:
+    from conveyor.storage.log_store import LogConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AppendInfo:
+    base_offset: int
+    last_offset: int
+    log_append_time_ms: int  # -1: batches keep their create-time timestamps (as Kafka)
+    max_timestamp_ms: int
+
+
+@dataclass(frozen=True)
+class LogSlice:
+    """Whole batches to send: ``parts`` are (fileno, position, size) for os.sendfile."""
+
+    parts: tuple[tuple[int, int, int], ...] = ()
+    _sources: tuple[tuple[FileSystem, int, int, int], ...] = field(default=(), repr=False)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(size for _, _, size in self.parts)
+
+    def read_bytes(self) -> bytes:
+        return b"".join(fs.pread(handle, size, position)
+                        for fs, handle, position, size in self._sources)
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    segment: Segment
+    end_position: int
+    end_offset: int
+
+
+class PartitionLog:
+    def __init__(
+        self, fs: FileSystem, directory: str, clock: Clock, config: LogConfig,
+        segments: list[Segment], log_start_offset: int,
+    ) -> None:
+        assert segments, "a partition log always has an active segment"
+        self.fs = fs
+        self.directory = directory
+        self.clock = clock
+        self.config = config
+        self.segments = segments
+        self._log_start_offset = max(log_start_offset, segments[0].base_offset)
+        active = segments[-1]
+        self._visible = _Written(active, active.size_bytes, active.next_offset)
+        self.committer = self._new_committer()
+
+    def _new_committer(self) -> GroupCommitter:
+        return GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
+                              interval_ms=self.config.fsync_interval_ms,
+                              on_durable=self._advance_visible)
+
+    def _advance_visible(self, written: _Written) -> None:
+        if written.end_offset > self._visible.end_offset:
+            self._visible = written
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._log_start_offset
+
+    @property
+    def high_watermark(self) -> int:
+        return self._visible.end_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        return self.segments[-1].next_offset
+
+    @property
+    def visible_segment(self) -> Segment:
+        """The segment holding the high watermark."""
+        return self._visible.segment
+
+    @property
+    def active_segment(self) -> Segment:
+        return self.segments[-1]
+
+    def update_config(self, config: LogConfig) -> None:
+        self.committer.policy = config.fsync
+        self.committer.interval_ms = config.fsync_interval_ms
+        self.config = config
+
+    # --- append ------------------------------------------------------------------------
+    async def append(self, batches: bytes | bytearray | memoryview) -> AppendInfo:
+        """Validate, assign offsets, write; return once durable under the fsync policy."""
+        headers = split_batches(batches)
+        payload = bytearray(batches)
+        base_offset = next_offset = self.log_end_offset
+        patched: list[tuple[int, BatchHeader]] = []
+        for position, header in headers:
+            patch_base_offset(payload, next_offset, position)
+            patched.append((position, _rebased(header, next_offset)))
+            next_offset += header.last_offset_delta + 1
+        self._maybe_roll(len(payload))
+        segment = self.active_segment
+        segment.append(payload, patched)
+        written = _Written(segment, segment.size_bytes, segment.next_offset)
+        await self.committer.wrote(segment.handle, written)
+        return AppendInfo(base_offset, next_offset - 1, -1,
+                          max(header.max_timestamp_ms for _, header in headers))
+
+    def _maybe_roll(self, incoming_bytes: int) -> None:
+        active = self.active_segment
+        if active.size_bytes == 0:
+            return
+        too_big = active.size_bytes + incoming_bytes > self.config.segment_bytes
+        too_old = self.clock.monotonic_ms() - active.created_ms >= self.config.segment_ms
+        if too_big or too_old:
+            try:
+                self.roll()
+            except OSError as error:
+                error_type = StorageFullError if error.errno == errno.ENOSPC else StorageError
+                raise error_type("cannot roll segment", directory=self.directory,
+                                 reason=str(error)) from error
+
+    def roll(self) -> Segment:
+        """Seal the active segment (write its indexes) and start a new one at log end."""
+        self.active_segment.write_indexes()
+        segment = Segment.create(self.fs, self.directory, self.log_end_offset,
+                                 index_interval_bytes=self.config.index_interval_bytes,
+                                 created_ms=self.clock.monotonic_ms())
+        self.segments.append(segment)
+        return segment
+
+    # --- read --------------------------------------------------------------------------
+    def _visible_end(self, segment: Segment) -> int:
+        if segment is self._visible.segment:
+            return self._visible.end_position
+        if segment.base_offset < self._visible.segment.base_offset:
+            return segment.size_bytes
+        return 0
+
+    def _check_range(self, offset: int) -> None:
+        if not self._log_start_offset <= offset <= self.high_watermark:
+            raise OffsetOutOfRangeError(
+                "offset out of range", offset=offset, log_start_offset=self._log_start_offset,
+                high_watermark=self.high_watermark,
+            )
+
+    def _segments_from(self, offset: int) -> list[Segment]:
+        bases = [segment.base_offset for segment in self.segments]
+        return self.segments[max(0, bisect.bisect_right(bases, offset) - 1):]
+
+    def read(self, offset: int, bytes_max: int) -> LogSlice:
+        """Whole batches from the one holding ``offset``; at least one batch, empty at HW.
+
+        A slice stays within one segment (as Kafka's fetch); the caller reads on from the
+        offset after its last record. Parts stay valid until the segment is deleted.
+        """
+        self._check_range(offset)
+        if offset == self.high_watermark:
+            return LogSlice()
+        for segment in self._segments_from(offset):
+            end = self._visible_end(segment)
+            found = segment.find_batch(offset, end)
+            if found is None:
+                continue
+            position, header = found
+            stop = segment.read_end(position, header.size_bytes, bytes_max, end)
+            size = stop - position
+            return LogSlice(((self.fs.fileno(segment.handle), position, size),),
+                            ((self.fs, segment.handle, position, size),))
+        return LogSlice()
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """The first offset whose record timestamp is >= ``timestamp_ms``, or None."""
+        for segment in self.segments:
+            if segment.max_timestamp_ms < timestamp_ms:
+                continue
+            _, start = segment.offset_index.lookup(segment.time_index.lookup(timestamp_ms))
+            end = self._visible_end(segment)
+            for position, header in segment.batch_headers(start):
+                if position >= end:
+                    break
+                start_offset = self._log_start_offset
+                if header.max_timestamp_ms < timestamp_ms or header.last_offset < start_offset:
+                    continue
+                data = self.fs.pread(segment.handle, header.size_bytes, position)
+                for record in decode_records(data):
+                    if record.timestamp_ms >= timestamp_ms and record.offset >= start_offset:
+                        return record.offset
+        return None
+
+    # --- deletion ----------------------------------------------------------------------
+    def delete_before(self, offset: int) -> None:
+        """Advance the log start offset to ``offset`` and delete segments wholly below it."""
+        offset = min(offset, self.high_watermark)
+        if offset <= self._log_start_offset:
+            return
+        self._log_start_offset = offset
+        segment_files.write_file_atomically(
+            self.fs, self.directory, segment_files.LOG_START_OFFSET_FILE, str(offset).encode())
+        doomed = [segment.base_offset for segment in self.segments[:-1]
+                  if segment.next_offset <= offset]
+        self.delete_segments(doomed)
+
+    def delete_segments(self, base_offsets: list[int]) -> None:
+        """Delete these (non-active) segments; the log start moves past a deleted prefix."""
+        doomed = set(base_offsets) - {self.active_segment.base_offset}
+        if not doomed:
+            return
+        for segment in [segment for segment in self.segments if segment.base_offset in doomed]:
+            self.committer.forget(segment.handle)
+            segment.delete()
+        self.segments = [segment for segment in self.segments if segment.base_offset not in doomed]
+        self._log_start_offset = max(self._log_start_offset, self.segments[0].base_offset)
+        self.fs.fsync_dir(self.directory)
+
+    async def close(self) -> None:
+        await self.committer.close()
+        self.active_segment.write_indexes()
+        for segment in self.segments:
+            segment.close()
+
+
+def _rebased(header: BatchHeader, base_offset: int) -> BatchHeader:
+    return replace(header, base_offset=base_offset)

@@ -1,0 +1,411 @@
+"""RecordBatch v2 (Kafka magic 2): the one on-disk and on-wire record format.
+
+Owns: parsing and validating batch headers, patching the fields outside the CRC
+(base offset, partition leader epoch), building batches and decoding records.
+Knows nothing of files, partitions or protocols; pure functions over buffers.
+
+Batch layout (big-endian), offsets in bytes from the batch start::
+
+    0  base_offset int64          8  batch_length int32 (bytes after this field)
+    12 partition_leader_epoch int32
+    16 magic int8 (= 2)           17 crc uint32 (CRC32C of bytes 21..end)
+    21 attributes int16           23 last_offset_delta int32
+    27 base_timestamp int64       35 max_timestamp int64
+    43 producer_id int64          51 producer_epoch int16
+    53 base_sequence int32        57 record_count int32
+    61 records (possibly compressed as one block)
+
+Attributes: bits 0-2 compression, bit 3 timestamp type (1 = log append time),
+bit 4 transactional, bit 5 control batch.
+
+Record layout (varints are zigzag): length varint, attributes int8,
+timestamp_delta varlong, offset_delta varint, key_length varint, key,
+value_length varint, value, header_count varint, then per header key_length,
+key (utf-8), value_length, value. A null key/value has length -1.
+
+Invariants: ``validate_batch`` accepts only magic 2 with consistent lengths and a
+matching CRC; compressed batches are stored as sent and never recompressed.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import cramjam
+import crc32c
+
+from conveyor.errors import CorruptRecordError
+
+BATCH_HEADER_BYTES = 61
+LOG_OVERHEAD_BYTES = 12  # base_offset + batch_length precede the counted bytes
+MAGIC = 2
+CRC_START = 21
+NO_PRODUCER_ID = -1
+NO_SEQUENCE = -1
+
+_HEADER = struct.Struct(">qiibIhiqqqhii")
+_BASE_OFFSET = struct.Struct(">q")
+_INT32 = struct.Struct(">i")
+_CRC = struct.Struct(">I")
+
+_COMPRESSION_MASK = 0x07
+_TIMESTAMP_TYPE_MASK = 0x08
+_TRANSACTIONAL_MASK = 0x10
+_CONTROL_MASK = 0x20
+
+_XERIAL_MAGIC = b"\x82SNAPPY\x00"
+_XERIAL_HEADER = _XERIAL_MAGIC + struct.pack(">ii", 1, 1)
+_XERIAL_BLOCK_BYTES = 32 * 1024
+
+
+class Compression(enum.IntEnum):
+    NONE = 0
+    GZIP = 1
+    SNAPPY = 2
+    LZ4 = 3
+    ZSTD = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHeader:
+    """The 61 fixed bytes in front of every batch."""
+
+    base_offset: int
+    batch_length: int
+    partition_leader_epoch: int
+    magic: int
+    crc: int
+    attributes: int
+    last_offset_delta: int
+    base_timestamp_ms: int
+    max_timestamp_ms: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    record_count: int
+
+    @property
+    def compression(self) -> Compression:
+        return Compression(self.attributes & _COMPRESSION_MASK)
+
+    @property
+    def is_transactional(self) -> bool:
+        return bool(self.attributes & _TRANSACTIONAL_MASK)
+
+    @property
+    def is_control(self) -> bool:
+        return bool(self.attributes & _CONTROL_MASK)
+
+    @property
+    def timestamp_type(self) -> int:
+        """0 = create time (set by the producer), 1 = log append time."""
+        return 1 if self.attributes & _TIMESTAMP_TYPE_MASK else 0
+
+    @property
+    def size_bytes(self) -> int:
+        return self.batch_length + LOG_OVERHEAD_BYTES
+
+    @property
+    def last_offset(self) -> int:
+        return self.base_offset + self.last_offset_delta
+
+
+@dataclass(frozen=True, slots=True)
+class RecordData:
+    """A record to put in a new batch (no offset yet)."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record read back from a batch, with its absolute offset and timestamp."""
+
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+# --- headers and validation -----------------------------------------------------------
+def read_header(buffer: Buffer, position: int = 0) -> BatchHeader:
+    """Parse the fixed header at ``position``; checks only that 61 bytes are there."""
+    if len(buffer) - position < BATCH_HEADER_BYTES:
+        raise CorruptRecordError(
+            "truncated batch header", position=position, available=len(buffer) - position
+        )
+    return BatchHeader(*_HEADER.unpack_from(buffer, position))
+
+
+def validate_batch(buffer: Buffer, position: int = 0) -> BatchHeader:
+    """Check magic, lengths and CRC32C of the batch at ``position``; return its header."""
+    header = read_header(buffer, position)
+    if header.magic != MAGIC:
+        raise CorruptRecordError("unsupported magic", position=position, magic=header.magic)
+    if header.batch_length < BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES:
+        raise CorruptRecordError(
+            "batch length too small", position=position, batch_length=header.batch_length
+        )
+    end = position + header.size_bytes
+    if end > len(buffer):
+        raise CorruptRecordError(
+            "truncated batch", position=position, size_bytes=header.size_bytes,
+            available=len(buffer) - position,
+        )
+    if header.record_count < 0 or header.last_offset_delta < 0:
+        raise CorruptRecordError(
+            "negative record count or offset delta", position=position,
+            record_count=header.record_count, last_offset_delta=header.last_offset_delta,
+        )
+    view = memoryview(buffer)
+    computed = crc32c.crc32c(view[position + CRC_START : end])
+    if computed != header.crc:
+        raise CorruptRecordError(
+            "CRC mismatch", position=position, stored_crc=header.crc, computed_crc=computed
+        )
+    return header
+
+
+def split_batches(buffer: Buffer) -> list[tuple[int, BatchHeader]]:
+    """Validate a buffer made only of whole batches; return (position, header) of each."""
+    batches: list[tuple[int, BatchHeader]] = []
+    position = 0
+    while position < len(buffer):
+        header = validate_batch(buffer, position)
+        batches.append((position, header))
+        position += header.size_bytes
+    if not batches:
+        raise CorruptRecordError("empty batch payload")
+    return batches
+
+
+def valid_prefix_bytes(buffer: Buffer) -> int:
+    """Bytes of complete, valid batches at the start of ``buffer`` (torn-tail recovery)."""
+    position = 0
+    while position < len(buffer):
+        try:
+            header = validate_batch(buffer, position)
+        except CorruptRecordError:
+            break
+        position += header.size_bytes
+    return position
+
+
+def patch_base_offset(buffer: bytearray | memoryview, base_offset: int, position: int = 0) -> None:
+    """Overwrite bytes 0..8 of the batch; they sit outside the CRC."""
+    _BASE_OFFSET.pack_into(buffer, position, base_offset)
+
+
+def patch_partition_leader_epoch(
+    buffer: bytearray | memoryview, epoch: int, position: int = 0
+) -> None:
+    """Overwrite bytes 12..16 of the batch; they sit outside the CRC."""
+    _INT32.pack_into(buffer, position + 12, epoch)
+
+
+# --- varints ----------------------------------------------------------------------------
+def _write_varint(out: bytearray, value: int) -> None:
+    zigzag = (value << 1) ^ (value >> 63)
+    while zigzag > 0x7F:
+        out.append((zigzag & 0x7F) | 0x80)
+        zigzag >>= 7
+    out.append(zigzag)
+
+
+def _read_varint(buffer: Buffer, position: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if position >= len(buffer) or shift > 63:
+            raise CorruptRecordError("truncated or overlong varint", position=position)
+        byte = buffer[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), position
+        shift += 7
+
+
+def _write_bytes(out: bytearray, data: bytes | None) -> None:
+    if data is None:
+        _write_varint(out, -1)
+    else:
+        _write_varint(out, len(data))
+        out += data
+
+
+def _read_bytes(buffer: Buffer, position: int) -> tuple[bytes | None, int]:
+    length, position = _read_varint(buffer, position)
+    if length < 0:
+        return None, position
+    end = position + length
+    if end > len(buffer):
+        raise CorruptRecordError("field runs past its record", position=position, length=length)
+    return bytes(buffer[position:end]), end
+
+
+# --- compression ----------------------------------------------------------------------
+def _compress(data: bytes, compression: Compression) -> bytes:
+    if compression is Compression.GZIP:
+        return bytes(cramjam.gzip.compress(data))
+    if compression is Compression.SNAPPY:
+        return _xerial_snappy_compress(data)
+    if compression is Compression.LZ4:
+        return bytes(cramjam.lz4.compress(data))
+    if compression is Compression.ZSTD:
+        return bytes(cramjam.zstd.compress(data))
+    return data
+
+
+def _decompress(data: memoryview, compression: Compression) -> bytes:
+    try:
+        if compression is Compression.GZIP:
+            return bytes(cramjam.gzip.decompress(data))
+        if compression is Compression.SNAPPY:
+            if bytes(data[:8]) == _XERIAL_MAGIC:
+                return _xerial_snappy_decompress(data)
+            return bytes(cramjam.snappy.decompress_raw(data))
+        if compression is Compression.LZ4:
+            return bytes(cramjam.lz4.decompress(data))
+        if compression is Compression.ZSTD:
+            return bytes(cramjam.zstd.decompress(data))
+    except Exception as error:  # cramjam raises its own DecompressionError
+        raise CorruptRecordError(
+            "cannot decompress batch", compression=compression.name, reason=str(error)
+        ) from error
+    return bytes(data)
+
+
+def _xerial_snappy_compress(data: bytes) -> bytes:
+    """Xerial framing (what Kafka's Java client writes): header, then sized raw blocks."""
+    out = bytearray(_XERIAL_HEADER)
+    for start in range(0, len(data), _XERIAL_BLOCK_BYTES):
+        block = bytes(cramjam.snappy.compress_raw(data[start : start + _XERIAL_BLOCK_BYTES]))
+        out += _INT32.pack(len(block))
+        out += block
+    return bytes(out)
+
+
+def _xerial_snappy_decompress(data: memoryview) -> bytes:
+    out = bytearray()
+    position = len(_XERIAL_HEADER)
+    while position < len(data):
+        (size,) = _INT32.unpack_from(data, position)
+        position += 4
+        out += bytes(cramjam.snappy.decompress_raw(data[position : position + size]))
+        position += size
+    return bytes(out)
+
+
+# --- building -----------------------------------------------------------------------------
+def _encode_record(
+    out: bytearray, record: RecordData, offset_delta: int, base_timestamp_ms: int
+) -> None:
+    body = bytearray(b"\x00")  # record attributes: unused, always 0
+    _write_varint(body, record.timestamp_ms - base_timestamp_ms)
+    _write_varint(body, offset_delta)
+    _write_bytes(body, record.key)
+    _write_bytes(body, record.value)
+    _write_varint(body, len(record.headers))
+    for header_key, header_value in record.headers:
+        _write_bytes(body, header_key.encode())
+        _write_bytes(body, header_value)
+    _write_varint(out, len(body))
+    out += body
+
+
+def build_batch(
+    records: Sequence[RecordData],
+    *,
+    base_offset: int = 0,
+    producer_id: int = NO_PRODUCER_ID,
+    producer_epoch: int = -1,
+    base_sequence: int = NO_SEQUENCE,
+    compression: Compression = Compression.NONE,
+    is_transactional: bool = False,
+) -> bytes:
+    """Encode ``records`` as one batch with create-time timestamps and a valid CRC."""
+    assert records, "a batch holds at least one record"
+    base_timestamp_ms = records[0].timestamp_ms
+    max_timestamp_ms = max(record.timestamp_ms for record in records)
+    body = bytearray()
+    for offset_delta, record in enumerate(records):
+        _encode_record(body, record, offset_delta, base_timestamp_ms)
+    payload = _compress(bytes(body), compression)
+    attributes = int(compression) | (_TRANSACTIONAL_MASK if is_transactional else 0)
+    batch = bytearray(BATCH_HEADER_BYTES)
+    _HEADER.pack_into(
+        batch, 0, base_offset, BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES + len(payload), -1, MAGIC,
+        0, attributes, len(records) - 1, base_timestamp_ms, max_timestamp_ms, producer_id,
+        producer_epoch, base_sequence, len(records),
+    )
+    batch += payload
+    _CRC.pack_into(batch, 17, crc32c.crc32c(memoryview(batch)[CRC_START:]))
+    return bytes(batch)
+
+
+# --- decoding -------------------------------------------------------------------------------
+def _decode_record(buffer: Buffer, position: int, header: BatchHeader) -> tuple[Record, int]:
+    length, position = _read_varint(buffer, position)
+    end = position + length
+    if length < 0 or end > len(buffer):
+        raise CorruptRecordError("record length out of bounds", position=position, length=length)
+    position += 1  # record attributes
+    timestamp_delta, position = _read_varint(buffer, position)
+    offset_delta, position = _read_varint(buffer, position)
+    key, position = _read_bytes(buffer, position)
+    value, position = _read_bytes(buffer, position)
+    header_count, position = _read_varint(buffer, position)
+    headers: list[tuple[str, bytes | None]] = []
+    for _ in range(header_count):
+        header_key, position = _read_bytes(buffer, position)
+        header_value, position = _read_bytes(buffer, position)
+        try:
+            headers.append(((header_key or b"").decode(), header_value))
+        except UnicodeDecodeError as error:
+            raise CorruptRecordError("header key is not utf-8", position=position) from error
+    if position != end:
+        raise CorruptRecordError("record length mismatch", position=position, expected_end=end)
+    timestamp_ms = (
+        header.max_timestamp_ms if header.timestamp_type else header.base_timestamp_ms
+        + timestamp_delta
+    )
+    record = Record(header.base_offset + offset_delta, timestamp_ms, key, value, tuple(headers))
+    return record, end
+
+
+def decode_records(buffer: Buffer, position: int = 0) -> list[Record]:
+    """Validate and decode the one batch at ``position`` (decompressing if needed)."""
+    header = validate_batch(buffer, position)
+    view = memoryview(buffer)[position + BATCH_HEADER_BYTES : position + header.size_bytes]
+    body: Buffer = view if header.compression is Compression.NONE else _decompress(
+        view, header.compression
+    )
+    records: list[Record] = []
+    cursor = 0
+    for _ in range(header.record_count):
+        record, cursor = _decode_record(body, cursor, header)
+        records.append(record)
+    if cursor != len(body):
+        raise CorruptRecordError(
+            "bytes left after the last record", position=position, extra=len(body) - cursor
+        )
+    return records
+
+
+def iter_records(buffer: Buffer) -> Iterator[Record]:
+    """Every record of a buffer of concatenated whole batches (empty buffer: none)."""
+    if not len(buffer):
+        return
+    for position, _header in split_batches(buffer):
+        yield from decode_records(buffer, position)

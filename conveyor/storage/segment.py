@@ -1,0 +1,249 @@
+"""Segment: one ``.log`` file of whole record batches plus its two sparse indexes.
+
+Owns: writing batches at the end of the file, indexing them every
+``index_interval_bytes``, finding the batch that holds an offset, choosing whole-batch
+read ranges, and rebuilding the indexes from the log. Knows nothing of rolling,
+retention or fsync policy (the PartitionLog decides those).
+
+Invariants: the file is a sequence of whole batches with increasing offsets from
+``base_offset`` (compaction may leave gaps); ``size_bytes`` is the end of the last
+batch written; a failed write is truncated back so the file never holds a partial
+batch while the process runs. Not thread-safe: one event loop owns a segment.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+from conveyor.errors import CorruptRecordError, StorageError, StorageFullError
+from conveyor.storage import segment_files
+from conveyor.storage.fs import FileSystem
+from conveyor.storage.index import OffsetIndex, TimeIndex
+from conveyor.storage.record_batch import (
+    BATCH_HEADER_BYTES,
+    LOG_OVERHEAD_BYTES,
+    MAGIC,
+    BatchHeader,
+    read_header,
+    validate_batch,
+)
+
+SCAN_CHUNK_BYTES = 1 << 20
+LOOKUP_CHUNK_BYTES = 16 << 10
+
+
+def scan_batches(
+    fs: FileSystem, handle: int, start: int, end: int, *, validate: bool,
+    chunk_bytes: int = SCAN_CHUNK_BYTES,
+) -> Iterator[tuple[int, BatchHeader]]:
+    """(position, header) of each whole batch from ``start``; stops at the first bad one."""
+    position, buffer, buffer_start = start, b"", start
+    while position + BATCH_HEADER_BYTES <= end:
+        if position - buffer_start + BATCH_HEADER_BYTES > len(buffer):
+            buffer = fs.pread(handle, min(chunk_bytes, end - position), position)
+            buffer_start = position
+        header = read_header(buffer, position - buffer_start)
+        size = header.size_bytes
+        if header.magic != MAGIC or size < BATCH_HEADER_BYTES or position + size > end:
+            return
+        if validate:
+            if position - buffer_start + size > len(buffer):
+                buffer, buffer_start = fs.pread(handle, max(chunk_bytes, size), position), position
+            try:
+                validate_batch(buffer, position - buffer_start)
+            except CorruptRecordError:
+                return
+        yield position, header
+        position += size
+
+
+class Segment:
+    def __init__(
+        self, fs: FileSystem, directory: str, base_offset: int, handle: int,
+        index_interval_bytes: int, created_ms: int,
+    ) -> None:
+        self.fs = fs
+        self.directory = directory
+        self.base_offset = base_offset
+        self.handle = handle
+        self.index_interval_bytes = index_interval_bytes
+        self.created_ms = created_ms
+        self.size_bytes = 0
+        self.next_offset = base_offset
+        self.max_timestamp_ms = -1
+        self.offset_index = OffsetIndex(base_offset)
+        self.time_index = TimeIndex(base_offset)
+        self._bytes_since_index = 0
+
+    @classmethod
+    def create(
+        cls, fs: FileSystem, directory: str, base_offset: int, *, index_interval_bytes: int,
+        created_ms: int,
+    ) -> Segment:
+        handle = fs.open(segment_files.log_path(directory, base_offset), create=True)
+        fs.truncate(handle, 0)
+        fs.fsync_dir(directory)
+        return cls(fs, directory, base_offset, handle, index_interval_bytes, created_ms)
+
+    @classmethod
+    def open(
+        cls, fs: FileSystem, directory: str, base_offset: int, *, index_interval_bytes: int,
+        created_ms: int,
+    ) -> Segment:
+        """Open an existing segment without reading it (call load_indexes or rebuild next)."""
+        handle = fs.open(segment_files.log_path(directory, base_offset))
+        segment = cls(fs, directory, base_offset, handle, index_interval_bytes, created_ms)
+        segment.size_bytes = fs.size(handle)
+        return segment
+
+    @property
+    def log_path(self) -> str:
+        return segment_files.log_path(self.directory, self.base_offset)
+
+    # --- writing -----------------------------------------------------------------------
+    def append(self, payload: bytes | bytearray | memoryview,
+               batches: list[tuple[int, BatchHeader]]) -> None:
+        """Write whole batches (positions relative to ``payload``) at the end of the file."""
+        start = self.size_bytes
+        try:
+            self.fs.pwrite(self.handle, payload, start)
+        except OSError as error:
+            self.fs.truncate(self.handle, start)
+            if error.errno == errno.ENOSPC:
+                raise StorageFullError("disk full", path=self.log_path, position=start) from error
+            raise StorageError("write failed", path=self.log_path, reason=str(error)) from error
+        for relative, header in batches:
+            self._index_batch(start + relative, header)
+        self.size_bytes = start + len(payload)
+
+    def _index_batch(self, position: int, header: BatchHeader) -> None:
+        if self._bytes_since_index >= self.index_interval_bytes:
+            self.offset_index.append(header.base_offset, position)
+            self.time_index.append(self.max_timestamp_ms, header.base_offset)
+            self._bytes_since_index = 0
+        self._bytes_since_index += header.size_bytes
+        self.max_timestamp_ms = max(self.max_timestamp_ms, header.max_timestamp_ms)
+        self.next_offset = header.last_offset + 1
+
+    def truncate_to(self, size_bytes: int) -> None:
+        """Cut the file at a batch boundary and drop index entries past it."""
+        self.fs.truncate(self.handle, size_bytes)
+        self.rebuild(end=size_bytes, validate=False)
+
+    # --- indexes -----------------------------------------------------------------------
+    def rebuild(self, *, end: int | None = None, validate: bool) -> int:
+        """Re-derive indexes and offsets from the log; return the end of the last good batch."""
+        self.offset_index = OffsetIndex(self.base_offset)
+        self.time_index = TimeIndex(self.base_offset)
+        self._bytes_since_index = 0
+        self.max_timestamp_ms = -1
+        self.next_offset = self.base_offset
+        limit = self.fs.size(self.handle) if end is None else end
+        valid_end = 0
+        for position, header in scan_batches(self.fs, self.handle, 0, limit, validate=validate):
+            self._index_batch(position, header)
+            valid_end = position + header.size_bytes
+        self.size_bytes = valid_end
+        return valid_end
+
+    def load_indexes(self) -> bool:
+        """Use the index files if consistent with the log; False means call rebuild."""
+        directory, base_offset = self.directory, self.base_offset
+        offsets = self._read_index(segment_files.offset_index_path(directory, base_offset))
+        times = self._read_index(segment_files.time_index_path(directory, base_offset))
+        if offsets is None or times is None:
+            return False
+        offset_index = OffsetIndex.from_bytes(self.base_offset, offsets)
+        time_index = TimeIndex.from_bytes(self.base_offset, times)
+        if offset_index is None or time_index is None or time_index.offsets != offset_index.offsets:
+            return False
+        start = offset_index.positions[-1] if offset_index.positions else 0
+        if start and not self._batch_starts_at(start, offset_index.offsets[-1]):
+            return False
+        self.offset_index, self.time_index = offset_index, time_index
+        self.max_timestamp_ms = time_index.timestamps_ms[-1] if time_index.timestamps_ms else -1
+        self.next_offset = offset_index.offsets[-1] if offset_index.offsets else self.base_offset
+        end = start
+        for position, header in scan_batches(self.fs, self.handle, start, self.size_bytes,
+                                             validate=False):
+            self._bytes_since_index += header.size_bytes
+            self.max_timestamp_ms = max(self.max_timestamp_ms, header.max_timestamp_ms)
+            self.next_offset = header.last_offset + 1
+            end = position + header.size_bytes
+        return end == self.size_bytes
+
+    def _read_index(self, path: str) -> bytes | None:
+        if not self.fs.exists(path):
+            return None
+        handle = self.fs.open(path)
+        try:
+            return self.fs.pread(handle, self.fs.size(handle), 0)
+        finally:
+            self.fs.close(handle)
+
+    def _batch_starts_at(self, position: int, offset: int) -> bool:
+        data = self.fs.pread(self.handle, BATCH_HEADER_BYTES, position)
+        if len(data) < BATCH_HEADER_BYTES:
+            return False
+        header = read_header(data)
+        return header.magic == MAGIC and header.base_offset == offset
+
+    def write_indexes(self) -> None:
+        """Persist both indexes (derived data: no fsync needed, checked on load)."""
+        for path, data in (
+            (segment_files.offset_index_path(self.directory, self.base_offset),
+             self.offset_index.to_bytes()),
+            (segment_files.time_index_path(self.directory, self.base_offset),
+             self.time_index.to_bytes()),
+        ):
+            handle = self.fs.open(path, create=True)
+            try:
+                self.fs.truncate(handle, 0)
+                self.fs.pwrite(handle, data, 0)
+            finally:
+                self.fs.close(handle)
+
+    # --- reading -----------------------------------------------------------------------
+    def find_batch(self, offset: int, end: int) -> tuple[int, BatchHeader] | None:
+        """Position and header of the first batch before ``end`` whose last offset >= offset."""
+        _, start = self.offset_index.lookup(offset)
+        for position, header in scan_batches(self.fs, self.handle, start, end, validate=False,
+                                             chunk_bytes=LOOKUP_CHUNK_BYTES):
+            if header.last_offset >= offset:
+                return position, header
+        return None
+
+    def read_end(self, start: int, first_size: int, bytes_max: int, end: int) -> int:
+        """End of the longest run of whole batches from ``start`` within bytes_max (>= 1)."""
+        result = start + first_size
+        target = min(start + bytes_max, end)
+        if target <= result:
+            return result
+        _, scan_from = self.offset_index.lookup_position(target)
+        scan_from = max(scan_from, result)
+        if scan_from > result:
+            result = scan_from  # every batch between result and scan_from ends before it
+        for position, header in scan_batches(self.fs, self.handle, scan_from, target,
+                                             validate=False, chunk_bytes=LOOKUP_CHUNK_BYTES):
+            result = position + header.size_bytes
+        return result
+
+    def batch_headers(self, start: int = 0) -> Iterator[tuple[int, BatchHeader]]:
+        return scan_batches(self.fs, self.handle, start, self.size_bytes, validate=False)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:
+        self.fs.close(self.handle)
+
+    def delete(self) -> None:
+        """Close and remove the log (first) and its indexes; the caller fsyncs the directory."""
+        self.close()
+        for path in (self.log_path,
+                     segment_files.offset_index_path(self.directory, self.base_offset),
+                     segment_files.time_index_path(self.directory, self.base_offset)):
+            if self.fs.exists(path):
+                self.fs.remove(path)
+
+
+__all__ = ["LOG_OVERHEAD_BYTES", "Segment", "scan_batches"]
