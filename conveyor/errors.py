@@ -176,3 +176,24 @@ class UnavailableError(OperatingError):
 class AuthenticationError(OperatingError):
     code = "authentication_failed"
     http_status = 401
+
+
+# --- ordered groups (additive, broker engineer) ------------------------------
+class InconsistentGroupProtocolError(IllegalStateError):
+    """A joining member shares no protocol (or protocol type) with the group."""
+
+    code = "inconsistent_group_protocol"
+
+
+class InvalidSessionTimeoutError(InvalidRequestError):
+    code = "invalid_session_timeout"
+
+
+class FencedInstanceIdError(IllegalStateError):
+    """A static member (group.instance.id) was replaced by a newer instance."""
+
+    code = "fenced_instance_id"
+
+
+class NonEmptyGroupError(IllegalStateError):
+    code = "non_empty_group"

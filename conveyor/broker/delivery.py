@@ -1,0 +1,169 @@
+"""Delivery rules of queues: delays, TTL, priorities, FIFO groups, dedup, dead-lettering.
+
+Owns: reading the reserved ``conveyor.*`` headers of a record together with its
+QueueConfig into a ``RecordPolicy`` (when it may be delivered, when it expires,
+its priority and FIFO group), the dead-letter decision after a lock ends, the
+shape of a dead-lettered message, and the dedup window.
+
+Must not know: storage, asyncio, protocols. Every function is pure; time comes
+in as ``now_ms`` (wall ms, the same clock as record timestamps and headers).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Literal
+
+from conveyor.storage.record_batch import Record
+
+from .types import (
+    HEADER_DEAD_REASON,
+    HEADER_DEDUP_ID,
+    HEADER_DELIVER_AT,
+    HEADER_EXPIRES_AT,
+    HEADER_GROUP,
+    HEADER_PRIORITY,
+    HEADER_SOURCE,
+    Message,
+    QueueConfig,
+)
+
+DeadReason = Literal["max-deliveries", "rejected", "expired"]
+PRIORITY_MAX = 9  # conveyor.priority is one digit, 0..9 (RabbitMQ advises <= 10 levels)
+NEVER_MS = 1 << 62  # "no deadline": later than any wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPolicy:
+    """What the queue rules say about one record."""
+
+    priority: int  # 0..9, 0 when the queue ignores priorities
+    available_at_ms: int  # wall ms; not acquirable before
+    expires_at_ms: int  # wall ms; NEVER_MS when it does not expire
+    message_group: str | None  # FIFO group (only meaningful for FIFO queues)
+
+
+def header(record: Record, name: str) -> bytes | None:
+    """The last value of header ``name`` (a later header overrides an earlier one)."""
+    found: bytes | None = None
+    for key, value in record.headers:
+        if key == name:
+            found = value
+    return found
+
+
+def _int_header(record: Record, name: str) -> int | None:
+    value = header(record, name)
+    if value is None:
+        return None
+    try:
+        return int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None  # a malformed reserved header is ignored, not fatal
+
+
+def record_policy(record: Record, config: QueueConfig) -> RecordPolicy:
+    """Combine the record's reserved headers with the queue defaults."""
+    priority = 0
+    if config.max_priority is not None:
+        requested = _int_header(record, HEADER_PRIORITY) or 0
+        priority = max(0, min(requested, config.max_priority, PRIORITY_MAX))
+    deliver_at_ms = _int_header(record, HEADER_DELIVER_AT)
+    if deliver_at_ms is None:
+        deliver_at_ms = record.timestamp_ms + config.delay_ms if config.delay_ms else 0
+    expires_at_ms = _int_header(record, HEADER_EXPIRES_AT)
+    if config.message_ttl_ms is not None:
+        queue_expiry_ms = record.timestamp_ms + config.message_ttl_ms
+        expires_at_ms = queue_expiry_ms if expires_at_ms is None else min(
+            expires_at_ms, queue_expiry_ms)
+    group_bytes = header(record, HEADER_GROUP) if config.fifo else None
+    message_group = group_bytes.decode("utf-8", "replace") if group_bytes is not None else None
+    return RecordPolicy(
+        priority, deliver_at_ms, NEVER_MS if expires_at_ms is None else expires_at_ms,
+        message_group,
+    )
+
+
+def dedup_id_of(record_headers: tuple[tuple[str, bytes | None], ...]) -> str | None:
+    for key, value in record_headers:
+        if key == HEADER_DEDUP_ID and value is not None:
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def exhausted(delivery_count: int, config: QueueConfig) -> bool:
+    """True when a record whose lock just ended must be dead-lettered, not redelivered."""
+    return config.max_deliveries > 0 and delivery_count >= config.max_deliveries
+
+
+def dead_letter_topic(queue: str, config: QueueConfig) -> str | None:
+    """Where dead records go: the configured topic, "<queue>.dlq" when max_deliveries is
+    set, else nowhere (expired or rejected records are then dropped)."""
+    if config.dead_letter_topic:
+        return config.dead_letter_topic
+    if config.max_deliveries > 0:
+        return f"{queue}.dlq"
+    return None
+
+
+# Reserved headers that would change the dead record's own fate in the DLQ: a DLQ
+# record must neither expire again nor wait for the delay it already served.
+_DROPPED_ON_DEAD_LETTER = frozenset({
+    HEADER_DEAD_REASON, HEADER_SOURCE, HEADER_EXPIRES_AT, HEADER_DELIVER_AT,
+})
+
+
+def dead_letter_message(
+    record: Record, topic: str, partition: int, reason: DeadReason
+) -> Message:
+    """The record as a DLQ message: original key/value/headers + reason + source."""
+    kept = [(key, value) for key, value in record.headers
+            if key not in _DROPPED_ON_DEAD_LETTER]
+    headers = (
+        *kept,
+        (HEADER_DEAD_REASON, reason.encode()),
+        (HEADER_SOURCE, f"{topic}/{partition}/{record.offset}".encode()),
+    )
+    return Message(record.value, record.key, headers, timestamp_ms=record.timestamp_ms)
+
+
+def redrive_message(record: Record) -> tuple[str, Message] | None:
+    """(source topic, message without the dead-letter headers), None if no source."""
+    source = header(record, HEADER_SOURCE)
+    if source is None:
+        return None
+    topic = source.decode("utf-8", "replace").rsplit("/", 2)[0]
+    headers = tuple(
+        (key, value) for key, value in record.headers
+        if key not in (HEADER_DEAD_REASON, HEADER_SOURCE)
+    )
+    return topic, Message(record.value, record.key, headers, timestamp_ms=record.timestamp_ms)
+
+
+class DedupWindow:
+    """Dedup ids seen by one queue, each remembered until ``expires_ms`` (wall)."""
+
+    def __init__(self) -> None:
+        # dedup id -> wall ms after which a publish with this id is accepted again
+        self.expiry_ms_by_id: dict[str, int] = {}
+        # (expires_ms, dedup id): the same ids by expiry; stale items skipped lazily
+        self._by_expiry: list[tuple[int, str]] = []
+
+    def seen(self, dedup_id: str, now_ms: int) -> bool:
+        expires_ms = self.expiry_ms_by_id.get(dedup_id)
+        return expires_ms is not None and expires_ms > now_ms
+
+    def remember(self, dedup_id: str, expires_ms: int) -> None:
+        self.expiry_ms_by_id[dedup_id] = expires_ms
+        heapq.heappush(self._by_expiry, (expires_ms, dedup_id))
+
+    def forget_expired(self, now_ms: int) -> int:
+        """Drop ids whose window has passed; returns how many went."""
+        forgotten = 0
+        while self._by_expiry and self._by_expiry[0][0] <= now_ms:
+            expires_ms, dedup_id = heapq.heappop(self._by_expiry)
+            if self.expiry_ms_by_id.get(dedup_id) == expires_ms:
+                del self.expiry_ms_by_id[dedup_id]
+                forgotten += 1
+        return forgotten

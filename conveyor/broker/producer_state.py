@@ -1,0 +1,233 @@
+"""Idempotent producer: producer ids, epochs and the last batch sequences per partition.
+
+Owns: ``init_producer_id`` (a persisted counter; a transactional id keeps its
+producer id and gets the next epoch, fencing the older instance), and the
+sequence check of every batch that carries a producer id:
+
+- epoch older than the producer's current epoch -> InvalidProducerEpochError;
+- a newer epoch starts over: its first sequence must be 0;
+- same base and last sequence as one of the last ``SEQUENCES_KEPT`` batches ->
+  a duplicate: the caller returns the original offsets and appends nothing;
+- otherwise base sequence must be last sequence + 1 (wrapping after 2^31-1),
+  else OutOfOrderSequenceError (a gap or a reordering).
+
+Persistence: after an append the partition's entry and a checkpoint (the next
+offset the state covers) go to the StateStore in the append's loop turn. On
+open the state is loaded and the log tail past each checkpoint is re-scanned
+(``observe``), so a crash between the log fsync and the SQLite commit loses
+nothing. Must not know: protocols, files.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.errors import (
+    InvalidProducerEpochError,
+    InvalidRequestError,
+    OutOfOrderSequenceError,
+    UnknownProducerIdError,
+)
+from conveyor.storage.record_batch import split_batches
+from conveyor.storage.state_store import ProducerRow, ProducerSequenceRow, StateStore
+
+SEQUENCES_KEPT = 5  # Kafka keeps the last 5 batches (max.in.flight.requests.per.connection)
+SEQUENCE_MAX = (1 << 31) - 1
+EPOCH_MAX = (1 << 15) - 1  # int16
+NO_PRODUCER_ID = -1
+_COUNTER = "producer_id"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSequence:
+    base_sequence: int
+    last_sequence: int
+    base_offset: int
+    last_offset: int
+
+
+@dataclass(slots=True)
+class PartitionProducerEntry:
+    epoch: int
+    # the last SEQUENCES_KEPT appended batches, oldest first
+    batches: deque[BatchSequence] = field(default_factory=lambda: deque(maxlen=SEQUENCES_KEPT))
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingBatch:
+    """What the check needs from a batch header."""
+
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    record_count: int
+
+    @property
+    def last_sequence(self) -> int:
+        return (self.base_sequence + self.record_count - 1) & SEQUENCE_MAX
+
+
+def next_sequence(sequence: int) -> int:
+    return 0 if sequence == SEQUENCE_MAX else sequence + 1
+
+
+class ProducerStates:
+    """Producer ids and per-(producer, topic, partition) sequence windows."""
+
+    def __init__(self, state_store: StateStore) -> None:
+        self._state_store = state_store
+        # producer id -> current epoch (from init_producer_id)
+        self._epochs: dict[int, int] = {}
+        # transactional id -> producer id
+        self._transactional: dict[str, int] = {}
+        # (producer id, topic, partition) -> sequence window
+        self._entries: dict[tuple[int, str, int], PartitionProducerEntry] = {}
+
+    def load(self) -> None:
+        for producer in self._state_store.load_producers():
+            self._epochs[producer.producer_id] = producer.epoch
+            if producer.transactional_id is not None:
+                self._transactional[producer.transactional_id] = producer.producer_id
+        for row in self._state_store.load_producer_sequences():
+            entry = PartitionProducerEntry(row.epoch)
+            entry.batches.extend(BatchSequence(*batch) for batch in row.batches)
+            self._entries[(row.producer_id, row.topic, row.partition)] = entry
+
+    def checkpoints(self) -> dict[tuple[str, int], int]:
+        return self._state_store.load_producer_checkpoints()
+
+    async def init_producer_id(self, transactional_id: str | None = None) -> tuple[int, int]:
+        """A new (producer id, epoch 0), or the transactional id's producer with epoch + 1."""
+        if transactional_id is not None and transactional_id in self._transactional:
+            producer_id = self._transactional[transactional_id]
+            epoch = self._epochs.get(producer_id, -1) + 1
+            if epoch > EPOCH_MAX:  # epoch exhausted: a fresh producer id
+                producer_id, epoch = self._state_store.next_counter(_COUNTER), 0
+        else:
+            producer_id, epoch = self._state_store.next_counter(_COUNTER), 0
+        self._epochs[producer_id] = epoch
+        if transactional_id is not None:
+            self._transactional[transactional_id] = producer_id
+        self._state_store.save_producer(ProducerRow(producer_id, epoch, transactional_id))
+        await self._state_store.commit()
+        return producer_id, epoch
+
+    def check(
+        self, topic: str, partition: int, batches: Sequence[IncomingBatch]
+    ) -> BatchSequence | None:
+        """Validate batches before an append; a BatchSequence means "duplicate of this"."""
+        idempotent = [batch for batch in batches if batch.producer_id != NO_PRODUCER_ID]
+        if not idempotent:
+            return None
+        if len(idempotent) != len(batches) or len({b.producer_id for b in batches}) != 1:
+            raise InvalidRequestError(
+                "batches of one append mix producers", topic=topic, partition=partition
+            )
+        first = idempotent[0]
+        known_epoch = self._epochs.get(first.producer_id)
+        if known_epoch is None:
+            raise UnknownProducerIdError(
+                "producer id was never allocated", producer_id=first.producer_id
+            )
+        entry = self._entries.get((first.producer_id, topic, partition))
+        if first.producer_epoch < known_epoch or (
+            entry is not None and first.producer_epoch < entry.epoch
+        ):
+            raise InvalidProducerEpochError(
+                "producer epoch is stale", producer_id=first.producer_id,
+                epoch=first.producer_epoch, current_epoch=max(known_epoch, entry.epoch if entry
+                                                               else known_epoch),
+            )
+        if entry is not None and entry.epoch == first.producer_epoch:
+            for kept in entry.batches:
+                if (kept.base_sequence == first.base_sequence
+                        and kept.last_sequence == idempotent[-1].last_sequence):
+                    return kept
+        expected = (
+            next_sequence(entry.batches[-1].last_sequence)
+            if entry is not None and entry.epoch == first.producer_epoch and entry.batches
+            else 0
+        )
+        for batch in idempotent:
+            if batch.base_sequence != expected:
+                raise OutOfOrderSequenceError(
+                    "sequence gap or reordering", producer_id=batch.producer_id,
+                    topic=topic, partition=partition, expected=expected,
+                    received=batch.base_sequence,
+                )
+            expected = next_sequence(batch.last_sequence)
+        return None
+
+    def observe(
+        self,
+        topic: str,
+        partition: int,
+        producer_id: int,
+        producer_epoch: int,
+        base_sequence: int,
+        last_sequence: int,
+        base_offset: int,
+        last_offset: int,
+    ) -> None:
+        """Remember an appended batch (in memory; ``persist`` writes it)."""
+        if producer_id == NO_PRODUCER_ID:
+            return
+        key = (producer_id, topic, partition)
+        entry = self._entries.get(key)
+        if entry is None or entry.epoch != producer_epoch:
+            entry = PartitionProducerEntry(producer_epoch)
+            self._entries[key] = entry
+        entry.batches.append(BatchSequence(base_sequence, last_sequence, base_offset, last_offset))
+        if self._epochs.get(producer_id, -1) < producer_epoch:
+            self._epochs[producer_id] = producer_epoch
+
+    def persist(
+        self, topic: str, partition: int, producer_ids: Iterable[int], next_offset: int
+    ) -> None:
+        for producer_id in set(producer_ids):
+            entry = self._entries.get((producer_id, topic, partition))
+            if entry is None:
+                continue
+            self._state_store.save_producer_sequences(
+                ProducerSequenceRow(
+                    producer_id, topic, partition, entry.epoch,
+                    tuple((b.base_sequence, b.last_sequence, b.base_offset, b.last_offset)
+                          for b in entry.batches),
+                )
+            )
+        self._state_store.save_producer_checkpoint(topic, partition, next_offset)
+
+    def recover_from_logs(
+        self, logs: Iterable[tuple[str, int, Any]], read_bytes_max: int
+    ) -> None:
+        """Re-scan each partition log past its checkpoint: batches appended (durable in
+        the log) whose sequences never reached the state store are remembered again."""
+        checkpoints = self.checkpoints()
+        for topic, partition, log in logs:
+            offset = max(checkpoints.get((topic, partition), 0), log.log_start_offset)
+            scanned = False
+            while offset < log.high_watermark:
+                data = log.read(offset, read_bytes_max).read_bytes()
+                if not data:
+                    break
+                for _, header in split_batches(data):
+                    if header.last_offset >= offset and header.producer_id >= 0:
+                        self.observe(
+                            topic, partition, header.producer_id, header.producer_epoch,
+                            header.base_sequence,
+                            (header.base_sequence + header.record_count - 1) & SEQUENCE_MAX,
+                            header.base_offset, header.last_offset,
+                        )
+                        self.persist(topic, partition, [header.producer_id],
+                                     header.last_offset + 1)
+                    offset = max(offset, header.last_offset + 1)
+                scanned = True
+            if scanned:
+                self._state_store.save_producer_checkpoint(topic, partition, offset)
+
+    def forget_topic(self, topic: str) -> None:
+        for key in [key for key in self._entries if key[1] == topic]:
+            del self._entries[key]

@@ -1,0 +1,688 @@
+"""SharedGroups: queues and shared groups — the manager the Broker facade calls.
+
+Owns: queue declarations (a queue = a topic with cleanup policy "work-queue" +
+a shared group of the same name), shared groups on plain topics (KIP-932),
+receipts, long-poll acquires, dead-letter appends, publish admission for
+queues (dedup window, max_length overflow), work-queue retention, and
+persisting every change through ``SharedStateStore``. The per-partition rules
+live in ``shared_group.SharedPartition``; header rules in ``delivery``.
+
+Must not know: protocols, files, sockets. Everything comes in through the
+constructor: ``SharedGroups(host)`` where ``host`` (the Broker) satisfies
+``SharedGroupsHost`` (state store, clock, rng, topic registry, read_records,
+publish_records, delete_topic).
+
+API (all ``async`` unless noted):
+
+    declare_queue(name, config=QueueConfig()) -> QueueInfo  # PreconditionFailedError: conflict
+    delete_queue(name, if_unused=False, if_empty=False) -> int  # ready records dropped
+    purge_queue(name) -> int
+    get_queue(name) -> QueueInfo ; list_queues() -> list[QueueInfo]
+    queue_exists(name) -> bool                                   # sync
+    create_shared_group(topic, group, config=None, start="latest") -> None
+    acquire(topic, group, records_max=1, lock_ms=None, wait_ms=0, consumer_id=None)
+        -> list[Delivery]        # long-poll: woken by appends, releases, expiries
+    ack(receipts) -> None        # durable (state-store COMMIT) before it returns
+    release(receipts, delay_ms=0) -> None
+    extend(receipts, lock_ms) -> list[int]       # new lock deadlines (wall ms)
+    reject(receipts, reason="rejected") -> None  # dead-letter now
+    release_consumer(consumer_id) -> int         # counts as a delivery (redelivered)
+    redrive(name, records_max=1000) -> int       # DLQ (or queue's DLQ) -> source topics
+    filter_publish(topic, messages, partition=None) -> list[PublishResult]
+    should_drop_duplicate(queue, dedup_id) -> bool                # sync
+    notify_appended(topic, partition) -> None                     # sync; facade calls it
+    waiting_acquires(topic, group) -> int                         # sync
+    tick() -> None               # expire locks, end delays, retention (facade timer)
+    open() / close()
+
+Receipts are ``"<topic>:<partition>:<offset>:<token>:<group>"`` (topic names
+have no ':'); the token changes on every acquire so a stale receipt fails with
+LockExpiredError, a settled one with UnknownDeliveryError.
+
+Durability: acquire writes delivery counts without waiting for the COMMIT (a
+lost count after a crash only means one delivery fewer is counted); ack,
+release, reject, extend and publish admission await the COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from conveyor.clock import Clock
+from conveyor.errors import (
+    InvalidRequestError,
+    OffsetOutOfRangeError,
+    OperatingError,
+    PreconditionFailedError,
+    UnknownDeliveryError,
+    UnknownGroupError,
+    UnknownQueueError,
+)
+from conveyor.storage.record_batch import Record
+from conveyor.storage.shared_state import RecordRow, SharedStateStore
+from conveyor.storage.state_store import QueueRow, StateStore
+
+from .delivery import (
+    DedupWindow,
+    dead_letter_message,
+    dead_letter_topic,
+    record_policy,
+    redrive_message,
+)
+from .shared_group import Change, RecordState, SharedPartition
+from .types import (
+    Delivery,
+    Message,
+    PublishResult,
+    QueueConfig,
+    QueueInfo,
+    TopicConfig,
+    TopicInfo,
+)
+
+ACQUIRE_RECORDS_MAX = 1_000  # KIP-932 ShareFetch max records per fetch is 500; headroom
+ACQUIRE_WAIT_MS_MAX = 30_000  # matches the Broker's fetch_wait_ms_max
+LOCK_MS_MAX = 12 * 3600 * 1000  # SQS's visibility timeout maximum (12 hours)
+REDRIVE_CONSUMER = "conveyor.redrive"
+
+
+class TopicDirectory(Protocol):
+    def find(self, name: str) -> TopicInfo | None: ...
+    async def create(
+        self, name: str, partitions: int = 1,
+        config: Mapping[str, str | None] | TopicConfig | None = None, kind: str = "topic",
+    ) -> TopicInfo: ...
+
+
+class SharedGroupsHost(Protocol):
+    """What SharedGroups needs from the broker (the Broker facade satisfies it)."""
+
+    @property
+    def state_store(self) -> StateStore: ...
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def rng(self) -> random.Random: ...
+    @property
+    def topics(self) -> Any: ...  # TopicDirectory + partition_log(name, partition)
+
+    async def read_records(
+        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0
+    ) -> list[Record]: ...
+    async def publish_records(
+        self, info: TopicInfo, messages: Sequence[Message], partition: int | None = None
+    ) -> list[PublishResult]: ...
+    async def delete_topic(self, name: str) -> None: ...
+
+
+@dataclass
+class GroupState:
+    """One shared group on one topic."""
+
+    group: str
+    topic: str
+    config: QueueConfig
+    is_queue: bool
+    # partition -> its window
+    partitions: dict[int, SharedPartition] = field(default_factory=dict)
+    # partition -> start offset last written to the state store
+    saved_start: dict[int, int] = field(default_factory=dict)
+    next_partition: int = 0  # round-robin cursor of acquire
+
+
+def config_to_json(config: QueueConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> QueueConfig:
+    known = {item.name for item in dataclasses.fields(QueueConfig)}
+    return QueueConfig(**{key: value for key, value in values.items() if key in known})
+
+
+def make_receipt(group: str, topic: str, partition: int, offset: int, token: int) -> str:
+    return f"{topic}:{partition}:{offset}:{token}:{group}"
+
+
+def parse_receipt(receipt: str) -> tuple[str, str, int, int, int]:
+    """(group, topic, partition, offset, token) or UnknownDeliveryError."""
+    parts = receipt.split(":", 4)
+    try:
+        topic, partition, offset, token, group = parts
+        return group, topic, int(partition), int(offset), int(token)
+    except ValueError:
+        raise UnknownDeliveryError("malformed receipt", receipt=receipt[:80]) from None
+
+
+class SharedGroups:
+    def __init__(self, host: SharedGroupsHost) -> None:
+        self.host = host
+        self.clock = host.clock
+        self.rng = host.rng
+        self.store = SharedStateStore(host.state_store)
+        # (group, topic) -> state
+        self._groups: dict[tuple[str, str], GroupState] = {}
+        # queue name -> its dedup window
+        self._dedup: dict[str, DedupWindow] = {}
+        # (group, topic) -> acquires waiting for a record
+        self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        # (topic, partition) -> offset last passed to delete_before (work-queue retention)
+        self._retained: dict[tuple[str, int], int] = {}
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        self.store.create_schema()
+        queues = {row.name: config_from_mapping(row.config)
+                  for row in self.host.state_store.load_queues()}
+        for group, topic, config_json in self.store.load_groups():
+            config = config_from_mapping(json.loads(config_json))
+            is_queue = group == topic and topic in queues
+            self._load_group(group, topic, queues.get(topic, config) if is_queue else config,
+                             is_queue)
+        for name in queues:
+            window = self._dedup.setdefault(name, DedupWindow())
+            for dedup_id, expires_ms in self.store.load_dedup(name).items():
+                window.remember(dedup_id, expires_ms)
+
+    def _load_group(self, group: str, topic: str, config: QueueConfig, is_queue: bool) -> None:
+        info = self.host.topics.find(topic)
+        if info is None:
+            return  # topic deleted under the group: forget it
+        state = GroupState(group, topic, config, is_queue)
+        starts = self.store.load_start_offsets(group, topic)
+        for partition in range(info.partitions):
+            log = self.host.topics.partition_log(topic, partition)
+            start = max(starts.get(partition, log.log_start_offset), log.log_start_offset)
+            part = SharedPartition(topic, partition, group, config, start_offset=start,
+                                   next_offset=start)
+            for row in self.store.load_records(group, topic, partition):
+                part.pending_rows[row.offset] = (
+                    RecordState(row.state), row.delivery_count, row.available_at_ms)
+            state.partitions[partition] = part
+            state.saved_start[partition] = starts.get(partition, -1)
+        self._groups[(group, topic)] = state
+
+    async def close(self) -> None:
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._waiters.clear()
+
+    # --- declarations ----------------------------------------------------------------
+    def queue_exists(self, name: str) -> bool:
+        state = self._groups.get((name, name))
+        return state is not None and state.is_queue
+
+    async def declare_queue(self, name: str, config: QueueConfig | None = None) -> QueueInfo:
+        config = config or QueueConfig()
+        if config.max_priority is not None and not 0 <= config.max_priority <= 9:
+            raise InvalidRequestError("max_priority must be 0..9", max_priority=config.max_priority)
+        existing = self._groups.get((name, name))
+        if existing is not None and existing.is_queue:
+            if existing.config != config:
+                raise PreconditionFailedError(
+                    "queue exists with a different config", queue=name)
+            return await self.get_queue(name)
+        info = self.host.topics.find(name)
+        if info is not None and info.kind != "queue":
+            raise PreconditionFailedError("a topic of this name exists", queue=name)
+        if info is None:
+            topic_config = TopicConfig(cleanup_policy="work-queue", fsync=config.fsync)
+            await self.host.topics.create(name, config.partitions, topic_config, kind="queue")
+        self.host.state_store.save_queue(
+            QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
+        self.store.save_group(name, name, config_to_json(config))
+        self._dedup.setdefault(name, DedupWindow())
+        self._load_group(name, name, config, True)
+        for partition, part in self._groups[(name, name)].partitions.items():
+            self._save_start(self._groups[(name, name)], partition, part)
+        await self.store.commit()
+        return await self.get_queue(name)
+
+    async def create_shared_group(
+        self, topic: str, group: str, config: QueueConfig | None = None,
+        start: Literal["earliest", "latest"] = "latest",
+    ) -> None:
+        """A shared group on any topic; ``start`` as KIP-932 share.auto.offset.reset."""
+        config = config or QueueConfig()
+        existing = self._groups.get((group, topic))
+        if existing is not None:
+            if existing.config != config:
+                raise PreconditionFailedError(
+                    "shared group exists with a different config", group=group, topic=topic)
+            return
+        info = self.host.topics.get(topic)
+        self.store.save_group(group, topic, config_to_json(config))
+        self._load_group(group, topic, config, False)
+        state = self._groups[(group, topic)]
+        for partition in range(info.partitions):
+            log = self.host.topics.partition_log(topic, partition)
+            offset = log.high_watermark if start == "latest" else log.log_start_offset
+            part = state.partitions[partition]
+            part.start_offset = part.next_offset = offset
+            self._save_start(state, partition, part)
+        await self.store.commit()
+
+    async def delete_queue(self, name: str, if_unused: bool = False,
+                           if_empty: bool = False) -> int:
+        state = self._queue(name)
+        ready, in_flight, delayed = await self._counts(state)
+        if if_unused and (in_flight or self._waiters.get((name, name))):
+            raise PreconditionFailedError("queue in use", queue=name, in_flight=in_flight)
+        if if_empty and ready + in_flight + delayed:
+            raise PreconditionFailedError("queue not empty", queue=name, ready=ready)
+        for key in [key for key in self._groups if key[1] == name]:
+            del self._groups[key]
+            self.store.delete_group(*key)
+        self._dedup.pop(name, None)
+        self.store.delete_queue(name)
+        self.host.state_store.delete_queue(name)
+        self._wake(name, name)
+        if self.host.topics.find(name) is not None:
+            await self.host.delete_topic(name)
+        await self.store.commit()
+        return ready + delayed
+
+    async def purge_queue(self, name: str) -> int:
+        state = self._queue(name)
+        purged = 0
+        for part in state.partitions.values():
+            while True:
+                await self._fill(state, part)
+                count = part.purge()
+                purged += count
+                await self._flush(state, part)
+                if count == 0 or part.next_offset >= self._high_watermark(part):
+                    break
+        await self.store.commit()
+        return purged
+
+    async def get_queue(self, name: str) -> QueueInfo:
+        state = self._queue(name)
+        ready, in_flight, delayed = await self._counts(state)
+        return QueueInfo(name, state.config, ready, in_flight, delayed)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        names = sorted(group for group, topic in self._groups if self.queue_exists(topic)
+                       and group == topic)
+        return [await self.get_queue(name) for name in names]
+
+    # --- acquire ---------------------------------------------------------------------
+    async def acquire(
+        self, topic: str, group: str, records_max: int = 1, lock_ms: int | None = None,
+        wait_ms: int = 0, consumer_id: str | None = None,
+    ) -> list[Delivery]:
+        """Lock up to ``records_max`` records; wait up to ``wait_ms`` for the first one."""
+        state = await self._group_for_acquire(group, topic)
+        records_max = max(1, min(records_max, ACQUIRE_RECORDS_MAX))
+        lock_ms = state.config.visibility_timeout_ms if lock_ms is None else lock_ms
+        lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
+        consumer = consumer_id if consumer_id is not None else f"anonymous-{self._token():x}"
+        deadline_ms = self.clock.monotonic_ms() + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
+        while True:
+            deliveries = await self._acquire_once(state, records_max, lock_ms, consumer)
+            remaining_ms = deadline_ms - self.clock.monotonic_ms()
+            if deliveries or remaining_ms <= 0:
+                return deliveries
+            await self._wait(state, remaining_ms)
+            if self._groups.get((group, topic)) is not state:
+                return []  # deleted while waiting
+
+    async def _acquire_once(
+        self, state: GroupState, records_max: int, lock_ms: int, consumer: str
+    ) -> list[Delivery]:
+        deliveries: list[Delivery] = []
+        self._add_new_partitions(state)
+        partitions = sorted(state.partitions)
+        for step in range(len(partitions)):
+            index = partitions[(state.next_partition + step) % len(partitions)]
+            part = state.partitions[index]
+            await self._fill(state, part)
+            now_ms = self.clock.wall_ms()
+            chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
+                                  self._token())
+            await self._flush(state, part)
+            for item in chosen:
+                record = item.entry.record
+                deliveries.append(Delivery(
+                    make_receipt(state.group, state.topic, index, item.offset, item.entry.token),
+                    state.topic, index, item.offset, record.timestamp_ms, record.key,
+                    record.value, record.headers, item.entry.delivery_count,
+                    item.entry.deadline_ms,
+                ))
+            if len(deliveries) >= records_max:
+                break
+        state.next_partition = (state.next_partition + 1) % max(1, len(partitions))
+        return deliveries
+
+    async def _wait(self, state: GroupState, remaining_ms: int) -> None:
+        """Until an append, a release, the group's next deadline, or ``remaining_ms``."""
+        now_ms = self.clock.wall_ms()
+        deadlines = [d for d in (p.next_deadline_ms() for p in state.partitions.values())
+                     if d is not None]
+        if deadlines:
+            remaining_ms = min(remaining_ms, max(0, min(deadlines) - now_ms))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        key = (state.group, state.topic)
+        self._waiters.setdefault(key, []).append(waiter)
+        sleeper = loop.create_task(self.clock.sleep_ms(remaining_ms))
+        try:
+            await asyncio.wait([waiter, sleeper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sleeper
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[key]
+
+    def waiting_acquires(self, topic: str, group: str) -> int:
+        """How many acquires of ``group`` are parked in a long poll (metrics, tests)."""
+        return len(self._waiters.get((group, topic), ()))
+
+    def notify_appended(self, topic: str, partition: int) -> None:
+        """The facade calls this after every append: wakes acquires of the topic's groups."""
+        for group, group_topic in list(self._waiters):
+            if group_topic == topic:
+                self._wake(group, topic)
+
+    def _wake(self, group: str, topic: str) -> None:
+        for waiter in self._waiters.pop((group, topic), []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- settle ----------------------------------------------------------------------
+    async def ack(self, receipts: Iterable[str]) -> None:
+        await self._settle(receipts, lambda part, offset, token, now_ms:
+                           part.ack(offset, token, now_ms))
+
+    async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
+        await self._settle(receipts, lambda part, offset, token, now_ms:
+                           part.release(offset, token, now_ms, max(0, delay_ms)))
+
+    async def extend(self, receipts: Iterable[str], lock_ms: int) -> list[int]:
+        lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
+        deadlines: list[int] = []
+        await self._settle(receipts, lambda part, offset, token, now_ms:
+                           deadlines.append(part.extend(offset, token, now_ms, lock_ms)))
+        return deadlines
+
+    async def reject(self, receipts: Iterable[str], reason: str = "rejected") -> None:
+        """Dead-letter now (reason header "rejected"; ``reason`` is for logs only)."""
+        await self._settle(receipts, lambda part, offset, token, now_ms:
+                           part.reject(offset, token, now_ms))
+
+    async def _settle(self, receipts: Iterable[str], action: Any) -> None:
+        """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
+        touched: dict[tuple[str, str, int], tuple[GroupState, SharedPartition]] = {}
+        first_error: Exception | None = None
+        now_ms = self.clock.wall_ms()
+        for receipt in receipts:
+            try:
+                group, topic, partition, offset, token = parse_receipt(receipt)
+                state = self._groups.get((group, topic))
+                part = state.partitions.get(partition) if state is not None else None
+                if state is None or part is None:
+                    raise UnknownDeliveryError("receipt of an unknown group", receipt=receipt)
+                touched[(group, topic, partition)] = (state, part)  # lazy expiry persists too
+                action(part, offset, token, now_ms)
+            except OperatingError as error:
+                first_error = first_error or error
+        for state, part in touched.values():
+            await self._flush(state, part)
+        await self.store.commit()
+        if first_error is not None:
+            raise first_error
+
+    async def release_consumer(self, consumer_id: str) -> int:
+        """Release everything ``consumer_id`` holds (counts as a delivery, as RabbitMQ
+        counts an unacked message redelivered after its channel closed)."""
+        released = 0
+        now_ms = self.clock.wall_ms()
+        for state in list(self._groups.values()):
+            for part in state.partitions.values():
+                count = part.release_consumer(consumer_id, now_ms)
+                if count:
+                    released += count
+                    await self._flush(state, part)
+        await self.store.commit()
+        return released
+
+    async def redrive(self, name: str, records_max: int = 1000) -> int:
+        """Move up to ``records_max`` records of a DLQ back to their source topics."""
+        dlq = name
+        state = self._groups.get((name, name))
+        if state is not None:
+            dlq = dead_letter_topic(name, state.config) or name
+        if not self.queue_exists(dlq):
+            raise UnknownQueueError("unknown dead-letter queue", queue=dlq)
+        moved = 0
+        while moved < records_max:
+            deliveries = await self.acquire(dlq, dlq, min(100, records_max - moved),
+                                            consumer_id=REDRIVE_CONSUMER)
+            if not deliveries:
+                break
+            for delivery in deliveries:
+                record = Record(delivery.offset, delivery.timestamp_ms, delivery.key,
+                                delivery.value, delivery.headers)
+                target = redrive_message(record)
+                if target is not None:
+                    await self.filter_publish(target[0], [target[1]])
+            await self.ack([delivery.receipt for delivery in deliveries])
+            moved += len(deliveries)
+        return moved
+
+    # --- publish admission -----------------------------------------------------------
+    def should_drop_duplicate(self, queue: str, dedup_id: str) -> bool:
+        window = self._dedup.get(queue)
+        return window is not None and window.seen(dedup_id, self.clock.wall_ms())
+
+    async def filter_publish(
+        self, topic: str, messages: Sequence[Message], partition: int | None = None
+    ) -> list[PublishResult]:
+        """Publish, applying a queue's dedup window and max_length first."""
+        info = self.host.topics.get(topic)
+        state = self._groups.get((topic, topic))
+        if state is None or not state.is_queue:
+            results = await self.host.publish_records(info, messages, partition)
+            self._notify_results(results)
+            return results
+        now_ms = self.clock.wall_ms()
+        window = self._dedup.setdefault(topic, DedupWindow())
+        room = await self._room(state)
+        # per message: a ready result (duplicate / rejected) or None (published)
+        slots: list[PublishResult | None] = []
+        accepted: list[Message] = []
+        for message in messages:
+            if message.dedup_id is not None and window.seen(message.dedup_id, now_ms):
+                slots.append(PublishResult(topic, partition or 0, -1, duplicate=True))
+                continue
+            if room is not None and len(accepted) >= room:
+                slots.append(PublishResult(topic, partition or 0, -1))  # reject-publish
+                continue
+            if message.dedup_id is not None:
+                expires_ms = now_ms + state.config.dedup_window_ms
+                window.remember(message.dedup_id, expires_ms)
+                self.store.save_dedup(topic, message.dedup_id, expires_ms)
+            slots.append(None)
+            accepted.append(message)
+        published = await self.host.publish_records(info, accepted, partition) if accepted else []
+        self._notify_results(published)
+        await self._overflow(state)
+        await self.store.commit()
+        stream = iter(published)
+        return [slot if slot is not None else next(stream) for slot in slots]
+
+    async def _room(self, state: GroupState) -> int | None:
+        """reject-publish: how many more records fit under max_length (None: no limit)."""
+        config = state.config
+        if config.max_length is None or config.overflow != "reject-publish":
+            return None
+        ready, _, delayed = await self._counts(state)
+        return max(0, config.max_length - ready - delayed)
+
+    def _notify_results(self, results: Iterable[PublishResult]) -> None:
+        for topic, partition in {(r.topic, r.partition) for r in results if r.offset >= 0}:
+            self.notify_appended(topic, partition)
+
+    async def _overflow(self, state: GroupState) -> None:
+        """drop-head: drop the oldest ready records above max_length."""
+        config = state.config
+        if config.max_length is None or config.overflow != "drop-head":
+            return
+        ready, _, delayed = await self._counts(state)
+        excess = ready + delayed - config.max_length
+        for part in state.partitions.values():
+            if excess <= 0:
+                break
+            excess -= part.drop_oldest(excess)
+            await self._flush(state, part)
+
+    # --- timer -----------------------------------------------------------------------
+    async def tick(self) -> None:
+        """Expire locks, end delays, forget old dedup ids, apply work-queue retention."""
+        now_ms = self.clock.wall_ms()
+        for state in list(self._groups.values()):
+            woke = False
+            for part in state.partitions.values():
+                woke = part.tick(now_ms) or woke
+                await self._flush(state, part)
+            if woke:
+                self._wake(state.group, state.topic)
+        for queue, window in self._dedup.items():
+            if window.forget_expired(now_ms) and self.queue_exists(queue):
+                self.store.delete_dedup_before(queue, now_ms)
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        """Once every shared group of a work-queue topic is past an offset, drop the log
+        below it (whole segments go; the log start offset moves)."""
+        lowest: dict[tuple[str, int], int] = {}
+        for state in self._groups.values():
+            info = self.host.topics.find(state.topic)
+            if info is None or info.config.cleanup_policy != "work-queue":
+                continue
+            for partition, part in state.partitions.items():
+                key = (state.topic, partition)
+                lowest[key] = min(lowest.get(key, part.start_offset), part.start_offset)
+        for (topic, partition), offset in lowest.items():
+            if offset > self._retained.get((topic, partition), -1):
+                log = self.host.topics.partition_log(topic, partition)
+                if offset > log.log_start_offset:
+                    log.delete_before(offset)
+                self._retained[(topic, partition)] = offset
+
+    # --- internals -------------------------------------------------------------------
+    def _token(self) -> int:
+        return self.rng.getrandbits(63)
+
+    def _queue(self, name: str) -> GroupState:
+        state = self._groups.get((name, name))
+        if state is None or not state.is_queue:
+            raise UnknownQueueError("unknown queue", queue=name)
+        return state
+
+    async def _group_for_acquire(self, group: str, topic: str) -> GroupState:
+        state = self._groups.get((group, topic))
+        if state is not None:
+            return state
+        info = self.host.topics.find(topic)
+        if info is None:
+            if group == topic:
+                raise UnknownQueueError("unknown queue", queue=topic)
+            raise UnknownGroupError("unknown topic for shared group", topic=topic, group=group)
+        await self.create_shared_group(topic, group)  # KIP-932: created on first use
+        return self._groups[(group, topic)]
+
+    def _add_new_partitions(self, state: GroupState) -> None:
+        """Partitions created after the group was loaded start at their log start."""
+        info = self.host.topics.find(state.topic)
+        if info is None or info.partitions <= len(state.partitions):
+            return
+        for partition in range(len(state.partitions), info.partitions):
+            log = self.host.topics.partition_log(state.topic, partition)
+            start = int(log.log_start_offset)
+            state.partitions[partition] = SharedPartition(
+                state.topic, partition, state.group, state.config, start_offset=start,
+                next_offset=start)
+            self._save_start(state, partition, state.partitions[partition])
+
+    def _high_watermark(self, part: SharedPartition) -> int:
+        return int(self.host.topics.partition_log(part.topic, part.partition).high_watermark)
+
+    async def _counts(self, state: GroupState) -> tuple[int, int, int]:
+        ready = in_flight = delayed = 0
+        now_ms = self.clock.wall_ms()
+        for part in state.partitions.values():
+            await self._fill(state, part)
+            part.tick(now_ms)
+            await self._flush(state, part)
+            counted = part.counts(self._high_watermark(part))
+            ready += counted[0]
+            in_flight += counted[1]
+            delayed += counted[2]
+        return ready, in_flight, delayed
+
+    async def _fill(self, state: GroupState, part: SharedPartition) -> None:
+        """Load log records into the window up to its bound."""
+        log = self.host.topics.partition_log(part.topic, part.partition)
+        if part.next_offset < log.log_start_offset:
+            part.skip_to(int(log.log_start_offset))
+        while part.room() > 0 and part.next_offset < log.high_watermark:
+            try:
+                records = await self.host.read_records(
+                    part.topic, part.partition, part.next_offset, part.room())
+            except OffsetOutOfRangeError:
+                part.skip_to(int(log.log_start_offset))
+                continue
+            if not records:
+                break
+            for record in records:
+                part.load(record, record_policy(record, state.config))
+        if part.start_offset != state.saved_start.get(part.partition):
+            self._save_start(state, part.partition, part)
+
+    def _save_start(self, state: GroupState, partition: int, part: SharedPartition) -> None:
+        self.store.save_start_offset(state.group, state.topic, partition, part.start_offset)
+        state.saved_start[partition] = part.start_offset
+
+    async def _flush(self, state: GroupState, part: SharedPartition) -> None:
+        """Dead-letter what died, then persist the partition's changes."""
+        changes, part.changes = part.changes, []
+        if not changes and part.start_offset == state.saved_start.get(part.partition):
+            return
+        for change in changes:
+            if change.state is RecordState.DEAD and change.reason is not None:
+                await self._dead_letter(state, part, change)
+        rows = [RecordRow(change.offset, change.state.value, change.delivery_count,
+                          change.available_at_ms)
+                for change in changes if change.offset >= part.start_offset]
+        if rows:
+            self.store.save_records(state.group, state.topic, part.partition, rows)
+        if part.start_offset != state.saved_start.get(part.partition):
+            self._save_start(state, part.partition, part)
+        if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)
+               for change in changes):
+            self._wake(state.group, state.topic)
+
+    async def _dead_letter(self, state: GroupState, part: SharedPartition,
+                           change: Change) -> None:
+        assert change.record is not None and change.reason is not None
+        target = dead_letter_topic(state.group, state.config)
+        if target is None:
+            return  # no DLQ: an expired or rejected record is dropped
+        if self.host.topics.find(target) is None:
+            await self.declare_queue(target)
+        message = dead_letter_message(change.record, part.topic, part.partition, change.reason)
+        await self.filter_publish(target, [message])

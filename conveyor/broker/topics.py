@@ -1,0 +1,330 @@
+"""Topics: names, configs, partitions; persisted through the StateStore.
+
+Owns: Kafka's topic-name rules, the TopicConfig <-> config-name mapping with
+validation, and the ``TopicRegistry`` (create/delete/list/describe/alter
+config/create partitions), which keeps the StateStore rows and the LogStore
+partitions in step.
+
+Must not know: protocols, files. Invariants: a topic in the registry has a
+state-store row and ``partitions`` partition logs; names are valid; configs
+passed validation. On open the registry re-creates any partition log missing
+from the log store (a crash between the two writes) so both agree again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from conveyor.clock import Clock
+from conveyor.errors import (
+    InvalidConfigError,
+    InvalidNameError,
+    InvalidRequestError,
+    TopicExistsError,
+    UnknownPartitionError,
+    UnknownTopicError,
+)
+from conveyor.storage.state_store import StateStore, TopicRow
+
+from .types import TopicConfig, TopicInfo
+
+TOPIC_NAME_BYTES_MAX = 249  # Kafka's Topic.MAX_NAME_LENGTH
+PARTITIONS_MAX = 10_000  # a bound so a typo cannot create a million directories
+_LEGAL_NAME = re.compile(r"[a-zA-Z0-9._-]+")
+
+# Kafka config name -> TopicConfig field
+CONFIG_FIELDS: dict[str, str] = {
+    "retention.ms": "retention_ms",
+    "retention.bytes": "retention_bytes",
+    "segment.bytes": "segment_bytes",
+    "segment.ms": "segment_ms",
+    "cleanup.policy": "cleanup_policy",
+    "max.message.bytes": "max_message_bytes",
+    "min.compaction.lag.ms": "min_compaction_lag_ms",
+    "delete.retention.ms": "delete_retention_ms",
+    "conveyor.fsync": "fsync",
+    "conveyor.fsync.interval.ms": "fsync_interval_ms",
+}
+FIELD_CONFIGS = {field: name for name, field in CONFIG_FIELDS.items()}
+# Kafka topic configs that clients send routinely and that have no meaning for a
+# single-node broker; accepted and ignored rather than failing the request.
+IGNORED_CONFIGS = frozenset({
+    "min.insync.replicas", "unclean.leader.election.enable", "compression.type",
+    "message.downconversion.enable", "preallocate", "index.interval.bytes",
+    "segment.index.bytes", "segment.jitter.ms", "file.delete.delay.ms", "flush.messages",
+    "flush.ms", "follower.replication.throttled.replicas",
+    "leader.replication.throttled.replicas", "message.timestamp.difference.max.ms",
+    "min.cleanable.dirty.ratio", "max.compaction.lag.ms", "message.format.version",
+})
+_CLEANUP_POLICIES = ("delete", "compact", "work-queue")
+_FSYNC_POLICIES = ("always", "interval", "never")
+# field -> smallest legal value (Kafka's ConfigDef ranges)
+_MINIMUMS: dict[str, int] = {
+    "retention_ms": -1,
+    "retention_bytes": -1,
+    "segment_bytes": 14,
+    "segment_ms": 1,
+    "max_message_bytes": 0,
+    "min_compaction_lag_ms": 0,
+    "delete_retention_ms": 0,
+    "fsync_interval_ms": 1,
+}
+
+
+def validate_topic_name(name: str) -> None:
+    """Kafka's rules: [a-zA-Z0-9._-], 1..249 chars, not "." or ".."."""
+    if not name:
+        raise InvalidNameError("topic name is empty")
+    if len(name) > TOPIC_NAME_BYTES_MAX:
+        raise InvalidNameError(
+            "topic name too long", name=name[:40], length=len(name),
+            length_max=TOPIC_NAME_BYTES_MAX,
+        )
+    if name in (".", ".."):
+        raise InvalidNameError("topic name cannot be '.' or '..'", name=name)
+    if not _LEGAL_NAME.fullmatch(name):
+        raise InvalidNameError("topic name has an illegal character", name=name)
+
+
+def validate_partitions(partitions: int) -> None:
+    if not 1 <= partitions <= PARTITIONS_MAX:
+        raise InvalidRequestError(
+            "partition count out of range", partitions=partitions, partitions_max=PARTITIONS_MAX
+        )
+
+
+def _parse_value(name: str, field: str, text: str) -> Any:
+    if field == "cleanup_policy":
+        if text not in _CLEANUP_POLICIES:
+            raise InvalidConfigError(
+                "unsupported cleanup.policy", name=name, value=text, allowed=_CLEANUP_POLICIES
+            )
+        return text
+    if field == "fsync":
+        if text not in _FSYNC_POLICIES:
+            raise InvalidConfigError(
+                "unsupported fsync policy", name=name, value=text, allowed=_FSYNC_POLICIES
+            )
+        return text
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise InvalidConfigError("config value is not an integer", name=name, value=text) from None
+    minimum = _MINIMUMS[field]
+    if value < minimum:
+        raise InvalidConfigError("config value too small", name=name, value=value, minimum=minimum)
+    return value
+
+
+def config_from_mapping(
+    mapping: Mapping[str, str | None], base: TopicConfig | None = None
+) -> TopicConfig:
+    """Apply Kafka-named settings to ``base`` (defaults); unknown names are InvalidConfigError."""
+    changes: dict[str, Any] = {}
+    for name, text in mapping.items():
+        if name in IGNORED_CONFIGS:
+            continue
+        field = CONFIG_FIELDS.get(name)
+        if field is None:
+            raise InvalidConfigError("unknown topic config", name=name)
+        if text is None:
+            raise InvalidConfigError("config value is missing", name=name)
+        changes[field] = _parse_value(name, field, str(text))
+    return dataclasses.replace(base or TopicConfig(), **changes)
+
+
+def config_to_mapping(config: TopicConfig) -> dict[str, str]:
+    """Every setting under its Kafka (or conveyor.*) name, values as strings."""
+    return {
+        name: str(getattr(config, field)) for name, field in CONFIG_FIELDS.items()
+    }
+
+
+def config_to_row(config: TopicConfig) -> dict[str, Any]:
+    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+
+
+def config_from_row(row: Mapping[str, Any]) -> TopicConfig:
+    known = {field.name for field in dataclasses.fields(TopicConfig)}
+    return TopicConfig(**{key: value for key, value in row.items() if key in known})
+
+
+# --- what the registry needs from the log store (FileLogStore satisfies it) ----------
+class PartitionLogApi(Protocol):
+    @property
+    def log_start_offset(self) -> int: ...
+    @property
+    def high_watermark(self) -> int: ...
+
+
+class LogStoreApi(Protocol):
+    def partitions(self) -> Iterable[tuple[str, int]]: ...
+    async def create_partition(self, topic: str, partition: int, config: Any) -> Any: ...
+    def partition(self, topic: str, partition: int) -> Any: ...
+    def update_config(self, topic: str, partition: int, config: Any) -> None: ...
+    async def delete_partition(self, topic: str, partition: int) -> None: ...
+
+
+LogConfigFactory = Any  # callable(**fields) -> LogConfig
+
+
+def log_config_for(config: TopicConfig, factory: Any) -> Any:
+    """Build the log store's LogConfig from the TopicConfig fields it shares."""
+    if dataclasses.is_dataclass(factory):
+        accepted = {field.name for field in dataclasses.fields(factory)}
+    else:  # pragma: no cover - non-dataclass factories take every field
+        accepted = {field.name for field in dataclasses.fields(config)}
+    values = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(config)
+        if field.name in accepted
+    }
+    return factory(**values)
+
+
+class TopicRegistry:
+    """Topic metadata in memory, written through to the StateStore and LogStore."""
+
+    def __init__(
+        self, log_store: Any, state_store: StateStore, clock: Clock, log_config_factory: Any
+    ) -> None:
+        self._log_store = log_store
+        self._state_store = state_store
+        self._clock = clock
+        self._log_config_factory = log_config_factory
+        # name -> info of every live topic (queues included, kind="queue")
+        self._topics: dict[str, TopicInfo] = {}
+        # names whose partitions are being created (not yet in _topics)
+        self._creating: set[str] = set()
+
+    async def load(self) -> None:
+        """Read topics from the state store; create partition logs the log store lacks."""
+        existing = set(self._log_store.partitions())
+        for row in self._state_store.load_topics():
+            info = TopicInfo(
+                name=row.name, partitions=row.partitions, config=config_from_row(row.config),
+                kind="queue" if row.kind == "queue" else "topic", created_ms=row.created_ms,
+            )
+            self._topics[info.name] = info
+            log_config = log_config_for(info.config, self._log_config_factory)
+            for partition in range(info.partitions):
+                if (info.name, partition) not in existing:
+                    await self._log_store.create_partition(info.name, partition, log_config)
+
+    def get(self, name: str) -> TopicInfo:
+        info = self._topics.get(name)
+        if info is None:
+            raise UnknownTopicError("unknown topic", topic=name)
+        return info
+
+    def find(self, name: str) -> TopicInfo | None:
+        return self._topics.get(name)
+
+    def is_creating(self, name: str) -> bool:
+        return name in self._creating
+
+    def list_topics(self) -> list[TopicInfo]:
+        return [self._topics[name] for name in sorted(self._topics)]
+
+    def partition_log(self, name: str, partition: int) -> Any:
+        info = self.get(name)
+        if not 0 <= partition < info.partitions:
+            raise UnknownPartitionError(
+                "unknown partition", topic=name, partition=partition, partitions=info.partitions
+            )
+        return self._log_store.partition(name, partition)
+
+    async def create(
+        self,
+        name: str,
+        partitions: int = 1,
+        config: Mapping[str, str | None] | TopicConfig | None = None,
+        kind: str = "topic",
+    ) -> TopicInfo:
+        validate_topic_name(name)
+        validate_partitions(partitions)
+        if isinstance(config, TopicConfig):
+            topic_config = config
+        else:
+            topic_config = config_from_mapping(config or {})
+        if name in self._topics or name in self._creating:
+            raise TopicExistsError("topic already exists", topic=name)
+        info = TopicInfo(
+            name=name, partitions=partitions, config=topic_config,
+            kind="queue" if kind == "queue" else "topic", created_ms=self._clock.wall_ms(),
+        )
+        log_config = log_config_for(topic_config, self._log_config_factory)
+        self._creating.add(name)
+        try:
+            for partition in range(partitions):
+                await self._log_store.create_partition(name, partition, log_config)
+        finally:
+            self._creating.discard(name)
+        # visible only once every partition exists
+        self._topics[name] = info
+        self._save(info)
+        await self._state_store.commit()
+        return info
+
+    async def delete(self, name: str) -> TopicInfo:
+        info = self.get(name)
+        del self._topics[name]
+        self._state_store.delete_topic(name)
+        self._state_store.delete_producer_sequences_for_topic(name)
+        await self._state_store.commit()
+        for partition in range(info.partitions):
+            await self._log_store.delete_partition(name, partition)
+        return info
+
+    async def alter_config(
+        self,
+        name: str,
+        set_configs: Mapping[str, str | None] | None = None,
+        delete_configs: Iterable[str] = (),
+    ) -> TopicInfo:
+        """Set and reset (to default) named settings atomically; all validated first."""
+        info = self.get(name)
+        defaults = TopicConfig()
+        reset: dict[str, Any] = {}
+        for config_name in delete_configs:
+            if config_name in IGNORED_CONFIGS:
+                continue
+            field = CONFIG_FIELDS.get(config_name)
+            if field is None:
+                raise InvalidConfigError("unknown topic config", name=config_name)
+            reset[field] = getattr(defaults, field)
+        config = config_from_mapping(set_configs or {}, dataclasses.replace(info.config, **reset))
+        updated = dataclasses.replace(info, config=config)
+        self._topics[name] = updated
+        log_config = log_config_for(config, self._log_config_factory)
+        for partition in range(updated.partitions):
+            self._log_store.update_config(name, partition, log_config)
+        self._save(updated)
+        await self._state_store.commit()
+        return updated
+
+    async def create_partitions(self, name: str, total: int) -> TopicInfo:
+        info = self.get(name)
+        if total <= info.partitions:
+            raise InvalidRequestError(
+                "partition count can only grow", topic=name, partitions=info.partitions,
+                requested=total,
+            )
+        validate_partitions(total)
+        log_config = log_config_for(info.config, self._log_config_factory)
+        for partition in range(info.partitions, total):
+            await self._log_store.create_partition(name, partition, log_config)
+        updated = dataclasses.replace(info, partitions=total)
+        self._topics[name] = updated
+        self._save(updated)
+        await self._state_store.commit()
+        return updated
+
+    def _save(self, info: TopicInfo) -> None:
+        self._state_store.save_topic(
+            TopicRow(info.name, info.partitions, info.kind, config_to_row(info.config),
+                     info.created_ms)
+        )

@@ -1,0 +1,556 @@
+"""``conveyor.AsyncClient``: the asyncio client over the HTTP API (httpx.AsyncClient).
+
+The same calls as ``conveyor.Client`` (sync.py), awaited; requests and
+responses are built and read by core.py, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+
+from conveyor.client import core
+from conveyor.client.core import (
+    Call,
+    ConnectionFailedError,
+    FetchResult,
+    MessageData,
+    PublishResult,
+    RetryPolicy,
+)
+from conveyor.errors import UnknownQueueError
+
+Value = bytes | bytearray | memoryview | str | None
+ConsumeMode = Literal["shared", "ordered"]
+
+
+@dataclass(slots=True)
+class AsyncMessage(MessageData):
+    """A consumed message: ``ack()``, ``release(delay_s=)``, ``extend(s)``."""
+
+    settler: Any = field(default=None, repr=False, compare=False)
+
+    async def ack(self) -> None:
+        """Shared group: acknowledge (never redelivered). Ordered: commit past it."""
+        await self.settler.ack(self)
+
+    async def release(self, delay_s: float = 0.0) -> None:
+        """Shared group: give it back for redelivery (after ``delay_s``)."""
+        await self.settler.release(self, delay_s)
+
+    async def extend(self, seconds: float) -> None:
+        """Shared group: keep the lock ``seconds`` from now."""
+        await self.settler.extend(self, seconds)
+
+
+class _SharedSettler:
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def ack(self, message: AsyncMessage) -> None:
+        assert message.receipt is not None and message.group is not None
+        await self.client.ack(message.topic, message.group, [message.receipt])
+
+    async def release(self, message: AsyncMessage, delay_s: float) -> None:
+        assert message.receipt is not None and message.group is not None
+        await self.client.release(message.topic, message.group, [message.receipt], delay_s)
+
+    async def extend(self, message: AsyncMessage, seconds: float) -> None:
+        assert message.receipt is not None and message.group is not None
+        await self.client.extend(message.topic, message.group, [message.receipt], seconds)
+
+
+class _OrderedSettler:
+    """Ordered mode: ``ack`` marks the position to commit (committed before the next
+    fetch and when the iterator ends); release/extend have no meaning."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, int] = {}
+
+    async def ack(self, message: AsyncMessage) -> None:
+        current = self.pending.get(message.partition, -1)
+        self.pending[message.partition] = max(current, message.offset + 1)
+
+    async def release(self, message: AsyncMessage, delay_s: float) -> None:
+        raise core.ClientError("release needs a shared group (ordered reads have no locks)")
+
+    async def extend(self, message: AsyncMessage, seconds: float) -> None:
+        raise core.ClientError("extend needs a shared group (ordered reads have no locks)")
+
+
+class AsyncClient:
+    """asyncio Conveyor client; one per event loop."""
+
+    def __init__(
+        self,
+        url: str = "http://localhost:8080",
+        *,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(base_url=self.url, headers=dict(headers or {}),
+                                       transport=transport, timeout=timeout_s)
+        self._reply_queue: str | None = None
+        self._reply_lock = asyncio.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------
+    async def close(self) -> None:
+        """Delete this client's reply queue (if ``call`` made one) and close connections."""
+        try:
+            if self._reply_queue is not None:
+                try:
+                    await self.delete_queue(self._reply_queue)
+                except (UnknownQueueError, ConnectionFailedError):
+                    pass
+                self._reply_queue = None
+        finally:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- transport ------------------------------------------------------------------
+    async def request(self, call: Call) -> Any:
+        """Send ``call`` with retries; the decoded JSON or a typed exception."""
+        attempt = 0
+        timeout = httpx.Timeout(self.timeout_s, read=self.timeout_s + call.wait_s)
+        while True:
+            try:
+                response = await self._http.request(
+                    call.method, call.path, json=call.json, content=call.content,
+                    params=call.params, headers=call.headers, timeout=timeout,
+                )
+            except httpx.TransportError as error:
+                connect_failed = isinstance(
+                    error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                )
+                if (core.transport_failure_retryable(connect_failed, call)
+                        and attempt + 1 < self.retry.attempts):
+                    await asyncio.sleep(self.retry.delay_s(attempt))
+                    attempt += 1
+                    continue
+                raise ConnectionFailedError(
+                    f"request failed: {type(error).__name__}", url=self.url, path=call.path,
+                    reason=str(error),
+                ) from error
+            if core.should_retry_status(response.status_code, attempt, self.retry):
+                retry_after = response.headers.get("retry-after")
+                await asyncio.sleep(self.retry.delay_s(attempt, retry_after))
+                attempt += 1
+                continue
+            return core.decode_body(response.status_code, response.content)
+
+    # --- publish --------------------------------------------------------------------
+    async def publish(
+        self,
+        topic: str,
+        value: Value,
+        *,
+        key: bytes | str | None = None,
+        headers: Mapping[str, str | None] | None = None,
+        partition: int | None = None,
+        priority: int | None = None,
+        delay_s: float | None = None,
+        ttl_s: float | None = None,
+        dedup_id: str | None = None,
+        message_group: str | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> PublishResult:
+        """Publish one message; durable on the server when this returns."""
+        message = core.encode_message(
+            value, key, headers, partition, priority, delay_s, ttl_s, dedup_id, message_group,
+            reply_to, correlation_id,
+        )
+        return (await self.publish_batch(topic, [message]))[0]
+
+    async def publish_batch(
+        self, topic: str, messages: Iterable[Mapping[str, Any] | bytes | str]
+    ) -> list[PublishResult]:
+        """Publish many (raw values, or dicts from ``core.encode_message``) in one request."""
+        documents = [
+            dict(m) if isinstance(m, Mapping) else core.encode_message(m) for m in messages
+        ]
+        idempotent = all("dedup_id" in d for d in documents)
+        result = await self.request(core.publish_call(topic, documents, idempotent))
+        return core.publish_results(result)
+
+    async def publish_to_exchange(
+        self, exchange: str, routing_key: str, value: Value, **options: Any
+    ) -> list[PublishResult]:
+        document = core.encode_message(value, **options)
+        result = await self.request(core.publish_exchange_call(exchange, routing_key, [document]))
+        return core.publish_results(result)
+
+    # --- consume --------------------------------------------------------------------
+    def _message(self, data: MessageData, settler: Any) -> AsyncMessage:
+        fields = {name: getattr(data, name) for name in MessageData.__slots__}
+        return AsyncMessage(**fields, settler=settler)
+
+    async def acquire(
+        self, topic: str, group: str | None = None, limit: int = 10, wait_s: float = 0.0,
+        lock_s: float | None = None,
+    ) -> list[AsyncMessage]:
+        """Shared group (default: the queue's own group): lock up to ``limit`` messages."""
+        group = group or topic
+        document = await self.request(core.acquire_call(topic, group, limit, wait_s, lock_s))
+        settler = _SharedSettler(self)
+        return [
+            self._message(MessageData(**core.message_fields(m, group)), settler)
+            for m in document["messages"]
+        ]
+
+    async def ack(self, topic: str, group: str, receipts: Iterable[str]) -> Any:
+        return await self.request(core.settle_call(topic, group, "ack", receipts))
+
+    async def release(self, topic: str, group: str, receipts: Iterable[str],
+                      delay_s: float = 0.0) -> Any:
+        return await self.request(core.settle_call(topic, group, "release", receipts,
+                                                   delay_ms=round(delay_s * 1000)))
+
+    async def extend(self, topic: str, group: str, receipts: Iterable[str], seconds: float) -> Any:
+        return await self.request(core.settle_call(topic, group, "extend", receipts,
+                                                   lock_ms=max(1, round(seconds * 1000))))
+
+    async def fetch(
+        self,
+        topic: str,
+        *,
+        offsets: Mapping[int, int] | None = None,
+        group: str | None = None,
+        timestamp_ms: int | None = None,
+        start: Literal["committed", "earliest", "latest"] | None = None,
+        limit: int = 100,
+        wait_s: float = 0.0,
+    ) -> FetchResult:
+        """Ordered read across partitions; pass ``next_offsets`` back to continue."""
+        call = core.fetch_call(topic, offsets, group, timestamp_ms, start, limit, wait_s)
+        return core.fetch_result(await self.request(call), group)
+
+    async def commit(self, topic: str, group: str, offsets: Mapping[int, int]) -> dict[int, int]:
+        """Commit next-offsets-to-read for an ordered group."""
+        document = await self.request(core.commit_call(topic, group, offsets))
+        return {int(p): int(o) for p, o in document["offsets"].items()}
+
+    async def committed(self, topic: str, group: str) -> dict[int, int]:
+        path = core.group_path(topic, group) + "/offsets"
+        document = await self.request(core.admin_call("GET", path))
+        return {int(p): int(o) for p, o in document["offsets"].items()}
+
+    def consume(
+        self,
+        topic: str,
+        *,
+        group: str | None = None,
+        mode: ConsumeMode | None = None,
+        wait_s: float = 5.0,
+        follow: bool = False,
+        limit: int | None = None,
+        lock_s: float | None = None,
+        from_beginning: bool = False,
+        from_timestamp_ms: int | None = None,
+        offsets: Mapping[int, int] | None = None,
+    ) -> AsyncIterator[AsyncMessage]:
+        """Iterate messages. Ends after ``wait_s`` without a message unless ``follow``.
+
+        mode "shared" (the default with a group, and for a queue, whose group is its
+        own name): every message is locked to this consumer until ``ack()`` or
+        ``release()``; ``limit`` (default 10) messages are locked per request, so keep
+        it small enough to process them within the lock. mode "ordered" (the default
+        otherwise): partitions in offset order (``limit`` default 100), from
+        the group's commits (``ack()`` commits) or from the beginning, a timestamp or
+        explicit ``offsets``.
+        """
+        return self._consume_auto(topic, group, mode, wait_s, follow, limit, lock_s,
+                                  from_beginning, from_timestamp_ms, offsets)
+
+    async def _consume_auto(
+        self, topic: str, group: str | None, mode: ConsumeMode | None, wait_s: float,
+        follow: bool, limit: int | None, lock_s: float | None, from_beginning: bool,
+        from_timestamp_ms: int | None, offsets: Mapping[int, int] | None,
+    ) -> AsyncIterator[AsyncMessage]:
+        positioned = from_beginning or from_timestamp_ms is not None or bool(offsets)
+        if mode is None and group is None and not positioned:
+            # A queue is consumed through its own shared group.
+            if (await self.describe_topic(topic)).get("kind") == "queue":
+                mode, group = "shared", topic
+        mode = mode or ("shared" if group is not None else "ordered")
+        if mode == "shared":
+            inner = self._consume_shared(topic, group or topic, wait_s, follow,
+                                         min(limit or 10, 1000), lock_s)
+        else:
+            inner = self._consume_ordered(topic, group, wait_s, follow, limit or 100,
+                                          from_beginning, from_timestamp_ms, offsets)
+        try:
+            async for message in inner:
+                yield message
+        finally:
+            await inner.aclose()
+
+    async def _consume_shared(
+        self, topic: str, group: str, wait_s: float, follow: bool, limit: int,
+        lock_s: float | None,
+    ) -> AsyncGenerator[AsyncMessage, None]:
+        while True:
+            batch = await self.acquire(topic, group, limit, wait_s, lock_s)
+            if not batch:
+                if follow:
+                    continue
+                return
+            handed = 0
+            try:
+                for message in batch:
+                    handed += 1
+                    yield message
+            finally:
+                unseen = [m.receipt for m in batch[handed:] if m.receipt is not None]
+                if unseen:  # the caller stopped early: give back what it never saw
+                    await self.release(topic, group, unseen)
+
+    async def _consume_ordered(
+        self, topic: str, group: str | None, wait_s: float, follow: bool, limit: int,
+        from_beginning: bool, from_timestamp_ms: int | None,
+        offsets: Mapping[int, int] | None,
+    ) -> AsyncGenerator[AsyncMessage, None]:
+        settler = _OrderedSettler()
+        positions: dict[int, int] | None = dict(offsets) if offsets else None
+        start: Literal["committed", "earliest", "latest"] | None = (
+            "earliest" if from_beginning else None
+        )
+        timestamp_ms = from_timestamp_ms
+        try:
+            while True:
+                await self._commit_pending(topic, group, settler)
+                result = await self.fetch(topic, offsets=positions, group=group,
+                                          timestamp_ms=timestamp_ms, start=start, limit=limit,
+                                          wait_s=wait_s)
+                positions, timestamp_ms = result.next_offsets, None
+                if not result.messages:
+                    if follow:
+                        continue
+                    return
+                for data in result.messages:
+                    yield self._message(data, settler)
+        finally:
+            await self._commit_pending(topic, group, settler)
+
+    async def _commit_pending(
+        self, topic: str, group: str | None, settler: _OrderedSettler
+    ) -> None:
+        if group is not None and settler.pending:
+            await self.commit(topic, group, settler.pending)
+            settler.pending = {}
+
+    # --- request / response -----------------------------------------------------------
+    async def _ensure_reply_queue(self) -> str:
+        async with self._reply_lock:
+            if self._reply_queue is None:
+                name = f"reply.{uuid.uuid4().hex}"
+                await self.create_queue(name)
+                self._reply_queue = name
+            return self._reply_queue
+
+    async def call(self, topic: str, value: Value, *, timeout_s: float = 30.0,
+                   **options: Any) -> AsyncMessage:
+        """Publish a request with reply_to + correlation_id and wait for its response."""
+        reply_queue = await self._ensure_reply_queue()
+        correlation_id = uuid.uuid4().hex
+        await self.publish(topic, value, reply_to=reply_queue, correlation_id=correlation_id,
+                     **options)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise TimeoutError(f"no response to {correlation_id} within {timeout_s} s")
+            for message in await self.acquire(reply_queue, reply_queue, 10,
+                                              min(remaining_s, 20.0)):
+                await message.ack()  # a stray late response to an earlier call is dropped too
+                if message.correlation_id == correlation_id:
+                    return message
+
+    async def serve_requests(
+        self,
+        topic: str,
+        handler: Callable[[AsyncMessage], Awaitable[Value]],
+        *,
+        group: str | None = None,
+        wait_s: float = 1.0,
+        max_messages: int | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> int:
+        """Worker loop: answer each request with ``handler``'s return value, then ack.
+
+        Replies go to the request's reply_to with its correlation_id. A handler
+        exception releases the request (redelivered). Returns the count handled.
+        """
+        handled = 0
+        while (stop is None or not stop.is_set()) and (
+            max_messages is None or handled < max_messages
+        ):
+            for message in await self.acquire(topic, group or topic, 1, wait_s):
+                try:
+                    response = await handler(message)
+                except Exception:
+                    await message.release()
+                    raise
+                if message.reply_to is not None:
+                    await self.publish(message.reply_to, response,
+                                       correlation_id=message.correlation_id)
+                await message.ack()
+                handled += 1
+        return handled
+
+    # --- admin ----------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(core.admin_call("GET", "/health"))
+        return result
+
+    async def ready(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(core.admin_call("GET", "/ready"))
+        return result
+
+    async def create_topic(self, name: str, partitions: int = 1,
+                           config: Mapping[str, str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "partitions": partitions}
+        if config:
+            body["config"] = dict(config)
+        result: dict[str, Any] = await self.request(core.admin_call("POST", "/topics", body))
+        return result
+
+    async def list_topics(self) -> list[dict[str, Any]]:
+        document = await self.request(core.admin_call("GET", "/topics"))
+        result: list[dict[str, Any]] = document["topics"]
+        return result
+
+    async def describe_topic(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            core.admin_call("GET", f"/topics/{core.segment(name)}"))
+        return result
+
+    async def alter_topic(self, name: str, *, set: Mapping[str, str] | None = None,
+                          delete: Iterable[str] = (), partitions: int | None = None
+                    ) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if set:
+            body["set"] = dict(set)
+        if delete:
+            body["delete"] = list(delete)
+        if partitions is not None:
+            body["partitions"] = partitions
+        result: dict[str, Any] = await self.request(
+            core.admin_call("PATCH", f"/topics/{core.segment(name)}", body))
+        return result
+
+    async def delete_topic(self, name: str) -> None:
+        await self.request(core.admin_call("DELETE", f"/topics/{core.segment(name)}"))
+
+    async def create_queue(self, name: str, **config: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            core.admin_call("POST", "/queues", {"name": name, **config}))
+        return result
+
+    async def list_queues(self) -> list[dict[str, Any]]:
+        document = await self.request(core.admin_call("GET", "/queues"))
+        result: list[dict[str, Any]] = document["queues"]
+        return result
+
+    async def describe_queue(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            core.admin_call("GET", f"/queues/{core.segment(name)}"))
+        return result
+
+    async def delete_queue(self, name: str) -> None:
+        await self.request(core.admin_call("DELETE", f"/queues/{core.segment(name)}"))
+
+    async def create_exchange(self, name: str, type: str, **options: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            core.admin_call("POST", "/exchanges", {"name": name, "type": type, **options}))
+        return result
+
+    async def list_exchanges(self) -> list[dict[str, Any]]:
+        document = await self.request(core.admin_call("GET", "/exchanges"))
+        result: list[dict[str, Any]] = document["exchanges"]
+        return result
+
+    async def describe_exchange(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            core.admin_call("GET", f"/exchanges/{core.segment(name)}"))
+        return result
+
+    async def delete_exchange(self, name: str) -> None:
+        await self.request(core.admin_call("DELETE", f"/exchanges/{core.segment(name)}"))
+
+    async def bind(self, exchange: str, destination: str, *, destination_kind: str = "queue",
+                   routing_key: str = "", arguments: Mapping[str, str] | None = None
+             ) -> dict[str, Any]:
+        body = {"destination_kind": destination_kind, "destination": destination,
+                "routing_key": routing_key, "arguments": dict(arguments or {})}
+        result: dict[str, Any] = await self.request(
+            core.admin_call("POST", f"/exchanges/{core.segment(exchange)}/bindings", body))
+        return result
+
+    async def unbind(self, exchange: str, destination: str, *, destination_kind: str = "queue",
+                     routing_key: str = "", arguments: Mapping[str, str] | None = None) -> None:
+        body = {"destination_kind": destination_kind, "destination": destination,
+                "routing_key": routing_key, "arguments": dict(arguments or {})}
+        path = f"/exchanges/{core.segment(exchange)}/unbind"
+        await self.request(core.admin_call("POST", path, body))
+
+    async def create_group(
+        self, topic: str, group: str, *, kind: ConsumeMode = "shared",
+        start: Literal["earliest", "latest"] = "earliest", **config: Any,
+    ) -> dict[str, Any]:
+        """A shared group (``config``: visibility_timeout_ms, max_deliveries,
+        dead_letter_topic) or an ordered group (its offsets committed at ``start``)."""
+        if kind == "shared":
+            body = {"start": start, **config}
+            result: dict[str, Any] = await self.request(
+                core.admin_call("POST", core.group_path(topic, group), body))
+            return result
+        described = await self.describe_topic(topic)
+        field = "log_start_offset" if start == "earliest" else "high_watermark"
+        offsets = {p["partition"]: p[field] for p in described["partition_offsets"]}
+        committed = await self.commit(topic, group, offsets)
+        return {"group": group, "topic": topic, "start": start, "offsets": committed}
+
+    async def list_groups(self) -> list[dict[str, Any]]:
+        document = await self.request(core.admin_call("GET", "/groups"))
+        result: list[dict[str, Any]] = document["groups"]
+        return result
+
+    async def describe_group(self, group: str) -> dict[str, Any]:
+        """An ordered group's state and per-partition lag."""
+        result: dict[str, Any] = await self.request(
+            core.admin_call("GET", f"/groups/{core.segment(group)}"))
+        return result
+
+    async def delete_group(self, group: str) -> None:
+        await self.request(core.admin_call("DELETE", f"/groups/{core.segment(group)}"))
+
+    async def dlq(self, topic: str, group: str | None = None, offset: int = 0,
+                  limit: int = 100) -> list[MessageData]:
+        """Messages in the dead-letter queue of a queue (or of a shared group)."""
+        path = core.group_path(topic, group or topic) + "/dlq"
+        document = await self.request(core.admin_call("GET", path, params={"offset": offset,
+                                                                     "limit": limit}))
+        return [MessageData(**core.message_fields(m)) for m in document["messages"]]
+
+    async def redrive(self, topic: str, group: str | None = None, limit: int = 1000) -> int:
+        """Move dead-lettered messages back to where they came from; returns the count."""
+        path = core.group_path(topic, group or topic) + "/dlq/redrive"
+        document = await self.request(core.admin_call("POST", path, {"limit": limit}))
+        return int(document["redriven"])

@@ -1,0 +1,228 @@
+"""HTTP handlers of queues and shared groups: declare, acquire, ack, release, extend, DLQ.
+
+Owns: the shared-group operations of the API and the long-poll rule — an
+acquire whose client went away is abandoned, and records acquired for a client
+that is gone before the response is written are released at once.
+Must not know: sockets or HTTP framing (listener.py), message JSON (codec.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.broker.delivery import dead_letter_topic
+from conveyor.broker.shared_groups import parse_receipt
+from conveyor.broker.types import Delivery, QueueConfig
+from conveyor.errors import (
+    ConveyorError,
+    PreconditionFailedError,
+    UnavailableError,
+    UnknownDeliveryError,
+    UnknownQueueError,
+)
+from conveyor.protocols.http.codec import ApiRequest, ApiResponse, error_response, record_document
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+ACQUIRE_LIMIT_DEFAULT: Final = 10
+FETCH_LIMIT_DEFAULT: Final = 100
+CONSUMER_PREFIX: Final = "http-"
+
+
+@dataclasses.dataclass(slots=True)
+class RequestContext:
+    """What a handler may know about the connection: whether it is still there."""
+
+    is_connected: Callable[[], bool]
+    disconnected: asyncio.Event
+    peer: str = ""
+
+
+class SharedGroupHandlers:
+    broker: Broker
+
+    # --- queues and shared groups ----------------------------------------------------
+    async def list_queues(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        queues = await _shared(self.broker).list_queues()
+        return ApiResponse(200, {"queues": [queue_document(q) for q in queues]})
+
+    async def create_queue(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        body = dict(request.body)
+        name = body.pop("name")
+        info = await _shared(self.broker).declare_queue(name, QueueConfig(**body))
+        return ApiResponse(201, queue_document(info))
+
+    async def describe_queue(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        info = await _shared(self.broker).get_queue(request.path["queue"])
+        return ApiResponse(200, queue_document(info))
+
+    async def delete_queue(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        await _shared(self.broker).delete_queue(request.path["queue"])
+        return ApiResponse(204)
+
+    async def create_shared_group(
+        self, request: ApiRequest, context: RequestContext
+    ) -> ApiResponse:
+        topic, group = request.path["topic"], request.path["group"]
+        body = dict(request.body)
+        start = body.pop("start", "earliest")
+        self.broker.get_topic(topic)
+        await _shared(self.broker).create_shared_group(topic, group, QueueConfig(**body),
+                                                       start=start)
+        return ApiResponse(201, {"group": group, "topic": topic, "start": start})
+
+    async def acquire(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        topic, group = request.path["topic"], request.path["group"]
+        body = request.body
+        shared = _shared(self.broker)
+        consumer_id = CONSUMER_PREFIX + (context.peer or "client")
+        if not (topic == group and shared.queue_exists(topic)):
+            self.broker.get_topic(topic)
+            with contextlib.suppress(PreconditionFailedError):  # exists with its own config
+                await shared.create_shared_group(topic, group, start=body.get("start",
+                                                                              "earliest"))
+        deliveries: list[Delivery] = await _unless_disconnected(
+            shared.acquire(
+                topic, group, body.get("limit", ACQUIRE_LIMIT_DEFAULT), body.get("lock_ms"),
+                body.get("wait_ms", 0), consumer_id,
+            ),
+            context,
+        )
+        if deliveries and not context.is_connected():
+            # The client went away during the long poll: nobody will ack these.
+            await shared.release([d.receipt for d in deliveries], 0)
+            deliveries = []
+        return ApiResponse(200, {"messages": [
+            {**record_document(d.topic, d.partition, d), "receipt": d.receipt,
+             "delivery_count": d.delivery_count, "lock_deadline_ms": d.lock_deadline_ms}
+            for d in deliveries
+        ]})
+
+    async def _settle_each(
+        self, request: ApiRequest, action: Callable[[list[str]], Awaitable[Any]]
+    ) -> ApiResponse:
+        """Settle receipts one by one, concurrently (their state-store COMMITs are shared
+        by the loop turn), so each receipt gets its own outcome."""
+        topic, group = request.path["topic"], request.path["group"]
+        receipts: list[str] = request.body["receipts"]
+
+        async def one(receipt: str) -> Exception | None:
+            try:
+                owner_group, owner_topic, *_ = parse_receipt(receipt)
+                if (owner_group, owner_topic) != (group, topic):
+                    raise UnknownDeliveryError(
+                        "receipt belongs to another group", receipt=receipt[:80]
+                    )
+                await action([receipt])
+            except ConveyorError as error:
+                return error
+            return None
+
+        outcome = await asyncio.gather(*(one(receipt) for receipt in receipts))
+        return receipt_results(receipts, outcome)
+
+    async def ack(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        shared = _shared(self.broker)
+        return await self._settle_each(request, shared.ack)
+
+    async def release(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        shared = _shared(self.broker)
+        delay_ms = request.body.get("delay_ms", 0)
+        return await self._settle_each(
+            request, lambda receipts: shared.release(receipts, delay_ms)
+        )
+
+    async def extend(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        shared = _shared(self.broker)
+        lock_ms = request.body["lock_ms"]
+        return await self._settle_each(request, lambda receipts: shared.extend(receipts, lock_ms))
+
+    async def _dead_letter_topic(self, topic: str, group: str) -> str:
+        shared = _shared(self.broker)
+        if topic == group and shared.queue_exists(topic):
+            info = await shared.get_queue(topic)
+            name = dead_letter_topic(topic, info.config)
+        else:
+            name = f"{group}.dlq"
+        if name is None or not shared.queue_exists(name):
+            raise UnknownQueueError("the group has no dead-letter queue", topic=topic,
+                                    group=group)
+        return name
+
+    async def dlq(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        topic, group = request.path["topic"], request.path["group"]
+        dead_topic = await self._dead_letter_topic(topic, group)
+        offsets = self.broker.offsets(dead_topic, 0)
+        offset = max(request.query.get("offset", 0), offsets.log_start_offset)
+        offset = min(offset, offsets.high_watermark)
+        records = await self.broker.read_records(
+            dead_topic, 0, offset, request.query.get("limit", FETCH_LIMIT_DEFAULT),
+        )
+        return ApiResponse(200, {
+            "messages": [record_document(dead_topic, 0, r) for r in records],
+            "next_offsets": {"0": records[-1].offset + 1 if records else offset},
+        })
+
+    async def redrive(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        topic, group = request.path["topic"], request.path["group"]
+        dead_topic = await self._dead_letter_topic(topic, group)
+        count = await _shared(self.broker).redrive(dead_topic, request.body.get("limit", 1000))
+        return ApiResponse(200, {"redriven": count})
+
+
+def queue_document(info: Any) -> dict[str, Any]:
+    config = dataclasses.asdict(info.config)
+    return {"name": info.name, "ready": info.ready, "in_flight": info.in_flight,
+            "delayed": info.delayed, "config": config}
+
+
+def receipt_results(
+    receipts: Sequence[str], outcome: Sequence[Exception | None]
+) -> ApiResponse:
+    """All failed: the first failure's status. Else 200 with one result per receipt."""
+    failures = [error for error in outcome if error is not None]
+    if failures and len(failures) == len(receipts):
+        first = failures[0]
+        if isinstance(first, ConveyorError):
+            return error_response(first)
+        raise first
+    results: list[dict[str, Any]] = []
+    for receipt, error in zip(receipts, outcome, strict=True):
+        if error is None:
+            results.append({"receipt": receipt, "ok": True})
+        else:
+            code = error.code if isinstance(error, ConveyorError) else "internal_error"
+            results.append({"receipt": receipt, "ok": False,
+                            "error": {"code": code, "message": str(error)}})
+    return ApiResponse(200, {"results": results})
+
+
+async def _unless_disconnected(work: Awaitable[Any], context: RequestContext) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it and return []."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(context.disconnected.wait())
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        result = await task
+        return result  # finished despite the cancel: the caller releases it
+    return []
+
+
+def _shared(broker: Broker) -> Any:
+    if broker.shared_groups is None:
+        raise UnavailableError("shared groups are not available in this build")
+    return broker.shared_groups

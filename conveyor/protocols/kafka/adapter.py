@@ -1,0 +1,329 @@
+"""The asyncio adapter: moves bytes between a socket and the Kafka codec and handlers.
+
+Owns: one ``asyncio.Protocol`` per connection, the in-order request queue, the
+batched writes, ``os.sendfile`` for record bytes, flow control and closing.
+It decides nothing about Kafka semantics (codec.py, handlers.py do).
+
+Rules:
+- Responses go out in request order. Requests are handled one at a time in
+  arrival order, except consecutive Produce requests, which are pipelined: each
+  appends as soon as it is read and its answer waits for those before it, so
+  the fsync wait of acks=all does not serialize a producer's in-flight
+  requests (Kafka mutes a channel per request, but has no fsync to wait for).
+- Responses collect in one output list and are written when the request queue
+  is empty or before a request that may wait (Fetch long-poll, JoinGroup,
+  SyncGroup): one batched write per read in the pipelined case.
+- Record pieces given as (fileno, position, size) go out with ``os.sendfile``
+  in the same loop turn the handler produced them in (so a segment cannot be
+  closed in between), when the transport's buffer is empty; what does not fit
+  the socket is read with ``pread`` and buffered.
+- A frame the codec rejects (bad size, truncated header, unparseable body) or
+  a request nobody can answer closes the connection after the responses to the
+  requests before it; other connections are unaffected.
+- A client that stops reading: the transport pauses writing at its high-water
+  mark, the worker stops, the queue fills to ``requests_queued_max`` and
+  reading pauses; memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, cast
+
+from conveyor.errors import OperatingError
+from conveyor.protocols.kafka.codec import Request, ServerCodec, UnsupportedRequest
+from conveyor.protocols.kafka.encoders import ResponsePiece
+from conveyor.protocols.kafka.framing import NeedData
+
+logger = logging.getLogger("conveyor.kafka")
+
+# Kafka's queued.max.requests is 500 per broker; per connection far fewer suffice
+# (librdkafka pipelines at most max.in.flight=5 produce requests).
+REQUESTS_QUEUED_MAX: Final = 64
+PRODUCE_API_KEY: Final = 0
+# librdkafka pipelines max.in.flight (5 with idempotence, up to 1M without) requests.
+PRODUCES_IN_FLIGHT_MAX: Final = 32
+# APIs whose handling may wait on other clients or on time: flush before them.
+WAITING_API_KEYS: Final = frozenset({1, 11, 14})  # Fetch, JoinGroup, SyncGroup
+
+Response = bytes | list[ResponsePiece] | None
+Handle = Callable[[Request, "ConnectionState"], Coroutine[Any, Any, Response]]
+
+
+class ConnectionState:
+    """What the handlers keep per connection (SASL progress, the peer's name)."""
+
+    def __init__(self, peer: str, peer_host: str = "") -> None:
+        self.peer = peer
+        self.peer_host = peer_host
+        self.sasl_mechanism: str | None = None
+        self.authenticated_user: str | None = None
+        self.close_after_response = False  # set by a handler: answer, then close
+
+
+class _Close:
+    """Queue marker: close the connection once the requests before it are answered."""
+
+
+_CLOSE: Final = _Close()
+
+
+class KafkaConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        handle: Handle,
+        frame_bytes_max: int,
+        connections: set[KafkaConnection],
+    ) -> None:
+        self._handle = handle
+        self._codec = ServerCodec(frame_bytes_max)
+        self._connections = connections
+        self._queue: collections.deque[Request | UnsupportedRequest | _Close] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._transport: asyncio.Transport | None = None
+        self._socket_fd = -1
+        self._worker: asyncio.Task[None] | None = None
+        self._reading_paused = False
+        self._closing = False
+        self._output: list[ResponsePiece] = []
+        # produce requests in flight, oldest first; answers leave in this order
+        self._produces: collections.deque[asyncio.Task[Response]] = collections.deque()
+        self._produces_done = asyncio.Event()  # set when no produce is in flight
+        self._produces_done.set()
+        self._failed = False  # a pipelined request failed: the connection is closing
+        self.state = ConnectionState("?")
+
+    # --- asyncio.Protocol -----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        peer_host = peer[0] if isinstance(peer, tuple) and peer else ""
+        self.state = ConnectionState(str(peer), str(peer_host))
+        sock = transport.get_extra_info("socket")
+        self._socket_fd = sock.fileno() if sock is not None else -1
+        self._worker = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._codec.receive_data(data)
+        try:
+            while True:
+                event = self._codec.next_event()
+                if isinstance(event, NeedData):
+                    break
+                self._queue.append(event)
+        except OperatingError as error:
+            logger.info("closing kafka connection: %s", error, extra={"peer": self.state.peer})
+            self._queue.append(_CLOSE)
+            self._closing = True
+        if len(self._queue) >= REQUESTS_QUEUED_MAX and not self._reading_paused:
+            assert self._transport is not None
+            self._transport.pause_reading()
+            self._reading_paused = True
+        self._wakeup.set()
+
+    def eof_received(self) -> bool | None:
+        self._queue.append(_CLOSE)
+        self._wakeup.set()
+        return True  # keep the write side open until the queue is answered
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._connections.discard(self)
+        self._can_write.set()
+        self._produces_done.set()
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # --- worker -----------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            while True:
+                if self._failed:
+                    return
+                if not self._queue:
+                    self._flush()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if not self._can_write.is_set():  # the peer is not reading: stop here
+                    self._flush()
+                    await self._can_write.wait()
+                item = self._queue.popleft()
+                self._resume_reading_if_drained()
+                if isinstance(item, Request) and item.header.api_key == PRODUCE_API_KEY:
+                    await self._start_produce(item)
+                    continue
+                if self._produces:
+                    self._flush()
+                    await self._produces_done.wait()
+                if self._failed:
+                    return
+                if isinstance(item, _Close):
+                    self._flush()
+                    self._close_transport()
+                    return
+                if item.header.api_key in WAITING_API_KEYS:
+                    self._flush()
+                if not await self._answer(item):
+                    self._flush()
+                    self._close_transport()
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("kafka connection failed", extra={"peer": self.state.peer})
+            self._close_transport()
+
+    async def _start_produce(self, item: Request) -> None:
+        """Pipeline produce requests: each starts now (so appends keep arrival order: a
+        handler appends before its first suspension, the fsync wait) and its answer is
+        written when it and every request before it are done. One fsync can then cover
+        several requests of one connection (group commit)."""
+        if len(self._produces) >= PRODUCES_IN_FLIGHT_MAX:
+            self._flush()
+            await self._produces_done.wait()  # bounded: at most this many in flight
+        task = asyncio.get_running_loop().create_task(self._handle(item, self.state))
+        self._produces.append(task)
+        self._produces_done.clear()
+        task.add_done_callback(self._collect_produces)
+
+    def _collect_produces(self, _: asyncio.Future[Response]) -> None:
+        collected = False
+        while self._produces and self._produces[0].done():
+            task = self._produces.popleft()
+            if task.cancelled() or self._failed:
+                continue
+            error = task.exception()
+            if error is not None:
+                if not isinstance(error, OperatingError):
+                    logger.error("kafka produce failed", exc_info=error,
+                                 extra={"peer": self.state.peer})
+                else:
+                    logger.info("closing kafka connection: %s", error,
+                                extra={"peer": self.state.peer})
+                self._failed = True
+                self._flush()
+                self._close_transport()
+                continue
+            response = task.result()
+            if isinstance(response, bytes):
+                self._output.append(response)
+                collected = True
+        if collected and not self._queue:
+            self._flush()
+        if not self._produces:
+            self._produces_done.set()
+
+    async def _answer(self, item: Request | UnsupportedRequest) -> bool:
+        """Handle one request; False when the connection must close."""
+        if isinstance(item, UnsupportedRequest):
+            try:
+                self._output.append(self._codec.send_unsupported(item.header))
+            except OperatingError as error:
+                logger.info("closing kafka connection: %s", error, extra={"peer": self.state.peer})
+                return False
+            return True
+        try:
+            response = await self._handle(item, self.state)
+        except OperatingError as error:
+            logger.info("closing kafka connection: %s", error, extra={"peer": self.state.peer})
+            return False
+        if response is None:
+            return not self.state.close_after_response
+        if isinstance(response, bytes):
+            self._output.append(response)
+        else:
+            # Record pieces refer to open segment files: send them in this turn.
+            self._output.extend(response)
+            self._flush()
+        return not self.state.close_after_response
+
+    def _resume_reading_if_drained(self) -> None:
+        if self._reading_paused and len(self._queue) < REQUESTS_QUEUED_MAX // 2:
+            assert self._transport is not None
+            if not self._closing:
+                self._transport.resume_reading()
+            self._reading_paused = False
+
+    def _flush(self) -> None:
+        transport = self._transport
+        if transport is None or not self._output or transport.is_closing():
+            self._output.clear()
+            return
+        pending = bytearray()
+        for piece in self._output:
+            if isinstance(piece, tuple):
+                if pending:
+                    transport.write(bytes(pending))
+                    pending = bytearray()
+                self._send_file_range(transport, piece)
+            else:
+                pending += piece
+        if pending:
+            transport.write(bytes(pending))
+        self._output.clear()
+
+    def _send_file_range(self, transport: asyncio.Transport, piece: tuple[int, int, int]) -> None:
+        fileno, position, size = piece
+        if self._socket_fd >= 0 and transport.get_write_buffer_size() == 0:
+            while size > 0:
+                try:
+                    sent = os.sendfile(self._socket_fd, fileno, position, size)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # e.g. sendfile unsupported for this pair: copy below
+                if sent == 0:
+                    break
+                position += sent
+                size -= sent
+        if size > 0:
+            data = os.pread(fileno, size, position)
+            if len(data) != size:
+                raise OSError(f"short read from segment file: {len(data)} of {size} bytes")
+            transport.write(data)
+
+    def _close_transport(self) -> None:
+        self._closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    async def close(self) -> None:
+        """Shutdown: drop the connection now, unsent bytes included (a peer that stopped
+        reading must not hold the server's shutdown)."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+
+
+def connection_factory(
+    handle: Handle, frame_bytes_max: int, connections: set[KafkaConnection]
+) -> Callable[[], KafkaConnection]:
+    def factory() -> KafkaConnection:
+        return KafkaConnection(handle, frame_bytes_max, connections)
+
+    return factory
+
+

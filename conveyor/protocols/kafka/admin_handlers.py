@@ -1,0 +1,290 @@
+"""Handlers for cluster metadata and administration.
+
+Owns: Metadata, FindCoordinator, DescribeCluster, InitProducerId, CreateTopics,
+DeleteTopics, CreatePartitions, DescribeConfigs, AlterConfigs and
+IncrementalAlterConfigs: typed request -> ``Broker`` call -> kio response.
+
+Conveyor is one node (or, later, nodes behind one address): every partition's
+leader, every group's coordinator and the controller is this listener's node,
+advertised at ``advertised_host:port``. Topic ids are derived from the name
+(uuid5) so they are stable and never zero; Conveyor serves no API version
+that addresses topics by id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.broker.topics import config_to_mapping
+from conveyor.broker.types import TopicConfig, TopicInfo
+from conveyor.errors import InvalidConfigError, OperatingError, UnknownTopicError
+from conveyor.protocols.kafka import error_codes
+from conveyor.protocols.kafka.codec import Request
+from conveyor.protocols.kafka.messages import response_class
+from conveyor.protocols.kafka.responses import build, nested
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+RESOURCE_TOPIC: Final = 2
+RESOURCE_BROKER: Final = 4
+CONFIG_SOURCE_DYNAMIC_TOPIC: Final = 1
+CONFIG_SOURCE_DEFAULT: Final = 5
+OPERATION_SET: Final = 0
+OPERATION_DELETE: Final = 1
+AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
+_TOPIC_ID_NAMESPACE: Final = uuid.UUID("6f2c4d0e-8a5b-4c3f-9e21-c0ffee000001")
+_DEFAULT_CONFIG: Final = config_to_mapping(TopicConfig())
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    node_id: int
+    host: str
+    port: int
+    cluster_id: str
+
+
+def topic_id(name: str) -> uuid.UUID:
+    return uuid.uuid5(_TOPIC_ID_NAMESPACE, name)
+
+
+def _code(error: OperatingError) -> int:
+    return error_codes.error_code_for(error)
+
+
+# --- metadata ----------------------------------------------------------------------------
+async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
+    body = request.body
+    version = request.header.api_version
+    response_type = response_class(3, version)
+    requested = body.topics
+    if requested is not None and version == 0 and len(requested) == 0:
+        requested = None  # v0: an empty list means every topic
+    allow_create = getattr(body, "allow_auto_topic_creation", True)
+    topic_type = nested(response_type, "MetadataResponseTopic")
+    partition_type = nested(response_type, "MetadataResponsePartition")
+    broker_type = nested(response_type, "MetadataResponseBroker")
+    topics = []
+    if requested is None:
+        infos: list[TopicInfo | tuple[str, OperatingError]] = list(broker.list_topics())
+    else:
+        infos = []
+        for item in requested:
+            name = item.name
+            if name is None:
+                infos.append(("", UnknownTopicError("topic ids are not supported")))
+                continue
+            try:  # ensure_topic creates only when the broker's auto_create_topics allows
+                infos.append(await broker.ensure_topic(name) if allow_create
+                             else broker.get_topic(name))
+            except OperatingError as error:
+                infos.append((name or "", error))
+    for info in infos:
+        if isinstance(info, tuple):
+            name, failure = info
+            topics.append(build(topic_type, error_code=_code(failure), name=name,
+                                topic_id=uuid.UUID(int=0), is_internal=False, partitions=()))
+            continue
+        partitions = tuple(
+            build(partition_type, error_code=error_codes.NONE, partition_index=index,
+                  leader_id=node.node_id, leader_epoch=0, replica_nodes=(node.node_id,),
+                  isr_nodes=(node.node_id,), offline_replicas=())
+            for index in range(info.partitions)
+        )
+        topics.append(build(topic_type, error_code=error_codes.NONE, name=info.name,
+                            topic_id=topic_id(info.name), is_internal=False,
+                            partitions=partitions,
+                            topic_authorized_operations=AUTHORIZED_OPERATIONS_OMITTED))
+    brokers = (build(broker_type, node_id=node.node_id, host=node.host, port=node.port,
+                     rack=None),)
+    return build(response_type, brokers=brokers, cluster_id=node.cluster_id,
+                 controller_id=node.node_id, topics=tuple(topics),
+                 cluster_authorized_operations=AUTHORIZED_OPERATIONS_OMITTED)
+
+
+def handle_find_coordinator(node: Node, request: Request) -> Any:
+    version = request.header.api_version
+    response_type = response_class(10, version)
+    if version < 4:
+        return build(response_type, error_code=error_codes.NONE, error_message=None,
+                     node_id=node.node_id, host=node.host, port=node.port)
+    coordinator_type = nested(response_type, "Coordinator")
+    coordinators = tuple(
+        build(coordinator_type, key=key, node_id=node.node_id, host=node.host, port=node.port,
+              error_code=error_codes.NONE, error_message=None)
+        for key in request.body.coordinator_keys
+    )
+    return build(response_type, coordinators=coordinators)
+
+
+def handle_describe_cluster(node: Node, request: Request) -> Any:
+    response_type = response_class(60, request.header.api_version)
+    broker_type = nested(response_type, "DescribeClusterBroker")
+    brokers = (build(broker_type, broker_id=node.node_id, host=node.host, port=node.port,
+                     rack=None),)
+    return build(response_type, error_code=error_codes.NONE, error_message=None,
+                 endpoint_type=1, cluster_id=node.cluster_id, controller_id=node.node_id,
+                 brokers=brokers, cluster_authorized_operations=AUTHORIZED_OPERATIONS_OMITTED)
+
+
+async def handle_init_producer_id(broker: Broker, request: Request) -> Any:
+    response_type = response_class(22, request.header.api_version)
+    try:
+        producer_id, epoch = await broker.init_producer_id(request.body.transactional_id)
+    except OperatingError as error:
+        return build(response_type, error_code=_code(error), producer_id=-1, producer_epoch=-1)
+    return build(response_type, error_code=error_codes.NONE, producer_id=producer_id,
+                 producer_epoch=epoch)
+
+
+# --- topics ------------------------------------------------------------------------------
+async def handle_create_topics(broker: Broker, request: Request) -> Any:
+    body = request.body
+    response_type = response_class(19, request.header.api_version)
+    result_type = nested(response_type, "CreatableTopicResult")
+    results = []
+    for topic in body.topics:
+        code, message, partitions = error_codes.NONE, None, topic.num_partitions
+        if partitions == -1:
+            partitions = broker.config.default_partitions
+        configs = {config.name: config.value for config in topic.configs}
+        try:
+            if topic.replication_factor not in (-1, 1):
+                code, message = error_codes.INVALID_REPLICATION_FACTOR, (
+                    "replication factor must be 1 on a single node")
+            elif topic.assignments:
+                code, message = error_codes.INVALID_REQUEST, "manual assignments unsupported"
+            elif body.validate_only:
+                broker.validate_topic(topic.name, partitions, configs)
+            else:
+                await broker.create_topic(topic.name, partitions, configs)
+        except OperatingError as error:
+            code, message = _code(error), error.message
+        results.append(build(result_type, name=topic.name, topic_id=topic_id(topic.name),
+                             error_code=code, error_message=message,
+                             num_partitions=partitions if code == 0 else -1,
+                             replication_factor=1 if code == 0 else -1, configs=None))
+    return build(response_type, topics=tuple(results))
+
+
+async def handle_delete_topics(broker: Broker, request: Request) -> Any:
+    body = request.body
+    version = request.header.api_version
+    response_type = response_class(20, version)
+    result_type = nested(response_type, "DeletableTopicResult")
+    names: list[str | None]
+    if version >= 6:
+        names = [topic.name for topic in body.topics]
+    else:
+        names = list(body.topic_names)
+    results = []
+    for name in names:
+        code, message = error_codes.NONE, None
+        if name is None:
+            code, message = error_codes.UNKNOWN_TOPIC_ID, "topic ids are not supported"
+        else:
+            try:
+                await broker.delete_topic(name)
+            except OperatingError as error:
+                code, message = _code(error), error.message
+        results.append(build(result_type, name=name, topic_id=topic_id(name or ""),
+                             error_code=code, error_message=message))
+    return build(response_type, responses=tuple(results))
+
+
+async def handle_create_partitions(broker: Broker, request: Request) -> Any:
+    body = request.body
+    response_type = response_class(37, request.header.api_version)
+    result_type = nested(response_type, "CreatePartitionsTopicResult")
+    results = []
+    for topic in body.topics:
+        code, message = error_codes.NONE, None
+        try:
+            info = broker.get_topic(topic.name)
+            if topic.count <= info.partitions:
+                code, message = error_codes.INVALID_PARTITIONS, (
+                    f"topic has {info.partitions} partitions; the count must grow")
+            elif not body.validate_only:
+                await broker.create_partitions(topic.name, topic.count)
+        except OperatingError as error:
+            code, message = _code(error), error.message
+        results.append(build(result_type, name=topic.name, error_code=code,
+                             error_message=message))
+    return build(response_type, results=tuple(results))
+
+
+# --- configs -----------------------------------------------------------------------------
+def handle_describe_configs(broker: Broker, request: Request) -> Any:
+    response_type = response_class(32, request.header.api_version)
+    result_type = nested(response_type, "DescribeConfigsResult")
+    entry_type = nested(response_type, "DescribeConfigsResourceResult")
+    results = []
+    for resource in request.body.resources:
+        code, message = error_codes.NONE, None
+        values: Mapping[str, str] = {}
+        if resource.resource_type == RESOURCE_TOPIC:
+            try:
+                values = broker.topic_config(resource.resource_name)
+            except OperatingError as error:
+                code, message = _code(error), error.message
+        elif resource.resource_type != RESOURCE_BROKER:
+            code, message = error_codes.INVALID_REQUEST, "unsupported resource type"
+        keys = resource.configuration_keys
+        entries = tuple(
+            build(entry_type, name=name, value=value, read_only=False,
+                  config_source=(CONFIG_SOURCE_DEFAULT if _DEFAULT_CONFIG.get(name) == value
+                                 else CONFIG_SOURCE_DYNAMIC_TOPIC),
+                  is_default=_DEFAULT_CONFIG.get(name) == value, is_sensitive=False,
+                  synonyms=(), config_type=0, documentation=None)
+            for name, value in sorted(values.items())
+            if keys is None or name in keys
+        )
+        results.append(build(result_type, error_code=code, error_message=message,
+                             resource_type=resource.resource_type,
+                             resource_name=resource.resource_name, configs=entries))
+    return build(response_type, results=tuple(results))
+
+
+async def _alter_one(
+    broker: Broker, resource: Any, incremental: bool, validate_only: bool
+) -> tuple[int, str | None]:
+    if resource.resource_type != RESOURCE_TOPIC:
+        return error_codes.INVALID_REQUEST, "only topic configs can be altered"
+    try:
+        current = broker.topic_config(resource.resource_name)
+        to_set: dict[str, str | None] = {}
+        to_delete: list[str] = []
+        for config in resource.configs:
+            operation = config.config_operation if incremental else OPERATION_SET
+            if operation == OPERATION_SET:
+                to_set[config.name] = config.value
+            elif operation == OPERATION_DELETE:
+                to_delete.append(config.name)
+            else:
+                raise InvalidConfigError("APPEND/SUBTRACT apply to list configs only",
+                                         name=config.name)
+        if not incremental:  # AlterConfigs replaces: what is not given returns to default
+            to_delete = [name for name in current if name not in to_set]
+        if not validate_only:
+            await broker.alter_topic_config(resource.resource_name, to_set, to_delete)
+    except OperatingError as error:
+        return _code(error), error.message
+    return error_codes.NONE, None
+
+
+async def handle_alter_configs(broker: Broker, request: Request, incremental: bool) -> Any:
+    api_key = 44 if incremental else 33
+    response_type = response_class(api_key, request.header.api_version)
+    result_type = nested(response_type, "AlterConfigsResourceResponse")
+    results = []
+    for resource in request.body.resources:
+        code, message = await _alter_one(broker, resource, incremental,
+                                         request.body.validate_only)
+        results.append(build(result_type, error_code=code, error_message=message,
+                             resource_type=resource.resource_type,
+                             resource_name=resource.resource_name))
+    return build(response_type, responses=tuple(results))

@@ -1,0 +1,202 @@
+"""Handlers for the data path: Produce, Fetch, ListOffsets.
+
+Owns: turning these typed requests into broker calls and writing the answers
+with the hand-written encoders (Produce, Fetch) or kio (ListOffsets).
+
+Rules:
+- Record batches stay opaque: ``Broker.append_batch`` validates CRC32C and
+  lengths, checks idempotence and assigns the base offset; nothing is appended
+  from a batch that fails, and the partition answers CORRUPT_MESSAGE,
+  MESSAGE_TOO_LARGE, OUT_OF_ORDER_SEQUENCE_NUMBER... A duplicate idempotent
+  retry answers the original base offset with no error.
+- acks=0: append, answer nothing (the client expects no response).
+- Fetch: every partition is read at once; when fewer than min_bytes arrived
+  and max_wait allows, wait for an append to any of them (no polling), then
+  read again. Record bytes come back as file ranges for ``os.sendfile``;
+  max_bytes caps the response but the first batch is always whole (KIP-74).
+Must not know: sockets, files (a file range is three ints passed through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from conveyor.errors import OperatingError
+from conveyor.protocols.kafka import error_codes
+from conveyor.protocols.kafka.codec import Request
+from conveyor.protocols.kafka.encoders import (
+    FetchPartitionResult,
+    ProducePartitionResult,
+    RecordPiece,
+    encode_fetch_response,
+    encode_produce_response,
+)
+from conveyor.protocols.kafka.messages import response_class
+from conveyor.protocols.kafka.responses import build, millis, nested
+from conveyor.protocols.kafka.settings import KafkaSettings
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+
+
+async def handle_produce(broker: Broker, request: Request) -> bytes | None:
+    body = request.body
+    header = request.header
+    refusal = _refusal(body)
+    if refusal is not None:
+        outcomes = [
+            (topic.name, ProducePartitionResult(partition.index, refusal[0],
+                                                error_message=refusal[1]))
+            for topic in body.topic_data for partition in topic.partition_data
+        ]
+    else:
+        appends = [
+            _append(broker, topic.name, partition.index, partition.records)
+            for topic in body.topic_data for partition in topic.partition_data
+        ]
+        if len(appends) == 1:  # the common case: no task per partition
+            outcomes = [await appends[0]]
+        else:
+            # gather starts the appends in request order; each appends before it suspends.
+            outcomes = list(await asyncio.gather(*appends))
+    if body.acks == 0:
+        return None
+    topics: dict[str, list[ProducePartitionResult]] = {}
+    for (name, result) in outcomes:
+        topics.setdefault(name, []).append(result)
+    return encode_produce_response(header.correlation_id, header.api_version, list(topics.items()))
+
+
+def _refusal(body: Any) -> tuple[int, str] | None:
+    """A reason to refuse the whole request, answered per partition."""
+    if body.acks not in (0, 1, -1):
+        return error_codes.INVALID_REQUIRED_ACKS, "acks must be 0, 1 or -1"
+    if body.transactional_id is not None:
+        return error_codes.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "transactions are not supported"
+    return None
+
+
+async def _append(
+    broker: Broker, topic: str, partition: int, records: bytes | None
+) -> tuple[str, ProducePartitionResult]:
+    if not records:
+        return topic, ProducePartitionResult(
+            partition, error_codes.CORRUPT_MESSAGE, error_message="empty records"
+        )
+    try:
+        result = await broker.append_batch(topic, partition, records)
+    except OperatingError as error:
+        return topic, ProducePartitionResult(
+            partition, error_codes.error_code_for(error), error_message=error.message
+        )
+    return topic, ProducePartitionResult(
+        partition, error_codes.NONE, result.base_offset, -1, result.log_start_offset
+    )
+
+
+def _record_pieces(data: Any) -> list[RecordPiece]:
+    """File ranges for sendfile when every part has an OS descriptor, else the bytes."""
+    parts: Sequence[tuple[int, int, int]] = data.parts
+    if not parts:
+        return []
+    if all(fileno >= 0 for fileno, _, _ in parts):
+        return list(parts)
+    return [data.read_bytes()]
+
+
+class _FetchPlan:
+    """One fetch request's partitions, in request order."""
+
+    def __init__(self, body: Any) -> None:
+        self.entries: list[tuple[str, int, int, int]] = [
+            (topic.topic, partition.partition, partition.fetch_offset,
+             partition.partition_max_bytes)
+            for topic in body.topics
+            for partition in topic.partitions
+        ]
+
+
+async def _read_all(
+    broker: Broker, plan: _FetchPlan, max_bytes: int
+) -> tuple[list[tuple[str, FetchPartitionResult]], int]:
+    """Read every partition now. ``Broker.fetch`` with wait_ms=0 never suspends, so no
+    other task runs between the reads and the send: file ranges stay valid."""
+    results: list[tuple[str, FetchPartitionResult]] = []
+    total = 0
+    for topic, partition, offset, partition_max_bytes in plan.entries:
+        budget = min(partition_max_bytes, max(max_bytes - total, 0))
+        try:
+            if budget <= 0 and total > 0:
+                offsets = broker.offsets(topic, partition)
+                pieces: list[RecordPiece] = []
+            else:
+                data, offsets = await broker.fetch(
+                    topic, partition, offset, max(budget, 1), wait_ms=0, bytes_min=0
+                )
+                pieces = _record_pieces(data)
+        except OperatingError as error:
+            results.append((topic, FetchPartitionResult(
+                partition, error_codes.error_code_for(error)
+            )))
+            continue
+        total += sum(piece[2] if isinstance(piece, tuple) else len(piece) for piece in pieces)
+        results.append((topic, FetchPartitionResult(
+            partition, error_codes.NONE, offsets.high_watermark, offsets.high_watermark,
+            offsets.log_start_offset, pieces,
+        )))
+    return results, total
+
+
+async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request) -> list[Any]:
+    body = request.body
+    header = request.header
+    plan = _FetchPlan(body)
+    max_bytes = min(body.max_bytes, settings.fetch_bytes_max)
+    wait_ms = min(millis(body.max_wait), settings.fetch_wait_ms_max)
+    deadline_ms = broker.clock.monotonic_ms() + wait_ms
+    while True:
+        results, total = await _read_all(broker, plan, max_bytes)
+        remaining_ms = deadline_ms - broker.clock.monotonic_ms()
+        errors = any(result.error_code for _, result in results)
+        if total >= body.min_bytes or remaining_ms <= 0 or errors or not plan.entries:
+            break
+        keys = [(topic, partition) for topic, partition, _, _ in plan.entries]
+        await broker.wait_for_append(keys, remaining_ms)
+    grouped: dict[str, list[FetchPartitionResult]] = {}
+    for topic, result in results:
+        grouped.setdefault(topic, []).append(result)
+    pieces: list[Any] = encode_fetch_response(
+        header.correlation_id, header.api_version, list(grouped.items())
+    )
+    return pieces
+
+
+def handle_list_offsets(broker: Broker, request: Request) -> Any:
+    version = request.header.api_version
+    response_type = response_class(2, version)
+    topic_type = nested(response_type, "ListOffsetsTopicResponse")
+    partition_type = nested(response_type, "ListOffsetsPartitionResponse")
+    topics = tuple(
+        topic_type(name=topic.name, partitions=tuple(
+            _list_offset(broker, partition_type, topic.name, partition)
+            for partition in topic.partitions
+        ))
+        for topic in request.body.topics
+    )
+    return build(response_type, topics=topics)
+
+
+def _list_offset(broker: Broker, partition_type: type[Any], topic: str, partition: Any) -> Any:
+    index = partition.partition_index
+    try:
+        found = broker.offset_for_timestamp(topic, index, partition.timestamp)
+    except OperatingError as error:
+        return build(partition_type, partition_index=index,
+                     error_code=error_codes.error_code_for(error), timestamp=-1, offset=-1)
+    offset = -1 if found is None else found
+    timestamp = partition.timestamp if found is not None and partition.timestamp >= 0 else -1
+    return build(partition_type, partition_index=index, error_code=error_codes.NONE,
+                 timestamp=timestamp, offset=offset, leader_epoch=0)

@@ -1,0 +1,95 @@
+"""Kafka error codes and the mapping from Conveyor's typed operating errors to them.
+
+Owns: the numeric codes the Kafka protocol defines (the subset Conveyor
+answers with) and ``error_code_for(error)``. Pure; no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from kio.schema.errors import ErrorCode
+
+from conveyor.errors import ConveyorError
+
+NONE: Final = 0
+UNKNOWN_SERVER_ERROR: Final = -1
+OFFSET_OUT_OF_RANGE: Final = 1
+CORRUPT_MESSAGE: Final = 2
+UNKNOWN_TOPIC_OR_PARTITION: Final = 3
+MESSAGE_TOO_LARGE: Final = 10
+COORDINATOR_NOT_AVAILABLE: Final = 15
+NOT_COORDINATOR: Final = 16
+INVALID_TOPIC_EXCEPTION: Final = 17
+INVALID_REQUIRED_ACKS: Final = 21
+ILLEGAL_GENERATION: Final = 22
+INCONSISTENT_GROUP_PROTOCOL: Final = 23
+UNKNOWN_MEMBER_ID: Final = 25
+INVALID_SESSION_TIMEOUT: Final = 26
+REBALANCE_IN_PROGRESS: Final = 27
+TOPIC_AUTHORIZATION_FAILED: Final = 29
+GROUP_AUTHORIZATION_FAILED: Final = 30
+UNSUPPORTED_SASL_MECHANISM: Final = 33
+ILLEGAL_SASL_STATE: Final = 34
+UNSUPPORTED_VERSION: Final = 35
+TOPIC_ALREADY_EXISTS: Final = 36
+INVALID_PARTITIONS: Final = 37
+INVALID_REPLICATION_FACTOR: Final = 38
+INVALID_CONFIG: Final = 40
+INVALID_REQUEST: Final = 42
+UNSUPPORTED_FOR_MESSAGE_FORMAT: Final = 43
+OUT_OF_ORDER_SEQUENCE_NUMBER: Final = 45
+DUPLICATE_SEQUENCE_NUMBER: Final = 46
+INVALID_PRODUCER_EPOCH: Final = 47
+TRANSACTIONAL_ID_AUTHORIZATION_FAILED: Final = 53
+KAFKA_STORAGE_ERROR: Final = 56
+SASL_AUTHENTICATION_FAILED: Final = 58
+UNKNOWN_PRODUCER_ID: Final = 59
+NON_EMPTY_GROUP: Final = 68
+GROUP_ID_NOT_FOUND: Final = 69
+MEMBER_ID_REQUIRED: Final = 79
+FENCED_INSTANCE_ID: Final = 82
+UNKNOWN_TOPIC_ID: Final = 100
+
+# ConveyorError.code -> Kafka error code.
+_BY_CODE: Final[dict[str, int]] = {
+    "invalid_request": INVALID_REQUEST,
+    "invalid_name": INVALID_TOPIC_EXCEPTION,
+    "invalid_config": INVALID_CONFIG,
+    "invalid_partitions": INVALID_PARTITIONS,
+    "corrupt_record": CORRUPT_MESSAGE,
+    "record_too_large": MESSAGE_TOO_LARGE,
+    "limit_exceeded": MESSAGE_TOO_LARGE,
+    "not_found": UNKNOWN_TOPIC_OR_PARTITION,
+    "unknown_topic": UNKNOWN_TOPIC_OR_PARTITION,
+    "unknown_partition": UNKNOWN_TOPIC_OR_PARTITION,
+    "unknown_queue": UNKNOWN_TOPIC_OR_PARTITION,
+    "unknown_group": GROUP_ID_NOT_FOUND,
+    "already_exists": TOPIC_ALREADY_EXISTS,
+    "topic_exists": TOPIC_ALREADY_EXISTS,
+    "unknown_member": UNKNOWN_MEMBER_ID,
+    "illegal_generation": ILLEGAL_GENERATION,
+    "rebalance_in_progress": REBALANCE_IN_PROGRESS,
+    "inconsistent_group_protocol": INCONSISTENT_GROUP_PROTOCOL,
+    "invalid_session_timeout": INVALID_SESSION_TIMEOUT,
+    "fenced_instance_id": FENCED_INSTANCE_ID,
+    "non_empty_group": NON_EMPTY_GROUP,
+    "offset_out_of_range": OFFSET_OUT_OF_RANGE,
+    "duplicate_sequence": DUPLICATE_SEQUENCE_NUMBER,
+    "out_of_order_sequence": OUT_OF_ORDER_SEQUENCE_NUMBER,
+    "invalid_producer_epoch": INVALID_PRODUCER_EPOCH,
+    "unknown_producer_id": UNKNOWN_PRODUCER_ID,
+    "storage_error": KAFKA_STORAGE_ERROR,
+    "storage_full": KAFKA_STORAGE_ERROR,
+    "unavailable": COORDINATOR_NOT_AVAILABLE,
+    "authentication_failed": SASL_AUTHENTICATION_FAILED,
+}
+
+
+def error_code_for(error: ConveyorError) -> int:
+    return _BY_CODE.get(error.code, UNKNOWN_SERVER_ERROR)
+
+
+def code(value: int) -> ErrorCode:
+    """kio's enum member for a numeric code (kio's writer needs the enum)."""
+    return ErrorCode(value)

@@ -1,0 +1,219 @@
+"""Handlers for the classic consumer-group protocol.
+
+Owns: JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch,
+DescribeGroups, ListGroups, DeleteGroups: typed request -> ``Broker`` group
+call -> kio response. The coordinator's rules (generations, rebalances, static
+membership, timeouts) live in conveyor/broker/ordered_group.py; the partition
+assignment is the client's (Kafka's client-side assignors), relayed as bytes.
+
+Rules: a broker error answers the protocol's own code (UNKNOWN_MEMBER_ID,
+ILLEGAL_GENERATION, REBALANCE_IN_PROGRESS, MEMBER_ID_REQUIRED...); the
+connection stays open.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from conveyor.broker.ordered_group import CommittedOffset, MemberIdRequired
+from conveyor.errors import OperatingError
+from conveyor.protocols.kafka import error_codes
+from conveyor.protocols.kafka.adapter import ConnectionState
+from conveyor.protocols.kafka.codec import Request
+from conveyor.protocols.kafka.messages import response_class
+from conveyor.protocols.kafka.responses import build, millis, nested
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+
+def _code(error: OperatingError) -> int:
+    return error_codes.error_code_for(error)
+
+
+async def handle_join_group(broker: Broker, request: Request, state: ConnectionState) -> Any:
+    body = request.body
+    version = request.header.api_version
+    response_type = response_class(11, version)
+    session_timeout_ms = millis(body.session_timeout)
+    rebalance_timeout_ms = millis(body.rebalance_timeout) if version >= 1 else session_timeout_ms
+    try:
+        outcome = await broker.join_group(
+            body.group_id, body.member_id, body.protocol_type,
+            [(protocol.name, protocol.metadata) for protocol in body.protocols],
+            session_timeout_ms, rebalance_timeout_ms,
+            getattr(body, "group_instance_id", None),
+            request.header.client_id or "", state.peer_host,
+            require_known_member_id=version >= 4,
+        )
+    except OperatingError as error:
+        return build(response_type, error_code=_code(error), generation_id=-1,
+                     protocol_type=None, protocol_name=None if version >= 7 else "",
+                     leader="", member_id=body.member_id, members=())
+    if isinstance(outcome, MemberIdRequired):
+        return build(response_type, error_code=error_codes.MEMBER_ID_REQUIRED, generation_id=-1,
+                     protocol_type=None, protocol_name=None if version >= 7 else "",
+                     leader="", member_id=outcome.member_id, members=())
+    member_type = nested(response_type, "JoinGroupResponseMember")
+    members = tuple(
+        build(member_type, member_id=member.member_id,
+              group_instance_id=member.group_instance_id, metadata=member.metadata)
+        for member in outcome.members
+    )
+    return build(response_type, error_code=error_codes.NONE, generation_id=outcome.generation,
+                 protocol_type=outcome.protocol_type, protocol_name=outcome.protocol_name,
+                 leader=outcome.leader_id, skip_assignment=False, member_id=outcome.member_id,
+                 members=members)
+
+
+async def handle_sync_group(broker: Broker, request: Request) -> Any:
+    body = request.body
+    response_type = response_class(14, request.header.api_version)
+    assignments = {item.member_id: item.assignment for item in body.assignments}
+    try:
+        result = await broker.sync_group(
+            body.group_id, body.member_id, body.generation_id, assignments
+        )
+    except OperatingError as error:
+        return build(response_type, error_code=_code(error), protocol_type=None,
+                     protocol_name=None, assignment=b"")
+    return build(response_type, error_code=error_codes.NONE, protocol_type=result.protocol_type,
+                 protocol_name=result.protocol_name, assignment=result.assignment)
+
+
+async def handle_heartbeat(broker: Broker, request: Request) -> Any:
+    body = request.body
+    response_type = response_class(12, request.header.api_version)
+    try:
+        await broker.heartbeat(body.group_id, body.member_id, body.generation_id)
+    except OperatingError as error:
+        return build(response_type, error_code=_code(error))
+    return build(response_type, error_code=error_codes.NONE)
+
+
+async def handle_leave_group(broker: Broker, request: Request) -> Any:
+    body = request.body
+    version = request.header.api_version
+    response_type = response_class(13, version)
+    if version < 3:
+        try:
+            await broker.leave_group(body.group_id, body.member_id)
+        except OperatingError as error:
+            return build(response_type, error_code=_code(error), members=())
+        return build(response_type, error_code=error_codes.NONE, members=())
+    member_type = nested(response_type, "MemberResponse")
+    members = []
+    for member in body.members:
+        code = error_codes.NONE
+        try:
+            await broker.leave_group(body.group_id, member.member_id, member.group_instance_id)
+        except OperatingError as error:
+            code = _code(error)
+        members.append(build(member_type, member_id=member.member_id,
+                             group_instance_id=member.group_instance_id, error_code=code))
+    return build(response_type, error_code=error_codes.NONE, members=tuple(members))
+
+
+async def handle_offset_commit(broker: Broker, request: Request) -> Any:
+    body = request.body
+    response_type = response_class(8, request.header.api_version)
+    topic_type = nested(response_type, "OffsetCommitResponseTopic")
+    partition_type = nested(response_type, "OffsetCommitResponsePartition")
+    offsets = {
+        (topic.name, partition.partition_index): CommittedOffset(
+            partition.committed_offset, partition.committed_metadata,
+            getattr(partition, "committed_leader_epoch", -1),
+        )
+        for topic in body.topics
+        for partition in topic.partitions
+    }
+    code = error_codes.NONE
+    try:
+        await broker.commit_offsets(
+            body.group_id, offsets, body.member_id, body.generation_id_or_member_epoch
+        )
+    except OperatingError as error:
+        code = _code(error)
+    topics = tuple(
+        build(topic_type, name=topic.name, partitions=tuple(
+            build(partition_type, partition_index=partition.partition_index, error_code=code)
+            for partition in topic.partitions
+        ))
+        for topic in body.topics
+    )
+    return build(response_type, topics=topics)
+
+
+def handle_offset_fetch(broker: Broker, request: Request) -> Any:
+    body = request.body
+    response_type = response_class(9, request.header.api_version)
+    topic_type = nested(response_type, "OffsetFetchResponseTopic")
+    partition_type = nested(response_type, "OffsetFetchResponsePartition")
+    wanted = None
+    if body.topics is not None:
+        wanted = [(topic.name, index) for topic in body.topics for index in topic.partition_indexes]
+    found = broker.fetch_offsets(body.group_id, wanted)
+    by_topic: dict[str, list[Any]] = {}
+    for (topic, partition), committed in found.items():
+        by_topic.setdefault(topic, []).append(build(
+            partition_type, partition_index=partition,
+            committed_offset=committed.offset if committed is not None else -1,
+            committed_leader_epoch=committed.leader_epoch if committed is not None else -1,
+            metadata=(committed.metadata or "") if committed is not None else "",
+            error_code=error_codes.NONE,
+        ))
+    topics = tuple(
+        build(topic_type, name=name, partitions=tuple(partitions))
+        for name, partitions in by_topic.items()
+    )
+    return build(response_type, topics=topics, error_code=error_codes.NONE)
+
+
+def handle_describe_groups(broker: Broker, request: Request) -> Any:
+    response_type = response_class(15, request.header.api_version)
+    group_type = nested(response_type, "DescribedGroup")
+    member_type = nested(response_type, "DescribedGroupMember")
+    groups = []
+    for group_id in request.body.groups:
+        description = broker.describe_group(group_id)
+        members = tuple(
+            build(member_type, member_id=member.member_id,
+                  group_instance_id=member.group_instance_id, client_id=member.client_id,
+                  client_host=member.client_host, member_metadata=member.metadata,
+                  member_assignment=member.assignment)
+            for member in description.members
+        )
+        groups.append(build(
+            group_type, error_code=error_codes.NONE, group_id=group_id,
+            group_state=description.state.value, protocol_type=description.protocol_type,
+            protocol_data=description.protocol_name, members=members,
+            authorized_operations=-2147483648,
+        ))
+    return build(response_type, groups=tuple(groups))
+
+
+def handle_list_groups(broker: Broker, request: Request) -> Any:
+    response_type = response_class(16, request.header.api_version)
+    group_type = nested(response_type, "ListedGroup")
+    states = set(getattr(request.body, "states_filter", ()) or ())
+    groups = tuple(
+        build(group_type, group_id=listing.group_id, protocol_type=listing.protocol_type,
+              group_state=listing.state.value)
+        for listing in broker.list_groups()
+        if not states or listing.state.value in states
+    )
+    return build(response_type, error_code=error_codes.NONE, groups=groups)
+
+
+async def handle_delete_groups(broker: Broker, request: Request) -> Any:
+    response_type = response_class(42, request.header.api_version)
+    result_type = nested(response_type, "DeletableGroupResult")
+    outcome = await broker.delete_groups(request.body.groups_names)
+    results = tuple(
+        build(result_type, group_id=group_id,
+              error_code=error_codes.NONE if error is None else (
+                  _code(error) if isinstance(error, OperatingError)
+                  else error_codes.UNKNOWN_SERVER_ERROR))
+        for group_id, error in outcome.items()
+    )
+    return build(response_type, results=results)

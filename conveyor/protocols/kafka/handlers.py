@@ -1,0 +1,164 @@
+"""Request dispatch: one typed Kafka request in, the bytes of its answer out.
+
+Owns: the table api_key -> handler, ApiVersions, SASL/PLAIN (SaslHandshake v1
++ SaslAuthenticate), and the authentication gate. The per-API work lives in
+data_handlers (Produce, Fetch, ListOffsets), group_handlers and admin_handlers.
+
+Rules:
+- With SASL users configured, a connection may send only ApiVersions,
+  SaslHandshake and SaslAuthenticate until it authenticates; anything else,
+  or a failed authentication, closes it after the answer (Kafka does the same).
+- Handlers answer operating errors with the protocol's error codes; only
+  errors about the connection itself (bad framing, SASL violations) close it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any, Final
+
+from conveyor.errors import AuthenticationError
+from conveyor.protocols.kafka import admin_handlers, data_handlers, error_codes, group_handlers
+from conveyor.protocols.kafka.adapter import ConnectionState, Response
+from conveyor.protocols.kafka.admin_handlers import Node
+from conveyor.protocols.kafka.codec import Request, ServerCodec
+from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
+from conveyor.protocols.kafka.responses import build, nested
+from conveyor.protocols.kafka.settings import KafkaSettings
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+SASL_API_KEYS: Final = frozenset({17, 18, 36})
+PLAIN: Final = "PLAIN"
+
+
+class KafkaHandlers:
+    def __init__(self, broker: Broker, settings: KafkaSettings, node: Node) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.node = node
+        # Encoding kio responses needs no per-connection state: one codec serves all.
+        self._codec = ServerCodec(settings.frame_bytes_max)
+
+    async def handle(self, request: Request, state: ConnectionState) -> Response:
+        api_key = request.header.api_key
+        if self.settings.sasl_enabled and state.authenticated_user is None and (
+            api_key not in SASL_API_KEYS
+        ):
+            raise AuthenticationError("request before SASL authentication", api_key=api_key)
+        if api_key == 0:
+            return await data_handlers.handle_produce(self.broker, request)
+        if api_key == 1:
+            return await data_handlers.handle_fetch(self.broker, self.settings, request)
+        entity = await self._typed(request, state)
+        return self._codec.send(request.header, entity)
+
+    async def _typed(self, request: Request, state: ConnectionState) -> Any:
+        api_key = request.header.api_key
+        broker, node = self.broker, self.node
+        if api_key == 2:
+            return data_handlers.handle_list_offsets(broker, request)
+        if api_key == 3:
+            return await admin_handlers.handle_metadata(broker, node, request)
+        if api_key == 8:
+            return await group_handlers.handle_offset_commit(broker, request)
+        if api_key == 9:
+            return group_handlers.handle_offset_fetch(broker, request)
+        if api_key == 10:
+            return admin_handlers.handle_find_coordinator(node, request)
+        if api_key == 11:
+            return await group_handlers.handle_join_group(broker, request, state)
+        if api_key == 12:
+            return await group_handlers.handle_heartbeat(broker, request)
+        if api_key == 13:
+            return await group_handlers.handle_leave_group(broker, request)
+        if api_key == 14:
+            return await group_handlers.handle_sync_group(broker, request)
+        if api_key == 15:
+            return group_handlers.handle_describe_groups(broker, request)
+        if api_key == 16:
+            return group_handlers.handle_list_groups(broker, request)
+        if api_key == 17:
+            return self._sasl_handshake(request, state)
+        if api_key == 18:
+            return api_versions_response(request.header.api_version)
+        if api_key == 19:
+            return await admin_handlers.handle_create_topics(broker, request)
+        if api_key == 20:
+            return await admin_handlers.handle_delete_topics(broker, request)
+        if api_key == 22:
+            return await admin_handlers.handle_init_producer_id(broker, request)
+        if api_key == 32:
+            return admin_handlers.handle_describe_configs(broker, request)
+        if api_key == 33:
+            return await admin_handlers.handle_alter_configs(broker, request, incremental=False)
+        if api_key == 36:
+            return self._sasl_authenticate(request, state)
+        if api_key == 37:
+            return await admin_handlers.handle_create_partitions(broker, request)
+        if api_key == 42:
+            return await group_handlers.handle_delete_groups(broker, request)
+        if api_key == 44:
+            return await admin_handlers.handle_alter_configs(broker, request, incremental=True)
+        if api_key == 60:
+            return admin_handlers.handle_describe_cluster(node, request)
+        raise AssertionError(f"api key {api_key} is in SUPPORTED_VERSIONS without a handler")
+
+    # --- SASL --------------------------------------------------------------------------
+    def _sasl_handshake(self, request: Request, state: ConnectionState) -> Any:
+        response_type = response_class(17, request.header.api_version)
+        mechanisms = (PLAIN,) if self.settings.sasl_enabled else ()
+        if request.body.mechanism not in mechanisms:
+            state.close_after_response = True
+            return build(response_type, error_code=error_codes.UNSUPPORTED_SASL_MECHANISM,
+                         mechanisms=mechanisms)
+        state.sasl_mechanism = request.body.mechanism
+        return build(response_type, error_code=error_codes.NONE, mechanisms=mechanisms)
+
+    def _sasl_authenticate(self, request: Request, state: ConnectionState) -> Any:
+        response_type = response_class(36, request.header.api_version)
+        if state.sasl_mechanism != PLAIN or state.authenticated_user is not None:
+            state.close_after_response = True
+            return build(response_type, error_code=error_codes.ILLEGAL_SASL_STATE,
+                         error_message="SaslHandshake(PLAIN) must come first, once",
+                         auth_bytes=b"", session_lifetime=0)
+        user = check_plain(request.body.auth_bytes, self.settings.sasl_users)
+        if user is None:
+            state.close_after_response = True
+            return build(response_type, error_code=error_codes.SASL_AUTHENTICATION_FAILED,
+                         error_message="Authentication failed: invalid username or password",
+                         auth_bytes=b"", session_lifetime=0)
+        state.authenticated_user = user
+        return build(response_type, error_code=error_codes.NONE, error_message=None,
+                     auth_bytes=b"", session_lifetime=0)
+
+
+def check_plain(auth_bytes: bytes, users: dict[str, str] | Any) -> str | None:
+    """RFC 4616 PLAIN: [authzid] NUL authcid NUL passwd; the user name when it checks out."""
+    parts = bytes(auth_bytes).split(b"\x00")
+    if len(parts) != 3:
+        return None
+    authorization_id, user_bytes, password_bytes = parts
+    try:
+        user, password = user_bytes.decode(), password_bytes.decode()
+    except UnicodeDecodeError:
+        return None
+    if authorization_id and authorization_id != user_bytes:
+        return None
+    expected = users.get(user)
+    if expected is None or not hmac.compare_digest(expected.encode(), password.encode()):
+        return None
+    return user
+
+
+def api_versions_response(version: int) -> Any:
+    response_type = response_class(18, version)
+    entry_type = nested(response_type, "ApiVersion")
+    entries = tuple(
+        build(entry_type, api_key=api_key, min_version=low, max_version=high)
+        for api_key, (low, high) in sorted(SUPPORTED_VERSIONS.items())
+    )
+    return build(response_type, error_code=error_codes.NONE, api_keys=entries,
+                 supported_features=(), finalized_features_epoch=-1, finalized_features=(),
+                 zk_migration_ready=False)

@@ -1,0 +1,51 @@
+"""The Kafka listener: binds the port and wires settings, handlers and connections.
+
+Owns: ``start_listener`` (the listener contract in docs/dev/TEAM.md) and the
+running listener's ``close`` (stop accepting, then close every connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
+from conveyor.protocols.kafka.admin_handlers import Node
+from conveyor.protocols.kafka.handlers import KafkaHandlers
+from conveyor.protocols.kafka.settings import load_settings
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+    from conveyor.server.listeners import ListenerContext
+
+
+class KafkaListener:
+    def __init__(self, server: asyncio.Server, connections: set[KafkaConnection]) -> None:
+        self._server = server
+        self._connections = connections
+        sockets = server.sockets
+        self.port: int = sockets[0].getsockname()[1] if sockets else 0
+
+    async def close(self) -> None:
+        self._server.close()
+        for connection in list(self._connections):
+            await connection.close()
+        await self._server.wait_closed()
+
+
+async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListener:
+    settings = load_settings(context.settings)
+    connections: set[KafkaConnection] = set()
+    loop = asyncio.get_running_loop()
+    # The advertised port is only known after binding: handlers read it from the node,
+    # which is filled in right after create_server returns.
+    node = Node(settings.node_id, context.advertised_host, context.port, settings.cluster_id)
+    handlers = KafkaHandlers(broker, settings, node)
+    server = await loop.create_server(
+        connection_factory(handlers.handle, settings.frame_bytes_max, connections),
+        context.host, context.port, reuse_address=True,
+    )
+    listener = KafkaListener(server, connections)
+    handlers.node = Node(settings.node_id, context.advertised_host, listener.port,
+                         settings.cluster_id)
+    return listener
