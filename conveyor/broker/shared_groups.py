@@ -496,7 +496,6 @@ class SharedGroups:
         state = self._groups.get((topic, topic))
         if state is None or not state.is_queue:
             results = await self.host.publish_records(info, messages, partition)
-            self._notify_results(results)
             return results
         now_ms = self.clock.wall_ms()
         window = self._dedup.setdefault(topic, DedupWindow())
@@ -518,7 +517,6 @@ class SharedGroups:
             slots.append(None)
             accepted.append(message)
         published = await self.host.publish_records(info, accepted, partition) if accepted else []
-        self._notify_results(published)
         await self._overflow(state)
         await self.store.commit()
         stream = iter(published)
@@ -531,10 +529,6 @@ class SharedGroups:
             return None
         ready, _, delayed = await self._counts(state)
         return max(0, config.max_length - ready - delayed)
-
-    def _notify_results(self, results: Iterable[PublishResult]) -> None:
-        for topic, partition in {(r.topic, r.partition) for r in results if r.offset >= 0}:
-            self.notify_appended(topic, partition)
 
     async def _overflow(self, state: GroupState) -> None:
         """drop-head: drop the oldest ready records above max_length."""

@@ -86,14 +86,21 @@ async def test_never_and_interval_policies(clock: SimClock) -> None:
     assert fs.fdatasync_count == before and log.high_watermark == 5
     store.update_config("t", 0, LogConfig(fsync="interval", fsync_interval_ms=100))
     before = fs.fdatasync_count  # the config file itself is synced
+    # The interval sync runs in a worker thread: signal the loop when it happens.
+    loop = asyncio.get_running_loop()
+    synced = asyncio.Event()
+    fdatasync = fs.fdatasync
+
+    def fdatasync_and_signal(handle: int) -> None:
+        fdatasync(handle)
+        loop.call_soon_threadsafe(synced.set)
+
+    fs.fdatasync = fdatasync_and_signal  # type: ignore[method-assign]
     await log.append(make_batch([b"y"]))
     await asyncio.sleep(0)  # let the interval task start its clock sleep
     assert fs.fdatasync_count == before
     clock.advance(100)
-    for _ in range(20):
-        if fs.fdatasync_count > before:
-            break
-        await asyncio.sleep(0.001)  # the sync runs in a worker thread
+    await asyncio.wait_for(synced.wait(), timeout=10)
     assert fs.fdatasync_count == before + 1
     await store.close()
     assert fs.durable_bytes(log.active_segment.log_path) != b""
