@@ -12,6 +12,7 @@ in as ``now_ms`` (wall ms, the same clock as record timestamps and headers).
 from __future__ import annotations
 
 import heapq
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,17 +20,21 @@ from conveyor.storage.record_batch import Record
 
 from .types import (
     HEADER_DEAD_REASON,
+    HEADER_DEATHS,
     HEADER_DEDUP_ID,
     HEADER_DELIVER_AT,
+    HEADER_EXCHANGE,
+    HEADER_EXPIRATION,
     HEADER_EXPIRES_AT,
     HEADER_GROUP,
     HEADER_PRIORITY,
+    HEADER_ROUTING_KEY,
     HEADER_SOURCE,
     Message,
     QueueConfig,
 )
 
-DeadReason = Literal["max-deliveries", "rejected", "expired"]
+DeadReason = Literal["max-deliveries", "rejected", "expired", "maxlen"]
 PRIORITY_MAX = 9  # conveyor.priority is one digit, 0..9 (RabbitMQ advises <= 10 levels)
 NEVER_MS = 1 << 62  # "no deadline": later than any wall clock
 
@@ -100,8 +105,8 @@ def exhausted(delivery_count: int, config: QueueConfig) -> bool:
 def dead_letter_topic(queue: str, config: QueueConfig) -> str | None:
     """Where dead records go: the configured topic, "<queue>.dlq" when max_deliveries is
     set, else nowhere (expired or rejected records are then dropped)."""
-    if config.dead_letter_topic:
-        return config.dead_letter_topic
+    if config.dead_letter_topic is not None:
+        return config.dead_letter_topic or None
     if config.max_deliveries > 0:
         return f"{queue}.dlq"
     return None
@@ -126,6 +131,56 @@ def dead_letter_message(
         (HEADER_SOURCE, f"{topic}/{partition}/{record.offset}".encode()),
     )
     return Message(record.value, record.key, headers, timestamp_ms=record.timestamp_ms)
+
+
+def dead_letter_routing_key(record: Record, queue: str, config: QueueConfig) -> str:
+    """The configured dead-letter routing key, else the record's own, else the queue."""
+    if config.dead_letter_routing_key is not None:
+        return config.dead_letter_routing_key
+    own = header(record, HEADER_ROUTING_KEY)
+    return own.decode("utf-8", "replace") if own is not None else queue
+
+
+def dead_letter_exchange_message(
+    record: Record, queue: str, reason: DeadReason, now_ms: int
+) -> Message:
+    """The record re-published through a dead-letter exchange: a death entry is added
+    to ``conveyor.deaths`` (same queue and reason: its count grows and it moves first),
+    the expiry it died of is dropped, the rest is kept."""
+    deaths: list[dict[str, object]] = []
+    first: dict[str, object] | None = None
+    previous = header(record, HEADER_DEATHS)
+    if previous is not None:
+        try:
+            document = json.loads(previous)
+            deaths = [death for death in document["deaths"] if isinstance(death, dict)]
+            first = document.get("first")
+        except (ValueError, KeyError, TypeError):
+            deaths, first = [], None
+    exchange = header(record, HEADER_EXCHANGE)
+    routing_key = header(record, HEADER_ROUTING_KEY)
+    expiration = header(record, HEADER_EXPIRATION)
+    entry: dict[str, object] = {
+        "queue": queue, "reason": reason, "count": 1, "time": now_ms // 1000,
+        "exchange": exchange.decode("utf-8", "replace") if exchange is not None else "",
+        "routing-keys": [routing_key.decode("utf-8", "replace")] if routing_key else [queue],
+    }
+    if expiration is not None:
+        entry["original-expiration"] = expiration.decode("utf-8", "replace")
+    for index, death in enumerate(deaths):
+        if death.get("queue") == queue and death.get("reason") == reason:
+            entry["count"] = int(str(death.get("count", 0))) + 1
+            del deaths[index]
+            break
+    deaths.insert(0, entry)
+    if first is None:
+        first = {"queue": queue, "reason": reason, "exchange": entry["exchange"]}
+    dropped = _DROPPED_ON_DEAD_LETTER | {HEADER_DEATHS, HEADER_EXPIRATION}
+    kept = [(key, value) for key, value in record.headers if key not in dropped]
+    document_bytes = json.dumps({"deaths": deaths, "first": first},
+                                separators=(",", ":")).encode()
+    headers = (*kept, (HEADER_DEATHS, document_bytes), (HEADER_DEAD_REASON, reason.encode()))
+    return Message(record.value, record.key, headers, timestamp_ms=now_ms)
 
 
 def redrive_message(record: Record) -> tuple[str, Message] | None:

@@ -309,7 +309,8 @@ class SharedPartition:
         return purged
 
     def drop_oldest(self, count: int) -> int:
-        """Overflow drop-head: the oldest ready records go DEAD without dead-lettering."""
+        """Overflow drop-head: the oldest ready records go DEAD ("maxlen": dead-lettered
+        only through a dead-letter exchange, as RabbitMQ does)."""
         dropped = 0
         for offset in sorted(self.entries):
             if dropped >= count:
@@ -317,7 +318,10 @@ class SharedPartition:
             entry = self.entries[offset]
             if entry.state in (S.AVAILABLE, S.DELAYED):
                 self._move(entry, E.KILL)
-                self.changes.append(Change(offset, S.DEAD, entry.delivery_count))
+                reason: DeadReason | None = (
+                    "maxlen" if self.config.dead_letter_exchange is not None else None)
+                self.changes.append(Change(offset, S.DEAD, entry.delivery_count,
+                                           reason=reason, record=entry.record))
                 dropped += 1
         self._advance_start()
         return dropped

@@ -71,7 +71,9 @@ from conveyor.storage.state_store import QueueRow, StateStore
 
 from .delivery import (
     DedupWindow,
+    dead_letter_exchange_message,
     dead_letter_message,
+    dead_letter_routing_key,
     dead_letter_topic,
     record_policy,
     redrive_message,
@@ -120,6 +122,9 @@ class SharedGroupsHost(Protocol):
         self, info: TopicInfo, messages: Sequence[Message], partition: int | None = None
     ) -> list[PublishResult]: ...
     async def delete_topic(self, name: str) -> None: ...
+    def route(self, exchange: str, routing_key: str, headers: Any = ()) -> list[Any]: ...
+    async def publish(self, topic: str, messages: Sequence[Message],
+                      partition: int | None = None) -> list[PublishResult]: ...
 
 
 @dataclass
@@ -673,6 +678,9 @@ class SharedGroups:
     async def _dead_letter(self, state: GroupState, part: SharedPartition,
                            change: Change) -> None:
         assert change.record is not None and change.reason is not None
+        if state.config.dead_letter_exchange is not None:
+            await self._dead_letter_to_exchange(state, change)
+            return
         target = dead_letter_topic(state.group, state.config)
         if target is None:
             return  # no DLQ: an expired or rejected record is dropped
@@ -680,3 +688,18 @@ class SharedGroups:
             await self.declare_queue(target)
         message = dead_letter_message(change.record, part.topic, part.partition, change.reason)
         await self.filter_publish(target, [message])
+
+    async def _dead_letter_to_exchange(self, state: GroupState, change: Change) -> None:
+        """RabbitMQ's dead-lettering: re-publish through the dead-letter exchange with the
+        death recorded; a missing exchange or no route drops the record, as RabbitMQ does."""
+        assert change.record is not None and change.reason is not None
+        exchange = state.config.dead_letter_exchange or ""
+        routing_key = dead_letter_routing_key(change.record, state.group, state.config)
+        message = dead_letter_exchange_message(
+            change.record, state.group, change.reason, self.clock.wall_ms())
+        try:
+            destinations = self.host.route(exchange, routing_key, message.headers)
+        except OperatingError:
+            return
+        for destination in destinations:
+            await self.host.publish(destination.name, [message])

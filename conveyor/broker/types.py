@@ -14,6 +14,10 @@ read by shared groups, so a record keeps its meaning whichever protocol reads it
     conveyor.group         utf-8               FIFO message group
     conveyor.dead-reason   utf-8               set on records appended to a DLQ
     conveyor.source        "topic/partition/offset" of a dead-lettered record
+    conveyor.deaths        JSON {"deaths": [...], "first": {...}} on a record dead-lettered
+                           through an exchange (RabbitMQ's x-death, protocol-neutral)
+    conveyor.exchange      the exchange a record was published to (AMQP)
+    conveyor.routing-key   its routing key (AMQP; the dead-letter routing key default)
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ HEADER_GROUP = "conveyor.group"
 HEADER_DEAD_REASON = "conveyor.dead-reason"
 HEADER_SOURCE = "conveyor.source"
 HEADER_DELIVERY_COUNT = "conveyor.delivery-count"
+HEADER_DEATHS = "conveyor.deaths"
+HEADER_EXCHANGE = "conveyor.exchange"
+HEADER_ROUTING_KEY = "conveyor.routing-key"
+HEADER_EXPIRATION = "conveyor.expiration"
 
 CleanupPolicy = Literal["delete", "compact", "work-queue"]
 FsyncPolicy = Literal["always", "interval", "never"]
@@ -108,7 +116,10 @@ class QueueConfig:
 
     visibility_timeout_ms: int = 30_000  # SQS default
     max_deliveries: int = 0  # 0: unlimited; else dead-letter after this many
-    dead_letter_topic: str | None = None  # default "<queue>.dlq" when max_deliveries > 0
+    dead_letter_topic: str | None = None  # default "<queue>.dlq" when max_deliveries > 0;
+    # "" = no dead-letter topic (dead records are dropped)
+    dead_letter_exchange: str | None = None  # route dead records through this exchange
+    dead_letter_routing_key: str | None = None  # None: the record's own routing key
     message_ttl_ms: int | None = None
     delay_ms: int = 0  # default delivery delay
     max_length: int | None = None
