@@ -34,7 +34,7 @@ from pamqp import base as pamqp_base
 from pamqp import commands
 from pamqp import decode as pamqp_decode
 
-from conveyor.broker.types import Message, PublishResult
+from conveyor.broker.types import Message, PublishResult, QueueConfig, QueueInfo
 from conveyor.errors import (
     InvalidRequestError,
     LockExpiredError,
@@ -204,6 +204,18 @@ class Consumer:
             limit = min(limit, channel.prefetch_global - channel.unacked_count())
         return limit
 
+    def credit_threshold(self) -> int:
+        """Acquire again only when a quarter of the window is free (at least 1): acks
+        one by one then cost one acquire per ~window/4 messages, not one per message."""
+        if self.no_ack:
+            return 1
+        window = self.prefetch or ACQUIRE_BATCH_MAX
+        if self.channel.prefetch_global:
+            window = min(window, self.channel.prefetch_global)
+        if self.unacked == 0 and self.channel.unacked_count() == 0:
+            return 1
+        return max(1, min(window // 4, 100))
+
     async def run(self) -> None:
         channel = self.channel
         server = channel.connection.server
@@ -214,7 +226,7 @@ class Consumer:
                        or (use is not None and use.single_active
                            and server.active_consumer(self.topic) is not self))
             credit = 0 if blocked else self.credit()
-            if credit <= 0:
+            if credit < self.credit_threshold():
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -426,6 +438,9 @@ class Channel:
         connection = self.connection
         broker = connection.server.broker
         exchange = method.exchange
+        if method.immediate:
+            raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
+                                   60, 40)
         if exchange:
             try:
                 info = broker.get_exchange(exchange)
@@ -729,7 +744,7 @@ class Channel:
                                    "queues are Conveyor topics: read them over Kafka or "
                                    "HTTP", 50, 10)
             try:
-                info = await broker.declare_queue(topic, options.config)
+                info = await _declare(broker, topic, options.config)
             except PreconditionFailedError:
                 raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - inequivalent "
                                    f"arg for queue '{name}' in vhost '{connection.vhost}'",
@@ -972,6 +987,23 @@ class Channel:
         self.reply(commands.Tx.RollbackOk())
 
 
+# What an AMQP declaration can express; a queue made over HTTP or SQS with other
+# settings (its visibility timeout, FIFO, dedup) is equivalent when these agree.
+_DECLARED_FIELDS = ("max_deliveries", "dead_letter_exchange", "dead_letter_routing_key",
+                    "message_ttl_ms", "max_length", "overflow", "max_priority", "durable")
+
+
+async def _declare(broker: Broker, topic: str, config: QueueConfig) -> QueueInfo:
+    try:
+        existing = await broker.get_queue(topic)
+    except (UnknownQueueError, NotFoundError):
+        return await broker.declare_queue(topic, config)
+    for name in _DECLARED_FIELDS:
+        if getattr(existing.config, name) != getattr(config, name):
+            raise PreconditionFailedError("inequivalent arg", field=name)
+    return existing
+
+
 def _exists(getter: Callable[[str], Any], name: str) -> bool:
     try:
         getter(name)
@@ -1052,7 +1084,8 @@ class AmqpConnection(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport
-        transport.set_write_buffer_limits(high=4 << 20)
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=4 << 20)
         self.server.connections.add(self)
         # A client must finish the handshake in time (RabbitMQ's handshake_timeout).
         self._heartbeat_handle = self._loop.call_later(
