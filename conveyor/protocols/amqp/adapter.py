@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import logging
 import os
 import platform
@@ -39,12 +40,14 @@ from conveyor.errors import (
     InvalidRequestError,
     LockExpiredError,
     NotFoundError,
+    OffsetOutOfRangeError,
     OperatingError,
     PreconditionFailedError,
     RecordTooLargeError,
     UnknownDeliveryError,
     UnknownExchangeError,
     UnknownQueueError,
+    UnknownTopicError,
 )
 
 from . import frames as f
@@ -244,6 +247,54 @@ class Consumer:
                 await channel.deliver(self, deliveries)
 
 
+class StreamConsumer(Consumer):
+    """A consumer of a topic (RabbitMQ stream semantics): reads from an offset per
+    partition; acks only return credit, nothing is removed from the log."""
+
+    def __init__(self, channel: Channel, tag: str, topic: str, queue: str, no_ack: bool,
+                 prefetch: int, offsets: dict[int, int]) -> None:
+        super().__init__(channel, tag, topic, queue, no_ack, prefetch, False)
+        self.offsets = offsets
+
+    async def run(self) -> None:
+        channel = self.channel
+        broker = channel.connection.server.broker
+        while True:
+            blocked = not channel.flow_active or channel.connection.writing_paused
+            credit = 0 if blocked else self.credit()
+            if credit < self.credit_threshold():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                partitions = broker.get_topic(self.topic).partitions
+                delivered = False
+                for partition in range(partitions):
+                    offset = self.offsets.setdefault(
+                        partition, broker.offsets(self.topic, partition).log_start_offset)
+                    try:
+                        records = await broker.read_records(self.topic, partition, offset,
+                                                            credit)
+                    except OffsetOutOfRangeError:
+                        self.offsets[partition] = broker.offsets(
+                            self.topic, partition).log_start_offset
+                        continue
+                    if records:
+                        self.offsets[partition] = records[-1].offset + 1
+                        channel.deliver_stream(self, records)
+                        delivered = True
+                        break
+                if not delivered:
+                    await broker.wait_for_append(
+                        [(self.topic, partition) for partition in range(partitions)],
+                        ACQUIRE_WAIT_MS)
+            except OperatingError as error:
+                if not isinstance(error, UnknownTopicError | NotFoundError):
+                    log.warning("amqp stream consumer %s stopped: %s", self.tag, error)
+                channel.cancel_from_server(self)
+                return
+
+
 @dataclass
 class Unacked:
     receipt: str | None  # None: a direct reply-to delivery (nothing to settle)
@@ -385,6 +436,27 @@ class Channel:
         if consumer.no_ack:
             await connection.server.broker.ack([d.receipt for d in deliveries])
 
+    def deliver_stream(self, consumer: Consumer, records: list[Any]) -> None:
+        """Stream deliveries carry their offset in the ``x-stream-offset`` header."""
+        parts: list[bytes] = []
+        for record in records:
+            self.delivery_tag += 1
+            if not consumer.no_ack:
+                self.unacked[self.delivery_tag] = Unacked(None, consumer)
+                consumer.unacked += 1
+            out = outgoing(record.headers, record.key, consumer.queue)
+            try:
+                properties = decode_properties(out.properties)
+            except PropertiesError:
+                properties = Properties()
+            table = dict(properties.headers or {})
+            table["x-stream-offset"] = record.offset
+            raw = encode_properties(replace(properties, headers=table))
+            parts += f.deliver_frames(
+                self.number, consumer.tag, self.delivery_tag, False, out.exchange,
+                out.routing_key, raw, record.value or b"", self.connection.frame_bytes_max)
+        self.connection.write_parts(parts)
+
     def deliver_direct(self, consumer: Consumer, exchange: str, routing_key: str,
                        properties: bytes, body: bytes) -> None:
         """Direct reply-to: straight to the requester's channel, never stored."""
@@ -482,6 +554,8 @@ class Channel:
         if exchange == "":
             topic = queue_topic(method.routing_key)
             found = broker.route("", topic, message.headers)
+            if not found and _is_stream(broker, topic):
+                return message, (topic,), None
             return message, tuple(d.name for d in found), None
         return message, tuple(d.name for d in broker.route(
             exchange, method.routing_key, message.headers)), None
@@ -731,6 +805,9 @@ class Channel:
         topic = queue_topic(name)
         self._check_exclusive(topic, name, method)
         if method.passive:
+            if _is_stream(broker, topic):
+                await self._declare_stream(topic, name, method)
+                return
             try:
                 info = await broker.get_queue(topic)
             except (UnknownQueueError, NotFoundError):
@@ -739,10 +816,9 @@ class Channel:
         else:
             options = queue_options(method.arguments, bool(method.durable),
                                     server.settings.consumer_timeout_ms)
-            if options.queue_type == "stream":
-                raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - stream "
-                                   "queues are Conveyor topics: read them over Kafka or "
-                                   "HTTP", 50, 10)
+            if options.queue_type == "stream" or _is_stream(broker, topic):
+                await self._declare_stream(topic, name, method)
+                return
             try:
                 info = await _declare(broker, topic, options.config)
             except PreconditionFailedError:
@@ -761,6 +837,30 @@ class Channel:
         if not method.nowait:
             self.reply(commands.Queue.DeclareOk(name, info.ready + info.delayed, consumers))
 
+    async def _declare_stream(self, topic: str, name: str,
+                              method: commands.Queue.Declare) -> None:
+        """A stream queue is a Conveyor topic (created with one partition if missing)."""
+        broker = self.connection.server.broker
+        try:
+            info = broker.get_topic(topic)
+        except (UnknownTopicError, NotFoundError):
+            if method.passive:
+                raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no queue '{name}' in vhost "
+                                   f"'{self.connection.vhost}'", 50, 10) from None
+            info = await broker.create_topic(topic, 1)
+        if info.kind != "topic":
+            raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - inequivalent "
+                               f"arg 'x-queue-type' for queue '{name}'", 50, 10)
+        self.last_queue = name
+        count = 0
+        for partition in range(info.partitions):
+            offsets = broker.offsets(topic, partition)
+            count += offsets.high_watermark - offsets.log_start_offset
+        use = self.connection.server.queues.get(topic)
+        if not method.nowait:
+            self.reply(commands.Queue.DeclareOk(
+                name, count, len(use.consumers) if use is not None else 0))
+
     async def on_queue_bind(self, method: commands.Queue.Bind) -> None:
         name = self._queue_name(method.queue, method)
         self._exchange(method.exchange, method)
@@ -770,8 +870,10 @@ class Channel:
             raise ChannelError(f.ACCESS_REFUSED, "ACCESS_REFUSED - operation not permitted on "
                                "the default exchange", 50, 20)
         broker = self.connection.server.broker
-        await self._require_queue(topic, name, method)
-        await broker.bind(method.exchange, "queue", topic, method.routing_key,
+        kind: Any = "topic" if _is_stream(broker, topic) else "queue"
+        if kind == "queue":
+            await self._require_queue(topic, name, method)
+        await broker.bind(method.exchange, kind, topic, method.routing_key,
                           binding_arguments(method.arguments))
         if not method.nowait:
             self.reply(commands.Queue.BindOk())
@@ -780,10 +882,12 @@ class Channel:
         name = self._queue_name(method.queue, method)
         self._exchange(method.exchange, method)
         topic = queue_topic(name)
-        await self._require_queue(topic, name, method)
-        await self.connection.server.broker.unbind(
-            method.exchange, "queue", topic, method.routing_key,
-            binding_arguments(method.arguments))
+        broker = self.connection.server.broker
+        kind: Any = "topic" if _is_stream(broker, topic) else "queue"
+        if kind == "queue":
+            await self._require_queue(topic, name, method)
+        await broker.unbind(method.exchange, kind, topic, method.routing_key,
+                            binding_arguments(method.arguments))
         self.reply(commands.Queue.UnbindOk())
 
     async def _require_queue(self, topic: str, name: str, method: pamqp_base.Frame) -> None:
@@ -812,6 +916,12 @@ class Channel:
             raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - queue '{name}' "
                                "in use", 50, 40)
         count = 0
+        if _is_stream(server.broker, topic):
+            await server.broker.delete_topic(topic)
+            await server.queue_gone(topic)
+            if not method.nowait:
+                self.reply(commands.Queue.DeleteOk(0))
+            return
         try:
             count = await server.broker.delete_queue(topic, if_empty=bool(method.if_empty))
         except (UnknownQueueError, NotFoundError):
@@ -856,6 +966,17 @@ class Channel:
             return
         topic = queue_topic(name)
         self._check_exclusive(topic, name, method)
+        if _is_stream(server.broker, topic):
+            offsets = _stream_offsets(server.broker, topic, (method.arguments or {}).get(
+                "x-stream-offset", "next"))
+            stream_consumer = StreamConsumer(self, tag, topic, name, bool(method.no_ack),
+                                             self.prefetch_consumer, offsets)
+            self.consumers[tag] = stream_consumer
+            server.use(topic).consumers.append(stream_consumer)
+            if not method.nowait:
+                self.reply(commands.Basic.ConsumeOk(tag))
+            stream_consumer.task = asyncio.get_running_loop().create_task(stream_consumer.run())
+            return
         await self._require_queue(topic, name, method)
         use = server.use(topic)
         if method.exclusive and use.consumers:
@@ -890,6 +1011,9 @@ class Channel:
         name = self._queue_name(method.queue, method)
         topic = queue_topic(name)
         self._check_exclusive(topic, name, method)
+        if _is_stream(server.broker, topic):
+            raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - basic.get is "
+                               "not supported by stream queues", 60, 70)
         await self._require_queue(topic, name, method)
         deliveries = await server.broker.acquire(
             topic, topic, records_max=1, lock_ms=server.settings.consumer_timeout_ms,
@@ -1002,6 +1126,47 @@ async def _declare(broker: Broker, topic: str, config: QueueConfig) -> QueueInfo
         if getattr(existing.config, name) != getattr(config, name):
             raise PreconditionFailedError("inequivalent arg", field=name)
     return existing
+
+
+def _is_stream(broker: Broker, topic: str) -> bool:
+    """A plain topic (not a queue) is served as a RabbitMQ stream."""
+    try:
+        return broker.get_topic(topic).kind == "topic"
+    except (UnknownTopicError, NotFoundError):
+        return False
+
+
+_INTERVAL_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "D": 86_400_000,
+                "M": 30 * 86_400_000, "Y": 365 * 86_400_000}
+
+
+def _stream_offsets(broker: Broker, topic: str, spec: Any) -> dict[int, int]:
+    """Start offsets per partition for x-stream-offset: first, last, next, an offset,
+    a timestamp, or an interval such as "1h" (RabbitMQ's forms)."""
+    partitions = broker.get_topic(topic).partitions
+    offsets: dict[int, int] = {}
+    now_ms = broker.clock.wall_ms()
+    timestamp_ms: int | None = None
+    if isinstance(spec, datetime.datetime):
+        timestamp_ms = int(spec.timestamp() * 1000)
+    elif isinstance(spec, bytes | bytearray):
+        spec = spec.decode("utf-8", "replace")
+    if isinstance(spec, str) and spec[:-1].isdigit() and spec[-1:] in _INTERVAL_MS:
+        timestamp_ms = now_ms - int(spec[:-1]) * _INTERVAL_MS[spec[-1]]
+    for partition in range(partitions):
+        bounds = broker.offsets(topic, partition)
+        if timestamp_ms is not None:
+            found = broker.offset_for_timestamp(topic, partition, timestamp_ms)
+            offsets[partition] = bounds.high_watermark if found is None else found
+        elif spec == "first":
+            offsets[partition] = bounds.log_start_offset
+        elif spec == "last":
+            offsets[partition] = max(bounds.log_start_offset, bounds.high_watermark - 1)
+        elif isinstance(spec, int) and not isinstance(spec, bool):
+            offsets[partition] = min(max(spec, bounds.log_start_offset), bounds.high_watermark)
+        else:
+            offsets[partition] = bounds.high_watermark
+    return offsets
 
 
 def _exists(getter: Callable[[str], Any], name: str) -> bool:
