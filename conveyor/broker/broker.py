@@ -156,6 +156,7 @@ class Broker:
         # (producer id, topic, partition) -> lock serialising check + append
         self._producer_locks: dict[tuple[int, str, int], asyncio.Lock] = {}
         self._timer_task: asyncio.Task[None] | None = None
+        self._timer_sleeping = False
         # topic name -> its auto-creation in progress
         self._auto_creating: dict[str, asyncio.Future[TopicInfo]] = {}
         self._next_retention_ms = 0
@@ -192,7 +193,10 @@ class Broker:
     async def close(self) -> None:
         self._closing = True
         if self._timer_task is not None:
-            self._timer_task.cancel()
+            # A pass in progress finishes (its dead letters and their state rows land
+            # together); a sleeping timer is simply cancelled.
+            if self._timer_sleeping:
+                self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
             self._timer_task = None
@@ -223,8 +227,12 @@ class Broker:
         await self.shared_groups.open()
 
     async def _run_timers(self) -> None:
-        while True:
-            await self.clock.sleep_ms(self.config.group_check_interval_ms)
+        while not self._closing:
+            self._timer_sleeping = True
+            try:
+                await self.clock.sleep_ms(self.config.group_check_interval_ms)
+            finally:
+                self._timer_sleeping = False
             now_ms = self.clock.monotonic_ms()
             self._tick_groups(now_ms)
             try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from conveyor.errors import IllegalStateError, LockExpiredError, UnknownDeliveryError
 from conveyor.storage.record_batch import Record
 
-from .delivery import DeadReason, RecordPolicy, exhausted
+from .delivery import NEVER_MS, DeadReason, RecordPolicy, exhausted
 from .types import QueueConfig
 
 WINDOW_RECORDS_MAX = 2_000  # KIP-932 group.share.partition.max.record.locks (default 2000)
@@ -125,6 +125,9 @@ class SharedPartition:
     delayed: list[tuple[int, int]] = field(default_factory=list)
     # (deadline_ms, offset, token): ACQUIRED entries, by lock deadline
     locks: list[tuple[int, int, int]] = field(default_factory=list)
+    # (expires_at_ms, offset): loaded entries that expire, so a timer can dead-letter
+    # them while nobody consumes (RabbitMQ expires messages without a consumer too)
+    expiring: list[tuple[int, int]] = field(default_factory=list)
     # FIFO message groups with a record in flight
     groups_in_flight: set[str] = field(default_factory=set)
     # persisted state of offsets not loaded yet: offset -> (state, count, available_at)
@@ -184,6 +187,13 @@ class SharedPartition:
                 self._move(entry, E.DUE)
                 self._push_available(offset, entry)
                 changed = True
+        while self.expiring and self.expiring[0][0] <= now_ms:
+            _, offset = heapq.heappop(self.expiring)
+            entry = self.entries.get(offset)
+            # only an AVAILABLE record expires here; one in flight or delayed is pushed
+            # again when it next becomes available (_push_available)
+            if entry is not None and entry.state is S.AVAILABLE:
+                self._kill(offset, entry, "expired")
         return changed
 
     def next_deadline_ms(self) -> int | None:
@@ -356,6 +366,8 @@ class SharedPartition:
         self.version += 1
         entry.heap_version = self.version
         heapq.heappush(self.available, (-entry.policy.priority, offset, self.version))
+        if entry.policy.expires_at_ms < NEVER_MS:
+            heapq.heappush(self.expiring, (entry.policy.expires_at_ms, offset))
 
     def _end_lock(self, entry: Entry) -> None:
         entry.consumer_id = None

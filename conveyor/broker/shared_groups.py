@@ -555,6 +555,8 @@ class SharedGroups:
         for state in list(self._groups.values()):
             woke = False
             for part in state.partitions.values():
+                if state.is_queue:
+                    await self._fill(state, part)  # so unconsumed records can expire
                 woke = part.tick(now_ms) or woke
                 await self._flush(state, part)
             if woke:

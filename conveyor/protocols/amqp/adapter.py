@@ -958,7 +958,7 @@ class Channel:
                 raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - reply "
                                    "consumer cannot acknowledge", 60, 20)
             consumer = Consumer(self, tag, "", name, True, 0, False)
-            self.reply_to_name = generated_name(REPLY_TO_QUEUE, os.urandom(18))
+            self.reply_to_name = REPLY_TO_QUEUE + "." + generated_name("g", os.urandom(18))
             server.reply_channels[self.reply_to_name] = self
             self.consumers[tag] = consumer
             if not method.nowait:
