@@ -81,9 +81,11 @@ from .topics import (
 from .types import (
     HEADER_DEDUP_ID,
     HEADER_DELIVER_AT,
+    HEADER_EXCHANGE,
     HEADER_EXPIRES_AT,
     HEADER_GROUP,
     HEADER_PRIORITY,
+    HEADER_ROUTING_KEY,
     AppendResult,
     Binding,
     Delivery,
@@ -965,6 +967,12 @@ class Broker:
         plans: dict[tuple[Destination, ...], list[Message]] = {}
         routed = True
         for message in messages:
+            if not any(name == HEADER_ROUTING_KEY for name, _ in message.headers):
+                # where it was published travels with it (AMQP consumers see it; a
+                # dead-letter exchange routes by it)
+                message = dataclasses.replace(message, headers=(
+                    *message.headers, (HEADER_EXCHANGE, exchange.encode()),
+                    (HEADER_ROUTING_KEY, routing_key.encode())))
             destinations = tuple(self.routing.route(exchange, routing_key, message.headers))
             if not destinations:
                 routed = False

@@ -723,7 +723,8 @@ class Channel:
             arguments = dict(method.arguments or {})
             alternate = arguments.pop("alternate-exchange", None)
             await broker.declare_exchange(
-                name, method.exchange_type,  # type: ignore[arg-type]  # checked above durable=bool(method.durable),
+                name, method.exchange_type,  # type: ignore[arg-type]  # checked above
+                durable=bool(method.durable),
                 auto_delete=bool(method.auto_delete), internal=bool(method.internal),
                 alternate_exchange=str(alternate) if alternate is not None else None,
                 arguments=binding_arguments(arguments) or None)

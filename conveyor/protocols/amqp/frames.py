@@ -68,6 +68,7 @@ class FrameError(Exception):
         super().__init__(text)
         self.reply_code = reply_code
         self.text = text
+        self.frames: list[Frame] = []  # FrameReader: valid frames read before this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +108,15 @@ class FrameReader:
     def __init__(self, frame_bytes_max: int) -> None:
         self.frame_bytes_max = frame_bytes_max
         self._buffer = bytearray()
+        self.error: FrameError | None = None
 
     def feed(self, data: bytes) -> list[Frame]:
+        """Whole frames from what arrived so far. A bad frame raises FrameError whose
+        ``frames`` are the valid frames before it (to be acted on); the reader stays
+        failed."""
+        if self.error is not None:
+            self.error.frames = []  # those were handed out with the first raise
+            raise self.error
         buffer = self._buffer
         buffer += data
         frames: list[Frame] = []
@@ -117,20 +125,27 @@ class FrameReader:
         while size_total - position >= 7:
             frame_type, channel, size = _FRAME_HEAD.unpack_from(buffer, position)
             if frame_type not in (FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT):
-                raise FrameError(FRAME_ERROR, f"unknown frame type {frame_type}")
+                self.error = FrameError(FRAME_ERROR, f"unknown frame type {frame_type}")
+                break
             if size + FRAME_OVERHEAD > self.frame_bytes_max:
-                raise FrameError(
+                self.error = FrameError(
                     FRAME_ERROR,
                     f"frame of {size + FRAME_OVERHEAD} bytes exceeds frame-max "
                     f"{self.frame_bytes_max}",
                 )
+                break
             end = position + 7 + size
             if end >= size_total:
                 break
             if buffer[end] != FRAME_END:
-                raise FrameError(FRAME_ERROR, "frame-end octet missing")
+                self.error = FrameError(FRAME_ERROR, "frame-end octet missing")
+                break
             frames.append(Frame(frame_type, channel, bytes(buffer[position + 7 : end])))
             position = end + 1
+        if self.error is not None:
+            buffer.clear()
+            self.error.frames = frames
+            raise self.error
         if position:
             del buffer[:position]
         return frames
@@ -208,8 +223,8 @@ def heartbeat_frame() -> bytes:
 
 def _shortstr(value: str) -> bytes:
     data = value.encode("utf-8")
-    if len(data) > 255:
-        data = data[:255]
+    if len(data) > 255:  # cut on a character boundary
+        data = data[:255].decode("utf-8", "ignore").encode("utf-8")
     return bytes((len(data),)) + data
 
 

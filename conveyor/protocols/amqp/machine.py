@@ -181,6 +181,7 @@ class ConnectionMachine:
         self.reader = FrameReader(frame_bytes_max)
         self.channels: dict[int, _Channel] = {}
         self._header = b""
+        self._reported = False  # the reader's error was turned into a fault
 
     # --- what the server decides -----------------------------------------------------
     def tuned(self, frame_bytes_max: int, channel_max: int) -> None:
@@ -215,13 +216,11 @@ class ConnectionMachine:
             self._header = b""
             self.state = ConnectionState.START_OK
             events.append(HeaderAccepted())
+        failure: FrameError | None = None
         try:
             frames = self.reader.feed(data)
         except FrameError as error:
-            frames = []
-            failure: FrameError | None = error
-        else:
-            failure = None
+            frames, failure = error.frames, error
         for item in frames:
             if self.state is ConnectionState.CLOSED:
                 break
@@ -231,8 +230,9 @@ class ConnectionMachine:
                 event = self._fail(error.reply_code, error.text)
             if event is not None:
                 events.append(event)
-        if failure is not None and self.state not in (ConnectionState.CLOSING,
-                                                      ConnectionState.CLOSED):
+        if failure is not None and not self._reported and self.state not in (
+                ConnectionState.CLOSING, ConnectionState.CLOSED):
+            self._reported = True
             events.append(self._fail(failure.reply_code, failure.text))
         return events
 
@@ -243,19 +243,24 @@ class ConnectionMachine:
 
     def _frame(self, frame_type: int, channel: int, payload: bytes) -> Event | None:
         state = self.state
-        if frame_type == FRAME_HEARTBEAT:
-            if channel != 0:
-                return self._fail(FRAME_ERROR, "heartbeat on a channel other than 0")
-            return HeartbeatReceived()
         if state is ConnectionState.CLOSING:
+            # after Connection.Close only Close / Close-Ok count; anything else,
+            # malformed or not, is discarded (spec 2.2.4: no second close)
             if frame_type == FRAME_METHOD and channel == 0:
-                method = decode_method(payload)
+                try:
+                    method = decode_method(payload)
+                except FrameError:
+                    return None
                 if isinstance(method, commands.Connection.CloseOk):
                     self.state = ConnectionState.CLOSED
                     return MethodReceived(0, method)
                 if isinstance(method, commands.Connection.Close):
                     return MethodReceived(0, method)
             return None
+        if frame_type == FRAME_HEARTBEAT:
+            if channel != 0:
+                return self._fail(FRAME_ERROR, "heartbeat on a channel other than 0")
+            return HeartbeatReceived()
         if state in _NEGOTIATION:
             if frame_type != FRAME_METHOD or channel != 0:
                 return self._fail(COMMAND_INVALID, "connection negotiation is on channel 0")

@@ -140,15 +140,29 @@ def encode_properties(properties: Properties) -> bytes:
             continue
         flags |= bit
         if kind == "shortstr":
-            raw = str(value).encode("utf-8")[:255]
+            raw = str(value).encode("utf-8")
+            if len(raw) > 255:  # cut on a character boundary
+                raw = raw[:255].decode("utf-8", "ignore").encode("utf-8")
             parts.append(bytes((len(raw),)) + raw)
         elif kind == "octet":
             parts.append(bytes((int(value) & 0xFF,)))
         elif kind == "timestamp":
             parts.append(_U64.pack(int(value) & 0xFFFFFFFFFFFFFFFF))
         else:
-            parts.append(pamqp_encode.field_table(value))
+            parts.append(pamqp_encode.field_table(_encodable(value)))
     return struct.pack(">H", flags) + b"".join(parts)
+
+
+def _encodable(value: Any) -> Any:
+    """pamqp decodes a long string that is not UTF-8 as ``bytes`` but encodes only
+    ``bytearray`` (field type 'x'): convert, recursively."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {key: _encodable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    return value
 
 
 # --- publish -------------------------------------------------------------------------
