@@ -141,6 +141,26 @@ def dead_letter_routing_key(record: Record, queue: str, config: QueueConfig) -> 
     return own.decode("utf-8", "replace") if own is not None else queue
 
 
+def dead_letter_cycle_queues(record: Record, queue: str, reason: DeadReason) -> set[str]:
+    """Queues this dead letter must not reach: RabbitMQ drops a message that would come
+    back to a queue it already died in (this one included) unless a client rejection is
+    part of the cycle. Empty when a rejection breaks the cycle."""
+    if reason == "rejected":
+        return set()
+    queues = {queue}
+    previous = header(record, HEADER_DEATHS)
+    if previous is not None:
+        try:
+            deaths = [death for death in json.loads(previous)["deaths"]
+                      if isinstance(death, dict)]
+        except (ValueError, KeyError, TypeError):
+            deaths = []
+        if any(death.get("reason") == "rejected" for death in deaths):
+            return set()
+        queues.update(str(death.get("queue")) for death in deaths)
+    return queues
+
+
 def dead_letter_exchange_message(
     record: Record, queue: str, reason: DeadReason, now_ms: int
 ) -> Message:

@@ -71,6 +71,7 @@ from conveyor.storage.state_store import QueueRow, StateStore
 
 from .delivery import (
     DedupWindow,
+    dead_letter_cycle_queues,
     dead_letter_exchange_message,
     dead_letter_message,
     dead_letter_routing_key,
@@ -696,6 +697,7 @@ class SharedGroups:
         death recorded; a missing exchange or no route drops the record, as RabbitMQ does."""
         assert change.record is not None and change.reason is not None
         exchange = state.config.dead_letter_exchange or ""
+        cycle = dead_letter_cycle_queues(change.record, state.group, change.reason)
         routing_key = dead_letter_routing_key(change.record, state.group, state.config)
         message = dead_letter_exchange_message(
             change.record, state.group, change.reason, self.clock.wall_ms())
@@ -704,4 +706,5 @@ class SharedGroups:
         except OperatingError:
             return
         for destination in destinations:
-            await self.host.publish(destination.name, [message])
+            if destination.name not in cycle:
+                await self.host.publish(destination.name, [message])
