@@ -141,28 +141,30 @@ def dead_letter_routing_key(record: Record, queue: str, config: QueueConfig) -> 
     return own.decode("utf-8", "replace") if own is not None else queue
 
 
-def dead_letter_cycle_queues(record: Record, queue: str, reason: DeadReason) -> set[str]:
-    """Queues this dead letter must not reach: RabbitMQ drops a message that would come
-    back to a queue it already died in (this one included) unless a client rejection is
-    part of the cycle. Empty when a rejection breaks the cycle."""
-    if reason == "rejected":
-        return set()
-    queues = {queue}
-    previous = header(record, HEADER_DEATHS)
-    if previous is not None:
-        try:
-            deaths = [death for death in json.loads(previous)["deaths"]
-                      if isinstance(death, dict)]
-        except (ValueError, KeyError, TypeError):
-            deaths = []
-        if any(death.get("reason") == "rejected" for death in deaths):
-            return set()
-        queues.update(str(death.get("queue")) for death in deaths)
-    return queues
+def dead_letter_cycle(message: Message, destination: str) -> bool:
+    """RabbitMQ's cycle rule for a dead letter about to reach ``destination``: walk its
+    deaths from the most recent; reaching ``destination`` before any client rejection
+    means it would loop with nobody deciding, so it is dropped."""
+    document = next((value for key, value in message.headers if key == HEADER_DEATHS), None)
+    if document is None:
+        return False
+    try:
+        deaths = json.loads(document)["deaths"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    for death in deaths:
+        if not isinstance(death, dict):
+            continue
+        if death.get("reason") == "rejected":
+            return False
+        if death.get("queue") == destination:
+            return True
+    return False
 
 
 def dead_letter_exchange_message(
-    record: Record, queue: str, reason: DeadReason, now_ms: int
+    record: Record, queue: str, reason: DeadReason, now_ms: int,
+    dead_letter_exchange: str, dead_letter_routing_key: str,
 ) -> Message:
     """The record re-published through a dead-letter exchange: a death entry is added
     to ``conveyor.deaths`` (same queue and reason: its count grows and it moves first),
@@ -195,11 +197,16 @@ def dead_letter_exchange_message(
     deaths.insert(0, entry)
     if first is None:
         first = {"queue": queue, "reason": reason, "exchange": entry["exchange"]}
-    dropped = _DROPPED_ON_DEAD_LETTER | {HEADER_DEATHS, HEADER_EXPIRATION}
+    dropped = _DROPPED_ON_DEAD_LETTER | {HEADER_DEATHS, HEADER_EXPIRATION, HEADER_EXCHANGE,
+                                         HEADER_ROUTING_KEY}
     kept = [(key, value) for key, value in record.headers if key not in dropped]
     document_bytes = json.dumps({"deaths": deaths, "first": first},
                                 separators=(",", ":")).encode()
-    headers = (*kept, (HEADER_DEATHS, document_bytes), (HEADER_DEAD_REASON, reason.encode()))
+    # it is now published to the dead-letter exchange with the dead-letter routing key
+    # (what a consumer of the dead letters sees); x-death keeps where it came from
+    headers = (*kept, (HEADER_DEATHS, document_bytes), (HEADER_DEAD_REASON, reason.encode()),
+               (HEADER_EXCHANGE, dead_letter_exchange.encode()),
+               (HEADER_ROUTING_KEY, dead_letter_routing_key.encode()))
     return Message(record.value, record.key, headers, timestamp_ms=now_ms)
 
 

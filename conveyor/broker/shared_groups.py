@@ -71,7 +71,7 @@ from conveyor.storage.state_store import QueueRow, StateStore
 
 from .delivery import (
     DedupWindow,
-    dead_letter_cycle_queues,
+    dead_letter_cycle,
     dead_letter_exchange_message,
     dead_letter_message,
     dead_letter_routing_key,
@@ -662,7 +662,8 @@ class SharedGroups:
     async def _flush(self, state: GroupState, part: SharedPartition) -> None:
         """Dead-letter what died, then persist the partition's changes."""
         changes, part.changes = part.changes, []
-        if not changes and part.start_offset == state.saved_start.get(part.partition):
+        start_before = state.saved_start.get(part.partition)
+        if not changes and part.start_offset == start_before:
             return
         for change in changes:
             if change.state is RecordState.DEAD and change.reason is not None:
@@ -676,6 +677,11 @@ class SharedGroups:
             self._save_start(state, part.partition, part)
         if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)
                for change in changes):
+            self._wake(state.group, state.topic)
+        elif (part.start_offset != start_before and self._waiters.get(
+                (state.group, state.topic)) and part.next_offset < self._high_watermark(part)):
+            # the window moved: records not loaded yet (a full window held them back)
+            # can now be acquired by whoever is parked
             self._wake(state.group, state.topic)
 
     async def _dead_letter(self, state: GroupState, part: SharedPartition,
@@ -697,14 +703,14 @@ class SharedGroups:
         death recorded; a missing exchange or no route drops the record, as RabbitMQ does."""
         assert change.record is not None and change.reason is not None
         exchange = state.config.dead_letter_exchange or ""
-        cycle = dead_letter_cycle_queues(change.record, state.group, change.reason)
         routing_key = dead_letter_routing_key(change.record, state.group, state.config)
         message = dead_letter_exchange_message(
-            change.record, state.group, change.reason, self.clock.wall_ms())
+            change.record, state.group, change.reason, self.clock.wall_ms(), exchange,
+            routing_key)
         try:
             destinations = self.host.route(exchange, routing_key, message.headers)
         except OperatingError:
             return
         for destination in destinations:
-            if destination.name not in cycle:
+            if not dead_letter_cycle(message, destination.name):
                 await self.host.publish(destination.name, [message])

@@ -364,3 +364,22 @@ async def test_shared_groups_on_a_plain_topic(harness: BrokerHarness, broker: Br
     assert await shared.acquire("events", "billing", records_max=10) == []
     again = await shared.acquire("events", "audit", records_max=10)
     assert sorted(values(again)) == [b"e1", b"e2", b"early"]  # type: ignore[type-var]
+
+
+async def test_long_poll_woken_when_acks_move_a_full_window(
+        harness: BrokerHarness, broker: Broker) -> None:
+    """A full in-flight window holds later records back; when acks move the window,
+    a parked acquire must get them at once, not at the end of its wait."""
+    shared = groups(broker)
+    await shared.declare_queue("window")
+    shared._groups[("window", "window")].partitions[0].window_records_max = 2
+    await publish(broker, "window", b"a", b"b", b"c")
+    held = await shared.acquire("window", "window", records_max=5, consumer_id="first")
+    assert values(held) == [b"a", b"b"]  # the window holds two records
+    waiting = asyncio.create_task(shared.acquire("window", "window", wait_ms=20_000,
+                                                 consumer_id="second"))
+    await parked(shared, "window")
+    started_ms = harness.clock.monotonic_ms()
+    await shared.ack([held[0].receipt])
+    assert values(await waiting) == [b"c"]
+    assert harness.clock.monotonic_ms() == started_ms  # woken, not timed out
