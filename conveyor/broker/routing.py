@@ -33,6 +33,7 @@ from conveyor.errors import (
     UnknownExchangeError,
 )
 
+from .topics import topic_name_for
 from .types import Binding, DestinationKind, ExchangeInfo, ExchangeType, Headers
 
 DEFAULT_EXCHANGE = ""
@@ -279,8 +280,10 @@ class RoutingTable:
                 continue
             visited.add(name)
             if name == DEFAULT_EXCHANGE:
-                if self._queue_exists(routing_key):
-                    found.setdefault(Destination("queue", routing_key), None)
+                queue = routing_key if self._queue_exists(routing_key) else topic_name_for(
+                    routing_key)
+                if self._queue_exists(queue):
+                    found.setdefault(Destination("queue", queue), None)
                 continue
             info = self._exchanges.get(name)
             if info is None:

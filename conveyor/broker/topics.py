@@ -14,6 +14,7 @@ from the log store (a crash between the two writes) so both agree again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from .types import TopicConfig, TopicInfo
 TOPIC_NAME_BYTES_MAX = 249  # Kafka's Topic.MAX_NAME_LENGTH
 PARTITIONS_MAX = 10_000  # a bound so a typo cannot create a million directories
 _LEGAL_NAME = re.compile(r"[a-zA-Z0-9._-]+")
+_ILLEGAL_CHARACTER = re.compile(r"[^a-zA-Z0-9._-]")
 
 # Kafka config name -> TopicConfig field
 CONFIG_FIELDS: dict[str, str] = {
@@ -87,6 +89,18 @@ def validate_topic_name(name: str) -> None:
         raise InvalidNameError("topic name cannot be '.' or '..'", name=name)
     if not _LEGAL_NAME.fullmatch(name):
         raise InvalidNameError("topic name has an illegal character", name=name)
+
+
+def topic_name_for(name: str) -> str:
+    """The topic behind a queue name that Kafka's rules may not accept (AMQP allows any
+    UTF-8 up to 255 bytes): a legal name is itself; any other maps, deterministically,
+    to ``amqp.q.<legal characters>.<8 hex of its SHA-1>``."""
+    if len(name) <= TOPIC_NAME_BYTES_MAX and name not in (".", "..") and \
+            _LEGAL_NAME.fullmatch(name):
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    legal = _ILLEGAL_CHARACTER.sub("_", name)[:200]
+    return f"amqp.q.{legal}.{digest}"
 
 
 def validate_partitions(partitions: int) -> None:

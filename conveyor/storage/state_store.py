@@ -234,6 +234,10 @@ def _pairs_json(pairs: Sequence[tuple[str, str]]) -> str:
     return json.dumps([list(pair) for pair in pairs], sort_keys=False)
 
 
+# Longest a write that nobody awaits stays uncommitted (lost on a crash inside it).
+UNAWAITED_COMMIT_DELAY_S = 0.1
+
+
 class SqlStateStore:
     """The queries, over a DB-API connection; subclasses supply the connection + dialect."""
 
@@ -245,6 +249,7 @@ class SqlStateStore:
         # waiters of the open transaction, resolved after its COMMIT
         self._commit_waiters: list[asyncio.Future[None]] = []
         self._commit_scheduled = False
+        self._unawaited_handle: asyncio.TimerHandle | None = None
 
     # --- generic ------------------------------------------------------------
     @property
@@ -297,9 +302,10 @@ class SqlStateStore:
             return
         self.connection.execute("BEGIN")
         self._in_transaction = True
-        self._schedule_commit()
+        self._schedule_unawaited_commit()
 
     def _schedule_commit(self) -> None:
+        """Someone awaits durability: COMMIT at the end of this loop turn."""
         if self._commit_scheduled:
             return
         try:
@@ -309,8 +315,23 @@ class SqlStateStore:
         self._commit_scheduled = True
         loop.call_soon(self._commit_now)
 
+    def _schedule_unawaited_commit(self) -> None:
+        """Writes nobody awaits (delivery counts, start offsets) ride along with the next
+        awaited COMMIT, or are committed after ``UNAWAITED_COMMIT_DELAY_S`` at the latest:
+        one fsync fewer per acquire on the hot path."""
+        if self._unawaited_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._unawaited_handle = loop.call_later(UNAWAITED_COMMIT_DELAY_S, self._commit_now)
+
     def _commit_now(self) -> None:
         self._commit_scheduled = False
+        if self._unawaited_handle is not None:
+            self._unawaited_handle.cancel()
+            self._unawaited_handle = None
         waiters, self._commit_waiters = self._commit_waiters, []
         if not self._in_transaction or self._connection is None:
             for waiter in waiters:

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import base64
 import decimal
-import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import QueueConfig
 
-_LEGAL: Final = re.compile(r"[a-zA-Z0-9._-]{1,249}")
-_ILLEGAL_CHARACTER: Final = re.compile(r"[^a-zA-Z0-9._-]")
 NAME_BYTES_MAX: Final = 255
 PRIORITY_MAX: Final = 9
 QUEUE_TYPES: Final = frozenset({"classic", "quorum", "stream"})
@@ -36,11 +33,9 @@ class ArgumentError(ValueError):
 
 
 def queue_topic(name: str) -> str:
-    if _LEGAL.fullmatch(name) and name not in (".", ".."):
-        return name
-    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
-    legal = _ILLEGAL_CHARACTER.sub("_", name)[:200]
-    return f"amqp.q.{legal}.{digest}"
+    """The topic behind an AMQP queue name (the broker's default exchange uses the same
+    mapping, so dead letters routed by name find the queue)."""
+    return topic_name_for(name)
 
 
 def generated_name(prefix: str, random_bytes: bytes) -> str:
