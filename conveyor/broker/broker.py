@@ -443,6 +443,11 @@ class Broker:
         for offset_delta, (index, _) in enumerate(entries):
             offset = appended.base_offset + offset_delta
             results[index] = PublishResult(info.name, partition, offset)
+        if info.kind == "queue" and self.shared_groups is not None:
+            # the records just written, so a queue's consumers need not decode them back
+            self.shared_groups.remember_appended(
+                info.name, partition, appended.base_offset,
+                [record for _, record in entries])
 
     # --- read ------------------------------------------------------------------------
     def offsets(self, topic: str, partition: int) -> PartitionOffsets:

@@ -93,6 +93,7 @@ from .types import (
 ACQUIRE_RECORDS_MAX = 1_000  # KIP-932 ShareFetch max records per fetch is 500; headroom
 ACQUIRE_WAIT_MS_MAX = 30_000  # matches the Broker's fetch_wait_ms_max
 LOCK_MS_MAX = 12 * 3600 * 1000  # SQS's visibility timeout maximum (12 hours)
+APPENDED_CACHE_RECORDS_MAX = 20_000  # per partition: ~20 MiB of 1 KiB messages
 REDRIVE_CONSUMER = "conveyor.redrive"
 
 
@@ -180,6 +181,9 @@ class SharedGroups:
         self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         # (topic, partition) -> offset last passed to delete_before (work-queue retention)
         self._retained: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> offset -> record published through Broker.publish and not
+        # loaded into a window yet: _fill takes them instead of reading and decoding the log
+        self._appended: dict[tuple[str, int], dict[int, Record]] = {}
 
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -288,6 +292,8 @@ class SharedGroups:
             del self._groups[key]
             self.store.delete_group(*key)
         self._dedup.pop(name, None)
+        for cached in [cached for cached in self._appended if cached[0] == name]:
+            del self._appended[cached]
         self.store.delete_queue(name)
         self.host.state_store.delete_queue(name)
         self._wake(name, name)
@@ -396,6 +402,16 @@ class SharedGroups:
     def waiting_acquires(self, topic: str, group: str) -> int:
         """How many acquires of ``group`` are parked in a long poll (metrics, tests)."""
         return len(self._waiters.get((group, topic), ()))
+
+    def remember_appended(self, topic: str, partition: int, base_offset: int,
+                          records: Sequence[Any]) -> None:
+        """Keep the records of an append (``RecordData``s) for ``_fill``; bounded."""
+        cache = self._appended.setdefault((topic, partition), {})
+        if len(cache) + len(records) > APPENDED_CACHE_RECORDS_MAX:
+            return  # nobody is keeping up: later fills read the log
+        for delta, data in enumerate(records):
+            cache[base_offset + delta] = Record(
+                base_offset + delta, data.timestamp_ms, data.key, data.value, data.headers)
 
     def notify_appended(self, topic: str, partition: int) -> None:
         """The facade calls this after every append: wakes acquires of the topic's groups."""
@@ -641,7 +657,18 @@ class SharedGroups:
         log = self.host.topics.partition_log(part.topic, part.partition)
         if part.next_offset < log.log_start_offset:
             part.skip_to(int(log.log_start_offset))
+        cache = self._appended.get((part.topic, part.partition))
         while part.room() > 0 and part.next_offset < log.high_watermark:
+            if cache:
+                cached = cache.pop(part.next_offset, None)
+                if cached is not None:
+                    part.load(cached, record_policy(cached, state.config))
+                    continue
+                while cache:  # offsets below next_offset were read from the log meanwhile
+                    oldest = next(iter(cache))
+                    if oldest >= part.next_offset:
+                        break
+                    del cache[oldest]
             try:
                 records = await self.host.read_records(
                     part.topic, part.partition, part.next_offset, part.room())

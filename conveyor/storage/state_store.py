@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -238,6 +239,18 @@ def _pairs_json(pairs: Sequence[tuple[str, str]]) -> str:
 UNAWAITED_COMMIT_DELAY_S = 0.1
 
 
+def _resolve(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    failure = None if error is None else StorageError("state store fsync failed",
+                                                      error=str(error))
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if failure is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(failure)
+
+
 class SqlStateStore:
     """The queries, over a DB-API connection; subclasses supply the connection + dialect."""
 
@@ -250,6 +263,7 @@ class SqlStateStore:
         self._commit_waiters: list[asyncio.Future[None]] = []
         self._commit_scheduled = False
         self._unawaited_handle: asyncio.TimerHandle | None = None
+        self._unsynced = False  # a COMMIT ran that no fsync has covered yet
 
     # --- generic ------------------------------------------------------------
     @property
@@ -286,6 +300,11 @@ class SqlStateStore:
     async def commit(self) -> None:
         """Wait until every write made so far is committed (durable)."""
         if not self._in_transaction:
+            # committed already, maybe by a COMMIT nobody waited for, or one whose fsync
+            # is still running: durable only once an fsync after it has returned
+            sync = self._sync_committed()
+            if sync is not None:
+                await asyncio.shield(sync)
             return
         try:
             loop = asyncio.get_running_loop()
@@ -350,9 +369,22 @@ class SqlStateStore:
                 if not waiter.done():
                     waiter.set_exception(failure)
             return
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._unsynced = True
+        if not waiters:
+            return  # nobody waits: the next awaited commit's fsync covers this one
+        fsync = self._sync_committed()
+        if fsync is None:
+            _resolve(waiters, None)
+            return
+        fsync.add_done_callback(lambda done: _resolve(
+            waiters, StorageError("fsync cancelled") if done.cancelled() else done.exception()))
+
+    def _sync_committed(self) -> asyncio.Future[None] | None:
+        """A future for an fsync covering every COMMIT so far (started now if the last
+        COMMIT had none), or None when they are durable already (the base class: the
+        COMMIT itself is durable)."""
+        self._unsynced = False
+        return None
 
     # --- topics, queues ------------------------------------------------------
     def save_topic(self, row: TopicRow) -> None:
@@ -540,13 +572,22 @@ class SqlStateStore:
 
 
 class SqliteStateStore(SqlStateStore):
-    """SQLite in WAL mode with synchronous=FULL: a reported commit survives power loss."""
+    """SQLite in WAL mode: a reported commit survives power loss.
+
+    The COMMIT runs on the event loop with synchronous=NORMAL (it writes the WAL
+    frames, no fsync), then an ``fdatasync`` of the WAL file runs in a worker thread and
+    the committers are answered when it returns: as durable as synchronous=FULL, but
+    the event loop never waits for the disk. Checkpoints keep SQLite's own fsyncs.
+    """
 
     dialect = SQLITE
 
     def __init__(self, path: str | Path = ":memory:") -> None:
         super().__init__()
         self.path = str(path)
+        self._in_memory = self.path == ":memory:" or self.path.startswith("file::memory:")
+        self._wal_fd: int | None = None
+        self._last_sync: asyncio.Future[None] | None = None  # the newest WAL fdatasync
 
     async def open(self) -> None:
         self.open_sync()
@@ -557,14 +598,49 @@ class SqliteStateStore(SqlStateStore):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (one per loop turn)
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA synchronous=FULL" if self._in_memory else
+                           "PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA foreign_keys=ON")
         self._connection = connection
         self.add_schema(SCHEMA)
+        if not self._in_memory:
+            self._sync_wal()  # the schema's commit, durable before anything else
+        self._unsynced = False
+
+    def _open_wal(self) -> int | None:
+        if self._wal_fd is None:
+            try:
+                self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        return self._wal_fd
+
+    def _sync_wal(self) -> None:
+        fd = self._open_wal()
+        if fd is not None:
+            os.fdatasync(fd)
+
+    def _sync_committed(self) -> asyncio.Future[None] | None:
+        if self._unsynced:
+            self._unsynced = False
+            fd = self._open_wal()
+            if fd is not None and not self._in_memory:
+                self._last_sync = asyncio.get_running_loop().run_in_executor(
+                    None, os.fdatasync, fd)
+        if self._last_sync is not None and self._last_sync.done():
+            self._last_sync = None
+        return self._last_sync
 
     async def close(self) -> None:
         if self._connection is None:
             return
         self._commit_now()
+        if self._last_sync is not None:
+            await asyncio.shield(self._last_sync)
+        if not self._in_memory:
+            self._sync_wal()
         self._connection.close()
         self._connection = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None

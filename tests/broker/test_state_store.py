@@ -7,8 +7,12 @@ queries for the PostgreSQL placeholder."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
+import pytest
+
+import conveyor.storage.state_store as state_store_module
 from conveyor.storage.state_store import (
     POSTGRESQL,
     SCHEMA,
@@ -40,7 +44,7 @@ async def test_one_transaction_per_loop_turn(tmp_path: Path) -> None:
     assert len(reopened.load_topics()) == 20
     mode = reopened.query("PRAGMA journal_mode")[0][0]
     synchronous = reopened.query("PRAGMA synchronous")[0][0]
-    assert (mode, synchronous) == ("wal", 2)  # 2 = FULL
+    assert (mode, synchronous) == ("wal", 1)  # 1 = NORMAL: the WAL fdatasync runs off-loop
     await reopened.close()
 
 
@@ -72,3 +76,33 @@ def test_sql_is_dialect_neutral() -> None:
     assert POSTGRESQL.sql(query).count("%s") == 2 and "?" not in POSTGRESQL.sql(query)
     for statement in SCHEMA:
         assert "AUTOINCREMENT" not in statement and "?" not in statement
+
+
+async def test_commit_returns_only_after_the_wal_fdatasync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMMIT runs without an fsync; the committers are answered once an fdatasync of the
+    WAL, in a worker thread, has returned (and a caller whose writes another COMMIT
+    already carried waits for that fsync too)."""
+    store = SqliteStateStore(tmp_path / "state.sqlite3")
+    await store.open()
+    release = threading.Event()
+    synced: list[int] = []
+
+    def slow_fdatasync(fd: int) -> None:
+        assert release.wait(10)
+        synced.append(fd)
+
+    monkeypatch.setattr(state_store_module.os, "fdatasync", slow_fdatasync)
+    store.save_topic(TopicRow("t", 1, "topic", {}, 0))
+    first = asyncio.create_task(store.commit())
+    for _ in range(5):
+        await asyncio.sleep(0)  # let the COMMIT run (zero-time yields, no clock)
+    second = asyncio.create_task(store.commit())  # nothing new: waits for the same fsync
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    release.set()
+    await asyncio.gather(first, second)
+    assert len(synced) == 1
+    monkeypatch.undo()
+    await store.close()

@@ -1459,6 +1459,7 @@ class AmqpConnection(asyncio.Protocol):
         """Connection.Close from the client: finish what its channels received first
         (publishes sent before the close are stored), then Close-Ok."""
         await self._drain_channels()
+        await self._release_all()  # exclusive queues are gone when Close-Ok arrives
         self.send_method(0, commands.Connection.CloseOk())
         self._flush()
         if self.transport is not None:
@@ -1476,6 +1477,10 @@ class AmqpConnection(asyncio.Protocol):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._closing_task
         await self._drain_channels()
+        await self._release_all()
+
+    async def _release_all(self) -> None:
+        """Close every channel (releasing what they hold) and delete exclusive queues."""
         for channel in list(self.channels.values()):
             await channel.close()
         self.channels.clear()
