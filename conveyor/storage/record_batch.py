@@ -384,6 +384,91 @@ def _decode_record(buffer: Buffer, position: int, header: BatchHeader) -> tuple[
     return record, end
 
 
+class _SlowPath(Exception):
+    """The fast decoder met a multi-byte varint or an inconsistency: decode carefully."""
+
+
+def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record], int]:
+    """The batch's records when every varint but lengths of keys/values fits one or two
+    bytes (what Conveyor writes); any surprise raises and the careful decoder re-runs,
+    so errors are reported exactly as it reports them."""
+    records: list[Record] = []
+    append = records.append
+    base_offset = header.base_offset
+    fixed_ms = header.max_timestamp_ms if header.timestamp_type else None
+    base_ms = header.base_timestamp_ms
+    position = 0
+    for _ in range(header.record_count):
+        fields: list[int] = []
+        # length, attributes (1 byte, skipped after), timestamp delta, offset delta
+        byte = body[position]
+        if byte < 0x80:
+            length = (byte >> 1) ^ -(byte & 1)
+            position += 1
+        else:
+            length, position = _read_varint(body, position)
+        end = position + length
+        if length < 0 or end > len(body):
+            raise _SlowPath
+        position += 1
+        for _field in range(2):
+            byte = body[position]
+            if byte >= 0x80:
+                value, position = _read_varint(body, position)
+                fields.append(value)
+                continue
+            fields.append((byte >> 1) ^ -(byte & 1))
+            position += 1
+        timestamp_delta, offset_delta = fields
+        key_value: list[bytes | None] = []
+        for _field in range(2):
+            byte = body[position]
+            if byte < 0x80:
+                size = (byte >> 1) ^ -(byte & 1)
+                position += 1
+            elif body[position + 1] < 0x80:
+                raw = (byte & 0x7F) | (body[position + 1] << 7)
+                size = (raw >> 1) ^ -(raw & 1)
+                position += 2
+            else:
+                size, position = _read_varint(body, position)
+            if size < 0:
+                key_value.append(None)
+            else:
+                key_value.append(body[position:position + size])
+                position += size
+        byte = body[position]
+        if byte >= 0x80:
+            raise _SlowPath
+        header_count = (byte >> 1) ^ -(byte & 1)
+        position += 1
+        headers: list[tuple[str, bytes | None]] = []
+        for _header in range(header_count):
+            byte = body[position]
+            if byte >= 0x80 or byte & 1:
+                raise _SlowPath
+            size = byte >> 1
+            name = body[position + 1:position + 1 + size].decode()
+            position += 1 + size
+            byte = body[position]
+            if byte < 0x80:
+                size = (byte >> 1) ^ -(byte & 1)
+                position += 1
+            else:
+                size, position = _read_varint(body, position)
+            if size < 0:
+                headers.append((name, None))
+            else:
+                headers.append((name, body[position:position + size]))
+                position += size
+        if position != end:
+            raise _SlowPath
+        append(Record(base_offset + offset_delta,
+                      fixed_ms if fixed_ms is not None else base_ms + timestamp_delta,
+                      key_value[0], key_value[1], tuple(headers)))
+    return records, position
+
+
 def decode_records(buffer: Buffer, position: int = 0) -> list[Record]:
     """Validate and decode the one batch at ``position`` (decompressing if needed)."""
     header = validate_batch(buffer, position)
@@ -391,11 +476,15 @@ def decode_records(buffer: Buffer, position: int = 0) -> list[Record]:
     body: Buffer = view if header.compression is Compression.NONE else _decompress(
         view, header.compression
     )
-    records: list[Record] = []
-    cursor = 0
-    for _ in range(header.record_count):
-        record, cursor = _decode_record(body, cursor, header)
-        records.append(record)
+    body = bytes(body)  # indexing and slicing bytes is cheaper than a memoryview
+    try:
+        records, cursor = _decode_records_fast(body, header)
+    except (IndexError, UnicodeDecodeError, _SlowPath):
+        records = []
+        cursor = 0
+        for _ in range(header.record_count):
+            record, cursor = _decode_record(body, cursor, header)
+            records.append(record)
     if cursor != len(body):
         raise CorruptRecordError(
             "bytes left after the last record", position=position, extra=len(body) - cursor

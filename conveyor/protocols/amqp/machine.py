@@ -62,6 +62,8 @@ from .frames import (
     method_id,
 )
 
+_ACK_ID: Final = b"\x00\x3c\x00\x50"  # Basic.Ack (60, 80)
+
 
 class ConnectionState(enum.Enum):
     HEADER = "header"
@@ -343,6 +345,9 @@ class ConnectionMachine:
             state.publish = decode_publish(payload)
             state.state = ChannelState.EXPECT_HEADER
             return None
+        if payload[:4] == _ACK_ID and len(payload) == 13:  # Basic.Ack, the other hot method
+            return MethodReceived(channel, commands.Basic.Ack(
+                int.from_bytes(payload[4:12], "big"), bool(payload[12] & 1)))
         method = decode_method(payload)
         if type(method) not in CLIENT_CHANNEL_METHODS:
             if isinstance(method, commands.Channel.Open):
