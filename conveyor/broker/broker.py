@@ -43,7 +43,7 @@ from conveyor.storage.record_batch import (
     Record,
     RecordData,
     build_batch,
-    iter_records,
+    decode_records,
     split_batches,
 )
 from conveyor.storage.state_store import (
@@ -159,6 +159,8 @@ class Broker:
         self._producer_locks: dict[tuple[int, str, int], asyncio.Lock] = {}
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_sleeping = False
+        # (topic, partition) -> (base offset, crc, records) of the batch decoded last
+        self._decoded: dict[tuple[str, int], tuple[int, int, list[Record]]] = {}
         # topic name -> its auto-creation in progress
         self._auto_creating: dict[str, asyncio.Future[TopicInfo]] = {}
         self._next_retention_ms = 0
@@ -520,21 +522,43 @@ class Broker:
     async def read_records(
         self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0
     ) -> list[Record]:
-        """Decoded records from ``offset`` (at most records_max), waiting like fetch."""
-        data, offsets = await self.fetch(
-            topic, partition, offset, self.config.read_bytes_max, wait_ms
-        )
-        if offset < offsets.log_start_offset:
-            raise OffsetOutOfRangeError(
-                "offset below log start", offset=offset,
-                log_start_offset=offsets.log_start_offset,
-            )
-        records = []
-        for record in iter_records(data.read_bytes()):
-            if record.offset < offset:
-                continue
-            records.append(record)
-            if len(records) >= records_max:
+        """Decoded records from ``offset`` (at most records_max), waiting like fetch.
+
+        Reads in chunks of ``READ_CHUNK_BYTES`` (a whole batch at least) until it has
+        ``records_max`` records, and keeps the last batch decoded per partition: queue
+        consumers read a batch a few hundred records at a time, decoding it once.
+        """
+        records: list[Record] = []
+        position = offset
+        chunk_bytes = min(self.config.read_bytes_max, READ_CHUNK_BYTES)
+        key = (topic, partition)
+        while len(records) < records_max:
+            data, offsets = await self.fetch(
+                topic, partition, position, chunk_bytes, wait_ms if not records else 0)
+            if position < offsets.log_start_offset:
+                raise OffsetOutOfRangeError(
+                    "offset below log start", offset=position,
+                    log_start_offset=offsets.log_start_offset,
+                )
+            raw = data.read_bytes()
+            if not raw:
+                break
+            for batch_position, header in split_batches(raw):
+                cached = self._decoded.get(key)
+                if cached is not None and cached[0] == header.base_offset \
+                        and cached[1] == header.crc:
+                    batch = cached[2]
+                else:
+                    batch = decode_records(raw, batch_position)
+                    self._decoded.pop(key, None)
+                    if len(self._decoded) >= DECODED_BATCHES_MAX:
+                        self._decoded.pop(next(iter(self._decoded)))
+                    self._decoded[key] = (header.base_offset, header.crc, batch)
+                for record in batch:
+                    if record.offset >= position and len(records) < records_max:
+                        records.append(record)
+                position = max(position, header.base_offset + header.last_offset_delta + 1)
+            if position >= offsets.high_watermark:
                 break
         return records
 
@@ -988,6 +1012,10 @@ class Broker:
             for destination in destinations:
                 results.extend(await self.publish(destination.name, planned))
         return RouteResult(routed=routed and bool(messages), results=tuple(results))
+
+
+READ_CHUNK_BYTES = 256 * 1024  # read_records: bytes per fetch (a whole batch at least)
+DECODED_BATCHES_MAX = 256  # read_records: partitions whose last decoded batch is kept
 
 
 def to_record_data(message: Message, now_ms: int) -> RecordData:
