@@ -99,6 +99,10 @@ class Server:
             raise
         logger.info("conveyor started", extra={"data_dir": str(data_dir), "ports": self.ports})
 
+    def listener(self, name: str) -> RunningListener:
+        """A running listener by name (tests and metrics look inside)."""
+        return self._listeners[name]
+
     async def _start_listeners(self) -> None:
         advertised_host = self.config.advertised_host or self.config.host
         if advertised_host in ("0.0.0.0", "::"):

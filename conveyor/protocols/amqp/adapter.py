@@ -144,6 +144,8 @@ class AmqpServer:
         self.queues: dict[str, QueueUse] = {}  # topic -> use
         self.reply_channels: dict[str, Channel] = {}  # direct reply-to name -> channel
         self.next_connection_id = 0
+        self.inbox_bytes = 0  # unprocessed publishes over all connections
+        self.reading_pauses = 0  # times a connection stopped reading (flow control)
         self.next_holder_id = 0
 
     def use(self, topic: str) -> QueueUse:
@@ -383,7 +385,10 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        dropped = [event for event in self.inbox if isinstance(event, PublishReceived)]
         self.inbox.clear()
+        if dropped:
+            self.connection.inbox_drained(dropped)  # keep the flow-control accounting
         server = self.connection.server
         for consumer in list(self.consumers.values()):
             await self._stop_consumer(consumer)
@@ -1282,9 +1287,15 @@ class AmqpConnection(asyncio.Protocol):
         if isinstance(event, PublishReceived):
             channel = self.channels.get(event.channel)
             if channel is not None:
-                self._inbox_bytes += len(event.body) + 256
-                if (self._inbox_bytes > self.server.settings.inbox_bytes_max
-                        and not self._reading_paused and self.transport is not None):
+                size = len(event.body) + 256
+                self._inbox_bytes += size
+                server = self.server
+                server.inbox_bytes += size
+                if (not self._reading_paused and self.transport is not None and (
+                        self._inbox_bytes > server.settings.inbox_bytes_max
+                        or server.inbox_bytes > server.settings.memory_high_watermark_bytes)):
+                    # this producer is the one filling memory: only it waits
+                    server.reading_pauses += 1
                     self._reading_paused = True
                     self.transport.pause_reading()
                 channel.push(event)
@@ -1318,7 +1329,9 @@ class AmqpConnection(asyncio.Protocol):
                 self.transport.close()
 
     def inbox_drained(self, batch: list[PublishReceived]) -> None:
-        self._inbox_bytes -= sum(len(event.body) + 256 for event in batch)
+        size = sum(len(event.body) + 256 for event in batch)
+        self._inbox_bytes -= size
+        self.server.inbox_bytes -= size
         if self._reading_paused and self._inbox_bytes <= self.server.settings.inbox_bytes_max // 2:
             self._reading_paused = False
             if self.transport is not None:

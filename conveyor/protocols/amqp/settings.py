@@ -28,12 +28,16 @@ class AmqpSettings:
     close_timeout_ms: int = 3_000  # wait for Close-Ok after a hard error
     # Unprocessed input per connection before it stops reading its own socket.
     inbox_bytes_max: int = 64 << 20
+    # Unprocessed input over all connections before a publishing connection stops reading
+    # (RabbitMQ's memory high-water mark, but only the publishers that add to it wait).
+    memory_high_watermark_bytes: int = 256 << 20
 
 
 _INTS = ("frame_bytes_max", "channel_max", "heartbeat_s", "message_bytes_max",
-         "consumer_timeout_ms", "handshake_timeout_ms", "close_timeout_ms", "inbox_bytes_max")
+         "consumer_timeout_ms", "handshake_timeout_ms", "close_timeout_ms", "inbox_bytes_max",
+         "memory_high_watermark_bytes")
 _MINIMUM = {"frame_bytes_max": 4096, "channel_max": 1, "message_bytes_max": 1,
-            "inbox_bytes_max": 1 << 16}
+            "inbox_bytes_max": 1 << 16, "memory_high_watermark_bytes": 1 << 16}
 
 
 def load_settings(settings: Mapping[str, Any]) -> AmqpSettings:
