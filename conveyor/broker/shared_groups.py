@@ -93,7 +93,7 @@ from .types import (
 ACQUIRE_RECORDS_MAX = 1_000  # KIP-932 ShareFetch max records per fetch is 500; headroom
 ACQUIRE_WAIT_MS_MAX = 30_000  # matches the Broker's fetch_wait_ms_max
 LOCK_MS_MAX = 12 * 3600 * 1000  # SQS's visibility timeout maximum (12 hours)
-APPENDED_CACHE_RECORDS_MAX = 20_000  # per partition: ~20 MiB of 1 KiB messages
+APPENDED_CACHE_RECORDS_MAX = 50_000  # over all queues: ~50 MiB of 1 KiB messages
 REDRIVE_CONSUMER = "conveyor.redrive"
 
 
@@ -184,6 +184,7 @@ class SharedGroups:
         # (topic, partition) -> offset -> record published through Broker.publish and not
         # loaded into a window yet: _fill takes them instead of reading and decoding the log
         self._appended: dict[tuple[str, int], dict[int, Record]] = {}
+        self._appended_count = 0  # records in _appended, bounded by APPENDED_CACHE_RECORDS_MAX
 
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -293,7 +294,7 @@ class SharedGroups:
             self.store.delete_group(*key)
         self._dedup.pop(name, None)
         for cached in [cached for cached in self._appended if cached[0] == name]:
-            del self._appended[cached]
+            self._appended_count -= len(self._appended.pop(cached))
         self.store.delete_queue(name)
         self.host.state_store.delete_queue(name)
         self._wake(name, name)
@@ -406,9 +407,10 @@ class SharedGroups:
     def remember_appended(self, topic: str, partition: int, base_offset: int,
                           records: Sequence[Any]) -> None:
         """Keep the records of an append (``RecordData``s) for ``_fill``; bounded."""
+        if self._appended_count + len(records) > APPENDED_CACHE_RECORDS_MAX:
+            return  # consumers are not keeping up: later fills read the log
         cache = self._appended.setdefault((topic, partition), {})
-        if len(cache) + len(records) > APPENDED_CACHE_RECORDS_MAX:
-            return  # nobody is keeping up: later fills read the log
+        self._appended_count += len(records)
         for delta, data in enumerate(records):
             cache[base_offset + delta] = Record(
                 base_offset + delta, data.timestamp_ms, data.key, data.value, data.headers)
@@ -662,6 +664,7 @@ class SharedGroups:
             if cache:
                 cached = cache.pop(part.next_offset, None)
                 if cached is not None:
+                    self._appended_count -= 1
                     part.load(cached, record_policy(cached, state.config))
                     continue
                 while cache:  # offsets below next_offset were read from the log meanwhile
@@ -669,6 +672,7 @@ class SharedGroups:
                     if oldest >= part.next_offset:
                         break
                     del cache[oldest]
+                    self._appended_count -= 1
             try:
                 records = await self.host.read_records(
                     part.topic, part.partition, part.next_offset, part.room())
