@@ -832,8 +832,8 @@ class Broker:
             topic, group, records_max, lock_ms, wait_ms, consumer_id
         )
 
-    async def ack(self, receipts: Iterable[str]) -> None:
-        await self._shared().ack(receipts)
+    async def ack(self, receipts: Iterable[str], wait_durable: bool = True) -> None:
+        await self._shared().ack(receipts, wait_durable)
 
     async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
         await self._shared().release(receipts, delay_ms)

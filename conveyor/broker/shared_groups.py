@@ -427,9 +427,12 @@ class SharedGroups:
                 waiter.set_result(None)
 
     # --- settle ----------------------------------------------------------------------
-    async def ack(self, receipts: Iterable[str]) -> None:
+    async def ack(self, receipts: Iterable[str], wait_durable: bool = True) -> None:
+        """``wait_durable=False``: return once applied and committed, without waiting for
+        the fsync (for protocols whose acks get no answer: AMQP): a killed process keeps
+        the ack, a power cut within ``UNSYNCED_FSYNC_DELAY_S`` may redeliver."""
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.ack(offset, token, now_ms))
+                           part.ack(offset, token, now_ms), wait_durable)
 
     async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
         await self._settle(receipts, lambda part, offset, token, now_ms:
@@ -447,7 +450,8 @@ class SharedGroups:
         await self._settle(receipts, lambda part, offset, token, now_ms:
                            part.reject(offset, token, now_ms))
 
-    async def _settle(self, receipts: Iterable[str], action: Any) -> None:
+    async def _settle(self, receipts: Iterable[str], action: Any,
+                      wait_durable: bool = True) -> None:
         """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
         touched: dict[tuple[str, str, int], tuple[GroupState, SharedPartition]] = {}
         first_error: Exception | None = None
@@ -465,7 +469,8 @@ class SharedGroups:
                 first_error = first_error or error
         for state, part in touched.values():
             await self._flush(state, part)
-        await self.store.commit()
+        if wait_durable:
+            await self.store.commit()
         if first_error is not None:
             raise first_error
 
@@ -527,6 +532,7 @@ class SharedGroups:
         # per message: a ready result (duplicate / rejected) or None (published)
         slots: list[PublishResult | None] = []
         accepted: list[Message] = []
+        wrote = False  # only admission writes (dedup ids, overflow) need a COMMIT here
         for message in messages:
             if message.dedup_id is not None and window.seen(message.dedup_id, now_ms):
                 slots.append(PublishResult(topic, partition or 0, -1, duplicate=True))
@@ -538,11 +544,15 @@ class SharedGroups:
                 expires_ms = now_ms + state.config.dedup_window_ms
                 window.remember(message.dedup_id, expires_ms)
                 self.store.save_dedup(topic, message.dedup_id, expires_ms)
+                wrote = True
             slots.append(None)
             accepted.append(message)
         published = await self.host.publish_records(info, accepted, partition) if accepted else []
-        await self._overflow(state)
-        await self.store.commit()
+        if state.config.max_length is not None:
+            await self._overflow(state)
+            wrote = True
+        if wrote:
+            await self.store.commit()
         stream = iter(published)
         return [slot if slot is not None else next(stream) for slot in slots]
 

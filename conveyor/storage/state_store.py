@@ -235,8 +235,9 @@ def _pairs_json(pairs: Sequence[tuple[str, str]]) -> str:
     return json.dumps([list(pair) for pair in pairs], sort_keys=False)
 
 
-# Longest a write that nobody awaits stays uncommitted (lost on a crash inside it).
-UNAWAITED_COMMIT_DELAY_S = 0.1
+# A COMMIT nobody waits for is fsynced by the next awaited commit, or after this long
+# (until then it survives a killed process, not a power cut).
+UNSYNCED_FSYNC_DELAY_S = 0.2
 
 
 def _resolve(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -335,22 +336,14 @@ class SqlStateStore:
         loop.call_soon(self._commit_now)
 
     def _schedule_unawaited_commit(self) -> None:
-        """Writes nobody awaits (delivery counts, start offsets) ride along with the next
-        awaited COMMIT, or are committed after ``UNAWAITED_COMMIT_DELAY_S`` at the latest:
-        one fsync fewer per acquire on the hot path."""
-        if self._unawaited_handle is not None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._unawaited_handle = loop.call_later(UNAWAITED_COMMIT_DELAY_S, self._commit_now)
+        """Writes nobody awaits (delivery counts, window starts, AMQP acks) are committed
+        at the end of the loop turn like the others, but nobody waits for an fsync: the
+        next awaited commit's fsync covers them, or one ``UNSYNCED_FSYNC_DELAY_S`` later.
+        A killed process loses none of them; a power cut may lose the last 200 ms."""
+        self._schedule_commit()
 
     def _commit_now(self) -> None:
         self._commit_scheduled = False
-        if self._unawaited_handle is not None:
-            self._unawaited_handle.cancel()
-            self._unawaited_handle = None
         waiters, self._commit_waiters = self._commit_waiters, []
         if not self._in_transaction or self._connection is None:
             for waiter in waiters:
@@ -371,13 +364,25 @@ class SqlStateStore:
             return
         self._unsynced = True
         if not waiters:
-            return  # nobody waits: the next awaited commit's fsync covers this one
+            # nobody waits: the next awaited commit's fsync covers this one, or this timer
+            if self._unawaited_handle is None:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    return
+                self._unawaited_handle = loop.call_later(UNSYNCED_FSYNC_DELAY_S,
+                                                         self._background_sync)
+            return
         fsync = self._sync_committed()
         if fsync is None:
             _resolve(waiters, None)
             return
         fsync.add_done_callback(lambda done: _resolve(
             waiters, StorageError("fsync cancelled") if done.cancelled() else done.exception()))
+
+    def _background_sync(self) -> None:
+        self._unawaited_handle = None
+        self._sync_committed()
 
     def _sync_committed(self) -> asyncio.Future[None] | None:
         """A future for an fsync covering every COMMIT so far (started now if the last
@@ -635,6 +640,9 @@ class SqliteStateStore(SqlStateStore):
         if self._connection is None:
             return
         self._commit_now()
+        if self._unawaited_handle is not None:
+            self._unawaited_handle.cancel()
+            self._unawaited_handle = None
         if self._last_sync is not None:
             await asyncio.shield(self._last_sync)
         if not self._in_memory:

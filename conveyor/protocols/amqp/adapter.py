@@ -439,7 +439,8 @@ class Channel:
                 frame_max)
         connection.write_parts(parts)
         if consumer.no_ack:
-            await connection.server.broker.ack([d.receipt for d in deliveries])
+            await connection.server.broker.ack([d.receipt for d in deliveries],
+                                               wait_durable=False)
 
     def deliver_stream(self, consumer: Consumer, records: list[Any]) -> None:
         """Stream deliveries carry their offset in the ``x-stream-offset`` header."""
@@ -649,7 +650,9 @@ class Channel:
         broker = self.connection.server.broker
         try:
             if action == "ack":
-                await broker.ack(receipts)
+                # basic.ack gets no answer: nobody can wait for its COMMIT, which lands
+                # within 100 ms (a crash inside that window redelivers: at least once)
+                await broker.ack(receipts, wait_durable=False)
             elif action == "requeue":
                 await broker.release(receipts)
             else:
