@@ -308,19 +308,55 @@ def _xerial_snappy_decompress(data: memoryview) -> bytes:
 
 
 # --- building -----------------------------------------------------------------------------
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    _write_varint(out, value)
+    return bytes(out)
+
+
+# zigzag varints of -1 .. 16383 (lengths of keys, values and headers; small deltas)
+_SMALL_VARINTS: tuple[bytes, ...] = tuple(_varint_bytes(value) for value in range(-1, 1 << 14))
+_SMALL_VARINT_MAX = (1 << 14) - 1
+# header name -> its encoding (length varint + UTF-8); names repeat on every record
+_HEADER_NAMES: dict[str, bytes] = {}
+_HEADER_NAMES_MAX = 4096
+
+
+def _varint(value: int) -> bytes:
+    if -1 <= value <= _SMALL_VARINT_MAX:
+        return _SMALL_VARINTS[value + 1]
+    return _varint_bytes(value)
+
+
 def _encode_record(
     out: bytearray, record: RecordData, offset_delta: int, base_timestamp_ms: int
 ) -> None:
-    body = bytearray(b"\x00")  # record attributes: unused, always 0
-    _write_varint(body, record.timestamp_ms - base_timestamp_ms)
-    _write_varint(body, offset_delta)
-    _write_bytes(body, record.key)
-    _write_bytes(body, record.value)
-    _write_varint(body, len(record.headers))
-    for header_key, header_value in record.headers:
-        _write_bytes(body, header_key.encode())
-        _write_bytes(body, header_value)
-    _write_varint(out, len(body))
+    # attributes (always 0), timestamp delta, offset delta
+    parts = [b"\x00", _varint(record.timestamp_ms - base_timestamp_ms), _varint(offset_delta)]
+    for data in (record.key, record.value):
+        if data is None:
+            parts.append(b"\x01")  # zigzag(-1)
+        else:
+            parts.append(_varint(len(data)))
+            parts.append(data)
+    headers = record.headers
+    parts.append(_varint(len(headers)))
+    names = _HEADER_NAMES
+    for header_key, header_value in headers:
+        name = names.get(header_key)
+        if name is None:
+            encoded = header_key.encode()
+            name = _varint(len(encoded)) + encoded
+            if len(names) < _HEADER_NAMES_MAX:
+                names[header_key] = name
+        parts.append(name)
+        if header_value is None:
+            parts.append(b"\x01")
+        else:
+            parts.append(_varint(len(header_value)))
+            parts.append(header_value)
+    body = b"".join(parts)
+    out += _varint(len(body))
     out += body
 
 
