@@ -71,14 +71,14 @@ class FrameError(Exception):
         self.frames: list[Frame] = []  # FrameReader: valid frames read before this one
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
     type: int
     channel: int
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PublishMethod:
     """Basic.Publish decoded by hand (the hot path)."""
 
@@ -88,7 +88,7 @@ class PublishMethod:
     immediate: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ContentHeader:
     class_id: int
     body_size: int

@@ -107,13 +107,13 @@ class HeaderRejected:
     """Wrong protocol header: write ours and close the socket (spec 4.2.2)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MethodReceived:
     channel: int
     method: pamqp_base.Frame
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PublishReceived:
     channel: int
     method: PublishMethod
@@ -245,6 +245,12 @@ class ConnectionMachine:
 
     def _frame(self, frame_type: int, channel: int, payload: bytes) -> Event | None:
         state = self.state
+        if state is ConnectionState.OPEN and channel and frame_type != FRAME_HEARTBEAT:
+            # the hot path: content and methods on an open connection's channels
+            if channel > self.channel_max:
+                return self._fail(CHANNEL_ERROR, f"channel {channel} exceeds channel-max "
+                                  f"{self.channel_max}")
+            return self._channel_frame(frame_type, channel, payload)
         if state is ConnectionState.CLOSING:
             # after Connection.Close only Close / Close-Ok count; anything else,
             # malformed or not, is discarded (spec 2.2.4: no second close)

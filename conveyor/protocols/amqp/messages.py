@@ -65,6 +65,7 @@ _FIELDS: Final = (
     ("app_id", 0x0008, "shortstr", "conveyor.app-id"),
     ("cluster_id", 0x0004, "shortstr", None),
 )
+_INTEROP_FIELDS: Final = tuple((name, header) for name, _, _, header in _FIELDS if header)
 _INTEROP_TO_FIELD: Final = {header: (name, kind) for name, _, kind, header in _FIELDS if header}
 _U64 = struct.Struct(">Q")
 
@@ -73,7 +74,7 @@ class PropertiesError(ValueError):
     """Malformed properties (the connection answers 502 SYNTAX_ERROR)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Properties:
     content_type: str | None = None
     content_encoding: str | None = None
@@ -200,12 +201,11 @@ def publish_message(exchange: str, routing_key: str, raw_properties: bytes,
         (HEADER_EXCHANGE, exchange.encode()),
         (HEADER_ROUTING_KEY, routing_key.encode()),
     ]
-    for name, _, _kind, interop in _FIELDS:
-        if interop is None:
-            continue
+    for name, interop in _INTEROP_FIELDS:
         value = getattr(properties, name)
         if value is not None:
-            headers.append((interop, str(value).encode()))
+            headers.append((interop, value.encode() if isinstance(value, str)
+                            else str(value).encode()))
     if properties.headers:
         for key, value in properties.headers.items():
             if not key.startswith("conveyor."):
@@ -221,7 +221,7 @@ def publish_message(exchange: str, routing_key: str, raw_properties: bytes,
 
 
 # --- deliver -------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     exchange: str
     routing_key: str
