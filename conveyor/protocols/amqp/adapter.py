@@ -759,22 +759,22 @@ class Channel:
             self.reply(commands.Exchange.DeleteOk())
 
     async def on_exchange_bind(self, method: commands.Exchange.Bind) -> None:
-        self._exchange(method.source, method)
-        self._exchange(method.destination, method)
-        await self.connection.server.broker.bind(
-            method.source, "exchange", method.destination, method.routing_key,
-            binding_arguments(method.arguments))
-        if not method.nowait:
-            self.reply(commands.Exchange.BindOk())
+        await self._exchange_binding(method, commands.Exchange.BindOk())
 
     async def on_exchange_unbind(self, method: commands.Exchange.Unbind) -> None:
+        await self._exchange_binding(method, commands.Exchange.UnbindOk())
+
+    async def _exchange_binding(self, method: commands.Exchange.Bind | commands.Exchange.Unbind,
+                                reply: pamqp_base.Frame) -> None:
+        """Exchange-to-exchange bind or unbind (RabbitMQ's extension)."""
         self._exchange(method.source, method)
         self._exchange(method.destination, method)
-        await self.connection.server.broker.unbind(
-            method.source, "exchange", method.destination, method.routing_key,
-            binding_arguments(method.arguments))
+        broker = self.connection.server.broker
+        change = broker.bind if isinstance(method, commands.Exchange.Bind) else broker.unbind
+        await change(method.source, "exchange", method.destination, method.routing_key,
+                     binding_arguments(method.arguments))
         if not method.nowait:
-            self.reply(commands.Exchange.UnbindOk())
+            self.reply(reply)
 
     # queues
     def _queue_name(self, name: str, method: pamqp_base.Frame) -> str:
