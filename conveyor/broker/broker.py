@@ -424,11 +424,14 @@ class Broker:
         if keyless:
             self._partitioner.next_batch(info.name, info.partitions)
         results: list[PublishResult | None] = [None] * len(messages)
-        appends = [
-            self._publish_partition(info, target, entries, results)
-            for target, entries in grouped.items()
-        ]
-        await asyncio.gather(*appends)
+        if len(grouped) == 1:  # the common case: no task per append
+            ((target, entries),) = grouped.items()
+            await self._publish_partition(info, target, entries, results)
+        else:
+            await asyncio.gather(*(
+                self._publish_partition(info, target, entries, results)
+                for target, entries in grouped.items()
+            ))
         return [result for result in results if result is not None]
 
     async def _publish_partition(

@@ -582,8 +582,11 @@ class Channel:
             ok = [True] * len(group)
             if destinations and destinations != ("direct",):
                 try:
-                    per_destination = await asyncio.gather(
-                        *(broker.publish(name, messages) for name in destinations))
+                    if len(destinations) == 1:  # no task per publish in the common case
+                        per_destination = [await broker.publish(destinations[0], messages)]
+                    else:
+                        per_destination = await asyncio.gather(
+                            *(broker.publish(name, messages) for name in destinations))
                 except (RecordTooLargeError, InvalidRequestError, OperatingError) as error:
                     log.warning("amqp publish failed: %s", error)
                     ok = [False] * len(group)
