@@ -153,6 +153,11 @@ def config_from_mapping(values: Mapping[str, Any]) -> QueueConfig:
     return QueueConfig(**{key: value for key, value in values.items() if key in known})
 
 
+def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def make_receipt(group: str, topic: str, partition: int, offset: int, token: int) -> str:
     return f"{topic}:{partition}:{offset}:{token}:{group}"
 
@@ -387,12 +392,11 @@ class SharedGroups:
         key = (state.group, state.topic)
         self._waiters.setdefault(key, []).append(waiter)
         sleeper = loop.create_task(self.clock.sleep_ms(remaining_ms))
+        sleeper.add_done_callback(lambda _: _resolve_waiter(waiter))
         try:
-            await asyncio.wait([waiter, sleeper], return_when=asyncio.FIRST_COMPLETED)
+            await waiter  # resumes straight from _wake: no extra loop hop on the hot path
         finally:
-            sleeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sleeper
+            sleeper.cancel()  # not awaited: that would cost another loop turn
             waiters = self._waiters.get(key)
             if waiters is not None:
                 with contextlib.suppress(ValueError):
