@@ -65,7 +65,7 @@ from conveyor.errors import (
     UnknownGroupError,
     UnknownQueueError,
 )
-from conveyor.storage.record_batch import Record
+from conveyor.storage.record_batch import Record, RecordData
 from conveyor.storage.shared_state import RecordRow, SharedStateStore
 from conveyor.storage.state_store import QueueRow, StateStore
 
@@ -409,8 +409,8 @@ class SharedGroups:
         return len(self._waiters.get((group, topic), ()))
 
     def remember_appended(self, topic: str, partition: int, base_offset: int,
-                          records: Sequence[Any]) -> None:
-        """Keep the records of an append (``RecordData``s) for ``_fill``; bounded."""
+                          records: Sequence[RecordData]) -> None:
+        """Keep the records of an append for ``_fill``; bounded."""
         if self._appended_count + len(records) > APPENDED_CACHE_RECORDS_MAX:
             return  # consumers are not keeping up: later fills read the log
         cache = self._appended.setdefault((topic, partition), {})

@@ -263,7 +263,7 @@ class SqlStateStore:
         # waiters of the open transaction, resolved after its COMMIT
         self._commit_waiters: list[asyncio.Future[None]] = []
         self._commit_scheduled = False
-        self._unawaited_handle: asyncio.TimerHandle | None = None
+        self._background_sync_handle: asyncio.TimerHandle | None = None
         self._unsynced = False  # a COMMIT ran that no fsync has covered yet
 
     # --- generic ------------------------------------------------------------
@@ -322,7 +322,9 @@ class SqlStateStore:
             return
         self.connection.execute("BEGIN")
         self._in_transaction = True
-        self._schedule_unawaited_commit()
+        # every write commits at the end of this loop turn; who awaits commit() also
+        # waits for the fsync, the rest is fsynced later (see _commit_now)
+        self._schedule_commit()
 
     def _schedule_commit(self) -> None:
         """Someone awaits durability: COMMIT at the end of this loop turn."""
@@ -334,13 +336,6 @@ class SqlStateStore:
             return  # committed by the next commit()/close()
         self._commit_scheduled = True
         loop.call_soon(self._commit_now)
-
-    def _schedule_unawaited_commit(self) -> None:
-        """Writes nobody awaits (delivery counts, window starts, AMQP acks) are committed
-        at the end of the loop turn like the others, but nobody waits for an fsync: the
-        next awaited commit's fsync covers them, or one ``UNSYNCED_FSYNC_DELAY_S`` later.
-        A killed process loses none of them; a power cut may lose the last 200 ms."""
-        self._schedule_commit()
 
     def _commit_now(self) -> None:
         self._commit_scheduled = False
@@ -365,12 +360,12 @@ class SqlStateStore:
         self._unsynced = True
         if not waiters:
             # nobody waits: the next awaited commit's fsync covers this one, or this timer
-            if self._unawaited_handle is None:
+            if self._background_sync_handle is None:
                 try:
                     loop = asyncio.get_running_loop()
                 except RuntimeError:
                     return
-                self._unawaited_handle = loop.call_later(UNSYNCED_FSYNC_DELAY_S,
+                self._background_sync_handle = loop.call_later(UNSYNCED_FSYNC_DELAY_S,
                                                          self._background_sync)
             return
         fsync = self._sync_committed()
@@ -381,7 +376,7 @@ class SqlStateStore:
             waiters, StorageError("fsync cancelled") if done.cancelled() else done.exception()))
 
     def _background_sync(self) -> None:
-        self._unawaited_handle = None
+        self._background_sync_handle = None
         self._sync_committed()
 
     def _sync_committed(self) -> asyncio.Future[None] | None:
@@ -640,9 +635,9 @@ class SqliteStateStore(SqlStateStore):
         if self._connection is None:
             return
         self._commit_now()
-        if self._unawaited_handle is not None:
-            self._unawaited_handle.cancel()
-            self._unawaited_handle = None
+        if self._background_sync_handle is not None:
+            self._background_sync_handle.cancel()
+            self._background_sync_handle = None
         if self._last_sync is not None:
             await asyncio.shield(self._last_sync)
         if not self._in_memory:

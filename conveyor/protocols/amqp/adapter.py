@@ -35,6 +35,7 @@ from pamqp import base as pamqp_base
 from pamqp import commands
 from pamqp import decode as pamqp_decode
 
+from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import Message, PublishResult, QueueConfig, QueueInfo
 from conveyor.errors import (
     InvalidRequestError,
@@ -56,7 +57,6 @@ from .arguments import (
     binding_arguments,
     generated_name,
     queue_options,
-    queue_topic,
 )
 from .machine import (
     ChannelFault,
@@ -221,20 +221,29 @@ class Consumer:
             return 1
         return max(1, min(window // 4, 100))
 
+    def blocked(self) -> bool:
+        channel = self.channel
+        server = channel.connection.server
+        use = server.queues.get(self.topic)
+        return (not channel.flow_active or channel.connection.writing_paused
+                or (use is not None and use.single_active
+                    and server.active_consumer(self.topic) is not self))
+
+    async def wait_for_credit(self) -> int:
+        """How many records to take next, once flow, the socket and prefetch allow."""
+        while True:
+            credit = 0 if self.blocked() else self.credit()
+            if credit >= self.credit_threshold():
+                return credit
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
     async def run(self) -> None:
         channel = self.channel
         server = channel.connection.server
         broker = server.broker
         while True:
-            use = server.queues.get(self.topic)
-            blocked = (not channel.flow_active or channel.connection.writing_paused
-                       or (use is not None and use.single_active
-                           and server.active_consumer(self.topic) is not self))
-            credit = 0 if blocked else self.credit()
-            if credit < self.credit_threshold():
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+            credit = await self.wait_for_credit()
             try:
                 deliveries = await broker.acquire(
                     self.topic, self.topic, records_max=credit,
@@ -262,12 +271,7 @@ class StreamConsumer(Consumer):
         channel = self.channel
         broker = channel.connection.server.broker
         while True:
-            blocked = not channel.flow_active or channel.connection.writing_paused
-            credit = 0 if blocked else self.credit()
-            if credit < self.credit_threshold():
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+            credit = await self.wait_for_credit()
             try:
                 partitions = broker.get_topic(self.topic).partitions
                 delivered = False
@@ -556,9 +560,9 @@ class Channel:
             consumer = next(iter(channel.consumers.values()), None)
             if consumer is None:
                 return message, (), None
-            return message, ("direct",), (channel, consumer, raw)
+            return message, (), (channel, consumer, raw)  # delivered, never stored
         if exchange == "":
-            topic = queue_topic(method.routing_key)
+            topic = topic_name_for(method.routing_key)
             found = broker.route("", topic, message.headers)
             if not found and _is_stream(broker, topic):
                 return message, (topic,), None
@@ -580,7 +584,7 @@ class Channel:
             group = plans[index:end]
             messages = [message for _, message, _ in group]
             ok = [True] * len(group)
-            if destinations and destinations != ("direct",):
+            if destinations:
                 try:
                     if len(destinations) == 1:  # no task per publish in the common case
                         per_destination = [await broker.publish(destinations[0], messages)]
@@ -814,7 +818,7 @@ class Channel:
         if len(name.encode()) > 255:
             raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - queue name too "
                                "long", 50, 10)
-        topic = queue_topic(name)
+        topic = topic_name_for(name)
         self._check_exclusive(topic, name, method)
         if method.passive:
             if _is_stream(broker, topic):
@@ -876,7 +880,7 @@ class Channel:
     async def on_queue_bind(self, method: commands.Queue.Bind) -> None:
         name = self._queue_name(method.queue, method)
         self._exchange(method.exchange, method)
-        topic = queue_topic(name)
+        topic = topic_name_for(name)
         self._check_exclusive(topic, name, method)
         if method.exchange == "":
             raise ChannelError(f.ACCESS_REFUSED, "ACCESS_REFUSED - operation not permitted on "
@@ -893,7 +897,7 @@ class Channel:
     async def on_queue_unbind(self, method: commands.Queue.Unbind) -> None:
         name = self._queue_name(method.queue, method)
         self._exchange(method.exchange, method)
-        topic = queue_topic(name)
+        topic = topic_name_for(name)
         broker = self.connection.server.broker
         kind: Any = "topic" if _is_stream(broker, topic) else "queue"
         if kind == "queue":
@@ -911,7 +915,7 @@ class Channel:
 
     async def on_queue_purge(self, method: commands.Queue.Purge) -> None:
         name = self._queue_name(method.queue, method)
-        topic = queue_topic(name)
+        topic = topic_name_for(name)
         self._check_exclusive(topic, name, method)
         await self._require_queue(topic, name, method)
         count = await self.connection.server.broker.purge_queue(topic)
@@ -921,7 +925,7 @@ class Channel:
     async def on_queue_delete(self, method: commands.Queue.Delete) -> None:
         server = self.connection.server
         name = self._queue_name(method.queue, method)
-        topic = queue_topic(name)
+        topic = topic_name_for(name)
         self._check_exclusive(topic, name, method)
         use = server.queues.get(topic)
         if method.if_unused and use is not None and use.consumers:
@@ -976,7 +980,7 @@ class Channel:
             if not method.nowait:
                 self.reply(commands.Basic.ConsumeOk(tag))
             return
-        topic = queue_topic(name)
+        topic = topic_name_for(name)
         self._check_exclusive(topic, name, method)
         if _is_stream(server.broker, topic):
             offsets = _stream_offsets(server.broker, topic, (method.arguments or {}).get(
@@ -1021,7 +1025,7 @@ class Channel:
     async def on_get(self, method: commands.Basic.Get) -> None:
         server = self.connection.server
         name = self._queue_name(method.queue, method)
-        topic = queue_topic(name)
+        topic = topic_name_for(name)
         self._check_exclusive(topic, name, method)
         if _is_stream(server.broker, topic):
             raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - basic.get is "
@@ -1181,6 +1185,11 @@ def _stream_offsets(broker: Broker, topic: str, spec: Any) -> dict[int, int]:
     return offsets
 
 
+def _inbox_size(event: PublishReceived) -> int:
+    """What an unprocessed publish counts against the flow-control limits."""
+    return len(event.body) + 256  # body + a rough size of its frames and objects
+
+
 def _exists(getter: Callable[[str], Any], name: str) -> bool:
     try:
         getter(name)
@@ -1293,7 +1302,7 @@ class AmqpConnection(asyncio.Protocol):
         if isinstance(event, PublishReceived):
             channel = self.channels.get(event.channel)
             if channel is not None:
-                size = len(event.body) + 256
+                size = _inbox_size(event)
                 self._inbox_bytes += size
                 server = self.server
                 server.inbox_bytes += size
@@ -1335,7 +1344,7 @@ class AmqpConnection(asyncio.Protocol):
                 self.transport.close()
 
     def inbox_drained(self, batch: list[PublishReceived]) -> None:
-        size = sum(len(event.body) + 256 for event in batch)
+        size = sum(_inbox_size(event) for event in batch)
         self._inbox_bytes -= size
         self.server.inbox_bytes -= size
         if self._reading_paused and self._inbox_bytes <= self.server.settings.inbox_bytes_max // 2:
@@ -1544,4 +1553,4 @@ def make_protocol_factory(server: AmqpServer) -> Callable[[], AmqpConnection]:
     return lambda: AmqpConnection(server)
 
 
-__all__ = ["AmqpConnection", "AmqpServer", "Properties", "make_protocol_factory"]
+__all__ = ["AmqpConnection", "AmqpServer", "make_protocol_factory"]

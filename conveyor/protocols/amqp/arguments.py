@@ -1,13 +1,8 @@
 """AMQP names and arguments mapped onto Conveyor's model (pure functions).
 
-Owns: the topic behind an AMQP queue name, queue-declare arguments → ``QueueConfig``,
-binding arguments → the broker's string arguments, and server-generated names.
-
-Queue names: a name Kafka accepts (``[a-zA-Z0-9._-]``, ≤ 249 characters) is the topic's
-name as is, so the queue ``orders`` is the topic ``orders`` for Kafka and HTTP
-readers. Any other name (RabbitMQ allows any UTF-8 up to 255 bytes; Celery uses
-``celery@host.celery.pidbox``) maps to ``amqp.q.<legal characters>.<8 hex of its
-SHA-1>``, deterministic, so every connection finds the same topic.
+Owns: queue-declare arguments → ``QueueConfig``, binding arguments → the broker's
+string arguments, and server-generated names. The topic behind a queue name is the
+broker's ``topics.topic_name_for`` (the default exchange uses the same mapping).
 """
 
 from __future__ import annotations
@@ -30,12 +25,6 @@ OVERFLOWS: Final = {"drop-head": "drop-head", "reject-publish": "reject-publish"
 
 class ArgumentError(ValueError):
     """An argument RabbitMQ would refuse (406 PRECONDITION_FAILED)."""
-
-
-def queue_topic(name: str) -> str:
-    """The topic behind an AMQP queue name (the broker's default exchange uses the same
-    mapping, so dead letters routed by name find the queue)."""
-    return topic_name_for(name)
 
 
 def generated_name(prefix: str, random_bytes: bytes) -> str:
@@ -96,7 +85,7 @@ def queue_options(arguments: Mapping[str, Any] | None, durable: bool,
         raise ArgumentError("invalid arg 'x-dead-letter-routing-key': needs "
                             "x-dead-letter-exchange")
     if dead_letter_exchange == "" and dead_letter_routing_key is not None:
-        dead_letter_routing_key = queue_topic(dead_letter_routing_key)
+        dead_letter_routing_key = topic_name_for(dead_letter_routing_key)
     single_active = bool(arguments.get("x-single-active-consumer", False))
     config = QueueConfig(
         visibility_timeout_ms=visibility_timeout_ms,

@@ -122,6 +122,7 @@ class FrameReader:
         frames: list[Frame] = []
         position = 0
         size_total = len(buffer)
+        view = memoryview(buffer)  # one copy per payload, not two (slice, then bytes())
         while size_total - position >= 7:
             frame_type, channel, size = _FRAME_HEAD.unpack_from(buffer, position)
             if frame_type not in (FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT):
@@ -140,8 +141,9 @@ class FrameReader:
             if buffer[end] != FRAME_END:
                 self.error = FrameError(FRAME_ERROR, "frame-end octet missing")
                 break
-            frames.append(Frame(frame_type, channel, bytes(buffer[position + 7 : end])))
+            frames.append(Frame(frame_type, channel, bytes(view[position + 7 : end])))
             position = end + 1
+        view.release()  # the buffer is resized below
         if self.error is not None:
             buffer.clear()
             self.error.frames = frames
@@ -247,6 +249,13 @@ def content_frames(channel: int, properties: bytes, body: bytes,
     return parts
 
 
+def _with_content(channel: int, method: bytes, properties: bytes, body: bytes,
+                  frame_bytes_max: int) -> list[bytes]:
+    """A method frame (payload already encoded) followed by its content frames."""
+    return [_FRAME_HEAD.pack(FRAME_METHOD, channel, len(method)), method, FRAME_END_BYTES,
+            *content_frames(channel, properties, body, frame_bytes_max)]
+
+
 def deliver_frames(channel: int, consumer_tag: str, delivery_tag: int, redelivered: bool,
                    exchange: str, routing_key: str, properties: bytes, body: bytes,
                    frame_bytes_max: int) -> list[bytes]:
@@ -255,8 +264,7 @@ def deliver_frames(channel: int, consumer_tag: str, delivery_tag: int, redeliver
         b"\x00\x3c\x00\x3c", _shortstr(consumer_tag), _U64.pack(delivery_tag),
         b"\x01" if redelivered else b"\x00", _shortstr(exchange), _shortstr(routing_key),
     ))
-    return [_FRAME_HEAD.pack(FRAME_METHOD, channel, len(method)), method, FRAME_END_BYTES,
-            *content_frames(channel, properties, body, frame_bytes_max)]
+    return _with_content(channel, method, properties, body, frame_bytes_max)
 
 
 def get_ok_frames(channel: int, delivery_tag: int, redelivered: bool, exchange: str,
@@ -266,8 +274,7 @@ def get_ok_frames(channel: int, delivery_tag: int, redelivered: bool, exchange: 
         b"\x00\x3c\x00\x47", _U64.pack(delivery_tag), b"\x01" if redelivered else b"\x00",
         _shortstr(exchange), _shortstr(routing_key), struct.pack(">I", message_count),
     ))
-    return [_FRAME_HEAD.pack(FRAME_METHOD, channel, len(method)), method, FRAME_END_BYTES,
-            *content_frames(channel, properties, body, frame_bytes_max)]
+    return _with_content(channel, method, properties, body, frame_bytes_max)
 
 
 def return_frames(channel: int, reply_code: int, reply_text: str, exchange: str,
@@ -277,8 +284,7 @@ def return_frames(channel: int, reply_code: int, reply_text: str, exchange: str,
         b"\x00\x3c\x00\x32", _U16.pack(reply_code), _shortstr(reply_text),
         _shortstr(exchange), _shortstr(routing_key),
     ))
-    return [_FRAME_HEAD.pack(FRAME_METHOD, channel, len(method)), method, FRAME_END_BYTES,
-            *content_frames(channel, properties, body, frame_bytes_max)]
+    return _with_content(channel, method, properties, body, frame_bytes_max)
 
 
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:

@@ -18,13 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import QueueConfig
 from conveyor.protocols.amqp.arguments import (
     ArgumentError,
     binding_arguments,
     generated_name,
     queue_options,
-    queue_topic,
 )
 
 KAFKA_LEGAL = re.compile(r"[a-zA-Z0-9._-]{1,249}")
@@ -34,33 +34,33 @@ VISIBILITY_MS = 1_800_000
 # --- names -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["orders", "a.b-c_d", "Q1", "x" * 249])
 def test_kafka_legal_names_are_their_own_topic(name: str) -> None:
-    assert queue_topic(name) == name
+    assert topic_name_for(name) == name
 
 
 @pytest.mark.parametrize("name", [
     "celery@host.celery.pidbox", "with space", "ünïcode", "x" * 250, ".", "..", "a/b", "",
 ])
 def test_other_names_map_to_a_legal_deterministic_topic(name: str) -> None:
-    topic = queue_topic(name)
+    topic = topic_name_for(name)
     assert topic != name
     assert topic.startswith("amqp.q.")
     assert KAFKA_LEGAL.fullmatch(topic) and topic not in (".", "..")
-    assert queue_topic(name) == topic
+    assert topic_name_for(name) == topic
 
 
 def test_similar_names_do_not_share_a_topic() -> None:
     names = ["a b", "a/b", "a@b", "a:b", "a" + "\u00e9" + "b", "a" + "\u00ea" + "b"]
-    topics = {queue_topic(name) for name in names}
+    topics = {topic_name_for(name) for name in names}
     assert len(topics) == len(names)
 
 
 @settings(max_examples=300, derandomize=True, database=None)
 @given(st.text(min_size=1, max_size=300))
 def test_every_name_maps_to_a_legal_topic(name: str) -> None:
-    topic = queue_topic(name)
+    topic = topic_name_for(name)
     assert KAFKA_LEGAL.fullmatch(topic), topic
     assert topic not in (".", "..")
-    assert queue_topic(name) == topic
+    assert topic_name_for(name) == topic
 
 
 def test_generated_name() -> None:
@@ -121,7 +121,7 @@ def test_dead_letter_to_the_default_exchange_routes_by_topic_name() -> None:
     queue_config = config({"x-dead-letter-exchange": "",
                            "x-dead-letter-routing-key": "celery@host.pidbox"})
     assert queue_config.dead_letter_exchange == ""
-    assert queue_config.dead_letter_routing_key == queue_topic("celery@host.pidbox")
+    assert queue_config.dead_letter_routing_key == topic_name_for("celery@host.pidbox")
     named = config({"x-dead-letter-exchange": "dlx",
                     "x-dead-letter-routing-key": "celery@host.pidbox"})
     assert named.dead_letter_routing_key == "celery@host.pidbox"  # an exchange's own key
