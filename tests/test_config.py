@@ -15,7 +15,7 @@ def test_defaults_listen_on_the_documented_ports() -> None:
     assert config.data_dir == Path("conveyor-data")
     enabled = {listener.name: listener.port for listener in config.listeners if listener.enabled}
     assert enabled == {"kafka": 9092, "amqp": 5672, "http": 8080}
-    assert config.broker.record_bytes_max == 1 << 20
+    assert config.broker.record_bytes_max == 129 << 20  # AMQP 128 MiB ceiling + properties
 
 
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:

@@ -115,7 +115,10 @@ __all__ = [
 class BrokerConfig:
     auto_create_topics: bool = True
     default_partitions: int = 1
-    record_bytes_max: int = 1 << 20  # 1 MiB, Kafka's message.max.bytes order of magnitude
+    # Broker-wide ceiling on one record batch: AMQP's largest configurable message (128 MiB)
+    # plus room for its properties. Each topic's max.message.bytes (1 MiB by default, as
+    # Kafka's) applies below it; queues take what their listener accepts.
+    record_bytes_max: int = 129 << 20
     retention_check_interval_ms: int = 60_000  # Kafka's log.retention.check.interval.ms is 5 min
     group_check_interval_ms: int = 100  # session-expiry resolution
     fetch_wait_ms_max: int = 30_000  # Kafka clients default fetch.max.wait.ms to 500

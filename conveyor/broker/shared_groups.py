@@ -94,6 +94,10 @@ ACQUIRE_RECORDS_MAX = 1_000  # KIP-932 ShareFetch max records per fetch is 500; 
 ACQUIRE_WAIT_MS_MAX = 30_000  # matches the Broker's fetch_wait_ms_max
 LOCK_MS_MAX = 12 * 3600 * 1000  # SQS's visibility timeout maximum (12 hours)
 APPENDED_CACHE_RECORDS_MAX = 50_000  # over all queues: ~50 MiB of 1 KiB messages
+APPENDED_CACHE_BYTES_MAX = 64 << 20  # over all queues, so 16 MiB AMQP bodies stay bounded too
+# A queue's records are limited by the listener that accepts them (AMQP 16 MiB by default, as
+# RabbitMQ 4; HTTP's body_bytes_max), under the broker-wide record_bytes_max ceiling.
+QUEUE_RECORD_BYTES_MAX = 129 << 20
 REDRIVE_CONSUMER = "conveyor.redrive"
 
 
@@ -190,6 +194,7 @@ class SharedGroups:
         # loaded into a window yet: _fill takes them instead of reading and decoding the log
         self._appended: dict[tuple[str, int], dict[int, Record]] = {}
         self._appended_count = 0  # records in _appended, bounded by APPENDED_CACHE_RECORDS_MAX
+        self._appended_bytes = 0  # their keys and values, bounded by APPENDED_CACHE_BYTES_MAX
 
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -250,7 +255,8 @@ class SharedGroups:
         if info is not None and info.kind != "queue":
             raise PreconditionFailedError("a topic of this name exists", queue=name)
         if info is None:
-            topic_config = TopicConfig(cleanup_policy="work-queue", fsync=config.fsync)
+            topic_config = TopicConfig(cleanup_policy="work-queue", fsync=config.fsync,
+                                       max_message_bytes=QUEUE_RECORD_BYTES_MAX)
             await self.host.topics.create(name, config.partitions, topic_config, kind="queue")
         self.host.state_store.save_queue(
             QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
@@ -299,7 +305,8 @@ class SharedGroups:
             self.store.delete_group(*key)
         self._dedup.pop(name, None)
         for cached in [cached for cached in self._appended if cached[0] == name]:
-            self._appended_count -= len(self._appended.pop(cached))
+            for record in self._appended.pop(cached).values():
+                self._uncache(record)
         self.store.delete_queue(name)
         self.host.state_store.delete_queue(name)
         self._wake(name, name)
@@ -411,13 +418,20 @@ class SharedGroups:
     def remember_appended(self, topic: str, partition: int, base_offset: int,
                           records: Sequence[RecordData]) -> None:
         """Keep the records of an append for ``_fill``; bounded."""
-        if self._appended_count + len(records) > APPENDED_CACHE_RECORDS_MAX:
+        size_bytes = sum(len(data.value or b"") + len(data.key or b"") for data in records)
+        if (self._appended_count + len(records) > APPENDED_CACHE_RECORDS_MAX
+                or self._appended_bytes + size_bytes > APPENDED_CACHE_BYTES_MAX):
             return  # consumers are not keeping up: later fills read the log
         cache = self._appended.setdefault((topic, partition), {})
         self._appended_count += len(records)
+        self._appended_bytes += size_bytes
         for delta, data in enumerate(records):
             cache[base_offset + delta] = Record(
                 base_offset + delta, data.timestamp_ms, data.key, data.value, data.headers)
+
+    def _uncache(self, record: Record) -> None:
+        self._appended_count -= 1
+        self._appended_bytes -= len(record.value or b"") + len(record.key or b"")
 
     def notify_appended(self, topic: str, partition: int) -> None:
         """The facade calls this after every append: wakes acquires of the topic's groups."""
@@ -678,15 +692,14 @@ class SharedGroups:
             if cache:
                 cached = cache.pop(part.next_offset, None)
                 if cached is not None:
-                    self._appended_count -= 1
+                    self._uncache(cached)
                     part.load(cached, record_policy(cached, state.config))
                     continue
                 while cache:  # offsets below next_offset were read from the log meanwhile
                     oldest = next(iter(cache))
                     if oldest >= part.next_offset:
                         break
-                    del cache[oldest]
-                    self._appended_count -= 1
+                    self._uncache(cache.pop(oldest))
             try:
                 records = await self.host.read_records(
                     part.topic, part.partition, part.next_offset, part.room())

@@ -328,6 +328,9 @@ def _varint(value: int) -> bytes:
     return _varint_bytes(value)
 
 
+_LARGE_VALUE_BYTES = 64 << 10  # above this, skip the per-record join (a copy of the value)
+
+
 def _encode_record(
     out: bytearray, record: RecordData, offset_delta: int, base_timestamp_ms: int
 ) -> None:
@@ -355,9 +358,15 @@ def _encode_record(
         else:
             parts.append(_varint(len(header_value)))
             parts.append(header_value)
-    body = b"".join(parts)
-    out += _varint(len(body))
-    out += body
+    value = record.value
+    if value is None or len(value) < _LARGE_VALUE_BYTES:
+        body = b"".join(parts)  # one join beats a loop of appends for small records
+        out += _varint(len(body))
+        out += body
+        return
+    out += _varint(sum(map(len, parts)))  # large values: copied once, into ``out``
+    for part in parts:
+        out += part
 
 
 def build_batch(
@@ -374,18 +383,21 @@ def build_batch(
     assert records, "a batch holds at least one record"
     base_timestamp_ms = records[0].timestamp_ms
     max_timestamp_ms = max(record.timestamp_ms for record in records)
-    body = bytearray()
-    for offset_delta, record in enumerate(records):
-        _encode_record(body, record, offset_delta, base_timestamp_ms)
-    payload = _compress(bytes(body), compression)
-    attributes = int(compression) | (_TRANSACTIONAL_MASK if is_transactional else 0)
+    # Uncompressed records are encoded straight behind the header, so a large value is
+    # copied once into the batch (and once more into the bytes returned), not four times.
     batch = bytearray(BATCH_HEADER_BYTES)
+    for offset_delta, record in enumerate(records):
+        _encode_record(batch, record, offset_delta, base_timestamp_ms)
+    if compression is not Compression.NONE:
+        payload = _compress(bytes(memoryview(batch)[BATCH_HEADER_BYTES:]), compression)
+        del batch[BATCH_HEADER_BYTES:]
+        batch += payload
+    attributes = int(compression) | (_TRANSACTIONAL_MASK if is_transactional else 0)
     _HEADER.pack_into(
-        batch, 0, base_offset, BATCH_HEADER_BYTES - LOG_OVERHEAD_BYTES + len(payload), -1, MAGIC,
+        batch, 0, base_offset, len(batch) - LOG_OVERHEAD_BYTES, -1, MAGIC,
         0, attributes, len(records) - 1, base_timestamp_ms, max_timestamp_ms, producer_id,
         producer_epoch, base_sequence, len(records),
     )
-    batch += payload
     _CRC.pack_into(batch, 17, crc32c.crc32c(memoryview(batch)[CRC_START:]))
     return bytes(batch)
 

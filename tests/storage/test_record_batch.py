@@ -182,3 +182,13 @@ def test_batch_built_here_decodes_in_kafka_python(compression: Compression) -> N
     assert [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in decoded] == [
         (40 + i, r.timestamp_ms, r.key, r.value, list(r.headers)) for i, r in enumerate(SAMPLE)
     ]
+
+
+def test_a_large_value_builds_the_same_batch_as_the_small_path_would() -> None:
+    # Values above the large-value threshold are encoded without a join; same records back.
+    value = bytes(range(256)) * 1024  # 256 KiB
+    batch = build_batch([RecordData(b"k", value, (("h", b"v"),), 7),
+                         RecordData(None, b"small", (), 8)])
+    records = list(iter_records(batch))
+    assert [(r.key, r.value, r.headers, r.timestamp_ms) for r in records] == [
+        (b"k", value, (("h", b"v"),), 7), (None, b"small", (), 8)]

@@ -730,8 +730,9 @@ class Channel:
                 raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - exchange name '{name}' "
                                    "contains reserved prefix 'amq.*'", 40, 10)
             if method.exchange_type not in ("direct", "fanout", "topic", "headers"):
-                raise ConnectionError_(f.COMMAND_INVALID, f"COMMAND_INVALID - unknown exchange "
-                                       f"type '{method.exchange_type}'", 40, 10)
+                # RabbitMQ >= 3.13 closes the channel (406), not the connection (503).
+                raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid "
+                                   f"exchange type '{method.exchange_type}'", 40, 10)
             if name == "":
                 raise ChannelError(f.ACCESS_REFUSED, "ACCESS_REFUSED - the default exchange "
                                    "cannot be declared", 40, 10)

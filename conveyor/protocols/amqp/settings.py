@@ -21,8 +21,9 @@ class AmqpSettings:
     frame_bytes_max: int = 131_072  # RabbitMQ's frame_max default (128 KiB)
     channel_max: int = 2_047  # RabbitMQ's channel_max default
     heartbeat_s: int = 60  # RabbitMQ's heartbeat default
-    # Largest message body: the broker's 1 MiB record limit less room for headers.
-    message_bytes_max: int = 1_000_000
+    # Largest message body: RabbitMQ 4's max_message_size default (16 MiB); configurable up
+    # to MESSAGE_BYTES_CEILING.
+    message_bytes_max: int = 16 << 20
     consumer_timeout_ms: int = 30 * 60 * 1000  # RabbitMQ's consumer_timeout (30 min)
     handshake_timeout_ms: int = 10_000  # RabbitMQ's handshake_timeout
     close_timeout_ms: int = 3_000  # wait for Close-Ok after a hard error
@@ -32,6 +33,10 @@ class AmqpSettings:
     # (RabbitMQ's memory high-water mark, but only the publishers that add to it wait).
     memory_high_watermark_bytes: int = 256 << 20
 
+
+# The largest message_bytes_max that may be configured (128 MiB): the broker's record
+# ceiling (BrokerSettings.record_bytes_max) leaves room above it for the properties.
+MESSAGE_BYTES_CEILING = 128 << 20
 
 _INTS = ("frame_bytes_max", "channel_max", "heartbeat_s", "message_bytes_max",
          "consumer_timeout_ms", "handshake_timeout_ms", "close_timeout_ms", "inbox_bytes_max",
@@ -54,6 +59,9 @@ def load_settings(settings: Mapping[str, Any]) -> AmqpSettings:
                 raise InvalidConfigError(f"amqp.{name} must be an integer >= {minimum}",
                                          value=value)
             values[name] = value
+    if values.get("message_bytes_max", 0) > MESSAGE_BYTES_CEILING:
+        raise InvalidConfigError(f"amqp.message_bytes_max must be <= {MESSAGE_BYTES_CEILING}",
+                                 value=values["message_bytes_max"])
     if values.get("channel_max", 0) > 65_535:
         raise InvalidConfigError("amqp.channel_max must be <= 65535")
     if "users" in settings:
