@@ -52,11 +52,13 @@ class ConnectionGate:
         self.refused = 0  # since start
         self._refused_unlogged = 0
         self._logged_at = -REFUSED_LOG_INTERVAL_S
+        self._changed: asyncio.Event | None = None
 
     def admit(self) -> bool:
         """Count a new connection in, or refuse it (the caller closes it at once)."""
         if self.open < self.connections_max:
             self.open += 1
+            self._notify()
             return True
         self.refused += 1
         self._refused_unlogged += 1
@@ -74,6 +76,19 @@ class ConnectionGate:
     def release(self) -> None:
         self.open -= 1
         assert self.open >= 0, "a connection released twice"
+        self._notify()
+
+    async def until_open(self, count: int) -> None:
+        """Wait until ``count`` connections are open (for tests and draining)."""
+        while self.open != count:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
 class RequestWatch:

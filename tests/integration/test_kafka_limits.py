@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 from kio.schema.api_versions.v3.request import ApiVersionsRequest
 from kio.schema.fetch.v11.request import FetchPartition, FetchRequest, FetchTopic
-
-from conveyor.server.app import Server
-from conveyor.testing.server import BrokerProcess, run_broker
 from limits_support import (
     closed_by_peer,
     kafka_frame_start,
     rss_bytes,
 )
 from test_kafka_wire import RawClient, request_frame
+
+from conveyor.server.app import Server
+from conveyor.testing.server import BrokerProcess, run_broker
 
 MIB = 1 << 20
 VERSIONS = ApiVersionsRequest(client_software_name="raw", client_software_version="1")
@@ -84,8 +84,7 @@ async def test_connections_beyond_the_maximum_are_refused_and_counted(server: Se
     clients[0].close()
     await closed_by_peer(clients[0].reader)
     async with asyncio.timeout(5):  # the slot frees as the server sees the close
-        while server.limits.gates["kafka"].open != 2:
-            await asyncio.sleep(0.01)
+        await server.limits.gates["kafka"].until_open(2)
     again = await connect(server)
     assert (await again.call(VERSIONS)).error_code == 0
 
