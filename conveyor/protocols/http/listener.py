@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.config import listener_limits
 from conveyor.errors import ConveyorError, OperatingError, UnavailableError
+from conveyor.protocols.http.chunks import encode_body
 from conveyor.protocols.http.codec import (
     ApiResponse,
     decode_request,
@@ -178,7 +179,11 @@ class HttpConnection(asyncio.Protocol):
             keep_alive = request.keep_alive and not self.server.closing
             if self.transport is None or self.disconnected.is_set():
                 return
-            self.transport.write(_response_bytes(response, keep_alive))
+            body = b"" if response.document is None else await encode_body(response.document)
+            if self.transport is None or self.disconnected.is_set():
+                return
+            self.transport.write(encode_response(response.status, body, keep_alive=keep_alive,
+                                                 extra_headers=response.headers))
             if not keep_alive:
                 self.transport.close()
                 return
