@@ -228,18 +228,22 @@ class PublishFlow:
         self.high_watermark_bytes = high_watermark_bytes
         self.total = 0
         self.disk_alarm = False
+        # over the mark, until the total falls back under RESUME_FRACTION of it
+        self.pressed = False
         self.pushbacks = 0  # times a publisher was pushed back, since start
         self._held: dict[object, int] = {}
         self._listeners: list[Callable[[], None]] = []
 
     def hold(self, publisher: object, held_bytes: int) -> None:
-        was_pressed = self.total > self.high_watermark_bytes
         self.total += held_bytes - self._held.get(publisher, 0)
         if held_bytes:
             self._held[publisher] = held_bytes
         else:
             self._held.pop(publisher, None)
-        if was_pressed and self.total <= self.high_watermark_bytes * RESUME_FRACTION:
+        if self.total > self.high_watermark_bytes:
+            self.pressed = True
+        elif self.pressed and self.total <= self.high_watermark_bytes * RESUME_FRACTION:
+            self.pressed = False
             self._changed()
 
     def forget(self, publisher: object) -> None:
@@ -250,7 +254,7 @@ class PublishFlow:
         over the mark, when it holds at least a fair share (the heaviest first)."""
         if self.disk_alarm:
             return True
-        if self.total <= self.high_watermark_bytes:
+        if not self.pressed:
             return False
         publishers = max(1, len(self._held))
         wait = self._held.get(publisher, 0) * publishers >= self.total
@@ -261,7 +265,7 @@ class PublishFlow:
     def blocked_reason(self) -> str | None:
         if self.disk_alarm:
             return "low on disk"
-        if self.total > self.high_watermark_bytes:
+        if self.pressed:
             return "low on memory"
         return None
 

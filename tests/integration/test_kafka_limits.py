@@ -7,7 +7,8 @@ after request_timeout_ms; an idle connection after idle_timeout_ms; past
 connections_max a new connection is closed at once and counted while the others are
 served; five connections sending the start of 99 MiB frames stay within the
 server-wide partial-request budget; a consumer that stops reading a 40 MiB fetch does
-not pin it in memory.
+not pin it in memory; under the disk alarm a produce is answered only once it clears,
+while other requests are served.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from limits_support import (
     kafka_frame_start,
     rss_bytes,
 )
-from test_kafka_wire import RawClient, request_frame
+from test_kafka_wire import RawClient, batch_of, parse, partition_result, produce, request_frame
 
 from conveyor.server.app import Server
 from conveyor.testing.server import BrokerProcess, run_broker
@@ -160,3 +161,22 @@ async def _fill_topic(http_port: int, topic: str, batches: int) -> None:
 
 
 
+
+
+async def test_disk_alarm_delays_produce_until_it_clears(tmp_path: Path) -> None:
+    async with run_broker(tmp_path / "data", listeners=("kafka",),
+                          broker={"disk_free_limit_bytes": 1 << 62}) as server:
+        await server.broker.create_topic("alarm", 1)
+        producer = await connect(server)
+        await producer.send(request_frame(produce("alarm", batch_of(3)), 5))
+        answer = asyncio.ensure_future(producer.read_frame())
+        done, _ = await asyncio.wait([answer], timeout=0.3)
+        assert not done  # held while the disk is low: a delayed response
+        reader = await connect(server)  # other requests are served meanwhile
+        assert (await reader.call(VERSIONS)).error_code == 0
+        assert server.broker.offsets("alarm", 0).high_watermark == 0
+        server.disk_alarm.limit_bytes = 0
+        assert not server.disk_alarm.check()
+        response = parse(await answer, produce("alarm", b""))
+        assert partition_result(response).error_code == 0
+        assert server.broker.offsets("alarm", 0).high_watermark == 3
