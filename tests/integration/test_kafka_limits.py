@@ -179,4 +179,5 @@ async def test_disk_alarm_delays_produce_until_it_clears(tmp_path: Path) -> None
         assert not server.disk_alarm.check()
         response = parse(await answer, produce("alarm", b""))
         assert partition_result(response).error_code == 0
+        assert response.throttle_time.total_seconds() >= 0.3  # how long it was held
         assert server.broker.offsets("alarm", 0).high_watermark == 3

@@ -45,6 +45,7 @@ import asyncio
 import collections
 import logging
 import os
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
@@ -68,6 +69,7 @@ WAITING_API_KEYS: Final = frozenset({1, 11, 14})  # Fetch, JoinGroup, SyncGroup
 # Record bytes read from a segment per write once the socket is full: the transport's
 # write buffer then holds at most about this much above its high-water mark.
 FILE_CHUNK_BYTES: Final = 256 * 1024
+_THROTTLE: Final = struct.Struct(">i")
 
 Response = bytes | list[ResponsePiece] | None
 Handle = Callable[[Request, "ConnectionState"], Coroutine[Any, Any, Response]]
@@ -285,6 +287,8 @@ class KafkaConnection(asyncio.Protocol):
             self._flush()
             await self._produces_done.wait()  # bounded: at most this many in flight
         flow = self._shared.flow
+        loop = asyncio.get_running_loop()
+        waited_from = loop.time()
         while flow.should_wait(self) and not self._closing:
             self._flush()  # a delayed response: the answers before it go out now
             if self._produces:
@@ -294,7 +298,8 @@ class KafkaConnection(asyncio.Protocol):
         size = _produce_bytes(item)
         self._produce_bytes += size
         flow.hold(self, self._produce_bytes)
-        task = asyncio.get_running_loop().create_task(self._handle(item, self.state))
+        throttle_ms = int((loop.time() - waited_from) * 1000)
+        task = loop.create_task(self._produce(item, throttle_ms))
         task.add_done_callback(lambda _: self._produce_stored(size))
         self._produces.append(task)
         self._produces_done.clear()
@@ -350,6 +355,12 @@ class KafkaConnection(asyncio.Protocol):
             self._output.extend(response)
             self._flush()
         return not self.state.close_after_response
+
+    async def _produce(self, item: Request, throttle_ms: int) -> Response:
+        response = await self._handle(item, self.state)
+        if throttle_ms and isinstance(response, bytes):
+            response = _with_throttle(response, item, throttle_ms)
+        return response
 
     def _produce_stored(self, size: int) -> None:
         self._produce_bytes -= size
@@ -460,6 +471,16 @@ class KafkaConnection(asyncio.Protocol):
                 await self._worker
             except asyncio.CancelledError:
                 pass
+
+
+def _with_throttle(response: bytes, request: Request, throttle_ms: int) -> bytes:
+    """Report how long a produce was held back: a ProduceResponse (v3-v11, the encoder's
+    layout) ends with throttle_time_ms (int32), then an empty tag section if flexible."""
+    if request.header.api_version < 3:
+        return response
+    end = len(response) - (1 if request.header.flexible else 0)
+    return b"".join((response[:end - 4], _THROTTLE.pack(min(throttle_ms, 1 << 30)),
+                     response[end:]))
 
 
 def _produce_bytes(request: Request) -> int:
