@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
 from conveyor.errors import UnavailableError
-from conveyor.server.limits import DiskAlarm, ServerLimits
+from conveyor.limits import DiskAlarm, ServerLimits
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 
 if TYPE_CHECKING:

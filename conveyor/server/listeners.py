@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
-    from conveyor.server.limits import ServerLimits
+    from conveyor.limits import ServerLimits
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",
@@ -36,7 +36,7 @@ class ListenerContext:
 
 
 def shared_limits(context: ListenerContext) -> ServerLimits:
-    from conveyor.server.limits import ServerLimits
+    from conveyor.limits import ServerLimits
 
     return context.limits if context.limits is not None else ServerLimits()
 

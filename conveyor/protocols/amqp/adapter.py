@@ -51,7 +51,7 @@ from conveyor.errors import (
     UnknownQueueError,
     UnknownTopicError,
 )
-from conveyor.server.limits import RequestWatch, ServerLimits
+from conveyor.limits import RequestWatch, ServerLimits
 
 from . import frames as f
 from .arguments import (
@@ -1413,10 +1413,9 @@ class AmqpConnection(asyncio.Protocol):
                 self.send_method(0, commands.Connection.Blocked(reason=reason))
 
     def _flow_changed(self) -> None:
-        flow = self.server.shared.flow
-        if flow.disk_alarm and not self._blocked and self.machine.state is ConnectionState.OPEN:
-            self._block(flow.blocked_reason() or "low on disk")  # block at the alarm
-        elif self._blocked or self._reading_paused:
+        """The flow may have let go: resume a connection it held. (A connection is blocked
+        when it publishes, as RabbitMQ blocks only publishing connections.)"""
+        if self._blocked or self._reading_paused:
             self._resume_if_allowed()
 
     def _content_bytes(self) -> int:

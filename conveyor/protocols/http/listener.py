@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.config import listener_limits
 from conveyor.errors import ConveyorError, OperatingError, UnavailableError
+from conveyor.limits import RequestWatch, ServerLimits
 from conveyor.protocols.http.chunks import encode_body
 from conveyor.protocols.http.codec import (
     ApiResponse,
@@ -50,7 +51,6 @@ from conveyor.protocols.http.framing import (
 )
 from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.openapi import build_document
-from conveyor.server.limits import RequestWatch, ServerLimits
 from conveyor.server.listeners import shared_limits
 
 if TYPE_CHECKING:

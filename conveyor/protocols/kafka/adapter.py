@@ -51,10 +51,10 @@ from typing import Any, Final, cast
 
 from conveyor.config import LISTENER_LIMITS_DEFAULT, ListenerLimits
 from conveyor.errors import OperatingError
+from conveyor.limits import PublishFlow, RequestWatch, ServerLimits
 from conveyor.protocols.kafka.codec import Request, ServerCodec, UnsupportedRequest
 from conveyor.protocols.kafka.encoders import ResponsePiece
 from conveyor.protocols.kafka.framing import NeedData
-from conveyor.server.limits import PublishFlow, RequestWatch, ServerLimits
 
 logger = logging.getLogger("conveyor.kafka")
 

@@ -17,7 +17,7 @@ import pytest
 
 from conveyor.config import ListenerLimits, listener_limits
 from conveyor.errors import InvalidConfigError
-from conveyor.server.limits import (
+from conveyor.limits import (
     ConnectionGate,
     DiskAlarm,
     MemoryBudget,
