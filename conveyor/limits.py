@@ -246,6 +246,10 @@ class PublishFlow:
             self.pressed = False
             self._changed()
 
+    def add(self, publisher: object, delta_bytes: int) -> None:
+        """Change what ``publisher`` holds by ``delta_bytes`` (several requests of one)."""
+        self.hold(publisher, self._held.get(publisher, 0) + delta_bytes)
+
     def forget(self, publisher: object) -> None:
         self.hold(publisher, 0)
 

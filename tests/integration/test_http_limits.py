@@ -118,3 +118,25 @@ async def test_disk_alarm_blocks_publishes_not_reads(tmp_path: Path) -> None:
         writer.write(post("/topics/t/messages", b"hello")[:-5].replace(
             b"Content-Length", b"Connection: close\r\nContent-Length") + b"hello")
         assert (await closed_by_peer(reader)).startswith(b"HTTP/1.1 20")
+
+
+async def test_heavy_publisher_gets_429_over_the_high_water_mark(tmp_path: Path) -> None:
+    async with run_broker(tmp_path / "data", listeners=("http",),
+                          broker={"memory_high_watermark_bytes": 1 << 16}) as server:
+        await server.broker.create_topic("t", 1)
+        flow = server.limits.flow
+        # This host's other in-flight publishes hold 1 MiB (as a concurrent bulk upload
+        # would) and a publisher elsewhere a little: this host is the heaviest.
+        flow.add("http:127.0.0.1", 1 << 20)
+        flow.add("elsewhere", 1000)
+        request = post("/topics/t/messages", b"hello")[:-5].replace(
+            b"Content-Length", b"Connection: close\r\nContent-Length") + b"hello"
+        reader, writer = await connect(server)
+        writer.write(request)
+        answer = await closed_by_peer(reader)
+        assert answer.startswith(b"HTTP/1.1 429 ") and b"Retry-After: 1" in answer
+        assert not flow.should_wait("elsewhere")  # the light publisher goes on
+        flow.add("http:127.0.0.1", -(1 << 20))  # its bulk upload was stored
+        reader, writer = await connect(server)
+        writer.write(request)
+        assert (await closed_by_peer(reader)).startswith(b"HTTP/1.1 20")

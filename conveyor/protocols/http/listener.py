@@ -78,6 +78,7 @@ class HttpConnection(asyncio.Protocol):
         self.disconnected = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
         self.peer = ""
+        self.peer_host = ""  # the publisher the flow counts (one per client host)
         self.close_after: bytes | None = None  # a final error response, then close
         self.watch: RequestWatch | None = None
         self.responding = False
@@ -92,6 +93,7 @@ class HttpConnection(asyncio.Protocol):
         self.watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = f"http:{peer[0]}" if isinstance(peer, tuple) else self.peer
         self.server.connections.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._run())
 
@@ -105,7 +107,6 @@ class HttpConnection(asyncio.Protocol):
         if self.watch is not None:
             self.watch.stop()
         self.server.shared.budget.forget(self)
-        self.server.shared.flow.forget(self)
 
     def data_received(self, data: bytes) -> None:
         if self.close_after is not None:
@@ -243,16 +244,19 @@ class HttpListener:
                                      connection.peer)
             if request.operation not in PUBLISH_OPERATIONS:
                 return await self.handlers.handle(request, context)
-            flow = self.shared.flow
-            flow.hold(connection, len(raw.body))
+            # A publisher is the client's host: its connections and in-flight publishes
+            # add up; the check comes before this request's own bytes count, so one
+            # publish larger than the mark still goes through when the broker is idle.
+            flow, publisher = self.shared.flow, connection.peer_host
+            if flow.should_wait(publisher):
+                return error_response(PublishPushedBackError(
+                    f"publishers are blocked: {flow.blocked_reason()}",
+                    retry_after_s=RETRY_AFTER_S))
+            flow.add(publisher, len(raw.body))
             try:
-                if flow.should_wait(connection):
-                    return error_response(PublishPushedBackError(
-                        f"publishers are blocked: {flow.blocked_reason()}",
-                        retry_after_s=RETRY_AFTER_S))
                 return await self.handlers.handle(request, context)
             finally:
-                flow.forget(connection)
+                flow.add(publisher, -len(raw.body))
         except ConveyorError as error:
             return error_response(error)
         except Exception:
