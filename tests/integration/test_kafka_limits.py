@@ -31,6 +31,7 @@ from limits_support import (
 from test_kafka_wire import RawClient, batch_of, parse, partition_result, produce, request_frame
 
 from conveyor.server.app import Server
+from conveyor.storage.record_batch import RecordData, build_batch
 from conveyor.testing.server import BrokerProcess, run_broker
 
 MIB = 1 << 20
@@ -181,3 +182,31 @@ async def test_disk_alarm_delays_produce_until_it_clears(tmp_path: Path) -> None
         assert partition_result(response).error_code == 0
         assert response.throttle_time.total_seconds() >= 0.3  # how long it was held
         assert server.broker.offsets("alarm", 0).high_watermark == 3
+
+
+async def test_consumer_that_never_reads_is_closed_when_idle(tmp_path: Path) -> None:
+    async with run_broker(tmp_path / "data", listeners=("kafka",),
+                          settings={"kafka": {"idle_timeout_ms": 400}}) as server:
+        await server.broker.create_topic("never", 1)
+        for _ in range(8):
+            await server.broker.append_batch("never", 0, build_batch(
+                [RecordData(None, os.urandom(900_000), (), 1)]))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.ports["kafka"]))
+        await asyncio.get_running_loop().sock_sendall(sock, request_frame(FETCH_NEVER, 1))
+        gate = server.limits.gates["kafka"]
+        async with asyncio.timeout(10):
+            await gate.until_open(1)
+            await gate.until_open(0)  # closed by the server with most of the fetch unsent
+        sock.close()
+
+
+FETCH_NEVER = FetchRequest(
+    replica_id=-1, max_wait=datetime.timedelta(0), min_bytes=0, max_bytes=50 * MIB,
+    isolation_level=0, session_id=0, session_epoch=-1, topics=(FetchTopic(
+        topic="never", partitions=(FetchPartition(
+            partition=0, current_leader_epoch=-1, fetch_offset=0, log_start_offset=-1,
+            partition_max_bytes=50 * MIB),)),),
+    forgotten_topics_data=(), rack_id="")

@@ -1431,7 +1431,7 @@ class AmqpConnection(asyncio.Protocol):
         log.info("amqp connection %s closed: %s timeout", self.connection_id, reason)
         self.server.shared.budget.forget(self)
         self.fail(f.CONNECTION_FORCED, f"CONNECTION_FORCED - {reason} timeout")
-        self._abort()
+        self._drop()
 
     def shed_memory(self) -> None:
         """Over the server's partial-request budget and holding the most: 506, close."""
@@ -1440,7 +1440,14 @@ class AmqpConnection(asyncio.Protocol):
             state.body_received = 0
         self.fail(f.RESOURCE_ERROR, "RESOURCE_ERROR - unfinished messages over the "
                   "server's memory budget (partial_request_bytes_max)")
-        self._abort()
+        self._drop()
+
+    def _drop(self) -> None:
+        """Write what is pending (the Close) and drop the socket without waiting for a
+        peer that may not be reading."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            self.transport.abort()
 
     def capability(self, name: str) -> bool:
         capabilities = self.client_properties.get("capabilities")

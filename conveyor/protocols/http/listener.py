@@ -139,7 +139,7 @@ class HttpConnection(asyncio.Protocol):
         self.server.shared.budget.forget(self)
         if reason == "idle":
             if self.transport is not None:
-                self.transport.close()
+                self.transport.abort()  # a close would wait for a peer that is not reading
             return
         logger.info("http request timed out", extra={"peer": self.peer, "reason": reason})
         self.close_after = _response_bytes(ApiResponse(408, {"error": {

@@ -209,15 +209,18 @@ class KafkaConnection(asyncio.Protocol):
 
     # --- limits -----------------------------------------------------------------------
     def _is_busy(self) -> bool:
-        return self._handling or bool(self._queue) or bool(self._produces) or bool(
-            self._deferred)
+        # Deferred output is not busy: a peer that stops reading for idle_timeout_ms is
+        # idle (each piece the socket takes counts as activity).
+        return self._handling or bool(self._queue) or bool(self._produces)
 
     def _expired(self, reason: str) -> None:
         logger.info("closing kafka connection: %s timeout", reason,
                     extra={"peer": self.state.peer, "reason": reason})
         self._codec = ServerCodec(self._frame_bytes_max)
         self._shared.budget.forget(self)
-        self._close_transport()
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()  # a close would wait for a peer that is not reading
 
     def shed_memory(self) -> None:
         """Over the server's partial-request budget and holding the most: close now."""
@@ -435,6 +438,8 @@ class KafkaConnection(asyncio.Protocol):
                 self._deferred.popleft()
                 transport.write(piece)
                 continue
+            if self._watch is not None:
+                self._watch.active()  # the socket took the piece before this one
             fileno, position, size = piece
             data = os.pread(fileno, min(size, FILE_CHUNK_BYTES), position)
             if not data:
