@@ -44,6 +44,17 @@ class BrokerSettings:
     # Kafka's) applies below it; queues take what their listener accepts.
     record_bytes_max: int = 129 << 20
     retention_check_interval_ms: int = 60_000
+    # Bytes of unfinished requests (partial frames, unfinished messages and bodies) over
+    # all connections of all listeners; past it the connection holding most is closed with
+    # its protocol's error. Per-frame limits alone let 5 Kafka connections hold 5 x 99 MiB.
+    partial_request_bytes_max: int = 256 << 20
+    # Memory held by unprocessed publishes over the whole broker past which the heaviest
+    # publishers are pushed back (RabbitMQ's vm_memory_high_watermark, as bytes).
+    memory_high_watermark_bytes: int = 256 << 20
+    # Free disk space under the data directory below which publishers are blocked and reads
+    # keep working (RabbitMQ's disk_free_limit, 50 MB by default).
+    disk_free_limit_bytes: int = 50_000_000
+    disk_check_interval_ms: int = 1_000  # RabbitMQ checks disk space about once a second
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,3 +196,54 @@ def load_config(
         broker=_broker_settings(BrokerSettings(), broker_overrides),
         listeners=_listeners_from(listener_sections, enabled_names, ports),
     )
+
+
+# --- connection limits shared by every listener ---------------------------------------
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """Bounded waits and the connection cap of one listener (keys of its ``[listeners.X]``
+    section; each protocol's defaults follow its peer, see ``LISTENER_LIMITS_DEFAULT``)."""
+
+    connections_max: int  # beyond it a new connection is closed at once, logged and counted
+    # No request for this long (and none in progress) closes the connection.
+    idle_timeout_ms: int
+    # A request whose first byte arrived must be whole (frame, or HTTP headers + body)
+    # within this; a partial frame never holds a connection for longer.
+    request_timeout_ms: int
+    # The protocol's opening exchange (AMQP header..Connection.Open) must finish within this.
+    handshake_timeout_ms: int
+
+
+LISTENER_LIMITS_DEFAULT: dict[str, ListenerLimits] = {
+    # Kafka: connections.max.idle.ms 10 min; request.timeout.ms 30 s bounds a frame;
+    # max.connections is unbounded in Kafka, 10,000 here as for HTTP.
+    "kafka": ListenerLimits(10_000, 600_000, 30_000, 30_000),
+    # RabbitMQ: handshake_timeout 10 s; idle detection is heartbeats (no idle close);
+    # a frame must be whole within 30 s.
+    "amqp": ListenerLimits(10_000, 0, 30_000, 10_000),
+    # nginx: keepalive_timeout 75 s, client_header_timeout + client_body_timeout 60 s.
+    "http": ListenerLimits(10_000, 75_000, 60_000, 60_000),
+    "sqs": ListenerLimits(10_000, 75_000, 60_000, 60_000),
+}
+LISTENER_LIMIT_NAMES: tuple[str, ...] = (
+    "connections_max", "idle_timeout_ms", "request_timeout_ms", "handshake_timeout_ms",
+)
+
+
+def listener_limits(name: str, settings: Mapping[str, Any]) -> ListenerLimits:
+    """The limits in a listener's settings section over its protocol's defaults
+    (``idle_timeout_ms = 0`` turns the idle close off)."""
+    base = LISTENER_LIMITS_DEFAULT.get(name, LISTENER_LIMITS_DEFAULT["http"])
+    values: dict[str, int] = {}
+    for key in LISTENER_LIMIT_NAMES:
+        if key not in settings:
+            continue
+        value = settings[key]
+        if isinstance(value, str):
+            value = _coerce(value, 0, f"{name}.{key}")
+        minimum = 1 if key == "connections_max" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise InvalidConfigError(f"{name}.{key} must be an integer >= {minimum}",
+                                     value=value)
+        values[key] = value
+    return dataclasses.replace(base, **values)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
 from conveyor.errors import UnavailableError
+from conveyor.limits import DiskAlarm, ServerLimits
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 
 if TYPE_CHECKING:
@@ -67,6 +68,11 @@ class Server:
         self._broker: Broker | None = None
         self._listeners: dict[str, RunningListener] = {}
         self._lock = DataDirectoryLock(config.data_dir)
+        settings = config.broker
+        self.limits = ServerLimits(settings.partial_request_bytes_max,
+                                   settings.memory_high_watermark_bytes)
+        self.disk_alarm = DiskAlarm(config.data_dir, settings.disk_free_limit_bytes,
+                                    settings.disk_check_interval_ms, self.limits.flow)
 
     @property
     def broker(self) -> Broker:
@@ -93,6 +99,7 @@ class Server:
             )
             self._broker = Broker(log_store, state_store, self.clock, self.rng, broker_config)
             await self._broker.open()
+            self.disk_alarm.start()
             await self._start_listeners()
         except BaseException:
             await self.stop()
@@ -116,6 +123,7 @@ class Server:
                 port=listener_config.port,
                 settings=listener_config.settings,
                 advertised_host=advertised_host,
+                limits=self.limits,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running
@@ -134,6 +142,7 @@ class Server:
             except Exception:
                 logger.exception("listener failed to close", extra={"listener": name})
             del self._listeners[name]
+        await self.disk_alarm.stop()
         if self._broker is not None:
             await self._broker.close()
             self._broker = None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.limits import ServerLimits
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",
@@ -29,6 +30,15 @@ class ListenerContext:
     port: int  # 0: any free port
     settings: Mapping[str, Any] = field(default_factory=dict)
     advertised_host: str = "127.0.0.1"
+    # The server-wide budget, publisher flow and connection gates (None: a listener
+    # started alone gets its own, see ``shared_limits``).
+    limits: ServerLimits | None = None
+
+
+def shared_limits(context: ListenerContext) -> ServerLimits:
+    from conveyor.limits import ServerLimits
+
+    return context.limits if context.limits is not None else ServerLimits()
 
 
 class RunningListener(Protocol):

@@ -37,6 +37,7 @@ from pamqp import decode as pamqp_decode
 
 from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import Message, PublishResult, QueueConfig, QueueInfo
+from conveyor.config import LISTENER_LIMITS_DEFAULT, ListenerLimits
 from conveyor.errors import (
     InvalidRequestError,
     LockExpiredError,
@@ -50,6 +51,7 @@ from conveyor.errors import (
     UnknownQueueError,
     UnknownTopicError,
 )
+from conveyor.limits import RequestWatch, ServerLimits
 
 from . import frames as f
 from .arguments import (
@@ -137,9 +139,14 @@ class QueueUse:
 
 
 class AmqpServer:
-    def __init__(self, broker: Broker, settings: AmqpSettings) -> None:
+    def __init__(self, broker: Broker, settings: AmqpSettings,
+                 limits: ListenerLimits | None = None, shared: ServerLimits | None = None
+                 ) -> None:
         self.broker = broker
         self.settings = settings
+        self.limits = limits or LISTENER_LIMITS_DEFAULT["amqp"]
+        self.shared = shared or ServerLimits()
+        self.gate = self.shared.gate("amqp", self.limits)
         self.connections: set[AmqpConnection] = set()
         self.queues: dict[str, QueueUse] = {}  # topic -> use
         self.reply_channels: dict[str, Channel] = {}  # direct reply-to name -> channel
@@ -1267,12 +1274,23 @@ class AmqpConnection(asyncio.Protocol):
         self._closing_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self._admitted = False
+        self._watch: RequestWatch | None = None
+        self._blocked = False  # connection.blocked sent (publisher push-back)
+        self._unsubscribe: Callable[[], None] | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport
         assert self.transport is not None
         self.transport.set_write_buffer_limits(high=4 << 20)
+        if not self.server.gate.admit():
+            self.machine.state = ConnectionState.CLOSED
+            self.transport.abort()  # over connections_max: refused before reading anything
+            return
+        self._admitted = True
+        self._watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
+        self._unsubscribe = self.server.shared.flow.on_change(self._flow_changed)
         self.server.connections.add(self)
         # A client must finish the handshake in time (RabbitMQ's handshake_timeout).
         self._heartbeat_handle = self._loop.call_later(
@@ -1280,8 +1298,15 @@ class AmqpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received = True
+        reader = self.machine.reader
+        before = reader.buffered_bytes + len(data)
         for event in self.machine.receive(data):
             self._event(event)
+        buffered = reader.buffered_bytes
+        if self._watch is not None:
+            self._watch.received(buffered > 0, buffered < before)
+        if self.machine.state is ConnectionState.OPEN:
+            self.server.shared.budget.hold(self, buffered + self._content_bytes())
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -1293,6 +1318,16 @@ class AmqpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self.server.gate.release()
+        if self._watch is not None:
+            self._watch.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        shared = self.server.shared
+        shared.budget.forget(self)
+        shared.flow.forget(self)
         if self._heartbeat_handle is not None:
             self._heartbeat_handle.cancel()
         self.machine.state = ConnectionState.CLOSED
@@ -1307,13 +1342,19 @@ class AmqpConnection(asyncio.Protocol):
                 self._inbox_bytes += size
                 server = self.server
                 server.inbox_bytes += size
+                flow = server.shared.flow
+                flow.hold(self, self._inbox_bytes)
+                pushed_back = flow.should_wait(self)
                 if (not self._reading_paused and self.transport is not None and (
                         self._inbox_bytes > server.settings.inbox_bytes_max
-                        or server.inbox_bytes > server.settings.memory_high_watermark_bytes)):
+                        or server.inbox_bytes > server.settings.memory_high_watermark_bytes
+                        or pushed_back)):
                     # this producer is the one filling memory: only it waits
                     server.reading_pauses += 1
                     self._reading_paused = True
                     self.transport.pause_reading()
+                if pushed_back:
+                    self._block(flow.blocked_reason() or "low on memory")
                 channel.push(event)
         elif isinstance(event, MethodReceived):
             if event.channel == 0:
@@ -1348,10 +1389,66 @@ class AmqpConnection(asyncio.Protocol):
         size = sum(_inbox_size(event) for event in batch)
         self._inbox_bytes -= size
         self.server.inbox_bytes -= size
+        self.server.shared.flow.hold(self, self._inbox_bytes)
+        self._resume_if_allowed()
+
+    def _resume_if_allowed(self) -> None:
+        if self.server.shared.flow.should_wait(self):
+            return
+        if self._blocked:
+            self._blocked = False
+            if self.capability("connection.blocked"):
+                self.send_method(0, commands.Connection.Unblocked())
         if self._reading_paused and self._inbox_bytes <= self.server.settings.inbox_bytes_max // 2:
             self._reading_paused = False
-            if self.transport is not None:
+            if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
+
+    # --- limits ---------------------------------------------------------------------------
+    def _block(self, reason: str) -> None:
+        """Publisher push-back: connection.blocked to a client that understands it; its
+        reading is paused already."""
+        if not self._blocked:
+            self._blocked = True
+            if self.capability("connection.blocked"):
+                self.send_method(0, commands.Connection.Blocked(reason=reason))
+
+    def _flow_changed(self) -> None:
+        """The flow may have let go: resume a connection it held. (A connection is blocked
+        when it publishes, as RabbitMQ blocks only publishing connections.)"""
+        if self._blocked or self._reading_paused:
+            self._resume_if_allowed()
+
+    def _content_bytes(self) -> int:
+        """Bytes of messages whose content is still arriving, over all channels."""
+        return sum(state.body_received for state in self.machine.channels.values())
+
+    def _is_busy(self) -> bool:
+        return bool(self._inbox_bytes) or any(
+            channel.worker is not None and not channel.worker.done()
+            for channel in self.channels.values())
+
+    def _expired(self, reason: str) -> None:
+        log.info("amqp connection %s closed: %s timeout", self.connection_id, reason)
+        self.server.shared.budget.forget(self)
+        self.fail(f.CONNECTION_FORCED, f"CONNECTION_FORCED - {reason} timeout")
+        self._drop()
+
+    def shed_memory(self) -> None:
+        """Over the server's partial-request budget and holding the most: 506, close."""
+        for state in self.machine.channels.values():
+            state.body_parts = []
+            state.body_received = 0
+        self.fail(f.RESOURCE_ERROR, "RESOURCE_ERROR - unfinished messages over the "
+                  "server's memory budget (partial_request_bytes_max)")
+        self._drop()
+
+    def _drop(self) -> None:
+        """Write what is pending (the Close) and drop the socket without waiting for a
+        peer that may not be reading."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            self.transport.abort()
 
     def capability(self, name: str) -> bool:
         capabilities = self.client_properties.get("capabilities")

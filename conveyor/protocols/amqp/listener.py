@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
+from conveyor.config import listener_limits
 from conveyor.errors import OperatingError
 from conveyor.protocols.amqp.adapter import AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
+from conveyor.server.listeners import shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -41,7 +43,8 @@ async def start_listener(broker: Broker, context: ListenerContext) -> AmqpListen
         if not queue.config.durable:
             with contextlib.suppress(OperatingError):
                 await broker.delete_queue(queue.name)
-    state = AmqpServer(broker, settings)
+    state = AmqpServer(broker, settings, listener_limits("amqp", context.settings),
+                       shared_limits(context))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         make_protocol_factory(state), context.host, context.port, reuse_address=True)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor.config import LISTENER_LIMIT_NAMES
 from conveyor.errors import InvalidConfigError
 
 
@@ -46,7 +47,7 @@ _MINIMUM = {"frame_bytes_max": 4096, "channel_max": 1, "message_bytes_max": 1,
 
 
 def load_settings(settings: Mapping[str, Any]) -> AmqpSettings:
-    known = {"users", "vhosts", *_INTS}
+    known = {"users", "vhosts", *_INTS, *LISTENER_LIMIT_NAMES}  # config.listener_limits
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InvalidConfigError("unknown amqp listener settings", names=unknown)

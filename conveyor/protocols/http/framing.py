@@ -48,7 +48,13 @@ class RequestFramer:
         self._immediate: list[bytes] = []
         self._reset_message()
 
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of the request being received (what an unfinished request holds)."""
+        return len(self._url) + self._headers_bytes + self._body_bytes if self.in_message else 0
+
     def _reset_message(self) -> None:
+        self.in_message = False
         self._url = b""
         self._header_list: list[tuple[str, str]] = []
         self._header_name = b""
@@ -72,6 +78,7 @@ class RequestFramer:
     # --- parser callbacks (httptools calls these from feed_data) ----------------------
     def on_message_begin(self) -> None:
         self._reset_message()
+        self.in_message = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.broker.types import ExchangeInfo, Message
 from conveyor.errors import ConveyorError, InvalidRequestError, UnavailableError
+from conveyor.protocols.http.chunks import documents as in_slices
 from conveyor.protocols.http.codec import (
     RELATIVE_DELAY,
     RELATIVE_TTL,
@@ -185,7 +187,7 @@ class Handlers(SharedGroupHandlers):
         )
         next_offset = records[-1].offset + 1 if records else offset
         return ApiResponse(200, {
-            "messages": [record_document(topic, partition, r) for r in records],
+            "messages": await in_slices(records, partial(record_document, topic, partition)),
             "next_offsets": {str(partition): next_offset},
         })
 
@@ -247,7 +249,7 @@ class Handlers(SharedGroupHandlers):
             records = await self.broker.read_records(
                 topic, partition, offset, limit - len(documents)
             )
-            documents.extend(record_document(topic, partition, r) for r in records)
+            documents.extend(await in_slices(records, partial(record_document, topic, partition)))
             if records:
                 positions[partition] = records[-1].offset + 1
         return documents

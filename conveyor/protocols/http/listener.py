@@ -14,8 +14,15 @@ which the long-poll release rule needs.
 
 Settings (``[listeners.http]``): ``body_bytes_max`` (16 MiB),
 ``requests_in_flight_max`` (4096; beyond: 429 with Retry-After),
-``connections_max`` (10,000; beyond: closed at once), ``idle_timeout_ms`` (75 s
-without a request closes a keep-alive connection).
+``connections_max`` (10,000; beyond: closed at once, counted and logged),
+``idle_timeout_ms`` (75 s without a request closes a keep-alive connection),
+``request_timeout_ms`` (60 s from a request's first byte to its last; past it 408 and
+close: nginx's client_header_timeout + client_body_timeout).
+
+Server-wide (``ServerLimits``): the bytes of a request still arriving are held against
+the partial-request budget (shed: 503 with Retry-After, then close); a publish is
+answered 429 with Retry-After while its connection holds a fair share of the broker's
+unstored publish bytes over the high-water mark, or while the disk alarm is on.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.errors import ConveyorError, OperatingError
+from conveyor.config import listener_limits
+from conveyor.errors import ConveyorError, OperatingError, UnavailableError
+from conveyor.limits import RequestWatch, ServerLimits
+from conveyor.protocols.http.chunks import encode_body
 from conveyor.protocols.http.codec import (
     ApiResponse,
     decode_request,
@@ -41,6 +51,7 @@ from conveyor.protocols.http.framing import (
 )
 from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.openapi import build_document
+from conveyor.server.listeners import shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -52,6 +63,9 @@ REQUESTS_IN_FLIGHT_MAX: Final = 4096  # server-wide; past it, 429 (backpressure,
 REQUESTS_QUEUED_MAX: Final = 64  # per connection (pipelined) before reading pauses
 CONNECTIONS_MAX: Final = 10_000  # beyond it new connections are closed at once
 IDLE_TIMEOUT_MS: Final = 75_000  # nginx's keepalive_timeout default
+# Operations that add messages: pushed back with 429 under memory or disk pressure.
+PUBLISH_OPERATIONS: Final = frozenset({"publish", "publish_exchange", "publish_queue"})
+RETRY_AFTER_S: Final = 1  # what a pushed-back publisher is told to wait
 
 
 class HttpConnection(asyncio.Protocol):
@@ -64,15 +78,22 @@ class HttpConnection(asyncio.Protocol):
         self.disconnected = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
         self.peer = ""
+        self.peer_host = ""  # the publisher the flow counts (one per client host)
         self.close_after: bytes | None = None  # a final error response, then close
+        self.watch: RequestWatch | None = None
+        self.responding = False
+        self.admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if len(self.server.connections) >= self.server.connections_max:
+        if not self.server.gate.admit():
             transport.close()  # over the limit: refuse before reading anything
             return
+        self.admitted = True
+        self.watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = f"http:{peer[0]}" if isinstance(peer, tuple) else self.peer
         self.server.connections.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._run())
 
@@ -80,6 +101,12 @@ class HttpConnection(asyncio.Protocol):
         self.disconnected.set()
         self.wakeup.set()
         self.server.connections.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.server.gate.release()
+        if self.watch is not None:
+            self.watch.stop()
+        self.server.shared.budget.forget(self)
 
     def data_received(self, data: bytes) -> None:
         if self.close_after is not None:
@@ -88,8 +115,15 @@ class HttpConnection(asyncio.Protocol):
             requests, immediate = self.framer.receive_data(data)
         except OperatingError as error:
             self.close_after = _error_bytes(error)
+            self.server.shared.budget.forget(self)
             self.wakeup.set()
             return
+        partial = self.framer.partial_bytes
+        if self.watch is not None:
+            self.watch.received(partial > 0, bool(requests))
+        self.server.shared.budget.hold(self, partial)
+        if self.close_after is not None:
+            return  # shed while holding the most
         if immediate and self.transport is not None:
             self.transport.write(immediate)
         self.queue.extend(requests)
@@ -98,33 +132,59 @@ class HttpConnection(asyncio.Protocol):
         if requests:
             self.wakeup.set()
 
+    def _is_busy(self) -> bool:
+        return self.responding or bool(self.queue)
+
+    def _expired(self, reason: str) -> None:
+        self.server.shared.budget.forget(self)
+        if reason == "idle":
+            if self.transport is not None:
+                self.transport.abort()  # a close would wait for a peer that is not reading
+            return
+        logger.info("http request timed out", extra={"peer": self.peer, "reason": reason})
+        self.close_after = _response_bytes(ApiResponse(408, {"error": {
+            "code": "request_timeout", "message": "the request did not arrive in time"}}),
+            keep_alive=False)
+        self.wakeup.set()
+
+    def shed_memory(self) -> None:
+        """Over the server's partial-request budget and holding the most: 503, close."""
+        self.framer = RequestFramer(self.server.body_bytes_max)  # drop what it held
+        self.close_after = _error_bytes(ServerBusyError(
+            "server is low on memory for unfinished requests", retry_after_s=RETRY_AFTER_S))
+        self.wakeup.set()
+
     def is_connected(self) -> bool:
         return not self.disconnected.is_set()
 
     async def _run(self) -> None:
-        idle_s = self.server.idle_timeout_ms / 1000
         while not self.disconnected.is_set():
             if not self.queue:
                 if self.close_after is not None:
                     self._write_and_close(self.close_after)
                     return
                 self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), idle_s)
-                except TimeoutError:
-                    if not self.queue and self.transport is not None:
-                        self.transport.close()  # idle keep-alive connection
-                        return
+                await self.wakeup.wait()  # the watch closes an idle connection
                 continue
             request = self.queue.popleft()
             if self.transport is not None and len(self.queue) < REQUESTS_QUEUED_MAX // 2:
                 with contextlib.suppress(RuntimeError):
                     self.transport.resume_reading()
-            response = await self.server.respond(request, self)
+            self.responding = True
+            try:
+                response = await self.server.respond(request, self)
+            finally:
+                self.responding = False
+            if self.watch is not None:
+                self.watch.active()
             keep_alive = request.keep_alive and not self.server.closing
             if self.transport is None or self.disconnected.is_set():
                 return
-            self.transport.write(_response_bytes(response, keep_alive))
+            body = b"" if response.document is None else await encode_body(response.document)
+            if self.transport is None or self.disconnected.is_set():
+                return
+            self.transport.write(encode_response(response.status, body, keep_alive=keep_alive,
+                                                 extra_headers=response.headers))
             if not keep_alive:
                 self.transport.close()
                 return
@@ -148,13 +208,17 @@ def _error_bytes(error: ConveyorError) -> bytes:
 class HttpListener:
     """A RunningListener: ``port`` and ``close()``."""
 
-    def __init__(self, broker: Broker, settings: dict[str, Any]) -> None:
+    def __init__(self, broker: Broker, settings: dict[str, Any],
+                 shared: ServerLimits | None = None) -> None:
+        self.limits = listener_limits("http", settings)
+        self.shared = shared or ServerLimits()
+        self.gate = self.shared.gate("http", self.limits)
         self.body_bytes_max = int(settings.get("body_bytes_max", BODY_BYTES_MAX))
         self.requests_in_flight_max = int(
             settings.get("requests_in_flight_max", REQUESTS_IN_FLIGHT_MAX)
         )
-        self.connections_max = int(settings.get("connections_max", CONNECTIONS_MAX))
-        self.idle_timeout_ms = int(settings.get("idle_timeout_ms", IDLE_TIMEOUT_MS))
+        self.connections_max = self.limits.connections_max
+        self.idle_timeout_ms = self.limits.idle_timeout_ms
         self.in_flight = 0
         self.closing = False
         self.port = 0
@@ -178,7 +242,21 @@ class HttpListener:
             request = decode_request(raw)
             context = RequestContext(connection.is_connected, connection.disconnected,
                                      connection.peer)
-            return await self.handlers.handle(request, context)
+            if request.operation not in PUBLISH_OPERATIONS:
+                return await self.handlers.handle(request, context)
+            # A publisher is the client's host: its connections and in-flight publishes
+            # add up; the check comes before this request's own bytes count, so one
+            # publish larger than the mark still goes through when the broker is idle.
+            flow, publisher = self.shared.flow, connection.peer_host
+            if flow.should_wait(publisher):
+                return error_response(PublishPushedBackError(
+                    f"publishers are blocked: {flow.blocked_reason()}",
+                    retry_after_s=RETRY_AFTER_S))
+            flow.add(publisher, len(raw.body))
+            try:
+                return await self.handlers.handle(request, context)
+            finally:
+                flow.add(publisher, -len(raw.body))
         except ConveyorError as error:
             return error_response(error)
         except Exception:
@@ -217,7 +295,19 @@ class TooManyRequestsError(OperatingError):
     http_status = 429
 
 
+class PublishPushedBackError(TooManyRequestsError):
+    """Memory high-water mark or disk alarm: this publisher waits (429, Retry-After)."""
+
+    code = "publishers_blocked"
+
+
+class ServerBusyError(UnavailableError):
+    """Unfinished requests over the server's memory budget: 503, Retry-After, close."""
+
+    code = "server_busy"
+
+
 async def start_listener(broker: Broker, context: ListenerContext) -> HttpListener:
-    listener = HttpListener(broker, dict(context.settings))
+    listener = HttpListener(broker, dict(context.settings), shared_limits(context))
     await listener.start(context.host, context.port)
     return listener

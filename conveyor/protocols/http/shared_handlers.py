@@ -24,6 +24,7 @@ from conveyor.errors import (
     UnknownDeliveryError,
     UnknownQueueError,
 )
+from conveyor.protocols.http.chunks import documents
 from conveyor.protocols.http.codec import ApiRequest, ApiResponse, error_response, record_document
 
 if TYPE_CHECKING:
@@ -97,11 +98,7 @@ class SharedGroupHandlers:
             # The client went away during the long poll: nobody will ack these.
             await shared.release([d.receipt for d in deliveries], 0)
             deliveries = []
-        return ApiResponse(200, {"messages": [
-            {**record_document(d.topic, d.partition, d), "receipt": d.receipt,
-             "delivery_count": d.delivery_count, "lock_deadline_ms": d.lock_deadline_ms}
-            for d in deliveries
-        ]})
+        return ApiResponse(200, {"messages": await documents(deliveries, _delivery_document)})
 
     async def _settle_each(
         self, request: ApiRequest, action: Callable[[list[str]], Awaitable[Any]]
@@ -226,3 +223,9 @@ def _shared(broker: Broker) -> Any:
     if broker.shared_groups is None:
         raise UnavailableError("shared groups are not available in this build")
     return broker.shared_groups
+
+
+def _delivery_document(delivery: Delivery) -> dict[str, Any]:
+    return {**record_document(delivery.topic, delivery.partition, delivery),
+            "receipt": delivery.receipt, "delivery_count": delivery.delivery_count,
+            "lock_deadline_ms": delivery.lock_deadline_ms}

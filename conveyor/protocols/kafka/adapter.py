@@ -22,7 +22,21 @@ Rules:
   requests before it; other connections are unaffected.
 - A client that stops reading: the transport pauses writing at its high-water
   mark, the worker stops, the queue fills to ``requests_queued_max`` and
-  reading pauses; memory stays bounded.
+  reading pauses; memory stays bounded. The part of a fetch response the socket
+  does not take at once is read from the log in ``FILE_CHUNK_BYTES`` pieces only
+  while the transport is below its high-water mark (from a duplicated descriptor,
+  so the segment may close meanwhile), never copied whole into memory.
+- Bounded waits (``ListenerLimits``): a frame must be whole within
+  ``request_timeout_ms`` of the read it began in; a connection with no request for
+  ``idle_timeout_ms`` (Kafka's connections.max.idle.ms) is closed; past
+  ``connections_max`` a new connection is closed at once (counted and logged by the
+  listener's ``ConnectionGate``). The bytes of a partial frame are held against the
+  server-wide ``MemoryBudget``; when shed, the connection is closed (Kafka has no
+  error for a request it has not read) and its buffer dropped.
+- Publisher push-back (``PublishFlow``): while this connection holds a fair share of
+  the unstored produce bytes over the broker's high-water mark (or the disk alarm
+  is on), its next produce waits, and reading pauses once the queue is full: a
+  delayed response, as Kafka mutes a throttled channel.
 """
 
 from __future__ import annotations
@@ -31,10 +45,13 @@ import asyncio
 import collections
 import logging
 import os
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
+from conveyor.config import LISTENER_LIMITS_DEFAULT, ListenerLimits
 from conveyor.errors import OperatingError
+from conveyor.limits import PublishFlow, RequestWatch, ServerLimits
 from conveyor.protocols.kafka.codec import Request, ServerCodec, UnsupportedRequest
 from conveyor.protocols.kafka.encoders import ResponsePiece
 from conveyor.protocols.kafka.framing import NeedData
@@ -49,6 +66,10 @@ PRODUCE_API_KEY: Final = 0
 PRODUCES_IN_FLIGHT_MAX: Final = 32
 # APIs whose handling may wait on other clients or on time: flush before them.
 WAITING_API_KEYS: Final = frozenset({1, 11, 14})  # Fetch, JoinGroup, SyncGroup
+# Record bytes read from a segment per write once the socket is full: the transport's
+# write buffer then holds at most about this much above its high-water mark.
+FILE_CHUNK_BYTES: Final = 256 * 1024
+_THROTTLE: Final = struct.Struct(">i")
 
 Response = bytes | list[ResponsePiece] | None
 Handle = Callable[[Request, "ConnectionState"], Coroutine[Any, Any, Response]]
@@ -78,8 +99,20 @@ class KafkaConnection(asyncio.Protocol):
         handle: Handle,
         frame_bytes_max: int,
         connections: set[KafkaConnection],
+        limits: ListenerLimits | None = None,
+        shared: ServerLimits | None = None,
     ) -> None:
         self._handle = handle
+        self._frame_bytes_max = frame_bytes_max
+        self._limits = limits or LISTENER_LIMITS_DEFAULT["kafka"]
+        self._shared = shared or ServerLimits()
+        self._gate = self._shared.gate("kafka", self._limits)
+        self._admitted = False
+        self._watch: RequestWatch | None = None
+        self._handling = False  # a request is being answered (not idle)
+        # the rest of a response the socket did not take: bytes, and (dup'd fd, pos, size)
+        self._deferred: collections.deque[bytes | tuple[int, int, int]] = collections.deque()
+        self._produce_bytes = 0  # produce request bytes not yet stored
         self._codec = ServerCodec(frame_bytes_max)
         self._connections = connections
         self._queue: collections.deque[Request | UnsupportedRequest | _Close] = collections.deque()
@@ -103,6 +136,12 @@ class KafkaConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        if not self._gate.admit():
+            self._closing = True
+            self._transport.abort()  # over connections_max: refused before reading anything
+            return
+        self._admitted = True
+        self._watch = RequestWatch(self._limits, self._expired, self._is_busy)
         self._connections.add(self)
         peer = transport.get_extra_info("peername")
         peer_host = peer[0] if isinstance(peer, tuple) and peer else ""
@@ -115,16 +154,26 @@ class KafkaConnection(asyncio.Protocol):
         if self._closing:
             return
         self._codec.receive_data(data)
+        completed = False
         try:
             while True:
                 event = self._codec.next_event()
                 if isinstance(event, NeedData):
                     break
                 self._queue.append(event)
+                completed = True
         except OperatingError as error:
             logger.info("closing kafka connection: %s", error, extra={"peer": self.state.peer})
             self._queue.append(_CLOSE)
             self._closing = True
+            self._codec = ServerCodec(self._frame_bytes_max)  # drop the rest unread
+        pending = self._codec.buffered_bytes
+        if self._watch is not None:
+            self._watch.received(pending > 0, completed)
+        self._shared.budget.hold(self, pending)
+        if self._closing:
+            self._wakeup.set()
+            return
         if len(self._queue) >= REQUESTS_QUEUED_MAX and not self._reading_paused:
             assert self._transport is not None
             self._transport.pause_reading()
@@ -139,6 +188,14 @@ class KafkaConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._connections.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self._gate.release()
+        if self._watch is not None:
+            self._watch.stop()
+        self._shared.budget.forget(self)
+        self._shared.flow.forget(self)
+        self._drop_deferred()
         self._can_write.set()
         self._produces_done.set()
         if self._worker is not None and not self._worker.done():
@@ -150,12 +207,39 @@ class KafkaConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._can_write.set()
 
+    # --- limits -----------------------------------------------------------------------
+    def _is_busy(self) -> bool:
+        # Deferred output is not busy: a peer that stops reading for idle_timeout_ms is
+        # idle (each piece the socket takes counts as activity).
+        return self._handling or bool(self._queue) or bool(self._produces)
+
+    def _expired(self, reason: str) -> None:
+        logger.info("closing kafka connection: %s timeout", reason,
+                    extra={"peer": self.state.peer, "reason": reason})
+        self._codec = ServerCodec(self._frame_bytes_max)
+        self._shared.budget.forget(self)
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()  # a close would wait for a peer that is not reading
+
+    def shed_memory(self) -> None:
+        """Over the server's partial-request budget and holding the most: close now."""
+        logger.info("closing kafka connection: partial request over the memory budget",
+                    extra={"peer": self.state.peer})
+        self._closing = True
+        self._codec = ServerCodec(self._frame_bytes_max)
+        if self._transport is not None:
+            self._transport.abort()
+
     # --- worker -----------------------------------------------------------------
     async def _run(self) -> None:
         try:
             while True:
                 if self._failed:
                     return
+                if self._deferred:
+                    await self._drain_deferred()
+                    continue
                 if not self._queue:
                     self._flush()
                     self._wakeup.clear()
@@ -176,12 +260,19 @@ class KafkaConnection(asyncio.Protocol):
                     return
                 if isinstance(item, _Close):
                     self._flush()
+                    await self._drain_deferred()
                     self._close_transport()
                     return
                 if item.header.api_key in WAITING_API_KEYS:
                     self._flush()
-                if not await self._answer(item):
+                self._handling = True
+                try:
+                    answered = await self._answer(item)
+                finally:
+                    self._handling = False
+                if not answered:
                     self._flush()
+                    await self._drain_deferred()
                     self._close_transport()
                     return
         except asyncio.CancelledError:
@@ -198,7 +289,21 @@ class KafkaConnection(asyncio.Protocol):
         if len(self._produces) >= PRODUCES_IN_FLIGHT_MAX:
             self._flush()
             await self._produces_done.wait()  # bounded: at most this many in flight
-        task = asyncio.get_running_loop().create_task(self._handle(item, self.state))
+        flow = self._shared.flow
+        loop = asyncio.get_running_loop()
+        waited_from = loop.time()
+        while flow.should_wait(self) and not self._closing:
+            self._flush()  # a delayed response: the answers before it go out now
+            if self._produces:
+                await self._produces_done.wait()
+            else:
+                await _flow_changed(flow)
+        size = _produce_bytes(item)
+        self._produce_bytes += size
+        flow.hold(self, self._produce_bytes)
+        throttle_ms = int((loop.time() - waited_from) * 1000)
+        task = loop.create_task(self._produce(item, throttle_ms))
+        task.add_done_callback(lambda _: self._produce_stored(size))
         self._produces.append(task)
         self._produces_done.clear()
         task.add_done_callback(self._collect_produces)
@@ -254,6 +359,16 @@ class KafkaConnection(asyncio.Protocol):
             self._flush()
         return not self.state.close_after_response
 
+    async def _produce(self, item: Request, throttle_ms: int) -> Response:
+        response = await self._handle(item, self.state)
+        if throttle_ms and isinstance(response, bytes):
+            response = _with_throttle(response, item, throttle_ms)
+        return response
+
+    def _produce_stored(self, size: int) -> None:
+        self._produce_bytes -= size
+        self._shared.flow.hold(self, self._produce_bytes)
+
     def _resume_reading_if_drained(self) -> None:
         if self._reading_paused and len(self._queue) < REQUESTS_QUEUED_MAX // 2:
             assert self._transport is not None
@@ -266,9 +381,13 @@ class KafkaConnection(asyncio.Protocol):
         if transport is None or not self._output or transport.is_closing():
             self._output.clear()
             return
+        if self._watch is not None:
+            self._watch.active()
         pending = bytearray()
         for piece in self._output:
-            if isinstance(piece, tuple):
+            if self._deferred:  # keep order behind what the socket has not taken yet
+                self._defer(piece)
+            elif isinstance(piece, tuple):
                 if pending:
                     transport.write(bytes(pending))
                     pending = bytearray()
@@ -278,6 +397,8 @@ class KafkaConnection(asyncio.Protocol):
         if pending:
             transport.write(bytes(pending))
         self._output.clear()
+        if self._deferred:
+            self._wakeup.set()  # the worker sends the rest as the socket drains
 
     def _send_file_range(self, transport: asyncio.Transport, piece: tuple[int, int, int]) -> None:
         fileno, position, size = piece
@@ -294,10 +415,49 @@ class KafkaConnection(asyncio.Protocol):
                 position += sent
                 size -= sent
         if size > 0:
-            data = os.pread(fileno, size, position)
-            if len(data) != size:
-                raise OSError(f"short read from segment file: {len(data)} of {size} bytes")
+            self._defer((fileno, position, size))
+
+    def _defer(self, piece: ResponsePiece) -> None:
+        """Keep what the socket did not take; a file range through its own descriptor, so
+        the segment may be closed before the range is sent."""
+        if isinstance(piece, tuple):
+            fileno, position, size = piece
+            self._deferred.append((os.dup(fileno), position, size))
+        else:
+            self._deferred.append(bytes(piece))
+
+    async def _drain_deferred(self) -> None:
+        """Send the deferred rest, reading the log only while the socket takes it."""
+        while self._deferred and not self._closing:
+            await self._can_write.wait()
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                break
+            piece = self._deferred[0]
+            if isinstance(piece, bytes):
+                self._deferred.popleft()
+                transport.write(piece)
+                continue
+            if self._watch is not None:
+                self._watch.active()  # the socket took the piece before this one
+            fileno, position, size = piece
+            data = os.pread(fileno, min(size, FILE_CHUNK_BYTES), position)
+            if not data:
+                raise OSError(f"short read from segment file at {position}: {size} bytes left")
             transport.write(data)
+            if len(data) == size:
+                self._deferred.popleft()
+                os.close(fileno)
+            else:
+                self._deferred[0] = (fileno, position + len(data), size - len(data))
+            await asyncio.sleep(0)  # one chunk per turn: other connections go in between
+        self._drop_deferred()
+
+    def _drop_deferred(self) -> None:
+        while self._deferred:
+            piece = self._deferred.popleft()
+            if isinstance(piece, tuple):
+                os.close(piece[0])
 
     def _close_transport(self) -> None:
         self._closing = True
@@ -318,11 +478,43 @@ class KafkaConnection(asyncio.Protocol):
                 pass
 
 
+def _with_throttle(response: bytes, request: Request, throttle_ms: int) -> bytes:
+    """Report how long a produce was held back: a ProduceResponse (v3-v11, the encoder's
+    layout) ends with throttle_time_ms (int32), then an empty tag section if flexible."""
+    if request.header.api_version < 3:
+        return response
+    end = len(response) - (1 if request.header.flexible else 0)
+    return b"".join((response[:end - 4], _THROTTLE.pack(min(throttle_ms, 1 << 30)),
+                     response[end:]))
+
+
+def _produce_bytes(request: Request) -> int:
+    """The record bytes a Produce request carries (what it holds until stored)."""
+    total = 0
+    for topic in getattr(request.body, "topic_data", None) or ():
+        for partition in getattr(topic, "partition_data", None) or ():
+            records = getattr(partition, "records", None)
+            if isinstance(records, bytes | bytearray | memoryview):
+                total += len(records)
+    return total
+
+
+async def _flow_changed(flow: PublishFlow) -> None:
+    """Until the flow may have let go (the mark fell back, the disk alarm cleared)."""
+    changed = asyncio.Event()
+    unsubscribe = flow.on_change(changed.set)
+    try:
+        await changed.wait()
+    finally:
+        unsubscribe()
+
+
 def connection_factory(
-    handle: Handle, frame_bytes_max: int, connections: set[KafkaConnection]
+    handle: Handle, frame_bytes_max: int, connections: set[KafkaConnection],
+    limits: ListenerLimits | None = None, shared: ServerLimits | None = None,
 ) -> Callable[[], KafkaConnection]:
     def factory() -> KafkaConnection:
-        return KafkaConnection(handle, frame_bytes_max, connections)
+        return KafkaConnection(handle, frame_bytes_max, connections, limits, shared)
 
     return factory
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from conveyor.config import listener_limits
 from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
+from conveyor.server.listeners import shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -42,7 +44,8 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
     node = Node(settings.node_id, context.advertised_host, context.port, settings.cluster_id)
     handlers = KafkaHandlers(broker, settings, node)
     server = await loop.create_server(
-        connection_factory(handlers.handle, settings.frame_bytes_max, connections),
+        connection_factory(handlers.handle, settings.frame_bytes_max, connections,
+                           listener_limits("kafka", context.settings), shared_limits(context)),
         context.host, context.port, reuse_address=True,
     )
     listener = KafkaListener(server, connections)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor.config import LISTENER_LIMIT_NAMES
 from conveyor.errors import InvalidConfigError
 from conveyor.protocols.kafka.framing import FRAME_BYTES_MAX_DEFAULT
 
@@ -41,7 +42,7 @@ def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0)
 
 def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
     known = {"frame_bytes_max", "fetch_wait_ms_max", "fetch_bytes_max", "node_id", "cluster_id",
-             "sasl_users", "users"}
+             "sasl_users", "users", *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InvalidConfigError("unknown kafka listener settings", names=unknown)
