@@ -30,6 +30,7 @@ from kio.serial import entity_reader, entity_writer
 from kio.static.constants import EntityType
 
 from conveyor.errors import InvalidRequestError
+from conveyor.protocols.kafka.bounds import check_bounds
 from conveyor.protocols.kafka.tagged_fields import without_unknown_tags
 
 # API key -> (min version, max version) that Conveyor serves and advertises.
@@ -112,6 +113,8 @@ def parse_body(api_key: int, api_version: int, body: bytes | memoryview) -> Any:
     """Parse a request body (read-only buffer) into kio's typed request."""
     if not is_supported(api_key, api_version):
         raise InvalidRequestError("unsupported api version", api_key=api_key, version=api_version)
+    # Before kio's native reader: a count it cannot satisfy aborts the process (bounds.py).
+    check_bounds(request_class(api_key, api_version), body)
     try:
         try:
             entity, size = _reader(api_key, api_version)(body, 0)
