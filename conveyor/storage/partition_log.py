@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import bisect
 import errno
+import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock
 from conveyor.errors import OffsetOutOfRangeError, StorageError, StorageFullError
 from conveyor.storage import segment_files
+from conveyor.storage.damage import Damage
 from conveyor.storage.fs import FileSystem
 from conveyor.storage.group_commit import GroupCommitter
 from conveyor.storage.record_batch import (
@@ -34,6 +36,9 @@ from conveyor.storage.segment import Segment
 
 if TYPE_CHECKING:
     from conveyor.storage.log_store import LogConfig
+    from conveyor.storage.recovery import PartitionRecovery
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,8 @@ class PartitionLog:
         active = segments[-1]
         self._visible = _Written(active, active.size_bytes, active.next_offset)
         self.committer = self._new_committer()
+        self.recovery: PartitionRecovery | None = None  # set by the LogStore that opened it
+        self.damaged_batches = 0  # corrupt batches found and set aside since open
 
     def _new_committer(self) -> GroupCommitter:
         return GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
@@ -190,15 +197,28 @@ class PartitionLog:
             return LogSlice()
         for segment in self._segments_from(offset):
             end = self._visible_end(segment)
-            found = segment.find_batch(offset, end)
-            if found is None:
-                continue
-            position, header = found
-            stop = segment.read_end(position, header.size_bytes, bytes_max, end)
-            size = stop - position
-            return LogSlice(((self.fs.fileno(segment.handle), position, size),),
-                            ((self.fs, segment.handle, position, size),))
+            while True:
+                found = segment.find_batch(offset, end)
+                if found is None:
+                    break
+                position, header = found
+                stop = end if header is None else segment.read_end(
+                    position, header.size_bytes, bytes_max, end)
+                damage = segment.verify(position, stop)
+                self._report_damage(segment)
+                if damage is not None:
+                    if damage.position == position:
+                        continue  # set aside now: look again past it
+                    stop = damage.position
+                size = stop - position
+                return LogSlice(((self.fs.fileno(segment.handle), position, size),),
+                                ((self.fs, segment.handle, position, size),))
         return LogSlice()
+
+    def _report_damage(self, segment: Segment) -> None:
+        for item in segment.damage.take_unreported():
+            self.damaged_batches += 1
+            log_damage(item)
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """The first offset whose record timestamp is >= ``timestamp_ms``, or None."""
@@ -249,6 +269,14 @@ class PartitionLog:
         self.active_segment.write_indexes()
         for segment in self.segments:
             segment.close()
+
+
+def log_damage(item: Damage) -> None:
+    """One ERROR line per corrupt batch found by a reader (server-side corruption)."""
+    logger.error("corrupt batch on disk set aside; readers skip its offsets",
+                 extra={"path": item.path, "position": item.position,
+                        "size_bytes": item.size_bytes, "first_offset": item.first_offset,
+                        "next_offset": item.next_offset, "reason": item.reason})
 
 
 def _rebased(header: BatchHeader, base_offset: int) -> BatchHeader:
