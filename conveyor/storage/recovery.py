@@ -109,7 +109,8 @@ def recover_segment(segment: Segment, *, is_active: bool = True) -> RecoveryRepo
     report = RecoveryReport(segment.log_path, valid_end, truncated_bytes, truncated_from,
                             set_aside)
     for item in set_aside:
-        logger.error("corrupt batch set aside (kept on disk, skipped by readers)",
+        logger.error("corrupt batch set aside (kept on disk, skipped by readers): %s at %d",
+                     item.path, item.position,
                      extra={"path": item.path, "position": item.position,
                             "size_bytes": item.size_bytes, "first_offset": item.first_offset,
                             "next_offset": item.next_offset, "reason": item.reason})
