@@ -21,7 +21,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock
-from conveyor.errors import OffsetOutOfRangeError, StorageError, StorageFullError
+from conveyor.errors import (
+    OffsetOutOfRangeError,
+    PartitionFailedError,
+    StorageError,
+    StorageFullError,
+)
 from conveyor.storage import segment_files
 from conveyor.storage.damage import Damage
 from conveyor.storage.fs import FileSystem
@@ -91,9 +96,16 @@ class PartitionLog:
         self.damaged_batches = 0  # corrupt batches found and set aside since open
 
     def _new_committer(self) -> GroupCommitter:
-        return GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
-                              interval_ms=self.config.fsync_interval_ms,
-                              on_durable=self._advance_visible)
+        committer = GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
+                                   interval_ms=self.config.fsync_interval_ms,
+                                   on_durable=self._advance_visible)
+        committer.name = self.directory
+        return committer
+
+    @property
+    def failed(self) -> PartitionFailedError | None:
+        """Set after an fdatasync failure: appends are refused with it until restart."""
+        return self.committer.failed
 
     def _advance_visible(self, written: _Written) -> None:
         if written.end_offset > self._visible.end_offset:
@@ -128,6 +140,8 @@ class PartitionLog:
     # --- append ------------------------------------------------------------------------
     async def append(self, batches: bytes | bytearray | memoryview) -> AppendInfo:
         """Validate, assign offsets, write; return once durable under the fsync policy."""
+        if self.committer.failed is not None:
+            raise self.committer.failed
         headers = split_batches(batches)
         payload = bytearray(batches)
         base_offset = next_offset = self.log_end_offset
