@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from conveyor.clock import Clock
 from conveyor.storage import segment_files
-from conveyor.storage.fs import FileSystem
 from conveyor.storage.damage import Damage
+from conveyor.storage.fs import FileSystem
 from conveyor.storage.segment import Segment
 
 logger = logging.getLogger(__name__)

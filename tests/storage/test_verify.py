@@ -42,6 +42,11 @@ def flip(path: str, position: int) -> None:
         file.write(bytes([byte[0] ^ 0x01]))
 
 
+def tear(path: str) -> None:
+    with open(path, "ab") as file:
+        file.write(b"\x00" * 30)
+
+
 async def test_clean_directory_verifies(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     await write_data_dir(tmp_path)
@@ -54,8 +59,7 @@ async def test_flipped_bit_and_torn_tail_are_reported(
 ) -> None:
     paths = await write_data_dir(tmp_path)
     flip(paths[1], 200)  # inside the second batch of a sealed segment
-    with open(paths[-1], "ab") as file:
-        file.write(b"\x00" * 30)  # a torn tail on the active segment
+    tear(paths[-1])  # a torn tail on the active segment
     assert main(["verify", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"damage: {paths[1]} at byte " in out and "corrupt batch" in out
