@@ -27,6 +27,7 @@ from conveyor.errors import (
     StorageError,
     StorageFullError,
 )
+from conveyor.fault_log import ConditionLog
 from conveyor.storage import segment_files
 from conveyor.storage.damage import Damage
 from conveyor.storage.fs import FileSystem
@@ -94,6 +95,7 @@ class PartitionLog:
         self.committer = self._new_committer()
         self.recovery: PartitionRecovery | None = None  # set by the LogStore that opened it
         self.damaged_batches = 0  # corrupt batches found and set aside since open
+        self.faults = ConditionLog(logger, clock)  # full disk etc.: once per condition
 
     def _new_committer(self) -> GroupCommitter:
         committer = GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
@@ -150,9 +152,15 @@ class PartitionLog:
             patch_base_offset(payload, next_offset, position)
             patched.append((position, _rebased(header, next_offset)))
             next_offset += header.last_offset_delta + 1
-        self._maybe_roll(len(payload))
-        segment = self.active_segment
-        segment.append(payload, patched)
+        condition = f"disk full writing {self.directory}"
+        try:
+            self._maybe_roll(len(payload))
+            segment = self.active_segment
+            segment.append(payload, patched)
+        except StorageFullError as error:
+            self.faults.failed(condition, error)
+            raise
+        self.faults.recovered(condition)
         written = _Written(segment, segment.size_bytes, segment.next_offset)
         await self.committer.wrote(segment.handle, written)
         return AppendInfo(base_offset, next_offset - 1, -1,

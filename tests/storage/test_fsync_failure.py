@@ -78,3 +78,22 @@ async def test_interval_sync_failure_marks_the_partition_failed(
     with pytest.raises(PartitionFailedError):
         await log.append(make_batch([b"y"]))
     await store.close()
+
+
+async def test_full_disk_is_logged_once_per_condition_with_a_count(
+    clock: SimClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    fs = MemoryFileSystem()
+    store = await open_log(fs, clock, LogConfig(fsync="always"))
+    log = store.partition("t", 0)
+    fs.free_bytes = 10
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            with pytest.raises(StorageError):
+                await log.append(make_batch([b"x" * 100]))
+        assert caplog.text.count("disk full writing") == 1
+        assert log.faults.count(f"disk full writing {log.directory}") == 50
+        fs.free_bytes = None
+        await log.append(make_batch([b"fits"]))
+    assert "recovered after 50 failures" in caplog.text
+    await store.close()
