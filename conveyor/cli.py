@@ -536,6 +536,37 @@ def _run_client(arguments: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+def _add_verify(subparsers: Any) -> None:
+    verify = subparsers.add_parser(
+        "verify", help="offline check of every segment, index and the state database")
+    verify.add_argument("data_dir", type=Path, help="the server's --data-dir")
+    _add_json(verify)
+
+
+def _verify(arguments: argparse.Namespace) -> int:
+    """Exit 0: no damage (repairable findings may be listed); 1: damage found."""
+    from conveyor.storage.verify import verify_data_dir
+
+    if not arguments.data_dir.is_dir():
+        print(f"conveyor: {arguments.data_dir}: not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    report = verify_data_dir(arguments.data_dir)
+    if arguments.json:
+        print(json.dumps({"damaged": report.damaged, "segments": report.segments,
+                          "batches": report.batches, "bytes_checked": report.bytes_checked,
+                          "findings": [finding.to_document() for finding in report.findings]},
+                         sort_keys=True))
+    else:
+        for finding in report.findings:
+            where = "" if finding.position < 0 else f" at byte {finding.position}"
+            offsets = "" if finding.first_offset < 0 else (
+                f" (offsets from {finding.first_offset}, next valid {finding.next_offset})")
+            print(f"{finding.severity}: {finding.path}{where}: {finding.problem}{offsets}")
+        print(f"checked {report.segments} segments, {report.batches} batches, "
+              f"{report.bytes_checked} bytes: {'DAMAGED' if report.damaged else 'ok'}")
+    return EXIT_ERROR if report.damaged else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor message broker")
     parser.add_argument("--url", help="server URL (CONVEYOR_URL, http://localhost:8080)")
@@ -544,9 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_admin(subparsers)
     _add_publish(subparsers)
     _add_consume(subparsers)
+    _add_verify(subparsers)
     arguments = parser.parse_args(argv)
     if arguments.command == "serve":
         return _serve(arguments)
+    if arguments.command == "verify":
+        return _verify(arguments)
     if arguments.command in CLIENT_COMMANDS:
         return _run_client(arguments)
     parser.error(f"unknown command {arguments.command}")

@@ -197,3 +197,13 @@ class FencedInstanceIdError(IllegalStateError):
 
 class NonEmptyGroupError(IllegalStateError):
     code = "non_empty_group"
+
+
+# --- storage faults (additive, storage-damage helper) ------------------------
+class PartitionFailedError(StorageError):
+    """An fdatasync of this partition failed: it acknowledges nothing until a restart.
+
+    Linux may drop the dirty pages of a failed fsync and report the next one clean
+    (PostgreSQL's "fsyncgate"), so the data written before it cannot be called durable.
+    Keeps code ``storage_error`` so every protocol answers its retriable storage error.
+    """

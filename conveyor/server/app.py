@@ -23,6 +23,7 @@ from conveyor.config import ServerConfig
 from conveyor.errors import UnavailableError
 from conveyor.limits import DiskAlarm, ServerLimits
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
+from conveyor.server.state_recovery import check_state_database, rebuild_orphans
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -90,6 +91,7 @@ class Server:
         self._lock.acquire()
         try:
             log_store = FileLogStore(data_dir / "logs", OsFileSystem(), self.clock)
+            check_state_database(data_dir / "state.sqlite3", self.clock)
             state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
             settings = self.config.broker
             broker_config = BrokerConfig(
@@ -99,6 +101,7 @@ class Server:
             )
             self._broker = Broker(log_store, state_store, self.clock, self.rng, broker_config)
             await self._broker.open()
+            await rebuild_orphans(self._broker)
             self.disk_alarm.start()
             await self._start_listeners()
         except BaseException:

@@ -12,17 +12,26 @@ interval task or other connections.
 
 Invariant: durability is reported in write order; ``on_durable(token)`` is called with
 the token of the last write a completed sync covers.
+
+A failed fdatasync is never retried as if the data were still in the page cache
+(Linux may have dropped the dirty pages and will report the next fsync clean; the
+PostgreSQL "fsyncgate" lesson): the committer becomes ``failed`` (a
+PartitionFailedError, logged once), every pending and later write is refused with it,
+and only a restart (recovery re-reads and re-validates the log) clears it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from conveyor.clock import Clock
-from conveyor.errors import StorageError
+from conveyor.errors import PartitionFailedError
 from conveyor.storage.fs import FileSystem
+
+logger = logging.getLogger(__name__)
 
 
 class GroupCommitter:
@@ -44,11 +53,27 @@ class GroupCommitter:
         self._sync_task: asyncio.Task[None] | None = None
         self._interval_task: asyncio.Task[None] | None = None
         self.sync_count = 0
+        self.failed: PartitionFailedError | None = None
+        self.name = ""  # for the log line (the partition directory)
+
+    def fail(self, error: OSError) -> PartitionFailedError:
+        """Mark the committer failed (once); every later write is refused with it."""
+        if self.failed is None:
+            self.failed = PartitionFailedError(
+                "fdatasync failed; partition stopped acknowledging until restart",
+                partition=self.name, reason=str(error))
+            logger.error("fdatasync failed: partition %s stops acknowledging writes until a "
+                         "restart (recovery re-validates its log)", self.name,
+                         extra={"reason": str(error)})
+        return self.failed
 
     def wrote(self, handle: int, token: Any) -> asyncio.Future[None]:
         """Record a write to ``handle``; the future resolves when it is durable per policy."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        if self.failed is not None:
+            future.set_exception(self.failed)
+            return future
         self._dirty.add(handle)
         self._last_token = token
         if self.policy != "always":
@@ -76,7 +101,9 @@ class GroupCommitter:
         try:
             await asyncio.to_thread(self._sync_handles, handles)
         except OSError as error:
-            failure = StorageError("fdatasync failed", reason=str(error))
+            failure = self.fail(error)
+            waiters += self._waiters  # written before the failure was known: not durable
+            self._waiters = []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)
@@ -97,11 +124,14 @@ class GroupCommitter:
         self.sync_count += 1
 
     async def _sync_every_interval(self) -> None:
-        while True:
+        while self.failed is None:
             await self.clock.sleep_ms(self.interval_ms)
             if self._dirty:
                 handles, self._dirty = self._dirty, set()
-                await asyncio.to_thread(self._sync_handles, handles)
+                try:
+                    await asyncio.to_thread(self._sync_handles, handles)
+                except OSError as error:
+                    self.fail(error)
 
     def forget(self, handle: int) -> None:
         """A handle about to be closed: sync it now (synchronously) if it has pending writes."""
@@ -120,8 +150,14 @@ class GroupCommitter:
             if self._sync_task is not None:
                 await asyncio.wait([self._sync_task])
         handles, self._dirty = self._dirty, set()
+        if self.failed is not None:
+            return  # nothing written since the failure may be called durable
         if handles:
-            await asyncio.to_thread(self._sync_handles, handles)
+            try:
+                await asyncio.to_thread(self._sync_handles, handles)
+            except OSError as error:
+                self.fail(error)
+                return
         if self._last_token is not None:
             self._on_durable(self._last_token)
 

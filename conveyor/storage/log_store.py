@@ -20,7 +20,7 @@ from conveyor.errors import InvalidConfigError, UnknownPartitionError
 from conveyor.storage import compaction, segment_files
 from conveyor.storage.fs import FileSystem
 from conveyor.storage.partition_log import PartitionLog
-from conveyor.storage.recovery import RecoveryReport, load_segments
+from conveyor.storage.recovery import PartitionRecovery, RecoveryReport, load_segments
 from conveyor.storage.retention import RetentionPolicy, SegmentInfo, segments_to_delete
 
 CONFIG_FILE = "log-config.json"
@@ -105,7 +105,22 @@ class FileLogStore:
         segments, log_start_offset, reports = load_segments(
             self.fs, directory, self.clock, index_interval_bytes=config.index_interval_bytes)
         self.recovery_reports.extend(reports)
-        return PartitionLog(self.fs, directory, self.clock, config, segments, log_start_offset)
+        log = PartitionLog(self.fs, directory, self.clock, config, segments, log_start_offset)
+        lost = [report.truncated_from_offset for report in reports if report.truncated_bytes]
+        log.recovery = PartitionRecovery(
+            topic, partition, log.log_start_offset, log.log_end_offset,
+            lost_from_offset=min(lost) if lost else -1,
+            skipped_offsets=tuple((item.first_offset, item.next_offset)
+                                  for report in reports for item in report.set_aside),
+            reports=tuple(reports))
+        log.damaged_batches = sum(len(report.set_aside) for report in reports)
+        return log
+
+    def recovery(self, topic: str, partition: int) -> PartitionRecovery:
+        """How this partition came out of recovery when it was opened (log end, losses)."""
+        recovery = self.partition(topic, partition).recovery
+        assert recovery is not None, "FileLogStore sets recovery on every log it opens"
+        return recovery
 
     def partitions(self) -> list[tuple[str, int]]:
         return sorted(self._logs)

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import bisect
 import errno
+import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock
-from conveyor.errors import OffsetOutOfRangeError, StorageError, StorageFullError
+from conveyor.errors import (
+    OffsetOutOfRangeError,
+    PartitionFailedError,
+    StorageError,
+    StorageFullError,
+)
+from conveyor.fault_log import ConditionLog
 from conveyor.storage import segment_files
+from conveyor.storage.damage import Damage
 from conveyor.storage.fs import FileSystem
 from conveyor.storage.group_commit import GroupCommitter
 from conveyor.storage.record_batch import (
@@ -34,6 +42,9 @@ from conveyor.storage.segment import Segment
 
 if TYPE_CHECKING:
     from conveyor.storage.log_store import LogConfig
+    from conveyor.storage.recovery import PartitionRecovery
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +93,21 @@ class PartitionLog:
         active = segments[-1]
         self._visible = _Written(active, active.size_bytes, active.next_offset)
         self.committer = self._new_committer()
+        self.recovery: PartitionRecovery | None = None  # set by the LogStore that opened it
+        self.damaged_batches = 0  # corrupt batches found and set aside since open
+        self.faults = ConditionLog(logger, clock)  # full disk etc.: once per condition
 
     def _new_committer(self) -> GroupCommitter:
-        return GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
-                              interval_ms=self.config.fsync_interval_ms,
-                              on_durable=self._advance_visible)
+        committer = GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
+                                   interval_ms=self.config.fsync_interval_ms,
+                                   on_durable=self._advance_visible)
+        committer.name = self.directory
+        return committer
+
+    @property
+    def failed(self) -> PartitionFailedError | None:
+        """Set after an fdatasync failure: appends are refused with it until restart."""
+        return self.committer.failed
 
     def _advance_visible(self, written: _Written) -> None:
         if written.end_offset > self._visible.end_offset:
@@ -121,6 +142,8 @@ class PartitionLog:
     # --- append ------------------------------------------------------------------------
     async def append(self, batches: bytes | bytearray | memoryview) -> AppendInfo:
         """Validate, assign offsets, write; return once durable under the fsync policy."""
+        if self.committer.failed is not None:
+            raise self.committer.failed
         headers = split_batches(batches)
         payload = bytearray(batches)
         base_offset = next_offset = self.log_end_offset
@@ -129,9 +152,15 @@ class PartitionLog:
             patch_base_offset(payload, next_offset, position)
             patched.append((position, _rebased(header, next_offset)))
             next_offset += header.last_offset_delta + 1
-        self._maybe_roll(len(payload))
-        segment = self.active_segment
-        segment.append(payload, patched)
+        condition = f"disk full writing {self.directory}"
+        try:
+            self._maybe_roll(len(payload))
+            segment = self.active_segment
+            segment.append(payload, patched)
+        except StorageFullError as error:
+            self.faults.failed(condition, error)
+            raise
+        self.faults.recovered(condition)
         written = _Written(segment, segment.size_bytes, segment.next_offset)
         await self.committer.wrote(segment.handle, written)
         return AppendInfo(base_offset, next_offset - 1, -1,
@@ -190,15 +219,28 @@ class PartitionLog:
             return LogSlice()
         for segment in self._segments_from(offset):
             end = self._visible_end(segment)
-            found = segment.find_batch(offset, end)
-            if found is None:
-                continue
-            position, header = found
-            stop = segment.read_end(position, header.size_bytes, bytes_max, end)
-            size = stop - position
-            return LogSlice(((self.fs.fileno(segment.handle), position, size),),
-                            ((self.fs, segment.handle, position, size),))
+            while True:
+                found = segment.find_batch(offset, end)
+                if found is None:
+                    break
+                position, header = found
+                stop = end if header is None else segment.read_end(
+                    position, header.size_bytes, bytes_max, end)
+                damage = segment.verify(position, stop)
+                self._report_damage(segment)
+                if damage is not None:
+                    if damage.position == position:
+                        continue  # set aside now: look again past it
+                    stop = damage.position
+                size = stop - position
+                return LogSlice(((self.fs.fileno(segment.handle), position, size),),
+                                ((self.fs, segment.handle, position, size),))
         return LogSlice()
+
+    def _report_damage(self, segment: Segment) -> None:
+        for item in segment.damage.take_unreported():
+            self.damaged_batches += 1
+            log_damage(item)
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """The first offset whose record timestamp is >= ``timestamp_ms``, or None."""
@@ -249,6 +291,15 @@ class PartitionLog:
         self.active_segment.write_indexes()
         for segment in self.segments:
             segment.close()
+
+
+def log_damage(item: Damage) -> None:
+    """One ERROR line per corrupt batch found by a reader (server-side corruption)."""
+    logger.error("corrupt batch on disk set aside; readers skip its offsets: %s at %d (%s)",
+                 item.path, item.position, item.reason,
+                 extra={"path": item.path, "position": item.position,
+                        "size_bytes": item.size_bytes, "first_offset": item.first_offset,
+                        "next_offset": item.next_offset, "reason": item.reason})
 
 
 def _rebased(header: BatchHeader, base_offset: int) -> BatchHeader:

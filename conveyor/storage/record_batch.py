@@ -33,6 +33,7 @@ import enum
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cramjam
 import crc32c
@@ -55,6 +56,13 @@ _COMPRESSION_MASK = 0x07
 _TIMESTAMP_TYPE_MASK = 0x08
 _TRANSACTIONAL_MASK = 0x10
 _CONTROL_MASK = 0x20
+
+# Decompressed size limit of one batch. A few bytes of zstd/gzip can expand to gigabytes
+# (a decompression bomb), so output is bounded. Precedent: Kafka's message.max.bytes
+# (1 MiB default) bounds a batch as sent, and RabbitMQ's max message size is 128 MiB
+# at most; 8 x AMQP's 16 MiB default leaves every legitimate batch room.
+DECOMPRESSED_BATCH_BYTES_MAX = 128 << 20
+_FIRST_OUTPUT_BYTES = 64 << 10
 
 _XERIAL_MAGIC = b"\x82SNAPPY\x00"
 _XERIAL_HEADER = _XERIAL_MAGIC + struct.pack(">ii", 1, 1)
@@ -267,23 +275,55 @@ def _compress(data: bytes, compression: Compression) -> bytes:
     return data
 
 
-def _decompress(data: memoryview, compression: Compression) -> bytes:
+def _decompress(data: memoryview, compression: Compression,
+                bytes_max: int | None = None) -> bytes:
+    """Decompress one batch body, never producing more than ``bytes_max`` bytes."""
+    if bytes_max is None:
+        bytes_max = DECOMPRESSED_BATCH_BYTES_MAX
     try:
-        if compression is Compression.GZIP:
-            return bytes(cramjam.gzip.decompress(data))
         if compression is Compression.SNAPPY:
             if bytes(data[:8]) == _XERIAL_MAGIC:
-                return _xerial_snappy_decompress(data)
-            return bytes(cramjam.snappy.decompress_raw(data))
-        if compression is Compression.LZ4:
-            return bytes(cramjam.lz4.decompress(data))
-        if compression is Compression.ZSTD:
-            return bytes(cramjam.zstd.decompress(data))
+                return _xerial_snappy_decompress(data, bytes_max)
+            return _snappy_block(data, bytes_max)
+        module = {Compression.GZIP: cramjam.gzip, Compression.LZ4: cramjam.lz4,
+                  Compression.ZSTD: cramjam.zstd}.get(compression)
+        if module is not None:
+            return _bounded(module, data, bytes_max)
+    except CorruptRecordError:
+        raise
     except Exception as error:  # cramjam raises its own DecompressionError
         raise CorruptRecordError(
             "cannot decompress batch", compression=compression.name, reason=str(error)
         ) from error
     return bytes(data)
+
+
+def _bounded(module: Any, data: memoryview, bytes_max: int) -> bytes:
+    """Decompress into a fixed buffer, doubling it up to bytes_max (one extra byte tells
+    "fits exactly" from "too big")."""
+    size = min(bytes_max + 1, max(_FIRST_OUTPUT_BYTES, 4 * len(data)))
+    while True:
+        out = bytearray(size)
+        try:
+            written = int(module.decompress_into(data, out))
+        except cramjam.DecompressionError as error:
+            if "whole buffer" not in str(error):
+                raise
+            written = size
+        if written < size:
+            return bytes(out[:written])
+        if size > bytes_max:
+            raise CorruptRecordError("decompressed batch too large",
+                                     decompressed_bytes_max=bytes_max)
+        size = min(bytes_max + 1, size * 2)
+
+
+def _snappy_block(data: memoryview | bytes, bytes_max: int) -> bytes:
+    length = int(cramjam.snappy.decompress_raw_len(data))  # the block's own length header
+    if length > bytes_max:
+        raise CorruptRecordError("decompressed batch too large",
+                                 decompressed_bytes_max=bytes_max, claimed_bytes=length)
+    return bytes(cramjam.snappy.decompress_raw(data))
 
 
 def _xerial_snappy_compress(data: bytes) -> bytes:
@@ -296,13 +336,13 @@ def _xerial_snappy_compress(data: bytes) -> bytes:
     return bytes(out)
 
 
-def _xerial_snappy_decompress(data: memoryview) -> bytes:
+def _xerial_snappy_decompress(data: memoryview, bytes_max: int) -> bytes:
     out = bytearray()
     position = len(_XERIAL_HEADER)
     while position < len(data):
         (size,) = _INT32.unpack_from(data, position)
         position += 4
-        out += bytes(cramjam.snappy.decompress_raw(data[position : position + size]))
+        out += _snappy_block(data[position : position + size], bytes_max - len(out))
         position += size
     return bytes(out)
 

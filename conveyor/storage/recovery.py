@@ -4,18 +4,25 @@ Owns the startup steps, in order: finish or roll back the suffix states compacti
 leaves (``.cleaned``: delete; ``.swap``: rename over the live ``.log``), delete
 temporary and orphaned index files, load each sealed segment's indexes (rebuilding
 them when missing or inconsistent), and re-validate every batch of the active
-segment, truncating a torn or corrupt tail. Trusts the log, never the indexes.
-Each truncation is logged and returned as a ``RecoveryReport``.
+segment. Trusts the log, never the indexes.
+
+Only a torn tail is truncated: bytes after the last valid batch of the active
+segment. A corrupt batch that valid batches follow is set aside (kept on disk,
+skipped by readers, see storage/damage.py), in any segment; a bad tail of a sealed
+segment is set aside too. Each truncation and set-aside is logged and returned as a
+``RecoveryReport``; ``PartitionRecovery`` sums them up per partition (the API the
+broker uses to clamp its state to the recovered log end).
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conveyor.clock import Clock
 from conveyor.storage import segment_files
+from conveyor.storage.damage import Damage
 from conveyor.storage.fs import FileSystem
 from conveyor.storage.segment import Segment
 
@@ -24,9 +31,38 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RecoveryReport:
+    """What recovery changed in one segment file."""
+
     path: str
-    position: int  # where the valid batches end (the file now ends here)
-    truncated_bytes: int
+    position: int  # where the valid batches end (the file now ends here unless kept)
+    truncated_bytes: int  # torn tail cut off (0 when nothing was truncated)
+    truncated_from_offset: int = -1  # every offset >= this in the file was lost (-1: none)
+    set_aside: tuple[Damage, ...] = ()  # corrupt ranges kept on disk, skipped by readers
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRecovery:
+    """How a partition came out of recovery: ``FileLogStore.recovery(topic, partition)``.
+
+    ``log_end_offset`` is the next offset to be written after recovery; broker state
+    (shared-group cursors, producer sequences, committed offsets) must not point
+    past it. ``lost_from_offset`` >= 0 means records from there on (up to whatever
+    the state remembers) were truncated away as a torn tail. ``skipped_offsets`` are
+    the [first, next) ranges of set-aside corrupt batches (first = -1 when the
+    corrupt header is unreadable; next = -1 when no valid batch follows it).
+    """
+
+    topic: str
+    partition: int
+    log_start_offset: int
+    log_end_offset: int
+    lost_from_offset: int = -1
+    skipped_offsets: tuple[tuple[int, int], ...] = ()
+    reports: tuple[RecoveryReport, ...] = field(default=())
+
+    @property
+    def clean(self) -> bool:
+        return not self.reports
 
 
 def finish_suffix_states(fs: FileSystem, directory: str) -> None:
@@ -55,16 +91,33 @@ def _remove_indexes(fs: FileSystem, directory: str, base_offset: int) -> None:
             fs.remove(path)
 
 
-def recover_segment(segment: Segment) -> RecoveryReport | None:
-    """Validate every batch (CRC included), rebuild indexes and truncate a bad tail."""
+def recover_segment(segment: Segment, *, is_active: bool = True) -> RecoveryReport | None:
+    """Validate every batch (CRC included), rebuild indexes; set aside or truncate damage."""
     file_bytes = segment.fs.size(segment.handle)
     valid_end = segment.rebuild(validate=True)
-    if valid_end == file_bytes:
+    truncated_bytes, truncated_from = 0, -1
+    if valid_end < file_bytes:
+        if is_active:
+            segment.fs.truncate(segment.handle, valid_end)
+            segment.fs.fdatasync(segment.handle)
+            truncated_bytes, truncated_from = file_bytes - valid_end, segment.next_offset
+        else:
+            segment.set_aside_tail(valid_end, "corrupt tail of a sealed segment")
+    set_aside = tuple(segment.damage.take_unreported())
+    if not truncated_bytes and not set_aside:
         return None
-    segment.fs.truncate(segment.handle, valid_end)
-    segment.fs.fdatasync(segment.handle)
-    report = RecoveryReport(segment.log_path, valid_end, file_bytes - valid_end)
-    logger.warning("truncated torn or corrupt log tail: %s", report)
+    report = RecoveryReport(segment.log_path, valid_end, truncated_bytes, truncated_from,
+                            set_aside)
+    for item in set_aside:
+        logger.error("corrupt batch set aside (kept on disk, skipped by readers): %s at %d",
+                     item.path, item.position,
+                     extra={"path": item.path, "position": item.position,
+                            "size_bytes": item.size_bytes, "first_offset": item.first_offset,
+                            "next_offset": item.next_offset, "reason": item.reason})
+    if truncated_bytes:
+        logger.warning("truncated torn log tail: %s bytes at %s (offsets from %s lost)",
+                       truncated_bytes, valid_end, truncated_from,
+                       extra={"path": segment.log_path})
     return report
 
 
@@ -91,7 +144,7 @@ def load_segments(
                                index_interval_bytes=index_interval_bytes, created_ms=now_ms)
         is_active = position == len(bases) - 1
         if is_active or not segment.load_indexes():
-            report = recover_segment(segment)
+            report = recover_segment(segment, is_active=is_active)
             if report is not None:
                 reports.append(report)
             if not is_active:

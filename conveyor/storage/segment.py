@@ -14,10 +14,11 @@ batch while the process runs. Not thread-safe: one event loop owns a segment.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from conveyor.errors import CorruptRecordError, StorageError, StorageFullError
 from conveyor.storage import segment_files
+from conveyor.storage.damage import Damage, SegmentDamage, check_batch, claimed_offset, resync
 from conveyor.storage.fs import FileSystem
 from conveyor.storage.index import OffsetIndex, TimeIndex
 from conveyor.storage.record_batch import (
@@ -35,27 +36,57 @@ LOOKUP_CHUNK_BYTES = 16 << 10
 
 def scan_batches(
     fs: FileSystem, handle: int, start: int, end: int, *, validate: bool,
-    chunk_bytes: int = SCAN_CHUNK_BYTES,
+    chunk_bytes: int = SCAN_CHUNK_BYTES, jumps: Mapping[int, int] | None = None,
 ) -> Iterator[tuple[int, BatchHeader]]:
     """(position, header) of each whole batch from ``start``; stops at the first bad one."""
-    position, buffer, buffer_start = start, b"", start
-    while position + BATCH_HEADER_BYTES <= end:
-        if position - buffer_start + BATCH_HEADER_BYTES > len(buffer):
-            buffer = fs.pread(handle, min(chunk_bytes, end - position), position)
-            buffer_start = position
-        header = read_header(buffer, position - buffer_start)
-        size = header.size_bytes
-        if header.magic != MAGIC or size < BATCH_HEADER_BYTES or position + size > end:
-            return
-        if validate:
-            if position - buffer_start + size > len(buffer):
-                buffer, buffer_start = fs.pread(handle, max(chunk_bytes, size), position), position
-            try:
-                validate_batch(buffer, position - buffer_start)
-            except CorruptRecordError:
+    return iter(BatchScan(fs, handle, start, end, validate=validate, chunk_bytes=chunk_bytes,
+                          jumps=jumps))
+
+
+class BatchScan:
+    """Iterates whole batches; afterwards ``position`` is where it stopped.
+
+    ``position == end`` means every byte was whole batches; anything less is the
+    start of a bad or torn batch. ``jumps`` maps the position of set-aside damage to
+    where the next valid batch starts.
+    """
+
+    def __init__(
+        self, fs: FileSystem, handle: int, start: int, end: int, *, validate: bool,
+        chunk_bytes: int = SCAN_CHUNK_BYTES, jumps: Mapping[int, int] | None = None,
+    ) -> None:
+        self.fs, self.handle, self.end = fs, handle, end
+        self.position = start
+        self.validate = validate
+        self.chunk_bytes = chunk_bytes
+        self.jumps = jumps or {}
+
+    def __iter__(self) -> Iterator[tuple[int, BatchHeader]]:
+        fs, handle, end, chunk_bytes = self.fs, self.handle, self.end, self.chunk_bytes
+        buffer, buffer_start = b"", self.position
+        while self.position + BATCH_HEADER_BYTES <= end:
+            position = self.position
+            if position in self.jumps:
+                self.position = self.jumps[position]
+                continue
+            if position < buffer_start or \
+                    position - buffer_start + BATCH_HEADER_BYTES > len(buffer):
+                buffer = fs.pread(handle, min(chunk_bytes, end - position), position)
+                buffer_start = position
+            header = read_header(buffer, position - buffer_start)
+            size = header.size_bytes
+            if header.magic != MAGIC or size < BATCH_HEADER_BYTES or position + size > end:
                 return
-        yield position, header
-        position += size
+            if self.validate:
+                if position - buffer_start + size > len(buffer):
+                    buffer, buffer_start = fs.pread(handle, max(chunk_bytes, size), position), \
+                        position
+                try:
+                    validate_batch(buffer, position - buffer_start)
+                except CorruptRecordError:
+                    return
+            self.position = position + size
+            yield position, header
 
 
 class Segment:
@@ -75,6 +106,7 @@ class Segment:
         self.offset_index = OffsetIndex(base_offset)
         self.time_index = TimeIndex(base_offset)
         self._bytes_since_index = 0
+        self.damage = SegmentDamage()
 
     @classmethod
     def create(
@@ -116,6 +148,7 @@ class Segment:
         for relative, header in batches:
             self._index_batch(start + relative, header)
         self.size_bytes = start + len(payload)
+        self.damage.mark_verified(start, self.size_bytes)  # validated before the write
 
     def _index_batch(self, position: int, header: BatchHeader) -> None:
         if self._bytes_since_index >= self.index_interval_bytes:
@@ -129,11 +162,17 @@ class Segment:
     def truncate_to(self, size_bytes: int) -> None:
         """Cut the file at a batch boundary and drop index entries past it."""
         self.fs.truncate(self.handle, size_bytes)
+        self.damage.forget_after(size_bytes)
         self.rebuild(end=size_bytes, validate=False)
 
     # --- indexes -----------------------------------------------------------------------
     def rebuild(self, *, end: int | None = None, validate: bool) -> int:
-        """Re-derive indexes and offsets from the log; return the end of the last good batch."""
+        """Re-derive indexes and offsets from the log; return the end of the last good batch.
+
+        With ``validate``, a corrupt batch that a valid batch follows is set aside (kept
+        in the file, recorded in ``damage``, skipped by readers) and the scan goes on;
+        bytes after the last valid batch are left for the caller (a torn tail).
+        """
         self.offset_index = OffsetIndex(self.base_offset)
         self.time_index = TimeIndex(self.base_offset)
         self._bytes_since_index = 0
@@ -141,11 +180,61 @@ class Segment:
         self.next_offset = self.base_offset
         limit = self.fs.size(self.handle) if end is None else end
         valid_end = 0
-        for position, header in scan_batches(self.fs, self.handle, 0, limit, validate=validate):
-            self._index_batch(position, header)
-            valid_end = position + header.size_bytes
+        position = 0
+        while True:
+            scan = BatchScan(self.fs, self.handle, position, limit, validate=validate,
+                             jumps=self.damage.jumps)
+            for batch_position, header in scan:
+                self._index_batch(batch_position, header)
+                valid_end = batch_position + header.size_bytes
+                if validate:
+                    self.damage.mark_verified(batch_position, valid_end)
+            if not validate or scan.position >= limit:
+                break
+            found = resync(self.fs, self.handle, scan.position, limit, self.next_offset)
+            if found is None:
+                break
+            self.damage.add(Damage(self.log_path, scan.position, found[0],
+                                   claimed_offset(self.fs, self.handle, scan.position),
+                                   found[1].base_offset, "corrupt batch (valid batches follow)"))
+            position = found[0]
         self.size_bytes = valid_end
         return valid_end
+
+    def set_aside_tail(self, position: int, reason: str) -> Damage:
+        """Keep a bad tail of a sealed segment on disk but never serve it."""
+        size = self.fs.size(self.handle)
+        item = Damage(self.log_path, position, size, claimed_offset(self.fs, self.handle, position),
+                      -1, reason)
+        self.damage.add(item)
+        self.size_bytes = size
+        return item
+
+    def verify(self, start: int, stop: int) -> Damage | None:
+        """CRC-check the batches in [start, stop) not checked yet; the first damage found.
+
+        A new damage is remembered (readers then jump over it); the caller reports it.
+        """
+        position = start
+        while True:
+            position = self.damage.verified_until(position)
+            if position >= stop:
+                return None
+            known = self.damage.damage.get(position)
+            if known is not None:
+                return known
+            checked = check_batch(self.fs, self.handle, position, self.size_bytes)
+            if isinstance(checked, BatchHeader):
+                self.damage.mark_verified(position, position + checked.size_bytes)
+                position += checked.size_bytes
+                continue
+            found = resync(self.fs, self.handle, position, self.size_bytes, 0)
+            item = Damage(self.log_path, position,
+                          found[0] if found else self.size_bytes,
+                          claimed_offset(self.fs, self.handle, position),
+                          found[1].base_offset if found else -1, checked)
+            self.damage.add(item)
+            return item
 
     def load_indexes(self) -> bool:
         """Use the index files if consistent with the log; False means call rebuild."""
@@ -166,7 +255,7 @@ class Segment:
         self.next_offset = offset_index.offsets[-1] if offset_index.offsets else self.base_offset
         end = start
         for position, header in scan_batches(self.fs, self.handle, start, self.size_bytes,
-                                             validate=False):
+                                             validate=False, jumps=self.damage.jumps):
             self._bytes_since_index += header.size_bytes
             self.max_timestamp_ms = max(self.max_timestamp_ms, header.max_timestamp_ms)
             self.next_offset = header.last_offset + 1
@@ -205,13 +294,20 @@ class Segment:
                 self.fs.close(handle)
 
     # --- reading -----------------------------------------------------------------------
-    def find_batch(self, offset: int, end: int) -> tuple[int, BatchHeader] | None:
-        """Position and header of the first batch before ``end`` whose last offset >= offset."""
+    def find_batch(self, offset: int, end: int) -> tuple[int, BatchHeader | None] | None:
+        """Position and header of the first batch before ``end`` whose last offset >= offset.
+
+        ``(position, None)``: the bytes at ``position`` are not a readable batch (call
+        ``verify`` to set them aside); ``None``: no such batch before ``end``.
+        """
         _, start = self.offset_index.lookup(offset)
-        for position, header in scan_batches(self.fs, self.handle, start, end, validate=False,
-                                             chunk_bytes=LOOKUP_CHUNK_BYTES):
+        scan = BatchScan(self.fs, self.handle, start, end, validate=False,
+                         chunk_bytes=LOOKUP_CHUNK_BYTES, jumps=self.damage.jumps)
+        for position, header in scan:
             if header.last_offset >= offset:
                 return position, header
+        if scan.position < end:
+            return scan.position, None
         return None
 
     def read_end(self, start: int, first_size: int, bytes_max: int, end: int) -> int:
@@ -225,12 +321,16 @@ class Segment:
         if scan_from > result:
             result = scan_from  # every batch between result and scan_from ends before it
         for position, header in scan_batches(self.fs, self.handle, scan_from, target,
-                                             validate=False, chunk_bytes=LOOKUP_CHUNK_BYTES):
+                                             validate=False, chunk_bytes=LOOKUP_CHUNK_BYTES,
+                                             jumps=self.damage.jumps):
+            if position > result:
+                break  # set-aside damage lies between: the slice stops before it
             result = position + header.size_bytes
         return result
 
     def batch_headers(self, start: int = 0) -> Iterator[tuple[int, BatchHeader]]:
-        return scan_batches(self.fs, self.handle, start, self.size_bytes, validate=False)
+        return scan_batches(self.fs, self.handle, start, self.size_bytes, validate=False,
+                            jumps=self.damage.jumps)
 
     # --- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
@@ -246,4 +346,4 @@ class Segment:
                 self.fs.remove(path)
 
 
-__all__ = ["LOG_OVERHEAD_BYTES", "Segment", "scan_batches"]
+__all__ = ["LOG_OVERHEAD_BYTES", "BatchScan", "Segment", "scan_batches"]

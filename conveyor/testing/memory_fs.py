@@ -36,6 +36,9 @@ class MemoryFileSystem:
         self.free_bytes: int | None = None  # None: unlimited
         self.fdatasync_count = 0
         self.write_count = 0
+        # fault injection: the next N fdatasyncs raise OSError(EIO) and, as Linux may,
+        # drop the dirty bytes' durability (they stay readable until a crash)
+        self.fdatasync_errors = 0
 
     # --- files -------------------------------------------------------------------------
     def open(self, path: str, *, create: bool = False) -> int:
@@ -88,6 +91,9 @@ class MemoryFileSystem:
     def fdatasync(self, handle: int) -> None:
         with self._lock:
             file = self._handles[handle]
+            if self.fdatasync_errors > 0:
+                self.fdatasync_errors -= 1
+                raise OSError(errno.EIO, "Input/output error (simulated fdatasync failure)")
             file.durable = bytes(file.data)
             self.fdatasync_count += 1
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor.errors import CorruptRecordError
+from conveyor.storage import record_batch
 from conveyor.storage.record_batch import (
     BATCH_HEADER_BYTES,
     Compression,
@@ -192,3 +193,19 @@ def test_a_large_value_builds_the_same_batch_as_the_small_path_would() -> None:
     records = list(iter_records(batch))
     assert [(r.key, r.value, r.headers, r.timestamp_ms) for r in records] == [
         (b"k", value, (("h", b"v"),), 7), (None, b"small", (), 8)]
+
+
+@pytest.mark.parametrize("compression", [Compression.GZIP, Compression.SNAPPY,
+                                         Compression.LZ4, Compression.ZSTD])
+def test_decompression_output_is_bounded(
+    monkeypatch: pytest.MonkeyPatch, compression: Compression,
+) -> None:
+    """A small compressed batch that expands past the limit is refused, not inflated."""
+    monkeypatch.setattr(record_batch, "DECOMPRESSED_BATCH_BYTES_MAX", 1 << 20)
+    bomb = build_batch([RecordData(None, bytes(2 << 20))], compression=compression)
+    assert len(bomb) < 200_000
+    with pytest.raises(CorruptRecordError, match="decompressed batch too large"):
+        decode_records(bomb)
+    fits = build_batch([RecordData(None, bytes(900_000))], compression=compression)
+    [record] = decode_records(fits)
+    assert record.value == bytes(900_000)
