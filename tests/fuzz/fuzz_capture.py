@@ -165,7 +165,6 @@ def pika_session(port: int) -> None:
                                       reply_to="r", message_id="m1", expiration="60000")
     for number in range(5):
         channel.basic_publish("seed-exchange", "seed.key", b"body-%d" % number, properties)
-    channel.basic_publish("", queue, b"x" * 140_000, pika.BasicProperties())  # multi-frame body
     method, _header, _body = channel.basic_get(queue)
     assert method is not None
     channel.basic_ack(method.delivery_tag)
@@ -184,6 +183,19 @@ def pika_session(port: int) -> None:
     channel.basic_cancel(tag)
     channel.queue_purge(queue)
     channel.close()
+    connection.close()
+
+
+def pika_large_session(port: int) -> None:
+    """One message bigger than frame_max: a body split over several frames."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.ConnectionParameters(host=PROXY_HOST, port=port))
+    channel = connection.channel()
+    channel.queue_declare("seed-large")
+    channel.basic_publish("", "seed-large", b"x" * 140_000, pika.BasicProperties())
+    method, _header, _body = channel.basic_get("seed-large", auto_ack=True)
+    assert method is not None
     connection.close()
 
 
@@ -210,7 +222,7 @@ def http_session(port: int) -> None:
 
 SESSIONS: dict[str, list[tuple[str, Callable[[int], None]]]] = {
     "kafka": [("confluent", confluent_session), ("kafka-python", kafka_python_session)],
-    "amqp": [("pika", pika_session)],
+    "amqp": [("pika", pika_session), ("pika-large", pika_large_session)],
     "http": [("conveyor-client", http_session)],
 }
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuzz_mutators import mutate
+from fuzz_mutators import Frame, mutate
 from fuzz_targets import FUZZ_ROOT, ProbeFailed, Target
 
 from conveyor.testing.server import BrokerProcess, free_port
@@ -41,6 +41,7 @@ RESPONSE_BYTES_MAX = 1 << 20  # read and drop at most this much per connection
 FATAL_PATTERNS = re.compile(
     r"Traceback \(most recent call last\)|memory allocation of \d+ bytes failed|"
     r"Fatal Python error|panicked at|Task exception was never retrieved")
+MINIMIZE_ATTEMPTS_MAX = 24  # single-frame removals tried per saved input
 MODES = ("whole", "whole", "whole", "chunked", "bytewise")
 
 
@@ -272,36 +273,72 @@ class Fuzzer:
 
     def run_batch(self, inputs: Sequence[Input], concurrency: int = 16) -> Failure | None:
         self._runner.run(send_batch(self.port, inputs, concurrency))
-        self.findings.inputs += len(inputs)
-        self.findings.batches += 1
         return self.check()
 
     def _recover(self, failure: Failure) -> None:
-        """A dead, hung or damaged server is replaced before the next batch."""
-        self.findings.restarts += 1
-        self.server.restart()
+        """A dead or hung server is replaced before the next batch (a traceback alone is not)."""
+        if failure.kind != "traceback":
+            self.findings.restarts += 1
+            self.server.restart()
 
-    def reproduces(self, inputs: Sequence[Input]) -> Failure | None:
-        """Run ``inputs`` alone, one at a time, on a fresh server."""
-        self.server.restart()
+    def reproduces(self, inputs: Sequence[Input], fresh: bool = True) -> Failure | None:
+        """Run ``inputs`` one at a time, on a fresh server unless ``fresh`` is False."""
+        if fresh:
+            self.server.restart()
         failure = self.run_batch(inputs, concurrency=1)
         if failure is not None:
             self._recover(failure)
         return failure
 
-    def isolate(self, inputs: Sequence[Input]) -> tuple[Input, Failure] | None:
+    def isolate(self, inputs: Sequence[Input], failure: Failure) -> tuple[Input, Failure] | None:
         """Halve the batch until one input fails by itself; None if none does alone."""
+        fresh = failure.kind != "traceback"  # a traceback needs no restart to be seen again
         candidates = list(inputs)
         while len(candidates) > 1:
             half = len(candidates) // 2
-            if self.reproduces(candidates[:half]) is not None:
+            if self.reproduces(candidates[:half], fresh) is not None:
                 candidates = candidates[:half]
-            elif self.reproduces(candidates[half:]) is not None:
+            elif self.reproduces(candidates[half:], fresh) is not None:
                 candidates = candidates[half:]
             else:
                 return None
-        failure = self.reproduces(candidates)
-        return (candidates[0], failure) if failure is not None else None
+        isolated = self.reproduces(candidates, fresh)
+        if isolated is None:
+            return None
+        return self.minimize(candidates[0], isolated)
+
+    def minimize(self, item: Input, failure: Failure) -> tuple[Input, Failure]:
+        """Drop trailing frames, then single frames, while the same failure still shows."""
+        prefix, frames, _rest = self.target.framing.split(item.data)
+        bug_id = self.known.classify(failure)
+        fresh = failure.kind != "traceback"
+        best = (item, failure)
+
+        def attempt(kept: Sequence[Frame]) -> bool:
+            nonlocal best
+            data = prefix + b"".join(f.header + f.body + f.trailer for f in kept)
+            candidate = Input(data, item.mode, item.keep_open)
+            seen = self.reproduces([candidate], fresh)
+            if seen is None or seen.kind != failure.kind or self.known.classify(seen) != bug_id:
+                return False
+            best = (candidate, seen)
+            return True
+
+        low, high = 1, len(frames)  # the shortest failing prefix of whole frames
+        while low < high:
+            middle = (low + high) // 2
+            if attempt(frames[:middle]):
+                high = middle
+            else:
+                low = middle + 1
+        if frames and (len(frames) == high and not attempt(frames[:high])):
+            return best  # the failure needs the bytes after the last whole frame
+        kept = list(frames[:high])
+        for index in range(len(kept) - 2, -1, -1)[:MINIMIZE_ATTEMPTS_MAX]:
+            trial = kept[:index] + kept[index + 1:]
+            if attempt(trial):
+                kept = trial
+        return best
 
     def save(self, item: Input) -> Path:
         self.target.corpus_dir.mkdir(parents=True, exist_ok=True)
@@ -344,6 +381,8 @@ class Fuzzer:
             batch = [self.next_input(rng, pool) for _ in range(min(batch_size, inputs_max - sent))]
             sent += len(batch)
             failure = self.run_batch(batch, concurrency)
+            self.findings.inputs += len(batch)
+            self.findings.batches += 1
             if failure is not None:
                 self.handle(batch, failure)
         self.findings.seconds += time.monotonic() - started
@@ -363,7 +402,7 @@ class Fuzzer:
             if len(self.findings.known_saved.get(bug_id, [])) >= self.save_known_max:
                 self._recover(failure)
                 return
-        found = self.isolate(batch)
+        found = self.isolate(batch, failure)
         if found is None:
             if bug_id is None:  # needs several inputs together, or flaky: report the seed
                 self.findings.new.append((failure, None))
