@@ -34,14 +34,19 @@ KNOWN_PATH = FUZZ_ROOT / "corpus" / "KNOWN.json"
 CONNECT_TIMEOUT_S = 2.0
 # After a half-close the server has all the input and answers or closes at once;
 # this bounds a server that does neither (a held connection is its own bug, issue 9.3).
-READ_TIMEOUT_S = 1.0
+READ_TIMEOUT_S = 0.3
 OPEN_READ_S = 0.05  # "open" inputs keep the connection open this long, then drop it
 BYTEWISE_BYTES_MAX = 4096  # bigger inputs are sent in random chunks instead
 RESPONSE_BYTES_MAX = 1 << 20  # read and drop at most this much per connection
 FATAL_PATTERNS = re.compile(
     r"Traceback \(most recent call last\)|memory allocation of \d+ bytes failed|"
     r"Fatal Python error|panicked at|Task exception was never retrieved")
+# Resident memory the server may reach while being fuzzed: it starts near 50 MiB and
+# issue 9 saw AMQP grow to 116 MiB on ~370 malformed inputs and stay there.
+RSS_BYTES_MAX = 384 * 2**20
 MINIMIZE_ATTEMPTS_MAX = 24  # single-frame removals tried per saved input
+DYING_PATTERNS = re.compile(
+    r"(?m)^.*(?:memory allocation of \d+ bytes failed|Fatal Python error|panicked at).*$")
 MODES = ("whole", "whole", "whole", "chunked", "bytewise")
 
 
@@ -65,7 +70,7 @@ class Input:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    kind: str  # died | traceback | unresponsive
+    kind: str  # died | traceback | unresponsive | memory
     evidence: str  # exit status and log excerpt, or the probe's error
 
     def summary(self) -> str:
@@ -240,7 +245,8 @@ class Fuzzer:
         self.target = target
         self.seed = seed
         self.known = known or KnownBugs.load()
-        self.save_known_max = save_known_max  # isolate and save this many known hits per bug
+        self.save_known_max = save_known_max  # save at most this many known-bug inputs a run
+        self.known_variants: set[str] = set()  # known bug + place already in the corpus
         self.findings = Findings()
         self.rng = random.Random(f"{seed}-{target.name}")  # one stream across fuzz() calls
         self._runner = asyncio.Runner()
@@ -255,20 +261,28 @@ class Fuzzer:
     def check(self) -> Failure | None:
         """Probe with a normal client, then look at the process and its new log."""
         probe_error = None
-        try:
-            self.target.probe(self.port)
-        except ProbeFailed as error:
-            probe_error = str(error)
+        if self.server.exit_status() is None:  # a dead server needs no 5 s probe to tell
+            try:
+                self.target.probe(self.port)
+            except ProbeFailed as error:
+                probe_error = str(error)
         log = self.server.new_log()
-        self.findings.rss_bytes_max = max(self.findings.rss_bytes_max, self.server.rss_bytes())
+        rss_bytes = self.server.rss_bytes()
+        self.findings.rss_bytes_max = max(self.findings.rss_bytes_max, rss_bytes)
         status = self.server.exit_status()
         if status is not None:
-            return Failure("died", f"exit status {status}\n{log[-4000:]}")
-        match = FATAL_PATTERNS.search(log)
-        if match is not None:
-            return Failure("traceback", log[max(0, match.start() - 1500):match.start() + 3000])
+            last_words = "\n".join(DYING_PATTERNS.findall(log))  # what the process said dying
+            return Failure("died", f"exit status {status}\n{last_words}\n...\n{log[-2000:]}")
+        tracebacks = [Failure("traceback", log[max(0, match.start() - 500):match.start() + 4000])
+                      for match in FATAL_PATTERNS.finditer(log)]
+        unknown = [failure for failure in tracebacks if self.known.classify(failure) is None]
+        if tracebacks:  # a new bug must not hide behind a known one in the same batch
+            return (unknown or tracebacks)[0]
         if probe_error is not None:
             return Failure("unresponsive", probe_error)
+        if rss_bytes > RSS_BYTES_MAX:
+            return Failure("memory", f"listener={self.target.name} RSS {rss_bytes >> 20} MiB > "
+                           f"{RSS_BYTES_MAX >> 20} MiB after {self.findings.inputs} inputs")
         return None
 
     def run_batch(self, inputs: Sequence[Input], concurrency: int = 16) -> Failure | None:
@@ -290,19 +304,48 @@ class Fuzzer:
             self._recover(failure)
         return failure
 
+    @staticmethod
+    def place(failure: Failure) -> str:
+        """The innermost Conveyor frame of the first traceback in the evidence ("?" if none)."""
+        parts = failure.evidence.split("Traceback (most recent call last):\n", 1)
+        text = parts[1] if len(parts) > 1 else failure.evidence
+        text = re.split(r"(?m)^\S", text, maxsplit=1)[0]  # up to the exception line
+        places = re.findall(r'File "[^"]*?/(conveyor/[\w/]+\.py)", line \d+, in (\w+)', text)
+        return ":".join(places[-1]) if places else "?"
+
+    def variant(self, failure: Failure) -> str:
+        """A known bug at one place: the corpus keeps one input per variant."""
+        return f"{self.known.classify(failure)} {self.place(failure)}"
+
+    def signature(self, failure: Failure) -> str:
+        """What makes two failures the same bug: a known bug id, else kind, place, exception."""
+        bug_id = self.known.classify(failure)
+        if bug_id is not None:
+            return bug_id
+        if failure.kind != "traceback":
+            return failure.kind
+        exception = re.search(r"(?m)^(\w[\w.]*(?:Error|Exception|Exit))\b", failure.evidence)
+        return f"traceback {self.place(failure)} {exception.group(1) if exception else '?'}"
+
+    def reproduces_same(self, inputs: Sequence[Input], failure: Failure) -> Failure | None:
+        """``inputs`` alone show the same bug as ``failure`` (fresh server unless a traceback)."""
+        seen = self.reproduces(inputs, fresh=failure.kind != "traceback")
+        if seen is None or self.signature(seen) != self.signature(failure):
+            return None
+        return seen
+
     def isolate(self, inputs: Sequence[Input], failure: Failure) -> tuple[Input, Failure] | None:
-        """Halve the batch until one input fails by itself; None if none does alone."""
-        fresh = failure.kind != "traceback"  # a traceback needs no restart to be seen again
+        """Halve the batch until one input shows the same failure alone; None if none does."""
         candidates = list(inputs)
         while len(candidates) > 1:
             half = len(candidates) // 2
-            if self.reproduces(candidates[:half], fresh) is not None:
+            if self.reproduces_same(candidates[:half], failure) is not None:
                 candidates = candidates[:half]
-            elif self.reproduces(candidates[half:], fresh) is not None:
+            elif self.reproduces_same(candidates[half:], failure) is not None:
                 candidates = candidates[half:]
             else:
                 return None
-        isolated = self.reproduces(candidates, fresh)
+        isolated = self.reproduces_same(candidates, failure)
         if isolated is None:
             return None
         return self.minimize(candidates[0], isolated)
@@ -310,16 +353,14 @@ class Fuzzer:
     def minimize(self, item: Input, failure: Failure) -> tuple[Input, Failure]:
         """Drop trailing frames, then single frames, while the same failure still shows."""
         prefix, frames, _rest = self.target.framing.split(item.data)
-        bug_id = self.known.classify(failure)
-        fresh = failure.kind != "traceback"
         best = (item, failure)
 
         def attempt(kept: Sequence[Frame]) -> bool:
             nonlocal best
             data = prefix + b"".join(f.header + f.body + f.trailer for f in kept)
             candidate = Input(data, item.mode, item.keep_open)
-            seen = self.reproduces([candidate], fresh)
-            if seen is None or seen.kind != failure.kind or self.known.classify(seen) != bug_id:
+            seen = self.reproduces_same([candidate], failure)
+            if seen is None:
                 return False
             best = (candidate, seen)
             return True
@@ -362,6 +403,7 @@ class Fuzzer:
                 bug_id = self.known.classify(failure)
                 if expected is not None and bug_id == expected:
                     self.findings.known[expected] = self.findings.known.get(expected, 0) + 1
+                    self.known_variants.add(self.variant(failure))
                     continue
                 problems.append(f"{key} (known: {expected}) fails: {failure.summary()}")
             elif expected is not None:
@@ -399,9 +441,15 @@ class Fuzzer:
         bug_id = self.known.classify(failure)
         if bug_id is not None:
             self.findings.known[bug_id] = self.findings.known.get(bug_id, 0) + 1
-            if len(self.findings.known_saved.get(bug_id, [])) >= self.save_known_max:
+            saved = sum(len(paths) for paths in self.findings.known_saved.values())
+            if self.variant(failure) in self.known_variants or saved >= self.save_known_max:
                 self._recover(failure)
                 return
+        if failure.kind == "memory":  # grown over many batches: no single input to isolate
+            if bug_id is None:
+                self.findings.new.append((failure, None))
+            self._recover(failure)
+            return
         found = self.isolate(batch, failure)
         if found is None:
             if bug_id is None:  # needs several inputs together, or flaky: report the seed
@@ -409,9 +457,10 @@ class Fuzzer:
             return
         item, isolated = found
         isolated_bug = self.known.classify(isolated)
-        path = self.save(item)
-        if isolated_bug is not None:
+        if isolated_bug is None:
+            self.findings.new.append((isolated, self.save(item)))
+        elif self.variant(isolated) not in self.known_variants:
+            path = self.save(item)
             self.known.mark(f"{self.target.name}/{path.name}", isolated_bug)
+            self.known_variants.add(self.variant(isolated))
             self.findings.known_saved.setdefault(isolated_bug, []).append(path)
-        else:
-            self.findings.new.append((isolated, path))

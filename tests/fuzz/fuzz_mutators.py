@@ -179,6 +179,37 @@ def grow_integer(rng: random.Random, data: bytes, _corpus: Sequence[bytes]) -> b
     return data[:position] + value.to_bytes(width, "big") + data[position + width:]
 
 
+def set_count(rng: random.Random, data: bytes, _corpus: Sequence[bytes]) -> bytes:
+    """Find a 2- or 4-byte big-endian field holding a small value (a likely length or count)
+    and set it to an interesting one: where the over-allocation and null-array bugs live."""
+    width = rng.choice((2, 4, 4))
+    candidates = [
+        position for position in range(len(data) - width + 1)
+        if 0 < int.from_bytes(data[position:position + width], "big") <= 4096
+    ]
+    if not candidates:
+        return data
+    position = rng.choice(candidates)
+    value = rng.choice(INTERESTING_INTEGERS) & ((1 << (8 * width)) - 1)
+    return data[:position] + value.to_bytes(width, "big") + data[position + width:]
+
+
+def set_varint(rng: random.Random, data: bytes, _corpus: Sequence[bytes]) -> bytes:
+    """Replace a small byte (a likely compact length, count + 1) with a huge unsigned varint,
+    as Kafka's flexible versions encode them."""
+    candidates = [position for position, byte in enumerate(data) if 0 < byte <= 0x40]
+    if not candidates:
+        return data
+    position = rng.choice(candidates)
+    value = rng.choice((0x7FFFFFFF, 0xFFFFFFFF, 1 << 28, 1 << 35, 1 << 20))
+    encoded = bytearray()
+    while value >= 0x80:
+        encoded.append((value & 0x7F) | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return data[:position] + bytes(encoded) + data[position + 1:]
+
+
 def truncate(rng: random.Random, data: bytes, _corpus: Sequence[bytes]) -> bytes:
     return data[:rng.randrange(len(data) + 1)]
 
@@ -202,8 +233,8 @@ BYTE_MUTATORS: tuple[Mutator, ...] = (
 )
 # Frame bodies are mutated in place (no truncation or splicing across frames there).
 BODY_MUTATORS: tuple[Mutator, ...] = (
-    flip_bits, set_bytes, insert_bytes, delete_bytes, set_integer, set_integer, set_integer,
-    grow_integer, grow_integer, duplicate_span,
+    flip_bits, set_bytes, insert_bytes, delete_bytes, set_integer, set_integer, grow_integer,
+    grow_integer, duplicate_span, set_count, set_count, set_count, set_varint, set_varint,
 )
 
 

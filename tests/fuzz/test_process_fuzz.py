@@ -58,6 +58,7 @@ def test_corpus_replays_as_recorded(fuzzer: Fuzzer) -> None:
     assert not problems, "\n\n".join(problems)
 
 
+@pytest.mark.timeout(600)  # isolating and minimising a new crash restarts the server often
 @pytest.mark.parametrize("fuzzer", sorted(TARGETS), indirect=True)
 def test_mutated_client_traffic_is_survived(fuzzer: Fuzzer) -> None:
     print(f"CONVEYOR_SEED={SEED}")
