@@ -28,3 +28,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) conveyor-data .mypy_cache .ruff_cache
+
+# Long process-level fuzzing of every listener (tests/fuzz/fuzz_run.py): by default
+# 1M inputs per listener; ARGS="--minutes 5" bounds the time per listener instead.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/fuzz_run.py $(ARGS)

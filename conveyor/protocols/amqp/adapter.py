@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pamqp import base as pamqp_base
 from pamqp import commands
+from pamqp import constants as pamqp_constants
 from pamqp import decode as pamqp_decode
 
 from conveyor.broker.topics import topic_name_for
@@ -826,6 +827,10 @@ class Channel:
         if len(name.encode()) > 255:
             raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - queue name too "
                                "long", 50, 10)
+        if not pamqp_constants.DOMAIN_REGEX["queue-name"].fullmatch(name):
+            # pamqp's Queue.DeclareOk refuses such names: answer here, not with a traceback.
+            raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - queue name "
+                               f"{name!r} has characters outside the queue-name domain", 50, 10)
         topic = topic_name_for(name)
         self._check_exclusive(topic, name, method)
         if method.passive:

@@ -1,0 +1,130 @@
+"""The fuzzed listeners: one ``Target`` entry each (framing, seeds, a normal client's probe).
+
+Adding a listener (SQS next) is one entry in ``TARGETS``: its framing (``NO_FRAMING``
+or HTTP_FRAMING for an HTTP-based API), and a probe that does a round trip with a
+real client library within ``PROBE_TIMEOUT_S`` and raises if it cannot. Seeds come
+from ``fuzz_capture.py`` (``tests/fuzz/seeds/<name>/``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuzz_mutators import AMQP_FRAMING, HTTP_FRAMING, KAFKA_FRAMING, Framing
+
+# A normal client must be served within this after each batch (issue 9: "within a bound").
+PROBE_TIMEOUT_S = 5.0
+FUZZ_ROOT = Path(__file__).parent
+
+
+class ProbeFailed(AssertionError):
+    """A normal client was not served within the bound."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str  # the listener name in ``conveyor serve --listeners``
+    framing: Framing
+    probe: Callable[[int], None]  # port -> None, raises ProbeFailed
+
+    @property
+    def seeds_dir(self) -> Path:
+        return FUZZ_ROOT / "seeds" / self.name
+
+    @property
+    def corpus_dir(self) -> Path:
+        return FUZZ_ROOT / "corpus" / self.name
+
+    def seeds(self) -> list[bytes]:
+        return [path.read_bytes() for path in sorted(self.seeds_dir.glob("*.bin"))]
+
+
+def kafka_probe(port: int) -> None:
+    """confluent-kafka: produce one record to partition 0, then fetch it back."""
+    from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+    bootstrap = f"127.0.0.1:{port}"
+    token = uuid.uuid4().bytes
+    quick = {"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 2000,
+             "reconnect.backoff.max.ms": 100, "log_level": 0}
+    producer = Producer({**quick, "message.timeout.ms": int(PROBE_TIMEOUT_S * 1000)})
+    offsets: list[int] = []
+    errors: list[object] = []
+
+    def delivered(error: object, message: object) -> None:
+        if error is not None:
+            errors.append(error)
+        else:
+            offsets.append(message.offset())  # type: ignore[attr-defined]
+
+    producer.produce("fuzz-probe-kafka", value=token, partition=0, on_delivery=delivered)
+    if producer.flush(PROBE_TIMEOUT_S) != 0 or errors or not offsets:
+        raise ProbeFailed(f"kafka produce not acknowledged within {PROBE_TIMEOUT_S} s: {errors}")
+    consumer = Consumer({**quick, "group.id": "fuzz-probe", "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition("fuzz-probe-kafka", 0, offsets[0])])
+        message = consumer.poll(PROBE_TIMEOUT_S)
+        if message is None or message.error() is not None or message.value() != token:
+            raise ProbeFailed(f"kafka fetch did not return the record: {message}")
+    except KafkaException as error:
+        raise ProbeFailed(f"kafka fetch failed: {error}") from error
+    finally:
+        consumer.close()
+
+
+def amqp_probe(port: int) -> None:
+    """pika: declare a queue, publish one message, basic.get it and ack."""
+    import pika
+    from pika.exceptions import AMQPError
+
+    parameters = pika.ConnectionParameters(
+        host="127.0.0.1", port=port, connection_attempts=1, socket_timeout=PROBE_TIMEOUT_S,
+        stack_timeout=PROBE_TIMEOUT_S, blocked_connection_timeout=PROBE_TIMEOUT_S)
+    token = uuid.uuid4().bytes
+    try:
+        connection = pika.BlockingConnection(parameters)
+        try:
+            channel = connection.channel()
+            channel.queue_declare("fuzz-probe-amqp")
+            channel.basic_publish("", "fuzz-probe-amqp", token)
+            for _ in range(100):  # bounded by stack_timeout per call, not by count
+                method, _properties, body = channel.basic_get("fuzz-probe-amqp")
+                if method is not None:
+                    channel.basic_ack(method.delivery_tag)
+                    if body == token:
+                        return
+                else:
+                    connection.process_data_events(time_limit=0.05)
+            raise ProbeFailed("amqp basic.get never returned the published message")
+        finally:
+            connection.close()
+    except (AMQPError, OSError) as error:
+        raise ProbeFailed(f"amqp round trip failed: {error!r}") from error
+
+
+def http_probe(port: int) -> None:
+    """Conveyor's client: publish one message, fetch it from its offset."""
+    from conveyor.client import Client
+    from conveyor.client.core import RetryPolicy
+    from conveyor.errors import ConveyorError
+
+    token = uuid.uuid4().hex
+    try:
+        with Client(f"http://127.0.0.1:{port}", timeout_s=PROBE_TIMEOUT_S,
+                    retry=RetryPolicy(attempts=1)) as client:
+            result = client.publish("fuzz-probe-http", token.encode(), partition=0)
+            fetched = client.fetch("fuzz-probe-http", offsets={0: result.offset}, limit=1)
+    except (ConveyorError, OSError) as error:
+        raise ProbeFailed(f"http round trip failed: {error!r}") from error
+    if not fetched.messages or fetched.messages[0].value != token.encode():
+        raise ProbeFailed(f"http fetch did not return the message: {fetched}")
+
+
+TARGETS: dict[str, Target] = {
+    "kafka": Target("kafka", KAFKA_FRAMING, kafka_probe),
+    "amqp": Target("amqp", AMQP_FRAMING, amqp_probe),
+    "http": Target("http", HTTP_FRAMING, http_probe),
+}
