@@ -13,6 +13,7 @@ RSS stays within a bound after the same inputs. Seeds are fixed (CONVEYOR_SEED o
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import random
@@ -141,6 +142,14 @@ def _live() -> dict[str, int]:
     return counts
 
 
+async def _cleanups_finished() -> None:
+    """Await the cleanup tasks of the connections whose sockets are gone."""
+    names = ("AmqpConnection._cleanup", "AmqpConnection._close_requested")
+    pending = [task for task in asyncio.all_tasks()
+               if task.get_coro().__qualname__ in names]  # type: ignore[union-attr]
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 def test_malformed_connections_release_every_per_connection_object(tmp_path: Path) -> None:
     with BrokerThread(tmp_path / "data", listeners=("amqp",)) as broker:
         state = broker.server.listener("amqp").state  # type: ignore[attr-defined]
@@ -148,6 +157,7 @@ def test_malformed_connections_release_every_per_connection_object(tmp_path: Pat
         for index in range(CONNECTIONS):
             send(port, index)
         broker.call(state.gate.until_open, 0, timeout_s=30)
+        broker.call(_cleanups_finished, timeout_s=30)
 
         leftover = broker.call_sync(_live)
         assert leftover == {"AmqpConnection": 0, "Channel": 0, "Consumer": 0}, leftover
