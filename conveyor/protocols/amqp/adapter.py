@@ -1283,6 +1283,7 @@ class AmqpConnection(asyncio.Protocol):
         self._watch: RequestWatch | None = None
         self._blocked = False  # connection.blocked sent (publisher push-back)
         self._unsubscribe: Callable[[], None] | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None  # the close_timeout_ms timer
 
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1335,6 +1336,9 @@ class AmqpConnection(asyncio.Protocol):
         shared.flow.forget(self)
         if self._heartbeat_handle is not None:
             self._heartbeat_handle.cancel()
+        if self._abort_handle is not None:  # the socket is gone: release the connection now
+            self._abort_handle.cancel()
+            self._abort_handle = None
         self.machine.state = ConnectionState.CLOSED
         self._closing_task = self._loop.create_task(self._cleanup())
 
@@ -1569,7 +1573,8 @@ class AmqpConnection(asyncio.Protocol):
         self.machine.close_connection()
         self.send_method(0, commands.Connection.Close(reply_code, text[:255], class_id,
                                                       method_id))
-        self._loop.call_later(self.server.settings.close_timeout_ms / 1000, self._abort)
+        self._abort_handle = self._loop.call_later(
+            self.server.settings.close_timeout_ms / 1000, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -223,6 +223,9 @@ class ConnectionMachine:
             frames = self.reader.feed(data)
         except FrameError as error:
             frames, failure = error.frames, error
+            # the reader keeps the error: without its traceback it holds no frame of
+            # the adapter (and so no connection) in a cycle only the GC could free
+            error.__traceback__ = None
         for item in frames:
             if self.state is ConnectionState.CLOSED:
                 break
