@@ -25,7 +25,11 @@ from conveyor.client.core import (
     PublishResult,
     RetryPolicy,
 )
-from conveyor.errors import UnknownQueueError
+from conveyor.errors import (
+    AlreadyExistsError,
+    PreconditionFailedError,
+    UnknownQueueError,
+)
 
 Value = bytes | bytearray | memoryview | str | None
 ConsumeMode = Literal["shared", "ordered"]
@@ -364,6 +368,17 @@ class Client:
                 if message.correlation_id == correlation_id:
                     return message
 
+    def _ensure_request_queue(self, topic: str, group: str | None) -> None:
+        """Create what ``serve_requests`` reads from, as ``call`` creates its reply queue,
+        so either side may start first: the queue ``topic`` (or, with a group, the topic)."""
+        try:
+            if group is None:
+                self.create_queue(topic)
+            else:
+                self.create_topic(topic)
+        except (AlreadyExistsError, PreconditionFailedError):
+            pass  # there already: a queue with its own config, or a plain topic
+
     def serve_requests(
         self,
         topic: str,
@@ -379,6 +394,7 @@ class Client:
         Replies go to the request's reply_to with its correlation_id. A handler
         exception releases the request (redelivered). Returns the count handled.
         """
+        self._ensure_request_queue(topic, group)
         handled = 0
         while (stop is None or not stop.is_set()) and (
             max_messages is None or handled < max_messages

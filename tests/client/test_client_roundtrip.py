@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import uuid
 
+import httpx
 import pytest
 
 from conveyor import Client
@@ -21,6 +22,7 @@ from conveyor.errors import (
     LockExpiredError,
     TopicExistsError,
     UnknownDeliveryError,
+    UnknownQueueError,
     UnknownTopicError,
 )
 
@@ -180,6 +182,76 @@ def test_request_response_through_a_reply_queue(client: Client, server: object) 
     assert response.text == "HELLO"
     thread.join(timeout=10)
     assert worker_done.is_set()
+
+
+class _AcquireSeen(httpx.HTTPTransport):
+    """Sets ``answered`` once an acquire's response came back: the worker has looked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = threading.Event()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.url.path.endswith("/acquire"):
+            self.answered.set()
+        return response
+
+
+def test_a_worker_started_before_any_caller_creates_its_request_queue(client: Client) -> None:
+    """docs/http.md's request/response example, worker first: before the fix the
+    worker's first acquire failed with UnknownTopicError. The caller starts only after
+    the worker's first (empty) acquire has been answered."""
+    topic = unique("rpc-first")
+    transport = _AcquireSeen()
+    handled: list[int] = []
+
+    def work() -> None:
+        with Client(client.url, transport=transport) as worker:
+            handled.append(worker.serve_requests(topic, lambda m: (m.text or "")[::-1],
+                                                 max_messages=1, wait_s=0.2))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    assert transport.answered.wait(timeout=10)
+    assert client.describe_queue(topic)["name"] == topic
+    assert client.call(topic, "olleh", timeout_s=10).text == "hello"
+    thread.join(timeout=10)
+    assert handled == [1]
+
+
+def test_serve_requests_keeps_an_existing_queue_and_its_config(client: Client) -> None:
+    topic = unique("rpc-configured")
+    client.create_queue(topic, max_deliveries=3)
+    with Client(client.url) as worker:
+        assert worker.serve_requests(topic, lambda m: m.value, max_messages=1,
+                                     wait_s=0, stop=_set_event()) == 0
+    assert client.describe_queue(topic)["config"]["max_deliveries"] == 3
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
+def test_an_empty_dead_letter_queue_reads_as_empty(client: Client) -> None:
+    """A queue's DLQ is created by its first dead letter; until then it reads as an
+    empty list and redrives nothing (docs/http.md). An unknown queue is still 404."""
+    queue = unique("healthy")
+    client.create_queue(queue, max_deliveries=5)
+    assert client.dlq(queue) == []
+    assert client.redrive(queue) == 0
+    plain = unique("no-dead-letters")
+    client.create_queue(plain)  # max_deliveries=0: dead-letters nowhere
+    assert client.dlq(plain) == []
+    topic = unique("ledger")
+    client.create_topic(topic)
+    client.create_group(topic, "auditors", max_deliveries=2)
+    assert client.dlq(topic, "auditors") == []
+    assert client.redrive(topic, "auditors") == 0
+    with pytest.raises(UnknownQueueError):
+        client.dlq(unique("missing"))
 
 
 def test_typed_errors(client: Client) -> None:

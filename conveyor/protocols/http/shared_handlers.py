@@ -139,21 +139,30 @@ class SharedGroupHandlers:
         lock_ms = request.body["lock_ms"]
         return await self._settle_each(request, lambda receipts: shared.extend(receipts, lock_ms))
 
-    async def _dead_letter_topic(self, topic: str, group: str) -> str:
+    async def _dead_letter_topic(self, topic: str, group: str) -> str | None:
+        """The DLQ topic of a queue or shared group, or None while it does not exist.
+
+        A DLQ is created by its first dead letter; until then (or when the queue
+        dead-letters nowhere) it reads as empty and redrives nothing. Only an unknown
+        queue or topic is an error (docs/http.md, "Dead letters")."""
         shared = _shared(self.broker)
         if topic == group and shared.queue_exists(topic):
             info = await shared.get_queue(topic)
             name = dead_letter_topic(topic, info.config)
         else:
+            if self.broker.topics.find(topic) is None:
+                raise UnknownQueueError("unknown queue or topic", topic=topic, group=group)
             name = f"{group}.dlq"
         if name is None or not shared.queue_exists(name):
-            raise UnknownQueueError("the group has no dead-letter queue", topic=topic,
-                                    group=group)
+            return None
         return name
 
     async def dlq(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         topic, group = request.path["topic"], request.path["group"]
         dead_topic = await self._dead_letter_topic(topic, group)
+        if dead_topic is None:
+            offset = request.query.get("offset", 0)
+            return ApiResponse(200, {"messages": [], "next_offsets": {"0": offset}})
         offsets = self.broker.offsets(dead_topic, 0)
         offset = max(request.query.get("offset", 0), offsets.log_start_offset)
         offset = min(offset, offsets.high_watermark)
@@ -168,6 +177,8 @@ class SharedGroupHandlers:
     async def redrive(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         topic, group = request.path["topic"], request.path["group"]
         dead_topic = await self._dead_letter_topic(topic, group)
+        if dead_topic is None:
+            return ApiResponse(200, {"redriven": 0})
         count = await _shared(self.broker).redrive(dead_topic, request.body.get("limit", 1000))
         return ApiResponse(200, {"redriven": count})
 
