@@ -808,6 +808,10 @@ class Broker:
     async def purge_queue(self, name: str) -> int:
         return await self._shared().purge_queue(name)
 
+    async def alter_queue(self, name: str, config: QueueConfig) -> QueueInfo:
+        """Replace a queue's config (same partitions); applies from the next acquire."""
+        return await self._shared().alter_queue(name, config)
+
     async def get_queue(self, name: str) -> QueueInfo:
         return await self._shared().get_queue(name)
 

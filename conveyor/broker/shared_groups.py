@@ -315,6 +315,21 @@ class SharedGroups:
         await self.store.commit()
         return ready + delayed
 
+    async def alter_queue(self, name: str, config: QueueConfig) -> QueueInfo:
+        """Replace a queue's config (SQS SetQueueAttributes); in-flight locks keep their
+        deadlines, the new settings apply to the next acquire. Partitions cannot change."""
+        state = self._queue(name)
+        if config.partitions != state.config.partitions:
+            raise InvalidRequestError("partitions cannot change", queue=name)
+        state.config = config
+        for part in state.partitions.values():
+            part.config = config
+        self.host.state_store.save_queue(
+            QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
+        self.store.save_group(name, name, config_to_json(config))
+        await self.store.commit()
+        return await self.get_queue(name)
+
     async def purge_queue(self, name: str) -> int:
         state = self._queue(name)
         purged = 0

@@ -1,0 +1,125 @@
+"""What every SQS action shares: queue URLs and ARNs, receipt handles, the catalog.
+
+Owns: resolving a QueueUrl (or the query protocol's request path)
+to a Conveyor queue, the account id and region in URLs and ARNs, and receipt
+handles: the broker's receipt plus an HMAC under a key drawn from ``secrets`` at
+start, so a handle cannot be forged or guessed; the broker's receipt token changes on
+every receive, so each receive hands out a new handle, and a handle stops working
+once its lock is gone (the broker says so).
+Must not know: sockets, HTTP framing, JSON/XML (codec.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from conveyor.broker.shared_groups import parse_receipt
+from conveyor.errors import UnknownDeliveryError
+from conveyor.protocols.sqs.catalog import QueueCatalog
+from conveyor.protocols.sqs.errors import (
+    QueueDoesNotExist,
+    ReceiptHandleIsInvalid,
+)
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+ACCOUNT_ID_DEFAULT: Final = "000000000000"  # what LocalStack and moto answer with
+REGION_DEFAULT: Final = "us-east-1"
+_MAC_BYTES: Final = 16
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What an action may know about its connection."""
+
+    host: str  # the Host header the client used (queue URLs point back at it)
+    disconnected: asyncio.Event
+    path: str = "/"  # the query protocol may name the queue by its URL's path
+
+
+class SqsBase:
+    def __init__(self, broker: Broker, account_id: str = ACCOUNT_ID_DEFAULT,
+                 region: str = REGION_DEFAULT, default_host: str = "127.0.0.1:9324") -> None:
+        self.broker = broker
+        self.account_id = account_id
+        self.region = region
+        self.default_host = default_host
+        self.catalog = QueueCatalog(broker)
+        self._mac_key = secrets.token_bytes(32)
+        self.purged_at_ms: dict[str, int] = {}  # queue -> monotonic ms of its last purge
+        self.move_tasks: dict[str, dict[str, Any]] = {}  # task handle -> ListMessageMoveTasks entry
+        # (queue, partition, offset) -> wall ms of its first receive (bounded, oldest out)
+        self.first_receive_ms: dict[tuple[str, int, int], int] = {}
+
+    # --- queues, URLs, ARNs ------------------------------------------------------------
+    def queue_url(self, name: str, context: RequestContext) -> str:
+        return f"http://{context.host or self.default_host}/{self.account_id}/{name}"
+
+    def queue_arn(self, name: str) -> str:
+        return f"arn:aws:sqs:{self.region}:{self.account_id}:{name}"
+
+    def queue_exists(self, name: str) -> bool:
+        shared = self.broker.shared_groups
+        return shared is not None and shared.queue_exists(name)
+
+    def resolve_queue(self, params: dict[str, Any], context: RequestContext) -> str:
+        """The queue named by QueueUrl (or the request path); QueueDoesNotExist."""
+        url = params.get("QueueUrl")
+        if url is None and context.path.strip("/"):
+            url = context.path
+        if not isinstance(url, str) or not url:
+            from conveyor.protocols.sqs.errors import MissingParameter
+
+            raise MissingParameter("The request must contain the parameter QueueUrl.")
+        name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] if "/" in url else url
+        if not self.queue_exists(name):
+            raise QueueDoesNotExist("The specified queue does not exist.")
+        return name
+
+    def queue_from_arn(self, arn: str) -> str:
+        name = arn.rsplit(":", 1)[-1]
+        if arn.count(":") < 5 or not self.queue_exists(name):
+            from conveyor.protocols.sqs.errors import ResourceNotFoundException
+
+            raise ResourceNotFoundException("The resource that you specified for the "
+                                            "SourceArn parameter doesn't exist.")
+        return name
+
+    # --- receipt handles ---------------------------------------------------------------
+    def receipt_handle(self, receipt: str) -> str:
+        raw = receipt.encode()
+        mac = hmac.digest(self._mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
+        return base64.urlsafe_b64encode(mac + raw).decode()
+
+    def broker_receipt(self, handle: Any, queue: str) -> str:
+        """The broker receipt inside a handle of ``queue``; ReceiptHandleIsInvalid."""
+        invalid = ReceiptHandleIsInvalid(f"The input receipt handle \"{str(handle)[:100]}\" "
+                                         "is not a valid receipt handle.")
+        if not isinstance(handle, str) or not handle or len(handle) > 4096:
+            raise invalid
+        try:
+            data = base64.urlsafe_b64decode(handle.encode())
+        except (binascii.Error, ValueError):
+            raise invalid from None
+        mac, raw = data[:_MAC_BYTES], data[_MAC_BYTES:]
+        expected = hmac.digest(self._mac_key, raw, hashlib.sha256)[:_MAC_BYTES]
+        if not hmac.compare_digest(mac, expected):
+            raise invalid
+        receipt = raw.decode()
+        try:
+            group, topic, *_ = parse_receipt(receipt)
+        except UnknownDeliveryError:
+            raise invalid from None
+        if (group, topic) != (queue, queue):
+            raise invalid  # a handle of another queue
+        return receipt
+
