@@ -53,6 +53,7 @@ from conveyor.storage.state_store import (
     StateStore,
 )
 
+from .log_end import LostRange, clamp
 from .ordered_group import (
     ASSIGNORS,
     CommittedOffset,
@@ -159,6 +160,8 @@ class Broker:
         self._producer_locks: dict[tuple[int, str, int], asyncio.Lock] = {}
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_sleeping = False
+        # state found past the recovered log end at the last open (log_end.py)
+        self.lost_ranges: list[LostRange] = []
         # (topic, partition) -> (base offset, crc, records) of the batch decoded last
         self._decoded: dict[tuple[str, int], tuple[int, int, list[Record]]] = {}
         # topic name -> its auto-creation in progress
@@ -175,6 +178,8 @@ class Broker:
         await self.log_store.open()
         await self.topics.load()
         self.producers.load()
+        self.lost_ranges = []
+        self.producers.clamp_to_logs(self._log_ends(), self.lost_ranges)
         self.producers.recover_from_logs(
             [(topic, partition, self.log_store.partition(topic, partition))
              for topic, partition in self.log_store.partitions()
@@ -184,6 +189,8 @@ class Broker:
         self._load_exchanges()
         self._load_groups()
         await self._open_shared_groups()
+        if self.shared_groups is not None:
+            self.lost_ranges.extend(self.shared_groups.lost_ranges)
         await self.state_store.commit()
         interval_ms = self.config.retention_check_interval_ms
         self._next_retention_ms = self.clock.monotonic_ms() + interval_ms
@@ -582,13 +589,27 @@ class Broker:
     def _member_suffix(self) -> str:
         return f"{self.rng.getrandbits(128):032x}"
 
+    def _log_ends(self) -> dict[tuple[str, int], int]:
+        """Each known partition's log end after recovery (what state is clamped to)."""
+        return {(topic, partition): int(self.log_store.partition(topic, partition).high_watermark)
+                for topic, partition in self.log_store.partitions()
+                if self.topics.find(topic) is not None}
+
     def _load_groups(self) -> None:
         for group_id, snapshot in self.state_store.load_groups().items():
             self._group(group_id, create=True).restore(snapshot)
+        log_ends = self._log_ends()
         for row in self.state_store.load_committed_offsets():
+            log_end = log_ends.get((row.topic, row.partition))
+            offset = row.committed_offset
+            if log_end is not None:
+                offset = clamp("ordered-group", row.group_id, row.topic, row.partition,
+                               offset, log_end, self.lost_ranges)
+            if offset != row.committed_offset:
+                self.state_store.save_committed_offsets([dataclasses.replace(
+                    row, committed_offset=offset)])
             self._group(row.group_id, create=True).offsets[(row.topic, row.partition)] = (
-                CommittedOffset(row.committed_offset, row.metadata, row.leader_epoch,
-                                row.commit_ms)
+                CommittedOffset(offset, row.metadata, row.leader_epoch, row.commit_ms)
             )
 
     def _save_group(self, group: OrderedGroup) -> None:

@@ -79,6 +79,7 @@ from .delivery import (
     record_policy,
     redrive_message,
 )
+from .log_end import LostRange, clamp
 from .shared_group import Change, RecordState, SharedPartition
 from .types import (
     Delivery,
@@ -190,6 +191,8 @@ class SharedGroups:
         # loaded into a window yet: _fill takes them instead of reading and decoding the log
         self._appended: dict[tuple[str, int], dict[int, Record]] = {}
         self._appended_count = 0  # records in _appended, bounded by APPENDED_CACHE_RECORDS_MAX
+        # state found past the recovered log end at open (logged; see log_end.py)
+        self.lost_ranges: list[LostRange] = []
 
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -214,14 +217,28 @@ class SharedGroups:
         starts = self.store.load_start_offsets(group, topic)
         for partition in range(info.partitions):
             log = self.host.topics.partition_log(topic, partition)
-            start = max(starts.get(partition, log.log_start_offset), log.log_start_offset)
+            log_end = int(log.high_watermark)
+            saved = starts.get(partition, -1)
+            # a start, ack floor or record state past the recovered log end names
+            # records a crash lost: clamped, or new records would count as acked
+            start = clamp("shared-group", group, topic, partition,
+                          max(starts.get(partition, log.log_start_offset),
+                              log.log_start_offset), log_end, self.lost_ranges)
             part = SharedPartition(topic, partition, group, config, start_offset=start,
                                    next_offset=start)
-            for row in self.store.load_records(group, topic, partition):
-                part.pending_rows[row.offset] = (
-                    RecordState(row.state), row.delivery_count, row.available_at_ms)
+            rows = self.store.load_records(group, topic, partition)
+            if rows and rows[-1].offset >= log_end:
+                clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
+                      log_end, self.lost_ranges)
+                self.store.delete_records_from(group, topic, partition, log_end)
+            for row in rows:
+                if row.offset < log_end:
+                    part.pending_rows[row.offset] = (
+                        RecordState(row.state), row.delivery_count, row.available_at_ms)
             state.partitions[partition] = part
-            state.saved_start[partition] = starts.get(partition, -1)
+            state.saved_start[partition] = saved
+            if saved > start:
+                self._save_start(state, partition, part)
         self._groups[(group, topic)] = state
 
     async def close(self) -> None:

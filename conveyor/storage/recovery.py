@@ -55,10 +55,10 @@ def _remove_indexes(fs: FileSystem, directory: str, base_offset: int) -> None:
             fs.remove(path)
 
 
-def recover_segment(segment: Segment) -> RecoveryReport | None:
+def recover_segment(segment: Segment, *, contiguous: bool = False) -> RecoveryReport | None:
     """Validate every batch (CRC included), rebuild indexes and truncate a bad tail."""
     file_bytes = segment.fs.size(segment.handle)
-    valid_end = segment.rebuild(validate=True)
+    valid_end = segment.rebuild(validate=True, contiguous=contiguous)
     if valid_end == file_bytes:
         return None
     segment.fs.truncate(segment.handle, valid_end)
@@ -91,12 +91,21 @@ def load_segments(
                                index_interval_bytes=index_interval_bytes, created_ms=now_ms)
         is_active = position == len(bases) - 1
         if is_active or not segment.load_indexes():
-            report = recover_segment(segment)
+            report = recover_segment(segment, contiguous=is_active)
             if report is not None:
                 reports.append(report)
             if not is_active:
                 segment.write_indexes()
         segments.append(segment)
+    log_end = segments[-1].next_offset
+    if log_start_offset > log_end:
+        # the log-start file is durable while the records below it may not be
+        # (fsync=interval/never): a crash can leave it past the recovered log end
+        logger.warning("log start offset %d past the recovered log end %d in %s: "
+                       "moved back", log_start_offset, log_end, directory)
+        log_start_offset = log_end
+        segment_files.write_file_atomically(
+            fs, directory, segment_files.LOG_START_OFFSET_FILE, str(log_end).encode())
     return segments, log_start_offset, reports
 
 

@@ -132,8 +132,10 @@ class Segment:
         self.rebuild(end=size_bytes, validate=False)
 
     # --- indexes -----------------------------------------------------------------------
-    def rebuild(self, *, end: int | None = None, validate: bool) -> int:
-        """Re-derive indexes and offsets from the log; return the end of the last good batch."""
+    def rebuild(self, *, end: int | None = None, validate: bool, contiguous: bool = False) -> int:
+        """Re-derive indexes and offsets from the log; return the end of the last good batch.
+        ``contiguous``: a batch whose base offset (outside the CRC) is not the next offset
+        ends the good part too (an active segment has no compaction gaps)."""
         self.offset_index = OffsetIndex(self.base_offset)
         self.time_index = TimeIndex(self.base_offset)
         self._bytes_since_index = 0
@@ -142,6 +144,8 @@ class Segment:
         limit = self.fs.size(self.handle) if end is None else end
         valid_end = 0
         for position, header in scan_batches(self.fs, self.handle, 0, limit, validate=validate):
+            if contiguous and header.base_offset != self.next_offset:
+                break
             self._index_batch(position, header)
             valid_end = position + header.size_bytes
         self.size_bytes = valid_end
