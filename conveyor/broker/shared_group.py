@@ -5,9 +5,12 @@ which protocol asked, and it does no I/O — the manager feeds it records read
 from the log and persists the changes it reports):
 
 - The window starts at ``start_offset``: every offset below it is ACKED or DEAD.
-  Records from ``start_offset`` to ``next_offset`` are loaded into ``entries``;
-  records at or above ``next_offset`` are in the log but not yet loaded (they
-  count as available).
+  Records from ``start_offset`` to ``next_offset`` are loaded: unsettled ones in
+  ``entries`` (at most ``window_records_max``), settled ones (ACKED or DEAD behind
+  an unsettled one) only as offsets in ``settled``, so acks behind one unacked
+  delivery never fill the window; the span ``next_offset - start_offset`` is
+  bounded by ``span_records_max``. Records at or above ``next_offset`` are in the
+  log but not yet loaded (they count as available).
 - A record is AVAILABLE, DELAYED (not before ``available_at_ms``), ACQUIRED
   (by a consumer, locked until ``deadline_ms``), ACKED or DEAD. Transitions are
   the ``TRANSITIONS`` table; anything else raises.
@@ -37,6 +40,9 @@ from .delivery import NEVER_MS, DeadReason, RecordPolicy, exhausted
 from .types import QueueConfig
 
 WINDOW_RECORDS_MAX = 2_000  # KIP-932 group.share.partition.max.record.locks (default 2000)
+# KIP-932 bounds the records in flight, not the span behind one stuck record; we bound
+# the span too so the set of settled offsets behind the start stays small (~4 MiB)
+SPAN_RECORDS_MAX = 100_000
 
 
 class RecordState(enum.Enum):
@@ -116,8 +122,11 @@ class SharedPartition:
     config: QueueConfig
     start_offset: int = 0
     window_records_max: int = WINDOW_RECORDS_MAX
-    # offset -> entry, for every loaded offset in [start_offset, next_offset)
+    span_records_max: int = SPAN_RECORDS_MAX
+    # offset -> entry, for every loaded unsettled offset in [start_offset, next_offset)
     entries: dict[int, Entry] = field(default_factory=dict)
+    # loaded offsets above start_offset that are ACKED or DEAD (their entries are gone)
+    settled: set[int] = field(default_factory=set)
     next_offset: int = 0
     # (-priority, offset, version): AVAILABLE entries, stale items skipped lazily
     available: list[tuple[int, int, int]] = field(default_factory=list)
@@ -137,7 +146,9 @@ class SharedPartition:
 
     # --- loading --------------------------------------------------------------------
     def room(self) -> int:
-        return max(0, self.window_records_max - len(self.entries))
+        span = self.next_offset - self.start_offset
+        return max(0, min(self.window_records_max - len(self.entries),
+                          self.span_records_max - span))
 
     def load(self, record: Record, policy: RecordPolicy) -> None:
         """Add the record at ``next_offset`` (the manager reads the log in order)."""
@@ -151,7 +162,7 @@ class SharedPartition:
             entry.state, entry.delivery_count, entry.available_at_ms = saved
         self.entries[record.offset] = entry
         if entry.state in FINAL:
-            self._advance_start()
+            self._settle(record.offset)
             return
         if entry.state is S.ACQUIRED:  # a lock does not survive a restart
             entry.state = S.AVAILABLE
@@ -168,6 +179,7 @@ class SharedPartition:
         self.next_offset = max(self.next_offset, offset)
         if self.start_offset < offset and not any(o < offset for o in self.entries):
             self.start_offset = max(self.start_offset, min(offset, self.next_offset))
+            self.settled = {o for o in self.settled if o >= self.start_offset}
 
     # --- time -------------------------------------------------------------------------
     def tick(self, now_ms: int) -> bool:
@@ -280,7 +292,7 @@ class SharedPartition:
         self._end_lock(entry)
         self._move(entry, E.ACK)
         self.changes.append(Change(offset, S.ACKED, entry.delivery_count))
-        self._advance_start()
+        self._settle(offset)
 
     def release(self, offset: int, token: int, now_ms: int, delay_ms: int = 0) -> None:
         entry = self.held(offset, token, now_ms)
@@ -314,8 +326,8 @@ class SharedPartition:
             if entry.state in (S.AVAILABLE, S.DELAYED):
                 self._move(entry, E.PURGE)
                 self.changes.append(Change(offset, S.ACKED, entry.delivery_count))
+                self._settle(offset)
                 purged += 1
-        self._advance_start()
         return purged
 
     def drop_oldest(self, count: int) -> int:
@@ -332,8 +344,8 @@ class SharedPartition:
                     "maxlen" if self.config.dead_letter_exchange is not None else None)
                 self.changes.append(Change(offset, S.DEAD, entry.delivery_count,
                                            reason=reason, record=entry.record))
+                self._settle(offset)
                 dropped += 1
-        self._advance_start()
         return dropped
 
     # --- counts -----------------------------------------------------------------------
@@ -395,12 +407,15 @@ class SharedPartition:
         self._move(entry, E.KILL)
         self.changes.append(
             Change(offset, S.DEAD, entry.delivery_count, reason=reason, record=entry.record))
-        self._advance_start()
+        self._settle(offset)
 
-    def _advance_start(self) -> None:
-        while True:
-            entry = self.entries.get(self.start_offset)
-            if entry is None or entry.state not in FINAL:
-                return
-            del self.entries[self.start_offset]
+    def _settle(self, offset: int) -> None:
+        """The entry at ``offset`` reached ACKED or DEAD: drop it from the window."""
+        del self.entries[offset]
+        if offset != self.start_offset:
+            self.settled.add(offset)
+            return
+        self.start_offset += 1
+        while self.start_offset in self.settled:
+            self.settled.discard(self.start_offset)
             self.start_offset += 1

@@ -740,10 +740,12 @@ class SharedGroups:
         if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)
                for change in changes):
             self._wake(state.group, state.topic)
-        elif (part.start_offset != start_before and self._waiters.get(
-                (state.group, state.topic)) and part.next_offset < self._high_watermark(part)):
-            # the window moved: records not loaded yet (a full window held them back)
-            # can now be acquired by whoever is parked
+        elif ((part.start_offset != start_before or any(
+                change.state in (RecordState.ACKED, RecordState.DEAD) for change in changes))
+                and self._waiters.get((state.group, state.topic))
+                and part.next_offset < self._high_watermark(part)):
+            # the window has room again (it moved, or records settled behind an unsettled
+            # one): records not loaded yet can now be acquired by whoever is parked
             self._wake(state.group, state.topic)
 
     async def _dead_letter(self, state: GroupState, part: SharedPartition,
