@@ -43,6 +43,9 @@ WINDOW_RECORDS_MAX = 2_000  # KIP-932 group.share.partition.max.record.locks (de
 # KIP-932 bounds the records in flight, not the span behind one stuck record; we bound
 # the span too so the set of settled offsets behind the start stays small (~4 MiB)
 SPAN_RECORDS_MAX = 100_000
+# receipts of earlier locks of a record still answer "lock expired" (not "unknown"):
+# a few are enough to tell a late consumer from a forged receipt (SQS keeps none)
+PAST_TOKENS_MAX = 4
 
 
 class RecordState(enum.Enum):
@@ -93,6 +96,7 @@ class Entry:
     consumer_id: str | None = None  # holder while ACQUIRED
     deadline_ms: int = 0  # lock deadline while ACQUIRED (wall ms)
     token: int = 0  # changes on every acquire: a stale receipt never matches
+    past_tokens: tuple[int, ...] = ()  # tokens of earlier locks, newest first (bounded)
     heap_version: int = 0  # matches the live available-heap item
 
 
@@ -221,6 +225,8 @@ class SharedPartition:
         for offset in self._candidates(now_ms, records_max):
             entry = self.entries[offset]
             self._move(entry, E.ACQUIRE)
+            if entry.token:
+                entry.past_tokens = (entry.token, *entry.past_tokens)[:PAST_TOKENS_MAX]
             entry.delivery_count += 1
             entry.consumer_id = consumer_id
             entry.deadline_ms = now_ms + lock_ms
@@ -280,12 +286,18 @@ class SharedPartition:
             )
         if entry.state is S.ACQUIRED and entry.token == token and entry.deadline_ms <= now_ms:
             self._unlock(offset, entry, now_ms, 0)
-        if entry.state is not S.ACQUIRED or entry.token != token:
-            raise LockExpiredError(
+        if entry.state is S.ACQUIRED and entry.token == token:
+            return entry
+        if token != entry.token and token not in entry.past_tokens:
+            # never issued for this record (forged, mistyped, or from before a restart)
+            raise UnknownDeliveryError(
+                "no such delivery: the receipt was not issued for this record",
+                topic=self.topic, partition=self.partition, offset=offset, group=self.group,
+            )
+        raise LockExpiredError(
                 "the lock of this delivery expired", topic=self.topic,
                 partition=self.partition, offset=offset, group=self.group,
             )
-        return entry
 
     def ack(self, offset: int, token: int, now_ms: int) -> None:
         entry = self.held(offset, token, now_ms)

@@ -60,6 +60,23 @@ def test_receipt_errors_are_typed() -> None:
     assert part.start_offset == 1
 
 
+def test_a_receipt_never_issued_is_unknown_not_expired() -> None:
+    """docs/http.md: a wrong token answers unknown_delivery; the live lock stays."""
+    part = make_partition()
+    feed(part, 1)
+    part.acquire(now_ms=0, records_max=1, lock_ms=1_000, consumer_id="c", token=7)
+    with pytest.raises(UnknownDeliveryError):
+        part.ack(0, 999, now_ms=10)
+    assert part.entries[0].state is RecordState.ACQUIRED
+    part.release(0, 7, now_ms=20)
+    part.acquire(now_ms=30, records_max=1, lock_ms=1_000, consumer_id="c", token=8)
+    with pytest.raises(LockExpiredError):
+        part.ack(0, 7, now_ms=40)  # an earlier lock's receipt: expired, not unknown
+    with pytest.raises(UnknownDeliveryError):
+        part.ack(0, 6, now_ms=40)
+    part.ack(0, 8, now_ms=50)
+
+
 def test_window_is_bounded() -> None:
     part = make_partition(window=3)
     feed(part, 3)
