@@ -6,7 +6,8 @@ its priority and FIFO group), the dead-letter decision after a lock ends, the
 shape of a dead-lettered message, and the dedup window.
 
 Must not know: storage, asyncio, protocols. Every function is pure; time comes
-in as ``now_ms`` (wall ms, the same clock as record timestamps and headers).
+in as ``now_ms`` (wall ms, the same clock as record timestamps and headers), except
+``RecordPolicy``, whose times ``record_policy`` shifts onto the monotonic clock.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class RecordPolicy:
     """What the queue rules say about one record."""
 
     priority: int  # 0..9, 0 when the queue ignores priorities
-    available_at_ms: int  # wall ms; not acquirable before
-    expires_at_ms: int  # wall ms; NEVER_MS when it does not expire
+    available_at_ms: int  # monotonic ms (see record_policy); not acquirable before
+    expires_at_ms: int  # monotonic ms; NEVER_MS when it does not expire
     message_group: str | None  # FIFO group (only meaningful for FIFO queues)
 
 
@@ -68,8 +69,10 @@ def _int_header(record: Record, name: str) -> int | None:
         return None  # a malformed reserved header is ignored, not fatal
 
 
-def record_policy(record: Record, config: QueueConfig) -> RecordPolicy:
-    """Combine the record's reserved headers with the queue defaults."""
+def record_policy(record: Record, config: QueueConfig, wall_skew_ms: int = 0) -> RecordPolicy:
+    """Combine the record's reserved headers with the queue defaults. Times are wall ms
+    minus ``wall_skew_ms`` (wall - monotonic now: the window runs on the monotonic clock,
+    so a wall-clock step after loading moves no deadline)."""
     priority = 0
     if config.max_priority is not None:
         requested = _int_header(record, HEADER_PRIORITY) or 0
@@ -85,7 +88,8 @@ def record_policy(record: Record, config: QueueConfig) -> RecordPolicy:
     group_bytes = header(record, HEADER_GROUP) if config.fifo else None
     message_group = group_bytes.decode("utf-8", "replace") if group_bytes is not None else None
     return RecordPolicy(
-        priority, deliver_at_ms, NEVER_MS if expires_at_ms is None else expires_at_ms,
+        priority, max(0, deliver_at_ms - wall_skew_ms) if deliver_at_ms else 0,
+        NEVER_MS if expires_at_ms is None else expires_at_ms - wall_skew_ms,
         message_group,
     )
 

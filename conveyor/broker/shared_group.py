@@ -24,7 +24,9 @@ from the log and persists the changes it reports):
   time per group.
 - Delayed records sit in a deadline heap, outside the scan path, so a delay of
   days never holds back the records behind it.
-- All times are wall ms (the clock of record timestamps and of Delivery deadlines).
+- All times are monotonic ms (``Clock.monotonic_ms``): a wall-clock step neither
+  expires every lock at once nor holds them for the step. The manager converts at
+  the edges: header times and persisted delays in, reported deadlines out.
 """
 
 from __future__ import annotations
@@ -92,9 +94,9 @@ class Entry:
     policy: RecordPolicy
     state: RecordState = RecordState.AVAILABLE
     delivery_count: int = 0
-    available_at_ms: int = 0  # wall ms, for DELAYED
+    available_at_ms: int = 0  # monotonic ms, for DELAYED
     consumer_id: str | None = None  # holder while ACQUIRED
-    deadline_ms: int = 0  # lock deadline while ACQUIRED (wall ms)
+    deadline_ms: int = 0  # lock deadline while ACQUIRED (monotonic ms)
     token: int = 0  # changes on every acquire: a stale receipt never matches
     past_tokens: tuple[int, ...] = ()  # tokens of earlier locks, newest first (bounded)
     heap_version: int = 0  # matches the live available-heap item

@@ -231,10 +231,12 @@ class SharedGroups:
                 clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
                       log_end, self.lost_ranges)
                 self.store.delete_records_from(group, topic, partition, log_end)
+            skew_ms = self._wall_skew_ms()
             for row in rows:
-                if row.offset < log_end:
+                if row.offset < log_end:  # delays are persisted in wall ms
                     part.pending_rows[row.offset] = (
-                        RecordState(row.state), row.delivery_count, row.available_at_ms)
+                        RecordState(row.state), row.delivery_count,
+                        max(0, row.available_at_ms - skew_ms) if row.available_at_ms else 0)
             state.partitions[partition] = part
             state.saved_start[partition] = saved
             if saved > start:
@@ -380,7 +382,7 @@ class SharedGroups:
             index = partitions[(state.next_partition + step) % len(partitions)]
             part = state.partitions[index]
             await self._fill(state, part)
-            now_ms = self.clock.wall_ms()
+            now_ms = self.clock.monotonic_ms()
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
             await self._flush(state, part)
@@ -390,7 +392,7 @@ class SharedGroups:
                     make_receipt(state.group, state.topic, index, item.offset, item.entry.token),
                     state.topic, index, item.offset, record.timestamp_ms, record.key,
                     record.value, record.headers, item.entry.delivery_count,
-                    item.entry.deadline_ms,
+                    item.entry.deadline_ms + self._wall_skew_ms(),  # reported in wall ms
                 ))
             if len(deliveries) >= records_max:
                 break
@@ -399,7 +401,7 @@ class SharedGroups:
 
     async def _wait(self, state: GroupState, remaining_ms: int) -> None:
         """Until an append, a release, the group's next deadline, or ``remaining_ms``."""
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         deadlines = [d for d in (p.next_deadline_ms() for p in state.partitions.values())
                      if d is not None]
         if deadlines:
@@ -464,7 +466,8 @@ class SharedGroups:
         deadlines: list[int] = []
         await self._settle(receipts, lambda part, offset, token, now_ms:
                            deadlines.append(part.extend(offset, token, now_ms, lock_ms)))
-        return deadlines
+        skew_ms = self._wall_skew_ms()
+        return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
 
     async def reject(self, receipts: Iterable[str], reason: str = "rejected") -> None:
         """Dead-letter now (reason header "rejected"; ``reason`` is for logs only)."""
@@ -476,7 +479,7 @@ class SharedGroups:
         """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
         touched: dict[tuple[str, str, int], tuple[GroupState, SharedPartition]] = {}
         first_error: Exception | None = None
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for receipt in receipts:
             try:
                 group, topic, partition, offset, token = parse_receipt(receipt)
@@ -499,7 +502,7 @@ class SharedGroups:
         """Release everything ``consumer_id`` holds (counts as a delivery, as RabbitMQ
         counts an unacked message redelivered after its channel closed)."""
         released = 0
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for state in list(self._groups.values()):
             for part in state.partitions.values():
                 count = part.release_consumer(consumer_id, now_ms)
@@ -601,7 +604,7 @@ class SharedGroups:
     # --- timer -----------------------------------------------------------------------
     async def tick(self) -> None:
         """Expire locks, end delays, forget old dedup ids, apply work-queue retention."""
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for state in list(self._groups.values()):
             woke = False
             for part in state.partitions.values():
@@ -611,9 +614,10 @@ class SharedGroups:
                 await self._flush(state, part)
             if woke:
                 self._wake(state.group, state.topic)
+        wall_ms = self.clock.wall_ms()  # dedup windows are persisted in wall ms
         for queue, window in self._dedup.items():
-            if window.forget_expired(now_ms) and self.queue_exists(queue):
-                self.store.delete_dedup_before(queue, now_ms)
+            if window.forget_expired(wall_ms) and self.queue_exists(queue):
+                self.store.delete_dedup_before(queue, wall_ms)
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -635,6 +639,10 @@ class SharedGroups:
                 self._retained[(topic, partition)] = offset
 
     # --- internals -------------------------------------------------------------------
+    def _wall_skew_ms(self) -> int:
+        """Wall minus monotonic now: converts window times (monotonic) to wall ms."""
+        return self.clock.wall_ms() - self.clock.monotonic_ms()
+
     def _token(self) -> int:
         return self.rng.getrandbits(63)
 
@@ -674,7 +682,7 @@ class SharedGroups:
 
     async def _counts(self, state: GroupState) -> tuple[int, int, int]:
         ready = in_flight = delayed = 0
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for part in state.partitions.values():
             await self._fill(state, part)
             part.tick(now_ms)
@@ -691,12 +699,13 @@ class SharedGroups:
         if part.next_offset < log.log_start_offset:
             part.skip_to(int(log.log_start_offset))
         cache = self._appended.get((part.topic, part.partition))
+        skew_ms = self._wall_skew_ms()
         while part.room() > 0 and part.next_offset < log.high_watermark:
             if cache:
                 cached = cache.pop(part.next_offset, None)
                 if cached is not None:
                     self._appended_count -= 1
-                    part.load(cached, record_policy(cached, state.config))
+                    part.load(cached, record_policy(cached, state.config, skew_ms))
                     continue
                 while cache:  # offsets below next_offset were read from the log meanwhile
                     oldest = next(iter(cache))
@@ -713,7 +722,7 @@ class SharedGroups:
             if not records:
                 break
             for record in records:
-                part.load(record, record_policy(record, state.config))
+                part.load(record, record_policy(record, state.config, skew_ms))
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
 
@@ -730,8 +739,9 @@ class SharedGroups:
         for change in changes:
             if change.state is RecordState.DEAD and change.reason is not None:
                 await self._dead_letter(state, part, change)
+        skew_ms = self._wall_skew_ms()  # delays are persisted in wall ms
         rows = [RecordRow(change.offset, change.state.value, change.delivery_count,
-                          change.available_at_ms)
+                          change.available_at_ms + skew_ms if change.available_at_ms else 0)
                 for change in changes if change.offset >= part.start_offset]
         if rows:
             self.store.save_records(state.group, state.topic, part.partition, rows)

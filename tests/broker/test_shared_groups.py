@@ -383,3 +383,27 @@ async def test_long_poll_woken_when_acks_move_a_full_window(
     await shared.ack([held[0].receipt])
     assert values(await waiting) == [b"c"]
     assert harness.clock.monotonic_ms() == started_ms  # woken, not timed out
+
+
+async def test_lock_deadlines_and_delays_ignore_wall_clock_steps(
+        harness: BrokerHarness, broker: Broker) -> None:
+    """Deadlines run on the monotonic clock: a wall-clock step neither expires every
+    lock at once (forward) nor holds them for the step (backward); reported deadlines
+    stay wall ms."""
+    shared = groups(broker)
+    await shared.declare_queue("steps", QueueConfig(visibility_timeout_ms=10_000))
+    await publish(broker, "steps", b"a", b"b", b"c")
+    held = await shared.acquire("steps", "steps", records_max=2)
+    assert values(held) == [b"a", b"b"]
+    assert held[0].lock_deadline_ms == harness.clock.wall_ms() + 10_000
+    harness.clock.step_wall(3_600_000)  # one hour forward
+    assert values(await shared.acquire("steps", "steps", records_max=5)) == [b"c"]
+    await shared.ack([held[0].receipt])  # still locked: the ack holds
+    harness.clock.step_wall(-7_200_000)  # two hours back
+    harness.clock.advance(10_000)
+    again = await shared.acquire("steps", "steps", records_max=5)
+    assert sorted(values(again)) == [b"b", b"c"]  # type: ignore[type-var]
+    await shared.release([again[0].receipt], delay_ms=5_000)
+    harness.clock.step_wall(-3_600_000)
+    harness.clock.advance(5_000)
+    assert len(await shared.acquire("steps", "steps", records_max=5)) == 1
