@@ -99,6 +99,7 @@ class Entry:
     deadline_ms: int = 0  # lock deadline while ACQUIRED (monotonic ms)
     token: int = 0  # changes on every acquire: a stale receipt never matches
     past_tokens: tuple[int, ...] = ()  # tokens of earlier locks, newest first (bounded)
+    dead_reason: DeadReason | None = None  # parked dead letter: killed again when due
     heap_version: int = 0  # matches the live available-heap item
 
 
@@ -202,6 +203,9 @@ class SharedPartition:
             _, offset = heapq.heappop(self.delayed)
             entry = self.entries.get(offset)
             if entry is not None and entry.state is S.DELAYED and entry.available_at_ms <= now_ms:
+                if entry.dead_reason is not None:  # retry its dead letter
+                    self._kill(offset, entry, entry.dead_reason)
+                    continue
                 self._move(entry, E.DUE)
                 self._push_available(offset, entry)
                 changed = True
@@ -361,6 +365,28 @@ class SharedPartition:
                 self._settle(offset)
                 dropped += 1
         return dropped
+
+    def park(self, change: Change, policy: RecordPolicy, retry_at_ms: int) -> Change:
+        """The dead letter of ``change`` could not be written: the record comes back into
+        the window as DELAYED until ``retry_at_ms``, then is killed again (its dead letter
+        retried). The start offset moves back to it if it had passed it (not persisted
+        yet: the manager saves the start after the dead letters). Returns the change to
+        persist (a restart forgets the reason: a record out of deliveries or rejected is
+        then delivered once more; an expired one dies again at once)."""
+        assert change.record is not None and change.reason is not None
+        offset = change.offset
+        entry = Entry(change.record, policy, state=S.DELAYED,
+                      delivery_count=change.delivery_count, available_at_ms=retry_at_ms,
+                      dead_reason=change.reason)
+        if offset < self.start_offset:
+            self.settled.update(range(offset + 1, self.start_offset))
+            self.start_offset = offset
+        self.settled.discard(offset)
+        self.entries[offset] = entry
+        heapq.heappush(self.delayed, (retry_at_ms, offset))
+        # persisted as available: a restart judges the record afresh (it expires or
+        # runs out of deliveries again, and its dead letter is retried then)
+        return Change(offset, S.AVAILABLE, entry.delivery_count)
 
     # --- counts -----------------------------------------------------------------------
     def counts(self, high_watermark: int) -> tuple[int, int, int]:

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,11 @@ ACQUIRE_WAIT_MS_MAX = 30_000  # matches the Broker's fetch_wait_ms_max
 LOCK_MS_MAX = 12 * 3600 * 1000  # SQS's visibility timeout maximum (12 hours)
 APPENDED_CACHE_RECORDS_MAX = 50_000  # over all queues: ~50 MiB of 1 KiB messages
 REDRIVE_CONSUMER = "conveyor.redrive"
+# a dead letter that could not be appended (too large with its headers, disk full) is
+# retried this much later; SQS's redrive and RabbitMQ's dead-lettering have no retry
+DEAD_LETTER_RETRY_MS = 60_000
+
+logger = logging.getLogger("conveyor.broker.shared")
 
 
 class TopicDirectory(Protocol):
@@ -193,6 +199,8 @@ class SharedGroups:
         self._appended_count = 0  # records in _appended, bounded by APPENDED_CACHE_RECORDS_MAX
         # state found past the recovered log end at open (logged; see log_end.py)
         self.lost_ranges: list[LostRange] = []
+        # (group, error code) -> dead-letter appends failed since the last success
+        self.dead_letter_failures: dict[tuple[str, str], int] = {}
 
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -736,9 +744,9 @@ class SharedGroups:
         start_before = state.saved_start.get(part.partition)
         if not changes and part.start_offset == start_before:
             return
-        for change in changes:
-            if change.state is RecordState.DEAD and change.reason is not None:
-                await self._dead_letter(state, part, change)
+        parked = [await self._dead_letter_or_park(state, part, change) for change in changes
+                  if change.state is RecordState.DEAD and change.reason is not None]
+        changes.extend(change for change in parked if change is not None)
         skew_ms = self._wall_skew_ms()  # delays are persisted in wall ms
         rows = [RecordRow(change.offset, change.state.value, change.delivery_count,
                           change.available_at_ms + skew_ms if change.available_at_ms else 0)
@@ -757,6 +765,28 @@ class SharedGroups:
             # the window has room again (it moved, or records settled behind an unsettled
             # one): records not loaded yet can now be acquired by whoever is parked
             self._wake(state.group, state.topic)
+
+    async def _dead_letter_or_park(self, state: GroupState, part: SharedPartition,
+                                   change: Change) -> Change | None:
+        """Dead-letter ``change``; if the append fails the record is parked (kept in the
+        window, retried after DEAD_LETTER_RETRY_MS) and the failure logged once."""
+        failures = self.dead_letter_failures
+        try:
+            await self._dead_letter(state, part, change)
+        except OperatingError as error:
+            key = (state.group, error.code)
+            failures[key] = failures.get(key, 0) + 1
+            if failures[key] == 1:
+                logger.warning("dead letter of %s/%d offset %d (group %s) failed, kept and "
+                               "retried every %d ms: %s", part.topic, part.partition,
+                               change.offset, state.group, DEAD_LETTER_RETRY_MS, error)
+            assert change.record is not None
+            policy = record_policy(change.record, state.config, self._wall_skew_ms())
+            return part.park(change, policy, self.clock.monotonic_ms() + DEAD_LETTER_RETRY_MS)
+        for key in [key for key in failures if key[0] == state.group]:
+            logger.warning("dead letters of group %s written again after %d failures (%s)",
+                           state.group, failures.pop(key), key[1])
+        return None
 
     async def _dead_letter(self, state: GroupState, part: SharedPartition,
                            change: Change) -> None:
