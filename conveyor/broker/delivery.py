@@ -38,6 +38,11 @@ from .types import (
 DeadReason = Literal["max-deliveries", "rejected", "expired", "maxlen"]
 PRIORITY_MAX = 9  # conveyor.priority is one digit, 0..9 (RabbitMQ advises <= 10 levels)
 NEVER_MS = 1 << 62  # "no deadline": later than any wall clock
+# dedup ids one queue remembers at once (SQS bounds its window by time only, 5 min);
+# past it the ids closest to leaving the window go first (~100 bytes each: ~10 MiB)
+DEDUP_IDS_MAX = 100_000
+# a lazily-cleaned heap is rebuilt once its stale items outnumber the live ones
+HEAP_SLACK_ITEMS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +235,8 @@ def redrive_message(record: Record) -> tuple[str, Message] | None:
 class DedupWindow:
     """Dedup ids seen by one queue, each remembered until ``expires_ms`` (wall)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids_max: int = DEDUP_IDS_MAX) -> None:
+        self.ids_max = ids_max
         # dedup id -> wall ms after which a publish with this id is accepted again
         self.expiry_ms_by_id: dict[str, int] = {}
         # (expires_ms, dedup id): the same ids by expiry; stale items skipped lazily
@@ -243,6 +249,13 @@ class DedupWindow:
     def remember(self, dedup_id: str, expires_ms: int) -> None:
         self.expiry_ms_by_id[dedup_id] = expires_ms
         heapq.heappush(self._by_expiry, (expires_ms, dedup_id))
+        while len(self.expiry_ms_by_id) > self.ids_max:  # bounded: the soonest to go, first
+            oldest_ms, oldest = heapq.heappop(self._by_expiry)
+            if self.expiry_ms_by_id.get(oldest) == oldest_ms:
+                del self.expiry_ms_by_id[oldest]
+        if len(self._by_expiry) > 2 * len(self.expiry_ms_by_id) + HEAP_SLACK_ITEMS:
+            self._by_expiry = [(ms, key) for key, ms in self.expiry_ms_by_id.items()]
+            heapq.heapify(self._by_expiry)
 
     def forget_expired(self, now_ms: int) -> int:
         """Drop ids whose window has passed; returns how many went."""

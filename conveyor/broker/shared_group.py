@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from conveyor.errors import IllegalStateError, LockExpiredError, UnknownDeliveryError
 from conveyor.storage.record_batch import Record
 
-from .delivery import NEVER_MS, DeadReason, RecordPolicy, exhausted
+from .delivery import HEAP_SLACK_ITEMS, NEVER_MS, DeadReason, RecordPolicy, exhausted
 from .types import QueueConfig
 
 WINDOW_RECORDS_MAX = 2_000  # KIP-932 group.share.partition.max.record.locks (default 2000)
@@ -242,6 +242,7 @@ class SharedPartition:
             heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
             self.changes.append(Change(offset, S.ACQUIRED, entry.delivery_count))
             chosen.append(Acquired(entry, offset))
+        self._bound_heaps()
         return chosen
 
     def _candidates(self, now_ms: int, records_max: int) -> list[int]:
@@ -321,6 +322,7 @@ class SharedPartition:
         self._move(entry, E.EXTEND)
         entry.deadline_ms = now_ms + lock_ms
         heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
+        self._bound_heaps()
         return entry.deadline_ms
 
     def reject(self, offset: int, token: int, now_ms: int) -> None:
@@ -442,12 +444,34 @@ class SharedPartition:
         self._move(entry, E.RELEASE)
         self._push_available(offset, entry)
         self.changes.append(Change(offset, S.AVAILABLE, entry.delivery_count))
+        self._bound_heaps()
 
     def _kill(self, offset: int, entry: Entry, reason: DeadReason) -> None:
         self._move(entry, E.KILL)
         self.changes.append(
             Change(offset, S.DEAD, entry.delivery_count, reason=reason, record=entry.record))
         self._settle(offset)
+
+    def _bound_heaps(self) -> None:
+        """Rebuild a heap from the live entries once its stale items (skipped lazily)
+        outnumber them: extends and releases each leave one behind."""
+        bound = 2 * len(self.entries) + HEAP_SLACK_ITEMS
+        if len(self.locks) > bound:
+            self.locks = [(e.deadline_ms, offset, e.token) for offset, e in self.entries.items()
+                          if e.state is S.ACQUIRED]
+            heapq.heapify(self.locks)
+        if len(self.available) > bound:
+            self.available = [(-e.policy.priority, offset, e.heap_version)
+                              for offset, e in self.entries.items() if e.state is S.AVAILABLE]
+            heapq.heapify(self.available)
+        if len(self.delayed) > bound:
+            self.delayed = [(e.available_at_ms, offset) for offset, e in self.entries.items()
+                            if e.state is S.DELAYED]
+            heapq.heapify(self.delayed)
+        if len(self.expiring) > bound:
+            self.expiring = [(e.policy.expires_at_ms, offset) for offset, e in self.entries.items()
+                             if e.state is S.AVAILABLE and e.policy.expires_at_ms < NEVER_MS]
+            heapq.heapify(self.expiring)
 
     def _settle(self, offset: int) -> None:
         """The entry at ``offset`` reached ACKED or DEAD: drop it from the window."""
