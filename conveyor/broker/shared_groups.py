@@ -36,8 +36,17 @@ API (all ``async`` unless noted):
     open() / close()
 
 Receipts are ``"<topic>:<partition>:<offset>:<token>:<group>"`` (topic names
-have no ':'); the token changes on every acquire so a stale receipt fails with
-LockExpiredError, a settled one with UnknownDeliveryError.
+have no ':'); the token changes on every acquire so a stale receipt (of one of the
+record's last locks) fails with LockExpiredError, a settled one or one never issued
+for the record with UnknownDeliveryError.
+
+Time: lock deadlines, delays and TTL run on the monotonic clock (a wall-clock step
+moves none of them); header times and persisted delays are wall ms, converted at
+load and save, and deadlines are reported in wall ms.
+
+Faults: at open every piece of state is clamped to the recovered log end
+(log_end.py); a dead letter that cannot be appended parks its record in the window
+and is retried (``DEAD_LETTER_RETRY_MS``), never dropped with the changes around it.
 
 Durability: acquire writes delivery counts without waiting for the COMMIT (a
 lost count after a crash only means one delivery fewer is counted); ack,
