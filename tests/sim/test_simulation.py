@@ -8,7 +8,8 @@ Goal: these invariants hold after every step of a random workload:
    ``fsync=never`` a crash may lose a suffix of the log, and then only that;
 3. an acked delivery never comes back;
 4. every unacked delivery comes back after its lock deadline or a restart
-   (a "drain" step acquires everything acquirable and compares with the model);
+   (a "drain" step acquires everything acquirable and compares with the model),
+   however the wall clock steps (locks run on the monotonic clock);
    a record dead-lettered (max deliveries) shows up in the DLQ instead;
 5. no state points past the recovered log end: ordered-group committed offsets
    are at most the high watermark, and an idempotent producer's retry is either
@@ -19,11 +20,12 @@ Goal: these invariants hold after every step of a random workload:
 Method: a Broker on FileLogStore over MemoryFileSystem + SimStateStore (SQLite in
 a file under tmp_path) + SimClock + Random(seed). Steps: publish, idempotent
 produce and retry, ordered-group commit, acquire, ack, release, extend, clock
-jumps, clean restarts, crash-restarts. Crash model: the memory file system keeps
-only fsynced bytes plus a random torn (possibly bit-flipped) tail of the rest;
-SQLite loses its open transaction and, on a power cut (half the crashes), every
-COMMIT no WAL fsync covered yet (sim_state_store.py). Crashes happen between
-steps: a step's awaited result is what a client was told.
+jumps (wall-clock steps either way among them), clean restarts, crash-restarts.
+Crash model: the memory file system keeps only fsynced bytes plus a random torn
+(possibly bit-flipped) tail of the rest; SQLite loses its open transaction and,
+on a power cut (half the crashes), every COMMIT no WAL fsync covered yet
+(sim_state_store.py). Crashes happen between steps: a step's awaited result is
+what a client was told.
 
 Replay: CI runs SEEDS for each fsync policy; ``CONVEYOR_SEED=<n>`` runs only that
 seed, ``CONVEYOR_SIM_SEEDS=<n>`` runs seeds 1..n (a longer sweep); a failure
@@ -51,7 +53,7 @@ from conveyor.storage.record_batch import RecordData, build_batch, iter_records
 from conveyor.testing.clock import SimClock
 from conveyor.testing.memory_fs import MemoryFileSystem
 
-SEEDS = [1, 2, 3, 5, 8, 13, 21, 34]
+SEEDS = [1, 2, 3, 5, 8, 13, 15, 17, 21, 34]  # 15, 17: wall-clock steps expose wall deadlines
 STEPS = 120
 QUEUE = "work"
 DLQ = "work.dlq"
@@ -297,10 +299,14 @@ class Simulation:
             assert key not in self.live_held(), f"record delivered while locked: {key}"
             assert delivery.value == self.model.published[key]
             assert delivery.delivery_count >= 1
-            self.model.held[key] = delivery
+            self.model.held[key] = dataclasses.replace(  # the model keeps monotonic ms
+                delivery, lock_deadline_ms=delivery.lock_deadline_ms - self.wall_skew_ms())
+
+    def wall_skew_ms(self) -> int:
+        return self.clock.wall_ms() - self.clock.monotonic_ms()
 
     def live_held(self) -> set[Key]:
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         return {key for key, d in self.model.held.items() if d.lock_deadline_ms > now_ms}
 
     def lock_ended(self, key: Key) -> None:
@@ -336,14 +342,18 @@ class Simulation:
         for key, deadline_ms in zip(chosen, deadlines, strict=True):
             assert deadline_ms == self.clock.wall_ms() + lock_ms
             self.model.held[key] = dataclasses.replace(
-                self.model.held[key], lock_deadline_ms=deadline_ms)
+                self.model.held[key], lock_deadline_ms=deadline_ms - self.wall_skew_ms())
         self.log.append(f"extend {chosen} {lock_ms}")
 
     async def advance(self) -> None:
         duration_ms = self.workload.choice([0, 50, 300, 1_000, 2_500])
+        if self.workload.random() < 0.2:  # an NTP step or `date -s`: wall time only
+            step_ms = self.workload.choice([-3_600_000, -2_000, 2_000, 3_600_000])
+            self.clock.step_wall(step_ms)
+            self.log.append(f"wall step {step_ms}")
         self.clock.advance(duration_ms)
         await self.quiesce()
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for key in [k for k, d in self.model.held.items() if d.lock_deadline_ms <= now_ms]:
             self.lock_ended(key)  # expired: must come back (or go to the DLQ)
         self.log.append(f"advance {duration_ms}")
