@@ -108,7 +108,7 @@ def test_no_mutated_body_aborts_the_process() -> None:
     script = textwrap.dedent("""
         import sys
         sys.path[:0] = [%r]
-        from tests.protocols.kafka.test_bounds import all_versions, mutations, sample_body
+        from tests.protocols.kafka.test_kafka_bounds import all_versions, mutations, sample_body
         from conveyor.errors import InvalidRequestError
         from conveyor.protocols.kafka.messages import parse_body, request_class
         parsed = refused = 0
