@@ -189,7 +189,9 @@ class Segment:
                              jumps=self.damage.jumps)
             stale = False
             for batch_position, header in scan:
-                if contiguous and header.base_offset != self.next_offset:
+                # after a set-aside batch the next valid one defines the offsets again
+                if (contiguous and (position == 0 or batch_position != position)
+                        and header.base_offset != self.next_offset):
                     stale = True
                     break
                 self._index_batch(batch_position, header)
