@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from conveyor.clock import Clock
 from conveyor.errors import (
+    CorruptRecordError,
     InvalidRequestError,
     InvalidSessionTimeoutError,
     NonEmptyGroupError,
@@ -349,7 +350,8 @@ class Broker:
         """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append."""
         info = await self.ensure_topic(topic)
         log = self.topics.partition_log(topic, partition)
-        headers = [header for _, header in split_batches(batch)]
+        batches = split_batches(batch)
+        headers = [header for _, header in batches]
         size_max = min(info.config.max_message_bytes, self.config.record_bytes_max)
         for header in headers:
             if header.size_bytes > size_max:
@@ -357,6 +359,9 @@ class Broker:
                     "batch larger than max.message.bytes", topic=topic, partition=partition,
                     size_bytes=header.size_bytes, size_max=size_max,
                 )
+        if self._has_record_readers(topic, info):
+            for position, _ in batches:  # queues decode every record: refuse what cannot be
+                decode_records(batch, position)
         incoming = [
             IncomingBatch(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count)
             for h in headers
@@ -373,6 +378,14 @@ class Broker:
                     duplicate=True,
                 )
             return await self._append(topic, partition, log, batch, incoming)
+
+    def _has_record_readers(self, topic: str, info: TopicInfo) -> bool:
+        """A queue's records are decoded by its consumers (AMQP, SQS, HTTP), so a Kafka
+        batch for it is decoded once at ingress; other topics' batches are only CRC-checked
+        (the Kafka path creates no object per record; a reader that meets an undecodable
+        batch sets it aside, see read_records)."""
+        return info.config.cleanup_policy == "work-queue" or (
+            self.shared_groups is not None and self.shared_groups.queue_exists(topic))
 
     async def _append(
         self,
@@ -565,7 +578,14 @@ class Broker:
                         and cached[1] == header.crc:
                     batch = cached[2]
                 else:
-                    batch = decode_records(raw, batch_position)
+                    try:
+                        batch = decode_records(raw, batch_position)
+                    except CorruptRecordError as error:
+                        # CRC-valid but undecodable: set aside (logged once, skipped by
+                        # every reader) instead of failing this read forever
+                        log = self.topics.partition_log(topic, partition)
+                        log.set_aside_batch(header.base_offset, f"undecodable: {error}")
+                        batch = []
                     self._decoded.pop(key, None)
                     if len(self._decoded) >= DECODED_BATCHES_MAX:
                         self._decoded.pop(next(iter(self._decoded)))

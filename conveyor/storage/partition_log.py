@@ -237,6 +237,25 @@ class PartitionLog:
                                 ((self.fs, segment.handle, position, size),))
         return LogSlice()
 
+    def set_aside_batch(self, offset: int, reason: str) -> Damage | None:
+        """Set aside the batch holding ``offset``: its CRC holds but its records cannot be
+        decoded (written before ingress checked them, or by a client whose batches only
+        Kafka readers saw). Logged once like on-disk damage; every reader skips it from
+        now on, in this process (a restart finds it again on the first decode)."""
+        for segment in self._segments_from(offset):
+            found = segment.find_batch(offset, self._visible_end(segment))
+            if found is None:
+                continue
+            position, header = found
+            if header is None or header.base_offset > offset:
+                return None  # already skipped, or on-disk damage read() handles
+            item = Damage(segment.log_path, position, position + header.size_bytes,
+                          header.base_offset, header.last_offset + 1, reason)
+            segment.damage.add(item)
+            self._report_damage(segment)
+            return item
+        return None
+
     def _report_damage(self, segment: Segment) -> None:
         for item in segment.damage.take_unreported():
             self.damaged_batches += 1

@@ -175,6 +175,11 @@ def validate_batch(buffer: Buffer, position: int = 0) -> BatchHeader:
             "negative record count or offset delta", position=position,
             record_count=header.record_count, last_offset_delta=header.last_offset_delta,
         )
+    if header.attributes & _COMPRESSION_MASK > Compression.ZSTD:
+        raise CorruptRecordError(  # codecs 5-7 do not exist (Kafka: CORRUPT_MESSAGE)
+            "unknown compression codec", position=position,
+            codec=header.attributes & _COMPRESSION_MASK,
+        )
     view = memoryview(buffer)
     computed = crc32c.crc32c(view[position + CRC_START : end])
     if computed != header.crc:
@@ -464,6 +469,10 @@ def _decode_record(buffer: Buffer, position: int, header: BatchHeader) -> tuple[
             raise CorruptRecordError("header key is not utf-8", position=position) from error
     if position != end:
         raise CorruptRecordError("record length mismatch", position=position, expected_end=end)
+    if not 0 <= offset_delta <= header.last_offset_delta:
+        raise CorruptRecordError("record offset outside its batch", position=position,
+                                 offset_delta=offset_delta,
+                                 last_offset_delta=header.last_offset_delta)
     timestamp_ms = (
         header.max_timestamp_ms if header.timestamp_type else header.base_timestamp_ms
         + timestamp_delta
@@ -485,6 +494,8 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
     base_offset = header.base_offset
     fixed_ms = header.max_timestamp_ms if header.timestamp_type else None
     base_ms = header.base_timestamp_ms
+    last_delta = header.last_offset_delta
+    previous_delta = -1  # offset deltas rise strictly within [0, last_offset_delta]
     position = 0
     for _ in range(header.record_count):
         fields: list[int] = []
@@ -549,12 +560,25 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
             else:
                 headers.append((name, body[position:position + size]))
                 position += size
-        if position != end:
+        if position != end or not previous_delta < offset_delta <= last_delta:
             raise _SlowPath
+        previous_delta = offset_delta
         append(Record(base_offset + offset_delta,
                       fixed_ms if fixed_ms is not None else base_ms + timestamp_delta,
                       key_value[0], key_value[1], tuple(headers)))
     return records, position
+
+
+def _decode_records_carefully(body: bytes, header: BatchHeader) -> tuple[list[Record], int]:
+    records: list[Record] = []
+    cursor = 0
+    for _ in range(header.record_count):
+        record, cursor = _decode_record(body, cursor, header)
+        if records and record.offset <= records[-1].offset:
+            raise CorruptRecordError("record offsets not increasing", position=cursor,
+                                     offset=record.offset)
+        records.append(record)
+    return records, cursor
 
 
 def decode_records(buffer: Buffer, position: int = 0) -> list[Record]:
@@ -568,11 +592,7 @@ def decode_records(buffer: Buffer, position: int = 0) -> list[Record]:
     try:
         records, cursor = _decode_records_fast(body, header)
     except (IndexError, UnicodeDecodeError, _SlowPath):
-        records = []
-        cursor = 0
-        for _ in range(header.record_count):
-            record, cursor = _decode_record(body, cursor, header)
-            records.append(record)
+        records, cursor = _decode_records_carefully(body, header)
     if cursor != len(body):
         raise CorruptRecordError(
             "bytes left after the last record", position=position, extra=len(body) - cursor
