@@ -495,8 +495,15 @@ class Broker:
             return int(log.high_watermark)
         if timestamp_ms == -2:
             return int(log.log_start_offset)
-        found = log.offset_for_timestamp(timestamp_ms)
-        return None if found is None else int(found)
+        found = log.record_for_timestamp(timestamp_ms)
+        return None if found is None else int(found[0])
+
+    def record_for_timestamp(self, topic: str, partition: int,
+                             timestamp_ms: int) -> tuple[int, int] | None:
+        """(offset, the record's own timestamp) of the first record at or after
+        ``timestamp_ms`` (>= 0), or None: what Kafka's ListOffsets answers."""
+        found = self.topics.partition_log(topic, partition).record_for_timestamp(timestamp_ms)
+        return None if found is None else (int(found[0]), int(found[1]))
 
     async def fetch(
         self,

@@ -263,6 +263,12 @@ class PartitionLog:
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """The first offset whose record timestamp is >= ``timestamp_ms``, or None."""
+        found = self.record_for_timestamp(timestamp_ms)
+        return None if found is None else found[0]
+
+    def record_for_timestamp(self, timestamp_ms: int) -> tuple[int, int] | None:
+        """(offset, own timestamp) of the first record whose timestamp is >= the target
+        (Kafka's ListOffsets answers both), or None."""
         for segment in self.segments:
             if segment.max_timestamp_ms < timestamp_ms:
                 continue
@@ -277,7 +283,7 @@ class PartitionLog:
                 data = self.fs.pread(segment.handle, header.size_bytes, position)
                 for record in decode_records(data):
                     if record.timestamp_ms >= timestamp_ms and record.offset >= start_offset:
-                        return record.offset
+                        return record.offset, record.timestamp_ms
         return None
 
     # --- deletion ----------------------------------------------------------------------

@@ -124,6 +124,7 @@ async def test_seek_to_beginning_and_timestamp(server: Server) -> None:
     assert [r.value for r in await take(consumer, 10)] == [b"%d" % i for i in range(10)]
     found = await consumer.offsets_for_times({partition: 9_000_000 + 650})
     assert found[partition] is not None and found[partition].offset == 7
+    assert found[partition].timestamp == 9_000_700  # the record's own, not the target
     consumer.seek(partition, found[partition].offset)
     assert (await take(consumer, 1))[0].value == b"7"
     await consumer.seek_to_beginning(partition)

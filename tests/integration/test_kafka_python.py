@@ -137,6 +137,7 @@ def test_seek_and_offsets_for_times(server: BrokerThread, admin: KafkaAdminClien
     reader.assign([partition])
     found = reader.offsets_for_times({partition: 5_000_000 + 450})[partition]
     assert found is not None and found.offset == 5
+    assert found.timestamp == 5_000_500  # the record's own timestamp, not the target
     reader.seek(partition, found.offset)
     assert poll_records(reader, 5)[0].value == b"5"
     reader.seek_to_beginning(partition)

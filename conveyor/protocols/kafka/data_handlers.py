@@ -191,12 +191,16 @@ def handle_list_offsets(broker: Broker, request: Request) -> Any:
 
 def _list_offset(broker: Broker, partition_type: type[Any], topic: str, partition: Any) -> Any:
     index = partition.partition_index
+    timestamp = -1  # the found record's own timestamp (-1 for latest/earliest/none)
     try:
-        found = broker.offset_for_timestamp(topic, index, partition.timestamp)
+        if partition.timestamp >= 0:
+            record = broker.record_for_timestamp(topic, index, partition.timestamp)
+            found, timestamp = record if record is not None else (None, -1)
+        else:
+            found = broker.offset_for_timestamp(topic, index, partition.timestamp)
     except OperatingError as error:
         return build(partition_type, partition_index=index,
                      error_code=error_codes.error_code_for(error), timestamp=-1, offset=-1)
     offset = -1 if found is None else found
-    timestamp = partition.timestamp if found is not None and partition.timestamp >= 0 else -1
     return build(partition_type, partition_index=index, error_code=error_codes.NONE,
                  timestamp=timestamp, offset=offset, leader_epoch=0)
