@@ -320,8 +320,10 @@ class PartitionLog:
 
 def log_damage(item: Damage) -> None:
     """One ERROR line per corrupt batch found by a reader (server-side corruption)."""
-    logger.error("corrupt batch on disk set aside; readers skip its offsets: %s at %d (%s)",
-                 item.path, item.position, item.reason,
+    logger.error("corrupt batch on disk set aside; readers skip offsets [%s, %s): %s at %d "
+                 "(%s)", item.first_offset if item.first_offset >= 0 else "?",
+                 item.next_offset if item.next_offset >= 0 else "end", item.path,
+                 item.position, item.reason,
                  extra={"path": item.path, "position": item.position,
                         "size_bytes": item.size_bytes, "first_offset": item.first_offset,
                         "next_offset": item.next_offset, "reason": item.reason})
