@@ -2,7 +2,8 @@
 
 Method: a real ``conveyor serve`` process; create a topic and a queue over HTTP,
 publish, stop or kill -9 it, damage the state database (delete it; delete its WAL
-after a kill; overwrite pages so quick_check fails), start again and assert the data
+after a kill; flip bits in its WAL after a kill; overwrite pages so quick_check
+fails), start again and assert the data
 is served and the log names what was rebuilt.
 """
 
@@ -56,8 +57,19 @@ def corrupt_pages(data_dir: Path) -> None:
     delete_wal(data_dir)
 
 
+def flip_wal_bits(data_dir: Path) -> None:
+    """Flip bits in the first WAL frame: its checksum fails, so SQLite drops that frame
+    and every later one, every commit since the last checkpoint."""
+    path = data_dir / "state.sqlite3-wal"
+    data = bytearray(path.read_bytes())
+    assert len(data) > 32 + 24 + 512, "the kill left no WAL frames"
+    for position in range(32 + 24 + 100, 32 + 24 + 500, 50):
+        data[position] ^= 0x21
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, kill", [(delete_state, False), (delete_wal, True),
-                                          (corrupt_pages, False)])
+                                          (corrupt_pages, False), (flip_wal_bits, True)])
 def test_damaged_state_is_rebuilt_from_the_logs_loudly(
     tmp_path: Path, damage: Callable[[Path], None], kill: bool,
 ) -> None:
