@@ -28,8 +28,8 @@ on a power cut (half the crashes), every COMMIT no WAL fsync covered yet
 what a client was told.
 
 Replay: CI runs SEEDS for each fsync policy; ``CONVEYOR_SEED=<n>`` runs only that
-seed, ``CONVEYOR_SIM_SEEDS=<n>`` runs seeds 1..n (a longer sweep); a failure
-prints the replay command.
+seed, ``CONVEYOR_SIM_SEEDS=<n>`` runs seeds 1..n and ``=<a>-<b>`` seeds a..b (longer
+sweeps); a failure prints the replay command.
 """
 
 from __future__ import annotations
@@ -66,8 +66,11 @@ def seeds() -> list[int]:
     chosen = os.environ.get("CONVEYOR_SEED")
     if chosen is not None:
         return [int(chosen)]
-    sweep = os.environ.get("CONVEYOR_SIM_SEEDS")
-    return list(range(1, int(sweep) + 1)) if sweep is not None else SEEDS
+    sweep = os.environ.get("CONVEYOR_SIM_SEEDS")  # "n" (1..n) or "first-last"
+    if sweep is None:
+        return SEEDS
+    first, _, last = sweep.rpartition("-")
+    return list(range(int(first or 1), int(last) + 1))
 
 
 Key = tuple[int, int]  # (partition, offset)
