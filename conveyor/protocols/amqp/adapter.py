@@ -600,7 +600,9 @@ class Channel:
                         per_destination = await asyncio.gather(
                             *(broker.publish(name, messages) for name in destinations))
                 except (RecordTooLargeError, InvalidRequestError, OperatingError) as error:
-                    log.warning("amqp publish failed: %s", error)
+                    # the nack tells the publisher; storage faults are logged once per
+                    # condition where they happen (a warning per message flooded the log)
+                    log.debug("amqp publish failed: %s", error)
                     ok = [False] * len(group)
                 else:
                     for results in per_destination:
