@@ -46,6 +46,7 @@ class RequestFramer:
         self._reset_message()
 
     def _reset_message(self) -> None:
+        self._in_message = False
         self._url = b""
         self._headers: dict[str, str] = {}
         self._headers_bytes = 0
@@ -67,8 +68,14 @@ class RequestFramer:
         return completed, immediate
 
     # --- parser callbacks -------------------------------------------------------------
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of the request being received (what an unfinished request holds)."""
+        return len(self._url) + self._headers_bytes + self._body_bytes if self._in_message else 0
+
     def on_message_begin(self) -> None:
         self._reset_message()
+        self._in_message = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url

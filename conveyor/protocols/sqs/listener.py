@@ -11,7 +11,14 @@ Signatures: SigV4-signed requests are accepted from any credentials; nothing is
 verified until Conveyor has a security model (ARCHITECTURE §6).
 
 Settings (``[listeners.sqs]``): ``account_id`` ("000000000000"), ``region``
-("us-east-1"), ``body_bytes_max`` (16 MiB), ``idle_timeout_ms`` (75 s).
+("us-east-1"), ``body_bytes_max`` (16 MiB), ``idle_timeout_ms`` (75 s), and the
+listener limits every protocol shares (conveyor/limits.py, docs/limits.md):
+``connections_max`` (past it a connection is closed at once), ``request_timeout_ms``
+(a request whose first byte arrived must be whole within it: else 408 and close), the
+server-wide budget of unfinished requests (the connection holding the most gets 503
+ServiceUnavailable and is closed), and publisher push-back: under the memory
+high-water mark or the disk alarm a heavy publisher's SendMessage(Batch) answers
+RequestThrottled, which SDKs retry with backoff.
 """
 
 from __future__ import annotations
@@ -19,10 +26,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.config import listener_limits
 from conveyor.errors import ConveyorError, OperatingError
+from conveyor.limits import RequestWatch, ServerLimits
 from conveyor.protocols.sqs.base import ACCOUNT_ID_DEFAULT, REGION_DEFAULT, RequestContext
 from conveyor.protocols.sqs.codec import (
     SqsResponse,
@@ -31,7 +41,13 @@ from conveyor.protocols.sqs.codec import (
     encode_result,
     protocol_of,
 )
-from conveyor.protocols.sqs.errors import InternalError, InvalidParameterValue, from_conveyor
+from conveyor.protocols.sqs.errors import (
+    InternalError,
+    InvalidParameterValue,
+    RequestThrottled,
+    ServiceUnavailable,
+    from_conveyor,
+)
 from conveyor.protocols.sqs.framing import (
     BODY_BYTES_MAX,
     HttpRequest,
@@ -39,6 +55,7 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
+from conveyor.server.listeners import shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -48,6 +65,8 @@ logger = logging.getLogger("conveyor.sqs")
 
 REQUESTS_QUEUED_MAX: Final = 64  # per connection (pipelined) before reading pauses
 IDLE_TIMEOUT_MS: Final = 75_000  # nginx's keepalive_timeout default, as the HTTP API
+# Actions that add messages: pushed back under memory or disk pressure.
+PUBLISH_ACTIONS: Final = frozenset({"SendMessage", "SendMessageBatch"})
 
 
 class SqsConnection(asyncio.Protocol):
@@ -60,9 +79,19 @@ class SqsConnection(asyncio.Protocol):
         self.disconnected = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
         self.close_after: bytes | None = None
+        self.watch: RequestWatch | None = None  # request deadline (idle: see _run)
+        self.admitted = False
+        self.peer_host = ""  # the publisher the flow counts (one per client host)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if not self.listener.gate.admit():
+            transport.close()  # over connections_max: refused before reading anything
+            return
+        self.admitted = True
+        self.watch = RequestWatch(self.listener.request_limits, self._expired, lambda: True)
+        peer = transport.get_extra_info("peername")
+        self.peer_host = f"sqs:{peer[0]}" if isinstance(peer, tuple) else f"sqs:{peer}"
         self.listener.connections.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._run())
 
@@ -70,6 +99,33 @@ class SqsConnection(asyncio.Protocol):
         self.disconnected.set()
         self.wakeup.set()
         self.listener.connections.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.listener.gate.release()
+        if self.watch is not None:
+            self.watch.stop()
+        self.listener.shared.budget.forget(self)
+
+    def _expired(self, reason: str) -> None:
+        """A request started and did not finish within request_timeout_ms: 408, close."""
+        self.listener.shared.budget.forget(self)
+        logger.info("sqs request timed out", extra={"reason": reason})
+        self._close_with(408, "RequestTimeout", "the request did not arrive in time", False)
+
+    def shed_memory(self) -> None:
+        """Over the server's budget of unfinished requests and holding the most."""
+        self.framer = RequestFramer(self.listener.body_bytes_max)  # drop what it held
+        self._close_with(503, ServiceUnavailable.code,
+                         "server is low on memory for unfinished requests", True)
+
+    def _close_with(self, status: int, code: str, message: str, server_fault: bool) -> None:
+        error = (ServiceUnavailable if server_fault else InvalidParameterValue)(message)
+        error.http_status = status
+        error.code = error.query_code = code  # type: ignore[misc]
+        response = encode_error("query", error, "-")
+        self.close_after = encode_response(response.status, response.body, response.headers,
+                                           keep_alive=False)
+        self.wakeup.set()
 
     def data_received(self, data: bytes) -> None:
         if self.close_after is not None:
@@ -83,8 +139,15 @@ class SqsConnection(asyncio.Protocol):
             response = encode_error("query", sqs_error, "-")
             self.close_after = encode_response(response.status, response.body,
                                                response.headers, keep_alive=False)
+            self.listener.shared.budget.forget(self)
             self.wakeup.set()
             return
+        partial = self.framer.partial_bytes
+        if self.watch is not None:
+            self.watch.received(partial > 0, bool(requests))
+        self.listener.shared.budget.hold(self, partial)
+        if self.close_after is not None:
+            return  # shed while holding the most
         if immediate and self.transport is not None:
             self.transport.write(immediate)
         self.queue.extend(requests)
@@ -114,7 +177,7 @@ class SqsConnection(asyncio.Protocol):
             if self.transport is not None and len(self.queue) < REQUESTS_QUEUED_MAX // 2:
                 with contextlib.suppress(RuntimeError):
                     self.transport.resume_reading()
-            response = await self.listener.respond(request, self.disconnected)
+            response = await self.listener.respond(request, self.disconnected, self.peer_host)
             keep_alive = request.keep_alive and not self.listener.closing
             if self.transport is None or self.disconnected.is_set():
                 return
@@ -128,7 +191,14 @@ class SqsConnection(asyncio.Protocol):
 class SqsListener:
     """A RunningListener: ``port`` and ``close()``."""
 
-    def __init__(self, broker: Broker, settings: dict[str, Any], advertised_host: str) -> None:
+    def __init__(self, broker: Broker, settings: dict[str, Any], advertised_host: str,
+                 shared: ServerLimits | None = None) -> None:
+        self.limits = listener_limits("sqs", settings)
+        # the watch keeps the request deadline; _run keeps the idle close (long polls)
+        self.request_limits = dataclasses.replace(self.limits, idle_timeout_ms=0,
+                                                  handshake_timeout_ms=0)
+        self.shared = shared or ServerLimits()
+        self.gate = self.shared.gate("sqs", self.limits)
         self.body_bytes_max = int(settings.get("body_bytes_max", BODY_BYTES_MAX))
         self.idle_timeout_ms = int(settings.get("idle_timeout_ms", IDLE_TIMEOUT_MS))
         self.account_id = str(settings.get("account_id", ACCOUNT_ID_DEFAULT))
@@ -141,7 +211,8 @@ class SqsListener:
         self.handlers: SqsHandlers | None = None
         self._server: asyncio.AbstractServer | None = None
 
-    async def respond(self, raw: HttpRequest, disconnected: asyncio.Event) -> SqsResponse:
+    async def respond(self, raw: HttpRequest, disconnected: asyncio.Event,
+                      publisher: str = "") -> SqsResponse:
         assert self.handlers is not None
         protocol = protocol_of(raw)
         request_id = "-"
@@ -150,7 +221,17 @@ class SqsListener:
             request_id = request.request_id
             context = RequestContext(raw.headers.get("host", ""), disconnected,
                                      request.path)
-            result = await self.handlers.handle(request.action, request.params, context)
+            if request.action not in PUBLISH_ACTIONS:
+                result = await self.handlers.handle(request.action, request.params, context)
+                return encode_result(request, result)
+            flow = self.shared.flow  # a publisher is the client's host, as over HTTP
+            if flow.should_wait(publisher):
+                raise RequestThrottled(f"publishers are blocked: {flow.blocked_reason()}")
+            flow.add(publisher, len(raw.body))
+            try:
+                result = await self.handlers.handle(request.action, request.params, context)
+            finally:
+                flow.add(publisher, -len(raw.body))
             return encode_result(request, result)
         except ConveyorError as error:
             return encode_error(protocol, from_conveyor(error), request_id)
@@ -185,6 +266,7 @@ class SqsListener:
 
 
 async def start_listener(broker: Broker, context: ListenerContext) -> SqsListener:
-    listener = SqsListener(broker, dict(context.settings), context.advertised_host)
+    listener = SqsListener(broker, dict(context.settings), context.advertised_host,
+                           shared_limits(context))
     await listener.start(context.host, context.port)
     return listener
