@@ -10,8 +10,9 @@ listens on 127.0.0.2 at the same port numbers and forwards both ways, keeping th
 client-to-server bytes of each connection. The broker advertises 127.0.0.2, so
 Kafka clients that reconnect to the address in Metadata still pass the proxy.
 Clients: confluent-kafka and kafka-python (admin, produce, group consume, commit),
-pika (declare, bind, confirmed publish, get, consume, ack), and Conveyor's own
-HTTP client (topics, queues, publish, acquire, ack, fetch, commit).
+pika (declare, bind, confirmed publish, get, consume, ack), Conveyor's own
+HTTP client (topics, queues, publish, acquire, ack, fetch, commit), and for SQS boto3
+(JSON protocol) plus form-encoded query-protocol requests.
 Adding a listener: add a ``SESSIONS`` entry that drives a client at its port.
 """
 
@@ -220,22 +221,92 @@ def http_session(port: int) -> None:
         client.health()
 
 
+def boto3_session(port: int) -> None:
+    """boto3 speaks SQS's JSON protocol: queues, attributes, batches, receive, delete."""
+    import boto3
+
+    client = boto3.client("sqs", endpoint_url=f"http://{PROXY_HOST}:{port}",
+                          region_name="us-east-1", aws_access_key_id="seed",
+                          aws_secret_access_key="seed")
+    url = client.create_queue(QueueName="seed-sqs", Attributes={
+        "VisibilityTimeout": "30", "MessageRetentionPeriod": "3600"})["QueueUrl"]
+    fifo = client.create_queue(QueueName="seed-sqs.fifo", Attributes={
+        "FifoQueue": "true", "ContentBasedDeduplication": "true"})["QueueUrl"]
+    client.send_message(QueueUrl=url, MessageBody="one", DelaySeconds=0, MessageAttributes={
+        "kind": {"DataType": "String", "StringValue": "seed"},
+        "size": {"DataType": "Number", "StringValue": "3"},
+        "blob": {"DataType": "Binary", "BinaryValue": b"\x00\x01"}})
+    client.send_message_batch(QueueUrl=url, Entries=[
+        {"Id": "a", "MessageBody": "two"}, {"Id": "b", "MessageBody": "three"}])
+    client.send_message(QueueUrl=fifo, MessageBody="ordered", MessageGroupId="g")
+    received = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                      AttributeNames=["All"], MessageAttributeNames=["All"],
+                                      VisibilityTimeout=5, WaitTimeSeconds=1)
+    handles = [m["ReceiptHandle"] for m in received.get("Messages", [])]
+    if handles:
+        client.change_message_visibility(QueueUrl=url, ReceiptHandle=handles[0],
+                                         VisibilityTimeout=10)
+        client.delete_message_batch(QueueUrl=url, Entries=[
+            {"Id": str(number), "ReceiptHandle": handle}
+            for number, handle in enumerate(handles)])
+    client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+    client.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": "0"})
+    client.get_queue_url(QueueName="seed-sqs")
+    client.list_queues(QueueNamePrefix="seed")
+    client.tag_queue(QueueUrl=url, Tags={"team": "seed"})
+    client.purge_queue(QueueUrl=url)
+    client.delete_queue(QueueUrl=fifo)
+
+
+def sqs_query_session(port: int) -> None:
+    """The older query protocol (form-encoded, XML answers), as the aws CLI v1 and
+    older SDKs send it."""
+    import urllib.parse
+    import urllib.request
+
+    def call(**params: str) -> None:
+        body = urllib.parse.urlencode({**params, "Version": "2012-11-05"}).encode()
+        request = urllib.request.Request(
+            f"http://{PROXY_HOST}:{port}/", data=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(request, timeout=CLIENT_TIMEOUT_S) as response:
+            response.read()
+
+    call(Action="CreateQueue", QueueName="seed-query", **{
+        "Attribute.1.Name": "VisibilityTimeout", "Attribute.1.Value": "20"})
+    url = f"http://{PROXY_HOST}:{port}/000000000000/seed-query"
+    call(Action="SendMessage", QueueUrl=url, MessageBody="query", **{
+        "MessageAttribute.1.Name": "kind", "MessageAttribute.1.Value.DataType": "String",
+        "MessageAttribute.1.Value.StringValue": "seed"})
+    call(Action="SendMessageBatch", QueueUrl=url, **{
+        "SendMessageBatchRequestEntry.1.Id": "x",
+        "SendMessageBatchRequestEntry.1.MessageBody": "batched"})
+    call(Action="ReceiveMessage", QueueUrl=url, MaxNumberOfMessages="5",
+         **{"AttributeName.1": "All"})
+    call(Action="GetQueueAttributes", QueueUrl=url, **{"AttributeName.1": "All"})
+    call(Action="ListQueues")
+
+
 SESSIONS: dict[str, list[tuple[str, Callable[[int], None]]]] = {
     "kafka": [("confluent", confluent_session), ("kafka-python", kafka_python_session)],
     "amqp": [("pika", pika_session), ("pika-large", pika_large_session)],
     "http": [("conveyor-client", http_session)],
+    "sqs": [("boto3", boto3_session), ("query", sqs_query_session)],
 }
 
 
-def capture(seeds: Path = SEEDS) -> dict[str, int]:
-    """Run every session through the proxy; write the seeds; return files per listener."""
+def capture(seeds: Path = SEEDS, only: tuple[str, ...] = ()) -> dict[str, int]:
+    """Run every session (of the ``only`` listeners, if given) through the proxy; write
+    the seeds; return files per listener."""
     written: dict[str, int] = {}
     spans: list[tuple[str, str, int, int]] = []  # listener, client, first, end connection
+    chosen = {name: sessions for name, sessions in SESSIONS.items()
+              if not only or name in only}
     with tempfile.TemporaryDirectory() as scratch:
         broker = BrokerProcess(Path(scratch) / "data", listeners=tuple(SESSIONS),
                                extra_args=("--advertised-host", PROXY_HOST))
         with broker, RecordingProxy(broker.ports) as proxy:
-            for listener, sessions in SESSIONS.items():
+            for listener, sessions in chosen.items():
                 for client_name, session in sessions:
                     before = len(proxy.recorded[listener])
                     session(broker.ports[listener])
@@ -252,4 +323,5 @@ def capture(seeds: Path = SEEDS) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    print(capture(Path(sys.argv[1]) if len(sys.argv) > 1 else SEEDS))
+    # fuzz_capture.py [SEEDS_DIR [LISTENER...]]
+    print(capture(Path(sys.argv[1]) if len(sys.argv) > 1 else SEEDS, tuple(sys.argv[2:])))

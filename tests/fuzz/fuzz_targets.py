@@ -1,6 +1,6 @@
 """The fuzzed listeners: one ``Target`` entry each (framing, seeds, a normal client's probe).
 
-Adding a listener (SQS next) is one entry in ``TARGETS``: its framing (``NO_FRAMING``
+Adding a listener is one entry in ``TARGETS``: its framing (``NO_FRAMING``
 or HTTP_FRAMING for an HTTP-based API), and a probe that does a round trip with a
 real client library within ``PROBE_TIMEOUT_S`` and raises if it cannot. Seeds come
 from ``fuzz_capture.py`` (``tests/fuzz/seeds/<name>/``).
@@ -123,8 +123,38 @@ def http_probe(port: int) -> None:
         raise ProbeFailed(f"http fetch did not return the message: {fetched}")
 
 
+def sqs_probe(port: int) -> None:
+    """boto3: create a queue, send one message, receive it and delete it."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    token = uuid.uuid4().hex
+    client = boto3.client(
+        "sqs", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+        aws_access_key_id="fuzz", aws_secret_access_key="fuzz",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=PROBE_TIMEOUT_S,
+                      read_timeout=PROBE_TIMEOUT_S))
+    bodies: list[str] = []
+    try:
+        url = client.create_queue(QueueName="fuzz-probe-sqs")["QueueUrl"]
+        client.send_message(QueueUrl=url, MessageBody=token)
+        for _ in range(3):  # earlier probes' leftovers may come first
+            messages = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                              WaitTimeSeconds=1).get("Messages", [])
+            for message in messages:
+                bodies.append(message["Body"])
+                client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+            if token in bodies:
+                return
+    except (BotoCoreError, ClientError) as error:
+        raise ProbeFailed(f"sqs round trip failed: {error!r}") from error
+    raise ProbeFailed(f"sqs receive did not return the message: {bodies}")
+
+
 TARGETS: dict[str, Target] = {
     "kafka": Target("kafka", KAFKA_FRAMING, kafka_probe),
     "amqp": Target("amqp", AMQP_FRAMING, amqp_probe),
     "http": Target("http", HTTP_FRAMING, http_probe),
+    "sqs": Target("sqs", HTTP_FRAMING, sqs_probe),
 }
