@@ -89,6 +89,7 @@ from .delivery import (
     record_policy,
     redrive_message,
 )
+from .keyed_locks import KeyedLocks
 from .log_end import LostRange, clamp
 from .shared_group import Change, RecordState, SharedPartition
 from .types import (
@@ -215,6 +216,9 @@ class SharedGroups:
         self.lost_ranges: list[LostRange] = []
         # (group, error code) -> dead-letter appends failed since the last success
         self.dead_letter_failures: dict[tuple[str, str], int] = {}
+        # queue name -> its declare/delete/purge, one at a time (each awaits in between:
+        # a delete during a declare left the declare without its group, found by fuzzing)
+        self._lifecycle = KeyedLocks()
 
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -278,6 +282,10 @@ class SharedGroups:
         return state is not None and state.is_queue
 
     async def declare_queue(self, name: str, config: QueueConfig | None = None) -> QueueInfo:
+        async with self._lifecycle.hold(name):
+            return await self._declare_queue(name, config)
+
+    async def _declare_queue(self, name: str, config: QueueConfig | None) -> QueueInfo:
         config = config or QueueConfig()
         if config.max_priority is not None and not 0 <= config.max_priority <= 9:
             raise InvalidRequestError("max_priority must be 0..9", max_priority=config.max_priority)
@@ -299,8 +307,11 @@ class SharedGroups:
         self.store.save_group(name, name, config_to_json(config))
         self._dedup.setdefault(name, DedupWindow())
         self._load_group(name, name, config, True)
-        for partition, part in self._groups[(name, name)].partitions.items():
-            self._save_start(self._groups[(name, name)], partition, part)
+        state = self._groups.get((name, name))
+        if state is None:  # its topic was deleted (as a topic) while this awaited
+            raise UnknownQueueError("queue deleted while it was declared", queue=name)
+        for partition, part in state.partitions.items():
+            self._save_start(state, partition, part)
         await self.store.commit()
         return await self.get_queue(name)
 
@@ -330,6 +341,10 @@ class SharedGroups:
 
     async def delete_queue(self, name: str, if_unused: bool = False,
                            if_empty: bool = False) -> int:
+        async with self._lifecycle.hold(name):
+            return await self._delete_queue(name, if_unused, if_empty)
+
+    async def _delete_queue(self, name: str, if_unused: bool, if_empty: bool) -> int:
         state = self._queue(name)
         ready, in_flight, delayed = await self._counts(state)
         if if_unused and (in_flight or self._waiters.get((name, name))):
@@ -367,6 +382,10 @@ class SharedGroups:
         return await self.get_queue(name)
 
     async def purge_queue(self, name: str) -> int:
+        async with self._lifecycle.hold(name):
+            return await self._purge_queue(name)
+
+    async def _purge_queue(self, name: str) -> int:
         state = self._queue(name)
         purged = 0
         for part in state.partitions.values():
@@ -653,7 +672,9 @@ class SharedGroups:
         now_ms = self.clock.monotonic_ms()
         for state in list(self._groups.values()):
             woke = False
-            for part in state.partitions.values():
+            for part in list(state.partitions.values()):
+                if self._groups.get((state.group, state.topic)) is not state:
+                    break  # deleted while this pass awaited: its partitions are gone
                 if state.is_queue:
                     await self._fill(state, part)  # so unconsumed records can expire
                 woke = part.tick(now_ms) or woke
