@@ -315,8 +315,20 @@ class MessageActions(SqsBase):
     async def action_DeleteMessageBatch(self, params: dict[str, Any],
                                         context: RequestContext) -> dict[str, Any]:
         name = self.resolve_queue(params, context)
-        return await _each(batch_entries(params),
-                           lambda entry: self._delete(name, entry.get("ReceiptHandle")))
+        entries = batch_entries(params)
+        receipts: list[str] = []
+        for entry in entries:
+            try:
+                receipts.append(self.broker_receipt(entry.get("ReceiptHandle"), name))
+            except SqsError:
+                break
+        else:
+            try:  # the common case: every handle is good and held, one settle for all
+                await self.broker.ack(receipts)
+                return {"Successful": [{"Id": e["Id"]} for e in entries], "Failed": []}
+            except ConveyorError:
+                pass  # some were not: settle one by one (acked ones answer success again)
+        return await _each(entries, lambda entry: self._delete(name, entry.get("ReceiptHandle")))
 
     async def action_ChangeMessageVisibilityBatch(self, params: dict[str, Any],
                                                   context: RequestContext) -> dict[str, Any]:
