@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per phase (10)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=3, help="load-generator processes")
-    parser.add_argument("--connections", type=int, default=8, help="per process")
+    parser.add_argument("--connections", type=int, default=32, help="per process")
     parser.add_argument("--latency-rate", type=float, default=50.0, help="messages/s")
     parser.add_argument("--no-moto", action="store_true")
     options = parser.parse_args(argv)
