@@ -1,6 +1,6 @@
 """`make bench`: run the benchmark suites and print one summary table.
 
-Run:  .venv/bin/python -m bench.run [--quick] [storage] [kafka] [http] [amqp]
+Run:  .venv/bin/python -m bench.run [--quick] [storage] [kafka] [http] [amqp] [sqs]
 
 Each suite is its own module, started as a subprocess from the repository root (so one
 suite's brokers, processes and imports never leak into the next) and writes
@@ -107,11 +107,30 @@ def amqp_rows(document: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def sqs_rows(document: dict[str, Any]) -> list[Row]:
+    summary = document.get("summary") or {}
+    ours, moto, http = (summary.get(name) or {} for name in
+                        ("conveyor_sqs", "moto", "conveyor_http"))
+    rows: list[Row] = []
+    for phase, label in (("send", "SendMessageBatch of 10, 1 KiB"),
+                         ("receive_delete", "ReceiveMessage 10 + DeleteMessageBatch")):
+        rows.append((label, "msg/s", _get(ours, phase, "msg_per_s"), "moto (memory)",
+                     _get(moto, phase, "msg_per_s"), "higher"))
+        rows.append((label, "msg/s", _get(ours, phase, "msg_per_s"),
+                     "conveyor HTTP, batch 10", _get(http, phase, "msg_per_s"), "higher"))
+    latency = document.get("latency") or {}
+    rows.append(("e2e latency p99, long poll", "ms", _get(latency, "conveyor_sqs", "p99_ms"),
+                 "moto (memory)", _get(latency, "moto", "p99_ms"), "lower"))
+    return rows
+
+
 SUITES: dict[str, Suite] = {
     "storage": Suite("bench.storage.bench_append", (), ("--seconds", "0.3"), storage_rows),
     "kafka": Suite("bench.kafka.throughput", (), ("--scale", "0.05"), kafka_rows),
     "http": Suite("bench.http.run", (), ("--seconds", "0.3", "--rate", "100"), http_rows),
     "amqp": Suite("bench.amqp", (), ("--quick",), amqp_rows),
+    "sqs": Suite("bench.sqs", (), ("--seconds", "1", "--rounds", "1", "--latency-rate", "20"),
+                 sqs_rows),
 }
 
 

@@ -36,7 +36,7 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--kafka-port", type=int)
     serve.add_argument("--amqp-port", type=int)
     serve.add_argument("--http-port", type=int)
-    serve.add_argument("--sqs-port", type=int, help="SQS API port (9324; off unless listed)")
+    serve.add_argument("--sqs-port", type=int, help="SQS API port (9324)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
 

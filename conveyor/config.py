@@ -70,7 +70,6 @@ class ServerConfig:
         default_factory=lambda: tuple(
             ListenerConfig(name=name, port=port)
             for name, port in DEFAULT_PORTS.items()
-            if name != "sqs"
         )
     )
 
@@ -118,7 +117,7 @@ def _listeners_from(
     result = []
     for name in names:
         section = dict(sections.get(name, {}))
-        enabled = bool(section.pop("enabled", name != "sqs"))
+        enabled = bool(section.pop("enabled", True))
         host = section.pop("host", None)
         port = int(section.pop("port", DEFAULT_PORTS[name]))
         if enabled_names is not None:

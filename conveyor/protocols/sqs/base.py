@@ -28,6 +28,7 @@ from conveyor.protocols.sqs.errors import (
     QueueDoesNotExist,
     ReceiptHandleIsInvalid,
 )
+from conveyor.protocols.sqs.receive_attempts import ReceiveAttempts
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -59,6 +60,8 @@ class SqsBase:
         self.move_tasks: dict[str, dict[str, Any]] = {}  # task handle -> ListMessageMoveTasks entry
         # (queue, partition, offset) -> wall ms of its first receive (bounded, oldest out)
         self.first_receive_ms: dict[tuple[str, int, int], int] = {}
+        self.attempts = ReceiveAttempts(broker)  # FIFO ReceiveRequestAttemptId answers
+        self.receive_counter = 0  # names each receive's consumer (released alone if it ends)
 
     # --- queues, URLs, ARNs ------------------------------------------------------------
     def queue_url(self, name: str, context: RequestContext) -> str:

@@ -60,10 +60,12 @@ from conveyor.protocols.sqs.params import (
     required_str,
     string_list,
 )
+from conveyor.protocols.sqs.receive_attempts import check_attempt_id
 
 HEADER_MESSAGE_ID: Final = "conveyor.sqs.message-id"
 HEADER_TRACE: Final = "conveyor.sqs.trace-header"
 HEADER_TYPE_PREFIX: Final = "conveyor.sqs.type."
+HEADER_SCOPED_DEDUP_ID: Final = "conveyor.sqs.dedup-id"  # DeduplicationScope=messageGroup
 RECEIVE_MESSAGES_MAX: Final = 10  # AWS: MaxNumberOfMessages 1..10
 WAIT_SECONDS_MAX: Final = 20  # AWS: WaitTimeSeconds 0..20
 VISIBILITY_SECONDS_MAX: Final = 43_200  # AWS: 12 hours
@@ -129,6 +131,10 @@ class MessageActions(SqsBase):
                                 attribute.data_type.encode()))
         for attribute in system:
             headers.append((HEADER_TRACE, attribute.value))
+        if fifo and dedup is not None and attributes.get("DeduplicationScope") == "messageGroup":
+            # the broker's window is per queue: scope the id by its group, keep it as sent
+            headers.append((HEADER_SCOPED_DEDUP_ID, dedup.encode()))
+            dedup = f"{group}\x1f{dedup}"
         deliver_at = (self.broker.clock.wall_ms() + delay_s * 1000
                       if delay_s is not None else None)
         message = Message(body.encode(), None, tuple(headers), deliver_at_ms=deliver_at,
@@ -192,16 +198,32 @@ class MessageActions(SqsBase):
         system_names = set(string_list(params, "AttributeNames")) | set(
             string_list(params, "MessageSystemAttributeNames"))
         user_names = string_list(params, "MessageAttributeNames")
-        optional_str(params, "ReceiveRequestAttemptId")  # accepted; receives are not replayed
+        attempt = optional_str(params, "ReceiveRequestAttemptId") if _fifo else None
+        if attempt is not None:
+            check_attempt_id(attempt)
+            lock_s = (visibility_s if visibility_s is not None
+                      else int(attributes["VisibilityTimeout"]))
+            replayed = await self.attempts.replay(name, attempt, lock_s * 1000)
+            if replayed is not None:
+                return replayed
+        self.receive_counter += 1
+        consumer = f"sqs-receive-{self.receive_counter}"  # unique: its release hits only it
         work = self.broker.acquire(
             name, name, count, None if visibility_s is None else visibility_s * 1000,
-            wait_s * 1000, f"sqs-{id(context):x}")
+            wait_s * 1000, consumer)
         deliveries = await _unless_disconnected(work, context.disconnected)
-        if deliveries and context.disconnected.is_set():
-            await self.broker.release([d.receipt for d in deliveries])  # nobody to tell
+        if context.disconnected.is_set():
+            # nobody to tell: give back what this receive locked, and only that
+            if deliveries:
+                await self.broker.release([d.receipt for d in deliveries])
+            else:
+                await self.broker.release_consumer(consumer)
             return {}
         messages = [self._received(name, d, system_names, user_names) for d in deliveries]
-        return {"Messages": messages} if messages else {}
+        result = {"Messages": messages} if messages else {}
+        if attempt is not None and deliveries:
+            self.attempts.remember(name, attempt, [d.receipt for d in deliveries], result)
+        return result
 
     def _received(self, name: str, delivery: Delivery, system_names: set[str],
                   user_names: list[str]) -> dict[str, Any]:
@@ -242,8 +264,9 @@ class MessageActions(SqsBase):
         headers = dict(delivery.headers)
         if is_fifo(name):
             values["SequenceNumber"] = f"{delivery.offset:020d}"
+            scoped = HEADER_SCOPED_DEDUP_ID if HEADER_SCOPED_DEDUP_ID in headers else None
             for header, attribute in ((HEADER_GROUP, "MessageGroupId"),
-                                      (HEADER_DEDUP_ID, "MessageDeduplicationId")):
+                                      (scoped or HEADER_DEDUP_ID, "MessageDeduplicationId")):
                 value = headers.get(header)
                 if value is not None:
                     values[attribute] = value.decode("utf-8", "replace")
@@ -292,8 +315,20 @@ class MessageActions(SqsBase):
     async def action_DeleteMessageBatch(self, params: dict[str, Any],
                                         context: RequestContext) -> dict[str, Any]:
         name = self.resolve_queue(params, context)
-        return await _each(batch_entries(params),
-                           lambda entry: self._delete(name, entry.get("ReceiptHandle")))
+        entries = batch_entries(params)
+        receipts: list[str] = []
+        for entry in entries:
+            try:
+                receipts.append(self.broker_receipt(entry.get("ReceiptHandle"), name))
+            except SqsError:
+                break
+        else:
+            try:  # the common case: every handle is good and held, one settle for all
+                await self.broker.ack(receipts)
+                return {"Successful": [{"Id": e["Id"]} for e in entries], "Failed": []}
+            except ConveyorError:
+                pass  # some were not: settle one by one (acked ones answer success again)
+        return await _each(entries, lambda entry: self._delete(name, entry.get("ReceiptHandle")))
 
     async def action_ChangeMessageVisibilityBatch(self, params: dict[str, Any],
                                                   context: RequestContext) -> dict[str, Any]:

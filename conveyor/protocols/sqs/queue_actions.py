@@ -102,6 +102,7 @@ class QueueActions(SqsBase):
         await self.broker.delete_queue(name)
         await self.catalog.remove(name)
         self.purged_at_ms.pop(name, None)
+        self.attempts.forget_queue(name)
         return {}
 
     async def action_GetQueueUrl(self, params: dict[str, Any],

@@ -1,0 +1,5 @@
+import sys
+
+from bench.sqs.run import main
+
+sys.exit(main())
