@@ -65,7 +65,7 @@ PRODUCE_API_KEY: Final = 0
 # librdkafka pipelines max.in.flight (5 with idempotence, up to 1M without) requests.
 PRODUCES_IN_FLIGHT_MAX: Final = 32
 # APIs whose handling may wait on other clients or on time: flush before them.
-WAITING_API_KEYS: Final = frozenset({1, 11, 14})  # Fetch, JoinGroup, SyncGroup
+WAITING_API_KEYS: Final = frozenset({1, 11, 14, 78})  # Fetch, JoinGroup, SyncGroup, ShareFetch
 # Record bytes read from a segment per write once the socket is full: the transport's
 # write buffer then holds at most about this much above its high-water mark.
 FILE_CHUNK_BYTES: Final = 256 * 1024

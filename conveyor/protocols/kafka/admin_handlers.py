@@ -28,9 +28,12 @@ from conveyor.protocols.kafka.responses import build, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.broker.share_coordinator import ShareCoordinator
 
 RESOURCE_TOPIC: Final = 2
 RESOURCE_BROKER: Final = 4
+RESOURCE_GROUP: Final = 32
+CONFIG_SOURCE_DYNAMIC_GROUP: Final = 8
 CONFIG_SOURCE_DYNAMIC_TOPIC: Final = 1
 CONFIG_SOURCE_DEFAULT: Final = 5
 OPERATION_SET: Final = 0
@@ -50,6 +53,15 @@ class Node:
 
 def topic_id(name: str) -> uuid.UUID:
     return uuid.uuid5(_TOPIC_ID_NAMESPACE, name)
+
+
+def _name_for_id(broker: Broker, identifier: uuid.UUID | None) -> str | None:
+    if identifier is None or identifier.int == 0:
+        return None
+    for info in broker.list_topics():
+        if topic_id(info.name) == identifier:
+            return info.name
+    return None
 
 
 def _code(error: OperatingError) -> int:
@@ -75,8 +87,15 @@ async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
         infos = []
         for item in requested:
             name = item.name
-            if name is None:
-                infos.append(("", UnknownTopicError("topic ids are not supported")))
+            if name is None:  # a lookup by topic id (KIP-516), as share consumers send
+                name = _name_for_id(broker, getattr(item, "topic_id", None))
+                if name is None:
+                    infos.append(("", UnknownTopicError("unknown topic id")))
+                    continue
+                try:
+                    infos.append(broker.get_topic(name))
+                except OperatingError as error:
+                    infos.append((name, error))
                 continue
             try:  # ensure_topic creates only when the broker's auto_create_topics allows
                 infos.append(await broker.ensure_topic(name) if allow_create
@@ -218,7 +237,8 @@ async def handle_create_partitions(broker: Broker, request: Request) -> Any:
 
 
 # --- configs -----------------------------------------------------------------------------
-def handle_describe_configs(broker: Broker, request: Request) -> Any:
+def handle_describe_configs(broker: Broker, request: Request,
+                            shares: ShareCoordinator | None = None) -> Any:
     response_type = response_class(32, request.header.api_version)
     result_type = nested(response_type, "DescribeConfigsResult")
     entry_type = nested(response_type, "DescribeConfigsResourceResult")
@@ -226,6 +246,9 @@ def handle_describe_configs(broker: Broker, request: Request) -> Any:
     for resource in request.body.resources:
         code, message = error_codes.NONE, None
         values: Mapping[str, str] = {}
+        if resource.resource_type == RESOURCE_GROUP and shares is not None:
+            results.append(_describe_group_configs(response_type, resource, shares))
+            continue
         if resource.resource_type == RESOURCE_TOPIC:
             try:
                 values = broker.topic_config(resource.resource_name)
@@ -249,11 +272,57 @@ def handle_describe_configs(broker: Broker, request: Request) -> Any:
     return build(response_type, results=tuple(results))
 
 
+def _describe_group_configs(response_type: type[Any], resource: Any,
+                            shares: ShareCoordinator) -> Any:
+    """A share group's configs: the defaults, or what was set on the group."""
+    result_type = nested(response_type, "DescribeConfigsResult")
+    entry_type = nested(response_type, "DescribeConfigsResourceResult")
+    explicit = shares.explicit_config(resource.resource_name)
+    keys = resource.configuration_keys
+    entries = tuple(
+        build(entry_type, name=name, value=value, read_only=False,
+              config_source=(CONFIG_SOURCE_DYNAMIC_GROUP if name in explicit
+                             else CONFIG_SOURCE_DEFAULT),
+              is_default=name not in explicit, is_sensitive=False, synonyms=(),
+              config_type=0, documentation=None)
+        for name, value in sorted(shares.config(resource.resource_name).items())
+        if keys is None or name in keys
+    )
+    return build(result_type, error_code=error_codes.NONE, error_message=None,
+                 resource_type=resource.resource_type, resource_name=resource.resource_name,
+                 configs=entries)
+
+
+async def _alter_group(shares: ShareCoordinator, resource: Any, incremental: bool,
+                       validate_only: bool) -> tuple[int, str | None]:
+    to_set: dict[str, str | None] = {}
+    to_delete: list[str] = []
+    for config in resource.configs:
+        operation = config.config_operation if incremental else OPERATION_SET
+        if operation == OPERATION_SET:
+            to_set[config.name] = config.value
+        elif operation == OPERATION_DELETE:
+            to_delete.append(config.name)
+        else:
+            return error_codes.INVALID_CONFIG, "APPEND/SUBTRACT apply to list configs only"
+    if not incremental:  # AlterConfigs replaces the whole set
+        to_delete = [name for name in shares.explicit_config(resource.resource_name)
+                     if name not in to_set]
+    try:
+        await shares.alter_config(resource.resource_name, to_set, to_delete, validate_only)
+    except OperatingError as error:
+        return _code(error), error.message
+    return error_codes.NONE, None
+
+
 async def _alter_one(
-    broker: Broker, resource: Any, incremental: bool, validate_only: bool
+    broker: Broker, resource: Any, incremental: bool, validate_only: bool,
+    shares: ShareCoordinator | None = None,
 ) -> tuple[int, str | None]:
+    if resource.resource_type == RESOURCE_GROUP and shares is not None:
+        return await _alter_group(shares, resource, incremental, validate_only)
     if resource.resource_type != RESOURCE_TOPIC:
-        return error_codes.INVALID_REQUEST, "only topic configs can be altered"
+        return error_codes.INVALID_REQUEST, "only topic and group configs can be altered"
     try:
         current = broker.topic_config(resource.resource_name)
         to_set: dict[str, str | None] = {}
@@ -276,14 +345,16 @@ async def _alter_one(
     return error_codes.NONE, None
 
 
-async def handle_alter_configs(broker: Broker, request: Request, incremental: bool) -> Any:
+async def handle_alter_configs(broker: Broker, request: Request,
+                               shares: ShareCoordinator | None = None,
+                               incremental: bool = False) -> Any:
     api_key = 44 if incremental else 33
     response_type = response_class(api_key, request.header.api_version)
     result_type = nested(response_type, "AlterConfigsResourceResponse")
     results = []
     for resource in request.body.resources:
         code, message = await _alter_one(broker, resource, incremental,
-                                         request.body.validate_only)
+                                         request.body.validate_only, shares)
         results.append(build(result_type, error_code=code, error_message=message,
                              resource_type=resource.resource_type,
                              resource_name=resource.resource_name))

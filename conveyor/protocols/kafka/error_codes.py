@@ -50,6 +50,11 @@ GROUP_ID_NOT_FOUND: Final = 69
 MEMBER_ID_REQUIRED: Final = 79
 FENCED_INSTANCE_ID: Final = 82
 UNKNOWN_TOPIC_ID: Final = 100
+FENCED_MEMBER_EPOCH: Final = 110
+STALE_MEMBER_EPOCH: Final = 113
+INVALID_RECORD_STATE: Final = 121
+SHARE_SESSION_NOT_FOUND: Final = 122
+INVALID_SHARE_SESSION_EPOCH: Final = 123
 
 # ConveyorError.code -> Kafka error code.
 _BY_CODE: Final[dict[str, int]] = {
@@ -83,6 +88,12 @@ _BY_CODE: Final[dict[str, int]] = {
     "storage_full": KAFKA_STORAGE_ERROR,
     "unavailable": COORDINATOR_NOT_AVAILABLE,
     "authentication_failed": SASL_AUTHENTICATION_FAILED,
+    "fenced_member_epoch": FENCED_MEMBER_EPOCH,
+    "invalid_record_state": INVALID_RECORD_STATE,
+    "share_session_not_found": SHARE_SESSION_NOT_FOUND,
+    "invalid_share_session_epoch": INVALID_SHARE_SESSION_EPOCH,
+    "lock_expired": INVALID_RECORD_STATE,
+    "unknown_delivery": INVALID_RECORD_STATE,
 }
 
 

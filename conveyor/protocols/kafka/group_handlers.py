@@ -25,6 +25,7 @@ from conveyor.protocols.kafka.responses import build, millis, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.broker.share_coordinator import ShareCoordinator
 
 
 def _code(error: OperatingError) -> int:
@@ -192,23 +193,43 @@ def handle_describe_groups(broker: Broker, request: Request) -> Any:
     return build(response_type, groups=tuple(groups))
 
 
-def handle_list_groups(broker: Broker, request: Request) -> Any:
+def handle_list_groups(broker: Broker, request: Request,
+                       shares: ShareCoordinator | None = None) -> Any:
+    """Classic groups (type "classic", or "consumer" for protocol type "consumer") and
+    share groups (type "share"), filtered by state and (v5) type, case-insensitively."""
     response_type = response_class(16, request.header.api_version)
     group_type = nested(response_type, "ListedGroup")
-    states = set(getattr(request.body, "states_filter", ()) or ())
+    states = {state.lower() for state in getattr(request.body, "states_filter", ()) or ()}
+    types = {kind.lower() for kind in getattr(request.body, "types_filter", ()) or ()}
+    listed = [(listing.group_id, listing.protocol_type, listing.state.value, "classic")
+              for listing in broker.list_groups()]
+    if shares is not None:
+        listed += [(name, "share", state, "share") for name, state in shares.list_groups()]
     groups = tuple(
-        build(group_type, group_id=listing.group_id, protocol_type=listing.protocol_type,
-              group_state=listing.state.value)
-        for listing in broker.list_groups()
-        if not states or listing.state.value in states
+        build(group_type, group_id=group_id, protocol_type=protocol_type,
+              group_state=state, group_type=kind)
+        for group_id, protocol_type, state, kind in listed
+        if (not states or state.lower() in states) and (not types or kind in types)
     )
     return build(response_type, error_code=error_codes.NONE, groups=groups)
 
 
-async def handle_delete_groups(broker: Broker, request: Request) -> Any:
+async def handle_delete_groups(broker: Broker, request: Request,
+                               shares: ShareCoordinator | None = None) -> Any:
     response_type = response_class(42, request.header.api_version)
     result_type = nested(response_type, "DeletableGroupResult")
-    outcome = await broker.delete_groups(request.body.groups_names)
+    names = list(request.body.groups_names)
+    share_outcome: dict[str, Exception | None] = {}
+    if shares is not None:
+        for name in names:
+            if shares.is_share_group(name):
+                try:
+                    await shares.delete_group(name)
+                    share_outcome[name] = None
+                except OperatingError as error:
+                    share_outcome[name] = error
+    outcome = await broker.delete_groups([name for name in names if name not in share_outcome])
+    outcome.update(share_outcome)
     results = tuple(
         build(result_type, group_id=group_id,
               error_code=error_codes.NONE if error is None else (

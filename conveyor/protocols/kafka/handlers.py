@@ -17,8 +17,15 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.broker.share_coordinator import ShareCoordinator
 from conveyor.errors import AuthenticationError
-from conveyor.protocols.kafka import admin_handlers, data_handlers, error_codes, group_handlers
+from conveyor.protocols.kafka import (
+    admin_handlers,
+    data_handlers,
+    error_codes,
+    group_handlers,
+    share_handlers,
+)
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.codec import Request, ServerCodec
@@ -40,6 +47,8 @@ class KafkaHandlers:
         self.node = node
         # Encoding kio responses needs no per-connection state: one codec serves all.
         self._codec = ServerCodec(settings.frame_bytes_max)
+        # Share groups (KIP-932): membership and sessions over the broker's shared groups.
+        self.shares = ShareCoordinator(broker, broker.clock)
 
     async def handle(self, request: Request, state: ConnectionState) -> Response:
         api_key = request.header.api_key
@@ -78,7 +87,7 @@ class KafkaHandlers:
         if api_key == 15:
             return group_handlers.handle_describe_groups(broker, request)
         if api_key == 16:
-            return group_handlers.handle_list_groups(broker, request)
+            return group_handlers.handle_list_groups(broker, request, self.shares)
         if api_key == 17:
             return self._sasl_handshake(request, state)
         if api_key == 18:
@@ -90,19 +99,35 @@ class KafkaHandlers:
         if api_key == 22:
             return await admin_handlers.handle_init_producer_id(broker, request)
         if api_key == 32:
-            return admin_handlers.handle_describe_configs(broker, request)
+            return admin_handlers.handle_describe_configs(broker, request, self.shares)
         if api_key == 33:
-            return await admin_handlers.handle_alter_configs(broker, request, incremental=False)
+            return await admin_handlers.handle_alter_configs(broker, request, self.shares,
+                                                             incremental=False)
         if api_key == 36:
             return self._sasl_authenticate(request, state)
         if api_key == 37:
             return await admin_handlers.handle_create_partitions(broker, request)
         if api_key == 42:
-            return await group_handlers.handle_delete_groups(broker, request)
+            return await group_handlers.handle_delete_groups(broker, request, self.shares)
         if api_key == 44:
-            return await admin_handlers.handle_alter_configs(broker, request, incremental=True)
+            return await admin_handlers.handle_alter_configs(broker, request, self.shares,
+                                                             incremental=True)
         if api_key == 60:
             return admin_handlers.handle_describe_cluster(node, request)
+        return await self._share(request, state)
+
+    async def _share(self, request: Request, state: ConnectionState) -> Any:
+        api_key = request.header.api_key
+        if api_key == 76:
+            return await share_handlers.handle_heartbeat(self.shares, request, state)
+        if api_key == 77:
+            return share_handlers.handle_describe(self.shares, request)
+        if api_key == 78:
+            return await share_handlers.handle_fetch(self.shares, self.broker, self.settings,
+                                                     self.node, request)
+        if api_key == 79:
+            return await share_handlers.handle_acknowledge(self.shares, self.broker, self.node,
+                                                           request)
         raise AssertionError(f"api key {api_key} is in SUPPORTED_VERSIONS without a handler")
 
     # --- SASL --------------------------------------------------------------------------

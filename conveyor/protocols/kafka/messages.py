@@ -50,7 +50,7 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     13: (0, 5),  # LeaveGroup
     14: (0, 5),  # SyncGroup
     15: (0, 5),  # DescribeGroups
-    16: (0, 4),  # ListGroups
+    16: (0, 5),  # ListGroups (v5: types_filter)
     17: (1, 1),  # SaslHandshake (v0 sends raw SASL tokens after it: not served)
     18: (0, 3),  # ApiVersions
     19: (2, 7),  # CreateTopics
@@ -63,6 +63,10 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     42: (0, 2),  # DeleteGroups
     44: (0, 1),  # IncrementalAlterConfigs
     60: (0, 1),  # DescribeCluster
+    76: (1, 1),  # ShareGroupHeartbeat (KIP-932; Kafka 4.2 serves v1 only)
+    77: (1, 1),  # ShareGroupDescribe
+    78: (1, 2),  # ShareFetch (v2: renew acknowledgements)
+    79: (1, 2),  # ShareAcknowledge
 }
 
 API_NAMES: Final[dict[int, str]] = {key: api_key_map[key] for key in SUPPORTED_VERSIONS}
