@@ -33,15 +33,13 @@ Rules:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from conveyor.clock import Clock
 from conveyor.errors import (
     IllegalStateError,
-    InvalidConfigError,
     InvalidRequestError,
     NonEmptyGroupError,
     OperatingError,
@@ -50,6 +48,7 @@ from conveyor.errors import (
     UnknownMemberError,
 )
 
+from .group_configs import GroupConfigs
 from .types import Delivery, QueueConfig
 
 if TYPE_CHECKING:
@@ -74,58 +73,14 @@ class InvalidRecordStateError(IllegalStateError):
     code = "invalid_record_state"
 
 
-# --- configs -------------------------------------------------------------------------
-# Group configs a share group accepts, with Kafka 4.2's defaults.
-GROUP_CONFIG_DEFAULTS: Final[dict[str, str]] = {
-    "share.auto.offset.reset": "latest",
-    "share.isolation.level": "read_uncommitted",
-    "share.record.lock.duration.ms": "30000",  # group.share.record.lock.duration.ms
-    "share.session.timeout.ms": "45000",  # group.share.session.timeout.ms
-    "share.heartbeat.interval.ms": "5000",  # group.share.heartbeat.interval.ms
-    "share.delivery.count.limit": "5",  # group.share.delivery.count.limit
-}
-# (low, high) for the integer configs. Kafka bounds the lock duration by the broker's
-# 15 s..60 s; Conveyor allows 1 s..1 h (a test or a slow worker may want either end).
-_INT_RANGES: Final[dict[str, tuple[int, int]]] = {
-    "share.record.lock.duration.ms": (1_000, 3_600_000),
-    "share.session.timeout.ms": (1_000, 3_600_000),
-    "share.heartbeat.interval.ms": (100, 600_000),
-    "share.delivery.count.limit": (1, 100),
-}
-_CHOICES: Final[dict[str, tuple[str, ...]]] = {
-    "share.auto.offset.reset": ("latest", "earliest"),
-    # No transactions in Conveyor: every record is committed, both levels read the same.
-    "share.isolation.level": ("read_uncommitted", "read_committed"),
-}
 SESSION_PARTITIONS_MAX: Final = 10_000  # partitions one share session may name
 MEMBERS_MAX: Final = 1_000  # members per share group (Kafka: group.share.max.size 200)
-_SCHEMA: Final = (
-    "CREATE TABLE IF NOT EXISTS share_group_configs ("
-    " group_name TEXT PRIMARY KEY, config TEXT NOT NULL)",
-)
 
 AcknowledgeType = Literal["gap", "accept", "release", "reject", "renew"]
 ACKNOWLEDGE_TYPES: Final[dict[int, AcknowledgeType]] = {
     0: "gap", 1: "accept", 2: "release", 3: "reject", 4: "renew"}
 
 TopicPartition = tuple[str, int]
-
-
-def validate_group_config(name: str, value: str | None) -> None:
-    if name not in GROUP_CONFIG_DEFAULTS:
-        raise InvalidConfigError("unknown share group config", name=name)
-    if value is None:
-        return
-    if name in _INT_RANGES:
-        low, high = _INT_RANGES[name]
-        try:
-            number = int(value)
-        except ValueError:
-            raise InvalidConfigError("not an integer", name=name, value=value) from None
-        if not low <= number <= high:
-            raise InvalidConfigError(f"must be in {low}..{high}", name=name, value=value)
-    elif value not in _CHOICES[name]:
-        raise InvalidConfigError(f"must be one of {_CHOICES[name]}", name=name, value=value)
 
 
 # --- state ---------------------------------------------------------------------------
@@ -180,48 +135,17 @@ class Acknowledgement:
 
 
 class ShareCoordinator:
-    def __init__(self, broker: Broker, clock: Clock) -> None:
+    def __init__(self, broker: Broker, clock: Clock, configs: GroupConfigs) -> None:
         self.broker = broker
         self.clock = clock
+        self.configs = configs
         self.groups: dict[str, ShareGroup] = {}
-        self.configs: dict[str, dict[str, str]] = {}  # group -> configs set explicitly
-        broker.state_store.add_schema(_SCHEMA)
-        for name, text in broker.state_store.query(
-                "SELECT group_name, config FROM share_group_configs"):
-            loaded = json.loads(text)
-            if isinstance(loaded, dict):
-                self.configs[str(name)] = {str(k): str(v) for k, v in loaded.items()}
 
-    # --- configs -------------------------------------------------------------------
     def config(self, group: str) -> dict[str, str]:
-        return {**GROUP_CONFIG_DEFAULTS, **self.configs.get(group, {})}
-
-    def explicit_config(self, group: str) -> Mapping[str, str]:
-        return self.configs.get(group, {})
+        return self.configs.get(group)
 
     def _int_config(self, group: str, name: str) -> int:
-        return int(self.config(group)[name])
-
-    async def alter_config(self, group: str, to_set: Mapping[str, str | None],
-                           to_delete: Iterable[str], validate_only: bool = False) -> None:
-        updated = dict(self.configs.get(group, {}))
-        for name, value in to_set.items():
-            validate_group_config(name, value)
-            if value is None:
-                updated.pop(name, None)
-            else:
-                updated[name] = value
-        for name in to_delete:
-            validate_group_config(name, None)
-            updated.pop(name, None)
-        if validate_only:
-            return
-        self.configs[group] = updated
-        self.broker.state_store.write(
-            "INSERT INTO share_group_configs (group_name, config) VALUES (?, ?) "
-            "ON CONFLICT (group_name) DO UPDATE SET config = excluded.config",
-            (group, json.dumps(updated, sort_keys=True)))
-        await self.broker.state_store.commit()
+        return self.configs.integer(group, name)
 
     # --- membership ----------------------------------------------------------------
     async def heartbeat(
@@ -466,22 +390,21 @@ class ShareCoordinator:
 
     def list_groups(self) -> list[tuple[str, str]]:
         """(group id, state) of every share group: "Stable" with members, else "Empty"."""
-        names = set(self.groups) | set(self.configs)
+        names = {name for name in [*self.groups, *self.configs.explicit]
+                 if self.is_share_group(name)}
         return [(name, "Stable" if self.groups.get(name) and self.groups[name].members
                  else "Empty") for name in sorted(names)]
 
     def is_share_group(self, group_id: str) -> bool:
-        return group_id in self.groups or group_id in self.configs
+        return group_id in self.groups or any(
+            name.startswith("share.") for name in self.configs.set_on(group_id))
 
     async def delete_group(self, group_id: str) -> None:
         group = self.groups.get(group_id)
         if group is not None and group.members:
             raise NonEmptyGroupError("share group has members", group=group_id)
         self.groups.pop(group_id, None)
-        if self.configs.pop(group_id, None) is not None:
-            self.broker.state_store.write(
-                "DELETE FROM share_group_configs WHERE group_name = ?", (group_id,))
-            await self.broker.state_store.commit()
+        await self.configs.forget(group_id)
 
 
 def consumer_id(group_id: str, member_id: str) -> str:

@@ -28,7 +28,7 @@ from conveyor.protocols.kafka.responses import build, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
-    from conveyor.broker.share_coordinator import ShareCoordinator
+    from conveyor.broker.group_configs import GroupConfigs
 
 RESOURCE_TOPIC: Final = 2
 RESOURCE_BROKER: Final = 4
@@ -238,7 +238,7 @@ async def handle_create_partitions(broker: Broker, request: Request) -> Any:
 
 # --- configs -----------------------------------------------------------------------------
 def handle_describe_configs(broker: Broker, request: Request,
-                            shares: ShareCoordinator | None = None) -> Any:
+                            configs: GroupConfigs | None = None) -> Any:
     response_type = response_class(32, request.header.api_version)
     result_type = nested(response_type, "DescribeConfigsResult")
     entry_type = nested(response_type, "DescribeConfigsResourceResult")
@@ -246,8 +246,8 @@ def handle_describe_configs(broker: Broker, request: Request,
     for resource in request.body.resources:
         code, message = error_codes.NONE, None
         values: Mapping[str, str] = {}
-        if resource.resource_type == RESOURCE_GROUP and shares is not None:
-            results.append(_describe_group_configs(response_type, resource, shares))
+        if resource.resource_type == RESOURCE_GROUP and configs is not None:
+            results.append(_describe_group_configs(response_type, resource, configs))
             continue
         if resource.resource_type == RESOURCE_TOPIC:
             try:
@@ -273,11 +273,11 @@ def handle_describe_configs(broker: Broker, request: Request,
 
 
 def _describe_group_configs(response_type: type[Any], resource: Any,
-                            shares: ShareCoordinator) -> Any:
-    """A share group's configs: the defaults, or what was set on the group."""
+                            configs: GroupConfigs) -> Any:
+    """A group's configs (share and consumer groups): defaults, or what was set on it."""
     result_type = nested(response_type, "DescribeConfigsResult")
     entry_type = nested(response_type, "DescribeConfigsResourceResult")
-    explicit = shares.explicit_config(resource.resource_name)
+    explicit = configs.set_on(resource.resource_name)
     keys = resource.configuration_keys
     entries = tuple(
         build(entry_type, name=name, value=value, read_only=False,
@@ -285,7 +285,7 @@ def _describe_group_configs(response_type: type[Any], resource: Any,
                              else CONFIG_SOURCE_DEFAULT),
               is_default=name not in explicit, is_sensitive=False, synonyms=(),
               config_type=0, documentation=None)
-        for name, value in sorted(shares.config(resource.resource_name).items())
+        for name, value in sorted(configs.get(resource.resource_name).items())
         if keys is None or name in keys
     )
     return build(result_type, error_code=error_codes.NONE, error_message=None,
@@ -293,7 +293,7 @@ def _describe_group_configs(response_type: type[Any], resource: Any,
                  configs=entries)
 
 
-async def _alter_group(shares: ShareCoordinator, resource: Any, incremental: bool,
+async def _alter_group(configs: GroupConfigs, resource: Any, incremental: bool,
                        validate_only: bool) -> tuple[int, str | None]:
     to_set: dict[str, str | None] = {}
     to_delete: list[str] = []
@@ -306,10 +306,10 @@ async def _alter_group(shares: ShareCoordinator, resource: Any, incremental: boo
         else:
             return error_codes.INVALID_CONFIG, "APPEND/SUBTRACT apply to list configs only"
     if not incremental:  # AlterConfigs replaces the whole set
-        to_delete = [name for name in shares.explicit_config(resource.resource_name)
+        to_delete = [name for name in configs.set_on(resource.resource_name)
                      if name not in to_set]
     try:
-        await shares.alter_config(resource.resource_name, to_set, to_delete, validate_only)
+        await configs.alter(resource.resource_name, to_set, to_delete, validate_only)
     except OperatingError as error:
         return _code(error), error.message
     return error_codes.NONE, None
@@ -317,10 +317,10 @@ async def _alter_group(shares: ShareCoordinator, resource: Any, incremental: boo
 
 async def _alter_one(
     broker: Broker, resource: Any, incremental: bool, validate_only: bool,
-    shares: ShareCoordinator | None = None,
+    configs: GroupConfigs | None = None,
 ) -> tuple[int, str | None]:
-    if resource.resource_type == RESOURCE_GROUP and shares is not None:
-        return await _alter_group(shares, resource, incremental, validate_only)
+    if resource.resource_type == RESOURCE_GROUP and configs is not None:
+        return await _alter_group(configs, resource, incremental, validate_only)
     if resource.resource_type != RESOURCE_TOPIC:
         return error_codes.INVALID_REQUEST, "only topic and group configs can be altered"
     try:
@@ -346,7 +346,7 @@ async def _alter_one(
 
 
 async def handle_alter_configs(broker: Broker, request: Request,
-                               shares: ShareCoordinator | None = None,
+                               configs: GroupConfigs | None = None,
                                incremental: bool = False) -> Any:
     api_key = 44 if incremental else 33
     response_type = response_class(api_key, request.header.api_version)
@@ -354,7 +354,7 @@ async def handle_alter_configs(broker: Broker, request: Request,
     results = []
     for resource in request.body.resources:
         code, message = await _alter_one(broker, resource, incremental,
-                                         request.body.validate_only, shares)
+                                         request.body.validate_only, configs)
         results.append(build(result_type, error_code=code, error_message=message,
                              resource_type=resource.resource_type,
                              resource_name=resource.resource_name))

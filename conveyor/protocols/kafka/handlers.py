@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.broker.group_configs import GroupConfigs
 from conveyor.broker.share_coordinator import ShareCoordinator
 from conveyor.errors import AuthenticationError
 from conveyor.protocols.kafka import (
@@ -48,7 +49,8 @@ class KafkaHandlers:
         # Encoding kio responses needs no per-connection state: one codec serves all.
         self._codec = ServerCodec(settings.frame_bytes_max)
         # Share groups (KIP-932): membership and sessions over the broker's shared groups.
-        self.shares = ShareCoordinator(broker, broker.clock)
+        self.group_configs = GroupConfigs(broker.state_store)
+        self.shares = ShareCoordinator(broker, broker.clock, self.group_configs)
 
     async def handle(self, request: Request, state: ConnectionState) -> Response:
         api_key = request.header.api_key
@@ -99,9 +101,9 @@ class KafkaHandlers:
         if api_key == 22:
             return await admin_handlers.handle_init_producer_id(broker, request)
         if api_key == 32:
-            return admin_handlers.handle_describe_configs(broker, request, self.shares)
+            return admin_handlers.handle_describe_configs(broker, request, self.group_configs)
         if api_key == 33:
-            return await admin_handlers.handle_alter_configs(broker, request, self.shares,
+            return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
                                                              incremental=False)
         if api_key == 36:
             return self._sasl_authenticate(request, state)
@@ -110,7 +112,7 @@ class KafkaHandlers:
         if api_key == 42:
             return await group_handlers.handle_delete_groups(broker, request, self.shares)
         if api_key == 44:
-            return await admin_handlers.handle_alter_configs(broker, request, self.shares,
+            return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
                                                              incremental=True)
         if api_key == 60:
             return admin_handlers.handle_describe_cluster(node, request)
