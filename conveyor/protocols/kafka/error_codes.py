@@ -51,10 +51,13 @@ MEMBER_ID_REQUIRED: Final = 79
 FENCED_INSTANCE_ID: Final = 82
 UNKNOWN_TOPIC_ID: Final = 100
 FENCED_MEMBER_EPOCH: Final = 110
+UNRELEASED_INSTANCE_ID: Final = 111
+UNSUPPORTED_ASSIGNOR: Final = 112
 STALE_MEMBER_EPOCH: Final = 113
 INVALID_RECORD_STATE: Final = 121
 SHARE_SESSION_NOT_FOUND: Final = 122
 INVALID_SHARE_SESSION_EPOCH: Final = 123
+INVALID_REGULAR_EXPRESSION: Final = 128
 
 # ConveyorError.code -> Kafka error code.
 _BY_CODE: Final[dict[str, int]] = {
@@ -92,6 +95,10 @@ _BY_CODE: Final[dict[str, int]] = {
     "invalid_record_state": INVALID_RECORD_STATE,
     "share_session_not_found": SHARE_SESSION_NOT_FOUND,
     "invalid_share_session_epoch": INVALID_SHARE_SESSION_EPOCH,
+    "unreleased_instance_id": UNRELEASED_INSTANCE_ID,
+    "unsupported_assignor": UNSUPPORTED_ASSIGNOR,
+    "stale_member_epoch": STALE_MEMBER_EPOCH,
+    "invalid_regular_expression": INVALID_REGULAR_EXPRESSION,
     "lock_expired": INVALID_RECORD_STATE,
     "unknown_delivery": INVALID_RECORD_STATE,
 }

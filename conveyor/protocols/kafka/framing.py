@@ -62,6 +62,8 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     42: 2,  # DeleteGroups
     44: 1,  # IncrementalAlterConfigs
     60: 0,  # DescribeCluster
+    68: 0,  # ConsumerGroupHeartbeat
+    69: 0,  # ConsumerGroupDescribe
     76: 0,  # ShareGroupHeartbeat
     77: 0,  # ShareGroupDescribe
     78: 0,  # ShareFetch

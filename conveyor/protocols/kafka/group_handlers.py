@@ -25,6 +25,7 @@ from conveyor.protocols.kafka.responses import build, millis, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.broker.consumer_coordinator import ConsumerCoordinator
     from conveyor.broker.share_coordinator import ShareCoordinator
 
 
@@ -115,7 +116,8 @@ async def handle_leave_group(broker: Broker, request: Request) -> Any:
     return build(response_type, error_code=error_codes.NONE, members=tuple(members))
 
 
-async def handle_offset_commit(broker: Broker, request: Request) -> Any:
+async def handle_offset_commit(broker: Broker, request: Request,
+                               consumers: ConsumerCoordinator | None = None) -> Any:
     body = request.body
     response_type = response_class(8, request.header.api_version)
     topic_type = nested(response_type, "OffsetCommitResponseTopic")
@@ -130,9 +132,16 @@ async def handle_offset_commit(broker: Broker, request: Request) -> Any:
     }
     code = error_codes.NONE
     try:
-        await broker.commit_offsets(
-            body.group_id, offsets, body.member_id, body.generation_id_or_member_epoch
-        )
+        if consumers is not None and consumers.is_consumer_group(body.group_id):
+            # a KIP-848 group: the coordinator checks member and epoch; the offsets are
+            # stored as a simple commit (the classic side of the group id has no members)
+            consumers.check_commit(body.group_id, body.member_id,
+                                   body.generation_id_or_member_epoch)
+            await broker.commit_offsets(body.group_id, offsets)
+        else:
+            await broker.commit_offsets(
+                body.group_id, offsets, body.member_id, body.generation_id_or_member_epoch
+            )
     except OperatingError as error:
         code = _code(error)
     topics = tuple(
@@ -194,15 +203,20 @@ def handle_describe_groups(broker: Broker, request: Request) -> Any:
 
 
 def handle_list_groups(broker: Broker, request: Request,
-                       shares: ShareCoordinator | None = None) -> Any:
+                       shares: ShareCoordinator | None = None,
+                       consumers: ConsumerCoordinator | None = None) -> Any:
     """Classic groups (type "classic", or "consumer" for protocol type "consumer") and
     share groups (type "share"), filtered by state and (v5) type, case-insensitively."""
     response_type = response_class(16, request.header.api_version)
     group_type = nested(response_type, "ListedGroup")
     states = {state.lower() for state in getattr(request.body, "states_filter", ()) or ()}
     types = {kind.lower() for kind in getattr(request.body, "types_filter", ()) or ()}
+    modern = {name for name, _ in consumers.list_groups()} if consumers is not None else set()
     listed = [(listing.group_id, listing.protocol_type, listing.state.value, "classic")
-              for listing in broker.list_groups()]
+              for listing in broker.list_groups() if listing.group_id not in modern]
+    if consumers is not None:
+        listed += [(name, "consumer", state, "consumer")
+                   for name, state in consumers.list_groups()]
     if shares is not None:
         listed += [(name, "share", state, "share") for name, state in shares.list_groups()]
     groups = tuple(
@@ -215,7 +229,8 @@ def handle_list_groups(broker: Broker, request: Request,
 
 
 async def handle_delete_groups(broker: Broker, request: Request,
-                               shares: ShareCoordinator | None = None) -> Any:
+                               shares: ShareCoordinator | None = None,
+                               consumers: ConsumerCoordinator | None = None) -> Any:
     response_type = response_class(42, request.header.api_version)
     result_type = nested(response_type, "DeletableGroupResult")
     names = list(request.body.groups_names)
@@ -226,6 +241,13 @@ async def handle_delete_groups(broker: Broker, request: Request,
                 try:
                     await shares.delete_group(name)
                     share_outcome[name] = None
+                except OperatingError as error:
+                    share_outcome[name] = error
+    if consumers is not None:
+        for name in names:
+            if consumers.is_consumer_group(name) and name not in share_outcome:
+                try:
+                    consumers.delete_group(name)  # its offsets go with the classic side
                 except OperatingError as error:
                     share_outcome[name] = error
     outcome = await broker.delete_groups([name for name in names if name not in share_outcome])

@@ -15,13 +15,16 @@ Rules:
 from __future__ import annotations
 
 import hmac
+import weakref
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.broker.consumer_coordinator import ConsumerCoordinator
 from conveyor.broker.group_configs import GroupConfigs
 from conveyor.broker.share_coordinator import ShareCoordinator
 from conveyor.errors import AuthenticationError
 from conveyor.protocols.kafka import (
     admin_handlers,
+    consumer_handlers,
     data_handlers,
     error_codes,
     group_handlers,
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
 
 SASL_API_KEYS: Final = frozenset({17, 18, 36})
+_COORDINATORS: weakref.WeakKeyDictionary[
+    Broker, tuple[GroupConfigs, ShareCoordinator, ConsumerCoordinator]
+] = weakref.WeakKeyDictionary()
 PLAIN: Final = "PLAIN"
 
 
@@ -49,8 +55,13 @@ class KafkaHandlers:
         # Encoding kio responses needs no per-connection state: one codec serves all.
         self._codec = ServerCodec(settings.frame_bytes_max)
         # Share groups (KIP-932): membership and sessions over the broker's shared groups.
-        self.group_configs = GroupConfigs(broker.state_store)
-        self.shares = ShareCoordinator(broker, broker.clock, self.group_configs)
+        coordinators = _COORDINATORS.get(broker)
+        if coordinators is None:  # one set per broker, shared by its Kafka listeners
+            configs = GroupConfigs(broker.state_store)
+            coordinators = _COORDINATORS[broker] = (
+                configs, ShareCoordinator(broker, broker.clock, configs),
+                ConsumerCoordinator(broker, broker.clock, configs))
+        self.group_configs, self.shares, self.consumers = coordinators
 
     async def handle(self, request: Request, state: ConnectionState) -> Response:
         api_key = request.header.api_key
@@ -73,7 +84,7 @@ class KafkaHandlers:
         if api_key == 3:
             return await admin_handlers.handle_metadata(broker, node, request)
         if api_key == 8:
-            return await group_handlers.handle_offset_commit(broker, request)
+            return await group_handlers.handle_offset_commit(broker, request, self.consumers)
         if api_key == 9:
             return group_handlers.handle_offset_fetch(broker, request)
         if api_key == 10:
@@ -89,7 +100,8 @@ class KafkaHandlers:
         if api_key == 15:
             return group_handlers.handle_describe_groups(broker, request)
         if api_key == 16:
-            return group_handlers.handle_list_groups(broker, request, self.shares)
+            return group_handlers.handle_list_groups(broker, request, self.shares,
+                                                     self.consumers)
         if api_key == 17:
             return self._sasl_handshake(request, state)
         if api_key == 18:
@@ -110,7 +122,8 @@ class KafkaHandlers:
         if api_key == 37:
             return await admin_handlers.handle_create_partitions(broker, request)
         if api_key == 42:
-            return await group_handlers.handle_delete_groups(broker, request, self.shares)
+            return await group_handlers.handle_delete_groups(broker, request, self.shares,
+                                                             self.consumers)
         if api_key == 44:
             return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
                                                              incremental=True)
@@ -120,6 +133,11 @@ class KafkaHandlers:
 
     async def _share(self, request: Request, state: ConnectionState) -> Any:
         api_key = request.header.api_key
+        if api_key == 68:
+            return await consumer_handlers.handle_heartbeat(self.consumers, self.broker,
+                                                            request, state)
+        if api_key == 69:
+            return consumer_handlers.handle_describe(self.consumers, request)
         if api_key == 76:
             return await share_handlers.handle_heartbeat(self.shares, request, state)
         if api_key == 77:

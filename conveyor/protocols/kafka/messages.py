@@ -63,6 +63,8 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     42: (0, 2),  # DeleteGroups
     44: (0, 1),  # IncrementalAlterConfigs
     60: (0, 1),  # DescribeCluster
+    68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
+    69: (0, 1),  # ConsumerGroupDescribe
     76: (1, 1),  # ShareGroupHeartbeat (KIP-932; Kafka 4.2 serves v1 only)
     77: (1, 1),  # ShareGroupDescribe
     78: (1, 2),  # ShareFetch (v2: renew acknowledgements)
