@@ -175,6 +175,7 @@ class ConsumerCoordinator:
         if member_epoch == 0:
             member = self._join(group, member_id, instance_id, rack, rebalance_timeout_ms,
                                 topic_names, topic_regex, client_id, client_host)
+            member.assignor = assignor or member.assignor
         else:
             member = self._known(group, member_id, member_epoch, owned)
         member.last_seen_ms = self.clock.monotonic_ms()
@@ -219,10 +220,17 @@ class ConsumerCoordinator:
         elif existing is not None:
             member.topic_names, member.regex = existing.topic_names, existing.regex
             member.assignor = existing.assignor
+        if topic_names is not None:  # the join's own subscription is no extra epoch
+            member.topic_names = tuple(topic_names)
+        if topic_regex is not None:
+            member.regex = topic_regex or None
         group.members[member_id] = member
         if instance_id is not None:
             group.static[instance_id] = member_id
-        group.epoch += 1
+        if inherited is not None:  # no rebalance: the target moves to the new member id
+            group.target[member_id] = group.target.pop(inherited.member_id, {})
+        else:
+            group.epoch += 1
         return member
 
     def _known(self, group: ConsumerGroup, member_id: str, member_epoch: int,
@@ -309,8 +317,10 @@ class ConsumerCoordinator:
                 counts[topic] = info.partitions if info is not None else 0
         chosen = [member.assignor for member in group.members.values() if member.assignor]
         group.assignor = chosen[0] if chosen else DEFAULT_ASSIGNOR
+        # members by instance id where they have one: a static member coming back under a
+        # new member id is the same member to the assignment
         signature = (group.assignor, tuple(sorted(counts.items())),
-                     tuple(sorted((key, tuple(sorted(value)))
+                     tuple(sorted((group.members[key].instance_id or key, tuple(sorted(value)))
                                   for key, value in subscriptions.items())))
         if signature == group.signature and group.epoch == group.assignment_epoch:
             return
