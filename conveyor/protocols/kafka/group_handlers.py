@@ -13,6 +13,7 @@ connection stays open.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.ordered_group import CommittedOffset, MemberIdRequired
@@ -260,3 +261,45 @@ async def handle_delete_groups(broker: Broker, request: Request,
         for group_id, error in outcome.items()
     )
     return build(response_type, results=results)
+
+
+def subscribed_topics(broker: Broker, consumers: ConsumerCoordinator | None,
+                      group_id: str) -> set[str]:
+    """Topics the group's current members consume (OffsetDelete keeps their offsets)."""
+    topics: set[str] = set()
+    if consumers is not None and consumers.is_consumer_group(group_id):
+        group = consumers.describe(group_id)
+        for parts in group.target.values():
+            topics.update(parts)
+        for member in group.members.values():
+            topics.update(member.topic_names)
+    description = broker.describe_group(group_id)
+    if description.protocol_type == "consumer":
+        for described in description.members:
+            topics.update(subscription_topics(described.metadata))
+    return topics
+
+
+def subscription_topics(metadata: bytes) -> list[str]:
+    """The topics of a classic consumer's ConsumerProtocolSubscription (version int16,
+    then an array of int16-length strings); what does not parse names none."""
+    view = memoryview(metadata)
+    if len(view) < 6:
+        return []
+    (count,) = struct.unpack_from(">i", view, 2)
+    position, topics = 6, []
+    if count < 0 or count * 2 > len(view) - position:
+        return []
+    for _ in range(count):
+        if position + 2 > len(view):
+            return []
+        (length,) = struct.unpack_from(">h", view, position)
+        position += 2
+        if length < 0 or position + length > len(view):
+            return []
+        try:
+            topics.append(bytes(view[position:position + length]).decode())
+        except UnicodeDecodeError:
+            return []
+        position += length
+    return topics

@@ -28,6 +28,7 @@ from conveyor.protocols.kafka import (
     data_handlers,
     error_codes,
     group_handlers,
+    log_admin_handlers,
     share_handlers,
 )
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
@@ -129,6 +130,31 @@ class KafkaHandlers:
                                                              incremental=True)
         if api_key == 60:
             return admin_handlers.handle_describe_cluster(node, request)
+        return await self._newer(request, state)
+
+    async def _newer(self, request: Request, state: ConnectionState) -> Any:
+        """The APIs Kafka 4 clients added: log admin, KIP-848 and KIP-932 groups."""
+        api_key = request.header.api_key
+        broker = self.broker
+        if api_key == 21:
+            return await log_admin_handlers.handle_delete_records(broker, request)
+        if api_key == 23:
+            return log_admin_handlers.handle_offset_for_leader_epoch(broker, request)
+        if api_key == 35:
+            return log_admin_handlers.handle_describe_log_dirs(broker, request)
+        if api_key == 43:
+            return log_admin_handlers.handle_elect_leaders(broker, request)
+        if api_key == 46:
+            return log_admin_handlers.handle_list_partition_reassignments(request)
+        if api_key == 47:
+            subscribed = group_handlers.subscribed_topics(broker, self.consumers,
+                                                          request.body.group_id)
+            return await log_admin_handlers.handle_offset_delete(broker, request, subscribed)
+        if api_key == 61:
+            return log_admin_handlers.handle_describe_producers(broker, request)
+        if api_key == 75:
+            return log_admin_handlers.handle_describe_topic_partitions(broker, self.node,
+                                                                       request)
         return await self._share(request, state)
 
     async def _share(self, request: Request, state: ConnectionState) -> Any:

@@ -55,16 +55,24 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     18: (0, 3),  # ApiVersions
     19: (2, 7),  # CreateTopics
     20: (1, 6),  # DeleteTopics
+    21: (0, 2),  # DeleteRecords
     22: (0, 4),  # InitProducerId
+    23: (2, 4),  # OffsetForLeaderEpoch (one epoch, 0: its end is the log end)
     32: (1, 4),  # DescribeConfigs
     33: (0, 2),  # AlterConfigs
+    35: (1, 4),  # DescribeLogDirs
     36: (0, 2),  # SaslAuthenticate
     37: (0, 3),  # CreatePartitions
     42: (0, 2),  # DeleteGroups
+    43: (0, 2),  # ElectLeaders (one replica: ELECTION_NOT_NEEDED)
     44: (0, 1),  # IncrementalAlterConfigs
+    46: (0, 0),  # ListPartitionReassignments (never any)
+    47: (0, 0),  # OffsetDelete
     60: (0, 1),  # DescribeCluster
+    61: (0, 0),  # DescribeProducers
     68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
     69: (0, 1),  # ConsumerGroupDescribe
+    75: (0, 0),  # DescribeTopicPartitions (paged by a cursor)
     76: (1, 1),  # ShareGroupHeartbeat (KIP-932; Kafka 4.2 serves v1 only)
     77: (1, 1),  # ShareGroupDescribe
     78: (1, 2),  # ShareFetch (v2: renew acknowledgements)
