@@ -870,6 +870,14 @@ class Broker:
         """A shared group (KIP-932 share group) on any topic."""
         await self._shared().create_shared_group(topic, group, config, start)
 
+    def shared_group_start_offsets(self, topic: str, group: str) -> dict[int, int] | None:
+        """Per partition, the offset below which every record is settled; None: no group."""
+        return self._shared().shared_group_start_offsets(topic, group)
+
+    async def delete_shared_group(self, topic: str, group: str) -> None:
+        """Forget a shared group on a plain topic (its record states too)."""
+        await self._shared().delete_shared_group(topic, group)
+
     async def acquire(
         self,
         topic: str,

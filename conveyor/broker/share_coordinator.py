@@ -399,10 +399,35 @@ class ShareCoordinator:
         return group_id in self.groups or any(
             name.startswith("share.") for name in self.configs.set_on(group_id))
 
-    async def delete_group(self, group_id: str) -> None:
+    def topics_read(self, group_id: str) -> list[str]:
+        """The topics this group has a shared group on (persisted: known after a restart)."""
+        return [info.name for info in self.broker.list_topics()
+                if self.broker.shared_group_start_offsets(info.name, group_id) is not None]
+
+    def start_offsets(self, group_id: str, topic: str) -> dict[int, int] | None:
+        return self.broker.shared_group_start_offsets(topic, group_id)
+
+    async def delete_offsets(self, group_id: str, topic: str) -> None:
+        """Forget the group's state on ``topic`` (DeleteShareGroupOffsets): next time it
+        starts where share.auto.offset.reset says."""
         group = self.groups.get(group_id)
         if group is not None and group.members:
             raise NonEmptyGroupError("share group has members", group=group_id)
+        await self.broker.delete_shared_group(topic, group_id)
+        if group is not None:
+            group.topics.discard(topic)
+
+    async def delete_group(self, group_id: str) -> None:
+        """The group, its configs and its shared groups on plain topics (a queue's own
+        group stays with the queue)."""
+        group = self.groups.get(group_id)
+        if group is not None and group.members:
+            raise NonEmptyGroupError("share group has members", group=group_id)
+        for topic in self.topics_read(group_id):
+            try:
+                await self.broker.delete_shared_group(topic, group_id)
+            except PreconditionFailedError:
+                continue
         self.groups.pop(group_id, None)
         await self.configs.forget(group_id)
 

@@ -252,3 +252,25 @@ def test_share_consumer_and_pika_split_one_queue(server: BrokerThread) -> None:
     info = server.call(lambda: server.server.broker.get_queue(queue))
     assert (info.ready, info.in_flight) == (0, 0)  # every record was acknowledged
 
+
+
+def test_broker_restart_keeps_acknowledged_records_acknowledged(server: BrokerThread) -> None:
+    topic, group = unique("share-restart"), unique("g")
+    set_group_configs(server, group, share_auto_offset_reset="earliest")
+    produce(server, topic, 10)
+    share = consumer(server, group, topic, share_acknowledgement_mode="explicit",
+                     max_poll_records=4)
+    try:
+        first = poll_until(share, 4)
+        for message in first:
+            share.acknowledge(message, AcknowledgeType.ACCEPT)
+        share.commit_sync(WAIT_S)
+    finally:
+        share.close()
+    server.restart()  # memberships and sessions are gone; record states are not
+    again = consumer(server, group, topic)
+    try:
+        rest = poll_until(again, 10 - len(first))
+    finally:
+        again.close()
+    assert sorted(values(first) + values(rest)) == sorted(f"v{i}".encode() for i in range(10))

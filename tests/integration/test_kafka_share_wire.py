@@ -2,7 +2,8 @@
 
 Method: a raw asyncio client sends kio-encoded ShareGroupHeartbeat, ShareFetch,
 ShareAcknowledge, ShareGroupDescribe, ListGroups, DescribeConfigs and
-IncrementalAlterConfigs requests to a run_broker() listener and checks the codes:
+IncrementalAlterConfigs, DescribeShareGroupOffsets, DeleteShareGroupOffsets and
+DeleteGroups requests to a run_broker() listener and checks the codes:
 UNKNOWN_MEMBER_ID, FENCED_MEMBER_EPOCH, SHARE_SESSION_NOT_FOUND,
 INVALID_SHARE_SESSION_EPOCH, INVALID_RECORD_STATE (a record the member does not
 hold), INVALID_REQUEST (acknowledgement batches that overlap), INVALID_CONFIG;
@@ -20,7 +21,16 @@ from typing import Any
 
 import pytest
 from kio.schema.api_versions.v3.request import ApiVersionsRequest
+from kio.schema.delete_groups.v2.request import DeleteGroupsRequest
+from kio.schema.delete_share_group_offsets.v0.request import (
+    DeleteShareGroupOffsetsRequest,
+    DeleteShareGroupOffsetsRequestTopic,
+)
 from kio.schema.describe_configs.v4.request import DescribeConfigsRequest, DescribeConfigsResource
+from kio.schema.describe_share_group_offsets.v1.request import (
+    DescribeShareGroupOffsetsRequest,
+    DescribeShareGroupOffsetsRequestGroup,
+)
 from kio.schema.incremental_alter_configs.v1.request import (
     AlterableConfig,
     AlterConfigsResource,
@@ -197,3 +207,29 @@ async def test_describe_list_and_group_configs(server: Server, client: Client) -
     assert entries["share.record.lock.duration.ms"].config_source == 8  # DYNAMIC_GROUP_CONFIG
     assert entries["share.auto.offset.reset"].value == "latest"
     assert entries["share.auto.offset.reset"].config_source == 5  # DEFAULT_CONFIG
+
+
+async def test_share_group_offsets_and_deletion(server: Server, client: Client) -> None:
+    await joined(server, client, records=4)
+    await client.call(share_fetch("m1", 0))  # acquires 0-3
+    await client.call(share_fetch("m1", 1, (batch(0, 1, 1),)))  # accept 0-1
+    described = await client.call(DescribeShareGroupOffsetsRequest(groups=(
+        DescribeShareGroupOffsetsRequestGroup(group_id="g", topics=None),)))
+    partition = described.groups[0].topics[0].partitions[0]
+    assert (described.groups[0].topics[0].topic_name, partition.start_offset,
+            partition.lag) == ("t", 2, 2)
+    busy = await client.call(DeleteShareGroupOffsetsRequest(group_id="g", topics=(
+        DeleteShareGroupOffsetsRequestTopic(topic_name="t"),)))
+    assert busy.error_code == error_codes.NON_EMPTY_GROUP
+    refused = await client.call(DeleteGroupsRequest(groups_names=("g",)))
+    assert refused.results[0].error_code == error_codes.NON_EMPTY_GROUP
+    await client.call(heartbeat("m1", -1, topics=None))
+    deleted = await client.call(DeleteShareGroupOffsetsRequest(group_id="g", topics=(
+        DeleteShareGroupOffsetsRequestTopic(topic_name="t"),)))
+    assert deleted.error_code == error_codes.NONE
+    assert deleted.responses[0].error_code == error_codes.NONE
+    assert server.broker.shared_group_start_offsets("t", "g") is None
+    gone = await client.call(DeleteGroupsRequest(groups_names=("g",)))
+    assert gone.results[0].error_code == error_codes.NONE
+    listed = await client.call(ListGroupsRequest(states_filter=(), types_filter=("share",)))
+    assert listed.groups == ()

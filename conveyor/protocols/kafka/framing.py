@@ -76,6 +76,8 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     77: 0,  # ShareGroupDescribe
     78: 0,  # ShareFetch
     79: 0,  # ShareAcknowledge
+    90: 0,  # DescribeShareGroupOffsets
+    92: 0,  # DeleteShareGroupOffsets
 }
 
 

@@ -174,6 +174,10 @@ class KafkaHandlers:
         if api_key == 79:
             return await share_handlers.handle_acknowledge(self.shares, self.broker, self.node,
                                                            request)
+        if api_key == 90:
+            return share_handlers.handle_describe_offsets(self.shares, self.broker, request)
+        if api_key == 92:
+            return await share_handlers.handle_delete_offsets(self.shares, request)
         raise AssertionError(f"api key {api_key} is in SUPPORTED_VERSIONS without a handler")
 
     # --- SASL --------------------------------------------------------------------------

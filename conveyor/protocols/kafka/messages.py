@@ -77,6 +77,8 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     77: (1, 1),  # ShareGroupDescribe
     78: (1, 2),  # ShareFetch (v2: renew acknowledgements)
     79: (1, 2),  # ShareAcknowledge
+    90: (0, 1),  # DescribeShareGroupOffsets
+    92: (0, 0),  # DeleteShareGroupOffsets
 }
 
 API_NAMES: Final[dict[int, str]] = {key: api_key_map[key] for key in SUPPORTED_VERSIONS}

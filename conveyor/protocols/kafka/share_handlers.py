@@ -260,3 +260,63 @@ async def handle_acknowledge(coordinator: ShareCoordinator, broker: Broker, node
         topics.append(build(topic_type, topic_id=topic.topic_id, partitions=tuple(partitions)))
     return build(response_type, error_code=error_codes.NONE, error_message=None,
                  acquisition_lock_timeout=lock_ms, responses=tuple(topics), node_endpoints=())
+
+
+# --- DescribeShareGroupOffsets / DeleteShareGroupOffsets -------------------------------
+def handle_describe_offsets(coordinator: ShareCoordinator, broker: Broker,
+                            request: Request) -> Any:
+    """Per partition, the share-partition start offset (every record below it is settled)
+    and the lag: records from it to the high watermark (an upper bound: acknowledged
+    records above the start count too)."""
+    response_type = response_class(90, request.header.api_version)
+    group_type = nested(response_type, "DescribeShareGroupOffsetsResponseGroup")
+    topic_type = nested(response_type, "DescribeShareGroupOffsetsResponseTopic")
+    partition_type = nested(response_type, "DescribeShareGroupOffsetsResponsePartition")
+    groups = []
+    for item in request.body.groups:
+        wanted = ([(topic.topic_name, tuple(topic.partitions)) for topic in item.topics]
+                  if item.topics is not None
+                  else [(name, None) for name in coordinator.topics_read(item.group_id)])
+        topics = []
+        for name, indexes in wanted:
+            starts = coordinator.start_offsets(item.group_id, name) or {}
+            partitions = []
+            for index in (indexes if indexes is not None else tuple(sorted(starts))):
+                start = starts.get(index)
+                if start is None:
+                    partitions.append(build(partition_type, partition_index=index,
+                                            start_offset=-1, leader_epoch=-1, lag=-1,
+                                            error_code=error_codes.NONE, error_message=None))
+                    continue
+                high = broker.offsets(name, index).high_watermark
+                partitions.append(build(partition_type, partition_index=index,
+                                        start_offset=start, leader_epoch=0,
+                                        lag=max(0, high - start),
+                                        error_code=error_codes.NONE, error_message=None))
+            topics.append(build(topic_type, topic_name=name, topic_id=topic_id(name),
+                                partitions=tuple(partitions)))
+        groups.append(build(group_type, group_id=item.group_id, topics=tuple(topics),
+                            error_code=error_codes.NONE, error_message=None))
+    return build(response_type, groups=tuple(groups))
+
+
+async def handle_delete_offsets(coordinator: ShareCoordinator, request: Request) -> Any:
+    body = request.body
+    response_type = response_class(92, request.header.api_version)
+    topic_type = nested(response_type, "DeleteShareGroupOffsetsResponseTopic")
+    group = coordinator.groups.get(body.group_id)
+    if group is not None and group.members:
+        return build(response_type, error_code=error_codes.NON_EMPTY_GROUP,
+                     error_message="share group has members", responses=())
+    results = []
+    for topic in body.topics:
+        code, message = error_codes.NONE, None
+        try:
+            await coordinator.delete_offsets(body.group_id, topic.topic_name)
+        except OperatingError as error:
+            code, message = _code(error), error.message
+        results.append(build(topic_type, topic_name=topic.topic_name,
+                             topic_id=topic_id(topic.topic_name), error_code=code,
+                             error_message=message))
+    return build(response_type, error_code=error_codes.NONE, error_message=None,
+                 responses=tuple(results))
