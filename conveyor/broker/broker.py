@@ -796,6 +796,11 @@ class Broker:
         log = self.topics.partition_log(topic, partition)
         return sum(int(segment.size_bytes) for segment in log.segments)
 
+    def max_timestamp(self, topic: str, partition: int) -> int:
+        """The largest record timestamp in the partition (-1: none), ListOffsets -3."""
+        log = self.topics.partition_log(topic, partition)
+        return max((int(segment.max_timestamp_ms) for segment in log.segments), default=-1)
+
     def producer_states(self, topic: str, partition: int) -> list[tuple[int, int, int, int]]:
         """(producer id, epoch, last sequence, last offset) of the idempotent producers this
         partition remembers (DescribeProducers)."""

@@ -193,3 +193,27 @@ def test_offset_for_leader_epoch(server: BrokerThread, admin: KafkaAdminClient) 
     assert [(p.error_code, p.leader_epoch, p.end_offset) for p in ours.partitions] == [
         (error_codes.NONE, 0, 7), (error_codes.UNKNOWN_LEADER_EPOCH, -1, -1)]
     assert missing.partitions[0].error_code == error_codes.UNKNOWN_TOPIC_OR_PARTITION
+
+
+def test_kafka_python_infers_4_2_and_lists_max_timestamp(server: BrokerThread,
+                                                         admin: KafkaAdminClient) -> None:
+    """ApiVersions advertises ListOffsets v11, so kafka-python infers Kafka 4.2; the
+    v7+ lookups: MAX_TIMESTAMP (-3) finds the record with the largest timestamp,
+    EARLIEST_LOCAL (-4) the log start, LATEST_TIERED (-5) nothing (no tiered storage)."""
+    assert admin._manager.broker_version == (4, 2)
+    topic = unique("admin4-times")
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    producer = KafkaProducer(bootstrap_servers=bootstrap(server))
+    for timestamp_ms in (1_000, 5_000, 3_000):
+        producer.send(topic, b"v", timestamp_ms=timestamp_ms)
+    producer.flush()
+    producer.close()
+    partition = TopicPartition(topic, 0)
+
+    def lookup(spec: int) -> tuple[int, int]:
+        found = admin.list_partition_offsets({partition: spec})[partition]
+        return found.offset, found.timestamp
+
+    assert lookup(-3) == (1, 5_000)
+    assert lookup(-4) == (0, -1)
+    assert lookup(-5) == (-1, -1)

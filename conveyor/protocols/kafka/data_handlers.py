@@ -189,14 +189,29 @@ def handle_list_offsets(broker: Broker, request: Request) -> Any:
     return build(response_type, topics=topics)
 
 
+MAX_TIMESTAMP = -3  # ListOffsets v7+: the record with the largest timestamp
+EARLIEST_LOCAL = -4  # v8+: everything is local in Conveyor, so the log start
+LATEST_TIERED = -5  # v9+: nothing is tiered: no offset
+EARLIEST_PENDING_UPLOAD = -6  # v11+: nothing is uploaded: no offset
+
+
 def _list_offset(broker: Broker, partition_type: type[Any], topic: str, partition: Any) -> Any:
     index = partition.partition_index
+    wanted = partition.timestamp
     try:
-        found = broker.offset_for_timestamp(topic, index, partition.timestamp)
+        if wanted == MAX_TIMESTAMP:
+            wanted = broker.max_timestamp(topic, index)
+            found = broker.offset_for_timestamp(topic, index, wanted) if wanted >= 0 else None
+        elif wanted in (LATEST_TIERED, EARLIEST_PENDING_UPLOAD):
+            broker.offsets(topic, index)  # unknown partitions answer their error
+            found = None
+        else:
+            wanted = -2 if wanted == EARLIEST_LOCAL else wanted
+            found = broker.offset_for_timestamp(topic, index, wanted)
     except OperatingError as error:
         return build(partition_type, partition_index=index,
                      error_code=error_codes.error_code_for(error), timestamp=-1, offset=-1)
     offset = -1 if found is None else found
-    timestamp = partition.timestamp if found is not None and partition.timestamp >= 0 else -1
+    timestamp = wanted if found is not None and wanted >= 0 else -1
     return build(partition_type, partition_index=index, error_code=error_codes.NONE,
                  timestamp=timestamp, offset=offset, leader_epoch=0)

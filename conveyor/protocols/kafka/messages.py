@@ -40,7 +40,7 @@ from conveyor.protocols.kafka.tagged_fields import without_unknown_tags
 SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     0: (3, 11),  # Produce
     1: (4, 12),  # Fetch
-    2: (1, 6),  # ListOffsets (v7 adds MAX_TIMESTAMP lookups, not served)
+    2: (1, 11),  # ListOffsets (v7-v11: max timestamp, earliest local, tiered: none)
     3: (0, 12),  # Metadata
     8: (2, 8),  # OffsetCommit
     9: (1, 7),  # OffsetFetch
