@@ -288,6 +288,21 @@ class ShareCoordinator:
                                       limit=SESSION_PARTITIONS_MAX)
         return session, False
 
+    async def session_lost(self, group_id: str, member_id: str, session: ShareSession) -> None:
+        """The connection that opened ``session`` closed: end it, releasing what the member
+        holds, unless the member opened a newer session elsewhere since."""
+        group = self.groups.get(group_id)
+        if group is None or group.sessions.get(member_id) is not session:
+            return
+        member = group.members.get(member_id) or group.departed.get(member_id)
+        group.sessions.pop(member_id, None)
+        group.departed.pop(member_id, None)
+        if member is not None:
+            try:
+                await self._release_held(group, member)
+            except OperatingError:
+                pass  # the broker is closing: the locks end with it (or expire)
+
     async def close_session(self, group_id: str, member_id: str) -> None:
         group, member = self.member(group_id, member_id)
         group.sessions.pop(member_id, None)

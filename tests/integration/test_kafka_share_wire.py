@@ -91,10 +91,10 @@ def heartbeat(member: str, epoch: int, topics: tuple[str, ...] | None = ("t",),
 
 
 def share_fetch(member: str, epoch: int, acks: tuple[Any, ...] = (),
-                group: str = "g") -> Any:
+                group: str = "g", wait_ms: int = 0) -> Any:
     return fetch_v1.ShareFetchRequest(
         group_id=group, member_id=member, share_session_epoch=epoch,
-        max_wait=datetime.timedelta(milliseconds=0), min_bytes=1, max_records=100,
+        max_wait=datetime.timedelta(milliseconds=wait_ms), min_bytes=1, max_records=100,
         batch_size=100, forgotten_topics_data=(),
         topics=(fetch_v1.FetchTopic(topic_id=topic_id("t"), partitions=(
             fetch_v1.FetchPartition(partition_index=0, acknowledgement_batches=acks),)),))
@@ -233,3 +233,21 @@ async def test_share_group_offsets_and_deletion(server: Server, client: Client) 
     assert gone.results[0].error_code == error_codes.NONE
     listed = await client.call(ListGroupsRequest(states_filter=(), types_filter=("share",)))
     assert listed.groups == ()
+
+
+async def test_closing_the_connection_releases_what_its_session_held(
+        server: Server, client: Client) -> None:
+    await joined(server, client, records=2)
+    assert (await client.call(heartbeat("m2", 0))).error_code == error_codes.NONE
+    held = await client.call(share_fetch("m1", 0))
+    assert held.responses[0].partitions[0].acquired_records[0].last_offset == 1
+    client.writer.close()  # m1's session ends with its connection (lock: 30 s)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.ports["kafka"])
+    other = Client(reader, writer)
+    try:  # a long poll: the release wakes it
+        answer = await other.call(share_fetch("m2", 0, wait_ms=5_000))
+        ranges = answer.responses[0].partitions[0].acquired_records
+        assert [(r.first_offset, r.last_offset, r.delivery_count) for r in ranges] == [
+            (0, 1, 2)]
+    finally:
+        writer.close()

@@ -84,6 +84,8 @@ class ConnectionState:
         self.sasl_mechanism: str | None = None
         self.authenticated_user: str | None = None
         self.close_after_response = False  # set by a handler: answer, then close
+        # called once when the connection is gone (share sessions end with it, KIP-932)
+        self.on_close: list[Callable[[], None]] = []
 
 
 class _Close:
@@ -200,6 +202,9 @@ class KafkaConnection(asyncio.Protocol):
         self._produces_done.set()
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
+        callbacks, self.state.on_close = self.state.on_close, []
+        for callback in callbacks:
+            callback()
 
     def pause_writing(self) -> None:
         self._can_write.clear()

@@ -170,7 +170,7 @@ class KafkaHandlers:
             return share_handlers.handle_describe(self.shares, request)
         if api_key == 78:
             return await share_handlers.handle_fetch(self.shares, self.broker, self.settings,
-                                                     self.node, request)
+                                                     self.node, request, state)
         if api_key == 79:
             return await share_handlers.handle_acknowledge(self.shares, self.broker, self.node,
                                                            request)

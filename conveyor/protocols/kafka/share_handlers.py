@@ -20,10 +20,11 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator
+from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator, ShareSession
 from conveyor.broker.types import Delivery
 from conveyor.errors import InvalidRequestError, OperatingError
 from conveyor.protocols.kafka import error_codes
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
 # ShareFetch max_records above this is capped (the shared group hands out at most 1000).
 RECORDS_PER_FETCH_MAX: Final = 1_000
+_ENDING: set[asyncio.Task[None]] = set()  # session releases after a connection closed
 
 
 def _code(error: OperatingError) -> int:
@@ -139,8 +141,20 @@ def _top_level(response_type: type[Any], error: OperatingError, lock_ms: int = 0
 
 
 # --- ShareFetch -----------------------------------------------------------------------
+def _end_with_connection(coordinator: ShareCoordinator, state: ConnectionState,
+                         group_id: str, member_id: str, session: ShareSession) -> None:
+    """KIP-932: a share session ends with the connection it was opened on."""
+    def lost() -> None:
+        task = asyncio.get_running_loop().create_task(
+            coordinator.session_lost(group_id, member_id, session))
+        _ENDING.add(task)
+        task.add_done_callback(_ENDING.discard)
+
+    state.on_close.append(lost)
+
+
 async def handle_fetch(coordinator: ShareCoordinator, broker: Broker, settings: KafkaSettings,
-                       node: Node, request: Request) -> Any:
+                       node: Node, request: Request, state: ConnectionState) -> Any:
     body = request.body
     version = request.header.api_version
     response_type = response_class(78, version)
@@ -158,6 +172,8 @@ async def handle_fetch(coordinator: ShareCoordinator, broker: Broker, settings: 
         session, closing = await coordinator.open_session(
             group_id, member_id, epoch,
             [(name, index) for name, _, index in requested if name is not None], forgotten)
+        if epoch == 0 and session is not None:
+            _end_with_connection(coordinator, state, group_id, member_id, session)
         outcome = await coordinator.acknowledge(group_id, member_id, batches,
                                                 getattr(body, "is_renew_ack", False))
         deliveries: list[Delivery] = []
