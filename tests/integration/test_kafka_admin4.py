@@ -6,7 +6,8 @@ new log start), DescribeLogDirs, ElectLeaders, ListPartitionReassignments,
 DescribeTopicPartitions (paged with a cursor), DescribeProducers, OffsetDelete (refused
 for a topic the group's members consume), ListGroups with a type filter, and
 OffsetForLeaderEpoch (through a raw request: no client exposes it). DeleteRecords past
-the high watermark answers OFFSET_OUT_OF_RANGE.
+the high watermark answers OFFSET_OUT_OF_RANGE. DescribeConfigs gives broker configs with
+their real values and Kafka's types, and topic configs with their synonyms.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.structs import TopicPartition as AioTopicPartition
 from confluent_kafka import ElectionType
 from confluent_kafka import TopicPartition as ConfluentTopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ResourceType
+from confluent_kafka.admin import ConfigResource as ConfluentConfigResource
 from kio.schema.offset_for_leader_epoch.v4.request import (
     OffsetForLeaderEpochRequest,
     OffsetForLeaderPartition,
@@ -39,7 +41,7 @@ from tests.protocols.kafka.kafka_wire import parse_response, request_frame
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient, NewTopic
     from kafka.errors import OffsetOutOfRangeError
 
 WAIT_S = 20
@@ -217,3 +219,30 @@ def test_kafka_python_infers_4_2_and_lists_max_timestamp(server: BrokerThread,
     assert lookup(-3) == (1, 5_000)
     assert lookup(-4) == (0, -1)
     assert lookup(-5) == (-1, -1)
+
+
+def test_describe_configs_types_sources_synonyms(server: BrokerThread,
+                                                 admin: KafkaAdminClient) -> None:
+    """Broker configs carry their real values (advertised.listeners names this
+    listener) as read-only static entries with Kafka's types; a topic config set on the
+    topic names its broker-level synonym and default."""
+    described = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, "0")],
+                                       config_filter="static")
+    broker = described["broker"]["0"]
+    assert broker["advertised.listeners"]["value"] == f"PLAINTEXT://{bootstrap(server)}"
+    assert broker["num.partitions"]["config_type"] == "INT"
+    assert broker["auto.create.topics.enable"]["config_type"] == "BOOLEAN"
+    assert all(entry["read_only"] for entry in broker.values())
+    topic = unique("admin4-configs")
+    admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"retention.ms": "60000"})])
+    entries = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)],
+                                     include_synonyms=True)["topic"][topic]
+    retention = entries["retention.ms"]
+    assert (retention["value"], retention["config_type"]) == ("60000", "LONG")
+    assert [(item["name"], item["source"]) for item in retention["synonyms"]] == [
+        ("retention.ms", "DYNAMIC_TOPIC_CONFIG"), ("log.retention.ms", "DEFAULT_CONFIG")]
+    confluent = AdminClient({"bootstrap.servers": bootstrap(server)})
+    resource = ConfluentConfigResource(ResourceType.BROKER, "0")
+    found = confluent.describe_configs([resource])[resource].result(WAIT_S)
+    assert found["group.share.record.lock.duration.ms"].value == "30000"
+    assert found["listeners"].is_read_only

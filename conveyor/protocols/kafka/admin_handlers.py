@@ -14,7 +14,6 @@ that addresses topics by id.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -23,6 +22,16 @@ from conveyor.broker.types import TopicConfig, TopicInfo
 from conveyor.errors import InvalidConfigError, OperatingError, UnknownTopicError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.codec import Request
+from conveyor.protocols.kafka.config_catalog import (
+    GROUP_DOCUMENTATION,
+    SOURCE_DEFAULT,
+    SOURCE_GROUP,
+    BrokerFacts,
+    ConfigEntry,
+    broker_entries,
+    group_type,
+    topic_entry,
+)
 from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, nested
 
@@ -33,9 +42,6 @@ if TYPE_CHECKING:
 RESOURCE_TOPIC: Final = 2
 RESOURCE_BROKER: Final = 4
 RESOURCE_GROUP: Final = 32
-CONFIG_SOURCE_DYNAMIC_GROUP: Final = 8
-CONFIG_SOURCE_DYNAMIC_TOPIC: Final = 1
-CONFIG_SOURCE_DEFAULT: Final = 5
 OPERATION_SET: Final = 0
 OPERATION_DELETE: Final = 1
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
@@ -238,59 +244,60 @@ async def handle_create_partitions(broker: Broker, request: Request) -> Any:
 
 # --- configs -----------------------------------------------------------------------------
 def handle_describe_configs(broker: Broker, request: Request,
-                            configs: GroupConfigs | None = None) -> Any:
+                            configs: GroupConfigs | None = None,
+                            facts: BrokerFacts | None = None) -> Any:
+    """Topic, broker and group configs, with Kafka's types, sources, read-only flags,
+    and (when asked) synonyms and documentation."""
+    body = request.body
     response_type = response_class(32, request.header.api_version)
     result_type = nested(response_type, "DescribeConfigsResult")
-    entry_type = nested(response_type, "DescribeConfigsResourceResult")
     results = []
-    for resource in request.body.resources:
+    for resource in body.resources:
         code, message = error_codes.NONE, None
-        values: Mapping[str, str] = {}
-        if resource.resource_type == RESOURCE_GROUP and configs is not None:
-            results.append(_describe_group_configs(response_type, resource, configs))
-            continue
+        entries: list[ConfigEntry] = []
         if resource.resource_type == RESOURCE_TOPIC:
             try:
                 values = broker.topic_config(resource.resource_name)
+                entries = [topic_entry(name, value, _DEFAULT_CONFIG.get(name))
+                           for name, value in sorted(values.items())]
             except OperatingError as error:
                 code, message = _code(error), error.message
+        elif resource.resource_type == RESOURCE_GROUP and configs is not None:
+            entries = _group_entries(configs, resource.resource_name)
+        elif resource.resource_type == RESOURCE_BROKER and facts is not None:
+            entries = broker_entries(facts)
         elif resource.resource_type != RESOURCE_BROKER:
             code, message = error_codes.INVALID_REQUEST, "unsupported resource type"
         keys = resource.configuration_keys
-        entries = tuple(
-            build(entry_type, name=name, value=value, read_only=False,
-                  config_source=(CONFIG_SOURCE_DEFAULT if _DEFAULT_CONFIG.get(name) == value
-                                 else CONFIG_SOURCE_DYNAMIC_TOPIC),
-                  is_default=_DEFAULT_CONFIG.get(name) == value, is_sensitive=False,
-                  synonyms=(), config_type=0, documentation=None)
-            for name, value in sorted(values.items())
-            if keys is None or name in keys
-        )
-        results.append(build(result_type, error_code=code, error_message=message,
-                             resource_type=resource.resource_type,
-                             resource_name=resource.resource_name, configs=entries))
+        results.append(build(
+            result_type, error_code=code, error_message=message,
+            resource_type=resource.resource_type, resource_name=resource.resource_name,
+            configs=tuple(_config_result(response_type, entry,
+                                         getattr(body, "include_synonyms", False),
+                                         getattr(body, "include_documentation", False))
+                          for entry in entries if keys is None or entry.name in keys)))
     return build(response_type, results=tuple(results))
 
 
-def _describe_group_configs(response_type: type[Any], resource: Any,
-                            configs: GroupConfigs) -> Any:
-    """A group's configs (share and consumer groups): defaults, or what was set on it."""
-    result_type = nested(response_type, "DescribeConfigsResult")
+def _group_entries(configs: GroupConfigs, group: str) -> list[ConfigEntry]:
+    explicit = configs.set_on(group)
+    return [ConfigEntry(name, value, group_type(name),
+                        SOURCE_GROUP if name in explicit else SOURCE_DEFAULT, False,
+                        GROUP_DOCUMENTATION.get(name, ""),
+                        ((name, value, SOURCE_GROUP),) if name in explicit else ())
+            for name, value in sorted(configs.get(group).items())]
+
+
+def _config_result(response_type: type[Any], entry: ConfigEntry, synonyms: bool,
+                   documentation: bool) -> Any:
     entry_type = nested(response_type, "DescribeConfigsResourceResult")
-    explicit = configs.set_on(resource.resource_name)
-    keys = resource.configuration_keys
-    entries = tuple(
-        build(entry_type, name=name, value=value, read_only=False,
-              config_source=(CONFIG_SOURCE_DYNAMIC_GROUP if name in explicit
-                             else CONFIG_SOURCE_DEFAULT),
-              is_default=name not in explicit, is_sensitive=False, synonyms=(),
-              config_type=0, documentation=None)
-        for name, value in sorted(configs.get(resource.resource_name).items())
-        if keys is None or name in keys
-    )
-    return build(result_type, error_code=error_codes.NONE, error_message=None,
-                 resource_type=resource.resource_type, resource_name=resource.resource_name,
-                 configs=entries)
+    synonym_type = nested(response_type, "DescribeConfigsSynonym")
+    return build(entry_type, name=entry.name, value=entry.value, read_only=entry.read_only,
+                 config_source=entry.source, is_default=entry.source == SOURCE_DEFAULT,
+                 is_sensitive=False, config_type=entry.config_type,
+                 documentation=entry.documentation if documentation else None,
+                 synonyms=tuple(build(synonym_type, name=name, value=value, source=source)
+                                for name, value, source in entry.synonyms) if synonyms else ())
 
 
 async def _alter_group(configs: GroupConfigs, resource: Any, incremental: bool,

@@ -18,9 +18,12 @@ import hmac
 import weakref
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.broker import group_configs
 from conveyor.broker.consumer_coordinator import ConsumerCoordinator
 from conveyor.broker.group_configs import GroupConfigs
 from conveyor.broker.share_coordinator import ShareCoordinator
+from conveyor.broker.topics import config_to_mapping
+from conveyor.broker.types import TopicConfig
 from conveyor.errors import AuthenticationError
 from conveyor.protocols.kafka import (
     admin_handlers,
@@ -34,6 +37,7 @@ from conveyor.protocols.kafka import (
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.codec import Request, ServerCodec
+from conveyor.protocols.kafka.config_catalog import BrokerFacts
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
 from conveyor.protocols.kafka.responses import build, nested
 from conveyor.protocols.kafka.settings import KafkaSettings
@@ -114,7 +118,8 @@ class KafkaHandlers:
         if api_key == 22:
             return await admin_handlers.handle_init_producer_id(broker, request)
         if api_key == 32:
-            return admin_handlers.handle_describe_configs(broker, request, self.group_configs)
+            return admin_handlers.handle_describe_configs(broker, request, self.group_configs,
+                                                          self._facts())
         if api_key == 33:
             return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
                                                              incremental=False)
@@ -179,6 +184,15 @@ class KafkaHandlers:
         if api_key == 92:
             return await share_handlers.handle_delete_offsets(self.shares, request)
         raise AssertionError(f"api key {api_key} is in SUPPORTED_VERSIONS without a handler")
+
+    def _facts(self) -> BrokerFacts:
+        config = self.broker.config
+        return BrokerFacts(
+            self.node.node_id, self.node.host, self.node.port, self.settings.frame_bytes_max,
+            self.settings.fetch_bytes_max, config.auto_create_topics,
+            config.default_partitions, config.session_timeout_ms_min,
+            config.session_timeout_ms_max, config_to_mapping(TopicConfig()),
+            group_configs.DEFAULTS)
 
     # --- SASL --------------------------------------------------------------------------
     def _sasl_handshake(self, request: Request, state: ConnectionState) -> Any:
