@@ -246,3 +246,10 @@ def test_describe_configs_types_sources_synonyms(server: BrokerThread,
     found = confluent.describe_configs([resource])[resource].result(WAIT_S)
     assert found["group.share.record.lock.duration.ms"].value == "30000"
     assert found["listeners"].is_read_only
+
+
+def test_list_config_resources(server: BrokerThread, admin: KafkaAdminClient) -> None:
+    topic = topic_with_records(server, admin, 1, 0)
+    listed = admin.list_config_resources(["TOPIC", "BROKER"])
+    assert topic in listed["topic"] and listed["broker"] == ["0"]
+    assert "group" not in listed

@@ -279,6 +279,35 @@ def handle_describe_configs(broker: Broker, request: Request,
     return build(response_type, results=tuple(results))
 
 
+RESOURCE_CLIENT_METRICS: Final = 16
+
+
+def handle_list_config_resources(broker: Broker, node: Node, configs: GroupConfigs,
+                                 request: Request) -> Any:
+    """v0 lists client-metrics resources (Conveyor has none); v1 topics, this broker and
+    the groups with configs set, filtered by type; an unknown type is INVALID_REQUEST."""
+    version = request.header.api_version
+    response_type = response_class(74, version)
+    resource_type = nested(response_type, "ConfigResource")
+    known = (RESOURCE_TOPIC, RESOURCE_BROKER, RESOURCE_GROUP, RESOURCE_CLIENT_METRICS)
+    wanted = tuple(getattr(request.body, "resource_types", ()) or ()) or known
+    if version == 0:
+        wanted = (RESOURCE_CLIENT_METRICS,)
+    if any(kind not in known for kind in wanted):
+        return build(response_type, error_code=error_codes.INVALID_REQUEST,
+                     config_resources=())
+    found: list[tuple[str, int]] = []
+    if RESOURCE_TOPIC in wanted:
+        found += [(info.name, RESOURCE_TOPIC) for info in broker.list_topics()]
+    if RESOURCE_BROKER in wanted:
+        found.append((str(node.node_id), RESOURCE_BROKER))
+    if RESOURCE_GROUP in wanted:
+        found += [(name, RESOURCE_GROUP) for name in sorted(configs.explicit)
+                  if configs.explicit[name]]
+    return build(response_type, error_code=error_codes.NONE, config_resources=tuple(
+        build(resource_type, resource_name=name, resource_type=kind) for name, kind in found))
+
+
 def _group_entries(configs: GroupConfigs, group: str) -> list[ConfigEntry]:
     explicit = configs.set_on(group)
     return [ConfigEntry(name, value, group_type(name),

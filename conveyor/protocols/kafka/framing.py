@@ -71,6 +71,7 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     61: 0,  # DescribeProducers
     68: 0,  # ConsumerGroupHeartbeat
     69: 0,  # ConsumerGroupDescribe
+    74: 0,  # ListConfigResources
     75: 0,  # DescribeTopicPartitions
     76: 0,  # ShareGroupHeartbeat
     77: 0,  # ShareGroupDescribe

@@ -157,6 +157,9 @@ class KafkaHandlers:
             return await log_admin_handlers.handle_offset_delete(broker, request, subscribed)
         if api_key == 61:
             return log_admin_handlers.handle_describe_producers(broker, request)
+        if api_key == 74:
+            return admin_handlers.handle_list_config_resources(broker, self.node,
+                                                               self.group_configs, request)
         if api_key == 75:
             return log_admin_handlers.handle_describe_topic_partitions(broker, self.node,
                                                                        request)

@@ -72,6 +72,7 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     61: (0, 0),  # DescribeProducers
     68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
     69: (0, 1),  # ConsumerGroupDescribe
+    74: (0, 1),  # ListConfigResources (v1: topics, brokers, groups)
     75: (0, 0),  # DescribeTopicPartitions (paged by a cursor)
     76: (1, 1),  # ShareGroupHeartbeat (KIP-932; Kafka 4.2 serves v1 only)
     77: (1, 1),  # ShareGroupDescribe
