@@ -24,8 +24,9 @@ Rules (KIP-848):
   its rebalance timeout, is removed (its partitions go to the others).
 - A static member (instance id) replaces the previous member with that id only
   after it left with epoch -2 (else UnreleasedInstanceIdError).
-- A regular expression is compiled with the ``regex`` module and matched with a
-  time limit, so a pathological pattern cannot stall the loop.
+- A regular expression is compiled with the ``regex`` module and matched under one
+  time budget per evaluation (cached per topic list), so a pathological pattern cannot
+  stall the loop; it is checked before the group changes, so it poisons nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
     from .broker import Broker
 
 REGEX_CHARS_MAX: Final = 1_000
-REGEX_MATCH_TIMEOUT_S: Final = 0.05  # per topic name; a pathological pattern is refused
+REGEX_BUDGET_MS: Final = 50  # one evaluation over every topic name; slower is refused
+REGEX_CACHE_MAX: Final = 256  # (pattern, topic names) -> matches, oldest dropped first
 MEMBERS_MAX: Final = 1_000  # Kafka's group.consumer.max.size is unbounded by default
 
 Partitions = dict[str, frozenset[int]]  # topic -> partitions
@@ -148,6 +150,7 @@ class ConsumerCoordinator:
         self.clock = clock
         self.configs = configs
         self.groups: dict[str, ConsumerGroup] = {}
+        self._regex_cache: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
 
     # --- heartbeat -----------------------------------------------------------------
     async def heartbeat(
@@ -159,8 +162,8 @@ class ConsumerCoordinator:
     ) -> ConsumerHeartbeat:
         if not group_id:
             raise InvalidRequestError("group id must not be empty")
-        if topic_regex is not None:
-            compile_regex(topic_regex)
+        if topic_regex:  # evaluated before the group changes: a bad pattern changes nothing
+            self._matching(topic_regex, self._topic_names())
         if assignor is not None and assignor not in ASSIGNORS:
             raise UnsupportedAssignorError("unknown server assignor", assignor=assignor)
         group = self.groups.get(group_id)
@@ -290,23 +293,45 @@ class ConsumerCoordinator:
         if changed:
             group.epoch += 1
 
-    def _subscribed(self, member: ConsumerMember, names: Sequence[str]) -> frozenset[str]:
+    def _topic_names(self) -> tuple[str, ...]:
+        return tuple(info.name for info in self.broker.list_topics() if info.kind != "queue")
+
+    def _subscribed(self, member: ConsumerMember, names: tuple[str, ...]) -> frozenset[str]:
         topics = set(member.topic_names)
         if member.regex is not None:
-            pattern = compile_regex(member.regex)
-            for name in names:
-                try:
-                    if pattern.fullmatch(name, timeout=REGEX_MATCH_TIMEOUT_S):
-                        topics.add(name)
-                except TimeoutError:
-                    raise InvalidRegularExpressionError(
-                        "regular expression too slow to match", pattern=member.regex
-                    ) from None
+            try:
+                topics |= self._matching(member.regex, names)
+            except InvalidRegularExpressionError:
+                pass  # too slow on today's topics: matches nothing, the group goes on
         return frozenset(topics)
 
+    def _matching(self, pattern_text: str, names: tuple[str, ...]) -> frozenset[str]:
+        """The names ``pattern_text`` matches; cached per (pattern, topic list), and the
+        whole evaluation has one time budget, so no pattern stalls the loop for long."""
+        key = (pattern_text, names)
+        cached = self._regex_cache.get(key)
+        if cached is not None:
+            return cached
+        pattern = compile_regex(pattern_text)
+        deadline_ms = self.clock.monotonic_ms() + REGEX_BUDGET_MS
+        matched = set()
+        for name in names:
+            left_s = (deadline_ms - self.clock.monotonic_ms()) / 1000
+            try:
+                if left_s <= 0:
+                    raise TimeoutError
+                if pattern.fullmatch(name, timeout=left_s):
+                    matched.add(name)
+            except TimeoutError:
+                raise InvalidRegularExpressionError(
+                    "regular expression too slow to match", pattern=pattern_text) from None
+        if len(self._regex_cache) >= REGEX_CACHE_MAX:
+            self._regex_cache.pop(next(iter(self._regex_cache)))
+        result = self._regex_cache[key] = frozenset(matched)
+        return result
+
     def _update_target(self, group: ConsumerGroup) -> None:
-        names = [info.name for info in self.broker.list_topics()
-                 if info.kind != "queue"]
+        names = self._topic_names()
         subscriptions = {member_id: self._subscribed(member, names)
                          for member_id, member in group.members.items()
                          if not member.left_static or member.assigned}

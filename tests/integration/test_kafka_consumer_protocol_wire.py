@@ -150,3 +150,14 @@ async def test_bad_input_codes(client: Client) -> None:
     assert good.topics[0].partitions[0].error_code == error_codes.NONE
     # the member and its group still work
     assert (await client.call(heartbeat("a", 1))).error_code == error_codes.NONE
+
+
+async def test_a_pathological_regex_is_refused_not_run_forever(
+        server: Server, client: Client) -> None:
+    """(a|aa)+$ against 40 a's and a dash backtracks exponentially; the evaluation has a
+    time budget, so the heartbeat is answered promptly and the broker stays usable."""
+    await server.broker.create_topic("a" * 40 + "-", 1)
+    answer = await client.call(heartbeat("a", 0, regex="(a|aa)+$"))
+    assert answer.error_code == error_codes.INVALID_REGULAR_EXPRESSION
+    assert (await client.call(heartbeat("b", 0, topics=("t",)))).error_code == (
+        error_codes.NONE)
