@@ -75,6 +75,7 @@ class InvalidRecordStateError(IllegalStateError):
 
 SESSION_PARTITIONS_MAX: Final = 10_000  # partitions one share session may name
 MEMBERS_MAX: Final = 1_000  # members per share group (Kafka: group.share.max.size 200)
+FIRST_CHUNK_RECORDS: Final = 16  # records acquired before their sizes are known
 
 AcknowledgeType = Literal["gap", "accept", "release", "reject", "renew"]
 ACKNOWLEDGE_TYPES: Final[dict[int, AcknowledgeType]] = {
@@ -311,25 +312,28 @@ class ShareCoordinator:
 
     # --- records -------------------------------------------------------------------
     async def acquire(self, group_id: str, member_id: str, topics: Sequence[str],
-                      records_max: int, wait_ms: int) -> tuple[list[Delivery], int]:
-        """Lock records of ``topics`` for the member; returns them and the lock duration."""
+                      records_max: int, wait_ms: int,
+                      bytes_max: int = 1 << 62) -> tuple[list[Delivery], int]:
+        """Lock records of ``topics`` for the member, up to ``records_max`` and about
+        ``bytes_max`` (the first record always; the last chunk may overshoot a little);
+        returns them and the lock duration."""
         group, member = self.member(group_id, member_id, departed=False)
         lock_ms = self._int_config(group_id, "share.record.lock.duration.ms")
         consumer = consumer_id(group_id, member_id)
         self._prune(member)
-        deliveries: list[Delivery] = []
         for topic in topics:
             await self._ensure_shared_group(group, topic)
-        for topic in topics:  # one pass without waiting
-            deliveries += await self.broker.acquire(
-                topic, group_id, records_max - len(deliveries), lock_ms, 0, consumer)
-            if len(deliveries) >= records_max:
-                break
+        deliveries = await self._take(topics, group_id, consumer, lock_ms, records_max,
+                                      bytes_max, [])
         if not deliveries and topics and wait_ms > 0:
-            # Long-poll the first topic (the common case is one); appends to the others
-            # are picked up by the next fetch, which the client sends at once.
-            deliveries = await self.broker.acquire(
-                topics[0], group_id, records_max, lock_ms, wait_ms, consumer)
+            # Long-poll the first topic for one record (the common case is one topic;
+            # appends to the others are picked up by the next fetch, sent at once), then
+            # take what else is ready.
+            deliveries = await self.broker.acquire(topics[0], group_id, 1, lock_ms, wait_ms,
+                                                   consumer)
+            if deliveries:
+                deliveries = await self._take(topics, group_id, consumer, lock_ms,
+                                              records_max, bytes_max, deliveries)
         if group.members.get(member_id) is not member:  # left while waiting
             await self.broker.release([delivery.receipt for delivery in deliveries])
             return [], lock_ms
@@ -337,6 +341,26 @@ class ShareCoordinator:
             member.held[(delivery.topic, delivery.partition, delivery.offset)] = (
                 delivery.receipt, delivery.lock_deadline_ms)
         return deliveries, lock_ms
+
+    async def _take(self, topics: Sequence[str], group_id: str, consumer: str, lock_ms: int,
+                    records_max: int, bytes_max: int, taken: list[Delivery]) -> list[Delivery]:
+        """Acquire without waiting, in chunks sized by the records seen so far, so a
+        fetch of large records stops near ``bytes_max`` instead of locking (and later
+        counting a delivery of) records it cannot send."""
+        used = sum(map(delivery_bytes, taken))
+        largest = max(map(delivery_bytes, taken), default=0)
+        for topic in topics:
+            while len(taken) < records_max and used < bytes_max:
+                room = records_max - len(taken)
+                chunk = min(room, FIRST_CHUNK_RECORDS if largest == 0
+                            else max(1, (bytes_max - used) // largest))
+                got = await self.broker.acquire(topic, group_id, chunk, lock_ms, 0, consumer)
+                taken += got
+                used += sum(map(delivery_bytes, got))
+                largest = max([largest, *map(delivery_bytes, got)])
+                if len(got) < chunk:
+                    break
+        return taken
 
     def _prune(self, member: ShareMember) -> None:
         now_ms = self.clock.wall_ms()
@@ -445,6 +469,12 @@ class ShareCoordinator:
                 continue
         self.groups.pop(group_id, None)
         await self.configs.forget(group_id)
+
+
+def delivery_bytes(delivery: Delivery) -> int:
+    """About what a delivery costs in a fetch response (record overhead included)."""
+    headers = sum(len(name) + len(value or b"") for name, value in delivery.headers)
+    return 32 + len(delivery.key or b"") + len(delivery.value or b"") + headers
 
 
 def consumer_id(group_id: str, member_id: str) -> str:

@@ -13,6 +13,7 @@ and that the connection and the group keep working after each.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import struct
 from collections.abc import AsyncIterator
@@ -251,3 +252,19 @@ async def test_closing_the_connection_releases_what_its_session_held(
             (0, 1, 2)]
     finally:
         writer.close()
+
+
+async def test_fetch_stops_near_max_bytes(server: Server, client: Client) -> None:
+    """40 records of 1000 bytes, max_bytes 20000: about 20 are acquired (sizes are learnt
+    from the first chunk of 16), the rest stay available with no delivery counted."""
+    await server.broker.create_topic("t", 1)
+    assert (await client.call(heartbeat("m1", 0))).error_code == error_codes.NONE
+    await server.broker.publish("t", [Message(value=bytes(1000)) for _ in range(40)])
+    request = dataclasses.replace(share_fetch("m1", 0), max_bytes=20_000)
+    answer = await client.call(request)
+    ranges = answer.responses[0].partitions[0].acquired_records
+    acquired = sum(r.last_offset - r.first_offset + 1 for r in ranges)
+    assert 16 <= acquired <= 21
+    rest = await client.call(share_fetch("m1", 1))
+    later = rest.responses[0].partitions[0].acquired_records
+    assert later[0].first_offset == acquired and later[0].delivery_count == 1

@@ -184,8 +184,9 @@ async def handle_fetch(coordinator: ShareCoordinator, broker: Broker, settings: 
             topics = sorted({name for name, _ in session.partitions})
             records_max = max(1, min(body.max_records, RECORDS_PER_FETCH_MAX))
             wait_ms = min(millis(body.max_wait), settings.fetch_wait_ms_max)
+            bytes_max = max(1, min(body.max_bytes, settings.fetch_bytes_max))
             deliveries, _ = await coordinator.acquire(group_id, member_id, topics,
-                                                      records_max, wait_ms)
+                                                      records_max, wait_ms, bytes_max)
     except OperatingError as error:
         return _top_level(response_type, error)
     return _fetch_response(response_type, node, names, requested, outcome, ack_errors,
