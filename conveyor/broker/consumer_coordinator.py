@@ -388,6 +388,13 @@ class ConsumerCoordinator:
     def is_consumer_group(self, group_id: str) -> bool:
         return group_id in self.groups
 
+    def has_members(self, group_id: str) -> bool:
+        group = self.groups.get(group_id)
+        if group is None:
+            return False
+        self._expire(group)
+        return bool(group.members)
+
     def check_commit(self, group_id: str, member_id: str, member_epoch: int) -> None:
         """Raise unless (member, epoch) may commit offsets of this consumer group."""
         group = self.groups[group_id]

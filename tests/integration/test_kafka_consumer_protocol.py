@@ -239,3 +239,26 @@ def test_range_assignor_gives_contiguous_ranges(server: BrokerThread) -> None:
     finally:
         for reader in readers:
             reader.close()
+
+
+def test_upgrade_from_classic_and_back_resumes_at_the_committed_offsets(
+        server: BrokerThread) -> None:
+    """Offline migration, as Kafka allows it for an empty group: a classic group
+    commits and leaves; the same group id with group.protocol=consumer resumes at its
+    offsets, commits and leaves; a classic consumer then resumes after those."""
+    topic, group = unique("kip848-upgrade"), unique("g")
+    create_topic(server, topic, 2)
+    fast_group(server, group)
+    produce_all(server, topic, 30)
+    seen: list[tuple[int, int]] = []
+    for protocol, count in (("classic", 10), ("consumer", 10), ("classic", 10)):
+        config: dict[str, Any] = {"group_protocol": protocol}
+        if protocol == "classic":
+            config["session_timeout_ms"] = 6000
+        reader = consumer(server, group, **config)
+        reader.subscribe([topic])
+        got = consume(reader, count)
+        reader.commit(asynchronous=False)
+        reader.close()
+        seen += [(m.partition(), m.offset()) for m in got]
+    assert len(seen) == len(set(seen)) == 30

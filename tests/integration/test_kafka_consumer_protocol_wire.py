@@ -11,6 +11,7 @@ FENCED_MEMBER_EPOCH, UNKNOWN_MEMBER_ID and STALE_MEMBER_EPOCH on commits.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import struct
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from kio.schema.consumer_group_heartbeat.v1.request import (
     ConsumerGroupHeartbeatRequest,
     TopicPartitions,
 )
+from kio.schema.join_group.v3.request import JoinGroupRequest, JoinGroupRequestProtocol
 from kio.schema.offset_commit.v8.request import (
     OffsetCommitRequest,
     OffsetCommitRequestPartition,
@@ -161,3 +163,22 @@ async def test_a_pathological_regex_is_refused_not_run_forever(
     assert answer.error_code == error_codes.INVALID_REGULAR_EXPRESSION
     assert (await client.call(heartbeat("b", 0, topics=("t",)))).error_code == (
         error_codes.NONE)
+
+
+async def test_one_protocol_per_group_id_at_a_time(server: Server, client: Client) -> None:
+    """No online migration: a classic JoinGroup to a KIP-848 group with members is
+    INCONSISTENT_GROUP_PROTOCOL, a KIP-848 join to a classic group with members is
+    GROUP_ID_NOT_FOUND; each group carries on."""
+    assert (await client.call(heartbeat("a", 0, topics=("t",)))).member_epoch == 1
+    join = JoinGroupRequest(
+        group_id="g", session_timeout=datetime.timedelta(seconds=10),
+        rebalance_timeout=datetime.timedelta(seconds=10), member_id="", protocol_type="consumer",
+        protocols=(JoinGroupRequestProtocol(name="range", metadata=b""),))
+    refused = await client.call(join)
+    assert refused.error_code == error_codes.INCONSISTENT_GROUP_PROTOCOL
+    await server.broker.join_group("classic", "", "consumer", [("range", b"")], 10_000,
+                                   require_known_member_id=False)
+    other = await client.call(dataclasses.replace(heartbeat("b", 0, topics=("t",)),
+                                                  group_id="classic"))
+    assert other.error_code == error_codes.GROUP_ID_NOT_FOUND
+    assert (await client.call(heartbeat("a", 1))).error_code == error_codes.NONE

@@ -16,7 +16,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.broker.consumer_coordinator import ConsumerCoordinator, owned_partitions
-from conveyor.errors import OperatingError
+from conveyor.errors import OperatingError, UnknownGroupError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.adapter import ConnectionState
 from conveyor.protocols.kafka.admin_handlers import topic_id
@@ -46,6 +46,10 @@ async def handle_heartbeat(coordinator: ConsumerCoordinator, broker: Broker,
             names[item.topic_id]: item.partitions for item in body.topic_partitions
             if item.topic_id in names})
     try:
+        if body.member_epoch == 0 and broker.describe_group(body.group_id).members:
+            # a group id is used by one protocol at a time: no online migration
+            raise UnknownGroupError("a classic group with members uses this group id",
+                                    group=body.group_id)
         result = await coordinator.heartbeat(
             body.group_id, body.member_id, body.member_epoch,
             instance_id=body.instance_id, rack=body.rack_id,

@@ -17,7 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.ordered_group import CommittedOffset, MemberIdRequired
-from conveyor.errors import OperatingError
+from conveyor.errors import InconsistentGroupProtocolError, OperatingError, UnknownGroupError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.adapter import ConnectionState
 from conveyor.protocols.kafka.codec import Request
@@ -34,13 +34,21 @@ def _code(error: OperatingError) -> int:
     return error_codes.error_code_for(error)
 
 
-async def handle_join_group(broker: Broker, request: Request, state: ConnectionState) -> Any:
+async def handle_join_group(broker: Broker, request: Request, state: ConnectionState,
+                            consumers: ConsumerCoordinator | None = None) -> Any:
     body = request.body
     version = request.header.api_version
     response_type = response_class(11, version)
     session_timeout_ms = millis(body.session_timeout)
     rebalance_timeout_ms = millis(body.rebalance_timeout) if version >= 1 else session_timeout_ms
     try:
+        if consumers is not None and consumers.is_consumer_group(body.group_id):
+            if consumers.has_members(body.group_id):
+                # a group id is used by one protocol at a time: no online migration
+                raise InconsistentGroupProtocolError(
+                    "a KIP-848 consumer group with members uses this group id",
+                    group=body.group_id)
+            consumers.delete_group(body.group_id)  # empty: the classic protocol takes over
         outcome = await broker.join_group(
             body.group_id, body.member_id, body.protocol_type,
             [(protocol.name, protocol.metadata) for protocol in body.protocols],
@@ -244,14 +252,19 @@ async def handle_delete_groups(broker: Broker, request: Request,
                     share_outcome[name] = None
                 except OperatingError as error:
                     share_outcome[name] = error
+    modern: set[str] = set()
     if consumers is not None:
         for name in names:
             if consumers.is_consumer_group(name) and name not in share_outcome:
                 try:
                     consumers.delete_group(name)  # its offsets go with the classic side
+                    modern.add(name)
                 except OperatingError as error:
                     share_outcome[name] = error
     outcome = await broker.delete_groups([name for name in names if name not in share_outcome])
+    for name in modern:  # a consumer group that never committed has no classic side
+        if isinstance(outcome.get(name), UnknownGroupError):
+            outcome[name] = None
     outcome.update(share_outcome)
     results = tuple(
         build(result_type, group_id=group_id,

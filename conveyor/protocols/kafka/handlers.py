@@ -95,7 +95,8 @@ class KafkaHandlers:
         if api_key == 10:
             return admin_handlers.handle_find_coordinator(node, request)
         if api_key == 11:
-            return await group_handlers.handle_join_group(broker, request, state)
+            return await group_handlers.handle_join_group(broker, request, state,
+                                                          self.consumers)
         if api_key == 12:
             return await group_handlers.handle_heartbeat(broker, request)
         if api_key == 13:
