@@ -6,8 +6,10 @@ new log start), DescribeLogDirs, ElectLeaders, ListPartitionReassignments,
 DescribeTopicPartitions (paged with a cursor), DescribeProducers, OffsetDelete (refused
 for a topic the group's members consume), ListGroups with a type filter, and
 OffsetForLeaderEpoch (through a raw request: no client exposes it). DeleteRecords past
-the high watermark answers OFFSET_OUT_OF_RANGE. DescribeConfigs gives broker configs with
-their real values and Kafka's types, and topic configs with their synonyms.
+the high watermark answers OFFSET_OUT_OF_RANGE; AlterReplicaLogDirs and
+AlterPartitionReassignments accept only what one node already is. DescribeConfigs
+gives broker configs with their real values and Kafka's types, and topic configs
+with their synonyms.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def topic_with_records(server: BrokerThread, admin: KafkaAdminClient, partitions
                        per_partition: int) -> str:
     topic = unique("admin4")
     admin.create_topics([NewTopic(topic, partitions, 1)])
+    if per_partition == 0:
+        return topic
     producer = KafkaProducer(bootstrap_servers=bootstrap(server))
     for index in range(partitions * per_partition):
         producer.send(topic, b"v%d" % index, partition=index % partitions)
@@ -253,3 +257,18 @@ def test_list_config_resources(server: BrokerThread, admin: KafkaAdminClient) ->
     listed = admin.list_config_resources(["TOPIC", "BROKER"])
     assert topic in listed["topic"] and listed["broker"] == ["0"]
     assert "group" not in listed
+
+
+def test_replica_moves_on_one_node(server: BrokerThread, admin: KafkaAdminClient) -> None:
+    """One node, one replica, one log dir: staying put succeeds, anything else is refused
+    with Kafka's codes."""
+    topic = topic_with_records(server, admin, 2, 0)
+    moved = admin.alter_replica_log_dirs({(topic, 0, 0): "conveyor", (topic, 1, 0): "/elsewhere"})
+    names = {key[1] if isinstance(key, tuple) else key.partition: value.__name__
+             for key, value in moved.items()}
+    assert names == {0: "NoError", 1: "LogDirNotFoundError"}
+    result = admin.alter_partition_reassignments({TopicPartition(topic, 0): [0],
+                                                  TopicPartition(topic, 1): [0, 1]})
+    assert result[TopicPartition(topic, 0)] is None
+    refused = result[TopicPartition(topic, 1)]
+    assert refused.__name__ == "InvalidReplicationAssignmentError"  # code 39

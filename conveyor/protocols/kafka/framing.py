@@ -59,14 +59,18 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     23: 4,  # OffsetForLeaderEpoch
     32: 4,  # DescribeConfigs
     33: 2,  # AlterConfigs
+    34: 2,  # AlterReplicaLogDirs
     35: 2,  # DescribeLogDirs
     36: 2,  # SaslAuthenticate
     37: 2,  # CreatePartitions
     42: 2,  # DeleteGroups
     43: 2,  # ElectLeaders
     44: 1,  # IncrementalAlterConfigs
+    45: 0,  # AlterPartitionReassignments
     46: 0,  # ListPartitionReassignments
     47: 1 << 15,  # OffsetDelete: never flexible
+    48: 1,  # DescribeClientQuotas
+    49: 1,  # AlterClientQuotas
     60: 0,  # DescribeCluster
     61: 0,  # DescribeProducers
     68: 0,  # ConsumerGroupHeartbeat

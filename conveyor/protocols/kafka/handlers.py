@@ -146,16 +146,25 @@ class KafkaHandlers:
             return await log_admin_handlers.handle_delete_records(broker, request)
         if api_key == 23:
             return log_admin_handlers.handle_offset_for_leader_epoch(broker, request)
+        if api_key == 34:
+            return log_admin_handlers.handle_alter_replica_log_dirs(broker, request)
         if api_key == 35:
             return log_admin_handlers.handle_describe_log_dirs(broker, request)
         if api_key == 43:
             return log_admin_handlers.handle_elect_leaders(broker, request)
+        if api_key == 45:
+            return log_admin_handlers.handle_alter_partition_reassignments(broker, self.node,
+                                                                           request)
         if api_key == 46:
             return log_admin_handlers.handle_list_partition_reassignments(request)
         if api_key == 47:
             subscribed = group_handlers.subscribed_topics(broker, self.consumers,
                                                           request.body.group_id)
             return await log_admin_handlers.handle_offset_delete(broker, request, subscribed)
+        if api_key == 48:
+            return log_admin_handlers.handle_describe_client_quotas(request)
+        if api_key == 49:
+            return log_admin_handlers.handle_alter_client_quotas(request)
         if api_key == 61:
             return log_admin_handlers.handle_describe_producers(broker, request)
         if api_key == 74:

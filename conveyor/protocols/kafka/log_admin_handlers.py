@@ -1,9 +1,10 @@
 """Handlers for the log and cluster admin APIs Kafka 4 clients call.
 
-Owns: DeleteRecords (21), OffsetForLeaderEpoch (23), DescribeLogDirs (35),
-ElectLeaders (43), ListPartitionReassignments (46), OffsetDelete (47),
-DescribeProducers (61) and DescribeTopicPartitions (75): typed request ->
-``Broker`` call -> kio response.
+Owns: DeleteRecords (21), OffsetForLeaderEpoch (23), AlterReplicaLogDirs (34),
+DescribeLogDirs (35), ElectLeaders (43), AlterPartitionReassignments (45),
+ListPartitionReassignments (46), OffsetDelete (47), DescribeClientQuotas (48),
+AlterClientQuotas (49), DescribeProducers (61) and DescribeTopicPartitions (75):
+typed request -> ``Broker`` call -> kio response.
 
 Conveyor is one node (or stateless nodes over one store): every partition has one
 replica, this node, with leader epoch 0, so the answers are true for that shape —
@@ -237,3 +238,70 @@ def handle_describe_topic_partitions(broker: Broker, node: Node, request: Reques
         if next_cursor is not None:
             break
     return build(response_type, topics=tuple(topics), next_cursor=next_cursor)
+
+
+def _partition_exists(broker: Broker, topic: str, partition: int) -> bool:
+    info = broker.topics.find(topic)
+    return info is not None and 0 <= partition < info.partitions
+
+
+def handle_alter_replica_log_dirs(broker: Broker, request: Request) -> Any:
+    """One log dir: moving a replica to it is a no-op, any other path LOG_DIR_NOT_FOUND."""
+    response_type = response_class(34, request.header.api_version)
+    topic_type = nested(response_type, "AlterReplicaLogDirTopicResult")
+    partition_type = nested(response_type, "AlterReplicaLogDirPartitionResult")
+    results = []
+    for log_dir in request.body.dirs:
+        for topic in log_dir.topics:
+            partitions = tuple(
+                build(partition_type, partition_index=index, error_code=(
+                    error_codes.LOG_DIR_NOT_FOUND if log_dir.path != LOG_DIR
+                    else error_codes.NONE if _partition_exists(broker, topic.name, index)
+                    else error_codes.UNKNOWN_TOPIC_OR_PARTITION))
+                for index in topic.partitions)
+            results.append(build(topic_type, topic_name=topic.name, partitions=partitions))
+    return build(response_type, results=tuple(results))
+
+
+def handle_alter_partition_reassignments(broker: Broker, node: Node, request: Request) -> Any:
+    """One replica per partition, this node: [node] is already so; cancelling finds
+    nothing in progress; any other replica set is INVALID_REPLICA_ASSIGNMENT."""
+    response_type = response_class(45, request.header.api_version)
+    topic_type = nested(response_type, "ReassignableTopicResponse")
+    partition_type = nested(response_type, "ReassignablePartitionResponse")
+    responses = []
+    for topic in request.body.topics:
+        partitions = []
+        for item in topic.partitions:
+            code, message = error_codes.NONE, None
+            if not _partition_exists(broker, topic.name, item.partition_index):
+                code = error_codes.UNKNOWN_TOPIC_OR_PARTITION
+            elif item.replicas is None:
+                code, message = error_codes.NO_REASSIGNMENT_IN_PROGRESS, "nothing to cancel"
+            elif tuple(item.replicas) != (node.node_id,):
+                code, message = error_codes.INVALID_REPLICA_ASSIGNMENT, (
+                    f"every partition has one replica, node {node.node_id}")
+            partitions.append(build(partition_type, partition_index=item.partition_index,
+                                    error_code=code, error_message=message))
+        responses.append(build(topic_type, name=topic.name, partitions=tuple(partitions)))
+    return build(response_type, error_code=error_codes.NONE, error_message=None,
+                 responses=tuple(responses))
+
+
+def handle_describe_client_quotas(request: Request) -> Any:
+    """Conveyor enforces no client quotas (its push-back is memory and disk based), so
+    none is set for any entity."""
+    response_type = response_class(48, request.header.api_version)
+    return build(response_type, error_code=error_codes.NONE, error_message=None, entries=())
+
+
+def handle_alter_client_quotas(request: Request) -> Any:
+    response_type = response_class(49, request.header.api_version)
+    entry_type = nested(response_type, "EntryData")
+    entity_type = nested(response_type, "EntityData")
+    return build(response_type, entries=tuple(
+        build(entry_type, error_code=error_codes.INVALID_REQUEST,
+              error_message="client quotas are not supported",
+              entity=tuple(build(entity_type, entity_type=item.entity_type,
+                                 entity_name=item.entity_name) for item in entry.entity))
+        for entry in request.body.entries))

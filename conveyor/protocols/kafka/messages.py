@@ -60,14 +60,18 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     23: (2, 4),  # OffsetForLeaderEpoch (one epoch, 0: its end is the log end)
     32: (1, 4),  # DescribeConfigs
     33: (0, 2),  # AlterConfigs
+    34: (1, 2),  # AlterReplicaLogDirs (one log dir)
     35: (1, 4),  # DescribeLogDirs
     36: (0, 2),  # SaslAuthenticate
     37: (0, 3),  # CreatePartitions
     42: (0, 2),  # DeleteGroups
     43: (0, 2),  # ElectLeaders (one replica: ELECTION_NOT_NEEDED)
     44: (0, 1),  # IncrementalAlterConfigs
+    45: (0, 1),  # AlterPartitionReassignments (one replica: nothing to move)
     46: (0, 0),  # ListPartitionReassignments (never any)
     47: (0, 0),  # OffsetDelete
+    48: (0, 1),  # DescribeClientQuotas (none: no quotas)
+    49: (0, 1),  # AlterClientQuotas (refused per entry)
     60: (0, 1),  # DescribeCluster
     61: (0, 0),  # DescribeProducers
     68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
