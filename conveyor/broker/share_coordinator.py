@@ -378,11 +378,14 @@ class ShareCoordinator:
         outcome: dict[TopicPartition, OperatingError | None] = {}
         actions: dict[AcknowledgeType, list[tuple[TopicPartition, str]]] = {}
         now_ms = self.clock.wall_ms()
+        held_counts: dict[TopicPartition, int] = {}
+        for topic, partition, _ in member.held:
+            held_counts[(topic, partition)] = held_counts.get((topic, partition), 0) + 1
         for (topic, partition), items in _by_partition(batches).items():
             key = (topic, partition)
             try:
                 outcome[key] = None
-                for offset, kind in _expand(items, renew_allowed):
+                for offset, kind in _expand(items, renew_allowed, held_counts.get(key, 0)):
                     if kind == "gap":
                         continue
                     held = member.held.get((topic, partition, offset))
@@ -489,10 +492,13 @@ def _by_partition(batches: Sequence[Acknowledgement]) -> dict[TopicPartition, li
     return dict(grouped)
 
 
-def _expand(batches: Sequence[Acknowledgement],
-            renew_allowed: bool) -> list[tuple[int, AcknowledgeType]]:
+def _expand(batches: Sequence[Acknowledgement], renew_allowed: bool,
+            held: int) -> list[tuple[int, AcknowledgeType]]:
     """(offset, type) for every offset of one partition's batches, after checking that
-    the batches run forward without overlap and their types fit."""
+    the batches run forward without overlap and their types fit. ``held``: how many
+    records of the partition the member holds. Work stays in proportion to the request
+    and to ``held``: a one-type batch is expanded only while what it names could all be
+    held (a GAP batch is not expanded at all); per-offset types came over the wire."""
     result: list[tuple[int, AcknowledgeType]] = []
     previous_last = -1
     for batch in batches:
@@ -503,14 +509,20 @@ def _expand(batches: Sequence[Acknowledgement],
         if len(types) not in (1, last - first + 1):
             raise InvalidRequestError("one acknowledge type, or one per offset",
                                       first_offset=first, last_offset=last)
-        if last - first >= 100_000:  # more than any fetch hands out
-            raise InvalidRequestError("acknowledgement batch too long", first_offset=first,
-                                      last_offset=last)
-        for index, offset in enumerate(range(first, last + 1)):
-            code = types[0] if len(types) == 1 else types[index]
+        kinds: list[AcknowledgeType] = []
+        for code in types:
             kind = ACKNOWLEDGE_TYPES.get(code)
             if kind is None or (kind == "renew" and not renew_allowed):
                 raise InvalidRequestError("unknown acknowledge type", type=code)
-            result.append((offset, kind))
+            kinds.append(kind)
         previous_last = last
+        if len(types) == 1:
+            if kinds[0] == "gap":
+                continue
+            if last - first + 1 + len(result) > held:
+                raise InvalidRecordStateError(
+                    "more records acknowledged than this member holds",
+                    first_offset=first, last_offset=last, held=held)
+        result.extend((offset, kinds[0] if len(types) == 1 else kinds[offset - first])
+                      for offset in range(first, last + 1))
     return result

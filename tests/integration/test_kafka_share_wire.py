@@ -268,3 +268,20 @@ async def test_fetch_stops_near_max_bytes(server: Server, client: Client) -> Non
     rest = await client.call(share_fetch("m1", 1))
     later = rest.responses[0].partitions[0].acquired_records
     assert later[0].first_offset == acquired and later[0].delivery_count == 1
+
+
+async def test_huge_acknowledgement_ranges_cost_nothing(server: Server, client: Client) -> None:
+    """A batch naming 2**62 offsets is refused (INVALID_RECORD_STATE: the member holds
+    3) without walking them; GAP batches of any length are skipped; the 3 held records
+    are then accepted normally."""
+    await joined(server, client, records=3)
+    await client.call(share_fetch("m1", 0))
+    huge = await client.call(share_fetch("m1", 1, (batch(0, 2**62, 1),)))
+    assert huge.responses[0].partitions[0].acknowledge_error_code == (
+        error_codes.INVALID_RECORD_STATE)
+    gaps = tuple(batch(10 + index * 2**40, 10 + index * 2**40 + 2**39, 0)
+                 for index in range(1000))
+    fine = await client.call(share_fetch("m1", 2, (batch(0, 2, 1), *gaps)))
+    assert fine.responses[0].partitions[0].acknowledge_error_code == error_codes.NONE
+    offsets = server.broker.shared_group_start_offsets("t", "g")
+    assert offsets == {0: 3}

@@ -25,7 +25,7 @@ def documented_versions() -> dict[int, tuple[int, int]]:
             continue
         keys = [int(key) for key in re.findall(r"\((\d+)\)", cells[0])]
         ranges = [(int(low), int(high or low))
-                  for low, high in re.findall(r"(\d+)(?:–(\d+))?", cells[1])]
+                  for low, high in re.findall(r"(\d+)(?:\u2013(\d+))?", cells[1])]
         assert len(keys) == len(ranges), line
         found.update(zip(keys, ranges, strict=True))
     return found
