@@ -39,16 +39,20 @@ import regex
 
 from conveyor.clock import Clock
 from conveyor.errors import (
-    IllegalStateError,
+    FencedMemberEpochError,
+    GroupLimitError,
+    InvalidRegularExpressionError,
     InvalidRequestError,
     NonEmptyGroupError,
+    StaleMemberEpochError,
     UnknownGroupError,
     UnknownMemberError,
+    UnreleasedInstanceIdError,
+    UnsupportedAssignorError,
 )
 
 from .consumer_assignors import ASSIGNORS, DEFAULT_ASSIGNOR
 from .group_configs import GroupConfigs
-from .share_coordinator import FencedMemberEpochError
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -57,24 +61,9 @@ REGEX_CHARS_MAX: Final = 1_000
 REGEX_BUDGET_MS: Final = 50  # one evaluation over every topic name; slower is refused
 REGEX_CACHE_MAX: Final = 256  # (pattern, topic names) -> matches, oldest dropped first
 MEMBERS_MAX: Final = 1_000  # Kafka's group.consumer.max.size is unbounded by default
+GROUPS_MAX: Final = 10_000  # consumer groups held in memory (empty ones go first)
 
 Partitions = dict[str, frozenset[int]]  # topic -> partitions
-
-
-class InvalidRegularExpressionError(InvalidRequestError):
-    code = "invalid_regular_expression"
-
-
-class UnsupportedAssignorError(InvalidRequestError):
-    code = "unsupported_assignor"
-
-
-class UnreleasedInstanceIdError(IllegalStateError):
-    code = "unreleased_instance_id"
-
-
-class StaleMemberEpochError(IllegalStateError):
-    code = "stale_member_epoch"
 
 
 @dataclass
@@ -170,6 +159,10 @@ class ConsumerCoordinator:
         if group is None:
             if member_epoch != 0:
                 raise UnknownMemberError("unknown consumer group member", group=group_id)
+            if len(self.groups) >= GROUPS_MAX:
+                self._forget_empty_groups()
+            if len(self.groups) >= GROUPS_MAX:
+                raise GroupLimitError("too many consumer groups", limit=GROUPS_MAX)
             group = self.groups[group_id] = ConsumerGroup(group_id)
         self._expire(group)
         interval_ms = self.configs.integer(group_id, "consumer.heartbeat.interval.ms")
@@ -194,6 +187,14 @@ class ConsumerCoordinator:
                                      dict(member.assigned))
         return ConsumerHeartbeat(member.member_id, member.epoch, interval_ms, None)
 
+    def _forget_empty_groups(self) -> None:
+        """Groups without members hold nothing but an epoch: their offsets are the
+        broker's, so they can go when room is needed."""
+        for group_id, group in list(self.groups.items()):
+            self._expire(group)
+            if not group.members:
+                del self.groups[group_id]
+
     def _join(self, group: ConsumerGroup, member_id: str, instance_id: str | None,
               rack: str | None, rebalance_timeout_ms: int, topic_names: Sequence[str] | None,
               topic_regex: str | None, client_id: str, client_host: str) -> ConsumerMember:
@@ -213,7 +214,7 @@ class ConsumerCoordinator:
             if topic_names is None and topic_regex is None:
                 raise InvalidRequestError("a joining member must send its subscription")
             if len(group.members) >= MEMBERS_MAX:
-                raise IllegalStateError("consumer group is full", group=group.group_id)
+                raise GroupLimitError("consumer group is full", group=group.group_id)
         member = ConsumerMember(member_id, instance_id, rack, client_id, client_host,
                                 max(rebalance_timeout_ms, 0), self.clock.monotonic_ms())
         if inherited is not None:  # the static member comes back to what it had

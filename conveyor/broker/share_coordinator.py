@@ -39,11 +39,15 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from conveyor.clock import Clock
 from conveyor.errors import (
-    IllegalStateError,
+    FencedMemberEpochError,
+    GroupLimitError,
+    InvalidRecordStateError,
     InvalidRequestError,
+    InvalidShareSessionEpochError,
     NonEmptyGroupError,
     OperatingError,
     PreconditionFailedError,
+    ShareSessionNotFoundError,
     UnknownGroupError,
     UnknownMemberError,
 )
@@ -54,27 +58,11 @@ from .types import Delivery, QueueConfig
 if TYPE_CHECKING:
     from .broker import Broker
 
-# --- errors (Kafka names them; the handlers map the codes) ---------------------------
-
-
-class FencedMemberEpochError(IllegalStateError):
-    code = "fenced_member_epoch"
-
-
-class ShareSessionNotFoundError(IllegalStateError):
-    code = "share_session_not_found"
-
-
-class InvalidShareSessionEpochError(IllegalStateError):
-    code = "invalid_share_session_epoch"
-
-
-class InvalidRecordStateError(IllegalStateError):
-    code = "invalid_record_state"
-
-
 SESSION_PARTITIONS_MAX: Final = 10_000  # partitions one share session may name
 MEMBERS_MAX: Final = 1_000  # members per share group (Kafka: group.share.max.size 200)
+# Each share group reading a topic is a persisted shared group with its own windows;
+# Kafka's group.share.max.groups is 10.
+SHARE_GROUPS_MAX: Final = 1_000
 FIRST_CHUNK_RECORDS: Final = 16  # records acquired before their sizes are known
 
 AcknowledgeType = Literal["gap", "accept", "release", "reject", "renew"]
@@ -162,6 +150,8 @@ class ShareCoordinator:
         if group is None:
             if member_epoch != 0:
                 raise UnknownMemberError("unknown share group member", group=group_id)
+            if len(self.groups) >= SHARE_GROUPS_MAX:
+                raise GroupLimitError("too many share groups", limit=SHARE_GROUPS_MAX)
             group = self.groups[group_id] = ShareGroup(group_id)
         await self._expire_members(group)
         interval_ms = self._int_config(group_id, "share.heartbeat.interval.ms")
@@ -174,7 +164,7 @@ class ShareCoordinator:
             return HeartbeatResult(-1, interval_ms, None)
         if member_epoch == 0:
             if member is None and len(group.members) >= MEMBERS_MAX:
-                raise IllegalStateError("share group is full", group=group_id)
+                raise GroupLimitError("share group is full", group=group_id)
             previous = member or group.departed.pop(member_id, None)
             if previous is not None:
                 await self._release_held(group, previous)
@@ -427,6 +417,8 @@ class ShareCoordinator:
     def describe(self, group_id: str) -> ShareGroup:
         group = self.groups.get(group_id)
         if group is None:
+            if self.is_share_group(group_id):  # configured, or read before a restart
+                return ShareGroup(group_id)
             raise UnknownGroupError("no such share group", group=group_id)
         return group
 

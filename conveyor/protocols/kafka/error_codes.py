@@ -52,6 +52,7 @@ GROUP_ID_NOT_FOUND: Final = 69
 FENCED_LEADER_EPOCH: Final = 74
 UNKNOWN_LEADER_EPOCH: Final = 75
 MEMBER_ID_REQUIRED: Final = 79
+GROUP_MAX_SIZE_REACHED: Final = 81
 ELECTION_NOT_NEEDED: Final = 84
 NO_REASSIGNMENT_IN_PROGRESS: Final = 85
 GROUP_SUBSCRIBED_TO_TOPIC: Final = 86
@@ -99,6 +100,7 @@ _BY_CODE: Final[dict[str, int]] = {
     "unavailable": COORDINATOR_NOT_AVAILABLE,
     "authentication_failed": SASL_AUTHENTICATION_FAILED,
     "fenced_member_epoch": FENCED_MEMBER_EPOCH,
+    "group_max_size_reached": GROUP_MAX_SIZE_REACHED,
     "invalid_record_state": INVALID_RECORD_STATE,
     "share_session_not_found": SHARE_SESSION_NOT_FOUND,
     "invalid_share_session_epoch": INVALID_SHARE_SESSION_EPOCH,
