@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.structs import TopicPartition as AioTopicPartition
-from confluent_kafka import ElectionType
+from confluent_kafka import ElectionType, KafkaException
 from confluent_kafka import TopicPartition as ConfluentTopicPartition
-from confluent_kafka.admin import AdminClient, ResourceType
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ResourceType
 from confluent_kafka.admin import ConfigResource as ConfluentConfigResource
 from kio.schema.offset_for_leader_epoch.v4.request import (
     OffsetForLeaderEpochRequest,
@@ -272,3 +272,29 @@ def test_replica_moves_on_one_node(server: BrokerThread, admin: KafkaAdminClient
     assert result[TopicPartition(topic, 0)] is None
     refused = result[TopicPartition(topic, 1)]
     assert refused.__name__ == "InvalidReplicationAssignmentError"  # code 39
+
+
+def test_incremental_append_and_subtract(server: BrokerThread, admin: KafkaAdminClient) -> None:
+    """APPEND/SUBTRACT work on list configs (cleanup.policy) and the topic judges the
+    result: appending a value already there changes nothing, appending "compact" to
+    "delete" is INVALID_CONFIG (one policy per topic); on a non-list config both are
+    INVALID_CONFIG."""
+    topic = topic_with_records(server, admin, 1, 0)
+    confluent = AdminClient({"bootstrap.servers": bootstrap(server)})
+
+    def alter(name: str, value: str, operation: AlterConfigOpType) -> str | None:
+        resource = ConfluentConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+            ConfigEntry(name, value, incremental_operation=operation)])
+        try:
+            confluent.incremental_alter_configs([resource])[resource].result(WAIT_S)
+        except KafkaException as error:
+            return str(error.args[0].name())
+        return None
+
+    assert alter("cleanup.policy", "delete", AlterConfigOpType.APPEND) is None
+    assert alter("cleanup.policy", "compact", AlterConfigOpType.SUBTRACT) is None
+    assert alter("cleanup.policy", "compact", AlterConfigOpType.APPEND) == "INVALID_CONFIG"
+    assert alter("retention.ms", "5", AlterConfigOpType.APPEND) == "INVALID_CONFIG"
+    resource = ConfluentConfigResource(ResourceType.TOPIC, topic)
+    found = confluent.describe_configs([resource])[resource].result(WAIT_S)
+    assert found["cleanup.policy"].value == "delete"

@@ -24,8 +24,11 @@ from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.codec import Request
 from conveyor.protocols.kafka.config_catalog import (
     GROUP_DOCUMENTATION,
+    LIST,
     SOURCE_DEFAULT,
     SOURCE_GROUP,
+    STRING,
+    TOPIC_CONFIGS,
     BrokerFacts,
     ConfigEntry,
     broker_entries,
@@ -44,6 +47,8 @@ RESOURCE_BROKER: Final = 4
 RESOURCE_GROUP: Final = 32
 OPERATION_SET: Final = 0
 OPERATION_DELETE: Final = 1
+OPERATION_APPEND: Final = 2
+OPERATION_SUBTRACT: Final = 3
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
 _TOPIC_ID_NAMESPACE: Final = uuid.UUID("6f2c4d0e-8a5b-4c3f-9e21-c0ffee000001")
 _DEFAULT_CONFIG: Final = config_to_mapping(TopicConfig())
@@ -351,6 +356,24 @@ async def _alter_group(configs: GroupConfigs, resource: Any, incremental: bool,
     return error_codes.NONE, None
 
 
+def _list_operation(name: str, current: str | None, operation: int,
+                    value: str | None) -> str:
+    """APPEND (2) adds the values a list config lacks, SUBTRACT (3) removes them; the
+    topic's own validation then judges the result (Conveyor's cleanup.policy takes one
+    policy, so "delete,compact" is INVALID_CONFIG)."""
+    if TOPIC_CONFIGS.get(name, (STRING, None, ""))[0] != LIST:
+        raise InvalidConfigError("APPEND/SUBTRACT apply to list configs only", name=name)
+    if operation not in (OPERATION_APPEND, OPERATION_SUBTRACT):
+        raise InvalidConfigError("unknown config operation", name=name, operation=operation)
+    items = [item for item in (current or "").split(",") if item]
+    given = [item.strip() for item in (value or "").split(",") if item.strip()]
+    if operation == OPERATION_APPEND:
+        items += [item for item in given if item not in items]
+    else:
+        items = [item for item in items if item not in given]
+    return ",".join(items)
+
+
 async def _alter_one(
     broker: Broker, resource: Any, incremental: bool, validate_only: bool,
     configs: GroupConfigs | None = None,
@@ -370,8 +393,9 @@ async def _alter_one(
             elif operation == OPERATION_DELETE:
                 to_delete.append(config.name)
             else:
-                raise InvalidConfigError("APPEND/SUBTRACT apply to list configs only",
-                                         name=config.name)
+                base = to_set.get(config.name, current.get(config.name))
+                to_set[config.name] = _list_operation(config.name, base, operation,
+                                                      config.value)
         if not incremental:  # AlterConfigs replaces: what is not given returns to default
             to_delete = [name for name in current if name not in to_set]
         if not validate_only:
