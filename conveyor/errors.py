@@ -207,3 +207,48 @@ class PartitionFailedError(StorageError):
     (PostgreSQL's "fsyncgate"), so the data written before it cannot be called durable.
     Keeps code ``storage_error`` so every protocol answers its retriable storage error.
     """
+
+
+# --- share groups and KIP-848 consumer groups (additive, kafka4 helper) -------
+class FencedMemberEpochError(IllegalStateError):
+    """A group member sent an epoch older than its current one."""
+
+    code = "fenced_member_epoch"
+
+
+class StaleMemberEpochError(IllegalStateError):
+    code = "stale_member_epoch"
+
+
+class UnreleasedInstanceIdError(IllegalStateError):
+    """A static member's instance id is still held by an active member."""
+
+    code = "unreleased_instance_id"
+
+
+class GroupLimitError(IllegalStateError):
+    """Too many members in a group, or too many groups."""
+
+    code = "group_max_size_reached"
+
+
+class ShareSessionNotFoundError(IllegalStateError):
+    code = "share_session_not_found"
+
+
+class InvalidShareSessionEpochError(IllegalStateError):
+    code = "invalid_share_session_epoch"
+
+
+class InvalidRecordStateError(IllegalStateError):
+    """A share member settled a record it does not hold (or whose lock expired)."""
+
+    code = "invalid_record_state"
+
+
+class InvalidRegularExpressionError(InvalidRequestError):
+    code = "invalid_regular_expression"
+
+
+class UnsupportedAssignorError(InvalidRequestError):
+    code = "unsupported_assignor"

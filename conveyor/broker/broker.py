@@ -848,6 +848,53 @@ class Broker:
                 ))
         return lags
 
+    # --- admin reads and deletions (additive: Kafka 4 admin APIs) ----------------------
+    async def delete_records(self, topic: str, partition: int, offset: int) -> int:
+        """Drop the records below ``offset`` (-1: the high watermark); returns the new log
+        start offset. Past the high watermark is OffsetOutOfRangeError (DeleteRecords)."""
+        self._check_open()
+        log = self.topics.partition_log(topic, partition)
+        target = log.high_watermark if offset == -1 else offset
+        if not 0 <= target <= log.high_watermark:
+            raise OffsetOutOfRangeError("delete offset past the high watermark", topic=topic,
+                                        partition=partition, offset=offset,
+                                        high_watermark=log.high_watermark)
+        log.delete_before(target)
+        return int(log.log_start_offset)
+
+    def partition_size_bytes(self, topic: str, partition: int) -> int:
+        """Bytes of the partition's segments (DescribeLogDirs)."""
+        log = self.topics.partition_log(topic, partition)
+        return sum(int(segment.size_bytes) for segment in log.segments)
+
+    def max_timestamp(self, topic: str, partition: int) -> int:
+        """The largest record timestamp in the partition (-1: none), ListOffsets -3."""
+        log = self.topics.partition_log(topic, partition)
+        return max((int(segment.max_timestamp_ms) for segment in log.segments), default=-1)
+
+    def producer_states(self, topic: str, partition: int) -> list[tuple[int, int, int, int]]:
+        """(producer id, epoch, last sequence, last offset) of the idempotent producers this
+        partition remembers (DescribeProducers)."""
+        self.topics.partition_log(topic, partition)  # unknown partitions raise
+        return self.producers.describe(topic, partition)
+
+    async def delete_committed_offsets(
+        self, group_id: str, partitions: Iterable[tuple[str, int]]
+    ) -> None:
+        """Forget the group's committed offsets of these partitions (OffsetDelete)."""
+        group = self._group(group_id)
+        doomed = set(partitions)
+        for key in doomed:
+            group.offsets.pop(key, None)
+        for topic in {topic for topic, _ in doomed}:
+            self.state_store.delete_committed_offsets(group_id, topic)
+            self.state_store.save_committed_offsets(
+                CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
+                                   value.leader_epoch, value.commit_ms)
+                for (kept_topic, partition), value in group.offsets.items()
+                if kept_topic == topic)
+        await self.state_store.commit()
+
     @staticmethod
     def decode_server_assignment(assignment: bytes) -> list[tuple[str, int]]:
         """Partitions of a server-assigned ("conveyor" protocol type) group member."""
@@ -898,6 +945,14 @@ class Broker:
     ) -> None:
         """A shared group (KIP-932 share group) on any topic."""
         await self._shared().create_shared_group(topic, group, config, start)
+
+    def shared_group_start_offsets(self, topic: str, group: str) -> dict[int, int] | None:
+        """Per partition, the offset below which every record is settled; None: no group."""
+        return self._shared().shared_group_start_offsets(topic, group)
+
+    async def delete_shared_group(self, topic: str, group: str) -> None:
+        """Forget a shared group on a plain topic (its record states too)."""
+        await self._shared().delete_shared_group(topic, group)
 
     async def acquire(
         self,

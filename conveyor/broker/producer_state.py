@@ -102,6 +102,16 @@ class ProducerStates:
     def checkpoints(self) -> dict[tuple[str, int], int]:
         return self._state_store.load_producer_checkpoints()
 
+    def describe(self, topic: str, partition: int) -> list[tuple[int, int, int, int]]:
+        """(producer id, epoch, last sequence, last offset) per producer of a partition."""
+        return [
+            (producer_id, entry.epoch, entry.batches[-1].last_sequence,
+             entry.batches[-1].last_offset)
+            for (producer_id, entry_topic, entry_partition), entry in sorted(
+                self._entries.items())
+            if entry_topic == topic and entry_partition == partition and entry.batches
+        ]
+
     async def init_producer_id(self, transactional_id: str | None = None) -> tuple[int, int]:
         """A new (producer id, epoch 0), or the transactional id's producer with epoch + 1."""
         if transactional_id is not None and transactional_id in self._transactional:

@@ -339,6 +339,28 @@ class SharedGroups:
             self._save_start(state, partition, part)
         await self.store.commit()
 
+    def shared_group_start_offsets(self, topic: str, group: str) -> dict[int, int] | None:
+        """Per partition, the offset below which every record is settled (KIP-932's
+        share-partition start offset); None when the group does not read the topic."""
+        state = self._groups.get((group, topic))
+        if state is None:
+            return None
+        return {partition: part.start_offset for partition, part in state.partitions.items()}
+
+    async def delete_shared_group(self, topic: str, group: str) -> None:
+        """Forget a shared group on a plain topic (not a queue's own group): its record
+        states go, and a later create_shared_group starts it afresh."""
+        state = self._groups.get((group, topic))
+        if state is None:
+            raise UnknownGroupError("no such shared group", group=group, topic=topic)
+        if state.is_queue:
+            raise PreconditionFailedError("a queue's own group goes with the queue",
+                                          group=group)
+        del self._groups[(group, topic)]
+        self.store.delete_group(group, topic)
+        self._wake(group, topic)
+        await self.store.commit()
+
     async def delete_queue(self, name: str, if_unused: bool = False,
                            if_empty: bool = False) -> int:
         async with self._lifecycle.hold(name):

@@ -65,7 +65,7 @@ PRODUCE_API_KEY: Final = 0
 # librdkafka pipelines max.in.flight (5 with idempotence, up to 1M without) requests.
 PRODUCES_IN_FLIGHT_MAX: Final = 32
 # APIs whose handling may wait on other clients or on time: flush before them.
-WAITING_API_KEYS: Final = frozenset({1, 11, 14})  # Fetch, JoinGroup, SyncGroup
+WAITING_API_KEYS: Final = frozenset({1, 11, 14, 78})  # Fetch, JoinGroup, SyncGroup, ShareFetch
 # Record bytes read from a segment per write once the socket is full: the transport's
 # write buffer then holds at most about this much above its high-water mark.
 FILE_CHUNK_BYTES: Final = 256 * 1024
@@ -84,6 +84,8 @@ class ConnectionState:
         self.sasl_mechanism: str | None = None
         self.authenticated_user: str | None = None
         self.close_after_response = False  # set by a handler: answer, then close
+        # called once when the connection is gone (share sessions end with it, KIP-932)
+        self.on_close: list[Callable[[], None]] = []
 
 
 class _Close:
@@ -200,6 +202,9 @@ class KafkaConnection(asyncio.Protocol):
         self._produces_done.set()
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
+        callbacks, self.state.on_close = self.state.on_close, []
+        for callback in callbacks:
+            callback()
 
     def pause_writing(self) -> None:
         self._can_write.clear()

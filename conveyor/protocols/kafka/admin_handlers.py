@@ -14,7 +14,6 @@ that addresses topics by id.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -23,18 +22,33 @@ from conveyor.broker.types import TopicConfig, TopicInfo
 from conveyor.errors import InvalidConfigError, OperatingError, UnknownTopicError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.codec import Request
+from conveyor.protocols.kafka.config_catalog import (
+    GROUP_DOCUMENTATION,
+    LIST,
+    SOURCE_DEFAULT,
+    SOURCE_GROUP,
+    STRING,
+    TOPIC_CONFIGS,
+    BrokerFacts,
+    ConfigEntry,
+    broker_entries,
+    group_type,
+    topic_entry,
+)
 from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.broker.group_configs import GroupConfigs
 
 RESOURCE_TOPIC: Final = 2
 RESOURCE_BROKER: Final = 4
-CONFIG_SOURCE_DYNAMIC_TOPIC: Final = 1
-CONFIG_SOURCE_DEFAULT: Final = 5
+RESOURCE_GROUP: Final = 32
 OPERATION_SET: Final = 0
 OPERATION_DELETE: Final = 1
+OPERATION_APPEND: Final = 2
+OPERATION_SUBTRACT: Final = 3
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
 _TOPIC_ID_NAMESPACE: Final = uuid.UUID("6f2c4d0e-8a5b-4c3f-9e21-c0ffee000001")
 _DEFAULT_CONFIG: Final = config_to_mapping(TopicConfig())
@@ -50,6 +64,15 @@ class Node:
 
 def topic_id(name: str) -> uuid.UUID:
     return uuid.uuid5(_TOPIC_ID_NAMESPACE, name)
+
+
+def _name_for_id(broker: Broker, identifier: uuid.UUID | None) -> str | None:
+    if identifier is None or identifier.int == 0:
+        return None
+    for info in broker.list_topics():
+        if topic_id(info.name) == identifier:
+            return info.name
+    return None
 
 
 def _code(error: OperatingError) -> int:
@@ -75,8 +98,15 @@ async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
         infos = []
         for item in requested:
             name = item.name
-            if name is None:
-                infos.append(("", UnknownTopicError("topic ids are not supported")))
+            if name is None:  # a lookup by topic id (KIP-516), as share consumers send
+                name = _name_for_id(broker, getattr(item, "topic_id", None))
+                if name is None:
+                    infos.append(("", UnknownTopicError("unknown topic id")))
+                    continue
+                try:
+                    infos.append(broker.get_topic(name))
+                except OperatingError as error:
+                    infos.append((name, error))
                 continue
             try:  # ensure_topic creates only when the broker's auto_create_topics allows
                 infos.append(await broker.ensure_topic(name) if allow_create
@@ -218,42 +248,140 @@ async def handle_create_partitions(broker: Broker, request: Request) -> Any:
 
 
 # --- configs -----------------------------------------------------------------------------
-def handle_describe_configs(broker: Broker, request: Request) -> Any:
+def handle_describe_configs(broker: Broker, request: Request,
+                            configs: GroupConfigs | None = None,
+                            facts: BrokerFacts | None = None) -> Any:
+    """Topic, broker and group configs, with Kafka's types, sources, read-only flags,
+    and (when asked) synonyms and documentation."""
+    body = request.body
     response_type = response_class(32, request.header.api_version)
     result_type = nested(response_type, "DescribeConfigsResult")
-    entry_type = nested(response_type, "DescribeConfigsResourceResult")
     results = []
-    for resource in request.body.resources:
+    for resource in body.resources:
         code, message = error_codes.NONE, None
-        values: Mapping[str, str] = {}
+        entries: list[ConfigEntry] = []
         if resource.resource_type == RESOURCE_TOPIC:
             try:
                 values = broker.topic_config(resource.resource_name)
+                entries = [topic_entry(name, value, _DEFAULT_CONFIG.get(name))
+                           for name, value in sorted(values.items())]
             except OperatingError as error:
                 code, message = _code(error), error.message
+        elif resource.resource_type == RESOURCE_GROUP and configs is not None:
+            entries = _group_entries(configs, resource.resource_name)
+        elif resource.resource_type == RESOURCE_BROKER and facts is not None:
+            entries = broker_entries(facts)
         elif resource.resource_type != RESOURCE_BROKER:
             code, message = error_codes.INVALID_REQUEST, "unsupported resource type"
         keys = resource.configuration_keys
-        entries = tuple(
-            build(entry_type, name=name, value=value, read_only=False,
-                  config_source=(CONFIG_SOURCE_DEFAULT if _DEFAULT_CONFIG.get(name) == value
-                                 else CONFIG_SOURCE_DYNAMIC_TOPIC),
-                  is_default=_DEFAULT_CONFIG.get(name) == value, is_sensitive=False,
-                  synonyms=(), config_type=0, documentation=None)
-            for name, value in sorted(values.items())
-            if keys is None or name in keys
-        )
-        results.append(build(result_type, error_code=code, error_message=message,
-                             resource_type=resource.resource_type,
-                             resource_name=resource.resource_name, configs=entries))
+        results.append(build(
+            result_type, error_code=code, error_message=message,
+            resource_type=resource.resource_type, resource_name=resource.resource_name,
+            configs=tuple(_config_result(response_type, entry,
+                                         getattr(body, "include_synonyms", False),
+                                         getattr(body, "include_documentation", False))
+                          for entry in entries if keys is None or entry.name in keys)))
     return build(response_type, results=tuple(results))
 
 
+RESOURCE_CLIENT_METRICS: Final = 16
+
+
+def handle_list_config_resources(broker: Broker, node: Node, configs: GroupConfigs,
+                                 request: Request) -> Any:
+    """v0 lists client-metrics resources (Conveyor has none); v1 topics, this broker and
+    the groups with configs set, filtered by type; an unknown type is INVALID_REQUEST."""
+    version = request.header.api_version
+    response_type = response_class(74, version)
+    resource_type = nested(response_type, "ConfigResource")
+    known = (RESOURCE_TOPIC, RESOURCE_BROKER, RESOURCE_GROUP, RESOURCE_CLIENT_METRICS)
+    wanted = tuple(getattr(request.body, "resource_types", ()) or ()) or known
+    if version == 0:
+        wanted = (RESOURCE_CLIENT_METRICS,)
+    if any(kind not in known for kind in wanted):
+        return build(response_type, error_code=error_codes.INVALID_REQUEST,
+                     config_resources=())
+    found: list[tuple[str, int]] = []
+    if RESOURCE_TOPIC in wanted:
+        found += [(info.name, RESOURCE_TOPIC) for info in broker.list_topics()]
+    if RESOURCE_BROKER in wanted:
+        found.append((str(node.node_id), RESOURCE_BROKER))
+    if RESOURCE_GROUP in wanted:
+        found += [(name, RESOURCE_GROUP) for name in sorted(configs.explicit)
+                  if configs.explicit[name]]
+    return build(response_type, error_code=error_codes.NONE, config_resources=tuple(
+        build(resource_type, resource_name=name, resource_type=kind) for name, kind in found))
+
+
+def _group_entries(configs: GroupConfigs, group: str) -> list[ConfigEntry]:
+    explicit = configs.set_on(group)
+    return [ConfigEntry(name, value, group_type(name),
+                        SOURCE_GROUP if name in explicit else SOURCE_DEFAULT, False,
+                        GROUP_DOCUMENTATION.get(name, ""),
+                        ((name, value, SOURCE_GROUP),) if name in explicit else ())
+            for name, value in sorted(configs.get(group).items())]
+
+
+def _config_result(response_type: type[Any], entry: ConfigEntry, synonyms: bool,
+                   documentation: bool) -> Any:
+    entry_type = nested(response_type, "DescribeConfigsResourceResult")
+    synonym_type = nested(response_type, "DescribeConfigsSynonym")
+    return build(entry_type, name=entry.name, value=entry.value, read_only=entry.read_only,
+                 config_source=entry.source, is_default=entry.source == SOURCE_DEFAULT,
+                 is_sensitive=False, config_type=entry.config_type,
+                 documentation=entry.documentation if documentation else None,
+                 synonyms=tuple(build(synonym_type, name=name, value=value, source=source)
+                                for name, value, source in entry.synonyms) if synonyms else ())
+
+
+async def _alter_group(configs: GroupConfigs, resource: Any, incremental: bool,
+                       validate_only: bool) -> tuple[int, str | None]:
+    to_set: dict[str, str | None] = {}
+    to_delete: list[str] = []
+    for config in resource.configs:
+        operation = config.config_operation if incremental else OPERATION_SET
+        if operation == OPERATION_SET:
+            to_set[config.name] = config.value
+        elif operation == OPERATION_DELETE:
+            to_delete.append(config.name)
+        else:
+            return error_codes.INVALID_CONFIG, "APPEND/SUBTRACT apply to list configs only"
+    if not incremental:  # AlterConfigs replaces the whole set
+        to_delete = [name for name in configs.set_on(resource.resource_name)
+                     if name not in to_set]
+    try:
+        await configs.alter(resource.resource_name, to_set, to_delete, validate_only)
+    except OperatingError as error:
+        return _code(error), error.message
+    return error_codes.NONE, None
+
+
+def _list_operation(name: str, current: str | None, operation: int,
+                    value: str | None) -> str:
+    """APPEND (2) adds the values a list config lacks, SUBTRACT (3) removes them; the
+    topic's own validation then judges the result (Conveyor's cleanup.policy takes one
+    policy, so "delete,compact" is INVALID_CONFIG)."""
+    if TOPIC_CONFIGS.get(name, (STRING, None, ""))[0] != LIST:
+        raise InvalidConfigError("APPEND/SUBTRACT apply to list configs only", name=name)
+    if operation not in (OPERATION_APPEND, OPERATION_SUBTRACT):
+        raise InvalidConfigError("unknown config operation", name=name, operation=operation)
+    items = [item for item in (current or "").split(",") if item]
+    given = [item.strip() for item in (value or "").split(",") if item.strip()]
+    if operation == OPERATION_APPEND:
+        items += [item for item in given if item not in items]
+    else:
+        items = [item for item in items if item not in given]
+    return ",".join(items)
+
+
 async def _alter_one(
-    broker: Broker, resource: Any, incremental: bool, validate_only: bool
+    broker: Broker, resource: Any, incremental: bool, validate_only: bool,
+    configs: GroupConfigs | None = None,
 ) -> tuple[int, str | None]:
+    if resource.resource_type == RESOURCE_GROUP and configs is not None:
+        return await _alter_group(configs, resource, incremental, validate_only)
     if resource.resource_type != RESOURCE_TOPIC:
-        return error_codes.INVALID_REQUEST, "only topic configs can be altered"
+        return error_codes.INVALID_REQUEST, "only topic and group configs can be altered"
     try:
         current = broker.topic_config(resource.resource_name)
         to_set: dict[str, str | None] = {}
@@ -265,8 +393,9 @@ async def _alter_one(
             elif operation == OPERATION_DELETE:
                 to_delete.append(config.name)
             else:
-                raise InvalidConfigError("APPEND/SUBTRACT apply to list configs only",
-                                         name=config.name)
+                base = to_set.get(config.name, current.get(config.name))
+                to_set[config.name] = _list_operation(config.name, base, operation,
+                                                      config.value)
         if not incremental:  # AlterConfigs replaces: what is not given returns to default
             to_delete = [name for name in current if name not in to_set]
         if not validate_only:
@@ -276,14 +405,16 @@ async def _alter_one(
     return error_codes.NONE, None
 
 
-async def handle_alter_configs(broker: Broker, request: Request, incremental: bool) -> Any:
+async def handle_alter_configs(broker: Broker, request: Request,
+                               configs: GroupConfigs | None = None,
+                               incremental: bool = False) -> Any:
     api_key = 44 if incremental else 33
     response_type = response_class(api_key, request.header.api_version)
     result_type = nested(response_type, "AlterConfigsResourceResponse")
     results = []
     for resource in request.body.resources:
         code, message = await _alter_one(broker, resource, incremental,
-                                         request.body.validate_only)
+                                         request.body.validate_only, configs)
         results.append(build(result_type, error_code=code, error_message=message,
                              resource_type=resource.resource_type,
                              resource_name=resource.resource_name))

@@ -189,15 +189,29 @@ def handle_list_offsets(broker: Broker, request: Request) -> Any:
     return build(response_type, topics=topics)
 
 
+MAX_TIMESTAMP = -3  # ListOffsets v7+: the record with the largest timestamp
+EARLIEST_LOCAL = -4  # v8+: everything is local in Conveyor, so the log start
+LATEST_TIERED = -5  # v9+: nothing is tiered: no offset
+EARLIEST_PENDING_UPLOAD = -6  # v11+: nothing is uploaded: no offset
+
+
 def _list_offset(broker: Broker, partition_type: type[Any], topic: str, partition: Any) -> Any:
     index = partition.partition_index
+    wanted = partition.timestamp
     timestamp = -1  # the found record's own timestamp (-1 for latest/earliest/none)
     try:
-        if partition.timestamp >= 0:
-            record = broker.record_for_timestamp(topic, index, partition.timestamp)
+        if wanted == MAX_TIMESTAMP:
+            wanted = broker.max_timestamp(topic, index)
+            wanted = wanted if wanted >= 0 else LATEST_TIERED  # empty: no offset
+        if wanted in (LATEST_TIERED, EARLIEST_PENDING_UPLOAD):
+            broker.offsets(topic, index)  # unknown partitions answer their error
+            found = None
+        elif wanted >= 0:
+            record = broker.record_for_timestamp(topic, index, wanted)
             found, timestamp = record if record is not None else (None, -1)
         else:
-            found = broker.offset_for_timestamp(topic, index, partition.timestamp)
+            wanted = -2 if wanted == EARLIEST_LOCAL else wanted
+            found = broker.offset_for_timestamp(topic, index, wanted)
     except OperatingError as error:
         return build(partition_type, partition_index=index,
                      error_code=error_codes.error_code_for(error), timestamp=-1, offset=-1)

@@ -54,14 +54,35 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     18: 3,  # ApiVersions
     19: 5,  # CreateTopics
     20: 4,  # DeleteTopics
+    21: 2,  # DeleteRecords
     22: 2,  # InitProducerId
+    23: 4,  # OffsetForLeaderEpoch
     32: 4,  # DescribeConfigs
     33: 2,  # AlterConfigs
+    34: 2,  # AlterReplicaLogDirs
+    35: 2,  # DescribeLogDirs
     36: 2,  # SaslAuthenticate
     37: 2,  # CreatePartitions
     42: 2,  # DeleteGroups
+    43: 2,  # ElectLeaders
     44: 1,  # IncrementalAlterConfigs
+    45: 0,  # AlterPartitionReassignments
+    46: 0,  # ListPartitionReassignments
+    47: 1 << 15,  # OffsetDelete: never flexible
+    48: 1,  # DescribeClientQuotas
+    49: 1,  # AlterClientQuotas
     60: 0,  # DescribeCluster
+    61: 0,  # DescribeProducers
+    68: 0,  # ConsumerGroupHeartbeat
+    69: 0,  # ConsumerGroupDescribe
+    74: 0,  # ListConfigResources
+    75: 0,  # DescribeTopicPartitions
+    76: 0,  # ShareGroupHeartbeat
+    77: 0,  # ShareGroupDescribe
+    78: 0,  # ShareFetch
+    79: 0,  # ShareAcknowledge
+    90: 0,  # DescribeShareGroupOffsets
+    92: 0,  # DeleteShareGroupOffsets
 }
 
 

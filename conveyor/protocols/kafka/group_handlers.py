@@ -13,10 +13,11 @@ connection stays open.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.ordered_group import CommittedOffset, MemberIdRequired
-from conveyor.errors import OperatingError
+from conveyor.errors import InconsistentGroupProtocolError, OperatingError, UnknownGroupError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.adapter import ConnectionState
 from conveyor.protocols.kafka.codec import Request
@@ -25,19 +26,29 @@ from conveyor.protocols.kafka.responses import build, millis, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.broker.consumer_coordinator import ConsumerCoordinator
+    from conveyor.broker.share_coordinator import ShareCoordinator
 
 
 def _code(error: OperatingError) -> int:
     return error_codes.error_code_for(error)
 
 
-async def handle_join_group(broker: Broker, request: Request, state: ConnectionState) -> Any:
+async def handle_join_group(broker: Broker, request: Request, state: ConnectionState,
+                            consumers: ConsumerCoordinator | None = None) -> Any:
     body = request.body
     version = request.header.api_version
     response_type = response_class(11, version)
     session_timeout_ms = millis(body.session_timeout)
     rebalance_timeout_ms = millis(body.rebalance_timeout) if version >= 1 else session_timeout_ms
     try:
+        if consumers is not None and consumers.is_consumer_group(body.group_id):
+            if consumers.has_members(body.group_id):
+                # a group id is used by one protocol at a time: no online migration
+                raise InconsistentGroupProtocolError(
+                    "a KIP-848 consumer group with members uses this group id",
+                    group=body.group_id)
+            consumers.delete_group(body.group_id)  # empty: the classic protocol takes over
         outcome = await broker.join_group(
             body.group_id, body.member_id, body.protocol_type,
             [(protocol.name, protocol.metadata) for protocol in body.protocols],
@@ -114,7 +125,8 @@ async def handle_leave_group(broker: Broker, request: Request) -> Any:
     return build(response_type, error_code=error_codes.NONE, members=tuple(members))
 
 
-async def handle_offset_commit(broker: Broker, request: Request) -> Any:
+async def handle_offset_commit(broker: Broker, request: Request,
+                               consumers: ConsumerCoordinator | None = None) -> Any:
     body = request.body
     response_type = response_class(8, request.header.api_version)
     topic_type = nested(response_type, "OffsetCommitResponseTopic")
@@ -129,9 +141,16 @@ async def handle_offset_commit(broker: Broker, request: Request) -> Any:
     }
     code = error_codes.NONE
     try:
-        await broker.commit_offsets(
-            body.group_id, offsets, body.member_id, body.generation_id_or_member_epoch
-        )
+        if consumers is not None and consumers.is_consumer_group(body.group_id):
+            # a KIP-848 group: the coordinator checks member and epoch; the offsets are
+            # stored as a simple commit (the classic side of the group id has no members)
+            consumers.check_commit(body.group_id, body.member_id,
+                                   body.generation_id_or_member_epoch)
+            await broker.commit_offsets(body.group_id, offsets)
+        else:
+            await broker.commit_offsets(
+                body.group_id, offsets, body.member_id, body.generation_id_or_member_epoch
+            )
     except OperatingError as error:
         code = _code(error)
     topics = tuple(
@@ -192,23 +211,61 @@ def handle_describe_groups(broker: Broker, request: Request) -> Any:
     return build(response_type, groups=tuple(groups))
 
 
-def handle_list_groups(broker: Broker, request: Request) -> Any:
+def handle_list_groups(broker: Broker, request: Request,
+                       shares: ShareCoordinator | None = None,
+                       consumers: ConsumerCoordinator | None = None) -> Any:
+    """Classic groups (type "classic", or "consumer" for protocol type "consumer") and
+    share groups (type "share"), filtered by state and (v5) type, case-insensitively."""
     response_type = response_class(16, request.header.api_version)
     group_type = nested(response_type, "ListedGroup")
-    states = set(getattr(request.body, "states_filter", ()) or ())
+    states = {state.lower() for state in getattr(request.body, "states_filter", ()) or ()}
+    types = {kind.lower() for kind in getattr(request.body, "types_filter", ()) or ()}
+    modern = {name for name, _ in consumers.list_groups()} if consumers is not None else set()
+    listed = [(listing.group_id, listing.protocol_type, listing.state.value, "classic")
+              for listing in broker.list_groups() if listing.group_id not in modern]
+    if consumers is not None:
+        listed += [(name, "consumer", state, "consumer")
+                   for name, state in consumers.list_groups()]
+    if shares is not None:
+        listed += [(name, "share", state, "share") for name, state in shares.list_groups()]
     groups = tuple(
-        build(group_type, group_id=listing.group_id, protocol_type=listing.protocol_type,
-              group_state=listing.state.value)
-        for listing in broker.list_groups()
-        if not states or listing.state.value in states
+        build(group_type, group_id=group_id, protocol_type=protocol_type,
+              group_state=state, group_type=kind)
+        for group_id, protocol_type, state, kind in listed
+        if (not states or state.lower() in states) and (not types or kind in types)
     )
     return build(response_type, error_code=error_codes.NONE, groups=groups)
 
 
-async def handle_delete_groups(broker: Broker, request: Request) -> Any:
+async def handle_delete_groups(broker: Broker, request: Request,
+                               shares: ShareCoordinator | None = None,
+                               consumers: ConsumerCoordinator | None = None) -> Any:
     response_type = response_class(42, request.header.api_version)
     result_type = nested(response_type, "DeletableGroupResult")
-    outcome = await broker.delete_groups(request.body.groups_names)
+    names = list(request.body.groups_names)
+    share_outcome: dict[str, Exception | None] = {}
+    if shares is not None:
+        for name in names:
+            if shares.is_share_group(name):
+                try:
+                    await shares.delete_group(name)
+                    share_outcome[name] = None
+                except OperatingError as error:
+                    share_outcome[name] = error
+    modern: set[str] = set()
+    if consumers is not None:
+        for name in names:
+            if consumers.is_consumer_group(name) and name not in share_outcome:
+                try:
+                    consumers.delete_group(name)  # its offsets go with the classic side
+                    modern.add(name)
+                except OperatingError as error:
+                    share_outcome[name] = error
+    outcome = await broker.delete_groups([name for name in names if name not in share_outcome])
+    for name in modern:  # a consumer group that never committed has no classic side
+        if isinstance(outcome.get(name), UnknownGroupError):
+            outcome[name] = None
+    outcome.update(share_outcome)
     results = tuple(
         build(result_type, group_id=group_id,
               error_code=error_codes.NONE if error is None else (
@@ -217,3 +274,45 @@ async def handle_delete_groups(broker: Broker, request: Request) -> Any:
         for group_id, error in outcome.items()
     )
     return build(response_type, results=results)
+
+
+def subscribed_topics(broker: Broker, consumers: ConsumerCoordinator | None,
+                      group_id: str) -> set[str]:
+    """Topics the group's current members consume (OffsetDelete keeps their offsets)."""
+    topics: set[str] = set()
+    if consumers is not None and consumers.is_consumer_group(group_id):
+        group = consumers.describe(group_id)
+        for parts in group.target.values():
+            topics.update(parts)
+        for member in group.members.values():
+            topics.update(member.topic_names)
+    description = broker.describe_group(group_id)
+    if description.protocol_type == "consumer":
+        for described in description.members:
+            topics.update(subscription_topics(described.metadata))
+    return topics
+
+
+def subscription_topics(metadata: bytes) -> list[str]:
+    """The topics of a classic consumer's ConsumerProtocolSubscription (version int16,
+    then an array of int16-length strings); what does not parse names none."""
+    view = memoryview(metadata)
+    if len(view) < 6:
+        return []
+    (count,) = struct.unpack_from(">i", view, 2)
+    position, topics = 6, []
+    if count < 0 or count * 2 > len(view) - position:
+        return []
+    for _ in range(count):
+        if position + 2 > len(view):
+            return []
+        (length,) = struct.unpack_from(">h", view, position)
+        position += 2
+        if length < 0 or position + length > len(view):
+            return []
+        try:
+            topics.append(bytes(view[position:position + length]).decode())
+        except UnicodeDecodeError:
+            return []
+        position += length
+    return topics

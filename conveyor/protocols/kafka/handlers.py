@@ -15,13 +15,29 @@ Rules:
 from __future__ import annotations
 
 import hmac
+import weakref
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.broker import group_configs
+from conveyor.broker.consumer_coordinator import ConsumerCoordinator
+from conveyor.broker.group_configs import GroupConfigs
+from conveyor.broker.share_coordinator import ShareCoordinator
+from conveyor.broker.topics import config_to_mapping
+from conveyor.broker.types import TopicConfig
 from conveyor.errors import AuthenticationError
-from conveyor.protocols.kafka import admin_handlers, data_handlers, error_codes, group_handlers
+from conveyor.protocols.kafka import (
+    admin_handlers,
+    consumer_handlers,
+    data_handlers,
+    error_codes,
+    group_handlers,
+    log_admin_handlers,
+    share_handlers,
+)
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.codec import Request, ServerCodec
+from conveyor.protocols.kafka.config_catalog import BrokerFacts
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
 from conveyor.protocols.kafka.responses import build, nested
 from conveyor.protocols.kafka.settings import KafkaSettings
@@ -30,6 +46,9 @@ if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
 
 SASL_API_KEYS: Final = frozenset({17, 18, 36})
+_COORDINATORS: weakref.WeakKeyDictionary[
+    Broker, tuple[GroupConfigs, ShareCoordinator, ConsumerCoordinator]
+] = weakref.WeakKeyDictionary()
 PLAIN: Final = "PLAIN"
 
 
@@ -40,6 +59,14 @@ class KafkaHandlers:
         self.node = node
         # Encoding kio responses needs no per-connection state: one codec serves all.
         self._codec = ServerCodec(settings.frame_bytes_max)
+        # Share groups (KIP-932): membership and sessions over the broker's shared groups.
+        coordinators = _COORDINATORS.get(broker)
+        if coordinators is None:  # one set per broker, shared by its Kafka listeners
+            configs = GroupConfigs(broker.state_store)
+            coordinators = _COORDINATORS[broker] = (
+                configs, ShareCoordinator(broker, broker.clock, configs),
+                ConsumerCoordinator(broker, broker.clock, configs))
+        self.group_configs, self.shares, self.consumers = coordinators
 
     async def handle(self, request: Request, state: ConnectionState) -> Response:
         api_key = request.header.api_key
@@ -62,13 +89,14 @@ class KafkaHandlers:
         if api_key == 3:
             return await admin_handlers.handle_metadata(broker, node, request)
         if api_key == 8:
-            return await group_handlers.handle_offset_commit(broker, request)
+            return await group_handlers.handle_offset_commit(broker, request, self.consumers)
         if api_key == 9:
             return group_handlers.handle_offset_fetch(broker, request)
         if api_key == 10:
             return admin_handlers.handle_find_coordinator(node, request)
         if api_key == 11:
-            return await group_handlers.handle_join_group(broker, request, state)
+            return await group_handlers.handle_join_group(broker, request, state,
+                                                          self.consumers)
         if api_key == 12:
             return await group_handlers.handle_heartbeat(broker, request)
         if api_key == 13:
@@ -78,7 +106,8 @@ class KafkaHandlers:
         if api_key == 15:
             return group_handlers.handle_describe_groups(broker, request)
         if api_key == 16:
-            return group_handlers.handle_list_groups(broker, request)
+            return group_handlers.handle_list_groups(broker, request, self.shares,
+                                                     self.consumers)
         if api_key == 17:
             return self._sasl_handshake(request, state)
         if api_key == 18:
@@ -90,20 +119,93 @@ class KafkaHandlers:
         if api_key == 22:
             return await admin_handlers.handle_init_producer_id(broker, request)
         if api_key == 32:
-            return admin_handlers.handle_describe_configs(broker, request)
+            return admin_handlers.handle_describe_configs(broker, request, self.group_configs,
+                                                          self._facts())
         if api_key == 33:
-            return await admin_handlers.handle_alter_configs(broker, request, incremental=False)
+            return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
+                                                             incremental=False)
         if api_key == 36:
             return self._sasl_authenticate(request, state)
         if api_key == 37:
             return await admin_handlers.handle_create_partitions(broker, request)
         if api_key == 42:
-            return await group_handlers.handle_delete_groups(broker, request)
+            return await group_handlers.handle_delete_groups(broker, request, self.shares,
+                                                             self.consumers)
         if api_key == 44:
-            return await admin_handlers.handle_alter_configs(broker, request, incremental=True)
+            return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
+                                                             incremental=True)
         if api_key == 60:
             return admin_handlers.handle_describe_cluster(node, request)
+        return await self._newer(request, state)
+
+    async def _newer(self, request: Request, state: ConnectionState) -> Any:
+        """The APIs Kafka 4 clients added: log admin, KIP-848 and KIP-932 groups."""
+        api_key = request.header.api_key
+        broker = self.broker
+        if api_key == 21:
+            return await log_admin_handlers.handle_delete_records(broker, request)
+        if api_key == 23:
+            return log_admin_handlers.handle_offset_for_leader_epoch(broker, request)
+        if api_key == 34:
+            return log_admin_handlers.handle_alter_replica_log_dirs(broker, request)
+        if api_key == 35:
+            return log_admin_handlers.handle_describe_log_dirs(broker, request)
+        if api_key == 43:
+            return log_admin_handlers.handle_elect_leaders(broker, request)
+        if api_key == 45:
+            return log_admin_handlers.handle_alter_partition_reassignments(broker, self.node,
+                                                                           request)
+        if api_key == 46:
+            return log_admin_handlers.handle_list_partition_reassignments(request)
+        if api_key == 47:
+            subscribed = group_handlers.subscribed_topics(broker, self.consumers,
+                                                          request.body.group_id)
+            return await log_admin_handlers.handle_offset_delete(broker, request, subscribed)
+        if api_key == 48:
+            return log_admin_handlers.handle_describe_client_quotas(request)
+        if api_key == 49:
+            return log_admin_handlers.handle_alter_client_quotas(request)
+        if api_key == 61:
+            return log_admin_handlers.handle_describe_producers(broker, request)
+        if api_key == 74:
+            return admin_handlers.handle_list_config_resources(broker, self.node,
+                                                               self.group_configs, request)
+        if api_key == 75:
+            return log_admin_handlers.handle_describe_topic_partitions(broker, self.node,
+                                                                       request)
+        return await self._share(request, state)
+
+    async def _share(self, request: Request, state: ConnectionState) -> Any:
+        api_key = request.header.api_key
+        if api_key == 68:
+            return await consumer_handlers.handle_heartbeat(self.consumers, self.broker,
+                                                            request, state)
+        if api_key == 69:
+            return consumer_handlers.handle_describe(self.consumers, request)
+        if api_key == 76:
+            return await share_handlers.handle_heartbeat(self.shares, request, state)
+        if api_key == 77:
+            return share_handlers.handle_describe(self.shares, request)
+        if api_key == 78:
+            return await share_handlers.handle_fetch(self.shares, self.broker, self.settings,
+                                                     self.node, request, state)
+        if api_key == 79:
+            return await share_handlers.handle_acknowledge(self.shares, self.broker, self.node,
+                                                           request)
+        if api_key == 90:
+            return share_handlers.handle_describe_offsets(self.shares, self.broker, request)
+        if api_key == 92:
+            return await share_handlers.handle_delete_offsets(self.shares, request)
         raise AssertionError(f"api key {api_key} is in SUPPORTED_VERSIONS without a handler")
+
+    def _facts(self) -> BrokerFacts:
+        config = self.broker.config
+        return BrokerFacts(
+            self.node.node_id, self.node.host, self.node.port, self.settings.frame_bytes_max,
+            self.settings.fetch_bytes_max, config.auto_create_topics,
+            config.default_partitions, config.session_timeout_ms_min,
+            config.session_timeout_ms_max, config_to_mapping(TopicConfig()),
+            group_configs.DEFAULTS)
 
     # --- SASL --------------------------------------------------------------------------
     def _sasl_handshake(self, request: Request, state: ConnectionState) -> Any:

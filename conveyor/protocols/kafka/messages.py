@@ -40,7 +40,7 @@ from conveyor.protocols.kafka.tagged_fields import without_unknown_tags
 SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     0: (3, 11),  # Produce
     1: (4, 12),  # Fetch
-    2: (1, 6),  # ListOffsets (v7 adds MAX_TIMESTAMP lookups, not served)
+    2: (1, 11),  # ListOffsets (v7-v11: max timestamp, earliest local, tiered: none)
     3: (0, 12),  # Metadata
     8: (2, 8),  # OffsetCommit
     9: (1, 7),  # OffsetFetch
@@ -50,19 +50,40 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     13: (0, 5),  # LeaveGroup
     14: (0, 5),  # SyncGroup
     15: (0, 5),  # DescribeGroups
-    16: (0, 4),  # ListGroups
+    16: (0, 5),  # ListGroups (v5: types_filter)
     17: (1, 1),  # SaslHandshake (v0 sends raw SASL tokens after it: not served)
     18: (0, 3),  # ApiVersions
     19: (2, 7),  # CreateTopics
     20: (1, 6),  # DeleteTopics
+    21: (0, 2),  # DeleteRecords
     22: (0, 4),  # InitProducerId
+    23: (2, 4),  # OffsetForLeaderEpoch (one epoch, 0: its end is the log end)
     32: (1, 4),  # DescribeConfigs
     33: (0, 2),  # AlterConfigs
+    34: (1, 2),  # AlterReplicaLogDirs (one log dir)
+    35: (1, 4),  # DescribeLogDirs
     36: (0, 2),  # SaslAuthenticate
     37: (0, 3),  # CreatePartitions
     42: (0, 2),  # DeleteGroups
+    43: (0, 2),  # ElectLeaders (one replica: ELECTION_NOT_NEEDED)
     44: (0, 1),  # IncrementalAlterConfigs
+    45: (0, 1),  # AlterPartitionReassignments (one replica: nothing to move)
+    46: (0, 0),  # ListPartitionReassignments (never any)
+    47: (0, 0),  # OffsetDelete
+    48: (0, 1),  # DescribeClientQuotas (none: no quotas)
+    49: (0, 1),  # AlterClientQuotas (refused per entry)
     60: (0, 1),  # DescribeCluster
+    61: (0, 0),  # DescribeProducers
+    68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
+    69: (0, 1),  # ConsumerGroupDescribe
+    74: (0, 1),  # ListConfigResources (v1: topics, brokers, groups)
+    75: (0, 0),  # DescribeTopicPartitions (paged by a cursor)
+    76: (1, 1),  # ShareGroupHeartbeat (KIP-932; Kafka 4.2 serves v1 only)
+    77: (1, 1),  # ShareGroupDescribe
+    78: (1, 2),  # ShareFetch (v2: renew acknowledgements)
+    79: (1, 2),  # ShareAcknowledge
+    90: (0, 1),  # DescribeShareGroupOffsets
+    92: (0, 0),  # DeleteShareGroupOffsets
 }
 
 API_NAMES: Final[dict[int, str]] = {key: api_key_map[key] for key in SUPPORTED_VERSIONS}
