@@ -65,8 +65,9 @@ class ApiRequest:
 @dataclass(frozen=True, slots=True)
 class ApiResponse:
     status: int
-    document: Any = None  # JSON-able; None with 204
+    document: Any = None  # JSON-able; None with 204; bytes: sent as-is with content_type
     headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
 
 
 class RecordLike(Protocol):
