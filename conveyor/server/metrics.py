@@ -328,7 +328,8 @@ class Metrics:
 
     def __init__(self, broker: Callable[[], Broker | None], data_dir: Path,
                  limits: MetricsLimits | None = None) -> None:
-        disable_created_metrics()  # no *_created series: they double the histograms' output
+        # no *_created series: they would double the histograms' output
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self.listeners: dict[str, ListenerCounters] = {}
         self.storage = StorageHistograms(self.registry)
