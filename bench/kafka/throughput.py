@@ -11,6 +11,12 @@ Conveyor runs with its defaults (file storage, fsync=always: an acks=all produce
 acknowledged after fdatasync); Tansu with memory storage (its docs' quick start),
 so Tansu never touches a disk: read the numbers with that in mind.
 Results: bench/results/kafka.json (with versions and machine).
+
+``--metrics-cost``: instead, the cost of metrics on the hot paths, Conveyor alone
+(Kafka + HTTP listeners, 50 extra topics and queues so a scrape has series to
+read): produce and consume throughput phases alternating without and with a
+scraper that GETs /metrics every second, ``--rounds`` times each, in one broker
+run. Results: bench/results/metrics_cost.json.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "kafka.json"
+METRICS_RESULTS = RESULTS.with_name("metrics_cost.json")
 TIMEOUT_S = 120
 
 
@@ -85,12 +92,15 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def start_broker(name: str, workdir: Path) -> Iterator[RunningBroker]:
+def start_broker(name: str, workdir: Path, http_port: int | None = None
+                 ) -> Iterator[RunningBroker]:
     port = free_port()
     log = open(workdir / f"{name}.log", "wb")  # closed in the finally below
     if name == "conveyor":
+        listeners = ["--listeners", "kafka"] if http_port is None else [
+            "--listeners", "kafka,http", "--http-port", str(http_port)]
         arguments = [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir",
-                     str(workdir / "conveyor-data"), "--listeners", "kafka",
+                     str(workdir / "conveyor-data"), *listeners,
                      "--kafka-port", str(port), "--log-level", "warning"]
     else:
         arguments = [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
@@ -238,11 +248,111 @@ def bench_broker(name: str, scale: float, workdir: Path) -> dict[str, Any]:
     return results
 
 
+class Scraper:
+    """GETs /metrics every ``interval_s`` in a thread while running; counts scrapes."""
+
+    def __init__(self, url: str, interval_s: float = 1.0) -> None:
+        self.url = url
+        self.interval_s = interval_s
+        self.scrapes = 0
+        self.bytes = 0
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client() as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                response = client.get(self.url)
+                response.raise_for_status()
+                self.seconds.append(time.perf_counter() - started)
+                self.scrapes += 1
+                self.bytes = len(response.content)
+                self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT_S)
+
+
+def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Throughput without and with a scrape every second, alternating, one broker run."""
+    import httpx
+
+    http_port = free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    phases: dict[str, list[dict[str, Any]]] = {}
+    scrapes: list[dict[str, Any]] = []
+    with start_broker("conveyor", workdir, http_port) as broker:
+        wait_for_port(http_port, broker.process)
+        with httpx.Client(base_url=url) as client:
+            for index in range(50):  # series for the scrape to read
+                client.post("/topics", json={"name": f"extra-{index}", "partitions": 2})
+                client.post("/queues", json={"name": f"queue-{index}"})
+        count = int(200_000 * scale)
+        for round_index in range(rounds):
+            for scraping in (False, True):
+                label = "scrape_1s" if scraping else "no_scrape"
+                topic = f"cost-{round_index}-{label}"
+                create_topic(broker, topic)
+                scraper = Scraper(url + "/metrics")
+                if scraping:
+                    scraper.__enter__()
+                try:
+                    produce = measured(broker, lambda t=topic: produce_throughput(
+                        broker, t, count, 100))
+                    consume = measured(broker, lambda t=topic: consume_throughput(
+                        broker, t, count, 100))
+                finally:
+                    if scraping:
+                        scraper.__exit__()
+                phases.setdefault(f"produce_100B_{label}", []).append(produce)
+                phases.setdefault(f"consume_100B_{label}", []).append(consume)
+                if scraping:
+                    scrapes.append({"scrapes": scraper.scrapes, "body_bytes": scraper.bytes,
+                                    "p50_ms": round(statistics.median(scraper.seconds) * 1000,
+                                                    2) if scraper.seconds else None})
+                print(round_index, label, produce["records_per_s"], consume["records_per_s"],
+                      flush=True)
+    summary: dict[str, Any] = {}
+    for kind in ("produce_100B", "consume_100B"):
+        without = statistics.median(r["records_per_s"] for r in phases[f"{kind}_no_scrape"])
+        with_scrape = statistics.median(r["records_per_s"] for r in phases[f"{kind}_scrape_1s"])
+        summary[kind] = {"records_per_s_no_scrape": without,
+                         "records_per_s_scrape_1s": with_scrape,
+                         "change_percent": round((with_scrape - without) / without * 100, 2)}
+    return {"summary": summary, "phases": phases, "scrapes": scrapes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies record counts")
     parser.add_argument("--peers", default="conveyor,tansu")
+    parser.add_argument("--metrics-cost", action="store_true",
+                        help="measure throughput without and with /metrics scraped every 1 s")
+    parser.add_argument("--rounds", type=int, default=3, help="--metrics-cost alternations")
     arguments = parser.parse_args()
+    if arguments.metrics_cost:
+        workdir = Path(tempfile.mkdtemp(prefix="metrics-cost-"))
+        try:
+            result = metrics_cost(arguments.scale, arguments.rounds, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.update({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                   "python": platform.python_version()},
+                       "notes": "one broker run; phases alternate no scrape / scrape every "
+                                "1 s; median of rounds; 100 B records, acks=all, fsync=always",
+                       "scale": arguments.scale, "rounds": arguments.rounds})
+        METRICS_RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["summary"], indent=2))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
