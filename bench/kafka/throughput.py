@@ -325,9 +325,18 @@ def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
     for kind in ("produce_100B", "consume_100B"):
         without = statistics.median(r["records_per_s"] for r in phases[f"{kind}_no_scrape"])
         with_scrape = statistics.median(r["records_per_s"] for r in phases[f"{kind}_scrape_1s"])
+        # broker CPU per record: steadier than throughput on a machine shared with others
+        cpu_without = statistics.median(r["broker_cpu_s"] / r["records"] * 1e6
+                                        for r in phases[f"{kind}_no_scrape"])
+        cpu_with = statistics.median(r["broker_cpu_s"] / r["records"] * 1e6
+                                     for r in phases[f"{kind}_scrape_1s"])
         summary[kind] = {"records_per_s_no_scrape": without,
                          "records_per_s_scrape_1s": with_scrape,
-                         "change_percent": round((with_scrape - without) / without * 100, 2)}
+                         "change_percent": round((with_scrape - without) / without * 100, 2),
+                         "broker_cpu_us_per_record_no_scrape": round(cpu_without, 3),
+                         "broker_cpu_us_per_record_scrape_1s": round(cpu_with, 3),
+                         "cpu_change_percent": round((cpu_with - cpu_without) / cpu_without
+                                                     * 100, 2)}
     return {"summary": summary, "phases": phases, "scrapes": scrapes}
 
 
