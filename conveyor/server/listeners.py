@@ -12,11 +12,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from conveyor.server.counters import ListenerCounters
+from conveyor.server.counters import ListenerCounters  # part of the contract: re-exported
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.limits import ServerLimits
+
+__all__ = ["ListenerContext", "ListenerCounters", "Observability", "RunningListener",
+           "available_listeners", "find_listener", "listener_counters", "shared_limits"]
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",

@@ -53,7 +53,7 @@ from conveyor.errors import (
     UnknownTopicError,
 )
 from conveyor.limits import RequestWatch, ServerLimits
-from conveyor.server.counters import ListenerCounters
+from conveyor.server.listeners import ListenerCounters
 
 from . import frames as f
 from .arguments import (

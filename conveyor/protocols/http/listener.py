@@ -51,8 +51,7 @@ from conveyor.protocols.http.framing import (
 )
 from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.openapi import build_document
-from conveyor.server.counters import ListenerCounters
-from conveyor.server.listeners import listener_counters, shared_limits
+from conveyor.server.listeners import ListenerCounters, listener_counters, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker

@@ -57,7 +57,7 @@ from conveyor.protocols.kafka.encoders import ResponsePiece
 from conveyor.protocols.kafka.error_codes import UNSUPPORTED_VERSION, error_code_for, error_name
 from conveyor.protocols.kafka.framing import NeedData
 from conveyor.protocols.kafka.messages import API_NAMES
-from conveyor.server.counters import ListenerCounters
+from conveyor.server.listeners import ListenerCounters
 
 logger = logging.getLogger("conveyor.kafka")
 

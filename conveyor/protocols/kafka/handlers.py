@@ -25,7 +25,7 @@ from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
 from conveyor.protocols.kafka.responses import build, nested
 from conveyor.protocols.kafka.settings import KafkaSettings
-from conveyor.server.counters import ListenerCounters
+from conveyor.server.listeners import ListenerCounters
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker

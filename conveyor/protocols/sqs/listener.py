@@ -39,8 +39,7 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
-from conveyor.server.counters import ListenerCounters
-from conveyor.server.listeners import listener_counters
+from conveyor.server.listeners import ListenerCounters, listener_counters
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
