@@ -248,38 +248,49 @@ def bench_broker(name: str, scale: float, workdir: Path) -> dict[str, Any]:
     return results
 
 
+def _scrape_loop(url: str, interval_s: float, stop: Any, results: Any) -> None:
+    import httpx
+
+    seconds: list[float] = []
+    body_bytes = 0
+    with httpx.Client() as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            response = client.get(url)
+            response.raise_for_status()
+            seconds.append(time.perf_counter() - started)
+            body_bytes = len(response.content)
+            stop.wait(interval_s)
+    results.put((seconds, body_bytes))
+
+
 class Scraper:
-    """GETs /metrics every ``interval_s`` in a thread while running; counts scrapes."""
+    """GETs /metrics every ``interval_s`` from its own process (so it takes no CPU or GIL
+    from this process's producer loop) while in the ``with`` block."""
 
     def __init__(self, url: str, interval_s: float = 1.0) -> None:
-        self.url = url
-        self.interval_s = interval_s
-        self.scrapes = 0
-        self.bytes = 0
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results: Any = context.Queue()
+        self._process = context.Process(target=_scrape_loop,
+                                         args=(url, interval_s, self._stop, self._results))
         self.seconds: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.bytes = 0
 
-    def _run(self) -> None:
-        import httpx
-
-        with httpx.Client() as client:
-            while not self._stop.is_set():
-                started = time.perf_counter()
-                response = client.get(self.url)
-                response.raise_for_status()
-                self.seconds.append(time.perf_counter() - started)
-                self.scrapes += 1
-                self.bytes = len(response.content)
-                self._stop.wait(self.interval_s)
+    @property
+    def scrapes(self) -> int:
+        return len(self.seconds)
 
     def __enter__(self) -> Scraper:
-        self._thread.start()
+        self._process.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
-        self._thread.join(TIMEOUT_S)
+        self.seconds, self.bytes = self._results.get(timeout=TIMEOUT_S)
+        self._process.join(TIMEOUT_S)
 
 
 def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
