@@ -307,6 +307,7 @@ def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
             for index in range(50):  # series for the scrape to read
                 client.post("/topics", json={"name": f"extra-{index}", "partitions": 2})
                 client.post("/queues", json={"name": f"queue-{index}"})
+        idle = idle_scrape_cost(broker, url, rounds)
         count = int(200_000 * scale)
         for round_index in range(rounds):
             for scraping in (False, True):
@@ -348,7 +349,32 @@ def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
                          "broker_cpu_us_per_record_scrape_1s": round(cpu_with, 3),
                          "cpu_change_percent": round((cpu_with - cpu_without) / cpu_without
                                                      * 100, 2)}
+    summary["idle_scrape"] = idle
     return {"summary": summary, "phases": phases, "scrapes": scrapes}
+
+
+def idle_scrape_cost(broker: RunningBroker, url: str, rounds: int,
+                     seconds: float = 10.0) -> dict[str, Any]:
+    """Broker CPU of one scrape: an idle broker for ``seconds`` with and without a scrape
+    every second (the difference over the scrapes: what each one costs the loop)."""
+    with_scrape: list[float] = []
+    without: list[float] = []
+    scrapes = 0
+    for _ in range(rounds):
+        before = broker.cpu_s()
+        time.sleep(seconds)
+        without.append(broker.cpu_s() - before)
+        with Scraper(url + "/metrics") as scraper:
+            before = broker.cpu_s()
+            time.sleep(seconds)
+            with_scrape.append(broker.cpu_s() - before)
+        scrapes += scraper.scrapes
+    extra_s = sum(with_scrape) - sum(without)
+    per_scrape_ms = extra_s / max(1, scrapes) * 1000
+    return {"broker_cpu_s_idle": round(sum(without), 3),
+            "broker_cpu_s_idle_scraped": round(sum(with_scrape), 3), "scrapes": scrapes,
+            "broker_cpu_ms_per_scrape": round(per_scrape_ms, 2),
+            "loop_share_at_1_scrape_per_s_percent": round(per_scrape_ms / 10, 2)}
 
 
 def main() -> None:

@@ -65,8 +65,9 @@ class ApiRequest:
 @dataclass(frozen=True, slots=True)
 class ApiResponse:
     status: int
-    document: Any = None  # JSON-able; None with 204; bytes: sent as-is with content_type
+    document: Any = None  # JSON-able; None with 204
     headers: tuple[tuple[str, str], ...] = ()
+    raw: bytes | None = None  # a body sent as is (web UI files), instead of ``document``
     content_type: str = "application/json"
 
 

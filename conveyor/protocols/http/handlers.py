@@ -77,7 +77,7 @@ class Handlers(SharedGroupHandlers):
         if self.observability is None:
             raise UnavailableError("metrics are served by a full server, not a lone listener")
         body, content_type = await self.observability.render_metrics(context.accept)
-        return ApiResponse(200, body, content_type=content_type)
+        return ApiResponse(200, raw=body, content_type=content_type)
 
     async def openapi_document(
         self, request: ApiRequest, context: RequestContext

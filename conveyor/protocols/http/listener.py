@@ -184,9 +184,8 @@ class HttpConnection(asyncio.Protocol):
             keep_alive = request.keep_alive and not self.server.closing
             if self.transport is None or self.disconnected.is_set():
                 return
-            document = response.document
-            body = document if isinstance(document, bytes) else (
-                b"" if document is None else await encode_body(document))
+            body = response.raw if response.raw is not None else (
+                b"" if response.document is None else await encode_body(response.document))
             if self.transport is None or self.disconnected.is_set():
                 return
             data = encode_response(response.status, body, response.content_type,
