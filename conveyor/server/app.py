@@ -155,7 +155,7 @@ class Server:
 
     # --- /metrics and /ready (the Observability protocol of the HTTP listener) ----------
     async def render_metrics(self, accept: str) -> tuple[bytes, str]:
-        return await self.metrics.render_async(accept)
+        return self.metrics.render(accept)
 
     def readiness(self) -> dict[str, str]:
         expected = [listener.name for listener in self.config.listeners if listener.enabled]
