@@ -385,11 +385,11 @@ class Metrics:
         """The library's text of ``family`` holding only ``samples`` (no "# EOF")."""
         part = copy.copy(family)
         part.samples = samples
-        text = encoder(_Snapshot([part]))
+        text = encoder(FamiliesCollector([part]))
         return text.removesuffix(OPENMETRICS_EOF) if openmetrics else text
 
 
-class _Snapshot(Collector):
+class FamiliesCollector(Collector):
     """Families already collected, for an encoder."""
 
     def __init__(self, families: list[Metric]) -> None:
