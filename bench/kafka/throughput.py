@@ -22,6 +22,7 @@ run. Results: bench/results/metrics_cost.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -248,34 +249,44 @@ def bench_broker(name: str, scale: float, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def _scrape_loop(url: str, interval_s: float, stop: Any, results: Any) -> None:
+def _scrape_loop(url: str, interval_s: float, active: Any, stop: Any, results: Any) -> None:
     import httpx
 
     seconds: list[float] = []
     body_bytes = 0
     with httpx.Client() as client:
         while not stop.is_set():
+            if not active.is_set():
+                if seconds:
+                    results.put((seconds, body_bytes))
+                    seconds = []
+                active.wait(0.05)
+                continue
             started = time.perf_counter()
             response = client.get(url)
             response.raise_for_status()
             seconds.append(time.perf_counter() - started)
             body_bytes = len(response.content)
             stop.wait(interval_s)
-    results.put((seconds, body_bytes))
 
 
 class Scraper:
-    """GETs /metrics every ``interval_s`` from its own process (so it takes no CPU or GIL
-    from this process's producer loop) while in the ``with`` block."""
+    """A process that GETs /metrics every ``interval_s`` while a phase is ``scraping()``.
+
+    Started once before the phases (its interpreter start-up would otherwise land in the
+    phase it scrapes), in its own process (no CPU or GIL taken from this process's
+    producer loop)."""
 
     def __init__(self, url: str, interval_s: float = 1.0) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
+        self._active = context.Event()
         self._stop = context.Event()
         self._results: Any = context.Queue()
-        self._process = context.Process(target=_scrape_loop,
-                                         args=(url, interval_s, self._stop, self._results))
+        self._process = context.Process(
+            target=_scrape_loop,
+            args=(url, interval_s, self._active, self._stop, self._results), daemon=True)
         self.seconds: list[float] = []
         self.bytes = 0
 
@@ -283,13 +294,22 @@ class Scraper:
     def scrapes(self) -> int:
         return len(self.seconds)
 
+    @contextmanager
+    def scraping(self) -> Iterator[Scraper]:
+        self._active.set()
+        try:
+            yield self
+        finally:
+            self._active.clear()
+            self.seconds, self.bytes = self._results.get(timeout=TIMEOUT_S)
+
     def __enter__(self) -> Scraper:
         self._process.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
-        self.seconds, self.bytes = self._results.get(timeout=TIMEOUT_S)
+        self._active.set()
         self._process.join(TIMEOUT_S)
 
 
@@ -307,34 +327,39 @@ def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
             for index in range(50):  # series for the scrape to read
                 client.post("/topics", json={"name": f"extra-{index}", "partitions": 2})
                 client.post("/queues", json={"name": f"queue-{index}"})
-        idle = idle_scrape_cost(broker, url, rounds)
-        count = int(200_000 * scale)
-        for round_index in range(rounds):
-            # ABBA: the phase that goes second in a round inherits the first one's disk
-            # writeback, so the order alternates between rounds
-            for scraping in (False, True) if round_index % 2 == 0 else (True, False):
-                label = "scrape_1s" if scraping else "no_scrape"
-                topic = f"cost-{round_index}-{label}"
-                create_topic(broker, topic)
-                scraper = Scraper(url + "/metrics")
-                if scraping:
-                    scraper.__enter__()
-                try:
-                    produce = measured(broker, lambda t=topic: produce_throughput(
-                        broker, t, count, 100))
-                    consume = measured(broker, lambda t=topic: consume_throughput(
-                        broker, t, count, 100))
-                finally:
-                    if scraping:
-                        scraper.__exit__()
-                phases.setdefault(f"produce_100B_{label}", []).append(produce)
-                phases.setdefault(f"consume_100B_{label}", []).append(consume)
-                if scraping:
-                    scrapes.append({"scrapes": scraper.scrapes, "body_bytes": scraper.bytes,
-                                    "p50_ms": round(statistics.median(scraper.seconds) * 1000,
-                                                    2) if scraper.seconds else None})
-                print(round_index, label, produce["records_per_s"], consume["records_per_s"],
-                      flush=True)
+        with Scraper(url + "/metrics") as scraper:
+            idle = idle_scrape_cost(broker, scraper, rounds)
+            count = int(200_000 * scale)
+            run_phases(broker, scraper, count, rounds, phases, scrapes)
+    return summarize(phases, scrapes, idle)
+
+
+def run_phases(broker: RunningBroker, scraper: Scraper, count: int, rounds: int,
+               phases: dict[str, list[dict[str, Any]]], scrapes: list[dict[str, Any]]) -> None:
+    for round_index in range(rounds):
+        # ABBA: the phase that goes second in a round inherits the first one's disk
+        # writeback, so the order alternates between rounds
+        for scraping in (False, True) if round_index % 2 == 0 else (True, False):
+            label = "scrape_1s" if scraping else "no_scrape"
+            topic = f"cost-{round_index}-{label}"
+            create_topic(broker, topic)
+            with scraper.scraping() if scraping else contextlib.nullcontext():
+                produce = measured(broker, lambda t=topic: produce_throughput(
+                    broker, t, count, 100))
+                consume = measured(broker, lambda t=topic: consume_throughput(
+                    broker, t, count, 100))
+            phases.setdefault(f"produce_100B_{label}", []).append(produce)
+            phases.setdefault(f"consume_100B_{label}", []).append(consume)
+            if scraping:
+                scrapes.append({"scrapes": scraper.scrapes, "body_bytes": scraper.bytes,
+                                "p50_ms": round(statistics.median(scraper.seconds) * 1000,
+                                                2) if scraper.seconds else None})
+            print(round_index, label, produce["records_per_s"], consume["records_per_s"],
+                  flush=True)
+
+
+def summarize(phases: dict[str, list[dict[str, Any]]], scrapes: list[dict[str, Any]],
+              idle: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for kind in ("produce_100B", "consume_100B"):
         without = statistics.median(r["records_per_s"] for r in phases[f"{kind}_no_scrape"])
@@ -355,7 +380,7 @@ def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
     return {"summary": summary, "phases": phases, "scrapes": scrapes}
 
 
-def idle_scrape_cost(broker: RunningBroker, url: str, rounds: int,
+def idle_scrape_cost(broker: RunningBroker, scraper: Scraper, rounds: int,
                      seconds: float = 10.0) -> dict[str, Any]:
     """Broker CPU of one scrape: an idle broker for ``seconds`` with and without a scrape
     every second (the difference over the scrapes: what each one costs the loop)."""
@@ -366,7 +391,7 @@ def idle_scrape_cost(broker: RunningBroker, url: str, rounds: int,
         before = broker.cpu_s()
         time.sleep(seconds)
         without.append(broker.cpu_s() - before)
-        with Scraper(url + "/metrics") as scraper:
+        with scraper.scraping():
             before = broker.cpu_s()
             time.sleep(seconds)
             with_scrape.append(broker.cpu_s() - before)
