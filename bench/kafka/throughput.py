@@ -11,11 +11,18 @@ Conveyor runs with its defaults (file storage, fsync=always: an acks=all produce
 acknowledged after fdatasync); Tansu with memory storage (its docs' quick start),
 so Tansu never touches a disk: read the numbers with that in mind.
 Results: bench/results/kafka.json (with versions and machine).
+
+``--metrics-cost``: instead, the cost of metrics on the hot paths, Conveyor alone
+(Kafka + HTTP listeners, 50 extra topics and queues so a scrape has series to
+read): produce and consume throughput phases alternating without and with a
+scraper that GETs /metrics every second, ``--rounds`` times each, in one broker
+run. Results: bench/results/metrics_cost.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -41,6 +48,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "kafka.json"
+METRICS_RESULTS = RESULTS.with_name("metrics_cost.json")
 TIMEOUT_S = 120
 
 
@@ -85,12 +93,15 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def start_broker(name: str, workdir: Path) -> Iterator[RunningBroker]:
+def start_broker(name: str, workdir: Path, http_port: int | None = None
+                 ) -> Iterator[RunningBroker]:
     port = free_port()
     log = open(workdir / f"{name}.log", "wb")  # closed in the finally below
     if name == "conveyor":
+        listeners = ["--listeners", "kafka"] if http_port is None else [
+            "--listeners", "kafka,http", "--http-port", str(http_port)]
         arguments = [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir",
-                     str(workdir / "conveyor-data"), "--listeners", "kafka",
+                     str(workdir / "conveyor-data"), *listeners,
                      "--kafka-port", str(port), "--log-level", "warning"]
     else:
         arguments = [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
@@ -238,11 +249,184 @@ def bench_broker(name: str, scale: float, workdir: Path) -> dict[str, Any]:
     return results
 
 
+def _scrape_loop(url: str, interval_s: float, active: Any, stop: Any, results: Any) -> None:
+    import httpx
+
+    seconds: list[float] = []
+    body_bytes = 0
+    with httpx.Client() as client:
+        while not stop.is_set():
+            if not active.is_set():
+                if seconds:
+                    results.put((seconds, body_bytes))
+                    seconds = []
+                active.wait(0.05)
+                continue
+            started = time.perf_counter()
+            response = client.get(url)
+            response.raise_for_status()
+            seconds.append(time.perf_counter() - started)
+            body_bytes = len(response.content)
+            stop.wait(interval_s)
+
+
+class Scraper:
+    """A process that GETs /metrics every ``interval_s`` while a phase is ``scraping()``.
+
+    Started once before the phases (its interpreter start-up would otherwise land in the
+    phase it scrapes), in its own process (no CPU or GIL taken from this process's
+    producer loop)."""
+
+    def __init__(self, url: str, interval_s: float = 1.0) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._active = context.Event()
+        self._stop = context.Event()
+        self._results: Any = context.Queue()
+        self._process = context.Process(
+            target=_scrape_loop,
+            args=(url, interval_s, self._active, self._stop, self._results), daemon=True)
+        self.seconds: list[float] = []
+        self.bytes = 0
+
+    @property
+    def scrapes(self) -> int:
+        return len(self.seconds)
+
+    @contextmanager
+    def scraping(self) -> Iterator[Scraper]:
+        self._active.set()
+        try:
+            yield self
+        finally:
+            self._active.clear()
+            self.seconds, self.bytes = self._results.get(timeout=TIMEOUT_S)
+
+    def __enter__(self) -> Scraper:
+        self._process.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._active.set()
+        self._process.join(TIMEOUT_S)
+
+
+def metrics_cost(scale: float, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Throughput without and with a scrape every second, alternating, one broker run."""
+    import httpx
+
+    http_port = free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    phases: dict[str, list[dict[str, Any]]] = {}
+    scrapes: list[dict[str, Any]] = []
+    with start_broker("conveyor", workdir, http_port) as broker:
+        wait_for_port(http_port, broker.process)
+        with httpx.Client(base_url=url) as client:
+            for index in range(50):  # series for the scrape to read
+                client.post("/topics", json={"name": f"extra-{index}", "partitions": 2})
+                client.post("/queues", json={"name": f"queue-{index}"})
+        with Scraper(url + "/metrics") as scraper:
+            idle = idle_scrape_cost(broker, scraper, rounds)
+            count = int(200_000 * scale)
+            run_phases(broker, scraper, count, rounds, phases, scrapes)
+    return summarize(phases, scrapes, idle)
+
+
+def run_phases(broker: RunningBroker, scraper: Scraper, count: int, rounds: int,
+               phases: dict[str, list[dict[str, Any]]], scrapes: list[dict[str, Any]]) -> None:
+    for round_index in range(rounds):
+        # ABBA: the phase that goes second in a round inherits the first one's disk
+        # writeback, so the order alternates between rounds
+        for scraping in (False, True) if round_index % 2 == 0 else (True, False):
+            label = "scrape_1s" if scraping else "no_scrape"
+            topic = f"cost-{round_index}-{label}"
+            create_topic(broker, topic)
+            with scraper.scraping() if scraping else contextlib.nullcontext():
+                produce = measured(broker, lambda t=topic: produce_throughput(
+                    broker, t, count, 100))
+                consume = measured(broker, lambda t=topic: consume_throughput(
+                    broker, t, count, 100))
+            phases.setdefault(f"produce_100B_{label}", []).append(produce)
+            phases.setdefault(f"consume_100B_{label}", []).append(consume)
+            if scraping:
+                scrapes.append({"scrapes": scraper.scrapes, "body_bytes": scraper.bytes,
+                                "p50_ms": round(statistics.median(scraper.seconds) * 1000,
+                                                2) if scraper.seconds else None})
+            print(round_index, label, produce["records_per_s"], consume["records_per_s"],
+                  flush=True)
+
+
+def summarize(phases: dict[str, list[dict[str, Any]]], scrapes: list[dict[str, Any]],
+              idle: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for kind in ("produce_100B", "consume_100B"):
+        without = statistics.median(r["records_per_s"] for r in phases[f"{kind}_no_scrape"])
+        with_scrape = statistics.median(r["records_per_s"] for r in phases[f"{kind}_scrape_1s"])
+        # broker CPU per record: steadier than throughput on a machine shared with others
+        cpu_without = statistics.median(r["broker_cpu_s"] / r["records"] * 1e6
+                                        for r in phases[f"{kind}_no_scrape"])
+        cpu_with = statistics.median(r["broker_cpu_s"] / r["records"] * 1e6
+                                     for r in phases[f"{kind}_scrape_1s"])
+        summary[kind] = {"records_per_s_no_scrape": without,
+                         "records_per_s_scrape_1s": with_scrape,
+                         "change_percent": round((with_scrape - without) / without * 100, 2),
+                         "broker_cpu_us_per_record_no_scrape": round(cpu_without, 3),
+                         "broker_cpu_us_per_record_scrape_1s": round(cpu_with, 3),
+                         "cpu_change_percent": round((cpu_with - cpu_without) / cpu_without
+                                                     * 100, 2)}
+    summary["idle_scrape"] = idle
+    return {"summary": summary, "phases": phases, "scrapes": scrapes}
+
+
+def idle_scrape_cost(broker: RunningBroker, scraper: Scraper, rounds: int,
+                     seconds: float = 10.0) -> dict[str, Any]:
+    """Broker CPU of one scrape: an idle broker for ``seconds`` with and without a scrape
+    every second (the difference over the scrapes: what each one costs the loop)."""
+    with_scrape: list[float] = []
+    without: list[float] = []
+    scrapes = 0
+    for _ in range(rounds):
+        before = broker.cpu_s()
+        time.sleep(seconds)
+        without.append(broker.cpu_s() - before)
+        with scraper.scraping():
+            before = broker.cpu_s()
+            time.sleep(seconds)
+            with_scrape.append(broker.cpu_s() - before)
+        scrapes += scraper.scrapes
+    extra_s = sum(with_scrape) - sum(without)
+    per_scrape_ms = extra_s / max(1, scrapes) * 1000
+    return {"broker_cpu_s_idle": round(sum(without), 3),
+            "broker_cpu_s_idle_scraped": round(sum(with_scrape), 3), "scrapes": scrapes,
+            "broker_cpu_ms_per_scrape": round(per_scrape_ms, 2),
+            "loop_share_at_1_scrape_per_s_percent": round(per_scrape_ms / 10, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies record counts")
     parser.add_argument("--peers", default="conveyor,tansu")
+    parser.add_argument("--metrics-cost", action="store_true",
+                        help="measure throughput without and with /metrics scraped every 1 s")
+    parser.add_argument("--rounds", type=int, default=3, help="--metrics-cost alternations")
     arguments = parser.parse_args()
+    if arguments.metrics_cost:
+        workdir = Path(tempfile.mkdtemp(prefix="metrics-cost-"))
+        try:
+            result = metrics_cost(arguments.scale, arguments.rounds, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.update({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                   "python": platform.python_version()},
+                       "notes": "one broker run; phases alternate no scrape / scrape every "
+                                "1 s, in ABBA order; median of rounds; 100 B records, "
+                                "acks=all, fsync=always; the scraper is a separate process",
+                       "scale": arguments.scale, "rounds": arguments.rounds})
+        METRICS_RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["summary"], indent=2))
+        return
     workdir = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

@@ -74,6 +74,13 @@ from .partitioner import StickyPartitioner
 from .producer_state import IncomingBatch, ProducerStates
 from .routing import PREDECLARED, Destination, RoutingTable, exchange_info
 from .shared_groups import SharedGroups
+from .stats import (
+    BrokerStats,
+    StatsLimits,
+    TrafficCounters,
+    ordered_group_stats,
+    partition_stats,
+)
 from .topics import (
     TopicRegistry,
     config_from_mapping,
@@ -175,6 +182,7 @@ class Broker:
         self._auto_creating: dict[str, asyncio.Future[TopicInfo]] = {}
         self._next_retention_ms = 0
         self.shared_groups: SharedGroups | None = None  # created in open()
+        self.traffic = TrafficCounters()  # records and bytes in/out per partition (metrics)
         self._opened = False
         self._closing = False  # close() started: new work is refused with UnavailableError
 
@@ -241,7 +249,7 @@ class Broker:
         self._opened = False  # _closing stays set: a closed broker refuses work
 
     async def _open_shared_groups(self) -> None:
-        self.shared_groups = SharedGroups(self)
+        self.shared_groups = SharedGroups(self, self.traffic)
         await self.shared_groups.open()
 
     async def _run_timers(self) -> None:
@@ -294,6 +302,7 @@ class Broker:
     async def delete_topic(self, name: str) -> None:
         info = await self.topics.delete(name)
         self.producers.forget_topic(name)
+        self.traffic.forget_topic(name)
         self._partitioner.forget(name)
         for binding in self.routing.remove_destination("topic", name):
             self.state_store.delete_binding(_binding_row(binding))
@@ -397,6 +406,9 @@ class Broker:
     ) -> AppendResult:
         self._check_open()
         appended = await log.append(batch)
+        counters = self.traffic.partition(topic, partition)
+        counters.records_in += appended.last_offset - appended.base_offset + 1
+        counters.bytes_in += len(batch)
         if incoming:
             offset = appended.base_offset
             for item in incoming:
@@ -515,6 +527,16 @@ class Broker:
         bytes_min: int = 1,
     ) -> tuple[LogSlice, PartitionOffsets]:
         """Whole batches from ``offset``; waits up to wait_ms for bytes_min bytes."""
+        data, offsets = await self._fetch(topic, partition, offset, bytes_max, wait_ms,
+                                          bytes_min)
+        if data.parts:
+            self.traffic.partition(topic, partition).bytes_out += data.size_bytes
+        return data, offsets
+
+    async def _fetch(
+        self, topic: str, partition: int, offset: int, bytes_max: int, wait_ms: int,
+        bytes_min: int,
+    ) -> tuple[LogSlice, PartitionOffsets]:
         deadline_ms = self.clock.monotonic_ms() + min(wait_ms, self.config.fetch_wait_ms_max)
         while True:
             self._check_open()
@@ -556,7 +578,8 @@ class Broker:
                 waiter.set_result(None)
 
     async def read_records(
-        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0
+        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0,
+        counted: bool = True,
     ) -> list[Record]:
         """Decoded records from ``offset`` (at most records_max), waiting like fetch.
 
@@ -569,8 +592,8 @@ class Broker:
         chunk_bytes = min(self.config.read_bytes_max, READ_CHUNK_BYTES)
         key = (topic, partition)
         while len(records) < records_max:
-            data, offsets = await self.fetch(
-                topic, partition, position, chunk_bytes, wait_ms if not records else 0)
+            data, offsets = await self._fetch(
+                topic, partition, position, chunk_bytes, wait_ms if not records else 0, 1)
             if position < offsets.log_start_offset:
                 raise OffsetOutOfRangeError(
                     "offset below log start", offset=position,
@@ -603,7 +626,30 @@ class Broker:
                 position = max(position, header.base_offset + header.last_offset_delta + 1)
             if position >= offsets.high_watermark:
                 break
+        if counted and records:  # False: the broker's own reads (shared-group windows)
+            self.traffic.partition(topic, partition).records_out += len(records)
         return records
+
+    def stats(self, limits: StatsLimits | None = None) -> BrokerStats:
+        """A read-only snapshot for metrics and management views; never suspends."""
+        limits = limits or StatsLimits()
+        partitions, partitions_omitted, segments_total, size_total = partition_stats(
+            self.list_topics(), self.topics.partition_log, self.traffic, limits.partitions_max)
+        queues, queues_omitted = ([], 0) if self.shared_groups is None else \
+            self.shared_groups.queue_stats(limits.queues_max)
+
+        def topic_partitions(name: str) -> int | None:
+            info = self.topics.find(name)
+            return None if info is None else info.partitions
+
+        groups, group_partitions, group_partitions_omitted = ordered_group_stats(
+            self._groups.values(), self.topics.partition_log, topic_partitions,
+            limits.group_partitions_max)
+        return BrokerStats(
+            partitions, queues, groups, group_partitions,
+            {"partitions": partitions_omitted, "queues": queues_omitted,
+             "group_partitions": group_partitions_omitted},
+            segments_total, size_total)
 
     # --- idempotent producer ---------------------------------------------------------
     async def init_producer_id(self, transactional_id: str | None = None) -> tuple[int, int]:

@@ -92,6 +92,13 @@ from .delivery import (
 from .keyed_locks import KeyedLocks
 from .log_end import LostRange, clamp
 from .shared_group import Change, RecordState, SharedPartition
+from .stats import (
+    CONSUMER_ACTIVE_MS,
+    CONSUMERS_TRACKED_MAX,
+    QueueStats,
+    SharedGroupCounters,
+    TrafficCounters,
+)
 from .types import (
     Delivery,
     Message,
@@ -139,7 +146,8 @@ class SharedGroupsHost(Protocol):
     def topics(self) -> Any: ...  # TopicDirectory + partition_log(name, partition)
 
     async def read_records(
-        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0
+        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0,
+        counted: bool = True,
     ) -> list[Record]: ...
     async def publish_records(
         self, info: TopicInfo, messages: Sequence[Message], partition: int | None = None
@@ -163,6 +171,7 @@ class GroupState:
     # partition -> start offset last written to the state store
     saved_start: dict[int, int] = field(default_factory=dict)
     next_partition: int = 0  # round-robin cursor of acquire
+    counters: SharedGroupCounters = field(default_factory=SharedGroupCounters)
 
 
 def config_to_json(config: QueueConfig) -> str:
@@ -194,8 +203,9 @@ def parse_receipt(receipt: str) -> tuple[str, str, int, int, int]:
 
 
 class SharedGroups:
-    def __init__(self, host: SharedGroupsHost) -> None:
+    def __init__(self, host: SharedGroupsHost, traffic: TrafficCounters | None = None) -> None:
         self.host = host
+        self.traffic = traffic or TrafficCounters()  # records out per partition
         self.clock = host.clock
         self.rng = host.rng
         self.store = SharedStateStore(host.state_store)
@@ -431,6 +441,39 @@ class SharedGroups:
                        and group == topic)
         return [await self.get_queue(name) for name in names]
 
+    def queue_stats(self, queues_max: int) -> tuple[list[QueueStats], int]:
+        """Counts of the first ``queues_max`` queues by name, and how many were left out.
+
+        Read-only and never suspends (metrics scrapes call it): the windows are counted
+        as the last timer tick left them; records not loaded yet count as ready."""
+        names = sorted(group for group, topic in self._groups
+                       if group == topic and self._groups[(group, topic)].is_queue)
+        now_ms = self.clock.monotonic_ms()
+        exported = []
+        for name in names[:queues_max]:
+            state = self._groups[(name, name)]
+            ready = unacked = delayed = 0
+            holders: set[str] = set()
+            for part in state.partitions.values():
+                counted = part.counts(self._high_watermark(part))
+                ready, unacked, delayed = (ready + counted[0], unacked + counted[1],
+                                           delayed + counted[2])
+                if counted[1]:
+                    holders.update(entry.consumer_id for entry in part.entries.values()
+                                   if entry.state is RecordState.ACQUIRED
+                                   and entry.consumer_id is not None)
+            counters = state.counters
+            holders.update(consumer for consumer, seen_ms in counters.consumers_seen.items()
+                           if now_ms - seen_ms <= CONSUMER_ACTIVE_MS)
+            published = sum(item.records_in for item in (
+                self.traffic.find(name, partition) for partition in state.partitions)
+                if item is not None)
+            exported.append(QueueStats(
+                name, ready, unacked, delayed, min(len(holders), CONSUMERS_TRACKED_MAX),
+                published, counters.delivered, counters.redelivered, counters.acked,
+                counters.dead_lettered))
+        return exported, max(0, len(names) - queues_max)
+
     # --- acquire ---------------------------------------------------------------------
     async def acquire(
         self, topic: str, group: str, records_max: int = 1, lock_ms: int | None = None,
@@ -442,7 +485,10 @@ class SharedGroups:
         lock_ms = state.config.visibility_timeout_ms if lock_ms is None else lock_ms
         lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
         consumer = consumer_id if consumer_id is not None else f"anonymous-{self._token():x}"
-        deadline_ms = self.clock.monotonic_ms() + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
+        now_ms = self.clock.monotonic_ms()
+        if consumer_id is not None:
+            state.counters.saw_consumer(consumer_id, now_ms)
+        deadline_ms = now_ms + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
         while True:
             deliveries = await self._acquire_once(state, records_max, lock_ms, consumer)
             remaining_ms = deadline_ms - self.clock.monotonic_ms()
@@ -456,6 +502,7 @@ class SharedGroups:
         self, state: GroupState, records_max: int, lock_ms: int, consumer: str
     ) -> list[Delivery]:
         deliveries: list[Delivery] = []
+        redelivered = 0
         self._add_new_partitions(state)
         partitions = sorted(state.partitions)
         for step in range(len(partitions)):
@@ -466,8 +513,12 @@ class SharedGroups:
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
             await self._flush(state, part)
+            if chosen:
+                self.traffic.partition(state.topic, index).records_out += len(chosen)
             for item in chosen:
                 record = item.entry.record
+                if item.entry.delivery_count > 1:
+                    redelivered += 1
                 deliveries.append(Delivery(
                     make_receipt(state.group, state.topic, index, item.offset, item.entry.token),
                     state.topic, index, item.offset, record.timestamp_ms, record.key,
@@ -477,6 +528,8 @@ class SharedGroups:
             if len(deliveries) >= records_max:
                 break
         state.next_partition = (state.next_partition + 1) % max(1, len(partitions))
+        state.counters.delivered += len(deliveries)
+        state.counters.redelivered += redelivered
         return deliveries
 
     async def _wait(self, state: GroupState, remaining_ms: int) -> None:
@@ -542,7 +595,7 @@ class SharedGroups:
         the fsync (for protocols whose acks get no answer: AMQP): a killed process keeps
         the ack, a power cut within ``UNSYNCED_FSYNC_DELAY_S`` may redeliver."""
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.ack(offset, token, now_ms), wait_durable)
+                           part.ack(offset, token, now_ms), wait_durable, count_acked=True)
 
     async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
         await self._settle(receipts, lambda part, offset, token, now_ms:
@@ -562,7 +615,7 @@ class SharedGroups:
                            part.reject(offset, token, now_ms))
 
     async def _settle(self, receipts: Iterable[str], action: Any,
-                      wait_durable: bool = True) -> None:
+                      wait_durable: bool = True, count_acked: bool = False) -> None:
         """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
         touched: dict[tuple[str, str, int], tuple[GroupState, SharedPartition]] = {}
         first_error: Exception | None = None
@@ -576,6 +629,8 @@ class SharedGroups:
                     raise UnknownDeliveryError("receipt of an unknown group", receipt=receipt)
                 touched[(group, topic, partition)] = (state, part)  # lazy expiry persists too
                 action(part, offset, token, now_ms)
+                if count_acked:
+                    state.counters.acked += 1
             except OperatingError as error:
                 first_error = first_error or error
         for state, part in touched.values():
@@ -591,6 +646,7 @@ class SharedGroups:
         released = 0
         now_ms = self.clock.monotonic_ms()
         for state in list(self._groups.values()):
+            state.counters.consumers_seen.pop(consumer_id, None)  # it went away
             for part in state.partitions.values():
                 count = part.release_consumer(consumer_id, now_ms)
                 if count:
@@ -803,7 +859,7 @@ class SharedGroups:
                     self._uncache(cache.pop(oldest))
             try:
                 records = await self.host.read_records(
-                    part.topic, part.partition, part.next_offset, part.room())
+                    part.topic, part.partition, part.next_offset, part.room(), counted=False)
             except OffsetOutOfRangeError:
                 part.skip_to(int(log.log_start_offset))
                 continue
@@ -853,6 +909,7 @@ class SharedGroups:
         failures = self.dead_letter_failures
         try:
             await self._dead_letter(state, part, change)
+            state.counters.dead_lettered += 1
         except OperatingError as error:
             key = (state.group, error.code)
             failures[key] = failures.get(key, 0) + 1

@@ -22,7 +22,9 @@ from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
 from conveyor.errors import UnavailableError
 from conveyor.limits import DiskAlarm, ServerLimits
+from conveyor.server.health import readiness_checks
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
+from conveyor.server.metrics import Metrics, MetricsLimits
 from conveyor.server.state_recovery import check_state_database, rebuild_orphans
 
 if TYPE_CHECKING:
@@ -74,6 +76,14 @@ class Server:
                                    settings.memory_high_watermark_bytes)
         self.disk_alarm = DiskAlarm(config.data_dir, settings.disk_free_limit_bytes,
                                     settings.disk_check_interval_ms, self.limits.flow)
+        http = config.listener("http")
+        metrics_settings = {  # [listeners.http] metrics_queues_max = ... (docs/observability.md)
+            key.removeprefix("metrics_"): value
+            for key, value in (http.settings if http is not None else {}).items()
+            if key.startswith("metrics_")}
+        self.metrics = Metrics(lambda: self._broker, config.data_dir,
+                               MetricsLimits.from_settings(metrics_settings))
+        self._stopping = False
 
     @property
     def broker(self) -> Broker:
@@ -82,15 +92,17 @@ class Server:
 
     async def start(self) -> None:
         from conveyor.broker.broker import Broker, BrokerConfig
-        from conveyor.storage.fs import OsFileSystem
+        from conveyor.server.metrics import MeasuredFileSystem
         from conveyor.storage.log_store import FileLogStore
         from conveyor.storage.state_store import SqliteStateStore
 
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
+        self._stopping = False
         try:
-            log_store = FileLogStore(data_dir / "logs", OsFileSystem(), self.clock)
+            file_system = MeasuredFileSystem(self.metrics.storage)  # fsync latency metrics
+            log_store = FileLogStore(data_dir / "logs", file_system, self.clock)
             check_state_database(data_dir / "state.sqlite3", self.clock)
             state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
             settings = self.config.broker
@@ -103,6 +115,7 @@ class Server:
             await self._broker.open()
             await rebuild_orphans(self._broker)
             self.disk_alarm.start()
+            self.metrics.loop_lag.start()
             await self._start_listeners()
         except BaseException:
             await self.stop()
@@ -127,6 +140,8 @@ class Server:
                 settings=listener_config.settings,
                 advertised_host=advertised_host,
                 limits=self.limits,
+                counters=self.metrics.counters(listener_config.name),
+                observability=self,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running
@@ -138,7 +153,17 @@ class Server:
                 },
             )
 
+    # --- /metrics and /ready (the Observability protocol of the HTTP listener) ----------
+    async def render_metrics(self, accept: str) -> tuple[bytes, str]:
+        return self.metrics.render(accept)
+
+    def readiness(self) -> dict[str, str]:
+        expected = [listener.name for listener in self.config.listeners if listener.enabled]
+        return readiness_checks(self._broker, self.config.data_dir, expected,
+                                set(self._listeners), self._stopping)
+
     async def stop(self) -> None:
+        self._stopping = True
         for name, listener in list(self._listeners.items()):
             try:
                 await listener.close()
@@ -146,6 +171,7 @@ class Server:
                 logger.exception("listener failed to close", extra={"listener": name})
             del self._listeners[name]
         await self.disk_alarm.stop()
+        await self.metrics.loop_lag.stop()
         if self._broker is not None:
             await self._broker.close()
             self._broker = None

@@ -12,9 +12,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from conveyor.server.counters import ListenerCounters  # part of the contract: re-exported
+
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.limits import ServerLimits
+
+__all__ = ["ListenerContext", "ListenerCounters", "Observability", "RunningListener",
+           "available_listeners", "find_listener", "listener_counters", "shared_limits"]
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",
@@ -33,6 +38,27 @@ class ListenerContext:
     # The server-wide budget, publisher flow and connection gates (None: a listener
     # started alone gets its own, see ``shared_limits``).
     limits: ServerLimits | None = None
+    # This listener's traffic counters, read by /metrics (None: a listener started alone
+    # counts into its own, see ``listener_counters``).
+    counters: ListenerCounters | None = None
+    # What the server offers the HTTP listener for /metrics and /ready (None: alone).
+    observability: Observability | None = None
+
+
+class Observability(Protocol):
+    """The server's side of /metrics and /ready, handed to the HTTP listener."""
+
+    async def render_metrics(self, accept: str) -> tuple[bytes, str]:
+        """The exposition (text format, or OpenMetrics when ``accept`` asks) and its type."""
+        ...
+
+    def readiness(self) -> dict[str, str]:
+        """Check name -> "ok" or what is wrong; ready when every value is "ok"."""
+        ...
+
+
+def listener_counters(context: ListenerContext, name: str) -> ListenerCounters:
+    return context.counters if context.counters is not None else ListenerCounters(name)
 
 
 def shared_limits(context: ListenerContext) -> ServerLimits:

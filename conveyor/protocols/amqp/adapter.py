@@ -53,6 +53,7 @@ from conveyor.errors import (
     UnknownTopicError,
 )
 from conveyor.limits import RequestWatch, ServerLimits
+from conveyor.server.listeners import ListenerCounters
 
 from . import frames as f
 from .arguments import (
@@ -91,6 +92,16 @@ log = logging.getLogger("conveyor.amqp")
 REPLY_TO_QUEUE = "amq.rabbitmq.reply-to"
 ACQUIRE_BATCH_MAX = 500
 ACQUIRE_WAIT_MS = 30_000
+# Reply code -> its name in the spec: the label of errors_total{listener="amqp"}.
+REPLY_NAMES = {code: name for name, code in (
+    ("CONTENT_TOO_LARGE", f.CONTENT_TOO_LARGE), ("CONNECTION_FORCED", f.CONNECTION_FORCED),
+    ("INVALID_PATH", f.INVALID_PATH), ("ACCESS_REFUSED", f.ACCESS_REFUSED),
+    ("NOT_FOUND", f.NOT_FOUND), ("RESOURCE_LOCKED", f.RESOURCE_LOCKED),
+    ("PRECONDITION_FAILED", f.PRECONDITION_FAILED), ("FRAME_ERROR", f.FRAME_ERROR),
+    ("SYNTAX_ERROR", f.SYNTAX_ERROR), ("COMMAND_INVALID", f.COMMAND_INVALID),
+    ("CHANNEL_ERROR", f.CHANNEL_ERROR), ("UNEXPECTED_FRAME", f.UNEXPECTED_FRAME),
+    ("RESOURCE_ERROR", f.RESOURCE_ERROR), ("NOT_ALLOWED", f.NOT_ALLOWED),
+    ("NOT_IMPLEMENTED", f.NOT_IMPLEMENTED), ("INTERNAL_ERROR", f.INTERNAL_ERROR))}
 CAPABILITIES = {
     "publisher_confirms": True,
     "exchange_exchange_bindings": True,
@@ -141,8 +152,9 @@ class QueueUse:
 
 class AmqpServer:
     def __init__(self, broker: Broker, settings: AmqpSettings,
-                 limits: ListenerLimits | None = None, shared: ServerLimits | None = None
-                 ) -> None:
+                 limits: ListenerLimits | None = None, shared: ServerLimits | None = None,
+                 counters: ListenerCounters | None = None) -> None:
+        self.counters = counters or ListenerCounters("amqp")
         self.broker = broker
         self.settings = settings
         self.limits = limits or LISTENER_LIMITS_DEFAULT["amqp"]
@@ -1297,6 +1309,7 @@ class AmqpConnection(asyncio.Protocol):
             self.transport.abort()  # over connections_max: refused before reading anything
             return
         self._admitted = True
+        self.server.counters.opened()
         self._watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         self._unsubscribe = self.server.shared.flow.on_change(self._flow_changed)
         self.server.connections.add(self)
@@ -1305,6 +1318,7 @@ class AmqpConnection(asyncio.Protocol):
             self.server.settings.handshake_timeout_ms / 1000, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
+        self.server.counters.bytes_received += len(data)
         self._received = True
         reader = self.machine.reader
         before = reader.buffered_bytes + len(data)
@@ -1329,6 +1343,7 @@ class AmqpConnection(asyncio.Protocol):
         if self._admitted:
             self._admitted = False
             self.server.gate.release()
+            self.server.counters.closed()
         if self._watch is not None:
             self._watch.stop()
         if self._unsubscribe is not None:
@@ -1347,6 +1362,7 @@ class AmqpConnection(asyncio.Protocol):
     # --- events ---------------------------------------------------------------------------
     def _event(self, event: Any) -> None:
         if isinstance(event, PublishReceived):
+            self.server.counters.request("Basic.Publish")
             channel = self.channels.get(event.channel)
             if channel is not None:
                 size = _inbox_size(event)
@@ -1368,6 +1384,7 @@ class AmqpConnection(asyncio.Protocol):
                     self._block(flow.blocked_reason() or "low on memory")
                 channel.push(event)
         elif isinstance(event, MethodReceived):
+            self.server.counters.request(event.method.name)
             if event.channel == 0:
                 self._connection_method(event.method)
             elif isinstance(event.method, commands.Channel.Open):
@@ -1550,6 +1567,10 @@ class AmqpConnection(asyncio.Protocol):
 
     # --- output ---------------------------------------------------------------------------
     def send_method(self, channel: int, method: pamqp_base.Frame) -> None:
+        if isinstance(method, commands.Channel.Close | commands.Connection.Close):
+            code = method.reply_code or 0
+            if code != f.REPLY_SUCCESS:
+                self.server.counters.error(REPLY_NAMES.get(code, str(code)))
         self.write_parts([f.encode_method(channel, method)])
 
     def write_parts(self, parts: list[bytes]) -> None:
@@ -1562,6 +1583,7 @@ class AmqpConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
+            self.server.counters.bytes_sent += sum(map(len, self._out))
             self.transport.writelines(self._out)
         self._out = []
 

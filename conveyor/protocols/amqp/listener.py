@@ -16,7 +16,7 @@ from conveyor.config import listener_limits
 from conveyor.errors import OperatingError
 from conveyor.protocols.amqp.adapter import AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
-from conveyor.server.listeners import shared_limits
+from conveyor.server.listeners import listener_counters, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -44,7 +44,7 @@ async def start_listener(broker: Broker, context: ListenerContext) -> AmqpListen
             with contextlib.suppress(OperatingError):
                 await broker.delete_queue(queue.name)
     state = AmqpServer(broker, settings, listener_limits("amqp", context.settings),
-                       shared_limits(context))
+                       shared_limits(context), listener_counters(context, "amqp"))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         make_protocol_factory(state), context.host, context.port, reuse_address=True)

@@ -33,6 +33,7 @@ from conveyor.protocols.http.shared_handlers import (
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.server.listeners import Observability
 
 __all__ = ["Handlers", "RequestContext"]
 
@@ -43,9 +44,11 @@ Handler = Callable[["Handlers", ApiRequest, RequestContext], Awaitable[ApiRespon
 class Handlers(SharedGroupHandlers):
     """Dispatch table from operation name to coroutine; one instance per listener."""
 
-    def __init__(self, broker: Broker, openapi: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, broker: Broker, openapi: Callable[[], dict[str, Any]],
+                 observability: Observability | None = None) -> None:
         self.broker = broker
         self.openapi = openapi
+        self.observability = observability  # the server's /metrics and /ready; None: alone
         self.closing = False
 
     async def handle(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
@@ -60,10 +63,21 @@ class Handlers(SharedGroupHandlers):
         return ApiResponse(200, {"status": "ok"})
 
     async def ready(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
-        if self.closing:
-            raise UnavailableError("server is shutting down")
-        shared = "ok" if self.broker.shared_groups is not None else "absent"
-        return ApiResponse(200, {"status": "ready", "checks": {"shared_groups": shared}})
+        """200 when every check is "ok"; else 503 with the checks (docs/observability.md)."""
+        checks = {"http": "stopping" if self.closing else "ok",
+                  "shared_groups": "ok" if self.broker.shared_groups is not None else "absent"}
+        if self.observability is not None:
+            checks.update(self.observability.readiness())
+        failing = {name: value for name, value in checks.items() if value != "ok"}
+        if failing:
+            raise NotReadyError("not ready", checks=checks)
+        return ApiResponse(200, {"status": "ready", "checks": checks})
+
+    async def metrics(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        if self.observability is None:
+            raise UnavailableError("metrics are served by a full server, not a lone listener")
+        body, content_type = await self.observability.render_metrics(context.accept)
+        return ApiResponse(200, raw=body, content_type=content_type)
 
     async def openapi_document(
         self, request: ApiRequest, context: RequestContext
@@ -382,6 +396,7 @@ _HANDLERS: Final[dict[str, Handler]] = {
     "health": Handlers.health,
     "ready": Handlers.ready,
     "openapi": Handlers.openapi_document,
+    "metrics": Handlers.metrics,
     "list_topics": Handlers.list_topics,
     "create_topic": Handlers.create_topic,
     "describe_topic": Handlers.describe_topic,
@@ -414,3 +429,9 @@ _HANDLERS: Final[dict[str, Handler]] = {
     "unbind": Handlers.unbind,
     "publish_exchange": Handlers.publish_exchange,
 }
+
+
+class NotReadyError(UnavailableError):
+    """A readiness check failed: 503 with every check in ``details.checks``."""
+
+    code = "not_ready"

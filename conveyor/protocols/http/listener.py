@@ -51,11 +51,11 @@ from conveyor.protocols.http.framing import (
 )
 from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.openapi import build_document
-from conveyor.server.listeners import shared_limits
+from conveyor.server.listeners import ListenerCounters, listener_counters, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
-    from conveyor.server.listeners import ListenerContext
+    from conveyor.server.listeners import ListenerContext, Observability
 
 logger = logging.getLogger("conveyor.http")
 
@@ -90,6 +90,7 @@ class HttpConnection(asyncio.Protocol):
             transport.close()  # over the limit: refuse before reading anything
             return
         self.admitted = True
+        self.server.counters.opened()
         self.watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -104,16 +105,19 @@ class HttpConnection(asyncio.Protocol):
         if self.admitted:
             self.admitted = False
             self.server.gate.release()
+            self.server.counters.closed()
         if self.watch is not None:
             self.watch.stop()
         self.server.shared.budget.forget(self)
 
     def data_received(self, data: bytes) -> None:
+        self.server.counters.bytes_received += len(data)
         if self.close_after is not None:
             return
         try:
             requests, immediate = self.framer.receive_data(data)
         except OperatingError as error:
+            self.server.counters.error(error.code)  # unparseable or too large: 400/413
             self.close_after = _error_bytes(error)
             self.server.shared.budget.forget(self)
             self.wakeup.set()
@@ -180,17 +184,21 @@ class HttpConnection(asyncio.Protocol):
             keep_alive = request.keep_alive and not self.server.closing
             if self.transport is None or self.disconnected.is_set():
                 return
-            body = b"" if response.document is None else await encode_body(response.document)
+            body = response.raw if response.raw is not None else (
+                b"" if response.document is None else await encode_body(response.document))
             if self.transport is None or self.disconnected.is_set():
                 return
-            self.transport.write(encode_response(response.status, body, keep_alive=keep_alive,
-                                                 extra_headers=response.headers))
+            data = encode_response(response.status, body, response.content_type,
+                                   keep_alive=keep_alive, extra_headers=response.headers)
+            self.server.counters.bytes_sent += len(data)
+            self.transport.write(data)
             if not keep_alive:
                 self.transport.close()
                 return
 
     def _write_and_close(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.server.counters.bytes_sent += len(data)
             self.transport.write(data)
             self.transport.close()
 
@@ -209,7 +217,9 @@ class HttpListener:
     """A RunningListener: ``port`` and ``close()``."""
 
     def __init__(self, broker: Broker, settings: dict[str, Any],
-                 shared: ServerLimits | None = None) -> None:
+                 shared: ServerLimits | None = None, counters: ListenerCounters | None = None,
+                 observability: Observability | None = None) -> None:
+        self.counters = counters or ListenerCounters("http")
         self.limits = listener_limits("http", settings)
         self.shared = shared or ServerLimits()
         self.gate = self.shared.gate("http", self.limits)
@@ -224,7 +234,7 @@ class HttpListener:
         self.port = 0
         self.connections: set[HttpConnection] = set()
         self._document: dict[str, Any] | None = None
-        self.handlers = Handlers(broker, self.openapi)
+        self.handlers = Handlers(broker, self.openapi, observability)
         self._server: asyncio.AbstractServer | None = None
 
     def openapi(self) -> dict[str, Any]:
@@ -233,15 +243,29 @@ class HttpListener:
         return self._document
 
     async def respond(self, raw: RawRequest, connection: HttpConnection) -> ApiResponse:
+        response = await self._respond(raw, connection)
+        if response.status >= 400:  # counted by the error document's stable code
+            document = response.document
+            error = document.get("error") if isinstance(document, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            self.counters.error(code if isinstance(code, str) else str(response.status))
+        return response
+
+    async def _respond(self, raw: RawRequest, connection: HttpConnection) -> ApiResponse:
         if self.in_flight >= self.requests_in_flight_max:
             return error_response(TooManyRequestsError(
                 "too many requests in flight", limit=self.requests_in_flight_max
             ))
         self.in_flight += 1
         try:
-            request = decode_request(raw)
+            try:
+                request = decode_request(raw)
+            except ConveyorError:
+                self.counters.request("unrouted")
+                raise
+            self.counters.request(request.operation)
             context = RequestContext(connection.is_connected, connection.disconnected,
-                                     connection.peer)
+                                     connection.peer, raw.headers.get("accept", ""))
             if request.operation not in PUBLISH_OPERATIONS:
                 return await self.handlers.handle(request, context)
             # A publisher is the client's host: its connections and in-flight publishes
@@ -308,6 +332,7 @@ class ServerBusyError(UnavailableError):
 
 
 async def start_listener(broker: Broker, context: ListenerContext) -> HttpListener:
-    listener = HttpListener(broker, dict(context.settings), shared_limits(context))
+    listener = HttpListener(broker, dict(context.settings), shared_limits(context),
+                            listener_counters(context, "http"), context.observability)
     await listener.start(context.host, context.port)
     return listener

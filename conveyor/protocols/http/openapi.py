@@ -55,7 +55,8 @@ def _operation(route: Route) -> dict[str, Any]:
     )
     success: dict[str, Any] = {"description": "OK"}
     if route.response is not None:
-        success["content"] = {"application/json": {"schema": _openapi_schema(route.response)}}
+        success["content"] = {media_type: {"schema": _openapi_schema(route.response)}
+                              for media_type in route.content_types}
     responses: dict[str, Any] = {str(route.status): success}
     error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for status, description in ERROR_STATUSES.items():

@@ -28,6 +28,8 @@ class Route:
     binary_body: bool = False  # application/octet-stream accepted beside JSON
     query: dict[str, Schema] = field(default_factory=dict)
     segments: tuple[str, ...] = ()
+    # media types of the success body (a non-JSON route's handler returns bytes)
+    content_types: tuple[str, ...] = ("application/json",)
 
     @property
     def parameters(self) -> list[str]:
@@ -57,6 +59,11 @@ ROUTES: Final[tuple[Route, ...]] = (
     _route("health", "GET", "/health", "Liveness", "health", s.STATUS_OUT),
     _route("ready", "GET", "/ready", "Readiness (503 while not ready)", "health", s.STATUS_OUT),
     _route("openapi", "GET", "/openapi.json", "This document", "health", {"type": "object"}),
+    # observability: Prometheus exposition (docs/observability.md)
+    _route("metrics", "GET", "/metrics",
+           "Prometheus metrics: text format 0.0.4, or OpenMetrics 1.0 when Accept asks",
+           "health", {"type": "string"},
+           content_types=("text/plain", "application/openmetrics-text")),
     # topics
     _route("list_topics", "GET", "/topics", "List topics", "topics", s.TOPIC_LIST),
     _route("create_topic", "POST", "/topics", "Create a topic", "topics", s.TOPIC_OUT,

@@ -42,6 +42,7 @@ class RequestContext:
     is_connected: Callable[[], bool]
     disconnected: asyncio.Event
     peer: str = ""
+    accept: str = ""  # the request's Accept header (content negotiation of /metrics)
 
 
 class SharedGroupHandlers:

@@ -54,7 +54,10 @@ from conveyor.errors import OperatingError
 from conveyor.limits import PublishFlow, RequestWatch, ServerLimits
 from conveyor.protocols.kafka.codec import Request, ServerCodec, UnsupportedRequest
 from conveyor.protocols.kafka.encoders import ResponsePiece
+from conveyor.protocols.kafka.error_codes import UNSUPPORTED_VERSION, error_code_for, error_name
 from conveyor.protocols.kafka.framing import NeedData
+from conveyor.protocols.kafka.messages import API_NAMES
+from conveyor.server.listeners import ListenerCounters
 
 logger = logging.getLogger("conveyor.kafka")
 
@@ -103,8 +106,10 @@ class KafkaConnection(asyncio.Protocol):
         connections: set[KafkaConnection],
         limits: ListenerLimits | None = None,
         shared: ServerLimits | None = None,
+        counters: ListenerCounters | None = None,
     ) -> None:
         self._handle = handle
+        self._counters = counters or ListenerCounters("kafka")
         self._frame_bytes_max = frame_bytes_max
         self._limits = limits or LISTENER_LIMITS_DEFAULT["kafka"]
         self._shared = shared or ServerLimits()
@@ -143,6 +148,7 @@ class KafkaConnection(asyncio.Protocol):
             self._transport.abort()  # over connections_max: refused before reading anything
             return
         self._admitted = True
+        self._counters.opened()
         self._watch = RequestWatch(self._limits, self._expired, self._is_busy)
         self._connections.add(self)
         peer = transport.get_extra_info("peername")
@@ -153,6 +159,8 @@ class KafkaConnection(asyncio.Protocol):
         self._worker = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        counters = self._counters
+        counters.bytes_received += len(data)
         if self._closing:
             return
         self._codec.receive_data(data)
@@ -163,8 +171,12 @@ class KafkaConnection(asyncio.Protocol):
                 if isinstance(event, NeedData):
                     break
                 self._queue.append(event)
+                counters.request(API_NAMES.get(event.header.api_key, "unsupported")
+                                 if isinstance(event, Request) else "unsupported")
                 completed = True
         except OperatingError as error:
+            # a frame the codec rejects: the connection closes
+            counters.error(error_name(error_code_for(error)))
             logger.info("closing kafka connection: %s", error, extra={"peer": self.state.peer})
             self._queue.append(_CLOSE)
             self._closing = True
@@ -193,6 +205,7 @@ class KafkaConnection(asyncio.Protocol):
         if self._admitted:
             self._admitted = False
             self._gate.release()
+            self._counters.closed()
         if self._watch is not None:
             self._watch.stop()
         self._shared.budget.forget(self)
@@ -343,6 +356,7 @@ class KafkaConnection(asyncio.Protocol):
     async def _answer(self, item: Request | UnsupportedRequest) -> bool:
         """Handle one request; False when the connection must close."""
         if isinstance(item, UnsupportedRequest):
+            self._counters.error(error_name(UNSUPPORTED_VERSION))
             try:
                 self._output.append(self._codec.send_unsupported(item.header))
             except OperatingError as error:
@@ -352,6 +366,8 @@ class KafkaConnection(asyncio.Protocol):
         try:
             response = await self._handle(item, self.state)
         except OperatingError as error:
+            # e.g. a request before SASL authentication: the connection closes
+            self._counters.error(error_name(error_code_for(error)))
             logger.info("closing kafka connection: %s", error, extra={"peer": self.state.peer})
             return False
         if response is None:
@@ -389,17 +405,20 @@ class KafkaConnection(asyncio.Protocol):
         if self._watch is not None:
             self._watch.active()
         pending = bytearray()
+        counters = self._counters
         for piece in self._output:
             if self._deferred:  # keep order behind what the socket has not taken yet
                 self._defer(piece)
             elif isinstance(piece, tuple):
                 if pending:
+                    counters.bytes_sent += len(pending)
                     transport.write(bytes(pending))
                     pending = bytearray()
                 self._send_file_range(transport, piece)
             else:
                 pending += piece
         if pending:
+            counters.bytes_sent += len(pending)
             transport.write(bytes(pending))
         self._output.clear()
         if self._deferred:
@@ -417,6 +436,7 @@ class KafkaConnection(asyncio.Protocol):
                     break  # e.g. sendfile unsupported for this pair: copy below
                 if sent == 0:
                     break
+                self._counters.bytes_sent += sent
                 position += sent
                 size -= sent
         if size > 0:
@@ -441,6 +461,7 @@ class KafkaConnection(asyncio.Protocol):
             piece = self._deferred[0]
             if isinstance(piece, bytes):
                 self._deferred.popleft()
+                self._counters.bytes_sent += len(piece)
                 transport.write(piece)
                 continue
             if self._watch is not None:
@@ -449,6 +470,7 @@ class KafkaConnection(asyncio.Protocol):
             data = os.pread(fileno, min(size, FILE_CHUNK_BYTES), position)
             if not data:
                 raise OSError(f"short read from segment file at {position}: {size} bytes left")
+            self._counters.bytes_sent += len(data)
             transport.write(data)
             if len(data) == size:
                 self._deferred.popleft()
@@ -517,9 +539,10 @@ async def _flow_changed(flow: PublishFlow) -> None:
 def connection_factory(
     handle: Handle, frame_bytes_max: int, connections: set[KafkaConnection],
     limits: ListenerLimits | None = None, shared: ServerLimits | None = None,
+    counters: ListenerCounters | None = None,
 ) -> Callable[[], KafkaConnection]:
     def factory() -> KafkaConnection:
-        return KafkaConnection(handle, frame_bytes_max, connections, limits, shared)
+        return KafkaConnection(handle, frame_bytes_max, connections, limits, shared, counters)
 
     return factory
 

@@ -20,7 +20,7 @@ Must not know: sockets, files (a file range is three ints passed through).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import OperatingError
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 
 
-async def handle_produce(broker: Broker, request: Request) -> bytes | None:
+async def handle_produce(broker: Broker, request: Request,
+                         on_error: Callable[[int], None] | None = None) -> bytes | None:
     body = request.body
     header = request.header
     refusal = _refusal(body)
@@ -62,6 +63,10 @@ async def handle_produce(broker: Broker, request: Request) -> bytes | None:
         else:
             # gather starts the appends in request order; each appends before it suspends.
             outcomes = list(await asyncio.gather(*appends))
+    if on_error is not None:
+        for _, result in outcomes:
+            if result.error_code:
+                on_error(result.error_code)
     if body.acks == 0:
         return None
     topics: dict[str, list[ProducePartitionResult]] = {}
@@ -150,7 +155,8 @@ async def _read_all(
     return results, total
 
 
-async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request) -> list[Any]:
+async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request,
+                       on_error: Callable[[int], None] | None = None) -> list[Any]:
     body = request.body
     header = request.header
     plan = _FetchPlan(body)
@@ -168,6 +174,8 @@ async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request
     grouped: dict[str, list[FetchPartitionResult]] = {}
     for topic, result in results:
         grouped.setdefault(topic, []).append(result)
+        if result.error_code and on_error is not None:
+            on_error(result.error_code)
     pieces: list[Any] = encode_fetch_response(
         header.correlation_id, header.api_version, list(grouped.items())
     )

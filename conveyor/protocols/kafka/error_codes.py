@@ -6,7 +6,9 @@ answers with) and ``error_code_for(error)``. Pure; no I/O.
 
 from __future__ import annotations
 
-from typing import Final
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, Final
 
 from kio.schema.errors import ErrorCode
 
@@ -120,3 +122,25 @@ def error_code_for(error: ConveyorError) -> int:
 def code(value: int) -> ErrorCode:
     """kio's enum member for a numeric code (kio's writer needs the enum)."""
     return ErrorCode(value)
+
+
+def error_name(value: int) -> str:
+    """Kafka's name of a code ("MESSAGE_TOO_LARGE"), for metrics labels."""
+    try:
+        return ErrorCode(value).name.upper()
+    except ValueError:
+        return f"ERROR_{value}"
+
+
+def error_codes_in(entity: Any, depth: int = 3) -> Iterator[int]:
+    """The non-zero error codes of a kio response entity and its nested entries."""
+    if depth < 0 or not dataclasses.is_dataclass(entity):
+        return
+    for item in dataclasses.fields(entity):
+        value = getattr(entity, item.name)
+        if item.name == "error_code":
+            if int(value):
+                yield int(value)
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for nested in value:
+                yield from error_codes_in(nested, depth - 1)

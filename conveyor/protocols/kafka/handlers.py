@@ -41,6 +41,7 @@ from conveyor.protocols.kafka.config_catalog import BrokerFacts
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
 from conveyor.protocols.kafka.responses import build, nested
 from conveyor.protocols.kafka.settings import KafkaSettings
+from conveyor.server.listeners import ListenerCounters
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -53,10 +54,12 @@ PLAIN: Final = "PLAIN"
 
 
 class KafkaHandlers:
-    def __init__(self, broker: Broker, settings: KafkaSettings, node: Node) -> None:
+    def __init__(self, broker: Broker, settings: KafkaSettings, node: Node,
+                 counters: ListenerCounters | None = None) -> None:
         self.broker = broker
         self.settings = settings
         self.node = node
+        self.counters = counters or ListenerCounters("kafka")
         # Encoding kio responses needs no per-connection state: one codec serves all.
         self._codec = ServerCodec(settings.frame_bytes_max)
         # Share groups (KIP-932): membership and sessions over the broker's shared groups.
@@ -75,11 +78,17 @@ class KafkaHandlers:
         ):
             raise AuthenticationError("request before SASL authentication", api_key=api_key)
         if api_key == 0:
-            return await data_handlers.handle_produce(self.broker, request)
+            return await data_handlers.handle_produce(self.broker, request, self.count_error)
         if api_key == 1:
-            return await data_handlers.handle_fetch(self.broker, self.settings, request)
+            return await data_handlers.handle_fetch(self.broker, self.settings, request,
+                                                    self.count_error)
         entity = await self._typed(request, state)
+        for code in error_codes.error_codes_in(entity):
+            self.count_error(code)
         return self._codec.send(request.header, entity)
+
+    def count_error(self, code: int) -> None:
+        self.counters.error(error_codes.error_name(code))
 
     async def _typed(self, request: Request, state: ConnectionState) -> Any:
         api_key = request.header.api_key

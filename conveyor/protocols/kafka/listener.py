@@ -14,7 +14,7 @@ from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
-from conveyor.server.listeners import shared_limits
+from conveyor.server.listeners import listener_counters, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -42,10 +42,12 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
     # The advertised port is only known after binding: handlers read it from the node,
     # which is filled in right after create_server returns.
     node = Node(settings.node_id, context.advertised_host, context.port, settings.cluster_id)
-    handlers = KafkaHandlers(broker, settings, node)
+    counters = listener_counters(context, "kafka")
+    handlers = KafkaHandlers(broker, settings, node, counters)
     server = await loop.create_server(
         connection_factory(handlers.handle, settings.frame_bytes_max, connections,
-                           listener_limits("kafka", context.settings), shared_limits(context)),
+                           listener_limits("kafka", context.settings), shared_limits(context),
+                           counters),
         context.host, context.port, reuse_address=True,
     )
     listener = KafkaListener(server, connections)

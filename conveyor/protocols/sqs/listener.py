@@ -55,7 +55,7 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
-from conveyor.server.listeners import shared_limits
+from conveyor.server.listeners import ListenerCounters, listener_counters, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -93,11 +93,14 @@ class SqsConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_host = f"sqs:{peer[0]}" if isinstance(peer, tuple) else f"sqs:{peer}"
         self.listener.connections.add(self)
+        self.listener.counters.opened()
         self.worker = asyncio.get_running_loop().create_task(self._run())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disconnected.set()
         self.wakeup.set()
+        if self in self.listener.connections:
+            self.listener.counters.closed()
         self.listener.connections.discard(self)
         if self.admitted:
             self.admitted = False
@@ -128,11 +131,13 @@ class SqsConnection(asyncio.Protocol):
         self.wakeup.set()
 
     def data_received(self, data: bytes) -> None:
+        self.listener.counters.bytes_received += len(data)
         if self.close_after is not None:
             return
         try:
             requests, immediate = self.framer.receive_data(data)
         except OperatingError as error:
+            self.listener.counters.error(InvalidParameterValue.code)
             status = 413 if error.http_status == 413 else 400
             sqs_error = InvalidParameterValue(str(error))
             sqs_error.http_status = status
@@ -181,8 +186,10 @@ class SqsConnection(asyncio.Protocol):
             keep_alive = request.keep_alive and not self.listener.closing
             if self.transport is None or self.disconnected.is_set():
                 return
-            self.transport.write(encode_response(response.status, response.body,
-                                                 response.headers, keep_alive))
+            data = encode_response(response.status, response.body, response.headers,
+                                   keep_alive)
+            self.listener.counters.bytes_sent += len(data)
+            self.transport.write(data)
             if not keep_alive:
                 self.transport.close()
                 return
@@ -192,13 +199,15 @@ class SqsListener:
     """A RunningListener: ``port`` and ``close()``."""
 
     def __init__(self, broker: Broker, settings: dict[str, Any], advertised_host: str,
-                 shared: ServerLimits | None = None) -> None:
+                 shared: ServerLimits | None = None,
+                 counters: ListenerCounters | None = None) -> None:
         self.limits = listener_limits("sqs", settings)
         # the watch keeps the request deadline; _run keeps the idle close (long polls)
         self.request_limits = dataclasses.replace(self.limits, idle_timeout_ms=0,
                                                   handshake_timeout_ms=0)
         self.shared = shared or ServerLimits()
         self.gate = self.shared.gate("sqs", self.limits)
+        self.counters = counters or ListenerCounters("sqs")
         self.body_bytes_max = int(settings.get("body_bytes_max", BODY_BYTES_MAX))
         self.idle_timeout_ms = int(settings.get("idle_timeout_ms", IDLE_TIMEOUT_MS))
         self.account_id = str(settings.get("account_id", ACCOUNT_ID_DEFAULT))
@@ -219,6 +228,7 @@ class SqsListener:
         try:
             request = decode_request(raw)
             request_id = request.request_id
+            self.counters.request(request.action)
             context = RequestContext(raw.headers.get("host", ""), disconnected,
                                      request.path)
             if request.action not in PUBLISH_ACTIONS:
@@ -234,7 +244,9 @@ class SqsListener:
                 flow.add(publisher, -len(raw.body))
             return encode_result(request, result)
         except ConveyorError as error:
-            return encode_error(protocol, from_conveyor(error), request_id)
+            sqs_error = from_conveyor(error)
+            self.counters.error(sqs_error.code)
+            return encode_error(protocol, sqs_error, request_id)
         except Exception:
             logger.exception("sqs action failed", extra={"target": raw.target[:200]})
             return encode_error(protocol, InternalError("internal error"), request_id)
@@ -267,6 +279,6 @@ class SqsListener:
 
 async def start_listener(broker: Broker, context: ListenerContext) -> SqsListener:
     listener = SqsListener(broker, dict(context.settings), context.advertised_host,
-                           shared_limits(context))
+                           shared_limits(context), listener_counters(context, "sqs"))
     await listener.start(context.host, context.port)
     return listener
