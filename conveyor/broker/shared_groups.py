@@ -146,6 +146,7 @@ class GroupState:
     # partition -> start offset last written to the state store
     saved_start: dict[int, int] = field(default_factory=dict)
     next_partition: int = 0  # round-robin cursor of acquire
+    delivered_total: int = 0  # records handed out since open (management rates sample it)
 
 
 def config_to_json(config: QueueConfig) -> str:
@@ -237,6 +238,14 @@ class SharedGroups:
         self._waiters.clear()
 
     # --- declarations ----------------------------------------------------------------
+    def group_state(self, group: str, topic: str) -> GroupState | None:
+        """A group's live state, read-only for browsing and statistics (queue_browse.py)."""
+        return self._groups.get((group, topic))
+
+    def delivered_totals(self) -> dict[tuple[str, str], int]:
+        """(group, topic) -> records delivered since open; no per-record work to keep."""
+        return {key: state.delivered_total for key, state in self._groups.items()}
+
     def queue_exists(self, name: str) -> bool:
         state = self._groups.get((name, name))
         return state is not None and state.is_queue
@@ -389,6 +398,7 @@ class SharedGroups:
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
             await self._flush(state, part)
+            state.delivered_total += len(chosen)
             for item in chosen:
                 record = item.entry.record
                 deliveries.append(Delivery(

@@ -22,6 +22,7 @@ from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
 from conveyor.errors import UnavailableError
 from conveyor.limits import DiskAlarm, ServerLimits
+from conveyor.server.connections import ConnectionRegistry
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 from conveyor.server.state_recovery import check_state_database, rebuild_orphans
 
@@ -72,6 +73,7 @@ class Server:
         settings = config.broker
         self.limits = ServerLimits(settings.partial_request_bytes_max,
                                    settings.memory_high_watermark_bytes)
+        self.connections = ConnectionRegistry()  # live connections, for the management API
         self.disk_alarm = DiskAlarm(config.data_dir, settings.disk_free_limit_bytes,
                                     settings.disk_check_interval_ms, self.limits.flow)
 
@@ -127,6 +129,7 @@ class Server:
                 settings=listener_config.settings,
                 advertised_host=advertised_host,
                 limits=self.limits,
+                connections=self.connections,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.limits import ServerLimits
+    from conveyor.server.connections import ConnectionRegistry
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",
@@ -33,6 +34,14 @@ class ListenerContext:
     # The server-wide budget, publisher flow and connection gates (None: a listener
     # started alone gets its own, see ``shared_limits``).
     limits: ServerLimits | None = None
+    # Live connections, for the management API (None: a listener started alone gets its own).
+    connections: ConnectionRegistry | None = None
+
+
+def shared_connections(context: ListenerContext) -> ConnectionRegistry:
+    from conveyor.server.connections import ConnectionRegistry
+
+    return context.connections if context.connections is not None else ConnectionRegistry()
 
 
 def shared_limits(context: ListenerContext) -> ServerLimits:

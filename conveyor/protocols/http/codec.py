@@ -67,6 +67,8 @@ class ApiResponse:
     status: int
     document: Any = None  # JSON-able; None with 204
     headers: tuple[tuple[str, str], ...] = ()
+    raw: bytes | None = None  # a body sent as is (web UI files), instead of ``document``
+    content_type: str = "application/json"
 
 
 class RecordLike(Protocol):

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.config import listener_limits
@@ -50,8 +51,10 @@ from conveyor.protocols.http.framing import (
     encode_response,
 )
 from conveyor.protocols.http.handlers import Handlers, RequestContext
+from conveyor.protocols.http.management import ManagementApi
 from conveyor.protocols.http.openapi import build_document
-from conveyor.server.listeners import shared_limits
+from conveyor.server.connections import ConnectionView
+from conveyor.server.listeners import shared_connections, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -180,10 +183,12 @@ class HttpConnection(asyncio.Protocol):
             keep_alive = request.keep_alive and not self.server.closing
             if self.transport is None or self.disconnected.is_set():
                 return
-            body = b"" if response.document is None else await encode_body(response.document)
+            body = response.raw if response.raw is not None else (
+                b"" if response.document is None else await encode_body(response.document))
             if self.transport is None or self.disconnected.is_set():
                 return
-            self.transport.write(encode_response(response.status, body, keep_alive=keep_alive,
+            self.transport.write(encode_response(response.status, body, response.content_type,
+                                                 keep_alive=keep_alive,
                                                  extra_headers=response.headers))
             if not keep_alive:
                 self.transport.close()
@@ -225,6 +230,9 @@ class HttpListener:
         self.connections: set[HttpConnection] = set()
         self._document: dict[str, Any] | None = None
         self.handlers = Handlers(broker, self.openapi)
+        # the management API's rate sampler: how often it reads the counters
+        self.management = ManagementApi(broker, int(settings.get("stats_interval_ms", 1000)))
+        self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
         self._server: asyncio.AbstractServer | None = None
 
     def openapi(self) -> dict[str, Any]:
@@ -239,6 +247,9 @@ class HttpListener:
             ))
         self.in_flight += 1
         try:
+            # --- management API (/api/...) and web UI (/, /ui/...): management.py ---
+            if self.management.handles(raw):
+                return await self.management.respond(raw)
             request = decode_request(raw)
             context = RequestContext(connection.is_connected, connection.disconnected,
                                      connection.peer)
@@ -275,6 +286,8 @@ class HttpListener:
     async def close(self) -> None:
         self.closing = True
         self.handlers.closing = True
+        self.unregister()
+        await self.management.close()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
@@ -310,4 +323,10 @@ class ServerBusyError(UnavailableError):
 async def start_listener(broker: Broker, context: ListenerContext) -> HttpListener:
     listener = HttpListener(broker, dict(context.settings), shared_limits(context))
     await listener.start(context.host, context.port)
+    # --- management API and web UI (management.py): registry of live connections ---
+    registry = shared_connections(context)
+    listener.unregister = registry.add_source("http", listener.port, lambda: (
+        ConnectionView("http", connection.peer, listener.port)
+        for connection in list(listener.connections)))
+    listener.management.start(registry)
     return listener

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import ConveyorError, OperatingError
@@ -39,6 +40,8 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
+from conveyor.server.connections import ConnectionView, peer_text
+from conveyor.server.listeners import shared_connections
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -140,6 +143,7 @@ class SqsListener:
         self.connections: set[SqsConnection] = set()
         self.handlers: SqsHandlers | None = None
         self._server: asyncio.AbstractServer | None = None
+        self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
 
     async def respond(self, raw: HttpRequest, disconnected: asyncio.Event) -> SqsResponse:
         assert self.handlers is not None
@@ -169,6 +173,7 @@ class SqsListener:
 
     async def close(self) -> None:
         self.closing = True
+        self.unregister()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
@@ -187,4 +192,8 @@ class SqsListener:
 async def start_listener(broker: Broker, context: ListenerContext) -> SqsListener:
     listener = SqsListener(broker, dict(context.settings), context.advertised_host)
     await listener.start(context.host, context.port)
+    listener.unregister = shared_connections(context).add_source("sqs", listener.port, lambda: (
+        ConnectionView("sqs", peer_text(connection.transport.get_extra_info("peername")),
+                       listener.port)
+        for connection in list(listener.connections) if connection.transport is not None))
     return listener

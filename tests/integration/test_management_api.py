@@ -1,0 +1,249 @@
+"""The RabbitMQ-compatible management API against a real server, with the request shapes
+of KEDA's RabbitMQ scaler (HTTP mode) and of rabbitmqadmin-style scripts.
+
+Goal: an autoscaler reads queue depth and publish rate where it expects them; scripts
+declare, publish, get, purge and delete through RabbitMQ's routes; unknown vhosts and
+queues answer RabbitMQ's 404 shape; live AMQP connections, channels and consumers are
+listed with their protocol; rates come from the sampler.
+Method: a BrokerThread with the HTTP and AMQP listeners; httpx for the API (Basic auth
+as KEDA sends it), pika for a live AMQP consumer; the sampler is stepped by the test
+(``sample()`` in the broker's loop) so rates do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pika
+import pytest
+
+from conveyor.testing.server import BrokerThread
+
+NOT_FOUND = {"error": "Object Not Found", "reason": "Not Found"}
+AUTH = ("guest", "guest")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
+    with BrokerThread(tmp_path_factory.mktemp("management"), listeners=("http", "amqp"),
+                      settings={"http": {"stats_interval_ms": 3_600_000}}) as running:
+        yield running
+
+
+@pytest.fixture()
+def api(server: BrokerThread) -> Iterator[httpx.Client]:
+    base = f"http://127.0.0.1:{server.ports['http']}"
+    with httpx.Client(base_url=base, auth=AUTH, timeout=10) as client:
+        yield client
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def sample(server: BrokerThread) -> None:
+    """One step of the rate sampler, in the broker's loop."""
+    listener: Any = server.server.listener("http")
+    server.call_sync(listener.management.sampler.sample)
+
+
+def test_keda_http_mode_reads_depth_and_publish_rate(server: BrokerThread,
+                                                     api: httpx.Client) -> None:
+    queue = unique("jobs")
+    assert api.put(f"/api/queues/%2F/{queue}", json={"durable": True}).status_code == 201
+    sample(server)
+    for index in range(7):
+        published = api.post("/api/exchanges/%2F/amq.default/publish", json={
+            "properties": {}, "routing_key": queue, "payload": f"job {index}",
+            "payload_encoding": "string"})
+        assert published.json() == {"routed": True}
+    sample(server)
+    # KEDA: GET {host}/api/queues/{vhost}/{queue} with the Basic header from the URL
+    token = base64.b64encode(b"user:secret").decode()
+    response = httpx.get(f"http://127.0.0.1:{server.ports['http']}/api/queues/%2F/{queue}",
+                         headers={"Authorization": f"Basic {token}"}, timeout=10)
+    assert response.status_code == 200
+    document = response.json()
+    assert document["name"] == queue and document["vhost"] == "/"
+    assert document["messages"] == 7 and document["messages_ready"] == 7
+    assert document["messages_unacknowledged"] == 0
+    assert document["message_stats"]["publish"] == 7
+    assert document["message_stats"]["publish_details"]["rate"] > 0
+    assert document["message_stats"]["deliver_get_details"]["rate"] == 0
+    # KEDA with useRegex: a paged listing filtered by a regex on the name
+    paged = api.get("/api/queues/%2F", params={
+        "page": "1", "use_regex": "true", "pagination": "false",
+        "name": f"^{queue}$", "page_size": "100"}).json()
+    assert paged["filtered_count"] == 1 and paged["items"][0]["messages"] == 7
+
+
+def test_unknown_vhost_and_queue_answer_rabbitmq_404(api: httpx.Client) -> None:
+    for path in ("/api/queues/%2F/no-such-queue", "/api/queues/other/anything",
+                 "/api/exchanges/%2F/no-such-exchange", "/api/queues/other",
+                 "/api/bindings/%2F/e/no-such/q/nothing", "/api/vhosts/other",
+                 "/api/connections/nobody", "/api/no-such-route"):
+        response = api.get(path)
+        assert response.status_code == 404, path
+        assert response.json() == NOT_FOUND, path
+    assert api.delete("/api/queues/%2F/no-such-queue").json() == NOT_FOUND
+    assert api.post("/api/queues/%2F/no-such-queue/get",
+                    json={"count": 1, "ackmode": "ack_requeue_true",
+                          "encoding": "auto"}).status_code == 404
+    # Conveyor's own extensions keep Conveyor's error shape
+    extension = api.get("/api/conveyor/queues/no-such-queue/browse")
+    assert extension.status_code == 404
+    assert extension.json()["error"]["code"] == "unknown_queue"
+
+
+def test_rabbitmqadmin_style_declare_publish_get_purge_delete(server: BrokerThread,
+                                                               api: httpx.Client) -> None:
+    queue, exchange = unique("work"), unique("events")
+    arguments = {"x-max-length": 100, "x-message-ttl": 60_000}
+    assert api.put(f"/api/queues/%2F/{queue}",
+                   json={"durable": True, "arguments": arguments}).status_code == 201
+    assert api.put(f"/api/queues/%2F/{queue}",
+                   json={"durable": True, "arguments": arguments}).status_code == 204
+    conflict = api.put(f"/api/queues/%2F/{queue}", json={"durable": True,
+                                                          "arguments": {"x-max-length": 5}})
+    assert conflict.status_code == 400 and "error" in conflict.json()
+    assert api.put(f"/api/exchanges/%2F/{exchange}",
+                   json={"type": "topic", "durable": True}).status_code == 201
+    bound = api.post(f"/api/bindings/%2F/e/{exchange}/q/{queue}",
+                     json={"routing_key": "order.*", "arguments": {}})
+    assert bound.status_code == 201 and bound.headers["location"] == "order.*"
+    for key, payload in (("order.created", "first"), ("order.paid", "second"),
+                         ("invoice.sent", "nowhere")):
+        routed = api.post(f"/api/exchanges/%2F/{exchange}/publish", json={
+            "properties": {"headers": {"source": "test"}}, "routing_key": key,
+            "payload": payload, "payload_encoding": "string"}).json()
+        assert routed == {"routed": key.startswith("order.")}
+    binary = api.post("/api/exchanges/%2F/amq.default/publish", json={
+        "properties": {}, "routing_key": queue,
+        "payload": base64.b64encode(b"\x00\xff\x10").decode(), "payload_encoding": "base64"})
+    assert binary.json() == {"routed": True}
+    # rabbitmqadmin list queues name messages
+    listed = api.get("/api/queues", params={"columns": "name,messages"}).json()
+    row = next(item for item in listed if item["name"] == queue)
+    assert row == {"name": queue, "messages": 3}
+    # get with ackmode ack_requeue_true: read, then back in the queue
+    got = api.post(f"/api/queues/%2F/{queue}/get", json={
+        "count": 5, "ackmode": "ack_requeue_true", "encoding": "auto", "truncate": 50000})
+    assert got.status_code == 200
+    messages = got.json()
+    assert [m["payload"] for m in messages[:2]] == ["first", "second"]
+    assert messages[0]["exchange"] == exchange and messages[0]["routing_key"] == "order.created"
+    assert messages[0]["properties"]["headers"]["source"] == "test"
+    assert messages[2]["payload_encoding"] == "base64"
+    assert base64.b64decode(messages[2]["payload"]) == b"\x00\xff\x10"
+    assert api.get(f"/api/queues/%2F/{queue}").json()["messages_ready"] == 3
+    again = api.post(f"/api/queues/%2F/{queue}/get", json={
+        "count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"}).json()
+    assert again[0]["redelivered"] is True
+    # get with ack_requeue_false consumes
+    taken = api.post(f"/api/queues/%2F/{queue}/get", json={
+        "count": 1, "ackmode": "ack_requeue_false", "encoding": "auto"}).json()
+    assert taken[0]["payload"] == "first" and taken[0]["message_count"] == 2
+    bindings = api.get(f"/api/queues/%2F/{queue}/bindings").json()
+    assert {b["source"] for b in bindings} == {"", exchange}
+    assert api.delete(f"/api/queues/%2F/{queue}/contents").status_code == 204
+    assert api.get(f"/api/queues/%2F/{queue}").json()["messages"] == 0
+    assert api.delete(f"/api/bindings/%2F/e/{exchange}/q/{queue}/order.*").status_code == 204
+    assert api.get(f"/api/bindings/%2F/e/{exchange}/q/{queue}").json() == []
+    assert api.delete(f"/api/queues/%2F/{queue}").status_code == 204
+    assert api.get(f"/api/queues/%2F/{queue}").status_code == 404
+    assert api.delete(f"/api/exchanges/%2F/{exchange}").status_code == 204
+
+
+def test_bad_requests_answer_rabbitmq_errors(api: httpx.Client) -> None:
+    queue = unique("bad")
+    bad_argument = api.put(f"/api/queues/%2F/{queue}",
+                           json={"arguments": {"x-max-length": "lots"}})
+    assert bad_argument.status_code == 400
+    assert bad_argument.json()["error"] == "bad_request"
+    assert "x-max-length" in bad_argument.json()["reason"]
+    not_json = api.put(f"/api/queues/%2F/{queue}", content=b"{nope",
+                       headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"] == "bad_request"
+    assert api.put(f"/api/exchanges/%2F/{queue}", json={"type": "nonsense"}).status_code == 400
+    assert api.post("/api/overview").status_code == 405
+
+
+def test_overview_connections_channels_consumers_with_protocol(server: BrokerThread,
+                                                               api: httpx.Client) -> None:
+    queue = unique("live")
+    parameters = pika.ConnectionParameters(
+        "127.0.0.1", server.ports["amqp"],
+        client_properties={"connection_name": "<script>alert(1)</script>"})
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True)
+        channel.basic_qos(prefetch_count=10)
+        channel.basic_consume(queue, lambda *args: None, consumer_tag="worker-1")
+        connections = [c for c in api.get("/api/connections").json()
+                       if c["protocol"] == "AMQP 0-9-1"]
+        assert len(connections) == 1
+        assert connections[0]["client_properties"]["connection_name"] == \
+            "<script>alert(1)</script>"
+        assert connections[0]["channels"] == 1 and connections[0]["vhost"] == "/"
+        assert any(c["protocol"] == "HTTP" for c in api.get("/api/connections").json())
+        channels = api.get("/api/channels").json()
+        amqp_channel = next(c for c in channels if c["protocol"] == "AMQP 0-9-1")
+        assert amqp_channel["consumer_count"] == 1 and amqp_channel["prefetch_count"] == 10
+        consumers = api.get("/api/consumers").json()
+        assert [(c["consumer_tag"], c["queue"]["name"]) for c in consumers] == [
+            ("worker-1", queue)]
+        assert api.get(f"/api/queues/%2F/{queue}").json()["consumers"] == 1
+        overview = api.get("/api/overview").json()
+        assert overview["object_totals"]["consumers"] == 1
+        assert {listener["protocol"] for listener in overview["listeners"]} == {"http", "amqp"}
+        assert overview["product_name"] == "Conveyor"
+    finally:
+        connection.close()
+    assert not [c for c in api.get("/api/connections").json() if c["protocol"] == "AMQP 0-9-1"]
+
+
+def test_deliver_rate_and_browse_without_consuming(server: BrokerThread,
+                                                   api: httpx.Client) -> None:
+    queue = unique("browse")
+    api.put(f"/api/queues/%2F/{queue}", json={"durable": True})
+    for index in range(4):
+        api.post("/api/exchanges/%2F/amq.default/publish", json={
+            "routing_key": queue, "payload": f"m{index}", "payload_encoding": "string",
+            "properties": {}})
+    sample(server)
+    api.post(f"/api/queues/%2F/{queue}/get", json={"count": 1, "ackmode": "ack_requeue_false",
+                                                  "encoding": "auto"})
+    sample(server)
+    stats = api.get(f"/api/queues/%2F/{queue}").json()["message_stats"]
+    assert stats["deliver_get"] == 1 and stats["deliver_get_details"]["rate"] > 0
+    browsed = api.get(f"/api/conveyor/queues/{queue}/browse").json()["messages"]
+    assert [m["value"]["text"] for m in browsed] == ["m1", "m2", "m3"]
+    assert {m["state"] for m in browsed} == {"available"}
+    again = api.get(f"/api/conveyor/queues/{queue}/browse").json()["messages"]
+    assert [m["value"]["text"] for m in again] == ["m1", "m2", "m3"]  # nothing consumed
+    assert api.get(f"/api/queues/%2F/{queue}").json()["messages_ready"] == 3
+    history = api.get("/api/conveyor/history").json()
+    assert history["series"] and any(point["publish"] > 0 for point in history["series"])
+
+
+def test_huge_and_binary_bodies_get_a_bounded_preview(api: httpx.Client) -> None:
+    queue = unique("big")
+    api.put(f"/api/queues/%2F/{queue}", json={"durable": True})
+    huge = "x" * 200_000
+    api.post("/api/exchanges/%2F/amq.default/publish", json={
+        "routing_key": queue, "payload": huge, "payload_encoding": "string", "properties": {}})
+    api.post("/api/exchanges/%2F/amq.default/publish", json={
+        "routing_key": queue, "payload": base64.b64encode(bytes(range(256)) * 100).decode(),
+        "payload_encoding": "base64", "properties": {}})
+    response = api.get(f"/api/conveyor/queues/{queue}/browse")
+    assert len(response.content) < 20_000
+    text_message, binary_message = response.json()["messages"]
+    assert text_message["value"]["bytes"] == 200_000 and text_message["value"]["truncated"]
+    assert len(text_message["value"]["text"]) == 4096
+    assert binary_message["value"]["binary"] and binary_message["value"]["text"] is None
+    assert binary_message["value"]["hex"].startswith("00 01 02")
