@@ -48,7 +48,7 @@ async def export_definitions(broker: Broker) -> dict[str, Any]:
     queues = await broker.list_queues()
     queue_names = {queue.name for queue in queues}
     exchanges = [exchange_document(info) for info in broker.list_exchanges()
-                 if not info.name.startswith("amq.")]
+                 if info.name and not info.name.startswith("amq.")]
     for exchange in exchanges:
         exchange.pop("user_who_performed_action", None)
     return {

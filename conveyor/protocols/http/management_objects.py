@@ -170,7 +170,7 @@ class ObjectRoutes:
             "object_totals": {
                 "connections": len(views), "channels": sum(len(v.channels) for v in views),
                 "consumers": sum(len(v.consumers) for v in views), "queues": len(queues),
-                "exchanges": len(self.broker.list_exchanges()) + 1,
+                "exchanges": len(self.exchange_documents()),
                 "topics": sum(1 for t in self.broker.list_topics() if t.kind == "topic"),
             },
             "listeners": [
@@ -313,7 +313,8 @@ class ObjectRoutes:
     # --- exchanges ------------------------------------------------------------------------
     def exchange_documents(self) -> list[dict[str, Any]]:
         default = exchange_document(self.broker.get_exchange(""))
-        return [default] + [exchange_document(info) for info in self.broker.list_exchanges()]
+        return [default] + [exchange_document(info) for info in self.broker.list_exchanges()
+                            if info.name]
 
     async def exchanges(self, query: dict[str, str], **_: Any) -> ApiResponse:
         return ApiResponse(200, listing(self.exchange_documents(), query))
