@@ -165,6 +165,9 @@ export const queuePage = {
         deadSummary.textContent = dead.dead_letter_queue
           ? `${number(dead.count)} dead letters in ${dead.dead_letter_queue}.`
           : "This queue does not keep dead letters.";
+        for (const id of ["dead-button", "redrive-button"]) {
+          root.querySelector(`#${id}`).disabled = !dead.dead_letter_queue;
+        }
       },
     };
     return view;
