@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
+from conveyor.connections import ConnectionRegistry
 from conveyor.errors import UnavailableError
 from conveyor.limits import DiskAlarm, ServerLimits
-from conveyor.server.connections import ConnectionRegistry
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 from conveyor.server.state_recovery import check_state_database, rebuild_orphans
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.connections import ConnectionRegistry
     from conveyor.limits import ServerLimits
-    from conveyor.server.connections import ConnectionRegistry
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",
@@ -39,7 +39,7 @@ class ListenerContext:
 
 
 def shared_connections(context: ListenerContext) -> ConnectionRegistry:
-    from conveyor.server.connections import ConnectionRegistry
+    from conveyor.connections import ConnectionRegistry
 
     return context.connections if context.connections is not None else ConnectionRegistry()
 

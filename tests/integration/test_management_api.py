@@ -247,3 +247,19 @@ def test_huge_and_binary_bodies_get_a_bounded_preview(api: httpx.Client) -> None
     assert len(text_message["value"]["text"]) == 4096
     assert binary_message["value"]["binary"] and binary_message["value"]["text"] is None
     assert binary_message["value"]["hex"].startswith("00 01 02")
+
+
+def test_ui_files_are_served_with_a_content_security_policy(api: httpx.Client) -> None:
+    index = api.get("/")
+    assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in index.headers["content-security-policy"]
+    assert index.headers["x-content-type-options"] == "nosniff"
+    assert '<script type="module" src="/ui/app.js">' in index.text
+    for name, content_type in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        response = api.get(f"/ui/{name}")
+        assert response.status_code == 200, name
+        assert response.headers["content-type"].startswith(content_type)
+    for path in ("/ui/../pyproject.toml", "/ui/%2e%2e/cli.py", "/ui/nothing.js"):
+        assert api.get(path).status_code == 404, path
+    assert api.post("/").status_code == 405
+    assert api.get("/topics").status_code == 200  # the HTTP API is untouched beside the UI

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from conveyor.config import listener_limits
+from conveyor.connections import ChannelView, ConnectionView, ConsumerView, peer_text
 from conveyor.errors import OperatingError
 from conveyor.protocols.amqp.adapter import AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
-from conveyor.server.connections import ChannelView, ConnectionView, ConsumerView, peer_text
 from conveyor.server.listeners import shared_connections, shared_limits
 
 if TYPE_CHECKING:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.config import listener_limits
+from conveyor.connections import ConnectionView
 from conveyor.errors import ConveyorError, OperatingError, UnavailableError
 from conveyor.limits import RequestWatch, ServerLimits
 from conveyor.protocols.http.chunks import encode_body
@@ -53,7 +54,6 @@ from conveyor.protocols.http.framing import (
 from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.management import ManagementApi
 from conveyor.protocols.http.openapi import build_document
-from conveyor.server.connections import ConnectionView
 from conveyor.server.listeners import shared_connections, shared_limits
 
 if TYPE_CHECKING:

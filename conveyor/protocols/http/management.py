@@ -31,7 +31,7 @@ from conveyor.protocols.http.web_files import WebFiles
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
-    from conveyor.server.connections import ConnectionRegistry
+    from conveyor.connections import ConnectionRegistry
 
 logger = logging.getLogger("conveyor.http.management")
 

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from conveyor.broker.types import Binding, ExchangeInfo, QueueConfig, QueueInfo
+from conveyor.connections import ChannelView, ConnectionView, ConsumerView
 from conveyor.errors import InvalidRequestError
-from conveyor.server.connections import ChannelView, ConnectionView, ConsumerView
 
 VHOST: Final = "/"  # one vhost until a security model brings more (docs/management.md)
 PAGE_SIZE_MAX: Final = 500  # RabbitMQ's page_size limit

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from conveyor.config import listener_limits
+from conveyor.connections import ConnectionView
 from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
-from conveyor.server.connections import ConnectionView
 from conveyor.server.listeners import shared_connections, shared_limits
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.connections import ConnectionView, peer_text
 from conveyor.errors import ConveyorError, OperatingError
 from conveyor.protocols.sqs.base import ACCOUNT_ID_DEFAULT, REGION_DEFAULT, RequestContext
 from conveyor.protocols.sqs.codec import (
@@ -40,7 +41,6 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
-from conveyor.server.connections import ConnectionView, peer_text
 from conveyor.server.listeners import shared_connections
 
 if TYPE_CHECKING:
