@@ -13,6 +13,7 @@ as KEDA sends it), pika for a live AMQP consumer; the sampler is stepped by the 
 from __future__ import annotations
 
 import base64
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +30,7 @@ AUTH = ("guest", "guest")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerThread]:
-    with BrokerThread(tmp_path_factory.mktemp("management"), listeners=("http", "amqp"),
+    with BrokerThread(tmp_path_factory.mktemp("management"), listeners=("http", "amqp", "kafka"),
                       settings={"http": {"stats_interval_ms": 3_600_000}}) as running:
         yield running
 
@@ -200,7 +201,8 @@ def test_overview_connections_channels_consumers_with_protocol(server: BrokerThr
         assert api.get(f"/api/queues/%2F/{queue}").json()["consumers"] == 1
         overview = api.get("/api/overview").json()
         assert overview["object_totals"]["consumers"] == 1
-        assert {listener["protocol"] for listener in overview["listeners"]} == {"http", "amqp"}
+        assert {listener["protocol"] for listener in overview["listeners"]} == {
+            "http", "amqp", "kafka"}
         assert overview["product_name"] == "Conveyor"
     finally:
         connection.close()
@@ -263,3 +265,16 @@ def test_ui_files_are_served_with_a_content_security_policy(api: httpx.Client) -
         assert api.get(path).status_code == 404, path
     assert api.post("/").status_code == 405
     assert api.get("/topics").status_code == 200  # the HTTP API is untouched beside the UI
+
+
+def test_kafka_connections_are_listed_with_their_peer(server: BrokerThread,
+                                                      api: httpx.Client) -> None:
+    with socket.create_connection(("127.0.0.1", server.ports["kafka"])) as client:
+        host, port = client.getsockname()[:2]
+        kafka: list[dict[str, Any]] = []
+        for _ in range(50):  # the broker's loop accepts it around our request: ask again
+            kafka = [c for c in api.get("/api/connections").json() if c["protocol"] == "Kafka"]
+            if kafka:
+                break
+        assert [(c["peer_host"], c["peer_port"]) for c in kafka] == [(host, port)]
+        assert kafka[0]["port"] == server.ports["kafka"]

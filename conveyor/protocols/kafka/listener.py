@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from conveyor.config import listener_limits
-from conveyor.connections import ConnectionView
+from conveyor.connections import ConnectionView, peer_text
 from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
@@ -54,7 +54,7 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
     )
     listener = KafkaListener(server, connections)
     listener.unregister = shared_connections(context).add_source("kafka", listener.port, lambda: (
-        ConnectionView("kafka", connection.state.peer, listener.port,
+        ConnectionView("kafka", peer_text(connection.transport_peer()), listener.port,
                        connection.state.authenticated_user or "", identifier=connection.state.peer)
         for connection in list(connections)))
     handlers.node = Node(settings.node_id, context.advertised_host, listener.port,
