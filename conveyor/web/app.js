@@ -25,6 +25,7 @@ const updated = document.getElementById("updated");
 let current = null;
 let generation = 0;
 let timer = null;
+let flash = null;
 
 function showStatus(message, kind) {
   statusBox.hidden = !message;
@@ -35,7 +36,18 @@ function showStatus(message, kind) {
 const ui = {
   info: (message) => showStatus(message, "info"),
   error: (message) => showStatus(message, "error"),
-  navigate: (path) => { window.location.hash = "#" + path; },
+  // Go to another page; ``message`` is shown there (the route change clears the old one).
+  navigate: (path, message) => {
+    flash = message || null;
+    window.location.hash = "#" + path;
+  },
+  // Stop polling this page (before deleting what it shows: no request for a thing gone).
+  suspend() {
+    generation += 1;
+    current = null;
+    clearTimeout(timer);
+  },
+  resume: () => route(),
   // Run a user action; report its failure in the status box instead of the console.
   async act(action) {
     try {
@@ -83,7 +95,8 @@ function route() {
     }
   }
   generation += 1;
-  showStatus("");
+  showStatus(flash || "", "info");
+  flash = null;
   for (const anchor of document.querySelectorAll("#nav a")) {
     if (page && anchor.dataset.section === page.section) anchor.setAttribute("aria-current", "page");
     else anchor.removeAttribute("aria-current");

@@ -137,11 +137,17 @@ export const queuePage = {
             ui.info("Queue purged.");
             await view.refresh();
           })),
-          twoStep("Delete queue", "Really delete?", () => ui.act(async () => {
-            await send("DELETE", path);
-            ui.info(`Queue ${name} deleted.`);
-            ui.navigate("/queues");
-          })))));
+          twoStep("Delete queue", "Really delete?", async () => {
+            ui.suspend();
+            try {
+              await send("DELETE", path);
+            } catch (error) {
+              ui.resume();
+              ui.error(error.message);
+              return;
+            }
+            ui.navigate("/queues", `Queue ${name} deleted.`);
+          }))));
 
     const view = {
       async refresh() {

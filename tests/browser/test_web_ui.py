@@ -99,6 +99,20 @@ def test_publish_through_the_ui_moves_the_rate_and_browse_keeps_messages(
     laptop.shot("02-queue-publish-rate-browse")
     # browsing consumed nothing
     assert api.get(f"/api/queues/%2F/{queue}").json()["messages_ready"] == 3
+    # purge and delete ask once more, in the page
+    purge = page.locator("button", has_text="Purge")
+    purge.click()
+    assert purge.inner_text() == "Really purge?"
+    purge.click()
+    page.wait_for_selector("text=Queue purged.")
+    page.wait_for_function(
+        "document.querySelector('[data-card=\"ready\"]').textContent === '0'", timeout=WAIT_MS)
+    delete = page.locator("button", has_text="Delete queue")
+    delete.click()
+    page.locator("button", has_text="Really delete?").click()
+    page.wait_for_selector(f"text=Queue {queue} deleted.")
+    assert page.evaluate("location.hash") == "#/queues"
+    assert api.get(f"/api/queues/%2F/{queue}").status_code == 404
 
 
 def test_dead_letter_is_shown_and_redriven(server: BrokerThread, api: httpx.Client,
