@@ -283,3 +283,41 @@ def test_kafka_connections_are_listed_with_their_peer(server: BrokerThread,
                 break
         assert [(c["peer_host"], c["peer_port"]) for c in kafka] == [(host, port)]
         assert kafka[0]["port"] == server.ports["kafka"]
+
+
+def test_kafka_group_members_assignments_and_lag(server: BrokerThread,
+                                                 api: httpx.Client) -> None:
+    from confluent_kafka import Consumer
+
+    topic, group = unique("clicks"), unique("analytics")
+    assert api.post("/topics", json={"name": topic, "partitions": 2}).status_code == 201
+    api.post(f"/topics/{topic}/messages", json={"messages": [
+        {"value": str(index), "partition": index % 2} for index in range(6)]})
+    consumer = Consumer({
+        "bootstrap.servers": f"127.0.0.1:{server.ports['kafka']}", "group.id": group,
+        "client.id": "dashboard-test", "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 300, "fetch.wait.max.ms": 100})
+    try:
+        consumer.subscribe([topic])
+        taken = 0
+        for _ in range(200):  # each poll waits for the broker, up to its timeout
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                taken += 1
+                if message.partition() == 0:
+                    consumer.commit(message=message, asynchronous=False)
+            if taken == 6:
+                break
+        assert taken == 6
+        group_document = api.get(f"/api/conveyor/groups/{group}").json()
+        assert group_document["state"] == "Stable"
+        [member] = group_document["members"]
+        assert member["client_id"] == "dashboard-test"
+        assert member["assignment"] == [{"topic": topic, "partitions": [0, 1]}]
+        lags = {p["partition"]: p["lag"] for p in group_document["partitions"]}
+        assert lags == {0: 0, 1: 3}  # partition 0 committed as it went, 1 never
+        listed = api.get("/api/conveyor/groups").json()["groups"]
+        assert any(g["group"] == group and g["members"] == 1 for g in listed)
+    finally:
+        consumer.close()
