@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor import __version__
 from conveyor.broker.topics import topic_name_for
-from conveyor.broker.types import DestinationKind, ExchangeType, Message
+from conveyor.broker.types import DestinationKind, ExchangeType
 from conveyor.errors import InvalidRequestError, NotFoundError, UnknownQueueError
 from conveyor.protocols.http.codec import ApiResponse
 from conveyor.protocols.http.definitions import export_definitions, import_definitions
@@ -38,15 +38,16 @@ from conveyor.protocols.http.management_documents import (
     queue_config,
     queue_document,
 )
+from conveyor.protocols.http.management_messages import (
+    argument_text,
+    get_messages,
+    message_from_fields,
+)
 
 if TYPE_CHECKING:
     from conveyor.protocols.http.management import ManagementApi
 
 CONSUMER_TIMEOUT_MS: Final = 30 * 60 * 1000  # as the AMQP listener's queues (RabbitMQ's)
-GET_COUNT_MAX: Final = 1_000
-GET_LOCK_MS: Final = 60_000  # a message read by POST .../get is held this long at most
-TRUNCATE_DEFAULT: Final = 50_000
-GET_CONSUMER: Final = "management-get"
 EXCHANGE_TYPES: Final = ("direct", "fanout", "topic", "headers")
 
 Route = tuple[str, tuple[str, ...], Callable[..., Awaitable[ApiResponse]]]
@@ -270,37 +271,8 @@ class ObjectRoutes:
         return ApiResponse(204)
 
     async def get_messages(self, name: str, body: Any, **_: Any) -> ApiResponse:
-        fields = _object(body)
-        topic = self._queue_name(name)
-        await self.broker.get_queue(topic)
-        count = fields.get("count", 1)
-        ackmode = fields.get("ackmode", "ack_requeue_true")
-        encoding = fields.get("encoding", "auto")
-        truncate = fields.get("truncate", TRUNCATE_DEFAULT)
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= \
-                GET_COUNT_MAX:
-            raise InvalidRequestError(f"count must be an integer 1..{GET_COUNT_MAX}")
-        if ackmode not in ("ack_requeue_true", "ack_requeue_false", "reject_requeue_true",
-                           "reject_requeue_false"):
-            raise InvalidRequestError(f"unknown ackmode {ackmode!r}")
-        if encoding not in ("auto", "base64"):
-            raise InvalidRequestError(f"unknown encoding {encoding!r}")
-        if not isinstance(truncate, int) or isinstance(truncate, bool) or truncate < 0:
-            raise InvalidRequestError("truncate must be a non-negative integer")
-        deliveries = await self.broker.acquire(topic, topic, count, GET_LOCK_MS, 0, GET_CONSUMER)
-        receipts = [delivery.receipt for delivery in deliveries]
-        if receipts:
-            if ackmode.endswith("requeue_true"):
-                await self.broker.release(receipts)
-            elif ackmode == "ack_requeue_false":
-                await self.broker.ack(receipts)
-            else:
-                await self.broker.reject(receipts)
-        remaining = (await self.broker.get_queue(topic)).ready
-        return ApiResponse(200, [
-            _got_message(delivery, topic, remaining, encoding, truncate)
-            for delivery in deliveries
-        ])
+        return ApiResponse(200, await get_messages(self.broker, self._queue_name(name),
+                                                   _object(body)))
 
     async def queue_bindings(self, name: str, **_: Any) -> ApiResponse:
         topic = self._queue_name(name)
@@ -352,7 +324,7 @@ class ObjectRoutes:
         routing_key = fields.get("routing_key", "")
         if not isinstance(routing_key, str):
             raise InvalidRequestError("routing_key must be a string")
-        message = _message(fields, self.broker.clock.wall_ms())
+        message = message_from_fields(fields, self.broker.clock.wall_ms())
         if exchange == "":
             topic = topic_name_for(routing_key)
             if self.broker.topics.find(topic) is None:
@@ -411,7 +383,7 @@ class ObjectRoutes:
         if not isinstance(routing_key, str) or not isinstance(arguments, dict):
             raise InvalidRequestError("routing_key must be a string, arguments an object")
         binding = await self.broker.bind(source, destination_kind, name, routing_key,
-                                         {str(k): _argument_text(v) for k, v in arguments.items()})
+                                         {str(k): argument_text(v) for k, v in arguments.items()})
         location = properties_key(binding.routing_key, binding.arguments)
         return ApiResponse(201, None, (("Location", location),))
 
@@ -464,68 +436,3 @@ class ObjectRoutes:
 
     async def load_definitions(self, body: Any, **_: Any) -> ApiResponse:
         return ApiResponse(200, await import_definitions(self.broker, body))
-
-
-def _argument_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _message(fields: Mapping[str, Any], now_ms: int) -> Message:
-    payload = fields.get("payload", "")
-    encoding = fields.get("payload_encoding", "string")
-    if not isinstance(payload, str):
-        raise InvalidRequestError("payload must be a string")
-    if encoding == "string":
-        value = payload.encode("utf-8")
-    elif encoding == "base64":
-        try:
-            value = base64.b64decode(payload, validate=True)
-        except binascii.Error:
-            raise InvalidRequestError("payload is not valid base64") from None
-    else:
-        raise InvalidRequestError(f"unknown payload_encoding {encoding!r}")
-    properties = fields.get("properties") or {}
-    if not isinstance(properties, dict):
-        raise InvalidRequestError("properties must be an object")
-    headers_in = properties.get("headers") or {}
-    if not isinstance(headers_in, dict):
-        raise InvalidRequestError("properties.headers must be an object")
-    headers = tuple((str(k), _argument_text(v).encode()) for k, v in headers_in.items())
-    for name in ("content_type", "correlation_id", "reply_to", "message_id"):
-        if isinstance(properties.get(name), str):
-            headers += ((f"conveyor.{name.replace('_', '-')}", properties[name].encode()),)
-    priority = properties.get("priority")
-    expiration = properties.get("expiration")
-    expires_at_ms = None
-    if expiration is not None:
-        if not str(expiration).isdigit():
-            raise InvalidRequestError("properties.expiration must be milliseconds as text")
-        expires_at_ms = now_ms + int(expiration)
-    if priority is not None and (not isinstance(priority, int) or not 0 <= priority <= 255):
-        raise InvalidRequestError("properties.priority must be an integer 0..255")
-    return Message(value, headers=headers, expires_at_ms=expires_at_ms,
-                   priority=None if priority is None else min(priority, 9))
-
-
-def _got_message(delivery: Any, queue: str, remaining: int, encoding: str,
-                 truncate: int) -> dict[str, Any]:
-    value: bytes = delivery.value or b""
-    headers = {name: (raw or b"").decode("utf-8", "replace") for name, raw in delivery.headers}
-    payload_bytes = len(value)
-    value = value[:truncate]
-    payload_encoding = "string"
-    try:
-        if encoding == "base64":
-            raise UnicodeDecodeError("utf-8", b"", 0, 1, "base64 asked")
-        payload = value.decode("utf-8")
-    except UnicodeDecodeError:
-        payload, payload_encoding = base64.b64encode(value).decode("ascii"), "base64"
-    return {
-        "payload_bytes": payload_bytes, "redelivered": delivery.delivery_count > 1,
-        "exchange": headers.pop("conveyor.exchange", ""),
-        "routing_key": headers.pop("conveyor.routing-key", queue),
-        "message_count": remaining, "properties": {"headers": headers},
-        "payload": payload, "payload_encoding": payload_encoding,
-    }
