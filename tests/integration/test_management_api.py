@@ -321,3 +321,31 @@ def test_kafka_group_members_assignments_and_lag(server: BrokerThread,
         assert any(g["group"] == group and g["members"] == 1 for g in listed)
     finally:
         consumer.close()
+
+
+HOSTILE_BODIES: list[Any] = [None, [], "text", 7, {"arguments": [1, 2]}, {"arguments": "x"},
+                             {"type": ["direct"]}, {"routing_key": 5}, {"payload": {"a": 1}},
+                             {"payload": "AA==", "payload_encoding": "base64x"},
+                             {"properties": []}, {"properties": {"headers": [1]}},
+                             {"properties": {"priority": "high"}}, {"count": -1},
+                             {"count": 10**9}, {"ackmode": "maybe"}, {"truncate": "all"},
+                             {"queues": [{"name": 1}]}, {"topics": [{"name": "t", "config": {
+                                 "retention.ms": [1]}}]}, {"exchanges": [None]},
+                             {"bindings": [{"source": "x"}]}, {"vhosts": [{"name": 5}]}]
+
+
+def test_hostile_bodies_get_a_4xx_never_a_500(api: httpx.Client) -> None:
+    queue = unique("hostile")
+    api.put(f"/api/queues/%2F/{queue}", json={"durable": True})
+    api.put("/api/exchanges/%2F/hostile-x", json={"type": "direct"})
+    targets = [("PUT", f"/api/queues/%2F/{unique('q')}"), ("PUT", "/api/exchanges/%2F/h-x"),
+               ("POST", "/api/exchanges/%2F/hostile-x/publish"),
+               ("POST", f"/api/queues/%2F/{queue}/get"),
+               ("POST", f"/api/bindings/%2F/e/hostile-x/q/{queue}"),
+               ("POST", "/api/definitions")]
+    for method, path in targets:
+        for body in HOSTILE_BODIES:
+            response = api.request(method, path, json=body)
+            assert response.status_code < 500, (method, path, body, response.text)
+            assert response.status_code in (200, 201, 204) or "error" in response.json()
+    assert api.get(f"/api/queues/%2F/{queue}").json()["messages"] == 0

@@ -140,7 +140,7 @@ def _check_topics(broker: Broker, document: Mapping[str, Any], plan: _Plan) -> N
                 continue
             broker.validate_topic(name, partitions, {str(k): v for k, v in config.items()})
             config_from_mapping(config)
-        except ConveyorError as error:
+        except (ConveyorError, TypeError, ValueError) as error:
             plan.fail(where, name, str(error))
             continue
         plan.topics.append((name, partitions, config))

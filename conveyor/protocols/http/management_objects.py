@@ -300,7 +300,10 @@ class ObjectRoutes:
         exchange_type = fields.get("type")
         if exchange_type not in EXCHANGE_TYPES:
             raise InvalidRequestError(f"unknown exchange type {exchange_type!r}")
-        arguments = dict(fields.get("arguments") or {})
+        arguments = fields.get("arguments") or {}
+        if not isinstance(arguments, dict):
+            raise InvalidRequestError("arguments must be an object")
+        arguments = dict(arguments)
         alternate = arguments.pop("alternate-exchange", None)
         existed = self.broker.routing.exists(name)
         typed: ExchangeType = exchange_type
