@@ -80,6 +80,11 @@ def test_keda_http_mode_reads_depth_and_publish_rate(server: BrokerThread,
         "page": "1", "use_regex": "true", "pagination": "false",
         "name": f"^{queue}$", "page_size": "100"}).json()
     assert paged["filtered_count"] == 1 and paged["items"][0]["messages"] == 7
+    assert paged["page_count"] == 1
+    # older KEDA: no page parameter, a plain list filtered by the regex
+    unpaged = api.get("/api/queues", params={
+        "use_regex": "true", "pagination": "false", "name": f"^{queue}$"}).json()
+    assert [item["name"] for item in unpaged] == [queue]
 
 
 def test_unknown_vhost_and_queue_answer_rabbitmq_404(api: httpx.Client) -> None:

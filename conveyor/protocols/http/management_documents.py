@@ -266,31 +266,37 @@ def _page_number(query: Mapping[str, str], name: str, default: int) -> int:
     return int(text)
 
 
+def _filtered(items: list[dict[str, Any]], query: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``name`` (substring, any case) or, with ``use_regex=true``, a regex on the name."""
+    name = query.get("name", "")
+    if not name:
+        return items
+    if len(name) > NAME_FILTER_CHARS_MAX:
+        raise InvalidRequestError("name filter too long", limit=NAME_FILTER_CHARS_MAX)
+    if query.get("use_regex", "false") == "true":
+        try:
+            pattern = re.compile(name)
+        except re.error as error:
+            raise InvalidRequestError(f"bad regex: {error}") from None
+        return [item for item in items if pattern.search(str(item.get("name", "")))]
+    lowered = name.lower()
+    return [item for item in items if lowered in str(item.get("name", "")).lower()]
+
+
 def listing(items: list[dict[str, Any]], query: Mapping[str, str]) -> Any:
-    """Apply ``sort``/``sort_reverse``, paging (with ``page``) and ``columns``."""
+    """Apply the ``name`` filter, ``sort``/``sort_reverse``, paging (with ``page``:
+    RabbitMQ's paged object) and ``columns``. The filter applies without ``page`` too
+    (older KEDA versions ask ``?use_regex=true&name=...`` and read a plain list)."""
     if query.get("sort"):
         items = sorted(items, key=lambda item: _sort_key(item, query["sort"]),
                        reverse=query.get("sort_reverse", "false") == "true")
+    filtered = _filtered(items, query)
     if "page" not in query:
         if "columns" in query:
-            items = [select_columns(item, query["columns"]) for item in items]
-        return items
+            filtered = [select_columns(item, query["columns"]) for item in filtered]
+        return filtered
     page = _page_number(query, "page", 1)
     page_size = min(_page_number(query, "page_size", 100), PAGE_SIZE_MAX)
-    name = query.get("name", "")
-    filtered = items
-    if name:
-        if len(name) > NAME_FILTER_CHARS_MAX:
-            raise InvalidRequestError("name filter too long", limit=NAME_FILTER_CHARS_MAX)
-        if query.get("use_regex", "false") == "true":
-            try:
-                pattern = re.compile(name)
-            except re.error as error:
-                raise InvalidRequestError(f"bad regex: {error}") from None
-            filtered = [item for item in items if pattern.search(str(item.get("name", "")))]
-        else:
-            lowered = name.lower()
-            filtered = [item for item in items if lowered in str(item.get("name", "")).lower()]
     page_count = max(1, -(-len(filtered) // page_size))
     chosen = filtered[(page - 1) * page_size: page * page_size]
     if "columns" in query:
