@@ -117,7 +117,7 @@ def test_rabbitmqadmin_style_declare_publish_get_purge_delete(server: BrokerThre
                                                           "arguments": {"x-max-length": 5}})
     assert conflict.status_code == 400 and "error" in conflict.json()
     assert api.put(f"/api/exchanges/%2F/{exchange}",
-                   json={"type": "topic", "durable": True}).status_code == 201
+                   json={"type": "topic", "durable": "true"}).status_code == 201
     bound = api.post(f"/api/bindings/%2F/e/{exchange}/q/{queue}",
                      json={"routing_key": "order.*", "arguments": {}})
     assert bound.status_code == 201 and bound.headers["location"] == "order.*"
@@ -153,6 +153,11 @@ def test_rabbitmqadmin_style_declare_publish_get_purge_delete(server: BrokerThre
     taken = api.post(f"/api/queues/%2F/{queue}/get", json={
         "count": 1, "ackmode": "ack_requeue_false", "encoding": "auto"}).json()
     assert taken[0]["payload"] == "first" and taken[0]["message_count"] == 2
+    # the pre-3.7 shape: "requeue" instead of "ackmode", flags as text
+    old_style = api.post(f"/api/queues/%2F/{queue}/get", json={
+        "count": 1, "requeue": "true", "encoding": "auto"}).json()
+    assert old_style[0]["payload"] == "second"
+    assert api.get(f"/api/queues/%2F/{queue}").json()["messages_ready"] == 2
     bindings = api.get(f"/api/queues/%2F/{queue}/bindings").json()
     assert {b["source"] for b in bindings} == {"", exchange}
     assert api.delete(f"/api/queues/%2F/{queue}/contents").status_code == 204

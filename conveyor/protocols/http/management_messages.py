@@ -26,11 +26,23 @@ TRUNCATE_DEFAULT: Final = 50_000
 GET_CONSUMER: Final = "management-get"
 
 
+def flag(fields: Mapping[str, Any], name: str, default: bool) -> bool:
+    """A boolean field; scripts send ``true`` or the text ``"true"``/``"false"``."""
+    value = fields.get(name, default)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be true or false")
+    return value
+
+
 async def get_messages(broker: Broker, topic: str, fields: Mapping[str, Any]) -> list[Any]:
     """Read up to ``count`` messages of a queue, then settle them as ``ackmode`` says."""
     await broker.get_queue(topic)
     count = fields.get("count", 1)
-    ackmode = fields.get("ackmode", "ack_requeue_true")
+    ackmode = fields.get("ackmode")
+    if ackmode is None:  # RabbitMQ before 3.7 (and old rabbitmqadmin) sent "requeue"
+        ackmode = "ack_requeue_true" if flag(fields, "requeue", True) else "ack_requeue_false"
     encoding = fields.get("encoding", "auto")
     truncate = fields.get("truncate", TRUNCATE_DEFAULT)
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= \

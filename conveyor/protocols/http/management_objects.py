@@ -40,6 +40,7 @@ from conveyor.protocols.http.management_documents import (
 )
 from conveyor.protocols.http.management_messages import (
     argument_text,
+    flag,
     get_messages,
     message_from_fields,
 )
@@ -254,7 +255,8 @@ class ObjectRoutes:
                 return ApiResponse(204)
             await self.broker.create_topic(topic)
             return ApiResponse(201)
-        config = queue_config(arguments, bool(fields.get("durable", True)), CONSUMER_TIMEOUT_MS)
+        config = queue_config(arguments, flag(fields, "durable", True),
+                              CONSUMER_TIMEOUT_MS)
         existed = self.broker.shared_groups is not None and \
             self.broker.shared_groups.queue_exists(topic)
         await self.broker.declare_queue(topic, config)
@@ -308,8 +310,8 @@ class ObjectRoutes:
         existed = self.broker.routing.exists(name)
         typed: ExchangeType = exchange_type
         await self.broker.declare_exchange(
-            name, typed, bool(fields.get("durable", True)),
-            bool(fields.get("auto_delete", False)), bool(fields.get("internal", False)),
+            name, typed, flag(fields, "durable", True), flag(fields, "auto_delete", False),
+            flag(fields, "internal", False),
             None if alternate is None else str(alternate),
             {str(k): str(v) for k, v in arguments.items()})
         return ApiResponse(204 if existed else 201)
