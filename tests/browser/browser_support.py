@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 SHOTS = Path(os.environ.get("CONVEYOR_UI_SHOTS", "/tmp/conveyor-ui-shots"))
+TAKEN: list[Path] = []  # screenshots of this run, listed at the end of the run
 
 
 class PageWatch:
@@ -22,5 +23,6 @@ class PageWatch:
     def shot(self, name: str) -> Path:
         path = SHOTS / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
+        TAKEN.append(path)
         print(f"screenshot: {path}")
         return path

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_support import SHOTS, PageWatch
+from browser_support import SHOTS, TAKEN, PageWatch
 
 CHROMIUM = Path(os.environ.get("CONVEYOR_CHROMIUM", "/usr/bin/chromium"))
 LAUNCH_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -87,3 +87,11 @@ def phone(browser: Any) -> Iterator[PageWatch]:
     finally:
         context.close()
     assert watch.errors == [], watch.errors
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the screenshots are, even when output is captured."""
+    if TAKEN:
+        terminalreporter.write_line(f"UI screenshots ({len(TAKEN)}) in {SHOTS}:")
+        for path in TAKEN:
+            terminalreporter.write_line(f"  {path.name}")
