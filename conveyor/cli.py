@@ -5,6 +5,7 @@
     conveyor [--url URL] publish TOPIC [VALUE ...] [--file PATH ...]   (else stdin lines)
     conveyor [--url URL] consume TOPIC [--group G] [--mode shared|ordered] [--follow] ...
     conveyor [--url URL] dlq list|redrive QUEUE [--group G]
+    conveyor [--url URL] top [--once] | definitions export|import   (cli_management.py)
 
 The server URL comes from ``--url``, else ``CONVEYOR_URL``, else http://localhost:8080.
 Listings print a table (rich) or, with ``--json``, JSON. Exit codes: 0 ok, 1 other
@@ -577,11 +578,17 @@ def main(argv: list[str] | None = None) -> int:
     _add_publish(subparsers)
     _add_consume(subparsers)
     _add_verify(subparsers)
+    from conveyor import cli_management
+
+    cli_management.add_parsers(subparsers)
     arguments = parser.parse_args(argv)
     if arguments.command == "serve":
         return _serve(arguments)
     if arguments.command == "verify":
         return _verify(arguments)
+    if arguments.command in ("top", "definitions"):
+        url = arguments.url or os.environ.get("CONVEYOR_URL") or "http://localhost:8080"
+        return cli_management.run(arguments, url)
     if arguments.command in CLIENT_COMMANDS:
         return _run_client(arguments)
     parser.error(f"unknown command {arguments.command}")

@@ -287,6 +287,14 @@ class SharedGroups:
         self._waiters.clear()
 
     # --- declarations ----------------------------------------------------------------
+    def group_state(self, group: str, topic: str) -> GroupState | None:
+        """A group's live state, read-only for browsing and statistics (queue_browse.py)."""
+        return self._groups.get((group, topic))
+
+    def delivered_totals(self) -> dict[tuple[str, str], int]:
+        """(group, topic) -> records delivered since open; no per-record work to keep."""
+        return {key: state.counters.delivered for key, state in self._groups.items()}
+
     def queue_exists(self, name: str) -> bool:
         state = self._groups.get((name, name))
         return state is not None and state.is_queue

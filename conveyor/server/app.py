@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
+from conveyor.connections import ConnectionRegistry
 from conveyor.errors import UnavailableError
 from conveyor.limits import DiskAlarm, ServerLimits
 from conveyor.server.health import readiness_checks
@@ -74,6 +75,7 @@ class Server:
         settings = config.broker
         self.limits = ServerLimits(settings.partial_request_bytes_max,
                                    settings.memory_high_watermark_bytes)
+        self.connections = ConnectionRegistry()  # live connections, for the management API
         self.disk_alarm = DiskAlarm(config.data_dir, settings.disk_free_limit_bytes,
                                     settings.disk_check_interval_ms, self.limits.flow)
         http = config.listener("http")
@@ -142,6 +144,7 @@ class Server:
                 limits=self.limits,
                 counters=self.metrics.counters(listener_config.name),
                 observability=self,
+                connections=self.connections,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running

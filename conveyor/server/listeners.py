@@ -16,10 +16,12 @@ from conveyor.server.counters import ListenerCounters  # part of the contract: r
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.connections import ConnectionRegistry
     from conveyor.limits import ServerLimits
 
 __all__ = ["ListenerContext", "ListenerCounters", "Observability", "RunningListener",
-           "available_listeners", "find_listener", "listener_counters", "shared_limits"]
+           "available_listeners", "find_listener", "listener_counters", "shared_connections",
+           "shared_limits"]
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",
@@ -43,6 +45,8 @@ class ListenerContext:
     counters: ListenerCounters | None = None
     # What the server offers the HTTP listener for /metrics and /ready (None: alone).
     observability: Observability | None = None
+    # Live connections, for the management API (None: a listener started alone gets its own).
+    connections: ConnectionRegistry | None = None
 
 
 class Observability(Protocol):
@@ -59,6 +63,12 @@ class Observability(Protocol):
 
 def listener_counters(context: ListenerContext, name: str) -> ListenerCounters:
     return context.counters if context.counters is not None else ListenerCounters(name)
+
+
+def shared_connections(context: ListenerContext) -> ConnectionRegistry:
+    from conveyor.connections import ConnectionRegistry
+
+    return context.connections if context.connections is not None else ConnectionRegistry()
 
 
 def shared_limits(context: ListenerContext) -> ServerLimits:

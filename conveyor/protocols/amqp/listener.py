@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from conveyor.config import listener_limits
+from conveyor.connections import ChannelView, ConnectionView, ConsumerView, peer_text
 from conveyor.errors import OperatingError
 from conveyor.protocols.amqp.adapter import AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
-from conveyor.server.listeners import listener_counters, shared_limits
+from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -29,8 +31,10 @@ class AmqpListener:
         self.state = state
         sockets = server.sockets
         self.port: int = sockets[0].getsockname()[1] if sockets else 0
+        self.unregister: Callable[[], None] = lambda: None
 
     async def close(self) -> None:
+        self.unregister()
         self._server.close()
         for connection in list(self.state.connections):
             await connection.close()
@@ -48,4 +52,29 @@ async def start_listener(broker: Broker, context: ListenerContext) -> AmqpListen
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         make_protocol_factory(state), context.host, context.port, reuse_address=True)
-    return AmqpListener(server, state)
+    listener = AmqpListener(server, state)
+    listener.unregister = shared_connections(context).add_source(
+        "amqp", listener.port, lambda: describe_connections(state, listener.port))
+    return listener
+
+
+def describe_connections(state: AmqpServer, port: int) -> Iterator[ConnectionView]:
+    """The registry's view of live AMQP connections (built only when the API asks)."""
+    for connection in list(state.connections):
+        channels: list[ChannelView] = []
+        consumers: list[ConsumerView] = []
+        for number, channel in list(connection.channels.items()):
+            channels.append(ChannelView(
+                number, len(channel.consumers), len(channel.unacked),
+                channel.prefetch_global or channel.prefetch_consumer, channel.confirm,
+                channel.transactional))
+            consumers.extend(
+                ConsumerView(consumer.tag, consumer.topic, number, not consumer.no_ack,
+                             consumer.prefetch, consumer.exclusive, consumer.unacked)
+                for consumer in list(channel.consumers.values()))
+        transport = connection.transport
+        peer = peer_text(transport.get_extra_info("peername")) if transport else ""
+        yield ConnectionView(
+            "amqp", peer, port, connection.user, connection.vhost,
+            str(connection.connection_id), dict(connection.client_properties),
+            tuple(channels), tuple(consumers))

@@ -31,9 +31,11 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.config import listener_limits
+from conveyor.connections import ConnectionView
 from conveyor.errors import ConveyorError, OperatingError, UnavailableError
 from conveyor.limits import RequestWatch, ServerLimits
 from conveyor.protocols.http.chunks import encode_body
@@ -50,8 +52,14 @@ from conveyor.protocols.http.framing import (
     encode_response,
 )
 from conveyor.protocols.http.handlers import Handlers, RequestContext
+from conveyor.protocols.http.management import ManagementApi
 from conveyor.protocols.http.openapi import build_document
-from conveyor.server.listeners import ListenerCounters, listener_counters, shared_limits
+from conveyor.server.listeners import (
+    ListenerCounters,
+    listener_counters,
+    shared_connections,
+    shared_limits,
+)
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -235,6 +243,9 @@ class HttpListener:
         self.connections: set[HttpConnection] = set()
         self._document: dict[str, Any] | None = None
         self.handlers = Handlers(broker, self.openapi, observability)
+        # the management API's rate sampler: how often it reads the counters
+        self.management = ManagementApi(broker, int(settings.get("stats_interval_ms", 1000)))
+        self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
         self._server: asyncio.AbstractServer | None = None
 
     def openapi(self) -> dict[str, Any]:
@@ -258,6 +269,10 @@ class HttpListener:
             ))
         self.in_flight += 1
         try:
+            # --- management API (/api/...) and web UI (/, /ui/...): management.py ---
+            if self.management.handles(raw):
+                self.counters.request("management")
+                return await self.management.respond(raw)
             try:
                 request = decode_request(raw)
             except ConveyorError:
@@ -299,6 +314,8 @@ class HttpListener:
     async def close(self) -> None:
         self.closing = True
         self.handlers.closing = True
+        self.unregister()
+        await self.management.close()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
@@ -335,4 +352,10 @@ async def start_listener(broker: Broker, context: ListenerContext) -> HttpListen
     listener = HttpListener(broker, dict(context.settings), shared_limits(context),
                             listener_counters(context, "http"), context.observability)
     await listener.start(context.host, context.port)
+    # --- management API and web UI (management.py): registry of live connections ---
+    registry = shared_connections(context)
+    listener.unregister = registry.add_source("http", listener.port, lambda: (
+        ConnectionView("http", connection.peer, listener.port)
+        for connection in list(listener.connections)))
+    listener.management.start(registry)
     return listener

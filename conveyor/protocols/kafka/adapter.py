@@ -491,6 +491,10 @@ class KafkaConnection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
+    def transport_peer(self) -> object:
+        """The client's address (the management API's connection list)."""
+        return self._transport.get_extra_info("peername") if self._transport else None
+
     async def close(self) -> None:
         """Shutdown: drop the connection now, unsent bytes included (a peer that stopped
         reading must not hold the server's shutdown)."""

@@ -7,14 +7,16 @@ running listener's ``close`` (stop accepting, then close every connection).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from conveyor.config import listener_limits
+from conveyor.connections import ConnectionView, peer_text
 from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
-from conveyor.server.listeners import listener_counters, shared_limits
+from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -27,8 +29,10 @@ class KafkaListener:
         self._connections = connections
         sockets = server.sockets
         self.port: int = sockets[0].getsockname()[1] if sockets else 0
+        self.unregister: Callable[[], None] = lambda: None
 
     async def close(self) -> None:
+        self.unregister()
         self._server.close()
         for connection in list(self._connections):
             await connection.close()
@@ -51,6 +55,10 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
         context.host, context.port, reuse_address=True,
     )
     listener = KafkaListener(server, connections)
+    listener.unregister = shared_connections(context).add_source("kafka", listener.port, lambda: (
+        ConnectionView("kafka", peer_text(connection.transport_peer()), listener.port,
+                       connection.state.authenticated_user or "", identifier=connection.state.peer)
+        for connection in list(connections)))
     handlers.node = Node(settings.node_id, context.advertised_host, listener.port,
                          settings.cluster_id)
     return listener

@@ -28,9 +28,11 @@ import collections
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.config import listener_limits
+from conveyor.connections import ConnectionView, peer_text
 from conveyor.errors import ConveyorError, OperatingError
 from conveyor.limits import RequestWatch, ServerLimits
 from conveyor.protocols.sqs.base import ACCOUNT_ID_DEFAULT, REGION_DEFAULT, RequestContext
@@ -55,7 +57,12 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
-from conveyor.server.listeners import ListenerCounters, listener_counters, shared_limits
+from conveyor.server.listeners import (
+    ListenerCounters,
+    listener_counters,
+    shared_connections,
+    shared_limits,
+)
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -219,6 +226,7 @@ class SqsListener:
         self.connections: set[SqsConnection] = set()
         self.handlers: SqsHandlers | None = None
         self._server: asyncio.AbstractServer | None = None
+        self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
 
     async def respond(self, raw: HttpRequest, disconnected: asyncio.Event,
                       publisher: str = "") -> SqsResponse:
@@ -262,6 +270,7 @@ class SqsListener:
 
     async def close(self) -> None:
         self.closing = True
+        self.unregister()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
@@ -281,4 +290,8 @@ async def start_listener(broker: Broker, context: ListenerContext) -> SqsListene
     listener = SqsListener(broker, dict(context.settings), context.advertised_host,
                            shared_limits(context), listener_counters(context, "sqs"))
     await listener.start(context.host, context.port)
+    listener.unregister = shared_connections(context).add_source("sqs", listener.port, lambda: (
+        ConnectionView("sqs", peer_text(connection.transport.get_extra_info("peername")),
+                       listener.port)
+        for connection in list(listener.connections) if connection.transport is not None))
     return listener
