@@ -150,8 +150,12 @@ class SharedGroupsHost(Protocol):
 
 
 @dataclass
-class GroupState:
-    """One shared group on one topic."""
+class SharedGroupWindows:
+    """One shared group on one topic: its per-partition in-flight windows and cursors.
+
+    (Not to be confused with ``ordered_group.GroupState``, the lifecycle enum of an
+    ordered group.)
+    """
 
     group: str
     topic: str
@@ -199,7 +203,7 @@ class SharedGroups:
         self.rng = host.rng
         self.store = SharedStateStore(host.state_store)
         # (group, topic) -> state
-        self._groups: dict[tuple[str, str], GroupState] = {}
+        self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
         # queue name -> its dedup window
         self._dedup: dict[str, DedupWindow] = {}
         # (group, topic) -> acquires waiting for a record
@@ -235,7 +239,7 @@ class SharedGroups:
         info = self.host.topics.find(topic)
         if info is None:
             return  # topic deleted under the group: forget it
-        state = GroupState(group, topic, config, is_queue)
+        state = SharedGroupWindows(group, topic, config, is_queue)
         starts = self.store.load_start_offsets(group, topic)
         for partition in range(info.partitions):
             log = self.host.topics.partition_log(topic, partition)
@@ -412,7 +416,7 @@ class SharedGroups:
                 return []  # deleted while waiting
 
     async def _acquire_once(
-        self, state: GroupState, records_max: int, lock_ms: int, consumer: str
+        self, state: SharedGroupWindows, records_max: int, lock_ms: int, consumer: str
     ) -> list[Delivery]:
         deliveries: list[Delivery] = []
         self._add_new_partitions(state)
@@ -438,7 +442,7 @@ class SharedGroups:
         state.next_partition = (state.next_partition + 1) % max(1, len(partitions))
         return deliveries
 
-    async def _wait(self, state: GroupState, remaining_ms: int) -> None:
+    async def _wait(self, state: SharedGroupWindows, remaining_ms: int) -> None:
         """Until an append, a release, the group's next deadline, or ``remaining_ms``."""
         now_ms = self.clock.monotonic_ms()
         deadlines = [d for d in (p.next_deadline_ms() for p in state.partitions.values())
@@ -523,7 +527,7 @@ class SharedGroups:
     async def _settle(self, receipts: Iterable[str], action: Any,
                       wait_durable: bool = True) -> None:
         """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
-        touched: dict[tuple[str, str, int], tuple[GroupState, SharedPartition]] = {}
+        touched: dict[tuple[str, str, int], tuple[SharedGroupWindows, SharedPartition]] = {}
         first_error: Exception | None = None
         now_ms = self.clock.monotonic_ms()
         for receipt in receipts:
@@ -626,7 +630,7 @@ class SharedGroups:
         stream = iter(published)
         return [slot if slot is not None else next(stream) for slot in slots]
 
-    async def _room(self, state: GroupState) -> int | None:
+    async def _room(self, state: SharedGroupWindows) -> int | None:
         """reject-publish: how many more records fit under max_length (None: no limit)."""
         config = state.config
         if config.max_length is None or config.overflow != "reject-publish":
@@ -634,7 +638,7 @@ class SharedGroups:
         ready, _, delayed = await self._counts(state)
         return max(0, config.max_length - ready - delayed)
 
-    async def _overflow(self, state: GroupState) -> None:
+    async def _overflow(self, state: SharedGroupWindows) -> None:
         """drop-head: drop the oldest ready records above max_length."""
         config = state.config
         if config.max_length is None or config.overflow != "drop-head":
@@ -692,13 +696,13 @@ class SharedGroups:
     def _token(self) -> int:
         return self.rng.getrandbits(63)
 
-    def _queue(self, name: str) -> GroupState:
+    def _queue(self, name: str) -> SharedGroupWindows:
         state = self._groups.get((name, name))
         if state is None or not state.is_queue:
             raise UnknownQueueError("unknown queue", queue=name)
         return state
 
-    async def _group_for_acquire(self, group: str, topic: str) -> GroupState:
+    async def _group_for_acquire(self, group: str, topic: str) -> SharedGroupWindows:
         state = self._groups.get((group, topic))
         if state is not None:
             return state
@@ -710,7 +714,7 @@ class SharedGroups:
         await self.create_shared_group(topic, group)  # KIP-932: created on first use
         return self._groups[(group, topic)]
 
-    def _add_new_partitions(self, state: GroupState) -> None:
+    def _add_new_partitions(self, state: SharedGroupWindows) -> None:
         """Partitions created after the group was loaded start at their log start."""
         info = self.host.topics.find(state.topic)
         if info is None or info.partitions <= len(state.partitions):
@@ -726,7 +730,7 @@ class SharedGroups:
     def _high_watermark(self, part: SharedPartition) -> int:
         return int(self.host.topics.partition_log(part.topic, part.partition).high_watermark)
 
-    async def _counts(self, state: GroupState) -> tuple[int, int, int]:
+    async def _counts(self, state: SharedGroupWindows) -> tuple[int, int, int]:
         ready = in_flight = delayed = 0
         now_ms = self.clock.monotonic_ms()
         for part in state.partitions.values():
@@ -739,7 +743,7 @@ class SharedGroups:
             delayed += counted[2]
         return ready, in_flight, delayed
 
-    async def _fill(self, state: GroupState, part: SharedPartition) -> None:
+    async def _fill(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Load log records into the window up to its bound."""
         log = self.host.topics.partition_log(part.topic, part.partition)
         if part.next_offset < log.log_start_offset:
@@ -771,11 +775,11 @@ class SharedGroups:
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
 
-    def _save_start(self, state: GroupState, partition: int, part: SharedPartition) -> None:
+    def _save_start(self, state: SharedGroupWindows, partition: int, part: SharedPartition) -> None:
         self.store.save_start_offset(state.group, state.topic, partition, part.start_offset)
         state.saved_start[partition] = part.start_offset
 
-    async def _flush(self, state: GroupState, part: SharedPartition) -> None:
+    async def _flush(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Dead-letter what died, then persist the partition's changes."""
         changes, part.changes = part.changes, []
         start_before = state.saved_start.get(part.partition)
@@ -803,7 +807,7 @@ class SharedGroups:
             # one): records not loaded yet can now be acquired by whoever is parked
             self._wake(state.group, state.topic)
 
-    async def _dead_letter_or_park(self, state: GroupState, part: SharedPartition,
+    async def _dead_letter_or_park(self, state: SharedGroupWindows, part: SharedPartition,
                                    change: Change) -> Change | None:
         """Dead-letter ``change``; if the append fails the record is parked (kept in the
         window, retried after DEAD_LETTER_RETRY_MS) and the failure logged once."""
@@ -825,7 +829,7 @@ class SharedGroups:
                            state.group, failures.pop(key), key[1])
         return None
 
-    async def _dead_letter(self, state: GroupState, part: SharedPartition,
+    async def _dead_letter(self, state: SharedGroupWindows, part: SharedPartition,
                            change: Change) -> None:
         assert change.record is not None and change.reason is not None
         if state.config.dead_letter_exchange is not None:
@@ -839,7 +843,7 @@ class SharedGroups:
         message = dead_letter_message(change.record, part.topic, part.partition, change.reason)
         await self.filter_publish(target, [message])
 
-    async def _dead_letter_to_exchange(self, state: GroupState, change: Change) -> None:
+    async def _dead_letter_to_exchange(self, state: SharedGroupWindows, change: Change) -> None:
         """RabbitMQ's dead-lettering: re-publish through the dead-letter exchange with the
         death recorded; a missing exchange or no route drops the record, as RabbitMQ does."""
         assert change.record is not None and change.reason is not None

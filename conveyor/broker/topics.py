@@ -28,6 +28,7 @@ from conveyor.errors import (
     UnknownPartitionError,
     UnknownTopicError,
 )
+from conveyor.storage.log_config import CLEANUP_POLICIES, FSYNC_POLICIES
 from conveyor.storage.state_store import StateStore, TopicRow
 
 from .types import TopicConfig, TopicInfo
@@ -61,8 +62,8 @@ IGNORED_CONFIGS = frozenset({
     "leader.replication.throttled.replicas", "message.timestamp.difference.max.ms",
     "min.cleanable.dirty.ratio", "max.compaction.lag.ms", "message.format.version",
 })
-_CLEANUP_POLICIES = ("delete", "compact", "work-queue")
-_FSYNC_POLICIES = ("always", "interval", "never")
+_CLEANUP_POLICIES = CLEANUP_POLICIES
+_FSYNC_POLICIES = FSYNC_POLICIES
 # field -> smallest legal value (Kafka's ConfigDef ranges)
 _MINIMUMS: dict[str, int] = {
     "retention_ms": -1,

@@ -26,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from conveyor.storage.log_config import CleanupPolicy as CleanupPolicy
+from conveyor.storage.log_config import FsyncPolicy as FsyncPolicy
+
 Headers = tuple[tuple[str, bytes | None], ...]
 
 HEADER_PRIORITY = "conveyor.priority"
@@ -41,8 +44,6 @@ HEADER_EXCHANGE = "conveyor.exchange"
 HEADER_ROUTING_KEY = "conveyor.routing-key"
 HEADER_EXPIRATION = "conveyor.expiration"
 
-CleanupPolicy = Literal["delete", "compact", "work-queue"]
-FsyncPolicy = Literal["always", "interval", "never"]
 ExchangeType = Literal["direct", "topic", "fanout", "headers"]
 DestinationKind = Literal["queue", "exchange", "topic"]
 

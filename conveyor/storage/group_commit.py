@@ -30,6 +30,7 @@ from typing import Any
 from conveyor.clock import Clock
 from conveyor.errors import PartitionFailedError
 from conveyor.storage.fs import FileSystem
+from conveyor.storage.log_config import FSYNC_POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class GroupCommitter:
         self, fs: FileSystem, clock: Clock, *, policy: str, interval_ms: int,
         on_durable: Callable[[Any], None],
     ) -> None:
-        assert policy in ("always", "interval", "never"), policy
+        assert policy in FSYNC_POLICIES, policy
         self.fs = fs
         self.clock = clock
         self.policy = policy
