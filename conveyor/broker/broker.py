@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -148,7 +148,11 @@ class Broker:
         clock: Clock,
         rng: random.Random,
         config: BrokerConfig | None = None,
+        *,
+        queue_alias: Callable[[str], str] | None = None,
     ) -> None:
+        """``queue_alias``: where the default exchange looks when no queue is named by a
+        routing key (the AMQP listener's queue-name escaping; identity by default)."""
         self.log_store = log_store
         self.state_store = state_store
         self.clock = clock
@@ -156,7 +160,7 @@ class Broker:
         self.config = config or BrokerConfig()
         self.topics = TopicRegistry(log_store, state_store, clock, LogConfig)
         self.producers = ProducerStates(state_store)
-        self.routing = RoutingTable(self._queue_exists)
+        self.routing = RoutingTable(self._queue_exists, queue_alias)
         self._partitioner = StickyPartitioner(rng)
         # group id -> coordinator state
         self._groups: dict[str, OrderedGroup] = {}
