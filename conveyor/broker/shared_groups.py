@@ -8,9 +8,12 @@ persisting every change through ``SharedStateStore``. The per-partition rules
 live in ``shared_group.SharedPartition``; header rules in ``delivery``.
 
 Must not know: protocols, files, sockets. Everything comes in through the
-constructor: ``SharedGroups(host)`` where ``host`` (the Broker) satisfies
-``SharedGroupsHost`` (state store, clock, rng, topic registry, read_records,
-publish_records, delete_topic).
+constructor: ``SharedGroups(host)``, where ``SharedGroupsHost`` holds the peers it
+may call (state store, clock, rng, topic registry, the fetcher's read_records, the
+producer's publish_records and ensure_topic, the exchanges' route). It never calls
+the facade: a dead letter through an exchange is routed by the exchanges and
+admitted by this coordinator itself, as ``Broker.publish`` would; a deleted queue's
+topic is deleted by the facade.
 
 API (all ``async`` unless noted):
 
@@ -61,9 +64,9 @@ import dataclasses
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from conveyor.clock import Clock
 from conveyor.errors import (
@@ -90,9 +93,12 @@ from .delivery import (
     redrive_message,
 )
 from .log_end import LostRange, clamp
+from .routing import Destination
 from .shared_group import Change, RecordState, SharedPartition
+from .topics import TopicRegistry
 from .types import (
     Delivery,
+    Headers,
     Message,
     PublishResult,
     QueueConfig,
@@ -117,36 +123,21 @@ DEAD_LETTER_RETRY_MS = 60_000
 logger = logging.getLogger("conveyor.broker.shared")
 
 
-class TopicDirectory(Protocol):
-    def find(self, name: str) -> TopicInfo | None: ...
-    async def create(
-        self, name: str, partitions: int = 1,
-        config: Mapping[str, str | None] | TopicConfig | None = None, kind: str = "topic",
-    ) -> TopicInfo: ...
+@dataclass(frozen=True, slots=True)
+class SharedGroupsHost:
+    """What the share coordinator may call: the peers below it, never the facade."""
 
-
-class SharedGroupsHost(Protocol):
-    """What SharedGroups needs from the broker (the Broker facade satisfies it)."""
-
-    @property
-    def state_store(self) -> StateStore: ...
-    @property
-    def clock(self) -> Clock: ...
-    @property
-    def rng(self) -> random.Random: ...
-    @property
-    def topics(self) -> Any: ...  # TopicDirectory + partition_log(name, partition)
-
-    async def read_records(
-        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0
-    ) -> list[Record]: ...
-    async def publish_records(
-        self, info: TopicInfo, messages: Sequence[Message], partition: int | None = None
-    ) -> list[PublishResult]: ...
-    async def delete_topic(self, name: str) -> None: ...
-    def route(self, exchange: str, routing_key: str, headers: Any = ()) -> list[Any]: ...
-    async def publish(self, topic: str, messages: Sequence[Message],
-                      partition: int | None = None) -> list[PublishResult]: ...
+    state_store: StateStore
+    clock: Clock
+    rng: random.Random
+    topics: TopicRegistry
+    # the fetcher's decoded reads
+    read_records: Callable[..., Awaitable[list[Record]]]
+    # the producer's raw append path, and its topic auto-creation
+    publish_records: Callable[..., Awaitable[list[PublishResult]]]
+    ensure_topic: Callable[[str], Awaitable[TopicInfo]]
+    # the exchanges' routing (dead-lettering through an exchange)
+    route: Callable[[str, str, Headers], list[Destination]]
 
 
 @dataclass
@@ -334,6 +325,15 @@ class SharedGroups:
 
     async def delete_queue(self, name: str, if_unused: bool = False,
                            if_empty: bool = False) -> int:
+        """Forget the queue and its groups (durably); its topic is the facade's to delete
+        (``Broker.delete_queue`` does both, in one COMMIT)."""
+        dropped = await self.remove_queue(name, if_unused, if_empty)
+        await self.store.commit()
+        return dropped
+
+    async def remove_queue(self, name: str, if_unused: bool = False,
+                           if_empty: bool = False) -> int:
+        """delete_queue without the COMMIT: the ready and delayed records dropped."""
         state = self._queue(name)
         ready, in_flight, delayed = await self._counts(state)
         if if_unused and (in_flight or self._waiters.get((name, name))):
@@ -350,9 +350,6 @@ class SharedGroups:
         self.store.delete_queue(name)
         self.host.state_store.delete_queue(name)
         self._wake(name, name)
-        if self.host.topics.find(name) is not None:
-            await self.host.delete_topic(name)
-        await self.store.commit()
         return ready + delayed
 
     async def alter_queue(self, name: str, config: QueueConfig) -> QueueInfo:
@@ -858,4 +855,5 @@ class SharedGroups:
             return
         for destination in destinations:
             if not dead_letter_cycle(message, destination.name):
-                await self.host.publish(destination.name, [message])
+                info = await self.host.ensure_topic(destination.name)
+                await self.filter_publish(info.name, [message])

@@ -3,8 +3,9 @@
 Owns: the topic-name rules (Kafka's, so every protocol can hold every topic), the
 TopicConfig <-> config-name mapping with validation (Conveyor's own config names,
 documented in docs/broker-api.md and used by the HTTP API and the CLI; they follow
-Kafka's spelling where one exists, so the Kafka listener passes them through), and the ``TopicRegistry`` (create/delete/list/describe/alter
-config/create partitions), which keeps the StateStore rows and the LogStore
+Kafka's spelling where one exists, so the Kafka listener passes them through), and
+the ``TopicRegistry`` (create/delete/list/describe/alter config/create partitions),
+which keeps the StateStore rows and the LogStore
 partitions in step.
 
 Must not know: protocols, files. Invariants: a topic in the registry has a

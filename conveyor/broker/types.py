@@ -182,3 +182,12 @@ class Binding:
 class RouteResult:
     routed: bool  # False: no destination (after the alternate exchange); mandatory -> return
     results: Sequence[PublishResult] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed_offset: int  # -1: nothing committed
+    high_watermark: int
+    lag: int  # high_watermark - committed (or - log_start_offset when nothing committed)
