@@ -448,6 +448,10 @@ class Broker:
             raise UnavailableError("shared groups are not available")
         return self.shared_groups
 
+    def queue_exists(self, name: str) -> bool:
+        """Is ``name`` a declared queue (a work-queue topic with its shared group)?"""
+        return self._queue_exists(name)
+
     async def declare_queue(self, name: str, config: QueueConfig | None = None) -> QueueInfo:
         """A queue = a work-queue topic + a shared group of the same name.
 
