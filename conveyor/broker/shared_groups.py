@@ -81,6 +81,7 @@ from conveyor.errors import (
 from conveyor.storage.record_batch import Record, RecordData
 from conveyor.storage.shared_state import RecordRow, SharedStateStore
 from conveyor.storage.state_store import QueueRow, StateStore
+from conveyor.tasks import Supervisor
 
 from .delivery import (
     DedupWindow,
@@ -199,6 +200,8 @@ class SharedGroups:
         self._dedup: dict[str, DedupWindow] = {}
         # (group, topic) -> acquires waiting for a record
         self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        # the long polls' deadline sleepers: cancelled when the poll ends, awaited at close
+        self._sleepers = Supervisor("conveyor.shared-groups")
         # (topic, partition) -> offset last passed to delete_before (work-queue retention)
         self._retained: dict[tuple[str, int], int] = {}
         # (topic, partition) -> offset -> record published through Broker.publish and not
@@ -266,6 +269,7 @@ class SharedGroups:
                 if not waiter.done():
                     waiter.set_result(None)
         self._waiters.clear()
+        await self._sleepers.close(cancel=True)
 
     # --- declarations ----------------------------------------------------------------
     def queue_exists(self, name: str) -> bool:
@@ -450,12 +454,12 @@ class SharedGroups:
         waiter: asyncio.Future[None] = loop.create_future()
         key = (state.group, state.topic)
         self._waiters.setdefault(key, []).append(waiter)
-        sleeper = loop.create_task(self.clock.sleep_ms(remaining_ms))
+        sleeper = self._sleepers.start(self.clock.sleep_ms(remaining_ms), name="acquire wait")
         sleeper.add_done_callback(lambda _: _resolve_waiter(waiter))
         try:
             await waiter  # resumes straight from _wake: no extra loop hop on the hot path
         finally:
-            sleeper.cancel()  # not awaited: that would cost another loop turn
+            sleeper.cancel()  # awaited by close(), not here: that would cost a loop turn
             waiters = self._waiters.get(key)
             if waiters is not None:
                 with contextlib.suppress(ValueError):
