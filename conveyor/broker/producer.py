@@ -172,10 +172,25 @@ class Producer:
             ((target, entries),) = grouped.items()
             await self._publish_partition(info, target, entries, results)
         else:
+            # every partition's append runs to its end (a failure of one does not cancel
+            # the others mid-fsync); the first failure is raised as itself afterwards
+            failures: list[BaseException] = []
             async with asyncio.TaskGroup() as group:
                 for target, entries in grouped.items():
-                    group.create_task(self._publish_partition(info, target, entries, results))
+                    group.create_task(self._publish_partition_noting_failure(
+                        info, target, entries, results, failures))
+            if failures:
+                raise failures[0]
         return [result for result in results if result is not None]
+
+    async def _publish_partition_noting_failure(
+        self, info: TopicInfo, partition: int, entries: list[tuple[int, RecordData]],
+        results: list[PublishResult | None], failures: list[BaseException],
+    ) -> None:
+        try:
+            await self._publish_partition(info, partition, entries, results)
+        except Exception as error:  # raised by publish_records once all are done
+            failures.append(error)
 
     async def _publish_partition(
         self, info: TopicInfo, partition: int, entries: list[tuple[int, RecordData]],
