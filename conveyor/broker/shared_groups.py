@@ -19,6 +19,8 @@ API (all ``async`` unless noted):
 
     declare_queue(name, config=QueueConfig()) -> QueueInfo  # PreconditionFailedError: conflict
     delete_queue(name, if_unused=False, if_empty=False) -> int  # ready records dropped
+    remove_queue(...) -> int     # delete_queue without its COMMIT (the facade then
+                                 # deletes the queue's topic and commits both)
     purge_queue(name) -> int
     get_queue(name) -> QueueInfo ; list_queues() -> list[QueueInfo]
     queue_exists(name) -> bool                                   # sync
