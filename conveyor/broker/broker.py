@@ -10,15 +10,13 @@ coordinators (docs/architecture.md draws them):
                                   delays, priorities, FIFO groups
     exchanges.Exchanges           exchanges, bindings, routing plans
 
-Owns: building and wiring the peers to the two stores, the operations that span
-several of them (deleting a topic or a queue, publishing a routing plan), the
-background timer (session expiry, shared-group deadlines, retention) in its own
-supervisor, and open/close. Dependencies point one way: the facade calls the
-peers; the share coordinator calls the producer, fetcher and exchanges; none calls
-the facade. Must not know: sockets, protocols' wire formats, file paths.
-Invariants: nothing is appended from a batch that fails validation, a size limit
-or an idempotence check; every method that reports success has made its change
-durable (log fsync per the topic's policy, state-store COMMIT).
+Owns: wiring the peers to the two stores, what spans peers (deleting a topic or a
+queue, publishing a routing plan), open/close and the background timer (in its
+supervisor). Dependencies point one way: the facade calls the peers, the share
+coordinator calls the producer, fetcher and exchanges, none calls the facade.
+Must not know: sockets, wire formats, file paths. Invariants: nothing fails
+validation, a limit or an idempotence check and is appended anyway; a success
+returned is durable (log fsync per the topic's policy, state-store COMMIT).
 """
 
 from __future__ import annotations
@@ -138,7 +136,7 @@ class Broker:
         return self.producer.producer_locks
 
     @property
-    def _closing(self) -> bool:
+    def _closing(self) -> bool:  # kept for methods written against the old facade
         return self.gate.closing
 
     def _appended(self, topic: str, partition: int) -> None:
@@ -173,7 +171,7 @@ class Broker:
         self._timer_task = self.supervisor.start(self._run_timers(), name="conveyor.timers")
         self._opened = True
 
-    def _check_open(self) -> None:
+    def _check_open(self) -> None:  # kept for methods written against the old facade
         self.gate.check()
 
     async def close(self) -> None:
@@ -330,10 +328,7 @@ class Broker:
         return self.fetcher.offsets(topic, partition)
 
     def offset_for_timestamp(self, topic: str, partition: int, timestamp_ms: int) -> int | None:
-        """First offset with timestamp >= timestamp_ms; None when there is none.
-
-        Kafka's special values: -1 = latest (high watermark), -2 = earliest.
-        """
+        """First offset at or after timestamp_ms (None: none); -1 latest, -2 earliest."""
         return self.fetcher.offset_for_timestamp(topic, partition, timestamp_ms)
 
     async def fetch(
@@ -429,8 +424,7 @@ class Broker:
         return await self.group_coordinator.delete_groups(group_ids)
 
     async def expire_groups(self) -> list[str]:
-        """Delete Empty ordered groups whose newest commit is older than
-        ``offsets_retention_ms`` (KIP-211)."""
+        """Delete Empty groups with no commit for ``offsets_retention_ms`` (KIP-211)."""
         return await self.group_coordinator.expire_groups()
 
     def group_lag(self, group_id: str) -> list[PartitionLag]:
