@@ -33,7 +33,6 @@ from conveyor.errors import (
     UnknownExchangeError,
 )
 
-from .topics import topic_name_for
 from .types import Binding, DestinationKind, ExchangeInfo, ExchangeType, Headers
 
 DEFAULT_EXCHANGE = ""
@@ -121,18 +120,30 @@ def binding_matches(
     return headers_match(binding.arguments, headers)
 
 
+def _same_name(name: str) -> str:
+    return name
+
+
 # --- the table ---------------------------------------------------------------------------
 class RoutingTable:
     """Exchanges and bindings in memory; ``route`` resolves a publish to destinations."""
 
-    def __init__(self, queue_exists: Callable[[str], bool]) -> None:
+    def __init__(self, queue_exists: Callable[[str], bool],
+                 queue_alias: Callable[[str], str] | None = None) -> None:
         self._queue_exists = queue_exists
+        # routing key -> the queue the default exchange tries when no queue has that
+        # name (a protocol's escaping of names the broker cannot hold; identity here)
+        self._queue_alias = queue_alias or _same_name
         # name -> exchange ("" is implicit, never stored)
         self._exchanges: dict[str, ExchangeInfo] = {}
         # source exchange -> bindings in declaration order (dict as an ordered set)
         self._bindings: dict[str, dict[Binding, None]] = {}
 
     # --- exchanges ------------------------------------------------------------------
+
+    def queue_alias(self, name: str) -> str:
+        """The queue the default exchange tries for ``name`` when no queue has it."""
+        return self._queue_alias(name)
     def declare(self, info: ExchangeInfo) -> tuple[ExchangeInfo, bool]:
         """Add ``info``; an equal redeclaration is fine. Returns (exchange, created)."""
         if info.name == DEFAULT_EXCHANGE:
@@ -280,7 +291,7 @@ class RoutingTable:
                 continue
             visited.add(name)
             if name == DEFAULT_EXCHANGE:
-                queue = routing_key if self._queue_exists(routing_key) else topic_name_for(
+                queue = routing_key if self._queue_exists(routing_key) else self._queue_alias(
                     routing_key)
                 if self._queue_exists(queue):
                     found.setdefault(Destination("queue", queue), None)

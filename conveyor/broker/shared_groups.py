@@ -8,14 +8,19 @@ persisting every change through ``SharedStateStore``. The per-partition rules
 live in ``shared_group.SharedPartition``; header rules in ``delivery``.
 
 Must not know: protocols, files, sockets. Everything comes in through the
-constructor: ``SharedGroups(host)`` where ``host`` (the Broker) satisfies
-``SharedGroupsHost`` (state store, clock, rng, topic registry, read_records,
-publish_records, delete_topic).
+constructor: ``SharedGroups(host)``, where ``SharedGroupsHost`` holds the peers it
+may call (state store, clock, rng, topic registry, the fetcher's read_records, the
+producer's publish_records and ensure_topic, the exchanges' route). It never calls
+the facade: a dead letter through an exchange is routed by the exchanges and
+admitted by this coordinator itself, as ``Broker.publish`` would; a deleted queue's
+topic is deleted by the facade.
 
 API (all ``async`` unless noted):
 
     declare_queue(name, config=QueueConfig()) -> QueueInfo  # PreconditionFailedError: conflict
     delete_queue(name, if_unused=False, if_empty=False) -> int  # ready records dropped
+    remove_queue(...) -> int     # delete_queue without its COMMIT (the facade then
+                                 # deletes the queue's topic and commits both)
     purge_queue(name) -> int
     get_queue(name) -> QueueInfo ; list_queues() -> list[QueueInfo]
     queue_exists(name) -> bool                                   # sync
@@ -61,9 +66,9 @@ import dataclasses
 import json
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from conveyor.clock import Clock
 from conveyor.errors import (
@@ -78,6 +83,7 @@ from conveyor.errors import (
 from conveyor.storage.record_batch import Record, RecordData
 from conveyor.storage.shared_state import RecordRow, SharedStateStore
 from conveyor.storage.state_store import QueueRow, StateStore
+from conveyor.tasks import Supervisor
 
 from .delivery import (
     DedupWindow,
@@ -91,6 +97,7 @@ from .delivery import (
 )
 from .keyed_locks import KeyedLocks
 from .log_end import LostRange, clamp
+from .routing import Destination
 from .shared_group import Change, RecordState, SharedPartition
 from .stats import (
     CONSUMER_ACTIVE_MS,
@@ -99,8 +106,10 @@ from .stats import (
     SharedGroupCounters,
     TrafficCounters,
 )
+from .topics import TopicRegistry
 from .types import (
     Delivery,
+    Headers,
     Message,
     PublishResult,
     QueueConfig,
@@ -125,42 +134,30 @@ DEAD_LETTER_RETRY_MS = 60_000
 logger = logging.getLogger("conveyor.broker.shared")
 
 
-class TopicDirectory(Protocol):
-    def find(self, name: str) -> TopicInfo | None: ...
-    async def create(
-        self, name: str, partitions: int = 1,
-        config: Mapping[str, str | None] | TopicConfig | None = None, kind: str = "topic",
-    ) -> TopicInfo: ...
+@dataclass(frozen=True, slots=True)
+class SharedGroupsHost:
+    """What the share coordinator may call: the peers below it, never the facade."""
 
-
-class SharedGroupsHost(Protocol):
-    """What SharedGroups needs from the broker (the Broker facade satisfies it)."""
-
-    @property
-    def state_store(self) -> StateStore: ...
-    @property
-    def clock(self) -> Clock: ...
-    @property
-    def rng(self) -> random.Random: ...
-    @property
-    def topics(self) -> Any: ...  # TopicDirectory + partition_log(name, partition)
-
-    async def read_records(
-        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0,
-        counted: bool = True,
-    ) -> list[Record]: ...
-    async def publish_records(
-        self, info: TopicInfo, messages: Sequence[Message], partition: int | None = None
-    ) -> list[PublishResult]: ...
-    async def delete_topic(self, name: str) -> None: ...
-    def route(self, exchange: str, routing_key: str, headers: Any = ()) -> list[Any]: ...
-    async def publish(self, topic: str, messages: Sequence[Message],
-                      partition: int | None = None) -> list[PublishResult]: ...
+    state_store: StateStore
+    clock: Clock
+    rng: random.Random
+    topics: TopicRegistry
+    # the fetcher's decoded reads
+    read_records: Callable[..., Awaitable[list[Record]]]
+    # the producer's raw append path, and its topic auto-creation
+    publish_records: Callable[..., Awaitable[list[PublishResult]]]
+    ensure_topic: Callable[[str], Awaitable[TopicInfo]]
+    # the exchanges' routing (dead-lettering through an exchange)
+    route: Callable[[str, str, Headers], list[Destination]]
 
 
 @dataclass
-class GroupState:
-    """One shared group on one topic."""
+class SharedGroupWindows:
+    """One shared group on one topic: its per-partition in-flight windows and cursors.
+
+    (Not to be confused with ``ordered_group.GroupState``, the lifecycle enum of an
+    ordered group.)
+    """
 
     group: str
     topic: str
@@ -210,11 +207,13 @@ class SharedGroups:
         self.rng = host.rng
         self.store = SharedStateStore(host.state_store)
         # (group, topic) -> state
-        self._groups: dict[tuple[str, str], GroupState] = {}
+        self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
         # queue name -> its dedup window
         self._dedup: dict[str, DedupWindow] = {}
         # (group, topic) -> acquires waiting for a record
         self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        # the long polls' deadline sleepers: cancelled when the poll ends, awaited at close
+        self._sleepers = Supervisor("conveyor.shared-groups")
         # (topic, partition) -> offset last passed to delete_before (work-queue retention)
         self._retained: dict[tuple[str, int], int] = {}
         # (topic, partition) -> offset -> record published through Broker.publish and not
@@ -249,7 +248,7 @@ class SharedGroups:
         info = self.host.topics.find(topic)
         if info is None:
             return  # topic deleted under the group: forget it
-        state = GroupState(group, topic, config, is_queue)
+        state = SharedGroupWindows(group, topic, config, is_queue)
         starts = self.store.load_start_offsets(group, topic)
         for partition in range(info.partitions):
             log = self.host.topics.partition_log(topic, partition)
@@ -285,9 +284,10 @@ class SharedGroups:
                 if not waiter.done():
                     waiter.set_result(None)
         self._waiters.clear()
+        await self._sleepers.close(cancel=True)
 
     # --- declarations ----------------------------------------------------------------
-    def group_state(self, group: str, topic: str) -> GroupState | None:
+    def group_state(self, group: str, topic: str) -> SharedGroupWindows | None:
         """A group's live state, read-only for browsing and statistics (queue_browse.py)."""
         return self._groups.get((group, topic))
 
@@ -381,10 +381,22 @@ class SharedGroups:
 
     async def delete_queue(self, name: str, if_unused: bool = False,
                            if_empty: bool = False) -> int:
+        """Forget the queue and its groups (durably), one at a time with its declare and
+        purge; its topic is the facade's to delete (``Broker.delete_queue`` does both
+        under ``hold_queue``, in one COMMIT)."""
         async with self._lifecycle.hold(name):
-            return await self._delete_queue(name, if_unused, if_empty)
+            dropped = await self.remove_queue(name, if_unused, if_empty)
+        await self.store.commit()
+        return dropped
 
-    async def _delete_queue(self, name: str, if_unused: bool, if_empty: bool) -> int:
+    def hold_queue(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The queue's declare/delete/purge lock (not reentrant)."""
+        return self._lifecycle.hold(name)
+
+    async def remove_queue(self, name: str, if_unused: bool = False,
+                           if_empty: bool = False) -> int:
+        """delete_queue without the COMMIT: the ready and delayed records dropped. The
+        caller holds ``hold_queue(name)``."""
         state = self._queue(name)
         ready, in_flight, delayed = await self._counts(state)
         if if_unused and (in_flight or self._waiters.get((name, name))):
@@ -401,9 +413,6 @@ class SharedGroups:
         self.store.delete_queue(name)
         self.host.state_store.delete_queue(name)
         self._wake(name, name)
-        if self.host.topics.find(name) is not None:
-            await self.host.delete_topic(name)
-        await self.store.commit()
         return ready + delayed
 
     async def alter_queue(self, name: str, config: QueueConfig) -> QueueInfo:
@@ -507,7 +516,7 @@ class SharedGroups:
                 return []  # deleted while waiting
 
     async def _acquire_once(
-        self, state: GroupState, records_max: int, lock_ms: int, consumer: str
+        self, state: SharedGroupWindows, records_max: int, lock_ms: int, consumer: str
     ) -> list[Delivery]:
         deliveries: list[Delivery] = []
         redelivered = 0
@@ -540,7 +549,7 @@ class SharedGroups:
         state.counters.redelivered += redelivered
         return deliveries
 
-    async def _wait(self, state: GroupState, remaining_ms: int) -> None:
+    async def _wait(self, state: SharedGroupWindows, remaining_ms: int) -> None:
         """Until an append, a release, the group's next deadline, or ``remaining_ms``."""
         now_ms = self.clock.monotonic_ms()
         deadlines = [d for d in (p.next_deadline_ms() for p in state.partitions.values())
@@ -551,12 +560,12 @@ class SharedGroups:
         waiter: asyncio.Future[None] = loop.create_future()
         key = (state.group, state.topic)
         self._waiters.setdefault(key, []).append(waiter)
-        sleeper = loop.create_task(self.clock.sleep_ms(remaining_ms))
+        sleeper = self._sleepers.start(self.clock.sleep_ms(remaining_ms), name="acquire wait")
         sleeper.add_done_callback(lambda _: _resolve_waiter(waiter))
         try:
             await waiter  # resumes straight from _wake: no extra loop hop on the hot path
         finally:
-            sleeper.cancel()  # not awaited: that would cost another loop turn
+            sleeper.cancel()  # awaited by close(), not here: that would cost a loop turn
             waiters = self._waiters.get(key)
             if waiters is not None:
                 with contextlib.suppress(ValueError):
@@ -625,7 +634,7 @@ class SharedGroups:
     async def _settle(self, receipts: Iterable[str], action: Any,
                       wait_durable: bool = True, count_acked: bool = False) -> None:
         """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
-        touched: dict[tuple[str, str, int], tuple[GroupState, SharedPartition]] = {}
+        touched: dict[tuple[str, str, int], tuple[SharedGroupWindows, SharedPartition]] = {}
         first_error: Exception | None = None
         now_ms = self.clock.monotonic_ms()
         for receipt in receipts:
@@ -731,7 +740,7 @@ class SharedGroups:
         stream = iter(published)
         return [slot if slot is not None else next(stream) for slot in slots]
 
-    async def _room(self, state: GroupState) -> int | None:
+    async def _room(self, state: SharedGroupWindows) -> int | None:
         """reject-publish: how many more records fit under max_length (None: no limit)."""
         config = state.config
         if config.max_length is None or config.overflow != "reject-publish":
@@ -739,7 +748,7 @@ class SharedGroups:
         ready, _, delayed = await self._counts(state)
         return max(0, config.max_length - ready - delayed)
 
-    async def _overflow(self, state: GroupState) -> None:
+    async def _overflow(self, state: SharedGroupWindows) -> None:
         """drop-head: drop the oldest ready records above max_length."""
         config = state.config
         if config.max_length is None or config.overflow != "drop-head":
@@ -799,13 +808,13 @@ class SharedGroups:
     def _token(self) -> int:
         return self.rng.getrandbits(63)
 
-    def _queue(self, name: str) -> GroupState:
+    def _queue(self, name: str) -> SharedGroupWindows:
         state = self._groups.get((name, name))
         if state is None or not state.is_queue:
             raise UnknownQueueError("unknown queue", queue=name)
         return state
 
-    async def _group_for_acquire(self, group: str, topic: str) -> GroupState:
+    async def _group_for_acquire(self, group: str, topic: str) -> SharedGroupWindows:
         state = self._groups.get((group, topic))
         if state is not None:
             return state
@@ -817,7 +826,7 @@ class SharedGroups:
         await self.create_shared_group(topic, group)  # KIP-932: created on first use
         return self._groups[(group, topic)]
 
-    def _add_new_partitions(self, state: GroupState) -> None:
+    def _add_new_partitions(self, state: SharedGroupWindows) -> None:
         """Partitions created after the group was loaded start at their log start."""
         info = self.host.topics.find(state.topic)
         if info is None or info.partitions <= len(state.partitions):
@@ -833,7 +842,7 @@ class SharedGroups:
     def _high_watermark(self, part: SharedPartition) -> int:
         return int(self.host.topics.partition_log(part.topic, part.partition).high_watermark)
 
-    async def _counts(self, state: GroupState) -> tuple[int, int, int]:
+    async def _counts(self, state: SharedGroupWindows) -> tuple[int, int, int]:
         ready = in_flight = delayed = 0
         now_ms = self.clock.monotonic_ms()
         for part in state.partitions.values():
@@ -846,7 +855,7 @@ class SharedGroups:
             delayed += counted[2]
         return ready, in_flight, delayed
 
-    async def _fill(self, state: GroupState, part: SharedPartition) -> None:
+    async def _fill(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Load log records into the window up to its bound."""
         log = self.host.topics.partition_log(part.topic, part.partition)
         if part.next_offset < log.log_start_offset:
@@ -878,11 +887,11 @@ class SharedGroups:
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
 
-    def _save_start(self, state: GroupState, partition: int, part: SharedPartition) -> None:
+    def _save_start(self, state: SharedGroupWindows, partition: int, part: SharedPartition) -> None:
         self.store.save_start_offset(state.group, state.topic, partition, part.start_offset)
         state.saved_start[partition] = part.start_offset
 
-    async def _flush(self, state: GroupState, part: SharedPartition) -> None:
+    async def _flush(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Dead-letter what died, then persist the partition's changes."""
         changes, part.changes = part.changes, []
         start_before = state.saved_start.get(part.partition)
@@ -910,7 +919,7 @@ class SharedGroups:
             # one): records not loaded yet can now be acquired by whoever is parked
             self._wake(state.group, state.topic)
 
-    async def _dead_letter_or_park(self, state: GroupState, part: SharedPartition,
+    async def _dead_letter_or_park(self, state: SharedGroupWindows, part: SharedPartition,
                                    change: Change) -> Change | None:
         """Dead-letter ``change``; if the append fails the record is parked (kept in the
         window, retried after DEAD_LETTER_RETRY_MS) and the failure logged once."""
@@ -933,7 +942,7 @@ class SharedGroups:
                            state.group, failures.pop(key), key[1])
         return None
 
-    async def _dead_letter(self, state: GroupState, part: SharedPartition,
+    async def _dead_letter(self, state: SharedGroupWindows, part: SharedPartition,
                            change: Change) -> None:
         assert change.record is not None and change.reason is not None
         if state.config.dead_letter_exchange is not None:
@@ -947,7 +956,7 @@ class SharedGroups:
         message = dead_letter_message(change.record, part.topic, part.partition, change.reason)
         await self.filter_publish(target, [message])
 
-    async def _dead_letter_to_exchange(self, state: GroupState, change: Change) -> None:
+    async def _dead_letter_to_exchange(self, state: SharedGroupWindows, change: Change) -> None:
         """RabbitMQ's dead-lettering: re-publish through the dead-letter exchange with the
         death recorded; a missing exchange or no route drops the record, as RabbitMQ does."""
         assert change.record is not None and change.reason is not None
@@ -962,4 +971,5 @@ class SharedGroups:
             return
         for destination in destinations:
             if not dead_letter_cycle(message, destination.name):
-                await self.host.publish(destination.name, [message])
+                info = await self.host.ensure_topic(destination.name)
+                await self.filter_publish(info.name, [message])

@@ -1,8 +1,11 @@
 """Topics: names, configs, partitions; persisted through the StateStore.
 
-Owns: Kafka's topic-name rules, the TopicConfig <-> config-name mapping with
-validation, and the ``TopicRegistry`` (create/delete/list/describe/alter
-config/create partitions), which keeps the StateStore rows and the LogStore
+Owns: the topic-name rules (Kafka's, so every protocol can hold every topic), the
+TopicConfig <-> config-name mapping with validation (Conveyor's own config names,
+documented in docs/broker-api.md and used by the HTTP API and the CLI; they follow
+Kafka's spelling where one exists, so the Kafka listener passes them through), and
+the ``TopicRegistry`` (create/delete/list/describe/alter config/create partitions),
+which keeps the StateStore rows and the LogStore
 partitions in step.
 
 Must not know: protocols, files. Invariants: a topic in the registry has a
@@ -14,7 +17,6 @@ from the log store (a crash between the two writes) so both agree again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
@@ -28,6 +30,7 @@ from conveyor.errors import (
     UnknownPartitionError,
     UnknownTopicError,
 )
+from conveyor.storage.log_config import CLEANUP_POLICIES, FSYNC_POLICIES
 from conveyor.storage.state_store import StateStore, TopicRow
 
 from .types import TopicConfig, TopicInfo
@@ -35,9 +38,8 @@ from .types import TopicConfig, TopicInfo
 TOPIC_NAME_BYTES_MAX = 249  # Kafka's Topic.MAX_NAME_LENGTH
 PARTITIONS_MAX = 10_000  # a bound so a typo cannot create a million directories
 _LEGAL_NAME = re.compile(r"[a-zA-Z0-9._-]+")
-_ILLEGAL_CHARACTER = re.compile(r"[^a-zA-Z0-9._-]")
 
-# Kafka config name -> TopicConfig field
+# config name (Conveyor's; Kafka's spelling where one exists) -> TopicConfig field
 CONFIG_FIELDS: dict[str, str] = {
     "retention.ms": "retention_ms",
     "retention.bytes": "retention_bytes",
@@ -61,8 +63,8 @@ IGNORED_CONFIGS = frozenset({
     "leader.replication.throttled.replicas", "message.timestamp.difference.max.ms",
     "min.cleanable.dirty.ratio", "max.compaction.lag.ms", "message.format.version",
 })
-_CLEANUP_POLICIES = ("delete", "compact", "work-queue")
-_FSYNC_POLICIES = ("always", "interval", "never")
+_CLEANUP_POLICIES = CLEANUP_POLICIES
+_FSYNC_POLICIES = FSYNC_POLICIES
 # field -> smallest legal value (Kafka's ConfigDef ranges)
 _MINIMUMS: dict[str, int] = {
     "retention_ms": -1,
@@ -89,18 +91,6 @@ def validate_topic_name(name: str) -> None:
         raise InvalidNameError("topic name cannot be '.' or '..'", name=name)
     if not _LEGAL_NAME.fullmatch(name):
         raise InvalidNameError("topic name has an illegal character", name=name)
-
-
-def topic_name_for(name: str) -> str:
-    """The topic behind a queue name that Kafka's rules may not accept (AMQP allows any
-    UTF-8 up to 255 bytes): a legal name is itself; any other maps, deterministically,
-    to ``amqp.q.<legal characters>.<8 hex of its SHA-1>``."""
-    if len(name) <= TOPIC_NAME_BYTES_MAX and name not in (".", "..") and \
-            _LEGAL_NAME.fullmatch(name):
-        return name
-    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
-    legal = _ILLEGAL_CHARACTER.sub("_", name)[:200]
-    return f"amqp.q.{legal}.{digest}"
 
 
 def validate_partitions(partitions: int) -> None:

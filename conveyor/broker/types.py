@@ -26,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from conveyor.storage.log_config import CleanupPolicy as CleanupPolicy
+from conveyor.storage.log_config import FsyncPolicy as FsyncPolicy
+
 Headers = tuple[tuple[str, bytes | None], ...]
 
 HEADER_PRIORITY = "conveyor.priority"
@@ -41,8 +44,6 @@ HEADER_EXCHANGE = "conveyor.exchange"
 HEADER_ROUTING_KEY = "conveyor.routing-key"
 HEADER_EXPIRATION = "conveyor.expiration"
 
-CleanupPolicy = Literal["delete", "compact", "work-queue"]
-FsyncPolicy = Literal["always", "interval", "never"]
 ExchangeType = Literal["direct", "topic", "fanout", "headers"]
 DestinationKind = Literal["queue", "exchange", "topic"]
 
@@ -181,3 +182,12 @@ class Binding:
 class RouteResult:
     routed: bool  # False: no destination (after the alternate exchange); mandatory -> return
     results: Sequence[PublishResult] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed_offset: int  # -1: nothing committed
+    high_watermark: int
+    lag: int  # high_watermark - committed (or - log_start_offset when nothing committed)

@@ -1,7 +1,10 @@
 """``conveyor.AsyncClient``: the asyncio client over the HTTP API (httpx.AsyncClient).
 
-The same calls as ``conveyor.Client`` (sync.py), awaited; requests and
-responses are built and read by core.py, so the two cannot drift apart.
+Owns: sending ``core.Call``s with connection reuse and retries, the consume
+iterators, and the request/response helpers (``call`` and ``serve_requests``).
+Requests and responses are built and read by core.py.
+This module is the one source of both clients: sync.py is generated from it by
+generate_sync.py (run ``python -m conveyor.client.generate_sync`` after editing).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Owns: sending ``core.Call``s with connection reuse and retries, the consume
 iterators, and the request/response helpers (``call`` and ``serve_requests``).
-Requests and responses are built and read by core.py, shared with aio.py.
+Requests and responses are built and read by core.py.
+GENERATED from aio.py by generate_sync.py: edit aio.py, then run
+``python -m conveyor.client.generate_sync``; a test fails while this file is stale.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,7 +107,7 @@ class Client:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._http = httpx.Client(base_url=self.url, headers=dict(headers or {}),
-                                  transport=transport, timeout=timeout_s)
+                                       transport=transport, timeout=timeout_s)
         self._reply_queue: str | None = None
         self._reply_lock = threading.Lock()
 
@@ -153,7 +155,8 @@ class Client:
                     reason=str(error),
                 ) from error
             if core.should_retry_status(response.status_code, attempt, self.retry):
-                time.sleep(self.retry.delay_s(attempt, response.headers.get("retry-after")))
+                retry_after = response.headers.get("retry-after")
+                time.sleep(self.retry.delay_s(attempt, retry_after))
                 attempt += 1
                 continue
             return core.decode_body(response.status_code, response.content)
@@ -190,8 +193,8 @@ class Client:
             dict(m) if isinstance(m, Mapping) else core.encode_message(m) for m in messages
         ]
         idempotent = all("dedup_id" in d for d in documents)
-        return core.publish_results(self.request(core.publish_call(topic, documents,
-                                                                   idempotent)))
+        result = self.request(core.publish_call(topic, documents, idempotent))
+        return core.publish_results(result)
 
     def publish_to_exchange(
         self, exchange: str, routing_key: str, value: Value, **options: Any
@@ -202,8 +205,8 @@ class Client:
 
     # --- consume --------------------------------------------------------------------
     def _message(self, data: MessageData, settler: Any) -> Message:
-        return Message(**{name: getattr(data, name) for name in MessageData.__slots__},
-                       settler=settler)
+        fields = {name: getattr(data, name) for name in MessageData.__slots__}
+        return Message(**fields, settler=settler)
 
     def acquire(
         self, topic: str, group: str | None = None, limit: int = 10, wait_s: float = 0.0,
@@ -222,13 +225,13 @@ class Client:
         return self.request(core.settle_call(topic, group, "ack", receipts))
 
     def release(self, topic: str, group: str, receipts: Iterable[str],
-                delay_s: float = 0.0) -> Any:
+                      delay_s: float = 0.0) -> Any:
         return self.request(core.settle_call(topic, group, "release", receipts,
-                                             delay_ms=round(delay_s * 1000)))
+                                                   delay_ms=round(delay_s * 1000)))
 
     def extend(self, topic: str, group: str, receipts: Iterable[str], seconds: float) -> Any:
         return self.request(core.settle_call(topic, group, "extend", receipts,
-                                             lock_ms=max(1, round(seconds * 1000))))
+                                                   lock_ms=max(1, round(seconds * 1000))))
 
     def fetch(
         self,
@@ -251,8 +254,8 @@ class Client:
         return {int(p): int(o) for p, o in document["offsets"].items()}
 
     def committed(self, topic: str, group: str) -> dict[int, int]:
-        document = self.request(core.admin_call("GET", core.group_path(topic, group)
-                                                + "/offsets"))
+        path = core.group_path(topic, group) + "/offsets"
+        document = self.request(core.admin_call("GET", path))
         return {int(p): int(o) for p, o in document["offsets"].items()}
 
     def consume(
@@ -279,6 +282,14 @@ class Client:
         the group's commits (``ack()`` commits) or from the beginning, a timestamp or
         explicit ``offsets``.
         """
+        return self._consume_auto(topic, group, mode, wait_s, follow, limit, lock_s,
+                                  from_beginning, from_timestamp_ms, offsets)
+
+    def _consume_auto(
+        self, topic: str, group: str | None, mode: ConsumeMode | None, wait_s: float,
+        follow: bool, limit: int | None, lock_s: float | None, from_beginning: bool,
+        from_timestamp_ms: int | None, offsets: Mapping[int, int] | None,
+    ) -> Iterator[Message]:
         positioned = from_beginning or from_timestamp_ms is not None or bool(offsets)
         if mode is None and group is None and not positioned:
             # A queue is consumed through its own shared group.
@@ -286,13 +297,20 @@ class Client:
                 mode, group = "shared", topic
         mode = mode or ("shared" if group is not None else "ordered")
         if mode == "shared":
-            return self._consume_shared(topic, group or topic, wait_s, follow,
-                                        min(limit or 10, 1000), lock_s)
-        return self._consume_ordered(topic, group, wait_s, follow, limit or 100,
-                                     from_beginning, from_timestamp_ms, offsets)
+            inner = self._consume_shared(topic, group or topic, wait_s, follow,
+                                         min(limit or 10, 1000), lock_s)
+        else:
+            inner = self._consume_ordered(topic, group, wait_s, follow, limit or 100,
+                                          from_beginning, from_timestamp_ms, offsets)
+        try:
+            yield from inner
+        finally:
+            inner.close()
 
-    def _consume_shared(self, topic: str, group: str, wait_s: float, follow: bool,
-                        limit: int, lock_s: float | None) -> Iterator[Message]:
+    def _consume_shared(
+        self, topic: str, group: str, wait_s: float, follow: bool, limit: int,
+        lock_s: float | None,
+    ) -> Generator[Message, None, None]:
         while True:
             batch = self.acquire(topic, group, limit, wait_s, lock_s)
             if not batch:
@@ -313,7 +331,7 @@ class Client:
         self, topic: str, group: str | None, wait_s: float, follow: bool, limit: int,
         from_beginning: bool, from_timestamp_ms: int | None,
         offsets: Mapping[int, int] | None,
-    ) -> Iterator[Message]:
+    ) -> Generator[Message, None, None]:
         settler = _OrderedSettler()
         positions: dict[int, int] | None = dict(offsets) if offsets else None
         start: Literal["committed", "earliest", "latest"] | None = (
@@ -324,8 +342,8 @@ class Client:
             while True:
                 self._commit_pending(topic, group, settler)
                 result = self.fetch(topic, offsets=positions, group=group,
-                                    timestamp_ms=timestamp_ms, start=start, limit=limit,
-                                    wait_s=wait_s)
+                                          timestamp_ms=timestamp_ms, start=start, limit=limit,
+                                          wait_s=wait_s)
                 positions, timestamp_ms = result.next_offsets, None
                 if not result.messages:
                     if follow:
@@ -336,7 +354,9 @@ class Client:
         finally:
             self._commit_pending(topic, group, settler)
 
-    def _commit_pending(self, topic: str, group: str | None, settler: _OrderedSettler) -> None:
+    def _commit_pending(
+        self, topic: str, group: str | None, settler: _OrderedSettler
+    ) -> None:
         if group is not None and settler.pending:
             self.commit(topic, group, settler.pending)
             settler.pending = {}
@@ -351,7 +371,7 @@ class Client:
             return self._reply_queue
 
     def call(self, topic: str, value: Value, *, timeout_s: float = 30.0,
-             **options: Any) -> Message:
+                   **options: Any) -> Message:
         """Publish a request with reply_to + correlation_id and wait for its response."""
         reply_queue = self._ensure_reply_queue()
         correlation_id = uuid.uuid4().hex
@@ -363,7 +383,7 @@ class Client:
             if remaining_s <= 0:
                 raise TimeoutError(f"no response to {correlation_id} within {timeout_s} s")
             for message in self.acquire(reply_queue, reply_queue, 10,
-                                        min(remaining_s, 20.0)):
+                                              min(remaining_s, 20.0)):
                 message.ack()  # a stray late response to an earlier call is dropped too
                 if message.correlation_id == correlation_id:
                     return message
@@ -407,7 +427,7 @@ class Client:
                     raise
                 if message.reply_to is not None:
                     self.publish(message.reply_to, response,
-                                 correlation_id=message.correlation_id)
+                                       correlation_id=message.correlation_id)
                 message.ack()
                 handled += 1
         return handled
@@ -422,7 +442,7 @@ class Client:
         return result
 
     def create_topic(self, name: str, partitions: int = 1,
-                     config: Mapping[str, str] | None = None) -> dict[str, Any]:
+                           config: Mapping[str, str] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "partitions": partitions}
         if config:
             body["config"] = dict(config)
@@ -430,7 +450,8 @@ class Client:
         return result
 
     def list_topics(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.request(core.admin_call("GET", "/topics"))["topics"]
+        document = self.request(core.admin_call("GET", "/topics"))
+        result: list[dict[str, Any]] = document["topics"]
         return result
 
     def describe_topic(self, name: str) -> dict[str, Any]:
@@ -439,7 +460,7 @@ class Client:
         return result
 
     def alter_topic(self, name: str, *, set: Mapping[str, str] | None = None,
-                    delete: Iterable[str] = (), partitions: int | None = None
+                          delete: Iterable[str] = (), partitions: int | None = None
                     ) -> dict[str, Any]:
         body: dict[str, Any] = {}
         if set:
@@ -461,7 +482,8 @@ class Client:
         return result
 
     def list_queues(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.request(core.admin_call("GET", "/queues"))["queues"]
+        document = self.request(core.admin_call("GET", "/queues"))
+        result: list[dict[str, Any]] = document["queues"]
         return result
 
     def describe_queue(self, name: str) -> dict[str, Any]:
@@ -478,8 +500,8 @@ class Client:
         return result
 
     def list_exchanges(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.request(
-            core.admin_call("GET", "/exchanges"))["exchanges"]
+        document = self.request(core.admin_call("GET", "/exchanges"))
+        result: list[dict[str, Any]] = document["exchanges"]
         return result
 
     def describe_exchange(self, name: str) -> dict[str, Any]:
@@ -491,7 +513,7 @@ class Client:
         self.request(core.admin_call("DELETE", f"/exchanges/{core.segment(name)}"))
 
     def bind(self, exchange: str, destination: str, *, destination_kind: str = "queue",
-             routing_key: str = "", arguments: Mapping[str, str] | None = None
+                   routing_key: str = "", arguments: Mapping[str, str] | None = None
              ) -> dict[str, Any]:
         body = {"destination_kind": destination_kind, "destination": destination,
                 "routing_key": routing_key, "arguments": dict(arguments or {})}
@@ -500,11 +522,11 @@ class Client:
         return result
 
     def unbind(self, exchange: str, destination: str, *, destination_kind: str = "queue",
-               routing_key: str = "", arguments: Mapping[str, str] | None = None) -> None:
+                     routing_key: str = "", arguments: Mapping[str, str] | None = None) -> None:
         body = {"destination_kind": destination_kind, "destination": destination,
                 "routing_key": routing_key, "arguments": dict(arguments or {})}
-        self.request(core.admin_call("POST", f"/exchanges/{core.segment(exchange)}/unbind",
-                                     body))
+        path = f"/exchanges/{core.segment(exchange)}/unbind"
+        self.request(core.admin_call("POST", path, body))
 
     def create_group(
         self, topic: str, group: str, *, kind: ConsumeMode = "shared",
@@ -524,7 +546,8 @@ class Client:
         return {"group": group, "topic": topic, "start": start, "offsets": committed}
 
     def list_groups(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.request(core.admin_call("GET", "/groups"))["groups"]
+        document = self.request(core.admin_call("GET", "/groups"))
+        result: list[dict[str, Any]] = document["groups"]
         return result
 
     def describe_group(self, group: str) -> dict[str, Any]:
@@ -537,7 +560,7 @@ class Client:
         self.request(core.admin_call("DELETE", f"/groups/{core.segment(group)}"))
 
     def dlq(self, topic: str, group: str | None = None, offset: int = 0,
-            limit: int = 100) -> list[MessageData]:
+                  limit: int = 100) -> list[MessageData]:
         """Messages in the dead-letter queue of a queue (or of a shared group)."""
         path = core.group_path(topic, group or topic) + "/dlq"
         document = self.request(core.admin_call("GET", path, params={"offset": offset,
@@ -547,4 +570,5 @@ class Client:
     def redrive(self, topic: str, group: str | None = None, limit: int = 1000) -> int:
         """Move dead-lettered messages back to where they came from; returns the count."""
         path = core.group_path(topic, group or topic) + "/dlq/redrive"
-        return int(self.request(core.admin_call("POST", path, {"limit": limit}))["redriven"])
+        document = self.request(core.admin_call("POST", path, {"limit": limit}))
+        return int(document["redriven"])

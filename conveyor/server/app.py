@@ -23,6 +23,7 @@ from conveyor.config import ServerConfig
 from conveyor.connections import ConnectionRegistry
 from conveyor.errors import UnavailableError
 from conveyor.limits import DiskAlarm, ServerLimits
+from conveyor.protocols.amqp.names import topic_name_for as amqp_topic_name_for
 from conveyor.server.health import readiness_checks
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 from conveyor.server.metrics import Metrics, MetricsLimits
@@ -113,7 +114,8 @@ class Server:
                 default_partitions=settings.default_partitions,
                 record_bytes_max=settings.record_bytes_max,
             )
-            self._broker = Broker(log_store, state_store, self.clock, self.rng, broker_config)
+            self._broker = Broker(log_store, state_store, self.clock, self.rng, broker_config,
+                                  queue_alias=amqp_topic_name_for)
             await self._broker.open()
             await rebuild_orphans(self._broker)
             self.disk_alarm.start()

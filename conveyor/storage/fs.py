@@ -15,8 +15,12 @@ none. Not thread-safe except ``fdatasync``, which may run in a worker thread.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class FileSystem(Protocol):
@@ -130,3 +134,19 @@ class OsFileSystem:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+# --- blocking calls off the event loop: the only place storage/ hands work to a thread ----
+def fdatasync_descriptor(descriptor: int) -> None:
+    """fdatasync of a descriptor opened outside the seam (SQLite's WAL file)."""
+    os.fdatasync(descriptor)
+
+
+def fdatasync_descriptor_in_thread(descriptor: int) -> asyncio.Future[None]:
+    """``fdatasync_descriptor`` in the loop's default executor; the future of its end."""
+    return asyncio.get_running_loop().run_in_executor(None, fdatasync_descriptor, descriptor)
+
+
+async def in_thread(function: Callable[..., T], *arguments: Any) -> T:
+    """Run a blocking file-system call (an fdatasync pass) in a worker thread."""
+    return await asyncio.to_thread(function, *arguments)

@@ -4,7 +4,7 @@ Owns the durability wait of one partition. Policies:
 ``always``: an append's future resolves only after an fdatasync that started after its
 bytes were written. All appends written while no sync is running share the next one,
 which starts on the next loop turn (``call_soon``) and runs in a worker thread
-(``asyncio.to_thread``) so the event loop keeps accepting appends; those become the
+(``fs.in_thread``) so the event loop keeps accepting appends; those become the
 next group. ``interval``: appends resolve at once; a task syncs every
 ``fsync_interval_ms`` on the Clock. ``never``: appends resolve at once; sync on close.
 "At once" still means on the next loop turn, so a tight append loop cannot starve the
@@ -29,7 +29,9 @@ from typing import Any
 
 from conveyor.clock import Clock
 from conveyor.errors import PartitionFailedError
-from conveyor.storage.fs import FileSystem
+from conveyor.storage.fs import FileSystem, in_thread
+from conveyor.storage.log_config import FSYNC_POLICIES
+from conveyor.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class GroupCommitter:
         self, fs: FileSystem, clock: Clock, *, policy: str, interval_ms: int,
         on_durable: Callable[[Any], None],
     ) -> None:
-        assert policy in ("always", "interval", "never"), policy
+        assert policy in FSYNC_POLICIES, policy
         self.fs = fs
         self.clock = clock
         self.policy = policy
@@ -52,6 +54,7 @@ class GroupCommitter:
         self._syncing = False
         self._sync_task: asyncio.Task[None] | None = None
         self._interval_task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor("conveyor.storage.group-commit")  # both tasks above
         self.sync_count = 0
         self.failed: PartitionFailedError | None = None
         self.name = ""  # for the log line (the partition directory)
@@ -80,7 +83,8 @@ class GroupCommitter:
             self._on_durable(token)
             loop.call_soon(_resolve, future)  # yield once, so a tight append loop lets others run
             if self.policy == "interval" and self._interval_task is None:
-                self._interval_task = loop.create_task(self._sync_every_interval())
+                self._interval_task = self._tasks.start(self._sync_every_interval(),
+                                                      name="fsync interval")
             return future
         self._waiters.append(future)
         if not self._scheduled and not self._syncing:
@@ -92,14 +96,14 @@ class GroupCommitter:
         self._scheduled = False
         if self._waiters and not self._syncing:
             self._syncing = True
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_group())
+            self._sync_task = self._tasks.start(self._sync_group(), name="group commit")
 
     async def _sync_group(self) -> None:
         waiters, self._waiters = self._waiters, []
         handles, self._dirty = self._dirty, set()
         token = self._last_token
         try:
-            await asyncio.to_thread(self._sync_handles, handles)
+            await in_thread(self._sync_handles, handles)
         except OSError as error:
             failure = self.fail(error)
             waiters += self._waiters  # written before the failure was known: not durable
@@ -129,7 +133,7 @@ class GroupCommitter:
             if self._dirty:
                 handles, self._dirty = self._dirty, set()
                 try:
-                    await asyncio.to_thread(self._sync_handles, handles)
+                    await in_thread(self._sync_handles, handles)
                 except OSError as error:
                     self.fail(error)
 
@@ -149,12 +153,13 @@ class GroupCommitter:
                 self._start_sync()
             if self._sync_task is not None:
                 await asyncio.wait([self._sync_task])
+        await self._tasks.close()  # the cancelled interval task, awaited
         handles, self._dirty = self._dirty, set()
         if self.failed is not None:
             return  # nothing written since the failure may be called durable
         if handles:
             try:
-                await asyncio.to_thread(self._sync_handles, handles)
+                await in_thread(self._sync_handles, handles)
             except OSError as error:
                 self.fail(error)
                 return

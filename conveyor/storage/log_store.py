@@ -14,13 +14,13 @@ import dataclasses
 import json
 import os
 import posixpath
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from conveyor.clock import Clock
-from conveyor.errors import InvalidConfigError, UnknownPartitionError
+from conveyor.errors import UnknownPartitionError
 from conveyor.storage import compaction, segment_files
-from conveyor.storage.fs import FileSystem
+from conveyor.storage.fs import FileSystem, in_thread
+from conveyor.storage.log_config import CleanupPolicy, FsyncPolicy, LogConfig
 from conveyor.storage.partition_log import PartitionLog
 from conveyor.storage.recovery import PartitionRecovery, RecoveryReport, load_segments
 from conveyor.storage.retention import RetentionPolicy, SegmentInfo, segments_to_delete
@@ -29,30 +29,7 @@ from conveyor.storage.segment import Segment
 CONFIG_FILE = "log-config.json"
 # what load_segments returns: (segments, log start offset, recovery reports)
 _Opened = tuple[list[Segment], int, list[RecoveryReport]]
-CleanupPolicy = Literal["delete", "compact", "work-queue"]
-FsyncPolicy = Literal["always", "interval", "never"]
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    segment_bytes: int = 1 << 30
-    segment_ms: int = 7 * 24 * 3600 * 1000
-    retention_ms: int = 7 * 24 * 3600 * 1000  # -1: keep forever
-    retention_bytes: int = -1  # -1: no size limit
-    cleanup_policy: CleanupPolicy = "delete"
-    fsync: FsyncPolicy = "always"
-    fsync_interval_ms: int = 1000
-    index_interval_bytes: int = 4096
-    delete_retention_ms: int = 24 * 3600 * 1000
-    min_compaction_lag_ms: int = 0
-
-    def __post_init__(self) -> None:
-        if self.cleanup_policy not in ("delete", "compact", "work-queue"):
-            raise InvalidConfigError("unknown cleanup policy", cleanup_policy=self.cleanup_policy)
-        if self.fsync not in ("always", "interval", "never"):
-            raise InvalidConfigError("unknown fsync policy", fsync=self.fsync)
-        if self.segment_bytes <= 0 or self.index_interval_bytes <= 0:
-            raise InvalidConfigError("sizes must be positive", segment_bytes=self.segment_bytes)
+__all__ = ["CONFIG_FILE", "CleanupPolicy", "FileLogStore", "FsyncPolicy", "LogConfig", "LogStore"]
 
 
 class LogStore(Protocol):
@@ -156,7 +133,7 @@ class FileLogStore:
         created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._creating[key] = created
         try:
-            opened = await asyncio.to_thread(self._create_files, directory, config)
+            opened = await in_thread(self._create_files, directory, config)
             log = self._logs[key] = self._open_log(topic, partition, config, opened)
         finally:
             del self._creating[key]

@@ -41,7 +41,7 @@ from conveyor.storage.record_batch import (
 from conveyor.storage.segment import Segment
 
 if TYPE_CHECKING:
-    from conveyor.storage.log_store import LogConfig
+    from conveyor.storage.log_config import LogConfig
     from conveyor.storage.recovery import PartitionRecovery
 
 logger = logging.getLogger(__name__)

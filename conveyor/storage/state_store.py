@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from conveyor.errors import StorageError
+from conveyor.storage.fs import fdatasync_descriptor, fdatasync_descriptor_in_thread
 
 SqlValue = int | float | str | bytes | None
 
@@ -618,15 +619,14 @@ class SqliteStateStore(SqlStateStore):
     def _sync_wal(self) -> None:
         fd = self._open_wal()
         if fd is not None:
-            os.fdatasync(fd)
+            fdatasync_descriptor(fd)
 
     def _sync_committed(self) -> asyncio.Future[None] | None:
         if self._unsynced:
             self._unsynced = False
             fd = self._open_wal()
             if fd is not None and not self._in_memory:
-                self._last_sync = asyncio.get_running_loop().run_in_executor(
-                    None, os.fdatasync, fd)
+                self._last_sync = fdatasync_descriptor_in_thread(fd)
         if self._last_sync is not None and self._last_sync.done():
             self._last_sync = None
         return self._last_sync

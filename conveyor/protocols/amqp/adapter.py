@@ -36,7 +36,6 @@ from pamqp import commands
 from pamqp import constants as pamqp_constants
 from pamqp import decode as pamqp_decode
 
-from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import Message, PublishResult, QueueConfig, QueueInfo
 from conveyor.config import LISTENER_LIMITS_DEFAULT, ListenerLimits
 from conveyor.errors import (
@@ -53,6 +52,7 @@ from conveyor.errors import (
     UnknownTopicError,
 )
 from conveyor.limits import RequestWatch, ServerLimits
+from conveyor.protocols.amqp.names import topic_name_for
 from conveyor.server.listeners import ListenerCounters
 
 from . import frames as f

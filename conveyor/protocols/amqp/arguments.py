@@ -2,7 +2,8 @@
 
 Owns: queue-declare arguments → ``QueueConfig``, binding arguments → the broker's
 string arguments, and server-generated names. The topic behind a queue name is the
-broker's ``topics.topic_name_for`` (the default exchange uses the same mapping).
+AMQP's ``names.topic_name_for`` (the server gives the broker's default exchange the
+same mapping as its queue alias).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import QueueConfig
+from conveyor.protocols.amqp.names import topic_name_for
 
 NAME_BYTES_MAX: Final = 255
 PRIORITY_MAX: Final = 9

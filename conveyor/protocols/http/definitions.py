@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor import __version__
-from conveyor.broker.topics import config_from_mapping, topic_name_for
+from conveyor.broker.topics import config_from_mapping
 from conveyor.broker.types import QueueConfig
 from conveyor.errors import ConveyorError, InvalidRequestError
 from conveyor.protocols.http.management_documents import (
@@ -177,7 +177,7 @@ def _check_queues(broker: Broker, document: Mapping[str, Any], plan: _Plan) -> N
         item = _entry(plan, where, raw)
         if item is None:
             continue
-        name = topic_name_for(item["name"])
+        name = broker.queue_alias(item["name"])
         try:
             full = item.get("conveyor")
             if isinstance(full, dict):
@@ -230,7 +230,7 @@ def _check_bindings(broker: Broker, document: Mapping[str, Any], plan: _Plan) ->
                 continue
             destination_kind = "exchange"
         else:
-            destination = topic_name_for(destination)
+            destination = broker.queue_alias(destination)
             if destination in plan.known_queues or (
                     shared is not None and shared.queue_exists(destination)):
                 destination_kind = "queue"

@@ -296,7 +296,7 @@ class Handlers(SharedGroupHandlers):
             for g in self.broker.list_groups()
         ]
         if self.broker.shared_groups is not None:
-            for queue in await self.broker.shared_groups.list_queues():
+            for queue in await self.broker.list_queues():
                 groups.append({"group": queue.name, "kind": "shared", "topic": queue.name})
         return ApiResponse(200, {"groups": groups})
 

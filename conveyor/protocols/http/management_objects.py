@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor import __version__
-from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import DestinationKind, ExchangeType
 from conveyor.errors import InvalidRequestError, NotFoundError, UnknownQueueError
 from conveyor.protocols.http.codec import ApiResponse
@@ -218,7 +217,7 @@ class ObjectRoutes:
         shared = self.broker.shared_groups
         if shared is not None and shared.queue_exists(name):
             return name
-        return topic_name_for(name)
+        return self.broker.queue_alias(name)
 
     async def queue_documents(self) -> list[dict[str, Any]]:
         counts = self._consumer_counts()
@@ -248,7 +247,7 @@ class ObjectRoutes:
 
     async def declare_queue(self, name: str, body: Any, **_: Any) -> ApiResponse:
         fields = _object(body)
-        topic = topic_name_for(name)
+        topic = self.broker.queue_alias(name)
         arguments = fields.get("arguments") or {}
         if isinstance(arguments, dict) and arguments.get("x-queue-type") == "stream":
             if self.broker.topics.find(topic) is not None:
@@ -331,7 +330,7 @@ class ObjectRoutes:
             raise InvalidRequestError("routing_key must be a string")
         message = message_from_fields(fields, self.broker.clock.wall_ms())
         if exchange == "":
-            topic = topic_name_for(routing_key)
+            topic = self.broker.queue_alias(routing_key)
             if self.broker.topics.find(topic) is None:
                 return ApiResponse(200, {"routed": False})
             await self.broker.publish(topic, [message])

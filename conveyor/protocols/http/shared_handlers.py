@@ -151,7 +151,7 @@ class SharedGroupHandlers:
             info = await shared.get_queue(topic)
             name = dead_letter_topic(topic, info.config)
         else:
-            if self.broker.topics.find(topic) is None:
+            if self.broker.find_topic(topic) is None:
                 raise UnknownQueueError("unknown queue or topic", topic=topic, group=group)
             name = f"{group}.dlq"
         if name is None or not shared.queue_exists(name):
@@ -231,10 +231,10 @@ async def _unless_disconnected(work: Awaitable[Any], context: RequestContext) ->
     return []
 
 
-def _shared(broker: Broker) -> Any:
+def _shared(broker: Broker) -> Broker:
     if broker.shared_groups is None:
         raise UnavailableError("shared groups are not available in this build")
-    return broker.shared_groups
+    return broker  # every queue operation goes through the facade
 
 
 def _delivery_document(delivery: Delivery) -> dict[str, Any]:

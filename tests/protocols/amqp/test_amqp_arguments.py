@@ -18,7 +18,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conveyor.broker.topics import topic_name_for
 from conveyor.broker.types import QueueConfig
 from conveyor.protocols.amqp.arguments import (
     ArgumentError,
@@ -26,6 +25,7 @@ from conveyor.protocols.amqp.arguments import (
     generated_name,
     queue_options,
 )
+from conveyor.protocols.amqp.names import topic_name_for
 
 KAFKA_LEGAL = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 VISIBILITY_MS = 1_800_000

@@ -1,0 +1,339 @@
+"""GroupCoordinator: ordered (Kafka classic) consumer groups and their committed offsets.
+
+Owns: every ``OrderedGroup`` (the sans-IO state machine in ordered_group.py) by id,
+join/sync/heartbeat/leave with their waits, session expiry (``tick``), server-side
+assignment for "conveyor" groups, offset commits and fetches, lag, deletion and the
+expiry of empty groups (KIP-211), and persisting all of it through the StateStore.
+May call: the topic registry (partition counts, topic existence), the log store (log
+ends, for clamping and lag), the state store, the clock and rng. Called only by the
+facade; it calls nothing above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+
+from conveyor.clock import Clock
+from conveyor.errors import (
+    InvalidRequestError,
+    InvalidSessionTimeoutError,
+    NonEmptyGroupError,
+    UnavailableError,
+    UnknownGroupError,
+)
+from conveyor.storage.log_store import LogStore
+from conveyor.storage.state_store import CommittedOffsetRow, StateStore
+
+from .broker_config import BrokerConfig
+from .log_end import LostRange, clamp
+from .ordered_group import (
+    ASSIGNORS,
+    CommittedOffset,
+    GroupDescription,
+    GroupListing,
+    GroupState,
+    JoinResult,
+    MemberIdRequired,
+    OrderedGroup,
+    SyncResult,
+    decode_assignment,
+    encode_assignment,
+    parse_subscription,
+)
+from .topics import TopicRegistry
+from .types import PartitionLag
+
+logger = logging.getLogger("conveyor.broker")
+
+
+class GroupCoordinator:
+    def __init__(self, topics: TopicRegistry, log_store: LogStore, state_store: StateStore,
+                 clock: Clock, rng: random.Random, config: BrokerConfig) -> None:
+        self.topics = topics
+        self.log_store = log_store
+        self.state_store = state_store
+        self.clock = clock
+        self.rng = rng
+        self.config = config
+        # group id -> coordinator state
+        self.groups: dict[str, OrderedGroup] = {}
+
+    def log_ends(self) -> dict[tuple[str, int], int]:
+        """Each known partition's log end after recovery (what state is clamped to)."""
+        return {(topic, partition): int(self.log_store.partition(topic, partition).high_watermark)
+                for topic, partition in self.log_store.partitions()
+                if self.topics.find(topic) is not None}
+
+    def forget_topic(self, name: str) -> None:
+        """As Kafka: the committed offsets of a deleted topic go too."""
+        for group in self.groups.values():
+            if any(topic == name for topic, _ in group.offsets):
+                group.offsets = {k: v for k, v in group.offsets.items() if k[0] != name}
+                self.state_store.delete_committed_offsets(group.group_id, name)
+
+    def close(self) -> None:
+        """Every join or sync still waiting fails with UnavailableError."""
+        for group in self.groups.values():
+            for member in list(group.members.values()):
+                closing = UnavailableError("broker is shutting down", group_id=group.group_id)
+                if member.join_waiter is not None and not member.join_waiter.done():
+                    member.join_waiter.set_exception(closing)
+                if member.sync_waiter is not None and not member.sync_waiter.done():
+                    member.sync_waiter.set_exception(closing)
+
+    def _group(self, group_id: str, create: bool = False) -> OrderedGroup:
+        group = self.groups.get(group_id)
+        if group is None or group.state is GroupState.DEAD:
+            if not create:
+                raise UnknownGroupError("unknown group", group_id=group_id)
+            group = OrderedGroup(group_id, self._member_suffix)
+            self.groups[group_id] = group
+        return group
+
+    def _member_suffix(self) -> str:
+        return f"{self.rng.getrandbits(128):032x}"
+
+    def load(self, lost_ranges: list[LostRange]) -> None:
+        for group_id, snapshot in self.state_store.load_groups().items():
+            self._group(group_id, create=True).restore(snapshot)
+        log_ends = self.log_ends()
+        for row in self.state_store.load_committed_offsets():
+            log_end = log_ends.get((row.topic, row.partition))
+            offset = row.committed_offset
+            if log_end is not None:
+                offset = clamp("ordered-group", row.group_id, row.topic, row.partition,
+                               offset, log_end, lost_ranges)
+            if offset != row.committed_offset:
+                self.state_store.save_committed_offsets([dataclasses.replace(
+                    row, committed_offset=offset)])
+            self._group(row.group_id, create=True).offsets[(row.topic, row.partition)] = (
+                CommittedOffset(offset, row.metadata, row.leader_epoch, row.commit_ms)
+            )
+
+    def _save_group(self, group: OrderedGroup) -> None:
+        self.state_store.save_group(group.group_id, group.snapshot())
+
+    def _server_assign(
+        self, protocol_name: str, metadata: Mapping[str, bytes]
+    ) -> dict[str, bytes]:
+        assignor = ASSIGNORS.get(protocol_name, ASSIGNORS["range"])
+        subscriptions = {member: parse_subscription(data) for member, data in metadata.items()}
+        counts = {}
+        for topics in subscriptions.values():
+            for topic in topics:
+                info = self.topics.find(topic)
+                counts[topic] = info.partitions if info is not None else 0
+        assigned = assignor(subscriptions, counts)
+        return {member: encode_assignment(parts) for member, parts in assigned.items()}
+
+    def tick(self, now_ms: int) -> None:
+        for group in list(self.groups.values()):
+            generation = group.generation
+            group.tick(now_ms, self._server_assign)
+            if group.generation != generation:
+                self._save_group(group)
+
+    async def join_group(
+        self,
+        group_id: str,
+        member_id: str,
+        protocol_type: str,
+        protocols: Sequence[tuple[str, bytes]],
+        session_timeout_ms: int,
+        rebalance_timeout_ms: int | None = None,
+        group_instance_id: str | None = None,
+        client_id: str = "",
+        client_host: str = "",
+        require_known_member_id: bool = True,
+    ) -> JoinResult | MemberIdRequired:
+        """Join (or rejoin) a group; waits until the rebalance's join phase completes."""
+        if not group_id:
+            raise InvalidRequestError("group id is empty")
+        timeout_min = self.config.session_timeout_ms_min
+        timeout_max = self.config.session_timeout_ms_max
+        if not timeout_min <= session_timeout_ms <= timeout_max:
+            raise InvalidSessionTimeoutError(
+                "session timeout out of range", session_timeout_ms=session_timeout_ms,
+                minimum=timeout_min, maximum=timeout_max,
+            )
+        group = self._group(group_id, create=True)
+        generation = group.generation
+        outcome = group.join(
+            self.clock.monotonic_ms(), member_id, group_instance_id, protocol_type, protocols,
+            session_timeout_ms, rebalance_timeout_ms or session_timeout_ms, client_id,
+            client_host, require_known_member_id, self._server_assign,
+        )
+        if group.generation != generation or group_instance_id is not None:
+            self._save_group(group)
+        if isinstance(outcome, JoinResult | MemberIdRequired):
+            return outcome
+        result = await outcome
+        self._save_group(group)
+        await self.state_store.commit()
+        return result
+
+    async def sync_group(
+        self,
+        group_id: str,
+        member_id: str,
+        generation: int,
+        assignments: Mapping[str, bytes] | None = None,
+    ) -> SyncResult:
+        """Leader sends assignments; every member waits for its own."""
+        group = self._group(group_id)
+        outcome = group.sync(self.clock.monotonic_ms(), member_id, generation, assignments or {})
+        if isinstance(outcome, SyncResult):
+            return outcome
+        return await outcome
+
+    async def heartbeat(self, group_id: str, member_id: str, generation: int) -> None:
+        self._group(group_id).heartbeat(self.clock.monotonic_ms(), member_id, generation)
+
+    async def leave_group(
+        self,
+        group_id: str,
+        member_id: str = "",
+        group_instance_id: str | None = None,
+    ) -> None:
+        group = self._group(group_id)
+        now_ms = self.clock.monotonic_ms()
+        if group_instance_id is not None and not member_id:
+            group.leave_instance(now_ms, group_instance_id, self._server_assign)
+        else:
+            if group_instance_id is not None:
+                group.static_members.pop(group_instance_id, None)
+            group.leave(now_ms, member_id, self._server_assign)
+        self._save_group(group)
+        await self.state_store.commit()
+
+    async def commit_offsets(
+        self,
+        group_id: str,
+        offsets: Mapping[tuple[str, int], CommittedOffset | int],
+        member_id: str = "",
+        generation: int = -1,
+    ) -> None:
+        """Commit per-partition offsets; generation -1 + empty member = simple commit."""
+        group = self._group(group_id, create=True)
+        group.check_commit(member_id, generation)
+        now_ms = self.clock.wall_ms()
+        normalized = {
+            key: value if isinstance(value, CommittedOffset) else CommittedOffset(value)
+            for key, value in offsets.items()
+        }
+        normalized = {
+            key: dataclasses.replace(value, commit_ms=value.commit_ms or now_ms)
+            for key, value in normalized.items()
+        }
+        for topic, _ in normalized:
+            self.topics.get(topic)
+        group.commit(normalized)
+        self.state_store.save_committed_offsets(
+            CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
+                               value.leader_epoch, value.commit_ms)
+            for (topic, partition), value in normalized.items()
+        )
+        await self.state_store.commit()
+
+    def fetch_offsets(
+        self, group_id: str, partitions: Iterable[tuple[str, int]] | None = None
+    ) -> dict[tuple[str, int], CommittedOffset | None]:
+        """Committed offsets (None: nothing committed); partitions None = all committed."""
+        group = self.groups.get(group_id)
+        stored = group.offsets if group is not None else {}
+        if partitions is None:
+            return dict(stored)
+        return {key: stored.get(key) for key in partitions}
+
+    def describe_group(self, group_id: str) -> GroupDescription:
+        group = self.groups.get(group_id)
+        if group is None:
+            return GroupDescription(group_id, GroupState.DEAD, "", "", 0, "", ())
+        return group.describe()
+
+    def list_groups(self) -> list[GroupListing]:
+        return [
+            GroupListing(group.group_id, group.protocol_type, group.state)
+            for group in sorted(self.groups.values(), key=lambda g: g.group_id)
+            if group.state is not GroupState.DEAD
+        ]
+
+    async def delete_groups(self, group_ids: Iterable[str]) -> dict[str, Exception | None]:
+        """Delete Empty groups and their offsets; per group: None or the error."""
+        outcome: dict[str, Exception | None] = {}
+        for group_id in group_ids:
+            try:
+                group = self._group(group_id)
+                group.delete()
+            except (UnknownGroupError, NonEmptyGroupError) as error:
+                outcome[group_id] = error
+                continue
+            del self.groups[group_id]
+            self.state_store.delete_group(group_id)
+            outcome[group_id] = None
+        await self.state_store.commit()
+        return outcome
+
+    async def expire_groups(self) -> list[str]:
+        """Delete Empty ordered groups whose newest commit is older than
+        ``offsets_retention_ms`` (wall ms, as commit times are; KIP-211): a simple
+        offset commit creates a group, and without this none would ever go."""
+        now_ms = self.clock.wall_ms()
+        expired = [
+            group_id for group_id, group in self.groups.items()
+            if group.state is GroupState.EMPTY and not group.members
+            and max((o.commit_ms for o in group.offsets.values()), default=0)
+            + self.config.offsets_retention_ms <= now_ms
+        ]
+        for group_id in expired:
+            del self.groups[group_id]
+            self.state_store.delete_group(group_id)
+            logger.info("ordered group %s expired (empty, no commit for %d ms)", group_id,
+                        self.config.offsets_retention_ms)
+        if expired:
+            await self.state_store.commit()
+        return expired
+
+    def group_lag(self, group_id: str) -> list[PartitionLag]:
+        """Lag of every partition of every topic the group committed to."""
+        group = self._group(group_id)
+        topics = sorted({topic for topic, _ in group.offsets})
+        lags = []
+        for topic in topics:
+            info = self.topics.find(topic)
+            if info is None:
+                continue
+            for partition in range(info.partitions):
+                log = self.log_store.partition(topic, partition)
+                committed = group.offsets.get((topic, partition))
+                start = committed.offset if committed is not None else log.log_start_offset
+                lags.append(PartitionLag(
+                    topic, partition, committed.offset if committed is not None else -1,
+                    log.high_watermark, max(0, log.high_watermark - start),
+                ))
+        return lags
+
+    async def delete_committed_offsets(
+        self, group_id: str, partitions: Iterable[tuple[str, int]]
+    ) -> None:
+        """Forget the group's committed offsets of these partitions (OffsetDelete)."""
+        group = self._group(group_id)
+        doomed = set(partitions)
+        for key in doomed:
+            group.offsets.pop(key, None)
+        for topic in {topic for topic, _ in doomed}:
+            self.state_store.delete_committed_offsets(group_id, topic)
+            self.state_store.save_committed_offsets(
+                CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
+                                   value.leader_epoch, value.commit_ms)
+                for (kept_topic, partition), value in group.offsets.items()
+                if kept_topic == topic)
+        await self.state_store.commit()
+
+    @staticmethod
+    def decode_server_assignment(assignment: bytes) -> list[tuple[str, int]]:
+        """Partitions of a server-assigned ("conveyor" protocol type) group member."""
+        return decode_assignment(assignment)

@@ -1,0 +1,273 @@
+"""Producer: appends to partition logs, with idempotence and topic auto-creation.
+
+Owns: raw RecordBatch appends (validation of sizes, the idempotent-producer check
+under a per-(producer, partition) lock), publishing ``Message``s as batches
+(partitioning, the reserved ``conveyor.*`` headers), producer ids, and the
+auto-creation of a topic on first produce.
+May call: the topic registry, producer state, the partitioner, the state store.
+It calls nothing above it: after an append it tells the listeners it was given
+(``on_append(topic, partition)``; ``on_records(topic, partition, base_offset, records)``
+for a queue), which the facade wires to the fetcher and the share coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from conveyor.clock import Clock
+from conveyor.errors import RecordTooLargeError, UnknownTopicError
+from conveyor.storage.record_batch import RecordData, build_batch, decode_records, split_batches
+from conveyor.storage.state_store import StateStore
+from conveyor.tasks import Supervisor
+
+from .broker_config import BrokerConfig, Gate
+from .keyed_locks import KeyedLocks
+from .partitioner import StickyPartitioner
+from .producer_state import IncomingBatch, ProducerStates
+from .stats import TrafficCounters
+from .topics import TopicRegistry
+from .types import (
+    HEADER_DEDUP_ID,
+    HEADER_DELIVER_AT,
+    HEADER_EXPIRES_AT,
+    HEADER_GROUP,
+    HEADER_PRIORITY,
+    AppendResult,
+    Message,
+    PublishResult,
+    TopicInfo,
+)
+
+AppendListener = Callable[[str, int], None]
+RecordsListener = Callable[[str, int, int, list[RecordData]], None]
+
+
+class Producer:
+    def __init__(
+        self, topics: TopicRegistry, producers: ProducerStates, state_store: StateStore,
+        clock: Clock, rng: random.Random, config: BrokerConfig, gate: Gate,
+        supervisor: Supervisor, traffic: TrafficCounters,
+    ) -> None:
+        self.topics = topics
+        self.traffic = traffic  # records and bytes in per partition (metrics)
+        self.producers = producers
+        self.state_store = state_store
+        self.clock = clock
+        self.config = config
+        self.gate = gate
+        self.supervisor = supervisor
+        self.partitioner = StickyPartitioner(rng)
+        # (producer id, topic, partition) -> lock serialising check + append; pruned
+        self.producer_locks = KeyedLocks()
+        # topic name -> its auto-creation in progress
+        self._auto_creating: dict[str, asyncio.Task[TopicInfo]] = {}
+        self.on_append: AppendListener = _ignore_append
+        self.on_records: RecordsListener | None = None
+        # whether a topic is a queue whose group decodes every record (the facade wires
+        # it to the share coordinator)
+        self.is_queue: Callable[[str], bool] = _no_queue
+
+    def forget_topic(self, name: str) -> None:
+        self.producers.forget_topic(name)
+        self.partitioner.forget(name)
+
+    async def ensure_topic(self, name: str) -> TopicInfo:
+        """The topic, created with defaults when auto_create_topics allows it."""
+        info = self.topics.find(name)
+        if info is not None:
+            return info
+        if not self.config.auto_create_topics:
+            raise UnknownTopicError("unknown topic", topic=name)
+        # concurrent first produces to one new topic share one creation, a task of the
+        # producer's supervisor (so a cancelled first caller does not abort it)
+        pending = self._auto_creating.get(name)
+        if pending is None:
+            pending = self.supervisor.start(
+                self.topics.create(name, self.config.default_partitions),
+                name=f"auto-create {name}")
+            self._auto_creating[name] = pending
+            pending.add_done_callback(lambda _: self._auto_creating.pop(name, None))
+        return await asyncio.shield(pending)
+
+    async def append_batch(
+        self, topic: str, partition: int, batch: bytes | bytearray | memoryview
+    ) -> AppendResult:
+        """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append."""
+        info = await self.ensure_topic(topic)
+        log = self.topics.partition_log(topic, partition)
+        batches = split_batches(batch)
+        headers = [header for _, header in batches]
+        size_max = min(info.config.max_message_bytes, self.config.record_bytes_max)
+        for header in headers:
+            if header.size_bytes > size_max:
+                raise RecordTooLargeError(
+                    "batch larger than max.message.bytes", topic=topic, partition=partition,
+                    size_bytes=header.size_bytes, size_max=size_max,
+                )
+        if self._has_record_readers(topic, info):
+            for position, _ in batches:  # queues decode every record: refuse what cannot be
+                decode_records(batch, position)
+        incoming = [
+            IncomingBatch(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count)
+            for h in headers
+        ]
+        producer_id = incoming[0].producer_id
+        if producer_id < 0:
+            return await self.append(topic, partition, log, batch, ())
+        key = (producer_id, topic, partition)
+        async with self.producer_locks.hold(key):
+            duplicate = self.producers.check(topic, partition, incoming)
+            if duplicate is not None:
+                return AppendResult(
+                    duplicate.base_offset, duplicate.last_offset, -1, log.log_start_offset,
+                    duplicate=True,
+                )
+            return await self.append(topic, partition, log, batch, incoming)
+
+    def _has_record_readers(self, topic: str, info: TopicInfo) -> bool:
+        """A queue's records are decoded by its consumers (AMQP, SQS, HTTP), so a Kafka
+        batch for it is decoded once at ingress; other topics' batches are only CRC-checked
+        (the Kafka path creates no object per record; a reader that meets an undecodable
+        batch sets it aside, see Fetcher.read_records)."""
+        return info.config.cleanup_policy == "work-queue" or self.is_queue(topic)
+
+    async def append(
+        self, topic: str, partition: int, log: Any, batch: bytes | bytearray | memoryview,
+        incoming: Sequence[IncomingBatch],
+    ) -> AppendResult:
+        self.gate.check()
+        appended = await log.append(batch)
+        counters = self.traffic.partition(topic, partition)
+        counters.records_in += appended.last_offset - appended.base_offset + 1
+        counters.bytes_in += len(batch)
+        if incoming:
+            offset = appended.base_offset
+            for item in incoming:
+                last_offset = offset + item.record_count - 1
+                self.producers.observe(
+                    topic, partition, item.producer_id, item.producer_epoch, item.base_sequence,
+                    item.last_sequence, offset, last_offset,
+                )
+                offset = last_offset + 1
+            self.producers.persist(
+                topic, partition, [item.producer_id for item in incoming],
+                appended.last_offset + 1,
+            )
+        self.on_append(topic, partition)
+        if incoming:
+            await self.state_store.commit()
+        return AppendResult(
+            appended.base_offset, appended.last_offset, appended.log_append_time_ms,
+            log.log_start_offset,
+        )
+
+    async def partition_for_key(self, topic: str, key: bytes | None) -> int:
+        info = await self.ensure_topic(topic)
+        return self.partitioner.partition(topic, key, info.partitions)
+
+    async def publish_records(
+        self, info: TopicInfo, messages: Sequence[Message], partition: int | None = None
+    ) -> list[PublishResult]:
+        """Publish without shared-group admission (dedup/overflow): the raw append path."""
+        if partition is not None:
+            self.topics.partition_log(info.name, partition)  # raises UnknownPartitionError
+        now_ms = self.clock.wall_ms()
+        # partition -> [(position in messages, record)]
+        grouped: dict[int, list[tuple[int, RecordData]]] = {}
+        keyless = False
+        for index, message in enumerate(messages):
+            target = partition
+            if target is None:
+                target = self.partitioner.partition(info.name, message.key, info.partitions)
+                keyless = keyless or message.key is None
+            grouped.setdefault(target, []).append((index, to_record_data(message, now_ms)))
+        if keyless:
+            self.partitioner.next_batch(info.name, info.partitions)
+        results: list[PublishResult | None] = [None] * len(messages)
+        if len(grouped) == 1:  # the common case: no task per append
+            ((target, entries),) = grouped.items()
+            await self._publish_partition(info, target, entries, results)
+        else:
+            # every partition's append runs to its end (a failure of one does not cancel
+            # the others mid-fsync); the first failure is raised as itself afterwards
+            failures: list[BaseException] = []
+            async with asyncio.TaskGroup() as group:
+                for target, entries in grouped.items():
+                    group.create_task(self._publish_partition_noting_failure(
+                        info, target, entries, results, failures))
+            if failures:
+                raise failures[0]
+        return [result for result in results if result is not None]
+
+    async def _publish_partition_noting_failure(
+        self, info: TopicInfo, partition: int, entries: list[tuple[int, RecordData]],
+        results: list[PublishResult | None], failures: list[BaseException],
+    ) -> None:
+        try:
+            await self._publish_partition(info, partition, entries, results)
+        except Exception as error:  # raised by publish_records once all are done
+            failures.append(error)
+
+    async def _publish_partition(
+        self, info: TopicInfo, partition: int, entries: list[tuple[int, RecordData]],
+        results: list[PublishResult | None],
+    ) -> None:
+        size_max = min(info.config.max_message_bytes, self.config.record_bytes_max)
+        batches = build_batches([record for _, record in entries], size_max, info.name)
+        log = self.topics.partition_log(info.name, partition)
+        appended = await self.append(info.name, partition, log, b"".join(batches), ())
+        for offset_delta, (index, _) in enumerate(entries):
+            offset = appended.base_offset + offset_delta
+            results[index] = PublishResult(info.name, partition, offset)
+        if info.kind == "queue" and self.on_records is not None:
+            # the records just written, so a queue's consumers need not decode them back
+            self.on_records(info.name, partition, appended.base_offset,
+                            [record for _, record in entries])
+
+    async def init_producer_id(self, transactional_id: str | None = None) -> tuple[int, int]:
+        return await self.producers.init_producer_id(transactional_id)
+
+
+def _ignore_append(topic: str, partition: int) -> None:
+    return None
+
+
+def _no_queue(topic: str) -> bool:
+    return False
+
+
+def to_record_data(message: Message, now_ms: int) -> RecordData:
+    """A Message as a record, with its queue features in the reserved headers."""
+    headers = list(message.headers)
+    if message.priority is not None:
+        headers.append((HEADER_PRIORITY, str(message.priority).encode()))
+    if message.deliver_at_ms is not None:
+        headers.append((HEADER_DELIVER_AT, str(message.deliver_at_ms).encode()))
+    if message.expires_at_ms is not None:
+        headers.append((HEADER_EXPIRES_AT, str(message.expires_at_ms).encode()))
+    if message.dedup_id is not None:
+        headers.append((HEADER_DEDUP_ID, message.dedup_id.encode()))
+    if message.message_group is not None:
+        headers.append((HEADER_GROUP, message.message_group.encode()))
+    timestamp_ms = message.timestamp_ms if message.timestamp_ms is not None else now_ms
+    return RecordData(message.key, message.value, tuple(headers), timestamp_ms)
+
+
+def build_batches(records: list[RecordData], size_max: int, topic: str) -> list[bytes]:
+    """One batch if it fits, else halves recursively; a single record too big is an error."""
+    batch = build_batch(records)
+    if len(batch) <= size_max:
+        return [batch]
+    if len(records) == 1:
+        raise RecordTooLargeError(
+            "record larger than max.message.bytes", topic=topic, size_bytes=len(batch),
+            size_max=size_max,
+        )
+    middle = len(records) // 2
+    return build_batches(records[:middle], size_max, topic) + build_batches(
+        records[middle:], size_max, topic
+    )
+

@@ -1,0 +1,50 @@
+"""Supervisor: the owner of a component's long-lived background tasks.
+
+Structured concurrency (Trio's rule, ``asyncio.TaskGroup``): a task belongs to the
+component that waits for it. Short-lived concurrency uses ``async with
+asyncio.TaskGroup()`` where it happens. A component whose tasks outlive one call
+(the broker's timer, a topic auto-creation that several produces share, a
+group-commit fsync pass) starts them here and, on shutdown, ``close()``s its
+supervisor, which cancels what is asked to stop and awaits every task it started,
+so none outlives its owner. The one place in conveyor/ that calls ``create_task``
+outside a TaskGroup (tests/test_tidy.py holds everyone else to it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Supervisor:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self, coroutine: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """Run ``coroutine`` as a task owned by this supervisor."""
+        task = asyncio.get_running_loop().create_task(coroutine, name=name or self.owner)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self, cancel: bool = False) -> None:
+        """Await every task still running (cancelling them first when ``cancel``).
+
+        Their outcomes belong to whoever awaited them; one nobody awaited is read
+        here, so an error is never silently left on a task."""
+        while self._tasks:
+            tasks = list(self._tasks)
+            if cancel:
+                for task in tasks:
+                    task.cancel()
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.exception()
