@@ -177,6 +177,8 @@ FUNCTION_LINES_MAX = 70
 SIZE_ALLOWED: dict[str, str] = {
     "conveyor/broker/broker.py:Broker": "the facade: one short delegation per public "
                                         "operation; the rules live in its peers",
+    "conveyor/broker/broker.py": "the facade over six peers (see its class); the Kafka 4 "
+                                 "admin reads and stats landed beside the split",
     "conveyor/broker/ordered_group.py": "Kafka's classic group protocol as one sans-IO "
                                         "state machine with its transition table",
     "conveyor/broker/ordered_group.py:OrderedGroup": "the state machine's handlers, one per "
@@ -190,6 +192,10 @@ SIZE_ALLOWED: dict[str, str] = {
     "conveyor/protocols/amqp/adapter.py": "the Channel still holds the AMQP semantics; "
                                           "being split into a sans-IO channel (issue 18)",
     "conveyor/protocols/amqp/adapter.py:Channel": "as its module (see above)",
+    "conveyor/protocols/kafka/adapter.py:KafkaConnection": "framing, flow and sendfile of "
+                                                           "one connection; 9 lines over",
+    "conveyor/storage/record_batch.py": "the RecordBatch v2 codec with its bounds checks "
+                                        "(decompression limits, record validation)",
     "conveyor/storage/record_batch.py:_decode_records_fast": "the decode hot loop, inlined "
                                                              "on purpose (bench/storage)",
     "conveyor/storage/state_store.py": "one SQL schema with its queries, kept together",

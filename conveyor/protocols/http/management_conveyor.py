@@ -24,7 +24,7 @@ from conveyor.protocols.http.codec import ApiResponse
 
 if TYPE_CHECKING:
     from conveyor.broker.types import Headers
-    from conveyor.protocols.http.management import ManagementApi
+    from conveyor.protocols.http.management_host import ManagementHost
 
 PREVIEW_BYTES: Final = 4096
 HEX_PREVIEW_BYTES: Final = 512
@@ -110,7 +110,7 @@ def parse_consumer_assignment(data: bytes) -> list[tuple[str, list[int]]]:
 
 
 class ConveyorExtensions:
-    def __init__(self, api: ManagementApi) -> None:
+    def __init__(self, api: ManagementHost) -> None:
         self.api = api
         self.broker = api.broker
         self.routes: dict[tuple[str, ...], Callable[..., Any]] = {

@@ -45,7 +45,7 @@ from conveyor.protocols.http.management_messages import (
 )
 
 if TYPE_CHECKING:
-    from conveyor.protocols.http.management import ManagementApi
+    from conveyor.protocols.http.management_host import ManagementHost
 
 CONSUMER_TIMEOUT_MS: Final = 30 * 60 * 1000  # as the AMQP listener's queues (RabbitMQ's)
 EXCHANGE_TYPES: Final = ("direct", "fanout", "topic", "headers")
@@ -75,7 +75,7 @@ def _object(body: Any) -> dict[str, Any]:
 
 
 class ObjectRoutes:
-    def __init__(self, api: ManagementApi) -> None:
+    def __init__(self, api: ManagementHost) -> None:
         self.api = api
         self.broker = api.broker
         self.routes: list[Route] = [
