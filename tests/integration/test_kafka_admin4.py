@@ -245,6 +245,11 @@ def test_describe_configs_types_sources_synonyms(server: BrokerThread,
     assert (retention["value"], retention["config_type"]) == ("60000", "LONG")
     assert [(item["name"], item["source"]) for item in retention["synonyms"]] == [
         ("retention.ms", "DYNAMIC_TOPIC_CONFIG"), ("log.retention.ms", "DEFAULT_CONFIG")]
+    every = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)],
+                                   config_filter="all")["topic"][topic]
+    assert every["min.insync.replicas"]["read_only"]  # a Kafka config with a fixed value
+    assert every["compression.type"]["value"] == "producer"
+    assert every["min.cleanable.dirty.ratio"]["config_type"] == "DOUBLE"
     confluent = AdminClient({"bootstrap.servers": bootstrap(server)})
     resource = ConfluentConfigResource(ResourceType.BROKER, "0")
     found = confluent.describe_configs([resource])[resource].result(WAIT_S)

@@ -274,3 +274,19 @@ def test_broker_restart_keeps_acknowledged_records_acknowledged(server: BrokerTh
     finally:
         again.close()
     assert sorted(values(first) + values(rest)) == sorted(f"v{i}".encode() for i in range(10))
+
+
+def test_one_share_consumer_reads_two_topics(server: BrokerThread) -> None:
+    first, second, group = unique("share-a"), unique("share-b"), unique("g")
+    set_group_configs(server, group, share_auto_offset_reset="earliest")
+    produce(server, first, 5)
+    produce(server, second, 5, partitions=2)
+    share = ShareConsumer({"bootstrap.servers": bootstrap(server), "group.id": group})
+    share.subscribe([first, second])
+    try:
+        received = poll_until(share, 10)
+    finally:
+        share.close()
+    assert sorted((m.topic(), m.value()) for m in received) == sorted(
+        [(first, f"v{i}".encode()) for i in range(5)]
+        + [(second, f"v{i}".encode()) for i in range(5)])

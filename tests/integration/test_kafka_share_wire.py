@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import datetime
 import struct
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -285,3 +286,26 @@ async def test_huge_acknowledgement_ranges_cost_nothing(server: Server, client: 
     assert fine.responses[0].partitions[0].acknowledge_error_code == error_codes.NONE
     offsets = server.broker.shared_group_start_offsets("t", "g")
     assert offsets == {0: 3}
+
+
+async def test_unknown_topic_ids_answer_unknown_topic_id(server: Server, client: Client) -> None:
+    await joined(server, client, records=1)
+    await client.call(share_fetch("m1", 0))
+    stranger = uuid.UUID(int=12345)
+    acknowledge = ack_v1.ShareAcknowledgeRequest(
+        group_id="g", member_id="m1", share_session_epoch=1, topics=(
+            ack_v1.AcknowledgeTopic(topic_id=stranger, partitions=(
+                ack_v1.AcknowledgePartition(partition_index=0, acknowledgement_batches=(
+                    ack_v1.AcknowledgementBatch(first_offset=0, last_offset=0,
+                                                acknowledge_types=(1,)),)),)),))
+    answer = await client.call(acknowledge)
+    assert answer.error_code == error_codes.NONE
+    assert answer.responses[0].partitions[0].error_code == error_codes.UNKNOWN_TOPIC_ID
+    fetch = fetch_v1.ShareFetchRequest(
+        group_id="g", member_id="m1", share_session_epoch=2,
+        max_wait=datetime.timedelta(0), min_bytes=1, max_records=10, batch_size=10,
+        forgotten_topics_data=(), topics=(fetch_v1.FetchTopic(topic_id=stranger, partitions=(
+            fetch_v1.FetchPartition(partition_index=0, acknowledgement_batches=()),)),))
+    fetched = await client.call(fetch)
+    by_id = {topic.topic_id: topic.partitions[0] for topic in fetched.responses}
+    assert by_id[stranger].error_code == error_codes.UNKNOWN_TOPIC_ID

@@ -32,6 +32,7 @@ from conveyor.protocols.kafka.config_catalog import (
     BrokerFacts,
     ConfigEntry,
     broker_entries,
+    fixed_topic_entries,
     group_type,
     topic_entry,
 )
@@ -265,6 +266,7 @@ def handle_describe_configs(broker: Broker, request: Request,
                 values = broker.topic_config(resource.resource_name)
                 entries = [topic_entry(name, value, _DEFAULT_CONFIG.get(name))
                            for name, value in sorted(values.items())]
+                entries += fixed_topic_entries(set(values))
             except OperatingError as error:
                 code, message = _code(error), error.message
         elif resource.resource_type == RESOURCE_GROUP and configs is not None:

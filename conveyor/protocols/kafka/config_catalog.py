@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-BOOLEAN, STRING, INT, SHORT, LONG, LIST = 1, 2, 3, 4, 5, 7
+BOOLEAN, STRING, INT, SHORT, LONG, DOUBLE, LIST = 1, 2, 3, 4, 5, 6, 7
 SOURCE_TOPIC, SOURCE_STATIC_BROKER, SOURCE_DEFAULT, SOURCE_GROUP = 1, 4, 5, 8
 
 
@@ -49,6 +49,40 @@ TOPIC_CONFIGS: Final[dict[str, tuple[int, str | None, str]]] = {
     "conveyor.fsync": (STRING, None, "always, interval or never: when appends are fsynced."),
     "conveyor.fsync.interval.ms": (LONG, None, "Fsync period of the interval policy."),
 }
+_LONG_MAX: Final = str(2**63 - 1)
+# Kafka topic configs Conveyor has no meaning for: described read-only with the value
+# Conveyor behaves as (AlterConfigs accepts the ones clients send routinely, ignored).
+FIXED_TOPIC_CONFIGS: Final[dict[str, tuple[str, int]]] = {
+    "compression.type": ("producer", STRING),  # batches are stored as the producer sent
+    "message.timestamp.type": ("CreateTime", STRING),
+    "message.timestamp.before.max.ms": (_LONG_MAX, LONG),
+    "message.timestamp.after.max.ms": (_LONG_MAX, LONG),
+    "min.insync.replicas": ("1", INT),
+    "unclean.leader.election.enable": ("false", BOOLEAN),
+    "preallocate": ("false", BOOLEAN),
+    "index.interval.bytes": ("4096", INT),
+    "segment.index.bytes": ("10485760", INT),
+    "segment.jitter.ms": ("0", LONG),
+    "file.delete.delay.ms": ("0", LONG),
+    "flush.messages": (_LONG_MAX, LONG),  # the fsync policy is conveyor.fsync
+    "flush.ms": (_LONG_MAX, LONG),
+    "follower.replication.throttled.replicas": ("", LIST),
+    "leader.replication.throttled.replicas": ("", LIST),
+    "min.cleanable.dirty.ratio": ("0.5", DOUBLE),
+    "max.compaction.lag.ms": (_LONG_MAX, LONG),
+    "remote.storage.enable": ("false", BOOLEAN),
+    "local.retention.ms": ("-2", LONG),
+    "local.retention.bytes": ("-2", LONG),
+}
+_FIXED_DOCUMENTATION: Final = "Fixed in Conveyor: it behaves as this value."
+
+
+def fixed_topic_entries(known: set[str]) -> list[ConfigEntry]:
+    return [ConfigEntry(name, value, config_type, SOURCE_DEFAULT, True, _FIXED_DOCUMENTATION)
+            for name, (value, config_type) in sorted(FIXED_TOPIC_CONFIGS.items())
+            if name not in known]
+
+
 # group config -> documentation (types: the *.ms and limit ones are INT, the rest STRING)
 GROUP_DOCUMENTATION: Final[dict[str, str]] = {
     "share.auto.offset.reset": "Where a share group starts on a topic: latest or earliest.",

@@ -1,8 +1,10 @@
 """Request dispatch: one typed Kafka request in, the bytes of its answer out.
 
 Owns: the table api_key -> handler, ApiVersions, SASL/PLAIN (SaslHandshake v1
-+ SaslAuthenticate), and the authentication gate. The per-API work lives in
-data_handlers (Produce, Fetch, ListOffsets), group_handlers and admin_handlers.
++ SaslAuthenticate), the authentication gate, and one set of Kafka 4 group
+coordinators per broker (group configs, share groups, KIP-848 consumer groups). The
+per-API work lives in data_handlers (Produce, Fetch, ListOffsets), group_handlers,
+admin_handlers, log_admin_handlers, consumer_handlers and share_handlers.
 
 Rules:
 - With SASL users configured, a connection may send only ApiVersions,
@@ -62,7 +64,8 @@ class KafkaHandlers:
         self.counters = counters or ListenerCounters("kafka")
         # Encoding kio responses needs no per-connection state: one codec serves all.
         self._codec = ServerCodec(settings.frame_bytes_max)
-        # Share groups (KIP-932): membership and sessions over the broker's shared groups.
+        # Kafka 4 groups: group configs, share groups (KIP-932, over the broker's shared
+        # groups) and consumer groups (KIP-848, over its committed offsets).
         coordinators = _COORDINATORS.get(broker)
         if coordinators is None:  # one set per broker, shared by its Kafka listeners
             configs = GroupConfigs(broker.state_store)
@@ -182,9 +185,10 @@ class KafkaHandlers:
         if api_key == 75:
             return log_admin_handlers.handle_describe_topic_partitions(broker, self.node,
                                                                        request)
-        return await self._share(request, state)
+        return await self._kafka4_groups(request, state)
 
-    async def _share(self, request: Request, state: ConnectionState) -> Any:
+    async def _kafka4_groups(self, request: Request, state: ConnectionState) -> Any:
+        """KIP-848 consumer groups and KIP-932 share groups."""
         api_key = request.header.api_key
         if api_key == 68:
             return await consumer_handlers.handle_heartbeat(self.consumers, self.broker,

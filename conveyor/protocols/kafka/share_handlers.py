@@ -268,7 +268,7 @@ async def handle_acknowledge(coordinator: ShareCoordinator, broker: Broker, node
         for partition in topic.partitions:
             index = partition.partition_index
             failure = outcome.get((name, index)) if name is not None else None
-            code = ack_errors.get((topic.topic_id, index),
+            code = ack_errors.get((topic.topic_id or uuid.UUID(int=0), index),
                                   _code(failure) if failure is not None else 0)
             partitions.append(build(
                 partition_type, partition_index=index, error_code=code,

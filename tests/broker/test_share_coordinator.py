@@ -1,0 +1,101 @@
+"""Goal: the share coordinator's rules over a real broker, with time under test control:
+lock expiry hands a record to another member and fences the late acknowledgement;
+a silent member is removed and what it held comes back; the delivery-count limit
+dead-letters; share-session epochs are checked and closing a session releases.
+
+Method: ShareCoordinator over the broker harness (file log store, SQLite state,
+SimClock); time moves only by SimClock.advance.
+"""
+
+from __future__ import annotations
+
+import pytest
+from broker_harness import BrokerHarness
+
+from conveyor.broker.broker import Broker
+from conveyor.broker.group_configs import GroupConfigs
+from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator
+from conveyor.broker.types import HEADER_DEAD_REASON, Message
+from conveyor.errors import (
+    InvalidRecordStateError,
+    InvalidShareSessionEpochError,
+    ShareSessionNotFoundError,
+)
+
+
+async def coordinator(harness: BrokerHarness, broker: Broker, **configs: str) -> ShareCoordinator:
+    group_configs = GroupConfigs(broker.state_store)
+    await group_configs.alter("g", {"share.auto.offset.reset": "earliest", **configs}, ())
+    await broker.create_topic("t", 1)
+    await broker.publish("t", [Message(value=b"v%d" % index) for index in range(3)])
+    shares = ShareCoordinator(broker, harness.clock, group_configs)
+    for member in ("a", "b"):
+        joined = await shares.heartbeat("g", member, 0, ["t"])
+        assert joined.assignment == {"t": (0,)}
+    return shares
+
+
+def accept(offset: int) -> Acknowledgement:
+    return Acknowledgement("t", 0, offset, offset, (1,))
+
+
+async def test_lock_expiry_moves_the_record_and_fences_the_late_ack(
+        harness: BrokerHarness, broker: Broker) -> None:
+    shares = await coordinator(harness, broker, **{"share.record.lock.duration.ms": "1000"})
+    held, _ = await shares.acquire("g", "a", ["t"], 10, 0)
+    assert [d.offset for d in held] == [0, 1, 2]
+    assert (await shares.acquire("g", "b", ["t"], 10, 0))[0] == []
+    harness.clock.advance(1_001)
+    again, _ = await shares.acquire("g", "b", ["t"], 10, 0)
+    assert [(d.offset, d.delivery_count) for d in again] == [(0, 2), (1, 2), (2, 2)]
+    late = await shares.acknowledge("g", "a", [accept(0)])
+    assert isinstance(late[("t", 0)], InvalidRecordStateError)
+    assert await shares.acknowledge("g", "b", [accept(0)]) == {("t", 0): None}
+
+
+async def test_silent_member_is_removed_and_its_records_come_back(
+        harness: BrokerHarness, broker: Broker) -> None:
+    shares = await coordinator(harness, broker, **{"share.record.lock.duration.ms": "600000"})
+    held, _ = await shares.acquire("g", "a", ["t"], 10, 0)
+    assert len(held) == 3
+    b_epoch = shares.describe("g").members["b"].epoch
+    harness.clock.advance(30_000)
+    await shares.heartbeat("g", "b", b_epoch, None)
+    harness.clock.advance(16_000)  # a silent for 46 s > share.session.timeout.ms (45 s)
+    await shares.heartbeat("g", "b", b_epoch, None)  # touches the group: a is removed
+    assert list(shares.describe("g").members) == ["b"]
+    back, _ = await shares.acquire("g", "b", ["t"], 10, 0)
+    assert [d.offset for d in back] == [0, 1, 2]
+
+
+async def test_delivery_count_limit_dead_letters(harness: BrokerHarness,
+                                                 broker: Broker) -> None:
+    shares = await coordinator(harness, broker, **{"share.delivery.count.limit": "2"})
+    for _ in range(2):
+        held, _ = await shares.acquire("g", "a", ["t"], 1, 0)
+        assert [d.offset for d in held] == [0]
+        release = Acknowledgement("t", 0, 0, 0, (2,))
+        assert await shares.acknowledge("g", "a", [release]) == {("t", 0): None}
+    next_up, _ = await shares.acquire("g", "a", ["t"], 1, 0)
+    assert [d.offset for d in next_up] == [1]
+    dead = await broker.read_records("g.dlq", 0, 0, 10)
+    assert [(r.value, dict(r.headers)[HEADER_DEAD_REASON]) for r in dead] == [
+        (b"v0", b"max-deliveries")]
+
+
+async def test_session_epochs_and_closing_releases(harness: BrokerHarness,
+                                                   broker: Broker) -> None:
+    shares = await coordinator(harness, broker)
+    with pytest.raises(ShareSessionNotFoundError):
+        await shares.open_session("g", "a", 1, [], [])
+    await shares.open_session("g", "a", 0, [("t", 0)], [])
+    await shares.open_session("g", "a", 1, [], [])
+    with pytest.raises(InvalidShareSessionEpochError):
+        await shares.open_session("g", "a", 1, [], [])
+    held, _ = await shares.acquire("g", "a", ["t"], 10, 0)
+    assert len(held) == 3
+    _, closing = await shares.open_session("g", "a", -1, [], [])
+    assert closing
+    await shares.close_session("g", "a")
+    back, _ = await shares.acquire("g", "b", ["t"], 10, 0)
+    assert [(d.offset, d.delivery_count) for d in back] == [(0, 2), (1, 2), (2, 2)]
