@@ -10,14 +10,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := constraints.txt
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
+# `pip` rides along in every install so the pinned pip replaces the venv's bundled one in
+# the same run; --no-compile: modules get their bytecode when first imported instead of
+# all at install time (most of pygments' and aiohttp's never are).
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-compile --constraint $(CONSTRAINTS) pip
 INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 
 .PHONY: serve test lint bench fuzz lock clean
 
-$(VENV)/.venv-created: $(CONSTRAINTS)
+$(VENV)/.venv-created:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
 	touch $@
 
 # `-e .[dev]` installs the runtime too, so it also counts as the runtime's install.
