@@ -21,8 +21,11 @@ FIX = "run `make lock` and commit constraints.txt"
 
 
 def declared() -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [Requirement(text) for text in project["dependencies"]]
+    """Runtime, every extra, and the build backend that ``pip install -e .`` builds with."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    requirements = [Requirement(text) for text in pyproject["build-system"]["requires"]]
+    requirements.extend(Requirement(text) for text in project["dependencies"])
     for extra in project["optional-dependencies"].values():
         requirements.extend(Requirement(text) for text in extra)
     return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
