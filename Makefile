@@ -23,9 +23,13 @@ PIP_VERSION := $(shell sed -n 's/^pip==//p' $(CONSTRAINTS))
 PIP_WHEEL := $(CONVEYOR_WHEELS)/pip-$(PIP_VERSION)-py3-none-any.whl
 # `pip` (pinned) rides along in every install; flit_core is the build backend behind -e.
 # --no-compile: bytecode is written when a module is first imported, not all at install.
+# The venv is made without pip: when the cache has the pinned pip's wheel, pip runs from
+# that wheel to install itself and the project in one go (no ensurepip, which takes
+# seconds and on Python 3.11 adds setuptools); otherwise ensurepip seeds it.
+PIP = $(BIN)/python $$(test -x $(BIN)/pip && echo -m pip || echo $(PIP_WHEEL)/pip)
 PIP_OFFLINE := --quiet --no-index --find-links $(CONVEYOR_WHEELS) --constraint $(CONSTRAINTS)
-PIP_INSTALL := $(BIN)/python -m pip install $(PIP_OFFLINE) --no-compile pip
-PIP_FETCH := $(BIN)/python -m pip wheel --quiet --wheel-dir $(CONVEYOR_WHEELS) \
+PIP_INSTALL = $(PIP) install $(PIP_OFFLINE) --no-compile pip
+PIP_FETCH = $(PIP) wheel --quiet --wheel-dir $(CONVEYOR_WHEELS) \
 	--constraint $(CONSTRAINTS) pip flit_core
 # $(call install,REQUIREMENT): offline from the wheel cache, else fill it and retry.
 install = $(PIP_INSTALL) $(1) 2>/dev/null \
@@ -34,12 +38,9 @@ INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 
 .PHONY: serve test lint bench fuzz lock clean
 
-# No ensurepip when the cache has the pinned pip: pip runs from its own wheel to install
-# itself, which skips the seconds ensurepip takes (and Python 3.11's bundled setuptools).
 $(VENV)/.venv-created:
 	$(PYTHON) -m venv --without-pip $(VENV)
-	if [ -f $(PIP_WHEEL) ]; then $(BIN)/python $(PIP_WHEEL)/pip install $(PIP_OFFLINE) pip; \
-	else $(BIN)/python -m ensurepip --upgrade --default-pip >/dev/null; fi
+	test -f $(PIP_WHEEL) || $(BIN)/python -m ensurepip --upgrade --default-pip >/dev/null
 	touch $@
 
 # `-e .[dev]` installs the runtime too, so it also counts as the runtime's install.
