@@ -23,16 +23,19 @@ PIP_VERSION := $(shell sed -n 's/^pip==//p' $(CONSTRAINTS))
 PIP_WHEEL := $(CONVEYOR_WHEELS)/pip-$(PIP_VERSION)-py3-none-any.whl
 # `pip` (pinned) rides along in every install; flit_core is the build backend behind -e.
 # --no-compile: bytecode is written when a module is first imported, not all at install.
-# The venv is made without pip: when the cache has the pinned pip's wheel, pip runs from
-# that wheel to install itself and the project in one go (no ensurepip, which takes
-# seconds and on Python 3.11 adds setuptools); otherwise ensurepip seeds it.
-PIP = $(BIN)/python $$(test -x $(BIN)/pip && echo -m pip || echo $(PIP_WHEEL)/pip)
+# The venv is made without pip: when the cache has the pinned pip, that pip (unpacked
+# once from its wheel, so its bytecode is cached too) installs itself and the project in
+# one run; no ensurepip, which takes seconds and on Python 3.11 adds setuptools. On a cold
+# cache ensurepip seeds the venv as usual.
+PIP_DIR := $(XDG_CACHE_HOME)/conveyor/pip-$(PIP_VERSION)
+PIP = $(BIN)/python $$(test -x $(BIN)/pip && echo -m pip || echo $(PIP_DIR)/pip)
 PIP_OFFLINE := --quiet --no-index --find-links $(CONVEYOR_WHEELS) --constraint $(CONSTRAINTS)
 PIP_INSTALL = $(PIP) install $(PIP_OFFLINE) --no-compile pip
 PIP_FETCH = $(PIP) wheel --quiet --wheel-dir $(CONVEYOR_WHEELS) \
 	--constraint $(CONSTRAINTS) pip flit_core
 # $(call install,REQUIREMENT): offline from the wheel cache, else fill it and retry.
-install = $(PIP_INSTALL) $(1) 2>/dev/null \
+install = @echo "pip install $(1)   (pinned by $(CONSTRAINTS); wheels in $(CONVEYOR_WHEELS))"; \
+	$(PIP_INSTALL) $(1) 2>/dev/null \
 	|| { $(PIP_FETCH) $(1) && rm -f $(CONVEYOR_WHEELS)/conveyor-*.whl && $(PIP_INSTALL) $(1); }
 INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 
@@ -40,21 +43,23 @@ INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 
 $(VENV)/.venv-created:
 	$(PYTHON) -m venv --without-pip $(VENV)
-	test -f $(PIP_WHEEL) || $(BIN)/python -m ensurepip --upgrade --default-pip >/dev/null
-	touch $@
+	@test -d $(PIP_DIR) || ! test -f $(PIP_WHEEL) || { rm -rf $(PIP_DIR).new && \
+	  $(PYTHON) -m zipfile -e $(PIP_WHEEL) $(PIP_DIR).new && mv $(PIP_DIR).new $(PIP_DIR); }
+	@test -d $(PIP_DIR) || $(BIN)/python -m ensurepip --upgrade --default-pip >/dev/null
+	@touch $@
 
 # `-e .[dev]` installs the runtime too, so it also counts as the runtime's install.
 $(VENV)/.installed-runtime: $(INSTALL_INPUTS)
 	$(call install,-e .)
-	touch $@
+	@touch $@
 
 $(VENV)/.installed-dev: $(INSTALL_INPUTS)
 	$(call install,-e '.[dev]')
-	touch $@ $(VENV)/.installed-runtime
+	@touch $@ $(VENV)/.installed-runtime
 
 $(VENV)/.installed-bench: $(INSTALL_INPUTS)
 	$(call install,-e '.[bench]')
-	touch $@ $(VENV)/.installed-runtime
+	@touch $@ $(VENV)/.installed-runtime
 
 serve: $(VENV)/.installed-runtime
 	$(BIN)/conveyor serve $(ARGS)
