@@ -24,7 +24,8 @@ PIP_WHEEL := $(CONVEYOR_WHEELS)/pip-$(PIP_VERSION)-py3-none-any.whl
 # `pip` (pinned) rides along in every install; flit_core is the build backend behind -e.
 # --no-compile: bytecode is written when a module is first imported, not all at install.
 # The venv is made without pip: when the cache has the pinned pip, that pip (unpacked
-# once from its wheel, so its bytecode is cached too) installs itself and the project in
+# once from its wheel, so its bytecode is cached too; without its dist-info, else pip
+# would see itself as installed already) installs itself and the project in
 # one run; no ensurepip, which takes seconds and on Python 3.11 adds setuptools. On a cold
 # cache ensurepip seeds the venv as usual.
 PIP_DIR := $(XDG_CACHE_HOME)/conveyor/pip-$(PIP_VERSION)
@@ -44,7 +45,8 @@ INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 $(VENV)/.venv-created:
 	$(PYTHON) -m venv --without-pip $(VENV)
 	@test -d $(PIP_DIR) || ! test -f $(PIP_WHEEL) || { rm -rf $(PIP_DIR).new && \
-	  $(PYTHON) -m zipfile -e $(PIP_WHEEL) $(PIP_DIR).new && mv $(PIP_DIR).new $(PIP_DIR); }
+	  $(PYTHON) -m zipfile -e $(PIP_WHEEL) $(PIP_DIR).new && rm -r $(PIP_DIR).new/pip-*.dist-info && \
+	  mv $(PIP_DIR).new $(PIP_DIR); }
 	@test -d $(PIP_DIR) || $(BIN)/python -m ensurepip --upgrade --default-pip >/dev/null
 	@touch $@
 
