@@ -23,6 +23,9 @@ is built around print-output and lint checks rather than a live server.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import re
 import shlex
 import subprocess
@@ -92,6 +95,7 @@ class DocumentRun:
     broker: BrokerProcess | None = None
     brokers_started: int = 0
     background: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    namespace: dict[str, Any] = field(default_factory=dict)  # the document's, shared by its blocks
 
     def start_broker(self, arguments: list[str]) -> None:
         self.stop_broker()
@@ -143,6 +147,10 @@ class DocumentRun:
 
     def close(self) -> list[str]:
         """Stop everything; returns what went wrong in background processes."""
+        # The examples' clients go before their broker: a Kafka producer left alive keeps
+        # reconnecting to the stopped broker (and logging it) until the interpreter exits.
+        self.namespace.clear()
+        gc.collect()
         problems = []
         for process in self.background:
             if process.poll() is not None and process.returncode != 0:
@@ -169,7 +177,13 @@ def evaluate(example: Example) -> None:
             [sys.executable, str(script)], cwd=run.workdir, env=run.environment(),
             stdout=log, stderr=subprocess.STDOUT))
         return
-    exec(compile(source, example.path, "exec"), example.namespace)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(source, example.path, "exec"), example.namespace)
+    finally:
+        sys.stdout.write(printed.getvalue())  # still shown with -s or on failure
+        example.namespace["python_output"] = printed.getvalue()
 
 
 def shell_commands(source: str) -> list[str]:
@@ -238,7 +252,9 @@ def document_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Document
 
 @pytest.mark.parametrize("example", collect())
 def test_example(example: Example, document_runs: DocumentRuns) -> None:
-    example.namespace["document_run"] = document_runs.for_example(example)
+    run = document_runs.for_example(example)
+    run.namespace = example.namespace
+    example.namespace["document_run"] = run
     example.evaluate()
 
 
