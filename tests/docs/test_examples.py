@@ -1,5 +1,7 @@
 """Every fenced Python and shell example in README.md and docs/*.md runs against a real broker.
 
+(A ``toml`` fence is a configuration file: it must load as ``conveyor serve --config`` does.)
+
 Goal: the documentation cannot drift from the product; an example that breaks fails
 ``make test``. Method: Sybil lexes each Markdown file (every ``docs/*.md`` is found by a
 glob at collection time, so new pages are tested without registering them). Each
@@ -39,11 +41,13 @@ import pytest
 from sybil import Document, Example, Region
 from sybil.parsers.markdown.codeblock import CodeBlockParser
 
-from conveyor.config import DEFAULT_PORTS, ServerConfig
+from conveyor.config import DEFAULT_PORTS, ServerConfig, load_config
 from conveyor.testing.server import BrokerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNNABLE_LANGUAGES = {"python": "python", "sh": "sh", "shell": "sh", "bash": "sh"}
+RUNNABLE_LANGUAGES = {
+    "python": "python", "sh": "sh", "shell": "sh", "bash": "sh", "toml": "toml",
+}
 SHELL_TIMEOUT_S = 60
 _FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _DIRECTIVE = re.compile(r"<!--\s*example:\s*([^>]*?)\s*-->\s*\Z")
@@ -167,6 +171,11 @@ def evaluate(example: Example) -> None:
     block: Block = example.parsed
     if block.language == "sh":
         run_shell(run, block.source, example)
+        return
+    if block.language == "toml":  # a configuration file, as `conveyor serve --config` reads it
+        path = run.workdir / f"conveyor-{example.line}.toml"
+        path.write_text(block.source)
+        example.namespace["config"] = load_config(path, environ={})
         return
     source = "\n" * (example.line) + run.rewrite(block.source)
     if block.background:
