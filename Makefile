@@ -25,9 +25,9 @@ PIP_WHEEL := $(CONVEYOR_WHEELS)/pip-$(PIP_VERSION)-py3-none-any.whl
 # --no-compile: bytecode is written when a module is first imported, not all at install.
 # The venv is made without pip: when the cache has the pinned pip, that pip (unpacked
 # once from its wheel, so its bytecode is cached too; without its dist-info, else pip
-# would see itself as installed already) installs itself and the project in
-# one run; no ensurepip, which takes seconds and on Python 3.11 adds setuptools. On a cold
-# cache ensurepip seeds the venv as usual.
+# would see itself as installed already) installs itself and the project in one run; no
+# ensurepip, which takes seconds and on Python 3.11 adds setuptools. On a cold cache
+# ensurepip seeds the venv as usual.
 PIP_DIR := $(XDG_CACHE_HOME)/conveyor/pip-$(PIP_VERSION)
 PIP = $(BIN)/python $$(test -x $(BIN)/pip && echo -m pip || echo $(PIP_DIR)/pip)
 PIP_OFFLINE := --quiet --no-index --find-links $(CONVEYOR_WHEELS) --constraint $(CONSTRAINTS)
@@ -44,9 +44,9 @@ INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 
 $(VENV)/.venv-created:
 	$(PYTHON) -m venv --without-pip $(VENV)
-	@test -d $(PIP_DIR) || ! test -f $(PIP_WHEEL) || { rm -rf $(PIP_DIR).new && \
-	  $(PYTHON) -m zipfile -e $(PIP_WHEEL) $(PIP_DIR).new && rm -r $(PIP_DIR).new/pip-*.dist-info && \
-	  mv $(PIP_DIR).new $(PIP_DIR); }
+	@test -d $(PIP_DIR) || ! test -f $(PIP_WHEEL) || { unpacked=$(PIP_DIR).$$$$ && \
+	  $(PYTHON) -m zipfile -e $(PIP_WHEEL) $$unpacked && rm -r $$unpacked/pip-*.dist-info && \
+	  { test -d $(PIP_DIR) && rm -r $$unpacked || mv $$unpacked $(PIP_DIR); }; }
 	@test -d $(PIP_DIR) || $(BIN)/python -m ensurepip --upgrade --default-pip >/dev/null
 	@touch $@
 
@@ -83,7 +83,8 @@ fuzz: $(VENV)/.installed-dev
 
 # Resolve the newest versions pyproject.toml allows (runtime + every extra together, so
 # one set of pins serves serve, test and bench) in a throwaway venv and pin them all,
-# pip and the build backend (as pyproject's [build-system] requires) included. Commit the new constraints.txt; the next make reinstalls from it.
+# pip and the build backend (as pyproject's [build-system] requires) included. Commit the
+# new constraints.txt; the next make in any clone reinstalls from it.
 LOCK_VENV := $(VENV)-lock
 lock:
 	rm -rf $(LOCK_VENV)
