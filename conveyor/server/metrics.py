@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -53,8 +52,6 @@ from conveyor.storage.fs import OsFileSystem
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
 
-logger = logging.getLogger("conveyor.metrics")
-
 # Seconds; fdatasync on NVMe is ~0.1-2 ms, on SATA SSDs a few ms, on cloud disks tens of ms.
 FSYNC_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                           0.1, 0.25, 0.5, 1.0, 2.5)
@@ -69,7 +66,8 @@ OPENMETRICS_EOF: Final = b"# EOF\n"
 
 @dataclass(frozen=True, slots=True)
 class MetricsLimits:
-    """Series caps (``[metrics]`` in the config); past them series are omitted, counted."""
+    """Series caps (``metrics_*`` in ``[listeners.http]``); past them series are omitted,
+    and counted in ``conveyor_metrics_series_omitted``."""
 
     queues_max: int = 1_000  # RabbitMQ's per-object metrics get slow in the thousands too
     partitions_max: int = 2_000
