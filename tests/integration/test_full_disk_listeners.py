@@ -30,13 +30,21 @@ from conveyor.testing.server import run_broker
 ATTEMPTS = 25
 
 
-class FullDisk(storage_fs.OsFileSystem):
+class FullDisk:
+    """Switches every pwrite of the OS file system (and its subclasses, such as the
+    server's measured one) to ENOSPC while ``full`` is set."""
+
     full = False
 
-    def pwrite(self, handle: int, data: bytes | bytearray | memoryview, position: int) -> None:
-        if FullDisk.full:
-            raise OSError(errno.ENOSPC, "No space left on device (test)")
-        super().pwrite(handle, data, position)
+
+_real_pwrite = storage_fs.OsFileSystem.pwrite
+
+
+def _pwrite(self: storage_fs.OsFileSystem, handle: int, data: bytes | bytearray | memoryview,
+            position: int) -> None:
+    if FullDisk.full:
+        raise OSError(errno.ENOSPC, "No space left on device (test)")
+    _real_pwrite(self, handle, data, position)
 
 
 def one(value: str) -> dict[str, list[dict[str, str]]]:
@@ -45,7 +53,7 @@ def one(value: str) -> dict[str, list[dict[str, str]]]:
 
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FullDisk]]:
-    monkeypatch.setattr(storage_fs, "OsFileSystem", FullDisk)
+    monkeypatch.setattr(storage_fs.OsFileSystem, "pwrite", _pwrite)
     FullDisk.full = False
     yield FullDisk
     FullDisk.full = False
