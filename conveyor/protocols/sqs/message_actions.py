@@ -210,10 +210,12 @@ class MessageActions(SqsBase):
                 return replayed
         self.receive_counter += 1
         consumer = f"sqs-receive-{self.receive_counter}"  # unique: its release hits only it
-        work = self.broker.acquire(
-            name, name, count, None if visibility_s is None else visibility_s * 1000,
-            wait_s * 1000, consumer)
-        deliveries = await _unless_disconnected(work, context.disconnected)
+        lock_ms = None if visibility_s is None else visibility_s * 1000
+        # what is there now needs no waiting (and no watcher task); a long poll does
+        deliveries = await self.broker.acquire(name, name, count, lock_ms, 0, consumer)
+        if not deliveries and wait_s > 0:
+            work = self.broker.acquire(name, name, count, lock_ms, wait_s * 1000, consumer)
+            deliveries = await _unless_disconnected(work, context.disconnected)
         if context.disconnected.is_set():
             # nobody to tell: give back what this receive locked, and only that
             if deliveries:
