@@ -183,3 +183,25 @@ def test_errors_in_the_query_shape(http: httpx.Client) -> None:
     malformed = http.post("/", content=b"Action=SendMessage&%zz",
                           headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert malformed.status_code == 400
+
+
+def test_an_oversized_request_is_refused_in_its_own_protocol(broker: BrokerThread) -> None:
+    import json
+    import socket
+
+    def send_oversized(headers: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", broker.ports["sqs"])) as connection:
+            connection.sendall((f"POST / HTTP/1.1\r\nHost: x\r\n{headers}"
+                                f"Content-Length: {17 << 20}\r\n\r\n").encode())
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+            return answer
+
+    query = send_oversized("Content-Type: application/x-www-form-urlencoded\r\n")
+    assert query.startswith(b"HTTP/1.1 413") and b"<ErrorResponse" in query
+    json_answer = send_oversized("X-Amz-Target: AmazonSQS.SendMessage\r\n"
+                                 "Content-Type: application/x-amz-json-1.0\r\n")
+    head, _, body = json_answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["__type"] == "com.amazonaws.sqs#InvalidParameterValue"

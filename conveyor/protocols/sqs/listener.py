@@ -80,7 +80,8 @@ class SqsConnection(asyncio.Protocol):
             status = 413 if error.http_status == 413 else 400
             sqs_error = InvalidParameterValue(str(error))
             sqs_error.http_status = status
-            response = encode_error("query", sqs_error, "-")
+            response = encode_error("json" if self.framer.speaks_json() else "query",
+                                    sqs_error, "-")
             self.close_after = encode_response(response.status, response.body,
                                                response.headers, keep_alive=False)
             self.wakeup.set()
