@@ -53,6 +53,8 @@ from conveyor.storage.state_store import (
     StateStore,
 )
 
+from .keyed_locks import KeyedLocks
+from .log_end import LostRange, clamp
 from .ordered_group import (
     ASSIGNORS,
     CommittedOffset,
@@ -125,6 +127,8 @@ class BrokerConfig:
     read_bytes_max: int = 4 << 20  # read_records' slice per call
     session_timeout_ms_min: int = 1_000  # Kafka: group.min.session.timeout.ms = 6 s
     session_timeout_ms_max: int = 30 * 60_000  # Kafka: group.max.session.timeout.ms
+    # an Empty group whose last commit is this old is deleted with its offsets
+    offsets_retention_ms: int = 7 * 24 * 3600 * 1000  # Kafka offsets.retention.minutes=10080
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +163,11 @@ class Broker:
         # (topic, partition) -> fetches waiting for an append
         self._append_waiters: dict[tuple[str, int], list[asyncio.Future[None]]] = {}
         # (producer id, topic, partition) -> lock serialising check + append
-        self._producer_locks: dict[tuple[int, str, int], asyncio.Lock] = {}
+        self._producer_locks = KeyedLocks()  # (producer id, topic, partition); pruned
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_sleeping = False
+        # state found past the recovered log end at the last open (log_end.py)
+        self.lost_ranges: list[LostRange] = []
         # (topic, partition) -> (base offset, crc, records) of the batch decoded last
         self._decoded: dict[tuple[str, int], tuple[int, int, list[Record]]] = {}
         # topic name -> its auto-creation in progress
@@ -178,6 +184,8 @@ class Broker:
         await self.log_store.open()
         await self.topics.load()
         self.producers.load()
+        self.lost_ranges = []
+        self.producers.clamp_to_logs(self._log_ends(), self.lost_ranges)
         self.producers.recover_from_logs(
             [(topic, partition, self.log_store.partition(topic, partition))
              for topic, partition in self.log_store.partitions()
@@ -187,6 +195,8 @@ class Broker:
         self._load_exchanges()
         self._load_groups()
         await self._open_shared_groups()
+        if self.shared_groups is not None:
+            self.lost_ranges.extend(self.shared_groups.lost_ranges)
         await self.state_store.commit()
         interval_ms = self.config.retention_check_interval_ms
         self._next_retention_ms = self.clock.monotonic_ms() + interval_ms
@@ -248,6 +258,7 @@ class Broker:
                 if now_ms >= self._next_retention_ms:
                     self._next_retention_ms = now_ms + self.config.retention_check_interval_ms
                     await self.log_store.run_retention()
+                    await self.expire_groups()
             except OperatingError:
                 # a full disk or an I/O error must not stop session expiry; the next
                 # tick retries, and the error is in the log with its evidence
@@ -354,8 +365,7 @@ class Broker:
         if producer_id < 0:
             return await self._append(topic, partition, log, batch, ())
         key = (producer_id, topic, partition)
-        lock = self._producer_locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self._producer_locks.hold(key):
             duplicate = self.producers.check(topic, partition, incoming)
             if duplicate is not None:
                 return AppendResult(
@@ -585,13 +595,27 @@ class Broker:
     def _member_suffix(self) -> str:
         return f"{self.rng.getrandbits(128):032x}"
 
+    def _log_ends(self) -> dict[tuple[str, int], int]:
+        """Each known partition's log end after recovery (what state is clamped to)."""
+        return {(topic, partition): int(self.log_store.partition(topic, partition).high_watermark)
+                for topic, partition in self.log_store.partitions()
+                if self.topics.find(topic) is not None}
+
     def _load_groups(self) -> None:
         for group_id, snapshot in self.state_store.load_groups().items():
             self._group(group_id, create=True).restore(snapshot)
+        log_ends = self._log_ends()
         for row in self.state_store.load_committed_offsets():
+            log_end = log_ends.get((row.topic, row.partition))
+            offset = row.committed_offset
+            if log_end is not None:
+                offset = clamp("ordered-group", row.group_id, row.topic, row.partition,
+                               offset, log_end, self.lost_ranges)
+            if offset != row.committed_offset:
+                self.state_store.save_committed_offsets([dataclasses.replace(
+                    row, committed_offset=offset)])
             self._group(row.group_id, create=True).offsets[(row.topic, row.partition)] = (
-                CommittedOffset(row.committed_offset, row.metadata, row.leader_epoch,
-                                row.commit_ms)
+                CommittedOffset(offset, row.metadata, row.leader_epoch, row.commit_ms)
             )
 
     def _save_group(self, group: OrderedGroup) -> None:
@@ -757,6 +781,26 @@ class Broker:
             outcome[group_id] = None
         await self.state_store.commit()
         return outcome
+
+    async def expire_groups(self) -> list[str]:
+        """Delete Empty ordered groups whose newest commit is older than
+        ``offsets_retention_ms`` (wall ms, as commit times are; KIP-211): a simple
+        offset commit creates a group, and without this none would ever go."""
+        now_ms = self.clock.wall_ms()
+        expired = [
+            group_id for group_id, group in self._groups.items()
+            if group.state is GroupState.EMPTY and not group.members
+            and max((o.commit_ms for o in group.offsets.values()), default=0)
+            + self.config.offsets_retention_ms <= now_ms
+        ]
+        for group_id in expired:
+            del self._groups[group_id]
+            self.state_store.delete_group(group_id)
+            logger.info("ordered group %s expired (empty, no commit for %d ms)", group_id,
+                        self.config.offsets_retention_ms)
+        if expired:
+            await self.state_store.commit()
+        return expired
 
     def group_lag(self, group_id: str) -> list[PartitionLag]:
         """Lag of every partition of every topic the group committed to."""

@@ -6,7 +6,8 @@ its priority and FIFO group), the dead-letter decision after a lock ends, the
 shape of a dead-lettered message, and the dedup window.
 
 Must not know: storage, asyncio, protocols. Every function is pure; time comes
-in as ``now_ms`` (wall ms, the same clock as record timestamps and headers).
+in as ``now_ms`` (wall ms, the same clock as record timestamps and headers), except
+``RecordPolicy``, whose times ``record_policy`` shifts onto the monotonic clock.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from .types import (
 DeadReason = Literal["max-deliveries", "rejected", "expired", "maxlen"]
 PRIORITY_MAX = 9  # conveyor.priority is one digit, 0..9 (RabbitMQ advises <= 10 levels)
 NEVER_MS = 1 << 62  # "no deadline": later than any wall clock
+# dedup ids one queue remembers at once (SQS bounds its window by time only, 5 min);
+# past it the ids closest to leaving the window go first (~100 bytes each: ~10 MiB)
+DEDUP_IDS_MAX = 100_000
+# a lazily-cleaned heap is rebuilt once its stale items outnumber the live ones
+HEAP_SLACK_ITEMS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +50,8 @@ class RecordPolicy:
     """What the queue rules say about one record."""
 
     priority: int  # 0..9, 0 when the queue ignores priorities
-    available_at_ms: int  # wall ms; not acquirable before
-    expires_at_ms: int  # wall ms; NEVER_MS when it does not expire
+    available_at_ms: int  # monotonic ms (see record_policy); not acquirable before
+    expires_at_ms: int  # monotonic ms; NEVER_MS when it does not expire
     message_group: str | None  # FIFO group (only meaningful for FIFO queues)
 
 
@@ -68,8 +74,10 @@ def _int_header(record: Record, name: str) -> int | None:
         return None  # a malformed reserved header is ignored, not fatal
 
 
-def record_policy(record: Record, config: QueueConfig) -> RecordPolicy:
-    """Combine the record's reserved headers with the queue defaults."""
+def record_policy(record: Record, config: QueueConfig, wall_skew_ms: int = 0) -> RecordPolicy:
+    """Combine the record's reserved headers with the queue defaults. Times are wall ms
+    minus ``wall_skew_ms`` (wall - monotonic now: the window runs on the monotonic clock,
+    so a wall-clock step after loading moves no deadline)."""
     priority = 0
     if config.max_priority is not None:
         requested = _int_header(record, HEADER_PRIORITY) or 0
@@ -85,7 +93,8 @@ def record_policy(record: Record, config: QueueConfig) -> RecordPolicy:
     group_bytes = header(record, HEADER_GROUP) if config.fifo else None
     message_group = group_bytes.decode("utf-8", "replace") if group_bytes is not None else None
     return RecordPolicy(
-        priority, deliver_at_ms, NEVER_MS if expires_at_ms is None else expires_at_ms,
+        priority, max(0, deliver_at_ms - wall_skew_ms) if deliver_at_ms else 0,
+        NEVER_MS if expires_at_ms is None else expires_at_ms - wall_skew_ms,
         message_group,
     )
 
@@ -226,7 +235,8 @@ def redrive_message(record: Record) -> tuple[str, Message] | None:
 class DedupWindow:
     """Dedup ids seen by one queue, each remembered until ``expires_ms`` (wall)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids_max: int = DEDUP_IDS_MAX) -> None:
+        self.ids_max = ids_max
         # dedup id -> wall ms after which a publish with this id is accepted again
         self.expiry_ms_by_id: dict[str, int] = {}
         # (expires_ms, dedup id): the same ids by expiry; stale items skipped lazily
@@ -239,6 +249,13 @@ class DedupWindow:
     def remember(self, dedup_id: str, expires_ms: int) -> None:
         self.expiry_ms_by_id[dedup_id] = expires_ms
         heapq.heappush(self._by_expiry, (expires_ms, dedup_id))
+        while len(self.expiry_ms_by_id) > self.ids_max:  # bounded: the soonest to go, first
+            oldest_ms, oldest = heapq.heappop(self._by_expiry)
+            if self.expiry_ms_by_id.get(oldest) == oldest_ms:
+                del self.expiry_ms_by_id[oldest]
+        if len(self._by_expiry) > 2 * len(self.expiry_ms_by_id) + HEAP_SLACK_ITEMS:
+            self._by_expiry = [(ms, key) for key, ms in self.expiry_ms_by_id.items()]
+            heapq.heapify(self._by_expiry)
 
     def forget_expired(self, now_ms: int) -> int:
         """Drop ids whose window has passed; returns how many went."""

@@ -13,9 +13,10 @@ sequence check of every batch that carries a producer id:
 
 Persistence: after an append the partition's entry and a checkpoint (the next
 offset the state covers) go to the StateStore in the append's loop turn. On
-open the state is loaded and the log tail past each checkpoint is re-scanned
-(``observe``), so a crash between the log fsync and the SQLite commit loses
-nothing. Must not know: protocols, files.
+open the state is loaded, batches past the recovered log end are forgotten
+(``clamp_to_logs``: under fsync=interval/never the state can be durable before the
+log), and the log tail past each checkpoint is re-scanned (``observe``), so a
+crash between the log fsync and the SQLite commit loses nothing. Must not know: protocols, files.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from conveyor.errors import (
 )
 from conveyor.storage.record_batch import split_batches
 from conveyor.storage.state_store import ProducerRow, ProducerSequenceRow, StateStore
+
+from .log_end import LostRange, clamp
 
 SEQUENCES_KEPT = 5  # Kafka keeps the last 5 batches (max.in.flight.requests.per.connection)
 SEQUENCE_MAX = (1 << 31) - 1
@@ -199,6 +202,29 @@ class ProducerStates:
                 )
             )
         self._state_store.save_producer_checkpoint(topic, partition, next_offset)
+
+    def clamp_to_logs(self, log_ends: dict[tuple[str, int], int],
+                      lost: list[LostRange]) -> None:
+        """Forget batches at or past each partition's recovered log end (a crash under
+        fsync=interval/never lost them): a retry of a lost batch is appended again,
+        not answered "duplicate" with offsets the log no longer holds."""
+        for (producer_id, topic, partition), entry in self._entries.items():
+            log_end = log_ends.get((topic, partition))
+            if log_end is None or not entry.batches or entry.batches[-1].base_offset < log_end:
+                continue
+            clamp("producer", str(producer_id), topic, partition,
+                  entry.batches[-1].last_offset + 1, log_end, lost)
+            kept = [batch for batch in entry.batches if batch.base_offset < log_end]
+            entry.batches.clear()
+            entry.batches.extend(kept)
+            self._state_store.save_producer_sequences(ProducerSequenceRow(
+                producer_id, topic, partition, entry.epoch,
+                tuple((b.base_sequence, b.last_sequence, b.base_offset, b.last_offset)
+                      for b in entry.batches)))
+        for (topic, partition), checkpoint in self.checkpoints().items():
+            log_end = log_ends.get((topic, partition))
+            if log_end is not None and checkpoint > log_end:
+                self._state_store.save_producer_checkpoint(topic, partition, log_end)
 
     def recover_from_logs(
         self, logs: Iterable[tuple[str, int, Any]], read_bytes_max: int

@@ -5,9 +5,12 @@ which protocol asked, and it does no I/O — the manager feeds it records read
 from the log and persists the changes it reports):
 
 - The window starts at ``start_offset``: every offset below it is ACKED or DEAD.
-  Records from ``start_offset`` to ``next_offset`` are loaded into ``entries``;
-  records at or above ``next_offset`` are in the log but not yet loaded (they
-  count as available).
+  Records from ``start_offset`` to ``next_offset`` are loaded: unsettled ones in
+  ``entries`` (at most ``window_records_max``), settled ones (ACKED or DEAD behind
+  an unsettled one) only as offsets in ``settled``, so acks behind one unacked
+  delivery never fill the window; the span ``next_offset - start_offset`` is
+  bounded by ``span_records_max``. Records at or above ``next_offset`` are in the
+  log but not yet loaded (they count as available).
 - A record is AVAILABLE, DELAYED (not before ``available_at_ms``), ACQUIRED
   (by a consumer, locked until ``deadline_ms``), ACKED or DEAD. Transitions are
   the ``TRANSITIONS`` table; anything else raises.
@@ -21,7 +24,9 @@ from the log and persists the changes it reports):
   time per group.
 - Delayed records sit in a deadline heap, outside the scan path, so a delay of
   days never holds back the records behind it.
-- All times are wall ms (the clock of record timestamps and of Delivery deadlines).
+- All times are monotonic ms (``Clock.monotonic_ms``): a wall-clock step neither
+  expires every lock at once nor holds them for the step. The manager converts at
+  the edges: header times and persisted delays in, reported deadlines out.
 """
 
 from __future__ import annotations
@@ -33,10 +38,16 @@ from dataclasses import dataclass, field
 from conveyor.errors import IllegalStateError, LockExpiredError, UnknownDeliveryError
 from conveyor.storage.record_batch import Record
 
-from .delivery import NEVER_MS, DeadReason, RecordPolicy, exhausted
+from .delivery import HEAP_SLACK_ITEMS, NEVER_MS, DeadReason, RecordPolicy, exhausted
 from .types import QueueConfig
 
 WINDOW_RECORDS_MAX = 2_000  # KIP-932 group.share.partition.max.record.locks (default 2000)
+# KIP-932 bounds the records in flight, not the span behind one stuck record; we bound
+# the span too so the set of settled offsets behind the start stays small (~4 MiB)
+SPAN_RECORDS_MAX = 100_000
+# receipts of earlier locks of a record still answer "lock expired" (not "unknown"):
+# a few are enough to tell a late consumer from a forged receipt (SQS keeps none)
+PAST_TOKENS_MAX = 4
 
 
 class RecordState(enum.Enum):
@@ -83,10 +94,12 @@ class Entry:
     policy: RecordPolicy
     state: RecordState = RecordState.AVAILABLE
     delivery_count: int = 0
-    available_at_ms: int = 0  # wall ms, for DELAYED
+    available_at_ms: int = 0  # monotonic ms, for DELAYED
     consumer_id: str | None = None  # holder while ACQUIRED
-    deadline_ms: int = 0  # lock deadline while ACQUIRED (wall ms)
+    deadline_ms: int = 0  # lock deadline while ACQUIRED (monotonic ms)
     token: int = 0  # changes on every acquire: a stale receipt never matches
+    past_tokens: tuple[int, ...] = ()  # tokens of earlier locks, newest first (bounded)
+    dead_reason: DeadReason | None = None  # parked dead letter: killed again when due
     heap_version: int = 0  # matches the live available-heap item
 
 
@@ -116,8 +129,11 @@ class SharedPartition:
     config: QueueConfig
     start_offset: int = 0
     window_records_max: int = WINDOW_RECORDS_MAX
-    # offset -> entry, for every loaded offset in [start_offset, next_offset)
+    span_records_max: int = SPAN_RECORDS_MAX
+    # offset -> entry, for every loaded unsettled offset in [start_offset, next_offset)
     entries: dict[int, Entry] = field(default_factory=dict)
+    # loaded offsets above start_offset that are ACKED or DEAD (their entries are gone)
+    settled: set[int] = field(default_factory=set)
     next_offset: int = 0
     # (-priority, offset, version): AVAILABLE entries, stale items skipped lazily
     available: list[tuple[int, int, int]] = field(default_factory=list)
@@ -137,7 +153,9 @@ class SharedPartition:
 
     # --- loading --------------------------------------------------------------------
     def room(self) -> int:
-        return max(0, self.window_records_max - len(self.entries))
+        span = self.next_offset - self.start_offset
+        return max(0, min(self.window_records_max - len(self.entries),
+                          self.span_records_max - span))
 
     def load(self, record: Record, policy: RecordPolicy) -> None:
         """Add the record at ``next_offset`` (the manager reads the log in order)."""
@@ -151,7 +169,7 @@ class SharedPartition:
             entry.state, entry.delivery_count, entry.available_at_ms = saved
         self.entries[record.offset] = entry
         if entry.state in FINAL:
-            self._advance_start()
+            self._settle(record.offset)
             return
         if entry.state is S.ACQUIRED:  # a lock does not survive a restart
             entry.state = S.AVAILABLE
@@ -168,6 +186,7 @@ class SharedPartition:
         self.next_offset = max(self.next_offset, offset)
         if self.start_offset < offset and not any(o < offset for o in self.entries):
             self.start_offset = max(self.start_offset, min(offset, self.next_offset))
+            self.settled = {o for o in self.settled if o >= self.start_offset}
 
     # --- time -------------------------------------------------------------------------
     def tick(self, now_ms: int) -> bool:
@@ -184,6 +203,9 @@ class SharedPartition:
             _, offset = heapq.heappop(self.delayed)
             entry = self.entries.get(offset)
             if entry is not None and entry.state is S.DELAYED and entry.available_at_ms <= now_ms:
+                if entry.dead_reason is not None:  # retry its dead letter
+                    self._kill(offset, entry, entry.dead_reason)
+                    continue
                 self._move(entry, E.DUE)
                 self._push_available(offset, entry)
                 changed = True
@@ -209,6 +231,8 @@ class SharedPartition:
         for offset in self._candidates(now_ms, records_max):
             entry = self.entries[offset]
             self._move(entry, E.ACQUIRE)
+            if entry.token:
+                entry.past_tokens = (entry.token, *entry.past_tokens)[:PAST_TOKENS_MAX]
             entry.delivery_count += 1
             entry.consumer_id = consumer_id
             entry.deadline_ms = now_ms + lock_ms
@@ -218,6 +242,7 @@ class SharedPartition:
             heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
             self.changes.append(Change(offset, S.ACQUIRED, entry.delivery_count))
             chosen.append(Acquired(entry, offset))
+        self._bound_heaps()
         return chosen
 
     def _candidates(self, now_ms: int, records_max: int) -> list[int]:
@@ -268,19 +293,25 @@ class SharedPartition:
             )
         if entry.state is S.ACQUIRED and entry.token == token and entry.deadline_ms <= now_ms:
             self._unlock(offset, entry, now_ms, 0)
-        if entry.state is not S.ACQUIRED or entry.token != token:
-            raise LockExpiredError(
+        if entry.state is S.ACQUIRED and entry.token == token:
+            return entry
+        if token != entry.token and token not in entry.past_tokens:
+            # never issued for this record (forged, mistyped, or from before a restart)
+            raise UnknownDeliveryError(
+                "no such delivery: the receipt was not issued for this record",
+                topic=self.topic, partition=self.partition, offset=offset, group=self.group,
+            )
+        raise LockExpiredError(
                 "the lock of this delivery expired", topic=self.topic,
                 partition=self.partition, offset=offset, group=self.group,
             )
-        return entry
 
     def ack(self, offset: int, token: int, now_ms: int) -> None:
         entry = self.held(offset, token, now_ms)
         self._end_lock(entry)
         self._move(entry, E.ACK)
         self.changes.append(Change(offset, S.ACKED, entry.delivery_count))
-        self._advance_start()
+        self._settle(offset)
 
     def release(self, offset: int, token: int, now_ms: int, delay_ms: int = 0) -> None:
         entry = self.held(offset, token, now_ms)
@@ -291,6 +322,7 @@ class SharedPartition:
         self._move(entry, E.EXTEND)
         entry.deadline_ms = now_ms + lock_ms
         heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
+        self._bound_heaps()
         return entry.deadline_ms
 
     def reject(self, offset: int, token: int, now_ms: int) -> None:
@@ -314,8 +346,8 @@ class SharedPartition:
             if entry.state in (S.AVAILABLE, S.DELAYED):
                 self._move(entry, E.PURGE)
                 self.changes.append(Change(offset, S.ACKED, entry.delivery_count))
+                self._settle(offset)
                 purged += 1
-        self._advance_start()
         return purged
 
     def drop_oldest(self, count: int) -> int:
@@ -332,9 +364,31 @@ class SharedPartition:
                     "maxlen" if self.config.dead_letter_exchange is not None else None)
                 self.changes.append(Change(offset, S.DEAD, entry.delivery_count,
                                            reason=reason, record=entry.record))
+                self._settle(offset)
                 dropped += 1
-        self._advance_start()
         return dropped
+
+    def park(self, change: Change, policy: RecordPolicy, retry_at_ms: int) -> Change:
+        """The dead letter of ``change`` could not be written: the record comes back into
+        the window as DELAYED until ``retry_at_ms``, then is killed again (its dead letter
+        retried). The start offset moves back to it if it had passed it (not persisted
+        yet: the manager saves the start after the dead letters). Returns the change to
+        persist (a restart forgets the reason: a record out of deliveries or rejected is
+        then delivered once more; an expired one dies again at once)."""
+        assert change.record is not None and change.reason is not None
+        offset = change.offset
+        entry = Entry(change.record, policy, state=S.DELAYED,
+                      delivery_count=change.delivery_count, available_at_ms=retry_at_ms,
+                      dead_reason=change.reason)
+        if offset < self.start_offset:
+            self.settled.update(range(offset + 1, self.start_offset))
+            self.start_offset = offset
+        self.settled.discard(offset)
+        self.entries[offset] = entry
+        heapq.heappush(self.delayed, (retry_at_ms, offset))
+        # persisted as available: a restart judges the record afresh (it expires or
+        # runs out of deliveries again, and its dead letter is retried then)
+        return Change(offset, S.AVAILABLE, entry.delivery_count)
 
     # --- counts -----------------------------------------------------------------------
     def counts(self, high_watermark: int) -> tuple[int, int, int]:
@@ -390,17 +444,42 @@ class SharedPartition:
         self._move(entry, E.RELEASE)
         self._push_available(offset, entry)
         self.changes.append(Change(offset, S.AVAILABLE, entry.delivery_count))
+        self._bound_heaps()
 
     def _kill(self, offset: int, entry: Entry, reason: DeadReason) -> None:
         self._move(entry, E.KILL)
         self.changes.append(
             Change(offset, S.DEAD, entry.delivery_count, reason=reason, record=entry.record))
-        self._advance_start()
+        self._settle(offset)
 
-    def _advance_start(self) -> None:
-        while True:
-            entry = self.entries.get(self.start_offset)
-            if entry is None or entry.state not in FINAL:
-                return
-            del self.entries[self.start_offset]
+    def _bound_heaps(self) -> None:
+        """Rebuild a heap from the live entries once its stale items (skipped lazily)
+        outnumber them: extends and releases each leave one behind."""
+        bound = 2 * len(self.entries) + HEAP_SLACK_ITEMS
+        if len(self.locks) > bound:
+            self.locks = [(e.deadline_ms, offset, e.token) for offset, e in self.entries.items()
+                          if e.state is S.ACQUIRED]
+            heapq.heapify(self.locks)
+        if len(self.available) > bound:
+            self.available = [(-e.policy.priority, offset, e.heap_version)
+                              for offset, e in self.entries.items() if e.state is S.AVAILABLE]
+            heapq.heapify(self.available)
+        if len(self.delayed) > bound:
+            self.delayed = [(e.available_at_ms, offset) for offset, e in self.entries.items()
+                            if e.state is S.DELAYED]
+            heapq.heapify(self.delayed)
+        if len(self.expiring) > bound:
+            self.expiring = [(e.policy.expires_at_ms, offset) for offset, e in self.entries.items()
+                             if e.state is S.AVAILABLE and e.policy.expires_at_ms < NEVER_MS]
+            heapq.heapify(self.expiring)
+
+    def _settle(self, offset: int) -> None:
+        """The entry at ``offset`` reached ACKED or DEAD: drop it from the window."""
+        del self.entries[offset]
+        if offset != self.start_offset:
+            self.settled.add(offset)
+            return
+        self.start_offset += 1
+        while self.start_offset in self.settled:
+            self.settled.discard(self.start_offset)
             self.start_offset += 1

@@ -36,8 +36,17 @@ API (all ``async`` unless noted):
     open() / close()
 
 Receipts are ``"<topic>:<partition>:<offset>:<token>:<group>"`` (topic names
-have no ':'); the token changes on every acquire so a stale receipt fails with
-LockExpiredError, a settled one with UnknownDeliveryError.
+have no ':'); the token changes on every acquire so a stale receipt (of one of the
+record's last locks) fails with LockExpiredError, a settled one or one never issued
+for the record with UnknownDeliveryError.
+
+Time: lock deadlines, delays and TTL run on the monotonic clock (a wall-clock step
+moves none of them); header times and persisted delays are wall ms, converted at
+load and save, and deadlines are reported in wall ms.
+
+Faults: at open every piece of state is clamped to the recovered log end
+(log_end.py); a dead letter that cannot be appended parks its record in the window
+and is retried (``DEAD_LETTER_RETRY_MS``), never dropped with the changes around it.
 
 Durability: acquire writes delivery counts without waiting for the COMMIT (a
 lost count after a crash only means one delivery fewer is counted); ack,
@@ -50,6 +59,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +89,7 @@ from .delivery import (
     record_policy,
     redrive_message,
 )
+from .log_end import LostRange, clamp
 from .shared_group import Change, RecordState, SharedPartition
 from .types import (
     Delivery,
@@ -99,6 +110,11 @@ APPENDED_CACHE_BYTES_MAX = 64 << 20  # over all queues, so 16 MiB AMQP bodies st
 # RabbitMQ 4; HTTP's body_bytes_max), under the broker-wide record_bytes_max ceiling.
 QUEUE_RECORD_BYTES_MAX = 129 << 20
 REDRIVE_CONSUMER = "conveyor.redrive"
+# a dead letter that could not be appended (too large with its headers, disk full) is
+# retried this much later; SQS's redrive and RabbitMQ's dead-lettering have no retry
+DEAD_LETTER_RETRY_MS = 60_000
+
+logger = logging.getLogger("conveyor.broker.shared")
 
 
 class TopicDirectory(Protocol):
@@ -195,6 +211,10 @@ class SharedGroups:
         self._appended: dict[tuple[str, int], dict[int, Record]] = {}
         self._appended_count = 0  # records in _appended, bounded by APPENDED_CACHE_RECORDS_MAX
         self._appended_bytes = 0  # their keys and values, bounded by APPENDED_CACHE_BYTES_MAX
+        # state found past the recovered log end at open (logged; see log_end.py)
+        self.lost_ranges: list[LostRange] = []
+        # (group, error code) -> dead-letter appends failed since the last success
+        self.dead_letter_failures: dict[tuple[str, str], int] = {}
 
     # --- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -219,14 +239,30 @@ class SharedGroups:
         starts = self.store.load_start_offsets(group, topic)
         for partition in range(info.partitions):
             log = self.host.topics.partition_log(topic, partition)
-            start = max(starts.get(partition, log.log_start_offset), log.log_start_offset)
+            log_end = int(log.high_watermark)
+            saved = starts.get(partition, -1)
+            # a start, ack floor or record state past the recovered log end names
+            # records a crash lost: clamped, or new records would count as acked
+            start = clamp("shared-group", group, topic, partition,
+                          max(starts.get(partition, log.log_start_offset),
+                              log.log_start_offset), log_end, self.lost_ranges)
             part = SharedPartition(topic, partition, group, config, start_offset=start,
                                    next_offset=start)
-            for row in self.store.load_records(group, topic, partition):
-                part.pending_rows[row.offset] = (
-                    RecordState(row.state), row.delivery_count, row.available_at_ms)
+            rows = self.store.load_records(group, topic, partition)
+            if rows and rows[-1].offset >= log_end:
+                clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
+                      log_end, self.lost_ranges)
+                self.store.delete_records_from(group, topic, partition, log_end)
+            skew_ms = self._wall_skew_ms()
+            for row in rows:
+                if row.offset < log_end:  # delays are persisted in wall ms
+                    part.pending_rows[row.offset] = (
+                        RecordState(row.state), row.delivery_count,
+                        max(0, row.available_at_ms - skew_ms) if row.available_at_ms else 0)
             state.partitions[partition] = part
-            state.saved_start[partition] = starts.get(partition, -1)
+            state.saved_start[partition] = saved
+            if saved > start:
+                self._save_start(state, partition, part)
         self._groups[(group, topic)] = state
 
     async def close(self) -> None:
@@ -385,7 +421,7 @@ class SharedGroups:
             index = partitions[(state.next_partition + step) % len(partitions)]
             part = state.partitions[index]
             await self._fill(state, part)
-            now_ms = self.clock.wall_ms()
+            now_ms = self.clock.monotonic_ms()
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
             await self._flush(state, part)
@@ -395,7 +431,7 @@ class SharedGroups:
                     make_receipt(state.group, state.topic, index, item.offset, item.entry.token),
                     state.topic, index, item.offset, record.timestamp_ms, record.key,
                     record.value, record.headers, item.entry.delivery_count,
-                    item.entry.deadline_ms,
+                    item.entry.deadline_ms + self._wall_skew_ms(),  # reported in wall ms
                 ))
             if len(deliveries) >= records_max:
                 break
@@ -404,7 +440,7 @@ class SharedGroups:
 
     async def _wait(self, state: GroupState, remaining_ms: int) -> None:
         """Until an append, a release, the group's next deadline, or ``remaining_ms``."""
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         deadlines = [d for d in (p.next_deadline_ms() for p in state.partitions.values())
                      if d is not None]
         if deadlines:
@@ -476,7 +512,8 @@ class SharedGroups:
         deadlines: list[int] = []
         await self._settle(receipts, lambda part, offset, token, now_ms:
                            deadlines.append(part.extend(offset, token, now_ms, lock_ms)))
-        return deadlines
+        skew_ms = self._wall_skew_ms()
+        return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
 
     async def reject(self, receipts: Iterable[str], reason: str = "rejected") -> None:
         """Dead-letter now (reason header "rejected"; ``reason`` is for logs only)."""
@@ -488,7 +525,7 @@ class SharedGroups:
         """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
         touched: dict[tuple[str, str, int], tuple[GroupState, SharedPartition]] = {}
         first_error: Exception | None = None
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for receipt in receipts:
             try:
                 group, topic, partition, offset, token = parse_receipt(receipt)
@@ -511,7 +548,7 @@ class SharedGroups:
         """Release everything ``consumer_id`` holds (counts as a delivery, as RabbitMQ
         counts an unacked message redelivered after its channel closed)."""
         released = 0
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for state in list(self._groups.values()):
             for part in state.partitions.values():
                 count = part.release_consumer(consumer_id, now_ms)
@@ -613,7 +650,7 @@ class SharedGroups:
     # --- timer -----------------------------------------------------------------------
     async def tick(self) -> None:
         """Expire locks, end delays, forget old dedup ids, apply work-queue retention."""
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for state in list(self._groups.values()):
             woke = False
             for part in state.partitions.values():
@@ -623,9 +660,10 @@ class SharedGroups:
                 await self._flush(state, part)
             if woke:
                 self._wake(state.group, state.topic)
+        wall_ms = self.clock.wall_ms()  # dedup windows are persisted in wall ms
         for queue, window in self._dedup.items():
-            if window.forget_expired(now_ms) and self.queue_exists(queue):
-                self.store.delete_dedup_before(queue, now_ms)
+            if window.forget_expired(wall_ms) and self.queue_exists(queue):
+                self.store.delete_dedup_before(queue, wall_ms)
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -647,6 +685,10 @@ class SharedGroups:
                 self._retained[(topic, partition)] = offset
 
     # --- internals -------------------------------------------------------------------
+    def _wall_skew_ms(self) -> int:
+        """Wall minus monotonic now: converts window times (monotonic) to wall ms."""
+        return self.clock.wall_ms() - self.clock.monotonic_ms()
+
     def _token(self) -> int:
         return self.rng.getrandbits(63)
 
@@ -686,7 +728,7 @@ class SharedGroups:
 
     async def _counts(self, state: GroupState) -> tuple[int, int, int]:
         ready = in_flight = delayed = 0
-        now_ms = self.clock.wall_ms()
+        now_ms = self.clock.monotonic_ms()
         for part in state.partitions.values():
             await self._fill(state, part)
             part.tick(now_ms)
@@ -703,12 +745,13 @@ class SharedGroups:
         if part.next_offset < log.log_start_offset:
             part.skip_to(int(log.log_start_offset))
         cache = self._appended.get((part.topic, part.partition))
+        skew_ms = self._wall_skew_ms()
         while part.room() > 0 and part.next_offset < log.high_watermark:
             if cache:
                 cached = cache.pop(part.next_offset, None)
                 if cached is not None:
                     self._uncache(cached)
-                    part.load(cached, record_policy(cached, state.config))
+                    part.load(cached, record_policy(cached, state.config, skew_ms))
                     continue
                 while cache:  # offsets below next_offset were read from the log meanwhile
                     oldest = next(iter(cache))
@@ -724,7 +767,7 @@ class SharedGroups:
             if not records:
                 break
             for record in records:
-                part.load(record, record_policy(record, state.config))
+                part.load(record, record_policy(record, state.config, skew_ms))
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
 
@@ -738,11 +781,12 @@ class SharedGroups:
         start_before = state.saved_start.get(part.partition)
         if not changes and part.start_offset == start_before:
             return
-        for change in changes:
-            if change.state is RecordState.DEAD and change.reason is not None:
-                await self._dead_letter(state, part, change)
+        parked = [await self._dead_letter_or_park(state, part, change) for change in changes
+                  if change.state is RecordState.DEAD and change.reason is not None]
+        changes.extend(change for change in parked if change is not None)
+        skew_ms = self._wall_skew_ms()  # delays are persisted in wall ms
         rows = [RecordRow(change.offset, change.state.value, change.delivery_count,
-                          change.available_at_ms)
+                          change.available_at_ms + skew_ms if change.available_at_ms else 0)
                 for change in changes if change.offset >= part.start_offset]
         if rows:
             self.store.save_records(state.group, state.topic, part.partition, rows)
@@ -751,11 +795,35 @@ class SharedGroups:
         if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)
                for change in changes):
             self._wake(state.group, state.topic)
-        elif (part.start_offset != start_before and self._waiters.get(
-                (state.group, state.topic)) and part.next_offset < self._high_watermark(part)):
-            # the window moved: records not loaded yet (a full window held them back)
-            # can now be acquired by whoever is parked
+        elif ((part.start_offset != start_before or any(
+                change.state in (RecordState.ACKED, RecordState.DEAD) for change in changes))
+                and self._waiters.get((state.group, state.topic))
+                and part.next_offset < self._high_watermark(part)):
+            # the window has room again (it moved, or records settled behind an unsettled
+            # one): records not loaded yet can now be acquired by whoever is parked
             self._wake(state.group, state.topic)
+
+    async def _dead_letter_or_park(self, state: GroupState, part: SharedPartition,
+                                   change: Change) -> Change | None:
+        """Dead-letter ``change``; if the append fails the record is parked (kept in the
+        window, retried after DEAD_LETTER_RETRY_MS) and the failure logged once."""
+        failures = self.dead_letter_failures
+        try:
+            await self._dead_letter(state, part, change)
+        except OperatingError as error:
+            key = (state.group, error.code)
+            failures[key] = failures.get(key, 0) + 1
+            if failures[key] == 1:
+                logger.warning("dead letter of %s/%d offset %d (group %s) failed, kept and "
+                               "retried every %d ms: %s", part.topic, part.partition,
+                               change.offset, state.group, DEAD_LETTER_RETRY_MS, error)
+            assert change.record is not None
+            policy = record_policy(change.record, state.config, self._wall_skew_ms())
+            return part.park(change, policy, self.clock.monotonic_ms() + DEAD_LETTER_RETRY_MS)
+        for key in [key for key in failures if key[0] == state.group]:
+            logger.warning("dead letters of group %s written again after %d failures (%s)",
+                           state.group, failures.pop(key), key[1])
+        return None
 
     async def _dead_letter(self, state: GroupState, part: SharedPartition,
                            change: Change) -> None:

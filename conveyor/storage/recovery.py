@@ -94,7 +94,7 @@ def _remove_indexes(fs: FileSystem, directory: str, base_offset: int) -> None:
 def recover_segment(segment: Segment, *, is_active: bool = True) -> RecoveryReport | None:
     """Validate every batch (CRC included), rebuild indexes; set aside or truncate damage."""
     file_bytes = segment.fs.size(segment.handle)
-    valid_end = segment.rebuild(validate=True)
+    valid_end = segment.rebuild(validate=True, contiguous=is_active)
     truncated_bytes, truncated_from = 0, -1
     if valid_end < file_bytes:
         if is_active:
@@ -150,6 +150,15 @@ def load_segments(
             if not is_active:
                 segment.write_indexes()
         segments.append(segment)
+    log_end = segments[-1].next_offset
+    if log_start_offset > log_end:
+        # the log-start file is durable while the records below it may not be
+        # (fsync=interval/never): a crash can leave it past the recovered log end
+        logger.warning("log start offset %d past the recovered log end %d in %s: "
+                       "moved back", log_start_offset, log_end, directory)
+        log_start_offset = log_end
+        segment_files.write_file_atomically(
+            fs, directory, segment_files.LOG_START_OFFSET_FILE, str(log_end).encode())
     return segments, log_start_offset, reports
 
 

@@ -166,8 +166,11 @@ class Segment:
         self.rebuild(end=size_bytes, validate=False)
 
     # --- indexes -----------------------------------------------------------------------
-    def rebuild(self, *, end: int | None = None, validate: bool) -> int:
+    def rebuild(self, *, end: int | None = None, validate: bool, contiguous: bool = False) -> int:
         """Re-derive indexes and offsets from the log; return the end of the last good batch.
+
+        ``contiguous``: a batch whose base offset (outside the CRC) is not the next offset
+        ends the good part too (an active segment has no compaction gaps).
 
         With ``validate``, a corrupt batch that a valid batch follows is set aside (kept
         in the file, recorded in ``damage``, skipped by readers) and the scan goes on;
@@ -184,12 +187,18 @@ class Segment:
         while True:
             scan = BatchScan(self.fs, self.handle, position, limit, validate=validate,
                              jumps=self.damage.jumps)
+            stale = False
             for batch_position, header in scan:
+                # after a set-aside batch the next valid one defines the offsets again
+                if (contiguous and (position == 0 or batch_position != position)
+                        and header.base_offset != self.next_offset):
+                    stale = True
+                    break
                 self._index_batch(batch_position, header)
                 valid_end = batch_position + header.size_bytes
                 if validate:
                     self.damage.mark_verified(batch_position, valid_end)
-            if not validate or scan.position >= limit:
+            if stale or not validate or scan.position >= limit:
                 break
             found = resync(self.fs, self.handle, scan.position, limit, self.next_offset)
             if found is None:

@@ -118,6 +118,14 @@ class SharedStateStore:
             (group, topic, partition))
         return [RecordRow(int(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in rows]
 
+    def delete_records_from(self, group: str, topic: str, partition: int, offset: int) -> None:
+        """Forget the rows of offsets at or above ``offset`` (past a recovered log end)."""
+        self.store.write(
+            "DELETE FROM shared_records WHERE group_name = ? AND topic = ? AND partition = ?"
+            " AND record_offset >= ?",
+            (group, topic, partition, offset),
+        )
+
     # --- dedup --------------------------------------------------------------------
     def save_dedup(self, queue: str, dedup_id: str, expires_ms: int) -> None:
         self.store.write(

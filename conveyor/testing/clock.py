@@ -11,6 +11,7 @@ class SimClock:
     def __init__(self, wall_start_ms: int = 1_700_000_000_000) -> None:
         self._monotonic_ms = 0
         self._wall_start_ms = wall_start_ms
+        self._wall_step_ms = 0  # NTP steps / an operator's `date -s`: wall time only
         self._sleepers: list[tuple[int, int, asyncio.Future[None]]] = []
         self._sequence = itertools.count()
 
@@ -18,7 +19,12 @@ class SimClock:
         return self._monotonic_ms
 
     def wall_ms(self) -> int:
-        return self._wall_start_ms + self._monotonic_ms
+        return self._wall_start_ms + self._wall_step_ms + self._monotonic_ms
+
+    def step_wall(self, step_ms: int) -> None:
+        """Jump the wall clock by ``step_ms`` (either way); monotonic time and sleepers
+        are untouched, as a real clock step leaves CLOCK_MONOTONIC alone."""
+        self._wall_step_ms += step_ms
 
     async def sleep_ms(self, duration_ms: int) -> None:
         if duration_ms <= 0:

@@ -18,7 +18,7 @@ import pytest
 from broker_harness import BrokerHarness
 
 from conveyor.broker.broker import Broker
-from conveyor.broker.shared_groups import SharedGroups
+from conveyor.broker.shared_groups import DEAD_LETTER_RETRY_MS, SharedGroups
 from conveyor.broker.types import (
     HEADER_DEAD_REASON,
     HEADER_SOURCE,
@@ -383,3 +383,69 @@ async def test_long_poll_woken_when_acks_move_a_full_window(
     await shared.ack([held[0].receipt])
     assert values(await waiting) == [b"c"]
     assert harness.clock.monotonic_ms() == started_ms  # woken, not timed out
+
+
+async def test_lock_deadlines_and_delays_ignore_wall_clock_steps(
+        harness: BrokerHarness, broker: Broker) -> None:
+    """Deadlines run on the monotonic clock: a wall-clock step neither expires every
+    lock at once (forward) nor holds them for the step (backward); reported deadlines
+    stay wall ms."""
+    shared = groups(broker)
+    await shared.declare_queue("steps", QueueConfig(visibility_timeout_ms=10_000))
+    await publish(broker, "steps", b"a", b"b", b"c")
+    held = await shared.acquire("steps", "steps", records_max=2)
+    assert values(held) == [b"a", b"b"]
+    assert held[0].lock_deadline_ms == harness.clock.wall_ms() + 10_000
+    harness.clock.step_wall(3_600_000)  # one hour forward
+    assert values(await shared.acquire("steps", "steps", records_max=5)) == [b"c"]
+    await shared.ack([held[0].receipt])  # still locked: the ack holds
+    harness.clock.step_wall(-7_200_000)  # two hours back
+    harness.clock.advance(10_000)
+    again = await shared.acquire("steps", "steps", records_max=5)
+    assert sorted(values(again)) == [b"b", b"c"]  # type: ignore[type-var]
+    await shared.release([again[0].receipt], delay_ms=5_000)
+    harness.clock.step_wall(-3_600_000)
+    harness.clock.advance(5_000)
+    assert len(await shared.acquire("steps", "steps", records_max=5)) == 1
+
+
+async def test_failed_dead_letter_append_keeps_the_record_and_the_acks(
+        harness: BrokerHarness, broker: Broker) -> None:
+    """A dead letter that cannot be appended (too large once the headers are added) must
+    not lose the record, nor the acks persisted in the same flush; it is retried."""
+    shared = groups(broker)
+    await broker.create_topic("tiny.dlq", 1, {"max.message.bytes": "150"})
+    await shared.declare_queue("jobs", QueueConfig(max_deliveries=1,
+                                                   dead_letter_topic="tiny.dlq"))
+    await publish(broker, "jobs", b"x" * 100, b"ok")
+    big, ok = await shared.acquire("jobs", "jobs", records_max=2)
+    await shared.extend([big.receipt], 0)  # its lock ends now: dead (max deliveries 1)
+    with pytest.raises(LockExpiredError):
+        await shared.ack([ok.receipt, big.receipt])
+    shared = await restart(harness)
+    assert harness.broker is not None
+    await harness.broker.alter_topic_config("tiny.dlq", {"max.message.bytes": "100000"})
+    again = await shared.acquire("jobs", "jobs", records_max=5)
+    assert values(again) == [b"x" * 100]  # ok stays acked; the restart forgot why big
+    # was dead, so it is delivered once more
+    await shared.release([again[0].receipt])  # out of deliveries: dead-lettered now
+    data = harness.broker.log_store.partition("tiny.dlq", 0)
+    assert data.high_watermark == 1
+
+
+async def test_parked_dead_letter_is_retried_in_place(harness: BrokerHarness,
+                                                      broker: Broker) -> None:
+    shared = groups(broker)
+    await broker.create_topic("tiny.dlq", 1, {"max.message.bytes": "150"})
+    await shared.declare_queue("jobs", QueueConfig(dead_letter_topic="tiny.dlq"))
+    await publish(broker, "jobs", b"x" * 100)
+    (big,) = await shared.acquire("jobs", "jobs")
+    await shared.reject([big.receipt])  # the dead letter fails: parked, not lost
+    assert (await shared.get_queue("jobs")).delayed == 1
+    assert shared.dead_letter_failures == {("jobs", "record_too_large"): 1}
+    await broker.alter_topic_config("tiny.dlq", {"max.message.bytes": "100000"})
+    harness.clock.advance(DEAD_LETTER_RETRY_MS)
+    await shared.tick()
+    assert broker.log_store.partition("tiny.dlq", 0).high_watermark == 1
+    assert (await shared.get_queue("jobs")).delayed == 0 and not shared.dead_letter_failures
+    assert await shared.acquire("jobs", "jobs") == []

@@ -60,6 +60,23 @@ def test_receipt_errors_are_typed() -> None:
     assert part.start_offset == 1
 
 
+def test_a_receipt_never_issued_is_unknown_not_expired() -> None:
+    """docs/http.md: a wrong token answers unknown_delivery; the live lock stays."""
+    part = make_partition()
+    feed(part, 1)
+    part.acquire(now_ms=0, records_max=1, lock_ms=1_000, consumer_id="c", token=7)
+    with pytest.raises(UnknownDeliveryError):
+        part.ack(0, 999, now_ms=10)
+    assert part.entries[0].state is RecordState.ACQUIRED
+    part.release(0, 7, now_ms=20)
+    part.acquire(now_ms=30, records_max=1, lock_ms=1_000, consumer_id="c", token=8)
+    with pytest.raises(LockExpiredError):
+        part.ack(0, 7, now_ms=40)  # an earlier lock's receipt: expired, not unknown
+    with pytest.raises(UnknownDeliveryError):
+        part.ack(0, 6, now_ms=40)
+    part.ack(0, 8, now_ms=50)
+
+
 def test_window_is_bounded() -> None:
     part = make_partition(window=3)
     feed(part, 3)
@@ -68,6 +85,40 @@ def test_window_is_bounded() -> None:
     for item in taken:
         part.ack(item.offset, 1, 1)
     assert part.room() == 3 and part.start_offset == 3
+
+
+def test_acked_records_behind_an_unacked_one_free_the_window() -> None:
+    """One unacked delivery plus a full window of later acks must not stop delivery:
+    the window bounds records in flight, not settled ones behind the start."""
+    part = make_partition(window=3)
+    feed(part, 3)
+    taken = part.acquire(0, 10, 100_000, "c", 1)
+    assert [item.offset for item in taken] == [0, 1, 2]
+    part.ack(1, 1, 1)
+    part.ack(2, 1, 1)
+    assert part.start_offset == 0 and part.room() == 2
+    feed(part, 2)
+    more = part.acquire(2, 10, 100_000, "c", 2)
+    assert [item.offset for item in more] == [3, 4]
+    for offset in (3, 4):
+        part.ack(offset, 2, 3)
+    with pytest.raises(UnknownDeliveryError):
+        part.ack(3, 2, 3)  # settled behind the start: unknown, not lost
+    part.ack(0, 1, 4)
+    assert part.start_offset == 5 and not part.entries and not part.settled
+
+
+def test_settled_span_is_bounded() -> None:
+    part = make_partition(window=3)
+    part.span_records_max = 5
+    feed(part, 3)
+    part.acquire(0, 10, 100_000, "c", 1)
+    part.ack(1, 1, 1)
+    part.ack(2, 1, 1)
+    feed(part, 2)  # span 5: the settled offsets behind offset 0 are bounded too
+    assert part.room() == 0
+    part.ack(0, 1, 2)
+    assert part.start_offset == 3 and part.room() == 1  # 3 and 4 are in flight
 
 
 def test_delayed_records_are_not_scanned() -> None:

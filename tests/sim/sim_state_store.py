@@ -1,0 +1,57 @@
+"""SimStateStore: SQLite with the fault model of a power cut (for the simulation).
+
+``SqliteStateStore`` answers a committer only after an ``fdatasync`` of the WAL; a
+COMMIT nobody awaited is fsynced later (by the next awaited commit, or a timer).
+A power cut in between loses it. This store keeps an image of the database as of
+its last sync (``sqlite3.Connection.serialize``) and ``crash(lose_unsynced=True)``
+puts that image back as the database file: every commit no fsync covered is gone,
+every commit a caller was told is durable stays. The background sync timer (real
+time, so not deterministic) is switched off: unawaited commits stay volatile until
+the next awaited one, the most a real disk can lose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from conveyor.storage.state_store import SqliteStateStore
+
+
+class SimStateStore(SqliteStateStore):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.durable_image: bytes | None = None
+
+    def open_sync(self) -> None:
+        super().open_sync()
+        self.durable_image = self.connection.serialize()
+
+    def _sync_committed(self) -> asyncio.Future[None] | None:
+        if self._unsynced:
+            self._unsynced = False
+            self.durable_image = self.connection.serialize()
+        return None
+
+    def _background_sync(self) -> None:
+        self._background_sync_handle = None  # see the module docstring
+
+    def crash(self, lose_unsynced: bool) -> None:
+        """Kill: drop the open transaction; with ``lose_unsynced`` also every commit
+        no fsync covered (a power cut), else keep them (a killed process)."""
+        if self._background_sync_handle is not None:
+            self._background_sync_handle.cancel()
+            self._background_sync_handle = None
+        if self._in_transaction:
+            self.connection.execute("ROLLBACK")
+            self._in_transaction = False
+        self.connection.close()
+        self._connection = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        if lose_unsynced and self.durable_image is not None:
+            for suffix in ("-wal", "-shm"):
+                Path(self.path + suffix).unlink(missing_ok=True)
+            Path(self.path).write_bytes(self.durable_image)
