@@ -28,6 +28,7 @@ from conveyor.protocols.sqs.errors import (
     QueueDoesNotExist,
     ReceiptHandleIsInvalid,
 )
+from conveyor.protocols.sqs.move_tasks import MoveTasks
 from conveyor.protocols.sqs.receive_attempts import ReceiveAttempts
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ class SqsBase:
         self.catalog = QueueCatalog(broker)
         self._mac_key = secrets.token_bytes(32)
         self.purged_at_ms: dict[str, int] = {}  # queue -> monotonic ms of its last purge
-        self.move_tasks: dict[str, dict[str, Any]] = {}  # task handle -> ListMessageMoveTasks entry
+        self.move_tasks = MoveTasks(broker)  # DLQ redrive tasks
         # (queue, partition, offset) -> wall ms of its first receive (bounded, oldest out)
         self.first_receive_ms: dict[tuple[str, int, int], int] = {}
         self.attempts = ReceiveAttempts(broker)  # FIFO ReceiveRequestAttemptId answers

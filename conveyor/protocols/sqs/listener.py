@@ -172,6 +172,8 @@ class SqsListener:
         self.closing = True
         if self._server is not None:
             self._server.close()
+        if self.handlers is not None:
+            await self.handlers.move_tasks.close()  # a running move stops between chunks
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
