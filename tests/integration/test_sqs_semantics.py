@@ -275,3 +275,26 @@ def test_rate_limited_move_task_runs_in_background_and_cancels(sqs: Any) -> None
     with pytest.raises(ClientError) as error:
         sqs.cancel_message_move_task(TaskHandle="bm8tc3VjaC10YXNr")
     assert code_of(error) == "ResourceNotFoundException"
+
+
+def test_fifo_long_poll_wakes_when_the_group_is_freed(sqs: Any, broker: BrokerThread) -> None:
+    import threading
+
+    url = fifo_queue(sqs, ContentBasedDeduplication="true")
+    name = url.rsplit("/", 1)[1]
+    for body in ("1", "2"):
+        sqs.send_message(QueueUrl=url, MessageBody=body, MessageGroupId="g")
+    first = sqs.receive_message(QueueUrl=url)["Messages"][0]
+    other = boto3.client("sqs", endpoint_url=f"http://127.0.0.1:{broker.ports['sqs']}",
+                         region_name="us-east-1", aws_access_key_id="a",
+                         aws_secret_access_key="a")
+    result: dict[str, Any] = {}
+    poller = threading.Thread(target=lambda: result.update(
+        other.receive_message(QueueUrl=url, WaitTimeSeconds=20)))
+    poller.start()
+    assert broker.call(_parked, broker, name)  # "2" waits behind "1" of its group
+    deleted_at = time.monotonic()
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"])
+    poller.join(timeout=25)
+    assert result["Messages"][0]["Body"] == "2"
+    assert time.monotonic() - deleted_at < 5  # woken by the delete, not by the timeout
