@@ -14,7 +14,7 @@ def test_defaults_listen_on_the_documented_ports() -> None:
     config = load_config(environ={})
     assert config.data_dir == Path("conveyor-data")
     enabled = {listener.name: listener.port for listener in config.listeners if listener.enabled}
-    assert enabled == {"kafka": 9092, "amqp": 5672, "http": 8080}
+    assert enabled == {"kafka": 9092, "amqp": 5672, "http": 8080, "sqs": 9324}
     assert config.broker.record_bytes_max == 129 << 20  # AMQP 128 MiB ceiling + properties
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 SQS_TARGET = "AmazonSQS."
+GRACE_S = 5.0  # a request may end this long after its phase; a slower one is abandoned
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Outcome:
     cpu_s: float = 0.0
 
 
+class PhaseOver(Exception):
+    """A request outlived its phase by GRACE_S (moto under load): the worker stops."""
+
+
 class Connection:
     """One HTTP/1.1 connection, kept alive unless the server closes it (moto's werkzeug
     answers ``Connection: close`` every time): request bytes in, (status, body) out."""
@@ -57,6 +62,14 @@ class Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+
+    async def call_until(self, request: bytes, phase_end: float) -> tuple[int, bytes]:
+        try:
+            return await asyncio.wait_for(self.call(request),
+                                          phase_end + GRACE_S - time.monotonic())
+        except TimeoutError:
+            self.close()
+            raise PhaseOver from None
 
     async def call(self, request: bytes) -> tuple[int, bytes]:
         if self.reader is None or self.writer is None:
@@ -113,7 +126,7 @@ async def _send(job: Job, connection: Connection, outcome: Outcome, started: flo
         request = json_request(job, f"/topics/{job.queue}/messages",
                                {"messages": [{"value": body} for _ in range(job.batch)]})
     while time.monotonic() - started < job.seconds:
-        status, answer = await connection.call(request)
+        status, answer = await connection.call_until(request, started + job.seconds)
         outcome.requests += 1
         if status != 200:
             outcome.errors += 1
@@ -135,7 +148,7 @@ async def _consume(job: Job, connection: Connection, outcome: Outcome,
         receive = json_request(job, f"/topics/{job.queue}/groups/{job.queue}/acquire",
                                {"limit": job.batch, "wait_ms": 1000})
     while time.monotonic() - started < job.seconds:
-        status, answer = await connection.call(receive)
+        status, answer = await connection.call_until(receive, started + job.seconds)
         outcome.requests += 1
         if status != 200:
             outcome.errors += 1
@@ -152,7 +165,7 @@ async def _consume(job: Job, connection: Connection, outcome: Outcome,
         else:
             settle = json_request(job, f"/topics/{job.queue}/groups/{job.queue}/ack",
                                   {"receipts": [message["receipt"] for message in messages]})
-        status, answer = await connection.call(settle)
+        status, answer = await connection.call_until(settle, started + job.seconds)
         outcome.requests += 1
         if status != 200:
             outcome.errors += 1
@@ -167,8 +180,14 @@ async def _run(job: Job) -> Outcome:
     connections = [Connection(job.host, job.port) for _ in range(job.connections)]
     loop_body = _send if job.operation.endswith("send") else _consume
     started = time.monotonic()
-    await asyncio.gather(*(loop_body(job, connection, outcome, started)
-                           for connection in connections))
+
+    async def guarded(connection: Connection) -> None:
+        try:
+            await loop_body(job, connection, outcome, started)
+        except PhaseOver:
+            outcome.errors += 1
+
+    await asyncio.gather(*(guarded(connection) for connection in connections))
     for connection in connections:
         connection.close()
     return outcome

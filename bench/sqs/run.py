@@ -6,7 +6,8 @@ What, with 1 KiB bodies and batches of 10 (the SQS maximum):
 - the same two on Conveyor's HTTP API (publish; acquire+ack) at the same batch size;
 - end-to-end latency p50/p99 at a fixed send rate with one long-polling receiver.
 Load: ``--processes`` raw-HTTP load-generator processes with ``--connections`` each
-(bench/sqs/loadgen.py); the same load against every target. Each phase runs
+(bench/sqs/loadgen.py) against Conveyor; moto gets one process with
+``--moto-connections`` (4): under Conveyor's load its server stops answering. Each phase runs
 ``--seconds`` (10 by default), the whole set ``--rounds`` times (3); medians are
 reported, with the CPU seconds per wall second of the server and of the clients.
 
@@ -51,7 +52,7 @@ def sqs_call(port: int, action: str, payload: dict[str, Any]) -> dict[str, Any]:
                  "Content-Type": "application/x-amz-json-1.0",
                  "Authorization": "AWS4-HMAC-SHA256 Credential=bench/20260101/us-east-1/sqs/"
                                   "aws4_request, SignedHeaders=host, Signature=0"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=120) as response:
         answer: dict[str, Any] = json.loads(response.read() or b"{}")
         return answer
 
@@ -95,10 +96,15 @@ def run_phase(pool: concurrent.futures.ProcessPoolExecutor, jobs: list[Job],
 
 
 def jobs_for(options: argparse.Namespace, operation: str, port: int, queue: str,
-             queue_url: str) -> list[Job]:
+             queue_url: str, light: bool = False) -> list[Job]:
+    """The phase's jobs: one per load-generator process (``light``: moto's load, one
+    process with ``--moto-connections``: under the full load its threaded server stops
+    answering within minutes)."""
     seconds = options.seconds if operation.endswith("send") else options.seconds * 1.5
+    processes, connections = ((1, options.moto_connections) if light
+                              else (options.processes, options.connections))
     return [Job(operation, "127.0.0.1", port, queue, queue_url, BATCH, seconds,
-                options.connections, BODY_BYTES) for _ in range(options.processes)]
+                connections, BODY_BYTES) for _ in range(processes)]
 
 
 def one_round(options: argparse.Namespace, pool: concurrent.futures.ProcessPoolExecutor,
@@ -111,11 +117,11 @@ def one_round(options: argparse.Namespace, pool: concurrent.futures.ProcessPoolE
         else:
             url = ""
             sqs_call(target["sqs_port"], "CreateQueue", {"QueueName": queue})
-        kind = target["kind"]
-        send = run_phase(pool, jobs_for(options, f"{kind}-send", target["port"], queue, url),
-                         target["pid"])
+        kind, light = target["kind"], name == "moto"
+        send = run_phase(pool, jobs_for(options, f"{kind}-send", target["port"], queue, url,
+                                        light), target["pid"])
         consume = run_phase(pool, jobs_for(options, f"{kind}-consume", target["port"], queue,
-                                           url), target["pid"])
+                                           url, light), target["pid"])
         results[name] = {"send": send, "receive_delete": consume}
         print(f"  round {round_index} {name}: send {send['msg_per_s']:,} msg/s, "
               f"receive+delete {consume['msg_per_s']:,} msg/s "
@@ -143,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=3, help="load-generator processes")
     parser.add_argument("--connections", type=int, default=32, help="per process")
+    parser.add_argument("--moto-connections", type=int, default=4,
+                        help="moto's load: one process with this many connections (4)")
     parser.add_argument("--latency-rate", type=float, default=50.0, help="messages/s")
     parser.add_argument("--no-moto", action="store_true")
     options = parser.parse_args(argv)
@@ -205,6 +213,7 @@ def report(options: argparse.Namespace, rounds: list[dict[str, Any]],
                     "platform": platform.platform()},
         "settings": {"seconds": options.seconds, "rounds": options.rounds,
                      "processes": options.processes, "connections": options.connections,
+                     "moto_load": f"1 process x {options.moto_connections} connections",
                      "batch": BATCH, "body_bytes": BODY_BYTES,
                      "latency_rate_per_s": options.latency_rate,
                      "durability": {"conveyor": "fsync=always (group commit)",

@@ -914,9 +914,10 @@ class SharedGroups:
         elif ((part.start_offset != start_before or any(
                 change.state in (RecordState.ACKED, RecordState.DEAD) for change in changes))
                 and self._waiters.get((state.group, state.topic))
-                and part.next_offset < self._high_watermark(part)):
+                and (part.next_offset < self._high_watermark(part) or state.config.fifo)):
             # the window has room again (it moved, or records settled behind an unsettled
-            # one): records not loaded yet can now be acquired by whoever is parked
+            # one): records not loaded yet can now be acquired by whoever is parked; in a
+            # FIFO queue a settled record also frees the next one of its message group
             self._wake(state.group, state.topic)
 
     async def _dead_letter_or_park(self, state: SharedGroupWindows, part: SharedPartition,

@@ -183,3 +183,52 @@ def test_errors_in_the_query_shape(http: httpx.Client) -> None:
     malformed = http.post("/", content=b"Action=SendMessage&%zz",
                           headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert malformed.status_code == 400
+
+
+def test_an_oversized_request_is_refused_in_its_own_protocol(broker: BrokerThread) -> None:
+    import json
+    import socket
+
+    def send_oversized(headers: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", broker.ports["sqs"])) as connection:
+            connection.sendall((f"POST / HTTP/1.1\r\nHost: x\r\n{headers}"
+                                f"Content-Length: {17 << 20}\r\n\r\n").encode())
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+            return answer
+
+    query = send_oversized("Content-Type: application/x-www-form-urlencoded\r\n")
+    assert query.startswith(b"HTTP/1.1 413") and b"<ErrorResponse" in query
+    json_answer = send_oversized("X-Amz-Target: AmazonSQS.SendMessage\r\n"
+                                 "Content-Type: application/x-amz-json-1.0\r\n")
+    head, _, body = json_answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["__type"] == "com.amazonaws.sqs#InvalidParameterValue"
+
+
+def test_dead_letter_actions_and_visibility_in_xml(http: httpx.Client) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    dlq = text(ok(http, "CreateQueue", QueueName=f"qdlq-{suffix}"), "sqs:QueueUrl")
+    dlq_arn = text(ok(http, "GetQueueAttributes", QueueUrl=dlq, **{
+        "AttributeName.1": "QueueArn"}), "sqs:Attribute/sqs:Value")
+    policy = f'{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"1"}}'
+    source = text(ok(http, "CreateQueue", QueueName=f"qsrc-{suffix}", **{
+        "Attribute.1.Name": "RedrivePolicy", "Attribute.1.Value": policy}), "sqs:QueueUrl")
+    ok(http, "SendMessage", QueueUrl=source, MessageBody="poison")
+    handle = text(ok(http, "ReceiveMessage", QueueUrl=source), "sqs:Message/sqs:ReceiptHandle")
+    ok(http, "ChangeMessageVisibility", QueueUrl=source, ReceiptHandle=handle,
+       VisibilityTimeout="0")  # released after its one allowed receive: dead-lettered
+    assert ok(http, "ReceiveMessage", QueueUrl=source).find("sqs:Message", NS) is None
+    sources = ok(http, "ListDeadLetterSourceQueues", QueueUrl=dlq)
+    assert [u.text for u in sources.findall("sqs:QueueUrl", NS)] == [source]
+    task = text(ok(http, "StartMessageMoveTask", SourceArn=dlq_arn), "sqs:TaskHandle")
+    tasks = ok(http, "ListMessageMoveTasks", SourceArn=dlq_arn).findall(
+        "sqs:ListMessageMoveTasksResultEntry", NS)
+    assert [(text(t, "sqs:TaskHandle"), text(t, "sqs:Status")) for t in tasks] == [
+        (task, "COMPLETED")]
+    assert text(tasks[0], "sqs:ApproximateNumberOfMessagesMoved") == "1"
+    assert error(http, "CancelMessageMoveTask", TaskHandle=task) == (
+        400, "InvalidParameterValue")
+    back = ok(http, "ReceiveMessage", QueueUrl=source, WaitTimeSeconds="2")
+    assert text(back, "sqs:Message/sqs:Body") == "poison"

@@ -240,3 +240,61 @@ def test_a_vanished_long_poll_keeps_nothing(sqs: Any, broker: BrokerThread) -> N
                               AttributeNames=["ApproximateReceiveCount"])["Messages"]
     assert got[0]["Body"] == "for the next one"
     assert got[0]["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+def test_rate_limited_move_task_runs_in_background_and_cancels(sqs: Any) -> None:
+    dlq = sqs.create_queue(QueueName=unique("dlq"))["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq,
+                                       AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    source = sqs.create_queue(QueueName=unique("src"), Attributes={
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 1})})[
+        "QueueUrl"]
+    sqs.send_message_batch(QueueUrl=source, Entries=[
+        {"Id": str(i), "MessageBody": f"poison {i}"} for i in range(5)])
+    sqs.receive_message(QueueUrl=source, MaxNumberOfMessages=10, VisibilityTimeout=0)
+    assert "Messages" not in sqs.receive_message(QueueUrl=source)  # all dead-lettered
+    handle = sqs.start_message_move_task(SourceArn=dlq_arn,
+                                         MaxNumberOfMessagesPerSecond=1)["TaskHandle"]
+    task = sqs.list_message_move_tasks(SourceArn=dlq_arn)["Results"][0]
+    assert task["TaskHandle"] == handle and task["Status"] == "RUNNING"
+    assert task["MaxNumberOfMessagesPerSecond"] == 1
+    with pytest.raises(ClientError) as error:  # one running task per source queue
+        sqs.start_message_move_task(SourceArn=dlq_arn)
+    assert code_of(error) == "AWS.SimpleQueueService.UnsupportedOperation"
+    moved_first = sqs.receive_message(QueueUrl=source, WaitTimeSeconds=5)["Messages"]
+    assert moved_first[0]["Body"].startswith("poison")  # the first chunk (1 message)
+    cancelled = sqs.cancel_message_move_task(TaskHandle=handle)
+    assert cancelled["ApproximateNumberOfMessagesMoved"] in range(5)
+    # the runner stops between chunks; what it did not move stayed in the DLQ, whole
+    left = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                               VisibilityTimeout=0).get("Messages", [])
+    assert 1 <= len(left) <= 4
+    task = sqs.list_message_move_tasks(SourceArn=dlq_arn)["Results"][0]
+    assert task["Status"] == "CANCELLED"
+    assert task["ApproximateNumberOfMessagesMoved"] + len(left) == 5
+    with pytest.raises(ClientError) as error:
+        sqs.cancel_message_move_task(TaskHandle="bm8tc3VjaC10YXNr")
+    assert code_of(error) == "ResourceNotFoundException"
+
+
+def test_fifo_long_poll_wakes_when_the_group_is_freed(sqs: Any, broker: BrokerThread) -> None:
+    import threading
+
+    url = fifo_queue(sqs, ContentBasedDeduplication="true")
+    name = url.rsplit("/", 1)[1]
+    for body in ("1", "2"):
+        sqs.send_message(QueueUrl=url, MessageBody=body, MessageGroupId="g")
+    first = sqs.receive_message(QueueUrl=url)["Messages"][0]
+    other = boto3.client("sqs", endpoint_url=f"http://127.0.0.1:{broker.ports['sqs']}",
+                         region_name="us-east-1", aws_access_key_id="a",
+                         aws_secret_access_key="a")
+    result: dict[str, Any] = {}
+    poller = threading.Thread(target=lambda: result.update(
+        other.receive_message(QueueUrl=url, WaitTimeSeconds=20)))
+    poller.start()
+    assert broker.call(_parked, broker, name)  # "2" waits behind "1" of its group
+    deleted_at = time.monotonic()
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"])
+    poller.join(timeout=25)
+    assert result["Messages"][0]["Body"] == "2"
+    assert time.monotonic() - deleted_at < 5  # woken by the delete, not by the timeout

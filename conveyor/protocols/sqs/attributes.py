@@ -35,6 +35,7 @@ DATA_TYPE: Final = re.compile(r"(String|Number|Binary)(\.[^\s]{1,256})?")
 # XML 1.0 characters, the set AWS accepts in bodies and string values.
 _INVALID_CHARACTERS: Final = re.compile(
     "[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_INVALID_ASCII: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")  # the same, ASCII text
 MESSAGE_BYTES_MAX: Final = 1 << 20  # AWS raised the maximum to 1 MiB (2025)
 
 # name -> (default, minimum, maximum) for integer attributes, AWS's documented ranges.
@@ -193,7 +194,8 @@ class MessageAttribute:
 
 
 def check_text(text: str, what: str) -> None:
-    if _INVALID_CHARACTERS.search(text):
+    invalid = (_INVALID_ASCII if text.isascii() else _INVALID_CHARACTERS).search(text)
+    if invalid:
         raise InvalidMessageContents(
             f"Invalid characters found in {what}. Valid characters are #x9 | #xA | #xD | "
             "#x20 to #xD7FF | #xE000 to #xFFFD | #x10000 to #x10FFFF")

@@ -28,6 +28,7 @@ from conveyor.protocols.sqs.errors import (
     QueueDoesNotExist,
     ReceiptHandleIsInvalid,
 )
+from conveyor.protocols.sqs.move_tasks import MoveTasks
 from conveyor.protocols.sqs.receive_attempts import ReceiveAttempts
 
 if TYPE_CHECKING:
@@ -36,6 +37,21 @@ if TYPE_CHECKING:
 ACCOUNT_ID_DEFAULT: Final = "000000000000"  # what LocalStack and moto answer with
 REGION_DEFAULT: Final = "us-east-1"
 _MAC_BYTES: Final = 16
+
+
+class MessageIds:
+    """UUID-shaped message ids: a random 64-bit prefix drawn at start and a counter, so
+    they are unique without a random draw per message (uuid4 was a visible cost)."""
+
+    def __init__(self) -> None:
+        prefix = secrets.token_hex(8)
+        self._prefix = f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:16]}-"
+        self._counter = secrets.randbits(32) << 32
+
+    def next_id(self) -> str:
+        self._counter += 1
+        text = f"{self._counter & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+        return f"{self._prefix}{text[:4]}-{text[4:]}"
 
 
 @dataclass(slots=True)
@@ -57,10 +73,11 @@ class SqsBase:
         self.catalog = QueueCatalog(broker)
         self._mac_key = secrets.token_bytes(32)
         self.purged_at_ms: dict[str, int] = {}  # queue -> monotonic ms of its last purge
-        self.move_tasks: dict[str, dict[str, Any]] = {}  # task handle -> ListMessageMoveTasks entry
+        self.move_tasks = MoveTasks(broker)  # DLQ redrive tasks
         # (queue, partition, offset) -> wall ms of its first receive (bounded, oldest out)
         self.first_receive_ms: dict[tuple[str, int, int], int] = {}
         self.attempts = ReceiveAttempts(broker)  # FIFO ReceiveRequestAttemptId answers
+        self.message_ids = MessageIds()
         self.receive_counter = 0  # names each receive's consumer (released alone if it ends)
 
     # --- queues, URLs, ARNs ------------------------------------------------------------

@@ -67,6 +67,11 @@ class RequestFramer:
         immediate, self._immediate = b"".join(self._immediate), []
         return completed, immediate
 
+    def speaks_json(self) -> bool:
+        """Whether the request being parsed named an ``X-Amz-Target`` (for the error's shape
+        when it fails before it is complete)."""
+        return "x-amz-target" in self._headers
+
     # --- parser callbacks -------------------------------------------------------------
     @property
     def partial_bytes(self) -> int:

@@ -148,7 +148,8 @@ class SqsConnection(asyncio.Protocol):
             status = 413 if error.http_status == 413 else 400
             sqs_error = InvalidParameterValue(str(error))
             sqs_error.http_status = status
-            response = encode_error("query", sqs_error, "-")
+            response = encode_error("json" if self.framer.speaks_json() else "query",
+                                    sqs_error, "-")
             self.close_after = encode_response(response.status, response.body,
                                                response.headers, keep_alive=False)
             self.listener.shared.budget.forget(self)
@@ -273,6 +274,8 @@ class SqsListener:
         self.unregister()
         if self._server is not None:
             self._server.close()
+        if self.handlers is not None:
+            await self.handlers.move_tasks.close()  # a running move stops between chunks
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()

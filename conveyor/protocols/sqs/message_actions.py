@@ -85,9 +85,10 @@ class MessageActions(SqsBase):
         fifo = is_fifo(name)
         return with_defaults(meta.attributes if meta else {}, fifo), fifo
 
-    def _message(self, name: str, entry: dict[str, Any]) -> tuple[Message, dict[str, str]]:
+    def _message(self, name: str, entry: dict[str, Any],
+                 limits: tuple[dict[str, str], bool]) -> tuple[Message, dict[str, str]]:
         """The record for one SendMessage(Batch) entry, and the digests to answer with."""
-        attributes, fifo = self._limits(name)
+        attributes, fifo = limits
         body = entry.get("MessageBody")
         if body is None or body == "":
             raise MissingParameter("The request must contain the parameter MessageBody.")
@@ -122,7 +123,7 @@ class MessageActions(SqsBase):
             raise InvalidParameterValue(
                 "Value for parameter MessageDeduplicationId is invalid. Reason: The request "
                 "includes a parameter that is not valid for this queue type.")
-        message_id = str(uuid.uuid4())
+        message_id = self.message_ids.next_id()
         headers: list[tuple[str, bytes | None]] = [(HEADER_MESSAGE_ID, message_id.encode())]
         for attribute in user:
             headers.append((attribute.name, attribute.value))
@@ -150,7 +151,7 @@ class MessageActions(SqsBase):
     async def action_SendMessage(self, params: dict[str, Any],
                                  context: RequestContext) -> dict[str, Any]:
         name = self.resolve_queue(params, context)
-        message, result = self._message(name, params)
+        message, result = self._message(name, params, self._limits(name))
         published = await self.broker.publish(name, [message])
         if is_fifo(name) and published and published[0].offset >= 0:
             result["SequenceNumber"] = f"{published[0].offset:020d}"
@@ -160,7 +161,8 @@ class MessageActions(SqsBase):
                                       context: RequestContext) -> dict[str, Any]:
         name = self.resolve_queue(params, context)
         entries = batch_entries(params)
-        attributes, _fifo = self._limits(name)
+        limits = self._limits(name)
+        attributes = limits[0]
         total = sum(len(str(entry.get("MessageBody", "")).encode()) for entry in entries)
         if total > int(attributes["MaximumMessageSize"]):
             raise BatchRequestTooLong(
@@ -171,7 +173,7 @@ class MessageActions(SqsBase):
         messages: list[Message] = []
         for entry in entries:
             try:
-                message, digests = self._message(name, entry)
+                message, digests = self._message(name, entry, limits)
             except SqsError as error:
                 failed.append(_failure(entry["Id"], error))
                 continue
@@ -208,10 +210,12 @@ class MessageActions(SqsBase):
                 return replayed
         self.receive_counter += 1
         consumer = f"sqs-receive-{self.receive_counter}"  # unique: its release hits only it
-        work = self.broker.acquire(
-            name, name, count, None if visibility_s is None else visibility_s * 1000,
-            wait_s * 1000, consumer)
-        deliveries = await _unless_disconnected(work, context.disconnected)
+        lock_ms = None if visibility_s is None else visibility_s * 1000
+        # what is there now needs no waiting (and no watcher task); a long poll does
+        deliveries = await self.broker.acquire(name, name, count, lock_ms, 0, consumer)
+        if not deliveries and wait_s > 0:
+            work = self.broker.acquire(name, name, count, lock_ms, wait_s * 1000, consumer)
+            deliveries = await _unless_disconnected(work, context.disconnected)
         if context.disconnected.is_set():
             # nobody to tell: give back what this receive locked, and only that
             if deliveries:

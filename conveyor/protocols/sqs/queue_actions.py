@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import uuid
 from typing import Any, Final
 
 from conveyor.protocols.sqs.attributes import (
@@ -33,7 +32,6 @@ from conveyor.protocols.sqs.errors import (
     InvalidParameterValue,
     PurgeQueueInProgress,
     QueueNameExists,
-    ResourceNotFoundException,
 )
 from conveyor.protocols.sqs.params import (
     optional_int,
@@ -45,7 +43,6 @@ from conveyor.protocols.sqs.params import (
 
 PURGE_INTERVAL_MS: Final = 60_000  # AWS: one PurgeQueue per queue per 60 seconds
 LIST_QUEUES_MAX: Final = 1000  # AWS: ListQueues returns at most 1,000 URLs
-MOVE_RECORDS_MAX: Final = 1_000_000  # one move task moves at most this many messages
 
 
 class QueueActions(SqsBase):
@@ -233,62 +230,30 @@ class QueueActions(SqsBase):
 
     async def action_StartMessageMoveTask(self, params: dict[str, Any],
                                           context: RequestContext) -> dict[str, Any]:
-        """Moves the DLQ's visible messages now (the task is COMPLETED when it answers)."""
         source_arn = required_str(params, "SourceArn")
         source = self.queue_from_arn(source_arn)
         destination_arn = optional_str(params, "DestinationArn")
-        optional_int(params, "MaxNumberOfMessagesPerSecond", 1, 500)
+        destination = (None if destination_arn is None
+                       else self.queue_from_arn(destination_arn))
+        rate_per_s = optional_int(params, "MaxNumberOfMessagesPerSecond", 1, 500)
         if not any(info.config.dead_letter_topic == source
                    for info in await self.broker.list_queues()):
             raise InvalidParameterValue("Source queue must be configured as a Dead Letter "
                                         "Queue.")
-        started_ms = self.broker.clock.wall_ms()
-        if destination_arn is None:
-            moved = await self.broker.redrive(source, MOVE_RECORDS_MAX)
-        else:
-            moved = await self._move(source, self.queue_from_arn(destination_arn))
-        handle = base64.urlsafe_b64encode(
-            json.dumps({"task": str(uuid.uuid4()), "source": source_arn}).encode()).decode()
-        task: dict[str, Any] = {
-            "TaskHandle": handle, "Status": "COMPLETED", "SourceArn": source_arn,
-            "ApproximateNumberOfMessagesMoved": moved,
-            "ApproximateNumberOfMessagesToMove": moved, "StartedTimestamp": started_ms}
-        if destination_arn is not None:
-            task["DestinationArn"] = destination_arn
-        self.move_tasks[handle] = task
+        handle = await self.move_tasks.start(source, source_arn, destination,
+                                             destination_arn, rate_per_s)
         return {"TaskHandle": handle}
-
-    async def _move(self, source: str, destination: str) -> int:
-        from conveyor.broker.types import Message
-
-        moved = 0
-        while moved < MOVE_RECORDS_MAX:
-            deliveries = await self.broker.acquire(source, source, 10, lock_ms=60_000)
-            if not deliveries:
-                return moved
-            await self.broker.publish(destination, [
-                Message(d.value, d.key, d.headers) for d in deliveries])
-            await self.broker.ack([d.receipt for d in deliveries])
-            moved += len(deliveries)
-        return moved
 
     async def action_ListMessageMoveTasks(self, params: dict[str, Any],
                                           context: RequestContext) -> dict[str, Any]:
         source_arn = required_str(params, "SourceArn")
         self.queue_from_arn(source_arn)
         results_max = optional_int(params, "MaxResults", 1, 10) or 1
-        tasks = [task for task in self.move_tasks.values() if task["SourceArn"] == source_arn]
-        tasks.sort(key=lambda task: -int(task["StartedTimestamp"]))
-        return {"Results": tasks[:results_max]}
+        return {"Results": self.move_tasks.list(source_arn, results_max)}
 
     async def action_CancelMessageMoveTask(self, params: dict[str, Any],
                                            context: RequestContext) -> dict[str, Any]:
-        handle = required_str(params, "TaskHandle")
-        task = self.move_tasks.get(handle)
-        if task is None:
-            raise ResourceNotFoundException("The task handle does not exist.")
-        raise InvalidParameterValue(f"The task is {task['Status']}; only a RUNNING task can "
-                                    "be cancelled.")
+        return self.move_tasks.cancel(required_str(params, "TaskHandle"))
 
     # --- permissions (stored; no security model yet) ------------------------------------
     async def action_AddPermission(self, params: dict[str, Any],
