@@ -187,6 +187,7 @@ class Broker:
         self.producers.load()
         self.lost_ranges = []
         self.producers.clamp_to_logs(self._log_ends(), self.lost_ranges)
+        self.producers.forget_missing(self._damaged_logs(), self.lost_ranges)
         self.producers.recover_from_logs(
             [(topic, partition, self.log_store.partition(topic, partition))
              for topic, partition in self.log_store.partitions()
@@ -627,6 +628,16 @@ class Broker:
         return {(topic, partition): int(self.log_store.partition(topic, partition).high_watermark)
                 for topic, partition in self.log_store.partitions()
                 if self.topics.find(topic) is not None}
+
+    def _damaged_logs(self) -> dict[tuple[str, int], Any]:
+        """Partitions where recovery set corrupt batches aside (their offsets are gone)."""
+        found: dict[tuple[str, int], Any] = {}
+        for topic, partition in self.log_store.partitions():
+            log = self.log_store.partition(topic, partition)
+            recovery = getattr(log, "recovery", None)
+            if recovery is not None and recovery.skipped_offsets and self.topics.find(topic):
+                found[(topic, partition)] = log
+        return found
 
     def _load_groups(self) -> None:
         for group_id, snapshot in self.state_store.load_groups().items():
