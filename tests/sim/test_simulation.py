@@ -497,3 +497,22 @@ async def test_shared_queue_simulation(seed: int, fsync: FsyncPolicy, tmp_path: 
     finally:
         if simulation.broker is not None:
             await simulation.broker.close()
+
+
+async def test_a_seed_replays_exactly(tmp_path: Path) -> None:
+    """The same seed takes the same steps and sees the same outcomes twice (crashes
+    included): a failure's replay command reproduces it. Iterating a set of files by
+    id() once made 1 run in 6 of a seed differ."""
+    logs = []
+    for run in range(2):
+        simulation = Simulation(27, tmp_path / f"run{run}", "never")
+        (tmp_path / f"run{run}").mkdir()
+        await simulation.setup()
+        try:
+            for _ in range(STEPS):
+                await simulation.step()
+        finally:
+            if simulation.broker is not None:
+                await simulation.broker.close()
+        logs.append(simulation.log)
+    assert logs[0] == logs[1]
