@@ -4,9 +4,11 @@ protocol's terms while a light one goes on (issue 9 item 6, bulk publishing).
 Goal: one tenant's burst does not stall everyone else: a Kafka connection holding most
 of the bytes in flight gets a delayed produce answer whose throttle_time_ms reports the
 wait, while another connection's produce is answered at once; when the total falls
-back the held produce completes. Method: a real server in this loop with a 64 KiB
-mark; the heavy connection's share is set in the broker's flow directly (a bulk
-upload in flight, as the HTTP test does), raw Kafka frames on two connections.
+back the held produce completes. An AMQP connection whose message is over the mark
+gets connection.blocked then unblocked while a light one publishing meanwhile is
+never blocked. Method: real servers with a 64 KiB mark; for Kafka the heavy
+connection's share is set in the broker's flow directly (a bulk upload in flight, as
+the HTTP test does) with raw frames; for AMQP pika publishes a 1 MiB message.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pika
 from test_kafka_wire import RawClient, batch_of, parse, partition_result, produce, request_frame
 
-from conveyor.testing.server import run_broker
+from conveyor.testing.server import BrokerThread, run_broker
 
 
 async def test_heaviest_kafka_publisher_is_throttled_light_one_is_not(tmp_path: Path) -> None:
@@ -51,6 +54,46 @@ async def test_heaviest_kafka_publisher_is_throttled_light_one_is_not(tmp_path: 
             assert partition_result(response).error_code == 0
             assert response.throttle_time.total_seconds() >= 0.3  # how long it was held
             assert server.broker.offsets("bulk", 0).high_watermark == 1 + 1 + 2 + 3
+        finally:
+            heavy.close()
+            light.close()
+
+
+def _until(connection: pika.BlockingConnection, events: list[str], event: str) -> None:
+    for _ in range(50):  # process_data_events returns as soon as a frame was handled
+        if event in events:
+            return
+        connection.process_data_events(time_limit=0.2)
+    raise AssertionError(f"no {event} in 10 s: {events}")
+
+
+def test_heaviest_amqp_publisher_is_blocked_light_one_is_not(tmp_path: Path) -> None:
+    """AMQP's own terms: connection.blocked / unblocked to the connection whose message
+    is over the mark while it is stored; a connection publishing small messages at the
+    same time is never blocked, and nothing is lost."""
+    with BrokerThread(tmp_path / "data", listeners=("amqp",),
+                      broker={"memory_high_watermark_bytes": 1 << 16}) as server:
+        parameters = pika.ConnectionParameters("127.0.0.1", server.ports["amqp"])
+        heavy, light = pika.BlockingConnection(parameters), pika.BlockingConnection(parameters)
+        events: dict[str, list[str]] = {"heavy": [], "light": []}
+        for name, connection in (("heavy", heavy), ("light", light)):
+            connection.add_on_connection_blocked_callback(
+                lambda *_, name=name: events[name].append("blocked"))
+            connection.add_on_connection_unblocked_callback(
+                lambda *_, name=name: events[name].append("unblocked"))
+        try:
+            heavy_channel, light_channel = heavy.channel(), light.channel()
+            heavy_channel.queue_declare("bulk")
+            light_channel.queue_declare("small")
+            heavy_channel.basic_publish("", "bulk", b"x" * (1 << 20))  # 16x the mark
+            for index in range(20):
+                light_channel.basic_publish("", "small", b"%d" % index)
+            _until(heavy, events["heavy"], "unblocked")
+            light.process_data_events(time_limit=0.2)
+            assert events == {"heavy": ["blocked", "unblocked"], "light": []}
+            assert server.server.limits.flow.pushbacks >= 1
+            assert heavy_channel.queue_declare("bulk", passive=True).method.message_count == 1
+            assert light_channel.queue_declare("small", passive=True).method.message_count == 20
         finally:
             heavy.close()
             light.close()
