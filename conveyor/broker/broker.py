@@ -25,7 +25,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from conveyor.clock import Clock
 from conveyor.errors import OperatingError, TopicExistsError, UnavailableError
@@ -157,6 +157,7 @@ class Broker:
         self.producers.load()
         self.lost_ranges = []
         self.producers.clamp_to_logs(self.group_coordinator.log_ends(), self.lost_ranges)
+        self.producers.forget_missing(self._damaged_logs(), self.lost_ranges)
         self.producers.recover_from_logs(
             [(topic, partition, self.log_store.partition(topic, partition))
              for topic, partition in self.log_store.partitions()
@@ -173,6 +174,16 @@ class Broker:
         self._next_retention_ms = self.clock.monotonic_ms() + interval_ms
         self._timer_task = self.supervisor.start(self._run_timers(), name="conveyor.timers")
         self._opened = True
+
+    def _damaged_logs(self) -> dict[tuple[str, int], Any]:
+        """Partitions where recovery set corrupt batches aside (their offsets are gone)."""
+        found: dict[tuple[str, int], Any] = {}
+        for topic, partition in self.log_store.partitions():
+            log = self.log_store.partition(topic, partition)
+            recovery = getattr(log, "recovery", None)
+            if recovery is not None and recovery.skipped_offsets and self.topics.find(topic):
+                found[(topic, partition)] = log
+        return found
 
     def _check_open(self) -> None:  # kept for methods written against the old facade
         self.gate.check()

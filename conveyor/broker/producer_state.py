@@ -236,6 +236,31 @@ class ProducerStates:
             if log_end is not None and checkpoint > log_end:
                 self._state_store.save_producer_checkpoint(topic, partition, log_end)
 
+    def forget_missing(self, logs: dict[tuple[str, int], Any],
+                       lost: list[LostRange]) -> None:
+        """Forget remembered batches the log no longer holds at their offsets: recovery
+        set them aside (an unsynced batch a crash damaged, under fsync=interval/never,
+        with valid batches after it). ``logs``: only partitions with set-aside ranges.
+        A retry of such a batch is appended again instead of answered "duplicate"."""
+        for (producer_id, topic, partition), entry in self._entries.items():
+            log = logs.get((topic, partition))
+            if log is None or not entry.batches:
+                continue
+            kept = [batch for batch in entry.batches
+                    if _holds(log, producer_id, batch)]
+            if len(kept) == len(entry.batches):
+                continue
+            for batch in entry.batches:
+                if batch not in kept:
+                    lost.append(LostRange("producer", str(producer_id), topic, partition,
+                                          batch.base_offset, batch.last_offset + 1))
+            entry.batches.clear()
+            entry.batches.extend(kept)
+            self._state_store.save_producer_sequences(ProducerSequenceRow(
+                producer_id, topic, partition, entry.epoch,
+                tuple((b.base_sequence, b.last_sequence, b.base_offset, b.last_offset)
+                      for b in entry.batches)))
+
     def recover_from_logs(
         self, logs: Iterable[tuple[str, int, Any]], read_bytes_max: int
     ) -> None:
@@ -267,3 +292,16 @@ class ProducerStates:
     def forget_topic(self, topic: str) -> None:
         for key in [key for key in self._entries if key[1] == topic]:
             del self._entries[key]
+
+
+def _holds(log: Any, producer_id: int, batch: BatchSequence) -> bool:
+    """Whether the log's batch at ``batch.base_offset`` is this producer's batch (a read
+    there skips a set-aside batch, so a later batch comes back instead)."""
+    if not log.log_start_offset <= batch.base_offset < log.high_watermark:
+        return bool(batch.base_offset < log.log_start_offset)  # below the start: retention
+    data = log.read(batch.base_offset, 1).read_bytes()
+    if not data:
+        return False
+    _, header = split_batches(data)[0]
+    return (header.base_offset == batch.base_offset and header.producer_id == producer_id
+            and header.base_sequence == batch.base_sequence)

@@ -1,7 +1,11 @@
 """OffsetIndex and TimeIndex: sparse, derived lookups from offsets/timestamps to positions.
 
 Owns the in-memory entries and the file format of the two per-segment indexes. They
-are derived data: no checksum, rebuilt from the .log when missing or inconsistent.
+are derived data, written without fsync and rebuilt from the .log when missing or
+damaged; so each file ends with a CRC32C of its entries (4 bytes, big-endian). Without
+it a crash that tore or flipped a bit in an entry's position went unnoticed (only the
+last entry was checked against the log), a read landed mid-batch, and a sound batch of
+acknowledged records was set aside as corrupt (found by test_recovery's random crashes).
 
 OffsetIndex file: entries of 8 bytes, big-endian (relative offset uint32, position
 uint32), strictly increasing in both. An entry means "a batch starts at this position
@@ -17,8 +21,23 @@ from __future__ import annotations
 import bisect
 import struct
 
+import crc32c
+
 OFFSET_ENTRY = struct.Struct(">II")
 TIME_ENTRY = struct.Struct(">qI")
+_CHECKSUM = struct.Struct(">I")
+
+
+def _sealed(entries: bytes) -> bytes:
+    return entries + _CHECKSUM.pack(crc32c.crc32c(entries))
+
+
+def _entries(data: bytes, entry_bytes: int) -> bytes | None:
+    """The entries of a file whose checksum matches, else None."""
+    if len(data) < _CHECKSUM.size or (len(data) - _CHECKSUM.size) % entry_bytes:
+        return None
+    entries, (checksum,) = data[:-_CHECKSUM.size], _CHECKSUM.unpack(data[-_CHECKSUM.size:])
+    return entries if crc32c.crc32c(entries) == checksum else None
 
 
 class OffsetIndex:
@@ -51,18 +70,19 @@ class OffsetIndex:
         del self.offsets[keep:], self.positions[keep:]
 
     def to_bytes(self) -> bytes:
-        return b"".join(
+        return _sealed(b"".join(
             OFFSET_ENTRY.pack(offset - self.base_offset, position)
             for offset, position in zip(self.offsets, self.positions, strict=True)
-        )
+        ))
 
     @classmethod
     def from_bytes(cls, base_offset: int, data: bytes) -> OffsetIndex | None:
-        """Parse a file; None when its size or ordering shows it is damaged."""
-        if len(data) % OFFSET_ENTRY.size:
+        """Parse a file; None when its checksum, size or ordering shows it is damaged."""
+        entries = _entries(data, OFFSET_ENTRY.size)
+        if entries is None:
             return None
         index = cls(base_offset)
-        for relative, position in OFFSET_ENTRY.iter_unpack(data):
+        for relative, position in OFFSET_ENTRY.iter_unpack(entries):
             if index.offsets and (base_offset + relative <= index.offsets[-1]
                                   or position <= index.positions[-1]):
                 return None
@@ -92,17 +112,18 @@ class TimeIndex:
         del self.timestamps_ms[keep:], self.offsets[keep:]
 
     def to_bytes(self) -> bytes:
-        return b"".join(
+        return _sealed(b"".join(
             TIME_ENTRY.pack(timestamp_ms, offset - self.base_offset)
             for timestamp_ms, offset in zip(self.timestamps_ms, self.offsets, strict=True)
-        )
+        ))
 
     @classmethod
     def from_bytes(cls, base_offset: int, data: bytes) -> TimeIndex | None:
-        if len(data) % TIME_ENTRY.size:
+        entries = _entries(data, TIME_ENTRY.size)
+        if entries is None:
             return None
         index = cls(base_offset)
-        for timestamp_ms, relative in TIME_ENTRY.iter_unpack(data):
+        for timestamp_ms, relative in TIME_ENTRY.iter_unpack(entries):
             if index.offsets and (timestamp_ms < index.timestamps_ms[-1]
                                   or base_offset + relative <= index.offsets[-1]):
                 return None

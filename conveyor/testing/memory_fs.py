@@ -169,7 +169,10 @@ class MemoryFileSystem:
         with self._lock:
             self._handles.clear()
             self._files = dict(self._durable_names)
-            for file in set(self._files.values()):
+            # in path order: a set of files iterates by id(), so the rng's draws went to
+            # files in a different order each run and a seed did not replay
+            files = {id(file): file for _, file in sorted(self._files.items())}
+            for file in files.values():
                 file.data = bytearray(_surviving_bytes(file, rng, flip_bits))
                 file.durable = bytes(file.data)
 

@@ -78,3 +78,44 @@ async def test_state_is_clamped_to_the_recovered_log_end(tmp_path: Path) -> None
     assert [d.value for d in await shared(broker).acquire("q", "q", records_max=5)] == [
         b"p0", b"c"]
     await harness.stop()
+
+
+class FlipInFirstBatch(random.Random):
+    """A fault rng that keeps every unsynced byte and flips one bit in the first batch."""
+
+    def randint(self, a: int, b: int) -> int:
+        return b
+
+    def random(self) -> float:
+        return 0.0
+
+    def randrange(self, *args: int) -> int:  # type: ignore[override]
+        return 70 * 8  # a byte inside the first record of the first unsynced batch
+
+
+async def test_producer_batch_set_aside_by_recovery_is_not_a_duplicate(tmp_path: Path) -> None:
+    """Found by the simulation (seed 364, fsync=never): a crash damaged the unsynced
+    batch of an idempotent producer while a later batch survived; recovery set it aside,
+    but its sequence stayed in the state and a retry was answered "duplicate"."""
+    fs = MemoryFileSystem()
+    fs.make_dirs(str(tmp_path))
+    harness = BrokerHarness(tmp_path, fs)
+    broker = await harness.start()
+    await broker.create_topic("t", 1, {"conveyor.fsync": "never"})
+    producer_id, epoch = await broker.init_producer_id()
+    damaged = build_batch([RecordData(None, b"p0" * 20)], producer_id=producer_id,
+                          producer_epoch=epoch, base_sequence=0)
+    await broker.append_batch("t", 0, damaged)
+    await broker.publish("t", [Message(b"after")])  # a valid batch behind it
+
+    broker._timer_task.cancel()  # type: ignore[union-attr]
+    await broker.state_store.close()  # the producer's sequence is durable in SQLite
+    fs.crash(FlipInFirstBatch())
+    broker = await harness.start()
+    recovery = broker.log_store.recovery("t", 0)  # type: ignore[attr-defined]
+    assert [first for first, _ in recovery.skipped_offsets] == [0]
+    assert ("producer", 0, 1) in {(r.kind, r.log_end, r.state_offset)
+                                  for r in broker.lost_ranges}
+    retry = await broker.append_batch("t", 0, damaged)
+    assert not retry.duplicate and retry.base_offset == 2  # appended again
+    await harness.stop()

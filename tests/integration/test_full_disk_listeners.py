@@ -2,12 +2,13 @@
 line per condition (issue 9, the full-disk paragraph).
 
 Goal: while the disk is full, Kafka produces answer KAFKA_STORAGE_ERROR, HTTP publishes
-507 and AMQP confirms are nacks; reads keep working; nothing acknowledged before is
+507, AMQP confirms are nacks and SQS sends ServiceUnavailable (a server fault SDKs
+retry; it was InvalidParameterValue); reads keep working; nothing acknowledged before is
 lost; the log says "disk full" once per partition with a count (AMQP used to write one
 warning per message: 1,129 lines in a second) and "recovered" once space returns;
 appends then resume. Method: a server whose file system raises ENOSPC on every write
 while ``FullDisk.full`` is set (the OS file system otherwise), real protocol clients
-(raw Kafka frames, httpx, aio-pika with publisher confirms).
+(raw Kafka frames, httpx, aio-pika with publisher confirms, boto3).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
+import boto3
 import httpx
 import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
 from test_kafka_wire import RawClient, batch_of, partition_result, produce
 
 from conveyor.protocols.kafka import error_codes
@@ -62,8 +66,14 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FullDisk]]:
 async def test_full_disk_answers_each_protocol_and_logs_once(
     tmp_path: Path, full_disk: type[FullDisk], caplog: pytest.LogCaptureFixture,
 ) -> None:
-    async with run_broker(tmp_path / "data", listeners=("kafka", "amqp", "http")) as server:
+    async with run_broker(tmp_path / "data",
+                          listeners=("kafka", "amqp", "http", "sqs")) as server:
         await server.broker.create_topic("t", 1)
+        sqs = boto3.client(
+            "sqs", endpoint_url=f"http://127.0.0.1:{server.ports['sqs']}",
+            region_name="us-east-1", aws_access_key_id="any", aws_secret_access_key="any",
+            config=Config(retries={"max_attempts": 1}))
+        url = (await asyncio.to_thread(sqs.create_queue, QueueName="s"))["QueueUrl"]
         http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports['http']}")
         amqp = await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{server.ports['amqp']}/")
         reader, writer = await asyncio.open_connection(
@@ -87,14 +97,18 @@ async def test_full_disk_answers_each_protocol_and_logs_once(
                     with pytest.raises(aio_pika.exceptions.DeliveryError):
                         await channel.default_exchange.publish(aio_pika.Message(b"nacked"),
                                                                routing_key="q")
+                    with pytest.raises(ClientError) as refused:
+                        await asyncio.to_thread(sqs.send_message, QueueUrl=url,
+                                                MessageBody="lost")
+                    assert refused.value.response["Error"]["Code"] == "ServiceUnavailable"
                 # reads keep working
                 read = await http.get("/topics/t/messages", params={"offset": 0, "limit": 10})
                 assert read.status_code == 200, read.text
                 assert [m["value"] for m in read.json()["messages"]] == ["kept"]
             lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             full_lines = [line for line in lines if "disk full" in line]
-            assert len(full_lines) == 2, lines  # t/0 and q/0: once each, not per message
-            assert len(lines) == 2, lines  # nothing else warned per message
+            assert len(full_lines) == 3, lines  # t/0, q/0, s/0: once each, not per message
+            assert len(lines) == 3, lines  # nothing else warned per message
 
             full_disk.full = False
             caplog.clear()
@@ -105,6 +119,7 @@ async def test_full_disk_answers_each_protocol_and_logs_once(
                                                        routing_key="q")
             recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
             assert len(recovered) == 2 and all("failures" in line for line in recovered)
+            await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody="after")
             got = []
             for _ in range(2):
                 message = await queue.get(timeout=5)

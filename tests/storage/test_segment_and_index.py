@@ -73,6 +73,26 @@ def test_load_indexes_uses_files_and_rebuild_matches() -> None:
             missing.max_timestamp_ms) == expected
 
 
+def test_index_with_a_flipped_bit_in_a_middle_entry_is_rebuilt() -> None:
+    """Index files are never fsynced: a crash may flip a bit in any entry. Only the last
+    entry used to be checked against the log, so a middle entry pointing mid-batch was
+    trusted, a read landed there and acknowledged records were set aside as corrupt."""
+    segment, _ = filled_segment()
+    segment.write_indexes()
+    path = segment_files.offset_index_path("/d", 100)
+    handle = segment.fs.open(path)
+    data = bytearray(segment.fs.pread(handle, 1 << 16, 0))
+    assert len(data) >= 3 * 8 + 4  # several entries and the checksum
+    data[8 + 7] ^= 0x10  # the second entry's position: still increasing, now mid-batch
+    segment.fs.pwrite(handle, bytes(data), 0)
+    segment.fs.close(handle)
+    reopened = Segment.open(segment.fs, "/d", 100, index_interval_bytes=300, created_ms=0)
+    assert not reopened.load_indexes()  # the checksum caught it: rebuild
+    reopened.rebuild(validate=True)
+    assert reopened.offset_index.positions == segment.offset_index.positions
+    assert reopened.damage.damage == {}
+
+
 def test_truncate_to_drops_index_entries_past_the_cut() -> None:
     segment, size = filled_segment()
     segment.truncate_to(size * 10)

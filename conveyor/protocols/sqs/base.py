@@ -100,7 +100,10 @@ class SqsBase:
             from conveyor.protocols.sqs.errors import MissingParameter
 
             raise MissingParameter("The request must contain the parameter QueueUrl.")
-        name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] if "/" in url else url
+        try:
+            name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1] if "/" in url else url
+        except ValueError:  # not a URL (an unbalanced "[" reads as a bad IPv6 host)
+            raise QueueDoesNotExist("The specified queue does not exist.") from None
         if not self.queue_exists(name):
             raise QueueDoesNotExist("The specified queue does not exist.")
         return name

@@ -95,7 +95,10 @@ class SqsResponse:
 
 def decode_request(request: HttpRequest) -> SqsRequest:
     """Raises SqsError (answered in the protocol the request spoke)."""
-    split = urlsplit(request.target)
+    try:
+        split = urlsplit(request.target)
+    except ValueError:  # e.g. an unbalanced "[" (urllib reads it as an IPv6 host)
+        raise InvalidParameterValue("The request target is not a valid URL.") from None
     target = request.headers.get("x-amz-target")
     if target is not None:
         return _decode_json(target, request.body, split.path)

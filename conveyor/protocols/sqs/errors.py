@@ -19,6 +19,7 @@ from conveyor.errors import (
     OperatingError,
     PreconditionFailedError,
     RecordTooLargeError,
+    StorageError,
     UnavailableError,
 )
 
@@ -83,8 +84,8 @@ def from_conveyor(error: ConveyorError) -> SqsError:
         return InvalidParameterValue(message)
     if isinstance(error, PreconditionFailedError | IllegalStateError):
         return InvalidParameterValue(message)
-    if isinstance(error, UnavailableError):
-        return ServiceUnavailable(message)
+    if isinstance(error, UnavailableError | StorageError):
+        return ServiceUnavailable(message)  # a server fault (full disk...): SDKs retry it
     if isinstance(error, OperatingError):
         return InvalidParameterValue(message)
     return InternalError("internal error")
