@@ -82,6 +82,7 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     78: 0,  # ShareFetch
     79: 0,  # ShareAcknowledge
     90: 0,  # DescribeShareGroupOffsets
+    91: 0,  # AlterShareGroupOffsets
     92: 0,  # DeleteShareGroupOffsets
 }
 

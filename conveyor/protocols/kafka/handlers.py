@@ -207,6 +207,11 @@ class KafkaHandlers:
                                                            request)
         if api_key == 90:
             return share_handlers.handle_describe_offsets(self.shares, self.broker, request)
+        if api_key == 91:
+            name = request.body.group_id
+            other = self.consumers.is_consumer_group(name) or any(
+                listing.group_id == name for listing in self.broker.list_groups())
+            return await share_handlers.handle_alter_offsets(self.shares, request, other)
         if api_key == 92:
             return await share_handlers.handle_delete_offsets(self.shares, request)
         raise AssertionError(f"api key {api_key} is in SUPPORTED_VERSIONS without a handler")

@@ -83,6 +83,7 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     78: (1, 2),  # ShareFetch (v2: renew acknowledgements)
     79: (1, 2),  # ShareAcknowledge
     90: (0, 1),  # DescribeShareGroupOffsets
+    91: (0, 0),  # AlterShareGroupOffsets (the group must be empty)
     92: (0, 0),  # DeleteShareGroupOffsets
 }
 
