@@ -27,6 +27,7 @@ from aiokafka.structs import TopicPartition as AioTopicPartition
 from confluent_kafka import ElectionType, KafkaException
 from confluent_kafka import TopicPartition as ConfluentTopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ResourceType
+from confluent_kafka.admin import NewTopic as NewTopicConfluent
 from confluent_kafka.admin import ConfigResource as ConfluentConfigResource
 from kio.schema.offset_for_leader_epoch.v4.request import (
     OffsetForLeaderEpochRequest,
@@ -303,3 +304,23 @@ def test_incremental_append_and_subtract(server: BrokerThread, admin: KafkaAdmin
     resource = ConfluentConfigResource(ResourceType.TOPIC, topic)
     found = confluent.describe_configs([resource])[resource].result(WAIT_S)
     assert found["cleanup.policy"].value == "delete"
+
+
+def test_kafka_internal_topic_names_are_neither_listed_nor_created(
+        server: BrokerThread, admin: KafkaAdminClient) -> None:
+    """Conveyor keeps committed offsets in its state store: __consumer_offsets is not a
+    topic, so a Metadata lookup (which auto-creates other names) or CreateTopics must not
+    make a user topic of that name for offset-reading tools to misread."""
+    confluent = AdminClient({"bootstrap.servers": bootstrap(server)})
+    looked_up = confluent.list_topics(topic="__consumer_offsets", timeout=WAIT_S)
+    assert looked_up.topics["__consumer_offsets"].error.code() == (
+        error_codes.UNKNOWN_TOPIC_OR_PARTITION)
+    assert confluent.list_topics(topic=unique("auto"), timeout=WAIT_S).topics  # others still
+    created = confluent.create_topics([NewTopicConfluent("__consumer_offsets", 1, 1)])
+    with pytest.raises(KafkaException) as refused:
+        created["__consumer_offsets"].result(timeout=WAIT_S)
+    assert refused.value.args[0].code() == error_codes.INVALID_TOPIC_EXCEPTION
+    listed = set(admin.list_topics())
+    assert "__consumer_offsets" not in listed
+    assert all(not name.startswith("__") for name in confluent.list_topics(
+        timeout=WAIT_S).topics)
