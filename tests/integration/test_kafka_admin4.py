@@ -27,8 +27,8 @@ from aiokafka.structs import TopicPartition as AioTopicPartition
 from confluent_kafka import ElectionType, KafkaException
 from confluent_kafka import TopicPartition as ConfluentTopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ResourceType
-from confluent_kafka.admin import NewTopic as NewTopicConfluent
 from confluent_kafka.admin import ConfigResource as ConfluentConfigResource
+from confluent_kafka.admin import NewTopic as NewTopicConfluent
 from kio.schema.offset_for_leader_epoch.v4.request import (
     OffsetForLeaderEpochRequest,
     OffsetForLeaderPartition,
