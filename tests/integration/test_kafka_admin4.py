@@ -5,8 +5,8 @@ AdminClient and aiokafka's AIOKafkaAdminClient call DeleteRecords (then read fro
 new log start), DescribeLogDirs, ElectLeaders, ListPartitionReassignments,
 DescribeTopicPartitions (paged with a cursor), DescribeProducers, OffsetDelete (refused
 for a topic the group's members consume), ListGroups with a type filter, and
-OffsetForLeaderEpoch (through a raw request: no client exposes it). DeleteRecords past
-the high watermark answers OFFSET_OUT_OF_RANGE; AlterReplicaLogDirs and
+OffsetForLeaderEpoch (through a raw request: no client exposes it), DescribeQuorum.
+DeleteRecords past the high watermark answers OFFSET_OUT_OF_RANGE; AlterReplicaLogDirs and
 AlterPartitionReassignments accept only what one node already is. DescribeConfigs
 gives broker configs with their real values and Kafka's types, and topic configs
 with their synonyms.
@@ -29,6 +29,11 @@ from confluent_kafka import TopicPartition as ConfluentTopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ResourceType
 from confluent_kafka.admin import ConfigResource as ConfluentConfigResource
 from confluent_kafka.admin import NewTopic as NewTopicConfluent
+from kio.schema.describe_quorum.v0.request import (
+    DescribeQuorumRequest,
+    PartitionData,
+    TopicData,
+)
 from kio.schema.offset_for_leader_epoch.v4.request import (
     OffsetForLeaderEpochRequest,
     OffsetForLeaderPartition,
@@ -324,3 +329,35 @@ def test_kafka_internal_topic_names_are_neither_listed_nor_created(
     assert "__consumer_offsets" not in listed
     assert all(not name.startswith("__") for name in confluent.list_topics(
         timeout=WAIT_S).topics)
+
+
+def test_describe_quorum_is_one_voter(server: BrokerThread, admin: KafkaAdminClient) -> None:
+    """kafka-python's describe_metadata_quorum (DescribeQuorum v2): one voter, this node,
+    leading with epoch 0; no metadata log, so its offsets are -1. Another partition than
+    __cluster_metadata-0 (raw v0 request) is UNKNOWN_TOPIC_OR_PARTITION."""
+    quorum = admin.describe_metadata_quorum()
+    (topic,) = quorum["topics"]
+    (partition,) = topic["partitions"]
+    assert topic["topic_name"] == "__cluster_metadata"
+    assert (partition["leader_id"], partition["leader_epoch"], partition["error"]) == (0, 0,
+                                                                                      None)
+    assert [voter["replica_id"] for voter in partition["current_voters"]] == [0]
+    assert partition["current_voters"][0]["log_end_offset"] == -1
+    assert partition["observers"] == []
+    (node,) = quorum["nodes"]
+    assert node["node_id"] == 0 and node["listeners"][0]["port"] == server.ports["kafka"]
+    request = DescribeQuorumRequest(topics=(
+        TopicData(topic_name="__cluster_metadata", partitions=(PartitionData(
+            partition_index=1),)),))
+
+    async def call() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.ports["kafka"])
+        writer.write(request_frame(request, 9))
+        size = struct.unpack(">i", await reader.readexactly(4))[0]
+        payload = await reader.readexactly(size)
+        writer.close()
+        return payload
+
+    _, answer = parse_response(asyncio.run(call()), 55, 0)
+    assert answer.error_code == error_codes.NONE
+    assert answer.topics[0].partitions[0].error_code == error_codes.UNKNOWN_TOPIC_OR_PARTITION

@@ -177,6 +177,8 @@ class KafkaHandlers:
             return log_admin_handlers.handle_describe_client_quotas(request)
         if api_key == 49:
             return log_admin_handlers.handle_alter_client_quotas(request)
+        if api_key == 55:
+            return log_admin_handlers.handle_describe_quorum(self.node, request)
         if api_key == 61:
             return log_admin_handlers.handle_describe_producers(broker, request)
         if api_key == 74:
