@@ -262,8 +262,8 @@ async def test_idempotent_retry_after_lost_response_appends_once(
     real_produce = data_handlers.handle_produce
     dropped: list[int] = []
 
-    async def drop_first_answer(broker: Any, request: Any) -> Any:
-        answer = await real_produce(broker, request)
+    async def drop_first_answer(broker: Any, request: Any, *rest: Any) -> Any:
+        answer = await real_produce(broker, request, *rest)
         if not dropped:
             dropped.append(request.header.correlation_id)
             raise UnavailableError("simulated lost response")  # closes the connection
