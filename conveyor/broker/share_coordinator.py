@@ -472,9 +472,16 @@ class ShareCoordinator:
             try:
                 if self.broker.topics.find(topic) is None:
                     raise UnknownTopicError("no such topic", topic=topic)
+                if topic == group_id and self.broker.queue_exists(topic):
+                    raise InvalidRequestError("a queue's own group: purge the queue instead",
+                                              queue=topic)
                 await self._ensure_shared_group(group, topic)
                 await self.broker.reset_shared_partition(topic, group_id, partition, offset)
                 outcome.append(None)
+            except PreconditionFailedError as error:  # held by a departed member, or by
+                # a consumer of another protocol on the same shared group
+                outcome.append(NonEmptyGroupError(error.message, topic=topic,
+                                                  partition=partition))
             except OperatingError as error:
                 outcome.append(error)
         return outcome

@@ -378,3 +378,15 @@ async def test_alter_share_group_offsets_names_only_share_groups(server: Server,
     assert server.broker.shared_group_start_offsets("t", "new") == {0: 2}
     listed = await client.call(ListGroupsRequest(states_filter=(), types_filter=("share",)))
     assert [(item.group_id, item.group_state) for item in listed.groups] == [("new", "Empty")]
+
+
+async def test_alter_share_group_offsets_leaves_held_records_and_queues_alone(
+        server: Server, client: Client) -> None:
+    await joined(server, client, records=3)
+    await client.call(share_fetch("m1", 0))  # acquires 0-2, the session stays open
+    await client.call(heartbeat("m1", -1, topics=None))  # left; its records still held
+    held = await client.call(alter("g", ("t", 0, 0)))
+    assert partition_codes(held) == {("t", 0): error_codes.NON_EMPTY_GROUP}
+    await server.broker.declare_queue("q")
+    queue = await client.call(alter("q", ("q", 0, 0)))
+    assert partition_codes(queue) == {("q", 0): error_codes.INVALID_REQUEST}
