@@ -371,7 +371,7 @@ class SharedGroups:
                                      offset: int) -> int:
         """Move one partition's start offset to ``offset`` (KIP-932's AlterShareGroupOffsets):
         the record states of that partition are forgotten, so records from ``offset`` on
-        are delivered afresh with delivery count 0. An offset below the log start starts
+        are delivered afresh, their delivery counts starting again. An offset below the log start starts
         at the log start; past the high watermark is OffsetOutOfRangeError. Refused for a
         queue's own group and while a record of the partition is acquired. Returns the
         new start offset."""
@@ -393,6 +393,7 @@ class SharedGroups:
             raise OffsetOutOfRangeError("start offset outside the log", topic=topic,
                                         partition=partition, offset=offset,
                                         high_watermark=int(log.high_watermark))
+        await self._flush(state, part)  # dead letters of records that died go out first
         start = max(offset, int(log.log_start_offset))
         fresh = SharedPartition(topic, partition, group, state.config, start_offset=start,
                                 next_offset=start)
