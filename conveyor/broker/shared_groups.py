@@ -371,10 +371,10 @@ class SharedGroups:
                                      offset: int) -> int:
         """Move one partition's start offset to ``offset`` (KIP-932's AlterShareGroupOffsets):
         the record states of that partition are forgotten, so records from ``offset`` on
-        are delivered afresh, their delivery counts starting again. An offset below the log start starts
-        at the log start; past the high watermark is OffsetOutOfRangeError. Refused for a
-        queue's own group and while a record of the partition is acquired. Returns the
-        new start offset."""
+        are delivered afresh, their delivery counts starting again. An offset below the
+        log start starts at the log start; past the high watermark is
+        OffsetOutOfRangeError. Refused for a queue's own group and while a record of the
+        partition is acquired. Returns the new start offset."""
         state = self._groups.get((group, topic))
         if state is None:
             raise UnknownGroupError("no such shared group", group=group, topic=topic)
