@@ -515,6 +515,12 @@ class Broker:
         """Per partition, the offset below which every record is settled; None: no group."""
         return self._shared().shared_group_start_offsets(topic, group)
 
+    async def reset_shared_partition(self, topic: str, group: str, partition: int,
+                                     offset: int) -> int:
+        """Move a shared group's start offset on one partition, forgetting its record
+        states there; returns the start offset (the log start if ``offset`` is below it)."""
+        return await self._shared().reset_shared_partition(topic, group, partition, offset)
+
     async def delete_shared_group(self, topic: str, group: str) -> None:
         """Forget a shared group on a plain topic (its record states too)."""
         await self._shared().delete_shared_group(topic, group)

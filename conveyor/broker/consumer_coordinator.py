@@ -411,6 +411,18 @@ class ConsumerCoordinator:
             raise StaleMemberEpochError("stale member epoch", member=member_id,
                                         epoch=member_epoch, expected=member.epoch)
 
+    def check_fetch(self, group_id: str, member_id: str, member_epoch: int) -> None:
+        """Raise unless (member, epoch) may fetch this group's offsets (OffsetFetch v9+):
+        no member id is an admin's fetch; a member must be known and at its epoch."""
+        if not member_id:
+            return
+        member = self.groups[group_id].members.get(member_id)
+        if member is None:
+            raise UnknownMemberError("unknown consumer group member", member=member_id)
+        if member_epoch != member.epoch:
+            raise StaleMemberEpochError("stale member epoch", member=member_id,
+                                        epoch=member_epoch, expected=member.epoch)
+
     def describe(self, group_id: str) -> ConsumerGroup:
         group = self.groups.get(group_id)
         if group is None:

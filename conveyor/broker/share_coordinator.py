@@ -50,6 +50,7 @@ from conveyor.errors import (
     ShareSessionNotFoundError,
     UnknownGroupError,
     UnknownMemberError,
+    UnknownTopicError,
 )
 
 from .group_configs import GroupConfigs
@@ -450,6 +451,40 @@ class ShareCoordinator:
         await self.broker.delete_shared_group(topic, group_id)
         if group is not None:
             group.topics.discard(topic)
+
+    async def alter_offsets(self, group_id: str,
+                            offsets: Sequence[tuple[str, int, int]]) -> list[OperatingError | None]:
+        """AlterShareGroupOffsets: per (topic, partition, start offset), move the group's
+        start there, forgetting the partition's record states (records from the offset
+        on are delivered afresh). The group must have no members (NonEmptyGroupError);
+        a group id never seen becomes an empty share group. One outcome per item."""
+        if not group_id:
+            raise InvalidRequestError("group id must not be empty")
+        group = self.groups.get(group_id)
+        if group is not None and group.members:
+            raise NonEmptyGroupError("share group has members", group=group_id)
+        if group is None:
+            if len(self.groups) >= SHARE_GROUPS_MAX:
+                raise GroupLimitError("too many share groups", limit=SHARE_GROUPS_MAX)
+            group = self.groups[group_id] = ShareGroup(group_id)
+        outcome: list[OperatingError | None] = []
+        for topic, partition, offset in offsets:
+            try:
+                if self.broker.topics.find(topic) is None:
+                    raise UnknownTopicError("no such topic", topic=topic)
+                if topic == group_id and self.broker.queue_exists(topic):
+                    raise InvalidRequestError("a queue's own group: purge the queue instead",
+                                              queue=topic)
+                await self._ensure_shared_group(group, topic)
+                await self.broker.reset_shared_partition(topic, group_id, partition, offset)
+                outcome.append(None)
+            except PreconditionFailedError as error:  # held by a departed member, or by
+                # a consumer of another protocol on the same shared group
+                outcome.append(NonEmptyGroupError(error.message, topic=topic,
+                                                  partition=partition))
+            except OperatingError as error:
+                outcome.append(error)
+        return outcome
 
     async def delete_group(self, group_id: str) -> None:
         """The group, its configs and its shared groups on plain topics (a queue's own

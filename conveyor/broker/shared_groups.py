@@ -25,6 +25,7 @@ API (all ``async`` unless noted):
     get_queue(name) -> QueueInfo ; list_queues() -> list[QueueInfo]
     queue_exists(name) -> bool                                   # sync
     create_shared_group(topic, group, config=None, start="latest") -> None
+    reset_shared_partition(topic, group, partition, offset) -> int  # new start offset
     acquire(topic, group, records_max=1, lock_ms=None, wait_ms=0, consumer_id=None)
         -> list[Delivery]        # long-poll: woken by appends, releases, expiries
     ack(receipts) -> None        # durable (state-store COMMIT) before it returns
@@ -78,6 +79,7 @@ from conveyor.errors import (
     PreconditionFailedError,
     UnknownDeliveryError,
     UnknownGroupError,
+    UnknownPartitionError,
     UnknownQueueError,
 )
 from conveyor.storage.record_batch import Record, RecordData
@@ -364,6 +366,43 @@ class SharedGroups:
         if state is None:
             return None
         return {partition: part.start_offset for partition, part in state.partitions.items()}
+
+    async def reset_shared_partition(self, topic: str, group: str, partition: int,
+                                     offset: int) -> int:
+        """Move one partition's start offset to ``offset`` (KIP-932's AlterShareGroupOffsets):
+        the record states of that partition are forgotten, so records from ``offset`` on
+        are delivered afresh, their delivery counts starting again. An offset below the
+        log start starts at the log start; past the high watermark is
+        OffsetOutOfRangeError. Refused for a queue's own group and while a record of the
+        partition is acquired. Returns the new start offset."""
+        state = self._groups.get((group, topic))
+        if state is None:
+            raise UnknownGroupError("no such shared group", group=group, topic=topic)
+        if state.is_queue:
+            raise PreconditionFailedError("a queue's own group is reset by purging the queue",
+                                          group=group)
+        self._add_new_partitions(state)
+        part = state.partitions.get(partition)
+        if part is None:
+            raise UnknownPartitionError("no such partition", topic=topic, partition=partition)
+        if any(entry.state is RecordState.ACQUIRED for entry in part.entries.values()):
+            raise PreconditionFailedError("records of the partition are acquired",
+                                          group=group, topic=topic, partition=partition)
+        log = self.host.topics.partition_log(topic, partition)
+        if offset < 0 or offset > log.high_watermark:
+            raise OffsetOutOfRangeError("start offset outside the log", topic=topic,
+                                        partition=partition, offset=offset,
+                                        high_watermark=int(log.high_watermark))
+        await self._flush(state, part)  # dead letters of records that died go out first
+        start = max(offset, int(log.log_start_offset))
+        fresh = SharedPartition(topic, partition, group, state.config, start_offset=start,
+                                next_offset=start)
+        state.partitions[partition] = fresh
+        self.store.delete_partition_records(group, topic, partition)
+        self._save_start(state, partition, fresh)
+        await self.store.commit()
+        self._wake(group, topic)
+        return start
 
     async def delete_shared_group(self, topic: str, group: str) -> None:
         """Forget a shared group on a plain topic (not a queue's own group): its record

@@ -126,6 +126,13 @@ class SharedStateStore:
             (group, topic, partition, offset),
         )
 
+    def delete_partition_records(self, group: str, topic: str, partition: int) -> None:
+        """Forget every record row of one partition (its start offset is reset)."""
+        self.store.write(
+            "DELETE FROM shared_records WHERE group_name = ? AND topic = ? AND partition = ?",
+            (group, topic, partition),
+        )
+
     # --- dedup --------------------------------------------------------------------
     def save_dedup(self, queue: str, dedup_id: str, expires_ms: int) -> None:
         self.store.write(

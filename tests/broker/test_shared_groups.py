@@ -28,8 +28,11 @@ from conveyor.broker.types import (
 )
 from conveyor.errors import (
     LockExpiredError,
+    OffsetOutOfRangeError,
     PreconditionFailedError,
     UnknownDeliveryError,
+    UnknownGroupError,
+    UnknownPartitionError,
     UnknownQueueError,
 )
 from conveyor.testing.memory_fs import MemoryFileSystem
@@ -449,3 +452,30 @@ async def test_parked_dead_letter_is_retried_in_place(harness: BrokerHarness,
     assert broker.log_store.partition("tiny.dlq", 0).high_watermark == 1
     assert (await shared.get_queue("jobs")).delayed == 0 and not shared.dead_letter_failures
     assert await shared.acquire("jobs", "jobs") == []
+
+
+async def test_reset_shared_partition_forgets_its_record_states(harness: BrokerHarness,
+                                                                broker: Broker) -> None:
+    """AlterShareGroupOffsets' storage: a reset start survives a restart, and the record
+    states at or above it are gone (acked records come back with count 1)."""
+    await broker.create_topic("events", 2)
+    await broker.publish("events", [Message(b"a"), Message(b"b"), Message(b"c")], partition=0)
+    await broker.publish("events", [Message(b"z")], partition=1)
+    shared = groups(broker)
+    await shared.create_shared_group("events", "audit", start="earliest")
+    taken = await shared.acquire("events", "audit", records_max=5)
+    with pytest.raises(PreconditionFailedError):  # records of partition 0 are acquired
+        await shared.reset_shared_partition("events", "audit", 0, 0)
+    await shared.ack([delivery.receipt for delivery in taken])
+    assert shared.shared_group_start_offsets("events", "audit") == {0: 3, 1: 1}
+    assert await shared.reset_shared_partition("events", "audit", 0, 1) == 1
+    with pytest.raises(OffsetOutOfRangeError):
+        await shared.reset_shared_partition("events", "audit", 0, 4)
+    with pytest.raises(UnknownPartitionError):
+        await shared.reset_shared_partition("events", "audit", 2, 0)
+    with pytest.raises(UnknownGroupError):
+        await shared.reset_shared_partition("events", "nobody", 0, 0)
+    shared = await restart(harness)
+    assert shared.shared_group_start_offsets("events", "audit") == {0: 1, 1: 1}
+    again = await shared.acquire("events", "audit", records_max=5)
+    assert values(again) == [b"b", b"c"] and [d.delivery_count for d in again] == [1, 1]

@@ -5,8 +5,8 @@ AdminClient and aiokafka's AIOKafkaAdminClient call DeleteRecords (then read fro
 new log start), DescribeLogDirs, ElectLeaders, ListPartitionReassignments,
 DescribeTopicPartitions (paged with a cursor), DescribeProducers, OffsetDelete (refused
 for a topic the group's members consume), ListGroups with a type filter, and
-OffsetForLeaderEpoch (through a raw request: no client exposes it). DeleteRecords past
-the high watermark answers OFFSET_OUT_OF_RANGE; AlterReplicaLogDirs and
+OffsetForLeaderEpoch (through a raw request: no client exposes it), DescribeQuorum.
+DeleteRecords past the high watermark answers OFFSET_OUT_OF_RANGE; AlterReplicaLogDirs and
 AlterPartitionReassignments accept only what one node already is. DescribeConfigs
 gives broker configs with their real values and Kafka's types, and topic configs
 with their synonyms.
@@ -28,6 +28,12 @@ from confluent_kafka import ElectionType, KafkaException
 from confluent_kafka import TopicPartition as ConfluentTopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ResourceType
 from confluent_kafka.admin import ConfigResource as ConfluentConfigResource
+from confluent_kafka.admin import NewTopic as NewTopicConfluent
+from kio.schema.describe_quorum.v0.request import (
+    DescribeQuorumRequest,
+    PartitionData,
+    TopicData,
+)
 from kio.schema.offset_for_leader_epoch.v4.request import (
     OffsetForLeaderEpochRequest,
     OffsetForLeaderPartition,
@@ -237,6 +243,8 @@ def test_describe_configs_types_sources_synonyms(server: BrokerThread,
     assert broker["num.partitions"]["config_type"] == "INT"
     assert broker["auto.create.topics.enable"]["config_type"] == "BOOLEAN"
     assert all(entry["read_only"] for entry in broker.values())
+    # no online classic <-> consumer conversion of a group with members (docs/kafka.md)
+    assert broker["group.consumer.migration.policy"]["value"] == "disabled"
     topic = unique("admin4-configs")
     admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"retention.ms": "60000"})])
     entries = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)],
@@ -303,3 +311,55 @@ def test_incremental_append_and_subtract(server: BrokerThread, admin: KafkaAdmin
     resource = ConfluentConfigResource(ResourceType.TOPIC, topic)
     found = confluent.describe_configs([resource])[resource].result(WAIT_S)
     assert found["cleanup.policy"].value == "delete"
+
+
+def test_kafka_internal_topic_names_are_neither_listed_nor_created(
+        server: BrokerThread, admin: KafkaAdminClient) -> None:
+    """Conveyor keeps committed offsets in its state store: __consumer_offsets is not a
+    topic, so a Metadata lookup (which auto-creates other names) or CreateTopics must not
+    make a user topic of that name for offset-reading tools to misread."""
+    confluent = AdminClient({"bootstrap.servers": bootstrap(server)})
+    looked_up = confluent.list_topics(topic="__consumer_offsets", timeout=WAIT_S)
+    assert looked_up.topics["__consumer_offsets"].error.code() == (
+        error_codes.UNKNOWN_TOPIC_OR_PARTITION)
+    assert confluent.list_topics(topic=unique("auto"), timeout=WAIT_S).topics  # others still
+    created = confluent.create_topics([NewTopicConfluent("__consumer_offsets", 1, 1)])
+    with pytest.raises(KafkaException) as refused:
+        created["__consumer_offsets"].result(timeout=WAIT_S)
+    assert refused.value.args[0].code() == error_codes.INVALID_TOPIC_EXCEPTION
+    listed = set(admin.list_topics())
+    assert "__consumer_offsets" not in listed
+    assert all(not name.startswith("__") for name in confluent.list_topics(
+        timeout=WAIT_S).topics)
+
+
+def test_describe_quorum_is_one_voter(server: BrokerThread, admin: KafkaAdminClient) -> None:
+    """kafka-python's describe_metadata_quorum (DescribeQuorum v2): one voter, this node,
+    leading with epoch 0; no metadata log, so its offsets are -1. Another partition than
+    __cluster_metadata-0 (raw v0 request) is UNKNOWN_TOPIC_OR_PARTITION."""
+    quorum = admin.describe_metadata_quorum()
+    (topic,) = quorum["topics"]
+    (partition,) = topic["partitions"]
+    assert topic["topic_name"] == "__cluster_metadata"
+    assert (partition["leader_id"], partition["leader_epoch"], partition["error"]) == (0, 0,
+                                                                                      None)
+    assert [voter["replica_id"] for voter in partition["current_voters"]] == [0]
+    assert partition["current_voters"][0]["log_end_offset"] == -1
+    assert partition["observers"] == []
+    (node,) = quorum["nodes"]
+    assert node["node_id"] == 0 and node["listeners"][0]["port"] == server.ports["kafka"]
+    request = DescribeQuorumRequest(topics=(
+        TopicData(topic_name="__cluster_metadata", partitions=(PartitionData(
+            partition_index=1),)),))
+
+    async def call() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.ports["kafka"])
+        writer.write(request_frame(request, 9))
+        size = struct.unpack(">i", await reader.readexactly(4))[0]
+        payload = await reader.readexactly(size)
+        writer.close()
+        return payload
+
+    _, answer = parse_response(asyncio.run(call()), 55, 0)
+    assert answer.error_code == error_codes.NONE
+    assert answer.topics[0].partitions[0].error_code == error_codes.UNKNOWN_TOPIC_OR_PARTITION

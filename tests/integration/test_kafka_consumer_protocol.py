@@ -7,7 +7,8 @@ takes a fraction of a second instead of Kafka's 5 s default). Covers join, consu
 commit, leave and resume (across a broker restart); three members joining and one
 leaving while each record is committed after processing, with no record handed out
 below a committed offset; a regex subscription that picks up a topic created later;
-the range assignor; and the group as AdminClient describes and lists it.
+the range assignor; and the group as AdminClient describes and lists it (and as
+kafka-python's DescribeGroups v6 and OffsetFetch v8+ see it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,11 @@ from confluent_kafka.admin import (
 )
 
 from conveyor.testing.server import BrokerThread
+
+# kafka-python 3 reads its schemas with importlib.resources.read_text, deprecated on 3.11.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from kafka.admin import KafkaAdminClient
 from tests.integration.test_kafka_confluent import Ledger
 
 WAIT_S = 30
@@ -236,6 +243,17 @@ def test_range_assignor_gives_contiguous_ranges(server: BrokerThread) -> None:
         assert description.partition_assignor == "range"
         listed = client.list_consumer_groups().result(WAIT_S)
         assert group in {item.group_id for item in listed.valid}
+        server.call(lambda: server.server.broker.commit_offsets(group, {(topic, 2): 4}))
+        python_admin = KafkaAdminClient(bootstrap_servers=bootstrap(server))
+        try:  # DescribeGroups v6 and OffsetFetch v8+, as kafka-python sends them
+            described = python_admin.describe_groups([group])[group]
+            assert described["group_state"] == "Dead"
+            assert "GroupIdNotFound" in described["error"]
+            offsets = python_admin.list_group_offsets(group)
+            assert {(tp.topic, tp.partition): meta.offset
+                    for tp, meta in offsets[group].items()} == {(topic, 2): 4}
+        finally:
+            python_admin.close()
     finally:
         for reader in readers:
             reader.close()

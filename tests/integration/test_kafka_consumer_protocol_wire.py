@@ -5,7 +5,8 @@ Method: a raw asyncio client (kio-encoded requests) against run_broker(). Checks
 revoke-first reconciliation step by step with two members (a partition is never
 owned twice), static membership (UNRELEASED_INSTANCE_ID, then take-over after a
 temporary leave), and INVALID_REGULAR_EXPRESSION, UNSUPPORTED_ASSIGNOR,
-FENCED_MEMBER_EPOCH, UNKNOWN_MEMBER_ID and STALE_MEMBER_EPOCH on commits.
+FENCED_MEMBER_EPOCH, UNKNOWN_MEMBER_ID and STALE_MEMBER_EPOCH on commits and on
+OffsetFetch v8-v10 (several groups per request, topic ids in v10).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import dataclasses
 import datetime
 import struct
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,17 @@ from kio.schema.consumer_group_heartbeat.v1.request import (
     ConsumerGroupHeartbeatRequest,
     TopicPartitions,
 )
+from kio.schema.describe_groups.v5 import request as describe_v5
+from kio.schema.describe_groups.v6 import request as describe_v6
 from kio.schema.join_group.v3.request import JoinGroupRequest, JoinGroupRequestProtocol
 from kio.schema.offset_commit.v8.request import (
     OffsetCommitRequest,
     OffsetCommitRequestPartition,
     OffsetCommitRequestTopic,
 )
+from kio.schema.offset_fetch.v8 import request as fetch_v8
+from kio.schema.offset_fetch.v9 import request as fetch_v9
+from kio.schema.offset_fetch.v10 import request as fetch_v10
 
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.admin_handlers import topic_id
@@ -182,3 +189,70 @@ async def test_one_protocol_per_group_id_at_a_time(server: Server, client: Clien
                                                   group_id="classic"))
     assert other.error_code == error_codes.GROUP_ID_NOT_FOUND
     assert (await client.call(heartbeat("a", 1))).error_code == error_codes.NONE
+
+
+async def test_offset_fetch_of_several_groups_with_member_checks(server: Server,
+                                                               client: Client) -> None:
+    """OffsetFetch v8 asks for several groups at once, v9 names the KIP-848 member (checked
+    as a commit is: UNKNOWN_MEMBER_ID / STALE_MEMBER_EPOCH for that group only), v10 names
+    topics by id (an unknown id: UNKNOWN_TOPIC_ID for its partitions)."""
+    assert (await client.call(heartbeat("a", 0, topics=("t",)))).member_epoch == 1
+    await server.broker.commit_offsets("g", {("t", 0): 5, ("t", 1): 6})
+    await server.broker.commit_offsets("other", {("t", 2): 7})
+    v8 = await client.call(fetch_v8.OffsetFetchRequest(groups=(
+        fetch_v8.OffsetFetchRequestGroup(group_id="g", topics=(fetch_v8.OffsetFetchRequestTopics(
+            name="t", partition_indexes=(0, 1, 3)),)),
+        fetch_v8.OffsetFetchRequestGroup(group_id="other", topics=None),
+        fetch_v8.OffsetFetchRequestGroup(group_id="nobody", topics=None))))
+    answered = {group.group_id: (group.error_code, {
+        (topic.name, partition.partition_index): partition.committed_offset
+        for topic in group.topics for partition in topic.partitions}) for group in v8.groups}
+    assert answered == {"g": (0, {("t", 0): 5, ("t", 1): 6, ("t", 3): -1}),
+                        "other": (0, {("t", 2): 7}), "nobody": (0, {})}
+
+    def v9_group(member: str | None, epoch: int) -> Any:
+        return fetch_v9.OffsetFetchRequestGroup(
+            group_id="g", member_id=member, member_epoch=epoch,
+            topics=(fetch_v9.OffsetFetchRequestTopics(name="t", partition_indexes=(0,)),))
+
+    v9 = await client.call(fetch_v9.OffsetFetchRequest(groups=(
+        v9_group("a", 1), v9_group("a", 7), v9_group("zz", 1), v9_group(None, -1))))
+    assert [group.error_code for group in v9.groups] == [
+        error_codes.NONE, error_codes.STALE_MEMBER_EPOCH, error_codes.UNKNOWN_MEMBER_ID,
+        error_codes.NONE]
+    assert v9.groups[0].topics[0].partitions[0].committed_offset == 5
+    assert v9.groups[1].topics == ()
+    missing = uuid.uuid4()
+    v10 = await client.call(fetch_v10.OffsetFetchRequest(groups=(
+        fetch_v10.OffsetFetchRequestGroup(group_id="g", member_id="a", member_epoch=1, topics=(
+            fetch_v10.OffsetFetchRequestTopics(topic_id=topic_id("t"), partition_indexes=(1,)),
+            fetch_v10.OffsetFetchRequestTopics(topic_id=missing, partition_indexes=(0,)))),)))
+    topics = {topic.topic_id: [(p.partition_index, p.committed_offset, p.error_code)
+                               for p in topic.partitions] for topic in v10.groups[0].topics}
+    assert topics == {topic_id("t"): [(1, 6, error_codes.NONE)],
+                      missing: [(0, -1, error_codes.UNKNOWN_TOPIC_ID)]}
+
+
+async def test_describe_groups_shows_only_classic_groups(server: Server,
+                                                        client: Client) -> None:
+    """As Kafka 4 (KIP-1043): a KIP-848 group is Dead to DescribeGroups, and from v6 it
+    and an unknown id are GROUP_ID_NOT_FOUND with a message; a classic group describes."""
+    assert (await client.call(heartbeat("a", 0, topics=("t",)))).member_epoch == 1
+    await server.broker.commit_offsets("g", {("t", 0): 5})  # the KIP-848 group's offsets
+    await server.broker.join_group("classic", "", "consumer", [("range", b"")], 10_000,
+                                   require_known_member_id=False)
+    names = ("g", "classic", "absent")
+    v6 = await client.call(describe_v6.DescribeGroupsRequest(
+        groups=names, include_authorized_operations=False))
+    assert [(group.group_id, group.error_code, group.group_state, group.error_message)
+            for group in v6.groups] == [
+        ("g", error_codes.GROUP_ID_NOT_FOUND, "Dead", "Group g is not a classic group."),
+        ("classic", error_codes.NONE, v6.groups[1].group_state, None),
+        ("absent", error_codes.GROUP_ID_NOT_FOUND, "Dead", "Group absent not found.")]
+    assert v6.groups[1].protocol_type == "consumer" and v6.groups[1].members
+    assert v6.groups[0].members == () and v6.groups[0].protocol_type == ""
+    v5 = await client.call(describe_v5.DescribeGroupsRequest(
+        groups=names, include_authorized_operations=False))
+    assert [(group.error_code, group.group_state) for group in v5.groups] == [
+        (error_codes.NONE, "Dead"), (error_codes.NONE, v6.groups[1].group_state),
+        (error_codes.NONE, "Dead")]

@@ -8,11 +8,14 @@ deadline passed; absence (nothing redelivered) is checked by polling a short whi
 Covers implicit and explicit acknowledgement (ACCEPT / RELEASE / REJECT), redelivery
 after the lock expires, the delivery-count limit dead-lettering to "<group>.dlq",
 three consumers sharing one partition with no record delivered twice, a share
-consumer and a pika consumer splitting one queue, and the admin calls on the group.
+consumer and a pika consumer splitting one queue, the admin calls on the group, and a
+partition replayed after AlterShareGroupOffsets moved the group's start back.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -30,10 +33,16 @@ from confluent_kafka.admin import (
     ConfigResource,
     ResourceType,
 )
+from kio.schema.alter_share_group_offsets.v0.request import (
+    AlterShareGroupOffsetsRequest,
+    AlterShareGroupOffsetsRequestPartition,
+    AlterShareGroupOffsetsRequestTopic,
+)
 
 from conveyor.broker.types import HEADER_DEAD_REASON
 from conveyor.broker.types import Message as BrokerMessage
 from conveyor.testing.server import BrokerThread
+from tests.protocols.kafka.kafka_wire import parse_response, request_frame
 
 WAIT_S = 20
 
@@ -290,3 +299,42 @@ def test_one_share_consumer_reads_two_topics(server: BrokerThread) -> None:
     assert sorted((m.topic(), m.value()) for m in received) == sorted(
         [(first, f"v{i}".encode()) for i in range(5)]
         + [(second, f"v{i}".encode()) for i in range(5)])
+
+
+def alter_share_group_offsets(server: BrokerThread, group: str, topic: str,
+                              offset: int) -> int:
+    """AlterShareGroupOffsets v0 over a plain socket (confluent-kafka 2.16 has no call for
+    it); the partition's error code."""
+    request = AlterShareGroupOffsetsRequest(group_id=group, topics=(
+        AlterShareGroupOffsetsRequestTopic(topic_name=topic, partitions=(
+            AlterShareGroupOffsetsRequestPartition(partition_index=0, start_offset=offset),)),))
+    with socket.create_connection(("127.0.0.1", server.ports["kafka"]), WAIT_S) as sock:
+        sock.sendall(request_frame(request, 1))
+        size = struct.unpack(">i", sock.recv(4, socket.MSG_WAITALL))[0]
+        _, answer = parse_response(sock.recv(size, socket.MSG_WAITALL), 91, 0)
+    if answer.error_code:
+        return int(answer.error_code)
+    return int(answer.responses[0].partitions[0].error_code)
+
+
+def test_alter_share_group_offsets_replays_a_partition(server: BrokerThread) -> None:
+    """Records a share consumer accepted come back, with delivery count 1, after the
+    group's start offset is moved back; refused while a consumer is in the group."""
+    topic, group = unique("share-alter"), unique("g")
+    set_group_configs(server, group, share_auto_offset_reset="earliest")
+    produce(server, topic, 6)
+    share = consumer(server, group, topic)
+    try:
+        assert len(poll_until(share, 6)) == 6
+        assert alter_share_group_offsets(server, group, topic, 2) == 68  # NON_EMPTY_GROUP
+        assert poll_until(share, 1, timeout_s=1) == []  # accepts the six on this poll
+    finally:
+        share.close()
+    assert alter_share_group_offsets(server, group, topic, 2) == 0
+    again = consumer(server, group, topic)
+    try:
+        replayed = poll_until(again, 4)
+    finally:
+        again.close()
+    assert sorted(values(replayed)) == [b"v2", b"v3", b"v4", b"v5"]
+    assert {message.delivery_count() for message in replayed} == {1}

@@ -2,8 +2,8 @@
 
 Method: a raw asyncio client sends kio-encoded ShareGroupHeartbeat, ShareFetch,
 ShareAcknowledge, ShareGroupDescribe, ListGroups, DescribeConfigs and
-IncrementalAlterConfigs, DescribeShareGroupOffsets, DeleteShareGroupOffsets and
-DeleteGroups requests to a run_broker() listener and checks the codes:
+IncrementalAlterConfigs, DescribeShareGroupOffsets, AlterShareGroupOffsets,
+DeleteShareGroupOffsets and DeleteGroups requests to a run_broker() listener and checks the codes:
 UNKNOWN_MEMBER_ID, FENCED_MEMBER_EPOCH, SHARE_SESSION_NOT_FOUND,
 INVALID_SHARE_SESSION_EPOCH, INVALID_RECORD_STATE (a record the member does not
 hold), INVALID_REQUEST (acknowledgement batches that overlap), INVALID_CONFIG;
@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kio.schema.alter_share_group_offsets.v0.request import (
+    AlterShareGroupOffsetsRequest,
+    AlterShareGroupOffsetsRequestPartition,
+    AlterShareGroupOffsetsRequestTopic,
+)
 from kio.schema.api_versions.v3.request import ApiVersionsRequest
 from kio.schema.delete_groups.v2.request import DeleteGroupsRequest
 from kio.schema.delete_share_group_offsets.v0.request import (
@@ -309,3 +314,79 @@ async def test_unknown_topic_ids_answer_unknown_topic_id(server: Server, client:
     fetched = await client.call(fetch)
     by_id = {topic.topic_id: topic.partitions[0] for topic in fetched.responses}
     assert by_id[stranger].error_code == error_codes.UNKNOWN_TOPIC_ID
+
+
+def alter(group: str, *items: tuple[str, int, int]) -> AlterShareGroupOffsetsRequest:
+    topics: dict[str, list[AlterShareGroupOffsetsRequestPartition]] = {}
+    for topic, partition, offset in items:
+        topics.setdefault(topic, []).append(AlterShareGroupOffsetsRequestPartition(
+            partition_index=partition, start_offset=offset))
+    return AlterShareGroupOffsetsRequest(group_id=group, topics=tuple(
+        AlterShareGroupOffsetsRequestTopic(topic_name=name, partitions=tuple(partitions))
+        for name, partitions in topics.items()))
+
+
+def partition_codes(answer: Any) -> dict[tuple[str, int], int]:
+    return {(topic.topic_name, partition.partition_index): partition.error_code
+            for topic in answer.responses for partition in topic.partitions}
+
+
+async def test_alter_share_group_offsets_resets_the_start(server: Server,
+                                                         client: Client) -> None:
+    await joined(server, client, records=4)
+    await client.call(share_fetch("m1", 0))  # acquires 0-3
+    await client.call(share_fetch("m1", 1, (batch(0, 3, 1),)))  # accept all: start 4
+    assert server.broker.shared_group_start_offsets("t", "g") == {0: 4}
+    busy = await client.call(alter("g", ("t", 0, 0)))
+    assert busy.error_code == error_codes.NON_EMPTY_GROUP and busy.responses == ()
+    await client.call(share_fetch("m1", -1))
+    await client.call(heartbeat("m1", -1, topics=None))
+    answer = await client.call(alter("g", ("t", 0, 1), ("t", 5, 0), ("t", 0, 1),))
+    assert answer.error_code == error_codes.INVALID_REQUEST  # a partition named twice
+    answer = await client.call(alter("g", ("t", 0, 1), ("t", 5, 0), ("missing", 0, 0)))
+    assert answer.error_code == error_codes.NONE
+    assert partition_codes(answer) == {("t", 0): error_codes.NONE,
+                                       ("t", 5): error_codes.UNKNOWN_TOPIC_OR_PARTITION,
+                                       ("missing", 0): error_codes.UNKNOWN_TOPIC_OR_PARTITION}
+    assert answer.responses[0].topic_id == topic_id("t")
+    past = await client.call(alter("g", ("t", 0, 99)))
+    assert partition_codes(past) == {("t", 0): error_codes.OFFSET_OUT_OF_RANGE}
+    described = await client.call(DescribeShareGroupOffsetsRequest(groups=(
+        DescribeShareGroupOffsetsRequestGroup(group_id="g", topics=None),)))
+    partition = described.groups[0].topics[0].partitions[0]
+    assert (partition.start_offset, partition.lag) == (1, 3)
+    # records 1-3, accepted before the reset, are delivered afresh (count 1)
+    rejoined = await client.call(heartbeat("m2", 0))
+    assert rejoined.error_code == error_codes.NONE
+    opened = await client.call(share_fetch("m2", 0))
+    acquired = opened.responses[0].partitions[0].acquired_records
+    assert [(r.first_offset, r.last_offset, r.delivery_count) for r in acquired] == [(1, 3, 1)]
+
+
+async def test_alter_share_group_offsets_names_only_share_groups(server: Server,
+                                                                client: Client) -> None:
+    await server.broker.create_topic("t", 1)
+    await server.broker.publish("t", [Message(value=b"v%d" % i) for i in range(3)])
+    await server.broker.commit_offsets("classic", {("t", 0): 1})
+    refused = await client.call(alter("classic", ("t", 0, 0)))
+    assert refused.error_code == error_codes.GROUP_ID_NOT_FOUND
+    empty = await client.call(alter("", ("t", 0, 0)))
+    assert empty.error_code == error_codes.INVALID_REQUEST
+    # a group id never seen becomes an empty share group starting where it was told
+    fresh = await client.call(alter("new", ("t", 0, 2)))
+    assert partition_codes(fresh) == {("t", 0): error_codes.NONE}
+    assert server.broker.shared_group_start_offsets("t", "new") == {0: 2}
+    listed = await client.call(ListGroupsRequest(states_filter=(), types_filter=("share",)))
+    assert [(item.group_id, item.group_state) for item in listed.groups] == [("new", "Empty")]
+
+
+async def test_alter_share_group_offsets_leaves_held_records_and_queues_alone(
+        server: Server, client: Client) -> None:
+    await joined(server, client, records=3)
+    await client.call(share_fetch("m1", 0))  # acquires 0-2, the session stays open
+    await client.call(heartbeat("m1", -1, topics=None))  # left; its records still held
+    held = await client.call(alter("g", ("t", 0, 0)))
+    assert partition_codes(held) == {("t", 0): error_codes.NON_EMPTY_GROUP}
+    await server.broker.declare_queue("q")
+    queue = await client.call(alter("q", ("q", 0, 0)))
+    assert partition_codes(queue) == {("q", 0): error_codes.INVALID_REQUEST}

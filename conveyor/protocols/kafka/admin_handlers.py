@@ -81,6 +81,15 @@ def _code(error: OperatingError) -> int:
 
 
 # --- metadata ----------------------------------------------------------------------------
+# Names Kafka brokers keep their own state under. Conveyor keeps offsets, transactions and
+# share-group state in its state store, so it neither lists these nor lets a Kafka client
+# create them (auto-created by a Metadata lookup, or by CreateTopics): a tool that reads
+# __consumer_offsets to compute lag would take an empty or user-made topic for "no
+# commits". docs/kafka.md, "Internal topics".
+KAFKA_INTERNAL_TOPICS: Final = frozenset({
+    "__consumer_offsets", "__transaction_state", "__share_group_state"})
+
+
 async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
     body = request.body
     version = request.header.api_version
@@ -110,7 +119,8 @@ async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
                     infos.append((name, error))
                 continue
             try:  # ensure_topic creates only when the broker's auto_create_topics allows
-                infos.append(await broker.ensure_topic(name) if allow_create
+                infos.append(await broker.ensure_topic(name)
+                             if allow_create and name not in KAFKA_INTERNAL_TOPICS
                              else broker.get_topic(name))
             except OperatingError as error:
                 infos.append((name or "", error))
@@ -187,6 +197,10 @@ async def handle_create_topics(broker: Broker, request: Request) -> Any:
             if topic.replication_factor not in (-1, 1):
                 code, message = error_codes.INVALID_REPLICATION_FACTOR, (
                     "replication factor must be 1 on a single node")
+            elif topic.name in KAFKA_INTERNAL_TOPICS:
+                code, message = error_codes.INVALID_TOPIC_EXCEPTION, (
+                    "the name of a Kafka-internal topic; Conveyor keeps that state in its "
+                    "state store, not in a topic")
             elif topic.assignments:
                 code, message = error_codes.INVALID_REQUEST, "manual assignments unsupported"
             elif body.validate_only:

@@ -158,6 +158,9 @@ def broker_entries(facts: BrokerFacts) -> list[ConfigEntry]:
          "Largest session timeout a classic member may ask for."),
         ("group.consumer.assignors", "uniform,range", LIST,
          "Server-side assignors of KIP-848 groups; the first is the default."),
+        ("group.consumer.migration.policy", "disabled", STRING,
+         "A non-empty group is not converted between the classic and the consumer "
+         "protocol; an empty one always is (its committed offsets are shared)."),
     ]
     entries = [ConfigEntry(name, value, config_type, SOURCE_STATIC_BROKER, True, doc)
                for name, value, config_type, doc in static]

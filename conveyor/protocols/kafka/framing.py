@@ -71,6 +71,7 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     47: 1 << 15,  # OffsetDelete: never flexible
     48: 1,  # DescribeClientQuotas
     49: 1,  # AlterClientQuotas
+    55: 0,  # DescribeQuorum
     60: 0,  # DescribeCluster
     61: 0,  # DescribeProducers
     68: 0,  # ConsumerGroupHeartbeat
@@ -82,6 +83,7 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     78: 0,  # ShareFetch
     79: 0,  # ShareAcknowledge
     90: 0,  # DescribeShareGroupOffsets
+    91: 0,  # AlterShareGroupOffsets
     92: 0,  # DeleteShareGroupOffsets
 }
 

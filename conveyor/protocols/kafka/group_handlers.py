@@ -14,12 +14,14 @@ connection stays open.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.ordered_group import CommittedOffset, MemberIdRequired
 from conveyor.errors import InconsistentGroupProtocolError, OperatingError, UnknownGroupError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.adapter import ConnectionState
+from conveyor.protocols.kafka.admin_handlers import topic_id
 from conveyor.protocols.kafka.codec import Request
 from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, millis, nested
@@ -163,7 +165,10 @@ async def handle_offset_commit(broker: Broker, request: Request,
     return build(response_type, topics=topics)
 
 
-def handle_offset_fetch(broker: Broker, request: Request) -> Any:
+def handle_offset_fetch(broker: Broker, request: Request,
+                        consumers: ConsumerCoordinator | None = None) -> Any:
+    if request.header.api_version >= 8:
+        return _offset_fetch_groups(broker, request, consumers)
     body = request.body
     response_type = response_class(9, request.header.api_version)
     topic_type = nested(response_type, "OffsetFetchResponseTopic")
@@ -188,13 +193,80 @@ def handle_offset_fetch(broker: Broker, request: Request) -> Any:
     return build(response_type, topics=topics, error_code=error_codes.NONE)
 
 
-def handle_describe_groups(broker: Broker, request: Request) -> Any:
-    response_type = response_class(15, request.header.api_version)
+def _offset_fetch_groups(broker: Broker, request: Request,
+                         consumers: ConsumerCoordinator | None) -> Any:
+    """OffsetFetch v8+: several groups per request, each answered (and failing) on its own;
+    v9+ names the KIP-848 member asking (checked like a commit), v10 names topics by id."""
+    version = request.header.api_version
+    response_type = response_class(9, version)
+    group_type = nested(response_type, "OffsetFetchResponseGroup")
+    topic_type = nested(response_type, "OffsetFetchResponseTopics")
+    partition_type = nested(response_type, "OffsetFetchResponsePartitions")
+    names = ({topic_id(info.name): info.name for info in broker.list_topics()}
+             if version >= 10 else {})
+    groups = []
+    for item in request.body.groups:
+        member_id = getattr(item, "member_id", None)
+        try:
+            if consumers is not None and consumers.is_consumer_group(item.group_id):
+                consumers.check_fetch(item.group_id, member_id or "",
+                                      getattr(item, "member_epoch", -1))
+        except OperatingError as error:
+            groups.append(build(group_type, group_id=item.group_id, topics=(),
+                                error_code=_code(error)))
+            continue
+        wanted: list[tuple[str, int]] | None = None
+        unknown: list[Any] = []  # v10: topic ids naming no topic
+        if item.topics is not None:
+            wanted = []
+            for topic in item.topics:
+                name = topic.name if version < 10 else names.get(topic.topic_id)
+                if name is None:
+                    unknown.append(build(topic_type, topic_id=topic.topic_id, partitions=tuple(
+                        build(partition_type, partition_index=index, committed_offset=-1,
+                              committed_leader_epoch=-1, metadata="",
+                              error_code=error_codes.UNKNOWN_TOPIC_ID)
+                        for index in topic.partition_indexes)))
+                    continue
+                wanted += [(name, index) for index in topic.partition_indexes]
+        by_topic: dict[str, list[Any]] = {}
+        for (name, partition), committed in broker.fetch_offsets(item.group_id, wanted).items():
+            by_topic.setdefault(name, []).append(build(
+                partition_type, partition_index=partition,
+                committed_offset=committed.offset if committed is not None else -1,
+                committed_leader_epoch=committed.leader_epoch if committed is not None else -1,
+                metadata=(committed.metadata or "") if committed is not None else "",
+                error_code=error_codes.NONE))
+        topics = [build(topic_type, name=name, topic_id=topic_id(name),
+                        partitions=tuple(partitions)) for name, partitions in by_topic.items()]
+        groups.append(build(group_type, group_id=item.group_id,
+                            topics=tuple(topics + unknown), error_code=error_codes.NONE))
+    return build(response_type, groups=tuple(groups))
+
+
+def handle_describe_groups(broker: Broker, request: Request,
+                           kafka4_groups: Callable[[str], bool] | None = None) -> Any:
+    """DescribeGroups: classic groups. A KIP-848 consumer group or a share group
+    (``kafka4_groups`` says which ids are) describes as Kafka 4 does: Dead with no
+    members, and from v6 GROUP_ID_NOT_FOUND "not a classic group"; an unknown id is
+    Dead, and from v6 GROUP_ID_NOT_FOUND "not found" (KIP-1043)."""
+    version = request.header.api_version
+    response_type = response_class(15, version)
     group_type = nested(response_type, "DescribedGroup")
     member_type = nested(response_type, "DescribedGroupMember")
     groups = []
     for group_id in request.body.groups:
         description = broker.describe_group(group_id)
+        other = kafka4_groups is not None and kafka4_groups(group_id)
+        if other or description.state.value == "Dead":
+            message = (f"Group {group_id} is not a classic group." if other
+                       else f"Group {group_id} not found.")
+            groups.append(build(
+                group_type, error_code=error_codes.GROUP_ID_NOT_FOUND if version >= 6 else
+                error_codes.NONE, error_message=message if version >= 6 else None,
+                group_id=group_id, group_state="Dead", protocol_type="", protocol_data="",
+                members=(), authorized_operations=-2147483648))
+            continue
         members = tuple(
             build(member_type, member_id=member.member_id,
                   group_instance_id=member.group_instance_id, client_id=member.client_id,

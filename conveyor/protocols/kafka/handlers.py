@@ -103,7 +103,7 @@ class KafkaHandlers:
         if api_key == 8:
             return await group_handlers.handle_offset_commit(broker, request, self.consumers)
         if api_key == 9:
-            return group_handlers.handle_offset_fetch(broker, request)
+            return group_handlers.handle_offset_fetch(broker, request, self.consumers)
         if api_key == 10:
             return admin_handlers.handle_find_coordinator(node, request)
         if api_key == 11:
@@ -116,7 +116,7 @@ class KafkaHandlers:
         if api_key == 14:
             return await group_handlers.handle_sync_group(broker, request)
         if api_key == 15:
-            return group_handlers.handle_describe_groups(broker, request)
+            return group_handlers.handle_describe_groups(broker, request, self._kafka4_group)
         if api_key == 16:
             return group_handlers.handle_list_groups(broker, request, self.shares,
                                                      self.consumers)
@@ -177,6 +177,8 @@ class KafkaHandlers:
             return log_admin_handlers.handle_describe_client_quotas(request)
         if api_key == 49:
             return log_admin_handlers.handle_alter_client_quotas(request)
+        if api_key == 55:
+            return log_admin_handlers.handle_describe_quorum(self.node, request)
         if api_key == 61:
             return log_admin_handlers.handle_describe_producers(broker, request)
         if api_key == 74:
@@ -207,9 +209,18 @@ class KafkaHandlers:
                                                            request)
         if api_key == 90:
             return share_handlers.handle_describe_offsets(self.shares, self.broker, request)
+        if api_key == 91:
+            name = request.body.group_id
+            other = self.consumers.is_consumer_group(name) or any(
+                listing.group_id == name for listing in self.broker.list_groups())
+            return await share_handlers.handle_alter_offsets(self.shares, request, other)
         if api_key == 92:
             return await share_handlers.handle_delete_offsets(self.shares, request)
         raise AssertionError(f"api key {api_key} is in SUPPORTED_VERSIONS without a handler")
+
+    def _kafka4_group(self, group_id: str) -> bool:
+        """Is this id a KIP-848 consumer group or a share group (not a classic one)?"""
+        return self.consumers.is_consumer_group(group_id) or self.shares.is_share_group(group_id)
 
     def _facts(self) -> BrokerFacts:
         config = self.broker.config

@@ -3,17 +3,21 @@
 Owns: DeleteRecords (21), OffsetForLeaderEpoch (23), AlterReplicaLogDirs (34),
 DescribeLogDirs (35), ElectLeaders (43), AlterPartitionReassignments (45),
 ListPartitionReassignments (46), OffsetDelete (47), DescribeClientQuotas (48),
-AlterClientQuotas (49), DescribeProducers (61) and DescribeTopicPartitions (75):
-typed request -> ``Broker`` call -> kio response.
+AlterClientQuotas (49), DescribeQuorum (55), DescribeProducers (61) and
+DescribeTopicPartitions (75): typed request -> ``Broker`` call -> kio response.
 
 Conveyor is one node (or stateless nodes over one store): every partition has one
 replica, this node, with leader epoch 0, so the answers are true for that shape —
 no reassignment is ever in progress, an election has nothing to elect
-(ELECTION_NOT_NEEDED), and the end offset of epoch 0 is the log end.
+(ELECTION_NOT_NEEDED), and the end offset of epoch 0 is the log end. Conveyor is not
+KRaft: its metadata lives in its state store, decided by this node alone, so
+DescribeQuorum describes that: a quorum of one voter, this node, leader with epoch 0,
+and no metadata log (its offsets and fetch times are -1, Kafka's "unknown").
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import OperatingError, UnknownTopicError
@@ -30,6 +34,8 @@ AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
 LOG_DIR: Final = "conveyor"  # one log directory per node, named by what it is
 # DescribeTopicPartitions: Kafka's max.request.partition.size.limit default
 PARTITIONS_PER_RESPONSE_MAX: Final = 2000
+METADATA_TOPIC: Final = "__cluster_metadata"  # the KRaft metadata log DescribeQuorum names
+UNKNOWN: Final = -1
 
 
 def _code(error: OperatingError) -> int:
@@ -305,3 +311,41 @@ def handle_alter_client_quotas(request: Request) -> Any:
               entity=tuple(build(entity_type, entity_type=item.entity_type,
                                  entity_name=item.entity_name) for item in entry.entity))
         for entry in request.body.entries))
+
+
+def handle_describe_quorum(node: Node, request: Request) -> Any:
+    """DescribeQuorum (55): the metadata quorum of one Conveyor node (one voter, leader
+    itself). Partitions other than __cluster_metadata-0: UNKNOWN_TOPIC_OR_PARTITION."""
+    version = request.header.api_version
+    response_type = response_class(55, version)
+    topic_type = nested(response_type, "TopicData")
+    partition_type = nested(response_type, "PartitionData")
+    voter = build(nested(response_type, "ReplicaState"), replica_id=node.node_id,
+                  replica_directory_id=uuid.UUID(int=0), log_end_offset=UNKNOWN,
+                  last_fetch_timestamp=UNKNOWN, last_caught_up_timestamp=UNKNOWN)
+    topics = []
+    for topic in request.body.topics:
+        partitions = []
+        for item in topic.partitions:
+            if topic.topic_name == METADATA_TOPIC and item.partition_index == 0:
+                partitions.append(build(
+                    partition_type, partition_index=0, error_code=error_codes.NONE,
+                    error_message=None, leader_id=node.node_id, leader_epoch=0,
+                    high_watermark=UNKNOWN, current_voters=(voter,), observers=()))
+                continue
+            partitions.append(build(
+                partition_type, partition_index=item.partition_index,
+                error_code=error_codes.UNKNOWN_TOPIC_OR_PARTITION,
+                error_message="the only quorum is __cluster_metadata-0", leader_id=UNKNOWN,
+                leader_epoch=UNKNOWN, high_watermark=UNKNOWN, current_voters=(),
+                observers=()))
+        topics.append(build(topic_type, topic_name=topic.topic_name,
+                            partitions=tuple(partitions)))
+    nodes: tuple[Any, ...] = ()
+    if version >= 2:
+        listener = build(nested(response_type, "Listener"), name="PLAINTEXT", host=node.host,
+                         port=node.port)
+        nodes = (build(nested(response_type, "Node"), node_id=node.node_id,
+                       listeners=(listener,)),)
+    return build(response_type, error_code=error_codes.NONE, error_message=None,
+                 topics=tuple(topics), nodes=nodes)

@@ -43,13 +43,13 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     2: (1, 11),  # ListOffsets (v7-v11: max timestamp, earliest local, tiered: none)
     3: (0, 12),  # Metadata
     8: (2, 8),  # OffsetCommit
-    9: (1, 7),  # OffsetFetch
+    9: (1, 10),  # OffsetFetch (v8: several groups; v9: KIP-848 member; v10: topic ids)
     10: (0, 4),  # FindCoordinator
     11: (0, 9),  # JoinGroup
     12: (0, 4),  # Heartbeat
     13: (0, 5),  # LeaveGroup
     14: (0, 5),  # SyncGroup
-    15: (0, 5),  # DescribeGroups
+    15: (0, 6),  # DescribeGroups (v6: GROUP_ID_NOT_FOUND for non-classic and unknown ids)
     16: (0, 5),  # ListGroups (v5: types_filter)
     17: (1, 1),  # SaslHandshake (v0 sends raw SASL tokens after it: not served)
     18: (0, 3),  # ApiVersions
@@ -72,6 +72,7 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     47: (0, 0),  # OffsetDelete
     48: (0, 1),  # DescribeClientQuotas (none: no quotas)
     49: (0, 1),  # AlterClientQuotas (refused per entry)
+    55: (0, 2),  # DescribeQuorum (one voter, this node: Conveyor is not KRaft)
     60: (0, 1),  # DescribeCluster
     61: (0, 0),  # DescribeProducers
     68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
@@ -83,6 +84,7 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     78: (1, 2),  # ShareFetch (v2: renew acknowledgements)
     79: (1, 2),  # ShareAcknowledge
     90: (0, 1),  # DescribeShareGroupOffsets
+    91: (0, 0),  # AlterShareGroupOffsets (the group must be empty)
     92: (0, 0),  # DeleteShareGroupOffsets
 }
 

@@ -1,5 +1,6 @@
 """Handlers for Kafka share groups (KIP-932): ShareGroupHeartbeat (76),
-ShareGroupDescribe (77), ShareFetch (78) and ShareAcknowledge (79).
+ShareGroupDescribe (77), ShareFetch (78), ShareAcknowledge (79) and the share-group
+offset admin APIs (90, 91, 92).
 
 Owns: typed request -> ``ShareCoordinator`` call -> kio response, topic ids to
 names and back, and the mapping of the coordinator's errors to Kafka's codes.
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator, ShareSession
 from conveyor.broker.types import Delivery
-from conveyor.errors import InvalidRequestError, OperatingError
+from conveyor.errors import InvalidRequestError, OperatingError, UnknownGroupError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.adapter import ConnectionState
 from conveyor.protocols.kafka.admin_handlers import Node, topic_id
@@ -279,7 +280,7 @@ async def handle_acknowledge(coordinator: ShareCoordinator, broker: Broker, node
                  acquisition_lock_timeout=lock_ms, responses=tuple(topics), node_endpoints=())
 
 
-# --- DescribeShareGroupOffsets / DeleteShareGroupOffsets -------------------------------
+# --- Describe / Alter / DeleteShareGroupOffsets --------------------------------------
 def handle_describe_offsets(coordinator: ShareCoordinator, broker: Broker,
                             request: Request) -> Any:
     """Per partition, the share-partition start offset (every record below it is settled)
@@ -337,3 +338,37 @@ async def handle_delete_offsets(coordinator: ShareCoordinator, request: Request)
                              error_message=message))
     return build(response_type, error_code=error_codes.NONE, error_message=None,
                  responses=tuple(results))
+
+
+async def handle_alter_offsets(coordinator: ShareCoordinator, request: Request,
+                               other_group: bool) -> Any:
+    """AlterShareGroupOffsets (91): per partition, the share-partition start offset.
+    ``other_group``: the id names a classic or consumer group (GROUP_ID_NOT_FOUND)."""
+    body = request.body
+    response_type = response_class(91, request.header.api_version)
+    topic_type = nested(response_type, "AlterShareGroupOffsetsResponseTopic")
+    partition_type = nested(response_type, "AlterShareGroupOffsetsResponsePartition")
+    wanted = [(topic.topic_name, partition.partition_index, partition.start_offset)
+              for topic in body.topics for partition in topic.partitions]
+    try:
+        if other_group:
+            raise UnknownGroupError("the group is not a share group", group=body.group_id)
+        if len({(name, index) for name, index, _ in wanted}) != len(wanted):
+            raise InvalidRequestError("a partition is named twice")
+        outcome = iter(await coordinator.alter_offsets(body.group_id, wanted))
+    except OperatingError as error:
+        return build(response_type, error_code=_code(error), error_message=error.message,
+                     responses=())
+    topics = []
+    for topic in body.topics:
+        partitions = []
+        for partition in topic.partitions:
+            failure = next(outcome)
+            partitions.append(build(
+                partition_type, partition_index=partition.partition_index,
+                error_code=error_codes.NONE if failure is None else _code(failure),
+                error_message=None if failure is None else failure.message))
+        topics.append(build(topic_type, topic_name=topic.topic_name,
+                            topic_id=topic_id(topic.topic_name), partitions=tuple(partitions)))
+    return build(response_type, error_code=error_codes.NONE, error_message=None,
+                 responses=tuple(topics))
