@@ -101,6 +101,9 @@ class PartitionStats:
     size_bytes: int  # bytes of its segments (0 where the store has no segments)
     segments: int
     counters: PartitionCounters
+    # corrupt batches set aside since open (recovery or a reader found them; each logged once)
+    damaged_batches: int = 0
+    failed: bool = False  # appends refused after an fsync failure (restart to recover)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +192,9 @@ def partition_stats(
             counters = traffic.find(info.name, partition) or PartitionCounters()
             exported.append(PartitionStats(
                 info.name, partition, info.kind, int(log.log_start_offset),
-                int(log.high_watermark), size_bytes, segments, counters))
+                int(log.high_watermark), size_bytes, segments, counters,
+                int(getattr(log, "damaged_batches", 0)),
+                getattr(log, "failed", None) is not None))
     return exported, omitted, segments_total, size_total
 
 

@@ -254,6 +254,13 @@ def _partition_families(stats: BrokerStats) -> Iterator[Metric]:
     size = GaugeMetricFamily("conveyor_partition_size_bytes", "Bytes of the partition's segments",
                              labels=labels)
     segments = GaugeMetricFamily("conveyor_partition_segments", "Segment files", labels=labels)
+    damaged = GaugeMetricFamily(
+        "conveyor_partition_damaged_batches",
+        "Corrupt batches set aside since start (skipped by readers, logged with file and "
+        "position; docs/operations.md)", labels=labels)
+    failed = GaugeMetricFamily(
+        "conveyor_partition_failed",
+        "1 when the partition refuses appends after an fsync failure", labels=labels)
     counters = {
         "records_in": CounterMetricFamily("conveyor_partition_records_in",
                                           "Records appended", labels=labels),
@@ -272,9 +279,11 @@ def _partition_families(stats: BrokerStats) -> Iterator[Metric]:
         end.add_metric(values, item.log_end_offset)
         size.add_metric(values, item.size_bytes)
         segments.add_metric(values, item.segments)
+        damaged.add_metric(values, item.damaged_batches)
+        failed.add_metric(values, 1 if item.failed else 0)
         for name, counter in counters.items():
             counter.add_metric(values, getattr(item.counters, name))
-    yield from (start, end, size, segments)
+    yield from (start, end, size, segments, damaged, failed)
     yield from counters.values()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from conveyor.client.sync import Client
@@ -89,6 +90,12 @@ def test_flipped_bit_in_sealed_segments_is_skipped_by_every_reader(tmp_path: Pat
                 assert sorted(m.value for m in messages) == expected["jobs"]
                 client.release("jobs", "jobs", [m.receipt for m in messages])
         assert kafka_values(process.ports["kafka"], "events", COUNT - 1) == expected["events"]
+        # and the damage is visible to operators: one set-aside batch per partition
+        scraped = httpx.get(f"http://127.0.0.1:{process.ports['http']}/metrics").text
+        for name in ("events", "jobs"):
+            sample = f'conveyor_partition_damaged_batches{{partition="0",topic="{name}"}} 1.0'
+            assert sample in scraped, [line for line in scraped.splitlines()
+                                       if "damaged" in line]
     log = process.log_path.read_text()
     for name, found in segments.items():
         lines = [line for line in log.splitlines()
