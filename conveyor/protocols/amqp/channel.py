@@ -1,0 +1,555 @@
+"""One AMQP channel: its inbox, its deliveries, publishing and settling.
+
+Owns: the ordered inbox a channel works through (consecutive publishes and acks are
+handled as one batch: one broker call, one fsync); the mode machine's actions
+(``channel_machine.py``: confirms, transactions, delivery tags) carried out against
+the broker; deliveries to consumers; channel errors and the release of everything a
+channel holds when it closes. Methods other than publishes, settlements and mode
+changes go to the handlers (``handlers.py``) through the ``dispatch`` it is given.
+The channel sees its connection only through ``ChannelLink``.
+
+Rules that hold here:
+- A confirm (basic.ack to the publisher) is sent only after ``Broker.publish``
+  returned, i.e. the message is on disk under the queue's fsync policy.
+- Methods of one channel take effect in the order they arrived.
+- A record delivered to a channel is locked to that channel; closing the channel
+  (or the connection, or losing the socket) releases every record it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pamqp import base as pamqp_base
+from pamqp import commands
+
+from conveyor.broker.types import Message, PublishResult
+from conveyor.errors import (
+    InvalidRequestError,
+    LockExpiredError,
+    NotFoundError,
+    OperatingError,
+    RecordTooLargeError,
+    UnknownDeliveryError,
+    UnknownExchangeError,
+    UnknownTopicError,
+)
+from conveyor.protocols.amqp.names import topic_name_for
+
+from . import frames as f
+from .channel_machine import (
+    MODE_METHODS,
+    SETTLE_METHODS,
+    Action,
+    ChannelMachine,
+    Commit,
+    DeliveryTags,
+    Refuse,
+    Reply,
+    Settle,
+    Store,
+    Unacked,
+    UnknownTag,
+    confirm_replies,
+    settle_kind,
+)
+from .machine import MethodReceived, PublishReceived
+from .messages import (
+    Properties,
+    PropertiesError,
+    decode_properties,
+    encode_properties,
+    outgoing,
+    publish_message,
+)
+from .server import AmqpServer, Consumer, ConsumerChannel
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+    from conveyor.broker.types import Delivery
+
+log = logging.getLogger("conveyor.amqp")
+
+REPLY_TO_QUEUE = "amq.rabbitmq.reply-to"
+
+
+class ChannelError(Exception):
+    """Close the channel with ``reply_code`` (a soft error)."""
+
+    def __init__(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0):
+        super().__init__(text)
+        self.reply_code, self.text = reply_code, text
+        self.class_id, self.method_id = class_id, method_id
+
+
+class ConnectionError_(Exception):
+    """Close the connection with ``reply_code`` (a hard error)."""
+
+    def __init__(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0):
+        super().__init__(text)
+        self.reply_code, self.text = reply_code, text
+        self.class_id, self.method_id = class_id, method_id
+
+
+def method_ids(method: pamqp_base.Frame) -> tuple[int, int]:
+    index = method.index
+    return index >> 16, index & 0xFFFF
+
+
+def is_stream(broker: Broker, topic: str) -> bool:
+    """A plain topic (not a queue) is served as a RabbitMQ stream."""
+    try:
+        return broker.get_topic(topic).kind == "topic"
+    except (UnknownTopicError, NotFoundError):
+        return False
+
+
+class ChannelLink(Protocol):
+    """The connection as its channels see it."""
+
+    server: AmqpServer
+    connection_id: int
+    frame_bytes_max: int
+    user: str
+    vhost: str
+    writing_paused: bool
+    exclusive_queues: set[str]
+
+    def send_method(self, channel: int, method: pamqp_base.Frame) -> None: ...
+
+    def write_parts(self, parts: list[bytes]) -> None: ...
+
+    def capability(self, name: str) -> bool: ...
+
+    def fail(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0,
+             machine_closing: bool = False) -> None: ...
+
+    def inbox_drained(self, batch: list[PublishReceived]) -> None: ...
+
+    def channel_closing(self, number: int) -> None: ...
+
+    def forget_channel(self, number: int, channel: Channel) -> None: ...
+
+
+Dispatch = Callable[["Channel", pamqp_base.Frame], Awaitable[None]]
+Event = PublishReceived | MethodReceived
+# (confirm tag or 0, message, destinations)
+Plan = tuple[int, Message, tuple[str, ...]]
+
+
+class Channel:
+    def __init__(self, connection: ChannelLink, number: int, dispatch: Dispatch) -> None:
+        self.connection = connection
+        self.number = number
+        self.dispatch = dispatch
+        server = self.server = connection.server
+        server.next_holder_id += 1
+        self.holder_id = f"amqp/{connection.connection_id}/{number}/{server.next_holder_id}"
+        self.inbox: collections.deque[Event] = collections.deque()
+        self.worker: asyncio.Task[None] | None = None
+        self.consumers: dict[str, Consumer] = {}
+        self.machine = ChannelMachine()
+        self.tags: DeliveryTags[Consumer] = DeliveryTags()
+        self.prefetch_consumer = 0  # basic.qos global=false: for consumers created later
+        self.prefetch_global = 0  # basic.qos global=true: shared by the channel
+        self.flow_active = True
+        self.last_queue = ""  # "" in queue.bind/consume/get means the last declared
+        self.reply_to_name: str | None = None
+        self.closed = False
+
+    @property
+    def unacked(self) -> DeliveryTags[Consumer]:
+        return self.tags
+
+    @property
+    def confirm(self) -> bool:
+        return self.machine.confirming
+
+    @property
+    def transactional(self) -> bool:
+        return self.machine.transactional
+
+    def unacked_count(self) -> int:
+        return len(self.tags)
+
+    def writing_paused(self) -> bool:
+        return self.connection.writing_paused
+
+    def reply(self, method: pamqp_base.Frame) -> None:
+        self.connection.send_method(self.number, method)
+
+    # --- inbox -----------------------------------------------------------------------
+    def push(self, event: Event) -> None:
+        self.inbox.append(event)
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        while self.inbox and not self.closed:
+            try:
+                await self._next()
+            except ChannelError as error:
+                await self.fail(error)
+                return
+            except ConnectionError_ as error:
+                self.connection.fail(error.reply_code, error.text, error.class_id,
+                                     error.method_id)
+                return
+            except Exception:
+                log.exception("amqp channel %s failed", self.holder_id)
+                self.connection.fail(f.INTERNAL_ERROR, "internal error")
+                return
+
+    async def _next(self) -> None:
+        """Take the next event (or run of publishes / acks) and carry it out."""
+        inbox = self.inbox
+        event = inbox.popleft()
+        machine = self.machine
+        if isinstance(event, PublishReceived):
+            batch = [event]
+            while inbox and isinstance(inbox[0], PublishReceived):
+                batch.append(inbox.popleft())  # type: ignore[arg-type]  # checked
+            self.connection.inbox_drained(batch)
+            await self.perform(machine.publish(batch))
+            return
+        method = event.method
+        if isinstance(method, commands.Basic.Ack) and not machine.transactional:
+            methods: list[pamqp_base.Frame] = [method]
+            while inbox:
+                following = inbox[0]
+                if not (isinstance(following, MethodReceived)
+                        and isinstance(following.method, commands.Basic.Ack)):
+                    break
+                methods.append(following.method)
+                inbox.popleft()
+            await self.perform(machine.settle(methods))
+        elif isinstance(method, SETTLE_METHODS):
+            await self.perform(machine.settle([method]))
+        elif isinstance(method, MODE_METHODS):
+            await self.perform(machine.mode_method(method))
+        else:
+            await self.dispatch(self, method)
+
+    async def perform(self, actions: Iterable[Action]) -> None:
+        """Carry out the mode machine's actions, in order."""
+        for action in actions:
+            if isinstance(action, Store):
+                await self.publish_batch(action)
+            elif isinstance(action, Settle):
+                await self.settle(action.methods)
+            elif isinstance(action, Reply):
+                self.reply(action.method)
+            elif isinstance(action, Commit):
+                if action.store.publishes:
+                    await self.publish_batch(action.store)
+                for method in action.settlements:
+                    await self.settle([method])
+            elif isinstance(action, Refuse):
+                refusal = action.refusal
+                raise ChannelError(refusal.reply_code, refusal.text, refusal.class_id,
+                                   refusal.method_id)
+
+    async def fail(self, error: ChannelError) -> None:
+        """Send Channel.Close and release what the channel holds (a soft error)."""
+        if self.closed:
+            return
+        self.connection.channel_closing(self.number)
+        self.reply(commands.Channel.Close(error.reply_code, error.text[:255], error.class_id,
+                                          error.method_id))
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop consumers and release every record this channel holds."""
+        if self.closed:
+            return
+        self.closed = True
+        dropped = [event for event in self.inbox if isinstance(event, PublishReceived)]
+        self.inbox.clear()
+        if dropped:
+            self.connection.inbox_drained(dropped)  # keep the flow-control accounting
+        server = self.server
+        for consumer in list(self.consumers.values()):
+            await self.stop_consumer(consumer)
+        self.consumers.clear()
+        if self.reply_to_name is not None:
+            server.reply_channels.pop(self.reply_to_name, None)
+        self.tags.clear()
+        with contextlib.suppress(OperatingError):
+            await server.broker.release_consumer(self.holder_id)
+
+    def forget(self) -> None:
+        self.connection.forget_channel(self.number, self)
+
+    async def stop_consumer(self, consumer: Consumer) -> None:
+        if consumer.task is not None:
+            consumer.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer.task
+        await self.server.consumer_removed(consumer)
+
+    def cancel_from_server(self, consumer: Consumer) -> None:
+        """The queue went away: tell the client (consumer cancel notification)."""
+        if self.consumers.pop(consumer.tag, None) is None:
+            return
+        if consumer.task is not None and consumer.task is not asyncio.current_task():
+            consumer.task.cancel()
+        if not self.closed and self.connection.capability("consumer_cancel_notify"):
+            self.reply(commands.Basic.Cancel(consumer.tag, True))
+
+    def wake_consumers(self) -> None:
+        for consumer in self.consumers.values():
+            consumer.wake()
+
+    # --- deliveries ------------------------------------------------------------------
+    async def deliver(self, consumer: Consumer, deliveries: list[Delivery]) -> None:
+        connection = self.connection
+        if self.closed or consumer.tag not in self.consumers:
+            await self.server.broker.release([d.receipt for d in deliveries])
+            return
+        frame_max = connection.frame_bytes_max
+        parts: list[bytes] = []
+        for delivery in deliveries:
+            if consumer.no_ack:
+                tag = self.tags.next()
+            else:
+                tag = self.tags.hold(delivery.receipt, consumer)
+                consumer.unacked += 1
+            out = outgoing(delivery.headers, delivery.key, consumer.queue)
+            parts += f.deliver_frames(
+                self.number, consumer.tag, tag, delivery.delivery_count > 1,
+                out.exchange, out.routing_key, out.properties, delivery.value or b"",
+                frame_max)
+        connection.write_parts(parts)
+        if consumer.no_ack:
+            await self.server.broker.ack([d.receipt for d in deliveries], wait_durable=False)
+
+    def deliver_stream(self, consumer: Consumer, records: Sequence[Any]) -> None:
+        """Stream deliveries carry their offset in the ``x-stream-offset`` header."""
+        parts: list[bytes] = []
+        for record in records:
+            if consumer.no_ack:
+                tag = self.tags.next()
+            else:
+                tag = self.tags.hold(None, consumer)
+                consumer.unacked += 1
+            out = outgoing(record.headers, record.key, consumer.queue)
+            try:
+                properties = decode_properties(out.properties)
+            except PropertiesError:
+                properties = Properties()
+            table = dict(properties.headers or {})
+            table["x-stream-offset"] = record.offset
+            raw = encode_properties(replace(properties, headers=table))
+            parts += f.deliver_frames(
+                self.number, consumer.tag, tag, False, out.exchange,
+                out.routing_key, raw, record.value or b"", self.connection.frame_bytes_max)
+        self.connection.write_parts(parts)
+
+    def deliver_direct(self, consumer: Consumer, exchange: str, routing_key: str,
+                       properties: bytes, body: bytes) -> None:
+        """Direct reply-to: straight to the requester's channel, never stored."""
+        self.connection.write_parts(f.deliver_frames(
+            self.number, consumer.tag, self.tags.next(), False, exchange, routing_key,
+            properties, body, self.connection.frame_bytes_max))
+
+    # --- publish ---------------------------------------------------------------------
+    async def publish_batch(self, store: Store) -> None:
+        """Route, store (durably), return unroutable mandatory messages, confirm."""
+        connection = self.connection
+        now_ms = self.server.broker.clock.wall_ms()
+        plans: list[Plan] = []
+        returns: list[bytes] = []
+        failure: ChannelError | None = None
+        for event, tag in zip(store.publishes, store.tags, strict=True):
+            method = event.method
+            try:
+                message, destinations, direct = self._plan(event, now_ms)
+            except ChannelError as error:
+                failure = error
+                break
+            if direct is not None:
+                channel, consumer, properties = direct
+                channel.deliver_direct(consumer, method.exchange, method.routing_key,
+                                       properties, event.body)
+            elif not destinations and method.mandatory:
+                returns += f.return_frames(
+                    self.number, f.NO_ROUTE, "NO_ROUTE", method.exchange, method.routing_key,
+                    event.properties, event.body, connection.frame_bytes_max)
+            plans.append((tag, message, destinations))
+        if returns:
+            connection.write_parts(returns)
+        outcomes = await self._store(plans)
+        if self.confirm and not self.closed:
+            self._confirm(outcomes)
+        if failure is not None:
+            raise failure
+    def _plan(self, event: PublishReceived, now_ms: int) -> tuple[
+            Message, tuple[str, ...], tuple[ConsumerChannel, Consumer, bytes] | None]:
+        method = event.method
+        connection = self.connection
+        broker = connection.server.broker
+        exchange = method.exchange
+        if method.immediate:
+            raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
+                                   60, 40)
+        if exchange:
+            try:
+                info = broker.get_exchange(exchange)
+            except (UnknownExchangeError, NotFoundError):
+                raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{exchange}' in "
+                                   f"vhost '{connection.vhost}'", 60, 40) from None
+            if info.internal:
+                raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
+                                   f"internal exchange '{exchange}'", 60, 40)
+        try:
+            properties = decode_properties(event.properties)
+        except PropertiesError as error:
+            raise ConnectionError_(f.SYNTAX_ERROR, str(error), 60, 40) from None
+        if properties.user_id is not None and properties.user_id != connection.user:
+            raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - user_id property "
+                               f"set to '{properties.user_id}' but authenticated user was "
+                               f"'{connection.user}'", 60, 40)
+        raw = event.properties
+        if properties.reply_to == REPLY_TO_QUEUE:
+            if self.reply_to_name is None:
+                raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - fast reply "
+                                   "consumer does not exist", 60, 40)
+            properties = replace(properties, reply_to=self.reply_to_name)
+            raw = encode_properties(properties)
+        try:
+            message = publish_message(exchange, method.routing_key, raw, properties,
+                                      event.body, now_ms)
+        except ValueError:
+            raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid "
+                               f"expiration '{properties.expiration}'", 60, 40) from None
+        if exchange == "" and method.routing_key.startswith(REPLY_TO_QUEUE + "."):
+            channel = connection.server.reply_channels.get(method.routing_key)
+            if channel is None or channel.closed:
+                return message, (), None
+            consumer = next(iter(channel.consumers.values()), None)
+            if consumer is None:
+                return message, (), None
+            return message, (), (channel, consumer, raw)  # delivered, never stored
+        if exchange == "":
+            topic = topic_name_for(method.routing_key)
+            found = broker.route("", topic, message.headers)
+            if not found and is_stream(broker, topic):
+                return message, (topic,), None
+            return message, tuple(d.name for d in found), None
+        return message, tuple(d.name for d in broker.route(
+            exchange, method.routing_key, message.headers)), None
+
+    async def _store(self, plans: list[tuple[int, Message, tuple[str, ...]]]
+                     ) -> list[tuple[int, bool]]:
+        """Publish consecutive messages with the same destinations together; (tag, ok)."""
+        broker = self.connection.server.broker
+        outcomes: list[tuple[int, bool]] = []
+        index = 0
+        while index < len(plans):
+            destinations = plans[index][2]
+            end = index + 1
+            while end < len(plans) and plans[end][2] == destinations:
+                end += 1
+            group = plans[index:end]
+            messages = [message for _, message, _ in group]
+            ok = [True] * len(group)
+            if destinations:
+                try:
+                    if len(destinations) == 1:  # no task per publish in the common case
+                        per_destination = [await broker.publish(destinations[0], messages)]
+                    else:
+                        per_destination = await asyncio.gather(
+                            *(broker.publish(name, messages) for name in destinations))
+                except (RecordTooLargeError, InvalidRequestError, OperatingError) as error:
+                    # the nack tells the publisher; storage faults are logged once per
+                    # condition where they happen (a warning per message flooded the log)
+                    log.debug("amqp publish failed: %s", error)
+                    ok = [False] * len(group)
+                else:
+                    for results in per_destination:
+                        _mark_dropped(ok, results)
+            outcomes += [(tag, good) for (tag, _, _), good in zip(group, ok, strict=True)]
+            index = end
+        return outcomes
+
+    def _confirm(self, outcomes: list[tuple[int, bool]]) -> None:
+        parts = [f.ack_frame(self.number, tag, multiple) if ack
+                 else f.nack_frame(self.number, tag, multiple)
+                 for ack, tag, multiple in confirm_replies(outcomes)]
+        if parts:
+            self.connection.write_parts(parts)
+
+    # --- settle ----------------------------------------------------------------------
+    def take(self, delivery_tag: int, multiple: bool, method: pamqp_base.Frame
+             ) -> list[Unacked[Consumer]]:
+        try:
+            taken = self.tags.take(delivery_tag, multiple)
+        except UnknownTag as error:
+            raise ChannelError(f.PRECONDITION_FAILED, str(error),
+                               *method_ids(method)) from None
+        for item in taken:
+            if item.holder is not None:
+                item.holder.unacked -= 1
+                item.holder.wake()
+        if self.prefetch_global:
+            self.wake_consumers()
+        return taken
+
+    async def settle(self, methods: list[pamqp_base.Frame]) -> None:
+        """Basic.Ack (one or a run of them), Basic.Nack or Basic.Reject."""
+        receipts: list[str] = []
+        failure: ChannelError | None = None
+        for method in methods:
+            try:
+                taken = self.take(getattr(method, "delivery_tag", 0) or 0,
+                                  bool(getattr(method, "multiple", False)), method)
+            except ChannelError as error:
+                failure = error
+                break
+            receipts += [item.receipt for item in taken if item.receipt is not None]
+        await self.settle_receipts(receipts, settle_kind(methods[0]))
+        if failure is not None:
+            raise failure
+
+    async def settle_receipts(self, receipts: list[str], action: str) -> None:
+        if not receipts:
+            return
+        broker = self.server.broker
+        try:
+            if action == "ack":
+                # basic.ack gets no answer: committed this loop turn, fsynced within
+                # 200 ms (a power cut inside that window redelivers: at least once)
+                await broker.ack(receipts, wait_durable=False)
+            elif action == "requeue":
+                await broker.release(receipts)
+            else:
+                await broker.reject(receipts, reason="rejected")
+        except LockExpiredError:
+            raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - delivery "
+                               "acknowledgement timed out (consumer_timeout)") from None
+        except UnknownDeliveryError:
+            pass  # settled already (the queue was purged or deleted meanwhile)
+
+
+def _mark_dropped(ok: list[bool], results: Iterable[PublishResult]) -> None:
+    """A reject-publish overflow drops a message (offset -1): nack it."""
+    for index, result in enumerate(results):
+        if index < len(ok) and result.offset < 0:
+            ok[index] = False
+
+
+__all__ = [
+    "REPLY_TO_QUEUE",
+    "Channel",
+    "ChannelError",
+    "ChannelLink",
+    "ConnectionError_",
+    "is_stream",
+    "method_ids",
+]
