@@ -264,7 +264,7 @@ class AmqpConnection(asyncio.Protocol):
     def channel_closing(self, number: int) -> None:
         self.machine.close_channel(number)
 
-    def forget_channel(self, number: int, channel: Channel) -> None:
+    def forget_channel(self, number: int, channel: object) -> None:
         if self.channels.get(number) is channel:
             del self.channels[number]
 

@@ -1,12 +1,13 @@
-"""One AMQP channel: its inbox, its deliveries, publishing and settling.
+"""One AMQP channel: its inbox, deliveries and settlements, and what it holds.
 
 Owns: the ordered inbox a channel works through (consecutive publishes and acks are
-handled as one batch: one broker call, one fsync); the mode machine's actions
-(``channel_machine.py``: confirms, transactions, delivery tags) carried out against
-the broker; deliveries to consumers; channel errors and the release of everything a
-channel holds when it closes. Methods other than publishes, settlements and mode
-changes go to the handlers (``handlers.py``) through the ``dispatch`` it is given.
-The channel sees its connection only through ``ChannelLink``.
+handled as one batch: one broker call, one fsync); carrying out the actions of its
+mode machine (``channel_machine.py``: confirms, transactions, delivery tags) —
+publishes go to ``publishing.py``, settlements to the broker from here; deliveries
+to consumers; channel errors and the release of everything a channel holds when it
+closes. Other methods go to the handlers (``basic_handlers.dispatch``) through the
+``dispatch`` it is given. The channel sees its connection only through
+``ChannelLink`` (``link.py``).
 
 Rules that hold here:
 - A confirm (basic.ack to the publisher) is sent only after ``Broker.publish``
@@ -24,23 +25,12 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pamqp import base as pamqp_base
 from pamqp import commands
 
-from conveyor.broker.types import Message, PublishResult
-from conveyor.errors import (
-    InvalidRequestError,
-    LockExpiredError,
-    NotFoundError,
-    OperatingError,
-    RecordTooLargeError,
-    UnknownDeliveryError,
-    UnknownExchangeError,
-    UnknownTopicError,
-)
-from conveyor.protocols.amqp.names import topic_name_for
+from conveyor.errors import LockExpiredError, OperatingError, UnknownDeliveryError
 
 from . import frames as f
 from .channel_machine import (
@@ -56,91 +46,29 @@ from .channel_machine import (
     Store,
     Unacked,
     UnknownTag,
-    confirm_replies,
     settle_kind,
 )
-from .machine import MethodReceived, PublishReceived
-from .messages import (
-    Properties,
-    PropertiesError,
-    decode_properties,
-    encode_properties,
-    outgoing,
-    publish_message,
+from .link import (
+    REPLY_TO_QUEUE,
+    ChannelError,
+    ChannelLink,
+    ConnectionError_,
+    is_stream,
+    method_ids,
 )
-from .server import AmqpServer, Consumer, ConsumerChannel
+from .machine import MethodReceived, PublishReceived
+from .messages import Properties, PropertiesError, decode_properties, encode_properties, outgoing
+from .publishing import publish_batch
+from .server import Consumer
 
 if TYPE_CHECKING:
-    from conveyor.broker.broker import Broker
     from conveyor.broker.types import Delivery
 
 log = logging.getLogger("conveyor.amqp")
 
-REPLY_TO_QUEUE = "amq.rabbitmq.reply-to"
-
-
-class ChannelError(Exception):
-    """Close the channel with ``reply_code`` (a soft error)."""
-
-    def __init__(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0):
-        super().__init__(text)
-        self.reply_code, self.text = reply_code, text
-        self.class_id, self.method_id = class_id, method_id
-
-
-class ConnectionError_(Exception):
-    """Close the connection with ``reply_code`` (a hard error)."""
-
-    def __init__(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0):
-        super().__init__(text)
-        self.reply_code, self.text = reply_code, text
-        self.class_id, self.method_id = class_id, method_id
-
-
-def method_ids(method: pamqp_base.Frame) -> tuple[int, int]:
-    index = method.index
-    return index >> 16, index & 0xFFFF
-
-
-def is_stream(broker: Broker, topic: str) -> bool:
-    """A plain topic (not a queue) is served as a RabbitMQ stream."""
-    try:
-        return broker.get_topic(topic).kind == "topic"
-    except (UnknownTopicError, NotFoundError):
-        return False
-
-
-class ChannelLink(Protocol):
-    """The connection as its channels see it."""
-
-    server: AmqpServer
-    connection_id: int
-    frame_bytes_max: int
-    user: str
-    vhost: str
-    writing_paused: bool
-    exclusive_queues: set[str]
-
-    def send_method(self, channel: int, method: pamqp_base.Frame) -> None: ...
-
-    def write_parts(self, parts: list[bytes]) -> None: ...
-
-    def capability(self, name: str) -> bool: ...
-
-    def fail(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0,
-             machine_closing: bool = False) -> None: ...
-
-    def inbox_drained(self, batch: list[PublishReceived]) -> None: ...
-
-    def channel_closing(self, number: int) -> None: ...
-
-    def forget_channel(self, number: int, channel: Channel) -> None: ...
-
 
 Dispatch = Callable[["Channel", pamqp_base.Frame], Awaitable[None]]
 Event = PublishReceived | MethodReceived
-# (confirm tag or 0, message, destinations)
-Plan = tuple[int, Message, tuple[str, ...]]
 
 
 class Channel:
@@ -240,14 +168,14 @@ class Channel:
         """Carry out the mode machine's actions, in order."""
         for action in actions:
             if isinstance(action, Store):
-                await self.publish_batch(action)
+                await publish_batch(self, action)
             elif isinstance(action, Settle):
                 await self.settle(action.methods)
             elif isinstance(action, Reply):
                 self.reply(action.method)
             elif isinstance(action, Commit):
                 if action.store.publishes:
-                    await self.publish_batch(action.store)
+                    await publish_batch(self, action.store)
                 for method in action.settlements:
                     await self.settle([method])
             elif isinstance(action, Refuse):
@@ -359,131 +287,6 @@ class Channel:
             properties, body, self.connection.frame_bytes_max))
 
     # --- publish ---------------------------------------------------------------------
-    async def publish_batch(self, store: Store) -> None:
-        """Route, store (durably), return unroutable mandatory messages, confirm."""
-        connection = self.connection
-        now_ms = self.server.broker.clock.wall_ms()
-        plans: list[Plan] = []
-        returns: list[bytes] = []
-        failure: ChannelError | None = None
-        for event, tag in zip(store.publishes, store.tags, strict=True):
-            method = event.method
-            try:
-                message, destinations, direct = self._plan(event, now_ms)
-            except ChannelError as error:
-                failure = error
-                break
-            if direct is not None:
-                channel, consumer, properties = direct
-                channel.deliver_direct(consumer, method.exchange, method.routing_key,
-                                       properties, event.body)
-            elif not destinations and method.mandatory:
-                returns += f.return_frames(
-                    self.number, f.NO_ROUTE, "NO_ROUTE", method.exchange, method.routing_key,
-                    event.properties, event.body, connection.frame_bytes_max)
-            plans.append((tag, message, destinations))
-        if returns:
-            connection.write_parts(returns)
-        outcomes = await self._store(plans)
-        if self.confirm and not self.closed:
-            self._confirm(outcomes)
-        if failure is not None:
-            raise failure
-    def _plan(self, event: PublishReceived, now_ms: int) -> tuple[
-            Message, tuple[str, ...], tuple[ConsumerChannel, Consumer, bytes] | None]:
-        method = event.method
-        connection = self.connection
-        broker = connection.server.broker
-        exchange = method.exchange
-        if method.immediate:
-            raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
-                                   60, 40)
-        if exchange:
-            try:
-                info = broker.get_exchange(exchange)
-            except (UnknownExchangeError, NotFoundError):
-                raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{exchange}' in "
-                                   f"vhost '{connection.vhost}'", 60, 40) from None
-            if info.internal:
-                raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
-                                   f"internal exchange '{exchange}'", 60, 40)
-        try:
-            properties = decode_properties(event.properties)
-        except PropertiesError as error:
-            raise ConnectionError_(f.SYNTAX_ERROR, str(error), 60, 40) from None
-        if properties.user_id is not None and properties.user_id != connection.user:
-            raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - user_id property "
-                               f"set to '{properties.user_id}' but authenticated user was "
-                               f"'{connection.user}'", 60, 40)
-        raw = event.properties
-        if properties.reply_to == REPLY_TO_QUEUE:
-            if self.reply_to_name is None:
-                raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - fast reply "
-                                   "consumer does not exist", 60, 40)
-            properties = replace(properties, reply_to=self.reply_to_name)
-            raw = encode_properties(properties)
-        try:
-            message = publish_message(exchange, method.routing_key, raw, properties,
-                                      event.body, now_ms)
-        except ValueError:
-            raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid "
-                               f"expiration '{properties.expiration}'", 60, 40) from None
-        if exchange == "" and method.routing_key.startswith(REPLY_TO_QUEUE + "."):
-            channel = connection.server.reply_channels.get(method.routing_key)
-            if channel is None or channel.closed:
-                return message, (), None
-            consumer = next(iter(channel.consumers.values()), None)
-            if consumer is None:
-                return message, (), None
-            return message, (), (channel, consumer, raw)  # delivered, never stored
-        if exchange == "":
-            topic = topic_name_for(method.routing_key)
-            found = broker.route("", topic, message.headers)
-            if not found and is_stream(broker, topic):
-                return message, (topic,), None
-            return message, tuple(d.name for d in found), None
-        return message, tuple(d.name for d in broker.route(
-            exchange, method.routing_key, message.headers)), None
-
-    async def _store(self, plans: list[tuple[int, Message, tuple[str, ...]]]
-                     ) -> list[tuple[int, bool]]:
-        """Publish consecutive messages with the same destinations together; (tag, ok)."""
-        broker = self.connection.server.broker
-        outcomes: list[tuple[int, bool]] = []
-        index = 0
-        while index < len(plans):
-            destinations = plans[index][2]
-            end = index + 1
-            while end < len(plans) and plans[end][2] == destinations:
-                end += 1
-            group = plans[index:end]
-            messages = [message for _, message, _ in group]
-            ok = [True] * len(group)
-            if destinations:
-                try:
-                    if len(destinations) == 1:  # no task per publish in the common case
-                        per_destination = [await broker.publish(destinations[0], messages)]
-                    else:
-                        per_destination = await asyncio.gather(
-                            *(broker.publish(name, messages) for name in destinations))
-                except (RecordTooLargeError, InvalidRequestError, OperatingError) as error:
-                    # the nack tells the publisher; storage faults are logged once per
-                    # condition where they happen (a warning per message flooded the log)
-                    log.debug("amqp publish failed: %s", error)
-                    ok = [False] * len(group)
-                else:
-                    for results in per_destination:
-                        _mark_dropped(ok, results)
-            outcomes += [(tag, good) for (tag, _, _), good in zip(group, ok, strict=True)]
-            index = end
-        return outcomes
-
-    def _confirm(self, outcomes: list[tuple[int, bool]]) -> None:
-        parts = [f.ack_frame(self.number, tag, multiple) if ack
-                 else f.nack_frame(self.number, tag, multiple)
-                 for ack, tag, multiple in confirm_replies(outcomes)]
-        if parts:
-            self.connection.write_parts(parts)
 
     # --- settle ----------------------------------------------------------------------
     def take(self, delivery_tag: int, multiple: bool, method: pamqp_base.Frame
@@ -535,13 +338,6 @@ class Channel:
                                "acknowledgement timed out (consumer_timeout)") from None
         except UnknownDeliveryError:
             pass  # settled already (the queue was purged or deleted meanwhile)
-
-
-def _mark_dropped(ok: list[bool], results: Iterable[PublishResult]) -> None:
-    """A reject-publish overflow drops a message (offset -1): nack it."""
-    for index, result in enumerate(results):
-        if index < len(ok) and result.offset < 0:
-            ok[index] = False
 
 
 __all__ = [
