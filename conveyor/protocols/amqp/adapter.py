@@ -21,11 +21,9 @@ from typing import Any
 from pamqp import base as pamqp_base
 from pamqp import commands
 
-from conveyor.errors import OperatingError
 from conveyor.limits import RequestWatch
 
 from . import frames as f
-from .basic_handlers import dispatch
 from .channel import Channel
 from .machine import (
     ChannelFault,
@@ -38,8 +36,21 @@ from .machine import (
     MethodReceived,
     PublishReceived,
 )
-from .negotiation import REPLY_NAMES, authenticate, start_method
+from .negotiation import (
+    REPLY_NAMES,
+    CloseConfirmed,
+    CloseRequested,
+    Identified,
+    LoggedIn,
+    Opened,
+    Refused,
+    Send,
+    Tuned,
+    negotiate,
+    start_method,
+)
 from .server import AmqpServer, Consumer
+from .session import Session
 
 log = logging.getLogger("conveyor.amqp")
 
@@ -53,7 +64,7 @@ class AmqpConnection(asyncio.Protocol):
         self.machine = ConnectionMachine(settings.frame_bytes_max, settings.channel_max,
                                          settings.message_bytes_max)
         self.transport: asyncio.Transport | None = None
-        self.channels: dict[int, Channel] = {}
+        self.session = Session(self)
         self.exclusive_queues: set[str] = set()
         self.frame_bytes_max = settings.frame_bytes_max
         self.heartbeat_s = 0
@@ -114,8 +125,7 @@ class AmqpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        for channel in self.channels.values():
-            channel.wake_consumers()
+        self.session.wake_consumers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -142,7 +152,7 @@ class AmqpConnection(asyncio.Protocol):
     def _event(self, event: Any) -> None:
         if isinstance(event, PublishReceived):
             self.server.counters.request("Basic.Publish")
-            channel = self.channels.get(event.channel)
+            channel = self.session.channels.get(event.channel)
             if channel is not None:
                 size = _inbox_size(event)
                 self._inbox_bytes += size
@@ -166,24 +176,14 @@ class AmqpConnection(asyncio.Protocol):
             self.server.counters.request(event.method.name)
             if event.channel == 0:
                 self._connection_method(event.method)
-            elif isinstance(event.method, commands.Channel.Open):
-                channel = Channel(self, event.channel, dispatch)
-                self.channels[event.channel] = channel
-                channel.push(event)
             else:
-                channel = self.channels.get(event.channel)
-                if channel is not None:
-                    channel.push(event)
+                self.session.method(event)
         elif isinstance(event, HeartbeatReceived):
             return
         elif isinstance(event, HeaderAccepted):
             self._start()
         elif isinstance(event, ChannelFault):
-            channel = self.channels.get(event.channel)
-            self.send_method(event.channel, commands.Channel.Close(
-                event.reply_code, event.text[:255], event.class_id, event.method_id))
-            if channel is not None:
-                self._loop.create_task(channel.close())
+            self.session.fault(event)
         elif isinstance(event, ConnectionFault):
             self.fail(event.reply_code, event.text, event.class_id, event.method_id,
                       machine_closing=True)
@@ -231,9 +231,7 @@ class AmqpConnection(asyncio.Protocol):
         return sum(state.body_received for state in self.machine.channels.values())
 
     def _is_busy(self) -> bool:
-        return bool(self._inbox_bytes) or any(
-            channel.worker is not None and not channel.worker.done()
-            for channel in self.channels.values())
+        return bool(self._inbox_bytes) or self.session.busy()
 
     def _expired(self, reason: str) -> None:
         log.info("amqp connection %s closed: %s timeout", self.connection_id, reason)
@@ -265,57 +263,41 @@ class AmqpConnection(asyncio.Protocol):
         self.machine.close_channel(number)
 
     def forget_channel(self, number: int, channel: object) -> None:
-        if self.channels.get(number) is channel:
-            del self.channels[number]
+        self.session.forget(number, channel)
 
     # --- negotiation ----------------------------------------------------------------------
     def _start(self) -> None:
         self.send_method(0, start_method())
 
     def _connection_method(self, method: pamqp_base.Frame) -> None:
-        settings = self.server.settings
-        if isinstance(method, commands.Connection.StartOk):
-            self.client_properties = dict(method.client_properties or {})
-            user = authenticate(method.mechanism, method.response, settings.users)
-            if user is None:
-                self.fail(f.ACCESS_REFUSED, f"ACCESS_REFUSED - Login was refused using "
-                          f"authentication mechanism {method.mechanism}", 10, 11)
-                return
-            self.user = user
-            self.send_method(0, commands.Connection.Tune(
-                channel_max=settings.channel_max, frame_max=settings.frame_bytes_max,
-                heartbeat=settings.heartbeat_s))
-        elif isinstance(method, commands.Connection.TuneOk):
-            frame_max = method.frame_max or settings.frame_bytes_max
-            if frame_max < f.FRAME_MIN_SIZE:
-                self.fail(f.NOT_ALLOWED, f"NOT_ALLOWED - frame_max {frame_max} below "
-                          f"{f.FRAME_MIN_SIZE}", 10, 31)
-                return
-            self.frame_bytes_max = min(frame_max, settings.frame_bytes_max)
-            channel_max = method.channel_max or settings.channel_max
-            self.machine.tuned(self.frame_bytes_max, min(channel_max, settings.channel_max))
-            self.heartbeat_s = method.heartbeat
-        elif isinstance(method, commands.Connection.Open):
-            if method.virtual_host not in settings.vhosts:
-                self.fail(f.NOT_ALLOWED, f"NOT_ALLOWED - vhost {method.virtual_host} not "
-                          "found", 10, 40)
-                return
-            self.vhost = method.virtual_host
-            self.send_method(0, commands.Connection.OpenOk())
-            if self._heartbeat_handle is not None:
-                self._heartbeat_handle.cancel()
-                self._heartbeat_handle = None
-            if self.heartbeat_s:
-                self._heartbeat_handle = self._loop.call_later(self.heartbeat_s / 2,
-                                                               self._heartbeat)
-        elif isinstance(method, commands.Connection.Close):
-            self.machine.state = ConnectionState.CLOSED
-            self._closing_task = self._loop.create_task(self._close_requested())
-        elif isinstance(method, commands.Connection.CloseOk):
-            if self.transport is not None:
+        for step in negotiate(method, self.server.settings):
+            if isinstance(step, Send):
+                self.send_method(0, step.method)
+            elif isinstance(step, Refused):
+                self.fail(step.reply_code, step.text, step.class_id, step.method_id)
+            elif isinstance(step, Identified):
+                self.client_properties = step.client_properties
+            elif isinstance(step, LoggedIn):
+                self.user = step.user
+            elif isinstance(step, Tuned):
+                self.frame_bytes_max, self.heartbeat_s = step.frame_bytes_max, step.heartbeat_s
+                self.machine.tuned(step.frame_bytes_max, step.channel_max)
+            elif isinstance(step, Opened):
+                self.vhost = step.vhost
+                self._start_heartbeats()
+            elif isinstance(step, CloseRequested):
+                self.machine.state = ConnectionState.CLOSED
+                self._closing_task = self._loop.create_task(self._close_requested())
+            elif isinstance(step, CloseConfirmed) and self.transport is not None:
                 self.transport.close()
-        elif isinstance(method, commands.Connection.UpdateSecret):
-            self.send_method(0, commands.Connection.UpdateSecretOk())
+
+    def _start_heartbeats(self) -> None:
+        if self._heartbeat_handle is not None:
+            self._heartbeat_handle.cancel()
+            self._heartbeat_handle = None
+        if self.heartbeat_s:
+            self._heartbeat_handle = self._loop.call_later(self.heartbeat_s / 2,
+                                                           self._heartbeat)
 
     def _handshake_timeout(self) -> None:
         self._heartbeat_handle = None
@@ -394,42 +376,19 @@ class AmqpConnection(asyncio.Protocol):
     async def _close_requested(self) -> None:
         """Connection.Close from the client: finish what its channels received first
         (publishes sent before the close are stored), then Close-Ok."""
-        await self._drain_channels()
-        await self._release_all()  # exclusive queues are gone when Close-Ok arrives
+        await self.session.drain()
+        await self.session.release(self)  # exclusive queues are gone when Close-Ok arrives
         self.send_method(0, commands.Connection.CloseOk())
         self._flush()
         if self.transport is not None:
             self.transport.close()
 
-    async def _drain_channels(self) -> None:
-        for channel in list(self.channels.values()):
-            worker = channel.worker
-            if worker is not None and not worker.done():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await worker
-
     async def _cleanup(self) -> None:
         if self._closing_task is not None and self._closing_task is not asyncio.current_task():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._closing_task
-        await self._drain_channels()
-        await self._release_all()
-
-    async def _release_all(self) -> None:
-        """Close every channel (releasing what they hold) and delete exclusive queues."""
-        for channel in list(self.channels.values()):
-            await channel.close()
-        self.channels.clear()
-        server = self.server
-        for topic in list(self.exclusive_queues):
-            use = server.queues.get(topic)
-            if use is not None and use.exclusive_owner is self:
-                with contextlib.suppress(OperatingError):
-                    await server.broker.delete_queue(topic)
-                await server.queue_gone(topic)
-        self.exclusive_queues.clear()
-
-
+        await self.session.drain()
+        await self.session.release(self)
 
 def _inbox_size(event: PublishReceived) -> int:
     """What an unprocessed publish counts against the flow-control limits."""

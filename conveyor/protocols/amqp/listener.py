@@ -65,7 +65,7 @@ def describe_connections(state: AmqpServer, port: int) -> Iterator[ConnectionVie
             continue
         channels: list[ChannelView] = []
         consumers: list[ConsumerView] = []
-        for number, channel in list(connection.channels.items()):
+        for number, channel in list(connection.session.channels.items()):
             channels.append(ChannelView(
                 number, len(channel.consumers), len(channel.unacked),
                 channel.prefetch_global or channel.prefetch_consumer, channel.confirm,

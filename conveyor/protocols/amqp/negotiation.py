@@ -1,19 +1,25 @@
-"""AMQP connection negotiation and its tables, as pure functions.
+"""AMQP connection negotiation on channel 0 (sans-IO), and its tables.
 
-Owns: the Connection.Start the server sends (its properties and capabilities), the
-PLAIN / AMQPLAIN credential check, and the reply-code names that label
-``errors_total{listener="amqp"}``. No I/O.
+Owns: the Connection.Start the server sends (its properties and capabilities); what
+each Connection method the client sends means (``negotiate``: steps for the
+adapter, never a socket call): Start-Ok (PLAIN / AMQPLAIN login) -> Tune, Tune-Ok
+(frame and channel limits, heartbeat), Open (vhost) -> Open-Ok, Close, Close-Ok,
+Update-Secret; and the reply-code names that label ``errors_total{listener="amqp"}``.
+Which of these methods may arrive when is ``machine.py``'s table. No I/O.
 """
 
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from typing import Any
 
+from pamqp import base as pamqp_base
 from pamqp import commands
 from pamqp import decode as pamqp_decode
 
 from . import frames as f
+from .settings import AmqpSettings
 
 # Reply code -> its name in the spec: the label of errors_total{listener="amqp"}.
 # Reply code -> its name in the spec: the label of errors_total{listener="amqp"}.
@@ -80,3 +86,92 @@ def authenticate(mechanism: str, response: Any, users: dict[str, str]) -> str | 
         return None
     return str(user)
 
+
+
+# --- steps -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this method on channel 0."""
+
+    method: pamqp_base.Frame
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Close the connection with this reply (a hard error)."""
+
+    reply_code: int
+    text: str
+    class_id: int
+    method_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Identified:
+    client_properties: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedIn:
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tuned:
+    frame_bytes_max: int
+    channel_max: int
+    heartbeat_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The vhost is open: the handshake is over, heartbeats start."""
+
+    vhost: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequested:
+    """The client closes: finish the channels' work, then Close-Ok."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConfirmed:
+    """Close-Ok to our Close: drop the socket."""
+
+
+Step = Send | Refused | Identified | LoggedIn | Tuned | Opened | CloseRequested | CloseConfirmed
+
+
+def negotiate(method: pamqp_base.Frame, settings: AmqpSettings) -> list[Step]:
+    """What a Connection method on channel 0 means, in order."""
+    if isinstance(method, commands.Connection.StartOk):
+        user = authenticate(method.mechanism, method.response, settings.users)
+        identified = Identified(dict(method.client_properties or {}))
+        if user is None:
+            return [identified, Refused(f.ACCESS_REFUSED, "ACCESS_REFUSED - Login was refused "
+                                        f"using authentication mechanism {method.mechanism}",
+                                        10, 11)]
+        return [identified, LoggedIn(user), Send(commands.Connection.Tune(
+            channel_max=settings.channel_max, frame_max=settings.frame_bytes_max,
+            heartbeat=settings.heartbeat_s))]
+    if isinstance(method, commands.Connection.TuneOk):
+        frame_max = method.frame_max or settings.frame_bytes_max
+        if frame_max < f.FRAME_MIN_SIZE:
+            return [Refused(f.NOT_ALLOWED, f"NOT_ALLOWED - frame_max {frame_max} below "
+                            f"{f.FRAME_MIN_SIZE}", 10, 31)]
+        channel_max = method.channel_max or settings.channel_max
+        return [Tuned(min(frame_max, settings.frame_bytes_max),
+                      min(channel_max, settings.channel_max), method.heartbeat)]
+    if isinstance(method, commands.Connection.Open):
+        if method.virtual_host not in settings.vhosts:
+            return [Refused(f.NOT_ALLOWED, f"NOT_ALLOWED - vhost {method.virtual_host} not "
+                            "found", 10, 40)]
+        return [Send(commands.Connection.OpenOk()), Opened(method.virtual_host)]
+    if isinstance(method, commands.Connection.Close):
+        return [CloseRequested()]
+    if isinstance(method, commands.Connection.CloseOk):
+        return [CloseConfirmed()]
+    if isinstance(method, commands.Connection.UpdateSecret):
+        return [Send(commands.Connection.UpdateSecretOk())]
+    return []
