@@ -25,6 +25,7 @@ from conveyor.limits import RequestWatch
 
 from . import frames as f
 from .channel import Channel
+from .inbox_flow import InboxFlow, Release
 from .machine import (
     ChannelFault,
     ConnectionFault,
@@ -74,8 +75,7 @@ class AmqpConnection(asyncio.Protocol):
         self.writing_paused = False
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._inbox_bytes = 0
-        self._reading_paused = False
+        self.flow = InboxFlow(self, server)
         self._received = False
         self._sent = False
         self._heartbeat_handle: asyncio.TimerHandle | None = None
@@ -85,7 +85,6 @@ class AmqpConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._admitted = False
         self._watch: RequestWatch | None = None
-        self._blocked = False  # connection.blocked sent (publisher push-back)
         self._unsubscribe: Callable[[], None] | None = None
         self._abort_handle: asyncio.TimerHandle | None = None  # the close_timeout_ms timer
 
@@ -154,23 +153,11 @@ class AmqpConnection(asyncio.Protocol):
             self.server.counters.request("Basic.Publish")
             channel = self.session.channels.get(event.channel)
             if channel is not None:
-                size = _inbox_size(event)
-                self._inbox_bytes += size
-                server = self.server
-                server.inbox_bytes += size
-                flow = server.shared.flow
-                flow.hold(self, self._inbox_bytes)
-                pushed_back = flow.should_wait(self)
-                if (not self._reading_paused and self.transport is not None and (
-                        self._inbox_bytes > server.settings.inbox_bytes_max
-                        or server.inbox_bytes > server.settings.memory_high_watermark_bytes
-                        or pushed_back)):
-                    # this producer is the one filling memory: only it waits
-                    server.reading_pauses += 1
-                    self._reading_paused = True
-                    self.transport.pause_reading()
-                if pushed_back:
-                    self._block(flow.blocked_reason() or "low on memory")
+                hold = self.flow.received(event, self.transport is not None)
+                if hold.pause_reading and self.transport is not None:
+                    self.transport.pause_reading()  # this producer fills memory: it waits
+                if hold.block_reason is not None and self.capability("connection.blocked"):
+                    self.send_method(0, commands.Connection.Blocked(reason=hold.block_reason))
                 channel.push(event)
         elif isinstance(event, MethodReceived):
             self.server.counters.request(event.method.name)
@@ -193,45 +180,27 @@ class AmqpConnection(asyncio.Protocol):
                 self.transport.close()
 
     def inbox_drained(self, batch: list[PublishReceived]) -> None:
-        size = sum(_inbox_size(event) for event in batch)
-        self._inbox_bytes -= size
-        self.server.inbox_bytes -= size
-        self.server.shared.flow.hold(self, self._inbox_bytes)
-        self._resume_if_allowed()
-
-    def _resume_if_allowed(self) -> None:
-        if self.server.shared.flow.should_wait(self):
-            return
-        if self._blocked:
-            self._blocked = False
-            if self.capability("connection.blocked"):
-                self.send_method(0, commands.Connection.Unblocked())
-        if self._reading_paused and self._inbox_bytes <= self.server.settings.inbox_bytes_max // 2:
-            self._reading_paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
-
-    # --- limits ---------------------------------------------------------------------------
-    def _block(self, reason: str) -> None:
-        """Publisher push-back: connection.blocked to a client that understands it; its
-        reading is paused already."""
-        if not self._blocked:
-            self._blocked = True
-            if self.capability("connection.blocked"):
-                self.send_method(0, commands.Connection.Blocked(reason=reason))
+        self._apply(self.flow.drained(batch))
 
     def _flow_changed(self) -> None:
-        """The flow may have let go: resume a connection it held. (A connection is blocked
-        when it publishes, as RabbitMQ blocks only publishing connections.)"""
-        if self._blocked or self._reading_paused:
-            self._resume_if_allowed()
+        """The server's flow may have let go of this connection."""
+        if self.flow.holding():
+            self._apply(self.flow.release())
 
+    def _apply(self, release: Release) -> None:
+        if release.unblock and self.capability("connection.blocked"):
+            self.send_method(0, commands.Connection.Unblocked())
+        if (release.resume_reading and self.transport is not None
+                and not self.transport.is_closing()):
+            self.transport.resume_reading()
+
+    # --- limits ---------------------------------------------------------------------------
     def _content_bytes(self) -> int:
         """Bytes of messages whose content is still arriving, over all channels."""
         return sum(state.body_received for state in self.machine.channels.values())
 
     def _is_busy(self) -> bool:
-        return bool(self._inbox_bytes) or self.session.busy()
+        return bool(self.flow.inbox_bytes) or self.session.busy()
 
     def _expired(self, reason: str) -> None:
         log.info("amqp connection %s closed: %s timeout", self.connection_id, reason)
@@ -389,11 +358,6 @@ class AmqpConnection(asyncio.Protocol):
                 await self._closing_task
         await self.session.drain()
         await self.session.release(self)
-
-def _inbox_size(event: PublishReceived) -> int:
-    """What an unprocessed publish counts against the flow-control limits."""
-    return len(event.body) + 256  # body + a rough size of its frames and objects
-
 
 def make_protocol_factory(server: AmqpServer) -> Callable[[], AmqpConnection]:
     return lambda: AmqpConnection(server)
