@@ -41,6 +41,7 @@ from .negotiation import (
     REPLY_NAMES,
     CloseConfirmed,
     CloseRequested,
+    HeartbeatClock,
     Identified,
     LoggedIn,
     Opened,
@@ -76,10 +77,8 @@ class AmqpConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.flow = InboxFlow(self, server)
-        self._received = False
-        self._sent = False
+        self.heartbeats = HeartbeatClock()
         self._heartbeat_handle: asyncio.TimerHandle | None = None
-        self._missed = 0
         self._closing_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -108,7 +107,7 @@ class AmqpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.server.counters.bytes_received += len(data)
-        self._received = True
+        self.heartbeats.received = True
         reader = self.machine.reader
         before = reader.buffered_bytes + len(data)
         for event in self.machine.receive(data):
@@ -277,20 +276,15 @@ class AmqpConnection(asyncio.Protocol):
         """Every heartbeat/2 s: send one if idle; close after two silent heartbeats."""
         if self.transport is None or self.transport.is_closing():
             return
-        interval = self.heartbeat_s / 2
-        if self._received:
-            self._received = False
-            self._missed = 0
-        else:
-            self._missed += 1
-            if self._missed >= 4:  # 2 heartbeat intervals of silence
-                log.info("amqp connection %s missed heartbeats", self.connection_id)
-                self.transport.close()
-                return
-        if not self._sent:
+        beat = self.heartbeats.tick()
+        if beat == "close":
+            log.info("amqp connection %s missed heartbeats", self.connection_id)
+            self.transport.close()
+            return
+        if beat == "send":
             self.write_parts([f.heartbeat_frame()])
-        self._sent = False
-        self._heartbeat_handle = self._loop.call_later(interval, self._heartbeat)
+            self.heartbeats.sent = False  # a heartbeat is not traffic of its own
+        self._heartbeat_handle = self._loop.call_later(self.heartbeat_s / 2, self._heartbeat)
 
     # --- output ---------------------------------------------------------------------------
     def send_method(self, channel: int, method: pamqp_base.Frame) -> None:
@@ -302,7 +296,7 @@ class AmqpConnection(asyncio.Protocol):
 
     def write_parts(self, parts: list[bytes]) -> None:
         self._out += parts
-        self._sent = True
+        self.heartbeats.sent = True
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

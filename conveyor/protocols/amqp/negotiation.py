@@ -175,3 +175,29 @@ def negotiate(method: pamqp_base.Frame, settings: AmqpSettings) -> list[Step]:
     if isinstance(method, commands.Connection.UpdateSecret):
         return [Send(commands.Connection.UpdateSecretOk())]
     return []
+
+
+# --- heartbeats ------------------------------------------------------------------------
+MISSED_TICKS_MAX = 4  # ticks are heartbeat/2 apart: two heartbeat intervals of silence
+
+
+@dataclass(slots=True)
+class HeartbeatClock:
+    """Ticked every heartbeat/2 seconds once the connection is open: "send" a heartbeat
+    when nothing else went out, "close" after two heartbeat intervals without a byte
+    from the client, else "idle"."""
+
+    received: bool = False  # a byte arrived since the last tick
+    sent: bool = False  # a frame went out since the last tick
+    missed: int = 0
+
+    def tick(self) -> str:
+        if self.received:
+            self.received = False
+            self.missed = 0
+        else:
+            self.missed += 1
+            if self.missed >= MISSED_TICKS_MAX:
+                return "close"
+        sent, self.sent = self.sent, False
+        return "idle" if sent else "send"

@@ -16,6 +16,7 @@ from conveyor.protocols.amqp import frames as f
 from conveyor.protocols.amqp.negotiation import (
     CloseConfirmed,
     CloseRequested,
+    HeartbeatClock,
     Identified,
     LoggedIn,
     Opened,
@@ -85,3 +86,13 @@ def test_close_close_ok_and_update_secret() -> None:
     [send] = negotiate(commands.Connection.UpdateSecret(new_secret="s", reason="r"), SETTINGS)
     assert isinstance(send, Send)
     assert isinstance(send.method, commands.Connection.UpdateSecretOk)
+
+
+def test_heartbeat_clock_sends_when_idle_and_closes_after_two_silent_intervals() -> None:
+    clock = HeartbeatClock()
+    clock.received, clock.sent = True, True
+    assert clock.tick() == "idle"  # traffic both ways: nothing to do
+    clock.received = True
+    assert clock.tick() == "send"  # nothing went out: a heartbeat
+    assert [clock.tick() for _ in range(3)] == ["send", "send", "send"]
+    assert clock.tick() == "close"  # four ticks (two heartbeats) without a byte
