@@ -1,13 +1,15 @@
 """The AMQP connection: the asyncio glue that moves bytes.
 
 Owns: one ``AmqpConnection`` (an ``asyncio.Protocol``) per client socket: bytes in
-through the sans-IO ``ConnectionMachine`` (``machine.py``), events out to the
-connection's ``Channel``s (``channel.py``), batched writes, heartbeats and timeouts,
-negotiation on channel 0 (``negotiation.py``), and flow control: a connection only
-stops reading its own socket when it has too much unprocessed input
-(``inbox_bytes_max``), so one fast producer never blocks the others.
-What a channel does with its methods lives in ``channel.py``,
-``channel_machine.py`` and the handlers; the listener-wide state in ``server.py``.
+through the sans-IO ``ConnectionMachine`` (``machine.py``), its events to the
+connection's channels (``session.py``) or to channel-0 negotiation
+(``negotiation.py``, whose steps it carries out); batched writes; the heartbeat and
+handshake timers; admission, request timeouts and the memory budget; and the flow
+hooks: the decisions of ``inbox_flow.py`` applied to the transport (a connection only
+stops reading its own socket when it has too much unprocessed input, so one fast
+producer never blocks the others). What a channel does with its methods lives in
+``channel.py``, ``channel_machine.py``, ``publishing.py`` and the handlers; the
+listener-wide state in ``server.py``.
 """
 
 from __future__ import annotations
