@@ -141,8 +141,9 @@ class Channel:
         machine = self.machine
         if isinstance(event, PublishReceived):
             batch = [event]
-            while inbox and isinstance(inbox[0], PublishReceived):
-                batch.append(inbox.popleft())  # type: ignore[arg-type]  # checked
+            while inbox and isinstance(following := inbox[0], PublishReceived):
+                batch.append(following)
+                inbox.popleft()
             self.connection.inbox_drained(batch)
             await self.perform(machine.publish(batch))
             return

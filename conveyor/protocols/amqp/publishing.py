@@ -64,6 +64,7 @@ class Planned:
     def way(self) -> tuple[str, str, tuple[str, ...], str | None]:
         return self.exchange, self.routing_key, self.destinations, self.stream
 
+
 async def publish_batch(channel: PublishingChannel, store: Store) -> None:
     """Route, store (durably), return unroutable mandatory messages, confirm."""
     connection = channel.connection
@@ -95,6 +96,7 @@ async def publish_batch(channel: PublishingChannel, store: Store) -> None:
         _confirm(channel, outcomes)
     if failure is not None:
         raise failure
+
 
 def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
           ) -> tuple[Planned, tuple[ConsumerChannel, Consumer, bytes] | None]:
@@ -149,6 +151,7 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
     destinations, stream = _route(channel, exchange, method.routing_key, message)
     return Planned(0, message, exchange, method.routing_key, destinations, stream), None
 
+
 def _route(channel: PublishingChannel, exchange: str, routing_key: str, message: Message
            ) -> tuple[tuple[str, ...], str | None]:
     """Where the broker's exchanges send a message: (destinations, stream). The one
@@ -161,6 +164,7 @@ def _route(channel: PublishingChannel, exchange: str, routing_key: str, message:
         if is_stream(broker, topic):
             return (topic,), topic
     return found, None
+
 
 async def _store(channel: PublishingChannel, plans: list[Planned]) -> list[tuple[int, bool]]:
     """Publish runs of messages that go the same way together, through the broker's
@@ -194,6 +198,7 @@ async def _store(channel: PublishingChannel, plans: list[Planned]) -> list[tuple
         outcomes += [(plan.tag, good) for plan, good in zip(group, ok, strict=True)]
         index = end
     return outcomes
+
 
 def _confirm(channel: PublishingChannel, outcomes: list[tuple[int, bool]]) -> None:
     parts = [f.ack_frame(channel.number, tag, multiple) if ack
