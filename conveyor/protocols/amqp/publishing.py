@@ -1,17 +1,19 @@
-"""Publishing on an AMQP channel: checks, routing through the broker's exchanges, confirms.
+"""Publishing on an AMQP channel: checks, the broker's routing, storing, confirms.
 
-Owns: what a stored batch of Basic.Publish does: each publish is checked (exchange,
+Owns: what a batch of Basic.Publish does: each publish is checked (exchange,
 user-id, direct reply-to, expiration) and turned into a message; the broker's
-exchanges (``Broker.route``) say where it goes, unroutable mandatory messages
-return, runs that go the same way are published together with
-``Broker.publish_to_exchange`` (one broker call, one fsync), and the confirms the
-mode machine numbered are answered once stored. The one AMQP addition to the
-broker's routing: the default exchange also reaches a stream queue (a topic) by
-name, published to that topic directly.
+exchanges (``Broker.route``: bindings, alternate exchanges, the default exchange
+with its queue alias) say where it goes; unroutable mandatory messages return; runs
+that go the same way are appended together to the destinations the broker named
+(one call and one fsync per destination, a fan-out's destinations concurrently);
+the confirms the mode machine numbered are answered once stored. The one AMQP
+addition to the broker's routing: the default exchange also reaches a stream queue
+(a topic) by its name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -56,13 +58,7 @@ class Planned:
 
     tag: int
     message: Message
-    exchange: str
-    routing_key: str
     destinations: tuple[str, ...]  # the broker's routing (empty: unroutable)
-    stream: str | None  # a stream queue reached by the default exchange
-
-    def way(self) -> tuple[str, str, tuple[str, ...], str | None]:
-        return self.exchange, self.routing_key, self.destinations, self.stream
 
 
 async def publish_batch(channel: PublishingChannel, store: Store) -> None:
@@ -141,60 +137,60 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
                            f"expiration '{properties.expiration}'", 60, 40) from None
     if exchange == "" and method.routing_key.startswith(REPLY_TO_QUEUE + "."):
         target = connection.server.reply_channels.get(method.routing_key)
-        unrouted = Planned(0, message, exchange, method.routing_key, (), None)
+        unrouted = Planned(0, message, ())
         if target is None or target.closed:
             return unrouted, None
         consumer = next(iter(target.consumers.values()), None)
         if consumer is None:
             return unrouted, None
         return unrouted, (target, consumer, raw)  # delivered, never stored
-    destinations, stream = _route(channel, exchange, method.routing_key, message)
-    return Planned(0, message, exchange, method.routing_key, destinations, stream), None
+    destinations = _route(channel, exchange, method.routing_key, message)
+    return Planned(0, message, destinations), None
 
 
 def _route(channel: PublishingChannel, exchange: str, routing_key: str, message: Message
-           ) -> tuple[tuple[str, ...], str | None]:
-    """Where the broker's exchanges send a message: (destinations, stream). The one
-    AMQP addition: the default exchange also reaches a stream queue (a topic) by
-    its name, which the broker's default exchange (queues only) does not."""
+           ) -> tuple[str, ...]:
+    """Where the broker's exchanges send a message. The one AMQP addition: the default
+    exchange also reaches a stream queue (a topic) by its name, which the broker's
+    default exchange (queues only) does not."""
     broker = channel.server.broker
     found = tuple(d.name for d in broker.route(exchange, routing_key, message.headers))
     if not found and exchange == "":
         topic = topic_name_for(routing_key)
         if is_stream(broker, topic):
-            return (topic,), topic
-    return found, None
+            return (topic,)
+    return found
 
 
 async def _store(channel: PublishingChannel, plans: list[Planned]) -> list[tuple[int, bool]]:
-    """Publish runs of messages that go the same way together, through the broker's
-    exchanges (a stream queue: straight to its topic); (confirm tag, stored)."""
+    """Publish runs of messages that go the same way together to the destinations the
+    broker's exchanges named; (confirm tag, stored)."""
     broker = channel.server.broker
     outcomes: list[tuple[int, bool]] = []
     index = 0
     while index < len(plans):
-        way = plans[index].way()
+        destinations = plans[index].destinations
         end = index + 1
-        while end < len(plans) and plans[end].way() == way:
+        while end < len(plans) and plans[end].destinations == destinations:
             end += 1
         group = plans[index:end]
-        first = group[0]
         messages = [plan.message for plan in group]
         ok = [True] * len(group)
-        if first.destinations:  # an unroutable message is confirmed (spec: no route)
+        if destinations:  # an unroutable message is confirmed (spec: no route)
             try:
-                if first.stream is not None:
-                    results = await broker.publish(first.stream, messages)
-                else:
-                    results = list((await broker.publish_to_exchange(
-                        first.exchange, first.routing_key, messages)).results)
+                if len(destinations) == 1:  # no task per publish in the common case
+                    per_destination = [await broker.publish(destinations[0], messages)]
+                else:  # a fan-out: the destinations' appends (and fsyncs) overlap
+                    per_destination = await asyncio.gather(
+                        *(broker.publish(name, messages) for name in destinations))
             except (RecordTooLargeError, InvalidRequestError, OperatingError) as error:
                 # the nack tells the publisher; storage faults are logged once per
                 # condition where they happen (a warning per message flooded the log)
                 log.debug("amqp publish failed: %s", error)
                 ok = [False] * len(group)
             else:
-                _mark_dropped(ok, results)
+                for results in per_destination:
+                    _mark_dropped(ok, results)
         outcomes += [(plan.tag, good) for plan, good in zip(group, ok, strict=True)]
         index = end
     return outcomes
@@ -209,12 +205,7 @@ def _confirm(channel: PublishingChannel, outcomes: list[tuple[int, bool]]) -> No
 
 
 def _mark_dropped(ok: list[bool], results: Sequence[PublishResult]) -> None:
-    """A reject-publish overflow drops a message (offset -1): nack it. ``results`` hold
-    one result per message per destination, destination by destination."""
-    count = len(ok)
-    dropped = [index for index, result in enumerate(results) if result.offset < 0]
-    if dropped and len(results) % count:  # the bindings changed meanwhile: nack all
-        ok[:] = [False] * count
-        return
-    for index in dropped:
-        ok[index % count] = False
+    """A reject-publish overflow drops a message (offset -1): nack it."""
+    for index, result in enumerate(results):
+        if index < len(ok) and result.offset < 0:
+            ok[index] = False
