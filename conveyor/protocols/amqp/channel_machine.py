@@ -229,12 +229,12 @@ class DeliveryTags(Generic[Holder]):
 
     def take(self, delivery_tag: int, multiple: bool) -> list[Unacked[Holder]]:
         """The unacked deliveries one ack/nack/reject settles (tag 0 + multiple: all)."""
-        if multiple:
-            tags = [tag for tag in self.unacked if tag <= delivery_tag or delivery_tag == 0]
-        elif delivery_tag in self.unacked:
-            tags = [delivery_tag]
-        else:
-            raise UnknownTag(delivery_tag)
+        if not multiple:
+            item = self.unacked.pop(delivery_tag, None)
+            if item is None:
+                raise UnknownTag(delivery_tag)
+            return [item]
+        tags = [tag for tag in self.unacked if tag <= delivery_tag or delivery_tag == 0]
         return [self.unacked.pop(tag) for tag in tags]
 
     def __len__(self) -> int:
