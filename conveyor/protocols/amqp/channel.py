@@ -43,6 +43,7 @@ from .channel_machine import (
     Refuse,
     Reply,
     Settle,
+    SettleMethod,
     Store,
     Unacked,
     UnknownTag,
@@ -149,7 +150,7 @@ class Channel:
             return
         method = event.method
         if isinstance(method, commands.Basic.Ack) and not machine.transactional:
-            methods: list[pamqp_base.Frame] = [method]
+            methods: list[SettleMethod] = [method]
             while inbox:
                 following = inbox[0]
                 if not (isinstance(following, MethodReceived)
@@ -305,19 +306,21 @@ class Channel:
             self.wake_consumers()
         return taken
 
-    async def settle(self, methods: list[pamqp_base.Frame]) -> None:
+    async def settle(self, methods: list[SettleMethod]) -> None:
         """Basic.Ack (one or a run of them), Basic.Nack or Basic.Reject."""
         receipts: list[str] = []
         failure: ChannelError | None = None
+        kind = settle_kind(methods[0])
         for method in methods:
+            multiple = (not isinstance(method, commands.Basic.Reject)
+                        and bool(method.multiple))
             try:
-                taken = self.take(getattr(method, "delivery_tag", 0) or 0,
-                                  bool(getattr(method, "multiple", False)), method)
+                taken = self.take(method.delivery_tag or 0, multiple, method)
             except ChannelError as error:
                 failure = error
                 break
             receipts += [item.receipt for item in taken if item.receipt is not None]
-        await self.settle_receipts(receipts, settle_kind(methods[0]))
+        await self.settle_receipts(receipts, kind)
         if failure is not None:
             raise failure
 

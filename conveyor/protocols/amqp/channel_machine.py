@@ -71,6 +71,7 @@ _NOT_TX_ROLLBACK: Final = Refusal(PRECONDITION_FAILED, "PRECONDITION_FAILED - ch
 MODE_METHODS: Final = (commands.Confirm.Select, commands.Tx.Select, commands.Tx.Commit,
                        commands.Tx.Rollback)
 SETTLE_METHODS: Final = (commands.Basic.Ack, commands.Basic.Nack, commands.Basic.Reject)
+SettleMethod = commands.Basic.Ack | commands.Basic.Nack | commands.Basic.Reject
 
 TRANSITIONS: Final[dict[tuple[Mode, type[pamqp_base.Frame]], Mode | Refusal]] = {
     (Mode.PLAIN, commands.Confirm.Select): Mode.CONFIRM,
@@ -101,7 +102,7 @@ class Store:
 class Settle:
     """Ack, nack or reject now (consecutive acks arrive together)."""
 
-    methods: list[pamqp_base.Frame]
+    methods: list[SettleMethod]
 
 
 @dataclass(slots=True)
@@ -114,7 +115,7 @@ class Commit:
     """Store the buffered publishes, then settle the buffered methods, then Commit-Ok."""
 
     store: Store
-    settlements: list[pamqp_base.Frame]
+    settlements: list[SettleMethod]
 
 
 @dataclass(slots=True)
@@ -131,7 +132,7 @@ class ChannelMachine:
     mode: Mode = Mode.PLAIN
     publish_tag: int = 0  # the last confirm tag handed out
     tx_publishes: list[PublishReceived] = field(default_factory=list)
-    tx_settlements: list[pamqp_base.Frame] = field(default_factory=list)
+    tx_settlements: list[SettleMethod] = field(default_factory=list)
 
     @property
     def transactional(self) -> bool:
@@ -147,7 +148,7 @@ class ChannelMachine:
             return []
         return [self._store(batch)]
 
-    def settle(self, methods: list[pamqp_base.Frame]) -> list[Action]:
+    def settle(self, methods: list[SettleMethod]) -> list[Action]:
         if self.mode is Mode.TX:
             self.tx_settlements.extend(methods)
             return []
@@ -244,11 +245,11 @@ class DeliveryTags(Generic[Holder]):
         self.unacked.clear()
 
 
-def settle_kind(method: pamqp_base.Frame) -> str:
+def settle_kind(method: SettleMethod) -> str:
     """"ack", "requeue" or "reject" for Basic.Ack / Nack / Reject."""
     if isinstance(method, commands.Basic.Ack):
         return "ack"
-    return "requeue" if getattr(method, "requeue", False) else "reject"
+    return "requeue" if method.requeue else "reject"
 
 
 __all__ = [
