@@ -189,9 +189,6 @@ SIZE_ALLOWED: dict[str, str] = {
     "conveyor/client/aio.py:AsyncClient": "one method per HTTP API endpoint",
     "conveyor/client/sync.py:Client": "generated from aio.py: one method per endpoint",
     "conveyor/cli.py:_add_admin": "an argparse table of the admin subcommands",
-    "conveyor/protocols/amqp/adapter.py": "the Channel still holds the AMQP semantics; "
-                                          "being split into a sans-IO channel (issue 18)",
-    "conveyor/protocols/amqp/adapter.py:Channel": "as its module (see above)",
     "conveyor/protocols/kafka/adapter.py:KafkaConnection": "framing, flow and sendfile of "
                                                            "one connection; 9 lines over",
     "conveyor/storage/record_batch.py": "the RecordBatch v2 codec with its bounds checks "

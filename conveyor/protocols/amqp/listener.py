@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from conveyor.config import listener_limits
 from conveyor.connections import ChannelView, ConnectionView, ConsumerView, peer_text
 from conveyor.errors import OperatingError
-from conveyor.protocols.amqp.adapter import AmqpServer, make_protocol_factory
+from conveyor.protocols.amqp.adapter import AmqpConnection, AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
 from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
 
@@ -61,9 +61,11 @@ async def start_listener(broker: Broker, context: ListenerContext) -> AmqpListen
 def describe_connections(state: AmqpServer, port: int) -> Iterator[ConnectionView]:
     """The registry's view of live AMQP connections (built only when the API asks)."""
     for connection in list(state.connections):
+        if not isinstance(connection, AmqpConnection):
+            continue
         channels: list[ChannelView] = []
         consumers: list[ConsumerView] = []
-        for number, channel in list(connection.channels.items()):
+        for number, channel in list(connection.session.channels.items()):
             channels.append(ChannelView(
                 number, len(channel.consumers), len(channel.unacked),
                 channel.prefetch_global or channel.prefetch_consumer, channel.confirm,
