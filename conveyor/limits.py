@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from conveyor.config import ListenerLimits
+from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.limits")
 
@@ -298,7 +299,7 @@ class DiskAlarm:
         self.interval_ms = interval_ms
         self._flow = flow
         self._free_bytes = free_bytes or _free_bytes
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor("disk-alarm")
 
     def check(self) -> bool:
         """Check once now; returns whether the alarm is on."""
@@ -319,7 +320,7 @@ class DiskAlarm:
     def start(self) -> None:
         self.check()
         if self.limit_bytes > 0:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._tasks.start(self._run())
 
     async def _run(self) -> None:
         while True:
@@ -327,13 +328,7 @@ class DiskAlarm:
             self.check()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await self._tasks.close(cancel=True)
 
 
 def _free_bytes(path: Path) -> int:

@@ -13,7 +13,7 @@ outside a TaskGroup (tests/test_tidy.py holds everyone else to it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -48,3 +48,29 @@ class Supervisor:
             for task in tasks:
                 if not task.cancelled():
                     task.exception()
+
+
+async def unless_set(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await ``work``; if ``stop`` is set first, cancel it and return None (or its
+    result, if it finished despite the cancel: the caller releases it then).
+
+    Both waits are tasks of one TaskGroup, so neither outlives this call; an error
+    of ``work`` is raised as itself, not wrapped in an ExceptionGroup."""
+    results: list[T] = []
+    errors: list[Exception] = []
+
+    async def run() -> None:
+        try:
+            results.append(await work)
+        except Exception as error:  # CancelledError is not an Exception: it propagates
+            errors.append(error)
+
+    async with asyncio.TaskGroup() as group:
+        worker = group.create_task(run())
+        watcher = group.create_task(stop.wait())
+        await asyncio.wait([worker, watcher], return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        worker.cancel()  # a no-op when it is done
+    if errors:
+        raise errors[0]
+    return results[0] if results else None

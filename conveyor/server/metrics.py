@@ -20,7 +20,6 @@ many were left out. Request types and error codes are capped per listener by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import shutil
 import time
@@ -48,6 +47,7 @@ from conveyor import __version__
 from conveyor.broker.stats import BrokerStats, StatsLimits
 from conveyor.server.counters import ListenerCounters
 from conveyor.storage.fs import OsFileSystem
+from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -134,10 +134,10 @@ class LoopLagProbe:
             "conveyor_event_loop_lag_seconds",
             "How late a timer fired on the event loop (sampled every 0.5 s)",
             buckets=LOOP_LAG_BUCKETS_S, registry=registry)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor("loop-lag-probe")
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks.start(self._run())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,11 +147,7 @@ class LoopLagProbe:
             self.histogram.observe(max(0.0, loop.time() - started - LOOP_LAG_INTERVAL_S))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._tasks.close(cancel=True)
 
 
 class ConveyorCollector(Collector):

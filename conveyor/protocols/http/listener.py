@@ -60,6 +60,7 @@ from conveyor.server.listeners import (
     shared_connections,
     shared_limits,
 )
+from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -104,7 +105,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.peer_host = f"http:{peer[0]}" if isinstance(peer, tuple) else self.peer
         self.server.connections.add(self)
-        self.worker = asyncio.get_running_loop().create_task(self._run())
+        self.worker = self.server.tasks.start(self._run(), name="http-connection")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disconnected.set()
@@ -241,6 +242,7 @@ class HttpListener:
         self.closing = False
         self.port = 0
         self.connections: set[HttpConnection] = set()
+        self.tasks = Supervisor("http-listener")  # the connections' workers
         self._document: dict[str, Any] | None = None
         self.handlers = Handlers(broker, self.openapi, observability)
         # the management API's rate sampler: how often it reads the counters
@@ -321,12 +323,7 @@ class HttpListener:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
-            if connection.worker is not None:
-                connection.worker.cancel()
-        workers = [c.worker for c in self.connections if c.worker is not None]
-        for worker in workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+        await self.tasks.close(cancel=True)  # every connection's worker, even a disconnected one's
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -14,13 +14,13 @@ docs/management.md); per object ``OBJECT_SAMPLES`` samples; the totals keep
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
+
+from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -48,19 +48,15 @@ class RateSampler:
         # topic or queue name -> its recent samples
         self._objects: dict[str, collections.deque[Sample]] = {}
         self._totals: collections.deque[Sample] = collections.deque(maxlen=TOTAL_SAMPLES)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor("rate-sampler")
 
     def start(self) -> None:
-        if self._task is None:
+        if not self._tasks:
             self.sample()
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._tasks.start(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._tasks.close(cancel=True)
 
     async def _run(self) -> None:
         while True:

@@ -26,6 +26,7 @@ from conveyor.errors import (
 )
 from conveyor.protocols.http.chunks import documents
 from conveyor.protocols.http.codec import ApiRequest, ApiResponse, error_response, record_document
+from conveyor.tasks import unless_set
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -213,22 +214,8 @@ def receipt_results(
 
 async def _unless_disconnected(work: Awaitable[Any], context: RequestContext) -> Any:
     """Await ``work``; if the client disconnects first, cancel it and return []."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(context.disconnected.wait())
-    try:
-        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        gone.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        result = await task
-        return result  # finished despite the cancel: the caller releases it
-    return []
+    result = await unless_set(work, context.disconnected)
+    return [] if result is None else result
 
 
 def _shared(broker: Broker) -> Broker:

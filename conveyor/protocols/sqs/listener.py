@@ -63,6 +63,7 @@ from conveyor.server.listeners import (
     shared_connections,
     shared_limits,
 )
+from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -101,7 +102,7 @@ class SqsConnection(asyncio.Protocol):
         self.peer_host = f"sqs:{peer[0]}" if isinstance(peer, tuple) else f"sqs:{peer}"
         self.listener.connections.add(self)
         self.listener.counters.opened()
-        self.worker = asyncio.get_running_loop().create_task(self._run())
+        self.worker = self.listener.tasks.start(self._run(), name="sqs-connection")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disconnected.set()
@@ -225,6 +226,7 @@ class SqsListener:
         self.port = 0
         self.closing = False
         self.connections: set[SqsConnection] = set()
+        self.tasks = Supervisor("sqs-listener")  # the connections' workers
         self.handlers: SqsHandlers | None = None
         self._server: asyncio.AbstractServer | None = None
         self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
@@ -279,12 +281,7 @@ class SqsListener:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
-            if connection.worker is not None:
-                connection.worker.cancel()
-        for connection in list(self.connections):
-            if connection.worker is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await connection.worker
+        await self.tasks.close(cancel=True)  # every connection's worker, even a disconnected one's
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -20,7 +20,6 @@ Must not know: sockets, JSON/XML.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import uuid
 from typing import Any, Final
@@ -61,6 +60,7 @@ from conveyor.protocols.sqs.params import (
     string_list,
 )
 from conveyor.protocols.sqs.receive_attempts import check_attempt_id
+from conveyor.tasks import unless_set
 
 HEADER_MESSAGE_ID: Final = "conveyor.sqs.message-id"
 HEADER_TRACE: Final = "conveyor.sqs.trace-header"
@@ -404,20 +404,5 @@ def _from_headers(headers: Headers) -> tuple[str | None, bytes | None, list[Mess
 
 async def _unless_disconnected(work: Any, disconnected: asyncio.Event) -> list[Delivery]:
     """Await ``work``; if the client goes away first, cancel it and return []."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(disconnected.wait())
-    try:
-        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        gone.cancel()
-    if task.done():
-        result: list[Delivery] = task.result()
-        return result
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        late: list[Delivery] = await task
-        return late  # finished despite the cancel: the caller releases it
-    return []
+    result: list[Delivery] | None = await unless_set(work, disconnected)
+    return [] if result is None else result
