@@ -58,6 +58,7 @@ from conveyor.protocols.kafka.error_codes import UNSUPPORTED_VERSION, error_code
 from conveyor.protocols.kafka.framing import NeedData
 from conveyor.protocols.kafka.messages import API_NAMES
 from conveyor.server.listeners import ListenerCounters
+from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.kafka")
 
@@ -81,8 +82,10 @@ Handle = Callable[[Request, "ConnectionState"], Coroutine[Any, Any, Response]]
 class ConnectionState:
     """What the handlers keep per connection (SASL progress, the peer's name)."""
 
-    def __init__(self, peer: str, peer_host: str = "") -> None:
+    def __init__(self, peer: str, peer_host: str = "", tasks: Supervisor | None = None) -> None:
         self.peer = peer
+        # the owner of work that outlives a request (the listener's, for a live connection)
+        self.tasks = tasks or Supervisor("kafka-connection")
         self.peer_host = peer_host
         self.sasl_mechanism: str | None = None
         self.authenticated_user: str | None = None
@@ -107,8 +110,11 @@ class KafkaConnection(asyncio.Protocol):
         limits: ListenerLimits | None = None,
         shared: ServerLimits | None = None,
         counters: ListenerCounters | None = None,
+        tasks: Supervisor | None = None,
     ) -> None:
         self._handle = handle
+        # the listener's: the worker, the produces in flight, work left when it closed
+        self._tasks = tasks or Supervisor("kafka-connection")
         self._counters = counters or ListenerCounters("kafka")
         self._frame_bytes_max = frame_bytes_max
         self._limits = limits or LISTENER_LIMITS_DEFAULT["kafka"]
@@ -153,10 +159,10 @@ class KafkaConnection(asyncio.Protocol):
         self._connections.add(self)
         peer = transport.get_extra_info("peername")
         peer_host = peer[0] if isinstance(peer, tuple) and peer else ""
-        self.state = ConnectionState(str(peer), str(peer_host))
+        self.state = ConnectionState(str(peer), str(peer_host), self._tasks)
         sock = transport.get_extra_info("socket")
         self._socket_fd = sock.fileno() if sock is not None else -1
-        self._worker = asyncio.get_running_loop().create_task(self._run())
+        self._worker = self._tasks.start(self._run(), name="kafka-connection")
 
     def data_received(self, data: bytes) -> None:
         counters = self._counters
@@ -320,7 +326,7 @@ class KafkaConnection(asyncio.Protocol):
         self._produce_bytes += size
         flow.hold(self, self._produce_bytes)
         throttle_ms = int((loop.time() - waited_from) * 1000)
-        task = loop.create_task(self._produce(item, throttle_ms))
+        task = self._tasks.start(self._produce(item, throttle_ms), name="kafka-produce")
         task.add_done_callback(lambda _: self._produce_stored(size))
         self._produces.append(task)
         self._produces_done.clear()
@@ -543,10 +549,11 @@ async def _flow_changed(flow: PublishFlow) -> None:
 def connection_factory(
     handle: Handle, frame_bytes_max: int, connections: set[KafkaConnection],
     limits: ListenerLimits | None = None, shared: ServerLimits | None = None,
-    counters: ListenerCounters | None = None,
+    counters: ListenerCounters | None = None, tasks: Supervisor | None = None,
 ) -> Callable[[], KafkaConnection]:
     def factory() -> KafkaConnection:
-        return KafkaConnection(handle, frame_bytes_max, connections, limits, shared, counters)
+        return KafkaConnection(handle, frame_bytes_max, connections, limits, shared, counters,
+                               tasks)
 
     return factory
 

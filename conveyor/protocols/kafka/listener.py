@@ -17,6 +17,7 @@ from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
 from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
+from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -24,9 +25,11 @@ if TYPE_CHECKING:
 
 
 class KafkaListener:
-    def __init__(self, server: asyncio.Server, connections: set[KafkaConnection]) -> None:
+    def __init__(self, server: asyncio.Server, connections: set[KafkaConnection],
+                 tasks: Supervisor) -> None:
         self._server = server
         self._connections = connections
+        self._tasks = tasks  # the connections' workers, produces and share-session releases
         sockets = server.sockets
         self.port: int = sockets[0].getsockname()[1] if sockets else 0
         self.unregister: Callable[[], None] = lambda: None
@@ -36,12 +39,14 @@ class KafkaListener:
         self._server.close()
         for connection in list(self._connections):
             await connection.close()
+        await self._tasks.close()  # produces and session releases finish; workers are stopped
         await self._server.wait_closed()
 
 
 async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListener:
     settings = load_settings(context.settings)
     connections: set[KafkaConnection] = set()
+    tasks = Supervisor("kafka-listener")
     loop = asyncio.get_running_loop()
     # The advertised port is only known after binding: handlers read it from the node,
     # which is filled in right after create_server returns.
@@ -51,10 +56,10 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
     server = await loop.create_server(
         connection_factory(handlers.handle, settings.frame_bytes_max, connections,
                            listener_limits("kafka", context.settings), shared_limits(context),
-                           counters),
+                           counters, tasks),
         context.host, context.port, reuse_address=True,
     )
-    listener = KafkaListener(server, connections)
+    listener = KafkaListener(server, connections, tasks)
     listener.unregister = shared_connections(context).add_source("kafka", listener.port, lambda: (
         ConnectionView("kafka", peer_text(connection.transport_peer()), listener.port,
                        connection.state.authenticated_user or "", identifier=connection.state.peer)

@@ -21,7 +21,6 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
 # ShareFetch max_records above this is capped (the shared group hands out at most 1000).
 RECORDS_PER_FETCH_MAX: Final = 1_000
-_ENDING: set[asyncio.Task[None]] = set()  # session releases after a connection closed
 
 
 def _code(error: OperatingError) -> int:
@@ -146,10 +144,8 @@ def _end_with_connection(coordinator: ShareCoordinator, state: ConnectionState,
                          group_id: str, member_id: str, session: ShareSession) -> None:
     """KIP-932: a share session ends with the connection it was opened on."""
     def lost() -> None:
-        task = asyncio.get_running_loop().create_task(
-            coordinator.session_lost(group_id, member_id, session))
-        _ENDING.add(task)
-        task.add_done_callback(_ENDING.discard)
+        state.tasks.start(coordinator.session_lost(group_id, member_id, session),
+                          name="kafka-share-session-lost")
 
     state.on_close.append(lost)
 
