@@ -30,6 +30,7 @@ from conveyor.protocols.sqs.errors import (
     ResourceNotFoundException,
     UnsupportedOperation,
 )
+from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -44,7 +45,7 @@ class MoveTasks:
         self.broker = broker
         self.tasks: dict[str, dict[str, Any]] = {}  # handle -> ListMessageMoveTasks entry
         self._cancel: dict[str, asyncio.Event] = {}  # handle of a running task -> its stop
-        self._runners: set[asyncio.Task[None]] = set()
+        self._runners = Supervisor("sqs-move-tasks")  # the rate-limited moves running
 
     async def start(self, source: str, source_arn: str, destination: str | None,
                     destination_arn: str | None, rate_per_s: int | None) -> str:
@@ -68,10 +69,8 @@ class MoveTasks:
             await self._run(task, source, destination, CHUNK_RECORDS_MAX, None)
             return handle
         stop = self._cancel[handle] = asyncio.Event()
-        runner = asyncio.get_running_loop().create_task(
-            self._run(task, source, destination, rate_per_s, stop))
-        self._runners.add(runner)
-        runner.add_done_callback(self._runners.discard)
+        self._runners.start(self._run(task, source, destination, rate_per_s, stop),
+                            name="sqs-move-task")
         return handle
 
     def _remember(self, handle: str, task: dict[str, Any]) -> None:
@@ -126,9 +125,7 @@ class MoveTasks:
     async def close(self) -> None:
         for stop in self._cancel.values():
             stop.set()
-        for runner in list(self._runners):
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+        await self._runners.close()  # each stops between chunks
 
 
 async def _stopped(stop: asyncio.Event) -> bool:
