@@ -146,7 +146,7 @@ class AmqpConnection(asyncio.Protocol):
             self._abort_handle.cancel()
             self._abort_handle = None
         self.machine.state = ConnectionState.CLOSED
-        self._closing_task = self._loop.create_task(self._cleanup())
+        self._closing_task = self.server.tasks.start(self._cleanup(), name="amqp-cleanup")
 
     # --- events ---------------------------------------------------------------------------
     def _event(self, event: Any) -> None:
@@ -257,7 +257,8 @@ class AmqpConnection(asyncio.Protocol):
                 self._start_heartbeats()
             elif isinstance(step, CloseRequested):
                 self.machine.state = ConnectionState.CLOSED
-                self._closing_task = self._loop.create_task(self._close_requested())
+                self._closing_task = self.server.tasks.start(self._close_requested(),
+                                                             name="amqp-close")
             elif isinstance(step, CloseConfirmed) and self.transport is not None:
                 self.transport.close()
 

@@ -9,7 +9,6 @@ and the confirm/tx mode methods never come here: the channel's mode machine
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import os
 from collections.abc import Awaitable, Callable
@@ -110,7 +109,7 @@ async def on_consume(channel: Channel, method: commands.Basic.Consume) -> None:
         server.use(topic).consumers.append(stream_consumer)
         if not method.nowait:
             channel.reply(commands.Basic.ConsumeOk(tag))
-        stream_consumer.task = asyncio.get_running_loop().create_task(stream_consumer.run())
+        stream_consumer.task = server.tasks.start(stream_consumer.run(), name="amqp-consumer")
         return
     await q.require_queue(channel, topic, name, method)
     use = server.use(topic)
@@ -127,7 +126,7 @@ async def on_consume(channel: Channel, method: commands.Basic.Consume) -> None:
     use.had_consumer = True
     if not method.nowait:
         channel.reply(commands.Basic.ConsumeOk(tag))
-    consumer.task = asyncio.get_running_loop().create_task(consumer.run())
+    consumer.task = server.tasks.start(consumer.run(), name="amqp-consumer")
 
 
 async def on_cancel(channel: Channel, method: commands.Basic.Cancel) -> None:

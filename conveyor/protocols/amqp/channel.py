@@ -117,7 +117,7 @@ class Channel:
     def push(self, event: Event) -> None:
         self.inbox.append(event)
         if self.worker is None or self.worker.done():
-            self.worker = asyncio.get_running_loop().create_task(self._work())
+            self.worker = self.server.tasks.start(self._work(), name="amqp-channel")
 
     async def _work(self) -> None:
         while self.inbox and not self.closed:

@@ -38,6 +38,7 @@ class AmqpListener:
         self._server.close()
         for connection in list(self.state.connections):
             await connection.close()
+        await self.state.tasks.close()  # what closed connections left (their cleanup) ends
         await self._server.wait_closed()
 
 

@@ -28,6 +28,7 @@ from conveyor.errors import (
 )
 from conveyor.limits import ServerLimits
 from conveyor.server.listeners import ListenerCounters
+from conveyor.tasks import Supervisor
 
 from . import credit as credit_rules
 from .settings import AmqpSettings
@@ -92,6 +93,8 @@ class AmqpServer:
         self.shared = shared or ServerLimits()
         self.gate = self.shared.gate("amqp", self.limits)
         self.connections: set[Closable] = set()
+        # every connection's tasks: channel workers, consumers, channel and connection closes
+        self.tasks = Supervisor("amqp-listener")
         self.queues: dict[str, QueueUse] = {}  # topic -> use
         self.reply_channels: dict[str, ConsumerChannel] = {}  # direct reply-to name -> channel
         self.next_connection_id = 0

@@ -45,7 +45,7 @@ class Session:
             event.reply_code, event.text[:255], event.class_id, event.method_id))
         channel = self.channels.get(event.channel)
         if channel is not None:
-            asyncio.get_running_loop().create_task(channel.close())
+            self.link.server.tasks.start(channel.close(), name="amqp-channel-close")
 
     def forget(self, number: int, channel: object) -> None:
         if self.channels.get(number) is channel:
