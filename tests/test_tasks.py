@@ -1,0 +1,68 @@
+"""conveyor.tasks: the Supervisor and unless_set keep no task past their owner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conveyor.tasks import Supervisor, unless_set
+
+
+async def test_unless_set_returns_the_work_result() -> None:
+    assert await unless_set(asyncio.sleep(0, result=[1, 2]), asyncio.Event()) == [1, 2]
+
+
+async def test_unless_set_cancels_the_work_when_the_event_is_set_first() -> None:
+    stop = asyncio.Event()
+    started = asyncio.Event()
+    cancelled = False
+
+    async def work() -> int:
+        nonlocal cancelled
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        return 1
+
+    async def set_later() -> None:
+        await started.wait()
+        stop.set()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(set_later())
+        assert await unless_set(work(), stop) is None
+    assert cancelled
+
+
+async def test_unless_set_keeps_a_result_that_finished_despite_the_cancel() -> None:
+    stop = asyncio.Event()
+    stop.set()
+
+    async def work() -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return "late"  # finished anyway: the caller must see (and release) it
+        return "never"
+
+    assert await unless_set(work(), stop) == "late"
+
+
+async def test_unless_set_raises_the_work_error_itself() -> None:
+    async def work() -> int:
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        await unless_set(work(), asyncio.Event())
+
+
+async def test_supervisor_close_cancels_and_awaits_every_task() -> None:
+    tasks = Supervisor("test")
+    forever = tasks.start(asyncio.Event().wait())
+    assert len(tasks) == 1
+    await tasks.close(cancel=True)
+    assert forever.cancelled() and len(tasks) == 0
