@@ -298,31 +298,36 @@ class Channel:
         except UnknownTag as error:
             raise ChannelError(f.PRECONDITION_FAILED, str(error),
                                *method_ids(method)) from None
+        self.credit_returned(taken)
+        return taken
+
+    def credit_returned(self, taken: list[Unacked[Consumer]]) -> None:
+        """Settled deliveries free their consumers' prefetch: wake each consumer once
+        per run of its deliveries, not once per delivery."""
+        woken: Consumer | None = None
         for item in taken:
-            if item.holder is not None:
-                item.holder.unacked -= 1
-                item.holder.wake()
+            holder = item.holder
+            if holder is not None:
+                holder.unacked -= 1
+                if holder is not woken:
+                    holder.wake()
+                    woken = holder
         if self.prefetch_global:
             self.wake_consumers()
-        return taken
 
     async def settle(self, methods: list[SettleMethod]) -> None:
         """Basic.Ack (one or a run of them), Basic.Nack or Basic.Reject."""
-        receipts: list[str] = []
-        failure: ChannelError | None = None
-        kind = settle_kind(methods[0])
-        for method in methods:
-            multiple = (not isinstance(method, commands.Basic.Reject)
-                        and bool(method.multiple))
-            try:
-                taken = self.take(method.delivery_tag or 0, multiple, method)
-            except ChannelError as error:
-                failure = error
-                break
-            receipts += [item.receipt for item in taken if item.receipt is not None]
-        await self.settle_receipts(receipts, kind)
-        if failure is not None:
-            raise failure
+        taken, unknown = self.tags.take_each(
+            (method.delivery_tag or 0,
+             not isinstance(method, commands.Basic.Reject) and bool(method.multiple))
+            for method in methods)
+        self.credit_returned(taken)
+        await self.settle_receipts(
+            [item.receipt for item in taken if item.receipt is not None],
+            settle_kind(methods[0]))
+        if unknown is not None:
+            raise ChannelError(f.PRECONDITION_FAILED, str(unknown),
+                               *method_ids(methods[unknown.index]))
 
     async def settle_receipts(self, receipts: list[str], action: str) -> None:
         if not receipts:

@@ -201,9 +201,10 @@ def confirm_replies(outcomes: Iterable[tuple[int, bool]]) -> list[tuple[bool, in
 
 # --- delivery tags ---------------------------------------------------------------------
 class UnknownTag(Exception):
-    def __init__(self, delivery_tag: int) -> None:
+    def __init__(self, delivery_tag: int, index: int = 0) -> None:
         super().__init__(f"PRECONDITION_FAILED - unknown delivery tag {delivery_tag}")
         self.delivery_tag = delivery_tag
+        self.index = index  # which request of a run (``take_each``) named it
 
 
 @dataclass(slots=True)
@@ -224,7 +225,7 @@ class DeliveryTags(Generic[Holder]):
         return self.last
 
     def hold(self, receipt: str | None, holder: Holder | None) -> int:
-        tag = self.next()
+        tag = self.last = self.last + 1  # next(), inline: once per delivery
         self.unacked[tag] = Unacked(receipt, holder)
         return tag
 
@@ -237,6 +238,23 @@ class DeliveryTags(Generic[Holder]):
             return [item]
         tags = [tag for tag in self.unacked if tag <= delivery_tag or delivery_tag == 0]
         return [self.unacked.pop(tag) for tag in tags]
+
+    def take_each(self, requests: Iterable[tuple[int, bool]]
+                  ) -> tuple[list[Unacked[Holder]], UnknownTag | None]:
+        """What a run of (delivery tag, multiple) settles, in order: one pass, no list
+        per request. Stops at the first unknown tag and returns it with what came before
+        (already taken)."""
+        unacked = self.unacked
+        taken: list[Unacked[Holder]] = []
+        for index, (delivery_tag, multiple) in enumerate(requests):
+            if multiple:
+                taken += self.take(delivery_tag, True)
+                continue
+            item = unacked.pop(delivery_tag, None)
+            if item is None:
+                return taken, UnknownTag(delivery_tag, index)
+            taken.append(item)
+        return taken, None
 
     def __len__(self) -> int:
         return len(self.unacked)

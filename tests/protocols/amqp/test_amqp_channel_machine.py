@@ -134,6 +134,19 @@ def test_delivery_tags_settle_single_multiple_and_all() -> None:
     assert tags.take(0, True) == []
 
 
+def test_delivery_tags_take_a_run_up_to_the_first_unknown_tag() -> None:
+    tags: DeliveryTags[str] = DeliveryTags()
+    for n in range(1, 7):
+        tags.hold(f"r{n}", "consumer")
+    taken, unknown = tags.take_each([(2, False), (3, False), (4, True)])
+    assert [item.receipt for item in taken] == ["r2", "r3", "r1", "r4"]
+    assert unknown is None
+    taken, unknown = tags.take_each([(5, False), (5, False), (6, False)])
+    assert [item.receipt for item in taken] == ["r5"]  # what came before the bad tag
+    assert unknown is not None and (unknown.delivery_tag, unknown.index) == (5, 1)
+    assert [item.receipt for item in tags.take(0, True)] == ["r6"]  # untouched after it
+
+
 def test_settle_kind() -> None:
     assert settle_kind(commands.Basic.Ack(1)) == "ack"
     assert settle_kind(commands.Basic.Nack(1, requeue=True)) == "requeue"
