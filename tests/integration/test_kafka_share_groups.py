@@ -193,11 +193,16 @@ def test_three_consumers_share_one_partition_without_duplicates(server: BrokerTh
     consumers = [consumer(server, group, topic) for _ in range(3)]
     received: list[list[bytes]] = [[] for _ in consumers]
     stop = threading.Event()
+    all_received = threading.Event()  # set by the poller that sees the 90th record
+    count_lock = threading.Lock()
 
     def run(index: int) -> None:
         while not stop.is_set():
-            received[index] += [m.value() for m in consumers[index].poll(0.2)
-                                if m.error() is None]
+            values = [m.value() for m in consumers[index].poll(0.2) if m.error() is None]
+            with count_lock:
+                received[index] += values
+                if sum(map(len, received)) >= 90:
+                    all_received.set()
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(3)]
     for thread in threads:
@@ -208,9 +213,7 @@ def test_three_consumers_share_one_partition_without_duplicates(server: BrokerTh
             producer.produce(topic, f"v{index}".encode())
             if index % 10 == 9:
                 producer.flush(WAIT_S)
-        deadline = time.monotonic() + WAIT_S
-        while sum(map(len, received)) < 90 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        all_received.wait(WAIT_S)
     finally:
         stop.set()
         for thread in threads:
