@@ -131,7 +131,7 @@ def _check_topics(broker: Broker, document: Mapping[str, Any], plan: _Plan) -> N
                 raise InvalidRequestError("partitions must be an integer")
             if not isinstance(config, dict):
                 raise InvalidRequestError("config must be an object")
-            existing = broker.topics.find(name)
+            existing = broker.find_topic(name)
             if existing is not None:
                 if existing.kind != "topic" or existing.partitions != partitions:
                     raise InvalidRequestError(
@@ -171,7 +171,6 @@ def _check_exchanges(broker: Broker, document: Mapping[str, Any], plan: _Plan) -
 
 
 def _check_queues(broker: Broker, document: Mapping[str, Any], plan: _Plan) -> None:
-    shared = broker.shared_groups
     for index, raw in enumerate(_section(document, "queues", plan)):
         where = f"queues[{index}]"
         item = _entry(plan, where, raw)
@@ -192,12 +191,13 @@ def _check_queues(broker: Broker, document: Mapping[str, Any], plan: _Plan) -> N
         except (ConveyorError, TypeError) as error:
             plan.fail(where, item["name"], str(error))
             continue
-        if shared is not None and shared.queue_exists(name):
+        shared = broker.shared_groups
+        if shared is not None and broker.queue_exists(name):
             existing = shared.group_state(name, name)
             if existing is not None and existing.config != config:
                 plan.fail(where, item["name"], "exists with a different config")
                 continue
-        elif broker.topics.find(name) is not None or name in plan.known_topics:
+        elif broker.find_topic(name) is not None or name in plan.known_topics:
             plan.fail(where, item["name"], "a topic of this name exists")
             continue
         else:
@@ -206,7 +206,6 @@ def _check_queues(broker: Broker, document: Mapping[str, Any], plan: _Plan) -> N
 
 
 def _check_bindings(broker: Broker, document: Mapping[str, Any], plan: _Plan) -> None:
-    shared = broker.shared_groups
     for index, raw in enumerate(_section(document, "bindings", plan)):
         where = f"bindings[{index}]"
         item = _entry(plan, where, raw)
@@ -232,9 +231,9 @@ def _check_bindings(broker: Broker, document: Mapping[str, Any], plan: _Plan) ->
         else:
             destination = broker.queue_alias(destination)
             if destination in plan.known_queues or (
-                    shared is not None and shared.queue_exists(destination)):
+                    broker.queue_exists(destination)):
                 destination_kind = "queue"
-            elif destination in plan.known_topics or broker.topics.find(destination):
+            elif destination in plan.known_topics or broker.find_topic(destination):
                 destination_kind = "topic"
             else:
                 plan.fail(where, label, f"unknown destination queue {destination!r}")

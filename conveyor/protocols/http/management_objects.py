@@ -214,8 +214,7 @@ class ObjectRoutes:
 
     def _queue_name(self, name: str) -> str:
         """The broker queue behind a RabbitMQ queue name (AMQP's name mapping)."""
-        shared = self.broker.shared_groups
-        if shared is not None and shared.queue_exists(name):
+        if self.broker.queue_exists(name):
             return name
         return self.broker.queue_alias(name)
 
@@ -250,14 +249,13 @@ class ObjectRoutes:
         topic = self.broker.queue_alias(name)
         arguments = fields.get("arguments") or {}
         if isinstance(arguments, dict) and arguments.get("x-queue-type") == "stream":
-            if self.broker.topics.find(topic) is not None:
+            if self.broker.find_topic(topic) is not None:
                 return ApiResponse(204)
             await self.broker.create_topic(topic)
             return ApiResponse(201)
         config = queue_config(arguments, flag(fields, "durable", True),
                               CONSUMER_TIMEOUT_MS)
-        existed = self.broker.shared_groups is not None and \
-            self.broker.shared_groups.queue_exists(topic)
+        existed = self.broker.queue_exists(topic)
         await self.broker.declare_queue(topic, config)
         return ApiResponse(204 if existed else 201)
 
@@ -331,7 +329,7 @@ class ObjectRoutes:
         message = message_from_fields(fields, self.broker.clock.wall_ms())
         if exchange == "":
             topic = self.broker.queue_alias(routing_key)
-            if self.broker.topics.find(topic) is None:
+            if self.broker.find_topic(topic) is None:
                 return ApiResponse(200, {"routed": False})
             await self.broker.publish(topic, [message])
             return ApiResponse(200, {"routed": True})
@@ -359,10 +357,9 @@ class ObjectRoutes:
         if kind != "q":
             raise ObjectNotFoundError("unknown destination kind", kind=kind)
         topic = self._queue_name(destination)
-        shared = self.broker.shared_groups
-        if shared is not None and shared.queue_exists(topic):
+        if self.broker.queue_exists(topic):
             return "queue", topic
-        if self.broker.topics.find(topic) is not None:
+        if self.broker.find_topic(topic) is not None:
             return "topic", topic
         raise UnknownQueueError("unknown queue", queue=destination)
 

@@ -95,7 +95,7 @@ def handle_describe_log_dirs(broker: Broker, request: Request) -> Any:
         wanted = [(info.name, list(range(info.partitions))) for info in broker.list_topics()]
     else:
         for item in requested:
-            info = broker.topics.find(item.topic)
+            info = broker.find_topic(item.topic)
             if info is not None:
                 wanted.append((info.name, [p for p in item.partitions
                                            if 0 <= p < info.partitions]))
@@ -121,7 +121,7 @@ def handle_elect_leaders(broker: Broker, request: Request) -> Any:
                                         for item in requested])
     results = []
     for name, indexes in pairs:
-        info = broker.topics.find(name)
+        info = broker.find_topic(name)
         partitions = tuple(
             build(partition_type, partition_id=index,
                   error_code=(error_codes.ELECTION_NOT_NEEDED
@@ -153,7 +153,7 @@ async def handle_offset_delete(broker: Broker, request: Request,
         for item in topic.partitions:
             if topic.name in subscribed:
                 codes.append((item.partition_index, error_codes.GROUP_SUBSCRIBED_TO_TOPIC))
-            elif broker.topics.find(topic.name) is None:
+            elif broker.find_topic(topic.name) is None:
                 codes.append((item.partition_index, error_codes.UNKNOWN_TOPIC_OR_PARTITION))
             else:
                 codes.append((item.partition_index, error_codes.NONE))
@@ -247,7 +247,7 @@ def handle_describe_topic_partitions(broker: Broker, node: Node, request: Reques
 
 
 def _partition_exists(broker: Broker, topic: str, partition: int) -> bool:
-    info = broker.topics.find(topic)
+    info = broker.find_topic(topic)
     return info is not None and 0 <= partition < info.partitions
 
 

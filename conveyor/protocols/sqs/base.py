@@ -88,8 +88,7 @@ class SqsBase:
         return f"arn:aws:sqs:{self.region}:{self.account_id}:{name}"
 
     def queue_exists(self, name: str) -> bool:
-        shared = self.broker.shared_groups
-        return shared is not None and shared.queue_exists(name)
+        return self.broker.queue_exists(name)
 
     def resolve_queue(self, params: dict[str, Any], context: RequestContext) -> str:
         """The queue named by QueueUrl (or the request path); QueueDoesNotExist."""
