@@ -48,6 +48,7 @@ from .ordered_group import (
     GroupListing,
     GroupState,
     JoinResult,
+    Member,
     MemberIdRequired,
     SyncResult,
     decode_assignment,
@@ -440,6 +441,15 @@ class Broker:
 
     def describe_group(self, group_id: str) -> GroupDescription:
         return self.group_coordinator.describe_group(group_id)
+
+    def release_classic_members(self, group_id: str) -> tuple[int, str, list[Member]] | None:
+        """Online upgrade to KIP-848: the classic group's members, the group left Empty."""
+        return self.group_coordinator.release_members(group_id)
+
+    def adopt_classic_members(self, group_id: str, generation: int, protocol_type: str,
+                              members: Sequence[Member]) -> None:
+        """Online downgrade from KIP-848: classic members join the group, which rebalances."""
+        self.group_coordinator.adopt_members(group_id, generation, protocol_type, members)
 
     def list_groups(self) -> list[GroupListing]:
         return self.group_coordinator.list_groups()

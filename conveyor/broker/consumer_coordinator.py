@@ -41,6 +41,7 @@ from conveyor.clock import Clock
 from conveyor.errors import (
     FencedMemberEpochError,
     GroupLimitError,
+    IllegalGenerationError,
     InvalidRegularExpressionError,
     InvalidRequestError,
     NonEmptyGroupError,
@@ -85,6 +86,17 @@ class ConsumerMember:
     revoke_deadline_ms: int = 0
     left_static: bool = False  # left with epoch -2: its instance id may come back
     last_sent: tuple[int, Partitions] | None = None
+    classic: ClassicMetadata | None = None  # joined with JoinGroup (online migration)
+
+
+@dataclass
+class ClassicMetadata:
+    """What a member speaking the classic protocol inside a consumer group brings: its
+    session timeout and JoinGroup protocols (name, metadata) in preference order."""
+
+    session_timeout_ms: int
+    protocols: tuple[tuple[str, bytes], ...]
+    subscription_version: int = 0
 
 
 @dataclass
@@ -275,7 +287,8 @@ class ConsumerCoordinator:
         now_ms = self.clock.monotonic_ms()
         timeout_ms = self.configs.integer(group.group_id, "consumer.session.timeout.ms")
         for member in list(group.members.values()):
-            silent = now_ms - member.last_seen_ms > timeout_ms
+            session_ms = member.classic.session_timeout_ms if member.classic else timeout_ms
+            silent = now_ms - member.last_seen_ms > session_ms
             stuck = bool(member.revoking) and now_ms > member.revoke_deadline_ms
             if silent or stuck:
                 self._remove(group, member)
@@ -396,6 +409,12 @@ class ConsumerCoordinator:
         self._expire(group)
         return bool(group.members)
 
+    def has_consumer_members(self, group_id: str) -> bool:
+        """Has the group a member speaking the consumer protocol (not a classic one)?"""
+        group = self.groups.get(group_id)
+        return group is not None and any(member.classic is None
+                                         for member in group.members.values())
+
     def check_commit(self, group_id: str, member_id: str, member_epoch: int) -> None:
         """Raise unless (member, epoch) may commit offsets of this consumer group."""
         group = self.groups[group_id]
@@ -407,6 +426,9 @@ class ConsumerCoordinator:
         member = group.members.get(member_id)
         if member is None:
             raise UnknownMemberError("unknown consumer group member", member=member_id)
+        if member.classic is not None and member_epoch != member.epoch:
+            raise IllegalGenerationError("stale generation", member=member_id,
+                                         generation=member_epoch, expected=member.epoch)
         if member_epoch not in (member.epoch, member.previous_epoch):
             raise StaleMemberEpochError("stale member epoch", member=member_id,
                                         epoch=member_epoch, expected=member.epoch)

@@ -36,6 +36,7 @@ from .ordered_group import (
     GroupListing,
     GroupState,
     JoinResult,
+    Member,
     MemberIdRequired,
     OrderedGroup,
     SyncResult,
@@ -208,6 +209,27 @@ class GroupCoordinator:
             group.leave(now_ms, member_id, self._server_assign)
         self._save_group(group)
         await self.state_store.commit()
+
+    def release_members(self, group_id: str) -> tuple[int, str, list[Member]] | None:
+        """Online upgrade to a KIP-848 group: the classic group's generation, protocol
+        and members (None if it has none), the group left Empty with its committed
+        offsets; a join or sync still waiting is told REBALANCE_IN_PROGRESS (it rejoins,
+        now in the consumer group)."""
+        group = self.groups.get(group_id)
+        if group is None or not group.members:
+            return None
+        released = group.release_members()
+        self._save_group(group)
+        return released
+
+    def adopt_members(self, group_id: str, generation: int, protocol_type: str,
+                      members: Sequence[Member]) -> None:
+        """Online downgrade from a KIP-848 group: these classic members become the
+        classic group's, which starts a rebalance at once (they rejoin on their next
+        heartbeat and the leader assigns)."""
+        group = self._group(group_id, create=True)
+        group.adopt_members(self.clock.monotonic_ms(), generation, protocol_type, members)
+        self._save_group(group)
 
     async def commit_offsets(
         self,

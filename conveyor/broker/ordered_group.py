@@ -64,6 +64,7 @@ class GroupEvent(enum.Enum):
     SYNC_COMPLETE = "sync_complete"  # the leader's assignments arrived
     ALL_LEFT = "all_left"
     DELETE = "delete"
+    ADOPT = "adopt"  # classic members handed back by a KIP-848 group (online downgrade)
 
 
 _S = GroupState
@@ -83,6 +84,7 @@ TRANSITIONS: dict[tuple[GroupState, GroupEvent], GroupState] = {
     (_S.STABLE, _E.ALL_LEFT): _S.EMPTY,
     (_S.EMPTY, _E.ALL_LEFT): _S.EMPTY,
     (_S.EMPTY, _E.DELETE): _S.DEAD,
+    (_S.EMPTY, _E.ADOPT): _S.STABLE,
 }
 
 
@@ -558,6 +560,46 @@ class OrderedGroup:
         if self.rebalance_deadline_ms is not None:
             deadlines.append(self.rebalance_deadline_ms)
         return min(deadlines) if deadlines else None
+
+    # --- online migration to and from KIP-848 groups -------------------------------------
+    def release_members(self) -> tuple[int, str, list[Member]]:
+        """Hand every member over (the group goes Empty, offsets stay)."""
+        released = (self.generation, self.protocol_name, list(self.members.values()))
+        for member in released[2]:
+            rejoin = RebalanceInProgressError("group is now a consumer group",
+                                              group_id=self.group_id)
+            _fail(member.join_waiter, rejoin)
+            _fail(member.sync_waiter, rejoin)
+            member.join_waiter = member.sync_waiter = None
+        self.members = {}
+        self.pending_members = {}
+        self.static_members = {}
+        self.protocol_type = self.protocol_name = self.leader_id = ""
+        self.rebalance_deadline_ms = None
+        self._apply(GroupEvent.ALL_LEFT)
+        return released
+
+    def adopt_members(self, now_ms: int, generation: int, protocol_type: str,
+                      members: Sequence[Member]) -> None:
+        """Take these members in as if Stable at ``generation``, then rebalance."""
+        if self.members or self.state is not GroupState.EMPTY:
+            raise IllegalStateError("only an empty group adopts members", group_id=self.group_id)
+        for member in members:
+            member.last_heartbeat_ms = now_ms
+            self.members[member.member_id] = member
+            if member.group_instance_id is not None:
+                self.static_members[member.group_instance_id] = member.member_id
+        if not self.members:
+            return
+        self.generation = max(self.generation, generation)
+        self.protocol_type = protocol_type
+        shared = set.intersection(*({n for n, _ in m.protocols} for m in self.members.values()))
+        first = next(iter(self.members.values()))
+        self.protocol_name = (self._select_protocol() if shared
+                              else first.protocols[0][0] if first.protocols else "")
+        self.leader_id = first.member_id
+        self._apply(GroupEvent.ADOPT)
+        self._prepare_rebalance(now_ms)
 
     # --- offsets ----------------------------------------------------------------------------
     def check_commit(self, member_id: str, generation: int) -> None:

@@ -172,10 +172,21 @@ async def test_a_pathological_regex_is_refused_not_run_forever(
         error_codes.NONE)
 
 
-async def test_one_protocol_per_group_id_at_a_time(server: Server, client: Client) -> None:
-    """No online migration: a classic JoinGroup to a KIP-848 group with members is
-    INCONSISTENT_GROUP_PROTOCOL, a KIP-848 join to a classic group with members is
-    GROUP_ID_NOT_FOUND; each group carries on."""
+async def test_one_protocol_per_group_id_at_a_time(tmp_path: Path) -> None:
+    """group.consumer.migration.policy=disabled: a classic JoinGroup to a KIP-848 group
+    with members is INCONSISTENT_GROUP_PROTOCOL, a KIP-848 join to a classic group with
+    members is GROUP_ID_NOT_FOUND; each group carries on."""
+    settings = {"kafka": {"consumer_migration_policy": "disabled"}}
+    async with run_broker(tmp_path / "data", listeners=("kafka",), settings=settings) as server:
+        await server.broker.create_topic("t", 4)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.ports["kafka"])
+        try:
+            await _one_protocol_per_group(server, Client(reader, writer))
+        finally:
+            writer.close()
+
+
+async def _one_protocol_per_group(server: Server, client: Client) -> None:
     assert (await client.call(heartbeat("a", 0, topics=("t",)))).member_epoch == 1
     join = JoinGroupRequest(
         group_id="g", session_timeout=datetime.timedelta(seconds=10),

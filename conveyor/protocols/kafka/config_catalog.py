@@ -127,6 +127,7 @@ class BrokerFacts:
     session_timeout_ms_max: int
     topic_defaults: Mapping[str, str]
     group_defaults: Mapping[str, str]
+    migration_policy: str = "bidirectional"  # group.consumer.migration.policy
 
 
 def broker_entries(facts: BrokerFacts) -> list[ConfigEntry]:
@@ -158,9 +159,10 @@ def broker_entries(facts: BrokerFacts) -> list[ConfigEntry]:
          "Largest session timeout a classic member may ask for."),
         ("group.consumer.assignors", "uniform,range", LIST,
          "Server-side assignors of KIP-848 groups; the first is the default."),
-        ("group.consumer.migration.policy", "disabled", STRING,
-         "A non-empty group is not converted between the classic and the consumer "
-         "protocol; an empty one always is (its committed offsets are shared)."),
+        ("group.consumer.migration.policy", facts.migration_policy, STRING,
+         "Whether a group with members converts online from the classic to the consumer "
+         "protocol (upgrade), back (downgrade), both (bidirectional) or neither "
+         "(disabled); an empty one always does (its committed offsets are shared)."),
     ]
     entries = [ConfigEntry(name, value, config_type, SOURCE_STATIC_BROKER, True, doc)
                for name, value, config_type, doc in static]

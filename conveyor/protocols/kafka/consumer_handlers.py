@@ -26,9 +26,11 @@ from conveyor.protocols.kafka.responses import build, millis, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.protocols.kafka.group_migration import GroupMigration
 
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
 MEMBER_TYPE_CONSUMER: Final = 1  # ConsumerGroupDescribe v1: joined with the new protocol
+MEMBER_TYPE_CLASSIC: Final = 0  # a classic member of the group (online migration)
 
 
 def _names(broker: Broker) -> dict[uuid.UUID, str]:
@@ -36,7 +38,8 @@ def _names(broker: Broker) -> dict[uuid.UUID, str]:
 
 
 async def handle_heartbeat(coordinator: ConsumerCoordinator, broker: Broker,
-                           request: Request, state: ConnectionState) -> Any:
+                           request: Request, state: ConnectionState,
+                           migration: GroupMigration | None = None) -> Any:
     body = request.body
     response_type = response_class(68, request.header.api_version)
     owned = None
@@ -46,10 +49,12 @@ async def handle_heartbeat(coordinator: ConsumerCoordinator, broker: Broker,
             names[item.topic_id]: item.partitions for item in body.topic_partitions
             if item.topic_id in names})
     try:
-        if body.member_epoch == 0 and broker.describe_group(body.group_id).members:
-            # a group id is used by one protocol at a time: no online migration
-            raise UnknownGroupError("a classic group with members uses this group id",
-                                    group=body.group_id)
+        if body.member_epoch == 0:
+            if migration is not None:
+                migration.upgrade(body.group_id)  # a classic group with members converts
+            elif broker.describe_group(body.group_id).members:
+                raise UnknownGroupError("a classic group with members uses this group id",
+                                        group=body.group_id)
         result = await coordinator.heartbeat(
             body.group_id, body.member_id, body.member_epoch,
             instance_id=body.instance_id, rack=body.rack_id,
@@ -62,6 +67,9 @@ async def handle_heartbeat(coordinator: ConsumerCoordinator, broker: Broker,
         return build(response_type, error_code=error_codes.error_code_for(error),
                      error_message=error.message, member_id=body.member_id or None,
                      member_epoch=-1, heartbeat_interval=0, assignment=None)
+    finally:
+        if migration is not None:  # the last consumer-protocol member may have gone
+            migration.downgrade_if_due(body.group_id)
     assignment = None
     if result.assignment is not None:
         assignment_type = nested(response_type, "Assignment")
@@ -104,7 +112,8 @@ def handle_describe(coordinator: ConsumerCoordinator, request: Request) -> Any:
                   client_host=member.client_host, subscribed_topic_names=member.topic_names,
                   subscribed_topic_regex=member.regex, assignment=assignment(member.assigned),
                   target_assignment=assignment(group.target.get(member.member_id, {})),
-                  member_type=MEMBER_TYPE_CONSUMER)
+                  member_type=MEMBER_TYPE_CONSUMER if member.classic is None
+                  else MEMBER_TYPE_CLASSIC)
             for member in group.members.values())
         groups.append(build(group_type, error_code=error_codes.NONE, error_message=None,
                             group_id=group_id, group_state=coordinator.state(group),

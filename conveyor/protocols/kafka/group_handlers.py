@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.broker.consumer_coordinator import ConsumerCoordinator
     from conveyor.broker.share_coordinator import ShareCoordinator
+    from conveyor.protocols.kafka.group_migration import GroupMigration
 
 
 def _code(error: OperatingError) -> int:
@@ -37,16 +38,18 @@ def _code(error: OperatingError) -> int:
 
 
 async def handle_join_group(broker: Broker, request: Request, state: ConnectionState,
-                            consumers: ConsumerCoordinator | None = None) -> Any:
+                            consumers: ConsumerCoordinator | None = None,
+                            migration: GroupMigration | None = None) -> Any:
     body = request.body
     version = request.header.api_version
     response_type = response_class(11, version)
     session_timeout_ms = millis(body.session_timeout)
     rebalance_timeout_ms = millis(body.rebalance_timeout) if version >= 1 else session_timeout_ms
+    if migration is not None and migration.hosts(body.group_id):
+        return migration.join(request, state.peer_host)  # a classic member of a KIP-848 group
     try:
         if consumers is not None and consumers.is_consumer_group(body.group_id):
             if consumers.has_members(body.group_id):
-                # a group id is used by one protocol at a time: no online migration
                 raise InconsistentGroupProtocolError(
                     "a KIP-848 consumer group with members uses this group id",
                     group=body.group_id)
@@ -79,8 +82,11 @@ async def handle_join_group(broker: Broker, request: Request, state: ConnectionS
                  members=members)
 
 
-async def handle_sync_group(broker: Broker, request: Request) -> Any:
+async def handle_sync_group(broker: Broker, request: Request,
+                            migration: GroupMigration | None = None) -> Any:
     body = request.body
+    if migration is not None and migration.hosts(body.group_id):
+        return migration.sync(request)
     response_type = response_class(14, request.header.api_version)
     assignments = {item.member_id: item.assignment for item in body.assignments}
     try:
@@ -94,8 +100,11 @@ async def handle_sync_group(broker: Broker, request: Request) -> Any:
                  protocol_name=result.protocol_name, assignment=result.assignment)
 
 
-async def handle_heartbeat(broker: Broker, request: Request) -> Any:
+async def handle_heartbeat(broker: Broker, request: Request,
+                           migration: GroupMigration | None = None) -> Any:
     body = request.body
+    if migration is not None and migration.hosts(body.group_id):
+        return migration.heartbeat(request)
     response_type = response_class(12, request.header.api_version)
     try:
         await broker.heartbeat(body.group_id, body.member_id, body.generation_id)
@@ -104,8 +113,11 @@ async def handle_heartbeat(broker: Broker, request: Request) -> Any:
     return build(response_type, error_code=error_codes.NONE)
 
 
-async def handle_leave_group(broker: Broker, request: Request) -> Any:
+async def handle_leave_group(broker: Broker, request: Request,
+                             migration: GroupMigration | None = None) -> Any:
     body = request.body
+    if migration is not None and migration.hosts(body.group_id):
+        return migration.leave(request)
     version = request.header.api_version
     response_type = response_class(13, version)
     if version < 3:

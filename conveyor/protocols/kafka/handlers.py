@@ -40,6 +40,7 @@ from conveyor.protocols.kafka.adapter import ConnectionState, Response
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.config_catalog import BrokerFacts
+from conveyor.protocols.kafka.group_migration import GroupMigration
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
 from conveyor.protocols.kafka.responses import build, nested
 from conveyor.protocols.kafka.settings import KafkaSettings
@@ -73,6 +74,8 @@ class KafkaHandlers:
                 configs, ShareCoordinator(broker, broker.clock, configs),
                 ConsumerCoordinator(broker, broker.clock, configs))
         self.group_configs, self.shares, self.consumers = coordinators
+        self.migration = GroupMigration(broker, self.consumers,
+                                        settings.consumer_migration_policy)
 
     async def handle(self, request: Request, state: ConnectionState) -> Response:
         api_key = request.header.api_key
@@ -108,13 +111,13 @@ class KafkaHandlers:
             return admin_handlers.handle_find_coordinator(node, request)
         if api_key == 11:
             return await group_handlers.handle_join_group(broker, request, state,
-                                                          self.consumers)
+                                                          self.consumers, self.migration)
         if api_key == 12:
-            return await group_handlers.handle_heartbeat(broker, request)
+            return await group_handlers.handle_heartbeat(broker, request, self.migration)
         if api_key == 13:
-            return await group_handlers.handle_leave_group(broker, request)
+            return await group_handlers.handle_leave_group(broker, request, self.migration)
         if api_key == 14:
-            return await group_handlers.handle_sync_group(broker, request)
+            return await group_handlers.handle_sync_group(broker, request, self.migration)
         if api_key == 15:
             return group_handlers.handle_describe_groups(broker, request, self._kafka4_group)
         if api_key == 16:
@@ -194,7 +197,7 @@ class KafkaHandlers:
         api_key = request.header.api_key
         if api_key == 68:
             return await consumer_handlers.handle_heartbeat(self.consumers, self.broker,
-                                                            request, state)
+                                                            request, state, self.migration)
         if api_key == 69:
             return consumer_handlers.handle_describe(self.consumers, request)
         if api_key == 76:
@@ -229,7 +232,7 @@ class KafkaHandlers:
             self.settings.fetch_bytes_max, config.auto_create_topics,
             config.default_partitions, config.session_timeout_ms_min,
             config.session_timeout_ms_max, config_to_mapping(TopicConfig()),
-            group_configs.DEFAULTS)
+            group_configs.DEFAULTS, self.settings.consumer_migration_policy)
 
     # --- SASL --------------------------------------------------------------------------
     def _sasl_handshake(self, request: Request, state: ConnectionState) -> Any:

@@ -14,6 +14,8 @@ from conveyor.config import LISTENER_LIMIT_NAMES
 from conveyor.errors import InvalidConfigError
 from conveyor.protocols.kafka.framing import FRAME_BYTES_MAX_DEFAULT
 
+MIGRATION_POLICIES = ("disabled", "upgrade", "downgrade", "bidirectional")
+
 
 @dataclass(frozen=True, slots=True)
 class KafkaSettings:
@@ -27,6 +29,8 @@ class KafkaSettings:
     cluster_id: str = "conveyor"
     # SASL/PLAIN: off unless users are configured; user -> password.
     sasl_users: Mapping[str, str] = field(default_factory=dict)
+    # Kafka's group.consumer.migration.policy: disabled, upgrade, downgrade, bidirectional.
+    consumer_migration_policy: str = "bidirectional"
 
     @property
     def sasl_enabled(self) -> bool:
@@ -42,7 +46,8 @@ def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0)
 
 def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
     known = {"frame_bytes_max", "fetch_wait_ms_max", "fetch_bytes_max", "node_id", "cluster_id",
-             "sasl_users", "users", *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
+             "sasl_users", "users", "consumer_migration_policy",
+             *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InvalidConfigError("unknown kafka listener settings", names=unknown)
@@ -61,4 +66,13 @@ def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
         node_id=_int(settings, "node_id", 0),
         cluster_id=cluster_id,
         sasl_users=dict(users),
+        consumer_migration_policy=_policy(settings),
     )
+
+
+def _policy(settings: Mapping[str, Any]) -> str:
+    value = settings.get("consumer_migration_policy", "bidirectional")
+    if value not in MIGRATION_POLICIES:
+        raise InvalidConfigError("kafka.consumer_migration_policy must be one of "
+                                 + ", ".join(MIGRATION_POLICIES), value=value)
+    return str(value)
