@@ -49,20 +49,31 @@ def uniform(subscriptions: Mapping[str, frozenset[str]], partitions: Mapping[str
     for topic, members in subscribers.items():
         for member in members:
             share[member] += partitions[topic] / len(members)
-    quota = {member: math.ceil(value - 1e-9) for member, value in share.items()}
+    # a member keeps up to the floor of its share; as many members as the floors leave
+    # partitions over may keep one more (4 partitions, 3 members: 2 + 1 + 1, not 2 + 2 + 0)
+    floor = {member: math.floor(value + 1e-9) for member, value in share.items()}
+    ceiling = {member: math.ceil(value - 1e-9) for member, value in share.items()}
+    spare = sum(partitions[topic] for topic in subscribers) - sum(floor.values())
     load = dict.fromkeys(subscriptions, 0)
     chosen: dict[str, dict[str, list[int]]] = {}
     owner: dict[tuple[str, int], str] = {}
-    for member in sorted(current):  # keep what current owners may keep
-        if member not in subscriptions:
-            continue
-        for topic, owned in sorted(current[member].items()):
-            if member not in subscribers.get(topic, ()):
+    for extra in (False, True):  # keep what current owners may keep
+        for member in sorted(current):
+            if member not in subscriptions:
                 continue
-            for partition in owned:
-                key = (topic, partition)
-                if partition < partitions[topic] and key not in owner and (
-                        load[member] < quota[member]):
+            for topic, owned in sorted(current[member].items()):
+                if member not in subscribers.get(topic, ()):
+                    continue
+                for partition in owned:
+                    key = (topic, partition)
+                    if partition >= partitions[topic] or key in owner:
+                        continue
+                    if load[member] < floor[member]:
+                        pass
+                    elif extra and spare > 0 and load[member] < ceiling[member]:
+                        spare -= 1
+                    else:
+                        continue
                     owner[key] = member
                     load[member] += 1
                     chosen.setdefault(member, {}).setdefault(topic, []).append(partition)

@@ -68,3 +68,14 @@ def test_random_subscriptions_cover_every_partition_once(round_: int) -> None:
                 loads = [sum(len(parts) for parts in assigned.values())
                          for assigned in assign(subscriptions, topics, current).values()]
                 assert max(loads) - min(loads) <= 1, f"CONVEYOR_SEED={SEED}"
+
+
+def test_uniform_gives_a_third_member_its_share_of_four_partitions() -> None:
+    """Sticky, but only up to the floor of a share plus the spare ones: with 4 partitions
+    and two owners of 2 each, a third member gets 1 (2 + 1 + 1), not nothing."""
+    current = {"a": {"t": (0, 1)}, "b": {"t": (2, 3)}}
+    members = {name: frozenset({"t"}) for name in ("a", "b", "c")}
+    after = uniform(members, {"t": 4}, current)
+    assert sorted(len(after[name].get("t", ())) for name in members) == [1, 1, 2]
+    assert set(after["a"].get("t", ())) <= {0, 1} and set(after["b"].get("t", ())) <= {2, 3}
+    assert len(owners(after)) == 4
