@@ -240,6 +240,12 @@ class InvalidShareSessionEpochError(IllegalStateError):
     code = "invalid_share_session_epoch"
 
 
+class ShareSessionLimitError(IllegalStateError):
+    """As many share sessions are open as the broker keeps (KIP-932's cache bound)."""
+
+    code = "share_session_limit_reached"
+
+
 class InvalidRecordStateError(IllegalStateError):
     """A share member settled a record it does not hold (or whose lock expired)."""
 

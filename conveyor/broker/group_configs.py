@@ -12,6 +12,7 @@ Must not know: the wire format, sockets, files.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -44,10 +45,31 @@ CHOICES: Final[dict[str, tuple[str, ...]]] = {
     # No transactions in Conveyor: every record is committed, both levels read the same.
     "share.isolation.level": ("read_uncommitted", "read_committed"),
 }
+# share.auto.offset.reset=by_duration:<ISO-8601 duration> (KIP-1106): java.time.Duration's
+# PnDTnHnMn.nS, non-negative; the group starts at the first record at most that old.
+BY_DURATION: Final = "by_duration:"
+_DURATION = re.compile(r"P(?:(\d{1,9})D)?(?:T(?:(\d{1,9})H)?(?:(\d{1,9})M)?"
+                       r"(?:(\d{1,12})(?:\.(\d{1,9}))?S)?)?")
+_DURATION_CHARS_MAX: Final = 64
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS group_configs ("
     " group_name TEXT PRIMARY KEY, config TEXT NOT NULL)",
 )
+
+
+def by_duration_ms(value: str) -> int | None:
+    """The milliseconds of a ``by_duration:<ISO-8601>`` reset (None: not such a value, or
+    one that does not parse: ``P``, ``PT``, a sign, weeks or years are refused)."""
+    if not value.startswith(BY_DURATION) or len(value) > _DURATION_CHARS_MAX:
+        return None
+    text = value[len(BY_DURATION):].upper()
+    match = _DURATION.fullmatch(text)
+    if match is None or text in ("P", "PT") or text.endswith("T"):
+        return None
+    days, hours, minutes, seconds, fraction = match.groups()
+    total_s = (int(days or 0) * 86_400 + int(hours or 0) * 3_600 + int(minutes or 0) * 60
+               + int(seconds or 0))
+    return total_s * 1000 + int((fraction or "0").ljust(3, "0")[:3])
 
 
 def validate(name: str, value: str | None) -> None:
@@ -63,6 +85,10 @@ def validate(name: str, value: str | None) -> None:
             raise InvalidConfigError("not an integer", name=name, value=value) from None
         if not low <= number <= high:
             raise InvalidConfigError(f"must be in {low}..{high}", name=name, value=value)
+    elif name == "share.auto.offset.reset" and value.startswith(BY_DURATION):
+        if by_duration_ms(value) is None:
+            raise InvalidConfigError("by_duration takes an ISO-8601 duration (PnDTnHnMn.nS)",
+                                     name=name, value=value)
     elif value not in CHOICES[name]:
         raise InvalidConfigError(f"must be one of {CHOICES[name]}", name=name, value=value)
 

@@ -47,19 +47,22 @@ from conveyor.errors import (
     NonEmptyGroupError,
     OperatingError,
     PreconditionFailedError,
+    ShareSessionLimitError,
     ShareSessionNotFoundError,
     UnknownGroupError,
     UnknownMemberError,
     UnknownTopicError,
 )
 
-from .group_configs import GroupConfigs
+from .group_configs import GroupConfigs, by_duration_ms
+from .share_polls import start_by_time, wait_for_any
 from .types import Delivery, QueueConfig
 
 if TYPE_CHECKING:
     from .broker import Broker
 
 SESSION_PARTITIONS_MAX: Final = 10_000  # partitions one share session may name
+SESSIONS_MAX: Final = 2_000  # share sessions open at once (Kafka's group.share.max.share.sessions)
 MEMBERS_MAX: Final = 1_000  # members per share group (Kafka: group.share.max.size 200)
 # Each share group reading a topic is a persisted shared group with its own windows;
 # Kafka's group.share.max.groups is 10.
@@ -206,12 +209,17 @@ class ShareCoordinator:
         queue_config = QueueConfig(
             visibility_timeout_ms=int(config["share.record.lock.duration.ms"]),
             max_deliveries=int(config["share.delivery.count.limit"]))
-        start: Literal["earliest", "latest"] = (
-            "earliest" if config["share.auto.offset.reset"] == "earliest" else "latest")
+        reset = config["share.auto.offset.reset"]
+        start: Literal["earliest", "latest"] = "earliest" if reset == "earliest" else "latest"
         try:
             await self.broker.create_shared_group(topic, group.name, queue_config, start)
         except PreconditionFailedError:
             pass  # the shared group exists (a queue, or one made over another protocol)
+        else:
+            age_ms = by_duration_ms(reset)
+            if age_ms is not None:
+                await start_by_time(self.broker, topic, group.name,
+                                    self.clock.wall_ms() - age_ms)
         group.topics.add(topic)
 
     async def _expire_members(self, group: ShareGroup) -> None:
@@ -262,6 +270,8 @@ class ShareCoordinator:
         group, _ = self.member(group_id, member_id)
         session = group.sessions.get(member_id)
         if epoch == 0:
+            if session is None and self.open_sessions() >= SESSIONS_MAX:
+                raise ShareSessionLimitError("too many share sessions", limit=SESSIONS_MAX)
             session = group.sessions[member_id] = ShareSession(1)
         elif session is None:
             raise ShareSessionNotFoundError("no share session for this member",
@@ -279,6 +289,9 @@ class ShareCoordinator:
             raise InvalidRequestError("too many partitions in the share session",
                                       limit=SESSION_PARTITIONS_MAX)
         return session, False
+
+    def open_sessions(self) -> int:
+        return sum(len(group.sessions) for group in self.groups.values())
 
     async def session_lost(self, group_id: str, member_id: str, session: ShareSession) -> None:
         """The connection that opened ``session`` closed: end it, releasing what the member
@@ -316,15 +329,18 @@ class ShareCoordinator:
             await self._ensure_shared_group(group, topic)
         deliveries = await self._take(topics, group_id, consumer, lock_ms, records_max,
                                       bytes_max, [])
-        if not deliveries and topics and wait_ms > 0:
-            # Long-poll the first topic for one record (the common case is one topic;
-            # appends to the others are picked up by the next fetch, sent at once), then
-            # take what else is ready.
+        if not deliveries and len(topics) == 1 and wait_ms > 0:
+            # Long-poll the topic for one record (woken by appends, releases and lock
+            # expiries), then take what else is ready.
             deliveries = await self.broker.acquire(topics[0], group_id, 1, lock_ms, wait_ms,
                                                    consumer)
             if deliveries:
                 deliveries = await self._take(topics, group_id, consumer, lock_ms,
                                               records_max, bytes_max, deliveries)
+        elif not deliveries and topics and wait_ms > 0:
+            deliveries = await wait_for_any(
+                self.broker, self.clock, topics, wait_ms, lambda: self._take(
+                    topics, group_id, consumer, lock_ms, records_max, bytes_max, []))
         if group.members.get(member_id) is not member:  # left while waiting
             await self.broker.release([delivery.receipt for delivery in deliveries])
             return [], lock_ms

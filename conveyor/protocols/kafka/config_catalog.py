@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from conveyor.broker.share_coordinator import SESSIONS_MAX
+
 BOOLEAN, STRING, INT, SHORT, LONG, DOUBLE, LIST = 1, 2, 3, 4, 5, 6, 7
 SOURCE_TOPIC, SOURCE_STATIC_BROKER, SOURCE_DEFAULT, SOURCE_GROUP = 1, 4, 5, 8
 
@@ -85,7 +87,8 @@ def fixed_topic_entries(known: set[str]) -> list[ConfigEntry]:
 
 # group config -> documentation (types: the *.ms and limit ones are INT, the rest STRING)
 GROUP_DOCUMENTATION: Final[dict[str, str]] = {
-    "share.auto.offset.reset": "Where a share group starts on a topic: latest or earliest.",
+    "share.auto.offset.reset": "Where a share group starts on a topic: latest, earliest, "
+                               "or by_duration:<ISO-8601 duration> (records at most that old).",
     "share.isolation.level": "read_committed or read_uncommitted (the same in Conveyor).",
     "share.record.lock.duration.ms": "How long an acquired record stays locked.",
     "share.session.timeout.ms": "A share member silent this long is removed.",
@@ -159,6 +162,8 @@ def broker_entries(facts: BrokerFacts) -> list[ConfigEntry]:
          "Largest session timeout a classic member may ask for."),
         ("group.consumer.assignors", "uniform,range", LIST,
          "Server-side assignors of KIP-848 groups; the first is the default."),
+        ("group.share.max.share.sessions", str(SESSIONS_MAX), INT,
+         "Share sessions open at once; one more is SHARE_SESSION_LIMIT_REACHED."),
         ("group.consumer.migration.policy", facts.migration_policy, STRING,
          "Whether a group with members converts online from the classic to the consumer "
          "protocol (upgrade), back (downgrade), both (bidirectional) or neither "

@@ -68,6 +68,7 @@ INVALID_RECORD_STATE: Final = 121
 SHARE_SESSION_NOT_FOUND: Final = 122
 INVALID_SHARE_SESSION_EPOCH: Final = 123
 INVALID_REGULAR_EXPRESSION: Final = 128
+SHARE_SESSION_LIMIT_REACHED: Final = 133
 
 # ConveyorError.code -> Kafka error code.
 _BY_CODE: Final[dict[str, int]] = {
@@ -106,6 +107,7 @@ _BY_CODE: Final[dict[str, int]] = {
     "invalid_record_state": INVALID_RECORD_STATE,
     "share_session_not_found": SHARE_SESSION_NOT_FOUND,
     "invalid_share_session_epoch": INVALID_SHARE_SESSION_EPOCH,
+    "share_session_limit_reached": SHARE_SESSION_LIMIT_REACHED,
     "unreleased_instance_id": UNRELEASED_INSTANCE_ID,
     "unsupported_assignor": UNSUPPORTED_ASSIGNOR,
     "stale_member_epoch": STALE_MEMBER_EPOCH,

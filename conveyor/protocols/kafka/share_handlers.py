@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator, ShareSession
 from conveyor.broker.types import Delivery
-from conveyor.errors import InvalidRequestError, OperatingError, UnknownGroupError
+from conveyor.errors import (
+    InvalidRequestError,
+    InvalidShareSessionEpochError,
+    OperatingError,
+    UnknownGroupError,
+)
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.adapter import ConnectionState
 from conveyor.protocols.kafka.admin_handlers import Node, topic_id
@@ -248,8 +253,8 @@ async def handle_acknowledge(coordinator: ShareCoordinator, broker: Broker, node
     group_id, member_id = body.group_id or "", body.member_id or ""
     lock_ms = int(coordinator.config(group_id)["share.record.lock.duration.ms"])
     try:
-        if body.share_session_epoch == 0:
-            raise InvalidRequestError("ShareAcknowledge cannot open a share session")
+        if body.share_session_epoch == 0:  # as Kafka: only a ShareFetch opens one
+            raise InvalidShareSessionEpochError("ShareAcknowledge cannot open a share session")
         _, closing = await coordinator.open_session(group_id, member_id,
                                                     body.share_session_epoch, (), ())
         outcome = await coordinator.acknowledge(group_id, member_id, batches,
