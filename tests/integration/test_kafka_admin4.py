@@ -243,7 +243,7 @@ def test_describe_configs_types_sources_synonyms(server: BrokerThread,
     assert broker["num.partitions"]["config_type"] == "INT"
     assert broker["auto.create.topics.enable"]["config_type"] == "BOOLEAN"
     assert all(entry["read_only"] for entry in broker.values())
-    # no online classic <-> consumer conversion of a group with members (docs/kafka.md)
+    # online classic <-> consumer conversion, as Kafka 4 by default (docs/kafka.md)
     assert broker["group.consumer.migration.policy"]["value"] == "bidirectional"
     topic = unique("admin4-configs")
     admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"retention.ms": "60000"})])
