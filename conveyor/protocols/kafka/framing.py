@@ -72,6 +72,7 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     48: 1,  # DescribeClientQuotas
     49: 1,  # AlterClientQuotas
     55: 0,  # DescribeQuorum
+    57: 0,  # UpdateFeatures
     60: 0,  # DescribeCluster
     61: 0,  # DescribeProducers
     68: 0,  # ConsumerGroupHeartbeat

@@ -32,6 +32,7 @@ from conveyor.protocols.kafka import (
     consumer_handlers,
     data_handlers,
     error_codes,
+    features,
     group_handlers,
     log_admin_handlers,
     share_handlers,
@@ -182,6 +183,8 @@ class KafkaHandlers:
             return log_admin_handlers.handle_alter_client_quotas(request)
         if api_key == 55:
             return log_admin_handlers.handle_describe_quorum(self.node, request)
+        if api_key == 57:
+            return features.handle_update_features(request)
         if api_key == 61:
             return log_admin_handlers.handle_describe_producers(broker, request)
         if api_key == 74:
@@ -289,5 +292,7 @@ def api_versions_response(version: int) -> Any:
         for api_key, (low, high) in sorted(SUPPORTED_VERSIONS.items())
     )
     return build(response_type, error_code=error_codes.NONE, api_keys=entries,
-                 supported_features=(), finalized_features_epoch=-1, finalized_features=(),
+                 supported_features=features.supported_features(response_type),
+                 finalized_features_epoch=features.FEATURES_EPOCH,
+                 finalized_features=features.finalized_features(response_type),
                  zk_migration_ready=False)

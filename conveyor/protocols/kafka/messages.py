@@ -73,6 +73,7 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     48: (0, 1),  # DescribeClientQuotas (none: no quotas)
     49: (0, 1),  # AlterClientQuotas (refused per entry)
     55: (0, 2),  # DescribeQuorum (one voter, this node: Conveyor is not KRaft)
+    57: (0, 2),  # UpdateFeatures (the features are fixed: confirming them is a no-op)
     60: (0, 1),  # DescribeCluster
     61: (0, 0),  # DescribeProducers
     68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
