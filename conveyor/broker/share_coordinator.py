@@ -33,6 +33,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -133,6 +134,7 @@ class ShareCoordinator:
         self.clock = clock
         self.configs = configs
         self.groups: dict[str, ShareGroup] = {}
+        self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # (group, topic) being made
 
     def config(self, group: str) -> dict[str, str]:
         return self.configs.get(group)
@@ -205,22 +207,31 @@ class ShareCoordinator:
     async def _ensure_shared_group(self, group: ShareGroup, topic: str) -> None:
         if topic in group.topics:
             return
-        config = self.config(group.name)
+        # one member creates (and, by_duration, positions) it while the others wait, so
+        # none acquires from a start about to move
+        key = (group.name, topic)
+        try:
+            async with self._starting.setdefault(key, asyncio.Lock()):
+                if topic not in group.topics:
+                    await self._create_shared_group(group.name, topic)
+                    group.topics.add(topic)
+        finally:
+            self._starting.pop(key, None)
+
+    async def _create_shared_group(self, name: str, topic: str) -> None:
+        config = self.config(name)
         queue_config = QueueConfig(
             visibility_timeout_ms=int(config["share.record.lock.duration.ms"]),
             max_deliveries=int(config["share.delivery.count.limit"]))
         reset = config["share.auto.offset.reset"]
         start: Literal["earliest", "latest"] = "earliest" if reset == "earliest" else "latest"
         try:
-            await self.broker.create_shared_group(topic, group.name, queue_config, start)
+            await self.broker.create_shared_group(topic, name, queue_config, start)
         except PreconditionFailedError:
-            pass  # the shared group exists (a queue, or one made over another protocol)
-        else:
-            age_ms = by_duration_ms(reset)
-            if age_ms is not None:
-                await start_by_time(self.broker, topic, group.name,
-                                    self.clock.wall_ms() - age_ms)
-        group.topics.add(topic)
+            return  # the shared group exists (a queue, or one made over another protocol)
+        age_ms = by_duration_ms(reset)
+        if age_ms is not None:
+            await start_by_time(self.broker, topic, name, self.clock.wall_ms() - age_ms)
 
     async def _expire_members(self, group: ShareGroup) -> None:
         timeout_ms = self._int_config(group.name, "share.session.timeout.ms")
