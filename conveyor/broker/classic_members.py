@@ -22,6 +22,8 @@ Rules (KIP-848, "online migration"):
 - Its Heartbeat answers REBALANCE_IN_PROGRESS while it is not reconciled (revoking,
   short of its target, or behind the group's assignment epoch): it rejoins to move on.
 - It is removed after its own session timeout, or on LeaveGroup.
+- A static one (group.instance.id) restarting joins with no member id and gets its
+  own back; another member id claiming the instance is FENCED_INSTANCE_ID.
 """
 
 from __future__ import annotations
@@ -153,10 +155,11 @@ class ClassicMembers:
             known = group.static.get(instance_id)
             if known is not None and known != member_id and known in group.members:
                 previous = group.members[known]
-                if previous.classic is None and not previous.left_static:
+                if previous.classic is not None or not previous.left_static:
+                    # a restart joins with no member id (the caller maps it to this one)
                     raise FencedInstanceIdError("static member still active",
                                                 instance_id=instance_id)
-                coordinator._remove(group, group.members[known])
+                coordinator._remove(group, previous)  # a consumer member gone for a while
         member = group.members.get(member_id)
         if member is not None and member.classic is None:
             raise InconsistentGroupProtocolError("member uses the consumer protocol",

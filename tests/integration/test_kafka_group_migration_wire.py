@@ -14,6 +14,7 @@ codec on hostile bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import struct
 from collections.abc import AsyncIterator
@@ -202,3 +203,23 @@ def test_consumer_protocol_codec_on_hostile_bytes() -> None:
     assignment: dict[str, Any] = {"t": frozenset({0, 2}), "u": frozenset({5})}
     assert parse_assignment(encode_assignment(assignment)) == assignment
     assert parse_assignment(b"\x00") == {} and parse_assignment(b"") == {}
+
+
+async def test_a_static_classic_member_keeps_its_id_across_the_upgrade(
+        running: Server, client: Client) -> None:
+    """A classic static member (group.instance.id) of an upgraded group that restarts
+    (JoinGroup with no member id) comes back under its member id, owning what it owned;
+    another member id claiming the instance while it is active is FENCED_INSTANCE_ID."""
+    joined = await running.broker.join_group("g", "", "consumer", [("range", subscription())],
+                                             10_000, group_instance_id="i1",
+                                             require_known_member_id=False)
+    assert isinstance(joined, JoinResult)
+    await running.broker.sync_group("g", joined.member_id, joined.generation, {
+        joined.member_id: encode_assignment({"t": ALL})})
+    assert (await client.call(heartbeat("c", 0, topics=("t",)))).error_code == 0
+    restart = dataclasses.replace(join("", None), group_instance_id="i1")
+    back = await client.call(restart)
+    assert (back.error_code, back.member_id) == (error_codes.NONE, joined.member_id)
+    assert len(await synced(client, joined.member_id, back.generation_id)) == 2
+    fenced = await client.call(dataclasses.replace(join("other", None), group_instance_id="i1"))
+    assert fenced.error_code == error_codes.FENCED_INSTANCE_ID
