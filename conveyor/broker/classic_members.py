@@ -94,8 +94,7 @@ class ClassicMembers:
         """Upgrade: a new consumer group whose members are the classic group's, each
         owning what the classic leader assigned it, at the classic generation."""
         coordinator = self.coordinator
-        if group_id not in coordinator.groups and len(coordinator.groups) >= GROUPS_MAX:
-            raise GroupLimitError("too many consumer groups", limit=GROUPS_MAX)
+        self.check_room(group_id, len(members))
         group = ConsumerGroup(group_id, epoch=generation, assignment_epoch=generation)
         now_ms = coordinator.clock.monotonic_ms()
         taken: Partitions = {}
@@ -113,6 +112,17 @@ class ClassicMembers:
             if adopted.instance_id is not None:
                 group.static[adopted.instance_id] = member.member_id
         coordinator.groups[group_id] = group
+
+    def check_room(self, group_id: str, members: int) -> None:
+        """Raise GroupLimitError unless a group of ``members`` may be adopted (checked
+        before the classic group gives its members up)."""
+        coordinator = self.coordinator
+        if members > MEMBERS_MAX:
+            raise GroupLimitError("too many members for a consumer group", limit=MEMBERS_MAX)
+        if group_id not in coordinator.groups and len(coordinator.groups) >= GROUPS_MAX:
+            coordinator._forget_empty_groups()
+        if group_id not in coordinator.groups and len(coordinator.groups) >= GROUPS_MAX:
+            raise GroupLimitError("too many consumer groups", limit=GROUPS_MAX)
 
     def classic_only(self, group_id: str) -> list[ConsumerMember] | None:
         """Downgrade: the group's members when every one of them is classic (None when

@@ -77,6 +77,7 @@ class GroupMigration:
         if self.policy not in ("upgrade", "bidirectional") or (
                 description.protocol_type != CLASSIC_PROTOCOL_TYPE):
             raise UnknownGroupError(f"Group {group_id} is not a consumer group", group=group_id)
+        self.classic.check_room(group_id, len(description.members))
         released = self.broker.release_classic_members(group_id)
         if released is None:
             return
