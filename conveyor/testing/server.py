@@ -42,6 +42,7 @@ def test_config(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     ports: Mapping[str, int] | None = None,
     broker: Mapping[str, Any] | None = None,
+    storage: str = "file:",
 ) -> ServerConfig:
     settings = settings or {}
     ports = ports or {}
@@ -51,6 +52,7 @@ def test_config(
     )
     return ServerConfig(
         data_dir=data_dir,
+        storage=storage,
         host="127.0.0.1",
         broker=BrokerSettings(**dict(broker or {})),
         listeners=listener_configs,
@@ -63,8 +65,9 @@ async def run_broker(
     listeners: Iterable[str] = (),
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     broker: Mapping[str, Any] | None = None,
+    storage: str = "file:",
 ) -> AsyncIterator[Server]:
-    server = Server(test_config(data_dir, listeners, settings, broker=broker))
+    server = Server(test_config(data_dir, listeners, settings, broker=broker, storage=storage))
     await server.start()
     try:
         yield server
@@ -81,11 +84,13 @@ class BrokerThread:
         listeners: Iterable[str] = (),
         settings: Mapping[str, Mapping[str, Any]] | None = None,
         broker: Mapping[str, Any] | None = None,
+        storage: str = "file:",
     ) -> None:
         self.data_dir = data_dir
         self.listener_names = tuple(listeners)
         self.settings = settings
         self.broker_settings = broker
+        self.storage = storage
         self.ports: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -116,7 +121,8 @@ class BrokerThread:
 
     def _start_server(self) -> None:
         config = test_config(
-            self.data_dir, self.listener_names, self.settings, self.ports, self.broker_settings
+            self.data_dir, self.listener_names, self.settings, self.ports, self.broker_settings,
+            self.storage,
         )
         self._server = Server(config)
         self._submit(self._server.start()).result(timeout=_STARTUP_TIMEOUT_S)
