@@ -34,6 +34,7 @@ commit's fsync (~400 transactions/s).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,12 @@ class _Batch:
                 last_rows.extend(rows)
                 return
         self.statements.append((sql, rows))
+
+
+@functools.lru_cache(maxsize=512)
+def _translated(query: str) -> str:
+    """``query`` in asyncpg's dialect; the queries are constants, so translate each once."""
+    return POSTGRESQL_NUMBERED.sql(query)
 
 
 def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -203,17 +210,17 @@ class PostgresEngine:
     def add_schema(self, statements: Iterable[str]) -> None:
         """Idempotent DDL; it runs in the next transaction, before any later query."""
         for statement in statements:
-            self._pending.add(self.dialect.sql(statement), None)
+            self._pending.add(_translated(statement), None)
         self._schedule_flush()
 
     def write(self, query: str, parameters: Sequence[SqlValue] = ()) -> None:
-        self._pending.add(self.dialect.sql(query), [tuple(parameters)])
+        self._pending.add(_translated(query), [tuple(parameters)])
         self._schedule_flush()
 
     def write_many(self, query: str, rows: Iterable[Sequence[SqlValue]]) -> None:
         batch = [tuple(row) for row in rows]
         if batch:
-            self._pending.add(self.dialect.sql(query), batch)
+            self._pending.add(_translated(query), batch)
             self._schedule_flush()
 
     async def commit(self) -> None:
@@ -347,7 +354,7 @@ class PostgresEngine:
     async def query(self, query: str, parameters: Sequence[SqlValue] = ()
                     ) -> list[tuple[Any, ...]]:
         await self.commit()  # read your writes
-        sql = self.dialect.sql(query)
+        sql = _translated(query)
         deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
         backoff_ms = BACKOFF_MS_MIN
         async with self._lock:

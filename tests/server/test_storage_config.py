@@ -9,6 +9,7 @@ both. The CLI refuses an unknown scheme with a one-line error, not a traceback.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,12 @@ def test_cli_reports_a_bad_storage_in_one_line(tmp_path: Path) -> None:
 
 
 async def test_kafka_state_lives_in_postgresql_across_a_restart(
-    tmp_path: Path, postgres_dsn: str
+    tmp_path: Path, postgres_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     data_dir = tmp_path / "data"
+    caplog.set_level(logging.INFO, logger="conveyor.server.storage")
     async with run_broker(data_dir, ("kafka",), storage=postgres_dsn) as server:
+        assert "partition logs stay in local files" in caplog.text
         bootstrap = f"127.0.0.1:{server.ports['kafka']}"
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
                                     enable_idempotence=True)
