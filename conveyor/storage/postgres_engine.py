@@ -261,9 +261,14 @@ class PostgresEngine:
                 if batch.statements:
                     await self._send(batch)
             except _PermanentError as error:
+                logger.error("%s; the transaction's writes are dropped", error)
                 self._inflight = None
                 _settle(batch.waiters, error)
                 continue
+            except asyncio.CancelledError:
+                closed = StorageError("state store closed", database=self.where)
+                _settle(batch.waiters + self._pending.waiters, closed)
+                raise
             except StorageError as error:
                 # Not committed (or not known to be): kept to be sent again, alone and
                 # first, at the next commit() or write; newer writes cannot commit
@@ -274,6 +279,13 @@ class PostgresEngine:
                 _settle(waiters + self._pending.waiters, error)
                 self._pending.waiters = []
                 return
+            except Exception as error:
+                # a bug: say so and answer the callers rather than leave them waiting
+                logger.exception("state transaction failed unexpectedly")
+                self._inflight = None
+                _settle(batch.waiters, _PermanentError("state transaction failed",
+                                                       error=repr(error)))
+                continue
             self._inflight = None
             _settle(batch.waiters, None)
 
@@ -301,6 +313,11 @@ class PostgresEngine:
                         await connection.execute(_WRITE_SEQUENCE, sequence)
                     self._sequence = sequence
                     return
+                except (ValueError, TypeError) as error:
+                    # a value the statement cannot take (asyncpg's DataError): a bug,
+                    # never fixed by sending it again
+                    raise _PermanentError("a state write has a value PostgreSQL cannot take",
+                                          database=self.where, error=str(error)) from error
                 except _TRANSIENT as error:
                     self._drop_connection()
                     if self.clock.monotonic_ms() >= deadline_ms:

@@ -285,3 +285,17 @@ async def test_postgres_unreachable_or_read_only_is_a_clear_error(
     postgres_server.sql(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
     with pytest.raises(StorageError, match="read-only"):
         await SqlStateStore(PostgresEngine(postgres_dsn, SystemClock())).open()
+
+
+async def test_postgres_rejected_write_fails_its_turn_only(postgres_dsn: str) -> None:
+    """A write PostgreSQL cannot take (a bug) fails the callers of its transaction with
+    a storage error, once, and is dropped; the next turn commits normally."""
+    store = SqlStateStore(PostgresEngine(postgres_dsn, SystemClock()))
+    await store.open()
+    store.engine.write("INSERT INTO counters (name, value) VALUES (?, ?)", ("x", "not a number"))
+    with pytest.raises(StorageError, match=r"rejected a state write|cannot take"):
+        await store.commit()
+    store.save_topic(TopicRow("fine", 1, "topic", {}, 0))
+    await store.commit()
+    assert [row.name for row in await store.load_topics()] == ["fine"]
+    await store.close()
