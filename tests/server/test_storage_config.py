@@ -22,7 +22,7 @@ from aiokafka.structs import OffsetAndMetadata
 from conveyor.config import load_config
 from conveyor.errors import InvalidConfigError
 from conveyor.server.storage import parse_storage
-from conveyor.testing.server import run_broker
+from conveyor.testing.server import free_port, run_broker
 
 
 def test_storage_from_file_environment_and_flags(tmp_path: Path) -> None:
@@ -48,13 +48,19 @@ def test_storage_urls_are_checked() -> None:
             parse_storage(bad)
 
 
-def test_cli_reports_a_bad_storage_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("storage", "expected"), [
+    ("mysql://x/y", "unknown storage scheme"),
+    (f"postgresql://postgres@127.0.0.1:{free_port()}/x", "cannot connect to PostgreSQL"),
+])
+def test_cli_reports_a_bad_storage_in_one_line(
+    tmp_path: Path, storage: str, expected: str
+) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir", str(tmp_path / "d"),
-         "--listeners", "http", "--http-port", "0", "--storage", "mysql://x/y"],
+         "--listeners", "http", "--http-port", "0", "--storage", storage],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
-    assert "unknown storage scheme" in result.stderr
+    assert expected in result.stderr
     assert "Traceback" not in result.stderr
 
 
