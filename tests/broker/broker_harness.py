@@ -1,6 +1,8 @@
 """BrokerHarness: a Broker on the real FileLogStore (MemoryFileSystem or the OS file
 system under tmp_path) and SQLite state in tmp_path, with a SimClock; ``restart``
-closes it and opens a new Broker on the same directory and file system."""
+closes it and opens a new Broker on the same directory and file system. On a
+PostgreSQL test pass (``CONVEYOR_TEST_STORAGE=postgresql``) the state is in a
+PostgreSQL database of its own for the directory instead."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from pathlib import Path
 from conveyor.broker.broker import Broker, BrokerConfig
 from conveyor.storage.fs import OsFileSystem
 from conveyor.storage.log_store import FileLogStore
-from conveyor.storage.state_store import SqliteStateStore
+from conveyor.storage.postgres_engine import PostgresEngine
+from conveyor.storage.state_store import SqliteStateStore, SqlStateStore, StateStore
 from conveyor.testing.clock import SimClock
 from conveyor.testing.memory_fs import MemoryFileSystem
+from conveyor.testing.server import storage_for
 
 
 def seed() -> int:
@@ -37,7 +41,10 @@ class BrokerHarness:
     async def start(self) -> Broker:
         log_root = str(self.directory / "logs")
         log_store = FileLogStore(log_root, self.fs, self.clock)
-        state_store = SqliteStateStore(self.directory / "state.sqlite3")
+        storage = storage_for(self.directory)
+        state_store: StateStore = (
+            SqliteStateStore(self.directory / "state.sqlite3") if storage == "file:"
+            else SqlStateStore(PostgresEngine(storage, self.clock)))
         self.broker = Broker(log_store, state_store, self.clock, self.rng, self.config)
         await self.broker.open()
         return self.broker
