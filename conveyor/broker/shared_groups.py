@@ -43,9 +43,10 @@ API (all ``async`` unless noted):
 
 Receipts are ``"<topic>:<partition>:<offset>:<token>:<group>"`` (topic names
 have no ':'); the token is 63 random bits from ``secrets`` (unguessable: a consumer
-cannot settle another's delivery by constructing its receipt) and changes on every acquire so a stale receipt (of one of the
-record's last locks) fails with LockExpiredError, a settled one or one never issued
-for the record with UnknownDeliveryError.
+cannot settle another's delivery by constructing its receipt) and changes on every
+acquire so a stale receipt (of one of the record's last locks) fails with
+LockExpiredError, a settled one or one never issued for the record with
+UnknownDeliveryError.
 
 Time: lock deadlines, delays and TTL run on the monotonic clock (a wall-clock step
 moves none of them); header times and persisted delays are wall ms, converted at

@@ -195,7 +195,7 @@ async def test_cli_round_trip_and_offline_first_admin(tmp_path: Path) -> None:
 
 async def test_non_loopback_bind_without_auth_refuses_to_start(tmp_path: Path) -> None:
     config = dataclasses.replace(server_config(tmp_path, ("http",)), host="0.0.0.0")
-    with pytest.raises(InvalidConfigError, match="--auth required.*--insecure"):
+    with pytest.raises(InvalidConfigError, match=r"--auth required.*--insecure"):
         await Server(config).start()
     code, _, err = await cli("serve", "--data-dir", str(tmp_path), "--host", "0.0.0.0",
                              "--listeners", "http", "--http-port", "0")
