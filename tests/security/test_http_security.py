@@ -230,3 +230,31 @@ def _kafka_brokers(bootstrap: str) -> list[str]:
 
     metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
     return [f"{broker.host}:{broker.port}" for broker in metadata.brokers.values()]
+
+
+async def test_vhosts_are_namespaces_over_http(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        base = f"http://127.0.0.1:{server.ports['http']}"
+        admin = ("-u", "admin:admin-pw", "-H", "Content-Type: application/json")
+        assert (await curl(f"{base}/api/vhosts/dev", *admin, "-X", "PUT"))[0] == 201
+        assert (await curl(f"{base}/api/users/dave", *admin, "-X", "PUT",
+                           "-d", '{"password": "dave-pw"}'))[0] == 201
+        assert (await curl(f"{base}/api/permissions/dev/dave", *admin, "-X", "PUT", "-d",
+                           '{"configure": ".*", "write": ".*", "read": ".*"}'))[0] == 204
+        assert (await curl(f"{base}/queues", *admin, "-d", '{"name": "orders"}'))[0] == 201
+        dave = ("-u", "dave:dave-pw", "-H", "Content-Type: application/json",
+                "-H", "X-Conveyor-Vhost: dev")
+        status, _, body = await curl(f"{base}/queues", *dave, "-d", '{"name": "orders"}')
+        assert status == 201 and body["name"] == "dev~orders"  # its own, not /'s orders
+        status, _, body = await curl(f"{base}/topics/orders/messages", *dave, "-d",
+                                     '{"messages": [{"value": "in dev"}]}')
+        assert status == 200
+        status, _, body = await curl(f"{base}/queues", *dave)
+        assert status == 200 and [q["name"] for q in body["queues"]] == ["orders"]
+        status, _, body = await curl(f"{base}/queues", *admin)
+        assert [(q["name"], q["ready"]) for q in body["queues"]] == [("orders", 0)]
+        status, _, body = await curl(f"{base}/queues", "-u", "dave:dave-pw")  # vhost /
+        assert status == 403 and body["error"]["details"]["vhost"] == "/"
+        status, _, body = await curl(f"{base}/topics/dev~orders/messages", "-u", "dave:dave-pw",
+                                     "-H", "X-Conveyor-Vhost: dev")
+        assert status == 403  # a qualified name never reaches across vhosts
