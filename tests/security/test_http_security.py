@@ -258,3 +258,25 @@ async def test_vhosts_are_namespaces_over_http(tmp_path: Path) -> None:
         status, _, body = await curl(f"{base}/topics/dev~orders/messages", "-u", "dave:dave-pw",
                                      "-H", "X-Conveyor-Vhost: dev")
         assert status == 403  # a qualified name never reaches across vhosts
+
+
+async def test_a_receipt_is_bound_to_the_user_it_was_issued_to(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        base = f"http://127.0.0.1:{server.ports['http']}"
+        await _grant_alice(base)
+        await server.security.admin.add_user("mallory", "mallory-pw")
+        await server.security.admin.set_permissions("mallory", "/", "", "", "^a$")
+        alice = ("-u", "alice:alice-pw", "-H", "Content-Type: application/json")
+        mallory = ("-u", "mallory:mallory-pw", "-H", "Content-Type: application/json")
+        assert (await curl(f"{base}/topics/a/messages", *alice, "-d",
+                           '{"messages": [{"value": "x"}]}'))[0] == 200
+        status, _, body = await curl(f"{base}/topics/a/groups/a/acquire", *alice, "-d",
+                                     '{"limit": 1}')
+        [message] = body["messages"]
+        receipt = json.dumps({"receipts": [message["receipt"]]})
+        status, _, body = await curl(f"{base}/topics/a/groups/a/ack", *mallory, "-d", receipt)
+        assert status == 409 and body["error"]["code"] == "unknown_delivery"
+        assert body["error"]["message"] == "receipt was not issued to this user"
+        status, _, body = await curl(f"{base}/topics/a/groups/a/ack", *alice, "-d", receipt)
+        assert status == 200 and body["results"] == [{"receipt": message["receipt"],
+                                                      "ok": True}]
