@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.errors import InvalidNameError, InvalidRequestError
+from conveyor.errors import InvalidConfigError, InvalidNameError, InvalidRequestError
 from conveyor.security.api import AclBinding, AclFilter, qualify, unqualify
 from conveyor.security.model import Security, open_model
 from conveyor.security.throttle import DELAY_MS_MAX
@@ -161,3 +161,17 @@ def test_vhost_names_map_to_prefixes_and_back() -> None:
     assert qualify("/", "orders") == "orders" and unqualify("orders") == ("/", "orders")
     assert qualify("dev", "orders") == "dev~orders"
     assert unqualify("dev~orders") == ("dev", "orders")
+
+
+def test_auth_and_insecure_come_from_file_env_and_flags(tmp_path: Path) -> None:
+    from conveyor.config import load_config
+
+    assert load_config(environ={}).auth == "off"
+    assert load_config(environ={"CONVEYOR_AUTH": "required"}).auth == "required"
+    assert load_config(environ={"CONVEYOR_INSECURE": "1"}).insecure is True
+    path = tmp_path / "conveyor.toml"
+    path.write_text('auth = "required"\n')
+    assert load_config(path, environ={}).auth == "required"
+    assert load_config(path, environ={}, flags={"auth": "off"}).auth == "off"
+    with pytest.raises(InvalidConfigError, match="auth must be required or off"):
+        load_config(environ={"CONVEYOR_AUTH": "maybe"})
