@@ -7,7 +7,8 @@ Owns: ``/api/whoami``, ``/api/users[/NAME[/permissions]]``, ``/api/vhosts[/NAME]
 ``/api/conveyor/acls``. Who may call what: users, vhosts and permissions need the
 ``administrator`` tag (a user may read itself and its own permissions); tokens and
 access keys: a user manages its own, an administrator anyone's; the ACL view needs
-``administrator`` or ``monitoring``. Errors use Conveyor's JSON error shape.
+``administrator`` or ``monitoring``. Errors: 403 and ``/api/conveyor/`` use Conveyor's
+JSON error shape, other failures on RabbitMQ's paths RabbitMQ's (as management.py).
 Must not know: sockets, password hashing (conveyor/security/admin.py).
 """
 
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from conveyor.errors import AuthorizationError, ConveyorError, InvalidRequestError, NotFoundError
 from conveyor.protocols.http.codec import ApiResponse, error_response
 from conveyor.protocols.http.framing import RawRequest
+from conveyor.protocols.http.management import rabbit_error_response
 from conveyor.security.api import TAGS, AclFilter, Principal
 from conveyor.security.model import Security
 
@@ -126,7 +128,12 @@ class SecurityRoutes:
         try:
             return await handler(principal, params, _body(raw))
         except ConveyorError as error:
-            return error_response(error)
+            # 401/403 and Conveyor's own routes: Conveyor's error shape; other failures
+            # on RabbitMQ's paths: RabbitMQ's, as the rest of the management API answers
+            extension = raw.target.startswith("/api/conveyor/")
+            if extension or isinstance(error, AuthorizationError):
+                return error_response(error)
+            return rabbit_error_response(error)
 
     # --- users ----------------------------------------------------------------------------
     async def whoami(self, principal: Principal, *_: Any) -> ApiResponse:
