@@ -280,3 +280,25 @@ async def test_a_receipt_is_bound_to_the_user_it_was_issued_to(tmp_path: Path) -
         status, _, body = await curl(f"{base}/topics/a/groups/a/ack", *alice, "-d", receipt)
         assert status == 200 and body["results"] == [{"receipt": message["receipt"],
                                                       "ok": True}]
+
+
+async def test_conveyor_serve_with_auth_from_the_environment(tmp_path: Path) -> None:
+    """``CONVEYOR_AUTH=required`` + the first administrator from the environment, through
+    the real ``conveyor serve`` command."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONVEYOR_")}
+    env.update(ADMIN, CONVEYOR_AUTH="required", PYTHONPATH=str(ROOT))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "conveyor.cli", "serve", "--data-dir", str(tmp_path),
+        "--listeners", "http", "--http-port", "0", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        ready = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert ready.startswith("conveyor ready: http=127.0.0.1:"), ready
+        base = "http://" + ready.split("http=", 1)[1].strip()
+        assert (await curl(f"{base}/topics"))[0] == 401
+        status, _, body = await curl(f"{base}/api/whoami", "-u", "admin:admin-pw")
+        assert status == 200 and body["tags"] == ["administrator"]
+    finally:
+        process.terminate()
+        await process.wait()
