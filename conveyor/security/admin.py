@@ -273,6 +273,12 @@ class SecurityAdmin:
                 TopicPermissionRow(user, vhost, exchange, write, read))
         await self._commit()
 
+    def list_topic_permissions(self) -> list[dict[str, str]]:
+        return [{"user": user, "vhost": vhost, "exchange": exchange, "write": write.text,
+                 "read": read.text}
+                for (user, vhost, exchange), (write, read)
+                in sorted(self.state.topic_permissions.items())]
+
     # --- tokens and access keys ------------------------------------------------------------
     async def create_token(self, user: str, name: str) -> tuple[str, str]:
         """(token id, token). The token is shown once; only its hash is kept."""

@@ -302,3 +302,28 @@ async def test_conveyor_serve_with_auth_from_the_environment(tmp_path: Path) -> 
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_topic_permissions_restrict_routing_keys(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        base = f"http://127.0.0.1:{server.ports['http']}"
+        admin = ("-u", "admin:admin-pw", "-H", "Content-Type: application/json")
+        assert (await curl(f"{base}/api/users/frank", *admin, "-X", "PUT",
+                           "-d", '{"password": "frank-pw"}'))[0] == 201
+        assert (await curl(f"{base}/api/permissions/%2F/frank", *admin, "-X", "PUT", "-d",
+                           '{"configure": "", "write": "^events$", "read": ""}'))[0] == 204
+        assert (await curl(f"{base}/api/topic-permissions/%2F/frank", *admin, "-X", "PUT",
+                           "-d", '{"exchange": "events", "write": "^eu\\\\.", "read": ""}')
+                )[0] == 204
+        assert (await curl(f"{base}/exchanges", *admin, "-d",
+                           '{"name": "events", "type": "topic"}'))[0] == 201
+        frank = ("-u", "frank:frank-pw", "-H", "Content-Type: application/json")
+        status, _, _ = await curl(f"{base}/exchanges/events/messages", *frank, "-d",
+                                  '{"routing_key": "eu.orders", "messages": [{"value": "x"}]}')
+        assert status == 200
+        status, _, body = await curl(f"{base}/exchanges/events/messages", *frank, "-d",
+                                     '{"routing_key": "us.orders", "messages": [{"value": "x"}]}')
+        assert status == 403 and body["error"]["details"]["resource"] == "routing key"
+        status, _, body = await curl(f"{base}/api/topic-permissions", *admin)
+        assert body == [{"user": "frank", "vhost": "/", "exchange": "events",
+                         "write": "^eu\\.", "read": ""}]

@@ -165,6 +165,11 @@ def authorize(security: SecurityModel, principal: Principal, request: ApiRequest
             kind = _destination_kind(request)
         if not security.check(principal, vhost, action, kind, name):
             return forbidden(principal, action, kind, name, vhost)
+    if operation == "publish_exchange":  # RabbitMQ topic permissions on routing keys
+        exchange, routing_key = request.path["exchange"], request.body.get("routing_key", "")
+        if isinstance(routing_key, str) and not security.check_routing_key(
+                principal, vhost, exchange, routing_key, "write"):
+            return forbidden(principal, "write", "routing key", routing_key, vhost)
     return None
 
 

@@ -1,8 +1,9 @@
 """Management endpoints of the security model (RabbitMQ's paths where they exist).
 
 Owns: ``/api/whoami``, ``/api/users[/NAME[/permissions]]``, ``/api/vhosts[/NAME]``,
-``/api/permissions[/VHOST/USER]`` (RabbitMQ's management API shapes: ``PUT`` with
-``{"password", "tags"}`` / ``{"configure", "write", "read"}``), and Conveyor's own
+``/api/permissions[/VHOST/USER]``, ``/api/topic-permissions[/VHOST/USER]`` (RabbitMQ's
+management API shapes: ``PUT`` with ``{"password", "tags"}`` /
+``{"configure", "write", "read"}`` / ``{"exchange", "write", "read"}``), and Conveyor's own
 ``/api/conveyor/tokens[/ID]``, ``/api/conveyor/users/NAME/keys[/ID]`` and
 ``/api/conveyor/acls``. Who may call what: users, vhosts and permissions need the
 ``administrator`` tag (a user may read itself and its own permissions); tokens and
@@ -96,6 +97,8 @@ class SecurityRoutes:
             ("GET", ("permissions", "{vhost}", "{user}"), self.permission),
             ("PUT", ("permissions", "{vhost}", "{user}"), self.put_permission),
             ("DELETE", ("permissions", "{vhost}", "{user}"), self.delete_permission),
+            ("GET", ("topic-permissions",), self.topic_permissions),
+            ("PUT", ("topic-permissions", "{vhost}", "{user}"), self.put_topic_permission),
             ("GET", ("conveyor", "tokens"), self.tokens),
             ("POST", ("conveyor", "tokens"), self.create_token),
             ("DELETE", ("conveyor", "tokens", "{token}"), self.delete_token),
@@ -233,6 +236,19 @@ class SecurityRoutes:
                                 _: Any) -> ApiResponse:
         _require(principal, ADMIN)
         await self.admin.clear_permissions(params["user"], params["vhost"])
+        return ApiResponse(204)
+
+    async def topic_permissions(self, principal: Principal, *_: Any) -> ApiResponse:
+        _require(principal, ADMIN)
+        return ApiResponse(200, self.admin.list_topic_permissions())
+
+    async def put_topic_permission(self, principal: Principal, params: dict[str, str],
+                                   body: dict[str, Any]) -> ApiResponse:
+        """RabbitMQ's ``{"exchange", "write", "read"}``: routing-key patterns."""
+        _require(principal, ADMIN)
+        await self.admin.set_topic_permissions(params["user"], params["vhost"],
+                                               _text(body, "exchange"), _text(body, "write", ""),
+                                               _text(body, "read", ""))
         return ApiResponse(204)
 
     # --- tokens, access keys, ACLs ------------------------------------------------------------
