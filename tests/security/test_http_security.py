@@ -49,13 +49,15 @@ async def serving(tmp_path: Path, auth: str = "required", host: str = "127.0.0.1
 
 
 async def curl(url: str, *arguments: str) -> tuple[int, str, Any]:
-    """(status, headers text, JSON body or None) from a real curl."""
+    """(status, headers text, JSON body (None when empty) or text) from a real curl."""
     process = await asyncio.create_subprocess_exec(
         "curl", "-s", "-D", "-", "-o", "-", *arguments, url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     output, _ = await process.communicate()
     head, _, body = output.decode().partition("\r\n\r\n")
     status = int(head.split()[1])
+    if "application/json" not in head:
+        return status, head, body  # text: /metrics, the web UI
     return status, head, json.loads(body) if body.strip() else None
 
 
@@ -112,6 +114,10 @@ async def test_auth_required_over_http_with_curl(tmp_path: Path) -> None:
         assert status == 200 and [q["name"] for q in body["queues"]] == ["a"]  # b hidden
         status, _, body = await curl(f"{base}/api/users", *alice)
         assert status == 403 and body["error"]["code"] == "access_refused"
+        assert (await curl(f"{base}/metrics", *alice))[0] == 403  # needs monitoring
+        assert (await curl(f"{base}/metrics", "-u", "admin:admin-pw"))[0] == 200
+        status, head, _ = await curl(f"{base}/")  # the web UI's files: no credentials
+        assert status == 200 and "text/html" in head
         status, _, body = await curl(f"{base}/api/conveyor/tokens", *alice, "-d",
                                      '{"name": "ci"}')
         assert status == 201 and body["token"].startswith("cvt_")
