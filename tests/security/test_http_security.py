@@ -110,6 +110,9 @@ async def test_auth_required_over_http_with_curl(tmp_path: Path) -> None:
                                             "resource": "topic", "name": "b", "vhost": "/"}
         status, _, body = await curl(f"{base}/queues/a", *alice, "-X", "DELETE")
         assert status == 403 and body["error"]["details"]["action"] == "configure"
+        status, _, body = await curl(f"{base}/queues", *alice, "-d",
+                                     '{"name": "a2", "dead_letter_topic": "b"}')
+        assert status == 403  # configure on a2 is refused before the dead-letter check
         status, _, body = await curl(f"{base}/queues", *alice)
         assert status == 200 and [q["name"] for q in body["queues"]] == ["a"]  # b hidden
         status, _, body = await curl(f"{base}/api/users", *alice)
@@ -264,6 +267,9 @@ async def test_vhosts_are_namespaces_over_http(tmp_path: Path) -> None:
         status, _, body = await curl(f"{base}/topics/dev~orders/messages", "-u", "dave:dave-pw",
                                      "-H", "X-Conveyor-Vhost: dev")
         assert status == 403  # a qualified name never reaches across vhosts
+        status, _, body = await curl(f"{base}/queues", *dave, "-d",
+                                     '{"name": "jobs", "dead_letter_topic": "dlq"}')
+        assert status == 201 and body["config"]["dead_letter_topic"] == "dev~dlq"
 
 
 async def test_a_receipt_is_bound_to_the_user_it_was_issued_to(tmp_path: Path) -> None:
