@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.errors import InvalidConfigError, InvalidNameError, InvalidRequestError
+from conveyor.errors import (
+    InvalidConfigError,
+    InvalidNameError,
+    InvalidRequestError,
+    PreconditionFailedError,
+)
 from conveyor.security.api import AclBinding, AclFilter, qualify, unqualify
 from conveyor.security.model import Security, open_model
 from conveyor.security.throttle import DELAY_MS_MAX
@@ -123,6 +128,10 @@ async def test_tokens_and_access_keys_survive_a_reopen(tmp_path: Path) -> None:
     found = security.access_key(key_id)
     assert found is not None and found[1] == secret and found[0].name == "dave"
     await security.admin.delete_token(token_id)
+    with pytest.raises(PreconditionFailedError, match="last administrator"):
+        await security.admin.delete_user("guest")  # guest is the only administrator
+    with pytest.raises(PreconditionFailedError):
+        await security.admin.set_tags("guest", ("monitoring",))
     await security.admin.delete_user("dave")
     assert security.verify_token(token) is None and security.access_key(key_id) is None
     await store.close()
