@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from conveyor.errors import StorageError
+from conveyor.storage.security_state import SecurityStateStore
 from conveyor.storage.shared_state import SCHEMA as SHARED_SCHEMA
 from conveyor.storage.shared_state import SharedStateStore
 from conveyor.storage.sql_engine import (
@@ -169,6 +170,7 @@ class StateStore(Protocol):
     """What the broker needs from a metadata database: domain operations only."""
 
     shared: SharedStateStore  # shared-group state (shared_state.py)
+    security: SecurityStateStore  # users, vhosts, permissions, ACLs (security_state.py)
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -226,6 +228,7 @@ class SqlStateStore:
     def __init__(self, engine: SqlEngine) -> None:
         self.engine = engine
         self.shared = SharedStateStore(engine)
+        self.security = SecurityStateStore(engine)
         self._counters: dict[str, int] = {}  # name -> next value (loaded at open)
 
     @property
