@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.connections import ConnectionRegistry
     from conveyor.limits import ServerLimits
+    from conveyor.security.api import SecurityModel
 
 __all__ = ["ListenerContext", "ListenerCounters", "Observability", "RunningListener",
            "available_listeners", "find_listener", "listener_counters", "shared_connections",
@@ -47,6 +48,9 @@ class ListenerContext:
     observability: Observability | None = None
     # Live connections, for the management API (None: a listener started alone gets its own).
     connections: ConnectionRegistry | None = None
+    # Users, permissions, ACLs (None: a listener started alone gets an open model with
+    # auth off and the loopback-only guest, see ``conveyor.security.api.security_of``).
+    security: SecurityModel | None = None
 
 
 class Observability(Protocol):

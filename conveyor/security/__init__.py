@@ -1,0 +1,1 @@
+"""Users, vhosts, permissions, tokens, access keys and ACLs: one model for every protocol."""
