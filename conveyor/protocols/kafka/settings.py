@@ -27,6 +27,8 @@ class KafkaSettings:
     cluster_id: str = "conveyor"
     # SASL/PLAIN: off unless users are configured; user -> password.
     sasl_users: Mapping[str, str] = field(default_factory=dict)
+    # KIP-368: Kafka's connections.max.reauth.ms (0: sessions never end; Kafka's default).
+    sasl_session_lifetime_ms: int = 0
 
     @property
     def sasl_enabled(self) -> bool:
@@ -42,7 +44,8 @@ def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0)
 
 def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
     known = {"frame_bytes_max", "fetch_wait_ms_max", "fetch_bytes_max", "node_id", "cluster_id",
-             "sasl_users", "users", *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
+             "sasl_users", "users", "sasl_session_lifetime_ms",
+             *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InvalidConfigError("unknown kafka listener settings", names=unknown)
@@ -61,4 +64,5 @@ def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
         node_id=_int(settings, "node_id", 0),
         cluster_id=cluster_id,
         sasl_users=dict(users),
+        sasl_session_lifetime_ms=_int(settings, "sasl_session_lifetime_ms", 0),
     )
