@@ -40,6 +40,10 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--sqs-port", type=int, help="SQS API port (9324)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    serve.add_argument("--auth", choices=("required", "off"),
+                       help="required: every listener demands credentials (CONVEYOR_AUTH)")
+    serve.add_argument("--insecure", action="store_true", default=None,
+                       help="allow a non-loopback --host with --auth off")
 
 
 def _serve(arguments: argparse.Namespace) -> int:
@@ -59,6 +63,8 @@ def _serve(arguments: argparse.Namespace) -> int:
         "advertised_host": arguments.advertised_host,
         "log_level": arguments.log_level,
         "log_format": arguments.log_format,
+        "auth": arguments.auth,
+        "insecure": arguments.insecure,
         "listeners": arguments.listeners.split(",") if arguments.listeners else None,
         "ports": ports,
     }

@@ -6,6 +6,7 @@ the environment.
 
 Environment variables: ``CONVEYOR_DATA_DIR``, ``CONVEYOR_HOST``,
 ``CONVEYOR_ADVERTISED_HOST``, ``CONVEYOR_LOG_LEVEL``, ``CONVEYOR_LOG_FORMAT``,
+``CONVEYOR_AUTH`` (``required`` or ``off``), ``CONVEYOR_INSECURE``,
 ``CONVEYOR_LISTENERS`` (comma-separated names), ``CONVEYOR_<NAME>_PORT`` for a
 listener's port, and ``CONVEYOR_BROKER__<FIELD>`` for a broker field
 (``CONVEYOR_BROKER__AUTO_CREATE_TOPICS=false``).
@@ -64,6 +65,11 @@ class ServerConfig:
     advertised_host: str | None = None  # what Kafka Metadata tells clients; None: host
     log_level: str = "info"
     log_format: str = "text"  # "text" or "json"
+    # "required": every listener demands credentials (docs/security.md). "off": clients
+    # without credentials are the guest user, from loopback peers only.
+    auth: str = "off"
+    # Listen on a non-loopback address with auth off (refused without it).
+    insecure: bool = False
     shutdown_grace_ms: int = 10_000
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     listeners: tuple[ListenerConfig, ...] = field(
@@ -151,7 +157,8 @@ def load_config(
             ) from None
     top: dict[str, Any] = {
         key: document[key]
-        for key in ("data_dir", "host", "advertised_host", "log_level", "log_format")
+        for key in ("data_dir", "host", "advertised_host", "log_level", "log_format", "auth",
+                    "insecure")
         if key in document
     }
     broker_overrides: dict[str, Any] = dict(document.get("broker", {}))
@@ -159,10 +166,12 @@ def load_config(
     enabled_names: list[str] | None = None
     ports: dict[str, int] = {}
 
-    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format"):
+    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format", "auth"):
         env_name = f"CONVEYOR_{key.upper()}"
         if env_name in environ:
             top[key] = environ[env_name]
+    if "CONVEYOR_INSECURE" in environ:
+        top["insecure"] = _coerce(environ["CONVEYOR_INSECURE"], False, "CONVEYOR_INSECURE")
     if "CONVEYOR_LISTENERS" in environ:
         enabled_names = [n.strip() for n in environ["CONVEYOR_LISTENERS"].split(",") if n.strip()]
     for name in DEFAULT_PORTS:
@@ -173,7 +182,8 @@ def load_config(
         if env_name.startswith("CONVEYOR_BROKER__"):
             broker_overrides[env_name.removeprefix("CONVEYOR_BROKER__").lower()] = value
 
-    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format"):
+    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format", "auth",
+                "insecure"):
         if flags.get(key) is not None:
             top[key] = flags[key]
     if flags.get("listeners") is not None:
@@ -183,6 +193,7 @@ def load_config(
 
     unknown_top = set(document) - {
         "data_dir", "host", "advertised_host", "log_level", "log_format", "broker", "listeners",
+        "auth", "insecure",
     }
     if unknown_top:
         raise InvalidConfigError("unknown settings in config file", names=sorted(unknown_top))
@@ -190,6 +201,10 @@ def load_config(
         top["data_dir"] = Path(top["data_dir"])
     if top.get("log_format", "text") not in ("text", "json"):
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
+    if top.get("auth", "off") not in ("required", "off"):
+        raise InvalidConfigError("auth must be required or off", value=top["auth"])
+    if not isinstance(top.get("insecure", False), bool):
+        raise InvalidConfigError("insecure must be a boolean", value=top["insecure"])
     return ServerConfig(
         **top,
         broker=_broker_settings(BrokerSettings(), broker_overrides),

@@ -252,3 +252,11 @@ class InvalidRegularExpressionError(InvalidRequestError):
 
 class UnsupportedAssignorError(InvalidRequestError):
     code = "unsupported_assignor"
+
+
+# --- security (issue 10, authcore) ---------------------------------------------
+class AuthorizationError(OperatingError):
+    """Authenticated, but not allowed (HTTP 403, AMQP ACCESS_REFUSED, Kafka *_AUTHORIZATION_FAILED)."""
+
+    code = "access_refused"
+    http_status = 403

@@ -176,6 +176,12 @@ class SecurityModel(Protocol):
         scrypt (tens of ms): call it once per connection, not per request."""
         ...
 
+    async def authenticate_password(self, user: str, password: str,
+                                    peer_host: str | None = None) -> Principal | None:
+        """``verify_password`` with the scrypt run in a worker thread: prefer it in async
+        code (a wrong password then never stalls the event loop for ~50 ms)."""
+        ...
+
     def scram_credential(self, user: str, mechanism: str) -> ScramCredential | None:
         """The stored SCRAM credential, or None (unknown user or mechanism). A protocol
         that gets None should still run the exchange with a fake credential so that

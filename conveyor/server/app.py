@@ -27,10 +27,18 @@ from conveyor.protocols.amqp.names import topic_name_for as amqp_topic_name_for
 from conveyor.server.health import readiness_checks
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 from conveyor.server.metrics import Metrics, MetricsLimits
+from conveyor.server.security_setup import (
+    advertised_host_for,
+    refuse_open_bind,
+    start_security,
+)
 from conveyor.server.state_recovery import check_state_database, rebuild_orphans
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from conveyor.broker.broker import Broker
+    from conveyor.security.model import Security
 
 logger = logging.getLogger("conveyor.server")
 
@@ -64,9 +72,12 @@ class DataDirectoryLock:
 
 class Server:
     def __init__(
-        self, config: ServerConfig, clock: Clock | None = None, rng: random.Random | None = None
+        self, config: ServerConfig, clock: Clock | None = None, rng: random.Random | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.environ = os.environ if environ is None else environ  # CONVEYOR_ADMIN_*
+        self._security: Security | None = None
         self.clock: Clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self.ports: dict[str, int] = {}
@@ -89,6 +100,11 @@ class Server:
         self._stopping = False
 
     @property
+    def security(self) -> Security:
+        assert self._security is not None, "server not started"
+        return self._security
+
+    @property
     def broker(self) -> Broker:
         assert self._broker is not None, "server not started"
         return self._broker
@@ -99,6 +115,7 @@ class Server:
         from conveyor.storage.log_store import FileLogStore
         from conveyor.storage.state_store import SqliteStateStore
 
+        refuse_open_bind(self.config)
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
@@ -117,6 +134,8 @@ class Server:
             self._broker = Broker(log_store, state_store, self.clock, self.rng, broker_config,
                                   queue_alias=amqp_topic_name_for)
             await self._broker.open()
+            self._security = await start_security(self.config, state_store, self.clock,
+                                                  self.environ)
             await rebuild_orphans(self._broker)
             self.disk_alarm.start()
             self.metrics.loop_lag.start()
@@ -131,9 +150,9 @@ class Server:
         return self._listeners[name]
 
     async def _start_listeners(self) -> None:
-        advertised_host = self.config.advertised_host or self.config.host
-        if advertised_host in ("0.0.0.0", "::"):
-            advertised_host = "127.0.0.1"
+        advertised_host = advertised_host_for(self.config)
+        logger.info("kafka advertises %s", advertised_host,
+                    extra={"advertised_host": advertised_host, "bound": self.config.host})
         for listener_config in self.config.listeners:
             if not listener_config.enabled:
                 continue
@@ -147,6 +166,7 @@ class Server:
                 counters=self.metrics.counters(listener_config.name),
                 observability=self,
                 connections=self.connections,
+                security=self._security,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -38,6 +39,14 @@ from conveyor.config import listener_limits
 from conveyor.connections import ConnectionView
 from conveyor.errors import ConveyorError, OperatingError, UnavailableError
 from conveyor.limits import RequestWatch, ServerLimits
+from conveyor.protocols.http.auth import (
+    LISTINGS,
+    authenticate,
+    authorize,
+    filter_listing,
+    forbidden_tag,
+    vhost_of,
+)
 from conveyor.protocols.http.chunks import encode_body
 from conveyor.protocols.http.codec import (
     ApiResponse,
@@ -54,6 +63,9 @@ from conveyor.protocols.http.framing import (
 from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.management import ManagementApi
 from conveyor.protocols.http.openapi import build_document
+from conveyor.protocols.http.security_routes import MANAGEMENT_TAGS, SecurityRoutes
+from conveyor.security.api import Principal, SecurityModel, security_of
+from conveyor.security.model import Security, open_model
 from conveyor.server.listeners import (
     ListenerCounters,
     listener_counters,
@@ -75,6 +87,8 @@ IDLE_TIMEOUT_MS: Final = 75_000  # nginx's keepalive_timeout default
 # Operations that add messages: pushed back with 429 under memory or disk pressure.
 PUBLISH_OPERATIONS: Final = frozenset({"publish", "publish_exchange", "publish_queue"})
 RETRY_AFTER_S: Final = 1  # what a pushed-back publisher is told to wait
+# Answered without credentials: probes and the API description (docs/security.md).
+PUBLIC_PATHS: Final = frozenset({"/health", "/ready", "/openapi.json"})
 
 
 class HttpConnection(asyncio.Protocol):
@@ -87,6 +101,7 @@ class HttpConnection(asyncio.Protocol):
         self.disconnected = asyncio.Event()
         self.worker: asyncio.Task[None] | None = None
         self.peer = ""
+        self.peer_ip: str | None = None  # what security sees (loopback guest, back-off)
         self.peer_host = ""  # the publisher the flow counts (one per client host)
         self.close_after: bytes | None = None  # a final error response, then close
         self.watch: RequestWatch | None = None
@@ -103,6 +118,7 @@ class HttpConnection(asyncio.Protocol):
         self.watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_ip = str(peer[0]) if isinstance(peer, tuple) else None
         self.peer_host = f"http:{peer[0]}" if isinstance(peer, tuple) else self.peer
         self.server.connections.add(self)
         self.worker = self.server.tasks.start(self._run(), name="http-connection")
@@ -227,7 +243,11 @@ class HttpListener:
 
     def __init__(self, broker: Broker, settings: dict[str, Any],
                  shared: ServerLimits | None = None, counters: ListenerCounters | None = None,
-                 observability: Observability | None = None) -> None:
+                 observability: Observability | None = None,
+                 security: SecurityModel | None = None) -> None:
+        self.security: SecurityModel = security if security is not None else open_model()
+        self.security_routes = (SecurityRoutes(self.security)
+                                if isinstance(self.security, Security) else None)
         self.counters = counters or ListenerCounters("http")
         self.limits = listener_limits("http", settings)
         self.shared = shared or ServerLimits()
@@ -271,20 +291,38 @@ class HttpListener:
             ))
         self.in_flight += 1
         try:
+            path = raw.target.split("?", 1)[0]
+            principal = None
+            if path not in PUBLIC_PATHS and not self.management.web.serves(path):
+                authenticated = await authenticate(self.security, raw, connection.peer_ip)
+                if authenticated.principal is None:
+                    assert authenticated.response is not None
+                    self.counters.request("unauthenticated")
+                    return authenticated.response
+                principal = authenticated.principal
             # --- management API (/api/...) and web UI (/, /ui/...): management.py ---
             if self.management.handles(raw):
                 self.counters.request("management")
-                return await self.management.respond(raw)
+                return await self._management(raw, principal)
             try:
                 request = decode_request(raw)
             except ConveyorError:
                 self.counters.request("unrouted")
                 raise
             self.counters.request(request.operation)
+            vhost = vhost_of(raw)
+            if principal is not None:
+                denied = authorize(self.security, principal, request, vhost)
+                if denied is not None:
+                    return denied
             context = RequestContext(connection.is_connected, connection.disconnected,
                                      connection.peer, raw.headers.get("accept", ""))
             if request.operation not in PUBLISH_OPERATIONS:
-                return await self.handlers.handle(request, context)
+                response = await self.handlers.handle(request, context)
+                if principal is None or request.operation not in LISTINGS:
+                    return response
+                return dataclasses.replace(response, document=filter_listing(
+                    self.security, principal, request.operation, vhost, response.document))
             # A publisher is the client's host: its connections and in-flight publishes
             # add up; the check comes before this request's own bytes count, so one
             # publish larger than the mark still goes through when the broker is idle.
@@ -305,6 +343,19 @@ class HttpListener:
             return error_response(ConveyorError("internal error"))
         finally:
             self.in_flight -= 1
+
+    async def _management(self, raw: RawRequest, principal: Principal | None) -> ApiResponse:
+        """The security endpoints, else the management API: reading needs a management
+        tag, changing needs administrator (docs/security.md)."""
+        if principal is None:
+            return await self.management.respond(raw)  # the web UI's static files
+        matched = self.security_routes.match(raw) if self.security_routes else None
+        if matched is not None and self.security_routes is not None:
+            return await self.security_routes.respond(*matched, raw, principal)
+        tags = MANAGEMENT_TAGS if raw.method.upper() in ("GET", "HEAD") else ("administrator",)
+        if not principal.has_tag(*tags):
+            return forbidden_tag(principal, tags)
+        return await self.management.respond(raw)
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -347,7 +398,8 @@ class ServerBusyError(UnavailableError):
 
 async def start_listener(broker: Broker, context: ListenerContext) -> HttpListener:
     listener = HttpListener(broker, dict(context.settings), shared_limits(context),
-                            listener_counters(context, "http"), context.observability)
+                            listener_counters(context, "http"), context.observability,
+                            security_of(context))
     await listener.start(context.host, context.port)
     # --- management API and web UI (management.py): registry of live connections ---
     registry = shared_connections(context)
