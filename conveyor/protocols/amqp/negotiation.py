@@ -213,8 +213,7 @@ def negotiate(method: pamqp_base.Frame, settings: AmqpSettings, login: Login | N
         identified = Identified(dict(method.client_properties or {}))
         if not ok:
             refused = Refused(f.ACCESS_REFUSED, "ACCESS_REFUSED - Login was refused using "
-                              f"authentication mechanism {method.mechanism}. For details "
-                              "see the broker logfile.", 10, 11)
+                              f"authentication mechanism {method.mechanism}", 10, 11)
             return [identified, LoginFailed(user, refused) if login else refused]
         return [identified, LoggedIn(user, found), Send(commands.Connection.Tune(
             channel_max=settings.channel_max, frame_max=settings.frame_bytes_max,

@@ -115,6 +115,7 @@ class KafkaHandlers:
             return self.sasl.handshake(request, state)
         if api_key == 36:
             return await self.sasl.authenticate(request, state)
+        assert api_key == 18  # ApiVersions
         return api_versions_response(request.header.api_version)
 
     async def _authorized(self, request: Request, state: ConnectionState,

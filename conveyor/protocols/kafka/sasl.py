@@ -24,6 +24,7 @@ Rules (as Kafka's SaslServerAuthenticator):
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import AuthenticationError
@@ -94,7 +95,7 @@ class Sasl:
         auth_bytes = bytes(request.body.auth_bytes)
         if mechanism == PLAIN:
             state.sasl_mechanism = None  # one message: a retry needs a new handshake
-            user, principal = self._plain(auth_bytes, state.peer_host)
+            user, principal = await self._plain(auth_bytes, state.peer_host)
             if principal is None:
                 return await self._failed(request, state, user, FAILED_MESSAGE)
             return self._succeeded(request, state, principal, b"")
@@ -125,24 +126,18 @@ class Sasl:
             return await self._failed(request, state, scram.user, FAILED_MESSAGE)
         return self._succeeded(request, state, principal, reply)
 
-    def _plain(self, auth_bytes: bytes, peer_host: str) -> tuple[str, Principal | None]:
-        """RFC 4616 PLAIN: [authzid] NUL authcid NUL passwd."""
-        parts = auth_bytes.split(b"\x00")
-        if len(parts) != 3:
+    async def _plain(self, auth_bytes: bytes, peer_host: str) -> tuple[str, Principal | None]:
+        parsed = parse_plain(auth_bytes)
+        if parsed is None:
             return "", None
-        authorization_id, user_bytes, password_bytes = parts
-        try:
-            user, password = user_bytes.decode(), password_bytes.decode()
-        except UnicodeDecodeError:
-            return "", None
-        if authorization_id and authorization_id != user_bytes:
-            return user, None
+        user, password = parsed
         legacy = self.settings.sasl_users
-        if legacy:
-            expected = legacy.get(user)
-            if expected is not None and hmac.compare_digest(expected.encode(),
-                                                            password.encode()):
-                return user, self.security.principal(user) or Principal(user)
+        if legacy and check_plain(auth_bytes, legacy) is not None:
+            return user, self.security.principal(user) or Principal(user)
+        slow = getattr(self.security, "authenticate_password", None)
+        if slow is not None:  # the model's scrypt in a worker thread: the loop keeps serving
+            found: Principal | None = await slow(user, password, peer_host)
+            return user, found
         return user, self.security.verify_password(user, password, peer_host)
 
     def _succeeded(self, request: Request, state: ConnectionState, principal: Principal,
@@ -172,3 +167,31 @@ class Sasl:
         state.close_after_response = True
         return build(response_class(36, request.header.api_version), error_code=code,
                      error_message=message, auth_bytes=b"", session_lifetime=0)
+
+
+def parse_plain(auth_bytes: bytes) -> tuple[str, str] | None:
+    """RFC 4616 PLAIN: [authzid] NUL authcid NUL passwd -> (user, password); an authzid
+    naming someone else is refused (None)."""
+    parts = bytes(auth_bytes).split(b"\x00")
+    if len(parts) != 3:
+        return None
+    authorization_id, user_bytes, password_bytes = parts
+    try:
+        user, password = user_bytes.decode(), password_bytes.decode()
+    except UnicodeDecodeError:
+        return None
+    if authorization_id and authorization_id != user_bytes:
+        return None
+    return user, password
+
+
+def check_plain(auth_bytes: bytes, users: Mapping[str, str]) -> str | None:
+    """The user name when PLAIN credentials match the listener's ``sasl_users``."""
+    parsed = parse_plain(auth_bytes)
+    if parsed is None:
+        return None
+    user, password = parsed
+    expected = users.get(user)
+    if expected is None or not hmac.compare_digest(expected.encode(), password.encode()):
+        return None
+    return user
