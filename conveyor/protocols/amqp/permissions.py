@@ -56,9 +56,13 @@ def _needs(method: Any) -> list[Need]:
     return []
 
 
-def refusal(kind: str, name: str, vhost: str, user: str, method: Any) -> ChannelError:
+BASIC_PUBLISH: Final = (60, 40)
+
+
+def refusal(kind: str, name: str, vhost: str, user: str,
+            ids: tuple[int, int]) -> ChannelError:
     return ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - access to {kind} '{name}' in "
-                        f"vhost '{vhost}' refused for user '{user}'", *method_ids(method))
+                        f"vhost '{vhost}' refused for user '{user}'", *ids)
 
 
 def authorize(security: SecurityModel | None, principal: Principal | None, vhost: str,
@@ -68,20 +72,20 @@ def authorize(security: SecurityModel | None, principal: Principal | None, vhost
         return
     for action, kind, name in _needs(method):
         if not security.check(principal, vhost, action, kind, name):  # type: ignore[arg-type]
-            raise refusal(kind, name, vhost, principal.name, method)
+            raise refusal(kind, name, vhost, principal.name, method_ids(method))
 
 
 def authorize_publish(security: SecurityModel | None, principal: Principal | None,
-                      vhost: str, exchange: str, routing_key: str, topic_exchange: bool,
-                      method: Any) -> None:
+                      vhost: str, exchange: str, routing_key: str,
+                      topic_exchange: bool) -> None:
     """basic.publish: write on the exchange; topic permissions on the routing key."""
     if security is None or principal is None:
         return
     name = exchange or DEFAULT_EXCHANGE
     if not security.check(principal, vhost, "write", "exchange", name):
-        raise refusal("exchange", name, vhost, principal.name, method)
+        raise refusal("exchange", name, vhost, principal.name, BASIC_PUBLISH)
     if topic_exchange and not security.check_routing_key(principal, vhost, name, routing_key,
                                                          "write"):
         raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - write access to topic "
                            f"'{routing_key}' in exchange '{name}' in vhost '{vhost}' refused "
-                           f"for user '{principal.name}'", *method_ids(method))
+                           f"for user '{principal.name}'", *BASIC_PUBLISH)

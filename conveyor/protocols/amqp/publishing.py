@@ -118,7 +118,7 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
     security = connection.server.security
     if security is not None:
         authorize_publish(security, connection.principal, connection.vhost, exchange,
-                          method.routing_key, bool(exchange) and info.type == "topic", method)
+                          method.routing_key, bool(exchange) and info.type == "topic")
     try:
         properties = decode_properties(event.properties)
     except PropertiesError as error:
