@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import socket
 import struct
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -147,7 +148,7 @@ def test_acls_are_enforced_listed_and_deleted(broker: SecureBroker) -> None:
         deleted = root.delete_acls([AclBindingFilter(
             ResourceType.TOPIC, "a", ResourcePatternType.LITERAL, "User:alice", None,
             AclOperation.ANY, AclPermissionType.ANY)])
-        assert list(deleted.values())[0].result(timeout=10) == [deny]
+        assert next(iter(deleted.values())).result(timeout=10) == [deny]
     allowed = _consume_one(_confluent(broker, ALICE), "a")
     assert allowed is not None and allowed.error() is None
     alice = AdminClient(_confluent(broker, ALICE))
@@ -251,3 +252,65 @@ def test_request_before_authentication_closes(broker: SecureBroker) -> None:
     with socket.create_connection(("127.0.0.1", broker.ports["kafka"])) as sock:
         sock.sendall(request_frame(metadata, 1))
         assert _closed(sock)
+
+
+# --- KIP-368: session lifetime and re-authentication ---------------------------------------
+LIFETIME_MS = 400
+
+
+@pytest.fixture(scope="module")
+def short_sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    with SecureBroker(tmp_path_factory.mktemp("kafka-reauth"), ("kafka",),
+                      {"kafka": {"sasl_session_lifetime_ms": LIFETIME_MS}}) as thread:
+        thread.setup_users(messages=1)
+        yield thread
+
+
+def _plain_login(sock: socket.socket, user: tuple[str, str], correlation_id: int) -> Any:
+    handshake = _exchange(sock, SaslHandshakeRequest(mechanism="PLAIN"), correlation_id)
+    assert handshake.error_code == 0
+    token = f"\x00{user[0]}\x00{user[1]}".encode()
+    return _exchange(sock, SaslAuthenticateRequest(auth_bytes=token), correlation_id + 1)
+
+
+def test_session_lifetime_and_reauthentication(short_sessions: SecureBroker) -> None:
+    metadata = request_class(3, 12)(topics=None, allow_auto_topic_creation=False,
+                                    include_topic_authorized_operations=False)
+    address = ("127.0.0.1", short_sessions.ports["kafka"])
+    with socket.create_connection(address) as sock:
+        answer = _plain_login(sock, ALICE, 1)
+        assert answer.error_code == 0
+        assert answer.session_lifetime.total_seconds() * 1000 == LIFETIME_MS
+        assert _exchange(sock, metadata, 3).topics is not None
+        again = _plain_login(sock, ALICE, 4)  # re-authentication on the same connection
+        assert again.error_code == 0
+        other = _plain_login(sock, ROOT, 6)  # a re-authentication may not change principal
+        assert other.error_code == 58 and "change principals" in other.error_message
+        assert _closed(sock)
+    with socket.create_connection(address) as sock:
+        assert _plain_login(sock, ALICE, 1).error_code == 0
+        time.sleep(LIFETIME_MS * 1.5 / 1000)  # the session runs out: a clock, not an event
+        sock.sendall(request_frame(metadata, 3))
+        assert _closed(sock)
+
+
+def test_confluent_keeps_working_across_reauthentication(short_sessions: SecureBroker) -> None:
+    """A real client keeps consuming over several session lifetimes: librdkafka
+    re-authenticates before the lifetime the broker announced (KIP-368); a connection it
+    let expire would be closed by the broker and reopened, which this test also allows
+    (the wire test above pins the broker's side)."""
+    config = _confluent(short_sessions, ALICE)
+    consumer = Consumer({**config, "group.id": unique("g"), "auto.offset.reset": "earliest"})
+    try:
+        consumer.subscribe(["a"])
+        deadline = time.monotonic() + LIFETIME_MS * 6 / 1000
+        received = []
+        while time.monotonic() < deadline:  # several lifetimes of polling and heartbeats
+            message = consumer.poll(0.2)
+            if message is not None:
+                assert message.error() is None, message.error()
+                received.append(message.value())
+        assert received and received[0].startswith(b"a-")
+        assert consumer.list_topics("a", timeout=5).topics["a"].error is None
+    finally:
+        consumer.close()
