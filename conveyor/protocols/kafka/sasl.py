@@ -60,7 +60,11 @@ class Sasl:
         principal = state.principal
         if principal is None and not state.anonymous_checked:
             state.anonymous_checked = True
-            if not self.settings.sasl_enabled:
+            certificate_user = getattr(state, "certificate_user", None)  # tls branch's mTLS
+            if getattr(state, "security_protocol", "") == "SSL" and certificate_user:
+                principal = self.security.principal_for_certificate(certificate_user)
+                state.principal = principal  # Kafka's SSL listener: User:CN of the cert
+            elif not self.settings.sasl_enabled:
                 principal = state.principal = self.security.anonymous(state.peer_host)
         if principal is None:
             raise AuthenticationError("request before SASL authentication", api_key=api_key)
