@@ -7,10 +7,12 @@
     conveyor [--url URL] dlq list|redrive QUEUE [--group G]
     conveyor [--url URL] top [--once] | definitions export|import   (cli_management.py)
 
-The server URL comes from ``--url``, else ``CONVEYOR_URL``, else http://localhost:8080.
+The server URL comes from ``--url``, else ``CONVEYOR_URL``, else http://localhost:8080;
+credentials from ``--user``/``--password``/``--token``, the URL, or the environment
+(users, permissions, vhosts, acls: cli_security.py).
 Listings print a table (rich) or, with ``--json``, JSON. Exit codes: 0 ok, 1 other
 error, 2 usage or bad request (400/413/415), 3 not found (404), 4 conflict (409),
-5 server unreachable or unavailable (503), 130 interrupted.
+5 server unreachable or unavailable (503), 6 refused (401/403), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from conveyor import cli_security, cli_verify
 
 if TYPE_CHECKING:
     from conveyor.client import Client
@@ -40,10 +44,7 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--sqs-port", type=int, help="SQS API port (9324)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
-    serve.add_argument("--auth", choices=("required", "off"),
-                       help="required: every listener demands credentials (CONVEYOR_AUTH)")
-    serve.add_argument("--insecure", action="store_true", default=None,
-                       help="allow a non-loopback --host with --auth off")
+    cli_security.add_serve_flags(serve)
 
 
 def _serve(arguments: argparse.Namespace) -> int:
@@ -63,8 +64,7 @@ def _serve(arguments: argparse.Namespace) -> int:
         "advertised_host": arguments.advertised_host,
         "log_level": arguments.log_level,
         "log_format": arguments.log_format,
-        "auth": arguments.auth,
-        "insecure": arguments.insecure,
+        **cli_security.serve_flags(arguments),
         "listeners": arguments.listeners.split(",") if arguments.listeners else None,
         "ports": ports,
     }
@@ -84,12 +84,15 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_CONFLICT = 4
 EXIT_UNAVAILABLE = 5
+EXIT_REFUSED = 6  # 401 / 403: credentials missing or wrong, or not permitted
 EXIT_INTERRUPTED = 130
 PUBLISH_BATCH_DEFAULT = 500  # messages per request when publishing many
 PROGRESS_THRESHOLD = 1000  # show a progress bar from this many messages on
 
 
 def exit_code_for(status: int) -> int:
+    if status in (401, 403):
+        return EXIT_REFUSED
     if status == 404:
         return EXIT_NOT_FOUND
     if status == 409:
@@ -518,9 +521,9 @@ def _run_client(arguments: argparse.Namespace) -> int:
     from conveyor.client import Client, ConnectionFailedError
     from conveyor.errors import ConveyorError
 
-    url = arguments.url or os.environ.get("CONVEYOR_URL") or "http://localhost:8080"
+    url = cli_security.server_url(arguments)
     try:
-        with Client(url) as client:
+        with Client(url, **cli_security.client_credentials(arguments)) as client:
             return CLIENT_COMMANDS[arguments.command](client, arguments)
     except ConnectionFailedError as error:
         print(f"conveyor: cannot reach {url}: {error.details.get('reason', error)}",
@@ -544,57 +547,28 @@ def _run_client(arguments: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
-def _add_verify(subparsers: Any) -> None:
-    verify = subparsers.add_parser(
-        "verify", help="offline check of every segment, index and the state database")
-    verify.add_argument("data_dir", type=Path, help="the server's --data-dir")
-    _add_json(verify)
-
-
-def _verify(arguments: argparse.Namespace) -> int:
-    """Exit 0: no damage (repairable findings may be listed); 1: damage found."""
-    from conveyor.storage.verify import verify_data_dir
-
-    if not arguments.data_dir.is_dir():
-        print(f"conveyor: {arguments.data_dir}: not a directory", file=sys.stderr)
-        return EXIT_USAGE
-    report = verify_data_dir(arguments.data_dir)
-    if arguments.json:
-        print(json.dumps({"damaged": report.damaged, "segments": report.segments,
-                          "batches": report.batches, "bytes_checked": report.bytes_checked,
-                          "findings": [finding.to_document() for finding in report.findings]},
-                         sort_keys=True))
-    else:
-        for finding in report.findings:
-            where = "" if finding.position < 0 else f" at byte {finding.position}"
-            offsets = "" if finding.first_offset < 0 else (
-                f" (offsets from {finding.first_offset}, next valid {finding.next_offset})")
-            print(f"{finding.severity}: {finding.path}{where}: {finding.problem}{offsets}")
-        print(f"checked {report.segments} segments, {report.batches} batches, "
-              f"{report.bytes_checked} bytes: {'DAMAGED' if report.damaged else 'ok'}")
-    return EXIT_ERROR if report.damaged else EXIT_OK
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor message broker")
-    parser.add_argument("--url", help="server URL (CONVEYOR_URL, http://localhost:8080)")
+    cli_security.add_credential_flags(parser)  # --url, --user, --password, --token, --vhost
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_admin(subparsers)
     _add_publish(subparsers)
     _add_consume(subparsers)
-    _add_verify(subparsers)
+    cli_verify.add_parser(subparsers)
     from conveyor import cli_management
 
     cli_management.add_parsers(subparsers)
+    cli_security.add_parsers(subparsers)
     arguments = parser.parse_args(argv)
     if arguments.command == "serve":
         return _serve(arguments)
     if arguments.command == "verify":
-        return _verify(arguments)
+        return cli_verify.run(arguments)
     if arguments.command in ("top", "definitions"):
-        url = arguments.url or os.environ.get("CONVEYOR_URL") or "http://localhost:8080"
-        return cli_management.run(arguments, url)
+        return cli_management.run(arguments, cli_security.server_url(arguments))
+    if arguments.command in cli_security.COMMANDS:
+        return cli_security.run(arguments)
     if arguments.command in CLIENT_COMMANDS:
         return _run_client(arguments)
     parser.error(f"unknown command {arguments.command}")

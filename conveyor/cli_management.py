@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,9 +137,13 @@ def _definitions(client: httpx.Client, arguments: argparse.Namespace) -> int:
 
 
 def run(arguments: argparse.Namespace, url: str, console: Console | None = None) -> int:
+    from conveyor.cli_security import client_credentials
+    from conveyor.client.core import credentials
+
     console = console or Console()
+    url, headers = credentials(url, environ=os.environ, **client_credentials(arguments))
     try:
-        with httpx.Client(base_url=url, timeout=TIMEOUT_S) as client:
+        with httpx.Client(base_url=url, headers=headers, timeout=TIMEOUT_S) as client:
             if arguments.command == "top":
                 return _top(client, arguments, console)
             return _definitions(client, arguments)

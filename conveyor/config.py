@@ -139,6 +139,13 @@ def _listeners_from(
     return tuple(result)
 
 
+def _check_security_settings(top: Mapping[str, Any]) -> None:
+    if top.get("auth", "off") not in ("required", "off"):
+        raise InvalidConfigError("auth must be required or off", value=top["auth"])
+    if not isinstance(top.get("insecure", False), bool):
+        raise InvalidConfigError("insecure must be a boolean", value=top["insecure"])
+
+
 def load_config(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -201,10 +208,7 @@ def load_config(
         top["data_dir"] = Path(top["data_dir"])
     if top.get("log_format", "text") not in ("text", "json"):
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
-    if top.get("auth", "off") not in ("required", "off"):
-        raise InvalidConfigError("auth must be required or off", value=top["auth"])
-    if not isinstance(top.get("insecure", False), bool):
-        raise InvalidConfigError("insecure must be a boolean", value=top["insecure"])
+    _check_security_settings(top)
     return ServerConfig(
         **top,
         broker=_broker_settings(BrokerSettings(), broker_overrides),

@@ -256,7 +256,8 @@ class UnsupportedAssignorError(InvalidRequestError):
 
 # --- security (issue 10, authcore) ---------------------------------------------
 class AuthorizationError(OperatingError):
-    """Authenticated, but not allowed (HTTP 403, AMQP ACCESS_REFUSED, Kafka *_AUTHORIZATION_FAILED)."""
+    """Authenticated, but not allowed (HTTP 403, AMQP ACCESS_REFUSED, Kafka
+    *_AUTHORIZATION_FAILED)."""
 
     code = "access_refused"
     http_status = 403

@@ -42,9 +42,11 @@ API (all ``async`` unless noted):
     open() / close()
 
 Receipts are ``"<topic>:<partition>:<offset>:<token>:<group>"`` (topic names
-have no ':'); the token changes on every acquire so a stale receipt (of one of the
-record's last locks) fails with LockExpiredError, a settled one or one never issued
-for the record with UnknownDeliveryError.
+have no ':'); the token is 63 random bits from ``secrets`` (unguessable: a consumer
+cannot settle another's delivery by constructing its receipt) and changes on every
+acquire so a stale receipt (of one of the record's last locks) fails with
+LockExpiredError, a settled one or one never issued for the record with
+UnknownDeliveryError.
 
 Time: lock deadlines, delays and TTL run on the monotonic clock (a wall-clock step
 moves none of them); header times and persisted delays are wall ms, converted at
@@ -67,6 +69,7 @@ import dataclasses
 import json
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -845,7 +848,10 @@ class SharedGroups:
         return self.clock.wall_ms() - self.clock.monotonic_ms()
 
     def _token(self) -> int:
-        return self.rng.getrandbits(63)
+        """A delivery token: 63 bits from the OS CSPRNG (``secrets``), never 0 (0 means
+        "no lock"). Only the consumer it was handed to knows it, so a receipt cannot be
+        guessed or forged from the visible parts (topic, partition, offset, group)."""
+        return secrets.randbits(63) or 1
 
     def _queue(self, name: str) -> SharedGroupWindows:
         state = self._groups.get((name, name))

@@ -37,7 +37,10 @@ from .types import TopicConfig, TopicInfo
 
 TOPIC_NAME_BYTES_MAX = 249  # Kafka's Topic.MAX_NAME_LENGTH
 PARTITIONS_MAX = 10_000  # a bound so a typo cannot create a million directories
-_LEGAL_NAME = re.compile(r"[a-zA-Z0-9._-]+")
+# A name of a vhost other than "/" carries the vhost as a prefix, "vhost~name"
+# (conveyor/security/api.py: qualify); "~" is illegal in Kafka names, so a name of the
+# default vhost never collides with one.
+_LEGAL_NAME = re.compile(r"(?:[a-zA-Z0-9._-]{1,64}~)?[a-zA-Z0-9._-]+")
 
 # config name (Conveyor's; Kafka's spelling where one exists) -> TopicConfig field
 CONFIG_FIELDS: dict[str, str] = {
@@ -79,7 +82,8 @@ _MINIMUMS: dict[str, int] = {
 
 
 def validate_topic_name(name: str) -> None:
-    """Kafka's rules: [a-zA-Z0-9._-], 1..249 chars, not "." or ".."."""
+    """Kafka's rules: [a-zA-Z0-9._-], 1..249 chars, not "." or ".." (plus an optional
+    ``vhost~`` prefix)."""
     if not name:
         raise InvalidNameError("topic name is empty")
     if len(name) > TOPIC_NAME_BYTES_MAX:

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from os import environ
 from typing import Any, Literal
 
 import httpx
@@ -102,11 +103,19 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        vhost: str | None = None,
     ) -> None:
+        # credentials: arguments, else the URL's user:password@, else CONVEYOR_TOKEN /
+        # CONVEYOR_USER + CONVEYOR_PASSWORD (docs/security.md)
+        url, auth_headers = core.credentials(url, user, password, token, vhost, environ)
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
-        self._http = httpx.AsyncClient(base_url=self.url, headers=dict(headers or {}),
+        self._http = httpx.AsyncClient(base_url=self.url,
+                                       headers={**auth_headers, **dict(headers or {})},
                                        transport=transport, timeout=timeout_s)
         self._reply_queue: str | None = None
         self._reply_lock = asyncio.Lock()

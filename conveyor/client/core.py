@@ -375,3 +375,39 @@ def admin_call(method: str, path: str, body: Any = None,
 def segment(name: str) -> str:
     """A name as one URL path segment."""
     return _segment(name)
+
+
+# --- credentials ---------------------------------------------------------------------------
+def credentials(url: str, user: str | None = None, password: str | None = None,
+                token: str | None = None, vhost: str | None = None,
+                environ: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """(URL without user info, headers) from, first to last: the arguments, the URL's
+    ``user:password@``, and ``CONVEYOR_TOKEN`` / ``CONVEYOR_USER`` / ``CONVEYOR_PASSWORD``.
+    A token is sent as ``Authorization: Bearer``, a user as HTTP Basic; ``vhost`` as
+    ``X-Conveyor-Vhost``. Nothing: no Authorization (the loopback guest, auth off)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    environ = {} if environ is None else environ
+    split = urlsplit(url)
+    if split.username is not None and user is None and token is None:
+        user, password = unquote(split.username), unquote(split.password or "")
+    if split.username is not None or split.password is not None:
+        netloc = split.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"
+        if split.port is not None:
+            netloc = f"{netloc}:{split.port}"
+        url = urlunsplit((split.scheme, netloc, split.path, split.query, split.fragment))
+    if user is None and token is None:
+        token = environ.get("CONVEYOR_TOKEN") or None
+        if token is None and environ.get("CONVEYOR_USER"):
+            user, password = environ["CONVEYOR_USER"], environ.get("CONVEYOR_PASSWORD", "")
+    headers: dict[str, str] = {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    elif user is not None:
+        basic = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
+        headers["Authorization"] = f"Basic {basic}"
+    if vhost is not None:
+        headers["X-Conveyor-Vhost"] = vhost
+    return url, headers

@@ -59,10 +59,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
-
-if TYPE_CHECKING:
-    from conveyor.server.listeners import ListenerContext
+from typing import Literal, Protocol
 
 Action = Literal["configure", "write", "read", "describe"]
 ResourceKind = Literal["queue", "exchange", "topic", "group", "cluster", "transactional_id"]
@@ -290,7 +287,14 @@ def unqualify(broker_name: str) -> tuple[str, str]:
     return (vhost, name) if separator else (DEFAULT_VHOST, broker_name)
 
 
-def security_of(context: ListenerContext) -> SecurityModel:
+class HasSecurity(Protocol):
+    """What ``security_of`` reads: ``conveyor.server.listeners.ListenerContext``."""
+
+    @property
+    def security(self) -> SecurityModel | None: ...
+
+
+def security_of(context: HasSecurity) -> SecurityModel:
     """The server's model from the listener context; a listener started alone (tests of one
     protocol) gets an in-memory model with auth off and the loopback-only guest."""
     if context.security is not None:

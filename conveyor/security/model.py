@@ -24,6 +24,7 @@ from conveyor.security.admin import SecurityAdmin
 from conveyor.security.api import (
     DEFAULT_VHOST,
     GUEST_USER,
+    VHOST_SEPARATOR,
     AclBinding,
     AclFilter,
     Action,
@@ -169,6 +170,8 @@ class Security:
 
     def _decide(self, principal: Principal, vhost: str, action: Action,
                 kind: ResourceKind, name: str) -> bool:
+        if VHOST_SEPARATOR in name:
+            return False  # a vhost-qualified name: reaching into another vhost
         acl: bool | None = None
         if vhost == DEFAULT_VHOST and self.state.acls:  # Kafka has no vhosts: ACLs live in /
             acl = acls.decide(self.state.acls, principal.kafka_principal, None, kind, name,

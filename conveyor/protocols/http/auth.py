@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Final
 
 from conveyor.errors import AuthenticationError, AuthorizationError
 from conveyor.protocols.http.codec import ApiRequest, ApiResponse, error_response
 from conveyor.protocols.http.framing import RawRequest
-from conveyor.security.api import DEFAULT_VHOST, Action, Principal, ResourceKind, SecurityModel
+from conveyor.security.api import (
+    DEFAULT_VHOST,
+    Action,
+    Principal,
+    ResourceKind,
+    SecurityModel,
+    qualify,
+    unqualify,
+)
 
 VHOST_HEADER: Final = "x-conveyor-vhost"
 # Open to anyone: liveness/readiness probes, the API description, the UI's static files.
@@ -174,17 +183,42 @@ def _destination_kind(request: ApiRequest) -> ResourceKind:
     return "exchange" if kind == "exchange" else "topic" if kind == "topic" else "queue"
 
 
+# Names the broker sees qualified by the request's vhost (vhost "/" changes nothing).
+QUALIFIED_PATH: Final = ("topic", "queue", "exchange")
+QUALIFIED_BODY: Final = {"create_topic": "name", "create_queue": "name",
+                         "create_exchange": "name", "bind": "destination",
+                         "unbind": "destination"}
+
+
+def qualify_request(request: ApiRequest, vhost: str) -> ApiRequest:
+    """The request with its resource names prefixed by the vhost (``qualify``)."""
+    if vhost == DEFAULT_VHOST:
+        return request
+    path = {key: qualify(vhost, value) if key in QUALIFIED_PATH else value
+            for key, value in request.path.items()}
+    body = request.body
+    field = QUALIFIED_BODY.get(request.operation)
+    if field is not None and isinstance(body.get(field), str):
+        body = {**body, field: qualify(vhost, body[field])}
+    return dataclasses.replace(request, path=path, body=body)
+
+
 def filter_listing(security: SecurityModel, principal: Principal, operation: str,
                    vhost: str, document: Any) -> Any:
-    """Drop the items of a listing that the principal may not describe."""
+    """The items of a listing in the request's vhost, by their unqualified names, that
+    the principal may describe."""
     listing = LISTINGS.get(operation)
-    if listing is None or principal.is_administrator or not isinstance(document, dict):
+    if listing is None or not isinstance(document, dict):
         return document
     key, kind, field = listing
     items = document.get(key)
-    if not isinstance(items, list):
+    if not isinstance(items, list) or kind == "group":
         return document
-    kept = [item for item in items if isinstance(item, dict) and isinstance(
-        item.get(field), str) and security.check(principal, vhost, "describe", kind,
-                                                 item[field])]
+    kept = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get(field), str):
+            continue
+        item_vhost, name = unqualify(item[field])
+        if item_vhost == vhost and security.check(principal, vhost, "describe", kind, name):
+            kept.append({**item, field: name})
     return {**document, key: kept}

@@ -45,6 +45,7 @@ from conveyor.protocols.http.auth import (
     authorize,
     filter_listing,
     forbidden_tag,
+    qualify_request,
     vhost_of,
 )
 from conveyor.protocols.http.chunks import encode_body
@@ -315,6 +316,7 @@ class HttpListener:
                 denied = authorize(self.security, principal, request, vhost)
                 if denied is not None:
                     return denied
+            request = qualify_request(request, vhost)  # vhosts as name prefixes
             context = RequestContext(connection.is_connected, connection.disconnected,
                                      connection.peer, raw.headers.get("accept", ""))
             if request.operation not in PUBLISH_OPERATIONS:
