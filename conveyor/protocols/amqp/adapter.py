@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,9 @@ from .negotiation import (
     Opened,
     Refused,
     Send,
+    Step,
     Tuned,
+    credentials,
     negotiate,
     start_method,
 )
@@ -247,8 +250,33 @@ class AmqpConnection(asyncio.Protocol):
 
     def _connection_method(self, method: pamqp_base.Frame) -> None:
         security = self.server.security
+        if security is not None and isinstance(method, commands.Connection.StartOk) \
+                and method.mechanism in ("PLAIN", "AMQPLAIN"):
+            # the password hash (scrypt) runs in a worker thread, not on the event loop
+            self.server.tasks.start(self._password_login(method), name="amqp-login")
+            return
         login = login_for(security, self.transport) if security is not None else None
-        for step in negotiate(method, self.server.settings, login, self.principal):
+        self._negotiated(negotiate(method, self.server.settings, login, self.principal))
+
+    async def _password_login(self, method: commands.Connection.StartOk) -> None:
+        security = self.server.security
+        assert security is not None
+        host = peer_host(self.transport)
+        found = credentials(method.mechanism, method.response)
+        principal = None
+        if found is not None:
+            slow = getattr(security, "authenticate_password", None)
+            principal = (await slow(found[0], found[1], host) if slow is not None
+                         else security.verify_password(found[0], found[1], host))
+        login = dataclasses.replace(login_for(security, self.transport),
+                                    password=lambda user, password: principal)
+        if self.machine.state is not ConnectionState.CLOSED:
+            self._negotiated(negotiate(method, self.server.settings, login, self.principal))
+            self._flush()
+
+    def _negotiated(self, steps: list[Step]) -> None:
+        security = self.server.security
+        for step in steps:
             if isinstance(step, Send):
                 self.send_method(0, step.method)
             elif isinstance(step, Refused):
