@@ -42,7 +42,7 @@ from confluent_kafka.admin import (
 )
 from kio.schema.sasl_authenticate.v2.request import SaslAuthenticateRequest
 from kio.schema.sasl_handshake.v1.request import SaslHandshakeRequest
-from security_support import ALICE, ROOT, SecureBroker, unique
+from security_support import ALICE, ROOT, WRITER, SecureBroker, unique
 
 from conveyor.protocols.kafka.messages import request_class
 
@@ -88,6 +88,22 @@ def test_confluent_scram_sha512_reads_a_and_is_refused_b(broker: SecureBroker) -
     refused = _consume_one(_confluent(broker, ALICE), "b")
     assert refused is not None and refused.error() is not None
     assert refused.error().code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
+def test_produce_without_write_is_refused(broker: SecureBroker) -> None:
+    from confluent_kafka import Producer
+
+    outcomes: list[Any] = []
+    producer = Producer(_confluent(broker, ALICE, **{"message.send.max.retries": 0}))
+    producer.produce("a", b"alice may only read", on_delivery=lambda error, _: outcomes.append(
+        error))
+    producer.flush(10)
+    assert len(outcomes) == 1 and outcomes[0] is not None
+    assert outcomes[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    writer = Producer(_confluent(broker, WRITER))
+    writer.produce("b", b"writer may", on_delivery=lambda error, _: outcomes.append(error))
+    writer.flush(10)
+    assert outcomes[1] is None
 
 
 def test_confluent_wrong_password_is_refused(broker: SecureBroker) -> None:
@@ -176,6 +192,8 @@ def test_kip554_scram_credentials(broker: SecureBroker) -> None:
     described = root.describe_user_scram_credentials(["alice"])["alice"].result(timeout=10)
     mechanisms = {info.mechanism for info in described.scram_credential_infos}
     assert mechanisms == {ScramMechanism.SCRAM_SHA_256, ScramMechanism.SCRAM_SHA_512}
+    everyone = root.describe_user_scram_credentials().result(timeout=10)
+    assert {"root", "alice", "writer"} <= set(everyone)
     upsert = UserScramCredentialUpsertion(
         "writer", ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192), b"new-password")
     for future in root.alter_user_scram_credentials([upsert]).values():

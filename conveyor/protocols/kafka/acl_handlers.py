@@ -167,7 +167,7 @@ def handle_describe_scram(security: SecurityModel, access: Access, request: Any)
     users = request.body.users
     names = [user.name for user in users] if users else None
     if names is None:
-        names = [name for name in security_users(security)]
+        names = security_users(security)
     results = []
     for name in names:
         mechanisms = security.scram_mechanisms(name)
@@ -187,9 +187,13 @@ def handle_describe_scram(security: SecurityModel, access: Access, request: Any)
 
 
 def security_users(security: SecurityModel) -> list[str]:
-    """Every user name, when the model can list them (describe-all)."""
-    lister = getattr(security, "user_names", None)
-    return sorted(lister()) if callable(lister) else []
+    """Every user with a SCRAM credential, when the model can list them (describe-all:
+    Kafka answers only the users that have one)."""
+    admin = getattr(security, "admin", None)
+    lister = getattr(admin, "list_users", None)
+    if not callable(lister):
+        return []
+    return sorted(str(user["name"]) for user in lister() if user.get("scram_mechanisms"))
 
 
 async def handle_alter_scram(security: SecurityModel, access: Access, request: Any) -> Any:

@@ -52,23 +52,16 @@ async def handle_produce(broker: Broker, request: Request,
     header = request.header
     refusal = _refusal(body)
     denied = _denied(body.topic_data, access, "write", "name")
-    if denied:  # Kafka refuses a produce naming any topic it may not write, as a whole
-        outcomes = [
-            (topic.name, ProducePartitionResult(
-                partition.index, error_codes.TOPIC_AUTHORIZATION_FAILED
-                if topic.name in denied else error_codes.UNKNOWN_SERVER_ERROR,
-                error_message=DENIED_TOPIC))
-            for topic in body.topic_data for partition in topic.partition_data
-        ]
-    elif refusal is not None:
+    if refusal is not None:
         outcomes = [
             (topic.name, ProducePartitionResult(partition.index, refusal[0],
                                                 error_message=refusal[1]))
             for topic in body.topic_data for partition in topic.partition_data
         ]
-    else:
+    else:  # as Kafka: partitions of topics the principal may not write are refused alone
         appends = [
             _append(broker, topic.name, partition.index, partition.records)
+            if topic.name not in denied else _refused(topic.name, partition.index)
             for topic in body.topic_data for partition in topic.partition_data
         ]
         if len(appends) == 1:  # the common case: no task per partition
@@ -103,6 +96,11 @@ def _refusal(body: Any) -> tuple[int, str] | None:
     if body.transactional_id is not None:
         return error_codes.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "transactions are not supported"
     return None
+
+
+async def _refused(topic: str, partition: int) -> tuple[str, ProducePartitionResult]:
+    return topic, ProducePartitionResult(partition, error_codes.TOPIC_AUTHORIZATION_FAILED,
+                                         error_message=DENIED_TOPIC)
 
 
 async def _append(

@@ -17,8 +17,8 @@ Rules (as Kafka's SaslServerAuthenticator):
 - Without ``--auth required`` a connection that never authenticates gets the model's
   anonymous principal (the guest from loopback); when that is None (auth required, or
   a non-loopback peer), only ApiVersions and the SASL APIs are served until it does.
-  The legacy ``sasl_users`` listener setting keeps working for PLAIN and makes SASL
-  mandatory on that listener.
+  The legacy ``sasl_users`` listener setting keeps working for PLAIN (its users may do
+  everything, as before permissions existed) and makes SASL mandatory on that listener.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ class Sasl:
         user, password = parsed
         legacy = self.settings.sasl_users
         if legacy and check_plain(auth_bytes, legacy) is not None:
-            return user, self.security.principal(user) or Principal(user)
+            # the listener's own users predate permissions: they may do everything
+            return user, Principal(user, frozenset({"administrator"}))
         slow = getattr(self.security, "authenticate_password", None)
         if slow is not None:  # the model's scrypt in a worker thread: the loop keeps serving
             found: Principal | None = await slow(user, password, peer_host)
