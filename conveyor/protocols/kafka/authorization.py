@@ -14,7 +14,7 @@ Mapping (Kafka's AclAuthorizer operations -> the model's actions, conveyor/secur
 - JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch: READ on the group.
 - CreateAcls, DeleteAcls, AlterUserScramCredentials: ALTER on the cluster (configure);
   DescribeAcls, DescribeUserScramCredentials: DESCRIBE on the cluster.
-Kafka has no vhosts: its listener acts in one (``vhost`` setting, default ``/``).
+Kafka has no vhosts: its listener acts in the default vhost ``/``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ each action onto the model's actions:
   ``describe``; ListQueues lists only the queues the principal may describe.
 
 A refusal is AccessDenied (403), as SQS answers an IAM denial, naming the user and
-the action. SQS has no vhosts: the listener acts in one (``vhost`` setting, default ``/``).
+the action. SQS has no vhosts: the listener acts in the default vhost ``/``.
 """
 
 from __future__ import annotations

@@ -233,8 +233,7 @@ class SqsListener:
         if security is None:  # started alone: auth off, loopback guest
             from conveyor.security.model import open_model
             security = open_model()
-        self.access = SqsAccess(security, self.region, self.account_id,
-                                str(settings.get("vhost", "/")))
+        self.access = SqsAccess(security, self.region, self.account_id)
         self.advertised_host = advertised_host
         self.broker = broker
         self.port = 0
