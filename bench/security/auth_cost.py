@@ -1,180 +1,152 @@
-"""The throughput cost of authentication and authorization checks (issue 10).
+"""What authentication and authorization cost: the model's calls, and HTTP requests.
 
-Method: two brokers in one run, alternating rounds: ``open`` (auth off; clients act as
-the loopback guest, an administrator, so every check returns at its first line) and
-``checked`` (``--auth required``; the client is a non-administrator with ``.*``
-permissions, so every check goes through the model's decision cache: the full path a
-restricted user takes). Kafka: confluent-kafka produces N records (acks=all, linger 5 ms)
-and a consumer reads them back (SASL PLAIN on the checked broker). AMQP: pika publishes N
-messages, then consumes them with prefetch 500, acking every 100 (PLAIN login on
-both): the publish rate (unconfirmed: what the checks cost, not fsync) and the rate
-from the first publish to the last delivery. Medians over rounds; results in
-``bench/results/auth_cost.json``; ``check_ns`` is one check of a non-administrator.
+What:
+- the model in process: ``check`` (a cached decision, and a fresh one through the
+  regexes), ``verify_password`` (first: one scrypt; then: the per-process HMAC cache),
+  ``verify_token`` (one SHA-256 and a dict lookup);
+- HTTP requests/s over one keep-alive connection (GET /topics/t/messages of one 1 KiB
+  record) against one server: anonymous loopback guest (auth off) beside Basic and
+  Bearer (auth required), the same client code for all three.
+The peer is Conveyor itself without credentials: the ratio is the price of auth.
 
-Run: ``python -m bench.security.auth_cost [--records 20000] [--messages 10000] [--rounds 3]``
+Run: ``python -m bench.security.auth_cost [--seconds 2] [--rounds 3]``; writes
+bench/results/security.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import dataclasses
 import json
+import platform
 import statistics
 import tempfile
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pika
-from confluent_kafka import Consumer, Producer
+import httpx
 
+from conveyor.security.model import Security
 from conveyor.server.app import Server
-from conveyor.testing.server import BrokerThread, test_config
+from conveyor.testing.server import test_config
 
-USER = ("bench", "bench-password")
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "auth_cost.json"
-
-
-class Broker(BrokerThread):
-    def __init__(self, data_dir: Path, checked: bool) -> None:
-        super().__init__(data_dir, ("kafka", "amqp"))
-        self.checked = checked
-
-    def _start_server(self) -> None:
-        config = test_config(self.data_dir, self.listener_names, self.settings, self.ports)
-        if self.checked:
-            config = dataclasses.replace(config, auth="required")
-        # auth off: no first admin, so the model creates guest/guest (loopback only)
-        environ = {"CONVEYOR_ADMIN_USER": "root", "CONVEYOR_ADMIN_PASSWORD": "root-password"}
-        self._server = Server(config, environ=environ if self.checked else {})
-        self._submit(self._server.start()).result(timeout=30)
-        self.ports = dict(self._server.ports)
-        if self.checked:
-            self.call(self._user)
-
-    async def _user(self) -> None:
-        admin = self.server.security.admin
-        await admin.add_user(*USER)
-        await admin.set_permissions(USER[0], "/", ".*", ".*", ".*")
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "security.json"
+BASIC = {"Authorization": "Basic " + base64.b64encode(b"admin:admin-pw").decode()}
 
 
-def _kafka_config(broker: Broker) -> dict[str, Any]:
-    config: dict[str, Any] = {"bootstrap.servers": f"127.0.0.1:{broker.ports['kafka']}"}
-    if broker.checked:
-        config.update({"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN",
-                       "sasl.username": USER[0], "sasl.password": USER[1]})
-    return config
-
-
-def kafka_round(broker: Broker, records: int) -> tuple[float, float]:
-    topic = f"bench-{uuid.uuid4().hex[:8]}"
-    producer = Producer({**_kafka_config(broker), "linger.ms": 5, "acks": "all"})
-    payload = b"x" * 100
+def per_call_us(function: Callable[[], object], seconds: float) -> float:
+    calls = 0
     started = time.perf_counter()
-    for index in range(records):
-        while True:
-            try:
-                producer.produce(topic, payload, key=str(index % 16).encode())
-                break
-            except BufferError:
-                producer.poll(0.01)
-    assert producer.flush(60) == 0
-    produce_s = time.perf_counter() - started
-    consumer = Consumer({**_kafka_config(broker), "group.id": topic,
-                         "auto.offset.reset": "earliest"})
-    consumer.subscribe([topic])
-    received = 0
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(100):
+            function()
+        calls += 100
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+async def model_costs(seconds: float) -> dict[str, float]:
+    security = Security(None)
+    await security.admin.add_vhost("/")
+    await security.admin.add_user("alice", "alice-pw")
+    await security.admin.set_permissions("alice", "/", "^q-[0-9]+$", "^q-[0-9]+$", "^q-")
+    _, token = await security.admin.create_token("alice", "bench")
+    alice = security.principal("alice")
+    assert alice is not None
+    names = [f"q-{n}" for n in range(100_000)]
+    position = iter(range(10**9))
+
+    def fresh() -> None:
+        security.check(alice, "/", "read", "queue", names[next(position) % len(names)])
+        security.state.decisions.clear()
+
     started = time.perf_counter()
-    while received < records:
-        batch = consumer.consume(1000, 1.0)
-        received += sum(1 for message in batch if message.error() is None)
-    consume_s = time.perf_counter() - started
-    consumer.close()
-    return records / produce_s, records / consume_s
+    security.verify_password("alice", "alice-pw")
+    first_password_ms = (time.perf_counter() - started) * 1000
+    return {
+        "check_cached_us": per_call_us(
+            lambda: security.check(alice, "/", "read", "queue", "q-1"), seconds),
+        "check_fresh_us": per_call_us(fresh, seconds),
+        "verify_password_first_ms": first_password_ms,
+        "verify_password_cached_us": per_call_us(
+            lambda: security.verify_password("alice", "alice-pw"), seconds),
+        "verify_token_us": per_call_us(lambda: security.verify_token(token), seconds),
+    }
 
 
-def amqp_round(broker: Broker, messages: int) -> tuple[float, float]:
-    user = USER if broker.checked else ("guest", "guest")
-    queue = f"bench-{uuid.uuid4().hex[:8]}"
-    connection = pika.BlockingConnection(pika.ConnectionParameters(
-        "127.0.0.1", broker.ports["amqp"], credentials=pika.PlainCredentials(*user)))
-    channel = connection.channel()
-    channel.queue_declare(queue)
-    payload = b"x" * 100
-    started = time.perf_counter()
-    for _ in range(messages):
-        channel.basic_publish("", queue, payload)  # unconfirmed: the checks, not fsync
-    connection.process_data_events(0)
-    publish_s = time.perf_counter() - started
-    channel.basic_qos(prefetch_count=500)
-    started = time.perf_counter()
-    received = 0
-    for method, _properties, _body in channel.consume(queue, inactivity_timeout=10):
-        assert method is not None, "consume stalled"
-        received += 1
-        if received % 100 == 0 or received == messages:
-            channel.basic_ack(method.delivery_tag, multiple=True)
-        if received == messages:
-            break
-    consume_s = time.perf_counter() - started
-    channel.cancel()
-    connection.close()
-    return messages / publish_s, messages / (publish_s + consume_s)
+async def http_rate(url: str, headers: dict[str, str], seconds: float) -> float:
+    async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+        requests = 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            response = await client.get("/topics/t/messages", params={"offset": 0,
+                                                                      "limit": 1})
+            response.raise_for_status()
+            requests += 1
+        return requests / seconds
 
 
-def check_ns(calls: int = 200_000) -> float:
-    """One ``check`` of a non-administrator (the decision cache's path), in ns."""
-    import asyncio
+async def _start(data_dir: Path, auth: str) -> Server:
+    config = dataclasses.replace(test_config(data_dir, ("http",)), auth=auth)
+    environ = {"CONVEYOR_ADMIN_USER": "admin", "CONVEYOR_ADMIN_PASSWORD": "admin-pw"}
+    server = Server(config, environ=environ if auth == "required" else {})
+    await server.start()
+    await server.broker.create_topic("t")
+    headers = BASIC if auth == "required" else {}
+    async with httpx.AsyncClient(base_url=_url(server), headers=headers) as client:
+        (await client.post("/topics/t/messages", json={
+            "messages": [{"value": "x" * 1024}]})).raise_for_status()
+    return server
 
-    from conveyor.security.model import open_model
 
-    model = open_model()
+def _url(server: Server) -> str:
+    return f"http://127.0.0.1:{server.ports['http']}"
 
-    async def user() -> None:
-        await model.admin.add_user(*USER)
-        await model.admin.set_permissions(USER[0], "/", ".*", ".*", ".*")
 
-    asyncio.run(user())
-    principal = model.principal(USER[0])
-    assert principal is not None
-    started = time.perf_counter()
-    for _ in range(calls):
-        model.check(principal, "/", "write", "topic", "bench-topic")
-    return (time.perf_counter() - started) / calls * 1e9
+async def http_costs(seconds: float, rounds: int) -> dict[str, float]:
+    """Both servers run at once; the three clients take turns, ``rounds`` times, and the
+    median of each is kept (the machine is shared: interleaving spreads the noise)."""
+    with tempfile.TemporaryDirectory() as off_dir, tempfile.TemporaryDirectory() as on_dir:
+        open_server = await _start(Path(off_dir), "off")
+        secured = await _start(Path(on_dir), "required")
+        try:
+            _, token = await secured.security.admin.create_token("admin", "bench")
+            cases = {"http_anonymous_rps": (open_server, {}),
+                     "http_basic_rps": (secured, BASIC),
+                     "http_bearer_rps": (secured, {"Authorization": f"Bearer {token}"})}
+            samples: dict[str, list[float]] = {name: [] for name in cases}
+            for _ in range(rounds):
+                for name, (server, headers) in cases.items():
+                    samples[name].append(await http_rate(_url(server), headers, seconds))
+        finally:
+            await open_server.stop()
+            await secured.stop()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+async def main_async(seconds: float, rounds: int) -> dict[str, Any]:
+    model = await model_costs(seconds)
+    http = await http_costs(seconds, rounds)
+    return {"machine": platform.platform(), "seconds": seconds, "rounds": rounds,
+            "model": model, "http": http,
+            "ratios": {"basic_over_anonymous": http["http_basic_rps"] /
+                       http["http_anonymous_rps"],
+                       "bearer_over_anonymous": http["http_bearer_rps"] /
+                       http["http_anonymous_rps"]}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=20_000)
-    parser.add_argument("--messages", type=int, default=5_000)
+    parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args()
-    samples: dict[str, dict[str, list[float]]] = {"open": {}, "checked": {}}
-    with tempfile.TemporaryDirectory() as directory, \
-            Broker(Path(directory) / "open", checked=False) as open_broker, \
-            Broker(Path(directory) / "checked", checked=True) as checked_broker:
-        for _ in range(arguments.rounds):
-            for name, broker in (("open", open_broker), ("checked", checked_broker)):
-                produce, fetch = kafka_round(broker, arguments.records)
-                publish, consume = amqp_round(broker, arguments.messages)
-                for measure, value in (("kafka_produce_per_s", produce),
-                                       ("kafka_consume_per_s", fetch),
-                                       ("amqp_publish_per_s", publish),
-                                       ("amqp_publish_to_consumed_per_s", consume)):
-                    samples[name].setdefault(measure, []).append(value)
-    medians = {name: {measure: round(statistics.median(values))
-                      for measure, values in measures.items()}
-               for name, measures in samples.items()}
-    ratios = {measure: round(medians["checked"][measure] / medians["open"][measure], 3)
-              for measure in medians["open"]}
-    document = {"method": __doc__.split("\n\n")[1].replace("\n", " ") if __doc__ else "",
-                "records": arguments.records, "messages": arguments.messages,
-                "rounds": arguments.rounds, "median": medians, "checked_over_open": ratios,
-                "samples": samples, "check_ns": round(check_ns())}
+    document = asyncio.run(main_async(arguments.seconds, arguments.rounds))
     RESULTS.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    print(json.dumps({"median": medians, "checked_over_open": ratios,
-                      "check_ns": document["check_ns"]}, indent=2))
+    print(json.dumps(document, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from conveyor.clock import Clock
-from conveyor.errors import AlreadyExistsError, InvalidConfigError, NotFoundError
+from conveyor.errors import (
+    AlreadyExistsError,
+    InvalidConfigError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from conveyor.security import acls
 from conveyor.security.api import (
     DEFAULT_VHOST,
@@ -188,9 +193,20 @@ class SecurityAdmin:
         self._put_user(name, password_hash, credentials, user.tags)
         await self._commit()
 
+    def _keep_an_administrator(self, name: str) -> None:
+        """Refuse the change that would leave no administrator (nobody could undo it)."""
+        others = [u for u in self.state.users.values()
+                  if u.name != name and "administrator" in u.tags]
+        user = self.state.users.get(name)
+        if not others and user is not None and "administrator" in user.tags:
+            raise PreconditionFailedError("refusing to remove the last administrator",
+                                          user=name)
+
     async def set_tags(self, name: str, tags: tuple[str, ...]) -> None:
         validate_tags(tags)
         user = self._user(name)
+        if "administrator" not in tags:
+            self._keep_an_administrator(name)
         self.state.users[name] = User(name, user.password_hash, tags,
                                       Principal(name, frozenset(tags)))
         if self.tables is not None:
@@ -199,6 +215,7 @@ class SecurityAdmin:
 
     async def delete_user(self, name: str) -> None:
         self._user(name)
+        self._keep_an_administrator(name)
         state = self.state
         del state.users[name]
         _drop(state.scram, lambda key: key[0] == name)
@@ -272,6 +289,12 @@ class SecurityAdmin:
             self.tables.save_topic_permission(
                 TopicPermissionRow(user, vhost, exchange, write, read))
         await self._commit()
+
+    def list_topic_permissions(self) -> list[dict[str, str]]:
+        return [{"user": user, "vhost": vhost, "exchange": exchange, "write": write.text,
+                 "read": read.text}
+                for (user, vhost, exchange), (write, read)
+                in sorted(self.state.topic_permissions.items())]
 
     # --- tokens and access keys ------------------------------------------------------------
     async def create_token(self, user: str, name: str) -> tuple[str, str]:

@@ -277,7 +277,10 @@ VHOST_SEPARATOR = "~"
 
 
 def qualify(vhost: str, name: str) -> str:
-    """The broker-wide name of ``name`` in ``vhost``."""
+    """The broker-wide name of ``name`` in ``vhost``. Apply it to the broker (topic) name,
+    after any protocol escaping (AMQP: ``qualify(vhost, topic_name_for(queue))``), and
+    authorize with the protocol's own, unqualified name: ``check`` refuses any name that
+    contains the separator, so a client cannot reach another vhost by spelling it."""
     return name if vhost == DEFAULT_VHOST else f"{vhost}{VHOST_SEPARATOR}{name}"
 
 

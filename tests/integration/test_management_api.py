@@ -63,10 +63,14 @@ def test_keda_http_mode_reads_depth_and_publish_rate(server: BrokerThread,
             "payload_encoding": "string"})
         assert published.json() == {"routed": True}
     sample(server)
-    # KEDA: GET {host}/api/queues/{vhost}/{queue} with the Basic header from the URL
-    token = base64.b64encode(b"user:secret").decode()
-    response = httpx.get(f"http://127.0.0.1:{server.ports['http']}/api/queues/%2F/{queue}",
-                         headers={"Authorization": f"Basic {token}"}, timeout=10)
+    # KEDA: GET {host}/api/queues/{vhost}/{queue} with the Basic header from the URL;
+    # credentials are checked (docs/security.md): unknown ones are 401, guest (loopback) works
+    url = f"http://127.0.0.1:{server.ports['http']}/api/queues/%2F/{queue}"
+    wrong = base64.b64encode(b"user:secret").decode()
+    refused = httpx.get(url, headers={"Authorization": f"Basic {wrong}"}, timeout=10)
+    assert refused.status_code == 401
+    token = base64.b64encode(b"guest:guest").decode()
+    response = httpx.get(url, headers={"Authorization": f"Basic {token}"}, timeout=10)
     assert response.status_code == 200
     document = response.json()
     assert document["name"] == queue and document["vhost"] == "/"

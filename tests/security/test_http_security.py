@@ -49,13 +49,15 @@ async def serving(tmp_path: Path, auth: str = "required", host: str = "127.0.0.1
 
 
 async def curl(url: str, *arguments: str) -> tuple[int, str, Any]:
-    """(status, headers text, JSON body or None) from a real curl."""
+    """(status, headers text, JSON body (None when empty) or text) from a real curl."""
     process = await asyncio.create_subprocess_exec(
         "curl", "-s", "-D", "-", "-o", "-", *arguments, url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     output, _ = await process.communicate()
     head, _, body = output.decode().partition("\r\n\r\n")
     status = int(head.split()[1])
+    if "application/json" not in head:
+        return status, head, body  # text: /metrics, the web UI
     return status, head, json.loads(body) if body.strip() else None
 
 
@@ -108,10 +110,17 @@ async def test_auth_required_over_http_with_curl(tmp_path: Path) -> None:
                                             "resource": "topic", "name": "b", "vhost": "/"}
         status, _, body = await curl(f"{base}/queues/a", *alice, "-X", "DELETE")
         assert status == 403 and body["error"]["details"]["action"] == "configure"
+        status, _, body = await curl(f"{base}/queues", *alice, "-d",
+                                     '{"name": "a2", "dead_letter_topic": "b"}')
+        assert status == 403  # configure on a2 is refused before the dead-letter check
         status, _, body = await curl(f"{base}/queues", *alice)
         assert status == 200 and [q["name"] for q in body["queues"]] == ["a"]  # b hidden
         status, _, body = await curl(f"{base}/api/users", *alice)
         assert status == 403 and body["error"]["code"] == "access_refused"
+        assert (await curl(f"{base}/metrics", *alice))[0] == 403  # needs monitoring
+        assert (await curl(f"{base}/metrics", "-u", "admin:admin-pw"))[0] == 200
+        status, head, _ = await curl(f"{base}/")  # the web UI's files: no credentials
+        assert status == 200 and "text/html" in head
         status, _, body = await curl(f"{base}/api/conveyor/tokens", *alice, "-d",
                                      '{"name": "ci"}')
         assert status == 201 and body["token"].startswith("cvt_")
@@ -262,3 +271,75 @@ async def test_vhosts_are_namespaces_over_http(tmp_path: Path) -> None:
         status, _, body = await curl(f"{base}/topics/dev~orders/messages", "-u", "dave:dave-pw",
                                      "-H", "X-Conveyor-Vhost: dev")
         assert status == 403  # a qualified name never reaches across vhosts
+        status, _, body = await curl(f"{base}/queues", *dave, "-d",
+                                     '{"name": "jobs", "dead_letter_topic": "dlq"}')
+        assert status == 201 and body["config"]["dead_letter_topic"] == "dev~dlq"
+
+
+async def test_a_receipt_is_bound_to_the_user_it_was_issued_to(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        base = f"http://127.0.0.1:{server.ports['http']}"
+        await _grant_alice(base)
+        await server.security.admin.add_user("mallory", "mallory-pw")
+        await server.security.admin.set_permissions("mallory", "/", "", "", "^a$")
+        alice = ("-u", "alice:alice-pw", "-H", "Content-Type: application/json")
+        mallory = ("-u", "mallory:mallory-pw", "-H", "Content-Type: application/json")
+        assert (await curl(f"{base}/topics/a/messages", *alice, "-d",
+                           '{"messages": [{"value": "x"}]}'))[0] == 200
+        status, _, body = await curl(f"{base}/topics/a/groups/a/acquire", *alice, "-d",
+                                     '{"limit": 1}')
+        [message] = body["messages"]
+        receipt = json.dumps({"receipts": [message["receipt"]]})
+        status, _, body = await curl(f"{base}/topics/a/groups/a/ack", *mallory, "-d", receipt)
+        assert status == 409 and body["error"]["code"] == "unknown_delivery"
+        assert body["error"]["message"] == "receipt was not issued to this user"
+        status, _, body = await curl(f"{base}/topics/a/groups/a/ack", *alice, "-d", receipt)
+        assert status == 200 and body["results"] == [{"receipt": message["receipt"],
+                                                      "ok": True}]
+
+
+async def test_conveyor_serve_with_auth_from_the_environment(tmp_path: Path) -> None:
+    """``CONVEYOR_AUTH=required`` + the first administrator from the environment, through
+    the real ``conveyor serve`` command."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONVEYOR_")}
+    env.update(ADMIN, CONVEYOR_AUTH="required", PYTHONPATH=str(ROOT))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "conveyor.cli", "serve", "--data-dir", str(tmp_path),
+        "--listeners", "http", "--http-port", "0", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        ready = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert ready.startswith("conveyor ready: http=127.0.0.1:"), ready
+        base = "http://" + ready.split("http=", 1)[1].strip()
+        assert (await curl(f"{base}/topics"))[0] == 401
+        status, _, body = await curl(f"{base}/api/whoami", "-u", "admin:admin-pw")
+        assert status == 200 and body["tags"] == ["administrator"]
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_topic_permissions_restrict_routing_keys(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        base = f"http://127.0.0.1:{server.ports['http']}"
+        admin = ("-u", "admin:admin-pw", "-H", "Content-Type: application/json")
+        assert (await curl(f"{base}/api/users/frank", *admin, "-X", "PUT",
+                           "-d", '{"password": "frank-pw"}'))[0] == 201
+        assert (await curl(f"{base}/api/permissions/%2F/frank", *admin, "-X", "PUT", "-d",
+                           '{"configure": "", "write": "^events$", "read": ""}'))[0] == 204
+        assert (await curl(f"{base}/api/topic-permissions/%2F/frank", *admin, "-X", "PUT",
+                           "-d", '{"exchange": "events", "write": "^eu\\\\.", "read": ""}')
+                )[0] == 204
+        assert (await curl(f"{base}/exchanges", *admin, "-d",
+                           '{"name": "events", "type": "topic"}'))[0] == 201
+        frank = ("-u", "frank:frank-pw", "-H", "Content-Type: application/json")
+        status, _, _ = await curl(f"{base}/exchanges/events/messages", *frank, "-d",
+                                  '{"routing_key": "eu.orders", "messages": [{"value": "x"}]}')
+        assert status == 200
+        status, _, body = await curl(f"{base}/exchanges/events/messages", *frank, "-d",
+                                     '{"routing_key": "us.orders", "messages": [{"value": "x"}]}')
+        assert status == 403 and body["error"]["details"]["resource"] == "routing key"
+        status, _, body = await curl(f"{base}/api/topic-permissions", *admin)
+        assert body == [{"user": "frank", "vhost": "/", "exchange": "events",
+                         "write": "^eu\\.", "read": ""}]

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.errors import InvalidNameError, InvalidRequestError
+from conveyor.errors import (
+    InvalidConfigError,
+    InvalidNameError,
+    InvalidRequestError,
+    PreconditionFailedError,
+)
 from conveyor.security.api import AclBinding, AclFilter, qualify, unqualify
 from conveyor.security.model import Security, open_model
 from conveyor.security.throttle import DELAY_MS_MAX
@@ -123,6 +128,10 @@ async def test_tokens_and_access_keys_survive_a_reopen(tmp_path: Path) -> None:
     found = security.access_key(key_id)
     assert found is not None and found[1] == secret and found[0].name == "dave"
     await security.admin.delete_token(token_id)
+    with pytest.raises(PreconditionFailedError, match="last administrator"):
+        await security.admin.delete_user("guest")  # guest is the only administrator
+    with pytest.raises(PreconditionFailedError):
+        await security.admin.set_tags("guest", ("monitoring",))
     await security.admin.delete_user("dave")
     assert security.verify_token(token) is None and security.access_key(key_id) is None
     await store.close()
@@ -161,3 +170,17 @@ def test_vhost_names_map_to_prefixes_and_back() -> None:
     assert qualify("/", "orders") == "orders" and unqualify("orders") == ("/", "orders")
     assert qualify("dev", "orders") == "dev~orders"
     assert unqualify("dev~orders") == ("dev", "orders")
+
+
+def test_auth_and_insecure_come_from_file_env_and_flags(tmp_path: Path) -> None:
+    from conveyor.config import load_config
+
+    assert load_config(environ={}).auth == "off"
+    assert load_config(environ={"CONVEYOR_AUTH": "required"}).auth == "required"
+    assert load_config(environ={"CONVEYOR_INSECURE": "1"}).insecure is True
+    path = tmp_path / "conveyor.toml"
+    path.write_text('auth = "required"\n')
+    assert load_config(path, environ={}).auth == "required"
+    assert load_config(path, environ={}, flags={"auth": "off"}).auth == "off"
+    with pytest.raises(InvalidConfigError, match="auth must be required or off"):
+        load_config(environ={"CONVEYOR_AUTH": "maybe"})

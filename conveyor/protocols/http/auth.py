@@ -101,7 +101,8 @@ def vhost_of(raw: RawRequest) -> str:
     return raw.headers.get(VHOST_HEADER, DEFAULT_VHOST) or DEFAULT_VHOST
 
 
-# operation -> (action, resource kind, where the name is: a path parameter or "body")
+# operation -> (action, resource kind, where the name is: a path parameter, "body" (its
+# name), "body.FIELD", or "destination"). A dead-letter topic is written to: write.
 Need = tuple[Action, ResourceKind, str]
 REQUIRED: Final[dict[str, tuple[Need, ...]]] = {
     "create_topic": (("configure", "topic", "body"),),
@@ -111,7 +112,8 @@ REQUIRED: Final[dict[str, tuple[Need, ...]]] = {
     "publish": (("write", "topic", "topic"),),
     "read": (("read", "topic", "topic"),),
     "fetch": (("read", "topic", "topic"),),
-    "create_shared_group": (("read", "topic", "topic"), ("read", "group", "group")),
+    "create_shared_group": (("read", "topic", "topic"), ("read", "group", "group"),
+                            ("write", "topic", "body.dead_letter_topic")),
     "committed_offsets": (("describe", "topic", "topic"), ("describe", "group", "group")),
     "commit_offsets": (("read", "topic", "topic"), ("read", "group", "group")),
     "acquire": (("read", "topic", "topic"), ("read", "group", "group")),
@@ -122,7 +124,8 @@ REQUIRED: Final[dict[str, tuple[Need, ...]]] = {
     "redrive": (("read", "topic", "topic"), ("write", "topic", "topic")),
     "describe_group": (("describe", "group", "group"),),
     "delete_group": (("configure", "group", "group"),),
-    "create_queue": (("configure", "queue", "body"),),
+    "create_queue": (("configure", "queue", "body"),
+                     ("write", "topic", "body.dead_letter_topic")),
     "describe_queue": (("describe", "queue", "queue"),),
     "delete_queue": (("configure", "queue", "queue"),),
     "create_exchange": (("configure", "exchange", "body"),),
@@ -165,12 +168,19 @@ def authorize(security: SecurityModel, principal: Principal, request: ApiRequest
             kind = _destination_kind(request)
         if not security.check(principal, vhost, action, kind, name):
             return forbidden(principal, action, kind, name, vhost)
+    if operation == "publish_exchange":  # RabbitMQ topic permissions on routing keys
+        exchange, routing_key = request.path["exchange"], request.body.get("routing_key", "")
+        if isinstance(routing_key, str) and not security.check_routing_key(
+                principal, vhost, exchange, routing_key, "write"):
+            return forbidden(principal, "write", "routing key", routing_key, vhost)
     return None
 
 
 def _name(request: ApiRequest, where: str) -> str | None:
     if where == "body":
         value = request.body.get("name")
+    elif where.startswith("body."):
+        value = request.body.get(where.removeprefix("body."))
     elif where == "destination":
         value = request.body.get("destination")
     else:
@@ -185,9 +195,10 @@ def _destination_kind(request: ApiRequest) -> ResourceKind:
 
 # Names the broker sees qualified by the request's vhost (vhost "/" changes nothing).
 QUALIFIED_PATH: Final = ("topic", "queue", "exchange")
-QUALIFIED_BODY: Final = {"create_topic": "name", "create_queue": "name",
-                         "create_exchange": "name", "bind": "destination",
-                         "unbind": "destination"}
+QUALIFIED_BODY: Final[dict[str, tuple[str, ...]]] = {
+    "create_topic": ("name",), "create_queue": ("name", "dead_letter_topic"),
+    "create_shared_group": ("dead_letter_topic",), "create_exchange": ("name",),
+    "bind": ("destination",), "unbind": ("destination",)}
 
 
 def qualify_request(request: ApiRequest, vhost: str) -> ApiRequest:
@@ -196,10 +207,10 @@ def qualify_request(request: ApiRequest, vhost: str) -> ApiRequest:
         return request
     path = {key: qualify(vhost, value) if key in QUALIFIED_PATH else value
             for key, value in request.path.items()}
-    body = request.body
-    field = QUALIFIED_BODY.get(request.operation)
-    if field is not None and isinstance(body.get(field), str):
-        body = {**body, field: qualify(vhost, body[field])}
+    body = dict(request.body)
+    for field in QUALIFIED_BODY.get(request.operation, ()):
+        if isinstance(body.get(field), str):
+            body[field] = qualify(vhost, body[field])
     return dataclasses.replace(request, path=path, body=body)
 
 

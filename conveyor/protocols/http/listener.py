@@ -64,6 +64,7 @@ from conveyor.protocols.http.framing import (
 from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.management import ManagementApi
 from conveyor.protocols.http.openapi import build_document
+from conveyor.protocols.http.receipts import ReceiptSeal
 from conveyor.protocols.http.security_routes import MANAGEMENT_TAGS, SecurityRoutes
 from conveyor.security.api import Principal, SecurityModel, security_of
 from conveyor.security.model import Security, open_model
@@ -247,6 +248,7 @@ class HttpListener:
                  observability: Observability | None = None,
                  security: SecurityModel | None = None) -> None:
         self.security: SecurityModel = security if security is not None else open_model()
+        self.seal = ReceiptSeal()  # receipts bound to the user they were issued to
         self.security_routes = (SecurityRoutes(self.security)
                                 if isinstance(self.security, Security) else None)
         self.counters = counters or ListenerCounters("http")
@@ -319,6 +321,11 @@ class HttpListener:
             request = qualify_request(request, vhost)  # vhosts as name prefixes
             context = RequestContext(connection.is_connected, connection.disconnected,
                                      connection.peer, raw.headers.get("accept", ""))
+            if principal is not None:
+                owner = principal.name
+                context = dataclasses.replace(
+                    context, seal_receipt=lambda receipt: self.seal.seal(owner, receipt),
+                    open_receipt=lambda sealed: self.seal.open(owner, sealed))
             if request.operation not in PUBLISH_OPERATIONS:
                 response = await self.handlers.handle(request, context)
                 if principal is None or request.operation not in LISTINGS:

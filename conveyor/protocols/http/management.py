@@ -8,9 +8,10 @@ under ``/api/conveyor/``, and the rate sampler's life.
 Must not know: sockets (listener.py), the JSON of RabbitMQ objects
 (management_documents.py), definitions (definitions.py).
 
-Authentication: requests may carry HTTP Basic credentials (KEDA and rabbitmqadmin
-send them); they are accepted and not checked until Conveyor has users
-(ARCHITECTURE §6). The listener's loopback default is what protects it today.
+Authentication: the listener checks credentials before a request gets here (auth.py,
+docs/security.md): reading needs the ``management``, ``monitoring`` or
+``administrator`` tag, changing needs ``administrator``; the security endpoints
+(users, vhosts, permissions, tokens, keys, ACLs) are security_routes.py.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Management endpoints of the security model (RabbitMQ's paths where they exist).
 
 Owns: ``/api/whoami``, ``/api/users[/NAME[/permissions]]``, ``/api/vhosts[/NAME]``,
-``/api/permissions[/VHOST/USER]`` (RabbitMQ's management API shapes: ``PUT`` with
-``{"password", "tags"}`` / ``{"configure", "write", "read"}``), and Conveyor's own
+``/api/permissions[/VHOST/USER]``, ``/api/topic-permissions[/VHOST/USER]`` (RabbitMQ's
+management API shapes: ``PUT`` with ``{"password", "tags"}`` /
+``{"configure", "write", "read"}`` / ``{"exchange", "write", "read"}``), and Conveyor's own
 ``/api/conveyor/tokens[/ID]``, ``/api/conveyor/users/NAME/keys[/ID]`` and
 ``/api/conveyor/acls``. Who may call what: users, vhosts and permissions need the
 ``administrator`` tag (a user may read itself and its own permissions); tokens and
 access keys: a user manages its own, an administrator anyone's; the ACL view needs
-``administrator`` or ``monitoring``. Errors use Conveyor's JSON error shape.
+``administrator`` or ``monitoring``. Errors: 403 and ``/api/conveyor/`` use Conveyor's
+JSON error shape, other failures on RabbitMQ's paths RabbitMQ's (as management.py).
 Must not know: sockets, password hashing (conveyor/security/admin.py).
 """
 
@@ -21,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 from conveyor.errors import AuthorizationError, ConveyorError, InvalidRequestError, NotFoundError
 from conveyor.protocols.http.codec import ApiResponse, error_response
 from conveyor.protocols.http.framing import RawRequest
+from conveyor.protocols.http.management import rabbit_error_response
 from conveyor.security.api import TAGS, AclFilter, Principal
 from conveyor.security.model import Security
 
@@ -94,6 +97,8 @@ class SecurityRoutes:
             ("GET", ("permissions", "{vhost}", "{user}"), self.permission),
             ("PUT", ("permissions", "{vhost}", "{user}"), self.put_permission),
             ("DELETE", ("permissions", "{vhost}", "{user}"), self.delete_permission),
+            ("GET", ("topic-permissions",), self.topic_permissions),
+            ("PUT", ("topic-permissions", "{vhost}", "{user}"), self.put_topic_permission),
             ("GET", ("conveyor", "tokens"), self.tokens),
             ("POST", ("conveyor", "tokens"), self.create_token),
             ("DELETE", ("conveyor", "tokens", "{token}"), self.delete_token),
@@ -126,7 +131,12 @@ class SecurityRoutes:
         try:
             return await handler(principal, params, _body(raw))
         except ConveyorError as error:
-            return error_response(error)
+            # 401/403 and Conveyor's own routes: Conveyor's error shape; other failures
+            # on RabbitMQ's paths: RabbitMQ's, as the rest of the management API answers
+            extension = raw.target.startswith("/api/conveyor/")
+            if extension or isinstance(error, AuthorizationError):
+                return error_response(error)
+            return rabbit_error_response(error)
 
     # --- users ----------------------------------------------------------------------------
     async def whoami(self, principal: Principal, *_: Any) -> ApiResponse:
@@ -226,6 +236,19 @@ class SecurityRoutes:
                                 _: Any) -> ApiResponse:
         _require(principal, ADMIN)
         await self.admin.clear_permissions(params["user"], params["vhost"])
+        return ApiResponse(204)
+
+    async def topic_permissions(self, principal: Principal, *_: Any) -> ApiResponse:
+        _require(principal, ADMIN)
+        return ApiResponse(200, self.admin.list_topic_permissions())
+
+    async def put_topic_permission(self, principal: Principal, params: dict[str, str],
+                                   body: dict[str, Any]) -> ApiResponse:
+        """RabbitMQ's ``{"exchange", "write", "read"}``: routing-key patterns."""
+        _require(principal, ADMIN)
+        await self.admin.set_topic_permissions(params["user"], params["vhost"],
+                                               _text(body, "exchange"), _text(body, "write", ""),
+                                               _text(body, "read", ""))
         return ApiResponse(204)
 
     # --- tokens, access keys, ACLs ------------------------------------------------------------

@@ -44,6 +44,10 @@ class RequestContext:
     disconnected: asyncio.Event
     peer: str = ""
     accept: str = ""  # the request's Accept header (content negotiation of /metrics)
+    # Receipts handed out are sealed to the authenticated user and opened on settle
+    # (receipts.py); None: the opened receipt (a refused one raises unknown_delivery).
+    seal_receipt: Callable[[str], str] = str
+    open_receipt: Callable[[str], str | None] = str
 
 
 class SharedGroupHandlers:
@@ -100,18 +104,25 @@ class SharedGroupHandlers:
             # The client went away during the long poll: nobody will ack these.
             await shared.release([d.receipt for d in deliveries], 0)
             deliveries = []
+        deliveries = [dataclasses.replace(d, receipt=context.seal_receipt(d.receipt))
+                      for d in deliveries]
         return ApiResponse(200, {"messages": await documents(deliveries, _delivery_document)})
 
     async def _settle_each(
-        self, request: ApiRequest, action: Callable[[list[str]], Awaitable[Any]]
+        self, request: ApiRequest, context: RequestContext,
+        action: Callable[[list[str]], Awaitable[Any]],
     ) -> ApiResponse:
         """Settle receipts one by one, concurrently (their state-store COMMITs are shared
         by the loop turn), so each receipt gets its own outcome."""
         topic, group = request.path["topic"], request.path["group"]
         receipts: list[str] = request.body["receipts"]
 
-        async def one(receipt: str) -> Exception | None:
+        async def one(sealed: str) -> Exception | None:
             try:
+                receipt = context.open_receipt(sealed)
+                if receipt is None:
+                    raise UnknownDeliveryError("receipt was not issued to this user",
+                                               receipt=sealed[:80])
                 owner_group, owner_topic, *_ = parse_receipt(receipt)
                 if (owner_group, owner_topic) != (group, topic):
                     raise UnknownDeliveryError(
@@ -127,19 +138,20 @@ class SharedGroupHandlers:
 
     async def ack(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         shared = _shared(self.broker)
-        return await self._settle_each(request, shared.ack)
+        return await self._settle_each(request, context, shared.ack)
 
     async def release(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         shared = _shared(self.broker)
         delay_ms = request.body.get("delay_ms", 0)
         return await self._settle_each(
-            request, lambda receipts: shared.release(receipts, delay_ms)
+            request, context, lambda receipts: shared.release(receipts, delay_ms)
         )
 
     async def extend(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         shared = _shared(self.broker)
         lock_ms = request.body["lock_ms"]
-        return await self._settle_each(request, lambda receipts: shared.extend(receipts, lock_ms))
+        return await self._settle_each(request, context,
+                                       lambda receipts: shared.extend(receipts, lock_ms))
 
     async def _dead_letter_topic(self, topic: str, group: str) -> str | None:
         """The DLQ topic of a queue or shared group, or None while it does not exist.
