@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import OperatingError
@@ -32,7 +33,8 @@ from conveyor.security.api import ACL_CLUSTER_NAME, Action
 if TYPE_CHECKING:
     from conveyor.security.api import Principal, SecurityModel
 
-GROUP_API_KEYS: Final = frozenset({8, 9, 11, 12, 13, 14})
+# classic group APIs, OffsetDelete, KIP-848 and KIP-932 heartbeats, share fetch/ack/offsets
+GROUP_API_KEYS: Final = frozenset({8, 9, 11, 12, 13, 14, 47, 68, 76, 78, 79, 90, 91, 92})
 
 
 class TopicAuthorizationError(OperatingError):
@@ -61,6 +63,42 @@ class Access:
     def cluster(self, action: Action) -> bool:
         return self.security.check(self.principal, self.vhost, action, "cluster",
                                    ACL_CLUSTER_NAME)
+
+
+TOPIC_RESOURCE: Final = 2  # ConfigResource type TOPIC
+# API -> (action, how its body names topics). Whole-request refusal when any is denied.
+_TOPIC_NAMES: Final[dict[int, tuple[Action, Callable[[Any], list[Any]]]]] = {
+    21: ("configure", lambda body: [topic.name for topic in body.topics]),  # DeleteRecords
+    37: ("configure", lambda body: [topic.name for topic in body.topics]),  # CreatePartitions
+    32: ("describe", lambda body: [resource.resource_name for resource in body.resources
+                                   if resource.resource_type == TOPIC_RESOURCE]),
+    33: ("configure", lambda body: [resource.resource_name for resource in body.resources
+                                    if resource.resource_type == TOPIC_RESOURCE]),
+    44: ("configure", lambda body: [resource.resource_name for resource in body.resources
+                                    if resource.resource_type == TOPIC_RESOURCE]),
+    47: ("read", lambda body: [topic.name for topic in body.topics]),  # OffsetDelete
+    78: ("read", lambda body: [topic.topic_id for topic in body.topics]),  # ShareFetch (ids)
+    79: ("read", lambda body: [topic.topic_id for topic in body.topics]),  # ShareAcknowledge
+}
+
+
+def topics_denied(api_key: int, body: Any, access: Access,
+                  name_for_id: Callable[[Any], str | None]) -> bool:
+    """Whether a request of the admin or share APIs names a topic the principal may not
+    act on (those answer with one refusal; Produce, Fetch, Metadata, CreateTopics and
+    DeleteTopics answer per topic in their handlers)."""
+    entry = _TOPIC_NAMES.get(api_key)
+    if entry is None:
+        return False
+    action, names = entry
+    for name in names(body):
+        if not isinstance(name, str):
+            name = name_for_id(name)  # a topic id (KIP-516): unknown ids are the handler's
+            if name is None:
+                continue
+        if not access.topic(action, name):
+            return True
+    return False
 
 
 def group_of(api_key: int, body: Any) -> str | None:

@@ -38,13 +38,14 @@ from conveyor.protocols.kafka import (
     share_handlers,
 )
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
-from conveyor.protocols.kafka.admin_handlers import Node
+from conveyor.protocols.kafka.admin_handlers import Node, _name_for_id
 from conveyor.protocols.kafka.authorization import (
     GROUP_API_KEYS,
     Access,
     group_of,
     offset_commit_refusal,
     refusal,
+    topics_denied,
 )
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.config_catalog import BrokerFacts
@@ -130,6 +131,10 @@ class KafkaHandlers:
                 if api_key == 8:
                     return offset_commit_refusal(version, request.body, code)
                 return refusal(api_key, version, code)
+        if topics_denied(api_key, request.body, access,
+                         lambda topic_id: _name_for_id(self.broker, topic_id)):
+            return refusal(api_key, version, error_codes.TOPIC_AUTHORIZATION_FAILED,
+                           "Topic authorization failed.")
         if api_key == 29:
             return acl_handlers.handle_describe_acls(self.security, access, request)
         if api_key == 30:
