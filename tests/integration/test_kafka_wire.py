@@ -256,7 +256,8 @@ async def test_sasl_plain(tmp_path: Path, password: str, accepted: bool) -> None
         early.close()
         client = await connect(server)
         handshake = await client.call(SaslHandshakeRequest(mechanism="PLAIN"))
-        assert handshake.error_code == 0 and handshake.mechanisms == ("PLAIN",)
+        assert handshake.error_code == 0
+        assert handshake.mechanisms == ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
         token = b"\x00alice\x00" + password.encode()
         answer = await client.call(SaslAuthenticateRequest(auth_bytes=token), 2)
         if accepted:

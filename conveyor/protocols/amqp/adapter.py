@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pamqp import base as pamqp_base
 from pamqp import commands
@@ -28,6 +29,7 @@ from conveyor.limits import RequestWatch
 from . import frames as f
 from .channel import Channel
 from .inbox_flow import InboxFlow, Release
+from .login import has_certificate, login_for, peer_host
 from .machine import (
     ChannelFault,
     ConnectionFault,
@@ -46,15 +48,21 @@ from .negotiation import (
     HeartbeatClock,
     Identified,
     LoggedIn,
+    LoginFailed,
     Opened,
     Refused,
     Send,
+    Step,
     Tuned,
+    credentials,
     negotiate,
     start_method,
 )
 from .server import AmqpServer, Consumer
 from .session import Session
+
+if TYPE_CHECKING:
+    from conveyor.security.api import Principal
 
 log = logging.getLogger("conveyor.amqp")
 
@@ -73,6 +81,7 @@ class AmqpConnection(asyncio.Protocol):
         self.frame_bytes_max = settings.frame_bytes_max
         self.heartbeat_s = 0
         self.user = ""
+        self.principal: Principal | None = None  # who the connection acts as (security)
         self.vhost = "/"
         self.client_properties: dict[str, Any] = {}
         self.writing_paused = False
@@ -237,10 +246,37 @@ class AmqpConnection(asyncio.Protocol):
 
     # --- negotiation ----------------------------------------------------------------------
     def _start(self) -> None:
-        self.send_method(0, start_method())
+        self.send_method(0, start_method(has_certificate(self.transport)))
 
     def _connection_method(self, method: pamqp_base.Frame) -> None:
-        for step in negotiate(method, self.server.settings):
+        security = self.server.security
+        if security is not None and isinstance(method, commands.Connection.StartOk) \
+                and method.mechanism in ("PLAIN", "AMQPLAIN"):
+            # the password hash (scrypt) runs in a worker thread, not on the event loop
+            self.server.tasks.start(self._password_login(method), name="amqp-login")
+            return
+        login = login_for(security, self.transport) if security is not None else None
+        self._negotiated(negotiate(method, self.server.settings, login, self.principal))
+
+    async def _password_login(self, method: commands.Connection.StartOk) -> None:
+        security = self.server.security
+        assert security is not None
+        host = peer_host(self.transport)
+        found = credentials(method.mechanism, method.response)
+        principal = None
+        if found is not None:
+            slow = getattr(security, "authenticate_password", None)
+            principal = (await slow(found[0], found[1], host) if slow is not None
+                         else security.verify_password(found[0], found[1], host))
+        login = dataclasses.replace(login_for(security, self.transport),
+                                    password=lambda user, password: principal)
+        if self.machine.state is not ConnectionState.CLOSED:
+            self._negotiated(negotiate(method, self.server.settings, login, self.principal))
+            self._flush()
+
+    def _negotiated(self, steps: list[Step]) -> None:
+        security = self.server.security
+        for step in steps:
             if isinstance(step, Send):
                 self.send_method(0, step.method)
             elif isinstance(step, Refused):
@@ -249,6 +285,12 @@ class AmqpConnection(asyncio.Protocol):
                 self.client_properties = step.client_properties
             elif isinstance(step, LoggedIn):
                 self.user = step.user
+                self.principal = step.principal
+                if security is not None:
+                    security.login_succeeded(peer_host(self.transport))
+            elif isinstance(step, LoginFailed):
+                self.machine.close_connection()  # only Close / Close-Ok are read now
+                self.server.tasks.start(self._login_failed(step), name="amqp-login-failed")
             elif isinstance(step, Tuned):
                 self.frame_bytes_max, self.heartbeat_s = step.frame_bytes_max, step.heartbeat_s
                 self.machine.tuned(step.frame_bytes_max, step.channel_max)
@@ -261,6 +303,16 @@ class AmqpConnection(asyncio.Protocol):
                                                              name="amqp-close")
             elif isinstance(step, CloseConfirmed) and self.transport is not None:
                 self.transport.close()
+
+    async def _login_failed(self, step: LoginFailed) -> None:
+        """The model's per-peer back-off, then 403 and close (RabbitMQ closes the
+        connection after a refused login)."""
+        security = self.server.security
+        if security is not None:
+            await security.login_failed(peer_host(self.transport), step.user, "amqp")
+        refused = step.refused
+        self.fail(refused.reply_code, refused.text, refused.class_id, refused.method_id,
+                  machine_closing=True)
 
     def _start_heartbeats(self) -> None:
         if self._heartbeat_handle is not None:

@@ -39,6 +39,7 @@ from .channel import (
     method_ids,
 )
 from .messages import outgoing
+from .permissions import authorize
 from .server import Consumer, StreamConsumer
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ async def dispatch(channel: Channel, method: pamqp_base.Frame) -> None:
     if handler is None:
         raise ConnectionError_(f.NOT_IMPLEMENTED, f"{method.name} is not implemented",
                                *method_ids(method))
+    connection = channel.connection
+    authorize(connection.server.security, connection.principal, connection.vhost, method)
     try:
         await handler(channel, method)
     except ArgumentError as error:

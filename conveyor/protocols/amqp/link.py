@@ -18,6 +18,7 @@ from .server import AmqpServer
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.security.api import Principal
 
 REPLY_TO_QUEUE = "amq.rabbitmq.reply-to"
 
@@ -60,6 +61,7 @@ class ChannelLink(Protocol):
     connection_id: int
     frame_bytes_max: int
     user: str
+    principal: Principal | None
     vhost: str
     writing_paused: bool
     exclusive_queues: set[str]

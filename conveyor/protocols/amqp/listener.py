@@ -18,6 +18,7 @@ from conveyor.connections import ChannelView, ConnectionView, ConsumerView, peer
 from conveyor.errors import OperatingError
 from conveyor.protocols.amqp.adapter import AmqpConnection, AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
+from conveyor.security.api import security_of
 from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ async def start_listener(broker: Broker, context: ListenerContext) -> AmqpListen
             with contextlib.suppress(OperatingError):
                 await broker.delete_queue(queue.name)
     state = AmqpServer(broker, settings, listener_limits("amqp", context.settings),
-                       shared_limits(context), listener_counters(context, "amqp"))
+                       shared_limits(context), listener_counters(context, "amqp"),
+                       security_of(context))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         make_protocol_factory(state), context.host, context.port, reuse_address=True)

@@ -2,17 +2,25 @@
 
 Owns: the Connection.Start the server sends (its properties and capabilities); what
 each Connection method the client sends means (``negotiate``: steps for the
-adapter, never a socket call): Start-Ok (PLAIN / AMQPLAIN login) -> Tune, Tune-Ok
-(frame and channel limits, heartbeat), Open (vhost) -> Open-Ok, Close, Close-Ok,
-Update-Secret; and the reply-code names that label ``errors_total{listener="amqp"}``.
+adapter, never a socket call): Start-Ok (PLAIN / AMQPLAIN / EXTERNAL login) -> Tune,
+Tune-Ok (frame and channel limits, heartbeat), Open (vhost) -> Open-Ok, Close,
+Close-Ok, Update-Secret; and the reply-code names that label ``errors_total{listener="amqp"}``.
 Which of these methods may arrive when is ``machine.py``'s table. No I/O.
+
+Security (issue 10): ``Login`` is what the adapter knows of the security model and the
+socket. A failed login is ACCESS_REFUSED (403) on connection.start-ok, after which the
+connection closes (RabbitMQ's authentication_failure_close); a vhost the user may not
+use is NOT_ALLOWED (530) on connection.open, as RabbitMQ answers both. EXTERNAL is
+offered only when the client presented a certificate (TLS), and maps its subject CN
+to a user.
 """
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pamqp import base as pamqp_base
 from pamqp import commands
@@ -20,6 +28,9 @@ from pamqp import decode as pamqp_decode
 
 from . import frames as f
 from .settings import AmqpSettings
+
+if TYPE_CHECKING:
+    from conveyor.security.api import Principal
 
 # Reply code -> its name in the spec: the label of errors_total{listener="amqp"}.
 # Reply code -> its name in the spec: the label of errors_total{listener="amqp"}.
@@ -45,7 +56,7 @@ CAPABILITIES = {
 }
 
 
-def start_method() -> commands.Connection.Start:
+def start_method(external: bool = False) -> commands.Connection.Start:
     """The server's opening: who it is, what it can do, how to log in."""
     return commands.Connection.Start(
         version_major=0, version_minor=9,
@@ -57,11 +68,12 @@ def start_method() -> commands.Connection.Start:
             "capabilities": dict(CAPABILITIES),
             "cluster_name": "conveyor",
         },
-        mechanisms="PLAIN AMQPLAIN", locales="en_US")
+        mechanisms="PLAIN AMQPLAIN EXTERNAL" if external else "PLAIN AMQPLAIN",
+        locales="en_US")
 
 
-def authenticate(mechanism: str, response: Any, users: dict[str, str]) -> str | None:
-    """The user name if PLAIN / AMQPLAIN credentials match a configured user."""
+def credentials(mechanism: str, response: Any) -> tuple[str, str] | None:
+    """(user, password) from a PLAIN or AMQPLAIN response, None when malformed."""
     raw = response.encode("utf-8") if isinstance(response, str) else bytes(response or b"")
     user = password = None
     if mechanism == "PLAIN":
@@ -75,16 +87,38 @@ def authenticate(mechanism: str, response: Any, users: dict[str, str]) -> str | 
         except Exception:
             return None
         login, secret = table.get("LOGIN"), table.get("PASSWORD")
-        user = login.decode() if isinstance(login, bytes | bytearray) else str(login)
-        password = secret.decode() if isinstance(secret, bytes | bytearray) else str(secret)
         if login is None or secret is None:
+            return None
+        try:
+            user = login.decode() if isinstance(login, bytes | bytearray) else str(login)
+            password = (secret.decode() if isinstance(secret, bytes | bytearray)
+                        else str(secret))
+        except UnicodeDecodeError:
             return None
     if user is None or password is None:
         return None
-    expected = users.get(str(user))
+    return str(user), str(password)
+
+
+def authenticate(mechanism: str, response: Any, users: dict[str, str]) -> str | None:
+    """The user name if PLAIN / AMQPLAIN credentials match a configured user."""
+    found = credentials(mechanism, response)
+    if found is None:
+        return None
+    user, password = found
+    expected = users.get(user)
     if expected is None or expected != password:
         return None
-    return str(user)
+    return user
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """The adapter's side of authentication: the model's checks bound to this socket."""
+
+    password: Callable[[str, str], Principal | None]  # PLAIN / AMQPLAIN
+    certificate: Callable[[], Principal | None]  # EXTERNAL (None: no client certificate)
+    may_open: Callable[[Principal, str], bool]  # connection.open's vhost
 
 
 
@@ -114,6 +148,15 @@ class Identified:
 @dataclass(frozen=True, slots=True)
 class LoggedIn:
     user: str
+    principal: Principal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailed:
+    """Credentials refused: the adapter waits the model's back-off, then closes with 403."""
+
+    user: str
+    refused: Refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,19 +183,39 @@ class CloseConfirmed:
     """Close-Ok to our Close: drop the socket."""
 
 
-Step = Send | Refused | Identified | LoggedIn | Tuned | Opened | CloseRequested | CloseConfirmed
+Step = (Send | Refused | Identified | LoggedIn | LoginFailed | Tuned | Opened | CloseRequested
+        | CloseConfirmed)
 
 
-def negotiate(method: pamqp_base.Frame, settings: AmqpSettings) -> list[Step]:
+def _login(method: commands.Connection.StartOk, settings: AmqpSettings,
+           login: Login | None) -> tuple[str, Principal | None, bool]:
+    """(user, principal, ok) for a Start-Ok."""
+    if login is None:  # no security model: the listener's configured users
+        user = authenticate(method.mechanism, method.response, settings.users)
+        return user or "", None, user is not None
+    if method.mechanism == "EXTERNAL":
+        principal = login.certificate()
+        return (principal.name if principal else ""), principal, principal is not None
+    if method.mechanism not in ("PLAIN", "AMQPLAIN"):
+        return "", None, False
+    found = credentials(method.mechanism, method.response)
+    if found is None:
+        return "", None, False
+    principal = login.password(*found)
+    return found[0], principal, principal is not None
+
+
+def negotiate(method: pamqp_base.Frame, settings: AmqpSettings, login: Login | None = None,
+              principal: Principal | None = None) -> list[Step]:
     """What a Connection method on channel 0 means, in order."""
     if isinstance(method, commands.Connection.StartOk):
-        user = authenticate(method.mechanism, method.response, settings.users)
+        user, found, ok = _login(method, settings, login)
         identified = Identified(dict(method.client_properties or {}))
-        if user is None:
-            return [identified, Refused(f.ACCESS_REFUSED, "ACCESS_REFUSED - Login was refused "
-                                        f"using authentication mechanism {method.mechanism}",
-                                        10, 11)]
-        return [identified, LoggedIn(user), Send(commands.Connection.Tune(
+        if not ok:
+            refused = Refused(f.ACCESS_REFUSED, "ACCESS_REFUSED - Login was refused using "
+                              f"authentication mechanism {method.mechanism}", 10, 11)
+            return [identified, LoginFailed(user, refused) if login else refused]
+        return [identified, LoggedIn(user, found), Send(commands.Connection.Tune(
             channel_max=settings.channel_max, frame_max=settings.frame_bytes_max,
             heartbeat=settings.heartbeat_s))]
     if isinstance(method, commands.Connection.TuneOk):
@@ -164,8 +227,13 @@ def negotiate(method: pamqp_base.Frame, settings: AmqpSettings) -> list[Step]:
         return [Tuned(min(frame_max, settings.frame_bytes_max),
                       min(channel_max, settings.channel_max), method.heartbeat)]
     if isinstance(method, commands.Connection.Open):
-        if method.virtual_host not in settings.vhosts:
-            return [Refused(f.NOT_ALLOWED, f"NOT_ALLOWED - vhost {method.virtual_host} not "
+        vhost = method.virtual_host
+        if login is not None and principal is not None:
+            if not login.may_open(principal, vhost):
+                return [Refused(f.NOT_ALLOWED, f"NOT_ALLOWED - access to vhost '{vhost}' "
+                                f"refused for user '{principal.name}'", 10, 40)]
+        elif vhost not in settings.vhosts:
+            return [Refused(f.NOT_ALLOWED, f"NOT_ALLOWED - vhost {vhost} not "
                             "found", 10, 40)]
         return [Send(commands.Connection.OpenOk()), Opened(method.virtual_host)]
     if isinstance(method, commands.Connection.Close):

@@ -34,6 +34,7 @@ from .channel_machine import Store, confirm_replies
 from .link import REPLY_TO_QUEUE, ChannelError, ChannelLink, ConnectionError_, is_stream
 from .machine import PublishReceived
 from .messages import PropertiesError, decode_properties, encode_properties, publish_message
+from .permissions import authorize_publish
 from .server import AmqpServer, Consumer, ConsumerChannel
 
 log = logging.getLogger("conveyor.amqp")
@@ -114,6 +115,10 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
         if info.internal:
             raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
                                f"internal exchange '{exchange}'", 60, 40)
+    security = connection.server.security
+    if security is not None:
+        authorize_publish(security, connection.principal, connection.vhost, exchange,
+                          method.routing_key, bool(exchange) and info.type == "topic")
     try:
         properties = decode_properties(event.properties)
     except PropertiesError as error:

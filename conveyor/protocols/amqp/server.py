@@ -36,6 +36,7 @@ from .settings import AmqpSettings
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.broker.types import Delivery
+    from conveyor.security.api import SecurityModel
 
 log = logging.getLogger("conveyor.amqp")
 
@@ -85,8 +86,11 @@ class QueueUse:
 class AmqpServer:
     def __init__(self, broker: Broker, settings: AmqpSettings,
                  limits: ListenerLimits | None = None, shared: ServerLimits | None = None,
-                 counters: ListenerCounters | None = None) -> None:
+                 counters: ListenerCounters | None = None,
+                 security: SecurityModel | None = None) -> None:
         self.counters = counters or ListenerCounters("amqp")
+        # users, vhosts, permissions (None: the listener's configured users, no checks)
+        self.security = security
         self.broker = broker
         self.settings = settings
         self.limits = limits or LISTENER_LIMITS_DEFAULT["amqp"]

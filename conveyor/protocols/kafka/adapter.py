@@ -47,7 +47,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from conveyor.config import LISTENER_LIMITS_DEFAULT, ListenerLimits
 from conveyor.errors import OperatingError
@@ -59,6 +59,10 @@ from conveyor.protocols.kafka.framing import NeedData
 from conveyor.protocols.kafka.messages import API_NAMES
 from conveyor.server.listeners import ListenerCounters
 from conveyor.tasks import Supervisor
+
+if TYPE_CHECKING:
+    from conveyor.protocols.kafka.scram import ScramServer
+    from conveyor.security.api import Principal
 
 logger = logging.getLogger("conveyor.kafka")
 
@@ -89,6 +93,13 @@ class ConnectionState:
         self.peer_host = peer_host
         self.sasl_mechanism: str | None = None
         self.authenticated_user: str | None = None
+        # security (sasl.py): who this connection acts as, the SCRAM exchange in progress,
+        # the user SASL authenticated (a re-authentication must keep it), KIP-368's end
+        self.principal: Principal | None = None
+        self.anonymous_checked = False
+        self.scram: ScramServer | None = None
+        self.sasl_user: str | None = None
+        self.session_expires_ms: int | None = None
         self.close_after_response = False  # set by a handler: answer, then close
         # called once when the connection is gone (share sessions end with it, KIP-932)
         self.on_close: list[Callable[[], None]] = []

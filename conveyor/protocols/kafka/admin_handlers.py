@@ -21,6 +21,7 @@ from conveyor.broker.topics import config_to_mapping
 from conveyor.broker.types import TopicConfig, TopicInfo
 from conveyor.errors import InvalidConfigError, OperatingError, UnknownTopicError
 from conveyor.protocols.kafka import error_codes
+from conveyor.protocols.kafka.authorization import TopicAuthorizationError
 from conveyor.protocols.kafka.codec import Request
 from conveyor.protocols.kafka.config_catalog import (
     GROUP_DOCUMENTATION,
@@ -42,6 +43,7 @@ from conveyor.protocols.kafka.responses import build, nested
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.broker.group_configs import GroupConfigs
+    from conveyor.protocols.kafka.authorization import Access
 
 RESOURCE_TOPIC: Final = 2
 RESOURCE_BROKER: Final = 4
@@ -90,7 +92,8 @@ KAFKA_INTERNAL_TOPICS: Final = frozenset({
     "__consumer_offsets", "__transaction_state", "__share_group_state"})
 
 
-async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
+async def handle_metadata(broker: Broker, node: Node, request: Request,
+                          access: Access | None = None) -> Any:
     body = request.body
     version = request.header.api_version
     response_type = response_class(3, version)
@@ -102,8 +105,10 @@ async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
     partition_type = nested(response_type, "MetadataResponsePartition")
     broker_type = nested(response_type, "MetadataResponseBroker")
     topics = []
-    if requested is None:
-        infos: list[TopicInfo | tuple[str, OperatingError]] = list(broker.list_topics())
+    if requested is None:  # a listing leaves out what the principal may not describe
+        infos: list[TopicInfo | tuple[str, OperatingError]] = [
+            info for info in broker.list_topics()
+            if access is None or access.topic("describe", info.name)]
     else:
         infos = []
         for item in requested:
@@ -118,9 +123,13 @@ async def handle_metadata(broker: Broker, node: Node, request: Request) -> Any:
                 except OperatingError as error:
                     infos.append((name, error))
                 continue
+            if access is not None and not access.topic("describe", name):
+                infos.append((name, TopicAuthorizationError("not authorized", topic=name)))
+                continue
+            create = allow_create and name not in KAFKA_INTERNAL_TOPICS and (
+                access is None or access.topic("configure", name))
             try:  # ensure_topic creates only when the broker's auto_create_topics allows
-                infos.append(await broker.ensure_topic(name)
-                             if allow_create and name not in KAFKA_INTERNAL_TOPICS
+                infos.append(await broker.ensure_topic(name) if create
                              else broker.get_topic(name))
             except OperatingError as error:
                 infos.append((name or "", error))
@@ -183,7 +192,8 @@ async def handle_init_producer_id(broker: Broker, request: Request) -> Any:
 
 
 # --- topics ------------------------------------------------------------------------------
-async def handle_create_topics(broker: Broker, request: Request) -> Any:
+async def handle_create_topics(broker: Broker, request: Request,
+                              access: Access | None = None) -> Any:
     body = request.body
     response_type = response_class(19, request.header.api_version)
     result_type = nested(response_type, "CreatableTopicResult")
@@ -194,7 +204,10 @@ async def handle_create_topics(broker: Broker, request: Request) -> Any:
             partitions = broker.config.default_partitions
         configs = {config.name: config.value for config in topic.configs}
         try:
-            if topic.replication_factor not in (-1, 1):
+            if access is not None and not access.topic("configure", topic.name):
+                code, message = error_codes.TOPIC_AUTHORIZATION_FAILED, (
+                    "Authorization failed.")
+            elif topic.replication_factor not in (-1, 1):
                 code, message = error_codes.INVALID_REPLICATION_FACTOR, (
                     "replication factor must be 1 on a single node")
             elif topic.name in KAFKA_INTERNAL_TOPICS:
@@ -216,7 +229,8 @@ async def handle_create_topics(broker: Broker, request: Request) -> Any:
     return build(response_type, topics=tuple(results))
 
 
-async def handle_delete_topics(broker: Broker, request: Request) -> Any:
+async def handle_delete_topics(broker: Broker, request: Request,
+                              access: Access | None = None) -> Any:
     body = request.body
     version = request.header.api_version
     response_type = response_class(20, version)
@@ -231,6 +245,8 @@ async def handle_delete_topics(broker: Broker, request: Request) -> Any:
         code, message = error_codes.NONE, None
         if name is None:
             code, message = error_codes.UNKNOWN_TOPIC_ID, "topic ids are not supported"
+        elif access is not None and not access.topic("configure", name):
+            code, message = error_codes.TOPIC_AUTHORIZATION_FAILED, "Authorization failed."
         else:
             try:
                 await broker.delete_topic(name)

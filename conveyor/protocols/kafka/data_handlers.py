@@ -39,23 +39,29 @@ from conveyor.protocols.kafka.settings import KafkaSettings
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.protocols.kafka.authorization import Access
+
+DENIED_TOPIC = "Not authorized to access topics: [Topic authorization failed.]"
 
 
 
 async def handle_produce(broker: Broker, request: Request,
-                         on_error: Callable[[int], None] | None = None) -> bytes | None:
+                         on_error: Callable[[int], None] | None = None,
+                         access: Access | None = None) -> bytes | None:
     body = request.body
     header = request.header
     refusal = _refusal(body)
+    denied = _denied(body.topic_data, access, "write", "name")
     if refusal is not None:
         outcomes = [
             (topic.name, ProducePartitionResult(partition.index, refusal[0],
                                                 error_message=refusal[1]))
             for topic in body.topic_data for partition in topic.partition_data
         ]
-    else:
+    else:  # as Kafka: partitions of topics the principal may not write are refused alone
         appends = [
             _append(broker, topic.name, partition.index, partition.records)
+            if topic.name not in denied else _refused(topic.name, partition.index)
             for topic in body.topic_data for partition in topic.partition_data
         ]
         if len(appends) == 1:  # the common case: no task per partition
@@ -75,6 +81,14 @@ async def handle_produce(broker: Broker, request: Request,
     return encode_produce_response(header.correlation_id, header.api_version, list(topics.items()))
 
 
+def _denied(topics: Any, access: Access | None, action: Any, field: str) -> frozenset[str]:
+    """The topics of a request the principal may not ``action``."""
+    if access is None:
+        return frozenset()
+    names = {getattr(topic, field) for topic in topics}
+    return frozenset(name for name in names if not access.topic(action, name))
+
+
 def _refusal(body: Any) -> tuple[int, str] | None:
     """A reason to refuse the whole request, answered per partition."""
     if body.acks not in (0, 1, -1):
@@ -82,6 +96,11 @@ def _refusal(body: Any) -> tuple[int, str] | None:
     if body.transactional_id is not None:
         return error_codes.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "transactions are not supported"
     return None
+
+
+async def _refused(topic: str, partition: int) -> tuple[str, ProducePartitionResult]:
+    return topic, ProducePartitionResult(partition, error_codes.TOPIC_AUTHORIZATION_FAILED,
+                                         error_message=DENIED_TOPIC)
 
 
 async def _append(
@@ -156,10 +175,21 @@ async def _read_all(
 
 
 async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request,
-                       on_error: Callable[[int], None] | None = None) -> list[Any]:
+                       on_error: Callable[[int], None] | None = None,
+                       access: Access | None = None) -> list[Any]:
     body = request.body
     header = request.header
     plan = _FetchPlan(body)
+    denied = _denied(body.topics, access, "read", "topic")
+    if denied:  # answered at once, each partition with the error
+        results = [(topic, FetchPartitionResult(partition, error_codes.TOPIC_AUTHORIZATION_FAILED))
+                   for topic, partition, _, _ in plan.entries if topic in denied]
+        plan.entries = [entry for entry in plan.entries if entry[0] not in denied]
+        if plan.entries:
+            allowed, _ = await _read_all(broker, plan, min(body.max_bytes,
+                                                           settings.fetch_bytes_max))
+            results = allowed + results
+        return _fetch_pieces(header, results, on_error)
     max_bytes = min(body.max_bytes, settings.fetch_bytes_max)
     wait_ms = min(millis(body.max_wait), settings.fetch_wait_ms_max)
     deadline_ms = broker.clock.monotonic_ms() + wait_ms
@@ -171,6 +201,11 @@ async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request
             break
         keys = [(topic, partition) for topic, partition, _, _ in plan.entries]
         await broker.wait_for_append(keys, remaining_ms)
+    return _fetch_pieces(header, results, on_error)
+
+
+def _fetch_pieces(header: Any, results: list[tuple[str, FetchPartitionResult]],
+                  on_error: Callable[[int], None] | None) -> list[Any]:
     grouped: dict[str, list[FetchPartitionResult]] = {}
     for topic, result in results:
         grouped.setdefault(topic, []).append(result)

@@ -57,6 +57,9 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     21: 2,  # DeleteRecords
     22: 2,  # InitProducerId
     23: 4,  # OffsetForLeaderEpoch
+    29: 2,  # DescribeAcls
+    30: 2,  # CreateAcls
+    31: 2,  # DeleteAcls
     32: 4,  # DescribeConfigs
     33: 2,  # AlterConfigs
     34: 2,  # AlterReplicaLogDirs
@@ -71,6 +74,8 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     47: 1 << 15,  # OffsetDelete: never flexible
     48: 1,  # DescribeClientQuotas
     49: 1,  # AlterClientQuotas
+    50: 0,  # DescribeUserScramCredentials
+    51: 0,  # AlterUserScramCredentials
     55: 0,  # DescribeQuorum
     57: 0,  # UpdateFeatures
     60: 0,  # DescribeCluster

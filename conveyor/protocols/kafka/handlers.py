@@ -1,22 +1,23 @@
 """Request dispatch: one typed Kafka request in, the bytes of its answer out.
 
-Owns: the table api_key -> handler, ApiVersions, SASL/PLAIN (SaslHandshake v1
-+ SaslAuthenticate), the authentication gate, and one set of Kafka 4 group
+Owns: the table api_key -> handler, ApiVersions, the authentication gate and the
+per-resource authorization of each request (sasl.py, authorization.py), and one set of Kafka 4 group
 coordinators per broker (group configs, share groups, KIP-848 consumer groups). The
 per-API work lives in data_handlers (Produce, Fetch, ListOffsets), group_handlers,
 admin_handlers, log_admin_handlers, consumer_handlers and share_handlers.
 
 Rules:
-- With SASL users configured, a connection may send only ApiVersions,
-  SaslHandshake and SaslAuthenticate until it authenticates; anything else,
-  or a failed authentication, closes it after the answer (Kafka does the same).
+- A connection without a principal (auth required, or not from loopback) may send
+  only ApiVersions, SaslHandshake and SaslAuthenticate until it authenticates;
+  anything else, or a failed authentication, closes it after the answer (Kafka does
+  the same). Every other request runs as the connection's principal and each
+  resource it names is checked (authorization.py).
 - Handlers answer operating errors with the protocol's error codes; only
   errors about the connection itself (bad framing, SASL violations) close it.
 """
 
 from __future__ import annotations
 
-import hmac
 import weakref
 from typing import TYPE_CHECKING, Any, Final
 
@@ -26,8 +27,8 @@ from conveyor.broker.group_configs import GroupConfigs
 from conveyor.broker.share_coordinator import ShareCoordinator
 from conveyor.broker.topics import config_to_mapping
 from conveyor.broker.types import TopicConfig
-from conveyor.errors import AuthenticationError
 from conveyor.protocols.kafka import (
+    acl_handlers,
     admin_handlers,
     consumer_handlers,
     data_handlers,
@@ -38,28 +39,43 @@ from conveyor.protocols.kafka import (
     share_handlers,
 )
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
-from conveyor.protocols.kafka.admin_handlers import Node
+from conveyor.protocols.kafka.admin_handlers import Node, _name_for_id
+from conveyor.protocols.kafka.authorization import (
+    GROUP_API_KEYS,
+    Access,
+    group_of,
+    offset_commit_refusal,
+    refusal,
+    topics_denied,
+)
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.config_catalog import BrokerFacts
 from conveyor.protocols.kafka.group_migration import GroupMigration
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
 from conveyor.protocols.kafka.responses import build, nested
+from conveyor.protocols.kafka.sasl import SASL_API_KEYS, Sasl
 from conveyor.protocols.kafka.settings import KafkaSettings
 from conveyor.server.listeners import ListenerCounters
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.security.api import SecurityModel
 
-SASL_API_KEYS: Final = frozenset({17, 18, 36})
 _COORDINATORS: weakref.WeakKeyDictionary[
     Broker, tuple[GroupConfigs, ShareCoordinator, ConsumerCoordinator]
 ] = weakref.WeakKeyDictionary()
-PLAIN: Final = "PLAIN"
+VHOST_DEFAULT: Final = "/"
 
 
 class KafkaHandlers:
     def __init__(self, broker: Broker, settings: KafkaSettings, node: Node,
-                 counters: ListenerCounters | None = None) -> None:
+                 counters: ListenerCounters | None = None,
+                 security: SecurityModel | None = None) -> None:
+        if security is None:  # a listener started alone: auth off, loopback guest
+            from conveyor.security.model import open_model
+            security = open_model()
+        self.security = security
+        self.sasl = Sasl(security, settings, broker.clock.monotonic_ms)
         self.broker = broker
         self.settings = settings
         self.node = node
@@ -80,16 +96,17 @@ class KafkaHandlers:
 
     async def handle(self, request: Request, state: ConnectionState) -> Response:
         api_key = request.header.api_key
-        if self.settings.sasl_enabled and state.authenticated_user is None and (
-            api_key not in SASL_API_KEYS
-        ):
-            raise AuthenticationError("request before SASL authentication", api_key=api_key)
-        if api_key == 0:
-            return await data_handlers.handle_produce(self.broker, request, self.count_error)
-        if api_key == 1:
-            return await data_handlers.handle_fetch(self.broker, self.settings, request,
-                                                    self.count_error)
-        entity = await self._typed(request, state)
+        if api_key in SASL_API_KEYS:
+            entity = await self._sasl(request, state)
+        else:
+            access = Access(self.security, self.sasl.admit(api_key, state), VHOST_DEFAULT)
+            if api_key == 0:
+                return await data_handlers.handle_produce(self.broker, request,
+                                                          self.count_error, access)
+            if api_key == 1:
+                return await data_handlers.handle_fetch(self.broker, self.settings, request,
+                                                        self.count_error, access)
+            entity = await self._authorized(request, state, access)
         for code in error_codes.error_codes_in(entity):
             self.count_error(code)
         return self._codec.send(request.header, entity)
@@ -97,13 +114,50 @@ class KafkaHandlers:
     def count_error(self, code: int) -> None:
         self.counters.error(error_codes.error_name(code))
 
-    async def _typed(self, request: Request, state: ConnectionState) -> Any:
+    async def _sasl(self, request: Request, state: ConnectionState) -> Any:
+        api_key = request.header.api_key
+        if api_key == 17:
+            return self.sasl.handshake(request, state)
+        if api_key == 36:
+            return await self.sasl.authenticate(request, state)
+        assert api_key == 18  # ApiVersions
+        return api_versions_response(request.header.api_version)
+
+    async def _authorized(self, request: Request, state: ConnectionState,
+                          access: Access) -> Any:
+        """Group checks and the security admin APIs; then the rest."""
+        api_key = request.header.api_key
+        version = request.header.api_version
+        if api_key in GROUP_API_KEYS:
+            group = group_of(api_key, request.body)
+            if group is not None and not access.group(group):
+                code = error_codes.GROUP_AUTHORIZATION_FAILED
+                if api_key == 8:
+                    return offset_commit_refusal(version, request.body, code)
+                return refusal(api_key, version, code)
+        if topics_denied(api_key, request.body, access,
+                         lambda topic_id: _name_for_id(self.broker, topic_id)):
+            return refusal(api_key, version, error_codes.TOPIC_AUTHORIZATION_FAILED,
+                           "Topic authorization failed.")
+        if api_key == 29:
+            return acl_handlers.handle_describe_acls(self.security, access, request)
+        if api_key == 30:
+            return await acl_handlers.handle_create_acls(self.security, access, request)
+        if api_key == 31:
+            return await acl_handlers.handle_delete_acls(self.security, access, request)
+        if api_key == 50:
+            return acl_handlers.handle_describe_scram(self.security, access, request)
+        if api_key == 51:
+            return await acl_handlers.handle_alter_scram(self.security, access, request)
+        return await self._typed(request, state, access)
+
+    async def _typed(self, request: Request, state: ConnectionState, access: Access) -> Any:
         api_key = request.header.api_key
         broker, node = self.broker, self.node
         if api_key == 2:
             return data_handlers.handle_list_offsets(broker, request)
         if api_key == 3:
-            return await admin_handlers.handle_metadata(broker, node, request)
+            return await admin_handlers.handle_metadata(broker, node, request, access)
         if api_key == 8:
             return await group_handlers.handle_offset_commit(broker, request, self.consumers)
         if api_key == 9:
@@ -124,14 +178,10 @@ class KafkaHandlers:
         if api_key == 16:
             return group_handlers.handle_list_groups(broker, request, self.shares,
                                                      self.consumers)
-        if api_key == 17:
-            return self._sasl_handshake(request, state)
-        if api_key == 18:
-            return api_versions_response(request.header.api_version)
         if api_key == 19:
-            return await admin_handlers.handle_create_topics(broker, request)
+            return await admin_handlers.handle_create_topics(broker, request, access)
         if api_key == 20:
-            return await admin_handlers.handle_delete_topics(broker, request)
+            return await admin_handlers.handle_delete_topics(broker, request, access)
         if api_key == 22:
             return await admin_handlers.handle_init_producer_id(broker, request)
         if api_key == 32:
@@ -140,8 +190,6 @@ class KafkaHandlers:
         if api_key == 33:
             return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
                                                              incremental=False)
-        if api_key == 36:
-            return self._sasl_authenticate(request, state)
         if api_key == 37:
             return await admin_handlers.handle_create_partitions(broker, request)
         if api_key == 42:
@@ -236,52 +284,6 @@ class KafkaHandlers:
             config.default_partitions, config.session_timeout_ms_min,
             config.session_timeout_ms_max, config_to_mapping(TopicConfig()),
             group_configs.DEFAULTS, self.settings.consumer_migration_policy)
-
-    # --- SASL --------------------------------------------------------------------------
-    def _sasl_handshake(self, request: Request, state: ConnectionState) -> Any:
-        response_type = response_class(17, request.header.api_version)
-        mechanisms = (PLAIN,) if self.settings.sasl_enabled else ()
-        if request.body.mechanism not in mechanisms:
-            state.close_after_response = True
-            return build(response_type, error_code=error_codes.UNSUPPORTED_SASL_MECHANISM,
-                         mechanisms=mechanisms)
-        state.sasl_mechanism = request.body.mechanism
-        return build(response_type, error_code=error_codes.NONE, mechanisms=mechanisms)
-
-    def _sasl_authenticate(self, request: Request, state: ConnectionState) -> Any:
-        response_type = response_class(36, request.header.api_version)
-        if state.sasl_mechanism != PLAIN or state.authenticated_user is not None:
-            state.close_after_response = True
-            return build(response_type, error_code=error_codes.ILLEGAL_SASL_STATE,
-                         error_message="SaslHandshake(PLAIN) must come first, once",
-                         auth_bytes=b"", session_lifetime=0)
-        user = check_plain(request.body.auth_bytes, self.settings.sasl_users)
-        if user is None:
-            state.close_after_response = True
-            return build(response_type, error_code=error_codes.SASL_AUTHENTICATION_FAILED,
-                         error_message="Authentication failed: invalid username or password",
-                         auth_bytes=b"", session_lifetime=0)
-        state.authenticated_user = user
-        return build(response_type, error_code=error_codes.NONE, error_message=None,
-                     auth_bytes=b"", session_lifetime=0)
-
-
-def check_plain(auth_bytes: bytes, users: dict[str, str] | Any) -> str | None:
-    """RFC 4616 PLAIN: [authzid] NUL authcid NUL passwd; the user name when it checks out."""
-    parts = bytes(auth_bytes).split(b"\x00")
-    if len(parts) != 3:
-        return None
-    authorization_id, user_bytes, password_bytes = parts
-    try:
-        user, password = user_bytes.decode(), password_bytes.decode()
-    except UnicodeDecodeError:
-        return None
-    if authorization_id and authorization_id != user_bytes:
-        return None
-    expected = users.get(user)
-    if expected is None or not hmac.compare_digest(expected.encode(), password.encode()):
-        return None
-    return user
 
 
 def api_versions_response(version: int) -> Any:

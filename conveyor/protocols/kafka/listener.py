@@ -16,6 +16,7 @@ from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
+from conveyor.security.api import security_of
 from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
 from conveyor.tasks import Supervisor
 
@@ -52,7 +53,7 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
     # which is filled in right after create_server returns.
     node = Node(settings.node_id, context.advertised_host, context.port, settings.cluster_id)
     counters = listener_counters(context, "kafka")
-    handlers = KafkaHandlers(broker, settings, node, counters)
+    handlers = KafkaHandlers(broker, settings, node, counters, security_of(context))
     server = await loop.create_server(
         connection_factory(handlers.handle, settings.frame_bytes_max, connections,
                            listener_limits("kafka", context.settings), shared_limits(context),

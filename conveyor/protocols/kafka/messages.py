@@ -58,6 +58,9 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     21: (0, 2),  # DeleteRecords
     22: (0, 4),  # InitProducerId
     23: (2, 4),  # OffsetForLeaderEpoch (one epoch, 0: its end is the log end)
+    29: (1, 3),  # DescribeAcls (onto the security model's ACLs)
+    30: (1, 3),  # CreateAcls
+    31: (1, 3),  # DeleteAcls
     32: (1, 4),  # DescribeConfigs
     33: (0, 2),  # AlterConfigs
     34: (1, 2),  # AlterReplicaLogDirs (one log dir)
@@ -72,6 +75,8 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     47: (0, 0),  # OffsetDelete
     48: (0, 1),  # DescribeClientQuotas (none: no quotas)
     49: (0, 1),  # AlterClientQuotas (refused per entry)
+    50: (0, 0),  # DescribeUserScramCredentials (KIP-554)
+    51: (0, 0),  # AlterUserScramCredentials
     55: (0, 2),  # DescribeQuorum (one voter, this node: Conveyor is not KRaft)
     57: (0, 2),  # UpdateFeatures (the features are fixed: confirming them is a no-op)
     60: (0, 1),  # DescribeCluster

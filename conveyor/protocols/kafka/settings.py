@@ -31,6 +31,8 @@ class KafkaSettings:
     sasl_users: Mapping[str, str] = field(default_factory=dict)
     # Kafka's group.consumer.migration.policy: disabled, upgrade, downgrade, bidirectional.
     consumer_migration_policy: str = "bidirectional"
+    # KIP-368: Kafka's connections.max.reauth.ms (0: sessions never end; Kafka's default).
+    sasl_session_lifetime_ms: int = 0
 
     @property
     def sasl_enabled(self) -> bool:
@@ -46,7 +48,7 @@ def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0)
 
 def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
     known = {"frame_bytes_max", "fetch_wait_ms_max", "fetch_bytes_max", "node_id", "cluster_id",
-             "sasl_users", "users", "consumer_migration_policy",
+             "sasl_users", "users", "consumer_migration_policy", "sasl_session_lifetime_ms",
              *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -67,6 +69,7 @@ def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
         cluster_id=cluster_id,
         sasl_users=dict(users),
         consumer_migration_policy=_policy(settings),
+        sasl_session_lifetime_ms=_int(settings, "sasl_session_lifetime_ms", 0),
     )
 
 

@@ -119,6 +119,8 @@ def decode_request(request: HttpRequest) -> SqsRequest:
     for name in ("Version", "AWSAccessKeyId", "Signature", "SignatureMethod",
                  "SignatureVersion", "Timestamp", "Expires", "SecurityToken"):
         flat.pop(name, None)
+    for name in [name for name in flat if name.startswith("X-Amz-")]:
+        flat.pop(name)  # a presigned URL's SigV4 parameters (sigv4.py)
     return SqsRequest("query", action, query_to_params(flat), split.path)
 
 

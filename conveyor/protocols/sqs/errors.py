@@ -89,3 +89,11 @@ def from_conveyor(error: ConveyorError) -> SqsError:
     if isinstance(error, OperatingError):
         return InvalidParameterValue(message)
     return InternalError("internal error")
+
+# Authentication and authorization (SigV4, issue 10); AWS's common errors.
+MissingAuthenticationToken = _error("MissingAuthenticationToken", status=403)
+IncompleteSignature = _error("IncompleteSignature")
+InvalidClientTokenId = _error("InvalidClientTokenId", status=403)
+SignatureDoesNotMatch = _error("SignatureDoesNotMatch", status=403)
+RequestExpired = _error("RequestExpired")
+AccessDenied = _error("AccessDenied", status=403)

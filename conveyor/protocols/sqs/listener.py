@@ -7,8 +7,10 @@ request spoke (an unexpected exception is logged and answered as InternalError,
 never a dropped connection).
 Must not know: actions (handlers.py), JSON/XML (codec.py).
 
-Signatures: SigV4-signed requests are accepted from any credentials; nothing is
-verified until Conveyor has a security model (ARCHITECTURE §6).
+Signatures: every request's SigV4 signature is verified against the security model's
+access keys and each action is checked against the principal's permissions (access.py);
+without ``--auth required`` an unsigned request, or one signed with a key Conveyor does
+not know, acts as the loopback-only guest.
 
 Settings (``[listeners.sqs]``): ``account_id`` ("000000000000"), ``region``
 ("us-east-1"), ``body_bytes_max`` (16 MiB), ``idle_timeout_ms`` (75 s), and the
@@ -35,6 +37,7 @@ from conveyor.config import listener_limits
 from conveyor.connections import ConnectionView, peer_text
 from conveyor.errors import ConveyorError, OperatingError
 from conveyor.limits import RequestWatch, ServerLimits
+from conveyor.protocols.sqs.access import SqsAccess
 from conveyor.protocols.sqs.base import ACCOUNT_ID_DEFAULT, REGION_DEFAULT, RequestContext
 from conveyor.protocols.sqs.codec import (
     SqsResponse,
@@ -57,6 +60,7 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
+from conveyor.security.api import security_of
 from conveyor.server.listeners import (
     ListenerCounters,
     listener_counters,
@@ -67,6 +71,7 @@ from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.security.api import SecurityModel
     from conveyor.server.listeners import ListenerContext
 
 logger = logging.getLogger("conveyor.sqs")
@@ -90,6 +95,7 @@ class SqsConnection(asyncio.Protocol):
         self.watch: RequestWatch | None = None  # request deadline (idle: see _run)
         self.admitted = False
         self.peer_host = ""  # the publisher the flow counts (one per client host)
+        self.peer_address = ""  # the client's IP (the security model's loopback rule)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -100,6 +106,7 @@ class SqsConnection(asyncio.Protocol):
         self.watch = RequestWatch(self.listener.request_limits, self._expired, lambda: True)
         peer = transport.get_extra_info("peername")
         self.peer_host = f"sqs:{peer[0]}" if isinstance(peer, tuple) else f"sqs:{peer}"
+        self.peer_address = str(peer[0]) if isinstance(peer, tuple) else ""
         self.listener.connections.add(self)
         self.listener.counters.opened()
         self.worker = self.listener.tasks.start(self._run(), name="sqs-connection")
@@ -191,7 +198,8 @@ class SqsConnection(asyncio.Protocol):
             if self.transport is not None and len(self.queue) < REQUESTS_QUEUED_MAX // 2:
                 with contextlib.suppress(RuntimeError):
                     self.transport.resume_reading()
-            response = await self.listener.respond(request, self.disconnected, self.peer_host)
+            response = await self.listener.respond(request, self.disconnected, self.peer_host,
+                                                   self.peer_address)
             keep_alive = request.keep_alive and not self.listener.closing
             if self.transport is None or self.disconnected.is_set():
                 return
@@ -209,7 +217,8 @@ class SqsListener:
 
     def __init__(self, broker: Broker, settings: dict[str, Any], advertised_host: str,
                  shared: ServerLimits | None = None,
-                 counters: ListenerCounters | None = None) -> None:
+                 counters: ListenerCounters | None = None,
+                 security: SecurityModel | None = None) -> None:
         self.limits = listener_limits("sqs", settings)
         # the watch keeps the request deadline; _run keeps the idle close (long polls)
         self.request_limits = dataclasses.replace(self.limits, idle_timeout_ms=0,
@@ -221,6 +230,10 @@ class SqsListener:
         self.idle_timeout_ms = int(settings.get("idle_timeout_ms", IDLE_TIMEOUT_MS))
         self.account_id = str(settings.get("account_id", ACCOUNT_ID_DEFAULT))
         self.region = str(settings.get("region", REGION_DEFAULT))
+        if security is None:  # started alone: auth off, loopback guest
+            from conveyor.security.model import open_model
+            security = open_model()
+        self.access = SqsAccess(security, self.region, self.account_id)
         self.advertised_host = advertised_host
         self.broker = broker
         self.port = 0
@@ -232,18 +245,22 @@ class SqsListener:
         self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
 
     async def respond(self, raw: HttpRequest, disconnected: asyncio.Event,
-                      publisher: str = "") -> SqsResponse:
+                      publisher: str = "", peer_address: str = "") -> SqsResponse:
         assert self.handlers is not None
         protocol = protocol_of(raw)
         request_id = "-"
         try:
+            principal = await self.access.principal(raw, peer_address)
             request = decode_request(raw)
             request_id = request.request_id
             self.counters.request(request.action)
             context = RequestContext(raw.headers.get("host", ""), disconnected,
                                      request.path)
+            self.access.authorize(principal, request.action, request.params, request.path)
             if request.action not in PUBLISH_ACTIONS:
                 result = await self.handlers.handle(request.action, request.params, context)
+                if request.action == "ListQueues":
+                    result = self.access.visible_urls(principal, result)
                 return encode_result(request, result)
             flow = self.shared.flow  # a publisher is the client's host, as over HTTP
             if flow.should_wait(publisher):
@@ -288,7 +305,8 @@ class SqsListener:
 
 async def start_listener(broker: Broker, context: ListenerContext) -> SqsListener:
     listener = SqsListener(broker, dict(context.settings), context.advertised_host,
-                           shared_limits(context), listener_counters(context, "sqs"))
+                           shared_limits(context), listener_counters(context, "sqs"),
+                           security_of(context))
     await listener.start(context.host, context.port)
     listener.unregister = shared_connections(context).add_source("sqs", listener.port, lambda: (
         ConnectionView("sqs", peer_text(connection.transport.get_extra_info("peername")),

@@ -22,9 +22,10 @@ from conveyor.errors import (
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.codec import ServerCodec
 from conveyor.protocols.kafka.framing import RequestHeader, is_flexible
-from conveyor.protocols.kafka.handlers import api_versions_response, check_plain
+from conveyor.protocols.kafka.handlers import api_versions_response
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
 from conveyor.protocols.kafka.responses import build, millis, nested
+from conveyor.protocols.kafka.sasl import check_plain
 from conveyor.protocols.kafka.settings import load_settings
 
 USERS = {"alice": "secret"}

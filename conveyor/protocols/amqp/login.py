@@ -1,0 +1,54 @@
+"""The security model bound to one AMQP socket: what ``negotiation.Login`` calls.
+
+Owns: the peer's address (the model's loopback rule for guest), the client
+certificate's subject CN for EXTERNAL (the TLS layer verified the chain; asyncio's
+``transport.get_extra_info("peercert")`` is empty without a verified certificate), and
+the vhost check on connection.open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from .negotiation import Login
+
+if TYPE_CHECKING:
+    from conveyor.security.api import Principal, SecurityModel
+
+
+def peer_host(transport: asyncio.BaseTransport | None) -> str | None:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+
+def certificate_cn(peercert: Any) -> str | None:
+    """The subject's commonName of ``ssl.SSLSocket.getpeercert()``'s dict, if any."""
+    if not isinstance(peercert, dict):
+        return None
+    for entry in peercert.get("subject", ()):
+        for name, value in entry:
+            if name == "commonName" and isinstance(value, str) and value:
+                return value
+    return None
+
+
+def has_certificate(transport: asyncio.BaseTransport | None) -> bool:
+    return transport is not None and certificate_cn(transport.get_extra_info("peercert")) \
+        is not None
+
+
+def login_for(security: SecurityModel, transport: asyncio.BaseTransport | None) -> Login:
+    host = peer_host(transport)
+
+    def password(user: str, secret: str) -> Principal | None:
+        return security.verify_password(user, secret, host)
+
+    def certificate() -> Principal | None:
+        name = certificate_cn(transport.get_extra_info("peercert")) if transport else None
+        return security.principal_for_certificate(name) if name else None
+
+    def may_open(principal: Principal, vhost: str) -> bool:
+        return security.may_use_vhost(principal, vhost)
+
+    return Login(password, certificate, may_open)
