@@ -40,6 +40,14 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--sqs-port", type=int, help="SQS API port (9324)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    serve.add_argument("--tls-cert", dest="tls_cert", metavar="FILE",
+                       help="PEM certificate chain: TLS on every listener (docs/security.md)")
+    serve.add_argument("--tls-key", dest="tls_key", metavar="FILE", help="PEM private key")
+    serve.add_argument("--tls-ca", dest="tls_ca", metavar="FILE",
+                       help="PEM CA bundle for client certificates")
+    serve.add_argument("--tls-verify", dest="tls_verify",
+                       choices=("none", "optional", "required"),
+                       help="client certificates (optional when --tls-ca is given)")
 
 
 def _serve(arguments: argparse.Namespace) -> int:
@@ -61,6 +69,10 @@ def _serve(arguments: argparse.Namespace) -> int:
         "log_format": arguments.log_format,
         "listeners": arguments.listeners.split(",") if arguments.listeners else None,
         "ports": ports,
+        "tls_cert": arguments.tls_cert,
+        "tls_key": arguments.tls_key,
+        "tls_ca": arguments.tls_ca,
+        "tls_verify": arguments.tls_verify,
     }
     try:
         config = load_config(arguments.config, flags=flags)

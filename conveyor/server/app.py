@@ -4,7 +4,8 @@ This is the one place that chooses concrete classes (FileLogStore on the OS file
 system, SQLite state). Start order: lock the data directory, recover the log
 store, open the state store and broker, start listeners. Stop order (SIGINT /
 SIGTERM): stop accepting and close connections, let the broker finish in-flight
-appends and fsync, close the stores, release the lock.
+appends and fsync, close the stores, release the lock. SIGHUP reloads the TLS
+certificates and keys: new handshakes use the new files, open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from conveyor.server.health import readiness_checks
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 from conveyor.server.metrics import Metrics, MetricsLimits
 from conveyor.server.state_recovery import check_state_database, rebuild_orphans
+from conveyor.server.tls import RefusalLog, TlsRegistry
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -87,6 +89,13 @@ class Server:
         self.metrics = Metrics(lambda: self._broker, config.data_dir,
                                MetricsLimits.from_settings(metrics_settings))
         self._stopping = False
+        self.tls = TlsRegistry()  # one context per certificate; SIGHUP reloads them
+        self.refusals = RefusalLog()  # wrong protocol on a port, failed TLS handshakes
+
+    def reload_tls(self) -> bool:
+        """Re-read every listener's certificate, key and CA files (SIGHUP); False when
+        one could not be loaded (that listener keeps its previous certificate)."""
+        return self.tls.reload()
 
     @property
     def broker(self) -> Broker:
@@ -138,6 +147,7 @@ class Server:
             if not listener_config.enabled:
                 continue
             start = find_listener(listener_config.name)
+            tls = self.tls.get(listener_config.tls)  # bad files: InvalidConfigError
             context = ListenerContext(
                 host=listener_config.host or self.config.host,
                 port=listener_config.port,
@@ -147,14 +157,22 @@ class Server:
                 counters=self.metrics.counters(listener_config.name),
                 observability=self,
                 connections=self.connections,
+                tls=tls,
+                tls_port=listener_config.tls_port,
+                plaintext=listener_config.plaintext,
+                refusals=self.refusals,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running
             self.ports[listener_config.name] = running.port
+            tls_port = getattr(running, "tls_port", None)
+            if tls_port is not None and tls_port != running.port:
+                self.ports[f"{listener_config.name}_tls"] = tls_port
             logger.info(
                 "listening",
                 extra={
-                    "listener": listener_config.name, "host": context.host, "port": running.port
+                    "listener": listener_config.name, "host": context.host, "port": running.port,
+                    "tls_port": tls_port,
                 },
             )
 
@@ -190,6 +208,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await server.start()
     print(
         "conveyor ready: "

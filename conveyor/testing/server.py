@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from conveyor.config import BrokerSettings, ListenerConfig, ServerConfig
+from conveyor.config import BrokerSettings, ListenerConfig, ServerConfig, TlsConfig
 from conveyor.server.app import Server
 
 T = TypeVar("T")
@@ -42,11 +42,19 @@ def test_config(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     ports: Mapping[str, int] | None = None,
     broker: Mapping[str, Any] | None = None,
+    tls: TlsConfig | None = None,
 ) -> ServerConfig:
+    """``tls``: TLS on every listener; AMQP's amqps on a free port of its own beside the
+    plain one (as 5671 beside 5672), the other listeners' ports speak TLS themselves
+    (Kafka as SSL unless its settings name another security_protocol)."""
     settings = settings or {}
     ports = ports or {}
+    if tls is not None and "kafka" in listeners:
+        settings = {**settings, "kafka": {"security_protocol": "SSL", **settings.get("kafka", {})}}
     listener_configs = tuple(
-        ListenerConfig(name=name, port=ports.get(name, 0), settings=dict(settings.get(name, {})))
+        ListenerConfig(name=name, port=ports.get(name, 0), settings=dict(settings.get(name, {})),
+                       tls=_listener_tls(name, settings.get(name, {}), tls),
+                       tls_port=ports.get(f"{name}_tls", 0) if tls and name == "amqp" else None)
         for name in listeners
     )
     return ServerConfig(
@@ -57,14 +65,22 @@ def test_config(
     )
 
 
+def _listener_tls(name: str, settings: Mapping[str, Any], tls: TlsConfig | None
+                  ) -> TlsConfig | None:
+    if name == "kafka" and not str(settings.get("security_protocol", "SSL")).endswith("SSL"):
+        return None
+    return tls
+
+
 @contextlib.asynccontextmanager
 async def run_broker(
     data_dir: Path,
     listeners: Iterable[str] = (),
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     broker: Mapping[str, Any] | None = None,
+    tls: TlsConfig | None = None,
 ) -> AsyncIterator[Server]:
-    server = Server(test_config(data_dir, listeners, settings, broker=broker))
+    server = Server(test_config(data_dir, listeners, settings, broker=broker, tls=tls))
     await server.start()
     try:
         yield server
@@ -81,11 +97,13 @@ class BrokerThread:
         listeners: Iterable[str] = (),
         settings: Mapping[str, Mapping[str, Any]] | None = None,
         broker: Mapping[str, Any] | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.listener_names = tuple(listeners)
         self.settings = settings
         self.broker_settings = broker
+        self.tls = tls
         self.ports: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -116,7 +134,8 @@ class BrokerThread:
 
     def _start_server(self) -> None:
         config = test_config(
-            self.data_dir, self.listener_names, self.settings, self.ports, self.broker_settings
+            self.data_dir, self.listener_names, self.settings, self.ports, self.broker_settings,
+            self.tls,
         )
         self._server = Server(config)
         self._submit(self._server.start()).result(timeout=_STARTUP_TIMEOUT_S)

@@ -24,6 +24,7 @@ from pamqp import base as pamqp_base
 from pamqp import commands
 
 from conveyor.limits import RequestWatch
+from conveyor.server.listeners import peer_principal_name
 
 from . import frames as f
 from .channel import Channel
@@ -74,6 +75,8 @@ class AmqpConnection(asyncio.Protocol):
         self.heartbeat_s = 0
         self.user = ""
         self.vhost = "/"
+        # CN of the client certificate the TLS handshake verified (AMQP EXTERNAL), or None
+        self.certificate_user: str | None = None
         self.client_properties: dict[str, Any] = {}
         self.writing_paused = False
         self._out: list[bytes] = []
@@ -99,6 +102,7 @@ class AmqpConnection(asyncio.Protocol):
             self.transport.abort()  # over connections_max: refused before reading anything
             return
         self._admitted = True
+        self.certificate_user = peer_principal_name(transport)
         self.server.counters.opened()
         self._watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         self._unsubscribe = self.server.shared.flow.on_change(self._flow_changed)

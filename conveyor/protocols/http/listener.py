@@ -55,7 +55,10 @@ from conveyor.protocols.http.handlers import Handlers, RequestContext
 from conveyor.protocols.http.management import ManagementApi
 from conveyor.protocols.http.openapi import build_document
 from conveyor.server.listeners import (
+    Endpoints,
+    ListenerContext,
     ListenerCounters,
+    bind_endpoints,
     listener_counters,
     shared_connections,
     shared_limits,
@@ -64,7 +67,7 @@ from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
-    from conveyor.server.listeners import ListenerContext, Observability
+    from conveyor.server.listeners import Observability
 
 logger = logging.getLogger("conveyor.http")
 
@@ -248,7 +251,8 @@ class HttpListener:
         # the management API's rate sampler: how often it reads the counters
         self.management = ManagementApi(broker, int(settings.get("stats_interval_ms", 1000)))
         self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Endpoints | None = None
+        self.tls_port: int | None = None  # the HTTPS port (None: no TLS)
 
     def openapi(self) -> dict[str, Any]:
         if self._document is None:
@@ -306,12 +310,14 @@ class HttpListener:
         finally:
             self.in_flight -= 1
 
-    async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self, host: str, port: int, context: ListenerContext | None = None) -> None:
+        """Bind plain and/or TLS ports as ``context`` says (HTTPS on ``port`` itself when
+        TLS is on and no ``tls_port`` is set)."""
+        context = context or ListenerContext(host, port)
+        self._server = await bind_endpoints(context, "http", lambda: HttpConnection(self),
+                                            self.limits.handshake_timeout_ms, http=True)
+        self.port = self._server.port
+        self.tls_port = self._server.tls_port
 
     async def close(self) -> None:
         self.closing = True
@@ -348,7 +354,7 @@ class ServerBusyError(UnavailableError):
 async def start_listener(broker: Broker, context: ListenerContext) -> HttpListener:
     listener = HttpListener(broker, dict(context.settings), shared_limits(context),
                             listener_counters(context, "http"), context.observability)
-    await listener.start(context.host, context.port)
+    await listener.start(context.host, context.port, context)
     # --- management API and web UI (management.py): registry of live connections ---
     registry = shared_connections(context)
     listener.unregister = registry.add_source("http", listener.port, lambda: (

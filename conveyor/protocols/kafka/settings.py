@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from conveyor.config import LISTENER_LIMIT_NAMES
+from conveyor.config import KAFKA_SECURITY_PROTOCOLS, LISTENER_LIMIT_NAMES
 from conveyor.errors import InvalidConfigError
 from conveyor.protocols.kafka.framing import FRAME_BYTES_MAX_DEFAULT
 
@@ -27,10 +27,14 @@ class KafkaSettings:
     cluster_id: str = "conveyor"
     # SASL/PLAIN: off unless users are configured; user -> password.
     sasl_users: Mapping[str, str] = field(default_factory=dict)
+    # Kafka's listener security protocol: PLAINTEXT, SSL (TLS; with a client certificate
+    # the principal is User:CN), SASL_PLAINTEXT, SASL_SSL (SASL required before any
+    # request but ApiVersions/SaslHandshake/SaslAuthenticate).
+    security_protocol: str = "PLAINTEXT"
 
     @property
     def sasl_enabled(self) -> bool:
-        return bool(self.sasl_users)
+        return bool(self.sasl_users) or self.security_protocol.startswith("SASL_")
 
 
 def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0) -> int:
@@ -42,7 +46,8 @@ def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0)
 
 def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
     known = {"frame_bytes_max", "fetch_wait_ms_max", "fetch_bytes_max", "node_id", "cluster_id",
-             "sasl_users", "users", *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
+             "sasl_users", "users", "security_protocol",
+             *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InvalidConfigError("unknown kafka listener settings", names=unknown)
@@ -51,6 +56,10 @@ def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
         isinstance(name, str) and isinstance(password, str) for name, password in users.items()
     ):
         raise InvalidConfigError("kafka.sasl_users must map user names to passwords")
+    security_protocol = str(settings.get("security_protocol", "PLAINTEXT")).upper()
+    if security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+        raise InvalidConfigError("kafka.security_protocol must be one of "
+                                 + ", ".join(KAFKA_SECURITY_PROTOCOLS), value=security_protocol)
     cluster_id = settings.get("cluster_id", "conveyor")
     if not isinstance(cluster_id, str) or not cluster_id:
         raise InvalidConfigError("kafka.cluster_id must be a non-empty string")
@@ -61,4 +70,5 @@ def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
         node_id=_int(settings, "node_id", 0),
         cluster_id=cluster_id,
         sasl_users=dict(users),
+        security_protocol=security_protocol,
     )
