@@ -10,6 +10,8 @@ generate_sync.py (run ``python -m conveyor.client.generate_sync`` after editing)
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -102,12 +104,19 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: ssl.SSLContext | str | bool = True,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
+        # verify (https:// URLs): True checks the server against the system CAs, a path
+        # against that CA bundle (a private CA: CONVEYOR_CA_FILE), an SSLContext as given.
+        if verify is True and os.environ.get("CONVEYOR_CA_FILE"):
+            verify = os.environ["CONVEYOR_CA_FILE"]
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
         self._http = httpx.AsyncClient(base_url=self.url, headers=dict(headers or {}),
-                                       transport=transport, timeout=timeout_s)
+                                       transport=transport, timeout=timeout_s, verify=verify)
         self._reply_queue: str | None = None
         self._reply_lock = asyncio.Lock()
 
