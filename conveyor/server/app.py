@@ -208,7 +208,13 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+
+    def reload_tls() -> None:  # SIGHUP; stdout says how it went (tests wait on the line)
+        done = server.reload_tls()
+        print("conveyor tls reloaded" if done else
+              "conveyor tls reload failed: previous certificates kept (see the log)", flush=True)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     await server.start()
     print(
         "conveyor ready: "
