@@ -10,12 +10,12 @@ GENERATED from aio.py by generate_sync.py: edit aio.py, then run
 from __future__ import annotations
 
 import threading
-import os
-import ssl
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from os import environ
+from ssl import SSLContext, create_default_context
 from typing import Any, Literal
 
 import httpx
@@ -104,17 +104,17 @@ class Client:
         retry: RetryPolicy | None = None,
         headers: Mapping[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
-        verify: ssl.SSLContext | str | bool = True,
+        verify: SSLContext | str | bool = True,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         # verify (https:// URLs): True checks the server against the system CAs, a path
         # against that CA bundle (a private CA: CONVEYOR_CA_FILE), an SSLContext as given.
-        if verify is True and os.environ.get("CONVEYOR_CA_FILE"):
-            verify = os.environ["CONVEYOR_CA_FILE"]
+        if verify is True and environ.get("CONVEYOR_CA_FILE"):
+            verify = environ["CONVEYOR_CA_FILE"]
         if isinstance(verify, str):
-            verify = ssl.create_default_context(cafile=verify)
+            verify = create_default_context(cafile=verify)
         self._http = httpx.Client(base_url=self.url, headers=dict(headers or {}),
                                        transport=transport, timeout=timeout_s, verify=verify)
         self._reply_queue: str | None = None
