@@ -40,13 +40,10 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--sqs-port", type=int, help="SQS API port (9324)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
-    serve.add_argument("--tls-cert", dest="tls_cert", metavar="FILE",
-                       help="PEM certificate chain: TLS on every listener (docs/security.md)")
-    serve.add_argument("--tls-key", dest="tls_key", metavar="FILE", help="PEM private key")
-    serve.add_argument("--tls-ca", dest="tls_ca", metavar="FILE",
-                       help="PEM CA bundle for client certificates")
-    serve.add_argument("--tls-verify", dest="tls_verify",
-                       choices=("none", "optional", "required"),
+    for flag, text in (("cert", "PEM certificate chain: TLS on every listener"),
+                       ("key", "PEM private key"), ("ca", "PEM CA for client certificates")):
+        serve.add_argument(f"--tls-{flag}", metavar="FILE", help=text + " (docs/security.md)")
+    serve.add_argument("--tls-verify", choices=("none", "optional", "required"),
                        help="client certificates (optional when --tls-ca is given)")
 
 
@@ -61,19 +58,9 @@ def _serve(arguments: argparse.Namespace) -> int:
         for name in ("kafka", "amqp", "http", "sqs")
         if getattr(arguments, f"{name}_port") is not None
     }
-    flags = {
-        "data_dir": arguments.data_dir,
-        "host": arguments.host,
-        "advertised_host": arguments.advertised_host,
-        "log_level": arguments.log_level,
-        "log_format": arguments.log_format,
-        "listeners": arguments.listeners.split(",") if arguments.listeners else None,
-        "ports": ports,
-        "tls_cert": arguments.tls_cert,
-        "tls_key": arguments.tls_key,
-        "tls_ca": arguments.tls_ca,
-        "tls_verify": arguments.tls_verify,
-    }
+    # the serve flags by their dest names (data_dir, host, ..., tls_cert, tls_verify)
+    flags = {**vars(arguments), "ports": ports,
+             "listeners": arguments.listeners.split(",") if arguments.listeners else None}
     try:
         config = load_config(arguments.config, flags=flags)
         configure_logging(config.log_level, config.log_format)

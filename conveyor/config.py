@@ -231,6 +231,22 @@ def _listeners_from(
     return tuple(result)
 
 
+def _tls_section(document: Mapping[str, Any], environ: Mapping[str, str],
+                 flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The global ``[tls]`` keys: file < environment < flags (--tls-cert, ...)."""
+    section: dict[str, Any] = dict(document.get("tls", {}))
+    sources = (("cert_file", "CONVEYOR_TLS_CERT", "tls_cert"),
+               ("key_file", "CONVEYOR_TLS_KEY", "tls_key"),
+               ("ca_file", "CONVEYOR_TLS_CA", "tls_ca"),
+               ("verify", "CONVEYOR_TLS_VERIFY", "tls_verify"))
+    for key, env_name, flag in sources:
+        if flags.get(flag) is not None:
+            section[key] = flags[flag]
+        elif env_name in environ:
+            section[key] = environ[env_name]
+    return section
+
+
 def load_config(
     path: Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -267,17 +283,6 @@ def load_config(
         env_name = f"CONVEYOR_{name.upper()}_PORT"
         if env_name in environ:
             ports[name] = int(_coerce(environ[env_name], 0, env_name))
-    tls_section: dict[str, Any] = dict(document.get("tls", {}))
-    tls_sources = (("cert_file", "CONVEYOR_TLS_CERT", "tls_cert"),
-                   ("key_file", "CONVEYOR_TLS_KEY", "tls_key"),
-                   ("ca_file", "CONVEYOR_TLS_CA", "tls_ca"),
-                   ("verify", "CONVEYOR_TLS_VERIFY", "tls_verify"))
-    for key, env_name, _flag in tls_sources:
-        if env_name in environ:
-            tls_section[key] = environ[env_name]
-    for key, _env_name, flag in tls_sources:
-        if flags.get(flag) is not None:
-            tls_section[key] = flags[flag]
     for env_name, value in environ.items():
         if env_name.startswith("CONVEYOR_BROKER__"):
             broker_overrides[env_name.removeprefix("CONVEYOR_BROKER__").lower()] = value
@@ -300,7 +305,7 @@ def load_config(
         top["data_dir"] = Path(top["data_dir"])
     if top.get("log_format", "text") not in ("text", "json"):
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
-    global_tls = tls_config(tls_section, None, "tls")
+    global_tls = tls_config(_tls_section(document, environ, flags), None, "tls")
     return ServerConfig(
         **top,
         tls=global_tls,

@@ -19,10 +19,10 @@ from urllib.parse import quote
 import aio_pika
 import pika
 import pytest
-from tls_support import TestPki, refused_after_plaintext, tls_hello_to_plain_port
 
 from conveyor.protocols.amqp.adapter import AmqpConnection
 from conveyor.testing.server import BrokerThread
+from conveyor.testing.tls import TestPki, refused_after_plaintext, tls_hello_to_plain_port
 
 WAIT_S = 30
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"

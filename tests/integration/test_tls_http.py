@@ -22,10 +22,15 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
-from tls_support import TestPki, refused_after_plaintext, served_serial, tls_hello_to_plain_port
 
 from conveyor.client import Client
 from conveyor.testing.server import BrokerProcess, BrokerThread
+from conveyor.testing.tls import (
+    TestPki,
+    refused_after_plaintext,
+    served_serial,
+    tls_hello_to_plain_port,
+)
 
 WAIT_S = 30
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
-from tls_support import TestPki, refused_after_plaintext, tls_hello_to_plain_port
 
 from conveyor.testing.server import BrokerThread
+from conveyor.testing.tls import TestPki, refused_after_plaintext, tls_hello_to_plain_port
 
 # kafka-python 3 reads its schemas with importlib.resources.read_text, deprecated on 3.11
 # (as in test_kafka_python.py).

@@ -1,5 +1,7 @@
 """Certificates for the TLS tests, made fresh by each test (never committed).
 
+Needs the `cryptography` package (the dev extra); only tests import this module.
+
 A private CA, a server certificate for localhost / 127.0.0.1 signed by it, and client
 certificates whose subject CN is the user name (mTLS). Keys are EC P-256: fast to make.
 """
