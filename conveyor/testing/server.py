@@ -181,7 +181,9 @@ class BrokerProcess:
         listeners: Iterable[str] = ("http",),
         extra_args: Iterable[str] = (),
         environ: Mapping[str, str] | None = None,
+        cwd: Path | None = None,  # relative paths in extra_args (--tls-cert) start here
     ) -> None:
+        self.cwd = cwd
         self.data_dir = data_dir
         self.listener_names = tuple(listeners)
         self.ports = {name: free_port() for name in self.listener_names}
@@ -203,7 +205,8 @@ class BrokerProcess:
         # The log goes to a file: an unread pipe would block a chatty child.
         with open(self.log_path, "a") as log_file:
             self.process = subprocess.Popen(
-                arguments, stdout=subprocess.PIPE, stderr=log_file, text=True, env=environment
+                arguments, stdout=subprocess.PIPE, stderr=log_file, text=True, env=environment,
+                cwd=self.cwd,
             )
         assert self.process.stdout is not None
         for line in self.process.stdout:
