@@ -41,7 +41,11 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 PEEK_BYTES: Final = 3  # record type + protocol version: enough to tell TLS from the rest
 TLS_HANDSHAKE_RECORD: Final = 0x16
-BACKLOG: Final = 1024  # somaxconn's default since Linux 5.4, as asyncio's create_server uses 100
+BACKLOG: Final = 1024  # somaxconn's default since Linux 5.4 (asyncio's create_server: 100)
+# Connections accepted on a TLS port whose handshake has not finished: each holds a socket
+# and a task for at most the handshake timeout. Past this, new ones are closed at once
+# (nginx bounds them with worker_connections, 512 per worker by default).
+PENDING_HANDSHAKES_MAX: Final = 1024
 # nginx's answer to a plain request on an HTTPS port (its error 497), so curl and
 # browsers show the reason instead of a reset.
 PLAIN_HTTP_ON_TLS: Final = (
@@ -125,10 +129,22 @@ class TlsServer:
                 await asyncio.sleep(0.1)
                 continue
             connection.setblocking(False)
+            if len(self._tasks) > PENDING_HANDSHAKES_MAX:
+                self._refusals.refused(self._listener, "too many unfinished TLS handshakes",
+                                       peer_text(address))
+                connection.close()
+                continue
             self._tasks.start(self._admit(connection, peer_text(address)),
                               name=f"{self._listener}-tls-handshake")
 
     async def _admit(self, connection: socket.socket, peer: str) -> None:
+        try:
+            await self._handshake(connection, peer)
+        except BaseException:  # cancelled by close(): the socket goes with the task
+            connection.close()
+            raise
+
+    async def _handshake(self, connection: socket.socket, peer: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             first = await asyncio.wait_for(_peek(loop, connection), self._handshake_timeout_s)

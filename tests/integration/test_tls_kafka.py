@@ -172,3 +172,20 @@ def test_tls_client_on_plaintext_port_is_refused(tmp_path: Path) -> None:
         # the listener still serves plaintext clients afterwards
         values = produce_and_consume(f"127.0.0.1:{server.ports['kafka']}", dict(FAST), 3)
         assert len(values) == 3
+
+
+def test_silent_and_stalled_clients_on_ssl_port_are_closed(tmp_path: Path, pki: TestPki) -> None:
+    """Nobody holds a TLS port open: a client that sends nothing, and one that starts a
+    handshake and stops, are closed after the listener's handshake_timeout_ms."""
+    import socket
+
+    settings = {"kafka": {"handshake_timeout_ms": 300}}
+    with BrokerThread(tmp_path / "stall", listeners=("kafka",), settings=settings,
+                      tls=pki.tls_config()) as server:
+        port = server.ports["kafka"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+            assert silent.recv(100) == b""  # closed, not hung (timeout would raise)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stalled:
+            stalled.sendall(b"\x16\x03\x01\x02\x00")  # a ClientHello record that never ends
+            assert stalled.recv(100) == b""
+        assert refusals(server) == {"TLS handshake failed": 1}
