@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,16 @@ def test_first_bytes_tell_tls_from_plaintext() -> None:
     assert not looks_like_tls(b"GET")
     assert not looks_like_tls(b"\x00\x00\x00")  # a Kafka frame size
     assert not looks_like_tls(b"")
+
+
+def test_serve_with_an_unreadable_certificate_exits_with_a_message(tmp_path: Path) -> None:
+    import subprocess
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir", str(tmp_path / "data"),
+         "--listeners", "http", "--http-port", "0", "--tls-cert", str(tmp_path / "no.pem"),
+         "--tls-key", str(tmp_path / "no.key")],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert completed.returncode == 2
+    assert "cannot load TLS certificate and key" in completed.stderr
+    assert "Traceback" not in completed.stderr
