@@ -189,3 +189,23 @@ def test_silent_and_stalled_clients_on_ssl_port_are_closed(tmp_path: Path, pki: 
             stalled.sendall(b"\x16\x03\x01\x02\x00")  # a ClientHello record that never ends
             assert stalled.recv(100) == b""
         assert refusals(server) == {"TLS handshake failed": 1}
+
+
+def test_sasl_ssl_listener_wants_sasl_over_tls(tmp_path: Path, pki: TestPki) -> None:
+    settings = {"kafka": {"security_protocol": "SASL_SSL", "sasl_users": {"ann": "secret"}}}
+    with BrokerThread(tmp_path / "sasl-ssl", listeners=("kafka",), settings=settings,
+                      tls=pki.tls_config()) as server:
+        bootstrap = f"localhost:{server.ports['kafka']}"
+        sasl = {"security.protocol": "SASL_SSL", "ssl.ca.location": str(pki.ca_file),
+                "sasl.mechanisms": "PLAIN", "sasl.username": "ann", "sasl.password": "secret",
+                **FAST}
+        assert len(produce_and_consume(bootstrap, sasl, 3)) == 3
+        # TLS without SASL: the first request that is not SASL closes the connection
+        failed = threading.Event()
+        producer = Producer({"bootstrap.servers": bootstrap, **confluent_ssl(pki),
+                             "error_cb": lambda _error: failed.set()})
+        producer.produce("sasl-ssl-refused", b"anonymous")
+        while not failed.is_set():
+            producer.poll(0.2)
+        assert producer.flush(0) == 1  # nothing was delivered
+        producer.purge()
