@@ -94,7 +94,8 @@ async def bind_endpoints(context: ListenerContext, name: str, factory: Any,
     return await open_endpoints(
         factory, name, context.host, context.port, tls=context.tls, tls_port=context.tls_port,
         plaintext=context.plaintext, refusals=context.refusals,
-        handshake_timeout_ms=handshake_timeout_ms, http=http)
+        counters=listener_counters(context, name), handshake_timeout_ms=handshake_timeout_ms,
+        http=http)
 
 
 class RunningListener(Protocol):

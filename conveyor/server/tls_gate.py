@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from conveyor.connections import peer_text
+from conveyor.server.counters import ListenerCounters
 from conveyor.server.tls import RefusalLog, ServerTls
 from conveyor.tasks import Supervisor
 
@@ -53,6 +54,31 @@ PLAIN_HTTP_ON_TLS: Final = (
     b"Content-Length: 55\r\n\r\nThe plain HTTP request was sent to an HTTPS port (TLS).\n")
 
 
+# Each kind of refusal as the error code the listener's counters export on /metrics
+# (conveyor_listener_errors_total{listener, code}).
+REFUSAL_CODES: Final = {
+    "TLS handshake on a plaintext port": "tls_on_plaintext_port",
+    "plaintext on a TLS port": "plaintext_on_tls_port",
+    "TLS handshake failed": "tls_handshake_failed",
+    "too many unfinished TLS handshakes": "tls_handshakes_pending_max",
+}
+
+
+class ListenerRefusals:
+    """One listener's refusals: the server's rate-limited log, and its error counters."""
+
+    def __init__(self, listener: str, log: RefusalLog, counters: ListenerCounters | None
+                 ) -> None:
+        self.listener = listener
+        self._log = log
+        self._counters = counters
+
+    def refused(self, reason: str, peer: str, detail: str = "") -> None:
+        self._log.refused(self.listener, reason, peer, detail)
+        if self._counters is not None:
+            self._counters.error(REFUSAL_CODES.get(reason, "refused"))
+
+
 def looks_like_tls(first: bytes) -> bool:
     """True when the first bytes of a connection are a TLS ClientHello record."""
     if not first or first[0] != TLS_HANDSHAKE_RECORD:
@@ -63,9 +89,8 @@ def looks_like_tls(first: bytes) -> bool:
 class _PlainSniffer(asyncio.Protocol):
     """Stands in front of a plaintext protocol until the first bytes arrive."""
 
-    def __init__(self, inner: asyncio.Protocol, listener: str, refusals: RefusalLog) -> None:
+    def __init__(self, inner: asyncio.Protocol, refusals: ListenerRefusals) -> None:
         self._inner = inner
-        self._listener = listener
         self._refusals = refusals
         self._transport: asyncio.Transport | None = None
 
@@ -77,7 +102,7 @@ class _PlainSniffer(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         if looks_like_tls(data[:PEEK_BYTES]):
-            self._refusals.refused(self._listener, "TLS handshake on a plaintext port",
+            self._refusals.refused("TLS handshake on a plaintext port",
                                    peer_text(transport.get_extra_info("peername")))
             transport.close()
             return
@@ -101,16 +126,16 @@ class TlsServer:
     """A TLS port: our accept loop, a peek, then the loop's SSL transport."""
 
     def __init__(self, sockets: list[socket.socket], factory: ProtocolFactory, tls: ServerTls,
-                 listener: str, refusals: RefusalLog, handshake_timeout_s: float,
+                 refusals: ListenerRefusals, handshake_timeout_s: float,
                  http: bool) -> None:
         self.sockets = sockets
         self._factory = factory
         self._tls = tls
-        self._listener = listener
+        self._listener = refusals.listener
         self._refusals = refusals
         self._handshake_timeout_s = handshake_timeout_s
         self._http = http
-        self._tasks = Supervisor(f"{listener}-tls-accept")
+        self._tasks = Supervisor(f"{self._listener}-tls-accept")
         self._closed = False
 
     def start(self) -> None:
@@ -130,7 +155,7 @@ class TlsServer:
                 continue
             connection.setblocking(False)
             if len(self._tasks) > PENDING_HANDSHAKES_MAX:
-                self._refusals.refused(self._listener, "too many unfinished TLS handshakes",
+                self._refusals.refused("too many unfinished TLS handshakes",
                                        peer_text(address))
                 connection.close()
                 continue
@@ -163,11 +188,11 @@ class TlsServer:
                 ssl_handshake_timeout=self._handshake_timeout_s)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
             reason = getattr(error, "reason", None) or type(error).__name__
-            self._refusals.refused(self._listener, "TLS handshake failed", peer, str(reason))
+            self._refusals.refused("TLS handshake failed", peer, str(reason))
             connection.close()
 
     def _refuse_plaintext(self, connection: socket.socket, peer: str, first: bytes) -> None:
-        self._refusals.refused(self._listener, "plaintext on a TLS port", peer,
+        self._refusals.refused("plaintext on a TLS port", peer,
                                repr(first[:PEEK_BYTES]))
         with contextlib.suppress(OSError):
             # read what is there (so close sends FIN, not RST, where it can), then answer
@@ -262,12 +287,14 @@ def _port_of(sockets: Any) -> int:
 async def open_endpoints(factory: ProtocolFactory, listener: str, host: str, port: int, *,
                          tls: ServerTls | None = None, tls_port: int | None = None,
                          plaintext: bool = True, refusals: RefusalLog | None = None,
+                         counters: ListenerCounters | None = None,
                          handshake_timeout_ms: int = 60_000, http: bool = False) -> Endpoints:
     """Bind the ports of one listener. Without ``tls``: plain on ``port``. With ``tls``
     and no ``tls_port``: TLS on ``port``. With both: plain on ``port`` (unless
     ``plaintext`` is False) and TLS on ``tls_port``."""
     loop = asyncio.get_running_loop()
-    refusals = refusals if refusals is not None else RefusalLog()
+    listener_refusals = ListenerRefusals(
+        listener, refusals if refusals is not None else RefusalLog(), counters)
     plain: asyncio.Server | None = None
     secure: TlsServer | None = None
     timeout_s = (handshake_timeout_ms or 60_000) / 1000
@@ -276,7 +303,7 @@ async def open_endpoints(factory: ProtocolFactory, listener: str, host: str, por
         def sniffing() -> asyncio.BaseProtocol:
             inner = factory()
             assert isinstance(inner, asyncio.Protocol)
-            return _PlainSniffer(inner, listener, refusals)
+            return _PlainSniffer(inner, listener_refusals)
 
         plain = await loop.create_server(sniffing, host, port, reuse_address=True)
     if tls is not None:
@@ -286,6 +313,6 @@ async def open_endpoints(factory: ProtocolFactory, listener: str, host: str, por
             if plain is not None:
                 plain.close()
             raise
-        secure = TlsServer(sockets, factory, tls, listener, refusals, timeout_s, http)
+        secure = TlsServer(sockets, factory, tls, listener_refusals, timeout_s, http)
         secure.start()
     return Endpoints(plain, secure)

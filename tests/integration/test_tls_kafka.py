@@ -169,6 +169,8 @@ def test_tls_client_on_plaintext_port_is_refused(tmp_path: Path) -> None:
     with BrokerThread(tmp_path / "plain", listeners=("kafka",)) as server:
         tls_hello_to_plain_port(server.ports["kafka"])
         assert refusals(server) == {"TLS handshake on a plaintext port": 1}
+        errors = server.call_sync(lambda: dict(server.server.metrics.counters("kafka").errors))
+        assert errors == {"tls_on_plaintext_port": 1}  # on /metrics as a listener error
         # the listener still serves plaintext clients afterwards
         values = produce_and_consume(f"127.0.0.1:{server.ports['kafka']}", dict(FAST), 3)
         assert len(values) == 3
