@@ -152,3 +152,30 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(tmp_path: P
             assert served_serial(port, pki.ca_file) == 2002
     finally:
         assert process.stop() == 0
+
+
+def test_http_tls_port_keeps_plain_http_beside_https(tmp_path: Path) -> None:
+    """``[listeners.http] tls_port``: plain HTTP on the HTTP port, HTTPS on its own."""
+    import asyncio
+
+    from conveyor.config import ListenerConfig, ServerConfig
+    from conveyor.server.app import Server
+
+    pki = TestPki(tmp_path / "pki")
+    config = ServerConfig(data_dir=tmp_path / "data", listeners=(ListenerConfig(
+        "http", port=0, tls=pki.tls_config(), tls_port=0),))
+
+    async def check() -> None:
+        server = Server(config)
+        await server.start()
+        try:
+            plain, secure = server.ports["http"], server.ports["http_tls"]
+            answers = await asyncio.gather(
+                asyncio.to_thread(curl, f"http://127.0.0.1:{plain}/health"),
+                asyncio.to_thread(curl, "--cacert", str(pki.ca_file),
+                                  f"https://localhost:{secure}/health"))
+            assert all('"ok"' in answer.stdout for answer in answers), answers
+        finally:
+            await server.stop()
+
+    asyncio.run(check())
