@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -246,10 +247,18 @@ def _bind(host: str, port: int) -> list[socket.socket]:
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listening.bind(address)
+            try:
+                listening.bind((address[0], port, *address[2:]))
+            except OSError as error:
+                if family != socket.AF_INET6 or error.errno != errno.EADDRNOTAVAIL:
+                    raise
+                sockets.pop().close()  # IPv6 off on this host: skipped, as create_server does
+                continue
             listening.listen(BACKLOG)
             listening.setblocking(False)
             port = port or listening.getsockname()[1]  # one free port for every address
+        if not sockets:
+            raise OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {host!r}")
     except OSError:
         for listening in sockets:
             listening.close()

@@ -158,3 +158,15 @@ def test_serve_with_an_unreadable_certificate_exits_with_a_message(tmp_path: Pat
     assert completed.returncode == 2
     assert "cannot load TLS certificate and key" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_a_tls_port_binds_every_address_of_its_host_on_one_port() -> None:
+    from conveyor.server.tls_gate import _bind
+
+    sockets = _bind("localhost", 0)
+    try:
+        assert sockets
+        assert len({listening.getsockname()[1] for listening in sockets}) == 1
+    finally:
+        for listening in sockets:
+            listening.close()
