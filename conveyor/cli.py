@@ -46,6 +46,11 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     cli_security.add_serve_flags(serve)
+    for flag, text in (("cert", "PEM certificate chain: TLS on every listener"),
+                       ("key", "PEM private key"), ("ca", "PEM CA for client certificates")):
+        serve.add_argument(f"--tls-{flag}", metavar="FILE", help=text + " (docs/security.md)")
+    serve.add_argument("--tls-verify", choices=("none", "optional", "required"),
+                       help="client certificates (optional when --tls-ca is given)")
 
 
 def _serve(arguments: argparse.Namespace) -> int:
@@ -59,16 +64,9 @@ def _serve(arguments: argparse.Namespace) -> int:
         for name in ("kafka", "amqp", "http", "sqs")
         if getattr(arguments, f"{name}_port") is not None
     }
-    flags = {
-        "data_dir": arguments.data_dir, "storage": arguments.storage,
-        "host": arguments.host,
-        "advertised_host": arguments.advertised_host,
-        "log_level": arguments.log_level,
-        "log_format": arguments.log_format,
-        **cli_security.serve_flags(arguments),
-        "listeners": arguments.listeners.split(",") if arguments.listeners else None,
-        "ports": ports,
-    }
+    # the serve flags by their dest names (data_dir, host, ..., tls_cert, tls_verify, auth)
+    flags = {**vars(arguments), **cli_security.serve_flags(arguments), "ports": ports,
+             "listeners": arguments.listeners.split(",") if arguments.listeners else None}
     try:
         config = load_config(arguments.config, flags=flags)
         configure_logging(config.log_level, config.log_format)

@@ -8,8 +8,16 @@ Environment variables: ``CONVEYOR_DATA_DIR``, ``CONVEYOR_STORAGE``, ``CONVEYOR_H
 ``CONVEYOR_ADVERTISED_HOST``, ``CONVEYOR_LOG_LEVEL``, ``CONVEYOR_LOG_FORMAT``,
 ``CONVEYOR_AUTH`` (``required`` or ``off``), ``CONVEYOR_INSECURE``,
 ``CONVEYOR_LISTENERS`` (comma-separated names), ``CONVEYOR_<NAME>_PORT`` for a
-listener's port, and ``CONVEYOR_BROKER__<FIELD>`` for a broker field
-(``CONVEYOR_BROKER__AUTO_CREATE_TOPICS=false``).
+listener's port, ``CONVEYOR_BROKER__<FIELD>`` for a broker field
+(``CONVEYOR_BROKER__AUTO_CREATE_TOPICS=false``), and ``CONVEYOR_TLS_CERT``,
+``CONVEYOR_TLS_KEY``, ``CONVEYOR_TLS_CA``, ``CONVEYOR_TLS_VERIFY`` for the ``[tls]`` section.
+
+TLS (docs/security.md, "TLS"): the global ``[tls]`` section (``cert_file``,
+``key_file``, optional ``ca_file`` and ``verify``) applies to every listener;
+``[listeners.X.tls]`` overrides any of its keys for one listener (``enabled = false``
+keeps that listener plaintext). ``[listeners.X] tls_port`` puts TLS on a port of its
+own beside the plain one (AMQP: 5671 by default, as RabbitMQ); without it the
+listener's port itself speaks TLS. ``plaintext = false`` drops the plain port.
 """
 
 from __future__ import annotations
@@ -25,6 +33,23 @@ from typing import Any
 from conveyor.errors import InvalidConfigError
 
 DEFAULT_PORTS: dict[str, int] = {"kafka": 9092, "amqp": 5672, "sqs": 9324, "http": 8080}
+# A separate TLS port by default only where the peer has one: RabbitMQ's amqps 5671.
+DEFAULT_TLS_PORTS: dict[str, int] = {"amqp": 5671}
+TLS_VERIFY_MODES: tuple[str, ...] = ("none", "optional", "required")
+TLS_KEYS: tuple[str, ...] = ("cert_file", "key_file", "ca_file", "verify")
+KAFKA_SECURITY_PROTOCOLS: tuple[str, ...] = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Where a listener's certificate comes from and what it asks of clients."""
+
+    cert_file: Path  # PEM: the server certificate, then its intermediates
+    key_file: Path  # PEM private key of cert_file
+    ca_file: Path | None = None  # PEM CA bundle that client certificates must chain to
+    # Client certificates: "none" (not asked), "optional" (verified when sent),
+    # "required" (handshake refused without one). Default: optional with ca_file.
+    verify: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +59,11 @@ class ListenerConfig:
     host: str | None = None  # None: the server's host
     port: int = 0
     settings: Mapping[str, Any] = field(default_factory=dict)  # protocol-specific section
+    tls: TlsConfig | None = None  # None: no TLS on this listener
+    # With tls: None puts TLS on ``port`` itself; a number adds a TLS port beside the
+    # plain one (0: any free port).
+    tls_port: int | None = None
+    plaintext: bool = True  # serve plain on ``port`` (ignored when TLS is on ``port``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +104,7 @@ class ServerConfig:
     # Listen on a non-loopback address with auth off (refused without it).
     insecure: bool = False
     shutdown_grace_ms: int = 10_000
+    tls: TlsConfig | None = None  # the global [tls] section (each listener has its own copy)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     listeners: tuple[ListenerConfig, ...] = field(
         default_factory=lambda: tuple(
@@ -119,8 +150,73 @@ def _broker_settings(base: BrokerSettings, overrides: Mapping[str, Any]) -> Brok
     return dataclasses.replace(base, **values)
 
 
+def tls_config(section: Mapping[str, Any], base: TlsConfig | None, where: str
+               ) -> TlsConfig | None:
+    """``base`` with the keys of a ``[tls]``-shaped section over it; None when no
+    certificate is configured or the section says ``enabled = false``."""
+    values = dict(section)
+    enabled = values.pop("enabled", None)
+    unknown = sorted(set(values) - set(TLS_KEYS))
+    if unknown:
+        raise InvalidConfigError(f"unknown {where} settings", names=unknown)
+    if enabled is False:
+        return None
+    merged: dict[str, Any] = {} if base is None else {
+        "cert_file": base.cert_file, "key_file": base.key_file, "ca_file": base.ca_file}
+    if base is not None and "ca_file" not in values:
+        merged["verify"] = base.verify
+    merged.update({key: value for key, value in values.items() if value not in (None, "")})
+    if "cert_file" not in merged or "key_file" not in merged:
+        if enabled is True or values:
+            raise InvalidConfigError(f"{where} needs both cert_file and key_file")
+        return None
+    ca_file = merged.get("ca_file")
+    verify = str(merged.get("verify") or ("optional" if ca_file else "none")).lower()
+    if verify not in TLS_VERIFY_MODES:
+        raise InvalidConfigError(f"{where}.verify must be one of {', '.join(TLS_VERIFY_MODES)}",
+                                 value=verify)
+    if verify != "none" and not ca_file:
+        raise InvalidConfigError(f"{where}.verify = {verify} needs ca_file")
+    return TlsConfig(Path(merged["cert_file"]), Path(merged["key_file"]),
+                     Path(ca_file) if ca_file else None, verify)
+
+
+def _listener_tls(name: str, section: dict[str, Any], global_tls: TlsConfig | None
+                  ) -> tuple[TlsConfig | None, int | None, bool]:
+    """Pop the TLS keys of a ``[listeners.X]`` section: (tls, tls_port, plaintext)."""
+    override = section.pop("tls", {})
+    if not isinstance(override, Mapping):
+        raise InvalidConfigError(f"listeners.{name}.tls must be a table")
+    tls = tls_config(override, global_tls, f"listeners.{name}.tls")
+    plaintext = section.pop("plaintext", True)
+    tls_port = section.pop("tls_port", DEFAULT_TLS_PORTS.get(name))
+    if name == "kafka":
+        protocol = str(section.get("security_protocol") or
+                       ("SSL" if tls is not None else "PLAINTEXT")).upper()
+        if protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise InvalidConfigError("kafka.security_protocol must be one of "
+                                     + ", ".join(KAFKA_SECURITY_PROTOCOLS), value=protocol)
+        if protocol.endswith("SSL") and tls is None:
+            raise InvalidConfigError(f"kafka.security_protocol = {protocol} needs a certificate"
+                                     " ([tls] cert_file and key_file, or --tls-cert/--tls-key)")
+        section["security_protocol"] = protocol
+        # Kafka names one security protocol per listener port (listeners=SSL://:9093).
+        tls = tls if protocol.endswith("SSL") else None
+        if tls_port is not None:
+            raise InvalidConfigError("kafka has no tls_port: choose its security_protocol")
+    if not isinstance(plaintext, bool):
+        raise InvalidConfigError(f"listeners.{name}.plaintext must be true or false")
+    if tls_port is not None and (isinstance(tls_port, bool) or not isinstance(tls_port, int)
+                                 or not 0 <= tls_port <= 65535):
+        raise InvalidConfigError("listener tls_port out of range", listener=name, port=tls_port)
+    if tls is None and not plaintext:
+        raise InvalidConfigError(f"listeners.{name}.plaintext = false needs TLS configured")
+    return tls, tls_port if tls is not None else None, plaintext
+
+
 def _listeners_from(
-    sections: Mapping[str, Any], enabled_names: list[str] | None, ports: Mapping[str, int]
+    sections: Mapping[str, Any], enabled_names: list[str] | None, ports: Mapping[str, int],
+    global_tls: TlsConfig | None = None,
 ) -> tuple[ListenerConfig, ...]:
     names = list(DEFAULT_PORTS)
     result = []
@@ -135,7 +231,9 @@ def _listeners_from(
             port = ports[name]
         if not 0 <= port <= 65535:
             raise InvalidConfigError("listener port out of range", listener=name, port=port)
-        result.append(ListenerConfig(name, enabled, host, port, section))
+        tls, tls_port, plaintext = _listener_tls(name, section, global_tls)
+        result.append(ListenerConfig(name, enabled, host, port, section, tls, tls_port,
+                                     plaintext))
     unknown = set(sections) - set(names)
     if unknown:
         raise InvalidConfigError("unknown listeners", names=sorted(unknown))
@@ -153,6 +251,20 @@ def _check_security_settings(top: Mapping[str, Any]) -> None:
 _TOP_KEYS: tuple[str, ...] = ("data_dir", "storage", "host", "advertised_host", "log_level",
                               "log_format", "auth", "insecure")
 _TOP_KEYS_FROM_ENV: tuple[str, ...] = _TOP_KEYS[:-1]
+def _tls_section(document: Mapping[str, Any], environ: Mapping[str, str],
+                 flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The global ``[tls]`` keys: file < environment < flags (--tls-cert, ...)."""
+    section: dict[str, Any] = dict(document.get("tls", {}))
+    sources = (("cert_file", "CONVEYOR_TLS_CERT", "tls_cert"),
+               ("key_file", "CONVEYOR_TLS_KEY", "tls_key"),
+               ("ca_file", "CONVEYOR_TLS_CA", "tls_ca"),
+               ("verify", "CONVEYOR_TLS_VERIFY", "tls_verify"))
+    for key, env_name, flag in sources:
+        if flags.get(flag) is not None:
+            section[key] = flags[flag]
+        elif env_name in environ:
+            section[key] = environ[env_name]
+    return section
 
 
 def load_config(
@@ -206,7 +318,7 @@ def load_config(
         ports[name] = int(port)
 
     unknown_top = set(document) - {
-        *_TOP_KEYS, "broker", "listeners",
+        *_TOP_KEYS, "broker", "listeners", "tls",
     }
     if unknown_top:
         raise InvalidConfigError("unknown settings in config file", names=sorted(unknown_top))
@@ -220,10 +332,12 @@ def load_config(
     if top.get("log_format", "text") not in ("text", "json"):
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
     _check_security_settings(top)
+    global_tls = tls_config(_tls_section(document, environ, flags), None, "tls")
     return ServerConfig(
         **top,
+        tls=global_tls,
         broker=_broker_settings(BrokerSettings(), broker_overrides),
-        listeners=_listeners_from(listener_sections, enabled_names, ports),
+        listeners=_listeners_from(listener_sections, enabled_names, ports, global_tls),
     )
 
 

@@ -54,6 +54,8 @@ class WorkerSpec:
     prefetch: int = 1000
     ack_every: int = 1
     record_latency: bool = False
+    # amqps: the CA file that signed the broker's certificate (None: plain AMQP)
+    ca_file: str | None = None
 
 
 @dataclass
@@ -159,8 +161,15 @@ class PikaWorker:
         self.started = self.deadline = self.cpu_started = self.last_event = 0.0
         self.draining = False
         self.last_tag = 0
+        ssl_options = None
+        if spec.ca_file is not None:
+            import ssl
+
+            ssl_options = pika.SSLOptions(ssl.create_default_context(cafile=spec.ca_file),
+                                          "localhost")
         parameters = pika.ConnectionParameters(spec.host, spec.port, heartbeat=0,
-                                               blocked_connection_timeout=None)
+                                               blocked_connection_timeout=None,
+                                               ssl_options=ssl_options)
         self.connection = pika.SelectConnection(
             parameters, on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error, on_close_callback=self._on_close)
@@ -295,7 +304,11 @@ async def aio_pika_worker(spec: WorkerSpec, coordination: Coordination) -> dict[
     import aio_pika
 
     loop = asyncio.get_running_loop()
-    connection = await aio_pika.connect(host=spec.host, port=spec.port)
+    if spec.ca_file is not None:
+        connection = await aio_pika.connect(
+            f"amqps://guest:guest@localhost:{spec.port}/?cafile={spec.ca_file}")
+    else:
+        connection = await aio_pika.connect(host=spec.host, port=spec.port)
     try:
         if spec.role == "publisher":
             channel = await connection.channel(publisher_confirms=True)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from os import environ
+from ssl import SSLContext, create_default_context
 from typing import Any, Literal
 
 import httpx
@@ -107,6 +108,7 @@ class AsyncClient:
         password: str | None = None,
         token: str | None = None,
         vhost: str | None = None,
+        verify: SSLContext | str | bool = True,
     ) -> None:
         # credentials: arguments, else the URL's user:password@, else CONVEYOR_TOKEN /
         # CONVEYOR_USER + CONVEYOR_PASSWORD (docs/security.md)
@@ -114,9 +116,15 @@ class AsyncClient:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
+        # verify (https:// URLs): True checks the server against the system CAs, a path
+        # against that CA bundle (a private CA: CONVEYOR_CA_FILE), an SSLContext as given.
+        if verify is True and environ.get("CONVEYOR_CA_FILE"):
+            verify = environ["CONVEYOR_CA_FILE"]
+        if isinstance(verify, str):
+            verify = create_default_context(cafile=verify)
         self._http = httpx.AsyncClient(base_url=self.url,
                                        headers={**auth_headers, **dict(headers or {})},
-                                       transport=transport, timeout=timeout_s)
+                                       transport=transport, timeout=timeout_s, verify=verify)
         self._reply_queue: str | None = None
         self._reply_lock = asyncio.Lock()
 

@@ -5,7 +5,8 @@ system; SQLite or PostgreSQL state, chosen by ``--storage`` in server/storage.py
 Start order: lock the data directory, recover the log store, open the state store
 and broker, start listeners. Stop order (SIGINT / SIGTERM): stop accepting and close
 connections, let the broker finish in-flight appends and fsync, close the stores,
-release the lock.
+release the lock. SIGHUP reloads the TLS certificates and keys: new handshakes use
+the new files, open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from conveyor.server.security_setup import (
     start_security,
 )
 from conveyor.server.state_recovery import rebuild_orphans
+from conveyor.server.tls import RefusalLog, TlsRegistry
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -99,6 +101,13 @@ class Server:
         self.metrics = Metrics(lambda: self._broker, config.data_dir,
                                MetricsLimits.from_settings(metrics_settings))
         self._stopping = False
+        self.tls = TlsRegistry()  # one context per certificate; SIGHUP reloads them
+        self.refusals = RefusalLog()  # wrong protocol on a port, failed TLS handshakes
+
+    def reload_tls(self) -> bool:
+        """Re-read every listener's certificate, key and CA files (SIGHUP); False when
+        one could not be loaded (that listener keeps its previous certificate)."""
+        return self.tls.reload()
 
     @property
     def security(self) -> Security:
@@ -158,6 +167,7 @@ class Server:
             if not listener_config.enabled:
                 continue
             start = find_listener(listener_config.name)
+            tls = self.tls.get(listener_config.tls)  # bad files: InvalidConfigError
             context = ListenerContext(
                 host=listener_config.host or self.config.host,
                 port=listener_config.port,
@@ -168,14 +178,22 @@ class Server:
                 observability=self,
                 connections=self.connections,
                 security=self._security,
+                tls=tls,
+                tls_port=listener_config.tls_port,
+                plaintext=listener_config.plaintext,
+                refusals=self.refusals,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running
             self.ports[listener_config.name] = running.port
+            tls_port = getattr(running, "tls_port", None)
+            if tls_port is not None and tls_port != running.port:
+                self.ports[f"{listener_config.name}_tls"] = tls_port
             logger.info(
                 "listening",
                 extra={
-                    "listener": listener_config.name, "host": context.host, "port": running.port
+                    "listener": listener_config.name, "host": context.host, "port": running.port,
+                    "tls_port": tls_port,
                 },
             )
 
@@ -211,6 +229,13 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stop_requested.set)
+
+    def reload_tls() -> None:  # SIGHUP; stdout says how it went (tests wait on the line)
+        done = server.reload_tls()
+        print("conveyor tls reloaded" if done else
+              "conveyor tls reload failed: previous certificates kept (see the log)", flush=True)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     await server.start()
     print(
         "conveyor ready: "

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from conveyor.server.counters import ListenerCounters  # part of the contract: re-exported
+from conveyor.server.tls import RefusalLog, ServerTls, is_tls, peer_principal_name
+from conveyor.server.tls_gate import Endpoints, open_endpoints
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -20,9 +22,10 @@ if TYPE_CHECKING:
     from conveyor.limits import ServerLimits
     from conveyor.security.api import SecurityModel
 
-__all__ = ["ListenerContext", "ListenerCounters", "Observability", "RunningListener",
-           "available_listeners", "find_listener", "listener_counters", "shared_connections",
-           "shared_limits"]
+__all__ = ["Endpoints", "ListenerContext", "ListenerCounters", "Observability", "RefusalLog",
+           "RunningListener", "ServerTls", "available_listeners", "bind_endpoints",
+           "find_listener", "is_tls", "listener_counters", "peer_principal_name",
+           "shared_connections", "shared_limits"]
 
 LISTENER_MODULES: dict[str, str] = {
     "kafka": "conveyor.protocols.kafka.listener",
@@ -51,6 +54,13 @@ class ListenerContext:
     # Users, permissions, ACLs (None: a listener started alone gets an open model with
     # auth off and the loopback-only guest, see ``conveyor.security.api.security_of``).
     security: SecurityModel | None = None
+    # TLS (config.ListenerConfig): the context holder (None: plaintext only), a separate
+    # TLS port (None: TLS on ``port``), whether a plain port stays open beside it.
+    tls: ServerTls | None = None
+    tls_port: int | None = None
+    plaintext: bool = True
+    # Refused connections (wrong protocol on a port, failed handshakes), rate-limited.
+    refusals: RefusalLog | None = None
 
 
 class Observability(Protocol):
@@ -79,6 +89,17 @@ def shared_limits(context: ListenerContext) -> ServerLimits:
     from conveyor.limits import ServerLimits
 
     return context.limits if context.limits is not None else ServerLimits()
+
+
+async def bind_endpoints(context: ListenerContext, name: str, factory: Any,
+                         handshake_timeout_ms: int, http: bool = False) -> Endpoints:
+    """Bind a listener's ports as its context says (plain, TLS, or both); see
+    server/tls_gate.py for how each refuses a client speaking the other."""
+    return await open_endpoints(
+        factory, name, context.host, context.port, tls=context.tls, tls_port=context.tls_port,
+        plaintext=context.plaintext, refusals=context.refusals,
+        counters=listener_counters(context, name), handshake_timeout_ms=handshake_timeout_ms,
+        http=http)
 
 
 class RunningListener(Protocol):

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from conveyor.config import BrokerSettings, ListenerConfig, ServerConfig
+from conveyor.config import BrokerSettings, ListenerConfig, ServerConfig, TlsConfig
 from conveyor.server.app import Server
 
 T = TypeVar("T")
@@ -60,11 +60,19 @@ def test_config(
     ports: Mapping[str, int] | None = None,
     broker: Mapping[str, Any] | None = None,
     storage: str = "file:",
+    tls: TlsConfig | None = None,
 ) -> ServerConfig:
+    """``tls``: TLS on every listener; AMQP's amqps on a free port of its own beside the
+    plain one (as 5671 beside 5672), the other listeners' ports speak TLS themselves
+    (Kafka as SSL unless its settings name another security_protocol)."""
     settings = settings or {}
     ports = ports or {}
+    if tls is not None and "kafka" in listeners:
+        settings = {**settings, "kafka": {"security_protocol": "SSL", **settings.get("kafka", {})}}
     listener_configs = tuple(
-        ListenerConfig(name=name, port=ports.get(name, 0), settings=dict(settings.get(name, {})))
+        ListenerConfig(name=name, port=ports.get(name, 0), settings=dict(settings.get(name, {})),
+                       tls=_listener_tls(name, settings.get(name, {}), tls),
+                       tls_port=ports.get(f"{name}_tls", 0) if tls and name == "amqp" else None)
         for name in listeners
     )
     return ServerConfig(
@@ -76,6 +84,13 @@ def test_config(
     )
 
 
+def _listener_tls(name: str, settings: Mapping[str, Any], tls: TlsConfig | None
+                  ) -> TlsConfig | None:
+    if name == "kafka" and not str(settings.get("security_protocol", "SSL")).endswith("SSL"):
+        return None
+    return tls
+
+
 @contextlib.asynccontextmanager
 async def run_broker(
     data_dir: Path,
@@ -83,8 +98,10 @@ async def run_broker(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     broker: Mapping[str, Any] | None = None,
     storage: str = "file:",
+    tls: TlsConfig | None = None,
 ) -> AsyncIterator[Server]:
-    server = Server(test_config(data_dir, listeners, settings, broker=broker, storage=storage))
+    server = Server(test_config(data_dir, listeners, settings, broker=broker, storage=storage,
+                                tls=tls))
     await server.start()
     try:
         yield server
@@ -102,12 +119,14 @@ class BrokerThread:
         settings: Mapping[str, Mapping[str, Any]] | None = None,
         broker: Mapping[str, Any] | None = None,
         storage: str = "file:",
+        tls: TlsConfig | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.listener_names = tuple(listeners)
         self.settings = settings
         self.broker_settings = broker
         self.storage = storage
+        self.tls = tls
         self.ports: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -140,6 +159,7 @@ class BrokerThread:
         config = test_config(
             self.data_dir, self.listener_names, self.settings, self.ports, self.broker_settings,
             self.storage,
+            self.tls,
         )
         self._server = Server(config)
         self._submit(self._server.start()).result(timeout=_STARTUP_TIMEOUT_S)
@@ -185,7 +205,9 @@ class BrokerProcess:
         listeners: Iterable[str] = ("http",),
         extra_args: Iterable[str] = (),
         environ: Mapping[str, str] | None = None,
+        cwd: Path | None = None,  # relative paths in extra_args (--tls-cert) start here
     ) -> None:
+        self.cwd = cwd
         self.data_dir = data_dir
         self.listener_names = tuple(listeners)
         self.ports = {name: free_port() for name in self.listener_names}
@@ -209,7 +231,8 @@ class BrokerProcess:
         # The log goes to a file: an unread pipe would block a chatty child.
         with open(self.log_path, "a") as log_file:
             self.process = subprocess.Popen(
-                arguments, stdout=subprocess.PIPE, stderr=log_file, text=True, env=environment
+                arguments, stdout=subprocess.PIPE, stderr=log_file, text=True, env=environment,
+                cwd=self.cwd,
             )
         assert self.process.stdout is not None
         for line in self.process.stdout:

@@ -116,7 +116,8 @@ class DocumentRun:
         self.brokers_started += 1
         data_dir = self.workdir / f"conveyor-data-{self.brokers_started}"
         data_dir.mkdir()
-        self.broker = BrokerProcess(data_dir, listeners=listeners, extra_args=extra)
+        self.broker = BrokerProcess(data_dir, listeners=listeners, extra_args=extra,
+                                    cwd=self.workdir)  # where the shell blocks run
         self.broker.start()
 
     def ensure_broker(self) -> BrokerProcess:

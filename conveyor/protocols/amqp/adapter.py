@@ -25,6 +25,7 @@ from pamqp import base as pamqp_base
 from pamqp import commands
 
 from conveyor.limits import RequestWatch
+from conveyor.server.listeners import is_tls, peer_principal_name
 
 from . import frames as f
 from .channel import Channel
@@ -83,6 +84,11 @@ class AmqpConnection(asyncio.Protocol):
         self.user = ""
         self.principal: Principal | None = None  # who the connection acts as (security)
         self.vhost = "/"
+        # CN of the client certificate the TLS handshake verified (AMQP EXTERNAL), or None
+        self.certificate_user: str | None = None
+        # Over TLS each buffer written becomes at least one TLS record (which a client such
+        # as pika reads one at a time): a flush writes one joined buffer instead.
+        self._join_writes = False
         self.client_properties: dict[str, Any] = {}
         self.writing_paused = False
         self._out: list[bytes] = []
@@ -108,6 +114,8 @@ class AmqpConnection(asyncio.Protocol):
             self.transport.abort()  # over connections_max: refused before reading anything
             return
         self._admitted = True
+        self.certificate_user = peer_principal_name(transport)
+        self._join_writes = is_tls(transport)
         self.server.counters.opened()
         self._watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         self._unsubscribe = self.server.shared.flow.on_change(self._flow_changed)
@@ -360,7 +368,10 @@ class AmqpConnection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
             self.server.counters.bytes_sent += sum(map(len, self._out))
-            self.transport.writelines(self._out)
+            if self._join_writes:
+                self.transport.write(b"".join(self._out))
+            else:
+                self.transport.writelines(self._out)
         self._out = []
 
     def fail(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0,

@@ -8,7 +8,6 @@ RabbitMQ too forgets on a restart.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -19,7 +18,13 @@ from conveyor.errors import OperatingError
 from conveyor.protocols.amqp.adapter import AmqpConnection, AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
 from conveyor.security.api import security_of
-from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
+from conveyor.server.listeners import (
+    Endpoints,
+    bind_endpoints,
+    listener_counters,
+    shared_connections,
+    shared_limits,
+)
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -27,11 +32,11 @@ if TYPE_CHECKING:
 
 
 class AmqpListener:
-    def __init__(self, server: asyncio.Server, state: AmqpServer) -> None:
+    def __init__(self, server: Endpoints, state: AmqpServer) -> None:
         self._server = server
         self.state = state
-        sockets = server.sockets
-        self.port: int = sockets[0].getsockname()[1] if sockets else 0
+        self.port: int = server.port  # plain AMQP (the amqps port when plain is off)
+        self.tls_port: int | None = server.tls_port  # amqps (RabbitMQ's 5671)
         self.unregister: Callable[[], None] = lambda: None
 
     async def close(self) -> None:
@@ -52,9 +57,8 @@ async def start_listener(broker: Broker, context: ListenerContext) -> AmqpListen
     state = AmqpServer(broker, settings, listener_limits("amqp", context.settings),
                        shared_limits(context), listener_counters(context, "amqp"),
                        security_of(context))
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        make_protocol_factory(state), context.host, context.port, reuse_address=True)
+    server = await bind_endpoints(context, "amqp", make_protocol_factory(state),
+                                  state.limits.handshake_timeout_ms)
     listener = AmqpListener(server, state)
     listener.unregister = shared_connections(context).add_source(
         "amqp", listener.port, lambda: describe_connections(state, listener.port))

@@ -69,7 +69,10 @@ from conveyor.protocols.http.security_routes import MANAGEMENT_TAGS, SecurityRou
 from conveyor.security.api import Principal, SecurityModel, security_of
 from conveyor.security.model import Security, open_model
 from conveyor.server.listeners import (
+    Endpoints,
+    ListenerContext,
     ListenerCounters,
+    bind_endpoints,
     listener_counters,
     shared_connections,
     shared_limits,
@@ -78,7 +81,7 @@ from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
-    from conveyor.server.listeners import ListenerContext, Observability
+    from conveyor.server.listeners import Observability
 
 logger = logging.getLogger("conveyor.http")
 
@@ -271,7 +274,8 @@ class HttpListener:
         # the management API's rate sampler: how often it reads the counters
         self.management = ManagementApi(broker, int(settings.get("stats_interval_ms", 1000)))
         self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Endpoints | None = None
+        self.tls_port: int | None = None  # the HTTPS port (None: no TLS)
 
     def openapi(self) -> dict[str, Any]:
         if self._document is None:
@@ -366,12 +370,14 @@ class HttpListener:
             return forbidden_tag(principal, tags)
         return await self.management.respond(raw)
 
-    async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: HttpConnection(self), host, port, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self, host: str, port: int, context: ListenerContext | None = None) -> None:
+        """Bind plain and/or TLS ports as ``context`` says (HTTPS on ``port`` itself when
+        TLS is on and no ``tls_port`` is set)."""
+        context = context or ListenerContext(host, port)
+        self._server = await bind_endpoints(context, "http", lambda: HttpConnection(self),
+                                            self.limits.handshake_timeout_ms, http=True)
+        self.port = self._server.port
+        self.tls_port = self._server.tls_port
 
     async def close(self) -> None:
         self.closing = True
@@ -409,7 +415,7 @@ async def start_listener(broker: Broker, context: ListenerContext) -> HttpListen
     listener = HttpListener(broker, dict(context.settings), shared_limits(context),
                             listener_counters(context, "http"), context.observability,
                             security_of(context))
-    await listener.start(context.host, context.port)
+    await listener.start(context.host, context.port, context)
     # --- management API and web UI (management.py): registry of live connections ---
     registry = shared_connections(context)
     listener.unregister = registry.add_source("http", listener.port, lambda: (

@@ -57,7 +57,7 @@ from conveyor.protocols.kafka.encoders import ResponsePiece
 from conveyor.protocols.kafka.error_codes import UNSUPPORTED_VERSION, error_code_for, error_name
 from conveyor.protocols.kafka.framing import NeedData
 from conveyor.protocols.kafka.messages import API_NAMES
-from conveyor.server.listeners import ListenerCounters
+from conveyor.server.listeners import ListenerCounters, is_tls, peer_principal_name
 from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
@@ -100,6 +100,10 @@ class ConnectionState:
         self.scram: ScramServer | None = None
         self.sasl_user: str | None = None
         self.session_expires_ms: int | None = None
+        # The listener's security protocol, and the CN of the client certificate the TLS
+        # handshake verified (mTLS): on an SSL listener that is the principal, User:CN.
+        self.security_protocol = "PLAINTEXT"
+        self.certificate_user: str | None = None
         self.close_after_response = False  # set by a handler: answer, then close
         # called once when the connection is gone (share sessions end with it, KIP-932)
         self.on_close: list[Callable[[], None]] = []
@@ -122,8 +126,10 @@ class KafkaConnection(asyncio.Protocol):
         shared: ServerLimits | None = None,
         counters: ListenerCounters | None = None,
         tasks: Supervisor | None = None,
+        security_protocol: str = "PLAINTEXT",
     ) -> None:
         self._handle = handle
+        self._security_protocol = security_protocol
         # the listener's: the worker, the produces in flight, work left when it closed
         self._tasks = tasks or Supervisor("kafka-connection")
         self._counters = counters or ListenerCounters("kafka")
@@ -171,8 +177,13 @@ class KafkaConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         peer_host = peer[0] if isinstance(peer, tuple) and peer else ""
         self.state = ConnectionState(str(peer), str(peer_host), self._tasks)
+        self.state.security_protocol = self._security_protocol
+        self.state.certificate_user = peer_principal_name(transport)
+        if self._security_protocol == "SSL":
+            self.state.authenticated_user = self.state.certificate_user  # Kafka: User:CN
         sock = transport.get_extra_info("socket")
-        self._socket_fd = sock.fileno() if sock is not None else -1
+        # sendfile writes to the socket itself: only where the transport does not encrypt
+        self._socket_fd = sock.fileno() if sock is not None and not is_tls(transport) else -1
         self._worker = self._tasks.start(self._run(), name="kafka-connection")
 
     def data_received(self, data: bytes) -> None:
@@ -561,10 +572,11 @@ def connection_factory(
     handle: Handle, frame_bytes_max: int, connections: set[KafkaConnection],
     limits: ListenerLimits | None = None, shared: ServerLimits | None = None,
     counters: ListenerCounters | None = None, tasks: Supervisor | None = None,
+    security_protocol: str = "PLAINTEXT",
 ) -> Callable[[], KafkaConnection]:
     def factory() -> KafkaConnection:
         return KafkaConnection(handle, frame_bytes_max, connections, limits, shared, counters,
-                               tasks)
+                               tasks, security_protocol)
 
     return factory
 

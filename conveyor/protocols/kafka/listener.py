@@ -6,18 +6,25 @@ running listener's ``close`` (stop accepting, then close every connection).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from conveyor.config import listener_limits
 from conveyor.connections import ConnectionView, peer_text
+from conveyor.errors import InvalidConfigError
 from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
 from conveyor.security.api import security_of
-from conveyor.server.listeners import listener_counters, shared_connections, shared_limits
+from conveyor.server.listeners import (
+    Endpoints,
+    bind_endpoints,
+    listener_counters,
+    shared_connections,
+    shared_limits,
+)
 from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
@@ -26,13 +33,14 @@ if TYPE_CHECKING:
 
 
 class KafkaListener:
-    def __init__(self, server: asyncio.Server, connections: set[KafkaConnection],
+    def __init__(self, server: Endpoints, connections: set[KafkaConnection],
                  tasks: Supervisor) -> None:
         self._server = server
         self._connections = connections
         self._tasks = tasks  # the connections' workers, produces and share-session releases
-        sockets = server.sockets
-        self.port: int = sockets[0].getsockname()[1] if sockets else 0
+        self.port: int = server.port
+        # SSL / SASL_SSL: the port itself speaks TLS (Kafka: one protocol per listener port)
+        self.tls_port: int | None = server.tls_port
         self.unregister: Callable[[], None] = lambda: None
 
     async def close(self) -> None:
@@ -48,18 +56,21 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
     settings = load_settings(context.settings)
     connections: set[KafkaConnection] = set()
     tasks = Supervisor("kafka-listener")
-    loop = asyncio.get_running_loop()
     # The advertised port is only known after binding: handlers read it from the node,
     # which is filled in right after create_server returns.
     node = Node(settings.node_id, context.advertised_host, context.port, settings.cluster_id)
     counters = listener_counters(context, "kafka")
     handlers = KafkaHandlers(broker, settings, node, counters, security_of(context))
-    server = await loop.create_server(
-        connection_factory(handlers.handle, settings.frame_bytes_max, connections,
-                           listener_limits("kafka", context.settings), shared_limits(context),
-                           counters, tasks),
-        context.host, context.port, reuse_address=True,
-    )
+    limits = listener_limits("kafka", context.settings)
+    if settings.security_protocol.endswith("SSL") and context.tls is None:
+        raise InvalidConfigError(f"kafka.security_protocol = {settings.security_protocol}"
+                                 " needs a TLS certificate")
+    server = await bind_endpoints(
+        context if settings.security_protocol.endswith("SSL") else replace(context, tls=None),
+        "kafka",
+        connection_factory(handlers.handle, settings.frame_bytes_max, connections, limits,
+                           shared_limits(context), counters, tasks, settings.security_protocol),
+        limits.handshake_timeout_ms)
     listener = KafkaListener(server, connections, tasks)
     listener.unregister = shared_connections(context).add_source("kafka", listener.port, lambda: (
         ConnectionView("kafka", peer_text(connection.transport_peer()), listener.port,

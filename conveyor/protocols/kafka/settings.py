@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from conveyor.config import LISTENER_LIMIT_NAMES
+from conveyor.config import KAFKA_SECURITY_PROTOCOLS, LISTENER_LIMIT_NAMES
 from conveyor.errors import InvalidConfigError
 from conveyor.protocols.kafka.framing import FRAME_BYTES_MAX_DEFAULT
 
@@ -33,10 +33,14 @@ class KafkaSettings:
     consumer_migration_policy: str = "bidirectional"
     # KIP-368: Kafka's connections.max.reauth.ms (0: sessions never end; Kafka's default).
     sasl_session_lifetime_ms: int = 0
+    # Kafka's listener security protocol: PLAINTEXT, SSL (TLS; with a client certificate
+    # the principal is User:CN), SASL_PLAINTEXT, SASL_SSL (SASL required before any
+    # request but ApiVersions/SaslHandshake/SaslAuthenticate).
+    security_protocol: str = "PLAINTEXT"
 
     @property
     def sasl_enabled(self) -> bool:
-        return bool(self.sasl_users)
+        return bool(self.sasl_users) or self.security_protocol.startswith("SASL_")
 
 
 def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0) -> int:
@@ -49,6 +53,7 @@ def _int(settings: Mapping[str, Any], name: str, default: int, minimum: int = 0)
 def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
     known = {"frame_bytes_max", "fetch_wait_ms_max", "fetch_bytes_max", "node_id", "cluster_id",
              "sasl_users", "users", "consumer_migration_policy", "sasl_session_lifetime_ms",
+             "security_protocol",
              *LISTENER_LIMIT_NAMES}  # limits: config.listener_limits
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -58,6 +63,10 @@ def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
         isinstance(name, str) and isinstance(password, str) for name, password in users.items()
     ):
         raise InvalidConfigError("kafka.sasl_users must map user names to passwords")
+    security_protocol = str(settings.get("security_protocol", "PLAINTEXT")).upper()
+    if security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+        raise InvalidConfigError("kafka.security_protocol must be one of "
+                                 + ", ".join(KAFKA_SECURITY_PROTOCOLS), value=security_protocol)
     cluster_id = settings.get("cluster_id", "conveyor")
     if not isinstance(cluster_id, str) or not cluster_id:
         raise InvalidConfigError("kafka.cluster_id must be a non-empty string")
@@ -70,6 +79,7 @@ def load_settings(settings: Mapping[str, Any]) -> KafkaSettings:
         sasl_users=dict(users),
         consumer_migration_policy=_policy(settings),
         sasl_session_lifetime_ms=_int(settings, "sasl_session_lifetime_ms", 0),
+        security_protocol=security_protocol,
     )
 
 

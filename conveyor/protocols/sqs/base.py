@@ -61,6 +61,7 @@ class RequestContext:
     host: str  # the Host header the client used (queue URLs point back at it)
     disconnected: asyncio.Event
     path: str = "/"  # the query protocol may name the queue by its URL's path
+    scheme: str = "http"  # "https" when the client came over TLS
 
 
 class SqsBase:
@@ -82,7 +83,7 @@ class SqsBase:
 
     # --- queues, URLs, ARNs ------------------------------------------------------------
     def queue_url(self, name: str, context: RequestContext) -> str:
-        return f"http://{context.host or self.default_host}/{self.account_id}/{name}"
+        return f"{context.scheme}://{context.host or self.default_host}/{self.account_id}/{name}"
 
     def queue_arn(self, name: str) -> str:
         return f"arn:aws:sqs:{self.region}:{self.account_id}:{name}"

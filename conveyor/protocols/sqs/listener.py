@@ -62,7 +62,11 @@ from conveyor.protocols.sqs.framing import (
 from conveyor.protocols.sqs.handlers import SqsHandlers
 from conveyor.security.api import security_of
 from conveyor.server.listeners import (
+    Endpoints,
+    ListenerContext,
     ListenerCounters,
+    bind_endpoints,
+    is_tls,
     listener_counters,
     shared_connections,
     shared_limits,
@@ -96,6 +100,7 @@ class SqsConnection(asyncio.Protocol):
         self.admitted = False
         self.peer_host = ""  # the publisher the flow counts (one per client host)
         self.peer_address = ""  # the client's IP (the security model's loopback rule)
+        self.scheme = "http"  # "https" over TLS: queue URLs point back the same way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -107,6 +112,7 @@ class SqsConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_host = f"sqs:{peer[0]}" if isinstance(peer, tuple) else f"sqs:{peer}"
         self.peer_address = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.scheme = "https" if is_tls(transport) else "http"
         self.listener.connections.add(self)
         self.listener.counters.opened()
         self.worker = self.listener.tasks.start(self._run(), name="sqs-connection")
@@ -199,7 +205,7 @@ class SqsConnection(asyncio.Protocol):
                 with contextlib.suppress(RuntimeError):
                     self.transport.resume_reading()
             response = await self.listener.respond(request, self.disconnected, self.peer_host,
-                                                   self.peer_address)
+                                                   self.peer_address, self.scheme)
             keep_alive = request.keep_alive and not self.listener.closing
             if self.transport is None or self.disconnected.is_set():
                 return
@@ -241,11 +247,13 @@ class SqsListener:
         self.connections: set[SqsConnection] = set()
         self.tasks = Supervisor("sqs-listener")  # the connections' workers
         self.handlers: SqsHandlers | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Endpoints | None = None
+        self.tls_port: int | None = None  # the HTTPS port (None: no TLS)
         self.unregister: Callable[[], None] = lambda: None  # leaves the connection registry
 
     async def respond(self, raw: HttpRequest, disconnected: asyncio.Event,
-                      publisher: str = "", peer_address: str = "") -> SqsResponse:
+                      publisher: str = "", peer_address: str = "",
+                      scheme: str = "http") -> SqsResponse:
         assert self.handlers is not None
         protocol = protocol_of(raw)
         request_id = "-"
@@ -255,7 +263,7 @@ class SqsListener:
             request_id = request.request_id
             self.counters.request(request.action)
             context = RequestContext(raw.headers.get("host", ""), disconnected,
-                                     request.path)
+                                     request.path, scheme)
             self.access.authorize(principal, request.action, request.params, request.path)
             if request.action not in PUBLISH_ACTIONS:
                 result = await self.handlers.handle(request.action, request.params, context)
@@ -279,13 +287,16 @@ class SqsListener:
             logger.exception("sqs action failed", extra={"target": raw.target[:200]})
             return encode_error(protocol, InternalError("internal error"), request_id)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, context: ListenerContext | None = None) -> None:
+        """Bind plain and/or TLS ports as ``context`` says (HTTPS on ``port`` itself when
+        TLS is on and no ``tls_port`` is set)."""
         self.handlers = SqsHandlers(self.broker, self.account_id, self.region)
         await self.handlers.open()  # the catalog is read before the first request
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: SqsConnection(self), host, port, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+        context = context or ListenerContext(host, port)
+        self._server = await bind_endpoints(context, "sqs", lambda: SqsConnection(self),
+                                            self.limits.handshake_timeout_ms, http=True)
+        self.port = self._server.port
+        self.tls_port = self._server.tls_port
         self.handlers.default_host = f"{self.advertised_host}:{self.port}"
 
     async def close(self) -> None:
@@ -307,7 +318,7 @@ async def start_listener(broker: Broker, context: ListenerContext) -> SqsListene
     listener = SqsListener(broker, dict(context.settings), context.advertised_host,
                            shared_limits(context), listener_counters(context, "sqs"),
                            security_of(context))
-    await listener.start(context.host, context.port)
+    await listener.start(context.host, context.port, context)
     listener.unregister = shared_connections(context).add_source("sqs", listener.port, lambda: (
         ConnectionView("sqs", peer_text(connection.transport.get_extra_info("peername")),
                        listener.port)
