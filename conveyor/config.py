@@ -283,11 +283,7 @@ def load_config(
             raise InvalidConfigError(
                 "cannot read config file", path=str(path), error=str(error)
             ) from None
-    top: dict[str, Any] = {
-        key: document[key]
-        for key in _TOP_KEYS
-        if key in document
-    }
+    top: dict[str, Any] = {key: document[key] for key in _TOP_KEYS if key in document}
     broker_overrides: dict[str, Any] = dict(document.get("broker", {}))
     listener_sections: dict[str, Any] = dict(document.get("listeners", {}))
     enabled_names: list[str] | None = None
@@ -317,9 +313,7 @@ def load_config(
     for name, port in (flags.get("ports") or {}).items():
         ports[name] = int(port)
 
-    unknown_top = set(document) - {
-        *_TOP_KEYS, "broker", "listeners", "tls",
-    }
+    unknown_top = set(document) - {*_TOP_KEYS, "broker", "listeners", "tls"}
     if unknown_top:
         raise InvalidConfigError("unknown settings in config file", names=sorted(unknown_top))
     if "storage" in top:

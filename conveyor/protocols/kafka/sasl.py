@@ -63,6 +63,10 @@ class Sasl:
             certificate_user = getattr(state, "certificate_user", None)  # tls branch's mTLS
             if getattr(state, "security_protocol", "") == "SSL" and certificate_user:
                 principal = self.security.principal_for_certificate(certificate_user)
+                if principal is None and not self.security.auth_required:
+                    # a verified certificate of no known user, auth off: what an anonymous
+                    # client from that address may do (guest from loopback, else nothing)
+                    principal = self.security.anonymous(state.peer_host)
                 state.principal = principal  # Kafka's SSL listener: User:CN of the cert
             elif not self.settings.sasl_enabled:
                 principal = state.principal = self.security.anonymous(state.peer_host)
