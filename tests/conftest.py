@@ -1,0 +1,42 @@
+"""Fixtures shared by every test directory: a real PostgreSQL, started once per session.
+
+``postgres_server`` starts the server the first time a test asks for it (tests that never
+ask pay nothing) and stops it at the end of the session. ``postgres_dsn`` gives each test
+a fresh, empty database on it and drops that database afterwards. A test that crashes
+the server (``postgres_server.crash()``) must ``start()`` it again; the fixture checks
+and restarts it for the next test if one forgot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from conveyor.testing.postgres import PostgresServer
+
+
+@pytest.fixture(scope="session")
+def postgres_session_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_server(postgres_session_server: PostgresServer) -> PostgresServer:
+    if not postgres_session_server.is_running():
+        postgres_session_server.start()
+    return postgres_session_server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    dsn = postgres_server.create_database()
+    yield dsn
+    if not postgres_server.is_running():
+        postgres_server.start()
+    postgres_server.drop_database(dsn)
