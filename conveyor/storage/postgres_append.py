@@ -199,9 +199,9 @@ class TurnAppender:
             existing = heads[pid][1]
             if until <= existing:
                 continue
-            for chunk in range(existing, until):
+            for chunk in range(existing, until + 1):  # and one ahead
                 await connection.execute(sql.create_chunk(pid, chunk, self._chunk_offsets))
-            await connection.execute(sql.SET_CHUNKS_UNTIL, pid, until)
+            await connection.execute(sql.SET_CHUNKS_UNTIL, pid, until + 1)
 
     async def _read_back(self, write_id: int, first_row: tuple[int, int]) -> bool:
         """Whether the transaction ``write_id`` committed: its first row is there with

@@ -132,11 +132,14 @@ class PostgresLogStore:
 
     async def close(self) -> None:
         if self._appender is not None:
-            await self._appender.close()
-            self._appender = None
+            appender, self._appender = self._appender, None
+            await appender.close()
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:
+                await pool.close()
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+                pool.terminate()  # the database went away: drop the connections
         self._partitions.clear()
         self._by_id.clear()
 
