@@ -50,6 +50,8 @@ SCHEMA = (
     ) PARTITION BY LIST (partition_id)""",
     """CREATE INDEX IF NOT EXISTS conveyor_log_batches_last
         ON conveyor_log_batches (partition_id, last_offset)""",
+    # batches are often compressed by their producers: no second (pglz) compression
+    "ALTER TABLE conveyor_log_batches ALTER COLUMN payload SET STORAGE EXTERNAL",
     """CREATE TABLE IF NOT EXISTS conveyor_log_schema (
         version INTEGER NOT NULL)""",
 )
@@ -66,16 +68,9 @@ CREATE_HEAD = """INSERT INTO conveyor_log_partitions (topic, partition, config)
 LOCK_HEADS = """SELECT partition_id, next_offset, chunks_until FROM conveyor_log_partitions
     WHERE partition_id = ANY($1::bigint[]) ORDER BY partition_id FOR UPDATE"""
 
-# step 2: every batch row in one statement
-INSERT_BATCHES = """INSERT INTO conveyor_log_batches (partition_id, base_offset, last_offset,
-    max_timestamp_ms, producer_id, producer_epoch, base_sequence, record_count, write_id,
-    payload)
-    SELECT partition_id, base_offset, last_offset, max_timestamp_ms, producer_id,
-        producer_epoch, base_sequence, record_count, $9, payload
-    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-        $6::smallint[], $7::integer[], $8::integer[], $10::bytea[])
-        AS input(partition_id, base_offset, last_offset, max_timestamp_ms, producer_id,
-            producer_epoch, base_sequence, record_count, payload)"""
+# step 2: every batch row, by binary COPY
+BATCH_COLUMNS = ("partition_id", "base_offset", "last_offset", "max_timestamp_ms", "producer_id",
+                 "producer_epoch", "base_sequence", "record_count", "write_id", "payload")
 
 # step 3: the heads move on
 ADVANCE_HEADS = """UPDATE conveyor_log_partitions AS head SET next_offset = moved.next_offset
