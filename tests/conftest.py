@@ -9,6 +9,7 @@ and restarts it for the next test if one forgot.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +24,23 @@ def postgres_session_server() -> Iterator[PostgresServer]:
         server.start()
         yield server
     finally:
+        server.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postgres_test_pass() -> Iterator[None]:
+    """``CONVEYOR_TEST_STORAGE=postgresql``: every broker the tests start (run_broker,
+    BrokerThread, BrokerProcess) keeps its state in this session's PostgreSQL."""
+    if os.environ.get("CONVEYOR_TEST_STORAGE") != "postgresql":
+        yield
+        return
+    server = PostgresServer()
+    try:
+        server.start()
+        os.environ["CONVEYOR_TEST_POSTGRES_URL"] = server.dsn()
+        yield
+    finally:
+        os.environ.pop("CONVEYOR_TEST_POSTGRES_URL", None)
         server.close()
 
 

@@ -195,7 +195,6 @@ SIZE_ALLOWED: dict[str, str] = {
                                         "(decompression limits, record validation)",
     "conveyor/storage/record_batch.py:_decode_records_fast": "the decode hot loop, inlined "
                                                              "on purpose (bench/storage)",
-    "conveyor/storage/state_store.py": "one SQL schema with its queries, kept together",
 }
 
 

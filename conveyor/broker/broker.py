@@ -39,6 +39,7 @@ from . import log_admin
 from .broker_config import BrokerConfig, Gate
 from .exchanges import Exchanges
 from .fetcher import DECODED_BATCHES_MAX, READ_CHUNK_BYTES, Fetcher
+from .group_configs import GroupConfigs
 from .group_coordinator import GroupCoordinator
 from .keyed_locks import KeyedLocks
 from .log_end import LostRange
@@ -121,6 +122,8 @@ class Broker:
         self.group_coordinator = GroupCoordinator(self.topics, log_store, state_store, clock,
                                                   rng, self.config)
         self.exchanges = Exchanges(state_store, self.topics, self._queue_exists, queue_alias)
+        # Kafka 4 group configs (KIP-932/848), loaded at open; the Kafka listeners share it
+        self.group_configs = GroupConfigs(state_store)
         self.producer.on_append = self._appended
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_sleeping = False
@@ -154,7 +157,7 @@ class Broker:
         await self.state_store.open()
         await self.log_store.open()
         await self.topics.load()
-        self.producers.load()
+        await self.producers.load()
         self.lost_ranges = []
         self.producers.clamp_to_logs(self.group_coordinator.log_ends(), self.lost_ranges)
         await self.producers.forget_missing(self.log_store, self._damaged_logs(),
@@ -164,8 +167,9 @@ class Broker:
             [key for key in self.log_store.partitions() if self.topics.find(key[0]) is not None],
             self.config.read_bytes_max,
         )
-        self.exchanges.load()
-        self.group_coordinator.load(self.lost_ranges)
+        await self.exchanges.load()
+        await self.group_coordinator.load(self.lost_ranges)
+        await self.group_configs.load()
         await self._open_shared_groups()
         if self.shared_groups is not None:
             self.lost_ranges.extend(self.shared_groups.lost_ranges)

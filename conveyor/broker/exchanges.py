@@ -45,8 +45,8 @@ class Exchanges:
         self.queue_exists = queue_exists
         self.routing = RoutingTable(queue_exists, queue_alias)
 
-    def load(self) -> None:
-        for exchange in self.state_store.load_exchanges():
+    async def load(self) -> None:
+        for exchange in await self.state_store.load_exchanges():
             self.routing.declare(ExchangeInfo(
                 exchange.name, exchange.type,  # type: ignore[arg-type]
                 exchange.durable, exchange.auto_delete, exchange.internal,
@@ -56,7 +56,7 @@ class Exchanges:
             if not self.routing.exists(name):
                 self.routing.declare(exchange_info(name, exchange_type))
                 self.state_store.save_exchange(_exchange_row(self.routing.get(name)))
-        for row in self.state_store.load_bindings():
+        for row in await self.state_store.load_bindings():
             binding = Binding(
                 row.source, row.destination_kind,  # type: ignore[arg-type]
                 row.destination, row.routing_key, row.arguments,

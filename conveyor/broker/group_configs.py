@@ -11,7 +11,6 @@ Must not know: the wire format, sockets, files.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -44,12 +43,6 @@ CHOICES: Final[dict[str, tuple[str, ...]]] = {
     # No transactions in Conveyor: every record is committed, both levels read the same.
     "share.isolation.level": ("read_uncommitted", "read_committed"),
 }
-_SCHEMA: Final = (
-    "CREATE TABLE IF NOT EXISTS group_configs ("
-    " group_name TEXT PRIMARY KEY, config TEXT NOT NULL)",
-)
-
-
 def validate(name: str, value: str | None) -> None:
     if name not in DEFAULTS:
         raise InvalidConfigError("unknown group config", name=name)
@@ -68,14 +61,14 @@ def validate(name: str, value: str | None) -> None:
 
 
 class GroupConfigs:
+    """The group configs in memory, written through to the StateStore; ``load()`` at open."""
+
     def __init__(self, state_store: StateStore) -> None:
         self.state_store = state_store
         self.explicit: dict[str, dict[str, str]] = {}  # group -> configs set on it
-        state_store.add_schema(_SCHEMA)
-        for name, text in state_store.query("SELECT group_name, config FROM group_configs"):
-            loaded = json.loads(text)
-            if isinstance(loaded, dict):
-                self.explicit[str(name)] = {str(k): str(v) for k, v in loaded.items()}
+
+    async def load(self) -> None:
+        self.explicit = await self.state_store.load_group_configs()
 
     def get(self, group: str) -> dict[str, str]:
         return {**DEFAULTS, **self.explicit.get(group, {})}
@@ -101,13 +94,10 @@ class GroupConfigs:
         if validate_only:
             return
         self.explicit[group] = updated
-        self.state_store.write(
-            "INSERT INTO group_configs (group_name, config) VALUES (?, ?) "
-            "ON CONFLICT (group_name) DO UPDATE SET config = excluded.config",
-            (group, json.dumps(updated, sort_keys=True)))
+        self.state_store.save_group_config(group, updated)
         await self.state_store.commit()
 
     async def forget(self, group: str) -> None:
         if self.explicit.pop(group, None) is not None:
-            self.state_store.write("DELETE FROM group_configs WHERE group_name = ?", (group,))
+            self.state_store.delete_group_config(group)
             await self.state_store.commit()

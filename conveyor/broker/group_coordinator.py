@@ -96,11 +96,11 @@ class GroupCoordinator:
     def _member_suffix(self) -> str:
         return f"{self.rng.getrandbits(128):032x}"
 
-    def load(self, lost_ranges: list[LostRange]) -> None:
-        for group_id, snapshot in self.state_store.load_groups().items():
+    async def load(self, lost_ranges: list[LostRange]) -> None:
+        for group_id, snapshot in (await self.state_store.load_groups()).items():
             self._group(group_id, create=True).restore(snapshot)
         log_ends = self.log_ends()
-        for row in self.state_store.load_committed_offsets():
+        for row in await self.state_store.load_committed_offsets():
             log_end = log_ends.get((row.topic, row.partition))
             offset = row.committed_offset
             if log_end is not None:

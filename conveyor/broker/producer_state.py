@@ -88,19 +88,23 @@ class ProducerStates:
         self._transactional: dict[str, int] = {}
         # (producer id, topic, partition) -> sequence window
         self._entries: dict[tuple[int, str, int], PartitionProducerEntry] = {}
+        # (topic, partition) -> checkpoint, as loaded at open (read by the recovery scan)
+        self._checkpoints: dict[tuple[str, int], int] = {}
 
-    def load(self) -> None:
-        for producer in self._state_store.load_producers():
+    async def load(self) -> None:
+        for producer in await self._state_store.load_producers():
             self._epochs[producer.producer_id] = producer.epoch
             if producer.transactional_id is not None:
                 self._transactional[producer.transactional_id] = producer.producer_id
-        for row in self._state_store.load_producer_sequences():
+        for row in await self._state_store.load_producer_sequences():
             entry = PartitionProducerEntry(row.epoch)
             entry.batches.extend(BatchSequence(*batch) for batch in row.batches)
             self._entries[(row.producer_id, row.topic, row.partition)] = entry
+        self._checkpoints = await self._state_store.load_producer_checkpoints()
 
     def checkpoints(self) -> dict[tuple[str, int], int]:
-        return self._state_store.load_producer_checkpoints()
+        """The checkpoints loaded at open, as clamp_to_logs left them."""
+        return dict(self._checkpoints)
 
     def describe(self, topic: str, partition: int) -> list[tuple[int, int, int, int]]:
         """(producer id, epoch, last sequence, last offset) per producer of a partition."""
@@ -235,6 +239,7 @@ class ProducerStates:
             log_end = log_ends.get((topic, partition))
             if log_end is not None and checkpoint > log_end:
                 self._state_store.save_producer_checkpoint(topic, partition, log_end)
+                self._checkpoints[(topic, partition)] = log_end
 
     async def forget_missing(self, store: LogStore, damaged: set[tuple[str, int]],
                              lost: list[LostRange]) -> None:

@@ -207,7 +207,7 @@ class SharedGroups:
         self.traffic = traffic or TrafficCounters()  # records out per partition
         self.clock = host.clock
         self.rng = host.rng
-        self.store = SharedStateStore(host.state_store)
+        self.store: SharedStateStore = host.state_store.shared
         # (group, topic) -> state
         self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
         # queue name -> its dedup window
@@ -235,23 +235,25 @@ class SharedGroups:
     async def open(self) -> None:
         self.store.create_schema()
         queues = {row.name: config_from_mapping(row.config)
-                  for row in self.host.state_store.load_queues()}
-        for group, topic, config_json in self.store.load_groups():
+                  for row in await self.host.state_store.load_queues()}
+        for group, topic, config_json in await self.store.load_groups():
             config = config_from_mapping(json.loads(config_json))
             is_queue = group == topic and topic in queues
-            self._load_group(group, topic, queues.get(topic, config) if is_queue else config,
-                             is_queue)
+            await self._load_group(group, topic,
+                                   queues.get(topic, config) if is_queue else config,
+                                   is_queue)
         for name in queues:
             window = self._dedup.setdefault(name, DedupWindow())
-            for dedup_id, expires_ms in self.store.load_dedup(name).items():
+            for dedup_id, expires_ms in (await self.store.load_dedup(name)).items():
                 window.remember(dedup_id, expires_ms)
 
-    def _load_group(self, group: str, topic: str, config: QueueConfig, is_queue: bool) -> None:
+    async def _load_group(self, group: str, topic: str, config: QueueConfig,
+                          is_queue: bool) -> None:
         info = self.host.topics.find(topic)
         if info is None:
             return  # topic deleted under the group: forget it
         state = SharedGroupWindows(group, topic, config, is_queue)
-        starts = self.store.load_start_offsets(group, topic)
+        starts = await self.store.load_start_offsets(group, topic)
         for partition in range(info.partitions):
             log = self.host.topics.offsets(topic, partition)
             log_end = log.high_watermark
@@ -263,7 +265,7 @@ class SharedGroups:
                               log.log_start_offset), log_end, self.lost_ranges)
             part = SharedPartition(topic, partition, group, config, start_offset=start,
                                    next_offset=start)
-            rows = self.store.load_records(group, topic, partition)
+            rows = await self.store.load_records(group, topic, partition)
             if rows and rows[-1].offset >= log_end:
                 clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
                       log_end, self.lost_ranges)
@@ -326,7 +328,7 @@ class SharedGroups:
             QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
         self.store.save_group(name, name, config_to_json(config))
         self._dedup.setdefault(name, DedupWindow())
-        self._load_group(name, name, config, True)
+        await self._load_group(name, name, config, True)
         state = self._groups.get((name, name))
         if state is None:  # its topic was deleted (as a topic) while this awaited
             raise UnknownQueueError("queue deleted while it was declared", queue=name)
@@ -349,7 +351,7 @@ class SharedGroups:
             return
         info = self.host.topics.get(topic)
         self.store.save_group(group, topic, config_to_json(config))
-        self._load_group(group, topic, config, False)
+        await self._load_group(group, topic, config, False)
         state = self._groups[(group, topic)]
         for partition in range(info.partitions):
             log = self.host.topics.offsets(topic, partition)

@@ -193,7 +193,7 @@ class TopicRegistry:
     async def load(self) -> None:
         """Read topics from the state store; create partition logs the log store lacks."""
         existing = set(self.log_store.partitions())
-        for row in self._state_store.load_topics():
+        for row in await self._state_store.load_topics():
             info = TopicInfo(
                 name=row.name, partitions=row.partitions, config=config_from_row(row.config),
                 kind="queue" if row.kind == "queue" else "topic", created_ms=row.created_ms,

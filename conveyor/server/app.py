@@ -1,10 +1,11 @@
 """The server: config -> storage -> broker -> listeners, and the way back down.
 
 This is the one place that chooses concrete classes (FileLogStore on the OS file
-system, SQLite state). Start order: lock the data directory, recover the log
-store, open the state store and broker, start listeners. Stop order (SIGINT /
-SIGTERM): stop accepting and close connections, let the broker finish in-flight
-appends and fsync, close the stores, release the lock.
+system; SQLite or PostgreSQL state, chosen by ``--storage`` in server/storage.py).
+Start order: lock the data directory, recover the log store, open the state store
+and broker, start listeners. Stop order (SIGINT / SIGTERM): stop accepting and close
+connections, let the broker finish in-flight appends and fsync, close the stores,
+release the lock.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from conveyor.protocols.amqp.names import topic_name_for as amqp_topic_name_for
 from conveyor.server.health import readiness_checks
 from conveyor.server.listeners import ListenerContext, RunningListener, find_listener
 from conveyor.server.metrics import Metrics, MetricsLimits
-from conveyor.server.state_recovery import check_state_database, rebuild_orphans
+from conveyor.server.state_recovery import rebuild_orphans
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -96,8 +97,7 @@ class Server:
     async def start(self) -> None:
         from conveyor.broker.broker import Broker, BrokerConfig
         from conveyor.server.metrics import MeasuredFileSystem
-        from conveyor.storage.log_store import FileLogStore
-        from conveyor.storage.state_store import SqliteStateStore
+        from conveyor.server.storage import open_storage, parse_storage
 
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -105,9 +105,9 @@ class Server:
         self._stopping = False
         try:
             file_system = MeasuredFileSystem(self.metrics.storage)  # fsync latency metrics
-            log_store = FileLogStore(data_dir / "logs", file_system, self.clock)
-            check_state_database(data_dir / "state.sqlite3", self.clock)
-            state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
+            storage = open_storage(parse_storage(self.config.storage), data_dir, file_system,
+                                   self.clock)
+            log_store, state_store = storage.log_store, storage.state_store
             settings = self.config.broker
             broker_config = BrokerConfig(
                 auto_create_topics=settings.auto_create_topics,
@@ -124,7 +124,8 @@ class Server:
         except BaseException:
             await self.stop()
             raise
-        logger.info("conveyor started", extra={"data_dir": str(data_dir), "ports": self.ports})
+        logger.info("conveyor started", extra={"data_dir": str(data_dir), "ports": self.ports,
+                                               "storage": storage.location.describe()})
 
     def listener(self, name: str) -> RunningListener:
         """A running listener by name (tests and metrics look inside)."""

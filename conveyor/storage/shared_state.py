@@ -13,8 +13,10 @@ PostgreSQL share (``?`` placeholders rewritten by the store's Dialect, standard
   turns acquired records back into available ones with their counts kept.
 - ``shared_dedup``: dedup ids per queue and when they leave the window.
 
-Must not know: the broker's classes or the log. Writes go into the store's
+Must not know: the broker's classes or the log. Writes go into the engine's
 per-loop-turn transaction; callers that need durability await ``commit()``.
+Loads are async (a round trip on PostgreSQL). The StateStore offers this class
+as its ``shared`` attribute, over the same engine.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from conveyor.storage.state_store import StateStore, upsert_sql
+from conveyor.storage.sql_engine import SqlEngine, upsert_sql
 
 SCHEMA: tuple[str, ...] = (
     # config: JSON object of QueueConfig fields
@@ -53,9 +55,9 @@ class RecordRow:
 
 
 class SharedStateStore:
-    """Typed reads and writes of the shared-group tables over a StateStore."""
+    """Typed reads and writes of the shared-group tables over an SqlEngine."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: SqlEngine) -> None:
         self.store = store
 
     def create_schema(self) -> None:
@@ -71,9 +73,9 @@ class SharedStateStore:
             (group, topic, config_json),
         )
 
-    def load_groups(self) -> list[tuple[str, str, str]]:
+    async def load_groups(self) -> list[tuple[str, str, str]]:
         """(group, topic, config JSON) of every shared group."""
-        rows = self.store.query("SELECT group_name, topic, config FROM shared_groups")
+        rows = await self.store.query("SELECT group_name, topic, config FROM shared_groups")
         return [(str(row[0]), str(row[1]), str(row[2])) for row in rows]
 
     def delete_group(self, group: str, topic: str) -> None:
@@ -94,8 +96,8 @@ class SharedStateStore:
             (group, topic, partition, offset),
         )
 
-    def load_start_offsets(self, group: str, topic: str) -> dict[int, int]:
-        rows = self.store.query(
+    async def load_start_offsets(self, group: str, topic: str) -> dict[int, int]:
+        rows = await self.store.query(
             "SELECT partition, start_offset FROM shared_partitions"
             " WHERE group_name = ? AND topic = ?", (group, topic))
         return {int(row[0]): int(row[1]) for row in rows}
@@ -111,8 +113,8 @@ class SharedStateStore:
               row.available_at_ms) for row in rows],
         )
 
-    def load_records(self, group: str, topic: str, partition: int) -> list[RecordRow]:
-        rows = self.store.query(
+    async def load_records(self, group: str, topic: str, partition: int) -> list[RecordRow]:
+        rows = await self.store.query(
             "SELECT record_offset, state, delivery_count, available_at_ms FROM shared_records"
             " WHERE group_name = ? AND topic = ? AND partition = ? ORDER BY record_offset",
             (group, topic, partition))
@@ -140,8 +142,8 @@ class SharedStateStore:
             (queue, dedup_id, expires_ms),
         )
 
-    def load_dedup(self, queue: str) -> dict[str, int]:
-        rows = self.store.query(
+    async def load_dedup(self, queue: str) -> dict[str, int]:
+        rows = await self.store.query(
             "SELECT dedup_id, expires_ms FROM shared_dedup WHERE queue = ?", (queue,))
         return {str(row[0]): int(row[1]) for row in rows}
 

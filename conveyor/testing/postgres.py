@@ -279,6 +279,18 @@ class PostgresServer:
         self.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def ensure_database(base_url: str, name: str) -> str:
+    """Create database ``name`` on the server of ``base_url`` unless it exists; its URL."""
+    psql = str(wheel_install_dir() / "bin" / "psql")
+    result = subprocess.run(
+        [psql, "-X", "-q", "-d", base_url, "-c", f'CREATE DATABASE "{name}" TEMPLATE template0'],
+        capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, check=False,
+        stdin=subprocess.DEVNULL)
+    if result.returncode != 0 and "already exists" not in result.stderr:
+        raise PostgresHarnessError(f"cannot create database {name}: {result.stderr.strip()}")
+    return base_url.rsplit("/", 1)[0] + "/" + name
+
+
 @contextlib.contextmanager
 def running_postgres() -> Iterator[PostgresServer]:
     """A started server, stopped and deleted on exit."""

@@ -4,12 +4,18 @@
 - ``BrokerThread``: in a background thread with its own uvloop loop (for
   blocking clients such as pika, confluent-kafka, kafka-python, boto3).
 - ``BrokerProcess``: a real ``conveyor serve`` child, for kill -9 tests.
+
+With ``CONVEYOR_TEST_POSTGRES_URL`` set (tests/conftest.py sets it when the suite
+runs with ``CONVEYOR_TEST_STORAGE=postgresql``), every broker started here keeps
+its state in PostgreSQL: one database per data directory, so a restart on the
+same directory finds its state again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -36,12 +42,24 @@ def free_port() -> int:
         return port
 
 
+def storage_for(data_dir: Path, storage: str = "file:") -> str:
+    """``storage``, or on a PostgreSQL test pass a database of its own for ``data_dir``."""
+    base_url = os.environ.get("CONVEYOR_TEST_POSTGRES_URL")
+    if storage != "file:" or not base_url:
+        return storage
+    from conveyor.testing.postgres import ensure_database
+
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:24]
+    return ensure_database(base_url, f"conveyor_{digest}")
+
+
 def test_config(
     data_dir: Path,
     listeners: Iterable[str],
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     ports: Mapping[str, int] | None = None,
     broker: Mapping[str, Any] | None = None,
+    storage: str = "file:",
 ) -> ServerConfig:
     settings = settings or {}
     ports = ports or {}
@@ -51,6 +69,7 @@ def test_config(
     )
     return ServerConfig(
         data_dir=data_dir,
+        storage=storage_for(data_dir, storage),
         host="127.0.0.1",
         broker=BrokerSettings(**dict(broker or {})),
         listeners=listener_configs,
@@ -63,8 +82,9 @@ async def run_broker(
     listeners: Iterable[str] = (),
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     broker: Mapping[str, Any] | None = None,
+    storage: str = "file:",
 ) -> AsyncIterator[Server]:
-    server = Server(test_config(data_dir, listeners, settings, broker=broker))
+    server = Server(test_config(data_dir, listeners, settings, broker=broker, storage=storage))
     await server.start()
     try:
         yield server
@@ -81,11 +101,13 @@ class BrokerThread:
         listeners: Iterable[str] = (),
         settings: Mapping[str, Mapping[str, Any]] | None = None,
         broker: Mapping[str, Any] | None = None,
+        storage: str = "file:",
     ) -> None:
         self.data_dir = data_dir
         self.listener_names = tuple(listeners)
         self.settings = settings
         self.broker_settings = broker
+        self.storage = storage
         self.ports: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -116,7 +138,8 @@ class BrokerThread:
 
     def _start_server(self) -> None:
         config = test_config(
-            self.data_dir, self.listener_names, self.settings, self.ports, self.broker_settings
+            self.data_dir, self.listener_names, self.settings, self.ports, self.broker_settings,
+            self.storage,
         )
         self._server = Server(config)
         self._submit(self._server.start()).result(timeout=_STARTUP_TIMEOUT_S)
@@ -178,6 +201,8 @@ class BrokerProcess:
             "--host", "127.0.0.1",
             "--listeners", ",".join(self.listener_names),
             *(f"--{name}-port={port}" for name, port in self.ports.items()),
+            *(() if any(a.startswith("--storage") for a in self.extra_args)
+              else ("--storage", storage_for(self.data_dir))),
             *self.extra_args,
         ]
         environment = {**os.environ, **self.environ}

@@ -41,9 +41,9 @@ async def test_one_transaction_per_loop_turn(tmp_path: Path) -> None:
     await store.close()
     reopened = SqliteStateStore(tmp_path / "state.sqlite3")
     await reopened.open()
-    assert len(reopened.load_topics()) == 20
-    mode = reopened.query("PRAGMA journal_mode")[0][0]
-    synchronous = reopened.query("PRAGMA synchronous")[0][0]
+    assert len(await reopened.load_topics()) == 20
+    mode = reopened.sqlite.query_now("PRAGMA journal_mode")[0][0]
+    synchronous = reopened.sqlite.query_now("PRAGMA synchronous")[0][0]
     assert (mode, synchronous) == ("wal", 1)  # 1 = NORMAL: the WAL fdatasync runs off-loop
     await reopened.close()
 
@@ -59,11 +59,11 @@ async def test_rows_round_trip(tmp_path: Path) -> None:
     assert store.next_counter("ids") == 0
     assert store.next_counter("ids") == 1
     await store.commit()
-    assert store.load_exchanges()[0].arguments == (("k", "v"),)
-    assert len(store.load_bindings()) == 1
-    assert store.load_committed_offsets("g")[0].committed_offset == 7
+    assert (await store.load_exchanges())[0].arguments == (("k", "v"),)
+    assert len(await store.load_bindings()) == 1
+    assert (await store.load_committed_offsets("g"))[0].committed_offset == 7
     store.delete_group("g")
-    assert store.load_committed_offsets() == []
+    assert await store.load_committed_offsets() == []
     await store.close()
 
 

@@ -1,9 +1,9 @@
 """SimStateStore: SQLite with the fault model of a power cut (for the simulation).
 
-``SqliteStateStore`` answers a committer only after an ``fdatasync`` of the WAL; a
+``SqliteEngine`` answers a committer only after an ``fdatasync`` of the WAL; a
 COMMIT nobody awaited is fsynced later (by the next awaited commit, or a timer).
-A power cut in between loses it. This store keeps an image of the database as of
-its last sync (``sqlite3.Connection.serialize``) and ``crash(lose_unsynced=True)``
+A power cut in between loses it. This store's engine keeps an image of the database
+as of its last sync (``sqlite3.Connection.serialize``) and ``crash(lose_unsynced=True)``
 puts that image back as the database file: every commit no fsync covered is gone,
 every commit a caller was told is durable stays. The background sync timer (real
 time, so not deterministic) is switched off: unawaited commits stay volatile until
@@ -16,10 +16,11 @@ import asyncio
 import os
 from pathlib import Path
 
-from conveyor.storage.state_store import SqliteStateStore
+from conveyor.storage.sqlite_engine import SqliteEngine
+from conveyor.storage.state_store import SqlStateStore
 
 
-class SimStateStore(SqliteStateStore):
+class SimSqliteEngine(SqliteEngine):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.durable_image: bytes | None = None
@@ -55,3 +56,12 @@ class SimStateStore(SqliteStateStore):
             for suffix in ("-wal", "-shm"):
                 Path(self.path + suffix).unlink(missing_ok=True)
             Path(self.path).write_bytes(self.durable_image)
+
+
+class SimStateStore(SqlStateStore):
+    def __init__(self, path: Path) -> None:
+        self.sim_engine = SimSqliteEngine(path)
+        super().__init__(self.sim_engine)
+
+    def crash(self, lose_unsynced: bool) -> None:
+        self.sim_engine.crash(lose_unsynced)

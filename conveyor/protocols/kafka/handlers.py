@@ -68,7 +68,7 @@ class KafkaHandlers:
         # groups) and consumer groups (KIP-848, over its committed offsets).
         coordinators = _COORDINATORS.get(broker)
         if coordinators is None:  # one set per broker, shared by its Kafka listeners
-            configs = GroupConfigs(broker.state_store)
+            configs = broker.group_configs
             coordinators = _COORDINATORS[broker] = (
                 configs, ShareCoordinator(broker, broker.clock, configs),
                 ConsumerCoordinator(broker, broker.clock, configs))

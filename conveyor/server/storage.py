@@ -1,0 +1,102 @@
+"""open_storage: the one place that turns ``--storage`` into a LogStore and a StateStore.
+
+``storage`` (config key ``storage``, env ``CONVEYOR_STORAGE``, flag ``--storage``):
+- ``file:`` (the default) or ``file:PATH``: today's embedded mode. Partition logs
+  under ``<data_dir>/logs``, state in SQLite at ``<data_dir>/state.sqlite3``
+  (``file:PATH`` sets the data directory).
+- ``postgresql://user[:password]@host[:port]/database`` (or ``postgres://``): the
+  state store is PostgreSQL (sql_engine.py / postgres_engine.py). The log store is
+  still the file backend under ``<data_dir>/logs`` until a PostgreSQL LogStore is
+  wired here (``_log_store`` below); the start-up log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from conveyor.clock import Clock
+from conveyor.errors import InvalidConfigError
+from conveyor.server.state_recovery import check_state_database
+from conveyor.storage.fs import FileSystem
+from conveyor.storage.log_store import FileLogStore
+from conveyor.storage.state_store import SqliteStateStore, SqlStateStore, StateStore
+
+logger = logging.getLogger("conveyor.server.storage")
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageLocation:
+    kind: str  # "file" or "postgresql"
+    path: Path | None = None  # file: the data directory named in the URL, if any
+    dsn: str | None = None  # postgresql: the connection URL as given
+
+    def describe(self) -> str:
+        """Where the data lives, without a password (for logs)."""
+        if self.dsn is None:
+            return f"file:{self.path}" if self.path is not None else "file:"
+        parts = urlsplit(self.dsn)
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
+
+
+def parse_storage(text: str) -> StorageLocation:
+    """``file:[PATH]`` or ``postgresql://...``; anything else is a config error."""
+    scheme, colon, rest = text.partition(":")
+    if not colon:
+        raise InvalidConfigError(
+            "storage must be file:[PATH] or postgresql://user@host:port/database",
+            storage=text)
+    if scheme == "file":
+        return StorageLocation("file", Path(rest) if rest else None)
+    if scheme in POSTGRES_SCHEMES:
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018  (raises ValueError on a bad port)
+        except ValueError as error:
+            raise InvalidConfigError("bad PostgreSQL URL", error=str(error)) from None
+        if not parts.hostname or parts.path in ("", "/"):
+            raise InvalidConfigError(
+                "a PostgreSQL storage URL names a host and a database: "
+                "postgresql://user@host:port/database", storage=StorageLocation(
+                    "postgresql", dsn=text).describe())
+        return StorageLocation("postgresql", dsn=text)
+    raise InvalidConfigError("unknown storage scheme (file: or postgresql://)", scheme=scheme)
+
+
+@dataclass
+class Storage:
+    log_store: Any  # FileLogStore today; a PostgreSQL LogStore when logseam lands
+    state_store: StateStore
+    location: StorageLocation
+
+
+def open_storage(location: StorageLocation, data_dir: Path, file_system: FileSystem,
+                 clock: Clock) -> Storage:
+    """The stores for ``location`` (not opened yet: the broker opens them)."""
+    if location.kind == "postgresql":
+        from conveyor.storage.postgres_engine import PostgresEngine
+
+        assert location.dsn is not None
+        state_store: StateStore = SqlStateStore(PostgresEngine(location.dsn, clock))
+        logger.info(
+            "state store: PostgreSQL %s; partition logs stay in local files under %s "
+            "(the PostgreSQL LogStore is not wired in yet)", location.describe(),
+            data_dir / "logs")
+    else:
+        check_state_database(data_dir / "state.sqlite3", clock)
+        state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
+    return Storage(_log_store(location, data_dir, file_system, clock), state_store, location)
+
+
+def _log_store(location: StorageLocation, data_dir: Path, file_system: FileSystem,
+               clock: Clock) -> Any:
+    """The LogStore for ``location``. The wiring point for the PostgreSQL LogStore:
+    ``if location.kind == "postgresql": return PgLogStore(location.dsn, clock)``."""
+    return FileLogStore(data_dir / "logs", file_system, clock)

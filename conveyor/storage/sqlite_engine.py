@@ -1,0 +1,262 @@
+"""SqliteEngine: the embedded SqlEngine, SQLite in WAL mode on the event loop.
+
+Rules:
+- Group commit: writes made during one event-loop turn run inside one open
+  transaction; the first write of a turn schedules the COMMIT with
+  ``loop.call_soon``. A caller that needs durability awaits ``commit()``, which
+  resolves after that COMMIT and an ``fdatasync`` of the WAL (it survives power loss).
+- Outside a running loop (tests, recovery) writes commit at the next
+  ``commit()`` call.
+- sqlite3 calls are fast (microseconds, one fsync per COMMIT) and stay on the
+  event loop; the WAL fdatasync runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from conveyor.errors import StorageError
+from conveyor.storage.fs import fdatasync_descriptor, fdatasync_descriptor_in_thread
+from conveyor.storage.sql_engine import SQLITE, Dialect, SqlValue
+
+# A COMMIT nobody waits for is fsynced by the next awaited commit, or after this long
+# (until then it survives a killed process, not a power cut).
+UNSYNCED_FSYNC_DELAY_S = 0.2
+
+
+def _resolve(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    failure = None if error is None else StorageError("state store fsync failed",
+                                                      error=str(error))
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if failure is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(failure)
+
+
+class SqliteEngine:
+    """SQLite in WAL mode: a reported commit survives power loss.
+
+    The COMMIT runs on the event loop with synchronous=NORMAL (it writes the WAL
+    frames, no fsync), then an ``fdatasync`` of the WAL file runs in a worker thread and
+    the committers are answered when it returns: as durable as synchronous=FULL, but
+    the event loop never waits for the disk. Checkpoints keep SQLite's own fsyncs.
+    """
+
+    dialect: Dialect = SQLITE
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = os.fspath(path)
+        self._in_memory = self.path == ":memory:" or self.path.startswith("file::memory:")
+        self._connection: Any = None
+        self._in_transaction = False
+        # waiters of the open transaction, resolved after its COMMIT
+        self._commit_waiters: list[asyncio.Future[None]] = []
+        self._commit_scheduled = False
+        self._background_sync_handle: asyncio.TimerHandle | None = None
+        self._unsynced = False  # a COMMIT ran that no fsync has covered yet
+        self._wal_fd: int | None = None
+        self._last_sync: asyncio.Future[None] | None = None  # the newest WAL fdatasync
+
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
+
+    # --- lifecycle ------------------------------------------------------------
+    async def open(self) -> None:
+        self.open_sync()
+
+    def open_sync(self) -> None:
+        if self._connection is not None:
+            return
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (one per loop turn)
+        try:
+            connection = sqlite3.connect(self.path, isolation_level=None,
+                                         check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as error:
+            raise StorageError("cannot open the state database", path=self.path,
+                               error=str(error)) from error
+        connection.execute("PRAGMA synchronous=FULL" if self._in_memory else
+                           "PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        self._connection = connection
+
+    def sync_after_open(self) -> None:
+        """Make what open() wrote (schema, migrations) durable before anything else."""
+        self._commit_now()
+        if not self._in_memory:
+            self._sync_wal()
+        self._unsynced = False
+
+    async def close(self) -> None:
+        if self._connection is None:
+            return
+        self._commit_now()
+        if self._background_sync_handle is not None:
+            self._background_sync_handle.cancel()
+            self._background_sync_handle = None
+        if self._last_sync is not None:
+            await asyncio.shield(self._last_sync)
+        if not self._in_memory:
+            self._sync_wal()
+        self._connection.close()
+        self._connection = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+
+    # --- generic ------------------------------------------------------------
+    @property
+    def connection(self) -> Any:
+        """The sqlite3 connection (for tests and diagnostics)."""
+        assert self._connection is not None, "state store not open"
+        return self._connection
+
+    def add_schema(self, statements: Iterable[str]) -> None:
+        """Run CREATE TABLE/INDEX IF NOT EXISTS statements (idempotent) and commit them."""
+        for statement in statements:
+            self.write(statement)
+        self._commit_now()
+
+    def write(self, query: str, parameters: Sequence[SqlValue] = ()) -> None:
+        """Run one write inside this loop turn's transaction."""
+        self._begin()
+        try:
+            self.connection.execute(self.dialect.sql(query), tuple(parameters))
+        except sqlite3.Error as error:
+            raise StorageError("state store write failed", error=str(error)) from error
+
+    def write_many(self, query: str, rows: Iterable[Sequence[SqlValue]]) -> None:
+        self._begin()
+        try:
+            self.connection.executemany(self.dialect.sql(query), [tuple(row) for row in rows])
+        except sqlite3.Error as error:
+            raise StorageError("state store write failed", error=str(error)) from error
+
+    def query_now(self, query: str, parameters: Sequence[SqlValue] = ()
+                  ) -> list[tuple[Any, ...]]:
+        try:
+            cursor = self.connection.execute(self.dialect.sql(query), tuple(parameters))
+            return [tuple(row) for row in cursor.fetchall()]
+        except sqlite3.Error as error:
+            raise StorageError("state store query failed", error=str(error)) from error
+
+    async def query(self, query: str, parameters: Sequence[SqlValue] = ()
+                    ) -> list[tuple[Any, ...]]:
+        # Synchronous underneath (microseconds): no await, so no interleaving either.
+        return self.query_now(query, parameters)
+
+    async def commit(self) -> None:
+        """Wait until every write made so far is committed (durable)."""
+        if not self._in_transaction:
+            # committed already, maybe by a COMMIT nobody waited for, or one whose fsync
+            # is still running: durable only once an fsync after it has returned
+            sync = self._sync_committed()
+            if sync is not None:
+                await asyncio.shield(sync)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - only from sync code
+            self._commit_now()
+            return
+        future: asyncio.Future[None] = loop.create_future()
+        self._commit_waiters.append(future)
+        self._schedule_commit()
+        await future
+
+    # --- group commit -----------------------------------------------------------
+    def _begin(self) -> None:
+        if self._in_transaction:
+            return
+        self.connection.execute("BEGIN")
+        self._in_transaction = True
+        # every write commits at the end of this loop turn; who awaits commit() also
+        # waits for the fsync, the rest is fsynced later (see _commit_now)
+        self._schedule_commit()
+
+    def _schedule_commit(self) -> None:
+        """Someone awaits durability: COMMIT at the end of this loop turn."""
+        if self._commit_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # committed by the next commit()/close()
+        self._commit_scheduled = True
+        loop.call_soon(self._commit_now)
+
+    def _commit_now(self) -> None:
+        self._commit_scheduled = False
+        waiters, self._commit_waiters = self._commit_waiters, []
+        if not self._in_transaction or self._connection is None:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        self._in_transaction = False
+        try:
+            self._connection.execute("COMMIT")
+        except sqlite3.Error as error:
+            failure = StorageError("state store commit failed", error=str(error))
+            if self._connection.in_transaction:
+                # the turn's writes are lost as a whole; their callers get the error
+                self._connection.execute("ROLLBACK")
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(failure)
+            return
+        self._unsynced = True
+        if not waiters:
+            # nobody waits: the next awaited commit's fsync covers this one, or this timer
+            if self._background_sync_handle is None:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    return
+                self._background_sync_handle = loop.call_later(UNSYNCED_FSYNC_DELAY_S,
+                                                               self._background_sync)
+            return
+        fsync = self._sync_committed()
+        if fsync is None:
+            _resolve(waiters, None)
+            return
+        fsync.add_done_callback(lambda done: _resolve(
+            waiters, StorageError("fsync cancelled") if done.cancelled() else done.exception()))
+
+    def _background_sync(self) -> None:
+        self._background_sync_handle = None
+        self._sync_committed()
+
+    # --- the WAL fdatasync --------------------------------------------------------
+    def _open_wal(self) -> int | None:
+        if self._wal_fd is None:
+            try:
+                self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+        return self._wal_fd
+
+    def _sync_wal(self) -> None:
+        fd = self._open_wal()
+        if fd is not None:
+            fdatasync_descriptor(fd)
+
+    def _sync_committed(self) -> asyncio.Future[None] | None:
+        """A future for an fsync covering every COMMIT so far (started now if the last
+        COMMIT had none), or None when they are durable already."""
+        if self._unsynced:
+            self._unsynced = False
+            fd = self._open_wal()
+            if fd is not None and not self._in_memory:
+                self._last_sync = fdatasync_descriptor_in_thread(fd)
+        if self._last_sync is not None and self._last_sync.done():
+            self._last_sync = None
+        return self._last_sync

@@ -1,0 +1,301 @@
+"""One StateStore conformance suite, run against every backend (SQLite and PostgreSQL).
+
+Goal: whatever engine sits under ``SqlStateStore``, the broker sees the same store:
+every domain operation round-trips, a close/reopen keeps what was committed (and
+what was written before close), one event-loop turn's writes form one transaction,
+a database of a newer schema is refused, and shared-group state lives beside the
+rest. Method: each test gets a ``Backend`` that opens stores on one database
+(a temporary SQLite file, or a fresh database on the session's real PostgreSQL);
+"restart" is a close and a new store on the same database. The PostgreSQL-only
+fault tests at the end crash the server with ``pg_ctl stop -m immediate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conveyor.clock import SystemClock
+from conveyor.errors import StorageError
+from conveyor.storage.postgres_engine import PostgresEngine
+from conveyor.storage.shared_state import RecordRow
+from conveyor.storage.sql_engine import upsert_sql
+from conveyor.storage.sqlite_engine import SqliteEngine
+from conveyor.storage.state_store import (
+    BindingRow,
+    CommittedOffsetRow,
+    ExchangeRow,
+    ProducerRow,
+    ProducerSequenceRow,
+    QueueRow,
+    SqlStateStore,
+    TopicRow,
+)
+from conveyor.testing.postgres import PostgresServer
+from conveyor.testing.server import free_port
+
+
+@dataclass
+class Backend:
+    name: str
+    make: Callable[[], SqlStateStore]
+    opened: list[SqlStateStore]
+
+    async def open(self) -> SqlStateStore:
+        store = self.make()
+        await store.open()
+        self.opened.append(store)
+        return store
+
+    async def reopen(self, store: SqlStateStore) -> SqlStateStore:
+        await store.close()
+        return await self.open()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        path = tmp_path / "state.sqlite3"
+
+        def make() -> SqlStateStore:
+            return SqlStateStore(SqliteEngine(path))
+    else:
+        dsn: str = request.getfixturevalue("postgres_dsn")
+
+        def make() -> SqlStateStore:
+            return SqlStateStore(PostgresEngine(dsn, SystemClock()))
+    result = Backend(request.param, make, [])
+    yield result
+    for store in result.opened:
+        await store.close()
+
+
+async def test_metadata_round_trips_and_survives_a_restart(backend: Backend) -> None:
+    store = await backend.open()
+    store.save_topic(TopicRow("t", 3, "topic", {"retention_ms": 5}, 11))
+    store.save_queue(QueueRow("q", {"max_priority": 3}, 12))
+    store.save_exchange(ExchangeRow("e", "topic", True, False, False, "ae", (("k", "v"),)))
+    store.save_binding(BindingRow("e", "queue", "q", "a.#", (("x-match", "any"),)))
+    store.save_binding(BindingRow("e", "queue", "q", "a.#", (("x-match", "any"),)))  # upsert
+    store.save_committed_offsets([CommittedOffsetRow("g", "t", 0, 5, None, -1, 1),
+                                  CommittedOffsetRow("g", "t", 1, 9, "m", 2, 3)])
+    store.save_committed_offsets([CommittedOffsetRow("g", "t", 0, 7, "x", 4, 5)])
+    store.save_group("g", {"generation": 4, "protocol": "range"})
+    store.save_group_config("g", {"share.auto.offset.reset": "earliest"})
+    store.save_producer(ProducerRow(1000, 2, "tx"))
+    store.save_producer_sequences(ProducerSequenceRow(1000, "t", 0, 2, ((0, 4, 10, 14),)))
+    store.save_producer_checkpoint("t", 0, 15)
+    await store.commit()
+    await _expect_metadata(store)
+    await _expect_metadata(await backend.reopen(store))
+
+
+async def _expect_metadata(current: SqlStateStore) -> None:
+    assert await current.load_topics() == [TopicRow("t", 3, "topic", {"retention_ms": 5}, 11)]
+    assert await current.load_queues() == [QueueRow("q", {"max_priority": 3}, 12)]
+    assert await current.load_exchanges() == [
+        ExchangeRow("e", "topic", True, False, False, "ae", (("k", "v"),))]
+    assert await current.load_bindings() == [
+        BindingRow("e", "queue", "q", "a.#", (("x-match", "any"),))]
+    offsets = sorted(await current.load_committed_offsets("g"), key=lambda r: r.partition)
+    assert offsets == [CommittedOffsetRow("g", "t", 0, 7, "x", 4, 5),
+                       CommittedOffsetRow("g", "t", 1, 9, "m", 2, 3)]
+    assert await current.load_groups() == {"g": {"generation": 4, "protocol": "range"}}
+    assert await current.load_group_configs() == {
+        "g": {"share.auto.offset.reset": "earliest"}}
+    assert await current.load_producers() == [ProducerRow(1000, 2, "tx")]
+    assert await current.load_producer_sequences() == [
+        ProducerSequenceRow(1000, "t", 0, 2, ((0, 4, 10, 14),))]
+    assert await current.load_producer_checkpoints() == {("t", 0): 15}
+
+
+async def test_deletes_cascade_as_the_broker_expects(backend: Backend) -> None:
+    store = await backend.open()
+    store.save_exchange(ExchangeRow("e", "direct", True, False, False, None, ()))
+    store.save_exchange(ExchangeRow("f", "direct", True, False, False, None, ()))
+    store.save_binding(BindingRow("e", "queue", "q", "k", ()))
+    store.save_binding(BindingRow("f", "exchange", "e", "k", ()))
+    store.save_binding(BindingRow("f", "queue", "q", "k", ()))
+    store.save_committed_offsets([CommittedOffsetRow("g", "t", 0, 5, None, -1, 1)])
+    store.save_group("g", {})
+    store.save_producer_sequences(ProducerSequenceRow(7, "t", 0, 0, ((0, 0, 0, 0),)))
+    store.save_producer_checkpoint("t", 0, 1)
+    store.save_group_config("g", {"a": "b"})
+    await store.commit()
+    store.delete_exchange("e")
+    store.delete_group("g")
+    store.delete_producer_sequences_for_topic("t")
+    store.delete_group_config("g")
+    await store.commit()
+    store = await backend.reopen(store)
+    assert [row.name for row in await store.load_exchanges()] == ["f"]
+    assert await store.load_bindings() == [BindingRow("f", "queue", "q", "k", ())]
+    assert await store.load_committed_offsets() == []
+    assert await store.load_groups() == {}
+    assert await store.load_producer_sequences() == []
+    assert await store.load_producer_checkpoints() == {}
+    assert await store.load_group_configs() == {}
+
+
+async def test_counters_continue_after_a_restart(backend: Backend) -> None:
+    store = await backend.open()
+    assert [store.next_counter("ids", start=1000) for _ in range(3)] == [1000, 1001, 1002]
+    await store.commit()
+    store = await backend.reopen(store)
+    assert store.next_counter("ids", start=1000) == 1003
+    assert store.next_counter("other") == 0
+
+
+async def test_writes_made_before_close_are_kept(backend: Backend) -> None:
+    store = await backend.open()
+    store.save_topic(TopicRow("unawaited", 1, "topic", {}, 0))  # nobody awaits commit()
+    store = await backend.reopen(store)
+    assert [row.name for row in await store.load_topics()] == ["unawaited"]
+
+
+async def test_one_transaction_per_loop_turn(backend: Backend) -> None:
+    store = await backend.open()
+    sequence_before = await _commit_count(backend, store)
+
+    async def writer(index: int) -> None:
+        store.save_topic(TopicRow(f"t{index}", 1, "topic", {}, 0))
+        await store.commit()
+
+    await asyncio.gather(*(writer(index) for index in range(50)))
+    assert len(await store.load_topics()) == 50
+    if backend.name == "postgresql":
+        assert await _commit_count(backend, store) == sequence_before + 1
+
+
+async def _commit_count(backend: Backend, store: SqlStateStore) -> int:
+    if backend.name != "postgresql":
+        return 0
+    rows = await store.engine.query("SELECT sequence FROM conveyor_commit")
+    return int(rows[0][0])
+
+
+async def test_reads_see_the_writes_made_before_them(backend: Backend) -> None:
+    store = await backend.open()
+    store.save_topic(TopicRow("t", 1, "topic", {}, 0))
+    assert [row.name for row in await store.load_topics()] == ["t"]  # no commit() first
+    store.delete_topic("t")
+    assert await store.load_topics() == []
+
+
+async def test_shared_group_state_round_trips(backend: Backend) -> None:
+    store = await backend.open()
+    shared = store.shared
+    shared.create_schema()
+    shared.save_group("g", "t", '{"max_deliveries": 3}')
+    shared.save_start_offset("g", "t", 0, 10)
+    shared.save_records("g", "t", 0, [RecordRow(10, "acked", 1, 0),
+                                      RecordRow(12, "available", 2, 777)])
+    shared.save_dedup("q", "id-1", 5_000)
+    shared.save_dedup("q", "id-2", 9_000)
+    await shared.commit()
+    store = await backend.reopen(store)
+    shared = store.shared
+    assert await shared.load_groups() == [("g", "t", '{"max_deliveries": 3}')]
+    assert await shared.load_start_offsets("g", "t") == {0: 10}
+    assert await shared.load_records("g", "t", 0) == [
+        RecordRow(10, "acked", 1, 0), RecordRow(12, "available", 2, 777)]
+    shared.save_start_offset("g", "t", 0, 11)  # drops records below it
+    shared.delete_dedup_before("q", 5_000)
+    await shared.commit()
+    assert await shared.load_records("g", "t", 0) == [RecordRow(12, "available", 2, 777)]
+    assert await shared.load_dedup("q") == {"id-2": 9_000}
+    shared.delete_group("g", "t")
+    await shared.commit()
+    assert await shared.load_groups() == []
+    assert await shared.load_records("g", "t", 0) == []
+
+
+async def test_a_newer_schema_version_is_refused(backend: Backend) -> None:
+    store = await backend.open()
+    store.engine.write(upsert_sql("conveyor_schema", ["singleton"], ["version"]), (1, 99))
+    await store.close()
+    newer = backend.make()
+    with pytest.raises(StorageError, match="newer schema"):
+        await newer.open()
+    await newer.close()
+
+
+# --- PostgreSQL faults -----------------------------------------------------------------
+async def test_postgres_crash_mid_commit_loses_and_duplicates_nothing(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """``pg_ctl stop -m immediate`` while a large transaction is in flight: the commit
+    either happened or is sent again after the restart (decided by reading the commit
+    sequence back); either way every row is there exactly once."""
+    store = SqlStateStore(PostgresEngine(postgres_dsn, SystemClock()))
+    await store.open()
+    rows = [CommittedOffsetRow("g", f"t{index % 50}", index, index, None, -1, 0)
+            for index in range(20_000)]
+    store.save_committed_offsets(rows)
+    commit = asyncio.ensure_future(store.commit())
+    await asyncio.sleep(0)  # the flush task starts sending
+    await asyncio.to_thread(postgres_server.crash)
+    await asyncio.to_thread(postgres_server.start)
+    await commit
+    assert len(await store.load_committed_offsets("g")) == 20_000
+    assert isinstance(store.engine, PostgresEngine)
+    assert store.engine.reconnects >= 1
+    store.save_topic(TopicRow("after", 1, "topic", {}, 0))
+    await store.commit()
+    await store.close()
+    reopened = SqlStateStore(PostgresEngine(postgres_dsn, SystemClock()))
+    await reopened.open()
+    assert len(await reopened.load_committed_offsets("g")) == 20_000
+    assert [row.name for row in await reopened.load_topics()] == ["after"]
+    await reopened.close()
+
+
+async def test_postgres_down_gives_retriable_errors_then_recovers(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    engine = PostgresEngine(postgres_dsn, SystemClock(), retry_window_ms=300)
+    store = SqlStateStore(engine)
+    await store.open()
+    store.save_topic(TopicRow("before", 1, "topic", {}, 0))
+    await store.commit()
+    await asyncio.to_thread(postgres_server.crash)
+    store.save_topic(TopicRow("during", 1, "topic", {}, 0))
+    with pytest.raises(StorageError, match="unavailable"):
+        await store.commit()
+    store.save_topic(TopicRow("later", 1, "topic", {}, 0))
+    await asyncio.to_thread(postgres_server.start)
+    await store.commit()  # the kept transaction first, then the newer write
+    assert sorted(row.name for row in await store.load_topics()) == [
+        "before", "during", "later"]
+    await store.close()
+
+
+async def test_postgres_unreachable_or_read_only_is_a_clear_error(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    closed_port = PostgresEngine(
+        f"postgresql://postgres@127.0.0.1:{free_port()}/x", SystemClock())
+    with pytest.raises(StorageError, match="cannot connect to PostgreSQL"):
+        await SqlStateStore(closed_port).open()
+    database = postgres_dsn.rsplit("/", 1)[-1]
+    postgres_server.sql(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    with pytest.raises(StorageError, match="read-only"):
+        await SqlStateStore(PostgresEngine(postgres_dsn, SystemClock())).open()
+
+
+async def test_postgres_rejected_write_fails_its_turn_only(postgres_dsn: str) -> None:
+    """A write PostgreSQL cannot take (a bug) fails the callers of its transaction with
+    a storage error, once, and is dropped; the next turn commits normally."""
+    store = SqlStateStore(PostgresEngine(postgres_dsn, SystemClock()))
+    await store.open()
+    store.engine.write("INSERT INTO counters (name, value) VALUES (?, ?)", ("x", "not a number"))
+    with pytest.raises(StorageError, match=r"rejected a state write|cannot take"):
+        await store.commit()
+    store.save_topic(TopicRow("fine", 1, "topic", {}, 0))
+    await store.commit()
+    assert [row.name for row in await store.load_topics()] == ["fine"]
+    await store.close()
