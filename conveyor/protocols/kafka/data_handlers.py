@@ -103,10 +103,11 @@ async def _append(
 
 
 def _record_pieces(data: Any) -> list[RecordPiece]:
-    """File ranges for sendfile when every part has an OS descriptor, else the bytes."""
+    """File ranges for sendfile when every part has an OS descriptor, else the bytes
+    (a store that keeps batches elsewhere, PostgreSQL, returns them in memory)."""
     parts: Sequence[tuple[int, int, int]] = data.parts
     if not parts:
-        return []
+        return [data.read_bytes()] if data.size_bytes else []
     if all(fileno >= 0 for fileno, _, _ in parts):
         return list(parts)
     return [data.read_bytes()]
