@@ -63,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 CHUNK_OFFSETS = 1 << 20  # offsets per range chunk: what retention drops at once
 READ_ROWS = 64  # rows fetched per query of a read
-LEADER_EPOCH = 0  # what Metadata reports; patched into every batch read
 
 
 @dataclass(slots=True)
@@ -83,13 +82,16 @@ class _Partition:
 class PostgresLogStore:
     def __init__(self, dsn: str, clock: Clock, rng: random.Random | None = None, *,
                  default_config: LogConfig | None = None, chunk_offsets: int = CHUNK_OFFSETS,
-                 pool_size_max: int = 8) -> None:
+                 pool_size_max: int = 8, leader_epoch: int | None = None) -> None:
         self.dsn = dsn
         self.clock = clock
         self.rng = rng or random.Random()
         self.default_config = default_config or LogConfig()
         self.chunk_offsets = chunk_offsets
         self.pool_size_max = pool_size_max
+        # patched into every batch read (outside the CRC); None: as written, the file
+        # backend's behaviour (a single node has no leader changes; leases will set it)
+        self.leader_epoch = leader_epoch
         self._pool: Any = None
         self._appender: TurnAppender | None = None
         self._partitions: dict[tuple[str, int], _Partition] = {}
@@ -272,7 +274,8 @@ class PostgresLogStore:
                     start = len(out)
                     out += payload
                     patch_base_offset(out, base, start)
-                    patch_partition_leader_epoch(out, LEADER_EPOCH, start)
+                    if self.leader_epoch is not None:
+                        patch_partition_leader_epoch(out, self.leader_epoch, start)
                 if len(rows) < READ_ROWS:
                     break
                 position = _next_position(rows)
