@@ -141,9 +141,14 @@ class Producer:
     ) -> AppendResult:
         self.gate.check()
         store = self.topics.log_store
-        (appended,) = await store.append((AppendRequest(topic, partition, batch),))
+        (appended,) = await store.append((AppendRequest(
+            topic, partition, batch, check_sequences=bool(incoming)),))
         if isinstance(appended, OperatingError):
             raise appended
+        if appended.duplicate:  # a store shared by nodes saw this retry written before
+            return AppendResult(appended.base_offset, appended.last_offset, -1,
+                                store.offsets(topic, partition).log_start_offset,
+                                duplicate=True)
         counters = self.traffic.partition(topic, partition)
         counters.records_in += appended.last_offset - appended.base_offset + 1
         counters.bytes_in += len(batch)

@@ -45,6 +45,11 @@ class AppendRequest:
     topic: str
     partition: int
     batches: Payload
+    # idempotent batches (producer id >= 0): a backend that several nodes share checks
+    # their sequences against the producer's last batch in the partition inside the
+    # append (PostgreSQL: under the head lock) and answers a retry with the offsets it
+    # got the first time. The file backend leaves this to the broker's ProducerStates.
+    check_sequences: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,7 @@ class AppendInfo:
     last_offset: int
     log_append_time_ms: int  # -1: batches keep their create-time timestamps (as Kafka)
     max_timestamp_ms: int
+    duplicate: bool = False  # a retry of batches already written at these offsets
 
 
 # one outcome per AppendRequest, in order: a failure of one partition is its own

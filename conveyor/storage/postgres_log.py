@@ -201,6 +201,7 @@ class PostgresLogStore:
         async with self._connection() as connection, connection.transaction():
             await connection.execute(sql.drop_partition_table(part.partition_id))
             await connection.execute(sql.DELETE_HEAD, part.partition_id)
+            await connection.execute(sql.DELETE_PRODUCERS, part.partition_id)
         del self._partitions[(topic, partition)]
         del self._by_id[part.partition_id]
         self._set_aside.pop((topic, partition), None)
@@ -231,7 +232,7 @@ class PostgresLogStore:
             appender.submit(PendingAppend(
                 request.topic, request.partition, part.partition_id,
                 memoryview(request.batches).cast("B"), headers, part.config.fsync == "always",
-                future))
+                request.check_sequences, future))
             waiting.append((len(outcomes), future))
             outcomes.append(None)
         for index, future in waiting:

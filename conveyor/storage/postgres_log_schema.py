@@ -52,6 +52,12 @@ SCHEMA = (
         ON conveyor_log_batches (partition_id, last_offset)""",
     # batches are often compressed by their producers: no second (pglz) compression
     "ALTER TABLE conveyor_log_batches ALTER COLUMN payload SET STORAGE EXTERNAL",
+    """CREATE TABLE IF NOT EXISTS conveyor_log_producers (
+        partition_id BIGINT NOT NULL,
+        producer_id BIGINT NOT NULL,
+        producer_epoch SMALLINT NOT NULL,
+        last_sequence INTEGER NOT NULL,
+        PRIMARY KEY (partition_id, producer_id))""",
     """CREATE TABLE IF NOT EXISTS conveyor_log_schema (
         version INTEGER NOT NULL)""",
 )
@@ -76,6 +82,22 @@ BATCH_COLUMNS = ("partition_id", "base_offset", "last_offset", "max_timestamp_ms
 ADVANCE_HEADS = """UPDATE conveyor_log_partitions AS head SET next_offset = moved.next_offset
     FROM unnest($1::bigint[], $2::bigint[]) AS moved(partition_id, next_offset)
     WHERE head.partition_id = moved.partition_id"""
+
+# idempotent producers: their last sequence per partition, read and written under the
+# head lock of the append transaction
+LOAD_PRODUCERS = """SELECT state.partition_id, state.producer_id, producer_epoch, last_sequence
+    FROM conveyor_log_producers AS state
+    JOIN unnest($1::bigint[], $2::bigint[]) AS wanted(partition_id, producer_id)
+        ON state.partition_id = wanted.partition_id AND state.producer_id = wanted.producer_id"""
+SAVE_PRODUCERS = """INSERT INTO conveyor_log_producers
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::integer[])
+    ON CONFLICT (partition_id, producer_id) DO UPDATE SET
+        producer_epoch = EXCLUDED.producer_epoch, last_sequence = EXCLUDED.last_sequence"""
+# a retry of one of the producer's recent batches: where it went the first time
+FIND_RETRIED = """SELECT base_offset, last_offset, producer_epoch, base_sequence
+    FROM conveyor_log_batches WHERE partition_id = $1 AND producer_id = $2
+    ORDER BY last_offset DESC LIMIT 5"""
+DELETE_PRODUCERS = "DELETE FROM conveyor_log_producers WHERE partition_id = $1"
 
 # after a lost COMMIT: did the transaction with this write id land?
 WRITTEN_BY = """SELECT write_id FROM conveyor_log_batches

@@ -21,10 +21,16 @@ import asyncpg
 import pytest
 from storage_helpers import make_batch, values_of
 
-from conveyor.errors import OperatingError, StorageError
-from conveyor.storage.log_api import AppendInfo, AppendRequest
+from conveyor.errors import (
+    InvalidProducerEpochError,
+    OperatingError,
+    OutOfOrderSequenceError,
+    StorageError,
+)
+from conveyor.storage.log_api import AppendInfo, AppendOutcome, AppendRequest
 from conveyor.storage.log_config import LogConfig
 from conveyor.storage.postgres_log import PostgresLogStore
+from conveyor.storage.record_batch import RecordData, build_batch
 from conveyor.testing.clock import SimClock
 from conveyor.testing.postgres import PostgresServer
 
@@ -227,3 +233,47 @@ async def test_retention_drops_whole_chunks_not_rows(postgres_dsn: str) -> None:
     assert rows == 25
     assert (await read_values(store, "q"))[0] == (25, b"25")
     await store.close()
+
+
+def producer_batch(values: list[bytes], producer_id: int, epoch: int, sequence: int) -> bytes:
+    return build_batch([RecordData(None, value, (), 1_700_000_000_000) for value in values],
+                       producer_id=producer_id, producer_epoch=epoch, base_sequence=sequence)
+
+
+async def test_idempotent_sequences_are_checked_under_the_head_lock(postgres_dsn: str) -> None:
+    """Two nodes: a retry reaching the other node is answered with the first offsets."""
+    first, second = new_store(postgres_dsn, 1), new_store(postgres_dsn, 2)
+    await first.open()
+    await first.create_partition("t", 0, LogConfig())
+    await second.open()
+
+    async def send(store: PostgresLogStore, data: bytes) -> AppendOutcome:
+        (outcome,) = await store.append([AppendRequest("t", 0, data, check_sequences=True)])
+        return outcome
+
+    batch = producer_batch([b"a", b"b"], 42, 0, 0)
+    written = await send(first, batch)
+    assert isinstance(written, AppendInfo) and not written.duplicate
+    retried = await send(second, batch)
+    assert isinstance(retried, AppendInfo) and retried.duplicate
+    assert (retried.base_offset, retried.last_offset) == (written.base_offset, written.last_offset)
+    following = await send(second, producer_batch([b"c"], 42, 0, 2))
+    assert isinstance(following, AppendInfo) and following.base_offset == 2
+    assert isinstance(await send(first, producer_batch([b"x"], 42, 0, 7)),
+                      OutOfOrderSequenceError)
+    # one call holding a batch and its own retry: written once
+    again = producer_batch([b"d"], 42, 0, 3)
+    outcomes = await first.append([AppendRequest("t", 0, again, check_sequences=True)] * 2)
+    assert [(o.base_offset, o.duplicate) for o in outcomes
+            if isinstance(o, AppendInfo)] == [(3, False), (3, True)]
+    fenced = await send(first, producer_batch([b"y"], 42, 1, 0))  # a new epoch starts at 0
+    assert isinstance(fenced, AppendInfo) and fenced.base_offset == 4
+    assert isinstance(await send(second, producer_batch([b"z"], 42, 0, 4)),
+                      InvalidProducerEpochError)
+    await first.close()
+    await second.close()
+    reader = new_store(postgres_dsn)
+    await reader.open()
+    assert [value for _, value in await read_values(reader, "t")] == [b"a", b"b", b"c", b"d",
+                                                                      b"y"]
+    await reader.close()
