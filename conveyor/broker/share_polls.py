@@ -44,6 +44,6 @@ async def start_by_time(broker: Broker, topic: str, group: str, since_ms: int) -
     at its first record stamped ``since_ms`` or later (none: it stays at the log end)."""
     info = broker.find_topic(topic)
     for partition in range(info.partitions if info is not None else 0):
-        offset = broker.offset_for_timestamp(topic, partition, max(0, since_ms))
+        offset = await broker.offset_for_timestamp(topic, partition, max(0, since_ms))
         if offset is not None and offset >= 0:
             await broker.reset_shared_partition(topic, group, partition, offset)
