@@ -64,6 +64,8 @@ from .topics import (
     validate_partitions,
     validate_topic_name,
 )
+from .transactions import TransactionDescription, Transactions
+from .txn_index import TransactionIndex
 from .types import (
     AppendResult,
     Binding,
@@ -122,6 +124,15 @@ class Broker:
                                                   rng, self.config)
         self.exchanges = Exchanges(state_store, self.topics, self._queue_exists, queue_alias)
         self.producer.on_append = self._appended
+        # Kafka transactions: the coordinator, and the log side (LSO, aborted index) that
+        # the fetcher filters decoded reads with
+        self.txn_index = TransactionIndex()
+        self.transactions = Transactions(
+            self.producers, self.topics, state_store, clock, self.txn_index,
+            self.producer.append_marker, self.group_coordinator.apply_offsets)
+        self.producer.check_transactional = self.transactions.check_produce
+        self.producer.on_transactional = self.transactions.on_transactional_append
+        self.fetcher.transactions = self.txn_index
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_sleeping = False
         # state found past the recovered log end at the last open (log_end.py)
@@ -166,6 +177,7 @@ class Broker:
         )
         self.exchanges.load()
         self.group_coordinator.load(self.lost_ranges)
+        await self.transactions.open()  # before shared groups: their reads need the index
         await self._open_shared_groups()
         if self.shared_groups is not None:
             self.lost_ranges.extend(self.shared_groups.lost_ranges)
@@ -202,6 +214,7 @@ class Broker:
                     raise
             self._timer_task = None
         await self.supervisor.close()  # topic auto-creations still running finish
+        await self.transactions.close()
         self.fetcher.wake_all()
         if self.shared_groups is not None:
             await self.shared_groups.close()
@@ -220,7 +233,8 @@ class Broker:
             state_store=self.state_store, clock=self.clock, rng=self.rng, topics=self.topics,
             read_records=self.fetcher.read_records,
             publish_records=self.producer.publish_records,
-            ensure_topic=self.producer.ensure_topic, route=self.exchanges.routing.route),
+            ensure_topic=self.producer.ensure_topic, route=self.exchanges.routing.route,
+            read_visible=self.fetcher.read_visible, stable_offset=self.last_stable_offset),
             self.traffic)
         self.producer.on_records = self.shared_groups.remember_appended
         self.producer.is_queue = self.shared_groups.queue_exists
@@ -278,6 +292,7 @@ class Broker:
         self.producer.forget_topic(name)
         self.exchanges.remove_destination("topic", name)
         self.group_coordinator.forget_topic(name)
+        self.transactions.forget_topic(name)
         self.traffic.forget_topic(name)
         for partition in range(info.partitions):
             self._appended(name, partition)
@@ -337,8 +352,53 @@ class Broker:
         """Publish without shared-group admission (dedup/overflow): the raw append path."""
         return await self.producer.publish_records(info, messages, partition)
 
-    async def init_producer_id(self, transactional_id: str | None = None) -> tuple[int, int]:
-        return await self.producer.init_producer_id(transactional_id)
+    async def init_producer_id(self, transactional_id: str | None = None,
+                               timeout_ms: int = 60_000, producer_id: int = -1,
+                               epoch: int = -1) -> tuple[int, int]:
+        if transactional_id is None:
+            return await self.producer.init_producer_id(None)
+        return await self.transactions.init_producer_id(transactional_id, timeout_ms,
+                                                        producer_id, epoch)
+
+    # --- transactions (Transactions; docs/kafka.md) ------------------------------------
+    async def add_partitions_to_txn(
+        self, transactional_id: str, producer_id: int, epoch: int,
+        partitions: Iterable[tuple[str, int]], verify_only: bool = False,
+    ) -> dict[tuple[str, int], OperatingError | None]:
+        return await self.transactions.add_partitions(transactional_id, producer_id, epoch,
+                                                      partitions, verify_only)
+
+    async def add_offsets_to_txn(self, transactional_id: str, producer_id: int, epoch: int,
+                                 group_id: str) -> None:
+        await self.transactions.add_offsets(transactional_id, producer_id, epoch, group_id)
+
+    async def txn_offset_commit(
+        self, transactional_id: str, group_id: str, producer_id: int, epoch: int,
+        offsets: list[tuple[str, int, int, str | None]],
+    ) -> dict[tuple[str, int], OperatingError | None]:
+        return await self.transactions.commit_offsets(transactional_id, group_id,
+                                                      producer_id, epoch, offsets)
+
+    async def end_txn(self, transactional_id: str, producer_id: int, epoch: int,
+                      commit: bool) -> None:
+        await self.transactions.end(transactional_id, producer_id, epoch, commit)
+
+    def describe_transaction(self, transactional_id: str) -> TransactionDescription | None:
+        return self.transactions.describe(transactional_id)
+
+    def list_transactions(self, states: Iterable[str] = (), producer_ids: Iterable[int] = (),
+                          running_ms_min: int = -1) -> list[TransactionDescription]:
+        return self.transactions.listing(states, producer_ids, running_ms_min)
+
+    def last_stable_offset(self, topic: str, partition: int) -> int:
+        """Below it every transaction is decided: what read_committed readers may read."""
+        high_watermark = self.topics.partition_log(topic, partition).high_watermark
+        return self.txn_index.stable_offset(topic, partition, int(high_watermark))
+
+    def aborted_transactions(self, topic: str, partition: int, start: int,
+                             end: int) -> list[tuple[int, int]]:
+        """(producer id, first offset) of aborted transactions with records in [start, end)."""
+        return self.txn_index.aborted_between(topic, partition, start, end)
 
     # --- read (Fetcher) ----------------------------------------------------------------
     def offsets(self, topic: str, partition: int) -> PartitionOffsets:

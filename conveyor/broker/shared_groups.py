@@ -151,6 +151,11 @@ class SharedGroupsHost:
     ensure_topic: Callable[[str], Awaitable[TopicInfo]]
     # the exchanges' routing (dead-lettering through an exchange)
     route: Callable[[str, str, Headers], list[Destination]]
+    # the fetcher's committed reads: (records, offset to read on from), skipping control
+    # records and aborted transactions, never past the last stable offset (transactions)
+    read_visible: Callable[..., Awaitable[tuple[list[Record], int]]] | None = None
+    # (topic, partition) -> the last stable offset (the high watermark without transactions)
+    stable_offset: Callable[[str, int], int] | None = None
 
 
 @dataclass
@@ -879,6 +884,9 @@ class SharedGroups:
             self._save_start(state, partition, state.partitions[partition])
 
     def _high_watermark(self, part: SharedPartition) -> int:
+        """The end of what may be delivered: the last stable offset."""
+        if self.host.stable_offset is not None:
+            return self.host.stable_offset(part.topic, part.partition)
         return int(self.host.topics.partition_log(part.topic, part.partition).high_watermark)
 
     async def _counts(self, state: SharedGroupWindows) -> tuple[int, int, int]:
@@ -901,7 +909,7 @@ class SharedGroups:
             part.skip_to(int(log.log_start_offset))
         cache = self._appended.get((part.topic, part.partition))
         skew_ms = self._wall_skew_ms()
-        while part.room() > 0 and part.next_offset < log.high_watermark:
+        while part.room() > 0 and part.next_offset < self._high_watermark(part):
             if cache:
                 cached = cache.pop(part.next_offset, None)
                 if cached is not None:
@@ -914,17 +922,28 @@ class SharedGroups:
                         break
                     self._uncache(cache.pop(oldest))
             try:
-                records = await self.host.read_records(
-                    part.topic, part.partition, part.next_offset, part.room(), counted=False)
+                records, read_end = await self._read_visible(part)
             except OffsetOutOfRangeError:
                 part.skip_to(int(log.log_start_offset))
                 continue
-            if not records:
-                break
             for record in records:
                 part.load(record, record_policy(record, state.config, skew_ms))
+            if read_end > part.next_offset:
+                part.skip_to(read_end)  # control records, aborted transactions: not records
+            elif not records:
+                break
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
+
+    async def _read_visible(self, part: SharedPartition) -> tuple[list[Record], int]:
+        """Committed records only (docs/kafka.md, transactions): a queue or shared group
+        never delivers a control record, an aborted or a still-open transaction's record."""
+        if self.host.read_visible is None:
+            records = await self.host.read_records(
+                part.topic, part.partition, part.next_offset, part.room(), counted=False)
+            return records, records[-1].offset + 1 if records else part.next_offset
+        return await self.host.read_visible(
+            part.topic, part.partition, part.next_offset, part.room(), counted=False)
 
     def _save_start(self, state: SharedGroupWindows, partition: int, part: SharedPartition) -> None:
         self.store.save_start_offset(state.group, state.topic, partition, part.start_offset)

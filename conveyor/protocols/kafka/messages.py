@@ -58,6 +58,10 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     21: (0, 2),  # DeleteRecords
     22: (0, 4),  # InitProducerId
     23: (2, 4),  # OffsetForLeaderEpoch (one epoch, 0: its end is the log end)
+    24: (0, 5),  # AddPartitionsToTxn (v4+: batched, v5 verify-only: KIP-890)
+    25: (0, 4),  # AddOffsetsToTxn
+    26: (0, 4),  # EndTxn (v5 is transaction.version 2, not offered)
+    28: (0, 4),  # TxnOffsetCommit (v5 is transaction.version 2, not offered)
     32: (1, 4),  # DescribeConfigs
     33: (0, 2),  # AlterConfigs
     34: (1, 2),  # AlterReplicaLogDirs (one log dir)
@@ -75,6 +79,8 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     55: (0, 2),  # DescribeQuorum (one voter, this node: Conveyor is not KRaft)
     60: (0, 1),  # DescribeCluster
     61: (0, 0),  # DescribeProducers
+    65: (0, 0),  # DescribeTransactions
+    66: (0, 1),  # ListTransactions (v1: duration filter)
     68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
     69: (0, 1),  # ConsumerGroupDescribe
     74: (0, 1),  # ListConfigResources (v1: topics, brokers, groups)
