@@ -10,6 +10,7 @@ Must not know: sockets, files, the coordinator's state machine.
 
 from __future__ import annotations
 
+import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.errors import OperatingError
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 API_KEYS: Final = frozenset({24, 25, 26, 28, 65, 66})
 # api key -> first version that may receive PRODUCER_FENCED (KIP-588)
 _FENCED_FROM: Final = {22: 4, 24: 2, 25: 2, 26: 2, 28: 3}
+# Kafka's -1 "not started" start time (kio writes datetimes; build() maps -1 to None)
+_NOT_STARTED: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) - datetime.timedelta(
+    milliseconds=1)
 KNOWN_STATES: Final = ("Empty", "Ongoing", "PrepareCommit", "PrepareAbort",
                        "CompleteCommit", "CompleteAbort", "Dead", "PrepareEpochFence")
 
@@ -51,7 +55,9 @@ async def handle(broker: Broker, request: Request) -> Any:
         return await _txn_offset_commit(broker, request)
     if api_key == 65:
         return _describe(broker, request)
-    return _list(broker, request)
+    if api_key == 66:
+        return _list(broker, request)
+    raise AssertionError(f"api key {api_key} is in API_KEYS without a handler")
 
 
 async def _add_partitions(broker: Broker, request: Request) -> Any:
@@ -155,7 +161,7 @@ def _describe(broker: Broker, request: Request) -> Any:
         if found is None:
             states.append(build(state_type, error_code=error_codes.TRANSACTIONAL_ID_NOT_FOUND,
                                 transactional_id=transactional_id, transaction_state="",
-                                transaction_timeout=0, transaction_start_time=-1,
+                                transaction_timeout=0, transaction_start_time=0,
                                 producer_id=-1, producer_epoch=-1, topics=()))
             continue
         topics: dict[str, list[int]] = {}
@@ -164,7 +170,8 @@ def _describe(broker: Broker, request: Request) -> Any:
         states.append(build(
             state_type, error_code=error_codes.NONE, transactional_id=transactional_id,
             transaction_state=found.state, transaction_timeout=found.timeout_ms,
-            transaction_start_time=found.started_ms, producer_id=found.producer_id,
+            transaction_start_time=(found.started_ms if found.started_ms >= 0
+                                    else _NOT_STARTED), producer_id=found.producer_id,
             producer_epoch=found.producer_epoch,
             topics=tuple(build(topic_type, topic=topic, partitions=tuple(partitions))
                          for topic, partitions in sorted(topics.items()))))
