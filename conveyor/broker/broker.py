@@ -563,7 +563,7 @@ class Broker:
             partitions, queues, groups, group_partitions,
             {"partitions": partitions_omitted, "queues": queues_omitted,
              "group_partitions": group_partitions_omitted},
-            segments_total, size_total)
+            segments_total, size_total, *self.transactions.counts())
 
     # --- queues and shared groups (the share coordinator, SharedGroups) ----------------
     def _shared(self) -> SharedGroups:

@@ -323,6 +323,12 @@ class Transactions:
             found.append(description)
         return found
 
+    def counts(self) -> tuple[int, int, int]:
+        """(ongoing, hanging, timed out since start): what metrics report."""
+        ongoing = sum(1 for row in self._transactions.values()
+                      if row.state == TransactionState.ONGOING)
+        return ongoing, len(self.hanging), self.timed_out
+
     def forget_topic(self, topic: str) -> None:
         self.index.forget_topic(topic)
         self.store.delete_topic(topic)
