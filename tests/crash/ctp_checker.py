@@ -40,6 +40,7 @@ from conveyor.testing.server import BrokerProcess
 
 INPUT, OUTPUT, GROUP, PARTITIONS = "ctp-in", "ctp-out", "ctp-group", 2
 WAIT_S = 30
+RETRIES = 100  # of a call while the broker restarts: a hang becomes a failure
 QUIET = {"log_level": 0, "socket.connection.setup.timeout.ms": 3000,
          "reconnect.backoff.max.ms": 200, "topic.metadata.refresh.interval.ms": 1000}
 
@@ -91,25 +92,30 @@ class Worker:
         self.attempt = 0
 
     def _new_producer(self) -> Producer:
-        while True:
+        for _ in range(RETRIES):
             producer = Producer({"bootstrap.servers": bootstrap(self.broker),
                                  "transactional.id": "ctp-worker",
                                  "transaction.timeout.ms": 10_000, **QUIET})
             try:
                 producer.init_transactions(WAIT_S)
                 return producer
-            except KafkaException:
+            except KafkaException as exception:
+                print(f"init_transactions: {exception}", file=sys.stderr, flush=True)
                 time.sleep(0.2)  # the broker is down: its restart is not ours to await
+        raise RuntimeError("no transactional producer after retries")
 
     def rewind(self) -> None:
         """Positions from the group's committed offsets (what a restarted worker does)."""
         wanted = [TopicPartition(INPUT, partition) for partition in range(PARTITIONS)]
-        while True:
+        for _ in range(RETRIES):
             try:
                 committed = self.consumer.committed(wanted, WAIT_S)
                 break
-            except KafkaException:
+            except KafkaException as exception:
+                print(f"committed: {exception}", file=sys.stderr, flush=True)
                 time.sleep(0.2)
+        else:
+            raise RuntimeError("no committed offsets after retries")
         self.consumer.assign([TopicPartition(INPUT, tp.partition,
                                              tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
                               for tp in committed])
@@ -141,6 +147,7 @@ class Worker:
 
     def recover(self, error: Any) -> None:
         self.outcome.recoveries += 1
+        print(f"recovering from {error}", file=sys.stderr, flush=True)
         recovered = False
         if not error.fatal():
             try:
@@ -151,6 +158,17 @@ class Worker:
         if not recovered:
             self.producer = self._new_producer()
         self.rewind()
+
+    def report(self) -> None:
+        """A progress line every 5 s (stderr), for the long form."""
+        now = time.monotonic()
+        if now - getattr(self, "_reported", 0.0) < 5:
+            return
+        self._reported = now
+        positions = [(tp.partition, tp.offset)
+                     for tp in self.consumer.position(self.consumer.assignment())]
+        print(f"positions {positions}, committed transactions "
+              f"{self.outcome.committed_transactions}", file=sys.stderr, flush=True)
 
     def done(self) -> bool:
         try:
@@ -209,6 +227,7 @@ def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
         try:
             while (chaos.is_alive() or not worker.done()) and time.monotonic() < deadline:
                 worker.step()
+                worker.report()
         finally:
             stop.set()
             chaos.join()
