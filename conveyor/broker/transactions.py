@@ -392,8 +392,10 @@ class Transactions:
             else TransactionState.COMPLETE_ABORT
         row.partitions, row.groups, row.offsets = [], [], {}
         row.started_ms = -1
+        # committed at the end of this loop turn, not awaited: until it is durable the
+        # durable Prepare* row makes a restart finish this transaction again (markers that
+        # end nothing, the same offsets), and the next AddPartitionsToTxn waits for both
         self.store.save(row)
-        await self.store.commit()
 
     async def _marker(self, row: TransactionRow, topic: str, partition: int,
                       commit: bool) -> None:

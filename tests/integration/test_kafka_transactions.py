@@ -7,9 +7,9 @@ commit, abort, a multi-partition commit, send_offsets_to_transaction (offsets vi
 to the group only on commit), a second instance with the same transactional.id fencing
 the first, the last stable offset holding read_committed readers back while a
 transaction is open (ListOffsets and Fetch), a broker restart with a transaction open,
-DescribeTransactions / ListTransactions through the admin client, and what the
-broker's own decoded reads (AMQP / HTTP / shared groups) see: committed records only,
-never a control record.
+the coordinator's describe/list, what the broker's own decoded reads and shared groups
+(AMQP / HTTP / SQS / share groups) see: committed records only, never a control record;
+and a hanging transaction found and counted after a restart.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from conveyor.storage.record_batch import RecordData, build_batch
 from conveyor.testing.server import BrokerThread
 
 WAIT_S = 30
@@ -295,3 +296,50 @@ def test_restart_with_open_transaction(tmp_path: Path) -> None:
         assert read_all(running, topic) == [b"open across restart"]
         records = running.call(running.server.broker.read_records, topic, 0, 0, 100)
         assert [r.value for r in records] == [b"open across restart"]
+
+
+def test_shared_group_delivers_committed_records_only(server: BrokerThread) -> None:
+    """A shared group on the topic (what AMQP, SQS and HTTP consumers and Kafka share
+    groups read through) gets committed records only, once the transaction ended."""
+    topic = unique("txn-shared")
+    create_topic(server, topic)
+    broker = server.server.broker
+    server.call(broker.create_shared_group, topic, "workers", None, "earliest")
+    producer = transactional(server, unique("tid"))
+    producer.begin_transaction()
+    producer.produce(topic, b"aborted")
+    producer.flush(WAIT_S)
+    producer.abort_transaction(WAIT_S)
+    producer.begin_transaction()
+    producer.produce(topic, b"committed")
+    producer.flush(WAIT_S)
+    # still open: nothing to deliver (the record is past the last stable offset)
+    assert server.call(broker.acquire, topic, "workers", 10) == []
+    producer.commit_transaction(WAIT_S)
+    deliveries = server.call(broker.acquire, topic, "workers", 10, None, 5000)
+    assert [d.value for d in deliveries] == [b"committed"]
+    server.call(broker.ack, [d.receipt for d in deliveries])
+    assert server.call(broker.acquire, topic, "workers", 10) == []
+
+
+def test_hanging_transaction_reported(tmp_path: Path) -> None:
+    """An open transaction in a log that the coordinator does not account for (here a
+    transactional batch written straight to the log, as no produce can) is found when the
+    index is rebuilt, logged and counted."""
+    with BrokerThread(tmp_path / "data", listeners=("kafka",)) as running:
+        topic = unique("txn-hang")
+        create_topic(running, topic)
+        producer = transactional(running, unique("tid"))
+        producer.begin_transaction()
+        producer.produce(topic, b"registers the partition")
+        producer.commit_transaction(WAIT_S)
+        stray = build_batch([RecordData(None, b"stray", (), 1000)], producer_id=4242,
+                            producer_epoch=0, base_sequence=0, is_transactional=True)
+        log = running.call_sync(running.server.broker.topics.partition_log, topic, 0)
+        running.call(log.append, stray)
+        running.restart()
+        broker = running.server.broker
+        hanging = running.call_sync(broker.transactions.check_hanging)
+        assert hanging == [(topic, 0, 4242, 2)]
+        assert running.call_sync(broker.stats).transactions_hanging == 1
+        assert running.call_sync(broker.last_stable_offset, topic, 0) == 2
