@@ -41,6 +41,7 @@ import heapq
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from conveyor.clock import Clock
 from conveyor.errors import (
@@ -138,7 +139,8 @@ class Transactions:
         self._known_partitions = self.store.load_partitions()
         for (topic, partition), first in sorted(self._known_partitions.items()):
             if self._exists(topic, partition):
-                self.index.rebuild(topic, partition, self._chunks(topic, partition, first))
+                self.index.rebuild(topic, partition, _log_chunks(
+                    self.topics.partition_log(topic, partition), first))
         for row in list(self._transactions.values()):
             if row.state in _PREPARING:
                 logger.warning("completing transaction %s (%s) interrupted by a restart",
@@ -473,21 +475,12 @@ class Transactions:
     def check_hanging(self) -> list[tuple[str, int, int, int]]:
         """Open transactions in the logs that no ongoing transaction accounts for
         (KIP-890's "hanging transaction"): logged once each, counted in ``hanging``."""
-        found = []
-        for topic, partition, producer_id, first in self.index.open_transactions():
-            transactional_id = self._by_producer.get(producer_id)
-            row = None if transactional_id is None else self._transactions.get(
-                transactional_id)
-            accounted = row is not None and row.state in (
-                TransactionState.ONGOING, *_PREPARING) and (topic, partition) in row.partitions
-            if accounted:
-                continue
-            key = (topic, partition, producer_id, first)
-            found.append(key)
+        found = _unaccounted(self.index, self._by_producer, self._transactions)
+        for key in found:
             if key not in self.hanging:
                 logger.error("hanging transaction: producer %d holds %s-%d open from offset "
                              "%d with no ongoing transaction (last stable offset stuck)",
-                             producer_id, topic, partition, first)
+                             key[2], key[0], key[1], key[3])
         self.hanging = set(found)
         return found
 
@@ -499,13 +492,27 @@ class Transactions:
             return False
         return True
 
-    def _chunks(self, topic: str, partition: int, first: int) -> Iterator[bytes]:
-        log = self.topics.partition_log(topic, partition)
-        offset = max(first, int(log.log_start_offset))
-        while offset < log.high_watermark:
-            data = log.read(offset, _SCAN_BYTES).read_bytes()
-            if not data:
-                return
-            yield data
-            last = split_batches(data)[-1][1]
-            offset = max(offset + 1, last.last_offset + 1)
+
+def _unaccounted(index: TransactionIndex, by_producer: dict[int, str],
+                 transactions: dict[str, TransactionRow]) -> list[tuple[str, int, int, int]]:
+    found = []
+    for topic, partition, producer_id, first in index.open_transactions():
+        transactional_id = by_producer.get(producer_id)
+        row = None if transactional_id is None else transactions.get(transactional_id)
+        if row is not None and row.state in (TransactionState.ONGOING, *_PREPARING) \
+                and (topic, partition) in row.partitions:
+            continue
+        found.append((topic, partition, producer_id, first))
+    return found
+
+
+def _log_chunks(log: Any, first: int) -> Iterator[bytes]:
+    """A partition log's bytes from ``first`` (or its start) to its high watermark."""
+    offset = max(first, int(log.log_start_offset))
+    while offset < log.high_watermark:
+        data = log.read(offset, _SCAN_BYTES).read_bytes()
+        if not data:
+            return
+        yield data
+        last = split_batches(data)[-1][1]
+        offset = max(offset + 1, last.last_offset + 1)
