@@ -142,6 +142,15 @@ async def test_out_of_order_requests(server: Server) -> None:
     late = await produce(client, "order", producer, "w-order", 0, 1, b"late")
     assert late.error_code == INVALID_TXN_STATE
     assert server.broker.offsets("w-order", 0).high_watermark == 2  # record + marker
+    # AddPartitionsToTxn after EndTxn with the same epoch starts the next transaction
+    # (Kafka's transaction.version 1); a late retry of the first transaction's batch is
+    # then answered as the duplicate it is, with its original offset, and not appended
+    assert await add(client, "order", producer, "w-order", 0) == {0: NONE}
+    assert server.broker.describe_transaction("order").state == "Ongoing"
+    retry = await produce(client, "order", producer, "w-order", 0, 0, b"a")
+    assert (retry.error_code, retry.base_offset) == (NONE, 0)
+    assert server.broker.offsets("w-order", 0).high_watermark == 2
+    assert server.broker.last_stable_offset("w-order", 0) == 2
     client.close()
 
 
