@@ -390,6 +390,10 @@ class Broker:
                           running_ms_min: int = -1) -> list[TransactionDescription]:
         return self.transactions.listing(states, producer_ids, running_ms_min)
 
+    def pending_txn_offsets(self, group_id: str) -> set[tuple[str, int]]:
+        """The group's partitions with offsets in an open transaction (KIP-447)."""
+        return self.transactions.pending_offsets(group_id)
+
     def last_stable_offset(self, topic: str, partition: int) -> int:
         """Below it every transaction is decided: what read_committed readers may read."""
         high_watermark = self.topics.partition_log(topic, partition).high_watermark

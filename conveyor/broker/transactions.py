@@ -69,6 +69,7 @@ logger = logging.getLogger("conveyor.transactions")
 
 TIMEOUT_MS_MAX = 900_000  # Kafka's transaction.max.timeout.ms default (15 minutes)
 HANGING_CHECK_MS = 60_000  # how often open transactions in logs are checked
+RETRY_MS = 1_000  # how often markers that failed to append (a full disk) are retried
 COORDINATOR_EPOCH = 0  # one coordinator, never moved: its epoch in every marker
 _SCAN_BYTES = 1 << 20
 
@@ -83,6 +84,7 @@ class TransactionState(enum.StrEnum):
 
 
 _PREPARING = (TransactionState.PREPARE_COMMIT, TransactionState.PREPARE_ABORT)
+_OPEN = (TransactionState.ONGOING, *_PREPARING)
 
 
 class NotAttemptedError(OperatingError):
@@ -297,7 +299,8 @@ class Transactions:
 
     def on_transactional_append(self, topic: str, partition: int, producer_id: int,
                                 base_offset: int) -> None:
-        self.index.observe_data(topic, partition, producer_id, base_offset)
+        if self.index.observe_data(topic, partition, producer_id, base_offset):
+            self._wake.set()  # a transaction opened in a log: the hanging check runs
 
     def describe(self, transactional_id: str) -> TransactionDescription | None:
         row = self._transactions.get(transactional_id)
@@ -324,6 +327,11 @@ class Transactions:
                 continue
             found.append(description)
         return found
+
+    def pending_offsets(self, group_id: str) -> set[tuple[str, int]]:
+        """The group's partitions with offsets in an unfinished transaction (KIP-447)."""
+        return {(t, p) for row in self._transactions.values() if row.state in _OPEN
+                for t, p, _, _ in row.offsets.get(group_id, ())}
 
     def counts(self) -> tuple[int, int, int]:
         """(ongoing, hanging, timed out since start): what metrics report."""
@@ -434,8 +442,11 @@ class Transactions:
             self._wake.set()
 
     async def _run_timer(self) -> None:
+        """Sleeps until the earliest deadline, the next hanging check (while transactions
+        are open in a log) or marker retry; with none of them, until ``_wake``."""
         next_check_ms = self.clock.monotonic_ms() + HANGING_CHECK_MS
         while not self._closing:
+            self._wake.clear()  # before looking: a wake during this pass is not lost
             now_ms = self.clock.monotonic_ms()
             while self._deadlines and self._deadlines[0][0] <= now_ms:
                 _, transactional_id, started_ms = heapq.heappop(self._deadlines)
@@ -444,17 +455,21 @@ class Transactions:
                 except OperatingError:
                     logger.exception("aborting timed-out transaction %s failed",
                                      transactional_id)
-            await self._retry_incomplete()
+            incomplete = await self._retry_incomplete()
             if now_ms >= next_check_ms:
                 self.check_hanging()
                 next_check_ms = now_ms + HANGING_CHECK_MS
-            wait_ms = next_check_ms - now_ms
-            if self._deadlines:
-                wait_ms = min(wait_ms, self._deadlines[0][0] - now_ms)
-            await self._sleep(max(wait_ms, 1))
+            waits = [self._deadlines[0][0] - now_ms] if self._deadlines else []
+            if self.index.open_transactions() or self.hanging:
+                waits.append(next_check_ms - now_ms)
+            if incomplete:
+                waits.append(RETRY_MS)
+            await self._sleep(max(min(waits), 1) if waits else None)
 
-    async def _sleep(self, wait_ms: int) -> None:
-        self._wake.clear()
+    async def _sleep(self, wait_ms: int | None) -> None:
+        if wait_ms is None:
+            await self._wake.wait()
+            return
         async with asyncio.TaskGroup() as group:
             sleeper = group.create_task(self.clock.sleep_ms(wait_ms))
             woken = group.create_task(self._wake.wait())
@@ -462,8 +477,9 @@ class Transactions:
             sleeper.cancel()
             woken.cancel()
 
-    async def _retry_incomplete(self) -> None:
-        """Prepare* transactions whose markers failed (a full disk): try again."""
+    async def _retry_incomplete(self) -> bool:
+        """Prepare* transactions whose markers failed (a full disk): try again; True
+        while some are still unfinished."""
         for row in list(self._transactions.values()):
             if row.state not in _PREPARING:
                 continue
@@ -471,6 +487,7 @@ class Transactions:
                 if row.state in _PREPARING:
                     with contextlib.suppress(OperatingError):
                         await self._complete(row)
+        return any(row.state in _PREPARING for row in self._transactions.values())
 
     def check_hanging(self) -> list[tuple[str, int, int, int]]:
         """Open transactions in the logs that no ongoing transaction accounts for

@@ -10,7 +10,9 @@ partition (UNKNOWN_TOPIC_OR_PARTITION, the others OPERATION_NOT_ATTEMPTED), KIP-
 verification of produces (a partition not added, a late write after EndTxn: refused
 with INVALID_TXN_STATE, nothing appended), AddPartitionsToTxn v5 verify-only, a
 client-made control batch, a transaction timing out (aborted, producer fenced, a
-read_committed Fetch told of the aborted transaction), Describe/ListTransactions.
+read_committed Fetch told of the aborted transaction), offsets visible only on commit
+(OffsetFetch with require_stable: UNSTABLE_OFFSET_COMMIT meanwhile, KIP-447),
+Describe/ListTransactions.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from kio.schema.end_txn.v3.request import EndTxnRequest
 from kio.schema.fetch.v12.request import FetchPartition, FetchRequest, FetchTopic
 from kio.schema.init_producer_id.v4.request import InitProducerIdRequest
 from kio.schema.list_transactions.v1.request import ListTransactionsRequest
+from kio.schema.offset_fetch.v7.request import OffsetFetchRequest, OffsetFetchRequestTopic
 from kio.schema.produce.v9.request import PartitionProduceData, ProduceRequest, TopicProduceData
 from kio.schema.txn_offset_commit.v3.request import (
     TxnOffsetCommitRequest,
@@ -62,7 +65,7 @@ from conveyor.testing.server import run_broker
 NONE, UNKNOWN_TOPIC, INVALID_REQUEST = 0, 3, 42
 INVALID_PRODUCER_EPOCH, INVALID_TXN_STATE, INVALID_PRODUCER_ID_MAPPING = 47, 48, 49
 INVALID_TRANSACTION_TIMEOUT, OPERATION_NOT_ATTEMPTED = 50, 55
-PRODUCER_FENCED, TRANSACTIONAL_ID_NOT_FOUND = 90, 105
+UNSTABLE_OFFSET_COMMIT, PRODUCER_FENCED, TRANSACTIONAL_ID_NOT_FOUND = 88, 90, 105
 
 
 @pytest.fixture
@@ -259,6 +262,10 @@ async def test_offsets_and_admin_apis(server: Server) -> None:
                                             committed_metadata="m"),)),)))
     assert commit.topics[0].partitions[0].error_code == NONE
     assert server.broker.fetch_offsets("g-admin", [("w-admin", 0)]) == {("w-admin", 0): None}
+    stable = OffsetFetchRequest(group_id="g-admin", topics=(OffsetFetchRequestTopic(
+        name="w-admin", partition_indexes=(0,)),), require_stable=True)
+    pending = (await client.call(stable)).topics[0].partitions[0]
+    assert pending.error_code == UNSTABLE_OFFSET_COMMIT  # KIP-447: retry after the end
     described = await client.call(DescribeTransactionsRequest(
         transactional_ids=("admin", "nobody")))
     states = {s.transactional_id: s for s in described.transaction_states}
@@ -271,4 +278,6 @@ async def test_offsets_and_admin_apis(server: Server) -> None:
     assert await end(client, "admin", producer, True) == NONE
     found = server.broker.fetch_offsets("g-admin", [("w-admin", 0)])[("w-admin", 0)]
     assert found is not None and found.offset == 4 and found.metadata == "m"
+    settled = (await client.call(stable)).topics[0].partitions[0]
+    assert (settled.error_code, settled.committed_offset) == (NONE, 4)
     client.close()
