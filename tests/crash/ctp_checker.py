@@ -23,6 +23,7 @@ tests/crash/test_ctp_kill9.py runs a short form. Seed: printed, or --seed / CONV
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import random
 import sys
@@ -41,6 +42,11 @@ from conveyor.testing.server import BrokerProcess
 INPUT, OUTPUT, GROUP, PARTITIONS = "ctp-in", "ctp-out", "ctp-group", 2
 WAIT_S = 30
 RETRIES = 100  # of a call while the broker restarts: a hang becomes a failure
+# long enough that the coordinator's timeout (which fences the worker) is not what ends
+# the worker's transactions under kills; librdkafka 2.16 can then block forever in
+# send_offsets_to_transaction (seen in the long form), which the watchdog reports
+TRANSACTION_TIMEOUT_MS = 60_000
+STALL_S = 180
 QUIET = {"log_level": 0, "socket.connection.setup.timeout.ms": 3000,
          "reconnect.backoff.max.ms": 200, "topic.metadata.refresh.interval.ms": 1000}
 
@@ -95,7 +101,8 @@ class Worker:
         for _ in range(RETRIES):
             producer = Producer({"bootstrap.servers": bootstrap(self.broker),
                                  "transactional.id": "ctp-worker",
-                                 "transaction.timeout.ms": 10_000, **QUIET})
+                                 "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+                                 **QUIET})
             try:
                 producer.init_transactions(WAIT_S)
                 return producer
@@ -181,6 +188,30 @@ class Worker:
         return all(tp.offset == end for tp, end in zip(committed, ends, strict=True))
 
 
+class Watchdog:
+    """A client call blocked for STALL_S (librdkafka without its own timeout) ends the
+    process with the Python stacks, instead of a run that never finishes."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(5):
+            if time.monotonic() - self._last > STALL_S:
+                print(f"STALLED: a client call blocked for {STALL_S} s", file=sys.stderr,
+                      flush=True)
+                faulthandler.dump_traceback(file=sys.stderr)
+                os._exit(3)
+
+
 def killer(broker: BrokerProcess, rng: random.Random, kills: int,
            stop: threading.Event) -> None:
     for _ in range(kills):
@@ -224,11 +255,14 @@ def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
                                                       stop))
         chaos.start()
         deadline = time.monotonic() + 60 + inputs / 20
+        watchdog = Watchdog()
         try:
             while (chaos.is_alive() or not worker.done()) and time.monotonic() < deadline:
+                watchdog.beat()
                 worker.step()
                 worker.report()
         finally:
+            watchdog.stop()
             stop.set()
             chaos.join()
         worker.consumer.close()

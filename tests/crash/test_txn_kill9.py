@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.storage.control_batch import CONTROL_ABORT, CONTROL_COMMIT, control_type
-from conveyor.storage.record_batch import decode_records, split_batches
+from conveyor.storage.record_batch import RecordData, build_batch, decode_records, split_batches
 from conveyor.testing.server import run_broker
 
 CHILD = Path(__file__).with_name("txn_child.py")
@@ -69,3 +69,14 @@ async def test_kill9_between_markers(tmp_path: Path, mode: str) -> None:
             assert sorted(values) == [b"v0", b"v1", b"v2"]
         else:
             assert values == []
+        # the producer goes on with its next sequence: recovery re-scanned the log past
+        # the producer-state checkpoint, markers included, and a marker has no sequence
+        producer = (description.producer_id, description.producer_epoch)
+        added = await broker.add_partitions_to_txn("crash-tid", *producer, [("crash-txn", 0)])
+        assert added == {("crash-txn", 0): None}
+        batch = build_batch([RecordData(None, b"next", (), 1000)], producer_id=producer[0],
+                            producer_epoch=producer[1], base_sequence=1, is_transactional=True)
+        await broker.append_batch("crash-txn", 0, batch)
+        await broker.end_txn("crash-tid", *producer, commit=True)
+        records = await broker.read_records("crash-txn", 0, 0, 10)
+        assert [r.value for r in records] == ([b"v0"] if mode == "commit" else []) + [b"next"]
