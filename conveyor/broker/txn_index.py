@@ -23,6 +23,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from conveyor.errors import CorruptRecordError
 from conveyor.storage.control_batch import CONTROL_COMMIT, control_type
 from conveyor.storage.record_batch import BatchHeader, decode_records, split_batches
 
@@ -120,7 +121,10 @@ class TransactionIndex:
         if not header.is_control:
             self.observe_data(topic, partition, header.producer_id, header.base_offset)
             return
-        records = decode_records(raw, position)
+        try:
+            records = decode_records(raw, position)
+        except CorruptRecordError:
+            return  # an undecodable marker ends nothing (readers set the batch aside)
         kind = control_type(records[0]) if records else None
         if kind is not None:
             self.observe_marker(topic, partition, header.producer_id, header.base_offset,
