@@ -130,6 +130,7 @@ class Broker:
         self.transactions = Transactions(
             self.producers, self.topics, state_store, clock, self.txn_index,
             self.producer.append_marker, self.group_coordinator.apply_offsets)
+        self.transactions.check_member = self.group_coordinator.check_member
         self.producer.check_transactional = self.transactions.check_produce
         self.producer.on_transactional = self.transactions.on_transactional_append
         self.fetcher.transactions = self.txn_index
@@ -374,10 +375,11 @@ class Broker:
 
     async def txn_offset_commit(
         self, transactional_id: str, group_id: str, producer_id: int, epoch: int,
-        offsets: list[tuple[str, int, int, str | None]],
+        offsets: list[tuple[str, int, int, str | None]], member: tuple[str, int] = ("", -1),
     ) -> dict[tuple[str, int], OperatingError | None]:
+        """``member``: (member id, generation) of a classic group's consumer (KIP-447)."""
         return await self.transactions.commit_offsets(transactional_id, group_id,
-                                                      producer_id, epoch, offsets)
+                                                      producer_id, epoch, offsets, member)
 
     async def end_txn(self, transactional_id: str, producer_id: int, epoch: int,
                       commit: bool) -> None:

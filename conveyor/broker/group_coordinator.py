@@ -238,6 +238,16 @@ class GroupCoordinator:
         )
         await self.state_store.commit()
 
+    def check_member(self, group_id: str, member_id: str, generation: int) -> None:
+        """A transactional offset commit by (member, generation) of a classic group: the
+        KIP-447 fence of a zombie member. Standalone consumers (no member, generation -1)
+        and groups this coordinator does not hold (KIP-848 ones) are not checked."""
+        group = self.groups.get(group_id)
+        if group is None or group.state is GroupState.DEAD or (
+                generation < 0 and member_id == ""):
+            return
+        group.check_commit(member_id, generation)
+
     def apply_offsets(self, group_id: str,
                       offsets: list[tuple[str, int, int, str | None]]) -> None:
         """Offsets a committed transaction carried (TxnOffsetCommit): visible from now on,

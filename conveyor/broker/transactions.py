@@ -119,6 +119,8 @@ class Transactions:
         self.store = TxnStateStore(state_store)
         self._write_marker = write_marker  # Producer.append_marker
         self._write_offsets = write_offsets  # GroupCoordinator.apply_offsets (no COMMIT)
+        # (group, member id, generation): GroupCoordinator.check_member, set by the facade
+        self.check_member: Callable[[str, str, int], None] = _no_member_check
         self._transactions: dict[str, TransactionRow] = {}
         self._by_producer: dict[int, str] = {}  # producer id -> transactional id
         self._known_partitions: dict[tuple[str, int], int] = {}  # -> first txn offset
@@ -232,13 +234,16 @@ class Transactions:
 
     async def commit_offsets(self, transactional_id: str, group_id: str, producer_id: int,
                              epoch: int, offsets: list[tuple[str, int, int, str | None]],
+                             member: tuple[str, int] = ("", -1),
                              ) -> dict[tuple[str, int], OperatingError | None]:
-        """TxnOffsetCommit: offsets kept with the transaction, visible on its commit."""
+        """TxnOffsetCommit: offsets kept with the transaction, visible on its commit;
+        ``member`` (member id, generation) is checked against a classic group."""
         async with self._locks.hold(transactional_id):
             row = self._checked(transactional_id, producer_id, epoch)
             if row.state != TransactionState.ONGOING or group_id not in row.groups:
                 raise InvalidTxnStateError("AddOffsetsToTxn must come first in a transaction",
                                            transactional_id=transactional_id, group=group_id)
+            self.check_member(group_id, *member)
             results: dict[tuple[str, int], OperatingError | None] = {}
             pending = {(t, p): (o, m) for t, p, o, m in row.offsets.get(group_id, [])}
             for topic, partition, offset, metadata in offsets:
@@ -311,22 +316,10 @@ class Transactions:
             row.timeout_ms, row.started_ms, tuple(sorted(row.partitions)))
 
     def listing(self, states: Iterable[str] = (), producer_ids: Iterable[int] = (),
-             running_ms_min: int = -1) -> list[TransactionDescription]:
-        wanted_states, wanted_ids = set(states), set(producer_ids)
-        now_ms = self.clock.wall_ms()
-        found = []
-        for transactional_id in sorted(self._transactions):
-            description = self.describe(transactional_id)
-            assert description is not None
-            if wanted_states and description.state not in wanted_states:
-                continue
-            if wanted_ids and description.producer_id not in wanted_ids:
-                continue
-            if running_ms_min >= 0 and (description.started_ms < 0 or
-                                        now_ms - description.started_ms < running_ms_min):
-                continue
-            found.append(description)
-        return found
+                running_ms_min: int = -1) -> list[TransactionDescription]:
+        found = [self.describe(transactional_id) for transactional_id in sorted(self._transactions)]
+        return _filtered([d for d in found if d is not None], set(states), set(producer_ids),
+                         running_ms_min, self.clock.wall_ms())
 
     def pending_offsets(self, group_id: str) -> set[tuple[str, int]]:
         """The group's partitions with offsets in an unfinished transaction (KIP-447)."""
@@ -533,3 +526,17 @@ def _log_chunks(log: Any, first: int) -> Iterator[bytes]:
         yield data
         last = split_batches(data)[-1][1]
         offset = max(offset + 1, last.last_offset + 1)
+
+
+def _no_member_check(group_id: str, member_id: str, generation: int) -> None:
+    return None
+
+
+def _filtered(found: list[TransactionDescription], states: set[str], producer_ids: set[int],
+              running_ms_min: int, now_ms: int) -> list[TransactionDescription]:
+    """ListTransactions' filters: states, producer ids, running for at least a duration."""
+    return [description for description in found
+            if (not states or description.state in states)
+            and (not producer_ids or description.producer_id in producer_ids)
+            and (running_ms_min < 0 or (description.started_ms >= 0 and
+                                        now_ms - description.started_ms >= running_ms_min))]

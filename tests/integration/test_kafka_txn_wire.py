@@ -62,7 +62,7 @@ from conveyor.storage.control_batch import build_control_batch
 from conveyor.storage.record_batch import RecordData, build_batch
 from conveyor.testing.server import run_broker
 
-NONE, UNKNOWN_TOPIC, INVALID_REQUEST = 0, 3, 42
+NONE, UNKNOWN_TOPIC, UNKNOWN_MEMBER_ID, INVALID_REQUEST = 0, 3, 25, 42
 INVALID_PRODUCER_EPOCH, INVALID_TXN_STATE, INVALID_PRODUCER_ID_MAPPING = 47, 48, 49
 INVALID_TRANSACTION_TIMEOUT, OPERATION_NOT_ATTEMPTED = 50, 55
 UNSTABLE_OFFSET_COMMIT, PRODUCER_FENCED, TRANSACTIONAL_ID_NOT_FOUND = 88, 90, 105
@@ -261,6 +261,20 @@ async def test_offsets_and_admin_apis(server: Server) -> None:
                                             committed_leader_epoch=-1,
                                             committed_metadata="m"),)),)))
     assert commit.topics[0].partitions[0].error_code == NONE
+    # a member the classic group does not know (a zombie consumer, KIP-447): refused
+    await server.broker.commit_offsets("g-classic", {("w-admin", 0): 1})
+    answer = await client.call(AddOffsetsToTxnRequest(
+        transactional_id="admin", producer_id=producer[0], producer_epoch=producer[1],
+        group_id="g-classic"))
+    assert answer.error_code == NONE
+    zombie = await client.call(TxnOffsetCommitRequest(
+        transactional_id="admin", group_id="g-classic", producer_id=producer[0],
+        producer_epoch=producer[1], generation_id=3, member_id="ghost",
+        group_instance_id=None, topics=(TxnOffsetCommitRequestTopic(name="w-admin", partitions=(
+            TxnOffsetCommitRequestPartition(partition_index=0, committed_offset=9,
+                                            committed_leader_epoch=-1,
+                                            committed_metadata=None),)),)))
+    assert zombie.topics[0].partitions[0].error_code == UNKNOWN_MEMBER_ID
     assert server.broker.fetch_offsets("g-admin", [("w-admin", 0)]) == {("w-admin", 0): None}
     stable = OffsetFetchRequest(group_id="g-admin", topics=(OffsetFetchRequestTopic(
         name="w-admin", partition_indexes=(0,)),), require_stable=True)
@@ -278,6 +292,8 @@ async def test_offsets_and_admin_apis(server: Server) -> None:
     assert await end(client, "admin", producer, True) == NONE
     found = server.broker.fetch_offsets("g-admin", [("w-admin", 0)])[("w-admin", 0)]
     assert found is not None and found.offset == 4 and found.metadata == "m"
+    kept = server.broker.fetch_offsets("g-classic", [("w-admin", 0)])[("w-admin", 0)]
+    assert kept is not None and kept.offset == 1  # the zombie's offset never applied
     settled = (await client.call(stable)).topics[0].partitions[0]
     assert (settled.error_code, settled.committed_offset) == (NONE, 4)
     client.close()

@@ -135,9 +135,11 @@ async def _txn_offset_commit(broker: Broker, request: Request) -> Any:
                 partition.committed_metadata)
                for topic in body.topics for partition in topic.partitions]
     try:
+        member = (str(getattr(body, "member_id", "") or ""),
+                  int(getattr(body, "generation_id", -1)))
         outcomes = await broker.txn_offset_commit(
             body.transactional_id, body.group_id, body.producer_id, body.producer_epoch,
-            offsets)
+            offsets, member)
         codes = {key: code_for(error, 28, version) for key, error in outcomes.items()}
     except OperatingError as error:
         codes = {(topic, partition): code_for(error, 28, version)
