@@ -317,7 +317,7 @@ class Transactions:
 
     def listing(self, states: Iterable[str] = (), producer_ids: Iterable[int] = (),
                 running_ms_min: int = -1) -> list[TransactionDescription]:
-        found = [self.describe(transactional_id) for transactional_id in sorted(self._transactions)]
+        found = [self.describe(name) for name in sorted(self._transactions)]
         return _filtered([d for d in found if d is not None], set(states), set(producer_ids),
                          running_ms_min, self.clock.wall_ms())
 
