@@ -192,7 +192,8 @@ class Watchdog:
     """A client call blocked for STALL_S (librdkafka without its own timeout) ends the
     process with the Python stacks, instead of a run that never finishes."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: BrokerProcess) -> None:
+        self._broker = broker  # killed first, so no server outlives the exit
         self._last = time.monotonic()
         self._stopped = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -209,6 +210,8 @@ class Watchdog:
                 print(f"STALLED: a client call blocked for {STALL_S} s", file=sys.stderr,
                       flush=True)
                 faulthandler.dump_traceback(file=sys.stderr)
+                if self._broker.process is not None:
+                    self._broker.process.kill()
                 os._exit(3)
 
 
@@ -255,7 +258,7 @@ def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
                                                       stop))
         chaos.start()
         deadline = time.monotonic() + 60 + inputs / 20
-        watchdog = Watchdog()
+        watchdog = Watchdog(broker)
         try:
             while (chaos.is_alive() or not worker.done()) and time.monotonic() < deadline:
                 watchdog.beat()
