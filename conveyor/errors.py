@@ -157,6 +157,33 @@ class UnknownProducerIdError(OperatingError):
     code = "unknown_producer_id"
 
 
+# --- transactions (Kafka's names; broker/transactions.py) ----------------------
+class ProducerFencedError(OperatingError):
+    """A newer instance of the transactional id holds a higher epoch."""
+
+    code = "producer_fenced"
+
+
+class InvalidTxnStateError(IllegalStateError):
+    """The operation does not fit the transaction's state (or the partition is not in it)."""
+
+    code = "invalid_txn_state"
+
+
+class InvalidProducerIdMappingError(OperatingError):
+    code = "invalid_producer_id_mapping"
+
+
+class InvalidTransactionTimeoutError(InvalidRequestError):
+    code = "invalid_transaction_timeout"
+
+
+class ConcurrentTransactionsError(IllegalStateError):
+    """The previous transaction of this id is still being completed: retry."""
+
+    code = "concurrent_transactions"
+
+
 # --- environment -------------------------------------------------------------
 class StorageError(OperatingError):
     code = "storage_error"

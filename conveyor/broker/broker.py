@@ -66,6 +66,8 @@ from .topics import (
     validate_partitions,
     validate_topic_name,
 )
+from .transactions import TransactionDescription, Transactions
+from .txn_index import TransactionIndex
 from .types import (
     AppendResult,
     Binding,
@@ -126,6 +128,16 @@ class Broker:
         # Kafka 4 group configs (KIP-932/848), loaded at open; the Kafka listeners share it
         self.group_configs = GroupConfigs(state_store)
         self.producer.on_append = self._appended
+        # Kafka transactions: the coordinator, and the log side (LSO, aborted index) that
+        # the fetcher filters decoded reads with
+        self.txn_index = TransactionIndex()
+        self.transactions = Transactions(
+            self.producers, self.topics, state_store, clock, self.txn_index,
+            self.producer.append_marker, self.group_coordinator.apply_offsets)
+        self.transactions.check_member = self.group_coordinator.check_member
+        self.producer.check_transactional = self.transactions.check_produce
+        self.producer.on_transactional = self.transactions.on_transactional_append
+        self.fetcher.transactions = self.txn_index
         self._timer_task: asyncio.Task[None] | None = None
         self._timer_sleeping = False
         # state found past the recovered log end at the last open (log_end.py)
@@ -171,6 +183,7 @@ class Broker:
         await self.exchanges.load()
         await self.group_coordinator.load(self.lost_ranges)
         await self.group_configs.load()
+        await self.transactions.open()  # before shared groups: their reads need the index
         await self._open_shared_groups()
         if self.shared_groups is not None:
             self.lost_ranges.extend(self.shared_groups.lost_ranges)
@@ -203,6 +216,7 @@ class Broker:
                     raise
             self._timer_task = None
         await self.supervisor.close()  # topic auto-creations still running finish
+        await self.transactions.close()
         self.fetcher.wake_all()
         if self.shared_groups is not None:
             await self.shared_groups.close()
@@ -221,7 +235,8 @@ class Broker:
             state_store=self.state_store, clock=self.clock, rng=self.rng, topics=self.topics,
             read_records=self.fetcher.read_records,
             publish_records=self.producer.publish_records,
-            ensure_topic=self.producer.ensure_topic, route=self.exchanges.routing.route),
+            ensure_topic=self.producer.ensure_topic, route=self.exchanges.routing.route,
+            read_visible=self.fetcher.read_visible, stable_offset=self.last_stable_offset),
             self.traffic)
         self.producer.on_records = self.shared_groups.remember_appended
         self.producer.is_queue = self.shared_groups.queue_exists
@@ -279,6 +294,7 @@ class Broker:
         self.producer.forget_topic(name)
         self.exchanges.remove_destination("topic", name)
         self.group_coordinator.forget_topic(name)
+        self.transactions.forget_topic(name)
         self.traffic.forget_topic(name)
         for partition in range(info.partitions):
             self._appended(name, partition)
@@ -338,8 +354,58 @@ class Broker:
         """Publish without shared-group admission (dedup/overflow): the raw append path."""
         return await self.producer.publish_records(info, messages, partition)
 
-    async def init_producer_id(self, transactional_id: str | None = None) -> tuple[int, int]:
-        return await self.producer.init_producer_id(transactional_id)
+    async def init_producer_id(self, transactional_id: str | None = None,
+                               timeout_ms: int = 60_000, producer_id: int = -1,
+                               epoch: int = -1) -> tuple[int, int]:
+        if transactional_id is None:
+            return await self.producer.init_producer_id(None)
+        return await self.transactions.init_producer_id(transactional_id, timeout_ms,
+                                                        producer_id, epoch)
+
+    # --- transactions (Transactions; docs/kafka.md) ------------------------------------
+    async def add_partitions_to_txn(
+        self, transactional_id: str, producer_id: int, epoch: int,
+        partitions: Iterable[tuple[str, int]], verify_only: bool = False,
+    ) -> dict[tuple[str, int], OperatingError | None]:
+        return await self.transactions.add_partitions(transactional_id, producer_id, epoch,
+                                                      partitions, verify_only)
+
+    async def add_offsets_to_txn(self, transactional_id: str, producer_id: int, epoch: int,
+                                 group_id: str) -> None:
+        await self.transactions.add_offsets(transactional_id, producer_id, epoch, group_id)
+
+    async def txn_offset_commit(
+        self, transactional_id: str, group_id: str, producer_id: int, epoch: int,
+        offsets: list[tuple[str, int, int, str | None]], member: tuple[str, int] = ("", -1),
+    ) -> dict[tuple[str, int], OperatingError | None]:
+        """``member``: (member id, generation) of a classic group's consumer (KIP-447)."""
+        return await self.transactions.commit_offsets(transactional_id, group_id,
+                                                      producer_id, epoch, offsets, member)
+
+    async def end_txn(self, transactional_id: str, producer_id: int, epoch: int,
+                      commit: bool) -> None:
+        await self.transactions.end(transactional_id, producer_id, epoch, commit)
+
+    def describe_transaction(self, transactional_id: str) -> TransactionDescription | None:
+        return self.transactions.describe(transactional_id)
+
+    def list_transactions(self, states: Iterable[str] = (), producer_ids: Iterable[int] = (),
+                          running_ms_min: int = -1) -> list[TransactionDescription]:
+        return self.transactions.listing(states, producer_ids, running_ms_min)
+
+    def pending_txn_offsets(self, group_id: str) -> set[tuple[str, int]]:
+        """The group's partitions with offsets in an open transaction (KIP-447)."""
+        return self.transactions.pending_offsets(group_id)
+
+    def last_stable_offset(self, topic: str, partition: int) -> int:
+        """Below it every transaction is decided: what read_committed readers may read."""
+        high_watermark = self.topics.offsets(topic, partition).high_watermark
+        return self.txn_index.stable_offset(topic, partition, int(high_watermark))
+
+    def aborted_transactions(self, topic: str, partition: int, start: int,
+                             end: int) -> list[tuple[int, int]]:
+        """(producer id, first offset) of aborted transactions with records in [start, end)."""
+        return self.txn_index.aborted_between(topic, partition, start, end)
 
     # --- read (Fetcher) ----------------------------------------------------------------
     def offsets(self, topic: str, partition: int) -> PartitionOffsets:
@@ -514,7 +580,7 @@ class Broker:
             partitions, queues, groups, group_partitions,
             {"partitions": partitions_omitted, "queues": queues_omitted,
              "group_partitions": group_partitions_omitted},
-            segments_total, size_total)
+            segments_total, size_total, *self.transactions.counts())
 
     # --- queues and shared groups (the share coordinator, SharedGroups) ----------------
     def _shared(self) -> SharedGroups:

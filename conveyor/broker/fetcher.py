@@ -21,6 +21,7 @@ from conveyor.storage.record_batch import Record, decode_records, split_batches
 from .broker_config import BrokerConfig, Gate
 from .stats import TrafficCounters
 from .topics import TopicRegistry
+from .txn_index import TransactionIndex
 from .types import PartitionOffsets
 
 READ_CHUNK_BYTES = 256 * 1024  # read_records: bytes per fetch (a whole batch at least)
@@ -39,6 +40,10 @@ class Fetcher:
         self._append_waiters: dict[tuple[str, int], list[asyncio.Future[None]]] = {}
         # (topic, partition) -> (base offset, crc, records) of the batch decoded last
         self._decoded: dict[tuple[str, int], tuple[int, int, list[Record]]] = {}
+        # open and aborted transactions per partition (wired by the facade): decoded
+        # reads stop at the last stable offset and never return control records or
+        # records of aborted transactions
+        self.transactions: TransactionIndex | None = None
 
     def offsets(self, topic: str, partition: int) -> PartitionOffsets:
         log = self.topics.offsets(topic, partition)
@@ -132,7 +137,20 @@ class Fetcher:
         self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0,
         counted: bool = True,
     ) -> list[Record]:
-        """Decoded records from ``offset`` (at most records_max), waiting like fetch.
+        """Decoded committed records from ``offset`` (at most records_max), waiting like
+        fetch; see ``read_visible``."""
+        records, _ = await self.read_visible(topic, partition, offset, records_max, wait_ms,
+                                             counted)
+        return records
+
+    async def read_visible(
+        self, topic: str, partition: int, offset: int, records_max: int, wait_ms: int = 0,
+        counted: bool = True,
+    ) -> tuple[list[Record], int]:
+        """Decoded records from ``offset`` (at most records_max) and the offset to read on
+        from, past records skipped (control records, aborted transactions). Never reads
+        at or past the last stable offset: what every reader but a read_uncommitted Kafka
+        consumer sees.
 
         Reads in chunks of ``READ_CHUNK_BYTES`` (a whole batch at least) until it has
         ``records_max`` records, and keeps the last batch decoded per partition: queue
@@ -149,22 +167,32 @@ class Fetcher:
                     "offset below log start", offset=position,
                     log_start_offset=offsets.log_start_offset,
                 )
+            stable = offsets.high_watermark if self.transactions is None else \
+                self.transactions.stable_offset(topic, partition, offsets.high_watermark)
             raw = data.read_bytes()
-            if not raw:
+            if not raw or position >= stable:
                 break
             position = self._take_records(topic, partition, raw, position, records,
-                                          records_max)
-            if position >= offsets.high_watermark:
+                                          records_max, stable)
+            if position >= stable:
                 break
         if counted and records:  # False: the broker's own reads (shared-group windows)
             self.traffic.partition(topic, partition).records_out += len(records)
-        return records
+        return records, position
 
     def _take_records(self, topic: str, partition: int, raw: bytes, position: int,
-                      records: list[Record], records_max: int) -> int:
+                      records: list[Record], records_max: int, stable: int) -> int:
         """Append the records of ``raw`` from ``position`` on; the position after them."""
         key = (topic, partition)
         for batch_position, header in split_batches(raw):
+            if header.base_offset >= stable or len(records) >= records_max:
+                break
+            if header.is_control or (header.is_transactional and self.transactions
+                                     is not None and self.transactions.is_aborted(
+                                         topic, partition, header.producer_id,
+                                         header.base_offset)):
+                position = max(position, header.last_offset + 1)
+                continue
             cached = self._decoded.get(key)
             if cached is not None and cached[0] == header.base_offset \
                     and cached[1] == header.crc:
@@ -183,7 +211,11 @@ class Fetcher:
                     self._decoded.pop(next(iter(self._decoded)))
                 self._decoded[key] = (header.base_offset, header.crc, batch)
             for record in batch:
-                if record.offset >= position and len(records) < records_max:
-                    records.append(record)
+                if record.offset < position:
+                    continue
+                if len(records) >= records_max:
+                    return position  # the rest of this batch is for the next read
+                records.append(record)
+                position = record.offset + 1
             position = max(position, header.base_offset + header.last_offset_delta + 1)
         return position

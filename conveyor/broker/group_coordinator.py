@@ -260,6 +260,32 @@ class GroupCoordinator:
         )
         await self.state_store.commit()
 
+    def check_member(self, group_id: str, member_id: str, generation: int) -> None:
+        """A transactional offset commit by (member, generation) of a classic group: the
+        KIP-447 fence of a zombie member. Standalone consumers (no member, generation -1)
+        and groups this coordinator does not hold (KIP-848 ones) are not checked."""
+        group = self.groups.get(group_id)
+        if group is None or group.state is GroupState.DEAD or (
+                generation < 0 and member_id == ""):
+            return
+        group.check_commit(member_id, generation)
+
+    def apply_offsets(self, group_id: str,
+                      offsets: list[tuple[str, int, int, str | None]]) -> None:
+        """Offsets a committed transaction carried (TxnOffsetCommit): visible from now on,
+        whoever is in the group (the transaction checked its producer, not a member).
+        Written into the loop turn's state-store transaction; the caller commits."""
+        group = self._group(group_id, create=True)
+        now_ms = self.clock.wall_ms()
+        normalized = {(topic, partition): CommittedOffset(offset, metadata, -1, now_ms)
+                      for topic, partition, offset, metadata in offsets
+                      if self.topics.find(topic) is not None}
+        group.commit(normalized)
+        self.state_store.save_committed_offsets(
+            CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
+                               value.leader_epoch, value.commit_ms)
+            for (topic, partition), value in normalized.items())
+
     def fetch_offsets(
         self, group_id: str, partitions: Iterable[tuple[str, int]] | None = None
     ) -> dict[tuple[str, int], CommittedOffset | None]:

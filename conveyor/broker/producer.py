@@ -17,9 +17,22 @@ import random
 from collections.abc import Callable, Sequence
 
 from conveyor.clock import Clock
-from conveyor.errors import OperatingError, RecordTooLargeError, UnknownTopicError
+from conveyor.errors import (
+    InvalidRequestError,
+    InvalidTxnStateError,
+    OperatingError,
+    RecordTooLargeError,
+    UnknownTopicError,
+)
+from conveyor.storage.control_batch import build_control_batch
 from conveyor.storage.log_api import AppendRequest
-from conveyor.storage.record_batch import RecordData, build_batch, decode_records, split_batches
+from conveyor.storage.record_batch import (
+    BatchHeader,
+    RecordData,
+    build_batch,
+    decode_records,
+    split_batches,
+)
 from conveyor.storage.state_store import StateStore
 from conveyor.tasks import Supervisor
 
@@ -43,6 +56,10 @@ from .types import (
 
 AppendListener = Callable[[str, int], None]
 RecordsListener = Callable[[str, int, int, list[RecordData]], None]
+# (topic, partition, producer id, epoch): raises unless the transaction holds the partition
+TransactionalCheck = Callable[[str, int, int, int], None]
+# (topic, partition, producer id, base offset): a transactional batch is being appended
+TransactionalListener = Callable[[str, int, int, int], None]
 
 
 class Producer:
@@ -69,6 +86,10 @@ class Producer:
         # whether a topic is a queue whose group decodes every record (the facade wires
         # it to the share coordinator)
         self.is_queue: Callable[[str], bool] = _no_queue
+        # transactions (the facade wires them to the transaction coordinator): the check
+        # of a transactional batch, under the producer lock, and the index of open ones
+        self.check_transactional: TransactionalCheck | None = None
+        self.on_transactional: TransactionalListener | None = None
 
     def forget_topic(self, name: str) -> None:
         self.producers.forget_topic(name)
@@ -115,10 +136,16 @@ class Producer:
             for h in headers
         ]
         producer_id = incoming[0].producer_id
+        if producer_id < 0 and any(h.is_transactional or h.is_control for h in headers):
+            raise InvalidRequestError("a transactional batch needs a producer id",
+                                      topic=topic, partition=partition)
         if producer_id < 0:
             return await self.append(topic, partition, batch, ())
         key = (producer_id, topic, partition)
+        transactional = headers[0].is_transactional
         async with self.producer_locks.hold(key):
+            if transactional or any(header.is_control for header in headers):
+                self._check_transactional(topic, partition, headers)
             duplicate = self.producers.check(topic, partition, incoming)
             if duplicate is not None:
                 return AppendResult(
@@ -126,7 +153,36 @@ class Producer:
                     self.topics.log_store.offsets(topic, partition).log_start_offset,
                     duplicate=True,
                 )
+            if transactional and self.on_transactional is not None:
+                # before the append assigns it (at the log end, before the store's first
+                # suspension): the LSO must hold the batch back from the moment it can
+                # become visible
+                log_end = self.topics.log_store.offsets(topic, partition).log_end_offset
+                self.on_transactional(topic, partition, producer_id, log_end)
             return await self.append(topic, partition, batch, incoming)
+
+    def _check_transactional(self, topic: str, partition: int,
+                             headers: Sequence[BatchHeader]) -> None:
+        """KIP-890: a transactional batch is appended only while its producer's ongoing
+        transaction holds the partition; clients never write control batches."""
+        first = headers[0]
+        if any(header.is_control for header in headers) or any(
+                header.is_transactional != first.is_transactional for header in headers):
+            raise InvalidRequestError("control batches are written by the broker only",
+                                      topic=topic, partition=partition)
+        if self.check_transactional is None:
+            raise InvalidTxnStateError("transactions are not enabled", topic=topic)
+        self.check_transactional(topic, partition, first.producer_id, first.producer_epoch)
+
+    async def append_marker(self, topic: str, partition: int, producer_id: int,
+                            producer_epoch: int, commit: bool, coordinator_epoch: int) -> int:
+        """Append a COMMIT/ABORT control batch under the producer's partition lock (so no
+        batch of the transaction lands after it); its offset."""
+        marker = build_control_batch(producer_id, producer_epoch, commit, coordinator_epoch,
+                                     self.clock.wall_ms())
+        async with self.producer_locks.hold((producer_id, topic, partition)):
+            appended = await self.append(topic, partition, marker, ())
+        return appended.base_offset
 
     def _has_record_readers(self, topic: str, info: TopicInfo) -> bool:
         """A queue's records are decoded by its consumers (AMQP, SQS, HTTP), so a Kafka

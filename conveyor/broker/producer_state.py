@@ -280,7 +280,9 @@ class ProducerStates:
                 if not data:
                     break
                 for _, header in split_batches(data):
-                    if header.last_offset >= offset and header.producer_id >= 0:
+                    # control batches (transaction markers) carry no sequence
+                    if header.last_offset >= offset and header.producer_id >= 0 \
+                            and not header.is_control:
                         self.observe(
                             topic, partition, header.producer_id, header.producer_epoch,
                             header.base_sequence,

@@ -154,6 +154,11 @@ class SharedGroupsHost:
     ensure_topic: Callable[[str], Awaitable[TopicInfo]]
     # the exchanges' routing (dead-lettering through an exchange)
     route: Callable[[str, str, Headers], list[Destination]]
+    # the fetcher's committed reads: (records, offset to read on from), skipping control
+    # records and aborted transactions, never past the last stable offset (transactions)
+    read_visible: Callable[..., Awaitable[tuple[list[Record], int]]] | None = None
+    # (topic, partition) -> the last stable offset (the high watermark without transactions)
+    stable_offset: Callable[[str, int], int] | None = None
 
 
 @dataclass
@@ -886,6 +891,9 @@ class SharedGroups:
             self._save_start(state, partition, state.partitions[partition])
 
     def _high_watermark(self, part: SharedPartition) -> int:
+        """The end of what may be delivered: the last stable offset."""
+        if self.host.stable_offset is not None:
+            return self.host.stable_offset(part.topic, part.partition)
         return self.host.topics.offsets(part.topic, part.partition).high_watermark
 
     async def _counts(self, state: SharedGroupWindows) -> tuple[int, int, int]:
@@ -923,20 +931,35 @@ class SharedGroups:
                         break
                     self._uncache(cache.pop(oldest))
             try:
-                records = await self.host.read_records(
-                    part.topic, part.partition, part.next_offset, part.room(), counted=False)
+                records, read_end = await self._read_visible(part)
             except OffsetOutOfRangeError:
                 part.skip_to(log_start())
                 continue
-            if not records:
-                break
             for record in records:
                 # a read that suspends (a LogStore in a database) lets another fill of
                 # this partition load the same records meanwhile: keep only what is new
-                if record.offset >= part.next_offset and part.room() > 0:
-                    part.load(record, record_policy(record, state.config, skew_ms))
+                if record.offset < part.next_offset:
+                    continue
+                if part.room() <= 0:
+                    break  # the window filled meanwhile: read on from here next time
+                part.load(record, record_policy(record, state.config, skew_ms))
+            else:
+                if read_end > part.next_offset:
+                    part.skip_to(read_end)  # control records, aborted transactions
+                elif not records:
+                    break
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
+
+    async def _read_visible(self, part: SharedPartition) -> tuple[list[Record], int]:
+        """Committed records only (docs/kafka.md, transactions): a queue or shared group
+        never delivers a control record, an aborted or a still-open transaction's record."""
+        if self.host.read_visible is None:
+            records = await self.host.read_records(
+                part.topic, part.partition, part.next_offset, part.room(), counted=False)
+            return records, records[-1].offset + 1 if records else part.next_offset
+        return await self.host.read_visible(
+            part.topic, part.partition, part.next_offset, part.room(), counted=False)
 
     def _save_start(self, state: SharedGroupWindows, partition: int, part: SharedPartition) -> None:
         self.store.save_start_offset(state.group, state.topic, partition, part.start_offset)

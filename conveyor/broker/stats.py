@@ -148,6 +148,11 @@ class BrokerStats:
     omitted: dict[str, int]
     segments_total: int  # over every partition, exported or not
     size_bytes_total: int
+    # Kafka transactions: open now, open in a log with no ongoing transaction (KIP-890's
+    # hanging transactions), and aborted by their timeout since start
+    transactions_ongoing: int = 0
+    transactions_hanging: int = 0
+    transactions_timed_out: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,6 +175,7 @@ class ConveyorCollector(Collector):
             yield from _partition_families(stats)
             yield from _group_families(stats)
             yield from self._storage_families(stats)
+            yield from _transaction_families(stats)
             omitted = GaugeMetricFamily(
                 "conveyor_metrics_series_omitted",
                 "Series left out of this scrape by the metrics limits", labels=["family"])
@@ -202,6 +203,18 @@ class ConveyorCollector(Collector):
                                 value=usage.free)
         yield GaugeMetricFamily("conveyor_storage_disk_size_bytes",
                                 "Size of the data directory's file system", value=usage.total)
+
+
+def _transaction_families(stats: BrokerStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily("conveyor_transactions_ongoing",
+                            "Kafka transactions open now", value=stats.transactions_ongoing)
+    yield GaugeMetricFamily("conveyor_transactions_hanging",
+                            "Open transactions in partition logs that no ongoing transaction "
+                            "accounts for (KIP-890 hanging transactions)",
+                            value=stats.transactions_hanging)
+    yield CounterMetricFamily("conveyor_transactions_timed_out",
+                              "Kafka transactions aborted by their timeout",
+                              value=stats.transactions_timed_out)
 
 
 def _queue_families(stats: BrokerStats) -> Iterator[Metric]:

@@ -423,6 +423,7 @@ def build_batch(
     base_sequence: int = NO_SEQUENCE,
     compression: Compression = Compression.NONE,
     is_transactional: bool = False,
+    is_control: bool = False,
 ) -> bytes:
     """Encode ``records`` as one batch with create-time timestamps and a valid CRC."""
     assert records, "a batch holds at least one record"
@@ -437,7 +438,8 @@ def build_batch(
         payload = _compress(bytes(memoryview(batch)[BATCH_HEADER_BYTES:]), compression)
         del batch[BATCH_HEADER_BYTES:]
         batch += payload
-    attributes = int(compression) | (_TRANSACTIONAL_MASK if is_transactional else 0)
+    attributes = int(compression) | (_TRANSACTIONAL_MASK if is_transactional else 0) | (
+        _CONTROL_MASK if is_control else 0)
     _HEADER.pack_into(
         batch, 0, base_offset, len(batch) - LOG_OVERHEAD_BYTES, -1, MAGIC,
         0, attributes, len(records) - 1, base_timestamp_ms, max_timestamp_ms, producer_id,

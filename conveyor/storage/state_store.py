@@ -41,6 +41,7 @@ from conveyor.storage.sql_engine import (
     upsert_sql,
 )
 from conveyor.storage.sqlite_engine import SqliteEngine
+from conveyor.storage.txn_state import TxnStateStore
 
 __all__ = [
     "POSTGRESQL", "POSTGRESQL_NUMBERED", "SCHEMA", "SQLITE", "Dialect", "SqlStateStore",
@@ -171,6 +172,7 @@ class StateStore(Protocol):
 
     shared: SharedStateStore  # shared-group state (shared_state.py)
     security: SecurityStateStore  # users, vhosts, permissions, ACLs (security_state.py)
+    txn: TxnStateStore  # Kafka transactions (txn_state.py)
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -229,6 +231,7 @@ class SqlStateStore:
         self.engine = engine
         self.shared = SharedStateStore(engine)
         self.security = SecurityStateStore(engine)
+        self.txn = TxnStateStore(engine)
         self._counters: dict[str, int] = {}  # name -> next value (loaded at open)
 
     @property

@@ -334,11 +334,15 @@ async def test_refused_produce_answers_per_partition(server: Server) -> None:
     client = await connect(server)
     bad_acks = await client.call(produce("wire-refuse", batch_of(1), acks=2))
     assert partition_result(bad_acks).error_code == 21  # INVALID_REQUIRED_ACKS
+    # a transactional batch of a producer with no ongoing transaction holding the
+    # partition (KIP-890 verification): INVALID_TXN_STATE, nothing appended
     transactional = ProduceRequest(
         transactional_id="tx", acks=-1, timeout=datetime.timedelta(seconds=5),
-        topic_data=produce("wire-refuse", batch_of(1)).topic_data)
+        topic_data=produce("wire-refuse", batch_of(
+            1, producer_id=7, producer_epoch=0, base_sequence=0,
+            is_transactional=True)).topic_data)
     answer = await client.call(transactional, 2)
-    assert partition_result(answer).error_code == 53
+    assert partition_result(answer).error_code == 48
     assert server.broker.offsets("wire-refuse", 0).high_watermark == 0
     client.close()
 

@@ -38,7 +38,7 @@ from conveyor.protocols.kafka.config_catalog import (
     topic_entry,
 )
 from conveyor.protocols.kafka.messages import response_class
-from conveyor.protocols.kafka.responses import build, nested
+from conveyor.protocols.kafka.responses import build, millis, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -184,9 +184,15 @@ def handle_describe_cluster(node: Node, request: Request) -> Any:
 async def handle_init_producer_id(broker: Broker, request: Request) -> Any:
     response_type = response_class(22, request.header.api_version)
     try:
-        producer_id, epoch = await broker.init_producer_id(request.body.transactional_id)
+        body = request.body
+        producer_id, epoch = await broker.init_producer_id(
+            body.transactional_id, millis(body.transaction_timeout),
+            int(getattr(body, "producer_id", -1)), int(getattr(body, "producer_epoch", -1)))
     except OperatingError as error:
-        return build(response_type, error_code=_code(error), producer_id=-1, producer_epoch=-1)
+        code = _code(error)
+        if code == error_codes.PRODUCER_FENCED and request.header.api_version < 4:
+            code = error_codes.INVALID_PRODUCER_EPOCH
+        return build(response_type, error_code=code, producer_id=-1, producer_epoch=-1)
     return build(response_type, error_code=error_codes.NONE, producer_id=producer_id,
                  producer_epoch=epoch)
 

@@ -23,6 +23,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from conveyor.broker.txn_index import batches_below
 from conveyor.errors import OperatingError
 from conveyor.protocols.kafka import error_codes
 from conveyor.protocols.kafka.codec import Request
@@ -93,8 +94,6 @@ def _refusal(body: Any) -> tuple[int, str] | None:
     """A reason to refuse the whole request, answered per partition."""
     if body.acks not in (0, 1, -1):
         return error_codes.INVALID_REQUIRED_ACKS, "acks must be 0, 1 or -1"
-    if body.transactional_id is not None:
-        return error_codes.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, "transactions are not supported"
     return None
 
 
@@ -132,10 +131,14 @@ def _record_pieces(data: Any) -> list[RecordPiece]:
     return [data.read_bytes()]
 
 
+READ_COMMITTED = 1  # Fetch / ListOffsets isolation_level
+
+
 class _FetchPlan:
     """One fetch request's partitions, in request order."""
 
     def __init__(self, body: Any) -> None:
+        self.committed = body.isolation_level == READ_COMMITTED
         self.entries: list[tuple[str, int, int, int]] = [
             (topic.topic, partition.partition, partition.fetch_offset,
              partition.partition_max_bytes)
@@ -157,11 +160,17 @@ async def _read_all(
             if budget <= 0 and total > 0:
                 offsets = broker.offsets(topic, partition)
                 pieces: list[RecordPiece] = []
+                data = None
             else:
                 data, offsets = await broker.fetch(
                     topic, partition, offset, max(budget, 1), wait_ms=0, bytes_min=0
                 )
                 pieces = _record_pieces(data)
+            stable = broker.last_stable_offset(topic, partition)
+            aborted: list[tuple[int, int]] = []
+            if plan.committed:
+                pieces, aborted = _committed(broker, topic, partition, offset, stable,
+                                             data, pieces, offsets.high_watermark)
         except OperatingError as error:
             results.append((topic, FetchPartitionResult(
                 partition, error_codes.error_code_for(error)
@@ -169,10 +178,26 @@ async def _read_all(
             continue
         total += sum(piece[2] if isinstance(piece, tuple) else len(piece) for piece in pieces)
         results.append((topic, FetchPartitionResult(
-            partition, error_codes.NONE, offsets.high_watermark, offsets.high_watermark,
-            offsets.log_start_offset, pieces,
+            partition, error_codes.NONE, offsets.high_watermark, stable,
+            offsets.log_start_offset, pieces, aborted,
         )))
     return results, total
+
+
+def _committed(broker: Broker, topic: str, partition: int, offset: int, stable: int,
+               data: Any, pieces: list[RecordPiece], high_watermark: int,
+               ) -> tuple[list[RecordPiece], list[tuple[int, int]]]:
+    """read_committed: nothing at or past the last stable offset (whole batches below it;
+    read and cut only while a transaction is open), and the aborted transactions the
+    client must drop from what it gets."""
+    if not pieces:
+        return [], []
+    if stable < high_watermark:
+        kept = batches_below(data.read_bytes(), stable)
+        pieces = [kept] if kept else []
+    if not pieces:
+        return [], []
+    return pieces, broker.aborted_transactions(topic, partition, offset, stable)
 
 
 async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request,
@@ -224,8 +249,10 @@ async def handle_list_offsets(broker: Broker, request: Request) -> Any:
     topic_type = nested(response_type, "ListOffsetsTopicResponse")
     partition_type = nested(response_type, "ListOffsetsPartitionResponse")
     topics = []
+    isolation_level = getattr(request.body, "isolation_level", 0)
     for topic in request.body.topics:
-        partitions = [await _list_offset(broker, partition_type, topic.name, partition)
+        partitions = [await _list_offset(broker, partition_type, topic.name, partition,
+                                         isolation_level)
                       for partition in topic.partitions]
         topics.append(topic_type(name=topic.name, partitions=tuple(partitions)))
     return build(response_type, topics=tuple(topics))
@@ -238,7 +265,7 @@ EARLIEST_PENDING_UPLOAD = -6  # v11+: nothing is uploaded: no offset
 
 
 async def _list_offset(broker: Broker, partition_type: type[Any], topic: str,
-                       partition: Any) -> Any:
+                       partition: Any, isolation_level: int) -> Any:
     index = partition.partition_index
     wanted = partition.timestamp
     timestamp = -1  # the found record's own timestamp (-1 for latest/earliest/none)
@@ -252,6 +279,8 @@ async def _list_offset(broker: Broker, partition_type: type[Any], topic: str,
         elif wanted >= 0:
             record = await broker.record_for_timestamp(topic, index, wanted)
             found, timestamp = record if record is not None else (None, -1)
+        elif wanted == -1 and isolation_level == READ_COMMITTED:
+            found = broker.last_stable_offset(topic, index)  # latest committed: the LSO
         else:
             wanted = -2 if wanted == EARLIEST_LOCAL else wanted
             found = await broker.offset_for_timestamp(topic, index, wanted)

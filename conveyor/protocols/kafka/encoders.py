@@ -36,6 +36,7 @@ _INT64 = struct.Struct(">q")
 _PRODUCE_PARTITION = struct.Struct(">ihqq")  # index, error, base_offset, log_append_time
 _FETCH_PARTITION = struct.Struct(">ihqq")  # index, error, high_watermark, last_stable
 _FETCH_TOP = struct.Struct(">ihi")  # throttle, error, session_id
+_ABORTED = struct.Struct(">qq")  # producer_id, first_offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ class FetchPartitionResult:
     last_stable_offset: int = -1
     log_start_offset: int = -1
     records: Sequence[RecordPiece] = ()  # concatenated in order; empty = zero-length records
+    # read_committed: (producer id, first offset) of aborted transactions in the records
+    aborted_transactions: Sequence[tuple[int, int]] = ()
 
 
 def unsigned_varint(value: int) -> bytes:
@@ -157,7 +160,11 @@ def encode_fetch_response(
             )
             if version >= 5:
                 out += _INT64.pack(partition.log_start_offset)
-            out += _array_length(0, flexible)  # aborted_transactions: none
+            out += _array_length(len(partition.aborted_transactions), flexible)
+            for producer_id, first_offset in partition.aborted_transactions:
+                out += _ABORTED.pack(producer_id, first_offset)
+                if flexible:
+                    out += b"\x00"
             if version >= 11:
                 out += _INT32.pack(-1)  # preferred_read_replica
             records_bytes = sum(piece_size(piece) for piece in partition.records)

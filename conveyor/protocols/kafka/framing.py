@@ -57,6 +57,10 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     21: 2,  # DeleteRecords
     22: 2,  # InitProducerId
     23: 4,  # OffsetForLeaderEpoch
+    24: 3,  # AddPartitionsToTxn
+    25: 3,  # AddOffsetsToTxn
+    26: 3,  # EndTxn
+    28: 3,  # TxnOffsetCommit
     29: 2,  # DescribeAcls
     30: 2,  # CreateAcls
     31: 2,  # DeleteAcls
@@ -80,6 +84,8 @@ FIRST_FLEXIBLE_VERSION: Final[dict[int, int]] = {
     57: 0,  # UpdateFeatures
     60: 0,  # DescribeCluster
     61: 0,  # DescribeProducers
+    65: 0,  # DescribeTransactions
+    66: 0,  # ListTransactions
     68: 0,  # ConsumerGroupHeartbeat
     69: 0,  # ConsumerGroupDescribe
     74: 0,  # ListConfigResources

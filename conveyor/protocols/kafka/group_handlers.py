@@ -189,6 +189,7 @@ def handle_offset_fetch(broker: Broker, request: Request,
     if body.topics is not None:
         wanted = [(topic.name, index) for topic in body.topics for index in topic.partition_indexes]
     found = broker.fetch_offsets(body.group_id, wanted)
+    unstable = _unstable(broker, body, body.group_id)
     by_topic: dict[str, list[Any]] = {}
     for (topic, partition), committed in found.items():
         by_topic.setdefault(topic, []).append(build(
@@ -196,13 +197,22 @@ def handle_offset_fetch(broker: Broker, request: Request,
             committed_offset=committed.offset if committed is not None else -1,
             committed_leader_epoch=committed.leader_epoch if committed is not None else -1,
             metadata=(committed.metadata or "") if committed is not None else "",
-            error_code=error_codes.NONE,
+            error_code=error_codes.UNSTABLE_OFFSET_COMMIT if (topic, partition) in unstable
+            else error_codes.NONE,
         ))
     topics = tuple(
         build(topic_type, name=name, partitions=tuple(partitions))
         for name, partitions in by_topic.items()
     )
     return build(response_type, topics=topics, error_code=error_codes.NONE)
+
+
+def _unstable(broker: Broker, body: Any, group_id: str) -> set[tuple[str, int]]:
+    """KIP-447: with ``require_stable`` (v7+), partitions whose offsets an open transaction
+    holds answer UNSTABLE_OFFSET_COMMIT (the client retries) instead of older offsets."""
+    if not getattr(body, "require_stable", False):
+        return set()
+    return broker.pending_txn_offsets(group_id)
 
 
 def _offset_fetch_groups(broker: Broker, request: Request,
@@ -242,13 +252,15 @@ def _offset_fetch_groups(broker: Broker, request: Request,
                     continue
                 wanted += [(name, index) for index in topic.partition_indexes]
         by_topic: dict[str, list[Any]] = {}
+        unstable = _unstable(broker, request.body, item.group_id)
         for (name, partition), committed in broker.fetch_offsets(item.group_id, wanted).items():
             by_topic.setdefault(name, []).append(build(
                 partition_type, partition_index=partition,
                 committed_offset=committed.offset if committed is not None else -1,
                 committed_leader_epoch=committed.leader_epoch if committed is not None else -1,
                 metadata=(committed.metadata or "") if committed is not None else "",
-                error_code=error_codes.NONE))
+                error_code=error_codes.UNSTABLE_OFFSET_COMMIT if (name, partition) in unstable
+                else error_codes.NONE))
         topics = [build(topic_type, name=name, topic_id=topic_id(name),
                         partitions=tuple(partitions)) for name, partitions in by_topic.items()]
         groups.append(build(group_type, group_id=item.group_id,

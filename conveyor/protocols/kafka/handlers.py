@@ -37,6 +37,7 @@ from conveyor.protocols.kafka import (
     group_handlers,
     log_admin_handlers,
     share_handlers,
+    txn_handlers,
 )
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
 from conveyor.protocols.kafka.admin_handlers import Node, _name_for_id
@@ -206,6 +207,8 @@ class KafkaHandlers:
         """The APIs Kafka 4 clients added: log admin, KIP-848 and KIP-932 groups."""
         api_key = request.header.api_key
         broker = self.broker
+        if api_key in txn_handlers.API_KEYS:
+            return await txn_handlers.handle(broker, request)
         if api_key == 21:
             return await log_admin_handlers.handle_delete_records(broker, request)
         if api_key == 23:

@@ -58,6 +58,10 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     21: (0, 2),  # DeleteRecords
     22: (0, 4),  # InitProducerId
     23: (2, 4),  # OffsetForLeaderEpoch (one epoch, 0: its end is the log end)
+    24: (0, 5),  # AddPartitionsToTxn (v4+: batched, v5 verify-only: KIP-890)
+    25: (0, 4),  # AddOffsetsToTxn
+    26: (0, 4),  # EndTxn (v5 is transaction.version 2, not offered)
+    28: (0, 4),  # TxnOffsetCommit (v5 is transaction.version 2, not offered)
     29: (1, 3),  # DescribeAcls (onto the security model's ACLs)
     30: (1, 3),  # CreateAcls
     31: (1, 3),  # DeleteAcls
@@ -81,6 +85,8 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     57: (0, 2),  # UpdateFeatures (the features are fixed: confirming them is a no-op)
     60: (0, 1),  # DescribeCluster
     61: (0, 0),  # DescribeProducers
+    65: (0, 0),  # DescribeTransactions
+    66: (0, 1),  # ListTransactions (v1: duration filter)
     68: (0, 1),  # ConsumerGroupHeartbeat (KIP-848; v1: client-generated member ids)
     69: (0, 1),  # ConsumerGroupDescribe
     74: (0, 1),  # ListConfigResources (v1: topics, brokers, groups)

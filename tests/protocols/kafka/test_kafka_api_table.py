@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conveyor.protocols.kafka import handlers
+from conveyor.protocols.kafka import handlers, txn_handlers
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "kafka.md"
@@ -39,4 +39,9 @@ def test_every_advertised_api_has_a_handler() -> None:
     source = Path(handlers.__file__).read_text()
     dispatched = {int(key) for key in re.findall(r"api_key == (\d+)", source)}
     dispatched |= {0, 1, 18}  # Produce and Fetch: the hot path; ApiVersions: asserted
+    # the transaction APIs: handlers.py hands txn_handlers.API_KEYS to txn_handlers.handle
+    assert "txn_handlers.API_KEYS" in source
+    dispatched |= {int(key) for key in re.findall(
+        r"api_key == (\d+)", Path(txn_handlers.__file__).read_text())} & set(
+        txn_handlers.API_KEYS)
     assert set(SUPPORTED_VERSIONS) <= dispatched

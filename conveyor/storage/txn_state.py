@@ -1,0 +1,106 @@
+"""Transaction state in the StateStore: its tables and queries.
+
+Owns: the SQL of the transaction coordinator (broker/transactions.py), written once
+in the subset SQLite and PostgreSQL share (``?`` placeholders rewritten by the
+store's Dialect, standard ``ON CONFLICT`` upserts), as storage/shared_state.py is:
+
+- ``txn_transactions``: one row per transactional id: its producer id and epoch,
+  timeout, state (``Empty``, ``Ongoing``, ``PrepareCommit``, ``PrepareAbort``,
+  ``CompleteCommit``, ``CompleteAbort``), the partitions and groups in the current
+  transaction (JSON), the offsets committed in it and not yet visible (JSON), and
+  when it started. ``PrepareCommit``/``PrepareAbort`` is written (and committed)
+  before any marker, so a restart finishes the markers of every partition.
+- ``txn_partitions``: the partitions that ever held a transactional batch, with
+  the offset of the first one: where a restart re-scans the log to rebuild the
+  partition's open transactions and aborted-transaction index (the log is the
+  truth; this table only bounds the scan).
+
+Must not know: the broker's classes or the log. Writes go into the store's
+per-loop-turn transaction; callers that need durability await ``commit()``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from conveyor.storage.sql_engine import SqlEngine, upsert_sql
+
+SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS txn_transactions (
+        transactional_id TEXT NOT NULL PRIMARY KEY, producer_id BIGINT NOT NULL,
+        producer_epoch INTEGER NOT NULL, timeout_ms INTEGER NOT NULL, state TEXT NOT NULL,
+        partitions TEXT NOT NULL, groups TEXT NOT NULL, offsets TEXT NOT NULL,
+        started_ms BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS txn_partitions (
+        topic TEXT NOT NULL, partition INTEGER NOT NULL, first_offset BIGINT NOT NULL,
+        PRIMARY KEY (topic, partition))""",
+)
+
+# group -> [(topic, partition, offset, metadata)]
+PendingOffsets = dict[str, list[tuple[str, int, int, str | None]]]
+
+
+@dataclass(slots=True)
+class TransactionRow:
+    transactional_id: str
+    producer_id: int
+    producer_epoch: int
+    timeout_ms: int
+    state: str
+    partitions: list[tuple[str, int]] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    offsets: PendingOffsets = field(default_factory=dict)
+    started_ms: int = -1  # wall clock; -1 when no transaction is open
+
+
+class TxnStateStore:
+    """Typed reads and writes of the transaction tables over a StateStore."""
+
+    def __init__(self, store: SqlEngine) -> None:
+        self.store = store
+
+    def create_schema(self) -> None:
+        self.store.add_schema(SCHEMA)
+
+    async def commit(self) -> None:
+        await self.store.commit()
+
+    def save(self, row: TransactionRow) -> None:
+        self.store.write(
+            upsert_sql("txn_transactions", ["transactional_id"],
+                       ["producer_id", "producer_epoch", "timeout_ms", "state", "partitions",
+                        "groups", "offsets", "started_ms"]),
+            (row.transactional_id, row.producer_id, row.producer_epoch, row.timeout_ms,
+             row.state, json.dumps(sorted(row.partitions)), json.dumps(sorted(row.groups)),
+             json.dumps(row.offsets, sort_keys=True), row.started_ms),
+        )
+
+    async def load(self) -> list[TransactionRow]:
+        rows = await self.store.query(
+            "SELECT transactional_id, producer_id, producer_epoch, timeout_ms, state,"
+            " partitions, groups, offsets, started_ms FROM txn_transactions"
+            " ORDER BY transactional_id")
+        loaded = []
+        for row in rows:
+            offsets = {str(group): [(str(t), int(p), int(o), None if m is None else str(m))
+                                    for t, p, o, m in entries]
+                       for group, entries in json.loads(str(row[7])).items()}
+            loaded.append(TransactionRow(
+                str(row[0]), int(row[1]), int(row[2]), int(row[3]), str(row[4]),
+                [(str(topic), int(partition)) for topic, partition in json.loads(str(row[5]))],
+                [str(group) for group in json.loads(str(row[6]))], offsets, int(row[8])))
+        return loaded
+
+    def save_partition(self, topic: str, partition: int, first_offset: int) -> None:
+        """Remember that a partition holds transactional batches from ``first_offset``."""
+        self.store.write(
+            "INSERT INTO txn_partitions (topic, partition, first_offset) VALUES (?, ?, ?)"
+            " ON CONFLICT (topic, partition) DO NOTHING", (topic, partition, first_offset))
+
+    async def load_partitions(self) -> dict[tuple[str, int], int]:
+        rows = await self.store.query("SELECT topic, partition, first_offset FROM txn_partitions")
+        return {(str(row[0]), int(row[1])): int(row[2]) for row in rows}
+
+    def delete_topic(self, topic: str) -> None:
+        self.store.write("DELETE FROM txn_partitions WHERE topic = ?", (topic,))
