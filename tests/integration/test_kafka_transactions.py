@@ -338,7 +338,7 @@ def test_hanging_transaction_reported(tmp_path: Path) -> None:
         producer.commit_transaction(WAIT_S)
         stray = build_batch([RecordData(None, b"stray", (), 1000)], producer_id=4242,
                             producer_epoch=0, base_sequence=0, is_transactional=True)
-        log = running.call_sync(running.server.broker.topics.partition_log, topic, 0)
+        log = running.call_sync(running.server.broker.log_store.partition, topic, 0)
         running.call(log.append, stray)
         running.restart()
         broker = running.server.broker
