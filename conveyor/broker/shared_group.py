@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from conveyor.errors import IllegalStateError, LockExpiredError, UnknownDeliveryError
 from conveyor.storage.record_batch import Record
+from conveyor.storage.shared_state import RecordRow
 
 from .delivery import HEAP_SLACK_ITEMS, NEVER_MS, DeadReason, RecordPolicy, exhausted
 from .types import QueueConfig
@@ -150,6 +151,13 @@ class SharedPartition:
     pending_rows: dict[int, tuple[RecordState, int, int]] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     version: int = 0
+    # loaded unsettled offsets whose persisted state is not the default (delivered at
+    # least once, or parked): with ``settled`` and ``pending_rows``, what a snapshot saves
+    counted: set[int] = field(default_factory=set)
+    # the (start, runs) last saved, so an unchanged window is not written again
+    saved_snapshot: object = None
+    # dead letters being written: the window is not saved until they are
+    dead_letters_pending: int = 0
 
     # --- loading --------------------------------------------------------------------
     def room(self) -> int:
@@ -167,6 +175,8 @@ class SharedPartition:
         entry = Entry(record, policy)
         if saved is not None:
             entry.state, entry.delivery_count, entry.available_at_ms = saved
+            if entry.delivery_count > 0:
+                self.counted.add(record.offset)
         self.entries[record.offset] = entry
         if entry.state in FINAL:
             self._settle(record.offset)
@@ -240,7 +250,7 @@ class SharedPartition:
             if entry.policy.message_group is not None:
                 self.groups_in_flight.add(entry.policy.message_group)
             heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
-            self.changes.append(Change(offset, S.ACQUIRED, entry.delivery_count))
+            self.counted.add(offset)
             chosen.append(Acquired(entry, offset))
         self._bound_heaps()
         return chosen
@@ -385,10 +395,36 @@ class SharedPartition:
             self.start_offset = offset
         self.settled.discard(offset)
         self.entries[offset] = entry
+        self.counted.add(offset)
         heapq.heappush(self.delayed, (retry_at_ms, offset))
         # persisted as available: a restart judges the record afresh (it expires or
         # runs out of deliveries again, and its dead letter is retried then)
         return Change(offset, S.AVAILABLE, entry.delivery_count)
+
+    # --- persistence ------------------------------------------------------------------
+    def snapshot(self, skew_ms: int) -> list[RecordRow]:
+        """What a restart needs of offsets at or above the start, ascending (KIP-932's
+        state batches before folding): settled offsets as acked, delivered or parked
+        records as available with their count (the acquired state is not kept: a lock
+        does not survive a restart), delays in wall ms (``skew_ms`` = wall - monotonic),
+        and the saved state of offsets not loaded yet. Offsets in none of these are
+        available and never delivered: no row."""
+        start = self.start_offset
+        rows: dict[int, RecordRow] = {}
+        for offset, (state, count, at_ms) in self.pending_rows.items():
+            if offset >= start:
+                rows[offset] = _row(offset, state, count, at_ms, skew_ms)
+        for offset in self.settled:
+            if offset >= start:
+                rows[offset] = RecordRow(offset, "acked", 0, 0)
+        for offset in self.counted:
+            entry = self.entries.get(offset)
+            if entry is not None and offset >= start:
+                state = (S.DELAYED if entry.state is S.DELAYED and entry.dead_reason is None
+                         else S.AVAILABLE)
+                rows[offset] = _row(offset, state, entry.delivery_count,
+                                    entry.available_at_ms, skew_ms)
+        return [rows[offset] for offset in sorted(rows)]
 
     # --- counts -----------------------------------------------------------------------
     def counts(self, high_watermark: int) -> tuple[int, int, int]:
@@ -476,6 +512,7 @@ class SharedPartition:
     def _settle(self, offset: int) -> None:
         """The entry at ``offset`` reached ACKED or DEAD: drop it from the window."""
         del self.entries[offset]
+        self.counted.discard(offset)
         if offset != self.start_offset:
             self.settled.add(offset)
             return
@@ -483,3 +520,11 @@ class SharedPartition:
         while self.start_offset in self.settled:
             self.settled.discard(self.start_offset)
             self.start_offset += 1
+
+
+def _row(offset: int, state: RecordState, count: int, at_ms: int, skew_ms: int) -> RecordRow:
+    if state in FINAL:
+        return RecordRow(offset, "acked", 0, 0)
+    if state is S.DELAYED:
+        return RecordRow(offset, "delayed", count, at_ms + skew_ms if at_ms else 0)
+    return RecordRow(offset, "available", count, 0)

@@ -54,9 +54,10 @@ Faults: at open every piece of state is clamped to the recovered log end
 (log_end.py); a dead letter that cannot be appended parks its record in the window
 and is retried (``DEAD_LETTER_RETRY_MS``), never dropped with the changes around it.
 
-Durability: acquire writes delivery counts without waiting for the COMMIT (a
-lost count after a crash only means one delivery fewer is counted); ack,
-release, reject, extend and publish admission await the COMMIT.
+Durability: windows are saved once per loop turn per partition (shared_persist.py:
+start offset + runs of states, never a row per ack); acquire does not wait for that
+save (a lost count after a crash only means one delivery fewer is counted); ack,
+release, reject, extend and publish admission await it and its COMMIT.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ from conveyor.errors import (
     UnknownQueueError,
 )
 from conveyor.storage.record_batch import Record, RecordData
-from conveyor.storage.shared_state import RecordRow, SharedStateStore
+from conveyor.storage.shared_state import SharedStateStore
 from conveyor.storage.state_store import QueueRow, StateStore
 from conveyor.tasks import Supervisor
 
@@ -101,6 +102,7 @@ from .keyed_locks import KeyedLocks
 from .log_end import LostRange, clamp
 from .routing import Destination
 from .shared_group import Change, RecordState, SharedPartition
+from .shared_persist import WindowPersister
 from .stats import (
     CONSUMER_ACTIVE_MS,
     CONSUMERS_TRACKED_MAX,
@@ -208,6 +210,7 @@ class SharedGroups:
         self.clock = host.clock
         self.rng = host.rng
         self.store = SharedStateStore(host.state_store)
+        self.persister = WindowPersister(self.store, self._wall_skew_ms, self._live)
         # (group, topic) -> state
         self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
         # queue name -> its dedup window
@@ -263,11 +266,12 @@ class SharedGroups:
                               log.log_start_offset), log_end, self.lost_ranges)
             part = SharedPartition(topic, partition, group, config, start_offset=start,
                                    next_offset=start)
-            rows = self.store.load_records(group, topic, partition)
+            rows, legacy = self.store.load_records(group, topic, partition)
+            resave = legacy
             if rows and rows[-1].offset >= log_end:
                 clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
                       log_end, self.lost_ranges)
-                self.store.delete_records_from(group, topic, partition, log_end)
+                resave = True  # the rows past the log end go with the next save
             skew_ms = self._wall_skew_ms()
             for row in rows:
                 if row.offset < log_end:  # delays are persisted in wall ms
@@ -276,8 +280,8 @@ class SharedGroups:
                         max(0, row.available_at_ms - skew_ms) if row.available_at_ms else 0)
             state.partitions[partition] = part
             state.saved_start[partition] = saved
-            if saved > start:
-                self._save_start(state, partition, part)
+            if saved > start or resave:
+                self.persister.mark(group, topic, part, state.saved_start, legacy)
         self._groups[(group, topic)] = state
 
     async def close(self) -> None:
@@ -287,6 +291,7 @@ class SharedGroups:
                     waiter.set_result(None)
         self._waiters.clear()
         await self._sleepers.close(cancel=True)
+        self.persister.flush()  # what the last turn marked, before the store closes
 
     # --- declarations ----------------------------------------------------------------
     def group_state(self, group: str, topic: str) -> SharedGroupWindows | None:
@@ -332,7 +337,7 @@ class SharedGroups:
             raise UnknownQueueError("queue deleted while it was declared", queue=name)
         for partition, part in state.partitions.items():
             self._save_start(state, partition, part)
-        await self.store.commit()
+        await self.persister.durable()
         return await self.get_queue(name)
 
     async def create_shared_group(
@@ -357,7 +362,7 @@ class SharedGroups:
             part = state.partitions[partition]
             part.start_offset = part.next_offset = offset
             self._save_start(state, partition, part)
-        await self.store.commit()
+        await self.persister.durable()
 
     def shared_group_start_offsets(self, topic: str, group: str) -> dict[int, int] | None:
         """Per partition, the offset below which every record is settled (KIP-932's
@@ -398,9 +403,8 @@ class SharedGroups:
         fresh = SharedPartition(topic, partition, group, state.config, start_offset=start,
                                 next_offset=start)
         state.partitions[partition] = fresh
-        self.store.delete_partition_records(group, topic, partition)
         self._save_start(state, partition, fresh)
-        await self.store.commit()
+        await self.persister.durable()
         self._wake(group, topic)
         return start
 
@@ -416,7 +420,7 @@ class SharedGroups:
         del self._groups[(group, topic)]
         self.store.delete_group(group, topic)
         self._wake(group, topic)
-        await self.store.commit()
+        await self.persister.durable()
 
     async def delete_queue(self, name: str, if_unused: bool = False,
                            if_empty: bool = False) -> int:
@@ -425,7 +429,7 @@ class SharedGroups:
         under ``hold_queue``, in one COMMIT)."""
         async with self._lifecycle.hold(name):
             dropped = await self.remove_queue(name, if_unused, if_empty)
-        await self.store.commit()
+        await self.persister.durable()
         return dropped
 
     def hold_queue(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
@@ -466,7 +470,7 @@ class SharedGroups:
         self.host.state_store.save_queue(
             QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
         self.store.save_group(name, name, config_to_json(config))
-        await self.store.commit()
+        await self.persister.durable()
         return await self.get_queue(name)
 
     async def purge_queue(self, name: str) -> int:
@@ -484,7 +488,7 @@ class SharedGroups:
                 await self._flush(state, part)
                 if count == 0 or part.next_offset >= self._high_watermark(part):
                     break
-        await self.store.commit()
+        await self.persister.durable()
         return purged
 
     async def get_queue(self, name: str) -> QueueInfo:
@@ -568,6 +572,8 @@ class SharedGroups:
             now_ms = self.clock.monotonic_ms()
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
+            if chosen:  # delivery counts: saved with the turn, not waited for
+                self._save_start(state, index, part)
             await self._flush(state, part)
             if chosen:
                 self.traffic.partition(state.topic, index).records_out += len(chosen)
@@ -692,7 +698,7 @@ class SharedGroups:
         for state, part in touched.values():
             await self._flush(state, part)
         if wait_durable:
-            await self.store.commit()
+            await self.persister.durable()
         if first_error is not None:
             raise first_error
 
@@ -708,7 +714,7 @@ class SharedGroups:
                 if count:
                     released += count
                     await self._flush(state, part)
-        await self.store.commit()
+        await self.persister.durable()
         return released
 
     async def redrive(self, name: str, records_max: int = 1000) -> int:
@@ -775,7 +781,7 @@ class SharedGroups:
             await self._overflow(state)
             wrote = True
         if wrote:
-            await self.store.commit()
+            await self.persister.durable()
         stream = iter(published)
         return [slot if slot is not None else next(stream) for slot in slots]
 
@@ -927,8 +933,12 @@ class SharedGroups:
             self._save_start(state, part.partition, part)
 
     def _save_start(self, state: SharedGroupWindows, partition: int, part: SharedPartition) -> None:
-        self.store.save_start_offset(state.group, state.topic, partition, part.start_offset)
-        state.saved_start[partition] = part.start_offset
+        """Save the partition's window (start offset and runs) at the end of this turn."""
+        self.persister.mark(state.group, state.topic, part, state.saved_start)
+
+    def _live(self, group: str, topic: str, part: SharedPartition) -> bool:
+        state = self._groups.get((group, topic))
+        return state is not None and state.partitions.get(part.partition) is part
 
     async def _flush(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Dead-letter what died, then persist the partition's changes."""
@@ -936,17 +946,15 @@ class SharedGroups:
         start_before = state.saved_start.get(part.partition)
         if not changes and part.start_offset == start_before:
             return
-        parked = [await self._dead_letter_or_park(state, part, change) for change in changes
-                  if change.state is RecordState.DEAD and change.reason is not None]
+        dying = [change for change in changes
+                 if change.state is RecordState.DEAD and change.reason is not None]
+        part.dead_letters_pending += len(dying)  # the persister holds the window meanwhile
+        try:
+            parked = [await self._dead_letter_or_park(state, part, change) for change in dying]
+        finally:
+            part.dead_letters_pending -= len(dying)
         changes.extend(change for change in parked if change is not None)
-        skew_ms = self._wall_skew_ms()  # delays are persisted in wall ms
-        rows = [RecordRow(change.offset, change.state.value, change.delivery_count,
-                          change.available_at_ms + skew_ms if change.available_at_ms else 0)
-                for change in changes if change.offset >= part.start_offset]
-        if rows:
-            self.store.save_records(state.group, state.topic, part.partition, rows)
-        if part.start_offset != state.saved_start.get(part.partition):
-            self._save_start(state, part.partition, part)
+        self._save_start(state, part.partition, part)
         if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)
                for change in changes):
             self._wake(state.group, state.topic)

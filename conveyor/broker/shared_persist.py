@@ -1,0 +1,109 @@
+"""WindowPersister: shared-group windows saved once per event-loop turn (KIP-932 style).
+
+Owns when a shared partition's state reaches the StateStore. A change to a window
+(ack, release, acquire, a moved start offset) only marks the partition dirty; at
+the end of the loop turn (``loop.call_soon``, after every handler that ran in the
+turn) each dirty partition is saved once as its start offset plus runs of offsets
+in one state (``SharedPartition.snapshot`` folded by ``shared_state.runs``): three
+SQL statements per partition per turn, whatever the number of acks. So an ack
+costs no row of its own, and a batch of 1,000 acks costs what one costs.
+
+Durability: ``durable()`` returns once every change made before it was called is
+saved and its COMMIT is on disk (the StateStore's commit). Acks that answer their
+client wait for it; acquires do not (a lost delivery count after a crash only
+counts one delivery fewer, as KIP-932 accepts for the acquired state).
+
+A partition with a dead letter still to be written is not saved in that turn: the
+dead letter goes first (``SharedGroups._flush`` marks it again after it), so a
+crash never keeps a record settled whose dead letter was lost.
+
+Must not know: protocols, the log. It calls the shared-state store only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from conveyor.errors import StorageError
+from conveyor.storage.shared_state import SharedStateStore, runs
+
+from .shared_group import RecordState, SharedPartition
+
+# (group, topic, partition)
+Key = tuple[str, str, int]
+
+
+class WindowPersister:
+    def __init__(self, store: SharedStateStore, wall_skew_ms: Callable[[], int],
+                 live: Callable[[str, str, SharedPartition], bool]) -> None:
+        self.store = store
+        self._wall_skew_ms = wall_skew_ms
+        self._live = live  # False once the group or partition was deleted or replaced
+        # key -> (partition window, the group's saved-start map, old-table rows to drop)
+        self._dirty: dict[Key, tuple[SharedPartition, dict[int, int], bool]] = {}
+        self._round: asyncio.Future[None] | None = None  # resolves after this turn's save
+        self.saves = 0  # partitions written (statistics, tests)
+
+    def mark(self, group: str, topic: str, part: SharedPartition,
+             saved_start: dict[int, int], legacy_rows: bool = False) -> None:
+        key = (group, topic, part.partition)
+        previous = self._dirty.get(key)
+        legacy = legacy_rows or (previous is not None and previous[2])
+        self._dirty[key] = (part, saved_start, legacy)
+        if self._round is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # outside a loop (tests, tools): saved at the next flush
+                return
+            self._round = loop.create_future()
+            loop.call_soon(self._save_round)
+
+    async def durable(self) -> None:
+        """Every change marked so far saved and committed durably."""
+        round_ = self._round
+        if round_ is not None:
+            await asyncio.shield(round_)
+        await self.store.commit()
+
+    def flush(self) -> None:
+        """Save every dirty partition now (close, and callers outside a loop)."""
+        self._save_round()
+
+    def _save_round(self) -> None:
+        round_, self._round = self._round, None
+        dirty, self._dirty = self._dirty, {}
+        skew_ms = self._wall_skew_ms()
+        error: StorageError | None = None
+        for (group, topic, partition), (part, saved_start, legacy) in dirty.items():
+            if not self._live(group, topic, part):
+                continue
+            if part.dead_letters_pending or any(
+                    change.state is RecordState.DEAD and change.reason is not None
+                    for change in part.changes):
+                continue  # its dead letter first; _flush marks it again after
+            ranges = runs(part.snapshot(skew_ms))
+            snapshot = (part.start_offset, ranges)
+            if snapshot == part.saved_snapshot and not legacy:
+                continue
+            try:
+                self.store.save_partition(group, topic, partition, part.start_offset, ranges,
+                                          legacy_rows=legacy)
+            except StorageError as failure:
+                error = error or failure
+                continue
+            part.saved_snapshot = snapshot
+            saved_start[partition] = part.start_offset
+            self.saves += 1
+        if round_ is None:
+            return
+        if error is not None:
+            round_.set_exception(error)
+            round_.add_done_callback(_retrieve)
+        else:
+            round_.set_result(None)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
