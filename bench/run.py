@@ -127,7 +127,8 @@ def sqs_rows(document: dict[str, Any]) -> list[Row]:
 SUITES: dict[str, Suite] = {
     "storage": Suite("bench.storage.bench_append", (), ("--seconds", "0.3"), storage_rows),
     "kafka": Suite("bench.kafka.throughput", (), ("--scale", "0.05"), kafka_rows),
-    "http": Suite("bench.http.run", (), ("--seconds", "0.3", "--rounds", "1", "--rate", "100"), http_rows),
+    "http": Suite("bench.http.run", (), ("--seconds", "0.3", "--rounds", "1", "--rate", "100"),
+                  http_rows),
     "amqp": Suite("bench.amqp", (), ("--quick",), amqp_rows),
     "sqs": Suite("bench.sqs", (), ("--seconds", "1", "--rounds", "1", "--latency-rate", "20"),
                  sqs_rows),

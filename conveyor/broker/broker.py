@@ -591,14 +591,17 @@ class Broker:
             topic, group, records_max, lock_ms, wait_ms, consumer_id
         )
 
-    async def ack(self, receipts: Iterable[str], wait_durable: bool = True) -> None:
-        await self._shared().ack(receipts, wait_durable)
+    async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
+                  outcomes: list[Exception | None] | None = None) -> None:
+        await self._shared().ack(receipts, wait_durable, outcomes)
 
-    async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
-        await self._shared().release(receipts, delay_ms)
+    async def release(self, receipts: Iterable[str], delay_ms: int = 0,
+                      outcomes: list[Exception | None] | None = None) -> None:
+        await self._shared().release(receipts, delay_ms, outcomes)
 
-    async def extend(self, receipts: Iterable[str], lock_ms: int) -> list[int]:
-        return await self._shared().extend(receipts, lock_ms)
+    async def extend(self, receipts: Iterable[str], lock_ms: int,
+                     outcomes: list[Exception | None] | None = None) -> list[int]:
+        return await self._shared().extend(receipts, lock_ms, outcomes)
 
     async def reject(self, receipts: Iterable[str], reason: str = "rejected") -> None:
         await self._shared().reject(receipts, reason)

@@ -175,6 +175,10 @@ class SharedGroupWindows:
     counters: SharedGroupCounters = field(default_factory=SharedGroupCounters)
 
 
+# per receipt: None (settled) or its error, for callers that answer each receipt
+Outcomes = list[Exception | None] | None
+
+
 def config_to_json(config: QueueConfig) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
@@ -652,22 +656,30 @@ class SharedGroups:
                 waiter.set_result(None)
 
     # --- settle ----------------------------------------------------------------------
-    async def ack(self, receipts: Iterable[str], wait_durable: bool = True) -> None:
-        """``wait_durable=False``: return once applied and committed, without waiting for
-        the fsync (for protocols whose acks get no answer: AMQP): a killed process keeps
-        the ack, a power cut within ``UNSYNCED_FSYNC_DELAY_S`` may redeliver."""
+    async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
+                  outcomes: Outcomes = None) -> None:
+        """``wait_durable=False``: return once applied, without waiting for the save and
+        its fsync (for protocols whose acks get no answer: AMQP): the ack is saved with
+        the loop turn; a crash before that turn's COMMIT is durable may redeliver.
+        ``outcomes``: one entry per receipt (None or its error) instead of raising."""
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.ack(offset, token, now_ms), wait_durable, count_acked=True)
+                           part.ack(offset, token, now_ms), wait_durable, count_acked=True,
+                           outcomes=outcomes)
 
-    async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
+    async def release(self, receipts: Iterable[str], delay_ms: int = 0,
+                      outcomes: Outcomes = None) -> None:
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.release(offset, token, now_ms, max(0, delay_ms)))
+                           part.release(offset, token, now_ms, max(0, delay_ms)),
+                           outcomes=outcomes)
 
-    async def extend(self, receipts: Iterable[str], lock_ms: int) -> list[int]:
+    async def extend(self, receipts: Iterable[str], lock_ms: int,
+                     outcomes: Outcomes = None) -> list[int]:
+        """The new deadlines (wall ms) of the receipts that were extended."""
         lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
         deadlines: list[int] = []
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           deadlines.append(part.extend(offset, token, now_ms, lock_ms)))
+                           deadlines.append(part.extend(offset, token, now_ms, lock_ms)),
+                           outcomes=outcomes)
         skew_ms = self._wall_skew_ms()
         return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
 
@@ -677,8 +689,10 @@ class SharedGroups:
                            part.reject(offset, token, now_ms))
 
     async def _settle(self, receipts: Iterable[str], action: Any,
-                      wait_durable: bool = True, count_acked: bool = False) -> None:
-        """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
+                      wait_durable: bool = True, count_acked: bool = False,
+                      outcomes: Outcomes = None) -> None:
+        """Apply ``action`` to each receipt; persist; raise the first error afterwards
+        (or, with ``outcomes``, append each receipt's error or None to it)."""
         touched: dict[tuple[str, str, int], tuple[SharedGroupWindows, SharedPartition]] = {}
         first_error: Exception | None = None
         now_ms = self.clock.monotonic_ms()
@@ -693,7 +707,12 @@ class SharedGroups:
                 action(part, offset, token, now_ms)
                 if count_acked:
                     state.counters.acked += 1
+                if outcomes is not None:
+                    outcomes.append(None)
             except OperatingError as error:
+                if outcomes is not None:
+                    outcomes.append(error)
+                    continue
                 first_error = first_error or error
         for state, part in touched.values():
             await self._flush(state, part)
