@@ -151,8 +151,9 @@ class SharedPartition:
     pending_rows: dict[int, tuple[RecordState, int, int]] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     version: int = 0
-    # loaded unsettled offsets whose persisted state is not the default (delivered at
-    # least once, or parked): with ``settled`` and ``pending_rows``, what a snapshot saves
+    # loaded unsettled offsets whose delivery count is saved: released or parked ones
+    # (redelivered), and with max_deliveries every delivered one (the count decides when
+    # it dies); with ``settled`` and ``pending_rows``, what a snapshot saves
     counted: set[int] = field(default_factory=set)
     # the (start, runs) last saved, so an unchanged window is not written again
     saved_snapshot: object = None
@@ -250,7 +251,8 @@ class SharedPartition:
             if entry.policy.message_group is not None:
                 self.groups_in_flight.add(entry.policy.message_group)
             heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
-            self.counted.add(offset)
+            if self.config.max_deliveries > 0:  # only then does redelivery depend on it
+                self.counted.add(offset)
             chosen.append(Acquired(entry, offset))
         self._bound_heaps()
         return chosen
@@ -470,6 +472,7 @@ class SharedPartition:
         if exhausted(entry.delivery_count, self.config):
             self._kill(offset, entry, "max-deliveries")
             return
+        self.counted.add(offset)  # redelivered: its count is saved from now on
         if delay_ms > 0:
             self._move(entry, E.DELAY)
             entry.available_at_ms = now_ms + delay_ms

@@ -576,8 +576,8 @@ class SharedGroups:
             now_ms = self.clock.monotonic_ms()
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
-            if chosen:  # delivery counts: saved with the turn, not waited for
-                self._save_start(state, index, part)
+            if chosen and state.config.max_deliveries > 0:
+                self._save_start(state, index, part)  # counts: saved with the turn, unwaited
             await self._flush(state, part)
             if chosen:
                 self.traffic.partition(state.topic, index).records_out += len(chosen)
