@@ -134,6 +134,10 @@ REDRIVE_CONSUMER = "conveyor.redrive"
 # a dead letter that could not be appended (too large with its headers, disk full) is
 # retried this much later; SQS's redrive and RabbitMQ's dead-lettering have no retry
 DEAD_LETTER_RETRY_MS = 60_000
+# work-queue retention moves a partition's log start (a small file written with fsyncs on
+# the event loop, partition_log.delete_before) at most this often; the acked records
+# between stay readable a little longer, nothing else depends on it
+RETENTION_INTERVAL_MS = 1_000
 
 logger = logging.getLogger("conveyor.broker.shared")
 
@@ -225,6 +229,8 @@ class SharedGroups:
         self._sleepers = Supervisor("conveyor.shared-groups")
         # (topic, partition) -> offset last passed to delete_before (work-queue retention)
         self._retained: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> when its log start last moved (monotonic ms)
+        self._retained_at: dict[tuple[str, int], int] = {}
         # (topic, partition) -> offset -> record published through Broker.publish and not
         # loaded into a window yet: _fill takes them instead of reading and decoding the log
         self._appended: dict[tuple[str, int], dict[int, Record]] = {}
@@ -857,12 +863,18 @@ class SharedGroups:
             for partition, part in state.partitions.items():
                 key = (state.topic, partition)
                 lowest[key] = min(lowest.get(key, part.start_offset), part.start_offset)
+        now_ms = self.clock.monotonic_ms()
         for (topic, partition), offset in lowest.items():
-            if offset > self._retained.get((topic, partition), -1):
+            key = (topic, partition)
+            if offset > self._retained.get(key, -1):
+                if now_ms < self._retained_at.get(key, -RETENTION_INTERVAL_MS) \
+                        + RETENTION_INTERVAL_MS:
+                    continue  # the log start file is written (and fsynced) at most 1/s
                 log = self.host.topics.partition_log(topic, partition)
                 if offset > log.log_start_offset:
                     log.delete_before(offset)
-                self._retained[(topic, partition)] = offset
+                    self._retained_at[key] = now_ms
+                self._retained[key] = offset
 
     # --- internals -------------------------------------------------------------------
     def _wall_skew_ms(self) -> int:
