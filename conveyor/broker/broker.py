@@ -676,6 +676,11 @@ class Broker:
         """Where a message would go (no publish)."""
         return self.exchanges.route(exchange, routing_key, headers)
 
+    def routes_by_key_only(self, exchange: str) -> bool:
+        """True when where ``exchange`` routes depends on the routing key alone (no
+        headers exchange on the way): a protocol may route a batch once per key."""
+        return self.exchanges.routing.routes_by_key_only(exchange)
+
     async def publish_to_exchange(
         self, exchange: str, routing_key: str, messages: Sequence[Message]
     ) -> RouteResult:
