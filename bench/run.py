@@ -126,7 +126,7 @@ def sqs_rows(document: dict[str, Any]) -> list[Row]:
 
 SUITES: dict[str, Suite] = {
     "storage": Suite("bench.storage.bench_append", (), ("--seconds", "0.3"), storage_rows),
-    "kafka": Suite("bench.kafka.throughput", (), ("--scale", "0.05"), kafka_rows),
+    "kafka": Suite("bench.kafka.throughput", (), ("--seconds", "2", "--rounds", "1"), kafka_rows),
     "http": Suite("bench.http.run", (), ("--seconds", "0.3", "--rounds", "1", "--rate", "100"),
                   http_rows),
     "amqp": Suite("bench.amqp", (), ("--quick",), amqp_rows),
