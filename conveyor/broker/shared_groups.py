@@ -229,6 +229,8 @@ class SharedGroups:
         self._sleepers = Supervisor("conveyor.shared-groups")
         # (topic, partition) -> offset last passed to delete_before (work-queue retention)
         self._retained: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> its high watermark at the last notify_appended
+        self._seen_ends: dict[tuple[str, int], int] = {}
         # (topic, partition) -> when its log start last moved (monotonic ms)
         self._retained_at: dict[tuple[str, int], int] = {}
         # (topic, partition) -> offset -> record published through Broker.publish and not
@@ -561,6 +563,8 @@ class SharedGroups:
         deadline_ms = now_ms + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
         while True:
             deliveries = await self._acquire_once(state, records_max, lock_ms, consumer)
+            if deliveries and self._waiters.get((group, topic)) and self._maybe_ready(state):
+                self._wake(group, topic, 1)  # pass the baton: more may be there
             remaining_ms = deadline_ms - self.clock.monotonic_ms()
             if deliveries or remaining_ms <= 0:
                 return deliveries
@@ -611,6 +615,13 @@ class SharedGroups:
                      if d is not None]
         if deadlines:
             remaining_ms = min(remaining_ms, max(0, min(deadlines) - now_ms))
+        for part in state.partitions.values():
+            # what this acquire could see: records past it must wake someone (an earlier
+            # value only wakes more acquires than needed, never fewer)
+            end_key = (part.topic, part.partition)
+            seen = self._seen_ends.get(end_key)
+            self._seen_ends[end_key] = (part.next_offset if seen is None
+                                        else min(seen, part.next_offset))
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         key = (state.group, state.topic)
@@ -651,15 +662,55 @@ class SharedGroups:
         self._appended_bytes -= len(record.value or b"") + len(record.key or b"")
 
     def notify_appended(self, topic: str, partition: int) -> None:
-        """The facade calls this after every append: wakes acquires of the topic's groups."""
+        """The facade calls this after every append (or when a partition goes): wakes as
+        many parked acquires of each of the topic's groups as records arrived since the
+        last call (all of them when the partition went or was not seen before), not the
+        whole herd; an acquire that got records wakes the next one while more are there
+        (``acquire``)."""
+        if not self._waiters:
+            return
+        key = (topic, partition)
+        try:
+            end: int | None = int(self.host.topics.partition_log(topic, partition)
+                                  .high_watermark)
+        except OperatingError:
+            end = None
+        seen = self._seen_ends.get(key)
+        arrived = None if end is None or seen is None or end < seen else end - seen
+        if end is None:
+            self._seen_ends.pop(key, None)
+        else:
+            self._seen_ends[key] = end
+        if arrived == 0:
+            return  # an earlier call of this durable group already woke enough
         for group, group_topic in list(self._waiters):
             if group_topic == topic:
-                self._wake(group, topic)
+                self._wake(group, topic, arrived)
 
-    def _wake(self, group: str, topic: str) -> None:
-        for waiter in self._waiters.pop((group, topic), []):
+    def _wake(self, group: str, topic: str, count: int | None = None) -> None:
+        """Resolve the group's parked acquires: all, or the ``count`` oldest."""
+        key = (group, topic)
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return
+        if count is None or count >= len(waiters):
+            del self._waiters[key]
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        while waiters and count > 0:
+            waiter = waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(None)
+                count -= 1
+        if not waiters:
+            del self._waiters[key]
+
+    def _maybe_ready(self, state: SharedGroupWindows) -> bool:
+        """Records may be left for another acquire (a cheap over-estimate)."""
+        return any(part.available or part.delayed or part.next_offset
+                   < self._high_watermark(part) for part in state.partitions.values())
 
     # --- settle ----------------------------------------------------------------------
     async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
