@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 from conveyor.errors import IllegalStateError, LockExpiredError, UnknownDeliveryError
 from conveyor.storage.record_batch import Record
-from conveyor.storage.shared_state import RecordRow
 
 from .delivery import HEAP_SLACK_ITEMS, NEVER_MS, DeadReason, RecordPolicy, exhausted
 from .types import QueueConfig
@@ -233,6 +232,12 @@ class SharedPartition:
         candidates = [heap[0][0] for heap in (self.locks, self.delayed) if heap]
         return min(candidates) if candidates else None
 
+    def next_timer_ms(self) -> int | None:
+        """When ``tick`` next has something to do: a lock, a delay or a record expiry."""
+        candidates = [heap[0][0] for heap in (self.locks, self.delayed, self.expiring)
+                      if heap]
+        return min(candidates) if candidates else None
+
     # --- acquire ----------------------------------------------------------------------
     def acquire(
         self, now_ms: int, records_max: int, lock_ms: int, consumer_id: str, token: int
@@ -403,31 +408,6 @@ class SharedPartition:
         # runs out of deliveries again, and its dead letter is retried then)
         return Change(offset, S.AVAILABLE, entry.delivery_count)
 
-    # --- persistence ------------------------------------------------------------------
-    def snapshot(self, skew_ms: int) -> list[RecordRow]:
-        """What a restart needs of offsets at or above the start, ascending (KIP-932's
-        state batches before folding): settled offsets as acked, delivered or parked
-        records as available with their count (the acquired state is not kept: a lock
-        does not survive a restart), delays in wall ms (``skew_ms`` = wall - monotonic),
-        and the saved state of offsets not loaded yet. Offsets in none of these are
-        available and never delivered: no row."""
-        start = self.start_offset
-        rows: dict[int, RecordRow] = {}
-        for offset, (state, count, at_ms) in self.pending_rows.items():
-            if offset >= start:
-                rows[offset] = _row(offset, state, count, at_ms, skew_ms)
-        for offset in self.settled:
-            if offset >= start:
-                rows[offset] = RecordRow(offset, "acked", 0, 0)
-        for offset in self.counted:
-            entry = self.entries.get(offset)
-            if entry is not None and offset >= start:
-                state = (S.DELAYED if entry.state is S.DELAYED and entry.dead_reason is None
-                         else S.AVAILABLE)
-                rows[offset] = _row(offset, state, entry.delivery_count,
-                                    entry.available_at_ms, skew_ms)
-        return [rows[offset] for offset in sorted(rows)]
-
     # --- counts -----------------------------------------------------------------------
     def counts(self, high_watermark: int) -> tuple[int, int, int]:
         """(ready, in_flight, delayed); records not loaded yet count as ready."""
@@ -524,10 +504,3 @@ class SharedPartition:
             self.settled.discard(self.start_offset)
             self.start_offset += 1
 
-
-def _row(offset: int, state: RecordState, count: int, at_ms: int, skew_ms: int) -> RecordRow:
-    if state in FINAL:
-        return RecordRow(offset, "acked", 0, 0)
-    if state is S.DELAYED:
-        return RecordRow(offset, "delayed", count, at_ms + skew_ms if at_ms else 0)
-    return RecordRow(offset, "available", count, 0)

@@ -103,6 +103,7 @@ from .log_end import LostRange, clamp
 from .routing import Destination
 from .shared_group import Change, RecordState, SharedPartition
 from .shared_persist import WindowPersister
+from .shared_timers import SharedTimers
 from .stats import (
     CONSUMER_ACTIVE_MS,
     CONSUMERS_TRACKED_MAX,
@@ -219,6 +220,7 @@ class SharedGroups:
         self.rng = host.rng
         self.store = SharedStateStore(host.state_store)
         self.persister = WindowPersister(self.store, self._wall_skew_ms, self._live)
+        self._timers = SharedTimers()
         # (group, topic) -> state
         self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
         # queue name -> its dedup window
@@ -292,6 +294,7 @@ class SharedGroups:
                         max(0, row.available_at_ms - skew_ms) if row.available_at_ms else 0)
             state.partitions[partition] = part
             state.saved_start[partition] = saved
+            self._timers.unfilled.add((topic, partition))  # loaded by the first timer pass
             if saved > start or resave:
                 self.persister.mark(group, topic, part, state.saved_start, legacy)
         self._groups[(group, topic)] = state
@@ -667,6 +670,7 @@ class SharedGroups:
         last call (all of them when the partition went or was not seen before), not the
         whole herd; an acquire that got records wakes the next one while more are there
         (``acquire``)."""
+        self._timers.unfilled.add((topic, partition))  # for expiry of unconsumed records
         if not self._waiters:
             return
         key = (topic, partition)
@@ -884,19 +888,31 @@ class SharedGroups:
 
     # --- timer -----------------------------------------------------------------------
     async def tick(self) -> None:
-        """Expire locks, end delays, forget old dedup ids, apply work-queue retention."""
+        """Expire locks, end delays, forget old dedup ids, apply work-queue retention.
+
+        Visits only the partitions whose deadline came (``SharedTimers``) and the queue
+        partitions that got records since the last pass (loaded, so that records
+        nobody consumes can expire), not every group x partition."""
         now_ms = self.clock.monotonic_ms()
-        for state in list(self._groups.values()):
-            woke = False
-            for part in list(state.partitions.values()):
-                if self._groups.get((state.group, state.topic)) is not state:
-                    break  # deleted while this pass awaited: its partitions are gone
-                if state.is_queue:
-                    await self._fill(state, part)  # so unconsumed records can expire
-                woke = part.tick(now_ms) or woke
-                await self._flush(state, part)
+        visits: dict[tuple[str, str, int], None] = dict.fromkeys(self._timers.due(now_ms))
+        for topic, partition in list(self._timers.unfilled):
+            self._timers.unfilled.discard((topic, partition))
+            for group, group_topic in list(self._groups):
+                if group_topic == topic and self._groups[(group, topic)].is_queue:
+                    visits[(group, topic, partition)] = None
+        for group, topic, partition in visits:
+            state = self._groups.get((group, topic))
+            part = state.partitions.get(partition) if state is not None else None
+            if state is None or part is None:
+                continue  # deleted meanwhile
+            if state.is_queue:
+                await self._fill(state, part)  # so unconsumed records can expire
+                if (part.room() == 0 and part.next_offset < self._high_watermark(part)):
+                    self._timers.unfilled.add((topic, partition))  # the rest, later
+            woke = part.tick(self.clock.monotonic_ms())
+            await self._flush(state, part)
             if woke:
-                self._wake(state.group, state.topic)
+                self._wake(group, topic)
         wall_ms = self.clock.wall_ms()  # dedup windows are persisted in wall ms
         for queue, window in self._dedup.items():
             if window.forget_expired(wall_ms) and self.queue_exists(queue):
@@ -1013,6 +1029,7 @@ class SharedGroups:
                 part.load(record, record_policy(record, state.config, skew_ms))
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
+        self._timers.schedule((state.group, state.topic, part.partition), part.next_timer_ms())
 
     def _save_start(self, state: SharedGroupWindows, partition: int, part: SharedPartition) -> None:
         """Save the partition's window (start offset and runs) at the end of this turn."""
@@ -1024,6 +1041,7 @@ class SharedGroups:
 
     async def _flush(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Dead-letter what died, then persist the partition's changes."""
+        self._timers.schedule((state.group, state.topic, part.partition), part.next_timer_ms())
         changes, part.changes = part.changes, []
         start_before = state.saved_start.get(part.partition)
         if not changes and part.start_offset == start_before:

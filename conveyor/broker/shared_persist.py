@@ -4,7 +4,7 @@ Owns when a shared partition's state reaches the StateStore. A change to a windo
 (ack, release, acquire, a moved start offset) only marks the partition dirty; at
 the end of the loop turn (``loop.call_soon``, after every handler that ran in the
 turn) each dirty partition is saved once as its start offset plus runs of offsets
-in one state (``SharedPartition.snapshot`` folded by ``shared_state.runs``): three
+in one state (``snapshot`` below, folded by ``shared_state.runs``): three
 SQL statements per partition per turn, whatever the number of acks. So an ack
 costs no row of its own, and a batch of 1,000 acks costs what one costs.
 
@@ -26,9 +26,9 @@ import asyncio
 from collections.abc import Callable
 
 from conveyor.errors import StorageError
-from conveyor.storage.shared_state import SharedStateStore, runs
+from conveyor.storage.shared_state import RecordRow, SharedStateStore, runs
 
-from .shared_group import RecordState, SharedPartition
+from .shared_group import FINAL, RecordState, SharedPartition
 
 # (group, topic, partition)
 Key = tuple[str, str, int]
@@ -82,9 +82,9 @@ class WindowPersister:
                     change.state is RecordState.DEAD and change.reason is not None
                     for change in part.changes):
                 continue  # its dead letter first; _flush marks it again after
-            ranges = runs(part.snapshot(skew_ms))
-            snapshot = (part.start_offset, ranges)
-            if snapshot == part.saved_snapshot and not legacy:
+            ranges = runs(snapshot(part, skew_ms))
+            saved = (part.start_offset, ranges)
+            if saved == part.saved_snapshot and not legacy:
                 continue
             try:
                 self.store.save_partition(group, topic, partition, part.start_offset, ranges,
@@ -92,7 +92,7 @@ class WindowPersister:
             except StorageError as failure:
                 error = error or failure
                 continue
-            part.saved_snapshot = snapshot
+            part.saved_snapshot = saved
             saved_start[partition] = part.start_offset
             self.saves += 1
         if round_ is None:
@@ -102,6 +102,39 @@ class WindowPersister:
             round_.add_done_callback(_retrieve)
         else:
             round_.set_result(None)
+
+
+def snapshot(part: SharedPartition, skew_ms: int) -> list[RecordRow]:
+    """What a restart needs of a window's offsets at or above its start, ascending
+    (KIP-932's state batches before folding): settled offsets as acked, counted records
+    (``part.counted``) as available with their count or delayed (a lock does not
+    survive a restart: acquired is saved as available), delays in wall ms (``skew_ms`` =
+    wall - monotonic), and the saved state of offsets not loaded yet. An offset in none
+    of these is available and never delivered: no row."""
+    start = part.start_offset
+    rows: dict[int, RecordRow] = {}
+    for offset, (state, count, at_ms) in part.pending_rows.items():
+        if offset >= start:
+            rows[offset] = _row(offset, state, count, at_ms, skew_ms)
+    for offset in part.settled:
+        if offset >= start:
+            rows[offset] = RecordRow(offset, "acked", 0, 0)
+    for offset in part.counted:
+        entry = part.entries.get(offset)
+        if entry is not None and offset >= start:
+            state = (RecordState.DELAYED if entry.state is RecordState.DELAYED
+                     and entry.dead_reason is None else RecordState.AVAILABLE)
+            rows[offset] = _row(offset, state, entry.delivery_count, entry.available_at_ms,
+                                skew_ms)
+    return [rows[offset] for offset in sorted(rows)]
+
+
+def _row(offset: int, state: RecordState, count: int, at_ms: int, skew_ms: int) -> RecordRow:
+    if state in FINAL:
+        return RecordRow(offset, "acked", 0, 0)
+    if state is RecordState.DELAYED:
+        return RecordRow(offset, "delayed", count, at_ms + skew_ms if at_ms else 0)
+    return RecordRow(offset, "available", count, 0)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -92,3 +92,31 @@ async def test_a_woken_acquire_passes_on_what_it_left(broker: Broker) -> None:
     await settled(tasks, 2)
     late = await shared.acquire("jobs", "jobs", wait_ms=60_000)
     assert [d.value for d in late] == [b"c"]
+
+
+async def test_the_timer_visits_only_partitions_with_something_due(
+        harness: BrokerHarness, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle queues cost the timer nothing; a lock that expires is still found."""
+    shared = groups(broker)
+    for index in range(30):
+        await shared.declare_queue(f"idle-{index}")
+    await shared.declare_queue("jobs")
+    await broker.publish("jobs", [Message(b"x")])
+    taken = await shared.acquire("jobs", "jobs", lock_ms=1_000)
+    await shared.tick()  # the first pass loads what was appended or declared
+    visited: list[str] = []
+    fill = shared._fill
+
+    async def counted(state: Any, part: Any) -> None:
+        visited.append(state.topic)
+        await fill(state, part)
+
+    monkeypatch.setattr(shared, "_fill", counted)
+    await shared.tick()
+    assert visited == []
+    harness.clock.advance(1_001)
+    await shared.tick()
+    assert visited == ["jobs"]
+    again = await shared.acquire("jobs", "jobs")
+    assert [d.offset for d in again] == [taken[0].offset]
+    assert again[0].delivery_count == 2
