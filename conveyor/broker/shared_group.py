@@ -156,8 +156,9 @@ class SharedPartition:
     counted: set[int] = field(default_factory=set)
     # the (start, runs) last saved, so an unchanged window is not written again
     saved_snapshot: object = None
-    # dead letters being written: the window is not saved until they are
-    dead_letters_pending: int = 0
+    # offset -> delivery count of a dead record whose dead letter is being written: saved
+    # as unsettled until it is (a crash then judges it again, never loses it)
+    dying: dict[int, int] = field(default_factory=dict)
 
     # --- loading --------------------------------------------------------------------
     def room(self) -> int:

@@ -1048,11 +1048,13 @@ class SharedGroups:
             return
         dying = [change for change in changes
                  if change.state is RecordState.DEAD and change.reason is not None]
-        part.dead_letters_pending += len(dying)  # the persister holds the window meanwhile
+        for change in dying:  # saved as unsettled until their dead letters are written
+            part.dying[change.offset] = change.delivery_count
         try:
             parked = [await self._dead_letter_or_park(state, part, change) for change in dying]
         finally:
-            part.dead_letters_pending -= len(dying)
+            for change in dying:
+                part.dying.pop(change.offset, None)
         changes.extend(change for change in parked if change is not None)
         self._save_start(state, part.partition, part)
         if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)

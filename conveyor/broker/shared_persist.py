@@ -13,9 +13,10 @@ saved and its COMMIT is on disk (the StateStore's commit). Acks that answer thei
 client wait for it; acquires do not (a lost delivery count after a crash only
 counts one delivery fewer, as KIP-932 accepts for the acquired state).
 
-A partition with a dead letter still to be written is not saved in that turn: the
-dead letter goes first (``SharedGroups._flush`` marks it again after it), so a
-crash never keeps a record settled whose dead letter was lost.
+A record that died but whose dead letter is not written yet is saved as unsettled
+(the start offset stays at or below it): a crash then judges it again rather than
+losing it with its dead letter; ``SharedGroups._flush`` marks the partition again
+once the dead letter is written.
 
 Must not know: protocols, the log. It calls the shared-state store only.
 """
@@ -78,22 +79,19 @@ class WindowPersister:
         for (group, topic, partition), (part, saved_start, legacy) in dirty.items():
             if not self._live(group, topic, part):
                 continue
-            if part.dead_letters_pending or any(
-                    change.state is RecordState.DEAD and change.reason is not None
-                    for change in part.changes):
-                continue  # its dead letter first; _flush marks it again after
-            ranges = runs(snapshot(part, skew_ms))
-            saved = (part.start_offset, ranges)
+            start, rows = snapshot(part, skew_ms)
+            ranges = runs(rows)
+            saved = (start, ranges)
             if saved == part.saved_snapshot and not legacy:
                 continue
             try:
-                self.store.save_partition(group, topic, partition, part.start_offset, ranges,
+                self.store.save_partition(group, topic, partition, start, ranges,
                                           legacy_rows=legacy)
             except StorageError as failure:
                 error = error or failure
                 continue
             part.saved_snapshot = saved
-            saved_start[partition] = part.start_offset
+            saved_start[partition] = start
             self.saves += 1
         if round_ is None:
             return
@@ -104,15 +102,21 @@ class WindowPersister:
             round_.set_result(None)
 
 
-def snapshot(part: SharedPartition, skew_ms: int) -> list[RecordRow]:
-    """What a restart needs of a window's offsets at or above its start, ascending
-    (KIP-932's state batches before folding): settled offsets as acked, counted records
-    (``part.counted``) as available with their count or delayed (a lock does not
-    survive a restart: acquired is saved as available), delays in wall ms (``skew_ms`` =
-    wall - monotonic), and the saved state of offsets not loaded yet. An offset in none
-    of these is available and never delivered: no row."""
-    start = part.start_offset
-    rows: dict[int, RecordRow] = {}
+def snapshot(part: SharedPartition, skew_ms: int) -> tuple[int, list[RecordRow]]:
+    """The start offset to save and what a restart needs of the offsets at or above
+    it, ascending (KIP-932's state batches before folding): settled offsets as acked,
+    counted records (``part.counted``) as available with their count or delayed (a lock
+    does not survive a restart: acquired is saved as available), delays in wall ms
+    (``skew_ms`` = wall - monotonic), the saved state of offsets not loaded yet, and
+    records whose dead letter is still being written as available (the start stays at
+    or below them). An offset in none of these is available, never delivered: no row."""
+    dying = dict(part.dying)
+    for change in part.changes:  # killed, not yet taken by a flush
+        if change.state is RecordState.DEAD and change.reason is not None:
+            dying[change.offset] = change.delivery_count
+    start = min([part.start_offset, *dying])
+    rows: dict[int, RecordRow] = {offset: RecordRow(offset, "acked", 0, 0)
+                                  for offset in range(start, part.start_offset)}
     for offset, (state, count, at_ms) in part.pending_rows.items():
         if offset >= start:
             rows[offset] = _row(offset, state, count, at_ms, skew_ms)
@@ -126,7 +130,9 @@ def snapshot(part: SharedPartition, skew_ms: int) -> list[RecordRow]:
                      and entry.dead_reason is None else RecordState.AVAILABLE)
             rows[offset] = _row(offset, state, entry.delivery_count, entry.available_at_ms,
                                 skew_ms)
-    return [rows[offset] for offset in sorted(rows)]
+    for offset, count in dying.items():
+        rows[offset] = RecordRow(offset, "available", count, 0)
+    return start, [rows[offset] for offset in sorted(rows)]
 
 
 def _row(offset: int, state: RecordState, count: int, at_ms: int, skew_ms: int) -> RecordRow:

@@ -10,6 +10,7 @@ SQLite file is read with a connection of its own after acks that waited for it.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,3 +123,35 @@ async def test_rows_of_the_old_per_record_table_are_read_and_replaced(
     assert rows(harness, "SELECT first_offset, last_offset, state, delivery_count"
                 " FROM shared_ranges ORDER BY first_offset") == [
         (1, 1, "available", 4), (2, 2, "acked", 0)]
+
+
+async def test_a_record_whose_dead_letter_is_not_written_yet_is_saved_unsettled(
+        harness: BrokerHarness, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ack saved while another record's dead letter is still being written must not
+    save that record as settled: a crash then would lose it with its dead letter."""
+    shared = groups(broker)
+    await shared.declare_queue("jobs", QueueConfig(max_deliveries=1))
+    await fill(broker, "jobs", 3)
+    taken = await shared.acquire("jobs", "jobs", records_max=3)
+    gate = asyncio.Event()
+    dead_letter = shared._dead_letter
+
+    async def slow(*arguments: Any) -> None:
+        await gate.wait()
+        await dead_letter(*arguments)
+
+    monkeypatch.setattr(shared, "_dead_letter", slow)
+    releasing = asyncio.create_task(shared.release([taken[0].receipt]))  # dies: 1 delivery
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await shared.ack([taken[1].receipt, taken[2].receipt])
+    assert rows(harness, "SELECT start_offset FROM shared_partitions"
+                " WHERE group_name = 'jobs'") == [(0,)]
+    assert rows(harness, "SELECT first_offset, last_offset, state FROM shared_ranges"
+                " WHERE group_name = 'jobs' ORDER BY first_offset") == [
+        (0, 0, "available"), (1, 2, "acked")]
+    gate.set()
+    await releasing
+    await shared.ack([])
+    assert rows(harness, "SELECT start_offset FROM shared_partitions"
+                " WHERE group_name = 'jobs'") == [(3,)]
