@@ -151,9 +151,13 @@ class SharedPartition:
     changes: list[Change] = field(default_factory=list)
     version: int = 0
     # loaded unsettled offsets whose delivery count is saved: released or parked ones
-    # (redelivered), and with max_deliveries every delivered one (the count decides when
-    # it dies); with ``settled`` and ``pending_rows``, what a snapshot saves
+    # and those delivered before a restart; with ``settled``, ``pending_rows`` and
+    # ``delivered_end``, what a snapshot saves
     counted: set[int] = field(default_factory=set)
+    # one past the highest offset ever acquired: after a restart an unsettled record
+    # below it without a saved count was delivered once (AMQP's redelivered flag, SQS's
+    # receive count, max_deliveries), which costs one integer instead of a count each
+    delivered_end: int = 0
     # the (start, runs) last saved, so an unchanged window is not written again
     saved_snapshot: object = None
     # offset -> delivery count of a dead record whose dead letter is being written: saved
@@ -176,8 +180,10 @@ class SharedPartition:
         entry = Entry(record, policy)
         if saved is not None:
             entry.state, entry.delivery_count, entry.available_at_ms = saved
-            if entry.delivery_count > 0:
-                self.counted.add(record.offset)
+        elif record.offset < self.delivered_end:
+            entry.delivery_count = 1  # delivered before a restart, never given back
+        if entry.delivery_count > 0:
+            self.counted.add(record.offset)
         self.entries[record.offset] = entry
         if entry.state in FINAL:
             self._settle(record.offset)
@@ -257,8 +263,8 @@ class SharedPartition:
             if entry.policy.message_group is not None:
                 self.groups_in_flight.add(entry.policy.message_group)
             heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
-            if self.config.max_deliveries > 0:  # only then does redelivery depend on it
-                self.counted.add(offset)
+            if offset >= self.delivered_end:
+                self.delivered_end = offset + 1
             chosen.append(Acquired(entry, offset))
         self._bound_heaps()
         return chosen

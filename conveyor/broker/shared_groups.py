@@ -280,7 +280,8 @@ class SharedGroups:
                               log.log_start_offset), log_end, self.lost_ranges)
             part = SharedPartition(topic, partition, group, config, start_offset=start,
                                    next_offset=start)
-            rows, legacy = self.store.load_records(group, topic, partition)
+            rows, legacy, delivered_end = self.store.load_records(group, topic, partition)
+            part.delivered_end = min(delivered_end, log_end)
             resave = legacy
             if rows and rows[-1].offset >= log_end:
                 clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
@@ -589,8 +590,8 @@ class SharedGroups:
             now_ms = self.clock.monotonic_ms()
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
-            if chosen and state.config.max_deliveries > 0:
-                self._save_start(state, index, part)  # counts: saved with the turn, unwaited
+            if chosen:  # the delivered mark: saved with the turn, not waited for
+                self._save_start(state, index, part)
             await self._flush(state, part)
             if chosen:
                 self.traffic.partition(state.topic, index).records_out += len(chosen)

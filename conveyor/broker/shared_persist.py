@@ -27,7 +27,7 @@ import asyncio
 from collections.abc import Callable
 
 from conveyor.errors import StorageError
-from conveyor.storage.shared_state import RecordRow, SharedStateStore, runs
+from conveyor.storage.shared_state import RecordRow, SharedStateStore, delivered_mark, runs
 
 from .shared_group import FINAL, RecordState, SharedPartition
 
@@ -81,6 +81,8 @@ class WindowPersister:
                 continue
             start, rows = snapshot(part, skew_ms)
             ranges = runs(rows)
+            if part.delivered_end > start:
+                ranges.append(delivered_mark(part.delivered_end))
             saved = (start, ranges)
             if saved == part.saved_snapshot and not legacy:
                 continue

@@ -16,6 +16,9 @@ PostgreSQL share (``?`` placeholders rewritten by the store's Dialect, standard
   written as available with its count. The broker replaces a partition's runs and
   start offset together, at most once per event-loop turn (``save_partition``),
   so an ack costs no row of its own.
+  One more row per partition, of state ``delivered`` at first offset -2, is a mark:
+  one past the highest offset ever delivered, so an unsettled record below it comes
+  back after a restart as delivered once, without a count saved per acquire.
 - ``shared_records``: the per-record table of earlier versions, read once at open
   (``load_records``) and emptied as its partition's runs are saved.
 - ``shared_dedup``: dedup ids per queue and when they leave the window.
@@ -74,6 +77,16 @@ class RangeRow:
     state: str
     delivery_count: int
     available_at_ms: int
+
+
+# the one run of state "delivered" is a mark, not offsets: its last_offset + 1 is one past
+# the highest offset ever delivered; it sits at first_offset -2 (no offset is negative)
+DELIVERED_STATE = "delivered"
+DELIVERED_FIRST = -2
+
+
+def delivered_mark(delivered_end: int) -> RangeRow:
+    return RangeRow(DELIVERED_FIRST, delivered_end - 1, DELIVERED_STATE, 1, 0)
 
 
 def runs(rows: Iterable[RecordRow]) -> list[RangeRow]:
@@ -157,9 +170,11 @@ class SharedStateStore:
         return {int(row[0]): int(row[1]) for row in rows}
 
     # --- records ------------------------------------------------------------------
-    def load_records(self, group: str, topic: str, partition: int) -> tuple[list[RecordRow], bool]:
-        """The persisted state of each offset with one, ascending, and whether any came
-        from the old per-record table (the caller saves the partition again)."""
+    def load_records(self, group: str, topic: str, partition: int
+                     ) -> tuple[list[RecordRow], bool, int]:
+        """The persisted state of each offset with one, ascending; whether any came from
+        the old per-record table (the caller saves the partition again); and one past the
+        highest offset ever delivered (0: none saved)."""
         found: dict[int, RecordRow] = {}
         legacy = self.store.query(
             "SELECT record_offset, state, delivery_count, available_at_ms FROM shared_records"
@@ -172,10 +187,14 @@ class SharedStateStore:
             "SELECT first_offset, last_offset, state, delivery_count, available_at_ms"
             " FROM shared_ranges WHERE group_name = ? AND topic = ? AND partition = ?",
             (group, topic, partition))
+        delivered_end = 0
         for first, last, state, count, available_at_ms in ranges:
+            if str(state) == DELIVERED_STATE:
+                delivered_end = int(last) + 1
+                continue
             for offset in range(int(first), int(last) + 1):
                 found[offset] = RecordRow(offset, str(state), int(count), int(available_at_ms))
-        return [found[offset] for offset in sorted(found)], bool(legacy)
+        return [found[offset] for offset in sorted(found)], bool(legacy), delivered_end
 
     def delete_partition_records(self, group: str, topic: str, partition: int) -> None:
         """Forget the old table's rows of one partition."""

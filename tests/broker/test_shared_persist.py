@@ -74,22 +74,27 @@ async def test_out_of_order_acks_are_runs_that_survive_a_restart(
     taken = await shared.acquire("jobs", "jobs", records_max=6)
     await shared.ack([taken[1].receipt, taken[2].receipt, taken[4].receipt])
     assert rows(harness, "SELECT first_offset, last_offset, state FROM shared_ranges"
-                " ORDER BY first_offset") == [(1, 2, "acked"), (4, 4, "acked")]
+                " ORDER BY first_offset") == [
+        (-2, 5, "delivered"), (1, 2, "acked"), (4, 4, "acked")]  # mark: 0..5 delivered
     shared = groups(await harness.restart())
     again = await shared.acquire("jobs", "jobs", records_max=10)
     assert [delivery.offset for delivery in again] == [0, 3, 5]
 
 
-async def test_a_released_record_keeps_its_delivery_count_across_a_restart(
+async def test_delivery_counts_survive_a_restart(
         harness: BrokerHarness, broker: Broker) -> None:
+    """A released record keeps its count; one delivered and never given back counts as
+    delivered once (the delivered mark); one never delivered starts afresh."""
     shared = groups(broker)
     await shared.declare_queue("jobs")
-    await fill(broker, "jobs", 3)
-    taken = await shared.acquire("jobs", "jobs", records_max=3)
+    await fill(broker, "jobs", 4)
+    taken = await shared.acquire("jobs", "jobs", records_max=2)
     await shared.release([taken[0].receipt])
+    again = await shared.acquire("jobs", "jobs", records_max=1)  # offset 0, 2nd delivery
+    await shared.release([again[0].receipt])
     shared = groups(await harness.restart())
-    again = await shared.acquire("jobs", "jobs", records_max=3)
-    assert [(d.offset, d.delivery_count) for d in again] == [(0, 2), (1, 1), (2, 1)]
+    after = await shared.acquire("jobs", "jobs", records_max=4)
+    assert [(d.offset, d.delivery_count) for d in after] == [(0, 3), (1, 2), (2, 1), (3, 1)]
 
 
 async def test_with_max_deliveries_every_delivery_counts_across_a_restart(
@@ -122,7 +127,7 @@ async def test_rows_of_the_old_per_record_table_are_read_and_replaced(
     assert rows(harness, "SELECT start_offset FROM shared_partitions") == [(1,)]
     assert rows(harness, "SELECT first_offset, last_offset, state, delivery_count"
                 " FROM shared_ranges ORDER BY first_offset") == [
-        (1, 1, "available", 4), (2, 2, "acked", 0)]
+        (-2, 2, "delivered", 1), (1, 1, "available", 4), (2, 2, "acked", 0)]
 
 
 async def test_a_record_whose_dead_letter_is_not_written_yet_is_saved_unsettled(
@@ -149,7 +154,7 @@ async def test_a_record_whose_dead_letter_is_not_written_yet_is_saved_unsettled(
                 " WHERE group_name = 'jobs'") == [(0,)]
     assert rows(harness, "SELECT first_offset, last_offset, state FROM shared_ranges"
                 " WHERE group_name = 'jobs' ORDER BY first_offset") == [
-        (0, 0, "available"), (1, 2, "acked")]
+        (-2, 2, "delivered"), (0, 0, "available"), (1, 2, "acked")]
     gate.set()
     await releasing
     await shared.ack([])
