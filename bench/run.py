@@ -71,6 +71,12 @@ def kafka_rows(document: dict[str, Any]) -> list[Row]:
                      _get(theirs, case, "records_per_s"), "higher"))
     rows.append(("e2e latency p99, 100 B", "ms", _get(ours, "e2e_latency_100B", "p99_ms"),
                  "tansu (memory)", _get(theirs, "e2e_latency_100B", "p99_ms"), "lower"))
+    ceilings = document.get("machine_ceilings") or {}
+    rows.append(("produce 1 KiB acks=all", "MB/s", _get(ours, "produce_1024B_acks_all",
+                 "mb_per_s"), "disk: write + fdatasync", ceilings.get(
+                 "disk_write_fdatasync_mb_per_s"), "higher"))
+    rows.append(("consume 1 KiB", "MB/s", _get(ours, "consume_1024B", "mb_per_s"),
+                 "TCP loopback", ceilings.get("tcp_loopback_mb_per_s"), "higher"))
     return rows
 
 
