@@ -590,8 +590,8 @@ class SharedGroups:
             now_ms = self.clock.monotonic_ms()
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
-            if chosen:  # the delivered mark: saved with the turn, not waited for
-                self._save_start(state, index, part)
+            # no save of its own: the delivered mark goes with the partition's next save
+            # (an ack, a release); a crash before it counts those deliveries afresh
             await self._flush(state, part)
             if chosen:
                 self.traffic.partition(state.topic, index).records_out += len(chosen)

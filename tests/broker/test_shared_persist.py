@@ -99,14 +99,17 @@ async def test_delivery_counts_survive_a_restart(
 
 async def test_with_max_deliveries_every_delivery_counts_across_a_restart(
         harness: BrokerHarness, broker: Broker) -> None:
+    """The delivered mark goes with the next save (here an ack of another record)."""
     shared = groups(broker)
     await shared.declare_queue("jobs", QueueConfig(max_deliveries=2))
-    await fill(broker, "jobs", 1)
-    await shared.acquire("jobs", "jobs")
-    await shared.ack([])  # a durable point after the acquire's turn
+    await fill(broker, "jobs", 2)
+    taken = await shared.acquire("jobs", "jobs", records_max=2)
+    await shared.ack([taken[1].receipt])
+    assert rows(harness, "SELECT last_offset FROM shared_ranges WHERE state = 'delivered'"
+                ) == [(1,)]
     shared = groups(await harness.restart())
     again = await shared.acquire("jobs", "jobs")
-    assert [d.delivery_count for d in again] == [2]
+    assert [(d.offset, d.delivery_count) for d in again] == [(0, 2)]
 
 
 async def test_rows_of_the_old_per_record_table_are_read_and_replaced(
