@@ -71,6 +71,12 @@ def kafka_rows(document: dict[str, Any]) -> list[Row]:
                      _get(theirs, case, "records_per_s"), "higher"))
     rows.append(("e2e latency p99, 100 B", "ms", _get(ours, "e2e_latency_100B", "p99_ms"),
                  "tansu (memory)", _get(theirs, "e2e_latency_100B", "p99_ms"), "lower"))
+    ceilings = document.get("machine_ceilings") or {}
+    rows.append(("produce 1 KiB acks=all", "MB/s", _get(ours, "produce_1024B_acks_all",
+                 "mb_per_s"), "disk: write + fdatasync", ceilings.get(
+                 "disk_write_fdatasync_mb_per_s"), "higher"))
+    rows.append(("consume 1 KiB", "MB/s", _get(ours, "consume_1024B", "mb_per_s"),
+                 "TCP loopback", ceilings.get("tcp_loopback_mb_per_s"), "higher"))
     return rows
 
 
@@ -126,8 +132,9 @@ def sqs_rows(document: dict[str, Any]) -> list[Row]:
 
 SUITES: dict[str, Suite] = {
     "storage": Suite("bench.storage.bench_append", (), ("--seconds", "0.3"), storage_rows),
-    "kafka": Suite("bench.kafka.throughput", (), ("--scale", "0.05"), kafka_rows),
-    "http": Suite("bench.http.run", (), ("--seconds", "0.3", "--rate", "100"), http_rows),
+    "kafka": Suite("bench.kafka.throughput", (), ("--seconds", "2", "--rounds", "1"), kafka_rows),
+    "http": Suite("bench.http.run", (), ("--seconds", "0.3", "--rounds", "1", "--rate", "100"),
+                  http_rows),
     "amqp": Suite("bench.amqp", (), ("--quick",), amqp_rows),
     "sqs": Suite("bench.sqs", (), ("--seconds", "1", "--rounds", "1", "--latency-rate", "20"),
                  sqs_rows),

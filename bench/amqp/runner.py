@@ -50,6 +50,7 @@ import psutil
 from bench.amqp import profile
 from bench.amqp.brokers import RunningBroker, conveyor_node, rabbitmq_available, rabbitmq_node
 from bench.amqp.clients import Coordination, WorkerSpec, worker_main
+from bench.measure import CLIENT_BOUND_PCT, summarise
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "amqp.json"
 SYSTEMS = ("rabbitmq-classic", "rabbitmq-quorum", "conveyor")
@@ -137,6 +138,7 @@ def run_phase(broker: RunningBroker, specs: list[WorkerSpec],
         "broker_cpu_pct": round(100 * broker_cpu_s / wall_s, 1),
         "client_cpu_pct": round(100 * sum(client_cpu) / wall_s, 1),
         "client_cpu_pct_busiest_process": round(100 * max(client_cpu) / wall_s, 1),
+        "client_bound": 100 * max(client_cpu) / wall_s >= CLIENT_BOUND_PCT,
         "host_cpu_pct": round(100 * host_busy_s / wall_s, 1),
     }
 
@@ -303,6 +305,23 @@ def ratios(systems: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ratios_per_round(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """conveyor / peer within each round (same minute of the same machine), summarised:
+    steadier than the ratio of medians on a shared machine."""
+    out: dict[str, Any] = {}
+    for peer in ("rabbitmq-classic", "rabbitmq-quorum"):
+        pairs = [(ours, theirs) for ours, theirs in zip(rounds.get("conveyor", []),
+                                                         rounds.get(peer, []), strict=False)
+                 if "publish" in ours and "publish" in theirs]
+        if not pairs:
+            continue
+        out[f"conveyor/{peer}"] = {
+            f"{phase}_msg_per_s": summarise([
+                ours[phase]["msg_per_s"] / max(1, theirs[phase]["msg_per_s"])
+                for ours, theirs in pairs]) for phase in ("publish", "consume")}
+    return out
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if not numerator or not denominator:
         return None
@@ -366,23 +385,23 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client", choices=("pika", "aio-pika"), default="pika")
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
     parser.add_argument("--consumers", type=int, default=2, help="consumer processes")
-    parser.add_argument("--seconds", type=float, default=8.0, help="publish phase length")
+    parser.add_argument("--seconds", type=float, default=10.0, help="publish phase length")
     parser.add_argument("--window", type=int, default=1000,
                         help="unconfirmed publishes in flight per publisher")
     parser.add_argument("--prefetch", type=int, default=1000)
     parser.add_argument("--ack-every", type=int, default=1,
                         help="1: ack each delivery; k: basic.ack multiple=True every k")
     parser.add_argument("--rate", type=float, default=2000.0, help="latency run msg/s")
-    parser.add_argument("--latency-seconds", type=float, default=6.0)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--message-bytes", type=int, default=1024)
     parser.add_argument("--profile", type=Path, default=None,
                         help="directory for a py-spy profile of the Conveyor broker")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=int, default=3,
                         help="repeat every system, interleaved; report medians")
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
     if options.quick:
-        options.seconds, options.latency_seconds = 1.5, 1.0
+        options.seconds, options.latency_seconds, options.rounds = 1.5, 1.0, 1
     return options
 
 
@@ -410,6 +429,10 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 merged[phase][key] = round(statistics.median(values), 3)
         if "complete" in fields:
             merged[phase]["complete"] = all(r[phase]["complete"] for r in good)
+    for phase in ("publish", "consume"):
+        merged[phase]["rate_rounds"] = summarise([float(r[phase]["msg_per_s"]) for r in good])
+        merged[phase]["client_bound_rounds"] = sum(
+            bool(r[phase].get("client_bound")) for r in good)
     merged["rounds"] = [
         {"publish_msg_per_s": r["publish"]["msg_per_s"],
          "consume_msg_per_s": r["consume"]["msg_per_s"],
@@ -432,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
                 if system.startswith("rabbitmq-") and not rabbitmq_available():
                     rounds[system].append(
                         {"skipped": "rabbitmq-server not installed (bench/peers.sh)"})
+                    print(f"PEER MISSING: {system}: rabbitmq-server not installed "
+                          "(apt-get install -y rabbitmq-server); the others run", flush=True)
                     continue
                 if options.rounds > 1:
                     print(f"--- round {round_number + 1}/{options.rounds}: {system}", flush=True)
@@ -469,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "systems": systems,
         "ratios": ratios(systems),
+        "ratios_per_round": ratios_per_round(rounds),
     }
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(json.dumps(document, indent=2) + "\n")

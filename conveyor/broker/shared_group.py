@@ -150,6 +150,19 @@ class SharedPartition:
     pending_rows: dict[int, tuple[RecordState, int, int]] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     version: int = 0
+    # loaded unsettled offsets whose delivery count is saved: released or parked ones
+    # and those delivered before a restart; with ``settled``, ``pending_rows`` and
+    # ``delivered_end``, what a snapshot saves
+    counted: set[int] = field(default_factory=set)
+    # one past the highest offset ever acquired: after a restart an unsettled record
+    # below it without a saved count was delivered once (AMQP's redelivered flag, SQS's
+    # receive count, max_deliveries), which costs one integer instead of a count each
+    delivered_end: int = 0
+    # the (start, runs) last saved, so an unchanged window is not written again
+    saved_snapshot: object = None
+    # offset -> delivery count of a dead record whose dead letter is being written: saved
+    # as unsettled until it is (a crash then judges it again, never loses it)
+    dying: dict[int, int] = field(default_factory=dict)
 
     # --- loading --------------------------------------------------------------------
     def room(self) -> int:
@@ -167,6 +180,10 @@ class SharedPartition:
         entry = Entry(record, policy)
         if saved is not None:
             entry.state, entry.delivery_count, entry.available_at_ms = saved
+        elif record.offset < self.delivered_end:
+            entry.delivery_count = 1  # delivered before a restart, never given back
+        if entry.delivery_count > 0:
+            self.counted.add(record.offset)
         self.entries[record.offset] = entry
         if entry.state in FINAL:
             self._settle(record.offset)
@@ -222,6 +239,12 @@ class SharedPartition:
         candidates = [heap[0][0] for heap in (self.locks, self.delayed) if heap]
         return min(candidates) if candidates else None
 
+    def next_timer_ms(self) -> int | None:
+        """When ``tick`` next has something to do: a lock, a delay or a record expiry."""
+        candidates = [heap[0][0] for heap in (self.locks, self.delayed, self.expiring)
+                      if heap]
+        return min(candidates) if candidates else None
+
     # --- acquire ----------------------------------------------------------------------
     def acquire(
         self, now_ms: int, records_max: int, lock_ms: int, consumer_id: str, token: int
@@ -240,7 +263,8 @@ class SharedPartition:
             if entry.policy.message_group is not None:
                 self.groups_in_flight.add(entry.policy.message_group)
             heapq.heappush(self.locks, (entry.deadline_ms, offset, token))
-            self.changes.append(Change(offset, S.ACQUIRED, entry.delivery_count))
+            if offset >= self.delivered_end:
+                self.delivered_end = offset + 1
             chosen.append(Acquired(entry, offset))
         self._bound_heaps()
         return chosen
@@ -385,6 +409,7 @@ class SharedPartition:
             self.start_offset = offset
         self.settled.discard(offset)
         self.entries[offset] = entry
+        self.counted.add(offset)
         heapq.heappush(self.delayed, (retry_at_ms, offset))
         # persisted as available: a restart judges the record afresh (it expires or
         # runs out of deliveries again, and its dead letter is retried then)
@@ -434,6 +459,7 @@ class SharedPartition:
         if exhausted(entry.delivery_count, self.config):
             self._kill(offset, entry, "max-deliveries")
             return
+        self.counted.add(offset)  # redelivered: its count is saved from now on
         if delay_ms > 0:
             self._move(entry, E.DELAY)
             entry.available_at_ms = now_ms + delay_ms
@@ -476,6 +502,7 @@ class SharedPartition:
     def _settle(self, offset: int) -> None:
         """The entry at ``offset`` reached ACKED or DEAD: drop it from the window."""
         del self.entries[offset]
+        self.counted.discard(offset)
         if offset != self.start_offset:
             self.settled.add(offset)
             return
@@ -483,3 +510,4 @@ class SharedPartition:
         while self.start_offset in self.settled:
             self.settled.discard(self.start_offset)
             self.start_offset += 1
+

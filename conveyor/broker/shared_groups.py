@@ -56,9 +56,10 @@ Faults: at open every piece of state is clamped to the recovered log end
 (log_end.py); a dead letter that cannot be appended parks its record in the window
 and is retried (``DEAD_LETTER_RETRY_MS``), never dropped with the changes around it.
 
-Durability: acquire writes delivery counts without waiting for the COMMIT (a
-lost count after a crash only means one delivery fewer is counted); ack,
-release, reject, extend and publish admission await the COMMIT.
+Durability: windows are saved once per loop turn per partition (shared_persist.py:
+start offset + runs of states, never a row per ack); acquire does not wait for that
+save (a lost count after a crash only means one delivery fewer is counted); ack,
+release, reject, extend and publish admission await it and its COMMIT.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ from conveyor.errors import (
     UnknownQueueError,
 )
 from conveyor.storage.record_batch import Record, RecordData
-from conveyor.storage.shared_state import RecordRow, SharedStateStore
+from conveyor.storage.shared_state import SharedStateStore
 from conveyor.storage.state_store import QueueRow, StateStore
 from conveyor.tasks import Supervisor
 
@@ -104,6 +105,8 @@ from .keyed_locks import KeyedLocks
 from .log_end import LostRange, clamp
 from .routing import Destination
 from .shared_group import Change, RecordState, SharedPartition
+from .shared_persist import WindowPersister
+from .shared_timers import SharedTimers
 from .stats import (
     CONSUMER_ACTIVE_MS,
     CONSUMERS_TRACKED_MAX,
@@ -135,6 +138,10 @@ REDRIVE_CONSUMER = "conveyor.redrive"
 # a dead letter that could not be appended (too large with its headers, disk full) is
 # retried this much later; SQS's redrive and RabbitMQ's dead-lettering have no retry
 DEAD_LETTER_RETRY_MS = 60_000
+# work-queue retention moves a partition's log start (a small file written with fsyncs on
+# the event loop, partition_log.delete_before) at most this often; the acked records
+# between stay readable a little longer, nothing else depends on it
+RETENTION_INTERVAL_MS = 1_000
 
 logger = logging.getLogger("conveyor.broker.shared")
 
@@ -181,6 +188,10 @@ class SharedGroupWindows:
     counters: SharedGroupCounters = field(default_factory=SharedGroupCounters)
 
 
+# per receipt: None (settled) or its error, for callers that answer each receipt
+Outcomes = list[Exception | None] | None
+
+
 def config_to_json(config: QueueConfig) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
@@ -216,6 +227,8 @@ class SharedGroups:
         self.clock = host.clock
         self.rng = host.rng
         self.store: SharedStateStore = host.state_store.shared
+        self.persister = WindowPersister(self.store, self._wall_skew_ms, self._live)
+        self._timers = SharedTimers()
         # (group, topic) -> state
         self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
         # queue name -> its dedup window
@@ -226,6 +239,10 @@ class SharedGroups:
         self._sleepers = Supervisor("conveyor.shared-groups")
         # (topic, partition) -> offset last passed to delete_before (work-queue retention)
         self._retained: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> its high watermark at the last notify_appended
+        self._seen_ends: dict[tuple[str, int], int] = {}
+        # (topic, partition) -> when its log start last moved (monotonic ms)
+        self._retained_at: dict[tuple[str, int], int] = {}
         # (topic, partition) -> offset -> record published through Broker.publish and not
         # loaded into a window yet: _fill takes them instead of reading and decoding the log
         self._appended: dict[tuple[str, int], dict[int, Record]] = {}
@@ -273,11 +290,13 @@ class SharedGroups:
                               log.log_start_offset), log_end, self.lost_ranges)
             part = SharedPartition(topic, partition, group, config, start_offset=start,
                                    next_offset=start)
-            rows = await self.store.load_records(group, topic, partition)
+            rows, legacy, delivered_end = await self.store.load_records(group, topic, partition)
+            part.delivered_end = min(delivered_end, log_end)
+            resave = legacy
             if rows and rows[-1].offset >= log_end:
                 clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
                       log_end, self.lost_ranges)
-                self.store.delete_records_from(group, topic, partition, log_end)
+                resave = True  # the rows past the log end go with the next save
             skew_ms = self._wall_skew_ms()
             for row in rows:
                 if row.offset < log_end:  # delays are persisted in wall ms
@@ -286,8 +305,9 @@ class SharedGroups:
                         max(0, row.available_at_ms - skew_ms) if row.available_at_ms else 0)
             state.partitions[partition] = part
             state.saved_start[partition] = saved
-            if saved > start:
-                self._save_start(state, partition, part)
+            self._timers.unfilled.add((topic, partition))  # loaded by the first timer pass
+            if saved > start or resave:
+                self.persister.mark(group, topic, part, state.saved_start, legacy)
         self._groups[(group, topic)] = state
 
     async def close(self) -> None:
@@ -297,6 +317,7 @@ class SharedGroups:
                     waiter.set_result(None)
         self._waiters.clear()
         await self._sleepers.close(cancel=True)
+        self.persister.flush()  # what the last turn marked, before the store closes
 
     # --- declarations ----------------------------------------------------------------
     def group_state(self, group: str, topic: str) -> SharedGroupWindows | None:
@@ -342,7 +363,7 @@ class SharedGroups:
             raise UnknownQueueError("queue deleted while it was declared", queue=name)
         for partition, part in state.partitions.items():
             self._save_start(state, partition, part)
-        await self.store.commit()
+        await self.persister.durable()
         return await self.get_queue(name)
 
     async def create_shared_group(
@@ -367,7 +388,7 @@ class SharedGroups:
             part = state.partitions[partition]
             part.start_offset = part.next_offset = offset
             self._save_start(state, partition, part)
-        await self.store.commit()
+        await self.persister.durable()
 
     def shared_group_start_offsets(self, topic: str, group: str) -> dict[int, int] | None:
         """Per partition, the offset below which every record is settled (KIP-932's
@@ -408,9 +429,8 @@ class SharedGroups:
         fresh = SharedPartition(topic, partition, group, state.config, start_offset=start,
                                 next_offset=start)
         state.partitions[partition] = fresh
-        self.store.delete_partition_records(group, topic, partition)
         self._save_start(state, partition, fresh)
-        await self.store.commit()
+        await self.persister.durable()
         self._wake(group, topic)
         return start
 
@@ -426,7 +446,7 @@ class SharedGroups:
         del self._groups[(group, topic)]
         self.store.delete_group(group, topic)
         self._wake(group, topic)
-        await self.store.commit()
+        await self.persister.durable()
 
     async def delete_queue(self, name: str, if_unused: bool = False,
                            if_empty: bool = False) -> int:
@@ -435,7 +455,7 @@ class SharedGroups:
         under ``hold_queue``, in one COMMIT)."""
         async with self._lifecycle.hold(name):
             dropped = await self.remove_queue(name, if_unused, if_empty)
-        await self.store.commit()
+        await self.persister.durable()
         return dropped
 
     def hold_queue(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
@@ -476,7 +496,7 @@ class SharedGroups:
         self.host.state_store.save_queue(
             QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
         self.store.save_group(name, name, config_to_json(config))
-        await self.store.commit()
+        await self.persister.durable()
         return await self.get_queue(name)
 
     async def purge_queue(self, name: str) -> int:
@@ -494,7 +514,7 @@ class SharedGroups:
                 await self._flush(state, part)
                 if count == 0 or part.next_offset >= self._high_watermark(part):
                     break
-        await self.store.commit()
+        await self.persister.durable()
         return purged
 
     async def get_queue(self, name: str) -> QueueInfo:
@@ -557,6 +577,8 @@ class SharedGroups:
         deadline_ms = now_ms + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
         while True:
             deliveries = await self._acquire_once(state, records_max, lock_ms, consumer)
+            if deliveries and self._waiters.get((group, topic)) and self._maybe_ready(state):
+                self._wake(group, topic, 1)  # pass the baton: more may be there
             remaining_ms = deadline_ms - self.clock.monotonic_ms()
             if deliveries or remaining_ms <= 0:
                 return deliveries
@@ -578,6 +600,8 @@ class SharedGroups:
             now_ms = self.clock.monotonic_ms()
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
+            # no save of its own: the delivered mark goes with the partition's next save
+            # (an ack, a release); a crash before it counts those deliveries afresh
             await self._flush(state, part)
             if chosen:
                 self.traffic.partition(state.topic, index).records_out += len(chosen)
@@ -605,6 +629,13 @@ class SharedGroups:
                      if d is not None]
         if deadlines:
             remaining_ms = min(remaining_ms, max(0, min(deadlines) - now_ms))
+        for part in state.partitions.values():
+            # what this acquire could see: records past it must wake someone (an earlier
+            # value only wakes more acquires than needed, never fewer)
+            end_key = (part.topic, part.partition)
+            seen = self._seen_ends.get(end_key)
+            self._seen_ends[end_key] = (part.next_offset if seen is None
+                                        else min(seen, part.next_offset))
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         key = (state.group, state.topic)
@@ -645,33 +676,81 @@ class SharedGroups:
         self._appended_bytes -= len(record.value or b"") + len(record.key or b"")
 
     def notify_appended(self, topic: str, partition: int) -> None:
-        """The facade calls this after every append: wakes acquires of the topic's groups."""
+        """The facade calls this after every append (or when a partition goes): wakes as
+        many parked acquires of each of the topic's groups as records arrived since the
+        last call (all of them when the partition went or was not seen before), not the
+        whole herd; an acquire that got records wakes the next one while more are there
+        (``acquire``)."""
+        self._timers.unfilled.add((topic, partition))  # for expiry of unconsumed records
+        if not self._waiters:
+            return
+        key = (topic, partition)
+        try:
+            end: int | None = self.host.topics.offsets(topic, partition).high_watermark
+        except OperatingError:
+            end = None
+        seen = self._seen_ends.get(key)
+        arrived = None if end is None or seen is None or end < seen else end - seen
+        if end is None:
+            self._seen_ends.pop(key, None)
+        else:
+            self._seen_ends[key] = end
+        if arrived == 0:
+            return  # an earlier call of this durable group already woke enough
         for group, group_topic in list(self._waiters):
             if group_topic == topic:
-                self._wake(group, topic)
+                self._wake(group, topic, arrived)
 
-    def _wake(self, group: str, topic: str) -> None:
-        for waiter in self._waiters.pop((group, topic), []):
+    def _wake(self, group: str, topic: str, count: int | None = None) -> None:
+        """Resolve the group's parked acquires: all, or the ``count`` oldest."""
+        key = (group, topic)
+        waiters = self._waiters.get(key)
+        if not waiters:
+            return
+        if count is None or count >= len(waiters):
+            del self._waiters[key]
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        while waiters and count > 0:
+            waiter = waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(None)
+                count -= 1
+        if not waiters:
+            del self._waiters[key]
+
+    def _maybe_ready(self, state: SharedGroupWindows) -> bool:
+        """Records may be left for another acquire (a cheap over-estimate)."""
+        return any(part.available or part.delayed or part.next_offset
+                   < self._high_watermark(part) for part in state.partitions.values())
 
     # --- settle ----------------------------------------------------------------------
-    async def ack(self, receipts: Iterable[str], wait_durable: bool = True) -> None:
-        """``wait_durable=False``: return once applied and committed, without waiting for
-        the fsync (for protocols whose acks get no answer: AMQP): a killed process keeps
-        the ack, a power cut within ``UNSYNCED_FSYNC_DELAY_S`` may redeliver."""
+    async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
+                  outcomes: Outcomes = None) -> None:
+        """``wait_durable=False``: return once applied, without waiting for the save and
+        its fsync (for protocols whose acks get no answer: AMQP): the ack is saved with
+        the loop turn; a crash before that turn's COMMIT is durable may redeliver.
+        ``outcomes``: one entry per receipt (None or its error) instead of raising."""
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.ack(offset, token, now_ms), wait_durable, count_acked=True)
+                           part.ack(offset, token, now_ms), wait_durable, count_acked=True,
+                           outcomes=outcomes)
 
-    async def release(self, receipts: Iterable[str], delay_ms: int = 0) -> None:
+    async def release(self, receipts: Iterable[str], delay_ms: int = 0,
+                      outcomes: Outcomes = None) -> None:
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.release(offset, token, now_ms, max(0, delay_ms)))
+                           part.release(offset, token, now_ms, max(0, delay_ms)),
+                           outcomes=outcomes)
 
-    async def extend(self, receipts: Iterable[str], lock_ms: int) -> list[int]:
+    async def extend(self, receipts: Iterable[str], lock_ms: int,
+                     outcomes: Outcomes = None) -> list[int]:
+        """The new deadlines (wall ms) of the receipts that were extended."""
         lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
         deadlines: list[int] = []
         await self._settle(receipts, lambda part, offset, token, now_ms:
-                           deadlines.append(part.extend(offset, token, now_ms, lock_ms)))
+                           deadlines.append(part.extend(offset, token, now_ms, lock_ms)),
+                           outcomes=outcomes)
         skew_ms = self._wall_skew_ms()
         return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
 
@@ -681,8 +760,10 @@ class SharedGroups:
                            part.reject(offset, token, now_ms))
 
     async def _settle(self, receipts: Iterable[str], action: Any,
-                      wait_durable: bool = True, count_acked: bool = False) -> None:
-        """Apply ``action`` to each receipt; persist; raise the first error afterwards."""
+                      wait_durable: bool = True, count_acked: bool = False,
+                      outcomes: Outcomes = None) -> None:
+        """Apply ``action`` to each receipt; persist; raise the first error afterwards
+        (or, with ``outcomes``, append each receipt's error or None to it)."""
         touched: dict[tuple[str, str, int], tuple[SharedGroupWindows, SharedPartition]] = {}
         first_error: Exception | None = None
         now_ms = self.clock.monotonic_ms()
@@ -697,12 +778,17 @@ class SharedGroups:
                 action(part, offset, token, now_ms)
                 if count_acked:
                     state.counters.acked += 1
+                if outcomes is not None:
+                    outcomes.append(None)
             except OperatingError as error:
+                if outcomes is not None:
+                    outcomes.append(error)
+                    continue
                 first_error = first_error or error
         for state, part in touched.values():
             await self._flush(state, part)
         if wait_durable:
-            await self.store.commit()
+            await self.persister.durable()
         if first_error is not None:
             raise first_error
 
@@ -718,7 +804,7 @@ class SharedGroups:
                 if count:
                     released += count
                     await self._flush(state, part)
-        await self.store.commit()
+        await self.persister.durable()
         return released
 
     async def redrive(self, name: str, records_max: int = 1000) -> int:
@@ -785,7 +871,7 @@ class SharedGroups:
             await self._overflow(state)
             wrote = True
         if wrote:
-            await self.store.commit()
+            await self.persister.durable()
         stream = iter(published)
         return [slot if slot is not None else next(stream) for slot in slots]
 
@@ -812,19 +898,31 @@ class SharedGroups:
 
     # --- timer -----------------------------------------------------------------------
     async def tick(self) -> None:
-        """Expire locks, end delays, forget old dedup ids, apply work-queue retention."""
+        """Expire locks, end delays, forget old dedup ids, apply work-queue retention.
+
+        Visits only the partitions whose deadline came (``SharedTimers``) and the queue
+        partitions that got records since the last pass (loaded, so that records
+        nobody consumes can expire), not every group x partition."""
         now_ms = self.clock.monotonic_ms()
-        for state in list(self._groups.values()):
-            woke = False
-            for part in list(state.partitions.values()):
-                if self._groups.get((state.group, state.topic)) is not state:
-                    break  # deleted while this pass awaited: its partitions are gone
-                if state.is_queue:
-                    await self._fill(state, part)  # so unconsumed records can expire
-                woke = part.tick(now_ms) or woke
-                await self._flush(state, part)
+        visits: dict[tuple[str, str, int], None] = dict.fromkeys(self._timers.due(now_ms))
+        for topic, partition in list(self._timers.unfilled):
+            self._timers.unfilled.discard((topic, partition))
+            for group, group_topic in list(self._groups):
+                if group_topic == topic and self._groups[(group, topic)].is_queue:
+                    visits[(group, topic, partition)] = None
+        for group, topic, partition in visits:
+            state = self._groups.get((group, topic))
+            part = state.partitions.get(partition) if state is not None else None
+            if state is None or part is None:
+                continue  # deleted meanwhile
+            if state.is_queue:
+                await self._fill(state, part)  # so unconsumed records can expire
+                if (part.room() == 0 and part.next_offset < self._high_watermark(part)):
+                    self._timers.unfilled.add((topic, partition))  # the rest, later
+            woke = part.tick(self.clock.monotonic_ms())
+            await self._flush(state, part)
             if woke:
-                self._wake(state.group, state.topic)
+                self._wake(group, topic)
         wall_ms = self.clock.wall_ms()  # dedup windows are persisted in wall ms
         for queue, window in self._dedup.items():
             if window.forget_expired(wall_ms) and self.queue_exists(queue):
@@ -842,12 +940,18 @@ class SharedGroups:
             for partition, part in state.partitions.items():
                 key = (state.topic, partition)
                 lowest[key] = min(lowest.get(key, part.start_offset), part.start_offset)
+        now_ms = self.clock.monotonic_ms()
         for (topic, partition), offset in lowest.items():
-            if offset > self._retained.get((topic, partition), -1):
+            key = (topic, partition)
+            if offset > self._retained.get(key, -1):
+                if now_ms < self._retained_at.get(key, -RETENTION_INTERVAL_MS) \
+                        + RETENTION_INTERVAL_MS:
+                    continue  # the log start file is written (and fsynced) at most 1/s
                 topics = self.host.topics
                 if offset > topics.offsets(topic, partition).log_start_offset:
                     await topics.log_store.delete_before(topic, partition, offset)
-                self._retained[(topic, partition)] = offset
+                    self._retained_at[key] = now_ms
+                self._retained[key] = offset
 
     # --- internals -------------------------------------------------------------------
     def _wall_skew_ms(self) -> int:
@@ -950,6 +1054,7 @@ class SharedGroups:
                     break
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
+        self._timers.schedule((state.group, state.topic, part.partition), part.next_timer_ms())
 
     async def _read_visible(self, part: SharedPartition) -> tuple[list[Record], int]:
         """Committed records only (docs/kafka.md, transactions): a queue or shared group
@@ -962,26 +1067,31 @@ class SharedGroups:
             part.topic, part.partition, part.next_offset, part.room(), counted=False)
 
     def _save_start(self, state: SharedGroupWindows, partition: int, part: SharedPartition) -> None:
-        self.store.save_start_offset(state.group, state.topic, partition, part.start_offset)
-        state.saved_start[partition] = part.start_offset
+        """Save the partition's window (start offset and runs) at the end of this turn."""
+        self.persister.mark(state.group, state.topic, part, state.saved_start)
+
+    def _live(self, group: str, topic: str, part: SharedPartition) -> bool:
+        state = self._groups.get((group, topic))
+        return state is not None and state.partitions.get(part.partition) is part
 
     async def _flush(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Dead-letter what died, then persist the partition's changes."""
+        self._timers.schedule((state.group, state.topic, part.partition), part.next_timer_ms())
         changes, part.changes = part.changes, []
         start_before = state.saved_start.get(part.partition)
         if not changes and part.start_offset == start_before:
             return
-        parked = [await self._dead_letter_or_park(state, part, change) for change in changes
-                  if change.state is RecordState.DEAD and change.reason is not None]
+        dying = [change for change in changes
+                 if change.state is RecordState.DEAD and change.reason is not None]
+        for change in dying:  # saved as unsettled until their dead letters are written
+            part.dying[change.offset] = change.delivery_count
+        try:
+            parked = [await self._dead_letter_or_park(state, part, change) for change in dying]
+        finally:
+            for change in dying:
+                part.dying.pop(change.offset, None)
         changes.extend(change for change in parked if change is not None)
-        skew_ms = self._wall_skew_ms()  # delays are persisted in wall ms
-        rows = [RecordRow(change.offset, change.state.value, change.delivery_count,
-                          change.available_at_ms + skew_ms if change.available_at_ms else 0)
-                for change in changes if change.offset >= part.start_offset]
-        if rows:
-            self.store.save_records(state.group, state.topic, part.partition, rows)
-        if part.start_offset != state.saved_start.get(part.partition):
-            self._save_start(state, part.partition, part)
+        self._save_start(state, part.partition, part)
         if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)
                for change in changes):
             self._wake(state.group, state.topic)

@@ -147,6 +147,12 @@ def fdatasync_descriptor_in_thread(descriptor: int) -> asyncio.Future[None]:
     return asyncio.get_running_loop().run_in_executor(None, fdatasync_descriptor, descriptor)
 
 
+def call_in_thread(function: Callable[..., T], *arguments: Any) -> asyncio.Future[T]:
+    """A blocking file call (a checkpoint, an fdatasync pass) in the loop's default
+    executor, started now; the future of its end."""
+    return asyncio.get_running_loop().run_in_executor(None, function, *arguments)
+
+
 async def in_thread(function: Callable[..., T], *arguments: Any) -> T:
     """Run a blocking file-system call (an fdatasync pass) in a worker thread."""
     return await asyncio.to_thread(function, *arguments)

@@ -23,6 +23,7 @@ and only a restart (recovery re-reads and re-validates the log) clears it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ class GroupCommitter:
         self.interval_ms = interval_ms
         self._on_durable = on_durable
         self._dirty: set[int] = set()
+        self._forgotten: set[int] = set()  # closed since the last sync pass (see forget)
         self._waiters: list[asyncio.Future[None]] = []
         self._last_token: Any = None
         self._scheduled = False
@@ -124,7 +126,14 @@ class GroupCommitter:
 
     def _sync_handles(self, handles: set[int]) -> None:
         for handle in handles:
-            self.fs.fdatasync(handle)
+            if handle in self._forgotten:
+                continue  # closed meanwhile: its file is gone
+            try:
+                self.fs.fdatasync(handle)
+            except OSError as error:
+                if error.errno != errno.EBADF or handle not in self._forgotten:
+                    raise
+        self._forgotten.clear()
         self.sync_count += 1
 
     async def _sync_every_interval(self) -> None:
@@ -138,10 +147,14 @@ class GroupCommitter:
                     self.fail(error)
 
     def forget(self, handle: int) -> None:
-        """A handle about to be closed: sync it now (synchronously) if it has pending writes."""
-        if handle in self._dirty:
-            self.fs.fdatasync(handle)
-            self._dirty.discard(handle)
+        """A handle about to be closed because its file goes (retention deleted it, or
+        compaction replaced it with a synced copy): nothing of it needs syncing — its
+        records were durable before anyone could read and settle them, and a segment
+        compaction may touch is never the one still being synced — so no fdatasync on
+        the event loop. A sync already running in a thread may find it closed: that
+        EBADF is not a failure (``_sync_handles``)."""
+        self._dirty.discard(handle)
+        self._forgotten.add(handle)
 
     async def close(self) -> None:
         """Sync everything written so far and stop the interval task."""

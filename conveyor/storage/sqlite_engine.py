@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import StorageError
-from conveyor.storage.fs import fdatasync_descriptor, fdatasync_descriptor_in_thread
+from conveyor.storage.fs import (
+    call_in_thread,
+    fdatasync_descriptor,
+    fdatasync_descriptor_in_thread,
+)
 from conveyor.storage.sql_engine import SQLITE, Dialect, SqlValue
 
 # A COMMIT nobody waits for is fsynced by the next awaited commit, or after this long
 # (until then it survives a killed process, not a power cut).
 UNSYNCED_FSYNC_DELAY_S = 0.2
+# SQLite's default auto-checkpoint is 1,000 pages (4 MiB); ours runs off the loop
+CHECKPOINT_WAL_BYTES = 4 << 20
 
 
 def _resolve(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -47,7 +53,10 @@ class SqliteEngine:
     The COMMIT runs on the event loop with synchronous=NORMAL (it writes the WAL
     frames, no fsync), then an ``fdatasync`` of the WAL file runs in a worker thread and
     the committers are answered when it returns: as durable as synchronous=FULL, but
-    the event loop never waits for the disk. Checkpoints keep SQLite's own fsyncs.
+    the event loop never waits for the disk. Checkpoints too: SQLite's automatic
+    checkpoint (which fsyncs the WAL and the database inside a COMMIT) is off, and
+    once the WAL passes ``CHECKPOINT_WAL_BYTES`` a PASSIVE checkpoint runs in a worker
+    thread on a connection of its own, one at a time.
     """
 
     dialect: Dialect = SQLITE
@@ -64,6 +73,8 @@ class SqliteEngine:
         self._unsynced = False  # a COMMIT ran that no fsync has covered yet
         self._wal_fd: int | None = None
         self._last_sync: asyncio.Future[None] | None = None  # the newest WAL fdatasync
+        self._checkpointer: Any = None  # its own connection, used only by worker threads
+        self._checkpoint: asyncio.Future[None] | None = None  # the running checkpoint
 
     def describe(self) -> str:
         return f"SQLite {self.path}"
@@ -87,6 +98,10 @@ class SqliteEngine:
                            "PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA foreign_keys=ON")
         self._connection = connection
+        if not self._in_memory:
+            connection.execute("PRAGMA wal_autocheckpoint=0")  # ours run off the loop
+            self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
+                                                 check_same_thread=False)
 
     def sync_after_open(self) -> None:
         """Make what open() wrote (schema, migrations) durable before anything else."""
@@ -98,6 +113,12 @@ class SqliteEngine:
     async def close(self) -> None:
         if self._connection is None:
             return
+        if self._checkpoint is not None:
+            await asyncio.shield(self._checkpoint)
+            self._checkpoint = None
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         self._commit_now()
         if self._background_sync_handle is not None:
             self._background_sync_handle.cancel()
@@ -257,6 +278,23 @@ class SqliteEngine:
             fd = self._open_wal()
             if fd is not None and not self._in_memory:
                 self._last_sync = fdatasync_descriptor_in_thread(fd)
+                self._maybe_checkpoint(fd)
         if self._last_sync is not None and self._last_sync.done():
             self._last_sync = None
         return self._last_sync
+
+    def _maybe_checkpoint(self, wal_fd: int) -> None:
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return
+        self._checkpoint = None
+        if self._checkpointer is None or os.fstat(wal_fd).st_size < CHECKPOINT_WAL_BYTES:
+            return
+        self._checkpoint = call_in_thread(self._run_checkpoint)
+
+    def _run_checkpoint(self) -> None:
+        """In a worker thread: copy committed WAL frames into the database (and fsync it);
+        the next writer then starts the WAL over. A failure is left for the next try."""
+        try:
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass

@@ -178,3 +178,18 @@ async def test_transient_exchange_bindings_vanish_on_restart(harness: BrokerHarn
     assert not broker.routing.exists("temp")
     assert broker.list_bindings(source="keep") == []
     assert broker.get_exchange("hidden").internal
+
+
+def test_routes_by_key_only_unless_a_headers_exchange_is_reachable() -> None:
+    table = table_with({"q"})
+    table.declare(exchange_info("d", "direct"))
+    table.declare(exchange_info("t", "topic"))
+    table.declare(exchange_info("h", "headers"))
+    table.declare(exchange_info("alt", "fanout", alternate_exchange="h"))
+    table.bind(Binding("d", "exchange", "t", "k"))
+    assert table.routes_by_key_only("")
+    assert table.routes_by_key_only("d")
+    assert not table.routes_by_key_only("h")
+    assert not table.routes_by_key_only("alt")  # its alternate routes by headers
+    table.bind(Binding("t", "exchange", "h", "#"))
+    assert not table.routes_by_key_only("d")  # d -> t -> h

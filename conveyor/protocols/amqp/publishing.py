@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from conveyor.broker.types import Message, PublishResult
 from conveyor.errors import (
@@ -62,6 +62,10 @@ class Planned:
     destinations: tuple[str, ...]  # the broker's routing (empty: unroutable)
 
 
+# (exchange, routing key) -> destinations; (exchange, None) -> (routes by key only,)
+RouteMemo = dict[tuple[str, str | None], tuple[Any, ...]]
+
+
 async def publish_batch(channel: PublishingChannel, store: Store) -> None:
     """Route, store (durably), return unroutable mandatory messages, confirm."""
     connection = channel.connection
@@ -69,10 +73,11 @@ async def publish_batch(channel: PublishingChannel, store: Store) -> None:
     plans: list[Planned] = []
     returns: list[bytes] = []
     failure: ChannelError | None = None
+    routes: RouteMemo = {}  # the batch is planned without an await: one routing table
     for event, tag in zip(store.publishes, store.tags, strict=True):
         method = event.method
         try:
-            plan, direct = _plan(channel, event, now_ms)
+            plan, direct = _plan(channel, event, now_ms, routes)
         except ChannelError as error:
             failure = error
             break
@@ -95,7 +100,7 @@ async def publish_batch(channel: PublishingChannel, store: Store) -> None:
         raise failure
 
 
-def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
+def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, routes: RouteMemo
           ) -> tuple[Planned, tuple[ConsumerChannel, Consumer, bytes] | None]:
     """Check a publish and build its message; where it goes, or the direct reply-to
     channel it is handed to (never stored)."""
@@ -106,7 +111,7 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
     if method.immediate:
         raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
                                60, 40)
-    if exchange:
+    if exchange and (exchange, None) not in routes:  # checked once per batch
         try:
             info = broker.get_exchange(exchange)
         except (UnknownExchangeError, NotFoundError):
@@ -149,21 +154,31 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int
         if consumer is None:
             return unrouted, None
         return unrouted, (target, consumer, raw)  # delivered, never stored
-    destinations = _route(channel, exchange, method.routing_key, message)
+    destinations = _route(channel, exchange, method.routing_key, message, routes)
     return Planned(0, message, destinations), None
 
 
-def _route(channel: PublishingChannel, exchange: str, routing_key: str, message: Message
-           ) -> tuple[str, ...]:
+def _route(channel: PublishingChannel, exchange: str, routing_key: str, message: Message,
+           routes: RouteMemo) -> tuple[str, ...]:
     """Where the broker's exchanges send a message. The one AMQP addition: the default
     exchange also reaches a stream queue (a topic) by its name, which the broker's
-    default exchange (queues only) does not."""
+    default exchange (queues only) does not. Within one batch a routing key is routed
+    once when the exchange ignores headers (``routes``: (exchange, key) -> where,
+    (exchange, None) -> whether it routes by key only)."""
+    found = routes.get((exchange, routing_key))
+    if found is not None:
+        return found
     broker = channel.server.broker
     found = tuple(d.name for d in broker.route(exchange, routing_key, message.headers))
     if not found and exchange == "":
         topic = topic_name_for(routing_key)
         if is_stream(broker, topic):
-            return (topic,)
+            found = (topic,)
+    by_key = routes.get((exchange, None))
+    if by_key is None:
+        by_key = routes[(exchange, None)] = (broker.routes_by_key_only(exchange),)
+    if by_key[0]:
+        routes[(exchange, routing_key)] = found
     return found
 
 

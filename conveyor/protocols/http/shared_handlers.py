@@ -110,14 +110,15 @@ class SharedGroupHandlers:
 
     async def _settle_each(
         self, request: ApiRequest, context: RequestContext,
-        action: Callable[[list[str]], Awaitable[Any]],
+        action: Callable[[list[str], list[Exception | None]], Awaitable[Any]],
     ) -> ApiResponse:
-        """Settle receipts one by one, concurrently (their state-store COMMITs are shared
-        by the loop turn), so each receipt gets its own outcome."""
+        """Settle every receipt of the group in one broker call (one save and one COMMIT
+        for the request), each receipt with its own outcome."""
         topic, group = request.path["topic"], request.path["group"]
         receipts: list[str] = request.body["receipts"]
-
-        async def one(sealed: str) -> Exception | None:
+        outcome: list[Exception | None] = []
+        ours: list[str] = []
+        for sealed in receipts:
             try:
                 receipt = context.open_receipt(sealed)
                 if receipt is None:
@@ -128,30 +129,38 @@ class SharedGroupHandlers:
                     raise UnknownDeliveryError(
                         "receipt belongs to another group", receipt=receipt[:80]
                     )
-                await action([receipt])
             except ConveyorError as error:
-                return error
-            return None
-
-        outcome = await asyncio.gather(*(one(receipt) for receipt in receipts))
-        return receipt_results(receipts, outcome)
+                outcome.append(error)
+                continue
+            outcome.append(None)
+            ours.append(receipt)
+        settled: list[Exception | None] = []
+        if ours:
+            await action(ours, settled)
+        answers = iter(settled)
+        merged = [error if error is not None else next(answers) for error in outcome]
+        return receipt_results(receipts, merged)
 
     async def ack(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         shared = _shared(self.broker)
-        return await self._settle_each(request, context, shared.ack)
+        return await self._settle_each(
+            request, context,
+            lambda receipts, outcomes: shared.ack(receipts, outcomes=outcomes))
 
     async def release(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         shared = _shared(self.broker)
         delay_ms = request.body.get("delay_ms", 0)
         return await self._settle_each(
-            request, context, lambda receipts: shared.release(receipts, delay_ms)
+            request, context,
+            lambda receipts, outcomes: shared.release(receipts, delay_ms, outcomes)
         )
 
     async def extend(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         shared = _shared(self.broker)
         lock_ms = request.body["lock_ms"]
-        return await self._settle_each(request, context,
-                                       lambda receipts: shared.extend(receipts, lock_ms))
+        return await self._settle_each(
+            request, context,
+            lambda receipts, outcomes: shared.extend(receipts, lock_ms, outcomes))
 
     async def _dead_letter_topic(self, topic: str, group: str) -> str | None:
         """The DLQ topic of a queue or shared group, or None while it does not exist.

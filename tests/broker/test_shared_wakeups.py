@@ -1,0 +1,122 @@
+"""Targeted wake-ups of parked acquires (SharedGroups.notify_appended).
+
+Goal: an append wakes as many parked long-poll acquires as records arrived, not every
+acquire of the group, and no record is left behind while acquires stay parked (a
+woken acquire that got records wakes the next). Method: the BrokerHarness (real
+storage, SimClock: the parked acquires only end by a record or a wake, never by time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from broker_harness import BrokerHarness
+
+from conveyor.broker.broker import Broker
+from conveyor.broker.shared_groups import SharedGroups
+from conveyor.broker.types import Delivery, Message
+
+
+@pytest.fixture(autouse=True)
+async def cancel_leftovers(harness: BrokerHarness) -> AsyncIterator[None]:
+    """A failing test must not leave parked acquires behind for the broker's close."""
+    yield
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task() and "acquire" in repr(task.get_coro()):
+            task.cancel()
+
+
+def groups(broker: Broker) -> SharedGroups:
+    assert isinstance(broker.shared_groups, SharedGroups)
+    return broker.shared_groups
+
+
+async def parked(shared: SharedGroups, count: int) -> None:
+    """Yield (zero-time) until ``count`` acquires of "jobs" wait."""
+    for _ in range(200):
+        if shared.waiting_acquires("jobs", "jobs") == count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{shared.waiting_acquires('jobs', 'jobs')} parked, not {count}")
+
+
+async def settled(tasks: list[asyncio.Task[list[Delivery]]], count: int) -> None:
+    for _ in range(200):
+        if sum(task.done() for task in tasks) >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{sum(task.done() for task in tasks)} done, not {count}")
+
+
+async def test_one_record_wakes_one_of_three_parked_acquires(
+        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = groups(broker)
+    await shared.declare_queue("jobs")
+    tasks = [asyncio.create_task(shared.acquire("jobs", "jobs", wait_ms=60_000))
+             for _ in range(3)]
+    await parked(shared, 3)
+    attempts = 0
+    acquire_once = shared._acquire_once
+
+    async def counted(*arguments: Any) -> list[Delivery]:
+        nonlocal attempts
+        attempts += 1
+        return await acquire_once(*arguments)
+
+    monkeypatch.setattr(shared, "_acquire_once", counted)
+    await broker.publish("jobs", [Message(b"one")])
+    await settled(tasks, 1)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert attempts == 1  # the other two were not woken to find nothing
+    assert sum(task.done() for task in tasks) == 1
+    assert shared.waiting_acquires("jobs", "jobs") == 2
+    await broker.publish("jobs", [Message(b"two"), Message(b"three")])
+    await settled(tasks, 3)
+    got = sorted(delivery.value or b"" for task in tasks for delivery in task.result())
+    assert got == [b"one", b"three", b"two"]
+
+
+async def test_a_woken_acquire_passes_on_what_it_left(broker: Broker) -> None:
+    """Three records arrive in one append while two single-record acquires wait: both
+    are woken, and the third record goes to an acquire that parks after them."""
+    shared = groups(broker)
+    await shared.declare_queue("jobs")
+    tasks = [asyncio.create_task(shared.acquire("jobs", "jobs", wait_ms=60_000))
+             for _ in range(2)]
+    await parked(shared, 2)
+    await broker.publish("jobs", [Message(b"a"), Message(b"b"), Message(b"c")])
+    await settled(tasks, 2)
+    late = await shared.acquire("jobs", "jobs", wait_ms=60_000)
+    assert [d.value for d in late] == [b"c"]
+
+
+async def test_the_timer_visits_only_partitions_with_something_due(
+        harness: BrokerHarness, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle queues cost the timer nothing; a lock that expires is still found."""
+    shared = groups(broker)
+    for index in range(30):
+        await shared.declare_queue(f"idle-{index}")
+    await shared.declare_queue("jobs")
+    await broker.publish("jobs", [Message(b"x")])
+    taken = await shared.acquire("jobs", "jobs", lock_ms=1_000)
+    await shared.tick()  # the first pass loads what was appended or declared
+    visited: list[str] = []
+    fill = shared._fill
+
+    async def counted(state: Any, part: Any) -> None:
+        visited.append(state.topic)
+        await fill(state, part)
+
+    monkeypatch.setattr(shared, "_fill", counted)
+    await shared.tick()
+    assert visited == []
+    harness.clock.advance(1_001)
+    await shared.tick()
+    assert visited == ["jobs"]
+    again = await shared.acquire("jobs", "jobs")
+    assert [d.offset for d in again] == [taken[0].offset]
+    assert again[0].delivery_count == 2
