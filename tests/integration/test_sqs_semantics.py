@@ -265,12 +265,18 @@ def test_rate_limited_move_task_runs_in_background_and_cancels(sqs: Any) -> None
     assert moved_first[0]["Body"].startswith("poison")  # the first chunk (1 message)
     cancelled = sqs.cancel_message_move_task(TaskHandle=handle)
     assert cancelled["ApproximateNumberOfMessagesMoved"] in range(5)
-    # the runner stops between chunks; what it did not move stayed in the DLQ, whole
+    # the runner stops between chunks: CANCELLING while a chunk is still being moved,
+    # then CANCELLED (the SQS API offers no event to wait on, so the test asks again)
+    deadline = time.monotonic() + 10
+    task = sqs.list_message_move_tasks(SourceArn=dlq_arn)["Results"][0]
+    while task["Status"] == "CANCELLING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        task = sqs.list_message_move_tasks(SourceArn=dlq_arn)["Results"][0]
+    assert task["Status"] == "CANCELLED"
+    # what it did not move stayed in the DLQ, whole
     left = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, WaitTimeSeconds=1,
                                VisibilityTimeout=0).get("Messages", [])
     assert 1 <= len(left) <= 4
-    task = sqs.list_message_move_tasks(SourceArn=dlq_arn)["Results"][0]
-    assert task["Status"] == "CANCELLED"
     assert task["ApproximateNumberOfMessagesMoved"] + len(left) == 5
     with pytest.raises(ClientError) as error:
         sqs.cancel_message_move_task(TaskHandle="bm8tc3VjaC10YXNr")
