@@ -25,12 +25,12 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from conveyor.clock import Clock
 from conveyor.errors import OperatingError, TopicExistsError, UnavailableError
+from conveyor.storage.log_api import LogSlice
 from conveyor.storage.log_store import LogConfig, LogStore
-from conveyor.storage.partition_log import LogSlice
 from conveyor.storage.record_batch import Record
 from conveyor.storage.state_store import StateStore
 from conveyor.tasks import Supervisor
@@ -160,11 +160,11 @@ class Broker:
         await self.producers.load()
         self.lost_ranges = []
         self.producers.clamp_to_logs(self.group_coordinator.log_ends(), self.lost_ranges)
-        self.producers.forget_missing(self._damaged_logs(), self.lost_ranges)
-        self.producers.recover_from_logs(
-            [(topic, partition, self.log_store.partition(topic, partition))
-             for topic, partition in self.log_store.partitions()
-             if self.topics.find(topic) is not None],
+        await self.producers.forget_missing(self.log_store, self._damaged_logs(),
+                                            self.lost_ranges)
+        await self.producers.recover_from_logs(
+            self.log_store,
+            [key for key in self.log_store.partitions() if self.topics.find(key[0]) is not None],
             self.config.read_bytes_max,
         )
         await self.exchanges.load()
@@ -179,15 +179,11 @@ class Broker:
         self._timer_task = self.supervisor.start(self._run_timers(), name="conveyor.timers")
         self._opened = True
 
-    def _damaged_logs(self) -> dict[tuple[str, int], Any]:
+    def _damaged_logs(self) -> set[tuple[str, int]]:
         """Partitions where recovery set corrupt batches aside (their offsets are gone)."""
-        found: dict[tuple[str, int], Any] = {}
-        for topic, partition in self.log_store.partitions():
-            log = self.log_store.partition(topic, partition)
-            recovery = getattr(log, "recovery", None)
-            if recovery is not None and recovery.skipped_offsets and self.topics.find(topic):
-                found[(topic, partition)] = log
-        return found
+        return {(topic, partition) for topic, partition in self.log_store.partitions()
+                if self.log_store.recovery(topic, partition).skipped_offsets
+                and self.topics.find(topic)}
 
     def _check_open(self) -> None:  # kept for methods written against the old facade
         self.gate.check()
@@ -212,8 +208,8 @@ class Broker:
         self.group_coordinator.close()
         if self._opened:
             for topic, partition in self.log_store.partitions():
-                log = self.log_store.partition(topic, partition)
-                self.state_store.save_producer_checkpoint(topic, partition, log.high_watermark)
+                high_watermark = self.log_store.offsets(topic, partition).high_watermark
+                self.state_store.save_producer_checkpoint(topic, partition, high_watermark)
         await self.log_store.close()
         await self.state_store.commit()
         await self.state_store.close()
@@ -348,15 +344,16 @@ class Broker:
     def offsets(self, topic: str, partition: int) -> PartitionOffsets:
         return self.fetcher.offsets(topic, partition)
 
-    def offset_for_timestamp(self, topic: str, partition: int, timestamp_ms: int) -> int | None:
+    async def offset_for_timestamp(self, topic: str, partition: int,
+                                   timestamp_ms: int) -> int | None:
         """First offset at or after timestamp_ms (None: none); -1 latest, -2 earliest."""
-        return self.fetcher.offset_for_timestamp(topic, partition, timestamp_ms)
+        return await self.fetcher.offset_for_timestamp(topic, partition, timestamp_ms)
 
-    def record_for_timestamp(self, topic: str, partition: int,
-                             timestamp_ms: int) -> tuple[int, int] | None:
+    async def record_for_timestamp(self, topic: str, partition: int,
+                                   timestamp_ms: int) -> tuple[int, int] | None:
         """(offset, its record's own timestamp) of the first record at or after
         ``timestamp_ms`` (>= 0), or None: what Kafka's ListOffsets answers."""
-        return self.fetcher.record_for_timestamp(topic, partition, timestamp_ms)
+        return await self.fetcher.record_for_timestamp(topic, partition, timestamp_ms)
 
     async def fetch(
         self,
@@ -475,7 +472,7 @@ class Broker:
     async def delete_records(self, topic: str, partition: int, offset: int) -> int:
         """Drop the records below ``offset`` (-1: the high watermark); the new log start."""
         self.gate.check()
-        return log_admin.delete_records(self.topics, topic, partition, offset)
+        return await log_admin.delete_records(self.topics, topic, partition, offset)
 
     def partition_size_bytes(self, topic: str, partition: int) -> int:
         return log_admin.partition_size_bytes(self.topics, topic, partition)
@@ -485,14 +482,14 @@ class Broker:
 
     def producer_states(self, topic: str, partition: int) -> list[tuple[int, int, int, int]]:
         """(producer id, epoch, last sequence, last offset) per idempotent producer."""
-        self.topics.partition_log(topic, partition)  # unknown partitions raise
+        self.topics.check_partition(topic, partition)
         return self.producers.describe(topic, partition)
 
     def stats(self, limits: StatsLimits | None = None) -> BrokerStats:
         """A read-only snapshot for metrics and management views; never suspends."""
         limits = limits or StatsLimits()
         partitions, partitions_omitted, segments_total, size_total = partition_stats(
-            self.list_topics(), self.topics.partition_log, self.traffic, limits.partitions_max)
+            self.list_topics(), self.log_store, self.traffic, limits.partitions_max)
         queues, queues_omitted = ([], 0) if self.shared_groups is None else \
             self.shared_groups.queue_stats(limits.queues_max)
 
@@ -501,7 +498,7 @@ class Broker:
             return None if info is None else info.partitions
 
         groups, group_partitions, group_partitions_omitted = ordered_group_stats(
-            self.group_coordinator.groups.values(), self.topics.partition_log,
+            self.group_coordinator.groups.values(), self.topics.offsets,
             topic_partitions, limits.group_partitions_max)
         return BrokerStats(
             partitions, queues, groups, group_partitions,

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from conveyor.clock import Clock
 from conveyor.errors import CorruptRecordError, OffsetOutOfRangeError
-from conveyor.storage.partition_log import LogSlice
+from conveyor.storage.log_api import LogSlice
 from conveyor.storage.record_batch import Record, decode_records, split_batches
 
 from .broker_config import BrokerConfig, Gate
@@ -41,28 +41,29 @@ class Fetcher:
         self._decoded: dict[tuple[str, int], tuple[int, int, list[Record]]] = {}
 
     def offsets(self, topic: str, partition: int) -> PartitionOffsets:
-        log = self.topics.partition_log(topic, partition)
+        log = self.topics.offsets(topic, partition)
         return PartitionOffsets(log.log_start_offset, log.high_watermark)
 
-    def offset_for_timestamp(self, topic: str, partition: int, timestamp_ms: int) -> int | None:
+    async def offset_for_timestamp(self, topic: str, partition: int,
+                                   timestamp_ms: int) -> int | None:
         """First offset with timestamp >= timestamp_ms; None when there is none.
 
         Kafka's special values: -1 = latest (high watermark), -2 = earliest.
         """
-        log = self.topics.partition_log(topic, partition)
+        log = self.topics.offsets(topic, partition)
         if timestamp_ms == -1:
-            return int(log.high_watermark)
+            return log.high_watermark
         if timestamp_ms == -2:
-            return int(log.log_start_offset)
-        found = log.record_for_timestamp(timestamp_ms)
-        return None if found is None else int(found[0])
+            return log.log_start_offset
+        found = await self.topics.log_store.record_for_timestamp(topic, partition, timestamp_ms)
+        return None if found is None else found[0]
 
-    def record_for_timestamp(self, topic: str, partition: int,
-                             timestamp_ms: int) -> tuple[int, int] | None:
+    async def record_for_timestamp(self, topic: str, partition: int,
+                                   timestamp_ms: int) -> tuple[int, int] | None:
         """(offset, the record's own timestamp) of the first record at or after
         ``timestamp_ms`` (>= 0), or None: what Kafka's ListOffsets answers."""
-        found = self.topics.partition_log(topic, partition).record_for_timestamp(timestamp_ms)
-        return None if found is None else (int(found[0]), int(found[1]))
+        self.topics.check_partition(topic, partition)
+        return await self.topics.log_store.record_for_timestamp(topic, partition, timestamp_ms)
 
     async def fetch(
         self, topic: str, partition: int, offset: int, bytes_max: int, wait_ms: int = 0,
@@ -71,7 +72,7 @@ class Fetcher:
         """Whole batches from ``offset``; waits up to wait_ms for bytes_min bytes."""
         data, offsets = await self._fetch(topic, partition, offset, bytes_max, wait_ms,
                                           bytes_min)
-        if data.parts:
+        if data.size_bytes:
             self.traffic.partition(topic, partition).bytes_out += data.size_bytes
         return data, offsets
 
@@ -82,10 +83,12 @@ class Fetcher:
         deadline_ms = self.clock.monotonic_ms() + min(wait_ms, self.config.fetch_wait_ms_max)
         while True:
             self.gate.check()
-            log = self.topics.partition_log(topic, partition)
-            data = log.read(offset, bytes_max)
+            self.topics.check_partition(topic, partition)
+            store = self.topics.log_store
+            data = await store.read(topic, partition, offset, bytes_max)
             remaining_ms = deadline_ms - self.clock.monotonic_ms()
             if data.size_bytes >= bytes_min or remaining_ms <= 0:
+                log = store.offsets(topic, partition)
                 return data, PartitionOffsets(log.log_start_offset, log.high_watermark)
             await self.wait_for_append([(topic, partition)], remaining_ms)
 
@@ -172,8 +175,8 @@ class Fetcher:
                 except CorruptRecordError as error:
                     # CRC-valid but undecodable: set aside (logged once, skipped by every
                     # reader) instead of failing this read forever
-                    log = self.topics.partition_log(topic, partition)
-                    log.set_aside_batch(header.base_offset, f"undecodable: {error}")
+                    self.topics.log_store.set_aside(topic, partition, header.base_offset,
+                                                    f"undecodable: {error}")
                     batch = []
                 self._decoded.pop(key, None)
                 if len(self._decoded) >= DECODED_BATCHES_MAX:

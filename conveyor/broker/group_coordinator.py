@@ -24,7 +24,7 @@ from conveyor.errors import (
     UnavailableError,
     UnknownGroupError,
 )
-from conveyor.storage.log_store import LogStore
+from conveyor.storage.log_api import LogStore
 from conveyor.storage.state_store import CommittedOffsetRow, StateStore
 
 from .broker_config import BrokerConfig
@@ -63,7 +63,7 @@ class GroupCoordinator:
 
     def log_ends(self) -> dict[tuple[str, int], int]:
         """Each known partition's log end after recovery (what state is clamped to)."""
-        return {(topic, partition): int(self.log_store.partition(topic, partition).high_watermark)
+        return {(topic, partition): self.log_store.offsets(topic, partition).high_watermark
                 for topic, partition in self.log_store.partitions()
                 if self.topics.find(topic) is not None}
 
@@ -307,7 +307,7 @@ class GroupCoordinator:
             if info is None:
                 continue
             for partition in range(info.partitions):
-                log = self.log_store.partition(topic, partition)
+                log = self.log_store.offsets(topic, partition)
                 committed = group.offsets.get((topic, partition))
                 start = committed.offset if committed is not None else log.log_start_offset
                 lags.append(PartitionLag(

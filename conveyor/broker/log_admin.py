@@ -13,26 +13,27 @@ from conveyor.errors import OffsetOutOfRangeError
 from .topics import TopicRegistry
 
 
-def delete_records(topics: TopicRegistry, topic: str, partition: int, offset: int) -> int:
+async def delete_records(topics: TopicRegistry, topic: str, partition: int,
+                         offset: int) -> int:
     """Drop the records below ``offset`` (-1: the high watermark); the new log start.
     Past the high watermark is OffsetOutOfRangeError, as DeleteRecords answers it."""
-    log = topics.partition_log(topic, partition)
+    log = topics.offsets(topic, partition)
     target = log.high_watermark if offset == -1 else offset
     if not 0 <= target <= log.high_watermark:
         raise OffsetOutOfRangeError("delete offset past the high watermark", topic=topic,
                                     partition=partition, offset=offset,
                                     high_watermark=log.high_watermark)
-    log.delete_before(target)
-    return int(log.log_start_offset)
+    await topics.log_store.delete_before(topic, partition, target)
+    return topics.log_store.offsets(topic, partition).log_start_offset
 
 
 def partition_size_bytes(topics: TopicRegistry, topic: str, partition: int) -> int:
-    """Bytes of the partition's segments."""
-    log = topics.partition_log(topic, partition)
-    return sum(int(segment.size_bytes) for segment in log.segments)
+    """Bytes the partition's data takes in its store."""
+    topics.check_partition(topic, partition)
+    return topics.log_store.usage(topic, partition).size_bytes
 
 
 def max_timestamp(topics: TopicRegistry, topic: str, partition: int) -> int:
     """The largest record timestamp in the partition (-1: none)."""
-    log = topics.partition_log(topic, partition)
-    return max((int(segment.max_timestamp_ms) for segment in log.segments), default=-1)
+    topics.check_partition(topic, partition)
+    return topics.log_store.usage(topic, partition).max_timestamp_ms

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from conveyor.clock import Clock
-from conveyor.errors import RecordTooLargeError, UnknownTopicError
+from conveyor.errors import OperatingError, RecordTooLargeError, UnknownTopicError
+from conveyor.storage.log_api import AppendRequest
 from conveyor.storage.record_batch import RecordData, build_batch, decode_records, split_batches
 from conveyor.storage.state_store import StateStore
 from conveyor.tasks import Supervisor
@@ -97,7 +97,7 @@ class Producer:
     ) -> AppendResult:
         """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append."""
         info = await self.ensure_topic(topic)
-        log = self.topics.partition_log(topic, partition)
+        self.topics.check_partition(topic, partition)
         batches = split_batches(batch)
         headers = [header for _, header in batches]
         size_max = min(info.config.max_message_bytes, self.config.record_bytes_max)
@@ -116,16 +116,17 @@ class Producer:
         ]
         producer_id = incoming[0].producer_id
         if producer_id < 0:
-            return await self.append(topic, partition, log, batch, ())
+            return await self.append(topic, partition, batch, ())
         key = (producer_id, topic, partition)
         async with self.producer_locks.hold(key):
             duplicate = self.producers.check(topic, partition, incoming)
             if duplicate is not None:
                 return AppendResult(
-                    duplicate.base_offset, duplicate.last_offset, -1, log.log_start_offset,
+                    duplicate.base_offset, duplicate.last_offset, -1,
+                    self.topics.log_store.offsets(topic, partition).log_start_offset,
                     duplicate=True,
                 )
-            return await self.append(topic, partition, log, batch, incoming)
+            return await self.append(topic, partition, batch, incoming)
 
     def _has_record_readers(self, topic: str, info: TopicInfo) -> bool:
         """A queue's records are decoded by its consumers (AMQP, SQS, HTTP), so a Kafka
@@ -135,11 +136,19 @@ class Producer:
         return info.config.cleanup_policy == "work-queue" or self.is_queue(topic)
 
     async def append(
-        self, topic: str, partition: int, log: Any, batch: bytes | bytearray | memoryview,
+        self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
         incoming: Sequence[IncomingBatch],
     ) -> AppendResult:
         self.gate.check()
-        appended = await log.append(batch)
+        store = self.topics.log_store
+        (appended,) = await store.append((AppendRequest(
+            topic, partition, batch, check_sequences=bool(incoming)),))
+        if isinstance(appended, OperatingError):
+            raise appended
+        if appended.duplicate:  # a store shared by nodes saw this retry written before
+            return AppendResult(appended.base_offset, appended.last_offset, -1,
+                                store.offsets(topic, partition).log_start_offset,
+                                duplicate=True)
         counters = self.traffic.partition(topic, partition)
         counters.records_in += appended.last_offset - appended.base_offset + 1
         counters.bytes_in += len(batch)
@@ -161,7 +170,7 @@ class Producer:
             await self.state_store.commit()
         return AppendResult(
             appended.base_offset, appended.last_offset, appended.log_append_time_ms,
-            log.log_start_offset,
+            store.offsets(topic, partition).log_start_offset,
         )
 
     async def partition_for_key(self, topic: str, key: bytes | None) -> int:
@@ -173,7 +182,7 @@ class Producer:
     ) -> list[PublishResult]:
         """Publish without shared-group admission (dedup/overflow): the raw append path."""
         if partition is not None:
-            self.topics.partition_log(info.name, partition)  # raises UnknownPartitionError
+            self.topics.check_partition(info.name, partition)
         now_ms = self.clock.wall_ms()
         # partition -> [(position in messages, record)]
         grouped: dict[int, list[tuple[int, RecordData]]] = {}
@@ -217,8 +226,7 @@ class Producer:
     ) -> None:
         size_max = min(info.config.max_message_bytes, self.config.record_bytes_max)
         batches = build_batches([record for _, record in entries], size_max, info.name)
-        log = self.topics.partition_log(info.name, partition)
-        appended = await self.append(info.name, partition, log, b"".join(batches), ())
+        appended = await self.append(info.name, partition, b"".join(batches), ())
         for offset_delta, (index, _) in enumerate(entries):
             offset = appended.base_offset + offset_delta
             results[index] = PublishResult(info.name, partition, offset)

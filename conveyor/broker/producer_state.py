@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from conveyor.errors import (
     InvalidProducerEpochError,
@@ -32,6 +31,7 @@ from conveyor.errors import (
     OutOfOrderSequenceError,
     UnknownProducerIdError,
 )
+from conveyor.storage.log_api import LogStore
 from conveyor.storage.record_batch import split_batches
 from conveyor.storage.state_store import ProducerRow, ProducerSequenceRow, StateStore
 
@@ -241,18 +241,17 @@ class ProducerStates:
                 self._state_store.save_producer_checkpoint(topic, partition, log_end)
                 self._checkpoints[(topic, partition)] = log_end
 
-    def forget_missing(self, logs: dict[tuple[str, int], Any],
-                       lost: list[LostRange]) -> None:
+    async def forget_missing(self, store: LogStore, damaged: set[tuple[str, int]],
+                             lost: list[LostRange]) -> None:
         """Forget remembered batches the log no longer holds at their offsets: recovery
         set them aside (an unsynced batch a crash damaged, under fsync=interval/never,
-        with valid batches after it). ``logs``: only partitions with set-aside ranges.
+        with valid batches after it). ``damaged``: partitions with set-aside ranges.
         A retry of such a batch is appended again instead of answered "duplicate"."""
         for (producer_id, topic, partition), entry in self._entries.items():
-            log = logs.get((topic, partition))
-            if log is None or not entry.batches:
+            if (topic, partition) not in damaged or not entry.batches:
                 continue
             kept = [batch for batch in entry.batches
-                    if _holds(log, producer_id, batch)]
+                    if await _holds(store, topic, partition, producer_id, batch)]
             if len(kept) == len(entry.batches):
                 continue
             for batch in entry.batches:
@@ -266,17 +265,18 @@ class ProducerStates:
                 tuple((b.base_sequence, b.last_sequence, b.base_offset, b.last_offset)
                       for b in entry.batches)))
 
-    def recover_from_logs(
-        self, logs: Iterable[tuple[str, int, Any]], read_bytes_max: int
+    async def recover_from_logs(
+        self, store: LogStore, partitions: Iterable[tuple[str, int]], read_bytes_max: int
     ) -> None:
         """Re-scan each partition log past its checkpoint: batches appended (durable in
         the log) whose sequences never reached the state store are remembered again."""
         checkpoints = self.checkpoints()
-        for topic, partition, log in logs:
+        for topic, partition in partitions:
+            log = store.offsets(topic, partition)
             offset = max(checkpoints.get((topic, partition), 0), log.log_start_offset)
             scanned = False
             while offset < log.high_watermark:
-                data = log.read(offset, read_bytes_max).read_bytes()
+                data = (await store.read(topic, partition, offset, read_bytes_max)).read_bytes()
                 if not data:
                     break
                 for _, header in split_batches(data):
@@ -299,12 +299,14 @@ class ProducerStates:
             del self._entries[key]
 
 
-def _holds(log: Any, producer_id: int, batch: BatchSequence) -> bool:
+async def _holds(store: LogStore, topic: str, partition: int, producer_id: int,
+                 batch: BatchSequence) -> bool:
     """Whether the log's batch at ``batch.base_offset`` is this producer's batch (a read
     there skips a set-aside batch, so a later batch comes back instead)."""
+    log = store.offsets(topic, partition)
     if not log.log_start_offset <= batch.base_offset < log.high_watermark:
         return bool(batch.base_offset < log.log_start_offset)  # below the start: retention
-    data = log.read(batch.base_offset, 1).read_bytes()
+    data = (await store.read(topic, partition, batch.base_offset, 1)).read_bytes()
     if not data:
         return False
     _, header = split_batches(data)[0]

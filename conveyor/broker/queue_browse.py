@@ -45,14 +45,14 @@ async def browse_queue(
     found: list[BrowsedRecord] = []
     for partition in sorted(state.partitions):
         part = state.partitions[partition]
-        log = shared.host.topics.partition_log(name, partition)
-        offset = max(part.start_offset, int(log.log_start_offset))
-        while len(found) < records_max and offset < log.high_watermark:
+        offsets = shared.host.topics.offsets
+        offset = max(part.start_offset, offsets(name, partition).log_start_offset)
+        while len(found) < records_max and offset < offsets(name, partition).high_watermark:
             try:
                 records = await shared.host.read_records(name, partition, offset,
                                                          READ_BATCH_RECORDS)
             except OffsetOutOfRangeError:
-                offset = int(log.log_start_offset)
+                offset = offsets(name, partition).log_start_offset
                 continue
             if not records:
                 break

@@ -255,8 +255,8 @@ class SharedGroups:
         state = SharedGroupWindows(group, topic, config, is_queue)
         starts = await self.store.load_start_offsets(group, topic)
         for partition in range(info.partitions):
-            log = self.host.topics.partition_log(topic, partition)
-            log_end = int(log.high_watermark)
+            log = self.host.topics.offsets(topic, partition)
+            log_end = log.high_watermark
             saved = starts.get(partition, -1)
             # a start, ack floor or record state past the recovered log end names
             # records a crash lost: clamped, or new records would count as acked
@@ -354,7 +354,7 @@ class SharedGroups:
         await self._load_group(group, topic, config, False)
         state = self._groups[(group, topic)]
         for partition in range(info.partitions):
-            log = self.host.topics.partition_log(topic, partition)
+            log = self.host.topics.offsets(topic, partition)
             offset = log.high_watermark if start == "latest" else log.log_start_offset
             part = state.partitions[partition]
             part.start_offset = part.next_offset = offset
@@ -390,13 +390,13 @@ class SharedGroups:
         if any(entry.state is RecordState.ACQUIRED for entry in part.entries.values()):
             raise PreconditionFailedError("records of the partition are acquired",
                                           group=group, topic=topic, partition=partition)
-        log = self.host.topics.partition_log(topic, partition)
+        log = self.host.topics.offsets(topic, partition)
         if offset < 0 or offset > log.high_watermark:
             raise OffsetOutOfRangeError("start offset outside the log", topic=topic,
                                         partition=partition, offset=offset,
                                         high_watermark=int(log.high_watermark))
         await self._flush(state, part)  # dead letters of records that died go out first
-        start = max(offset, int(log.log_start_offset))
+        start = max(offset, self.host.topics.offsets(topic, partition).log_start_offset)
         fresh = SharedPartition(topic, partition, group, state.config, start_offset=start,
                                 next_offset=start)
         state.partitions[partition] = fresh
@@ -821,9 +821,9 @@ class SharedGroups:
         for queue, window in self._dedup.items():
             if window.forget_expired(wall_ms) and self.queue_exists(queue):
                 self.store.delete_dedup_before(queue, wall_ms)
-        self._apply_retention()
+        await self._apply_retention()
 
-    def _apply_retention(self) -> None:
+    async def _apply_retention(self) -> None:
         """Once every shared group of a work-queue topic is past an offset, drop the log
         below it (whole segments go; the log start offset moves)."""
         lowest: dict[tuple[str, int], int] = {}
@@ -836,9 +836,9 @@ class SharedGroups:
                 lowest[key] = min(lowest.get(key, part.start_offset), part.start_offset)
         for (topic, partition), offset in lowest.items():
             if offset > self._retained.get((topic, partition), -1):
-                log = self.host.topics.partition_log(topic, partition)
-                if offset > log.log_start_offset:
-                    log.delete_before(offset)
+                topics = self.host.topics
+                if offset > topics.offsets(topic, partition).log_start_offset:
+                    await topics.log_store.delete_before(topic, partition, offset)
                 self._retained[(topic, partition)] = offset
 
     # --- internals -------------------------------------------------------------------
@@ -873,15 +873,14 @@ class SharedGroups:
         if info is None or info.partitions <= len(state.partitions):
             return
         for partition in range(len(state.partitions), info.partitions):
-            log = self.host.topics.partition_log(state.topic, partition)
-            start = int(log.log_start_offset)
+            start = self.host.topics.offsets(state.topic, partition).log_start_offset
             state.partitions[partition] = SharedPartition(
                 state.topic, partition, state.group, state.config, start_offset=start,
                 next_offset=start)
             self._save_start(state, partition, state.partitions[partition])
 
     def _high_watermark(self, part: SharedPartition) -> int:
-        return int(self.host.topics.partition_log(part.topic, part.partition).high_watermark)
+        return self.host.topics.offsets(part.topic, part.partition).high_watermark
 
     async def _counts(self, state: SharedGroupWindows) -> tuple[int, int, int]:
         ready = in_flight = delayed = 0
@@ -898,12 +897,14 @@ class SharedGroups:
 
     async def _fill(self, state: SharedGroupWindows, part: SharedPartition) -> None:
         """Load log records into the window up to its bound."""
-        log = self.host.topics.partition_log(part.topic, part.partition)
-        if part.next_offset < log.log_start_offset:
-            part.skip_to(int(log.log_start_offset))
+        def log_start() -> int:
+            return self.host.topics.offsets(part.topic, part.partition).log_start_offset
+
+        if part.next_offset < log_start():
+            part.skip_to(log_start())
         cache = self._appended.get((part.topic, part.partition))
         skew_ms = self._wall_skew_ms()
-        while part.room() > 0 and part.next_offset < log.high_watermark:
+        while part.room() > 0 and part.next_offset < self._high_watermark(part):
             if cache:
                 cached = cache.pop(part.next_offset, None)
                 if cached is not None:
@@ -919,7 +920,7 @@ class SharedGroups:
                 records = await self.host.read_records(
                     part.topic, part.partition, part.next_offset, part.room(), counted=False)
             except OffsetOutOfRangeError:
-                part.skip_to(int(log.log_start_offset))
+                part.skip_to(log_start())
                 continue
             if not records:
                 break

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from .ordered_group import GroupState
 
 if TYPE_CHECKING:
+    from conveyor.storage.log_api import LogOffsets, LogStore
+
     from .ordered_group import OrderedGroup
     from .types import TopicInfo
 
@@ -158,32 +160,18 @@ class StatsLimits:
 
 
 # --- snapshot builders (called by Broker.stats) -------------------------------------------
-class _LogView(Protocol):
-    @property
-    def log_start_offset(self) -> int: ...
-    @property
-    def high_watermark(self) -> int: ...
-
-
-def _segment_sizes(log: _LogView) -> tuple[int, int]:
-    """(segments, bytes) of a file-backed log; (0, 0) for a store without segments."""
-    segments = getattr(log, "segments", None)
-    if segments is None:
-        return 0, 0
-    return len(segments), sum(segment.size_bytes for segment in segments)
-
-
 def partition_stats(
-    topics: Iterable[TopicInfo], log_for: Callable[[str, int], _LogView],
-    traffic: TrafficCounters, partitions_max: int,
+    topics: Iterable[TopicInfo], log_store: LogStore, traffic: TrafficCounters,
+    partitions_max: int,
 ) -> tuple[list[PartitionStats], int, int, int]:
     """(exported partitions, omitted, segments over all, bytes over all), by topic name."""
     exported: list[PartitionStats] = []
     omitted = segments_total = size_total = 0
     for info in sorted(topics, key=lambda item: item.name):
         for partition in range(info.partitions):
-            log = log_for(info.name, partition)
-            segments, size_bytes = _segment_sizes(log)
+            log = log_store.offsets(info.name, partition)
+            usage = log_store.usage(info.name, partition)
+            segments, size_bytes = usage.segments, usage.size_bytes
             segments_total += segments
             size_total += size_bytes
             if len(exported) >= partitions_max:
@@ -193,13 +181,12 @@ def partition_stats(
             exported.append(PartitionStats(
                 info.name, partition, info.kind, int(log.log_start_offset),
                 int(log.high_watermark), size_bytes, segments, counters,
-                int(getattr(log, "damaged_batches", 0)),
-                getattr(log, "failed", None) is not None))
+                usage.damaged_batches, usage.failed))
     return exported, omitted, segments_total, size_total
 
 
 def ordered_group_stats(
-    groups: Iterable[OrderedGroup], log_for: Callable[[str, int], _LogView],
+    groups: Iterable[OrderedGroup], log_for: Callable[[str, int], LogOffsets],
     topic_partitions: Callable[[str], int | None], group_partitions_max: int,
 ) -> tuple[list[GroupStats], list[GroupPartitionStats], int]:
     """Every live ordered group, and its committed partitions up to the limit."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from conveyor.clock import Clock
 from conveyor.errors import (
@@ -30,6 +30,7 @@ from conveyor.errors import (
     UnknownPartitionError,
     UnknownTopicError,
 )
+from conveyor.storage.log_api import LogOffsets, LogStore
 from conveyor.storage.log_config import CLEANUP_POLICIES, FSYNC_POLICIES
 from conveyor.storage.state_store import StateStore, TopicRow
 
@@ -156,22 +157,6 @@ def config_from_row(row: Mapping[str, Any]) -> TopicConfig:
     return TopicConfig(**{key: value for key, value in row.items() if key in known})
 
 
-# --- what the registry needs from the log store (FileLogStore satisfies it) ----------
-class PartitionLogApi(Protocol):
-    @property
-    def log_start_offset(self) -> int: ...
-    @property
-    def high_watermark(self) -> int: ...
-
-
-class LogStoreApi(Protocol):
-    def partitions(self) -> Iterable[tuple[str, int]]: ...
-    async def create_partition(self, topic: str, partition: int, config: Any) -> Any: ...
-    def partition(self, topic: str, partition: int) -> Any: ...
-    def update_config(self, topic: str, partition: int, config: Any) -> None: ...
-    async def delete_partition(self, topic: str, partition: int) -> None: ...
-
-
 LogConfigFactory = Any  # callable(**fields) -> LogConfig
 
 
@@ -193,9 +178,10 @@ class TopicRegistry:
     """Topic metadata in memory, written through to the StateStore and LogStore."""
 
     def __init__(
-        self, log_store: Any, state_store: StateStore, clock: Clock, log_config_factory: Any
+        self, log_store: LogStore, state_store: StateStore, clock: Clock,
+        log_config_factory: Any,
     ) -> None:
-        self._log_store = log_store
+        self.log_store = log_store
         self._state_store = state_store
         self._clock = clock
         self._log_config_factory = log_config_factory
@@ -206,7 +192,7 @@ class TopicRegistry:
 
     async def load(self) -> None:
         """Read topics from the state store; create partition logs the log store lacks."""
-        existing = set(self._log_store.partitions())
+        existing = set(self.log_store.partitions())
         for row in await self._state_store.load_topics():
             info = TopicInfo(
                 name=row.name, partitions=row.partitions, config=config_from_row(row.config),
@@ -216,7 +202,7 @@ class TopicRegistry:
             log_config = log_config_for(info.config, self._log_config_factory)
             for partition in range(info.partitions):
                 if (info.name, partition) not in existing:
-                    await self._log_store.create_partition(info.name, partition, log_config)
+                    await self.log_store.create_partition(info.name, partition, log_config)
 
     def get(self, name: str) -> TopicInfo:
         info = self._topics.get(name)
@@ -233,13 +219,18 @@ class TopicRegistry:
     def list_topics(self) -> list[TopicInfo]:
         return [self._topics[name] for name in sorted(self._topics)]
 
-    def partition_log(self, name: str, partition: int) -> Any:
+    def check_partition(self, name: str, partition: int) -> None:
+        """UnknownTopicError / UnknownPartitionError unless the partition exists."""
         info = self.get(name)
         if not 0 <= partition < info.partitions:
             raise UnknownPartitionError(
                 "unknown partition", topic=name, partition=partition, partitions=info.partitions
             )
-        return self._log_store.partition(name, partition)
+
+    def offsets(self, name: str, partition: int) -> LogOffsets:
+        """Log start, high watermark and log end of a known partition."""
+        self.check_partition(name, partition)
+        return self.log_store.offsets(name, partition)
 
     async def create(
         self,
@@ -264,7 +255,7 @@ class TopicRegistry:
         self._creating.add(name)
         try:
             for partition in range(partitions):
-                await self._log_store.create_partition(name, partition, log_config)
+                await self.log_store.create_partition(name, partition, log_config)
         finally:
             self._creating.discard(name)
         # visible only once every partition exists
@@ -280,7 +271,7 @@ class TopicRegistry:
         self._state_store.delete_producer_sequences_for_topic(name)
         await self._state_store.commit()
         for partition in range(info.partitions):
-            await self._log_store.delete_partition(name, partition)
+            await self.log_store.delete_partition(name, partition)
         return info
 
     async def alter_config(
@@ -305,7 +296,7 @@ class TopicRegistry:
         self._topics[name] = updated
         log_config = log_config_for(config, self._log_config_factory)
         for partition in range(updated.partitions):
-            self._log_store.update_config(name, partition, log_config)
+            await self.log_store.set_config(name, partition, log_config)
         self._save(updated)
         await self._state_store.commit()
         return updated
@@ -320,7 +311,7 @@ class TopicRegistry:
         validate_partitions(total)
         log_config = log_config_for(info.config, self._log_config_factory)
         for partition in range(info.partitions, total):
-            await self._log_store.create_partition(name, partition, log_config)
+            await self.log_store.create_partition(name, partition, log_config)
         updated = dataclasses.replace(info, partitions=total)
         self._topics[name] = updated
         self._save(updated)

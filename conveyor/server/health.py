@@ -46,7 +46,6 @@ def _storage_check(broker: Broker | None, data_dir: Path) -> str:
         return f"data directory not writable: {error.strerror}"
     if broker is not None:
         for topic, partition in broker.log_store.partitions():
-            log = broker.log_store.partition(topic, partition)
-            if getattr(log, "failed", None) is not None:
+            if broker.log_store.usage(topic, partition).failed:
                 return f"partition {topic}/{partition} stopped after an fsync failure"
     return "ok"

@@ -84,7 +84,7 @@ async def rebuild_orphans(broker: Broker) -> list[str]:
             logger.error("cannot rebuild %s: partition directories %s are not 0..n-1; "
                          "left untouched (run `conveyor verify`)", topic, numbers)
             continue
-        log_config = broker.log_store.partition(topic, 0).config
+        log_config = broker.log_store.config(topic, 0)
         if log_config.cleanup_policy == "work-queue":
             await broker.declare_queue(topic, QueueConfig(partitions=len(numbers),
                                                           fsync=log_config.fsync))

@@ -5,9 +5,8 @@
   under ``<data_dir>/logs``, state in SQLite at ``<data_dir>/state.sqlite3``
   (``file:PATH`` sets the data directory).
 - ``postgresql://user[:password]@host[:port]/database`` (or ``postgres://``): the
-  state store is PostgreSQL (sql_engine.py / postgres_engine.py). The log store is
-  still the file backend under ``<data_dir>/logs`` until a PostgreSQL LogStore is
-  wired here (``_log_store`` below); the start-up log says so.
+  state store is PostgreSQL (sql_engine.py / postgres_engine.py) and so are the
+  partition logs (storage/postgres_log.py: one row per RecordBatch).
 """
 
 from __future__ import annotations
@@ -15,13 +14,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from conveyor.clock import Clock
 from conveyor.errors import InvalidConfigError
 from conveyor.server.state_recovery import check_state_database
 from conveyor.storage.fs import FileSystem
+from conveyor.storage.log_api import LogStore
 from conveyor.storage.log_store import FileLogStore
 from conveyor.storage.state_store import SqliteStateStore, SqlStateStore, StateStore
 
@@ -72,7 +71,7 @@ def parse_storage(text: str) -> StorageLocation:
 
 @dataclass
 class Storage:
-    log_store: Any  # FileLogStore today; a PostgreSQL LogStore when logseam lands
+    log_store: LogStore
     state_store: StateStore
     location: StorageLocation
 
@@ -85,10 +84,7 @@ def open_storage(location: StorageLocation, data_dir: Path, file_system: FileSys
 
         assert location.dsn is not None
         state_store: StateStore = SqlStateStore(PostgresEngine(location.dsn, clock))
-        logger.info(
-            "state store: PostgreSQL %s; partition logs stay in local files under %s "
-            "(the PostgreSQL LogStore is not wired in yet)", location.describe(),
-            data_dir / "logs")
+        logger.info("state store and partition logs: PostgreSQL %s", location.describe())
     else:
         check_state_database(data_dir / "state.sqlite3", clock)
         state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
@@ -96,7 +92,11 @@ def open_storage(location: StorageLocation, data_dir: Path, file_system: FileSys
 
 
 def _log_store(location: StorageLocation, data_dir: Path, file_system: FileSystem,
-               clock: Clock) -> Any:
-    """The LogStore for ``location``. The wiring point for the PostgreSQL LogStore:
-    ``if location.kind == "postgresql": return PgLogStore(location.dsn, clock)``."""
+               clock: Clock) -> LogStore:
+    """The LogStore for ``location``: segment files, or batch rows in PostgreSQL."""
+    if location.kind == "postgresql":
+        from conveyor.storage.postgres_log import PostgresLogStore
+
+        assert location.dsn is not None
+        return PostgresLogStore(location.dsn, clock)
     return FileLogStore(data_dir / "logs", file_system, clock)

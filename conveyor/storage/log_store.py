@@ -1,8 +1,10 @@
-"""LogStore: the partition-log interface the broker uses, and FileLogStore, its file backend.
+"""FileLogStore: the file backend of the LogStore seam (storage/log_api.py).
 
 Owns: the set of partitions under one data root (``<root>/<topic>-<partition>/``),
 their LogConfig, opening them with recovery, and the periodic retention/compaction
-pass. Knows nothing of protocols, groups or topics beyond their names.
+pass. Knows nothing of protocols, groups or topics beyond their names. The broker
+sees only the LogStore methods; ``partition()`` (the PartitionLog itself, segments
+and descriptors) is for this package, its tests and ``conveyor verify``.
 Time and the file system come in through the constructor. Not thread-safe: one loop
 (a new partition's files are made in a worker thread, nothing shared is touched there).
 """
@@ -14,15 +16,25 @@ import dataclasses
 import json
 import os
 import posixpath
-from typing import Protocol
+from collections.abc import Sequence
 
 from conveyor.clock import Clock
-from conveyor.errors import UnknownPartitionError
+from conveyor.errors import OperatingError, UnknownPartitionError
 from conveyor.storage import compaction, segment_files
 from conveyor.storage.fs import FileSystem, in_thread
+from conveyor.storage.log_api import (
+    AppendInfo,
+    AppendOutcome,
+    AppendRequest,
+    LogOffsets,
+    LogSlice,
+    LogStore,
+    PartitionRecovery,
+    PartitionUsage,
+)
 from conveyor.storage.log_config import CleanupPolicy, FsyncPolicy, LogConfig
 from conveyor.storage.partition_log import PartitionLog
-from conveyor.storage.recovery import PartitionRecovery, RecoveryReport, load_segments
+from conveyor.storage.recovery import RecoveryReport, load_segments
 from conveyor.storage.retention import RetentionPolicy, SegmentInfo, segments_to_delete
 from conveyor.storage.segment import Segment
 
@@ -30,18 +42,6 @@ CONFIG_FILE = "log-config.json"
 # what load_segments returns: (segments, log start offset, recovery reports)
 _Opened = tuple[list[Segment], int, list[RecoveryReport]]
 __all__ = ["CONFIG_FILE", "CleanupPolicy", "FileLogStore", "FsyncPolicy", "LogConfig", "LogStore"]
-
-
-class LogStore(Protocol):
-    async def open(self) -> None: ...
-    def partitions(self) -> list[tuple[str, int]]: ...
-    async def create_partition(self, topic: str, partition: int,
-                               config: LogConfig) -> PartitionLog: ...
-    def partition(self, topic: str, partition: int) -> PartitionLog: ...
-    def update_config(self, topic: str, partition: int, config: LogConfig) -> None: ...
-    async def delete_partition(self, topic: str, partition: int) -> None: ...
-    async def run_retention(self) -> None: ...
-    async def close(self) -> None: ...
 
 
 class FileLogStore:
@@ -105,6 +105,72 @@ class FileLogStore:
             reports=tuple(reports))
         log.damaged_batches = sum(len(report.set_aside) for report in reports)
         return log
+
+    # --- the LogStore seam ----------------------------------------------------------------
+    def has_partition(self, topic: str, partition: int) -> bool:
+        return (topic, partition) in self._logs
+
+    def config(self, topic: str, partition: int) -> LogConfig:
+        return self.partition(topic, partition).config
+
+    async def set_config(self, topic: str, partition: int, config: LogConfig) -> None:
+        self.update_config(topic, partition, config)
+
+    def offsets(self, topic: str, partition: int) -> LogOffsets:
+        log = self.partition(topic, partition)
+        return LogOffsets(log.log_start_offset, log.high_watermark, log.log_end_offset)
+
+    async def append(self, requests: Sequence[AppendRequest]) -> list[AppendOutcome]:
+        """Write every request now (each partition's bytes in one write), then wait for
+        their group commits: appends of one call share the fsyncs of one loop turn."""
+        if len(requests) == 1:  # the hot path: no list of futures
+            request = requests[0]
+            try:
+                return [await self.partition(request.topic, request.partition)
+                        .append(request.batches)]
+            except OperatingError as error:
+                return [error]
+        written: list[tuple[AppendInfo, asyncio.Future[None]] | OperatingError] = []
+        for request in requests:
+            try:
+                written.append(self.partition(request.topic, request.partition)
+                               .write(request.batches))
+            except OperatingError as error:
+                written.append(error)
+        outcomes: list[AppendOutcome] = []
+        for item in written:
+            if isinstance(item, OperatingError):
+                outcomes.append(item)
+                continue
+            info, durable = item
+            try:
+                await durable
+            except OperatingError as error:
+                outcomes.append(error)
+            else:
+                outcomes.append(info)
+        return outcomes
+
+    async def read(self, topic: str, partition: int, offset: int, bytes_max: int) -> LogSlice:
+        return self.partition(topic, partition).read(offset, bytes_max)
+
+    async def record_for_timestamp(self, topic: str, partition: int,
+                                   timestamp_ms: int) -> tuple[int, int] | None:
+        return self.partition(topic, partition).record_for_timestamp(timestamp_ms)
+
+    def set_aside(self, topic: str, partition: int, offset: int, reason: str) -> None:
+        self.partition(topic, partition).set_aside_batch(offset, reason)
+
+    async def delete_before(self, topic: str, partition: int, offset: int) -> None:
+        self.partition(topic, partition).delete_before(offset)
+
+    def usage(self, topic: str, partition: int) -> PartitionUsage:
+        log = self.partition(topic, partition)
+        segments = log.segments
+        return PartitionUsage(
+            sum(segment.size_bytes for segment in segments), len(segments),
+            max((segment.max_timestamp_ms for segment in segments), default=-1),
+            log.damaged_batches, log.failed is not None)
 
     def recovery(self, topic: str, partition: int) -> PartitionRecovery:
         """How this partition came out of recovery when it was opened (log end, losses)."""

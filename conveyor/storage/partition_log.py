@@ -14,10 +14,11 @@ Not thread-safe: called from one event loop.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import errno
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock
@@ -32,6 +33,7 @@ from conveyor.storage import segment_files
 from conveyor.storage.damage import Damage
 from conveyor.storage.fs import FileSystem
 from conveyor.storage.group_commit import GroupCommitter
+from conveyor.storage.log_api import AppendInfo, LogSlice
 from conveyor.storage.record_batch import (
     BatchHeader,
     decode_records,
@@ -41,34 +43,10 @@ from conveyor.storage.record_batch import (
 from conveyor.storage.segment import Segment
 
 if TYPE_CHECKING:
+    from conveyor.storage.log_api import PartitionRecovery
     from conveyor.storage.log_config import LogConfig
-    from conveyor.storage.recovery import PartitionRecovery
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class AppendInfo:
-    base_offset: int
-    last_offset: int
-    log_append_time_ms: int  # -1: batches keep their create-time timestamps (as Kafka)
-    max_timestamp_ms: int
-
-
-@dataclass(frozen=True)
-class LogSlice:
-    """Whole batches to send: ``parts`` are (fileno, position, size) for os.sendfile."""
-
-    parts: tuple[tuple[int, int, int], ...] = ()
-    _sources: tuple[tuple[FileSystem, int, int, int], ...] = field(default=(), repr=False)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(size for _, _, size in self.parts)
-
-    def read_bytes(self) -> bytes:
-        return b"".join(fs.pread(handle, size, position)
-                        for fs, handle, position, size in self._sources)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +120,13 @@ class PartitionLog:
     # --- append ------------------------------------------------------------------------
     async def append(self, batches: bytes | bytearray | memoryview) -> AppendInfo:
         """Validate, assign offsets, write; return once durable under the fsync policy."""
+        info, durable = self.write(batches)
+        await durable
+        return info
+
+    def write(self, batches: bytes | bytearray | memoryview
+              ) -> tuple[AppendInfo, asyncio.Future[None]]:
+        """Validate, assign offsets and write now; the future resolves once durable."""
         if self.committer.failed is not None:
             raise self.committer.failed
         headers = split_batches(batches)
@@ -162,9 +147,9 @@ class PartitionLog:
             raise
         self.faults.recovered(condition)
         written = _Written(segment, segment.size_bytes, segment.next_offset)
-        await self.committer.wrote(segment.handle, written)
+        durable = self.committer.wrote(segment.handle, written)
         return AppendInfo(base_offset, next_offset - 1, -1,
-                          max(header.max_timestamp_ms for _, header in headers))
+                          max(header.max_timestamp_ms for _, header in headers)), durable
 
     def _maybe_roll(self, incoming_bytes: int) -> None:
         active = self.active_segment

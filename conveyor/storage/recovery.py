@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from conveyor.clock import Clock
 from conveyor.storage import segment_files
 from conveyor.storage.damage import Damage
 from conveyor.storage.fs import FileSystem
+from conveyor.storage.log_api import PartitionRecovery
 from conveyor.storage.segment import Segment
 
 logger = logging.getLogger(__name__)
+__all__ = ["PartitionRecovery", "RecoveryReport", "load_segments"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,31 +40,6 @@ class RecoveryReport:
     truncated_bytes: int  # torn tail cut off (0 when nothing was truncated)
     truncated_from_offset: int = -1  # every offset >= this in the file was lost (-1: none)
     set_aside: tuple[Damage, ...] = ()  # corrupt ranges kept on disk, skipped by readers
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionRecovery:
-    """How a partition came out of recovery: ``FileLogStore.recovery(topic, partition)``.
-
-    ``log_end_offset`` is the next offset to be written after recovery; broker state
-    (shared-group cursors, producer sequences, committed offsets) must not point
-    past it. ``lost_from_offset`` >= 0 means records from there on (up to whatever
-    the state remembers) were truncated away as a torn tail. ``skipped_offsets`` are
-    the [first, next) ranges of set-aside corrupt batches (first = -1 when the
-    corrupt header is unreadable; next = -1 when no valid batch follows it).
-    """
-
-    topic: str
-    partition: int
-    log_start_offset: int
-    log_end_offset: int
-    lost_from_offset: int = -1
-    skipped_offsets: tuple[tuple[int, int], ...] = ()
-    reports: tuple[RecoveryReport, ...] = field(default=())
-
-    @property
-    def clean(self) -> bool:
-        return not self.reports
 
 
 def finish_suffix_states(fs: FileSystem, directory: str) -> None:

@@ -97,7 +97,7 @@ async def test_reader_sets_an_undecodable_batch_aside_once(
     lines = [r for r in caplog.records if "corrupt batch" in r.getMessage()]
     assert [(r.first_offset, r.next_offset) for r in lines] == [(1, 3), (4, 5)]  # type: ignore[attr-defined]
     assert all("undecodable" in r.reason for r in lines)  # type: ignore[attr-defined]
-    log = broker.topics.partition_log("events", 0)
+    log = broker.log_store.partition("events", 0)  # type: ignore[attr-defined]
     assert log.damaged_batches == 2
     # a Kafka fetch now skips the set-aside batches too
     offset, values = 0, []

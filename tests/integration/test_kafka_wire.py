@@ -271,6 +271,7 @@ async def test_sasl_plain(tmp_path: Path, password: str, accepted: bool) -> None
         client.close()
 
 
+@pytest.mark.file_storage
 async def test_fetch_sends_records_with_sendfile(server: Server,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import os

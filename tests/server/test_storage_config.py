@@ -70,7 +70,7 @@ async def test_kafka_state_lives_in_postgresql_across_a_restart(
     data_dir = tmp_path / "data"
     caplog.set_level(logging.INFO, logger="conveyor.server.storage")
     async with run_broker(data_dir, ("kafka",), storage=postgres_dsn) as server:
-        assert "partition logs stay in local files" in caplog.text
+        assert "state store and partition logs: PostgreSQL" in caplog.text
         bootstrap = f"127.0.0.1:{server.ports['kafka']}"
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
                                     enable_idempotence=True)
@@ -95,6 +95,8 @@ async def test_kafka_state_lives_in_postgresql_across_a_restart(
         assert await connection.fetchval(
             "SELECT committed_offset FROM group_offsets WHERE group_id = 'billing'") == 7
         assert await connection.fetchval("SELECT version FROM conveyor_schema") == 1
+        assert await connection.fetchval(  # the records themselves, one row per batch
+            "SELECT sum(record_count) FROM conveyor_log_batches") == 10
     finally:
         await connection.close()
     assert not (data_dir / "state.sqlite3").exists()

@@ -101,7 +101,7 @@ async def on_consume(channel: Channel, method: commands.Basic.Consume) -> None:
     topic = topic_name_for(name)
     q.check_exclusive(channel, topic, name, method)
     if is_stream(server.broker, topic):
-        offsets = _stream_offsets(server.broker, topic, (method.arguments or {}).get(
+        offsets = await _stream_offsets(server.broker, topic, (method.arguments or {}).get(
             "x-stream-offset", "next"))
         stream_consumer = StreamConsumer(channel, tag, topic, name, bool(method.no_ack),
                                          channel.prefetch_consumer, offsets)
@@ -191,7 +191,7 @@ _INTERVAL_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "D": 86_400_000,
             "M": 30 * 86_400_000, "Y": 365 * 86_400_000}
 
 
-def _stream_offsets(broker: Broker, topic: str, spec: Any) -> dict[int, int]:
+async def _stream_offsets(broker: Broker, topic: str, spec: Any) -> dict[int, int]:
     """Start offsets per partition for x-stream-offset: first, last, next, an offset,
     a timestamp, or an interval such as "1h" (RabbitMQ's forms)."""
     partitions = broker.get_topic(topic).partitions
@@ -207,7 +207,7 @@ def _stream_offsets(broker: Broker, topic: str, spec: Any) -> dict[int, int]:
     for partition in range(partitions):
         bounds = broker.offsets(topic, partition)
         if timestamp_ms is not None:
-            found = broker.offset_for_timestamp(topic, partition, timestamp_ms)
+            found = await broker.offset_for_timestamp(topic, partition, timestamp_ms)
             offsets[partition] = bounds.high_watermark if found is None else found
         elif spec == "first":
             offsets[partition] = bounds.log_start_offset

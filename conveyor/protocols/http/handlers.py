@@ -190,7 +190,8 @@ class Handlers(SharedGroupHandlers):
         if "offset" in query:
             offset = query["offset"]
         elif "timestamp_ms" in query:
-            found = self.broker.offset_for_timestamp(topic, partition, query["timestamp_ms"])
+            found = await self.broker.offset_for_timestamp(topic, partition,
+                                                           query["timestamp_ms"])
             offset = offsets.high_watermark if found is None else found
         else:
             offset = offsets.log_start_offset
@@ -205,7 +206,7 @@ class Handlers(SharedGroupHandlers):
             "next_offsets": {str(partition): next_offset},
         })
 
-    def _start_positions(self, topic: str, body: dict[str, Any]) -> dict[int, int]:
+    async def _start_positions(self, topic: str, body: dict[str, Any]) -> dict[int, int]:
         info = self.broker.get_topic(topic)
         positions: dict[int, int] = {}
         explicit = body.get("offsets", {})
@@ -220,7 +221,7 @@ class Handlers(SharedGroupHandlers):
             if str(partition) in explicit:
                 position = explicit[str(partition)]
             elif "timestamp_ms" in body:
-                found_offset = self.broker.offset_for_timestamp(
+                found_offset = await self.broker.offset_for_timestamp(
                     topic, partition, body["timestamp_ms"]
                 )
                 position = offsets.high_watermark if found_offset is None else found_offset
@@ -241,7 +242,7 @@ class Handlers(SharedGroupHandlers):
         topic = request.path["topic"]
         body = request.body
         limit = body.get("limit", FETCH_LIMIT_DEFAULT)
-        positions = self._start_positions(topic, body)
+        positions = await self._start_positions(topic, body)
         documents = await self._read_partitions(topic, positions, limit)
         wait_ms = body.get("wait_ms", 0)
         if not documents and wait_ms > 0:

@@ -168,7 +168,7 @@ class ConveyorExtensions:
         offset = _integer(query, "offset", None, 1 << 62)
         timestamp_ms = _integer(query, "timestamp_ms", None, 1 << 53)
         if offset is None and timestamp_ms is not None:
-            found = self.broker.offset_for_timestamp(topic, partition, timestamp_ms)
+            found = await self.broker.offset_for_timestamp(topic, partition, timestamp_ms)
             offset = offsets.high_watermark if found is None else found
         if offset is None:
             offset = max(offsets.log_start_offset, offsets.high_watermark - limit)

@@ -103,10 +103,11 @@ async def _append(
 
 
 def _record_pieces(data: Any) -> list[RecordPiece]:
-    """File ranges for sendfile when every part has an OS descriptor, else the bytes."""
+    """File ranges for sendfile when every part has an OS descriptor, else the bytes
+    (a store that keeps batches elsewhere, PostgreSQL, returns them in memory)."""
     parts: Sequence[tuple[int, int, int]] = data.parts
     if not parts:
-        return []
+        return [data.read_bytes()] if data.size_bytes else []
     if all(fileno >= 0 for fileno, _, _ in parts):
         return list(parts)
     return [data.read_bytes()]
@@ -182,19 +183,17 @@ async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request
     return pieces
 
 
-def handle_list_offsets(broker: Broker, request: Request) -> Any:
+async def handle_list_offsets(broker: Broker, request: Request) -> Any:
     version = request.header.api_version
     response_type = response_class(2, version)
     topic_type = nested(response_type, "ListOffsetsTopicResponse")
     partition_type = nested(response_type, "ListOffsetsPartitionResponse")
-    topics = tuple(
-        topic_type(name=topic.name, partitions=tuple(
-            _list_offset(broker, partition_type, topic.name, partition)
-            for partition in topic.partitions
-        ))
-        for topic in request.body.topics
-    )
-    return build(response_type, topics=topics)
+    topics = []
+    for topic in request.body.topics:
+        partitions = [await _list_offset(broker, partition_type, topic.name, partition)
+                      for partition in topic.partitions]
+        topics.append(topic_type(name=topic.name, partitions=tuple(partitions)))
+    return build(response_type, topics=tuple(topics))
 
 
 MAX_TIMESTAMP = -3  # ListOffsets v7+: the record with the largest timestamp
@@ -203,7 +202,8 @@ LATEST_TIERED = -5  # v9+: nothing is tiered: no offset
 EARLIEST_PENDING_UPLOAD = -6  # v11+: nothing is uploaded: no offset
 
 
-def _list_offset(broker: Broker, partition_type: type[Any], topic: str, partition: Any) -> Any:
+async def _list_offset(broker: Broker, partition_type: type[Any], topic: str,
+                       partition: Any) -> Any:
     index = partition.partition_index
     wanted = partition.timestamp
     timestamp = -1  # the found record's own timestamp (-1 for latest/earliest/none)
@@ -215,11 +215,11 @@ def _list_offset(broker: Broker, partition_type: type[Any], topic: str, partitio
             broker.offsets(topic, index)  # unknown partitions answer their error
             found = None
         elif wanted >= 0:
-            record = broker.record_for_timestamp(topic, index, wanted)
+            record = await broker.record_for_timestamp(topic, index, wanted)
             found, timestamp = record if record is not None else (None, -1)
         else:
             wanted = -2 if wanted == EARLIEST_LOCAL else wanted
-            found = broker.offset_for_timestamp(topic, index, wanted)
+            found = await broker.offset_for_timestamp(topic, index, wanted)
     except OperatingError as error:
         return build(partition_type, partition_index=index,
                      error_code=error_codes.error_code_for(error), timestamp=-1, offset=-1)

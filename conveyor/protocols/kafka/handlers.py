@@ -97,7 +97,7 @@ class KafkaHandlers:
         api_key = request.header.api_key
         broker, node = self.broker, self.node
         if api_key == 2:
-            return data_handlers.handle_list_offsets(broker, request)
+            return await data_handlers.handle_list_offsets(broker, request)
         if api_key == 3:
             return await admin_handlers.handle_metadata(broker, node, request)
         if api_key == 8:

@@ -1,0 +1,435 @@
+"""PostgresLogStore: the LogStore seam (storage/log_api.py) on PostgreSQL, via asyncpg.
+
+Owns: the log tables (storage/postgres_log_schema.py), the view this process keeps
+of each partition's offsets, config and size, reads, retention and the append
+transactions (storage/postgres_append.py: all appends of one loop turn in one
+transaction that locks the partition heads in order and assigns offsets there).
+
+Durability: an append is acknowledged after its transaction commits; for a partition
+with ``fsync=always`` (the default) with ``synchronous_commit`` on (the server's
+setting: on, and a synchronous standby for failover without loss), for
+``interval``/``never`` with ``SET LOCAL synchronous_commit = off`` (PostgreSQL flushes
+the WAL within ``wal_writer_delay``; a server crash may lose the last few hundred ms,
+never corrupt). The offsets view moves only after a commit, so readers never see a
+batch that is not committed. One node per database for now (the next issue shares
+partitions between nodes with leases: then the view is refreshed from the heads).
+Not thread-safe: one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from conveyor.clock import Clock
+from conveyor.errors import (
+    OffsetOutOfRangeError,
+    OperatingError,
+    StorageError,
+    UnknownPartitionError,
+)
+from conveyor.storage import postgres_log_schema as sql
+from conveyor.storage.log_api import (
+    AppendOutcome,
+    AppendRequest,
+    LogOffsets,
+    LogSlice,
+    PartitionRecovery,
+    PartitionUsage,
+)
+from conveyor.storage.log_config import LogConfig
+from conveyor.storage.postgres_append import (
+    CONNECTION_ERRORS,
+    Committed,
+    PendingAppend,
+    TurnAppender,
+)
+from conveyor.storage.record_batch import (
+    decode_records,
+    patch_base_offset,
+    patch_partition_leader_epoch,
+    split_batches,
+)
+
+logger = logging.getLogger(__name__)
+
+CHUNK_OFFSETS = 1 << 20  # offsets per range chunk: what retention drops at once
+READ_ROWS = 64  # rows fetched per query of a read
+
+
+@dataclass(slots=True)
+class _Partition:
+    """This process's view of one partition (moved after each own commit)."""
+
+    topic: str
+    partition: int
+    partition_id: int
+    next_offset: int
+    log_start_offset: int
+    config: LogConfig
+    size_bytes: int = 0
+    max_timestamp_ms: int = -1
+
+
+class PostgresLogStore:
+    def __init__(self, dsn: str, clock: Clock, rng: random.Random | None = None, *,
+                 default_config: LogConfig | None = None, chunk_offsets: int = CHUNK_OFFSETS,
+                 pool_size_max: int = 8, leader_epoch: int | None = None) -> None:
+        self.dsn = dsn
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.default_config = default_config or LogConfig()
+        self.chunk_offsets = chunk_offsets
+        self.pool_size_max = pool_size_max
+        # patched into every batch read (outside the CRC); None: as written, the file
+        # backend's behaviour (a single node has no leader changes; leases will set it)
+        self.leader_epoch = leader_epoch
+        self._pool: Any = None
+        self._appender: TurnAppender | None = None
+        self._partitions: dict[tuple[str, int], _Partition] = {}
+        self._by_id: dict[int, _Partition] = {}
+        # (topic, partition) -> base offsets of CRC-valid batches no reader can decode
+        self._set_aside: dict[tuple[str, int], set[int]] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self.pool_size_max)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+            raise StorageError("cannot reach the log database", reason=str(error)) from error
+        async with self._pool.acquire() as connection, connection.transaction():
+            # one opener at a time creates the schema
+            await connection.execute("SELECT pg_advisory_xact_lock(7140001)")
+            for statement in sql.SCHEMA:
+                await connection.execute(statement)
+            version = await connection.fetchval("SELECT max(version) FROM conveyor_log_schema")
+            if version is None:
+                await connection.execute("INSERT INTO conveyor_log_schema VALUES ($1)",
+                                         sql.SCHEMA_VERSION)
+            elif version > sql.SCHEMA_VERSION:
+                raise StorageError("the log database has a newer schema", version=version,
+                                   supported=sql.SCHEMA_VERSION)
+            rows = await connection.fetch(sql.LOAD_HEADS)
+        for row in rows:
+            self._remember(_Partition(
+                row["topic"], row["partition"], row["partition_id"], row["next_offset"],
+                row["log_start_offset"], _config_from_json(row["config"],
+                                                           self.default_config)))
+        await self._refresh_usage()
+        self._appender = TurnAppender(self._pool, self.clock, self.rng, self.chunk_offsets,
+                                      self._committed)
+
+    def _remember(self, part: _Partition) -> None:
+        self._partitions[(part.topic, part.partition)] = part
+        self._by_id[part.partition_id] = part
+
+    async def close(self) -> None:
+        if self._appender is not None:
+            appender, self._appender = self._appender, None
+            await appender.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await pool.close()
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+                pool.terminate()  # the database went away: drop the connections
+        self._partitions.clear()
+        self._by_id.clear()
+
+    # --- partitions --------------------------------------------------------------------
+    def partitions(self) -> list[tuple[str, int]]:
+        return sorted(self._partitions)
+
+    def has_partition(self, topic: str, partition: int) -> bool:
+        return (topic, partition) in self._partitions
+
+    def _part(self, topic: str, partition: int) -> _Partition:
+        try:
+            return self._partitions[(topic, partition)]
+        except KeyError:
+            raise UnknownPartitionError("unknown partition", topic=topic,
+                                        partition=partition) from None
+
+    async def create_partition(self, topic: str, partition: int, config: LogConfig) -> None:
+        existing = self._partitions.get((topic, partition))
+        if existing is not None:
+            await self.set_config(topic, partition, config)
+            return
+        async with self._connection() as connection, connection.transaction():
+            row = await connection.fetchrow(sql.CREATE_HEAD, topic, partition,
+                                            _config_to_json(config))
+            pid = row["partition_id"]
+            await connection.execute(sql.create_partition_table(pid))
+            await self._ensure_ahead(connection, pid, row["next_offset"], row["chunks_until"])
+        self._remember(_Partition(topic, partition, pid, row["next_offset"],
+                                  row["log_start_offset"], config))
+
+    async def _ensure_ahead(self, connection: Any, pid: int, next_offset: int,
+                            chunks_until: int) -> None:
+        """Keep the chunk of ``next_offset`` and the one after it created."""
+        until = next_offset // self.chunk_offsets + 2
+        if until <= chunks_until:
+            return
+        await connection.execute("SELECT 1 FROM conveyor_log_partitions "
+                                 "WHERE partition_id = $1 FOR UPDATE", pid)
+        for chunk in range(chunks_until, until):
+            await connection.execute(sql.create_chunk(pid, chunk, self.chunk_offsets))
+        await connection.execute(sql.SET_CHUNKS_UNTIL, pid, until)
+
+    def config(self, topic: str, partition: int) -> LogConfig:
+        return self._part(topic, partition).config
+
+    async def set_config(self, topic: str, partition: int, config: LogConfig) -> None:
+        part = self._part(topic, partition)
+        if config == part.config:
+            return
+        async with self._connection() as connection:
+            await connection.execute(sql.SET_CONFIG, part.partition_id, _config_to_json(config))
+        part.config = config
+
+    async def delete_partition(self, topic: str, partition: int) -> None:
+        part = self._part(topic, partition)
+        async with self._connection() as connection, connection.transaction():
+            await connection.execute(sql.drop_partition_table(part.partition_id))
+            await connection.execute(sql.DELETE_HEAD, part.partition_id)
+            await connection.execute(sql.DELETE_PRODUCERS, part.partition_id)
+        del self._partitions[(topic, partition)]
+        del self._by_id[part.partition_id]
+        self._set_aside.pop((topic, partition), None)
+
+    def offsets(self, topic: str, partition: int) -> LogOffsets:
+        part = self._part(topic, partition)
+        return LogOffsets(part.log_start_offset, part.next_offset, part.next_offset)
+
+    # --- append ------------------------------------------------------------------------
+    async def append(self, requests: Sequence[AppendRequest]) -> list[AppendOutcome]:
+        """Validate each request now; write all of this loop turn's in one transaction."""
+        appender = self._appender
+        if appender is None:
+            raise StorageError("log store closed")
+        loop = None
+        outcomes: list[AppendOutcome | None] = []
+        waiting: list[tuple[int, Any]] = []
+        for request in requests:
+            try:
+                part = self._part(request.topic, request.partition)
+                headers = split_batches(request.batches)
+            except OperatingError as error:
+                outcomes.append(error)
+                continue
+            if loop is None:
+                loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            appender.submit(PendingAppend(
+                request.topic, request.partition, part.partition_id,
+                memoryview(request.batches).cast("B"), headers, part.config.fsync == "always",
+                request.check_sequences, future))
+            waiting.append((len(outcomes), future))
+            outcomes.append(None)
+        for index, future in waiting:
+            outcomes[index] = await future
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _committed(self, committed: list[Committed]) -> None:
+        for item in committed:
+            part = self._by_id.get(item.partition_id)
+            if part is None:
+                continue
+            part.next_offset = max(part.next_offset, item.next_offset)
+            part.size_bytes += item.size_bytes
+            part.max_timestamp_ms = max(part.max_timestamp_ms, item.max_timestamp_ms)
+
+    # --- read --------------------------------------------------------------------------
+    def _check_range(self, part: _Partition, offset: int) -> None:
+        if not part.log_start_offset <= offset <= part.next_offset:
+            raise OffsetOutOfRangeError(
+                "offset out of range", offset=offset, log_start_offset=part.log_start_offset,
+                high_watermark=part.next_offset)
+
+    async def read(self, topic: str, partition: int, offset: int, bytes_max: int) -> LogSlice:
+        part = self._part(topic, partition)
+        self._check_range(part, offset)
+        high_watermark = part.next_offset
+        skipped = self._set_aside.get((topic, partition), set())
+        out = bytearray()
+        position = offset
+        async with self._connection() as connection:
+            while position < high_watermark:
+                rows = await connection.fetch(sql.READ_BATCHES, part.partition_id, position,
+                                              high_watermark, READ_ROWS)
+                for row in rows:
+                    base, payload = row["base_offset"], row["payload"]
+                    if base in skipped:
+                        continue
+                    if out and len(out) + len(payload) > bytes_max:
+                        return LogSlice(data=bytes(out))
+                    start = len(out)
+                    out += payload
+                    patch_base_offset(out, base, start)
+                    if self.leader_epoch is not None:
+                        patch_partition_leader_epoch(out, self.leader_epoch, start)
+                if len(rows) < READ_ROWS:
+                    break
+                position = _next_position(rows)
+        return LogSlice(data=bytes(out))
+
+    async def record_for_timestamp(self, topic: str, partition: int,
+                                   timestamp_ms: int) -> tuple[int, int] | None:
+        part = self._part(topic, partition)
+        skipped = self._set_aside.get((topic, partition), set())
+        position = part.log_start_offset
+        async with self._connection() as connection:
+            while position < part.next_offset:
+                rows = await connection.fetch(sql.FIND_TIMESTAMP, part.partition_id, position,
+                                              part.next_offset, timestamp_ms)
+                for row in rows:
+                    if row["base_offset"] in skipped:
+                        continue
+                    data = bytearray(row["payload"])
+                    patch_base_offset(data, row["base_offset"])
+                    for record in decode_records(data):
+                        if record.timestamp_ms >= timestamp_ms \
+                                and record.offset >= part.log_start_offset:
+                            return record.offset, record.timestamp_ms
+                if not rows:
+                    break
+                position = _next_position(rows)
+        return None
+
+    def set_aside(self, topic: str, partition: int, offset: int, reason: str) -> None:
+        """Readers in this process skip the batch at ``offset`` (its base offset)."""
+        self._part(topic, partition)
+        skipped = self._set_aside.setdefault((topic, partition), set())
+        if offset not in skipped:
+            skipped.add(offset)
+            logger.error("undecodable batch set aside; readers skip it: %s/%s at offset %d "
+                         "(%s)", topic, partition, offset, reason)
+
+    # --- deletion ----------------------------------------------------------------------
+    async def delete_before(self, topic: str, partition: int, offset: int) -> None:
+        part = self._part(topic, partition)
+        offset = min(offset, part.next_offset)
+        if offset <= part.log_start_offset:
+            return
+        async with self._connection() as connection:
+            await connection.execute(sql.SET_LOG_START, part.partition_id, offset)
+            part.log_start_offset = offset
+            await self._drop_chunks_below(connection, part)
+
+    async def _drop_chunks_below(self, connection: Any, part: _Partition) -> None:
+        """Drop whole chunks whose every batch is below the log start (DROP TABLE)."""
+        pid = part.partition_id
+        chunk = await connection.fetchval(sql.CHUNKS_FROM, pid)
+        first_kept = chunk
+        while (chunk + 1) * self.chunk_offsets <= part.log_start_offset:
+            last = await connection.fetchval(
+                sql.CHUNK_LAST_OFFSET.format(chunk=sql.chunk_table(pid, chunk)))
+            if last >= part.log_start_offset:
+                break
+            await connection.execute(sql.drop_chunk(pid, chunk))
+            chunk += 1
+        if chunk != first_kept:
+            await connection.execute(sql.SET_CHUNKS_FROM, pid, chunk)
+
+    async def run_retention(self) -> None:
+        """Time/size retention (``delete``) and work-queue chunk drops; a chunk ahead."""
+        now_ms = self.clock.wall_ms()
+        async with self._connection() as connection:
+            for part in list(self._partitions.values()):
+                config = part.config
+                target = part.log_start_offset
+                if config.cleanup_policy == "delete" and config.retention_ms >= 0:
+                    found = await connection.fetchval(
+                        sql.FIRST_NEWER_THAN, part.partition_id, part.log_start_offset,
+                        now_ms - config.retention_ms)
+                    target = max(target, part.next_offset if found is None else found)
+                if config.cleanup_policy == "delete" and config.retention_bytes >= 0:
+                    found = await connection.fetchval(
+                        sql.FIRST_WITHIN_BYTES, part.partition_id, part.log_start_offset,
+                        config.retention_bytes)
+                    target = max(target, part.next_offset if found is None else found)
+                if target > part.log_start_offset:
+                    await connection.execute(sql.SET_LOG_START, part.partition_id, target)
+                    part.log_start_offset = target
+                await self._drop_chunks_below(connection, part)
+                row = await connection.fetchrow(
+                    "SELECT next_offset, chunks_until FROM conveyor_log_partitions "
+                    "WHERE partition_id = $1", part.partition_id)
+                if row is not None:
+                    async with connection.transaction():
+                        await self._ensure_ahead(connection, part.partition_id,
+                                                 row["next_offset"], row["chunks_until"])
+        await self._refresh_usage()
+
+    async def _refresh_usage(self) -> None:
+        async with self._connection() as connection:
+            for part in self._partitions.values():
+                size, newest = await connection.fetchrow(sql.USAGE, part.partition_id,
+                                                         part.log_start_offset)
+                part.size_bytes, part.max_timestamp_ms = int(size), int(newest)
+
+    # --- views -------------------------------------------------------------------------
+    def usage(self, topic: str, partition: int) -> PartitionUsage:
+        part = self._part(topic, partition)
+        return PartitionUsage(part.size_bytes, 0, part.max_timestamp_ms,
+                              len(self._set_aside.get((topic, partition), ())))
+
+    def recovery(self, topic: str, partition: int) -> PartitionRecovery:
+        """Nothing to repair: a commit is whole or absent (lost ranges: none)."""
+        part = self._part(topic, partition)
+        return PartitionRecovery(topic, partition, part.log_start_offset, part.next_offset)
+
+    def _connection(self) -> Any:
+        if self._pool is None:
+            raise StorageError("log store closed")
+        return _Acquired(self._pool)
+
+
+class _Acquired:
+    """``async with``: a pooled connection; a lost database becomes StorageError."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._connection: Any = None
+
+    async def __aenter__(self) -> Any:
+        try:
+            self._connection = await self._pool.acquire()
+        except CONNECTION_ERRORS as error:
+            raise StorageError("database unavailable", reason=str(error)) from error
+        return self._connection
+
+    async def __aexit__(self, kind: Any, error: BaseException | None, trace: Any) -> None:
+        try:
+            await self._pool.release(self._connection)
+        except CONNECTION_ERRORS:
+            logger.warning("dropping a broken database connection")
+        if isinstance(error, CONNECTION_ERRORS):
+            raise StorageError("database unavailable", reason=str(error)) from error
+
+
+def _next_position(rows: Sequence[Any]) -> int:
+    """The offset after the last batch of ``rows`` (its last offset + 1)."""
+    return int(rows[-1]["last_offset"]) + 1
+
+
+def _config_to_json(config: LogConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def _config_from_json(text: str, default: LogConfig) -> LogConfig:
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        return default
+    fields = {field.name for field in dataclasses.fields(LogConfig)}
+    return LogConfig(**{key: value for key, value in saved.items() if key in fields})

@@ -1,0 +1,279 @@
+"""PostgresLogStore beyond the conformance suite: what only a shared database can get wrong.
+
+Method: a real PostgreSQL (tests/conftest.py). Two stores on one database append to one
+partition at once (offsets come from the locked head row, so they never collide, unlike
+in-memory counters); the server is crashed (``pg_ctl stop -m immediate``) under load
+(every acknowledged append is there afterwards, exactly once); a TCP proxy between
+store and server cuts the connection right after (or right before) a COMMIT, so the
+commit's outcome is unknown to the store and must be read back; retention drops whole
+range chunks (tables), never rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from storage_helpers import make_batch, values_of
+
+from conveyor.errors import (
+    InvalidProducerEpochError,
+    OperatingError,
+    OutOfOrderSequenceError,
+    StorageError,
+)
+from conveyor.storage.log_api import AppendInfo, AppendOutcome, AppendRequest
+from conveyor.storage.log_config import LogConfig
+from conveyor.storage.postgres_log import PostgresLogStore
+from conveyor.storage.record_batch import RecordData, build_batch
+from conveyor.testing.clock import SimClock
+from conveyor.testing.postgres import PostgresServer
+
+
+def new_store(dsn: str, seed: int = 1, chunk_offsets: int = 8) -> PostgresLogStore:
+    return PostgresLogStore(dsn, SimClock(), random.Random(seed), chunk_offsets=chunk_offsets)
+
+
+async def read_values(store: PostgresLogStore, topic: str) -> list[tuple[int, bytes | None]]:
+    found: list[tuple[int, bytes | None]] = []
+    offset = store.offsets(topic, 0).log_start_offset
+    while offset < store.offsets(topic, 0).high_watermark:
+        chunk = values_of((await store.read(topic, 0, offset, 1 << 20)).read_bytes())
+        found += [item for item in chunk if item[0] >= offset]
+        offset = chunk[-1][0] + 1
+    return found
+
+
+async def test_two_stores_on_one_database_never_share_an_offset(postgres_dsn: str) -> None:
+    first, second = new_store(postgres_dsn, 1), new_store(postgres_dsn, 2)
+    await first.open()
+    await first.create_partition("t", 0, LogConfig())
+    await second.open()  # sees the partition the first one made
+
+    async def produce(store: PostgresLogStore, name: bytes) -> list[AppendInfo]:
+        infos = []
+        for index in range(25):
+            (info,) = await store.append([AppendRequest("t", 0, make_batch(
+                [name + b"%02d" % index]))])
+            assert isinstance(info, AppendInfo)
+            infos.append(info)
+        return infos
+
+    results = await asyncio.gather(produce(first, b"a"), produce(second, b"b"))
+    offsets = sorted(info.base_offset for infos in results for info in infos)
+    assert offsets == list(range(50))
+    await first.close()
+    await second.close()
+    reader = new_store(postgres_dsn)
+    await reader.open()
+    stored = await read_values(reader, "t")
+    assert [offset for offset, _ in stored] == list(range(50))
+    assert sorted(value or b"" for _, value in stored) == sorted(
+        [b"a%02d" % i for i in range(25)] + [b"b%02d" % i for i in range(25)])
+    await reader.close()
+
+
+async def test_acknowledged_appends_survive_a_crash_under_load(
+        postgres_server: PostgresServer, postgres_dsn: str) -> None:
+    store = new_store(postgres_dsn)
+    await store.open()
+    await store.create_partition("t", 0, LogConfig())
+    acknowledged: dict[bytes, int] = {}
+    failed: list[bytes] = []
+    some_acknowledged = asyncio.Event()
+
+    async def producer(name: int) -> None:
+        for index in range(10_000):
+            value = b"%d-%d" % (name, index)
+            (outcome,) = await store.append([AppendRequest("t", 0, make_batch([value]))])
+            if isinstance(outcome, OperatingError):
+                assert isinstance(outcome, StorageError), outcome
+                failed.append(value)
+                return
+            acknowledged[value] = outcome.base_offset
+            if len(acknowledged) >= 200:
+                some_acknowledged.set()
+
+    async with asyncio.TaskGroup() as group:
+        for name in range(6):
+            group.create_task(producer(name))
+        await some_acknowledged.wait()
+        await asyncio.to_thread(postgres_server.crash)
+    assert failed, "appends in flight when the server died fail, they are not acknowledged"
+    await asyncio.to_thread(postgres_server.start)
+    with contextlib.suppress(Exception):
+        await store.close()
+    store = new_store(postgres_dsn)
+    await store.open()
+    stored = await read_values(store, "t")
+    assert [offset for offset, _ in stored] == list(range(len(stored)))  # no gap, no repeat
+    where = {value: offset for offset, value in stored}
+    assert len(where) == len(stored)  # no value twice
+    assert all(where.get(value) == offset for value, offset in acknowledged.items())
+    await store.close()
+
+
+class CommitCutter:
+    """A TCP proxy to PostgreSQL that drops one connection at the first COMMIT sent
+    through it: ``after=True`` forwards the COMMIT first (it lands, its answer is lost),
+    ``after=False`` drops it (the transaction never commits)."""
+
+    def __init__(self, port: int, after: bool) -> None:
+        self.port = port
+        self.after = after
+        self.armed = False
+        self.cut = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        cut_here = asyncio.Event()  # this connection is the one being cut
+
+        async def client_to_server() -> None:
+            while data := await reader.read(65536):
+                if self.armed and not self.cut.is_set() and b"COMMIT" in data.upper():
+                    self.cut.set()
+                    cut_here.set()
+                    if self.after:
+                        upstream_writer.write(data)
+                        await upstream_writer.drain()
+                    break
+                upstream_writer.write(data)
+                await upstream_writer.drain()
+
+        async def server_to_client() -> None:
+            while data := await upstream_reader.read(65536):
+                if cut_here.is_set():  # the COMMIT's answer never reaches the store
+                    break
+                writer.write(data)
+                await writer.drain()
+
+        pumps = [asyncio.ensure_future(client_to_server()),
+                 asyncio.ensure_future(server_to_client())]
+        with contextlib.suppress(Exception):
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        if cut_here.is_set() and self.after:
+            await asyncio.sleep(0.2)  # let the server read the COMMIT before it sees EOF
+        for pump in pumps:
+            pump.cancel()
+        for stream in (writer, upstream_writer):
+            stream.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def proxied(dsn: str, after: bool) -> AsyncIterator[tuple[str, CommitCutter]]:
+    head, _, database = dsn.rpartition("/")
+    host_port = head.rpartition("@")[2]
+    cutter = CommitCutter(int(host_port.rpartition(":")[2]), after)
+    port = await cutter.start()
+    try:
+        yield f"{head.rpartition(':')[0]}:{port}/{database}", cutter
+    finally:
+        await cutter.close()
+
+
+@pytest.mark.parametrize("committed", [True, False])
+async def test_a_commit_whose_answer_is_lost_is_read_back(
+        postgres_dsn: str, committed: bool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "conveyor.storage.postgres_append")
+    async with proxied(postgres_dsn, after=committed) as (dsn, cutter):
+        store = new_store(dsn)
+        await store.open()
+        await store.create_partition("t", 0, LogConfig())
+        (first,) = await store.append([AppendRequest("t", 0, make_batch([b"before"]))])
+        assert isinstance(first, AppendInfo)
+        cutter.armed = True
+        (outcome,) = await store.append([AppendRequest("t", 0, make_batch([b"cut"]))])
+        assert cutter.cut.is_set()
+        assert "commit outcome unknown" in caplog.text
+        if committed:
+            assert isinstance(outcome, AppendInfo) and outcome.base_offset == 1
+        else:
+            assert isinstance(outcome, StorageError)
+        (after,) = await store.append([AppendRequest("t", 0, make_batch([b"after"]))])
+        assert isinstance(after, AppendInfo)
+        await store.close()
+    reader = new_store(postgres_dsn)
+    await reader.open()
+    expected = [b"before", b"cut", b"after"] if committed else [b"before", b"after"]
+    assert await read_values(reader, "t") == list(enumerate(expected))
+    await reader.close()
+
+
+async def test_retention_drops_whole_chunks_not_rows(postgres_dsn: str) -> None:
+    store = new_store(postgres_dsn, chunk_offsets=10)
+    await store.open()
+    await store.create_partition("q", 0, LogConfig(cleanup_policy="work-queue"))
+    for index in range(45):
+        await store.append([AppendRequest("q", 0, make_batch([b"%02d" % index]))])
+    await store.delete_before("q", 0, 25)
+    connection = await asyncpg.connect(postgres_dsn)
+    try:
+        tables = sorted(row[0] for row in await connection.fetch(
+            "SELECT tablename FROM pg_tables WHERE tablename LIKE 'conveyor_log_p%\\_c%'"))
+        rows = await connection.fetchval("SELECT count(*) FROM conveyor_log_batches")
+    finally:
+        await connection.close()
+    # chunks 0 and 1 (offsets 0..19) dropped; chunk 2 holds the log start; 3, 4 and the
+    # one ahead stay
+    assert [name.rpartition("_c")[2] for name in tables] == ["2", "3", "4", "5"]
+    assert rows == 25
+    assert (await read_values(store, "q"))[0] == (25, b"25")
+    await store.close()
+
+
+def producer_batch(values: list[bytes], producer_id: int, epoch: int, sequence: int) -> bytes:
+    return build_batch([RecordData(None, value, (), 1_700_000_000_000) for value in values],
+                       producer_id=producer_id, producer_epoch=epoch, base_sequence=sequence)
+
+
+async def test_idempotent_sequences_are_checked_under_the_head_lock(postgres_dsn: str) -> None:
+    """Two nodes: a retry reaching the other node is answered with the first offsets."""
+    first, second = new_store(postgres_dsn, 1), new_store(postgres_dsn, 2)
+    await first.open()
+    await first.create_partition("t", 0, LogConfig())
+    await second.open()
+
+    async def send(store: PostgresLogStore, data: bytes) -> AppendOutcome:
+        (outcome,) = await store.append([AppendRequest("t", 0, data, check_sequences=True)])
+        return outcome
+
+    batch = producer_batch([b"a", b"b"], 42, 0, 0)
+    written = await send(first, batch)
+    assert isinstance(written, AppendInfo) and not written.duplicate
+    retried = await send(second, batch)
+    assert isinstance(retried, AppendInfo) and retried.duplicate
+    assert (retried.base_offset, retried.last_offset) == (written.base_offset, written.last_offset)
+    following = await send(second, producer_batch([b"c"], 42, 0, 2))
+    assert isinstance(following, AppendInfo) and following.base_offset == 2
+    assert isinstance(await send(first, producer_batch([b"x"], 42, 0, 7)),
+                      OutOfOrderSequenceError)
+    # one call holding a batch and its own retry: written once
+    again = producer_batch([b"d"], 42, 0, 3)
+    outcomes = await first.append([AppendRequest("t", 0, again, check_sequences=True)] * 2)
+    assert [(o.base_offset, o.duplicate) for o in outcomes
+            if isinstance(o, AppendInfo)] == [(3, False), (3, True)]
+    fenced = await send(first, producer_batch([b"y"], 42, 1, 0))  # a new epoch starts at 0
+    assert isinstance(fenced, AppendInfo) and fenced.base_offset == 4
+    assert isinstance(await send(second, producer_batch([b"z"], 42, 0, 4)),
+                      InvalidProducerEpochError)
+    await first.close()
+    await second.close()
+    reader = new_store(postgres_dsn)
+    await reader.open()
+    assert [value for _, value in await read_values(reader, "t")] == [b"a", b"b", b"c", b"d",
+                                                                      b"y"]
+    await reader.close()
