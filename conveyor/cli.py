@@ -34,6 +34,7 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--storage", help="file:[PATH] (default) or postgresql://user@host/db")
     serve.add_argument("--host", help="address to listen on (127.0.0.1)")
     serve.add_argument("--advertised-host", dest="advertised_host")
+    serve.add_argument("--node-id", help="several nodes on one PostgreSQL: N or auto")
     serve.add_argument("--listeners", help="comma-separated listeners to enable")
     serve.add_argument("--kafka-port", type=int)
     serve.add_argument("--amqp-port", type=int)
@@ -55,9 +56,8 @@ def _serve(arguments: argparse.Namespace) -> int:
         if getattr(arguments, f"{name}_port") is not None
     }
     flags = {
-        "data_dir": arguments.data_dir, "storage": arguments.storage,
-        "host": arguments.host,
-        "advertised_host": arguments.advertised_host,
+        "data_dir": arguments.data_dir, "storage": arguments.storage, "host": arguments.host,
+        "advertised_host": arguments.advertised_host, "node_id": arguments.node_id,
         "log_level": arguments.log_level,
         "log_format": arguments.log_format,
         "listeners": arguments.listeners.split(",") if arguments.listeners else None,
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(arguments)
     if arguments.command == "verify":
         return _verify(arguments)
-    if arguments.command in ("top", "definitions"):
+    if arguments.command in ("top", "definitions", "cluster"):
         url = arguments.url or os.environ.get("CONVEYOR_URL") or "http://localhost:8080"
         return cli_management.run(arguments, url)
     if arguments.command in CLIENT_COMMANDS:

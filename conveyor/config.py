@@ -55,6 +55,13 @@ class BrokerSettings:
     # keep working (RabbitMQ's disk_free_limit, 50 MB by default).
     disk_free_limit_bytes: int = 50_000_000
     disk_check_interval_ms: int = 1_000  # RabbitMQ checks disk space about once a second
+    # several nodes on one PostgreSQL (docs/cluster.md): heartbeat period and lease length
+    cluster_heartbeat_ms: int = 3_000
+    cluster_lease_ms: int = 10_000
+
+
+_TOP_KEYS = ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format",
+             "node_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,9 @@ class ServerConfig:
     advertised_host: str | None = None  # what Kafka Metadata tells clients; None: host
     log_level: str = "info"
     log_format: str = "text"  # "text" or "json"
+    # Several nodes on one PostgreSQL (docs/cluster.md): this node's id, a number or
+    # "auto" (the database hands one out); None: a single node, no membership.
+    node_id: str | None = None
     shutdown_grace_ms: int = 10_000
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     listeners: tuple[ListenerConfig, ...] = field(
@@ -154,7 +164,7 @@ def load_config(
             ) from None
     top: dict[str, Any] = {
         key: document[key]
-        for key in ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format")
+        for key in _TOP_KEYS
         if key in document
     }
     broker_overrides: dict[str, Any] = dict(document.get("broker", {}))
@@ -162,7 +172,7 @@ def load_config(
     enabled_names: list[str] | None = None
     ports: dict[str, int] = {}
 
-    for key in ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format"):
+    for key in _TOP_KEYS:
         env_name = f"CONVEYOR_{key.upper()}"
         if env_name in environ:
             top[key] = environ[env_name]
@@ -176,7 +186,7 @@ def load_config(
         if env_name.startswith("CONVEYOR_BROKER__"):
             broker_overrides[env_name.removeprefix("CONVEYOR_BROKER__").lower()] = value
 
-    for key in ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format"):
+    for key in _TOP_KEYS:
         if flags.get(key) is not None:
             top[key] = flags[key]
     if flags.get("listeners") is not None:
@@ -185,8 +195,7 @@ def load_config(
         ports[name] = int(port)
 
     unknown_top = set(document) - {
-        "data_dir", "storage", "host", "advertised_host", "log_level", "log_format", "broker",
-        "listeners",
+        *_TOP_KEYS, "broker", "listeners",
     }
     if unknown_top:
         raise InvalidConfigError("unknown settings in config file", names=sorted(unknown_top))
@@ -197,6 +206,8 @@ def load_config(
             top["data_dir"] = rest  # file:PATH names the data directory
     if "data_dir" in top:
         top["data_dir"] = Path(top["data_dir"])
+    if "node_id" in top:
+        top["node_id"] = _node_id(top["node_id"], top.get("storage", "file:"))
     if top.get("log_format", "text") not in ("text", "json"):
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
     return ServerConfig(
@@ -204,6 +215,17 @@ def load_config(
         broker=_broker_settings(BrokerSettings(), broker_overrides),
         listeners=_listeners_from(listener_sections, enabled_names, ports),
     )
+
+
+def _node_id(value: object, storage: object) -> str:
+    text = str(value).strip()
+    if text != "auto" and not (text.isdigit() and 0 <= int(text) < 2**31):
+        raise InvalidConfigError("node_id must be a number (0 .. 2^31-1) or auto", value=text)
+    if not str(storage).startswith(("postgresql:", "postgres:")):
+        raise InvalidConfigError(
+            "node_id (several nodes) needs --storage postgresql://... (every node on one "
+            "database)", storage=str(storage).split("@")[-1])
+    return text
 
 
 # --- connection limits shared by every listener ---------------------------------------

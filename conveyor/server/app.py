@@ -17,7 +17,7 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
@@ -32,6 +32,7 @@ from conveyor.server.state_recovery import rebuild_orphans
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.cluster.node import ClusterNode
 
 logger = logging.getLogger("conveyor.server")
 
@@ -88,6 +89,7 @@ class Server:
         self.metrics = Metrics(lambda: self._broker, config.data_dir,
                                MetricsLimits.from_settings(metrics_settings))
         self._stopping = False
+        self.cluster: ClusterNode | None = None  # several nodes on one PostgreSQL
 
     @property
     def broker(self) -> Broker:
@@ -120,21 +122,46 @@ class Server:
             await rebuild_orphans(self._broker)
             self.disk_alarm.start()
             self.metrics.loop_lag.start()
+            await self._open_cluster(storage.location.dsn)
             await self._start_listeners()
+            if self.cluster is not None:
+                await self.cluster.advertise(self._advertised_addresses())
         except BaseException:
             await self.stop()
             raise
         logger.info("conveyor started", extra={"data_dir": str(data_dir), "ports": self.ports,
                                                "storage": storage.location.describe()})
 
+    async def _open_cluster(self, dsn: str | None) -> None:
+        """With ``node_id`` set: register this node (docs/cluster.md)."""
+        if self.config.node_id is None or dsn is None:
+            return
+        from conveyor.cluster.membership import ClusterSettings
+        from conveyor.cluster.node import ClusterNode
+
+        node_id = None if self.config.node_id == "auto" else int(self.config.node_id)
+        settings = self.config.broker
+        self.cluster = ClusterNode(self.broker, ClusterSettings(
+            dsn, node_id, settings.cluster_heartbeat_ms, settings.cluster_lease_ms), self.clock)
+        await self.cluster.open()
+
+    def _advertised_addresses(self) -> dict[str, str]:
+        host = self._advertised_host()
+        return {name: f"{host}:{port}" for name, port in self.ports.items()}
+
+    def _advertised_host(self) -> str:
+        advertised_host = self.config.advertised_host or self.config.host
+        return "127.0.0.1" if advertised_host in ("0.0.0.0", "::") else advertised_host
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        return self.cluster.status() if self.cluster is not None else None
+
     def listener(self, name: str) -> RunningListener:
         """A running listener by name (tests and metrics look inside)."""
         return self._listeners[name]
 
     async def _start_listeners(self) -> None:
-        advertised_host = self.config.advertised_host or self.config.host
-        if advertised_host in ("0.0.0.0", "::"):
-            advertised_host = "127.0.0.1"
+        advertised_host = self._advertised_host()
         for listener_config in self.config.listeners:
             if not listener_config.enabled:
                 continue
@@ -148,6 +175,7 @@ class Server:
                 counters=self.metrics.counters(listener_config.name),
                 observability=self,
                 connections=self.connections,
+                cluster=self.cluster,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running
@@ -165,11 +193,21 @@ class Server:
 
     def readiness(self) -> dict[str, str]:
         expected = [listener.name for listener in self.config.listeners if listener.enabled]
-        return readiness_checks(self._broker, self.config.data_dir, expected,
-                                set(self._listeners), self._stopping)
+        checks = readiness_checks(self._broker, self.config.data_dir, expected,
+                                  set(self._listeners), self._stopping)
+        if self.cluster is not None:
+            checks["cluster"] = ("ok" if self.cluster.membership.serving()
+                                 else "no live lease in the cluster database")
+        return checks
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.cluster is not None:  # drain: hand the leases over before closing
+            cluster, self.cluster = self.cluster, None
+            try:
+                await cluster.close()
+            except Exception:
+                logger.exception("cluster drain failed")
         for name, listener in list(self._listeners.items()):
             try:
                 await listener.close()

@@ -47,6 +47,9 @@ class ListenerContext:
     observability: Observability | None = None
     # Live connections, for the management API (None: a listener started alone gets its own).
     connections: ConnectionRegistry | None = None
+    # Several nodes on one PostgreSQL: this node's conveyor.cluster.node.ClusterNode
+    # (None: a single node, which leads and coordinates everything).
+    cluster: Any = None
 
 
 class Observability(Protocol):
@@ -58,6 +61,10 @@ class Observability(Protocol):
 
     def readiness(self) -> dict[str, str]:
         """Check name -> "ok" or what is wrong; ready when every value is "ok"."""
+        ...
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """Nodes, leases and owners when several nodes share PostgreSQL; None: one node."""
         ...
 
 

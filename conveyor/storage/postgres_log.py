@@ -206,6 +206,17 @@ class PostgresLogStore:
         del self._by_id[part.partition_id]
         self._set_aside.pop((topic, partition), None)
 
+    async def refresh_partition(self, topic: str, partition: int) -> None:
+        """Read the partition's head again (another node appended since: conveyor/cluster)."""
+        part = self._part(topic, partition)
+        async with self._connection() as connection:
+            row = await connection.fetchrow(
+                "SELECT next_offset, log_start_offset FROM conveyor_log_partitions "
+                "WHERE partition_id = $1", part.partition_id)
+        if row is not None:
+            part.next_offset = max(part.next_offset, row["next_offset"])
+            part.log_start_offset = max(part.log_start_offset, row["log_start_offset"])
+
     def offsets(self, topic: str, partition: int) -> LogOffsets:
         part = self._part(topic, partition)
         return LogOffsets(part.log_start_offset, part.next_offset, part.next_offset)

@@ -20,7 +20,7 @@ Must not know: sockets, files (a file range is three ints passed through).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from conveyor.errors import OperatingError
@@ -40,10 +40,13 @@ from conveyor.protocols.kafka.settings import KafkaSettings
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
 
+# Several nodes (cluster_routing.py): may this node serve the partition? None: a single node.
+PartitionGate = Callable[[str, int], Awaitable[bool]] | None
 
 
 async def handle_produce(broker: Broker, request: Request,
-                         on_error: Callable[[int], None] | None = None) -> bytes | None:
+                         on_error: Callable[[int], None] | None = None,
+                         gate: PartitionGate = None) -> bytes | None:
     body = request.body
     header = request.header
     refusal = _refusal(body)
@@ -55,7 +58,7 @@ async def handle_produce(broker: Broker, request: Request,
         ]
     else:
         appends = [
-            _append(broker, topic.name, partition.index, partition.records)
+            _append(broker, topic.name, partition.index, partition.records, gate)
             for topic in body.topic_data for partition in topic.partition_data
         ]
         if len(appends) == 1:  # the common case: no task per partition
@@ -85,8 +88,13 @@ def _refusal(body: Any) -> tuple[int, str] | None:
 
 
 async def _append(
-    broker: Broker, topic: str, partition: int, records: bytes | None
+    broker: Broker, topic: str, partition: int, records: bytes | None,
+    gate: PartitionGate = None,
 ) -> tuple[str, ProducePartitionResult]:
+    if gate is not None and not await gate(topic, partition):
+        return topic, ProducePartitionResult(
+            partition, error_codes.NOT_LEADER_OR_FOLLOWER,
+            error_message="this node does not lead the partition")
     if not records:
         return topic, ProducePartitionResult(
             partition, error_codes.CORRUPT_MESSAGE, error_message="empty records"
@@ -117,6 +125,7 @@ class _FetchPlan:
     """One fetch request's partitions, in request order."""
 
     def __init__(self, body: Any) -> None:
+        self.refused: set[tuple[str, int]] = set()  # led by another node
         self.entries: list[tuple[str, int, int, int]] = [
             (topic.topic, partition.partition, partition.fetch_offset,
              partition.partition_max_bytes)
@@ -134,6 +143,10 @@ async def _read_all(
     total = 0
     for topic, partition, offset, partition_max_bytes in plan.entries:
         budget = min(partition_max_bytes, max(max_bytes - total, 0))
+        if (topic, partition) in plan.refused:
+            results.append((topic, FetchPartitionResult(
+                partition, error_codes.NOT_LEADER_OR_FOLLOWER)))
+            continue
         try:
             if budget <= 0 and total > 0:
                 offsets = broker.offsets(topic, partition)
@@ -157,10 +170,14 @@ async def _read_all(
 
 
 async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request,
-                       on_error: Callable[[int], None] | None = None) -> list[Any]:
+                       on_error: Callable[[int], None] | None = None,
+                       gate: PartitionGate = None) -> list[Any]:
     body = request.body
     header = request.header
     plan = _FetchPlan(body)
+    if gate is not None:
+        plan.refused = {(topic, partition) for topic, partition, _, _ in plan.entries
+                        if not await gate(topic, partition)}
     max_bytes = min(body.max_bytes, settings.fetch_bytes_max)
     wait_ms = min(millis(body.max_wait), settings.fetch_wait_ms_max)
     deadline_ms = broker.clock.monotonic_ms() + wait_ms

@@ -38,6 +38,7 @@ from conveyor.protocols.kafka import (
 )
 from conveyor.protocols.kafka.adapter import ConnectionState, Response
 from conveyor.protocols.kafka.admin_handlers import Node
+from conveyor.protocols.kafka.cluster_routing import KafkaCluster, group_refusal
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.config_catalog import BrokerFacts
 from conveyor.protocols.kafka.messages import SUPPORTED_VERSIONS, response_class
@@ -57,8 +58,11 @@ PLAIN: Final = "PLAIN"
 
 class KafkaHandlers:
     def __init__(self, broker: Broker, settings: KafkaSettings, node: Node,
-                 counters: ListenerCounters | None = None) -> None:
+                 counters: ListenerCounters | None = None,
+                 cluster: KafkaCluster | None = None) -> None:
         self.broker = broker
+        self.cluster = cluster  # several nodes on one PostgreSQL (cluster_routing.py)
+        self._gate = cluster.serve_partition if cluster is not None else None
         self.settings = settings
         self.node = node
         self.counters = counters or ListenerCounters("kafka")
@@ -81,11 +85,14 @@ class KafkaHandlers:
         ):
             raise AuthenticationError("request before SASL authentication", api_key=api_key)
         if api_key == 0:
-            return await data_handlers.handle_produce(self.broker, request, self.count_error)
+            return await data_handlers.handle_produce(self.broker, request, self.count_error,
+                                                      self._gate)
         if api_key == 1:
             return await data_handlers.handle_fetch(self.broker, self.settings, request,
-                                                    self.count_error)
-        entity = await self._typed(request, state)
+                                                    self.count_error, self._gate)
+        refusal = (await group_refusal(self.cluster, request)
+                   if self.cluster is not None else None)
+        entity = refusal if refusal is not None else await self._typed(request, state)
         for code in error_codes.error_codes_in(entity):
             self.count_error(code)
         return self._codec.send(request.header, entity)
@@ -99,13 +106,13 @@ class KafkaHandlers:
         if api_key == 2:
             return await data_handlers.handle_list_offsets(broker, request)
         if api_key == 3:
-            return await admin_handlers.handle_metadata(broker, node, request)
+            return await admin_handlers.handle_metadata(broker, node, request, self.cluster)
         if api_key == 8:
             return await group_handlers.handle_offset_commit(broker, request, self.consumers)
         if api_key == 9:
             return group_handlers.handle_offset_fetch(broker, request, self.consumers)
         if api_key == 10:
-            return admin_handlers.handle_find_coordinator(node, request)
+            return admin_handlers.handle_find_coordinator(node, request, self.cluster)
         if api_key == 11:
             return await group_handlers.handle_join_group(broker, request, state,
                                                           self.consumers)
@@ -147,7 +154,7 @@ class KafkaHandlers:
             return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
                                                              incremental=True)
         if api_key == 60:
-            return admin_handlers.handle_describe_cluster(node, request)
+            return admin_handlers.handle_describe_cluster(node, request, self.cluster)
         return await self._newer(request, state)
 
     async def _newer(self, request: Request, state: ConnectionState) -> Any:

