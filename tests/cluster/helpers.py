@@ -73,6 +73,7 @@ def bootstrap(nodes: Iterable[BrokerProcess]) -> str:
 class History:
     acknowledged: dict[str, tuple[int, int]] = field(default_factory=dict)  # value -> (p, o)
     failed: set[str] = field(default_factory=set)  # not acknowledged (may or may not exist)
+    errors: dict[str, int] = field(default_factory=dict)  # error name -> count
 
     def on_delivery(self, error: Any, message: Any) -> None:
         value = message.value().decode()
@@ -80,6 +81,7 @@ class History:
             self.acknowledged[value] = (message.partition(), message.offset())
         else:
             self.failed.add(value)
+            self.errors[error.name()] = self.errors.get(error.name(), 0) + 1
 
 
 def check(history: History, read: list[tuple[int, int, str]]) -> dict[str, int]:
@@ -103,4 +105,4 @@ def check(history: History, read: list[tuple[int, int, str]]) -> dict[str, int]:
     assert not moved, f"read at another offset than acknowledged: {moved[:10]}"
     assert gaps == 0, "offsets are contiguous"
     return {"acknowledged": len(history.acknowledged), "read": len(read),
-            "failed": len(history.failed), "lost": len(lost), "duplicated": len(duplicated)}
+            "failed": len(history.failed), "errors": history.errors, "lost": len(lost), "duplicated": len(duplicated)}

@@ -34,6 +34,7 @@ def create_topic(nodes: list[BrokerProcess]) -> None:
 def producer(nodes: list[BrokerProcess]) -> Producer:
     return Producer({"bootstrap.servers": bootstrap(nodes), "enable.idempotence": True,
                      "acks": "all", "linger.ms": 5, "message.timeout.ms": 60_000,
+                     "request.timeout.ms": 5_000,
                      "topic.metadata.refresh.interval.ms": 1000,
                      "reconnect.backoff.max.ms": 500, "retry.backoff.max.ms": 500})
 
@@ -157,6 +158,7 @@ def test_sigstop_past_the_lease_is_fenced(tmp_path: Path, postgres_dsn: str) -> 
         # what it claims anew (a higher epoch)
         wait_for(lambda: http_json(paused, "/cluster")["serving"], 10, "the node back")
         produce(client, history, range(1200, 1800))
+        print(f"sigstop errors: {history.errors}")
         assert len(history.acknowledged) == 1800
         figures = check(history, full_log(nodes, 1800))
         print(f"sigstop: {figures}")
