@@ -179,8 +179,9 @@ class Membership:
         self._serving_until_ms = started_ms + self._local_lease_ms()
 
     def _local_lease_ms(self) -> int:
-        # a margin under the database's lease so this node stops before others take over
-        return max(self.settings.lease_ms - self.settings.heartbeat_ms // 2, 1)
+        # a margin under the database's lease (counted from before the heartbeat was
+        # sent) so this node stops serving before another may take its items over
+        return max(self.settings.lease_ms - self.settings.lease_ms // 10, 1)
 
     async def close(self, drain: bool = True) -> None:
         """Give up every lease (others take over at once), stop heart-beating."""
