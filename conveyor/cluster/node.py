@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor.clock import Clock
 from conveyor.cluster.membership import ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, item_name
+from conveyor.cluster.wakeups import Wakeups
 from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class ClusterNode:
         self.membership.on_acquire = self._acquired
         self._tasks = Supervisor("cluster-node")
         self._stopping = asyncio.Event()
+        self.wakeups: Wakeups | None = None
 
     @property
     def node_id(self) -> int:
@@ -43,6 +45,19 @@ class ClusterNode:
         producers.shared_store = True
         await self.membership.open({})
         self._tasks.start(self._refresh_topics(), name="conveyor.cluster.topics")
+        if hasattr(self.broker.log_store, "observe_head"):  # the PostgreSQL LogStore
+            producer = self.broker.producer
+            own = producer.on_append
+            self.wakeups = Wakeups(self.settings.dsn, self.broker.log_store, own,
+                                   self.settings.heartbeat_ms)
+            await self.wakeups.open()
+            wakeups = self.wakeups
+
+            def appended(topic: str, partition: int) -> None:
+                own(topic, partition)
+                wakeups.appended(topic, partition)
+
+            producer.on_append = appended
 
     async def advertise(self, addresses: dict[str, str]) -> None:
         """The listeners' addresses, once they are bound."""
@@ -52,6 +67,8 @@ class ClusterNode:
         """Drain: hand every lease over, then stop."""
         self._stopping.set()
         await self._tasks.close(cancel=True)
+        if self.wakeups is not None:
+            await self.wakeups.close()
         await self.membership.close(drain=True)
 
     async def _refresh_topics(self) -> None:

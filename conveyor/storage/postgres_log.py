@@ -217,6 +217,14 @@ class PostgresLogStore:
             part.next_offset = max(part.next_offset, row["next_offset"])
             part.log_start_offset = max(part.log_start_offset, row["log_start_offset"])
 
+    def observe_head(self, topic: str, partition: int, next_offset: int) -> bool:
+        """Another node committed up to ``next_offset``; True when that moved our view."""
+        part = self._partitions.get((topic, partition))
+        if part is None or next_offset <= part.next_offset:
+            return False
+        part.next_offset = next_offset
+        return True
+
     def offsets(self, topic: str, partition: int) -> LogOffsets:
         part = self._part(topic, partition)
         return LogOffsets(part.log_start_offset, part.next_offset, part.next_offset)

@@ -6,6 +6,7 @@ exactly once, at one offset per partition, and each partition's offsets are cont
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import urllib.request
@@ -98,11 +99,12 @@ def check(history: History, read: list[tuple[int, int, str]]) -> dict[str, int]:
     gaps = 0
     for offsets in by_partition.values():
         ordered = sorted(set(offsets))
-        gaps += sum(1 for a, b in zip(ordered, ordered[1:], strict=False) if b != a + 1)
+        gaps += sum(1 for a, b in itertools.pairwise(ordered) if b != a + 1)
         assert ordered[0] == 0, "a partition's first offset is 0"
     assert not lost, f"acknowledged but never read: {lost[:10]} ({len(lost)})"
     assert not duplicated, f"read at two offsets: {duplicated[:10]}"
     assert not moved, f"read at another offset than acknowledged: {moved[:10]}"
     assert gaps == 0, "offsets are contiguous"
     return {"acknowledged": len(history.acknowledged), "read": len(read),
-            "failed": len(history.failed), "errors": history.errors, "lost": len(lost), "duplicated": len(duplicated)}
+            "failed": len(history.failed), "errors": history.errors, "lost": len(lost),
+            "duplicated": len(duplicated)}

@@ -12,9 +12,10 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from conveyor.testing.server import BrokerProcess
 from tests.cluster.helpers import History, bootstrap, check, cluster, http_json, wait_for
@@ -183,3 +184,34 @@ def test_cluster_status_command(tmp_path: Path, postgres_dsn: str, count: int) -
         wait_for(lambda: not [n for n in http_json(nodes[0], "/cluster")["nodes"]
                               if n["node_id"] == 2 and n["live"]], 5, "node 2 drained")
         assert drained
+
+
+def test_a_long_poll_on_another_node_wakes_on_a_produce(tmp_path: Path,
+                                                        postgres_dsn: str) -> None:
+    """A read waiting on node B returns as soon as node A's append commits: the
+    notification, not the poll (every 10 s here), wakes it."""
+    import threading
+
+    from tests.cluster.helpers import start_nodes
+
+    slow_poll = {"CONVEYOR_BROKER__CLUSTER_HEARTBEAT_MS": "10000",
+                 "CONVEYOR_BROKER__CLUSTER_LEASE_MS": "30000"}
+    nodes = start_nodes(tmp_path, postgres_dsn, 2, slow_poll)
+    try:
+        http_json(nodes[0], "/topics", {"name": "wake", "partitions": 1})
+        wait_for(lambda: any(t["name"] == "wake" for t in http_json(nodes[1], "/topics")["topics"]),
+                 15, "the topic on node 2")
+        answer: list[Any] = []
+        reader = threading.Thread(target=lambda: answer.append(http_json(
+            nodes[1], "/topics/wake/messages?partition=0&offset=0&wait_ms=8000")))
+        reader.start()
+        time.sleep(0.5)  # the read is parked on node 2 (nothing to observe it by)
+        started = time.monotonic()
+        http_json(nodes[0], "/topics/wake/messages", {"messages": [{"value": "hello"}]})
+        reader.join(10)
+        waited_s = time.monotonic() - started
+        assert answer and answer[0]["messages"], answer
+        assert waited_s < 3, f"woken after {waited_s:.1f} s"
+    finally:
+        for node in nodes:
+            node.kill()

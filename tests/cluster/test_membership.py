@@ -21,13 +21,16 @@ def node(dsn: str, node_id: int | None, lease_ms: int = 600) -> Membership:
 
 
 async def lease_lapsed(dsn: str, node_id: int) -> None:
-    """Wait until the database's clock has passed the node's lease (polled: no event)."""
+    """Wait out the node's lease on the database's clock (no event exists for it)."""
     connection = await asyncpg.connect(dsn)
     try:
-        while await connection.fetchval(
-                "SELECT lease_until > clock_timestamp() FROM conveyor_nodes "
-                "WHERE node_id = $1", node_id):
-            await asyncio.sleep(0.05)
+        remaining_s = await connection.fetchval(
+            "SELECT greatest(0, extract(epoch FROM lease_until - clock_timestamp()))::float8 "
+            "FROM conveyor_nodes WHERE node_id = $1", node_id)
+        await asyncio.sleep(remaining_s + 0.05)
+        assert not await connection.fetchval(
+            "SELECT lease_until > clock_timestamp() FROM conveyor_nodes WHERE node_id = $1",
+            node_id)
     finally:
         await connection.close()
 
