@@ -925,7 +925,10 @@ class SharedGroups:
             if not records:
                 break
             for record in records:
-                part.load(record, record_policy(record, state.config, skew_ms))
+                # a read that suspends (a LogStore in a database) lets another fill of
+                # this partition load the same records meanwhile: keep only what is new
+                if record.offset >= part.next_offset and part.room() > 0:
+                    part.load(record, record_policy(record, state.config, skew_ms))
         if part.start_offset != state.saved_start.get(part.partition):
             self._save_start(state, part.partition, part)
 
