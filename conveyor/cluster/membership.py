@@ -247,10 +247,10 @@ class Membership:
         for row in owners:
             view.owners[(row["kind"], row["name"])] = (row["owner"], int(row["epoch"]))
         self._view = view
-        for key, epoch in list(self._owned.items()):  # someone bumped the epoch: not ours
-            owner, current = view.owners.get(key, (None, 0))
-            if owner != self.node_id or current != epoch:
-                del self._owned[key]
+        for key, epoch in list(self._owned.items()):  # someone took it: not ours any more
+            owner, current = view.owners.get(key, (self.node_id, epoch))  # absent: a claim
+            if current > epoch or (owner is not None and owner != self.node_id):  # newer
+                del self._owned[key]  # than this read (the read raced it) is still ours
 
     async def _release_moved(self) -> None:
         live = self._view.live()
