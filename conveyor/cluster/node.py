@@ -84,6 +84,10 @@ class ClusterNode:
             except Exception as error:  # logged; the next turn retries
                 logger.warning("topic catalog refresh failed", extra={"error": str(error)})
 
+    async def refresh_catalog(self) -> None:
+        """Re-read the topic catalog now (a name another node may just have created)."""
+        await self.broker.topics.load()
+
     async def _acquired(self, kind: str, name: str) -> None:
         """Reload what another node may have changed while it owned the item."""
         if kind == GROUP:

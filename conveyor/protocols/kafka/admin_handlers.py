@@ -121,6 +121,10 @@ async def handle_metadata(broker: Broker, node: Node, request: Request,
     partition_type = nested(response_type, "MetadataResponsePartition")
     broker_type = nested(response_type, "MetadataResponseBroker")
     topics = []
+    if cluster is not None and requested is not None and any(
+            item.name is not None and broker.topics.find(item.name) is None
+            for item in requested):
+        await cluster.refresh_catalog()  # made on another node? (before auto-creating it)
     if requested is None:
         infos: list[TopicInfo | tuple[str, OperatingError]] = list(broker.list_topics())
     else:
