@@ -35,6 +35,7 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--host", help="address to listen on (127.0.0.1)")
     serve.add_argument("--advertised-host", dest="advertised_host")
     serve.add_argument("--node-id", help="several nodes on one PostgreSQL: N or auto")
+    serve.add_argument("--workers", type=int, help="N node processes (needs postgresql://)")
     serve.add_argument("--listeners", help="comma-separated listeners to enable")
     serve.add_argument("--kafka-port", type=int)
     serve.add_argument("--amqp-port", type=int)
@@ -58,6 +59,7 @@ def _serve(arguments: argparse.Namespace) -> int:
     flags = {
         "data_dir": arguments.data_dir, "storage": arguments.storage, "host": arguments.host,
         "advertised_host": arguments.advertised_host, "node_id": arguments.node_id,
+        "workers": arguments.workers,
         "log_level": arguments.log_level,
         "log_format": arguments.log_format,
         "listeners": arguments.listeners.split(",") if arguments.listeners else None,
@@ -66,6 +68,9 @@ def _serve(arguments: argparse.Namespace) -> int:
     try:
         config = load_config(arguments.config, flags=flags)
         configure_logging(config.log_level, config.log_format)
+        if config.workers > 1:  # several node processes (conveyor/cluster/workers.py)
+            from conveyor.cluster.workers import run_workers
+            return run_workers(sys.argv[sys.argv.index("serve") + 1:], config)
         run(config)
     except ConveyorError as error:
         print(f"conveyor: {error}", file=sys.stderr)
@@ -73,12 +78,7 @@ def _serve(arguments: argparse.Namespace) -> int:
     return 0
 
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_CONFLICT = 4
-EXIT_UNAVAILABLE = 5
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 PUBLISH_BATCH_DEFAULT = 500  # messages per request when publishing many
 PROGRESS_THRESHOLD = 1000  # show a progress bar from this many messages on

@@ -61,7 +61,7 @@ class BrokerSettings:
 
 
 _TOP_KEYS = ("data_dir", "storage", "host", "advertised_host", "log_level", "log_format",
-             "node_id")
+             "node_id", "workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,7 @@ class ServerConfig:
     # Several nodes on one PostgreSQL (docs/cluster.md): this node's id, a number or
     # "auto" (the database hands one out); None: a single node, no membership.
     node_id: str | None = None
+    workers: int = 1  # --workers N: N node processes on one PostgreSQL (cluster/workers.py)
     shutdown_grace_ms: int = 10_000
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     listeners: tuple[ListenerConfig, ...] = field(
@@ -206,6 +207,14 @@ def load_config(
             top["data_dir"] = rest  # file:PATH names the data directory
     if "data_dir" in top:
         top["data_dir"] = Path(top["data_dir"])
+    if "workers" in top:
+        from conveyor.cluster.workers import check_workers
+
+        value = top["workers"]
+        top["workers"] = _coerce(value, 1, "workers") if isinstance(value, str) else value
+        if isinstance(top["workers"], bool) or not isinstance(top["workers"], int):
+            raise InvalidConfigError("workers must be an integer", value=value)
+        check_workers(top["workers"], str(top.get("storage", "file:")))
     if "node_id" in top:
         top["node_id"] = _node_id(top["node_id"], top.get("storage", "file:"))
     if top.get("log_format", "text") not in ("text", "json"):
