@@ -323,9 +323,12 @@ class Membership:
         epoch = self._owned.get((kind, name))
         if epoch is None or self._pool is None:
             return False
-        async with self._pool.acquire() as connection:
-            found = await connection.fetchval(
-                FENCE, kind, name, self.node_id, epoch, self.incarnation, timeout=5)
+        try:
+            async with self._pool.acquire() as connection:
+                found = await connection.fetchval(
+                    FENCE, kind, name, self.node_id, epoch, self.incarnation, timeout=5)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False  # cannot tell: do not write
         if found is None:
             self._owned.pop((kind, name), None)
             return False

@@ -130,5 +130,8 @@ class ClusterNode:
     async def serve_group(self, group_id: str) -> bool:
         return await self.membership.ensure_owned(GROUP, group_id)
 
+    async def fence_group(self, group_id: str) -> bool:
+        return await self.membership.fence(GROUP, group_id)
+
     def status(self) -> dict[str, Any]:
         return self.membership.status()

@@ -5,6 +5,10 @@ each partition's owner as its leader (the owner row's epoch is the leader epoch)
 FindCoordinator names the group's owner. A request that reaches a node that does not
 own what it names is answered NOT_LEADER_OR_FOLLOWER (Produce, Fetch) or
 NOT_COORDINATOR (group requests), so the client refreshes its metadata and follows.
+A commit is checked against the owner row first (owner, epoch and a live lease, on
+the database): a node that lost the group while it was paused answers NOT_COORDINATOR
+instead of writing (the check and the write are two statements: the window between
+them is one round trip, see docs/cluster.md).
 Must not know: PostgreSQL (the view is conveyor.cluster.node.ClusterNode).
 """
 
@@ -18,6 +22,9 @@ from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, nested
 
 GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14})
+# OffsetCommit and SyncGroup write group state: the owner row (owner, epoch, live
+# lease) is checked on the database first, not only this node's view of its lease
+FENCED_APIS: Final = frozenset({8, 14})
 
 
 class KafkaCluster(Protocol):
@@ -29,6 +36,7 @@ class KafkaCluster(Protocol):
     async def serve_partition(self, topic: str, partition: int) -> bool: ...
     async def serve_group(self, group_id: str) -> bool: ...
     async def refresh_catalog(self) -> None: ...
+    async def fence_group(self, group_id: str) -> bool: ...
 
 
 def address_of(cluster: KafkaCluster, node_id: int) -> tuple[str, int] | None:
@@ -52,6 +60,9 @@ async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
         return None
     refused = [group_id for group_id in _group_ids(request)
                if not await cluster.serve_group(group_id)]
+    if not refused and api_key in FENCED_APIS:  # a write: checked against the database
+        refused = [group_id for group_id in _group_ids(request)
+                   if not await cluster.fence_group(group_id)]
     if not refused:
         return None
     version = request.header.api_version
