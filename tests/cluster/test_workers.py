@@ -4,8 +4,8 @@ processes that Kafka clients spread over (docs/cluster.md)."""
 from __future__ import annotations
 
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
