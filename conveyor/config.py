@@ -207,16 +207,7 @@ def load_config(
             top["data_dir"] = rest  # file:PATH names the data directory
     if "data_dir" in top:
         top["data_dir"] = Path(top["data_dir"])
-    if "workers" in top:
-        from conveyor.cluster.workers import check_workers
-
-        value = top["workers"]
-        top["workers"] = _coerce(value, 1, "workers") if isinstance(value, str) else value
-        if isinstance(top["workers"], bool) or not isinstance(top["workers"], int):
-            raise InvalidConfigError("workers must be an integer", value=value)
-        check_workers(top["workers"], str(top.get("storage", "file:")))
-    if "node_id" in top:
-        top["node_id"] = _node_id(top["node_id"], top.get("storage", "file:"))
+    _cluster_settings(top)
     if top.get("log_format", "text") not in ("text", "json"):
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
     return ServerConfig(
@@ -224,6 +215,21 @@ def load_config(
         broker=_broker_settings(BrokerSettings(), broker_overrides),
         listeners=_listeners_from(listener_sections, enabled_names, ports),
     )
+
+
+def _cluster_settings(top: dict[str, Any]) -> None:
+    """``workers`` and ``node_id``: several nodes need PostgreSQL storage."""
+    storage = str(top.get("storage", "file:"))
+    if "workers" in top:
+        from conveyor.cluster.workers import check_workers
+
+        value = top["workers"]
+        top["workers"] = _coerce(value, 1, "workers") if isinstance(value, str) else value
+        if isinstance(top["workers"], bool) or not isinstance(top["workers"], int):
+            raise InvalidConfigError("workers must be an integer", value=value)
+        check_workers(top["workers"], storage)
+    if "node_id" in top:
+        top["node_id"] = _node_id(top["node_id"], storage)
 
 
 def _node_id(value: object, storage: object) -> str:

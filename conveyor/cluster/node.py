@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock
 from conveyor.cluster.membership import ClusterSettings, Membership
-from conveyor.cluster.ownership import GROUP, PARTITION, item_name
+from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, item_name
 from conveyor.cluster.wakeups import Wakeups
 from conveyor.tasks import Supervisor
 
@@ -33,6 +33,7 @@ class ClusterNode:
         self._tasks = Supervisor("cluster-node")
         self._stopping = asyncio.Event()
         self.wakeups: Wakeups | None = None
+        self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
 
     @property
     def node_id(self) -> int:
@@ -44,6 +45,8 @@ class ClusterNode:
         producers.id_source = self.membership.allocate_producer_id
         producers.shared_store = True
         await self.membership.open({})
+        if self.broker.shared_groups is not None:  # queue deliveries from the owner only
+            self.broker.shared_groups.acquire_gate = self.serve_shared
         self._tasks.start(self._refresh_topics(), name="conveyor.cluster.topics")
         if hasattr(self.broker.log_store, "observe_head"):  # the PostgreSQL LogStore
             producer = self.broker.producer
@@ -88,8 +91,19 @@ class ClusterNode:
         """Re-read the topic catalog now (a name another node may just have created)."""
         await self.broker.topics.load()
 
+    async def serve_shared(self, group: str, topic: str) -> bool:
+        """May this node deliver from the queue (shared group)? Its owner only."""
+        name = item_name(SHARED, group, topic)
+        self._shared[name] = (group, topic)
+        return await self.membership.ensure_owned(SHARED, name)
+
     async def _acquired(self, kind: str, name: str) -> None:
         """Reload what another node may have changed while it owned the item."""
+        if kind == SHARED:
+            group, topic = self._shared[name]
+            if self.broker.shared_groups is not None:
+                await self.broker.shared_groups.reload_group(group, topic)
+            return
         if kind == GROUP:
             await self.broker.group_coordinator.reload_group(name)
             return

@@ -14,12 +14,17 @@ from typing import Final
 
 PARTITION: Final = "partition"
 GROUP: Final = "group"
+SHARED: Final = "shared"  # a queue's (or a topic's shared group's) deliveries
 
 
 def item_name(kind: str, *parts: object) -> str:
-    """The key an item is hashed and stored under: ``topic/partition`` or the group id."""
+    """The key an item is hashed and stored under: ``topic/partition``, the group id, or
+    for shared deliveries the queue name (``topic`` or ``topic/group``)."""
     if kind == PARTITION:
         return f"{parts[0]}/{parts[1]}"
+    if kind == SHARED:
+        group, topic = parts
+        return str(topic) if group == topic else f"{topic}/{group}"
     return str(parts[0])
 
 
