@@ -77,6 +77,7 @@ class _Partition:
     config: LogConfig
     size_bytes: int = 0
     max_timestamp_ms: int = -1
+    chunks_from: int = 0  # the first range chunk not dropped yet
 
 
 class PostgresLogStore:
@@ -122,8 +123,8 @@ class PostgresLogStore:
         for row in rows:
             self._remember(_Partition(
                 row["topic"], row["partition"], row["partition_id"], row["next_offset"],
-                row["log_start_offset"], _config_from_json(row["config"],
-                                                           self.default_config)))
+                row["log_start_offset"], _config_from_json(row["config"], self.default_config),
+            chunks_from=row["chunks_from"]))
         await self._refresh_usage()
         self._appender = TurnAppender(self._pool, self.clock, self.rng, self.chunk_offsets,
                                       self._committed)
@@ -358,6 +359,7 @@ class PostgresLogStore:
             chunk += 1
         if chunk != first_kept:
             await connection.execute(sql.SET_CHUNKS_FROM, pid, chunk)
+        part.chunks_from = chunk
 
     async def run_retention(self) -> None:
         """Time/size retention (``delete``) and work-queue chunk drops; a chunk ahead."""
@@ -399,7 +401,10 @@ class PostgresLogStore:
     # --- views -------------------------------------------------------------------------
     def usage(self, topic: str, partition: int) -> PartitionUsage:
         part = self._part(topic, partition)
-        return PartitionUsage(part.size_bytes, 0, part.max_timestamp_ms,
+        # "segments": the range chunks holding the partition's offsets (the file
+        # backend's segments play the same part in retention)
+        chunks = part.next_offset // self.chunk_offsets - part.chunks_from + 1
+        return PartitionUsage(part.size_bytes, chunks, part.max_timestamp_ms,
                               len(self._set_aside.get((topic, partition), ())))
 
     def recovery(self, topic: str, partition: int) -> PartitionRecovery:

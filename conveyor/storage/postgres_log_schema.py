@@ -63,7 +63,7 @@ SCHEMA = (
 )
 
 LOAD_HEADS = """SELECT partition_id, topic, partition, next_offset, log_start_offset,
-    config FROM conveyor_log_partitions ORDER BY topic, partition"""
+    chunks_from, config FROM conveyor_log_partitions ORDER BY topic, partition"""
 
 CREATE_HEAD = """INSERT INTO conveyor_log_partitions (topic, partition, config)
     VALUES ($1, $2, $3) ON CONFLICT (topic, partition) DO UPDATE SET config = EXCLUDED.config

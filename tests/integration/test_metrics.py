@@ -195,6 +195,7 @@ def test_listeners_count_requests_errors_connections_and_bytes(after_workload: S
     assert value(samples, "conveyor_listener_connections", listener="amqp") == 0
 
 
+@pytest.mark.file_storage  # fsync latency of the file LogStore's disk
 def test_storage_and_process_metrics_are_present(after_workload: Samples) -> None:
     samples = after_workload
     assert value(samples, "conveyor_storage_fsync_seconds_count") >= 1
