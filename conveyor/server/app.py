@@ -110,6 +110,10 @@ class Server:
             storage = open_storage(parse_storage(self.config.storage), data_dir, file_system,
                                    self.clock)
             log_store, state_store = storage.log_store, storage.state_store
+            engine = getattr(state_store, "engine", None)
+            if self.config.node_id is not None and hasattr(engine, "writer"):
+                # a cluster node: a commit-sequence row of its own (postgres_engine.py)
+                engine.writer = random.SystemRandom().randrange(2, 2**31)  # type: ignore[union-attr]
             settings = self.config.broker
             broker_config = BrokerConfig(
                 auto_create_topics=settings.auto_create_topics,
