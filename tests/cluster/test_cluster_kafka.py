@@ -239,3 +239,22 @@ def test_a_long_poll_on_another_node_wakes_on_a_produce(tmp_path: Path,
     finally:
         for node in nodes:
             node.kill()
+
+
+def test_postgresql_restarted_under_two_nodes(tmp_path: Path, postgres_server: Any,
+                                              postgres_dsn: str) -> None:
+    """``pg_ctl stop -m immediate`` and start under load: the nodes reconnect (each reads
+    its own commit-sequence row back), nothing acknowledged is lost or duplicated."""
+    with cluster(tmp_path, postgres_dsn, 2) as nodes:
+        create_topic(nodes)
+        history = History()
+        client = producer(nodes)
+        produce(client, history, range(500))
+        postgres_server.restart("immediate")
+        produce(client, history, range(500, 1000))
+        figures = check(history, full_log(nodes, len(history.acknowledged)))
+        print(f"postgresql restart: {figures}")
+        assert all(f"v{index}" in history.acknowledged for index in range(500))
+        assert figures["acknowledged"] >= 900, history.errors
+        for node in nodes:
+            assert http_json(node, "/cluster")["serving"]
