@@ -104,7 +104,8 @@ def test_fault_free_three_nodes(tmp_path: Path, postgres_dsn: str) -> None:
     with cluster(tmp_path, postgres_dsn, 3) as nodes:
         status = http_json(nodes[0], "/cluster")
         assert status["clustered"] and status["node_id"] == 1
-        assert sorted(n["node_id"] for n in status["nodes"] if n["live"]) == [1, 2, 3]
+        wait_for(lambda: sorted(n["node_id"] for n in http_json(nodes[0], "/cluster")["nodes"]
+                                if n["live"]) == [1, 2, 3], 5, "node 1 seeing three nodes")
         create_topic(nodes)
         history = History()
         client = producer(nodes)
