@@ -35,6 +35,8 @@ from conveyor.errors import StorageError, UnavailableError
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.cluster")
+# what a dropped connection or a database going away raises (retried at the next turn)
+DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS conveyor_nodes (
@@ -137,7 +139,7 @@ class Membership:
         self.addresses = dict(addresses)
         try:
             self._pool = await asyncpg.create_pool(self.settings.dsn, min_size=1, max_size=3)
-        except (OSError, asyncpg.PostgresError) as error:
+        except DB_ERRORS as error:
             raise StorageError("cannot reach the cluster database", reason=str(error)) from error
         async with self._pool.acquire() as connection, connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock(7140012)")
@@ -195,14 +197,14 @@ class Membership:
                     for (kind, name), epoch in list(self._owned.items()):
                         await connection.execute(RELEASE, kind, name, self.node_id, epoch)
                     await connection.execute(DRAIN, self.node_id, self.incarnation)
-            except (OSError, asyncpg.PostgresError) as error:
+            except DB_ERRORS as error:
                 logger.warning("could not hand over leases", extra={"error": str(error)})
         self._owned.clear()
         self._serving_until_ms = 0
         pool, self._pool = self._pool, None
         try:
             await asyncio.wait_for(pool.close(), 5)
-        except (OSError, asyncpg.PostgresError, TimeoutError):
+        except DB_ERRORS:
             pool.terminate()
 
     # --- heartbeats ------------------------------------------------------------------
@@ -211,7 +213,7 @@ class Membership:
             await asyncio.sleep(self.settings.heartbeat_ms / 1000)
             try:
                 await self.heartbeat()
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            except DB_ERRORS as error:
                 logger.warning("cluster heartbeat failed", extra={"error": str(error)})
 
     async def heartbeat(self) -> None:
@@ -306,7 +308,7 @@ class Membership:
                 async with self._pool.acquire() as connection:
                     epoch = await connection.fetchval(
                         CLAIM, kind, name, self.node_id, self.incarnation, timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            except DB_ERRORS as error:
                 logger.warning("claim failed", extra={"item": name, "error": str(error)})
                 return False
             if epoch is None:
@@ -327,7 +329,7 @@ class Membership:
             async with self._pool.acquire() as connection:
                 found = await connection.fetchval(
                     FENCE, kind, name, self.node_id, epoch, self.incarnation, timeout=5)
-        except (OSError, asyncpg.PostgresError, TimeoutError):
+        except DB_ERRORS:
             return False  # cannot tell: do not write
         if found is None:
             self._owned.pop((kind, name), None)

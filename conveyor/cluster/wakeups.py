@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from conveyor.cluster.membership import DB_ERRORS
 from conveyor.errors import OperatingError
 from conveyor.tasks import Supervisor
 
@@ -61,9 +62,23 @@ class Wakeups:
             if connection is not None:
                 try:
                     await asyncio.wait_for(connection.close(), 5)
-                except (OSError, asyncpg.PostgresError, TimeoutError):
+                except DB_ERRORS:
                     connection.terminate()
         self._listener = self._sender = None
+
+    async def _reconnect(self) -> None:
+        """The database went away (a restart): new sending and listening connections."""
+        async with self._sender_lock:
+            for connection in (self._listener, self._sender):
+                if connection is not None:
+                    connection.terminate()
+            self._listener = self._sender = None
+            try:
+                self._sender = await asyncpg.connect(self.dsn)
+                self._listener = await asyncpg.connect(self.dsn)
+                await self._listener.add_listener(CHANNEL, self._on_notify)
+            except DB_ERRORS as error:
+                logger.warning("wake-up connections not back yet", extra={"error": str(error)})
 
     # --- sending -----------------------------------------------------------------------
     def appended(self, topic: str, partition: int) -> None:
@@ -95,7 +110,7 @@ class Wakeups:
                 for payload in payloads:
                     await self._sender.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
                     self.sent += 1
-        except (OSError, asyncpg.PostgresError, AttributeError) as error:
+        except (*DB_ERRORS, AttributeError) as error:
             logger.warning("wake-up not sent (others poll)", extra={"error": str(error)})
 
     # --- receiving ---------------------------------------------------------------------
@@ -126,8 +141,9 @@ class Wakeups:
             try:
                 async with self._sender_lock:
                     rows = await self._sender.fetch(HEADS)
-            except (OSError, asyncpg.PostgresError) as error:
-                logger.warning("head poll failed", extra={"error": str(error)})
+            except (*DB_ERRORS, AttributeError) as error:
+                logger.warning("head poll failed; reconnecting", extra={"error": str(error)})
+                await self._reconnect()
                 continue
             for row in rows:
                 self._observe(row["topic"], row["partition"], row["next_offset"])
