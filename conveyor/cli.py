@@ -38,6 +38,8 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--storage", help="file:[PATH] (default) or postgresql://user@host/db")
     serve.add_argument("--host", help="address to listen on (127.0.0.1)")
     serve.add_argument("--advertised-host", dest="advertised_host")
+    serve.add_argument("--node-id", help="several nodes on one PostgreSQL: N or auto")
+    serve.add_argument("--workers", type=int, help="N node processes (needs postgresql://)")
     serve.add_argument("--listeners", help="comma-separated listeners to enable")
     serve.add_argument("--kafka-port", type=int)
     serve.add_argument("--amqp-port", type=int)
@@ -70,6 +72,9 @@ def _serve(arguments: argparse.Namespace) -> int:
     try:
         config = load_config(arguments.config, flags=flags)
         configure_logging(config.log_level, config.log_format)
+        if config.workers > 1:  # several node processes (conveyor/cluster/workers.py)
+            from conveyor.cluster.workers import run_workers
+            return run_workers(sys.argv[sys.argv.index("serve") + 1:], config)
         run(config)
     except ConveyorError as error:
         print(f"conveyor: {error}", file=sys.stderr)
@@ -564,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(arguments)
     if arguments.command == "verify":
         return cli_verify.run(arguments)
-    if arguments.command in ("top", "definitions"):
+    if arguments.command in ("top", "definitions", "cluster"):
         return cli_management.run(arguments, cli_security.server_url(arguments))
     if arguments.command in cli_security.COMMANDS:
         return cli_security.run(arguments)

@@ -46,6 +46,42 @@ def add_parsers(subparsers: Any) -> None:
     export.add_argument("--file", type=Path, help="write here instead of stdout")
     load = actions.add_parser("import", help="import a definitions file (all or nothing)")
     load.add_argument("path", help="a JSON file, or - for stdin")
+    cluster = subparsers.add_parser(
+        "cluster", help="several nodes on one PostgreSQL: nodes, leases and owners")
+    cluster_actions = cluster.add_subparsers(dest="action", required=True)
+    status = cluster_actions.add_parser("status", help="nodes, leases, partition/group owners")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _cluster_status(client: httpx.Client, arguments: argparse.Namespace,
+                    console: Console) -> int:
+    """``conveyor cluster status``: GET /cluster of the node ``--url`` names."""
+    status = _get(client, "/cluster")
+    if arguments.json:
+        print(json.dumps(status, sort_keys=True))
+        return EXIT_OK
+    if not status.get("clustered"):
+        print("a single node (no --node-id): it leads and coordinates everything")
+        return EXIT_OK
+    owned: dict[int, list[str]] = {}
+    for row in status["owners"]:
+        if row["owner"] is not None:
+            owned.setdefault(row["owner"], []).append(
+                f"{row['kind']} {row['name']} (epoch {row['epoch']})")
+    nodes = Table("node", "state", "lease until", "addresses", "owns")
+    for node in status["nodes"]:
+        state = "draining" if node["draining"] else ("live" if node["live"] else "dead")
+        addresses = ", ".join(f"{name}={value}" for name, value in
+                              sorted(node["addresses"].items()))
+        nodes.add_row(f"node {node['node_id']}", state, node["lease_until"], addresses,
+                      str(len(owned.get(node["node_id"], []))))
+    console.print(nodes)
+    owners = Table("item", "owner")
+    for node_id, items in sorted(owned.items()):
+        for item in sorted(items):
+            owners.add_row(item, f"node {node_id}")
+    console.print(owners)
+    return EXIT_OK
 
 
 def _rate(details: dict[str, Any] | None) -> str:
@@ -146,6 +182,8 @@ def run(arguments: argparse.Namespace, url: str, console: Console | None = None)
         with httpx.Client(base_url=url, headers=headers, timeout=TIMEOUT_S) as client:
             if arguments.command == "top":
                 return _top(client, arguments, console)
+            if arguments.command == "cluster":
+                return _cluster_status(client, arguments, console)
             return _definitions(client, arguments)
     except httpx.TransportError as error:
         print(f"conveyor: cannot reach {url}: {error}", file=sys.stderr)

@@ -86,6 +86,9 @@ class BrokerSettings:
     # keep working (RabbitMQ's disk_free_limit, 50 MB by default).
     disk_free_limit_bytes: int = 50_000_000
     disk_check_interval_ms: int = 1_000  # RabbitMQ checks disk space about once a second
+    # several nodes on one PostgreSQL (docs/cluster.md): heartbeat period and lease length
+    cluster_heartbeat_ms: int = 3_000
+    cluster_lease_ms: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,10 @@ class ServerConfig:
     auth: str = "off"
     # Listen on a non-loopback address with auth off (refused without it).
     insecure: bool = False
+    # Several nodes on one PostgreSQL (docs/cluster.md): this node's id, a number or
+    # "auto" (the database hands one out); None: a single node, no membership.
+    node_id: str | None = None
+    workers: int = 1  # --workers N: N node processes on one PostgreSQL (cluster/workers.py)
     shutdown_grace_ms: int = 10_000
     tls: TlsConfig | None = None  # the global [tls] section (each listener has its own copy)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
@@ -249,7 +256,7 @@ def _check_security_settings(top: Mapping[str, Any]) -> None:
 
 # Top-level settings taken from the file, flags and (all but ``insecure``) the environment.
 _TOP_KEYS: tuple[str, ...] = ("data_dir", "storage", "host", "advertised_host", "log_level",
-                              "log_format", "auth", "insecure")
+                              "log_format", "node_id", "workers", "auth", "insecure")
 _TOP_KEYS_FROM_ENV: tuple[str, ...] = _TOP_KEYS[:-1]
 def _tls_section(document: Mapping[str, Any], environ: Mapping[str, str],
                  flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -323,6 +330,7 @@ def load_config(
             top["data_dir"] = rest  # file:PATH names the data directory
     if "data_dir" in top:
         top["data_dir"] = Path(top["data_dir"])
+    _cluster_settings(top)
     if top.get("log_format", "text") not in ("text", "json"):
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
     _check_security_settings(top)
@@ -333,6 +341,32 @@ def load_config(
         broker=_broker_settings(BrokerSettings(), broker_overrides),
         listeners=_listeners_from(listener_sections, enabled_names, ports, global_tls),
     )
+
+
+def _cluster_settings(top: dict[str, Any]) -> None:
+    """``workers`` and ``node_id``: several nodes need PostgreSQL storage."""
+    storage = str(top.get("storage", "file:"))
+    if "workers" in top:
+        from conveyor.cluster.workers import check_workers
+
+        value = top["workers"]
+        top["workers"] = _coerce(value, 1, "workers") if isinstance(value, str) else value
+        if isinstance(top["workers"], bool) or not isinstance(top["workers"], int):
+            raise InvalidConfigError("workers must be an integer", value=value)
+        check_workers(top["workers"], storage)
+    if "node_id" in top:
+        top["node_id"] = _node_id(top["node_id"], storage)
+
+
+def _node_id(value: object, storage: object) -> str:
+    text = str(value).strip()
+    if text != "auto" and not (text.isdigit() and 0 <= int(text) < 2**31):
+        raise InvalidConfigError("node_id must be a number (0 .. 2^31-1) or auto", value=text)
+    if not str(storage).startswith(("postgresql:", "postgres:")):
+        raise InvalidConfigError(
+            "node_id (several nodes) needs --storage postgresql://... (every node on one "
+            "database)", storage=str(storage).split("@")[-1])
+    return text
 
 
 # --- connection limits shared by every listener ---------------------------------------

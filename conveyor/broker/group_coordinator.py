@@ -114,6 +114,20 @@ class GroupCoordinator:
                 CommittedOffset(offset, row.metadata, row.leader_epoch, row.commit_ms)
             )
 
+    async def reload_group(self, group_id: str) -> None:
+        """Read one group again from the state store (another node coordinated it)."""
+        snapshot = (await self.state_store.load_groups()).get(group_id)
+        rows = await self.state_store.load_committed_offsets(group_id)
+        self.groups.pop(group_id, None)
+        if snapshot is None and not rows:
+            return
+        group = self._group(group_id, create=True)
+        if snapshot is not None:
+            group.restore(snapshot)
+        for row in rows:
+            group.offsets[(row.topic, row.partition)] = CommittedOffset(
+                row.committed_offset, row.metadata, row.leader_epoch, row.commit_ms)
+
     def _save_group(self, group: OrderedGroup) -> None:
         self.state_store.save_group(group.group_id, group.snapshot())
 

@@ -22,7 +22,7 @@ crash between the log fsync and the SQLite commit loses nothing. Must not know: 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from conveyor.errors import (
@@ -88,6 +88,11 @@ class ProducerStates:
         self._transactional: dict[str, int] = {}
         # (producer id, topic, partition) -> sequence window
         self._entries: dict[tuple[int, str, int], PartitionProducerEntry] = {}
+        # Several nodes on one database (conveyor/cluster): producer ids come from the
+        # database and the store checks sequences inside its append transaction, so what
+        # this node has not seen (a producer or partition served elsewhere) is left to it.
+        self.id_source: Callable[[], Awaitable[int]] | None = None
+        self.shared_store = False
         # (topic, partition) -> checkpoint, as loaded at open (read by the recovery scan)
         self._checkpoints: dict[tuple[str, int], int] = {}
 
@@ -123,6 +128,8 @@ class ProducerStates:
             epoch = self._epochs.get(producer_id, -1) + 1
             if epoch > EPOCH_MAX:  # epoch exhausted: a fresh producer id
                 producer_id, epoch = self._state_store.next_counter(_COUNTER), 0
+        elif self.id_source is not None:
+            producer_id, epoch = await self.id_source(), 0
         else:
             producer_id, epoch = self._state_store.next_counter(_COUNTER), 0
         self._epochs[producer_id] = epoch
@@ -145,11 +152,13 @@ class ProducerStates:
             )
         first = idempotent[0]
         known_epoch = self._epochs.get(first.producer_id)
+        entry = self._entries.get((first.producer_id, topic, partition))
+        if self.shared_store and (known_epoch is None or entry is None):
+            return None  # served elsewhere before: the store's own check decides
         if known_epoch is None:
             raise UnknownProducerIdError(
                 "producer id was never allocated", producer_id=first.producer_id
             )
-        entry = self._entries.get((first.producer_id, topic, partition))
         if first.producer_epoch < known_epoch or (
             entry is not None and first.producer_epoch < entry.epoch
         ):
@@ -216,6 +225,11 @@ class ProducerStates:
                 )
             )
         self._state_store.save_producer_checkpoint(topic, partition, next_offset)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop what this node knows of a partition's producers (it was served elsewhere)."""
+        for key in [key for key in self._entries if key[1:] == (topic, partition)]:
+            del self._entries[key]
 
     def clamp_to_logs(self, log_ends: dict[tuple[str, int], int],
                       lost: list[LostRange]) -> None:

@@ -81,6 +81,7 @@ from conveyor.errors import (
     OffsetOutOfRangeError,
     OperatingError,
     PreconditionFailedError,
+    UnavailableError,
     UnknownDeliveryError,
     UnknownGroupError,
     UnknownPartitionError,
@@ -231,6 +232,8 @@ class SharedGroups:
         self._timers = SharedTimers()
         # (group, topic) -> state
         self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
+        # several nodes (conveyor/cluster): may this node deliver from (group, topic)?
+        self.acquire_gate: Callable[[str, str], Awaitable[bool]] | None = None
         # queue name -> its dedup window
         self._dedup: dict[str, DedupWindow] = {}
         # (group, topic) -> acquires waiting for a record
@@ -309,6 +312,12 @@ class SharedGroups:
             if saved > start or resave:
                 self.persister.mark(group, topic, part, state.saved_start, legacy)
         self._groups[(group, topic)] = state
+
+    async def reload_group(self, group: str, topic: str) -> None:
+        """Read one group's state again (another cluster node delivered from it)."""
+        state = self._groups.get((group, topic))
+        if state is not None:  # waiters on the old state return empty (acquire)
+            await self._load_group(group, topic, state.config, state.is_queue)
 
     async def close(self) -> None:
         for waiters in self._waiters.values():
@@ -566,6 +575,9 @@ class SharedGroups:
         wait_ms: int = 0, consumer_id: str | None = None,
     ) -> list[Delivery]:
         """Lock up to ``records_max`` records; wait up to ``wait_ms`` for the first one."""
+        if self.acquire_gate is not None and not await self.acquire_gate(group, topic):
+            raise UnavailableError("this queue is served by another node of the cluster",
+                                   topic=topic, group=group)
         state = await self._group_for_acquire(group, topic)
         records_max = max(1, min(records_max, ACQUIRE_RECORDS_MAX))
         lock_ms = state.config.visibility_timeout_ms if lock_ms is None else lock_ms

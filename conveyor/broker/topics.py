@@ -202,11 +202,12 @@ class TopicRegistry:
                 name=row.name, partitions=row.partitions, config=config_from_row(row.config),
                 kind="queue" if row.kind == "queue" else "topic", created_ms=row.created_ms,
             )
-            self._topics[info.name] = info
             log_config = log_config_for(info.config, self._log_config_factory)
             for partition in range(info.partitions):
                 if (info.name, partition) not in existing:
                     await self.log_store.create_partition(info.name, partition, log_config)
+            # known once its partitions are (a re-read by a cluster node runs beside requests)
+            self._topics[info.name] = info
 
     def get(self, name: str) -> TopicInfo:
         info = self._topics.get(name)

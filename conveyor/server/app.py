@@ -18,7 +18,7 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock, SystemClock
 from conveyor.config import ServerConfig
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from conveyor.broker.broker import Broker
+    from conveyor.cluster.node import ClusterNode
     from conveyor.security.model import Security
 
 logger = logging.getLogger("conveyor.server")
@@ -113,6 +114,7 @@ class Server:
     def security(self) -> Security:
         assert self._security is not None, "server not started"
         return self._security
+        self.cluster: ClusterNode | None = None  # several nodes on one PostgreSQL
 
     @property
     def broker(self) -> Broker:
@@ -134,6 +136,10 @@ class Server:
             storage = open_storage(parse_storage(self.config.storage), data_dir, file_system,
                                    self.clock)
             log_store, state_store = storage.log_store, storage.state_store
+            engine = getattr(state_store, "engine", None)
+            if self.config.node_id is not None and hasattr(engine, "writer"):
+                # a cluster node: a commit-sequence row of its own (postgres_engine.py)
+                engine.writer = random.SystemRandom().randrange(2, 2**31)  # type: ignore[union-attr]
             settings = self.config.broker
             broker_config = BrokerConfig(
                 auto_create_topics=settings.auto_create_topics,
@@ -148,19 +154,45 @@ class Server:
             await rebuild_orphans(self._broker)
             self.disk_alarm.start()
             self.metrics.loop_lag.start()
+            await self._open_cluster(storage.location.dsn)
             await self._start_listeners()
+            if self.cluster is not None:
+                await self.cluster.advertise(self._advertised_addresses())
         except BaseException:
             await self.stop()
             raise
         logger.info("conveyor started", extra={"data_dir": str(data_dir), "ports": self.ports,
                                                "storage": storage.location.describe()})
 
+    async def _open_cluster(self, dsn: str | None) -> None:
+        """With ``node_id`` set: register this node (docs/cluster.md)."""
+        if self.config.node_id is None or dsn is None:
+            return
+        from conveyor.cluster.membership import ClusterSettings
+        from conveyor.cluster.node import ClusterNode
+
+        node_id = None if self.config.node_id == "auto" else int(self.config.node_id)
+        settings = self.config.broker
+        self.cluster = ClusterNode(self.broker, ClusterSettings(
+            dsn, node_id, settings.cluster_heartbeat_ms, settings.cluster_lease_ms), self.clock)
+        await self.cluster.open()
+
+    def _advertised_addresses(self) -> dict[str, str]:
+        host = self._advertised_host()
+        return {name: f"{host}:{port}" for name, port in self.ports.items()}
+
+    def _advertised_host(self) -> str:
+        return advertised_host_for(self.config)
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        return self.cluster.status() if self.cluster is not None else None
+
     def listener(self, name: str) -> RunningListener:
         """A running listener by name (tests and metrics look inside)."""
         return self._listeners[name]
 
     async def _start_listeners(self) -> None:
-        advertised_host = advertised_host_for(self.config)
+        advertised_host = self._advertised_host()
         logger.info("kafka advertises %s", advertised_host,
                     extra={"advertised_host": advertised_host, "bound": self.config.host})
         for listener_config in self.config.listeners:
@@ -182,6 +214,7 @@ class Server:
                 tls_port=listener_config.tls_port,
                 plaintext=listener_config.plaintext,
                 refusals=self.refusals,
+                cluster=self.cluster,
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running
@@ -203,11 +236,21 @@ class Server:
 
     def readiness(self) -> dict[str, str]:
         expected = [listener.name for listener in self.config.listeners if listener.enabled]
-        return readiness_checks(self._broker, self.config.data_dir, expected,
-                                set(self._listeners), self._stopping)
+        checks = readiness_checks(self._broker, self.config.data_dir, expected,
+                                  set(self._listeners), self._stopping)
+        if self.cluster is not None:
+            checks["cluster"] = ("ok" if self.cluster.membership.serving()
+                                 else "no live lease in the cluster database")
+        return checks
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.cluster is not None:  # drain: hand the leases over before closing
+            cluster, self.cluster = self.cluster, None
+            try:
+                await cluster.close()
+            except Exception:
+                logger.exception("cluster drain failed")
         for name, listener in list(self._listeners.items()):
             try:
                 await listener.close()

@@ -61,6 +61,9 @@ class ListenerContext:
     plaintext: bool = True
     # Refused connections (wrong protocol on a port, failed handshakes), rate-limited.
     refusals: RefusalLog | None = None
+    # Several nodes on one PostgreSQL: this node's conveyor.cluster.node.ClusterNode
+    # (None: a single node, which leads and coordinates everything).
+    cluster: Any = None
 
 
 class Observability(Protocol):
@@ -72,6 +75,10 @@ class Observability(Protocol):
 
     def readiness(self) -> dict[str, str]:
         """Check name -> "ok" or what is wrong; ready when every value is "ok"."""
+        ...
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """Nodes, leases and owners when several nodes share PostgreSQL; None: one node."""
         ...
 
 

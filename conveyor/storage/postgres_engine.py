@@ -60,11 +60,13 @@ _COMMIT_TABLE = (
     " singleton INTEGER PRIMARY KEY, sequence BIGINT NOT NULL)"
 )
 _COMMIT_ROW = (
-    "INSERT INTO conveyor_commit (singleton, sequence) VALUES (1, 0)"
+    "INSERT INTO conveyor_commit (singleton, sequence) VALUES ($1, 0)"
     " ON CONFLICT (singleton) DO NOTHING"
 )
-_READ_SEQUENCE = "SELECT sequence FROM conveyor_commit WHERE singleton = 1"
-_WRITE_SEQUENCE = "UPDATE conveyor_commit SET sequence = $1 WHERE singleton = 1"
+# one row per writer: 1 for a single node; a cluster node has a row of its own
+# (conveyor/cluster), so the nodes neither contend for one row nor misread each other's
+_READ_SEQUENCE = "SELECT sequence FROM conveyor_commit WHERE singleton = $1"
+_WRITE_SEQUENCE = "UPDATE conveyor_commit SET sequence = $1 WHERE singleton = $2"
 
 # Failures of the connection or of the server's state, not of the statement: retried.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -149,6 +151,7 @@ class PostgresEngine:
         self._flusher: asyncio.Task[None] | None = None
         self._supervisor = Supervisor("conveyor.postgres-engine")
         self._sequence = 0  # conveyor_commit.sequence as of our last commit
+        self.writer = 1  # this writer's conveyor_commit row (set before open)
         self._open = False
         self.reconnects = 0  # connections made after the first (tests, metrics)
 
@@ -170,8 +173,8 @@ class PostgresEngine:
         try:
             await self._check_server(connection)
             await connection.execute(_COMMIT_TABLE)
-            await connection.execute(_COMMIT_ROW)
-            self._sequence = int(await connection.fetchval(_READ_SEQUENCE))
+            await connection.execute(_COMMIT_ROW, self.writer)
+            self._sequence = int(await connection.fetchval(_READ_SEQUENCE, self.writer))
         except asyncpg.PostgresError as error:
             await connection.close()
             self._connection = None
@@ -310,7 +313,7 @@ class PostgresEngine:
                                 await connection.execute(sql, *rows[0])
                             else:
                                 await connection.executemany(sql, rows)
-                        await connection.execute(_WRITE_SEQUENCE, sequence)
+                        await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
                     self._sequence = sequence
                     return
                 except (ValueError, TypeError) as error:
@@ -336,7 +339,7 @@ class PostgresEngine:
         if not self._needs_read_back:
             return False
         self._needs_read_back = False
-        found = int(await connection.fetchval(_READ_SEQUENCE))
+        found = int(await connection.fetchval(_READ_SEQUENCE, self.writer))
         if found == sequence:
             return True
         if found == sequence - 1:

@@ -207,6 +207,25 @@ class PostgresLogStore:
         del self._by_id[part.partition_id]
         self._set_aside.pop((topic, partition), None)
 
+    async def refresh_partition(self, topic: str, partition: int) -> None:
+        """Read the partition's head again (another node appended since: conveyor/cluster)."""
+        part = self._part(topic, partition)
+        async with self._connection() as connection:
+            row = await connection.fetchrow(
+                "SELECT next_offset, log_start_offset FROM conveyor_log_partitions "
+                "WHERE partition_id = $1", part.partition_id)
+        if row is not None:
+            part.next_offset = max(part.next_offset, row["next_offset"])
+            part.log_start_offset = max(part.log_start_offset, row["log_start_offset"])
+
+    def observe_head(self, topic: str, partition: int, next_offset: int) -> bool:
+        """Another node committed up to ``next_offset``; True when that moved our view."""
+        part = self._partitions.get((topic, partition))
+        if part is None or next_offset <= part.next_offset:
+            return False
+        part.next_offset = next_offset
+        return True
+
     def offsets(self, topic: str, partition: int) -> LogOffsets:
         part = self._part(topic, partition)
         return LogOffsets(part.log_start_offset, part.next_offset, part.next_offset)

@@ -73,6 +73,14 @@ class Handlers(SharedGroupHandlers):
             raise NotReadyError("not ready", checks=checks)
         return ApiResponse(200, {"status": "ready", "checks": checks})
 
+    async def cluster(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
+        """docs/cluster.md: this node's view of the nodes, leases and owners."""
+        status = (self.observability.cluster_status()
+                  if self.observability is not None else None)
+        if status is None:
+            return ApiResponse(200, {"clustered": False})
+        return ApiResponse(200, {"clustered": True, **status})
+
     async def metrics(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         if self.observability is None:
             raise UnavailableError("metrics are served by a full server, not a lone listener")
@@ -398,6 +406,7 @@ _HANDLERS: Final[dict[str, Handler]] = {
     "ready": Handlers.ready,
     "openapi": Handlers.openapi_document,
     "metrics": Handlers.metrics,
+    "cluster": Handlers.cluster,
     "list_topics": Handlers.list_topics,
     "create_topic": Handlers.create_topic,
     "describe_topic": Handlers.describe_topic,

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
     from conveyor.broker.group_configs import GroupConfigs
     from conveyor.protocols.kafka.authorization import Access
-
+    from conveyor.protocols.kafka.cluster_routing import KafkaCluster
 RESOURCE_TOPIC: Final = 2
 RESOURCE_BROKER: Final = 4
 RESOURCE_GROUP: Final = 32
@@ -92,8 +92,56 @@ KAFKA_INTERNAL_TOPICS: Final = frozenset({
     "__consumer_offsets", "__transaction_state", "__share_group_state"})
 
 
+def _brokers(node: Node, cluster: KafkaCluster | None) -> list[tuple[int, str, int]]:
+    """(id, host, port) of every node clients may talk to: this one, or every live one."""
+    if cluster is None:
+        return [(node.node_id, node.host, node.port)]
+    found = cluster.kafka_nodes()
+    if all(node_id != node.node_id for node_id, _, _ in found):
+        found.append((node.node_id, node.host, node.port))
+    return sorted(found)
+
+
+def _leader(node: Node, cluster: KafkaCluster | None, topic: str,
+            partition: int) -> tuple[int, int]:
+    if cluster is None:
+        return node.node_id, 0
+    return cluster.partition_leader(topic, partition)
+
+
+async def _requested_infos(broker: Broker, requested: Any, access: Access | None,
+                           allow_create: bool) -> list[TopicInfo | tuple[str, OperatingError]]:
+    """The topics a Metadata request names (by name or id), each its info or its error;
+    a name the principal may create is created when the broker auto-creates topics."""
+    infos: list[TopicInfo | tuple[str, OperatingError]] = []
+    for item in requested:
+        name = item.name
+        if name is None:  # a lookup by topic id (KIP-516), as share consumers send
+            name = _name_for_id(broker, getattr(item, "topic_id", None))
+            if name is None:
+                infos.append(("", UnknownTopicError("unknown topic id")))
+                continue
+            try:
+                infos.append(broker.get_topic(name))
+            except OperatingError as error:
+                infos.append((name, error))
+            continue
+        if access is not None and not access.topic("describe", name):
+            infos.append((name, TopicAuthorizationError("not authorized", topic=name)))
+            continue
+        create = allow_create and name not in KAFKA_INTERNAL_TOPICS and (
+            access is None or access.topic("configure", name))
+        try:  # ensure_topic creates only when the broker's auto_create_topics allows
+            infos.append(await broker.ensure_topic(name) if create
+                         else broker.get_topic(name))
+        except OperatingError as error:
+            infos.append((name or "", error))
+    return infos
+
+
 async def handle_metadata(broker: Broker, node: Node, request: Request,
-                          access: Access | None = None) -> Any:
+                          access: Access | None = None,
+                          cluster: KafkaCluster | None = None) -> Any:
     body = request.body
     version = request.header.api_version
     response_type = response_class(3, version)
@@ -105,77 +153,78 @@ async def handle_metadata(broker: Broker, node: Node, request: Request,
     partition_type = nested(response_type, "MetadataResponsePartition")
     broker_type = nested(response_type, "MetadataResponseBroker")
     topics = []
+    if cluster is not None and requested is not None and any(
+            item.name is not None and broker.topics.find(item.name) is None
+            for item in requested):
+        await cluster.refresh_catalog()  # made on another node? (before auto-creating it)
     if requested is None:  # a listing leaves out what the principal may not describe
         infos: list[TopicInfo | tuple[str, OperatingError]] = [
             info for info in broker.list_topics()
             if access is None or access.topic("describe", info.name)]
     else:
-        infos = []
-        for item in requested:
-            name = item.name
-            if name is None:  # a lookup by topic id (KIP-516), as share consumers send
-                name = _name_for_id(broker, getattr(item, "topic_id", None))
-                if name is None:
-                    infos.append(("", UnknownTopicError("unknown topic id")))
-                    continue
-                try:
-                    infos.append(broker.get_topic(name))
-                except OperatingError as error:
-                    infos.append((name, error))
-                continue
-            if access is not None and not access.topic("describe", name):
-                infos.append((name, TopicAuthorizationError("not authorized", topic=name)))
-                continue
-            create = allow_create and name not in KAFKA_INTERNAL_TOPICS and (
-                access is None or access.topic("configure", name))
-            try:  # ensure_topic creates only when the broker's auto_create_topics allows
-                infos.append(await broker.ensure_topic(name) if create
-                             else broker.get_topic(name))
-            except OperatingError as error:
-                infos.append((name or "", error))
+        infos = await _requested_infos(broker, requested, access, allow_create)
     for info in infos:
         if isinstance(info, tuple):
             name, failure = info
             topics.append(build(topic_type, error_code=_code(failure), name=name,
                                 topic_id=uuid.UUID(int=0), is_internal=False, partitions=()))
             continue
+        leaders = [_leader(node, cluster, info.name, index) for index in range(info.partitions)]
         partitions = tuple(
-            build(partition_type, error_code=error_codes.NONE, partition_index=index,
-                  leader_id=node.node_id, leader_epoch=0, replica_nodes=(node.node_id,),
-                  isr_nodes=(node.node_id,), offline_replicas=())
-            for index in range(info.partitions)
+            build(partition_type,
+                  error_code=(error_codes.NONE if leader >= 0
+                              else error_codes.LEADER_NOT_AVAILABLE),
+                  partition_index=index, leader_id=leader, leader_epoch=epoch,
+                  replica_nodes=(leader,) if leader >= 0 else (),
+                  isr_nodes=(leader,) if leader >= 0 else (), offline_replicas=())
+            for index, (leader, epoch) in enumerate(leaders)
         )
         topics.append(build(topic_type, error_code=error_codes.NONE, name=info.name,
                             topic_id=topic_id(info.name), is_internal=False,
                             partitions=partitions,
                             topic_authorized_operations=AUTHORIZED_OPERATIONS_OMITTED))
-    brokers = (build(broker_type, node_id=node.node_id, host=node.host, port=node.port,
-                     rack=None),)
+    brokers = tuple(build(broker_type, node_id=node_id, host=host, port=port, rack=None)
+                    for node_id, host, port in _brokers(node, cluster))
     return build(response_type, brokers=brokers, cluster_id=node.cluster_id,
-                 controller_id=node.node_id, topics=tuple(topics),
+                 controller_id=brokers[0].node_id, topics=tuple(topics),
                  cluster_authorized_operations=AUTHORIZED_OPERATIONS_OMITTED)
 
 
-def handle_find_coordinator(node: Node, request: Request) -> Any:
+def _coordinator(node: Node, cluster: KafkaCluster | None,
+                 key: str) -> tuple[int, int, str, int]:
+    """(error code, node id, host, port) of the key's coordinator."""
+    if cluster is None:
+        return error_codes.NONE, node.node_id, node.host, node.port
+    owner = cluster.group_coordinator(key)
+    for node_id, host, port in _brokers(node, cluster):
+        if node_id == owner:
+            return error_codes.NONE, node_id, host, port
+    return error_codes.COORDINATOR_NOT_AVAILABLE, -1, "", -1
+
+
+def handle_find_coordinator(node: Node, request: Request,
+                            cluster: KafkaCluster | None = None) -> Any:
     version = request.header.api_version
     response_type = response_class(10, version)
     if version < 4:
-        return build(response_type, error_code=error_codes.NONE, error_message=None,
-                     node_id=node.node_id, host=node.host, port=node.port)
+        code, node_id, host, port = _coordinator(node, cluster, request.body.key)
+        return build(response_type, error_code=code, error_message=None,
+                     node_id=node_id, host=host, port=port)
     coordinator_type = nested(response_type, "Coordinator")
-    coordinators = tuple(
-        build(coordinator_type, key=key, node_id=node.node_id, host=node.host, port=node.port,
-              error_code=error_codes.NONE, error_message=None)
-        for key in request.body.coordinator_keys
-    )
-    return build(response_type, coordinators=coordinators)
+    coordinators = []
+    for key in request.body.coordinator_keys:
+        code, node_id, host, port = _coordinator(node, cluster, key)
+        coordinators.append(build(coordinator_type, key=key, node_id=node_id, host=host,
+                                  port=port, error_code=code, error_message=None))
+    return build(response_type, coordinators=tuple(coordinators))
 
 
-def handle_describe_cluster(node: Node, request: Request) -> Any:
+def handle_describe_cluster(node: Node, request: Request,
+                            cluster: KafkaCluster | None = None) -> Any:
     response_type = response_class(60, request.header.api_version)
     broker_type = nested(response_type, "DescribeClusterBroker")
-    brokers = (build(broker_type, broker_id=node.node_id, host=node.host, port=node.port,
-                     rack=None),)
+    brokers = tuple(build(broker_type, broker_id=node_id, host=host, port=port, rack=None)
+                    for node_id, host, port in _brokers(node, cluster))
     return build(response_type, error_code=error_codes.NONE, error_message=None,
                  endpoint_type=1, cluster_id=node.cluster_id, controller_id=node.node_id,
                  brokers=brokers, cluster_authorized_operations=AUTHORIZED_OPERATIONS_OMITTED)

@@ -20,7 +20,7 @@ Must not know: sockets, files (a file range is three ints passed through).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.txn_index import batches_below
@@ -44,11 +44,14 @@ if TYPE_CHECKING:
 
 DENIED_TOPIC = "Not authorized to access topics: [Topic authorization failed.]"
 
+# Several nodes (cluster_routing.py): may this node serve the partition? None: a single node.
+PartitionGate = Callable[[str, int], Awaitable[bool]] | None
 
 
 async def handle_produce(broker: Broker, request: Request,
                          on_error: Callable[[int], None] | None = None,
-                         access: Access | None = None) -> bytes | None:
+                         access: Access | None = None,
+                         gate: PartitionGate = None) -> bytes | None:
     body = request.body
     header = request.header
     refusal = _refusal(body)
@@ -61,7 +64,7 @@ async def handle_produce(broker: Broker, request: Request,
         ]
     else:  # as Kafka: partitions of topics the principal may not write are refused alone
         appends = [
-            _append(broker, topic.name, partition.index, partition.records)
+            _append(broker, topic.name, partition.index, partition.records, gate)
             if topic.name not in denied else _refused(topic.name, partition.index)
             for topic in body.topic_data for partition in topic.partition_data
         ]
@@ -103,8 +106,13 @@ async def _refused(topic: str, partition: int) -> tuple[str, ProducePartitionRes
 
 
 async def _append(
-    broker: Broker, topic: str, partition: int, records: bytes | None
+    broker: Broker, topic: str, partition: int, records: bytes | None,
+    gate: PartitionGate = None,
 ) -> tuple[str, ProducePartitionResult]:
+    if gate is not None and not await gate(topic, partition):
+        return topic, ProducePartitionResult(
+            partition, error_codes.NOT_LEADER_OR_FOLLOWER,
+            error_message="this node does not lead the partition")
     if not records:
         return topic, ProducePartitionResult(
             partition, error_codes.CORRUPT_MESSAGE, error_message="empty records"
@@ -139,6 +147,7 @@ class _FetchPlan:
 
     def __init__(self, body: Any) -> None:
         self.committed = body.isolation_level == READ_COMMITTED
+        self.refused: set[tuple[str, int]] = set()  # led by another node
         self.entries: list[tuple[str, int, int, int]] = [
             (topic.topic, partition.partition, partition.fetch_offset,
              partition.partition_max_bytes)
@@ -156,6 +165,10 @@ async def _read_all(
     total = 0
     for topic, partition, offset, partition_max_bytes in plan.entries:
         budget = min(partition_max_bytes, max(max_bytes - total, 0))
+        if (topic, partition) in plan.refused:
+            results.append((topic, FetchPartitionResult(
+                partition, error_codes.NOT_LEADER_OR_FOLLOWER)))
+            continue
         try:
             if budget <= 0 and total > 0:
                 offsets = broker.offsets(topic, partition)
@@ -202,10 +215,14 @@ def _committed(broker: Broker, topic: str, partition: int, offset: int, stable: 
 
 async def handle_fetch(broker: Broker, settings: KafkaSettings, request: Request,
                        on_error: Callable[[int], None] | None = None,
-                       access: Access | None = None) -> list[Any]:
+                       access: Access | None = None,
+                       gate: PartitionGate = None) -> list[Any]:
     body = request.body
     header = request.header
     plan = _FetchPlan(body)
+    if gate is not None:
+        plan.refused = {(topic, partition) for topic, partition, _, _ in plan.entries
+                        if not await gate(topic, partition)}
     denied = _denied(body.topics, access, "read", "topic")
     if denied:  # answered at once, each partition with the error
         results = [(topic, FetchPartitionResult(partition, error_codes.TOPIC_AUTHORIZATION_FAILED))

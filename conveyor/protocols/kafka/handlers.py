@@ -49,6 +49,7 @@ from conveyor.protocols.kafka.authorization import (
     refusal,
     topics_denied,
 )
+from conveyor.protocols.kafka.cluster_routing import KafkaCluster, group_refusal
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.config_catalog import BrokerFacts
 from conveyor.protocols.kafka.group_migration import GroupMigration
@@ -71,13 +72,16 @@ VHOST_DEFAULT: Final = "/"
 class KafkaHandlers:
     def __init__(self, broker: Broker, settings: KafkaSettings, node: Node,
                  counters: ListenerCounters | None = None,
-                 security: SecurityModel | None = None) -> None:
+                 security: SecurityModel | None = None,
+                 cluster: KafkaCluster | None = None) -> None:
         if security is None:  # a listener started alone: auth off, loopback guest
             from conveyor.security.model import open_model
             security = open_model()
         self.security = security
         self.sasl = Sasl(security, settings, broker.clock.monotonic_ms)
         self.broker = broker
+        self.cluster = cluster  # several nodes on one PostgreSQL (cluster_routing.py)
+        self._gate = cluster.serve_partition if cluster is not None else None
         self.settings = settings
         self.node = node
         self.counters = counters or ListenerCounters("kafka")
@@ -103,11 +107,14 @@ class KafkaHandlers:
             access = Access(self.security, self.sasl.admit(api_key, state), VHOST_DEFAULT)
             if api_key == 0:
                 return await data_handlers.handle_produce(self.broker, request,
-                                                          self.count_error, access)
+                                                          self.count_error, access, self._gate)
             if api_key == 1:
                 return await data_handlers.handle_fetch(self.broker, self.settings, request,
-                                                        self.count_error, access)
-            entity = await self._authorized(request, state, access)
+                                                        self.count_error, access, self._gate)
+            routed = (await group_refusal(self.cluster, request)
+                      if self.cluster is not None else None)
+            entity = routed if routed is not None else await self._authorized(
+                request, state, access)
         for code in error_codes.error_codes_in(entity):
             self.count_error(code)
         return self._codec.send(request.header, entity)
@@ -158,13 +165,14 @@ class KafkaHandlers:
         if api_key == 2:
             return await data_handlers.handle_list_offsets(broker, request)
         if api_key == 3:
-            return await admin_handlers.handle_metadata(broker, node, request, access)
+            return await admin_handlers.handle_metadata(broker, node, request, access,
+                                                        self.cluster)
         if api_key == 8:
             return await group_handlers.handle_offset_commit(broker, request, self.consumers)
         if api_key == 9:
             return group_handlers.handle_offset_fetch(broker, request, self.consumers)
         if api_key == 10:
-            return admin_handlers.handle_find_coordinator(node, request)
+            return admin_handlers.handle_find_coordinator(node, request, self.cluster)
         if api_key == 11:
             return await group_handlers.handle_join_group(broker, request, state,
                                                           self.consumers, self.migration)
@@ -200,7 +208,7 @@ class KafkaHandlers:
             return await admin_handlers.handle_alter_configs(broker, request, self.group_configs,
                                                              incremental=True)
         if api_key == 60:
-            return admin_handlers.handle_describe_cluster(node, request)
+            return admin_handlers.handle_describe_cluster(node, request, self.cluster)
         return await self._newer(request, state)
 
     async def _newer(self, request: Request, state: ConnectionState) -> Any:

@@ -58,9 +58,11 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
     tasks = Supervisor("kafka-listener")
     # The advertised port is only known after binding: handlers read it from the node,
     # which is filled in right after create_server returns.
-    node = Node(settings.node_id, context.advertised_host, context.port, settings.cluster_id)
+    cluster = context.cluster  # several nodes: the node id is the cluster's
+    node_id = cluster.node_id if cluster is not None else settings.node_id
+    node = Node(node_id, context.advertised_host, context.port, settings.cluster_id)
     counters = listener_counters(context, "kafka")
-    handlers = KafkaHandlers(broker, settings, node, counters, security_of(context))
+    handlers = KafkaHandlers(broker, settings, node, counters, security_of(context), cluster)
     limits = listener_limits("kafka", context.settings)
     if settings.security_protocol.endswith("SSL") and context.tls is None:
         raise InvalidConfigError(f"kafka.security_protocol = {settings.security_protocol}"
@@ -76,6 +78,6 @@ async def start_listener(broker: Broker, context: ListenerContext) -> KafkaListe
         ConnectionView("kafka", peer_text(connection.transport_peer()), listener.port,
                        connection.state.authenticated_user or "", identifier=connection.state.peer)
         for connection in list(connections)))
-    handlers.node = Node(settings.node_id, context.advertised_host, listener.port,
+    handlers.node = Node(node_id, context.advertised_host, listener.port,
                          settings.cluster_id)
     return listener

@@ -1,0 +1,1 @@
+"""Several Conveyor nodes on one PostgreSQL: membership, leases, ownership (issue 12)."""

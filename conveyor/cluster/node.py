@@ -1,0 +1,151 @@
+"""ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
+
+Owns: what a claim reloads (a partition's head and producers, a group's state), the
+producer ids handed out from the database, the periodic re-read of the topic catalog
+(topics created on another node), and the view the Kafka listener asks: live nodes and
+their addresses, each partition's leader and epoch, each group's coordinator.
+Must not know: wire formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from conveyor.clock import Clock
+from conveyor.cluster.membership import ClusterSettings, Membership
+from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, item_name
+from conveyor.cluster.wakeups import Wakeups
+from conveyor.tasks import Supervisor
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+
+logger = logging.getLogger("conveyor.cluster")
+
+class ClusterNode:
+    def __init__(self, broker: Broker, settings: ClusterSettings, clock: Clock) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.membership = Membership(settings, clock)
+        self.membership.on_acquire = self._acquired
+        self._tasks = Supervisor("cluster-node")
+        self._stopping = asyncio.Event()
+        self.wakeups: Wakeups | None = None
+        self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
+
+    @property
+    def node_id(self) -> int:
+        return self.membership.node_id
+
+    async def open(self) -> None:
+        """Register (before the listeners start: they advertise this node's id)."""
+        producers = self.broker.producers
+        producers.id_source = self.membership.allocate_producer_id
+        producers.shared_store = True
+        await self.membership.open({})
+        if self.broker.shared_groups is not None:  # queue deliveries from the owner only
+            self.broker.shared_groups.acquire_gate = self.serve_shared
+        self._tasks.start(self._refresh_topics(), name="conveyor.cluster.topics")
+        if hasattr(self.broker.log_store, "observe_head"):  # the PostgreSQL LogStore
+            producer = self.broker.producer
+            own = producer.on_append
+            self.wakeups = Wakeups(self.settings.dsn, self.broker.log_store, own,
+                                   self.settings.heartbeat_ms)
+            await self.wakeups.open()
+            wakeups = self.wakeups
+
+            def appended(topic: str, partition: int) -> None:
+                own(topic, partition)
+                wakeups.appended(topic, partition)
+
+            producer.on_append = appended
+
+    async def advertise(self, addresses: dict[str, str]) -> None:
+        """The listeners' addresses, once they are bound."""
+        await self.membership.advertise(addresses)
+
+    async def close(self) -> None:
+        """Drain: hand every lease over, then stop."""
+        self._stopping.set()
+        await self._tasks.close(cancel=True)
+        if self.wakeups is not None:
+            await self.wakeups.close()
+        await self.membership.close(drain=True)
+
+    async def _refresh_topics(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(),
+                                       self.settings.heartbeat_ms / 1000)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.broker.topics.load()
+            except Exception as error:  # logged; the next turn retries
+                logger.warning("topic catalog refresh failed", extra={"error": str(error)})
+
+    async def refresh_catalog(self) -> None:
+        """Re-read the topic catalog now (a name another node may just have created)."""
+        await self.broker.topics.load()
+
+    async def serve_shared(self, group: str, topic: str) -> bool:
+        """May this node deliver from the queue (shared group)? Its owner only."""
+        name = item_name(SHARED, group, topic)
+        self._shared[name] = (group, topic)
+        return await self.membership.ensure_owned(SHARED, name)
+
+    async def _acquired(self, kind: str, name: str) -> None:
+        """Reload what another node may have changed while it owned the item."""
+        if kind == SHARED:
+            group, topic = self._shared[name]
+            if self.broker.shared_groups is not None:
+                await self.broker.shared_groups.reload_group(group, topic)
+            return
+        if kind == GROUP:
+            await self.broker.group_coordinator.reload_group(name)
+            return
+        topic, _, index = name.rpartition("/")
+        partition = int(index)
+        if not self.broker.log_store.has_partition(topic, partition):
+            await self.broker.topics.load()
+        refresh = getattr(self.broker.log_store, "refresh_partition", None)
+        if refresh is not None and self.broker.log_store.has_partition(topic, partition):
+            await refresh(topic, partition)
+        self.broker.producers.forget_partition(topic, partition)
+
+    # --- the view the Kafka listener asks --------------------------------------------
+    def kafka_nodes(self) -> list[tuple[int, str, int]]:
+        """(node id, host, port) of every live node's Kafka listener."""
+        found = []
+        for node in self.membership.live_nodes():
+            address = node.addresses.get("kafka")
+            if address is None:
+                continue
+            host, _, port = address.rpartition(":")
+            found.append((node.node_id, host, int(port)))
+        return found
+
+    def partition_leader(self, topic: str, partition: int) -> tuple[int, int]:
+        """(leader node id or -1, leader epoch)."""
+        owner, epoch = self.membership.owner_of(PARTITION, item_name(PARTITION, topic, partition))
+        return (owner if owner is not None else -1), epoch
+
+    def group_coordinator(self, group_id: str) -> int:
+        owner, _ = self.membership.owner_of(GROUP, group_id)
+        return owner if owner is not None else -1
+
+    async def serve_partition(self, topic: str, partition: int) -> bool:
+        return await self.membership.ensure_owned(
+            PARTITION, item_name(PARTITION, topic, partition))
+
+    async def serve_group(self, group_id: str) -> bool:
+        return await self.membership.ensure_owned(GROUP, group_id)
+
+    async def fence_group(self, group_id: str) -> bool:
+        return await self.membership.fence(GROUP, group_id)
+
+    def status(self) -> dict[str, Any]:
+        return self.membership.status()

@@ -1,0 +1,110 @@
+"""Several ``conveyor serve`` processes on one embedded PostgreSQL, and a history checker.
+
+The checker follows Jepsen's Kafka workload: every acknowledged record is read back
+exactly once, at one offset per partition, and each partition's offsets are contiguous.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conveyor.testing.server import BrokerProcess
+
+# short leases so the tests see a failover in a few seconds (defaults: 3 s / 10 s)
+FAST_LEASES = {"CONVEYOR_BROKER__CLUSTER_HEARTBEAT_MS": "500",
+               "CONVEYOR_BROKER__CLUSTER_LEASE_MS": "3000"}
+
+
+def start_nodes(root: Path, dsn: str, count: int,
+                environ: dict[str, str] | None = None) -> list[BrokerProcess]:
+    nodes = []
+    for index in range(1, count + 1):
+        node = BrokerProcess(root / f"node{index}", listeners=("kafka", "http"),
+                             extra_args=("--storage", dsn, "--node-id", str(index)),
+                             environ={**FAST_LEASES, **(environ or {})})
+        node.data_dir.mkdir(parents=True)
+        node.start()
+        nodes.append(node)
+    return nodes
+
+
+@contextmanager
+def cluster(root: Path, dsn: str, count: int) -> Iterator[list[BrokerProcess]]:
+    nodes = start_nodes(root, dsn, count)
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.kill()
+
+
+def http_json(node: BrokerProcess, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.ports['http']}{path}", data=data,
+        headers={"content-type": "application/json"}, method="GET" if data is None else "POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        raw = response.read()
+        return json.loads(raw) if raw else None
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    """Poll a condition that lives in another process (no event to await across it)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def bootstrap(nodes: Iterable[BrokerProcess]) -> str:
+    return ",".join(f"127.0.0.1:{node.ports['kafka']}" for node in nodes)
+
+
+@dataclass
+class History:
+    acknowledged: dict[str, tuple[int, int]] = field(default_factory=dict)  # value -> (p, o)
+    failed: set[str] = field(default_factory=set)  # not acknowledged (may or may not exist)
+    errors: dict[str, int] = field(default_factory=dict)  # error name -> count
+
+    def on_delivery(self, error: Any, message: Any) -> None:
+        value = message.value().decode()
+        if error is None:
+            self.acknowledged[value] = (message.partition(), message.offset())
+        else:
+            self.failed.add(value)
+            self.errors[error.name()] = self.errors.get(error.name(), 0) + 1
+
+
+def check(history: History, read: list[tuple[int, int, str]]) -> dict[str, int]:
+    """``read``: (partition, offset, value) of every record consumed from the start."""
+    by_value: dict[str, list[tuple[int, int]]] = {}
+    by_partition: dict[int, list[int]] = {}
+    for partition, offset, value in read:
+        by_value.setdefault(value, []).append((partition, offset))
+        by_partition.setdefault(partition, []).append(offset)
+    lost = [value for value in history.acknowledged if value not in by_value]
+    duplicated = [value for value, places in by_value.items() if len(set(places)) > 1]
+    moved = [value for value, place in history.acknowledged.items()
+             if value in by_value and by_value[value][0] != place]
+    gaps = 0
+    for offsets in by_partition.values():
+        ordered = sorted(set(offsets))
+        gaps += sum(1 for a, b in itertools.pairwise(ordered) if b != a + 1)
+        assert ordered[0] == 0, "a partition's first offset is 0"
+    assert not lost, f"acknowledged but never read: {lost[:10]} ({len(lost)})"
+    assert not duplicated, f"read at two offsets: {duplicated[:10]}"
+    assert not moved, f"read at another offset than acknowledged: {moved[:10]}"
+    assert gaps == 0, "offsets are contiguous"
+    return {"acknowledged": len(history.acknowledged), "read": len(read),
+            "failed": len(history.failed), "errors": history.errors, "lost": len(lost),
+            "duplicated": len(duplicated)}
