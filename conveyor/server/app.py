@@ -104,6 +104,7 @@ class Server:
         self._stopping = False
         self.tls = TlsRegistry()  # one context per certificate; SIGHUP reloads them
         self.refusals = RefusalLog()  # wrong protocol on a port, failed TLS handshakes
+        self.cluster: ClusterNode | None = None  # several nodes on one PostgreSQL
 
     def reload_tls(self) -> bool:
         """Re-read every listener's certificate, key and CA files (SIGHUP); False when
@@ -114,7 +115,6 @@ class Server:
     def security(self) -> Security:
         assert self._security is not None, "server not started"
         return self._security
-        self.cluster: ClusterNode | None = None  # several nodes on one PostgreSQL
 
     @property
     def broker(self) -> Broker:
