@@ -136,7 +136,9 @@ def read_topic(broker: BrokerProcess, topic: str) -> set[str]:
             continue
         if message.error():
             break  # end of the partition
-        values.add(message.value().decode())
+        value = message.value()
+        assert value is not None
+        values.add(value.decode())
     consumer.close()
     return values
 
