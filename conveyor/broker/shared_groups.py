@@ -81,6 +81,7 @@ from conveyor.errors import (
     OffsetOutOfRangeError,
     OperatingError,
     PreconditionFailedError,
+    StorageError,
     UnavailableError,
     UnknownDeliveryError,
     UnknownGroupError,
@@ -589,6 +590,8 @@ class SharedGroups:
         deadline_ms = now_ms + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
         while True:
             deliveries = await self._acquire_once(state, records_max, lock_ms, consumer)
+            if deliveries and not self.store.commits_in_turn:
+                await self._delivered_mark_durable()
             if deliveries and self._waiters.get((group, topic)) and self._maybe_ready(state):
                 self._wake(group, topic, 1)  # pass the baton: more may be there
             remaining_ms = deadline_ms - self.clock.monotonic_ms()
@@ -597,6 +600,17 @@ class SharedGroups:
             await self._wait(state, remaining_ms)
             if self._groups.get((group, topic)) is not state:
                 return []  # deleted while waiting
+
+    async def _delivered_mark_durable(self) -> None:
+        """On a remote StateStore, the deliveries of a loop turn go out only after that
+        turn's save (their delivered mark: AMQP's redelivered flag, the count behind
+        max_deliveries) is committed: one commit per turn, shared by every acquire in it.
+        If the commit fails they go out anyway (the mark stays queued for the retry) and
+        a crash before the retry counts them one delivery fewer, as before."""
+        try:
+            await self.persister.durable()
+        except StorageError:
+            return
 
     async def _acquire_once(
         self, state: SharedGroupWindows, records_max: int, lock_ms: int, consumer: str

@@ -133,6 +133,7 @@ class PostgresEngine:
     """PostgreSQL behind the SqlEngine interface (see the module docstring)."""
 
     dialect: Dialect = POSTGRESQL_NUMBERED
+    commits_in_turn = False
 
     def __init__(self, dsn: str, clock: Clock, *, retry_window_ms: int = RETRY_WINDOW_MS,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:

@@ -79,6 +79,10 @@ class SqlEngine(Protocol):
     """One SQL database with per-loop-turn group commit (see the module docstring)."""
 
     dialect: Dialect
+    # True: a loop turn's writes are committed at the end of that turn, in the process
+    # (SQLite), so a kill -9 after the turn cannot lose them; False: the commit is a
+    # round trip that ends in later turns (PostgreSQL)
+    commits_in_turn: bool
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...

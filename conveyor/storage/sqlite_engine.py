@@ -60,6 +60,7 @@ class SqliteEngine:
     """
 
     dialect: Dialect = SQLITE
+    commits_in_turn = True
 
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = os.fspath(path)

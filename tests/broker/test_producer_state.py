@@ -99,6 +99,7 @@ async def test_sequences_survive_restart(harness: BrokerHarness) -> None:
     assert following.base_offset == 4 and not following.duplicate
 
 
+@pytest.mark.file_storage  # edits state.sqlite3 (SQLite-only fault injection)
 async def test_rebuilt_from_log_when_state_write_was_lost(harness: BrokerHarness) -> None:
     broker = harness.broker
     assert broker is not None

@@ -51,6 +51,7 @@ async def fill(broker: Broker, queue: str, count: int) -> None:
     await broker.publish(queue, [Message(str(i).encode()) for i in range(count)])
 
 
+@pytest.mark.file_storage  # reads/writes state.sqlite3 itself
 async def test_a_batch_of_acks_is_one_save_and_no_record_rows(
         harness: BrokerHarness, broker: Broker) -> None:
     shared = groups(broker)
@@ -66,6 +67,7 @@ async def test_a_batch_of_acks_is_one_save_and_no_record_rows(
     assert rows(harness, "SELECT COUNT(*) FROM shared_records") == [(0,)]
 
 
+@pytest.mark.file_storage  # reads/writes state.sqlite3 itself
 async def test_out_of_order_acks_are_runs_that_survive_a_restart(
         harness: BrokerHarness, broker: Broker) -> None:
     shared = groups(broker)
@@ -97,6 +99,7 @@ async def test_delivery_counts_survive_a_restart(
     assert [(d.offset, d.delivery_count) for d in after] == [(0, 3), (1, 2), (2, 1), (3, 1)]
 
 
+@pytest.mark.file_storage  # reads/writes state.sqlite3 itself
 async def test_with_max_deliveries_every_delivery_counts_across_a_restart(
         harness: BrokerHarness, broker: Broker) -> None:
     """The delivered mark goes with the next save (here an ack of another record)."""
@@ -112,6 +115,7 @@ async def test_with_max_deliveries_every_delivery_counts_across_a_restart(
     assert [(d.offset, d.delivery_count) for d in again] == [(0, 2)]
 
 
+@pytest.mark.file_storage  # reads/writes state.sqlite3 itself
 async def test_rows_of_the_old_per_record_table_are_read_and_replaced(
         harness: BrokerHarness, broker: Broker) -> None:
     shared = groups(broker)
@@ -133,6 +137,7 @@ async def test_rows_of_the_old_per_record_table_are_read_and_replaced(
         (-2, 2, "delivered", 1), (1, 1, "available", 4), (2, 2, "acked", 0)]
 
 
+@pytest.mark.file_storage  # reads/writes state.sqlite3 itself
 async def test_a_record_whose_dead_letter_is_not_written_yet_is_saved_unsettled(
         harness: BrokerHarness, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     """An ack saved while another record's dead letter is still being written must not

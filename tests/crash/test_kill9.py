@@ -1,9 +1,11 @@
 """Kill -9: every record acknowledged under fsync=always survives SIGKILL, intact.
 
-Method: a real child process (kill9_child.py) appends through FileLogStore on the real
-disk and prints each acknowledged (offset, crc32) line. The parent SIGKILLs it at a
-random moment, restarts it on the same directory, 20 times, then reopens the store
-and checks every acknowledged record at its offset. Seed: CONVEYOR_SEED or printed.
+Method: a real child process (kill9_child.py) appends through the LogStore seam
+(FileLogStore on the real disk, or PostgresLogStore on the session's PostgreSQL) and
+prints each acknowledged (offset, crc32) line. The parent SIGKILLs it at a random
+moment, restarts it on the same directory or database, 20 times, then reopens the
+store and checks every acknowledged record at its offset. Seed: CONVEYOR_SEED or
+printed. tests/crash/test_mixed_kill9.py kills a whole server under real clients.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import time
 import zlib
 from pathlib import Path
 
-from conveyor.clock import SystemClock
-from conveyor.storage.fs import OsFileSystem
-from conveyor.storage.log_store import FileLogStore
+import pytest
+from kill9_child import open_store
+
 from conveyor.storage.record_batch import iter_records
 
 CHILD = Path(__file__).with_name("kill9_child.py")
@@ -28,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 KILLS = 20
 
 
-def run_until_killed(directory: Path, seed: int, delay_s: float) -> list[tuple[int, int]]:
+def run_until_killed(directory: Path, seed: int, delay_s: float,
+                     storage: str) -> list[tuple[int, int]]:
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), str(seed)],
+        [sys.executable, str(CHILD), str(directory), str(seed), storage],
         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert child.stdout is not None
@@ -48,29 +51,39 @@ def run_until_killed(directory: Path, seed: int, delay_s: float) -> list[tuple[i
     return acknowledged
 
 
-def test_acknowledged_records_survive_sigkill(tmp_path: Path) -> None:
+@pytest.fixture(params=["file", "postgresql"])
+def storage(request: pytest.FixtureRequest) -> str:
+    if request.param == "file":
+        return "file:"
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return dsn
+
+
+def test_acknowledged_records_survive_sigkill(tmp_path: Path, storage: str) -> None:
     seed = int(os.environ.get("CONVEYOR_SEED", random.SystemRandom().randrange(2**32)))
     print(f"CONVEYOR_SEED={seed}")
     rng = random.Random(seed)
     acknowledged: dict[int, int] = {}
     for run in range(KILLS):
-        for offset, checksum in run_until_killed(tmp_path, seed + run, rng.uniform(0.0, 0.25)):
+        for offset, checksum in run_until_killed(tmp_path, seed + run, rng.uniform(0.0, 0.25),
+                                                 storage):
             assert acknowledged.setdefault(offset, checksum) == checksum, "offset reused"
     assert len(acknowledged) > 100, "the child must have acknowledged appends"
-    found = asyncio.run(read_all_checksums(tmp_path))
+    found = asyncio.run(read_all_checksums(tmp_path, storage))
     missing = {offset: checksum for offset, checksum in acknowledged.items()
                if found.get(offset) != checksum}
     assert not missing, f"lost or damaged acknowledged records: {sorted(missing)[:10]}"
 
 
-async def read_all_checksums(tmp_path: Path) -> dict[int, int]:
-    store = FileLogStore(str(tmp_path), OsFileSystem(), SystemClock())
+async def read_all_checksums(tmp_path: Path, storage: str) -> dict[int, int]:
+    store = open_store(str(tmp_path), storage)
     await store.open()
-    log = store.partition("crash", 0)
+    offsets = store.offsets("crash", 0)
     found: dict[int, int] = {}
-    offset = log.log_start_offset
-    while offset < log.high_watermark:
-        records = list(iter_records(log.read(offset, 1 << 20).read_bytes()))
+    offset = offsets.log_start_offset
+    while offset < offsets.high_watermark:
+        data = (await store.read("crash", 0, offset, 1 << 20)).read_bytes()
+        records = list(iter_records(data))
         found.update((record.offset, zlib.crc32(record.value or b"")) for record in records)
         offset = records[-1].offset + 1
     await store.close()

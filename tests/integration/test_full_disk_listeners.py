@@ -63,6 +63,8 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FullDisk]]:
     FullDisk.full = False
 
 
+@pytest.mark.file_storage  # ENOSPC from the file system under segment files; PostgreSQL's
+# "database full" is tests/storage's (docs/postgres.md: retriable storage errors)
 async def test_full_disk_answers_each_protocol_and_logs_once(
     tmp_path: Path, full_disk: type[FullDisk], caplog: pytest.LogCaptureFixture,
 ) -> None:

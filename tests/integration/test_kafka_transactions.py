@@ -31,6 +31,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from conveyor.storage.log_api import AppendInfo, AppendRequest
 from conveyor.storage.record_batch import RecordData, build_batch
 from conveyor.testing.server import BrokerThread
 
@@ -338,8 +339,9 @@ def test_hanging_transaction_reported(tmp_path: Path) -> None:
         producer.commit_transaction(WAIT_S)
         stray = build_batch([RecordData(None, b"stray", (), 1000)], producer_id=4242,
                             producer_epoch=0, base_sequence=0, is_transactional=True)
-        log = running.call_sync(running.server.broker.log_store.partition, topic, 0)
-        running.call(log.append, stray)
+        [written] = running.call(running.server.broker.log_store.append,
+                                 [AppendRequest(topic, 0, stray)])
+        assert isinstance(written, AppendInfo), written
         running.restart()
         broker = running.server.broker
         hanging = running.call_sync(broker.transactions.check_hanging)

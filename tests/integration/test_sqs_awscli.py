@@ -56,8 +56,9 @@ def test_create_send_receive_delete(aws: Callable[..., Any]) -> None:
                    "--message-attribute-names", "All")["Messages"]
     assert [m["Body"] for m in received] == ["from the cli"]
     assert received[0]["MessageAttributes"]["who"]["StringValue"] == "cli"
-    assert aws("delete-message", "--queue-url", url, "--receipt-handle",
-               received[0]["ReceiptHandle"]) is None
+    # "=": a handle may begin with "-", which the CLI's argparse would take for an option
+    assert aws("delete-message", "--queue-url", url,
+               f"--receipt-handle={received[0]['ReceiptHandle']}") is None
     assert aws("receive-message", "--queue-url", url) is None  # empty: the CLI prints nothing
     attributes = aws("get-queue-attributes", "--queue-url", url, "--attribute-names", "All")
     assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "0"
