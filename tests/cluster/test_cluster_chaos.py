@@ -15,8 +15,7 @@ import pytest
 from tests.cluster.helpers import History, check, cluster, wait_for
 from tests.cluster.test_cluster_kafka import create_topic, full_log, produce, producer
 
-pytestmark = pytest.mark.skipif(os.environ.get("CONVEYOR_CHAOS") != "1",
-                                reason="the long run: make chaos (CONVEYOR_CHAOS=1)")
+pytestmark = pytest.mark.chaos  # the long run: make chaos (CONVEYOR_CHAOS=1)
 ROUNDS = int(os.environ.get("CONVEYOR_CHAOS_ROUNDS", "6"))
 PER_ROUND = 2000
 
