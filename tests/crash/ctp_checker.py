@@ -49,6 +49,10 @@ TRANSACTION_TIMEOUT_MS = 60_000
 STALL_S = 180
 QUIET = {"log_level": 0, "socket.connection.setup.timeout.ms": 3000,
          "reconnect.backoff.max.ms": 200, "topic.metadata.refresh.interval.ms": 1000}
+# CTP_DEBUG=1: librdkafka's eos/protocol/broker debug log of the transactional producer on
+# stderr, and the broker's request log (`--log-level debug`) in its serve.log
+DEBUG = os.environ.get("CTP_DEBUG", "") not in ("", "0")
+PRODUCER_DEBUG = {"debug": "eos,protocol,broker", "log_level": 7} if DEBUG else {}
 
 
 @dataclass
@@ -102,7 +106,7 @@ class Worker:
             producer = Producer({"bootstrap.servers": bootstrap(self.broker),
                                  "transactional.id": "ctp-worker",
                                  "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
-                                 **QUIET})
+                                 **QUIET, **PRODUCER_DEBUG})
             try:
                 producer.init_transactions(WAIT_S)
                 return producer
@@ -247,7 +251,8 @@ def read_outputs(broker: BrokerProcess) -> Counter[str]:
 def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
     rng = random.Random(seed)
     outcome = Outcome(inputs, kills)
-    broker = BrokerProcess(directory, listeners=("kafka",))
+    broker = BrokerProcess(directory, listeners=("kafka",),
+                           extra_args=("--log-level", "debug") if DEBUG else ())
     broker.start()
     try:
         prepare(broker, inputs)
