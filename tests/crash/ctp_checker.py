@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,16 @@ INPUT, OUTPUT, GROUP, PARTITIONS = "ctp-in", "ctp-out", "ctp-group", 2
 WAIT_S = 30
 RETRIES = 100  # of a call while the broker restarts: a hang becomes a failure
 # long enough that the coordinator's timeout (which fences the worker) is not what ends
-# the worker's transactions under kills; librdkafka 2.16 can then block forever in
-# send_offsets_to_transaction (seen in the long form), which the watchdog reports
+# the worker's transactions under kills
 TRANSACTION_TIMEOUT_MS = 60_000
+# librdkafka (2.16) re-bootstraps when every broker is down (KIP-899/KIP-1102) and retires
+# ("decommissions") the broker handle it had learned, but its group-coordinator cache keeps
+# pointing at the retired handle: the next send_offsets_to_transaction then waits for that
+# handle to come up, never sends its TxnOffsetCommit and ignores its own timeout (see
+# docs/kafka.md, "librdkafka and a restarted broker"). With one broker, whose address is the
+# bootstrap address, re-bootstrapping brings nothing: the worker turns it off, as an
+# application in front of a single-node cluster should.
+TXN_CLIENT = {"metadata.recovery.strategy": "none"}
 STALL_S = 180
 QUIET = {"log_level": 0, "socket.connection.setup.timeout.ms": 3000,
          "reconnect.backoff.max.ms": 200, "topic.metadata.refresh.interval.ms": 1000}
@@ -106,7 +114,7 @@ class Worker:
             producer = Producer({"bootstrap.servers": bootstrap(self.broker),
                                  "transactional.id": "ctp-worker",
                                  "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
-                                 **QUIET, **PRODUCER_DEBUG})
+                                 **TXN_CLIENT, **QUIET, **PRODUCER_DEBUG})
             try:
                 producer.init_transactions(WAIT_S)
                 return producer
@@ -149,23 +157,45 @@ class Worker:
                 self.rewind()
                 return
             positions = self.consumer.position(self.consumer.assignment())
-            self.producer.send_offsets_to_transaction(
-                positions, self.consumer.consumer_group_metadata(), WAIT_S)
-            self.producer.commit_transaction(WAIT_S)
+            metadata = self.consumer.consumer_group_metadata()
+            self._until_done(lambda: self.producer.send_offsets_to_transaction(
+                positions, metadata, WAIT_S))
+            self._until_done(lambda: self.producer.commit_transaction(WAIT_S))
             self.outcome.committed_transactions += 1
         except KafkaException as exception:
             self.recover(exception.args[0])
 
+    @staticmethod
+    def _until_done(call: Callable[[], None]) -> None:
+        """A transactional call again while it fails retriably (librdkafka's contract for
+        send_offsets_to_transaction, commit_transaction and abort_transaction: a retriable
+        error leaves the transaction as it was); any other error is the caller's."""
+        for _ in range(RETRIES):
+            try:
+                call()
+                return
+            except KafkaException as exception:
+                error = exception.args[0]
+                if not error.retriable() or error.fatal() or error.txn_requires_abort():
+                    raise
+                print(f"retrying after {error}", file=sys.stderr, flush=True)
+        call()
+
     def recover(self, error: Any) -> None:
+        """What an application does on a failed transaction: abort it (a fatal error, or
+        an abort that fails, needs a new producer instance: its InitProducerId fences the
+        old one and aborts what it left open), then rewind to the committed offsets."""
         self.outcome.recoveries += 1
-        print(f"recovering from {error}", file=sys.stderr, flush=True)
+        print(f"recovering from {error} (retriable {error.retriable()}, requires abort "
+              f"{error.txn_requires_abort()}, fatal {error.fatal()})", file=sys.stderr,
+              flush=True)
         recovered = False
         if not error.fatal():
             try:
-                self.producer.abort_transaction(WAIT_S)
+                self._until_done(lambda: self.producer.abort_transaction(WAIT_S))
                 recovered = True
-            except KafkaException:
-                recovered = False
+            except KafkaException as failure:
+                print(f"abort failed: {failure}", file=sys.stderr, flush=True)
         if not recovered:
             self.producer = self._new_producer()
         self.rewind()
