@@ -58,7 +58,7 @@ STALL_S = 180
 QUIET = {"log_level": 0, "socket.connection.setup.timeout.ms": 3000,
          "reconnect.backoff.max.ms": 200, "topic.metadata.refresh.interval.ms": 1000}
 # CTP_DEBUG=1: librdkafka's eos/protocol/broker debug log of the transactional producer on
-# stderr, and the broker's request log (`--log-level debug`) in its serve.log
+# stderr (the broker's request log, `--log-level debug`, is always in <dir>.serve.log)
 DEBUG = os.environ.get("CTP_DEBUG", "") not in ("", "0")
 PRODUCER_DEBUG = {"debug": "eos,protocol,broker", "log_level": 7} if DEBUG else {}
 
@@ -281,8 +281,9 @@ def read_outputs(broker: BrokerProcess) -> Counter[str]:
 def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
     rng = random.Random(seed)
     outcome = Outcome(inputs, kills)
-    broker = BrokerProcess(directory, listeners=("kafka",),
-                           extra_args=("--log-level", "debug") if DEBUG else ())
+    # every request and the error codes of its answer (Produce and Fetch aside) in the
+    # broker's log, data.serve.log beside the data directory: what a stalled client waited on
+    broker = BrokerProcess(directory, listeners=("kafka",), extra_args=("--log-level", "debug"))
     broker.start()
     try:
         prepare(broker, inputs)
