@@ -106,11 +106,14 @@ class Worker:
             "bootstrap.servers": bootstrap(broker), "group.id": GROUP,
             "isolation.level": "read_committed", "enable.auto.commit": False,
             "auto.offset.reset": "earliest", **QUIET})
+        # called before every retried call: the watchdog times one call, not a retry loop
+        self.beat: Callable[[], None] = lambda: None
         self.producer = self._new_producer()
         self.attempt = 0
 
     def _new_producer(self) -> Producer:
         for _ in range(RETRIES):
+            self.beat()
             producer = Producer({"bootstrap.servers": bootstrap(self.broker),
                                  "transactional.id": "ctp-worker",
                                  "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
@@ -127,6 +130,7 @@ class Worker:
         """Positions from the group's committed offsets (what a restarted worker does)."""
         wanted = [TopicPartition(INPUT, partition) for partition in range(PARTITIONS)]
         for _ in range(RETRIES):
+            self.beat()
             try:
                 committed = self.consumer.committed(wanted, WAIT_S)
                 break
@@ -165,12 +169,12 @@ class Worker:
         except KafkaException as exception:
             self.recover(exception.args[0])
 
-    @staticmethod
-    def _until_done(call: Callable[[], None]) -> None:
+    def _until_done(self, call: Callable[[], None]) -> None:
         """A transactional call again while it fails retriably (librdkafka's contract for
         send_offsets_to_transaction, commit_transaction and abort_transaction: a retriable
         error leaves the transaction as it was); any other error is the caller's."""
         for _ in range(RETRIES):
+            self.beat()
             try:
                 call()
                 return
@@ -295,6 +299,7 @@ def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
         chaos.start()
         deadline = time.monotonic() + 60 + inputs / 20
         watchdog = Watchdog(broker)
+        worker.beat = watchdog.beat
         try:
             while (chaos.is_alive() or not worker.done()) and time.monotonic() < deadline:
                 watchdog.beat()
