@@ -6,10 +6,12 @@ A real ``conveyor serve`` child (BrokerProcess) holds topic ``ctp-in`` (inputs
 batch opens a transaction, produces ``o-<n>`` per input, sends its consumer positions
 to the transaction and commits; one transaction in five is aborted on purpose after
 producing ``x-<n>-<attempt>`` values. Meanwhile a killer thread SIGKILLs the broker at
-random moments and starts it again on the same directory and ports. On any error the
-worker aborts (or, when the producer is fenced or fatal, builds a new one: its
-InitProducerId aborts what the old one left open) and rewinds its consumer to the
-group's committed offsets.
+random moments and starts it again on the same directory and ports. A retriable error
+of send_offsets_to_transaction / commit_transaction calls it again; any other error
+aborts the transaction (or, when the producer is fenced or fatal, builds a new one: its
+InitProducerId aborts what the old one left open) and rewinds the consumer to the
+group's committed offsets. The transactional producer runs without librdkafka's
+re-bootstrap (``TXN_CLIENT``; docs/kafka.md, "librdkafka and a restarted broker").
 
 The check, once every input's offset is committed: a read_committed read of
 ``ctp-out`` holds ``o-<n>`` exactly once for every input n, and no ``x-`` value
