@@ -131,8 +131,10 @@ class KafkaHandlers:
             self.count_error(code)
         if api_key not in (0, 1) and requests_log.isEnabledFor(logging.DEBUG):
             header = request.header
-            requests_log.debug("answer api %d corr %d to %s: error codes %s", api_key,
-                               header.correlation_id, state.peer, _all_codes(entity))
+            requests_log.debug("answer api %d corr %d to %s: error codes [%s]", api_key,
+                               header.correlation_id, state.peer, ", ".join(
+                                   f"{error_codes.error_name(code)} {code}"
+                                   for code in _all_codes(entity)))
         return self._codec.send(request.header, entity)
 
     def count_error(self, code: int) -> None:
@@ -334,7 +336,7 @@ def _all_codes(entity: Any, depth: int = 4) -> list[int]:
     for item in dataclasses.fields(entity):
         value = getattr(entity, item.name)
         if item.name.endswith("error_code") and isinstance(value, int) and value:
-            found.append(value)
+            found.append(int(value))
         elif isinstance(value, tuple):
             for nested_entity in value:
                 found.extend(_all_codes(nested_entity, depth - 1))
