@@ -6,10 +6,12 @@ A real ``conveyor serve`` child (BrokerProcess) holds topic ``ctp-in`` (inputs
 batch opens a transaction, produces ``o-<n>`` per input, sends its consumer positions
 to the transaction and commits; one transaction in five is aborted on purpose after
 producing ``x-<n>-<attempt>`` values. Meanwhile a killer thread SIGKILLs the broker at
-random moments and starts it again on the same directory and ports. On any error the
-worker aborts (or, when the producer is fenced or fatal, builds a new one: its
-InitProducerId aborts what the old one left open) and rewinds its consumer to the
-group's committed offsets.
+random moments and starts it again on the same directory and ports. A retriable error
+of send_offsets_to_transaction / commit_transaction calls it again; any other error
+aborts the transaction (or, when the producer is fenced or fatal, builds a new one: its
+InitProducerId aborts what the old one left open) and rewinds the consumer to the
+group's committed offsets. The transactional producer runs without librdkafka's
+re-bootstrap (``TXN_CLIENT``; docs/kafka.md, "librdkafka and a restarted broker").
 
 The check, once every input's offset is committed: a read_committed read of
 ``ctp-out`` holds ``o-<n>`` exactly once for every input n, and no ``x-`` value
@@ -30,6 +32,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +46,23 @@ INPUT, OUTPUT, GROUP, PARTITIONS = "ctp-in", "ctp-out", "ctp-group", 2
 WAIT_S = 30
 RETRIES = 100  # of a call while the broker restarts: a hang becomes a failure
 # long enough that the coordinator's timeout (which fences the worker) is not what ends
-# the worker's transactions under kills; librdkafka 2.16 can then block forever in
-# send_offsets_to_transaction (seen in the long form), which the watchdog reports
+# the worker's transactions under kills
 TRANSACTION_TIMEOUT_MS = 60_000
+# librdkafka (2.16) re-bootstraps when every broker is down (KIP-899/KIP-1102) and retires
+# ("decommissions") the broker handle it had learned, but its group-coordinator cache keeps
+# pointing at the retired handle: the next send_offsets_to_transaction then waits for that
+# handle to come up, never sends its TxnOffsetCommit and ignores its own timeout (see
+# docs/kafka.md, "librdkafka and a restarted broker"). With one broker, whose address is the
+# bootstrap address, re-bootstrapping brings nothing: the worker turns it off, as an
+# application in front of a single-node cluster should.
+TXN_CLIENT = {"metadata.recovery.strategy": "none"}
 STALL_S = 180
 QUIET = {"log_level": 0, "socket.connection.setup.timeout.ms": 3000,
          "reconnect.backoff.max.ms": 200, "topic.metadata.refresh.interval.ms": 1000}
+# CTP_DEBUG=1: librdkafka's eos/protocol/broker debug log of the transactional producer on
+# stderr (the broker's request log, `--log-level debug`, is always in <dir>.serve.log)
+DEBUG = os.environ.get("CTP_DEBUG", "") not in ("", "0")
+PRODUCER_DEBUG = {"debug": "eos,protocol,broker", "log_level": 7} if DEBUG else {}
 
 
 @dataclass
@@ -94,15 +108,18 @@ class Worker:
             "bootstrap.servers": bootstrap(broker), "group.id": GROUP,
             "isolation.level": "read_committed", "enable.auto.commit": False,
             "auto.offset.reset": "earliest", **QUIET})
+        # called before every retried call: the watchdog times one call, not a retry loop
+        self.beat: Callable[[], None] = lambda: None
         self.producer = self._new_producer()
         self.attempt = 0
 
     def _new_producer(self) -> Producer:
         for _ in range(RETRIES):
+            self.beat()
             producer = Producer({"bootstrap.servers": bootstrap(self.broker),
                                  "transactional.id": "ctp-worker",
                                  "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
-                                 **QUIET})
+                                 **TXN_CLIENT, **QUIET, **PRODUCER_DEBUG})
             try:
                 producer.init_transactions(WAIT_S)
                 return producer
@@ -115,6 +132,7 @@ class Worker:
         """Positions from the group's committed offsets (what a restarted worker does)."""
         wanted = [TopicPartition(INPUT, partition) for partition in range(PARTITIONS)]
         for _ in range(RETRIES):
+            self.beat()
             try:
                 committed = self.consumer.committed(wanted, WAIT_S)
                 break
@@ -145,23 +163,45 @@ class Worker:
                 self.rewind()
                 return
             positions = self.consumer.position(self.consumer.assignment())
-            self.producer.send_offsets_to_transaction(
-                positions, self.consumer.consumer_group_metadata(), WAIT_S)
-            self.producer.commit_transaction(WAIT_S)
+            metadata = self.consumer.consumer_group_metadata()
+            self._until_done(lambda: self.producer.send_offsets_to_transaction(
+                positions, metadata, WAIT_S))
+            self._until_done(lambda: self.producer.commit_transaction(WAIT_S))
             self.outcome.committed_transactions += 1
         except KafkaException as exception:
             self.recover(exception.args[0])
 
+    def _until_done(self, call: Callable[[], None]) -> None:
+        """A transactional call again while it fails retriably (librdkafka's contract for
+        send_offsets_to_transaction, commit_transaction and abort_transaction: a retriable
+        error leaves the transaction as it was); any other error is the caller's."""
+        for _ in range(RETRIES):
+            self.beat()
+            try:
+                call()
+                return
+            except KafkaException as exception:
+                error = exception.args[0]
+                if not error.retriable() or error.fatal() or error.txn_requires_abort():
+                    raise
+                print(f"retrying after {error}", file=sys.stderr, flush=True)
+        call()
+
     def recover(self, error: Any) -> None:
+        """What an application does on a failed transaction: abort it (a fatal error, or
+        an abort that fails, needs a new producer instance: its InitProducerId fences the
+        old one and aborts what it left open), then rewind to the committed offsets."""
         self.outcome.recoveries += 1
-        print(f"recovering from {error}", file=sys.stderr, flush=True)
+        print(f"recovering from {error} (retriable {error.retriable()}, requires abort "
+              f"{error.txn_requires_abort()}, fatal {error.fatal()})", file=sys.stderr,
+              flush=True)
         recovered = False
         if not error.fatal():
             try:
-                self.producer.abort_transaction(WAIT_S)
+                self._until_done(lambda: self.producer.abort_transaction(WAIT_S))
                 recovered = True
-            except KafkaException:
-                recovered = False
+            except KafkaException as failure:
+                print(f"abort failed: {failure}", file=sys.stderr, flush=True)
         if not recovered:
             self.producer = self._new_producer()
         self.rewind()
@@ -247,7 +287,9 @@ def read_outputs(broker: BrokerProcess) -> Counter[str]:
 def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
     rng = random.Random(seed)
     outcome = Outcome(inputs, kills)
-    broker = BrokerProcess(directory, listeners=("kafka",))
+    # every request and the error codes of its answer (Produce and Fetch aside) in the
+    # broker's log, data.serve.log beside the data directory: what a stalled client waited on
+    broker = BrokerProcess(directory, listeners=("kafka",), extra_args=("--log-level", "debug"))
     broker.start()
     try:
         prepare(broker, inputs)
@@ -259,6 +301,7 @@ def run(directory: Path, inputs: int, kills: int, seed: int) -> Outcome:
         chaos.start()
         deadline = time.monotonic() + 60 + inputs / 20
         watchdog = Watchdog(broker)
+        worker.beat = watchdog.beat
         try:
             while (chaos.is_alive() or not worker.done()) and time.monotonic() < deadline:
                 watchdog.beat()

@@ -14,6 +14,7 @@ and a hanging transaction found and counted after a restart.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -348,3 +349,27 @@ def test_hanging_transaction_reported(tmp_path: Path) -> None:
         assert hanging == [(topic, 0, 4242, 2)]
         assert running.call_sync(broker.stats).transactions_hanging == 1
         assert running.call_sync(broker.last_stable_offset, topic, 0) == 2
+
+
+def test_request_log_shows_requests_and_their_error_codes(
+        server: BrokerThread, caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG, ``conveyor.kafka.requests`` logs every request (Produce and Fetch aside)
+    and the error codes of its answer: how a broker log shows what a stalled client last
+    asked and was told (docs/kafka.md, "librdkafka and a restarted broker")."""
+    caplog.set_level(logging.DEBUG, logger="conveyor.kafka.requests")
+    topic = unique("txn-log")
+    create_topic(server, topic)
+    transactional_id = unique("tid")
+    first = transactional(server, transactional_id)
+    transactional(server, transactional_id)  # a second instance fences the first
+    first.begin_transaction()
+    first.produce(topic, b"fenced")
+    with pytest.raises(KafkaException):
+        first.commit_transaction(WAIT_S)
+    lines = [record.getMessage() for record in caplog.records
+             if record.name == "conveyor.kafka.requests"]
+    assert any(line.startswith("request rdkafka api 22 ") for line in lines)  # InitProducerId
+    fenced = [line for line in lines if line.startswith("answer api 24 ")]  # AddPartitions
+    assert fenced and fenced[-1].endswith(("error codes [INVALID_PRODUCER_EPOCH 47]",
+                                           "error codes [PRODUCER_FENCED 90]")), fenced
+    assert not any(" api 0 " in line or " api 1 " in line for line in lines)

@@ -18,6 +18,8 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Final
 
@@ -67,6 +69,9 @@ _COORDINATORS: weakref.WeakKeyDictionary[
     Broker, tuple[GroupConfigs, ShareCoordinator, ConsumerCoordinator]
 ] = weakref.WeakKeyDictionary()
 VHOST_DEFAULT: Final = "/"
+# one line per request and per answer (its error codes) at DEBUG, Produce and Fetch aside:
+# `--log-level debug` makes a broker log show which request a client waits on
+requests_log = logging.getLogger("conveyor.kafka.requests")
 
 
 class KafkaHandlers:
@@ -100,6 +105,20 @@ class KafkaHandlers:
                                         settings.consumer_migration_policy)
 
     async def handle(self, request: Request, state: ConnectionState) -> Response:
+        header = request.header
+        if header.api_key in (0, 1) or not requests_log.isEnabledFor(logging.DEBUG):
+            return await self._handle(request, state)
+        requests_log.debug("request %s api %d v%d corr %d from %s", header.client_id,
+                           header.api_key, header.api_version, header.correlation_id,
+                           state.peer)
+        try:
+            return await self._handle(request, state)
+        except BaseException as error:
+            requests_log.debug("answer api %d corr %d to %s: raised %r", header.api_key,
+                               header.correlation_id, state.peer, error)
+            raise
+
+    async def _handle(self, request: Request, state: ConnectionState) -> Response:
         api_key = request.header.api_key
         if api_key in SASL_API_KEYS:
             entity = await self._sasl(request, state)
@@ -117,6 +136,12 @@ class KafkaHandlers:
                 request, state, access)
         for code in error_codes.error_codes_in(entity):
             self.count_error(code)
+        if api_key not in (0, 1) and requests_log.isEnabledFor(logging.DEBUG):
+            header = request.header
+            requests_log.debug("answer api %d corr %d to %s: error codes [%s]", api_key,
+                               header.correlation_id, state.peer, ", ".join(
+                                   f"{error_codes.error_name(code)} {code}"
+                                   for code in _all_codes(entity)))
         return self._codec.send(request.header, entity)
 
     def count_error(self, code: int) -> None:
@@ -309,3 +334,18 @@ def api_versions_response(version: int) -> Any:
                  finalized_features_epoch=features.FEATURES_EPOCH,
                  finalized_features=features.finalized_features(response_type),
                  zk_migration_ready=False)
+
+
+def _all_codes(entity: Any, depth: int = 4) -> list[int]:
+    """Every non-zero ``*error_code`` of a response entity (for the request log)."""
+    if depth < 0 or not dataclasses.is_dataclass(entity):
+        return []
+    found = []
+    for item in dataclasses.fields(entity):
+        value = getattr(entity, item.name)
+        if item.name.endswith("error_code") and isinstance(value, int) and value:
+            found.append(int(value))
+        elif isinstance(value, tuple):
+            for nested_entity in value:
+                found.extend(_all_codes(nested_entity, depth - 1))
+    return found
