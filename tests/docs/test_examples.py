@@ -287,4 +287,6 @@ def test_every_fence_names_its_language_and_every_exception_its_reason() -> None
             elif directive not in (None, "background"):
                 problems.append(f"{where}: unknown directive `example: {directive}`")
     assert problems == []
-    assert len(not_runnable) <= 5, f"few blocks may be exempt, found: {not_runnable}"
+    # 6: the two PostgreSQL examples (docs/postgres.md, docs/cluster.md) need a database
+    # server at a real address; the rest start servers in the foreground or install things
+    assert len(not_runnable) <= 6, f"few blocks may be exempt, found: {not_runnable}"
