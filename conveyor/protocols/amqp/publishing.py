@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from conveyor.broker.types import Message, PublishResult
+from conveyor.broker.types import ExchangeInfo, Message, PublishResult
 from conveyor.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -27,7 +27,7 @@ from conveyor.errors import (
     RecordTooLargeError,
     UnknownExchangeError,
 )
-from conveyor.protocols.amqp.names import topic_name_for
+from conveyor.protocols.amqp.names import broker_exchange, queue_topic
 
 from . import frames as f
 from .channel_machine import Store, confirm_replies
@@ -107,23 +107,28 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
     method = event.method
     connection = channel.connection
     broker = connection.server.broker
-    exchange = method.exchange
+    exchange = method.exchange  # the client's name: permissions, headers, returns
+    vhost = connection.vhost
+    broker_name = broker_exchange(vhost, exchange)  # the broker's, in the vhost
     if method.immediate:
         raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
                                60, 40)
-    if exchange and (exchange, None) not in routes:  # checked once per batch
+    info: ExchangeInfo | None = None
+    if exchange and (broker_name, None) not in routes:  # checked once per batch
         try:
-            info = broker.get_exchange(exchange)
+            info = broker.get_exchange(broker_name)
         except (UnknownExchangeError, NotFoundError):
             raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{exchange}' in "
-                               f"vhost '{connection.vhost}'", 60, 40) from None
+                               f"vhost '{vhost}'", 60, 40) from None
         if info.internal:
             raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
                                f"internal exchange '{exchange}'", 60, 40)
     security = connection.server.security
     if security is not None:
-        authorize_publish(security, connection.principal, connection.vhost, exchange,
-                          method.routing_key, bool(exchange) and info.type == "topic")
+        if exchange and info is None:  # found earlier in this batch (no await since)
+            info = broker.get_exchange(broker_name)
+        authorize_publish(security, connection.principal, vhost, exchange,
+                          method.routing_key, info is not None and info.type == "topic")
     try:
         properties = decode_properties(event.properties)
     except PropertiesError as error:
@@ -154,14 +159,15 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
         if consumer is None:
             return unrouted, None
         return unrouted, (target, consumer, raw)  # delivered, never stored
-    destinations = _route(channel, exchange, method.routing_key, message, routes)
+    destinations = _route(channel, broker_name, method.routing_key, message, routes)
     return Planned(0, message, destinations), None
 
 
 def _route(channel: PublishingChannel, exchange: str, routing_key: str, message: Message,
            routes: RouteMemo) -> tuple[str, ...]:
-    """Where the broker's exchanges send a message. The one AMQP addition: the default
-    exchange also reaches a stream queue (a topic) by its name, which the broker's
+    """Where the broker's exchanges send a message (``exchange``: the broker's name, in
+    the connection's vhost). The one AMQP addition: the default exchange also reaches
+    a stream queue (a topic) by its name, which the broker's
     default exchange (queues only) does not. Within one batch a routing key is routed
     once when the exchange ignores headers (``routes``: (exchange, key) -> where,
     (exchange, None) -> whether it routes by key only)."""
@@ -170,8 +176,8 @@ def _route(channel: PublishingChannel, exchange: str, routing_key: str, message:
         return found
     broker = channel.server.broker
     found = tuple(d.name for d in broker.route(exchange, routing_key, message.headers))
-    if not found and exchange == "":
-        topic = topic_name_for(routing_key)
+    if not found and exchange == broker_exchange(channel.connection.vhost, ""):
+        topic = queue_topic(channel.connection.vhost, routing_key)
         if is_stream(broker, topic):
             found = (topic,)
     by_key = routes.get((exchange, None))
