@@ -24,7 +24,7 @@ import aio_pika
 import pika
 import pika.exceptions
 import pytest
-from security_support import SecureBroker, unique
+from security_support import ROOT, SecureBroker, unique
 
 HOME = ("home", "home-password")  # every permission in "/"
 TENANT = ("tenant", "tenant-password")  # every permission in "dev"
@@ -162,6 +162,27 @@ def test_permissions_apply_to_the_unqualified_name_in_the_vhost(broker: SecureBr
         assert "queue 'theirs' in vhost 'dev'" in other.value.reply_text
     finally:
         connection.close()
+
+
+def test_an_exchange_name_cannot_reach_into_another_vhost(broker: SecureBroker) -> None:
+    tenant, root = _connect(broker, TENANT, "dev"), _connect(broker, ROOT, "/")
+    try:
+        tenant.channel().exchange_declare("private", "fanout")
+        for attempt in (lambda channel: channel.exchange_declare("dev~private", "fanout",
+                                                                 passive=True),
+                        lambda channel: channel.basic_publish("dev~private", "", b"x"),
+                        lambda channel: channel.queue_declare("q", arguments={
+                            "x-dead-letter-exchange": "dev~private"})):
+            channel = root.channel()  # an administrator passes every permission check
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+                attempt(channel)
+                channel.queue_declare("", passive=False, exclusive=True)  # a round trip
+            assert refused.value.reply_code == 403
+            assert "exchange name 'dev~private' may not contain '~'" in \
+                refused.value.reply_text
+    finally:
+        tenant.close()
+        root.close()
 
 
 async def _next_message(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:

@@ -25,7 +25,7 @@ from conveyor.errors import (
     UnknownExchangeError,
     UnknownQueueError,
 )
-from conveyor.protocols.amqp.names import queue_topic
+from conveyor.protocols.amqp.names import QualifiedNameError, queue_topic
 
 from . import frames as f
 from . import queue_handlers as q
@@ -55,6 +55,8 @@ async def dispatch(channel: Channel, method: pamqp_base.Frame) -> None:
     authorize(connection.server.security, connection.principal, connection.vhost, method)
     try:
         await handler(channel, method)
+    except QualifiedNameError as error:
+        raise ChannelError(f.ACCESS_REFUSED, str(error), *method_ids(method)) from None
     except ArgumentError as error:
         raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - {error}",
                            *method_ids(method)) from None

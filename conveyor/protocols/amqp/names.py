@@ -47,8 +47,18 @@ def queue_topic(vhost: str, name: str) -> str:
     return topic if vhost == DEFAULT_VHOST else f"{vhost}{VHOST_SEPARATOR}{topic}"
 
 
+class QualifiedNameError(ValueError):
+    """An exchange name holding the vhost separator: it would name another vhost's
+    exchange in the broker (the channel answers 403 ACCESS_REFUSED)."""
+
+
 def broker_exchange(vhost: str, name: str) -> str:
-    """The broker exchange behind exchange ``name`` of ``vhost`` ("" of ``v``: ``v~``)."""
+    """The broker exchange behind exchange ``name`` of ``vhost`` ("" of ``v``: ``v~``).
+    Raises QualifiedNameError for a name with ``~`` in it (AMQP's exchange-name domain
+    has no ``~``; queue names need no check: ``topic_name_for`` escapes it)."""
+    if VHOST_SEPARATOR in name:
+        raise QualifiedNameError(f"ACCESS_REFUSED - exchange name '{name}' may not "
+                                 f"contain '{VHOST_SEPARATOR}'")
     return name if vhost == DEFAULT_VHOST else f"{vhost}{VHOST_SEPARATOR}{name}"
 
 

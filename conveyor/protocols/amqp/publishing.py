@@ -27,7 +27,7 @@ from conveyor.errors import (
     RecordTooLargeError,
     UnknownExchangeError,
 )
-from conveyor.protocols.amqp.names import broker_exchange, queue_topic
+from conveyor.protocols.amqp.names import QualifiedNameError, broker_exchange, queue_topic
 
 from . import frames as f
 from .channel_machine import Store, confirm_replies
@@ -109,7 +109,10 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
     broker = connection.server.broker
     exchange = method.exchange  # the client's name: permissions, headers, returns
     vhost = connection.vhost
-    broker_name = broker_exchange(vhost, exchange)  # the broker's, in the vhost
+    try:
+        broker_name = broker_exchange(vhost, exchange)  # the broker's, in the vhost
+    except QualifiedNameError as error:
+        raise ChannelError(f.ACCESS_REFUSED, str(error), 60, 40) from None
     if method.immediate:
         raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
                                60, 40)

@@ -206,7 +206,7 @@ async def on_queue_declare(channel: Channel, method: commands.Queue.Declare) -> 
         options = queue_options(method.arguments, bool(method.durable),
                                 server.settings.consumer_timeout_ms)
         config = options.config
-        if config.dead_letter_exchange is not None and connection.vhost != DEFAULT_VHOST:
+        if config.dead_letter_exchange is not None:
             # dead letters stay in the vhost ("" of a vhost is its own default exchange)
             config = dataclasses.replace(config, dead_letter_exchange=broker_exchange(
                 connection.vhost, config.dead_letter_exchange))
