@@ -277,5 +277,15 @@ def test_http_sees_the_queue_an_amqp_client_declared_in_the_vhost(
             _, _, body = channel.basic_get(name, auto_ack=True)
             bodies.append(body)
         assert bodies == [b"over amqp", b"over http"]
+        # an exchange declared over HTTP in dev, with dev's amq.fanout as its alternate
+        fallback = unique("fallback")
+        status, _ = _http(broker, TENANT, "dev", "/exchanges", {
+            "name": fallback, "type": "direct", "alternate_exchange": "amq.fanout"})
+        assert status == 201
+        channel.queue_bind(name, "amq.fanout")
+        channel.basic_publish(fallback, "unbound-key", b"via the alternate")
+        method, _, body = channel.basic_get(name, auto_ack=True)
+        assert body == b"via the alternate" and method is not None
+        assert method.exchange == fallback
     finally:
         connection.close()
