@@ -140,5 +140,5 @@ async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
     await store.close()
     reopened = SqliteStateStore(path)
     await reopened.open()
-    assert len(reopened.load_topics()) == 40
+    assert len(await reopened.load_topics()) == 40
     await reopened.close()

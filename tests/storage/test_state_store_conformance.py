@@ -22,7 +22,7 @@ import pytest
 from conveyor.clock import SystemClock
 from conveyor.errors import StorageError
 from conveyor.storage.postgres_engine import PostgresEngine
-from conveyor.storage.shared_state import RecordRow
+from conveyor.storage.shared_state import RecordRow, delivered_mark, runs
 from conveyor.storage.sql_engine import upsert_sql
 from conveyor.storage.sqlite_engine import SqliteEngine
 from conveyor.storage.state_store import (
@@ -187,13 +187,15 @@ async def test_reads_see_the_writes_made_before_them(backend: Backend) -> None:
 
 
 async def test_shared_group_state_round_trips(backend: Backend) -> None:
+    """A partition is saved whole (start offset + runs of states + the delivered mark)
+    and reads back the same on every backend, across a reopen."""
     store = await backend.open()
     shared = store.shared
     shared.create_schema()
     shared.save_group("g", "t", '{"max_deliveries": 3}')
-    shared.save_start_offset("g", "t", 0, 10)
-    shared.save_records("g", "t", 0, [RecordRow(10, "acked", 1, 0),
-                                      RecordRow(12, "available", 2, 777)])
+    rows = [RecordRow(10, "acked", 1, 0), RecordRow(11, "acked", 1, 0),
+            RecordRow(12, "available", 2, 777)]
+    shared.save_partition("g", "t", 0, 10, [*runs(rows), delivered_mark(13)])
     shared.save_dedup("q", "id-1", 5_000)
     shared.save_dedup("q", "id-2", 9_000)
     await shared.commit()
@@ -201,17 +203,17 @@ async def test_shared_group_state_round_trips(backend: Backend) -> None:
     shared = store.shared
     assert await shared.load_groups() == [("g", "t", '{"max_deliveries": 3}')]
     assert await shared.load_start_offsets("g", "t") == {0: 10}
-    assert await shared.load_records("g", "t", 0) == [
-        RecordRow(10, "acked", 1, 0), RecordRow(12, "available", 2, 777)]
-    shared.save_start_offset("g", "t", 0, 11)  # drops records below it
+    assert await shared.load_records("g", "t", 0) == (rows, False, 13)
+    # a save replaces the partition's runs: what is below the new start is gone
+    shared.save_partition("g", "t", 0, 12, [*runs(rows[2:]), delivered_mark(13)])
     shared.delete_dedup_before("q", 5_000)
     await shared.commit()
-    assert await shared.load_records("g", "t", 0) == [RecordRow(12, "available", 2, 777)]
+    assert await shared.load_records("g", "t", 0) == ([rows[2]], False, 13)
     assert await shared.load_dedup("q") == {"id-2": 9_000}
     shared.delete_group("g", "t")
     await shared.commit()
     assert await shared.load_groups() == []
-    assert await shared.load_records("g", "t", 0) == []
+    assert await shared.load_records("g", "t", 0) == ([], False, 0)
 
 
 async def test_a_newer_schema_version_is_refused(backend: Backend) -> None:

@@ -17,9 +17,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from conveyor.broker.types import ExchangeInfo, Message, PublishResult
+from conveyor.broker.types import Message, PublishResult
 from conveyor.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -36,6 +36,10 @@ from .machine import PublishReceived
 from .messages import PropertiesError, decode_properties, encode_properties, publish_message
 from .permissions import authorize_publish
 from .server import AmqpServer, Consumer, ConsumerChannel
+
+if TYPE_CHECKING:
+    from conveyor.broker.broker import Broker
+    from conveyor.broker.types import ExchangeInfo
 
 log = logging.getLogger("conveyor.amqp")
 
@@ -100,6 +104,16 @@ async def publish_batch(channel: PublishingChannel, store: Store) -> None:
         raise failure
 
 
+def _exchange_info(broker: Broker, broker_name: str, exchange: str, vhost: str
+                   ) -> ExchangeInfo:
+    """The broker's exchange ``broker_name``; NOT_FOUND names the client's ``exchange``."""
+    try:
+        return broker.get_exchange(broker_name)
+    except (UnknownExchangeError, NotFoundError):
+        raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{exchange}' in "
+                           f"vhost '{vhost}'", 60, 40) from None
+
+
 def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, routes: RouteMemo
           ) -> tuple[Planned, tuple[ConsumerChannel, Consumer, bytes] | None]:
     """Check a publish and build its message; where it goes, or the direct reply-to
@@ -116,20 +130,16 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
     if method.immediate:
         raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
                                60, 40)
-    info: ExchangeInfo | None = None
+    info = None
     if exchange and (broker_name, None) not in routes:  # checked once per batch
-        try:
-            info = broker.get_exchange(broker_name)
-        except (UnknownExchangeError, NotFoundError):
-            raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{exchange}' in "
-                               f"vhost '{vhost}'", 60, 40) from None
+        info = _exchange_info(broker, broker_name, exchange, vhost)
         if info.internal:
             raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
                                f"internal exchange '{exchange}'", 60, 40)
     security = connection.server.security
     if security is not None:
-        if exchange and info is None:  # found earlier in this batch (no await since)
-            info = broker.get_exchange(broker_name)
+        if exchange and info is None:  # routes memoised this batch: its type is needed
+            info = _exchange_info(broker, broker_name, exchange, vhost)
         authorize_publish(security, connection.principal, vhost, exchange,
                           method.routing_key, info is not None and info.type == "topic")
     try:
