@@ -17,7 +17,11 @@ Rules:
 - When the exchange a message was published to routes it nowhere, its
   alternate exchange (and that one's, loop-safe) is tried.
 - The default exchange "" routes to the queue named by the routing key, if it
-  exists; it cannot be bound, unbound or deleted.
+  exists; it cannot be bound, unbound or deleted. Each vhost has its own: ``v~``
+  (``qualify(v, "")``, conveyor/security/api.py) routes to the queue ``v~KEY`` of
+  that vhost only. A routing key holding the vhost separator never reaches a
+  qualified queue through the default exchange of ``/`` (its alias is tried), so
+  no publish or dead letter crosses from one vhost into another.
 
 Must not know: protocols, storage.
 """
@@ -32,6 +36,7 @@ from conveyor.errors import (
     PreconditionFailedError,
     UnknownExchangeError,
 )
+from conveyor.security.api import VHOST_SEPARATOR, unqualify
 
 from .types import Binding, DestinationKind, ExchangeInfo, ExchangeType, Headers
 
@@ -124,6 +129,16 @@ def _same_name(name: str) -> str:
     return name
 
 
+def is_default_exchange(name: str) -> bool:
+    """The default exchange of ``/`` (``""``) or of another vhost (``v~``)."""
+    return name == DEFAULT_EXCHANGE or name.endswith(VHOST_SEPARATOR)
+
+
+def is_reserved_exchange(name: str) -> bool:
+    """A default or built-in (``amq.*``) exchange, in any vhost: never deleted."""
+    return is_default_exchange(name) or unqualify(name)[1].startswith("amq.")
+
+
 # --- the table ---------------------------------------------------------------------------
 class RoutingTable:
     """Exchanges and bindings in memory; ``route`` resolves a publish to destinations."""
@@ -146,7 +161,7 @@ class RoutingTable:
         return self._queue_alias(name)
     def declare(self, info: ExchangeInfo) -> tuple[ExchangeInfo, bool]:
         """Add ``info``; an equal redeclaration is fine. Returns (exchange, created)."""
-        if info.name == DEFAULT_EXCHANGE:
+        if is_default_exchange(info.name):
             raise PreconditionFailedError("the default exchange cannot be redeclared")
         if info.type not in EXCHANGE_TYPES:
             raise InvalidRequestError(
@@ -166,15 +181,15 @@ class RoutingTable:
         return info, True
 
     def get(self, name: str) -> ExchangeInfo:
-        if name == DEFAULT_EXCHANGE:
-            return ExchangeInfo(name=DEFAULT_EXCHANGE, type="direct")
+        if is_default_exchange(name):
+            return ExchangeInfo(name=name, type="direct")
         info = self._exchanges.get(name)
         if info is None:
             raise UnknownExchangeError("unknown exchange", exchange=name)
         return info
 
     def exists(self, name: str) -> bool:
-        return name == DEFAULT_EXCHANGE or name in self._exchanges
+        return is_default_exchange(name) or name in self._exchanges
 
     def list_exchanges(self) -> list[ExchangeInfo]:
         return [self.get(DEFAULT_EXCHANGE)] + [
@@ -183,7 +198,7 @@ class RoutingTable:
 
     def delete(self, name: str, if_unused: bool = False) -> list[Binding]:
         """Remove the exchange and every binding from or to it; returns those bindings."""
-        if name == DEFAULT_EXCHANGE or name.startswith("amq."):
+        if is_reserved_exchange(name):
             raise PreconditionFailedError("this exchange cannot be deleted", exchange=name)
         self.get(name)
         if if_unused and self._bindings.get(name):
@@ -196,7 +211,9 @@ class RoutingTable:
     # --- bindings -------------------------------------------------------------------
     def bind(self, binding: Binding) -> bool:
         """Add a binding; True when it is new."""
-        if binding.source == DEFAULT_EXCHANGE:
+        if is_default_exchange(binding.source) or (
+                binding.destination_kind == "exchange"
+                and is_default_exchange(binding.destination)):
             raise PreconditionFailedError("the default exchange cannot be bound")
         source = self.get(binding.source)
         if binding.destination_kind == "exchange":
@@ -211,7 +228,7 @@ class RoutingTable:
 
     def unbind(self, binding: Binding) -> tuple[bool, ExchangeInfo | None]:
         """Remove a binding. Returns (removed, auto-deleted source exchange or None)."""
-        if binding.source == DEFAULT_EXCHANGE:
+        if is_default_exchange(binding.source):
             raise PreconditionFailedError("the default exchange cannot be unbound")
         bindings = self._bindings.get(binding.source)
         if bindings is None or binding not in bindings:
@@ -287,7 +304,7 @@ class RoutingTable:
         pending = [exchange]
         while pending:
             name = pending.pop()
-            if name in seen or name == DEFAULT_EXCHANGE:
+            if name in seen or is_default_exchange(name):
                 continue
             seen.add(name)
             info = self._exchanges.get(name)
@@ -312,10 +329,9 @@ class RoutingTable:
             if name in visited:
                 continue
             visited.add(name)
-            if name == DEFAULT_EXCHANGE:
-                queue = routing_key if self._queue_exists(routing_key) else self._queue_alias(
-                    routing_key)
-                if self._queue_exists(queue):
+            if is_default_exchange(name):
+                queue = self._default_destination(name, routing_key)
+                if queue is not None:
                     found.setdefault(Destination("queue", queue), None)
                 continue
             info = self._exchanges.get(name)
@@ -330,6 +346,19 @@ class RoutingTable:
                     found.setdefault(Destination(binding.destination_kind, binding.destination),
                                      None)
         return found
+
+
+    def _default_destination(self, exchange: str, routing_key: str) -> str | None:
+        """The queue a vhost's default exchange names: ``prefix + KEY`` or the alias of
+        KEY under the prefix (``exchange`` is the prefix: "" or ``v~``). A key with the
+        separator in it is never looked up as it is: it would name another vhost's queue."""
+        if VHOST_SEPARATOR not in routing_key and self._queue_exists(exchange + routing_key):
+            return exchange + routing_key
+        alias = self._queue_alias(routing_key)
+        if VHOST_SEPARATOR in alias:
+            return None
+        queue = exchange + alias
+        return queue if self._queue_exists(queue) else None
 
 
 def exchange_info(

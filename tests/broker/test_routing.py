@@ -71,6 +71,31 @@ def test_direct_fanout_and_default_exchange() -> None:
         table.route("nope", "x")
 
 
+def test_each_vhost_has_its_own_default_exchange() -> None:
+    # "dev~" is vhost dev's default exchange: it reaches dev's queues only, and a key with
+    # the separator never reaches a qualified queue through "/"'s default exchange
+    table = RoutingTable(lambda name: name in {"orders", "dev~orders", "dev~amqp.q.x"},
+                         lambda name: "amqp.q.x" if name == "x y" else name)
+    assert table.route("dev~", "orders") == [Destination("queue", "dev~orders")]
+    assert table.route("", "orders") == [Destination("queue", "orders")]
+    assert table.route("dev~", "x y") == [Destination("queue", "dev~amqp.q.x")]
+    assert table.route("dev~", "missing") == []
+    assert table.route("", "dev~orders") == []
+    assert table.route("dev~", "dev~orders") == []
+    assert table.get("dev~").type == "direct" and table.exists("dev~")
+    assert table.routes_by_key_only("dev~")
+    table.declare(exchange_info("dev~amq.direct", "direct"))
+    table.declare(exchange_info("dev~e", "direct"))
+    for refused in (lambda: table.declare(exchange_info("dev~", "direct")),
+                    lambda: table.bind(Binding("dev~", "queue", "dev~orders", "k")),
+                    lambda: table.bind(Binding("dev~e", "exchange", "dev~", "k")),
+                    lambda: table.unbind(Binding("dev~", "queue", "dev~orders", "k")),
+                    lambda: table.delete("dev~amq.direct"), lambda: table.delete("dev~")):
+        with pytest.raises(PreconditionFailedError):
+            refused()
+    table.delete("dev~e")
+
+
 def test_redeclare_rules_and_delete() -> None:
     table = table_with(set())
     table.declare(exchange_info("e", "topic"))

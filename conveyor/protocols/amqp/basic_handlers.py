@@ -25,7 +25,7 @@ from conveyor.errors import (
     UnknownExchangeError,
     UnknownQueueError,
 )
-from conveyor.protocols.amqp.names import topic_name_for
+from conveyor.protocols.amqp.names import QualifiedNameError, queue_topic
 
 from . import frames as f
 from . import queue_handlers as q
@@ -55,6 +55,8 @@ async def dispatch(channel: Channel, method: pamqp_base.Frame) -> None:
     authorize(connection.server.security, connection.principal, connection.vhost, method)
     try:
         await handler(channel, method)
+    except QualifiedNameError as error:
+        raise ChannelError(f.ACCESS_REFUSED, str(error), *method_ids(method)) from None
     except ArgumentError as error:
         raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - {error}",
                            *method_ids(method)) from None
@@ -101,7 +103,7 @@ async def on_consume(channel: Channel, method: commands.Basic.Consume) -> None:
         if not method.nowait:
             channel.reply(commands.Basic.ConsumeOk(tag))
         return
-    topic = topic_name_for(name)
+    topic = queue_topic(connection.vhost, name)
     q.check_exclusive(channel, topic, name, method)
     if is_stream(server.broker, topic):
         offsets = await _stream_offsets(server.broker, topic, (method.arguments or {}).get(
@@ -149,7 +151,7 @@ async def on_cancel_ok(channel: Channel, method: commands.Basic.CancelOk) -> Non
 async def on_get(channel: Channel, method: commands.Basic.Get) -> None:
     server = channel.server
     name = q.queue_name(channel, method.queue, method)
-    topic = topic_name_for(name)
+    topic = queue_topic(channel.connection.vhost, name)
     q.check_exclusive(channel, topic, name, method)
     if is_stream(server.broker, topic):
         raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - basic.get is "

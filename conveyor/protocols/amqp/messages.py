@@ -22,7 +22,10 @@ A published message becomes one record:
 A record without ``conveyor.amqp-properties`` (written over Kafka or HTTP) is delivered
 with properties rebuilt from those headers; plain headers become string entries of the
 headers table. A dead-lettered record (``conveyor.deaths``) gets RabbitMQ's ``x-death``
-and ``x-first-death-*`` headers and loses its ``expiration``.
+and ``x-first-death-*`` headers and loses its ``expiration``. Exchange and queue names
+the broker wrote (dead letters, other protocols' publishes) lose their vhost prefix
+(``names.local_name``); an AMQP publish records the client's own names, so the hot
+path (raw properties, no deaths) changes nothing.
 
 Sans-IO: no sockets, no event loop, no broker.
 """
@@ -41,6 +44,8 @@ from pamqp import decode as pamqp_decode
 from pamqp import encode as pamqp_encode
 
 from conveyor.broker.types import HEADER_PRIORITY, Headers, Message
+
+from .names import local_name
 
 HEADER_PROPERTIES: Final = "conveyor.amqp-properties"
 HEADER_EXCHANGE: Final = "conveyor.exchange"
@@ -262,7 +267,9 @@ def outgoing(headers: Headers, key: bytes | None, source: str) -> Outgoing:
         properties = _properties_from_headers(headers)
     if deaths is not None:
         properties = _with_deaths(properties, deaths)
-    return Outgoing(exchange or "", routing_key, encode_properties(properties))
+    # written by the broker (a dead letter, an HTTP publish): in a vhost other than "/"
+    # the exchange is the broker's qualified name; the client sees its own
+    return Outgoing(local_name(exchange or ""), routing_key, encode_properties(properties))
 
 
 def _properties_from_headers(headers: Headers) -> Properties:
@@ -313,10 +320,10 @@ def _with_deaths(properties: Properties, deaths_json: bytes) -> Properties:
         entry: dict[str, Any] = {
             "count": int(death.get("count", 1)),
             "reason": _reason(death.get("reason")),
-            "queue": str(death.get("queue", "")),
+            "queue": local_name(str(death.get("queue", ""))),
             "time": datetime.datetime.fromtimestamp(
                 int(death.get("time", 0)), tz=datetime.UTC),
-            "exchange": str(death.get("exchange", "")),
+            "exchange": local_name(str(death.get("exchange", ""))),
             "routing-keys": [str(key) for key in death.get("routing-keys", [])],
         }
         if death.get("original-expiration") is not None:
@@ -324,9 +331,11 @@ def _with_deaths(properties: Properties, deaths_json: bytes) -> Properties:
         entries.append(entry)
     if entries:
         table["x-death"] = entries
-        table["x-first-death-queue"] = str(first.get("queue", entries[-1]["queue"]))
+        table["x-first-death-queue"] = local_name(str(first.get("queue",
+                                                               entries[-1]["queue"])))
         table["x-first-death-reason"] = _reason(first.get("reason", entries[-1]["reason"]))
-        table["x-first-death-exchange"] = str(first.get("exchange", entries[-1]["exchange"]))
+        table["x-first-death-exchange"] = local_name(str(first.get(
+            "exchange", entries[-1]["exchange"])))
         table["x-last-death-queue"] = entries[0]["queue"]
         table["x-last-death-reason"] = entries[0]["reason"]
         table["x-last-death-exchange"] = entries[0]["exchange"]

@@ -27,7 +27,7 @@ from conveyor.errors import (
     RecordTooLargeError,
     UnknownExchangeError,
 )
-from conveyor.protocols.amqp.names import topic_name_for
+from conveyor.protocols.amqp.names import QualifiedNameError, broker_exchange, queue_topic
 
 from . import frames as f
 from .channel_machine import Store, confirm_replies
@@ -104,9 +104,11 @@ async def publish_batch(channel: PublishingChannel, store: Store) -> None:
         raise failure
 
 
-def _exchange_info(broker: Broker, exchange: str, vhost: str) -> ExchangeInfo:
+def _exchange_info(broker: Broker, broker_name: str, exchange: str, vhost: str
+                   ) -> ExchangeInfo:
+    """The broker's exchange ``broker_name``; NOT_FOUND names the client's ``exchange``."""
     try:
-        return broker.get_exchange(exchange)
+        return broker.get_exchange(broker_name)
     except (UnknownExchangeError, NotFoundError):
         raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{exchange}' in "
                            f"vhost '{vhost}'", 60, 40) from None
@@ -119,21 +121,26 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
     method = event.method
     connection = channel.connection
     broker = connection.server.broker
-    exchange = method.exchange
+    exchange = method.exchange  # the client's name: permissions, headers, returns
+    vhost = connection.vhost
+    try:
+        broker_name = broker_exchange(vhost, exchange)  # the broker's, in the vhost
+    except QualifiedNameError as error:
+        raise ChannelError(f.ACCESS_REFUSED, str(error), 60, 40) from None
     if method.immediate:
         raise ConnectionError_(f.NOT_IMPLEMENTED, "NOT_IMPLEMENTED - immediate=true",
                                60, 40)
     info = None
-    if exchange and (exchange, None) not in routes:  # checked once per batch
-        info = _exchange_info(broker, exchange, connection.vhost)
+    if exchange and (broker_name, None) not in routes:  # checked once per batch
+        info = _exchange_info(broker, broker_name, exchange, vhost)
         if info.internal:
             raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - cannot publish to "
                                f"internal exchange '{exchange}'", 60, 40)
     security = connection.server.security
     if security is not None:
         if exchange and info is None:  # routes memoised this batch: its type is needed
-            info = _exchange_info(broker, exchange, connection.vhost)
-        authorize_publish(security, connection.principal, connection.vhost, exchange,
+            info = _exchange_info(broker, broker_name, exchange, vhost)
+        authorize_publish(security, connection.principal, vhost, exchange,
                           method.routing_key, info is not None and info.type == "topic")
     try:
         properties = decode_properties(event.properties)
@@ -165,14 +172,15 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
         if consumer is None:
             return unrouted, None
         return unrouted, (target, consumer, raw)  # delivered, never stored
-    destinations = _route(channel, exchange, method.routing_key, message, routes)
+    destinations = _route(channel, broker_name, method.routing_key, message, routes)
     return Planned(0, message, destinations), None
 
 
 def _route(channel: PublishingChannel, exchange: str, routing_key: str, message: Message,
            routes: RouteMemo) -> tuple[str, ...]:
-    """Where the broker's exchanges send a message. The one AMQP addition: the default
-    exchange also reaches a stream queue (a topic) by its name, which the broker's
+    """Where the broker's exchanges send a message (``exchange``: the broker's name, in
+    the connection's vhost). The one AMQP addition: the default exchange also reaches
+    a stream queue (a topic) by its name, which the broker's
     default exchange (queues only) does not. Within one batch a routing key is routed
     once when the exchange ignores headers (``routes``: (exchange, key) -> where,
     (exchange, None) -> whether it routes by key only)."""
@@ -181,8 +189,8 @@ def _route(channel: PublishingChannel, exchange: str, routing_key: str, message:
         return found
     broker = channel.server.broker
     found = tuple(d.name for d in broker.route(exchange, routing_key, message.headers))
-    if not found and exchange == "":
-        topic = topic_name_for(routing_key)
+    if not found and exchange == broker_exchange(channel.connection.vhost, ""):
+        topic = queue_topic(channel.connection.vhost, routing_key)
         if is_stream(broker, topic):
             found = (topic,)
     by_key = routes.get((exchange, None))

@@ -8,6 +8,7 @@ method; ``basic_handlers.dispatch`` picks it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from pamqp import base as pamqp_base
 from pamqp import commands
 from pamqp import constants as pamqp_constants
 
+from conveyor.broker.routing import PREDECLARED
 from conveyor.broker.types import QueueConfig, QueueInfo
 from conveyor.errors import (
     NotFoundError,
@@ -23,7 +25,8 @@ from conveyor.errors import (
     UnknownQueueError,
     UnknownTopicError,
 )
-from conveyor.protocols.amqp.names import topic_name_for
+from conveyor.protocols.amqp.names import broker_exchange, queue_topic
+from conveyor.security.api import DEFAULT_VHOST
 
 from . import frames as f
 from .arguments import binding_arguments, generated_name, queue_options
@@ -36,6 +39,13 @@ if TYPE_CHECKING:
 
 
 async def on_channel_open(channel: Channel, method: commands.Channel.Open) -> None:
+    vhost = channel.connection.vhost
+    server = channel.server
+    if vhost != DEFAULT_VHOST and vhost not in server.vhosts_ready:
+        # a vhost's built-in exchanges are its own (RabbitMQ): made on first use
+        for name, exchange_type in PREDECLARED:
+            await server.broker.declare_exchange(broker_exchange(vhost, name), exchange_type)
+        server.vhosts_ready.add(vhost)
     channel.reply(commands.Channel.OpenOk())
 
 
@@ -64,10 +74,12 @@ async def on_flow_ok(channel: Channel, method: commands.Channel.FlowOk) -> None:
 async def on_exchange_declare(channel: Channel, method: commands.Exchange.Declare) -> None:
     broker = channel.server.broker
     name = method.exchange
+    vhost = channel.connection.vhost
     if method.passive:
         _exchange(channel, name, method)
     else:
-        if name.startswith("amq.") and not _exists(broker.get_exchange, name):
+        if name.startswith("amq.") and not _exists(broker.get_exchange,
+                                                   broker_exchange(vhost, name)):
             raise ChannelError(f.ACCESS_REFUSED, f"ACCESS_REFUSED - exchange name '{name}' "
                                "contains reserved prefix 'amq.*'", 40, 10)
         if method.exchange_type not in ("direct", "fanout", "topic", "headers"):
@@ -80,10 +92,12 @@ async def on_exchange_declare(channel: Channel, method: commands.Exchange.Declar
         arguments = dict(method.arguments or {})
         alternate = arguments.pop("alternate-exchange", None)
         await broker.declare_exchange(
-            name, method.exchange_type,  # type: ignore[arg-type]  # checked above
+            broker_exchange(vhost, name),
+            method.exchange_type,  # type: ignore[arg-type]  # checked above
             durable=bool(method.durable),
             auto_delete=bool(method.auto_delete), internal=bool(method.internal),
-            alternate_exchange=str(alternate) if alternate is not None else None,
+            alternate_exchange=(broker_exchange(vhost, str(alternate))
+                                if alternate is not None else None),
             arguments=binding_arguments(arguments) or None)
     if not method.nowait:
         channel.reply(commands.Exchange.DeclareOk())
@@ -93,7 +107,7 @@ def _exchange(channel: Channel, name: str, method: pamqp_base.Frame) -> None:
     if name == "":
         return
     try:
-        channel.server.broker.get_exchange(name)
+        channel.server.broker.get_exchange(broker_exchange(channel.connection.vhost, name))
     except (UnknownExchangeError, NotFoundError):
         raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{name}' in vhost "
                            f"'{channel.connection.vhost}'", *method_ids(method)) from None
@@ -104,8 +118,9 @@ async def on_exchange_delete(channel: Channel, method: commands.Exchange.Delete)
     if method.exchange.startswith("amq.") or method.exchange == "":
         raise ChannelError(f.ACCESS_REFUSED, "ACCESS_REFUSED - cannot delete a reserved "
                            "exchange", 40, 20)
-    if _exists(broker.get_exchange, method.exchange):
-        await broker.delete_exchange(method.exchange, if_unused=bool(method.if_unused))
+    name = broker_exchange(channel.connection.vhost, method.exchange)
+    if _exists(broker.get_exchange, name):
+        await broker.delete_exchange(name, if_unused=bool(method.if_unused))
     if not method.nowait:
         channel.reply(commands.Exchange.DeleteOk())
 
@@ -126,7 +141,9 @@ async def _exchange_binding(
     _exchange(channel, method.destination, method)
     broker = channel.server.broker
     change = broker.bind if isinstance(method, commands.Exchange.Bind) else broker.unbind
-    await change(method.source, "exchange", method.destination, method.routing_key,
+    vhost = channel.connection.vhost
+    await change(broker_exchange(vhost, method.source), "exchange",
+                 broker_exchange(vhost, method.destination), method.routing_key,
                  binding_arguments(method.arguments))
     if not method.nowait:
         channel.reply(reply)
@@ -174,7 +191,7 @@ async def on_queue_declare(channel: Channel, method: commands.Queue.Declare) -> 
         # pamqp's Queue.DeclareOk refuses such names: answer here, not with a traceback.
         raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - queue name "
                            f"{name!r} has characters outside the queue-name domain", 50, 10)
-    topic = topic_name_for(name)
+    topic = queue_topic(connection.vhost, name)
     check_exclusive(channel, topic, name, method)
     if method.passive:
         if is_stream(broker, topic):
@@ -188,11 +205,16 @@ async def on_queue_declare(channel: Channel, method: commands.Queue.Declare) -> 
     else:
         options = queue_options(method.arguments, bool(method.durable),
                                 server.settings.consumer_timeout_ms)
+        config = options.config
+        if config.dead_letter_exchange is not None:
+            # dead letters stay in the vhost ("" of a vhost is its own default exchange)
+            config = dataclasses.replace(config, dead_letter_exchange=broker_exchange(
+                connection.vhost, config.dead_letter_exchange))
         if options.queue_type == "stream" or is_stream(broker, topic):
             await _declare_stream(channel, topic, name, method)
             return
         try:
-            info = await _declare(broker, topic, options.config)
+            info = await _declare(broker, topic, config)
         except PreconditionFailedError:
             raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - inequivalent "
                                f"arg for queue '{name}' in vhost '{connection.vhost}'",
@@ -238,7 +260,7 @@ async def _declare_stream(channel: Channel, topic: str, name: str,
 async def on_queue_bind(channel: Channel, method: commands.Queue.Bind) -> None:
     name = queue_name(channel, method.queue, method)
     _exchange(channel, method.exchange, method)
-    topic = topic_name_for(name)
+    topic = queue_topic(channel.connection.vhost, name)
     check_exclusive(channel, topic, name, method)
     if method.exchange == "":
         raise ChannelError(f.ACCESS_REFUSED, "ACCESS_REFUSED - operation not permitted on "
@@ -247,7 +269,8 @@ async def on_queue_bind(channel: Channel, method: commands.Queue.Bind) -> None:
     kind: Any = "topic" if is_stream(broker, topic) else "queue"
     if kind == "queue":
         await require_queue(channel, topic, name, method)
-    await broker.bind(method.exchange, kind, topic, method.routing_key,
+    await broker.bind(broker_exchange(channel.connection.vhost, method.exchange), kind, topic,
+                      method.routing_key,
                       binding_arguments(method.arguments))
     if not method.nowait:
         channel.reply(commands.Queue.BindOk())
@@ -256,12 +279,13 @@ async def on_queue_bind(channel: Channel, method: commands.Queue.Bind) -> None:
 async def on_queue_unbind(channel: Channel, method: commands.Queue.Unbind) -> None:
     name = queue_name(channel, method.queue, method)
     _exchange(channel, method.exchange, method)
-    topic = topic_name_for(name)
+    topic = queue_topic(channel.connection.vhost, name)
     broker = channel.server.broker
     kind: Any = "topic" if is_stream(broker, topic) else "queue"
     if kind == "queue":
         await require_queue(channel, topic, name, method)
-    await broker.unbind(method.exchange, kind, topic, method.routing_key,
+    await broker.unbind(broker_exchange(channel.connection.vhost, method.exchange), kind,
+                        topic, method.routing_key,
                         binding_arguments(method.arguments))
     channel.reply(commands.Queue.UnbindOk())
 
@@ -276,7 +300,7 @@ async def require_queue(channel: Channel, topic: str, name: str, method: pamqp_b
 
 async def on_queue_purge(channel: Channel, method: commands.Queue.Purge) -> None:
     name = queue_name(channel, method.queue, method)
-    topic = topic_name_for(name)
+    topic = queue_topic(channel.connection.vhost, name)
     check_exclusive(channel, topic, name, method)
     await require_queue(channel, topic, name, method)
     count = await channel.server.broker.purge_queue(topic)
@@ -287,7 +311,7 @@ async def on_queue_purge(channel: Channel, method: commands.Queue.Purge) -> None
 async def on_queue_delete(channel: Channel, method: commands.Queue.Delete) -> None:
     server = channel.server
     name = queue_name(channel, method.queue, method)
-    topic = topic_name_for(name)
+    topic = queue_topic(channel.connection.vhost, name)
     check_exclusive(channel, topic, name, method)
     use = server.queues.get(topic)
     if method.if_unused and use is not None and use.consumers:

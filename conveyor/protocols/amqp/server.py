@@ -101,6 +101,8 @@ class AmqpServer:
         self.tasks = Supervisor("amqp-listener")
         self.queues: dict[str, QueueUse] = {}  # topic -> use
         self.reply_channels: dict[str, ConsumerChannel] = {}  # direct reply-to name -> channel
+        # vhosts (other than "/") whose built-in exchanges exist in the broker
+        self.vhosts_ready: set[str] = set()
         self.next_connection_id = 0
         self.inbox_bytes = 0  # unprocessed publishes over all connections
         self.reading_pauses = 0  # times a connection stopped reading (flow control)

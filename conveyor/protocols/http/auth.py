@@ -197,7 +197,8 @@ def _destination_kind(request: ApiRequest) -> ResourceKind:
 QUALIFIED_PATH: Final = ("topic", "queue", "exchange")
 QUALIFIED_BODY: Final[dict[str, tuple[str, ...]]] = {
     "create_topic": ("name",), "create_queue": ("name", "dead_letter_topic"),
-    "create_shared_group": ("dead_letter_topic",), "create_exchange": ("name",),
+    "create_shared_group": ("dead_letter_topic",),
+    "create_exchange": ("name", "alternate_exchange"),
     "bind": ("destination",), "unbind": ("destination",)}
 
 
