@@ -2,16 +2,20 @@
 
 Owns: the peer's address (the model's loopback rule for guest), the client
 certificate's subject CN for EXTERNAL (the TLS layer verified the chain; asyncio's
-``transport.get_extra_info("peercert")`` is empty without a verified certificate), and
-the vhost check on connection.open.
+``transport.get_extra_info("peercert")`` is empty without a verified certificate),
+the vhost check on connection.open, and the PLAIN / AMQPLAIN password check done
+before negotiation (``password_login``: the model's slow hash off the event loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from .negotiation import Login
+from pamqp import commands
+
+from .negotiation import Login, credentials
 
 if TYPE_CHECKING:
     from conveyor.security.api import Principal, SecurityModel
@@ -52,3 +56,18 @@ def login_for(security: SecurityModel, transport: asyncio.BaseTransport | None) 
         return security.may_use_vhost(principal, vhost)
 
     return Login(password, certificate, may_open)
+
+
+async def password_login(security: SecurityModel, transport: asyncio.BaseTransport | None,
+                         method: commands.Connection.StartOk) -> Login:
+    """A ``Login`` whose password check is already done: the model's
+    ``authenticate_password`` (the scrypt hash in a worker thread) when it has one."""
+    host = peer_host(transport)
+    found = credentials(method.mechanism, method.response)
+    principal = None
+    if found is not None:
+        slow = getattr(security, "authenticate_password", None)
+        principal = (await slow(found[0], found[1], host) if slow is not None
+                     else security.verify_password(found[0], found[1], host))
+    return dataclasses.replace(login_for(security, transport),
+                               password=lambda user, password: principal)
