@@ -343,12 +343,20 @@ def load_config(
     )
 
 
+def check_workers(workers: int, storage: str) -> None:
+    """``--workers N``: 1..64 node processes, more than one only on PostgreSQL storage."""
+    if workers < 1 or workers > 64:
+        raise InvalidConfigError("--workers must be between 1 and 64", workers=workers)
+    if workers > 1 and not storage.startswith(("postgresql:", "postgres:")):
+        raise InvalidConfigError(
+            "--workers needs --storage postgresql://... : the workers are cluster nodes "
+            "sharing one database (file storage belongs to one process)")
+
+
 def _cluster_settings(top: dict[str, Any]) -> None:
     """``workers`` and ``node_id``: several nodes need PostgreSQL storage."""
     storage = str(top.get("storage", "file:"))
     if "workers" in top:
-        from conveyor.cluster.workers import check_workers
-
         value = top["workers"]
         top["workers"] = _coerce(value, 1, "workers") if isinstance(value, str) else value
         if isinstance(top["workers"], bool) or not isinstance(top["workers"], int):

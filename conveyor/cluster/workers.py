@@ -21,16 +21,6 @@ from collections.abc import Sequence
 from types import FrameType
 
 from conveyor.config import ServerConfig
-from conveyor.errors import InvalidConfigError
-
-
-def check_workers(workers: int, storage: str) -> None:
-    if workers < 1 or workers > 64:
-        raise InvalidConfigError("--workers must be between 1 and 64", workers=workers)
-    if workers > 1 and not storage.startswith(("postgresql:", "postgres:")):
-        raise InvalidConfigError(
-            "--workers needs --storage postgresql://... : the workers are cluster nodes "
-            "sharing one database (file storage belongs to one process)")
 
 
 def worker_arguments(argv: Sequence[str], config: ServerConfig, index: int) -> list[str]:

@@ -295,13 +295,3 @@ class HasSecurity(Protocol):
 
     @property
     def security(self) -> SecurityModel | None: ...
-
-
-def security_of(context: HasSecurity) -> SecurityModel:
-    """The server's model from the listener context; a listener started alone (tests of one
-    protocol) gets an in-memory model with auth off and the loopback-only guest."""
-    if context.security is not None:
-        return context.security
-    from conveyor.security.model import open_model
-
-    return open_model()

@@ -29,9 +29,11 @@ from conveyor.security.api import (
     AclFilter,
     Action,
     FailedLogin,
+    HasSecurity,
     Principal,
     ResourceKind,
     ScramCredential,
+    SecurityModel,
     is_loopback,
 )
 from conveyor.security.secrets_kdf import check_password, hash_password, token_hash
@@ -227,3 +229,11 @@ def open_model() -> Security:
     security = Security(None)
     security.admin.bootstrap_memory_guest()
     return security
+
+
+def security_of(context: HasSecurity) -> SecurityModel:
+    """The server's model from the listener context; a listener started alone (tests of one
+    protocol) gets an in-memory model with auth off and the loopback-only guest."""
+    if context.security is not None:
+        return context.security
+    return open_model()

@@ -52,7 +52,7 @@ class ListenerContext:
     # Live connections, for the management API (None: a listener started alone gets its own).
     connections: ConnectionRegistry | None = None
     # Users, permissions, ACLs (None: a listener started alone gets an open model with
-    # auth off and the loopback-only guest, see ``conveyor.security.api.security_of``).
+    # auth off and the loopback-only guest, see ``conveyor.security.model.security_of``).
     security: SecurityModel | None = None
     # TLS (config.ListenerConfig): the context holder (None: plaintext only), a separate
     # TLS port (None: TLS on ``port``), whether a plain port stays open beside it.

@@ -17,7 +17,7 @@ from conveyor.connections import ChannelView, ConnectionView, ConsumerView, peer
 from conveyor.errors import OperatingError
 from conveyor.protocols.amqp.adapter import AmqpConnection, AmqpServer, make_protocol_factory
 from conveyor.protocols.amqp.settings import load_settings
-from conveyor.security.api import security_of
+from conveyor.security.model import security_of
 from conveyor.server.listeners import (
     Endpoints,
     bind_endpoints,

@@ -66,8 +66,8 @@ from conveyor.protocols.http.management import ManagementApi
 from conveyor.protocols.http.openapi import build_document
 from conveyor.protocols.http.receipts import ReceiptSeal
 from conveyor.protocols.http.security_routes import MANAGEMENT_TAGS, SecurityRoutes
-from conveyor.security.api import Principal, SecurityModel, security_of
-from conveyor.security.model import Security, open_model
+from conveyor.security.api import Principal, SecurityModel
+from conveyor.security.model import Security, open_model, security_of
 from conveyor.server.listeners import (
     Endpoints,
     ListenerContext,

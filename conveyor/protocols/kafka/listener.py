@@ -17,7 +17,7 @@ from conveyor.protocols.kafka.adapter import KafkaConnection, connection_factory
 from conveyor.protocols.kafka.admin_handlers import Node
 from conveyor.protocols.kafka.handlers import KafkaHandlers
 from conveyor.protocols.kafka.settings import load_settings
-from conveyor.security.api import security_of
+from conveyor.security.model import security_of
 from conveyor.server.listeners import (
     Endpoints,
     bind_endpoints,

@@ -60,7 +60,7 @@ from conveyor.protocols.sqs.framing import (
     encode_response,
 )
 from conveyor.protocols.sqs.handlers import SqsHandlers
-from conveyor.security.api import security_of
+from conveyor.security.model import security_of
 from conveyor.server.listeners import (
     Endpoints,
     ListenerContext,
