@@ -624,10 +624,14 @@ class SharedGroups:
             part = state.partitions[index]
             await self._fill(state, part)
             now_ms = self.clock.monotonic_ms()
+            delivered_before = part.delivered_end
             chosen = part.acquire(now_ms, records_max - len(deliveries), lock_ms, consumer,
                                   self._token())
-            # no save of its own: the delivered mark goes with the partition's next save
-            # (an ack, a release); a crash before it counts those deliveries afresh
+            if part.delivered_end != delivered_before:
+                # the delivered mark moved: saved with this turn's commit (one save per
+                # partition and turn), so a record redelivered after a crash is known to
+                # have been delivered before (AMQP's redelivered flag, delivery counts)
+                self._save_start(state, index, part)
             await self._flush(state, part)
             if chosen:
                 self.traffic.partition(state.topic, index).records_out += len(chosen)
