@@ -91,7 +91,7 @@ test-postgres: $(VENV)/.installed-dev
 # The long cluster run (docs/cluster.md): rounds of Kafka load with a node SIGKILLed and
 # restarted each round, then the history check; ARGS are passed to pytest.
 chaos: $(VENV)/.installed-dev
-	CONVEYOR_CHAOS=1 $(BIN)/pytest -q -s tests/cluster/test_cluster_chaos.py tests/cluster/test_cluster_kafka.py::test_sigstop_past_the_lease_is_fenced $(ARGS)
+	CONVEYOR_CHAOS=1 $(BIN)/pytest -q -s tests/cluster/test_cluster_chaos.py tests/cluster/test_cluster_kafka.py::test_sigstop_past_the_lease_is_fenced tests/cluster/test_cluster_kafka.py::test_sigkill_of_the_group_coordinator_loses_nothing $(ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(ARGS)

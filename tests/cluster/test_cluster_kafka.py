@@ -126,6 +126,10 @@ def group_owner(node: BrokerProcess, group: str) -> int:
                 if row["kind"] == "group" and row["name"] == group)
 
 
+# make chaos only, for now: in one clean-clone run of `make test` the consumer's poll
+# after the coordinator's SIGKILL stopped returning (7 minutes, beyond pytest-timeout's
+# reach inside librdkafka) while the machine was idle; not yet explained (docs/cluster.md)
+@pytest.mark.chaos
 def test_sigkill_of_the_group_coordinator_loses_nothing(tmp_path: Path,
                                                        postgres_dsn: str) -> None:
     with cluster(tmp_path, postgres_dsn, 3) as nodes:
