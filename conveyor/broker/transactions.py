@@ -262,15 +262,7 @@ class Transactions:
                   commit: bool) -> None:
         """EndTxn: the transaction's markers on every partition, its offsets on commit."""
         async with self._locks.hold(transactional_id):
-            row = self._transactions.get(transactional_id)
-            if row is None or row.producer_id != producer_id:
-                raise InvalidProducerIdMappingError(
-                    "no such transactional producer (InitProducerId first)",
-                    transactional_id=transactional_id, producer_id=producer_id)
-            if epoch != row.producer_epoch:
-                raise ProducerFencedError("a newer instance holds this transactional id",
-                                          transactional_id=transactional_id, epoch=epoch,
-                                          current_epoch=row.producer_epoch)
+            row = self._checked(transactional_id, producer_id, epoch)
             target = TransactionState.PREPARE_COMMIT if commit \
                 else TransactionState.PREPARE_ABORT
             done = TransactionState.COMPLETE_COMMIT if commit \
