@@ -12,6 +12,12 @@ to ``.log.swap`` (directory fsync), its index files removed, then renamed over
 and completes a ``.swap`` (the new content is complete and durable).
 Batches kept whole are copied byte for byte; a batch losing records is rebuilt with
 one batch per kept record, keeping the original offsets, timestamps and compression.
+
+Off the event loop: the key scan, the cleaning and the whole file replacement (with its
+fdatasync and directory fsyncs) run in a worker thread over sealed segments, which no
+append touches; only the swap of the new Segment into the log's list (and closing the
+old handle, which readers used until then) happens on the loop. The partition's
+``maintenance`` lock keeps retention, DeleteRecords and a topic delete out meanwhile.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from conveyor.storage import segment_files
+from conveyor.storage.fs import FileSystem, in_thread
 from conveyor.storage.record_batch import RecordData, build_batch, decode_records
 from conveyor.storage.segment import Segment
 
@@ -26,14 +33,14 @@ if TYPE_CHECKING:
     from conveyor.storage.partition_log import PartitionLog
 
 
-def latest_offsets(log: PartitionLog) -> dict[bytes, int]:
-    """Highest offset of every key in the readable log."""
+def latest_offsets(fs: FileSystem, segments: list[Segment]) -> dict[bytes, int]:
+    """Highest offset of every key in ``segments`` (a worker thread may run this)."""
     latest: dict[bytes, int] = {}
-    for segment in log.segments:
+    for segment in segments:
         for position, header in segment.batch_headers():
             if header.is_control:
                 continue
-            data = log.fs.pread(segment.handle, header.size_bytes, position)
+            data = fs.pread(segment.handle, header.size_bytes, position)
             for record in decode_records(data):
                 if record.key is not None:
                     latest[record.key] = record.offset
@@ -41,13 +48,13 @@ def latest_offsets(log: PartitionLog) -> dict[bytes, int]:
 
 
 def clean_segment_bytes(
-    log: PartitionLog, segment: Segment, latest: dict[bytes, int], drop_tombstones: bool
+    fs: FileSystem, segment: Segment, latest: dict[bytes, int], drop_tombstones: bool
 ) -> bytes | None:
     """The cleaned content of ``segment``; None when nothing would change."""
     output = bytearray()
     changed = False
     for position, header in segment.batch_headers():
-        data = log.fs.pread(segment.handle, header.size_bytes, position)
+        data = fs.pread(segment.handle, header.size_bytes, position)
         if header.is_control:
             output += data
             continue
@@ -68,9 +75,11 @@ def clean_segment_bytes(
     return bytes(output) if changed else None
 
 
-def swap_in(log: PartitionLog, segment: Segment, content: bytes) -> Segment:
-    """Replace ``segment``'s log file with ``content`` through .cleaned -> .swap -> .log."""
-    fs, directory = log.fs, log.directory
+def rewrite(fs: FileSystem, directory: str, segment: Segment, content: bytes) -> Segment:
+    """In a worker thread: replace ``segment``'s log file with ``content`` through
+    .cleaned -> .swap -> .log and return the replacement Segment (indexes rebuilt).
+    ``segment``'s handle stays open and keeps reading the old bytes until the caller
+    closes it."""
     live = segment.log_path
     cleaned, swap = live + segment_files.CLEANED_SUFFIX, live + segment_files.SWAP_SUFFIX
     handle = fs.open(cleaned, create=True)
@@ -82,8 +91,6 @@ def swap_in(log: PartitionLog, segment: Segment, content: bytes) -> Segment:
         fs.close(handle)
     fs.rename(cleaned, swap)
     fs.fsync_dir(directory)
-    log.committer.forget(segment.handle)
-    segment.close()
     for path in (segment_files.offset_index_path(directory, segment.base_offset),
                  segment_files.time_index_path(directory, segment.base_offset)):
         if fs.exists(path):
@@ -98,23 +105,31 @@ def swap_in(log: PartitionLog, segment: Segment, content: bytes) -> Segment:
     return replacement
 
 
-def compact(log: PartitionLog, now_ms: int) -> int:
+async def compact(log: PartitionLog, now_ms: int) -> int:
     """Clean every eligible sealed segment of ``log``; return how many were rewritten."""
-    config = log.config
-    latest = latest_offsets(log)
-    rewritten = 0
-    for index, segment in enumerate(list(log.segments[:-1])):
-        if segment.max_timestamp_ms > now_ms - config.min_compaction_lag_ms:
-            break
-        if segment is log.visible_segment:
-            break  # its bytes are not all durable yet
-        drop_tombstones = segment.max_timestamp_ms < now_ms - config.delete_retention_ms
-        content = clean_segment_bytes(log, segment, latest, drop_tombstones)
-        if content is None:
-            continue
-        log.segments[index] = swap_in(log, segment, content)
-        rewritten += 1
-    return rewritten
+    async with log.maintenance:
+        if log.closed:
+            return 0  # deleted while this pass waited
+        config = log.config
+        segments = list(log.segments)
+        latest = await in_thread(latest_offsets, log.fs, segments)
+        rewritten = 0
+        for segment in segments[:-1]:
+            if segment.max_timestamp_ms > now_ms - config.min_compaction_lag_ms:
+                break
+            if segment is log.visible_segment:
+                break  # its bytes are not all durable yet
+            drop_tombstones = segment.max_timestamp_ms < now_ms - config.delete_retention_ms
+            content = await in_thread(clean_segment_bytes, log.fs, segment, latest,
+                                      drop_tombstones)
+            if content is None:
+                continue
+            replacement = await in_thread(rewrite, log.fs, log.directory, segment, content)
+            log.segments[log.segments.index(segment)] = replacement
+            log.committer.forget(segment.handle)
+            segment.close()
+            rewritten += 1
+        return rewritten
 
 
 __all__ = ["compact"]

@@ -1,17 +1,21 @@
-"""GroupCommitter: turns many appends into few fdatasyncs, per the partition's fsync policy.
+"""GroupCommitter: the durability wait of one partition, per its fsync policy.
 
-Owns the durability wait of one partition. Policies:
+Policies:
 ``always``: an append's future resolves only after an fdatasync that started after its
-bytes were written. All appends written while no sync is running share the next one,
-which starts on the next loop turn (``call_soon``) and runs in a worker thread
-(``fs.in_thread``) so the event loop keeps accepting appends; those become the
-next group. ``interval``: appends resolve at once; a task syncs every
-``fsync_interval_ms`` on the Clock. ``never``: appends resolve at once; sync on close.
+bytes were written. The committer is a source of the loop's ``DurabilityBarrier``
+(storage/durability.py): a write marks it dirty, and the barrier's next pass (one per
+loop turn for the whole process) takes every handle written since the last pass,
+fdatasyncs each in a worker thread, concurrently with every other partition's files
+and the state store's WAL, and then resolves the writes' futures. Writes made while a
+pass runs go into the next one. A new segment's directory entry (a roll) is made
+durable in the same pass (``new_file``), so rolling costs the event loop no fsync.
+``interval``: appends resolve at once; a task syncs every ``fsync_interval_ms`` on the
+Clock (in a worker thread). ``never``: appends resolve at once; sync on close.
 "At once" still means on the next loop turn, so a tight append loop cannot starve the
 interval task or other connections.
 
 Invariant: durability is reported in write order; ``on_durable(token)`` is called with
-the token of the last write a completed sync covers.
+the token of the last write a completed pass covers.
 
 A failed fdatasync is never retried as if the data were still in the page cache
 (Linux may have dropped the dirty pages and will report the next fsync clean; the
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from conveyor.clock import Clock
 from conveyor.errors import PartitionFailedError
+from conveyor.storage.durability import DurabilityBarrier, SyncJob, barrier_for_loop
 from conveyor.storage.fs import FileSystem, in_thread
 from conveyor.storage.log_config import FSYNC_POLICIES
 from conveyor.tasks import Supervisor
@@ -40,7 +46,7 @@ logger = logging.getLogger(__name__)
 class GroupCommitter:
     def __init__(
         self, fs: FileSystem, clock: Clock, *, policy: str, interval_ms: int,
-        on_durable: Callable[[Any], None],
+        on_durable: Callable[[Any], None], barrier: DurabilityBarrier | None = None,
     ) -> None:
         assert policy in FSYNC_POLICIES, policy
         self.fs = fs
@@ -48,18 +54,25 @@ class GroupCommitter:
         self.policy = policy
         self.interval_ms = interval_ms
         self._on_durable = on_durable
-        self._dirty: set[int] = set()
+        self._barrier = barrier  # None: the running loop's (barrier_for_loop)
+        self._dirty: set[int] = set()  # handles written since the last pass took them
+        self._new_directories: set[str] = set()  # a file was created in them (a roll)
         self._forgotten: set[int] = set()  # closed since the last sync pass (see forget)
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] = []  # writes for the next pass
         self._last_token: Any = None
-        self._scheduled = False
-        self._syncing = False
-        self._sync_task: asyncio.Task[None] | None = None
+        self._pass_waiters: list[asyncio.Future[None]] = []  # writes the running pass covers
+        self._pass_token: Any = None
         self._interval_task: asyncio.Task[None] | None = None
-        self._tasks = Supervisor("conveyor.storage.group-commit")  # both tasks above
-        self.sync_count = 0
+        self._tasks = Supervisor("conveyor.storage.group-commit")  # the interval task
+        self.sync_count = 0  # passes that synced this partition
         self.failed: PartitionFailedError | None = None
         self.name = ""  # for the log line (the partition directory)
+
+    @property
+    def barrier(self) -> DurabilityBarrier:
+        if self._barrier is None:
+            self._barrier = barrier_for_loop()
+        return self._barrier
 
     def fail(self, error: OSError) -> PartitionFailedError:
         """Mark the committer failed (once); every later write is refused with it."""
@@ -89,60 +102,68 @@ class GroupCommitter:
                                                       name="fsync interval")
             return future
         self._waiters.append(future)
-        if not self._scheduled and not self._syncing:
-            self._scheduled = True
-            loop.call_soon(self._start_sync)
+        self.barrier.mark_dirty(self)
         return future
 
-    def _start_sync(self) -> None:
-        self._scheduled = False
-        if self._waiters and not self._syncing:
-            self._syncing = True
-            self._sync_task = self._tasks.start(self._sync_group(), name="group commit")
+    def new_file(self, directory: str) -> None:
+        """A file was created in ``directory`` (a segment roll): its directory entry is
+        made durable by the pass that syncs the file's first writes."""
+        self._new_directories.add(directory)
 
-    async def _sync_group(self) -> None:
-        waiters, self._waiters = self._waiters, []
+    # --- the barrier's source ----------------------------------------------------------
+    def prepare_sync(self) -> list[SyncJob]:
         handles, self._dirty = self._dirty, set()
-        token = self._last_token
-        try:
-            await in_thread(self._sync_handles, handles)
-        except OSError as error:
-            failure = self.fail(error)
+        directories, self._new_directories = self._new_directories, set()
+        self._pass_waiters, self._waiters = self._waiters, []
+        self._pass_token = self._last_token
+        jobs: list[SyncJob] = [functools.partial(self.fs.fsync_dir, directory)
+                               for directory in directories]
+        jobs += [functools.partial(self._sync_handle, handle) for handle in handles]
+        return jobs
+
+    def sync_done(self, error: BaseException | None) -> None:
+        waiters, self._pass_waiters = self._pass_waiters, []
+        self._forgotten.clear()
+        if error is not None:
+            failure = self.fail(error if isinstance(error, OSError) else OSError(str(error)))
             waiters += self._waiters  # written before the failure was known: not durable
             self._waiters = []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)
-        else:
-            self._on_durable(token)
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-        finally:
-            self._syncing = False
-            self._sync_task = None
-            if self._waiters:
-                self._start_sync()
+            return
+        self.sync_count += 1
+        if self._pass_token is not None:
+            self._on_durable(self._pass_token)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
-    def _sync_handles(self, handles: set[int]) -> None:
+    def _sync_handle(self, handle: int) -> None:
+        """In a worker thread: fdatasync one file (gone meanwhile: nothing to sync)."""
+        if handle in self._forgotten:
+            return  # closed meanwhile: its file is gone
+        try:
+            self.fs.fdatasync(handle)
+        except OSError as error:
+            if error.errno != errno.EBADF or handle not in self._forgotten:
+                raise
+
+    def _sync_handles(self, handles: set[int], directories: set[str]) -> None:
+        for directory in directories:
+            self.fs.fsync_dir(directory)
         for handle in handles:
-            if handle in self._forgotten:
-                continue  # closed meanwhile: its file is gone
-            try:
-                self.fs.fdatasync(handle)
-            except OSError as error:
-                if error.errno != errno.EBADF or handle not in self._forgotten:
-                    raise
-        self._forgotten.clear()
+            self._sync_handle(handle)
         self.sync_count += 1
 
     async def _sync_every_interval(self) -> None:
         while self.failed is None:
             await self.clock.sleep_ms(self.interval_ms)
-            if self._dirty:
+            if self._dirty or self._new_directories:
                 handles, self._dirty = self._dirty, set()
+                directories, self._new_directories = self._new_directories, set()
                 try:
-                    await in_thread(self._sync_handles, handles)
+                    await in_thread(self._sync_handles, handles, directories)
                 except OSError as error:
                     self.fail(error)
 
@@ -151,31 +172,28 @@ class GroupCommitter:
         compaction replaced it with a synced copy): nothing of it needs syncing — its
         records were durable before anyone could read and settle them, and a segment
         compaction may touch is never the one still being synced — so no fdatasync on
-        the event loop. A sync already running in a thread may find it closed: that
-        EBADF is not a failure (``_sync_handles``)."""
+        the event loop. A pass already running in a thread may find it closed: that
+        EBADF is not a failure (``_sync_handle``)."""
         self._dirty.discard(handle)
         self._forgotten.add(handle)
 
     async def close(self) -> None:
-        """Sync everything written so far and stop the interval task."""
+        """Sync everything written so far (one more pass) and stop the interval task."""
         if self._interval_task is not None:
             self._interval_task.cancel()
             self._interval_task = None
-        while self._sync_task is not None or self._waiters:
-            if self._sync_task is None:
-                self._start_sync()
-            if self._sync_task is not None:
-                await asyncio.wait([self._sync_task])
         await self._tasks.close()  # the cancelled interval task, awaited
-        handles, self._dirty = self._dirty, set()
+        while self._waiters or self._pass_waiters or self._dirty or self._new_directories:
+            if self.failed is not None:
+                for waiter in self._waiters:
+                    if not waiter.done():
+                        waiter.set_exception(self.failed)
+                self._waiters = []
+                self._dirty = set()
+                break
+            await self.barrier.flush(self)
         if self.failed is not None:
             return  # nothing written since the failure may be called durable
-        if handles:
-            try:
-                await in_thread(self._sync_handles, handles)
-            except OSError as error:
-                self.fail(error)
-                return
         if self._last_token is not None:
             self._on_durable(self._last_token)
 

@@ -114,7 +114,7 @@ class FileLogStore:
         return self.partition(topic, partition).config
 
     async def set_config(self, topic: str, partition: int, config: LogConfig) -> None:
-        self.update_config(topic, partition, config)
+        await self.update_config(topic, partition, config)
 
     def offsets(self, topic: str, partition: int) -> LogOffsets:
         log = self.partition(topic, partition)
@@ -162,7 +162,7 @@ class FileLogStore:
         self.partition(topic, partition).set_aside_batch(offset, reason)
 
     async def delete_before(self, topic: str, partition: int, offset: int) -> None:
-        self.partition(topic, partition).delete_before(offset)
+        await self.partition(topic, partition).delete_before(offset)
 
     def usage(self, topic: str, partition: int) -> PartitionUsage:
         log = self.partition(topic, partition)
@@ -193,7 +193,7 @@ class FileLogStore:
         while key in self._creating:  # one creation per partition at a time
             await asyncio.shield(self._creating[key])
         if key in self._logs:
-            self.update_config(topic, partition, config)
+            await self.update_config(topic, partition, config)
             return self._logs[key]
         directory = segment_files.partition_directory(self.root, topic, partition)
         created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -221,19 +221,27 @@ class FileLogStore:
             raise UnknownPartitionError("unknown partition", topic=topic,
                                         partition=partition) from None
 
-    def update_config(self, topic: str, partition: int, config: LogConfig) -> None:
+    async def update_config(self, topic: str, partition: int, config: LogConfig) -> None:
+        """The new config in effect now; its file written (and fsynced) in a worker thread."""
         log = self.partition(topic, partition)
         if config != log.config:
-            self._write_config(log.directory, config)
             log.update_config(config)
+            async with log.maintenance:  # one write at a time, each of the newest config
+                if not log.closed:
+                    await in_thread(self._write_config, log.directory, log.config)
 
     async def delete_partition(self, topic: str, partition: int) -> None:
         log = self.partition(topic, partition)
-        await log.close()
-        del self._logs[(topic, partition)]
-        for name in self.fs.list_dir(log.directory):
-            self.fs.remove(f"{log.directory}/{name}")
-        self.fs.remove_dir(log.directory)
+        async with log.maintenance:  # a compaction or retention pass ends first
+            await log.close()
+            del self._logs[(topic, partition)]
+            await in_thread(self._remove_files, log.directory)
+
+    def _remove_files(self, directory: str) -> None:
+        """A deleted partition's directory, in a worker thread (nothing shared is touched)."""
+        for name in self.fs.list_dir(directory):
+            self.fs.remove(f"{directory}/{name}")
+        self.fs.remove_dir(directory)
         self.fs.fsync_dir(self.root)
 
     async def run_retention(self) -> None:
@@ -245,11 +253,16 @@ class FileLogStore:
                 infos = [SegmentInfo(segment.base_offset, segment.size_bytes,
                                      segment.max_timestamp_ms) for segment in log.segments]
                 policy = RetentionPolicy(config.retention_ms, config.retention_bytes)
-                log.delete_segments(segments_to_delete(infos, policy, now_ms))
+                doomed = segments_to_delete(infos, policy, now_ms)
+                if doomed:
+                    async with log.maintenance:
+                        if not log.closed:
+                            await log.delete_segments(doomed)
             elif config.cleanup_policy == "compact":
-                compaction.compact(log, now_ms)
+                await compaction.compact(log, now_ms)
 
     async def close(self) -> None:
-        for log in self._logs.values():
-            await log.close()
+        for log in list(self._logs.values()):
+            async with log.maintenance:  # a compaction or retention pass ends first
+                await log.close()
         self._logs.clear()

@@ -31,7 +31,7 @@ from conveyor.errors import (
 from conveyor.fault_log import ConditionLog
 from conveyor.storage import segment_files
 from conveyor.storage.damage import Damage
-from conveyor.storage.fs import FileSystem
+from conveyor.storage.fs import FileSystem, in_thread
 from conveyor.storage.group_commit import GroupCommitter
 from conveyor.storage.log_api import AppendInfo, LogSlice
 from conveyor.storage.record_batch import (
@@ -74,6 +74,12 @@ class PartitionLog:
         self.recovery: PartitionRecovery | None = None  # set by the LogStore that opened it
         self.damaged_batches = 0  # corrupt batches found and set aside since open
         self.faults = ConditionLog(logger, clock)  # full disk etc.: once per condition
+        # the log start offset as durable in its file
+        self._log_start_written = self._log_start_offset
+        # held by whatever changes the set of segment files off the loop (the log-start
+        # file, retention, compaction, deleting the partition): one at a time
+        self.maintenance = asyncio.Lock()
+        self.closed = False
 
     def _new_committer(self) -> GroupCommitter:
         committer = GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
@@ -166,11 +172,16 @@ class PartitionLog:
                                  reason=str(error)) from error
 
     def roll(self) -> Segment:
-        """Seal the active segment (write its indexes) and start a new one at log end."""
+        """Seal the active segment (write its indexes) and start a new one at log end.
+
+        The new file's directory entry is made durable by the committer's next pass, with
+        the first records written to it (no directory fsync on the event loop); until
+        then nothing in it is acknowledged, and recovery of a lost entry loses only them."""
         self.active_segment.write_indexes()
         segment = Segment.create(self.fs, self.directory, self.log_end_offset,
                                  index_interval_bytes=self.config.index_interval_bytes,
-                                 created_ms=self.clock.monotonic_ms())
+                                 created_ms=self.clock.monotonic_ms(), sync_directory=False)
+        self.committer.new_file(self.directory)
         self.segments.append(segment)
         return segment
 
@@ -272,21 +283,34 @@ class PartitionLog:
         return None
 
     # --- deletion ----------------------------------------------------------------------
-    def delete_before(self, offset: int) -> None:
-        """Advance the log start offset to ``offset`` and delete segments wholly below it."""
+    async def delete_before(self, offset: int) -> None:
+        """Advance the log start offset to ``offset`` and delete segments wholly below it.
+
+        Readers see the new start at once; the ``log-start-offset`` file (write, fdatasync,
+        rename, directory fsync) is written in a worker thread, one write at a time, each
+        with the newest start; the call returns once the start it set is durable."""
         offset = min(offset, self.high_watermark)
         if offset <= self._log_start_offset:
             return
         self._log_start_offset = offset
-        segment_files.write_file_atomically(
-            self.fs, self.directory, segment_files.LOG_START_OFFSET_FILE, str(offset).encode())
-        doomed = [segment.base_offset for segment in self.segments[:-1]
-                  if segment.next_offset <= offset]
-        self.delete_segments(doomed)
+        async with self.maintenance:
+            if self.closed:
+                return
+            target = self._log_start_offset
+            if target > self._log_start_written:
+                await in_thread(segment_files.write_file_atomically, self.fs, self.directory,
+                                segment_files.LOG_START_OFFSET_FILE, str(target).encode())
+                self._log_start_written = target
+            doomed = [segment.base_offset for segment in self.segments[:-1]
+                      if segment.next_offset <= self._log_start_offset]
+            await self.delete_segments(doomed)
 
-    def delete_segments(self, base_offsets: list[int]) -> None:
-        """Delete these (non-active) segments; the log start moves past a deleted prefix."""
+    async def delete_segments(self, base_offsets: list[int]) -> None:
+        """Delete these (non-active) segments; the log start moves past a deleted prefix.
+        The files are unlinked now; the directory fsync runs in a worker thread. The
+        caller holds ``maintenance``."""
         doomed = set(base_offsets) - {self.active_segment.base_offset}
+        doomed &= {segment.base_offset for segment in self.segments}
         if not doomed:
             return
         for segment in [segment for segment in self.segments if segment.base_offset in doomed]:
@@ -294,9 +318,10 @@ class PartitionLog:
             segment.delete()
         self.segments = [segment for segment in self.segments if segment.base_offset not in doomed]
         self._log_start_offset = max(self._log_start_offset, self.segments[0].base_offset)
-        self.fs.fsync_dir(self.directory)
+        await in_thread(self.fs.fsync_dir, self.directory)
 
     async def close(self) -> None:
+        self.closed = True
         await self.committer.close()
         self.active_segment.write_indexes()
         for segment in self.segments:

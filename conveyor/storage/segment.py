@@ -111,11 +111,14 @@ class Segment:
     @classmethod
     def create(
         cls, fs: FileSystem, directory: str, base_offset: int, *, index_interval_bytes: int,
-        created_ms: int,
+        created_ms: int, sync_directory: bool = True,
     ) -> Segment:
+        """A new empty segment file; ``sync_directory=False``: the caller makes its
+        directory entry durable (a roll: the group committer's next pass)."""
         handle = fs.open(segment_files.log_path(directory, base_offset), create=True)
         fs.truncate(handle, 0)
-        fs.fsync_dir(directory)
+        if sync_directory:
+            fs.fsync_dir(directory)
         return cls(fs, directory, base_offset, handle, index_interval_bytes, created_ms)
 
     @classmethod

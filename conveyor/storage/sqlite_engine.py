@@ -7,13 +7,17 @@ Rules:
   resolves after that COMMIT and an ``fdatasync`` of the WAL (it survives power loss).
 - Outside a running loop (tests, recovery) writes commit at the next
   ``commit()`` call.
-- sqlite3 calls are fast (microseconds, one fsync per COMMIT) and stay on the
-  event loop; the WAL fdatasync runs in a worker thread.
+- sqlite3 calls are fast (microseconds, no fsync with synchronous=NORMAL) and stay
+  on the event loop; the WAL fdatasync is a job of the loop's durability barrier
+  (storage/durability.py): the engine is a standing source of it, so the pass that
+  fsyncs the partitions' appends of a turn also COMMITs and fsyncs this turn's state
+  writes, concurrently, in worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -21,11 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import StorageError
-from conveyor.storage.fs import (
-    call_in_thread,
-    fdatasync_descriptor,
-    fdatasync_descriptor_in_thread,
-)
+from conveyor.storage.durability import DurabilityBarrier, SyncJob, barrier_for_loop
+from conveyor.storage.fs import call_in_thread, fdatasync_descriptor
 from conveyor.storage.sql_engine import SQLITE, Dialect, SqlValue
 
 # A COMMIT nobody waits for is fsynced by the next awaited commit, or after this long
@@ -51,9 +52,10 @@ class SqliteEngine:
     """SQLite in WAL mode: a reported commit survives power loss.
 
     The COMMIT runs on the event loop with synchronous=NORMAL (it writes the WAL
-    frames, no fsync), then an ``fdatasync`` of the WAL file runs in a worker thread and
-    the committers are answered when it returns: as durable as synchronous=FULL, but
-    the event loop never waits for the disk. Checkpoints too: SQLite's automatic
+    frames, no fsync), then the durability barrier's next pass runs an ``fdatasync`` of
+    the WAL file in a worker thread and the committers are answered when it returns:
+    as durable as synchronous=FULL, but the event loop never waits for the disk.
+    Checkpoints too: SQLite's automatic
     checkpoint (which fsyncs the WAL and the database inside a COMMIT) is off, and
     once the WAL passes ``CHECKPOINT_WAL_BYTES`` a PASSIVE checkpoint runs in a worker
     thread on a connection of its own, one at a time.
@@ -73,7 +75,11 @@ class SqliteEngine:
         self._background_sync_handle: asyncio.TimerHandle | None = None
         self._unsynced = False  # a COMMIT ran that no fsync has covered yet
         self._wal_fd: int | None = None
-        self._last_sync: asyncio.Future[None] | None = None  # the newest WAL fdatasync
+        # committed, waiting for the barrier's next pass / taken by the running pass
+        self._sync_waiters: list[asyncio.Future[None]] = []
+        self._pass_waiters: list[asyncio.Future[None]] = []
+        self._syncing = False  # the running pass fsyncs the WAL for this engine
+        self._barrier: DurabilityBarrier | None = None  # the loop's, on first use
         self._checkpointer: Any = None  # its own connection, used only by worker threads
         self._checkpoint: asyncio.Future[None] | None = None  # the running checkpoint
 
@@ -104,13 +110,6 @@ class SqliteEngine:
             self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
                                                  check_same_thread=False)
 
-    def sync_after_open(self) -> None:
-        """Make what open() wrote (schema, migrations) durable before anything else."""
-        self._commit_now()
-        if not self._in_memory:
-            self._sync_wal()
-        self._unsynced = False
-
     async def close(self) -> None:
         if self._connection is None:
             return
@@ -124,10 +123,11 @@ class SqliteEngine:
         if self._background_sync_handle is not None:
             self._background_sync_handle.cancel()
             self._background_sync_handle = None
-        if self._last_sync is not None:
-            await asyncio.shield(self._last_sync)
-        if not self._in_memory:
-            self._sync_wal()
+        while self._syncing or self._sync_waiters or self._unsynced:
+            await self.barrier.flush(self)
+        if self._barrier is not None:
+            self._barrier.remove_standing(self)
+            self._barrier = None
         self._connection.close()
         self._connection = None
         if self._wal_fd is not None:
@@ -177,22 +177,27 @@ class SqliteEngine:
 
     async def commit(self) -> None:
         """Wait until every write made so far is committed (durable)."""
-        if not self._in_transaction:
-            # committed already, maybe by a COMMIT nobody waited for, or one whose fsync
-            # is still running: durable only once an fsync after it has returned
-            sync = self._sync_committed()
-            if sync is not None:
-                await asyncio.shield(sync)
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # pragma: no cover - only from sync code
-            self._commit_now()
-            return
+        loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._commit_waiters.append(future)
-        self._schedule_commit()
+        if self._in_transaction:
+            self._commit_waiters.append(future)
+            self._schedule_commit()
+        elif self._unsynced:
+            # committed already by a COMMIT nobody waited for: the next pass fsyncs it
+            self._sync_waiters.append(future)
+            self.barrier.mark_dirty(self)
+        elif self._syncing:
+            self._pass_waiters.append(future)  # the running pass's fsync covers it
+        else:
+            return
         await future
+
+    @property
+    def barrier(self) -> DurabilityBarrier:
+        if self._barrier is None:
+            self._barrier = barrier_for_loop()
+            self._barrier.add_standing(self)  # every pass commits and fsyncs this turn's writes
+        return self._barrier
 
     # --- group commit -----------------------------------------------------------
     def _begin(self) -> None:
@@ -236,26 +241,57 @@ class SqliteEngine:
                     waiter.set_exception(failure)
             return
         self._unsynced = True
-        if not waiters:
-            # nobody waits: the next awaited commit's fsync covers this one, or this timer
-            if self._background_sync_handle is None:
-                try:
-                    loop = asyncio.get_running_loop()
-                except RuntimeError:
-                    return
-                self._background_sync_handle = loop.call_later(UNSYNCED_FSYNC_DELAY_S,
-                                                               self._background_sync)
+        if self._in_memory:
+            _resolve(waiters, None)  # nothing to fsync
             return
-        fsync = self._sync_committed()
-        if fsync is None:
-            _resolve(waiters, None)
+        try:
+            barrier = self.barrier
+        except RuntimeError:  # no running loop: the next commit()/close() syncs
             return
-        fsync.add_done_callback(lambda done: _resolve(
-            waiters, StorageError("fsync cancelled") if done.cancelled() else done.exception()))
+        if waiters:
+            self._sync_waiters += waiters
+            barrier.mark_dirty(self)
+        elif self._background_sync_handle is None:
+            # nobody waits: the next pass (someone's append or commit) covers it, or this
+            self._background_sync_handle = asyncio.get_running_loop().call_later(
+                UNSYNCED_FSYNC_DELAY_S, self._background_sync)
 
     def _background_sync(self) -> None:
         self._background_sync_handle = None
-        self._sync_committed()
+        if self._unsynced and self._connection is not None:
+            self.barrier.mark_dirty(self)
+
+    # --- the barrier's source -------------------------------------------------------
+    def prepare_sync(self) -> list[SyncJob]:
+        """The pass begins: COMMIT the open transaction, take the waiters, and fsync the
+        WAL (when a COMMIT since the last pass needs it)."""
+        if self._in_transaction:
+            self._commit_now()
+        self._pass_waiters, self._sync_waiters = self._pass_waiters + self._sync_waiters, []
+        if self._connection is None or self._in_memory:
+            self._unsynced = False  # nothing to fsync
+        if not self._unsynced:
+            return []
+        self._unsynced = False
+        if self._background_sync_handle is not None:
+            self._background_sync_handle.cancel()
+            self._background_sync_handle = None
+        fd = self._open_wal()
+        if fd is None:
+            return []
+        self._syncing = True
+        return [self._wal_sync_job(fd)]
+
+    def sync_done(self, error: BaseException | None) -> None:
+        waiters, self._pass_waiters = self._pass_waiters, []
+        synced, self._syncing = self._syncing, False
+        _resolve(waiters, error)
+        if synced and error is None and self._wal_fd is not None:
+            self._maybe_checkpoint(self._wal_fd)
+
+    def _wal_sync_job(self, wal_fd: int) -> SyncJob:
+        """The blocking call that makes every COMMIT so far durable (a worker thread)."""
+        return functools.partial(fdatasync_descriptor, wal_fd)
 
     # --- the WAL fdatasync --------------------------------------------------------
     def _open_wal(self) -> int | None:
@@ -265,24 +301,6 @@ class SqliteEngine:
             except FileNotFoundError:
                 return None
         return self._wal_fd
-
-    def _sync_wal(self) -> None:
-        fd = self._open_wal()
-        if fd is not None:
-            fdatasync_descriptor(fd)
-
-    def _sync_committed(self) -> asyncio.Future[None] | None:
-        """A future for an fsync covering every COMMIT so far (started now if the last
-        COMMIT had none), or None when they are durable already."""
-        if self._unsynced:
-            self._unsynced = False
-            fd = self._open_wal()
-            if fd is not None and not self._in_memory:
-                self._last_sync = fdatasync_descriptor_in_thread(fd)
-                self._maybe_checkpoint(fd)
-        if self._last_sync is not None and self._last_sync.done():
-            self._last_sync = None
-        return self._last_sync
 
     def _maybe_checkpoint(self, wal_fd: int) -> None:
         if self._checkpoint is not None and not self._checkpoint.done():

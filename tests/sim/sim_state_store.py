@@ -1,7 +1,8 @@
 """SimStateStore: SQLite with the fault model of a power cut (for the simulation).
 
-``SqliteEngine`` answers a committer only after an ``fdatasync`` of the WAL; a
-COMMIT nobody awaited is fsynced later (by the next awaited commit, or a timer).
+``SqliteEngine`` answers a committer only after an ``fdatasync`` of the WAL (a job of
+the durability barrier's pass); a COMMIT nobody awaited is fsynced later (by the next
+pass, which any append or awaited commit starts, or a timer).
 A power cut in between loses it. This store's engine keeps an image of the database
 as of its last sync (``sqlite3.Connection.serialize``) and ``crash(lose_unsynced=True)``
 puts that image back as the database file: every commit no fsync covered is gone,
@@ -12,10 +13,10 @@ the next awaited one, the most a real disk can lose.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
+from conveyor.storage.durability import SyncJob
 from conveyor.storage.sqlite_engine import SqliteEngine
 from conveyor.storage.state_store import SqlStateStore
 
@@ -29,11 +30,13 @@ class SimSqliteEngine(SqliteEngine):
         super().open_sync()
         self.durable_image = self.connection.serialize()
 
-    def _sync_committed(self) -> asyncio.Future[None] | None:
-        if self._unsynced:
-            self._unsynced = False
-            self.durable_image = self.connection.serialize()
-        return None
+    def _wal_sync_job(self, wal_fd: int) -> SyncJob:
+        """The barrier's WAL fdatasync: the image of the database as it is when the job
+        runs (a real fdatasync covers every COMMIT written to the WAL by then)."""
+        def snapshot() -> None:
+            if self._connection is not None:
+                self.durable_image = self.connection.serialize()
+        return snapshot
 
     def _background_sync(self) -> None:
         self._background_sync_handle = None  # see the module docstring

@@ -139,7 +139,7 @@ async def test_crash_at_every_step_of_the_swap_recovers(clock: SimClock) -> None
 async def test_min_compaction_lag_protects_recent_segments(clock: SimClock) -> None:
     fs = MemoryFileSystem()
     store = await filled(fs, clock)
-    store.update_config("t", 0, dataclasses.replace(CONFIG, min_compaction_lag_ms=60_000))
+    await store.update_config("t", 0, dataclasses.replace(CONFIG, min_compaction_lag_ms=60_000))
     before = readable(store)
     await store.run_retention()
     assert readable(store) == before

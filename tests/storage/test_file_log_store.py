@@ -85,7 +85,7 @@ async def test_delete_before_moves_log_start(any_store: FileLogStore) -> None:
     for _ in range(40):
         await log.append(make_batch([b"v" * 100]))
     segments_before = len(log.segments)
-    log.delete_before(25)
+    await log.delete_before(25)
     assert log.log_start_offset == 25
     assert len(log.segments) < segments_before
     assert all(segment.next_offset > 25 for segment in log.segments)

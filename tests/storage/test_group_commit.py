@@ -84,7 +84,7 @@ async def test_never_and_interval_policies(clock: SimClock) -> None:
     for _ in range(5):
         await log.append(make_batch([b"x"]))
     assert fs.fdatasync_count == before and log.high_watermark == 5
-    store.update_config("t", 0, LogConfig(fsync="interval", fsync_interval_ms=100))
+    await store.update_config("t", 0, LogConfig(fsync="interval", fsync_interval_ms=100))
     before = fs.fdatasync_count  # the config file itself is synced
     # The interval sync runs in a worker thread: signal the loop when it happens.
     loop = asyncio.get_running_loop()
@@ -118,7 +118,7 @@ async def test_deleting_segments_costs_no_fdatasync_on_the_loop(clock: SimClock)
         await log.append(make_batch([b"%d" % i]))  # interval: dirty, never synced yet
     assert len(log.segments) > 2
     before = fs.fdatasync_count
-    log.delete_before(15)
+    await log.delete_before(15)
     assert fs.fdatasync_count == before + 1  # the log start file's own; none per segment
     assert log.log_start_offset == 15 and len(log.segments) < 20
     log.config = LogConfig(fsync="always", segment_bytes=200)
