@@ -767,8 +767,28 @@ class Broker:
         partition). ``routed`` is False when some message reached no destination.
         """
         routed, plans = self.exchanges.plan(exchange, routing_key, messages)
+        work = [(destination.name, planned) for destinations, planned in plans.items()
+                for destination in destinations]
+        if len(work) == 1:  # the common case: no task
+            ((name, planned),) = work
+            return RouteResult(routed=routed, results=tuple(await self.publish(name, planned)))
+        # every destination's append is written in this turn and all wait for the same
+        # durability barrier pass (not each for its own fsync in turn); each runs to its
+        # end, and the first failure is raised as itself afterwards
+        outcomes: list[list[PublishResult] | BaseException] = [[] for _ in work]
+
+        async def publish_one(index: int, name: str, planned: Sequence[Message]) -> None:
+            try:
+                outcomes[index] = await self.publish(name, planned)
+            except Exception as error:  # raised below once every destination is done
+                outcomes[index] = error
+
+        async with asyncio.TaskGroup() as group:
+            for index, (name, planned) in enumerate(work):
+                group.create_task(publish_one(index, name, planned))
         results: list[PublishResult] = []
-        for destinations, planned in plans.items():
-            for destination in destinations:
-                results.extend(await self.publish(destination.name, planned))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results.extend(outcome)
         return RouteResult(routed=routed, results=tuple(results))

@@ -141,6 +141,22 @@ class Producer:
                                       topic=topic, partition=partition)
         if producer_id < 0:
             return await self.append(topic, partition, batch, ())
+        appended = await self._append_idempotent(topic, partition, batch, headers, incoming)
+        if not appended.duplicate:
+            # the producer's sequences and checkpoint, written in the append's turn: made
+            # durable by the next barrier pass, outside the lock, so the producer's next
+            # batch is checked and written meanwhile (a crash before that pass loses
+            # nothing: recovery re-scans the log past the last durable checkpoint)
+            await self.state_store.commit()
+        return appended
+
+    async def _append_idempotent(
+        self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
+        headers: Sequence[BatchHeader], incoming: Sequence[IncomingBatch],
+    ) -> AppendResult:
+        """The sequence check and the append, under the (producer, partition) lock; the
+        lock is held until the log append is durable, not across the state commit."""
+        producer_id = incoming[0].producer_id
         key = (producer_id, topic, partition)
         transactional = headers[0].is_transactional
         async with self.producer_locks.hold(key):
@@ -222,8 +238,6 @@ class Producer:
                 appended.last_offset + 1,
             )
         self.on_append(topic, partition)
-        if incoming:
-            await self.state_store.commit()
         return AppendResult(
             appended.base_offset, appended.last_offset, appended.log_append_time_ms,
             store.offsets(topic, partition).log_start_offset,
