@@ -7,7 +7,7 @@ schedules one pass with ``loop.call_soon`` (so every write of the current turn i
 it), asks each dirty source for its sync jobs (``prepare_sync``, on the loop: the
 state store COMMITs its open transaction there, a committer takes its dirty handles),
 runs every job at once in worker threads (one fdatasync per dirty file, concurrently,
-through ``fs.in_thread``), and then tells each source how its own jobs ended
+through ``fs.call_in_thread``), and then tells each source how its own jobs ended
 (``sync_done``), which answers that source's waiters. Standing sources (the state
 store) are asked at every pass, so a commit nobody awaited rides along for free.
 
@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-from conveyor.storage.fs import in_thread
+from conveyor.storage.fs import call_in_thread
 from conveyor.tasks import Supervisor
 
 SyncJob = Callable[[], None]
@@ -87,8 +87,9 @@ class DurabilityBarrier:
             prepared = [(source, source.prepare_sync()) for source in sources]
             jobs = [job for _, source_jobs in prepared for job in source_jobs]
             self.job_count += len(jobs)
-            # every job of every source at once; each source is then told of its own
-            outcomes = await asyncio.gather(*(in_thread(job) for job in jobs),
+            # every job of every source at once (executor futures: no task per job);
+            # each source is then told of its own
+            outcomes = await asyncio.gather(*(call_in_thread(job) for job in jobs),
                                             return_exceptions=True)
             index = 0
             for source, source_jobs in prepared:

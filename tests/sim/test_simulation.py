@@ -50,6 +50,7 @@ from conveyor.broker.broker import Broker
 from conveyor.broker.shared_groups import SharedGroups
 from conveyor.broker.types import HEADER_SOURCE, Delivery, FsyncPolicy, Message, QueueConfig
 from conveyor.errors import OutOfOrderSequenceError
+from conveyor.storage import durability
 from conveyor.storage.log_store import FileLogStore
 from conveyor.storage.record_batch import RecordData, build_batch, iter_records
 from conveyor.testing.clock import SimClock
@@ -471,9 +472,21 @@ async def _inline(function: Callable[..., T], /, *args: object) -> T:
     return function(*args)
 
 
+def _inline_future(function: Callable[..., T], /, *args: object) -> asyncio.Future[T]:
+    """``fs.call_in_thread`` for the simulation (the durability barrier's jobs): the
+    work runs at once on the loop, its future is done when returned."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:
+        future.set_exception(error)
+    return future
+
+
 @pytest.fixture(autouse=True)
 def no_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(asyncio, "to_thread", _inline)
+    monkeypatch.setattr(durability, "call_in_thread", _inline_future)
 
 
 @pytest.mark.parametrize("fsync", ["always", "never"])
