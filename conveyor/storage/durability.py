@@ -85,6 +85,8 @@ class DurabilityBarrier:
         finished, self._next = self._next, None
         try:
             prepared = [(source, source.prepare_sync()) for source in sources]
+            for source in sources:  # marked again while preparing: this pass covers that
+                self._dirty.pop(source, None)
             jobs = [job for _, source_jobs in prepared for job in source_jobs]
             self.job_count += len(jobs)
             # every job of every source at once (executor futures: no task per job);

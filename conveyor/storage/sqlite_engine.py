@@ -182,6 +182,7 @@ class SqliteEngine:
         if self._in_transaction:
             self._commit_waiters.append(future)
             self._schedule_commit()
+            self.barrier.mark_dirty(self)  # the pass COMMITs it, if it comes first
         elif self._unsynced:
             # committed already by a COMMIT nobody waited for: the next pass fsyncs it
             self._sync_waiters.append(future)
