@@ -84,6 +84,18 @@ class TurnAppender:
         self._tasks = Supervisor("conveyor.storage.postgres-append")
         self.closing = False
         self.transactions = 0
+        # write ids of transactions whose COMMIT outcome is being read back (compaction
+        # leaves their rows alone: the read-back looks for their first row)
+        self.in_doubt: set[int] = set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    async def idle(self) -> None:
+        """Return once every append submitted so far has its outcome."""
+        if not self._running and not self._queue:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        await waiter
 
     def submit(self, pending: PendingAppend) -> None:
         self._queue.append(pending)
@@ -113,6 +125,11 @@ class TurnAppender:
         for item, outcome in zip(group, outcomes, strict=True):
             if not item.future.done():
                 item.future.set_result(outcome)
+        if not self._running and not self._queue:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _commit_group(self, group: list[PendingAppend]) -> list[AppendOutcome]:
         write_id = self._rng.getrandbits(63)
@@ -219,17 +236,21 @@ class TurnAppender:
         """Whether the transaction ``write_id`` committed: its first row is there with
         its id. Retried until the database answers (appends queue meanwhile)."""
         delay_ms = 50
-        while True:
-            try:
-                async with self._pool.acquire() as connection:
-                    found = await connection.fetchval(sql.WRITTEN_BY, *first_row)
-                return bool(found == write_id)
-            except CONNECTION_ERRORS as error:
-                if self.closing:
-                    raise StorageError("commit outcome unknown at close",
-                                       reason=str(error)) from error
-                await self._clock.sleep_ms(delay_ms)
-                delay_ms = min(delay_ms * 2, READ_BACK_DELAY_MS_MAX)
+        self.in_doubt.add(write_id)
+        try:
+            while True:
+                try:
+                    async with self._pool.acquire() as connection:
+                        found = await connection.fetchval(sql.WRITTEN_BY, *first_row)
+                    return bool(found == write_id)
+                except CONNECTION_ERRORS as error:
+                    if self.closing:
+                        raise StorageError("commit outcome unknown at close",
+                                           reason=str(error)) from error
+                    await self._clock.sleep_ms(delay_ms)
+                    delay_ms = min(delay_ms * 2, READ_BACK_DELAY_MS_MAX)
+        finally:
+            self.in_doubt.discard(write_id)
 
     async def close(self) -> None:
         """Commit what is queued (the store stops taking appends first)."""
