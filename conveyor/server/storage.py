@@ -77,8 +77,10 @@ class Storage:
 
 
 def open_storage(location: StorageLocation, data_dir: Path, file_system: FileSystem,
-                 clock: Clock) -> Storage:
-    """The stores for ``location`` (not opened yet: the broker opens them)."""
+                 clock: Clock, *, queue_bytes_max: int | None = None,
+                 queue_appends_max: int | None = None) -> Storage:
+    """The stores for ``location`` (not opened yet: the broker opens them). The queue
+    bounds apply to PostgreSQL's appends waiting for the database (None: the default)."""
     if location.kind == "postgresql":
         from conveyor.storage.postgres_engine import PostgresEngine
 
@@ -88,15 +90,23 @@ def open_storage(location: StorageLocation, data_dir: Path, file_system: FileSys
     else:
         check_state_database(data_dir / "state.sqlite3", clock)
         state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
-    return Storage(_log_store(location, data_dir, file_system, clock), state_store, location)
+    return Storage(_log_store(location, data_dir, file_system, clock, queue_bytes_max,
+                              queue_appends_max), state_store, location)
 
 
 def _log_store(location: StorageLocation, data_dir: Path, file_system: FileSystem,
-               clock: Clock) -> LogStore:
+               clock: Clock, queue_bytes_max: int | None,
+               queue_appends_max: int | None) -> LogStore:
     """The LogStore for ``location``: segment files, or batch rows in PostgreSQL."""
     if location.kind == "postgresql":
         from conveyor.storage.postgres_log import PostgresLogStore
 
         assert location.dsn is not None
-        return PostgresLogStore(location.dsn, clock)
+        from conveyor.storage.postgres_append import QUEUE_APPENDS_MAX, QUEUE_BYTES_MAX
+
+        return PostgresLogStore(
+            location.dsn, clock,
+            queue_bytes_max=QUEUE_BYTES_MAX if queue_bytes_max is None else queue_bytes_max,
+            queue_appends_max=QUEUE_APPENDS_MAX if queue_appends_max is None
+            else queue_appends_max)
     return FileLogStore(data_dir / "logs", file_system, clock)

@@ -48,6 +48,8 @@ from conveyor.storage.log_api import (
 from conveyor.storage.log_config import LogConfig
 from conveyor.storage.postgres_append import (
     CONNECTION_ERRORS,
+    QUEUE_APPENDS_MAX,
+    QUEUE_BYTES_MAX,
     Committed,
     PendingAppend,
     TurnAppender,
@@ -89,7 +91,9 @@ class _Partition:
 class PostgresLogStore:
     def __init__(self, dsn: str, clock: Clock, rng: random.Random | None = None, *,
                  default_config: LogConfig | None = None, chunk_offsets: int = CHUNK_OFFSETS,
-                 pool_size_max: int = 8, leader_epoch: int | None = None) -> None:
+                 pool_size_max: int = 8, leader_epoch: int | None = None,
+                 queue_bytes_max: int = QUEUE_BYTES_MAX,
+                 queue_appends_max: int = QUEUE_APPENDS_MAX) -> None:
         self.dsn = dsn
         self.clock = clock
         self.rng = rng or random.Random()
@@ -99,6 +103,9 @@ class PostgresLogStore:
         # patched into every batch read (outside the CRC); None: as written, the file
         # backend's behaviour (a single node has no leader changes; leases will set it)
         self.leader_epoch = leader_epoch
+        # the bound on appends waiting for the database (postgres_append.py)
+        self.queue_bytes_max = queue_bytes_max
+        self.queue_appends_max = queue_appends_max
         self._pool: Any = None
         self._appender: TurnAppender | None = None
         self._partitions: dict[tuple[str, int], _Partition] = {}
@@ -138,7 +145,8 @@ class PostgresLogStore:
             chunks_from=row["chunks_from"]))
         await self._refresh_usage()
         self._appender = TurnAppender(self._pool, self.clock, self.rng, self.chunk_offsets,
-                                      self._committed)
+                                      self._committed, queue_bytes_max=self.queue_bytes_max,
+                                      queue_appends_max=self.queue_appends_max)
 
     def _remember(self, part: _Partition) -> None:
         self._partitions[(part.topic, part.partition)] = part
@@ -259,6 +267,10 @@ class PostgresLogStore:
             except OperatingError as error:
                 outcomes.append(error)
                 continue
+            refused = appender.admit(len(request.batches))
+            if refused is not None:
+                outcomes.append(refused)
+                continue
             if loop is None:
                 loop = asyncio.get_running_loop()
             future = loop.create_future()
@@ -271,6 +283,11 @@ class PostgresLogStore:
         for index, future in waiting:
             outcomes[index] = await future
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def queued(self) -> tuple[int, int]:
+        """(appends, payload bytes) waiting for the database now (bounded)."""
+        appender = self._appender
+        return (0, 0) if appender is None else (appender.queued_appends, appender.queued_bytes)
 
     def _committed(self, committed: list[Committed]) -> None:
         for item in committed:

@@ -26,6 +26,7 @@ from conveyor.errors import (
     InvalidProducerEpochError,
     OperatingError,
     OutOfOrderSequenceError,
+    StorageBusyError,
     StorageError,
 )
 from conveyor.storage.log_api import AppendInfo, AppendOutcome, AppendRequest
@@ -383,4 +384,55 @@ async def test_truncation_rewinds_idempotent_producer_sequences(postgres_dsn: st
     fresh = await send(producer_batch([b"y"], 7, 0, 0))
     assert isinstance(fresh, AppendInfo) and (fresh.base_offset, fresh.duplicate) == (3, False)
     assert [value for _, value in await read_values(store, "t")] == [b"a", b"b", b"c2", b"y"]
+    await store.close()
+
+
+# --- a stalled database: bounded appends ------------------------------------------------
+async def test_appends_waiting_for_a_stalled_database_are_bounded(postgres_dsn: str) -> None:
+    """Another connection holds the partition head's lock (the database "stalls" for the
+    append transaction): appends past the bound are refused at once with the retriable
+    StorageBusyError while the queue stays under the bound; once the lock goes every
+    acknowledged append is there at its offset, and nothing refused is."""
+    store = PostgresLogStore(postgres_dsn, SimClock(), random.Random(3), chunk_offsets=64,
+                             queue_bytes_max=20_000, queue_appends_max=15)
+    await store.open()
+    await store.create_partition("t", 0, LogConfig())
+    blocker = await asyncpg.connect(postgres_dsn)
+    transaction = blocker.transaction()
+    await transaction.start()
+    await blocker.execute("SELECT * FROM conveyor_log_partitions FOR UPDATE")
+    batches = [make_batch([b"%03d" % index + b"." * 1_000]) for index in range(60)]
+    seen_queued: list[tuple[int, int]] = []
+    tasks: list[asyncio.Task[list[AppendOutcome]]] = []
+    refused_at_once = 0
+    try:
+        for batch in batches:
+            task = asyncio.ensure_future(store.append([AppendRequest("t", 0, batch)]))
+            tasks.append(task)
+            await asyncio.sleep(0)  # one loop turn per producer request
+            await asyncio.sleep(0)
+            seen_queued.append(store.queued())
+            if task.done():
+                refused_at_once += 1
+                (outcome,) = task.result()
+                assert isinstance(outcome, StorageBusyError), outcome
+        assert refused_at_once >= 40
+        assert all(count <= 15 and size <= 20_000 for count, size in seen_queued)
+        assert max(size for _, size in seen_queued) > 15_000  # the queue did fill up
+    finally:
+        await transaction.rollback()
+        await blocker.close()
+    outcomes = [outcome for task in tasks for outcome in await task]
+    written = {outcome.base_offset: index for index, outcome in enumerate(outcomes)
+               if isinstance(outcome, AppendInfo)}
+    assert len(written) == 60 - refused_at_once
+    assert all(isinstance(o, AppendInfo | StorageBusyError) for o in outcomes)
+    assert store.queued() == (0, 0)
+    stored = await read_values(store, "t")
+    assert [offset for offset, _ in stored] == sorted(written)
+    for offset, value in stored:
+        assert value == b"%03d" % written[offset] + b"." * 1_000
+    # accepting again once the database answers
+    (after,) = await store.append([AppendRequest("t", 0, make_batch([b"after"]))])
+    assert isinstance(after, AppendInfo) and after.base_offset == len(written)
     await store.close()
