@@ -33,6 +33,7 @@ from conveyor.clock import Clock
 from conveyor.errors import (
     OffsetOutOfRangeError,
     OperatingError,
+    StorageBusyError,
     StorageError,
     UnknownPartitionError,
 )
@@ -106,6 +107,9 @@ class PostgresLogStore:
         # the bound on appends waiting for the database (postgres_append.py)
         self.queue_bytes_max = queue_bytes_max
         self.queue_appends_max = queue_appends_max
+        # also refuse appends while this says so (server/storage.py: the state engine's
+        # backlog on the same database is past its bound)
+        self.admission: Callable[[], StorageBusyError | None] | None = None
         self._pool: Any = None
         self._appender: TurnAppender | None = None
         self._partitions: dict[tuple[str, int], _Partition] = {}
@@ -257,6 +261,9 @@ class PostgresLogStore:
         appender = self._appender
         if appender is None:
             raise StorageError("log store closed")
+        busy = self.admission() if self.admission is not None else None
+        if busy is not None:
+            return [busy] * len(requests)
         loop = None
         outcomes: list[AppendOutcome | None] = []
         waiting: list[tuple[int, Any]] = []
