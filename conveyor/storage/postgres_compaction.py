@@ -34,10 +34,15 @@ How, against appends and crashes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+
+from conveyor.errors import OperatingError
 from conveyor.storage import postgres_log_schema as sql
 from conveyor.storage.log_config import LogConfig
 from conveyor.storage.record_batch import (
@@ -48,6 +53,9 @@ from conveyor.storage.record_batch import (
     patch_base_offset,
     read_header,
 )
+from conveyor.tasks import Supervisor
+
+logger = logging.getLogger(__name__)
 
 ROWS_PER_TRANSACTION = 64  # batch rows rewritten per compaction transaction
 SCAN_ROWS = 256  # rows fetched per query of the key scan
@@ -191,4 +199,37 @@ async def _rewrite(connection: Any, partition_id: int, pending: _Rewrite) -> int
     return len(deleted)
 
 
-__all__ = ["CompactionJob", "compact_partition"]
+class BackgroundCompaction:
+    """One pass over a list of partitions at a time, as a task ``run_retention`` starts
+    and does not wait for; a failure stops that partition's pass (the next one retries)."""
+
+    def __init__(self, compact: Callable[[str, int], Awaitable[int]],
+                 exists: Callable[[str, int], bool]) -> None:
+        self._compact = compact
+        self._exists = exists
+        self._task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor("conveyor.storage.postgres-compaction")
+
+    def start(self, partitions: list[tuple[str, int]]) -> None:
+        if partitions and (self._task is None or self._task.done()):
+            self._task = self._tasks.start(self._run(partitions), name="compaction")
+
+    async def _run(self, partitions: list[tuple[str, int]]) -> None:
+        for topic, partition in partitions:
+            if not self._exists(topic, partition):
+                continue  # deleted meanwhile
+            try:
+                await self._compact(topic, partition)
+            except (OperatingError, asyncpg.PostgresError) as error:
+                logger.warning("compaction of %s/%d stopped: %s", topic, partition, error)
+
+    async def idle(self) -> None:
+        if self._task is not None:
+            await asyncio.wait([self._task])
+
+    async def close(self) -> None:
+        self._task = None
+        await self._tasks.close(cancel=True)
+
+
+__all__ = ["BackgroundCompaction", "CompactionJob", "compact_partition"]

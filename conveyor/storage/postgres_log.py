@@ -57,16 +57,17 @@ from conveyor.storage.postgres_append import (
 )
 from conveyor.storage.postgres_compaction import (
     ROWS_PER_TRANSACTION,
+    BackgroundCompaction,
     CompactionJob,
     compact_partition,
 )
+from conveyor.storage.postgres_truncation import truncate_tail
 from conveyor.storage.record_batch import (
     decode_records,
     patch_base_offset,
     patch_partition_leader_epoch,
     split_batches,
 )
-from conveyor.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,7 @@ class PostgresLogStore:
         # compaction: batch rows per transaction, a test hook after each one, the pass
         self.compaction_rows = ROWS_PER_TRANSACTION
         self.after_compaction_transaction: Callable[[], None] | None = None
-        self._compacting: asyncio.Task[None] | None = None
-        self._tasks = Supervisor("conveyor.storage.postgres-compaction")
+        self._compaction = BackgroundCompaction(self.compact, self.has_partition)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -157,8 +157,7 @@ class PostgresLogStore:
         self._by_id[part.partition_id] = part
 
     async def close(self) -> None:
-        self._compacting = None
-        await self._tasks.close(cancel=True)  # a compaction pass: its transactions roll back
+        await self._compaction.close()  # a pass is cancelled: its transaction rolls back
         if self._appender is not None:
             appender, self._appender = self._appender, None
             await appender.close()
@@ -400,50 +399,22 @@ class PostgresLogStore:
 
     # --- truncation and compaction ----------------------------------------------------
     async def truncate(self, topic: str, partition: int, offset: int) -> int:
-        """Drop every batch whose last offset >= ``offset`` in one transaction under the
-        head lock (and the partition's rewrite lock: a compaction transaction is either
-        before it, and its rows go too, or after it, and finds its rows gone). The
-        producers whose batches went get their last sequence from the batches kept."""
+        """Drop every batch whose last offset >= ``offset`` (storage/postgres_truncation.py:
+        one transaction under the head lock); appends in flight commit first."""
         part = self._part(topic, partition)
-        if offset < part.log_start_offset:
-            raise OffsetOutOfRangeError("truncation below the log start", offset=offset,
-                                        log_start_offset=part.log_start_offset)
         if self._appender is not None:
-            await self._appender.idle()  # appends in flight: committed (or failed) first
-        pid = part.partition_id
-        async with self._connection() as connection, connection.transaction():
-            await connection.execute(sql.PARTITION_WRITE_LOCK, pid)
-            head = await connection.fetchrow(sql.LOCK_HEAD, pid)
-            if head is None or offset >= head["next_offset"]:
-                return part.next_offset if head is None else int(head["next_offset"])
-            if offset < head["log_start_offset"]:
-                raise OffsetOutOfRangeError("truncation below the log start", offset=offset,
-                                            log_start_offset=head["log_start_offset"])
-            gone = await connection.fetch(sql.TRUNCATE_TAIL, pid, offset)
-            kept_last = await connection.fetchval(sql.KEPT_LAST_OFFSET, pid, offset)
-            new_end = max(int(head["log_start_offset"]), int(kept_last) + 1)
-            await connection.execute(sql.SET_NEXT_OFFSET, pid, new_end)
-            for producer_id in sorted({row["producer_id"] for row in gone
-                                       if row["producer_id"] >= 0}):
-                await self._rewind_producer(connection, pid, producer_id)
+            await self._appender.idle()
+        async with self._connection() as connection:
+            new_end = await truncate_tail(connection, part.partition_id, offset)
+        if new_end == part.next_offset:
+            return new_end
         part.next_offset = new_end
-        skipped = self._set_aside.get((topic, partition))
-        if skipped:
-            skipped.difference_update({base for base in skipped if base >= new_end})
+        skipped = self._set_aside.get((topic, partition), set())
+        skipped -= {base for base in skipped if base >= new_end}
         await self._refresh_usage([part])
         logger.warning("log truncated: %s/%d from offset %d (log end now %d)", topic,
                        partition, offset, new_end)
         return new_end
-
-    @staticmethod
-    async def _rewind_producer(connection: Any, pid: int, producer_id: int) -> None:
-        row = await connection.fetchrow(sql.PRODUCER_LAST_BATCH, pid, producer_id)
-        if row is None:
-            await connection.execute(sql.DELETE_PRODUCER, pid, producer_id)
-            return
-        last = (row["base_sequence"] + row["record_count"] - 1) & ((1 << 31) - 1)
-        await connection.execute(sql.SAVE_PRODUCERS, [pid], [producer_id],
-                                 [row["producer_epoch"]], [last])
 
     async def compact(self, topic: str, partition: int) -> int:
         """Clean one compact partition now, on a connection of its own, in transactions
@@ -462,50 +433,20 @@ class PostgresLogStore:
             await self._refresh_usage([part])
         return rewritten
 
-    def _start_compaction(self) -> None:
-        """Run a compaction pass over every compact partition in the background (one at
-        a time): the retention timer that calls ``run_retention`` does not wait for it."""
-        if self._compacting is not None and not self._compacting.done():
-            return
-        names = [key for key, part in self._partitions.items()
-                 if part.config.cleanup_policy == "compact"]
-        if names:
-            self._compacting = self._tasks.start(self._compact_all(names), name="compaction")
-
-    async def _compact_all(self, names: list[tuple[str, int]]) -> None:
-        for topic, partition in names:
-            if not self.has_partition(topic, partition):
-                continue  # deleted meanwhile
-            try:
-                await self.compact(topic, partition)
-            except (OperatingError, asyncpg.PostgresError) as error:
-                # the database went away or the partition with it: the next pass retries
-                logger.warning("compaction of %s/%d stopped: %s", topic, partition, error)
-
     async def compaction_idle(self) -> None:
-        """Wait for the background compaction pass, if one runs (tests, close)."""
-        if self._compacting is not None:
-            await asyncio.wait([self._compacting])
+        """Wait for the background compaction pass, if one runs (tests)."""
+        await self._compaction.idle()
 
     async def run_retention(self) -> None:
         """Time/size retention (``delete``) and work-queue chunk drops; a chunk ahead;
-        a background compaction pass of ``compact`` partitions."""
-        self._start_compaction()
+        a background compaction pass of ``compact`` partitions (the caller does not
+        wait for it: one pass at a time)."""
+        self._compaction.start([key for key, part in self._partitions.items()
+                                if part.config.cleanup_policy == "compact"])
         now_ms = self.clock.wall_ms()
         async with self._connection() as connection:
             for part in list(self._partitions.values()):
-                config = part.config
-                target = part.log_start_offset
-                if config.cleanup_policy == "delete" and config.retention_ms >= 0:
-                    found = await connection.fetchval(
-                        sql.FIRST_NEWER_THAN, part.partition_id, part.log_start_offset,
-                        now_ms - config.retention_ms)
-                    target = max(target, part.next_offset if found is None else found)
-                if config.cleanup_policy == "delete" and config.retention_bytes >= 0:
-                    found = await connection.fetchval(
-                        sql.FIRST_WITHIN_BYTES, part.partition_id, part.log_start_offset,
-                        config.retention_bytes)
-                    target = max(target, part.next_offset if found is None else found)
+                target = await _retention_target(connection, part, now_ms)
                 if target > part.log_start_offset:
                     await connection.execute(sql.SET_LOG_START, part.partition_id, target)
                     part.log_start_offset = target
@@ -567,6 +508,23 @@ class _Acquired:
             logger.warning("dropping a broken database connection")
         if isinstance(error, CONNECTION_ERRORS):
             raise StorageError("database unavailable", reason=str(error)) from error
+
+
+async def _retention_target(connection: Any, part: _Partition, now_ms: int) -> int:
+    """The log start that time/size retention (``delete`` policy) asks for."""
+    config = part.config
+    target = part.log_start_offset
+    if config.cleanup_policy == "delete" and config.retention_ms >= 0:
+        found = await connection.fetchval(
+            sql.FIRST_NEWER_THAN, part.partition_id, part.log_start_offset,
+            now_ms - config.retention_ms)
+        target = max(target, part.next_offset if found is None else found)
+    if config.cleanup_policy == "delete" and config.retention_bytes >= 0:
+        found = await connection.fetchval(
+            sql.FIRST_WITHIN_BYTES, part.partition_id, part.log_start_offset,
+            config.retention_bytes)
+        target = max(target, part.next_offset if found is None else found)
+    return int(target)
 
 
 def _next_position(rows: Sequence[Any]) -> int:
