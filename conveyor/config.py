@@ -86,6 +86,10 @@ class BrokerSettings:
     # keep working (RabbitMQ's disk_free_limit, 50 MB by default).
     disk_free_limit_bytes: int = 50_000_000
     disk_check_interval_ms: int = 1_000  # RabbitMQ checks disk space about once a second
+    # --storage postgresql://: appends waiting for the database (stalled, away) past
+    # which new ones are refused at once with the protocol's retriable storage error
+    storage_queue_bytes_max: int = 64 << 20
+    storage_queue_appends_max: int = 10_000
     # several nodes on one PostgreSQL (docs/cluster.md): heartbeat period and lease length
     cluster_heartbeat_ms: int = 3_000
     cluster_lease_ms: int = 10_000

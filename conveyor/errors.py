@@ -195,6 +195,13 @@ class StorageFullError(StorageError):
     http_status = 507
 
 
+class StorageBusyError(StorageError):
+    """Too many writes are waiting for the database (stalled or away): refused at once,
+    before anything is written. Keeps code ``storage_error``, so every protocol answers
+    its retriable storage error (Kafka KAFKA_STORAGE_ERROR, HTTP 503 with Retry-After,
+    an AMQP nack under publisher confirms)."""
+
+
 class UnavailableError(OperatingError):
     code = "unavailable"
     http_status = 503

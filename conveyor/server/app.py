@@ -133,8 +133,10 @@ class Server:
         self._stopping = False
         try:
             file_system = MeasuredFileSystem(self.metrics.storage)  # fsync latency metrics
-            storage = open_storage(parse_storage(self.config.storage), data_dir, file_system,
-                                   self.clock)
+            storage = open_storage(
+                parse_storage(self.config.storage), data_dir, file_system, self.clock,
+                queue_bytes_max=self.config.broker.storage_queue_bytes_max,
+                queue_appends_max=self.config.broker.storage_queue_appends_max)
             log_store, state_store = storage.log_store, storage.state_store
             engine = getattr(state_store, "engine", None)
             if self.config.node_id is not None and hasattr(engine, "writer"):

@@ -77,26 +77,27 @@ class Storage:
 
 
 def open_storage(location: StorageLocation, data_dir: Path, file_system: FileSystem,
-                 clock: Clock) -> Storage:
-    """The stores for ``location`` (not opened yet: the broker opens them)."""
+                 clock: Clock, *, queue_bytes_max: int | None = None,
+                 queue_appends_max: int | None = None) -> Storage:
+    """The stores for ``location`` (not opened yet: the broker opens them). The queue
+    bounds apply to PostgreSQL's appends waiting for the database (None: the default)."""
     if location.kind == "postgresql":
+        from conveyor.storage.postgres_append import QUEUE_APPENDS_MAX, QUEUE_BYTES_MAX
         from conveyor.storage.postgres_engine import PostgresEngine
-
-        assert location.dsn is not None
-        state_store: StateStore = SqlStateStore(PostgresEngine(location.dsn, clock))
-        logger.info("state store and partition logs: PostgreSQL %s", location.describe())
-    else:
-        check_state_database(data_dir / "state.sqlite3", clock)
-        state_store = SqliteStateStore(str(data_dir / "state.sqlite3"))
-    return Storage(_log_store(location, data_dir, file_system, clock), state_store, location)
-
-
-def _log_store(location: StorageLocation, data_dir: Path, file_system: FileSystem,
-               clock: Clock) -> LogStore:
-    """The LogStore for ``location``: segment files, or batch rows in PostgreSQL."""
-    if location.kind == "postgresql":
         from conveyor.storage.postgres_log import PostgresLogStore
 
         assert location.dsn is not None
-        return PostgresLogStore(location.dsn, clock)
-    return FileLogStore(data_dir / "logs", file_system, clock)
+        engine = PostgresEngine(location.dsn, clock)
+        logger.info("state store and partition logs: PostgreSQL %s", location.describe())
+        log_store = PostgresLogStore(
+            location.dsn, clock,
+            queue_bytes_max=QUEUE_BYTES_MAX if queue_bytes_max is None else queue_bytes_max,
+            queue_appends_max=QUEUE_APPENDS_MAX if queue_appends_max is None
+            else queue_appends_max)
+        # appends also stop while the state writes waiting for the database are past
+        # their bound (a producer's appends bring producer-state writes with them)
+        log_store.admission = engine.busy
+        return Storage(log_store, SqlStateStore(engine), location)
+    check_state_database(data_dir / "state.sqlite3", clock)
+    return Storage(FileLogStore(data_dir / "logs", file_system, clock),
+                   SqliteStateStore(str(data_dir / "state.sqlite3")), location)

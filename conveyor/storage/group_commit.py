@@ -177,6 +177,19 @@ class GroupCommitter:
         self._dirty.discard(handle)
         self._forgotten.add(handle)
 
+    async def settle(self) -> None:
+        """Wait until every ``always`` write so far is durable or failed (its waiters
+        answered); the committer keeps running (a truncation waits for this)."""
+        while self._sync_task is not None or self._waiters:
+            if self._sync_task is None:
+                self._start_sync()
+            if self._sync_task is not None:
+                await asyncio.wait([self._sync_task])
+
+    def truncated(self) -> None:
+        """The log was cut below the last write: its token must not be reported again."""
+        self._last_token = None
+
     async def close(self) -> None:
         """Sync everything written so far (one more pass) and stop the interval task."""
         if self._interval_task is not None:

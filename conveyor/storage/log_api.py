@@ -159,6 +159,25 @@ class LogStore(Protocol):
     async def delete_before(self, topic: str, partition: int, offset: int) -> None:
         """Move the log start to ``offset`` (at most the high watermark)."""
 
+    async def truncate(self, topic: str, partition: int, offset: int) -> int:
+        """Drop the tail: every batch whose last offset is >= ``offset``, durably, and
+        return the new log end (= high watermark). Batches are never split: an offset
+        inside a batch drops that whole batch, so the new end is then its base offset;
+        below a compaction gap it is the end of the last batch kept, never below the log
+        start. ``offset`` >= the log end changes nothing; below the log start:
+        OffsetOutOfRangeError. For a leader-epoch truncation or a recovery that finds
+        the tail unusable; Kafka's DeleteRecords (the head) is ``delete_before``. The
+        caller holds back appends to the partition meanwhile and clamps the state that
+        names dropped offsets (broker/log_end.py)."""
+
+    async def compact(self, topic: str, partition: int) -> int:
+        """Clean one ``cleanup.policy=compact`` partition now (0 for other policies):
+        keep the latest record of every key, tombstones until ``delete_retention_ms``,
+        records without a key; only batches older than ``min_compaction_lag_ms``.
+        Offsets never change (gaps appear). Safe against appends running meanwhile and
+        against a crash midway (readers see each batch either before or after).
+        Returns how many units (file: segments; PostgreSQL: batch rows) were rewritten."""
+
     async def run_retention(self) -> None:
         """One pass of time/size retention and compaction over every partition."""
 

@@ -164,6 +164,15 @@ class FileLogStore:
     async def delete_before(self, topic: str, partition: int, offset: int) -> None:
         await self.partition(topic, partition).delete_before(offset)
 
+    async def truncate(self, topic: str, partition: int, offset: int) -> int:
+        return await self.partition(topic, partition).truncate(offset)
+
+    async def compact(self, topic: str, partition: int) -> int:
+        log = self.partition(topic, partition)
+        if log.config.cleanup_policy != "compact":
+            return 0
+        return compaction.compact(log, self.clock.wall_ms())
+
     def usage(self, topic: str, partition: int) -> PartitionUsage:
         log = self.partition(topic, partition)
         segments = log.segments

@@ -30,7 +30,12 @@ from typing import Any
 import asyncpg
 
 from conveyor.clock import Clock
-from conveyor.errors import OperatingError, StorageError, UnknownPartitionError
+from conveyor.errors import (
+    OperatingError,
+    StorageBusyError,
+    StorageError,
+    UnknownPartitionError,
+)
 from conveyor.storage import postgres_log_schema as sql
 from conveyor.storage.log_api import AppendInfo, AppendOutcome
 from conveyor.storage.postgres_sequences import ProducerSequences
@@ -44,6 +49,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError,
     asyncio.TimeoutError)
 READ_BACK_DELAY_MS_MAX = 2_000
+# appends waiting for the database (queued and in the transaction being committed); past
+# either bound a new append is refused at once (StorageBusyError), so a stalled or
+# unreachable database costs bounded memory, not a pile-up ([broker] storage_queue_*)
+QUEUE_BYTES_MAX = 64 << 20
+QUEUE_APPENDS_MAX = 10_000
 
 
 @dataclass(slots=True)
@@ -72,7 +82,9 @@ class Committed:
 
 class TurnAppender:
     def __init__(self, pool: Any, clock: Clock, rng: random.Random, chunk_offsets: int,
-                 on_committed: Callable[[list[Committed]], None]) -> None:
+                 on_committed: Callable[[list[Committed]], None], *,
+                 queue_bytes_max: int = QUEUE_BYTES_MAX,
+                 queue_appends_max: int = QUEUE_APPENDS_MAX) -> None:
         self._pool = pool
         self._clock = clock
         self._rng = rng
@@ -84,9 +96,51 @@ class TurnAppender:
         self._tasks = Supervisor("conveyor.storage.postgres-append")
         self.closing = False
         self.transactions = 0
+        # write ids of transactions whose COMMIT outcome is being read back (compaction
+        # leaves their rows alone: the read-back looks for their first row)
+        self.in_doubt: set[int] = set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self.queue_bytes_max = queue_bytes_max
+        self.queue_appends_max = queue_appends_max
+        self.queued_bytes = 0  # payload bytes submitted and not answered yet
+        self.queued_appends = 0
+        self.refused = 0  # appends refused past the bound (metrics, tests)
+        self._refusing = False
+
+    def admit(self, size_bytes: int) -> StorageBusyError | None:
+        """None if an append of ``size_bytes`` may queue; else the error to answer at
+        once. One append is always admitted into an empty queue (however large)."""
+        if self.queued_appends == 0 or (
+                self.queued_appends < self.queue_appends_max
+                and self.queued_bytes + size_bytes <= self.queue_bytes_max):
+            if self._refusing and self.queued_bytes <= self.queue_bytes_max // 2:
+                self._refusing = False
+                logger.info("appends waiting for PostgreSQL back under the bound: accepting")
+            return None
+        self.refused += 1
+        if not self._refusing:
+            self._refusing = True
+            logger.warning("%d appends (%d bytes) wait for PostgreSQL: refusing new ones "
+                           "(bound %d appends, %d bytes) until it catches up",
+                           self.queued_appends, self.queued_bytes, self.queue_appends_max,
+                           self.queue_bytes_max)
+        return StorageBusyError(
+            "too many appends wait for the database; retry", queued_appends=self.queued_appends,
+            queued_bytes=self.queued_bytes)
+
+    async def idle(self) -> None:
+        """Return once every append submitted so far has its outcome."""
+        if not self._running and not self._queue:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        await waiter
 
     def submit(self, pending: PendingAppend) -> None:
+        """Queue an admitted append (``admit``) for the next transaction."""
         self._queue.append(pending)
+        self.queued_bytes += len(pending.payload)
+        self.queued_appends += 1
         if not self._scheduled and not self._running:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start)
@@ -111,8 +165,15 @@ class TurnAppender:
             if self._queue:
                 self._start()
         for item, outcome in zip(group, outcomes, strict=True):
+            self.queued_bytes -= len(item.payload)
+            self.queued_appends -= 1
             if not item.future.done():
                 item.future.set_result(outcome)
+        if not self._running and not self._queue:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _commit_group(self, group: list[PendingAppend]) -> list[AppendOutcome]:
         write_id = self._rng.getrandbits(63)
@@ -219,17 +280,21 @@ class TurnAppender:
         """Whether the transaction ``write_id`` committed: its first row is there with
         its id. Retried until the database answers (appends queue meanwhile)."""
         delay_ms = 50
-        while True:
-            try:
-                async with self._pool.acquire() as connection:
-                    found = await connection.fetchval(sql.WRITTEN_BY, *first_row)
-                return bool(found == write_id)
-            except CONNECTION_ERRORS as error:
-                if self.closing:
-                    raise StorageError("commit outcome unknown at close",
-                                       reason=str(error)) from error
-                await self._clock.sleep_ms(delay_ms)
-                delay_ms = min(delay_ms * 2, READ_BACK_DELAY_MS_MAX)
+        self.in_doubt.add(write_id)
+        try:
+            while True:
+                try:
+                    async with self._pool.acquire() as connection:
+                        found = await connection.fetchval(sql.WRITTEN_BY, *first_row)
+                    return bool(found == write_id)
+                except CONNECTION_ERRORS as error:
+                    if self.closing:
+                        raise StorageError("commit outcome unknown at close",
+                                           reason=str(error)) from error
+                    await self._clock.sleep_ms(delay_ms)
+                    delay_ms = min(delay_ms * 2, READ_BACK_DELAY_MS_MAX)
+        finally:
+            self.in_doubt.discard(write_id)
 
     async def close(self) -> None:
         """Commit what is queued (the store stops taking appends first)."""

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from conveyor.clock import Clock
-from conveyor.errors import StorageError, StorageFullError
+from conveyor.errors import StorageBusyError, StorageError, StorageFullError
 from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue
 from conveyor.tasks import Supervisor
 
@@ -54,6 +54,9 @@ CONNECT_TIMEOUT_S = 10
 RETRY_WINDOW_MS = 30_000
 BACKOFF_MS_MIN = 50
 BACKOFF_MS_MAX = 2_000
+# state writes waiting for a database that is behind (see PostgresEngine.busy)
+BACKLOG_ROWS_MAX = 100_000
+BACKLOG_BYTES_MAX = 64 << 20
 
 _COMMIT_TABLE = (
     "CREATE TABLE IF NOT EXISTS conveyor_commit ("
@@ -87,14 +90,24 @@ class _Batch:
     statements: list[tuple[str, list[tuple[SqlValue, ...]] | None]] = field(
         default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    rows: int = 0  # rows (or DDL statements) buffered: counted against the backlog bound
+    size_bytes: int = 0
 
     def add(self, sql: str, rows: list[tuple[SqlValue, ...]] | None) -> None:
+        self.rows += 1 if rows is None else len(rows)
+        self.size_bytes += len(sql) if rows is None else sum(map(_row_bytes, rows))
         if rows is not None and self.statements:
             last_sql, last_rows = self.statements[-1]
             if last_sql == sql and last_rows is not None:
                 last_rows.extend(rows)
                 return
         self.statements.append((sql, rows))
+
+
+def _row_bytes(row: tuple[SqlValue, ...]) -> int:
+    """About what a buffered row holds (its strings and blobs, 8 bytes a number)."""
+    return sum(len(value) if isinstance(value, str | bytes | bytearray) else 8
+               for value in row)
 
 
 @functools.lru_cache(maxsize=512)
@@ -136,7 +149,9 @@ class PostgresEngine:
     commits_in_turn = False
 
     def __init__(self, dsn: str, clock: Clock, *, retry_window_ms: int = RETRY_WINDOW_MS,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 backlog_rows_max: int = BACKLOG_ROWS_MAX,
+                 backlog_bytes_max: int = BACKLOG_BYTES_MAX) -> None:
         self.dsn = dsn
         self.where = _where(dsn)
         self.clock = clock
@@ -155,6 +170,11 @@ class PostgresEngine:
         self.writer = 1  # this writer's conveyor_commit row (set before open)
         self._open = False
         self.reconnects = 0  # connections made after the first (tests, metrics)
+        # writes waiting for a database that is behind (stalled, away): past either bound
+        # ``commit()`` answers StorageBusyError at once (the writes stay queued, in order)
+        # and the PostgreSQL LogStore refuses new appends (``busy``)
+        self.backlog_rows_max = backlog_rows_max
+        self.backlog_bytes_max = backlog_bytes_max
 
     def describe(self) -> str:
         return f"PostgreSQL {self.where}"
@@ -202,7 +222,7 @@ class PostgresEngine:
         if not self._open:
             return
         try:
-            await self.commit()
+            await self._committed_all()
         finally:
             self._open = False
             await self._supervisor.close(cancel=True)
@@ -227,8 +247,33 @@ class PostgresEngine:
             self._pending.add(_translated(query), batch)
             self._schedule_flush()
 
+    def backlog(self) -> tuple[int, int]:
+        """(rows, bytes) written and not committed yet (pending, in flight, to retry)."""
+        batches = [batch for batch in (self._pending, self._inflight, self._retry)
+                   if batch is not None]
+        return sum(b.rows for b in batches), sum(b.size_bytes for b in batches)
+
+    def busy(self) -> StorageBusyError | None:
+        """The error to answer at once while the database is behind and the writes
+        waiting for it are past a bound; None otherwise."""
+        if self._inflight is None and self._retry is None:
+            return None  # nothing waits on the database: a burst is sent now
+        rows, size = self.backlog()
+        if rows <= self.backlog_rows_max and size <= self.backlog_bytes_max:
+            return None
+        return StorageBusyError("too many state writes wait for PostgreSQL; retry",
+                                database=self.where, rows=rows, bytes=size)
+
     async def commit(self) -> None:
-        """Wait until every write made so far is committed."""
+        """Wait until every write made so far is committed (StorageBusyError at once
+        while the backlog is past its bound; the writes stay queued)."""
+        busy = self.busy()
+        if busy is not None:
+            raise busy
+        await self._committed_all()
+
+    async def _committed_all(self) -> None:
+        """Wait until every write made so far is committed (close, reads: no bound)."""
         if self._pending.statements:
             batch = self._pending
         elif self._inflight is not None:
@@ -374,7 +419,7 @@ class PostgresEngine:
     # --- reads -------------------------------------------------------------------------
     async def query(self, query: str, parameters: Sequence[SqlValue] = ()
                     ) -> list[tuple[Any, ...]]:
-        await self.commit()  # read your writes
+        await self._committed_all()  # read your writes
         sql = _translated(query)
         deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
         backoff_ms = BACKOFF_MS_MIN

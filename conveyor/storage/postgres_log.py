@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from conveyor.clock import Clock
 from conveyor.errors import (
     OffsetOutOfRangeError,
     OperatingError,
+    StorageBusyError,
     StorageError,
     UnknownPartitionError,
 )
@@ -48,10 +49,19 @@ from conveyor.storage.log_api import (
 from conveyor.storage.log_config import LogConfig
 from conveyor.storage.postgres_append import (
     CONNECTION_ERRORS,
+    QUEUE_APPENDS_MAX,
+    QUEUE_BYTES_MAX,
     Committed,
     PendingAppend,
     TurnAppender,
 )
+from conveyor.storage.postgres_compaction import (
+    ROWS_PER_TRANSACTION,
+    BackgroundCompaction,
+    CompactionJob,
+    compact_partition,
+)
+from conveyor.storage.postgres_truncation import truncate_tail
 from conveyor.storage.record_batch import (
     decode_records,
     patch_base_offset,
@@ -83,7 +93,9 @@ class _Partition:
 class PostgresLogStore:
     def __init__(self, dsn: str, clock: Clock, rng: random.Random | None = None, *,
                  default_config: LogConfig | None = None, chunk_offsets: int = CHUNK_OFFSETS,
-                 pool_size_max: int = 8, leader_epoch: int | None = None) -> None:
+                 pool_size_max: int = 8, leader_epoch: int | None = None,
+                 queue_bytes_max: int = QUEUE_BYTES_MAX,
+                 queue_appends_max: int = QUEUE_APPENDS_MAX) -> None:
         self.dsn = dsn
         self.clock = clock
         self.rng = rng or random.Random()
@@ -93,12 +105,22 @@ class PostgresLogStore:
         # patched into every batch read (outside the CRC); None: as written, the file
         # backend's behaviour (a single node has no leader changes; leases will set it)
         self.leader_epoch = leader_epoch
+        # the bound on appends waiting for the database (postgres_append.py)
+        self.queue_bytes_max = queue_bytes_max
+        self.queue_appends_max = queue_appends_max
+        # also refuse appends while this says so (server/storage.py: the state engine's
+        # backlog on the same database is past its bound)
+        self.admission: Callable[[], StorageBusyError | None] | None = None
         self._pool: Any = None
         self._appender: TurnAppender | None = None
         self._partitions: dict[tuple[str, int], _Partition] = {}
         self._by_id: dict[int, _Partition] = {}
         # (topic, partition) -> base offsets of CRC-valid batches no reader can decode
         self._set_aside: dict[tuple[str, int], set[int]] = {}
+        # compaction: batch rows per transaction, a test hook after each one, the pass
+        self.compaction_rows = ROWS_PER_TRANSACTION
+        self.after_compaction_transaction: Callable[[], None] | None = None
+        self._compaction = BackgroundCompaction(self.compact, self.has_partition)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -127,13 +149,15 @@ class PostgresLogStore:
             chunks_from=row["chunks_from"]))
         await self._refresh_usage()
         self._appender = TurnAppender(self._pool, self.clock, self.rng, self.chunk_offsets,
-                                      self._committed)
+                                      self._committed, queue_bytes_max=self.queue_bytes_max,
+                                      queue_appends_max=self.queue_appends_max)
 
     def _remember(self, part: _Partition) -> None:
         self._partitions[(part.topic, part.partition)] = part
         self._by_id[part.partition_id] = part
 
     async def close(self) -> None:
+        await self._compaction.close()  # a pass is cancelled: its transaction rolls back
         if self._appender is not None:
             appender, self._appender = self._appender, None
             await appender.close()
@@ -236,6 +260,9 @@ class PostgresLogStore:
         appender = self._appender
         if appender is None:
             raise StorageError("log store closed")
+        busy = self.admission() if self.admission is not None else None
+        if busy is not None:
+            return [busy] * len(requests)
         loop = None
         outcomes: list[AppendOutcome | None] = []
         waiting: list[tuple[int, Any]] = []
@@ -245,6 +272,10 @@ class PostgresLogStore:
                 headers = split_batches(request.batches)
             except OperatingError as error:
                 outcomes.append(error)
+                continue
+            refused = appender.admit(len(request.batches))
+            if refused is not None:
+                outcomes.append(refused)
                 continue
             if loop is None:
                 loop = asyncio.get_running_loop()
@@ -258,6 +289,11 @@ class PostgresLogStore:
         for index, future in waiting:
             outcomes[index] = await future
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def queued(self) -> tuple[int, int]:
+        """(appends, payload bytes) waiting for the database now (bounded)."""
+        appender = self._appender
+        return (0, 0) if appender is None else (appender.queued_appends, appender.queued_bytes)
 
     def _committed(self, committed: list[Committed]) -> None:
         for item in committed:
@@ -361,23 +397,56 @@ class PostgresLogStore:
             await connection.execute(sql.SET_CHUNKS_FROM, pid, chunk)
         part.chunks_from = chunk
 
+    # --- truncation and compaction ----------------------------------------------------
+    async def truncate(self, topic: str, partition: int, offset: int) -> int:
+        """Drop every batch whose last offset >= ``offset`` (storage/postgres_truncation.py:
+        one transaction under the head lock); appends in flight commit first."""
+        part = self._part(topic, partition)
+        if self._appender is not None:
+            await self._appender.idle()
+        async with self._connection() as connection:
+            new_end = await truncate_tail(connection, part.partition_id, offset)
+        if new_end == part.next_offset:
+            return new_end
+        part.next_offset = new_end
+        skipped = self._set_aside.get((topic, partition), set())
+        skipped -= {base for base in skipped if base >= new_end}
+        await self._refresh_usage([part])
+        logger.warning("log truncated: %s/%d from offset %d (log end now %d)", topic,
+                       partition, offset, new_end)
+        return new_end
+
+    async def compact(self, topic: str, partition: int) -> int:
+        """Clean one compact partition now, on a connection of its own, in transactions
+        of bounded size (storage/postgres_compaction.py)."""
+        part = self._part(topic, partition)
+        if part.config.cleanup_policy != "compact":
+            return 0
+        job = CompactionJob(part.partition_id, part.log_start_offset, part.next_offset,
+                            part.config, self.clock.wall_ms())
+        in_doubt = self._appender.in_doubt if self._appender is not None else set()
+        async with self._connection() as connection:
+            rewritten = await compact_partition(
+                connection, job, in_doubt, self.compaction_rows,
+                after_transaction=self.after_compaction_transaction)
+        if rewritten:
+            await self._refresh_usage([part])
+        return rewritten
+
+    async def compaction_idle(self) -> None:
+        """Wait for the background compaction pass, if one runs (tests)."""
+        await self._compaction.idle()
+
     async def run_retention(self) -> None:
-        """Time/size retention (``delete``) and work-queue chunk drops; a chunk ahead."""
+        """Time/size retention (``delete``) and work-queue chunk drops; a chunk ahead;
+        a background compaction pass of ``compact`` partitions (the caller does not
+        wait for it: one pass at a time)."""
+        self._compaction.start([key for key, part in self._partitions.items()
+                                if part.config.cleanup_policy == "compact"])
         now_ms = self.clock.wall_ms()
         async with self._connection() as connection:
             for part in list(self._partitions.values()):
-                config = part.config
-                target = part.log_start_offset
-                if config.cleanup_policy == "delete" and config.retention_ms >= 0:
-                    found = await connection.fetchval(
-                        sql.FIRST_NEWER_THAN, part.partition_id, part.log_start_offset,
-                        now_ms - config.retention_ms)
-                    target = max(target, part.next_offset if found is None else found)
-                if config.cleanup_policy == "delete" and config.retention_bytes >= 0:
-                    found = await connection.fetchval(
-                        sql.FIRST_WITHIN_BYTES, part.partition_id, part.log_start_offset,
-                        config.retention_bytes)
-                    target = max(target, part.next_offset if found is None else found)
+                target = await _retention_target(connection, part, now_ms)
                 if target > part.log_start_offset:
                     await connection.execute(sql.SET_LOG_START, part.partition_id, target)
                     part.log_start_offset = target
@@ -391,9 +460,9 @@ class PostgresLogStore:
                                                  row["next_offset"], row["chunks_until"])
         await self._refresh_usage()
 
-    async def _refresh_usage(self) -> None:
+    async def _refresh_usage(self, parts: Sequence[_Partition] | None = None) -> None:
         async with self._connection() as connection:
-            for part in self._partitions.values():
+            for part in list(self._partitions.values()) if parts is None else parts:
                 size, newest = await connection.fetchrow(sql.USAGE, part.partition_id,
                                                          part.log_start_offset)
                 part.size_bytes, part.max_timestamp_ms = int(size), int(newest)
@@ -439,6 +508,23 @@ class _Acquired:
             logger.warning("dropping a broken database connection")
         if isinstance(error, CONNECTION_ERRORS):
             raise StorageError("database unavailable", reason=str(error)) from error
+
+
+async def _retention_target(connection: Any, part: _Partition, now_ms: int) -> int:
+    """The log start that time/size retention (``delete`` policy) asks for."""
+    config = part.config
+    target = part.log_start_offset
+    if config.cleanup_policy == "delete" and config.retention_ms >= 0:
+        found = await connection.fetchval(
+            sql.FIRST_NEWER_THAN, part.partition_id, part.log_start_offset,
+            now_ms - config.retention_ms)
+        target = max(target, part.next_offset if found is None else found)
+    if config.cleanup_policy == "delete" and config.retention_bytes >= 0:
+        found = await connection.fetchval(
+            sql.FIRST_WITHIN_BYTES, part.partition_id, part.log_start_offset,
+            config.retention_bytes)
+        target = max(target, part.next_offset if found is None else found)
+    return int(target)
 
 
 def _next_position(rows: Sequence[Any]) -> int:

@@ -135,6 +135,40 @@ CHUNKS_FROM = "SELECT chunks_from FROM conveyor_log_partitions WHERE partition_i
 CHUNK_LAST_OFFSET = "SELECT coalesce(max(last_offset), -1) FROM {chunk}"
 DELETE_HEAD = "DELETE FROM conveyor_log_partitions WHERE partition_id = $1"
 
+# compaction (storage/postgres_compaction.py) and truncation of one partition: its rewrite
+# transactions and a truncation take this lock, so a truncation sees every rewritten row
+PARTITION_WRITE_LOCK = "SELECT pg_advisory_xact_lock(7140002, $1::integer)"
+COMPACT_SCAN = """SELECT base_offset, last_offset, record_count, write_id, payload
+    FROM conveyor_log_batches
+    WHERE partition_id = $1 AND last_offset >= $2 AND base_offset < $3
+    ORDER BY last_offset LIMIT $4"""
+# the first batch too young to compact (min.compaction.lag.ms)
+FIRST_NEWER_THAN_BEFORE = """SELECT base_offset FROM conveyor_log_batches
+    WHERE partition_id = $1 AND last_offset >= $2 AND base_offset < $3
+        AND max_timestamp_ms > $4
+    ORDER BY last_offset LIMIT 1"""
+# a planned row is deleted only if it is still the one planned from
+DELETE_COMPACTED = """DELETE FROM conveyor_log_batches AS batch
+    USING unnest($2::bigint[], $3::bigint[], $4::integer[])
+        AS planned(base_offset, write_id, record_count)
+    WHERE batch.partition_id = $1 AND batch.base_offset = planned.base_offset
+        AND batch.write_id = planned.write_id AND batch.record_count = planned.record_count
+    RETURNING batch.base_offset"""
+
+# truncation of the tail (every batch whose last offset >= $2), under the head lock
+LOCK_HEAD = """SELECT next_offset, log_start_offset FROM conveyor_log_partitions
+    WHERE partition_id = $1 FOR UPDATE"""
+TRUNCATE_TAIL = """DELETE FROM conveyor_log_batches WHERE partition_id = $1 AND last_offset >= $2
+    RETURNING producer_id"""
+KEPT_LAST_OFFSET = """SELECT coalesce(max(last_offset), -1) FROM conveyor_log_batches
+    WHERE partition_id = $1 AND last_offset < $2"""
+SET_NEXT_OFFSET = "UPDATE conveyor_log_partitions SET next_offset = $2 WHERE partition_id = $1"
+PRODUCER_LAST_BATCH = """SELECT producer_epoch, base_sequence, record_count
+    FROM conveyor_log_batches WHERE partition_id = $1 AND producer_id = $2
+        AND base_sequence >= 0
+    ORDER BY last_offset DESC LIMIT 1"""
+DELETE_PRODUCER = "DELETE FROM conveyor_log_producers WHERE partition_id = $1 AND producer_id = $2"
+
 
 def partition_table(partition_id: int) -> str:
     return f"conveyor_log_p{int(partition_id)}"

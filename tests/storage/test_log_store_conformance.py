@@ -12,6 +12,7 @@ tested in test_file_log_store.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from log_backends import Backend
@@ -20,7 +21,7 @@ from storage_helpers import make_batch, values_of
 from conveyor.errors import CorruptRecordError, OffsetOutOfRangeError, UnknownPartitionError
 from conveyor.storage.log_api import AppendInfo, AppendRequest, LogStore
 from conveyor.storage.log_config import LogConfig
-from conveyor.storage.record_batch import split_batches
+from conveyor.storage.record_batch import RecordData, build_batch, iter_records, split_batches
 
 
 async def append(store: LogStore, topic: str, partition: int, data: bytes) -> AppendInfo:
@@ -248,4 +249,159 @@ async def test_acknowledged_appends_survive_a_crash(backend: Backend) -> None:
                                                     for index in range(20)]
     assert (await append(store, "t", 0, make_batch([b"after"]))).base_offset == \
         offsets.high_watermark
+    await store.close()
+
+
+# --- truncation of the tail ----------------------------------------------------------
+async def test_truncate_drops_the_tail_at_batch_boundaries(backend: Backend) -> None:
+    store = await backend.open()
+    await store.create_partition("t", 0, backend.small_config)
+    for index in range(10):
+        await append(store, "t", 0, make_batch([b"%02d" % index + b"." * 100]))
+    assert (await append(store, "t", 0, make_batch([b"10", b"11", b"12"]))).base_offset == 10
+    for index in range(13, 30):
+        await append(store, "t", 0, make_batch([b"%02d" % index + b"." * 100]))
+    # an offset inside a batch drops the whole batch: the log ends at its base offset
+    assert await store.truncate("t", 0, 11) == 10
+    offsets = store.offsets("t", 0)
+    assert (offsets.log_start_offset, offsets.high_watermark, offsets.log_end_offset) == (0, 10, 10)
+    assert [offset for offset, _ in await read_all(store, "t", 0)] == list(range(10))
+    assert (await store.read("t", 0, 10, 1 << 20)).size_bytes == 0
+    with pytest.raises(OffsetOutOfRangeError):
+        await store.read("t", 0, 11, 100)
+    assert await store.truncate("t", 0, 25) == 10  # at or past the end: nothing changes
+    assert (await append(store, "t", 0, make_batch([b"new"]))).base_offset == 10
+    await store.close()
+    store = await backend.open()
+    assert store.offsets("t", 0).high_watermark == 11
+    stored = await read_all(store, "t", 0)
+    assert stored[-1] == (10, b"new") and len(stored) == 11
+    await store.delete_before("t", 0, 3)
+    with pytest.raises(OffsetOutOfRangeError):
+        await store.truncate("t", 0, 2)
+    assert await store.truncate("t", 0, 3) == 3  # everything readable goes
+    assert await read_all(store, "t", 0, 3) == []
+    assert (await append(store, "t", 0, make_batch([b"again"]))).base_offset == 3
+    await store.close()
+
+
+async def test_truncation_survives_a_crash(backend: Backend) -> None:
+    store = await backend.open()
+    await store.create_partition("t", 0, LogConfig(fsync="always",
+                                                   segment_bytes=backend.small_config.segment_bytes))
+    for index in range(40):
+        await append(store, "t", 0, make_batch([b"%02d" % index + b"." * 60]))
+    assert await store.truncate("t", 0, 15) == 15
+    assert (await append(store, "t", 0, make_batch([b"after"]))).base_offset == 15
+    await backend.crash(store)
+    store = await backend.open()
+    assert store.offsets("t", 0).high_watermark == 16
+    stored = await read_all(store, "t", 0)
+    assert [offset for offset, _ in stored] == list(range(16))
+    assert stored[14][1] == b"14" + b"." * 60 and stored[15] == (15, b"after")
+    await store.close()
+
+
+# --- compaction (cleanup.policy=compact) ------------------------------------------------
+def keyed(key: bytes | None, value: bytes | None, timestamp_ms: int) -> bytes:
+    return build_batch([RecordData(key, value, (), timestamp_ms)])
+
+
+Row = tuple[int, bytes | None, bytes | None]
+
+
+async def read_keyed(store: LogStore, topic: str = "c") -> list[Row]:
+    offsets = store.offsets(topic, 0)
+    rows: list[Row] = []
+    offset = offsets.log_start_offset
+    while offset < offsets.high_watermark:
+        chunk = list(iter_records((await store.read(topic, 0, offset, 1 << 20)).read_bytes()))
+        if not chunk:
+            break
+        rows += [(r.offset, r.key, r.value) for r in chunk if r.offset >= offset]
+        offset = chunk[-1].offset + 1
+    return rows
+
+
+def latest_view(rows: list[Row]) -> dict[bytes, bytes | None]:
+    view: dict[bytes, bytes | None] = {}
+    for _, key, value in rows:
+        if key is not None:
+            view[key] = value
+    return {key: value for key, value in view.items() if value is not None}
+
+
+async def filled_compact(backend: Backend, store: LogStore, **changes: int) -> None:
+    """40 records over keys k0..k4, key "gone" set at 2 and deleted (tombstone) at 21, one
+    record without a key at 7 (the same log as tests/storage/test_compaction.py)."""
+    config = dataclasses.replace(backend.small_config, segment_bytes=600,
+                                 cleanup_policy="compact", delete_retention_ms=10_000,
+                                 index_interval_bytes=128, **changes)
+    await store.create_partition("c", 0, config)
+    now_ms = backend.clock.wall_ms()
+    for index in range(40):
+        key: bytes | None = b"gone" if index in (2, 21) else b"k%d" % (index % 5)
+        key = None if index == 7 else key
+        value = None if index == 21 else b"v%d" % index
+        await append(store, "c", 0, keyed(key, value, now_ms))
+
+
+async def test_compaction_keeps_the_latest_per_key_and_drops_old_tombstones(
+        backend: Backend) -> None:
+    store = await backend.open()
+    await filled_compact(backend, store)
+    before = await read_keyed(store)
+    assert await store.compact("c", 0) > 0
+    after = await read_keyed(store)
+    assert set(after) <= set(before)  # offsets never change
+    assert latest_view(after) == latest_view(before)
+    assert len(after) < len(before)
+    assert (0, b"k0", b"v0") not in after and (2, b"gone", b"v2") not in after
+    assert (7, None, b"v7") in after  # no key: kept
+    assert (21, b"gone", None) in after  # tombstone kept within delete_retention_ms
+    assert (39, b"k4", b"v39") in after
+    assert store.offsets("c", 0).high_watermark == 40
+    assert (await append(store, "c", 0, keyed(b"k0", b"v40", 0))).base_offset == 40
+    backend.clock.advance(20_000)
+    await store.compact("c", 0)
+    after_retention = await read_keyed(store)
+    assert (21, b"gone", None) not in after_retention
+    assert latest_view(after_retention) == {**latest_view(before), b"k0": b"v40"}
+    await store.close()
+    store = await backend.open()  # the cleaned log is what a restart finds
+    assert await read_keyed(store) == after_retention
+    await store.close()
+
+
+async def test_compaction_respects_min_lag_and_other_policies(backend: Backend) -> None:
+    store = await backend.open()
+    await filled_compact(backend, store, min_compaction_lag_ms=60_000)
+    before = await read_keyed(store)
+    assert await store.compact("c", 0) == 0
+    assert await read_keyed(store) == before
+    await store.create_partition("d", 0, LogConfig())  # cleanup.policy=delete
+    for index in range(6):
+        await append(store, "d", 0, keyed(b"same", b"%d" % index, backend.clock.wall_ms()))
+    assert await store.compact("d", 0) == 0
+    assert len(await read_keyed(store, "d")) == 6
+    await store.close()
+
+
+async def test_compaction_while_appending_keeps_every_latest_value(backend: Backend) -> None:
+    store = await backend.open()
+    await filled_compact(backend, store)
+
+    async def producer() -> list[int]:
+        return [(await append(store, "c", 0, keyed(b"k%d" % (index % 7), b"late%d" % index,
+                                                  backend.clock.wall_ms()))).base_offset
+                for index in range(30)]
+
+    offsets, _ = await asyncio.gather(producer(), store.compact("c", 0))
+    assert offsets == list(range(40, 70))
+    await store.compact("c", 0)
+    after = await read_keyed(store)
+    view = latest_view(after)
+    for index in range(23, 30):  # the last value written of k0..k6
+        assert view[b"k%d" % (index % 7)] == b"late%d" % index
+    assert [row for row in after if row[0] >= 69] == [(69, b"k1", b"late29")]
     await store.close()

@@ -26,12 +26,13 @@ from conveyor.errors import (
     InvalidProducerEpochError,
     OperatingError,
     OutOfOrderSequenceError,
+    StorageBusyError,
     StorageError,
 )
 from conveyor.storage.log_api import AppendInfo, AppendOutcome, AppendRequest
 from conveyor.storage.log_config import LogConfig
 from conveyor.storage.postgres_log import PostgresLogStore
-from conveyor.storage.record_batch import RecordData, build_batch
+from conveyor.storage.record_batch import RecordData, build_batch, iter_records
 from conveyor.testing.clock import SimClock
 from conveyor.testing.postgres import PostgresServer
 
@@ -282,3 +283,156 @@ async def test_idempotent_sequences_are_checked_under_the_head_lock(postgres_dsn
     assert [value for _, value in await read_values(reader, "t")] == [b"a", b"b", b"c", b"d",
                                                                       b"y"]
     await reader.close()
+
+
+# --- compaction and truncation -----------------------------------------------------------
+Row = tuple[int, bytes | None, bytes | None]
+
+
+async def keyed_rows(store: PostgresLogStore, topic: str) -> list[Row]:
+    rows: list[Row] = []
+    offset = store.offsets(topic, 0).log_start_offset
+    while offset < store.offsets(topic, 0).high_watermark:
+        chunk = list(iter_records((await store.read(topic, 0, offset, 1 << 20)).read_bytes()))
+        rows += [(r.offset, r.key, r.value) for r in chunk if r.offset >= offset]
+        offset = chunk[-1].offset + 1
+    return rows
+
+
+def latest(rows: list[Row]) -> dict[bytes | None, bytes | None]:
+    return {key: value for _, key, value in rows}
+
+
+async def filled_compacted(store: PostgresLogStore) -> None:
+    """20 batches of 4 records over 6 keys (most batches lose some records, not all)."""
+    await store.create_partition("c", 0, LogConfig(cleanup_policy="compact"))
+    for batch in range(20):
+        records = [RecordData(b"k%d" % ((batch * 4 + n) % 6), b"v%d-%d" % (batch, n), (),
+                              1_700_000_000_000) for n in range(4)]
+        await store.append([AppendRequest("c", 0, build_batch(records))])
+
+
+async def test_a_crash_between_compaction_transactions_leaves_a_consistent_log(
+        postgres_server: PostgresServer, postgres_dsn: str) -> None:
+    """Each rewrite transaction is atomic: after a server crash midway some batches are
+    cleaned and the rest are not, every record read is one written at its offset, and
+    the next pass finishes the job."""
+    store = new_store(postgres_dsn)
+    await store.open()
+    await filled_compacted(store)
+    before = await keyed_rows(store, "c")
+    transactions: list[int] = []
+
+    def crash_after_two() -> None:
+        transactions.append(1)
+        if len(transactions) == 2:
+            postgres_server.restart("immediate")
+
+    store.compaction_rows = 2
+    store.after_compaction_transaction = crash_after_two
+    with pytest.raises((OperatingError, asyncpg.PostgresError, OSError)):
+        await store.compact("c", 0)
+    with contextlib.suppress(Exception):
+        await store.close()
+    store = new_store(postgres_dsn)
+    await store.open()
+    midway = await keyed_rows(store, "c")
+    assert set(midway) < set(before) and latest(midway) == latest(before)
+    assert len(before) - len(midway) >= 4  # two transactions of two batches committed
+    store.compaction_rows = 2
+    assert await store.compact("c", 0) > 0
+    done = await keyed_rows(store, "c")
+    assert latest(done) == latest(before)
+    assert len(done) == len({key for _, key, _ in before})  # one record per key is left
+    await store.close()
+
+
+async def test_run_retention_compacts_in_the_background(postgres_dsn: str) -> None:
+    store = new_store(postgres_dsn)
+    await store.open()
+    await filled_compacted(store)
+    before = await keyed_rows(store, "c")
+    size_before = store.usage("c", 0).size_bytes
+    await store.run_retention()
+    await store.compaction_idle()
+    after = await keyed_rows(store, "c")
+    assert latest(after) == latest(before) and len(after) == 6
+    assert store.usage("c", 0).size_bytes < size_before
+    await store.close()
+
+
+async def test_truncation_rewinds_idempotent_producer_sequences(postgres_dsn: str) -> None:
+    store = new_store(postgres_dsn)
+    await store.open()
+    await store.create_partition("t", 0, LogConfig())
+
+    async def send(data: bytes) -> AppendOutcome:
+        (outcome,) = await store.append([AppendRequest("t", 0, data, check_sequences=True)])
+        return outcome
+
+    first = producer_batch([b"a", b"b"], 42, 0, 0)
+    assert isinstance(await send(first), AppendInfo)
+    assert isinstance(await send(producer_batch([b"c"], 42, 0, 2)), AppendInfo)
+    assert isinstance(await send(producer_batch([b"x"], 7, 0, 0)), AppendInfo)
+    assert await store.truncate("t", 0, 2) == 2
+    # producer 42's last batch kept ends at sequence 1: sequence 2 is next again
+    again = await send(producer_batch([b"c2"], 42, 0, 2))
+    assert isinstance(again, AppendInfo) and (again.base_offset, again.duplicate) == (2, False)
+    retried = await send(first)
+    assert isinstance(retried, AppendInfo) and retried.duplicate and retried.base_offset == 0
+    # producer 7 has no batch left: it starts afresh
+    fresh = await send(producer_batch([b"y"], 7, 0, 0))
+    assert isinstance(fresh, AppendInfo) and (fresh.base_offset, fresh.duplicate) == (3, False)
+    assert [value for _, value in await read_values(store, "t")] == [b"a", b"b", b"c2", b"y"]
+    await store.close()
+
+
+# --- a stalled database: bounded appends ------------------------------------------------
+async def test_appends_waiting_for_a_stalled_database_are_bounded(postgres_dsn: str) -> None:
+    """Another connection holds the partition head's lock (the database "stalls" for the
+    append transaction): appends past the bound are refused at once with the retriable
+    StorageBusyError while the queue stays under the bound; once the lock goes every
+    acknowledged append is there at its offset, and nothing refused is."""
+    store = PostgresLogStore(postgres_dsn, SimClock(), random.Random(3), chunk_offsets=64,
+                             queue_bytes_max=20_000, queue_appends_max=15)
+    await store.open()
+    await store.create_partition("t", 0, LogConfig())
+    blocker = await asyncpg.connect(postgres_dsn)
+    transaction = blocker.transaction()
+    await transaction.start()
+    await blocker.execute("SELECT * FROM conveyor_log_partitions FOR UPDATE")
+    batches = [make_batch([b"%03d" % index + b"." * 1_000]) for index in range(60)]
+    seen_queued: list[tuple[int, int]] = []
+    tasks: list[asyncio.Task[list[AppendOutcome]]] = []
+    refused_at_once = 0
+    try:
+        for batch in batches:
+            task = asyncio.ensure_future(store.append([AppendRequest("t", 0, batch)]))
+            tasks.append(task)
+            await asyncio.sleep(0)  # one loop turn per producer request
+            await asyncio.sleep(0)
+            seen_queued.append(store.queued())
+            if task.done():
+                refused_at_once += 1
+                (outcome,) = task.result()
+                assert isinstance(outcome, StorageBusyError), outcome
+        assert refused_at_once >= 40
+        assert all(count <= 15 and size <= 20_000 for count, size in seen_queued)
+        assert max(size for _, size in seen_queued) > 15_000  # the queue did fill up
+    finally:
+        await transaction.rollback()
+        await blocker.close()
+    outcomes = [outcome for task in tasks for outcome in await task]
+    written = {outcome.base_offset: index for index, outcome in enumerate(outcomes)
+               if isinstance(outcome, AppendInfo)}
+    assert len(written) == 60 - refused_at_once
+    assert all(isinstance(o, AppendInfo | StorageBusyError) for o in outcomes)
+    assert store.queued() == (0, 0)
+    stored = await read_values(store, "t")
+    assert [offset for offset, _ in stored] == sorted(written)
+    for offset, value in stored:
+        assert value == b"%03d" % written[offset] + b"." * 1_000
+    # accepting again once the database answers
+    (after,) = await store.append([AppendRequest("t", 0, make_batch([b"after"]))])
+    assert isinstance(after, AppendInfo) and after.base_offset == len(written)
+    await store.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.clock import SystemClock
-from conveyor.errors import StorageError
+from conveyor.errors import StorageBusyError, StorageError
 from conveyor.storage.postgres_engine import PostgresEngine
 from conveyor.storage.shared_state import RecordRow, delivered_mark, runs
 from conveyor.storage.sql_engine import upsert_sql
@@ -300,4 +300,50 @@ async def test_postgres_rejected_write_fails_its_turn_only(postgres_dsn: str) ->
     store.save_topic(TopicRow("fine", 1, "topic", {}, 0))
     await store.commit()
     assert [row.name for row in await store.load_topics()] == ["fine"]
+    await store.close()
+
+
+async def test_postgres_stalled_state_writes_are_bounded(postgres_dsn: str) -> None:
+    """Another connection holds the commit-sequence row, so the engine's transaction
+    waits (a stalled database). Past the backlog bound ``commit()`` answers the
+    retriable StorageBusyError at once instead of piling up waiters; the writes stay
+    queued in order and all commit once the database answers."""
+    import asyncpg
+
+    engine = PostgresEngine(postgres_dsn, SystemClock(), backlog_rows_max=20)
+    store = SqlStateStore(engine)
+    await store.open()
+    store.save_topic(TopicRow("first", 1, "topic", {}, 0))
+    await store.commit()
+    blocker = await asyncpg.connect(postgres_dsn)
+    transaction = blocker.transaction()
+    await transaction.start()
+    await blocker.execute("SELECT * FROM conveyor_commit FOR UPDATE")
+    try:
+        store.save_topic(TopicRow("stalled", 1, "topic", {}, 0))
+        waiting = asyncio.ensure_future(store.commit())  # sent: waits for the lock
+        await asyncio.sleep(0)  # the commit and then the engine's flush task start
+        await asyncio.sleep(0)
+        assert engine.backlog()[0] == 1  # in flight
+        for index in range(5):
+            store.save_topic(TopicRow(f"queued-{index}", 1, "topic", {}, 0))
+        small = asyncio.ensure_future(store.commit())  # under the bound: waits too
+        await asyncio.sleep(0)
+        for index in range(30):
+            store.save_topic(TopicRow(f"over-{index}", 1, "topic", {}, 0))
+        assert engine.backlog()[0] > 20
+        with pytest.raises(StorageBusyError):
+            await store.commit()  # at once, while the database still stalls
+        assert engine.busy() is not None
+        assert not waiting.done() and not small.done()
+    finally:
+        await transaction.rollback()
+        await blocker.close()
+    await waiting
+    await small
+    await store.commit()
+    assert engine.busy() is None and engine.backlog() == (0, 0)
+    names = sorted(row.name for row in await store.load_topics())
+    assert names == sorted(["first", "stalled"] + [f"queued-{i}" for i in range(5)]
+                           + [f"over-{i}" for i in range(30)])
     await store.close()
