@@ -58,6 +58,11 @@ class RecordState(enum.Enum):
     ACKED = "acked"
     DEAD = "dead"
 
+    # members are singletons compared by identity: hash them by identity too, in C.
+    # Enum's own __hash__ is Python code, and TRANSITIONS is looked up on every
+    # acquire and ack (Enum.__hash__ was 9.8 % of the broker's CPU on HTTP acquire + ack)
+    __hash__ = object.__hash__
+
 
 class RecordEvent(enum.Enum):
     ACQUIRE = "acquire"
@@ -68,6 +73,8 @@ class RecordEvent(enum.Enum):
     DUE = "due"  # a delay ended
     KILL = "kill"  # dead: rejected, expired, out of deliveries, dropped by overflow
     PURGE = "purge"
+
+    __hash__ = object.__hash__  # as RecordState's
 
 
 S, E = RecordState, RecordEvent
