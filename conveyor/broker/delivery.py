@@ -55,6 +55,11 @@ class RecordPolicy:
     message_group: str | None  # FIFO group (only meaningful for FIFO queues)
 
 
+# the policy of a record no queue rule or reserved header touches (shared: frozen)
+PLAIN_POLICY = RecordPolicy(0, 0, NEVER_MS, None)
+_TIMED_HEADERS = frozenset({HEADER_DELIVER_AT, HEADER_EXPIRES_AT})
+
+
 def header(record: Record, name: str) -> bytes | None:
     """The last value of header ``name`` (a later header overrides an earlier one)."""
     found: bytes | None = None
@@ -78,6 +83,13 @@ def record_policy(record: Record, config: QueueConfig, wall_skew_ms: int = 0) ->
     """Combine the record's reserved headers with the queue defaults. Times are wall ms
     minus ``wall_skew_ms`` (wall - monotonic now: the window runs on the monotonic clock,
     so a wall-clock step after loading moves no deadline)."""
+    if (config.max_priority is None and not config.delay_ms
+            and config.message_ttl_ms is None and not config.fifo):
+        for name, _ in record.headers:
+            if name in _TIMED_HEADERS:
+                break
+        else:  # the common case (one pass over the headers, no new object)
+            return PLAIN_POLICY
     priority = 0
     if config.max_priority is not None:
         requested = _int_header(record, HEADER_PRIORITY) or 0

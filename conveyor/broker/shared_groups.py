@@ -635,15 +635,18 @@ class SharedGroups:
             await self._flush(state, part)
             if chosen:
                 self.traffic.partition(state.topic, index).records_out += len(chosen)
-            for item in chosen:
-                record = item.entry.record
-                if item.entry.delivery_count > 1:
+                skew_ms = self._wall_skew_ms()  # deadlines are reported in wall ms
+                # the receipt's constant parts, formatted once (make_receipt's layout)
+                prefix, suffix = f"{state.topic}:{index}:", f":{state.group}"
+            for entry, offset in chosen:
+                record = entry.record
+                count = entry.delivery_count
+                if count > 1:
                     redelivered += 1
                 deliveries.append(Delivery(
-                    make_receipt(state.group, state.topic, index, item.offset, item.entry.token),
-                    state.topic, index, item.offset, record.timestamp_ms, record.key,
-                    record.value, record.headers, item.entry.delivery_count,
-                    item.entry.deadline_ms + self._wall_skew_ms(),  # reported in wall ms
+                    f"{prefix}{offset}:{entry.token}{suffix}", state.topic, index, offset,
+                    record.timestamp_ms, record.key, record.value, record.headers, count,
+                    entry.deadline_ms + skew_ms,
                 ))
             if len(deliveries) >= records_max:
                 break
@@ -1108,8 +1111,9 @@ class SharedGroups:
         """Dead-letter what died, then persist the partition's changes."""
         self._timers.schedule((state.group, state.topic, part.partition), part.next_timer_ms())
         changes, part.changes = part.changes, []
+        acked, part.acked_since_flush = part.acked_since_flush, 0
         start_before = state.saved_start.get(part.partition)
-        if not changes and part.start_offset == start_before:
+        if not changes and not acked and part.start_offset == start_before:
             return
         dying = [change for change in changes
                  if change.state is RecordState.DEAD and change.reason is not None]
@@ -1125,7 +1129,7 @@ class SharedGroups:
         if any(change.state in (RecordState.AVAILABLE, RecordState.DELAYED)
                for change in changes):
             self._wake(state.group, state.topic)
-        elif ((part.start_offset != start_before or any(
+        elif ((part.start_offset != start_before or acked or any(
                 change.state in (RecordState.ACKED, RecordState.DEAD) for change in changes))
                 and self._waiters.get((state.group, state.topic))
                 and (part.next_offset < self._high_watermark(part) or state.config.fifo)):

@@ -243,18 +243,19 @@ class Channel:
             await self.server.broker.release([d.receipt for d in deliveries])
             return
         frame_max = connection.frame_bytes_max
+        encoder = consumer.encoder
+        if encoder is None:
+            encoder = consumer.encoder = f.DeliverEncoder(self.number, consumer.tag)
+        add = encoder.add
+        tags, queue, no_ack = self.tags, consumer.queue, consumer.no_ack
         parts: list[bytes] = []
         for delivery in deliveries:
-            if consumer.no_ack:
-                tag = self.tags.next()
-            else:
-                tag = self.tags.hold(delivery.receipt, consumer)
-                consumer.unacked += 1
-            out = outgoing(delivery.headers, delivery.key, consumer.queue)
-            parts += f.deliver_frames(
-                self.number, consumer.tag, tag, delivery.delivery_count > 1,
-                out.exchange, out.routing_key, out.properties, delivery.value or b"",
-                frame_max)
+            tag = tags.next() if no_ack else tags.hold(delivery.receipt, consumer)
+            out = outgoing(delivery.headers, delivery.key, queue)
+            add(parts, tag, delivery.delivery_count > 1, out.exchange, out.routing_key,
+                out.properties, delivery.value or b"", frame_max)
+        if not no_ack:
+            consumer.unacked += len(deliveries)
         connection.write_parts(parts)
         if consumer.no_ack:
             await self.server.broker.ack([d.receipt for d in deliveries], wait_durable=False)

@@ -236,8 +236,20 @@ class DeliveryTags(Generic[Holder]):
             if item is None:
                 raise UnknownTag(delivery_tag)
             return [item]
-        tags = [tag for tag in self.unacked if tag <= delivery_tag or delivery_tag == 0]
-        return [self.unacked.pop(tag) for tag in tags]
+        unacked = self.unacked
+        if delivery_tag == 0:
+            taken = list(unacked.values())
+            unacked.clear()
+            return taken
+        # tags are held in ascending order (``hold``), so the range ends at the first
+        # tag past ``delivery_tag``: a multiple ack costs what it settles, not the window
+        tags: list[int] = []
+        for tag in unacked:
+            if tag > delivery_tag:
+                break
+            tags.append(tag)
+        pop = unacked.pop
+        return [pop(tag) for tag in tags]
 
     def take_each(self, requests: Iterable[tuple[int, bool]]
                   ) -> tuple[list[Unacked[Holder]], UnknownTag | None]:

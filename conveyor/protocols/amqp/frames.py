@@ -59,6 +59,13 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _PUBLISH_ID: Final = b"\x00\x3c\x00\x28"  # Basic.Publish (60, 40)
 _HEARTBEAT_FRAME: Final = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+# a content header frame's head and the fixed part of its payload: type, channel, size,
+# class, weight, body size
+_HEADER_FRAME_HEAD = struct.Struct(">BHIHHQ")
+# the frame-end of the frame before, then a body frame's head: end, type, channel, size
+_END_BODY_HEAD = struct.Struct(">BBHI")
+_DELIVER_ID: Final = b"\x00\x3c\x00\x3c"  # Basic.Deliver (60, 60)
+DELIVER_ROUTES_CACHED_MAX: Final = 256  # (exchange, routing key) pairs per consumer
 
 
 class FrameError(Exception):
@@ -254,6 +261,51 @@ def _with_content(channel: int, method: bytes, properties: bytes, body: bytes,
     """A method frame (payload already encoded) followed by its content frames."""
     return [_FRAME_HEAD.pack(FRAME_METHOD, channel, len(method)), method, FRAME_END_BYTES,
             *content_frames(channel, properties, body, frame_bytes_max)]
+
+
+class DeliverEncoder:
+    """Basic.Deliver + content frames of one consumer on one channel, the hot path of
+    consuming: what is the same for every delivery (the method frame's head with the
+    consumer tag, and per exchange and routing key the rest of the method) is encoded
+    once, so a message costs one 8-byte tag and two struct packs, appended to the
+    caller's list (one ``b"".join`` and one write per batch). The bytes are exactly
+    ``deliver_frames``'s."""
+
+    def __init__(self, channel: int, consumer_tag: str) -> None:
+        self.channel = channel
+        self._consumer_tag = _shortstr(consumer_tag)
+        # (exchange, routing key) -> (method frame head, rest not redelivered, redelivered)
+        self._routes: dict[tuple[str, str], tuple[bytes, bytes, bytes]] = {}
+
+    def _route(self, exchange: str, routing_key: str) -> tuple[bytes, bytes, bytes]:
+        names = _shortstr(exchange) + _shortstr(routing_key)
+        size = len(_DELIVER_ID) + len(self._consumer_tag) + 8 + 1 + len(names)
+        head = _FRAME_HEAD.pack(FRAME_METHOD, self.channel, size) + _DELIVER_ID
+        if len(self._routes) >= DELIVER_ROUTES_CACHED_MAX:
+            self._routes.clear()
+        route = self._routes[(exchange, routing_key)] = (
+            head + self._consumer_tag, b"\x00" + names + FRAME_END_BYTES,
+            b"\x01" + names + FRAME_END_BYTES)
+        return route
+
+    def add(self, parts: list[bytes], delivery_tag: int, redelivered: bool, exchange: str,
+            routing_key: str, properties: bytes, body: bytes, frame_bytes_max: int) -> None:
+        route = self._routes.get((exchange, routing_key))
+        if route is None:
+            route = self._route(exchange, routing_key)
+        size = len(body)
+        if not size or size > frame_bytes_max - FRAME_OVERHEAD:  # no body or several frames
+            parts += (route[0], _U64.pack(delivery_tag), route[2] if redelivered else route[1],
+                      *content_frames(self.channel, properties, body, frame_bytes_max))
+            return
+        channel = self.channel
+        parts += (
+            route[0], _U64.pack(delivery_tag), route[2] if redelivered else route[1],
+            _HEADER_FRAME_HEAD.pack(FRAME_HEADER, channel, 12 + len(properties), BASIC_CLASS,
+                                    0, size),
+            properties, _END_BODY_HEAD.pack(FRAME_END, FRAME_BODY, channel, size), body,
+            FRAME_END_BYTES,
+        )
 
 
 def deliver_frames(channel: int, consumer_tag: str, delivery_tag: int, redelivered: bool,

@@ -233,6 +233,11 @@ class Outgoing:
     properties: bytes
 
 
+# the headers ``outgoing`` reads, and which of its variables each one sets
+_DELIVERY_HEADER_SLOTS: Final = {HEADER_PROPERTIES: 0, HEADER_EXCHANGE: 1,
+                                 HEADER_ROUTING_KEY: 2, HEADER_DEATHS: 3}
+
+
 def _text(value: bytes | None) -> str:
     return "" if value is None else value.decode("utf-8", "replace")
 
@@ -242,16 +247,18 @@ def outgoing(headers: Headers, key: bytes | None, source: str) -> Outgoing:
     raw: bytes | None = None
     exchange = routing_key = None
     deaths: bytes | None = None
-    for name, value in headers:
-        if not name.startswith("conveyor."):
+    slot_of = _DELIVERY_HEADER_SLOTS.get
+    for name, value in headers:  # one dict lookup per header: the per-message hot path
+        slot = slot_of(name)
+        if slot is None:
             continue
-        if name == HEADER_PROPERTIES:
+        if slot == 0:
             raw = value
-        elif name == HEADER_EXCHANGE:
+        elif slot == 1:
             exchange = _text(value)
-        elif name == HEADER_ROUTING_KEY:
+        elif slot == 2:
             routing_key = _text(value)
-        elif name == HEADER_DEATHS:
+        else:
             deaths = value
     if routing_key is None:
         routing_key = _text(key) if key is not None else source

@@ -31,6 +31,7 @@ from conveyor.server.listeners import ListenerCounters
 from conveyor.tasks import Supervisor
 
 from . import credit as credit_rules
+from .frames import DeliverEncoder
 from .settings import AmqpSettings
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class Consumer:
         self.prefetch = prefetch  # 0: unlimited
         self.exclusive = exclusive
         self.unacked = 0
+        self.encoder: DeliverEncoder | None = None  # made by the channel's first delivery
         self.task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
 

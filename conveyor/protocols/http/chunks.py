@@ -10,7 +10,6 @@ Must not know: sockets, routes.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -42,7 +41,7 @@ async def encode_body(document: Any) -> bytes:
     parts: list[bytes] = []
     for key, value in document.items():
         parts.append(b"," if parts else b"{")
-        parts.append(json.dumps(key).encode("ascii") + b":")
+        parts.append(encode_document(key) + b":")
         if value is not messages:
             parts.append(encode_document(value))
             continue

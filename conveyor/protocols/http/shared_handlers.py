@@ -104,9 +104,9 @@ class SharedGroupHandlers:
             # The client went away during the long poll: nobody will ack these.
             await shared.release([d.receipt for d in deliveries], 0)
             deliveries = []
-        deliveries = [dataclasses.replace(d, receipt=context.seal_receipt(d.receipt))
-                      for d in deliveries]
-        return ApiResponse(200, {"messages": await documents(deliveries, _delivery_document)})
+        seal = context.seal_receipt  # no copy of each Delivery just to seal its receipt
+        return ApiResponse(200, {"messages": await documents(
+            deliveries, lambda delivery: _delivery_document(delivery, seal(delivery.receipt)))})
 
     async def _settle_each(
         self, request: ApiRequest, context: RequestContext,
@@ -245,7 +245,9 @@ def _shared(broker: Broker) -> Broker:
     return broker  # every queue operation goes through the facade
 
 
-def _delivery_document(delivery: Delivery) -> dict[str, Any]:
-    return {**record_document(delivery.topic, delivery.partition, delivery),
-            "receipt": delivery.receipt, "delivery_count": delivery.delivery_count,
-            "lock_deadline_ms": delivery.lock_deadline_ms}
+def _delivery_document(delivery: Delivery, receipt: str) -> dict[str, Any]:
+    document = record_document(delivery.topic, delivery.partition, delivery)
+    document["receipt"] = receipt
+    document["delivery_count"] = delivery.delivery_count
+    document["lock_deadline_ms"] = delivery.lock_deadline_ms
+    return document

@@ -267,6 +267,29 @@ def test_deliver_frames_match_pamqp(body: bytes, redelivered: bool) -> None:
     assert got == expected + expected_content(7, body)
 
 
+@pytest.mark.parametrize("frame_max", [4096, 131_072])
+def test_deliver_encoder_writes_the_bytes_of_deliver_frames(frame_max: int) -> None:
+    """The consumer's encoder (constant parts encoded once, cached per exchange and routing
+    key) writes what deliver_frames writes: empty, small and multi-frame bodies,
+    redelivered or not, routes alternating, a cache that overflows, long names cut."""
+    encoder = frames.DeliverEncoder(3, "amq.ctag-xyz")
+    routes = [("amq.direct", "route.key"), ("", "q"), ("ex", "é" * 200)]
+    routes += [("many", f"key-{n}") for n in range(frames.DELIVER_ROUTES_CACHED_MAX + 5)]
+    bodies = [b"", b"x", b"payload" * 100, bytes(range(256)) * 40]
+    properties = PROPERTIES.marshal()
+    got: list[bytes] = []
+    expected: list[bytes] = []
+    for tag, (exchange, routing_key) in enumerate(routes * 2, start=2**33):
+        body = bodies[tag % len(bodies)]
+        redelivered = tag % 3 == 0
+        encoder.add(got, tag, redelivered, exchange, routing_key, properties, body, frame_max)
+        expected += frames.deliver_frames(3, "amq.ctag-xyz", tag, redelivered, exchange,
+                                          routing_key, properties, body, frame_max)
+    assert b"".join(got) == b"".join(expected)
+    cut = FrameReader(frame_max).feed(b"".join(got))
+    assert cut[0].type == FRAME_METHOD and cut[1].type == FRAME_HEADER
+
+
 @pytest.mark.parametrize("body", [b"", b"get me"])
 def test_get_ok_frames_match_pamqp(body: bytes) -> None:
     got = b"".join(frames.get_ok_frames(

@@ -337,6 +337,22 @@ def test_deliver_frames_equal_pamqp(channel: int, consumer_tag: str, delivery_ta
 
 
 @fuzz(40)
+@given(channels, short_text(), delivery_tags, st.booleans(), exchange_names,
+       routing_keys, pamqp_property_values, bodies)
+def test_deliver_encoder_equals_pamqp(channel: int, consumer_tag: str, delivery_tag: int,
+                                      redelivered: bool, exchange: str, routing_key: str,
+                                      props: commands.Basic.Properties, body: bytes) -> None:
+    encoder = frames.DeliverEncoder(channel, consumer_tag)
+    parts: list[bytes] = []
+    for _ in range(2):  # the second delivery uses the cached route
+        encoder.add(parts, delivery_tag, redelivered, exchange, routing_key, props.marshal(),
+                    body, FRAME_MAX)
+    expected = method(channel, commands.Basic.Deliver(consumer_tag, delivery_tag, redelivered,
+                                                      exchange, routing_key))
+    assert b"".join(parts) == 2 * (expected + expected_content(channel, props, body))
+
+
+@fuzz(40)
 @given(channels, delivery_tags, st.booleans(), exchange_names, routing_keys,
        st.integers(0, 2**32 - 1), pamqp_property_values, bodies)
 def test_get_ok_frames_equal_pamqp(channel: int, delivery_tag: int, redelivered: bool,
