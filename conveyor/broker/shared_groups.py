@@ -82,7 +82,6 @@ from conveyor.errors import (
     OperatingError,
     PreconditionFailedError,
     StorageError,
-    UnavailableError,
     UnknownDeliveryError,
     UnknownGroupError,
     UnknownPartitionError,
@@ -108,6 +107,7 @@ from .log_end import LostRange, clamp
 from .routing import Destination
 from .shared_group import Change, RecordState, SharedPartition
 from .shared_persist import WindowPersister
+from .shared_remote import ACK, EXTEND, REJECT, RELEASE, SharedRemote, split_settle, unpack
 from .shared_timers import SharedTimers
 from .stats import (
     CONSUMER_ACTIVE_MS,
@@ -233,8 +233,8 @@ class SharedGroups:
         self._timers = SharedTimers()
         # (group, topic) -> state
         self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
-        # several nodes (conveyor/cluster): may this node deliver from (group, topic)?
-        self.acquire_gate: Callable[[str, str], Awaitable[bool]] | None = None
+        # several nodes (conveyor/cluster): groups another node owns are served there
+        self.remote: SharedRemote | None = None
         # queue name -> its dedup window
         self._dedup: dict[str, DedupWindow] = {}
         # (group, topic) -> acquires waiting for a record
@@ -573,12 +573,13 @@ class SharedGroups:
     # --- acquire ---------------------------------------------------------------------
     async def acquire(
         self, topic: str, group: str, records_max: int = 1, lock_ms: int | None = None,
-        wait_ms: int = 0, consumer_id: str | None = None,
+        wait_ms: int = 0, consumer_id: str | None = None, local: bool = False,
     ) -> list[Delivery]:
-        """Lock up to ``records_max`` records; wait up to ``wait_ms`` for the first one."""
-        if self.acquire_gate is not None and not await self.acquire_gate(group, topic):
-            raise UnavailableError("this queue is served by another node of the cluster",
-                                   topic=topic, group=group)
+        """Lock up to ``records_max`` records; wait up to ``wait_ms`` for the first one.
+        ``local``: this node's window only (a request forwarded by another node)."""
+        if not local and self.remote is not None and not await self.remote.serves(group, topic):
+            return await self.remote.acquire(topic, group, records_max, lock_ms, wait_ms,
+                                             consumer_id)
         state = await self._group_for_acquire(group, topic)
         records_max = max(1, min(records_max, ACQUIRE_RECORDS_MAX))
         lock_ms = state.config.visibility_timeout_ms if lock_ms is None else lock_ms
@@ -758,36 +759,66 @@ class SharedGroups:
 
     # --- settle ----------------------------------------------------------------------
     async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
-                  outcomes: Outcomes = None) -> None:
+                  outcomes: Outcomes = None, local: bool = False) -> None:
         """``wait_durable=False``: return once applied, without waiting for the save and
         its fsync (for protocols whose acks get no answer: AMQP): the ack is saved with
         the loop turn; a crash before that turn's COMMIT is durable may redeliver.
-        ``outcomes``: one entry per receipt (None or its error) instead of raising."""
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.ack(offset, token, now_ms), wait_durable, count_acked=True,
-                           outcomes=outcomes)
+        ``outcomes``: one entry per receipt (None or its error) instead of raising.
+        ``local``: this node's windows only (a request forwarded by another node)."""
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               part.ack(offset, token, now_ms), wait_durable,
+                               count_acked=True, outcomes=found)
+            return []
+
+        await self._routed(ACK, receipts, 0, wait_durable, outcomes, local, apply)
 
     async def release(self, receipts: Iterable[str], delay_ms: int = 0,
-                      outcomes: Outcomes = None) -> None:
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.release(offset, token, now_ms, max(0, delay_ms)),
-                           outcomes=outcomes)
+                      outcomes: Outcomes = None, local: bool = False) -> None:
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               part.release(offset, token, now_ms, max(0, delay_ms)),
+                               outcomes=found)
+            return []
+
+        await self._routed(RELEASE, receipts, delay_ms, True, outcomes, local, apply)
 
     async def extend(self, receipts: Iterable[str], lock_ms: int,
-                     outcomes: Outcomes = None) -> list[int]:
+                     outcomes: Outcomes = None, local: bool = False) -> list[int]:
         """The new deadlines (wall ms) of the receipts that were extended."""
         lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
-        deadlines: list[int] = []
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           deadlines.append(part.extend(offset, token, now_ms, lock_ms)),
-                           outcomes=outcomes)
-        skew_ms = self._wall_skew_ms()
-        return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
 
-    async def reject(self, receipts: Iterable[str], reason: str = "rejected") -> None:
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            deadlines: list[int] = []
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               deadlines.append(part.extend(offset, token, now_ms, lock_ms)),
+                               outcomes=found)
+            skew_ms = self._wall_skew_ms()
+            return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
+
+        return await self._routed(EXTEND, receipts, lock_ms, True, outcomes, local, apply)
+
+    async def reject(self, receipts: Iterable[str], reason: str = "rejected",
+                     outcomes: Outcomes = None, local: bool = False) -> None:
         """Dead-letter now (reason header "rejected"; ``reason`` is for logs only)."""
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.reject(offset, token, now_ms))
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               part.reject(offset, token, now_ms), outcomes=found)
+            return []
+
+        await self._routed(REJECT, receipts, 0, True, outcomes, local, apply)
+
+    async def _routed(self, op: str, receipts: Iterable[str], arg: int, wait_durable: bool,
+                      outcomes: Outcomes, local: bool,
+                      apply: Callable[[list[str], Outcomes], Awaitable[list[int]]]) -> list[int]:
+        """Settle here, or (several nodes) the receipts of groups another node owns there."""
+        items = list(receipts)
+        if local or self.remote is None:
+            return await apply(items, outcomes)
+        results = await split_settle(self.remote, op, items, arg, wait_durable, apply)
+        if results is None:
+            return await apply(items, outcomes)
+        return unpack(results, outcomes)
 
     async def _settle(self, receipts: Iterable[str], action: Any,
                       wait_durable: bool = True, count_acked: bool = False,
@@ -835,6 +866,8 @@ class SharedGroups:
                     released += count
                     await self._flush(state, part)
         await self.persister.durable()
+        if self.remote is not None:  # what it holds through other nodes (several nodes)
+            released += await self.remote.release_consumer(consumer_id)
         return released
 
     async def redrive(self, name: str, records_max: int = 1000) -> int:
@@ -945,6 +978,8 @@ class SharedGroups:
             part = state.partitions.get(partition) if state is not None else None
             if state is None or part is None:
                 continue  # deleted meanwhile
+            if self.remote is not None and not await self.remote.serves(group, topic):
+                continue  # another node owns its window: expiries and TTLs happen there
             if state.is_queue:
                 await self._fill(state, part)  # so unconsumed records can expire
                 if (part.room() == 0 and part.next_offset < self._high_watermark(part)):
