@@ -14,10 +14,12 @@ Owns both sides of the forwarding (docs/cluster.md, "Queues"):
 Failure rules: an acquire that cannot reach an owner returns nothing when it was a
 long poll (the consumer polls again) and is UnavailableError when it was not (HTTP
 503, SQS's retriable error). A settle that cannot reach an owner within
-``SETTLE_RETRY_MS`` is UnavailableError for those receipts; an owner that changed
-answers with what its reloaded window knows (locks do not survive a move: the
-delivery was made available again, so the ack comes back LockExpiredError or
-UnknownDeliveryError and the message is delivered again — at least once, never lost).
+``settle_retry_ms`` (a lease and two heartbeats, at least ``SETTLE_RETRY_MS``: long
+enough for a dead owner's successor to be seen) is UnavailableError for those
+receipts. An owner that changed answers with what its reloaded window knows: locks
+do not survive a move, the delivery was made available again, so the ack comes back
+UnknownDeliveryError (or LockExpiredError) and the message is delivered again: at
+least once, never lost.
 Must not know: wire formats of the public protocols.
 """
 
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("conveyor.cluster.queues")
 
 RETRY_MS: Final = 5_000  # an acquire without a wait keeps looking for the owner this long
-SETTLE_RETRY_MS: Final = 15_000  # past a lease (10 s): a dead owner's successor is found
+SETTLE_RETRY_MS: Final = 15_000  # the least a settle keeps looking for an owner
 BACKOFF_FIRST_S: Final = 0.05
 BACKOFF_MAX_S: Final = 1.0
 CALL_MARGIN_S: Final = 10.0  # beyond a long poll's own wait
@@ -111,6 +113,9 @@ class RemoteQueues:
         # consumer id -> the groups it acquired from through other nodes
         self._held: OrderedDict[str, set[tuple[str, str]]] = OrderedDict()
         self._tasks = Supervisor("conveyor.cluster.remote-queues")
+        settings = membership.settings
+        self.settle_retry_ms = max(SETTLE_RETRY_MS,
+                                   settings.lease_ms + 2 * settings.heartbeat_ms + 1_000)
         self.forwarded = 0  # requests sent to owners (tests, metrics)
 
     async def close(self) -> None:
@@ -155,7 +160,7 @@ class RemoteQueues:
                      wait_durable: bool) -> list[Outcome]:
         results: list[Outcome | None] = [None] * len(receipts)
         todo = list(range(len(receipts)))
-        backoff = _Backoff(SETTLE_RETRY_MS)
+        backoff = _Backoff(self.settle_retry_ms)
         while True:
             retry: list[int] = []
             by_owner: dict[int, list[int]] = {}
@@ -177,7 +182,7 @@ class RemoteQueues:
                         "arg": arg, "wait_durable": wait_durable}
                 try:
                     self.forwarded += 1
-                    answers = await client.call("settle", args, SETTLE_RETRY_MS / 1000)
+                    answers = await client.call("settle", args, self.settle_retry_ms / 1000)
                 except (NotOwnerError, ConnectionError) as error:
                     logger.debug("settle at node %d: %s", owner, error)
                     retry.extend(indexes)
