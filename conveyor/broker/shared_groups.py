@@ -509,7 +509,11 @@ class SharedGroups:
         await self.persister.durable()
         return await self.get_queue(name)
 
-    async def purge_queue(self, name: str) -> int:
+    async def purge_queue(self, name: str, local: bool = False) -> int:
+        """``local``: this node's window only (a request forwarded by another node)."""
+        self._queue(name)
+        if not local and self.remote is not None and not await self.remote.serves(name, name):
+            return await self.remote.purge(name)  # the owner's window is the one to purge
         async with self._lifecycle.hold(name):
             return await self._purge_queue(name)
 
@@ -527,9 +531,13 @@ class SharedGroups:
         await self.persister.durable()
         return purged
 
-    async def get_queue(self, name: str) -> QueueInfo:
+    async def get_queue(self, name: str, local: bool = False) -> QueueInfo:
+        """``local``: this node's counts (another node asks; see SharedRemote.counts)."""
         state = self._queue(name)
-        ready, in_flight, delayed = await self._counts(state)
+        counted = None
+        if not local and self.remote is not None and not await self.remote.serves(name, name):
+            counted = await self.remote.counts(name)  # None: owner unreachable
+        ready, in_flight, delayed = counted or await self._counts(state)
         return QueueInfo(name, state.config, ready, in_flight, delayed)
 
     async def list_queues(self) -> list[QueueInfo]:

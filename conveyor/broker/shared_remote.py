@@ -49,6 +49,15 @@ class SharedRemote(Protocol):
         """Release what ``consumer_id`` holds at other nodes."""
         ...
 
+    async def counts(self, queue: str) -> tuple[int, int, int] | None:
+        """(ready, in flight, delayed) by the queue's owner; None when it cannot be
+        asked quickly (the caller counts its own, possibly stale, copy)."""
+        ...
+
+    async def purge(self, queue: str) -> int:
+        """Purge the queue at its owner (UnavailableError when it cannot be reached)."""
+        ...
+
 
 def group_of(receipt: str) -> tuple[str, str] | None:
     """(group, topic) of a receipt ``topic:partition:offset:token:group``; None if malformed."""

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("conveyor.cluster.queues")
 
 RETRY_MS: Final = 5_000  # an acquire without a wait keeps looking for the owner this long
+COUNTS_RETRY_MS: Final = 1_000  # a queue's counts: then this node's own copy answers
 SETTLE_RETRY_MS: Final = 15_000  # the least a settle keeps looking for an owner
 BACKOFF_FIRST_S: Final = 0.05
 BACKOFF_MAX_S: Final = 1.0
@@ -238,6 +239,36 @@ class RemoteQueues:
                         break
         return released
 
+    async def counts(self, queue: str) -> tuple[int, int, int] | None:
+        backoff = _Backoff(COUNTS_RETRY_MS)
+        while True:
+            client = await self._owner_client(queue, queue)
+            if client is None and await self.serves(queue, queue):
+                info = await self.shared.get_queue(queue, local=True)
+                return info.ready, info.in_flight, info.delayed
+            if client is not None:
+                try:
+                    found = await client.call("counts", {"queue": queue}, COUNTS_RETRY_MS / 1000)
+                    return int(found[0]), int(found[1]), int(found[2])
+                except (NotOwnerError, ConnectionError):
+                    pass
+            if not await backoff.wait():
+                return None
+
+    async def purge(self, queue: str) -> int:
+        backoff = _Backoff(RETRY_MS)
+        while True:
+            client = await self._owner_client(queue, queue)
+            if client is None and await self.serves(queue, queue):
+                return await self.shared.purge_queue(queue, local=True)
+            if client is not None:
+                try:
+                    return int(await client.call("purge", {"queue": queue}, RETRY_MS / 1000))
+                except (NotOwnerError, ConnectionError):
+                    pass
+            if not await backoff.wait():
+                raise UnavailableError("the queue's owner node cannot be reached", queue=queue)
+
     # --- internals -------------------------------------------------------------------
     def _remember(self, consumer_id: str, group: str, topic: str) -> None:
         groups = self._held.get(consumer_id)
@@ -320,6 +351,14 @@ class OwnerSide:
             return await self._acquire(args, node, incarnation)
         if op == "settle":
             return await self._settle(args)
+        if op in ("counts", "purge"):
+            queue = str(args["queue"])
+            if not await self._owns(queue, queue):
+                raise NotOwnerError("not the owner of this queue", queue=queue)
+            if op == "purge":
+                return await self.shared.purge_queue(queue, local=True)
+            info = await self.shared.get_queue(queue, local=True)
+            return [info.ready, info.in_flight, info.delayed]
         if op == "release_consumer":
             consumer = f"node{node}/{args['consumer']}"
             held = self._holders.get(node)

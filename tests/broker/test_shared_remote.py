@@ -45,6 +45,12 @@ class FakeRemote:
         self.released.append(consumer_id)
         return 2
 
+    async def counts(self, queue: str) -> tuple[int, int, int] | None:
+        return (40, 2, 0) if queue == "far" else None
+
+    async def purge(self, queue: str) -> int:
+        return 40
+
 
 async def test_remote_groups_go_to_the_remote(broker: Broker) -> None:
     shared = broker.shared_groups
@@ -77,3 +83,6 @@ async def test_remote_groups_go_to_the_remote(broker: Broker) -> None:
 
     assert await broker.release_consumer("c") == 2  # nothing held here; 2 at the remote
     assert remote.released == ["c"]
+    info = await broker.get_queue("far")  # the owner's counts, not this node's copy
+    assert (info.ready, info.in_flight, info.delayed) == (40, 2, 0)
+    assert await broker.purge_queue("far") == 40
