@@ -1052,8 +1052,33 @@ class SharedGroups:
             if group == topic:
                 raise UnknownQueueError("unknown queue", queue=topic)
             raise UnknownGroupError("unknown topic for shared group", topic=topic, group=group)
+        stored = await self._load_declared(group, topic)
+        if stored is not None:
+            return stored
         await self.create_shared_group(topic, group)  # KIP-932: created on first use
         return self._groups[(group, topic)]
+
+    async def load_declared(self, group: str, topic: str) -> None:
+        """Load the group from the state store if another node declared it (cluster)."""
+        if (group, topic) not in self._groups and self.host.topics.find(topic) is not None:
+            await self._load_declared(group, topic)
+
+    async def _load_declared(self, group: str, topic: str) -> SharedGroupWindows | None:
+        """A queue or shared group in the state store but not loaded here: declared by
+        another node of the cluster after this one opened (read, never created anew:
+        a queue taken for a new shared group would start at the log's end)."""
+        if group == topic:
+            for row in await self.host.state_store.load_queues():
+                if row.name == topic:
+                    self._dedup.setdefault(topic, DedupWindow())
+                    await self._load_group(group, topic, config_from_mapping(row.config), True)
+                    return self._groups.get((group, topic))
+        for stored_group, stored_topic, config_json in await self.store.load_groups():
+            if (stored_group, stored_topic) == (group, topic):
+                config = config_from_mapping(json.loads(config_json))
+                await self._load_group(group, topic, config, False)
+                return self._groups.get((group, topic))
+        return None
 
     def _add_new_partitions(self, state: SharedGroupWindows) -> None:
         """Partitions created after the group was loaded start at their log start."""

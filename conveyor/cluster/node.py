@@ -60,7 +60,8 @@ class ClusterNode:
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
-            self.owner_side = OwnerSide(self.membership, shared, self.serve_shared)
+            self.owner_side = OwnerSide(self.membership, shared, self.serve_shared,
+                                        self.refresh_catalog)
             self.internal = InternalServer(secret, self.owner_side.handle,
                                            self.owner_side.orphan)
             await self.internal.start(self.internal_host, 0)

@@ -252,6 +252,8 @@ class RemoteQueues:
                     return int(found[0]), int(found[1]), int(found[2])
                 except (NotOwnerError, ConnectionError):
                     pass
+                except OperatingError:
+                    return None  # the owner does not know the queue: this node's copy
             if not await backoff.wait():
                 return None
 
@@ -332,10 +334,13 @@ async def settle_local(shared: SharedGroups, op: str, receipts: list[str], arg: 
 class OwnerSide:
     """What other nodes forward to this node: acquires and settles on its own windows."""
 
-    def __init__(self, membership: Membership, shared: SharedGroups, serve: Serve) -> None:
+    def __init__(self, membership: Membership, shared: SharedGroups, serve: Serve,
+                 refresh_catalog: Callable[[], Awaitable[None]]) -> None:
         self.membership = membership
         self.shared = shared
         self.serve = serve
+        # re-read the topic catalog: a queue another node declared a moment ago
+        self.refresh_catalog = refresh_catalog
         # peer node -> (its incarnation, the consumer ids it acquired for, oldest first)
         self._holders: dict[int, tuple[int, OrderedDict[str, None]]] = {}
         self._tasks = Supervisor("conveyor.cluster.owner-side")
@@ -355,6 +360,7 @@ class OwnerSide:
             queue = str(args["queue"])
             if not await self._owns(queue, queue):
                 raise NotOwnerError("not the owner of this queue", queue=queue)
+            await self._load(queue, queue)
             if op == "purge":
                 return await self.shared.purge_queue(queue, local=True)
             info = await self.shared.get_queue(queue, local=True)
@@ -371,6 +377,7 @@ class OwnerSide:
         group, topic = str(args["group"]), str(args["topic"])
         if not await self._owns(group, topic):
             raise NotOwnerError("not the owner of this queue", group=group, topic=topic)
+        await self._load(group, topic)
         consumer = args.get("consumer")
         remote_id = None if consumer is None else f"node{node}/{consumer}"
         if remote_id is not None:
@@ -414,6 +421,14 @@ class OwnerSide:
 
     async def _owns(self, group: str, topic: str) -> bool:
         return await self.serve(group, topic)
+
+    async def _load(self, group: str, topic: str) -> None:
+        """A queue declared on another node after this one read its catalogs."""
+        if self.shared.group_state(group, topic) is not None:
+            return
+        if self.shared.host.topics.find(topic) is None:
+            await self.refresh_catalog()
+        await self.shared.load_declared(group, topic)
 
     async def _seen(self, node: int, incarnation: int) -> None:
         """A newer incarnation of a node: what the older one's consumers held goes back."""

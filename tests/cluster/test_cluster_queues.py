@@ -112,11 +112,14 @@ def test_consumers_on_both_nodes_share_a_queue(tmp_path: Path, postgres_dsn: str
 
 def test_a_dead_owners_deliveries_come_back(tmp_path: Path, postgres_dsn: str) -> None:
     with cluster(tmp_path, postgres_dsn, 2) as nodes:
-        declare(nodes)
+        # declared on the first node only: the owner (either) reads it from the store
+        http_json(nodes[0], "/queues", {"name": "jobs"})
+        wait_for(lambda: all(any(q["name"] == "jobs" for q in http_json(n, "/topics")["topics"])
+                             for n in nodes), 10, "the queue's topic on both nodes")
         owner, other = owner_of_jobs(nodes)
         http_json(other, "/topics/jobs/messages",
                   {"messages": [{"value": f"m{index}"} for index in range(20)]})
-        wait_for(lambda: http_json(owner, "/queues/jobs")["ready"] == 20, 10, "20 ready")
+        wait_for(lambda: http_json(nodes[0], "/queues/jobs")["ready"] == 20, 10, "20 ready")
         status, body = acquire(other, 20)  # through the owner (locked 4 s there)
         assert status == 200 and len(body["messages"]) == 20
         # the owner dies: the other node claims the queue after the lease, reloads it
