@@ -982,12 +982,12 @@ class SharedGroups:
                 if group_topic == topic and self._groups[(group, topic)].is_queue:
                     visits[(group, topic, partition)] = None
         for group, topic, partition in visits:
-            state = self._groups.get((group, topic))
+            if self.remote is not None and not await self.remote.serves(group, topic):
+                continue  # another node owns its window: expiries and TTLs happen there
+            state = self._groups.get((group, topic))  # (after a claim, which reloads it)
             part = state.partitions.get(partition) if state is not None else None
             if state is None or part is None:
                 continue  # deleted meanwhile
-            if self.remote is not None and not await self.remote.serves(group, topic):
-                continue  # another node owns its window: expiries and TTLs happen there
             if state.is_queue:
                 await self._fill(state, part)  # so unconsumed records can expire
                 if (part.room() == 0 and part.next_offset < self._high_watermark(part)):
