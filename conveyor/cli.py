@@ -40,6 +40,8 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--advertised-host", dest="advertised_host")
     serve.add_argument("--node-id", help="several nodes on one PostgreSQL: N or auto")
     serve.add_argument("--workers", type=int, help="N node processes (needs postgresql://)")
+    serve.add_argument("--reuse-port", dest="reuse_port", action="store_true", default=None,
+                       help="AMQP/HTTP/SQS ports shared by several processes (SO_REUSEPORT)")
     serve.add_argument("--listeners", help="comma-separated listeners to enable")
     serve.add_argument("--kafka-port", type=int)
     serve.add_argument("--amqp-port", type=int)

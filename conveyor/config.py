@@ -114,6 +114,9 @@ class ServerConfig:
     # "auto" (the database hands one out); None: a single node, no membership.
     node_id: str | None = None
     workers: int = 1  # --workers N: N node processes on one PostgreSQL (cluster/workers.py)
+    # AMQP, HTTP and SQS bind with SO_REUSEPORT, so several node processes on one machine
+    # share their ports (--workers sets it for every worker; Kafka keeps a port per node)
+    reuse_port: bool = False
     shutdown_grace_ms: int = 10_000
     tls: TlsConfig | None = None  # the global [tls] section (each listener has its own copy)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
@@ -260,7 +263,8 @@ def _check_security_settings(top: Mapping[str, Any]) -> None:
 
 # Top-level settings taken from the file, flags and (all but ``insecure``) the environment.
 _TOP_KEYS: tuple[str, ...] = ("data_dir", "storage", "host", "advertised_host", "log_level",
-                              "log_format", "node_id", "workers", "auth", "insecure")
+                              "log_format", "node_id", "workers", "reuse_port", "auth",
+                              "insecure")
 _TOP_KEYS_FROM_ENV: tuple[str, ...] = _TOP_KEYS[:-1]
 def _tls_section(document: Mapping[str, Any], environ: Mapping[str, str],
                  flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -358,7 +362,11 @@ def check_workers(workers: int, storage: str) -> None:
 
 
 def _cluster_settings(top: dict[str, Any]) -> None:
-    """``workers`` and ``node_id``: several nodes need PostgreSQL storage."""
+    """``workers`` and ``node_id``: several nodes need PostgreSQL storage; ``reuse_port``."""
+    if isinstance(top.get("reuse_port"), str):
+        top["reuse_port"] = _coerce(top["reuse_port"], False, "reuse_port")
+    if not isinstance(top.get("reuse_port", False), bool):
+        raise InvalidConfigError("reuse_port must be a boolean", value=top["reuse_port"])
     storage = str(top.get("storage", "file:"))
     if "workers" in top:
         value = top["workers"]

@@ -82,7 +82,6 @@ from conveyor.errors import (
     OperatingError,
     PreconditionFailedError,
     StorageError,
-    UnavailableError,
     UnknownDeliveryError,
     UnknownGroupError,
     UnknownPartitionError,
@@ -108,6 +107,7 @@ from .log_end import LostRange, clamp
 from .routing import Destination
 from .shared_group import Change, RecordState, SharedPartition
 from .shared_persist import WindowPersister
+from .shared_remote import ACK, EXTEND, REJECT, RELEASE, SharedRemote, split_settle, unpack
 from .shared_timers import SharedTimers
 from .stats import (
     CONSUMER_ACTIVE_MS,
@@ -233,8 +233,8 @@ class SharedGroups:
         self._timers = SharedTimers()
         # (group, topic) -> state
         self._groups: dict[tuple[str, str], SharedGroupWindows] = {}
-        # several nodes (conveyor/cluster): may this node deliver from (group, topic)?
-        self.acquire_gate: Callable[[str, str], Awaitable[bool]] | None = None
+        # several nodes (conveyor/cluster): groups another node owns are served there
+        self.remote: SharedRemote | None = None
         # queue name -> its dedup window
         self._dedup: dict[str, DedupWindow] = {}
         # (group, topic) -> acquires waiting for a record
@@ -509,7 +509,11 @@ class SharedGroups:
         await self.persister.durable()
         return await self.get_queue(name)
 
-    async def purge_queue(self, name: str) -> int:
+    async def purge_queue(self, name: str, local: bool = False) -> int:
+        """``local``: this node's window only (a request forwarded by another node)."""
+        self._queue(name)
+        if not local and self.remote is not None and not await self.remote.serves(name, name):
+            return await self.remote.purge(name)  # the owner's window is the one to purge
         async with self._lifecycle.hold(name):
             return await self._purge_queue(name)
 
@@ -527,9 +531,13 @@ class SharedGroups:
         await self.persister.durable()
         return purged
 
-    async def get_queue(self, name: str) -> QueueInfo:
+    async def get_queue(self, name: str, local: bool = False) -> QueueInfo:
+        """``local``: this node's counts (another node asks; see SharedRemote.counts)."""
         state = self._queue(name)
-        ready, in_flight, delayed = await self._counts(state)
+        counted = None
+        if not local and self.remote is not None and not await self.remote.serves(name, name):
+            counted = await self.remote.counts(name)  # None: owner unreachable
+        ready, in_flight, delayed = counted or await self._counts(state)
         return QueueInfo(name, state.config, ready, in_flight, delayed)
 
     async def list_queues(self) -> list[QueueInfo]:
@@ -573,12 +581,13 @@ class SharedGroups:
     # --- acquire ---------------------------------------------------------------------
     async def acquire(
         self, topic: str, group: str, records_max: int = 1, lock_ms: int | None = None,
-        wait_ms: int = 0, consumer_id: str | None = None,
+        wait_ms: int = 0, consumer_id: str | None = None, local: bool = False,
     ) -> list[Delivery]:
-        """Lock up to ``records_max`` records; wait up to ``wait_ms`` for the first one."""
-        if self.acquire_gate is not None and not await self.acquire_gate(group, topic):
-            raise UnavailableError("this queue is served by another node of the cluster",
-                                   topic=topic, group=group)
+        """Lock up to ``records_max`` records; wait up to ``wait_ms`` for the first one.
+        ``local``: this node's window only (a request forwarded by another node)."""
+        if not local and self.remote is not None and not await self.remote.serves(group, topic):
+            return await self.remote.acquire(topic, group, records_max, lock_ms, wait_ms,
+                                             consumer_id)
         state = await self._group_for_acquire(group, topic)
         records_max = max(1, min(records_max, ACQUIRE_RECORDS_MAX))
         lock_ms = state.config.visibility_timeout_ms if lock_ms is None else lock_ms
@@ -761,36 +770,66 @@ class SharedGroups:
 
     # --- settle ----------------------------------------------------------------------
     async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
-                  outcomes: Outcomes = None) -> None:
+                  outcomes: Outcomes = None, local: bool = False) -> None:
         """``wait_durable=False``: return once applied, without waiting for the save and
         its fsync (for protocols whose acks get no answer: AMQP): the ack is saved with
         the loop turn; a crash before that turn's COMMIT is durable may redeliver.
-        ``outcomes``: one entry per receipt (None or its error) instead of raising."""
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.ack(offset, token, now_ms), wait_durable, count_acked=True,
-                           outcomes=outcomes)
+        ``outcomes``: one entry per receipt (None or its error) instead of raising.
+        ``local``: this node's windows only (a request forwarded by another node)."""
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               part.ack(offset, token, now_ms), wait_durable,
+                               count_acked=True, outcomes=found)
+            return []
+
+        await self._routed(ACK, receipts, 0, wait_durable, outcomes, local, apply)
 
     async def release(self, receipts: Iterable[str], delay_ms: int = 0,
-                      outcomes: Outcomes = None) -> None:
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.release(offset, token, now_ms, max(0, delay_ms)),
-                           outcomes=outcomes)
+                      outcomes: Outcomes = None, local: bool = False) -> None:
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               part.release(offset, token, now_ms, max(0, delay_ms)),
+                               outcomes=found)
+            return []
+
+        await self._routed(RELEASE, receipts, delay_ms, True, outcomes, local, apply)
 
     async def extend(self, receipts: Iterable[str], lock_ms: int,
-                     outcomes: Outcomes = None) -> list[int]:
+                     outcomes: Outcomes = None, local: bool = False) -> list[int]:
         """The new deadlines (wall ms) of the receipts that were extended."""
         lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
-        deadlines: list[int] = []
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           deadlines.append(part.extend(offset, token, now_ms, lock_ms)),
-                           outcomes=outcomes)
-        skew_ms = self._wall_skew_ms()
-        return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
 
-    async def reject(self, receipts: Iterable[str], reason: str = "rejected") -> None:
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            deadlines: list[int] = []
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               deadlines.append(part.extend(offset, token, now_ms, lock_ms)),
+                               outcomes=found)
+            skew_ms = self._wall_skew_ms()
+            return [deadline_ms + skew_ms for deadline_ms in deadlines]  # wall ms
+
+        return await self._routed(EXTEND, receipts, lock_ms, True, outcomes, local, apply)
+
+    async def reject(self, receipts: Iterable[str], reason: str = "rejected",
+                     outcomes: Outcomes = None, local: bool = False) -> None:
         """Dead-letter now (reason header "rejected"; ``reason`` is for logs only)."""
-        await self._settle(receipts, lambda part, offset, token, now_ms:
-                           part.reject(offset, token, now_ms))
+        async def apply(items: list[str], found: Outcomes) -> list[int]:
+            await self._settle(items, lambda part, offset, token, now_ms:
+                               part.reject(offset, token, now_ms), outcomes=found)
+            return []
+
+        await self._routed(REJECT, receipts, 0, True, outcomes, local, apply)
+
+    async def _routed(self, op: str, receipts: Iterable[str], arg: int, wait_durable: bool,
+                      outcomes: Outcomes, local: bool,
+                      apply: Callable[[list[str], Outcomes], Awaitable[list[int]]]) -> list[int]:
+        """Settle here, or (several nodes) the receipts of groups another node owns there."""
+        items = list(receipts)
+        if local or self.remote is None:
+            return await apply(items, outcomes)
+        results = await split_settle(self.remote, op, items, arg, wait_durable, apply)
+        if results is None:
+            return await apply(items, outcomes)
+        return unpack(results, outcomes)
 
     async def _settle(self, receipts: Iterable[str], action: Any,
                       wait_durable: bool = True, count_acked: bool = False,
@@ -838,6 +877,8 @@ class SharedGroups:
                     released += count
                     await self._flush(state, part)
         await self.persister.durable()
+        if self.remote is not None:  # what it holds through other nodes (several nodes)
+            released += await self.remote.release_consumer(consumer_id)
         return released
 
     async def redrive(self, name: str, records_max: int = 1000) -> int:
@@ -944,7 +985,9 @@ class SharedGroups:
                 if group_topic == topic and self._groups[(group, topic)].is_queue:
                     visits[(group, topic, partition)] = None
         for group, topic, partition in visits:
-            state = self._groups.get((group, topic))
+            if self.remote is not None and not await self.remote.serves(group, topic):
+                continue  # another node owns its window: expiries and TTLs happen there
+            state = self._groups.get((group, topic))  # (after a claim, which reloads it)
             part = state.partitions.get(partition) if state is not None else None
             if state is None or part is None:
                 continue  # deleted meanwhile
@@ -1012,8 +1055,33 @@ class SharedGroups:
             if group == topic:
                 raise UnknownQueueError("unknown queue", queue=topic)
             raise UnknownGroupError("unknown topic for shared group", topic=topic, group=group)
+        stored = await self._load_declared(group, topic)
+        if stored is not None:
+            return stored
         await self.create_shared_group(topic, group)  # KIP-932: created on first use
         return self._groups[(group, topic)]
+
+    async def load_declared(self, group: str, topic: str) -> None:
+        """Load the group from the state store if another node declared it (cluster)."""
+        if (group, topic) not in self._groups and self.host.topics.find(topic) is not None:
+            await self._load_declared(group, topic)
+
+    async def _load_declared(self, group: str, topic: str) -> SharedGroupWindows | None:
+        """A queue or shared group in the state store but not loaded here: declared by
+        another node of the cluster after this one opened (read, never created anew:
+        a queue taken for a new shared group would start at the log's end)."""
+        if group == topic:
+            for row in await self.host.state_store.load_queues():
+                if row.name == topic:
+                    self._dedup.setdefault(topic, DedupWindow())
+                    await self._load_group(group, topic, config_from_mapping(row.config), True)
+                    return self._groups.get((group, topic))
+        for stored_group, stored_topic, config_json in await self.store.load_groups():
+            if (stored_group, stored_topic) == (group, topic):
+                config = config_from_mapping(json.loads(config_json))
+                await self._load_group(group, topic, config, False)
+                return self._groups.get((group, topic))
+        return None
 
     def _add_new_partitions(self, state: SharedGroupWindows) -> None:
         """Partitions created after the group was loaded start at their log start."""

@@ -10,12 +10,16 @@ Must not know: wire formats.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock
+from conveyor.cluster.internal_api import InternalServer, cluster_secret
 from conveyor.cluster.membership import ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, item_name
+from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
 from conveyor.cluster.wakeups import Wakeups
 from conveyor.tasks import Supervisor
 
@@ -25,8 +29,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("conveyor.cluster")
 
 class ClusterNode:
-    def __init__(self, broker: Broker, settings: ClusterSettings, clock: Clock) -> None:
+    def __init__(self, broker: Broker, settings: ClusterSettings, clock: Clock,
+                 internal_host: str = "127.0.0.1", advertised_host: str = "127.0.0.1") -> None:
         self.broker = broker
+        # the node-to-node listener (internal_api.py): bound here, advertised as this
+        self.internal_host = internal_host
+        self.advertised_host = advertised_host
+        self.internal: InternalServer | None = None
+        self.remote_queues: RemoteQueues | None = None
+        self.owner_side: OwnerSide | None = None
         self.settings = settings
         self.membership = Membership(settings, clock)
         self.membership.on_acquire = self._acquired
@@ -34,6 +45,7 @@ class ClusterNode:
         self._stopping = asyncio.Event()
         self.wakeups: Wakeups | None = None
         self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
+        self.secret = b""  # the cluster secret (internal_api.cluster_secret), at open
 
     @property
     def node_id(self) -> int:
@@ -45,8 +57,17 @@ class ClusterNode:
         producers.id_source = self.membership.allocate_producer_id
         producers.shared_store = True
         await self.membership.open({})
-        if self.broker.shared_groups is not None:  # queue deliveries from the owner only
-            self.broker.shared_groups.acquire_gate = self.serve_shared
+        self.secret = secret = await cluster_secret(self.settings.dsn)
+        shared = self.broker.shared_groups
+        if shared is not None:  # queue consumers on any node, served by the queue's owner
+            self.owner_side = OwnerSide(self.membership, shared, self.serve_shared,
+                                        self.refresh_catalog)
+            self.internal = InternalServer(secret, self.owner_side.handle,
+                                           self.owner_side.orphan)
+            await self.internal.start(self.internal_host, 0)
+            self.remote_queues = RemoteQueues(self.membership, shared, secret, self.serve_shared)
+            shared.remote = self.remote_queues
+            self._tasks.start(self._sweep(), name="conveyor.cluster.sweep")
         self._tasks.start(self._refresh_topics(), name="conveyor.cluster.topics")
         if hasattr(self.broker.log_store, "observe_head"):  # the PostgreSQL LogStore
             producer = self.broker.producer
@@ -62,14 +83,28 @@ class ClusterNode:
 
             producer.on_append = appended
 
+    def derived_key(self, label: str) -> bytes:
+        """A key every node derives alike (receipt seals valid on any node)."""
+        assert self.secret, "derived_key before open"
+        return hmac.new(self.secret, label.encode(), hashlib.sha256).digest()
+
     async def advertise(self, addresses: dict[str, str]) -> None:
-        """The listeners' addresses, once they are bound."""
+        """The listeners' addresses, once they are bound (and the internal one)."""
+        if self.internal is not None:
+            addresses = {**addresses,
+                         "internal": f"{self.advertised_host}:{self.internal.port}"}
         await self.membership.advertise(addresses)
 
     async def close(self) -> None:
         """Drain: hand every lease over, then stop."""
         self._stopping.set()
         await self._tasks.close(cancel=True)
+        if self.remote_queues is not None:
+            await self.remote_queues.close()
+        if self.owner_side is not None:
+            await self.owner_side.close()
+        if self.internal is not None:
+            await self.internal.close()
         if self.wakeups is not None:
             await self.wakeups.close()
         await self.membership.close(drain=True)
@@ -87,12 +122,29 @@ class ClusterNode:
             except Exception as error:  # logged; the next turn retries
                 logger.warning("topic catalog refresh failed", extra={"error": str(error)})
 
+    async def _sweep(self) -> None:
+        """Every heartbeat: give back what consumers of dead nodes held here."""
+        assert self.owner_side is not None
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(),
+                                       self.settings.heartbeat_ms / 1000)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.owner_side.sweep()
+            except Exception as error:  # logged; the next turn retries
+                logger.warning("release of dead nodes' deliveries failed",
+                               extra={"error": str(error)})
+
     async def refresh_catalog(self) -> None:
         """Re-read the topic catalog now (a name another node may just have created)."""
         await self.broker.topics.load()
 
     async def serve_shared(self, group: str, topic: str) -> bool:
-        """May this node deliver from the queue (shared group)? Its owner only."""
+        """Does this node hold the queue's (shared group's) window? Its owner only; the
+        others forward to it (remote_queues.py)."""
         name = item_name(SHARED, group, topic)
         self._shared[name] = (group, topic)
         return await self.membership.ensure_owned(SHARED, name)

@@ -3,12 +3,13 @@
 Owns: starting the workers, waiting for each to be ready, passing SIGTERM / SIGINT on
 (each worker drains), and exiting when they have. Every worker is a full cluster node
 (``--node-id auto``, a data directory of its own under ``<data_dir>/worker-K``).
-Worker 1 runs every configured listener; workers 2..N run Kafka only, each on the
-next port (kafka port + K - 1; 0 stays "any free port") and advertise it, so Kafka
-clients spread over all of them by partition leadership. AMQP, HTTP and SQS stay on
-worker 1: queue deliveries (shared groups) are still kept in one node's memory
-(docs/cluster.md, "Not built yet"), so sharing their ports between processes with
-SO_REUSEPORT would deliver a message to consumers on two workers.
+Every worker runs every configured listener. AMQP, HTTP and SQS bind with SO_REUSEPORT
+(``--reuse-port``): the workers share those ports and the kernel spreads connections
+over them; a queue's consumers on any worker are served through the queue's owner
+(cluster/remote_queues.py). Kafka clients are sent to one node's own address by
+Metadata, so each worker's Kafka listener has its own port (kafka port + K - 1; 0
+stays "any free port") and advertises it: Kafka clients spread over all of them by
+partition leadership.
 Must not know: protocols.
 """
 
@@ -27,16 +28,16 @@ def worker_arguments(argv: Sequence[str], config: ServerConfig, index: int) -> l
     """The ``conveyor serve`` arguments of worker ``index`` (0-based): the parent's own,
     then overrides (argparse keeps the last of a repeated flag)."""
     arguments = [sys.executable, "-m", "conveyor.cli", "serve", *argv, "--workers", "1",
-                 "--data-dir", str(config.data_dir / f"worker-{index + 1}")]
+                 "--data-dir", str(config.data_dir / f"worker-{index + 1}"), "--reuse-port"]
     if config.node_id is None:
         arguments += ["--node-id", "auto"]
     else:
         base = config.node_id
         arguments += ["--node-id", "auto" if base == "auto" else str(int(base) + index)]
-    if index > 0:
-        kafka = config.listener("kafka")
-        port = kafka.port if kafka is not None else 0
-        arguments += ["--listeners", "kafka", "--kafka-port", str(port + index if port else 0)]
+    kafka = config.listener("kafka")
+    if index > 0 and kafka is not None and kafka.enabled:
+        port = kafka.port
+        arguments += ["--kafka-port", str(port + index if port else 0)]
     return arguments
 
 

@@ -176,7 +176,8 @@ class Server:
         node_id = None if self.config.node_id == "auto" else int(self.config.node_id)
         settings = self.config.broker
         self.cluster = ClusterNode(self.broker, ClusterSettings(
-            dsn, node_id, settings.cluster_heartbeat_ms, settings.cluster_lease_ms), self.clock)
+            dsn, node_id, settings.cluster_heartbeat_ms, settings.cluster_lease_ms), self.clock,
+            internal_host=self.config.host, advertised_host=self._advertised_host())
         await self.cluster.open()
 
     def _advertised_addresses(self) -> dict[str, str]:
@@ -217,6 +218,8 @@ class Server:
                 plaintext=listener_config.plaintext,
                 refusals=self.refusals,
                 cluster=self.cluster,
+                # Kafka clients are sent to one node's own port (Metadata): never shared
+                reuse_port=self.config.reuse_port and listener_config.name != "kafka",
             )
             running = await start(self.broker, context)
             self._listeners[listener_config.name] = running

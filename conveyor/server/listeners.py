@@ -64,6 +64,8 @@ class ListenerContext:
     # Several nodes on one PostgreSQL: this node's conveyor.cluster.node.ClusterNode
     # (None: a single node, which leads and coordinates everything).
     cluster: Any = None
+    # Bind with SO_REUSEPORT: several node processes on one machine share this port.
+    reuse_port: bool = False
 
 
 class Observability(Protocol):
@@ -106,7 +108,7 @@ async def bind_endpoints(context: ListenerContext, name: str, factory: Any,
         factory, name, context.host, context.port, tls=context.tls, tls_port=context.tls_port,
         plaintext=context.plaintext, refusals=context.refusals,
         counters=listener_counters(context, name), handshake_timeout_ms=handshake_timeout_ms,
-        http=http)
+        http=http, reuse_port=context.reuse_port)
 
 
 class RunningListener(Protocol):

@@ -235,7 +235,7 @@ def _set_once(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
+def _bind(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets for every address of ``host`` (as ``create_server`` binds)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
@@ -245,6 +245,8 @@ def _bind(host: str, port: int) -> list[socket.socket]:
             listening = socket.socket(family, kind, proto)
             sockets.append(listening)
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # several processes share the port; the kernel spreads accepts
+                listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
@@ -297,10 +299,12 @@ async def open_endpoints(factory: ProtocolFactory, listener: str, host: str, por
                          tls: ServerTls | None = None, tls_port: int | None = None,
                          plaintext: bool = True, refusals: RefusalLog | None = None,
                          counters: ListenerCounters | None = None,
-                         handshake_timeout_ms: int = 60_000, http: bool = False) -> Endpoints:
+                         handshake_timeout_ms: int = 60_000, http: bool = False,
+                         reuse_port: bool = False) -> Endpoints:
     """Bind the ports of one listener. Without ``tls``: plain on ``port``. With ``tls``
     and no ``tls_port``: TLS on ``port``. With both: plain on ``port`` (unless
-    ``plaintext`` is False) and TLS on ``tls_port``."""
+    ``plaintext`` is False) and TLS on ``tls_port``. ``reuse_port``: SO_REUSEPORT, so
+    several processes bind the same port (``conveyor serve --workers N``)."""
     loop = asyncio.get_running_loop()
     listener_refusals = ListenerRefusals(
         listener, refusals if refusals is not None else RefusalLog(), counters)
@@ -314,10 +318,11 @@ async def open_endpoints(factory: ProtocolFactory, listener: str, host: str, por
             assert isinstance(inner, asyncio.Protocol)
             return _PlainSniffer(inner, listener_refusals)
 
-        plain = await loop.create_server(sniffing, host, port, reuse_address=True)
+        plain = await loop.create_server(sniffing, host, port, reuse_address=True,
+                                         reuse_port=reuse_port or None)
     if tls is not None:
         try:
-            sockets = _bind(host, port if tls_port is None else tls_port)
+            sockets = _bind(host, port if tls_port is None else tls_port, reuse_port)
         except OSError:
             if plain is not None:
                 plain.close()

@@ -1,13 +1,17 @@
 """``conveyor serve --workers N``: refused on file storage; on PostgreSQL, N node
-processes that Kafka clients spread over (docs/cluster.md)."""
+processes that Kafka clients spread over, sharing the AMQP and HTTP ports with
+SO_REUSEPORT (docs/cluster.md)."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pika
 from confluent_kafka import Consumer, Producer
 
 from conveyor.testing.server import BrokerProcess
@@ -59,3 +63,60 @@ def test_two_workers_share_the_kafka_load(tmp_path: Path, postgres_dsn: str) -> 
         assert seen == set(history.acknowledged)
     finally:
         assert server.stop() == 0  # SIGTERM reaches both workers; they drain and exit
+
+
+def _worker_view(server: BrokerProcess) -> tuple[int, int]:
+    """(node id, AMQP connections) of the worker that accepts one new HTTP connection:
+    both requests go over that one connection, so to the same worker."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.ports["http"], timeout=10)
+    try:
+        connection.request("GET", "/cluster")
+        node_id = int(json.loads(connection.getresponse().read())["node_id"])
+        connection.request("GET", "/api/connections")
+        views = json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    return node_id, sum(1 for view in views if "amqp" in str(view["protocol"]).lower())
+
+
+def test_two_workers_share_the_amqp_and_http_ports(tmp_path: Path, postgres_dsn: str) -> None:
+    server = BrokerProcess(tmp_path / "data", listeners=("amqp", "http"),
+                           extra_args=("--storage", postgres_dsn, "--workers", "2"),
+                           environ=FAST_LEASES)
+    server.data_dir.mkdir()
+    server.start()  # both workers bound the same AMQP and HTTP ports (SO_REUSEPORT)
+    connections: list[pika.BlockingConnection] = []
+    try:
+        wait_for(lambda: len([n for n in http_json(server, "/cluster")["nodes"]
+                              if n["live"]]) == 2, 15, "two live workers")
+        http_json(server, "/queues", {"name": "shared"})
+        for _ in range(16):  # the kernel spreads them over both workers
+            connection = pika.BlockingConnection(pika.ConnectionParameters(
+                "127.0.0.1", server.ports["amqp"],
+                credentials=pika.PlainCredentials("guest", "guest")))
+            connection.channel().queue_declare("shared", durable=True)  # on each worker
+            connections.append(connection)
+        per_worker: dict[int, int] = {}
+        wait_for(lambda: per_worker.update([_worker_view(server)]) or len(per_worker) == 2,
+                 30, "HTTP answered by both workers")
+        assert sum(per_worker.values()) == 16 and all(per_worker.values()), per_worker
+        # the queue works whichever worker each connection reached: one publisher,
+        # consumers on every connection, every confirmed message delivered once
+        publisher = connections[0].channel()
+        publisher.confirm_delivery()
+        for index in range(100):
+            publisher.basic_publish("", "shared", f"w{index}".encode(),
+                                    pika.BasicProperties(delivery_mode=2), mandatory=True)
+        got: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(got) < 100 and time.monotonic() < deadline:
+            for connection in connections:
+                method, _, body = connection.channel().basic_get("shared", auto_ack=True)
+                if method is not None:
+                    got.append(body.decode())
+        assert sorted(got) == sorted(f"w{index}" for index in range(100))
+    finally:
+        for connection in connections:
+            if connection.is_open:
+                connection.close()
+        assert server.stop() == 0

@@ -415,6 +415,8 @@ async def start_listener(broker: Broker, context: ListenerContext) -> HttpListen
     listener = HttpListener(broker, dict(context.settings), shared_limits(context),
                             listener_counters(context, "http"), context.observability,
                             security_of(context))
+    if context.cluster is not None:  # several nodes: a receipt sealed by one opens on all
+        listener.seal = ReceiptSeal(context.cluster.derived_key("http-receipts"))
     await listener.start(context.host, context.port, context)
     # --- management API and web UI (management.py): registry of live connections ---
     registry = shared_connections(context)

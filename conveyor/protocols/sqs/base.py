@@ -118,6 +118,11 @@ class SqsBase:
         return name
 
     # --- receipt handles ---------------------------------------------------------------
+    def use_receipt_key(self, key: bytes) -> None:
+        """Several nodes (docs/cluster.md): one key for all, so a handle received from
+        one node deletes the message through any other (a load balancer in front)."""
+        self._mac_key = key
+
     def receipt_handle(self, receipt: str) -> str:
         raw = receipt.encode()
         mac = hmac.digest(self._mac_key, raw, hashlib.sha256)[:_MAC_BYTES]

@@ -293,6 +293,8 @@ class SqsListener:
         self.handlers = SqsHandlers(self.broker, self.account_id, self.region)
         await self.handlers.open()  # the catalog is read before the first request
         context = context or ListenerContext(host, port)
+        if context.cluster is not None:  # receipt handles valid on every node
+            self.handlers.use_receipt_key(context.cluster.derived_key("sqs-receipts"))
         self._server = await bind_endpoints(context, "sqs", lambda: SqsConnection(self),
                                             self.limits.handshake_timeout_ms, http=True)
         self.port = self._server.port
