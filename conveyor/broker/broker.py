@@ -136,6 +136,7 @@ class Broker:
             self.producer.append_marker, self.group_coordinator.apply_offsets)
         self.transactions.check_member = self.group_coordinator.check_member
         self.producer.check_transactional = self.transactions.check_produce
+        self.producer.add_transactional = self.transactions.add_partition_implicitly
         self.producer.on_transactional = self.transactions.on_transactional_append
         self.fetcher.transactions = self.txn_index
         self._timer_task: asyncio.Task[None] | None = None
@@ -331,10 +332,13 @@ class Broker:
 
     # --- produce (Producer) ------------------------------------------------------------
     async def append_batch(
-        self, topic: str, partition: int, batch: bytes | bytearray | memoryview
+        self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
+        implicit_transaction: bool = False,
     ) -> AppendResult:
-        """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append."""
-        return await self.producer.append_batch(topic, partition, batch)
+        """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append.
+        ``implicit_transaction`` (Produce v12+): a transactional batch adds its partition
+        to its producer's transaction (KIP-890 part 2) instead of needing it added."""
+        return await self.producer.append_batch(topic, partition, batch, implicit_transaction)
 
     async def partition_for_key(self, topic: str, key: bytes | None) -> int:
         return await self.producer.partition_for_key(topic, key)
@@ -377,14 +381,19 @@ class Broker:
     async def txn_offset_commit(
         self, transactional_id: str, group_id: str, producer_id: int, epoch: int,
         offsets: list[tuple[str, int, int, str | None]], member: tuple[str, int] = ("", -1),
+        implicit: bool = False,
     ) -> dict[tuple[str, int], OperatingError | None]:
-        """``member``: (member id, generation) of a classic group's consumer (KIP-447)."""
+        """``member``: (member id, generation) of a classic group's consumer (KIP-447);
+        ``implicit``: the group joins the transaction here (``transaction.version`` 2)."""
         return await self.transactions.commit_offsets(transactional_id, group_id,
-                                                      producer_id, epoch, offsets, member)
+                                                      producer_id, epoch, offsets, member,
+                                                      implicit)
 
     async def end_txn(self, transactional_id: str, producer_id: int, epoch: int,
-                      commit: bool) -> None:
-        await self.transactions.end(transactional_id, producer_id, epoch, commit)
+                      commit: bool, bump_epoch: bool = False) -> tuple[int, int]:
+        """The producer id and epoch to use next (bumped with ``bump_epoch``: EndTxn v5)."""
+        return await self.transactions.end(transactional_id, producer_id, epoch, commit,
+                                           bump_epoch)
 
     def describe_transaction(self, transactional_id: str) -> TransactionDescription | None:
         return self.transactions.describe(transactional_id)

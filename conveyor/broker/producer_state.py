@@ -99,8 +99,10 @@ class ProducerStates:
     async def load(self) -> None:
         for producer in await self._state_store.load_producers():
             self._epochs[producer.producer_id] = producer.epoch
-            if producer.transactional_id is not None:
-                self._transactional[producer.transactional_id] = producer.producer_id
+            if producer.transactional_id is not None:  # a rotated id: the newest producer
+                known = self._transactional.get(producer.transactional_id, -1)
+                self._transactional[producer.transactional_id] = max(known,
+                                                                     producer.producer_id)
         for row in await self._state_store.load_producer_sequences():
             entry = PartitionProducerEntry(row.epoch)
             entry.batches.extend(BatchSequence(*batch) for batch in row.batches)
@@ -138,6 +140,28 @@ class ProducerStates:
         self._state_store.save_producer(ProducerRow(producer_id, epoch, transactional_id))
         await self._state_store.commit()
         return producer_id, epoch
+
+    def current_epoch(self, producer_id: int) -> int | None:
+        return self._epochs.get(producer_id)
+
+    def set_epoch(self, transactional_id: str, producer_id: int, epoch: int) -> None:
+        """The coordinator bumped the epoch at a transaction end (``transaction.version``
+        2): older epochs are stale from now on. Written with the caller's next commit."""
+        self._epochs[producer_id] = epoch
+        self._transactional[transactional_id] = producer_id
+        self._state_store.save_producer(ProducerRow(producer_id, epoch, transactional_id))
+
+    async def rotate(self, transactional_id: str, producer_id: int) -> tuple[int, int]:
+        """The epochs of ``producer_id`` are exhausted: the transactional id moves to a
+        fresh producer id at epoch 0 (the old one keeps its epochs, unmapped)."""
+        new_id = (await self.id_source() if self.id_source is not None
+                  else self._state_store.next_counter(_COUNTER))
+        self._state_store.save_producer(ProducerRow(
+            producer_id, self._epochs.get(producer_id, EPOCH_MAX), None))
+        self._epochs[new_id] = 0
+        self._transactional[transactional_id] = new_id
+        self._state_store.save_producer(ProducerRow(new_id, 0, transactional_id))
+        return new_id, 0
 
     def check(
         self, topic: str, partition: int, batches: Sequence[IncomingBatch]

@@ -60,7 +60,7 @@ from conveyor.storage.txn_state import TransactionRow
 from conveyor.tasks import Supervisor
 
 from .keyed_locks import KeyedLocks
-from .producer_state import ProducerStates
+from .producer_state import EPOCH_MAX, ProducerStates
 from .topics import TopicRegistry
 from .txn_index import TransactionIndex
 
@@ -185,7 +185,7 @@ class Transactions:
             if row is not None:
                 self._by_producer.pop(row.producer_id, None)
             row = TransactionRow(transactional_id, new_id, new_epoch, timeout_ms,
-                                 TransactionState.EMPTY)
+                                 TransactionState.EMPTY, updated_ms=self.clock.wall_ms())
             self._transactions[transactional_id] = row
             self._by_producer[new_id] = transactional_id
             self.store.save(row)
@@ -217,6 +217,7 @@ class Transactions:
                 if (topic, partition) not in row.partitions:
                     row.partitions.append((topic, partition))
                     self._remember_partition(topic, partition)
+            self._touch(row)
             self.store.save(row)
             await self.store.commit()
             return dict.fromkeys(wanted)
@@ -229,17 +230,26 @@ class Transactions:
             self._begin(row)
             if group_id not in row.groups:
                 row.groups.append(group_id)
+            self._touch(row)
             self.store.save(row)
             await self.store.commit()
 
     async def commit_offsets(self, transactional_id: str, group_id: str, producer_id: int,
                              epoch: int, offsets: list[tuple[str, int, int, str | None]],
-                             member: tuple[str, int] = ("", -1),
+                             member: tuple[str, int] = ("", -1), implicit: bool = False,
                              ) -> dict[tuple[str, int], OperatingError | None]:
         """TxnOffsetCommit: offsets kept with the transaction, visible on its commit;
-        ``member`` (member id, generation) is checked against a classic group."""
+        ``member`` (member id, generation) is checked against a classic group.
+        ``implicit`` (v5, ``transaction.version`` 2): the group joins the transaction
+        here, as AddOffsetsToTxn would have added it (TV2 clients do not send that)."""
         async with self._locks.hold(transactional_id):
             row = self._checked(transactional_id, producer_id, epoch)
+            if implicit and (row.state != TransactionState.ONGOING
+                             or group_id not in row.groups):
+                self.check_member(group_id, *member)
+                self._check_addable(row)
+                self._begin(row)
+                row.groups.append(group_id)
             if row.state != TransactionState.ONGOING or group_id not in row.groups:
                 raise InvalidTxnStateError("AddOffsetsToTxn must come first in a transaction",
                                            transactional_id=transactional_id, group=group_id)
@@ -254,35 +264,101 @@ class Transactions:
                 pending[(topic, partition)] = (offset, metadata)
                 results[(topic, partition)] = None
             row.offsets[group_id] = [(t, p, o, m) for (t, p), (o, m) in sorted(pending.items())]
+            self._touch(row)
             self.store.save(row)
             await self.store.commit()
             return results
 
     async def end(self, transactional_id: str, producer_id: int, epoch: int,
-                  commit: bool) -> None:
-        """EndTxn: the transaction's markers on every partition, its offsets on commit."""
+                  commit: bool, bump_epoch: bool = False) -> tuple[int, int]:
+        """EndTxn: the transaction's markers on every partition, its offsets on commit;
+        the producer id and epoch to use next. ``bump_epoch`` (EndTxn v5,
+        ``transaction.version`` 2, KIP-890 part 2): the epoch goes up by one before the
+        markers (written with it), so every write of the ended transaction is fenced;
+        an exhausted epoch moves the id to a fresh producer id."""
         async with self._locks.hold(transactional_id):
-            row = self._checked(transactional_id, producer_id, epoch)
             target = TransactionState.PREPARE_COMMIT if commit \
                 else TransactionState.PREPARE_ABORT
             done = TransactionState.COMPLETE_COMMIT if commit \
                 else TransactionState.COMPLETE_ABORT
-            if row.state == done:
-                return  # a retry of the EndTxn that completed it
+            row = self._transactions.get(transactional_id)
+            if bump_epoch and row is not None and (producer_id, epoch) == (
+                    row.previous_producer_id, row.previous_producer_epoch):
+                return self._retried_end(row, target, done)
+            row = self._checked(transactional_id, producer_id, epoch)
+            if row.state == done and not bump_epoch:
+                return row.producer_id, row.producer_epoch  # a retry of the completing one
             if row.state == target:
                 raise ConcurrentTransactionsError("the transaction is completing: retry",
                                                   transactional_id=transactional_id)
             if row.state != TransactionState.ONGOING:
                 raise InvalidTxnStateError(f"cannot end a transaction in state {row.state}",
                                            transactional_id=transactional_id)
-            await self._prepare(row, target, row.producer_epoch)
+            self._touch(row)
+            if not bump_epoch:
+                await self._prepare(row, target, row.producer_epoch)
+                await self._complete(row)
+                return row.producer_id, row.producer_epoch
+            row.previous_producer_id, row.previous_producer_epoch = producer_id, epoch
+            bumped = min(row.producer_epoch + 1, EPOCH_MAX)
+            self.producers.set_epoch(transactional_id, row.producer_id, bumped)
+            await self._prepare(row, target, bumped)  # commits the bumped epoch with it
             await self._complete(row)
+            if epoch >= EPOCH_MAX - 1:  # Kafka's isProducerEpochExhausted: a new id
+                await self._move_to(row, *await self.producers.rotate(transactional_id,
+                                                                       row.producer_id))
+            return row.producer_id, row.producer_epoch
+
+    @staticmethod
+    def _retried_end(row: TransactionRow, target: TransactionState,
+                     done: TransactionState) -> tuple[int, int]:
+        """An EndTxn v5 with the epoch its first attempt bumped: that attempt's answer."""
+        if row.state == done:
+            return row.producer_id, row.producer_epoch
+        if row.state == target:
+            raise ConcurrentTransactionsError("the transaction is completing: retry",
+                                              transactional_id=row.transactional_id)
+        raise InvalidTxnStateError(f"the previous transaction ended otherwise ({row.state})",
+                                   transactional_id=row.transactional_id)
+
+    async def add_partition_implicitly(self, topic: str, partition: int, producer_id: int,
+                                       epoch: int) -> None:
+        """Produce v12+ (``transaction.version`` 2, KIP-890 part 2): the first
+        transactional produce to a partition adds it to the producer's transaction
+        (starting one), committed before the append; ``check_produce`` follows as for
+        every transactional batch. Called outside the producer's partition lock (the
+        marker write takes that lock under the transaction's)."""
+        transactional_id = self._by_producer.get(producer_id)
+        row = None if transactional_id is None else self._transactions.get(transactional_id)
+        if row is None or transactional_id is None:
+            return  # check_produce refuses it
+        if row.state == TransactionState.ONGOING and row.producer_epoch == epoch \
+                and (topic, partition) in row.partitions:
+            return  # the common case: already added, nothing to await
+        async with self._locks.hold(transactional_id):
+            row = self._transactions.get(transactional_id)
+            if row is None or row.producer_id != producer_id or row.producer_epoch != epoch:
+                return  # check_produce answers the stale epoch
+            if row.state == TransactionState.ONGOING and (topic, partition) in row.partitions:
+                return
+            self._check_addable(row)
+            self._begin(row)
+            row.partitions.append((topic, partition))
+            self._remember_partition(topic, partition)
+            self._touch(row)
+            self.store.save(row)
+            await self.store.commit()
 
     def check_produce(self, topic: str, partition: int, producer_id: int, epoch: int) -> None:
         """KIP-890 verification, run under the producer's partition lock before an append."""
         transactional_id = self._by_producer.get(producer_id)
         row = None if transactional_id is None else self._transactions.get(transactional_id)
         if row is None:
+            known = self.producers.current_epoch(producer_id)
+            if known is not None and epoch < known:  # e.g. a producer id rotated away
+                raise InvalidProducerEpochError("producer epoch is stale",
+                                                producer_id=producer_id, epoch=epoch,
+                                                current_epoch=known)
             raise InvalidTxnStateError("transactional batch of a producer without a "
                                        "transactional id", producer_id=producer_id)
         if epoch != row.producer_epoch:
@@ -357,6 +433,10 @@ class Transactions:
         row.started_ms = self.clock.wall_ms()
         self._arm(row)
 
+    def _touch(self, row: TransactionRow) -> None:
+        """The id was used now (``transactional.id.expiration.ms`` counts from here)."""
+        row.updated_ms = self.clock.wall_ms()
+
     def _remember_partition(self, topic: str, partition: int) -> None:
         if (topic, partition) in self._known_partitions:
             return
@@ -412,11 +492,15 @@ class Transactions:
             await self._prepare(row, TransactionState.PREPARE_ABORT, bumped)
             await self._complete(row)
             if new_id != row.producer_id:  # epochs exhausted: the id moves to a new producer
-                self._by_producer.pop(row.producer_id, None)
-                row.producer_id, row.producer_epoch = new_id, new_epoch
-                self._by_producer[new_id] = transactional_id
-                self.store.save(row)
-                await self.store.commit()
+                await self._move_to(row, new_id, new_epoch)
+
+    async def _move_to(self, row: TransactionRow, producer_id: int, epoch: int) -> None:
+        """The transactional id's producer is now ``producer_id`` (old epochs exhausted)."""
+        self._by_producer.pop(row.producer_id, None)
+        row.producer_id, row.producer_epoch = producer_id, epoch
+        self._by_producer[producer_id] = row.transactional_id
+        self.store.save(row)
+        await self.store.commit()
 
     # --- the timer: one deadline at a time ---------------------------------------------
     def _arm(self, row: TransactionRow) -> None:
