@@ -6,6 +6,12 @@ dropped. Records without a key are kept. Only sealed segments whose newest recor
 older than ``min_compaction_lag_ms`` are rewritten; the active segment is read (its
 keys shadow older ones) but never rewritten. Offsets never change; gaps appear.
 
+Transactions (the decisions in txn_cleaning.py, shared with other backends): records of
+aborted transactions are dropped first and never shadow a key; records of open ones
+never shadow a key either, and cleaning stops before the segment holding the first
+open offset; a COMMIT marker goes once its transaction keeps no record and its segment
+is past ``delete_retention_ms``, like a tombstone (ABORT markers stay: txn_cleaning.py).
+
 Crash safety: each segment is rewritten to ``<base>.log.cleaned`` (fdatasync), renamed
 to ``.log.swap`` (directory fsync), its index files removed, then renamed over
 ``.log`` (directory fsync). Recovery deletes a ``.cleaned`` (the original is intact)
@@ -21,37 +27,60 @@ from typing import TYPE_CHECKING
 from conveyor.storage import segment_files
 from conveyor.storage.record_batch import RecordData, build_batch, decode_records
 from conveyor.storage.segment import Segment
+from conveyor.storage.txn_cleaning import TransactionCleaning
 
 if TYPE_CHECKING:
     from conveyor.storage.partition_log import PartitionLog
 
 
-def latest_offsets(log: PartitionLog) -> dict[bytes, int]:
-    """Highest offset of every key in the readable log."""
+def scan(log: PartitionLog) -> tuple[dict[bytes, int], TransactionCleaning]:
+    """Highest offset of every key in the readable log (committed or non-transactional
+    records only), and the fate of its transactions."""
     latest: dict[bytes, int] = {}
+    transactions = TransactionCleaning()
     for segment in log.segments:
         for position, header in segment.batch_headers():
-            if header.is_control:
+            if header.is_control and not header.is_transactional:
+                continue
+            data = log.fs.pread(segment.handle, header.size_bytes, position)
+            records = decode_records(data)
+            transactions.observe(header, records)
+    for segment in log.segments:
+        for position, header in segment.batch_headers():
+            if not transactions.counts_for_keys(header):
                 continue
             data = log.fs.pread(segment.handle, header.size_bytes, position)
             for record in decode_records(data):
                 if record.key is not None:
                     latest[record.key] = record.offset
-    return latest
+    return latest, transactions
+
+
+def latest_offsets(log: PartitionLog) -> dict[bytes, int]:
+    """Highest offset of every key in the readable log (aborted records excluded)."""
+    return scan(log)[0]
 
 
 def clean_segment_bytes(
-    log: PartitionLog, segment: Segment, latest: dict[bytes, int], drop_tombstones: bool
+    log: PartitionLog, segment: Segment, latest: dict[bytes, int], drop_tombstones: bool,
+    transactions: TransactionCleaning | None = None,
 ) -> bytes | None:
     """The cleaned content of ``segment``; None when nothing would change."""
+    transactions = transactions if transactions is not None else TransactionCleaning()
     output = bytearray()
     changed = False
     for position, header in segment.batch_headers():
         data = log.fs.pread(segment.handle, header.size_bytes, position)
         if header.is_control:
-            output += data
+            if transactions.keeps_marker(header, latest, drop_tombstones):
+                output += data
+            else:
+                changed = True
             continue
         records = decode_records(data)
+        if transactions.is_aborted(header):
+            changed = True
+            continue
         kept = [record for record in records if record.key is None or (
             latest.get(record.key) == record.offset
             and not (drop_tombstones and record.value is None))]
@@ -101,15 +130,19 @@ def swap_in(log: PartitionLog, segment: Segment, content: bytes) -> Segment:
 def compact(log: PartitionLog, now_ms: int) -> int:
     """Clean every eligible sealed segment of ``log``; return how many were rewritten."""
     config = log.config
-    latest = latest_offsets(log)
+    latest, transactions = scan(log)
+    first_open = transactions.first_open_offset()
     rewritten = 0
-    for index, segment in enumerate(list(log.segments[:-1])):
+    segments = list(log.segments)
+    for index, segment in enumerate(segments[:-1]):
         if segment.max_timestamp_ms > now_ms - config.min_compaction_lag_ms:
             break
         if segment is log.visible_segment:
             break  # its bytes are not all durable yet
+        if first_open is not None and segments[index + 1].base_offset > first_open:
+            break  # holds an open transaction's records: Kafka cleans below the LSO only
         drop_tombstones = segment.max_timestamp_ms < now_ms - config.delete_retention_ms
-        content = clean_segment_bytes(log, segment, latest, drop_tombstones)
+        content = clean_segment_bytes(log, segment, latest, drop_tombstones, transactions)
         if content is None:
             continue
         log.segments[index] = swap_in(log, segment, content)
