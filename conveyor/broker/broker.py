@@ -66,8 +66,9 @@ from .topics import (
     validate_partitions,
     validate_topic_name,
 )
-from .transactions import TransactionDescription, Transactions
+from .transactions import Transactions
 from .txn_index import TransactionIndex
+from .txn_model import TransactionDescription
 from .types import (
     AppendResult,
     Binding,
@@ -117,7 +118,8 @@ class Broker:
         self.gate = Gate()
         self.supervisor = Supervisor("conveyor.broker")
         self.topics = TopicRegistry(log_store, state_store, clock, LogConfig)
-        self.producers = ProducerStates(state_store)
+        self.producers = ProducerStates(state_store, clock,
+                                        self.config.producer_id_expiration_ms)
         self.traffic = TrafficCounters()  # records and bytes in/out per partition (metrics)
         self.producer = Producer(self.topics, self.producers, state_store, clock, rng,
                                  self.config, self.gate, self.supervisor, self.traffic)
@@ -133,7 +135,8 @@ class Broker:
         self.txn_index = TransactionIndex()
         self.transactions = Transactions(
             self.producers, self.topics, state_store, clock, self.txn_index,
-            self.producer.append_marker, self.group_coordinator.apply_offsets)
+            self.producer.append_marker, self.group_coordinator.apply_offsets,
+            self.config.transactional_id_expiration_ms)
         self.transactions.check_member = self.group_coordinator.check_member
         self.producer.check_transactional = self.transactions.check_produce
         self.producer.add_transactional = self.transactions.add_partition_implicitly
@@ -255,6 +258,10 @@ class Broker:
             try:
                 if self.shared_groups is not None:
                     await self.shared_groups.tick()
+                # idle transactional ids and producer ids: only their heaps' due entries
+                await self.transactions.expire_idle()
+                if self.producers.expire_idle():
+                    await self.state_store.commit()
                 if now_ms >= self._next_retention_ms:
                     self._next_retention_ms = now_ms + self.config.retention_check_interval_ms
                     await self.log_store.run_retention()
