@@ -454,6 +454,10 @@ class Transactions:
             logger.warning("transaction %s timed out after %d ms: aborting it and fencing "
                            "its producer", transactional_id, row.timeout_ms)
             self.timed_out += 1
+            # a TV2 producer's EndTxn(abort) with the epoch it had is answered as a retry
+            # of this abort, with the new epoch (KIP-890 part 2); TV1 stays fenced
+            row.previous_producer_id, row.previous_producer_epoch = (row.producer_id,
+                                                                     row.producer_epoch)
             new_id, new_epoch = await self.producers.init_producer_id(transactional_id)
             bumped = new_epoch if new_id == row.producer_id else row.producer_epoch
             await self._prepare(row, TransactionState.PREPARE_ABORT, bumped)

@@ -12,6 +12,7 @@ reads through the broker.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -138,6 +139,30 @@ async def test_end_txn_v5_bumps_the_epoch_and_fences_late_writes(server: Server)
     assert (await produce(client, "fence", aborted, "v2-fence", 1, 0, b"d")).error_code == 0
     assert (await end(client, "fence", aborted, True))[0] == NONE
     assert await committed_values(server, "v2-fence", 1) == [b"b", b"d"]
+    client.close()
+
+
+async def test_end_txn_v5_after_a_timeout_abort_resumes(server: Server) -> None:
+    """KIP-890 part 2: the coordinator aborted the transaction on its timeout (bumping
+    the epoch); the TV2 producer's EndTxn(abort) with its epoch is that abort's retry and
+    answers the new epoch, which works; a commit instead is INVALID_TXN_STATE."""
+    await server.broker.create_topic("v2-timeout", 1)
+    client = await connect(server)
+    answer = await client.call(InitProducerIdRequest(
+        transactional_id="slow", transaction_timeout=datetime.timedelta(milliseconds=200),
+        producer_id=-1, producer_epoch=-1))
+    producer = (int(answer.producer_id), int(answer.producer_epoch))
+    assert (await produce(client, "slow", producer, "v2-timeout", 0, 0, b"x")).error_code == 0
+    deadline = asyncio.get_running_loop().time() + 10
+    while server.broker.describe_transaction("slow").state != "CompleteAbort":
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)  # the coordinator's own timer aborts it (real clock)
+    assert (await end(client, "slow", producer, True))[0] == INVALID_TXN_STATE
+    code, resumed = await end(client, "slow", producer, False)
+    assert code == NONE and resumed == (producer[0], producer[1] + 1)
+    assert (await produce(client, "slow", resumed, "v2-timeout", 0, 0, b"y")).error_code == 0
+    assert (await end(client, "slow", resumed, True))[0] == NONE
+    assert await committed_values(server, "v2-timeout") == [b"y"]
     client.close()
 
 
