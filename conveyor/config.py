@@ -75,6 +75,9 @@ class BrokerSettings:
     # Kafka's) applies below it; queues take what their listener accepts.
     record_bytes_max: int = 129 << 20
     retention_check_interval_ms: int = 60_000
+    # Kafka's transactional.id.expiration.ms (7 days) and producer.id.expiration.ms (1 day)
+    transactional_id_expiration_ms: int = 7 * 24 * 3600 * 1000
+    producer_id_expiration_ms: int = 24 * 3600 * 1000
     # Bytes of unfinished requests (partial frames, unfinished messages and bodies) over
     # all connections of all listeners; past it the connection holding most is closed with
     # its protocol's error. Per-frame limits alone let 5 Kafka connections hold 5 x 99 MiB.

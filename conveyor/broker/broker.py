@@ -66,8 +66,9 @@ from .topics import (
     validate_partitions,
     validate_topic_name,
 )
-from .transactions import TransactionDescription, Transactions
+from .transactions import Transactions
 from .txn_index import TransactionIndex
+from .txn_model import TransactionDescription
 from .types import (
     AppendResult,
     Binding,
@@ -117,7 +118,8 @@ class Broker:
         self.gate = Gate()
         self.supervisor = Supervisor("conveyor.broker")
         self.topics = TopicRegistry(log_store, state_store, clock, LogConfig)
-        self.producers = ProducerStates(state_store)
+        self.producers = ProducerStates(state_store, clock,
+                                        self.config.producer_id_expiration_ms)
         self.traffic = TrafficCounters()  # records and bytes in/out per partition (metrics)
         self.producer = Producer(self.topics, self.producers, state_store, clock, rng,
                                  self.config, self.gate, self.supervisor, self.traffic)
@@ -133,9 +135,11 @@ class Broker:
         self.txn_index = TransactionIndex()
         self.transactions = Transactions(
             self.producers, self.topics, state_store, clock, self.txn_index,
-            self.producer.append_marker, self.group_coordinator.apply_offsets)
+            self.producer.append_marker, self.group_coordinator.apply_offsets,
+            self.config.transactional_id_expiration_ms)
         self.transactions.check_member = self.group_coordinator.check_member
         self.producer.check_transactional = self.transactions.check_produce
+        self.producer.add_transactional = self.transactions.add_partition_implicitly
         self.producer.on_transactional = self.transactions.on_transactional_append
         self.fetcher.transactions = self.txn_index
         self._timer_task: asyncio.Task[None] | None = None
@@ -254,6 +258,10 @@ class Broker:
             try:
                 if self.shared_groups is not None:
                     await self.shared_groups.tick()
+                # idle transactional ids and producer ids: only their heaps' due entries
+                await self.transactions.expire_idle()
+                if self.producers.expire_idle():
+                    await self.state_store.commit()
                 if now_ms >= self._next_retention_ms:
                     self._next_retention_ms = now_ms + self.config.retention_check_interval_ms
                     await self.log_store.run_retention()
@@ -331,10 +339,13 @@ class Broker:
 
     # --- produce (Producer) ------------------------------------------------------------
     async def append_batch(
-        self, topic: str, partition: int, batch: bytes | bytearray | memoryview
+        self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
+        implicit_transaction: bool = False,
     ) -> AppendResult:
-        """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append."""
-        return await self.producer.append_batch(topic, partition, batch)
+        """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append.
+        ``implicit_transaction`` (Produce v12+): a transactional batch adds its partition
+        to its producer's transaction (KIP-890 part 2) instead of needing it added."""
+        return await self.producer.append_batch(topic, partition, batch, implicit_transaction)
 
     async def partition_for_key(self, topic: str, key: bytes | None) -> int:
         return await self.producer.partition_for_key(topic, key)
@@ -377,14 +388,19 @@ class Broker:
     async def txn_offset_commit(
         self, transactional_id: str, group_id: str, producer_id: int, epoch: int,
         offsets: list[tuple[str, int, int, str | None]], member: tuple[str, int] = ("", -1),
+        implicit: bool = False,
     ) -> dict[tuple[str, int], OperatingError | None]:
-        """``member``: (member id, generation) of a classic group's consumer (KIP-447)."""
+        """``member``: (member id, generation) of a classic group's consumer (KIP-447);
+        ``implicit``: the group joins the transaction here (``transaction.version`` 2)."""
         return await self.transactions.commit_offsets(transactional_id, group_id,
-                                                      producer_id, epoch, offsets, member)
+                                                      producer_id, epoch, offsets, member,
+                                                      implicit)
 
     async def end_txn(self, transactional_id: str, producer_id: int, epoch: int,
-                      commit: bool) -> None:
-        await self.transactions.end(transactional_id, producer_id, epoch, commit)
+                      commit: bool, bump_epoch: bool = False) -> tuple[int, int]:
+        """The producer id and epoch to use next (bumped with ``bump_epoch``: EndTxn v5)."""
+        return await self.transactions.end(transactional_id, producer_id, epoch, commit,
+                                           bump_epoch)
 
     def describe_transaction(self, transactional_id: str) -> TransactionDescription | None:
         return self.transactions.describe(transactional_id)

@@ -27,6 +27,10 @@ class BrokerConfig:
     session_timeout_ms_max: int = 30 * 60_000  # Kafka: group.max.session.timeout.ms
     # an Empty group whose last commit is this old is deleted with its offsets
     offsets_retention_ms: int = 7 * 24 * 3600 * 1000  # Kafka offsets.retention.minutes=10080
+    # a transactional id with no transaction for this long is forgotten (Kafka's
+    # transactional.id.expiration.ms), and an idle producer id (producer.id.expiration.ms)
+    transactional_id_expiration_ms: int = 7 * 24 * 3600 * 1000
+    producer_id_expiration_ms: int = 24 * 3600 * 1000
 
 
 class Gate:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from conveyor.clock import Clock
 from conveyor.errors import (
@@ -58,6 +58,8 @@ AppendListener = Callable[[str, int], None]
 RecordsListener = Callable[[str, int, int, list[RecordData]], None]
 # (topic, partition, producer id, epoch): raises unless the transaction holds the partition
 TransactionalCheck = Callable[[str, int, int, int], None]
+# (topic, partition, producer id, epoch): add the partition to the producer's transaction
+ImplicitAdd = Callable[[str, int, int, int], Awaitable[None]]
 # (topic, partition, producer id, base offset): a transactional batch is being appended
 TransactionalListener = Callable[[str, int, int, int], None]
 
@@ -90,6 +92,7 @@ class Producer:
         # of a transactional batch, under the producer lock, and the index of open ones
         self.check_transactional: TransactionalCheck | None = None
         self.on_transactional: TransactionalListener | None = None
+        self.add_transactional: ImplicitAdd | None = None  # Produce v12+ (KIP-890 part 2)
 
     def forget_topic(self, name: str) -> None:
         self.producers.forget_topic(name)
@@ -114,7 +117,8 @@ class Producer:
         return await asyncio.shield(pending)
 
     async def append_batch(
-        self, topic: str, partition: int, batch: bytes | bytearray | memoryview
+        self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
+        implicit_transaction: bool = False,
     ) -> AppendResult:
         """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append."""
         info = await self.ensure_topic(topic)
@@ -159,6 +163,11 @@ class Producer:
         producer_id = incoming[0].producer_id
         key = (producer_id, topic, partition)
         transactional = headers[0].is_transactional
+        if implicit_transaction and transactional and self.add_transactional is not None \
+                and not any(header.is_control for header in headers):
+            # before the producer lock: the marker write takes it under the transaction's
+            await self.add_transactional(topic, partition, producer_id,
+                                         headers[0].producer_epoch)
         async with self.producer_locks.hold(key):
             if transactional or any(header.is_control for header in headers):
                 self._check_transactional(topic, partition, headers)

@@ -11,6 +11,16 @@ sequence check of every batch that carries a producer id:
 - otherwise base sequence must be last sequence + 1 (wrapping after 2^31-1),
   else OutOfOrderSequenceError (a gap or a reordering).
 
+Expiry (Kafka's ``producer.id.expiration.ms``, 1 day by default): a producer id not
+used (no append, no InitProducerId) for that long, and not the producer of a live
+transactional id, is forgotten with its sequences (memory and state store). A batch
+from a forgotten id (at most the highest id handed out) is then taken as Kafka takes an
+unknown producer: its first sequence starts the window; an id never handed out is
+still UNKNOWN_PRODUCER_ID. An ``IdleExpiry`` heap keeps one entry per producer id,
+checked from the broker's timer (``expire_idle``); after a restart every loaded id
+counts as used at the load. Several nodes on one database (``shared_store``) keep
+their producers: the database's sequences are shared.
+
 Persistence: after an append the partition's entry and a checkpoint (the next
 offset the state covers) go to the StateStore in the append's loop turn. On
 open the state is loaded, batches past the recovered log end are forgotten
@@ -25,6 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from conveyor.clock import Clock
 from conveyor.errors import (
     InvalidProducerEpochError,
     InvalidRequestError,
@@ -35,11 +46,13 @@ from conveyor.storage.log_api import LogStore
 from conveyor.storage.record_batch import split_batches
 from conveyor.storage.state_store import ProducerRow, ProducerSequenceRow, StateStore
 
+from .idle_expiry import IdleExpiry
 from .log_end import LostRange, clamp
 
 SEQUENCES_KEPT = 5  # Kafka keeps the last 5 batches (max.in.flight.requests.per.connection)
 SEQUENCE_MAX = (1 << 31) - 1
 EPOCH_MAX = (1 << 15) - 1  # int16
+EXPIRATION_MS = 24 * 3600 * 1000  # Kafka's producer.id.expiration.ms default (1 day)
 NO_PRODUCER_ID = -1
 _COUNTER = "producer_id"
 
@@ -80,8 +93,18 @@ def next_sequence(sequence: int) -> int:
 class ProducerStates:
     """Producer ids and per-(producer, topic, partition) sequence windows."""
 
-    def __init__(self, state_store: StateStore) -> None:
+    def __init__(self, state_store: StateStore, clock: Clock | None = None,
+                 expiration_ms: int = EXPIRATION_MS) -> None:
         self._state_store = state_store
+        self._clock = clock  # None: producer ids never expire (no clock to judge by)
+        # producer id -> wall ms of its last use; and their idle deadlines
+        self._last_used: dict[int, int] = {}
+        self._idle: IdleExpiry[int] = IdleExpiry(expiration_ms)
+        self._highest_id = -1  # the highest producer id handed out or loaded
+        self._mapped: dict[int, str] = {}  # producer id -> its transactional id
+        # producer id -> partitions it has a sequence window in (what expiry removes)
+        self._partitions_of: dict[int, set[tuple[str, int]]] = {}
+        self.expired = 0  # producer ids forgotten for idleness (a counter)
         # producer id -> current epoch (from init_producer_id)
         self._epochs: dict[int, int] = {}
         # transactional id -> producer id
@@ -99,12 +122,16 @@ class ProducerStates:
     async def load(self) -> None:
         for producer in await self._state_store.load_producers():
             self._epochs[producer.producer_id] = producer.epoch
-            if producer.transactional_id is not None:
-                self._transactional[producer.transactional_id] = producer.producer_id
+            self._touch(producer.producer_id)
+            if producer.transactional_id is not None:  # a rotated id: the newest producer
+                known = self._transactional.get(producer.transactional_id, -1)
+                self._map(producer.transactional_id, max(known, producer.producer_id))
         for row in await self._state_store.load_producer_sequences():
             entry = PartitionProducerEntry(row.epoch)
             entry.batches.extend(BatchSequence(*batch) for batch in row.batches)
             self._entries[(row.producer_id, row.topic, row.partition)] = entry
+            self._partitions_of.setdefault(row.producer_id, set()).add((row.topic,
+                                                                        row.partition))
         self._checkpoints = await self._state_store.load_producer_checkpoints()
 
     def checkpoints(self) -> dict[tuple[str, int], int]:
@@ -133,11 +160,88 @@ class ProducerStates:
         else:
             producer_id, epoch = self._state_store.next_counter(_COUNTER), 0
         self._epochs[producer_id] = epoch
+        self._touch(producer_id)
         if transactional_id is not None:
-            self._transactional[transactional_id] = producer_id
+            self._map(transactional_id, producer_id)
         self._state_store.save_producer(ProducerRow(producer_id, epoch, transactional_id))
         await self._state_store.commit()
         return producer_id, epoch
+
+    def _map(self, transactional_id: str, producer_id: int) -> None:
+        previous = self._transactional.get(transactional_id)
+        if previous is not None and self._mapped.get(previous) == transactional_id:
+            del self._mapped[previous]
+        self._transactional[transactional_id] = producer_id
+        self._mapped[producer_id] = transactional_id
+
+    def _touch(self, producer_id: int) -> None:
+        self._highest_id = max(self._highest_id, producer_id)
+        if self._clock is None:
+            return
+        now_ms = self._clock.wall_ms()
+        self._last_used[producer_id] = now_ms
+        self._idle.arm(producer_id, now_ms)
+
+    def expire_idle(self) -> list[int]:
+        """Forget the producer ids idle past ``producer.id.expiration.ms`` (only heap
+        entries that came due are looked at; a live transactional id's producer stays)."""
+        if self._clock is None or self.shared_store:
+            return []
+        now_ms = self._clock.wall_ms()
+        next_ms = self._idle.next_deadline_ms()
+        if next_ms is None or next_ms > now_ms:
+            return []
+        expired = self._idle.due(now_ms, self._idle_since)
+        for producer_id in expired:
+            self._epochs.pop(producer_id, None)
+            self._last_used.pop(producer_id, None)
+            for topic, partition in self._partitions_of.pop(producer_id, ()):
+                self._entries.pop((producer_id, topic, partition), None)
+            self._state_store.delete_producer(producer_id)
+        self.expired += len(expired)
+        return expired
+
+    def _idle_since(self, producer_id: int) -> int | None:
+        if producer_id in self._mapped:  # lives as long as its transactional id
+            return self._clock.wall_ms() if self._clock is not None else None
+        return self._last_used.get(producer_id)
+
+    def forget_transactional(self, transactional_id: str, producer_id: int) -> None:
+        """The transactional id expired: its producer id is no longer mapped to it (a new
+        InitProducerId gets a fresh id); the producer's own state expires on its own."""
+        if self._transactional.get(transactional_id) == producer_id:
+            del self._transactional[transactional_id]
+        if self._mapped.get(producer_id) == transactional_id:
+            del self._mapped[producer_id]
+        if producer_id in self._epochs:
+            self._state_store.save_producer(ProducerRow(producer_id,
+                                                        self._epochs[producer_id], None))
+            self._touch(producer_id)
+
+    def current_epoch(self, producer_id: int) -> int | None:
+        return self._epochs.get(producer_id)
+
+    def set_epoch(self, transactional_id: str, producer_id: int, epoch: int) -> None:
+        """The coordinator bumped the epoch at a transaction end (``transaction.version``
+        2): older epochs are stale from now on. Written with the caller's next commit."""
+        self._epochs[producer_id] = epoch
+        self._map(transactional_id, producer_id)
+        self._touch(producer_id)
+        self._state_store.save_producer(ProducerRow(producer_id, epoch, transactional_id))
+
+    async def rotate(self, transactional_id: str, producer_id: int) -> tuple[int, int]:
+        """The epochs of ``producer_id`` are exhausted: the transactional id moves to a
+        fresh producer id at epoch 0 (the old one keeps its epochs, unmapped)."""
+        new_id = (await self.id_source() if self.id_source is not None
+                  else self._state_store.next_counter(_COUNTER))
+        self._state_store.save_producer(ProducerRow(
+            producer_id, self._epochs.get(producer_id, EPOCH_MAX), None))
+        self._epochs[new_id] = 0
+        self._mapped.pop(producer_id, None)
+        self._map(transactional_id, new_id)
+        self._touch(new_id)
+        self._state_store.save_producer(ProducerRow(new_id, 0, transactional_id))
+        return new_id, 0
 
     def check(
         self, topic: str, partition: int, batches: Sequence[IncomingBatch]
@@ -155,10 +259,13 @@ class ProducerStates:
         entry = self._entries.get((first.producer_id, topic, partition))
         if self.shared_store and (known_epoch is None or entry is None):
             return None  # served elsewhere before: the store's own check decides
-        if known_epoch is None:
+        if known_epoch is None and first.producer_id > self._highest_id:
             raise UnknownProducerIdError(
                 "producer id was never allocated", producer_id=first.producer_id
             )
+        if known_epoch is None:  # expired (or from before a lost state): Kafka's unknown
+            _consecutive(idempotent, topic, partition)  # producer starts anew
+            return None
         if first.producer_epoch < known_epoch or (
             entry is not None and first.producer_epoch < entry.epoch
         ):
@@ -204,8 +311,11 @@ class ProducerStates:
         key = (producer_id, topic, partition)
         entry = self._entries.get(key)
         if entry is None or entry.epoch != producer_epoch:
+            if entry is None:
+                self._partitions_of.setdefault(producer_id, set()).add((topic, partition))
             entry = PartitionProducerEntry(producer_epoch)
             self._entries[key] = entry
+        self._touch(producer_id)
         entry.batches.append(BatchSequence(base_sequence, last_sequence, base_offset, last_offset))
         if self._epochs.get(producer_id, -1) < producer_epoch:
             self._epochs[producer_id] = producer_epoch
@@ -313,6 +423,18 @@ class ProducerStates:
     def forget_topic(self, topic: str) -> None:
         for key in [key for key in self._entries if key[1] == topic]:
             del self._entries[key]
+
+
+def _consecutive(batches: Sequence[IncomingBatch], topic: str, partition: int) -> None:
+    """The batches of one append follow each other (from any first sequence)."""
+    expected = batches[0].base_sequence
+    for batch in batches:
+        if batch.base_sequence != expected:
+            raise OutOfOrderSequenceError(
+                "sequence gap or reordering", producer_id=batch.producer_id,
+                topic=topic, partition=partition, expected=expected,
+                received=batch.base_sequence)
+        expected = next_sequence(batch.last_sequence)
 
 
 async def _holds(store: LogStore, topic: str, partition: int, producer_id: int,

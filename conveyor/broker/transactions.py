@@ -18,14 +18,26 @@ transaction the older instance left open is aborted under the new epoch); a
 request with an older epoch is ``ProducerFencedError`` (Kafka's PRODUCER_FENCED),
 a produce with one ``InvalidProducerEpochError``. A transaction past its timeout
 is aborted by the coordinator itself, with an epoch bump that fences the producer
-that let it expire: one timer sleeps until the earliest deadline (a heap), it
-never scans every transaction.
+that let it expire: one timer sleeps until the earliest deadline (a heap,
+txn_timer.py), it never scans every transaction.
+
+``transaction.version`` 2 (KIP-890 part 2): ``end(..., bump_epoch=True)`` (EndTxn v5)
+bumps the epoch before the markers and answers the producer id and epoch to use next
+(a fresh producer id once the epoch is exhausted); ``add_partition_implicitly``
+(Produce v12) and ``commit_offsets(..., implicit=True)`` (TxnOffsetCommit v5) add to
+the transaction without AddPartitionsToTxn / AddOffsetsToTxn.
 
 KIP-890 defences applied here: ``check_produce`` lets a transactional batch in only
 while its producer's ongoing transaction holds the partition (a late write of a
 finished or timed-out transaction is refused, never starts a hanging one), and
 ``check_hanging`` reports (log + ``hanging`` count) any open transaction in a log
 that no ongoing transaction of the coordinator accounts for.
+
+Expiry (Kafka's ``transactional.id.expiration.ms``, 7 days by default): a transactional
+id with no transaction open and no request for that long is removed from memory and
+the state store; a new InitProducerId for it starts over with a fresh producer id. An
+``IdleExpiry`` heap holds one entry per id (``updated_ms``, persisted, is its last use),
+checked by ``expire_idle`` from the broker's timer: nothing scans every id.
 
 May call: producer ids (ProducerStates), the producer's marker appends, the topic
 registry, the group coordinator's offset store, the transaction index. Never the
@@ -36,16 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import heapq
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 
 from conveyor.clock import Clock
 from conveyor.errors import (
     ConcurrentTransactionsError,
-    InvalidProducerEpochError,
     InvalidProducerIdMappingError,
     InvalidTransactionTimeoutError,
     InvalidTxnStateError,
@@ -53,64 +61,46 @@ from conveyor.errors import (
     ProducerFencedError,
     UnknownTopicError,
 )
-from conveyor.storage.log_api import LogStore
-from conveyor.storage.record_batch import split_batches
 from conveyor.storage.state_store import StateStore
 from conveyor.storage.txn_state import TransactionRow
-from conveyor.tasks import Supervisor
 
 from .keyed_locks import KeyedLocks
-from .producer_state import ProducerStates
+from .producer_state import EPOCH_MAX, ProducerStates
 from .topics import TopicRegistry
+from .txn_expiry import IdleTransactionalIds
 from .txn_index import TransactionIndex
+from .txn_model import (
+    PREPARING,
+    MarkerWriter,
+    NotAttemptedError,
+    OffsetsWriter,
+    TransactionDescription,
+    TransactionState,
+    check_addable,
+    described,
+    filtered,
+    log_chunks,
+    no_member_check,
+    ongoing_count,
+    pending_offsets,
+    retried_end,
+    unaccounted,
+    verify_produce,
+)
+from .txn_timer import TransactionTimer
 
 logger = logging.getLogger("conveyor.transactions")
 
 TIMEOUT_MS_MAX = 900_000  # Kafka's transaction.max.timeout.ms default (15 minutes)
-HANGING_CHECK_MS = 60_000  # how often open transactions in logs are checked
-RETRY_MS = 1_000  # how often markers that failed to append (a full disk) are retried
+EXPIRATION_MS = 7 * 24 * 3600 * 1000  # Kafka's transactional.id.expiration.ms default
 COORDINATOR_EPOCH = 0  # one coordinator, never moved: its epoch in every marker
-_SCAN_BYTES = 1 << 20
-
-
-class TransactionState(enum.StrEnum):
-    EMPTY = "Empty"
-    ONGOING = "Ongoing"
-    PREPARE_COMMIT = "PrepareCommit"
-    PREPARE_ABORT = "PrepareAbort"
-    COMPLETE_COMMIT = "CompleteCommit"
-    COMPLETE_ABORT = "CompleteAbort"
-
-
-_PREPARING = (TransactionState.PREPARE_COMMIT, TransactionState.PREPARE_ABORT)
-_OPEN = (TransactionState.ONGOING, *_PREPARING)
-
-
-class NotAttemptedError(OperatingError):
-    """Another partition of the same request failed, so this one was not added."""
-
-    code = "operation_not_attempted"
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionDescription:
-    transactional_id: str
-    producer_id: int
-    producer_epoch: int
-    state: str
-    timeout_ms: int
-    started_ms: int
-    partitions: tuple[tuple[str, int], ...]
-
-
-MarkerWriter = Callable[[str, int, int, int, bool, int], Awaitable[int]]
-OffsetsWriter = Callable[[str, list[tuple[str, int, int, str | None]]], None]
 
 
 class Transactions:
     def __init__(self, producers: ProducerStates, topics: TopicRegistry,
                  state_store: StateStore, clock: Clock, index: TransactionIndex,
-                 write_marker: MarkerWriter, write_offsets: OffsetsWriter) -> None:
+                 write_marker: MarkerWriter, write_offsets: OffsetsWriter,
+                 expiration_ms: int = EXPIRATION_MS) -> None:
         self.producers = producers
         self.topics = topics
         self.clock = clock
@@ -119,18 +109,18 @@ class Transactions:
         self._write_marker = write_marker  # Producer.append_marker
         self._write_offsets = write_offsets  # GroupCoordinator.apply_offsets (no COMMIT)
         # (group, member id, generation): GroupCoordinator.check_member, set by the facade
-        self.check_member: Callable[[str, str, int], None] = _no_member_check
+        self.check_member: Callable[[str, str, int], None] = no_member_check
         self._transactions: dict[str, TransactionRow] = {}
         self._by_producer: dict[int, str] = {}  # producer id -> transactional id
         self._known_partitions: dict[tuple[str, int], int] = {}  # -> first txn offset
         self._locks = KeyedLocks()  # per transactional id
-        # (deadline_ms, transactional id, started_ms): lazily deleted when stale
-        self._deadlines: list[tuple[int, str, int]] = []
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._supervisor = Supervisor("conveyor.transactions")
+        self._timer = TransactionTimer(
+            clock, self._expire, self._retry_incomplete, self.check_hanging,
+            lambda: bool(self.index.open_transactions() or self.hanging))
         self.hanging: set[tuple[str, int, int, int]] = set()  # reported open transactions
         self.timed_out = 0  # transactions aborted by their timeout (a counter)
+        self.idle = IdleTransactionalIds(  # transactional.id.expiration.ms (txn_expiry.py)
+            clock, expiration_ms, self._transactions, self._locks, self._forget)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -139,26 +129,26 @@ class Transactions:
         for row in await self.store.load():
             self._transactions[row.transactional_id] = row
             self._by_producer[row.producer_id] = row.transactional_id
+            self.idle.loaded(row)
         self._known_partitions = await self.store.load_partitions()
         for (topic, partition), first in sorted(self._known_partitions.items()):
             if self._exists(topic, partition):
                 self.index.reset(topic, partition)
-                async for raw in _log_chunks(self.topics.log_store, topic, partition, first):
+                async for raw in log_chunks(self.topics.log_store, topic, partition, first):
                     self.index.replay_chunk(topic, partition, raw)
         for row in list(self._transactions.values()):
-            if row.state in _PREPARING:
+            if row.state in PREPARING:
                 logger.warning("completing transaction %s (%s) interrupted by a restart",
                                row.transactional_id, row.state)
                 await self._complete(row)
             elif row.state == TransactionState.ONGOING:
-                self._arm(row)  # its timeout counts again from now
+                self._timer.arm(row.transactional_id, row.started_ms,
+                                row.timeout_ms)  # its timeout counts again from now
         self.check_hanging()
-        self._supervisor.start(self._run_timer(), name="conveyor.transactions.timer")
+        self._timer.start()
 
     async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        await self._supervisor.close(cancel=True)
+        await self._timer.close()
 
     # --- the API -----------------------------------------------------------------------
     async def init_producer_id(self, transactional_id: str, timeout_ms: int,
@@ -174,7 +164,7 @@ class Transactions:
                     producer_id, epoch) != (row.producer_id, row.producer_epoch):
                 raise ProducerFencedError("producer id and epoch are not the current ones",
                                           transactional_id=transactional_id)
-            if row is not None and row.state in _PREPARING:
+            if row is not None and row.state in PREPARING:
                 await self._complete(row)
             new_id, new_epoch = await self.producers.init_producer_id(transactional_id)
             if row is not None and row.state == TransactionState.ONGOING:
@@ -185,9 +175,10 @@ class Transactions:
             if row is not None:
                 self._by_producer.pop(row.producer_id, None)
             row = TransactionRow(transactional_id, new_id, new_epoch, timeout_ms,
-                                 TransactionState.EMPTY)
+                                 TransactionState.EMPTY, updated_ms=self.clock.wall_ms())
             self._transactions[transactional_id] = row
             self._by_producer[new_id] = transactional_id
+            self.idle.touch(row)
             self.store.save(row)
             await self.store.commit()
             return new_id, new_epoch
@@ -206,7 +197,7 @@ class Transactions:
                         InvalidTxnStateError("partition not in the transaction",
                                              topic=key[0], partition=key[1])
                         for key in wanted}
-            self._check_addable(row)
+            check_addable(row)
             unknown = {key for key in wanted if not self._exists(*key)}
             if unknown:
                 return {key: UnknownTopicError("unknown topic or partition", topic=key[0],
@@ -217,6 +208,7 @@ class Transactions:
                 if (topic, partition) not in row.partitions:
                     row.partitions.append((topic, partition))
                     self._remember_partition(topic, partition)
+            self._touch(row)
             self.store.save(row)
             await self.store.commit()
             return dict.fromkeys(wanted)
@@ -225,21 +217,30 @@ class Transactions:
                           group_id: str) -> None:
         async with self._locks.hold(transactional_id):
             row = self._checked(transactional_id, producer_id, epoch)
-            self._check_addable(row)
+            check_addable(row)
             self._begin(row)
             if group_id not in row.groups:
                 row.groups.append(group_id)
+            self._touch(row)
             self.store.save(row)
             await self.store.commit()
 
     async def commit_offsets(self, transactional_id: str, group_id: str, producer_id: int,
                              epoch: int, offsets: list[tuple[str, int, int, str | None]],
-                             member: tuple[str, int] = ("", -1),
+                             member: tuple[str, int] = ("", -1), implicit: bool = False,
                              ) -> dict[tuple[str, int], OperatingError | None]:
         """TxnOffsetCommit: offsets kept with the transaction, visible on its commit;
-        ``member`` (member id, generation) is checked against a classic group."""
+        ``member`` (member id, generation) is checked against a classic group.
+        ``implicit`` (v5, ``transaction.version`` 2): the group joins the transaction
+        here, as AddOffsetsToTxn would have added it (TV2 clients do not send that)."""
         async with self._locks.hold(transactional_id):
             row = self._checked(transactional_id, producer_id, epoch)
+            if implicit and (row.state != TransactionState.ONGOING
+                             or group_id not in row.groups):
+                self.check_member(group_id, *member)
+                check_addable(row)
+                self._begin(row)
+                row.groups.append(group_id)
             if row.state != TransactionState.ONGOING or group_id not in row.groups:
                 raise InvalidTxnStateError("AddOffsetsToTxn must come first in a transaction",
                                            transactional_id=transactional_id, group=group_id)
@@ -254,81 +255,113 @@ class Transactions:
                 pending[(topic, partition)] = (offset, metadata)
                 results[(topic, partition)] = None
             row.offsets[group_id] = [(t, p, o, m) for (t, p), (o, m) in sorted(pending.items())]
+            self._touch(row)
             self.store.save(row)
             await self.store.commit()
             return results
 
     async def end(self, transactional_id: str, producer_id: int, epoch: int,
-                  commit: bool) -> None:
-        """EndTxn: the transaction's markers on every partition, its offsets on commit."""
+                  commit: bool, bump_epoch: bool = False) -> tuple[int, int]:
+        """EndTxn: the transaction's markers on every partition, its offsets on commit;
+        the producer id and epoch to use next. ``bump_epoch`` (EndTxn v5,
+        ``transaction.version`` 2, KIP-890 part 2): the epoch goes up by one before the
+        markers (written with it), so every write of the ended transaction is fenced;
+        an exhausted epoch moves the id to a fresh producer id."""
         async with self._locks.hold(transactional_id):
-            row = self._checked(transactional_id, producer_id, epoch)
             target = TransactionState.PREPARE_COMMIT if commit \
                 else TransactionState.PREPARE_ABORT
             done = TransactionState.COMPLETE_COMMIT if commit \
                 else TransactionState.COMPLETE_ABORT
-            if row.state == done:
-                return  # a retry of the EndTxn that completed it
+            row = self._transactions.get(transactional_id)
+            if bump_epoch and row is not None and (producer_id, epoch) == (
+                    row.previous_producer_id, row.previous_producer_epoch):
+                return retried_end(row, target, done)
+            row = self._checked(transactional_id, producer_id, epoch)
+            if row.state == done and not bump_epoch:
+                return row.producer_id, row.producer_epoch  # a retry of the completing one
             if row.state == target:
                 raise ConcurrentTransactionsError("the transaction is completing: retry",
                                                   transactional_id=transactional_id)
             if row.state != TransactionState.ONGOING:
                 raise InvalidTxnStateError(f"cannot end a transaction in state {row.state}",
                                            transactional_id=transactional_id)
-            await self._prepare(row, target, row.producer_epoch)
+            self._touch(row)
+            if not bump_epoch:
+                await self._prepare(row, target, row.producer_epoch)
+                await self._complete(row)
+                return row.producer_id, row.producer_epoch
+            row.previous_producer_id, row.previous_producer_epoch = producer_id, epoch
+            bumped = min(row.producer_epoch + 1, EPOCH_MAX)
+            self.producers.set_epoch(transactional_id, row.producer_id, bumped)
+            await self._prepare(row, target, bumped)  # commits the bumped epoch with it
             await self._complete(row)
+            if epoch >= EPOCH_MAX - 1:  # Kafka's isProducerEpochExhausted: a new id
+                await self._move_to(row, *await self.producers.rotate(transactional_id,
+                                                                       row.producer_id))
+            return row.producer_id, row.producer_epoch
+
+    async def add_partition_implicitly(self, topic: str, partition: int, producer_id: int,
+                                       epoch: int) -> None:
+        """Produce v12+ (``transaction.version`` 2, KIP-890 part 2): the first
+        transactional produce to a partition adds it to the producer's transaction
+        (starting one), committed before the append; ``check_produce`` follows as for
+        every transactional batch. Called outside the producer's partition lock (the
+        marker write takes that lock under the transaction's)."""
+        transactional_id = self._by_producer.get(producer_id)
+        row = None if transactional_id is None else self._transactions.get(transactional_id)
+        if row is None or transactional_id is None:
+            return  # check_produce refuses it
+        if row.state == TransactionState.ONGOING and row.producer_epoch == epoch \
+                and (topic, partition) in row.partitions:
+            return  # the common case: already added, nothing to await
+        async with self._locks.hold(transactional_id):
+            row = self._transactions.get(transactional_id)
+            if row is None or row.producer_id != producer_id or row.producer_epoch != epoch:
+                return  # check_produce answers the stale epoch
+            if row.state == TransactionState.ONGOING and (topic, partition) in row.partitions:
+                return
+            check_addable(row)
+            self._begin(row)
+            row.partitions.append((topic, partition))
+            self._remember_partition(topic, partition)
+            self._touch(row)
+            self.store.save(row)
+            await self.store.commit()
 
     def check_produce(self, topic: str, partition: int, producer_id: int, epoch: int) -> None:
         """KIP-890 verification, run under the producer's partition lock before an append."""
         transactional_id = self._by_producer.get(producer_id)
         row = None if transactional_id is None else self._transactions.get(transactional_id)
-        if row is None:
-            raise InvalidTxnStateError("transactional batch of a producer without a "
-                                       "transactional id", producer_id=producer_id)
-        if epoch != row.producer_epoch:
-            raise InvalidProducerEpochError("producer epoch is not the current one",
-                                            producer_id=producer_id, epoch=epoch,
-                                            current_epoch=row.producer_epoch)
-        if row.state != TransactionState.ONGOING or (topic, partition) not in row.partitions:
-            raise InvalidTxnStateError("partition is not in the ongoing transaction "
-                                       "(AddPartitionsToTxn first)", topic=topic,
-                                       partition=partition, state=str(row.state))
+        verify_produce(row, self.producers.current_epoch(producer_id), topic, partition,
+                       producer_id, epoch)
 
     def on_transactional_append(self, topic: str, partition: int, producer_id: int,
                                 base_offset: int) -> None:
         if self.index.observe_data(topic, partition, producer_id, base_offset):
-            self._wake.set()  # a transaction opened in a log: the hanging check runs
+            self._timer.wake()  # a transaction opened in a log: the hanging check runs
 
     def describe(self, transactional_id: str) -> TransactionDescription | None:
-        row = self._transactions.get(transactional_id)
-        if row is None:
-            return None
-        return TransactionDescription(
-            row.transactional_id, row.producer_id, row.producer_epoch, str(row.state),
-            row.timeout_ms, row.started_ms, tuple(sorted(row.partitions)))
+        return described(self._transactions.get(transactional_id))
 
     def listing(self, states: Iterable[str] = (), producer_ids: Iterable[int] = (),
                 running_ms_min: int = -1) -> list[TransactionDescription]:
-        found = [self.describe(name) for name in sorted(self._transactions)]
-        return _filtered([d for d in found if d is not None], set(states), set(producer_ids),
-                         running_ms_min, self.clock.wall_ms())
+        found = [described(self._transactions[name]) for name in sorted(self._transactions)]
+        return filtered([d for d in found if d is not None], set(states), set(producer_ids),
+                        running_ms_min, self.clock.wall_ms())
 
     def pending_offsets(self, group_id: str) -> set[tuple[str, int]]:
         """The group's partitions with offsets in an unfinished transaction (KIP-447)."""
-        return {(t, p) for row in self._transactions.values() if row.state in _OPEN
-                for t, p, _, _ in row.offsets.get(group_id, ())}
+        return pending_offsets(self._transactions.values(), group_id)
 
     def counts(self) -> tuple[int, int, int]:
         """(ongoing, hanging, timed out since start): what metrics report."""
-        ongoing = sum(1 for row in self._transactions.values()
-                      if row.state == TransactionState.ONGOING)
-        return ongoing, len(self.hanging), self.timed_out
+        return ongoing_count(self._transactions.values()), len(self.hanging), self.timed_out
 
     def forget_topic(self, topic: str) -> None:
         self.index.forget_topic(topic)
         self.store.delete_topic(topic)
-        for key in [key for key in self._known_partitions if key[0] == topic]:
-            del self._known_partitions[key]
+        self._known_partitions = {key: first for key, first in self._known_partitions.items()
+                                  if key[0] != topic}
 
     # --- transitions -------------------------------------------------------------------
     def _checked(self, transactional_id: str, producer_id: int, epoch: int) -> TransactionRow:
@@ -343,19 +376,33 @@ class Transactions:
                                       current_epoch=row.producer_epoch)
         return row
 
-    @staticmethod
-    def _check_addable(row: TransactionRow) -> None:
-        if row.state in _PREPARING:
-            raise ConcurrentTransactionsError("the previous transaction is completing",
-                                              transactional_id=row.transactional_id)
-
     def _begin(self, row: TransactionRow) -> None:
         if row.state == TransactionState.ONGOING:
             return
         row.state = TransactionState.ONGOING
         row.partitions, row.groups, row.offsets = [], [], {}
         row.started_ms = self.clock.wall_ms()
-        self._arm(row)
+        self._timer.arm(row.transactional_id, row.started_ms, row.timeout_ms)
+
+    def _touch(self, row: TransactionRow) -> None:
+        """The id was used now (``transactional.id.expiration.ms`` counts from here)."""
+        row.updated_ms = self.clock.wall_ms()
+        self.idle.touch(row)
+
+    async def expire_idle(self) -> list[str]:
+        """Forget the transactional ids idle past ``transactional.id.expiration.ms``."""
+        expired = await self.idle.expire()
+        if expired:
+            await self.store.commit()
+        return expired
+
+    def _forget(self, row: TransactionRow) -> None:
+        """An idle transactional id expired (called under its lock): gone everywhere."""
+        del self._transactions[row.transactional_id]
+        if self._by_producer.get(row.producer_id) == row.transactional_id:
+            del self._by_producer[row.producer_id]
+        self.producers.forget_transactional(row.transactional_id, row.producer_id)
+        self.store.delete(row.transactional_id)
 
     def _remember_partition(self, topic: str, partition: int) -> None:
         if (topic, partition) in self._known_partitions:
@@ -407,77 +454,41 @@ class Transactions:
             logger.warning("transaction %s timed out after %d ms: aborting it and fencing "
                            "its producer", transactional_id, row.timeout_ms)
             self.timed_out += 1
+            # a TV2 producer's EndTxn(abort) with the epoch it had is answered as a retry
+            # of this abort, with the new epoch (KIP-890 part 2); TV1 stays fenced
+            row.previous_producer_id, row.previous_producer_epoch = (row.producer_id,
+                                                                     row.producer_epoch)
             new_id, new_epoch = await self.producers.init_producer_id(transactional_id)
             bumped = new_epoch if new_id == row.producer_id else row.producer_epoch
             await self._prepare(row, TransactionState.PREPARE_ABORT, bumped)
             await self._complete(row)
             if new_id != row.producer_id:  # epochs exhausted: the id moves to a new producer
-                self._by_producer.pop(row.producer_id, None)
-                row.producer_id, row.producer_epoch = new_id, new_epoch
-                self._by_producer[new_id] = transactional_id
-                self.store.save(row)
-                await self.store.commit()
+                await self._move_to(row, new_id, new_epoch)
 
-    # --- the timer: one deadline at a time ---------------------------------------------
-    def _arm(self, row: TransactionRow) -> None:
-        deadline_ms = self.clock.monotonic_ms() + row.timeout_ms
-        first = self._deadlines[0][0] if self._deadlines else None
-        heapq.heappush(self._deadlines, (deadline_ms, row.transactional_id, row.started_ms))
-        if first is None or deadline_ms < first:
-            self._wake.set()
-
-    async def _run_timer(self) -> None:
-        """Sleeps until the earliest deadline, the next hanging check (while transactions
-        are open in a log) or marker retry; with none of them, until ``_wake``."""
-        next_check_ms = self.clock.monotonic_ms() + HANGING_CHECK_MS
-        while not self._closing:
-            self._wake.clear()  # before looking: a wake during this pass is not lost
-            now_ms = self.clock.monotonic_ms()
-            while self._deadlines and self._deadlines[0][0] <= now_ms:
-                _, transactional_id, started_ms = heapq.heappop(self._deadlines)
-                try:
-                    await self._expire(transactional_id, started_ms)
-                except OperatingError:
-                    logger.exception("aborting timed-out transaction %s failed",
-                                     transactional_id)
-            incomplete = await self._retry_incomplete()
-            if now_ms >= next_check_ms:
-                self.check_hanging()
-                next_check_ms = now_ms + HANGING_CHECK_MS
-            waits = [self._deadlines[0][0] - now_ms] if self._deadlines else []
-            if self.index.open_transactions() or self.hanging:
-                waits.append(next_check_ms - now_ms)
-            if incomplete:
-                waits.append(RETRY_MS)
-            await self._sleep(max(min(waits), 1) if waits else None)
-
-    async def _sleep(self, wait_ms: int | None) -> None:
-        if wait_ms is None:
-            await self._wake.wait()
-            return
-        async with asyncio.TaskGroup() as group:
-            sleeper = group.create_task(self.clock.sleep_ms(wait_ms))
-            woken = group.create_task(self._wake.wait())
-            await asyncio.wait([sleeper, woken], return_when=asyncio.FIRST_COMPLETED)
-            sleeper.cancel()
-            woken.cancel()
+    async def _move_to(self, row: TransactionRow, producer_id: int, epoch: int) -> None:
+        """The transactional id's producer is now ``producer_id`` (old epochs exhausted)."""
+        self._by_producer.pop(row.producer_id, None)
+        row.producer_id, row.producer_epoch = producer_id, epoch
+        self._by_producer[producer_id] = row.transactional_id
+        self.store.save(row)
+        await self.store.commit()
 
     async def _retry_incomplete(self) -> bool:
         """Prepare* transactions whose markers failed (a full disk): try again; True
         while some are still unfinished."""
         for row in list(self._transactions.values()):
-            if row.state not in _PREPARING:
+            if row.state not in PREPARING:
                 continue
             async with self._locks.hold(row.transactional_id):
-                if row.state in _PREPARING:
+                if row.state in PREPARING:
                     with contextlib.suppress(OperatingError):
                         await self._complete(row)
-        return any(row.state in _PREPARING for row in self._transactions.values())
+        return any(row.state in PREPARING for row in self._transactions.values())
 
     def check_hanging(self) -> list[tuple[str, int, int, int]]:
         """Open transactions in the logs that no ongoing transaction accounts for
         (KIP-890's "hanging transaction"): logged once each, counted in ``hanging``."""
-        found = _unaccounted(self.index, self._by_producer, self._transactions)
+        found = unaccounted(self.index, self._by_producer, self._transactions)
         for key in found:
             if key not in self.hanging:
                 logger.error("hanging transaction: producer %d holds %s-%d open from offset "
@@ -489,43 +500,3 @@ class Transactions:
     # --- helpers -----------------------------------------------------------------------
     def _exists(self, topic: str, partition: int) -> bool:
         return self.topics.log_store.has_partition(topic, partition)
-
-
-def _unaccounted(index: TransactionIndex, by_producer: dict[int, str],
-                 transactions: dict[str, TransactionRow]) -> list[tuple[str, int, int, int]]:
-    found = []
-    for topic, partition, producer_id, first in index.open_transactions():
-        transactional_id = by_producer.get(producer_id)
-        row = None if transactional_id is None else transactions.get(transactional_id)
-        if row is not None and row.state in (TransactionState.ONGOING, *_PREPARING) \
-                and (topic, partition) in row.partitions:
-            continue
-        found.append((topic, partition, producer_id, first))
-    return found
-
-
-async def _log_chunks(store: LogStore, topic: str, partition: int,
-                      first: int) -> AsyncIterator[bytes]:
-    """A partition log's bytes from ``first`` (or its start) to its high watermark."""
-    offset = max(first, store.offsets(topic, partition).log_start_offset)
-    while offset < store.offsets(topic, partition).high_watermark:
-        data = (await store.read(topic, partition, offset, _SCAN_BYTES)).read_bytes()
-        if not data:
-            return
-        yield data
-        last = split_batches(data)[-1][1]
-        offset = max(offset + 1, last.last_offset + 1)
-
-
-def _no_member_check(group_id: str, member_id: str, generation: int) -> None:
-    return None
-
-
-def _filtered(found: list[TransactionDescription], states: set[str], producer_ids: set[int],
-              running_ms_min: int, now_ms: int) -> list[TransactionDescription]:
-    """ListTransactions' filters: states, producer ids, running for at least a duration."""
-    return [description for description in found
-            if (not states or description.state in states)
-            and (not producer_ids or description.producer_id in producer_ids)
-            and (running_ms_min < 0 or (description.started_ms >= 0 and
-                                        now_ms - description.started_ms >= running_ms_min))]

@@ -147,6 +147,8 @@ class Server:
                 auto_create_topics=settings.auto_create_topics,
                 default_partitions=settings.default_partitions,
                 record_bytes_max=settings.record_bytes_max,
+                transactional_id_expiration_ms=settings.transactional_id_expiration_ms,
+                producer_id_expiration_ms=settings.producer_id_expiration_ms,
             )
             self._broker = Broker(log_store, state_store, self.clock, self.rng, broker_config,
                                   queue_alias=amqp_topic_name_for)

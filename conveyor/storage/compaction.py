@@ -13,6 +13,12 @@ and completes a ``.swap`` (the new content is complete and durable).
 Batches kept whole are copied byte for byte; a batch losing records is rebuilt with
 one batch per kept record, keeping the original offsets, timestamps and compression.
 
+Transactions (the decisions in txn_cleaning.py, shared with other backends): records of
+aborted transactions are dropped first and never shadow a key; records of open ones
+never shadow a key either, and cleaning stops before the segment holding the first
+open offset; a COMMIT marker goes once its transaction keeps no record and its segment
+is past ``delete_retention_ms``, like a tombstone (ABORT markers stay: txn_cleaning.py).
+
 Off the event loop: the key scan, the cleaning and the whole file replacement (with its
 fdatasync and directory fsyncs) run in a worker thread over sealed segments, which no
 append touches; only the swap of the new Segment into the log's list (and closing the
@@ -28,37 +34,54 @@ from conveyor.storage import segment_files
 from conveyor.storage.fs import FileSystem, in_thread
 from conveyor.storage.record_batch import RecordData, build_batch, decode_records
 from conveyor.storage.segment import Segment
+from conveyor.storage.txn_cleaning import TransactionCleaning
 
 if TYPE_CHECKING:
     from conveyor.storage.partition_log import PartitionLog
 
 
-def latest_offsets(fs: FileSystem, segments: list[Segment]) -> dict[bytes, int]:
-    """Highest offset of every key in ``segments`` (a worker thread may run this)."""
+def scan(fs: FileSystem, segments: list[Segment]) -> tuple[dict[bytes, int], TransactionCleaning]:
+    """Highest offset of every key in ``segments`` (committed or non-transactional
+    records only), and the fate of their transactions (a worker thread may run this)."""
     latest: dict[bytes, int] = {}
+    transactions = TransactionCleaning()
     for segment in segments:
         for position, header in segment.batch_headers():
-            if header.is_control:
+            if header.is_control and not header.is_transactional:
+                continue
+            data = fs.pread(segment.handle, header.size_bytes, position)
+            transactions.observe(header, decode_records(data))
+    for segment in segments:
+        for position, header in segment.batch_headers():
+            if not transactions.counts_for_keys(header):
                 continue
             data = fs.pread(segment.handle, header.size_bytes, position)
             for record in decode_records(data):
                 if record.key is not None:
                     latest[record.key] = record.offset
-    return latest
+    return latest, transactions
 
 
 def clean_segment_bytes(
-    fs: FileSystem, segment: Segment, latest: dict[bytes, int], drop_tombstones: bool
+    fs: FileSystem, segment: Segment, latest: dict[bytes, int], drop_tombstones: bool,
+    transactions: TransactionCleaning | None = None,
 ) -> bytes | None:
     """The cleaned content of ``segment``; None when nothing would change."""
+    transactions = transactions if transactions is not None else TransactionCleaning()
     output = bytearray()
     changed = False
     for position, header in segment.batch_headers():
         data = fs.pread(segment.handle, header.size_bytes, position)
         if header.is_control:
-            output += data
+            if transactions.keeps_marker(header, latest, drop_tombstones):
+                output += data
+            else:
+                changed = True
             continue
         records = decode_records(data)
+        if transactions.is_aborted(header):
+            changed = True
+            continue
         kept = [record for record in records if record.key is None or (
             latest.get(record.key) == record.offset
             and not (drop_tombstones and record.value is None))]
@@ -112,16 +135,19 @@ async def compact(log: PartitionLog, now_ms: int) -> int:
             return 0  # deleted while this pass waited
         config = log.config
         segments = list(log.segments)
-        latest = await in_thread(latest_offsets, log.fs, segments)
+        latest, transactions = await in_thread(scan, log.fs, segments)
+        first_open = transactions.first_open_offset()
         rewritten = 0
-        for segment in segments[:-1]:
+        for index, segment in enumerate(segments[:-1]):
             if segment.max_timestamp_ms > now_ms - config.min_compaction_lag_ms:
                 break
             if segment is log.visible_segment:
                 break  # its bytes are not all durable yet
+            if first_open is not None and segments[index + 1].base_offset > first_open:
+                break  # holds an open transaction's records: Kafka cleans below the LSO only
             drop_tombstones = segment.max_timestamp_ms < now_ms - config.delete_retention_ms
             content = await in_thread(clean_segment_bytes, log.fs, segment, latest,
-                                      drop_tombstones)
+                                      drop_tombstones, transactions)
             if content is None:
                 continue
             replacement = await in_thread(rewrite, log.fs, log.directory, segment, content)

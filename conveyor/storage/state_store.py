@@ -208,6 +208,7 @@ class StateStore(Protocol):
     # producers
     def next_counter(self, name: str, start: int = 0) -> int: ...
     def save_producer(self, row: ProducerRow) -> None: ...
+    def delete_producer(self, producer_id: int) -> None: ...
     async def load_producers(self) -> list[ProducerRow]: ...
     def save_producer_sequences(self, row: ProducerSequenceRow) -> None: ...
     async def load_producer_sequences(self) -> list[ProducerSequenceRow]: ...
@@ -439,6 +440,12 @@ class SqlStateStore:
             upsert_sql("producers", ["producer_id"], ["epoch", "transactional_id"]),
             (row.producer_id, row.epoch, row.transactional_id),
         )
+
+    def delete_producer(self, producer_id: int) -> None:
+        """Forget an expired producer id: its row and its sequences."""
+        self.engine.write("DELETE FROM producers WHERE producer_id = ?", (producer_id,))
+        self.engine.write("DELETE FROM producer_sequences WHERE producer_id = ?",
+                          (producer_id,))
 
     async def load_producers(self) -> list[ProducerRow]:
         rows = await self.engine.query("SELECT producer_id, epoch, transactional_id FROM producers")

@@ -14,6 +14,11 @@ store's Dialect, standard ``ON CONFLICT`` upserts), as storage/shared_state.py i
   the offset of the first one: where a restart re-scans the log to rebuild the
   partition's open transactions and aborted-transaction index (the log is the
   truth; this table only bounds the scan).
+- ``txn_activity``: per transactional id, the producer id and epoch before the last
+  epoch bump at a transaction end (``transaction.version`` 2: a retried EndTxn v5 carries
+  them) and when the id was last used (wall clock; ``transactional.id.expiration.ms``
+  counts from it). A separate table so that stores written before it open unchanged
+  (a missing row reads as "no previous epoch, used now").
 
 Must not know: the broker's classes or the log. Writes go into the store's
 per-loop-turn transaction; callers that need durability await ``commit()``.
@@ -35,6 +40,9 @@ SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS txn_partitions (
         topic TEXT NOT NULL, partition INTEGER NOT NULL, first_offset BIGINT NOT NULL,
         PRIMARY KEY (topic, partition))""",
+    """CREATE TABLE IF NOT EXISTS txn_activity (
+        transactional_id TEXT NOT NULL PRIMARY KEY, previous_producer_id BIGINT NOT NULL,
+        previous_producer_epoch INTEGER NOT NULL, updated_ms BIGINT NOT NULL)""",
 )
 
 # group -> [(topic, partition, offset, metadata)]
@@ -52,6 +60,11 @@ class TransactionRow:
     groups: list[str] = field(default_factory=list)
     offsets: PendingOffsets = field(default_factory=dict)
     started_ms: int = -1  # wall clock; -1 when no transaction is open
+    # producer id and epoch before the last bump at a transaction end (EndTxn v5), so a
+    # retry of that EndTxn is recognised; -1 when there was none
+    previous_producer_id: int = -1
+    previous_producer_epoch: int = -1
+    updated_ms: int = -1  # wall clock of the last request that used the id; -1: unknown
 
 
 class TxnStateStore:
@@ -75,12 +88,27 @@ class TxnStateStore:
              row.state, json.dumps(sorted(row.partitions)), json.dumps(sorted(row.groups)),
              json.dumps(row.offsets, sort_keys=True), row.started_ms),
         )
+        self.store.write(
+            upsert_sql("txn_activity", ["transactional_id"],
+                       ["previous_producer_id", "previous_producer_epoch", "updated_ms"]),
+            (row.transactional_id, row.previous_producer_id, row.previous_producer_epoch,
+             row.updated_ms),
+        )
+
+    def delete(self, transactional_id: str) -> None:
+        """Forget an expired transactional id."""
+        for table in ("txn_transactions", "txn_activity"):
+            self.store.write(f"DELETE FROM {table} WHERE transactional_id = ?",
+                             (transactional_id,))
 
     async def load(self) -> list[TransactionRow]:
         rows = await self.store.query(
-            "SELECT transactional_id, producer_id, producer_epoch, timeout_ms, state,"
-            " partitions, groups, offsets, started_ms FROM txn_transactions"
-            " ORDER BY transactional_id")
+            "SELECT t.transactional_id, t.producer_id, t.producer_epoch, t.timeout_ms, t.state,"
+            " t.partitions, t.groups, t.offsets, t.started_ms,"
+            " COALESCE(a.previous_producer_id, -1), COALESCE(a.previous_producer_epoch, -1),"
+            " COALESCE(a.updated_ms, -1)"
+            " FROM txn_transactions t LEFT JOIN txn_activity a"
+            " ON a.transactional_id = t.transactional_id ORDER BY t.transactional_id")
         loaded = []
         for row in rows:
             offsets = {str(group): [(str(t), int(p), int(o), None if m is None else str(m))
@@ -89,7 +117,8 @@ class TxnStateStore:
             loaded.append(TransactionRow(
                 str(row[0]), int(row[1]), int(row[2]), int(row[3]), str(row[4]),
                 [(str(topic), int(partition)) for topic, partition in json.loads(str(row[5]))],
-                [str(group) for group in json.loads(str(row[6]))], offsets, int(row[8])))
+                [str(group) for group in json.loads(str(row[6]))], offsets, int(row[8]),
+                int(row[9]), int(row[10]), int(row[11])))
         return loaded
 
     def save_partition(self, topic: str, partition: int, first_offset: int) -> None:

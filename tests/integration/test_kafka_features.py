@@ -1,6 +1,6 @@
 """Goal: the Kafka feature flags (KIP-584) are answered truthfully: ApiVersions v3 lists
-group.version and share.version as supported and finalized at 1, and UpdateFeatures
-confirms that level and refuses any other, changing nothing.
+group.version and share.version as supported and finalized at 1 (transaction.version at
+2), and UpdateFeatures confirms that level and refuses any other, changing nothing.
 
 Method: kafka-python's KafkaAdminClient (describe_features, update_features, which sends
 UpdateFeatures to the controller Metadata names) against a BrokerThread, plus a raw
@@ -47,6 +47,8 @@ def test_describe_features(admin: KafkaAdminClient) -> None:
     assert features == {
         "group.version": {"supported": (0, 1), "finalized": (1, 1), "finalized_epoch": 0},
         "share.version": {"supported": (0, 1), "finalized": (1, 1), "finalized_epoch": 0},
+        "transaction.version": {"supported": (0, 2), "finalized": (2, 2),
+                                "finalized_epoch": 0},
     }
 
 

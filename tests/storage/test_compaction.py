@@ -11,8 +11,17 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from conveyor.storage.control_batch import build_control_batch
 from conveyor.storage.log_store import FileLogStore, LogConfig
-from conveyor.storage.record_batch import RecordData, build_batch, iter_records
+from conveyor.storage.record_batch import (
+    RecordData,
+    build_batch,
+    decode_records,
+    iter_records,
+    patch_base_offset,
+    split_batches,
+)
+from conveyor.storage.txn_cleaning import TransactionCleaning
 from conveyor.testing.clock import SimClock
 from conveyor.testing.memory_fs import MemoryFileSystem
 
@@ -143,3 +152,62 @@ async def test_min_compaction_lag_protects_recent_segments(clock: SimClock) -> N
     before = readable(store)
     await store.run_retention()
     assert readable(store) == before
+
+
+async def test_open_transactions_are_not_cleaned_and_never_shadow(clock: SimClock) -> None:
+    """Goal: records of a transaction without a marker neither shadow a committed value
+    of their key nor get cleaned (the cleaner stops below the first open offset), and a
+    COMMIT marker that ended nothing goes after delete_retention_ms.
+    Method: a committed value, a stray COMMIT marker, then an open transaction over
+    several segments, then non-transactional records; compact; read back."""
+    store = FileLogStore("/data", MemoryFileSystem(), clock)
+    await store.open()
+    log = await store.create_partition("t", 0, dataclasses.replace(CONFIG, segment_bytes=200))
+    await log.append(build_batch([RecordData(b"k", b"committed", (), clock.wall_ms())]))
+    await log.append(build_control_batch(9, 0, True, 0, clock.wall_ms()))  # ends nothing
+    for index in range(6):  # the open transaction, spread over several segments
+        await log.append(build_batch([RecordData(b"k", b"open%d" % index, (), clock.wall_ms())],
+                                     producer_id=7, producer_epoch=0, base_sequence=index,
+                                     is_transactional=True))
+    for index in range(6):
+        await log.append(build_batch([RecordData(b"x", b"x%d" % index, (), clock.wall_ms())]))
+    assert len(log.segments) > 3
+    clock.advance(20_000)
+    await store.run_retention()
+    after = readable(store)
+    assert (0, b"k", b"committed") in after
+    assert [value for _, key, value in after if key == b"k"][1:] == [
+        b"open%d" % index for index in range(6)]
+    headers = [header for _, header in split_batches(log.read(0, 10**6).read_bytes())]
+    assert not any(header.is_control for header in headers)  # the stray marker went
+
+
+def test_transaction_cleaning_decisions() -> None:
+    """The backend-neutral rules: aborted batches dropped, committed ones count for keys,
+    an ABORT marker kept, a COMMIT marker kept while one of its records survives."""
+    cleaning = TransactionCleaning()
+    batches = [
+        build_batch([RecordData(b"a", b"1", (), 0)], base_offset=0, producer_id=1,
+                    producer_epoch=0, is_transactional=True),
+        build_control_batch(1, 0, True, 0, 0),
+        build_batch([RecordData(b"a", b"2", (), 0)], base_offset=2, producer_id=1,
+                    producer_epoch=0, base_sequence=1, is_transactional=True),
+        build_control_batch(1, 0, False, 0, 0),
+    ]
+    raw = b""
+    for offset, batch in enumerate(batches):
+        placed = bytearray(batch)
+        patch_base_offset(placed, offset)
+        raw += bytes(placed)
+    headers = []
+    for position, header in split_batches(raw):
+        cleaning.observe(header, decode_records(raw, position))
+        headers.append(header)
+    committed, commit_marker, aborted, abort_marker = headers
+    assert cleaning.counts_for_keys(committed) and not cleaning.is_aborted(committed)
+    assert cleaning.is_aborted(aborted) and not cleaning.counts_for_keys(aborted)
+    assert cleaning.keeps_marker(abort_marker, {}, drop_tombstones=True)
+    assert cleaning.keeps_marker(commit_marker, {b"a": 0}, drop_tombstones=True)
+    assert not cleaning.keeps_marker(commit_marker, {b"a": 5}, drop_tombstones=True)
+    assert cleaning.keeps_marker(commit_marker, {b"a": 5}, drop_tombstones=False)
+    assert cleaning.first_open_offset() is None

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 DENIED_TOPIC = "Not authorized to access topics: [Topic authorization failed.]"
 
+# Produce v12+ is sent by transaction.version 2 clients only: a transactional batch adds
+# its partition to the transaction (KIP-890 part 2; no AddPartitionsToTxn before it)
+IMPLICIT_ADD_VERSION = 12
+
 # Several nodes (cluster_routing.py): may this node serve the partition? None: a single node.
 PartitionGate = Callable[[str, int], Awaitable[bool]] | None
 
@@ -64,7 +68,8 @@ async def handle_produce(broker: Broker, request: Request,
         ]
     else:  # as Kafka: partitions of topics the principal may not write are refused alone
         appends = [
-            _append(broker, topic.name, partition.index, partition.records, gate)
+            _append(broker, topic.name, partition.index, partition.records, gate,
+                    header.api_version >= IMPLICIT_ADD_VERSION)
             if topic.name not in denied else _refused(topic.name, partition.index)
             for topic in body.topic_data for partition in topic.partition_data
         ]
@@ -107,7 +112,7 @@ async def _refused(topic: str, partition: int) -> tuple[str, ProducePartitionRes
 
 async def _append(
     broker: Broker, topic: str, partition: int, records: bytes | None,
-    gate: PartitionGate = None,
+    gate: PartitionGate = None, implicit_transaction: bool = False,
 ) -> tuple[str, ProducePartitionResult]:
     if gate is not None and not await gate(topic, partition):
         return topic, ProducePartitionResult(
@@ -118,7 +123,7 @@ async def _append(
             partition, error_codes.CORRUPT_MESSAGE, error_message="empty records"
         )
     try:
-        result = await broker.append_batch(topic, partition, records)
+        result = await broker.append_batch(topic, partition, records, implicit_transaction)
     except OperatingError as error:
         return topic, ProducePartitionResult(
             partition, error_codes.error_code_for(error), error_message=error.message

@@ -3,10 +3,12 @@
 Owns: the features ApiVersions v3 advertises (supported range and finalized level) and
 UpdateFeatures (57), which can only confirm them.
 
-Rules: ``group.version`` 1 (KIP-848 consumer groups) and ``share.version`` 1 (KIP-932
-share groups) are what this code serves, finalized at that level; other features
-Kafka has (``metadata.version``, ``kraft.version``, ``transaction.version``...) describe
-a KRaft cluster or APIs Conveyor does not serve, so they are not claimed. An update to
+Rules: ``group.version`` 1 (KIP-848 consumer groups), ``share.version`` 1 (KIP-932
+share groups) and ``transaction.version`` 2 (KIP-890 part 2: EndTxn v5 bumps the epoch,
+Produce v12 and TxnOffsetCommit v5 add to the transaction implicitly; Kafka 4 Java
+clients read this level to choose that protocol, older clients ignore it) are what this
+code serves, finalized at that level; other features Kafka has (``metadata.version``,
+``kraft.version``...) describe a KRaft cluster, so they are not claimed. An update to
 the finalized level is a no-op; any other level, a downgrade, or an unknown feature is
 INVALID_UPDATE_VERSION for that feature (v2: for the request), nothing changing.
 """
@@ -25,6 +27,7 @@ from conveyor.protocols.kafka.responses import build, nested
 FEATURES: Final[dict[str, tuple[int, int, int]]] = {
     "group.version": (0, 1, 1),
     "share.version": (0, 1, 1),
+    "transaction.version": (0, 2, 2),
 }
 FEATURES_EPOCH: Final = 0  # they never change on a running node
 

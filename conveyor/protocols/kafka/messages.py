@@ -38,7 +38,7 @@ from conveyor.protocols.kafka.tagged_fields import without_unknown_tags
 # ones); maximums stop before topic ids replace topic names (Produce v13,
 # Fetch v13) and before features Conveyor does not implement.
 SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
-    0: (3, 11),  # Produce
+    0: (3, 12),  # Produce (v12: transaction.version 2 adds partitions implicitly)
     1: (4, 12),  # Fetch
     2: (1, 11),  # ListOffsets (v7-v11: max timestamp, earliest local, tiered: none)
     3: (0, 12),  # Metadata
@@ -60,8 +60,8 @@ SUPPORTED_VERSIONS: Final[dict[int, tuple[int, int]]] = {
     23: (2, 4),  # OffsetForLeaderEpoch (one epoch, 0: its end is the log end)
     24: (0, 5),  # AddPartitionsToTxn (v4+: batched, v5 verify-only: KIP-890)
     25: (0, 4),  # AddOffsetsToTxn
-    26: (0, 4),  # EndTxn (v5 is transaction.version 2, not offered)
-    28: (0, 4),  # TxnOffsetCommit (v5 is transaction.version 2, not offered)
+    26: (0, 5),  # EndTxn (v5: transaction.version 2, the epoch bumped and answered)
+    28: (0, 5),  # TxnOffsetCommit (v5: transaction.version 2, the group added implicitly)
     29: (1, 3),  # DescribeAcls (onto the security model's ACLs)
     30: (1, 3),  # CreateAcls
     31: (1, 3),  # DeleteAcls

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
 
 API_KEYS: Final = frozenset({24, 25, 26, 28, 65, 66})
+# transaction.version 2 (KIP-890 part 2): EndTxn v5 bumps the epoch and answers it,
+# TxnOffsetCommit v5 adds its group to the transaction (no AddOffsetsToTxn before it)
+TV2_END_TXN: Final = 5
+TV2_TXN_OFFSET_COMMIT: Final = 5
 # api key -> first version that may receive PRODUCER_FENCED (KIP-588)
 _FENCED_FROM: Final = {22: 4, 24: 2, 25: 2, 26: 2, 28: 3}
 # Kafka's -1 "not started" start time (kio writes datetimes; build() maps -1 to None)
@@ -115,14 +119,17 @@ async def _add_offsets(broker: Broker, request: Request) -> Any:
 async def _end_txn(broker: Broker, request: Request) -> Any:
     version = request.header.api_version
     body = request.body
+    producer = (-1, -1)
     try:
-        await broker.end_txn(body.transactional_id, body.producer_id, body.producer_epoch,
-                             bool(body.committed))
+        producer = await broker.end_txn(body.transactional_id, body.producer_id,
+                                        body.producer_epoch, bool(body.committed),
+                                        bump_epoch=version >= TV2_END_TXN)
         code = error_codes.NONE
     except OperatingError as error:
         code = code_for(error, 26, version)
-    return build(response_class(26, version), error_code=code, producer_id=-1,
-                 producer_epoch=-1)
+    # v5 answers the producer id and epoch the client uses next (v4 and older: no field)
+    return build(response_class(26, version), error_code=code, producer_id=producer[0],
+                 producer_epoch=producer[1])
 
 
 async def _txn_offset_commit(broker: Broker, request: Request) -> Any:
@@ -139,7 +146,7 @@ async def _txn_offset_commit(broker: Broker, request: Request) -> Any:
                   int(getattr(body, "generation_id", -1)))
         outcomes = await broker.txn_offset_commit(
             body.transactional_id, body.group_id, body.producer_id, body.producer_epoch,
-            offsets, member)
+            offsets, member, implicit=version >= TV2_TXN_OFFSET_COMMIT)
         codes = {key: code_for(error, 28, version) for key, error in outcomes.items()}
     except OperatingError as error:
         codes = {(topic, partition): code_for(error, 28, version)

@@ -46,7 +46,7 @@ def kio_produce(version: int) -> Any:
     return cls(responses=(topic,), throttle_time=ZERO)
 
 
-@pytest.mark.parametrize("version", range(3, 12))
+@pytest.mark.parametrize("version", range(3, 13))
 def test_produce_matches_kio(version: int) -> None:
     ours = encode_produce_response(
         9, version,
@@ -62,7 +62,7 @@ def test_produce_matches_kio(version: int) -> None:
 
 
 def test_produce_versions_cover_supported() -> None:
-    assert SUPPORTED_VERSIONS[0] == (3, 11)
+    assert SUPPORTED_VERSIONS[0] == (3, 12)
     assert SUPPORTED_VERSIONS[1] == (4, 12)
 
 
