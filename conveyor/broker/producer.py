@@ -145,7 +145,8 @@ class Producer:
                                       topic=topic, partition=partition)
         if producer_id < 0:
             return await self.append(topic, partition, batch, ())
-        appended = await self._append_idempotent(topic, partition, batch, headers, incoming)
+        appended = await self._append_idempotent(topic, partition, batch, headers, incoming,
+                                                 implicit_transaction)
         if not appended.duplicate:
             # the producer's sequences and checkpoint, written in the append's turn: made
             # durable by the next barrier pass, outside the lock, so the producer's next
@@ -157,6 +158,7 @@ class Producer:
     async def _append_idempotent(
         self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
         headers: Sequence[BatchHeader], incoming: Sequence[IncomingBatch],
+        implicit_transaction: bool,
     ) -> AppendResult:
         """The sequence check and the append, under the (producer, partition) lock; the
         lock is held until the log append is durable, not across the state commit."""

@@ -179,12 +179,12 @@ class GroupCommitter:
 
     async def settle(self) -> None:
         """Wait until every ``always`` write so far is durable or failed (its waiters
-        answered); the committer keeps running (a truncation waits for this)."""
-        while self._sync_task is not None or self._waiters:
-            if self._sync_task is None:
-                self._start_sync()
-            if self._sync_task is not None:
-                await asyncio.wait([self._sync_task])
+        answered by the barrier's passes); the committer keeps running (a truncation
+        waits for this)."""
+        pending = [waiter for waiter in (*self._pass_waiters, *self._waiters)
+                   if not waiter.done()]
+        if pending:
+            await asyncio.wait(pending)
 
     def truncated(self) -> None:
         """The log was cut below the last write: its token must not be reported again."""

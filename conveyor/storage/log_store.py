@@ -171,7 +171,7 @@ class FileLogStore:
         log = self.partition(topic, partition)
         if log.config.cleanup_policy != "compact":
             return 0
-        return compaction.compact(log, self.clock.wall_ms())
+        return await compaction.compact(log, self.clock.wall_ms())
 
     def usage(self, topic: str, partition: int) -> PartitionUsage:
         log = self.partition(topic, partition)

@@ -329,35 +329,41 @@ class PartitionLog:
             raise OffsetOutOfRangeError(
                 "truncation below the log start", offset=offset,
                 log_start_offset=self._log_start_offset)
-        await self.committer.settle()  # writes in flight: durable (or failed) first
-        if offset >= self.log_end_offset:
-            return self.log_end_offset
-        doomed = [segment for segment in self.segments[1:] if segment.base_offset >= offset]
-        for segment in doomed:
-            self.committer.forget(segment.handle)
-            segment.delete()
-        self.segments = self.segments[:len(self.segments) - len(doomed)]
-        segment = self.active_segment
-        cut = next((position for position, header in segment.batch_headers()
-                    if header.last_offset >= offset), segment.size_bytes)
-        segment.truncate_to(cut)
-        if segment.next_offset < self._log_start_offset:  # a compaction gap under the cut
-            segment.write_indexes()
-            self.segments.append(Segment.create(
-                self.fs, self.directory, self._log_start_offset,
-                index_interval_bytes=self.config.index_interval_bytes,
-                created_ms=self.clock.monotonic_ms()))
-        active = self.active_segment
-        try:
-            await in_thread(self.fs.fdatasync, segment.handle)
-        except OSError as error:
-            raise self.committer.fail(error) from error
-        self.fs.fsync_dir(self.directory)  # deleted and created names (as delete_segments)
-        self.committer.truncated()
-        self._visible = _Written(active, active.size_bytes, active.next_offset)
-        logger.warning("log truncated: %s from offset %d (log end now %d)", self.directory,
-                       offset, active.next_offset)
-        return active.next_offset
+        async with self.maintenance:  # compaction and retention stay out meanwhile
+            await self.committer.settle()  # writes in flight: durable (or failed) first
+            if offset >= self.log_end_offset:
+                return self.log_end_offset
+            doomed = [segment for segment in self.segments[1:] if segment.base_offset >= offset]
+            for segment in doomed:
+                self.committer.forget(segment.handle)
+                segment.delete()
+            self.segments = self.segments[:len(self.segments) - len(doomed)]
+            segment = self.active_segment
+            cut = next((position for position, header in segment.batch_headers()
+                        if header.last_offset >= offset), segment.size_bytes)
+            segment.truncate_to(cut)
+            if segment.next_offset < self._log_start_offset:  # a compaction gap under the cut
+                segment.write_indexes()
+                self.segments.append(Segment.create(
+                    self.fs, self.directory, self._log_start_offset,
+                    index_interval_bytes=self.config.index_interval_bytes,
+                    created_ms=self.clock.monotonic_ms()))
+            active = self.active_segment
+            try:
+                # the cut, then the deleted and created names (as delete_segments)
+                await in_thread(self._sync_cut, segment.handle)
+            except OSError as error:
+                raise self.committer.fail(error) from error
+            self.committer.truncated()
+            self._visible = _Written(active, active.size_bytes, active.next_offset)
+            logger.warning("log truncated: %s from offset %d (log end now %d)", self.directory,
+                           offset, active.next_offset)
+            return active.next_offset
+
+    def _sync_cut(self, handle: int) -> None:
+        """In a worker thread: the truncated file's new length, then its directory."""
+        self.fs.fdatasync(handle)
+        self.fs.fsync_dir(self.directory)
 
     async def close(self) -> None:
         self.closed = True
