@@ -321,7 +321,8 @@ class PostgresLogStore:
         async with self._connection() as connection:
             while position < high_watermark:
                 rows = await connection.fetch(sql.READ_BATCHES, part.partition_id, position,
-                                              high_watermark, READ_ROWS)
+                                              high_watermark, READ_ROWS,
+                                              max(bytes_max - len(out), 1))
                 for row in rows:
                     base, payload = row["base_offset"], row["payload"]
                     if base in skipped:
@@ -333,8 +334,8 @@ class PostgresLogStore:
                     patch_base_offset(out, base, start)
                     if self.leader_epoch is not None:
                         patch_partition_leader_epoch(out, self.leader_epoch, start)
-                if len(rows) < READ_ROWS:
-                    break
+                if not rows or (out and len(rows) < READ_ROWS):
+                    break  # the end, or the byte cap (a cap on set-aside rows only goes on)
                 position = _next_position(rows)
         return LogSlice(data=bytes(out))
 

@@ -103,9 +103,17 @@ DELETE_PRODUCERS = "DELETE FROM conveyor_log_producers WHERE partition_id = $1"
 WRITTEN_BY = """SELECT write_id FROM conveyor_log_batches
     WHERE partition_id = $1 AND base_offset = $2"""
 
-READ_BATCHES = """SELECT base_offset, last_offset, payload FROM conveyor_log_batches
-    WHERE partition_id = $1 AND last_offset >= $2 AND base_offset < $3
-    ORDER BY last_offset LIMIT $4"""
+# Up to $4 batches from $2, and of those only as many as $5 bytes need (the batch that
+# crosses $5 included; the caller cuts there): the running size is computed from the
+# stored lengths, so the batches past the cut are never detoasted or sent.
+READ_BATCHES = """SELECT base_offset, last_offset, payload FROM (
+        SELECT base_offset, last_offset, payload,
+            sum(octet_length(payload)) OVER (ORDER BY last_offset)
+                - octet_length(payload) AS bytes_before
+        FROM conveyor_log_batches
+        WHERE partition_id = $1 AND last_offset >= $2 AND base_offset < $3
+        ORDER BY last_offset LIMIT $4) AS batches
+    WHERE bytes_before < $5 ORDER BY last_offset"""
 
 FIND_TIMESTAMP = """SELECT base_offset, last_offset, payload FROM conveyor_log_batches
     WHERE partition_id = $1 AND last_offset >= $2 AND base_offset < $3
