@@ -11,9 +11,11 @@ database and fresh nodes (bench/cluster/nodes.py). Configurations: ``nodes1``..`
 ``workers2`` (one ``conveyor serve --workers 2``). Rounds interleave the configurations.
 Phases per configuration, all on 1 KiB records:
 
-- Kafka produce: ``--producers`` confluent-kafka processes (acks=all, linger 5 ms,
+- Kafka produce: ``--producers`` confluent-kafka processes (acks=all, linger 5 ms, at
+  most ``--max-buffered`` records unacknowledged each, so the final flush stays short;
   bootstrap list of every node) for ``--seconds`` into a topic of ``--partitions``
-  partitions, whose leaders spread over the nodes (rendezvous hashing); then consume:
+  partitions, whose leaders spread evenly over the nodes (a topic name chosen so the
+  rendezvous hash gives each node its share: bench/cluster/nodes.py); then consume:
   ``--consumers`` processes read it all back from offset 0 (bench/kafka/timed.py).
 - AMQP publish: ``--queues-per-node`` durable queues owned by each node that has an AMQP
   listener (names chosen by the same rendezvous hash the nodes use), one pika publisher
@@ -95,7 +97,8 @@ def kafka_phases(cluster: Cluster, postgres: PostgresMeter, options: argparse.Na
     for future in admin.create_topics(topics).values():
         future.result(60)
     produce = measured(cluster, postgres, lambda: timed.produce_phase(
-        cluster, topic, RECORD_BYTES, options.seconds, options.producers))
+        cluster, topic, RECORD_BYTES, options.seconds, options.producers,
+        options.max_buffered))
     ends = timed.log_ends(cluster, topic, options.partitions)
     consume = measured(cluster, postgres, lambda: timed.consume_phase(
         cluster, topic, RECORD_BYTES, options.partitions, options.consumers, ends))
@@ -251,6 +254,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--producers", type=int, default=2, help="Kafka producer processes")
     parser.add_argument("--consumers", type=int, default=2, help="Kafka consumer processes")
+    parser.add_argument("--max-buffered", type=int, default=20_000,
+                        help="records each Kafka producer holds unacknowledged (20 MiB)")
     parser.add_argument("--queues-per-node", type=int, default=2,
                         help="AMQP queues owned by each node (one publisher + consumer each)")
     parser.add_argument("--smoke", action="store_true",
