@@ -1,6 +1,7 @@
 """`make bench`: run the benchmark suites and print one summary table.
 
 Run:  .venv/bin/python -m bench.run [--quick] [storage] [kafka] [http] [amqp] [sqs]
+      [postgres] [cluster]        (make bench ARGS="postgres cluster": those alone)
 
 Each suite is its own module, started as a subprocess from the repository root (so one
 suite's brokers, processes and imports never leak into the next) and writes
@@ -130,6 +131,40 @@ def sqs_rows(document: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def postgres_rows(document: dict[str, Any]) -> list[Row]:
+    """Conveyor on PostgreSQL (the "conveyor" column) against Conveyor on files."""
+    head = document.get("headline") or {}
+    rows: list[Row] = []
+    for key, label in (("kafka_produce_1KiB", "Kafka produce 1 KiB acks=all"),
+                       ("kafka_consume_1KiB", "Kafka consume 1 KiB"),
+                       ("amqp_publish_1KiB", "AMQP publish 1 KiB, confirms"),
+                       ("amqp_consume_1KiB", "AMQP consume 1 KiB, ack each")):
+        rows.append((f"{label} on PostgreSQL", "rec/s",
+                     _get(head, "postgresql", key, "records_per_s"), "conveyor on files",
+                     _get(head, "file", key, "records_per_s"), "higher"))
+    for key, label in (("kafka_produce_1KiB", "Kafka produce 1 KiB"),
+                       ("amqp_publish_1KiB", "AMQP publish 1 KiB")):
+        rows.append((f"{label}: WAL per record", "bytes",
+                     _get(head, "postgresql", key, "wal_bytes_per_record"), "record size",
+                     1024.0, "lower"))
+    return rows
+
+
+def cluster_rows(document: dict[str, Any]) -> list[Row]:
+    """Each configuration's rate against one node's, medians over rounds."""
+    configurations = document.get("configurations") or {}
+    base = configurations.get("nodes1") or {}
+    rows: list[Row] = []
+    for label, one in configurations.items():
+        if label == "nodes1":
+            continue
+        for phase in ("kafka_produce", "kafka_consume", "amqp_publish", "amqp_consume"):
+            rows.append((f"{label}: {phase.replace('_', ' ')} 1 KiB", "rec/s",
+                         _get(one, phase, "records_per_s", "median"), "1 node",
+                         _get(base, phase, "records_per_s", "median"), "higher"))
+    return rows
+
+
 SUITES: dict[str, Suite] = {
     "storage": Suite("bench.storage.bench_append", (), ("--seconds", "0.3"), storage_rows),
     "kafka": Suite("bench.kafka.throughput", (), ("--seconds", "2", "--rounds", "1"), kafka_rows),
@@ -138,6 +173,8 @@ SUITES: dict[str, Suite] = {
     "amqp": Suite("bench.amqp", (), ("--quick",), amqp_rows),
     "sqs": Suite("bench.sqs", (), ("--seconds", "1", "--rounds", "1", "--latency-rate", "20"),
                  sqs_rows),
+    "postgres": Suite("bench.postgres", (), ("--quick",), postgres_rows),
+    "cluster": Suite("bench.cluster", (), ("--smoke",), cluster_rows),
 }
 
 

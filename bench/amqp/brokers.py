@@ -157,17 +157,20 @@ def rabbitmq_node(workdir: Path, tag: str) -> Iterator[RunningBroker]:
 
 
 @contextmanager
-def conveyor_node(workdir: Path) -> Iterator[RunningBroker]:
-    """A fresh ``conveyor serve --listeners amqp`` child with its defaults (fsync=always)."""
+def conveyor_node(workdir: Path, storage: str | None = None,
+                  name: str = "conveyor") -> Iterator[RunningBroker]:
+    """A fresh ``conveyor serve --listeners amqp`` child with its defaults (fsync=always);
+    ``storage``: its ``--storage`` (default: file storage in ``workdir``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     process = BrokerProcess(workdir / "data", listeners=("amqp",),
-                            extra_args=("--log-level", "warning"))
+                            extra_args=("--log-level", "warning",
+                                        *(("--storage", storage) if storage else ())))
     process.start()
     try:
         assert process.process is not None
         from importlib.metadata import version
 
-        yield RunningBroker("conveyor", process.ports["amqp"], process.process.pid,
+        yield RunningBroker(name, process.ports["amqp"], process.process.pid,
                             version("conveyor"))
     finally:
         if process.process is not None and process.process.poll() is None:

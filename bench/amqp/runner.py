@@ -3,6 +3,11 @@
 Run:  .venv/bin/python -m bench.amqp [--quick] [--systems rabbitmq-classic,rabbitmq-quorum,conveyor]
       [--publishers 2] [--consumers 2] [--client pika|aio-pika] [--profile DIR]
 
+System ``conveyor-pg`` (not in the default list; bench/postgres.py runs it beside
+``conveyor``): Conveyor with ``--storage postgresql://`` on an embedded PostgreSQL started
+for the run (fsync on, synchronous_commit on, a fresh database per round); every phase
+then also reports PostgreSQL's CPU (all its processes) and WAL bytes per message.
+
 Each system gets a fresh broker (fresh data directory, free loopback ports) and three phases,
 all driven by the same client code (``bench.amqp.clients``) in separate worker processes:
 
@@ -26,6 +31,7 @@ broker or the client was the bottleneck. Results: bench/results/amqp.json and a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -43,7 +49,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -51,9 +57,11 @@ from bench.amqp import profile
 from bench.amqp.brokers import RunningBroker, conveyor_node, rabbitmq_available, rabbitmq_node
 from bench.amqp.clients import Coordination, WorkerSpec, worker_main
 from bench.measure import CLIENT_BOUND_PCT, summarise
+from bench.pgmeter import PostgresMeter, embedded_postgres
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "amqp.json"
 SYSTEMS = ("rabbitmq-classic", "rabbitmq-quorum", "conveyor")
+KNOWN_SYSTEMS = (*SYSTEMS, "conveyor-pg")
 READY_TIMEOUT_S = 60.0
 STALL_S = 5.0  # a consumer phase ends when nothing more arrived for this long
 PHASE_TIMEOUT_S = 120.0
@@ -61,8 +69,15 @@ LATENCY_QUEUE = "bench-latency"
 THROUGHPUT_QUEUE = "bench-throughput"
 
 
+class Measured(Protocol):
+    """What a phase needs of the broker: its CPU seconds so far (a ``RunningBroker``, or
+    the nodes of a cluster summed, bench/cluster/nodes.py)."""
+
+    def cpu_s(self) -> float: ...
+
+
 # --- one phase: N worker processes against one broker ---------------------------------------
-def run_phase(broker: RunningBroker, specs: list[WorkerSpec],
+def run_phase(broker: Measured, specs: list[WorkerSpec],
               expected: int | None = None) -> dict[str, Any]:
     """Start the workers, release them together, stop consumers once everything arrived.
 
@@ -228,13 +243,16 @@ def consume_phase(broker: RunningBroker, base: WorkerSpec, options: argparse.Nam
     }
 
 
-def bench_system(system: str, options: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def bench_system(system: str, options: argparse.Namespace, workdir: Path,
+                 postgres: PostgresMeter | None = None) -> dict[str, Any]:
+    """``postgres``: the server ``conveyor-pg`` keeps its state in (a fresh database)."""
     arguments: dict[str, Any] = {}
     if system == "rabbitmq-quorum":
         arguments = {"x-queue-type": "quorum"}
     elif system == "rabbitmq-classic":
         arguments = {"x-queue-type": "classic"}
-    with start_system(system, workdir / system) as broker:
+    storage = postgres.server.create_database("amqp") if postgres is not None else None
+    with start_system(system, workdir / system, storage) as broker:
         base = WorkerSpec(role="publisher", client=options.client, host="127.0.0.1",
                           port=broker.port, queue=THROUGHPUT_QUEUE, queue_arguments=arguments,
                           message_bytes=options.message_bytes, window=options.window,
@@ -242,25 +260,40 @@ def bench_system(system: str, options: argparse.Namespace, workdir: Path) -> dic
         result: dict[str, Any] = {"broker": broker.name, "version": broker.version,
                                   "queue_arguments": arguments}
         with profiling(broker, options.profile, system, "e2e_latency", result):
+            snapshot = postgres.start() if postgres is not None else None
             result["e2e_latency"] = latency_phase(broker, base, options)
+            _add_postgres(result["e2e_latency"], postgres, snapshot, "received")
         print(f"{system}: latency {result['e2e_latency']}", flush=True)
         with profiling(broker, options.profile, system, "publish", result):
+            snapshot = postgres.start() if postgres is not None else None
             result["publish"] = publish_phase(broker, base, options)
+            _add_postgres(result["publish"], postgres, snapshot, "confirmed")
         print(f"{system}: publish {result['publish']}", flush=True)
         with profiling(broker, options.profile, system, "consume", result):
+            snapshot = postgres.start() if postgres is not None else None
             result["consume"] = consume_phase(broker, base, options,
                                               result["publish"]["confirmed"])
+            _add_postgres(result["consume"], postgres, snapshot, "received")
         print(f"{system}: consume {result['consume']}", flush=True)
     return result
 
 
+def _add_postgres(phase: dict[str, Any], postgres: PostgresMeter | None,
+                  snapshot: Any, count_field: str) -> None:
+    """PostgreSQL's CPU and WAL over the phase, per message (``phase[count_field]``);
+    the broker's CPU per message too, comparable with the file backend's."""
+    if postgres is not None and snapshot is not None:
+        phase.update(postgres.stop(snapshot, int(phase.get(count_field) or 0)))
+
+
 @contextmanager
-def start_system(system: str, workdir: Path) -> Iterator[RunningBroker]:
+def start_system(system: str, workdir: Path, storage: str | None = None
+                 ) -> Iterator[RunningBroker]:
     if system.startswith("rabbitmq-"):
         with rabbitmq_node(workdir, system.removeprefix("rabbitmq-")) as broker:
             yield broker
-    elif system == "conveyor":
-        with conveyor_node(workdir) as broker:
+    elif system in ("conveyor", "conveyor-pg"):
+        with conveyor_node(workdir, storage, system) as broker:
             yield broker
     else:
         raise ValueError(f"unknown system {system!r}")
@@ -271,7 +304,7 @@ def profiling(broker: RunningBroker, directory: Path | None, system: str, phase:
               result: dict[str, Any]) -> Iterator[None]:
     """With ``--profile DIR``: py-spy the Conveyor broker during ``phase``; the summary goes
     into ``result["profile"][phase]`` and the collapsed stacks to DIR."""
-    if directory is None or system != "conveyor":
+    if directory is None or not system.startswith("conveyor"):
         yield
         return
     path = directory / f"{system}-{phase}.collapsed.txt"
@@ -330,12 +363,13 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 def table(systems: dict[str, Any]) -> str:
     header = ("system", "publish/s", "consume/s", "p50 ms", "p99 ms",
-              "broker CPU% pub/con", "client CPU% pub/con", "host CPU% pub/con")
+              "broker CPU% pub/con", "client CPU% pub/con", "host CPU% pub/con",
+              "PostgreSQL CPU% pub/con", "WAL B/msg pub/con")
     rows = [header]
     for name, result in systems.items():
         if "publish" not in result:
             reason = str(result.get("skipped") or result.get("error", "?"))
-            rows.append((name, reason[:60], "", "", "", "", "", ""))
+            rows.append((name, reason[:60], "", "", "", "", "", "", "", ""))
             continue
         publish, consume, latency = result["publish"], result["consume"], result["e2e_latency"]
         rows.append((
@@ -348,6 +382,11 @@ def table(systems: dict[str, Any]) -> str:
             f"{publish['broker_cpu_pct']:.0f} / {consume['broker_cpu_pct']:.0f}",
             f"{publish['client_cpu_pct']:.0f} / {consume['client_cpu_pct']:.0f}",
             f"{publish['host_cpu_pct']:.0f} / {consume['host_cpu_pct']:.0f}",
+            f"{publish['postgres_cpu_pct']:.0f} / {consume['postgres_cpu_pct']:.0f}"
+            if "postgres_cpu_pct" in publish else "-",
+            f"{publish.get('wal_bytes_per_record', 0):,.0f} / "
+            f"{consume.get('wal_bytes_per_record', 0):,.0f}"
+            if "postgres_cpu_pct" in publish else "-",
         ))
     widths = [max(len(str(row[column])) for row in rows) for column in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -448,8 +487,14 @@ def main(argv: list[str] | None = None) -> None:
     commit_at_start = _commit()
     workdir = Path(tempfile.mkdtemp(prefix="amqp-bench-"))
     names = options.systems.split(",")
+    unknown = [name for name in names if name not in KNOWN_SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown system(s) {unknown}; choose from {KNOWN_SYSTEMS}")
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        postgres = (PostgresMeter(stack.enter_context(embedded_postgres()))
+                    if "conveyor-pg" in names else None)
         for round_number in range(options.rounds):
             for system in names:  # interleaved, so machine noise spreads over every system
                 if system.startswith("rabbitmq-") and not rabbitmq_available():
@@ -461,13 +506,12 @@ def main(argv: list[str] | None = None) -> None:
                 if options.rounds > 1:
                     print(f"--- round {round_number + 1}/{options.rounds}: {system}", flush=True)
                 try:
-                    rounds[system].append(
-                        bench_system(system, options, workdir / f"round{round_number}"))
+                    rounds[system].append(bench_system(
+                        system, options, workdir / f"round{round_number}",
+                        postgres if system == "conveyor-pg" else None))
                 except Exception as error:  # keep the other systems' numbers
                     rounds[system].append({"error": f"{type(error).__name__}: {error}"})
                     print(f"{system}: FAILED {error}", flush=True)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     systems = {name: merge_rounds(results) for name, results in rounds.items()}
     document: dict[str, Any] = {
         "benchmark": "bench/amqp (python -m bench.amqp)",
@@ -496,6 +540,15 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": ratios(systems),
         "ratios_per_round": ratios_per_round(rounds),
     }
+    pairs = [(pg, file) for pg, file in zip(rounds.get("conveyor-pg", []),
+                                            rounds.get("conveyor", []), strict=False)
+             if "publish" in pg and "publish" in file]
+    if pairs:
+        document["ratios_postgresql_over_file_per_round"] = {
+            f"{phase}_msg_per_s": summarise([pg[phase]["msg_per_s"]
+                                             / max(1, file[phase]["msg_per_s"])
+                                             for pg, file in pairs])
+            for phase in ("publish", "consume")}
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(json.dumps(document, indent=2) + "\n")
     print()

@@ -1,7 +1,9 @@
 """Kafka-protocol benchmark: Conveyor beside Tansu, driven by the same confluent-kafka code.
 
 Run:  .venv/bin/python -m bench.kafka.throughput [--seconds 10] [--rounds 3] [--partitions 4]
-      [--producers 2] [--consumers 2] [--peers conveyor,tansu]   (quick: --seconds 3 --rounds 1)
+      [--producers 2] [--consumers 2] [--peers conveyor,tansu] [--output FILE]
+      (quick: --seconds 3 --rounds 1; ``--peers conveyor,conveyor-pg``: Conveyor on its
+      file storage beside Conveyor on PostgreSQL, bench/postgres.py)
 
 For each broker (each a child process on a free port, started fresh):
 - producer throughput, acks=all, 100 B and 1 KiB values (records/s, MB/s): --producers
@@ -14,7 +16,10 @@ For each broker (each a child process on a free port, started fresh):
 Every system gets a fresh broker per round; rounds interleave the systems; medians.
 Conveyor runs with its defaults (file storage, fsync=always: an acks=all produce is
 acknowledged after fdatasync); Tansu with memory storage (its docs' quick start),
-so Tansu never touches a disk: read the numbers with that in mind.
+so Tansu never touches a disk: read the numbers with that in mind. ``conveyor-pg`` is
+Conveyor with ``--storage postgresql://`` on an embedded PostgreSQL started for the run
+(fsync on, synchronous_commit on; a fresh database per round); its phases also report
+PostgreSQL's CPU (all its processes) and WAL bytes per record (bench/pgmeter.py).
 Results: bench/results/kafka.json (with versions and machine).
 
 ``--metrics-cost``: instead, the cost of metrics on the hot paths, Conveyor alone
@@ -54,6 +59,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.kafka import timed
 from bench.measure import provenance, summarise
+from bench.pgmeter import PostgresMeter
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "kafka.json"
 METRICS_RESULTS = RESULTS.with_name("metrics_cost.json")
@@ -101,16 +107,18 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def start_broker(name: str, workdir: Path, http_port: int | None = None
-                 ) -> Iterator[RunningBroker]:
+def start_broker(name: str, workdir: Path, http_port: int | None = None,
+                 storage: str | None = None) -> Iterator[RunningBroker]:
+    """``storage``: Conveyor's ``--storage`` (default: its file storage in ``workdir``)."""
     port = free_port()
     log = open(workdir / f"{name}.log", "wb")  # closed in the finally below
-    if name == "conveyor":
+    if name.startswith("conveyor"):
         listeners = ["--listeners", "kafka"] if http_port is None else [
             "--listeners", "kafka,http", "--http-port", str(http_port)]
         arguments = [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir",
                      str(workdir / "conveyor-data"), *listeners,
-                     "--kafka-port", str(port), "--log-level", "warning"]
+                     "--kafka-port", str(port), "--log-level", "warning",
+                     *(["--storage", storage] if storage else [])]
     else:
         arguments = [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
                      "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
@@ -237,29 +245,41 @@ def create_topic_partitions(broker: RunningBroker, topic: str, partitions: int) 
 
 
 def bench_broker(name: str, options: argparse.Namespace, workdir: Path,
-                 tag: str) -> dict[str, Any]:
+                 tag: str, postgres: PostgresMeter | None = None) -> dict[str, Any]:
     """One fresh broker: latency first (on an empty broker: Tansu's memory storage slows
-    down as the throughput phases fill it), then timed produce and consume phases."""
+    down as the throughput phases fill it), then timed produce and consume phases.
+    ``postgres``: the server ``conveyor-pg`` keeps its logs in (a fresh database)."""
     results: dict[str, Any] = {}
     latency_s = min(options.seconds, 10.0)
     (workdir / f"{name}-{tag}").mkdir(parents=True)
-    with start_broker(name, workdir / f"{name}-{tag}") as broker:
+    storage = postgres.server.create_database("kafka") if postgres is not None else None
+    with start_broker(name, workdir / f"{name}-{tag}", storage=storage) as broker:
         create_topic(broker, "latency")
         results["e2e_latency_100B"] = measured(
             broker, lambda: latency(broker, "latency", 1000, latency_s))
         print(name, tag, "latency", results["e2e_latency_100B"], flush=True)
-        if name == "conveyor":  # the same without fsync: closer to Tansu's memory storage
+        if name.startswith("conveyor"):  # the same without fsync (PostgreSQL:
+            # synchronous_commit off): closer to Tansu's memory storage
             create_topic(broker, "latency-no-fsync", {"conveyor.fsync": "never"})
             results["e2e_latency_100B_fsync_never"] = measured(
                 broker, lambda: latency(broker, "latency-no-fsync", 1000, latency_s))
         for size in (100, 1024):
             topic = f"throughput-{size}"
             create_topic_partitions(broker, topic, options.partitions)
-            results[f"produce_{size}B_acks_all"] = timed.produce_phase(
-                broker, topic, size, options.seconds, options.producers)
+            snapshot = postgres.start() if postgres is not None else None
+            produced = timed.produce_phase(broker, topic, size, options.seconds,
+                                           options.producers)
+            if postgres is not None and snapshot is not None and storage is not None:
+                produced.update(postgres.stop(snapshot, produced["records"]))
+                produced.update(postgres.batches(storage, topic))
+            results[f"produce_{size}B_acks_all"] = produced
             ends = timed.log_ends(broker, topic, options.partitions)
-            results[f"consume_{size}B"] = timed.consume_phase(
-                broker, topic, size, options.partitions, options.consumers, ends)
+            snapshot = postgres.start() if postgres is not None else None
+            consumed = timed.consume_phase(broker, topic, size, options.partitions,
+                                           options.consumers, ends)
+            if postgres is not None and snapshot is not None:
+                consumed.update(postgres.stop(snapshot, consumed["records"]))
+            results[f"consume_{size}B"] = consumed
             print(name, tag, size, results[f"produce_{size}B_acks_all"],
                   results[f"consume_{size}B"], flush=True)
     return results
@@ -281,6 +301,9 @@ def summarise_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         middle["rounds"] = summarise([float(v.get(key) or 0) for v in values])
         if case in CASES:
             middle["client_bound_rounds"] = sum(bool(v["client_bound"]) for v in values)
+            for field in ("broker_cpu_pct", "postgres_cpu_pct", "wal_bytes_per_record"):
+                if all(field in v for v in values):
+                    middle[f"{field}_rounds"] = summarise([float(v[field]) for v in values])
         summary[case] = middle
     return summary
 
@@ -440,7 +463,7 @@ def idle_scrape_cost(broker: RunningBroker, scraper: Scraper, rounds: int,
             "loop_share_at_1_scrape_per_s_percent": round(per_scrape_ms / 10, 2)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies record counts")
     parser.add_argument("--peers", default="conveyor,tansu")
@@ -452,7 +475,9 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--producers", type=int, default=2, help="client processes")
     parser.add_argument("--consumers", type=int, default=2, help="client processes")
-    arguments = parser.parse_args()
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    arguments = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     if arguments.metrics_cost:
         workdir = Path(tempfile.mkdtemp(prefix="metrics-cost-"))
         try:
@@ -471,10 +496,12 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kafka-bench-"))
     names = arguments.peers.split(",")
     report: dict[str, Any] = {
-        **provenance([sys.executable, "-m", "bench.kafka.throughput", *sys.argv[1:]]),
+        **provenance([sys.executable, "-m", "bench.kafka.throughput", *argv]),
         "clients": {"confluent_kafka": str(confluent_kafka.__version__),
                     "librdkafka": confluent_kafka.libversion()[0]},
-        "notes": "conveyor: file storage, fsync=always; tansu: memory storage; "
+        "notes": "conveyor: file storage, fsync=always; conveyor-pg: --storage "
+                 "postgresql:// on an embedded PostgreSQL on the same cores and disk "
+                 "(fsync=on, synchronous_commit=on); tansu: memory storage; "
                  "producer linger.ms=5, acks=all; phases of --seconds in --rounds with "
                  "a fresh broker each, systems interleaved; latency: 1000 msg/s, 100 B, "
                  "acks=all, linger.ms=0",
@@ -492,12 +519,18 @@ def main() -> None:
               file=sys.stderr)
         names.remove("tansu")
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        postgres = None
+        if "conveyor-pg" in names:
+            from bench.pgmeter import embedded_postgres
+
+            postgres = PostgresMeter(stack.enter_context(embedded_postgres()))
         for index in range(arguments.rounds):
             for name in names:
-                rounds[name].append(bench_broker(name, arguments, workdir, f"r{index}"))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+                rounds[name].append(bench_broker(
+                    name, arguments, workdir, f"r{index}",
+                    postgres if name == "conveyor-pg" else None))
     for name in names:
         report["brokers"][name] = summarise_rounds(rounds[name])
     if "conveyor" in rounds and "tansu" in rounds:
@@ -505,8 +538,13 @@ def main() -> None:
             ours[case]["records_per_s"] / max(1, theirs[case]["records_per_s"])
             for ours, theirs in zip(rounds["conveyor"], rounds["tansu"], strict=True)])
             for case in CASES}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    if "conveyor" in rounds and "conveyor-pg" in rounds:
+        report["ratios_postgresql_over_file"] = {case: summarise([
+            pg[case]["records_per_s"] / max(1, file[case]["records_per_s"])
+            for pg, file in zip(rounds["conveyor-pg"], rounds["conveyor"], strict=True)])
+            for case in CASES}
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    arguments.output.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({name: {case: report["brokers"][name][case]["records_per_s"]
                              for case in CASES} for name in names}, indent=2))
 

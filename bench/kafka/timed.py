@@ -30,11 +30,12 @@ def _cpu_s() -> float:
     return times.user + times.system
 
 
-def _produce_worker(bootstrap: str, topic: str, size: int, seconds: float) -> dict[str, Any]:
+def _produce_worker(bootstrap: str, topic: str, size: int, seconds: float,
+                    max_buffered: int = 1_000_000) -> dict[str, Any]:
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
-                         "batch.size": 1 << 20, "queue.buffering.max.messages": 1_000_000})
+                         "batch.size": 1 << 20, "queue.buffering.max.messages": max_buffered})
     value = b"x" * size
     delivered = [0]
 
@@ -90,12 +91,15 @@ def _phase(workers: list[dict[str, Any]], size: int, broker_cpu_s: float,
 
 
 def produce_phase(broker: Any, topic: str, size: int, seconds: float,
-                  producers: int) -> dict[str, Any]:
+                  producers: int, max_buffered: int = 1_000_000) -> dict[str, Any]:
+    """``max_buffered``: records a producer may hold unacknowledged (librdkafka's
+    queue.buffering.max.messages); with a slow broker a large buffer fills within the
+    phase and the final flush outlasts it."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(producers) as pool:
         before, started = broker.cpu_s(), time.perf_counter()
-        workers = pool.starmap(_produce_worker,
-                               [(broker.bootstrap, topic, size, seconds)] * producers)
+        workers = pool.starmap(_produce_worker, [
+            (broker.bootstrap, topic, size, seconds, max_buffered)] * producers)
         wall_s = time.perf_counter() - started
         broker_cpu_s = broker.cpu_s() - before
     # the pool's start-up is outside the workers' own clocks: rate over their span

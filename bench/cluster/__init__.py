@@ -1,0 +1,1 @@
+"""Several Conveyor nodes on one PostgreSQL: ``python -m bench.cluster`` (bench.cluster.run)."""
