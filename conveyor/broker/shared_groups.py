@@ -1123,7 +1123,10 @@ class SharedGroups:
             part.skip_to(log_start())
         cache = self._appended.get((part.topic, part.partition))
         skew_ms = self._wall_skew_ms()
-        while part.room() > 0 and part.next_offset < self._high_watermark(part):
+        # read again after every await only: nothing moves it while this loop does not
+        # suspend (it was read per record loaded from the cache: 3.9 % of the broker's CPU)
+        high_watermark = self._high_watermark(part)
+        while part.room() > 0 and part.next_offset < high_watermark:
             if cache:
                 cached = cache.pop(part.next_offset, None)
                 if cached is not None:
@@ -1139,7 +1142,9 @@ class SharedGroups:
                 records, read_end = await self._read_visible(part)
             except OffsetOutOfRangeError:
                 part.skip_to(log_start())
+                high_watermark = self._high_watermark(part)
                 continue
+            high_watermark = self._high_watermark(part)
             for record in records:
                 # a read that suspends (a LogStore in a database) lets another fill of
                 # this partition load the same records meanwhile: keep only what is new
