@@ -45,6 +45,9 @@ class ClusterNode:
         producers.id_source = self.membership.allocate_producer_id
         producers.shared_store = True
         await self.membership.open({})
+        coordinator = self.broker.group_coordinator
+        coordinator.commit_guard = lambda group_id: self.membership.write_guard(
+            GROUP, group_id)
         if self.broker.shared_groups is not None:  # queue deliveries from the owner only
             self.broker.shared_groups.acquire_gate = self.serve_shared
         self._tasks.start(self._refresh_topics(), name="conveyor.cluster.topics")

@@ -5,10 +5,10 @@ each partition's owner as its leader (the owner row's epoch is the leader epoch)
 FindCoordinator names the group's owner. A request that reaches a node that does not
 own what it names is answered NOT_LEADER_OR_FOLLOWER (Produce, Fetch) or
 NOT_COORDINATOR (group requests), so the client refreshes its metadata and follows.
-A commit is checked against the owner row first (owner, epoch and a live lease, on
-the database): a node that lost the group while it was paused answers NOT_COORDINATOR
-instead of writing (the check and the write are two statements: the window between
-them is one round trip, see docs/cluster.md).
+An offset commit is written only while the owner row still holds (owner, epoch and
+a live lease, checked and locked inside the commit's own transaction): a node that
+lost the group while it was paused answers NOT_COORDINATOR instead of writing.
+SyncGroup is checked against the owner row just before it writes (two statements).
 Must not know: PostgreSQL (the view is conveyor.cluster.node.ClusterNode).
 """
 
@@ -22,9 +22,10 @@ from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, nested
 
 GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14})
-# OffsetCommit and SyncGroup write group state: the owner row (owner, epoch, live
-# lease) is checked on the database first, not only this node's view of its lease
-FENCED_APIS: Final = frozenset({8, 14})
+# SyncGroup writes group state: the owner row (owner, epoch, live lease) is checked on
+# the database first, not only this node's view of its lease. OffsetCommit carries the
+# same check inside its own write's transaction (GroupCoordinator.commit_guard).
+FENCED_APIS: Final = frozenset({14})
 
 
 class KafkaCluster(Protocol):
