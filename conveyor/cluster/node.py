@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock
@@ -34,6 +35,8 @@ class ClusterNode:
         self._stopping = asyncio.Event()
         self.wakeups: Wakeups | None = None
         self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
+        # told a group id whenever this node claims it (protocols drop what they held)
+        self._group_claimed: list[Callable[[str], None]] = []
 
     @property
     def node_id(self) -> int:
@@ -109,6 +112,8 @@ class ClusterNode:
             return
         if kind == GROUP:
             await self.broker.group_coordinator.reload_group(name)
+            for callback in self._group_claimed:
+                callback(name)
             return
         topic, _, index = name.rpartition("/")
         partition = int(index)
@@ -146,6 +151,11 @@ class ClusterNode:
 
     async def serve_group(self, group_id: str) -> bool:
         return await self.membership.ensure_owned(GROUP, group_id)
+
+    def on_group_claimed(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(group_id)`` whenever this node claims a group (KIP-848 and
+        share groups keep their members in the protocol layer, in memory)."""
+        self._group_claimed.append(callback)
 
     async def fence_group(self, group_id: str) -> bool:
         return await self.membership.fence(GROUP, group_id)
