@@ -112,6 +112,7 @@ class ClusterNode:
             return
         if kind == GROUP:
             await self.broker.group_coordinator.reload_group(name)
+            await self.broker.group_configs.reload_group(name)
             for callback in self._group_claimed:
                 callback(name)
             return
