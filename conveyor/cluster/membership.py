@@ -14,7 +14,9 @@ Rules:
 - Locally a node serves only while its own view of the lease is fresh (monotonic
   clock): a node paused past its lease serves nothing when it wakes, and its next
   heartbeat finds the lease lapsed and drops every ownership (re-claiming bumps the
-  epoch and reloads state). Writes on the owner rows are fenced by epoch.
+  epoch and reloads state). Writes on the owner rows are fenced by epoch; a
+  coordinator's own write (an offset commit) carries ``write_guard``: the owner row
+  checked and share-locked inside the write's transaction.
 Must not know: protocols, the broker (acquisition hooks are callbacks).
 """
 

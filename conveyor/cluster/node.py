@@ -1,6 +1,8 @@
 """ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
 
-Owns: what a claim reloads (a partition's head and producers, a group's state), the
+Owns: what a claim reloads (a partition's head and producers; a group's state, offsets
+and configs, and the protocols told to drop the members they held), the offset-commit
+fence handed to the group coordinator (a WriteGuard carried into the write), the
 producer ids handed out from the database, the periodic re-read of the topic catalog
 (topics created on another node), and the view the Kafka listener asks: live nodes and
 their addresses, each partition's leader and epoch, each group's coordinator.
