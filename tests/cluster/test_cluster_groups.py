@@ -167,7 +167,8 @@ def test_a_share_group_redelivers_what_a_dead_node_held(tmp_path: Path,
                                   "retry.backoff.max.ms": 500}
         holder = ShareConsumer({**config, "share.acknowledgement.mode": "explicit"})
         holder.subscribe([topic])
-        later = ShareConsumer(config)  # implicit: what it polled is accepted at its next poll
+        # accepts each poll's records and commits them at once (well inside their locks)
+        later = ShareConsumer({**config, "share.acknowledgement.mode": "explicit"})
         received: list[tuple[str, int]] = []
         try:
             got: list[Any] = []
@@ -188,9 +189,12 @@ def test_a_share_group_redelivers_what_a_dead_node_held(tmp_path: Path,
             wanted = len(held) + 20 + (60 - len(got))
             deadline = time.monotonic() + 30
             while len(received) < wanted and time.monotonic() < deadline:
-                received += [(message.value().decode(), message.delivery_count())
-                             for message in later.poll(0.5) if message.error() is None]
-            later.commit_sync(WAIT_S)  # the last poll's records, accepted
+                polled = [message for message in later.poll(0.5) if message.error() is None]
+                for message in polled:
+                    later.acknowledge(message, AcknowledgeType.ACCEPT)
+                    received.append((message.value().decode(), message.delivery_count()))
+                if polled:
+                    later.commit_sync(WAIT_S)
         finally:
             later.close()
             holder.close()
