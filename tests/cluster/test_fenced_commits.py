@@ -20,7 +20,7 @@ import pytest
 from conveyor.broker.broker_config import BrokerConfig
 from conveyor.broker.group_coordinator import GroupCoordinator
 from conveyor.clock import SystemClock
-from conveyor.cluster.membership import FENCE_LOCKED, Membership
+from conveyor.cluster.membership import Membership
 from conveyor.cluster.ownership import GROUP, choose_owner
 from conveyor.errors import NotCoordinatorError
 from conveyor.storage.postgres_engine import PostgresEngine
@@ -143,7 +143,6 @@ async def test_the_coordinator_answers_not_coordinator_and_keeps_its_view(
     committed = coordinator.fetch_offsets(group)[("t", 0)]
     assert committed is not None and committed.offset == 3  # the refused 8 is not shown
     assert [r.committed_offset for r in await state.load_committed_offsets(group)] == [3]
-    assert FENCE_LOCKED.endswith("FOR SHARE OF o")
     await state.close()
     await first.close()
     await second.close()
