@@ -108,7 +108,7 @@ def test_a_kip848_group_goes_on_from_its_commits_after_its_coordinator_dies(
                 print(f"commit failed during the failover: {error}")
 
         try:
-            consume(200, WAIT_S)
+            consume(200, 40)  # deadlines for a loaded machine; healthy runs take seconds
             assert len(read) >= 200
             commit()
             before_kill = dict(committed)
@@ -120,7 +120,7 @@ def test_a_kip848_group_goes_on_from_its_commits_after_its_coordinator_dies(
             victim.kill()  # SIGKILL: its lease lapses after 3 s
             reads_before = len(read)
             produce([survivor], topic, history, range(400, 800))
-            consume(800, 30)
+            consume(800, 60)
             commit()
         finally:
             consumer.close()
