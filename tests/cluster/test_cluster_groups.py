@@ -122,6 +122,7 @@ def test_a_kip848_group_goes_on_from_its_commits_after_its_coordinator_dies(
             produce([survivor], topic, history, range(400, 800))
             consume(800, 60)
             commit()
+            print(f"assignment at the end: {consumer.assignment()}")
         finally:
             consumer.close()
         assert len(history.acknowledged) == 800
