@@ -207,6 +207,13 @@ class UnavailableError(OperatingError):
     http_status = 503
 
 
+class NotCoordinatorError(UnavailableError):
+    """This node no longer coordinates the group (a cluster node that lost its owner
+    row or its lease): the client finds the coordinator again."""
+
+    code = "not_coordinator"
+
+
 class AuthenticationError(OperatingError):
     code = "authentication_failed"
     http_status = 401

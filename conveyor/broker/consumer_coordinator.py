@@ -466,6 +466,14 @@ class ConsumerCoordinator:
     def list_groups(self) -> list[tuple[str, str]]:
         return [(group_id, self.state(group)) for group_id, group in sorted(self.groups.items())]
 
+    def forget_group(self, group_id: str) -> None:
+        """Drop the group's members (a cluster node that claims the group anew: another
+        node may have served it meanwhile). Members rejoin as Kafka's do after a
+        coordinator moves without their state: their next heartbeat is answered
+        UNKNOWN_MEMBER_ID and they join again with epoch 0; the committed offsets are
+        the broker's (reloaded from the state store)."""
+        self.groups.pop(group_id, None)
+
     def delete_group(self, group_id: str) -> None:
         group = self.groups.get(group_id)
         if group is not None and group.members:

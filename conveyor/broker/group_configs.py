@@ -98,6 +98,15 @@ class GroupConfigs:
     async def load(self) -> None:
         self.explicit = await self.state_store.load_group_configs()
 
+    async def reload_group(self, group: str) -> None:
+        """Read one group's configs again (a cluster node claiming the group: another
+        node may have set them)."""
+        found = (await self.state_store.load_group_configs()).get(group)
+        if found is None:
+            self.explicit.pop(group, None)
+        else:
+            self.explicit[group] = found
+
     def get(self, group: str) -> dict[str, str]:
         return {**DEFAULTS, **self.explicit.get(group, {})}
 

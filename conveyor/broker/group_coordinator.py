@@ -14,17 +14,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from conveyor.clock import Clock
 from conveyor.errors import (
     InvalidRequestError,
     InvalidSessionTimeoutError,
     NonEmptyGroupError,
+    NotCoordinatorError,
     UnavailableError,
     UnknownGroupError,
 )
 from conveyor.storage.log_api import LogStore
+from conveyor.storage.sql_engine import WriteGuard
 from conveyor.storage.state_store import CommittedOffsetRow, StateStore
 
 from .broker_config import BrokerConfig
@@ -61,6 +63,9 @@ class GroupCoordinator:
         self.config = config
         # group id -> coordinator state
         self.groups: dict[str, OrderedGroup] = {}
+        # a cluster node (conveyor/cluster): the owner fence of a group this node
+        # coordinates, None if it does not; an offset commit is written under it
+        self.commit_guard: Callable[[str], WriteGuard | None] | None = None
 
     def log_ends(self) -> dict[tuple[str, int], int]:
         """Each known partition's log end after recovery (what state is clamped to)."""
@@ -266,13 +271,28 @@ class GroupCoordinator:
         }
         for topic, _ in normalized:
             self.topics.get(topic)
+        rows = [CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
+                                   value.leader_epoch, value.commit_ms)
+                for (topic, partition), value in normalized.items()]
+        if self.commit_guard is not None:
+            await self._commit_guarded(group, rows, normalized)
+            return
         group.commit(normalized)
-        self.state_store.save_committed_offsets(
-            CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
-                               value.leader_epoch, value.commit_ms)
-            for (topic, partition), value in normalized.items()
-        )
+        self.state_store.save_committed_offsets(rows)
         await self.state_store.commit()
+
+    async def _commit_guarded(self, group: OrderedGroup, rows: list[CommittedOffsetRow],
+                              offsets: dict[tuple[str, int], CommittedOffset]) -> None:
+        """A cluster node's commit: written only while its owner row (owner, epoch, live
+        lease) holds, checked inside the write's own transaction; shown in memory
+        only once written."""
+        assert self.commit_guard is not None
+        guard = self.commit_guard(group.group_id)
+        if guard is None or not await self.state_store.save_committed_offsets_guarded(
+                rows, guard):
+            raise NotCoordinatorError("this node no longer coordinates the group",
+                                      group_id=group.group_id)
+        group.commit(offsets)
 
     def check_member(self, group_id: str, member_id: str, generation: int) -> None:
         """A transactional offset commit by (member, generation) of a classic group: the

@@ -457,6 +457,12 @@ class ShareCoordinator:
         return [(name, "Stable" if self.groups.get(name) and self.groups[name].members
                  else "Empty") for name in sorted(names)]
 
+    def forget_group(self, group_id: str) -> None:
+        """Drop the group's members and sessions (a cluster node that claims the group
+        anew). Members rejoin with epoch 0 after UNKNOWN_MEMBER_ID; the records they held
+        stay locked in the shared group until their locks expire, then are redelivered."""
+        self.groups.pop(group_id, None)
+
     def is_share_group(self, group_id: str) -> bool:
         return group_id in self.groups or any(
             name.startswith("share.") for name in self.configs.set_on(group_id))

@@ -389,10 +389,15 @@ class SharedGroups:
                     "shared group exists with a different config", group=group, topic=topic)
             return
         info = self.host.topics.get(topic)
+        # saved before (by another cluster node, which served the group until it died):
+        # its start offsets and record states are the group's, not a fresh start
+        saved = await self.store.load_start_offsets(group, topic)
         self.store.save_group(group, topic, config_to_json(config))
         await self._load_group(group, topic, config, False)
         state = self._groups[(group, topic)]
         for partition in range(info.partitions):
+            if partition in saved:
+                continue
             log = self.host.topics.offsets(topic, partition)
             offset = log.high_watermark if start == "latest" else log.log_start_offset
             part = state.partitions[partition]

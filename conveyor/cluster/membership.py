@@ -14,7 +14,9 @@ Rules:
 - Locally a node serves only while its own view of the lease is fresh (monotonic
   clock): a node paused past its lease serves nothing when it wakes, and its next
   heartbeat finds the lease lapsed and drops every ownership (re-claiming bumps the
-  epoch and reloads state). Writes on the owner rows are fenced by epoch.
+  epoch and reloads state). Writes on the owner rows are fenced by epoch; a
+  coordinator's own write (an offset commit) carries ``write_guard``: the owner row
+  checked and share-locked inside the write's transaction.
 Must not know: protocols, the broker (acquisition hooks are callbacks).
 """
 
@@ -32,6 +34,7 @@ import asyncpg
 from conveyor.clock import Clock
 from conveyor.cluster.ownership import choose_owner
 from conveyor.errors import StorageError, UnavailableError
+from conveyor.storage.sql_engine import WriteGuard
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.cluster")
@@ -83,6 +86,10 @@ RELEASE: Final = """UPDATE conveyor_owners SET owner = NULL, since = clock_times
 FENCE: Final = """SELECT 1 FROM conveyor_owners o JOIN conveyor_nodes n ON n.node_id = o.owner
     WHERE o.kind = $1 AND o.name = $2 AND o.owner = $3 AND o.epoch = $4
     AND n.incarnation = $5 AND n.lease_until > clock_timestamp()"""
+# the same fence inside a coordinator write's own transaction: it locks the owner row
+# (FOR SHARE), so a claim by another node waits until the write has committed, and a
+# claim that committed first makes it find no row (the write is then not made)
+FENCE_LOCKED: Final = FENCE + " FOR SHARE OF o"
 DRAIN: Final = """UPDATE conveyor_nodes SET draining = true, lease_until = clock_timestamp()
     WHERE node_id = $1 AND incarnation = $2"""
 
@@ -335,6 +342,14 @@ class Membership:
             self._owned.pop((kind, name), None)
             return False
         return True
+
+    def write_guard(self, kind: str, name: str) -> WriteGuard | None:
+        """The fence a write about this item carries into its own transaction (owner,
+        epoch and a live lease, on the database); None when this node does not serve it."""
+        epoch = self._owned.get((kind, name))
+        if epoch is None or not self.serving():
+            return None
+        return WriteGuard(FENCE_LOCKED, (kind, name, self.node_id, epoch, self.incarnation))
 
     async def allocate_producer_id(self) -> int:
         async with self._pool.acquire() as connection:

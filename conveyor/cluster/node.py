@@ -1,6 +1,8 @@
 """ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
 
-Owns: what a claim reloads (a partition's head and producers, a group's state), the
+Owns: what a claim reloads (a partition's head and producers; a group's state, offsets
+and configs, and the protocols told to drop the members they held), the offset-commit
+fence handed to the group coordinator (a WriteGuard carried into the write), the
 producer ids handed out from the database, the periodic re-read of the topic catalog
 (topics created on another node), and the view the Kafka listener asks: live nodes and
 their addresses, each partition's leader and epoch, each group's coordinator.
@@ -13,6 +15,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock
@@ -46,6 +49,8 @@ class ClusterNode:
         self.wakeups: Wakeups | None = None
         self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
         self.secret = b""  # the cluster secret (internal_api.cluster_secret), at open
+        # told a group id whenever this node claims it (protocols drop what they held)
+        self._group_claimed: list[Callable[[str], None]] = []
 
     @property
     def node_id(self) -> int:
@@ -57,6 +62,9 @@ class ClusterNode:
         producers.id_source = self.membership.allocate_producer_id
         producers.shared_store = True
         await self.membership.open({})
+        coordinator = self.broker.group_coordinator
+        coordinator.commit_guard = lambda group_id: self.membership.write_guard(
+            GROUP, group_id)
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
@@ -158,6 +166,9 @@ class ClusterNode:
             return
         if kind == GROUP:
             await self.broker.group_coordinator.reload_group(name)
+            await self.broker.group_configs.reload_group(name)
+            for callback in self._group_claimed:
+                callback(name)
             return
         topic, _, index = name.rpartition("/")
         partition = int(index)
@@ -195,6 +206,11 @@ class ClusterNode:
 
     async def serve_group(self, group_id: str) -> bool:
         return await self.membership.ensure_owned(GROUP, group_id)
+
+    def on_group_claimed(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(group_id)`` whenever this node claims a group (KIP-848 and
+        share groups keep their members in the protocol layer, in memory)."""
+        self._group_claimed.append(callback)
 
     async def fence_group(self, group_id: str) -> bool:
         return await self.membership.fence(GROUP, group_id)

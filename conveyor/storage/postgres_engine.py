@@ -45,7 +45,7 @@ import asyncpg
 
 from conveyor.clock import Clock
 from conveyor.errors import StorageBusyError, StorageError, StorageFullError
-from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue
+from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue, WriteGuard
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -341,10 +341,11 @@ class PostgresEngine:
     async def _send(self, batch: _Batch) -> None:
         """Commit ``batch`` in one transaction, resolving an unknown outcome by reading
         ``conveyor_commit.sequence`` back."""
-        sequence = self._sequence + 1
         deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
         backoff_ms = BACKOFF_MS_MIN
         async with self._lock:
+            # under the lock: a guarded write (write_guarded) may have taken the number
+            sequence = self._sequence + 1
             while True:
                 try:
                     connection = await self._connected(deadline_ms)
@@ -415,6 +416,51 @@ class PostgresEngine:
                 await self.clock.sleep_ms(backoff_ms)
                 backoff_ms = min(backoff_ms * 2, BACKOFF_MS_MAX)
         return self._connection
+
+    # --- guarded writes --------------------------------------------------------------
+    async def write_guarded(self, guard: WriteGuard, query: str,
+                            rows: Sequence[Sequence[SqlValue]]) -> bool:
+        """Write ``rows`` with ``query`` in a transaction of their own, after every
+        buffered write, only if ``guard`` (a locking SELECT) returns a row in that same
+        transaction; False, and nothing written, if it does not. The guard's locks hold
+        until the commit, so whatever would change what it read waits for this write.
+        An unknown outcome (the connection dropped during COMMIT) is resolved by the
+        commit sequence, as for the batches; a transaction sent again checks the guard
+        again."""
+        await self.commit()  # in order: every earlier write commits first
+        sql = _translated(query)
+        values = [tuple(row) for row in rows]
+        deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
+        backoff_ms = BACKOFF_MS_MIN
+        async with self._lock:
+            sequence = self._sequence + 1
+            while True:
+                try:
+                    connection = await self._connected(deadline_ms)
+                    if await self._committed(connection, sequence):
+                        self._sequence = sequence
+                        return True
+                    async with connection.transaction():
+                        if await connection.fetchrow(guard.sql, *guard.parameters) is None:
+                            return False  # the empty transaction commits: nothing written
+                        if values:
+                            await connection.executemany(sql, values)
+                        await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
+                    self._sequence = sequence
+                    return True
+                except (ValueError, TypeError) as error:
+                    raise _PermanentError("a state write has a value PostgreSQL cannot take",
+                                          database=self.where, error=str(error)) from error
+                except _TRANSIENT as error:
+                    self._drop_connection()
+                    if self.clock.monotonic_ms() >= deadline_ms:
+                        raise _transient_error(error, self.where) from error
+                    await self.clock.sleep_ms(backoff_ms)
+                    backoff_ms = min(backoff_ms * 2, BACKOFF_MS_MAX)
+                except asyncpg.PostgresError as error:
+                    raise _PermanentError("PostgreSQL rejected a guarded state write",
+                                          database=self.where,
+                                          error=f"{type(error).__name__}: {error}") from error
 
     # --- reads -------------------------------------------------------------------------
     async def query(self, query: str, parameters: Sequence[SqlValue] = ()

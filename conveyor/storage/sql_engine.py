@@ -16,6 +16,10 @@ Rules:
   PostgreSQL) and sees every write made before it (read your writes).
 - ``add_schema`` takes idempotent CREATE ... IF NOT EXISTS statements; they run
   before any later query.
+- A ``WriteGuard`` (an engine that has ``write_guarded``: PostgreSQL) makes a write
+  conditional inside its own transaction: the guard is a locking SELECT that must
+  return a row, or nothing is written. A cluster node fences its coordinator writes
+  this way (conveyor/cluster/membership.py writes the guard; it is opaque here).
 
 Must not know: the broker, the domain rows, files.
 """
@@ -28,6 +32,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 SqlValue = int | float | str | bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteGuard:
+    """A SELECT (asyncpg's ``$n`` placeholders) that locks what it reads, and its values:
+    the write it guards happens in the same transaction only if it returns a row."""
+
+    sql: str
+    parameters: tuple[SqlValue, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +105,10 @@ class SqlEngine(Protocol):
     async def query(self, query: str, parameters: Sequence[SqlValue] = ()
                     ) -> list[tuple[Any, ...]]: ...
     async def commit(self) -> None: ...
+
+
+class GuardedWrites(Protocol):
+    """An engine that can write under a ``WriteGuard`` (PostgresEngine)."""
+
+    async def write_guarded(self, guard: WriteGuard, query: str,
+                            rows: Sequence[Sequence[SqlValue]]) -> bool: ...

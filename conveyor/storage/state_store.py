@@ -12,6 +12,9 @@ Must not know: the broker's classes, protocols, files other than its database.
 Rules:
 - Saves and deletes are synchronous and land in the engine's per-loop-turn
   transaction; a caller that needs them durable awaits ``commit()``.
+- A cluster node's offset commit is ``save_committed_offsets_guarded``: its own
+  transaction, written only if the node's owner fence (an opaque ``WriteGuard``
+  from conveyor/cluster) still holds inside it.
 - Loads are async (a round trip on PostgreSQL) and run when the broker opens,
   plus the shared-group loads of a group declared at run time.
 - The schema carries a version (table ``conveyor_schema``); ``open()`` applies
@@ -25,7 +28,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from conveyor.errors import StorageError
 from conveyor.storage.security_state import SecurityStateStore
@@ -36,8 +39,10 @@ from conveyor.storage.sql_engine import (
     POSTGRESQL_NUMBERED,
     SQLITE,
     Dialect,
+    GuardedWrites,
     SqlEngine,
     SqlValue,
+    WriteGuard,
     upsert_sql,
 )
 from conveyor.storage.sqlite_engine import SqliteEngine
@@ -100,6 +105,10 @@ VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS conveyor_schema ("
     " singleton INTEGER PRIMARY KEY, version INTEGER NOT NULL)"
 )
+
+
+_OFFSETS_UPSERT = upsert_sql("group_offsets", ["group_id", "topic", "partition"],
+                             ["committed_offset", "metadata", "leader_epoch", "commit_ms"])
 
 
 # --- rows ---------------------------------------------------------------------
@@ -195,6 +204,8 @@ class StateStore(Protocol):
 
     # ordered groups
     def save_committed_offsets(self, rows: Iterable[CommittedOffsetRow]) -> None: ...
+    async def save_committed_offsets_guarded(self, rows: Sequence[CommittedOffsetRow],
+                                             guard: WriteGuard) -> bool: ...
     async def load_committed_offsets(self, group_id: str | None = None
                                      ) -> list[CommittedOffsetRow]: ...
     def delete_committed_offsets(self, group_id: str, topic: str | None = None) -> None: ...
@@ -361,17 +372,26 @@ class SqlStateStore:
     # --- ordered groups ------------------------------------------------------
     def save_committed_offsets(self, rows: Iterable[CommittedOffsetRow]) -> None:
         self.engine.write_many(
-            upsert_sql(
-                "group_offsets",
-                ["group_id", "topic", "partition"],
-                ["committed_offset", "metadata", "leader_epoch", "commit_ms"],
-            ),
+            _OFFSETS_UPSERT,
             [
                 (r.group_id, r.topic, r.partition, r.committed_offset, r.metadata,
                  r.leader_epoch, r.commit_ms)
                 for r in rows
             ],
         )
+
+    async def save_committed_offsets_guarded(self, rows: Sequence[CommittedOffsetRow],
+                                             guard: WriteGuard) -> bool:
+        """Commit ``rows`` in a transaction of their own that first takes ``guard`` (a
+        cluster node's owner fence); False, nothing written, when the guard finds no row.
+        Needs an engine with guarded writes (PostgreSQL)."""
+        engine = self.engine
+        if not hasattr(engine, "write_guarded"):
+            raise StorageError("guarded writes need the PostgreSQL state store",
+                               database=self.describe())
+        return await cast(GuardedWrites, engine).write_guarded(guard, _OFFSETS_UPSERT, [
+            (r.group_id, r.topic, r.partition, r.committed_offset, r.metadata,
+             r.leader_epoch, r.commit_ms) for r in rows])
 
     async def load_committed_offsets(self, group_id: str | None = None) -> list[CommittedOffsetRow]:
         select = (

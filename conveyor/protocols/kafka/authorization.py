@@ -109,7 +109,8 @@ def group_of(api_key: int, body: Any) -> str | None:
     return str(group) if group is not None else None
 
 
-def _default(item: dataclasses.Field[Any], code: int) -> Any:
+def default_value(item: dataclasses.Field[Any], code: int) -> Any:
+    """The empty value of a response field (``code`` for an error code)."""
     kafka_type = item.metadata.get("kafka_type")
     if kafka_type == "error_code":
         return error_codes.code(code)
@@ -141,7 +142,7 @@ def refusal(api_key: int, api_version: int, code: int, message: str | None = Non
         if item.name == "error_message" and message is not None:
             values[item.name] = message
         elif not has_default or item.metadata.get("kafka_type") == "error_code":
-            values[item.name] = _default(item, code)
+            values[item.name] = default_value(item, code)
     return cls(**values)
 
 

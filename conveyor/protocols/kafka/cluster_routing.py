@@ -5,26 +5,37 @@ each partition's owner as its leader (the owner row's epoch is the leader epoch)
 FindCoordinator names the group's owner. A request that reaches a node that does not
 own what it names is answered NOT_LEADER_OR_FOLLOWER (Produce, Fetch) or
 NOT_COORDINATOR (group requests), so the client refreshes its metadata and follows.
-A commit is checked against the owner row first (owner, epoch and a live lease, on
-the database): a node that lost the group while it was paused answers NOT_COORDINATOR
-instead of writing (the check and the write are two statements: the window between
-them is one round trip, see docs/cluster.md).
+An offset commit is written only while the owner row still holds (owner, epoch and
+a live lease, checked and locked inside the commit's own transaction): a node that
+lost the group while it was paused answers NOT_COORDINATOR instead of writing.
+SyncGroup is checked against the owner row just before it writes (two statements).
 Must not know: PostgreSQL (the view is conveyor.cluster.node.ClusterNode).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from conveyor.protocols.kafka import error_codes
+from conveyor.protocols.kafka.authorization import default_value, refusal
 from conveyor.protocols.kafka.codec import Request
 from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, nested
 
-GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14})
-# OffsetCommit and SyncGroup write group state: the owner row (owner, epoch, live
-# lease) is checked on the database first, not only this node's view of its lease
-FENCED_APIS: Final = frozenset({8, 14})
+# classic groups, KIP-848 consumer groups (68, 69) and KIP-932 share groups (76, 77 and
+# the share-group offset APIs 90, 91, 92): served by the group's owner only
+GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14, 68, 69, 76, 77, 90, 91, 92})
+# answered per group: one entry each (the others: one top-level error code)
+DESCRIBE_APIS: Final = frozenset({69, 77, 90})
+# KIP-932 sends these to each partition's leader
+SHARE_PARTITION_APIS: Final = frozenset({78, 79})
+# SyncGroup writes group state: the owner row (owner, epoch, live lease) is checked on
+# the database first, not only this node's view of its lease. OffsetCommit carries the
+# same check inside its own write's transaction (GroupCoordinator.commit_guard).
+FENCED_APIS: Final = frozenset({14})
 
 
 class KafkaCluster(Protocol):
@@ -37,6 +48,7 @@ class KafkaCluster(Protocol):
     async def serve_group(self, group_id: str) -> bool: ...
     async def refresh_catalog(self) -> None: ...
     async def fence_group(self, group_id: str) -> bool: ...
+    def on_group_claimed(self, callback: Callable[[str], None]) -> None: ...
 
 
 def address_of(cluster: KafkaCluster, node_id: int) -> tuple[str, int] | None:
@@ -48,9 +60,25 @@ def address_of(cluster: KafkaCluster, node_id: int) -> tuple[str, int] | None:
 
 def _group_ids(request: Request) -> list[str]:
     body = request.body
-    if request.header.api_key == 9 and request.header.api_version >= 8:
+    api_key = request.header.api_key
+    if (api_key == 9 and request.header.api_version >= 8) or api_key == 90:
         return [item.group_id for item in body.groups]
+    if api_key in (69, 77):
+        return list(body.group_ids)
     return [body.group_id]
+
+
+def _entity(cls: type[Any], code: int, **given: Any) -> Any:
+    """``cls`` with ``given`` and every other required field at its empty value, the
+    error code ``code``."""
+    values: dict[str, Any] = dict(given)
+    for item in dataclasses.fields(cls):
+        has_default = (item.default is not dataclasses.MISSING
+                       or item.default_factory is not dataclasses.MISSING)
+        if item.name not in values and (
+                not has_default or item.metadata.get("kafka_type") == "error_code"):
+            values[item.name] = default_value(item, code)
+    return build(cls, **values)
 
 
 async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
@@ -69,6 +97,16 @@ async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
     response_type = response_class(api_key, version)
     code = error_codes.NOT_COORDINATOR
     body = request.body
+    if api_key in DESCRIBE_APIS:
+        # every entry is refused (clients batch groups by coordinator, so a mixed
+        # request comes from a stale lookup: they look each group up again)
+        entry_type = nested(response_type, "DescribedGroup" if api_key != 90
+                            else "DescribeShareGroupOffsetsResponseGroup")
+        return build(response_type, groups=tuple(
+            _entity(entry_type, code, group_id=group_id)
+            for group_id in _group_ids(request)))
+    if api_key in (68, 76, 91, 92):
+        return refusal(api_key, version, code)
     if api_key == 8:
         topic_type = nested(response_type, "OffsetCommitResponseTopic")
         partition_type = nested(response_type, "OffsetCommitResponsePartition")
@@ -96,3 +134,53 @@ async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
                  protocol_type=None, protocol_name=None if version >= 7 else "",
                  leader="", member_id=getattr(body, "member_id", ""), members=(),
                  assignment=b"")
+
+
+async def share_partition_refusal(cluster: KafkaCluster, request: Request,
+                                  names: dict[uuid.UUID, str]) -> Any | None:
+    """ShareFetch / ShareAcknowledge naming a partition this node does not lead: every
+    partition of the request answers NOT_LEADER_OR_FOLLOWER (fetch and acknowledgement
+    alike: nothing of it was done), with its leader and the leaders' endpoints, so the
+    client refreshes its metadata and sends each partition to its leader."""
+    api_key = request.header.api_key
+    if api_key not in SHARE_PARTITION_APIS:
+        return None
+    body = request.body
+    refused = False
+    leaders: dict[tuple[uuid.UUID | None, int], tuple[int, int]] = {}
+    for topic in body.topics:
+        name = names.get(topic.topic_id) if topic.topic_id is not None else None
+        for partition in topic.partitions:
+            index = partition.partition_index
+            if name is None:
+                continue  # an unknown topic id: the handler answers UNKNOWN_TOPIC_ID
+            if not await cluster.serve_partition(name, index):
+                refused = True
+            leaders[(topic.topic_id, index)] = cluster.partition_leader(name, index)
+    if not refused:
+        return None
+    code = error_codes.NOT_LEADER_OR_FOLLOWER
+    response_type = response_class(api_key, request.header.api_version)
+    topic_type = nested(response_type, "ShareFetchableTopicResponse" if api_key == 78
+                        else "ShareAcknowledgeTopicResponse")
+    partition_type = nested(response_type, "PartitionData")
+    leader_type = nested(response_type, "LeaderIdAndEpoch")
+    endpoint_type = nested(response_type, "NodeEndpoint")
+    extra: dict[str, Any] = {}
+    if api_key == 78:
+        extra = {"acknowledge_error_code": code, "records": b""}
+    topics = []
+    for topic in body.topics:
+        partitions = []
+        for partition in topic.partitions:
+            leader, epoch = leaders.get((topic.topic_id, partition.partition_index), (-1, -1))
+            partitions.append(_entity(
+                partition_type, code, partition_index=partition.partition_index,
+                current_leader=build(leader_type, leader_id=leader, leader_epoch=epoch),
+                **extra))
+        topics.append(build(topic_type, topic_id=topic.topic_id, partitions=tuple(partitions)))
+    wanted = {leader for leader, _ in leaders.values()}
+    endpoints = tuple(build(endpoint_type, node_id=node_id, host=host, port=port, rack=None)
+                      for node_id, host, port in cluster.kafka_nodes() if node_id in wanted)
+    return _entity(response_type, error_codes.NONE, responses=tuple(topics),
+                   node_endpoints=endpoints, acquisition_lock_timeout=0)

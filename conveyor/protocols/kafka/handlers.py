@@ -51,7 +51,12 @@ from conveyor.protocols.kafka.authorization import (
     refusal,
     topics_denied,
 )
-from conveyor.protocols.kafka.cluster_routing import KafkaCluster, group_refusal
+from conveyor.protocols.kafka.cluster_routing import (
+    SHARE_PARTITION_APIS,
+    KafkaCluster,
+    group_refusal,
+    share_partition_refusal,
+)
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.config_catalog import BrokerFacts
 from conveyor.protocols.kafka.group_migration import GroupMigration
@@ -100,6 +105,14 @@ class KafkaHandlers:
             coordinators = _COORDINATORS[broker] = (
                 configs, ShareCoordinator(broker, broker.clock, configs),
                 ConsumerCoordinator(broker, broker.clock, configs))
+            if cluster is not None:  # claimed (again): what this node held is stale
+                shares, consumers = coordinators[1], coordinators[2]
+
+                def claimed(group_id: str) -> None:
+                    consumers.forget_group(group_id)
+                    shares.forget_group(group_id)
+
+                cluster.on_group_claimed(claimed)
         self.group_configs, self.shares, self.consumers = coordinators
         self.migration = GroupMigration(broker, self.consumers,
                                         settings.consumer_migration_policy)
@@ -130,8 +143,12 @@ class KafkaHandlers:
             if api_key == 1:
                 return await data_handlers.handle_fetch(self.broker, self.settings, request,
                                                         self.count_error, access, self._gate)
-            routed = (await group_refusal(self.cluster, request)
-                      if self.cluster is not None else None)
+            routed = None
+            if self.cluster is not None:
+                routed = await group_refusal(self.cluster, request)
+                if routed is None and api_key in SHARE_PARTITION_APIS:
+                    routed = await share_partition_refusal(
+                        self.cluster, request, share_handlers.topic_names(self.broker))
             entity = routed if routed is not None else await self._authorized(
                 request, state, access)
         for code in error_codes.error_codes_in(entity):

@@ -1,0 +1,156 @@
+"""Kafka requests on a cluster node that does not own what they name (cluster_routing.py).
+
+KIP-848 consumer-group and KIP-932 share-group requests are answered NOT_COORDINATOR by
+a node that does not coordinate the group; ShareFetch and ShareAcknowledge naming a
+partition the node does not lead are answered NOT_LEADER_OR_FOLLOWER on every partition,
+with the leader and its endpoint. Each answer goes through the codec and is parsed back
+as the client would (the wire shape is checked, not only the objects).
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kafka_wire import parse_response
+
+from conveyor.protocols.kafka import error_codes
+from conveyor.protocols.kafka.admin_handlers import topic_id
+from conveyor.protocols.kafka.cluster_routing import group_refusal, share_partition_refusal
+from conveyor.protocols.kafka.codec import Request, ServerCodec
+from conveyor.protocols.kafka.framing import RequestHeader, is_flexible
+from conveyor.protocols.kafka.messages import request_class
+from conveyor.protocols.kafka.responses import nested
+
+NOT_COORDINATOR = error_codes.NOT_COORDINATOR
+NOT_LEADER = error_codes.NOT_LEADER_OR_FOLLOWER
+
+
+class FakeCluster:
+    """This node is 1; it owns the groups and leads the partitions it is given."""
+
+    def __init__(self, groups: set[str], partitions: set[tuple[str, int]]) -> None:
+        self.groups = groups
+        self.partitions = partitions
+
+    @property
+    def node_id(self) -> int:
+        return 1
+
+    def kafka_nodes(self) -> list[tuple[int, str, int]]:
+        return [(1, "h1", 9001), (2, "h2", 9002), (3, "h3", 9003)]
+
+    def partition_leader(self, topic: str, partition: int) -> tuple[int, int]:
+        return (1, 4) if (topic, partition) in self.partitions else (2, 7)
+
+    def group_coordinator(self, group_id: str) -> int:
+        return 1 if group_id in self.groups else 2
+
+    async def serve_partition(self, topic: str, partition: int) -> bool:
+        return (topic, partition) in self.partitions
+
+    async def serve_group(self, group_id: str) -> bool:
+        return group_id in self.groups
+
+    async def refresh_catalog(self) -> None:
+        return None
+
+    async def fence_group(self, group_id: str) -> bool:
+        return group_id in self.groups
+
+    def on_group_claimed(self, callback: Callable[[str], None]) -> None:
+        return None
+
+
+def request(api_key: int, version: int, **fields: Any) -> Request:
+    header = RequestHeader(api_key, version, 7, "c", is_flexible(api_key, version))
+    return Request(header, request_class(api_key, version)(**fields))
+
+
+def wire(answer: Any, api_key: int, version: int) -> Any:
+    """The answer encoded as the server sends it, parsed back as a client reads it."""
+    header = RequestHeader(api_key, version, 7, "c", is_flexible(api_key, version))
+    data = ServerCodec().send(header, answer)
+    correlation_id, parsed = parse_response(bytes(data[4:]), api_key, version)
+    assert correlation_id == 7
+    return parsed
+
+
+def group_requests() -> list[tuple[int, int, dict[str, Any]]]:
+    share_offsets = nested(request_class(90, 1), "DescribeShareGroupOffsetsRequestGroup")
+    return [
+        (68, 1, {"group_id": "g", "member_id": "m", "member_epoch": 0,
+                 "topic_partitions": None, "rebalance_timeout": datetime.timedelta(0),
+                 "subscribed_topic_names": ("t",)}),
+        (69, 1, {"group_ids": ("g",), "include_authorized_operations": False}),
+        (76, 1, {"group_id": "g", "member_id": "m", "member_epoch": 0,
+                 "subscribed_topic_names": ("t",)}),
+        (77, 1, {"group_ids": ("g",), "include_authorized_operations": False}),
+        (90, 1, {"groups": (share_offsets(group_id="g", topics=None),)}),
+        (91, 0, {"group_id": "g", "topics": ()}),
+        (92, 0, {"group_id": "g", "topics": ()}),
+    ]
+
+
+@pytest.mark.parametrize(("api_key", "version", "fields"), group_requests())
+async def test_kafka4_group_requests_go_to_the_coordinator(
+        api_key: int, version: int, fields: dict[str, Any]) -> None:
+    assert await group_refusal(FakeCluster({"g"}, set()), request(
+        api_key, version, **fields)) is None  # the owner serves it
+    answer = await group_refusal(FakeCluster(set(), set()), request(api_key, version, **fields))
+    parsed = wire(answer, api_key, version)
+    if api_key in (69, 77, 90):
+        assert [(group.group_id, group.error_code) for group in parsed.groups] == [
+            ("g", NOT_COORDINATOR)]
+    else:
+        assert parsed.error_code == NOT_COORDINATOR
+
+
+def share_fetch(partitions: list[int], names: uuid.UUID) -> Request:
+    cls = request_class(78, 2)
+    topic_type, partition_type = nested(cls, "FetchTopic"), nested(cls, "FetchPartition")
+    return request(78, 2, group_id="g", member_id="m", share_session_epoch=0,
+                   max_wait=datetime.timedelta(milliseconds=100), min_bytes=1,
+                   max_bytes=1 << 20, max_records=10, batch_size=10,
+                   topics=(topic_type(topic_id=names, partitions=tuple(
+                       partition_type(partition_index=index, acknowledgement_batches=())
+                       for index in partitions)),),
+                   forgotten_topics_data=())
+
+
+async def test_a_share_fetch_for_a_partition_led_elsewhere_names_its_leader() -> None:
+    identifier = topic_id("t")
+    names = {identifier: "t"}
+    led_here = FakeCluster({"g"}, {("t", 0)})
+    assert await share_partition_refusal(led_here, share_fetch([0], identifier), names) is None
+    answer = await share_partition_refusal(led_here, share_fetch([0, 1], identifier), names)
+    parsed = wire(answer, 78, 2)
+    assert parsed.error_code == 0
+    [topic] = parsed.responses
+    assert [(p.partition_index, p.error_code, p.acknowledge_error_code,
+             p.current_leader.leader_id, p.current_leader.leader_epoch)
+            for p in topic.partitions] == [(0, NOT_LEADER, NOT_LEADER, 1, 4),
+                                           (1, NOT_LEADER, NOT_LEADER, 2, 7)]
+    assert sorted((e.node_id, e.host, e.port) for e in parsed.node_endpoints) == [
+        (1, "h1", 9001), (2, "h2", 9002)]
+
+
+async def test_a_share_acknowledge_to_a_non_leader_is_refused() -> None:
+    identifier = topic_id("t")
+    cls = request_class(79, 2)
+    topic_type, partition_type = (nested(cls, "AcknowledgeTopic"),
+                                  nested(cls, "AcknowledgePartition"))
+    acknowledge = request(79, 2, group_id="g", member_id="m", share_session_epoch=2,
+                          topics=(topic_type(topic_id=identifier, partitions=(
+                              partition_type(partition_index=3, acknowledgement_batches=()),
+                          )),))
+    answer = await share_partition_refusal(FakeCluster({"g"}, set()), acknowledge,
+                                           {identifier: "t"})
+    parsed = wire(answer, 79, 2)
+    [topic] = parsed.responses
+    [partition] = topic.partitions
+    assert (partition.error_code, partition.current_leader.leader_id) == (NOT_LEADER, 2)
+    assert [e.node_id for e in parsed.node_endpoints] == [2]
