@@ -6,9 +6,10 @@ once per loop turn). Every partition's group committer and the SQLite state stor
 schedules one pass with ``loop.call_soon`` (so every write of the current turn is in
 it), asks each dirty source for its sync jobs (``prepare_sync``, on the loop: the
 state store COMMITs its open transaction there, a committer takes its dirty handles),
-runs every job at once in worker threads (one fdatasync per dirty file, concurrently,
-through ``fs.call_in_thread``), and then tells each source how its own jobs ended
-(``sync_done``), which answers that source's waiters. Standing sources (the state
+runs every job at once in worker threads (one fdatasync per dirty file, spread over
+at most ``SYNC_THREADS_MAX`` concurrent executor calls through ``fs.call_in_thread``),
+and then tells each source how its own jobs ended (``sync_done``), which answers
+that source's waiters. Standing sources (the state
 store) are asked at every pass, so a commit nobody awaited rides along for free.
 
 One pass at a time: sources marked while a pass runs form the next pass, started as
@@ -30,6 +31,10 @@ from conveyor.storage.fs import call_in_thread
 from conveyor.tasks import Supervisor
 
 SyncJob = Callable[[], None]
+# executor calls per pass: fdatasyncs of files on one disk gain little from more at once
+# (the default executor has min(32, cpus + 4) workers; the checkpoint and file creation
+# use it too)
+SYNC_THREADS_MAX = 4
 
 
 class SyncSource(Protocol):
@@ -89,15 +94,22 @@ class DurabilityBarrier:
                 self._dirty.pop(source, None)
             jobs = [job for _, source_jobs in prepared for job in source_jobs]
             self.job_count += len(jobs)
-            # every job of every source at once (executor futures: no task per job);
-            # each source is then told of its own
-            outcomes = await asyncio.gather(*(call_in_thread(job) for job in jobs),
-                                            return_exceptions=True)
+            # every job of every source at once, spread over a few executor calls (one
+            # submission per file cost the loop more than the files' own work); each
+            # source is then told of its own jobs' outcomes
+            chunk_count = min(len(jobs), SYNC_THREADS_MAX)
+            chunks = [list(range(start, len(jobs), chunk_count)) for start in range(chunk_count)]
+            ran = await asyncio.gather(*(call_in_thread(_run_jobs, [jobs[i] for i in chunk])
+                                         for chunk in chunks))
+            outcomes: list[BaseException | None] = [None] * len(jobs)
+            for chunk, errors in zip(chunks, ran, strict=True):
+                for position, error in zip(chunk, errors, strict=True):
+                    outcomes[position] = error
             index = 0
             for source, source_jobs in prepared:
                 own = outcomes[index:index + len(source_jobs)]
                 index += len(source_jobs)
-                errors = [outcome for outcome in own if isinstance(outcome, BaseException)]
+                errors = [outcome for outcome in own if outcome is not None]
                 source.sync_done(errors[0] if errors else None)
             self.pass_count += 1
         finally:
@@ -111,6 +123,19 @@ class DurabilityBarrier:
     async def flush(self, source: SyncSource) -> None:
         """Run a pass that includes ``source`` (and wait for it)."""
         await asyncio.shield(self.mark_dirty(source))
+
+
+def _run_jobs(jobs: list[SyncJob]) -> list[BaseException | None]:
+    """In a worker thread: run each job in turn; each one's error (or None)."""
+    errors: list[BaseException | None] = []
+    for job in jobs:
+        try:
+            job()
+        except Exception as error:  # the source's sync_done decides what it means
+            errors.append(error)
+        else:
+            errors.append(None)
+    return errors
 
 
 _barriers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DurabilityBarrier] = (
