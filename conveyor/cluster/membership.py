@@ -32,11 +32,13 @@ import asyncpg
 from conveyor.clock import Clock
 from conveyor.cluster.ownership import choose_owner
 from conveyor.errors import StorageError, UnavailableError
+from conveyor.storage.postgres_dsn import NO_PRIMARY_YET
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.cluster")
 # what a dropped connection or a database going away raises (retried at the next turn)
-DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    NO_PRIMARY_YET)
 
 SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS conveyor_nodes (

@@ -33,6 +33,7 @@ from conveyor.clock import Clock
 from conveyor.errors import OperatingError, StorageError, UnknownPartitionError
 from conveyor.storage import postgres_log_schema as sql
 from conveyor.storage.log_api import AppendInfo, AppendOutcome
+from conveyor.storage.postgres_dsn import NO_PRIMARY_YET
 from conveyor.storage.postgres_sequences import ProducerSequences
 from conveyor.storage.record_batch import BatchHeader
 from conveyor.tasks import Supervisor
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 # the errors after which a COMMIT may or may not have happened
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError,
-    asyncio.TimeoutError)
+    asyncio.TimeoutError, NO_PRIMARY_YET)
 READ_BACK_DELAY_MS_MAX = 2_000
 
 

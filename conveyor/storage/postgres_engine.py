@@ -39,12 +39,12 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from conveyor.clock import Clock
 from conveyor.errors import StorageError, StorageFullError
+from conveyor.storage.postgres_dsn import NO_PRIMARY_YET, parse_postgres_url
 from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue
 from conveyor.tasks import Supervisor
 
@@ -77,6 +77,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57: admin/crash shutdown, starting
     asyncpg.exceptions.InsufficientResourcesError,  # 53: disk full, out of memory
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: a standby, or read-only
+    NO_PRIMARY_YET,  # a multi-host URL: no host accepts writes yet (failover under way)
 )
 
 
@@ -114,9 +115,8 @@ def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) ->
 
 
 def _where(dsn: str) -> str:
-    """host:port/database of a DSN, without user or password (for messages)."""
-    parts = urlsplit(dsn)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+    """host:port[,...]/database of a DSN, without user or password (for messages)."""
+    return parse_postgres_url(dsn).where()
 
 
 def _transient_error(error: BaseException, where: str) -> StorageError:
