@@ -222,7 +222,11 @@ class TurnAppender:
         delay_ms = 50
         while True:
             try:
-                async with self._pool.acquire() as connection:
+                async with self._pool.acquire() as connection, connection.transaction():
+                    # the head row's lock first: if the transaction is still open on the
+                    # server (its COMMIT held up on a stalled link), wait for its end
+                    # rather than read "not there" and see it commit afterwards
+                    await connection.execute(sql.SHARE_HEAD, first_row[0])
                     found = await connection.fetchval(sql.WRITTEN_BY, *first_row)
                 return bool(found == write_id)
             except CONNECTION_ERRORS as error:

@@ -20,6 +20,21 @@ import asyncpg
 # connection (it derives from neither OSError nor asyncpg's connection errors)
 NO_PRIMARY_YET: Final = asyncpg.exceptions.TargetServerAttributeNotMatched
 
+# Every connection a node opens (log store, state engine, membership, wake-ups). A node
+# cut off mid-transaction by a network that silently stops forwarding (no FIN, no RST)
+# would otherwise keep its transaction open on the server for ever, holding the
+# partition-head row locks, and every other node's appends to those partitions would
+# queue behind it (tests/cluster/test_cluster_cutoff.py, the stall case): the server
+# ends a session idle inside a transaction after this long, which rolls it back.
+SESSION_SETTINGS: Final = {"idle_in_transaction_session_timeout": "5000"}
+# The log store's statements, for the same reason while the server waits for the rest
+# of a COPY's data (an active statement, not idle). Generous for a loaded machine.
+LOG_SESSION_SETTINGS: Final = {**SESSION_SETTINGS, "statement_timeout": "10000"}
+# Client side: a statement the server never answers (the stalled link) fails after this
+# long, with a timeout that the callers treat as a lost connection (retried, read back).
+COMMAND_TIMEOUT_S: Final = 15
+CONNECT_TIMEOUT_S: Final = 10
+
 
 @dataclass(frozen=True, slots=True)
 class PostgresUrl:

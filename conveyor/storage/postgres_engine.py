@@ -44,7 +44,12 @@ import asyncpg
 
 from conveyor.clock import Clock
 from conveyor.errors import StorageError, StorageFullError
-from conveyor.storage.postgres_dsn import NO_PRIMARY_YET, parse_postgres_url
+from conveyor.storage.postgres_dsn import (
+    COMMAND_TIMEOUT_S,
+    NO_PRIMARY_YET,
+    SESSION_SETTINGS,
+    parse_postgres_url,
+)
 from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue
 from conveyor.tasks import Supervisor
 
@@ -66,6 +71,7 @@ _COMMIT_ROW = (
 # one row per writer: 1 for a single node; a cluster node has a row of its own
 # (conveyor/cluster), so the nodes neither contend for one row nor misread each other's
 _READ_SEQUENCE = "SELECT sequence FROM conveyor_commit WHERE singleton = $1"
+_SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(7140003)"
 _WRITE_SEQUENCE = "UPDATE conveyor_commit SET sequence = $1 WHERE singleton = $2"
 
 # Failures of the connection or of the server's state, not of the statement: retried.
@@ -164,7 +170,9 @@ class PostgresEngine:
         if self._open:
             return
         try:
-            connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+            connection = await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout_s, server_settings=SESSION_SETTINGS,
+                command_timeout=COMMAND_TIMEOUT_S)
         except (*_TRANSIENT, asyncpg.PostgresError) as error:
             raise StorageError(
                 "cannot connect to PostgreSQL; is it running and reachable, and does the "
@@ -307,6 +315,11 @@ class PostgresEngine:
                         self._sequence = sequence
                         return
                     async with connection.transaction():
+                        if any(rows is None for _, rows in batch.statements):
+                            # DDL: one node at a time (two nodes starting together on a
+                            # fresh database raced in CREATE TABLE IF NOT EXISTS and one
+                            # failed on pg_type's unique index)
+                            await connection.execute(_SCHEMA_LOCK)
                         for sql, rows in batch.statements:
                             if rows is None:
                                 await connection.execute(sql)
@@ -361,7 +374,8 @@ class PostgresEngine:
         while self._connection is None or self._connection.is_closed():
             try:
                 self._connection = await asyncpg.connect(
-                    self.dsn, timeout=self.connect_timeout_s)
+                    self.dsn, timeout=self.connect_timeout_s,
+                    server_settings=SESSION_SETTINGS, command_timeout=COMMAND_TIMEOUT_S)
                 self.reconnects += 1
                 logger.info("reconnected to PostgreSQL %s", self.where)
             except _TRANSIENT as error:

@@ -50,18 +50,18 @@ def replicated(synchronous: bool) -> Iterator[tuple[PostgresServer, PostgresServ
         primary.close()
 
 
-def start_nodes(root: Path, dsn: str, count: int,
+def start_nodes(root: Path, dsns: list[str],
                 environ: dict[str, str] | None = None) -> list[BrokerProcess]:
-    """``count`` nodes with Kafka, AMQP and HTTP, started side by side (each start waits
-    for its process's ready line)."""
+    """One node with Kafka, AMQP and HTTP per URL in ``dsns`` (node ids 1, 2, ...),
+    started side by side (each start waits for its process's ready line)."""
     nodes = []
-    for index in range(1, count + 1):
+    for index, dsn in enumerate(dsns, start=1):
         node = BrokerProcess(root / f"node{index}", listeners=("kafka", "amqp", "http"),
                              extra_args=("--storage", dsn, "--node-id", str(index)),
                              environ={**FAST_LEASES, **(environ or {})})
         node.data_dir.mkdir(parents=True)
         nodes.append(node)
-    with ThreadPoolExecutor(count) as starting:
+    with ThreadPoolExecutor(len(nodes)) as starting:
         list(starting.map(BrokerProcess.start, nodes))
     return nodes
 
@@ -106,7 +106,7 @@ def run_failover(root: Path, *, synchronous: bool, nodes_count: int, before: int
     began = time.monotonic()
     with replicated(synchronous) as (primary, standby, dsn):
         print(f"failover: servers up after {time.monotonic() - began:.1f} s")
-        nodes = start_nodes(root, dsn, nodes_count)
+        nodes = start_nodes(root, [dsn] * nodes_count)
         print(f"failover: nodes up after {time.monotonic() - began:.1f} s")
         kafka = amqp = None
         try:
