@@ -26,8 +26,13 @@ from conveyor.testing.server import BrokerProcess
 from conveyor.testing.tcp_proxy import FaultyProxy
 from tests.cluster.helpers import check, http_json, wait_for
 from tests.cluster.load import AmqpLoad, KafkaLoad, wait_progress
-from tests.cluster.test_cluster_failover import declare_queue, drain_queue, start_nodes
-from tests.cluster.test_cluster_kafka import create_topic, full_log, owners_by_node
+from tests.cluster.test_cluster_failover import (
+    declare_queue,
+    drain_queue,
+    read_log,
+    start_nodes,
+)
+from tests.cluster.test_cluster_kafka import create_topic, owners_by_node
 
 
 def ready(node: BrokerProcess) -> bool:
@@ -93,7 +98,7 @@ def run_cutoff(root: Path, server: PostgresServer, dsn: str, *, mode: str, cut_s
         wait_progress("kafka after the heal", kafka.acknowledged, records, 60)
         kafka.stop()
         amqp.stop()
-        read = full_log(nodes, len(kafka.history.acknowledged))
+        read = read_log(nodes, 120)
         got = drain_queue(nodes, quiet_s=3, timeout_s=60)
     finally:
         for load in (kafka, amqp):
