@@ -103,10 +103,11 @@ def read_log(nodes: list[BrokerProcess], timeout_s: float) -> list[tuple[int, in
         reader.close()
 
 
-def lag_standby(standby: PostgresServer) -> int:
-    """Pause the standby's WAL receiver (SIGSTOP): it stops receiving and confirming WAL,
-    as a slow network would; returns its pid for ``os.kill(pid, SIGCONT)``."""
-    pid = int(standby.sql("SELECT pid FROM pg_stat_wal_receiver").strip())
+def hold_wal(primary: PostgresServer) -> int:
+    """Pause the primary's WAL sender (SIGSTOP): the standby receives and confirms
+    nothing more, as with a slow link; returns its pid. (Pausing the standby's receiver
+    instead loses nothing: the WAL already sent waits in its socket buffer.)"""
+    pid = int(primary.sql("SELECT pid FROM pg_stat_replication").strip())
     os.kill(pid, signal.SIGSTOP)
     return pid
 
@@ -147,8 +148,8 @@ def run_failover(root: Path, *, synchronous: bool, nodes_count: int, before: int
                  after: int, confirms: int = 15, lag_s: float = 1.0) -> dict[str, Any]:
     """Load, crash the primary, promote the standby, load again; the checker's figures.
     ``before``/``after``: Kafka records acknowledged before the crash / after it;
-    ``confirms``: AMQP confirms before it and after it; ``lag_s``: the standby's WAL
-    receiver is paused this long before the crash (a lagging standby: a synchronous
+    ``confirms``: AMQP confirms before it and after it; ``lag_s``: the primary's WAL
+    sender is paused this long before the crash (a lagging standby: a synchronous
     one holds the primary's commits meanwhile, an asynchronous one falls behind)."""
     began = time.monotonic()
     with replicated(synchronous) as (primary, standby, dsn):
@@ -164,16 +165,16 @@ def run_failover(root: Path, *, synchronous: bool, nodes_count: int, before: int
             amqp.start()
             wait_progress("kafka before the crash", kafka.acknowledged, before, 60)
             wait_progress("amqp before the crash", lambda: len(amqp.confirmed), confirms, 60)
-            receiver = lag_standby(standby)
+            sender = hold_wal(primary)
             acked_before_lag = (kafka.acknowledged(), len(amqp.confirmed))
             time.sleep(lag_s)  # the load runs on while the standby lags (no event to await)
             acked_during_lag = (kafka.acknowledged() - acked_before_lag[0],
                                 len(amqp.confirmed) - acked_before_lag[1])
             crashed = time.monotonic()
             print(f"failover: crash after {crashed - began:.1f} s")
+            os.kill(sender, signal.SIGKILL)  # what it held is never sent
             primary.crash()
             acked_at_crash = (kafka.acknowledged(), len(amqp.confirmed))
-            os.kill(receiver, signal.SIGCONT)
             standby.promote()
             promoted_s = time.monotonic() - crashed
             recover_s = promoted_s + wait_progress(
