@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pika
 import pika.exceptions
+from confluent_kafka import KafkaException
 
 from conveyor.testing.server import BrokerProcess
 from tests.cluster.helpers import History
@@ -26,16 +27,34 @@ QUEUE = "q"
 
 class KafkaLoad(threading.Thread):
     def __init__(self, nodes: list[BrokerProcess], prefix: str = "v",
-                 rate_per_s: int = 400) -> None:
+                 rate_per_s: int = 400, restart_on_fatal: bool = False) -> None:
         super().__init__(daemon=True, name="kafka-load")
         self.per_tick = max(rate_per_s // 100, 1)  # records per 10 ms
         self.history = History()
         self.client = producer(nodes)
         self.prefix = prefix
         self.sent = 0
+        self.fatal: str | None = None  # a fatal producer error (the thread stops on it)
+        # restart_on_fatal: a new producer (a new producer id) carries on instead; what
+        # the fatal errors said is kept (an asynchronous failover's lost sequences)
+        self.nodes = nodes
+        self.restart_on_fatal = restart_on_fatal
+        self.fatals: list[str] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
+        while True:
+            try:
+                self._produce()
+                return
+            except KafkaException as error:
+                self.fatals.append(str(error))
+                if not self.restart_on_fatal:
+                    self.fatal = str(error)
+                    return
+                self.client = producer(self.nodes)
+
+    def _produce(self) -> None:
         while not self._halt.is_set():
             for _ in range(self.per_tick):  # a steady stream, not a flood
                 self.client.produce(TOPIC, f"{self.prefix}{self.sent}".encode(),
@@ -113,6 +132,9 @@ def wait_progress(what: str, count: Callable[[], int], more: int, timeout_s: flo
     started = time.monotonic()
     target = count() + more
     while count() < target:
+        fatal = getattr(getattr(count, "__self__", None), "fatal", None)
+        if fatal is not None:
+            raise AssertionError(f"{what}: the producer failed: {fatal}")
         if time.monotonic() - started > timeout_s:
             raise AssertionError(f"{what}: {count()} of {target} within {timeout_s} s")
         time.sleep(0.05)

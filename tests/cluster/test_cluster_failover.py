@@ -32,7 +32,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from conveyor.testing.postgres import PostgresServer, multi_host_dsn
-from conveyor.testing.server import BrokerProcess
+from conveyor.testing.server import BrokerProcess, free_port
 from tests.cluster.helpers import FAST_LEASES, bootstrap, check, http_json, tally, wait_for
 from tests.cluster.load import QUEUE, AmqpLoad, KafkaLoad, wait_progress
 from tests.cluster.test_cluster_kafka import PARTITIONS, TOPIC, create_topic
@@ -65,13 +65,26 @@ def start_nodes(root: Path, dsns: list[str],
         nodes.append(node)
     try:
         with ThreadPoolExecutor(len(nodes)) as starting:
-            list(starting.map(BrokerProcess.start, nodes))
+            list(starting.map(_start, nodes))
     except BaseException:
         for node in nodes:
             if node.process is not None and node.process.poll() is None:
                 node.kill()
         raise
     return nodes
+
+
+def _start(node: BrokerProcess) -> None:
+    """Start; on a port taken between ``free_port()`` and the bind (the machine is
+    shared), again on new ports."""
+    for attempt in range(3):
+        try:
+            node.start()
+            return
+        except RuntimeError as error:
+            if "address already in use" not in str(error) or attempt == 2:
+                raise
+            node.ports = {name: free_port() for name in node.ports}
 
 
 def read_log(nodes: list[BrokerProcess], timeout_s: float) -> list[tuple[int, int, str]]:
@@ -160,7 +173,7 @@ def run_failover(root: Path, *, synchronous: bool, nodes_count: int, before: int
         try:
             create_topic(nodes)
             declare_queue(nodes)
-            kafka, amqp = KafkaLoad(nodes), AmqpLoad(nodes)
+            kafka, amqp = KafkaLoad(nodes, restart_on_fatal=not synchronous), AmqpLoad(nodes)
             kafka.start()
             amqp.start()
             wait_progress("kafka before the crash", kafka.acknowledged, before, 60)
@@ -209,6 +222,7 @@ def run_failover(root: Path, *, synchronous: bool, nodes_count: int, before: int
         "amqp_lost": len(confirmed - set(got)),
         "amqp_duplicated": sum(1 for value in confirmed if got.count(value) > 1),
         "amqp_confirmed_at_crash": acked_at_crash[1],
+        "producer_fatal_errors": [fatal[:160] for fatal in kafka.fatals],
     })
     return figures
 
