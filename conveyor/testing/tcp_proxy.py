@@ -23,6 +23,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from conveyor.tasks import Supervisor
+
 CHUNK_BYTES = 64 * 1024
 T = TypeVar("T")
 
@@ -40,7 +42,7 @@ class FaultyProxy:
         self._server: asyncio.Server | None = None
         self._flowing: asyncio.Event | None = None
         self._links: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pumps = Supervisor("faulty-proxy")
 
     # --- the test's side ---------------------------------------------------------------
     def start(self) -> None:
@@ -85,9 +87,7 @@ class FaultyProxy:
         if self._server is not None:
             self._server.close()
         self._reset_links()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._pumps.close(cancel=True)
 
     async def _set_mode(self, mode: str) -> None:
         assert self._flowing is not None
@@ -123,9 +123,7 @@ class FaultyProxy:
             return
         self._links.add(up_writer)
         for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.get_running_loop().create_task(self._pump(source, sink))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._pumps.start(self._pump(source, sink), name="faulty-proxy pump")
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
