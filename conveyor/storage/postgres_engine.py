@@ -181,8 +181,10 @@ class PostgresEngine:
         self._connection = connection
         try:
             await self._check_server(connection)
-            await connection.execute(_COMMIT_TABLE)
-            await connection.execute(_COMMIT_ROW, self.writer)
+            async with connection.transaction():  # one node at a time (see _SCHEMA_LOCK)
+                await connection.execute(_SCHEMA_LOCK)
+                await connection.execute(_COMMIT_TABLE)
+                await connection.execute(_COMMIT_ROW, self.writer)
             self._sequence = int(await connection.fetchval(_READ_SEQUENCE, self.writer))
         except asyncpg.PostgresError as error:
             await connection.close()
