@@ -88,10 +88,14 @@ test-postgres: $(VENV)/.installed-dev
 	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/broker tests/server \
 	  tests/integration tests/protocols tests/crash $(ARGS)
 
-# The long cluster run (docs/cluster.md): rounds of Kafka load with a node SIGKILLed and
-# restarted each round, then the history check; ARGS are passed to pytest.
+# The long cluster runs (docs/cluster.md): rounds of Kafka load with a node SIGKILLed and
+# restarted each round, a node paused, the coordinator killed, PostgreSQL failed over to
+# a synchronous and to an asynchronous standby (the latter's losses measured), a node cut
+# off from PostgreSQL (drop and stall); each prints its figures; ARGS are passed to pytest.
 chaos: $(VENV)/.installed-dev
-	CONVEYOR_CHAOS=1 $(BIN)/pytest -q -s tests/cluster/test_cluster_chaos.py tests/cluster/test_cluster_kafka.py::test_sigstop_past_the_lease_is_fenced tests/cluster/test_cluster_kafka.py::test_sigkill_of_the_group_coordinator_loses_nothing $(ARGS)
+	CONVEYOR_CHAOS=1 $(BIN)/pytest -q -s -m chaos tests/cluster/test_cluster_chaos.py \
+	  tests/cluster/test_cluster_kafka.py tests/cluster/test_cluster_failover.py \
+	  tests/cluster/test_cluster_cutoff.py $(ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(ARGS)

@@ -34,12 +34,19 @@ import asyncpg
 from conveyor.clock import Clock
 from conveyor.cluster.ownership import choose_owner
 from conveyor.errors import StorageError, UnavailableError
+from conveyor.storage.postgres_dsn import (
+    COMMAND_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    NO_PRIMARY_YET,
+    SESSION_SETTINGS,
+)
 from conveyor.storage.sql_engine import WriteGuard
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.cluster")
 # what a dropped connection or a database going away raises (retried at the next turn)
-DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DB_ERRORS: Final = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    NO_PRIMARY_YET)
 
 SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS conveyor_nodes (
@@ -145,7 +152,9 @@ class Membership:
     async def open(self, addresses: dict[str, str]) -> None:
         self.addresses = dict(addresses)
         try:
-            self._pool = await asyncpg.create_pool(self.settings.dsn, min_size=1, max_size=3)
+            self._pool = await asyncpg.create_pool(
+                self.settings.dsn, min_size=1, max_size=3, server_settings=SESSION_SETTINGS,
+                command_timeout=COMMAND_TIMEOUT_S, timeout=CONNECT_TIMEOUT_S)
         except DB_ERRORS as error:
             raise StorageError("cannot reach the cluster database", reason=str(error)) from error
         async with self._pool.acquire() as connection, connection.transaction():

@@ -22,6 +22,7 @@ import asyncpg
 
 from conveyor.cluster.membership import DB_ERRORS
 from conveyor.errors import OperatingError
+from conveyor.storage.postgres_dsn import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, SESSION_SETTINGS
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.cluster")
@@ -31,6 +32,12 @@ PAYLOAD_MAX: Final = 7_000  # PostgreSQL refuses payloads of 8000 bytes or more
 HEADS: Final = """SELECT topic, partition, next_offset FROM conveyor_log_partitions"""
 
 Appended = Callable[[str, int], None]
+
+
+async def _connect(dsn: str) -> Any:
+    return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S,
+                                 server_settings=SESSION_SETTINGS,
+                                 command_timeout=COMMAND_TIMEOUT_S)
 
 
 class Wakeups:
@@ -50,8 +57,8 @@ class Wakeups:
         self.received = 0
 
     async def open(self) -> None:
-        self._sender = await asyncpg.connect(self.dsn)
-        self._listener = await asyncpg.connect(self.dsn)
+        self._sender = await _connect(self.dsn)
+        self._listener = await _connect(self.dsn)
         await self._listener.add_listener(CHANNEL, self._on_notify)
         self._tasks.start(self._poll(), name="conveyor.cluster.poll")
 
@@ -74,8 +81,8 @@ class Wakeups:
                     connection.terminate()
             self._listener = self._sender = None
             try:
-                self._sender = await asyncpg.connect(self.dsn)
-                self._listener = await asyncpg.connect(self.dsn)
+                self._sender = await _connect(self.dsn)
+                self._listener = await _connect(self.dsn)
                 await self._listener.add_listener(CHANNEL, self._on_notify)
             except DB_ERRORS as error:
                 logger.warning("wake-up connections not back yet", extra={"error": str(error)})

@@ -4,7 +4,9 @@
 - ``file:`` (the default) or ``file:PATH``: today's embedded mode. Partition logs
   under ``<data_dir>/logs``, state in SQLite at ``<data_dir>/state.sqlite3``
   (``file:PATH`` sets the data directory).
-- ``postgresql://user[:password]@host[:port]/database`` (or ``postgres://``): the
+- ``postgresql://user[:password]@host[:port]/database`` (or ``postgres://``; several
+  ``host:port`` separated by commas with ``?target_session_attrs=read-write`` follow
+  a failover to a promoted standby): the
   state store is PostgreSQL (sql_engine.py / postgres_engine.py) and so are the
   partition logs (storage/postgres_log.py: one row per RecordBatch).
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from conveyor.clock import Clock
 from conveyor.errors import InvalidConfigError
@@ -22,6 +23,7 @@ from conveyor.server.state_recovery import check_state_database
 from conveyor.storage.fs import FileSystem
 from conveyor.storage.log_api import LogStore
 from conveyor.storage.log_store import FileLogStore
+from conveyor.storage.postgres_dsn import parse_postgres_url
 from conveyor.storage.state_store import SqliteStateStore, SqlStateStore, StateStore
 
 logger = logging.getLogger("conveyor.server.storage")
@@ -39,10 +41,7 @@ class StorageLocation:
         """Where the data lives, without a password (for logs)."""
         if self.dsn is None:
             return f"file:{self.path}" if self.path is not None else "file:"
-        parts = urlsplit(self.dsn)
-        user = f"{parts.username}@" if parts.username else ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{user}{parts.hostname or ''}{port}{parts.path}"
+        return parse_postgres_url(self.dsn).describe()
 
 
 def parse_storage(text: str) -> StorageLocation:
@@ -56,11 +55,10 @@ def parse_storage(text: str) -> StorageLocation:
         return StorageLocation("file", Path(rest) if rest else None)
     if scheme in POSTGRES_SCHEMES:
         try:
-            parts = urlsplit(text)
-            parts.port  # noqa: B018  (raises ValueError on a bad port)
+            parts = parse_postgres_url(text)
         except ValueError as error:
             raise InvalidConfigError("bad PostgreSQL URL", error=str(error)) from None
-        if not parts.hostname or parts.path in ("", "/"):
+        if not parts.hosts or not parts.database:
             raise InvalidConfigError(
                 "a PostgreSQL storage URL names a host and a database: "
                 "postgresql://user@host:port/database", storage=StorageLocation(

@@ -38,6 +38,7 @@ from conveyor.errors import (
 )
 from conveyor.storage import postgres_log_schema as sql
 from conveyor.storage.log_api import AppendInfo, AppendOutcome
+from conveyor.storage.postgres_dsn import NO_PRIMARY_YET
 from conveyor.storage.postgres_sequences import ProducerSequences
 from conveyor.storage.record_batch import BatchHeader
 from conveyor.tasks import Supervisor
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 # the errors after which a COMMIT may or may not have happened
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError,
-    asyncio.TimeoutError)
+    asyncio.TimeoutError, NO_PRIMARY_YET)
 READ_BACK_DELAY_MS_MAX = 2_000
 # appends waiting for the database (queued and in the transaction being committed); past
 # either bound a new append is refused at once (StorageBusyError), so a stalled or
@@ -284,7 +285,11 @@ class TurnAppender:
         try:
             while True:
                 try:
-                    async with self._pool.acquire() as connection:
+                    async with self._pool.acquire() as connection, connection.transaction():
+                        # the head row's lock first: if the transaction is still open on
+                        # the server (its COMMIT held up on a stalled link), wait for its
+                        # end rather than read "not there" and see it commit afterwards
+                        await connection.execute(sql.SHARE_HEAD, first_row[0])
                         found = await connection.fetchval(sql.WRITTEN_BY, *first_row)
                     return bool(found == write_id)
                 except CONNECTION_ERRORS as error:

@@ -39,12 +39,17 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from conveyor.clock import Clock
 from conveyor.errors import StorageBusyError, StorageError, StorageFullError
+from conveyor.storage.postgres_dsn import (
+    COMMAND_TIMEOUT_S,
+    NO_PRIMARY_YET,
+    SESSION_SETTINGS,
+    parse_postgres_url,
+)
 from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue, WriteGuard
 from conveyor.tasks import Supervisor
 
@@ -69,6 +74,7 @@ _COMMIT_ROW = (
 # one row per writer: 1 for a single node; a cluster node has a row of its own
 # (conveyor/cluster), so the nodes neither contend for one row nor misread each other's
 _READ_SEQUENCE = "SELECT sequence FROM conveyor_commit WHERE singleton = $1"
+_SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(7140003)"
 _WRITE_SEQUENCE = "UPDATE conveyor_commit SET sequence = $1 WHERE singleton = $2"
 
 # Failures of the connection or of the server's state, not of the statement: retried.
@@ -80,6 +86,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57: admin/crash shutdown, starting
     asyncpg.exceptions.InsufficientResourcesError,  # 53: disk full, out of memory
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: a standby, or read-only
+    NO_PRIMARY_YET,  # a multi-host URL: no host accepts writes yet (failover under way)
 )
 
 
@@ -127,9 +134,8 @@ def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) ->
 
 
 def _where(dsn: str) -> str:
-    """host:port/database of a DSN, without user or password (for messages)."""
-    parts = urlsplit(dsn)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+    """host:port[,...]/database of a DSN, without user or password (for messages)."""
+    return parse_postgres_url(dsn).where()
 
 
 def _transient_error(error: BaseException, where: str) -> StorageError:
@@ -184,7 +190,9 @@ class PostgresEngine:
         if self._open:
             return
         try:
-            connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
+            connection = await asyncpg.connect(
+                self.dsn, timeout=self.connect_timeout_s, server_settings=SESSION_SETTINGS,
+                command_timeout=COMMAND_TIMEOUT_S)
         except (*_TRANSIENT, asyncpg.PostgresError) as error:
             raise StorageError(
                 "cannot connect to PostgreSQL; is it running and reachable, and does the "
@@ -193,8 +201,10 @@ class PostgresEngine:
         self._connection = connection
         try:
             await self._check_server(connection)
-            await connection.execute(_COMMIT_TABLE)
-            await connection.execute(_COMMIT_ROW, self.writer)
+            async with connection.transaction():  # one node at a time (see _SCHEMA_LOCK)
+                await connection.execute(_SCHEMA_LOCK)
+                await connection.execute(_COMMIT_TABLE)
+                await connection.execute(_COMMIT_ROW, self.writer)
             self._sequence = int(await connection.fetchval(_READ_SEQUENCE, self.writer))
         except asyncpg.PostgresError as error:
             await connection.close()
@@ -353,6 +363,11 @@ class PostgresEngine:
                         self._sequence = sequence
                         return
                     async with connection.transaction():
+                        if any(rows is None for _, rows in batch.statements):
+                            # DDL: one node at a time (two nodes starting together on a
+                            # fresh database raced in CREATE TABLE IF NOT EXISTS and one
+                            # failed on pg_type's unique index)
+                            await connection.execute(_SCHEMA_LOCK)
                         for sql, rows in batch.statements:
                             if rows is None:
                                 await connection.execute(sql)
@@ -407,7 +422,8 @@ class PostgresEngine:
         while self._connection is None or self._connection.is_closed():
             try:
                 self._connection = await asyncpg.connect(
-                    self.dsn, timeout=self.connect_timeout_s)
+                    self.dsn, timeout=self.connect_timeout_s,
+                    server_settings=SESSION_SETTINGS, command_timeout=COMMAND_TIMEOUT_S)
                 self.reconnects += 1
                 logger.info("reconnected to PostgreSQL %s", self.where)
             except _TRANSIENT as error:

@@ -61,6 +61,11 @@ from conveyor.storage.postgres_compaction import (
     CompactionJob,
     compact_partition,
 )
+from conveyor.storage.postgres_dsn import (
+    COMMAND_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    LOG_SESSION_SETTINGS,
+)
 from conveyor.storage.postgres_truncation import truncate_tail
 from conveyor.storage.record_batch import (
     decode_records,
@@ -126,7 +131,9 @@ class PostgresLogStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.pool_size_max)
+                self.dsn, min_size=1, max_size=self.pool_size_max,
+                server_settings=LOG_SESSION_SETTINGS, command_timeout=COMMAND_TIMEOUT_S,
+                timeout=CONNECT_TIMEOUT_S)
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
             raise StorageError("cannot reach the log database", reason=str(error)) from error
         async with self._pool.acquire() as connection, connection.transaction():

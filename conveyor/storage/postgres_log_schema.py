@@ -100,6 +100,7 @@ FIND_RETRIED = """SELECT base_offset, last_offset, producer_epoch, base_sequence
 DELETE_PRODUCERS = "DELETE FROM conveyor_log_producers WHERE partition_id = $1"
 
 # after a lost COMMIT: did the transaction with this write id land?
+SHARE_HEAD = """SELECT 1 FROM conveyor_log_partitions WHERE partition_id = $1 FOR SHARE"""
 WRITTEN_BY = """SELECT write_id FROM conveyor_log_batches
     WHERE partition_id = $1 AND base_offset = $2"""
 

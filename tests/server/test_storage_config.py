@@ -43,7 +43,13 @@ def test_storage_urls_are_checked() -> None:
     assert location.kind == "postgresql"
     assert "secret" not in location.describe()
     assert location.describe() == "postgresql://user@db.example:5433/conveyor"
-    for bad in ("mysql://x/y", "conveyor-data", "postgresql://host-only", "postgres://h:99x/d"):
+    several = parse_storage("postgresql://u:pw@h1:5433,[::1]:5434,h3/db"
+                            "?target_session_attrs=read-write&password=pw")
+    assert several.kind == "postgresql"
+    assert several.describe() == ("postgresql://u@h1:5433,::1:5434,h3/db"
+                                  "?target_session_attrs=read-write")
+    for bad in ("mysql://x/y", "conveyor-data", "postgresql://host-only", "postgres://h:99x/d",
+                "postgresql://a:1,b:2x/d"):
         with pytest.raises(InvalidConfigError):
             parse_storage(bad)
 
