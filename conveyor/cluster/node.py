@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock
@@ -75,8 +75,13 @@ class ClusterNode:
             await self.internal.start(self.internal_host, 0)
             self.remote_queues = RemoteQueues(self.membership, shared, secret, self.serve_shared)
             shared.remote = self.remote_queues
-            self._tasks.start(self._sweep(), name="conveyor.cluster.sweep")
-        self._tasks.start(self._refresh_topics(), name="conveyor.cluster.topics")
+            # give back what consumers of dead nodes held here
+            self._tasks.start(self._every_heartbeat(
+                self.owner_side.sweep, "release of dead nodes' deliveries failed"),
+                name="conveyor.cluster.sweep")
+        self._tasks.start(self._every_heartbeat(
+            self.broker.topics.load, "topic catalog refresh failed"),
+            name="conveyor.cluster.topics")
         if hasattr(self.broker.log_store, "observe_head"):  # the PostgreSQL LogStore
             producer = self.broker.producer
             own = producer.on_append
@@ -117,7 +122,10 @@ class ClusterNode:
             await self.wakeups.close()
         await self.membership.close(drain=True)
 
-    async def _refresh_topics(self) -> None:
+    async def _every_heartbeat(self, action: Callable[[], Awaitable[None]],
+                               failure: str) -> None:
+        """Run ``action`` once a heartbeat until the node stops; a failure is logged and
+        the next turn retries."""
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._stopping.wait(),
@@ -126,25 +134,9 @@ class ClusterNode:
             except TimeoutError:
                 pass
             try:
-                await self.broker.topics.load()
+                await action()
             except Exception as error:  # logged; the next turn retries
-                logger.warning("topic catalog refresh failed", extra={"error": str(error)})
-
-    async def _sweep(self) -> None:
-        """Every heartbeat: give back what consumers of dead nodes held here."""
-        assert self.owner_side is not None
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(),
-                                       self.settings.heartbeat_ms / 1000)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self.owner_side.sweep()
-            except Exception as error:  # logged; the next turn retries
-                logger.warning("release of dead nodes' deliveries failed",
-                               extra={"error": str(error)})
+                logger.warning(failure, extra={"error": str(error)})
 
     async def refresh_catalog(self) -> None:
         """Re-read the topic catalog now (a name another node may just have created)."""
