@@ -262,11 +262,10 @@ class Transactions:
 
     async def end(self, transactional_id: str, producer_id: int, epoch: int,
                   commit: bool, bump_epoch: bool = False) -> tuple[int, int]:
-        """EndTxn: the transaction's markers on every partition, its offsets on commit;
-        the producer id and epoch to use next. ``bump_epoch`` (EndTxn v5,
-        ``transaction.version`` 2, KIP-890 part 2): the epoch goes up by one before the
-        markers (written with it), so every write of the ended transaction is fenced;
-        an exhausted epoch moves the id to a fresh producer id."""
+        """EndTxn: markers on every partition, offsets on commit; the producer id and
+        epoch to use next. ``bump_epoch`` (EndTxn v5, TV2): the epoch goes up by one before
+        the markers (written with it), fencing every write of the ended transaction; an
+        exhausted epoch moves the id to a fresh producer id."""
         async with self._locks.hold(transactional_id):
             target = TransactionState.PREPARE_COMMIT if commit \
                 else TransactionState.PREPARE_ABORT
@@ -302,11 +301,9 @@ class Transactions:
 
     async def add_partition_implicitly(self, topic: str, partition: int, producer_id: int,
                                        epoch: int) -> None:
-        """Produce v12+ (``transaction.version`` 2, KIP-890 part 2): the first
-        transactional produce to a partition adds it to the producer's transaction
-        (starting one), committed before the append; ``check_produce`` follows as for
-        every transactional batch. Called outside the producer's partition lock (the
-        marker write takes that lock under the transaction's)."""
+        """Produce v12+ (TV2): a transactional produce adds its partition (committed before
+        the append; ``check_produce`` follows). Called outside the producer's partition
+        lock: the marker write takes that lock under the transaction's."""
         transactional_id = self._by_producer.get(producer_id)
         row = None if transactional_id is None else self._transactions.get(transactional_id)
         if row is None or transactional_id is None:
@@ -454,10 +451,9 @@ class Transactions:
             logger.warning("transaction %s timed out after %d ms: aborting it and fencing "
                            "its producer", transactional_id, row.timeout_ms)
             self.timed_out += 1
-            # a TV2 producer's EndTxn(abort) with the epoch it had is answered as a retry
-            # of this abort, with the new epoch (KIP-890 part 2); TV1 stays fenced
-            row.previous_producer_id, row.previous_producer_epoch = (row.producer_id,
-                                                                     row.producer_epoch)
+            # TV2 (KIP-890 part 2): an EndTxn(abort) with this epoch is a retry of this abort
+            row.previous_producer_id = row.producer_id
+            row.previous_producer_epoch = row.producer_epoch
             new_id, new_epoch = await self.producers.init_producer_id(transactional_id)
             bumped = new_epoch if new_id == row.producer_id else row.producer_epoch
             await self._prepare(row, TransactionState.PREPARE_ABORT, bumped)

@@ -114,7 +114,7 @@ async def test_api_versions_then_metadata(server: Server) -> None:
         client_software_name="raw", client_software_version="1"))
     advertised = {entry.api_key: (entry.min_version, entry.max_version)
                   for entry in versions.api_keys}
-    assert advertised[0] == (3, 11) and advertised[1] == (4, 12)
+    assert advertised[0] == (3, 12) and advertised[1] == (4, 12)
     metadata = await client.call(MetadataRequest(
         topics=(MetadataRequestTopic(topic_id=None, name="wire-meta"),),
         allow_auto_topic_creation=True, include_topic_authorized_operations=False))
