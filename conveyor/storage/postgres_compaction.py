@@ -3,9 +3,12 @@
 Same rules as the file backend's cleaner (storage/compaction.py): keep, for every
 key, only the record with the highest offset; a tombstone (null value) stays until its
 batch is older than ``delete_retention_ms``; records without a key and control
-batches stay. Offsets never change (gaps appear). Only batches below the first batch
-newer than ``min_compaction_lag_ms`` are rewritten; later ones are read (their keys
-shadow older ones) but never rewritten.
+batches stay. Offsets never change (gaps appear). Transactions follow the same rules as
+on files, from the same backend-neutral decision (storage/txn_cleaning.py): aborted
+records dropped and never shadowing a key, nothing cleaned at or past the first open
+transaction, spent COMMIT markers removed after ``delete_retention_ms``. Only batches
+below the first batch newer than ``min_compaction_lag_ms`` are rewritten; later ones
+are read (their keys shadow older ones) but never rewritten.
 
 How, against appends and crashes:
 
@@ -47,12 +50,14 @@ from conveyor.storage import postgres_log_schema as sql
 from conveyor.storage.log_config import LogConfig
 from conveyor.storage.record_batch import (
     NO_SEQUENCE,
+    BatchHeader,
     RecordData,
     build_batch,
     decode_records,
     patch_base_offset,
     read_header,
 )
+from conveyor.storage.txn_cleaning import TransactionCleaning
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -93,7 +98,10 @@ async def compact_partition(connection: Any, job: CompactionJob, in_doubt: Colle
     clean_end = await _clean_end(connection, job)
     if clean_end <= job.start:
         return 0
-    latest = await _latest_offsets(connection, job)
+    latest, transactions = await _scan(connection, job)
+    first_open = transactions.first_open_offset()
+    if first_open is not None:  # Kafka cleans below the last stable offset only
+        clean_end = min(clean_end, first_open)
     rewritten = 0
     pending = _Rewrite([], {})
     position = job.start
@@ -103,7 +111,7 @@ async def compact_partition(connection: Any, job: CompactionJob, in_doubt: Colle
         for row in rows:
             if row["write_id"] in in_doubt or row["last_offset"] >= clean_end:
                 continue
-            replacement = _cleaned(row, job, latest)
+            replacement = _cleaned(row, job, latest, transactions)
             if replacement is None:
                 continue
             pending.originals.append((row["base_offset"], row["write_id"], row["record_count"]))
@@ -131,37 +139,61 @@ async def _clean_end(connection: Any, job: CompactionJob) -> int:
     return job.end if found is None else min(job.end, int(found))
 
 
-async def _latest_offsets(connection: Any, job: CompactionJob) -> dict[bytes, int]:
-    """The highest offset of every key in [start, end)."""
+async def _scan(connection: Any, job: CompactionJob
+                ) -> tuple[dict[bytes, int], TransactionCleaning]:
+    """The highest offset of every key in [start, end) among records that may be a key's
+    latest (committed or not transactional), and the fate of the transactions there."""
     latest: dict[bytes, int] = {}
+    transactions = TransactionCleaning()
+    undecided: list[tuple[BatchHeader, list[tuple[bytes, int]]]] = []  # transactional
     position = job.start
     while position < job.end:
         rows = await connection.fetch(sql.COMPACT_SCAN, job.partition_id, position, job.end,
                                       SCAN_ROWS)
         for row in rows:
             data = bytearray(row["payload"])
-            if read_header(data).is_control:
-                continue
             patch_base_offset(data, row["base_offset"])
-            for record in decode_records(data):
-                if record.key is not None:
-                    latest[record.key] = record.offset
+            header = read_header(data)
+            if header.is_control and not header.is_transactional:
+                continue
+            records = decode_records(data)
+            transactions.observe(header, records)
+            if header.is_control:
+                continue
+            keyed = [(record.key, record.offset) for record in records
+                     if record.key is not None]
+            if header.is_transactional:
+                undecided.append((header, keyed))  # its fate may come with a later marker
+            else:
+                _raise(latest, keyed)
         if len(rows) < SCAN_ROWS:
             break
         position = int(rows[-1]["last_offset"]) + 1
-    return latest
+    for header, keyed in undecided:
+        if transactions.counts_for_keys(header):
+            _raise(latest, keyed)
+    return latest, transactions
 
 
-def _cleaned(row: Any, job: CompactionJob,
-             latest: dict[bytes, int]) -> list[tuple[Any, ...]] | None:
-    """The replacement rows of one batch row; None when the batch keeps every record."""
+def _raise(latest: dict[bytes, int], keyed: list[tuple[bytes, int]]) -> None:
+    for key, offset in keyed:
+        if offset > latest.get(key, -1):
+            latest[key] = offset
+
+
+def _cleaned(row: Any, job: CompactionJob, latest: dict[bytes, int],
+             transactions: TransactionCleaning) -> list[tuple[Any, ...]] | None:
+    """The replacement rows of one batch row (none: the row goes); None when the batch
+    keeps every record."""
     data = bytearray(row["payload"])
-    header = read_header(data)
-    if header.is_control:
-        return None
     patch_base_offset(data, row["base_offset"])
-    records = decode_records(data)
+    header = read_header(data)
     drop_tombstones = header.max_timestamp_ms < job.now_ms - job.config.delete_retention_ms
+    if header.is_control:
+        return None if transactions.keeps_marker(header, latest, drop_tombstones) else []
+    if transactions.is_aborted(header):
+        return []
+    records = decode_records(data)
     kept = [record for record in records if record.key is None or (
         latest.get(record.key) == record.offset
         and not (drop_tombstones and record.value is None))]
