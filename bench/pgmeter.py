@@ -52,7 +52,9 @@ class PostgresMeter:
         self.server = server
 
     def cpu_s(self) -> float:
-        """CPU seconds (user + system) of the postmaster and all its children so far."""
+        """CPU seconds (user + system) of the postmaster and all its children so far: the
+        live ones' own, and the ended ones' as the postmaster reaped them (its children
+        times), so a backend whose connection closed during a phase still counts."""
         pid = int((self.server.data_dir / "postmaster.pid").read_text().split()[0])
         try:
             main = psutil.Process(pid)
@@ -66,6 +68,8 @@ class PostgresMeter:
             except psutil.NoSuchProcess:  # a backend that ended meanwhile
                 continue
             total += times.user + times.system
+            if process is main:
+                total += times.children_user + times.children_system
         return total
 
     def wal_lsn(self) -> str:

@@ -458,9 +458,8 @@ class ShareCoordinator:
                  else "Empty") for name in sorted(names)]
 
     def forget_group(self, group_id: str) -> None:
-        """Drop the group's members and sessions (a cluster node that claims the group
-        anew). Members rejoin with epoch 0 after UNKNOWN_MEMBER_ID; the records they held
-        stay locked in the shared group until their locks expire, then are redelivered."""
+        """Drop the group's members and sessions (a cluster node claims it anew): they
+        rejoin with epoch 0; what they held is redelivered when its locks expire."""
         self.groups.pop(group_id, None)
 
     def is_share_group(self, group_id: str) -> bool:
@@ -471,9 +470,6 @@ class ShareCoordinator:
         """The topics this group has a shared group on (persisted: known after a restart)."""
         return [info.name for info in self.broker.list_topics()
                 if self.broker.shared_group_start_offsets(info.name, group_id) is not None]
-
-    def start_offsets(self, group_id: str, topic: str) -> dict[int, int] | None:
-        return self.broker.shared_group_start_offsets(topic, group_id)
 
     async def delete_offsets(self, group_id: str, topic: str) -> None:
         """Forget the group's state on ``topic`` (DeleteShareGroupOffsets): next time it

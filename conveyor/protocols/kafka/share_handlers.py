@@ -298,7 +298,7 @@ def handle_describe_offsets(coordinator: ShareCoordinator, broker: Broker,
                   else [(name, None) for name in coordinator.topics_read(item.group_id)])
         topics = []
         for name, indexes in wanted:
-            starts = coordinator.start_offsets(item.group_id, name) or {}
+            starts = coordinator.broker.shared_group_start_offsets(name, item.group_id) or {}
             partitions = []
             for index in (indexes if indexes is not None else tuple(sorted(starts))):
                 start = starts.get(index)
