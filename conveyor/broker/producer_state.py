@@ -9,7 +9,10 @@ sequence check of every batch that carries a producer id:
 - same base and last sequence as one of the last ``SEQUENCES_KEPT`` batches ->
   a duplicate: the caller returns the original offsets and appends nothing;
 - otherwise base sequence must be last sequence + 1 (wrapping after 2^31-1),
-  else OutOfOrderSequenceError (a gap or a reordering).
+  else OutOfOrderSequenceError (a gap or a reordering). Several nodes on one
+  database (``shared_store``): this node's window may be behind the database's, so
+  it answers duplicates only and leaves every other verdict on the sequence to the
+  store's check under the partition's head lock.
 
 Expiry (Kafka's ``producer.id.expiration.ms``, 1 day by default): a producer id not
 used (no append, no InitProducerId) for that long, and not the producer of a live
@@ -284,6 +287,15 @@ class ProducerStates:
             if entry is not None and entry.epoch == first.producer_epoch and entry.batches
             else 0
         )
+        if self.shared_store and first.base_sequence != expected:
+            # this node's window may be behind the database: another node appended
+            # since (the partition moved away and back, a retry went there), or this
+            # node's own append was answered as a failure or a store-side duplicate
+            # although it committed. Only the store's check, under the head lock,
+            # may refuse a sequence (a false OUT_OF_ORDER_SEQUENCE_NUMBER is fatal to
+            # the producer, or makes it re-send committed batches under a new epoch)
+            _consecutive(idempotent, topic, partition)
+            return None
         for batch in idempotent:
             if batch.base_sequence != expected:
                 raise OutOfOrderSequenceError(

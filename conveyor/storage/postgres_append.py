@@ -49,6 +49,15 @@ logger = logging.getLogger(__name__)
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError,
     asyncio.TimeoutError, NO_PRIMARY_YET)
+# and the server's own "operator intervention" answers (SQLSTATE class 57): a backend
+# terminated while its COMMIT waited for the synchronous standby has committed locally
+# (57P01), a server shutting down or starting up refuses connections (57P03), a
+# statement timeout cancels the read-back's wait for an in-doubt transaction (57014).
+# After a COMMIT they leave its outcome unknown, so it is read back, never taken as
+# "not committed" (a producer's retry of a committed batch under a new epoch would be
+# written twice)
+OUTCOME_UNKNOWN: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS, asyncpg.exceptions.OperatorInterventionError)
 READ_BACK_DELAY_MS_MAX = 2_000
 # appends waiting for the database (queued and in the transaction being committed); past
 # either bound a new append is refused at once (StorageBusyError), so a stalled or
@@ -212,7 +221,7 @@ class TurnAppender:
             return outcomes
         try:
             await transaction.commit()
-        except CONNECTION_ERRORS as error:
+        except OUTCOME_UNKNOWN as error:
             logger.warning("commit outcome unknown (%s); reading it back", error)
             if not await self._read_back(write_id, first_row):
                 raise StorageError("append not committed", reason=str(error)) from error
@@ -292,7 +301,7 @@ class TurnAppender:
                         await connection.execute(sql.SHARE_HEAD, first_row[0])
                         found = await connection.fetchval(sql.WRITTEN_BY, *first_row)
                     return bool(found == write_id)
-                except CONNECTION_ERRORS as error:
+                except OUTCOME_UNKNOWN as error:
                     if self.closing:
                         raise StorageError("commit outcome unknown at close",
                                            reason=str(error)) from error

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -217,6 +218,105 @@ async def test_a_commit_whose_answer_is_lost_is_read_back(
     expected = [b"before", b"cut", b"after"] if committed else [b"before", b"after"]
     assert await read_values(reader, "t") == list(enumerate(expected))
     await reader.close()
+
+
+class _Intervening:
+    """A pool whose next COMMIT commits and then answers as a backend terminated while
+    it waited for the synchronous standby (57P01: committed locally), and whose next
+    connection is then refused as by a server shutting down (57P03)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.commits_to_fail = 0
+        self.acquires_to_refuse = 0
+
+    def acquire(self) -> _Acquire:
+        return _Acquire(self)
+
+    async def release(self, connection: Any) -> None:
+        await self.pool.release(getattr(connection, "inner", connection))
+
+
+class _Acquire:
+    def __init__(self, owner: _Intervening) -> None:
+        self.owner = owner
+        self.connection: Any = None
+
+    async def _get(self) -> Any:
+        if self.owner.acquires_to_refuse:
+            self.owner.acquires_to_refuse -= 1
+            raise asyncpg.exceptions.CannotConnectNowError("the database system is shutting down")
+        return _Connection(self.owner, await self.owner.pool.acquire())
+
+    def __await__(self) -> Any:
+        return self._get().__await__()
+
+    async def __aenter__(self) -> Any:
+        self.connection = await self._get()
+        return self.connection
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.owner.release(self.connection)
+
+
+class _Connection:
+    def __init__(self, owner: _Intervening, inner: Any) -> None:
+        self.owner = owner
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def transaction(self) -> Any:
+        return _Transaction(self.owner, self.inner.transaction())
+
+
+class _Transaction:
+    def __init__(self, owner: _Intervening, inner: Any) -> None:
+        self.owner = owner
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def __aenter__(self) -> Any:
+        return await self.inner.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self.inner.__aexit__(*exc)
+
+    async def commit(self) -> None:
+        await self.inner.commit()
+        if self.owner.commits_to_fail:
+            self.owner.commits_to_fail -= 1
+            self.owner.acquires_to_refuse = 1  # the read-back's first try
+            raise asyncpg.exceptions.AdminShutdownError(
+                "terminating connection due to administrator command")
+
+
+async def test_a_commit_answered_by_an_operator_intervention_is_read_back(
+        postgres_dsn: str) -> None:
+    """Issue 12 (records written twice after a failover): a COMMIT answered 57P01 may
+    have committed, and a read-back refused 57P03 has not answered yet; neither is "not
+    committed" (the producer would re-send the committed batch, possibly under a new
+    epoch that no sequence check can match)."""
+    # the real clock: the read-back sleeps 50 ms before its second try
+    store = PostgresLogStore(postgres_dsn, SystemClock(), random.Random(1), chunk_offsets=8)
+    await store.open()
+    await store.create_partition("t", 0, LogConfig())
+    appender = store._appender
+    assert appender is not None
+    pool = _Intervening(appender._pool)
+    appender._pool = pool
+    pool.commits_to_fail = 1
+    data = producer_batch([b"a", b"b"], 42, 0, 0)
+    (outcome,) = await store.append([AppendRequest("t", 0, data, check_sequences=True)])
+    assert pool.commits_to_fail == 0 and pool.acquires_to_refuse == 0
+    assert isinstance(outcome, AppendInfo) and not outcome.duplicate
+    assert (outcome.base_offset, outcome.last_offset) == (0, 1)
+    (retry,) = await store.append([AppendRequest("t", 0, data, check_sequences=True)])
+    assert isinstance(retry, AppendInfo) and retry.duplicate and retry.base_offset == 0
+    await store.close()
 
 
 async def test_retention_drops_whole_chunks_not_rows(postgres_dsn: str) -> None:
