@@ -127,11 +127,26 @@ def log_ends(broker: Any, topic: str, partitions: int) -> dict[int, int]:
 
     consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "bench-ends"})
     try:
-        return {p: int(consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                      timeout=30)[1])
-                for p in range(partitions)}
+        return {p: _log_end(consumer, TopicPartition(topic, p)) for p in range(partitions)}
     finally:
         consumer.close()
+
+
+def _log_end(consumer: Any, partition: Any, deadline_s: float = 30.0) -> int:
+    """The partition's high watermark; a partition the client's metadata does not know
+    yet (a new topic, or a leader that just moved between cluster nodes) is asked again
+    until the deadline."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(partition, timeout=deadline_s)[1])
+        except KafkaException as error:
+            code = error.args[0].code() if error.args else None
+            if code != KafkaError._UNKNOWN_PARTITION or time.monotonic() >= deadline:
+                raise
+            consumer.list_topics(partition.topic, timeout=5)  # refresh the metadata
 
 
 def disk_write_mb_per_s(directory: Path, megabytes: int = 256) -> float:
