@@ -12,25 +12,14 @@ own (``fresh_database``), so rounds do not read each other's tables.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
-from conveyor.testing.postgres import PostgresServer
+from conveyor.testing.postgres import PostgresServer, running_postgres
 
-
-@contextmanager
-def embedded_postgres() -> Iterator[PostgresServer]:
-    """A started server in a scratch directory, stopped and deleted on exit."""
-    server = PostgresServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+embedded_postgres = running_postgres  # a started server, stopped and deleted on exit
 
 
 def fresh_database(server: PostgresServer, prefix: str = "bench") -> str:
