@@ -37,6 +37,7 @@ from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.cluster.internal")
 
+HANDSHAKE_BYTES_MAX: Final = 4096  # the hello frames: a nonce, or a node id and a MAC
 FRAME_BYTES_MAX: Final = 512 << 20  # a batch of deliveries of large AMQP bodies, base64
 HANDSHAKE_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 3.0
@@ -78,9 +79,10 @@ def _mac(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, MAC_LABEL + nonce, hashlib.sha256).digest()
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+async def _read_frame(reader: asyncio.StreamReader,
+                      size_max: int = FRAME_BYTES_MAX) -> dict[str, Any]:
     (size,) = struct.unpack(">I", await reader.readexactly(4))
-    if size > FRAME_BYTES_MAX:
+    if size > size_max:
         raise ConnectionError(f"internal frame of {size} bytes")
     frame = json.loads(await reader.readexactly(size))
     if not isinstance(frame, dict):
@@ -141,7 +143,9 @@ class InternalServer:
         try:
             nonce = secrets.token_bytes(32)
             writer.write(_frame({"nonce": nonce.hex()}))
-            hello = await asyncio.wait_for(_read_frame(reader), HANDSHAKE_TIMEOUT_S)
+            # before the peer is authenticated, a frame is a few hundred bytes at most
+            hello = await asyncio.wait_for(_read_frame(reader, HANDSHAKE_BYTES_MAX),
+                                           HANDSHAKE_TIMEOUT_S)
             given = bytes.fromhex(str(hello.get("mac", "")))
             if not hmac.compare_digest(given, _mac(self.secret, nonce)):
                 logger.warning("internal connection refused: wrong cluster secret",
