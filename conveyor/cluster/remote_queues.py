@@ -58,6 +58,8 @@ BACKOFF_FIRST_S: Final = 0.05
 BACKOFF_MAX_S: Final = 1.0
 CALL_MARGIN_S: Final = 10.0  # beyond a long poll's own wait
 CONSUMERS_TRACKED_MAX: Final = 100_000  # per map below; the oldest are forgotten
+# partitions one forwarded acquire may name (a share session's bound, share_coordinator.py)
+PARTITIONS_MAX: Final = 10_000
 
 # (group, topic) -> does this node hold its window (claiming it when it is the choice)?
 Serve = Callable[[str, str], Awaitable[bool]]
@@ -130,7 +132,8 @@ class RemoteQueues:
         return await self.serve(group, topic)
 
     async def acquire(self, topic: str, group: str, records_max: int, lock_ms: int | None,
-                      wait_ms: int, consumer_id: str | None) -> list[Delivery]:
+                      wait_ms: int, consumer_id: str | None,
+                      partitions: Sequence[int] | None = None) -> list[Delivery]:
         started = time.monotonic()
         backoff = _Backoff(max(wait_ms, RETRY_MS))
         while True:
@@ -138,12 +141,14 @@ class RemoteQueues:
             client = await self._owner_client(group, topic)
             if client is None and await self.serves(group, topic):  # it moved here
                 return await self.shared.acquire(topic, group, records_max, lock_ms,
-                                                 remaining_ms, consumer_id, local=True)
+                                                 remaining_ms, consumer_id, local=True,
+                                                 partitions=partitions)
             if client is not None:
                 if consumer_id is not None:
                     self._remember(consumer_id, group, topic)
                 args = {"topic": topic, "group": group, "records_max": records_max,
-                        "lock_ms": lock_ms, "wait_ms": remaining_ms, "consumer": consumer_id}
+                        "lock_ms": lock_ms, "wait_ms": remaining_ms, "consumer": consumer_id,
+                        "partitions": None if partitions is None else list(partitions)}
                 try:
                     self.forwarded += 1
                     found = await client.call("acquire", args, remaining_ms / 1000
@@ -387,9 +392,13 @@ class OwnerSide:
             while len(held) > CONSUMERS_TRACKED_MAX:
                 held.popitem(last=False)
         lock_ms = args.get("lock_ms")
+        wanted = args.get("partitions")
+        if wanted is not None and (not isinstance(wanted, list) or len(wanted) > PARTITIONS_MAX):
+            raise InvalidRequestError("partitions must be a list", limit=PARTITIONS_MAX)
         deliveries = await self.shared.acquire(
             topic, group, int(args["records_max"]), None if lock_ms is None else int(lock_ms),
-            int(args["wait_ms"]), remote_id, local=True)
+            int(args["wait_ms"]), remote_id, local=True,
+            partitions=None if wanted is None else [int(index) for index in wanted])
         return [delivery_to_wire(delivery) for delivery in deliveries]
 
     async def _settle(self, args: dict[str, Any]) -> list[list[Any]]:

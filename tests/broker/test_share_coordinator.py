@@ -14,7 +14,8 @@ from broker_harness import BrokerHarness
 
 from conveyor.broker.broker import Broker
 from conveyor.broker.group_configs import GroupConfigs
-from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator
+from conveyor.broker.share_coordinator import ShareCoordinator
+from conveyor.broker.share_state import Acknowledgement
 from conveyor.broker.types import HEADER_DEAD_REASON, Message
 from conveyor.errors import (
     InvalidRecordStateError,
