@@ -393,8 +393,11 @@ class OwnerSide:
                 held.popitem(last=False)
         lock_ms = args.get("lock_ms")
         wanted = args.get("partitions")
-        if wanted is not None and (not isinstance(wanted, list) or len(wanted) > PARTITIONS_MAX):
-            raise InvalidRequestError("partitions must be a list", limit=PARTITIONS_MAX)
+        if wanted is not None and (
+                not isinstance(wanted, list) or len(wanted) > PARTITIONS_MAX
+                or not all(type(index) is int and index >= 0 for index in wanted)):
+            raise InvalidRequestError("partitions: a list of partition numbers",
+                                      limit=PARTITIONS_MAX)
         deliveries = await self.shared.acquire(
             topic, group, int(args["records_max"]), None if lock_ms is None else int(lock_ms),
             int(args["wait_ms"]), remote_id, local=True,

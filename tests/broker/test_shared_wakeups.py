@@ -17,7 +17,7 @@ from broker_harness import BrokerHarness
 
 from conveyor.broker.broker import Broker
 from conveyor.broker.shared_groups import SharedGroups
-from conveyor.broker.types import Delivery, Message
+from conveyor.broker.types import Delivery, Message, QueueConfig
 
 
 @pytest.fixture(autouse=True)
@@ -120,3 +120,23 @@ async def test_the_timer_visits_only_partitions_with_something_due(
     again = await shared.acquire("jobs", "jobs")
     assert [d.offset for d in again] == [taken[0].offset]
     assert again[0].delivery_count == 2
+
+
+async def test_a_record_wakes_the_acquire_that_may_take_its_partition(broker: Broker) -> None:
+    """Acquires that take only some partitions (a KIP-932 share-partition leader's): a
+    record on partition 1 reaches the acquire waiting for partition 1, though an older
+    acquire waits for partition 0 only (a wake of one would have woken that one)."""
+    shared = groups(broker)
+    await shared.declare_queue("jobs", QueueConfig(partitions=2))
+    first = asyncio.create_task(shared.acquire("jobs", "jobs", wait_ms=60_000, partitions=[0]))
+    await parked(shared, 1)
+    second = asyncio.create_task(shared.acquire("jobs", "jobs", wait_ms=60_000,
+                                                partitions=[1]))
+    await parked(shared, 2)
+    await broker.publish("jobs", [Message(b"on one")], partition=1)
+    await settled([second], 1)
+    assert [(d.partition, d.value) for d in second.result()] == [(1, b"on one")]
+    assert not first.done()
+    await broker.publish("jobs", [Message(b"on zero")], partition=0)
+    await settled([first], 1)
+    assert [(d.partition, d.value) for d in first.result()] == [(0, b"on zero")]
