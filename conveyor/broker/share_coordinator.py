@@ -272,8 +272,12 @@ class ShareCoordinator(ShareGroupAdmin):
         if self.coordinates is None or not group_id or self.coordinates(group_id):
             return
         group = self.groups.get(group_id)
-        if group is not None and (member_id in group.members or member_id in group.departed):
-            return
+        if group is not None:
+            # members left from when this node coordinated the group, and adopted ones
+            # whose client went quiet, go (no heartbeat reaches this node to expire them)
+            await self._expire_members(group)
+            if member_id in group.members or member_id in group.departed:
+                return
         if not member_id:
             raise InvalidRequestError("a share member generates its own member id")
         if group is None:

@@ -129,6 +129,10 @@ async def test_a_leader_that_does_not_coordinate_adopts_the_session_member(
     assert outcome == {("two", 1): None}
     await leader.close_session("g", "a")
     assert "a" not in leader.groups["g"].members  # forgotten with its session
+    await leader.open_session("g", "quiet", 0, [("two", 1)], [])
+    harness.clock.advance(46_000)  # past share.session.timeout.ms (45 s), no fetch
+    await leader.open_session("g", "a", 0, [("two", 1)], [])
+    assert set(leader.groups["g"].members) == {"a"}  # the quiet one expired
     coordinating = ShareCoordinator(broker, harness.clock, shares.configs)
     coordinating.coordinates = lambda group_id: True
     with pytest.raises(UnknownMemberError):  # the coordinator knows its members
