@@ -33,6 +33,7 @@ from tests.cluster.test_cluster_groups import create_topic, owner, produce, set_
 NODES = [1, 2, 3]
 PARTITIONS = 4
 WAIT_S = 30  # a loaded 2-core machine; a healthy run takes a few seconds
+LOCK_S = 20  # share.record.lock.duration.ms: far beyond the 3 s lease (FAST_LEASES)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ def spread_names() -> Roles:
 class Reads:
     received: list[tuple[str, int, int]] = field(default_factory=list)  # value, partition, count
     accepted: list[str] = field(default_factory=list)
+    accepted_at: dict[str, float] = field(default_factory=dict)  # value -> monotonic s
 
     def values(self) -> list[str]:
         return [value for value, _, _ in self.received]
@@ -108,6 +110,7 @@ def consume_all(worker: ShareConsumer, reads: Reads, wanted: set[str], timeout_s
             reads.received.append((value, message.partition(), message.delivery_count()))
             worker.acknowledge(message, AcknowledgeType.ACCEPT)
             reads.accepted.append(value)
+            reads.accepted_at.setdefault(value, time.monotonic())
         if polled:
             worker.commit_sync(WAIT_S)
 
@@ -117,7 +120,7 @@ def run(tmp_path: Path, postgres_dsn: str, victim_role: str, records: int) -> No
     with cluster(tmp_path, postgres_dsn, len(NODES)) as nodes:
         create_topic(nodes, roles.topic, PARTITIONS)
         set_group_configs(nodes, roles.group, share_auto_offset_reset="earliest",
-                          share_record_lock_duration_ms="20000",
+                          share_record_lock_duration_ms=str(LOCK_S * 1000),
                           share_heartbeat_interval_ms="500")
         history = History()
         produce(nodes, roles.topic, history, range(records))
@@ -137,6 +140,7 @@ def run(tmp_path: Path, postgres_dsn: str, victim_role: str, records: int) -> No
                      == (roles.coordinator, roles.owner), 10, "the roles' owner rows")
             victim = roles.leader_only if victim_role == "leader" else roles.owner
             nodes[victim - 1].kill()
+            killed_at = time.monotonic()
             survivors = [node for index, node in enumerate(nodes) if index + 1 != victim]
             produce(survivors, roles.topic, history, range(records, records + records // 2))
             worker.subscribe([roles.topic])
@@ -155,10 +159,14 @@ def run(tmp_path: Path, postgres_dsn: str, victim_role: str, records: int) -> No
     counts = {value: count for value, _, count in reads.received if value in held}
     assert all(count >= 2 for count in counts.values()), \
         f"a held record came back with its first delivery count: {counts}"
+    # released when the victim's lease lapsed (3 s), not when their locks expired (20 s)
+    back_s = max(reads.accepted_at[value] for value in held) - killed_at
+    assert back_s < LOCK_S, f"held records came back {back_s:.1f} s after the kill"
     print(f"share group across nodes (coordinator {roles.coordinator}, owner {roles.owner}, "
           f"leaders {roles.leaders}, killed {victim_role} {victim}): "
           f"{len(history.acknowledged)} produced, {len(values)} deliveries, {len(held)} held "
-          f"at the kill and redelivered (counts {sorted(set(counts.values()))})")
+          f"at the kill and redelivered (counts {sorted(set(counts.values()))}) within "
+          f"{back_s:.1f} s of the kill")
 
 
 def test_a_share_group_spread_over_three_nodes_survives_a_dead_leader(
