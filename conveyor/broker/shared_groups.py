@@ -609,9 +609,19 @@ class SharedGroups:
             state.counters.saw_consumer(consumer_id, now_ms)
         deadline_ms = now_ms + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
         while True:
-            deliveries = await self._acquire_once(state, records_max, lock_ms, consumer, only)
-            if deliveries and not self.store.commits_in_turn:
-                await self._delivered_mark_durable()
+            deliveries: list[Delivery] = []
+            try:
+                await self._acquire_once(state, records_max, lock_ms, consumer, deliveries,
+                                         only)
+                if deliveries and not self.store.commits_in_turn:
+                    await self._delivered_mark_durable()
+            except asyncio.CancelledError:
+                # cancelled (the caller went away) after records were locked for it, while
+                # a later partition was read or the delivered mark was committed: nobody
+                # will see these deliveries, so they go back now, not at their deadline
+                if deliveries:
+                    await asyncio.shield(self.release([d.receipt for d in deliveries], 0))
+                raise
             if deliveries and self._waiters.get((group, topic)) and self._maybe_ready(state):
                 self._wake(group, topic, 1)  # pass the baton: more may be there
             remaining_ms = deadline_ms - self.clock.monotonic_ms()
@@ -634,9 +644,10 @@ class SharedGroups:
 
     async def _acquire_once(
         self, state: SharedGroupWindows, records_max: int, lock_ms: int, consumer: str,
-        only: frozenset[int] | None = None,
+        deliveries: list[Delivery], only: frozenset[int] | None = None,
     ) -> list[Delivery]:
-        deliveries: list[Delivery] = []
+        """Lock up to ``records_max`` records into ``deliveries`` (the caller's list, so
+        that what was locked before a cancellation is known) and return it."""
         redelivered = 0
         self._add_new_partitions(state)
         partitions = sorted(state.partitions if only is None
