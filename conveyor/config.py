@@ -248,6 +248,8 @@ def _internal_config(section: Mapping[str, Any], global_tls: TlsConfig | None,
                      environ: Mapping[str, str], flags: Mapping[str, Any]) -> InternalConfig:
     """``[listeners.internal]``: ``port`` (< ``CONVEYOR_INTERNAL_PORT`` < ``--internal-port``)
     and a ``tls`` table over the global ``[tls]``."""
+    if not isinstance(section, Mapping):
+        raise InvalidConfigError("listeners.internal must be a table")
     values = dict(section)
     override = values.pop("tls", {})
     port: Any = values.pop("port", 0)
@@ -382,13 +384,11 @@ def load_config(
         raise InvalidConfigError("log_format must be text or json", value=top["log_format"])
     _check_security_settings(top)
     global_tls = tls_config(_tls_section(document, environ, flags), None, "tls")
-    internal_section = listener_sections.pop("internal", {})
-    if not isinstance(internal_section, Mapping):
-        raise InvalidConfigError("listeners.internal must be a table")
     return ServerConfig(
         **top,
         tls=global_tls,
-        internal=_internal_config(internal_section, global_tls, environ, flags),
+        internal=_internal_config(listener_sections.pop("internal", {}), global_tls, environ,
+                                  flags),
         broker=_broker_settings(BrokerSettings(), broker_overrides),
         listeners=_listeners_from(listener_sections, enabled_names, ports, global_tls),
     )
