@@ -297,3 +297,25 @@ async def test_post_auth_garbage_is_answered_with_an_error_and_closed(garbage: b
         writer.close()
     finally:
         await server.close()
+
+
+async def test_without_a_ca_nodes_sharing_one_certificate_trust_each_other(
+        tmp_path: Path) -> None:
+    """No ca_file: this node's own certificate file is a trust anchor (a CA-issued leaf
+    too, as a partial chain), so nodes given the same certificate talk over TLS."""
+    pki = TestPki(tmp_path / "pki")
+    issued = pki.node("shared")
+    shared = TlsConfig(issued.cert_file, issued.key_file)
+    server, _ = await tls_server(shared, Handler())
+    client = InternalClient(f"127.0.0.1:{server.port}", SECRET, 7, 1, tls=shared)
+    other = TestPki(tmp_path / "other").node("other")  # not in that file: refused
+    stranger = InternalClient(f"127.0.0.1:{server.port}", SECRET, 8, 1,
+                              tls=TlsConfig(other.cert_file, other.key_file))
+    try:
+        assert await client.call("echo", {"n": 1}, 5) == {"n": 1}
+        with pytest.raises(ConnectionError):
+            await stranger.call("echo", {}, 5)
+    finally:
+        await client.close()
+        await stranger.close()
+        await server.close()
