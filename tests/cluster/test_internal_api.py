@@ -25,7 +25,7 @@ from conveyor.cluster.internal_wire import HANDSHAKE_BYTES_MAX, PREAMBLE, frame,
 from conveyor.config import TlsConfig
 from conveyor.errors import LockExpiredError
 from conveyor.server.tls import RefusalLog, ServerTls
-from conveyor.testing.tls import TestPki
+from conveyor.testing.tls import TestPki, served_serial
 
 SECRET = bytes(range(32))
 
@@ -318,4 +318,24 @@ async def test_without_a_ca_nodes_sharing_one_certificate_trust_each_other(
     finally:
         await client.close()
         await stranger.close()
+        await server.close()
+
+
+async def test_a_reload_gives_new_handshakes_the_new_certificate(tmp_path: Path) -> None:
+    """SIGHUP reloads the internal listener's context with the others (TlsRegistry)."""
+    pki = TestPki(tmp_path / "pki")
+    tls = node_tls(pki, "node1")
+    server_tls = ServerTls(tls)
+    server = InternalServer(SECRET, Handler(), tls=server_tls)
+    port = await server.start("127.0.0.1")
+    try:
+        first = await asyncio.to_thread(served_serial, port, pki.ca_file)
+        renewed = pki.issue("localhost", "node1", server=True, client_too=True)
+        assert renewed.serial != first
+        assert server_tls.reload()
+        assert await asyncio.to_thread(served_serial, port, pki.ca_file) == renewed.serial
+        client = InternalClient(f"127.0.0.1:{port}", SECRET, 7, 1, tls=node_tls(pki, "node2"))
+        assert await client.call("echo", {"after": "reload"}, 5) == {"after": "reload"}
+        await client.close()
+    finally:
         await server.close()
