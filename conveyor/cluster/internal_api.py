@@ -73,6 +73,11 @@ logger = logging.getLogger("conveyor.cluster.internal")
 HANDSHAKE_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 3.0
 LISTENER: Final = "internal"  # the name in refusal logs and on /metrics
+# Requests of one connection being answered at once; past it the next frame is not read
+# until one is answered (backpressure through TCP, never an error). Each is a task that
+# may wait up to a long poll (30 s): nodes forward one per consumer's acquire, so this
+# bounds what one peer's bytes make the node hold (a task per 6-byte frame otherwise).
+REQUESTS_IN_FLIGHT_MAX: Final = 4096
 NODE_ID_MAX: Final = 2**31 - 1
 INCARNATION_MAX: Final = 2**63 - 1
 SECRET_SCHEMA: Final = """CREATE TABLE IF NOT EXISTS conveyor_cluster_secret (
@@ -130,8 +135,10 @@ class InternalServer:
     """Accepts other nodes, checks their MAC, runs each request through ``handler``."""
 
     def __init__(self, secret: bytes, handler: Handler, orphan: Orphan | None = None, *,
-                 tls: ServerTls | None = None, refusals: RefusalLog | None = None) -> None:
+                 tls: ServerTls | None = None, refusals: RefusalLog | None = None,
+                 requests_in_flight_max: int = REQUESTS_IN_FLIGHT_MAX) -> None:
         self.secret = secret
+        self.requests_in_flight_max = requests_in_flight_max
         self.handler = handler
         self.orphan = orphan  # an answer that could not be written (the peer went away)
         self.tls = tls  # None: plain (authenticated, not encrypted)
@@ -172,7 +179,9 @@ class InternalServer:
             if peer is None:
                 return
             node, incarnation = peer
+            in_flight = asyncio.Semaphore(self.requests_in_flight_max)
             while True:
+                await in_flight.acquire()
                 try:
                     request = await read_frame(reader)
                 except FrameError as error:  # answered, then closed: no resync after it
@@ -181,7 +190,7 @@ class InternalServer:
                     with contextlib.suppress(OSError, ConnectionError):
                         await asyncio.wait_for(writer.drain(), HANDSHAKE_TIMEOUT_S)
                     return
-                self._tasks.start(self._answer(writer, node, incarnation, request),
+                self._tasks.start(self._answer(writer, node, incarnation, request, in_flight),
                                   name="internal request")
         except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             return
@@ -214,7 +223,14 @@ class InternalServer:
         return peer
 
     async def _answer(self, writer: asyncio.StreamWriter, node: int, incarnation: int,
-                      request: dict[str, Any]) -> None:
+                      request: dict[str, Any], in_flight: asyncio.Semaphore) -> None:
+        try:
+            await self._answer_one(writer, node, incarnation, request)
+        finally:
+            in_flight.release()
+
+    async def _answer_one(self, writer: asyncio.StreamWriter, node: int, incarnation: int,
+                          request: dict[str, Any]) -> None:
         request_id = request.get("id")
         op, args = request.get("op"), request.get("args", {})
         answer: dict[str, Any] = {"id": request_id if _bounded_int(request_id, 2**63) is not None

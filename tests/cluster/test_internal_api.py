@@ -339,3 +339,25 @@ async def test_a_reload_gives_new_handshakes_the_new_certificate(tmp_path: Path)
         await client.close()
     finally:
         await server.close()
+
+
+async def test_requests_in_flight_are_bounded_per_connection() -> None:
+    """Past the bound the next frame waits in the socket until an answer is sent."""
+    handler = Handler()
+    server = InternalServer(SECRET, handler, requests_in_flight_max=2)
+    port = await server.start("127.0.0.1")
+    try:
+        reader, writer = await authenticated_peer(port)
+        writer.write(frame({"id": 1, "op": "slow", "args": {}})
+                     + frame({"id": 2, "op": "slow", "args": {}})
+                     + frame({"id": 3, "op": "echo", "args": {"third": 1}}))
+        await asyncio.wait_for(handler.entered.wait(), 5)
+        with pytest.raises(TimeoutError):  # the third is not read while two are held
+            await asyncio.wait_for(read_frame(reader), 0.3)
+        assert [op for op, _, _ in handler.seen] == ["slow", "slow"]
+        handler.release.set()
+        answers = {(await asyncio.wait_for(read_frame(reader), 5))["id"] for _ in range(3)}
+        assert answers == {1, 2, 3}
+        writer.close()
+    finally:
+        await server.close()
