@@ -42,6 +42,7 @@ from conveyor.cluster.internal_api import (
     error_to_wire,
 )
 from conveyor.cluster.ownership import SHARED, item_name
+from conveyor.config import TlsConfig
 from conveyor.errors import InvalidRequestError, OperatingError, UnavailableError
 from conveyor.tasks import Supervisor
 
@@ -107,8 +108,9 @@ class RemoteQueues:
     """This node's consumers of queues other nodes own (``SharedRemote``)."""
 
     def __init__(self, membership: Membership, shared: SharedGroups, secret: bytes,
-                 serve: Serve) -> None:
+                 serve: Serve, tls: TlsConfig | None = None) -> None:
         self.membership = membership
+        self.tls = tls  # TLS to other nodes' internal ports (None: plain)
         self.shared = shared
         self.serve = serve
         self.secret = secret
@@ -300,7 +302,7 @@ class RemoteQueues:
             if client is not None:
                 await client.close()
             client = _PeerClient(owner, address, self.secret, self.membership.node_id,
-                                 self.membership.incarnation, self._orphan)
+                                 self.membership.incarnation, self._orphan, self.tls)
             self._clients[owner] = client
         return client
 
@@ -312,10 +314,26 @@ class RemoteQueues:
         self._tasks.start(self.settle(RELEASE, receipts, 0, True), name="release orphans")
 
 
+def _text(args: dict[str, Any], key: str) -> str:
+    """A string argument of a forwarded request (a peer's bug is InvalidRequestError)."""
+    value = args.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"internal request: {key} must be a string", key=key)
+    return value
+
+
+def _number(args: dict[str, Any], key: str) -> int:
+    """An integer argument within 0..2^63-1 (the broker clamps it to its own bounds)."""
+    value = args.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidRequestError(f"internal request: {key} must be an integer >= 0", key=key)
+    return value
+
+
 class _PeerClient(InternalClient):
     def __init__(self, peer: int, address: str, secret: bytes, node_id: int,
-                 incarnation: int, orphan: Any) -> None:
-        super().__init__(address, secret, node_id, incarnation, orphan)
+                 incarnation: int, orphan: Any, tls: TlsConfig | None) -> None:
+        super().__init__(address, secret, node_id, incarnation, orphan, tls)
         self.node_id_of_peer = peer
 
 
@@ -362,7 +380,7 @@ class OwnerSide:
         if op == "settle":
             return await self._settle(args)
         if op in ("counts", "purge"):
-            queue = str(args["queue"])
+            queue = _text(args, "queue")
             if not await self._owns(queue, queue):
                 raise NotOwnerError("not the owner of this queue", queue=queue)
             await self._load(queue, queue)
@@ -371,7 +389,7 @@ class OwnerSide:
             info = await self.shared.get_queue(queue, local=True)
             return [info.ready, info.in_flight, info.delayed]
         if op == "release_consumer":
-            consumer = f"node{node}/{args['consumer']}"
+            consumer = f"node{node}/{_text(args, 'consumer')}"
             held = self._holders.get(node)
             if held is not None:
                 held[1].pop(consumer, None)
@@ -379,11 +397,13 @@ class OwnerSide:
         raise InvalidRequestError("unknown internal request", op=op)
 
     async def _acquire(self, args: dict[str, Any], node: int, incarnation: int) -> Any:
-        group, topic = str(args["group"]), str(args["topic"])
+        group, topic = _text(args, "group"), _text(args, "topic")
+        consumer = _text(args, "consumer") if args.get("consumer") is not None else None
+        records_max, wait_ms = _number(args, "records_max"), _number(args, "wait_ms")
+        lock_ms = _number(args, "lock_ms") if args.get("lock_ms") is not None else None
         if not await self._owns(group, topic):
             raise NotOwnerError("not the owner of this queue", group=group, topic=topic)
         await self._load(group, topic)
-        consumer = args.get("consumer")
         remote_id = None if consumer is None else f"node{node}/{consumer}"
         if remote_id is not None:
             _, held = self._holders.setdefault(node, (incarnation, OrderedDict()))
@@ -391,22 +411,23 @@ class OwnerSide:
             held.move_to_end(remote_id)
             while len(held) > CONSUMERS_TRACKED_MAX:
                 held.popitem(last=False)
-        lock_ms = args.get("lock_ms")
         wanted = args.get("partitions")
         if wanted is not None and (
                 not isinstance(wanted, list) or len(wanted) > PARTITIONS_MAX
                 or not all(type(index) is int and index >= 0 for index in wanted)):
             raise InvalidRequestError("partitions: a list of partition numbers",
                                       limit=PARTITIONS_MAX)
-        deliveries = await self.shared.acquire(
-            topic, group, int(args["records_max"]), None if lock_ms is None else int(lock_ms),
-            int(args["wait_ms"]), remote_id, local=True,
-            partitions=None if wanted is None else [int(index) for index in wanted])
+        deliveries = await self.shared.acquire(topic, group, records_max, lock_ms, wait_ms,
+                                               remote_id, local=True, partitions=wanted)
         return [delivery_to_wire(delivery) for delivery in deliveries]
 
     async def _settle(self, args: dict[str, Any]) -> list[list[Any]]:
-        receipts = [str(receipt) for receipt in args["receipts"]]
-        op, arg = str(args["op"]), int(args["arg"])
+        receipts = args.get("receipts")
+        if not isinstance(receipts, list) or not all(isinstance(r, str) for r in receipts):
+            raise InvalidRequestError("internal settle: receipts must be a list of strings")
+        op, arg = _text(args, "op"), _number(args, "arg")
+        if op not in (ACK, RELEASE, EXTEND, REJECT):
+            raise InvalidRequestError("unknown settle", op=op)
         answers: list[list[Any] | None] = [None] * len(receipts)
         mine: list[int] = []
         owned: dict[tuple[str, str], bool] = {}
