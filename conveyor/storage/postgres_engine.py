@@ -51,6 +51,7 @@ from conveyor.storage.postgres_dsn import (
     parse_postgres_url,
 )
 from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue, WriteGuard
+from conveyor.storage.text import check_row
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -248,11 +249,15 @@ class PostgresEngine:
         self._schedule_flush()
 
     def write(self, query: str, parameters: Sequence[SqlValue] = ()) -> None:
-        self._pending.add(_translated(query), [tuple(parameters)])
+        row = tuple(parameters)
+        check_row(row)
+        self._pending.add(_translated(query), [row])
         self._schedule_flush()
 
     def write_many(self, query: str, rows: Iterable[Sequence[SqlValue]]) -> None:
         batch = [tuple(row) for row in rows]
+        for row in batch:
+            check_row(row)
         if batch:
             self._pending.add(_translated(query), batch)
             self._schedule_flush()
@@ -443,9 +448,11 @@ class PostgresEngine:
         An unknown outcome (the connection dropped during COMMIT) is resolved by the
         commit sequence, as for the batches; a transaction sent again checks the guard
         again."""
+        values = [tuple(row) for row in rows]
+        for row in values:
+            check_row(row)
         await self.commit()  # in order: every earlier write commits first
         sql = _translated(query)
-        values = [tuple(row) for row in rows]
         deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
         backoff_ms = BACKOFF_MS_MIN
         async with self._lock:
