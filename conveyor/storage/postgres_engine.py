@@ -50,7 +50,13 @@ from conveyor.storage.postgres_dsn import (
     SESSION_SETTINGS,
     parse_postgres_url,
 )
-from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue, WriteGuard
+from conveyor.storage.sql_engine import (
+    POSTGRESQL_NUMBERED,
+    Dialect,
+    GuardedStatement,
+    SqlValue,
+    WriteGuard,
+)
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -434,18 +440,18 @@ class PostgresEngine:
         return self._connection
 
     # --- guarded writes --------------------------------------------------------------
-    async def write_guarded(self, guard: WriteGuard, query: str,
-                            rows: Sequence[Sequence[SqlValue]]) -> bool:
-        """Write ``rows`` with ``query`` in a transaction of their own, after every
-        buffered write, only if ``guard`` (a locking SELECT) returns a row in that same
-        transaction; False, and nothing written, if it does not. The guard's locks hold
+    async def write_guarded(self, guard: WriteGuard,
+                            statements: Sequence[GuardedStatement]) -> bool:
+        """Run ``statements`` (each a query and its rows) in a transaction of their own,
+        after every buffered write, only if ``guard`` (a locking SELECT) returns a row in
+        that same transaction; False, and nothing written, if it does not. The guard's locks hold
         until the commit, so whatever would change what it read waits for this write.
         An unknown outcome (the connection dropped during COMMIT) is resolved by the
         commit sequence, as for the batches; a transaction sent again checks the guard
         again."""
         await self.commit()  # in order: every earlier write commits first
-        sql = _translated(query)
-        values = [tuple(row) for row in rows]
+        translated = [(_translated(query), [tuple(row) for row in rows])
+                      for query, rows in statements]
         deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
         backoff_ms = BACKOFF_MS_MIN
         async with self._lock:
@@ -459,8 +465,9 @@ class PostgresEngine:
                     async with connection.transaction():
                         if await connection.fetchrow(guard.sql, *guard.parameters) is None:
                             return False  # the empty transaction commits: nothing written
-                        if values:
-                            await connection.executemany(sql, values)
+                        for sql, values in translated:
+                            if values:
+                                await connection.executemany(sql, values)
                         await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
                     self._sequence = sequence
                     return True
