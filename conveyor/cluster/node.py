@@ -74,8 +74,11 @@ class ClusterNode:
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
-            self.owner_side = OwnerSide(self.membership, shared, self.serve_shared,
-                                        self.refresh_catalog)
+            broker = self.broker
+            self.owner_side = OwnerSide(
+                self.membership, shared, self.serve_shared, self.refresh_catalog,
+                lambda name, if_unused, if_empty: broker.delete_queue(
+                    name, if_unused, if_empty, local=True))
             self.internal = InternalServer(secret, self.owner_side.handle,
                                            self.owner_side.orphan)
             await self.internal.start(self.internal_host, 0)
