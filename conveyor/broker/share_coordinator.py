@@ -29,13 +29,21 @@ Rules:
 - A member may settle only records it holds and whose lock has not expired
   (InvalidRecordStateError otherwise); acknowledgement batches must run forward
   without overlap.
+- Several nodes (docs/cluster.md): heartbeats reach the group's coordinator only;
+  ShareFetch and ShareAcknowledge reach each partition's leader, which keeps the
+  member's share session and what it holds of the partitions it leads. A leader that
+  does not coordinate the group (``coordinates`` says no) takes a member it never saw
+  at its session's epoch 0 (an *adopted* member, as Kafka's share-partition leaders
+  know members by their share sessions only) and forgets it when the session ends.
+  Records are acquired only from the session's partitions (``acquire``'s
+  ``partitions``); the shared group under them may be owned by a third node, which
+  the broker's shared groups forward to.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from conveyor.clock import Clock
@@ -45,18 +53,25 @@ from conveyor.errors import (
     InvalidRecordStateError,
     InvalidRequestError,
     InvalidShareSessionEpochError,
-    NonEmptyGroupError,
     OperatingError,
     PreconditionFailedError,
     ShareSessionLimitError,
     ShareSessionNotFoundError,
-    UnknownGroupError,
     UnknownMemberError,
-    UnknownTopicError,
 )
 
 from .group_configs import GroupConfigs, by_duration_ms
+from .share_admin import ShareGroupAdmin
 from .share_polls import start_by_time, wait_for_any
+from .share_state import (
+    SHARE_GROUPS_MAX,
+    Acknowledgement,
+    HeartbeatResult,
+    ShareGroup,
+    ShareMember,
+    ShareSession,
+    TopicPartition,
+)
 from .types import Delivery, QueueConfig
 
 if TYPE_CHECKING:
@@ -65,75 +80,21 @@ if TYPE_CHECKING:
 SESSION_PARTITIONS_MAX: Final = 10_000  # partitions one share session may name
 SESSIONS_MAX: Final = 2_000  # share sessions open at once (Kafka's group.share.max.share.sessions)
 MEMBERS_MAX: Final = 1_000  # members per share group (Kafka: group.share.max.size 200)
-# Each share group reading a topic is a persisted shared group with its own windows;
-# Kafka's group.share.max.groups is 10.
-SHARE_GROUPS_MAX: Final = 1_000
 FIRST_CHUNK_RECORDS: Final = 16  # records acquired before their sizes are known
 
 AcknowledgeType = Literal["gap", "accept", "release", "reject", "renew"]
 ACKNOWLEDGE_TYPES: Final[dict[int, AcknowledgeType]] = {
     0: "gap", 1: "accept", 2: "release", 3: "reject", 4: "renew"}
 
-TopicPartition = tuple[str, int]
 
-
-# --- state ---------------------------------------------------------------------------
-@dataclass
-class ShareMember:
-    member_id: str
-    epoch: int
-    topics: tuple[str, ...]
-    client_id: str
-    client_host: str
-    rack: str | None
-    last_seen_ms: int  # monotonic
-    assignment: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    # (topic, partition, offset) -> (receipt, lock deadline wall ms)
-    held: dict[tuple[str, int, int], tuple[str, int]] = field(default_factory=dict)
-
-
-@dataclass
-class ShareSession:
-    epoch: int  # the epoch the next request must carry
-    partitions: set[TopicPartition] = field(default_factory=set)
-
-
-@dataclass
-class ShareGroup:
-    name: str
-    epoch: int = 0
-    members: dict[str, ShareMember] = field(default_factory=dict)
-    sessions: dict[str, ShareSession] = field(default_factory=dict)  # by member id
-    # members that left while their share session was open: they may still settle
-    # what they hold and close the session (a client leaves and closes concurrently)
-    departed: dict[str, ShareMember] = field(default_factory=dict)
-    topics: set[str] = field(default_factory=set)  # every topic the group has read
-
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatResult:
-    member_epoch: int
-    heartbeat_interval_ms: int
-    assignment: dict[str, tuple[int, ...]] | None  # None: unchanged since the last answer
-
-
-@dataclass(frozen=True, slots=True)
-class Acknowledgement:
-    """One acknowledgement batch of one partition, as the client sent it."""
-
-    topic: str
-    partition: int
-    first_offset: int
-    last_offset: int
-    types: tuple[int, ...]
-
-
-class ShareCoordinator:
+class ShareCoordinator(ShareGroupAdmin):
     def __init__(self, broker: Broker, clock: Clock, configs: GroupConfigs) -> None:
         self.broker = broker
         self.clock = clock
         self.configs = configs
         self.groups: dict[str, ShareGroup] = {}
+        # several nodes: does this node coordinate the group? (None: one node, every group)
+        self.coordinates: Callable[[str], bool] | None = None
         self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # (group, topic) being made
 
     def config(self, group: str) -> dict[str, str]:
@@ -278,6 +239,8 @@ class ShareCoordinator:
                            ) -> tuple[ShareSession | None, bool]:
         """Check and advance the member's session epoch; returns the session (None once
         closed) and whether this request closed it (epoch -1)."""
+        if epoch == 0:
+            await self._adopt(group_id, member_id)
         group, _ = self.member(group_id, member_id)
         session = group.sessions.get(member_id)
         if epoch == 0:
@@ -301,6 +264,37 @@ class ShareCoordinator:
                                       limit=SESSION_PARTITIONS_MAX)
         return session, False
 
+    async def _adopt(self, group_id: str, member_id: str) -> None:
+        """A share session opened on a partition leader that does not coordinate the
+        group: take the member as its session names it (its heartbeats go to the
+        coordinator). The group's configs are read again: AlterConfigs reached the
+        coordinator, not necessarily this node."""
+        if self.coordinates is None or not group_id or self.coordinates(group_id):
+            return
+        group = self.groups.get(group_id)
+        if group is not None:
+            # members left from when this node coordinated the group, and adopted ones
+            # whose client went quiet, go (no heartbeat reaches this node to expire them)
+            await self._expire_members(group)
+            if member_id in group.members or member_id in group.departed:
+                return
+        if not member_id:
+            raise InvalidRequestError("a share member generates its own member id")
+        if group is None:
+            if len(self.groups) >= SHARE_GROUPS_MAX:
+                raise GroupLimitError("too many share groups", limit=SHARE_GROUPS_MAX)
+            group = self.groups[group_id] = ShareGroup(group_id)
+        if len(group.members) >= MEMBERS_MAX:
+            raise GroupLimitError("share group is full", group=group_id)
+        await self.configs.reload_group(group_id)
+        group = self.groups.setdefault(group_id, group)  # forgotten while it read
+        group.members.setdefault(member_id, ShareMember(
+            member_id, 0, (), "", "", None, self.clock.monotonic_ms(), adopted=True))
+
+    def _end_adopted(self, group: ShareGroup, member: ShareMember) -> None:
+        if member.adopted and group.members.get(member.member_id) is member:
+            del group.members[member.member_id]
+
     def open_sessions(self) -> int:
         return sum(len(group.sessions) for group in self.groups.values())
 
@@ -314,6 +308,7 @@ class ShareCoordinator:
         group.sessions.pop(member_id, None)
         group.departed.pop(member_id, None)
         if member is not None:
+            self._end_adopted(group, member)
             try:
                 await self._release_held(group, member)
             except OperatingError:
@@ -323,35 +318,43 @@ class ShareCoordinator:
         group, member = self.member(group_id, member_id)
         group.sessions.pop(member_id, None)
         group.departed.pop(member_id, None)
+        self._end_adopted(group, member)
         await self._release_held(group, member)
 
     # --- records -------------------------------------------------------------------
     async def acquire(self, group_id: str, member_id: str, topics: Sequence[str],
-                      records_max: int, wait_ms: int,
-                      bytes_max: int = 1 << 62) -> tuple[list[Delivery], int]:
+                      records_max: int, wait_ms: int, bytes_max: int = 1 << 62,
+                      partitions: Mapping[str, Sequence[int]] | None = None,
+                      ) -> tuple[list[Delivery], int]:
         """Lock records of ``topics`` for the member, up to ``records_max`` and about
         ``bytes_max`` (the first record always; the last chunk may overshoot a little);
-        returns them and the lock duration."""
+        returns them and the lock duration. ``partitions``: per topic, the only
+        partitions to take from (a share session's, on the partitions' leader)."""
         group, member = self.member(group_id, member_id, departed=False)
         lock_ms = self._int_config(group_id, "share.record.lock.duration.ms")
         consumer = consumer_id(group_id, member_id)
         self._prune(member)
-        for topic in topics:
-            await self._ensure_shared_group(group, topic)
+        if partitions is not None:
+            topics = [topic for topic in topics if partitions.get(topic)]
+        if not member.adopted:  # else the coordinator made them at the assignment
+            for topic in topics:
+                await self._ensure_shared_group(group, topic)
         deliveries = await self._take(topics, group_id, consumer, lock_ms, records_max,
-                                      bytes_max, [])
+                                      bytes_max, [], partitions)
         if not deliveries and len(topics) == 1 and wait_ms > 0:
             # Long-poll the topic for one record (woken by appends, releases and lock
             # expiries), then take what else is ready.
-            deliveries = await self.broker.acquire(topics[0], group_id, 1, lock_ms, wait_ms,
-                                                   consumer)
+            deliveries = await self.broker.acquire(
+                topics[0], group_id, 1, lock_ms, wait_ms, consumer,
+                partitions=None if partitions is None else partitions[topics[0]])
             if deliveries:
                 deliveries = await self._take(topics, group_id, consumer, lock_ms,
-                                              records_max, bytes_max, deliveries)
+                                              records_max, bytes_max, deliveries, partitions)
         elif not deliveries and topics and wait_ms > 0:
             deliveries = await wait_for_any(
                 self.broker, self.clock, topics, wait_ms, lambda: self._take(
-                    topics, group_id, consumer, lock_ms, records_max, bytes_max, []))
+                    topics, group_id, consumer, lock_ms, records_max, bytes_max, [],
+                    partitions), partitions)
         if group.members.get(member_id) is not member:  # left while waiting
             await self.broker.release([delivery.receipt for delivery in deliveries])
             return [], lock_ms
@@ -361,7 +364,9 @@ class ShareCoordinator:
         return deliveries, lock_ms
 
     async def _take(self, topics: Sequence[str], group_id: str, consumer: str, lock_ms: int,
-                    records_max: int, bytes_max: int, taken: list[Delivery]) -> list[Delivery]:
+                    records_max: int, bytes_max: int, taken: list[Delivery],
+                    partitions: Mapping[str, Sequence[int]] | None = None,
+                    ) -> list[Delivery]:
         """Acquire without waiting, in chunks sized by the records seen so far, so a
         fetch of large records stops near ``bytes_max`` instead of locking (and later
         counting a delivery of) records it cannot send."""
@@ -372,7 +377,9 @@ class ShareCoordinator:
                 room = records_max - len(taken)
                 chunk = min(room, FIRST_CHUNK_RECORDS if largest == 0
                             else max(1, (bytes_max - used) // largest))
-                got = await self.broker.acquire(topic, group_id, chunk, lock_ms, 0, consumer)
+                got = await self.broker.acquire(
+                    topic, group_id, chunk, lock_ms, 0, consumer,
+                    partitions=None if partitions is None else partitions.get(topic, ()))
                 taken += got
                 used += sum(map(delivery_bytes, got))
                 largest = max([largest, *map(delivery_bytes, got)])
@@ -440,94 +447,6 @@ class ShareCoordinator:
                 for key, _ in items:
                     if outcome.get(key) is None:
                         outcome[key] = InvalidRecordStateError(error.message)
-
-    # --- admin ---------------------------------------------------------------------
-    def describe(self, group_id: str) -> ShareGroup:
-        group = self.groups.get(group_id)
-        if group is None:
-            if self.is_share_group(group_id):  # configured, or read before a restart
-                return ShareGroup(group_id)
-            raise UnknownGroupError("no such share group", group=group_id)
-        return group
-
-    def list_groups(self) -> list[tuple[str, str]]:
-        """(group id, state) of every share group: "Stable" with members, else "Empty"."""
-        names = {name for name in [*self.groups, *self.configs.explicit]
-                 if self.is_share_group(name)}
-        return [(name, "Stable" if self.groups.get(name) and self.groups[name].members
-                 else "Empty") for name in sorted(names)]
-
-    def forget_group(self, group_id: str) -> None:
-        """Drop the group's members and sessions (a cluster node claims it anew): they
-        rejoin with epoch 0; what they held is redelivered when its locks expire."""
-        self.groups.pop(group_id, None)
-
-    def is_share_group(self, group_id: str) -> bool:
-        return group_id in self.groups or any(
-            name.startswith("share.") for name in self.configs.set_on(group_id))
-
-    def topics_read(self, group_id: str) -> list[str]:
-        """The topics this group has a shared group on (persisted: known after a restart)."""
-        return [info.name for info in self.broker.list_topics()
-                if self.broker.shared_group_start_offsets(info.name, group_id) is not None]
-
-    async def delete_offsets(self, group_id: str, topic: str) -> None:
-        """Forget the group's state on ``topic`` (DeleteShareGroupOffsets): next time it
-        starts where share.auto.offset.reset says."""
-        group = self.groups.get(group_id)
-        if group is not None and group.members:
-            raise NonEmptyGroupError("share group has members", group=group_id)
-        await self.broker.delete_shared_group(topic, group_id)
-        if group is not None:
-            group.topics.discard(topic)
-
-    async def alter_offsets(self, group_id: str,
-                            offsets: Sequence[tuple[str, int, int]]) -> list[OperatingError | None]:
-        """AlterShareGroupOffsets: per (topic, partition, start offset), move the group's
-        start there, forgetting the partition's record states (records from the offset
-        on are delivered afresh). The group must have no members (NonEmptyGroupError);
-        a group id never seen becomes an empty share group. One outcome per item."""
-        if not group_id:
-            raise InvalidRequestError("group id must not be empty")
-        group = self.groups.get(group_id)
-        if group is not None and group.members:
-            raise NonEmptyGroupError("share group has members", group=group_id)
-        if group is None:
-            if len(self.groups) >= SHARE_GROUPS_MAX:
-                raise GroupLimitError("too many share groups", limit=SHARE_GROUPS_MAX)
-            group = self.groups[group_id] = ShareGroup(group_id)
-        outcome: list[OperatingError | None] = []
-        for topic, partition, offset in offsets:
-            try:
-                if self.broker.topics.find(topic) is None:
-                    raise UnknownTopicError("no such topic", topic=topic)
-                if topic == group_id and self.broker.queue_exists(topic):
-                    raise InvalidRequestError("a queue's own group: purge the queue instead",
-                                              queue=topic)
-                await self._ensure_shared_group(group, topic)
-                await self.broker.reset_shared_partition(topic, group_id, partition, offset)
-                outcome.append(None)
-            except PreconditionFailedError as error:  # held by a departed member, or by
-                # a consumer of another protocol on the same shared group
-                outcome.append(NonEmptyGroupError(error.message, topic=topic,
-                                                  partition=partition))
-            except OperatingError as error:
-                outcome.append(error)
-        return outcome
-
-    async def delete_group(self, group_id: str) -> None:
-        """The group, its configs and its shared groups on plain topics (a queue's own
-        group stays with the queue)."""
-        group = self.groups.get(group_id)
-        if group is not None and group.members:
-            raise NonEmptyGroupError("share group has members", group=group_id)
-        for topic in self.topics_read(group_id):
-            try:
-                await self.broker.delete_shared_group(topic, group_id)
-            except PreconditionFailedError:
-                continue
-        self.groups.pop(group_id, None)
-        await self.configs.forget(group_id)
 
 
 def delivery_bytes(delivery: Delivery) -> int:

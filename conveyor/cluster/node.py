@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.txn_model import GroupFence
@@ -26,6 +27,8 @@ from conveyor.cluster.membership import ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, item_name
 from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
 from conveyor.cluster.wakeups import Wakeups
+from conveyor.config import TlsConfig
+from conveyor.server.tls import RefusalLog, ServerTls
 from conveyor.storage.log_api import PartitionLease
 from conveyor.tasks import Supervisor
 
@@ -34,12 +37,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("conveyor.cluster")
 
+
+@dataclass(frozen=True, slots=True)
+class InternalChannel:
+    """How the node-to-node channel listens and connects (config ``[listeners.internal]``)."""
+
+    port: int = 0  # 0: any free port
+    server_tls: ServerTls | None = None  # the listener's context (SIGHUP reloads it)
+    client_tls: TlsConfig | None = None  # this node's certificate and its peers' CA
+    refusals: RefusalLog | None = None  # the server's rate-limited log of refused peers
+
+
 class ClusterNode:
     def __init__(self, broker: Broker, settings: ClusterSettings, clock: Clock,
-                 internal_host: str = "127.0.0.1", advertised_host: str = "127.0.0.1") -> None:
+                 internal_host: str = "127.0.0.1", advertised_host: str = "127.0.0.1",
+                 internal: InternalChannel | None = None) -> None:
         self.broker = broker
         # the node-to-node listener (internal_api.py): bound here, advertised as this
         self.internal_host = internal_host
+        self.channel = internal or InternalChannel()
         self.advertised_host = advertised_host
         self.internal: InternalServer | None = None
         self.remote_queues: RemoteQueues | None = None
@@ -79,10 +95,13 @@ class ClusterNode:
                 self.membership, shared, self.serve_shared, self.refresh_catalog,
                 lambda name, if_unused, if_empty: broker.delete_queue(
                     name, if_unused, if_empty, local=True))
+            channel = self.channel
             self.internal = InternalServer(secret, self.owner_side.handle,
-                                           self.owner_side.orphan)
-            await self.internal.start(self.internal_host, 0)
-            self.remote_queues = RemoteQueues(self.membership, shared, secret, self.serve_shared)
+                                           self.owner_side.orphan, tls=channel.server_tls,
+                                           refusals=channel.refusals)
+            await self.internal.start(self.internal_host, channel.port)
+            self.remote_queues = RemoteQueues(self.membership, shared, secret, self.serve_shared,
+                                              tls=channel.client_tls)
             shared.remote = self.remote_queues
             # give back what consumers of dead nodes held here
             self._tasks.start(self._every_heartbeat(
