@@ -50,6 +50,7 @@ from conveyor.errors import (
     InvalidRequestError,
     OperatingError,
     UnavailableError,
+    UnknownGroupError,
     UnknownQueueError,
     UnknownTopicError,
 )
@@ -471,11 +472,18 @@ class OwnerSide:
         answers: list[list[Any] | None] = [None] * len(receipts)
         mine: list[int] = []
         owned: dict[tuple[str, str], bool] = {}
+        refused: dict[tuple[str, str], OperatingError] = {}
         for index, receipt in enumerate(receipts):
             key = group_of(receipt)
             if key is not None and key not in owned:
-                owned[key] = await self._owns(*key)
-            if key is not None and not owned[key]:
+                try:
+                    owned[key] = await self._owns(*key)
+                except (UnknownQueueError, UnknownGroupError) as unknown:
+                    refused[key] = unknown
+                    owned[key] = False
+            if key is not None and key in refused:
+                answers[index] = [error_to_wire(refused[key]), None]
+            elif key is not None and not owned[key]:
                 answers[index] = [error_to_wire(NotOwnerError("not the owner")), None]
             else:
                 mine.append(index)
@@ -493,6 +501,16 @@ class OwnerSide:
         return [answer if answer is not None else [None, None] for answer in answers]
 
     async def _owns(self, group: str, topic: str) -> bool:
+        """Is this node the owner? A name that is no topic, even after a fresh read of
+        the catalog, is refused before an owner row is claimed for it (a peer's junk
+        names would otherwise leave rows and entries behind)."""
+        if self.shared.host.topics.find(topic) is None:
+            await self.refresh_catalog()
+            if self.shared.host.topics.find(topic) is None:
+                if group == topic:
+                    raise UnknownQueueError("unknown queue", queue=topic)
+                raise UnknownGroupError("unknown topic for shared group", topic=topic,
+                                        group=group)
         return await self.serve(group, topic)
 
     async def _load(self, group: str, topic: str) -> None:
