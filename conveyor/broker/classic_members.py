@@ -39,6 +39,7 @@ from conveyor.errors import (
     RebalanceInProgressError,
     UnknownMemberError,
 )
+from conveyor.storage.member_state import CONSUMER
 
 from .consumer_coordinator import (
     GROUPS_MAX,
@@ -135,6 +136,7 @@ class ClassicMembers:
         if not group.members or any(m.classic is None for m in group.members.values()):
             return None
         del self.coordinator.groups[group_id]
+        self.coordinator.members.delete(CONSUMER, group_id)  # the classic group's now
         return list(group.members.values())
 
     # --- the classic APIs --------------------------------------------------------------

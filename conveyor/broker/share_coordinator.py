@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from conveyor.clock import Clock
@@ -54,8 +54,17 @@ from conveyor.errors import (
     UnknownMemberError,
     UnknownTopicError,
 )
+from conveyor.storage.member_state import SHARE, StoredGroup
 
 from .group_configs import GroupConfigs, by_duration_ms
+from .group_members import GroupMembers
+from .share_group_state import (
+    ShareGroup,
+    ShareMember,
+    ShareSession,
+    restore_share_group,
+    stored_share_group,
+)
 from .share_polls import start_by_time, wait_for_any
 from .types import Delivery, QueueConfig
 
@@ -75,39 +84,6 @@ ACKNOWLEDGE_TYPES: Final[dict[int, AcknowledgeType]] = {
     0: "gap", 1: "accept", 2: "release", 3: "reject", 4: "renew"}
 
 TopicPartition = tuple[str, int]
-
-
-# --- state ---------------------------------------------------------------------------
-@dataclass
-class ShareMember:
-    member_id: str
-    epoch: int
-    topics: tuple[str, ...]
-    client_id: str
-    client_host: str
-    rack: str | None
-    last_seen_ms: int  # monotonic
-    assignment: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    # (topic, partition, offset) -> (receipt, lock deadline wall ms)
-    held: dict[tuple[str, int, int], tuple[str, int]] = field(default_factory=dict)
-
-
-@dataclass
-class ShareSession:
-    epoch: int  # the epoch the next request must carry
-    partitions: set[TopicPartition] = field(default_factory=set)
-
-
-@dataclass
-class ShareGroup:
-    name: str
-    epoch: int = 0
-    members: dict[str, ShareMember] = field(default_factory=dict)
-    sessions: dict[str, ShareSession] = field(default_factory=dict)  # by member id
-    # members that left while their share session was open: they may still settle
-    # what they hold and close the session (a client leaves and closes concurrently)
-    departed: dict[str, ShareMember] = field(default_factory=dict)
-    topics: set[str] = field(default_factory=set)  # every topic the group has read
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +111,29 @@ class ShareCoordinator:
         self.configs = configs
         self.groups: dict[str, ShareGroup] = {}
         self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # (group, topic) being made
+        # the groups as stored (group_members.py): restored now, written after changes
+        self.members: GroupMembers = broker.group_members
+        now_ms = clock.monotonic_ms()
+        for stored in self.members.stored(SHARE):
+            self.groups[stored.group_id] = restore_share_group(stored, now_ms)
+
+    async def persist(self, group_id: str) -> None:
+        """Write what changed in the group's membership since it was last written."""
+        def current() -> StoredGroup | None:
+            group = self.groups.get(group_id)
+            return stored_share_group(group) if group is not None else None
+
+        await self.members.flush(SHARE, group_id, current)
+
+    async def reload_group(self, group_id: str) -> None:
+        """Read the group's members again (a cluster node claims it); sessions and held
+        records are not stored: clients open new sessions, held records come back when
+        their locks expire."""
+        stored = await self.members.reload(SHARE, group_id)
+        if stored is None:
+            self.groups.pop(group_id, None)
+        else:
+            self.groups[group_id] = restore_share_group(stored, self.clock.monotonic_ms())
 
     def config(self, group: str) -> dict[str, str]:
         return self.configs.get(group)
@@ -147,6 +146,16 @@ class ShareCoordinator:
         self, group_id: str, member_id: str, member_epoch: int,
         topics: Sequence[str] | None, client_id: str = "", client_host: str = "",
         rack: str | None = None,
+    ) -> HeartbeatResult:
+        """One ShareGroupHeartbeat; answered once what it changed is written."""
+        result = await self._heartbeat(group_id, member_id, member_epoch, topics,
+                                       client_id, client_host, rack)
+        await self.persist(group_id)
+        return result
+
+    async def _heartbeat(
+        self, group_id: str, member_id: str, member_epoch: int,
+        topics: Sequence[str] | None, client_id: str, client_host: str, rack: str | None,
     ) -> HeartbeatResult:
         if not group_id:
             raise InvalidRequestError("group id must not be empty")
@@ -457,11 +466,6 @@ class ShareCoordinator:
         return [(name, "Stable" if self.groups.get(name) and self.groups[name].members
                  else "Empty") for name in sorted(names)]
 
-    def forget_group(self, group_id: str) -> None:
-        """Drop the group's members and sessions (a cluster node claims it anew): they
-        rejoin with epoch 0; what they held is redelivered when its locks expire."""
-        self.groups.pop(group_id, None)
-
     def is_share_group(self, group_id: str) -> bool:
         return group_id in self.groups or any(
             name.startswith("share.") for name in self.configs.set_on(group_id))
@@ -527,6 +531,7 @@ class ShareCoordinator:
             except PreconditionFailedError:
                 continue
         self.groups.pop(group_id, None)
+        self.members.delete(SHARE, group_id)
         await self.configs.forget(group_id)
 
 

@@ -1,8 +1,8 @@
 """ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
 
-Owns: what a claim reloads (a partition's head and producers; a group's state, offsets
-and configs, and the protocols told to drop the members they held), the offset-commit
-fence handed to the group coordinator (a WriteGuard carried into the write), the
+Owns: what a claim reloads (a partition's head and producers; a group's state, offsets,
+configs and KIP-848 / KIP-932 members), the fence handed to the group coordinator and
+to the members' writes (a WriteGuard carried into the write), the
 producer ids handed out from the database, the periodic re-read of the topic catalog
 (topics created on another node), and the view the Kafka listener asks: live nodes and
 their addresses, each partition's leader and epoch, each group's coordinator.
@@ -50,7 +50,7 @@ class ClusterNode:
         self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
         self.secret = b""  # the cluster secret (internal_api.cluster_secret), at open
         # told a group id whenever this node claims it (protocols drop what they held)
-        self._group_claimed: list[Callable[[str], None]] = []
+        self._group_claimed: list[Callable[[str], Awaitable[None]]] = []
 
     @property
     def node_id(self) -> int:
@@ -64,6 +64,9 @@ class ClusterNode:
         await self.membership.open({})
         coordinator = self.broker.group_coordinator
         coordinator.commit_guard = lambda group_id: self.membership.write_guard(
+            GROUP, group_id)
+        # KIP-848 / KIP-932 members are written under the same fence
+        self.broker.group_members.guard = lambda group_id: self.membership.write_guard(
             GROUP, group_id)
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
@@ -160,7 +163,7 @@ class ClusterNode:
             await self.broker.group_coordinator.reload_group(name)
             await self.broker.group_configs.reload_group(name)
             for callback in self._group_claimed:
-                callback(name)
+                await callback(name)
             return
         topic, _, index = name.rpartition("/")
         partition = int(index)
@@ -199,9 +202,9 @@ class ClusterNode:
     async def serve_group(self, group_id: str) -> bool:
         return await self.membership.ensure_owned(GROUP, group_id)
 
-    def on_group_claimed(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(group_id)`` whenever this node claims a group (KIP-848 and
-        share groups keep their members in the protocol layer, in memory)."""
+    def on_group_claimed(self, callback: Callable[[str], Awaitable[None]]) -> None:
+        """Await ``callback(group_id)`` whenever this node claims a group (the KIP-848 and
+        share coordinators read the group's members again from the state store)."""
         self._group_claimed.append(callback)
 
     async def fence_group(self, group_id: str) -> bool:

@@ -443,9 +443,16 @@ class PostgresEngine:
         An unknown outcome (the connection dropped during COMMIT) is resolved by the
         commit sequence, as for the batches; a transaction sent again checks the guard
         again."""
+        return await self.write_guarded_statements(guard, [(query, rows)])
+
+    async def write_guarded_statements(
+            self, guard: WriteGuard,
+            statements: Sequence[tuple[str, Sequence[Sequence[SqlValue]]]]) -> bool:
+        """``write_guarded`` of several statements (each with its rows), in order, in
+        one transaction under one guard."""
         await self.commit()  # in order: every earlier write commits first
-        sql = _translated(query)
-        values = [tuple(row) for row in rows]
+        translated = [(_translated(query), [tuple(row) for row in rows])
+                      for query, rows in statements]
         deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
         backoff_ms = BACKOFF_MS_MIN
         async with self._lock:
@@ -459,8 +466,9 @@ class PostgresEngine:
                     async with connection.transaction():
                         if await connection.fetchrow(guard.sql, *guard.parameters) is None:
                             return False  # the empty transaction commits: nothing written
-                        if values:
-                            await connection.executemany(sql, values)
+                        for sql, values in translated:
+                            if values:
+                                await connection.executemany(sql, values)
                         await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
                     self._sequence = sequence
                     return True

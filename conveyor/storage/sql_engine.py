@@ -112,3 +112,6 @@ class GuardedWrites(Protocol):
 
     async def write_guarded(self, guard: WriteGuard, query: str,
                             rows: Sequence[Sequence[SqlValue]]) -> bool: ...
+    async def write_guarded_statements(
+            self, guard: WriteGuard,
+            statements: Sequence[tuple[str, Sequence[Sequence[SqlValue]]]]) -> bool: ...

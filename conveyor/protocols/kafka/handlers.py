@@ -105,12 +105,12 @@ class KafkaHandlers:
             coordinators = _COORDINATORS[broker] = (
                 configs, ShareCoordinator(broker, broker.clock, configs),
                 ConsumerCoordinator(broker, broker.clock, configs))
-            if cluster is not None:  # claimed (again): what this node held is stale
+            if cluster is not None:  # claimed (again): read the members from the store
                 shares, consumers = coordinators[1], coordinators[2]
 
-                def claimed(group_id: str) -> None:
-                    consumers.forget_group(group_id)
-                    shares.forget_group(group_id)
+                async def claimed(group_id: str) -> None:
+                    await consumers.reload_group(group_id)
+                    await shares.reload_group(group_id)
 
                 cluster.on_group_claimed(claimed)
         self.group_configs, self.shares, self.consumers = coordinators

@@ -24,7 +24,8 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator, ShareSession
+from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator
+from conveyor.broker.share_group_state import ShareSession
 from conveyor.broker.types import Delivery
 from conveyor.errors import (
     InvalidRequestError,

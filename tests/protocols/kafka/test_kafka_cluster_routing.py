@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -61,7 +61,7 @@ class FakeCluster:
     async def fence_group(self, group_id: str) -> bool:
         return group_id in self.groups
 
-    def on_group_claimed(self, callback: Callable[[str], None]) -> None:
+    def on_group_claimed(self, callback: Callable[[str], Awaitable[None]]) -> None:
         return None
 
 

@@ -1,0 +1,85 @@
+"""The state of a KIP-932 share group, and its stored form.
+
+Owns: ``ShareGroup``, ``ShareMember`` and ``ShareSession`` (what share_coordinator.py
+works on) and the translation of a group to and from the StateStore's
+``StoredGroup`` (storage/member_state.py): the group epoch, and per member its epoch,
+subscribed topics, assignment, client and rack.
+
+Not stored, as Kafka does not store them either: share sessions (a client opens a new
+one on SHARE_SESSION_NOT_FOUND), the records a member holds (their locks are the
+shared group's; after a move they come back when their locks expire), members that
+left with their session open, and when a member was last seen (a restored member's
+session counts from the restore).
+
+Must not know: the wire format, SQL, real time (``now_ms`` comes in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.storage.member_state import SHARE, StoredGroup
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass
+class ShareMember:
+    member_id: str
+    epoch: int
+    topics: tuple[str, ...]
+    client_id: str
+    client_host: str
+    rack: str | None
+    last_seen_ms: int  # monotonic
+    assignment: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # (topic, partition, offset) -> (receipt, lock deadline wall ms)
+    held: dict[tuple[str, int, int], tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class ShareSession:
+    epoch: int  # the epoch the next request must carry
+    partitions: set[TopicPartition] = field(default_factory=set)
+
+
+@dataclass
+class ShareGroup:
+    name: str
+    epoch: int = 0
+    members: dict[str, ShareMember] = field(default_factory=dict)
+    sessions: dict[str, ShareSession] = field(default_factory=dict)  # by member id
+    # members that left while their share session was open: they may still settle
+    # what they hold and close the session (a client leaves and closes concurrently)
+    departed: dict[str, ShareMember] = field(default_factory=dict)
+    topics: set[str] = field(default_factory=set)  # every topic the group has read
+
+
+def stored_share_group(group: ShareGroup) -> StoredGroup:
+    return StoredGroup(SHARE, group.name, {"epoch": group.epoch}, {
+        member_id: {
+            "epoch": member.epoch, "topics": list(member.topics),
+            "client_id": member.client_id, "client_host": member.client_host,
+            "rack": member.rack,
+            "assignment": {topic: list(parts)
+                           for topic, parts in sorted(member.assignment.items())},
+        } for member_id, member in group.members.items()})
+
+
+def _restore_member(member_id: str, record: dict[str, Any], now_ms: int) -> ShareMember:
+    return ShareMember(
+        member_id, int(record.get("epoch", 0)),
+        tuple(str(topic) for topic in record.get("topics", ())),
+        str(record.get("client_id", "")), str(record.get("client_host", "")),
+        record.get("rack"), now_ms,
+        {str(topic): tuple(int(part) for part in parts)
+         for topic, parts in dict(record.get("assignment", {})).items()})
+
+
+def restore_share_group(stored: StoredGroup, now_ms: int) -> ShareGroup:
+    """The group as stored, its members' sessions starting at ``now_ms`` (monotonic)."""
+    group = ShareGroup(stored.group_id, int(stored.state.get("epoch", 0)))
+    for member_id, record in sorted(stored.members.items()):
+        group.members[member_id] = _restore_member(member_id, record, now_ms)
+    return group
