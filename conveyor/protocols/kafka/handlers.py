@@ -262,7 +262,8 @@ class KafkaHandlers:
         if api_key == 21:
             return await log_admin_handlers.handle_delete_records(broker, request)
         if api_key == 23:
-            return log_admin_handlers.handle_offset_for_leader_epoch(broker, request)
+            return await log_admin_handlers.handle_offset_for_leader_epoch(
+                broker, request, self.cluster)
         if api_key == 34:
             return log_admin_handlers.handle_alter_replica_log_dirs(broker, request)
         if api_key == 35:
