@@ -52,6 +52,7 @@ from .consumer_coordinator import (
     _minus,
     _union,
 )
+from .consumer_group_state import mark_changed
 
 CLASSIC_PROTOCOL_TYPE = "consumer"
 
@@ -151,6 +152,7 @@ class ClassicMembers:
         member = group.members.get(member_id)
         if member is None or member.classic is None:
             raise UnknownMemberError("unknown member", group=group.group_id, member=member_id)
+        mark_changed(group, member_id)  # written at the group's next write
         return member
 
     def join(self, group_id: str, member_id: str, instance_id: str | None,
@@ -189,6 +191,7 @@ class ClassicMembers:
             if instance_id is not None:
                 group.static[instance_id] = member_id
         member.classic = metadata
+        mark_changed(group, member_id)  # written at the group's next write
         member.last_seen_ms = now_ms
         member.rebalance_timeout_ms = max(rebalance_timeout_ms, 0)
         if tuple(topics) != member.topic_names:

@@ -51,7 +51,7 @@ from conveyor.errors import (
     UnreleasedInstanceIdError,
     UnsupportedAssignorError,
 )
-from conveyor.storage.member_state import CONSUMER, StoredGroup
+from conveyor.storage.member_state import CONSUMER
 
 from .consumer_assignors import ASSIGNORS, DEFAULT_ASSIGNOR
 from .consumer_group_state import (
@@ -63,7 +63,7 @@ from .consumer_group_state import (
     stored_consumer_group,
 )
 from .group_configs import GroupConfigs
-from .group_members import GroupMembers
+from .group_members import GroupMembers, StoredGroups
 
 __all__ = [
     "ClassicMetadata",
@@ -125,30 +125,19 @@ class ConsumerCoordinator:
         self.groups: dict[str, ConsumerGroup] = {}
         self._regex_cache: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
         # the groups as stored (group_members.py): restored now, written after changes
+        self.stored = StoredGroups(broker.group_members, CONSUMER, self.groups,
+                                   stored_consumer_group, restore_consumer_group,
+                                   clock.monotonic_ms)
         self.members: GroupMembers = broker.group_members
-        now_ms = clock.monotonic_ms()
-        for stored in self.members.stored(CONSUMER):
-            self.groups[stored.group_id] = restore_consumer_group(stored, now_ms)
 
-    # --- persistence ---------------------------------------------------------------
     async def persist(self, group_id: str) -> None:
-        """Write what changed in the group since it was last written (nothing if
-        nothing did); NotCoordinatorError on a cluster node no longer its owner."""
-        def current() -> StoredGroup | None:
-            group = self.groups.get(group_id)
-            return stored_consumer_group(group) if group is not None else None
-
-        await self.members.flush(CONSUMER, group_id, current)
+        """Write what changed in the group (classic members' changes included)."""
+        await self.stored.persist(group_id)
 
     async def reload_group(self, group_id: str) -> None:
-        """Read the group again from the state store (a cluster node claims it: another
-        node may have served it meanwhile). Its members go on with their epochs and
-        assignments; their sessions count from now."""
-        stored = await self.members.reload(CONSUMER, group_id)
-        if stored is None:
-            self.groups.pop(group_id, None)
-        else:
-            self.groups[group_id] = restore_consumer_group(stored, self.clock.monotonic_ms())
+        """Read the group again from the state store (a cluster node claims it): its
+        members go on with their epochs and assignments; sessions count from now."""
+        await self.stored.reload(group_id)
 
     # --- heartbeat -----------------------------------------------------------------
     async def heartbeat(
@@ -164,7 +153,7 @@ class ConsumerCoordinator:
             rebalance_timeout_ms=rebalance_timeout_ms, topic_names=topic_names,
             topic_regex=topic_regex, assignor=assignor, owned=owned, client_id=client_id,
             client_host=client_host)
-        await self.persist(group_id)
+        await self.stored.persist(group_id, result.member_id)
         return result
 
     def _heartbeat(

@@ -71,6 +71,15 @@ class ConsumerGroup:
     target: dict[str, Partitions] = field(default_factory=dict)
     signature: tuple[object, ...] = ()  # what the target was computed from
     assignor: str = DEFAULT_ASSIGNOR
+    # member id -> changes since its record was last written (not stored): only these
+    # members' records are rebuilt when the group is written, so a heartbeat's write
+    # costs one member, not the whole group
+    changed: dict[str, int] = field(default_factory=dict)
+
+
+def mark_changed(group: ConsumerGroup, member_id: str) -> None:
+    group.changed[member_id] = group.changed.get(member_id, 0) + 1
+
 
 
 # --- the stored form ---------------------------------------------------------------------
@@ -118,16 +127,38 @@ def _member_record(member: ConsumerMember) -> dict[str, Any]:
     return record
 
 
-def stored_consumer_group(group: ConsumerGroup) -> StoredGroup:
-    state = {
-        "epoch": group.epoch, "assignment_epoch": group.assignment_epoch,
-        "assignor": group.assignor,
-        "target": {member_id: _partitions_out(parts)
-                   for member_id, parts in sorted(group.target.items())},
-        "signature": _lists(group.signature),
-    }
-    return StoredGroup(CONSUMER, group.group_id, state, {
-        member_id: _member_record(member) for member_id, member in group.members.items()})
+def _state_unchanged(group: ConsumerGroup, state: dict[str, Any]) -> bool:
+    """The target changes only with a new assignment epoch, or when a static member
+    comes back under a new member id (the static map changes)."""
+    return (state.get("epoch") == group.epoch
+            and state.get("assignment_epoch") == group.assignment_epoch
+            and state.get("assignor") == group.assignor
+            and state.get("static") == group.static)
+
+
+def stored_consumer_group(group: ConsumerGroup, previous: StoredGroup | None = None,
+                          changed: dict[str, int] | None = None) -> StoredGroup:
+    """The group's stored form. With ``previous`` (what the store holds) and ``changed``
+    (the members changed since), the group record and the records of members not
+    changed are ``previous``'s own objects: cheap to build and to compare."""
+    if previous is not None and _state_unchanged(group, previous.state):
+        state = previous.state
+    else:
+        state = {
+            "epoch": group.epoch, "assignment_epoch": group.assignment_epoch,
+            "assignor": group.assignor,
+            "target": {member_id: _partitions_out(parts)
+                       for member_id, parts in sorted(group.target.items())},
+            "signature": _lists(group.signature), "static": dict(group.static),
+        }
+    kept = previous.members if previous is not None and changed is not None else {}
+    members = {}
+    for member_id, member in group.members.items():
+        record = kept.get(member_id)
+        if record is None or member_id in (changed or {}):
+            record = _member_record(member)
+        members[member_id] = record
+    return StoredGroup(CONSUMER, group.group_id, state, members)
 
 
 def _restore_member(member_id: str, record: dict[str, Any], now_ms: int) -> ConsumerMember:

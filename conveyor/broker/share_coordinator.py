@@ -52,12 +52,11 @@ from conveyor.errors import (
     ShareSessionNotFoundError,
     UnknownGroupError,
     UnknownMemberError,
-    UnknownTopicError,
 )
-from conveyor.storage.member_state import SHARE, StoredGroup
+from conveyor.storage.member_state import SHARE
 
 from .group_configs import GroupConfigs, by_duration_ms
-from .group_members import GroupMembers
+from .group_members import GroupMembers, StoredGroups
 from .share_group_state import (
     ShareGroup,
     ShareMember,
@@ -112,28 +111,14 @@ class ShareCoordinator:
         self.groups: dict[str, ShareGroup] = {}
         self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # (group, topic) being made
         # the groups as stored (group_members.py): restored now, written after changes
+        self.stored = StoredGroups(broker.group_members, SHARE, self.groups,
+                                   stored_share_group, restore_share_group, clock.monotonic_ms)
         self.members: GroupMembers = broker.group_members
-        now_ms = clock.monotonic_ms()
-        for stored in self.members.stored(SHARE):
-            self.groups[stored.group_id] = restore_share_group(stored, now_ms)
-
-    async def persist(self, group_id: str) -> None:
-        """Write what changed in the group's membership since it was last written."""
-        def current() -> StoredGroup | None:
-            group = self.groups.get(group_id)
-            return stored_share_group(group) if group is not None else None
-
-        await self.members.flush(SHARE, group_id, current)
 
     async def reload_group(self, group_id: str) -> None:
-        """Read the group's members again (a cluster node claims it); sessions and held
-        records are not stored: clients open new sessions, held records come back when
-        their locks expire."""
-        stored = await self.members.reload(SHARE, group_id)
-        if stored is None:
-            self.groups.pop(group_id, None)
-        else:
-            self.groups[group_id] = restore_share_group(stored, self.clock.monotonic_ms())
+        """Read the members again (a cluster node claims the group); sessions and held
+        records are not stored: clients reopen sessions, locks expire."""
+        await self.stored.reload(group_id)
 
     def config(self, group: str) -> dict[str, str]:
         return self.configs.get(group)
@@ -150,7 +135,7 @@ class ShareCoordinator:
         """One ShareGroupHeartbeat; answered once what it changed is written."""
         result = await self._heartbeat(group_id, member_id, member_epoch, topics,
                                        client_id, client_host, rack)
-        await self.persist(group_id)
+        await self.stored.persist(group_id, member_id)
         return result
 
     async def _heartbeat(
@@ -209,11 +194,11 @@ class ShareCoordinator:
             info = self.broker.topics.find(topic)
             if info is None:
                 continue
-            await self._ensure_shared_group(group, topic)
+            await self.ensure_shared_group(group, topic)
             assignment[topic] = tuple(range(info.partitions))
         return assignment
 
-    async def _ensure_shared_group(self, group: ShareGroup, topic: str) -> None:
+    async def ensure_shared_group(self, group: ShareGroup, topic: str) -> None:
         if topic in group.topics:
             return
         # one member creates (and, by_duration, positions) it while the others wait, so
@@ -346,7 +331,7 @@ class ShareCoordinator:
         consumer = consumer_id(group_id, member_id)
         self._prune(member)
         for topic in topics:
-            await self._ensure_shared_group(group, topic)
+            await self.ensure_shared_group(group, topic)
         deliveries = await self._take(topics, group_id, consumer, lock_ms, records_max,
                                       bytes_max, [])
         if not deliveries and len(topics) == 1 and wait_ms > 0:
@@ -474,50 +459,6 @@ class ShareCoordinator:
         """The topics this group has a shared group on (persisted: known after a restart)."""
         return [info.name for info in self.broker.list_topics()
                 if self.broker.shared_group_start_offsets(info.name, group_id) is not None]
-
-    async def delete_offsets(self, group_id: str, topic: str) -> None:
-        """Forget the group's state on ``topic`` (DeleteShareGroupOffsets): next time it
-        starts where share.auto.offset.reset says."""
-        group = self.groups.get(group_id)
-        if group is not None and group.members:
-            raise NonEmptyGroupError("share group has members", group=group_id)
-        await self.broker.delete_shared_group(topic, group_id)
-        if group is not None:
-            group.topics.discard(topic)
-
-    async def alter_offsets(self, group_id: str,
-                            offsets: Sequence[tuple[str, int, int]]) -> list[OperatingError | None]:
-        """AlterShareGroupOffsets: per (topic, partition, start offset), move the group's
-        start there, forgetting the partition's record states (records from the offset
-        on are delivered afresh). The group must have no members (NonEmptyGroupError);
-        a group id never seen becomes an empty share group. One outcome per item."""
-        if not group_id:
-            raise InvalidRequestError("group id must not be empty")
-        group = self.groups.get(group_id)
-        if group is not None and group.members:
-            raise NonEmptyGroupError("share group has members", group=group_id)
-        if group is None:
-            if len(self.groups) >= SHARE_GROUPS_MAX:
-                raise GroupLimitError("too many share groups", limit=SHARE_GROUPS_MAX)
-            group = self.groups[group_id] = ShareGroup(group_id)
-        outcome: list[OperatingError | None] = []
-        for topic, partition, offset in offsets:
-            try:
-                if self.broker.topics.find(topic) is None:
-                    raise UnknownTopicError("no such topic", topic=topic)
-                if topic == group_id and self.broker.queue_exists(topic):
-                    raise InvalidRequestError("a queue's own group: purge the queue instead",
-                                              queue=topic)
-                await self._ensure_shared_group(group, topic)
-                await self.broker.reset_shared_partition(topic, group_id, partition, offset)
-                outcome.append(None)
-            except PreconditionFailedError as error:  # held by a departed member, or by
-                # a consumer of another protocol on the same shared group
-                outcome.append(NonEmptyGroupError(error.message, topic=topic,
-                                                  partition=partition))
-            except OperatingError as error:
-                outcome.append(error)
-        return outcome
 
     async def delete_group(self, group_id: str) -> None:
         """The group, its configs and its shared groups on plain topics (a queue's own

@@ -54,17 +54,31 @@ class ShareGroup:
     # what they hold and close the session (a client leaves and closes concurrently)
     departed: dict[str, ShareMember] = field(default_factory=dict)
     topics: set[str] = field(default_factory=set)  # every topic the group has read
+    # member id -> changes since its record was last written (not stored; see
+    # consumer_group_state.ConsumerGroup.changed)
+    changed: dict[str, int] = field(default_factory=dict)
 
 
-def stored_share_group(group: ShareGroup) -> StoredGroup:
-    return StoredGroup(SHARE, group.name, {"epoch": group.epoch}, {
-        member_id: {
-            "epoch": member.epoch, "topics": list(member.topics),
+def _member_record(member: ShareMember) -> dict[str, Any]:
+    return {"epoch": member.epoch, "topics": list(member.topics),
             "client_id": member.client_id, "client_host": member.client_host,
             "rack": member.rack,
             "assignment": {topic: list(parts)
-                           for topic, parts in sorted(member.assignment.items())},
-        } for member_id, member in group.members.items()})
+                           for topic, parts in sorted(member.assignment.items())}}
+
+
+def stored_share_group(group: ShareGroup, previous: StoredGroup | None = None,
+                       changed: dict[str, int] | None = None) -> StoredGroup:
+    """The group's stored form; with ``previous`` and ``changed``, the records of members
+    not changed are ``previous``'s own objects (cheap to build and to compare)."""
+    kept = previous.members if previous is not None and changed is not None else {}
+    members = {}
+    for member_id, member in group.members.items():
+        record = kept.get(member_id)
+        if record is None or member_id in (changed or {}):
+            record = _member_record(member)
+        members[member_id] = record
+    return StoredGroup(SHARE, group.name, {"epoch": group.epoch}, members)
 
 
 def _restore_member(member_id: str, record: dict[str, Any], now_ms: int) -> ShareMember:

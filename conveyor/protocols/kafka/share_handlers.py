@@ -24,6 +24,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.broker import share_offsets
 from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator
 from conveyor.broker.share_group_state import ShareSession
 from conveyor.broker.types import Delivery
@@ -332,7 +333,7 @@ async def handle_delete_offsets(coordinator: ShareCoordinator, request: Request)
     for topic in body.topics:
         code, message = error_codes.NONE, None
         try:
-            await coordinator.delete_offsets(body.group_id, topic.topic_name)
+            await share_offsets.delete_offsets(coordinator, body.group_id, topic.topic_name)
         except OperatingError as error:
             code, message = _code(error), error.message
         results.append(build(topic_type, topic_name=topic.topic_name,
@@ -357,7 +358,7 @@ async def handle_alter_offsets(coordinator: ShareCoordinator, request: Request,
             raise UnknownGroupError("the group is not a share group", group=body.group_id)
         if len({(name, index) for name, index, _ in wanted}) != len(wanted):
             raise InvalidRequestError("a partition is named twice")
-        outcome = iter(await coordinator.alter_offsets(body.group_id, wanted))
+        outcome = iter(await share_offsets.alter_offsets(coordinator, body.group_id, wanted))
     except OperatingError as error:
         return build(response_type, error_code=_code(error), error_message=error.message,
                      responses=())
