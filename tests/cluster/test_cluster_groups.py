@@ -217,7 +217,7 @@ def test_kip848_members_keep_their_epochs_when_their_coordinator_dies(
             consume(200, 40)
             wait_for(lambda: owner(survivor, GROUP, group) == 3 - coordinator, WAIT_S,
                      "the survivor to claim the group")
-            for _ in range(10):  # a few heartbeats on the new coordinator
+            for _ in range(5):  # a few heartbeats on the new coordinator
                 consumer.poll(0.2)
             rebalances = list(events)  # before close, which revokes everything (and leaves)
             after = stored_group(postgres_dsn, group)
