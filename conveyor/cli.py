@@ -47,6 +47,8 @@ def _add_serve(subparsers: Any) -> None:
     serve.add_argument("--amqp-port", type=int)
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--sqs-port", type=int, help="SQS API port (9324)")
+    serve.add_argument("--internal-port", dest="internal_port", type=int,
+                       help="a cluster node's node-to-node port (0: any free port)")
     serve.add_argument("--log-level", dest="log_level")
     serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     cli_security.add_serve_flags(serve)

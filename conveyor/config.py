@@ -67,6 +67,18 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InternalConfig:
+    """The node-to-node channel of a cluster node (``[listeners.internal]``,
+    docs/cluster.md): its port and its TLS."""
+
+    port: int = 0  # 0: a free port chosen at start (advertised in conveyor_nodes)
+    # The [tls] section unless ``[listeners.internal.tls]`` overrides it (``enabled =
+    # false``: plain). With a ca_file a peer must present a certificate that chains to it
+    # (``verify`` is "required" whatever the section says: every node has a certificate).
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerSettings:
     auto_create_topics: bool = True
     default_partitions: int = 1
@@ -122,6 +134,7 @@ class ServerConfig:
     reuse_port: bool = False
     shutdown_grace_ms: int = 10_000
     tls: TlsConfig | None = None  # the global [tls] section (each listener has its own copy)
+    internal: InternalConfig = field(default_factory=InternalConfig)  # cluster nodes only
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     listeners: tuple[ListenerConfig, ...] = field(
         default_factory=lambda: tuple(
@@ -229,6 +242,31 @@ def _listener_tls(name: str, section: dict[str, Any], global_tls: TlsConfig | No
     if tls is None and not plaintext:
         raise InvalidConfigError(f"listeners.{name}.plaintext = false needs TLS configured")
     return tls, tls_port if tls is not None else None, plaintext
+
+
+def _internal_config(section: Mapping[str, Any], global_tls: TlsConfig | None,
+                     environ: Mapping[str, str], flags: Mapping[str, Any]) -> InternalConfig:
+    """``[listeners.internal]``: ``port`` (< ``CONVEYOR_INTERNAL_PORT`` < ``--internal-port``)
+    and a ``tls`` table over the global ``[tls]``."""
+    if not isinstance(section, Mapping):
+        raise InvalidConfigError("listeners.internal must be a table")
+    values = dict(section)
+    override = values.pop("tls", {})
+    port: Any = values.pop("port", 0)
+    if values:
+        raise InvalidConfigError("unknown listeners.internal settings", names=sorted(values))
+    if not isinstance(override, Mapping):
+        raise InvalidConfigError("listeners.internal.tls must be a table")
+    if "CONVEYOR_INTERNAL_PORT" in environ:
+        port = _coerce(environ["CONVEYOR_INTERNAL_PORT"], 0, "CONVEYOR_INTERNAL_PORT")
+    if flags.get("internal_port") is not None:
+        port = flags["internal_port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidConfigError("listeners.internal.port out of range", port=port)
+    tls = tls_config(override, global_tls, "listeners.internal.tls")
+    if tls is not None:
+        tls = dataclasses.replace(tls, verify="required" if tls.ca_file else "none")
+    return InternalConfig(port, tls)
 
 
 def _listeners_from(
@@ -349,6 +387,8 @@ def load_config(
     return ServerConfig(
         **top,
         tls=global_tls,
+        internal=_internal_config(listener_sections.pop("internal", {}), global_tls, environ,
+                                  flags),
         broker=_broker_settings(BrokerSettings(), broker_overrides),
         listeners=_listeners_from(listener_sections, enabled_names, ports, global_tls),
     )

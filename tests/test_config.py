@@ -64,3 +64,27 @@ def test_bad_configuration_is_a_clear_error(
     path.write_text(document)
     with pytest.raises(InvalidConfigError):
         load_config(path, environ=environ)
+
+
+def test_the_internal_channel_takes_the_tls_section_unless_overridden(tmp_path: Path) -> None:
+    flags = {"tls_cert": "/c.pem", "tls_key": "/c.key", "tls_ca": "/ca.pem"}
+    config = load_config(environ={}, flags=flags)
+    tls = config.internal.tls
+    assert tls is not None and (str(tls.cert_file), str(tls.ca_file)) == ("/c.pem", "/ca.pem")
+    assert tls.verify == "required" and config.internal.port == 0  # peers always verified
+    path = tmp_path / "conveyor.toml"
+    path.write_text("[listeners.internal]\nport = 7500\n[listeners.internal.tls]\n"
+                    "enabled = false\n")
+    plain = load_config(path, environ={"CONVEYOR_INTERNAL_PORT": "7600"}, flags=flags)
+    assert plain.internal.tls is None and plain.internal.port == 7600
+    assert load_config(path, environ={}, flags={**flags, "internal_port": 7700}
+                       ).internal.port == 7700
+    assert load_config(environ={}).internal.tls is None  # no TLS anywhere: plain
+    path.write_text('[listeners.internal.tls]\ncert_file = "/n.pem"\nkey_file = "/n.key"\n')
+    own = load_config(path, environ={}).internal.tls
+    assert own is not None and own.ca_file is None and own.verify == "none"
+    for bad in ("[listeners.internal]\nhost = 'x'\n", "[listeners.internal]\nport = -1\n",
+                "[listeners.internal]\nport = 'x'\n"):
+        path.write_text(bad)
+        with pytest.raises(InvalidConfigError):
+            load_config(path, environ={})

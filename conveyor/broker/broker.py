@@ -682,10 +682,12 @@ class Broker:
         lock_ms: int | None = None,
         wait_ms: int = 0,
         consumer_id: str | None = None,
+        partitions: Sequence[int] | None = None,
     ) -> list[Delivery]:
-        """Lock up to records_max records for this consumer (queue: group == topic)."""
+        """Lock up to records_max records for this consumer (queue: group == topic);
+        ``partitions``: only from these partitions (None: any)."""
         return await self._shared().acquire(
-            topic, group, records_max, lock_ms, wait_ms, consumer_id
+            topic, group, records_max, lock_ms, wait_ms, consumer_id, partitions=partitions
         )
 
     async def ack(self, receipts: Iterable[str], wait_durable: bool = True,

@@ -5,7 +5,7 @@ Owns: what the store holds of each (protocol, group) as last written or read
 cluster node's claim of a group, and ``StoredGroups``: one coordinator's side of it
 (restore, reload, persist with only the changed members' records rebuilt). The
 coordinators (consumer_coordinator.py, share_coordinator.py) hand it their group in
-the stored form (consumer_group_state.py, share_group_state.py) and answer the client
+the stored form (consumer_group_state.py, share_state.py) and answer the client
 only after it is written, as Kafka's coordinator answers after its records are
 appended to __consumer_offsets.
 
@@ -137,7 +137,9 @@ class ChangedGroup(Protocol):
 
 class StoredGroups(Generic[GroupT]):
     """One coordinator's groups (``groups``, the coordinator's own dict) and the store:
-    restored at construction, read again at a claim, written after a change."""
+    restored at construction (one node; a cluster node, which is built after it joined
+    the cluster, reads a group when it claims it), read again at a claim, written after
+    a change."""
 
     def __init__(self, members: GroupMembers, protocol: str, groups: dict[str, GroupT],
                  to_stored: Callable[[GroupT, StoredGroup | None, dict[str, int]],
@@ -150,8 +152,9 @@ class StoredGroups(Generic[GroupT]):
         self.to_stored = to_stored
         self.restore = restore
         self.now_ms = now_ms
-        for stored in members.stored(protocol):
-            groups[stored.group_id] = restore(stored, now_ms())
+        if members.guard is None:  # a cluster node reads a group when it claims it
+            for stored in members.stored(protocol):
+                groups[stored.group_id] = restore(stored, now_ms())
 
     async def persist(self, group_id: str, member_id: str | None = None) -> None:
         """Write what changed in the group (``member_id``: a member just changed) since

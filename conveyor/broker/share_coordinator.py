@@ -29,13 +29,21 @@ Rules:
 - A member may settle only records it holds and whose lock has not expired
   (InvalidRecordStateError otherwise); acknowledgement batches must run forward
   without overlap.
+- Several nodes (docs/cluster.md): heartbeats reach the group's coordinator only;
+  ShareFetch and ShareAcknowledge reach each partition's leader, which keeps the
+  member's share session and what it holds of the partitions it leads. A leader that
+  does not coordinate the group (``coordinates`` says no) takes a member it never saw
+  at its session's epoch 0 (an *adopted* member, as Kafka's share-partition leaders
+  know members by their share sessions only) and forgets it when the session ends.
+  Records are acquired only from the session's partitions (``acquire``'s
+  ``partitions``); the shared group under them may be owned by a third node, which
+  the broker's shared groups forward to.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from conveyor.clock import Clock
@@ -45,26 +53,29 @@ from conveyor.errors import (
     InvalidRecordStateError,
     InvalidRequestError,
     InvalidShareSessionEpochError,
-    NonEmptyGroupError,
     OperatingError,
     PreconditionFailedError,
     ShareSessionLimitError,
     ShareSessionNotFoundError,
-    UnknownGroupError,
     UnknownMemberError,
 )
 from conveyor.storage.member_state import SHARE
 
 from .group_configs import GroupConfigs, by_duration_ms
 from .group_members import GroupMembers, StoredGroups
-from .share_group_state import (
+from .share_admin import ShareGroupAdmin
+from .share_polls import start_by_time, wait_for_any
+from .share_state import (
+    SHARE_GROUPS_MAX,
+    Acknowledgement,
+    HeartbeatResult,
     ShareGroup,
     ShareMember,
     ShareSession,
+    TopicPartition,
     restore_share_group,
     stored_share_group,
 )
-from .share_polls import start_by_time, wait_for_any
 from .types import Delivery, QueueConfig
 
 if TYPE_CHECKING:
@@ -73,52 +84,26 @@ if TYPE_CHECKING:
 SESSION_PARTITIONS_MAX: Final = 10_000  # partitions one share session may name
 SESSIONS_MAX: Final = 2_000  # share sessions open at once (Kafka's group.share.max.share.sessions)
 MEMBERS_MAX: Final = 1_000  # members per share group (Kafka: group.share.max.size 200)
-# Each share group reading a topic is a persisted shared group with its own windows;
-# Kafka's group.share.max.groups is 10.
-SHARE_GROUPS_MAX: Final = 1_000
 FIRST_CHUNK_RECORDS: Final = 16  # records acquired before their sizes are known
 
 AcknowledgeType = Literal["gap", "accept", "release", "reject", "renew"]
 ACKNOWLEDGE_TYPES: Final[dict[int, AcknowledgeType]] = {
     0: "gap", 1: "accept", 2: "release", 3: "reject", 4: "renew"}
 
-TopicPartition = tuple[str, int]
 
-
-@dataclass(frozen=True, slots=True)
-class HeartbeatResult:
-    member_epoch: int
-    heartbeat_interval_ms: int
-    assignment: dict[str, tuple[int, ...]] | None  # None: unchanged since the last answer
-
-
-@dataclass(frozen=True, slots=True)
-class Acknowledgement:
-    """One acknowledgement batch of one partition, as the client sent it."""
-
-    topic: str
-    partition: int
-    first_offset: int
-    last_offset: int
-    types: tuple[int, ...]
-
-
-class ShareCoordinator:
+class ShareCoordinator(ShareGroupAdmin):
     def __init__(self, broker: Broker, clock: Clock, configs: GroupConfigs) -> None:
         self.broker = broker
         self.clock = clock
         self.configs = configs
         self.groups: dict[str, ShareGroup] = {}
+        # several nodes: does this node coordinate the group? (None: one node, every group)
+        self.coordinates: Callable[[str], bool] | None = None
         self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # (group, topic) being made
         # the groups as stored (group_members.py): restored now, written after changes
         self.stored = StoredGroups(broker.group_members, SHARE, self.groups,
                                    stored_share_group, restore_share_group, clock.monotonic_ms)
         self.members: GroupMembers = broker.group_members
-
-    async def reload_group(self, group_id: str) -> None:
-        """Read the members again (a cluster node claims the group); sessions and held
-        records are not stored: clients reopen sessions, locks expire."""
-        await self.stored.reload(group_id)
 
     def config(self, group: str) -> dict[str, str]:
         return self.configs.get(group)
@@ -127,6 +112,11 @@ class ShareCoordinator:
         return self.configs.integer(group, name)
 
     # --- membership ----------------------------------------------------------------
+    async def reload_group(self, group_id: str) -> None:
+        """Read the members again (a cluster node claims the group); sessions and held
+        records are not stored: clients reopen sessions, locks expire."""
+        await self.stored.reload(group_id)
+
     async def heartbeat(
         self, group_id: str, member_id: str, member_epoch: int,
         topics: Sequence[str] | None, client_id: str = "", client_host: str = "",
@@ -194,11 +184,11 @@ class ShareCoordinator:
             info = self.broker.topics.find(topic)
             if info is None:
                 continue
-            await self.ensure_shared_group(group, topic)
+            await self._ensure_shared_group(group, topic)
             assignment[topic] = tuple(range(info.partitions))
         return assignment
 
-    async def ensure_shared_group(self, group: ShareGroup, topic: str) -> None:
+    async def _ensure_shared_group(self, group: ShareGroup, topic: str) -> None:
         if topic in group.topics:
             return
         # one member creates (and, by_duration, positions) it while the others wait, so
@@ -272,6 +262,8 @@ class ShareCoordinator:
                            ) -> tuple[ShareSession | None, bool]:
         """Check and advance the member's session epoch; returns the session (None once
         closed) and whether this request closed it (epoch -1)."""
+        if epoch == 0:
+            await self._adopt(group_id, member_id)
         group, _ = self.member(group_id, member_id)
         session = group.sessions.get(member_id)
         if epoch == 0:
@@ -295,6 +287,37 @@ class ShareCoordinator:
                                       limit=SESSION_PARTITIONS_MAX)
         return session, False
 
+    async def _adopt(self, group_id: str, member_id: str) -> None:
+        """A share session opened on a partition leader that does not coordinate the
+        group: take the member as its session names it (its heartbeats go to the
+        coordinator). The group's configs are read again: AlterConfigs reached the
+        coordinator, not necessarily this node."""
+        if self.coordinates is None or not group_id or self.coordinates(group_id):
+            return
+        group = self.groups.get(group_id)
+        if group is not None:
+            # members left from when this node coordinated the group, and adopted ones
+            # whose client went quiet, go (no heartbeat reaches this node to expire them)
+            await self._expire_members(group)
+            if member_id in group.members or member_id in group.departed:
+                return
+        if not member_id:
+            raise InvalidRequestError("a share member generates its own member id")
+        if group is None:
+            if len(self.groups) >= SHARE_GROUPS_MAX:
+                raise GroupLimitError("too many share groups", limit=SHARE_GROUPS_MAX)
+            group = self.groups[group_id] = ShareGroup(group_id)
+        if len(group.members) >= MEMBERS_MAX:
+            raise GroupLimitError("share group is full", group=group_id)
+        await self.configs.reload_group(group_id)
+        group = self.groups.setdefault(group_id, group)  # forgotten while it read
+        group.members.setdefault(member_id, ShareMember(
+            member_id, 0, (), "", "", None, self.clock.monotonic_ms(), adopted=True))
+
+    def _end_adopted(self, group: ShareGroup, member: ShareMember) -> None:
+        if member.adopted and group.members.get(member.member_id) is member:
+            del group.members[member.member_id]
+
     def open_sessions(self) -> int:
         return sum(len(group.sessions) for group in self.groups.values())
 
@@ -308,6 +331,7 @@ class ShareCoordinator:
         group.sessions.pop(member_id, None)
         group.departed.pop(member_id, None)
         if member is not None:
+            self._end_adopted(group, member)
             try:
                 await self._release_held(group, member)
             except OperatingError:
@@ -317,35 +341,43 @@ class ShareCoordinator:
         group, member = self.member(group_id, member_id)
         group.sessions.pop(member_id, None)
         group.departed.pop(member_id, None)
+        self._end_adopted(group, member)
         await self._release_held(group, member)
 
     # --- records -------------------------------------------------------------------
     async def acquire(self, group_id: str, member_id: str, topics: Sequence[str],
-                      records_max: int, wait_ms: int,
-                      bytes_max: int = 1 << 62) -> tuple[list[Delivery], int]:
+                      records_max: int, wait_ms: int, bytes_max: int = 1 << 62,
+                      partitions: Mapping[str, Sequence[int]] | None = None,
+                      ) -> tuple[list[Delivery], int]:
         """Lock records of ``topics`` for the member, up to ``records_max`` and about
         ``bytes_max`` (the first record always; the last chunk may overshoot a little);
-        returns them and the lock duration."""
+        returns them and the lock duration. ``partitions``: per topic, the only
+        partitions to take from (a share session's, on the partitions' leader)."""
         group, member = self.member(group_id, member_id, departed=False)
         lock_ms = self._int_config(group_id, "share.record.lock.duration.ms")
         consumer = consumer_id(group_id, member_id)
         self._prune(member)
-        for topic in topics:
-            await self.ensure_shared_group(group, topic)
+        if partitions is not None:
+            topics = [topic for topic in topics if partitions.get(topic)]
+        if not member.adopted:  # else the coordinator made them at the assignment
+            for topic in topics:
+                await self._ensure_shared_group(group, topic)
         deliveries = await self._take(topics, group_id, consumer, lock_ms, records_max,
-                                      bytes_max, [])
+                                      bytes_max, [], partitions)
         if not deliveries and len(topics) == 1 and wait_ms > 0:
             # Long-poll the topic for one record (woken by appends, releases and lock
             # expiries), then take what else is ready.
-            deliveries = await self.broker.acquire(topics[0], group_id, 1, lock_ms, wait_ms,
-                                                   consumer)
+            deliveries = await self.broker.acquire(
+                topics[0], group_id, 1, lock_ms, wait_ms, consumer,
+                partitions=None if partitions is None else partitions[topics[0]])
             if deliveries:
                 deliveries = await self._take(topics, group_id, consumer, lock_ms,
-                                              records_max, bytes_max, deliveries)
+                                              records_max, bytes_max, deliveries, partitions)
         elif not deliveries and topics and wait_ms > 0:
             deliveries = await wait_for_any(
                 self.broker, self.clock, topics, wait_ms, lambda: self._take(
-                    topics, group_id, consumer, lock_ms, records_max, bytes_max, []))
+                    topics, group_id, consumer, lock_ms, records_max, bytes_max, [],
+                    partitions), partitions)
         if group.members.get(member_id) is not member:  # left while waiting
             await self.broker.release([delivery.receipt for delivery in deliveries])
             return [], lock_ms
@@ -355,7 +387,9 @@ class ShareCoordinator:
         return deliveries, lock_ms
 
     async def _take(self, topics: Sequence[str], group_id: str, consumer: str, lock_ms: int,
-                    records_max: int, bytes_max: int, taken: list[Delivery]) -> list[Delivery]:
+                    records_max: int, bytes_max: int, taken: list[Delivery],
+                    partitions: Mapping[str, Sequence[int]] | None = None,
+                    ) -> list[Delivery]:
         """Acquire without waiting, in chunks sized by the records seen so far, so a
         fetch of large records stops near ``bytes_max`` instead of locking (and later
         counting a delivery of) records it cannot send."""
@@ -366,7 +400,9 @@ class ShareCoordinator:
                 room = records_max - len(taken)
                 chunk = min(room, FIRST_CHUNK_RECORDS if largest == 0
                             else max(1, (bytes_max - used) // largest))
-                got = await self.broker.acquire(topic, group_id, chunk, lock_ms, 0, consumer)
+                got = await self.broker.acquire(
+                    topic, group_id, chunk, lock_ms, 0, consumer,
+                    partitions=None if partitions is None else partitions.get(topic, ()))
                 taken += got
                 used += sum(map(delivery_bytes, got))
                 largest = max([largest, *map(delivery_bytes, got)])
@@ -434,46 +470,6 @@ class ShareCoordinator:
                 for key, _ in items:
                     if outcome.get(key) is None:
                         outcome[key] = InvalidRecordStateError(error.message)
-
-    # --- admin ---------------------------------------------------------------------
-    def describe(self, group_id: str) -> ShareGroup:
-        group = self.groups.get(group_id)
-        if group is None:
-            if self.is_share_group(group_id):  # configured, or read before a restart
-                return ShareGroup(group_id)
-            raise UnknownGroupError("no such share group", group=group_id)
-        return group
-
-    def list_groups(self) -> list[tuple[str, str]]:
-        """(group id, state) of every share group: "Stable" with members, else "Empty"."""
-        names = {name for name in [*self.groups, *self.configs.explicit]
-                 if self.is_share_group(name)}
-        return [(name, "Stable" if self.groups.get(name) and self.groups[name].members
-                 else "Empty") for name in sorted(names)]
-
-    def is_share_group(self, group_id: str) -> bool:
-        return group_id in self.groups or any(
-            name.startswith("share.") for name in self.configs.set_on(group_id))
-
-    def topics_read(self, group_id: str) -> list[str]:
-        """The topics this group has a shared group on (persisted: known after a restart)."""
-        return [info.name for info in self.broker.list_topics()
-                if self.broker.shared_group_start_offsets(info.name, group_id) is not None]
-
-    async def delete_group(self, group_id: str) -> None:
-        """The group, its configs and its shared groups on plain topics (a queue's own
-        group stays with the queue)."""
-        group = self.groups.get(group_id)
-        if group is not None and group.members:
-            raise NonEmptyGroupError("share group has members", group=group_id)
-        for topic in self.topics_read(group_id):
-            try:
-                await self.broker.delete_shared_group(topic, group_id)
-            except PreconditionFailedError:
-                continue
-        self.groups.pop(group_id, None)
-        self.members.delete(SHARE, group_id)
-        await self.configs.forget(group_id)
 
 
 def delivery_bytes(delivery: Delivery) -> int:

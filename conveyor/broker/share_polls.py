@@ -8,7 +8,7 @@ resets) and the clock. Must not know: the wire format.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock
@@ -20,13 +20,17 @@ if TYPE_CHECKING:
 
 
 async def wait_for_any(broker: Broker, clock: Clock, topics: Sequence[str], wait_ms: int,
-                       take: Callable[[], Awaitable[list[Delivery]]]) -> list[Delivery]:
+                       take: Callable[[], Awaitable[list[Delivery]]],
+                       partitions: Mapping[str, Sequence[int]] | None = None,
+                       ) -> list[Delivery]:
     """Long poll over several topics: woken by an append to any partition of any of them
-    (a wait that acquires nothing, so ending it early loses no lock), ``take`` what is
-    ready, until records come or ``wait_ms`` passes."""
+    (of ``partitions`` only, when given), a wait that acquires nothing, so ending it
+    early loses no lock; ``take`` what is ready, until records come or ``wait_ms``
+    passes."""
     keys = [(topic, partition) for topic in topics
             if (info := broker.find_topic(topic)) is not None
-            for partition in range(info.partitions)]
+            for partition in range(info.partitions)
+            if partitions is None or partition in partitions.get(topic, ())]
     deadline_ms = clock.monotonic_ms() + wait_ms
     deliveries: list[Delivery] = []
     while not deliveries:

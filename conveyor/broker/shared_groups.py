@@ -239,6 +239,8 @@ class SharedGroups:
         self._dedup: dict[str, DedupWindow] = {}
         # (group, topic) -> acquires waiting for a record
         self._waiters: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        # (group, topic) -> how many of its waiting acquires take only some partitions
+        self._filtered_waits: dict[tuple[str, str], int] = {}
         # the long polls' deadline sleepers: cancelled when the poll ends, awaited at close
         self._sleepers = Supervisor("conveyor.shared-groups")
         # (topic, partition) -> offset last passed to delete_before (work-queue retention)
@@ -587,13 +589,17 @@ class SharedGroups:
     async def acquire(
         self, topic: str, group: str, records_max: int = 1, lock_ms: int | None = None,
         wait_ms: int = 0, consumer_id: str | None = None, local: bool = False,
+        partitions: Sequence[int] | None = None,
     ) -> list[Delivery]:
         """Lock up to ``records_max`` records; wait up to ``wait_ms`` for the first one.
-        ``local``: this node's window only (a request forwarded by another node)."""
+        ``local``: this node's window only (a request forwarded by another node).
+        ``partitions``: only records of these partitions (a KIP-932 share-partition
+        leader serves the partitions it leads); None: any partition."""
         if not local and self.remote is not None and not await self.remote.serves(group, topic):
             return await self.remote.acquire(topic, group, records_max, lock_ms, wait_ms,
-                                             consumer_id)
+                                             consumer_id, partitions)
         state = await self._group_for_acquire(group, topic)
+        only = None if partitions is None else frozenset(partitions)
         records_max = max(1, min(records_max, ACQUIRE_RECORDS_MAX))
         lock_ms = state.config.visibility_timeout_ms if lock_ms is None else lock_ms
         lock_ms = max(0, min(lock_ms, LOCK_MS_MAX))
@@ -603,15 +609,25 @@ class SharedGroups:
             state.counters.saw_consumer(consumer_id, now_ms)
         deadline_ms = now_ms + max(0, min(wait_ms, ACQUIRE_WAIT_MS_MAX))
         while True:
-            deliveries = await self._acquire_once(state, records_max, lock_ms, consumer)
-            if deliveries and not self.store.commits_in_turn:
-                await self._delivered_mark_durable()
+            deliveries: list[Delivery] = []
+            try:
+                await self._acquire_once(state, records_max, lock_ms, consumer, deliveries,
+                                         only)
+                if deliveries and not self.store.commits_in_turn:
+                    await self._delivered_mark_durable()
+            except asyncio.CancelledError:
+                # cancelled (the caller went away) after records were locked for it, while
+                # a later partition was read or the delivered mark was committed: nobody
+                # will see these deliveries, so they go back now, not at their deadline
+                if deliveries:
+                    await asyncio.shield(self.release([d.receipt for d in deliveries], 0))
+                raise
             if deliveries and self._waiters.get((group, topic)) and self._maybe_ready(state):
                 self._wake(group, topic, 1)  # pass the baton: more may be there
             remaining_ms = deadline_ms - self.clock.monotonic_ms()
             if deliveries or remaining_ms <= 0:
                 return deliveries
-            await self._wait(state, remaining_ms)
+            await self._wait(state, remaining_ms, only is not None)
             if self._groups.get((group, topic)) is not state:
                 return []  # deleted while waiting
 
@@ -627,12 +643,15 @@ class SharedGroups:
             return
 
     async def _acquire_once(
-        self, state: SharedGroupWindows, records_max: int, lock_ms: int, consumer: str
+        self, state: SharedGroupWindows, records_max: int, lock_ms: int, consumer: str,
+        deliveries: list[Delivery], only: frozenset[int] | None = None,
     ) -> list[Delivery]:
-        deliveries: list[Delivery] = []
+        """Lock up to ``records_max`` records into ``deliveries`` (the caller's list, so
+        that what was locked before a cancellation is known) and return it."""
         redelivered = 0
         self._add_new_partitions(state)
-        partitions = sorted(state.partitions)
+        partitions = sorted(state.partitions if only is None
+                            else only.intersection(state.partitions))
         for step in range(len(partitions)):
             index = partitions[(state.next_partition + step) % len(partitions)]
             part = state.partitions[index]
@@ -669,8 +688,12 @@ class SharedGroups:
         state.counters.redelivered += redelivered
         return deliveries
 
-    async def _wait(self, state: SharedGroupWindows, remaining_ms: int) -> None:
-        """Until an append, a release, the group's next deadline, or ``remaining_ms``."""
+    async def _wait(self, state: SharedGroupWindows, remaining_ms: int,
+                    filtered: bool = False) -> None:
+        """Until an append, a release, the group's next deadline, or ``remaining_ms``.
+        ``filtered``: the acquire takes only some partitions, so a wake meant for one
+        record may not be its own: while such an acquire waits, every wake of the group
+        wakes all its acquires (``_wake``)."""
         now_ms = self.clock.monotonic_ms()
         deadlines = [d for d in (p.next_deadline_ms() for p in state.partitions.values())
                      if d is not None]
@@ -687,11 +710,17 @@ class SharedGroups:
         waiter: asyncio.Future[None] = loop.create_future()
         key = (state.group, state.topic)
         self._waiters.setdefault(key, []).append(waiter)
+        if filtered:
+            self._filtered_waits[key] = self._filtered_waits.get(key, 0) + 1
         sleeper = self._sleepers.start(self.clock.sleep_ms(remaining_ms), name="acquire wait")
         sleeper.add_done_callback(lambda _: _resolve_waiter(waiter))
         try:
             await waiter  # resumes straight from _wake: no extra loop hop on the hot path
         finally:
+            if filtered:
+                left = self._filtered_waits.pop(key, 1) - 1
+                if left > 0:
+                    self._filtered_waits[key] = left
             sleeper.cancel()  # awaited by close(), not here: that would cost a loop turn
             waiters = self._waiters.get(key)
             if waiters is not None:
@@ -754,7 +783,7 @@ class SharedGroups:
         waiters = self._waiters.get(key)
         if not waiters:
             return
-        if count is None or count >= len(waiters):
+        if count is None or count >= len(waiters) or key in self._filtered_waits:
             del self._waiters[key]
             for waiter in waiters:
                 if not waiter.done():

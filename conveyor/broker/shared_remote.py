@@ -36,7 +36,9 @@ class SharedRemote(Protocol):
         ...
 
     async def acquire(self, topic: str, group: str, records_max: int, lock_ms: int | None,
-                      wait_ms: int, consumer_id: str | None) -> list[Delivery]:
+                      wait_ms: int, consumer_id: str | None,
+                      partitions: Sequence[int] | None = None) -> list[Delivery]:
+        """``partitions``: only records of these (None: any partition)."""
         ...
 
     async def settle(self, op: str, receipts: Sequence[str], arg: int,

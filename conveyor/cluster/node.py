@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from conveyor.clock import Clock
@@ -24,6 +25,8 @@ from conveyor.cluster.membership import ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, item_name
 from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
 from conveyor.cluster.wakeups import Wakeups
+from conveyor.config import TlsConfig
+from conveyor.server.tls import RefusalLog, ServerTls
 from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
@@ -31,12 +34,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("conveyor.cluster")
 
+
+@dataclass(frozen=True, slots=True)
+class InternalChannel:
+    """How the node-to-node channel listens and connects (config ``[listeners.internal]``)."""
+
+    port: int = 0  # 0: any free port
+    server_tls: ServerTls | None = None  # the listener's context (SIGHUP reloads it)
+    client_tls: TlsConfig | None = None  # this node's certificate and its peers' CA
+    refusals: RefusalLog | None = None  # the server's rate-limited log of refused peers
+
+
 class ClusterNode:
     def __init__(self, broker: Broker, settings: ClusterSettings, clock: Clock,
-                 internal_host: str = "127.0.0.1", advertised_host: str = "127.0.0.1") -> None:
+                 internal_host: str = "127.0.0.1", advertised_host: str = "127.0.0.1",
+                 internal: InternalChannel | None = None) -> None:
         self.broker = broker
         # the node-to-node listener (internal_api.py): bound here, advertised as this
         self.internal_host = internal_host
+        self.channel = internal or InternalChannel()
         self.advertised_host = advertised_host
         self.internal: InternalServer | None = None
         self.remote_queues: RemoteQueues | None = None
@@ -73,10 +89,13 @@ class ClusterNode:
         if shared is not None:  # queue consumers on any node, served by the queue's owner
             self.owner_side = OwnerSide(self.membership, shared, self.serve_shared,
                                         self.refresh_catalog)
+            channel = self.channel
             self.internal = InternalServer(secret, self.owner_side.handle,
-                                           self.owner_side.orphan)
-            await self.internal.start(self.internal_host, 0)
-            self.remote_queues = RemoteQueues(self.membership, shared, secret, self.serve_shared)
+                                           self.owner_side.orphan, tls=channel.server_tls,
+                                           refusals=channel.refusals)
+            await self.internal.start(self.internal_host, channel.port)
+            self.remote_queues = RemoteQueues(self.membership, shared, secret, self.serve_shared,
+                                              tls=channel.client_tls)
             shared.remote = self.remote_queues
             # give back what consumers of dead nodes held here
             self._tasks.start(self._every_heartbeat(

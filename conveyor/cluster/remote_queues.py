@@ -42,7 +42,14 @@ from conveyor.cluster.internal_api import (
     error_to_wire,
 )
 from conveyor.cluster.ownership import SHARED, item_name
-from conveyor.errors import InvalidRequestError, OperatingError, UnavailableError
+from conveyor.config import TlsConfig
+from conveyor.errors import (
+    InvalidRequestError,
+    OperatingError,
+    UnavailableError,
+    UnknownGroupError,
+    UnknownQueueError,
+)
 from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
@@ -58,6 +65,8 @@ BACKOFF_FIRST_S: Final = 0.05
 BACKOFF_MAX_S: Final = 1.0
 CALL_MARGIN_S: Final = 10.0  # beyond a long poll's own wait
 CONSUMERS_TRACKED_MAX: Final = 100_000  # per map below; the oldest are forgotten
+# partitions one forwarded acquire may name (a share session's bound, share_coordinator.py)
+PARTITIONS_MAX: Final = 10_000
 
 # (group, topic) -> does this node hold its window (claiming it when it is the choice)?
 Serve = Callable[[str, str], Awaitable[bool]]
@@ -105,8 +114,9 @@ class RemoteQueues:
     """This node's consumers of queues other nodes own (``SharedRemote``)."""
 
     def __init__(self, membership: Membership, shared: SharedGroups, secret: bytes,
-                 serve: Serve) -> None:
+                 serve: Serve, tls: TlsConfig | None = None) -> None:
         self.membership = membership
+        self.tls = tls  # TLS to other nodes' internal ports (None: plain)
         self.shared = shared
         self.serve = serve
         self.secret = secret
@@ -130,7 +140,8 @@ class RemoteQueues:
         return await self.serve(group, topic)
 
     async def acquire(self, topic: str, group: str, records_max: int, lock_ms: int | None,
-                      wait_ms: int, consumer_id: str | None) -> list[Delivery]:
+                      wait_ms: int, consumer_id: str | None,
+                      partitions: Sequence[int] | None = None) -> list[Delivery]:
         started = time.monotonic()
         backoff = _Backoff(max(wait_ms, RETRY_MS))
         while True:
@@ -138,12 +149,14 @@ class RemoteQueues:
             client = await self._owner_client(group, topic)
             if client is None and await self.serves(group, topic):  # it moved here
                 return await self.shared.acquire(topic, group, records_max, lock_ms,
-                                                 remaining_ms, consumer_id, local=True)
+                                                 remaining_ms, consumer_id, local=True,
+                                                 partitions=partitions)
             if client is not None:
                 if consumer_id is not None:
                     self._remember(consumer_id, group, topic)
                 args = {"topic": topic, "group": group, "records_max": records_max,
-                        "lock_ms": lock_ms, "wait_ms": remaining_ms, "consumer": consumer_id}
+                        "lock_ms": lock_ms, "wait_ms": remaining_ms, "consumer": consumer_id,
+                        "partitions": None if partitions is None else list(partitions)}
                 try:
                     self.forwarded += 1
                     found = await client.call("acquire", args, remaining_ms / 1000
@@ -295,7 +308,7 @@ class RemoteQueues:
             if client is not None:
                 await client.close()
             client = _PeerClient(owner, address, self.secret, self.membership.node_id,
-                                 self.membership.incarnation, self._orphan)
+                                 self.membership.incarnation, self._orphan, self.tls)
             self._clients[owner] = client
         return client
 
@@ -307,10 +320,26 @@ class RemoteQueues:
         self._tasks.start(self.settle(RELEASE, receipts, 0, True), name="release orphans")
 
 
+def _text(args: dict[str, Any], key: str) -> str:
+    """A string argument of a forwarded request (a peer's bug is InvalidRequestError)."""
+    value = args.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"internal request: {key} must be a string", key=key)
+    return value
+
+
+def _number(args: dict[str, Any], key: str) -> int:
+    """An integer argument within 0..2^63-1 (the broker clamps it to its own bounds)."""
+    value = args.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidRequestError(f"internal request: {key} must be an integer >= 0", key=key)
+    return value
+
+
 class _PeerClient(InternalClient):
     def __init__(self, peer: int, address: str, secret: bytes, node_id: int,
-                 incarnation: int, orphan: Any) -> None:
-        super().__init__(address, secret, node_id, incarnation, orphan)
+                 incarnation: int, orphan: Any, tls: TlsConfig | None) -> None:
+        super().__init__(address, secret, node_id, incarnation, orphan, tls)
         self.node_id_of_peer = peer
 
 
@@ -357,7 +386,7 @@ class OwnerSide:
         if op == "settle":
             return await self._settle(args)
         if op in ("counts", "purge"):
-            queue = str(args["queue"])
+            queue = _text(args, "queue")
             if not await self._owns(queue, queue):
                 raise NotOwnerError("not the owner of this queue", queue=queue)
             await self._load(queue, queue)
@@ -366,7 +395,7 @@ class OwnerSide:
             info = await self.shared.get_queue(queue, local=True)
             return [info.ready, info.in_flight, info.delayed]
         if op == "release_consumer":
-            consumer = f"node{node}/{args['consumer']}"
+            consumer = f"node{node}/{_text(args, 'consumer')}"
             held = self._holders.get(node)
             if held is not None:
                 held[1].pop(consumer, None)
@@ -374,11 +403,13 @@ class OwnerSide:
         raise InvalidRequestError("unknown internal request", op=op)
 
     async def _acquire(self, args: dict[str, Any], node: int, incarnation: int) -> Any:
-        group, topic = str(args["group"]), str(args["topic"])
+        group, topic = _text(args, "group"), _text(args, "topic")
+        consumer = _text(args, "consumer") if args.get("consumer") is not None else None
+        records_max, wait_ms = _number(args, "records_max"), _number(args, "wait_ms")
+        lock_ms = _number(args, "lock_ms") if args.get("lock_ms") is not None else None
         if not await self._owns(group, topic):
             raise NotOwnerError("not the owner of this queue", group=group, topic=topic)
         await self._load(group, topic)
-        consumer = args.get("consumer")
         remote_id = None if consumer is None else f"node{node}/{consumer}"
         if remote_id is not None:
             _, held = self._holders.setdefault(node, (incarnation, OrderedDict()))
@@ -386,23 +417,38 @@ class OwnerSide:
             held.move_to_end(remote_id)
             while len(held) > CONSUMERS_TRACKED_MAX:
                 held.popitem(last=False)
-        lock_ms = args.get("lock_ms")
-        deliveries = await self.shared.acquire(
-            topic, group, int(args["records_max"]), None if lock_ms is None else int(lock_ms),
-            int(args["wait_ms"]), remote_id, local=True)
+        wanted = args.get("partitions")
+        if wanted is not None and (
+                not isinstance(wanted, list) or len(wanted) > PARTITIONS_MAX
+                or not all(type(index) is int and index >= 0 for index in wanted)):
+            raise InvalidRequestError("partitions: a list of partition numbers",
+                                      limit=PARTITIONS_MAX)
+        deliveries = await self.shared.acquire(topic, group, records_max, lock_ms, wait_ms,
+                                               remote_id, local=True, partitions=wanted)
         return [delivery_to_wire(delivery) for delivery in deliveries]
 
     async def _settle(self, args: dict[str, Any]) -> list[list[Any]]:
-        receipts = [str(receipt) for receipt in args["receipts"]]
-        op, arg = str(args["op"]), int(args["arg"])
+        receipts = args.get("receipts")
+        if not isinstance(receipts, list) or not all(isinstance(r, str) for r in receipts):
+            raise InvalidRequestError("internal settle: receipts must be a list of strings")
+        op, arg = _text(args, "op"), _number(args, "arg")
+        if op not in (ACK, RELEASE, EXTEND, REJECT):
+            raise InvalidRequestError("unknown settle", op=op)
         answers: list[list[Any] | None] = [None] * len(receipts)
         mine: list[int] = []
         owned: dict[tuple[str, str], bool] = {}
+        refused: dict[tuple[str, str], OperatingError] = {}
         for index, receipt in enumerate(receipts):
             key = group_of(receipt)
             if key is not None and key not in owned:
-                owned[key] = await self._owns(*key)
-            if key is not None and not owned[key]:
+                try:
+                    owned[key] = await self._owns(*key)
+                except (UnknownQueueError, UnknownGroupError) as unknown:
+                    refused[key] = unknown
+                    owned[key] = False
+            if key is not None and key in refused:
+                answers[index] = [error_to_wire(refused[key]), None]
+            elif key is not None and not owned[key]:
                 answers[index] = [error_to_wire(NotOwnerError("not the owner")), None]
             else:
                 mine.append(index)
@@ -420,6 +466,16 @@ class OwnerSide:
         return [answer if answer is not None else [None, None] for answer in answers]
 
     async def _owns(self, group: str, topic: str) -> bool:
+        """Is this node the owner? A name that is no topic, even after a fresh read of
+        the catalog, is refused before an owner row is claimed for it (a peer's junk
+        names would otherwise leave rows and entries behind)."""
+        if self.shared.host.topics.find(topic) is None:
+            await self.refresh_catalog()
+            if self.shared.host.topics.find(topic) is None:
+                if group == topic:
+                    raise UnknownQueueError("unknown queue", queue=topic)
+                raise UnknownGroupError("unknown topic for shared group", topic=topic,
+                                        group=group)
         return await self.serve(group, topic)
 
     async def _load(self, group: str, topic: str) -> None:

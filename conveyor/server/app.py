@@ -173,13 +173,16 @@ class Server:
         if self.config.node_id is None or dsn is None:
             return
         from conveyor.cluster.membership import ClusterSettings
-        from conveyor.cluster.node import ClusterNode
+        from conveyor.cluster.node import ClusterNode, InternalChannel
 
         node_id = None if self.config.node_id == "auto" else int(self.config.node_id)
         settings = self.config.broker
         self.cluster = ClusterNode(self.broker, ClusterSettings(
             dsn, node_id, settings.cluster_heartbeat_ms, settings.cluster_lease_ms), self.clock,
-            internal_host=self.config.host, advertised_host=self._advertised_host())
+            internal_host=self.config.host, advertised_host=self._advertised_host(),
+            internal=InternalChannel(
+                self.config.internal.port, self.tls.get(self.config.internal.tls),
+                self.config.internal.tls, self.refusals))
         await self.cluster.open()
 
     def _advertised_addresses(self) -> dict[str, str]:

@@ -54,6 +54,31 @@ def build_context(config: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+def build_client_context(config: TlsConfig) -> ssl.SSLContext:
+    """A client context for a cluster node connecting to another node's internal port
+    (conveyor/cluster/internal_api.py): it presents this node's certificate and verifies
+    the peer's against ``ca_file``, host name included. Without a ``ca_file`` the trust
+    anchors are the system's CAs and the certificates of this node's own ``cert_file``
+    (partial chains allowed): nodes sharing one certificate, or certificates issued by an
+    intermediate that ``cert_file`` carries, trust each other. Files that cannot be
+    loaded are an ``InvalidConfigError``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    try:
+        context.load_cert_chain(str(config.cert_file), str(config.key_file))
+        if config.ca_file is not None:
+            context.load_verify_locations(cafile=str(config.ca_file))
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            context.load_verify_locations(cafile=str(config.cert_file))
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    except (OSError, ssl.SSLError) as error:
+        raise InvalidConfigError("cannot load the TLS files of the internal channel",
+                                 cert_file=str(config.cert_file), error=str(error)) from None
+    return context
+
+
 class ServerTls:
     """The current server context for one ``TlsConfig``; shared by every listener that
     uses the same files. Reading ``context`` is what each new handshake does."""

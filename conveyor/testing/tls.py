@@ -57,7 +57,8 @@ class TestPki:
         self.ca_file.write_bytes(self._certificate.public_bytes(serialization.Encoding.PEM))
 
     def issue(self, common_name: str, stem: str, *, server: bool, serial: int | None = None,
-              cert_file: Path | None = None, key_file: Path | None = None) -> Issued:
+              cert_file: Path | None = None, key_file: Path | None = None,
+              client_too: bool = False) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         serial = serial or x509.random_serial_number()
         now = datetime.datetime.now(datetime.UTC)
@@ -68,7 +69,8 @@ class TestPki:
             .serial_number(serial).not_valid_before(now - _DAY).not_valid_after(now + _DAY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                + ([ExtendedKeyUsageOID.CLIENT_AUTH] if server and client_too else [])),
                 critical=False))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName([
@@ -85,6 +87,11 @@ class TestPki:
 
     def server(self, serial: int | None = None) -> Issued:
         return self.issue("localhost", "server", server=True, serial=serial)
+
+    def node(self, stem: str) -> Issued:
+        """A cluster node's certificate: it serves its internal port and connects to the
+        other nodes' with it (both key usages; localhost / 127.0.0.1)."""
+        return self.issue("localhost", stem, server=True, client_too=True)
 
     def client(self, user: str) -> Issued:
         return self.issue(user, f"client-{user}", server=False)

@@ -9,7 +9,7 @@ storage, SimClock: the parked acquires only end by a record or a wake, never by 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from broker_harness import BrokerHarness
 
 from conveyor.broker.broker import Broker
 from conveyor.broker.shared_groups import SharedGroups
-from conveyor.broker.types import Delivery, Message
+from conveyor.broker.types import Delivery, Message, QueueConfig
 
 
 @pytest.fixture(autouse=True)
@@ -34,21 +34,26 @@ def groups(broker: Broker) -> SharedGroups:
     return broker.shared_groups
 
 
-async def parked(shared: SharedGroups, count: int) -> None:
-    """Yield (zero-time) until ``count`` acquires of "jobs" wait."""
-    for _ in range(200):
-        if shared.waiting_acquires("jobs", "jobs") == count:
+async def until(condition: Callable[[], bool], describe: Callable[[], str]) -> None:
+    """Wait for ``condition``: zero-time yields first (file storage settles within
+    them), then 1 ms steps up to 10 s, for a state store whose writes are real I/O
+    (the PostgreSQL pass: a publish or an acquire waits for the database)."""
+    for step in range(10_200):
+        if condition():
             return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{shared.waiting_acquires('jobs', 'jobs')} parked, not {count}")
+        await asyncio.sleep(0 if step < 200 else 0.001)
+    raise AssertionError(describe())
+
+
+async def parked(shared: SharedGroups, count: int) -> None:
+    """Until ``count`` acquires of "jobs" wait."""
+    await until(lambda: shared.waiting_acquires("jobs", "jobs") == count,
+                lambda: f"{shared.waiting_acquires('jobs', 'jobs')} parked, not {count}")
 
 
 async def settled(tasks: list[asyncio.Task[list[Delivery]]], count: int) -> None:
-    for _ in range(200):
-        if sum(task.done() for task in tasks) >= count:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{sum(task.done() for task in tasks)} done, not {count}")
+    await until(lambda: sum(task.done() for task in tasks) >= count,
+                lambda: f"{sum(task.done() for task in tasks)} done, not {count}")
 
 
 async def test_one_record_wakes_one_of_three_parked_acquires(
@@ -120,3 +125,56 @@ async def test_the_timer_visits_only_partitions_with_something_due(
     again = await shared.acquire("jobs", "jobs")
     assert [d.offset for d in again] == [taken[0].offset]
     assert again[0].delivery_count == 2
+
+
+async def test_an_acquire_cancelled_after_locking_gives_the_records_back(
+        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller goes away (an HTTP client disconnects, a cancelled task) while the
+    acquire, having locked partition 0's record, reads partition 1: the record it locked
+    is released at once, not held until its lock expires unseen."""
+    shared = groups(broker)
+    await broker.create_topic("events", partitions=2)
+    await shared.create_shared_group("events", "audit", start="earliest")
+    await broker.publish("events", [Message(b"p0")], partition=0)
+    await broker.publish("events", [Message(b"p1")], partition=1)
+    fill = shared._fill
+    reading = asyncio.Event()
+    never = asyncio.Event()
+
+    async def stuck_on_partition_one(state: Any, part: Any) -> None:
+        if part.partition == 1:
+            reading.set()
+            await never.wait()
+        await fill(state, part)
+
+    monkeypatch.setattr(shared, "_fill", stuck_on_partition_one)
+    shared._groups[("audit", "events")].next_partition = 0
+    task = asyncio.create_task(shared.acquire("events", "audit", records_max=2,
+                                              lock_ms=60_000))
+    await reading.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    monkeypatch.setattr(shared, "_fill", fill)
+    again = await shared.acquire("events", "audit", records_max=2, lock_ms=60_000)
+    assert sorted(d.value or b"" for d in again) == [b"p0", b"p1"]
+
+
+async def test_a_record_wakes_the_acquire_that_may_take_its_partition(broker: Broker) -> None:
+    """Acquires that take only some partitions (a KIP-932 share-partition leader's): a
+    record on partition 1 reaches the acquire waiting for partition 1, though an older
+    acquire waits for partition 0 only (a wake of one would have woken that one)."""
+    shared = groups(broker)
+    await shared.declare_queue("jobs", QueueConfig(partitions=2))
+    first = asyncio.create_task(shared.acquire("jobs", "jobs", wait_ms=60_000, partitions=[0]))
+    await parked(shared, 1)
+    second = asyncio.create_task(shared.acquire("jobs", "jobs", wait_ms=60_000,
+                                                partitions=[1]))
+    await parked(shared, 2)
+    await broker.publish("jobs", [Message(b"on one")], partition=1)
+    await settled([second], 1)
+    assert [(d.partition, d.value) for d in second.result()] == [(1, b"on one")]
+    assert not first.done()
+    await broker.publish("jobs", [Message(b"on zero")], partition=0)
+    await settled([first], 1)
+    assert [(d.partition, d.value) for d in first.result()] == [(0, b"on zero")]

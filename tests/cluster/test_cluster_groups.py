@@ -232,8 +232,8 @@ def test_kip848_members_keep_their_epochs_when_their_coordinator_dies(
 
 def share_names(nodes: list[int]) -> tuple[str, str, int]:
     """A topic (one partition) and a share group whose partition leader, group
-    coordinator and shared-group owner are the same node: a share group is served
-    whole by one node (docs/cluster.md); that node is the one the test kills."""
+    coordinator and shared-group owner are the same node, the one the test kills (the
+    roles apart: tests/cluster/test_cluster_share_groups.py)."""
     for index in range(500):
         topic, group = f"share{index}", f"share-group{index}"
         chosen = {choose_owner(PARTITION, item_name(PARTITION, topic, 0), nodes),

@@ -144,3 +144,48 @@ def test_a_dead_owners_deliveries_come_back(tmp_path: Path, postgres_dsn: str) -
             raise AssertionError("an ack of a delivery that was given back succeeded")
         except urllib.error.HTTPError as error:
             assert 400 <= error.code < 500, error.code
+
+
+def test_a_forwarded_request_for_no_topic_claims_no_owner_row(
+        tmp_path: Path, postgres_dsn: str) -> None:
+    """A peer (holding the cluster secret) that names a queue or shared group of no topic
+    gets NotFound, and the node claims no owner row for the name."""
+    import asyncio
+
+    import asyncpg
+
+    from conveyor.cluster.internal_api import InternalClient, cluster_secret
+    from conveyor.errors import NotFoundError
+
+    async def forward() -> tuple[list[str], list[str]]:
+        secret = await cluster_secret(postgres_dsn)
+        connection = await asyncpg.connect(postgres_dsn, timeout=10)
+        try:
+            [row] = await connection.fetch("SELECT addresses FROM conveyor_nodes")
+            address = json.loads(row["addresses"])["internal"]
+            client = InternalClient(address, secret, 999_997, 1)
+            codes: list[str] = []
+            try:
+                for op, args in (
+                        ("acquire", {"topic": "no-such", "group": "g", "records_max": 1,
+                                     "wait_ms": 0}),
+                        ("counts", {"queue": "no-such-queue"}),
+                        ("settle", {"op": "ack", "receipts": ["no-such:0:0:1:g"], "arg": 0})):
+                    try:
+                        answer = await client.call(op, args, 10)
+                    except NotFoundError as error:
+                        codes.append(error.code)
+                    else:  # a settle answers per receipt: [error, deadline]
+                        codes.append(answer[0][0]["type"] if op == "settle" else "answered")
+            finally:
+                await client.close()
+            names = [r["name"] for r in await connection.fetch(
+                "SELECT name FROM conveyor_owners WHERE kind = 'shared'")]
+            return codes, names
+        finally:
+            await connection.close()
+
+    with cluster(tmp_path, postgres_dsn, 1):
+        codes, names = asyncio.run(forward())
+    assert codes == ["unknown_group", "unknown_queue", "UnknownGroupError"], codes
+    assert names == []

@@ -1,6 +1,6 @@
 """``conveyor serve --workers N``: refused on file storage; on PostgreSQL, N node
 processes that Kafka clients spread over, sharing the AMQP and HTTP ports with
-SO_REUSEPORT (docs/cluster.md)."""
+SO_REUSEPORT (docs/cluster.md); Kafka over TLS on each worker's own port."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pika
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from conveyor.testing.server import BrokerProcess
+from conveyor.testing.tls import TestPki, served_serial
 from tests.cluster.helpers import FAST_LEASES, History, http_json, wait_for
 
 
@@ -119,4 +121,56 @@ def test_two_workers_share_the_amqp_and_http_ports(tmp_path: Path, postgres_dsn:
         for connection in connections:
             if connection.is_open:
                 connection.close()
+        assert server.stop() == 0
+
+
+def test_two_workers_serve_kafka_over_tls(tmp_path: Path, postgres_dsn: str) -> None:
+    """Each worker's Kafka port (kafka port + K - 1) speaks TLS and is advertised as such:
+    a producer and a consumer over SSL reach both workers; the workers' internal ports
+    speak TLS too (the [tls] section, no CA: the shared certificate is the anchor)."""
+    pki = TestPki(tmp_path / "pki")
+    issued = pki.server()
+    config = tmp_path / "conveyor.toml"
+    config.write_text(f'[tls]\ncert_file = "{issued.cert_file}"\n'
+                      f'key_file = "{issued.key_file}"\n[listeners.http.tls]\nenabled = false\n')
+    server = BrokerProcess(tmp_path / "data", listeners=("kafka", "http"), extra_args=(
+        "--storage", postgres_dsn, "--workers", "2", "--config", str(config)),
+        environ=FAST_LEASES)
+    server.data_dir.mkdir()
+    server.start()
+    try:
+        def nodes() -> list[dict[str, Any]]:
+            return [node for node in http_json(server, "/cluster")["nodes"]
+                    if node["live"] and "internal" in node["addresses"]]
+
+        wait_for(lambda: len(nodes()) == 2, 15, "two live workers")
+        for node in nodes():  # each worker's node-to-node port: TLS with the certificate
+            port = node["addresses"]["internal"].rpartition(":")[2]
+            assert served_serial(int(port), pki.ca_file) == issued.serial
+        http_json(server, "/topics", {"name": "secure", "partitions": 6})
+        tls = {"bootstrap.servers": f"127.0.0.1:{server.ports['kafka']}",
+               "security.protocol": "SSL", "ssl.ca.location": str(pki.ca_file)}
+        history = History()
+        producer = Producer({**tls, "enable.idempotence": True, "acks": "all"})
+        for index in range(120):
+            producer.produce("secure", f"v{index}".encode(), key=str(index).encode(),
+                             on_delivery=history.on_delivery)
+        producer.flush(60)
+        assert len(history.acknowledged) == 120
+        # the partitions spread over both workers (each one's view of the other comes
+        # with its next heartbeat): the consumer below reads from both, over TLS
+        wait_for(lambda: len({row["owner"] for row in http_json(server, "/cluster")["owners"]
+                              if row["kind"] == "partition"}) == 2, 10,
+                 "both workers leading partitions")
+        consumer = Consumer({**tls, "group.id": "s", "auto.offset.reset": "earliest"})
+        consumer.assign([TopicPartition("secure", partition, 0) for partition in range(6)])
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(seen) < 120:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                seen.add(message.value().decode())
+        consumer.close()
+        assert seen == set(history.acknowledged)
+    finally:
         assert server.stop() == 0

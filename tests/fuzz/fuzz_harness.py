@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fuzz_mutators import Frame, mutate
-from fuzz_targets import FUZZ_ROOT, ProbeFailed, Target
+from fuzz_targets import FUZZ_ROOT, Opener, ProbeFailed, Target
 
 from conveyor.testing.server import BrokerProcess, free_port
 
@@ -108,12 +108,20 @@ class KnownBugs:
 
 
 class FuzzServer:
-    """``conveyor serve`` with every fuzzed listener on fixed ports; fresh data on restart."""
+    """``conveyor serve`` with every fuzzed listener on fixed ports; fresh data on restart.
 
-    def __init__(self, scratch: Path, listeners: Sequence[str]) -> None:
+    ``cluster_dsn``: a cluster node on that PostgreSQL database (``--node-id auto``: a
+    restarted node is a new node, the killed one's lease runs out by itself), with its
+    node-to-node port fixed too (``ports["internal"]``)."""
+
+    def __init__(self, scratch: Path, listeners: Sequence[str],
+                 cluster_dsn: str | None = None) -> None:
         self.scratch = scratch
         self.listeners = tuple(listeners)
+        self.cluster_dsn = cluster_dsn
         self.ports = {name: free_port() for name in self.listeners}
+        if cluster_dsn is not None:
+            self.ports["internal"] = free_port()
         self.generation = 0
         self.broker: BrokerProcess | None = None
         self._log_position = 0
@@ -121,8 +129,11 @@ class FuzzServer:
     def start(self) -> None:
         self.generation += 1
         data_dir = self.scratch / f"data-{self.generation}"
-        self.broker = BrokerProcess(data_dir, listeners=self.listeners)
-        self.broker.ports = dict(self.ports)  # the same ports across restarts
+        cluster = () if self.cluster_dsn is None else (
+            "--storage", self.cluster_dsn, "--node-id", "auto")
+        self.broker = BrokerProcess(data_dir, listeners=self.listeners, extra_args=cluster)
+        # the same ports across restarts (``internal`` becomes --internal-port)
+        self.broker.ports = dict(self.ports)
         self.broker.start()
         self._log_position = 0
 
@@ -166,15 +177,17 @@ class FuzzServer:
         return int(match.group(1)) * 1024 if match else 0
 
 
-async def send_input(port: int, item: Input) -> None:
-    """One connection: send the bytes as ``item.mode`` says, drain the answer, close."""
+async def send_input(port: int, item: Input, opener: Opener | None = None) -> None:
+    """One connection: the target's opening (if any), then the bytes as ``item.mode``
+    says, drain the answer, close."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", port), CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError):
         return  # a dead or saturated server is found by the checks, not here
     try:
-        for chunk in _chunks(item):
+        data = item.data if opener is None else await opener(reader, writer, item.data)
+        for chunk in _chunks(Input(data, item.mode, item.keep_open)):
             writer.write(chunk)
             await writer.drain()
         if item.keep_open:
@@ -182,7 +195,7 @@ async def send_input(port: int, item: Input) -> None:
         else:
             writer.write_eof()
             await _drain(reader, READ_TIMEOUT_S)
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
         pass  # the server closed on us mid-input: allowed, its answer to bad bytes
     finally:
         writer.transport.abort()
@@ -206,12 +219,13 @@ async def _drain(reader: asyncio.StreamReader, timeout_s: float) -> None:
             received += len(data)
 
 
-async def send_batch(port: int, inputs: Sequence[Input], concurrency: int) -> None:
+async def send_batch(port: int, inputs: Sequence[Input], concurrency: int,
+                     opener: Opener | None = None) -> None:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(item: Input) -> None:
         async with gate:
-            await send_input(port, item)
+            await send_input(port, item, opener)
 
     await asyncio.gather(*(one(item) for item in inputs))
 
@@ -264,6 +278,8 @@ class Fuzzer:
         if self.server.exit_status() is None:  # a dead server needs no 5 s probe to tell
             try:
                 self.target.probe(self.port)
+                for other in self.target.also_probed:  # the process's other listeners
+                    other.probe(self.server.ports[other.name])
             except ProbeFailed as error:
                 probe_error = str(error)
         log = self.server.new_log()
@@ -286,7 +302,7 @@ class Fuzzer:
         return None
 
     def run_batch(self, inputs: Sequence[Input], concurrency: int = 16) -> Failure | None:
-        self._runner.run(send_batch(self.port, inputs, concurrency))
+        self._runner.run(send_batch(self.port, inputs, concurrency, self.target.opener))
         return self.check()
 
     def _recover(self, failure: Failure) -> None:

@@ -39,6 +39,8 @@ class Framing:
     name: str
     split: Callable[[bytes], tuple[bytes, list[Frame], bytes]]  # prefix, frames, rest
     reframe: Callable[[Frame, bytes], Frame]  # the same frame with a new body, length fixed
+    # mutators that know the body's format (JSON), tried on most frame mutations
+    body_mutators: tuple[Callable[[random.Random, bytes, Sequence[bytes]], bytes], ...] = ()
 
 
 def _no_split(data: bytes) -> tuple[bytes, list[Frame], bytes]:
@@ -259,7 +261,9 @@ def _mutate_frames(
     for _ in range(rng.choice((1, 1, 1, 2))):
         index = rng.randrange(len(out))
         frame = out[index]
-        body = rng.choice(BODY_MUTATORS)(rng, frame.body, corpus)
+        mutators = (framing.body_mutators if framing.body_mutators and rng.random() < 0.6
+                    else BODY_MUTATORS)
+        body = rng.choice(mutators)(rng, frame.body, corpus)
         if rng.random() < 0.9:
             out[index] = framing.reframe(frame, body)  # length fixed: past the framing
         else:
@@ -271,3 +275,59 @@ def _mutate_frames(
 
 def _join(frames: list[Frame]) -> bytes:
     return b"".join(frame.header + frame.body + frame.trailer for frame in frames)
+
+
+# --- the node-to-node channel (conveyor/cluster/internal_wire.py) -------------------------
+INTERNAL_PREAMBLE = b"CVI1"
+# An input starting with this is sent after the harness authenticated the connection
+# (preamble, nonce, MAC over it: the MAC cannot be recorded, the nonce is new each time).
+INTERNAL_AUTHENTICATED = b"\x00AUTH"
+# JSON values that make an argument interesting: wrong types, signs, sizes, nesting.
+INTERESTING_JSON: tuple[object, ...] = (
+    None, True, -1, 0, 2**31, 2**63, 2**64 + 1, 1e308, "", "x" * 5000, "\u0000", [], {},
+    [[[[[]]]]], {"a": {"b": {"c": None}}}, ["r:0:0:0:g"] * 50, "t:0:1:2:g", "jobs",
+)
+
+
+def _internal_split(data: bytes) -> tuple[bytes, list[Frame], bytes]:
+    prefix = next((mark for mark in (INTERNAL_AUTHENTICATED, INTERNAL_PREAMBLE)
+                   if data.startswith(mark)), b"")
+    _, frames, rest = _kafka_split(data[len(prefix):])
+    return prefix, frames, rest
+
+
+def _json_values(rng: random.Random, body: bytes, _corpus: Sequence[bytes]) -> bytes:
+    """Replace one value (or add one key) somewhere in a JSON body with an interesting one."""
+    import json
+
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body
+    containers: list[object] = []
+    stack: list[object] = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict | list):
+            containers.append(node)
+            stack.extend(node.values() if isinstance(node, dict) else node)
+    if not containers:
+        return json.dumps(rng.choice(INTERESTING_JSON)).encode()
+    target = rng.choice(containers)
+    value = rng.choice(INTERESTING_JSON)
+    if isinstance(target, dict):
+        keys = list(target)
+        key = rng.choice(keys) if keys and rng.random() < 0.8 else rng.choice(
+            ("id", "op", "args", "queue", "receipts", "nonce", "mac", "node"))
+        if rng.random() < 0.1 and keys:
+            del target[rng.choice(keys)]
+        else:
+            target[key] = value
+    elif target:
+        target[rng.randrange(len(target))] = value  # type: ignore[index]
+    return json.dumps(document).encode()
+
+
+INTERNAL_FRAMING = Framing(
+    "internal", _internal_split,
+    lambda frame, body: Frame(struct.pack(">I", len(body)), body), (_json_values,))

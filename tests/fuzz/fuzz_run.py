@@ -6,6 +6,8 @@ Each listener gets its own server (every listener enabled, so damage to the
 shared process shows) and runs until N inputs or M minutes. New failures are
 isolated and written to tests/fuzz/corpus/<listener>/; up to K inputs per known
 bug are saved too and marked in corpus/KNOWN.json. Exit status 1 on a new failure.
+``internal`` (the node-to-node channel) runs against a cluster node on an embedded
+PostgreSQL started for it.
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fuzz_harness import Fuzzer, FuzzServer, KnownBugs
-from fuzz_targets import TARGETS
+from fuzz_targets import CLUSTER_TARGETS, TARGETS, seed_cluster_secret
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--inputs", type=int, default=1_000_000, help="per listener")
     parser.add_argument("--minutes", type=float, default=None, help="per listener")
-    parser.add_argument("--listeners", default=",".join(TARGETS))
+    parser.add_argument("--listeners", default=",".join([*TARGETS, *CLUSTER_TARGETS]))
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--batch", type=int, default=256, help="inputs between checks")
@@ -42,11 +46,26 @@ def main(argv: list[str]) -> int:
     return 1 if new_failures else 0
 
 
+@contextmanager
+def cluster_database(name: str) -> Iterator[str | None]:
+    """A database on an embedded PostgreSQL for a cluster target, else None."""
+    if name not in CLUSTER_TARGETS:
+        yield None
+        return
+    from conveyor.testing.postgres import PostgresServer
+
+    with PostgresServer() as postgres:
+        dsn = postgres.create_database("fuzz")
+        seed_cluster_secret(dsn)
+        yield dsn
+
+
 def run_listener(name: str, seed: int, arguments: argparse.Namespace) -> int:
-    target = TARGETS[name]
+    target = CLUSTER_TARGETS.get(name) or TARGETS[name]
     deadline = time.monotonic() + arguments.minutes * 60 if arguments.minutes else None
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as scratch:
-        server = FuzzServer(Path(scratch), list(TARGETS))
+    with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as scratch, \
+            cluster_database(name) as dsn:
+        server = FuzzServer(Path(scratch), list(TARGETS), dsn)
         server.start()
         fuzzer = Fuzzer(server, target, seed, KnownBugs.load(),
                         save_known_max=arguments.save_known)

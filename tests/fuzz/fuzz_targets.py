@@ -8,12 +8,21 @@ from ``fuzz_capture.py`` (``tests/fuzz/seeds/<name>/``).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuzz_mutators import AMQP_FRAMING, HTTP_FRAMING, KAFKA_FRAMING, Framing
+from fuzz_mutators import (
+    AMQP_FRAMING,
+    HTTP_FRAMING,
+    INTERNAL_AUTHENTICATED,
+    INTERNAL_FRAMING,
+    KAFKA_FRAMING,
+    Framing,
+)
 
 # A normal client must be served within this after each batch (issue 9: "within a bound").
 PROBE_TIMEOUT_S = 5.0
@@ -24,11 +33,19 @@ class ProbeFailed(AssertionError):
     """A normal client was not served within the bound."""
 
 
+# (reader, writer, input bytes) -> the bytes to send: what a connection says before the
+# fuzzed bytes (the internal channel's authentication), and the input without its marker
+Opener = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[bytes]]
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str  # the listener name in ``conveyor serve --listeners``
     framing: Framing
     probe: Callable[[int], None]  # port -> None, raises ProbeFailed
+    opener: Opener | None = None
+    made_seeds: Callable[[], list[bytes]] | None = None  # seeds built here, not recorded
+    also_probed: tuple[Target, ...] = ()  # other listeners of the process, probed too
 
     @property
     def seeds_dir(self) -> Path:
@@ -39,7 +56,8 @@ class Target:
         return FUZZ_ROOT / "corpus" / self.name
 
     def seeds(self) -> list[bytes]:
-        return [path.read_bytes() for path in sorted(self.seeds_dir.glob("*.bin"))]
+        made = self.made_seeds() if self.made_seeds is not None else []
+        return [path.read_bytes() for path in sorted(self.seeds_dir.glob("*.bin"))] + made
 
 
 def kafka_probe(port: int) -> None:
@@ -157,4 +175,100 @@ TARGETS: dict[str, Target] = {
     "amqp": Target("amqp", AMQP_FRAMING, amqp_probe),
     "http": Target("http", HTTP_FRAMING, http_probe),
     "sqs": Target("sqs", HTTP_FRAMING, sqs_probe),
+}
+
+
+# --- the node-to-node channel of a cluster node (conveyor/cluster/internal_api.py) ---------
+# The harness writes this cluster secret into the node's database before it starts
+# (seed_cluster_secret), so it can authenticate and fuzz past the handshake.
+INTERNAL_SECRET = bytes(range(32))
+INTERNAL_PEER = {"node": 999_999, "incarnation": 1}  # not a real node: nothing to sweep
+
+
+def seed_cluster_secret(dsn: str) -> None:
+    import asyncpg
+
+    from conveyor.cluster.internal_api import SECRET_SCHEMA
+
+    async def seed() -> None:
+        connection = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await connection.execute(SECRET_SCHEMA)
+            await connection.execute(
+                "INSERT INTO conveyor_cluster_secret (id, secret) VALUES (1, $1) "
+                "ON CONFLICT (id) DO UPDATE SET secret = excluded.secret", INTERNAL_SECRET.hex())
+        finally:
+            await connection.close()
+
+    asyncio.run(seed())
+
+
+async def internal_opener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          data: bytes) -> bytes:
+    """Inputs marked authenticated: preamble, the server's nonce, the right MAC, then them."""
+    from conveyor.cluster.internal_wire import HANDSHAKE_BYTES_MAX, PREAMBLE, frame, mac, read_frame
+
+    if not data.startswith(INTERNAL_AUTHENTICATED):
+        return data
+    writer.write(PREAMBLE)
+    hello = await asyncio.wait_for(read_frame(reader, HANDSHAKE_BYTES_MAX), 2)
+    nonce = bytes.fromhex(str(hello["nonce"]))
+    writer.write(frame({**INTERNAL_PEER, "mac": mac(INTERNAL_SECRET, nonce).hex()}))
+    return data[len(INTERNAL_AUTHENTICATED):]
+
+
+def internal_seeds() -> list[bytes]:
+    """Hellos before authentication, and the requests one node sends another after it."""
+    from conveyor.cluster.internal_wire import PREAMBLE, frame
+
+    def frames(*messages: object) -> bytes:
+        return b"".join(frame(message) for message in messages)  # type: ignore[arg-type]
+
+    requests = [
+        {"op": "acquire", "args": {"topic": "jobs", "group": "jobs", "records_max": 10,
+                                   "lock_ms": 30_000, "wait_ms": 0, "consumer": "c1"}},
+        {"op": "settle", "args": {"op": "ack", "receipts": ["jobs:0:0:1:jobs"], "arg": 0,
+                                  "wait_durable": True}},
+        {"op": "settle", "args": {"op": "extend", "receipts": ["jobs:0:1:2:jobs"],
+                                  "arg": 5_000}},
+        {"op": "counts", "args": {"queue": "jobs"}},
+        {"op": "purge", "args": {"queue": "jobs"}},
+        {"op": "release_consumer", "args": {"consumer": "c1"}},
+        {"op": "nope", "args": {}},
+    ]
+    authenticated = [INTERNAL_AUTHENTICATED + frames({"id": index + 1, **request})
+                     for index, request in enumerate(requests)]
+    authenticated.append(INTERNAL_AUTHENTICATED + frames(
+        *({"id": index + 1, **request} for index, request in enumerate(requests))))
+    hellos = [PREAMBLE + frames({**INTERNAL_PEER, "mac": "00" * 32}),
+              PREAMBLE + frames({**INTERNAL_PEER, "mac": "00" * 32}, requests[0]),
+              PREAMBLE]
+    return hellos + authenticated
+
+
+def internal_probe(port: int) -> None:
+    """An authenticated node-to-node call (a queue's counts) answered within the bound."""
+    from conveyor.cluster.internal_api import InternalClient
+    from conveyor.errors import OperatingError
+
+    async def call() -> object:
+        client = InternalClient(f"127.0.0.1:{port}", INTERNAL_SECRET, 999_998, 1)
+        try:
+            return await client.call("counts", {"queue": "fuzz-probe-internal"},
+                                     PROBE_TIMEOUT_S)
+        except OperatingError as error:  # answered (the queue need not exist)
+            return error.code
+        finally:
+            await client.close()
+
+    try:
+        json.dumps(asyncio.run(call()))
+    except (ConnectionError, TimeoutError) as error:
+        raise ProbeFailed(f"internal call not answered: {error!r}") from error
+
+
+# Listeners of a cluster node (``--node-id``, PostgreSQL); fuzzed by a server of their own.
+CLUSTER_TARGETS: dict[str, Target] = {
+    "internal": Target("internal", INTERNAL_FRAMING, internal_probe, internal_opener,
+                       internal_seeds, (TARGETS["http"], TARGETS["amqp"])),
 }

@@ -13,6 +13,12 @@ of tracebacks. A batch that fails is halved down to one input, which is minimise
 and written to the corpus, and the test fails. Hits of known bugs are counted, the
 server restarted if they killed it, and the run goes on.
 
+The node-to-node channel of a cluster node (fuzz_targets.CLUSTER_TARGETS) gets a server
+of its own: one ``conveyor serve --node-id auto`` on the session's embedded PostgreSQL,
+whose cluster secret the harness wrote first, so half of its inputs are sent after a
+real authentication (post-auth garbage reaches the request handler); after each batch an
+authenticated call and the HTTP and AMQP probes must be answered.
+
 Seed: CONVEYOR_SEED (default 0, so ``make test`` explores the same inputs each
 run; ``make fuzz`` explores new ones). Budget: CONVEYOR_FUZZ_INPUTS per listener.
 """
@@ -25,7 +31,9 @@ from pathlib import Path
 
 import pytest
 from fuzz_harness import Fuzzer, FuzzServer, KnownBugs
-from fuzz_targets import TARGETS
+from fuzz_targets import CLUSTER_TARGETS, TARGETS, seed_cluster_secret
+
+from conveyor.testing.postgres import PostgresServer
 
 SEED = int(os.environ.get("CONVEYOR_SEED", "0"))
 INPUTS_PER_LISTENER = int(os.environ.get("CONVEYOR_FUZZ_INPUTS", "1500"))
@@ -42,9 +50,29 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def cluster_server(tmp_path_factory: pytest.TempPathFactory,
+                   postgres_session_server: PostgresServer) -> Iterator[FuzzServer]:
+    if not postgres_session_server.is_running():
+        postgres_session_server.start()
+    dsn = postgres_session_server.create_database("fuzz")
+    seed_cluster_secret(dsn)
+    server = FuzzServer(Path(tmp_path_factory.mktemp("fuzz-cluster")), list(TARGETS), dsn)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        postgres_session_server.drop_database(dsn)
+
+
 @pytest.fixture
-def fuzzer(server: FuzzServer, request: pytest.FixtureRequest) -> Iterator[Fuzzer]:
-    fuzzer = Fuzzer(server, TARGETS[request.param], SEED, KnownBugs.load())
+def fuzzer(request: pytest.FixtureRequest) -> Iterator[Fuzzer]:
+    name = request.param
+    cluster = name in CLUSTER_TARGETS
+    server = request.getfixturevalue("cluster_server" if cluster else "server")
+    target = CLUSTER_TARGETS[name] if cluster else TARGETS[name]
+    fuzzer = Fuzzer(server, target, SEED, KnownBugs.load())
     try:
         yield fuzzer
     finally:
@@ -52,14 +80,17 @@ def fuzzer(server: FuzzServer, request: pytest.FixtureRequest) -> Iterator[Fuzze
         print(fuzzer.findings.report(request.param))
 
 
-@pytest.mark.parametrize("fuzzer", sorted(TARGETS), indirect=True)
+ALL_TARGETS = sorted(TARGETS) + sorted(CLUSTER_TARGETS)
+
+
+@pytest.mark.parametrize("fuzzer", ALL_TARGETS, indirect=True)
 def test_corpus_replays_as_recorded(fuzzer: Fuzzer) -> None:
     problems = fuzzer.replay_corpus()
     assert not problems, "\n\n".join(problems)
 
 
 @pytest.mark.timeout(600)  # isolating and minimising a new crash restarts the server often
-@pytest.mark.parametrize("fuzzer", sorted(TARGETS), indirect=True)
+@pytest.mark.parametrize("fuzzer", ALL_TARGETS, indirect=True)
 def test_mutated_client_traffic_is_survived(fuzzer: Fuzzer) -> None:
     print(f"CONVEYOR_SEED={SEED}")
     findings = fuzzer.fuzz(INPUTS_PER_LISTENER, BATCH_INPUTS)

@@ -151,6 +151,8 @@ def _message(key: bytes, value: bytes) -> Message:
     return Message(value=value, key=key)
 
 
+# the file LogStore's segment files and state.sqlite3: on PostgreSQL the database syncs
+@pytest.mark.file_storage
 async def test_no_sync_runs_on_the_event_loop(tmp_path: Path, recorder: SyncRecorder) -> None:
     loop_thread = threading.get_ident()
     async with run_broker(tmp_path / "data", listeners=("kafka", "amqp")) as server:

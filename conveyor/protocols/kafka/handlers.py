@@ -113,6 +113,8 @@ class KafkaHandlers:
                     await shares.reload_group(group_id)
 
                 cluster.on_group_claimed(claimed)
+                shares.coordinates = lambda group_id: (
+                    cluster.group_coordinator(group_id) == cluster.node_id)
         self.group_configs, self.shares, self.consumers = coordinators
         self.migration = GroupMigration(broker, self.consumers,
                                         settings.consumer_migration_policy)
@@ -311,7 +313,7 @@ class KafkaHandlers:
             return share_handlers.handle_describe(self.shares, request)
         if api_key == 78:
             return await share_handlers.handle_fetch(self.shares, self.broker, self.settings,
-                                                     self.node, request, state)
+                                                     self.node, request, state, self._gate)
         if api_key == 79:
             return await share_handlers.handle_acknowledge(self.shares, self.broker, self.node,
                                                            request)

@@ -22,11 +22,11 @@ Rules:
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from conveyor.broker import share_offsets
-from conveyor.broker.share_coordinator import Acknowledgement, ShareCoordinator
-from conveyor.broker.share_group_state import ShareSession
+from conveyor.broker.share_coordinator import ShareCoordinator
+from conveyor.broker.share_state import Acknowledgement, ShareSession
 from conveyor.broker.types import Delivery
 from conveyor.errors import (
     InvalidRequestError,
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
 
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
+# several nodes: does this node lead (topic, partition)? (cluster_routing.KafkaCluster)
+Lead = Callable[[str, int], Awaitable[bool]]
 # ShareFetch max_records above this is capped (the shared group hands out at most 1000).
 RECORDS_PER_FETCH_MAX: Final = 1_000
 
@@ -158,7 +160,10 @@ def _end_with_connection(coordinator: ShareCoordinator, state: ConnectionState,
 
 
 async def handle_fetch(coordinator: ShareCoordinator, broker: Broker, settings: KafkaSettings,
-                       node: Node, request: Request, state: ConnectionState) -> Any:
+                       node: Node, request: Request, state: ConnectionState,
+                       leads: Lead | None = None) -> Any:
+    """``leads``: several nodes, does this node lead the partition (records are acquired
+    only from the session's partitions it leads); None: one node, it leads them all."""
     body = request.body
     version = request.header.api_version
     response_type = response_class(78, version)
@@ -185,16 +190,27 @@ async def handle_fetch(coordinator: ShareCoordinator, broker: Broker, settings: 
         if closing:
             await coordinator.close_session(group_id, member_id)
         elif session is not None and session.partitions:
-            topics = sorted({name for name, _ in session.partitions})
+            partitions = await _led(session.partitions, leads)
             records_max = max(1, min(body.max_records, RECORDS_PER_FETCH_MAX))
             wait_ms = min(millis(body.max_wait), settings.fetch_wait_ms_max)
             bytes_max = max(1, min(body.max_bytes, settings.fetch_bytes_max))
-            deliveries, _ = await coordinator.acquire(group_id, member_id, topics,
-                                                      records_max, wait_ms, bytes_max)
+            deliveries, _ = await coordinator.acquire(group_id, member_id, sorted(partitions),
+                                                      records_max, wait_ms, bytes_max,
+                                                      partitions)
     except OperatingError as error:
         return _top_level(response_type, error)
     return _fetch_response(response_type, node, names, requested, outcome, ack_errors,
                            deliveries, int(lock_ms))
+
+
+async def _led(session: set[tuple[str, int]], leads: Lead | None) -> dict[str, list[int]]:
+    """Per topic, the session's partitions this node leads (a partition that moved to
+    another node since the session named it is fetched there)."""
+    partitions: dict[str, list[int]] = {}
+    for name, index in sorted(session):
+        if leads is None or await leads(name, index):
+            partitions.setdefault(name, []).append(index)
+    return partitions
 
 
 def _fetch_response(response_type: type[Any], node: Node, names: dict[uuid.UUID, str],
@@ -333,7 +349,7 @@ async def handle_delete_offsets(coordinator: ShareCoordinator, request: Request)
     for topic in body.topics:
         code, message = error_codes.NONE, None
         try:
-            await share_offsets.delete_offsets(coordinator, body.group_id, topic.topic_name)
+            await coordinator.delete_offsets(body.group_id, topic.topic_name)
         except OperatingError as error:
             code, message = _code(error), error.message
         results.append(build(topic_type, topic_name=topic.topic_name,
@@ -358,7 +374,7 @@ async def handle_alter_offsets(coordinator: ShareCoordinator, request: Request,
             raise UnknownGroupError("the group is not a share group", group=body.group_id)
         if len({(name, index) for name, index, _ in wanted}) != len(wanted):
             raise InvalidRequestError("a partition is named twice")
-        outcome = iter(await share_offsets.alter_offsets(coordinator, body.group_id, wanted))
+        outcome = iter(await coordinator.alter_offsets(body.group_id, wanted))
     except OperatingError as error:
         return build(response_type, error_code=_code(error), error_message=error.message,
                      responses=())
