@@ -4,7 +4,10 @@ Owns: members, member epochs, the group epoch, subscriptions (topic names or a
 regular expression), the server-side target assignment (``consumer_assignors``),
 incremental reconciliation with revocation first, static membership, and the
 member/epoch check of offset commits. Committed offsets themselves stay in the
-broker's group offsets (``Broker.commit_offsets``), shared with classic groups.
+broker's group offsets (``Broker.commit_offsets``), shared with classic groups. The
+groups are written through to the StateStore after each change (group_members.py;
+their stored form: consumer_group_state.py), so a restart or the next owner of the
+group in a cluster goes on with the same members and epochs.
 
 Must not know: the wire format, sockets, files, real time (the clock comes in).
 
