@@ -4,8 +4,9 @@ Owns: share-group membership (members, member epochs, the group epoch, the
 assignment), share sessions (their epochs and partitions), which records each
 member holds (offset -> receipt), and the group configs (``share.*``), which it
 persists in its own table. The membership (not sessions or held records) is written
-through to the StateStore after each heartbeat that changed it (group_members.py). The records themselves, their locks, delivery counts
-and dead-lettering are the shared group's (``Broker.acquire / ack / release /
+through to the StateStore after each heartbeat that changed it (group_members.py).
+The records themselves, their locks, delivery counts and dead-lettering are the
+shared group's (``Broker.acquire / ack / release /
 reject / extend``): a share group named G reading topic T *is* the shared group
 (G, T), so a queue Q read by a share group named Q is split between Kafka share
 consumers and AMQP, SQS or HTTP consumers.
