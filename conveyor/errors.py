@@ -207,6 +207,14 @@ class UnavailableError(OperatingError):
     http_status = 503
 
 
+class NotLeaderError(UnavailableError):
+    """This node no longer leads the partition (a cluster node whose owner row moved or
+    whose lease lapsed before its append was written): the client finds the leader
+    again."""
+
+    code = "not_leader"
+
+
 class NotCoordinatorError(UnavailableError):
     """This node no longer coordinates the group (a cluster node that lost its owner
     row or its lease): the client finds the coordinator again."""

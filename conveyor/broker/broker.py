@@ -639,17 +639,29 @@ class Broker:
         return await self._shared().declare_queue(name, config)
 
     async def delete_queue(
-        self, name: str, if_unused: bool = False, if_empty: bool = False
+        self, name: str, if_unused: bool = False, if_empty: bool = False,
+        local: bool = False,
     ) -> int:
-        """Delete the queue, its topic and bindings to it; returns the ready records dropped."""
+        """Delete the queue, its topic and bindings to it; returns the ready records dropped.
+        A cluster node that does not own the queue has its owner delete it first (the
+        owner's window decides ``if_unused`` / ``if_empty``), then drops its own copy;
+        ``local``: this node only (a delete another node forwarded)."""
         shared = self._shared()
+        remote = shared.remote
+        forwarded = None
+        if not local and remote is not None and not await remote.serves(name, name):
+            forwarded = await remote.delete(name, if_unused, if_empty)
         async with shared.hold_queue(name):  # one at a time with its declare and purge
-            dropped = await shared.remove_queue(name, if_unused, if_empty)
+            dropped = 0
+            if forwarded is None:
+                dropped = await shared.remove_queue(name, if_unused, if_empty)
+            elif shared.queue_exists(name):  # this node's copy (the owner decided)
+                await shared.remove_queue(name)
             self.exchanges.remove_destination("queue", name)
             if self.topics.find(name) is not None:
                 await self.delete_topic(name)  # commits the queue's rows with it
             await self.state_store.commit()
-        return dropped
+        return dropped if forwarded is None else forwarded
 
     async def purge_queue(self, name: str) -> int:
         return await self._shared().purge_queue(name)

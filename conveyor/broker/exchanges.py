@@ -21,6 +21,7 @@ from conveyor.errors import (
     UnknownTopicError,
 )
 from conveyor.storage.state_store import BindingRow, ExchangeRow, StateStore
+from conveyor.storage.text import check_storable
 
 from .routing import PREDECLARED, Destination, RoutingTable, exchange_info
 from .topics import TopicRegistry
@@ -80,6 +81,7 @@ class Exchanges:
         arguments: Mapping[str, str] | None = None,
     ) -> ExchangeInfo:
         """Declare; redeclaring with another type is PreconditionFailedError."""
+        check_storable("exchange name", (name, alternate_exchange))
         info, created = self.routing.declare(exchange_info(
             name, type, durable, auto_delete, internal, alternate_exchange, arguments
         ))
@@ -111,6 +113,7 @@ class Exchanges:
         routing_key: str = "",
         arguments: Mapping[str, str] | None = None,
     ) -> Binding:
+        check_storable("routing key", (routing_key,))
         binding = _binding(source, destination_kind, destination, routing_key, arguments)
         self._check_destination(destination_kind, destination)
         if self.routing.bind(binding) and self._durable_binding(binding):

@@ -64,8 +64,11 @@ class GroupCoordinator:
         # group id -> coordinator state
         self.groups: dict[str, OrderedGroup] = {}
         # a cluster node (conveyor/cluster): the owner fence of a group this node
-        # coordinates, None if it does not; an offset commit is written under it
+        # coordinates, None if it does not; an offset commit and a leader's SyncGroup
+        # are written under it
         self.commit_guard: Callable[[str], WriteGuard | None] | None = None
+        # told the group id when a write under its guard found no row (lost the group)
+        self.guard_refused: Callable[[str], None] = _nothing
 
     def log_ends(self) -> dict[tuple[str, int], int]:
         """Each known partition's log end after recovery (what state is clamped to)."""
@@ -204,10 +207,34 @@ class GroupCoordinator:
     ) -> SyncResult:
         """Leader sends assignments; every member waits for its own."""
         group = self._group(group_id)
+        if (self.commit_guard is not None and member_id == group.leader_id
+                and group.state is GroupState.COMPLETING_REBALANCE
+                and generation == group.generation):
+            await self._sync_guarded(group)
         outcome = group.sync(self.clock.monotonic_ms(), member_id, generation, assignments or {})
         if isinstance(outcome, SyncResult):
             return outcome
         return await outcome
+
+    async def _sync_guarded(self, group: OrderedGroup) -> None:
+        """A cluster node's leader SyncGroup: the group's state is written under the
+        owner fence (owner, epoch, live lease: checked inside the write's transaction)
+        before the assignment is handed out. Refused: every member waiting for its
+        assignment and the leader are told NOT_COORDINATOR, and nothing is handed out
+        (they find the group's coordinator again and rejoin there)."""
+        assert self.commit_guard is not None
+        guard = self.commit_guard(group.group_id)
+        if guard is not None and await self.state_store.save_group_guarded(
+                group.group_id, group.snapshot(), guard):
+            return
+        self.guard_refused(group.group_id)
+        refused = NotCoordinatorError("this node no longer coordinates the group",
+                                      group_id=group.group_id)
+        for member in group.members.values():
+            waiter, member.sync_waiter = member.sync_waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(refused)
+        raise refused
 
     async def heartbeat(self, group_id: str, member_id: str, generation: int) -> None:
         self._group(group_id).heartbeat(self.clock.monotonic_ms(), member_id, generation)
@@ -290,6 +317,7 @@ class GroupCoordinator:
         guard = self.commit_guard(group.group_id)
         if guard is None or not await self.state_store.save_committed_offsets_guarded(
                 rows, guard):
+            self.guard_refused(group.group_id)
             raise NotCoordinatorError("this node no longer coordinates the group",
                                       group_id=group.group_id)
         group.commit(offsets)
@@ -419,3 +447,7 @@ class GroupCoordinator:
     def decode_server_assignment(assignment: bytes) -> list[tuple[str, int]]:
         """Partitions of a server-assigned ("conveyor" protocol type) group member."""
         return decode_assignment(assignment)
+
+
+def _nothing(group_id: str) -> None:
+    return None

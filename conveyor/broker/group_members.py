@@ -64,8 +64,10 @@ class GroupMembers:
     def __init__(self, state_store: StateStore) -> None:
         self.state_store = state_store
         self.saved: dict[GroupKey, StoredGroup] = {}  # what the store holds, as we know it
-        # a cluster node: the owner fence of a group it coordinates (None: it does not)
+        # a cluster node: the owner fence of a group it coordinates (None: it does not),
+        # and what to do when a write's fence no longer holds (forget the group)
         self.guard: Callable[[str], WriteGuard | None] | None = None
+        self.guard_refused: Callable[[str], None] | None = None
         self._locks: weakref.WeakValueDictionary[GroupKey, asyncio.Lock] = (
             weakref.WeakValueDictionary())
         self.writes = 0  # flushes that wrote something (tests, diagnostics)
@@ -112,6 +114,8 @@ class GroupMembers:
                 guard = self.guard(group_id)
                 if guard is None or not await self.state_store.members.save_guarded(
                         changes, guard):
+                    if guard is not None and self.guard_refused is not None:
+                        self.guard_refused(group_id)  # claimed again before serving it
                     raise NotCoordinatorError("this node no longer coordinates the group",
                                               group_id=group_id)
             else:

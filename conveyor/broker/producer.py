@@ -20,12 +20,13 @@ from conveyor.clock import Clock
 from conveyor.errors import (
     InvalidRequestError,
     InvalidTxnStateError,
+    NotLeaderError,
     OperatingError,
     RecordTooLargeError,
     UnknownTopicError,
 )
 from conveyor.storage.control_batch import build_control_batch
-from conveyor.storage.log_api import AppendRequest
+from conveyor.storage.log_api import AppendRequest, PartitionLease
 from conveyor.storage.record_batch import (
     BatchHeader,
     RecordData,
@@ -93,6 +94,9 @@ class Producer:
         self.check_transactional: TransactionalCheck | None = None
         self.on_transactional: TransactionalListener | None = None
         self.add_transactional: ImplicitAdd | None = None  # Produce v12+ (KIP-890 part 2)
+        # a cluster node: its lease on a partition it leads (None: it does not); a Kafka
+        # append carries it and the store writes it only while it holds (log_api.py)
+        self.lease: Callable[[str, int], PartitionLease | None] | None = None
 
     def forget_topic(self, name: str) -> None:
         self.producers.forget_topic(name)
@@ -123,6 +127,12 @@ class Producer:
         """Append raw Kafka RecordBatch(es): validate, limit, idempotence check, append."""
         info = await self.ensure_topic(topic)
         self.topics.check_partition(topic, partition)
+        lease = None
+        if self.lease is not None:
+            lease = self.lease(topic, partition)
+            if lease is None:
+                raise NotLeaderError("this node does not lead the partition", topic=topic,
+                                     partition=partition)
         batches = split_batches(batch)
         headers = [header for _, header in batches]
         size_max = min(info.config.max_message_bytes, self.config.record_bytes_max)
@@ -144,9 +154,9 @@ class Producer:
             raise InvalidRequestError("a transactional batch needs a producer id",
                                       topic=topic, partition=partition)
         if producer_id < 0:
-            return await self.append(topic, partition, batch, ())
+            return await self.append(topic, partition, batch, (), lease)
         appended = await self._append_idempotent(topic, partition, batch, headers, incoming,
-                                                 implicit_transaction)
+                                                 implicit_transaction, lease)
         if not appended.duplicate:
             # the producer's sequences and checkpoint, written in the append's turn: made
             # durable by the next barrier pass, outside the lock, so the producer's next
@@ -158,7 +168,7 @@ class Producer:
     async def _append_idempotent(
         self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
         headers: Sequence[BatchHeader], incoming: Sequence[IncomingBatch],
-        implicit_transaction: bool,
+        implicit_transaction: bool, lease: PartitionLease | None,
     ) -> AppendResult:
         """The sequence check and the append, under the (producer, partition) lock; the
         lock is held until the log append is durable, not across the state commit."""
@@ -186,7 +196,7 @@ class Producer:
                 # become visible
                 log_end = self.topics.log_store.offsets(topic, partition).log_end_offset
                 self.on_transactional(topic, partition, producer_id, log_end)
-            return await self.append(topic, partition, batch, incoming)
+            return await self.append(topic, partition, batch, incoming, lease)
 
     def _check_transactional(self, topic: str, partition: int,
                              headers: Sequence[BatchHeader]) -> None:
@@ -220,12 +230,13 @@ class Producer:
 
     async def append(
         self, topic: str, partition: int, batch: bytes | bytearray | memoryview,
-        incoming: Sequence[IncomingBatch],
+        incoming: Sequence[IncomingBatch], lease: PartitionLease | None = None,
     ) -> AppendResult:
         self.gate.check()
         store = self.topics.log_store
         (appended,) = await store.append((AppendRequest(
-            topic, partition, batch, check_sequences=bool(incoming)),))
+            topic, partition, batch, check_sequences=bool(incoming),
+            lease=lease),))
         if isinstance(appended, OperatingError):
             raise appended
         if appended.duplicate:  # a store shared by nodes saw this retry written before

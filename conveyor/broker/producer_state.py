@@ -5,7 +5,9 @@ producer id and gets the next epoch, fencing the older instance), and the
 sequence check of every batch that carries a producer id:
 
 - epoch older than the producer's current epoch -> InvalidProducerEpochError;
-- a newer epoch starts over: its first sequence must be 0;
+- no state for the producer in the partition (never written there, or forgotten):
+  any sequence starts it, as Kafka does since KIP-360;
+- a newer epoch starts over: its first sequence must be 0 (else out of order);
 - same base and last sequence as one of the last ``SEQUENCES_KEPT`` batches ->
   a duplicate: the caller returns the original offsets and appends nothing;
 - otherwise base sequence must be last sequence + 1 (wrapping after 2^31-1),
@@ -277,14 +279,17 @@ class ProducerStates:
                 epoch=first.producer_epoch, current_epoch=max(known_epoch, entry.epoch if entry
                                                                else known_epoch),
             )
-        if entry is not None and entry.epoch == first.producer_epoch:
+        if entry is None:  # no state for the producer in this partition: as Kafka
+            _consecutive(idempotent, topic, partition)  # (KIP-360), any sequence starts it
+            return None
+        if entry.epoch == first.producer_epoch:
             for kept in entry.batches:
                 if (kept.base_sequence == first.base_sequence
                         and kept.last_sequence == idempotent[-1].last_sequence):
                     return kept
         expected = (
             next_sequence(entry.batches[-1].last_sequence)
-            if entry is not None and entry.epoch == first.producer_epoch and entry.batches
+            if entry.epoch == first.producer_epoch and entry.batches
             else 0
         )
         if self.shared_store and first.base_sequence != expected:

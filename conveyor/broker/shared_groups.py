@@ -90,6 +90,7 @@ from conveyor.errors import (
 from conveyor.storage.record_batch import Record, RecordData
 from conveyor.storage.shared_state import SharedStateStore
 from conveyor.storage.state_store import QueueRow, StateStore
+from conveyor.storage.text import check_storable
 from conveyor.tasks import Supervisor
 
 from .delivery import (
@@ -383,6 +384,7 @@ class SharedGroups:
         start: Literal["earliest", "latest"] = "latest",
     ) -> None:
         """A shared group on any topic; ``start`` as KIP-932 share.auto.offset.reset."""
+        check_storable("group name", (group,))
         config = config or QueueConfig()
         existing = self._groups.get((group, topic))
         if existing is not None:

@@ -60,6 +60,13 @@ class SharedRemote(Protocol):
         """Purge the queue at its owner (UnavailableError when it cannot be reached)."""
         ...
 
+    async def delete(self, queue: str, if_unused: bool, if_empty: bool) -> int | None:
+        """Delete the queue at its owner (its window, its rows, its topic; the owner
+        checks ``if_unused`` / ``if_empty``): the ready records dropped, or None when
+        this node should delete it itself (it owns the queue now, or the owner does not
+        know it). UnavailableError when the owner cannot be reached."""
+        ...
+
 
 def group_of(receipt: str) -> tuple[str, str] | None:
     """(group, topic) of a receipt ``topic:partition:offset:token:group``; None if malformed."""

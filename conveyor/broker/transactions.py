@@ -71,15 +71,18 @@ from .txn_expiry import IdleTransactionalIds
 from .txn_index import TransactionIndex
 from .txn_model import (
     PREPARING,
+    GroupFence,
     MarkerWriter,
     NotAttemptedError,
     OffsetsWriter,
     TransactionDescription,
     TransactionState,
     check_addable,
+    copied,
     described,
     filtered,
     log_chunks,
+    log_hanging,
     no_member_check,
     ongoing_count,
     pending_offsets,
@@ -110,6 +113,7 @@ class Transactions:
         self._write_offsets = write_offsets  # GroupCoordinator.apply_offsets (no COMMIT)
         # (group, member id, generation): GroupCoordinator.check_member, set by the facade
         self.check_member: Callable[[str, str, int], None] = no_member_check
+        self.group_fence: GroupFence | None = None  # a cluster node (txn_model.py)
         self._transactions: dict[str, TransactionRow] = {}
         self._by_producer: dict[int, str] = {}  # producer id -> transactional id
         self._known_partitions: dict[tuple[str, int], int] = {}  # -> first txn offset
@@ -230,11 +234,11 @@ class Transactions:
                              member: tuple[str, int] = ("", -1), implicit: bool = False,
                              ) -> dict[tuple[str, int], OperatingError | None]:
         """TxnOffsetCommit: offsets kept with the transaction, visible on its commit;
-        ``member`` (member id, generation) is checked against a classic group.
-        ``implicit`` (v5, ``transaction.version`` 2): the group joins the transaction
-        here, as AddOffsetsToTxn would have added it (TV2 clients do not send that)."""
+        ``member`` (id, generation) is checked against a classic group; ``implicit`` (v5,
+        TV2): the group joins the transaction here, as AddOffsetsToTxn would have."""
         async with self._locks.hold(transactional_id):
             row = self._checked(transactional_id, producer_id, epoch)
+            before = copied(row)
             if implicit and (row.state != TransactionState.ONGOING
                              or group_id not in row.groups):
                 self.check_member(group_id, *member)
@@ -256,8 +260,11 @@ class Transactions:
                 results[(topic, partition)] = None
             row.offsets[group_id] = [(t, p, o, m) for (t, p), (o, m) in sorted(pending.items())]
             self._touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            if self.group_fence is not None:  # its own transaction, under the fence
+                await self.group_fence.save(self.store, row, before, group_id)
+            else:
+                self.store.save(row)
+                await self.store.commit()
             return results
 
     async def end(self, transactional_id: str, producer_id: int, epoch: int,
@@ -485,11 +492,7 @@ class Transactions:
         """Open transactions in the logs that no ongoing transaction accounts for
         (KIP-890's "hanging transaction"): logged once each, counted in ``hanging``."""
         found = unaccounted(self.index, self._by_producer, self._transactions)
-        for key in found:
-            if key not in self.hanging:
-                logger.error("hanging transaction: producer %d holds %s-%d open from offset "
-                             "%d with no ongoing transaction (last stable offset stuck)",
-                             key[2], key[0], key[1], key[3])
+        log_hanging(found, self.hanging)
         self.hanging = set(found)
         return found
 

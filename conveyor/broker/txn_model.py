@@ -1,13 +1,16 @@
 """The transaction coordinator's vocabulary and pure helpers (split from transactions.py).
 
 Owns: the states of a transactional id (Kafka's TransactionState), what Describe/List
-answer (``TransactionDescription``), the callables the coordinator is wired with, and
-the pure helpers of its log scans and listings. Must not know: protocols, files, SQL.
+answer (``TransactionDescription``), the callables the coordinator is wired with (and a
+cluster node's ``GroupFence`` on TxnOffsetCommit), and the pure helpers of its log
+scans and listings. Must not know: protocols, files, SQL.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -15,11 +18,13 @@ from conveyor.errors import (
     ConcurrentTransactionsError,
     InvalidProducerEpochError,
     InvalidTxnStateError,
+    NotCoordinatorError,
     OperatingError,
 )
 from conveyor.storage.log_api import LogStore
 from conveyor.storage.record_batch import split_batches
-from conveyor.storage.txn_state import TransactionRow
+from conveyor.storage.sql_engine import WriteGuard
+from conveyor.storage.txn_state import TransactionRow, TxnStateStore
 
 from .txn_index import TransactionIndex
 
@@ -88,6 +93,44 @@ async def log_chunks(store: LogStore, topic: str, partition: int,
 
 def no_member_check(group_id: str, member_id: str, generation: int) -> None:
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupFence:
+    """A cluster node's fence on the groups it coordinates (conveyor/cluster): a
+    TxnOffsetCommit's row is written only under ``guard(group)`` (owner, epoch, live
+    lease, checked inside the write's own transaction); ``refused`` is told the group
+    when that finds another node owns it."""
+
+    guard: Callable[[str], WriteGuard | None]
+    refused: Callable[[str], None]
+
+    async def save(self, store: TxnStateStore, row: TransactionRow, before: TransactionRow,
+                   group_id: str) -> None:
+        """Write ``row``; refused, it is put back as ``before`` and NOT_COORDINATOR raised."""
+        guard = self.guard(group_id)
+        if guard is not None and await store.save_guarded(row, guard):
+            return
+        for item in dataclasses.fields(row):
+            setattr(row, item.name, getattr(before, item.name))
+        self.refused(group_id)
+        raise NotCoordinatorError("this node no longer coordinates the group",
+                                  group_id=group_id)
+
+
+def copied(row: TransactionRow) -> TransactionRow:
+    return dataclasses.replace(row, partitions=list(row.partitions), groups=list(row.groups),
+                               offsets=dict(row.offsets))
+
+
+def log_hanging(found: list[tuple[str, int, int, int]],
+                reported: set[tuple[str, int, int, int]]) -> None:
+    for key in found:
+        if key not in reported:
+            logging.getLogger("conveyor.transactions").error(
+                "hanging transaction: producer %d holds %s-%d open from offset %d with no "
+                "ongoing transaction (last stable offset stuck)", key[2], key[0], key[1],
+                key[3])
 
 
 def filtered(found: list[TransactionDescription], states: set[str], producer_ids: set[int],

@@ -15,8 +15,9 @@ Rules:
   clock): a node paused past its lease serves nothing when it wakes, and its next
   heartbeat finds the lease lapsed and drops every ownership (re-claiming bumps the
   epoch and reloads state). Writes on the owner rows are fenced by epoch; a
-  coordinator's own write (an offset commit) carries ``write_guard``: the owner row
-  checked and share-locked inside the write's transaction.
+  coordinator's own writes (an offset commit, a leader's SyncGroup, a TxnOffsetCommit)
+  carry ``write_guard``: the owner row checked and share-locked inside the write's
+  transaction; a refused one makes the node ``forget`` the item.
 Must not know: protocols, the broker (acquisition hooks are callbacks).
 """
 
@@ -34,6 +35,7 @@ import asyncpg
 from conveyor.clock import Clock
 from conveyor.cluster.ownership import choose_owner
 from conveyor.errors import StorageError, UnavailableError
+from conveyor.storage.log_api import PartitionLease
 from conveyor.storage.postgres_dsn import (
     COMMAND_TIMEOUT_S,
     CONNECT_TIMEOUT_S,
@@ -97,6 +99,15 @@ FENCE: Final = """SELECT 1 FROM conveyor_owners o JOIN conveyor_nodes n ON n.nod
 # (FOR SHARE), so a claim by another node waits until the write has committed, and a
 # claim that committed first makes it find no row (the write is then not made)
 FENCE_LOCKED: Final = FENCE + " FOR SHARE OF o"
+# the partition fence of Kafka appends, in the append transaction after the head locks
+# ($1 names, $2 epochs; log_api.PartitionLease): the owner rows still this node's at
+# those epochs under a live lease, share-locked until COMMIT
+LEASES_LOCKED: Final = """SELECT o.name, o.epoch
+    FROM unnest($1::text[], $2::bigint[]) AS w(name, epoch)
+    JOIN conveyor_owners o ON o.kind = $3 AND o.name = w.name AND o.epoch = w.epoch
+    JOIN conveyor_nodes n ON n.node_id = o.owner
+    WHERE o.owner = $4 AND n.incarnation = $5 AND n.lease_until > clock_timestamp()
+    FOR SHARE OF o"""
 DRAIN: Final = """UPDATE conveyor_nodes SET draining = true, lease_until = clock_timestamp()
     WHERE node_id = $1 AND incarnation = $2"""
 
@@ -352,6 +363,12 @@ class Membership:
             return False
         return True
 
+    def forget(self, kind: str, name: str) -> None:
+        """A write under this item's guard found no row: another node owns it now."""
+        if self._owned.pop((kind, name), None) is not None:
+            logger.warning("lost an item found by its fence", extra={
+                "kind": kind, "item": name})
+
     def write_guard(self, kind: str, name: str) -> WriteGuard | None:
         """The fence a write about this item carries into its own transaction (owner,
         epoch and a live lease, on the database); None when this node does not serve it."""
@@ -359,6 +376,15 @@ class Membership:
         if epoch is None or not self.serving():
             return None
         return WriteGuard(FENCE_LOCKED, (kind, name, self.node_id, epoch, self.incarnation))
+
+    def lease(self, kind: str, name: str) -> PartitionLease | None:
+        """This node's lease on an item it serves now (its owner-row epoch, and the check
+        the log store runs in an append's transaction); None if it does not serve it."""
+        epoch = self._owned.get((kind, name))
+        if epoch is None or not self.serving():
+            return None
+        return PartitionLease(name, epoch, LEASES_LOCKED, (kind, self.node_id,
+                                                           self.incarnation))
 
     async def allocate_producer_id(self) -> int:
         async with self._pool.acquire() as connection:

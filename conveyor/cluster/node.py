@@ -1,8 +1,10 @@
 """ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
 
 Owns: what a claim reloads (a partition's head and producers; a group's state, offsets,
-configs and KIP-848 / KIP-932 members), the fence handed to the group coordinator and
-to the members' writes (a WriteGuard carried into the write), the
+configs and KIP-848 / KIP-932 members), the group fence handed to the group
+coordinator, the transaction coordinator and the members' writes (a WriteGuard carried
+into an offset commit's, a leader SyncGroup's, a TxnOffsetCommit's and a membership
+write), the
 producer ids handed out from the database, the periodic re-read of the topic catalog
 (topics created on another node), and the view the Kafka listener asks: live nodes and
 their addresses, each partition's leader and epoch, each group's coordinator.
@@ -19,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from conveyor.broker.txn_model import GroupFence
 from conveyor.clock import Clock
 from conveyor.cluster.internal_api import InternalServer, cluster_secret
 from conveyor.cluster.membership import ClusterSettings, Membership
@@ -27,6 +30,7 @@ from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
 from conveyor.cluster.wakeups import Wakeups
 from conveyor.config import TlsConfig
 from conveyor.server.tls import RefusalLog, ServerTls
+from conveyor.storage.log_api import PartitionLease
 from conveyor.tasks import Supervisor
 
 if TYPE_CHECKING:
@@ -81,14 +85,21 @@ class ClusterNode:
         coordinator = self.broker.group_coordinator
         coordinator.commit_guard = lambda group_id: self.membership.write_guard(
             GROUP, group_id)
+        coordinator.guard_refused = lambda group_id: self.membership.forget(GROUP, group_id)
+        self.broker.transactions.group_fence = GroupFence(
+            coordinator.commit_guard, coordinator.guard_refused)
         # KIP-848 / KIP-932 members are written under the same fence
-        self.broker.group_members.guard = lambda group_id: self.membership.write_guard(
-            GROUP, group_id)
+        members = self.broker.group_members
+        members.guard = coordinator.commit_guard
+        members.guard_refused = coordinator.guard_refused
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
-            self.owner_side = OwnerSide(self.membership, shared, self.serve_shared,
-                                        self.refresh_catalog)
+            broker = self.broker
+            self.owner_side = OwnerSide(
+                self.membership, shared, self.serve_shared, self.refresh_catalog,
+                lambda name, if_unused, if_empty: broker.delete_queue(
+                    name, if_unused, if_empty, local=True))
             channel = self.channel
             self.internal = InternalServer(secret, self.owner_side.handle,
                                            self.owner_side.orphan, tls=channel.server_tls,
@@ -106,6 +117,10 @@ class ClusterNode:
             name="conveyor.cluster.topics")
         if hasattr(self.broker.log_store, "observe_head"):  # the PostgreSQL LogStore
             producer = self.broker.producer
+            # a Kafka append is written only while this node's lease on the partition
+            # holds at the epoch it had when it took the append (in the append's own
+            # transaction); the others (queue publishes, markers) go through any node
+            producer.lease = self._lease
             own = producer.on_append
             self.wakeups = Wakeups(self.settings.dsn, self.broker.log_store, own,
                                    self.settings.heartbeat_ms)
@@ -218,6 +233,9 @@ class ClusterNode:
         return await self.membership.ensure_owned(
             PARTITION, item_name(PARTITION, topic, partition))
 
+    def _lease(self, topic: str, partition: int) -> PartitionLease | None:
+        return self.membership.lease(PARTITION, item_name(PARTITION, topic, partition))
+
     async def serve_group(self, group_id: str) -> bool:
         return await self.membership.ensure_owned(GROUP, group_id)
 
@@ -225,9 +243,6 @@ class ClusterNode:
         """Await ``callback(group_id)`` whenever this node claims a group (the KIP-848 and
         share coordinators read the group's members again from the state store)."""
         self._group_claimed.append(callback)
-
-    async def fence_group(self, group_id: str) -> bool:
-        return await self.membership.fence(GROUP, group_id)
 
     def status(self) -> dict[str, Any]:
         return self.membership.status()

@@ -5,6 +5,9 @@ Owns both sides of the forwarding (docs/cluster.md, "Queues"):
   node owns, it sends the acquire, the settles of its receipts and a consumer's
   release to that owner over the internal channel (internal_api.py), re-resolving the
   owner and retrying with backoff when the owner moves or cannot be reached.
+- Queue deletes (AMQP queue.delete, HTTP DELETE, SQS DeleteQueue) through a node that
+  does not own the queue are forwarded the same way: the owner deletes it (its window
+  first), then the asking node drops its own copy.
 - ``OwnerSide``: runs what other nodes forward, on this node's own window, only while
   this node owns the group (else ``NotOwnerError``: the caller asks again). Consumers
   of other nodes are named ``node<N>/<their id>``; when node N is seen dead (its lease
@@ -49,6 +52,7 @@ from conveyor.errors import (
     UnavailableError,
     UnknownGroupError,
     UnknownQueueError,
+    UnknownTopicError,
 )
 from conveyor.tasks import Supervisor
 
@@ -284,6 +288,23 @@ class RemoteQueues:
             if not await backoff.wait():
                 raise UnavailableError("the queue's owner node cannot be reached", queue=queue)
 
+    async def delete(self, queue: str, if_unused: bool, if_empty: bool) -> int | None:
+        backoff = _Backoff(RETRY_MS)
+        args = {"queue": queue, "if_unused": if_unused, "if_empty": if_empty}
+        while True:
+            client = await self._owner_client(queue, queue)
+            if client is None and await self.serves(queue, queue):
+                return None  # it moved here: this node deletes it
+            if client is not None:
+                try:
+                    return int(await client.call("delete", args, RETRY_MS / 1000))
+                except (NotOwnerError, ConnectionError):
+                    pass
+                except (UnknownQueueError, UnknownTopicError):
+                    return None  # the owner cannot find it: this node's copy is stale
+            if not await backoff.wait():
+                raise UnavailableError("the queue's owner node cannot be reached", queue=queue)
+
     # --- internals -------------------------------------------------------------------
     def _remember(self, consumer_id: str, group: str, topic: str) -> None:
         groups = self._held.get(consumer_id)
@@ -336,6 +357,14 @@ def _number(args: dict[str, Any], key: str) -> int:
     return value
 
 
+def _flag(args: dict[str, Any], key: str) -> bool:
+    """A boolean argument of a forwarded request."""
+    value = args.get(key)
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"internal request: {key} must be a boolean", key=key)
+    return value
+
+
 class _PeerClient(InternalClient):
     def __init__(self, peer: int, address: str, secret: bytes, node_id: int,
                  incarnation: int, orphan: Any, tls: TlsConfig | None) -> None:
@@ -364,10 +393,13 @@ class OwnerSide:
     """What other nodes forward to this node: acquires and settles on its own windows."""
 
     def __init__(self, membership: Membership, shared: SharedGroups, serve: Serve,
-                 refresh_catalog: Callable[[], Awaitable[None]]) -> None:
+                 refresh_catalog: Callable[[], Awaitable[None]],
+                 delete_queue: Callable[[str, bool, bool], Awaitable[int]]) -> None:
         self.membership = membership
         self.shared = shared
         self.serve = serve
+        # the broker's whole delete of a queue here (its topic and bindings too)
+        self.delete_queue = delete_queue
         # re-read the topic catalog: a queue another node declared a moment ago
         self.refresh_catalog = refresh_catalog
         # peer node -> (its incarnation, the consumer ids it acquired for, oldest first)
@@ -385,13 +417,16 @@ class OwnerSide:
             return await self._acquire(args, node, incarnation)
         if op == "settle":
             return await self._settle(args)
-        if op in ("counts", "purge"):
+        if op in ("counts", "purge", "delete"):
             queue = _text(args, "queue")
             if not await self._owns(queue, queue):
                 raise NotOwnerError("not the owner of this queue", queue=queue)
             await self._load(queue, queue)
             if op == "purge":
                 return await self.shared.purge_queue(queue, local=True)
+            if op == "delete":
+                return await self.delete_queue(queue, _flag(args, "if_unused"),
+                                               _flag(args, "if_empty"))
             info = await self.shared.get_queue(queue, local=True)
             return [info.ready, info.in_flight, info.delayed]
         if op == "release_consumer":

@@ -38,6 +38,21 @@ class LogOffsets:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionLease:
+    """A cluster node's lease on a partition (conveyor/cluster writes it; opaque here):
+    a store shared by nodes writes an append carrying it only while ``check`` (a SELECT
+    taking owner-row names $1 and epochs $2, then ``parameters``, that share-locks the
+    rows still this node's at those epochs under a live lease and returns their
+    ``name, epoch``) returns (``name``, ``epoch``), in the append's own transaction;
+    else the append is answered NotLeaderError."""
+
+    name: str
+    epoch: int
+    check: str
+    parameters: tuple[int | str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AppendRequest:
     """RecordBatch v2 bytes (one or more batches) for one partition; offsets are assigned
     by the store (the base offsets in ``batches`` are ignored and patched)."""
@@ -50,6 +65,10 @@ class AppendRequest:
     # append (PostgreSQL: under the head lock) and answers a retry with the offsets it
     # got the first time. The file backend leaves this to the broker's ProducerStates.
     check_sequences: bool = False
+    # a cluster node's Kafka produce: its lease on the partition when it took the
+    # append. None: not fenced (queue publishes and transaction markers are written by
+    # any node; the file backend has no owners).
+    lease: PartitionLease | None = None
 
 
 @dataclass(frozen=True, slots=True)

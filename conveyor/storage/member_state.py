@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from conveyor.errors import StorageError
-from conveyor.storage.sql_engine import GuardedWrites, SqlEngine, SqlValue, WriteGuard, upsert_sql
+from conveyor.storage.sql_engine import (
+    GuardedStatement,
+    GuardedWrites,
+    SqlEngine,
+    SqlValue,
+    WriteGuard,
+    upsert_sql,
+)
 
 SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS kafka_groups (
@@ -121,12 +128,10 @@ class MemberStateStore:
         """Write ``changes`` in a transaction of their own that first takes ``guard`` (a
         cluster node's owner fence); False, nothing written, when the guard finds no row.
         Needs an engine with guarded writes (PostgreSQL)."""
-        if not hasattr(self.engine, "write_guarded_statements"):
+        if not hasattr(self.engine, "write_guarded"):
             raise StorageError("guarded writes need the PostgreSQL state store")
-        statements: Sequence[tuple[str, Sequence[Sequence[SqlValue]]]] = (
-            self._statements(changes))
-        return await cast(GuardedWrites, self.engine).write_guarded_statements(
-            guard, statements)
+        statements: Sequence[GuardedStatement] = self._statements(changes)
+        return await cast(GuardedWrites, self.engine).write_guarded(guard, statements)
 
     async def commit(self) -> None:
         await self.engine.commit()

@@ -8,7 +8,9 @@ backend's fdatasync is (group commit).
 
 The transaction: lock the partition head rows of every touched partition in
 partition_id order (``SELECT ... FOR UPDATE``: two nodes appending to the same
-partitions queue on the same rows in the same order and cannot deadlock), assign
+partitions queue on the same rows in the same order and cannot deadlock), on a
+cluster node share-lock the owner rows of the fenced (Kafka) appends and refuse those
+whose lease this node lost (``PartitionLease``: NOT_LEADER_OR_FOLLOWER), assign
 offsets from the locked ``next_offset`` (never from this process's memory), insert one
 row per batch in one statement, move the heads, commit. Each transaction carries a
 random ``write_id`` stored on its rows: when the COMMIT's answer is lost (connection
@@ -31,13 +33,14 @@ import asyncpg
 
 from conveyor.clock import Clock
 from conveyor.errors import (
+    NotLeaderError,
     OperatingError,
     StorageBusyError,
     StorageError,
     UnknownPartitionError,
 )
 from conveyor.storage import postgres_log_schema as sql
-from conveyor.storage.log_api import AppendInfo, AppendOutcome
+from conveyor.storage.log_api import AppendInfo, AppendOutcome, PartitionLease
 from conveyor.storage.postgres_dsn import NO_PRIMARY_YET
 from conveyor.storage.postgres_sequences import ProducerSequences
 from conveyor.storage.record_batch import BatchHeader
@@ -78,6 +81,7 @@ class PendingAppend:
     durable_only: bool  # fsync=always: the commit must be synchronous
     check_sequences: bool  # idempotent batches: checked under the head lock
     future: asyncio.Future[AppendOutcome]
+    lease: PartitionLease | None = None  # a cluster node's Kafka append (log_api.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +239,7 @@ class TurnAppender:
         ids = sorted({item.partition_id for item in group})
         heads = {row["partition_id"]: (row["next_offset"], row["chunks_until"])
                  for row in await connection.fetch(sql.LOCK_HEADS, ids)}
+        held = await self._leases(connection, group)
         sequences = await ProducerSequences.load(connection, sorted({
             (item.partition_id, item.headers[0][1].producer_id) for item in group
             if _checked(item) and item.partition_id in heads}))
@@ -244,6 +249,11 @@ class TurnAppender:
             if item.partition_id not in heads:
                 outcomes.append(UnknownPartitionError(
                     "unknown partition", topic=item.topic, partition=item.partition))
+                continue
+            if item.lease is not None and (item.lease.name, item.lease.epoch) not in held:
+                outcomes.append(NotLeaderError(
+                    "this node no longer leads the partition", topic=item.topic,
+                    partition=item.partition))
                 continue
             if _checked(item):
                 verdict = await sequences.check(connection, item.partition_id, item.headers)
@@ -270,6 +280,25 @@ class TurnAppender:
         committed = [Committed(pid, placing.next_offsets[pid], *placing.sizes[pid])
                      for pid in moved]
         return outcomes, committed, (placing.rows[0][0], placing.rows[0][1])
+
+    async def _leases(self, connection: Any, group: list[PendingAppend],
+                      ) -> set[tuple[str, int]]:
+        """(owner-row name, epoch) of the leases the fenced appends carry that still
+        hold, share-locked until COMMIT (after the head locks, in the same transaction):
+        a claim by another node waits for this append, a claim that committed first
+        makes it refused. One statement per distinct check (in practice one)."""
+        wanted: dict[tuple[str, tuple[int | str, ...]], set[tuple[str, int]]] = {}
+        for item in group:
+            if item.lease is not None:
+                wanted.setdefault((item.lease.check, item.lease.parameters), set()).add(
+                    (item.lease.name, item.lease.epoch))
+        held: set[tuple[str, int]] = set()
+        for (check, parameters), leases in wanted.items():
+            ordered = sorted(leases)
+            rows = await connection.fetch(check, [name for name, _ in ordered],
+                                          [epoch for _, epoch in ordered], *parameters)
+            held.update((row["name"], int(row["epoch"])) for row in rows)
+        return held
 
     async def _ensure_chunks(self, connection: Any, heads: dict[int, tuple[int, int]],
                              partition_ids: list[int], base_offsets: list[int]) -> None:

@@ -36,9 +36,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -50,10 +50,18 @@ from conveyor.storage.postgres_dsn import (
     SESSION_SETTINGS,
     parse_postgres_url,
 )
-from conveyor.storage.sql_engine import POSTGRESQL_NUMBERED, Dialect, SqlValue, WriteGuard
+from conveyor.storage.sql_engine import (
+    POSTGRESQL_NUMBERED,
+    Dialect,
+    GuardedStatement,
+    SqlValue,
+    WriteGuard,
+)
+from conveyor.storage.text import check_row
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 10
 RETRY_WINDOW_MS = 30_000
@@ -248,11 +256,15 @@ class PostgresEngine:
         self._schedule_flush()
 
     def write(self, query: str, parameters: Sequence[SqlValue] = ()) -> None:
-        self._pending.add(_translated(query), [tuple(parameters)])
+        row = tuple(parameters)
+        check_row(row)
+        self._pending.add(_translated(query), [row])
         self._schedule_flush()
 
     def write_many(self, query: str, rows: Iterable[Sequence[SqlValue]]) -> None:
         batch = [tuple(row) for row in rows]
+        for row in batch:
+            check_row(row)
         if batch:
             self._pending.add(_translated(query), batch)
             self._schedule_flush()
@@ -351,50 +363,31 @@ class PostgresEngine:
     async def _send(self, batch: _Batch) -> None:
         """Commit ``batch`` in one transaction, resolving an unknown outcome by reading
         ``conveyor_commit.sequence`` back."""
-        deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
-        backoff_ms = BACKOFF_MS_MIN
         async with self._lock:
             # under the lock: a guarded write (write_guarded) may have taken the number
             sequence = self._sequence + 1
-            while True:
-                try:
-                    connection = await self._connected(deadline_ms)
-                    if await self._committed(connection, sequence):
-                        self._sequence = sequence
-                        return
-                    async with connection.transaction():
-                        if any(rows is None for _, rows in batch.statements):
-                            # DDL: one node at a time (two nodes starting together on a
-                            # fresh database raced in CREATE TABLE IF NOT EXISTS and one
-                            # failed on pg_type's unique index)
-                            await connection.execute(_SCHEMA_LOCK)
-                        for sql, rows in batch.statements:
-                            if rows is None:
-                                await connection.execute(sql)
-                            elif len(rows) == 1:
-                                await connection.execute(sql, *rows[0])
-                            else:
-                                await connection.executemany(sql, rows)
-                        await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
+
+            async def attempt(connection: Any) -> None:
+                if await self._committed(connection, sequence):
                     self._sequence = sequence
                     return
-                except (ValueError, TypeError) as error:
-                    # a value the statement cannot take (asyncpg's DataError): a bug,
-                    # never fixed by sending it again
-                    raise _PermanentError("a state write has a value PostgreSQL cannot take",
-                                          database=self.where, error=str(error)) from error
-                except _TRANSIENT as error:
-                    self._drop_connection()
-                    if self.clock.monotonic_ms() >= deadline_ms:
-                        raise _transient_error(error, self.where) from error
-                    logger.warning("PostgreSQL %s: %s; retrying the transaction",
-                                   self.where, error)
-                    await self.clock.sleep_ms(backoff_ms)
-                    backoff_ms = min(backoff_ms * 2, BACKOFF_MS_MAX)
-                except asyncpg.PostgresError as error:
-                    raise _PermanentError("PostgreSQL rejected a state write",
-                                          database=self.where,
-                                          error=f"{type(error).__name__}: {error}") from error
+                async with connection.transaction():
+                    if any(rows is None for _, rows in batch.statements):
+                        # DDL: one node at a time (two nodes starting together on a
+                        # fresh database raced in CREATE TABLE IF NOT EXISTS and one
+                        # failed on pg_type's unique index)
+                        await connection.execute(_SCHEMA_LOCK)
+                    for sql, rows in batch.statements:
+                        if rows is None:
+                            await connection.execute(sql)
+                        elif len(rows) == 1:
+                            await connection.execute(sql, *rows[0])
+                        else:
+                            await connection.executemany(sql, rows)
+                    await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
+                self._sequence = sequence
+
+            await self._retrying(attempt, "a state write", warn=True)
 
     async def _committed(self, connection: Any, sequence: int) -> bool:
         """After a reconnect: did the transaction of ``sequence`` commit before the drop?"""
@@ -434,80 +427,84 @@ class PostgresEngine:
         return self._connection
 
     # --- guarded writes --------------------------------------------------------------
-    async def write_guarded(self, guard: WriteGuard, query: str,
-                            rows: Sequence[Sequence[SqlValue]]) -> bool:
-        """Write ``rows`` with ``query`` in a transaction of their own, after every
-        buffered write, only if ``guard`` (a locking SELECT) returns a row in that same
-        transaction; False, and nothing written, if it does not. The guard's locks hold
+    async def write_guarded(self, guard: WriteGuard,
+                            statements: Sequence[GuardedStatement]) -> bool:
+        """Run ``statements`` (each a query and its rows) in a transaction of their own,
+        after every buffered write, only if ``guard`` (a locking SELECT) returns a row in
+        that same transaction; False, and nothing written, if it does not. The guard's locks hold
         until the commit, so whatever would change what it read waits for this write.
         An unknown outcome (the connection dropped during COMMIT) is resolved by the
         commit sequence, as for the batches; a transaction sent again checks the guard
         again."""
-        return await self.write_guarded_statements(guard, [(query, rows)])
-
-    async def write_guarded_statements(
-            self, guard: WriteGuard,
-            statements: Sequence[tuple[str, Sequence[Sequence[SqlValue]]]]) -> bool:
-        """``write_guarded`` of several statements (each with its rows), in order, in
-        one transaction under one guard."""
-        await self.commit()  # in order: every earlier write commits first
         translated = [(_translated(query), [tuple(row) for row in rows])
                       for query, rows in statements]
-        deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
-        backoff_ms = BACKOFF_MS_MIN
+        for _, values in translated:
+            for row in values:
+                check_row(row)
+        await self.commit()  # in order: every earlier write commits first
         async with self._lock:
             sequence = self._sequence + 1
-            while True:
-                try:
-                    connection = await self._connected(deadline_ms)
-                    if await self._committed(connection, sequence):
-                        self._sequence = sequence
-                        return True
-                    async with connection.transaction():
-                        if await connection.fetchrow(guard.sql, *guard.parameters) is None:
-                            return False  # the empty transaction commits: nothing written
-                        for sql, values in translated:
-                            if values:
-                                await connection.executemany(sql, values)
-                        await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
+
+            async def attempt(connection: Any) -> bool:
+                if await self._committed(connection, sequence):
                     self._sequence = sequence
                     return True
-                except (ValueError, TypeError) as error:
-                    raise _PermanentError("a state write has a value PostgreSQL cannot take",
-                                          database=self.where, error=str(error)) from error
-                except _TRANSIENT as error:
-                    self._drop_connection()
-                    if self.clock.monotonic_ms() >= deadline_ms:
-                        raise _transient_error(error, self.where) from error
-                    await self.clock.sleep_ms(backoff_ms)
-                    backoff_ms = min(backoff_ms * 2, BACKOFF_MS_MAX)
-                except asyncpg.PostgresError as error:
-                    raise _PermanentError("PostgreSQL rejected a guarded state write",
-                                          database=self.where,
-                                          error=f"{type(error).__name__}: {error}") from error
+                async with connection.transaction():
+                    if await connection.fetchrow(guard.sql, *guard.parameters) is None:
+                        return False  # the empty transaction commits: nothing written
+                    for sql, values in translated:
+                        if values:
+                            await connection.executemany(sql, values)
+                    await connection.execute(_WRITE_SEQUENCE, sequence, self.writer)
+                self._sequence = sequence
+                return True
+
+            return await self._retrying(attempt, "a guarded state write")
 
     # --- reads -------------------------------------------------------------------------
     async def query(self, query: str, parameters: Sequence[SqlValue] = ()
                     ) -> list[tuple[Any, ...]]:
         await self._committed_all()  # read your writes
         sql = _translated(query)
+
+        async def attempt(connection: Any) -> list[tuple[Any, ...]]:
+            return [tuple(row) for row in await connection.fetch(sql, *parameters)]
+
+        async with self._lock:
+            return await self._retrying(attempt, "a state query", write=False)
+
+    async def _retrying(self, attempt: Callable[[Any], Awaitable[T]], what: str,
+                        write: bool = True, warn: bool = False) -> T:
+        """``attempt(connection)`` until it returns: a dropped connection or a database
+        going away (``_TRANSIENT``) reconnects and tries again with backoff for
+        ``retry_window_ms``, then is a retriable StorageError; a statement PostgreSQL
+        rejects is not retried (a write: ``_PermanentError``). The caller holds the
+        lock; a write's attempt reads its commit sequence back after a reconnect."""
         deadline_ms = self.clock.monotonic_ms() + self.retry_window_ms
         backoff_ms = BACKOFF_MS_MIN
-        async with self._lock:
-            while True:
-                try:
-                    connection = await self._connected(deadline_ms)
-                    return [tuple(row) for row in await connection.fetch(sql, *parameters)]
-                except _TRANSIENT as error:
-                    self._drop_connection()
-                    if self.clock.monotonic_ms() >= deadline_ms:
-                        raise _transient_error(error, self.where) from error
-                    await self.clock.sleep_ms(backoff_ms)
-                    backoff_ms = min(backoff_ms * 2, BACKOFF_MS_MAX)
-                except asyncpg.PostgresError as error:
-                    raise StorageError("PostgreSQL rejected a state query",
-                                       database=self.where,
-                                       error=f"{type(error).__name__}: {error}") from error
+        while True:
+            try:
+                return await attempt(await self._connected(deadline_ms))
+            except (ValueError, TypeError) as error:
+                if not write:
+                    raise
+                # a value the statement cannot take (asyncpg's DataError): a bug,
+                # never fixed by sending it again
+                raise _PermanentError(f"{what} has a value PostgreSQL cannot take",
+                                      database=self.where, error=str(error)) from error
+            except _TRANSIENT as error:
+                self._drop_connection()
+                if self.clock.monotonic_ms() >= deadline_ms:
+                    raise _transient_error(error, self.where) from error
+                if warn:
+                    logger.warning("PostgreSQL %s: %s; retrying the transaction",
+                                   self.where, error)
+                await self.clock.sleep_ms(backoff_ms)
+                backoff_ms = min(backoff_ms * 2, BACKOFF_MS_MAX)
+            except asyncpg.PostgresError as error:
+                rejected = _PermanentError if write else StorageError
+                raise rejected(f"PostgreSQL rejected {what}", database=self.where,
+                               error=f"{type(error).__name__}: {error}") from error
 
 
 class _PermanentError(StorageError):

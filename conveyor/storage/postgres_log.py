@@ -290,7 +290,7 @@ class PostgresLogStore:
             appender.submit(PendingAppend(
                 request.topic, request.partition, part.partition_id,
                 memoryview(request.batches).cast("B"), headers, part.config.fsync == "always",
-                request.check_sequences, future))
+                request.check_sequences, future, request.lease))
             waiting.append((len(outcomes), future))
             outcomes.append(None)
         for index, future in waiting:

@@ -6,9 +6,11 @@ partition heads are locked, so the check and the append that follows it are one
 atomic step even when several nodes append to the partition: a retry that reaches
 another node (after a lost answer, a failover) is answered with the offsets of the
 first write instead of being written twice. Same rules as the broker's in-memory
-ProducerStates: an older epoch is refused, a newer one starts afresh, in one epoch
-the next batch continues the last sequence, a batch equal to one of the producer's
-five latest in the partition is a duplicate, anything else is out of order.
+ProducerStates, which are Kafka's (ProducerAppendInfo): no row for the producer in
+the partition accepts any sequence (KIP-360: its state may have gone with retention);
+an older epoch is refused; a newer epoch must start at sequence 0 (else out of order);
+in one epoch the next batch continues the last sequence, a batch equal to one of the
+producer's five latest in the partition is a duplicate, anything else is out of order.
 """
 
 from __future__ import annotations
@@ -57,9 +59,16 @@ class ProducerSequences:
         """None: append and ``accept``; a duplicate AppendInfo; or the refusal."""
         first, last = headers[0][1], headers[-1][1]
         state = self._states.get((partition_id, first.producer_id))
-        if state is None or first.producer_epoch > state[0]:
+        if state is None:  # no state for the producer here: any sequence starts it
             return None
         epoch, last_sequence = state
+        if first.producer_epoch > epoch:  # a new epoch starts at sequence 0
+            if first.base_sequence == 0:
+                return None
+            return OutOfOrderSequenceError(
+                "a new producer epoch must start at sequence 0",
+                producer_id=first.producer_id, epoch=first.producer_epoch,
+                current_epoch=epoch, received=first.base_sequence)
         if first.producer_epoch < epoch:
             return InvalidProducerEpochError(
                 "producer epoch is stale", producer_id=first.producer_id,

@@ -43,6 +43,10 @@ class WriteGuard:
     parameters: tuple[SqlValue, ...]
 
 
+# one statement of a guarded write: the query (``?`` placeholders) and its rows
+GuardedStatement = tuple[str, Sequence[Sequence[SqlValue]]]
+
+
 @dataclass(frozen=True, slots=True)
 class Dialect:
     """What differs between SQL backends: the placeholder and the blob type name.
@@ -110,8 +114,5 @@ class SqlEngine(Protocol):
 class GuardedWrites(Protocol):
     """An engine that can write under a ``WriteGuard`` (PostgresEngine)."""
 
-    async def write_guarded(self, guard: WriteGuard, query: str,
-                            rows: Sequence[Sequence[SqlValue]]) -> bool: ...
-    async def write_guarded_statements(
-            self, guard: WriteGuard,
-            statements: Sequence[tuple[str, Sequence[Sequence[SqlValue]]]]) -> bool: ...
+    async def write_guarded(self, guard: WriteGuard,
+                            statements: Sequence[GuardedStatement]) -> bool: ...

@@ -28,6 +28,7 @@ from conveyor.errors import StorageError
 from conveyor.storage.durability import DurabilityBarrier, SyncJob, barrier_for_loop
 from conveyor.storage.fs import call_in_thread, fdatasync_descriptor
 from conveyor.storage.sql_engine import SQLITE, Dialect, SqlValue
+from conveyor.storage.text import check_row
 
 # A COMMIT nobody waits for is fsynced by the next awaited commit, or after this long
 # (until then it survives a killed process, not a power cut).
@@ -149,16 +150,21 @@ class SqliteEngine:
 
     def write(self, query: str, parameters: Sequence[SqlValue] = ()) -> None:
         """Run one write inside this loop turn's transaction."""
+        row = tuple(parameters)
+        check_row(row)
         self._begin()
         try:
-            self.connection.execute(self.dialect.sql(query), tuple(parameters))
+            self.connection.execute(self.dialect.sql(query), row)
         except sqlite3.Error as error:
             raise StorageError("state store write failed", error=str(error)) from error
 
     def write_many(self, query: str, rows: Iterable[Sequence[SqlValue]]) -> None:
+        batch = [tuple(row) for row in rows]
+        for row in batch:
+            check_row(row)
         self._begin()
         try:
-            self.connection.executemany(self.dialect.sql(query), [tuple(row) for row in rows])
+            self.connection.executemany(self.dialect.sql(query), batch)
         except sqlite3.Error as error:
             raise StorageError("state store write failed", error=str(error)) from error
 

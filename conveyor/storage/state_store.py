@@ -41,6 +41,7 @@ from conveyor.storage.sql_engine import (
     POSTGRESQL_NUMBERED,
     SQLITE,
     Dialect,
+    GuardedStatement,
     GuardedWrites,
     SqlEngine,
     SqlValue,
@@ -111,6 +112,18 @@ VERSION_TABLE = (
 
 _OFFSETS_UPSERT = upsert_sql("group_offsets", ["group_id", "topic", "partition"],
                              ["committed_offset", "metadata", "leader_epoch", "commit_ms"])
+
+_GROUP_UPSERT = upsert_sql("groups", ["group_id"], ["state"])
+
+
+async def guarded(engine: SqlEngine, guard: WriteGuard,
+                  statements: Sequence[GuardedStatement]) -> bool:
+    """``statements`` in a transaction of their own under ``guard`` (sql_engine.py);
+    needs an engine with guarded writes (PostgreSQL)."""
+    if not hasattr(engine, "write_guarded"):
+        raise StorageError("guarded writes need the PostgreSQL state store",
+                           engine=type(engine).__name__)
+    return await cast(GuardedWrites, engine).write_guarded(guard, statements)
 
 
 # --- rows ---------------------------------------------------------------------
@@ -213,6 +226,8 @@ class StateStore(Protocol):
                                      ) -> list[CommittedOffsetRow]: ...
     def delete_committed_offsets(self, group_id: str, topic: str | None = None) -> None: ...
     def save_group(self, group_id: str, state: dict[str, Any]) -> None: ...
+    async def save_group_guarded(self, group_id: str, state: dict[str, Any],
+                                 guard: WriteGuard) -> bool: ...
     def delete_group(self, group_id: str) -> None: ...
     async def load_groups(self) -> dict[str, dict[str, Any]]: ...
     def save_group_config(self, group: str, config: dict[str, str]) -> None: ...
@@ -390,13 +405,9 @@ class SqlStateStore:
         """Commit ``rows`` in a transaction of their own that first takes ``guard`` (a
         cluster node's owner fence); False, nothing written, when the guard finds no row.
         Needs an engine with guarded writes (PostgreSQL)."""
-        engine = self.engine
-        if not hasattr(engine, "write_guarded"):
-            raise StorageError("guarded writes need the PostgreSQL state store",
-                               database=self.describe())
-        return await cast(GuardedWrites, engine).write_guarded(guard, _OFFSETS_UPSERT, [
+        return await guarded(self.engine, guard, [(_OFFSETS_UPSERT, [
             (r.group_id, r.topic, r.partition, r.committed_offset, r.metadata,
-             r.leader_epoch, r.commit_ms) for r in rows])
+             r.leader_epoch, r.commit_ms) for r in rows])])
 
     async def load_committed_offsets(self, group_id: str | None = None) -> list[CommittedOffsetRow]:
         select = (
@@ -421,8 +432,14 @@ class SqlStateStore:
             )
 
     def save_group(self, group_id: str, state: dict[str, Any]) -> None:
-        self.engine.write(upsert_sql("groups", ["group_id"], ["state"]),
-                          (group_id, json.dumps(state)))
+        self.engine.write(_GROUP_UPSERT, (group_id, json.dumps(state)))
+
+    async def save_group_guarded(self, group_id: str, state: dict[str, Any],
+                                 guard: WriteGuard) -> bool:
+        """A cluster node's group-state write (SyncGroup): its own transaction that
+        first takes ``guard``; False, nothing written, when the guard finds no row."""
+        return await guarded(self.engine, guard,
+                             [(_GROUP_UPSERT, [(group_id, json.dumps(state))])])
 
     def delete_group(self, group_id: str) -> None:
         self.engine.write("DELETE FROM groups WHERE group_id = ?", (group_id,))

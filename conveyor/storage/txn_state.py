@@ -21,15 +21,25 @@ store's Dialect, standard ``ON CONFLICT`` upserts), as storage/shared_state.py i
   (a missing row reads as "no previous epoch, used now").
 
 Must not know: the broker's classes or the log. Writes go into the store's
-per-loop-turn transaction; callers that need durability await ``commit()``.
+per-loop-turn transaction; callers that need durability await ``commit()``. A cluster
+node's TxnOffsetCommit writes its row with ``save_guarded``: a transaction of its own
+under the owner fence of the group it names.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import cast
 
-from conveyor.storage.sql_engine import SqlEngine, upsert_sql
+from conveyor.errors import StorageError
+from conveyor.storage.sql_engine import (
+    GuardedWrites,
+    SqlEngine,
+    SqlValue,
+    WriteGuard,
+    upsert_sql,
+)
 
 SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS txn_transactions (
@@ -80,20 +90,18 @@ class TxnStateStore:
         await self.store.commit()
 
     def save(self, row: TransactionRow) -> None:
-        self.store.write(
-            upsert_sql("txn_transactions", ["transactional_id"],
-                       ["producer_id", "producer_epoch", "timeout_ms", "state", "partitions",
-                        "groups", "offsets", "started_ms"]),
-            (row.transactional_id, row.producer_id, row.producer_epoch, row.timeout_ms,
-             row.state, json.dumps(sorted(row.partitions)), json.dumps(sorted(row.groups)),
-             json.dumps(row.offsets, sort_keys=True), row.started_ms),
-        )
-        self.store.write(
-            upsert_sql("txn_activity", ["transactional_id"],
-                       ["previous_producer_id", "previous_producer_epoch", "updated_ms"]),
-            (row.transactional_id, row.previous_producer_id, row.previous_producer_epoch,
-             row.updated_ms),
-        )
+        for query, values in _row_statements(row):
+            self.store.write(query, values)
+
+    async def save_guarded(self, row: TransactionRow, guard: WriteGuard) -> bool:
+        """``row`` in a transaction of its own that first takes ``guard`` (a cluster
+        node's fence on the group a TxnOffsetCommit names); False, nothing written, when
+        the guard finds no row. Needs an engine with guarded writes (PostgreSQL)."""
+        if not hasattr(self.store, "write_guarded"):
+            raise StorageError("guarded writes need the PostgreSQL state store",
+                               engine=type(self.store).__name__)
+        return await cast(GuardedWrites, self.store).write_guarded(
+            guard, [(query, [values]) for query, values in _row_statements(row)])
 
     def delete(self, transactional_id: str) -> None:
         """Forget an expired transactional id."""
@@ -133,3 +141,24 @@ class TxnStateStore:
 
     def delete_topic(self, topic: str) -> None:
         self.store.write("DELETE FROM txn_partitions WHERE topic = ?", (topic,))
+
+
+_TRANSACTION_UPSERT = upsert_sql(
+    "txn_transactions", ["transactional_id"],
+    ["producer_id", "producer_epoch", "timeout_ms", "state", "partitions", "groups",
+     "offsets", "started_ms"])
+_ACTIVITY_UPSERT = upsert_sql(
+    "txn_activity", ["transactional_id"],
+    ["previous_producer_id", "previous_producer_epoch", "updated_ms"])
+
+
+def _row_statements(row: TransactionRow) -> list[tuple[str, tuple[SqlValue, ...]]]:
+    return [
+        (_TRANSACTION_UPSERT,
+         (row.transactional_id, row.producer_id, row.producer_epoch, row.timeout_ms,
+          row.state, json.dumps(sorted(row.partitions)), json.dumps(sorted(row.groups)),
+          json.dumps(row.offsets, sort_keys=True), row.started_ms)),
+        (_ACTIVITY_UPSERT,
+         (row.transactional_id, row.previous_producer_id, row.previous_producer_epoch,
+          row.updated_ms)),
+    ]

@@ -55,18 +55,34 @@ async def test_only_last_five_batches_are_remembered(broker: Broker) -> None:
 async def test_gap_and_stale_epoch_rejected_nothing_appended(broker: Broker) -> None:
     await broker.create_topic("t")
     producer_id, epoch = await broker.init_producer_id()
-    with pytest.raises(OutOfOrderSequenceError):
-        await broker.append_batch("t", 0, batch(producer_id, epoch, 1))
     await broker.append_batch("t", 0, batch(producer_id, epoch, 0))
     with pytest.raises(OutOfOrderSequenceError):
         await broker.append_batch("t", 0, batch(producer_id, epoch, 5))
-    # a newer epoch (same producer id) restarts at sequence 0 and fences the old one
+    # a newer epoch (same producer id) must restart at sequence 0 (Kafka's
+    # ProducerAppendInfo), and then fences the old one
+    with pytest.raises(OutOfOrderSequenceError):
+        await broker.append_batch("t", 0, batch(producer_id, epoch + 1, 1))
     await broker.append_batch("t", 0, batch(producer_id, epoch + 1, 0))
     with pytest.raises(InvalidProducerEpochError):
         await broker.append_batch("t", 0, batch(producer_id, epoch, 1))
     with pytest.raises(UnknownProducerIdError):
         await broker.append_batch("t", 0, batch(producer_id + 100, 0, 0))
     assert broker.offsets("t", 0).high_watermark == 2
+
+
+async def test_a_partition_without_state_for_the_producer_takes_any_sequence(
+        broker: Broker) -> None:
+    """As Kafka since KIP-360: no state for the producer in the partition (never written
+    there, or forgotten), so its first batch there may carry any sequence; the next one
+    must follow it."""
+    await broker.create_topic("t", 2)
+    producer_id, epoch = await broker.init_producer_id()
+    await broker.append_batch("t", 0, batch(producer_id, epoch, 0, 3))
+    first = await broker.append_batch("t", 1, batch(producer_id, epoch, 7))
+    assert first.base_offset == 0 and not first.duplicate
+    with pytest.raises(OutOfOrderSequenceError):
+        await broker.append_batch("t", 1, batch(producer_id, epoch, 9))
+    assert (await broker.append_batch("t", 1, batch(producer_id, epoch, 8))).base_offset == 1
 
 
 async def test_transactional_id_bumps_epoch(harness: BrokerHarness) -> None:

@@ -26,7 +26,8 @@ class FakeRemote:
         return group == "near"
 
     async def acquire(self, topic: str, group: str, records_max: int, lock_ms: int | None,
-                      wait_ms: int, consumer_id: str | None) -> list[Delivery]:
+                      wait_ms: int, consumer_id: str | None,
+                      partitions: Sequence[int] | None = None) -> list[Delivery]:
         return [Delivery(FAR_RECEIPT.format(offset=index), topic, 0, index, 0, None,
                          b"far", (), 1, 1_000) for index in range(records_max)]
 

@@ -233,6 +233,7 @@ def internal_seeds() -> list[bytes]:
                                   "arg": 5_000}},
         {"op": "counts", "args": {"queue": "jobs"}},
         {"op": "purge", "args": {"queue": "jobs"}},
+        {"op": "delete", "args": {"queue": "jobs", "if_unused": False, "if_empty": True}},
         {"op": "release_consumer", "args": {"consumer": "c1"}},
         {"op": "nope", "args": {}},
     ]

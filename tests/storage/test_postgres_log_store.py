@@ -385,6 +385,34 @@ async def test_idempotent_sequences_are_checked_under_the_head_lock(postgres_dsn
     await reader.close()
 
 
+async def test_a_new_epoch_must_start_at_sequence_zero(postgres_dsn: str) -> None:
+    """Kafka's rule (ProducerAppendInfo): a batch of a producer epoch newer than the
+    stored one is refused unless its sequence is 0; a producer the partition holds no
+    state for may start at any sequence (KIP-360)."""
+    store = new_store(postgres_dsn, 1)
+    await store.open()
+    await store.create_partition("t", 0, LogConfig())
+
+    async def send(data: bytes) -> AppendOutcome:
+        (outcome,) = await store.append([AppendRequest("t", 0, data, check_sequences=True)])
+        return outcome
+
+    assert isinstance(await send(producer_batch([b"a", b"b"], 42, 0, 0)), AppendInfo)
+    refused = await send(producer_batch([b"x"], 42, 1, 2))  # epoch 1 going on at 2
+    assert isinstance(refused, OutOfOrderSequenceError)
+    assert isinstance(await send(producer_batch([b"y"], 42, 1, 5)), OutOfOrderSequenceError)
+    bumped = await send(producer_batch([b"c"], 42, 1, 0))
+    assert isinstance(bumped, AppendInfo) and bumped.base_offset == 2
+    going_on = await send(producer_batch([b"d"], 42, 1, 1))
+    assert isinstance(going_on, AppendInfo) and going_on.base_offset == 3
+    unknown = await send(producer_batch([b"e"], 77, 3, 40))  # no state here: accepted
+    assert isinstance(unknown, AppendInfo) and unknown.base_offset == 4
+    assert isinstance(await send(producer_batch([b"f"], 77, 3, 41)), AppendInfo)
+    assert [value for _, value in await read_values(store, "t")] == [
+        b"a", b"b", b"c", b"d", b"e", b"f"]
+    await store.close()
+
+
 # --- compaction and truncation -----------------------------------------------------------
 Row = tuple[int, bytes | None, bytes | None]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.clock import SystemClock
-from conveyor.errors import StorageBusyError, StorageError
+from conveyor.errors import InvalidNameError, StorageBusyError, StorageError
 from conveyor.storage.member_state import CONSUMER, SHARE, MemberChanges, StoredGroup
 from conveyor.storage.postgres_engine import PostgresEngine
 from conveyor.storage.shared_state import RecordRow, delivered_mark, runs
@@ -170,6 +170,22 @@ async def test_one_transaction_per_loop_turn(backend: Backend) -> None:
     assert len(await store.load_topics()) == 50
     if backend.name == "postgresql":
         assert await _commit_count(backend, store) == sequence_before + 1
+
+
+@pytest.mark.parametrize("bad", ["nul\x00inside", "lone \udc80 surrogate"])
+async def test_text_no_engine_can_keep_is_refused_alone(backend: Backend, bad: str) -> None:
+    """PostgreSQL's text refuses NUL and lone surrogates: the write carrying one is
+    refused at once, on every engine, and the other writes of its turn still commit."""
+    store = await backend.open()
+    store.save_topic(TopicRow("kept-before", 1, "topic", {}, 0))
+    with pytest.raises(InvalidNameError):
+        store.save_exchange(ExchangeRow(bad, "direct", True, False, False, None, ()))
+    store.save_topic(TopicRow("kept-after", 1, "topic", {}, 0))
+    await store.commit()
+    store = await backend.reopen(store)
+    assert sorted(row.name for row in await store.load_topics()) == ["kept-after",
+                                                                     "kept-before"]
+    assert [row.name for row in await store.load_exchanges()] == []
 
 
 async def _commit_count(backend: Backend, store: SqlStateStore) -> int:

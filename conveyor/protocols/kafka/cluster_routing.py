@@ -5,10 +5,11 @@ each partition's owner as its leader (the owner row's epoch is the leader epoch)
 FindCoordinator names the group's owner. A request that reaches a node that does not
 own what it names is answered NOT_LEADER_OR_FOLLOWER (Produce, Fetch) or
 NOT_COORDINATOR (group requests), so the client refreshes its metadata and follows.
-An offset commit is written only while the owner row still holds (owner, epoch and
-a live lease, checked and locked inside the commit's own transaction): a node that
-lost the group while it was paused answers NOT_COORDINATOR instead of writing.
-SyncGroup is checked against the owner row just before it writes (two statements).
+The group writes (OffsetCommit, a leader's SyncGroup, TxnOffsetCommit) are made only
+while the owner row still holds (owner, epoch and a live lease, checked and locked
+inside the write's own transaction, by the broker under the cluster's WriteGuard): a
+node that lost the group while it was paused answers NOT_COORDINATOR instead of
+writing.
 Must not know: PostgreSQL (the view is conveyor.cluster.node.ClusterNode).
 """
 
@@ -25,17 +26,14 @@ from conveyor.protocols.kafka.codec import Request
 from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, nested
 
-# classic groups, KIP-848 consumer groups (68, 69) and KIP-932 share groups (76, 77 and
-# the share-group offset APIs 90, 91, 92): served by the group's owner only
-GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14, 68, 69, 76, 77, 90, 91, 92})
+# classic groups, TxnOffsetCommit (28: sent to the group's coordinator, as in Kafka),
+# KIP-848 consumer groups (68, 69) and KIP-932 share groups (76, 77 and the share-group
+# offset APIs 90, 91, 92): served by the group's owner only
+GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14, 28, 68, 69, 76, 77, 90, 91, 92})
 # answered per group: one entry each (the others: one top-level error code)
 DESCRIBE_APIS: Final = frozenset({69, 77, 90})
 # KIP-932 sends these to each partition's leader
 SHARE_PARTITION_APIS: Final = frozenset({78, 79})
-# SyncGroup writes group state: the owner row (owner, epoch, live lease) is checked on
-# the database first, not only this node's view of its lease. OffsetCommit carries the
-# same check inside its own write's transaction (GroupCoordinator.commit_guard).
-FENCED_APIS: Final = frozenset({14})
 
 
 class KafkaCluster(Protocol):
@@ -47,7 +45,6 @@ class KafkaCluster(Protocol):
     async def serve_partition(self, topic: str, partition: int) -> bool: ...
     async def serve_group(self, group_id: str) -> bool: ...
     async def refresh_catalog(self) -> None: ...
-    async def fence_group(self, group_id: str) -> bool: ...
     def on_group_claimed(self, callback: Callable[[str], Awaitable[None]]) -> None: ...
 
 
@@ -88,9 +85,6 @@ async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
         return None
     refused = [group_id for group_id in _group_ids(request)
                if not await cluster.serve_group(group_id)]
-    if not refused and api_key in FENCED_APIS:  # a write: checked against the database
-        refused = [group_id for group_id in _group_ids(request)
-                   if not await cluster.fence_group(group_id)]
     if not refused:
         return None
     version = request.header.api_version
@@ -107,9 +101,10 @@ async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
             for group_id in _group_ids(request)))
     if api_key in (68, 76, 91, 92):
         return refusal(api_key, version, code)
-    if api_key == 8:
-        topic_type = nested(response_type, "OffsetCommitResponseTopic")
-        partition_type = nested(response_type, "OffsetCommitResponsePartition")
+    if api_key in (8, 28):
+        prefix = "OffsetCommitResponse" if api_key == 8 else "TxnOffsetCommitResponse"
+        topic_type = nested(response_type, f"{prefix}Topic")
+        partition_type = nested(response_type, f"{prefix}Partition")
         return build(response_type, topics=tuple(
             build(topic_type, name=topic.name, partitions=tuple(
                 build(partition_type, partition_index=partition.partition_index,

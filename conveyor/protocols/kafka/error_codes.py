@@ -122,6 +122,7 @@ _BY_CODE: Final[dict[str, int]] = {
     "storage_full": KAFKA_STORAGE_ERROR,
     "unavailable": COORDINATOR_NOT_AVAILABLE,
     "not_coordinator": NOT_COORDINATOR,
+    "not_leader": NOT_LEADER_OR_FOLLOWER,
     "authentication_failed": SASL_AUTHENTICATION_FAILED,
     "topic_authorization_failed": TOPIC_AUTHORIZATION_FAILED,
     "fenced_member_epoch": FENCED_MEMBER_EPOCH,

@@ -60,9 +60,6 @@ class FakeCluster:
     async def refresh_catalog(self) -> None:
         return None
 
-    async def fence_group(self, group_id: str) -> bool:
-        return group_id in self.groups
-
     def on_group_claimed(self, callback: Callable[[str], Awaitable[None]]) -> None:
         return None
 
@@ -188,3 +185,27 @@ async def test_offset_for_leader_epoch_knows_the_cluster_epoch() -> None:
         (error_codes.NONE, 0, 42), (error_codes.NONE, 4, 42),
         (error_codes.UNKNOWN_LEADER_EPOCH, -1, -1), (error_codes.FENCED_LEADER_EPOCH, -1, -1),
         (NOT_LEADER, -1, -1), (error_codes.NONE, 2, 42)]
+
+
+@pytest.mark.parametrize("version", [0, 3, 4, 5])
+async def test_txn_offset_commit_goes_to_the_group_coordinator(version: int) -> None:
+    """Kafka clients send TxnOffsetCommit to the group's coordinator: another node answers
+    NOT_COORDINATOR on every partition (and writes nothing)."""
+    cls = request_class(28, version)
+    topic_type = nested(cls, "TxnOffsetCommitRequestTopic")
+    partition_type = nested(cls, "TxnOffsetCommitRequestPartition")
+    extra: dict[str, Any] = {}
+    if version >= 3:
+        extra = {"generation_id": -1, "member_id": "", "group_instance_id": None}
+    epoch = {"committed_leader_epoch": -1} if version >= 2 else {}
+    fields = {"transactional_id": "tx", "group_id": "g", "producer_id": 5,
+              "producer_epoch": 0, **extra, "topics": (topic_type(name="t", partitions=tuple(
+                  partition_type(partition_index=index, committed_offset=3,
+                                 committed_metadata=None, **epoch)
+                  for index in (0, 1))),)}
+    assert await group_refusal(FakeCluster({"g"}, set()), request(28, version, **fields)) \
+        is None
+    answer = await group_refusal(FakeCluster(set(), set()), request(28, version, **fields))
+    parsed = wire(answer, 28, version)
+    assert [(topic.name, [(p.partition_index, p.error_code) for p in topic.partitions])
+            for topic in parsed.topics] == [("t", [(0, NOT_COORDINATOR), (1, NOT_COORDINATOR)])]

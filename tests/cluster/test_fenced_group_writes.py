@@ -1,0 +1,154 @@
+"""SyncGroup and TxnOffsetCommit fenced inside their own write's transaction (issue 12).
+
+Like an offset commit (test_fenced_commits.py), a leader's SyncGroup and a
+TxnOffsetCommit are written under the group's owner fence (owner, epoch, live lease,
+checked and share-locked inside the write's transaction). The race is forced: node 1
+owns the group and takes its guard, then pauses (its lease lapses on the database's
+clock) and node 2 claims the group; when node 1 goes on it must answer NOT_COORDINATOR,
+hand out no assignment, write nothing and stop serving the group.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+
+from conveyor.broker.broker import Broker
+from conveyor.broker.ordered_group import JoinResult
+from conveyor.broker.txn_model import GroupFence
+from conveyor.cluster.membership import Membership
+from conveyor.cluster.ownership import GROUP
+from conveyor.errors import NotCoordinatorError
+from conveyor.storage.postgres_engine import PostgresEngine
+from conveyor.storage.postgres_log import PostgresLogStore
+from conveyor.storage.sql_engine import WriteGuard
+from conveyor.storage.state_store import SqlStateStore
+from conveyor.testing.clock import SimClock
+from tests.cluster.test_fenced_commits import group_of, two_nodes
+from tests.cluster.test_membership import lease_lapsed
+
+
+@dataclass
+class Setup:
+    broker: Broker
+    first: Membership
+    second: Membership
+    group: str
+    dsn: str
+    guard: WriteGuard | None = None  # what node 1's broker writes under (None: its own)
+
+    def current(self, group_id: str) -> WriteGuard | None:
+        return self.guard or self.first.write_guard(GROUP, group_id)
+
+    async def node_1_pauses(self) -> None:
+        """Node 1 took its guard, then its lease lapses and node 2 claims the group."""
+        self.guard = self.first.write_guard(GROUP, self.group)
+        assert self.guard is not None
+        await lease_lapsed(self.dsn, 1)
+        await self.second.heartbeat()
+        assert await self.second.ensure_owned(GROUP, self.group)
+
+
+@pytest.fixture
+async def setup(postgres_dsn: str) -> AsyncIterator[Setup]:
+    first, second = await two_nodes(postgres_dsn)
+    clock = SimClock()
+    broker = Broker(PostgresLogStore(postgres_dsn, clock, random.Random(1), chunk_offsets=8),
+                    SqlStateStore(PostgresEngine(postgres_dsn, clock)), clock,
+                    random.Random(2))
+    await broker.open()
+    found = Setup(broker, first, second, group_of(1), postgres_dsn)
+    coordinator = broker.group_coordinator
+    coordinator.commit_guard = found.current
+    coordinator.guard_refused = lambda group_id: first.forget(GROUP, group_id)
+    broker.transactions.group_fence = GroupFence(found.current, coordinator.guard_refused)
+    await first.heartbeat()  # a fresh lease for what follows
+    assert await first.ensure_owned(GROUP, found.group)
+    try:
+        yield found
+    finally:
+        await broker.close()
+        await first.close()
+        await second.close()
+
+
+async def test_a_stale_coordinators_sync_hands_out_nothing(setup: Setup) -> None:
+    coordinator = setup.broker.group_coordinator
+    joined = await coordinator.join_group(
+        setup.group, "", "consumer", [("range", b"meta")], 10_000,
+        require_known_member_id=False)
+    assert isinstance(joined, JoinResult) and joined.leader_id == joined.member_id
+    await setup.node_1_pauses()
+    with pytest.raises(NotCoordinatorError):
+        await coordinator.sync_group(setup.group, joined.member_id, joined.generation,
+                                     {joined.member_id: b"assignment"})
+    assert not setup.first.owns(GROUP, setup.group)  # it stops serving the group
+    # the group was not completed here: nothing was handed out
+    assert coordinator.groups[setup.group].members[joined.member_id].assignment == b""
+
+
+async def test_the_owners_sync_is_written_under_its_fence(setup: Setup) -> None:
+    coordinator = setup.broker.group_coordinator
+    joined = await coordinator.join_group(
+        setup.group, "", "consumer", [("range", b"meta")], 10_000,
+        require_known_member_id=False)
+    assert isinstance(joined, JoinResult)
+    synced = await coordinator.sync_group(setup.group, joined.member_id, joined.generation,
+                                          {joined.member_id: b"assignment"})
+    assert synced.assignment == b"assignment"
+    assert setup.first.owns(GROUP, setup.group)
+
+
+async def stored_offsets(dsn: str, transactional_id: str) -> dict[str, object]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        found = await connection.fetchval(
+            "SELECT offsets FROM txn_transactions WHERE transactional_id = $1",
+            transactional_id)
+    finally:
+        await connection.close()
+    return dict(json.loads(found)) if found is not None else {}
+
+
+async def test_a_stale_coordinators_txn_offset_commit_writes_nothing(setup: Setup) -> None:
+    broker = setup.broker
+    await broker.create_topic("t")
+    producer_id, epoch = await broker.init_producer_id("tx", 60_000)
+    await broker.add_offsets_to_txn("tx", producer_id, epoch, setup.group)
+    written = await broker.txn_offset_commit("tx", setup.group, producer_id, epoch,
+                                             [("t", 0, 3, None)])
+    assert written == {("t", 0): None}
+    assert await stored_offsets(setup.dsn, "tx") == {setup.group: [["t", 0, 3, None]]}
+    await setup.node_1_pauses()
+    with pytest.raises(NotCoordinatorError):
+        await broker.txn_offset_commit("tx", setup.group, producer_id, epoch,
+                                       [("t", 0, 9, None)])
+    assert await stored_offsets(setup.dsn, "tx") == {setup.group: [["t", 0, 3, None]]}
+    description = broker.describe_transaction("tx")
+    assert description is not None and description.state == "Ongoing"
+    assert not setup.first.owns(GROUP, setup.group)
+    # the refused 9 is not kept with the transaction either: its commit shows 3
+    await broker.end_txn("tx", producer_id, epoch, commit=True)
+    committed = broker.group_coordinator.fetch_offsets(setup.group)[("t", 0)]
+    assert committed is not None and committed.offset == 3
+
+
+async def test_an_implicit_txn_offset_commit_refused_leaves_no_transaction(
+        setup: Setup) -> None:
+    """TV2 (v5): the group joins the transaction at the TxnOffsetCommit; refused, the
+    transaction was not begun either."""
+    broker = setup.broker
+    await broker.create_topic("t")
+    producer_id, epoch = await broker.init_producer_id("tx2", 60_000)
+    await setup.node_1_pauses()
+    with pytest.raises(NotCoordinatorError):
+        await broker.txn_offset_commit("tx2", setup.group, producer_id, epoch,
+                                       [("t", 0, 4, None)], implicit=True)
+    description = broker.describe_transaction("tx2")
+    assert description is not None and description.state == "Empty"
+    assert await stored_offsets(setup.dsn, "tx2") == {}
