@@ -21,6 +21,7 @@ from typing import Any, Literal
 import httpx
 
 from conveyor.client import core
+from conveyor.client import transport as transports
 from conveyor.client.core import (
     Call,
     ConnectionFailedError,
@@ -124,7 +125,9 @@ class Client:
             verify = create_default_context(cafile=verify)
         self._http = httpx.Client(base_url=self.url,
                                        headers={**auth_headers, **dict(headers or {})},
-                                       transport=transport, timeout=timeout_s, verify=verify)
+                                       transport=transport if transport is not None else
+                                       transports.default_transport(self.url),
+                                       timeout=timeout_s, verify=verify)
         self._reply_queue: str | None = None
         self._reply_lock = threading.Lock()
 
