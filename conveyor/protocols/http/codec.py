@@ -87,7 +87,25 @@ class RecordLike(Protocol):
 
 
 # --- requests -------------------------------------------------------------------------
+ROUTES_CACHED_MAX: Final = 4096  # (method, path) -> route and parameters; then it starts over
+ROUTE_CACHED_PATH_MAX: Final = 256  # longer paths are matched every time (bounded memory)
+_route_cache: dict[tuple[str, str], tuple[Route, dict[str, str]]] = {}
+
+
 def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
+    """The route of ``method`` ``path`` and its path parameters (a fresh dict); a
+    client repeats the same few paths, so matches are remembered (misses are not)."""
+    cached = _route_cache.get((method, path))
+    if cached is None:
+        cached = _match_route(method, path)
+        if len(path) <= ROUTE_CACHED_PATH_MAX:
+            if len(_route_cache) >= ROUTES_CACHED_MAX:
+                _route_cache.clear()
+            _route_cache[(method, path)] = cached
+    return cached[0], dict(cached[1])
+
+
+def _match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
     parts = path.strip("/").split("/")
     methods_seen = []
     for route in ROUTES:
