@@ -219,8 +219,10 @@ class BrokerProcess:
         extra_args: Iterable[str] = (),
         environ: Mapping[str, str] | None = None,
         cwd: Path | None = None,  # relative paths in extra_args (--tls-cert) start here
+        launcher: Iterable[str] = ("-m", "conveyor.cli"),  # a bench wraps the CLI in hooks
     ) -> None:
         self.cwd = cwd
+        self.launcher = tuple(launcher)
         self.data_dir = data_dir
         self.listener_names = tuple(listeners)
         self.ports = {name: free_port() for name in self.listener_names}
@@ -231,7 +233,7 @@ class BrokerProcess:
 
     def start(self) -> None:
         arguments = [
-            sys.executable, "-m", "conveyor.cli", "serve",
+            sys.executable, *self.launcher, "serve",
             "--data-dir", str(self.data_dir),
             "--host", "127.0.0.1",
             "--listeners", ",".join(self.listener_names),
