@@ -1,0 +1,318 @@
+"""Where AMQP end-to-end latency goes: a histogram per stage at a fixed publish rate.
+
+Run: ``python bench/amqp/stages.py --sources A[,B] [--rounds N] [--seconds S] [--rate R]``
+(a plain script). Each run is a child process of this script with ``PYTHONPATH`` at
+one checkout; with two sources the runs alternate (A, B, A, B, ...), so the machine's
+load falls on both. A run starts that checkout's server in-process (``BrokerThread``:
+its own uvloop thread, the defaults: fsync=always) and the suite's own clients as
+processes (``bench/amqp/clients.py``: one pika publisher paced at ``--rate`` with
+confirms, window 1000; one consumer, prefetch 1000, ack each), and wraps, without
+changing them, the points every message and every fsync passes:
+
+- per message, by the publisher's ``CLOCK_MONOTONIC`` stamp in the body (one clock for
+  every process of the machine): ``read`` (the channel starts its publish batch),
+  ``stored`` (``Broker.publish`` returned: written, fsynced, its task woken),
+  ``deliver`` (the Basic.Deliver is encoded), ``e2e`` (the consumer has it);
+- per append: ``pass_wait`` (``GroupCommitter.wrote`` → the pass that takes it starts)
+  and ``pass_run`` (→ the committer is told its fsync ended: thread hand-offs included);
+  the state store's pass (``wal_pass``) likewise;
+- per fsync, in its worker thread: ``fdatasync_log`` / ``fdatasync_wal``;
+- ``loop_lag``: a 2 ms timer's lateness (long loop turns);
+- SQLite checkpoints (count, duration) and how many of the ``deliver`` tail samples
+  (above its p99) fall within 20 ms after a checkpoint or a WAL fdatasync started.
+
+Prints one JSON line per run (p50/p90/p99/max in ms per stage, broker CPU µs per
+message, fsyncs per message) and a table of the medians per source at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STAGES = ("read", "stored", "deliver", "e2e", "pass_wait", "pass_run", "wal_pass",
+          "fdatasync_log", "fdatasync_wal", "loop_lag", "checkpoint")
+LAG_TICK_S = 0.002  # the loop-lag timer's period (a wake-up per tick costs the broker a little)
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def at(fraction: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 3)
+
+    return {"n": len(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99),
+            "max": round(ordered[-1], 3)}
+
+
+class Recorder:
+    """Samples in ms per stage; event start times (s) for the tail's neighbours."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        self.deliver_at: list[tuple[float, float]] = []  # (when, deliver latency ms)
+        self.events: list[tuple[float, str]] = []  # (start, "checkpoint" | "wal")
+        self.lock = threading.Lock()
+        self.on = False
+
+    def add(self, stage: str, ms: float) -> None:
+        if self.on:
+            self.samples[stage].append(ms)
+
+
+def install(recorder: Recorder) -> None:
+    """Wrap the stage points of the imported checkout (its names, as they are)."""
+    from conveyor.broker.broker import Broker
+    from conveyor.protocols.amqp import channel as channel_module
+    from conveyor.protocols.amqp import frames
+    from conveyor.storage.group_commit import GroupCommitter
+    from conveyor.storage.sqlite_engine import SqliteEngine
+
+    stamp = struct.Struct(">d")  # the publisher's time.monotonic(), bench/amqp/clients.py
+    now = time.monotonic
+
+    def stamp_of(body: bytes | None) -> float | None:
+        if body is None or len(body) < stamp.size:
+            return None
+        return float(stamp.unpack_from(body)[0])
+
+    original_batch = channel_module.publish_batch
+
+    async def publish_batch(channel: Any, store: Any) -> None:
+        at = now()
+        for event in store.publishes:
+            sent = stamp_of(event.body)
+            if sent is not None:
+                recorder.add("read", (at - sent) * 1000)
+        await original_batch(channel, store)
+
+    channel_module.publish_batch = publish_batch  # type: ignore[assignment]
+
+    original_publish = Broker.publish
+
+    async def publish(self: Any, topic: str, messages: Any, partition: int | None = None
+                      ) -> Any:
+        result = await original_publish(self, topic, messages, partition)
+        at = now()
+        for message in messages:
+            sent = stamp_of(message.value)
+            if sent is not None:
+                recorder.add("stored", (at - sent) * 1000)
+        return result
+
+    Broker.publish = publish  # type: ignore[method-assign]
+
+    original_add = frames.DeliverEncoder.add
+
+    def add(self: Any, parts: list[bytes], delivery_tag: int, redelivered: bool,
+            exchange: str, routing_key: str, properties: bytes, body: bytes,
+            frame_bytes_max: int) -> None:
+        sent = stamp_of(body)
+        if sent is not None and recorder.on:
+            at = now()
+            ms = (at - sent) * 1000
+            recorder.add("deliver", ms)
+            recorder.deliver_at.append((at, ms))
+        original_add(self, parts, delivery_tag, redelivered, exchange, routing_key,
+                     properties, body, frame_bytes_max)
+
+    frames.DeliverEncoder.add = add  # type: ignore[method-assign]
+
+    written: dict[int, list[float]] = {}  # committer -> write times not taken yet
+    taken: dict[int, tuple[float, list[float]]] = {}  # source -> (pass start, its writes)
+    original_wrote = GroupCommitter.wrote
+
+    def wrote(self: Any, handle: int, token: Any) -> Any:
+        written.setdefault(id(self), []).append(now())
+        return original_wrote(self, handle, token)
+
+    GroupCommitter.wrote = wrote  # type: ignore[method-assign]
+    _wrap_source(GroupCommitter, "pass_run", recorder, written, taken, now)
+    _wrap_source(SqliteEngine, "wal_pass", recorder, None, taken, now)
+
+    original_checkpoint = SqliteEngine._run_checkpoint
+
+    def run_checkpoint(self: Any) -> None:
+        started = now()
+        with recorder.lock:
+            recorder.events.append((started, "checkpoint"))
+        original_checkpoint(self)
+        recorder.add("checkpoint", (now() - started) * 1000)
+
+    SqliteEngine._run_checkpoint = run_checkpoint  # type: ignore[method-assign]
+
+    original_fdatasync = os.fdatasync
+
+    def fdatasync(descriptor: int) -> None:
+        started = now()
+        original_fdatasync(descriptor)
+        ms = (now() - started) * 1000
+        try:
+            name = os.readlink(f"/proc/self/fd/{descriptor}")
+        except OSError:
+            name = ""
+        wal = name.endswith("-wal")
+        if wal:
+            with recorder.lock:
+                recorder.events.append((started, "wal"))
+        recorder.add("fdatasync_wal" if wal else "fdatasync_log", ms)
+
+    os.fdatasync = fdatasync
+
+
+def _wrap_source(cls: Any, stage: str, recorder: Recorder,
+                 written: dict[int, list[float]] | None,
+                 taken: dict[int, tuple[float, list[float]]], now: Callable[[], float]
+                 ) -> None:
+    original_prepare, original_done = cls.prepare_sync, cls.sync_done
+
+    def prepare_sync(self: Any) -> Any:
+        jobs = original_prepare(self)
+        at = now()
+        writes = written.pop(id(self), []) if written is not None else []
+        if jobs:
+            for write in writes:
+                recorder.add("pass_wait", (at - write) * 1000)
+            taken[id(self)] = (at, writes)
+        return jobs
+
+    def sync_done(self: Any, error: BaseException | None) -> None:
+        started = taken.pop(id(self), None)
+        if started is not None:
+            recorder.add(stage, (now() - started[0]) * 1000)
+        original_done(self, error)
+
+    cls.prepare_sync, cls.sync_done = prepare_sync, sync_done
+
+
+def one_run(options: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+    import resource
+    from dataclasses import replace
+
+    from bench.amqp.clients import WorkerSpec
+    from bench.amqp.runner import LATENCY_QUEUE, run_phase
+    from conveyor.testing.server import BrokerThread
+
+    recorder = Recorder()
+    install(recorder)
+    with tempfile.TemporaryDirectory(prefix="conveyor-stages-") as work, \
+            BrokerThread(Path(work) / "data", listeners=("amqp",)) as broker:
+        lag_stop = threading.Event()
+
+        async def lag_monitor() -> None:
+            loop = asyncio.get_running_loop()
+            while not lag_stop.is_set():
+                due = loop.time() + LAG_TICK_S
+                await asyncio.sleep(LAG_TICK_S)
+                recorder.add("loop_lag", (loop.time() - due) * 1000)
+
+        assert broker._loop is not None
+        monitor = asyncio.run_coroutine_threadsafe(lag_monitor(), broker._loop)
+
+        class Cpu:
+            @staticmethod
+            def cpu_s() -> float:
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                return usage.ru_utime + usage.ru_stime
+
+        base = WorkerSpec(role="publisher", client="pika", host="127.0.0.1",
+                          port=broker.ports["amqp"], queue=LATENCY_QUEUE)
+        publisher = replace(base, seconds=options.seconds, rate_per_s=options.rate)
+        consumer = replace(base, role="consumer", record_latency=True)
+        recorder.on = True
+        fsyncs_before = sum(len(recorder.samples[s]) for s in ("fdatasync_log", "fdatasync_wal"))
+        phase = run_phase(Cpu(), [consumer, publisher])
+        recorder.on = False
+        lag_stop.set()
+        monitor.result(timeout=5)
+    received = next(r for r in phase["workers"] if r["role"] == "consumer")
+    recorder.samples["e2e"] = list(received["latency_ms"])
+    count = max(1, received["received"])
+    fsyncs = sum(len(recorder.samples[s]) for s in ("fdatasync_log", "fdatasync_wal"))
+    return {
+        "source": os.environ.get("PYTHONPATH", ""), "rate": options.rate,
+        "received": received["received"],
+        "broker_cpu_us_per_msg": round(phase["broker_cpu_pct"] / 100 * phase["wall_s"]
+                                       / count * 1e6, 1),
+        "broker_cpu_pct": phase["broker_cpu_pct"], "host_cpu_pct": phase["host_cpu_pct"],
+        "fsyncs_per_msg": round((fsyncs - fsyncs_before) / count, 3),
+        "stages": {stage: quantiles(values) for stage, values in recorder.samples.items()},
+        "deliver_tail_near": _tail_neighbours(recorder),
+        "load": round(os.getloadavg()[0], 2),
+    }
+
+
+def _tail_neighbours(recorder: Recorder, window_s: float = 0.020) -> dict[str, Any]:
+    """Of the deliver samples above the p99: how many came within ``window_s`` after a
+    checkpoint started, or after a WAL fdatasync started."""
+    if not recorder.deliver_at:
+        return {}
+    cut = sorted(ms for _, ms in recorder.deliver_at)[int(len(recorder.deliver_at) * 0.99)]
+    tail = [at for at, ms in recorder.deliver_at if ms > cut]
+    found: dict[str, Any] = {"tail": len(tail), "p99_ms": round(cut, 3)}
+    for kind in ("checkpoint", "wal"):
+        starts = sorted(at for at, what in recorder.events if what == kind)
+        near = 0
+        for at in tail:
+            index = bisect.bisect_right(starts, at)
+            if index and at - starts[index - 1] <= window_s:
+                near += 1
+        found[f"after_{kind}"] = near
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sources", help="checkouts, comma-separated (runs alternate)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.one:
+        print(json.dumps(one_run(options)), flush=True)
+        return
+    sources = [str(Path(source).resolve()) for source in options.sources.split(",")]
+    runs: dict[str, list[dict[str, Any]]] = {source: [] for source in sources}
+    for _ in range(options.rounds):
+        for source in sources:
+            output = subprocess.run(
+                [sys.executable, __file__, "--one", "--seconds", str(options.seconds),
+                 "--rate", str(options.rate)], env={**os.environ, "PYTHONPATH": source},
+                cwd=source, check=True, capture_output=True, text=True).stdout
+            result = json.loads(output.strip().splitlines()[-1])
+            runs[source].append(result)
+            print(json.dumps(result), flush=True)
+    print(f"{'stage (median of runs, ms)':<28}" + "".join(f"{Path(s).name:>28}" for s in sources))
+    for stage in STAGES:
+        cells = []
+        for source in sources:
+            p50 = [r["stages"][stage].get("p50") for r in runs[source]]
+            p99 = [r["stages"][stage].get("p99") for r in runs[source]]
+            if None in p50:
+                cells.append(f"{'-':>28}")
+                continue
+            cells.append(f"{statistics.median(p50):>12.3f} / {statistics.median(p99):>11.3f}")
+        print(f"{stage + ' p50 / p99':<28}" + "".join(cells))
+    for field in ("broker_cpu_us_per_msg", "fsyncs_per_msg"):
+        print(f"{field:<28}" + "".join(
+            f"{statistics.median(r[field] for r in runs[s]):>28}" for s in sources))
+
+
+if __name__ == "__main__":
+    main()
