@@ -3,11 +3,13 @@
 Run: ``python bench/amqp/stages.py --sources A[,B] [--rounds N] [--seconds S] [--rate R]``
 (a plain script). Each run is a child process of this script with ``PYTHONPATH`` at
 one checkout; with two sources the runs alternate (A, B, A, B, ...), so the machine's
-load falls on both. A run starts that checkout's server in-process (``BrokerThread``:
-its own uvloop thread, the defaults: fsync=always) and the suite's own clients as
-processes (``bench/amqp/clients.py``: one pika publisher paced at ``--rate`` with
-confirms, window 1000; one consumer, prefetch 1000, ack each), and wraps, without
-changing them, the points every message and every fsync passes:
+load falls on both. A run starts that checkout's ``conveyor serve`` (its defaults:
+fsync=always) with a ``sitecustomize`` that loads this file into the server process,
+and the suite's own clients as processes (``bench/amqp/clients.py``: one pika
+publisher paced at ``--rate`` with confirms, window 1000; one consumer, prefetch
+1000, ack each). In the server it wraps, without changing them, the points every
+message and every fsync passes (samples are kept with their time and written out
+when the server exits; the run keeps those of the measured phase):
 
 - per message, by the publisher's ``CLOCK_MONOTONIC`` stamp in the body (one clock for
   every process of the machine): ``read`` (the channel starts its publish batch),
@@ -18,8 +20,9 @@ changing them, the points every message and every fsync passes:
   the state store's pass (``wal_pass``) likewise;
 - per fsync, in its worker thread: ``fdatasync_log`` / ``fdatasync_wal``;
 - ``loop_lag``: a 2 ms timer's lateness (long loop turns);
-- SQLite checkpoints (count, duration) and how many of the ``deliver`` tail samples
-  (above its p99) fall within 20 ms after a checkpoint or a WAL fdatasync started.
+- SQLite checkpoints and the garbage collector's pauses (``gc_young``: generations 0
+  and 1, ``gc_full``: 2), and how many of the ``deliver`` tail samples (above its p99)
+  fall within 20 ms after a checkpoint, a WAL fdatasync or a full collection started.
 
 Prints one JSON line per run (p50/p90/p99/max in ms per stage, broker CPU µs per
 message, fsyncs per message) and a table of the medians per source at the end.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import gc
 import json
 import os
 import statistics
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("read", "stored", "deliver", "e2e", "pass_wait", "pass_run", "wal_pass",
-          "fdatasync_log", "fdatasync_wal", "loop_lag", "checkpoint")
+          "fdatasync_log", "fdatasync_wal", "loop_lag", "checkpoint", "gc_young", "gc_full")
 LAG_TICK_S = 0.002  # the loop-lag timer's period (a wake-up per tick costs the broker a little)
 
 
@@ -60,18 +64,15 @@ def quantiles(values: list[float]) -> dict[str, float]:
 
 
 class Recorder:
-    """Samples in ms per stage; event start times (s) for the tail's neighbours."""
+    """Samples (when, ms) per stage; event start times for the tail's neighbours."""
 
     def __init__(self) -> None:
-        self.samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
-        self.deliver_at: list[tuple[float, float]] = []  # (when, deliver latency ms)
-        self.events: list[tuple[float, str]] = []  # (start, "checkpoint" | "wal")
+        self.samples: dict[str, list[tuple[float, float]]] = {stage: [] for stage in STAGES}
+        self.events: list[tuple[float, str]] = []  # (start, "checkpoint" | "wal" | "gc")
         self.lock = threading.Lock()
-        self.on = False
 
     def add(self, stage: str, ms: float) -> None:
-        if self.on:
-            self.samples[stage].append(ms)
+        self.samples[stage].append((time.monotonic(), ms))
 
 
 def install(recorder: Recorder) -> None:
@@ -122,11 +123,8 @@ def install(recorder: Recorder) -> None:
             exchange: str, routing_key: str, properties: bytes, body: bytes,
             frame_bytes_max: int) -> None:
         sent = stamp_of(body)
-        if sent is not None and recorder.on:
-            at = now()
-            ms = (at - sent) * 1000
-            recorder.add("deliver", ms)
-            recorder.deliver_at.append((at, ms))
+        if sent is not None:
+            recorder.add("deliver", (now() - sent) * 1000)
         original_add(self, parts, delivery_tag, redelivered, exchange, routing_key,
                      properties, body, frame_bytes_max)
 
@@ -173,6 +171,23 @@ def install(recorder: Recorder) -> None:
 
     os.fdatasync = fdatasync
 
+    collecting: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collecting[:] = [now()]
+            return
+        if not collecting:
+            return
+        started = collecting[0]
+        full = info.get("generation") == 2
+        recorder.add("gc_full" if full else "gc_young", (now() - started) * 1000)
+        if full:
+            with recorder.lock:
+                recorder.events.append((started, "gc"))
+
+    gc.callbacks.append(on_gc)
+
 
 def _wrap_source(cls: Any, stage: str, recorder: Recorder,
                  written: dict[int, list[float]] | None,
@@ -199,74 +214,119 @@ def _wrap_source(cls: Any, stage: str, recorder: Recorder,
     cls.prepare_sync, cls.sync_done = prepare_sync, sync_done
 
 
-def one_run(options: argparse.Namespace) -> dict[str, Any]:
+def serve_hook(out: str) -> None:
+    """In the ``conveyor serve`` child (from its sitecustomize): wrap the stage points,
+    run the loop-lag timer once the server started, write the samples at exit."""
     import asyncio
-    import resource
-    from dataclasses import replace
+    import atexit
 
-    from bench.amqp.clients import WorkerSpec
-    from bench.amqp.runner import LATENCY_QUEUE, run_phase
-    from conveyor.testing.server import BrokerThread
+    from conveyor.server.app import Server
 
     recorder = Recorder()
     install(recorder)
-    with tempfile.TemporaryDirectory(prefix="conveyor-stages-") as work, \
-            BrokerThread(Path(work) / "data", listeners=("amqp",)) as broker:
-        lag_stop = threading.Event()
+    original_start = Server.start
+
+    async def start(self: Any) -> None:
+        await original_start(self)
 
         async def lag_monitor() -> None:
             loop = asyncio.get_running_loop()
-            while not lag_stop.is_set():
+            while True:
                 due = loop.time() + LAG_TICK_S
                 await asyncio.sleep(LAG_TICK_S)
                 recorder.add("loop_lag", (loop.time() - due) * 1000)
 
-        assert broker._loop is not None
-        monitor = asyncio.run_coroutine_threadsafe(lag_monitor(), broker._loop)
+        self._stages_lag = asyncio.get_running_loop().create_task(lag_monitor())
 
-        class Cpu:
-            @staticmethod
-            def cpu_s() -> float:
-                usage = resource.getrusage(resource.RUSAGE_SELF)
-                return usage.ru_utime + usage.ru_stime
+    Server.start = start  # type: ignore[method-assign]
 
-        base = WorkerSpec(role="publisher", client="pika", host="127.0.0.1",
-                          port=broker.ports["amqp"], queue=LATENCY_QUEUE)
-        publisher = replace(base, seconds=options.seconds, rate_per_s=options.rate)
-        consumer = replace(base, role="consumer", record_latency=True)
-        recorder.on = True
-        fsyncs_before = sum(len(recorder.samples[s]) for s in ("fdatasync_log", "fdatasync_wal"))
-        phase = run_phase(Cpu(), [consumer, publisher])
-        recorder.on = False
-        lag_stop.set()
-        monitor.result(timeout=5)
+    def dump() -> None:
+        Path(out).write_text(json.dumps({"samples": recorder.samples,
+                                         "events": recorder.events}))
+
+    atexit.register(dump)
+
+
+HOOK = """import importlib.util, os
+_out = os.environ.get("CONVEYOR_STAGES_OUT")
+if _out:
+    _spec = importlib.util.spec_from_file_location("conveyor_bench_stages", {path!r})
+    _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    _module.serve_hook(_out)
+"""
+
+
+def one_run(options: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import replace
+
+    import psutil
+
+    from bench.amqp.clients import WorkerSpec
+    from bench.amqp.runner import LATENCY_QUEUE, run_phase
+    from conveyor.testing.server import BrokerProcess
+
+    source = os.environ["PYTHONPATH"]
+    with tempfile.TemporaryDirectory(prefix="conveyor-stages-") as work:
+        hook, out = Path(work) / "hook", Path(work) / "samples.json"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(HOOK.format(path=str(Path(__file__).resolve())))
+        broker = BrokerProcess(Path(work) / "data", listeners=("amqp",),
+                               extra_args=("--log-level", "warning"),
+                               environ={"PYTHONPATH": f"{hook}:{source}",
+                                        "CONVEYOR_STAGES_OUT": str(out)}, cwd=Path(source))
+        broker.start()
+        try:
+            assert broker.process is not None
+            server = psutil.Process(broker.process.pid)
+
+            class Cpu:
+                @staticmethod
+                def cpu_s() -> float:
+                    times = server.cpu_times()
+                    return float(times.user + times.system)
+
+            base = WorkerSpec(role="publisher", client="pika", host="127.0.0.1",
+                              port=broker.ports["amqp"], queue=LATENCY_QUEUE)
+            publisher = replace(base, seconds=options.seconds, rate_per_s=options.rate)
+            consumer = replace(base, role="consumer", record_latency=True)
+            phase = run_phase(Cpu(), [consumer, publisher])
+        finally:
+            broker.stop()
+        dumped = json.loads(out.read_text())
+    window = (phase["started"], phase["started"] + phase["wall_s"])
+    samples: dict[str, list[tuple[float, float]]] = {
+        stage: [(at, ms) for at, ms in dumped["samples"].get(stage, [])
+                if window[0] <= at <= window[1]] for stage in STAGES}
+    events = [(at, what) for at, what in dumped["events"] if window[0] <= at <= window[1]]
     received = next(r for r in phase["workers"] if r["role"] == "consumer")
-    recorder.samples["e2e"] = list(received["latency_ms"])
     count = max(1, received["received"])
-    fsyncs = sum(len(recorder.samples[s]) for s in ("fdatasync_log", "fdatasync_wal"))
+    stages = {stage: quantiles([ms for _, ms in values]) for stage, values in samples.items()}
+    stages["e2e"] = quantiles(list(received["latency_ms"]))
+    fsyncs = len(samples["fdatasync_log"]) + len(samples["fdatasync_wal"])
     return {
-        "source": os.environ.get("PYTHONPATH", ""), "rate": options.rate,
-        "received": received["received"],
+        "source": source, "rate": options.rate, "received": received["received"],
         "broker_cpu_us_per_msg": round(phase["broker_cpu_pct"] / 100 * phase["wall_s"]
                                        / count * 1e6, 1),
         "broker_cpu_pct": phase["broker_cpu_pct"], "host_cpu_pct": phase["host_cpu_pct"],
-        "fsyncs_per_msg": round((fsyncs - fsyncs_before) / count, 3),
-        "stages": {stage: quantiles(values) for stage, values in recorder.samples.items()},
-        "deliver_tail_near": _tail_neighbours(recorder),
+        "fsyncs_per_msg": round(fsyncs / count, 3),
+        "stages": stages,
+        "deliver_tail_near": _tail_neighbours(samples["deliver"], events),
         "load": round(os.getloadavg()[0], 2),
     }
 
 
-def _tail_neighbours(recorder: Recorder, window_s: float = 0.020) -> dict[str, Any]:
+def _tail_neighbours(deliver: list[tuple[float, float]], events: list[tuple[float, str]],
+                     window_s: float = 0.020) -> dict[str, Any]:
     """Of the deliver samples above the p99: how many came within ``window_s`` after a
-    checkpoint started, or after a WAL fdatasync started."""
-    if not recorder.deliver_at:
+    checkpoint, a WAL fdatasync or a full collection started."""
+    if not deliver:
         return {}
-    cut = sorted(ms for _, ms in recorder.deliver_at)[int(len(recorder.deliver_at) * 0.99)]
-    tail = [at for at, ms in recorder.deliver_at if ms > cut]
+    cut = sorted(ms for _, ms in deliver)[int(len(deliver) * 0.99)]
+    tail = [at for at, ms in deliver if ms > cut]
     found: dict[str, Any] = {"tail": len(tail), "p99_ms": round(cut, 3)}
-    for kind in ("checkpoint", "wal"):
-        starts = sorted(at for at, what in recorder.events if what == kind)
+    for kind in ("checkpoint", "wal", "gc"):
+        starts = sorted(at for at, what in events if what == kind)
         near = 0
         for at in tail:
             index = bisect.bisect_right(starts, at)
