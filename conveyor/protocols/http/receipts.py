@@ -11,12 +11,12 @@ Pure; no I/O.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 
 SEPARATOR = "|"
 TAG_HEX_CHARACTERS = 32  # 128 bits of HMAC-SHA-256
+TAG_BYTES = TAG_HEX_CHARACTERS // 2
 
 
 class ReceiptSeal:
@@ -24,8 +24,11 @@ class ReceiptSeal:
         self._key = key if key is not None else secrets.token_bytes(32)
 
     def _tag(self, owner: str, receipt: str) -> str:
+        # hmac.digest: OpenSSL's one-shot HMAC, without the HMAC object and its copies
+        # that hmac.new builds (the seal ran for every delivery of an acquire and every
+        # receipt of an ack: 8 % of the broker in the batch-1000 profile)
         message = f"{owner}\x00{receipt}".encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:TAG_HEX_CHARACTERS]
+        return hmac.digest(self._key, message, "sha256")[:TAG_BYTES].hex()
 
     def seal(self, owner: str, receipt: str) -> str:
         return f"{receipt}{SEPARATOR}{self._tag(owner, receipt)}"
@@ -33,7 +36,7 @@ class ReceiptSeal:
     def open(self, owner: str, sealed: str) -> str | None:
         """The broker receipt, or None when it was not sealed for ``owner``."""
         receipt, separator, tag = sealed.rpartition(SEPARATOR)
-        if not separator or not hmac.compare_digest(tag.encode(), self._tag(owner,
-                                                                            receipt).encode()):
+        if not separator or not tag.isascii() or not hmac.compare_digest(
+                tag, self._tag(owner, receipt)):
             return None
         return receipt
