@@ -115,6 +115,7 @@ async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
     once the WAL passes the bound a PASSIVE checkpoint copies it into the database from
     a worker thread, and the data reads back after a reopen."""
     monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_INTERVAL_S", 0.0)  # one ran in open
     path = tmp_path / "state.sqlite3"
     store = SqliteStateStore(path)
     await store.open()
@@ -142,3 +143,39 @@ async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
     await reopened.open()
     assert len(await reopened.load_topics()) == 40
     await reopened.close()
+
+
+async def test_a_wal_past_the_bound_is_checkpointed_once_per_interval_not_per_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpointed WAL keeps its size, so its size stays past the bound: without an
+    interval every WAL fdatasync was followed by a checkpoint (and its fsync of the
+    database). Many awaited commits within one interval checkpoint once; once the
+    interval has passed, the next fsynced commit checkpoints again."""
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_INTERVAL_S", 3600.0)
+    store = SqliteStateStore(tmp_path / "state.sqlite3")
+    await store.open()
+    engine = store.sqlite
+    checkpoints: list[int] = []
+    checkpoint = engine._run_checkpoint
+
+    def counted() -> None:
+        checkpoints.append(1)
+        checkpoint()
+
+    monkeypatch.setattr(engine, "_run_checkpoint", counted)
+
+    async def commits(count: int) -> None:
+        for index in range(count):
+            store.save_topic(TopicRow(f"t{index}", 1, "topic", {"x": "y" * 4000}, 0))
+            await store.commit()
+            while engine._checkpoint is not None and not engine._checkpoint.done():
+                await asyncio.shield(engine._checkpoint)
+
+    await commits(60)  # far past the 64 KiB bound: 60 fsynced commits of ~4 KiB
+    before = len(checkpoints)
+    assert before <= 1, "the schema's writes may have started the interval in open()"
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_INTERVAL_S", 0.0)
+    await commits(1)
+    assert len(checkpoints) == before + 1
+    await store.close()
