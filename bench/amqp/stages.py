@@ -22,7 +22,8 @@ when the server exits; the run keeps those of the measured phase):
 - ``loop_lag``: a 2 ms timer's lateness (long loop turns);
 - SQLite checkpoints and the garbage collector's pauses (``gc_young``: generations 0
   and 1, ``gc_full``: 2), and how many of the ``deliver`` tail samples (above its p99)
-  fall within 20 ms after a checkpoint, a WAL fdatasync or a full collection started.
+  came while a checkpoint, a WAL fdatasync or a full collection ran or within 20 ms
+  after it ended.
 
 Prints one JSON line per run (p50/p90/p99/max in ms per stage, broker CPU µs per
 message, fsyncs per message) and a table of the medians per source at the end.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -68,7 +70,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.samples: dict[str, list[tuple[float, float]]] = {stage: [] for stage in STAGES}
-        self.events: list[tuple[float, str]] = []  # (start, "checkpoint" | "wal" | "gc")
+        # (start, "checkpoint" | "wal" | "gc", seconds it lasted)
+        self.events: list[tuple[float, str, float]] = []
         self.lock = threading.Lock()
 
     def add(self, stage: str, ms: float) -> None:
@@ -146,10 +149,11 @@ def install(recorder: Recorder) -> None:
 
     def run_checkpoint(self: Any) -> None:
         started = now()
-        with recorder.lock:
-            recorder.events.append((started, "checkpoint"))
         original_checkpoint(self)
-        recorder.add("checkpoint", (now() - started) * 1000)
+        lasted = now() - started
+        with recorder.lock:
+            recorder.events.append((started, "checkpoint", lasted))
+        recorder.add("checkpoint", lasted * 1000)
 
     SqliteEngine._run_checkpoint = run_checkpoint  # type: ignore[method-assign]
 
@@ -158,7 +162,8 @@ def install(recorder: Recorder) -> None:
     def fdatasync(descriptor: int) -> None:
         started = now()
         original_fdatasync(descriptor)
-        ms = (now() - started) * 1000
+        lasted = now() - started
+        ms = lasted * 1000
         try:
             name = os.readlink(f"/proc/self/fd/{descriptor}")
         except OSError:
@@ -166,7 +171,7 @@ def install(recorder: Recorder) -> None:
         wal = name.endswith("-wal")
         if wal:
             with recorder.lock:
-                recorder.events.append((started, "wal"))
+                recorder.events.append((started, "wal", lasted))
         recorder.add("fdatasync_wal" if wal else "fdatasync_log", ms)
 
     os.fdatasync = fdatasync
@@ -181,10 +186,11 @@ def install(recorder: Recorder) -> None:
             return
         started = collecting[0]
         full = info.get("generation") == 2
-        recorder.add("gc_full" if full else "gc_young", (now() - started) * 1000)
+        lasted = now() - started
+        recorder.add("gc_full" if full else "gc_young", lasted * 1000)
         if full:
             with recorder.lock:
-                recorder.events.append((started, "gc"))
+                recorder.events.append((started, "gc", lasted))
 
     gc.callbacks.append(on_gc)
 
@@ -298,7 +304,8 @@ def one_run(options: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, list[tuple[float, float]]] = {
         stage: [(at, ms) for at, ms in dumped["samples"].get(stage, [])
                 if window[0] <= at <= window[1]] for stage in STAGES}
-    events = [(at, what) for at, what in dumped["events"] if window[0] <= at <= window[1]]
+    events = [(at, what, lasted) for at, what, lasted in dumped["events"]
+              if window[0] <= at <= window[1]]
     received = next(r for r in phase["workers"] if r["role"] == "consumer")
     count = max(1, received["received"])
     stages = {stage: quantiles([ms for _, ms in values]) for stage, values in samples.items()}
@@ -316,21 +323,25 @@ def one_run(options: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _tail_neighbours(deliver: list[tuple[float, float]], events: list[tuple[float, str]],
-                     window_s: float = 0.020) -> dict[str, Any]:
-    """Of the deliver samples above the p99: how many came within ``window_s`` after a
-    checkpoint, a WAL fdatasync or a full collection started."""
+def _tail_neighbours(deliver: list[tuple[float, float]],
+                     events: list[tuple[float, str, float]], window_s: float = 0.020
+                     ) -> dict[str, Any]:
+    """Of the deliver samples above the p99: how many came while a checkpoint, a WAL
+    fdatasync or a full collection ran, or within ``window_s`` after it ended."""
     if not deliver:
         return {}
     cut = sorted(ms for _, ms in deliver)[int(len(deliver) * 0.99)]
     tail = [at for at, ms in deliver if ms > cut]
     found: dict[str, Any] = {"tail": len(tail), "p99_ms": round(cut, 3)}
     for kind in ("checkpoint", "wal", "gc"):
-        starts = sorted(at for at, what in events if what == kind)
+        spans = sorted((at, at + lasted + window_s) for at, what, lasted in events
+                       if what == kind)
+        starts = [start for start, _ in spans]
+        ends_max = list(itertools.accumulate((end for _, end in spans), max))
         near = 0
         for at in tail:
             index = bisect.bisect_right(starts, at)
-            if index and at - starts[index - 1] <= window_s:
+            if index and at <= ends_max[index - 1]:
                 near += 1
         found[f"after_{kind}"] = near
     return found
