@@ -145,37 +145,42 @@ class HeldFileSystem(MemoryFileSystem):
 async def test_a_partition_is_answered_without_waiting_for_a_slower_fsync_of_its_pass(
         clock: SimClock) -> None:
     """Partitions 0 and 1 are written in one turn, and 1's fdatasync hangs: 0 is still
-    answered, its next writes start a new pass meanwhile, and 1's writes made while its
-    fdatasync ran are synced by a pass of their own once it ends."""
+    answered. Writes to either made meanwhile wait for the pass to end (one pass at a
+    time for the partitions: they batch), then share one pass."""
     fs = HeldFileSystem()
     store = await open_store(fs, clock)
     slow, fast = store.partition("t", 1), store.partition("t", 0)
     fs.held.add(slow.active_segment.handle)
+    barrier = barrier_for_loop()
     loop = asyncio.get_running_loop()
     try:
         held = loop.create_task(slow.append(make_batch([b"held"])))
         # same turn as the held one: same pass
         await asyncio.wait_for(fast.append(make_batch([b"first"])), ANSWERED_S)
         assert not held.done()
-        later = loop.create_task(slow.append(make_batch([b"while held"])))
-        # a pass that starts while partition 1 is still busy
-        await asyncio.wait_for(fast.append(make_batch([b"second"])), ANSWERED_S)
-        assert fast.high_watermark == 2
-        assert not held.done() and not later.done()
-        assert slow.high_watermark == 0, "nothing of the held partition is visible yet"
+        assert fast.high_watermark == 1 and slow.high_watermark == 0
+        passes = barrier.pass_count
+        later = [loop.create_task(slow.append(make_batch([b"while held"]))),
+                 loop.create_task(fast.append(make_batch([b"second"])))]
+        for _ in range(10):  # the turns in which a new pass would have started
+            await asyncio.sleep(0)
+        assert barrier.pass_count == passes, "no pass starts while one still syncs"
+        assert not any(task.done() for task in later)
     finally:
         fs.release.set()
-    await asyncio.wait_for(asyncio.gather(held, later), DEADLINE_S)
-    assert slow.high_watermark == 2
-    assert fs.synced.count(slow.active_segment.handle) == 2, "its second write: a new pass"
+    await asyncio.wait_for(asyncio.gather(held, *later), DEADLINE_S)
+    assert barrier.pass_count == passes + 1, "the writes made meanwhile: one pass"
+    assert slow.high_watermark == 2 and fast.high_watermark == 2
+    assert fs.synced.count(slow.active_segment.handle) == 2
     await store.close()
 
 
 async def test_a_slow_wal_fdatasync_does_not_hold_a_log_append(
         clock: SimClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A state COMMIT nobody awaited rides along with the next append's pass; while its
-    WAL fdatasync hangs, the append is answered, and a commit awaited meanwhile waits
-    for a WAL fdatasync that starts after it."""
+    WAL fdatasync hangs, the append is answered, the next append starts a pass of its
+    own (the state store's jobs hold no pass), and a commit awaited meanwhile waits for
+    a WAL fdatasync that starts after it."""
     fs = MemoryFileSystem()
     store = await open_store(fs, clock)
     state = SqliteStateStore(tmp_path / "state.sqlite3")
