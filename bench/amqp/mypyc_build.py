@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 # the AMQP consume and publish paths' modules with the most self time in the profiles
-# (bench/README.md): the record codec, the frame codec and machine, the delivery tags,
-# the shared partition window
+# (bench/README.md): the record codec, the frame codec and the connection machine. Two
+# more compile but fail at import as they are written (not investigated):
+# protocols/amqp/channel_machine.py (the delivery tags: "attribute '__dict__' of 'type'
+# objects is not writable") and broker/shared_group.py (the window: KeyError 'object')
 MODULES = ("conveyor/storage/record_batch.py", "conveyor/protocols/amqp/frames.py",
-           "conveyor/protocols/amqp/machine.py", "conveyor/protocols/amqp/channel_machine.py",
-           "conveyor/broker/shared_group.py")
+           "conveyor/protocols/amqp/machine.py")
 
 
 def main() -> None:
@@ -40,8 +41,15 @@ def main() -> None:
     modules = options.modules.split(",")
     mypyc = Path(sys.executable).with_name("mypyc")
     started = time.monotonic()
-    subprocess.run([str(mypyc), "--ignore-missing-imports", *modules], cwd=dest, check=True,
-                   stdout=subprocess.DEVNULL)
+    # the copy's pyproject.toml would make setuptools (which mypyc's build runs in the
+    # same directory) refuse a flat layout with two packages: set it aside meanwhile
+    project = dest / "pyproject.toml"
+    project.rename(dest / "pyproject.toml.aside")
+    try:
+        subprocess.run([str(mypyc), "--ignore-missing-imports", *modules], cwd=dest,
+                       check=True, stdout=subprocess.DEVNULL)
+    finally:
+        (dest / "pyproject.toml.aside").rename(project)
     build_s = time.monotonic() - started
     for module in modules:
         (dest / module).unlink()  # only the extension module can be imported now
