@@ -11,24 +11,27 @@ Pure; no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 
 SEPARATOR = "|"
 TAG_HEX_CHARACTERS = 32  # 128 bits of HMAC-SHA-256
-TAG_BYTES = TAG_HEX_CHARACTERS // 2
 
 
 class ReceiptSeal:
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key if key is not None else secrets.token_bytes(32)
+        # the keyed state once; a tag copies it (a tag for every delivery of an acquire
+        # and every receipt of an ack: ~15 % of the broker at batch 1000). Per tag,
+        # medians of 7 interleaved rounds at load ~5.5: hmac.new 4.14 us, the one-shot
+        # hmac.digest(key, msg, "sha256") 3.66 us, a copy of this state 2.78 us
+        self._keyed = hmac.new(self._key, digestmod=hashlib.sha256)
 
     def _tag(self, owner: str, receipt: str) -> str:
-        # hmac.digest: OpenSSL's one-shot HMAC, without the HMAC object and its copies
-        # that hmac.new builds (the seal ran for every delivery of an acquire and every
-        # receipt of an ack: 8 % of the broker in the batch-1000 profile)
-        message = f"{owner}\x00{receipt}".encode()
-        return hmac.digest(self._key, message, "sha256")[:TAG_BYTES].hex()
+        tag = self._keyed.copy()
+        tag.update(f"{owner}\x00{receipt}".encode())
+        return tag.hexdigest()[:TAG_HEX_CHARACTERS]
 
     def seal(self, owner: str, receipt: str) -> str:
         return f"{receipt}{SEPARATOR}{self._tag(owner, receipt)}"
