@@ -290,7 +290,7 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     # what start() loaded (modules, configuration, windows) lives as long as the process:
     # out of the collector's reach, a full collection no longer walks it (it paused the
-    # loop for 65-135 ms under load, once per ~8 s at 2,000 AMQP msg/s: the e2e p99)
+    # loop for 16-135 ms under load, once per ~8 s at 2,000 AMQP msg/s: the e2e p99)
     gc.freeze()
     print(
         "conveyor ready: "

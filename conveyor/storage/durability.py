@@ -15,9 +15,9 @@ not held by a slower file of the same pass).
 One pass at a time for the partitions: sources marked while a pass runs form the
 next pass, started as soon as the running pass's committer jobs have ended (the group
 commit of the whole process, not of one partition: measured on a fan-out to 4 queues,
-letting each partition start its own next pass cost ~30 % more fdatasyncs per message
-and ~15 % more CPU). *Standing* sources (the state store) are asked at every pass, so
-a commit nobody awaited rides along — but their jobs never hold the next pass: the
+letting each partition start its own next pass cost ~36 % more fdatasyncs per message
+and ~24 % more broker CPU). *Standing* sources (the state store) are asked at every
+pass, so a commit nobody awaited rides along — but their jobs never hold the next pass: the
 WAL's fdatasync (and the checkpoint after it) runs beside the partitions' passes, and
 a pass that starts while the state store is still syncing leaves it for a later one.
 No fsync ever runs on the event loop.
