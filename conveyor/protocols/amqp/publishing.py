@@ -168,7 +168,32 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
             info = _exchange_info(broker, broker_name, exchange, vhost)
         authorize_publish(security, connection.principal, vhost, exchange,
                           method.routing_key, info is not None and info.type == "topic")
-    raw = event.properties
+    raw, properties, derived = _properties(channel, event.properties)
+    try:
+        message = publish_message(exchange, method.routing_key, raw, properties,
+                                  event.body, now_ms, derived)
+    except ValueError:
+        raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid "
+                           f"expiration '{properties.expiration}'", 60, 40) from None
+    if exchange == "" and method.routing_key.startswith(REPLY_TO_QUEUE + "."):
+        target = connection.server.reply_channels.get(method.routing_key)
+        unrouted = Planned(0, message, ())
+        if target is None or target.closed:
+            return unrouted, None
+        consumer = next(iter(target.consumers.values()), None)
+        if consumer is None:
+            return unrouted, None
+        return unrouted, (target, consumer, raw)  # delivered, never stored
+    destinations = _route(channel, broker_name, method.routing_key, message, routes)
+    return Planned(0, message, destinations), None
+
+
+def _properties(channel: PublishingChannel, raw: bytes
+                ) -> tuple[bytes, Properties, Derived | None]:
+    """A publish's property bytes (a direct reply-to's rewritten), their properties and
+    what its record carries (None: publish_message derives it, or finds the expiration
+    invalid); checks user-id and the reply-to consumer."""
+    connection = channel.connection
     known = _decoded.get(raw)
     derived: Derived | None = None
     if known is not None:
@@ -187,32 +212,14 @@ def _plan(channel: PublishingChannel, event: PublishReceived, now_ms: int, route
             raise ChannelError(f.PRECONDITION_FAILED, "PRECONDITION_FAILED - fast reply "
                                "consumer does not exist", 60, 40)
         properties = replace(properties, reply_to=channel.reply_to_name)
-        raw = encode_properties(properties)
-        derived = None
-    elif derived is None:
+        return encode_properties(properties), properties, None
+    if derived is None:
         try:
             derived = derive(properties)
         except ValueError:
-            raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid "
-                               f"expiration '{properties.expiration}'", 60, 40) from None
+            return raw, properties, None  # publish_message raises it again: answered there
         _remember(raw, properties, derived)
-    try:
-        message = publish_message(exchange, method.routing_key, raw, properties,
-                                  event.body, now_ms, derived)
-    except ValueError:
-        raise ChannelError(f.PRECONDITION_FAILED, f"PRECONDITION_FAILED - invalid "
-                           f"expiration '{properties.expiration}'", 60, 40) from None
-    if exchange == "" and method.routing_key.startswith(REPLY_TO_QUEUE + "."):
-        target = connection.server.reply_channels.get(method.routing_key)
-        unrouted = Planned(0, message, ())
-        if target is None or target.closed:
-            return unrouted, None
-        consumer = next(iter(target.consumers.values()), None)
-        if consumer is None:
-            return unrouted, None
-        return unrouted, (target, consumer, raw)  # delivered, never stored
-    destinations = _route(channel, broker_name, method.routing_key, message, routes)
-    return Planned(0, message, destinations), None
+    return raw, properties, derived
 
 
 def _route(channel: PublishingChannel, exchange: str, routing_key: str, message: Message,
