@@ -39,8 +39,8 @@ CHECKPOINT_WAL_BYTES = 4 << 20
 # size no longer says how much is new, and every WAL fdatasync was followed by a
 # checkpoint (~360 a second under AMQP acks at 2,000 msg/s, each with an fsync of the
 # database file: the p99's neighbours). So past the bound a checkpoint waits for this
-# many WAL fdatasyncs since the last one, unless the file grew past its size then (more
-# new frames than the reused space holds).
+# many WAL fdatasyncs since the last one, or for the file to grow by another
+# CHECKPOINT_WAL_BYTES (a checkpoint that ran beside COMMITs does not restart the WAL).
 CHECKPOINT_SYNCS_MIN = 256
 
 
@@ -67,7 +67,7 @@ class SqliteEngine:
     checkpoint (which fsyncs the WAL and the database inside a COMMIT) is off, and
     once the WAL passes ``CHECKPOINT_WAL_BYTES`` a PASSIVE checkpoint runs in a worker
     thread on a connection of its own, one at a time (past the bound, one per
-    ``CHECKPOINT_SYNCS_MIN`` WAL fdatasyncs, or when the file grew again).
+    ``CHECKPOINT_SYNCS_MIN`` WAL fdatasyncs or per ``CHECKPOINT_WAL_BYTES`` of growth).
     """
 
     dialect: Dialect = SQLITE
@@ -325,7 +325,7 @@ class SqliteEngine:
         if size < CHECKPOINT_WAL_BYTES:
             return
         if (self._syncs_since_checkpoint < CHECKPOINT_SYNCS_MIN
-                and size <= self._checkpoint_wal_size):
+                and size < self._checkpoint_wal_size + CHECKPOINT_WAL_BYTES):
             return
         self._syncs_since_checkpoint = 0
         self._checkpoint_wal_size = size
