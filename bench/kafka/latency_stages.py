@@ -118,16 +118,15 @@ def client_latency(bootstrap: str, topic: str, rate_per_s: int, seconds: float,
     both = [i for i in range(total) if acked[i] and received[i]]
     return {
         "records": total, "received": count[0], "rate_per_s": rate_per_s,
-        "e2e_ms": _ms(histogram([received[i] - sent[i] for i in both])),
-        "ack_ms": _ms(histogram([acked[i] - sent[i] for i in both])),
-        "received_after_ack_ms": _ms(histogram([received[i] - acked[i] for i in both])),
+        "e2e_ms": _ms([received[i] - sent[i] for i in both]),
+        "ack_ms": _ms([acked[i] - sent[i] for i in both]),
+        "received_after_ack_ms": _ms([received[i] - acked[i] for i in both]),
         "received_before_ack": sum(received[i] < acked[i] for i in both),
     }
 
 
-def _ms(seconds: dict[str, float]) -> dict[str, float]:
-    return {key: value if key == "count" else round(value * 1000, 3)
-            for key, value in seconds.items()}
+def _ms(seconds: list[float]) -> dict[str, float]:
+    return histogram([value * 1000 for value in seconds], digits=3)
 
 
 def run_one(peer: str, clients: str, options: argparse.Namespace, workdir: Path,

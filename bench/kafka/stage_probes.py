@@ -66,16 +66,16 @@ class Stages:
                 "counts": dict(sorted(self.counts.items()))}
 
 
-def histogram(values: list[float]) -> dict[str, float]:
-    """count, p50/p90/p99/p99.9 and max of ``values`` (nearest rank)."""
+def histogram(values: list[float], digits: int = 1) -> dict[str, float]:
+    """count, p50/p90/p99/p99.9 and max of ``values`` (nearest rank), rounded."""
     ordered = sorted(values)
     if not ordered:
         return {"count": 0}
     result: dict[str, float] = {"count": len(ordered)}
     for percentile in PERCENTILES:
         rank = min(len(ordered) - 1, int(len(ordered) * percentile / 100))
-        result[f"p{percentile:g}"] = round(ordered[rank], 1)
-    result["max"] = round(ordered[-1], 1)
+        result[f"p{percentile:g}"] = round(ordered[rank], digits)
+    result["max"] = round(ordered[-1], digits)
     return result
 
 
@@ -194,7 +194,8 @@ def _probe_storage() -> None:
         def wrapper(self: Any, handle: int, token: Any) -> Any:
             if self.policy == "always" and getattr(self, "_probe_first", None) is None:
                 self._probe_first = now()
-                self._probe_behind = self.barrier._running is not None
+                self._probe_behind = getattr(self.barrier, "passes_running", 0) > 0 or \
+                    getattr(self.barrier, "_running", None) not in (None, set())
             return original(self, handle, token)
         return wrapper
 
