@@ -225,9 +225,9 @@ def _probe_storage() -> None:
         return wrapper
 
     def run_pass(original: Any) -> Any:
-        async def wrapper(self: Any) -> None:
+        async def wrapper(self: Any, *arguments: Any) -> None:
             started = now()
-            await original(self)
+            await original(self, *arguments)
             STAGES.add("barrier.pass", now() - started)
         return wrapper
 
