@@ -260,7 +260,8 @@ def _probe_storage() -> None:
     _wrap_method(group_commit.GroupCommitter, "wrote", wrote)
     _wrap_method(group_commit.GroupCommitter, "prepare_sync", prepare_sync)
     _wrap_method(group_commit.GroupCommitter, "sync_done", sync_done)
-    _wrap_method(durability.DurabilityBarrier, "_pass", run_pass)
+    if hasattr(durability.DurabilityBarrier, "_pass"):  # the barrier of ca29c26 and before
+        _wrap_method(durability.DurabilityBarrier, "_pass", run_pass)
     _wrap_method(fs.OsFileSystem, "fdatasync", fdatasync)
 
 

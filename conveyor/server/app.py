@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import gc
 import logging
 import os
 import random
@@ -273,19 +272,6 @@ class Server:
         self._lock.release()
 
 
-def freeze_startup_heap() -> int:
-    """Move every object alive after start-up (modules, codecs' schemas, the opened
-    broker's state) out of the garbage collector's generations; the objects frozen.
-
-    They live as long as the process, yet a full collection walked them all: one gen2
-    pass paused the event loop for 40-130 ms in the Kafka latency phase (gc callbacks in
-    bench/kafka/stage_probes.py). Frozen, a full collection walks only what came later.
-    """
-    gc.collect()  # start-up garbage is freed, not frozen
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
 async def serve(config: ServerConfig) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     server = Server(config)
@@ -301,7 +287,6 @@ async def serve(config: ServerConfig) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload_tls)
     await server.start()
-    freeze_startup_heap()
     print(
         "conveyor ready: "
         + ", ".join(f"{name}={config.host}:{port}" for name, port in server.ports.items()),

@@ -12,16 +12,9 @@ and then tells each source how its own jobs ended (``sync_done``), which answers
 that source's waiters. Standing sources (the state
 store) are asked at every pass, so a commit nobody awaited rides along for free.
 
-At most ``PASSES_IN_FLIGHT_MAX`` (2) passes at a time: a write that comes while a pass
-runs starts the next pass at once instead of waiting for the running one to end (in
-the Kafka latency phase, half the passes began with such a write, and waiting behind
-the running pass cost it ~0.6 ms at the median: bench/kafka/latency_stages.py). The
-next pass's fdatasync starts after that write, so it covers it; what comes while both
-run forms the pass after them. Sources are told in the order their passes began
-(``sync_done`` of pass N+1 waits for pass N's), so a source sees its passes end first
-in, first out, whichever thread finishes first: a partition never reports a write
-durable before an earlier one (a roll's old segment may be synced only by the earlier
-pass). No fsync ever runs on the event loop.
+One pass at a time: sources marked while a pass runs form the next pass, started as
+soon as the running one ends (the group commit of the whole process, not of one
+partition). No fsync ever runs on the event loop.
 
 Knows nothing of partitions, SQL or acknowledgements. One barrier per event loop
 (``barrier_for_loop``): every store opened on a loop shares it without wiring.
@@ -42,22 +35,17 @@ SyncJob = Callable[[], None]
 # (the default executor has min(32, cpus + 4) workers; the checkpoint and file creation
 # use it too)
 SYNC_THREADS_MAX = 4
-# passes running at once: one more lets a write go into an fdatasync without waiting for
-# the running pass; more would only split the same writes over more fdatasyncs
-PASSES_IN_FLIGHT_MAX = 2
 
 
 class SyncSource(Protocol):
     def prepare_sync(self) -> list[SyncJob]:
         """On the loop, at the start of a pass: take what this pass makes durable and
-        return the blocking calls that do it (run in worker threads). An earlier pass
-        may still be running."""
+        return the blocking calls that do it (run in worker threads)."""
         ...
 
     def sync_done(self, error: BaseException | None) -> None:
-        """On the loop: this source's jobs of its oldest running pass ended (``error``:
-        the first that failed); answer the waiters ``prepare_sync`` took for it. Called
-        once per ``prepare_sync``, in the same order."""
+        """On the loop: this source's jobs of the pass ended (``error``: the first that
+        failed); answer the waiters ``prepare_sync`` took."""
         ...
 
 
@@ -67,9 +55,7 @@ class DurabilityBarrier:
         self._standing: dict[SyncSource, None] = {}  # asked at every pass
         self._next: asyncio.Future[None] | None = None  # resolved when the next pass ends
         self._scheduled = False
-        self._running: set[asyncio.Task[None]] = set()
-        # resolved once the newest pass has told its sources (the next one tells after it)
-        self._told: asyncio.Future[None] | None = None
+        self._running: asyncio.Task[None] | None = None
         self._tasks = Supervisor("conveyor.storage.durability-barrier")
         self.pass_count = 0  # passes run
         self.job_count = 0  # sync jobs (fdatasyncs, directory fsyncs) run
@@ -87,27 +73,17 @@ class DurabilityBarrier:
         loop = asyncio.get_running_loop()
         if self._next is None:
             self._next = loop.create_future()
-        if not self._scheduled and len(self._running) < PASSES_IN_FLIGHT_MAX:
+        if not self._scheduled and self._running is None:
             self._scheduled = True
             loop.call_soon(self._start)
         return self._next
 
-    @property
-    def passes_running(self) -> int:
-        return len(self._running)
-
     def _start(self) -> None:
         self._scheduled = False
-        if len(self._running) < PASSES_IN_FLIGHT_MAX and self._dirty:
-            told = asyncio.get_running_loop().create_future()
-            previous, self._told = self._told, told
-            task = self._tasks.start(self._pass(previous, told), name="durability barrier")
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+        if self._running is None and self._dirty:
+            self._running = self._tasks.start(self._pass(), name="durability barrier")
 
-    async def _pass(self, previous: asyncio.Future[None] | None,
-                    told: asyncio.Future[None]) -> None:
-        """``previous``: resolved once the pass before this one told its sources."""
+    async def _pass(self) -> None:
         sources = list(self._dirty)
         sources += [source for source in self._standing if source not in self._dirty]
         self._dirty = {}
@@ -129,8 +105,6 @@ class DurabilityBarrier:
             for chunk, errors in zip(chunks, ran, strict=True):
                 for position, error in zip(chunk, errors, strict=True):
                     outcomes[position] = error
-            if previous is not None and not previous.done():
-                await previous  # sources hear of their passes in the order they began
             index = 0
             for source, source_jobs in prepared:
                 own = outcomes[index:index + len(source_jobs)]
@@ -139,15 +113,9 @@ class DurabilityBarrier:
                 source.sync_done(errors[0] if errors else None)
             self.pass_count += 1
         finally:
-            if not told.done():
-                told.set_result(None)
-            if self._told is told:
-                self._told = None
             if finished is not None and not finished.done():
                 finished.set_result(None)
-            task = asyncio.current_task()
-            if task is not None:
-                self._running.discard(task)  # room for the next pass now
+            self._running = None
             if self._dirty and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._start)

@@ -7,9 +7,7 @@ bytes were written. The committer is a source of the loop's ``DurabilityBarrier`
 loop turn for the whole process) takes every handle written since the last pass,
 fdatasyncs each in a worker thread, concurrently with every other partition's files
 and the state store's WAL, and then resolves the writes' futures. Writes made while a
-pass runs go into the next one, which may start before the running one ends (two at
-most): the committer keeps its passes in flight first in, first out, and the barrier
-reports them in that order. A new segment's directory entry (a roll) is made
+pass runs go into the next one. A new segment's directory entry (a roll) is made
 durable in the same pass (``new_file``), so rolling costs the event loop no fsync.
 ``interval``: appends resolve at once; a task syncs every ``fsync_interval_ms`` on the
 Clock (in a worker thread). ``never``: appends resolve at once; sync on close.
@@ -29,7 +27,6 @@ and only a restart (recovery re-reads and re-validates the log) clears it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import functools
 import logging
@@ -63,9 +60,8 @@ class GroupCommitter:
         self._forgotten: set[int] = set()  # closed since the last sync pass (see forget)
         self._waiters: list[asyncio.Future[None]] = []  # writes for the next pass
         self._last_token: Any = None
-        # passes running, oldest first: the writes each covers and its last write's token
-        self._in_flight: collections.deque[tuple[list[asyncio.Future[None]], Any]] = (
-            collections.deque())
+        self._pass_waiters: list[asyncio.Future[None]] = []  # writes the running pass covers
+        self._pass_token: Any = None
         self._interval_task: asyncio.Task[None] | None = None
         self._tasks = Supervisor("conveyor.storage.group-commit")  # the interval task
         self.sync_count = 0  # passes that synced this partition
@@ -118,34 +114,27 @@ class GroupCommitter:
     def prepare_sync(self) -> list[SyncJob]:
         handles, self._dirty = self._dirty, set()
         directories, self._new_directories = self._new_directories, set()
-        self._in_flight.append((self._waiters, self._last_token))
-        self._waiters = []
+        self._pass_waiters, self._waiters = self._waiters, []
+        self._pass_token = self._last_token
         jobs: list[SyncJob] = [functools.partial(self.fs.fsync_dir, directory)
                                for directory in directories]
         jobs += [functools.partial(self._sync_handle, handle) for handle in handles]
         return jobs
 
     def sync_done(self, error: BaseException | None) -> None:
-        waiters, token = self._in_flight.popleft()
-        if not self._in_flight:
-            self._forgotten.clear()  # no pass left that may meet a closed handle
-        if error is not None or self.failed is not None:
-            failure = self.failed if error is None else self.fail(
-                error if isinstance(error, OSError) else OSError(str(error)))
-            assert failure is not None
-            # written before the failure was known (a later pass in flight, or none
-            # yet): not durable
-            for later, _ in self._in_flight:
-                waiters += later
-            waiters += self._waiters
+        waiters, self._pass_waiters = self._pass_waiters, []
+        self._forgotten.clear()
+        if error is not None:
+            failure = self.fail(error if isinstance(error, OSError) else OSError(str(error)))
+            waiters += self._waiters  # written before the failure was known: not durable
             self._waiters = []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)
             return
         self.sync_count += 1
-        if token is not None:
-            self._on_durable(token)
+        if self._pass_token is not None:
+            self._on_durable(self._pass_token)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -192,9 +181,8 @@ class GroupCommitter:
         """Wait until every ``always`` write so far is durable or failed (its waiters
         answered by the barrier's passes); the committer keeps running (a truncation
         waits for this)."""
-        pending = [waiter for waiters, _ in self._in_flight for waiter in waiters
+        pending = [waiter for waiter in (*self._pass_waiters, *self._waiters)
                    if not waiter.done()]
-        pending += [waiter for waiter in self._waiters if not waiter.done()]
         if pending:
             await asyncio.wait(pending)
 
@@ -208,7 +196,7 @@ class GroupCommitter:
             self._interval_task.cancel()
             self._interval_task = None
         await self._tasks.close()  # the cancelled interval task, awaited
-        while self._waiters or self._in_flight or self._dirty or self._new_directories:
+        while self._waiters or self._pass_waiters or self._dirty or self._new_directories:
             if self.failed is not None:
                 for waiter in self._waiters:
                     if not waiter.done():

@@ -17,7 +17,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import os
 import sqlite3
@@ -76,12 +75,10 @@ class SqliteEngine:
         self._background_sync_handle: asyncio.TimerHandle | None = None
         self._unsynced = False  # a COMMIT ran that no fsync has covered yet
         self._wal_fd: int | None = None
-        # committed, waiting for the barrier's next pass
+        # committed, waiting for the barrier's next pass / taken by the running pass
         self._sync_waiters: list[asyncio.Future[None]] = []
-        # the barrier's passes running (two at most), oldest first: the commits each
-        # answers, and whether it fsyncs the WAL
-        self._in_flight: collections.deque[tuple[list[asyncio.Future[None]], bool]] = (
-            collections.deque())
+        self._pass_waiters: list[asyncio.Future[None]] = []
+        self._syncing = False  # the running pass fsyncs the WAL for this engine
         self._barrier: DurabilityBarrier | None = None  # the loop's, on first use
         self._checkpointer: Any = None  # its own connection, used only by worker threads
         self._checkpoint: asyncio.Future[None] | None = None  # the running checkpoint
@@ -126,7 +123,7 @@ class SqliteEngine:
         if self._background_sync_handle is not None:
             self._background_sync_handle.cancel()
             self._background_sync_handle = None
-        while self._in_flight or self._sync_waiters or self._unsynced:
+        while self._syncing or self._sync_waiters or self._unsynced:
             await self.barrier.flush(self)
         if self._barrier is not None:
             self._barrier.remove_standing(self)
@@ -190,8 +187,8 @@ class SqliteEngine:
             # committed already by a COMMIT nobody waited for: the next pass fsyncs it
             self._sync_waiters.append(future)
             self.barrier.mark_dirty(self)
-        elif (syncing := self._newest_wal_sync()) is not None:
-            syncing.append(future)  # a running pass's fsync covers every COMMIT so far
+        elif self._syncing:
+            self._pass_waiters.append(future)  # the running pass's fsync covers it
         else:
             return
         await future
@@ -271,29 +268,24 @@ class SqliteEngine:
         WAL (when a COMMIT since the last pass needs it)."""
         if self._in_transaction:
             self._commit_now()
-        waiters, self._sync_waiters = self._sync_waiters, []
+        self._pass_waiters, self._sync_waiters = self._pass_waiters + self._sync_waiters, []
         if self._connection is None or self._in_memory:
             self._unsynced = False  # nothing to fsync
-        fd = None
-        if self._unsynced:
-            self._unsynced = False
-            if self._background_sync_handle is not None:
-                self._background_sync_handle.cancel()
-                self._background_sync_handle = None
-            fd = self._open_wal()
-        self._in_flight.append((waiters, fd is not None))
-        return [] if fd is None else [self._wal_sync_job(fd)]
-
-    def _newest_wal_sync(self) -> list[asyncio.Future[None]] | None:
-        """The waiters of the newest running pass that fsyncs the WAL (None: none runs):
-        no COMMIT came since it began, so its fsync covers them all."""
-        for waiters, syncs_wal in reversed(self._in_flight):
-            if syncs_wal:
-                return waiters
-        return None
+        if not self._unsynced:
+            return []
+        self._unsynced = False
+        if self._background_sync_handle is not None:
+            self._background_sync_handle.cancel()
+            self._background_sync_handle = None
+        fd = self._open_wal()
+        if fd is None:
+            return []
+        self._syncing = True
+        return [self._wal_sync_job(fd)]
 
     def sync_done(self, error: BaseException | None) -> None:
-        waiters, synced = self._in_flight.popleft()
+        waiters, self._pass_waiters = self._pass_waiters, []
+        synced, self._syncing = self._syncing, False
         _resolve(waiters, error)
         if synced and error is None and self._wal_fd is not None:
             self._maybe_checkpoint(self._wal_fd)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
-import threading
 from pathlib import Path
 
 import pytest
@@ -119,93 +118,3 @@ async def test_a_rolled_segment_is_synced_with_its_directory_in_the_pass(
     await reopened.open()
     assert reopened.partition("r", 0).high_watermark == 6
     await reopened.close()
-
-
-class GatedFileSystem(MemoryFileSystem):
-    """Once ``armed``, the first fdatasync blocks (in its worker thread) until ``release``
-    is set, then succeeds or, with ``fail_first``, fails with EIO; every later one runs
-    at once."""
-
-    def __init__(self, fail_first: bool = False) -> None:
-        super().__init__()
-        self.fail_first = fail_first
-        self.armed = False
-        self.first_entered = threading.Event()
-        self.release = threading.Event()
-        self.later_done = threading.Event()
-        self._calls = 0
-        self._lock = threading.Lock()
-
-    def fdatasync(self, handle: int) -> None:
-        if not self.armed:
-            super().fdatasync(handle)
-            return
-        with self._lock:
-            self._calls += 1
-            first = self._calls == 1
-        if not first:
-            super().fdatasync(handle)
-            self.later_done.set()
-            return
-        self.first_entered.set()
-        assert self.release.wait(10), "the test never released the first fdatasync"
-        if self.fail_first:
-            raise OSError(errno.EIO, "Input/output error (simulated)")
-        super().fdatasync(handle)
-
-
-async def _wait_for(event: threading.Event) -> None:
-    assert await asyncio.to_thread(event.wait, 10)
-
-
-async def test_a_write_during_a_pass_is_synced_without_waiting_for_it_and_answered_in_order(
-        clock: SimClock) -> None:
-    """Goal: a write that comes while a pass runs goes into an fdatasync at once (the
-    Kafka latency tail waited behind the running pass), yet is reported durable only
-    after the earlier write. Method: the first pass's fdatasync blocks in its thread; a
-    second append must get its own fdatasync done meanwhile, stay unanswered until the
-    first is released, and both then land in write order."""
-    fs = GatedFileSystem()
-    store = FileLogStore("/data", fs, clock)
-    await store.open()
-    log = await store.create_partition("g", 0, LogConfig(fsync="always"))
-    fs.armed = True
-    answered: list[str] = []
-
-    async def append(name: str) -> None:
-        await log.append(make_batch([name.encode()]))
-        answered.append(name)
-
-    async with asyncio.TaskGroup() as group:
-        group.create_task(append("first"))
-        await _wait_for(fs.first_entered)
-        group.create_task(append("second"))
-        await _wait_for(fs.later_done)  # the second pass synced while the first runs
-        assert barrier_for_loop().passes_running == 2
-        assert answered == [] and log.high_watermark == 0
-        fs.release.set()
-    assert answered == ["first", "second"]
-    assert log.high_watermark == 2
-    await store.close()
-
-
-async def test_a_failed_pass_fails_the_later_pass_of_its_partition_that_ended_first(
-        clock: SimClock) -> None:
-    """Goal: a write synced by a later pass is not durable when the earlier pass of its
-    partition failed (fsyncgate: the failed pass's pages may be gone). Method: the first
-    fdatasync blocks and then fails; the second append's own fdatasync succeeds first;
-    both appends must fail and the high watermark must not move."""
-    fs = GatedFileSystem(fail_first=True)
-    store = FileLogStore("/data", fs, clock)
-    await store.open()
-    log = await store.create_partition("g", 0, LogConfig(fsync="always"))
-    fs.armed = True
-    first = asyncio.ensure_future(log.append(make_batch([b"first"])))
-    await _wait_for(fs.first_entered)
-    second = asyncio.ensure_future(log.append(make_batch([b"second"])))
-    await _wait_for(fs.later_done)
-    fs.release.set()
-    outcomes = await asyncio.gather(first, second, return_exceptions=True)
-    assert all(isinstance(outcome, PartitionFailedError) for outcome in outcomes), outcomes
-    assert log.high_watermark == 0
-    await store.close()
