@@ -57,6 +57,7 @@ from conveyor.errors import (
     InvalidProducerIdMappingError,
     InvalidTransactionTimeoutError,
     InvalidTxnStateError,
+    NotCoordinatorError,
     OperatingError,
     ProducerFencedError,
     UnknownTopicError,
@@ -77,6 +78,7 @@ from .txn_model import (
     OffsetsWriter,
     TransactionDescription,
     TransactionState,
+    TxnFence,
     check_addable,
     copied,
     described,
@@ -114,6 +116,7 @@ class Transactions:
         # (group, member id, generation): GroupCoordinator.check_member, set by the facade
         self.check_member: Callable[[str, str, int], None] = no_member_check
         self.group_fence: GroupFence | None = None  # a cluster node (txn_model.py)
+        self.txn_fence: TxnFence | None = None  # a cluster node: every row write fenced
         self._transactions: dict[str, TransactionRow] = {}
         self._by_producer: dict[int, str] = {}  # producer id -> transactional id
         self._known_partitions: dict[tuple[str, int], int] = {}  # -> first txn offset
@@ -154,6 +157,65 @@ class Transactions:
     async def close(self) -> None:
         await self._timer.close()
 
+    # --- several nodes (conveyor/cluster) ---------------------------------------------
+    def clustered(self, fence: TxnFence) -> None:
+        """This coordinator runs on a cluster node: it serves only the transactional ids
+        it claims (each is loaded at its claim, ``reload``), and every write of a
+        transaction's row is made under the id's owner fence. What ``open`` loaded is
+        dropped: another node may own and change any of it."""
+        self.txn_fence = fence
+        self._transactions.clear()
+        self._by_producer.clear()
+
+    async def reload(self, transactional_id: str) -> None:
+        """A cluster node claimed the id: its state as the store has it (the previous
+        owner wrote every transition there under its fence). What was in flight is
+        finished as Kafka's coordinator does on a move: a Prepare* transaction gets its
+        markers and completes (the timer's retry pass, woken here, once the claim is
+        recorded: its writes need the claim's fence); an Ongoing one keeps its deadline
+        (its start plus its timeout, by the wall clock): past it, the timer aborts it
+        with an epoch bump at once."""
+        async with self._locks.hold(transactional_id):
+            old = self._transactions.pop(transactional_id, None)
+            if old is not None and self._by_producer.get(old.producer_id) == transactional_id:
+                del self._by_producer[old.producer_id]
+            row = await self.store.load_one(transactional_id)
+            if row is None:
+                return
+            self._transactions[transactional_id] = row
+            self._by_producer[row.producer_id] = transactional_id
+            self.producers.adopt(transactional_id, row.producer_id, row.producer_epoch)
+            self.idle.loaded(row)
+            if row.state == TransactionState.ONGOING:
+                left_ms = row.started_ms + row.timeout_ms - self.clock.wall_ms()
+                self._timer.arm(transactional_id, row.started_ms, max(left_ms, 0))
+            elif row.state in PREPARING:
+                logger.warning("completing transaction %s (%s) taken over from another "
+                               "node", transactional_id, row.state)
+                self._timer.wake()
+
+    def owns(self, transactional_id: str) -> bool:
+        """Is the id's state held here (always, on a single node)?"""
+        return self.txn_fence is None or transactional_id in self._transactions
+
+    async def _persist(self, row: TransactionRow) -> None:
+        """``row`` made durable; on a cluster node in a transaction of its own under the
+        id's owner fence. Refused (another node claimed the id), this node drops the id
+        (the next owner reloads it from the store) and answers NOT_COORDINATOR."""
+        if self.txn_fence is None:
+            self.store.save(row)
+            await self.store.commit()
+            return
+        if await self.txn_fence.save(self.store, row):
+            return
+        transactional_id = row.transactional_id
+        if self._transactions.get(transactional_id) is row:
+            del self._transactions[transactional_id]
+        if self._by_producer.get(row.producer_id) == transactional_id:
+            del self._by_producer[row.producer_id]
+        raise NotCoordinatorError("this node no longer coordinates the transactional id",
+                                  transactional_id=transactional_id)
+
     # --- the API -----------------------------------------------------------------------
     async def init_producer_id(self, transactional_id: str, timeout_ms: int,
                                producer_id: int = -1, epoch: int = -1) -> tuple[int, int]:
@@ -183,8 +245,7 @@ class Transactions:
             self._transactions[transactional_id] = row
             self._by_producer[new_id] = transactional_id
             self.idle.touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            await self._persist(row)
             return new_id, new_epoch
 
     async def add_partitions(self, transactional_id: str, producer_id: int, epoch: int,
@@ -213,8 +274,7 @@ class Transactions:
                     row.partitions.append((topic, partition))
                     self._remember_partition(topic, partition)
             self._touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            await self._persist(row)
             return dict.fromkeys(wanted)
 
     async def add_offsets(self, transactional_id: str, producer_id: int, epoch: int,
@@ -226,8 +286,7 @@ class Transactions:
             if group_id not in row.groups:
                 row.groups.append(group_id)
             self._touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            await self._persist(row)
 
     async def commit_offsets(self, transactional_id: str, group_id: str, producer_id: int,
                              epoch: int, offsets: list[tuple[str, int, int, str | None]],
@@ -263,8 +322,7 @@ class Transactions:
             if self.group_fence is not None:  # its own transaction, under the fence
                 await self.group_fence.save(self.store, row, before, group_id)
             else:
-                self.store.save(row)
-                await self.store.commit()
+                await self._persist(row)
             return results
 
     async def end(self, transactional_id: str, producer_id: int, epoch: int,
@@ -329,8 +387,7 @@ class Transactions:
             row.partitions.append((topic, partition))
             self._remember_partition(topic, partition)
             self._touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            await self._persist(row)
 
     def check_produce(self, topic: str, partition: int, producer_id: int, epoch: int) -> None:
         """KIP-890 verification, run under the producer's partition lock before an append."""
@@ -421,8 +478,7 @@ class Transactions:
         row.state = state
         if epoch != row.producer_epoch:
             row.producer_epoch = epoch
-        self.store.save(row)
-        await self.store.commit()
+        await self._persist(row)
 
     async def _complete(self, row: TransactionRow) -> None:
         """Write the markers of a Prepare* transaction, apply its offsets, complete it."""
@@ -440,8 +496,13 @@ class Transactions:
         row.started_ms = -1
         # committed at the end of this loop turn, not awaited: until it is durable the
         # durable Prepare* row makes a restart finish this transaction again (markers that
-        # end nothing, the same offsets), and the next AddPartitionsToTxn waits for both
-        self.store.save(row)
+        # end nothing, the same offsets), and the next AddPartitionsToTxn waits for both.
+        # A cluster node awaits it under the id's fence (a node that lost the id leaves
+        # the Prepare* row to the new owner, which writes the markers again)
+        if self.txn_fence is not None:
+            await self._persist(row)
+        else:
+            self.store.save(row)
 
     async def _marker(self, row: TransactionRow, topic: str, partition: int,
                       commit: bool) -> None:
@@ -473,8 +534,7 @@ class Transactions:
         self._by_producer.pop(row.producer_id, None)
         row.producer_id, row.producer_epoch = producer_id, epoch
         self._by_producer[producer_id] = row.transactional_id
-        self.store.save(row)
-        await self.store.commit()
+        await self._persist(row)
 
     async def _retry_incomplete(self) -> bool:
         """Prepare* transactions whose markers failed (a full disk): try again; True
