@@ -68,6 +68,7 @@ from conveyor.storage.txn_state import TransactionRow
 from .keyed_locks import KeyedLocks
 from .producer_state import EPOCH_MAX, ProducerStates
 from .topics import TopicRegistry
+from .txn_cluster import LeaderTransactions
 from .txn_expiry import IdleTransactionalIds
 from .txn_index import TransactionIndex
 from .txn_model import (
@@ -117,6 +118,7 @@ class Transactions:
         self.check_member: Callable[[str, str, int], None] = no_member_check
         self.group_fence: GroupFence | None = None  # a cluster node (txn_model.py)
         self.txn_fence: TxnFence | None = None  # a cluster node: every row write fenced
+        self.leader: LeaderTransactions | None = None  # a cluster node (txn_cluster.py)
         self._transactions: dict[str, TransactionRow] = {}
         self._by_producer: dict[int, str] = {}  # producer id -> transactional id
         self._known_partitions: dict[tuple[str, int], int] = {}  # -> first txn offset
@@ -156,6 +158,8 @@ class Transactions:
 
     async def close(self) -> None:
         await self._timer.close()
+        if self.leader is not None:
+            await self.leader.close()
 
     # --- several nodes (conveyor/cluster) ---------------------------------------------
     def clustered(self, fence: TxnFence) -> None:
@@ -166,6 +170,16 @@ class Transactions:
         self.txn_fence = fence
         self._transactions.clear()
         self._by_producer.clear()
+        self.leader = LeaderTransactions(self.index, self.topics.log_store, self.store)
+        self.leader.start()
+
+    async def verify_remote(self, topic: str, partition: int, producer_id: int,
+                            epoch: int) -> None:
+        """Before a transactional batch's producer lock, on a cluster node: the
+        transaction of a producer coordinated elsewhere, read from the store when the
+        one kept does not allow the batch (``check_produce`` then decides)."""
+        if self.leader is not None and producer_id not in self._by_producer:
+            await self.leader.verify(topic, partition, producer_id, epoch)
 
     async def reload(self, transactional_id: str) -> None:
         """A cluster node claimed the id: its state as the store has it (the previous
@@ -393,6 +407,11 @@ class Transactions:
         """KIP-890 verification, run under the producer's partition lock before an append."""
         transactional_id = self._by_producer.get(producer_id)
         row = None if transactional_id is None else self._transactions.get(transactional_id)
+        if row is None and self.leader is not None:  # coordinated by another node
+            row = self.leader.row(producer_id)
+            if row is not None:
+                verify_produce(row, None, topic, partition, producer_id, epoch)
+                return
         verify_produce(row, self.producers.current_epoch(producer_id), topic, partition,
                        producer_id, epoch)
 
@@ -552,6 +571,8 @@ class Transactions:
         """Open transactions in the logs that no ongoing transaction accounts for
         (KIP-890's "hanging transaction"): logged once each, counted in ``hanging``."""
         found = unaccounted(self.index, self._by_producer, self._transactions)
+        if self.leader is not None:  # another node's transactions: theirs to account for
+            found = [key for key in found if key[2] in self._by_producer]
         log_hanging(found, self.hanging)
         self.hanging = set(found)
         return found

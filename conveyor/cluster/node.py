@@ -97,6 +97,7 @@ class ClusterNode:
         transactions.clustered(TxnFence(
             lambda transactional_id: membership.write_guard(TXN, transactional_id),
             lambda transactional_id: membership.forget(TXN, transactional_id)))
+        self.broker.producer.verify_transactional = transactions.verify_remote
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
@@ -127,7 +128,14 @@ class ClusterNode:
             # transaction); the others (queue publishes, markers) go through any node
             producer.lease = self._lease
             own = producer.on_append
-            self.wakeups = Wakeups(self.settings.dsn, self.broker.log_store, own,
+            leader = transactions.leader
+
+            def remote(topic: str, partition: int) -> None:
+                own(topic, partition)
+                if leader is not None:  # a marker written by a transaction's coordinator
+                    leader.remote_appended(topic, partition)
+
+            self.wakeups = Wakeups(self.settings.dsn, self.broker.log_store, remote,
                                    self.settings.heartbeat_ms)
             await self.wakeups.open()
             wakeups = self.wakeups
@@ -217,6 +225,9 @@ class ClusterNode:
         refresh = getattr(self.broker.log_store, "refresh_partition", None)
         if refresh is not None and self.broker.log_store.has_partition(topic, partition):
             await refresh(topic, partition)
+            leader = self.broker.transactions.leader
+            if leader is not None:  # its open and aborted transactions, from the log
+                await leader.rebuild(topic, partition)
         self.broker.producers.forget_partition(topic, partition)
 
     # --- the view the Kafka listener asks --------------------------------------------

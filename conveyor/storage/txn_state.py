@@ -119,6 +119,12 @@ class TxnStateStore:
                                       (transactional_id,))
         return _parsed(rows[0]) if rows else None
 
+    async def load_by_producer(self, producer_id: int) -> TransactionRow | None:
+        """The transaction of the id whose producer this is (a partition leader checking
+        a transactional batch whose coordinator is another node)."""
+        rows = await self.store.query(_SELECT + " WHERE t.producer_id = ?", (producer_id,))
+        return _parsed(rows[0]) if rows else None
+
     def save_partition(self, topic: str, partition: int, first_offset: int) -> None:
         """Remember that a partition holds transactional batches from ``first_offset``."""
         self.store.write(
