@@ -96,7 +96,8 @@ chaos: $(VENV)/.installed-dev
 	CONVEYOR_CHAOS=1 $(BIN)/pytest -q -s -m chaos tests/cluster/test_cluster_chaos.py \
 	  tests/cluster/test_cluster_kafka.py tests/cluster/test_cluster_failover.py \
 	  tests/cluster/test_cluster_cutoff.py tests/cluster/test_cluster_groups.py \
-	  tests/cluster/test_cluster_share_groups.py $(ARGS)
+	  tests/cluster/test_cluster_share_groups.py tests/cluster/test_cluster_transactions.py \
+	  $(ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(ARGS)

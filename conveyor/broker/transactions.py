@@ -57,7 +57,6 @@ from conveyor.errors import (
     InvalidProducerIdMappingError,
     InvalidTransactionTimeoutError,
     InvalidTxnStateError,
-    NotCoordinatorError,
     OperatingError,
     ProducerFencedError,
     UnknownTopicError,
@@ -68,7 +67,7 @@ from conveyor.storage.txn_state import TransactionRow
 from .keyed_locks import KeyedLocks
 from .producer_state import EPOCH_MAX, ProducerStates
 from .topics import TopicRegistry
-from .txn_cluster import LeaderTransactions
+from .txn_cluster import ClusterSide, LeaderTransactions
 from .txn_expiry import IdleTransactionalIds
 from .txn_index import TransactionIndex
 from .txn_model import (
@@ -91,7 +90,6 @@ from .txn_model import (
     pending_offsets,
     retried_end,
     unaccounted,
-    verify_produce,
 )
 from .txn_timer import TransactionTimer
 
@@ -102,7 +100,7 @@ EXPIRATION_MS = 7 * 24 * 3600 * 1000  # Kafka's transactional.id.expiration.ms d
 COORDINATOR_EPOCH = 0  # one coordinator, never moved: its epoch in every marker
 
 
-class Transactions:
+class Transactions(ClusterSide):
     def __init__(self, producers: ProducerStates, topics: TopicRegistry,
                  state_store: StateStore, clock: Clock, index: TransactionIndex,
                  write_marker: MarkerWriter, write_offsets: OffsetsWriter,
@@ -160,75 +158,6 @@ class Transactions:
         await self._timer.close()
         if self.leader is not None:
             await self.leader.close()
-
-    # --- several nodes (conveyor/cluster) ---------------------------------------------
-    def clustered(self, fence: TxnFence) -> None:
-        """This coordinator runs on a cluster node: it serves only the transactional ids
-        it claims (each is loaded at its claim, ``reload``), and every write of a
-        transaction's row is made under the id's owner fence. What ``open`` loaded is
-        dropped: another node may own and change any of it."""
-        self.txn_fence = fence
-        self._transactions.clear()
-        self._by_producer.clear()
-        self.leader = LeaderTransactions(self.index, self.topics.log_store, self.store)
-        self.leader.start()
-
-    async def verify_remote(self, topic: str, partition: int, producer_id: int,
-                            epoch: int) -> None:
-        """Before a transactional batch's producer lock, on a cluster node: the
-        transaction of a producer coordinated elsewhere, read from the store when the
-        one kept does not allow the batch (``check_produce`` then decides)."""
-        if self.leader is not None and producer_id not in self._by_producer:
-            await self.leader.verify(topic, partition, producer_id, epoch)
-
-    async def reload(self, transactional_id: str) -> None:
-        """A cluster node claimed the id: its state as the store has it (the previous
-        owner wrote every transition there under its fence). What was in flight is
-        finished as Kafka's coordinator does on a move: a Prepare* transaction gets its
-        markers and completes (the timer's retry pass, woken here, once the claim is
-        recorded: its writes need the claim's fence); an Ongoing one keeps its deadline
-        (its start plus its timeout, by the wall clock): past it, the timer aborts it
-        with an epoch bump at once."""
-        async with self._locks.hold(transactional_id):
-            old = self._transactions.pop(transactional_id, None)
-            if old is not None and self._by_producer.get(old.producer_id) == transactional_id:
-                del self._by_producer[old.producer_id]
-            row = await self.store.load_one(transactional_id)
-            if row is None:
-                return
-            self._transactions[transactional_id] = row
-            self._by_producer[row.producer_id] = transactional_id
-            self.producers.adopt(transactional_id, row.producer_id, row.producer_epoch)
-            self.idle.loaded(row)
-            if row.state == TransactionState.ONGOING:
-                left_ms = row.started_ms + row.timeout_ms - self.clock.wall_ms()
-                self._timer.arm(transactional_id, row.started_ms, max(left_ms, 0))
-            elif row.state in PREPARING:
-                logger.warning("completing transaction %s (%s) taken over from another "
-                               "node", transactional_id, row.state)
-                self._timer.wake()
-
-    def owns(self, transactional_id: str) -> bool:
-        """Is the id's state held here (always, on a single node)?"""
-        return self.txn_fence is None or transactional_id in self._transactions
-
-    async def _persist(self, row: TransactionRow) -> None:
-        """``row`` made durable; on a cluster node in a transaction of its own under the
-        id's owner fence. Refused (another node claimed the id), this node drops the id
-        (the next owner reloads it from the store) and answers NOT_COORDINATOR."""
-        if self.txn_fence is None:
-            self.store.save(row)
-            await self.store.commit()
-            return
-        if await self.txn_fence.save(self.store, row):
-            return
-        transactional_id = row.transactional_id
-        if self._transactions.get(transactional_id) is row:
-            del self._transactions[transactional_id]
-        if self._by_producer.get(row.producer_id) == transactional_id:
-            del self._by_producer[row.producer_id]
-        raise NotCoordinatorError("this node no longer coordinates the transactional id",
-                                  transactional_id=transactional_id)
 
     # --- the API -----------------------------------------------------------------------
     async def init_producer_id(self, transactional_id: str, timeout_ms: int,
@@ -403,18 +332,6 @@ class Transactions:
             self._touch(row)
             await self._persist(row)
 
-    def check_produce(self, topic: str, partition: int, producer_id: int, epoch: int) -> None:
-        """KIP-890 verification, run under the producer's partition lock before an append."""
-        transactional_id = self._by_producer.get(producer_id)
-        row = None if transactional_id is None else self._transactions.get(transactional_id)
-        if row is None and self.leader is not None:  # coordinated by another node
-            row = self.leader.row(producer_id)
-            if row is not None:
-                verify_produce(row, None, topic, partition, producer_id, epoch)
-                return
-        verify_produce(row, self.producers.current_epoch(producer_id), topic, partition,
-                       producer_id, epoch)
-
     def on_transactional_append(self, topic: str, partition: int, producer_id: int,
                                 base_offset: int) -> None:
         if self.index.observe_data(topic, partition, producer_id, base_offset):
@@ -513,15 +430,7 @@ class Transactions:
             else TransactionState.COMPLETE_ABORT
         row.partitions, row.groups, row.offsets = [], [], {}
         row.started_ms = -1
-        # committed at the end of this loop turn, not awaited: until it is durable the
-        # durable Prepare* row makes a restart finish this transaction again (markers that
-        # end nothing, the same offsets), and the next AddPartitionsToTxn waits for both.
-        # A cluster node awaits it under the id's fence (a node that lost the id leaves
-        # the Prepare* row to the new owner, which writes the markers again)
-        if self.txn_fence is not None:
-            await self._persist(row)
-        else:
-            self.store.save(row)
+        await self._save_completed(row)
 
     async def _marker(self, row: TransactionRow, topic: str, partition: int,
                       commit: bool) -> None:

@@ -21,6 +21,10 @@ transactions whose coordinator is another node:
   row read is kept per producer: a batch the kept row allows is not read again (a batch
   arriving after the end of its transaction is then let in, as before KIP-890).
 
+``ClusterSide`` is the coordinator's own part of it (a base of ``Transactions``): its
+switch to cluster mode, the reload of a transactional id it claims, and every write of
+a transaction's row under the id's owner fence (``_persist``).
+
 Must not know: protocols, SQL (the TxnStateStore reads), which node owns what.
 """
 
@@ -29,14 +33,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from conveyor.clock import Clock
+from conveyor.errors import NotCoordinatorError
 from conveyor.storage.control_batch import CONTROL_COMMIT, control_type
 from conveyor.storage.log_api import LogStore
 from conveyor.storage.record_batch import decode_records, split_batches
 from conveyor.storage.txn_state import TransactionRow, TxnStateStore
 from conveyor.tasks import Supervisor
 
+from .keyed_locks import KeyedLocks
+from .producer_state import ProducerStates
+from .topics import TopicRegistry
+from .txn_expiry import IdleTransactionalIds
 from .txn_index import TransactionIndex
-from .txn_model import TransactionState, log_chunks
+from .txn_model import PREPARING, TransactionState, TxnFence, log_chunks, verify_produce
+from .txn_timer import TransactionTimer
 
 logger = logging.getLogger("conveyor.transactions")
 _SCAN_BYTES = 1 << 20
@@ -148,3 +159,110 @@ class LeaderTransactions:
 def allows(row: TransactionRow, topic: str, partition: int, epoch: int) -> bool:
     return (row.state == TransactionState.ONGOING and row.producer_epoch == epoch
             and (topic, partition) in row.partitions)
+
+
+class ClusterSide:
+    """The coordinator's cluster-node part (``Transactions`` derives from it; on one
+    node ``txn_fence`` stays None and ``_persist`` is a plain save and commit)."""
+
+    # the coordinator's state this part works on (set by Transactions.__init__)
+    txn_fence: TxnFence | None
+    leader: LeaderTransactions | None
+    producers: ProducerStates
+    topics: TopicRegistry
+    clock: Clock
+    index: TransactionIndex
+    store: TxnStateStore
+    idle: IdleTransactionalIds
+    _transactions: dict[str, TransactionRow]
+    _by_producer: dict[int, str]
+    _locks: KeyedLocks
+    _timer: TransactionTimer
+
+    def clustered(self, fence: TxnFence) -> None:
+        """This coordinator runs on a cluster node: it serves only the transactional ids
+        it claims (each is loaded at its claim, ``reload``), and every write of a
+        transaction's row is made under the id's owner fence. What ``open`` loaded is
+        dropped: another node may own and change any of it."""
+        self.txn_fence = fence
+        self._transactions.clear()
+        self._by_producer.clear()
+        self.leader = LeaderTransactions(self.index, self.topics.log_store, self.store)
+        self.leader.start()
+
+    async def verify_remote(self, topic: str, partition: int, producer_id: int,
+                            epoch: int) -> None:
+        """Before a transactional batch's producer lock, on a cluster node: the
+        transaction of a producer coordinated elsewhere, read from the store when the
+        one kept does not allow the batch (``check_produce`` then decides)."""
+        if self.leader is not None and producer_id not in self._by_producer:
+            await self.leader.verify(topic, partition, producer_id, epoch)
+
+    async def reload(self, transactional_id: str) -> None:
+        """A cluster node claimed the id: its state as the store has it (the previous
+        owner wrote every transition there under its fence). What was in flight is
+        finished as Kafka's coordinator does on a move: a Prepare* transaction gets its
+        markers and completes (the timer's retry pass, woken here, once the claim is
+        recorded: its writes need the claim's fence); an Ongoing one keeps its deadline
+        (its start plus its timeout, by the wall clock): past it, the timer aborts it
+        with an epoch bump at once."""
+        async with self._locks.hold(transactional_id):
+            old = self._transactions.pop(transactional_id, None)
+            if old is not None and self._by_producer.get(old.producer_id) == transactional_id:
+                del self._by_producer[old.producer_id]
+            row = await self.store.load_one(transactional_id)
+            if row is None:
+                return
+            self._transactions[transactional_id] = row
+            self._by_producer[row.producer_id] = transactional_id
+            self.producers.adopt(transactional_id, row.producer_id, row.producer_epoch)
+            self.idle.loaded(row)
+            if row.state == TransactionState.ONGOING:
+                left_ms = row.started_ms + row.timeout_ms - self.clock.wall_ms()
+                self._timer.arm(transactional_id, row.started_ms, max(left_ms, 0))
+            elif row.state in PREPARING:
+                logger.warning("completing transaction %s (%s) taken over from another "
+                               "node", transactional_id, row.state)
+                self._timer.wake()
+
+    async def _persist(self, row: TransactionRow) -> None:
+        """``row`` made durable; on a cluster node in a transaction of its own under the
+        id's owner fence. Refused (another node claimed the id), this node drops the id
+        (the next owner reloads it from the store) and answers NOT_COORDINATOR."""
+        if self.txn_fence is None:
+            self.store.save(row)
+            await self.store.commit()
+            return
+        if await self.txn_fence.save(self.store, row):
+            return
+        transactional_id = row.transactional_id
+        if self._transactions.get(transactional_id) is row:
+            del self._transactions[transactional_id]
+        if self._by_producer.get(row.producer_id) == transactional_id:
+            del self._by_producer[row.producer_id]
+        raise NotCoordinatorError("this node no longer coordinates the transactional id",
+                                  transactional_id=transactional_id)
+
+    def check_produce(self, topic: str, partition: int, producer_id: int, epoch: int) -> None:
+        """KIP-890 verification, run under the producer's partition lock before an append."""
+        transactional_id = self._by_producer.get(producer_id)
+        row = None if transactional_id is None else self._transactions.get(transactional_id)
+        if row is None and self.leader is not None:  # coordinated by another node
+            row = self.leader.row(producer_id)
+            if row is not None:
+                verify_produce(row, None, topic, partition, producer_id, epoch)
+                return
+        verify_produce(row, self.producers.current_epoch(producer_id), topic, partition,
+                       producer_id, epoch)
+
+    async def _save_completed(self, row: TransactionRow) -> None:
+        """A completed transaction's row. On one node committed at the end of this loop
+        turn, not awaited: until it is durable the durable Prepare* row makes a restart
+        finish this transaction again (markers that end nothing, the same offsets), and
+        the next AddPartitionsToTxn waits for both. A cluster node awaits it under the
+        id's fence (a node that lost the id leaves the Prepare* row to the new owner,
+        which writes the markers again)."""
+        if self.txn_fence is None:
+            self.store.save(row)
+        else:
+            await self._persist(row)

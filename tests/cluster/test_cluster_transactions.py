@@ -159,7 +159,7 @@ def run_across_a_kill(tmp_path: Path, dsn: str, before: int, after: int) -> None
 
 def test_transactions_survive_the_death_of_their_coordinator(tmp_path: Path,
                                                              postgres_dsn: str) -> None:
-    run_across_a_kill(tmp_path, postgres_dsn, before=4, after=4)
+    run_across_a_kill(tmp_path, postgres_dsn, before=3, after=3)
 
 
 @pytest.mark.chaos
