@@ -41,6 +41,7 @@ from .exchanges import Exchanges
 from .fetcher import DECODED_BATCHES_MAX, READ_CHUNK_BYTES, Fetcher
 from .group_configs import GroupConfigs
 from .group_coordinator import GroupCoordinator
+from .group_members import GroupMembers
 from .keyed_locks import KeyedLocks
 from .log_end import LostRange
 from .ordered_group import (
@@ -129,6 +130,8 @@ class Broker:
         self.exchanges = Exchanges(state_store, self.topics, self._queue_exists, queue_alias)
         # Kafka 4 group configs (KIP-932/848), loaded at open; the Kafka listeners share it
         self.group_configs = GroupConfigs(state_store)
+        # KIP-848 / KIP-932 members as stored, loaded at open; the coordinators write them
+        self.group_members = GroupMembers(state_store)
         self.producer.on_append = self._appended
         # Kafka transactions: the coordinator, and the log side (LSO, aborted index) that
         # the fetcher filters decoded reads with
@@ -187,6 +190,7 @@ class Broker:
         await self.exchanges.load()
         await self.group_coordinator.load(self.lost_ranges)
         await self.group_configs.load()
+        await self.group_members.load()
         await self.transactions.open()  # before shared groups: their reads need the index
         await self._open_shared_groups()
         if self.shared_groups is not None:

@@ -39,6 +39,7 @@ from conveyor.errors import (
     RebalanceInProgressError,
     UnknownMemberError,
 )
+from conveyor.storage.member_state import CONSUMER
 
 from .consumer_coordinator import (
     GROUPS_MAX,
@@ -51,6 +52,7 @@ from .consumer_coordinator import (
     _minus,
     _union,
 )
+from .consumer_group_state import mark_changed
 
 CLASSIC_PROTOCOL_TYPE = "consumer"
 
@@ -135,6 +137,7 @@ class ClassicMembers:
         if not group.members or any(m.classic is None for m in group.members.values()):
             return None
         del self.coordinator.groups[group_id]
+        self.coordinator.members.delete(CONSUMER, group_id)  # the classic group's now
         return list(group.members.values())
 
     # --- the classic APIs --------------------------------------------------------------
@@ -149,6 +152,7 @@ class ClassicMembers:
         member = group.members.get(member_id)
         if member is None or member.classic is None:
             raise UnknownMemberError("unknown member", group=group.group_id, member=member_id)
+        mark_changed(group, member_id)  # written at the group's next write
         return member
 
     def join(self, group_id: str, member_id: str, instance_id: str | None,
@@ -187,6 +191,7 @@ class ClassicMembers:
             if instance_id is not None:
                 group.static[instance_id] = member_id
         member.classic = metadata
+        mark_changed(group, member_id)  # written at the group's next write
         member.last_seen_ms = now_ms
         member.rebalance_timeout_ms = max(rebalance_timeout_ms, 0)
         if tuple(topics) != member.topic_names:

@@ -4,7 +4,10 @@ Owns: members, member epochs, the group epoch, subscriptions (topic names or a
 regular expression), the server-side target assignment (``consumer_assignors``),
 incremental reconciliation with revocation first, static membership, and the
 member/epoch check of offset commits. Committed offsets themselves stay in the
-broker's group offsets (``Broker.commit_offsets``), shared with classic groups.
+broker's group offsets (``Broker.commit_offsets``), shared with classic groups. The
+groups are written through to the StateStore after each change (group_members.py;
+their stored form: consumer_group_state.py), so a restart or the next owner of the
+group in a cluster goes on with the same members and epochs.
 
 Must not know: the wire format, sockets, files, real time (the clock comes in).
 
@@ -32,7 +35,7 @@ Rules (KIP-848):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import regex
@@ -51,9 +54,28 @@ from conveyor.errors import (
     UnreleasedInstanceIdError,
     UnsupportedAssignorError,
 )
+from conveyor.storage.member_state import CONSUMER
 
 from .consumer_assignors import ASSIGNORS, DEFAULT_ASSIGNOR
+from .consumer_group_state import (
+    ClassicMetadata,
+    ConsumerGroup,
+    ConsumerMember,
+    Partitions,
+    restore_consumer_group,
+    stored_consumer_group,
+)
 from .group_configs import GroupConfigs
+from .group_members import GroupMembers, StoredGroups
+
+__all__ = [
+    "ClassicMetadata",
+    "ConsumerCoordinator",
+    "ConsumerGroup",
+    "ConsumerHeartbeat",
+    "ConsumerMember",
+    "Partitions",
+]
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -63,53 +85,6 @@ REGEX_BUDGET_MS: Final = 50  # one evaluation over every topic name; slower is r
 REGEX_CACHE_MAX: Final = 256  # (pattern, topic names) -> matches, oldest dropped first
 MEMBERS_MAX: Final = 1_000  # Kafka's group.consumer.max.size is unbounded by default
 GROUPS_MAX: Final = 10_000  # consumer groups held in memory (empty ones go first)
-
-Partitions = dict[str, frozenset[int]]  # topic -> partitions
-
-
-@dataclass
-class ConsumerMember:
-    member_id: str
-    instance_id: str | None
-    rack: str | None
-    client_id: str
-    client_host: str
-    rebalance_timeout_ms: int
-    last_seen_ms: int  # monotonic
-    topic_names: tuple[str, ...] = ()
-    regex: str | None = None
-    assignor: str | None = None
-    epoch: int = 0
-    previous_epoch: int = -1
-    assigned: Partitions = field(default_factory=dict)  # what the member was told it owns
-    revoking: Partitions = field(default_factory=dict)  # told to give up, not yet confirmed
-    revoke_deadline_ms: int = 0
-    left_static: bool = False  # left with epoch -2: its instance id may come back
-    last_sent: tuple[int, Partitions] | None = None
-    classic: ClassicMetadata | None = None  # joined with JoinGroup (online migration)
-
-
-@dataclass
-class ClassicMetadata:
-    """What a member speaking the classic protocol inside a consumer group brings: its
-    session timeout and JoinGroup protocols (name, metadata) in preference order."""
-
-    session_timeout_ms: int
-    protocols: tuple[tuple[str, bytes], ...]
-    subscription_version: int = 0
-
-
-@dataclass
-class ConsumerGroup:
-    group_id: str
-    epoch: int = 0
-    assignment_epoch: int = 0
-    members: dict[str, ConsumerMember] = field(default_factory=dict)
-    static: dict[str, str] = field(default_factory=dict)  # instance id -> member id
-    target: dict[str, Partitions] = field(default_factory=dict)
-    signature: tuple[object, ...] = ()  # what the target was computed from
-    assignor: str = DEFAULT_ASSIGNOR
-
 
 @dataclass(frozen=True, slots=True)
 class ConsumerHeartbeat:
@@ -152,6 +127,20 @@ class ConsumerCoordinator:
         self.configs = configs
         self.groups: dict[str, ConsumerGroup] = {}
         self._regex_cache: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
+        # the groups as stored (group_members.py): restored now, written after changes
+        self.stored = StoredGroups(broker.group_members, CONSUMER, self.groups,
+                                   stored_consumer_group, restore_consumer_group,
+                                   clock.monotonic_ms)
+        self.members: GroupMembers = broker.group_members
+
+    async def persist(self, group_id: str) -> None:
+        """Write what changed in the group (classic members' changes included)."""
+        await self.stored.persist(group_id)
+
+    async def reload_group(self, group_id: str) -> None:
+        """Read the group again from the state store (a cluster node claims it): its
+        members go on with their epochs and assignments; sessions count from now."""
+        await self.stored.reload(group_id)
 
     # --- heartbeat -----------------------------------------------------------------
     async def heartbeat(
@@ -160,6 +149,21 @@ class ConsumerCoordinator:
         rebalance_timeout_ms: int = -1, topic_names: Sequence[str] | None = None,
         topic_regex: str | None = None, assignor: str | None = None,
         owned: Partitions | None = None, client_id: str = "", client_host: str = "",
+    ) -> ConsumerHeartbeat:
+        """One ConsumerGroupHeartbeat; answered once what it changed is written."""
+        result = self._heartbeat(
+            group_id, member_id, member_epoch, instance_id=instance_id, rack=rack,
+            rebalance_timeout_ms=rebalance_timeout_ms, topic_names=topic_names,
+            topic_regex=topic_regex, assignor=assignor, owned=owned, client_id=client_id,
+            client_host=client_host)
+        await self.stored.persist(group_id, result.member_id)
+        return result
+
+    def _heartbeat(
+        self, group_id: str, member_id: str, member_epoch: int, *,
+        instance_id: str | None, rack: str | None, rebalance_timeout_ms: int,
+        topic_names: Sequence[str] | None, topic_regex: str | None, assignor: str | None,
+        owned: Partitions | None, client_id: str, client_host: str,
     ) -> ConsumerHeartbeat:
         if not group_id:
             raise InvalidRequestError("group id must not be empty")
@@ -466,19 +470,12 @@ class ConsumerCoordinator:
     def list_groups(self) -> list[tuple[str, str]]:
         return [(group_id, self.state(group)) for group_id, group in sorted(self.groups.items())]
 
-    def forget_group(self, group_id: str) -> None:
-        """Drop the group's members (a cluster node that claims the group anew: another
-        node may have served it meanwhile). Members rejoin as Kafka's do after a
-        coordinator moves without their state: their next heartbeat is answered
-        UNKNOWN_MEMBER_ID and they join again with epoch 0; the committed offsets are
-        the broker's (reloaded from the state store)."""
-        self.groups.pop(group_id, None)
-
     def delete_group(self, group_id: str) -> None:
         group = self.groups.get(group_id)
         if group is not None and group.members:
             raise NonEmptyGroupError("consumer group has members", group=group_id)
         self.groups.pop(group_id, None)
+        self.members.delete(CONSUMER, group_id)
 
 
 def owned_partitions(items: Mapping[str, Sequence[int]]) -> Partitions:

@@ -1,4 +1,4 @@
-"""The admin side of Kafka share groups (KIP-932): describe, list, forget, and the
+"""The admin side of Kafka share groups (KIP-932): describe, list, and the
 share-group offset APIs (Describe-, Alter-, DeleteShareGroupOffsets), and deleting a
 group.
 
@@ -22,8 +22,10 @@ from conveyor.errors import (
     UnknownGroupError,
     UnknownTopicError,
 )
+from conveyor.storage.member_state import SHARE
 
 from .group_configs import GroupConfigs
+from .group_members import GroupMembers
 from .share_state import SHARE_GROUPS_MAX, ShareGroup
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ class ShareGroupAdmin:
     broker: Broker
     configs: GroupConfigs
     groups: dict[str, ShareGroup]
+    members: GroupMembers
 
     async def _ensure_shared_group(self, group: ShareGroup, topic: str) -> None:
         raise NotImplementedError  # ShareCoordinator's
@@ -52,11 +55,6 @@ class ShareGroupAdmin:
                  if self.is_share_group(name)}
         return [(name, "Stable" if self.groups.get(name) and self.groups[name].members
                  else "Empty") for name in sorted(names)]
-
-    def forget_group(self, group_id: str) -> None:
-        """Drop the group's members and sessions (a cluster node claims it anew): they
-        rejoin with epoch 0; what they held is redelivered when its locks expire."""
-        self.groups.pop(group_id, None)
 
     def is_share_group(self, group_id: str) -> bool:
         return group_id in self.groups or any(
@@ -123,4 +121,5 @@ class ShareGroupAdmin:
             except PreconditionFailedError:
                 continue
         self.groups.pop(group_id, None)
+        self.members.delete(SHARE, group_id)
         await self.configs.forget(group_id)

@@ -3,8 +3,10 @@
 Owns: share-group membership (members, member epochs, the group epoch, the
 assignment), share sessions (their epochs and partitions), which records each
 member holds (offset -> receipt), and the group configs (``share.*``), which it
-persists in its own table. The records themselves, their locks, delivery counts
-and dead-lettering are the shared group's (``Broker.acquire / ack / release /
+persists in its own table. The membership (not sessions or held records) is written
+through to the StateStore after each heartbeat that changed it (group_members.py).
+The records themselves, their locks, delivery counts and dead-lettering are the
+shared group's (``Broker.acquire / ack / release /
 reject / extend``): a share group named G reading topic T *is* the shared group
 (G, T), so a queue Q read by a share group named Q is split between Kafka share
 consumers and AMQP, SQS or HTTP consumers.
@@ -59,8 +61,10 @@ from conveyor.errors import (
     ShareSessionNotFoundError,
     UnknownMemberError,
 )
+from conveyor.storage.member_state import SHARE
 
 from .group_configs import GroupConfigs, by_duration_ms
+from .group_members import GroupMembers, StoredGroups
 from .share_admin import ShareGroupAdmin
 from .share_polls import start_by_time, wait_for_any
 from .share_state import (
@@ -71,6 +75,8 @@ from .share_state import (
     ShareMember,
     ShareSession,
     TopicPartition,
+    restore_share_group,
+    stored_share_group,
 )
 from .types import Delivery, QueueConfig
 
@@ -96,6 +102,10 @@ class ShareCoordinator(ShareGroupAdmin):
         # several nodes: does this node coordinate the group? (None: one node, every group)
         self.coordinates: Callable[[str], bool] | None = None
         self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # (group, topic) being made
+        # the groups as stored (group_members.py): restored now, written after changes
+        self.stored = StoredGroups(broker.group_members, SHARE, self.groups,
+                                   stored_share_group, restore_share_group, clock.monotonic_ms)
+        self.members: GroupMembers = broker.group_members
 
     def config(self, group: str) -> dict[str, str]:
         return self.configs.get(group)
@@ -104,10 +114,25 @@ class ShareCoordinator(ShareGroupAdmin):
         return self.configs.integer(group, name)
 
     # --- membership ----------------------------------------------------------------
+    async def reload_group(self, group_id: str) -> None:
+        """Read the members again (a cluster node claims the group); sessions and held
+        records are not stored: clients reopen sessions, locks expire."""
+        await self.stored.reload(group_id)
+
     async def heartbeat(
         self, group_id: str, member_id: str, member_epoch: int,
         topics: Sequence[str] | None, client_id: str = "", client_host: str = "",
         rack: str | None = None,
+    ) -> HeartbeatResult:
+        """One ShareGroupHeartbeat; answered once what it changed is written."""
+        result = await self._heartbeat(group_id, member_id, member_epoch, topics,
+                                       client_id, client_host, rack)
+        await self.stored.persist(group_id, member_id)
+        return result
+
+    async def _heartbeat(
+        self, group_id: str, member_id: str, member_epoch: int,
+        topics: Sequence[str] | None, client_id: str, client_host: str, rack: str | None,
     ) -> HeartbeatResult:
         if not group_id:
             raise InvalidRequestError("group id must not be empty")

@@ -1,10 +1,10 @@
 """ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
 
-Owns: what a claim reloads (a partition's head and producers; a group's state, offsets
-and configs, and the protocols told to drop the members they held; a transactional id's
-transaction, finished if it was in flight), the group fence handed to the group
-coordinator and the transaction coordinator (a WriteGuard carried into an offset
-commit's, a leader SyncGroup's and a TxnOffsetCommit's write), the transactional-id
+Owns: what a claim reloads (a partition's head and producers; a group's state, offsets,
+configs and KIP-848 / KIP-932 members; a transactional id's transaction, finished if it
+was in flight), the group fence handed to the group coordinator, the transaction
+coordinator and the members' writes (a WriteGuard carried into an offset commit's, a
+leader SyncGroup's, a TxnOffsetCommit's and a membership write), the transactional-id
 fence on every write of a transaction's row, the
 producer ids handed out from the database, the periodic re-read of the topic catalog
 (topics created on another node), and the view the Kafka listener asks: live nodes and
@@ -72,7 +72,7 @@ class ClusterNode:
         self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
         self.secret = b""  # the cluster secret (internal_api.cluster_secret), at open
         # told a group id whenever this node claims it (protocols drop what they held)
-        self._group_claimed: list[Callable[[str], None]] = []
+        self._group_claimed: list[Callable[[str], Awaitable[None]]] = []
 
     @property
     def node_id(self) -> int:
@@ -91,6 +91,10 @@ class ClusterNode:
         transactions = self.broker.transactions
         transactions.group_fence = GroupFence(coordinator.commit_guard,
                                               coordinator.guard_refused)
+        # KIP-848 / KIP-932 members are written under the same fence
+        members = self.broker.group_members
+        members.guard = coordinator.commit_guard
+        members.guard_refused = coordinator.guard_refused
         # a transactional id is served by its owner only, reloaded at each claim, and
         # every write of its row is fenced by its owner row
         membership = self.membership
@@ -216,7 +220,7 @@ class ClusterNode:
             await self.broker.group_coordinator.reload_group(name)
             await self.broker.group_configs.reload_group(name)
             for callback in self._group_claimed:
-                callback(name)
+                await callback(name)
             return
         topic, _, index = name.rpartition("/")
         partition = int(index)
@@ -268,9 +272,9 @@ class ClusterNode:
     async def serve_group(self, group_id: str) -> bool:
         return await self.membership.ensure_owned(GROUP, group_id)
 
-    def on_group_claimed(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(group_id)`` whenever this node claims a group (KIP-848 and
-        share groups keep their members in the protocol layer, in memory)."""
+    def on_group_claimed(self, callback: Callable[[str], Awaitable[None]]) -> None:
+        """Await ``callback(group_id)`` whenever this node claims a group (the KIP-848 and
+        share coordinators read the group's members again from the state store)."""
         self._group_claimed.append(callback)
 
     def status(self) -> dict[str, Any]:

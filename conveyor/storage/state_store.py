@@ -3,7 +3,8 @@
 Owns: the ``StateStore`` interface the broker calls (save/load/delete of topics,
 queues, exchanges, bindings, ordered-group committed offsets and group metadata,
 group configs, producer ids/epochs and their last sequences per partition,
-counters, and shared-group state through ``shared``), its row types, and
+counters, shared-group state through ``shared``, Kafka transactions through
+``txn`` and KIP-848 / KIP-932 group members through ``members``), its row types, and
 ``SqlStateStore``: those operations as SQL over an ``SqlEngine`` (SQLite or
 PostgreSQL; see sql_engine.py). No SQL text crosses the interface.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from conveyor.errors import StorageError
+from conveyor.storage.member_state import MemberStateStore
 from conveyor.storage.security_state import SecurityStateStore
 from conveyor.storage.shared_state import SCHEMA as SHARED_SCHEMA
 from conveyor.storage.shared_state import SharedStateStore
@@ -195,6 +197,7 @@ class StateStore(Protocol):
     shared: SharedStateStore  # shared-group state (shared_state.py)
     security: SecurityStateStore  # users, vhosts, permissions, ACLs (security_state.py)
     txn: TxnStateStore  # Kafka transactions (txn_state.py)
+    members: MemberStateStore  # KIP-848 / KIP-932 group members (member_state.py)
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -259,6 +262,7 @@ class SqlStateStore:
         self.shared = SharedStateStore(engine)
         self.security = SecurityStateStore(engine)
         self.txn = TxnStateStore(engine)
+        self.members = MemberStateStore(engine)
         self._counters: dict[str, int] = {}  # name -> next value (loaded at open)
 
     @property
@@ -272,6 +276,7 @@ class SqlStateStore:
     async def open(self) -> None:
         await self.engine.open()
         await self._migrate()
+        self.members.create_schema()
         self._counters = {
             str(name): int(value)
             for name, value in await self.engine.query("SELECT name, value FROM counters")

@@ -3,7 +3,8 @@ consumer.session.timeout.ms and its partitions go to the others; a member that d
 not confirm a revocation within its rebalance timeout is removed too; a static member
 that left with -2 keeps its assignment until its session times out.
 
-Method: the coordinator over a stand-in broker (topics and rng only) and a SimClock;
+Method: the coordinator over a stand-in broker (topics, rng and the members' store on an
+in-memory SQLite) and a SimClock;
 time moves only by SimClock.advance.
 """
 
@@ -15,6 +16,8 @@ from typing import Any
 
 from conveyor.broker.consumer_coordinator import ConsumerCoordinator
 from conveyor.broker.group_configs import DEFAULTS
+from conveyor.broker.group_members import GroupMembers
+from conveyor.storage.state_store import SqliteStateStore
 from conveyor.testing.clock import SimClock
 
 TOPIC_PARTITIONS = 4
@@ -36,10 +39,19 @@ class Topics:
         return self.known.get(name)
 
 
+def memory_store() -> SqliteStateStore:
+    store = SqliteStateStore(":memory:")
+    store.sqlite.open_sync()
+    store.members.create_schema()
+    return store
+
+
 class StandInBroker:
-    def __init__(self) -> None:
+    def __init__(self, store: SqliteStateStore | None = None) -> None:
         self.topics = Topics()
         self.rng = random.Random(848)
+        self.state_store = store or memory_store()
+        self.group_members = GroupMembers(self.state_store)
 
     def list_topics(self) -> list[Info]:
         return list(self.topics.known.values())

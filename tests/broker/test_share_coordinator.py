@@ -105,6 +105,15 @@ async def test_session_epochs_and_closing_releases(harness: BrokerHarness,
     assert [(d.offset, d.delivery_count) for d in back] == [(0, 2), (1, 2), (2, 2)]
 
 
+def another_node(harness: BrokerHarness, broker: Broker,
+                 shares: ShareCoordinator) -> ShareCoordinator:
+    """The ShareCoordinator of another cluster node, over the same broker: a cluster node
+    reads a group from the store only when it claims it, so it starts with none."""
+    node = ShareCoordinator(broker, harness.clock, shares.configs)
+    node.groups.clear()
+    return node
+
+
 async def test_a_leader_that_does_not_coordinate_adopts_the_session_member(
         harness: BrokerHarness, broker: Broker) -> None:
     """Several nodes: the member heartbeats at the coordinator (``shares``); another
@@ -114,7 +123,7 @@ async def test_a_leader_that_does_not_coordinate_adopts_the_session_member(
     await broker.publish("two", [Message(value=b"p0")], partition=0)
     await broker.publish("two", [Message(value=b"p1")], partition=1)
     await shares.heartbeat("g", "a", shares.describe("g").members["a"].epoch, ["t", "two"])
-    leader = ShareCoordinator(broker, harness.clock, shares.configs)
+    leader = another_node(harness, broker, shares)
     leader.coordinates = lambda group_id: False
     with pytest.raises(UnknownMemberError):  # only a session's epoch 0 adopts
         await leader.open_session("g", "a", 1, [("two", 1)], [])
@@ -133,7 +142,7 @@ async def test_a_leader_that_does_not_coordinate_adopts_the_session_member(
     harness.clock.advance(46_000)  # past share.session.timeout.ms (45 s), no fetch
     await leader.open_session("g", "a", 0, [("two", 1)], [])
     assert set(leader.groups["g"].members) == {"a"}  # the quiet one expired
-    coordinating = ShareCoordinator(broker, harness.clock, shares.configs)
+    coordinating = another_node(harness, broker, shares)
     coordinating.coordinates = lambda group_id: True
     with pytest.raises(UnknownMemberError):  # the coordinator knows its members
         await coordinating.open_session("g", "z", 0, [("two", 1)], [])

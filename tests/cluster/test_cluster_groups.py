@@ -1,6 +1,8 @@
 """KIP-848 consumer groups and KIP-932 share groups across the death of their coordinator
 (two ``conveyor serve`` processes on one PostgreSQL; docs/cluster.md).
 
+A consumer with ``group.protocol=consumer`` keeps its member epoch and partitions when
+its coordinator is SIGKILLed (the survivor reads the group's members from PostgreSQL).
 A consumer with ``group.protocol=consumer`` commits, its coordinator is SIGKILLed, and
 the group goes on on the other node from its committed offsets: every acknowledged
 record is read, and a record is read twice only at or after the last offset committed
@@ -11,10 +13,13 @@ is accepted exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from confluent_kafka import AcknowledgeType, Consumer, Producer, ShareConsumer
 from confluent_kafka.admin import (
@@ -69,8 +74,9 @@ def owner(node: BrokerProcess, kind: str, name: str) -> int | None:
                  if row["kind"] == kind and row["name"] == name), None)
 
 
-# make chaos only: in 2 of about 12 loaded runs one partition's records produced after the
-# kill were not read within 60 s (the consumer's assignment is printed); not explained yet
+# make chaos (its 60 s deadline). It used to leave one partition's post-kill records unread
+# in about 1 run of 6: OffsetForLeaderEpoch answered a cluster's leader epochs as unknown,
+# so the consumer validated that partition's position for ever (docs/cluster.md)
 @pytest.mark.chaos
 def test_a_kip848_group_goes_on_from_its_commits_after_its_coordinator_dies(
         tmp_path: Path, postgres_dsn: str) -> None:
@@ -141,6 +147,88 @@ def test_a_kip848_group_goes_on_from_its_commits_after_its_coordinator_dies(
         assert not early, f"read again below the committed offset: {early[:10]}"
         print(f"kip848 failover: {len(read)} reads, {len(again)} read again after the kill, "
               f"committed before it {before_kill}")
+
+
+def stored_group(dsn: str, group: str) -> tuple[int, dict[str, int]]:
+    """The consumer group's epoch and its members' epochs as PostgreSQL holds them."""
+    async def read() -> tuple[int, dict[str, int]]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            state = await connection.fetchval(
+                "SELECT state FROM kafka_groups WHERE protocol = 'consumer'"
+                " AND group_id = $1", group)
+            rows = await connection.fetch(
+                "SELECT member_id, state FROM kafka_group_members"
+                " WHERE protocol = 'consumer' AND group_id = $1", group)
+        finally:
+            await connection.close()
+        return (int(json.loads(state)["epoch"]),
+                {row["member_id"]: int(json.loads(row["state"])["epoch"]) for row in rows})
+    return asyncio.run(read())
+
+
+def test_kip848_members_keep_their_epochs_when_their_coordinator_dies(
+        tmp_path: Path, postgres_dsn: str) -> None:
+    """The survivor claims the group and reads its members from PostgreSQL: the
+    consumer goes on with its member epoch and partitions (no partitions lost, nothing
+    revoked or assigned again), and reads what is produced after the kill."""
+    topic, group = "kip848-keep", "kip848-keep-group"
+    with cluster(tmp_path, postgres_dsn, 2) as nodes:
+        create_topic(nodes, topic, 4)
+        set_group_configs(nodes, group, consumer_heartbeat_interval_ms="300")
+        history = History()
+        produce(nodes, topic, history, range(100))
+        events: list[tuple[str, list[int]]] = []
+
+        def record(kind: str) -> Any:
+            def called(_: Consumer, partitions: list[Any]) -> None:
+                if partitions:  # an empty change is no rebalance
+                    events.append((kind, sorted(tp.partition for tp in partitions)))
+            return called
+
+        consumer = Consumer({
+            "bootstrap.servers": bootstrap(nodes), "group.id": group,
+            "group.protocol": "consumer", "auto.offset.reset": "earliest",
+            "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+            "topic.metadata.refresh.interval.ms": 500,
+            "reconnect.backoff.max.ms": 500, "retry.backoff.max.ms": 500})
+        consumer.subscribe([topic], on_assign=record("assign"), on_revoke=record("revoke"),
+                           on_lost=record("lost"))
+        seen: set[str] = set()
+
+        def consume(wanted: int, timeout_s: float) -> None:
+            deadline = time.monotonic() + timeout_s
+            while len(seen) < wanted and time.monotonic() < deadline:
+                message = consumer.poll(0.2)
+                if message is not None and message.error() is None:
+                    seen.add(message.value().decode())
+
+        try:
+            consume(100, WAIT_S)
+            assert len(seen) == 100
+            before = stored_group(postgres_dsn, group)
+            assert len(before[1]) == 1 and min(before[1].values()) > 0
+            assert events == [("assign", [0, 1, 2, 3])]
+            wait_for(lambda: owner(nodes[0], GROUP, group) in (1, 2), WAIT_S,
+                     "the group's owner in node 1's view")
+            coordinator = owner(nodes[0], GROUP, group) or 0
+            nodes[coordinator - 1].kill()  # SIGKILL: its lease lapses after 3 s
+            survivor = nodes[2 - coordinator]
+            produce([survivor], topic, history, range(100, 200))
+            consume(200, 40)
+            wait_for(lambda: owner(survivor, GROUP, group) == 3 - coordinator, WAIT_S,
+                     "the survivor to claim the group")
+            for _ in range(5):  # a few heartbeats on the new coordinator
+                consumer.poll(0.2)
+            rebalances = list(events)  # before close, which revokes everything (and leaves)
+            after = stored_group(postgres_dsn, group)
+        finally:
+            consumer.close()
+        assert sorted(seen) == sorted(history.acknowledged), "records not read"
+        assert rebalances == [("assign", [0, 1, 2, 3])], "the failover made the member rejoin"
+        assert after[1] == before[1], "the member epoch changed (it joined again)"
+        print(f"kip848 epochs across the failover: group {before[0]} -> {after[0]}, "
+              f"members {before[1]} -> {after[1]}")
 
 
 def share_names(nodes: list[int]) -> tuple[str, str, int]:

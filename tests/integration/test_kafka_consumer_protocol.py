@@ -4,7 +4,8 @@ Conveyor as they do with the classic protocol.
 Method: one BrokerThread per module; each test has its own topics and group, whose
 consumer.heartbeat.interval.ms it lowers through a GROUP config (so reconciliation
 takes a fraction of a second instead of Kafka's 5 s default). Covers join, consume,
-commit, leave and resume (across a broker restart); three members joining and one
+commit, leave and resume (across a broker restart); two members keeping their epochs
+and partitions across a broker restart (no rebalance); three members joining and one
 leaving while each record is committed after processing, with no record handed out
 below a committed offset; a regex subscription that picks up a topic created later;
 the range assignor; and the group as AdminClient describes and lists it (and as
@@ -129,6 +130,71 @@ def test_join_commit_leave_and_resume_across_a_restart(server: BrokerThread) -> 
     seen = [(m.partition(), m.offset()) for m in first + second]
     assert len(seen) == len(set(seen)) == 40
     assert sum(tp.offset for tp in committed) == 40
+
+
+def stored_epochs(server: BrokerThread, group: str) -> tuple[int, dict[str, int]]:
+    """The group epoch and member epochs as the broker last wrote them to its store."""
+    def read() -> tuple[int, dict[str, int]]:
+        stored = server.server.broker.group_members.saved[("consumer", group)]
+        return int(stored.state["epoch"]), {member_id: int(record["epoch"])
+                                            for member_id, record in stored.members.items()}
+    return server.call_sync(read)
+
+
+def test_members_keep_their_assignments_across_a_broker_restart(server: BrokerThread) -> None:
+    """The coordinator's restart is no rebalance: the members go on with their epochs
+    and partitions (no revocation, no lost partitions, no new assignment), and read
+    what is produced after the restart."""
+    topic, group = unique("kip848-keep"), unique("g")
+    create_topic(server, topic, 4)
+    fast_group(server, group)
+    events: list[tuple[int, str, list[int]]] = []
+    readers = [consumer(server, group) for _ in range(2)]
+    for index, reader in enumerate(readers):
+        def record(kind: str, index: int = index) -> Any:
+            def called(_: Consumer, partitions: list[TopicPartition]) -> None:
+                if partitions:  # an empty change is no rebalance
+                    events.append((index, kind, sorted(tp.partition for tp in partitions)))
+            return called
+        reader.subscribe([topic], on_assign=record("assign"), on_revoke=record("revoke"),
+                         on_lost=record("lost"))
+
+    def poll_all(count: int, seconds: float) -> list[Message]:
+        got: list[Message] = []
+        deadline = time.monotonic() + seconds
+        while len(got) < count and time.monotonic() < deadline:
+            for reader in readers:
+                message = reader.poll(0.05)
+                if message is not None:
+                    assert message.error() is None, message.error()
+                    got.append(message)
+        return got
+
+    def assignments() -> list[list[int]]:
+        return sorted(sorted(tp.partition for tp in reader.assignment()) for reader in readers)
+
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline and (
+                sorted(part for parts in assignments() for part in parts) != [0, 1, 2, 3]
+                or [] in assignments()):
+            poll_all(1, 0.2)
+        produce_all(server, topic, 40)
+        assert len(poll_all(40, WAIT_S)) == 40
+        before, settled = stored_epochs(server, group), assignments()
+        assert len(before[1]) == 2 and set(before[1].values()) == {before[0]}
+        events.clear()
+        server.restart()
+        produce_all(server, topic, 40)
+        after_restart = poll_all(40, WAIT_S)
+        poll_all(1_000, 2.0)  # several heartbeats on the restarted broker
+        assert len(after_restart) == 40
+        assert events == [], "the restart made the members rebalance"
+        assert assignments() == settled
+        assert stored_epochs(server, group) == before
+    finally:
+        for reader in readers:
+            reader.close()
 
 
 class Member(threading.Thread):

@@ -21,9 +21,10 @@ import pytest
 
 from conveyor.clock import SystemClock
 from conveyor.errors import InvalidNameError, StorageBusyError, StorageError
+from conveyor.storage.member_state import CONSUMER, SHARE, MemberChanges, StoredGroup
 from conveyor.storage.postgres_engine import PostgresEngine
 from conveyor.storage.shared_state import RecordRow, delivered_mark, runs
-from conveyor.storage.sql_engine import upsert_sql
+from conveyor.storage.sql_engine import WriteGuard, upsert_sql
 from conveyor.storage.sqlite_engine import SqliteEngine
 from conveyor.storage.state_store import (
     BindingRow,
@@ -232,6 +233,37 @@ async def test_shared_group_state_round_trips(backend: Backend) -> None:
     assert await shared.load_records("g", "t", 0) == ([], False, 0)
 
 
+async def test_group_members_round_trip_as_changes(backend: Backend) -> None:
+    """KIP-848 / KIP-932 members (member_state.py): a group row and member rows written
+    as changes read back the same across a reopen; a change touches only what it names;
+    a deleted member and a deleted group are gone; protocols do not mix."""
+    store = await backend.open()
+    members = store.members
+    group = {"epoch": 3, "assignment_epoch": 3, "target": {"a": {"t": [0, 1]}}}
+    member_a = {"epoch": 3, "assigned": {"t": [0, 1]}, "topic_names": ["t"]}
+    member_b = {"epoch": 2, "assigned": {}, "topic_names": ["t"]}
+    members.save(MemberChanges(CONSUMER, "g", group, {"a": member_a, "b": member_b}))
+    members.save(MemberChanges(SHARE, "g", {"epoch": 1}, {"s": {"epoch": 1}}))
+    await store.commit()
+    store = await backend.reopen(store)
+    members = store.members
+    assert await members.load(CONSUMER) == [
+        StoredGroup(CONSUMER, "g", group, {"a": member_a, "b": member_b})]
+    assert await members.load(SHARE, "g") == [StoredGroup(SHARE, "g", {"epoch": 1},
+                                                          {"s": {"epoch": 1}})]
+    moved = {**member_b, "epoch": 4}
+    members.save(MemberChanges(CONSUMER, "g", None, {"b": moved}, ("a",)))
+    await store.commit()
+    assert await members.load(CONSUMER, "g") == [StoredGroup(CONSUMER, "g", group,
+                                                             {"b": moved})]
+    members.save(MemberChanges(CONSUMER, "g", deleted_group=True))
+    await store.commit()
+    store = await backend.reopen(store)
+    assert await store.members.load(CONSUMER) == []
+    assert await store.members.load(CONSUMER, "g") == []
+    assert len(await store.members.load(SHARE)) == 1
+
+
 async def test_a_newer_schema_version_is_refused(backend: Backend) -> None:
     store = await backend.open()
     store.engine.write(upsert_sql("conveyor_schema", ["singleton"], ["version"]), (1, 99))
@@ -363,3 +395,24 @@ async def test_postgres_stalled_state_writes_are_bounded(postgres_dsn: str) -> N
     assert names == sorted(["first", "stalled"] + [f"queued-{i}" for i in range(5)]
                            + [f"over-{i}" for i in range(30)])
     await store.close()
+
+
+async def test_postgres_guarded_member_writes_follow_their_guard(postgres_dsn: str) -> None:
+    """A cluster node's member write (save_guarded) lands whole when its guard finds its
+    row, and not at all when it does not."""
+    store = SqlStateStore(PostgresEngine(postgres_dsn, SystemClock()))
+    await store.open()
+    try:
+        store.engine.add_schema(["CREATE TABLE IF NOT EXISTS guard_rows (name TEXT)"])
+        store.engine.write("INSERT INTO guard_rows (name) VALUES (?)", ("mine",))
+        await store.commit()
+        held = WriteGuard("SELECT name FROM guard_rows WHERE name = $1 FOR SHARE", ("mine",))
+        lost = WriteGuard("SELECT name FROM guard_rows WHERE name = $1 FOR SHARE", ("gone",))
+        written = MemberChanges(CONSUMER, "g", {"epoch": 1}, {"a": {"epoch": 1}})
+        assert await store.members.save_guarded(written, held)
+        refused = MemberChanges(CONSUMER, "g", {"epoch": 2}, {"b": {"epoch": 2}}, ("a",))
+        assert not await store.members.save_guarded(refused, lost)
+        assert await store.members.load(CONSUMER, "g") == [
+            StoredGroup(CONSUMER, "g", {"epoch": 1}, {"a": {"epoch": 1}})]
+    finally:
+        await store.close()

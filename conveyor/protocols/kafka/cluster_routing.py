@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from conveyor.protocols.kafka import error_codes
@@ -52,7 +52,7 @@ class KafkaCluster(Protocol):
     async def serve_partition(self, topic: str, partition: int) -> bool: ...
     async def serve_group(self, group_id: str) -> bool: ...
     async def refresh_catalog(self) -> None: ...
-    def on_group_claimed(self, callback: Callable[[str], None]) -> None: ...
+    def on_group_claimed(self, callback: Callable[[str], Awaitable[None]]) -> None: ...
 
 
 def address_of(cluster: KafkaCluster, node_id: int) -> tuple[str, int] | None:

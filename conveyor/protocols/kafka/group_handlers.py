@@ -46,7 +46,8 @@ async def handle_join_group(broker: Broker, request: Request, state: ConnectionS
     session_timeout_ms = millis(body.session_timeout)
     rebalance_timeout_ms = millis(body.rebalance_timeout) if version >= 1 else session_timeout_ms
     if migration is not None and migration.hosts(body.group_id):
-        return migration.join(request, state.peer_host)  # a classic member of a KIP-848 group
+        # a classic member of a KIP-848 group
+        return await migration.persist(body.group_id, migration.join(request, state.peer_host))
     try:
         if consumers is not None and consumers.is_consumer_group(body.group_id):
             if consumers.has_members(body.group_id):
@@ -86,7 +87,7 @@ async def handle_sync_group(broker: Broker, request: Request,
                             migration: GroupMigration | None = None) -> Any:
     body = request.body
     if migration is not None and migration.hosts(body.group_id):
-        return migration.sync(request)
+        return await migration.persist(body.group_id, migration.sync(request))
     response_type = response_class(14, request.header.api_version)
     assignments = {item.member_id: item.assignment for item in body.assignments}
     try:
@@ -104,7 +105,7 @@ async def handle_heartbeat(broker: Broker, request: Request,
                            migration: GroupMigration | None = None) -> Any:
     body = request.body
     if migration is not None and migration.hosts(body.group_id):
-        return migration.heartbeat(request)
+        return await migration.persist(body.group_id, migration.heartbeat(request))
     response_type = response_class(12, request.header.api_version)
     try:
         await broker.heartbeat(body.group_id, body.member_id, body.generation_id)
@@ -117,7 +118,7 @@ async def handle_leave_group(broker: Broker, request: Request,
                              migration: GroupMigration | None = None) -> Any:
     body = request.body
     if migration is not None and migration.hosts(body.group_id):
-        return migration.leave(request)
+        return await migration.persist(body.group_id, migration.leave(request))
     version = request.header.api_version
     response_type = response_class(13, version)
     if version < 3:

@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.classic_members import (
@@ -34,6 +35,7 @@ from conveyor.broker.ordered_group import Member
 from conveyor.errors import (
     InconsistentGroupProtocolError,
     InvalidConfigError,
+    NotCoordinatorError,
     OperatingError,
     UnknownGroupError,
 )
@@ -53,6 +55,9 @@ if TYPE_CHECKING:
     from conveyor.broker.consumer_coordinator import ConsumerCoordinator
 
 
+logger = logging.getLogger("conveyor.kafka")
+
+
 def check_policy(value: str) -> str:
     if value not in MIGRATION_POLICIES:
         raise InvalidConfigError("kafka.consumer_migration_policy must be one of "
@@ -66,6 +71,18 @@ class GroupMigration:
         self.consumers = consumers
         self.classic = ClassicMembers(consumers)
         self.policy = check_policy(policy)
+
+    async def persist(self, group_id: str, answer: Any) -> Any:
+        """Write what a classic request changed in the consumer group, then hand back
+        its answer. A node that lost the group (NOT_COORDINATOR) writes nothing: the
+        client learns it at its next request, refused by the owner check, and the group's
+        next owner reads what was written before."""
+        try:
+            await self.consumers.persist(group_id)
+        except NotCoordinatorError:
+            logger.info("classic request on a consumer group this node lost",
+                        extra={"group_id": group_id})
+        return answer
 
     # --- conversions -----------------------------------------------------------------------
     def upgrade(self, group_id: str) -> None:

@@ -107,12 +107,12 @@ class KafkaHandlers:
             coordinators = _COORDINATORS[broker] = (
                 configs, ShareCoordinator(broker, broker.clock, configs),
                 ConsumerCoordinator(broker, broker.clock, configs))
-            if cluster is not None:  # claimed (again): what this node held is stale
+            if cluster is not None:  # claimed (again): read the members from the store
                 shares, consumers = coordinators[1], coordinators[2]
 
-                def claimed(group_id: str) -> None:
-                    consumers.forget_group(group_id)
-                    shares.forget_group(group_id)
+                async def claimed(group_id: str) -> None:
+                    await consumers.reload_group(group_id)
+                    await shares.reload_group(group_id)
 
                 cluster.on_group_claimed(claimed)
                 shares.coordinates = lambda group_id: (
@@ -268,7 +268,8 @@ class KafkaHandlers:
         if api_key == 21:
             return await log_admin_handlers.handle_delete_records(broker, request)
         if api_key == 23:
-            return log_admin_handlers.handle_offset_for_leader_epoch(broker, request)
+            return await log_admin_handlers.handle_offset_for_leader_epoch(
+                broker, request, self.cluster)
         if api_key == 34:
             return log_admin_handlers.handle_alter_replica_log_dirs(broker, request)
         if api_key == 35:

@@ -7,9 +7,10 @@ AlterClientQuotas (49), DescribeQuorum (55), DescribeProducers (61) and
 DescribeTopicPartitions (75): typed request -> ``Broker`` call -> kio response.
 
 Conveyor is one node (or stateless nodes over one store): every partition has one
-replica, this node, with leader epoch 0, so the answers are true for that shape —
-no reassignment is ever in progress, an election has nothing to elect
-(ELECTION_NOT_NEEDED), and the end offset of epoch 0 is the log end. Conveyor is not
+replica, its leader (leader epoch 0 on one node, the owner row's epoch in a cluster),
+so the answers are true for that shape — no reassignment is ever in progress, an
+election has nothing to elect (ELECTION_NOT_NEEDED), and every leader epoch ends at
+the log end (the log is never truncated when the leader changes). Conveyor is not
 KRaft: its metadata lives in its state store, decided by this node alone, so
 DescribeQuorum describes that: a quorum of one voter, this node, leader with epoch 0,
 and no metadata log (its offsets and fetch times are -1, Kafka's "unknown").
@@ -29,6 +30,7 @@ from conveyor.protocols.kafka.responses import build, nested
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
+    from conveyor.protocols.kafka.cluster_routing import KafkaCluster
 
 AUTHORIZED_OPERATIONS_OMITTED: Final = -(2**31)
 LOG_DIR: Final = "conveyor"  # one log directory per node, named by what it is
@@ -61,7 +63,15 @@ async def handle_delete_records(broker: Broker, request: Request) -> Any:
     return build(response_type, topics=tuple(topics))
 
 
-def handle_offset_for_leader_epoch(broker: Broker, request: Request) -> Any:
+async def handle_offset_for_leader_epoch(broker: Broker, request: Request,
+                                         cluster: KafkaCluster | None = None) -> Any:
+    """Where a leader epoch ends. Conveyor's log is never truncated when its leader
+    changes (one node, or the nodes' one PostgreSQL), so every epoch up to the current
+    one ends at the log end: a client validating its position after a leader change
+    finds no truncation. The current epoch is 0 on one node and the partition owner's
+    epoch in a cluster (what Metadata reports); a client's newer current epoch is
+    UNKNOWN_LEADER_EPOCH, an older one FENCED_LEADER_EPOCH, and a partition another
+    node leads NOT_LEADER_OR_FOLLOWER, as Kafka answers them."""
     response_type = response_class(23, request.header.api_version)
     topic_type = nested(response_type, "OffsetForLeaderTopicResult")
     partition_type = nested(response_type, "EpochEndOffset")
@@ -72,10 +82,20 @@ def handle_offset_for_leader_epoch(broker: Broker, request: Request) -> Any:
             code, epoch, end = error_codes.NONE, -1, -1
             try:
                 offsets = broker.offsets(topic.topic, item.partition)
-                if item.current_leader_epoch > 0:
-                    code = error_codes.UNKNOWN_LEADER_EPOCH  # the only epoch is 0
-                elif item.leader_epoch >= 0:  # every record was written in epoch 0
-                    epoch, end = 0, offsets.high_watermark
+                current = 0
+                if cluster is not None:
+                    if await cluster.serve_partition(topic.topic, item.partition):
+                        current = cluster.partition_leader(topic.topic, item.partition)[1]
+                    else:
+                        code = error_codes.NOT_LEADER_OR_FOLLOWER
+                if code != error_codes.NONE:
+                    pass
+                elif item.current_leader_epoch > current:
+                    code = error_codes.UNKNOWN_LEADER_EPOCH
+                elif 0 <= item.current_leader_epoch < current:
+                    code = error_codes.FENCED_LEADER_EPOCH
+                elif item.leader_epoch >= 0:
+                    epoch, end = min(item.leader_epoch, current), offsets.high_watermark
             except OperatingError as error:
                 code = _code(error)
             partitions.append(build(partition_type, error_code=code, partition=item.partition,

@@ -1,5 +1,6 @@
 """Kafka requests on a cluster node that does not own what they name (cluster_routing.py).
 
+OffsetForLeaderEpoch answers with the owner's leader epoch (what Metadata reports).
 KIP-848 consumer-group and KIP-932 share-group requests are answered NOT_COORDINATOR by
 a node that does not coordinate the group; ShareFetch and ShareAcknowledge naming a
 partition the node does not lead are answered NOT_LEADER_OR_FOLLOWER on every partition,
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from conveyor.protocols.kafka.cluster_routing import (
 )
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.framing import RequestHeader, is_flexible
+from conveyor.protocols.kafka.log_admin_handlers import handle_offset_for_leader_epoch
 from conveyor.protocols.kafka.messages import request_class
 from conveyor.protocols.kafka.responses import nested
 
@@ -70,7 +72,7 @@ class FakeCluster:
     async def refresh_catalog(self) -> None:
         return None
 
-    def on_group_claimed(self, callback: Callable[[str], None]) -> None:
+    def on_group_claimed(self, callback: Callable[[str], Awaitable[None]]) -> None:
         return None
 
 
@@ -163,6 +165,38 @@ async def test_a_share_acknowledge_to_a_non_leader_is_refused() -> None:
     [partition] = topic.partitions
     assert (partition.error_code, partition.current_leader.leader_id) == (NOT_LEADER, 2)
     assert [e.node_id for e in parsed.node_endpoints] == [2]
+
+
+class LogEnds:
+    """The one broker call OffsetForLeaderEpoch makes: a partition's offsets."""
+
+    def offsets(self, topic: str, partition: int) -> Any:
+        return type("Offsets", (), {"high_watermark": 42})()
+
+
+async def test_offset_for_leader_epoch_knows_the_cluster_epoch() -> None:
+    """Metadata reports the owner row's epoch (4 here) as the leader epoch, so a client
+    validating its position after a leader change asks with current epoch 4: it is
+    answered (every epoch ends at the log end: a cluster's log is never truncated when
+    its leader moves), a newer epoch is UNKNOWN_LEADER_EPOCH, an older one
+    FENCED_LEADER_EPOCH, and a partition led elsewhere NOT_LEADER_OR_FOLLOWER. Before,
+    any current epoch above 0 was UNKNOWN_LEADER_EPOCH and librdkafka retried it
+    forever, never fetching that partition again."""
+    cls = request_class(23, 4)
+    topic_type, partition_type = nested(cls, "OffsetForLeaderTopic"), nested(
+        cls, "OffsetForLeaderPartition")
+    asked = [(0, 4, 0), (0, 4, 4), (0, 5, 0), (0, 3, 0), (1, 7, 0), (0, -1, 2)]
+    body = request(23, 4, replica_id=-1, topics=(topic_type(topic="t", partitions=tuple(
+        partition_type(partition=index, current_leader_epoch=current, leader_epoch=epoch)
+        for index, current, epoch in asked)),))
+    broker: Any = LogEnds()
+    answer = await handle_offset_for_leader_epoch(broker, body, FakeCluster(set(), {("t", 0)}))
+    parsed = wire(answer, 23, 4)
+    assert [(p.error_code, p.leader_epoch, p.end_offset)
+            for p in parsed.topics[0].partitions] == [
+        (error_codes.NONE, 0, 42), (error_codes.NONE, 4, 42),
+        (error_codes.UNKNOWN_LEADER_EPOCH, -1, -1), (error_codes.FENCED_LEADER_EPOCH, -1, -1),
+        (NOT_LEADER, -1, -1), (error_codes.NONE, 2, 42)]
 
 
 @pytest.mark.parametrize("version", [0, 3, 4, 5])
