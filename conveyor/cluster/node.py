@@ -95,13 +95,7 @@ class ClusterNode:
         members = self.broker.group_members
         members.guard = coordinator.commit_guard
         members.guard_refused = coordinator.guard_refused
-        # a transactional id is served by its owner only, reloaded at each claim, and
-        # every write of its row is fenced by its owner row
-        membership = self.membership
-        transactions.clustered(TxnFence(
-            lambda transactional_id: membership.write_guard(TXN, transactional_id),
-            lambda transactional_id: membership.forget(TXN, transactional_id)))
-        self.broker.producer.verify_transactional = transactions.verify_remote
+        self._serve_transactions()
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
@@ -149,6 +143,17 @@ class ClusterNode:
                 wakeups.appended(topic, partition)
 
             producer.on_append = appended
+
+    def _serve_transactions(self) -> None:
+        """A transactional id is served by its owner only, reloaded at each claim, and
+        every write of its row is fenced by its owner row; a partition leader checks the
+        transactional batches of producers coordinated elsewhere against the store."""
+        membership = self.membership
+        transactions = self.broker.transactions
+        transactions.clustered(TxnFence(
+            lambda transactional_id: membership.write_guard(TXN, transactional_id),
+            lambda transactional_id: membership.forget(TXN, transactional_id)))
+        self.broker.producer.verify_transactional = transactions.verify_remote
 
     def derived_key(self, label: str) -> bytes:
         """A key every node derives alike (receipt seals valid on any node)."""
