@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -73,6 +74,12 @@ def test_postgres_meter_counts_wal_and_cpu(postgres_session_server: PostgresServ
     postgres_session_server.sql(
         "CREATE TEMP TABLE t AS SELECT repeat('x', 1000) FROM generate_series(1, 2000)")
     result = meter.stop(snapshot, records=2000)
+    # psql's backend has ended; its CPU is counted once the postmaster reaped it, which
+    # happens a moment after psql returns (no event to await across processes)
+    deadline = time.monotonic() + 10
+    while result["postgres_cpu_s"] <= 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        result = meter.stop(snapshot, records=2000)
     assert result["postgres_cpu_s"] > 0
     assert result["wal_bytes"] > 0
     assert result["wal_bytes_per_record"] == round(result["wal_bytes"] / 2000, 1)
