@@ -130,6 +130,8 @@ def test_a_bind_on_one_node_routes_publishes_on_the_other(tmp_path: Path, postgr
         # deleted on A: once B has heard, its passive declare answers 404
         on_a.exchange_delete("x")
         gone_s = seen_after(lambda: exchange_on(node_b, "x") is None, "x gone on B")
+        with capsys.disabled():
+            print(f"catalog: exchange deleted on A gone on B after {gone_s * 1000:.0f} ms")
         assert gone_s < POLL_MS / 1000
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as closed:
             on_b.exchange_declare("x", passive=True)
