@@ -5,9 +5,9 @@ configs and KIP-848 / KIP-932 members), the group fence handed to the group
 coordinator, the transaction coordinator and the members' writes (a WriteGuard carried
 into an offset commit's, a leader SyncGroup's, a TxnOffsetCommit's and a membership
 write), the
-producer ids handed out from the database, the catalog kept alike on every node (topics
-re-read every heartbeat; exchanges, bindings, queues and topics re-read when another
-node tells a change: catalog.py), and the view the Kafka listener asks: live nodes and
+producer ids handed out from the database, the catalog kept alike on every node (topics,
+queues, exchanges and bindings re-read when another node tells a change and every
+heartbeat: catalog.py), and the view the Kafka listener asks: live nodes and
 their addresses, each partition's leader and epoch, each group's coordinator.
 Must not know: wire formats.
 """
@@ -115,9 +115,7 @@ class ClusterNode:
             self._tasks.start(self._every_heartbeat(
                 self.owner_side.sweep, "release of dead nodes' deliveries failed"),
                 name="conveyor.cluster.sweep")
-        self._tasks.start(self._every_heartbeat(
-            self.broker.topics.load, "topic catalog refresh failed"),
-            name="conveyor.cluster.topics")
+        # the catalog (topics among it) is re-read every heartbeat and when told
         self.catalog = CatalogSync(self.settings.dsn, self._reread_catalog,
                                    self.settings.heartbeat_ms)
         await self.catalog.open()

@@ -101,3 +101,29 @@ async def test_misses_reread_once_per_interval_and_share_the_reread(postgres_dsn
     await sync.miss()
     assert len(calls) == 2
     await sync.close()
+
+
+async def test_a_reread_that_overlapped_a_change_made_here_is_read_again(postgres_dsn: str
+                                                                         ) -> None:
+    state, exchanges = await node_exchanges(postgres_dsn)
+    original = state.load_bindings
+    paused, release = asyncio.Event(), asyncio.Event()
+    reads = 0
+
+    async def held_first_read() -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 1:  # the exchanges are read; this node declares before the bindings
+            paused.set()
+            await release.wait()
+        return await original()
+
+    state.load_bindings = held_first_read  # type: ignore[method-assign]
+    reload = asyncio.create_task(exchanges.reload())
+    await asyncio.wait_for(paused.wait(), 10)
+    await exchanges.declare("z", "topic")  # committed after the first read of exchanges
+    release.set()
+    assert await asyncio.wait_for(reload, 10)
+    assert reads == 2, "the overlapped read was thrown away and read again"
+    assert exchanges.routing.exists("z"), "the stale read did not drop z"
+    await state.close()
