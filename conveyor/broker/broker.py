@@ -828,6 +828,17 @@ class Broker:
         headers exchange on the way): a protocol may route a batch once per key."""
         return self.exchanges.routing.routes_by_key_only(exchange)
 
+    def _unrouted_here(self, exchange: str, routing_key: str,
+                       messages: Sequence[Message]) -> bool:
+        """Does this node know no such exchange, or route some message nowhere?"""
+        routing = self.exchanges.routing
+        if not routing.exists(exchange):
+            return True
+        if routing.routes_by_key_only(exchange):
+            return not routing.route(exchange, routing_key)
+        return not all(routing.route(exchange, routing_key, message.headers)
+                       for message in messages)
+
     async def publish_to_exchange(
         self, exchange: str, routing_key: str, messages: Sequence[Message]
     ) -> RouteResult:
@@ -836,9 +847,7 @@ class Broker:
         Messages sharing a destination set are published together (one batch per
         partition). ``routed`` is False when some message reached no destination.
         """
-        if self.catalog_shared and (not self.exchanges.routing.exists(exchange) or not all(
-                self.exchanges.route(exchange, routing_key, message.headers)
-                for message in messages)):
+        if self.catalog_shared and self._unrouted_here(exchange, routing_key, messages):
             await self.catalog_miss()  # a bind or declare on another node not seen yet?
         routed, plans = self.exchanges.plan(exchange, routing_key, messages)
         work = [(destination.name, planned) for destinations, planned in plans.items()

@@ -12,10 +12,12 @@ arrives during one is re-read after it. Every ``poll_ms`` everything is re-read,
 lost notification (a dropped listening connection) only delays the change.
 
 ``miss()`` is the broker's last look before it answers "no such exchange/queue" or
-"unroutable": a re-read of everything, at most one every ``MISS_INTERVAL_MS`` (and one
-at a time: callers during a re-read wait for it), so a publish that races the
-notification of a bind made elsewhere is routed, while a flood of publishes that are
-unroutable by design costs a bounded number of reads.
+"unroutable": it waits for a re-read of everything that starts after it was asked (one
+at a time; every miss during a re-read shares the one queued after it), so a publish
+that races the notification of a bind made elsewhere is routed. Misses may ask for at
+most ``MISS_REREADS_PER_S`` re-reads a second (a token bucket), so a flood of publishes
+that are unroutable by design costs a bounded number of reads; past it, a miss is
+answered from the table as it is.
 Must not know: protocols.
 """
 
@@ -35,7 +37,8 @@ logger = logging.getLogger("conveyor.cluster")
 
 CHANNEL: Final = "conveyor_catalog"
 KINDS: Final = ("topics", "queues", "exchanges")  # the order a re-read applies them in
-MISS_INTERVAL_MS: Final = 100  # at most one re-read per this, asked by publishes
+MISS_REREADS_PER_S: Final = 20  # re-reads misses may ask for, a second (sustained)
+MISS_REREADS_BURST: Final = 5
 
 Reread = Callable[[frozenset[str]], Awaitable[None]]
 
@@ -49,8 +52,10 @@ class CatalogSync:
         self._scheduled = False
         self._wanted: set[str] = set()  # kinds to re-read (told by others)
         self._reading: asyncio.Task[None] | None = None
-        self._miss_done_s = 0.0  # monotonic end of the last re-read a miss asked for
-        self._missing: asyncio.Task[None] | None = None  # that re-read, while it runs
+        # the misses' token bucket (re-reads a publish or a look-up may ask for)
+        self._miss_tokens = float(MISS_REREADS_BURST)
+        self._miss_refilled_s = time.monotonic()
+        self.misses_refused = 0  # misses answered without a re-read (bucket empty)
         self._sender: Any = None
         self._sender_lock = asyncio.Lock()
         self._listener: Any = None
@@ -139,19 +144,21 @@ class CatalogSync:
             await asyncio.shield(self._reading)
 
     async def miss(self) -> None:
-        """The broker found no exchange, queue or route: re-read once (rate-limited;
-        misses during a re-read they asked for wait for that one)."""
-        missing = self._missing
-        if missing is None or missing.done():
-            if (time.monotonic() - self._miss_done_s) * 1000 < MISS_INTERVAL_MS:
+        """The broker found no exchange, queue or route: wait for a re-read that starts
+        after this call (one already queued is shared). Re-reads asked so are limited
+        to ``MISS_REREADS_PER_S`` a second (a burst of ``MISS_REREADS_BURST``); past
+        that the table is answered from as it is."""
+        if not set(KINDS) <= self._wanted:  # no re-read queued yet: this one costs
+            now_s = time.monotonic()
+            self._miss_tokens = min(
+                MISS_REREADS_BURST,
+                self._miss_tokens + (now_s - self._miss_refilled_s) * MISS_REREADS_PER_S)
+            self._miss_refilled_s = now_s
+            if self._miss_tokens < 1:
+                self.misses_refused += 1
                 return
-            missing = self._missing = self._tasks.start(
-                self._refresh_for_miss(), name="conveyor.cluster.catalog-miss")
-        await asyncio.shield(missing)
-
-    async def _refresh_for_miss(self) -> None:
+            self._miss_tokens -= 1
         await self.refresh()
-        self._miss_done_s = time.monotonic()
 
     async def _poll(self) -> None:
         """The fallback: re-read everything every ``poll_ms``."""

@@ -25,7 +25,7 @@ import pika.exceptions
 import pytest
 
 from conveyor.testing.server import BrokerProcess
-from tests.cluster.helpers import wait_for
+from tests.cluster.helpers import http_json, wait_for
 from tests.cluster.test_cluster_amqp_consumers import Consumer, connect
 
 MESSAGES = 50
@@ -123,9 +123,16 @@ def test_a_bind_on_one_node_routes_publishes_on_the_other(tmp_path: Path, postgr
         wait_for(lambda: any(value == "kept" for value, _ in consumer.got), 20, "kept")
         assert all(value != "gone" for value, _ in consumer.got)
 
-        # an exchange declared on A a moment ago: B's passive declare finds it
+        # an exchange declared on A a moment ago: B's passive declare finds it, and an
+        # HTTP publish on B right after a bind on A is routed
         on_a.exchange_declare("y", "fanout", durable=True)
         on_b.exchange_declare("y", passive=True)
+        on_a.queue_bind("q", "y")
+        answer = http_json(node_b, "/exchanges/y/messages",
+                           {"routing_key": "", "messages": [{"value": "over-http"}]})
+        assert answer["routed"] is True
+        wait_for(lambda: any(value == "over-http" for value, _ in consumer.got), 20,
+                 "the HTTP publish delivered")
 
         # deleted on A: once B has heard, its passive declare answers 404
         on_a.exchange_delete("x")
