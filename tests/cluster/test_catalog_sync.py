@@ -128,3 +128,23 @@ async def test_a_reread_that_overlapped_a_change_made_here_is_read_again(postgre
     assert reads == 2, "the overlapped read was thrown away and read again"
     assert exchanges.routing.exists("z"), "the stale read did not drop z"
     await state.close()
+
+
+async def test_a_miss_finds_a_bind_that_was_never_notified(postgres_dsn: str) -> None:
+    state_a, on_a = await node_exchanges(postgres_dsn)
+    state_b, on_b = await node_exchanges(postgres_dsn)
+
+    async def reread(kinds: frozenset[str]) -> None:
+        if "exchanges" in kinds:
+            await on_b.reload()
+
+    sync_b = CatalogSync(postgres_dsn, reread, poll_ms=600_000)  # no poll in this test
+    await sync_b.open()
+    await on_a.declare("x", "topic")
+    await on_a.bind("x", "queue", "q", "orders.*")  # node A tells nobody here
+    assert not on_b.routing.exists("x")
+    await sync_b.miss()  # what node B's publish does before answering "unroutable"
+    assert on_b.route("x", "orders.eu") == [Destination("queue", "q")]
+    await sync_b.close()
+    await state_a.close()
+    await state_b.close()
