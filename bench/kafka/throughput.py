@@ -108,14 +108,19 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def start_broker(name: str, workdir: Path, http_port: int | None = None,
-                 storage: str | None = None) -> Iterator[RunningBroker]:
-    """``storage``: Conveyor's ``--storage`` (default: its file storage in ``workdir``)."""
+                 storage: str | None = None,
+                 probe_stats: Path | None = None) -> Iterator[RunningBroker]:
+    """``storage``: Conveyor's ``--storage`` (default: its file storage in ``workdir``);
+    ``probe_stats``: run Conveyor under bench/kafka/stage_probes.py, which writes its
+    per-stage histograms there when the broker stops."""
     port = free_port()
     log = open(workdir / f"{name}.log", "wb")  # closed in the finally below
     if name.startswith("conveyor"):
         listeners = ["--listeners", "kafka"] if http_port is None else [
             "--listeners", "kafka,http", "--http-port", str(http_port)]
-        arguments = [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir",
+        module = ["conveyor.cli"] if probe_stats is None else [
+            "bench.kafka.stage_probes", "--stats", str(probe_stats)]
+        arguments = [sys.executable, "-m", *module, "serve", "--data-dir",
                      str(workdir / "conveyor-data"), *listeners,
                      "--kafka-port", str(port), "--log-level", "warning",
                      *(["--storage", storage] if storage else [])]

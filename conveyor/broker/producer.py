@@ -94,6 +94,9 @@ class Producer:
         self.check_transactional: TransactionalCheck | None = None
         self.on_transactional: TransactionalListener | None = None
         self.add_transactional: ImplicitAdd | None = None  # Produce v12+ (KIP-890 part 2)
+        # a cluster node: before the lock, the transaction of a producer coordinated by
+        # another node (read from the state store; broker/txn_cluster.py)
+        self.verify_transactional: ImplicitAdd | None = None
         # a cluster node: its lease on a partition it leads (None: it does not); a Kafka
         # append carries it and the store writes it only while it holds (log_api.py)
         self.lease: Callable[[str, int], PartitionLease | None] | None = None
@@ -180,6 +183,10 @@ class Producer:
             # before the producer lock: the marker write takes it under the transaction's
             await self.add_transactional(topic, partition, producer_id,
                                          headers[0].producer_epoch)
+        if transactional and self.verify_transactional is not None:
+            # a cluster node reads the transaction of a producer coordinated elsewhere
+            await self.verify_transactional(topic, partition, producer_id,
+                                            headers[0].producer_epoch)
         async with self.producer_locks.hold(key):
             if transactional or any(header.is_control for header in headers):
                 self._check_transactional(topic, partition, headers)

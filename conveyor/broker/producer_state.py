@@ -226,6 +226,13 @@ class ProducerStates:
     def current_epoch(self, producer_id: int) -> int | None:
         return self._epochs.get(producer_id)
 
+    def adopt(self, transactional_id: str, producer_id: int, epoch: int) -> None:
+        """A cluster node took the transactional id over: its producer and epoch as the
+        previous coordinator left them (the next InitProducerId bumps from there)."""
+        self._epochs[producer_id] = max(epoch, self._epochs.get(producer_id, epoch))
+        self._map(transactional_id, producer_id)
+        self._touch(producer_id)
+
     def set_epoch(self, transactional_id: str, producer_id: int, epoch: int) -> None:
         """The coordinator bumped the epoch at a transaction end (``transaction.version``
         2): older epochs are stale from now on. Written with the caller's next commit."""

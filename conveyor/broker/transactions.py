@@ -67,6 +67,7 @@ from conveyor.storage.txn_state import TransactionRow
 from .keyed_locks import KeyedLocks
 from .producer_state import EPOCH_MAX, ProducerStates
 from .topics import TopicRegistry
+from .txn_cluster import ClusterSide, LeaderTransactions
 from .txn_expiry import IdleTransactionalIds
 from .txn_index import TransactionIndex
 from .txn_model import (
@@ -77,6 +78,7 @@ from .txn_model import (
     OffsetsWriter,
     TransactionDescription,
     TransactionState,
+    TxnFence,
     check_addable,
     copied,
     described,
@@ -88,7 +90,6 @@ from .txn_model import (
     pending_offsets,
     retried_end,
     unaccounted,
-    verify_produce,
 )
 from .txn_timer import TransactionTimer
 
@@ -99,7 +100,7 @@ EXPIRATION_MS = 7 * 24 * 3600 * 1000  # Kafka's transactional.id.expiration.ms d
 COORDINATOR_EPOCH = 0  # one coordinator, never moved: its epoch in every marker
 
 
-class Transactions:
+class Transactions(ClusterSide):
     def __init__(self, producers: ProducerStates, topics: TopicRegistry,
                  state_store: StateStore, clock: Clock, index: TransactionIndex,
                  write_marker: MarkerWriter, write_offsets: OffsetsWriter,
@@ -114,6 +115,8 @@ class Transactions:
         # (group, member id, generation): GroupCoordinator.check_member, set by the facade
         self.check_member: Callable[[str, str, int], None] = no_member_check
         self.group_fence: GroupFence | None = None  # a cluster node (txn_model.py)
+        self.txn_fence: TxnFence | None = None  # a cluster node: every row write fenced
+        self.leader: LeaderTransactions | None = None  # a cluster node (txn_cluster.py)
         self._transactions: dict[str, TransactionRow] = {}
         self._by_producer: dict[int, str] = {}  # producer id -> transactional id
         self._known_partitions: dict[tuple[str, int], int] = {}  # -> first txn offset
@@ -153,6 +156,8 @@ class Transactions:
 
     async def close(self) -> None:
         await self._timer.close()
+        if self.leader is not None:
+            await self.leader.close()
 
     # --- the API -----------------------------------------------------------------------
     async def init_producer_id(self, transactional_id: str, timeout_ms: int,
@@ -183,8 +188,7 @@ class Transactions:
             self._transactions[transactional_id] = row
             self._by_producer[new_id] = transactional_id
             self.idle.touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            await self._persist(row)
             return new_id, new_epoch
 
     async def add_partitions(self, transactional_id: str, producer_id: int, epoch: int,
@@ -213,8 +217,7 @@ class Transactions:
                     row.partitions.append((topic, partition))
                     self._remember_partition(topic, partition)
             self._touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            await self._persist(row)
             return dict.fromkeys(wanted)
 
     async def add_offsets(self, transactional_id: str, producer_id: int, epoch: int,
@@ -226,8 +229,7 @@ class Transactions:
             if group_id not in row.groups:
                 row.groups.append(group_id)
             self._touch(row)
-            self.store.save(row)
-            await self.store.commit()
+            await self._persist(row)
 
     async def commit_offsets(self, transactional_id: str, group_id: str, producer_id: int,
                              epoch: int, offsets: list[tuple[str, int, int, str | None]],
@@ -263,8 +265,7 @@ class Transactions:
             if self.group_fence is not None:  # its own transaction, under the fence
                 await self.group_fence.save(self.store, row, before, group_id)
             else:
-                self.store.save(row)
-                await self.store.commit()
+                await self._persist(row)
             return results
 
     async def end(self, transactional_id: str, producer_id: int, epoch: int,
@@ -329,15 +330,7 @@ class Transactions:
             row.partitions.append((topic, partition))
             self._remember_partition(topic, partition)
             self._touch(row)
-            self.store.save(row)
-            await self.store.commit()
-
-    def check_produce(self, topic: str, partition: int, producer_id: int, epoch: int) -> None:
-        """KIP-890 verification, run under the producer's partition lock before an append."""
-        transactional_id = self._by_producer.get(producer_id)
-        row = None if transactional_id is None else self._transactions.get(transactional_id)
-        verify_produce(row, self.producers.current_epoch(producer_id), topic, partition,
-                       producer_id, epoch)
+            await self._persist(row)
 
     def on_transactional_append(self, topic: str, partition: int, producer_id: int,
                                 base_offset: int) -> None:
@@ -421,8 +414,7 @@ class Transactions:
         row.state = state
         if epoch != row.producer_epoch:
             row.producer_epoch = epoch
-        self.store.save(row)
-        await self.store.commit()
+        await self._persist(row)
 
     async def _complete(self, row: TransactionRow) -> None:
         """Write the markers of a Prepare* transaction, apply its offsets, complete it."""
@@ -438,10 +430,7 @@ class Transactions:
             else TransactionState.COMPLETE_ABORT
         row.partitions, row.groups, row.offsets = [], [], {}
         row.started_ms = -1
-        # committed at the end of this loop turn, not awaited: until it is durable the
-        # durable Prepare* row makes a restart finish this transaction again (markers that
-        # end nothing, the same offsets), and the next AddPartitionsToTxn waits for both
-        self.store.save(row)
+        await self._save_completed(row)
 
     async def _marker(self, row: TransactionRow, topic: str, partition: int,
                       commit: bool) -> None:
@@ -473,8 +462,7 @@ class Transactions:
         self._by_producer.pop(row.producer_id, None)
         row.producer_id, row.producer_epoch = producer_id, epoch
         self._by_producer[producer_id] = row.transactional_id
-        self.store.save(row)
-        await self.store.commit()
+        await self._persist(row)
 
     async def _retry_incomplete(self) -> bool:
         """Prepare* transactions whose markers failed (a full disk): try again; True
@@ -492,6 +480,8 @@ class Transactions:
         """Open transactions in the logs that no ongoing transaction accounts for
         (KIP-890's "hanging transaction"): logged once each, counted in ``hanging``."""
         found = unaccounted(self.index, self._by_producer, self._transactions)
+        if self.leader is not None:  # another node's transactions: theirs to account for
+            found = [key for key in found if key[2] in self._by_producer]
         log_hanging(found, self.hanging)
         self.hanging = set(found)
         return found

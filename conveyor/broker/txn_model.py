@@ -2,7 +2,8 @@
 
 Owns: the states of a transactional id (Kafka's TransactionState), what Describe/List
 answer (``TransactionDescription``), the callables the coordinator is wired with (and a
-cluster node's ``GroupFence`` on TxnOffsetCommit), and the pure helpers of its log
+cluster node's ``GroupFence`` on TxnOffsetCommit and ``TxnFence`` on every write of a
+transaction's row), and the pure helpers of its log
 scans and listings. Must not know: protocols, files, SQL.
 """
 
@@ -116,6 +117,27 @@ class GroupFence:
         self.refused(group_id)
         raise NotCoordinatorError("this node no longer coordinates the group",
                                   group_id=group_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TxnFence:
+    """A cluster node's fence on the transactional ids it coordinates (conveyor/cluster):
+    every write of a transaction's row is made only under ``guard(transactional id)``
+    (the id's owner row: owner, epoch, live lease, checked and share-locked inside the
+    write's own transaction); ``refused`` is told the id when that finds another node
+    owns it."""
+
+    guard: Callable[[str], WriteGuard | None]
+    refused: Callable[[str], None]
+
+    async def save(self, store: TxnStateStore, row: TransactionRow) -> bool:
+        """Write ``row`` under the fence; False (nothing written, ``refused`` told) when
+        this node no longer coordinates the id."""
+        guard = self.guard(row.transactional_id)
+        if guard is not None and await store.save_guarded(row, guard):
+            return True
+        self.refused(row.transactional_id)
+        return False
 
 
 def copied(row: TransactionRow) -> TransactionRow:

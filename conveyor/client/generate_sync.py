@@ -45,6 +45,7 @@ TOKENS: list[tuple[str, str]] = [
     (r"\bAsyncMessage\b", "Message"),
     (r"\bAsyncClient\b", "Client"),
     (r"\bhttpx\.AsyncBaseTransport\b", "httpx.BaseTransport"),
+    (r"\bdefault_async_transport\b", "default_transport"),
     (r"\bAsyncGenerator\[(\w+), None\]", r"Generator[\1, None, None]"),
     (r"\bAsyncGenerator\b", "Generator"),
     (r"\bAsyncIterator\b", "Iterator"),

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import httpx
 
 from conveyor.client import core
+from conveyor.client import transport as transports
 from conveyor.client.core import (
     Call,
     ConnectionFailedError,
@@ -124,7 +125,9 @@ class Client:
             verify = create_default_context(cafile=verify)
         self._http = httpx.Client(base_url=self.url,
                                        headers={**auth_headers, **dict(headers or {})},
-                                       transport=transport, timeout=timeout_s, verify=verify)
+                                       transport=transport if transport is not None else
+                                       transports.default_transport(self.url),
+                                       timeout=timeout_s, verify=verify)
         self._reply_queue: str | None = None
         self._reply_lock = threading.Lock()
 
@@ -152,11 +155,12 @@ class Client:
         """Send ``call`` with retries; the decoded JSON or a typed exception."""
         attempt = 0
         timeout = httpx.Timeout(self.timeout_s, read=self.timeout_s + call.wait_s)
+        content, headers = core.request_body(call)
         while True:
             try:
                 response = self._http.request(
-                    call.method, call.path, json=call.json, content=call.content,
-                    params=call.params, headers=call.headers, timeout=timeout,
+                    call.method, call.path, content=content,
+                    params=call.params, headers=headers, timeout=timeout,
                 )
             except httpx.TransportError as error:
                 connect_failed = isinstance(
@@ -233,10 +237,8 @@ class Client:
         group = group or topic
         document = self.request(core.acquire_call(topic, group, limit, wait_s, lock_s))
         settler = _SharedSettler(self)
-        return [
-            self._message(MessageData(**core.message_fields(m, group)), settler)
-            for m in document["messages"]
-        ]
+        return [Message(**core.message_fields(m, group), settler=settler)
+                for m in document["messages"]]
 
     def ack(self, topic: str, group: str, receipts: Iterable[str]) -> Any:
         return self.request(core.settle_call(topic, group, "ack", receipts))

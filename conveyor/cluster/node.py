@@ -1,14 +1,16 @@
 """ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
 
 Owns: what a claim reloads (a partition's head and producers; a group's state, offsets,
-configs and KIP-848 / KIP-932 members), the group fence handed to the group
-coordinator, the transaction coordinator and the members' writes (a WriteGuard carried
-into an offset commit's, a leader SyncGroup's, a TxnOffsetCommit's and a membership
-write), the
+configs and KIP-848 / KIP-932 members; a transactional id's transaction, finished if it
+was in flight), the group fence handed to the group coordinator, the transaction
+coordinator and the members' writes (a WriteGuard carried into an offset commit's, a
+leader SyncGroup's, a TxnOffsetCommit's and a membership write), the transactional-id
+fence on every write of a transaction's row, the
 producer ids handed out from the database, the catalog kept alike on every node (topics,
 queues, exchanges and bindings re-read when another node tells a change and every
-heartbeat: catalog.py), and the view the Kafka listener asks: live nodes and
-their addresses, each partition's leader and epoch, each group's coordinator.
+heartbeat: catalog.py), and the view the Kafka listener asks: live nodes and their
+addresses, each partition's leader and epoch, each group's and transactional id's
+coordinator.
 Must not know: wire formats.
 """
 
@@ -22,12 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from conveyor.broker.txn_model import GroupFence
+from conveyor.broker.txn_model import GroupFence, TxnFence
 from conveyor.clock import Clock
 from conveyor.cluster.catalog import CatalogSync
 from conveyor.cluster.internal_api import InternalServer, cluster_secret
 from conveyor.cluster.membership import ClusterSettings, Membership
-from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, item_name
+from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, TXN, item_name
 from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
 from conveyor.cluster.wakeups import Wakeups
 from conveyor.config import TlsConfig
@@ -89,12 +91,14 @@ class ClusterNode:
         coordinator.commit_guard = lambda group_id: self.membership.write_guard(
             GROUP, group_id)
         coordinator.guard_refused = lambda group_id: self.membership.forget(GROUP, group_id)
-        self.broker.transactions.group_fence = GroupFence(
-            coordinator.commit_guard, coordinator.guard_refused)
+        transactions = self.broker.transactions
+        transactions.group_fence = GroupFence(coordinator.commit_guard,
+                                              coordinator.guard_refused)
         # KIP-848 / KIP-932 members are written under the same fence
         members = self.broker.group_members
         members.guard = coordinator.commit_guard
         members.guard_refused = coordinator.guard_refused
+        self._serve_transactions()
         self.secret = secret = await cluster_secret(self.settings.dsn)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
@@ -129,7 +133,14 @@ class ClusterNode:
             # transaction); the others (queue publishes, markers) go through any node
             producer.lease = self._lease
             own = producer.on_append
-            self.wakeups = Wakeups(self.settings.dsn, self.broker.log_store, own,
+            leader = transactions.leader
+
+            def remote(topic: str, partition: int) -> None:
+                own(topic, partition)
+                if leader is not None:  # a marker written by a transaction's coordinator
+                    leader.remote_appended(topic, partition)
+
+            self.wakeups = Wakeups(self.settings.dsn, self.broker.log_store, remote,
                                    self.settings.heartbeat_ms)
             await self.wakeups.open()
             wakeups = self.wakeups
@@ -139,6 +150,17 @@ class ClusterNode:
                 wakeups.appended(topic, partition)
 
             producer.on_append = appended
+
+    def _serve_transactions(self) -> None:
+        """A transactional id is served by its owner only, reloaded at each claim, and
+        every write of its row is fenced by its owner row; a partition leader checks the
+        transactional batches of producers coordinated elsewhere against the store."""
+        membership = self.membership
+        transactions = self.broker.transactions
+        transactions.clustered(TxnFence(
+            lambda transactional_id: membership.write_guard(TXN, transactional_id),
+            lambda transactional_id: membership.forget(TXN, transactional_id)))
+        self.broker.producer.verify_transactional = transactions.verify_remote
 
     def derived_key(self, label: str) -> bytes:
         """A key every node derives alike (receipt seals valid on any node)."""
@@ -218,6 +240,12 @@ class ClusterNode:
             if self.broker.shared_groups is not None:
                 await self.broker.shared_groups.reload_group(group, topic)
             return
+        if kind == TXN:
+            # topics made on other nodes first: a marker goes to every partition the
+            # transaction holds, and an unknown one would be skipped
+            await self.broker.topics.load()
+            await self.broker.transactions.reload(name)
+            return
         if kind == GROUP:
             await self.broker.group_coordinator.reload_group(name)
             await self.broker.group_configs.reload_group(name)
@@ -231,6 +259,9 @@ class ClusterNode:
         refresh = getattr(self.broker.log_store, "refresh_partition", None)
         if refresh is not None and self.broker.log_store.has_partition(topic, partition):
             await refresh(topic, partition)
+            leader = self.broker.transactions.leader
+            if leader is not None:  # its open and aborted transactions, from the log
+                await leader.rebuild(topic, partition)
         self.broker.producers.forget_partition(topic, partition)
 
     # --- the view the Kafka listener asks --------------------------------------------
@@ -253,6 +284,13 @@ class ClusterNode:
     def group_coordinator(self, group_id: str) -> int:
         owner, _ = self.membership.owner_of(GROUP, group_id)
         return owner if owner is not None else -1
+
+    def txn_coordinator(self, transactional_id: str) -> int:
+        owner, _ = self.membership.owner_of(TXN, transactional_id)
+        return owner if owner is not None else -1
+
+    async def serve_txn(self, transactional_id: str) -> bool:
+        return await self.membership.ensure_owned(TXN, transactional_id)
 
     async def serve_partition(self, topic: str, partition: int) -> bool:
         return await self.membership.ensure_owned(

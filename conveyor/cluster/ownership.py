@@ -1,6 +1,7 @@
 """Who owns what: rendezvous (highest random weight) hashing over the live nodes.
 
-Owns: the pure choice of an owner for a partition or a group among live node ids.
+Owns: the pure choice of an owner for a partition, a group, a shared group or a
+transactional id among live node ids.
 Every node computes the same answer from the same membership, and when a node joins
 or leaves only the items it wins or held move (no global reshuffle).
 Must not know: PostgreSQL, protocols, clocks.
@@ -15,11 +16,13 @@ from typing import Final
 PARTITION: Final = "partition"
 GROUP: Final = "group"
 SHARED: Final = "shared"  # a queue's (or a topic's shared group's) deliveries
+TXN: Final = "txn"  # a transactional id (its transaction coordinator)
 
 
 def item_name(kind: str, *parts: object) -> str:
-    """The key an item is hashed and stored under: ``topic/partition``, the group id, or
-    for shared deliveries the queue name (``topic`` or ``topic/group``)."""
+    """The key an item is hashed and stored under: ``topic/partition``, the group id or
+    transactional id, or for shared deliveries the queue name (``topic`` or
+    ``topic/group``)."""
     if kind == PARTITION:
         return f"{parts[0]}/{parts[1]}"
     if kind == SHARED:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
 import random
@@ -290,6 +291,10 @@ async def serve(config: ServerConfig) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload_tls)
     await server.start()
+    # what start() loaded (modules, configuration, windows) lives as long as the process:
+    # out of the collector's reach, a full collection no longer walks it (it paused the
+    # loop for 16-135 ms under load, once per ~8 s at 2,000 AMQP msg/s: the e2e p99)
+    gc.freeze()
     print(
         "conveyor ready: "
         + ", ".join(f"{name}={config.host}:{port}" for name, port in server.ports.items()),

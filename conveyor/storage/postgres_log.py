@@ -78,6 +78,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_OFFSETS = 1 << 20  # offsets per range chunk: what retention drops at once
 READ_ROWS = 64  # rows fetched per query of a read
+POOL_CLOSE_TIMEOUT_S = 10.0  # then the pool's connections are terminated
 
 
 @dataclass(slots=True)
@@ -171,9 +172,11 @@ class PostgresLogStore:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
-                await pool.close()
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
-                pool.terminate()  # the database went away: drop the connections
+                # close waits for every acquired connection to come back: bounded, so a
+                # query stuck on a stalled database cannot keep its socket open past close
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError, TimeoutError):
+                pool.terminate()  # the database went away or a query hangs: drop them
         self._partitions.clear()
         self._by_id.clear()
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from conveyor.errors import StorageError
 from conveyor.storage.sql_engine import (
@@ -110,24 +110,20 @@ class TxnStateStore:
                              (transactional_id,))
 
     async def load(self) -> list[TransactionRow]:
-        rows = await self.store.query(
-            "SELECT t.transactional_id, t.producer_id, t.producer_epoch, t.timeout_ms, t.state,"
-            " t.partitions, t.groups, t.offsets, t.started_ms,"
-            " COALESCE(a.previous_producer_id, -1), COALESCE(a.previous_producer_epoch, -1),"
-            " COALESCE(a.updated_ms, -1)"
-            " FROM txn_transactions t LEFT JOIN txn_activity a"
-            " ON a.transactional_id = t.transactional_id ORDER BY t.transactional_id")
-        loaded = []
-        for row in rows:
-            offsets = {str(group): [(str(t), int(p), int(o), None if m is None else str(m))
-                                    for t, p, o, m in entries]
-                       for group, entries in json.loads(str(row[7])).items()}
-            loaded.append(TransactionRow(
-                str(row[0]), int(row[1]), int(row[2]), int(row[3]), str(row[4]),
-                [(str(topic), int(partition)) for topic, partition in json.loads(str(row[5]))],
-                [str(group) for group in json.loads(str(row[6]))], offsets, int(row[8]),
-                int(row[9]), int(row[10]), int(row[11])))
-        return loaded
+        rows = await self.store.query(_SELECT + " ORDER BY t.transactional_id")
+        return [_parsed(row) for row in rows]
+
+    async def load_one(self, transactional_id: str) -> TransactionRow | None:
+        """One transactional id's row as the store has it now (a cluster node's claim)."""
+        rows = await self.store.query(_SELECT + " WHERE t.transactional_id = ?",
+                                      (transactional_id,))
+        return _parsed(rows[0]) if rows else None
+
+    async def load_by_producer(self, producer_id: int) -> TransactionRow | None:
+        """The transaction of the id whose producer this is (a partition leader checking
+        a transactional batch whose coordinator is another node)."""
+        rows = await self.store.query(_SELECT + " WHERE t.producer_id = ?", (producer_id,))
+        return _parsed(rows[0]) if rows else None
 
     def save_partition(self, topic: str, partition: int, first_offset: int) -> None:
         """Remember that a partition holds transactional batches from ``first_offset``."""
@@ -141,6 +137,27 @@ class TxnStateStore:
 
     def delete_topic(self, topic: str) -> None:
         self.store.write("DELETE FROM txn_partitions WHERE topic = ?", (topic,))
+
+
+_SELECT = (
+    "SELECT t.transactional_id, t.producer_id, t.producer_epoch, t.timeout_ms, t.state,"
+    " t.partitions, t.groups, t.offsets, t.started_ms,"
+    " COALESCE(a.previous_producer_id, -1), COALESCE(a.previous_producer_epoch, -1),"
+    " COALESCE(a.updated_ms, -1)"
+    " FROM txn_transactions t LEFT JOIN txn_activity a"
+    " ON a.transactional_id = t.transactional_id")
+
+
+def _parsed(row: tuple[Any, ...]) -> TransactionRow:
+    offsets = {str(group): [(str(t), int(p), int(o), None if m is None else str(m))
+                            for t, p, o, m in entries]
+               for group, entries in json.loads(str(row[7])).items()}
+    return TransactionRow(
+        str(row[0]), int(row[1]), int(row[2]), int(row[3]),
+        str(row[4]),
+        [(str(topic), int(partition)) for topic, partition in json.loads(str(row[5]))],
+        [str(group) for group in json.loads(str(row[6]))], offsets, int(row[8]),
+        int(row[9]), int(row[10]), int(row[11]))
 
 
 _TRANSACTION_UPSERT = upsert_sql(

@@ -115,6 +115,7 @@ async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
     once the WAL passes the bound a PASSIVE checkpoint copies it into the database from
     a worker thread, and the data reads back after a reopen."""
     monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
     path = tmp_path / "state.sqlite3"
     store = SqliteStateStore(path)
     await store.open()
@@ -142,3 +143,46 @@ async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
     await reopened.open()
     assert len(await reopened.load_topics()) == 40
     await reopened.close()
+
+
+async def test_a_reused_wal_past_the_bound_is_not_checkpointed_after_every_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpointed WAL is reused from its start and keeps its size, so the size alone
+    stays past the bound: without a count every WAL fdatasync was followed by a
+    checkpoint (and its fsync of the database). Grow the WAL well past the bound, then
+    commit small changes that fit in the reused space: no checkpoint until
+    ``CHECKPOINT_SYNCS_MIN`` fdatasyncs have passed."""
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 10_000)
+    store = SqliteStateStore(tmp_path / "state.sqlite3")
+    await store.open()
+    engine = store.sqlite
+    checkpoints: list[int] = []
+    checkpoint = engine._run_checkpoint
+
+    def counted() -> None:
+        checkpoints.append(1)
+        checkpoint()
+
+    monkeypatch.setattr(engine, "_run_checkpoint", counted)
+
+    async def commit(name: str, text: str) -> None:
+        store.save_topic(TopicRow(name, 1, "topic", {"x": text}, 0))
+        await store.commit()
+        while engine._checkpoint is not None and not engine._checkpoint.done():
+            await asyncio.shield(engine._checkpoint)
+
+    for index in range(120):  # ~500 KiB of WAL: it grows, checkpoints follow the growth
+        await commit(f"big{index}", "y" * 4000)
+    assert checkpoints, "the growing WAL was checkpointed"
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
+    await commit("small", "checkpointed")  # one more, complete: the WAL starts over
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 10_000)
+    grown = len(checkpoints)
+    for index in range(30):  # a page or two each: fits in the reused WAL
+        await commit("small", str(index))
+    assert len(checkpoints) == grown, "no checkpoint per fdatasync of a reused WAL"
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
+    await commit("small", "last")
+    assert len(checkpoints) == grown + 1
+    await store.close()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+import threading
 from pathlib import Path
 
 import pytest
 from storage_helpers import make_batch
 
 from conveyor.errors import PartitionFailedError
+from conveyor.storage import sqlite_engine
 from conveyor.storage.durability import barrier_for_loop
 from conveyor.storage.log_store import FileLogStore, LogConfig
 from conveyor.storage.state_store import SqliteStateStore
@@ -24,6 +26,8 @@ from conveyor.testing.clock import SimClock
 from conveyor.testing.memory_fs import MemoryFileSystem
 
 PARTITIONS = 16
+DEADLINE_S = 30
+ANSWERED_S = 5  # a fast partition's append, while another fdatasync hangs
 
 
 async def open_store(fs: MemoryFileSystem, clock: SimClock) -> FileLogStore:
@@ -118,3 +122,93 @@ async def test_a_rolled_segment_is_synced_with_its_directory_in_the_pass(
     await reopened.open()
     assert reopened.partition("r", 0).high_watermark == 6
     await reopened.close()
+
+
+class HeldFileSystem(MemoryFileSystem):
+    """fdatasync of the handles in ``held`` blocks (in its worker thread) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[int] = set()
+        self.release = threading.Event()
+        self.holding = threading.Event()  # a held fdatasync has started
+        self.synced: list[int] = []
+
+    def fdatasync(self, handle: int) -> None:
+        if handle in self.held:
+            self.holding.set()
+            assert self.release.wait(DEADLINE_S), "the test never released the fdatasync"
+        super().fdatasync(handle)
+        self.synced.append(handle)
+
+
+async def test_a_partition_is_answered_without_waiting_for_a_slower_fsync_of_its_pass(
+        clock: SimClock) -> None:
+    """Partitions 0 and 1 are written in one turn, and 1's fdatasync hangs: 0 is still
+    answered. Writes to either made meanwhile wait for the pass to end (one pass at a
+    time for the partitions: they batch), then share one pass."""
+    fs = HeldFileSystem()
+    store = await open_store(fs, clock)
+    slow, fast = store.partition("t", 1), store.partition("t", 0)
+    fs.held.add(slow.active_segment.handle)
+    barrier = barrier_for_loop()
+    loop = asyncio.get_running_loop()
+    try:
+        held = loop.create_task(slow.append(make_batch([b"held"])))
+        # same turn as the held one: same pass
+        await asyncio.wait_for(fast.append(make_batch([b"first"])), ANSWERED_S)
+        assert not held.done()
+        assert fast.high_watermark == 1 and slow.high_watermark == 0
+        passes = barrier.pass_count
+        later = [loop.create_task(slow.append(make_batch([b"while held"]))),
+                 loop.create_task(fast.append(make_batch([b"second"])))]
+        for _ in range(10):  # the turns in which a new pass would have started
+            await asyncio.sleep(0)
+        assert barrier.pass_count == passes, "no pass starts while one still syncs"
+        assert not any(task.done() for task in later)
+    finally:
+        fs.release.set()
+    await asyncio.wait_for(asyncio.gather(held, *later), DEADLINE_S)
+    assert barrier.pass_count == passes + 1, "the writes made meanwhile: one pass"
+    assert slow.high_watermark == 2 and fast.high_watermark == 2
+    assert fs.synced.count(slow.active_segment.handle) == 2
+    await store.close()
+
+
+async def test_a_slow_wal_fdatasync_does_not_hold_a_log_append(
+        clock: SimClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state COMMIT nobody awaited rides along with the next append's pass; while its
+    WAL fdatasync hangs, the append is answered, the next append starts a pass of its
+    own (the state store's jobs hold no pass), and a commit awaited meanwhile waits for
+    a WAL fdatasync that starts after it."""
+    fs = MemoryFileSystem()
+    store = await open_store(fs, clock)
+    state = SqliteStateStore(tmp_path / "state.sqlite3")
+    await state.open()
+    await state.commit()
+    release, holding = threading.Event(), threading.Event()
+    wal_syncs: list[int] = []
+
+    def held_fdatasync(descriptor: int) -> None:
+        holding.set()
+        assert release.wait(DEADLINE_S), "the test never released the WAL fdatasync"
+        wal_syncs.append(descriptor)
+
+    monkeypatch.setattr(sqlite_engine, "fdatasync_descriptor", held_fdatasync)
+    state.save_producer_checkpoint("t", 0, 1)  # committed at the end of this turn, unsynced
+    await asyncio.sleep(0)  # that turn's COMMIT runs
+    try:
+        await asyncio.wait_for(store.partition("t", 0).append(make_batch([b"x"])), ANSWERED_S)
+        assert holding.is_set(), "the unsynced COMMIT rode along with the append's pass"
+        assert not wal_syncs
+        state.save_producer_checkpoint("t", 0, 2)
+        awaited = asyncio.get_running_loop().create_task(state.commit())
+        await asyncio.wait_for(store.partition("t", 1).append(make_batch([b"y"])), ANSWERED_S)
+        assert not awaited.done()
+    finally:
+        release.set()
+    await asyncio.wait_for(awaited, DEADLINE_S)
+    assert len(wal_syncs) == 2, "the awaited commit had a WAL fdatasync of its own"
+    assert await state.load_producer_checkpoints() == {("t", 0): 2}
+    await state.close()
+    await store.close()

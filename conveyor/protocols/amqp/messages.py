@@ -198,14 +198,15 @@ def expiration_ms(properties: Properties) -> int | None:
     return value
 
 
-def publish_message(exchange: str, routing_key: str, raw_properties: bytes,
-                    properties: Properties, body: bytes, now_ms: int) -> Message:
-    """The Message for ``Broker.publish``; ``properties`` = decode_properties(raw)."""
-    headers: list[tuple[str, bytes | None]] = [
-        (HEADER_PROPERTIES, raw_properties),
-        (HEADER_EXCHANGE, exchange.encode()),
-        (HEADER_ROUTING_KEY, routing_key.encode()),
-    ]
+# what a publish's record carries besides the raw properties, exchange and routing key:
+# (interop and table headers, priority, TTL ms), a function of the properties alone
+Derived = tuple[tuple[tuple[str, bytes | None], ...], int | None, int | None]
+
+
+def derive(properties: Properties) -> Derived:
+    """The headers, priority and TTL a publish with ``properties`` records (ValueError:
+    an invalid expiration)."""
+    headers: list[tuple[str, bytes | None]] = []
     for name, interop in _INTEROP_FIELDS:
         value = getattr(properties, name)
         if value is not None:
@@ -218,10 +219,20 @@ def publish_message(exchange: str, routing_key: str, raw_properties: bytes,
     priority = None
     if properties.priority is not None:
         priority = min(properties.priority, PRIORITY_MAX)
-    ttl_ms = expiration_ms(properties)
+    return tuple(headers), priority, expiration_ms(properties)
+
+
+def publish_message(exchange: str, routing_key: str, raw_properties: bytes,
+                    properties: Properties, body: bytes, now_ms: int,
+                    derived: Derived | None = None) -> Message:
+    """The Message for ``Broker.publish``; ``properties`` = decode_properties(raw),
+    ``derived`` = derive(properties) when the caller has it already."""
+    headers, priority, ttl_ms = derive(properties) if derived is None else derived
     return Message(
-        body, None, tuple(headers), priority=priority,
-        expires_at_ms=None if ttl_ms is None else now_ms + ttl_ms,
+        body, None,
+        ((HEADER_PROPERTIES, raw_properties), (HEADER_EXCHANGE, exchange.encode()),
+         (HEADER_ROUTING_KEY, routing_key.encode()), *headers),
+        priority=priority, expires_at_ms=None if ttl_ms is None else now_ms + ttl_ms,
     )
 
 

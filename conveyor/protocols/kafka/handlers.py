@@ -53,9 +53,11 @@ from conveyor.protocols.kafka.authorization import (
 )
 from conveyor.protocols.kafka.cluster_routing import (
     SHARE_PARTITION_APIS,
+    TXN_APIS,
     KafkaCluster,
     group_refusal,
     share_partition_refusal,
+    txn_refusal,
 )
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.config_catalog import BrokerFacts
@@ -148,6 +150,8 @@ class KafkaHandlers:
             routed = None
             if self.cluster is not None:
                 routed = await group_refusal(self.cluster, request)
+                if routed is None and api_key in TXN_APIS:
+                    routed = await txn_refusal(self.cluster, request)
                 if routed is None and api_key in SHARE_PARTITION_APIS:
                     routed = await share_partition_refusal(
                         self.cluster, request, share_handlers.topic_names(self.broker))

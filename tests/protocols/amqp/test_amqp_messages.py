@@ -30,6 +30,7 @@ from conveyor.protocols.amqp.messages import (
     Properties,
     PropertiesError,
     decode_properties,
+    derive,
     encode_properties,
     expiration_ms,
     outgoing,
@@ -159,6 +160,19 @@ def test_publish_message_keeps_raw_properties_and_writes_interop_headers() -> No
     assert json.loads(headers["nested"] or b"") == {"a": [1, "b"]}
     assert message.priority == 5
     assert message.expires_at_ms == NOW_MS + 60_000
+
+
+def test_a_publish_with_derived_properties_is_the_same_record() -> None:
+    """The publishing path keeps ``derive``'s result per property bytes and hands it
+    in: the record is the one publish_message builds from the properties alone; an
+    invalid expiration raises from derive, before anything could keep it."""
+    raw = encode_properties(FULL)
+    derived = derive(FULL)
+    for exchange, key in (("shop", "order.created"), ("", "q")):
+        assert publish_message(exchange, key, raw, FULL, b"x", NOW_MS, derived) == \
+            publish_message(exchange, key, raw, FULL, b"x", NOW_MS)
+    with pytest.raises(ValueError):
+        derive(Properties(expiration="-5"))
 
 
 def test_publish_message_header_values_as_text() -> None:

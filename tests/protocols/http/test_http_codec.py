@@ -186,3 +186,23 @@ def test_openapi_lists_every_route_with_its_schemas() -> None:
     assert nullable["properties"]["value"] == {
         "type": "string", "nullable": True, "description": "UTF-8 text value"
     }
+
+
+def test_remembered_routes_give_fresh_parameters_and_still_check_the_method() -> None:
+    from conveyor.errors import ConveyorError
+    from conveyor.protocols.http import codec
+
+    first_route, first = codec.match_route("POST", "/topics/orders/messages")
+    first["topic"] = "changed by a handler"
+    route, again = codec.match_route("POST", "/topics/orders/messages")
+    assert route is first_route and again == {"topic": "orders"}
+    with pytest.raises(ConveyorError) as wrong:  # the same path, another method: still 405
+        codec.match_route("PATCH", "/topics/orders/messages")
+    assert wrong.value.code == "method_not_allowed"
+    long_name = "t" * codec.ROUTE_CACHED_PATH_MAX
+    assert codec.match_route("POST", f"/topics/{long_name}/messages")[1] == {
+        "topic": long_name}
+    assert ("POST", f"/topics/{long_name}/messages") not in codec._route_cache
+    for index in range(codec.ROUTES_CACHED_MAX + 1):  # full: it starts over, still right
+        assert codec.match_route("GET", f"/topics/t{index}")[1] == {"topic": f"t{index}"}
+    assert len(codec._route_cache) <= codec.ROUTES_CACHED_MAX

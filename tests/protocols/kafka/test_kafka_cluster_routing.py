@@ -19,8 +19,12 @@ import pytest
 from kafka_wire import parse_response
 
 from conveyor.protocols.kafka import error_codes
-from conveyor.protocols.kafka.admin_handlers import topic_id
-from conveyor.protocols.kafka.cluster_routing import group_refusal, share_partition_refusal
+from conveyor.protocols.kafka.admin_handlers import Node, handle_find_coordinator, topic_id
+from conveyor.protocols.kafka.cluster_routing import (
+    group_refusal,
+    share_partition_refusal,
+    txn_refusal,
+)
 from conveyor.protocols.kafka.codec import Request, ServerCodec
 from conveyor.protocols.kafka.framing import RequestHeader, is_flexible
 from conveyor.protocols.kafka.log_admin_handlers import handle_offset_for_leader_epoch
@@ -34,9 +38,11 @@ NOT_LEADER = error_codes.NOT_LEADER_OR_FOLLOWER
 class FakeCluster:
     """This node is 1; it owns the groups and leads the partitions it is given."""
 
-    def __init__(self, groups: set[str], partitions: set[tuple[str, int]]) -> None:
+    def __init__(self, groups: set[str], partitions: set[tuple[str, int]],
+                 txns: frozenset[str] = frozenset()) -> None:
         self.groups = groups
         self.partitions = partitions
+        self.txns = txns
 
     @property
     def node_id(self) -> int:
@@ -56,6 +62,12 @@ class FakeCluster:
 
     async def serve_group(self, group_id: str) -> bool:
         return group_id in self.groups
+
+    def txn_coordinator(self, transactional_id: str) -> int:
+        return 1 if transactional_id in self.txns else 3
+
+    async def serve_txn(self, transactional_id: str) -> bool:
+        return transactional_id in self.txns
 
     async def refresh_catalog(self) -> None:
         return None
@@ -209,3 +221,71 @@ async def test_txn_offset_commit_goes_to_the_group_coordinator(version: int) -> 
     parsed = wire(answer, 28, version)
     assert [(topic.name, [(p.partition_index, p.error_code) for p in topic.partitions])
             for topic in parsed.topics] == [("t", [(0, NOT_COORDINATOR), (1, NOT_COORDINATOR)])]
+
+
+def txn_requests() -> list[tuple[int, int, dict[str, Any]]]:
+    v3_topic = nested(request_class(24, 3), "AddPartitionsToTxnTopic")
+    v4 = request_class(24, 4)
+    v4_topic = nested(v4, "AddPartitionsToTxnTopic")
+    v4_transaction = nested(v4, "AddPartitionsToTxnTransaction")
+    timeout = datetime.timedelta(seconds=60)
+    return [
+        (22, 4, {"transactional_id": "tx", "transaction_timeout": timeout,
+                 "producer_id": -1, "producer_epoch": -1}),
+        (24, 3, {"v3_and_below_transactional_id": "tx", "v3_and_below_producer_id": 5,
+                 "v3_and_below_producer_epoch": 0,
+                 "v3_and_below_topics": (v3_topic(name="t", partitions=(0, 1)),)}),
+        (24, 4, {"transactions": (v4_transaction(
+            transactional_id="tx", producer_id=5, producer_epoch=0, verify_only=True,
+            topics=(v4_topic(name="t", partitions=(0, 1)),)),)}),
+        (25, 3, {"transactional_id": "tx", "producer_id": 5, "producer_epoch": 0,
+                 "group_id": "g"}),
+        (26, 3, {"transactional_id": "tx", "producer_id": 5, "producer_epoch": 0,
+                 "committed": True}),
+        (65, 0, {"transactional_ids": ("tx",)}),
+    ]
+
+
+@pytest.mark.parametrize(("api_key", "version", "fields"), txn_requests())
+async def test_transaction_requests_go_to_the_transaction_coordinator(
+        api_key: int, version: int, fields: dict[str, Any]) -> None:
+    owner = FakeCluster(set(), set(), frozenset({"tx"}))
+    assert await txn_refusal(owner, request(api_key, version, **fields)) is None
+    answer = await txn_refusal(FakeCluster({"g"}, set()), request(api_key, version, **fields))
+    parsed = wire(answer, api_key, version)
+    if api_key == 24:
+        topics = (parsed.results_by_topic_v3_and_below if version <= 3
+                  else parsed.results_by_transaction[0].topic_results)
+        assert [(topic.name, [(p.partition_index, p.partition_error_code)
+                              for p in topic.results_by_partition]) for topic in topics] == [
+            ("t", [(0, NOT_COORDINATOR), (1, NOT_COORDINATOR)])]
+    elif api_key == 65:
+        assert [(state.transactional_id, state.error_code)
+                for state in parsed.transaction_states] == [("tx", NOT_COORDINATOR)]
+    else:
+        assert parsed.error_code == NOT_COORDINATOR
+    if api_key == 22:
+        assert (parsed.producer_id, parsed.producer_epoch) == (-1, -1)
+
+
+async def test_an_idempotent_init_producer_id_is_served_by_any_node() -> None:
+    fields = {"transactional_id": None, "transaction_timeout": datetime.timedelta(0),
+              "producer_id": -1, "producer_epoch": -1}
+    assert await txn_refusal(FakeCluster(set(), set()), request(22, 4, **fields)) is None
+
+
+@pytest.mark.parametrize("version", [1, 4])
+async def test_find_coordinator_names_the_transactional_ids_owner(version: int) -> None:
+    """Key type 1 (TRANSACTION) names the transactional id's owner, 0 the group's."""
+    node = Node(node_id=1, host="h1", port=9001, cluster_id="c")
+    cluster = FakeCluster({"k"}, set())  # "k" is node 1's as a group, node 3's as an id
+    for key_type, expected in ((0, 1), (1, 3)):
+        fields: dict[str, Any] = {"key_type": key_type}
+        if version >= 4:
+            fields["coordinator_keys"] = ("k",)
+        else:
+            fields["key"] = "k"
+        parsed = wire(handle_find_coordinator(node, request(10, version, **fields), cluster),
+                      10, version)
+        found = parsed.coordinators[0] if version >= 4 else parsed
+        assert (found.error_code, found.node_id, found.port) == (0, expected, 9000 + expected)
