@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from conveyor.clock import Clock
@@ -133,6 +133,14 @@ class Broker:
         # KIP-848 / KIP-932 members as stored, loaded at open; the coordinators write them
         self.group_members = GroupMembers(state_store)
         self.producer.on_append = self._appended
+        # a cluster node's catalog hooks (conveyor/cluster/catalog.py): told after this
+        # node committed a change of "topics", "queues" or "exchanges" (with bindings);
+        # asked to re-read the catalog (rate-limited) before a publish or a passive
+        # declare is answered "not found" / "unroutable"
+        self.catalog_changed: Callable[[str], None] = _ignore_change
+        self.catalog_miss: Callable[[], Awaitable[None]] = _no_refresh
+        self.catalog_shared = False  # True on a cluster node (the hooks above are set)
+        self.exchanges.on_change = lambda: self.catalog_changed("exchanges")
         # Kafka transactions: the coordinator, and the log side (LSO, aborted index) that
         # the fetcher filters decoded reads with
         self.txn_index = TransactionIndex()
@@ -288,7 +296,9 @@ class Broker:
             for topic, partition in list(self.log_store.partitions()):
                 if topic == name:  # orphan of a delete interrupted by a crash
                     await self.log_store.delete_partition(topic, partition)
-        return await self.topics.create(name, partitions, config)
+        info = await self.topics.create(name, partitions, config)
+        self.catalog_changed("topics")
+        return info
 
     def validate_topic(
         self, name: str, partitions: int = 1, config: Mapping[str, str | None] | None = None
@@ -311,6 +321,8 @@ class Broker:
         for partition in range(info.partitions):
             self._appended(name, partition)
         await self.state_store.commit()
+        self.catalog_changed("topics")
+        self.catalog_changed("exchanges")  # the bindings to it went
 
     def list_topics(self) -> list[TopicInfo]:
         return self.topics.list_topics()
@@ -332,10 +344,14 @@ class Broker:
         set: Mapping[str, str | None] | None = None,
         delete: Iterable[str] = (),
     ) -> TopicInfo:
-        return await self.topics.alter_config(name, set, delete)
+        info = await self.topics.alter_config(name, set, delete)
+        self.catalog_changed("topics")
+        return info
 
     async def create_partitions(self, name: str, total: int) -> TopicInfo:
-        return await self.topics.create_partitions(name, total)
+        info = await self.topics.create_partitions(name, total)
+        self.catalog_changed("topics")
+        return info
 
     async def ensure_topic(self, name: str) -> TopicInfo:
         """The topic, created with defaults when auto_create_topics allows it."""
@@ -636,7 +652,14 @@ class Broker:
 
         Redeclaring with another config (or over a plain topic) is PreconditionFailedError.
         """
-        return await self._shared().declare_queue(name, config)
+        existed = self._queue_exists(name)
+        if not existed:  # declared on another cluster node: compared, not overwritten
+            await self.catalog_miss()
+            existed = self._queue_exists(name)
+        info = await self._shared().declare_queue(name, config)
+        if not existed:
+            self.catalog_changed("queues")
+        return info
 
     async def delete_queue(
         self, name: str, if_unused: bool = False, if_empty: bool = False,
@@ -661,6 +684,8 @@ class Broker:
             if self.topics.find(name) is not None:
                 await self.delete_topic(name)  # commits the queue's rows with it
             await self.state_store.commit()
+        self.catalog_changed("queues")
+        self.catalog_changed("exchanges")  # the bindings to it went
         return dropped if forwarded is None else forwarded
 
     async def purge_queue(self, name: str) -> int:
@@ -671,6 +696,8 @@ class Broker:
         return await self._shared().alter_queue(name, config)
 
     async def get_queue(self, name: str) -> QueueInfo:
+        if not self._queue_exists(name):
+            await self.catalog_miss()  # declared on another cluster node just now?
         return await self._shared().get_queue(name)
 
     async def list_queues(self) -> list[QueueInfo]:
@@ -741,6 +768,8 @@ class Broker:
         arguments: Mapping[str, str] | None = None,
     ) -> ExchangeInfo:
         """Declare; redeclaring with another type is PreconditionFailedError."""
+        if not self.exchanges.routing.exists(name):
+            await self.catalog_miss()  # declared on another cluster node with its type?
         return await self.exchanges.declare(name, type, durable, auto_delete, internal,
                                             alternate_exchange, arguments)
 
@@ -748,6 +777,13 @@ class Broker:
         await self.exchanges.delete(name, if_unused)
 
     def get_exchange(self, name: str) -> ExchangeInfo:
+        return self.exchanges.get(name)
+
+    async def look_up_exchange(self, name: str) -> ExchangeInfo:
+        """get_exchange, after one re-read of the catalog when this node does not know
+        the exchange (another cluster node may have declared it just now)."""
+        if not self.exchanges.routing.exists(name):
+            await self.catalog_miss()
         return self.exchanges.get(name)
 
     def list_exchanges(self) -> list[ExchangeInfo]:
@@ -792,6 +828,17 @@ class Broker:
         headers exchange on the way): a protocol may route a batch once per key."""
         return self.exchanges.routing.routes_by_key_only(exchange)
 
+    def _unrouted_here(self, exchange: str, routing_key: str,
+                       messages: Sequence[Message]) -> bool:
+        """Does this node know no such exchange, or route some message nowhere?"""
+        routing = self.exchanges.routing
+        if not routing.exists(exchange):
+            return True
+        if routing.routes_by_key_only(exchange):
+            return not routing.route(exchange, routing_key)
+        return not all(routing.route(exchange, routing_key, message.headers)
+                       for message in messages)
+
     async def publish_to_exchange(
         self, exchange: str, routing_key: str, messages: Sequence[Message]
     ) -> RouteResult:
@@ -800,6 +847,8 @@ class Broker:
         Messages sharing a destination set are published together (one batch per
         partition). ``routed`` is False when some message reached no destination.
         """
+        if self.catalog_shared and self._unrouted_here(exchange, routing_key, messages):
+            await self.catalog_miss()  # a bind or declare on another node not seen yet?
         routed, plans = self.exchanges.plan(exchange, routing_key, messages)
         work = [(destination.name, planned) for destinations, planned in plans.items()
                 for destination in destinations]
@@ -826,3 +875,11 @@ class Broker:
                 raise outcome
             results.extend(outcome)
         return RouteResult(routed=routed, results=tuple(results))
+
+
+def _ignore_change(kind: str) -> None:
+    """One process: nobody else to tell."""
+
+
+async def _no_refresh() -> None:
+    """One process: the catalog in memory is the whole catalog."""

@@ -11,8 +11,9 @@ exist) and the queue-existence predicate it is given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from conveyor.errors import (
     InvalidRequestError,
@@ -45,14 +46,26 @@ class Exchanges:
         self.topics = topics
         self.queue_exists = queue_exists
         self.routing = RoutingTable(queue_exists, queue_alias)
+        # told after a committed change of durable exchanges or bindings (a cluster node
+        # tells the others: conveyor/cluster/catalog.py)
+        self.on_change: Callable[[], None] = _nothing
+        # a re-read (``reload``) is applied only when no change of this node ran while it
+        # read: changes in progress, and a count of changes begun
+        self._changing = 0
+        self._changes = 0
+
+    @contextlib.asynccontextmanager
+    async def _change(self) -> AsyncIterator[None]:
+        self._changing += 1
+        self._changes += 1
+        try:
+            yield
+        finally:
+            self._changing -= 1
 
     async def load(self) -> None:
         for exchange in await self.state_store.load_exchanges():
-            self.routing.declare(ExchangeInfo(
-                exchange.name, exchange.type,  # type: ignore[arg-type]
-                exchange.durable, exchange.auto_delete, exchange.internal,
-                exchange.alternate_exchange, exchange.arguments,
-            ))
+            self.routing.declare(_exchange_from_row(exchange))
         for name, exchange_type in PREDECLARED:
             if not self.routing.exists(name):
                 self.routing.declare(exchange_info(name, exchange_type))
@@ -70,6 +83,31 @@ class Exchanges:
                 continue
             self.routing.bind(binding)
 
+    async def reload(self, attempts: int = 3) -> bool:
+        """Re-read durable exchanges and bindings that another cluster node may have
+        changed and apply them to the routing table (transient ones stay). A read that
+        overlapped a change made here is thrown away and read again; False when every
+        attempt overlapped one (the next re-read catches up)."""
+        for _ in range(attempts):
+            changes = self._changes
+            if self._changing:
+                return False  # the change in progress re-reads nothing; retried later
+            exchanges = await self.state_store.load_exchanges()
+            bindings = await self.state_store.load_bindings()
+            if self._changing or changes != self._changes:
+                continue
+            stored = {row.name: _exchange_from_row(row) for row in exchanges}
+            self.routing.replace_stored(stored, [_binding_from_row(row) for row in bindings],
+                                        self._stored_binding)
+            return True
+        return False
+
+    def _stored_binding(self, binding: Binding) -> bool:
+        try:
+            return self._durable_binding(binding)
+        except UnknownExchangeError:
+            return True
+
     async def declare(
         self,
         name: str,
@@ -82,22 +120,27 @@ class Exchanges:
     ) -> ExchangeInfo:
         """Declare; redeclaring with another type is PreconditionFailedError."""
         check_storable("exchange name", (name, alternate_exchange))
-        info, created = self.routing.declare(exchange_info(
-            name, type, durable, auto_delete, internal, alternate_exchange, arguments
-        ))
+        async with self._change():
+            info, created = self.routing.declare(exchange_info(
+                name, type, durable, auto_delete, internal, alternate_exchange, arguments
+            ))
+            if created and durable:
+                self.state_store.save_exchange(_exchange_row(info))
+                await self.state_store.commit()
         if created and durable:
-            self.state_store.save_exchange(_exchange_row(info))
-            await self.state_store.commit()
+            self.on_change()
         return info
 
     async def delete(self, name: str, if_unused: bool = False) -> None:
-        info = self.routing.get(name)
-        removed = self.routing.delete(name, if_unused)
-        for binding in removed:
-            self.state_store.delete_binding(_binding_row(binding))
-        if info.durable:
-            self.state_store.delete_exchange(name)
-        await self.state_store.commit()
+        async with self._change():
+            info = self.routing.get(name)
+            removed = self.routing.delete(name, if_unused)
+            for binding in removed:
+                self.state_store.delete_binding(_binding_row(binding))
+            if info.durable:
+                self.state_store.delete_exchange(name)
+            await self.state_store.commit()
+        self.on_change()
 
     def get(self, name: str) -> ExchangeInfo:
         return self.routing.get(name)
@@ -116,9 +159,13 @@ class Exchanges:
         check_storable("routing key", (routing_key,))
         binding = _binding(source, destination_kind, destination, routing_key, arguments)
         self._check_destination(destination_kind, destination)
-        if self.routing.bind(binding) and self._durable_binding(binding):
-            self.state_store.save_binding(_binding_row(binding))
-            await self.state_store.commit()
+        async with self._change():
+            stored = self.routing.bind(binding) and self._durable_binding(binding)
+            if stored:
+                self.state_store.save_binding(_binding_row(binding))
+                await self.state_store.commit()
+        if stored:
+            self.on_change()
         return binding
 
     def _durable_binding(self, binding: Binding) -> bool:
@@ -138,12 +185,15 @@ class Exchanges:
         arguments: Mapping[str, str] | None = None,
     ) -> bool:
         binding = _binding(source, destination_kind, destination, routing_key, arguments)
-        removed, auto_deleted = self.routing.unbind(binding)
+        async with self._change():
+            removed, auto_deleted = self.routing.unbind(binding)
+            if removed:
+                self.state_store.delete_binding(_binding_row(binding))
+            if auto_deleted is not None:
+                self.state_store.delete_exchange(auto_deleted.name)
+            await self.state_store.commit()
         if removed:
-            self.state_store.delete_binding(_binding_row(binding))
-        if auto_deleted is not None:
-            self.state_store.delete_exchange(auto_deleted.name)
-        await self.state_store.commit()
+            self.on_change()
         return removed
 
     def list_bindings(
@@ -172,7 +222,9 @@ class Exchanges:
         return self.routing.route(exchange, routing_key, headers)
 
     def remove_destination(self, kind: DestinationKind, name: str) -> None:
-        """Drop every binding to a deleted queue or topic (the caller commits)."""
+        """Drop every binding to a deleted queue or topic (the caller commits, then calls
+        ``on_change``)."""
+        self._changes += 1  # a re-read in flight may still hold these bindings
         for binding in self.routing.remove_destination(kind, name):
             self.state_store.delete_binding(_binding_row(binding))
 
@@ -213,6 +265,21 @@ def _binding(
         source, destination_kind, destination, routing_key,
         tuple(sorted((str(k), str(v)) for k, v in (arguments or {}).items())),
     )
+
+
+def _nothing() -> None:
+    pass
+
+
+def _exchange_from_row(row: ExchangeRow) -> ExchangeInfo:
+    return ExchangeInfo(row.name, row.type,  # type: ignore[arg-type]
+                        row.durable, row.auto_delete, row.internal,
+                        row.alternate_exchange, row.arguments)
+
+
+def _binding_from_row(row: BindingRow) -> Binding:
+    return Binding(row.source, row.destination_kind,  # type: ignore[arg-type]
+                   row.destination, row.routing_key, row.arguments)
 
 
 def _binding_row(binding: Binding) -> BindingRow:

@@ -125,6 +125,11 @@ def binding_matches(
     return headers_match(binding.arguments, headers)
 
 
+def _binding_order(binding: Binding) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
+    return (binding.source, binding.destination_kind, binding.destination,
+            binding.routing_key, binding.arguments)
+
+
 def _same_name(name: str) -> str:
     return name
 
@@ -207,6 +212,43 @@ class RoutingTable:
         removed += self.remove_destination("exchange", name)
         del self._exchanges[name]
         return removed
+
+    def replace_stored(self, stored: Mapping[str, ExchangeInfo], bindings: Iterable[Binding],
+                       stored_here: Callable[[Binding], bool]) -> int:
+        """Make the durable part of the table what the state store holds (another cluster
+        node changed it): durable exchanges missing from ``stored`` go with their
+        bindings, stored ones missing here come (one whose type changed is replaced),
+        and among the bindings ``stored_here`` says are kept in the store, those not in
+        ``bindings`` go and the stored ones come. Transient exchanges and bindings (never
+        stored) stay as they are. Returns how many entries changed."""
+        changed = 0
+        for name, info in list(self._exchanges.items()):
+            kept = stored.get(name)
+            if is_reserved_exchange(name) or not info.durable or kept == info:
+                continue
+            if kept is None or kept.type != info.type:
+                self._bindings.pop(name, None)
+                self.remove_destination("exchange", name)
+                del self._exchanges[name]
+            else:  # same type, other flags (deleted and declared again elsewhere)
+                self._exchanges[name] = kept
+            changed += 1
+        for name, info in stored.items():
+            if name not in self._exchanges and not is_default_exchange(name):
+                self._exchanges[name] = info
+                self._bindings.setdefault(name, {})
+                changed += 1
+        wanted = {binding for binding in bindings if binding.source in self._exchanges and (
+            binding.destination_kind != "exchange" or self.exists(binding.destination))}
+        for table in self._bindings.values():
+            for binding in list(table):
+                if binding not in wanted and stored_here(binding):
+                    del table[binding]
+                    changed += 1
+        for binding in sorted(wanted - set(self.bindings()), key=_binding_order):
+            self._bindings.setdefault(binding.source, {})[binding] = None
+            changed += 1
+        return changed
 
     # --- bindings -------------------------------------------------------------------
     def bind(self, binding: Binding) -> bool:

@@ -280,11 +280,15 @@ class SharedGroups:
                 window.remember(dedup_id, expires_ms)
 
     async def _load_group(self, group: str, topic: str, config: QueueConfig,
-                          is_queue: bool) -> None:
+                          is_queue: bool, keep_loaded: bool = False) -> None:
+        """Read a group's state from the store and hold it; ``keep_loaded``: a state
+        another task loaded while this one read wins (two loads of a group declared on
+        another node must not leave two windows, one of them forgotten)."""
         info = self.host.topics.find(topic)
         if info is None:
             return  # topic deleted under the group: forget it
         state = SharedGroupWindows(group, topic, config, is_queue)
+        marks: list[tuple[SharedPartition, bool]] = []
         starts = await self.store.load_start_offsets(group, topic)
         for partition in range(info.partitions):
             log = self.host.topics.offsets(topic, partition)
@@ -312,9 +316,14 @@ class SharedGroups:
                         max(0, row.available_at_ms - skew_ms) if row.available_at_ms else 0)
             state.partitions[partition] = part
             state.saved_start[partition] = saved
-            self._timers.unfilled.add((topic, partition))  # loaded by the first timer pass
             if saved > start or resave:
-                self.persister.mark(group, topic, part, state.saved_start, legacy)
+                marks.append((part, legacy))
+        if keep_loaded and (group, topic) in self._groups:
+            return
+        for partition in state.partitions:
+            self._timers.unfilled.add((topic, partition))  # loaded by the first timer pass
+        for part, legacy in marks:
+            self.persister.mark(group, topic, part, state.saved_start, legacy)
         self._groups[(group, topic)] = state
 
     async def reload_group(self, group: str, topic: str) -> None:
@@ -1110,12 +1119,13 @@ class SharedGroups:
             for row in await self.host.state_store.load_queues():
                 if row.name == topic:
                     self._dedup.setdefault(topic, DedupWindow())
-                    await self._load_group(group, topic, config_from_mapping(row.config), True)
+                    await self._load_group(group, topic, config_from_mapping(row.config),
+                                           True, keep_loaded=True)
                     return self._groups.get((group, topic))
         for stored_group, stored_topic, config_json in await self.store.load_groups():
             if (stored_group, stored_topic) == (group, topic):
                 config = config_from_mapping(json.loads(config_json))
-                await self._load_group(group, topic, config, False)
+                await self._load_group(group, topic, config, False, keep_loaded=True)
                 return self._groups.get((group, topic))
         return None
 

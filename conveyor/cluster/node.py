@@ -6,10 +6,11 @@ was in flight), the group fence handed to the group coordinator, the transaction
 coordinator and the members' writes (a WriteGuard carried into an offset commit's, a
 leader SyncGroup's, a TxnOffsetCommit's and a membership write), the transactional-id
 fence on every write of a transaction's row, the
-producer ids handed out from the database, the periodic re-read of the topic catalog
-(topics created on another node), and the view the Kafka listener asks: live nodes and
-their addresses, each partition's leader and epoch, each group's and transactional
-id's coordinator.
+producer ids handed out from the database, the catalog kept alike on every node (topics,
+queues, exchanges and bindings re-read when another node tells a change and every
+heartbeat: catalog.py), and the view the Kafka listener asks: live nodes and their
+addresses, each partition's leader and epoch, each group's and transactional id's
+coordinator.
 Must not know: wire formats.
 """
 
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.broker.txn_model import GroupFence, TxnFence
 from conveyor.clock import Clock
+from conveyor.cluster.catalog import CatalogSync
 from conveyor.cluster.internal_api import InternalServer, cluster_secret
 from conveyor.cluster.membership import ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, TXN, item_name
@@ -69,6 +71,7 @@ class ClusterNode:
         self._tasks = Supervisor("cluster-node")
         self._stopping = asyncio.Event()
         self.wakeups: Wakeups | None = None
+        self.catalog: CatalogSync | None = None
         self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
         self.secret = b""  # the cluster secret (internal_api.cluster_secret), at open
         # told a group id whenever this node claims it (protocols drop what they held)
@@ -116,9 +119,13 @@ class ClusterNode:
             self._tasks.start(self._every_heartbeat(
                 self.owner_side.sweep, "release of dead nodes' deliveries failed"),
                 name="conveyor.cluster.sweep")
-        self._tasks.start(self._every_heartbeat(
-            self.broker.topics.load, "topic catalog refresh failed"),
-            name="conveyor.cluster.topics")
+        # the catalog (topics among it) is re-read every heartbeat and when told
+        self.catalog = CatalogSync(self.settings.dsn, self._reread_catalog,
+                                   self.settings.heartbeat_ms)
+        await self.catalog.open()
+        self.broker.catalog_changed = self.catalog.changed
+        self.broker.catalog_miss = self.catalog.miss
+        self.broker.catalog_shared = True
         if hasattr(self.broker.log_store, "observe_head"):  # the PostgreSQL LogStore
             producer = self.broker.producer
             # a Kafka append is written only while this node's lease on the partition
@@ -179,6 +186,8 @@ class ClusterNode:
             await self.internal.close()
         if self.wakeups is not None:
             await self.wakeups.close()
+        if self.catalog is not None:
+            await self.catalog.close()
         await self.membership.close(drain=True)
 
     async def _every_heartbeat(self, action: Callable[[], Awaitable[None]],
@@ -200,6 +209,22 @@ class ClusterNode:
     async def refresh_catalog(self) -> None:
         """Re-read the topic catalog now (a name another node may just have created)."""
         await self.broker.topics.load()
+
+    async def _reread_catalog(self, kinds: frozenset[str]) -> None:
+        """Apply what another node changed (catalog.py): the topics, the queues declared
+        there (loaded as a queue's non-owner loads one at its first acquire), the durable
+        exchanges and bindings. What this node's clients are doing is left alone."""
+        broker = self.broker
+        if kinds & {"topics", "queues"}:
+            await broker.topics.load()
+        shared = broker.shared_groups
+        if "queues" in kinds and shared is not None:
+            for row in await broker.state_store.load_queues():
+                if not shared.queue_exists(row.name):
+                    async with shared.hold_queue(row.name):
+                        await shared.load_declared(row.name, row.name)
+        if "exchanges" in kinds:
+            await broker.exchanges.reload()
 
     async def serve_shared(self, group: str, topic: str) -> bool:
         """Does this node hold the queue's (shared group's) window? Its owner only; the

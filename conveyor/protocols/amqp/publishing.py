@@ -98,6 +98,7 @@ def _remember(raw: bytes, properties: Properties, derived: Derived) -> None:
 
 async def publish_batch(channel: PublishingChannel, store: Store) -> None:
     """Route, store (durably), return unroutable mandatory messages, confirm."""
+    await _look_up_missing(channel, store)
     connection = channel.connection
     now_ms = channel.server.broker.clock.wall_ms()
     plans: list[Planned] = []
@@ -128,6 +129,36 @@ async def publish_batch(channel: PublishingChannel, store: Store) -> None:
         _confirm(channel, outcomes)
     if failure is not None:
         raise failure
+
+
+async def _look_up_missing(channel: PublishingChannel, store: Store) -> None:
+    """On a cluster node, a batch with a publish to an exchange this node does not know,
+    or that routes nowhere here, waits for one re-read of the catalog (rate-limited:
+    conveyor/cluster/catalog.py) before it is planned, so a bind or declare made on
+    another node moments ago routes the message instead of dropping it. A headers
+    exchange is not looked at (its route needs the decoded properties)."""
+    broker = channel.server.broker
+    if not broker.catalog_shared:
+        return
+    vhost = channel.connection.vhost
+    seen: set[tuple[str, str]] = set()
+    for event in store.publishes:
+        method = event.method
+        key = (method.exchange, method.routing_key)
+        if key in seen or method.routing_key.startswith(REPLY_TO_QUEUE + "."):
+            continue
+        seen.add(key)
+        try:
+            name = broker_exchange(vhost, method.exchange)
+        except QualifiedNameError:
+            continue  # refused when planned
+        if not broker.routing.exists(name) or (
+                broker.routes_by_key_only(name)
+                and not broker.route(name, method.routing_key)
+                and not (method.exchange == ""
+                         and is_stream(broker, queue_topic(vhost, method.routing_key)))):
+            await broker.catalog_miss()
+            return
 
 
 def _exchange_info(broker: Broker, broker_name: str, exchange: str, vhost: str

@@ -76,7 +76,7 @@ async def on_exchange_declare(channel: Channel, method: commands.Exchange.Declar
     name = method.exchange
     vhost = channel.connection.vhost
     if method.passive:
-        _exchange(channel, name, method)
+        await _exchange(channel, name, method)
     else:
         if name.startswith("amq.") and not _exists(broker.get_exchange,
                                                    broker_exchange(vhost, name)):
@@ -103,11 +103,12 @@ async def on_exchange_declare(channel: Channel, method: commands.Exchange.Declar
         channel.reply(commands.Exchange.DeclareOk())
 
 
-def _exchange(channel: Channel, name: str, method: pamqp_base.Frame) -> None:
+async def _exchange(channel: Channel, name: str, method: pamqp_base.Frame) -> None:
     if name == "":
         return
-    try:
-        channel.server.broker.get_exchange(broker_exchange(channel.connection.vhost, name))
+    try:  # another cluster node may have declared it just now: looked up after a re-read
+        await channel.server.broker.look_up_exchange(
+            broker_exchange(channel.connection.vhost, name))
     except (UnknownExchangeError, NotFoundError):
         raise ChannelError(f.NOT_FOUND, f"NOT_FOUND - no exchange '{name}' in vhost "
                            f"'{channel.connection.vhost}'", *method_ids(method)) from None
@@ -119,7 +120,11 @@ async def on_exchange_delete(channel: Channel, method: commands.Exchange.Delete)
         raise ChannelError(f.ACCESS_REFUSED, "ACCESS_REFUSED - cannot delete a reserved "
                            "exchange", 40, 20)
     name = broker_exchange(channel.connection.vhost, method.exchange)
-    if _exists(broker.get_exchange, name):
+    try:  # known after a re-read when another cluster node declared it just now
+        await broker.look_up_exchange(name)
+    except (UnknownExchangeError, NotFoundError):
+        pass  # deleting what does not exist is fine (RabbitMQ >= 3.2)
+    else:
         await broker.delete_exchange(name, if_unused=bool(method.if_unused))
     if not method.nowait:
         channel.reply(commands.Exchange.DeleteOk())
@@ -137,8 +142,8 @@ async def _exchange_binding(
         channel: Channel, method: commands.Exchange.Bind | commands.Exchange.Unbind,
         reply: pamqp_base.Frame) -> None:
     """Exchange-to-exchange bind or unbind (RabbitMQ's extension)."""
-    _exchange(channel, method.source, method)
-    _exchange(channel, method.destination, method)
+    await _exchange(channel, method.source, method)
+    await _exchange(channel, method.destination, method)
     broker = channel.server.broker
     change = broker.bind if isinstance(method, commands.Exchange.Bind) else broker.unbind
     vhost = channel.connection.vhost
@@ -259,7 +264,7 @@ async def _declare_stream(channel: Channel, topic: str, name: str,
 
 async def on_queue_bind(channel: Channel, method: commands.Queue.Bind) -> None:
     name = queue_name(channel, method.queue, method)
-    _exchange(channel, method.exchange, method)
+    await _exchange(channel, method.exchange, method)
     topic = queue_topic(channel.connection.vhost, name)
     check_exclusive(channel, topic, name, method)
     if method.exchange == "":
@@ -278,7 +283,7 @@ async def on_queue_bind(channel: Channel, method: commands.Queue.Bind) -> None:
 
 async def on_queue_unbind(channel: Channel, method: commands.Queue.Unbind) -> None:
     name = queue_name(channel, method.queue, method)
-    _exchange(channel, method.exchange, method)
+    await _exchange(channel, method.exchange, method)
     topic = queue_topic(channel.connection.vhost, name)
     broker = channel.server.broker
     kind: Any = "topic" if is_stream(broker, topic) else "queue"

@@ -179,7 +179,7 @@ class Handlers(SharedGroupHandlers):
         self, request: ApiRequest, context: RequestContext
     ) -> ApiResponse:
         exchange = request.path["exchange"]
-        self.broker.get_exchange(exchange)
+        await self.broker.look_up_exchange(exchange)
         routed = await self.broker.publish_to_exchange(
             exchange, request.body.get("routing_key", ""), self.resolve_times(request.messages)
         )
@@ -367,7 +367,7 @@ class Handlers(SharedGroupHandlers):
     async def describe_exchange(
         self, request: ApiRequest, context: RequestContext
     ) -> ApiResponse:
-        info = self.broker.get_exchange(request.path["exchange"])
+        info = await self.broker.look_up_exchange(request.path["exchange"])
         return ApiResponse(200, self._exchange_document(info, True))
 
     async def delete_exchange(
@@ -379,7 +379,7 @@ class Handlers(SharedGroupHandlers):
     async def bind(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         body = request.body
         source = request.path["exchange"]
-        self.broker.get_exchange(source)
+        await self.broker.look_up_exchange(source)
         binding = await self.broker.bind(
             source, body["destination_kind"], body["destination"],
             body.get("routing_key", ""), body.get("arguments"),
@@ -393,7 +393,7 @@ class Handlers(SharedGroupHandlers):
     async def unbind(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         body = request.body
         source = request.path["exchange"]
-        self.broker.get_exchange(source)
+        await self.broker.look_up_exchange(source)
         await self.broker.unbind(
             source, body["destination_kind"], body["destination"],
             body.get("routing_key", ""), body.get("arguments"),
