@@ -23,11 +23,14 @@ FAST_LEASES = {"CONVEYOR_BROKER__CLUSTER_HEARTBEAT_MS": "500",
                "CONVEYOR_BROKER__CLUSTER_LEASE_MS": "3000"}
 
 
-def start_nodes(root: Path, dsn: str, count: int,
-                environ: dict[str, str] | None = None) -> list[BrokerProcess]:
-    nodes = []
+def start_nodes(root: Path, dsn: str, count: int, environ: dict[str, str] | None = None,
+                listeners: tuple[str, ...] = ("kafka", "http"),
+                started: list[BrokerProcess] | None = None) -> list[BrokerProcess]:
+    """Nodes 1..count on one database; each joins ``started`` (if given) as soon as it
+    runs, so a caller can kill the ones that started when a later one fails."""
+    nodes = [] if started is None else started
     for index in range(1, count + 1):
-        node = BrokerProcess(root / f"node{index}", listeners=("kafka", "http"),
+        node = BrokerProcess(root / f"node{index}", listeners=listeners,
                              extra_args=("--storage", dsn, "--node-id", str(index)),
                              environ={**FAST_LEASES, **(environ or {})})
         node.data_dir.mkdir(parents=True)
@@ -37,10 +40,11 @@ def start_nodes(root: Path, dsn: str, count: int,
 
 
 @contextmanager
-def cluster(root: Path, dsn: str, count: int) -> Iterator[list[BrokerProcess]]:
-    nodes = start_nodes(root, dsn, count)
+def cluster(root: Path, dsn: str, count: int,
+            listeners: tuple[str, ...] = ("kafka", "http")) -> Iterator[list[BrokerProcess]]:
+    nodes: list[BrokerProcess] = []
     try:
-        yield nodes
+        yield start_nodes(root, dsn, count, listeners=listeners, started=nodes)
     finally:
         for node in nodes:
             if node.process is not None and node.process.poll() is None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pika
@@ -19,7 +17,7 @@ import pika.exceptions
 import pytest
 
 from conveyor.testing.server import BrokerProcess
-from tests.cluster.helpers import FAST_LEASES, http_json, wait_for
+from tests.cluster.helpers import cluster, http_json, wait_for
 from tests.cluster.test_cluster_queues import acquire, declare, owner_of_jobs
 
 
@@ -33,27 +31,9 @@ def status_of(node: BrokerProcess, path: str, method: str = "GET") -> int:
         return int(error.code)
 
 
-@contextmanager
-def amqp_cluster(root: Path, dsn: str) -> Iterator[list[BrokerProcess]]:
-    nodes: list[BrokerProcess] = []
-    try:
-        for index in (1, 2):
-            node = BrokerProcess(root / f"node{index}", listeners=("amqp", "http"),
-                                 extra_args=("--storage", dsn, "--node-id", str(index)),
-                                 environ=FAST_LEASES)
-            node.data_dir.mkdir(parents=True)
-            node.start()
-            nodes.append(node)
-        yield nodes
-    finally:
-        for node in nodes:
-            if node.process is not None and node.process.poll() is None:
-                node.kill()
-
-
 def test_a_delete_through_the_non_owner_reaches_the_owner(tmp_path: Path,
                                                          postgres_dsn: str) -> None:
-    with amqp_cluster(tmp_path, postgres_dsn) as nodes:
+    with cluster(tmp_path, postgres_dsn, 2, listeners=("amqp", "http")) as nodes:
         declare(nodes)
         owner, other = owner_of_jobs(nodes)
         http_json(other, "/topics/jobs/messages",
