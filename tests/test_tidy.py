@@ -183,9 +183,6 @@ SIZE_ALLOWED: dict[str, str] = {
                                         "state machine with its transition table",
     "conveyor/broker/ordered_group.py:OrderedGroup": "the state machine's handlers, one per "
                                                      "request kind (join/sync/heartbeat/...)",
-    "conveyor/broker/shared_groups.py": "the share coordinator; to split next: "
-                                        "dead-lettering and the appended-record cache",
-    "conveyor/broker/shared_groups.py:SharedGroups": "as its module (see above)",
     "conveyor/client/aio.py:AsyncClient": "one method per HTTP API endpoint",
     "conveyor/client/sync.py:Client": "generated from aio.py: one method per endpoint",
     "conveyor/cli.py:_add_admin": "an argparse table of the admin subcommands",

@@ -254,7 +254,7 @@ class Broker:
             ensure_topic=self.producer.ensure_topic, route=self.exchanges.routing.route,
             read_visible=self.fetcher.read_visible, stable_offset=self.last_stable_offset),
             self.traffic)
-        self.producer.on_records = self.shared_groups.remember_appended
+        self.producer.on_records = self.shared_groups.appended.remember
         self.producer.is_queue = self.shared_groups.queue_exists
         await self.shared_groups.open()
 

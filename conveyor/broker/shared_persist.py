@@ -15,7 +15,7 @@ counts one delivery fewer, as KIP-932 accepts for the acquired state).
 
 A record that died but whose dead letter is not written yet is saved as unsettled
 (the start offset stays at or below it): a crash then judges it again rather than
-losing it with its dead letter; ``SharedGroups._flush`` marks the partition again
+losing it with its dead letter; ``SharedWindows._flush`` marks the partition again
 once the dead letter is written.
 
 Must not know: protocols, the log. It calls the shared-state store only.

@@ -18,7 +18,8 @@ import pytest
 from broker_harness import BrokerHarness
 
 from conveyor.broker.broker import Broker
-from conveyor.broker.shared_groups import DEAD_LETTER_RETRY_MS, SharedGroups
+from conveyor.broker.dead_letters import DEAD_LETTER_RETRY_MS
+from conveyor.broker.shared_groups import SharedGroups
 from conveyor.broker.types import (
     HEADER_DEAD_REASON,
     HEADER_SOURCE,
@@ -445,12 +446,12 @@ async def test_parked_dead_letter_is_retried_in_place(harness: BrokerHarness,
     (big,) = await shared.acquire("jobs", "jobs")
     await shared.reject([big.receipt])  # the dead letter fails: parked, not lost
     assert (await shared.get_queue("jobs")).delayed == 1
-    assert shared.dead_letter_failures == {("jobs", "record_too_large"): 1}
+    assert shared.dead_letters.failures == {("jobs", "record_too_large"): 1}
     await broker.alter_topic_config("tiny.dlq", {"max.message.bytes": "100000"})
     harness.clock.advance(DEAD_LETTER_RETRY_MS)
     await shared.tick()
     assert broker.log_store.partition("tiny.dlq", 0).high_watermark == 1
-    assert (await shared.get_queue("jobs")).delayed == 0 and not shared.dead_letter_failures
+    assert (await shared.get_queue("jobs")).delayed == 0 and not shared.dead_letters.failures
     assert await shared.acquire("jobs", "jobs") == []
 
 

@@ -147,13 +147,13 @@ async def test_a_record_whose_dead_letter_is_not_written_yet_is_saved_unsettled(
     await fill(broker, "jobs", 3)
     taken = await shared.acquire("jobs", "jobs", records_max=3)
     gate = asyncio.Event()
-    dead_letter = shared._dead_letter
+    dead_letter = shared.dead_letters.write
 
     async def slow(*arguments: Any) -> None:
         await gate.wait()
         await dead_letter(*arguments)
 
-    monkeypatch.setattr(shared, "_dead_letter", slow)
+    monkeypatch.setattr(shared.dead_letters, "write", slow)
     releasing = asyncio.create_task(shared.release([taken[0].receipt]))  # dies: 1 delivery
     for _ in range(5):
         await asyncio.sleep(0)

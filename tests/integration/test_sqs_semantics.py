@@ -220,7 +220,7 @@ async def _parked(broker: BrokerThread, name: str) -> bool:
     shared = broker.server.broker.shared_groups
     assert shared is not None
     for _ in range(5000):
-        if (name, name) in shared._waiters:
+        if (name, name) in shared.polls.waiters:
             return True
         await asyncio.sleep(0.001)
     return False
