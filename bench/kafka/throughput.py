@@ -262,7 +262,12 @@ def bench_broker(name: str, options: argparse.Namespace, workdir: Path,
     latency_s = min(options.seconds, 10.0)
     (workdir / f"{name}-{tag}").mkdir(parents=True)
     storage = postgres.server.create_database("kafka") if postgres is not None else None
-    with start_broker(name, workdir / f"{name}-{tag}", storage=storage) as broker:
+    # Conveyor's /metrics: its fdatasync counters per phase (an idle HTTP listener)
+    http_port = free_port() if name == "conveyor" else None
+    metrics = f"http://127.0.0.1:{http_port}/metrics"
+    with start_broker(name, workdir / f"{name}-{tag}", http_port, storage) as broker:
+        if http_port is not None:
+            wait_for_port(http_port, broker.process)
         create_topic(broker, "latency")
         results["e2e_latency_100B"] = measured(
             broker, lambda: latency(broker, "latency", 1000, latency_s))
@@ -276,8 +281,13 @@ def bench_broker(name: str, options: argparse.Namespace, workdir: Path,
             topic = f"throughput-{size}"
             create_topic_partitions(broker, topic, options.partitions)
             snapshot = postgres.start() if postgres is not None else None
+            fsyncs = timed.fsync_counters(metrics) if http_port is not None else None
             produced = timed.produce_phase(broker, topic, size, options.seconds,
                                            options.producers)
+            if fsyncs is not None:
+                produced["fsync"] = timed.fsync_figures(
+                    fsyncs, timed.fsync_counters(metrics), produced["records"] * size,
+                    produced["wall_s"])
             if postgres is not None and snapshot is not None and storage is not None:
                 produced.update(postgres.stop(snapshot, produced["records"]))
                 produced.update(postgres.batches(storage, topic))

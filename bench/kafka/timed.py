@@ -18,8 +18,11 @@ import socket
 import statistics
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.measure import CLIENT_BOUND_PCT
 
@@ -29,6 +32,21 @@ TIMEOUT_S = 120
 def _cpu_s() -> float:
     times = os.times()
     return times.user + times.system
+
+
+def _host_s() -> tuple[float, float]:
+    """The whole machine's busy and iowait CPU seconds (every core, kernel included)."""
+    times = psutil.cpu_times()
+    busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    return busy, getattr(times, "iowait", 0.0)
+
+
+def _host_pct(before: tuple[float, float], wall_s: float) -> dict[str, float]:
+    """``host_cpu_pct``: every process and the kernel (200 = both cores of 2);
+    ``host_iowait_pct``: idle cores with disk I/O outstanding."""
+    busy, iowait = _host_s()
+    return {"host_cpu_pct": round(100 * (busy - before[0]) / wall_s, 1),
+            "host_iowait_pct": round(100 * (iowait - before[1]) / wall_s, 1)}
 
 
 PRODUCER_CONFIG: dict[str, Any] = {"acks": "all", "linger.ms": 5, "batch.size": 1 << 20}
@@ -97,7 +115,8 @@ def _consume_worker(bootstrap: str, topic: str, partitions: list[int],
 
 
 def _phase(workers: list[dict[str, Any]], size: int, broker_cpu_s: float,
-           wall_s: float, seconds: float) -> dict[str, Any]:
+           wall_s: float, seconds: float, host: dict[str, float] | None = None
+           ) -> dict[str, Any]:
     """One phase's figures; ``short_phase`` when it lasted less than its ``seconds``
     (the house rule: a rate over a few seconds is start-up and noise)."""
     records = sum(w["records"] for w in workers)
@@ -112,6 +131,11 @@ def _phase(workers: list[dict[str, Any]], size: int, broker_cpu_s: float,
         "complete": all(w.get("complete", True) for w in workers)}
     if any("passes" in w for w in workers):
         phase["passes"] = [w.get("passes", 0) for w in workers]
+    if host is not None:
+        phase.update(host)
+        # the kernel's own threads (writeback, journal) and every other process
+        phase["host_unaccounted_cpu_pct"] = round(
+            host["host_cpu_pct"] - phase["broker_cpu_pct"] - sum(client_pct), 1)
     return phase
 
 
@@ -124,14 +148,15 @@ def produce_phase(broker: Any, topic: str, size: int, seconds: float,
     ``PRODUCER_CONFIG`` (the probes of bench/kafka/produce_probe.py)."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(producers) as pool:
-        before, started = broker.cpu_s(), time.perf_counter()
+        before, host, started = broker.cpu_s(), _host_s(), time.perf_counter()
         workers = pool.starmap(_produce_worker, [
             (broker.bootstrap, topic, size, seconds, max_buffered, config)] * producers)
         wall_s = time.perf_counter() - started
         broker_cpu_s = broker.cpu_s() - before
+        host_pct = _host_pct(host, wall_s)
     # the pool's start-up is outside the workers' own clocks: rate over their span
     span = max(w["wall_s"] for w in workers)
-    return _phase(workers, size, broker_cpu_s * span / wall_s, span, seconds)
+    return _phase(workers, size, broker_cpu_s * span / wall_s, span, seconds, host_pct)
 
 
 def consume_phase(broker: Any, topic: str, size: int, partitions: int,
@@ -143,14 +168,46 @@ def consume_phase(broker: Any, topic: str, size: int, partitions: int,
     shares = [list(range(index, partitions, consumers)) for index in range(consumers)]
     context = multiprocessing.get_context("spawn")
     with context.Pool(consumers) as pool:
-        before, started = broker.cpu_s(), time.perf_counter()
+        before, host, started = broker.cpu_s(), _host_s(), time.perf_counter()
         workers = pool.starmap(_consume_worker, [
             (broker.bootstrap, topic, share, [ends[p] for p in share], seconds)
             for share in shares])
         wall_s = time.perf_counter() - started
         broker_cpu_s = broker.cpu_s() - before
+        host_pct = _host_pct(host, wall_s)
     span = max(w["wall_s"] for w in workers)
-    return _phase(workers, size, broker_cpu_s * span / wall_s, span, seconds)
+    return _phase(workers, size, broker_cpu_s * span / wall_s, span, seconds, host_pct)
+
+
+FSYNC_SERIES = ("conveyor_storage_fsync_seconds_count", "conveyor_storage_fsync_seconds_sum",
+                "conveyor_storage_group_commit_writes_sum")
+
+
+def fsync_counters(metrics_url: str) -> dict[str, float]:
+    """The broker's fdatasync counters from its /metrics (Prometheus text)."""
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        text = response.read().decode()
+    values = dict.fromkeys(FSYNC_SERIES, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values
+
+
+def fsync_figures(before: dict[str, float], after: dict[str, float], stored_bytes: int,
+                  wall_s: float) -> dict[str, float]:
+    """Over one phase: segment fdatasyncs a second, KiB each covered, the mean time of
+    one, and fdatasync seconds per wall second (several files sync at once, so it can
+    pass 1; near 0 the disk waited for the broker, near or over 1 the broker for it)."""
+    count = after[FSYNC_SERIES[0]] - before[FSYNC_SERIES[0]]
+    seconds = after[FSYNC_SERIES[1]] - before[FSYNC_SERIES[1]]
+    writes = after[FSYNC_SERIES[2]] - before[FSYNC_SERIES[2]]
+    return {"fdatasyncs_per_s": round(count / wall_s, 1),
+            "kib_per_fdatasync": round(stored_bytes / 1024 / max(1.0, count), 1),
+            "writes_per_fdatasync": round(writes / max(1.0, count), 2),
+            "fdatasync_mean_ms": round(1000 * seconds / max(1.0, count), 3),
+            "fdatasync_s_per_s": round(seconds / wall_s, 3)}
 
 
 def log_ends(broker: Any, topic: str, partitions: int) -> dict[int, int]:
