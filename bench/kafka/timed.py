@@ -75,9 +75,13 @@ def _produce_worker(bootstrap: str, topic: str, size: int, seconds: float,
             except BufferError:
                 producer.poll(0.01)
         producer.poll(0)
+    producer.poll(0)  # the acknowledgements that have come: counted within the time
+    acked_in_time, flush_started = delivered[0], time.perf_counter()
     producer.flush(TIMEOUT_S)
-    return {"records": delivered[0], "wall_s": time.perf_counter() - started,
-            "cpu_s": _cpu_s() - cpu}
+    finished = time.perf_counter()
+    return {"records": delivered[0], "wall_s": finished - started,
+            "cpu_s": _cpu_s() - cpu, "acked_in_time": acked_in_time,
+            "flush_s": finished - flush_started, "producing_s": flush_started - started}
 
 
 def _consume_worker(bootstrap: str, topic: str, partitions: list[int],
@@ -129,6 +133,13 @@ def _phase(workers: list[dict[str, Any]], size: int, broker_cpu_s: float,
         "client_cpu_pct": client_pct,
         "client_bound": max(client_pct, default=0) >= CLIENT_BOUND_PCT,
         "complete": all(w.get("complete", True) for w in workers)}
+    if all("acked_in_time" in w for w in workers):
+        # a producer stops after ``seconds`` and then flushes what it still holds: the
+        # rate while every producer was producing, and how long the longest flush took
+        producing_s = max(w["producing_s"] for w in workers)
+        phase["records_per_s_while_producing"] = round(
+            sum(w["acked_in_time"] for w in workers) / producing_s)
+        phase["flush_s"] = round(max(w["flush_s"] for w in workers), 2)
     if any("passes" in w for w in workers):
         phase["passes"] = [w.get("passes", 0) for w in workers]
     if host is not None:

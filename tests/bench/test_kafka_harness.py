@@ -4,12 +4,26 @@ latency ceiling measures what it says."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Producer
 
 from bench.kafka import timed
-from bench.kafka.throughput import create_topic_partitions, start_broker, summarise_rounds
+from bench.kafka.throughput import (
+    RunningBroker,
+    create_topic_partitions,
+    start_broker,
+    summarise_rounds,
+)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    """One real Conveyor (``conveyor serve``, file storage) for the phases below."""
+    with start_broker("conveyor", tmp_path_factory.mktemp("kafka-harness")) as running:
+        yield running
 
 
 def _worker(wall_s: float, records: int = 1000) -> dict[str, float]:
@@ -28,16 +42,25 @@ def test_a_phase_shorter_than_its_seconds_is_marked() -> None:
     assert summary["produce_1024B_acks_all"]["short_phase_rounds"] == 0
 
 
-def test_the_consume_phase_rereads_the_log_until_its_seconds(tmp_path: Path) -> None:
-    with start_broker("conveyor", tmp_path) as broker:
-        create_topic_partitions(broker, "reread", 2)
-        producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
-        for index in range(2000):
-            producer.produce("reread", b"x" * 100, partition=index % 2)
-        assert producer.flush(30) == 0
-        ends = timed.log_ends(broker, "reread", 2)
-        assert sum(ends.values()) == 2000
-        phase = timed.consume_phase(broker, "reread", 100, 2, 2, ends, seconds=2.0)
+def test_a_produce_phase_tells_its_flush_apart(broker: RunningBroker) -> None:
+    create_topic_partitions(broker, "flushed", 2)
+    phase = timed.produce_phase(broker, "flushed", 100, 1.0, 1, max_buffered=20_000)
+    assert phase["short_phase"] is False
+    assert phase["records"] > 0
+    assert 0 <= phase["flush_s"] <= phase["wall_s"] - 1.0 + 0.05
+    # what was acknowledged while producing is part of what was acknowledged in all
+    assert 0 <= phase["records_per_s_while_producing"] * 1.0 <= phase["records"] * 1.05
+
+
+def test_the_consume_phase_rereads_the_log_until_its_seconds(broker: RunningBroker) -> None:
+    create_topic_partitions(broker, "reread", 2)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
+    for index in range(2000):
+        producer.produce("reread", b"x" * 100, partition=index % 2)
+    assert producer.flush(30) == 0
+    ends = timed.log_ends(broker, "reread", 2)
+    assert sum(ends.values()) == 2000
+    phase = timed.consume_phase(broker, "reread", 100, 2, 2, ends, seconds=2.0)
     assert phase["wall_s"] >= 2.0
     assert phase["short_phase"] is False
     assert phase["complete"] is True
