@@ -70,6 +70,7 @@ from .topics import (
 from .transactions import Transactions
 from .txn_index import TransactionIndex
 from .txn_model import TransactionDescription
+from .txn_offsets import TxnOffsets
 from .types import (
     AppendResult,
     Binding,
@@ -144,10 +145,12 @@ class Broker:
         # Kafka transactions: the coordinator, and the log side (LSO, aborted index) that
         # the fetcher filters decoded reads with
         self.txn_index = TransactionIndex()
+        # the pending offsets of transactions, kept by each group's coordinator
+        self.txn_offsets = TxnOffsets(self.topics, state_store, clock, self.group_coordinator)
         self.transactions = Transactions(
             self.producers, self.topics, state_store, clock, self.txn_index,
             self.producer.append_marker, self.group_coordinator.apply_offsets,
-            self.config.transactional_id_expiration_ms)
+            self.txn_offsets, self.config.transactional_id_expiration_ms)
         self.transactions.check_member = self.group_coordinator.check_member
         self.producer.check_transactional = self.transactions.check_produce
         self.producer.add_transactional = self.transactions.add_partition_implicitly
@@ -199,6 +202,7 @@ class Broker:
         await self.group_coordinator.load(self.lost_ranges)
         await self.group_configs.load()
         await self.group_members.load()
+        await self.txn_offsets.load()  # before transactions: a Prepare* one ends them
         await self.transactions.open()  # before shared groups: their reads need the index
         await self._open_shared_groups()
         if self.shared_groups is not None:

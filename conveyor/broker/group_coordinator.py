@@ -348,6 +348,12 @@ class GroupCoordinator:
                                value.leader_epoch, value.commit_ms)
             for (topic, partition), value in normalized.items())
 
+    def show_offsets(self, group_id: str,
+                     offsets: Mapping[tuple[str, int], CommittedOffset]) -> None:
+        """Offsets a committed transaction carried, already written by the caller
+        (txn_offsets.py): visible to OffsetFetch from now on, whoever is in the group."""
+        self._group(group_id, create=True).commit(dict(offsets))
+
     def fetch_offsets(
         self, group_id: str, partitions: Iterable[tuple[str, int]] | None = None
     ) -> dict[tuple[str, int], CommittedOffset | None]:

@@ -10,8 +10,13 @@ with every transition persisted (storage/txn_state.py) before it acts: the
 Prepare* state is committed before the first marker, so a crash between the
 markers of a multi-partition commit is finished on open (every partition gets
 its marker, again if it had one: a second marker ends nothing). Offsets
-committed in a transaction (TxnOffsetCommit) are kept with it and applied to
-their group only on commit.
+committed in a transaction (TxnOffsetCommit) are kept by the group's coordinator
+(txn_offsets.py), not in the transaction's row; after the markers, each group the
+transaction added (AddOffsetsToTxn) is told the outcome (``finish_offsets``: on one
+node a local call, on a cluster node a call to the group's owner over the internal
+channel, Kafka's WriteTxnMarkers to the offsets partition). A group not told (its owner
+unreachable, or refusing) leaves the transaction Prepare*, finished again by the
+timer's retry pass.
 
 Fencing: ``init_producer_id`` bumps the epoch of the transactional id (a
 transaction the older instance left open is aborted under the new epoch); a
@@ -40,7 +45,8 @@ the state store; a new InitProducerId for it starts over with a fresh producer i
 checked by ``expire_idle`` from the broker's timer: nothing scans every id.
 
 May call: producer ids (ProducerStates), the producer's marker appends, the topic
-registry, the group coordinator's offset store, the transaction index. Never the
+registry, the groups' pending offsets (TxnOffsets, or the cluster's call to a group's
+owner), the transaction index. Never the
 facade. Must not know: protocols, files, SQL.
 """
 
@@ -49,7 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from conveyor.clock import Clock
 from conveyor.errors import (
@@ -59,6 +65,7 @@ from conveyor.errors import (
     InvalidTxnStateError,
     OperatingError,
     ProducerFencedError,
+    UnavailableError,
     UnknownTopicError,
 )
 from conveyor.storage.state_store import StateStore
@@ -72,7 +79,6 @@ from .txn_expiry import IdleTransactionalIds
 from .txn_index import TransactionIndex
 from .txn_model import (
     PREPARING,
-    GroupFence,
     MarkerWriter,
     NotAttemptedError,
     OffsetsWriter,
@@ -80,17 +86,16 @@ from .txn_model import (
     TransactionState,
     TxnFence,
     check_addable,
-    copied,
     described,
     filtered,
     log_chunks,
     log_hanging,
     no_member_check,
     ongoing_count,
-    pending_offsets,
     retried_end,
     unaccounted,
 )
+from .txn_offsets import TxnOffsets
 from .txn_timer import TransactionTimer
 
 logger = logging.getLogger("conveyor.transactions")
@@ -99,22 +104,36 @@ TIMEOUT_MS_MAX = 900_000  # Kafka's transaction.max.timeout.ms default (15 minut
 EXPIRATION_MS = 7 * 24 * 3600 * 1000  # Kafka's transactional.id.expiration.ms default
 COORDINATOR_EPOCH = 0  # one coordinator, never moved: its epoch in every marker
 
+# (group, transactional id, producer id, marker epoch, commit): the group's coordinator
+# makes the producer's pending offsets visible or drops them (TxnOffsets.finish)
+FinishOffsets = Callable[[str, str, int, int, bool], Awaitable[None]]
+# (transactional id, producer id, epoch, group): AddOffsetsToTxn at the id's coordinator
+AddGroup = Callable[[str, int, int, str], Awaitable[None]]
+
 
 class Transactions(ClusterSide):
     def __init__(self, producers: ProducerStates, topics: TopicRegistry,
                  state_store: StateStore, clock: Clock, index: TransactionIndex,
                  write_marker: MarkerWriter, write_offsets: OffsetsWriter,
-                 expiration_ms: int = EXPIRATION_MS) -> None:
+                 group_offsets: TxnOffsets, expiration_ms: int = EXPIRATION_MS) -> None:
         self.producers = producers
         self.topics = topics
         self.clock = clock
         self.index = index
         self.store = state_store.txn
         self._write_marker = write_marker  # Producer.append_marker
-        self._write_offsets = write_offsets  # GroupCoordinator.apply_offsets (no COMMIT)
+        # GroupCoordinator.apply_offsets (no COMMIT): only for offsets a row written by an
+        # older Conveyor still carries (they are kept by the group's coordinator now)
+        self._write_offsets = write_offsets
+        self.group_offsets = group_offsets  # this node's groups' pending offsets
+        # tell a group's coordinator how a transaction ended; a cluster node replaces it
+        # with a call to the group's owner (conveyor/cluster/txn_offsets_remote.py)
+        self.finish_offsets: FinishOffsets = group_offsets.finish
+        # TxnOffsetCommit v5 (TV2) adds its group at the id's coordinator: here on one
+        # node, wherever the id is coordinated on a cluster node
+        self.add_group: AddGroup = self.add_offsets
         # (group, member id, generation): GroupCoordinator.check_member, set by the facade
         self.check_member: Callable[[str, str, int], None] = no_member_check
-        self.group_fence: GroupFence | None = None  # a cluster node (txn_model.py)
         self.txn_fence: TxnFence | None = None  # a cluster node: every row write fenced
         self.leader: LeaderTransactions | None = None  # a cluster node (txn_cluster.py)
         self._transactions: dict[str, TransactionRow] = {}
@@ -235,38 +254,37 @@ class Transactions(ClusterSide):
                              epoch: int, offsets: list[tuple[str, int, int, str | None]],
                              member: tuple[str, int] = ("", -1), implicit: bool = False,
                              ) -> dict[tuple[str, int], OperatingError | None]:
-        """TxnOffsetCommit: offsets kept with the transaction, visible on its commit;
-        ``member`` (id, generation) is checked against a classic group; ``implicit`` (v5,
-        TV2): the group joins the transaction here, as AddOffsetsToTxn would have."""
+        """TxnOffsetCommit, at the group's coordinator: the offsets kept there until the
+        transaction ends (txn_offsets.py); ``member`` (id, generation) is checked against
+        a classic group; ``implicit`` (v5, TV2): the group joins the transaction first,
+        as AddOffsetsToTxn would have added it. One node checks the transaction's row as
+        well (the producer's id and epoch, the transaction ongoing and holding the
+        group); a cluster node's group coordinator does not hold that row and checks
+        what Kafka's does: the member, and the producer's epoch order in the group."""
+        if self.txn_fence is not None:
+            self.check_member(group_id, *member)
+            if implicit:
+                await self.add_group(transactional_id, producer_id, epoch, group_id)
+            return await self.group_offsets.commit(group_id, transactional_id, producer_id,
+                                                   epoch, offsets)
         async with self._locks.hold(transactional_id):
             row = self._checked(transactional_id, producer_id, epoch)
-            before = copied(row)
             if implicit and (row.state != TransactionState.ONGOING
                              or group_id not in row.groups):
                 self.check_member(group_id, *member)
                 check_addable(row)
                 self._begin(row)
                 row.groups.append(group_id)
+                self._touch(row)
+                await self._persist(row)
             if row.state != TransactionState.ONGOING or group_id not in row.groups:
                 raise InvalidTxnStateError("AddOffsetsToTxn must come first in a transaction",
                                            transactional_id=transactional_id, group=group_id)
             self.check_member(group_id, *member)
-            results: dict[tuple[str, int], OperatingError | None] = {}
-            pending = {(t, p): (o, m) for t, p, o, m in row.offsets.get(group_id, [])}
-            for topic, partition, offset, metadata in offsets:
-                if not self._exists(topic, partition):
-                    results[(topic, partition)] = UnknownTopicError(
-                        "unknown topic or partition", topic=topic, partition=partition)
-                    continue
-                pending[(topic, partition)] = (offset, metadata)
-                results[(topic, partition)] = None
-            row.offsets[group_id] = [(t, p, o, m) for (t, p), (o, m) in sorted(pending.items())]
             self._touch(row)
-            if self.group_fence is not None:  # its own transaction, under the fence
-                await self.group_fence.save(self.store, row, before, group_id)
-            else:
-                await self._persist(row)
-            return results
+            # under the transaction's lock: its end cannot come between the check and this
+            return await self.group_offsets.commit(group_id, transactional_id, producer_id,
+                                                   epoch, offsets)
 
     async def end(self, transactional_id: str, producer_id: int, epoch: int,
                   commit: bool, bump_epoch: bool = False) -> tuple[int, int]:
@@ -295,13 +313,13 @@ class Transactions(ClusterSide):
             self._touch(row)
             if not bump_epoch:
                 await self._prepare(row, target, row.producer_epoch)
-                await self._complete(row)
+                await self._completed_now(row)
                 return row.producer_id, row.producer_epoch
             row.previous_producer_id, row.previous_producer_epoch = producer_id, epoch
             bumped = min(row.producer_epoch + 1, EPOCH_MAX)
             self.producers.set_epoch(transactional_id, row.producer_id, bumped)
             await self._prepare(row, target, bumped)  # commits the bumped epoch with it
-            await self._complete(row)
+            await self._completed_now(row)
             if epoch >= EPOCH_MAX - 1:  # Kafka's isProducerEpochExhausted: a new id
                 await self._move_to(row, *await self.producers.rotate(transactional_id,
                                                                        row.producer_id))
@@ -347,8 +365,9 @@ class Transactions(ClusterSide):
                         running_ms_min, self.clock.wall_ms())
 
     def pending_offsets(self, group_id: str) -> set[tuple[str, int]]:
-        """The group's partitions with offsets in an unfinished transaction (KIP-447)."""
-        return pending_offsets(self._transactions.values(), group_id)
+        """The group's partitions with offsets in an unfinished transaction (KIP-447), as
+        this node (the group's coordinator) keeps them."""
+        return self.group_offsets.partitions(group_id)
 
     def counts(self) -> tuple[int, int, int]:
         """(ongoing, hanging, timed out since start): what metrics report."""
@@ -423,7 +442,15 @@ class Transactions(ClusterSide):
         async with asyncio.TaskGroup() as group:
             for topic, partition in markers:
                 group.create_task(self._marker(row, topic, partition, commit))
-        if commit:
+        for group_id in sorted(row.groups):  # after the markers, as Kafka's last step
+            try:
+                await self.finish_offsets(group_id, row.transactional_id, row.producer_id,
+                                          row.producer_epoch, commit)
+            except ConnectionError as error:  # the group's owner could not be asked
+                raise UnavailableError("the group's coordinator could not be told the end "
+                                       "of the transaction: retried", group_id=group_id,
+                                       reason=str(error)) from error
+        if commit:  # offsets a row written by an older Conveyor carries
             for group_id, offsets in sorted(row.offsets.items()):
                 self._write_offsets(group_id, offsets)
         row.state = TransactionState.COMPLETE_COMMIT if commit \
@@ -431,6 +458,15 @@ class Transactions(ClusterSide):
         row.partitions, row.groups, row.offsets = [], [], {}
         row.started_ms = -1
         await self._save_completed(row)
+
+    async def _completed_now(self, row: TransactionRow) -> None:
+        """EndTxn's completion; failed (a marker not appended, a group not told), the row
+        stays Prepare* and the timer retries within a second (not at the deadline)."""
+        try:
+            await self._complete(row)
+        except OperatingError:
+            self._timer.wake()
+            raise
 
     async def _marker(self, row: TransactionRow, topic: str, partition: int,
                       commit: bool) -> None:

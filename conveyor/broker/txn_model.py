@@ -2,8 +2,8 @@
 
 Owns: the states of a transactional id (Kafka's TransactionState), what Describe/List
 answer (``TransactionDescription``), the callables the coordinator is wired with (and a
-cluster node's ``GroupFence`` on TxnOffsetCommit and ``TxnFence`` on every write of a
-transaction's row), and the pure helpers of its log
+cluster node's ``TxnFence`` on every write of a transaction's row), and the pure helpers
+of its log
 scans and listings. Must not know: protocols, files, SQL.
 """
 
@@ -19,7 +19,6 @@ from conveyor.errors import (
     ConcurrentTransactionsError,
     InvalidProducerEpochError,
     InvalidTxnStateError,
-    NotCoordinatorError,
     OperatingError,
 )
 from conveyor.storage.log_api import LogStore
@@ -97,29 +96,6 @@ def no_member_check(group_id: str, member_id: str, generation: int) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class GroupFence:
-    """A cluster node's fence on the groups it coordinates (conveyor/cluster): a
-    TxnOffsetCommit's row is written only under ``guard(group)`` (owner, epoch, live
-    lease, checked inside the write's own transaction); ``refused`` is told the group
-    when that finds another node owns it."""
-
-    guard: Callable[[str], WriteGuard | None]
-    refused: Callable[[str], None]
-
-    async def save(self, store: TxnStateStore, row: TransactionRow, before: TransactionRow,
-                   group_id: str) -> None:
-        """Write ``row``; refused, it is put back as ``before`` and NOT_COORDINATOR raised."""
-        guard = self.guard(group_id)
-        if guard is not None and await store.save_guarded(row, guard):
-            return
-        for item in dataclasses.fields(row):
-            setattr(row, item.name, getattr(before, item.name))
-        self.refused(group_id)
-        raise NotCoordinatorError("this node no longer coordinates the group",
-                                  group_id=group_id)
-
-
-@dataclass(frozen=True, slots=True)
 class TxnFence:
     """A cluster node's fence on the transactional ids it coordinates (conveyor/cluster):
     every write of a transaction's row is made only under ``guard(transactional id)``
@@ -171,11 +147,6 @@ def described(row: TransactionRow | None) -> TransactionDescription | None:
     return TransactionDescription(
         row.transactional_id, row.producer_id, row.producer_epoch, str(row.state),
         row.timeout_ms, row.started_ms, tuple(sorted(row.partitions)))
-
-
-def pending_offsets(rows: Iterable[TransactionRow], group_id: str) -> set[tuple[str, int]]:
-    return {(t, p) for row in rows if row.state in OPEN
-            for t, p, _, _ in row.offsets.get(group_id, ())}
 
 
 def ongoing_count(rows: Iterable[TransactionRow]) -> int:

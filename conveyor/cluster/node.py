@@ -1,11 +1,12 @@
 """ClusterNode: one Conveyor node's membership wired to its broker (issue 12).
 
 Owns: what a claim reloads (a partition's head and producers; a group's state, offsets,
-configs and KIP-848 / KIP-932 members; a transactional id's transaction, finished if it
-was in flight), the group fence handed to the group coordinator, the transaction
+configs, KIP-848 / KIP-932 members and pending transactional offsets; a transactional
+id's transaction, finished if it was in flight), the group fence handed to the group
 coordinator and the members' writes (a WriteGuard carried into an offset commit's, a
-leader SyncGroup's, a TxnOffsetCommit's and a membership write), the transactional-id
-fence on every write of a transaction's row, the
+leader SyncGroup's, a TxnOffsetCommit's, a transaction end's and a membership write),
+the transactional-id fence on every write of a transaction's row, the calls between a
+transaction's coordinator and its groups' (txn_offsets_remote.py), the
 producer ids handed out from the database, the catalog kept alike on every node (topics,
 queues, exchanges and bindings re-read when another node tells a change and every
 heartbeat: catalog.py), and the view the Kafka listener asks: live nodes and their
@@ -24,13 +25,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from conveyor.broker.txn_model import GroupFence, TxnFence
+from conveyor.broker.txn_model import TxnFence
 from conveyor.clock import Clock
 from conveyor.cluster.catalog import CatalogSync
 from conveyor.cluster.internal_api import InternalServer, cluster_secret
 from conveyor.cluster.membership import ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, TXN, item_name
 from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
+from conveyor.cluster.txn_offsets_remote import OPS as TXN_OFFSETS_OPS
+from conveyor.cluster.txn_offsets_remote import RemoteTxnOffsets
 from conveyor.cluster.wakeups import Wakeups
 from conveyor.config import TlsConfig
 from conveyor.server.tls import RefusalLog, ServerTls
@@ -65,6 +68,7 @@ class ClusterNode:
         self.internal: InternalServer | None = None
         self.remote_queues: RemoteQueues | None = None
         self.owner_side: OwnerSide | None = None
+        self.remote_txn: RemoteTxnOffsets | None = None  # transactional offsets across nodes
         self.settings = settings
         self.membership = Membership(settings, clock)
         self.membership.on_acquire = self._acquired
@@ -92,14 +96,13 @@ class ClusterNode:
             GROUP, group_id)
         coordinator.guard_refused = lambda group_id: self.membership.forget(GROUP, group_id)
         transactions = self.broker.transactions
-        transactions.group_fence = GroupFence(coordinator.commit_guard,
-                                              coordinator.guard_refused)
         # KIP-848 / KIP-932 members are written under the same fence
         members = self.broker.group_members
         members.guard = coordinator.commit_guard
         members.guard_refused = coordinator.guard_refused
         self._serve_transactions()
         self.secret = secret = await cluster_secret(self.settings.dsn)
+        self._serve_txn_offsets(secret)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
             broker = self.broker
@@ -108,7 +111,7 @@ class ClusterNode:
                 lambda name, if_unused, if_empty: broker.delete_queue(
                     name, if_unused, if_empty, local=True))
             channel = self.channel
-            self.internal = InternalServer(secret, self.owner_side.handle,
+            self.internal = InternalServer(secret, self._internal_request,
                                            self.owner_side.orphan, tls=channel.server_tls,
                                            refusals=channel.refusals)
             await self.internal.start(self.internal_host, channel.port)
@@ -162,6 +165,24 @@ class ClusterNode:
             lambda transactional_id: membership.forget(TXN, transactional_id)))
         self.broker.producer.verify_transactional = transactions.verify_remote
 
+    def _serve_txn_offsets(self, secret: bytes) -> None:
+        """A transaction's end tells each of its groups' owner (on whichever node) how it
+        ended; a TxnOffsetCommit v5 adds its group at the transactional id's owner."""
+        broker = self.broker
+        self.remote_txn = remote = RemoteTxnOffsets(
+            self.membership, secret, self.membership.ensure_owned, broker.transactions,
+            broker.txn_offsets, tls=self.channel.client_tls)
+        broker.transactions.finish_offsets = remote.finish
+        broker.transactions.add_group = remote.add_group
+
+    async def _internal_request(self, op: str, args: dict[str, Any], node: int,
+                                incarnation: int) -> Any:
+        """What another node asks over the internal channel (internal_api.py)."""
+        if op in TXN_OFFSETS_OPS and self.remote_txn is not None:
+            return await self.remote_txn.handle(op, args)
+        assert self.owner_side is not None  # the server starts after it
+        return await self.owner_side.handle(op, args, node, incarnation)
+
     def derived_key(self, label: str) -> bytes:
         """A key every node derives alike (receipt seals valid on any node)."""
         assert self.secret, "derived_key before open"
@@ -182,6 +203,8 @@ class ClusterNode:
             await self.remote_queues.close()
         if self.owner_side is not None:
             await self.owner_side.close()
+        if self.remote_txn is not None:
+            await self.remote_txn.close()
         if self.internal is not None:
             await self.internal.close()
         if self.wakeups is not None:
@@ -248,6 +271,7 @@ class ClusterNode:
             return
         if kind == GROUP:
             await self.broker.group_coordinator.reload_group(name)
+            await self.broker.txn_offsets.reload_group(name)  # a dead owner's pending ones
             await self.broker.group_configs.reload_group(name)
             for callback in self._group_claimed:
                 await callback(name)

@@ -4,7 +4,8 @@ Owns: the ``StateStore`` interface the broker calls (save/load/delete of topics,
 queues, exchanges, bindings, ordered-group committed offsets and group metadata,
 group configs, producer ids/epochs and their last sequences per partition,
 counters, shared-group state through ``shared``, Kafka transactions through
-``txn`` and KIP-848 / KIP-932 group members through ``members``), its row types, and
+``txn``, a transaction's pending offsets at the group's coordinator through
+``txn_offsets`` and KIP-848 / KIP-932 group members through ``members``), its row types, and
 ``SqlStateStore``: those operations as SQL over an ``SqlEngine`` (SQLite or
 PostgreSQL; see sql_engine.py). No SQL text crosses the interface.
 
@@ -49,6 +50,7 @@ from conveyor.storage.sql_engine import (
     upsert_sql,
 )
 from conveyor.storage.sqlite_engine import SqliteEngine
+from conveyor.storage.txn_offsets_state import TxnOffsetsStateStore
 from conveyor.storage.txn_state import TxnStateStore
 
 __all__ = [
@@ -197,6 +199,7 @@ class StateStore(Protocol):
     shared: SharedStateStore  # shared-group state (shared_state.py)
     security: SecurityStateStore  # users, vhosts, permissions, ACLs (security_state.py)
     txn: TxnStateStore  # Kafka transactions (txn_state.py)
+    txn_offsets: TxnOffsetsStateStore  # pending transactional offsets (txn_offsets_state.py)
     members: MemberStateStore  # KIP-848 / KIP-932 group members (member_state.py)
 
     async def open(self) -> None: ...
@@ -262,6 +265,7 @@ class SqlStateStore:
         self.shared = SharedStateStore(engine)
         self.security = SecurityStateStore(engine)
         self.txn = TxnStateStore(engine)
+        self.txn_offsets = TxnOffsetsStateStore(engine)
         self.members = MemberStateStore(engine)
         self._counters: dict[str, int] = {}  # name -> next value (loaded at open)
 
@@ -277,6 +281,7 @@ class SqlStateStore:
         await self.engine.open()
         await self._migrate()
         self.members.create_schema()
+        self.txn_offsets.create_schema()
         self._counters = {
             str(name): int(value)
             for name, value in await self.engine.query("SELECT name, value FROM counters")
