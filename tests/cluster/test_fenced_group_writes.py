@@ -10,7 +10,6 @@ hand out no assignment, write nothing and stop serving the group.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ import pytest
 
 from conveyor.broker.broker import Broker
 from conveyor.broker.ordered_group import JoinResult
-from conveyor.broker.txn_model import GroupFence
 from conveyor.cluster.membership import Membership
 from conveyor.cluster.ownership import GROUP
 from conveyor.errors import NotCoordinatorError
@@ -66,7 +64,6 @@ async def setup(postgres_dsn: str) -> AsyncIterator[Setup]:
     coordinator = broker.group_coordinator
     coordinator.commit_guard = found.current
     coordinator.guard_refused = lambda group_id: first.forget(GROUP, group_id)
-    broker.transactions.group_fence = GroupFence(found.current, coordinator.guard_refused)
     await first.heartbeat()  # a fresh lease for what follows
     assert await first.ensure_owned(GROUP, found.group)
     try:
@@ -104,15 +101,18 @@ async def test_the_owners_sync_is_written_under_its_fence(setup: Setup) -> None:
     assert setup.first.owns(GROUP, setup.group)
 
 
-async def stored_offsets(dsn: str, transactional_id: str) -> dict[str, object]:
+async def stored_offsets(dsn: str, group_id: str) -> dict[tuple[str, int], tuple[int, int]]:
+    """The group's pending transactional offsets as stored: (topic, partition) ->
+    (offset, producer epoch)."""
     connection = await asyncpg.connect(dsn)
     try:
-        found = await connection.fetchval(
-            "SELECT offsets FROM txn_transactions WHERE transactional_id = $1",
-            transactional_id)
+        rows = await connection.fetch(
+            "SELECT topic, partition, committed_offset, producer_epoch FROM txn_group_offsets"
+            " WHERE group_id = $1", group_id)
     finally:
         await connection.close()
-    return dict(json.loads(found)) if found is not None else {}
+    return {(row["topic"], row["partition"]): (row["committed_offset"], row["producer_epoch"])
+            for row in rows}
 
 
 async def test_a_stale_coordinators_txn_offset_commit_writes_nothing(setup: Setup) -> None:
@@ -123,25 +123,48 @@ async def test_a_stale_coordinators_txn_offset_commit_writes_nothing(setup: Setu
     written = await broker.txn_offset_commit("tx", setup.group, producer_id, epoch,
                                              [("t", 0, 3, None)])
     assert written == {("t", 0): None}
-    assert await stored_offsets(setup.dsn, "tx") == {setup.group: [["t", 0, 3, None]]}
+    assert await stored_offsets(setup.dsn, setup.group) == {("t", 0): (3, epoch)}
     await setup.node_1_pauses()
     with pytest.raises(NotCoordinatorError):
         await broker.txn_offset_commit("tx", setup.group, producer_id, epoch,
                                        [("t", 0, 9, None)])
-    assert await stored_offsets(setup.dsn, "tx") == {setup.group: [["t", 0, 3, None]]}
+    assert await stored_offsets(setup.dsn, setup.group) == {("t", 0): (3, epoch)}
+    assert broker.pending_txn_offsets(setup.group) == {("t", 0)}  # 9 not kept either
     description = broker.describe_transaction("tx")
     assert description is not None and description.state == "Ongoing"
     assert not setup.first.owns(GROUP, setup.group)
-    # the refused 9 is not kept with the transaction either: its commit shows 3
-    await broker.end_txn("tx", producer_id, epoch, commit=True)
-    committed = broker.group_coordinator.fetch_offsets(setup.group)[("t", 0)]
-    assert committed is not None and committed.offset == 3
 
 
-async def test_an_implicit_txn_offset_commit_refused_leaves_no_transaction(
-        setup: Setup) -> None:
-    """TV2 (v5): the group joins the transaction at the TxnOffsetCommit; refused, the
-    transaction was not begun either."""
+async def test_a_stale_coordinator_cannot_end_a_transactions_offsets(setup: Setup) -> None:
+    """The end of a transaction (its marker) reaches a node that lost the group: refused,
+    nothing committed or dropped there or in the store, the transaction left Prepare* for
+    the timer's retry (which the group's next owner answers)."""
+    broker = setup.broker
+    await broker.create_topic("t")
+    producer_id, epoch = await broker.init_producer_id("tx3", 60_000)
+    await broker.add_offsets_to_txn("tx3", producer_id, epoch, setup.group)
+    await broker.txn_offset_commit("tx3", setup.group, producer_id, epoch,
+                                   [("t", 0, 5, None)])
+    await setup.node_1_pauses()
+    with pytest.raises(NotCoordinatorError):
+        await broker.end_txn("tx3", producer_id, epoch, commit=True)
+    description = broker.describe_transaction("tx3")
+    assert description is not None and description.state == "PrepareCommit"
+    assert await stored_offsets(setup.dsn, setup.group) == {("t", 0): (5, epoch)}
+    assert broker.fetch_offsets(setup.group).get(("t", 0)) is None
+    connection = await asyncpg.connect(setup.dsn)
+    try:
+        committed = await connection.fetch(
+            "SELECT committed_offset FROM group_offsets WHERE group_id = $1", setup.group)
+    finally:
+        await connection.close()
+    assert committed == []
+
+
+async def test_an_implicit_txn_offset_commit_refused_keeps_nothing(setup: Setup) -> None:
+    """TV2 (v5): the group joins the transaction at the TxnOffsetCommit (first, as Kafka's
+    group coordinator adds it at the transaction coordinator); refused, no offset is
+    kept: the transaction's end finds nothing pending for the group."""
     broker = setup.broker
     await broker.create_topic("t")
     producer_id, epoch = await broker.init_producer_id("tx2", 60_000)
@@ -149,6 +172,5 @@ async def test_an_implicit_txn_offset_commit_refused_leaves_no_transaction(
     with pytest.raises(NotCoordinatorError):
         await broker.txn_offset_commit("tx2", setup.group, producer_id, epoch,
                                        [("t", 0, 4, None)], implicit=True)
-    description = broker.describe_transaction("tx2")
-    assert description is not None and description.state == "Empty"
-    assert await stored_offsets(setup.dsn, "tx2") == {}
+    assert await stored_offsets(setup.dsn, setup.group) == {}
+    assert broker.pending_txn_offsets(setup.group) == set()

@@ -36,6 +36,7 @@ from conveyor.storage.state_store import (
     SqlStateStore,
     TopicRow,
 )
+from conveyor.storage.txn_offsets_state import PendingOffsetRow
 from conveyor.testing.postgres import PostgresServer
 from conveyor.testing.server import free_port
 
@@ -264,6 +265,52 @@ async def test_group_members_round_trip_as_changes(backend: Backend) -> None:
     assert len(await store.members.load(SHARE)) == 1
 
 
+def pending(group: str, producer_id: int, epoch: int, partition: int,
+            offset: int) -> PendingOffsetRow:
+    return PendingOffsetRow(group, f"tx-{producer_id}", producer_id, epoch, "t", partition,
+                            offset, f"m{offset}", 1_000 + offset)
+
+
+async def test_pending_txn_offsets_round_trip_and_end(backend: Backend) -> None:
+    """A transaction's pending offsets at the group's coordinator (txn_offsets_state.py):
+    kept across a reopen, loaded whole or by group; an end of one producer up to an epoch
+    commits (or drops) only that producer's rows up to that epoch, in one write with the
+    committed offsets; ending it again changes nothing."""
+    store = await backend.open()
+    rows = [pending("g", 7, 1, 0, 10), pending("g", 7, 1, 1, 11), pending("g", 8, 0, 0, 20),
+            pending("h", 7, 1, 0, 30)]
+    assert await store.txn_offsets.save(rows)
+    # a later epoch of producer 7 replaces its row of partition 1 (the key has no epoch)
+    assert await store.txn_offsets.save([pending("g", 7, 2, 1, 12)])
+    store = await backend.reopen(store)
+    loaded = await store.txn_offsets.load()
+    assert sorted(loaded, key=str) == sorted([*rows[:1], pending("g", 7, 2, 1, 12), *rows[2:]],
+                                             key=str)
+    assert sorted(await store.txn_offsets.load("h"), key=str) == [rows[3]]
+    # producer 7 ends with a marker of epoch 1: its epoch-1 row in g is committed, the
+    # epoch-2 row stays pending, group h and producer 8 are not touched
+    assert await store.txn_offsets.finish("g", 7, 1, [rows[0]])
+    await store.commit()
+    store = await backend.reopen(store)
+    assert sorted(await store.txn_offsets.load("g"), key=str) == sorted(
+        [pending("g", 7, 2, 1, 12), rows[2]], key=str)
+    assert await store.load_committed_offsets("g") == [
+        CommittedOffsetRow("g", "t", 0, 10, "m10", -1, 1_010)]
+    # producer 8 aborts: dropped, nothing committed
+    assert await store.txn_offsets.finish("g", 8, 0, [])
+    await store.commit()
+    assert [row.producer_id for row in await store.txn_offsets.load("g")] == [7]
+    assert len(await store.load_committed_offsets("g")) == 1
+    # the same end again: nothing changes
+    assert await store.txn_offsets.finish("g", 7, 1, [rows[0]])
+    await store.commit()
+    store = await backend.reopen(store)
+    assert await store.txn_offsets.load("g") == [pending("g", 7, 2, 1, 12)]
+    assert await store.txn_offsets.load("h") == [rows[3]]
+    assert await store.load_committed_offsets("g") == [
+        CommittedOffsetRow("g", "t", 0, 10, "m10", -1, 1_010)]
+
+
 async def test_a_newer_schema_version_is_refused(backend: Backend) -> None:
     store = await backend.open()
     store.engine.write(upsert_sql("conveyor_schema", ["singleton"], ["version"]), (1, 99))
@@ -414,5 +461,29 @@ async def test_postgres_guarded_member_writes_follow_their_guard(postgres_dsn: s
         assert not await store.members.save_guarded(refused, lost)
         assert await store.members.load(CONSUMER, "g") == [
             StoredGroup(CONSUMER, "g", {"epoch": 1}, {"a": {"epoch": 1}})]
+    finally:
+        await store.close()
+
+
+async def test_postgres_guarded_pending_offsets_follow_their_guard(postgres_dsn: str) -> None:
+    """A cluster node's pending offsets and their end are written only while its guard
+    finds its row: refused, neither the pending nor the committed offsets change."""
+    store = SqlStateStore(PostgresEngine(postgres_dsn, SystemClock()))
+    await store.open()
+    try:
+        store.engine.add_schema(["CREATE TABLE IF NOT EXISTS guard_rows (name TEXT)"])
+        store.engine.write("INSERT INTO guard_rows (name) VALUES (?)", ("mine",))
+        await store.commit()
+        held = WriteGuard("SELECT name FROM guard_rows WHERE name = $1 FOR SHARE", ("mine",))
+        lost = WriteGuard("SELECT name FROM guard_rows WHERE name = $1 FOR SHARE", ("gone",))
+        kept = pending("g", 7, 1, 0, 10)
+        assert await store.txn_offsets.save([kept], held)
+        assert not await store.txn_offsets.save([pending("g", 7, 1, 0, 99)], lost)
+        assert not await store.txn_offsets.finish("g", 7, 1, [kept], lost)
+        assert await store.txn_offsets.load("g") == [kept]
+        assert await store.load_committed_offsets("g") == []
+        assert await store.txn_offsets.finish("g", 7, 1, [kept], held)
+        assert await store.txn_offsets.load("g") == []
+        assert [row.committed_offset for row in await store.load_committed_offsets("g")] == [10]
     finally:
         await store.close()
