@@ -149,8 +149,8 @@ class Broker:
         self.txn_offsets = TxnOffsets(self.topics, state_store, clock, self.group_coordinator)
         self.transactions = Transactions(
             self.producers, self.topics, state_store, clock, self.txn_index,
-            self.producer.append_marker, self.group_coordinator.apply_offsets,
-            self.txn_offsets, self.config.transactional_id_expiration_ms)
+            self.producer.append_marker, self.txn_offsets,
+            self.config.transactional_id_expiration_ms)
         self.transactions.check_member = self.group_coordinator.check_member
         self.producer.check_transactional = self.transactions.check_produce
         self.producer.add_transactional = self.transactions.add_partition_implicitly

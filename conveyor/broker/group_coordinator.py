@@ -332,22 +332,6 @@ class GroupCoordinator:
             return
         group.check_commit(member_id, generation)
 
-    def apply_offsets(self, group_id: str,
-                      offsets: list[tuple[str, int, int, str | None]]) -> None:
-        """Offsets a committed transaction carried (TxnOffsetCommit): visible from now on,
-        whoever is in the group (the transaction checked its producer, not a member).
-        Written into the loop turn's state-store transaction; the caller commits."""
-        group = self._group(group_id, create=True)
-        now_ms = self.clock.wall_ms()
-        normalized = {(topic, partition): CommittedOffset(offset, metadata, -1, now_ms)
-                      for topic, partition, offset, metadata in offsets
-                      if self.topics.find(topic) is not None}
-        group.commit(normalized)
-        self.state_store.save_committed_offsets(
-            CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
-                               value.leader_epoch, value.commit_ms)
-            for (topic, partition), value in normalized.items())
-
     def show_offsets(self, group_id: str,
                      offsets: Mapping[tuple[str, int], CommittedOffset]) -> None:
         """Offsets a committed transaction carried, already written by the caller

@@ -81,11 +81,11 @@ from .txn_model import (
     PREPARING,
     MarkerWriter,
     NotAttemptedError,
-    OffsetsWriter,
     TransactionDescription,
     TransactionState,
     TxnFence,
     check_addable,
+    check_holds_group,
     described,
     filtered,
     log_chunks,
@@ -114,24 +114,18 @@ AddGroup = Callable[[str, int, int, str], Awaitable[None]]
 class Transactions(ClusterSide):
     def __init__(self, producers: ProducerStates, topics: TopicRegistry,
                  state_store: StateStore, clock: Clock, index: TransactionIndex,
-                 write_marker: MarkerWriter, write_offsets: OffsetsWriter,
-                 group_offsets: TxnOffsets, expiration_ms: int = EXPIRATION_MS) -> None:
+                 write_marker: MarkerWriter, group_offsets: TxnOffsets,
+                 expiration_ms: int = EXPIRATION_MS) -> None:
         self.producers = producers
         self.topics = topics
         self.clock = clock
         self.index = index
         self.store = state_store.txn
         self._write_marker = write_marker  # Producer.append_marker
-        # GroupCoordinator.apply_offsets (no COMMIT): only for offsets a row written by an
-        # older Conveyor still carries (they are kept by the group's coordinator now)
-        self._write_offsets = write_offsets
         self.group_offsets = group_offsets  # this node's groups' pending offsets
-        # tell a group's coordinator how a transaction ended; a cluster node replaces it
-        # with a call to the group's owner (conveyor/cluster/txn_offsets_remote.py)
+        # a cluster node calls the group's / the id's owner (cluster/txn_offsets_remote.py)
         self.finish_offsets: FinishOffsets = group_offsets.finish
-        # TxnOffsetCommit v5 (TV2) adds its group at the id's coordinator: here on one
-        # node, wherever the id is coordinated on a cluster node
-        self.add_group: AddGroup = self.add_offsets
+        self.add_group: AddGroup = self.add_offsets  # TxnOffsetCommit v5 (TV2)
         # (group, member id, generation): GroupCoordinator.check_member, set by the facade
         self.check_member: Callable[[str, str, int], None] = no_member_check
         self.txn_fence: TxnFence | None = None  # a cluster node: every row write fenced
@@ -243,10 +237,12 @@ class Transactions(ClusterSide):
                           group_id: str) -> None:
         async with self._locks.hold(transactional_id):
             row = self._checked(transactional_id, producer_id, epoch)
+            if row.state == TransactionState.ONGOING and group_id in row.groups:
+                self._touch(row)
+                return  # nothing to write (a TV2 TxnOffsetCommit asks every time)
             check_addable(row)
             self._begin(row)
-            if group_id not in row.groups:
-                row.groups.append(group_id)
+            row.groups.append(group_id)
             self._touch(row)
             await self._persist(row)
 
@@ -254,35 +250,18 @@ class Transactions(ClusterSide):
                              epoch: int, offsets: list[tuple[str, int, int, str | None]],
                              member: tuple[str, int] = ("", -1), implicit: bool = False,
                              ) -> dict[tuple[str, int], OperatingError | None]:
-        """TxnOffsetCommit, at the group's coordinator: the offsets kept there until the
-        transaction ends (txn_offsets.py); ``member`` (id, generation) is checked against
-        a classic group; ``implicit`` (v5, TV2): the group joins the transaction first,
-        as AddOffsetsToTxn would have added it. One node checks the transaction's row as
-        well (the producer's id and epoch, the transaction ongoing and holding the
-        group); a cluster node's group coordinator does not hold that row and checks
-        what Kafka's does: the member, and the producer's epoch order in the group."""
+        """TxnOffsetCommit at the group's coordinator (which keeps them: txn_offsets.py);
+        ``member`` (id, generation) checked against a classic group; ``implicit`` (v5,
+        TV2): the group joins the transaction first. One node checks the transaction's
+        row too; a cluster node's group coordinator has not got it (Kafka's checks)."""
+        self.check_member(group_id, *member)
+        if implicit:
+            await self.add_group(transactional_id, producer_id, epoch, group_id)
         if self.txn_fence is not None:
-            self.check_member(group_id, *member)
-            if implicit:
-                await self.add_group(transactional_id, producer_id, epoch, group_id)
             return await self.group_offsets.commit(group_id, transactional_id, producer_id,
                                                    epoch, offsets)
-        async with self._locks.hold(transactional_id):
-            row = self._checked(transactional_id, producer_id, epoch)
-            if implicit and (row.state != TransactionState.ONGOING
-                             or group_id not in row.groups):
-                self.check_member(group_id, *member)
-                check_addable(row)
-                self._begin(row)
-                row.groups.append(group_id)
-                self._touch(row)
-                await self._persist(row)
-            if row.state != TransactionState.ONGOING or group_id not in row.groups:
-                raise InvalidTxnStateError("AddOffsetsToTxn must come first in a transaction",
-                                           transactional_id=transactional_id, group=group_id)
-            self.check_member(group_id, *member)
-            self._touch(row)
-            # under the transaction's lock: its end cannot come between the check and this
+        async with self._locks.hold(transactional_id):  # its end waits for this write
+            check_holds_group(self._checked(transactional_id, producer_id, epoch), group_id)
             return await self.group_offsets.commit(group_id, transactional_id, producer_id,
                                                    epoch, offsets)
 
@@ -451,8 +430,7 @@ class Transactions(ClusterSide):
                                        "of the transaction: retried", group_id=group_id,
                                        reason=str(error)) from error
         if commit:  # offsets a row written by an older Conveyor carries
-            for group_id, offsets in sorted(row.offsets.items()):
-                self._write_offsets(group_id, offsets)
+            self.group_offsets.apply_stored(row.offsets)
         row.state = TransactionState.COMPLETE_COMMIT if commit \
             else TransactionState.COMPLETE_ABORT
         row.partitions, row.groups, row.offsets = [], [], {}
@@ -460,8 +438,7 @@ class Transactions(ClusterSide):
         await self._save_completed(row)
 
     async def _completed_now(self, row: TransactionRow) -> None:
-        """EndTxn's completion; failed (a marker not appended, a group not told), the row
-        stays Prepare* and the timer retries within a second (not at the deadline)."""
+        """Failed (a marker, a group not told), the timer retries it within a second."""
         try:
             await self._complete(row)
         except OperatingError:

@@ -62,7 +62,6 @@ class TransactionDescription:
 
 
 MarkerWriter = Callable[[str, int, int, int, bool, int], Awaitable[int]]
-OffsetsWriter = Callable[[str, list[tuple[str, int, int, str | None]]], None]
 
 
 def unaccounted(index: TransactionIndex, by_producer: dict[int, str],
@@ -157,6 +156,13 @@ def check_addable(row: TransactionRow) -> None:
     if row.state in PREPARING:
         raise ConcurrentTransactionsError("the previous transaction is completing",
                                           transactional_id=row.transactional_id)
+
+
+def check_holds_group(row: TransactionRow, group_id: str) -> None:
+    """One node's TxnOffsetCommit: only into an ongoing transaction holding the group."""
+    if row.state != TransactionState.ONGOING or group_id not in row.groups:
+        raise InvalidTxnStateError("AddOffsetsToTxn must come first in a transaction",
+                                   transactional_id=row.transactional_id, group=group_id)
 
 
 def retried_end(row: TransactionRow, target: TransactionState,

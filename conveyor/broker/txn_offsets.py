@@ -46,8 +46,9 @@ from conveyor.errors import (
     UnknownTopicError,
 )
 from conveyor.storage.sql_engine import WriteGuard
-from conveyor.storage.state_store import StateStore
+from conveyor.storage.state_store import CommittedOffsetRow, StateStore
 from conveyor.storage.txn_offsets_state import PendingOffsetRow
+from conveyor.storage.txn_state import PendingOffsets
 
 from .group_coordinator import GroupCoordinator
 from .keyed_locks import KeyedLocks
@@ -76,6 +77,7 @@ class TxnOffsets:
     def __init__(self, topics: TopicRegistry, state_store: StateStore, clock: Clock,
                  groups: GroupCoordinator) -> None:
         self.topics = topics
+        self.state_store = state_store
         self.store = state_store.txn_offsets
         self.clock = clock
         self.groups = groups  # committed offsets in memory; the owner fence (a cluster)
@@ -185,6 +187,20 @@ class TxnOffsets:
                 self.groups.show_offsets(group_id, {
                     (row.topic, row.partition): CommittedOffset(
                         row.offset, row.metadata, -1, row.commit_ms) for row in applied})
+
+    def apply_stored(self, offsets: PendingOffsets) -> None:
+        """Offsets a committed transaction's row carries (written by a Conveyor before
+        this module: they were kept with the transaction), visible now; written into the
+        loop turn's state-store transaction, with the row's completion."""
+        now_ms = self.clock.wall_ms()
+        for group_id, entries in sorted(offsets.items()):
+            shown = {(topic, partition): CommittedOffset(offset, metadata, -1, now_ms)
+                     for topic, partition, offset, metadata in entries
+                     if self.topics.find(topic) is not None}
+            self.groups.show_offsets(group_id, shown)
+            self.state_store.save_committed_offsets(
+                CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
+                                   -1, now_ms) for (topic, partition), value in shown.items())
 
     def _remember_end(self, group_id: str, producer_id: int, epoch: int) -> None:
         key = (group_id, producer_id)
