@@ -425,7 +425,7 @@ class Transactions(ClusterSide):
             try:
                 await self.finish_offsets(group_id, row.transactional_id, row.producer_id,
                                           row.producer_epoch, commit)
-            except ConnectionError as error:  # the group's owner could not be asked
+            except (ConnectionError, OperatingError) as error:  # not reached, or refused
                 raise UnavailableError("the group's coordinator could not be told the end "
                                        "of the transaction: retried", group_id=group_id,
                                        reason=str(error)) from error

@@ -21,7 +21,7 @@ from conveyor.broker.broker import Broker
 from conveyor.broker.ordered_group import JoinResult
 from conveyor.cluster.membership import Membership
 from conveyor.cluster.ownership import GROUP
-from conveyor.errors import NotCoordinatorError
+from conveyor.errors import NotCoordinatorError, UnavailableError
 from conveyor.storage.postgres_engine import PostgresEngine
 from conveyor.storage.postgres_log import PostgresLogStore
 from conveyor.storage.sql_engine import WriteGuard
@@ -136,9 +136,10 @@ async def test_a_stale_coordinators_txn_offset_commit_writes_nothing(setup: Setu
 
 
 async def test_a_stale_coordinator_cannot_end_a_transactions_offsets(setup: Setup) -> None:
-    """The end of a transaction (its marker) reaches a node that lost the group: refused,
-    nothing committed or dropped there or in the store, the transaction left Prepare* for
-    the timer's retry (which the group's next owner answers)."""
+    """The end of a transaction (its marker) reaches a node that lost the group: refused
+    (the client is told to retry), nothing committed or dropped there or in the store, the
+    transaction left PrepareCommit for the timer's retry (the group's next owner answers
+    it: tests/cluster/test_cluster_txn_offsets.py, the chaos form)."""
     broker = setup.broker
     await broker.create_topic("t")
     producer_id, epoch = await broker.init_producer_id("tx3", 60_000)
@@ -146,8 +147,9 @@ async def test_a_stale_coordinator_cannot_end_a_transactions_offsets(setup: Setu
     await broker.txn_offset_commit("tx3", setup.group, producer_id, epoch,
                                    [("t", 0, 5, None)])
     await setup.node_1_pauses()
-    with pytest.raises(NotCoordinatorError):
+    with pytest.raises(UnavailableError):  # COORDINATOR_NOT_AVAILABLE: the client retries
         await broker.end_txn("tx3", producer_id, epoch, commit=True)
+    assert not setup.first.owns(GROUP, setup.group)
     description = broker.describe_transaction("tx3")
     assert description is not None and description.state == "PrepareCommit"
     assert await stored_offsets(setup.dsn, setup.group) == {("t", 0): (5, epoch)}
