@@ -7,8 +7,9 @@ store's Dialect, standard ``ON CONFLICT`` upserts), as storage/shared_state.py i
 - ``txn_transactions``: one row per transactional id: its producer id and epoch,
   timeout, state (``Empty``, ``Ongoing``, ``PrepareCommit``, ``PrepareAbort``,
   ``CompleteCommit``, ``CompleteAbort``), the partitions and groups in the current
-  transaction (JSON), the offsets committed in it and not yet visible (JSON), and
-  when it started. ``PrepareCommit``/``PrepareAbort`` is written (and committed)
+  transaction (JSON), the offsets committed in it (JSON: only rows written by a
+  Conveyor before the group's coordinator kept them, txn_offsets_state.py; now ``{}``),
+  and when it started. ``PrepareCommit``/``PrepareAbort`` is written (and committed)
   before any marker, so a restart finishes the markers of every partition.
 - ``txn_partitions``: the partitions that ever held a transactional batch, with
   the offset of the first one: where a restart re-scans the log to rebuild the
@@ -22,8 +23,8 @@ store's Dialect, standard ``ON CONFLICT`` upserts), as storage/shared_state.py i
 
 Must not know: the broker's classes or the log. Writes go into the store's
 per-loop-turn transaction; callers that need durability await ``commit()``. A cluster
-node's TxnOffsetCommit writes its row with ``save_guarded``: a transaction of its own
-under the owner fence of the group it names.
+node writes a row with ``save_guarded``: a transaction of its own under the owner fence
+of the transactional id.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class TxnStateStore:
 
     async def save_guarded(self, row: TransactionRow, guard: WriteGuard) -> bool:
         """``row`` in a transaction of its own that first takes ``guard`` (a cluster
-        node's fence on the group a TxnOffsetCommit names); False, nothing written, when
+        node's fence on the transactional id); False, nothing written, when
         the guard finds no row. Needs an engine with guarded writes (PostgreSQL)."""
         if not hasattr(self.store, "write_guarded"):
             raise StorageError("guarded writes need the PostgreSQL state store",
