@@ -235,6 +235,10 @@ def internal_seeds() -> list[bytes]:
         {"op": "purge", "args": {"queue": "jobs"}},
         {"op": "delete", "args": {"queue": "jobs", "if_unused": False, "if_empty": True}},
         {"op": "release_consumer", "args": {"consumer": "c1"}},
+        {"op": "txn_offsets_finish", "args": {"group": "g", "transactional_id": "tx",
+                                              "producer_id": 7, "epoch": 0, "commit": True}},
+        {"op": "txn_add_group", "args": {"group": "g", "transactional_id": "tx",
+                                         "producer_id": 7, "epoch": 0}},
         {"op": "nope", "args": {}},
     ]
     authenticated = [INTERNAL_AUTHENTICATED + frames({"id": index + 1, **request})
