@@ -114,9 +114,6 @@ class TxnOffsets:
         return {key for by_partition in self._pending.get(group_id, {}).values()
                 for key in by_partition}
 
-    def pending(self, group_id: str, producer_id: int) -> dict[tuple[str, int], Pending]:
-        return dict(self._pending.get(group_id, {}).get(producer_id, {}))
-
     # --- TxnOffsetCommit ---------------------------------------------------------------
     async def commit(self, group_id: str, transactional_id: str, producer_id: int, epoch: int,
                      offsets: Offsets) -> dict[tuple[str, int], OperatingError | None]:
