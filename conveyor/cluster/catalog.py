@@ -5,7 +5,7 @@ Owns: telling the other nodes that this node committed a catalog change, learnin
 from them, and re-reading the changed part of the catalog from the state store. The
 broker calls ``changed(kind)`` after its commit ("topics", "queues", "exchanges": an
 exchange or a binding); once per loop turn the kinds noted go out in ONE ``pg_notify``
-on a connection of its own (never inside the write's transaction, as wakeups.py). A
+on a connection of its own (never inside the write's transaction: notify_channel.py). A
 listening connection receives the others' notifications and re-reads those kinds
 (topics, then queues, then exchanges with their bindings), one re-read at a time; what
 arrives during one is re-read after it. Every ``poll_ms`` everything is re-read, so a
@@ -27,10 +27,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
-from conveyor.cluster.membership import DB_ERRORS
-from conveyor.cluster.wakeups import _connect
+from conveyor.cluster.notify_channel import NotifyChannel, OverChannel
 from conveyor.tasks import Supervisor
 
 logger = logging.getLogger("conveyor.cluster")
@@ -43,80 +42,44 @@ MISS_REREADS_BURST: Final = 5
 Reread = Callable[[frozenset[str]], Awaitable[None]]
 
 
-class CatalogSync:
+class CatalogSync(OverChannel):
     def __init__(self, dsn: str, reread: Reread, poll_ms: int) -> None:
         self.dsn = dsn
         self.reread = reread  # re-reads the given kinds from the state store
         self.poll_ms = poll_ms
         self._pending: set[str] = set()  # kinds changed here, not sent yet
-        self._scheduled = False
         self._wanted: set[str] = set()  # kinds to re-read (told by others)
         self._reading: asyncio.Task[None] | None = None
         # the misses' token bucket (re-reads a publish or a look-up may ask for)
         self._miss_tokens = float(MISS_REREADS_BURST)
         self._miss_refilled_s = time.monotonic()
         self.misses_refused = 0  # misses answered without a re-read (bucket empty)
-        self._sender: Any = None
-        self._sender_lock = asyncio.Lock()
-        self._listener: Any = None
+        self._channel = NotifyChannel(dsn, CHANNEL, payloads=self._payloads,
+                                      received=self._on_notify, poll=self._poll,
+                                      poll_ms=poll_ms, label="catalog")
         self._tasks = Supervisor("cluster-catalog")
         self._stopping = asyncio.Event()
-        self.sent = 0  # notifications sent
-        self.received = 0  # notifications received from other nodes
         self.rereads = 0  # re-reads done (notified, polled or missed)
-
-    async def open(self) -> None:
-        await self._connect()
-        self._tasks.start(self._poll(), name="conveyor.cluster.catalog-poll")
-
-    async def _connect(self) -> None:
-        for connection in (self._listener, self._sender):
-            if connection is not None:
-                connection.terminate()
-        self._listener = self._sender = None
-        self._sender = await _connect(self.dsn)
-        self._listener = await _connect(self.dsn)
-        await self._listener.add_listener(CHANNEL, self._on_notify)
 
     async def close(self) -> None:
         self._stopping.set()
         await self._tasks.close(cancel=True)
-        for connection in (self._listener, self._sender):
-            if connection is not None:
-                try:
-                    await asyncio.wait_for(connection.close(), 5)
-                except DB_ERRORS:
-                    connection.terminate()
-        self._listener = self._sender = None
+        await super().close()
 
     # --- sending -----------------------------------------------------------------------
     def changed(self, kind: str) -> None:
         """A catalog change of ``kind`` committed on this node: tell the others (once
         per loop turn, whatever the number of changes)."""
         self._pending.add(kind)
-        if not self._scheduled and not self._stopping.is_set():
-            self._scheduled = True
-            self._tasks.start(self._send(), name="conveyor.cluster.catalog-notify")
+        self._channel.note()
 
-    async def _send(self) -> None:
-        await asyncio.sleep(0)  # the rest of this loop turn notes its changes too
-        self._scheduled = False
+    def _payloads(self) -> list[str]:
         kinds, self._pending = self._pending, set()
         payload = ",".join(kind for kind in KINDS if kind in kinds)
-        if not payload:
-            return
-        try:
-            async with self._sender_lock:
-                await self._sender.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
-            self.sent += 1
-        except (*DB_ERRORS, AttributeError) as error:
-            logger.warning("catalog change not sent (others poll)", extra={"error": str(error)})
+        return [payload] if payload else []
 
     # --- receiving ---------------------------------------------------------------------
-    def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
-        if self._sender is not None and pid == self._sender.get_server_pid():
-            return  # our own
-        self.received += 1
+    def _on_notify(self, payload: str) -> None:
         kinds = {kind for kind in payload.split(",") if kind in KINDS}
         if kinds:
             self._want(kinds)
@@ -161,18 +124,5 @@ class CatalogSync:
         await self.refresh()
 
     async def _poll(self) -> None:
-        """The fallback: re-read everything every ``poll_ms``."""
-        while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.poll_ms / 1000)
-                return
-            except TimeoutError:
-                pass
-            if self._listener is None or self._listener.is_closed():
-                try:
-                    async with self._sender_lock:
-                        await self._connect()
-                except DB_ERRORS as error:
-                    logger.warning("catalog connections not back yet",
-                                   extra={"error": str(error)})
-            self._want(set(KINDS))
+        """The fallback, every ``poll_ms``: re-read everything."""
+        self._want(set(KINDS))
