@@ -35,6 +35,11 @@ class SharedRemote(Protocol):
         """Does this node hold the group's window (claiming it when it is the choice)?"""
         ...
 
+    def exports(self, group: str, topic: str) -> bool:
+        """Is this node the group's owner in its current view of the cluster (without a
+        claim)? Only the owner exports the queue's per-queue metrics."""
+        ...
+
     async def acquire(self, topic: str, group: str, records_max: int, lock_ms: int | None,
                       wait_ms: int, consumer_id: str | None,
                       partitions: Sequence[int] | None = None) -> list[Delivery]:

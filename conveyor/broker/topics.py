@@ -16,9 +16,10 @@ from the log store (a crash between the two writes) so both agree again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from conveyor.clock import Clock
@@ -193,6 +194,26 @@ class TopicRegistry:
         self._topics: dict[str, TopicInfo] = {}
         # names whose partitions are being created (not yet in _topics)
         self._creating: set[str] = set()
+        # changes made here: started and finished (a cluster node's re-read of the
+        # catalog that overlapped one is thrown away: conveyor/cluster/catalog_apply.py)
+        self.changes = 0
+        self.changing = 0
+
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[None]:
+        self.changes += 1
+        self.changing += 1
+        try:
+            yield
+        finally:
+            self.changing -= 1
+            self.changes += 1
+
+    def forget(self, name: str) -> TopicInfo | None:
+        """Another cluster node deleted the topic: forget it here (the stores are left
+        alone; the caller forgets its partitions)."""
+        self.changes += 1
+        return self._topics.pop(name, None)
 
     async def load(self) -> None:
         """Read topics from the state store; create partition logs the log store lacks."""
@@ -258,25 +279,27 @@ class TopicRegistry:
         )
         log_config = log_config_for(topic_config, self._log_config_factory)
         self._creating.add(name)
-        try:
-            for partition in range(partitions):
-                await self.log_store.create_partition(name, partition, log_config)
-        finally:
-            self._creating.discard(name)
-        # visible only once every partition exists
-        self._topics[name] = info
-        self._save(info)
-        await self._state_store.commit()
+        with self._change():
+            try:
+                for partition in range(partitions):
+                    await self.log_store.create_partition(name, partition, log_config)
+            finally:
+                self._creating.discard(name)
+            # visible only once every partition exists
+            self._topics[name] = info
+            self._save(info)
+            await self._state_store.commit()
         return info
 
     async def delete(self, name: str) -> TopicInfo:
         info = self.get(name)
-        del self._topics[name]
-        self._state_store.delete_topic(name)
-        self._state_store.delete_producer_sequences_for_topic(name)
-        await self._state_store.commit()
-        for partition in range(info.partitions):
-            await self.log_store.delete_partition(name, partition)
+        with self._change():
+            del self._topics[name]
+            self._state_store.delete_topic(name)
+            self._state_store.delete_producer_sequences_for_topic(name)
+            await self._state_store.commit()
+            for partition in range(info.partitions):
+                await self.log_store.delete_partition(name, partition)
         return info
 
     async def alter_config(
@@ -298,12 +321,13 @@ class TopicRegistry:
             reset[field] = getattr(defaults, field)
         config = config_from_mapping(set_configs or {}, dataclasses.replace(info.config, **reset))
         updated = dataclasses.replace(info, config=config)
-        self._topics[name] = updated
-        log_config = log_config_for(config, self._log_config_factory)
-        for partition in range(updated.partitions):
-            await self.log_store.set_config(name, partition, log_config)
-        self._save(updated)
-        await self._state_store.commit()
+        with self._change():
+            self._topics[name] = updated
+            log_config = log_config_for(config, self._log_config_factory)
+            for partition in range(updated.partitions):
+                await self.log_store.set_config(name, partition, log_config)
+            self._save(updated)
+            await self._state_store.commit()
         return updated
 
     async def create_partitions(self, name: str, total: int) -> TopicInfo:
@@ -315,12 +339,13 @@ class TopicRegistry:
             )
         validate_partitions(total)
         log_config = log_config_for(info.config, self._log_config_factory)
-        for partition in range(info.partitions, total):
-            await self.log_store.create_partition(name, partition, log_config)
-        updated = dataclasses.replace(info, partitions=total)
-        self._topics[name] = updated
-        self._save(updated)
-        await self._state_store.commit()
+        with self._change():
+            for partition in range(info.partitions, total):
+                await self.log_store.create_partition(name, partition, log_config)
+            updated = dataclasses.replace(info, partitions=total)
+            self._topics[name] = updated
+            self._save(updated)
+            await self._state_store.commit()
         return updated
 
     def _save(self, info: TopicInfo) -> None:

@@ -143,6 +143,10 @@ class RemoteQueues:
     async def serves(self, group: str, topic: str) -> bool:
         return await self.serve(group, topic)
 
+    def exports(self, group: str, topic: str) -> bool:
+        owner, _ = self.membership.owner_of(SHARED, item_name(SHARED, group, topic))
+        return owner == self.membership.node_id
+
     async def acquire(self, topic: str, group: str, records_max: int, lock_ms: int | None,
                       wait_ms: int, consumer_id: str | None,
                       partitions: Sequence[int] | None = None) -> list[Delivery]:

@@ -252,6 +252,22 @@ class PostgresLogStore:
             part.next_offset = max(part.next_offset, row["next_offset"])
             part.log_start_offset = max(part.log_start_offset, row["log_start_offset"])
 
+    async def stored_partitions(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> its id, of every partition in the database now."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(sql.PARTITION_IDS)
+        return {(row["topic"], row["partition"]): row["partition_id"] for row in rows}
+
+    def forget_partition(self, topic: str, partition: int, stored_id: int | None) -> bool:
+        """Another node deleted the partition (``stored_id`` None) or made it anew (another
+        id): forget this node's view, leave the database alone. True when forgotten."""
+        part = self._partitions.get((topic, partition))
+        if part is None or part.partition_id == stored_id:
+            return False
+        del self._partitions[(topic, partition)], self._by_id[part.partition_id]
+        self._set_aside.pop((topic, partition), None)
+        return True
+
     def observe_head(self, topic: str, partition: int, next_offset: int) -> bool:
         """Another node committed up to ``next_offset``; True when that moved our view."""
         part = self._partitions.get((topic, partition))
@@ -390,23 +406,7 @@ class PostgresLogStore:
         async with self._connection() as connection:
             await connection.execute(sql.SET_LOG_START, part.partition_id, offset)
             part.log_start_offset = offset
-            await self._drop_chunks_below(connection, part)
-
-    async def _drop_chunks_below(self, connection: Any, part: _Partition) -> None:
-        """Drop whole chunks whose every batch is below the log start (DROP TABLE)."""
-        pid = part.partition_id
-        chunk = await connection.fetchval(sql.CHUNKS_FROM, pid)
-        first_kept = chunk
-        while (chunk + 1) * self.chunk_offsets <= part.log_start_offset:
-            last = await connection.fetchval(
-                sql.CHUNK_LAST_OFFSET.format(chunk=sql.chunk_table(pid, chunk)))
-            if last >= part.log_start_offset:
-                break
-            await connection.execute(sql.drop_chunk(pid, chunk))
-            chunk += 1
-        if chunk != first_kept:
-            await connection.execute(sql.SET_CHUNKS_FROM, pid, chunk)
-        part.chunks_from = chunk
+            await _drop_chunks_below(connection, part, self.chunk_offsets)
 
     # --- truncation and compaction ----------------------------------------------------
     async def truncate(self, topic: str, partition: int, offset: int) -> int:
@@ -461,7 +461,7 @@ class PostgresLogStore:
                 if target > part.log_start_offset:
                     await connection.execute(sql.SET_LOG_START, part.partition_id, target)
                     part.log_start_offset = target
-                await self._drop_chunks_below(connection, part)
+                await _drop_chunks_below(connection, part, self.chunk_offsets)
                 row = await connection.fetchrow(
                     "SELECT next_offset, chunks_until FROM conveyor_log_partitions "
                     "WHERE partition_id = $1", part.partition_id)
@@ -519,6 +519,23 @@ class _Acquired:
             logger.warning("dropping a broken database connection")
         if isinstance(error, CONNECTION_ERRORS):
             raise StorageError("database unavailable", reason=str(error)) from error
+
+
+async def _drop_chunks_below(connection: Any, part: _Partition, chunk_offsets: int) -> None:
+    """Drop whole chunks whose every batch is below the log start (DROP TABLE)."""
+    pid = part.partition_id
+    chunk = await connection.fetchval(sql.CHUNKS_FROM, pid)
+    first_kept = chunk
+    while (chunk + 1) * chunk_offsets <= part.log_start_offset:
+        last = await connection.fetchval(
+            sql.CHUNK_LAST_OFFSET.format(chunk=sql.chunk_table(pid, chunk)))
+        if last >= part.log_start_offset:
+            break
+        await connection.execute(sql.drop_chunk(pid, chunk))
+        chunk += 1
+    if chunk != first_kept:
+        await connection.execute(sql.SET_CHUNKS_FROM, pid, chunk)
+    part.chunks_from = chunk
 
 
 async def _retention_target(connection: Any, part: _Partition, now_ms: int) -> int:

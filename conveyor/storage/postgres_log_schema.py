@@ -143,6 +143,8 @@ SET_CHUNKS_FROM = "UPDATE conveyor_log_partitions SET chunks_from = $2 WHERE par
 CHUNKS_FROM = "SELECT chunks_from FROM conveyor_log_partitions WHERE partition_id = $1"
 CHUNK_LAST_OFFSET = "SELECT coalesce(max(last_offset), -1) FROM {chunk}"
 DELETE_HEAD = "DELETE FROM conveyor_log_partitions WHERE partition_id = $1"
+# every partition and its id (a cluster node finds those deleted or made anew elsewhere)
+PARTITION_IDS = "SELECT topic, partition, partition_id FROM conveyor_log_partitions"
 
 # compaction (storage/postgres_compaction.py) and truncation of one partition: its rewrite
 # transactions and a truncation take this lock, so a truncation sees every rewritten row

@@ -25,6 +25,9 @@ class FakeRemote:
     async def serves(self, group: str, topic: str) -> bool:
         return group == "near"
 
+    def exports(self, group: str, topic: str) -> bool:
+        return group == "near"
+
     async def acquire(self, topic: str, group: str, records_max: int, lock_ms: int | None,
                       wait_ms: int, consumer_id: str | None,
                       partitions: Sequence[int] | None = None) -> list[Delivery]:
