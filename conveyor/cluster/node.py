@@ -9,7 +9,8 @@ the transactional-id fence on every write of a transaction's row, the calls betw
 transaction's coordinator and its groups' (txn_offsets_remote.py), the
 producer ids handed out from the database, the catalog kept alike on every node (topics,
 queues, exchanges and bindings re-read when another node tells a change and every
-heartbeat: catalog.py), and the view the Kafka listener asks: live nodes and their
+heartbeat: catalog.py, applied by catalog_apply.py), and the view the Kafka listener
+asks: live nodes and their
 addresses, each partition's leader and epoch, each group's and transactional id's
 coordinator.
 Must not know: wire formats.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor.broker.txn_model import TxnFence
 from conveyor.clock import Clock
 from conveyor.cluster.catalog import CatalogSync
+from conveyor.cluster.catalog_apply import CatalogApply
 from conveyor.cluster.internal_api import InternalServer, cluster_secret
 from conveyor.cluster.membership import ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, TXN, item_name
@@ -76,6 +78,7 @@ class ClusterNode:
         self._stopping = asyncio.Event()
         self.wakeups: Wakeups | None = None
         self.catalog: CatalogSync | None = None
+        self.catalog_apply: CatalogApply | None = None
         self._shared: dict[str, tuple[str, str]] = {}  # item name -> (group, topic)
         self.secret = b""  # the cluster secret (internal_api.cluster_secret), at open
         # told a group id whenever this node claims it (protocols drop what they held)
@@ -123,7 +126,8 @@ class ClusterNode:
                 self.owner_side.sweep, "release of dead nodes' deliveries failed"),
                 name="conveyor.cluster.sweep")
         # the catalog (topics among it) is re-read every heartbeat and when told
-        self.catalog = CatalogSync(self.settings.dsn, self._reread_catalog,
+        self.catalog_apply = CatalogApply(self.broker)
+        self.catalog = CatalogSync(self.settings.dsn, self.catalog_apply.reread,
                                    self.settings.heartbeat_ms)
         await self.catalog.open()
         self.broker.catalog_changed = self.catalog.changed
@@ -232,22 +236,6 @@ class ClusterNode:
     async def refresh_catalog(self) -> None:
         """Re-read the topic catalog now (a name another node may just have created)."""
         await self.broker.topics.load()
-
-    async def _reread_catalog(self, kinds: frozenset[str]) -> None:
-        """Apply what another node changed (catalog.py): the topics, the queues declared
-        there (loaded as a queue's non-owner loads one at its first acquire), the durable
-        exchanges and bindings. What this node's clients are doing is left alone."""
-        broker = self.broker
-        if kinds & {"topics", "queues"}:
-            await broker.topics.load()
-        shared = broker.shared_groups
-        if "queues" in kinds and shared is not None:
-            for row in await broker.state_store.load_queues():
-                if not shared.queue_exists(row.name):
-                    async with shared.hold_queue(row.name):
-                        await shared.load_declared(row.name, row.name)
-        if "exchanges" in kinds:
-            await broker.exchanges.reload()
 
     async def serve_shared(self, group: str, topic: str) -> bool:
         """Does this node hold the queue's (shared group's) window? Its owner only; the

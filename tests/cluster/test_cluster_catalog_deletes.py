@@ -26,6 +26,7 @@ from conveyor.testing.server import BrokerProcess
 from tests.cluster.helpers import cluster, http_json, wait_for
 from tests.cluster.test_cluster_queue_delete import status_of
 from tests.cluster.test_cluster_queues import owner_of_jobs
+from tests.integration.test_metrics import samples_of, scrape, value
 
 
 def connect(node: BrokerProcess) -> pika.BlockingConnection:
@@ -55,7 +56,9 @@ def test_a_queue_deleted_on_one_node_is_gone_on_the_other(tmp_path: Path,
             assert status_of(owner, "/queues/jobs", "DELETE") == 204
             wait_for(lambda: (connection.process_data_events(0.05), cancelled.is_set())[1],
                      10, "basic.cancel on the other node")
-            assert status_of(other, "/queues/jobs") == 404
+            # (the cancel may come first: the consumer's acquire is answered by the owner)
+            wait_for(lambda: status_of(other, "/queues/jobs") == 404, 10,
+                     "jobs gone from the other node")
             # a publish there is unroutable, as on one node after a delete
             publisher = connection.channel()
             publisher.confirm_delivery()
@@ -122,3 +125,30 @@ def test_a_topic_deleted_on_one_node_leaves_the_others_metadata(
         admins[0].delete_topics(["events"])["events"].result(10)
         wait_for(lambda: not listed(admins[1]), 10, "events gone from node 2's Metadata")
         assert status_of(nodes[1], "/topics/events") == 404
+
+
+def queue_series(node: BrokerProcess) -> dict[str, float]:
+    """The node's per-queue series of queue jobs, and its omitted-queues count."""
+    text, _ = scrape(f"http://127.0.0.1:{node.ports['http']}")
+    samples = samples_of(text)
+    found = {name: number for (name, labels), number in samples.items()
+             if name.startswith("conveyor_queue_") and ("queue", "jobs") in labels}
+    found["omitted"] = value(samples, "conveyor_metrics_series_omitted", family="queues")
+    return found
+
+
+def test_only_a_queues_owner_exports_its_series(tmp_path: Path, postgres_dsn: str) -> None:
+    """Per-queue /metrics come from the owner's window only, so a sum over the nodes
+    counts each message once; the other node's copy is not exported (nor counted as
+    omitted)."""
+    with cluster(tmp_path, postgres_dsn, 2, listeners=("http",)) as nodes:
+        two_live(nodes)
+        http_json(nodes[0], "/queues", {"name": "jobs"})
+        wait_for(lambda: status_of(nodes[1], "/queues/jobs") == 200, 10, "jobs on node 2")
+        owner, other = owner_of_jobs(nodes)
+        http_json(other, "/topics/jobs/messages",
+                  {"messages": [{"value": f"m{index}"} for index in range(4)]})
+        wait_for(lambda: queue_series(owner).get("conveyor_queue_messages_ready") == 4, 10,
+                 "4 ready in the owner's series")
+        assert queue_series(other) == {"omitted": 0}
+        assert queue_series(owner)["omitted"] == 0
