@@ -697,7 +697,9 @@ class Broker:
 
     async def alter_queue(self, name: str, config: QueueConfig) -> QueueInfo:
         """Replace a queue's config (same partitions); applies from the next acquire."""
-        return await self._shared().alter_queue(name, config)
+        info = await self._shared().alter_queue(name, config)
+        self.catalog_changed("queues")  # the other cluster nodes' copies take it
+        return info
 
     async def get_queue(self, name: str) -> QueueInfo:
         if not self._queue_exists(name):

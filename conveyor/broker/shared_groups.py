@@ -111,6 +111,20 @@ class SharedGroups(SharedQueues):
                                         self.filter_publish)
         self.retention = WorkQueueRetention(host.topics, self.clock)
 
+    def forget_topic(self, topic: str) -> None:
+        """Another cluster node deleted the topic (a queue's among them): its groups go
+        from memory, the stores are left alone (that node deleted the rows). Their
+        parked acquires return empty; the next one finds no queue. The caller has
+        forgotten the topic's partitions first."""
+        for key in [key for key in self._groups if key[1] == topic]:
+            del self._groups[key]
+            self.polls.wake(*key)
+        self._dedup.pop(topic, None)
+        self.appended.drop_topic(topic)
+        for table in (self.retention.retained, self.retention.retained_at):
+            for partition_key in [item for item in table if item[0] == topic]:
+                del table[partition_key]
+
     # --- acquire ---------------------------------------------------------------------
     async def acquire(
         self, topic: str, group: str, records_max: int = 1, lock_ms: int | None = None,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from conveyor.errors import (
     InvalidRequestError,
@@ -28,7 +29,12 @@ from conveyor.storage.text import check_storable
 from .delivery import DedupWindow
 from .keyed_locks import KeyedLocks
 from .shared_group import RecordState, SharedPartition
-from .shared_model import SharedGroupsHost, SharedGroupWindows, config_to_json
+from .shared_model import (
+    SharedGroupsHost,
+    SharedGroupWindows,
+    config_from_mapping,
+    config_to_json,
+)
 from .shared_windows import SharedWindows
 from .stats import CONSUMER_ACTIVE_MS, CONSUMERS_TRACKED_MAX, QueueStats, TrafficCounters
 from .types import QueueConfig, QueueInfo, TopicConfig
@@ -44,6 +50,10 @@ class SharedQueues(SharedWindows):
         # queue name -> its declare/delete/purge, one at a time (each awaits in between:
         # a delete during a declare left the declare without its group, found by fuzzing)
         self._lifecycle = KeyedLocks()
+        # queue configs altered here: started and finished (conveyor/cluster/catalog_apply.py
+        # throws away a re-read that overlapped one)
+        self.config_changes = 0
+        self.configs_changing = 0
 
     # --- declarations ----------------------------------------------------------------
     async def declare_queue(self, name: str, config: QueueConfig | None = None) -> QueueInfo:
@@ -208,14 +218,27 @@ class SharedQueues(SharedWindows):
         state = self._queue(name)
         if config.partitions != state.config.partitions:
             raise InvalidRequestError("partitions cannot change", queue=name)
-        state.config = config
-        for part in state.partitions.values():
-            part.config = config
-        self.host.state_store.save_queue(
-            QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
-        self.store.save_group(name, name, config_to_json(config))
-        await self.persister.durable()
+        self.config_changes += 1  # a cluster node's re-read overlapping it reads again
+        self.configs_changing += 1
+        try:
+            _set_config(state, config)
+            self.host.state_store.save_queue(
+                QueueRow(name, dataclasses.asdict(config), self.clock.wall_ms()))
+            self.store.save_group(name, name, config_to_json(config))
+            await self.persister.durable()
+        finally:
+            self.configs_changing -= 1
+            self.config_changes += 1
         return await self.get_queue(name)
+
+    def apply_config(self, name: str, values: Mapping[str, Any]) -> None:
+        """A queue's config as stored by another cluster node that altered it: held here
+        from the next acquire on (memory only: that node wrote the rows)."""
+        state = self._groups.get((name, name))
+        config = config_from_mapping(values)
+        if state is not None and state.is_queue and state.config != config \
+                and config.partitions == state.config.partitions:
+            _set_config(state, config)
 
     async def purge_queue(self, name: str, local: bool = False) -> int:
         """``local``: this node's window only (a request forwarded by another node)."""
@@ -257,9 +280,12 @@ class SharedQueues(SharedWindows):
         """Counts of the first ``queues_max`` queues by name, and how many were left out.
 
         Read-only and never suspends (metrics scrapes call it): the windows are counted
-        as the last timer tick left them; records not loaded yet count as ready."""
+        as the last timer tick left them; records not loaded yet count as ready. On a
+        cluster node, the queues it owns only (another node's copy may be stale)."""
+        remote = self.remote  # several nodes: only the owner's window is the truth
         names = sorted(group for group, topic in self._groups
-                       if group == topic and self._groups[(group, topic)].is_queue)
+                       if group == topic and self._groups[(group, topic)].is_queue
+                       and (remote is None or remote.exports(group, topic)))
         now_ms = self.clock.monotonic_ms()
         exported = []
         for name in names[:queues_max]:
@@ -300,3 +326,9 @@ class SharedQueues(SharedWindows):
             return stored
         await self.create_shared_group(topic, group)  # KIP-932: created on first use
         return self._groups[(group, topic)]
+
+
+def _set_config(state: SharedGroupWindows, config: QueueConfig) -> None:
+    state.config = config
+    for part in state.partitions.values():
+        part.config = config

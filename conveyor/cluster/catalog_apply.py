@@ -102,9 +102,12 @@ class CatalogApply:
         broker.producer.forget_topic(name)
         broker.txn_index.forget_topic(name)
         broker.traffic.forget_topic(name)
-        if broker.shared_groups is not None:
-            broker.shared_groups.forget_topic(name)
-        for partition in range(info.partitions):
+        shared = broker.shared_groups
+        if shared is not None:
+            shared.forget_topic(name)
+        for partition in range(info.partitions):  # as after a delete on one node
+            if shared is not None:
+                shared.notify_appended(name, partition)
             broker.fetcher.wake((name, partition))  # a long poll answers "unknown topic"
         self.topics_forgotten += 1
         logger.info("topic deleted on another node forgotten", extra={"topic": name})
