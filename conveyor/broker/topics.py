@@ -215,20 +215,29 @@ class TopicRegistry:
         self.changes += 1
         return self._topics.pop(name, None)
 
-    async def load(self) -> None:
-        """Read topics from the state store; create partition logs the log store lacks."""
-        existing = set(self.log_store.partitions())
-        for row in await self._state_store.load_topics():
-            info = TopicInfo(
+    async def load(self, attempts: int = 3) -> None:
+        """Read topics from the state store; create partition logs the log store lacks.
+        A cluster node re-reads beside requests: a read that overlapped a topic created,
+        deleted or forgotten here is thrown away and read again (it could bring back a
+        topic deleted meanwhile), up to ``attempts`` times; then nothing is applied (the
+        next re-read is)."""
+        for _ in range(attempts):
+            mark = self.changes
+            existing = set(self.log_store.partitions())
+            infos = [TopicInfo(
                 name=row.name, partitions=row.partitions, config=config_from_row(row.config),
                 kind="queue" if row.kind == "queue" else "topic", created_ms=row.created_ms,
-            )
-            log_config = log_config_for(info.config, self._log_config_factory)
-            for partition in range(info.partitions):
-                if (info.name, partition) not in existing:
-                    await self.log_store.create_partition(info.name, partition, log_config)
-            # known once its partitions are (a re-read by a cluster node runs beside requests)
-            self._topics[info.name] = info
+            ) for row in await self._state_store.load_topics()]
+            for info in infos:
+                log_config = log_config_for(info.config, self._log_config_factory)
+                for partition in range(info.partitions):
+                    if (info.name, partition) not in existing:
+                        await self.log_store.create_partition(info.name, partition, log_config)
+            if self.changes != mark:
+                continue
+            for info in infos:  # known once its partitions are, all at once
+                self._topics[info.name] = info
+            return
 
     def get(self, name: str) -> TopicInfo:
         info = self._topics.get(name)
