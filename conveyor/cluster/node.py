@@ -10,9 +10,8 @@ transaction's coordinator and its groups' (txn_offsets_remote.py), the
 producer ids handed out from the database, the catalog kept alike on every node (topics,
 queues, exchanges and bindings re-read when another node tells a change and every
 heartbeat: catalog.py, applied by catalog_apply.py), and the view the Kafka listener
-asks: live nodes and their
-addresses, each partition's leader and epoch, each group's and transactional id's
-coordinator.
+asks: live nodes and their addresses, each partition's leader and epoch, each group's
+and transactional id's coordinator.
 Must not know: wire formats.
 """
 
