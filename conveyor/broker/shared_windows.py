@@ -273,14 +273,22 @@ class SharedWindows:
                 high_watermark = self._high_watermark(part)
                 continue
             high_watermark = self._high_watermark(part)
+            # the room is counted down, not asked per record: a load of the record at
+            # next_offset takes one place (or frees some: a settled saved row), so the
+            # count never overfills the window; after a gap in the offsets it is asked
+            room = part.room()
+            config = state.config
             for record in records:
                 # a read that suspends (a LogStore in a database) lets another fill of
                 # this partition load the same records meanwhile: keep only what is new
                 if record.offset < part.next_offset:
                     continue
-                if part.room() <= 0:
+                if record.offset != part.next_offset:
+                    room = part.room()
+                if room <= 0:
                     break  # the window filled meanwhile: read on from here next time
-                part.load(record, record_policy(record, state.config, skew_ms))
+                room -= 1
+                part.load(record, record_policy(record, config, skew_ms))
             else:
                 if read_end > part.next_offset:
                     part.skip_to(read_end)  # control records, aborted transactions

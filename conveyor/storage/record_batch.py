@@ -144,6 +144,26 @@ class Record:
 
 Buffer = bytes | bytearray | memoryview
 
+_set_offset = vars(Record)["offset"].__set__
+_set_timestamp_ms = vars(Record)["timestamp_ms"].__set__
+_set_key = vars(Record)["key"].__set__
+_set_value = vars(Record)["value"].__set__
+_set_headers = vars(Record)["headers"].__set__
+
+
+def _new_record(offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None,
+                headers: tuple[tuple[str, bytes | None], ...]) -> Record:
+    """``Record(...)`` for the decoder's loop: a frozen dataclass's ``__init__`` sets
+    each field through ``object.__setattr__`` (0.56 µs a record measured, against
+    0.33 µs through the slots' own descriptors, which this calls); the same object."""
+    record: Record = object.__new__(Record)
+    _set_offset(record, offset)
+    _set_timestamp_ms(record, timestamp_ms)
+    _set_key(record, key)
+    _set_value(record, value)
+    _set_headers(record, headers)
+    return record
+
 
 # --- headers and validation -----------------------------------------------------------
 def read_header(buffer: Buffer, position: int = 0) -> BatchHeader:
@@ -488,9 +508,12 @@ class _SlowPath(Exception):
 
 
 def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record], int]:
-    """The batch's records when every varint but lengths of keys/values fits one or two
-    bytes (what Conveyor writes); any surprise raises and the careful decoder re-runs,
-    so errors are reported exactly as it reports them."""
+    """The batch's records when every varint fits one or two bytes, but lengths of
+    record, key and value and a header value may be longer (what Conveyor writes); any
+    surprise raises and the careful decoder re-runs, so errors are reported exactly as
+    it reports them. Varints of one and two bytes are read inline (a call per field
+    was ~10 % of this function), and records are built without the frozen
+    dataclass's ``__init__`` (``_new_record``)."""
     records: list[Record] = []
     append = records.append
     base_offset = header.base_offset
@@ -499,45 +522,72 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
     last_delta = header.last_offset_delta
     previous_delta = -1  # offset deltas rise strictly within [0, last_offset_delta]
     position = 0
+    size_total = len(body)
     for _ in range(header.record_count):
-        fields: list[int] = []
-        # length, attributes (1 byte, skipped after), timestamp delta, offset delta
+        # length, attributes (1 byte, skipped), timestamp delta, offset delta
         byte = body[position]
         if byte < 0x80:
             length = (byte >> 1) ^ -(byte & 1)
             position += 1
+        elif body[position + 1] < 0x80:
+            raw = (byte & 0x7F) | (body[position + 1] << 7)
+            length = (raw >> 1) ^ -(raw & 1)
+            position += 2
         else:
             length, position = _read_varint(body, position)
         end = position + length
-        if length < 0 or end > len(body):
+        if length < 0 or end > size_total:
             raise _SlowPath
-        position += 1
-        for _field in range(2):
-            byte = body[position]
-            if byte >= 0x80:
-                value, position = _read_varint(body, position)
-                fields.append(value)
-                continue
-            fields.append((byte >> 1) ^ -(byte & 1))
+        byte = body[position + 1]
+        if byte < 0x80:
+            timestamp_delta = (byte >> 1) ^ -(byte & 1)
+            position += 2
+        elif body[position + 2] < 0x80:
+            raw = (byte & 0x7F) | (body[position + 2] << 7)
+            timestamp_delta = (raw >> 1) ^ -(raw & 1)
+            position += 3
+        else:
+            timestamp_delta, position = _read_varint(body, position + 1)
+        byte = body[position]
+        if byte < 0x80:
+            offset_delta = (byte >> 1) ^ -(byte & 1)
             position += 1
-        timestamp_delta, offset_delta = fields
-        key_value: list[bytes | None] = []
-        for _field in range(2):
-            byte = body[position]
-            if byte < 0x80:
-                size = (byte >> 1) ^ -(byte & 1)
-                position += 1
-            elif body[position + 1] < 0x80:
-                raw = (byte & 0x7F) | (body[position + 1] << 7)
-                size = (raw >> 1) ^ -(raw & 1)
-                position += 2
-            else:
-                size, position = _read_varint(body, position)
-            if size < 0:
-                key_value.append(None)
-            else:
-                key_value.append(body[position:position + size])
-                position += size
+        elif body[position + 1] < 0x80:
+            raw = (byte & 0x7F) | (body[position + 1] << 7)
+            offset_delta = (raw >> 1) ^ -(raw & 1)
+            position += 2
+        else:
+            offset_delta, position = _read_varint(body, position)
+        byte = body[position]  # the key
+        if byte < 0x80:
+            size = (byte >> 1) ^ -(byte & 1)
+            position += 1
+        elif body[position + 1] < 0x80:
+            raw = (byte & 0x7F) | (body[position + 1] << 7)
+            size = (raw >> 1) ^ -(raw & 1)
+            position += 2
+        else:
+            size, position = _read_varint(body, position)
+        if size < 0:
+            key = None
+        else:
+            key = body[position:position + size]
+            position += size
+        byte = body[position]  # the value
+        if byte < 0x80:
+            size = (byte >> 1) ^ -(byte & 1)
+            position += 1
+        elif body[position + 1] < 0x80:
+            raw = (byte & 0x7F) | (body[position + 1] << 7)
+            size = (raw >> 1) ^ -(raw & 1)
+            position += 2
+        else:
+            size, position = _read_varint(body, position)
+        if size < 0:
+            value = None
+        else:
+            value = body[position:position + size]
+            position += size
         byte = body[position]
         if byte >= 0x80:
             raise _SlowPath
@@ -565,9 +615,9 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
         if position != end or not previous_delta < offset_delta <= last_delta:
             raise _SlowPath
         previous_delta = offset_delta
-        append(Record(base_offset + offset_delta,
-                      fixed_ms if fixed_ms is not None else base_ms + timestamp_delta,
-                      key_value[0], key_value[1], tuple(headers)))
+        append(_new_record(base_offset + offset_delta,
+                           fixed_ms if fixed_ms is not None else base_ms + timestamp_delta,
+                           key, value, tuple(headers)))
     return records, position
 
 
