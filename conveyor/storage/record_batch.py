@@ -33,7 +33,7 @@ import enum
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import cramjam
 import crc32c
@@ -143,6 +143,16 @@ class Record:
 
 
 Buffer = bytes | bytearray | memoryview
+
+# A record's header section (its count and headers, the record's last bytes) decoded
+# before, and the tuple it decoded to: records published alike (an AMQP publisher's
+# properties, exchange and routing key) carry byte-identical sections, so the fast
+# decoder decodes each once and the records share one immutable tuple (which lets the
+# deliver path reuse what it derived from the previous record's headers). Bounded:
+# sections up to HEADER_SECTION_CACHED_BYTES_MAX bytes, the map emptied when full.
+HEADER_SECTION_CACHED_BYTES_MAX: Final = 512
+HEADER_SECTIONS_CACHED_MAX: Final = 256
+_header_sections: dict[bytes, tuple[tuple[str, bytes | None], ...]] = {}
 
 _set_offset = vars(Record)["offset"].__set__
 _set_timestamp_ms = vars(Record)["timestamp_ms"].__set__
@@ -512,8 +522,9 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
     record, key and value and a header value may be longer (what Conveyor writes); any
     surprise raises and the careful decoder re-runs, so errors are reported exactly as
     it reports them. Varints of one and two bytes are read inline (a call per field
-    was ~10 % of this function), and records are built without the frozen
-    dataclass's ``__init__`` (``_new_record``)."""
+    was ~10 % of this function), a header section met before is not decoded again
+    (``_header_sections``), and records are built without the frozen dataclass's
+    ``__init__`` (``_new_record``)."""
     records: list[Record] = []
     append = records.append
     base_offset = header.base_offset
@@ -523,6 +534,7 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
     previous_delta = -1  # offset deltas rise strictly within [0, last_offset_delta]
     position = 0
     size_total = len(body)
+    sections = _header_sections
     for _ in range(header.record_count):
         # length, attributes (1 byte, skipped), timestamp delta, offset delta
         byte = body[position]
@@ -588,6 +600,18 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
         else:
             value = body[position:position + size]
             position += size
+        section = body[position:end] if end - position <= HEADER_SECTION_CACHED_BYTES_MAX \
+            else None
+        shared = sections.get(section) if section is not None else None
+        if shared is not None:  # the same header bytes as an earlier record: its tuple
+            if not previous_delta < offset_delta <= last_delta:
+                raise _SlowPath
+            previous_delta = offset_delta
+            append(_new_record(base_offset + offset_delta,
+                               fixed_ms if fixed_ms is not None else base_ms + timestamp_delta,
+                               key, value, shared))
+            position = end
+            continue
         byte = body[position]
         if byte >= 0x80:
             raise _SlowPath
@@ -615,9 +639,14 @@ def _decode_records_fast(body: bytes, header: BatchHeader) -> tuple[list[Record]
         if position != end or not previous_delta < offset_delta <= last_delta:
             raise _SlowPath
         previous_delta = offset_delta
+        decoded = tuple(headers)
+        if section is not None:
+            if len(sections) >= HEADER_SECTIONS_CACHED_MAX:
+                sections.clear()
+            sections[section] = decoded
         append(_new_record(base_offset + offset_delta,
                            fixed_ms if fixed_ms is not None else base_ms + timestamp_delta,
-                           key, value, tuple(headers)))
+                           key, value, decoded))
     return records, position
 
 

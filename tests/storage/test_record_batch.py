@@ -235,7 +235,24 @@ def test_fast_decoder_reads_what_the_careful_one_reads() -> None:
     fast, fast_end = record_batch._decode_records_fast(body, header)
     careful, careful_end = record_batch._decode_records_carefully(body, header)
     assert fast == careful and fast_end == careful_end == len(body)
+    again, _ = record_batch._decode_records_fast(body, header)  # header sections cached
+    assert again == careful
     assert [type(record) for record in fast] == [record_batch.Record] * len(records)
     assert {hash(record) for record in fast} == {hash(record) for record in careful}
     assert [(record.key, record.value) for record in fast] == [
         (data.key, data.value) for data in records]
+
+
+def test_records_with_the_same_header_bytes_share_one_headers_tuple() -> None:
+    """The fast decoder keeps each header section it decoded (bounded): records whose
+    headers are byte-identical (an AMQP publisher's) get one shared tuple, equal to what
+    the careful decoder reads; different headers get their own."""
+    alike = (("conveyor.amqp-properties", b"\x10\x00\x02"), ("conveyor.exchange", b""),
+             ("conveyor.routing-key", b"jobs"))
+    other = (("conveyor.routing-key", b"other"),)
+    batch = build_batch([RecordData(None, b"a", alike), RecordData(None, b"b", other),
+                         RecordData(None, b"c", alike), RecordData(b"k", b"d", alike)])
+    records = decode_records(batch)
+    assert [record.headers for record in records] == [alike, other, alike, alike]
+    assert records[0].headers is records[2].headers is records[3].headers
+    assert records[1].headers is not records[0].headers

@@ -260,9 +260,17 @@ class Channel:
         add = encoder.add
         tags, queue, no_ack = self.tags, consumer.queue, consumer.no_ack
         parts: list[bytes] = []
+        # records published alike share one headers tuple (record_batch decodes a header
+        # section once): what ``outgoing`` made of the previous record is reused
+        headers_before: object = None
+        key_before: bytes | None = None
+        out = None
         for delivery in deliveries:
             tag = tags.next() if no_ack else tags.hold(delivery.receipt, consumer)
-            out = outgoing(delivery.headers, delivery.key, queue)
+            headers, key = delivery.headers, delivery.key
+            if out is None or headers is not headers_before or key != key_before:
+                out = outgoing(headers, key, queue)
+                headers_before, key_before = headers, key
             add(parts, tag, delivery.delivery_count > 1, out.exchange, out.routing_key,
                 out.properties, delivery.value or b"", frame_max)
         if not no_ack:
