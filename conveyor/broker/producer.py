@@ -348,6 +348,13 @@ def _no_queue(topic: str) -> bool:
 
 def to_record_data(message: Message, now_ms: int) -> RecordData:
     """A Message as a record, with its queue features in the reserved headers."""
+    timestamp_ms = message.timestamp_ms if message.timestamp_ms is not None else now_ms
+    if (message.priority is None and message.deliver_at_ms is None
+            and message.expires_at_ms is None and message.dedup_id is None
+            and message.message_group is None):
+        # nothing to add: the message's own tuple (publishers that share one, as AMQP's
+        # do per properties, exchange and routing key, keep sharing it in the window)
+        return RecordData(message.key, message.value, tuple(message.headers), timestamp_ms)
     headers = list(message.headers)
     if message.priority is not None:
         headers.append((HEADER_PRIORITY, str(message.priority).encode()))
@@ -359,7 +366,6 @@ def to_record_data(message: Message, now_ms: int) -> RecordData:
         headers.append((HEADER_DEDUP_ID, message.dedup_id.encode()))
     if message.message_group is not None:
         headers.append((HEADER_GROUP, message.message_group.encode()))
-    timestamp_ms = message.timestamp_ms if message.timestamp_ms is not None else now_ms
     return RecordData(message.key, message.value, tuple(headers), timestamp_ms)
 
 

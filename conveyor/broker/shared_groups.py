@@ -153,8 +153,8 @@ class SharedGroups(SharedQueues):
             try:
                 await self._acquire_once(state, records_max, lock_ms, consumer, deliveries,
                                          only)
-                if deliveries and not self.store.commits_in_turn:
-                    await self._delivered_mark_durable()
+                if deliveries:
+                    await self._delivered_mark_committed()
             except asyncio.CancelledError:
                 # cancelled (the caller went away) after records were locked for it, while
                 # a later partition was read or the delivered mark was committed: nobody
@@ -171,14 +171,17 @@ class SharedGroups(SharedQueues):
             if self._groups.get((group, topic)) is not state:
                 return []  # deleted while waiting
 
-    async def _delivered_mark_durable(self) -> None:
-        """On a remote StateStore, the deliveries of a loop turn go out only after that
-        turn's save (their delivered mark: AMQP's redelivered flag, the count behind
-        max_deliveries) is committed: one commit per turn, shared by every acquire in it.
-        If the commit fails they go out anyway (the mark stays queued for the retry) and
-        a crash before the retry counts them one delivery fewer, as before."""
+    async def _delivered_mark_committed(self) -> None:
+        """The deliveries of a loop turn leave the process only after that turn's save
+        (their delivered mark: AMQP's redelivered flag, the count behind max_deliveries)
+        is committed: one commit per turn, shared by every acquire in it. Committed, not
+        fsynced (SQLite: the COMMIT at the end of the turn; PostgreSQL: its commit, which
+        is durable): a kill -9 keeps the mark, a power cut before the state store's next
+        fsync may lose it (docs/amqp.md). If the commit fails they go out anyway (the
+        mark stays queued for the retry) and a crash before the retry counts them one
+        delivery fewer."""
         try:
-            await self.persister.durable()
+            await self.persister.committed()
         except StorageError:
             return
 

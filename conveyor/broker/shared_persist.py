@@ -10,8 +10,12 @@ costs no row of its own, and a batch of 1,000 acks costs what one costs.
 
 Durability: ``durable()`` returns once every change made before it was called is
 saved and its COMMIT is on disk (the StateStore's commit). Acks that answer their
-client wait for it; acquires do not (a lost delivery count after a crash only
-counts one delivery fewer, as KIP-932 accepts for the acquired state).
+client wait for it. ``committed()`` returns once they are saved and COMMITted, fsynced
+or not: acquires wait for that before their deliveries leave the process, so a killed
+process (-9) keeps the delivered mark of every record it handed out (AMQP's
+redelivered flag, the counts behind max_deliveries); a power cut before the next
+fsync may lose it, and the record then counts one delivery fewer, as KIP-932 accepts
+for the acquired state.
 
 A record that died but whose dead letter is not written yet is saved as unsettled
 (the start offset stays at or below it): a crash then judges it again rather than
@@ -66,6 +70,14 @@ class WindowPersister:
         if round_ is not None:
             await asyncio.shield(round_)
         await self.store.commit()
+
+    async def committed(self) -> None:
+        """Every change marked so far saved and committed, fsynced or not: it survives a
+        killed process (the COMMIT is in the page cache), not a power cut."""
+        round_ = self._round
+        if round_ is not None:
+            await asyncio.shield(round_)
+        await self.store.committed()
 
     def flush(self) -> None:
         """Save every dirty partition now (close, and callers outside a loop)."""

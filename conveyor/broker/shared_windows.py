@@ -31,7 +31,7 @@ from conveyor.storage.shared_state import SharedStateStore
 
 from .appended_cache import AppendedCache
 from .dead_letters import DeadLetters
-from .delivery import DedupWindow, record_policy
+from .delivery import PLAIN_POLICY, DedupWindow, record_policy
 from .log_end import LostRange, clamp
 from .shared_group import RecordState, SharedPartition
 from .shared_model import SharedGroupsHost, SharedGroupWindows, config_from_mapping
@@ -273,14 +273,32 @@ class SharedWindows:
                 high_watermark = self._high_watermark(part)
                 continue
             high_watermark = self._high_watermark(part)
+            # the room is counted down, not asked per record: a load of the record at
+            # next_offset takes one place (or frees some: a settled saved row), so the
+            # count never overfills the window; after a gap in the offsets it is asked
+            room = part.room()
+            config = state.config
+            # records published alike share one headers tuple (record_batch): once one
+            # got PLAIN_POLICY (it depends on the headers and the config only), so do
+            # the records after it with the same tuple
+            plain_headers: object = None
             for record in records:
                 # a read that suspends (a LogStore in a database) lets another fill of
                 # this partition load the same records meanwhile: keep only what is new
                 if record.offset < part.next_offset:
                     continue
-                if part.room() <= 0:
+                if record.offset != part.next_offset:
+                    room = part.room()
+                if room <= 0:
                     break  # the window filled meanwhile: read on from here next time
-                part.load(record, record_policy(record, state.config, skew_ms))
+                room -= 1
+                if record.headers is plain_headers:
+                    part.load(record, PLAIN_POLICY)
+                    continue
+                policy = record_policy(record, config, skew_ms)
+                if policy is PLAIN_POLICY:
+                    plain_headers = record.headers
+                part.load(record, policy)
             else:
                 if read_end > part.next_offset:
                     part.skip_to(read_end)  # control records, aborted transactions

@@ -160,7 +160,6 @@ class PostgresEngine:
     """PostgreSQL behind the SqlEngine interface (see the module docstring)."""
 
     dialect: Dialect = POSTGRESQL_NUMBERED
-    commits_in_turn = False
 
     def __init__(self, dsn: str, clock: Clock, *, retry_window_ms: int = RETRY_WINDOW_MS,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
@@ -293,6 +292,10 @@ class PostgresEngine:
         if busy is not None:
             raise busy
         await self._committed_all()
+
+    async def committed(self) -> None:
+        """A COMMIT on PostgreSQL is durable: the same wait as ``commit``."""
+        await self.commit()
 
     async def _committed_all(self) -> None:
         """Wait until every write made so far is committed (close, reads: no bound)."""

@@ -120,10 +120,9 @@ class SharedStateStore:
     async def commit(self) -> None:
         await self.store.commit()
 
-    @property
-    def commits_in_turn(self) -> bool:
-        """Writes of a loop turn survive a kill -9 once the turn ends (see SqlEngine)."""
-        return self.store.commits_in_turn
+    async def committed(self) -> None:
+        """Every write so far committed (survives a kill -9; ``commit``: a power cut)."""
+        await self.store.committed()
 
     # --- groups -------------------------------------------------------------------
     def save_group(self, group: str, topic: str, config_json: str) -> None:

@@ -96,10 +96,6 @@ class SqlEngine(Protocol):
     """One SQL database with per-loop-turn group commit (see the module docstring)."""
 
     dialect: Dialect
-    # True: a loop turn's writes are committed at the end of that turn, in the process
-    # (SQLite), so a kill -9 after the turn cannot lose them; False: the commit is a
-    # round trip that ends in later turns (PostgreSQL)
-    commits_in_turn: bool
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -109,6 +105,9 @@ class SqlEngine(Protocol):
     async def query(self, query: str, parameters: Sequence[SqlValue] = ()
                     ) -> list[tuple[Any, ...]]: ...
     async def commit(self) -> None: ...
+    # every write so far committed, fsynced or not (a kill -9 keeps it, a power cut may
+    # not); PostgreSQL's commit is both at once
+    async def committed(self) -> None: ...
 
 
 class GuardedWrites(Protocol):

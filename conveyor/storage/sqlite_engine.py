@@ -72,15 +72,16 @@ class SqliteEngine:
     """
 
     dialect: Dialect = SQLITE
-    commits_in_turn = True
 
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = os.fspath(path)
         self._in_memory = self.path == ":memory:" or self.path.startswith("file::memory:")
         self._connection: Any = None
         self._in_transaction = False
-        # waiters of the open transaction, resolved after its COMMIT
+        # waiters of the open transaction, resolved after its COMMIT and the WAL fsync
         self._commit_waiters: list[asyncio.Future[None]] = []
+        # waiters of the open transaction's COMMIT alone (committed(): no fsync)
+        self._committed_waiters: list[asyncio.Future[None]] = []
         self._commit_scheduled = False
         self._background_sync_handle: asyncio.TimerHandle | None = None
         self._unsynced = False  # a COMMIT ran that no fsync has covered yet
@@ -210,6 +211,17 @@ class SqliteEngine:
             return
         await future
 
+    async def committed(self) -> None:
+        """Wait until every write made so far is COMMITted, not fsynced: it is in the
+        WAL file, so it survives a killed process (the page cache stays), not a power
+        cut (``commit()`` waits for that). The COMMIT runs at the end of this loop turn
+        as scheduled by the first write; nothing is scheduled for it here."""
+        if not self._in_transaction:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._committed_waiters.append(future)
+        await future
+
     @property
     def barrier(self) -> DurabilityBarrier:
         if self._barrier is None:
@@ -241,8 +253,9 @@ class SqliteEngine:
     def _commit_now(self) -> None:
         self._commit_scheduled = False
         waiters, self._commit_waiters = self._commit_waiters, []
+        committed, self._committed_waiters = self._committed_waiters, []
         if not self._in_transaction or self._connection is None:
-            for waiter in waiters:
+            for waiter in waiters + committed:
                 if not waiter.done():
                     waiter.set_result(None)
             return
@@ -254,11 +267,14 @@ class SqliteEngine:
             if self._connection.in_transaction:
                 # the turn's writes are lost as a whole; their callers get the error
                 self._connection.execute("ROLLBACK")
-            for waiter in waiters:
+            for waiter in waiters + committed:
                 if not waiter.done():
                     waiter.set_exception(failure)
             return
         self._unsynced = True
+        for waiter in committed:
+            if not waiter.done():
+                waiter.set_result(None)
         if self._in_memory:
             _resolve(waiters, None)  # nothing to fsync
             return

@@ -209,3 +209,50 @@ def test_decompression_output_is_bounded(
     fits = build_batch([RecordData(None, bytes(900_000))], compression=compression)
     [record] = decode_records(fits)
     assert record.value == bytes(900_000)
+
+
+def test_fast_decoder_reads_what_the_careful_one_reads() -> None:
+    """The fast path (inline varints of one or two bytes, records built through the
+    slots) must give the careful decoder's records for every varint width a field can
+    have: sizes of 0, 63/64 (one/two bytes), 8191/8192 (two/three), a None key, header
+    values of None and of two bytes, timestamp and offset deltas past one byte."""
+    rng = random.Random(SEED)
+    sizes = [0, 1, 63, 64, 100, 1024, 8191, 8192, 20_000]
+    records = [
+        RecordData(
+            key=None if index % 3 == 0 else bytes(rng.randrange(256)
+                                                  for _ in range(rng.choice(sizes[:6]))),
+            value=os.urandom(rng.choice(sizes)),
+            headers=tuple((f"h{number}", None if number == 1 else os.urandom(
+                rng.choice(sizes[:6]))) for number in range(index % 4)),
+            timestamp_ms=1_700_000_000_000 + index * rng.choice([1, 70, 9_000, 2_000_000]),
+        )
+        for index in range(200)
+    ]
+    batch = build_batch(records, base_offset=5)
+    header = read_header(batch)
+    body = bytes(batch[BATCH_HEADER_BYTES:header.size_bytes])
+    fast, fast_end = record_batch._decode_records_fast(body, header)
+    careful, careful_end = record_batch._decode_records_carefully(body, header)
+    assert fast == careful and fast_end == careful_end == len(body)
+    again, _ = record_batch._decode_records_fast(body, header)  # header sections cached
+    assert again == careful
+    assert [type(record) for record in fast] == [record_batch.Record] * len(records)
+    assert {hash(record) for record in fast} == {hash(record) for record in careful}
+    assert [(record.key, record.value) for record in fast] == [
+        (data.key, data.value) for data in records]
+
+
+def test_records_with_the_same_header_bytes_share_one_headers_tuple() -> None:
+    """The fast decoder keeps each header section it decoded (bounded): records whose
+    headers are byte-identical (an AMQP publisher's) get one shared tuple, equal to what
+    the careful decoder reads; different headers get their own."""
+    alike = (("conveyor.amqp-properties", b"\x10\x00\x02"), ("conveyor.exchange", b""),
+             ("conveyor.routing-key", b"jobs"))
+    other = (("conveyor.routing-key", b"other"),)
+    batch = build_batch([RecordData(None, b"a", alike), RecordData(None, b"b", other),
+                         RecordData(None, b"c", alike), RecordData(b"k", b"d", alike)])
+    records = decode_records(batch)
+    assert [record.headers for record in records] == [alike, other, alike, alike]
+    assert records[0].headers is records[2].headers is records[3].headers
+    assert records[1].headers is not records[0].headers

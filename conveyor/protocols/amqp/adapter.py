@@ -27,7 +27,13 @@ from conveyor.server.listeners import peer_principal_name
 
 from . import frames as f
 from .channel import Channel
-from .machine import ConnectionMachine, ConnectionState, MethodReceived, PublishReceived
+from .machine import (
+    AcksReceived,
+    ConnectionMachine,
+    ConnectionState,
+    MethodReceived,
+    PublishReceived,
+)
 from .negotiation import REPLY_NAMES, HeartbeatClock
 from .server import AmqpServer, Consumer
 from .session import Session
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("conveyor.amqp")
 PUBLISH = "Basic.Publish"
+ACK = commands.Basic.Ack.name  # the same object as a MethodReceived's ack's name
 
 
 class AmqpConnection(asyncio.Protocol):
@@ -92,7 +99,10 @@ class AmqpConnection(asyncio.Protocol):
         handle = self.session.event
         for event in self.machine.receive(data):
             this: str | None = None
-            if isinstance(event, MethodReceived):
+            count = 1
+            if isinstance(event, AcksReceived):
+                this, count = ACK, len(event.acks)
+            elif isinstance(event, MethodReceived):
                 this = event.method.name
             elif isinstance(event, PublishReceived):
                 this = PUBLISH
@@ -101,7 +111,7 @@ class AmqpConnection(asyncio.Protocol):
                     self.server.counters.request(kind, run)
                 kind, run = this, 0
             if this is not None:
-                run += 1
+                run += count
             handle(event)
         if run and kind is not None:
             self.server.counters.request(kind, run)

@@ -57,7 +57,7 @@ from .link import (
     is_stream,
     method_ids,
 )
-from .machine import MethodReceived, PublishReceived
+from .machine import AcksReceived, MethodReceived, PublishReceived
 from .messages import Properties, PropertiesError, decode_properties, encode_properties, outgoing
 from .publishing import publish_batch
 from .server import Consumer
@@ -69,7 +69,7 @@ log = logging.getLogger("conveyor.amqp")
 
 
 Dispatch = Callable[["Channel", pamqp_base.Frame], Awaitable[None]]
-Event = PublishReceived | MethodReceived
+Event = PublishReceived | MethodReceived | AcksReceived
 
 
 class Channel:
@@ -147,6 +147,17 @@ class Channel:
                 inbox.popleft()
             self.connection.inbox_drained(batch)
             await self.perform(machine.publish(batch))
+            return
+        if isinstance(event, AcksReceived):
+            if machine.transactional:  # buffered until tx.commit, as methods
+                await self.perform(machine.settle(
+                    [commands.Basic.Ack(tag, multiple) for tag, multiple in event.acks]))
+                return
+            acks = event.acks
+            while inbox and isinstance(following := inbox[0], AcksReceived):
+                acks += following.acks  # acks of later reads: one settlement
+                inbox.popleft()
+            await self.settle_acks(acks)
             return
         method = event.method
         if isinstance(method, commands.Basic.Ack) and not machine.transactional:
@@ -249,9 +260,17 @@ class Channel:
         add = encoder.add
         tags, queue, no_ack = self.tags, consumer.queue, consumer.no_ack
         parts: list[bytes] = []
+        # records published alike share one headers tuple (record_batch decodes a header
+        # section once): what ``outgoing`` made of the previous record is reused
+        headers_before: object = None
+        key_before: bytes | None = None
+        out = None
         for delivery in deliveries:
             tag = tags.next() if no_ack else tags.hold(delivery.receipt, consumer)
-            out = outgoing(delivery.headers, delivery.key, queue)
+            headers, key = delivery.headers, delivery.key
+            if out is None or headers is not headers_before or key != key_before:
+                out = outgoing(headers, key, queue)
+                headers_before, key_before = headers, key
             add(parts, tag, delivery.delivery_count > 1, out.exchange, out.routing_key,
                 out.properties, delivery.value or b"", frame_max)
         if not no_ack:
@@ -329,6 +348,16 @@ class Channel:
         if unknown is not None:
             raise ChannelError(f.PRECONDITION_FAILED, str(unknown),
                                *method_ids(methods[unknown.index]))
+
+    async def settle_acks(self, acks: list[tuple[int, bool]]) -> None:
+        """A run of Basic.Acks as (delivery tag, multiple): what ``settle`` does with
+        as many Basic.Ack methods, in one pass and one broker call."""
+        taken, unknown = self.tags.take_each(acks)
+        self.credit_returned(taken)
+        await self.settle_receipts(
+            [item.receipt for item in taken if item.receipt is not None], "ack")
+        if unknown is not None:
+            raise ChannelError(f.PRECONDITION_FAILED, str(unknown), f.BASIC_CLASS, 80)
 
     async def settle_receipts(self, receipts: list[str], action: str) -> None:
         if not receipts:

@@ -65,6 +65,9 @@ _HEADER_FRAME_HEAD = struct.Struct(">BHIHHQ")
 # the frame-end of the frame before, then a body frame's head: end, type, channel, size
 _END_BODY_HEAD = struct.Struct(">BBHI")
 _DELIVER_ID: Final = b"\x00\x3c\x00\x3c"  # Basic.Deliver (60, 60)
+# a Basic.Ack's payload: class 60, method 80, delivery tag, bits (multiple = bit 0)
+_ACK_PAYLOAD = struct.Struct(">HHQB")
+ACK_PAYLOAD_BYTES: Final = _ACK_PAYLOAD.size  # 13
 DELIVER_ROUTES_CACHED_MAX: Final = 256  # (exchange, routing key) pairs per consumer
 
 
@@ -75,7 +78,8 @@ class FrameError(Exception):
         super().__init__(text)
         self.reply_code = reply_code
         self.text = text
-        self.frames: list[Frame] = []  # FrameReader: valid frames read before this one
+        # FrameReader: valid frames read before this one
+        self.frames: list[Frame | AckRun] = []
 
 
 @dataclass(slots=True)
@@ -83,6 +87,23 @@ class Frame:
     type: int
     channel: int
     payload: bytes
+
+
+@dataclass(slots=True)
+class AckRun:
+    """Consecutive Basic.Ack method frames of one channel, as the reader met them: the
+    hot path of consuming (most clients ack each message with a frame of its own), so
+    an ack costs one tuple in ``acks`` instead of a Frame, a payload copy, a method
+    object and an event of its own. Order is kept: another frame in between starts a
+    new run."""
+
+    channel: int
+    acks: list[tuple[int, bool]]  # (delivery tag, multiple), in arrival order
+
+    def payloads(self) -> list[bytes]:
+        """The runs's frames as payloads again (the general path's input)."""
+        return [_ACK_PAYLOAD.pack(BASIC_CLASS, 80, tag, 1 if multiple else 0)
+                for tag, multiple in self.acks]
 
 
 @dataclass(slots=True)
@@ -117,16 +138,17 @@ class FrameReader:
         self._buffer = bytearray()
         self.error: FrameError | None = None
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Whole frames from what arrived so far. A bad frame raises FrameError whose
-        ``frames`` are the valid frames before it (to be acted on); the reader stays
-        failed."""
+    def feed(self, data: bytes) -> list[Frame | AckRun]:
+        """Whole frames from what arrived so far, consecutive Basic.Acks of one channel
+        as one ``AckRun``. A bad frame raises FrameError whose ``frames`` are the valid
+        frames before it (to be acted on); the reader stays failed."""
         if self.error is not None:
             self.error.frames = []  # those were handed out with the first raise
             raise self.error
         buffer = self._buffer
         buffer += data
-        frames: list[Frame] = []
+        frames: list[Frame | AckRun] = []
+        run: AckRun | None = None  # the last item of ``frames``, if it is a run of acks
         position = 0
         size_total = len(buffer)
         view = memoryview(buffer)  # one copy per payload, not two (slice, then bytes())
@@ -148,6 +170,17 @@ class FrameReader:
             if buffer[end] != FRAME_END:
                 self.error = FrameError(FRAME_ERROR, "frame-end octet missing")
                 break
+            if size == ACK_PAYLOAD_BYTES and frame_type == FRAME_METHOD:
+                class_id, method, tag, bits = _ACK_PAYLOAD.unpack_from(buffer, position + 7)
+                if class_id == BASIC_CLASS and method == 80:
+                    if run is not None and run.channel == channel:
+                        run.acks.append((tag, bool(bits & 1)))
+                    else:
+                        run = AckRun(channel, [(tag, bool(bits & 1))])
+                        frames.append(run)
+                    position = end + 1
+                    continue
+            run = None
             frames.append(Frame(frame_type, channel, bytes(view[position + 7 : end])))
             position = end + 1
         view.release()  # the buffer is resized below

@@ -51,6 +51,7 @@ from .frames import (
     FRAME_METHOD,
     PRECONDITION_FAILED,
     UNEXPECTED_FRAME,
+    AckRun,
     FrameError,
     FrameReader,
     PublishMethod,
@@ -114,6 +115,15 @@ class MethodReceived:
 
 
 @dataclass(slots=True)
+class AcksReceived:
+    """Consecutive Basic.Acks on an open channel (one read's run, order kept): what
+    ``MethodReceived`` with one ``Basic.Ack`` each would say, without an object per ack."""
+
+    channel: int
+    acks: list[tuple[int, bool]]  # (delivery tag, multiple)
+
+
+@dataclass(slots=True)
 class PublishReceived:
     channel: int
     method: PublishMethod
@@ -147,7 +157,7 @@ class ChannelFault:
     method_id: int = 0
 
 
-Event = (HeaderAccepted | HeaderRejected | MethodReceived | PublishReceived
+Event = (HeaderAccepted | HeaderRejected | MethodReceived | AcksReceived | PublishReceived
          | HeartbeatReceived | ConnectionFault | ChannelFault)
 
 
@@ -229,6 +239,9 @@ class ConnectionMachine:
         for item in frames:
             if self.state is ConnectionState.CLOSED:
                 break
+            if isinstance(item, AckRun):
+                self._ack_run(item, events)
+                continue
             try:
                 event = self._frame(item.type, item.channel, item.payload)
             except FrameError as error:
@@ -240,6 +253,26 @@ class ConnectionMachine:
             self._reported = True
             events.append(self._fail(failure.reply_code, failure.text))
         return events
+
+    def _ack_run(self, run: AckRun, events: list[Event]) -> None:
+        """Acks on an open channel of an open connection become one event; anywhere
+        else each goes the general way (``_frame``), which answers what the spec says
+        (an ack between a publish and its content, on a closing or unopened channel)."""
+        channel = run.channel
+        state = self.channels.get(channel)
+        if (self.state is ConnectionState.OPEN and state is not None
+                and state.state is ChannelState.OPEN and channel <= self.channel_max):
+            events.append(AcksReceived(channel, run.acks))
+            return
+        for payload in run.payloads():
+            if self.state is ConnectionState.CLOSED:
+                return
+            try:
+                event = self._frame(FRAME_METHOD, channel, payload)
+            except FrameError as error:
+                event = self._fail(error.reply_code, error.text)
+            if event is not None:
+                events.append(event)
 
     def _fail(self, reply_code: int, text: str, class_id: int = 0,
               method: int = 0) -> ConnectionFault:

@@ -222,16 +222,32 @@ def derive(properties: Properties) -> Derived:
     return tuple(headers), priority, expiration_ms(properties)
 
 
+# (property bytes, exchange, routing key) -> a message's whole headers tuple: what it
+# holds is a function of these three, and one shared tuple per publisher lets the
+# deliver path reuse what it derived from the previous record (Channel.deliver).
+# Bounded like the decoded properties (publishing.py): short keys, a bounded number.
+HEADERS_CACHED_MAX: Final = 256
+HEADERS_CACHED_BYTES_MAX: Final = 512
+_headers_cached: dict[tuple[bytes, str, str], Headers] = {}
+
+
 def publish_message(exchange: str, routing_key: str, raw_properties: bytes,
                     properties: Properties, body: bytes, now_ms: int,
                     derived: Derived | None = None) -> Message:
     """The Message for ``Broker.publish``; ``properties`` = decode_properties(raw),
     ``derived`` = derive(properties) when the caller has it already."""
-    headers, priority, ttl_ms = derive(properties) if derived is None else derived
+    derived_headers, priority, ttl_ms = derive(properties) if derived is None else derived
+    key = (raw_properties, exchange, routing_key)
+    headers = _headers_cached.get(key)
+    if headers is None:
+        headers = ((HEADER_PROPERTIES, raw_properties), (HEADER_EXCHANGE, exchange.encode()),
+                   (HEADER_ROUTING_KEY, routing_key.encode()), *derived_headers)
+        if len(raw_properties) + len(exchange) + len(routing_key) <= HEADERS_CACHED_BYTES_MAX:
+            if len(_headers_cached) >= HEADERS_CACHED_MAX:
+                _headers_cached.clear()
+            _headers_cached[key] = headers
     return Message(
-        body, None,
-        ((HEADER_PROPERTIES, raw_properties), (HEADER_EXCHANGE, exchange.encode()),
-         (HEADER_ROUTING_KEY, routing_key.encode()), *headers),
+        body, None, headers,
         priority=priority, expires_at_ms=None if ttl_ms is None else now_ms + ttl_ms,
     )
 

@@ -35,6 +35,7 @@ from .inbox_flow import InboxFlow, Release
 from .link import ChannelLink
 from .login import has_certificate, login_for, password_login, peer_host
 from .machine import (
+    AcksReceived,
     ChannelFault,
     ConnectionFault,
     ConnectionMachine,
@@ -240,6 +241,10 @@ class Session:
                 if hold.block_reason is not None and link.capability("connection.blocked"):
                     link.send_method(0, commands.Connection.Blocked(reason=hold.block_reason))
                 channel.push(event)
+        elif isinstance(event, AcksReceived):
+            found = self.channels.get(event.channel)
+            if found is not None:
+                found.push(event)
         elif isinstance(event, MethodReceived):
             if event.channel == 0:
                 self.handshake.method(event.method)

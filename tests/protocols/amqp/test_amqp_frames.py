@@ -25,6 +25,7 @@ from conveyor.protocols.amqp.frames import (
     FRAME_BODY,
     FRAME_HEADER,
     FRAME_METHOD,
+    AckRun,
     Frame,
     FrameError,
     FrameReader,
@@ -98,6 +99,45 @@ def test_reader_gives_the_same_frames_fed_one_byte_at_a_time() -> None:
         got += reader.feed(stream[index : index + 1])
     assert got == expected
     assert reader.buffered_bytes == 0
+
+
+def test_reader_gives_consecutive_acks_of_a_channel_as_one_run_in_order() -> None:
+    """Basic.Ack frames (the hot path of consuming) come out as runs of (tag, multiple):
+    one run per stretch of acks on one channel; any other frame or another channel in
+    between ends it, so the order of everything stays as it arrived, and a run reads
+    the same fed whole or one byte at a time (only where reads cut it differs)."""
+    qos = method_frame(1, commands.Basic.Qos(prefetch_count=10))
+    stream = b"".join([
+        method_frame(1, commands.Basic.Ack(1, False)),
+        method_frame(1, commands.Basic.Ack(2, False)),
+        method_frame(1, commands.Basic.Ack(2**63 - 1, True)),
+        method_frame(2, commands.Basic.Ack(7, False)),
+        qos,
+        method_frame(1, commands.Basic.Ack(4, True)),
+        method_frame(1, commands.Basic.Reject(5, False)),  # 13 bytes too, not an ack
+    ])
+    got = FrameReader(4096).feed(stream)
+    assert got == [
+        AckRun(1, [(1, False), (2, False), (2**63 - 1, True)]),
+        AckRun(2, [(7, False)]),
+        Frame(FRAME_METHOD, 1, payload_of(qos)),
+        AckRun(1, [(4, True)]),
+        Frame(FRAME_METHOD, 1, payload_of(method_frame(1, commands.Basic.Reject(5, False)))),
+    ]
+    run = got[0]
+    assert isinstance(run, AckRun)
+    assert run.payloads() == [payload_of(method_frame(1, commands.Basic.Ack(tag, multiple)))
+                              for tag, multiple in run.acks]
+    reader = FrameReader(4096)
+    one_by_one: list[Frame | AckRun] = []
+    for index in range(len(stream)):
+        one_by_one += reader.feed(stream[index : index + 1])
+    flattened = [(item.channel, ack) for item in one_by_one if isinstance(item, AckRun)
+                 for ack in item.acks]
+    assert flattened == [(item.channel, ack) for item in got if isinstance(item, AckRun)
+                         for ack in item.acks]
+    assert [item for item in one_by_one if isinstance(item, Frame)] == \
+        [item for item in got if isinstance(item, Frame)]
 
 
 def test_reader_keeps_a_partial_frame_until_its_frame_end() -> None:

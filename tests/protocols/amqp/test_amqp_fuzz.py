@@ -31,8 +31,9 @@ from pamqp import header as pamqp_header
 from pamqp import heartbeat as pamqp_heartbeat
 
 from conveyor.protocols.amqp import frames
-from conveyor.protocols.amqp.frames import PROTOCOL_HEADER, FrameError, FrameReader
+from conveyor.protocols.amqp.frames import PROTOCOL_HEADER, AckRun, FrameError, FrameReader
 from conveyor.protocols.amqp.machine import (
+    AcksReceived,
     ChannelFault,
     ConnectionFault,
     ConnectionMachine,
@@ -72,7 +73,7 @@ def fuzz(max_examples: int) -> Callable[[F], F]:
 FRAME_MAX = 4096
 CHANNEL_MAX = 8
 MESSAGE_MAX = 20_000
-EVENT_TYPES = (HeaderAccepted, HeaderRejected, MethodReceived, PublishReceived,
+EVENT_TYPES = (HeaderAccepted, HeaderRejected, MethodReceived, AcksReceived, PublishReceived,
                HeartbeatReceived, ConnectionFault, ChannelFault)
 
 
@@ -173,8 +174,20 @@ def mutated(draw: st.DrawFn, stream: bytes) -> bytes:
 
 
 def describe(events: list[Event]) -> list[Any]:
-    return [("method", event.channel, type(event.method).__name__, dict(event.method))
-            if isinstance(event, MethodReceived) else event for event in events]
+    """Events as comparable values; a run of acks as the acks one by one (how reads cut
+    a stream decides where runs end, not what they say)."""
+    described: list[Any] = []
+    for event in events:
+        if isinstance(event, MethodReceived):
+            described.append(("method", event.channel, type(event.method).__name__,
+                              dict(event.method)))
+        elif isinstance(event, AcksReceived):
+            described += [("method", event.channel, "Ack",
+                           dict(commands.Basic.Ack(tag, multiple)))
+                          for tag, multiple in event.acks]
+        else:
+            described.append(event)
+    return described
 
 
 def feed_machine(pieces: list[bytes]) -> tuple[ConnectionMachine, list[Event]]:
@@ -206,6 +219,9 @@ def test_frame_reader_gives_frames_or_frame_error(data: bytes, cuts: list[int]) 
             assert error.reply_code == 501
             return
         for item in got:
+            if isinstance(item, AckRun):
+                assert item.acks and all(tag >= 0 for tag, _ in item.acks)
+                continue
             assert item.type in (1, 2, 3, 8)
             assert len(item.payload) + 8 <= FRAME_MAX
 

@@ -22,6 +22,7 @@ from pamqp import heartbeat as pamqp_heartbeat
 
 from conveyor.protocols.amqp.frames import PROTOCOL_HEADER, PublishMethod
 from conveyor.protocols.amqp.machine import (
+    AcksReceived,
     ChannelFault,
     ChannelState,
     ConnectionFault,
@@ -198,6 +199,34 @@ def test_method_on_an_unopened_channel_is_504() -> None:
                       ).reply_code == 504
     assert only_fault(opened().receive(header(2, 1))).reply_code == 504
     assert only_fault(opened().receive(body(2, b"x"))).reply_code == 504
+
+
+def ack(channel: int, tag: int, multiple: bool = False) -> bytes:
+    return method(channel, commands.Basic.Ack(tag, multiple))
+
+
+def test_acks_on_an_open_channel_are_one_event_per_run() -> None:
+    machine = opened(1, 2)
+    events = machine.receive(ack(1, 1) + ack(1, 2) + ack(2, 9, True)
+                             + method(1, commands.Basic.Qos(prefetch_count=3)) + ack(1, 3))
+    assert shape(events) == [
+        AcksReceived(1, [(1, False), (2, False)]), AcksReceived(2, [(9, True)]),
+        ("method", 1, "Qos", dict(commands.Basic.Qos(prefetch_count=3))),
+        AcksReceived(1, [(3, False)]),
+    ]
+
+
+def test_acks_elsewhere_get_the_answers_of_single_methods() -> None:
+    """A run of acks not on a plain open channel goes frame by frame the general way:
+    on an unopened channel 504, between a publish and its content 505, on channel 0
+    503, on a channel the server closed discarded (until Close / Close-Ok)."""
+    assert only_fault(opened().receive(ack(2, 1) + ack(2, 2))).reply_code == 504
+    assert only_fault(opened(1).receive(publish(1) + ack(1, 1) + ack(1, 2))
+                      ).reply_code == 505
+    assert only_fault(opened().receive(ack(0, 1))).reply_code == 503
+    machine = opened(1)
+    machine.close_channel(1)
+    assert machine.receive(ack(1, 1) + ack(1, 2)) == []
 
 
 def test_close_ok_on_a_forgotten_channel_is_ignored() -> None:

@@ -175,6 +175,19 @@ def test_a_publish_with_derived_properties_is_the_same_record() -> None:
         derive(Properties(expiration="-5"))
 
 
+def test_messages_published_alike_share_one_headers_tuple() -> None:
+    """Publishes with the same property bytes, exchange and routing key get one shared
+    (immutable) headers tuple, which the deliver path recognises by identity; any of
+    the three differing gives other headers."""
+    raw = encode_properties(FULL)
+    first = publish_message("shop", "order.created", raw, FULL, b"1", NOW_MS)
+    second = publish_message("shop", "order.created", raw, FULL, b"2", NOW_MS)
+    assert first.headers is second.headers
+    other = publish_message("shop", "order.paid", raw, FULL, b"3", NOW_MS)
+    assert other.headers != first.headers
+    assert dict(other.headers)[HEADER_ROUTING_KEY] == b"order.paid"
+
+
 def test_publish_message_header_values_as_text() -> None:
     table: dict[str, Any] = {
         "s": "ü", "raw": bytearray(b"\x00\xff"), "yes": True, "no": False, "int": -12,

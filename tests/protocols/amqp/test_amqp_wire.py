@@ -442,6 +442,45 @@ async def test_ack_of_an_unknown_delivery_tag_closes_only_that_channel(tmp_path:
         await wire.close()
 
 
+async def test_a_run_of_acks_settles_up_to_an_unknown_tag_then_closes_the_channel(
+        tmp_path: Path) -> None:
+    """Acks written in one go reach the broker as one run (machine.AcksReceived): the
+    acks before an unknown tag take effect, in order, as separate methods would (one of
+    them multiple), then 406 closes the channel, and what the channel still held
+    (the fourth and fifth message) is released: a second channel gets exactly those."""
+    async with scene(tmp_path) as world:
+        wire = await world.misbehaving()
+        await wire.open_channel(1)
+        await wire.declare(1, "acked-in-a-run")
+        for body in (b"m1", b"m2", b"m3", b"m4", b"m5"):
+            wire.send(marshal(1, commands.Basic.Publish(exchange="", routing_key="acked-in-a-run"))
+                      + content(1, body))
+        tags = []
+        for _ in range(5):
+            wire.method(1, commands.Basic.Get(queue="acked-in-a-run"))
+            tags.append((await wire.expect(1, commands.Basic.GetOk)).delivery_tag)
+            await wire.message(1)
+        wire.send(marshal(1, commands.Basic.Ack(tags[1], multiple=True))  # m1, m2
+                  + marshal(1, commands.Basic.Ack(tags[2]))  # m3
+                  + marshal(1, commands.Basic.Ack(999))  # unknown: 406 from here
+                  + marshal(1, commands.Basic.Ack(tags[3])))  # not applied
+        close = await wire.channel_closed_with(1, 406)
+        assert (close.class_id, close.method_id) == (60, 80)
+        await wire.open_channel(2)
+        left = []
+        while True:
+            wire.method(2, commands.Basic.Get(queue="acked-in-a-run"))
+            channel, answer = await wire.read()
+            if isinstance(answer, commands.Basic.GetEmpty):
+                break
+            assert (channel, type(answer)) == (2, commands.Basic.GetOk)
+            assert answer.redelivered
+            left.append((await wire.message(2))[1])
+            wire.method(2, commands.Basic.Ack(answer.delivery_tag))
+        assert left == [b"m4", b"m5"]
+        await wire.close()
+
+
 async def test_redeclaring_a_queue_with_other_arguments_is_406(tmp_path: Path) -> None:
     async with scene(tmp_path) as world:
         wire = await world.misbehaving()
