@@ -2,10 +2,13 @@
 
 The checker follows Jepsen's Kafka workload: every acknowledged record is read back
 exactly once, at one offset per partition, and each partition's offsets are contiguous.
+Given what PostgreSQL holds (``stored_log``), it also says where a missing record is: in
+the database and not read back, or nowhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -16,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
+from conveyor.storage.record_batch import decode_records, patch_base_offset, split_batches
 from conveyor.testing.server import BrokerProcess
 
 # short leases so the tests see a failover in a few seconds (defaults: 3 s / 10 s)
@@ -114,15 +120,83 @@ def tally(history: History, read: list[tuple[int, int, str]]) -> dict[str, Any]:
             "first_offsets": first_offsets}
 
 
-def check(history: History, read: list[tuple[int, int, str]]) -> dict[str, Any]:
-    """``read``: (partition, offset, value) of every record consumed from the start."""
+def check(history: History, read: list[tuple[int, int, str]],
+          stored: list[tuple[int, int, str]] | None = None) -> dict[str, Any]:
+    """``read``: (partition, offset, value) of every record consumed from the start;
+    ``stored`` (stored_log), when given: what PostgreSQL holds, so that a record missing
+    from ``read`` is reported as in the database (a read-side failure) or not (lost)."""
     found = tally(history, read)
     assert all(first == 0 for first in found.pop("first_offsets")), \
         "a partition's first offset is 0"
     lost, duplicated, moved = (found.pop("lost_values"), found.pop("duplicated_values"),
                                found.pop("moved_values"))
+    if stored is not None:
+        _check_against_stored(history, read, stored, lost)
+        found["stored"] = len(stored)
     assert not lost, f"acknowledged but never read: {lost[:10]} ({len(lost)})"
     assert not duplicated, f"read at two offsets: {duplicated[:10]}"
     assert not moved, f"read at another offset than acknowledged: {moved[:10]}"
     assert found["gaps"] == 0, "offsets are contiguous"
     return found
+
+
+def _check_against_stored(history: History, read: list[tuple[int, int, str]],
+                          stored: list[tuple[int, int, str]], lost: list[str]) -> None:
+    """Where each missing record is: in the database but not read back, or nowhere."""
+    at_place = {(partition, offset): value for partition, offset, value in stored}
+    stored_values = set(at_place.values())
+    in_database = [f"{value}@{history.acknowledged[value]}" for value in lost
+                   if value in stored_values]
+    nowhere = [value for value in lost if value not in stored_values]
+    assert not nowhere, (
+        f"acknowledged, not in the database: {nowhere[:10]} ({len(nowhere)}); "
+        f"acknowledged, in the database, not read: {in_database[:10]} ({len(in_database)})")
+    read_places = {(partition, offset) for partition, offset, _ in read}
+    unread = [f"{value}@{place}" for place, value in at_place.items()
+              if place not in read_places]
+    assert not unread, (
+        f"in the database, not read back: {unread[:10]} ({len(unread)}), "
+        f"{len(in_database)} of them acknowledged")
+    misread = [(partition, offset, value) for partition, offset, value in read
+               if at_place.get((partition, offset)) != value]
+    assert not misread, f"read other values than the database holds there: {misread[:10]}"
+
+
+def stored_log(dsn: str, topic: str) -> list[tuple[int, int, str]]:
+    """(partition, offset, value) of every record of ``topic`` as PostgreSQL holds it,
+    read from the batch rows directly (no node, no consumer): what a verify read that
+    misses records is compared with, to tell a record never written from one written
+    and not read back."""
+    async def read() -> list[tuple[int, int, str]]:
+        connection = await asyncpg.connect(dsn, timeout=10)
+        try:
+            rows = await connection.fetch(
+                "SELECT p.partition, b.base_offset, b.payload FROM conveyor_log_batches b"
+                " JOIN conveyor_log_partitions p USING (partition_id) WHERE p.topic = $1"
+                " ORDER BY p.partition, b.base_offset", topic)
+        finally:
+            await connection.close()
+        found = []
+        for row in rows:
+            payload = bytearray(row["payload"])
+            for position, _ in split_batches(payload):
+                patch_base_offset(payload, row["base_offset"], position)
+                found.extend((row["partition"], record.offset,
+                              (record.value or b"").decode())
+                             for record in decode_records(payload, position))
+        return found
+    return asyncio.run(read())
+
+
+def owner_rows(dsn: str, kind: str = "partition") -> dict[str, tuple[int | None, int]]:
+    """name -> (owner node id, epoch) of the owner rows as PostgreSQL holds them (a node's
+    ``/cluster`` shows its own view: the others' claims only after its next heartbeat)."""
+    async def read() -> dict[str, tuple[int | None, int]]:
+        connection = await asyncpg.connect(dsn, timeout=10)
+        try:
+            rows = await connection.fetch(
+                "SELECT name, owner, epoch FROM conveyor_owners WHERE kind = $1", kind)
+        finally:
+            await connection.close()
+        return {row["name"]: (row["owner"], int(row["epoch"])) for row in rows}
+    return asyncio.run(read())

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.helpers import History, check, cluster, wait_for
-from tests.cluster.test_cluster_kafka import create_topic, full_log, produce, producer
+from tests.cluster.helpers import History, check, cluster, stored_log, wait_for
+from tests.cluster.test_cluster_kafka import TOPIC, create_topic, full_log, produce, producer
 
 pytestmark = pytest.mark.chaos  # the long run: make chaos (CONVEYOR_CHAOS=1)
 ROUNDS = int(os.environ.get("CONVEYOR_CHAOS_ROUNDS", "6"))
@@ -41,7 +41,8 @@ def test_kill_loop(tmp_path: Path, postgres_dsn: str) -> None:
             recoveries.append(time.monotonic() - started)
             # the same node id comes back once its lease has lapsed
             wait_for(lambda victim=victim: _restarted(victim), 30, "the node restarted")
-        figures = check(history, full_log(nodes, len(history.acknowledged)))
+        figures = check(history, full_log(nodes, postgres_dsn),
+                        stored_log(postgres_dsn, TOPIC))
         print(f"chaos: kills={ROUNDS} {figures} "
               f"recover max={max(recoveries):.1f}s mean={sum(recoveries) / ROUNDS:.1f}s")
 
