@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from conveyor.testing.server import BrokerProcess
 from tests.cluster.helpers import (
@@ -204,6 +205,59 @@ def test_sigkill_of_the_group_coordinator_loses_nothing(tmp_path: Path,
         print(f"records read again after the failover: {REREAD[id(read)]}")
 
 
+class LogFollower(threading.Thread):
+    """An assigned consumer (no group, no commits) reading every partition from offset 0
+    for as long as a test runs. Across a SIGSTOP the takeover and then the woken node's
+    re-claim raise the leader epochs of partitions it is fetching, so it validates its
+    positions (OffsetForLeaderEpoch) and must go on reading: answered
+    UNKNOWN_LEADER_EPOCH, as any epoch above 0 once was, it never fetched those
+    partitions again (records in the database, never read back)."""
+
+    def __init__(self, nodes: list[BrokerProcess]) -> None:
+        super().__init__(daemon=True, name="log-follower")
+        self.client = Consumer({"bootstrap.servers": bootstrap(nodes), "group.id": "follower",
+                                "enable.auto.commit": False,
+                                "socket.timeout.ms": SOCKET_TIMEOUT_MS,
+                                "topic.metadata.refresh.interval.ms": 1000,
+                                "reconnect.backoff.max.ms": 500, "retry.backoff.max.ms": 500})
+        self.client.assign([TopicPartition(TOPIC, partition, 0)
+                            for partition in range(PARTITIONS)])
+        self.read: list[tuple[int, int, str]] = []
+        self._places: set[tuple[int, int]] = set()
+        self._progress = threading.Condition()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.is_set():
+                messages = [message for message in self.client.consume(500, 0.2)
+                            if message.error() is None]
+                with self._progress:
+                    for message in messages:
+                        self._places.add((message.partition(), message.offset()))
+                        self.read.append((message.partition(), message.offset(),
+                                          message.value().decode()))
+                    self._progress.notify_all()
+        finally:
+            self.client.close()
+
+    def caught_up(self, wanted: int, timeout_s: float) -> bool:
+        """Wait until ``wanted`` distinct records were read (False: the time is up)."""
+        with self._progress:
+            return self._progress.wait_for(lambda: len(self._places) >= wanted, timeout_s)
+
+    def finish(self, wanted: int, timeout_s: float) -> list[tuple[int, int, str]]:
+        """What it read once ``wanted`` distinct records were read (or the time is up)."""
+        self.caught_up(wanted, timeout_s)
+        self.stop()
+        return list(self.read)
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(30)
+
+
 def test_sigstop_past_the_lease_is_fenced(tmp_path: Path, postgres_dsn: str) -> None:
     """A node paused (SIGSTOP) past its 3 s lease: the others take its partitions over
     while it sleeps, the producer goes on through them, and the woken node serves again
@@ -214,7 +268,9 @@ def test_sigstop_past_the_lease_is_fenced(tmp_path: Path, postgres_dsn: str) -> 
     partitions (at a higher epoch) during the pause, are read from the owner rows in
     PostgreSQL, not from a node's view (``/cluster`` shows another node's claims only
     after the next heartbeat). The claims are made by the producer's own requests: no
-    node claims a partition before a request needs it."""
+    node claims a partition before a request needs it. A consumer reads from offset 0
+    through all of it (``LogFollower``: fetching while the leader epochs rise), and a new
+    group reads the whole log afterwards; both are checked against the database."""
     with cluster(tmp_path, postgres_dsn, 3) as nodes:
         create_topic(nodes)
         history = History()
@@ -228,36 +284,45 @@ def test_sigstop_past_the_lease_is_fenced(tmp_path: Path, postgres_dsn: str) -> 
                         if owner == paused_id}
         paused = nodes[paused_id - 1]
         assert paused.process is not None
-        os.kill(paused.process.pid, signal.SIGSTOP)
+        follower = LogFollower(nodes)  # reads on through the pause and the wake-up
+        follower.start()
         try:
-            # every record's outcome comes before SIGCONT: what was acknowledged here was
-            # acknowledged by the live nodes (a stopped process answers nothing)
-            produce(client, history, range(600, 1200))
-            during_rows = owner_rows(postgres_dsn)
+            # fetching every partition when their leader epochs rise
+            assert follower.caught_up(600, 30), f"{len(follower.read)} of 600 read"
+            os.kill(paused.process.pid, signal.SIGSTOP)
+            try:
+                # every record's outcome comes before SIGCONT: what was acknowledged here was
+                # acknowledged by the live nodes (a stopped process answers nothing)
+                produce(client, history, range(600, 1200))
+                during_rows = owner_rows(postgres_dsn)
+            finally:
+                os.kill(paused.process.pid, signal.SIGCONT)
+            taken = {name: during_rows[name] for name in paused_items}
+            assert all(owner not in (None, paused_id) and epoch > paused_items[name]
+                       for name, (owner, epoch) in taken.items()), (paused_id, before, taken)
+            # woken: it finds its lease lapsed, drops every ownership, and serves again only
+            # what it claims anew (a higher epoch)
+            wait_for(lambda: http_json(paused, "/cluster")["serving"], 10, "the node back")
+            produce(client, history, range(1200, 1800))
+            during = [f"v{index}" for index in range(600, 1200)]
+            after = [f"v{index}" for index in range(1200, 1800)]
+            # served on while the node was paused, on its partitions too (records a client
+            # gave up on are allowed: never acknowledged), and fully once it is back
+            moved = {int(name.rpartition("/")[2]) for name in paused_items}
+            taken_over = [value for value in during if value in history.acknowledged
+                          and history.acknowledged[value][0] in moved]
+            assert taken_over, f"nothing acknowledged on {sorted(moved)}: {history.errors}"
+            assert sum(value in history.acknowledged for value in during) >= 300, history.errors
+            assert all(value in history.acknowledged for value in after), history.errors
+            stored = stored_log(postgres_dsn, TOPIC)
+            followed = check(history, follower.finish(len(stored), 60), stored)
+            figures = check(history, full_log(nodes, postgres_dsn), stored)
+            print(f"sigstop: node {paused_id} paused, its partitions {sorted(moved)} taken "
+                  f"over (owner, epoch) {taken}; {len(taken_over)} records acknowledged on "
+                  f"them during the pause; read through it: {followed['read']}; read after "
+                  f"it by a new group: {figures}")
         finally:
-            os.kill(paused.process.pid, signal.SIGCONT)
-        taken = {name: during_rows[name] for name in paused_items}
-        assert all(owner not in (None, paused_id) and epoch > paused_items[name]
-                   for name, (owner, epoch) in taken.items()), (paused_id, before, taken)
-        # woken: it finds its lease lapsed, drops every ownership, and serves again only
-        # what it claims anew (a higher epoch)
-        wait_for(lambda: http_json(paused, "/cluster")["serving"], 10, "the node back")
-        produce(client, history, range(1200, 1800))
-        during = [f"v{index}" for index in range(600, 1200)]
-        after = [f"v{index}" for index in range(1200, 1800)]
-        # served on while the node was paused, on its partitions too (records a client
-        # gave up on are allowed: never acknowledged), and fully once it is back
-        moved = {int(name.rpartition("/")[2]) for name in paused_items}
-        taken_over = [value for value in during if value in history.acknowledged
-                      and history.acknowledged[value][0] in moved]
-        assert taken_over, f"nothing acknowledged on {sorted(moved)}: {history.errors}"
-        assert sum(value in history.acknowledged for value in during) >= 300, history.errors
-        assert all(value in history.acknowledged for value in after), history.errors
-        figures = check(history, full_log(nodes, postgres_dsn),
-                        stored_log(postgres_dsn, TOPIC))
-        print(f"sigstop: node {paused_id} paused, its partitions {sorted(moved)} taken "
-              f"over (owner, epoch) {taken}; {len(taken_over)} records acknowledged on "
-              f"them during the pause; {figures}")
+            follower.stop()
 
 
 @pytest.mark.parametrize("count", [2])
