@@ -47,16 +47,19 @@ def add_parsers(subparsers: Any) -> None:
     load = actions.add_parser("import", help="import a definitions file (all or nothing)")
     load.add_argument("path", help="a JSON file, or - for stdin")
     cluster = subparsers.add_parser(
-        "cluster", help="several nodes on one PostgreSQL: nodes, leases and owners")
+        "cluster", help="several nodes on one PostgreSQL: nodes, leases, owners and lag")
     cluster_actions = cluster.add_subparsers(dest="action", required=True)
-    status = cluster_actions.add_parser("status", help="nodes, leases, partition/group owners")
+    status = cluster_actions.add_parser(
+        "status", help="nodes, leases, partition/group owners, group lag, queue backlog")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--partitions", action="store_true",
+                        help="each group's lag per partition as well")
 
 
 def _cluster_status(client: httpx.Client, arguments: argparse.Namespace,
                     console: Console) -> int:
     """``conveyor cluster status``: GET /cluster of the node ``--url`` names."""
-    status = _get(client, "/cluster")
+    status = _get(client, "/cluster?lag=true")
     if arguments.json:
         print(json.dumps(status, sort_keys=True))
         return EXIT_OK
@@ -81,7 +84,37 @@ def _cluster_status(client: httpx.Client, arguments: argparse.Namespace,
         for item in sorted(items):
             owners.add_row(item, f"node {node_id}")
     console.print(owners)
+    _print_lag(status.get("lag") or {}, arguments.partitions, console)
     return EXIT_OK
+
+
+def _print_lag(lag: dict[str, Any], partitions: bool, console: Console) -> None:
+    """Per group its total lag (``--partitions``: per partition too), per queue its
+    backlog (ready + unacked), each with the node that owns it."""
+    groups = Table("group", "coordinator", "lag", title="Consumer groups")
+    for group in lag.get("groups", []):
+        groups.add_row(Text(group["group"]), _node(group["owner"]), f"{group['lag']:,}")
+    console.print(groups)
+    if partitions:
+        per_partition = Table("group", "topic", "partition", "committed", "end", "lag",
+                              title="Lag per partition")
+        for group in lag.get("groups", []):
+            for row in group["partitions"]:
+                per_partition.add_row(Text(group["group"]), Text(row["topic"]),
+                                      str(row["partition"]), f"{row['committed']:,}",
+                                      f"{row['end']:,}", f"{row['lag']:,}")
+        console.print(per_partition)
+    queues = Table("queue", "owner", "ready", "unacked", "delayed", "backlog",
+                   title="Queues")
+    for queue in lag.get("queues", []):
+        queues.add_row(Text(queue["queue"]), _node(queue["owner"]), f"{queue['ready']:,}",
+                       f"{queue['unacked']:,}", f"{queue['delayed']:,}",
+                       f"{queue['backlog']:,}")
+    console.print(queues)
+
+
+def _node(node_id: int | None) -> str:
+    return "-" if node_id is None else f"node {node_id}"
 
 
 def _rate(details: dict[str, Any] | None) -> str:

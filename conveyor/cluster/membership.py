@@ -390,6 +390,15 @@ class Membership:
         async with self._pool.acquire() as connection:
             return int(await connection.fetchval("SELECT nextval('conveyor_producer_ids')"))
 
+    async def read(self, query: str) -> list[Any]:
+        """Rows of a read-only query on the cluster database (``cluster status``'s lag)."""
+        async with self._pool.acquire() as connection:
+            return list(await connection.fetch(query))
+
+    def owner_rows(self) -> dict[tuple[str, str], int | None]:
+        """(kind, name) -> owner node id (None: unowned), as last read."""
+        return {key: owner for key, (owner, _) in self._view.owners.items()}
+
     def status(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id, "incarnation": self.incarnation,

@@ -30,13 +30,15 @@ from conveyor.clock import Clock
 from conveyor.cluster.catalog import CatalogSync
 from conveyor.cluster.catalog_apply import CatalogApply
 from conveyor.cluster.internal_api import InternalServer, cluster_secret
-from conveyor.cluster.membership import ClusterSettings, Membership
+from conveyor.cluster.lag import GROUP_LAG_SQL, group_lag, queue_backlog
+from conveyor.cluster.membership import DB_ERRORS, ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, TXN, item_name
 from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
 from conveyor.cluster.txn_offsets_remote import OPS as TXN_OFFSETS_OPS
 from conveyor.cluster.txn_offsets_remote import RemoteTxnOffsets
 from conveyor.cluster.wakeups import Wakeups
 from conveyor.config import TlsConfig
+from conveyor.errors import UnavailableError
 from conveyor.server.tls import RefusalLog, ServerTls
 from conveyor.storage.log_api import PartitionLease
 from conveyor.tasks import Supervisor
@@ -320,3 +322,14 @@ class ClusterNode:
 
     def status(self) -> dict[str, Any]:
         return self.membership.status()
+
+    async def lag(self) -> dict[str, Any]:
+        """Per group its lag (from PostgreSQL), per queue its backlog (from its owner)."""
+        owners = self.membership.owner_rows()
+        try:
+            rows = await self.membership.read(GROUP_LAG_SQL)
+        except DB_ERRORS as error:
+            raise UnavailableError("cannot read the cluster database",
+                                   reason=str(error)) from error
+        return {"groups": group_lag(rows, owners),
+                "queues": await queue_backlog(self.broker, owners)}

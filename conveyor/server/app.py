@@ -196,6 +196,9 @@ class Server:
     def cluster_status(self) -> dict[str, Any] | None:
         return self.cluster.status() if self.cluster is not None else None
 
+    async def cluster_lag(self) -> dict[str, Any] | None:
+        return await self.cluster.lag() if self.cluster is not None else None
+
     def listener(self, name: str) -> RunningListener:
         """A running listener by name (tests and metrics look inside)."""
         return self._listeners[name]

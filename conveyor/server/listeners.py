@@ -83,6 +83,11 @@ class Observability(Protocol):
         """Nodes, leases and owners when several nodes share PostgreSQL; None: one node."""
         ...
 
+    async def cluster_lag(self) -> dict[str, Any] | None:
+        """Per consumer group its lag, per queue its backlog (read where current); None:
+        one node."""
+        ...
+
 
 def listener_counters(context: ListenerContext, name: str) -> ListenerCounters:
     return context.counters if context.counters is not None else ListenerCounters(name)

@@ -74,11 +74,14 @@ class Handlers(SharedGroupHandlers):
         return ApiResponse(200, {"status": "ready", "checks": checks})
 
     async def cluster(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
-        """docs/cluster.md: this node's view of the nodes, leases and owners."""
+        """docs/cluster.md: this node's view of the nodes, leases and owners; with
+        ``?lag=true`` each group's lag and each queue's backlog as well."""
         status = (self.observability.cluster_status()
                   if self.observability is not None else None)
         if status is None:
             return ApiResponse(200, {"clustered": False})
+        if request.query.get("lag") and self.observability is not None:
+            status["lag"] = await self.observability.cluster_lag()
         return ApiResponse(200, {"clustered": True, **status})
 
     async def metrics(self, request: ApiRequest, context: RequestContext) -> ApiResponse:

@@ -58,8 +58,9 @@ _GROUP = "/topics/{topic}/groups/{group}"
 ROUTES: Final[tuple[Route, ...]] = (
     _route("health", "GET", "/health", "Liveness", "health", s.STATUS_OUT),
     _route("ready", "GET", "/ready", "Readiness (503 while not ready)", "health", s.STATUS_OUT),
-    _route("cluster", "GET", "/cluster", "Nodes, leases, partition and group owners",
-           "health", {"type": "object"}),
+    _route("cluster", "GET", "/cluster",
+           "Nodes, leases, partition and group owners (lag=true: group lag, queue backlog)",
+           "health", {"type": "object"}, query={"lag": {"type": "boolean"}}),
     _route("openapi", "GET", "/openapi.json", "This document", "health", {"type": "object"}),
     # observability: Prometheus exposition (docs/observability.md)
     _route("metrics", "GET", "/metrics",
