@@ -4,6 +4,9 @@ The checker follows Jepsen's Kafka workload: every acknowledged record is read b
 exactly once, at one offset per partition, and each partition's offsets are contiguous.
 Given what PostgreSQL holds (``stored_log``), it also says where a missing record is: in
 the database and not read back, or nowhere.
+Its queue side (``check_queue``): every acknowledged publish delivered, no delivery
+acquired after the value's ack was confirmed, nothing delivered that was never
+published, and everything delivered but not acked delivered again until acked.
 """
 
 from __future__ import annotations
@@ -85,11 +88,13 @@ class History:
     acknowledged: dict[str, tuple[int, int]] = field(default_factory=dict)  # value -> (p, o)
     failed: set[str] = field(default_factory=set)  # not acknowledged (may or may not exist)
     errors: dict[str, int] = field(default_factory=dict)  # error name -> count
+    ack_times: dict[int, list[float]] = field(default_factory=dict)  # partition -> times
 
     def on_delivery(self, error: Any, message: Any) -> None:
         value = message.value().decode()
         if error is None:
             self.acknowledged[value] = (message.partition(), message.offset())
+            self.ack_times.setdefault(message.partition(), []).append(time.monotonic())
         else:
             self.failed.add(value)
             self.errors[error.name()] = self.errors.get(error.name(), 0) + 1
@@ -200,3 +205,44 @@ def owner_rows(dsn: str, kind: str = "partition") -> dict[str, tuple[int | None,
             await connection.close()
         return {row["name"]: (row["owner"], int(row["epoch"])) for row in rows}
     return asyncio.run(read())
+
+
+def tally_queue(published: Iterable[str], unknown: Iterable[str],
+                deliveries: list[tuple[str, float]], acked: dict[str, float]) -> dict[str, Any]:
+    """The queue side, counted. ``published``: values whose publish was acknowledged
+    (an AMQP confirm, an HTTP 2xx); ``unknown``: published without an answer (may or
+    may not be in the queue); ``deliveries``: (value, when its acquire was sent), in
+    order; ``acked``: value -> when its first confirmed ack was answered."""
+    published, unknown = set(published), set(unknown)
+    delivered = {value for value, _ in deliveries}
+    after_ack = [value for value, sent in deliveries if value in acked and sent > acked[value]]
+    return {
+        "acknowledged": len(published), "unknown": len(unknown),
+        "unknown_delivered": len(unknown & delivered), "deliveries": len(deliveries),
+        "redelivered": len(deliveries) - len(delivered),
+        "lost": len(published - delivered),
+        "redelivered_after_confirmed_ack": len(after_ack),
+        "never_published": len(delivered - published - unknown),
+        "never_acked": len(delivered - acked.keys()),
+        "lost_values": sorted(published - delivered)[:10],
+        "after_ack_values": after_ack[:10],
+        "never_published_values": sorted(delivered - published - unknown)[:10],
+        "never_acked_values": sorted(delivered - acked.keys())[:10],
+    }
+
+
+def check_queue(published: Iterable[str], unknown: Iterable[str],
+                deliveries: list[tuple[str, float]], acked: dict[str, float]) -> dict[str, Any]:
+    """``tally_queue``, asserted: nothing acknowledged lost, no delivery after a
+    confirmed ack, nothing delivered that was never published, every delivery that was
+    not acked (held, an ack refused or unanswered) delivered again until acked."""
+    found = tally_queue(published, unknown, deliveries, acked)
+    examples = {key: found.pop(key) for key in list(found) if key.endswith("_values")}
+    assert found["lost"] == 0, f"acknowledged but never delivered: {examples['lost_values']}"
+    assert found["redelivered_after_confirmed_ack"] == 0, \
+        f"delivered after a confirmed ack: {examples['after_ack_values']}"
+    assert found["never_published"] == 0, \
+        f"delivered, never published: {examples['never_published_values']}"
+    assert found["never_acked"] == 0, \
+        f"delivered, never acked nor delivered again: {examples['never_acked_values']}"
+    return found
