@@ -27,10 +27,12 @@ from tests.cluster.test_cluster_kafka import PARTITIONS
 
 
 class MixedLoad:
-    def __init__(self, nodes: list[BrokerProcess]) -> None:
+    def __init__(self, nodes: list[BrokerProcess], amqp_first: int = 0) -> None:
+        """``amqp_first``: the index of the node the AMQP publisher connects to first
+        (then the next ones in turn, whenever its connection dies)."""
         self.nodes = nodes
         self.kafka = KafkaLoad(nodes, rate_per_s=300)
-        self.amqp = AmqpLoad(nodes)
+        self.amqp = AmqpLoad(nodes[amqp_first:] + nodes[:amqp_first])
         self.http = HttpLoad(nodes)
         self.consumer = QueueConsumer(nodes)
         self.stalls: list[dict[str, float]] = []
@@ -90,6 +92,7 @@ class MixedLoad:
             figures[name] = {"acknowledged": len(load_acked),
                              "lost": len(set(load_acked) - delivered)}
         figures["amqp"]["unconfirmed"] = len(self.amqp.unconfirmed)
+        figures["amqp"]["reconnects"] = self.amqp.reconnects  # the first connection counts
         figures["http"]["unknown"] = len(self.http.unknown)
         figures["http"]["errors"] = dict(self.http.errors)
         figures["queue"] = {**queue_figures, "held": queue.held,

@@ -1,6 +1,9 @@
-"""The long cluster run (``make chaos``): rounds of load, a SIGKILL of a random node and
-its restart, then the history check. Figures (kills, acknowledged, lost, duplicated,
-time to recover) are printed. Skipped, and reported as skipped, unless CONVEYOR_CHAOS=1.
+"""The long cluster run (``make chaos``): three nodes under mixed load (Kafka idempotent
+acks=all, AMQP confirms, HTTP publishes and an HTTP queue consumer: tests/cluster/
+mixed.py) while a random node is killed with SIGKILL and restarted, round after round;
+then the history check. Per-protocol figures (acknowledged, lost, duplicated,
+redelivered after a confirmed ack, the longest stall after each kill) are printed.
+Skipped, and reported as skipped, unless CONVEYOR_CHAOS=1.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.helpers import History, check, cluster, stored_log, wait_for
-from tests.cluster.test_cluster_kafka import TOPIC, create_topic, full_log, produce, producer
+from tests.cluster.helpers import cluster, wait_for
+from tests.cluster.mixed import MixedLoad
+from tests.cluster.test_cluster_failover import declare_queue
+from tests.cluster.test_cluster_kafka import create_topic
 
 pytestmark = pytest.mark.chaos  # the long run: make chaos (CONVEYOR_CHAOS=1)
 ROUNDS = int(os.environ.get("CONVEYOR_CHAOS_ROUNDS", "6"))
-PER_ROUND = 2000
+PER_ROUND = 2000  # Kafka records acknowledged between two kills
 
 
 @pytest.mark.timeout(1800)
@@ -25,26 +30,32 @@ def test_kill_loop(tmp_path: Path, postgres_dsn: str) -> None:
     seed = int(os.environ.get("CONVEYOR_SEED", random.SystemRandom().randrange(2**32)))
     print(f"CONVEYOR_SEED={seed}")
     rng = random.Random(seed)
-    with cluster(tmp_path, postgres_dsn, 3) as nodes:
+    with cluster(tmp_path, postgres_dsn, 3, listeners=("kafka", "amqp", "http")) as nodes:
         create_topic(nodes)
-        history = History()
-        client = producer(nodes)
-        recoveries = []
-        for round_index in range(ROUNDS):
-            produce(client, history, range(round_index * PER_ROUND,
-                                           round_index * PER_ROUND + PER_ROUND // 2))
-            victim = rng.choice(nodes)
-            victim.kill()
-            started = time.monotonic()
-            produce(client, history, range(round_index * PER_ROUND + PER_ROUND // 2,
-                                           (round_index + 1) * PER_ROUND))
-            recoveries.append(time.monotonic() - started)
-            # the same node id comes back once its lease has lapsed
-            wait_for(lambda victim=victim: _restarted(victim), 30, "the node restarted")
-        figures = check(history, full_log(nodes, postgres_dsn),
-                        stored_log(postgres_dsn, TOPIC))
-        print(f"chaos: kills={ROUNDS} {figures} "
-              f"recover max={max(recoveries):.1f}s mean={sum(recoveries) / ROUNDS:.1f}s")
+        declare_queue(nodes)
+        load = MixedLoad(nodes)
+        load.start()
+        try:
+            for _ in range(ROUNDS):
+                load.progress("before a kill", kafka=PER_ROUND // 2, amqp=20, http=50,
+                              acks=50, timeout_s=120)
+                victim = rng.choice(nodes)
+                killed_at = time.monotonic()
+                victim.kill()
+                load.recovered(killed_at, timeout_s=120)
+                load.progress("after a kill", kafka=PER_ROUND // 2, amqp=20, http=50,
+                              acks=50, timeout_s=120)
+                # the same node id comes back once its lease has lapsed
+                wait_for(lambda victim=victim: _restarted(victim), 30, "the node restarted")
+            figures = load.stop_and_check(verify_s=180)
+        finally:
+            load.halt()
+    stalls = figures.pop("stalls_s")
+    worst = {name: max(round_[name] for round_ in stalls) for name in stalls[0]}
+    mean = {name: round(sum(round_[name] for round_ in stalls) / len(stalls), 1)
+            for name in stalls[0]}
+    print(f"chaos: kills={ROUNDS} {figures} longest stall after a kill: max={worst} "
+          f"mean={mean}")
 
 
 def _restarted(node: object) -> bool:

@@ -3,8 +3,9 @@ processes on one PostgreSQL, a Kafka idempotent producer (acks=all) with every n
 its bootstrap list, an AMQP publisher with confirms, an HTTP publisher and an HTTP
 consumer of one queue, the two latter going round the nodes as a load balancer would
 (tests/cluster/mixed.py). The victim is the queue's owner (it also leads a share of the
-partitions): its partitions are claimed by the others once its lease lapses, its queue
-window is reloaded by the next owner, and what its consumer held comes back.
+partitions, and the AMQP publisher is connected to it): its partitions are claimed by
+the others once its lease lapses, its queue window is reloaded by the next owner, what
+its consumer held comes back, and the publishers reconnect to another node.
 
 Checker: every acknowledged Kafka record read back once at its offset, offsets
 contiguous; every confirmed AMQP and acknowledged HTTP publish delivered, none
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.cluster.ownership import SHARED, choose_owner, item_name
 from tests.cluster.helpers import wait_for
+from tests.cluster.load import QUEUE
 from tests.cluster.mixed import MixedLoad, queue_owner
 from tests.cluster.test_cluster_failover import declare_queue, start_nodes
 from tests.cluster.test_cluster_kafka import create_topic
@@ -35,7 +38,11 @@ def test_a_node_killed_under_kafka_amqp_and_http_load(tmp_path: Path,
     try:
         create_topic(nodes)
         declare_queue(nodes)
-        load = MixedLoad(nodes)
+        # the queue's owner as rendezvous hashing will choose it among the three: the
+        # AMQP publisher starts there, so the kill breaks its connection too
+        expected_owner = choose_owner(SHARED, item_name(SHARED, QUEUE, QUEUE), (1, 2, 3))
+        assert expected_owner is not None
+        load = MixedLoad(nodes, amqp_first=expected_owner - 1)
         load.start()
         load.progress("before the kill", kafka=300, amqp=10, http=30, acks=30, timeout_s=60)
         wait_for(lambda: queue_owner(nodes[0]) is not None, 10, "the queue's owner row")
@@ -56,4 +63,5 @@ def test_a_node_killed_under_kafka_amqp_and_http_load(tmp_path: Path,
           f"{time.monotonic() - began:.1f} s in all): {figures}")
     assert figures["queue"]["held"] > 0 and figures["queue"]["redelivered"] > 0
     assert figures["http"]["acknowledged"] >= 40 and figures["amqp"]["acknowledged"] >= 13
+    assert figures["amqp"]["reconnects"] >= 2 or owner != expected_owner, figures["amqp"]
     assert max(stalls.values()) < 45, stalls
