@@ -88,10 +88,11 @@ test-postgres: $(VENV)/.installed-dev
 	CONVEYOR_TEST_STORAGE=postgresql $(BIN)/pytest -q tests/broker tests/server \
 	  tests/integration tests/protocols tests/crash $(ARGS)
 
-# The long cluster runs (docs/cluster.md): rounds of Kafka load with a node SIGKILLed and
-# restarted each round, a node paused, the coordinator killed, PostgreSQL failed over to
-# a synchronous and to an asynchronous standby (the latter's losses measured), a node cut
-# off from PostgreSQL (drop and stall); each prints its figures; ARGS are passed to pytest.
+# The long cluster runs (docs/cluster.md): rounds of mixed Kafka, AMQP and HTTP load
+# with a node SIGKILLed and restarted each round, a node paused, the coordinator killed,
+# PostgreSQL failed over to a synchronous and to an asynchronous standby (the latter's
+# losses measured), a node cut off from PostgreSQL (drop and stall); each prints its
+# figures; ARGS are passed to pytest.
 chaos: $(VENV)/.installed-dev
 	CONVEYOR_CHAOS=1 $(BIN)/pytest -q -s -m chaos tests $(ARGS)
 
