@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from conveyor.testing.server import BrokerProcess
-from tests.cluster.helpers import check, check_queue, http_json, wait_for
+from tests.cluster.helpers import check, check_queue, http_json, stored_log, wait_for
 from tests.cluster.load import (
     QUEUE,
     AmqpLoad,
@@ -23,14 +23,15 @@ from tests.cluster.load import (
     wait_progress,
 )
 from tests.cluster.test_cluster_failover import read_log
-from tests.cluster.test_cluster_kafka import PARTITIONS
+from tests.cluster.test_cluster_kafka import PARTITIONS, TOPIC
 
 
 class MixedLoad:
-    def __init__(self, nodes: list[BrokerProcess], amqp_first: int = 0) -> None:
-        """``amqp_first``: the index of the node the AMQP publisher connects to first
-        (then the next ones in turn, whenever its connection dies)."""
-        self.nodes = nodes
+    def __init__(self, nodes: list[BrokerProcess], dsn: str, amqp_first: int = 0) -> None:
+        """``dsn``: the nodes' database (the checker compares the topic read back with
+        the batch rows there); ``amqp_first``: the index of the node the AMQP publisher
+        connects to first (then the next ones in turn, whenever its connection dies)."""
+        self.nodes, self.dsn = nodes, dsn
         self.kafka = KafkaLoad(nodes, rate_per_s=300)
         self.amqp = AmqpLoad(nodes[amqp_first:] + nodes[:amqp_first])
         self.http = HttpLoad(nodes)
@@ -82,7 +83,8 @@ class MixedLoad:
         self.consumer.finish(published, verify_s)
         queue = self.consumer.history
         figures: dict[str, Any] = {}
-        kafka = check(self.kafka.history, read_log(self.nodes, verify_s))
+        kafka = check(self.kafka.history, read_log(self.nodes, verify_s),
+                      stored_log(self.dsn, TOPIC))
         figures["kafka"] = {key: kafka[key] for key in
                             ("acknowledged", "failed", "lost", "duplicated", "gaps")}
         queue_figures = check_queue(published, [*self.amqp.unconfirmed, *self.http.unknown],

@@ -33,7 +33,7 @@ def test_kill_loop(tmp_path: Path, postgres_dsn: str) -> None:
     with cluster(tmp_path, postgres_dsn, 3, listeners=("kafka", "amqp", "http")) as nodes:
         create_topic(nodes)
         declare_queue(nodes)
-        load = MixedLoad(nodes)
+        load = MixedLoad(nodes, postgres_dsn)
         load.start()
         try:
             for _ in range(ROUNDS):

@@ -42,7 +42,7 @@ def test_a_node_killed_under_kafka_amqp_and_http_load(tmp_path: Path,
         # AMQP publisher starts there, so the kill breaks its connection too
         expected_owner = choose_owner(SHARED, item_name(SHARED, QUEUE, QUEUE), (1, 2, 3))
         assert expected_owner is not None
-        load = MixedLoad(nodes, amqp_first=expected_owner - 1)
+        load = MixedLoad(nodes, postgres_dsn, amqp_first=expected_owner - 1)
         load.start()
         load.progress("before the kill", kafka=300, amqp=10, http=30, acks=30, timeout_s=60)
         wait_for(lambda: queue_owner(nodes[0]) is not None, 10, "the queue's owner row")
