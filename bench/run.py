@@ -105,6 +105,11 @@ def http_rows(document: dict[str, Any]) -> list[Row]:
                      ours.get(f"shared_acquire_ack_batch_{batch}_msg_per_s"),
                      "redis XREADGROUP+XACK",
                      theirs.get(f"stream_xreadgroup_xack_batch_{batch}_msg_per_s"), "higher"))
+    if "publish_batch_1_clients_msg_per_s" in ours:  # bench.http.run --clients N
+        clients = (document.get("settings") or {}).get("clients_of_publish_batch_1_clients")
+        rows.append((f"publish, batch 1, {clients} clients", "msg/s",
+                     ours.get("publish_batch_1_clients_msg_per_s"), "redis XADD",
+                     theirs.get("stream_xadd_batch_1_clients_msg_per_s"), "higher"))
     rows.append(("e2e latency p99", "ms", _get(ours, "e2e_shared_acquire", "p99_ms"),
                  "redis stream", _get(theirs, "stream_e2e", "p99_ms"), "lower"))
     return rows

@@ -8,13 +8,18 @@ What: 1 KiB messages.
 - end-to-end latency p50/p99 at a fixed publish rate, a consumer long-polling
   (Conveyor acquire with wait; Redis BRPOP and XREADGROUP BLOCK).
 Both sides are driven through their Python clients (conveyor.Client on httpx,
-redis-py), one connection each, so the client cost is in both numbers.
+redis-py), one connection each, so the client cost is in both numbers. One client
+waits for each answer, so publish batch 1 measures one request's round trip (client
+CPU + server CPU + fsync), not what the server can do: ``--clients N`` (default 4)
+adds a publish-batch-1 phase from N client processes at once on both sides
+(``publish_batch_1_clients`` / ``stream_xadd_batch_1_clients``).
 
 Durability settings are part of the result: Conveyor topics use fsync=always
 (group-committed), Redis runs with ``appendonly yes`` and ``appendfsync always``
 unless --redis-fsync=everysec is given.
 
-Run: ``.venv/bin/python -m bench.http.run [--seconds 10] [--rounds 3] [--rate 200]``; writes
+Run: ``.venv/bin/python -m bench.http.run [--seconds 10] [--rounds 3] [--rate 200]
+[--clients 4]``; writes
 bench/results/http.json. Needs redis-server on PATH (apt-get install redis-server).
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import statistics
 import subprocess
@@ -66,6 +72,61 @@ def timed(seconds: float, step: Callable[[], int], drains: bool = False) -> dict
 
 
 _BROKER_PID: list[int | None] = [None]  # the process CpuMeter watches as "broker"
+
+
+def _publish_one_worker(system: str, address: str, key: str, seconds: float,
+                        gates: tuple[Any, Any, Any], counts: Any, index: int) -> None:
+    """One client process of ``clients_phase``: publishes of one message for ``seconds``
+    (Conveyor: ``conveyor.Client.publish_batch`` of one; Redis: one XADD), one connection."""
+    step: Callable[[], object]
+    if system == "conveyor":
+        client = Client(address)
+        document = [encode_message(VALUE)]
+        step = lambda: client.publish_batch(key, document)  # noqa: E731
+    else:
+        connection = redis.Redis(port=int(address))
+        step = lambda: connection.xadd(key, {"v": VALUE})  # noqa: E731
+    ready, done, leave = gates
+    step()  # connected before the phase starts
+    ready.wait()
+    count = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        step()
+        count += 1
+    counts[index] = count
+    done.wait()
+    leave.wait()  # alive until the parent has read this process's CPU time
+
+
+def clients_phase(system: str, address: str, key: str, seconds: float,
+                  clients: int) -> dict[str, Any]:
+    """Publish batch 1 from ``clients`` processes at once (each its own connection): what
+    the server does when one Python client is not the limit. CPU of the broker and of
+    every client process, as ``timed`` reports it."""
+    context = multiprocessing.get_context("spawn")
+    ready, done = context.Barrier(clients + 1), context.Barrier(clients + 1)
+    leave = context.Event()
+    counts = context.Array("q", clients)
+    workers = [context.Process(target=_publish_one_worker, args=(
+        system, address, key, seconds, (ready, done, leave), counts, index))
+        for index in range(clients)]
+    for worker in workers:
+        worker.start()
+    try:
+        ready.wait(timeout=60)
+        meter = CpuMeter(_BROKER_PID[0], [worker.pid for worker in workers if worker.pid])
+        started = time.perf_counter()
+        done.wait(timeout=seconds + 60)  # every worker has counted and stopped
+        figures = meter.stop()
+        elapsed = time.perf_counter() - started
+    finally:
+        leave.set()
+        for worker in workers:
+            worker.join(timeout=30)
+    total = sum(counts)
+    return {"msg_per_s": round(total / elapsed), "messages": total, "drained": False,
+            "clients": clients, **figures}
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -243,6 +304,8 @@ RATIOS = {f"{what}_batch_{batch}": (f"{ours}_batch_{batch}", f"{theirs}_batch_{b
           for what, ours, theirs in (("publish_vs_xadd", "publish", "stream_xadd"),
                                      ("acquire_ack_vs_xreadgroup_xack", "shared_acquire_ack",
                                       "stream_xreadgroup_xack"))}
+RATIOS["publish_vs_xadd_batch_1_clients"] = ("publish_batch_1_clients",
+                                             "stream_xadd_batch_1_clients")
 
 
 def _medians(rounds: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -272,6 +335,9 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200, help="messages/s for latency")
     parser.add_argument("--redis-fsync", choices=("always", "everysec"), default="always")
     parser.add_argument("--systems", default="conveyor,redis")
+    parser.add_argument("--clients", type=int, default=4,
+                        help="client processes of the publish-batch-1 phase beside the "
+                             "one-client phases (0 or 1: no such phase)")
     arguments = parser.parse_args()
     systems = arguments.systems.split(",")
     missing: dict[str, str] = {}
@@ -296,6 +362,12 @@ def main() -> None:
                     url = f"http://127.0.0.1:{broker.ports['http']}"
                     with Client(url) as client:
                         result = conveyor_throughput(client, arguments.seconds, tag)
+                        if arguments.clients > 1:
+                            client.create_queue(f"bench-1c-{tag}")
+                    if arguments.clients > 1:
+                        result["publish_batch_1_clients"] = clients_phase(
+                            "conveyor", url, f"bench-1c-{tag}", arguments.seconds,
+                            arguments.clients)
                     result["e2e_shared_acquire"] = conveyor_latency(
                         url, arguments.rate, min(arguments.seconds, 10.0))
                     ours.append(result)
@@ -309,6 +381,10 @@ def main() -> None:
                 try:
                     connection = redis.Redis(port=redis_port)
                     result = redis_throughput(connection, arguments.seconds, tag)
+                    if arguments.clients > 1:
+                        result["stream_xadd_batch_1_clients"] = clients_phase(
+                            "redis", str(redis_port), f"stream-1c-{tag}", arguments.seconds,
+                            arguments.clients)
                     result.update(redis_latency(redis_port, arguments.rate,
                                                 min(arguments.seconds, 10.0)))
                     peer_version = connection.info()["redis_version"]
@@ -321,6 +397,8 @@ def main() -> None:
     ratios = {}
     if ours and theirs:
         for name, (mine, other) in RATIOS.items():
+            if mine not in ours[0] or other not in theirs[0]:
+                continue
             per_round = [one[mine]["msg_per_s"] / max(1, two[other]["msg_per_s"])
                          for one, two in zip(ours, theirs, strict=True)]
             ratios[name] = summarise(per_round)
@@ -333,6 +411,7 @@ def main() -> None:
                      "conveyor_fsync": "always",
                      "client": "one Python process, one connection (conveyor.Client / "
                                "redis-py); client_bound marks >= 90 % of a core",
+                     "clients_of_publish_batch_1_clients": arguments.clients,
                      "redis": {"version": peer_version, "appendonly": "yes",
                                "appendfsync": arguments.redis_fsync}},
         "missing_peers": missing,

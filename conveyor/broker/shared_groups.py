@@ -239,8 +239,8 @@ class SharedGroups(SharedQueues):
         ``outcomes``: one entry per receipt (None or its error) instead of raising.
         ``local``: this node's windows only (a request forwarded by another node)."""
         async def apply(items: list[str], found: Outcomes) -> list[int]:
-            await self._settle(items, lambda part, offset, token, now_ms:
-                               part.ack(offset, token, now_ms), wait_durable,
+            # the method itself (part, offset, token, now_ms): no lambda frame per receipt
+            await self._settle(items, SharedPartition.ack, wait_durable,
                                count_acked=True, outcomes=found)
             return []
 

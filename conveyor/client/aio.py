@@ -237,7 +237,7 @@ class AsyncClient:
         group = group or topic
         document = await self.request(core.acquire_call(topic, group, limit, wait_s, lock_s))
         settler = _SharedSettler(self)
-        return [AsyncMessage(**core.message_fields(m, group), settler=settler)
+        return [AsyncMessage(*core.message_args(m, group), settler=settler)
                 for m in document["messages"]]
 
     async def ack(self, topic: str, group: str, receipts: Iterable[str]) -> Any:

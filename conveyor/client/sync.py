@@ -237,7 +237,7 @@ class Client:
         group = group or topic
         document = self.request(core.acquire_call(topic, group, limit, wait_s, lock_s))
         settler = _SharedSettler(self)
-        return [Message(**core.message_fields(m, group), settler=settler)
+        return [Message(*core.message_args(m, group), settler=settler)
                 for m in document["messages"]]
 
     def ack(self, topic: str, group: str, receipts: Iterable[str]) -> Any:

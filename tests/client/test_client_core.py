@@ -7,6 +7,7 @@ marked idempotent. Method: pure function calls, seeded randomness.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from conveyor.client import core
@@ -31,6 +32,21 @@ def test_message_fields_round_trip_a_server_document() -> None:
     assert message.headers == {"a": b"1", "n": None, "b": b"\xff"}
     assert (message.receipt, message.delivery_count, message.group) == ("r", 2, "g")
     assert core.MessageData(**core.message_fields(message.to_document())).value == b"text"
+
+
+def test_positional_message_arguments_follow_the_dataclass_fields() -> None:
+    """An acquire builds each message from ``message_args`` by position: the tuple's order
+    must be MessageData's field order, and it must equal the by-name construction."""
+    assert core.MESSAGE_FIELDS == tuple(f.name for f in dataclasses.fields(core.MessageData))
+    document = {"topic": "t", "partition": 1, "offset": 5, "timestamp_ms": 9,
+                "key_base64": "/g==", "value": "text", "headers": {"a": "1", "n": None},
+                "headers_base64": {"b": "/w=="}, "receipt": "r", "delivery_count": 2,
+                "lock_deadline_ms": 100}
+    by_position = core.MessageData(*core.message_args(document, "g"))
+    assert by_position == core.MessageData(**core.message_fields(document, "g"))
+    assert (by_position.receipt, by_position.delivery_count, by_position.lock_deadline_ms,
+            by_position.group, by_position.headers) == ("r", 2, 100, "g",
+                                                        {"a": b"1", "n": None, "b": b"\xff"})
 
 
 def test_backoff_is_capped_jittered_and_honours_retry_after() -> None:

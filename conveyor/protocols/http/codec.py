@@ -313,22 +313,30 @@ def _put_bytes(document: dict[str, Any], name: str, data: bytes | None) -> None:
 
 
 def record_document(topic: str, partition: int, record: RecordLike) -> dict[str, Any]:
+    key, value, headers = record.key, record.value, record.headers
+    if key is None and value is not None and not headers:
+        try:  # the common message: a text value, no key, no headers (same document)
+            return {"topic": topic, "partition": partition, "offset": record.offset,
+                    "timestamp_ms": record.timestamp_ms, "key": None,
+                    "value": value.decode("utf-8"), "headers": {}}
+        except UnicodeDecodeError:
+            pass
     document: dict[str, Any] = {
         "topic": topic, "partition": partition, "offset": record.offset,
         "timestamp_ms": record.timestamp_ms,
     }
-    _put_bytes(document, "key", record.key)
-    _put_bytes(document, "value", record.value)
+    _put_bytes(document, "key", key)
+    _put_bytes(document, "value", value)
     text_headers: dict[str, str | None] = {}
     binary_headers: dict[str, str | None] = {}
-    for name, value in record.headers:
-        if value is None:
+    for name, header in headers:
+        if header is None:
             text_headers[name] = None
             continue
         try:
-            text_headers[name] = value.decode("utf-8")
+            text_headers[name] = header.decode("utf-8")
         except UnicodeDecodeError:
-            binary_headers[name] = base64.b64encode(value).decode("ascii")
+            binary_headers[name] = base64.b64encode(header).decode("ascii")
     document["headers"] = text_headers
     if binary_headers:
         document["headers_base64"] = binary_headers

@@ -331,8 +331,8 @@ class HttpListener:
                 context = RequestContext(
                     connection.is_connected, connection.disconnected, connection.peer,
                     raw.headers.get("accept", ""),
-                    seal_receipt=lambda receipt: self.seal.seal(owner, receipt),
-                    open_receipt=lambda sealed: self.seal.open(owner, sealed))
+                    seal_receipts=lambda receipts: self.seal.seal_all(owner, receipts),
+                    open_receipts=lambda sealed: self.seal.open_all(owner, sealed))
             if request.operation not in PUBLISH_OPERATIONS:
                 response = await self.handlers.handle(request, context)
                 if principal is None or request.operation not in LISTINGS:

@@ -482,6 +482,22 @@ def _validate_object(value: dict[str, Any], schema: Schema, where: str) -> None:
             validate(item, extra, f"{where}.{name}")
 
 
+_STRING_KEYWORDS: Final = frozenset({"type", "minLength", "maxLength", "description"})
+
+
+def _all_plain_strings(value: list[Any], items: Schema) -> bool:
+    """True when ``items`` only asks for strings of a length range and every item is one
+    (a miss is not an error: the item-by-item walk then names the first bad item)."""
+    if items.get("type") != "string" or not _STRING_KEYWORDS.issuperset(items):
+        return False
+    if not all(type(item) is str for item in value):
+        return False
+    lengths = list(map(len, value))
+    shortest: int = items.get("minLength", 0)
+    longest: int = items.get("maxLength", max(lengths))
+    return min(lengths) >= shortest and max(lengths) <= longest
+
+
 def _validate_array(value: list[Any], schema: Schema, where: str) -> None:
     if len(value) < schema.get("minItems", 0):
         raise InvalidRequestError(f"{where} needs at least {schema['minItems']} items")
@@ -490,6 +506,8 @@ def _validate_array(value: list[Any], schema: Schema, where: str) -> None:
             f"{where} has more than {schema['maxItems']} items", items=len(value)
         )
     items = schema.get("items")
+    if items is not None and value and _all_plain_strings(value, items):
+        return  # an ack of 1,000 receipts: one pass in C instead of 1,000 calls
     if items is not None:
         for index, item in enumerate(value):
             validate(item, items, f"{where}[{index}]")

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from conveyor.errors import InvalidRequestError, NotFoundError, RecordTooLargeError
+from conveyor.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    OperatingError,
+    RecordTooLargeError,
+)
 from conveyor.protocols.http.codec import (
     HEADER_CORRELATION_ID,
     HEADER_REPLY_TO,
@@ -171,6 +176,33 @@ def test_record_document_is_lossless() -> None:
     assert document["value"] == "text" and document["key_base64"] == "/w=="
     assert document["headers"] == {"a": "1", "c": None}
     assert document["headers_base64"] == {"b": "/g=="}
+
+
+def test_the_common_message_document_equals_the_general_one() -> None:
+    fast = record_document("t", 1, FakeRecord(4, 5, None, b"text", ()))
+    assert list(fast.items()) == [("topic", "t"), ("partition", 1), ("offset", 4),
+                                  ("timestamp_ms", 5), ("key", None), ("value", "text"),
+                                  ("headers", {})]
+    binary = record_document("t", 1, FakeRecord(4, 5, None, b"\xff", ()))
+    assert binary["value_base64"] == "/w==" and "value" not in binary
+
+
+@pytest.mark.parametrize(("receipts", "fragment", "status"), [
+    (["a", 1], "body.receipts[1] must be of type string", 400),
+    (["a", ""], "body.receipts[1] is shorter than 1", 400),
+    (["a", "b" * 513], "body.receipts[1] is longer than 512", 400),
+    ([None], "body.receipts[0] must be of type string", 400),
+    ([], "at least 1", 400),
+    (["r"] * 10_001, "more than 10000 items", 413),
+])
+def test_bad_receipt_lists_name_the_first_bad_item(
+        receipts: list[object], fragment: str, status: int) -> None:
+    with pytest.raises(OperatingError) as raised:
+        decode_request(raw("POST", "/topics/t/groups/g/ack", {"receipts": receipts}))
+    assert fragment in str(raised.value)
+    assert raised.value.http_status == status
+    good = decode_request(raw("POST", "/topics/t/groups/g/ack", {"receipts": ["a", "b" * 512]}))
+    assert good.body == {"receipts": ["a", "b" * 512]}
 
 
 def test_openapi_lists_every_route_with_its_schemas() -> None:

@@ -24,3 +24,14 @@ def test_a_sealed_receipt_opens_for_its_owner_only() -> None:
     assert seal.open("alice", RECEIPT.replace("41", "42") + sealed[len(RECEIPT):]) is None
     assert seal.open("alice", sealed[:-1] + "é") is None
     assert seal.open("alice", RECEIPT) is None
+
+
+def test_a_batch_seals_and_opens_like_one_receipt_at_a_time() -> None:
+    seal = ReceiptSeal(KEY)
+    receipts = [RECEIPT, RECEIPT.replace("41", "42"), "q:0:1:2:\udc80"]
+    sealed = seal.seal_all("alice", receipts)
+    assert sealed == [seal.seal("alice", receipt) for receipt in receipts]
+    tampered = [sealed[0], sealed[1][:-1] + ("0" if sealed[1][-1] != "0" else "1"),
+                sealed[2], sealed[0] + "é", "no separator", sealed[0][:-1] + "é"]
+    assert seal.open_all("alice", tampered) == [RECEIPT, None, receipts[2], None, None, None]
+    assert seal.open_all("bob", sealed) == [None, None, None]
