@@ -286,6 +286,11 @@ class Broker:
                 # a full disk or an I/O error must not stop session expiry; the next
                 # tick retries, and the error is in the log with its evidence
                 logger.exception("background pass failed")
+            except Exception:
+                # a bug in one pass must not stop every later one (lock and session
+                # expiry, retention): reported loudly, retried at the next tick
+                logger.exception("background pass failed unexpectedly (a bug); the timers "
+                                 "go on")
 
     async def run_retention(self) -> None:
         """One retention/compaction pass now (also run by the timer)."""

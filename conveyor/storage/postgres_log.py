@@ -525,6 +525,8 @@ async def _drop_chunks_below(connection: Any, part: _Partition, chunk_offsets: i
     """Drop whole chunks whose every batch is below the log start (DROP TABLE)."""
     pid = part.partition_id
     chunk = await connection.fetchval(sql.CHUNKS_FROM, pid)
+    if chunk is None:  # the partition was deleted meanwhile (a topic or queue delete)
+        return
     first_kept = chunk
     while (chunk + 1) * chunk_offsets <= part.log_start_offset:
         last = await connection.fetchval(

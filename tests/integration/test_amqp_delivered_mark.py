@@ -31,7 +31,8 @@ from conveyor.protocols.amqp.adapter import AmqpConnection
 from conveyor.protocols.amqp.listener import AmqpListener
 from conveyor.testing.server import run_broker
 
-pytestmark = pytest.mark.asyncio
+# copies the data directory: the image of file storage (segments and state.sqlite3)
+pytestmark = [pytest.mark.asyncio, pytest.mark.file_storage]
 
 # A method frame (type 1) whose payload starts with class 60 (basic), method 60 (deliver)
 DELIVER_METHOD = b"\x00\x3c\x00\x3c"

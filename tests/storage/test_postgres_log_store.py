@@ -341,6 +341,26 @@ async def test_retention_drops_whole_chunks_not_rows(postgres_dsn: str) -> None:
     await store.close()
 
 
+async def test_retention_of_a_partition_deleted_meanwhile_does_nothing(
+        postgres_dsn: str) -> None:
+    """Work-queue retention racing a delete (the queue deleted here or on another node
+    while its retention pass runs): the partition's row is gone, so there is nothing to
+    drop; it must not fail (it used to raise a TypeError and fail the broker's close)."""
+    store = new_store(postgres_dsn, chunk_offsets=10)
+    await store.open()
+    await store.create_partition("gone", 0, LogConfig(cleanup_policy="work-queue"))
+    for index in range(25):
+        await store.append([AppendRequest("gone", 0, make_batch([b"%02d" % index]))])
+    connection = await asyncpg.connect(postgres_dsn)
+    try:  # another node's delete: the head row goes, this store's memory still has it
+        await connection.execute(
+            "DELETE FROM conveyor_log_partitions WHERE topic = 'gone' AND partition = 0")
+    finally:
+        await connection.close()
+    await store.delete_before("gone", 0, 15)
+    await store.close()
+
+
 def producer_batch(values: list[bytes], producer_id: int, epoch: int, sequence: int) -> bytes:
     return build_batch([RecordData(None, value, (), 1_700_000_000_000) for value in values],
                        producer_id=producer_id, producer_epoch=epoch, base_sequence=sequence)
