@@ -112,9 +112,7 @@ class ClusterNode:
         self._serve_transactions()
         self.secret = secret = await cluster_secret(self.settings.dsn)
         self._serve_txn_offsets(secret)
-        self.remote_groups = RemoteGroups(
-            self.membership, LocalGroups(self.broker), self.serve_group, self.broker.topics,
-            self.refresh_catalog, secret, tls=self.channel.client_tls)
+        self._serve_groups(secret)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
             broker = self.broker
@@ -187,6 +185,13 @@ class ClusterNode:
             broker.txn_offsets, tls=self.channel.client_tls)
         broker.transactions.finish_offsets = remote.finish
         broker.transactions.add_group = remote.add_group
+
+    def _serve_groups(self, secret: bytes) -> None:
+        """The HTTP API's ordered-group operations: run by the group's owner (claimed on
+        demand), forwarded to it from the other nodes."""
+        self.remote_groups = RemoteGroups(
+            self.membership, LocalGroups(self.broker), self.serve_group, self.broker.topics,
+            self.refresh_catalog, secret, tls=self.channel.client_tls)
 
     async def _internal_request(self, op: str, args: dict[str, Any], node: int,
                                 incarnation: int) -> Any:
