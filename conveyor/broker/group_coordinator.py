@@ -227,9 +227,7 @@ class GroupCoordinator:
         if guard is not None and await self.state_store.save_group_guarded(
                 group.group_id, group.snapshot(), guard):
             return
-        self.guard_refused(group.group_id)
-        refused = NotCoordinatorError("this node no longer coordinates the group",
-                                      group_id=group.group_id)
+        refused = _refusal(group.group_id, self.guard_refused)
         for member in group.members.values():
             waiter, member.sync_waiter = member.sync_waiter, None
             if waiter is not None and not waiter.done():
@@ -317,9 +315,7 @@ class GroupCoordinator:
         guard = self.commit_guard(group.group_id)
         if guard is None or not await self.state_store.save_committed_offsets_guarded(
                 rows, guard):
-            self.guard_refused(group.group_id)
-            raise NotCoordinatorError("this node no longer coordinates the group",
-                                      group_id=group.group_id)
+            raise _refusal(group.group_id, self.guard_refused)
         group.commit(offsets)
 
     def check_member(self, group_id: str, member_id: str, generation: int) -> None:
@@ -367,15 +363,29 @@ class GroupCoordinator:
         for group_id in group_ids:
             try:
                 group = self._group(group_id)
+                if self.commit_guard is not None:
+                    await self._delete_guarded(group)
                 group.delete()
-            except (UnknownGroupError, NonEmptyGroupError) as error:
+            except (UnknownGroupError, NonEmptyGroupError, NotCoordinatorError) as error:
                 outcome[group_id] = error
                 continue
             del self.groups[group_id]
-            self.state_store.delete_group(group_id)
+            if self.commit_guard is None:
+                self.state_store.delete_group(group_id)
             outcome[group_id] = None
         await self.state_store.commit()
         return outcome
+
+    async def _delete_guarded(self, group: OrderedGroup) -> None:
+        """A cluster node's delete: the rows go only while its owner row holds (checked
+        in the delete's own transaction), and before the group leaves memory."""
+        assert self.commit_guard is not None
+        if group.members or group.pending_members:
+            raise NonEmptyGroupError("group has members", group_id=group.group_id)
+        guard = self.commit_guard(group.group_id)
+        if guard is None or not await self.state_store.delete_group_guarded(
+                group.group_id, guard):
+            raise _refusal(group.group_id, self.guard_refused)
 
     async def expire_groups(self) -> list[str]:
         """Delete Empty ordered groups whose newest commit is older than
@@ -437,6 +447,13 @@ class GroupCoordinator:
     def decode_server_assignment(assignment: bytes) -> list[tuple[str, int]]:
         """Partitions of a server-assigned ("conveyor" protocol type) group member."""
         return decode_assignment(assignment)
+
+
+def _refusal(group_id: str, forget: Callable[[str], None]) -> NotCoordinatorError:
+    """A guarded group write found no owner row: the node forgets the group."""
+    forget(group_id)
+    return NotCoordinatorError("this node no longer coordinates the group",
+                               group_id=group_id)
 
 
 def _nothing(group_id: str) -> None:

@@ -6,7 +6,8 @@ id's transaction, finished if it was in flight), the group fence handed to the g
 coordinator and the members' writes (a WriteGuard carried into an offset commit's, a
 leader SyncGroup's, a TxnOffsetCommit's, a transaction end's and a membership write),
 the transactional-id fence on every write of a transaction's row, the calls between a
-transaction's coordinator and its groups' (txn_offsets_remote.py), the
+transaction's coordinator and its groups' (txn_offsets_remote.py), the HTTP API's
+ordered-group operations run by each group's owner (remote_groups.py), the
 producer ids handed out from the database, the catalog kept alike on every node (topics,
 queues, exchanges and bindings re-read when another node tells a change and every
 heartbeat: catalog.py, applied by catalog_apply.py), and the view the Kafka listener
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from conveyor.broker.group_operations import GroupOperations, LocalGroups
 from conveyor.broker.txn_model import TxnFence
 from conveyor.clock import Clock
 from conveyor.cluster.catalog import CatalogSync
@@ -33,6 +35,8 @@ from conveyor.cluster.internal_api import InternalServer, cluster_secret
 from conveyor.cluster.lag import GROUP_LAG_SQL, group_lag, queue_backlog
 from conveyor.cluster.membership import DB_ERRORS, ClusterSettings, Membership
 from conveyor.cluster.ownership import GROUP, PARTITION, SHARED, TXN, item_name
+from conveyor.cluster.remote_groups import OPS as GROUP_OPS
+from conveyor.cluster.remote_groups import RemoteGroups
 from conveyor.cluster.remote_queues import OwnerSide, RemoteQueues
 from conveyor.cluster.txn_offsets_remote import OPS as TXN_OFFSETS_OPS
 from conveyor.cluster.txn_offsets_remote import RemoteTxnOffsets
@@ -72,6 +76,7 @@ class ClusterNode:
         self.remote_queues: RemoteQueues | None = None
         self.owner_side: OwnerSide | None = None
         self.remote_txn: RemoteTxnOffsets | None = None  # transactional offsets across nodes
+        self.remote_groups: RemoteGroups | None = None  # the HTTP API's group operations
         self.settings = settings
         self.membership = Membership(settings, clock)
         self.membership.on_acquire = self._acquired
@@ -107,6 +112,7 @@ class ClusterNode:
         self._serve_transactions()
         self.secret = secret = await cluster_secret(self.settings.dsn)
         self._serve_txn_offsets(secret)
+        self._serve_groups(secret)
         shared = self.broker.shared_groups
         if shared is not None:  # queue consumers on any node, served by the queue's owner
             broker = self.broker
@@ -180,13 +186,28 @@ class ClusterNode:
         broker.transactions.finish_offsets = remote.finish
         broker.transactions.add_group = remote.add_group
 
+    def _serve_groups(self, secret: bytes) -> None:
+        """The HTTP API's ordered-group operations: run by the group's owner (claimed on
+        demand), forwarded to it from the other nodes."""
+        self.remote_groups = RemoteGroups(
+            self.membership, LocalGroups(self.broker), self.serve_group, self.broker.topics,
+            self.refresh_catalog, secret, tls=self.channel.client_tls)
+
     async def _internal_request(self, op: str, args: dict[str, Any], node: int,
                                 incarnation: int) -> Any:
         """What another node asks over the internal channel (internal_api.py)."""
         if op in TXN_OFFSETS_OPS and self.remote_txn is not None:
             return await self.remote_txn.handle(op, args)
+        if op in GROUP_OPS and self.remote_groups is not None:
+            return await self.remote_groups.handle(op, args)
         assert self.owner_side is not None  # the server starts after it
         return await self.owner_side.handle(op, args, node, incarnation)
+
+    @property
+    def groups(self) -> GroupOperations:
+        """The HTTP API's ordered-group operations: run by each group's owner."""
+        assert self.remote_groups is not None, "groups before open"
+        return self.remote_groups
 
     def derived_key(self, label: str) -> bytes:
         """A key every node derives alike (receipt seals valid on any node)."""
@@ -210,6 +231,8 @@ class ClusterNode:
             await self.owner_side.close()
         if self.remote_txn is not None:
             await self.remote_txn.close()
+        if self.remote_groups is not None:
+            await self.remote_groups.close()
         if self.internal is not None:
             await self.internal.close()
         if self.wakeups is not None:

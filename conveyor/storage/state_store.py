@@ -232,6 +232,7 @@ class StateStore(Protocol):
     async def save_group_guarded(self, group_id: str, state: dict[str, Any],
                                  guard: WriteGuard) -> bool: ...
     def delete_group(self, group_id: str) -> None: ...
+    async def delete_group_guarded(self, group_id: str, guard: WriteGuard) -> bool: ...
     async def load_groups(self) -> dict[str, dict[str, Any]]: ...
     def save_group_config(self, group: str, config: dict[str, str]) -> None: ...
     def delete_group_config(self, group: str) -> None: ...
@@ -449,6 +450,14 @@ class SqlStateStore:
     def delete_group(self, group_id: str) -> None:
         self.engine.write("DELETE FROM groups WHERE group_id = ?", (group_id,))
         self.delete_committed_offsets(group_id)
+
+    async def delete_group_guarded(self, group_id: str, guard: WriteGuard) -> bool:
+        """A cluster node's group delete (its state and committed offsets): its own
+        transaction that first takes ``guard``; False, nothing deleted, when the guard
+        finds no row."""
+        return await guarded(self.engine, guard, [
+            ("DELETE FROM groups WHERE group_id = ?", [(group_id,)]),
+            ("DELETE FROM group_offsets WHERE group_id = ?", [(group_id,)])])
 
     async def load_groups(self) -> dict[str, dict[str, Any]]:
         rows = await self.engine.query("SELECT group_id, state FROM groups")

@@ -4,7 +4,7 @@ A cluster node's offset commit carries its owner fence (owner, epoch, live lease
 the write's transaction, locking the owner row: a node that passed every check and then
 lost the group before writing (paused, its lease lapsed, another node claimed the
 group) writes nothing, and a claim that comes while a commit is in flight waits for it,
-so the new owner's reload sees it.
+so the new owner's reload sees it. A group's delete is fenced the same way.
 """
 
 from __future__ import annotations
@@ -143,6 +143,41 @@ async def test_the_coordinator_answers_not_coordinator_and_keeps_its_view(
     committed = coordinator.fetch_offsets(group)[("t", 0)]
     assert committed is not None and committed.offset == 3  # the refused 8 is not shown
     assert [r.committed_offset for r in await state.load_committed_offsets(group)] == [3]
+    await state.close()
+    await first.close()
+    await second.close()
+
+
+async def test_a_stale_owners_group_delete_is_refused_and_deletes_nothing(
+        postgres_dsn: str) -> None:
+    """A group's delete (HTTP DELETE /groups/<g>, Kafka DeleteGroups) passed its checks,
+    then its node lost the group: nothing is deleted, in the store or in memory; the
+    new owner's delete goes through."""
+    first, second = await two_nodes(postgres_dsn)
+    state = await store(postgres_dsn)
+    clock = SystemClock()
+    topics = SimpleNamespace(get=lambda name: name)  # commit_offsets only asks it exists
+    coordinator = GroupCoordinator(topics, None, state, clock,  # type: ignore[arg-type]
+                                   random.Random(1), BrokerConfig())
+    coordinator.commit_guard = lambda group_id: first.write_guard(GROUP, group_id)
+    group = group_of(1)
+    await first.heartbeat()  # a fresh lease for what follows
+    assert await first.ensure_owned(GROUP, group)
+    await coordinator.commit_offsets(group, {("t", 0): 3})
+    stale = first.write_guard(GROUP, group)
+    coordinator.commit_guard = lambda group_id: stale  # checked before the lease lapsed
+    await lease_lapsed(postgres_dsn, 1)
+    await second.heartbeat()
+    assert await second.ensure_owned(GROUP, group)
+    outcome = await coordinator.delete_groups([group])
+    assert isinstance(outcome[group], NotCoordinatorError)
+    assert [r.committed_offset for r in await state.load_committed_offsets(group)] == [3]
+    kept = coordinator.fetch_offsets(group)[("t", 0)]
+    assert kept is not None and kept.offset == 3  # still in memory
+    coordinator.commit_guard = lambda group_id: second.write_guard(GROUP, group_id)
+    assert await coordinator.delete_groups([group]) == {group: None}
+    assert await state.load_committed_offsets(group) == []
+    assert coordinator.fetch_offsets(group) == {}
     await state.close()
     await first.close()
     await second.close()

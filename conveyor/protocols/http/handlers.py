@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
+from conveyor.broker.group_operations import GroupOperations, LocalGroups
 from conveyor.broker.types import ExchangeInfo, Message
 from conveyor.errors import ConveyorError, InvalidRequestError, UnavailableError
 from conveyor.protocols.http.chunks import documents as in_slices
@@ -49,6 +50,9 @@ class Handlers(SharedGroupHandlers):
         self.broker = broker
         self.openapi = openapi
         self.observability = observability  # the server's /metrics and /ready; None: alone
+        # ordered groups: this node's coordinator; on a cluster node, each group's owner
+        # (conveyor/cluster/remote_groups.py, set by the listener)
+        self.groups: GroupOperations = LocalGroups(broker)
         self.closing = False
 
     async def handle(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
@@ -225,8 +229,9 @@ class Handlers(SharedGroupHandlers):
         committed = {}
         start = body.get("start", "committed" if group else "earliest")
         if group is not None and start == "committed":
-            found = self.broker.fetch_offsets(group, [(topic, p) for p in range(info.partitions)])
-            committed = {p: c.offset for (_, p), c in found.items() if c is not None}
+            found = await self.groups.committed(
+                group, [(topic, p) for p in range(info.partitions)])
+            committed = {p: offset for (_, p), offset in found.items()}
         for partition in range(info.partitions):
             offsets = self.broker.offsets(topic, partition)
             if str(partition) in explicit:
@@ -285,9 +290,9 @@ class Handlers(SharedGroupHandlers):
     ) -> ApiResponse:
         topic, group = request.path["topic"], request.path["group"]
         info = self.broker.get_topic(topic)
-        found = self.broker.fetch_offsets(group, [(topic, p) for p in range(info.partitions)])
+        found = await self.groups.committed(group, [(topic, p) for p in range(info.partitions)])
         return ApiResponse(200, {"group": group, "topic": topic, "offsets": {
-            str(p): c.offset for (_, p), c in found.items() if c is not None
+            str(p): offset for (_, p), offset in sorted(found.items())
         }})
 
     async def commit_offsets(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
@@ -298,7 +303,7 @@ class Handlers(SharedGroupHandlers):
             if not text.isdigit() or int(text) >= info.partitions:
                 raise InvalidRequestError("unknown partition", topic=topic, partition=text)
             offsets[(topic, int(text))] = offset
-        await self.broker.commit_offsets(group, offsets)
+        await self.groups.commit(group, offsets)
         return await self.committed_offsets(request, context)
 
     # --- groups -------------------------------------------------------------------
@@ -314,26 +319,21 @@ class Handlers(SharedGroupHandlers):
 
     async def describe_group(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         group = request.path["group"]
-        lags = self.broker.group_lag(group)
-        description = self.broker.describe_group(group)
+        summary = await self.groups.describe(group)
         return ApiResponse(200, {
-            "group": group, "state": description.state.value,
-            "members": len(description.members),
-            "total_lag": sum(lag.lag for lag in lags),
+            "group": group, "state": summary.state,
+            "members": summary.members,
+            "total_lag": sum(lag.lag for lag in summary.partitions),
             "partitions": [
                 {"topic": lag.topic, "partition": lag.partition,
                  "committed_offset": lag.committed_offset,
                  "high_watermark": lag.high_watermark, "lag": lag.lag}
-                for lag in lags
+                for lag in summary.partitions
             ],
         })
 
     async def delete_group(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
-        group = request.path["group"]
-        outcome = await self.broker.delete_groups([group])
-        error = outcome.get(group)
-        if isinstance(error, ConveyorError):
-            raise error
+        await self.groups.delete(request.path["group"])
         return ApiResponse(204)
 
     # --- exchanges ----------------------------------------------------------------

@@ -420,6 +420,8 @@ async def start_listener(broker: Broker, context: ListenerContext) -> HttpListen
                             security_of(context))
     if context.cluster is not None:  # several nodes: a receipt sealed by one opens on all
         listener.seal = ReceiptSeal(context.cluster.derived_key("http-receipts"))
+        # an ordered group's commits, reads, describe and delete: run by its owner
+        listener.handlers.groups = context.cluster.groups
     await listener.start(context.host, context.port, context)
     # --- management API and web UI (management.py): registry of live connections ---
     registry = shared_connections(context)

@@ -28,9 +28,10 @@ from conveyor.protocols.kafka.messages import response_class
 from conveyor.protocols.kafka.responses import build, nested
 
 # classic groups, TxnOffsetCommit (28: sent to the group's coordinator, as in Kafka),
-# KIP-848 consumer groups (68, 69) and KIP-932 share groups (76, 77 and the share-group
-# offset APIs 90, 91, 92): served by the group's owner only
-GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14, 28, 68, 69, 76, 77, 90, 91, 92})
+# KIP-848 consumer groups (68, 69), KIP-932 share groups (76, 77 and the share-group
+# offset APIs 90, 91, 92) and DeleteGroups (42: its delete is written under the owner
+# fence): served by the group's owner only
+GROUP_APIS: Final = frozenset({8, 9, 11, 12, 13, 14, 28, 42, 68, 69, 76, 77, 90, 91, 92})
 # the transaction coordinator's APIs: InitProducerId naming a transactional id,
 # AddPartitionsToTxn, AddOffsetsToTxn, EndTxn, DescribeTransactions: served by the
 # transactional id's owner only
@@ -69,6 +70,8 @@ def _group_ids(request: Request) -> list[str]:
         return [item.group_id for item in body.groups]
     if api_key in (69, 77):
         return list(body.group_ids)
+    if api_key == 42:
+        return list(body.groups_names)
     return [body.group_id]
 
 
@@ -108,6 +111,11 @@ async def group_refusal(cluster: KafkaCluster, request: Request) -> Any | None:
             for group_id in _group_ids(request)))
     if api_key in (68, 76, 91, 92):
         return refusal(api_key, version, code)
+    if api_key == 42:  # every group refused, as for the describes above
+        result_type = nested(response_type, "DeletableGroupResult")
+        return _entity(response_type, error_codes.NONE, results=tuple(
+            _entity(result_type, code, group_id=group_id)
+            for group_id in _group_ids(request)))
     if api_key in (8, 28):
         prefix = "OffsetCommitResponse" if api_key == 8 else "TxnOffsetCommitResponse"
         topic_type = nested(response_type, f"{prefix}Topic")

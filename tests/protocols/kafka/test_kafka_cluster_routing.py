@@ -103,6 +103,7 @@ def group_requests() -> list[tuple[int, int, dict[str, Any]]]:
         (90, 1, {"groups": (share_offsets(group_id="g", topics=None),)}),
         (91, 0, {"group_id": "g", "topics": ()}),
         (92, 0, {"group_id": "g", "topics": ()}),
+        (42, 2, {"groups_names": ("g",)}),
     ]
 
 
@@ -115,6 +116,9 @@ async def test_kafka4_group_requests_go_to_the_coordinator(
     parsed = wire(answer, api_key, version)
     if api_key in (69, 77, 90):
         assert [(group.group_id, group.error_code) for group in parsed.groups] == [
+            ("g", NOT_COORDINATOR)]
+    elif api_key == 42:
+        assert [(group.group_id, group.error_code) for group in parsed.results] == [
             ("g", NOT_COORDINATOR)]
     else:
         assert parsed.error_code == NOT_COORDINATOR
