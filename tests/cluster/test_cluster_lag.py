@@ -58,6 +58,13 @@ def test_cluster_status_shows_group_lag_and_queue_backlog(tmp_path: Path,
 
         wait_for(lambda: queue_owner() is not None, 10, "the queue's owner row")
         owner_of_queue = queue_owner()
+
+        def owners_seen(node: Any) -> bool:  # each node's view is read every heartbeat
+            group, queue = _lag(http_json(node, "/cluster?lag=true"))
+            return group["owner"] is not None and queue["owner"] == owner_of_queue
+
+        wait_for(lambda: all(owners_seen(node) for node in nodes), 10,
+                 "every node's view of the group's and the queue's owner rows")
         for node in nodes:  # the owner and the other node answer alike
             group, queue = _lag(http_json(node, "/cluster?lag=true"))
             assert group["lag"] == 4
