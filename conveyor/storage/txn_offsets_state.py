@@ -25,10 +25,11 @@ and PostgreSQL share (as storage/txn_state.py is), and the row type
 are deleted, the ended epoch is raised (never lowered) and, on a commit, the given
 offsets upserted into ``group_offsets`` (the committed offsets, state_store.py).
 ``delete_group`` / ``delete_topic`` drop the pending rows of a deleted group or topic
-(the ended epochs stay: they fence the producer, not the group's data). Unguarded writes ride in the store's per-loop-turn
-transaction (one node: with the transaction's own row, atomically); ``guard`` (a cluster
-node's owner fence of the group, an opaque ``WriteGuard``) makes it a transaction of its
-own that writes only while the guard holds.
+(the ended epochs stay: they fence the producer, not the group's data). Unguarded
+writes ride in the store's per-loop-turn transaction (one node: with the transaction's
+own row, atomically); ``guard`` (a cluster node's owner fence of the group, an opaque
+``WriteGuard``) makes it a transaction of its own that writes only while the guard
+holds.
 
 Must not know: the broker's classes, the transaction coordinator, the log.
 """
