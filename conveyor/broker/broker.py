@@ -146,7 +146,8 @@ class Broker:
         # the fetcher filters decoded reads with
         self.txn_index = TransactionIndex()
         # the pending offsets of transactions, kept by each group's coordinator
-        self.txn_offsets = TxnOffsets(self.topics, state_store, clock, self.group_coordinator)
+        self.txn_offsets = TxnOffsets(self.topics, state_store, clock, self.group_coordinator,
+                                      self.config.transactional_id_expiration_ms)
         self.transactions = Transactions(
             self.producers, self.topics, state_store, clock, self.txn_index,
             self.producer.append_marker, self.txn_offsets,
@@ -282,6 +283,7 @@ class Broker:
                     self._next_retention_ms = now_ms + self.config.retention_check_interval_ms
                     await self.log_store.run_retention()
                     await self.expire_groups()
+                    await self.txn_offsets.expire_ended()
             except OperatingError:
                 # a full disk or an I/O error must not stop session expiry; the next
                 # tick retries, and the error is in the log with its evidence
@@ -326,6 +328,7 @@ class Broker:
         self.exchanges.remove_destination("topic", name)
         self.group_coordinator.forget_topic(name)
         self.transactions.forget_topic(name)
+        self.txn_offsets.delete_topic(name)
         self.traffic.forget_topic(name)
         for partition in range(info.partitions):
             self._appended(name, partition)
@@ -567,8 +570,12 @@ class Broker:
         return self.group_coordinator.list_groups()
 
     async def delete_groups(self, group_ids: Iterable[str]) -> dict[str, Exception | None]:
-        """Delete Empty groups and their offsets; per group: None or the error."""
-        return await self.group_coordinator.delete_groups(group_ids)
+        """Delete Empty groups and their offsets (the pending offsets of transactions
+        too); per group: None or the error."""
+        outcome = await self.group_coordinator.delete_groups(group_ids)
+        await self.txn_offsets.forget_groups(
+            [group_id for group_id, error in outcome.items() if error is None])
+        return outcome
 
     async def expire_groups(self) -> list[str]:
         """Delete Empty groups with no commit for ``offsets_retention_ms`` (KIP-211)."""

@@ -19,12 +19,22 @@ transactional id, the transaction ongoing and holding the group) is checked ther
 the one-node path (transactions.py) or not at all on a cluster (the group's coordinator
 does not hold the transaction's row).
 
+The ended epoch of each (group, producer id) is stored with the end, in the same write
+(``txn_group_ended``), and loaded at the broker's open and at a claim, so a zombie's
+write with an epoch older than the end is fenced after a restart or on the group's next
+coordinator too. It is kept while the producer could still write: an entry whose last
+end is older than ``transactional.id.expiration.ms`` is pruned (``expire_ended``; the
+expired transactional id's next InitProducerId gets a fresh producer id).
+
 Fence: on a cluster node every write (a TxnOffsetCommit, an end) is made under the
 group's owner fence (``GroupCoordinator.commit_guard``); refused, the node forgets the
-group and answers NOT_COORDINATOR. A claim reloads the group's pending offsets from the
-store (``reload_group``); the epochs of ended transactions are not stored, so a claim
-forgets them (a zombie's write after the claim is not fenced by epoch: Kafka's
-verification, KIP-890, is not built for it).
+group and answers NOT_COORDINATOR. A claim reloads the group's pending offsets and
+ended epochs from the store (``reload_group``).
+
+Deletes: a deleted group's pending offsets go (``forget_groups``), and every group's
+pending offsets of a deleted topic (``delete_topic``; ``forget_topic`` when another node
+deleted it and the store is already clean), in memory and in the store, so a topic made
+again under the name never gets a dead transaction's offsets. The ended epochs stay.
 
 Idempotent: an end repeated for the same producer and epoch finds nothing pending up to
 that epoch and changes nothing.
@@ -33,10 +43,8 @@ Must not know: protocols, SQL, which node coordinates the transaction.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
 
 from conveyor.clock import Clock
 from conveyor.errors import (
@@ -47,17 +55,13 @@ from conveyor.errors import (
 )
 from conveyor.storage.sql_engine import WriteGuard
 from conveyor.storage.state_store import CommittedOffsetRow, StateStore
-from conveyor.storage.txn_offsets_state import PendingOffsetRow
+from conveyor.storage.txn_offsets_state import EndedEpochRow, PendingOffsetRow
 from conveyor.storage.txn_state import PendingOffsets
 
 from .group_coordinator import GroupCoordinator
 from .keyed_locks import KeyedLocks
 from .ordered_group import CommittedOffset
 from .topics import TopicRegistry
-
-# (group, producer id) pairs whose last ended epoch is remembered (for the epoch fence
-# after an end); the oldest are forgotten past it (Kafka expires producer state too)
-ENDED_EPOCHS_MAX: Final = 100_000
 
 Offsets = list[tuple[str, int, int, str | None]]  # (topic, partition, offset, metadata)
 
@@ -73,33 +77,47 @@ class Pending:
     commit_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """The highest epoch whose marker ended a transaction of one producer in one group."""
+
+    epoch: int
+    ended_ms: int  # wall clock of the last end (the entry expires from it)
+
+
 class TxnOffsets:
     def __init__(self, topics: TopicRegistry, state_store: StateStore, clock: Clock,
-                 groups: GroupCoordinator) -> None:
+                 groups: GroupCoordinator, ended_expiration_ms: int) -> None:
+        """``ended_expiration_ms``: how long an ended epoch fences its producer after its
+        last end (the broker passes ``transactional.id.expiration.ms``)."""
         self.topics = topics
         self.state_store = state_store
         self.store = state_store.txn_offsets
         self.clock = clock
         self.groups = groups  # committed offsets in memory; the owner fence (a cluster)
+        self.ended_expiration_ms = ended_expiration_ms
         # group -> producer id -> (topic, partition) -> its pending offset
         self._pending: dict[str, dict[int, dict[tuple[str, int], Pending]]] = {}
-        # (group, producer id) -> the epoch of the marker that ended its last transaction
-        self._ended: OrderedDict[tuple[str, int], int] = OrderedDict()
+        # group -> producer id -> the end of its last transaction there (as stored)
+        self._ended: dict[str, dict[int, Ended]] = {}
         self._locks = KeyedLocks()  # per group
 
     # --- loading ---------------------------------------------------------------------
     async def load(self) -> None:
-        """Every group's pending offsets, as stored (a broker's open)."""
+        """Every group's pending offsets and ended epochs, as stored (a broker's open)."""
         self._pending.clear()
+        self._ended.clear()
         self._keep(await self.store.load())
+        self._keep_ended(await self.store.load_ended())
 
     async def reload_group(self, group_id: str) -> None:
-        """One group's pending offsets again (a cluster node claimed the group)."""
+        """One group's pending offsets and ended epochs again (a cluster node claimed
+        the group)."""
         async with self._locks.hold(group_id):
             self._pending.pop(group_id, None)
-            for key in [key for key in self._ended if key[0] == group_id]:
-                del self._ended[key]
+            self._ended.pop(group_id, None)
             self._keep(await self.store.load(group_id))
+            self._keep_ended(await self.store.load_ended(group_id))
 
     def _keep(self, rows: Iterable[PendingOffsetRow]) -> None:
         for row in rows:
@@ -107,6 +125,11 @@ class TxnOffsets:
                 (row.topic, row.partition)] = Pending(
                     row.transactional_id, row.producer_epoch, row.offset, row.metadata,
                     row.commit_ms)
+
+    def _keep_ended(self, rows: Iterable[EndedEpochRow]) -> None:
+        for row in rows:
+            self._ended.setdefault(row.group_id, {})[row.producer_id] = Ended(
+                row.producer_epoch, row.ended_ms)
 
     # --- reads -----------------------------------------------------------------------
     def partitions(self, group_id: str) -> set[tuple[str, int]]:
@@ -138,17 +161,22 @@ class TxnOffsets:
                 self._refused(group_id)
             by_partition = self._pending.setdefault(group_id, {}).setdefault(producer_id, {})
             for row in rows:
+                if self.topics.find(row.topic) is None:  # deleted while the write waited
+                    self.store.delete_topic(row.topic)
+                    continue
                 by_partition[(row.topic, row.partition)] = Pending(
                     transactional_id, epoch, row.offset, row.metadata, row.commit_ms)
+            if not by_partition:
+                self._drop_producer(group_id, producer_id)
             return results
 
     def _check_epoch(self, group_id: str, transactional_id: str, producer_id: int,
                      epoch: int) -> None:
         known = [item.epoch for item in self._pending.get(group_id, {}).get(
             producer_id, {}).values()]
-        ended = self._ended.get((group_id, producer_id))
+        ended = self._ended.get(group_id, {}).get(producer_id)
         if ended is not None:
-            known.append(ended)
+            known.append(ended.epoch)
         if known and epoch < max(known):
             raise ProducerFencedError("a newer epoch of this producer wrote to the group",
                                       transactional_id=transactional_id, group=group_id,
@@ -169,17 +197,15 @@ class TxnOffsets:
                                         item.metadata, item.commit_ms)
                        for (topic, partition), item in sorted(ended.items())
                        if commit and self.topics.find(topic) is not None]
-            guard = self._guard(group_id)
-            if (ended or guard is not None) and not await self.store.finish(
-                    group_id, producer_id, epoch, applied, guard):
+            now_ms = self.clock.wall_ms()
+            if not await self.store.finish(group_id, producer_id, epoch, applied,
+                                           self._guard(group_id), ended_ms=now_ms):
                 self._refused(group_id)
             for key in ended:
                 del mine[key]
             if not mine:
-                self._pending.get(group_id, {}).pop(producer_id, None)
-                if not self._pending.get(group_id, True):
-                    del self._pending[group_id]
-            self._remember_end(group_id, producer_id, epoch)
+                self._drop_producer(group_id, producer_id)
+            self._remember_end(group_id, producer_id, epoch, now_ms)
             if applied:
                 self.groups.show_offsets(group_id, {
                     (row.topic, row.partition): CommittedOffset(
@@ -199,12 +225,64 @@ class TxnOffsets:
                 CommittedOffsetRow(group_id, topic, partition, value.offset, value.metadata,
                                    -1, now_ms) for (topic, partition), value in shown.items())
 
-    def _remember_end(self, group_id: str, producer_id: int, epoch: int) -> None:
-        key = (group_id, producer_id)
-        self._ended[key] = max(epoch, self._ended.get(key, epoch))
-        self._ended.move_to_end(key)
-        while len(self._ended) > ENDED_EPOCHS_MAX:
-            self._ended.popitem(last=False)
+    def _remember_end(self, group_id: str, producer_id: int, epoch: int,
+                      now_ms: int) -> None:
+        """As the store's upsert: the epoch never goes down; the time is the last end's
+        when the epoch was raised or repeated."""
+        by_producer = self._ended.setdefault(group_id, {})
+        known = by_producer.get(producer_id)
+        if known is None or epoch >= known.epoch:
+            by_producer[producer_id] = Ended(epoch, now_ms)
+
+    def _drop_producer(self, group_id: str, producer_id: int) -> None:
+        by_producer = self._pending.get(group_id)
+        if by_producer is None:
+            return
+        by_producer.pop(producer_id, None)
+        if not by_producer:
+            del self._pending[group_id]
+
+    async def expire_ended(self) -> int:
+        """Forget the ended epochs whose last end is older than the expiration, here
+        and in the store (the broker's timer); how many this node forgot."""
+        before_ms = self.clock.wall_ms() - self.ended_expiration_ms
+        forgotten = 0
+        for group_id in list(self._ended):
+            by_producer = self._ended[group_id]
+            for producer_id in [producer_id for producer_id, ended in by_producer.items()
+                                if ended.ended_ms < before_ms]:
+                del by_producer[producer_id]
+                forgotten += 1
+            if not by_producer:
+                del self._ended[group_id]
+        self.store.prune_ended(before_ms)  # also what other nodes loaded and let lapse
+        await self.state_store.commit()
+        return forgotten
+
+    # --- deletes -------------------------------------------------------------------------
+    async def forget_groups(self, group_ids: Iterable[str]) -> None:
+        """These groups were deleted: their pending offsets go, durable on return."""
+        for group_id in group_ids:
+            async with self._locks.hold(group_id):
+                self._pending.pop(group_id, None)
+                self.store.delete_group(group_id)
+        await self.state_store.commit()
+
+    def delete_topic(self, topic: str) -> None:
+        """The topic was deleted here: every group's pending offsets of it go (the store's
+        in the loop turn's transaction, which the caller commits)."""
+        self.forget_topic(topic)
+        self.store.delete_topic(topic)
+
+    def forget_topic(self, topic: str) -> None:
+        """Every group's pending offsets of the topic, from memory only (another node
+        deleted it and its rows)."""
+        for group_id in list(self._pending):
+            for producer_id, by_partition in list(self._pending[group_id].items()):
+                for key in [key for key in by_partition if key[0] == topic]:
+                    del by_partition[key]
+                if not by_partition:
+                    self._drop_producer(group_id, producer_id)
 
     # --- the fence (a cluster node) ------------------------------------------------------
     def _guard(self, group_id: str) -> WriteGuard | None:

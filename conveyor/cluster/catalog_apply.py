@@ -8,7 +8,8 @@ what this node holds and applied as a difference, never written back to the stor
   state store was deleted elsewhere; one whose partitions have other ids in the log
   database (``PostgresLogStore.stored_partitions``) was deleted and made again under the
   same name. Either way it is forgotten here: its topic entry, its partitions' view,
-  its producer states, its transaction index, its counters and its shared groups (the
+  its producer states, its transaction index, the groups' pending transactional offsets
+  of it, its counters and its shared groups (the
   queue's window copy; their parked acquires return empty and the next one is "unknown
   queue", so an AMQP consumer here is cancelled) and its long-poll fetches are woken.
   Then the topics are loaded again, the new incarnation among them. The name is never
@@ -101,6 +102,7 @@ class CatalogApply:
                 forget(name, partition, None)
         broker.producer.forget_topic(name)
         broker.txn_index.forget_topic(name)
+        broker.txn_offsets.forget_topic(name)  # the deleting node removed the stored rows
         broker.traffic.forget_topic(name)
         shared = broker.shared_groups
         if shared is not None:

@@ -5,7 +5,9 @@ TxnOffsetCommit are written under the group's owner fence (owner, epoch, live le
 checked and share-locked inside the write's transaction). The race is forced: node 1
 owns the group and takes its guard, then pauses (its lease lapses on the database's
 clock) and node 2 claims the group; when node 1 goes on it must answer NOT_COORDINATOR,
-hand out no assignment, write nothing and stop serving the group.
+hand out no assignment, write nothing and stop serving the group. The group's next
+owner keeps fencing by epoch what node 1's ended transactions fenced (the ended epoch is
+stored with the end and reloaded at the claim).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from conveyor.broker.broker import Broker
 from conveyor.broker.ordered_group import JoinResult
 from conveyor.cluster.membership import Membership
 from conveyor.cluster.ownership import GROUP
-from conveyor.errors import NotCoordinatorError, UnavailableError
+from conveyor.errors import NotCoordinatorError, ProducerFencedError, UnavailableError
 from conveyor.storage.postgres_engine import PostgresEngine
 from conveyor.storage.postgres_log import PostgresLogStore
 from conveyor.storage.sql_engine import WriteGuard
@@ -52,13 +54,16 @@ class Setup:
         assert await self.second.ensure_owned(GROUP, self.group)
 
 
+def node_broker(dsn: str, seed: int) -> Broker:
+    clock = SimClock()
+    return Broker(PostgresLogStore(dsn, clock, random.Random(seed), chunk_offsets=8),
+                  SqlStateStore(PostgresEngine(dsn, clock)), clock, random.Random(seed + 1))
+
+
 @pytest.fixture
 async def setup(postgres_dsn: str) -> AsyncIterator[Setup]:
     first, second = await two_nodes(postgres_dsn)
-    clock = SimClock()
-    broker = Broker(PostgresLogStore(postgres_dsn, clock, random.Random(1), chunk_offsets=8),
-                    SqlStateStore(PostgresEngine(postgres_dsn, clock)), clock,
-                    random.Random(2))
+    broker = node_broker(postgres_dsn, 1)
     await broker.open()
     found = Setup(broker, first, second, group_of(1), postgres_dsn)
     coordinator = broker.group_coordinator
@@ -176,3 +181,33 @@ async def test_an_implicit_txn_offset_commit_refused_keeps_nothing(setup: Setup)
                                        [("t", 0, 4, None)], implicit=True)
     assert await stored_offsets(setup.dsn, setup.group) == {}
     assert broker.pending_txn_offsets(setup.group) == set()
+
+
+async def test_the_groups_next_owner_fences_an_ended_epoch(setup: Setup) -> None:
+    """Node 1 ends a transaction of producer 42 at the group (TV2: the marker's epoch 4),
+    then pauses; node 2, open since before the end, claims the group and reloads it: a
+    zombie's TxnOffsetCommit of epoch 3 is PRODUCER_FENCED there, nothing kept; the
+    producer's next transaction (epoch 4) is kept."""
+    await setup.broker.create_topic("t")
+    second = node_broker(setup.dsn, 3)
+    await second.open()  # loads nothing of the group yet
+    try:
+        group = setup.group
+        second.group_coordinator.commit_guard = (
+            lambda group_id: setup.second.write_guard(GROUP, group_id))
+        second.group_coordinator.guard_refused = (
+            lambda group_id: setup.second.forget(GROUP, group_id))
+        first_side = setup.broker.txn_offsets
+        await first_side.commit(group, "tx", 42, 3, [("t", 0, 3, None)])
+        await first_side.finish(group, "tx", 42, 4, commit=True)
+        await setup.node_1_pauses()
+        side = second.txn_offsets
+        await side.reload_group(group)  # what ClusterNode runs at the claim
+        with pytest.raises(ProducerFencedError):
+            await side.commit(group, "tx", 42, 3, [("t", 0, 9, None)])
+        assert await stored_offsets(setup.dsn, group) == {}
+        assert second.pending_txn_offsets(group) == set()
+        assert await side.commit(group, "tx", 42, 4, [("t", 0, 5, None)]) == {("t", 0): None}
+        assert await stored_offsets(setup.dsn, group) == {("t", 0): (5, 4)}
+    finally:
+        await second.close()

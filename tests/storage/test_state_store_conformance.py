@@ -36,7 +36,7 @@ from conveyor.storage.state_store import (
     SqlStateStore,
     TopicRow,
 )
-from conveyor.storage.txn_offsets_state import PendingOffsetRow
+from conveyor.storage.txn_offsets_state import EndedEpochRow, PendingOffsetRow
 from conveyor.testing.postgres import PostgresServer
 from conveyor.testing.server import free_port
 
@@ -289,7 +289,7 @@ async def test_pending_txn_offsets_round_trip_and_end(backend: Backend) -> None:
     assert sorted(await store.txn_offsets.load("h"), key=str) == [rows[3]]
     # producer 7 ends with a marker of epoch 1: its epoch-1 row in g is committed, the
     # epoch-2 row stays pending, group h and producer 8 are not touched
-    assert await store.txn_offsets.finish("g", 7, 1, [rows[0]])
+    assert await store.txn_offsets.finish("g", 7, 1, [rows[0]], ended_ms=5_000)
     await store.commit()
     store = await backend.reopen(store)
     assert sorted(await store.txn_offsets.load("g"), key=str) == sorted(
@@ -297,18 +297,65 @@ async def test_pending_txn_offsets_round_trip_and_end(backend: Backend) -> None:
     assert await store.load_committed_offsets("g") == [
         CommittedOffsetRow("g", "t", 0, 10, "m10", -1, 1_010)]
     # producer 8 aborts: dropped, nothing committed
-    assert await store.txn_offsets.finish("g", 8, 0, [])
+    assert await store.txn_offsets.finish("g", 8, 0, [], ended_ms=5_001)
     await store.commit()
     assert [row.producer_id for row in await store.txn_offsets.load("g")] == [7]
     assert len(await store.load_committed_offsets("g")) == 1
     # the same end again: nothing changes
-    assert await store.txn_offsets.finish("g", 7, 1, [rows[0]])
+    assert await store.txn_offsets.finish("g", 7, 1, [rows[0]], ended_ms=5_000)
     await store.commit()
     store = await backend.reopen(store)
     assert await store.txn_offsets.load("g") == [pending("g", 7, 2, 1, 12)]
     assert await store.txn_offsets.load("h") == [rows[3]]
     assert await store.load_committed_offsets("g") == [
         CommittedOffsetRow("g", "t", 0, 10, "m10", -1, 1_010)]
+
+
+async def test_ended_epochs_are_kept_raised_only_and_pruned(backend: Backend) -> None:
+    """The epoch fence of an ended transaction (``txn_group_ended``): one row per group
+    and producer, written by the end, kept across a reopen, never lowered by the end of
+    an older marker (a retried one), its time refreshed by a repeated end, loaded whole
+    (oldest end first) or by group, pruned by age."""
+    store = await backend.open()
+    assert await store.txn_offsets.load_ended() == []
+    assert await store.txn_offsets.finish("g", 7, 3, [], ended_ms=1_000)
+    assert await store.txn_offsets.finish("g", 7, 2, [], ended_ms=2_000)  # older: kept 3
+    assert await store.txn_offsets.finish("h", 7, 1, [], ended_ms=500)
+    assert await store.txn_offsets.finish("g", 8, 5, [], ended_ms=900)
+    await store.commit()
+    store = await backend.reopen(store)
+    assert await store.txn_offsets.load_ended() == [
+        EndedEpochRow("h", 7, 1, 500), EndedEpochRow("g", 8, 5, 900),
+        EndedEpochRow("g", 7, 3, 1_000)]
+    assert await store.txn_offsets.finish("g", 8, 5, [], ended_ms=3_000)  # repeated
+    assert await store.txn_offsets.finish("g", 7, 4, [], ended_ms=2_500)  # raised
+    await store.commit()
+    assert await store.txn_offsets.load_ended("g") == [
+        EndedEpochRow("g", 7, 4, 2_500), EndedEpochRow("g", 8, 5, 3_000)]
+    store.txn_offsets.prune_ended(2_500)  # ends before 2,500 go
+    await store.commit()
+    store = await backend.reopen(store)
+    assert await store.txn_offsets.load_ended() == [
+        EndedEpochRow("g", 7, 4, 2_500), EndedEpochRow("g", 8, 5, 3_000)]
+    assert await store.txn_offsets.load_ended("h") == []
+
+
+async def test_pending_offsets_of_a_deleted_group_or_topic_go(backend: Backend) -> None:
+    """A deleted group's pending offsets go, and every group's of a deleted topic;
+    the rest, and the ended epochs, stay."""
+    store = await backend.open()
+    on_u = PendingOffsetRow("h", "tx-7", 7, 1, "u", 0, 40, None, 1_040)
+    kept = pending("h", 7, 1, 0, 30)
+    assert await store.txn_offsets.save([pending("g", 7, 1, 0, 10), pending("g", 8, 0, 1, 20),
+                                         kept, on_u])
+    assert await store.txn_offsets.finish("g", 9, 2, [], ended_ms=1_000)
+    await store.commit()
+    store.txn_offsets.delete_group("g")
+    store.txn_offsets.delete_topic("u")
+    await store.commit()
+    store = await backend.reopen(store)
+    assert await store.txn_offsets.load() == [kept]
+    assert await store.txn_offsets.load_ended() == [EndedEpochRow("g", 9, 2, 1_000)]
 
 
 async def test_a_newer_schema_version_is_refused(backend: Backend) -> None:
@@ -479,11 +526,13 @@ async def test_postgres_guarded_pending_offsets_follow_their_guard(postgres_dsn:
         kept = pending("g", 7, 1, 0, 10)
         assert await store.txn_offsets.save([kept], held)
         assert not await store.txn_offsets.save([pending("g", 7, 1, 0, 99)], lost)
-        assert not await store.txn_offsets.finish("g", 7, 1, [kept], lost)
+        assert not await store.txn_offsets.finish("g", 7, 1, [kept], lost, ended_ms=1_000)
         assert await store.txn_offsets.load("g") == [kept]
         assert await store.load_committed_offsets("g") == []
-        assert await store.txn_offsets.finish("g", 7, 1, [kept], held)
+        assert await store.txn_offsets.load_ended("g") == []  # no end recorded either
+        assert await store.txn_offsets.finish("g", 7, 1, [kept], held, ended_ms=1_000)
         assert await store.txn_offsets.load("g") == []
+        assert await store.txn_offsets.load_ended("g") == [EndedEpochRow("g", 7, 1, 1_000)]
         assert [row.committed_offset for row in await store.load_committed_offsets("g")] == [10]
     finally:
         await store.close()
