@@ -31,6 +31,7 @@ from conveyor.broker.group_operations import GroupOperations, GroupSummary
 from conveyor.broker.types import PartitionLag
 from conveyor.cluster.internal_api import InternalClient, NotOwnerError
 from conveyor.cluster.ownership import GROUP
+from conveyor.cluster.peer_clients import PeerClients
 from conveyor.cluster.remote_queues import RETRY_MS, _Backoff
 from conveyor.config import TlsConfig
 from conveyor.errors import (
@@ -73,16 +74,12 @@ class RemoteGroups:
         self.serve = serve  # ClusterNode.serve_group
         self.topics = topics
         self.refresh_catalog = refresh_catalog
-        self.secret = secret
-        self.tls = tls  # TLS to other nodes' internal ports (None: plain)
-        self._clients: dict[int, InternalClient] = {}
+        self.peers = PeerClients(membership, secret, tls)
         self.forwarded = 0  # calls sent to other nodes (tests)
         self.served = 0  # calls of other nodes answered here (tests)
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        await self.peers.close()
 
     # --- GroupOperations -----------------------------------------------------------------
     async def commit(self, group: str, offsets: Mapping[tuple[str, int], int]) -> None:
@@ -138,18 +135,7 @@ class RemoteGroups:
         owner, _ = self.membership.owner_of(GROUP, group)
         if owner is None or owner == self.membership.node_id:
             return None
-        address = next((node.addresses.get("internal") for node in self.membership.live_nodes()
-                        if node.node_id == owner), None)
-        if address is None:
-            return None
-        client = self._clients.get(owner)
-        if client is None or client.address != address:  # a new node, or it restarted
-            if client is not None:
-                await client.close()
-            client = InternalClient(address, self.secret, self.membership.node_id,
-                                    self.membership.incarnation, tls=self.tls)
-            self._clients[owner] = client
-        return client
+        return await self.peers.get(owner)
 
     # --- another node asks ---------------------------------------------------------------
     async def handle(self, op: str, args: dict[str, Any]) -> Any:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from conveyor.cluster.internal_api import InternalClient, NotOwnerError
 from conveyor.cluster.ownership import GROUP, TXN
+from conveyor.cluster.peer_clients import PeerClients
 from conveyor.config import TlsConfig
 from conveyor.errors import InvalidRequestError, UnavailableError
 
@@ -56,18 +57,14 @@ class RemoteTxnOffsets:
                  transactions: Transactions, offsets: TxnOffsets,
                  tls: TlsConfig | None = None) -> None:
         self.membership = membership
-        self.secret = secret
         self.serve = serve  # ClusterNode: ensure_owned (claims when this node is the choice)
         self.transactions = transactions
         self.offsets = offsets
-        self.tls = tls
-        self._clients: dict[int, InternalClient] = {}
+        self.peers = PeerClients(membership, secret, tls)
         self.forwarded = 0  # calls sent to other nodes (tests)
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        await self.peers.close()
 
     # --- this node asks ------------------------------------------------------------------
     async def finish(self, group_id: str, transactional_id: str, producer_id: int,
@@ -104,17 +101,9 @@ class RemoteTxnOffsets:
 
     async def _client(self, kind: str, name: str) -> InternalClient:
         owner, _ = self.membership.owner_of(kind, name)
-        address = next((node.addresses.get("internal") for node in self.membership.live_nodes()
-                        if node.node_id == owner), None)
-        if owner is None or address is None:
+        client = await self.peers.get(owner) if owner is not None else None
+        if client is None:
             raise UnavailableError("no live node serves it", kind=kind, name=name)
-        client = self._clients.get(owner)
-        if client is None or client.address != address:  # a new node, or it restarted
-            if client is not None:
-                await client.close()
-            client = InternalClient(address, self.secret, self.membership.node_id,
-                                    self.membership.incarnation, tls=self.tls)
-            self._clients[owner] = client
         return client
 
     # --- another node asks ---------------------------------------------------------------
