@@ -1,21 +1,23 @@
 """PeerClients: one internal-channel client per peer node, for the calls a node sends to
-an item's owner (group operations, transactional offsets). A peer that now advertises
+an item's owner (group operations, transactional offsets, queues consumed through
+another node). A peer that now advertises
 another internal address (it restarted, or moved) gets a new client; the old one is
 closed. Must not know: what the calls mean."""
 
 from __future__ import annotations
 
-from conveyor.cluster.internal_api import InternalClient
+from conveyor.cluster.internal_api import InternalClient, Orphan
 from conveyor.cluster.membership import Membership
 from conveyor.config import TlsConfig
 
 
 class PeerClients:
     def __init__(self, membership: Membership, secret: bytes,
-                 tls: TlsConfig | None = None) -> None:
+                 tls: TlsConfig | None = None, orphan: Orphan | None = None) -> None:
         self.membership = membership
         self.secret = secret
         self.tls = tls  # TLS to other nodes' internal ports (None: plain)
+        self.orphan = orphan  # an answer that came after its caller stopped waiting
         self._clients: dict[int, InternalClient] = {}
 
     async def get(self, node_id: int) -> InternalClient | None:
@@ -29,7 +31,7 @@ class PeerClients:
             if client is not None:
                 await client.close()
             client = InternalClient(address, self.secret, self.membership.node_id,
-                                    self.membership.incarnation, tls=self.tls)
+                                    self.membership.incarnation, self.orphan, self.tls)
             self._clients[node_id] = client
         return client
 

@@ -45,6 +45,7 @@ from conveyor.cluster.internal_api import (
     error_to_wire,
 )
 from conveyor.cluster.ownership import SHARED, item_name
+from conveyor.cluster.peer_clients import PeerClients
 from conveyor.config import TlsConfig
 from conveyor.errors import (
     InvalidRequestError,
@@ -124,7 +125,7 @@ class RemoteQueues:
         self.shared = shared
         self.serve = serve
         self.secret = secret
-        self._clients: dict[int, _PeerClient] = {}
+        self._peers = PeerClients(membership, secret, tls, self._orphan)
         # consumer id -> the groups it acquired from through other nodes
         self._held: OrderedDict[str, set[tuple[str, str]]] = OrderedDict()
         self._tasks = Supervisor("conveyor.cluster.remote-queues")
@@ -135,9 +136,7 @@ class RemoteQueues:
 
     async def close(self) -> None:
         await self._tasks.close(cancel=True)
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        await self._peers.close()
 
     # --- SharedRemote ------------------------------------------------------------------
     async def serves(self, group: str, topic: str) -> bool:
@@ -186,20 +185,22 @@ class RemoteQueues:
         while True:
             retry: list[int] = []
             by_owner: dict[int, list[int]] = {}
+            clients: dict[int, InternalClient] = {}
             for index in todo:
                 key = group_of(receipts[index])
                 assert key is not None  # split_settle kept malformed ones local
-                client = await self._owner_client(*key)
-                if client is None:
+                found_owner = await self._owner(*key)
+                if found_owner is None:
                     if await self.serves(*key):  # it moved here: settle on this window
                         results[index] = await self._settle_here(op, receipts[index], arg,
                                                                  wait_durable)
                     else:
                         retry.append(index)
                     continue
-                by_owner.setdefault(client.node_id_of_peer, []).append(index)
+                owner, clients[owner] = found_owner
+                by_owner.setdefault(owner, []).append(index)
             for owner, indexes in by_owner.items():
-                client = self._clients[owner]
+                client = clients[owner]
                 args = {"op": op, "receipts": [receipts[index] for index in indexes],
                         "arg": arg, "wait_durable": wait_durable}
                 try:
@@ -242,10 +243,11 @@ class RemoteQueues:
         released = 0
         owners: set[int] = set()
         for group, topic in groups:
-            client = await self._owner_client(group, topic)
-            if client is None or client.node_id_of_peer in owners:
+            found_owner = await self._owner(group, topic)
+            if found_owner is None or found_owner[0] in owners:
                 continue
-            owners.add(client.node_id_of_peer)
+            owner, client = found_owner
+            owners.add(owner)
             backoff = _Backoff(RETRY_MS)
             while True:
                 try:
@@ -256,7 +258,7 @@ class RemoteQueues:
                     if not await backoff.wait():
                         logger.warning("could not release consumer %s at node %d (its "
                                        "deliveries come back after their lock): %s",
-                                       consumer_id, client.node_id_of_peer, error)
+                                       consumer_id, owner, error)
                         break
         return released
 
@@ -318,24 +320,19 @@ class RemoteQueues:
                 self._held.popitem(last=False)
         groups.add((group, topic))
 
-    async def _owner_client(self, group: str, topic: str) -> _PeerClient | None:
-        """The client of the group's owner by this node's view; None when that is this
+    async def _owner_client(self, group: str, topic: str) -> InternalClient | None:
+        """The client of the group's owner by this node's view (``_owner``)."""
+        found = await self._owner(group, topic)
+        return None if found is None else found[1]
+
+    async def _owner(self, group: str, topic: str) -> tuple[int, InternalClient] | None:
+        """The group's owner by this node's view and its client; None when that is this
         node or no live node advertises an internal address."""
         owner, _ = self.membership.owner_of(SHARED, item_name(SHARED, group, topic))
         if owner is None or owner == self.membership.node_id:
             return None
-        address = next((node.addresses.get("internal") for node in self.membership.live_nodes()
-                        if node.node_id == owner), None)
-        if address is None:
-            return None
-        client = self._clients.get(owner)
-        if client is None or client.address != address:
-            if client is not None:
-                await client.close()
-            client = _PeerClient(owner, address, self.secret, self.membership.node_id,
-                                 self.membership.incarnation, self._orphan, self.tls)
-            self._clients[owner] = client
-        return client
+        client = await self._peers.get(owner)
+        return None if client is None else (owner, client)
 
     def _orphan(self, op: str, args: dict[str, Any], result: Any) -> None:
         """An acquire answered after its consumer went away: give the records back."""
@@ -367,13 +364,6 @@ def _flag(args: dict[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequestError(f"internal request: {key} must be a boolean", key=key)
     return value
-
-
-class _PeerClient(InternalClient):
-    def __init__(self, peer: int, address: str, secret: bytes, node_id: int,
-                 incarnation: int, orphan: Any, tls: TlsConfig | None) -> None:
-        super().__init__(address, secret, node_id, incarnation, orphan, tls)
-        self.node_id_of_peer = peer
 
 
 async def settle_local(shared: SharedGroups, op: str, receipts: list[str], arg: int,
