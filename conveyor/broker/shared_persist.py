@@ -93,8 +93,10 @@ class WindowPersister:
                 continue
             start, rows = snapshot(part, skew_ms)
             ranges = runs(rows)
-            if part.delivered_end > start:
-                ranges.append(delivered_mark(part.delivered_end))
+            assert part.delivered_mark >= part.delivered_end, (part.delivered_mark,
+                                                               part.delivered_end)
+            if part.delivered_mark > start:
+                ranges.append(delivered_mark(part.delivered_mark))
             saved = (start, ranges)
             if saved == part.saved_snapshot and not legacy:
                 continue
