@@ -10,14 +10,8 @@ Rules:
 - sqlite3 calls are fast (microseconds, no fsync with synchronous=NORMAL) and stay
   on the event loop; the WAL fdatasync is a job of the loop's durability barrier
   (storage/durability.py): the engine is a standing source of it, so the pass that
-  fsyncs the partitions' appends of a turn also COMMITs this turn's state writes, and
-  fsyncs the WAL, concurrently in a worker thread, when someone asked for it: a
-  ``commit()`` waiter, or the delay below for a COMMIT nobody awaits.
-- A COMMIT nobody awaits (an AMQP ack, a delivered mark) is fsynced by the next pass
-  that fsyncs the WAL for a waiter, or ``UNSYNCED_FSYNC_DELAY_S`` after it, not by
-  every pass: at a low rate each message has a pass of its own, and a WAL fdatasync
-  per pass doubled the fsyncs and the thread hand-offs per message for acks nobody
-  waits on (RabbitMQ does not fsync acks either; bench/README.md, "Fifth pass").
+  fsyncs the partitions' appends of a turn also COMMITs and fsyncs this turn's state
+  writes, concurrently, in worker threads.
 """
 
 from __future__ import annotations
@@ -36,8 +30,8 @@ from conveyor.storage.fs import call_in_thread, fdatasync_descriptor
 from conveyor.storage.sql_engine import SQLITE, Dialect, SqlValue
 from conveyor.storage.text import check_row
 
-# A COMMIT nobody waits for is fsynced by the next awaited commit's pass, or after this
-# long (until then it survives a killed process, not a power cut).
+# A COMMIT nobody waits for is fsynced by the next awaited commit, or after this long
+# (until then it survives a killed process, not a power cut).
 UNSYNCED_FSYNC_DELAY_S = 0.2
 # SQLite's default auto-checkpoint is 1,000 pages (4 MiB); ours runs off the loop
 CHECKPOINT_WAL_BYTES = 4 << 20
@@ -96,9 +90,6 @@ class SqliteEngine:
         self._sync_waiters: list[asyncio.Future[None]] = []
         self._pass_waiters: list[asyncio.Future[None]] = []
         self._syncing = False  # the running pass fsyncs the WAL for this engine
-        # a waiter, the delay or close asked for the WAL fdatasync: the next pass runs it
-        # (a pass without a request COMMITs the open transaction and leaves the WAL)
-        self._sync_requested = False
         self._barrier: DurabilityBarrier | None = None  # the loop's, on first use
         self._checkpointer: Any = None  # its own connection, used only by worker threads
         self._checkpoint: asyncio.Future[None] | None = None  # the running checkpoint
@@ -146,7 +137,6 @@ class SqliteEngine:
             self._background_sync_handle.cancel()
             self._background_sync_handle = None
         while self._syncing or self._sync_waiters or self._unsynced:
-            self._sync_requested = True
             await self.barrier.flush(self)
         if self._barrier is not None:
             self._barrier.remove_standing(self)
@@ -210,11 +200,11 @@ class SqliteEngine:
         if self._in_transaction:
             self._commit_waiters.append(future)
             self._schedule_commit()
-            self._request_sync()  # the pass COMMITs it, if it comes first
+            self.barrier.mark_dirty(self)  # the pass COMMITs it, if it comes first
         elif self._unsynced:
             # committed already by a COMMIT nobody waited for: the next pass fsyncs it
             self._sync_waiters.append(future)
-            self._request_sync()
+            self.barrier.mark_dirty(self)
         elif self._syncing:
             self._pass_waiters.append(future)  # the running pass's fsync covers it
         else:
@@ -289,48 +279,33 @@ class SqliteEngine:
             _resolve(waiters, None)  # nothing to fsync
             return
         try:
-            loop = asyncio.get_running_loop()
+            barrier = self.barrier
         except RuntimeError:  # no running loop: the next commit()/close() syncs
             return
         if waiters:
             self._sync_waiters += waiters
-            self._request_sync()
+            barrier.mark_dirty(self)
         elif self._background_sync_handle is None:
-            # nobody waits: the next awaited commit's pass covers it, or this
-            self._background_sync_handle = loop.call_later(
+            # nobody waits: the next pass (someone's append or commit) covers it, or this
+            self._background_sync_handle = asyncio.get_running_loop().call_later(
                 UNSYNCED_FSYNC_DELAY_S, self._background_sync)
 
     def _background_sync(self) -> None:
         self._background_sync_handle = None
         if self._unsynced and self._connection is not None:
-            self._request_sync()
-
-    def _request_sync(self) -> None:
-        """The barrier's next pass fsyncs the WAL (every COMMIT so far)."""
-        self._sync_requested = True
-        self.barrier.mark_dirty(self)
+            self.barrier.mark_dirty(self)
 
     # --- the barrier's source -------------------------------------------------------
     def prepare_sync(self) -> list[SyncJob]:
         """The pass begins: COMMIT the open transaction, take the waiters, and fsync the
-        WAL when a COMMIT since the last pass needs it and someone asked for it (a
-        waiter, the delay, close); else the delay's timer stays armed."""
+        WAL (when a COMMIT since the last pass needs it)."""
         if self._in_transaction:
             self._commit_now()
         self._pass_waiters, self._sync_waiters = self._pass_waiters + self._sync_waiters, []
         if self._connection is None or self._in_memory:
             self._unsynced = False  # nothing to fsync
         if not self._unsynced:
-            self._sync_requested = False  # nothing unsynced: the request is met
             return []
-        if not self._sync_requested and not self._pass_waiters:
-            # asked as a standing source, nobody waits: the delay's timer (or the next
-            # waiter's pass) syncs it
-            if self._background_sync_handle is None:
-                self._background_sync_handle = asyncio.get_running_loop().call_later(
-                    UNSYNCED_FSYNC_DELAY_S, self._background_sync)
-            return []
-        self._sync_requested = False
         self._unsynced = False
         if self._background_sync_handle is not None:
             self._background_sync_handle.cancel()
