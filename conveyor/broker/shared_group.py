@@ -169,6 +169,13 @@ class SharedPartition:
     # below it without a saved count was delivered once (AMQP's redelivered flag, SQS's
     # receive count, max_deliveries), which costs one integer instead of a count each
     delivered_end: int = 0
+    # the delivered mark saved (or being saved): at or above ``delivered_end``, ahead of
+    # it when the saving acquire had delivered everything in the log (see
+    # ``SharedGroups._delivered_mark_to_save``), so the acquires after it below it need
+    # no save and no COMMIT wait
+    delivered_mark: int = 0
+    # the highest delivered mark known COMMITted: a delivery at or below it may leave
+    delivered_mark_committed: int = 0
     # the (start, runs) last saved, so an unchanged window is not written again
     saved_snapshot: object = None
     # offset -> delivery count of a dead record whose dead letter is being written: saved

@@ -11,7 +11,8 @@ costs no row of its own, and a batch of 1,000 acks costs what one costs.
 Durability: ``durable()`` returns once every change made before it was called is
 saved and its COMMIT is on disk (the StateStore's commit). Acks that answer their
 client wait for it. ``committed()`` returns once they are saved and COMMITted, fsynced
-or not: acquires wait for that before their deliveries leave the process, so a killed
+or not: an acquire that moved past the committed delivered mark waits for that before
+its deliveries leave the process (a mark saved ahead covers the next ones), so a killed
 process (-9) keeps the delivered mark of every record it handed out (AMQP's
 redelivered flag, the counts behind max_deliveries); a power cut before the next
 fsync may lose it, and the record then counts one delivery fewer, as KIP-932 accepts
@@ -93,8 +94,10 @@ class WindowPersister:
                 continue
             start, rows = snapshot(part, skew_ms)
             ranges = runs(rows)
-            if part.delivered_end > start:
-                ranges.append(delivered_mark(part.delivered_end))
+            assert part.delivered_mark >= part.delivered_end, (part.delivered_mark,
+                                                               part.delivered_end)
+            if part.delivered_mark > start:
+                ranges.append(delivered_mark(part.delivered_mark))
             saved = (start, ranges)
             if saved == part.saved_snapshot and not legacy:
                 continue

@@ -109,7 +109,10 @@ class SharedWindows:
                                    next_offset=start)
             rows, legacy, delivered_end = await self.store.load_records(group, topic, partition)
             part.delivered_end = min(delivered_end, log_end)
-            resave = legacy
+            # committed: the saved mark is at or above it (a mark saved ahead of the log
+            # end is saved again clamped, so records appended from now on are not in it)
+            part.delivered_mark = part.delivered_mark_committed = part.delivered_end
+            resave = legacy or delivered_end > log_end
             if rows and rows[-1].offset >= log_end:
                 clamp("shared-records", group, topic, partition, rows[-1].offset + 1,
                       log_end, self.lost_ranges)

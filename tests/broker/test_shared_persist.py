@@ -20,7 +20,7 @@ import pytest
 from broker_harness import BrokerHarness
 
 from conveyor.broker.broker import Broker
-from conveyor.broker.shared_groups import SharedGroups
+from conveyor.broker.shared_groups import DELIVERED_MARK_AHEAD_RECORDS, SharedGroups
 from conveyor.broker.types import Message, QueueConfig
 from conveyor.testing.memory_fs import MemoryFileSystem
 
@@ -63,7 +63,9 @@ async def test_a_batch_of_acks_is_one_save_and_no_record_rows(
     await shared.ack([delivery.receipt for delivery in taken])
     assert shared.persister.saves == saves + 1
     assert rows(harness, "SELECT start_offset FROM shared_partitions") == [(100,)]
-    assert rows(harness, "SELECT COUNT(*) FROM shared_ranges") == [(0,)]
+    # the one range left is the delivered mark, saved ahead of the log end (caught up)
+    assert rows(harness, "SELECT first_offset, last_offset, state FROM shared_ranges") == [
+        (-2, 99 + DELIVERED_MARK_AHEAD_RECORDS, "delivered")]
     assert rows(harness, "SELECT COUNT(*) FROM shared_records") == [(0,)]
 
 
@@ -76,8 +78,8 @@ async def test_out_of_order_acks_are_runs_that_survive_a_restart(
     taken = await shared.acquire("jobs", "jobs", records_max=6)
     await shared.ack([taken[1].receipt, taken[2].receipt, taken[4].receipt])
     assert rows(harness, "SELECT first_offset, last_offset, state FROM shared_ranges"
-                " ORDER BY first_offset") == [
-        (-2, 5, "delivered"), (1, 2, "acked"), (4, 4, "acked")]  # mark: 0..5 delivered
+                " ORDER BY first_offset") == [  # mark: 0..5 delivered, and the lead
+        (-2, 5 + DELIVERED_MARK_AHEAD_RECORDS, "delivered"), (1, 2, "acked"), (4, 4, "acked")]
     shared = groups(await harness.restart())
     again = await shared.acquire("jobs", "jobs", records_max=10)
     assert [delivery.offset for delivery in again] == [0, 3, 5]
@@ -97,6 +99,34 @@ async def test_delivery_counts_survive_a_restart(
     shared = groups(await harness.restart())
     after = await shared.acquire("jobs", "jobs", records_max=4)
     assert [(d.offset, d.delivery_count) for d in after] == [(0, 3), (1, 2), (2, 1), (3, 1)]
+
+
+async def test_a_caught_up_acquire_saves_the_delivered_mark_ahead_of_the_log_end(
+        harness: BrokerHarness, broker: Broker) -> None:
+    """An acquire that took every record in the log saves the delivered mark
+    DELIVERED_MARK_AHEAD_RECORDS past it, so the acquires after it (a consumer keeping
+    up, one record each) need no save and no COMMIT of their own. After a restart a
+    record published under that mark and never delivered counts as delivered once (a
+    false redelivered=true, which AMQP allows); the mark is clamped to the log end, so
+    a record published after the restart starts afresh."""
+    shared = groups(broker)
+    await shared.declare_queue("jobs")
+    await fill(broker, "jobs", 1)
+    assert [d.offset for d in await shared.acquire("jobs", "jobs")] == [0]
+    await shared.persister.committed()
+    saves = shared.persister.saves
+    await fill(broker, "jobs", 1)
+    assert [d.offset for d in await shared.acquire("jobs", "jobs")] == [1]
+    await shared.persister.committed()
+    assert shared.persister.saves == saves, "an acquire under the saved mark saved again"
+    await fill(broker, "jobs", 1)  # offset 2: under the mark, never delivered
+    restarted = await harness.restart()
+    shared = groups(restarted)
+    after = await shared.acquire("jobs", "jobs", records_max=3)
+    assert [(d.offset, d.delivery_count) for d in after] == [(0, 2), (1, 2), (2, 2)]
+    await fill(restarted, "jobs", 1)
+    later = await shared.acquire("jobs", "jobs")
+    assert [(d.offset, d.delivery_count) for d in later] == [(3, 1)]
 
 
 @pytest.mark.file_storage  # reads/writes state.sqlite3 itself
@@ -133,8 +163,9 @@ async def test_rows_of_the_old_per_record_table_are_read_and_replaced(
     assert rows(harness, "SELECT COUNT(*) FROM shared_records") == [(0,)]
     assert rows(harness, "SELECT start_offset FROM shared_partitions") == [(1,)]
     assert rows(harness, "SELECT first_offset, last_offset, state, delivery_count"
-                " FROM shared_ranges ORDER BY first_offset") == [
-        (-2, 2, "delivered", 1), (1, 1, "available", 4), (2, 2, "acked", 0)]
+                " FROM shared_ranges ORDER BY first_offset") == [  # the mark: caught up
+        (-2, 2 + DELIVERED_MARK_AHEAD_RECORDS, "delivered", 1), (1, 1, "available", 4),
+        (2, 2, "acked", 0)]
 
 
 @pytest.mark.file_storage  # reads/writes state.sqlite3 itself
