@@ -98,6 +98,8 @@ async def main(directory, count, gap_s):
         await arrived.wait()
     barrier = durability.barrier_for_loop()
     passes, jobs = barrier.pass_count, barrier.job_count
+    with open(Path(directory) / "state.sqlite3-wal", "rb") as file:
+        wal_sequence_start = int.from_bytes(file.read(16)[12:16], "big")
     for key in counts:
         counts[key] = 0
     latencies = []
@@ -110,6 +112,12 @@ async def main(directory, count, gap_s):
         latencies.append((time.perf_counter() - sent) * 1000)
         await asyncio.sleep(gap_s)
     cpu_s = time.process_time() - start
+    wal = Path(directory) / "state.sqlite3-wal"
+    with open(wal, "rb") as file:
+        header = file.read(16)
+    wal_bytes = wal.stat().st_size
+    # the WAL header's checkpoint sequence: +1 each time a writer restarts the WAL
+    wal_restarts = int.from_bytes(header[12:16], "big") - wal_sequence_start
     per = {key: round(value / count, 3) for key, value in counts.items()}
     per["passes"] = round((barrier.pass_count - passes) / count, 3)
     per["sync_jobs"] = round((barrier.job_count - jobs) / count, 3)
@@ -123,6 +131,7 @@ async def main(directory, count, gap_s):
     print(json.dumps({"cpu_us_per_msg": round(cpu_s / count * 1e6, 1),
                       "latency_ms_mean": round(sum(latencies) / count, 3),
                       "latency_ms_p99": round(latencies[int(count * 0.99)], 3),
+                      "wal_bytes_end": wal_bytes, "wal_restarts": wal_restarts,
                       "per_msg": per, "load": round(os.getloadavg()[0], 2)}))
 
 import uvloop  # the loop conveyor serve runs on

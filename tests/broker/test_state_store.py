@@ -7,6 +7,7 @@ queries for the PostgreSQL placeholder."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -158,13 +159,13 @@ async def test_a_reused_wal_past_the_bound_is_not_checkpointed_after_every_fsync
     await store.open()
     engine = store.sqlite
     checkpoints: list[int] = []
-    checkpoint = engine._run_checkpoint
+    rounds = engine._checkpoint_rounds
 
-    def counted() -> None:
+    async def counted() -> None:
         checkpoints.append(1)
-        checkpoint()
+        await rounds()
 
-    monkeypatch.setattr(engine, "_run_checkpoint", counted)
+    monkeypatch.setattr(engine, "_checkpoint_rounds", counted)
 
     async def commit(name: str, text: str) -> None:
         store.save_topic(TopicRow(name, 1, "topic", {"x": text}, 0))
@@ -185,4 +186,96 @@ async def test_a_reused_wal_past_the_bound_is_not_checkpointed_after_every_fsync
     monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
     await commit("small", "last")
     assert len(checkpoints) == grown + 1
+    await store.close()
+
+
+def _wal_sequence(path: Path) -> int:
+    """The WAL header's checkpoint sequence: +1 each time a writer starts it over."""
+    with open(str(path) + "-wal", "rb") as file:
+        return int.from_bytes(file.read(16)[12:16], "big")
+
+
+async def _hold_in_second_round(engine: sqlite_engine_module.SqliteEngine,
+                                monkeypatch: pytest.MonkeyPatch,
+                                release: threading.Event) -> asyncio.Event:
+    """Make the checkpoint's second round wait for ``release``; the event returned is
+    set when it has begun (the writes are held from then on)."""
+    loop = asyncio.get_running_loop()
+    holding = asyncio.Event()
+    checkpoint = engine._run_checkpoint
+    calls: list[int] = []
+
+    def blocking() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            loop.call_soon_threadsafe(holding.set)
+            release.wait(30)
+        checkpoint()
+
+    monkeypatch.setattr(engine, "_run_checkpoint", blocking)
+    return holding
+
+
+async def _grow_until(store: SqliteStateStore, holding: asyncio.Event) -> None:
+    """Commit big rows until a checkpoint's second round holds the writes (the last
+    commit may then wait for the release: it is left running)."""
+    index = 0
+    waiting = asyncio.create_task(holding.wait())
+    while not holding.is_set():
+        store.save_topic(TopicRow(f"t{index}", 1, "topic", {"x": "y" * 4000}, 0))
+        committing = asyncio.create_task(store.commit())
+        await asyncio.wait([committing, waiting], return_when=asyncio.FIRST_COMPLETED)
+        index += 1
+    await waiting
+
+
+async def test_writes_wait_in_memory_while_the_checkpoint_catches_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """During the second round a write is held, not COMMITted (another connection does
+    not see it), its commit() waits; at the end it is COMMITted and fsynced, in the
+    transaction that starts the WAL over."""
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStateStore(path)
+    await store.open()
+    engine = store.sqlite
+    release = threading.Event()
+    holding = await _hold_in_second_round(engine, monkeypatch, release)
+    await _grow_until(store, holding)
+    sequence = _wal_sequence(path)
+    store.save_topic(TopicRow("held", 1, "topic", {}, 0))
+    committing = asyncio.create_task(store.commit())
+    for _ in range(5):
+        await asyncio.sleep(0)  # zero-time yields: the turn's COMMIT would have run
+    other = sqlite3.connect(path)
+    seen = "SELECT count(*) FROM topics WHERE name = 'held'"
+    assert other.execute(seen).fetchone() == (0,)
+    assert not committing.done()
+    release.set()
+    await committing
+    assert other.execute(seen).fetchone() == (1,)
+    assert _wal_sequence(path) == sequence + 1, "the held transaction started the WAL over"
+    other.close()
+    await store.close()
+
+
+async def test_a_query_during_the_catch_up_reads_the_held_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read your writes: a query while writes are held puts them in first."""
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStateStore(path)
+    await store.open()
+    engine = store.sqlite
+    release = threading.Event()
+    holding = await _hold_in_second_round(engine, monkeypatch, release)
+    await _grow_until(store, holding)
+    store.save_topic(TopicRow("held", 1, "topic", {}, 0))
+    store.delete_topic("t0")
+    names = {row.name for row in await store.load_topics()}
+    assert "held" in names and "t0" not in names
+    release.set()
+    await store.commit()
     await store.close()
