@@ -178,14 +178,11 @@ class AsyncClient:
                 continue
             return core.decode_body(status, body)
 
-    async def _send(self, call: Call, content: bytes | None,
-                    headers: Mapping[str, str] | None, timeouts: httpx.Timeout
-                    ) -> tuple[int, str | None, bytes]:
+    async def _send(self, call: Call, content: bytes | None, headers: Mapping[str, str] | None,
+                    timeouts: httpx.Timeout) -> tuple[int, str | None, bytes]:
         """One exchange: the answer's status, Retry-After and body."""
-        response = await self._http.request(
-            call.method, call.path, content=content,
-            params=call.params, headers=headers, timeout=timeouts,
-        )
+        response = await self._http.request(call.method, call.path, content=content,
+                                            params=call.params, headers=headers, timeout=timeouts)
         return response.status_code, response.headers.get("retry-after"), response.content
 
     # --- publish --------------------------------------------------------------------

@@ -41,14 +41,11 @@ BLOCKS: dict[str, str] = {
         "        self._plain = transports.plain_sender(self._http)  # None: httpx sends all\n"
         "        self._reply_queue: str | None = None\n",
     '        """One exchange: the answer\'s status, Retry-After and body."""\n':
-        '        """One exchange: the answer\'s status, Retry-After and body (a plain-HTTP call\n'
-        "        without a query string: over the transport\'s connections, no httpx objects)."
-        '"""\n'
-        "        if self._plain is not None and not call.params:\n"
-        "            answer = self._plain.exchange(call.method, call.path, content, headers,\n"
-        "                                          timeouts)\n"
-        "            if answer is not None:\n"
-        "                return answer\n",
+        '        """One exchange: the answer\'s status, Retry-After and body."""\n'
+        "        answer = self._plain.exchange(call, content, headers, timeouts) "
+        "if self._plain else None\n"
+        "        if answer is not None:  # a plain-HTTP call sent without httpx's objects\n"
+        "            return answer\n",
     "            async for message in inner:\n                yield message\n":
         "            yield from inner\n",
 }

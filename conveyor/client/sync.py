@@ -179,20 +179,14 @@ class Client:
                 continue
             return core.decode_body(status, body)
 
-    def _send(self, call: Call, content: bytes | None,
-                    headers: Mapping[str, str] | None, timeouts: httpx.Timeout
-                    ) -> tuple[int, str | None, bytes]:
-        """One exchange: the answer's status, Retry-After and body (a plain-HTTP call
-        without a query string: over the transport's connections, no httpx objects)."""
-        if self._plain is not None and not call.params:
-            answer = self._plain.exchange(call.method, call.path, content, headers,
-                                          timeouts)
-            if answer is not None:
-                return answer
-        response = self._http.request(
-            call.method, call.path, content=content,
-            params=call.params, headers=headers, timeout=timeouts,
-        )
+    def _send(self, call: Call, content: bytes | None, headers: Mapping[str, str] | None,
+                    timeouts: httpx.Timeout) -> tuple[int, str | None, bytes]:
+        """One exchange: the answer's status, Retry-After and body."""
+        answer = self._plain.exchange(call, content, headers, timeouts) if self._plain else None
+        if answer is not None:  # a plain-HTTP call sent without httpx's objects
+            return answer
+        response = self._http.request(call.method, call.path, content=content,
+                                            params=call.params, headers=headers, timeout=timeouts)
         return response.status_code, response.headers.get("retry-after"), response.content
 
     # --- publish --------------------------------------------------------------------

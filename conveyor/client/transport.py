@@ -32,10 +32,13 @@ import select
 import socket
 import threading
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 import httpx
+
+if TYPE_CHECKING:
+    from conveyor.client.core import Call
 
 IDLE_CONNECTIONS_MAX: Final = 32  # per host; more idle ones are closed
 RECEIVE_BYTES: Final = 256 * 1024
@@ -243,11 +246,11 @@ class PlainSender:
                                      for name, value in template.headers.raw)
         self.header_names = frozenset(name.lower() for name in template.headers)
 
-    def exchange(self, method: str, path: str, content: bytes | None,
-                 headers: Mapping[str, str] | None, timeout: httpx.Timeout
-                 ) -> tuple[int, str | None, bytes] | None:
+    def exchange(self, call: Call, content: bytes | None, headers: Mapping[str, str] | None,
+                 timeout: httpx.Timeout) -> tuple[int, str | None, bytes] | None:
         """Status, Retry-After and body; None: this call is httpx's to send."""
-        if (method == "HEAD" or self.client.is_closed or self.client.cookies
+        method, path = call.method, call.path
+        if (call.params or method == "HEAD" or self.client.is_closed or self.client.cookies
                 or _PLAIN_PATH.fullmatch(path) is None):
             return None
         parts = [method.encode("ascii"), b" ", self.prefix, path.encode("ascii"),
