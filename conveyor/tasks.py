@@ -54,23 +54,39 @@ async def unless_set(work: Awaitable[T], stop: asyncio.Event) -> T | None:
     """Await ``work``; if ``stop`` is set first, cancel it and return None (or its
     result, if it finished despite the cancel: the caller releases it then).
 
-    Both waits are tasks of one TaskGroup, so neither outlives this call; an error
-    of ``work`` is raised as itself, not wrapped in an ExceptionGroup."""
-    results: list[T] = []
-    errors: list[Exception] = []
+    ``work`` runs in the caller's own task and the watch on ``stop`` in a task of a
+    TaskGroup (so it does not outlive this call), which cancels the caller when ``stop``
+    is set. The end of ``work`` resumes the caller at once: from there to the return is
+    three loop turns (the watch's cancellation), where a second task for ``work`` raced
+    by ``asyncio.wait`` took six (a long-polled acquire's end-to-end latency,
+    bench/README.md "Fifth pass (httpreq)"). An error of ``work`` is raised as itself."""
+    task = asyncio.current_task()
+    assert task is not None, "unless_set runs in a task"
+    stopped = False
 
-    async def run() -> None:
+    async def cancel_when_set() -> None:
+        nonlocal stopped
+        await stop.wait()
+        stopped = True
+        task.cancel()
+
+    results: list[T] = []
+    errors: list[Exception] = []  # raised after the group: inside, it would wrap them
+    async with asyncio.TaskGroup() as group:
+        watcher = group.create_task(cancel_when_set())
         try:
             results.append(await work)
-        except Exception as error:  # CancelledError is not an Exception: it propagates
+        except asyncio.CancelledError:
+            # ours alone (not the caller's own cancellation too): the work was stopped
+            if stopped and task.uncancel() == 0:
+                return None
+            raise
+        except Exception as error:
             errors.append(error)
-
-    async with asyncio.TaskGroup() as group:
-        worker = group.create_task(run())
-        watcher = group.create_task(stop.wait())
-        await asyncio.wait([worker, watcher], return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        worker.cancel()  # a no-op when it is done
+        finally:
+            watcher.cancel()
+        if stopped:
+            task.uncancel()  # the work ended despite our cancel: nothing is pending
     if errors:
         raise errors[0]
-    return results[0] if results else None
+    return results[0]

@@ -60,6 +60,24 @@ async def test_unless_set_raises_the_work_error_itself() -> None:
         await unless_set(work(), asyncio.Event())
 
 
+async def test_unless_set_runs_the_work_in_the_callers_task_and_passes_its_cancel_on(
+) -> None:
+    """The work's end resumes the caller without a task between them; a cancellation of
+    the caller itself is not mistaken for the stop (it propagates, nothing pending)."""
+    async def whose_task() -> asyncio.Task[object] | None:
+        return asyncio.current_task()
+
+    assert await unless_set(whose_task(), asyncio.Event()) is asyncio.current_task()
+    waiting = asyncio.get_running_loop().create_task(
+        unless_set(asyncio.Event().wait(), asyncio.Event()))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    current = asyncio.current_task()
+    assert current is not None and current.cancelling() == 0
+
+
 async def test_supervisor_close_cancels_and_awaits_every_task() -> None:
     tasks = Supervisor("test")
     forever = tasks.start(asyncio.Event().wait())
