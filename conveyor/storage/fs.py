@@ -173,17 +173,18 @@ class _SyncThreads:
     def reset(self) -> None:
         """Fresh state; also in a forked child, where the parent's threads are not."""
         self._items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)  # one permit per thread waiting for an item
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # a C lock: cheaper than a Semaphore's Condition
         self._threads = 0
+        self._pending = 0  # items handed over and not finished
 
     def start(self, item: _Item) -> None:
-        if not self._idle.acquire(timeout=0):  # no thread waits: one more, up to the max
-            with self._lock:
-                if self._threads < SYNC_THREADS_MAX:
-                    self._threads += 1
-                    threading.Thread(target=self._work, name="conveyor-sync",
-                                     daemon=True).start()
+        with self._lock:
+            self._pending += 1
+            more = self._pending > self._threads and self._threads < SYNC_THREADS_MAX
+            if more:
+                self._threads += 1
+        if more:
+            threading.Thread(target=self._work, name="conveyor-sync", daemon=True).start()
         self._items.put(item)
 
     def _work(self) -> None:
@@ -194,12 +195,13 @@ class _SyncThreads:
                 result = function(argument)
             except BaseException as error:  # handed to the loop, which decides
                 failure = error
+            with self._lock:
+                self._pending -= 1
             try:
                 loop.call_soon_threadsafe(done, result, failure)
             except RuntimeError:
                 pass  # the loop closed meanwhile: nobody waits for this pass
             del loop, function, argument, done, result, failure
-            self._idle.release()
 
 
 _sync_threads = _SyncThreads()
