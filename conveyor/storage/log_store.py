@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from conveyor.clock import Clock
 from conveyor.errors import OperatingError, UnknownPartitionError
@@ -55,6 +56,12 @@ class FileLogStore:
         # (topic, partition) -> resolved when its creation (files in a thread) ends
         self._creating: dict[tuple[str, int], asyncio.Future[None]] = {}
         self.recovery_reports: list[RecoveryReport] = []
+        # told when a partition's high watermark advances (LogStore.on_visible)
+        self.on_visible: Callable[[str, int], None] | None = None
+
+    def _visible(self, topic: str, partition: int) -> None:
+        if self.on_visible is not None:
+            self.on_visible(topic, partition)
 
     async def open(self) -> None:
         """Scan the root and recover every partition directory found."""
@@ -96,6 +103,7 @@ class FileLogStore:
         segments, log_start_offset, reports = opened
         self.recovery_reports.extend(reports)
         log = PartitionLog(self.fs, directory, self.clock, config, segments, log_start_offset)
+        log.on_visible = functools.partial(self._visible, topic, partition)
         lost = [report.truncated_from_offset for report in reports if report.truncated_bytes]
         log.recovery = PartitionRecovery(
             topic, partition, log.log_start_offset, log.log_end_offset,

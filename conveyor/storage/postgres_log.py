@@ -117,6 +117,7 @@ class PostgresLogStore:
         # also refuse appends while this says so (server/storage.py: the state engine's
         # backlog on the same database is past its bound)
         self.admission: Callable[[], StorageBusyError | None] | None = None
+        self.on_visible: Callable[[str, int], None] | None = None  # never called here
         self._pool: Any = None
         self._appender: TurnAppender | None = None
         self._partitions: dict[tuple[str, int], _Partition] = {}
