@@ -58,7 +58,7 @@ async def unless_set(work: Awaitable[T], stop: asyncio.Event) -> T | None:
     TaskGroup (so it does not outlive this call), which cancels the caller when ``stop``
     is set. The end of ``work`` resumes the caller at once: from there to the return is
     three loop turns (the watch's cancellation), where a second task for ``work`` raced
-    by ``asyncio.wait`` took six (a long-polled acquire's end-to-end latency,
+    by ``asyncio.wait`` took five (a long-polled acquire's end-to-end latency,
     bench/README.md "Fifth pass (httpreq)"). An error of ``work`` is raised as itself."""
     task = asyncio.current_task()
     assert task is not None, "unless_set runs in a task"
