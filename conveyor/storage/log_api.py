@@ -144,6 +144,12 @@ class PartitionRecovery:
         return not self.reports and self.lost_from_offset < 0 and not self.skipped_offsets
 
 
+class VisibleHook:
+    """A LogStore's ``on_visible``: None (nobody listens) until the broker sets it."""
+
+    on_visible: Callable[[str, int], None] | None = None
+
+
 class LogStore(Protocol):
     """Partition logs under one root (a directory, a database). One event loop."""
 

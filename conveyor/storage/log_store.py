@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from conveyor.clock import Clock
 from conveyor.errors import OperatingError, UnknownPartitionError
@@ -32,6 +32,7 @@ from conveyor.storage.log_api import (
     LogStore,
     PartitionRecovery,
     PartitionUsage,
+    VisibleHook,
 )
 from conveyor.storage.log_config import CleanupPolicy, FsyncPolicy, LogConfig
 from conveyor.storage.partition_log import PartitionLog
@@ -45,7 +46,7 @@ _Opened = tuple[list[Segment], int, list[RecoveryReport]]
 __all__ = ["CONFIG_FILE", "CleanupPolicy", "FileLogStore", "FsyncPolicy", "LogConfig", "LogStore"]
 
 
-class FileLogStore:
+class FileLogStore(VisibleHook):  # told when a high watermark advances
     def __init__(self, root: str | os.PathLike[str], fs: FileSystem, clock: Clock,
                  default_config: LogConfig | None = None) -> None:
         self.root = os.fspath(root)
@@ -56,8 +57,6 @@ class FileLogStore:
         # (topic, partition) -> resolved when its creation (files in a thread) ends
         self._creating: dict[tuple[str, int], asyncio.Future[None]] = {}
         self.recovery_reports: list[RecoveryReport] = []
-        # told when a partition's high watermark advances (LogStore.on_visible)
-        self.on_visible: Callable[[str, int], None] | None = None
 
     def _visible(self, topic: str, partition: int) -> None:
         if self.on_visible is not None:
