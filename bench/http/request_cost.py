@@ -8,18 +8,25 @@ broker's user and system µs per request and, with ``--strace``, the broker's sy
 per request (``strace -c -f``; counts only: strace slows the run). ``e2e`` instead runs
 bench.http.run's e2e phase (a paced publisher, a long-polled acquire + ack consumer,
 both ``conveyor.Client``) and counts the broker's syscalls per message: its
-``epoll_pwait`` calls are the event loop's turns (uvloop polls once per turn).
+``epoll_pwait`` calls are the event loop's turns (uvloop polls once per turn). ``turns``
+runs that phase under ``strace -f -e trace=epoll_pwait,write,fdatasync`` and counts, for
+each acquire answer (a 200 of more than 1,000 bytes written by the loop thread), the loop
+thread's turns since the last fdatasync returned in a sync thread: the turns between a
+publish becoming durable and the waiting consumer's answer.
 
-Run:  .venv/bin/python -m bench.http.request_cost {publish,health,e2e} [--seconds 5]
-      [--strace] [--rate 200]
+Run:  .venv/bin/python -m bench.http.request_cost {publish,health,e2e,turns}
+      [--seconds 5] [--strace] [--rate 200]   (turns: --rate 50 --seconds 3)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -107,10 +114,45 @@ def e2e(url: str, rate: int, seconds: float, process: psutil.Process, trace: boo
         name: round(count / messages, 2) for name, count in sorted(counts.items())}}
 
 
+def turns(url: str, rate: int, seconds: float, pid: int) -> dict[str, Any]:
+    import bench.http.run as runner
+
+    with tempfile.NamedTemporaryFile(suffix=".strace") as output:
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-e", "trace=epoll_pwait,write,fdatasync", "-s", "24",
+             "-o", output.name, "-p", str(pid)], stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        try:
+            runner.conveyor_latency(url, rate, seconds)
+        finally:
+            tracer.send_signal(2)
+            tracer.wait()
+        lines = [line.split(None, 1) for line in Path(output.name).read_text().splitlines()]
+    polls = collections.Counter(thread for thread, call in lines if call.startswith("epoll"))
+    loop_thread = polls.most_common(1)[0][0]
+    counts: list[int] = []
+    since: int | None = None  # loop turns since the last fdatasync returned
+    for thread, call in lines:
+        if thread != loop_thread:
+            if (call.startswith("fdatasync(") and "= 0" in call) or call.startswith(
+                    "<... fdatasync resumed>"):
+                since = 0
+        elif since is not None and call.startswith("epoll_pwait"):
+            since += 1
+        elif since is not None:
+            answer = re.match(r'write\(\d+, "HTTP/1.1 200.*= (\d+)$', call)
+            if answer and int(answer.group(1)) > 1000:  # an acquire's answer, not a publish's
+                counts.append(since)
+                since = None
+    return {"answers": len(counts),
+            "turns_median": statistics.median(counts) if counts else None,
+            "turns_histogram": dict(sorted(collections.Counter(counts).items()))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("publish", "health", "e2e"))
+    parser.add_argument("mode", choices=("publish", "health", "e2e", "turns"))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rate", type=int, default=200, help="e2e: messages per second")
     parser.add_argument("--strace", action="store_true", help="count the broker's syscalls")
@@ -128,6 +170,8 @@ def main() -> None:
             process = psutil.Process(broker.process.pid)
             if options.mode == "e2e":
                 result = e2e(url, options.rate, options.seconds, process, options.strace)
+            elif options.mode == "turns":
+                result = turns(url, options.rate, options.seconds, process.pid)
             else:
                 result = lockstep(options.mode, port, options.seconds, process, options.strace)
         finally:
