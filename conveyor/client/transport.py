@@ -287,7 +287,9 @@ def plain_sender(client: httpx.Client) -> PlainSender | None:
     base = client.base_url
     if base.scheme != "http" or base.query:
         return None
-    transport = client._transport_for_url(base)  # the mount httpx itself would use
+    # the mount httpx itself would use (private, so looked up: without it, httpx sends all)
+    transport_for_url = getattr(client, "_transport_for_url", None)
+    transport = transport_for_url(base) if transport_for_url is not None else None
     return PlainSender(transport, client) if isinstance(transport, KeepAliveTransport) else None
 
 
