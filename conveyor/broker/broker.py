@@ -134,6 +134,7 @@ class Broker:
         # KIP-848 / KIP-932 members as stored, loaded at open; the coordinators write them
         self.group_members = GroupMembers(state_store)
         self.producer.on_append = self._appended
+        log_store.on_visible = self._appended  # the readers' wake-up a turn earlier
         # a cluster node's catalog hooks (conveyor/cluster/catalog.py): told after this
         # node committed a change of "topics", "queues" or "exchanges" (with bindings);
         # asked to re-read the catalog (rate-limited) before a publish or a passive

@@ -154,14 +154,11 @@ class AsyncClient:
     async def request(self, call: Call) -> Any:
         """Send ``call`` with retries; the decoded JSON or a typed exception."""
         attempt = 0
-        timeout = httpx.Timeout(self.timeout_s, read=self.timeout_s + call.wait_s)
+        timeouts = httpx.Timeout(self.timeout_s, read=self.timeout_s + call.wait_s)
         content, headers = core.request_body(call)
         while True:
             try:
-                response = await self._http.request(
-                    call.method, call.path, content=content,
-                    params=call.params, headers=headers, timeout=timeout,
-                )
+                status, retry_after, body = await self._send(call, content, headers, timeouts)
             except httpx.TransportError as error:
                 connect_failed = isinstance(
                     error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
@@ -175,12 +172,18 @@ class AsyncClient:
                     f"request failed: {type(error).__name__}", url=self.url, path=call.path,
                     reason=str(error),
                 ) from error
-            if core.should_retry_status(response.status_code, attempt, self.retry):
-                retry_after = response.headers.get("retry-after")
+            if core.should_retry_status(status, attempt, self.retry):
                 await asyncio.sleep(self.retry.delay_s(attempt, retry_after))
                 attempt += 1
                 continue
-            return core.decode_body(response.status_code, response.content)
+            return core.decode_body(status, body)
+
+    async def _send(self, call: Call, content: bytes | None, headers: Mapping[str, str] | None,
+                    timeouts: httpx.Timeout) -> tuple[int, str | None, bytes]:
+        """One exchange: the answer's status, Retry-After and body."""
+        response = await self._http.request(call.method, call.path, content=content,
+                                            params=call.params, headers=headers, timeout=timeouts)
+        return response.status_code, response.headers.get("retry-after"), response.content
 
     # --- publish --------------------------------------------------------------------
     async def publish(

@@ -34,8 +34,18 @@ LINES: dict[str, str] = {
         '    """Blocking Conveyor client. Thread-safe for concurrent calls (httpx pools)."""',
 }
 
-# Blocks that have a shorter blocking form.
+# Blocks that have a shorter blocking form, or one of the blocking client's own: its
+# plain-HTTP calls skip httpx's request and response objects (transport.PlainSender).
 BLOCKS: dict[str, str] = {
+    "        self._reply_queue: str | None = None\n":
+        "        self._plain = transports.plain_sender(self._http)  # None: httpx sends all\n"
+        "        self._reply_queue: str | None = None\n",
+    '        """One exchange: the answer\'s status, Retry-After and body."""\n':
+        '        """One exchange: the answer\'s status, Retry-After and body."""\n'
+        "        answer = self._plain.exchange(call, content, headers, timeouts) "
+        "if self._plain else None\n"
+        "        if answer is not None:  # a plain-HTTP call sent without httpx's objects\n"
+        "            return answer\n",
     "            async for message in inner:\n                yield message\n":
         "            yield from inner\n",
 }

@@ -128,6 +128,7 @@ class Client:
                                        transport=transport if transport is not None else
                                        transports.default_transport(self.url),
                                        timeout=timeout_s, verify=verify)
+        self._plain = transports.plain_sender(self._http)  # None: httpx sends all
         self._reply_queue: str | None = None
         self._reply_lock = threading.Lock()
 
@@ -154,14 +155,11 @@ class Client:
     def request(self, call: Call) -> Any:
         """Send ``call`` with retries; the decoded JSON or a typed exception."""
         attempt = 0
-        timeout = httpx.Timeout(self.timeout_s, read=self.timeout_s + call.wait_s)
+        timeouts = httpx.Timeout(self.timeout_s, read=self.timeout_s + call.wait_s)
         content, headers = core.request_body(call)
         while True:
             try:
-                response = self._http.request(
-                    call.method, call.path, content=content,
-                    params=call.params, headers=headers, timeout=timeout,
-                )
+                status, retry_after, body = self._send(call, content, headers, timeouts)
             except httpx.TransportError as error:
                 connect_failed = isinstance(
                     error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
@@ -175,12 +173,21 @@ class Client:
                     f"request failed: {type(error).__name__}", url=self.url, path=call.path,
                     reason=str(error),
                 ) from error
-            if core.should_retry_status(response.status_code, attempt, self.retry):
-                retry_after = response.headers.get("retry-after")
+            if core.should_retry_status(status, attempt, self.retry):
                 time.sleep(self.retry.delay_s(attempt, retry_after))
                 attempt += 1
                 continue
-            return core.decode_body(response.status_code, response.content)
+            return core.decode_body(status, body)
+
+    def _send(self, call: Call, content: bytes | None, headers: Mapping[str, str] | None,
+                    timeouts: httpx.Timeout) -> tuple[int, str | None, bytes]:
+        """One exchange: the answer's status, Retry-After and body."""
+        answer = self._plain.exchange(call, content, headers, timeouts) if self._plain else None
+        if answer is not None:  # a plain-HTTP call sent without httpx's objects
+            return answer
+        response = self._http.request(call.method, call.path, content=content,
+                                            params=call.params, headers=headers, timeout=timeouts)
+        return response.status_code, response.headers.get("retry-after"), response.content
 
     # --- publish --------------------------------------------------------------------
     def publish(

@@ -5,6 +5,11 @@ a time on each, a pool of idle ones per host that several threads share; writing
 request as one buffer in one ``sendall`` (request line, headers and body: the server
 wakes once per request) and reading the answer with httptools' C parser
 (Content-Length, chunked, or until close).
+``PlainSender`` is the blocking client's own path for its common call (plain HTTP,
+no query string): the request's bytes built from a header block captured once from
+httpx (the same headers httpx would send), the answer read by the same connection
+code, and no ``httpx.Request``/``httpx.Response`` on the way: those cost the client
+~190 µs of CPU per publish of batch 1 (bench/README.md, "Fifth pass (httpreq)").
 Must not know: the API's calls, retries or JSON (sync.py, core.py).
 
 Why not httpx's default transport: httpcore and h11 cost ~0.4 ms of CPU per request
@@ -22,13 +27,18 @@ that fails or ends mid-answer is closed, never reused. Errors are httpx's own
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import threading
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 import httpx
+
+if TYPE_CHECKING:
+    from conveyor.client.core import Call
 
 IDLE_CONNECTIONS_MAX: Final = 32  # per host; more idle ones are closed
 RECEIVE_BYTES: Final = 256 * 1024
@@ -66,7 +76,7 @@ class _Connection:
         self.sock = sock
 
     @classmethod
-    def open(cls, request: httpx.Request, host: str, port: int,
+    def open(cls, request: httpx.Request | None, host: str, port: int,
              timeout: float | None) -> _Connection:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -85,7 +95,7 @@ class _Connection:
             return True
         return bool(readable)
 
-    def exchange(self, request: httpx.Request, data: bytes, timeouts: dict[str, Any]
+    def exchange(self, request: httpx.Request | None, data: bytes, timeouts: dict[str, Any]
                  ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         """Send ``data``, read one answer: status, headers, body, keep-alive."""
         try:
@@ -146,7 +156,15 @@ class KeepAliveTransport(httpx.BaseTransport):
             return self._other().handle_request(request)
         data = _encode(request)
         timeouts: dict[str, Any] = request.extensions.get("timeout", {})
-        address = (url.host, url.port or 80)
+        status, headers, body = self.send((url.host, url.port or 80), data, timeouts, request)
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body),
+                              extensions={"http_version": b"HTTP/1.1"})
+
+    def send(self, address: tuple[str, int], data: bytes, timeouts: dict[str, Any],
+             request: httpx.Request | None = None
+             ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """``data`` (one whole request) over a pooled connection to ``address``: the
+        answer's status, headers and body. ``request`` only names the call in errors."""
         connection = self._take(address)
         if connection is None:
             connection = _Connection.open(request, *address, timeouts.get("connect"))
@@ -159,8 +177,7 @@ class KeepAliveTransport(httpx.BaseTransport):
             self._give(address, connection)
         else:
             connection.close()
-        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body),
-                              extensions={"http_version": b"HTTP/1.1"})
+        return status, headers, body
 
     def _take(self, address: tuple[str, int]) -> _Connection | None:
         while True:
@@ -203,6 +220,79 @@ def _encode(request: httpx.Request) -> bytes:
     return b"".join(parts)
 
 
+# what a path may hold to go out as written (core quotes every name it puts in one)
+_PLAIN_PATH: Final = re.compile(r"/[A-Za-z0-9\-._~%!$&'()*+,;=:@/]*")
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})  # httpx sends Content-Length: 0
+
+
+class PlainSender:
+    """A blocking client's calls without a query string over its KeepAliveTransport.
+
+    The header block is what httpx itself sends for the client (Host, Accept,
+    Accept-Encoding, Connection, User-Agent and the client's own headers, in httpx's
+    order), taken once from ``httpx.Client.build_request``; a call adds its own headers
+    and Content-Length. Anything else (a query string, a path to quote, a header that
+    would replace one of the block's, cookies, a closed client) is left to httpx.
+    """
+
+    def __init__(self, transport: KeepAliveTransport, client: httpx.Client) -> None:
+        self.transport = transport
+        self.client = client
+        base = client.base_url
+        self.address = (base.host, base.port or 80)
+        self.prefix = base.raw_path.rstrip(b"/")
+        template = client.build_request("GET", "/")
+        self.header_block = b"".join(name + b": " + value + b"\r\n"
+                                     for name, value in template.headers.raw)
+        self.header_names = frozenset(name.lower() for name in template.headers)
+
+    def exchange(self, call: Call, content: bytes | None, headers: Mapping[str, str] | None,
+                 timeout: httpx.Timeout) -> tuple[int, str | None, bytes] | None:
+        """Status, Retry-After and body; None: this call is httpx's to send."""
+        method, path = call.method, call.path
+        if (call.params or method == "HEAD" or self.client.is_closed or self.client.cookies
+                or _PLAIN_PATH.fullmatch(path) is None):
+            return None
+        parts = [method.encode("ascii"), b" ", self.prefix, path.encode("ascii"),
+                 b" HTTP/1.1\r\n", self.header_block]
+        if headers:
+            for name, value in headers.items():
+                if name.lower() in self.header_names or not (name + value).isascii():
+                    return None
+                parts += (name.encode("ascii"), b": ", value.encode("ascii"), b"\r\n")
+        if content is not None:
+            parts += (b"Content-Length: ", str(len(content)).encode("ascii"), b"\r\n\r\n",
+                      content)
+        elif method in _BODY_METHODS:
+            parts.append(b"Content-Length: 0\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        status, answer_headers, body = self.transport.send(
+            self.address, b"".join(parts), timeout.as_dict())
+        retry_after = None
+        for header_name, header_value in answer_headers:
+            lowered = header_name.lower()
+            if lowered == b"retry-after":
+                retry_after = header_value.decode("latin-1")
+            elif lowered == b"content-encoding" and header_value.lower() != b"identity":
+                # never sent by Conveyor; decoded the way httpx would
+                body = httpx.Response(status, headers=answer_headers,
+                                      stream=httpx.ByteStream(body)).read()
+        return status, retry_after, body
+
+
+def plain_sender(client: httpx.Client) -> PlainSender | None:
+    """The plain path of ``client`` when a KeepAliveTransport serves its base URL (not
+    a proxy from the environment, not TLS, not a transport the caller chose otherwise)."""
+    base = client.base_url
+    if base.scheme != "http" or base.query:
+        return None
+    # the mount httpx itself would use (private, so looked up: without it, httpx sends all)
+    transport_for_url = getattr(client, "_transport_for_url", None)
+    transport = transport_for_url(base) if transport_for_url is not None else None
+    return PlainSender(transport, client) if isinstance(transport, KeepAliveTransport) else None
+
+
 def default_transport(url: str) -> httpx.BaseTransport | None:
     """The blocking client's transport for ``url``: KeepAliveTransport for ``http://``
     (None: httpx's default, which does TLS and verification)."""
@@ -214,4 +304,5 @@ def default_async_transport(url: str) -> httpx.AsyncBaseTransport | None:
     return None
 
 
-__all__ = ["KeepAliveTransport", "default_async_transport", "default_transport"]
+__all__ = ["KeepAliveTransport", "PlainSender", "default_async_transport",
+           "default_transport", "plain_sender"]

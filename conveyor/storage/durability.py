@@ -7,7 +7,8 @@ schedules one pass with ``loop.call_soon`` (so every write of the current turn i
 it), asks each dirty source for its sync jobs (``prepare_sync``, on the loop: the
 state store COMMITs its open transaction there, a committer takes its dirty handles),
 runs every job at once in worker threads (one fdatasync per dirty file, spread over
-at most ``SYNC_THREADS_MAX`` concurrent executor calls through ``fs.call_in_thread``),
+at most ``SYNC_THREADS_MAX`` concurrent calls through ``fs.start_in_thread``, whose
+threads hand the outcome back with one ``call_soon_threadsafe``),
 and tells each source how its own jobs ended (``sync_done``) as soon as they have,
 which answers that source's waiters (a partition whose fdatasync returned first is
 not held by a slower file of the same pass).
@@ -34,12 +35,11 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-from conveyor.storage.fs import call_in_thread
+from conveyor.storage.fs import start_in_thread
 
 SyncJob = Callable[[], None]
-# executor calls per pass: fdatasyncs of files on one disk gain little from more at once
-# (the default executor has min(32, cpus + 4) workers; the checkpoint and file creation
-# use it too)
+# thread calls per pass: fdatasyncs of files on one disk gain little from more at once
+# (plus one for the standing sources' jobs; fs.SYNC_THREADS_MAX threads serve them)
 SYNC_THREADS_MAX = 4
 
 
@@ -150,23 +150,15 @@ class DurabilityBarrier:
             chunks.append([position for position, owner in enumerate(owners)
                            if running.standing[owner]])
         for positions in chunks:
-            callback = functools.partial(self._chunk_done, running, positions)
-            try:
-                future = call_in_thread(_run_jobs, [jobs[i] for i in positions])
-            except RuntimeError as error:  # the executor is shut down (loop closing)
-                self._jobs_ended(running, positions, [error] * len(positions))
-            else:
-                future.add_done_callback(callback)
+            start_in_thread(_run_jobs, [jobs[i] for i in positions],
+                            functools.partial(self._chunk_done, running, positions))
 
     def _chunk_done(self, running: _Pass, positions: list[int],
-                    future: asyncio.Future[list[BaseException | None]]) -> None:
-        errors: list[BaseException | None]
-        if future.cancelled():
-            errors = [asyncio.CancelledError()] * len(positions)
-        elif future.exception() is not None:
-            errors = [future.exception()] * len(positions)
-        else:
-            errors = future.result()
+                    errors: list[BaseException | None] | None,
+                    failure: BaseException | None) -> None:
+        if errors is None:  # _run_jobs itself failed (it catches what its jobs raise)
+            errors = [failure or RuntimeError("sync jobs ended without a result")] * len(
+                positions)
         self._jobs_ended(running, positions, errors)
 
     def _jobs_ended(self, running: _Pass, positions: list[int],

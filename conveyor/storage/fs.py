@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -151,6 +153,65 @@ def call_in_thread(function: Callable[..., T], *arguments: Any) -> asyncio.Futur
     """A blocking file call (a checkpoint, an fdatasync pass) in the loop's default
     executor, started now; the future of its end."""
     return asyncio.get_running_loop().run_in_executor(None, function, *arguments)
+
+
+# --- the durability passes' threads ----------------------------------------------------
+# Process-wide, shared by every loop: a pass hands a list of jobs over and gets the
+# result back with one ``loop.call_soon_threadsafe``. ``run_in_executor`` costs more per
+# hand-over — a concurrent Future (a Condition), its asyncio twin (``wrap_future``) and a
+# loop turn between the two (bench/README.md, "Fifth pass (httpreq)": a publish of batch 1
+# took 5.0 loop turns, now 4.0).
+SYNC_THREADS_MAX: Final = 8  # idle threads are reused; a pass uses at most 5 at once
+_Done = Callable[[Any, BaseException | None], None]
+_Item = tuple[asyncio.AbstractEventLoop, Callable[[Any], Any], Any, _Done]
+
+
+class _SyncThreads:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh state; also in a forked child, where the parent's threads are not."""
+        self._items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # a C lock: cheaper than a Semaphore's Condition
+        self._threads = 0
+        self._pending = 0  # items handed over and not finished
+
+    def start(self, item: _Item) -> None:
+        with self._lock:
+            self._pending += 1
+            more = self._pending > self._threads and self._threads < SYNC_THREADS_MAX
+            if more:
+                self._threads += 1
+        if more:
+            threading.Thread(target=self._work, name="conveyor-sync", daemon=True).start()
+        self._items.put(item)
+
+    def _work(self) -> None:
+        while True:
+            loop, function, argument, done = self._items.get()
+            result, failure = None, None
+            try:
+                result = function(argument)
+            except BaseException as error:  # handed to the loop, which decides
+                failure = error
+            with self._lock:
+                self._pending -= 1
+            try:
+                loop.call_soon_threadsafe(done, result, failure)
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nobody waits for this pass
+            del loop, function, argument, done, result, failure
+
+
+_sync_threads = _SyncThreads()
+os.register_at_fork(after_in_child=_sync_threads.reset)
+
+
+def start_in_thread(function: Callable[[T], Any], argument: T, done: _Done) -> None:
+    """``function(argument)`` in a durability thread, started now; then, on the running
+    loop, ``done(result, None)``, or ``done(None, error)`` if it raised."""
+    _sync_threads.start((asyncio.get_running_loop(), function, argument, done))
 
 
 async def in_thread(function: Callable[..., T], *arguments: Any) -> T:

@@ -17,7 +17,7 @@ that copy).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -144,8 +144,20 @@ class PartitionRecovery:
         return not self.reports and self.lost_from_offset < 0 and not self.skipped_offsets
 
 
+class VisibleHook:
+    """A LogStore's ``on_visible``: None (nobody listens) until the broker sets it."""
+
+    on_visible: Callable[[str, int], None] | None = None
+
+
 class LogStore(Protocol):
     """Partition logs under one root (a directory, a database). One event loop."""
+
+    # told (on the loop) when a partition's high watermark advances, before the appends
+    # it makes visible are answered: the broker wakes its waiting reads a loop turn
+    # earlier than after the append returns (which tells it too). None: nobody listens;
+    # a store may also never call it.
+    on_visible: Callable[[str, int], None] | None
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...

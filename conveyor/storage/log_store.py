@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import posixpath
@@ -31,6 +32,7 @@ from conveyor.storage.log_api import (
     LogStore,
     PartitionRecovery,
     PartitionUsage,
+    VisibleHook,
 )
 from conveyor.storage.log_config import CleanupPolicy, FsyncPolicy, LogConfig
 from conveyor.storage.partition_log import PartitionLog
@@ -44,7 +46,7 @@ _Opened = tuple[list[Segment], int, list[RecoveryReport]]
 __all__ = ["CONFIG_FILE", "CleanupPolicy", "FileLogStore", "FsyncPolicy", "LogConfig", "LogStore"]
 
 
-class FileLogStore:
+class FileLogStore(VisibleHook):  # told when a high watermark advances
     def __init__(self, root: str | os.PathLike[str], fs: FileSystem, clock: Clock,
                  default_config: LogConfig | None = None) -> None:
         self.root = os.fspath(root)
@@ -55,6 +57,10 @@ class FileLogStore:
         # (topic, partition) -> resolved when its creation (files in a thread) ends
         self._creating: dict[tuple[str, int], asyncio.Future[None]] = {}
         self.recovery_reports: list[RecoveryReport] = []
+
+    def _visible(self, topic: str, partition: int) -> None:
+        if self.on_visible is not None:
+            self.on_visible(topic, partition)
 
     async def open(self) -> None:
         """Scan the root and recover every partition directory found."""
@@ -96,6 +102,7 @@ class FileLogStore:
         segments, log_start_offset, reports = opened
         self.recovery_reports.extend(reports)
         log = PartitionLog(self.fs, directory, self.clock, config, segments, log_start_offset)
+        log.on_visible = functools.partial(self._visible, topic, partition)
         lost = [report.truncated_from_offset for report in reports if report.truncated_bytes]
         log.recovery = PartitionRecovery(
             topic, partition, log.log_start_offset, log.log_end_offset,

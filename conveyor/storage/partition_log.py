@@ -43,6 +43,8 @@ from conveyor.storage.record_batch import (
 from conveyor.storage.segment import Segment
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from conveyor.storage.log_api import PartitionRecovery
     from conveyor.storage.log_config import LogConfig
 
@@ -80,6 +82,10 @@ class PartitionLog:
         # file, retention, compaction, deleting the partition): one at a time
         self.maintenance = asyncio.Lock()
         self.closed = False
+        # told when the high watermark advances, before the appends it covers are
+        # answered (in the durability pass's callback under fsync=always): the log store
+        # passes it on to whoever wakes the partition's readers
+        self.on_visible: Callable[[], None] | None = None
 
     def _new_committer(self) -> GroupCommitter:
         committer = GroupCommitter(self.fs, self.clock, policy=self.config.fsync,
@@ -96,6 +102,11 @@ class PartitionLog:
     def _advance_visible(self, written: _Written) -> None:
         if written.end_offset > self._visible.end_offset:
             self._visible = written
+            if self.on_visible is not None:
+                try:
+                    self.on_visible()
+                except Exception:  # a reader's wake must not keep the appends unanswered
+                    logger.exception("waking the readers of %s failed", self.directory)
 
     @property
     def log_start_offset(self) -> int:

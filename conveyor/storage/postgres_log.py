@@ -45,6 +45,7 @@ from conveyor.storage.log_api import (
     LogSlice,
     PartitionRecovery,
     PartitionUsage,
+    VisibleHook,
 )
 from conveyor.storage.log_config import LogConfig
 from conveyor.storage.postgres_append import (
@@ -96,7 +97,7 @@ class _Partition:
     chunks_from: int = 0  # the first range chunk not dropped yet
 
 
-class PostgresLogStore:
+class PostgresLogStore(VisibleHook):  # on_visible: never called here
     def __init__(self, dsn: str, clock: Clock, rng: random.Random | None = None, *,
                  default_config: LogConfig | None = None, chunk_offsets: int = CHUNK_OFFSETS,
                  pool_size_max: int = 8, leader_epoch: int | None = None,

@@ -180,3 +180,50 @@ def test_the_blocking_client_uses_it_for_http_and_httpx_for_https() -> None:
     finally:
         plain.close()
         secure.close()
+
+
+# --- the blocking client's plain path (transport.PlainSender) -------------------------
+def _head_lines(request: bytes) -> tuple[bytes, set[bytes]]:
+    head = request.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    return head[0], {line.lower() for line in head[1:]}
+
+
+PUBLISHED = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 72\r\n\r\n"
+             b'{"results":[{"topic":"t","partition":0,"offset":7,"duplicate":false}]}  ')
+
+
+def test_the_plain_path_sends_what_httpx_sends(scripted: Callable[
+        [list[Answer]], ScriptedServer]) -> None:
+    """Goal: a call the client sends itself carries the same request line, headers and
+    body as the same call through httpx. Method: one publish each way to a scripted peer
+    (the second through the client's httpx.Client, as a call with a query string goes)."""
+    server = scripted([fixed(PUBLISHED), fixed(PUBLISHED)])
+    with Client(f"http://127.0.0.1:{server.port}", token="secret") as client:
+        assert client._plain is not None
+        assert client.publish("t", "hello").offset == 7
+        content = server.requests[0].partition(b"\r\n\r\n")[2]
+        client._http.post("/topics/t/messages", content=content,
+                          headers={"Content-Type": "application/json"})
+    assert _head_lines(server.requests[0]) == _head_lines(server.requests[1])
+    assert b"authorization: bearer secret" in _head_lines(server.requests[0])[1]
+    assert server.requests[0].endswith(b'{"messages":[{"value":"hello"}]}')
+    assert server.connections == 1  # both ways share the transport's connections
+
+
+def test_the_plain_path_keeps_the_base_path_and_honours_retry_after(scripted: Callable[
+        [list[Answer]], ScriptedServer]) -> None:
+    busy = (b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n")
+    no_messages = b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"messages":[]}'
+    server = scripted([fixed(busy), fixed(PUBLISHED), fixed(no_messages)])
+    with Client(f"http://127.0.0.1:{server.port}/prefix/") as client:
+        assert client.publish("t", "hello").offset == 7  # retried after the 429
+        assert client.dlq("t", limit=5) == []  # a query string: httpx's path
+    lines = [_head_lines(request)[0] for request in server.requests]
+    assert lines == [b"POST /prefix/topics/t/messages HTTP/1.1"] * 2 + [
+        b"GET /prefix/topics/t/groups/t/dlq?offset=0&limit=5 HTTP/1.1"]
+
+
+def test_the_plain_path_is_off_for_a_transport_of_the_callers_choice() -> None:
+    with Client("http://127.0.0.1:1", transport=httpx.MockTransport(
+            lambda request: httpx.Response(200))) as client:
+        assert client._plain is None

@@ -472,21 +472,23 @@ async def _inline(function: Callable[..., T], /, *args: object) -> T:
     return function(*args)
 
 
-def _inline_future(function: Callable[..., T], /, *args: object) -> asyncio.Future[T]:
-    """``fs.call_in_thread`` for the simulation (the durability barrier's jobs): the
-    work runs at once on the loop, its future is done when returned."""
-    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+def _inline_start(function: Callable[[T], object], argument: T,
+                  done: Callable[[object, BaseException | None], None]) -> None:
+    """``fs.start_in_thread`` for the simulation (the durability barrier's jobs): the
+    work runs at once on the loop, ``done`` on the next turn (as the thread's would)."""
+    loop = asyncio.get_running_loop()
     try:
-        future.set_result(function(*args))
+        result = function(argument)
     except Exception as error:
-        future.set_exception(error)
-    return future
+        loop.call_soon(done, None, error)
+    else:
+        loop.call_soon(done, result, None)
 
 
 @pytest.fixture(autouse=True)
 def no_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(asyncio, "to_thread", _inline)
-    monkeypatch.setattr(durability, "call_in_thread", _inline_future)
+    monkeypatch.setattr(durability, "start_in_thread", _inline_start)
 
 
 @pytest.mark.parametrize("fsync", ["always", "never"])

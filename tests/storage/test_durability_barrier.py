@@ -199,7 +199,9 @@ async def test_a_slow_wal_fdatasync_does_not_hold_a_log_append(
     await asyncio.sleep(0)  # that turn's COMMIT runs
     try:
         await asyncio.wait_for(store.partition("t", 0).append(make_batch([b"x"])), ANSWERED_S)
-        assert holding.is_set(), "the unsynced COMMIT rode along with the append's pass"
+        # started by that pass, in a thread of its own (which may still be starting)
+        assert await asyncio.to_thread(holding.wait, DEADLINE_S), \
+            "the unsynced COMMIT rode along with the append's pass"
         assert not wal_syncs
         state.save_producer_checkpoint("t", 0, 2)
         awaited = asyncio.get_running_loop().create_task(state.commit())

@@ -130,3 +130,18 @@ async def test_rolls_by_segment_age(any_store: FileLogStore, clock: SimClock) ->
     clock.advance(1_000)
     await log.append(make_batch([b"c"]))
     assert [segment.base_offset for segment in log.segments] == [0, 2]
+
+
+async def test_on_visible_is_told_before_the_append_returns(any_store: FileLogStore) -> None:
+    """The broker wakes a partition's waiting reads from ``on_visible``: it is called
+    once the records are visible (durable under fsync=always), before the append that
+    wrote them returns, so the readers' wake-up does not wait for the writer's turn."""
+    await any_store.open()
+    log = await any_store.create_partition("t", 2, LogConfig())
+    seen: list[tuple[str, int, int, bool]] = []
+    returned = [False]
+    any_store.on_visible = lambda topic, partition: seen.append(
+        (topic, partition, any_store.offsets(topic, partition).high_watermark, returned[0]))
+    appended = await log.append(make_batch([b"a", b"b"]))
+    returned[0] = True
+    assert seen == [("t", 2, 2, False)] and appended.last_offset == 1

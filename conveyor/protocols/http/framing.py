@@ -57,7 +57,7 @@ class RequestFramer:
         self.in_message = False
         self._url = b""
         self._header_list: list[tuple[str, str]] = []
-        self._header_name = b""
+        self._headers: dict[str, str] = {}  # built once the headers are complete
         self._headers_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
@@ -72,6 +72,8 @@ class RequestFramer:
                 raise error.__context__ from None
             raise InvalidRequestError("malformed HTTP request", reason=str(error)) from None
         completed, self._completed = self._completed, []
+        if not self._immediate:
+            return completed, b""
         immediate, self._immediate = b"".join(self._immediate), []
         return completed, immediate
 
@@ -85,7 +87,9 @@ class RequestFramer:
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value))
+        self._headers_bytes += len(name) + len(value)
+        if self._headers_bytes > HEADERS_BYTES_MAX:
+            raise RecordTooLargeError("request headers too large", limit=HEADERS_BYTES_MAX)
         self._header_list.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def _count_header_bytes(self, size: int) -> None:
@@ -94,13 +98,13 @@ class RequestFramer:
             raise RecordTooLargeError("request headers too large", limit=HEADERS_BYTES_MAX)
 
     def on_headers_complete(self) -> None:
-        headers = dict(self._header_list)
+        headers = self._headers = dict(self._header_list)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.body_bytes_max:
             raise RecordTooLargeError(
                 "request body too large", size_bytes=int(length), limit=self.body_bytes_max
             )
-        if headers.get("expect", "").lower() == "100-continue":
+        if "expect" in headers and headers["expect"].lower() == "100-continue":
             self._immediate.append(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
@@ -114,12 +118,25 @@ class RequestFramer:
         self._completed.append(RawRequest(
             method=method,
             target=self._url.decode("latin-1"),
-            headers=dict(self._header_list),
-            body=b"".join(self._body),
+            headers=self._headers,
+            body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
             keep_alive=self._parser.should_keep_alive(),
             header_list=self._header_list,
         ))
         self._reset_message()
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Status"
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")
+
+
+# every status line the server may send, built once (an unknown status is built per use)
+_STATUS_LINES: Final = {int(status): _status_line(int(status)) for status in HTTPStatus}
+_JSON_TYPE: Final = b"Content-Type: application/json\r\n"
 
 
 def encode_response(
@@ -130,18 +147,19 @@ def encode_response(
     extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     """One complete HTTP/1.1 response with Content-Length."""
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Status"
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    if content_type is not None and status not in (204, 304):
-        lines.append(f"Content-Type: {content_type}")
-    if status not in (204, 304):
-        lines.append(f"Content-Length: {len(body)}")
-    else:
+    line = _STATUS_LINES.get(status) or _status_line(status)
+    if status in (204, 304):
+        head = line
         body = b""
+    elif content_type == "application/json":
+        head = b"%s%sContent-Length: %d\r\n" % (line, _JSON_TYPE, len(body))
+    elif content_type is not None:
+        head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            line, content_type.encode("latin-1"), len(body))
+    else:
+        head = b"%sContent-Length: %d\r\n" % (line, len(body))
     if not keep_alive:
-        lines.append("Connection: close")
-    lines.extend(f"{name}: {value}" for name, value in extra_headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        head += b"Connection: close\r\n"
+    for name, value in extra_headers:
+        head += f"{name}: {value}\r\n".encode("latin-1")
+    return head + b"\r\n" + body

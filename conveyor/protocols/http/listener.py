@@ -77,7 +77,7 @@ from conveyor.server.listeners import (
     shared_connections,
     shared_limits,
 )
-from conveyor.tasks import Supervisor
+from conveyor.tasks import StopSignal, Supervisor
 
 if TYPE_CHECKING:
     from conveyor.broker.broker import Broker
@@ -103,7 +103,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.queue: collections.deque[RawRequest] = collections.deque()
         self.wakeup = asyncio.Event()
-        self.disconnected = asyncio.Event()
+        self.disconnected = StopSignal()  # a long poll watches it without a task
         self.worker: asyncio.Task[None] | None = None
         self.peer = ""
         self.peer_ip: str | None = None  # what security sees (loopback guest, back-off)

@@ -143,6 +143,21 @@ def test_bad_publish_bodies_are_400_with_a_clear_message(
     assert raised.value.http_status == 400
 
 
+def test_text_only_publish_bodies_decode_as_the_general_path_does() -> None:
+    """The common body (text values only) skips the schema walk: same messages as a body
+    that takes the walk, and the item limit still holds (413)."""
+    fast = decode_request(raw("POST", "/topics/t/messages",
+                              {"messages": [{"value": "a"}, {"value": "\u00e9"}]}))
+    general = decode_request(raw("POST", "/topics/t/messages", {"messages": [
+        {"value": "a", "key": None}, {"value": "\u00e9", "key": None}]}))
+    assert fast.messages == general.messages
+    assert fast.message_partitions == general.message_partitions == (None, None)
+    with pytest.raises(OperatingError) as raised:
+        decode_request(raw("POST", "/topics/t/messages",
+                           {"messages": [{"value": "x"}] * 10_001}))
+    assert raised.value.http_status == 413
+
+
 def test_routes_methods_queries_and_media_types() -> None:
     with pytest.raises(NotFoundError):
         decode_request(raw("GET", "/nowhere"))
