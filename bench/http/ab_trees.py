@@ -5,9 +5,11 @@ Each round runs ``--base`` (e.g. main, unpacked with ``git archive <commit> | ta
 DIR``) and then this tree, each in a fresh process with its own ``PYTHONPATH`` (so its
 broker and its ``conveyor.Client``), each on a fresh broker: publish batch 1 for
 ``--seconds``, acquire + ack at batches of 100 and 1000 (``--stored`` messages stored per
-queue first, drained or stopped after ``--seconds``), then ``bench.http.run``'s e2e phase
-at ``--rate``. Per phase: msg/s, broker and client CPU per message (µs); medians over
-rounds and each round are printed and written to bench/results/http_ab_trees.json.
+queue first, drained or stopped after ``--seconds``) as two requests per cycle and, in a
+tree whose client has ``acquire(ack=)``, as one (``acquire_carried_*``), then
+``bench.http.run``'s e2e phase at ``--rate``. Per phase: msg/s, broker and client CPU per
+message (µs); medians over rounds and each round are printed and written to
+bench/results/http_ab_trees.json.
 
 Run:  .venv/bin/python -m bench.http.ab_trees --base DIR [--rounds 3] [--seconds 5]
       [--stored 60000] [--rate 200]
@@ -16,18 +18,21 @@ Run:  .venv/bin/python -m bench.http.ab_trees --base DIR [--rounds 3] [--seconds
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parents[2]
 RESULTS = HERE / "bench" / "results" / "http_ab_trees.json"
-PHASES = ("publish_1", "acquire_ack_100", "acquire_ack_1000")
+PHASES = ("publish_1", "acquire_ack_100", "acquire_ack_1000", "acquire_carried_100",
+          "acquire_carried_1000")
 
 
 def run_tree(seconds: float, stored: int, rate: int) -> dict[str, Any]:
@@ -59,25 +64,42 @@ def run_tree(seconds: float, stored: int, rate: int) -> dict[str, Any]:
                 one = [encode_message(runner.VALUE)]
                 out["publish_1"] = per_message(runner.timed(
                     seconds, lambda: len(client.publish_batch("p1", one))))
-                for batch in (100, 1000):
-                    queue = f"a{batch}"
+                # acks carried by the acquire: only a tree whose client has ``ack=``
+                carries = "ack" in inspect.signature(client.acquire).parameters
+                for phase, batch in [("acquire_ack", 100), ("acquire_ack", 1000)] + (
+                        [("acquire_carried", 100), ("acquire_carried", 1000)]
+                        if carries else []):
+                    queue = f"{phase}-{batch}"
                     client.create_queue(queue)
                     documents = [encode_message(runner.VALUE) for _ in range(1000)]
                     for _ in range(stored // 1000):
                         client.publish_batch(queue, documents)
-
-                    def acquire_ack(queue: str = queue, batch: int = batch) -> int:
-                        messages = client.acquire(queue, limit=batch)
-                        if messages:
-                            client.ack(queue, queue, [m.receipt for m in messages
-                                                      if m.receipt])
-                        return len(messages)
-                    out[f"acquire_ack_{batch}"] = per_message(
-                        runner.timed(seconds, acquire_ack, drains=True))
+                    out[f"{phase}_{batch}"] = per_message(runner.timed(
+                        seconds, cycle(client, queue, batch, phase == "acquire_carried"),
+                        drains=True))
             out["e2e"] = runner.conveyor_latency(url, rate, seconds)
         finally:
             broker.stop()
     return out
+
+
+def cycle(client: Any, queue: str, batch: int, carried: bool) -> Callable[[], int]:
+    """One acquire + ack cycle: two requests, or one whose acquire carries the last
+    batch's acks (``bench.http.run``'s two rows)."""
+    pending: list[str] = []
+
+    def two_requests() -> int:
+        messages = client.acquire(queue, limit=batch)
+        if messages:
+            client.ack(queue, queue, [m.receipt for m in messages if m.receipt])
+        return len(messages)
+
+    def one_request() -> int:
+        messages = client.acquire(queue, limit=batch, ack=pending)
+        assert not messages.ack_failures, messages.ack_failures[:3]
+        pending[:] = [m.receipt for m in messages if m.receipt]
+        return len(messages)
+    return one_request if carried else two_requests
 
 
 def main() -> None:
@@ -116,7 +138,8 @@ def main() -> None:
             print(f"round {index} {name}: " + " | ".join(
                 f"{phase} {result[phase]['msg_per_s']}/s broker "
                 f"{result[phase]['broker_cpu_us_per_msg']} us client "
-                f"{result[phase]['client_cpu_us_per_msg']} us" for phase in PHASES)
+                f"{result[phase]['client_cpu_us_per_msg']} us" for phase in PHASES
+                if phase in result)
                 + f" | e2e p50 {result['e2e']['p50_ms']} p99 {result['e2e']['p99_ms']}"
                 + f" | load {result['load_average_1m']}", flush=True)
     medians: dict[str, dict[str, float]] = {}
@@ -125,7 +148,7 @@ def main() -> None:
             continue
         medians[name] = {f"{phase}.{field}": statistics.median(r[phase][field]
                                                                 for r in results)
-                         for phase in PHASES
+                         for phase in PHASES if phase in results[0]
                          for field in ("msg_per_s", "broker_cpu_us_per_msg",
                                        "client_cpu_us_per_msg")}
         for field in ("p50_ms", "p99_ms"):

@@ -2,12 +2,13 @@
 
 A short, focused run for profiling the broker's per-message cost on one path (issue 17):
 publish ``--messages`` 1 KiB messages into a fresh queue (batches of 1,000), then drain it
-with ``client.acquire(limit=batch)`` + ``client.ack`` for each ``--batches`` size, each
-phase at most ``--seconds``, and report messages per broker-CPU-second (the figure that a
+with ``client.acquire(limit=batch)`` + ``client.ack`` (``--carried``: one
+``client.acquire(limit=batch, ack=<the last batch's receipts>)``) for each ``--batches``
+size, each phase at most ``--seconds``, and report messages per broker-CPU-second (the figure that a
 shared machine disturbs least) beside the raw rate and the client's CPU.
 
 Run:  .venv/bin/python -m bench.http.profile_acquire [--batches 100,1000] [--seconds 6]
-      [--messages 60000] [--profile DIR]
+      [--messages 60000] [--profile DIR] [--carried]
 
 With ``--profile DIR`` the broker is recorded with py-spy (``bench.amqp.profile``) during
 each acquire + ack phase; summarise with ``python -m bench.amqp.profile FILE``.
@@ -34,20 +35,30 @@ VALUE = b"x" * 1024
 PUBLISH_BATCH = 1_000
 
 
-def drain(client: Client, queue: str, batch: int, seconds: float, broker_pid: int
-          ) -> dict[str, Any]:
+def drain(client: Client, queue: str, batch: int, seconds: float, broker_pid: int,
+          carried: bool = False) -> dict[str, Any]:
+    """``carried``: each acquire carries the last batch's acks (one request per cycle)."""
     meter = CpuMeter(broker_pid)
     started = time.perf_counter()
     handled = 0
+    pending: list[str] = []
     while time.perf_counter() - started < seconds:
-        messages = client.acquire(queue, limit=batch)
+        if carried:
+            messages = client.acquire(queue, limit=batch, ack=pending)
+            assert not messages.ack_failures, messages.ack_failures[:3]
+            pending = [m.receipt for m in messages if m.receipt]
+        else:
+            messages = client.acquire(queue, limit=batch)
         if not messages:
             break
-        client.ack(queue, queue, [m.receipt for m in messages if m.receipt])
+        if not carried:
+            client.ack(queue, queue, [m.receipt for m in messages if m.receipt])
         handled += len(messages)
+    if pending:
+        client.ack(queue, queue, pending)  # stopped by the clock: settle the last batch
     cpu = meter.stop()
     broker_cpu_s = cpu["broker_cpu_pct"] * cpu["wall_s"] / 100
-    return {"batch": batch, "messages": handled, **cpu,
+    return {"batch": batch, "carried": carried, "messages": handled, **cpu,
             "msg_per_s": round(handled / cpu["wall_s"]),
             "msg_per_broker_cpu_s": round(handled / max(broker_cpu_s, 1e-9))}
 
@@ -59,6 +70,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--messages", type=int, default=60_000, help="published per phase")
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--carried", action="store_true",
+                        help="acks carried by the next acquire (acquire(ack=...))")
     options = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as directory:
@@ -80,7 +93,7 @@ def main() -> None:
                         if options.profile else contextlib.nullcontext(False))
                     with recording:
                         results.append(drain(client, queue, batch, options.seconds,
-                                             broker.process.pid))
+                                             broker.process.pid, options.carried))
                     print(json.dumps(results[-1]), flush=True)
         finally:
             broker.stop()

@@ -4,12 +4,13 @@ For a shared machine: py-spy's wall-clock samples count a thread that waits for 
 as busy where it waits, so on a loaded host they overstate the event loop and the
 executor; the kernel's CPU time per thread does not. One client, one connection, for
 ``--seconds``: ``health`` (``GET /health``, the floor of one request), ``publish``
-(publish batch 1, 1 KiB), or ``acquire`` (acquire ``--batch`` + ack of the receipts,
-``--stored`` messages published first). Prints, per message: each broker thread's user
+(publish batch 1, 1 KiB), ``acquire`` (acquire ``--batch`` + ack of the receipts,
+``--stored`` messages published first) or ``carried`` (one acquire ``--batch`` per cycle
+carrying the last batch's acks). Prints, per message: each broker thread's user
 and system µs (the event loop is the busiest; the others are the executor's fdatasync
 threads) and the client's, beside msg/s and the load average.
 
-Run:  .venv/bin/python -m bench.http.thread_cpu {health,publish,acquire} [--seconds 5]
+Run:  .venv/bin/python -m bench.http.thread_cpu {health,publish,acquire,carried} [--seconds 5]
       [--batch 100] [--stored 80000]
 """
 
@@ -39,7 +40,8 @@ def _thread_times(process: psutil.Process) -> dict[int, tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("health", "publish", "acquire"))
+    parser.add_argument("mode", choices=("health", "publish", "acquire", "carried"),
+                        help="carried: acquire --batch carrying the last batch's acks")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=100, help="acquire: records per acquire")
     parser.add_argument("--stored", type=int, default=80_000, help="acquire: published first")
@@ -54,7 +56,7 @@ def main() -> None:
             with Client(f"http://127.0.0.1:{broker.ports['http']}") as client:
                 client.create_queue("q")
                 one = [encode_message(VALUE)]
-                if options.mode == "acquire":
+                if options.mode in ("acquire", "carried"):
                     thousand = [encode_message(VALUE) for _ in range(1000)]
                     for _ in range(max(1, options.stored // 1000)):
                         client.publish_batch("q", thousand)
@@ -65,14 +67,23 @@ def main() -> None:
                         client.ack("q", "q", [m.receipt for m in messages if m.receipt])
                     return len(messages)
 
+                pending: list[str] = []
+
+                def carried() -> int:
+                    messages = client.acquire("q", limit=options.batch, ack=pending)
+                    assert not messages.ack_failures, messages.ack_failures[:3]
+                    pending[:] = [m.receipt for m in messages if m.receipt]
+                    return len(messages)
+
                 steps: dict[str, Callable[[], int]] = {
                     "health": lambda: len([client.health()]),
                     "publish": lambda: len(client.publish_batch("q", one)),
                     "acquire": acquire_ack,
+                    "carried": carried,
                 }
                 step = steps[options.mode]
                 for _ in range(100):  # warm: connections, caches, the first segment
-                    if options.mode != "acquire":
+                    if options.mode not in ("acquire", "carried"):
                         step()
                 before, client_before = _thread_times(process), psutil.Process().cpu_times()
                 started, handled = time.perf_counter(), 0
@@ -95,7 +106,8 @@ def main() -> None:
             threads.append(figures)
     threads.sort(reverse=True)
     print(json.dumps({
-        "mode": options.mode, "batch": options.batch if options.mode == "acquire" else 1,
+        "mode": options.mode,
+        "batch": options.batch if options.mode in ("acquire", "carried") else 1,
         "messages": handled, "msg_per_s": round(handled / wall_s),
         "broker_threads_user_system_us_per_msg": threads,
         "client_user_system_us_per_msg": [

@@ -749,8 +749,15 @@ class Broker:
         )
 
     async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
-                  outcomes: list[Exception | None] | None = None) -> None:
-        await self._shared().ack(receipts, wait_durable, outcomes)
+                  outcomes: list[Exception | None] | None = None,
+                  durable_later: bool = False) -> None:
+        """``durable_later``: the caller awaits ``acks_durable()`` before it answers
+        (shared_groups.SharedGroups.ack)."""
+        await self._shared().ack(receipts, wait_durable, outcomes, durable_later=durable_later)
+
+    async def acks_durable(self) -> None:
+        """Every ack this node applied so far is saved, committed and fsynced."""
+        await self._shared().durable()
 
     async def release(self, receipts: Iterable[str], delay_ms: int = 0,
                       outcomes: list[Exception | None] | None = None) -> None:

@@ -37,6 +37,7 @@ API (all ``async`` unless noted):
     acquire(topic, group, records_max=1, lock_ms=None, wait_ms=0, consumer_id=None)
         -> list[Delivery]        # long-poll: woken by appends, releases, expiries
     ack(receipts) -> None        # durable (state-store COMMIT) before it returns
+    durable() -> None            # every change so far durable (after ack(durable_later=True))
     release(receipts, delay_ms=0) -> None
     extend(receipts, lock_ms) -> list[int]       # new lock deadlines (wall ms)
     reject(receipts, reason="rejected") -> None  # dead-letter now
@@ -263,19 +264,31 @@ class SharedGroups(SharedQueues):
         return deliveries
     # --- settle ----------------------------------------------------------------------
     async def ack(self, receipts: Iterable[str], wait_durable: bool = True,
-                  outcomes: Outcomes = None, local: bool = False) -> None:
+                  outcomes: Outcomes = None, local: bool = False,
+                  durable_later: bool = False) -> None:
         """``wait_durable=False``: return once applied, without waiting for the save and
         its fsync (for protocols whose acks get no answer: AMQP): the ack is saved with
         the loop turn; a crash before that turn's COMMIT is durable may redeliver.
+        ``durable_later``: this node's acks are applied and saved with the loop turn,
+        and the caller awaits ``durable()`` before it answers (an acquire that carries
+        acks: one save and one fsync for both); acks settled by another node still
+        wait for their durability there, which ``durable()`` here cannot cover.
         ``outcomes``: one entry per receipt (None or its error) instead of raising.
         ``local``: this node's windows only (a request forwarded by another node)."""
+        local_wait_durable = wait_durable and not durable_later
+
         async def apply(items: list[str], found: Outcomes) -> list[int]:
             # the method itself (part, offset, token, now_ms): no lambda frame per receipt
-            await self._settle(items, SharedPartition.ack, wait_durable,
+            await self._settle(items, SharedPartition.ack, local_wait_durable,
                                count_acked=True, outcomes=found)
             return []
 
         await self._routed(ACK, receipts, 0, wait_durable, outcomes, local, apply)
+
+    async def durable(self) -> None:
+        """Every change this node's windows made so far (acks settled with
+        ``durable_later`` among them) saved, committed and fsynced."""
+        await self.persister.durable()
 
     async def release(self, receipts: Iterable[str], delay_ms: int = 0,
                       outcomes: Outcomes = None, local: bool = False) -> None:

@@ -3,6 +3,8 @@
 
 from conveyor.client.aio import AsyncClient, AsyncMessage
 from conveyor.client.core import (
+    AckFailure,
+    Acquired,
     ClientError,
     ConnectionFailedError,
     FetchResult,
@@ -15,7 +17,7 @@ from conveyor.client.core import (
 from conveyor.client.sync import Client, Message
 
 __all__ = [
-    "AsyncClient", "AsyncMessage", "Client", "ClientError", "ConnectionFailedError",
-    "FetchResult", "Message", "MessageData", "PublishResult", "RetryPolicy", "ServerError",
-    "encode_message",
+    "AckFailure", "Acquired", "AsyncClient", "AsyncMessage", "Client", "ClientError",
+    "ConnectionFailedError", "FetchResult", "Message", "MessageData", "PublishResult",
+    "RetryPolicy", "ServerError", "encode_message",
 ]

@@ -234,14 +234,18 @@ class AsyncClient:
 
     async def acquire(
         self, topic: str, group: str | None = None, limit: int = 10, wait_s: float = 0.0,
-        lock_s: float | None = None,
-    ) -> list[AsyncMessage]:
-        """Shared group (default: the queue's own group): lock up to ``limit`` messages."""
+        lock_s: float | None = None, ack: Iterable[str] | None = None,
+    ) -> core.Acquired[AsyncMessage]:
+        """Shared group (default: the queue's own group): lock up to ``limit`` messages.
+        ``ack``: receipts of this group to acknowledge first, in the same request (each
+        durable before the answer, as ``ack`` promises); the result's ``ack_failures``
+        names those that were not acknowledged, and its messages are there either way."""
         group = group or topic
-        document = await self.request(core.acquire_call(topic, group, limit, wait_s, lock_s))
+        document = await self.request(core.acquire_call(topic, group, limit, wait_s, lock_s,
+                                                        ack))
         settler = _SharedSettler(self)
-        return [AsyncMessage(*core.message_args(m, group), settler=settler)
-                for m in document["messages"]]
+        return core.Acquired([AsyncMessage(*core.message_args(m, group), settler=settler)
+                              for m in document["messages"]], document.get("acks"))
 
     async def ack(self, topic: str, group: str, receipts: Iterable[str]) -> Any:
         return await self.request(core.settle_call(topic, group, "ack", receipts))

@@ -15,7 +15,7 @@ import json
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -113,13 +113,21 @@ def error_from_response(status: int, body: bytes) -> ConveyorError:
         details = error.get("details") or {}
     except (ValueError, KeyError, TypeError):
         return ServerError(f"HTTP {status}", status=status, body=body[:200].decode("latin-1"))
+    return _typed_error(status, code, message, details)
+
+
+def _typed_error(status: int | None, code: str, message: str, details: Mapping[str, Any]
+                 ) -> ConveyorError:
+    """The ``conveyor.errors`` class of ``code``; ``status`` None: an error reported
+    inside a 200 answer (an ack an acquire carried), which keeps its class's status."""
     cls = _ERRORS_BY_CODE.get(code)
     if cls is None:
-        cls = ServerError if status >= 500 else OperatingError
+        cls = ServerError if status is not None and status >= 500 else OperatingError
     result = cls(message, **{str(key): value for key, value in details.items()})
     if cls.code != code:
         result.code = code  # keep the server's code even for an unknown subclass
-    result.http_status = status
+    if status is not None:
+        result.http_status = status
     return result
 
 
@@ -374,13 +382,42 @@ def group_path(topic: str, group: str) -> str:
 
 
 def acquire_call(
-    topic: str, group: str, limit: int, wait_s: float, lock_s: float | None
+    topic: str, group: str, limit: int, wait_s: float, lock_s: float | None,
+    ack: Iterable[str] | None = None,
 ) -> Call:
     body: dict[str, Any] = {"limit": limit, "wait_ms": round(wait_s * 1000)}
     if lock_s is not None:
         body["lock_ms"] = max(1, round(lock_s * 1000))
+    if ack is not None:
+        body["ack"] = list(ack)  # settled first, in the same request (docs/http.md)
     # Not idempotent: a retried acquire would lock more records than the caller sees.
     return Call("POST", group_path(topic, group) + "/acquire", json=body, wait_s=wait_s)
+
+
+@dataclass(frozen=True, slots=True)
+class AckFailure:
+    """A receipt an acquire carried (``ack=``) that was not acknowledged, and why."""
+
+    receipt: str
+    error: ConveyorError
+
+
+MessageT = TypeVar("MessageT")
+
+
+class Acquired(list[MessageT]):
+    """An acquire's messages (a list); with acks carried (``ack=``), ``acked`` counts
+    those acknowledged (saved and fsynced before the answer, as ``ack()`` promises)
+    and ``ack_failures`` lists the others. The messages are there either way."""
+
+    def __init__(self, messages: Iterable[MessageT], report: Mapping[str, Any] | None = None
+                 ) -> None:
+        super().__init__(messages)
+        self.acked: int = int(report["acked"]) if report else 0
+        self.ack_failures: list[AckFailure] = [
+            AckFailure(str(item["receipt"]), _typed_error(
+                None, str(item["error"]["code"]), str(item["error"]["message"]), {}))
+            for item in (report["failed"] if report else ())]
 
 
 def settle_call(topic: str, group: str, action: str, receipts: Iterable[str],

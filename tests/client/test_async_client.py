@@ -20,7 +20,7 @@ import pytest
 from conveyor import AsyncClient, Client
 from conveyor.client import ConnectionFailedError, RetryPolicy
 from conveyor.client.core import error_from_response
-from conveyor.errors import LimitExceededError, UnknownQueueError
+from conveyor.errors import LimitExceededError, LockExpiredError, UnknownQueueError
 from conveyor.testing.server import run_broker
 
 FAST_RETRY = RetryPolicy(attempts=3, backoff_initial_s=0.001, backoff_max_s=0.002,
@@ -43,6 +43,26 @@ async def test_async_publish_consume_ack_and_replay(tmp_path: Path) -> None:
         replay = [m.text async for m in client.consume("audit", from_beginning=True,
                                                        wait_s=0)]
         assert replay == ["a", "b", "c"]
+
+
+async def test_async_acquire_carries_the_last_batchs_acks(tmp_path: Path) -> None:
+    """``AsyncClient.acquire(ack=)``: one request per cycle; a stale receipt is named with
+    its typed error and the next messages come anyway."""
+    async with run_broker(tmp_path, listeners=("http",)) as server, AsyncClient(
+        f"http://127.0.0.1:{server.ports['http']}"
+    ) as client:
+        await client.create_queue("cycle")
+        await client.publish_batch("cycle", ["one", "two", "three"])
+        first = await client.acquire("cycle", limit=1)
+        await first[0].release()  # its receipt is stale from now on
+        again = await client.acquire("cycle", limit=2, ack=[first[0].receipt or ""])
+        assert [m.text for m in again] == ["one", "two"] and again.acked == 0
+        [failure] = again.ack_failures
+        assert isinstance(failure.error, LockExpiredError)
+        last = await client.acquire("cycle", limit=2, ack=[m.receipt or "" for m in again])
+        assert [m.text for m in last] == ["three"] and last.acked == 2
+        await client.acquire("cycle", ack=[last[0].receipt or ""])
+        assert (await client.describe_queue("cycle"))["in_flight"] == 0
 
 
 async def test_async_request_response(tmp_path: Path) -> None:

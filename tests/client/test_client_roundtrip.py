@@ -61,6 +61,28 @@ def test_release_redelivers_with_a_higher_delivery_count(client: Client) -> None
     assert client.describe_queue(queue)["ready"] == 0
 
 
+def test_an_acquire_carries_the_acks_of_the_last_batch(client: Client) -> None:
+    """One request per cycle: ``acquire(ack=...)`` acknowledges first; a receipt that
+    fails (a stale one, a tampered seal) is named with its typed error, and the new
+    messages come either way."""
+    queue = unique("cycle")
+    client.create_queue(queue)
+    client.publish_batch(queue, [encode_message(f"job-{i}") for i in range(4)])
+    first = client.acquire(queue, limit=2)
+    assert first.acked == 0 and first.ack_failures == []
+    tampered = first[1].receipt[:-1] + ("0" if first[1].receipt[-1] != "0" else "1")
+    second = client.acquire(queue, limit=2, ack=[first[0].receipt, tampered])
+    assert [m.text for m in second] == ["job-2", "job-3"]
+    assert second.acked == 1
+    [failure] = second.ack_failures
+    assert failure.receipt == tampered and isinstance(failure.error, UnknownDeliveryError)
+    third = client.acquire(queue, limit=2, ack=[m.receipt for m in (first[1], *second)])
+    assert third == [] and third.acked == 3 and third.ack_failures == []
+    assert client.describe_queue(queue)["in_flight"] == 0
+    with pytest.raises(UnknownDeliveryError):
+        first[0].ack()  # acked by the acquire already
+
+
 def test_lock_expiry_redelivers_and_the_stale_receipt_fails(client: Client) -> None:
     queue = unique("expiring")
     client.create_queue(queue)

@@ -93,8 +93,9 @@ ROUTES: Final[tuple[Route, ...]] = (
     _route("commit_offsets", "POST", _GROUP + "/offsets", "Commit ordered-group offsets",
            "groups", s.COMMITTED, body=s.COMMIT_BODY, body_required=True),
     _route("acquire", "POST", _GROUP + "/acquire",
-           "Shared group: acquire messages (long-poll), locked until acked or released",
-           "messages", s.MESSAGES_OUT, body=s.ACQUIRE_BODY),
+           "Shared group: ack the receipts in 'ack' (if any), then acquire messages "
+           "(long-poll), locked until acked or released",
+           "messages", s.ACQUIRE_OUT, body=s.ACQUIRE_BODY),
     _route("ack", "POST", _GROUP + "/ack", "Acknowledge deliveries", "messages",
            s.RECEIPT_RESULTS, body=s.ACK_BODY, body_required=True),
     _route("release", "POST", _GROUP + "/release", "Release deliveries (optionally delayed)",

@@ -175,10 +175,19 @@ COMMITTED: Final[Schema] = {
         "offsets": {"type": "object", "additionalProperties": {"type": "integer"}},
     },
 }
+RECEIPTS: Final[Schema] = {
+    "type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 512},
+    "minItems": 1, "maxItems": RECEIPTS_PER_REQUEST_MAX,
+}
 ACQUIRE_BODY: Final[Schema] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
+        "ack": {
+            **RECEIPTS, "minItems": 0,
+            "description": "receipts to acknowledge before acquiring (one request per "
+                           "cycle); each is durable before the answer, as with /ack",
+        },
         "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
         "wait_ms": {"type": "integer", "minimum": 0, "maximum": WAIT_MS_MAX},
         "lock_ms": {"type": "integer", "minimum": 1, "maximum": LOCK_MS_MAX},
@@ -206,10 +215,6 @@ SHARED_GROUP_OUT: Final[Schema] = {
         "topic": {"type": "string"},
         "start": {"type": "string"},
     },
-}
-RECEIPTS: Final[Schema] = {
-    "type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 512},
-    "minItems": 1, "maxItems": RECEIPTS_PER_REQUEST_MAX,
 }
 ACK_BODY: Final[Schema] = {
     "type": "object", "additionalProperties": False, "required": ["receipts"],
@@ -245,6 +250,33 @@ RECEIPT_RESULTS: Final[Schema] = {
                 },
             },
         },
+    },
+}
+
+ACK_REPORT: Final[Schema] = {
+    "type": "object",
+    "description": "the acks an acquire carried: 'acked' were saved and fsynced before "
+                   "the answer; 'failed' lists the others with their errors",
+    "required": ["acked", "failed"],
+    "properties": {
+        "acked": {"type": "integer", "minimum": 0},
+        "failed": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["receipt", "error"],
+                "properties": {"receipt": {"type": "string"},
+                               "error": ERROR["properties"]["error"]},
+            },
+        },
+    },
+}
+ACQUIRE_OUT: Final[Schema] = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "messages": MESSAGES_OUT["properties"]["messages"],
+        "acks": ACK_REPORT,
     },
 }
 

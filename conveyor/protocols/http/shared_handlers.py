@@ -95,6 +95,31 @@ class SharedGroupHandlers:
             with contextlib.suppress(PreconditionFailedError):  # exists with its own config
                 await shared.create_shared_group(topic, group, start=body.get("start",
                                                                               "earliest"))
+        acks: list[str] | None = body.get("ack")
+        if not acks:
+            deliveries = await self._acquire(topic, group, body, consumer_id, context)
+            return ApiResponse(200, {"messages": await self._documents(deliveries, context)})
+        # Acks carried by the acquire (as KIP-932's ShareFetch carries acknowledgements):
+        # settled first, then the acquire, in the same loop turn, so both share one
+        # window save and one COMMIT; the acks are fsynced before the answer, as the
+        # ack endpoint's are, whichever way the acquire ends.
+        receipts, outcome = await self._settled(
+            topic, group, acks, context, lambda ours, settled: shared.ack(
+                ours, outcomes=settled, durable_later=True))
+        report = ack_report(receipts, outcome)
+        try:
+            deliveries = await self._acquire(topic, group, body, consumer_id, context)
+        except ConveyorError as error:
+            await shared.acks_durable()
+            error.details["acks"] = report  # what was acked although the acquire failed
+            raise
+        await shared.acks_durable()
+        return ApiResponse(200, {"messages": await self._documents(deliveries, context),
+                                 "acks": report})
+
+    async def _acquire(self, topic: str, group: str, body: dict[str, Any], consumer_id: str,
+                       context: RequestContext) -> list[Delivery]:
+        shared = _shared(self.broker)
         wait_ms = body.get("wait_ms", 0)
         work = shared.acquire(topic, group, body.get("limit", ACQUIRE_LIMIT_DEFAULT),
                               body.get("lock_ms"), wait_ms, consumer_id)
@@ -107,20 +132,22 @@ class SharedGroupHandlers:
             # The client went away during the acquire: nobody will ack these.
             await shared.release([d.receipt for d in deliveries], 0)
             deliveries = []
+        return deliveries
+
+    @staticmethod
+    async def _documents(deliveries: list[Delivery], context: RequestContext
+                         ) -> list[dict[str, Any]]:
         # no copy of each Delivery just to seal its receipt
         sealed = context.seal_receipts([delivery.receipt for delivery in deliveries])
-        return ApiResponse(200, {"messages": await documents(
-            list(zip(deliveries, sealed, strict=True)),
-            lambda pair: _delivery_document(*pair))})
+        return await documents(list(zip(deliveries, sealed, strict=True)),
+                               lambda pair: _delivery_document(*pair))
 
-    async def _settle_each(
-        self, request: ApiRequest, context: RequestContext,
+    async def _settled(
+        self, topic: str, group: str, receipts: list[str], context: RequestContext,
         action: Callable[[list[str], list[Exception | None]], Awaitable[Any]],
-    ) -> ApiResponse:
+    ) -> tuple[list[str], list[Exception | None]]:
         """Settle every receipt of the group in one broker call (one save and one COMMIT
-        for the request), each receipt with its own outcome."""
-        topic, group = request.path["topic"], request.path["group"]
-        receipts: list[str] = request.body["receipts"]
+        for the request): the receipts and each one's outcome (None: settled)."""
         outcome: list[Exception | None] = []
         ours: list[str] = []
         for sealed, receipt in zip(receipts, context.open_receipts(receipts), strict=True):
@@ -145,8 +172,16 @@ class SharedGroupHandlers:
         if ours:
             await action(ours, settled)
         answers = iter(settled)
-        merged = [error if error is not None else next(answers) for error in outcome]
-        return receipt_results(receipts, merged)
+        return receipts, [error if error is not None else next(answers) for error in outcome]
+
+    async def _settle_each(
+        self, request: ApiRequest, context: RequestContext,
+        action: Callable[[list[str], list[Exception | None]], Awaitable[Any]],
+    ) -> ApiResponse:
+        """``_settled``, answered receipt by receipt (``receipt_results``)."""
+        return receipt_results(*await self._settled(
+            request.path["topic"], request.path["group"], request.body["receipts"], context,
+            action))
 
     async def ack(self, request: ApiRequest, context: RequestContext) -> ApiResponse:
         shared = _shared(self.broker)
@@ -238,6 +273,19 @@ def receipt_results(
             results.append({"receipt": receipt, "ok": False,
                             "error": {"code": code, "message": str(error)}})
     return ApiResponse(200, {"results": results})
+
+
+def ack_report(receipts: Sequence[str], outcome: Sequence[Exception | None]
+               ) -> dict[str, Any]:
+    """The acks an acquire carried: how many were acked (saved and fsynced before the
+    answer) and each failed receipt with its error; the acquired messages do not depend
+    on them."""
+    failed: list[dict[str, Any]] = []
+    for receipt, error in zip(receipts, outcome, strict=True):
+        if error is not None:
+            code = error.code if isinstance(error, ConveyorError) else "internal_error"
+            failed.append({"receipt": receipt, "error": {"code": code, "message": str(error)}})
+    return {"acked": len(receipts) - len(failed), "failed": failed}
 
 
 async def _unless_disconnected(work: Awaitable[Any], context: RequestContext) -> Any:
