@@ -30,11 +30,7 @@ from conveyor.client.core import (
     PublishResult,
     RetryPolicy,
 )
-from conveyor.errors import (
-    AlreadyExistsError,
-    PreconditionFailedError,
-    UnknownQueueError,
-)
+from conveyor.errors import AlreadyExistsError, PreconditionFailedError, UnknownQueueError
 
 Value = bytes | bytearray | memoryview | str | None
 ConsumeMode = Literal["shared", "ordered"]
@@ -240,13 +236,11 @@ class Client:
         self, topic: str, group: str | None = None, limit: int = 10, wait_s: float = 0.0,
         lock_s: float | None = None, ack: Iterable[str] | None = None,
     ) -> core.Acquired[Message]:
-        """Shared group (default: the queue's own group): lock up to ``limit`` messages.
-        ``ack``: receipts of this group to acknowledge first, in the same request (each
-        durable before the answer, as ``ack`` promises); the result's ``ack_failures``
-        names those that were not acknowledged, and its messages are there either way."""
+        """Shared group (default: the queue's own group): lock up to ``limit`` messages,
+        after acknowledging the receipts ``ack`` in the same request (``core.Acquired``)."""
         group = group or topic
-        document = self.request(core.acquire_call(topic, group, limit, wait_s, lock_s,
-                                                        ack))
+        call = core.acquire_call(topic, group, limit, wait_s, lock_s, ack)
+        document = self.request(call)
         settler = _SharedSettler(self)
         return core.Acquired([Message(*core.message_args(m, group), settler=settler)
                               for m in document["messages"]], document.get("acks"))

@@ -373,23 +373,32 @@ class SqliteEngine:
             return
         self._syncs_since_checkpoint = 0
         self._checkpoint_wal_size = size
-        self._checkpoint = asyncio.ensure_future(self._checkpoint_rounds())
+        self._checkpoint = asyncio.get_running_loop().create_future()
+        self._checkpoint_round(first=True)
 
-    async def _checkpoint_rounds(self) -> None:
-        """The bulk of the checkpoint beside the COMMITs, then a second round for the
-        frames they added (none: it returns at once), with the loop's writes held
+    def _checkpoint_round(self, first: bool) -> None:
+        """The bulk of a checkpoint beside the COMMITs (``first``), then a second round
+        for the frames they added (none: it returns at once) with the loop's writes held
         meanwhile, so that it ends with every frame copied and the next transaction
-        starts the WAL over (``CHECKPOINT_SYNCS_MIN``'s comment)."""
-        await call_in_thread(self._run_checkpoint)
-        if self._connection is None:
+        starts the WAL over (``CHECKPOINT_SYNCS_MIN``'s comment). ``_checkpoint`` ends
+        with the second round."""
+        if not first:
+            if self._in_transaction:
+                self._commit_now()  # this turn's writes so far: COMMITted now, not held
+            self._holding = True
+        call_in_thread(self._run_checkpoint).add_done_callback(
+            functools.partial(self._round_done, first))
+
+    def _round_done(self, first: bool, round_: asyncio.Future[None]) -> None:
+        if not round_.cancelled():
+            round_.exception()  # _run_checkpoint keeps SQLite's errors for the next try
+        if first and self._connection is not None and not round_.cancelled():
+            self._checkpoint_round(first=False)
             return
-        if self._in_transaction:
-            self._commit_now()  # this turn's writes so far: COMMITted now, not held
-        self._holding = True
-        try:
-            await call_in_thread(self._run_checkpoint)
-        finally:
+        if not first:
             self._release()
+        if self._checkpoint is not None and not self._checkpoint.done():
+            self._checkpoint.set_result(None)
 
     def _release(self) -> None:
         """End the hold: the held writes go into this turn's transaction, in order. A

@@ -159,13 +159,14 @@ async def test_a_reused_wal_past_the_bound_is_not_checkpointed_after_every_fsync
     await store.open()
     engine = store.sqlite
     checkpoints: list[int] = []
-    rounds = engine._checkpoint_rounds
+    rounds = engine._checkpoint_round
 
-    async def counted() -> None:
-        checkpoints.append(1)
-        await rounds()
+    def counted(first: bool) -> None:
+        if first:
+            checkpoints.append(1)
+        rounds(first)
 
-    monkeypatch.setattr(engine, "_checkpoint_rounds", counted)
+    monkeypatch.setattr(engine, "_checkpoint_round", counted)
 
     async def commit(name: str, text: str) -> None:
         store.save_topic(TopicRow(name, 1, "topic", {"x": text}, 0))
@@ -203,11 +204,9 @@ async def _hold_in_second_round(engine: sqlite_engine_module.SqliteEngine,
     loop = asyncio.get_running_loop()
     holding = asyncio.Event()
     checkpoint = engine._run_checkpoint
-    calls: list[int] = []
 
     def blocking() -> None:
-        calls.append(1)
-        if len(calls) == 2:
+        if engine._holding and not holding.is_set():  # the first second round
             loop.call_soon_threadsafe(holding.set)
             release.wait(30)
         checkpoint()
