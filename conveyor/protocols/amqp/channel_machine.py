@@ -209,7 +209,7 @@ class UnknownTag(Exception):
 
 class Unacked(Generic[Holder]):
     # not ``@dataclass(slots=True)``: mypyc's build cannot rebuild a Generic class
-    __slots__ = ("receipt", "holder")
+    __slots__ = ("holder", "receipt")
 
     def __init__(self, receipt: str | None, holder: Holder | None) -> None:
         self.receipt = receipt  # None: nothing to settle in the broker (a stream delivery)
