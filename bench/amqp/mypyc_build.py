@@ -18,13 +18,28 @@ import sys
 import time
 from pathlib import Path
 
-# the AMQP consume and publish paths' modules with the most self time in the profiles
-# (bench/README.md): the record codec, the frame codec and the connection machine. Two
-# more compile but fail at import as they are written (not investigated):
-# protocols/amqp/channel_machine.py (the delivery tags: "attribute '__dict__' of 'type'
-# objects is not writable") and broker/shared_group.py (the window: KeyError 'object')
+# the queue paths' modules holding the per-message Python in the profiles (bench/README.md,
+# "Fifth pass (mypyc)"): the record codec, the AMQP frames, machines and channel, the
+# shared-group window with its settle and save paths, receipts and the HTTP framing. They
+# compile and import as written since that pass; what mypyc needed: no ``object``
+# annotation on a dataclass field, no Generic ``@dataclass(slots=True)``, no
+# ``object.__new__`` of a native class (record_batch checks ``_COMPILED``), and every
+# class of a chain compiled (SharedWindows -> SharedQueues -> SharedGroups: an interpreted
+# class cannot inherit from a compiled one). Left out: protocols/http/codec.py (its error
+# classes' ``code`` overrides read as the base class's when compiled) and the HTTP
+# handlers: protocols/http/shared_handlers.py, handlers.py and schemas.py compile and
+# import together only (``--modules`` with them: the README's HTTP build). Six tests of
+# tests/broker/test_shared_wakeups.py fail on a compiled copy: they monkeypatch methods
+# of a SharedGroups instance, which a native class does not allow
 MODULES = ("conveyor/storage/record_batch.py", "conveyor/protocols/amqp/frames.py",
-           "conveyor/protocols/amqp/machine.py")
+           "conveyor/protocols/amqp/machine.py", "conveyor/protocols/amqp/channel_machine.py",
+           "conveyor/protocols/amqp/channel.py", "conveyor/protocols/amqp/messages.py",
+           "conveyor/protocols/amqp/basic_handlers.py", "conveyor/protocols/amqp/session.py",
+           "conveyor/broker/shared_group.py", "conveyor/broker/shared_windows.py",
+           "conveyor/broker/shared_queues.py", "conveyor/broker/shared_groups.py",
+           "conveyor/broker/shared_model.py", "conveyor/broker/shared_persist.py",
+           "conveyor/broker/delivery.py", "conveyor/broker/appended_cache.py",
+           "conveyor/protocols/http/receipts.py", "conveyor/protocols/http/framing.py")
 
 
 def main() -> None:

@@ -34,13 +34,16 @@ from __future__ import annotations
 import enum
 import heapq
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from conveyor.errors import IllegalStateError, LockExpiredError, UnknownDeliveryError
 from conveyor.storage.record_batch import Record
 
 from .delivery import HEAP_SLACK_ITEMS, NEVER_MS, DeadReason, RecordPolicy, exhausted
 from .types import QueueConfig
+
+if TYPE_CHECKING:
+    from conveyor.storage.shared_state import RangeRow
 
 WINDOW_RECORDS_MAX = 2_000  # KIP-932 group.share.partition.max.record.locks (default 2000)
 # KIP-932 bounds the records in flight, not the span behind one stuck record; we bound
@@ -177,7 +180,7 @@ class SharedPartition:
     # the highest delivered mark known COMMITted: a delivery at or below it may leave
     delivered_mark_committed: int = 0
     # the (start, runs) last saved, so an unchanged window is not written again
-    saved_snapshot: object = None
+    saved_snapshot: tuple[int, list[RangeRow]] | None = None
     # offset -> delivery count of a dead record whose dead letter is being written: saved
     # as unsettled until it is (a crash then judges it again, never loses it)
     dying: dict[int, int] = field(default_factory=dict)

@@ -207,10 +207,13 @@ class UnknownTag(Exception):
         self.index = index  # which request of a run (``take_each``) named it
 
 
-@dataclass(slots=True)
 class Unacked(Generic[Holder]):
-    receipt: str | None  # None: nothing to settle in the broker (a stream delivery)
-    holder: Holder | None  # the consumer whose credit it takes (None: basic.get)
+    # not ``@dataclass(slots=True)``: mypyc's build cannot rebuild a Generic class
+    __slots__ = ("holder", "receipt")
+
+    def __init__(self, receipt: str | None, holder: Holder | None) -> None:
+        self.receipt = receipt  # None: nothing to settle in the broker (a stream delivery)
+        self.holder = holder  # the consumer whose credit it takes (None: basic.get)
 
 
 class DeliveryTags(Generic[Holder]):
