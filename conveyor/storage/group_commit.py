@@ -7,8 +7,10 @@ bytes were written. The committer is a source of the loop's ``DurabilityBarrier`
 loop turn for the whole process) takes every handle written since the last pass,
 fdatasyncs each in a worker thread, concurrently with every other partition's files
 and the state store's WAL, and then resolves the writes' futures. Writes made while a
-pass runs go into the next one. A new segment's directory entry (a roll) is made
-durable in the same pass (``new_file``), so rolling costs the event loop no fsync.
+pass runs go into the next one, which may start before that pass ends (a slow pass:
+the barrier's overlap); the passes' futures resolve in pass order all the same. A new
+segment's directory entry (a roll) is made durable in the same pass (``new_file``), so
+rolling costs the event loop no fsync.
 ``interval``: appends resolve at once; a task syncs every ``fsync_interval_ms`` on the
 Clock (in a worker thread). ``never``: appends resolve at once; sync on close.
 "At once" still means on the next loop turn, so a tight append loop cannot starve the
@@ -27,6 +29,7 @@ and only a restart (recovery re-reads and re-validates the log) clears it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
@@ -60,8 +63,10 @@ class GroupCommitter:
         self._forgotten: set[int] = set()  # closed since the last sync pass (see forget)
         self._waiters: list[asyncio.Future[None]] = []  # writes for the next pass
         self._last_token: Any = None
-        self._pass_waiters: list[asyncio.Future[None]] = []  # writes the running pass covers
-        self._pass_token: Any = None
+        # per pass started and not told yet, oldest first: the writes it covers and the
+        # token of the last of them (two at once when the barrier overlaps a slow pass)
+        self._passes: collections.deque[tuple[list[asyncio.Future[None]], Any]] = (
+            collections.deque())
         self._interval_task: asyncio.Task[None] | None = None
         self._tasks = Supervisor("conveyor.storage.group-commit")  # the interval task
         self.sync_count = 0  # passes that synced this partition
@@ -114,27 +119,34 @@ class GroupCommitter:
     def prepare_sync(self) -> list[SyncJob]:
         handles, self._dirty = self._dirty, set()
         directories, self._new_directories = self._new_directories, set()
-        self._pass_waiters, self._waiters = self._waiters, []
-        self._pass_token = self._last_token
+        self._passes.append((self._waiters, self._last_token))
+        self._waiters = []
         jobs: list[SyncJob] = [functools.partial(self.fs.fsync_dir, directory)
                                for directory in directories]
         jobs += [functools.partial(self._sync_handle, handle) for handle in handles]
         return jobs
 
     def sync_done(self, error: BaseException | None) -> None:
-        waiters, self._pass_waiters = self._pass_waiters, []
-        self._forgotten.clear()
+        """The oldest pass not told yet ended (the barrier tells them in order)."""
+        waiters, token = self._passes.popleft()
+        if not self._passes:
+            self._forgotten.clear()  # no pass left that may still meet a closed handle
         if error is not None:
-            failure = self.fail(error if isinstance(error, OSError) else OSError(str(error)))
-            waiters += self._waiters  # written before the failure was known: not durable
+            self.fail(error if isinstance(error, OSError) else OSError(str(error)))
+        if self.failed is not None:
+            failure = self.failed
+            # written before the failure was known (in later passes or none): not durable
+            for later_waiters, _ in self._passes:
+                waiters += later_waiters
+            waiters += self._waiters
             self._waiters = []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)
             return
         self.sync_count += 1
-        if self._pass_token is not None:
-            self._on_durable(self._pass_token)
+        if token is not None:
+            self._on_durable(token)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -181,8 +193,9 @@ class GroupCommitter:
         """Wait until every ``always`` write so far is durable or failed (its waiters
         answered by the barrier's passes); the committer keeps running (a truncation
         waits for this)."""
-        pending = [waiter for waiter in (*self._pass_waiters, *self._waiters)
+        pending = [waiter for waiters, _ in self._passes for waiter in waiters
                    if not waiter.done()]
+        pending += [waiter for waiter in self._waiters if not waiter.done()]
         if pending:
             await asyncio.wait(pending)
 
@@ -196,7 +209,7 @@ class GroupCommitter:
             self._interval_task.cancel()
             self._interval_task = None
         await self._tasks.close()  # the cancelled interval task, awaited
-        while self._waiters or self._pass_waiters or self._dirty or self._new_directories:
+        while self._waiters or self._passes or self._dirty or self._new_directories:
             if self.failed is not None:
                 for waiter in self._waiters:
                     if not waiter.done():
