@@ -50,9 +50,11 @@ SyncJob = Callable[[], None]
 # use it too)
 SYNC_THREADS_MAX = 4
 # a second pass starts beside a running one once a source has waited this long behind
-# it: a few times the disk's median 100 B fdatasync (0.16-0.3 ms idle, kafka.json), so
-# a typical pass still batches what came meanwhile and only a slow one is overlapped
-OVERLAP_AFTER_S = 0.0005
+# it: beyond the idle disk's p99 100 B fdatasync (0.27 ms, kafka.json), so a typical
+# pass still batches what came meanwhile and only a slow one is overlapped; 1 ms kept
+# the sync path's p99 gain of 0.5 ms under load for half the extra CPU (bench/README.md,
+# "Fifth pass (kafkalat)")
+OVERLAP_AFTER_S = 0.001
 PASSES_IN_FLIGHT_MAX = 2  # passes whose committer jobs run at once (a slow one + one)
 
 
