@@ -7,11 +7,14 @@ Each round runs the disk probe (``timed.disk_sync_latency``: 100 B ``pwrite`` +
 alternates per round: ABBA), each on a fresh broker started from its own tree
 (``PYTHONPATH`` and working directory), with the same client: ``throughput.latency``,
 the e2e phase of the Kafka suite. Per run: p50/p99/max ms, broker CPU per record (µs),
-the load average. ``--strace DIR``: the broker runs under ``strace -f -T -tt -e
+the load average. ``--phase produce``: instead, the suite's produce phase (1 KiB,
+acks=all, ``--producers`` producers, 4 partitions) for ``--seconds``: MB/s, broker CPU
+ms per MB and the fdatasyncs from ``/metrics`` (the produce 1 KiB aim of issue 17: does
+the change cost it). ``--strace DIR``: the broker runs under ``strace -f -T -tt -e
 trace=fdatasync,fsync`` (one file per run in DIR; slows every syscall it traces).
 
 Run:  .venv/bin/python -m bench.kafka.e2e_ab --base DIR [--rounds 4] [--seconds 10]
-      [--output FILE]
+      [--phase e2e|produce] [--producers 2] [--output FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from bench.kafka import timed
 from bench.kafka.throughput import (
     RunningBroker,
     create_topic,
+    create_topic_partitions,
     free_port,
     latency,
     measured,
@@ -41,15 +45,19 @@ from bench.measure import provenance
 HERE = Path(__file__).resolve().parents[2]
 RESULTS = HERE / "bench" / "results" / "kafka_e2e_ab.json"
 RATE_PER_S = 1000
+FIELDS = {"e2e": ("p50_ms", "p99_ms", "max_ms"),
+          "produce": ("mb_per_s", "broker_cpu_ms_per_mb", "broker_cpu_pct")}
 
 
-def run_tree(tree: Path, workdir: Path, seconds: float,
-             strace_file: Path | None) -> dict[str, Any]:
-    """One fresh broker from ``tree``: the e2e phase on a fsync=always topic."""
-    port = free_port()
+def run_tree(tree: Path, workdir: Path, seconds: float, strace_file: Path | None,
+             phase: str = "e2e", producers: int = 2) -> dict[str, Any]:
+    """One fresh broker from ``tree``: the e2e phase on a fsync=always topic (or the
+    produce phase)."""
+    port, http_port = free_port(), free_port()
     data = workdir / "data"
     command = [sys.executable, "-m", "conveyor.cli", "serve", "--data-dir", str(data),
-               "--listeners", "kafka", "--kafka-port", str(port), "--log-level", "warning"]
+               "--listeners", "kafka,http", "--kafka-port", str(port),
+               "--http-port", str(http_port), "--log-level", "warning"]
     if strace_file is not None:
         command = ["strace", "-f", "-T", "-tt", "-e", "trace=fdatasync,fsync",
                    "-o", str(strace_file), *command]
@@ -66,9 +74,15 @@ def run_tree(tree: Path, workdir: Path, seconds: float,
                 broker = RunningBroker("conveyor", port, child)  # type: ignore[arg-type]
             else:
                 broker = RunningBroker("conveyor", port, process)
-            create_topic(broker, "latency")
+            wait_for_port(http_port, process)
             load = os.getloadavg()[0]
-            result = measured(broker, lambda: latency(broker, "latency", RATE_PER_S, seconds))
+            if phase == "produce":
+                result = _produce(broker, f"http://127.0.0.1:{http_port}/metrics",
+                                  seconds, producers)
+            else:
+                create_topic(broker, "latency")
+                result = measured(broker, lambda: latency(broker, "latency", RATE_PER_S,
+                                                          seconds))
         finally:
             process.terminate()
             try:
@@ -77,8 +91,23 @@ def run_tree(tree: Path, workdir: Path, seconds: float,
                 process.kill()
                 process.wait()
     result["load_1m"] = round(load, 2)
-    result["broker_cpu_us_per_record"] = round(
-        result["broker_cpu_s"] / max(1, result["records"]) * 1e6, 1)
+    if phase == "e2e":
+        result["broker_cpu_us_per_record"] = round(
+            result["broker_cpu_s"] / max(1, result["records"]) * 1e6, 1)
+    return result
+
+
+def _produce(broker: RunningBroker, metrics: str, seconds: float,
+             producers: int) -> dict[str, Any]:
+    size = 1024
+    create_topic_partitions(broker, "produce", 4)
+    before = timed.fsync_counters(metrics)
+    result = timed.produce_phase(broker, "produce", size, seconds, producers)
+    stored = result["records"] * size
+    result["fsync"] = timed.fsync_figures(before, timed.fsync_counters(metrics), stored,
+                                          result["wall_s"])
+    result["broker_cpu_ms_per_mb"] = round(
+        result["broker_cpu_pct"] / 100 * result["wall_s"] / (stored / 1e6) * 1000, 3)
     return result
 
 
@@ -89,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--disk-seconds", type=float, default=5.0)
     parser.add_argument("--strace", type=Path, default=None)
+    parser.add_argument("--phase", choices=("e2e", "produce"), default="e2e")
+    parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -108,18 +139,21 @@ def main(argv: list[str] | None = None) -> None:
                 if options.strace is not None:
                     options.strace.mkdir(parents=True, exist_ok=True)
                     trace = options.strace / f"{name}-r{index}.strace"
-                result = run_tree(trees[name], workdir, options.seconds, trace)
+                result = run_tree(trees[name], workdir, options.seconds, trace,
+                                  options.phase, options.producers)
                 runs[name].append(result)
                 print(f"r{index} {name}", {key: result.get(key) for key in (
-                    "p50_ms", "p99_ms", "max_ms", "broker_cpu_us_per_record", "load_1m")},
-                    flush=True)
+                    *FIELDS[options.phase], "broker_cpu_us_per_record", "fsync",
+                    "load_1m")}, flush=True)
                 time.sleep(0.5)
     summary = {name: {field: round(statistics.median(run[field] for run in values), 3)
-                      for field in ("p50_ms", "p99_ms", "max_ms")}
+                      for field in (FIELDS["e2e"] if name == "disk"
+                                    else FIELDS[options.phase])}
                for name, values in runs.items() if values}
     report = {**provenance([sys.executable, "-m", "bench.kafka.e2e_ab", *argv]),
               "settings": {"rounds": options.rounds, "seconds": options.seconds,
-                           "rate_per_s": RATE_PER_S, "base": str(options.base)},
+                           "rate_per_s": RATE_PER_S, "base": str(options.base),
+                           "phase": options.phase, "producers": options.producers},
               "median": summary, "runs": runs}
     print(json.dumps(summary), flush=True)
     options.output.parent.mkdir(parents=True, exist_ok=True)
