@@ -221,6 +221,43 @@ async def test_writes_behind_a_slow_pass_get_a_pass_beside_it_answered_in_order(
     await store.close()
 
 
+async def test_a_handle_forgotten_during_a_pass_is_still_synced_by_a_pass_beside_it(
+        clock: SimClock) -> None:
+    """A file closed while a pass syncs it (``forget``) may be skipped by that pass; its
+    handle number, given to a new file and written, must be synced by the pass that
+    takes it, also one started beside the first (the OS reuses descriptor numbers).
+    Method: hang the first pass's fdatasync of the handle, forget the handle and write
+    to it again (the number reused), let the overlap pass take it, release: two
+    fdatasyncs of it, and the write survives a crash."""
+    fs = HeldFileSystem()
+    store = await open_store(fs, clock)
+    log = store.partition("t", 3)
+    handle = log.active_segment.handle
+    barrier = barrier_for_loop()
+    barrier.overlap_after_s = 0.0
+    loop = asyncio.get_running_loop()
+    try:
+        fs.held.add(handle)
+        first = loop.create_task(log.append(make_batch([b"first"])))
+        await asyncio.wait_for(loop.run_in_executor(None, fs.holding.wait), ANSWERED_S)
+        fs.held.discard(handle)
+        overlaps = barrier.overlap_count
+        log.committer.forget(handle)  # closed meanwhile, and the number reused:
+        second = loop.create_task(log.append(make_batch([b"second"])))
+        for _ in range(10):  # the turns in which the overlap pass starts
+            await asyncio.sleep(0)
+        assert barrier.overlap_count == overlaps + 1
+    finally:
+        fs.release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), DEADLINE_S)
+    assert fs.synced.count(handle) == 2, "the pass beside it synced the reused handle"
+    fs.crash(random.Random(11))
+    reopened = FileLogStore("/data", fs, clock)
+    await reopened.open()
+    assert reopened.partition("t", 3).high_watermark == 2
+    await reopened.close()
+
+
 async def test_a_slow_wal_fdatasync_does_not_hold_a_log_append(
         clock: SimClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A state COMMIT nobody awaited rides along with the next append's pass; while its
