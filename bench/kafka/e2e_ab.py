@@ -65,13 +65,14 @@ def run_tree(tree: Path, workdir: Path, seconds: float, strace_file: Path | None
     with open(workdir / "broker.log", "wb") as log:
         process = subprocess.Popen(command, cwd=tree, env=environment, stdout=log,
                                    stderr=subprocess.STDOUT)
+        traced: Any = None  # under strace: the broker (strace's child), stopped first
         try:
             wait_for_port(port, process)
             if strace_file is not None:  # the traced process is strace's child
                 import psutil
 
-                child = psutil.Process(process.pid).children()[0]
-                broker = RunningBroker("conveyor", port, child)  # type: ignore[arg-type]
+                traced = psutil.Process(process.pid).children()[0]
+                broker = RunningBroker("conveyor", port, traced)
             else:
                 broker = RunningBroker("conveyor", port, process)
             wait_for_port(http_port, process)
@@ -84,6 +85,9 @@ def run_tree(tree: Path, workdir: Path, seconds: float, strace_file: Path | None
                 result = measured(broker, lambda: latency(broker, "latency", RATE_PER_S,
                                                           seconds))
         finally:
+            if traced is not None:  # strace passes SIGTERM on, but not if it dies first
+                traced.terminate()
+                traced.wait(10)
             process.terminate()
             try:
                 process.wait(10)
