@@ -23,6 +23,7 @@ Stages of one acks=all produce and of the long-polling fetch that delivers it:
   (the adapter sends record bytes in the same turn);
 - counts: ``bytes.written`` (record batch bytes appended), ``barrier.passes`` and
   ``barrier.jobs`` (passes started, fdatasyncs and directory fsyncs they ran),
+  ``barrier.overlaps`` (passes started beside a running one),
   ``barrier.busy_us`` (time a pass of the partitions was running: the disk's busy
   time as the broker sees it), ``produce.in_flight_cap_hit`` (a produce waited for the
   connection's ``PRODUCES_IN_FLIGHT_MAX``), ``produce.flow_pushbacks`` (the memory
@@ -92,6 +93,15 @@ _answered: dict[int, float] = {}  # id(response bytes) -> encoded
 _woken: dict[tuple[str, int], float] = {}  # partition -> last wake of a waiting fetch
 _lag_task: list[asyncio.Task[None]] = []
 _busy_since: list[float] = [0.0]  # when the running pass of the partitions started
+
+
+def _passes_running(barrier: Any) -> bool:
+    """A pass of the partitions runs (the barrier's ``_running``: a pass or None before
+    kafkalat, a list of passes after; ``passes_running`` in some versions)."""
+    if getattr(barrier, "passes_running", 0) > 0:
+        return True
+    running = getattr(barrier, "_running", None)
+    return running is not None and running != [] and running != set()
 
 
 def _wrap_method(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
@@ -214,8 +224,7 @@ def _probe_storage() -> None:
         def wrapper(self: Any, handle: int, token: Any) -> Any:
             if self.policy == "always" and getattr(self, "_probe_first", None) is None:
                 self._probe_first = now()
-                self._probe_behind = getattr(self.barrier, "passes_running", 0) > 0 or \
-                    getattr(self.barrier, "_running", None) not in (None, set())
+                self._probe_behind = _passes_running(self.barrier)
             return original(self, handle, token)
         return wrapper
 
@@ -252,21 +261,23 @@ def _probe_storage() -> None:
         return wrapper
 
     def start(original: Any) -> Any:
-        def wrapper(self: Any) -> None:
+        def wrapper(self: Any, *arguments: Any, **keywords: Any) -> None:
             passes, jobs = self.pass_count, self.job_count
-            original(self)
+            overlaps = getattr(self, "overlap_count", 0)
+            original(self, *arguments, **keywords)
             if self.pass_count > passes:
                 STAGES.count("barrier.passes")
                 STAGES.count("barrier.jobs", self.job_count - jobs)
-                if self._running is not None:
+                STAGES.count("barrier.overlaps", getattr(self, "overlap_count", 0) - overlaps)
+                if _passes_running(self) and not _busy_since[0]:
                     _busy_since[0] = now()
         return wrapper
 
     def jobs_ended(original: Any) -> Any:
         def wrapper(self: Any, *arguments: Any) -> None:
-            running = self._running
+            running = _passes_running(self)
             original(self, *arguments)
-            if running is not None and self._running is None and _busy_since[0]:
+            if running and not _passes_running(self) and _busy_since[0]:
                 # a pass of the partitions ran from _busy_since to now (the next can start)
                 STAGES.count("barrier.busy_us", int((now() - _busy_since[0]) * 1e6))
                 _busy_since[0] = 0.0
@@ -299,7 +310,10 @@ def _probe_storage() -> None:
     _wrap_method(partition_log.PartitionLog, "write", write)
     _wrap_method(partition_log.PartitionLog, "append", append)
     _wrap_method(group_commit.GroupCommitter, "wrote", wrote)
-    _wrap_method(durability.DurabilityBarrier, "_start", start)
+    # the barrier of kafkalat and after starts passes (also beside a running one, from
+    # its overlap timer) in _start_pass
+    _wrap_method(durability.DurabilityBarrier, "_start_pass" if hasattr(
+        durability.DurabilityBarrier, "_start_pass") else "_start", start)
     _wrap_method(durability.DurabilityBarrier, "_jobs_ended", jobs_ended)
     _wrap_method(group_commit.GroupCommitter, "prepare_sync", prepare_sync)
     _wrap_method(group_commit.GroupCommitter, "sync_done", sync_done)

@@ -13,15 +13,23 @@ and tells each source how its own jobs ended (``sync_done``) as soon as they hav
 which answers that source's waiters (a partition whose fdatasync returned first is
 not held by a slower file of the same pass).
 
-One pass at a time for the partitions: sources marked while a pass runs form the
-next pass, started as soon as the running pass's committer jobs have ended (the group
-commit of the whole process, not of one partition: measured on a fan-out to 4 queues,
-letting each partition start its own next pass cost ~36 % more fdatasyncs per message
-and ~24 % more broker CPU). *Standing* sources (the state store) are asked at every
-pass, so a commit nobody awaited rides along — but their jobs never hold the next pass: the
-WAL's fdatasync (and the checkpoint after it) runs beside the partitions' passes, and
-a pass that starts while the state store is still syncing leaves it for a later one.
-No fsync ever runs on the event loop.
+One pass at a time for the partitions, as a rule: sources marked while a pass runs
+form the next pass, started as soon as the running pass's committer jobs have ended
+(the group commit of the whole process, not of one partition: measured on a fan-out to
+4 queues, letting each partition start its own next pass cost ~36 % more fdatasyncs
+per message and ~24 % more broker CPU). The exception is a slow pass: once a source
+has been marked for ``overlap_after_s`` behind a running pass, the next pass starts
+beside it (at most ``PASSES_IN_FLIGHT_MAX`` at once), so a write behind a tail
+fdatasync waits for its own sync, not for the rest of that one and then its own
+(bench/README.md, "Fifth pass (kafkalat)"). A source that is not standing may then be
+asked again while its jobs of the earlier pass still run; it is told how each pass
+ended in the order it was asked (``sync_done`` in ``prepare_sync`` order), so a later
+fdatasync that returned first never answers before an earlier one that may fail.
+*Standing* sources (the state store) are asked at every pass, so a commit nobody
+awaited rides along — but their jobs never hold the next pass: the WAL's fdatasync
+(and the checkpoint after it) runs beside the partitions' passes, and a pass that
+starts while the state store is still syncing leaves it for a later one. No fsync ever
+runs on the event loop.
 
 Knows nothing of partitions, SQL or acknowledgements. One barrier per event loop
 (``barrier_for_loop``): every store opened on a loop shares it without wiring.
@@ -41,6 +49,13 @@ SyncJob = Callable[[], None]
 # thread calls per pass: fdatasyncs of files on one disk gain little from more at once
 # (plus one for the standing sources' jobs; fs.SYNC_THREADS_MAX threads serve them)
 SYNC_THREADS_MAX = 4
+# a second pass starts beside a running one once a source has waited this long behind
+# it: beyond the idle disk's p99 100 B fdatasync (0.27 ms, kafka.json), so a typical
+# pass still batches what came meanwhile and only a slow one is overlapped; 1 ms kept
+# the sync path's p99 gain of 0.5 ms under load for half the extra CPU (bench/README.md,
+# "Fifth pass (kafkalat)")
+OVERLAP_AFTER_S = 0.001
+PASSES_IN_FLIGHT_MAX = 2  # passes whose committer jobs run at once (a slow one + one)
 
 
 class SyncSource(Protocol):
@@ -58,7 +73,7 @@ class SyncSource(Protocol):
 class _Pass:
     """The sources one pass took, and how many of each one's jobs are still running."""
 
-    __slots__ = ("errors", "flushes", "holding", "owners", "remaining", "sources",
+    __slots__ = ("ended", "errors", "flushes", "holding", "owners", "remaining", "sources",
                  "standing")
 
     def __init__(self, sources: list[SyncSource], owners: list[int], remaining: list[int],
@@ -69,21 +84,26 @@ class _Pass:
         self.errors: list[BaseException | None] = [None] * len(sources)
         self.flushes = flushes  # per source: flush() callers this pass answers
         self.standing = standing  # per source: a standing one (its jobs hold no pass)
+        self.ended = [False] * len(sources)  # per source: its jobs ended (maybe untold)
         # sources not standing whose jobs have not all ended: the next pass waits for them
         self.holding = sum(1 for index, count in enumerate(remaining)
                            if count and not standing[index])
 
 
 class DurabilityBarrier:
-    def __init__(self) -> None:
+    def __init__(self, overlap_after_s: float = OVERLAP_AFTER_S) -> None:
         self._dirty: dict[SyncSource, None] = {}  # ordered set: sources of the next pass
         self._standing: dict[SyncSource, None] = {}  # asked at every pass
-        self._busy: set[SyncSource] = set()  # jobs of a started pass still running
-        self._running: _Pass | None = None  # the pass whose committer jobs still run
+        # per source: the passes (and its index in each) not told yet, oldest first
+        self._busy: dict[SyncSource, list[tuple[_Pass, int]]] = {}
+        self._running: list[_Pass] = []  # passes whose committer jobs still run, oldest first
+        self.overlap_after_s = overlap_after_s
+        self._overlap_timer: asyncio.TimerHandle | None = None  # armed behind a running pass
         self._flushes: dict[SyncSource, list[asyncio.Future[None]]] = {}  # flush() callers
         self._scheduled = False
         self.pass_count = 0  # passes started
         self.job_count = 0  # sync jobs (fdatasyncs, directory fsyncs) run
+        self.overlap_count = 0  # passes started beside a running one
 
     def add_standing(self, source: SyncSource) -> None:
         self._standing[source] = None
@@ -108,12 +128,29 @@ class DurabilityBarrier:
         await asyncio.shield(future)
 
     def _start(self) -> None:
-        """A loop turn ended: a pass for every marked source that is not busy."""
+        """A loop turn ended: a pass for every marked source that is not busy, unless a
+        pass runs (then its end starts the next, or the overlap timer does)."""
         self._scheduled = False
-        if self._running is not None:
-            return  # its end starts the next pass
-        busy = self._busy
-        sources = [source for source in self._dirty if source not in busy]
+        if self._running:
+            if self._overlap_timer is None and len(self._running) < PASSES_IN_FLIGHT_MAX:
+                self._overlap_timer = asyncio.get_running_loop().call_later(
+                    self.overlap_after_s, self._start_overlap)
+            return
+        self._start_pass(overlap=False)
+
+    def _start_overlap(self) -> None:
+        """A source has waited ``overlap_after_s`` behind a running pass: the next pass
+        starts beside it."""
+        self._overlap_timer = None
+        if self._running and len(self._running) < PASSES_IN_FLIGHT_MAX:
+            self._start_pass(overlap=True)
+
+    def _start_pass(self, *, overlap: bool) -> None:
+        busy, standing = self._busy, self._standing
+        # a busy source joins only beside a pass (it was marked behind it); a standing
+        # one never runs two passes at once
+        sources = [source for source in self._dirty if source not in busy
+                   or (overlap and source not in standing)]
         if not sources:
             return  # a marked standing source is syncing: its end starts the next pass
         for source in sources:
@@ -122,6 +159,7 @@ class DurabilityBarrier:
                     if source not in busy and source not in self._dirty
                     and source not in sources]
         self.pass_count += 1
+        self.overlap_count += overlap
         prepared = [source.prepare_sync() for source in sources]
         for source in sources:  # marked again while preparing: this pass covers that
             self._dirty.pop(source, None)
@@ -132,12 +170,11 @@ class DurabilityBarrier:
         running = _Pass(sources, owners, [len(source_jobs) for source_jobs in prepared],
                         flushes, [source in self._standing for source in sources])
         if running.holding:
-            self._running = running
+            self._running.append(running)
         for index, source_jobs in enumerate(prepared):
-            if source_jobs:
-                busy.add(sources[index])
-            else:  # nothing to sync (a commit already durable): answered now
-                self._finish(running, index)
+            busy.setdefault(sources[index], []).append((running, index))
+            if not source_jobs:  # nothing to sync (a commit already durable): answered
+                self._source_ended(running, index)  # now, or after its earlier pass
         # every job at once, spread over a few executor calls (one submission per file
         # cost the loop more than the files' own work), round-robin so one source's
         # jobs run side by side; the standing sources' jobs in a call of their own (a
@@ -169,15 +206,29 @@ class DurabilityBarrier:
                 running.errors[owner] = error
             running.remaining[owner] -= 1
             if running.remaining[owner] == 0:
-                self._busy.discard(running.sources[owner])
                 if not running.standing[owner]:
                     running.holding -= 1
-                    if running.holding == 0 and self._running is running:
-                        self._running = None
-                self._finish(running, owner)
+                    if running.holding == 0:
+                        self._running.remove(running)
+                        if self._overlap_timer is not None:  # re-armed by the next
+                            self._overlap_timer.cancel()  # _start if a pass still runs
+                            self._overlap_timer = None
+                self._source_ended(running, owner)
         if self._dirty and not self._scheduled:  # marked while their pass ran
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start)
+
+    def _source_ended(self, running: _Pass, owner: int) -> None:
+        """The jobs of source ``owner`` in ``running`` ended: tell the source of every
+        pass of it whose jobs have ended, oldest first, up to one still running."""
+        running.ended[owner] = True
+        source = running.sources[owner]
+        untold = self._busy[source]
+        while untold and untold[0][0].ended[untold[0][1]]:
+            told, index = untold.pop(0)
+            if not untold:
+                del self._busy[source]
+            self._finish(told, index)
 
     def _finish(self, running: _Pass, owner: int) -> None:
         """Every job of the pass's source ``owner`` ended: tell it, answer its flushes."""

@@ -7,8 +7,10 @@ bytes were written. The committer is a source of the loop's ``DurabilityBarrier`
 loop turn for the whole process) takes every handle written since the last pass,
 fdatasyncs each in a worker thread, concurrently with every other partition's files
 and the state store's WAL, and then resolves the writes' futures. Writes made while a
-pass runs go into the next one. A new segment's directory entry (a roll) is made
-durable in the same pass (``new_file``), so rolling costs the event loop no fsync.
+pass runs go into the next one, which may start before that pass ends (a slow pass:
+the barrier's overlap); the passes' futures resolve in pass order all the same. A new
+segment's directory entry (a roll) is made durable in the same pass (``new_file``), so
+rolling costs the event loop no fsync.
 ``interval``: appends resolve at once; a task syncs every ``fsync_interval_ms`` on the
 Clock (in a worker thread). ``never``: appends resolve at once; sync on close.
 "At once" still means on the next loop turn, so a tight append loop cannot starve the
@@ -27,6 +29,7 @@ and only a restart (recovery re-reads and re-validates the log) clears it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
@@ -57,11 +60,18 @@ class GroupCommitter:
         self._barrier = barrier  # None: the running loop's (barrier_for_loop)
         self._dirty: set[int] = set()  # handles written since the last pass took them
         self._new_directories: set[str] = set()  # a file was created in them (a roll)
-        self._forgotten: set[int] = set()  # closed since the last sync pass (see forget)
+        # per sync running (a pass of the barrier, the interval task's): the handles
+        # closed since it took its handles, which its thread may then find closed (see
+        # forget); a later sync's own set starts empty, so a handle number the OS gave
+        # to a new file meanwhile is synced by it
+        self._forgotten_while_syncing: list[set[int]] = []
         self._waiters: list[asyncio.Future[None]] = []  # writes for the next pass
         self._last_token: Any = None
-        self._pass_waiters: list[asyncio.Future[None]] = []  # writes the running pass covers
-        self._pass_token: Any = None
+        # per pass started and not told yet, oldest first: the writes it covers, the
+        # token of the last of them, the handles closed while it runs (two passes at
+        # once when the barrier overlaps a slow pass)
+        self._passes: collections.deque[
+            tuple[list[asyncio.Future[None]], Any, set[int]]] = collections.deque()
         self._interval_task: asyncio.Task[None] | None = None
         self._tasks = Supervisor("conveyor.storage.group-commit")  # the interval task
         self.sync_count = 0  # passes that synced this partition
@@ -114,46 +124,57 @@ class GroupCommitter:
     def prepare_sync(self) -> list[SyncJob]:
         handles, self._dirty = self._dirty, set()
         directories, self._new_directories = self._new_directories, set()
-        self._pass_waiters, self._waiters = self._waiters, []
-        self._pass_token = self._last_token
+        forgotten: set[int] = set()
+        self._forgotten_while_syncing.append(forgotten)
+        self._passes.append((self._waiters, self._last_token, forgotten))
+        self._waiters = []
         jobs: list[SyncJob] = [functools.partial(self.fs.fsync_dir, directory)
                                for directory in directories]
-        jobs += [functools.partial(self._sync_handle, handle) for handle in handles]
+        jobs += [functools.partial(self._sync_handle, handle, forgotten)
+                 for handle in handles]
         return jobs
 
     def sync_done(self, error: BaseException | None) -> None:
-        waiters, self._pass_waiters = self._pass_waiters, []
-        self._forgotten.clear()
+        """The oldest pass not told yet ended (the barrier tells them in order)."""
+        waiters, token, forgotten = self._passes.popleft()
+        _drop(self._forgotten_while_syncing, forgotten)  # its jobs have ended
         if error is not None:
-            failure = self.fail(error if isinstance(error, OSError) else OSError(str(error)))
-            waiters += self._waiters  # written before the failure was known: not durable
+            self.fail(error if isinstance(error, OSError) else OSError(str(error)))
+        if self.failed is not None:
+            failure = self.failed
+            # written before the failure was known (in later passes or none): not durable
+            for later_waiters, _, _ in self._passes:
+                waiters += later_waiters
+            waiters += self._waiters
             self._waiters = []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)
             return
         self.sync_count += 1
-        if self._pass_token is not None:
-            self._on_durable(self._pass_token)
+        if token is not None:
+            self._on_durable(token)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _sync_handle(self, handle: int) -> None:
-        """In a worker thread: fdatasync one file (gone meanwhile: nothing to sync)."""
-        if handle in self._forgotten:
+    def _sync_handle(self, handle: int, forgotten: set[int]) -> None:
+        """In a worker thread: fdatasync one file (gone since its sync took it, i.e. in
+        ``forgotten``: nothing to sync)."""
+        if handle in forgotten:
             return  # closed meanwhile: its file is gone
         try:
             self.fs.fdatasync(handle)
         except OSError as error:
-            if error.errno != errno.EBADF or handle not in self._forgotten:
+            if error.errno != errno.EBADF or handle not in forgotten:
                 raise
 
-    def _sync_handles(self, handles: set[int], directories: set[str]) -> None:
+    def _sync_handles(self, handles: set[int], directories: set[str],
+                      forgotten: set[int]) -> None:
         for directory in directories:
             self.fs.fsync_dir(directory)
         for handle in handles:
-            self._sync_handle(handle)
+            self._sync_handle(handle, forgotten)
         self.sync_count += 1
 
     async def _sync_every_interval(self) -> None:
@@ -162,27 +183,34 @@ class GroupCommitter:
             if self._dirty or self._new_directories:
                 handles, self._dirty = self._dirty, set()
                 directories, self._new_directories = self._new_directories, set()
+                forgotten: set[int] = set()
+                self._forgotten_while_syncing.append(forgotten)
                 try:
-                    await in_thread(self._sync_handles, handles, directories)
+                    await in_thread(self._sync_handles, handles, directories, forgotten)
                 except OSError as error:
                     self.fail(error)
+                finally:
+                    _drop(self._forgotten_while_syncing, forgotten)
 
     def forget(self, handle: int) -> None:
         """A handle about to be closed because its file goes (retention deleted it, or
         compaction replaced it with a synced copy): nothing of it needs syncing — its
         records were durable before anyone could read and settle them, and a segment
         compaction may touch is never the one still being synced — so no fdatasync on
-        the event loop. A pass already running in a thread may find it closed: that
-        EBADF is not a failure (``_sync_handle``)."""
+        the event loop. A sync already running in a thread may find it closed: that
+        EBADF is not a failure (``_sync_handle``). Only the syncs running now learn of
+        it: a later one that takes the same number took it for a new file."""
         self._dirty.discard(handle)
-        self._forgotten.add(handle)
+        for forgotten in self._forgotten_while_syncing:
+            forgotten.add(handle)
 
     async def settle(self) -> None:
         """Wait until every ``always`` write so far is durable or failed (its waiters
         answered by the barrier's passes); the committer keeps running (a truncation
         waits for this)."""
-        pending = [waiter for waiter in (*self._pass_waiters, *self._waiters)
+        pending = [waiter for waiters, _, _ in self._passes for waiter in waiters
                    if not waiter.done()]
+        pending += [waiter for waiter in self._waiters if not waiter.done()]
         if pending:
             await asyncio.wait(pending)
 
@@ -196,7 +224,7 @@ class GroupCommitter:
             self._interval_task.cancel()
             self._interval_task = None
         await self._tasks.close()  # the cancelled interval task, awaited
-        while self._waiters or self._pass_waiters or self._dirty or self._new_directories:
+        while self._waiters or self._passes or self._dirty or self._new_directories:
             if self.failed is not None:
                 for waiter in self._waiters:
                     if not waiter.done():
@@ -209,6 +237,15 @@ class GroupCommitter:
             return  # nothing written since the failure may be called durable
         if self._last_token is not None:
             self._on_durable(self._last_token)
+
+
+def _drop(syncing: list[set[int]], forgotten: set[int]) -> None:
+    """Remove that very set (by identity: two syncs' sets may hold the same handles)."""
+    for index, candidate in enumerate(syncing):
+        if candidate is forgotten:
+            del syncing[index]
+            return
+    raise AssertionError("a sync's set of forgotten handles was not registered")
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

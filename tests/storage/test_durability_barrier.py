@@ -146,12 +146,14 @@ async def test_a_partition_is_answered_without_waiting_for_a_slower_fsync_of_its
         clock: SimClock) -> None:
     """Partitions 0 and 1 are written in one turn, and 1's fdatasync hangs: 0 is still
     answered. Writes to either made meanwhile wait for the pass to end (one pass at a
-    time for the partitions: they batch), then share one pass."""
+    time for the partitions: they batch), then share one pass. The barrier's overlap
+    is set beyond the test's deadline here (see the next test for it)."""
     fs = HeldFileSystem()
     store = await open_store(fs, clock)
     slow, fast = store.partition("t", 1), store.partition("t", 0)
     fs.held.add(slow.active_segment.handle)
     barrier = barrier_for_loop()
+    barrier.overlap_after_s = DEADLINE_S * 2
     loop = asyncio.get_running_loop()
     try:
         held = loop.create_task(slow.append(make_batch([b"held"])))
@@ -173,6 +175,87 @@ async def test_a_partition_is_answered_without_waiting_for_a_slower_fsync_of_its
     assert slow.high_watermark == 2 and fast.high_watermark == 2
     assert fs.synced.count(slow.active_segment.handle) == 2
     await store.close()
+
+
+async def test_writes_behind_a_slow_pass_get_a_pass_beside_it_answered_in_order(
+        clock: SimClock) -> None:
+    """Partition 1's first fdatasync hangs. Writes to 0 and 1 made behind it get a
+    second pass beside it (``overlap_after_s`` is 0 here, so at once): 0's is answered
+    while the first pass still hangs; 1's second write, whose own fdatasync returned,
+    is answered only after its first (pass order). With two passes hanging, a write to
+    a third partition waits for one of them to end (no third pass beside two)."""
+    fs = HeldFileSystem()
+    store = await open_store(fs, clock)
+    slow, fast, other = (store.partition("t", partition) for partition in (1, 0, 2))
+    slow_handle = slow.active_segment.handle
+    barrier = barrier_for_loop()
+    barrier.overlap_after_s = 0.0
+    loop = asyncio.get_running_loop()
+    try:
+        fs.held.add(slow_handle)
+        held = loop.create_task(slow.append(make_batch([b"held"])))
+        await asyncio.wait_for(loop.run_in_executor(None, fs.holding.wait), ANSWERED_S)
+        fs.held.discard(slow_handle)  # its next fdatasync returns at once
+        passes, overlaps = barrier.pass_count, barrier.overlap_count
+        behind = loop.create_task(slow.append(make_batch([b"behind"])))
+        await asyncio.wait_for(fast.append(make_batch([b"beside"])), ANSWERED_S)
+        assert barrier.overlap_count == overlaps + 1
+        assert fs.synced.count(slow_handle) == 1, "its second fdatasync returned"
+        assert not held.done() and not behind.done(), "answered in pass order"
+        assert slow.high_watermark == 0 and fast.high_watermark == 1
+        fs.held.add(fast.active_segment.handle)
+        beside = loop.create_task(fast.append(make_batch([b"held beside"])))
+        for _ in range(10):  # the turns in which the passes start
+            await asyncio.sleep(0)
+        assert barrier.pass_count == passes + 2, "a second pass beside the hanging one"
+        waiting = loop.create_task(other.append(make_batch([b"third"])))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert barrier.pass_count == passes + 2, "no third pass beside two"
+        assert not any(task.done() for task in (held, behind, beside, waiting))
+    finally:
+        fs.release.set()
+    await asyncio.wait_for(asyncio.gather(held, behind, beside, waiting), DEADLINE_S)
+    assert slow.high_watermark == 2 and fast.high_watermark == 2
+    assert other.high_watermark == 1
+    await store.close()
+
+
+async def test_a_handle_forgotten_during_a_pass_is_still_synced_by_a_pass_beside_it(
+        clock: SimClock) -> None:
+    """A file closed while a pass syncs it (``forget``) may be skipped by that pass; its
+    handle number, given to a new file and written, must be synced by the pass that
+    takes it, also one started beside the first (the OS reuses descriptor numbers).
+    Method: hang the first pass's fdatasync of the handle, forget the handle and write
+    to it again (the number reused), let the overlap pass take it, release: two
+    fdatasyncs of it, and the write survives a crash."""
+    fs = HeldFileSystem()
+    store = await open_store(fs, clock)
+    log = store.partition("t", 3)
+    handle = log.active_segment.handle
+    barrier = barrier_for_loop()
+    barrier.overlap_after_s = 0.0
+    loop = asyncio.get_running_loop()
+    try:
+        fs.held.add(handle)
+        first = loop.create_task(log.append(make_batch([b"first"])))
+        await asyncio.wait_for(loop.run_in_executor(None, fs.holding.wait), ANSWERED_S)
+        fs.held.discard(handle)
+        overlaps = barrier.overlap_count
+        log.committer.forget(handle)  # closed meanwhile, and the number reused:
+        second = loop.create_task(log.append(make_batch([b"second"])))
+        for _ in range(10):  # the turns in which the overlap pass starts
+            await asyncio.sleep(0)
+        assert barrier.overlap_count == overlaps + 1
+    finally:
+        fs.release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), DEADLINE_S)
+    assert fs.synced.count(handle) == 2, "the pass beside it synced the reused handle"
+    fs.crash(random.Random(11))
+    reopened = FileLogStore("/data", fs, clock)
+    await reopened.open()
+    assert reopened.partition("t", 3).high_watermark == 2
+    await reopened.close()
 
 
 async def test_a_slow_wal_fdatasync_does_not_hold_a_log_append(
