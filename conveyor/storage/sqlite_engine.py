@@ -46,10 +46,15 @@ CHECKPOINT_SYNCS_MIN = 256
 # Only a transaction that begins on a WAL whose every frame is copied starts it over from
 # its beginning, and under steady COMMITs (one per loop turn) a checkpoint beside them
 # never ends that way: the WAL grew without bound (40 MB after 3,200 AMQP messages at
-# 2,000 msg/s, ~12 KB each, every fdatasync allocating new blocks). So a checkpoint has
-# two rounds: the bulk beside the COMMITs, then a short one for what they added while
-# the loop's writes wait in memory (``SqlEngine`` writes only buffer; a query releases
-# them at once), after which the next transaction restarts the WAL.
+# 2,000 msg/s, ~12 KB each, every fdatasync allocating new blocks). So a checkpoint runs
+# in rounds: the bulk beside the COMMITs, then more beside them, each copying what came
+# during the one before, until one copied at most CHECKPOINT_HOLD_FRAMES_MAX frames (4 KiB
+# pages: the next one is short too); then a last round while the loop's writes wait in
+# memory (``SqlEngine`` writes only buffer; a query releases them at once), after which
+# the next transaction restarts the WAL. After CHECKPOINT_ROUNDS_MAX rounds beside the
+# COMMITs without getting there, no hold this time (the WAL starts over at a later one).
+CHECKPOINT_HOLD_FRAMES_MAX = 128
+CHECKPOINT_ROUNDS_MAX = 4
 
 
 def _resolve(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -100,7 +105,7 @@ class SqliteEngine:
         self._barrier: DurabilityBarrier | None = None  # the loop's, on first use
         self._checkpointer: Any = None  # its own connection, used only by worker threads
         self._checkpoint: asyncio.Future[None] | None = None  # the running checkpoint
-        # the checkpoint's second round runs: writes wait here (query, rows, many)
+        # a checkpoint's last round runs: writes wait here (query, rows, many)
         self._holding = False
         self._held: list[tuple[str, list[tuple[SqlValue, ...]], bool]] = []
         self._syncs_since_checkpoint = 0  # WAL fdatasyncs since the last checkpoint began
@@ -374,29 +379,34 @@ class SqliteEngine:
         self._syncs_since_checkpoint = 0
         self._checkpoint_wal_size = size
         self._checkpoint = asyncio.get_running_loop().create_future()
-        self._checkpoint_round(first=True)
+        self._checkpoint_round(held=False, frames_before=0, number=1)
 
-    def _checkpoint_round(self, first: bool) -> None:
-        """The bulk of a checkpoint beside the COMMITs (``first``), then a second round
-        for the frames they added (none: it returns at once) with the loop's writes held
-        meanwhile, so that it ends with every frame copied and the next transaction
-        starts the WAL over (``CHECKPOINT_SYNCS_MIN``'s comment). ``_checkpoint`` ends
-        with the second round."""
-        if not first:
+    def _checkpoint_round(self, held: bool, frames_before: int, number: int) -> None:
+        """One round of a checkpoint (``CHECKPOINT_SYNCS_MIN``'s comment): the bulk and
+        then rounds beside the COMMITs, each copying what came during the one before,
+        until one copied at most ``CHECKPOINT_HOLD_FRAMES_MAX`` frames (so the next is
+        short too); then a last round with the loop's writes held, after which the WAL
+        starts over. ``_checkpoint`` ends with the last round."""
+        if held:
             if self._in_transaction:
                 self._commit_now()  # this turn's writes so far: COMMITted now, not held
             self._holding = True
         call_in_thread(self._run_checkpoint).add_done_callback(
-            functools.partial(self._round_done, first))
+            functools.partial(self._round_done, held, frames_before, number))
 
-    def _round_done(self, first: bool, round_: asyncio.Future[None]) -> None:
-        if not round_.cancelled():
-            round_.exception()  # _run_checkpoint keeps SQLite's errors for the next try
-        if first and self._connection is not None and not round_.cancelled():
-            self._checkpoint_round(first=False)
-            return
-        if not first:
+    def _round_done(self, held: bool, frames_before: int, number: int,
+                    round_: asyncio.Future[int | None]) -> None:
+        frames = None if round_.cancelled() or round_.exception() else round_.result()
+        if held:
             self._release()
+        elif self._connection is not None and frames is not None:
+            if frames - frames_before <= CHECKPOINT_HOLD_FRAMES_MAX:
+                self._checkpoint_round(held=True, frames_before=frames, number=number + 1)
+                return
+            if number < CHECKPOINT_ROUNDS_MAX:
+                self._checkpoint_round(held=False, frames_before=frames, number=number + 1)
+                return
+            # the COMMITs outpace it: no hold (nor restart) this time
         if self._checkpoint is not None and not self._checkpoint.done():
             self._checkpoint.set_result(None)
 
@@ -434,10 +444,13 @@ class SqliteEngine:
             if not waiter.done():
                 waiter.set_exception(failure)
 
-    def _run_checkpoint(self) -> None:
+    def _run_checkpoint(self) -> int | None:
         """In a worker thread: copy committed WAL frames into the database (and fsync
-        it). A failure is left for the next try."""
+        it). The WAL's frames when it began (since its last start over); None: it failed,
+        left for the next try."""
         try:
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            _, frames, _ = self._checkpointer.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error:
-            pass
+            return None
+        return int(frames)

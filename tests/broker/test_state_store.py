@@ -161,10 +161,10 @@ async def test_a_reused_wal_past_the_bound_is_not_checkpointed_after_every_fsync
     checkpoints: list[int] = []
     rounds = engine._checkpoint_round
 
-    def counted(first: bool) -> None:
-        if first:
+    def counted(held: bool, frames_before: int, number: int) -> None:
+        if number == 1:
             checkpoints.append(1)
-        rounds(first)
+        rounds(held, frames_before, number)
 
     monkeypatch.setattr(engine, "_checkpoint_round", counted)
 
@@ -199,14 +199,14 @@ def _wal_sequence(path: Path) -> int:
 async def _hold_in_second_round(engine: sqlite_engine_module.SqliteEngine,
                                 monkeypatch: pytest.MonkeyPatch,
                                 release: threading.Event) -> asyncio.Event:
-    """Make the checkpoint's second round wait for ``release``; the event returned is
+    """Make the checkpoint's held round wait for ``release``; the event returned is
     set when it has begun (the writes are held from then on)."""
     loop = asyncio.get_running_loop()
     holding = asyncio.Event()
     checkpoint = engine._run_checkpoint
 
     def blocking() -> None:
-        if engine._holding and not holding.is_set():  # the first second round
+        if engine._holding and not holding.is_set():  # the first held round
             loop.call_soon_threadsafe(holding.set)
             release.wait(30)
         checkpoint()
@@ -216,7 +216,7 @@ async def _hold_in_second_round(engine: sqlite_engine_module.SqliteEngine,
 
 
 async def _grow_until(store: SqliteStateStore, holding: asyncio.Event) -> None:
-    """Commit big rows until a checkpoint's second round holds the writes (the last
+    """Commit big rows until a checkpoint's held round holds the writes (the last
     commit may then wait for the release: it is left running)."""
     index = 0
     waiting = asyncio.create_task(holding.wait())
@@ -230,7 +230,7 @@ async def _grow_until(store: SqliteStateStore, holding: asyncio.Event) -> None:
 
 async def test_writes_wait_in_memory_while_the_checkpoint_catches_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """During the second round a write is held, not COMMITted (another connection does
+    """During the held round a write is held, not COMMITted (another connection does
     not see it), its commit() waits; at the end it is COMMITted and fsynced, in the
     transaction that starts the WAL over."""
     monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
@@ -277,4 +277,33 @@ async def test_a_query_during_the_catch_up_reads_the_held_writes(
     assert "held" in names and "t0" not in names
     release.set()
     await store.commit()
+    await store.close()
+
+
+async def test_no_hold_when_the_rounds_never_get_short(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writes are held only after a round beside the COMMITs copied few frames (the
+    hold is then short); a checkpoint whose rounds never got there ends after
+    ``CHECKPOINT_ROUNDS_MAX`` of them without holding anything."""
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_HOLD_FRAMES_MAX", -1)
+    store = SqliteStateStore(tmp_path / "state.sqlite3")
+    await store.open()
+    engine = store.sqlite
+    rounds: list[tuple[bool, int]] = []
+    checkpoint_round = engine._checkpoint_round
+
+    def recorded(held: bool, frames_before: int, number: int) -> None:
+        rounds.append((held, number))
+        checkpoint_round(held, frames_before, number)
+
+    monkeypatch.setattr(engine, "_checkpoint_round", recorded)
+    for index in range(40):
+        store.save_topic(TopicRow(f"t{index}", 1, "topic", {"x": "y" * 4000}, 0))
+        await store.commit()
+        while engine._checkpoint is not None and not engine._checkpoint.done():
+            await asyncio.shield(engine._checkpoint)
+    assert rounds and not any(held for held, _ in rounds)
+    assert max(number for _, number in rounds) == sqlite_engine_module.CHECKPOINT_ROUNDS_MAX
     await store.close()
