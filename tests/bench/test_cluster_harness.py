@@ -104,5 +104,9 @@ def test_a_short_run_of_two_nodes_writes_every_figure(tmp_path: Path) -> None:
     assert nodes2["kafka_produce"]["wal_bytes_per_record"] > 1024  # the record and more
     (run,) = document["rounds"]["nodes2"]
     assert run["amqp_consume"]["complete"]
-    assert run["kafka_consume"]["records"] == run["kafka_produce"]["records"]
+    # the consume phase reads the log from offset 0 again and again until --seconds have
+    # passed (bench/kafka/timed.py): every consumer read its share whole at least once
+    consume = run["kafka_consume"]
+    assert min(consume["passes"]) >= 1, consume["passes"]
+    assert consume["records"] >= run["kafka_produce"]["records"]
     assert set(run["amqp_publish"]["queues"].values()) == {1, 2}
