@@ -196,9 +196,9 @@ def _wal_sequence(path: Path) -> int:
         return int.from_bytes(file.read(16)[12:16], "big")
 
 
-async def _hold_in_second_round(engine: sqlite_engine_module.SqliteEngine,
-                                monkeypatch: pytest.MonkeyPatch,
-                                release: threading.Event) -> asyncio.Event:
+def _hold_in_held_round(engine: sqlite_engine_module.SqliteEngine,
+                        monkeypatch: pytest.MonkeyPatch,
+                        release: threading.Event) -> asyncio.Event:
     """Make the checkpoint's held round wait for ``release``; the event returned is
     set when it has begun (the writes are held from then on)."""
     loop = asyncio.get_running_loop()
@@ -228,20 +228,27 @@ async def _grow_until(store: SqliteStateStore, holding: asyncio.Event) -> None:
     await waiting
 
 
+async def _store_in_held_round(path: Path, monkeypatch: pytest.MonkeyPatch,
+                               release: threading.Event) -> SqliteStateStore:
+    """An open store at ``path`` whose checkpoint is in its held round, waiting for
+    ``release`` (small thresholds, so a few big rows start one)."""
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
+    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
+    store = SqliteStateStore(path)
+    await store.open()
+    holding = _hold_in_held_round(store.sqlite, monkeypatch, release)
+    await _grow_until(store, holding)
+    return store
+
+
 async def test_writes_wait_in_memory_while_the_checkpoint_catches_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """During the held round a write is held, not COMMITted (another connection does
     not see it), its commit() waits; at the end it is COMMITted and fsynced, in the
     transaction that starts the WAL over."""
-    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
-    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
     path = tmp_path / "state.sqlite3"
-    store = SqliteStateStore(path)
-    await store.open()
-    engine = store.sqlite
     release = threading.Event()
-    holding = await _hold_in_second_round(engine, monkeypatch, release)
-    await _grow_until(store, holding)
+    store = await _store_in_held_round(path, monkeypatch, release)
     sequence = _wal_sequence(path)
     store.save_topic(TopicRow("held", 1, "topic", {}, 0))
     committing = asyncio.create_task(store.commit())
@@ -262,15 +269,9 @@ async def test_writes_wait_in_memory_while_the_checkpoint_catches_up(
 async def test_a_query_during_the_catch_up_reads_the_held_writes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read your writes: a query while writes are held puts them in first."""
-    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_WAL_BYTES", 64 << 10)
-    monkeypatch.setattr(sqlite_engine_module, "CHECKPOINT_SYNCS_MIN", 1)
     path = tmp_path / "state.sqlite3"
-    store = SqliteStateStore(path)
-    await store.open()
-    engine = store.sqlite
     release = threading.Event()
-    holding = await _hold_in_second_round(engine, monkeypatch, release)
-    await _grow_until(store, holding)
+    store = await _store_in_held_round(path, monkeypatch, release)
     store.save_topic(TopicRow("held", 1, "topic", {}, 0))
     store.delete_topic("t0")
     names = {row.name for row in await store.load_topics()}
