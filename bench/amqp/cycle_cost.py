@@ -1,6 +1,6 @@
 """Broker CPU per message when messages come one at a time: publish, deliver, ack.
 
-Run: ``python bench/amqp/cycle_cost.py --sources A,B [--messages 3000] [--rounds 5]
+Run: ``python -m bench.amqp.cycle_cost --sources A,B [--messages 3000] [--rounds 5]
 [--gap-ms 0.5]`` (a plain script). The regime of the AMQP e2e phase at 2,000 msg/s on
 an idle machine, where every message has the broker to itself (each fsync pass, save
 and COMMIT covers one message), without sockets or client processes, so that the
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from bench.ab import print_medians, rotated, run_child
 
 CHILD = r'''
 import asyncio, json, os, random, sys, time
@@ -151,13 +149,7 @@ uvloop.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) / 1000))
 
 def one_run(source: str, messages: int, gap_ms: float) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="cycle-cost-") as scratch:
-        output = subprocess.run([sys.executable, "-c", CHILD, scratch, str(messages),
-                                 str(gap_ms)],
-                                env={**os.environ, "PYTHONPATH": source}, cwd=source,
-                                check=True, capture_output=True, text=True).stdout
-    result: dict[str, object] = json.loads(output.splitlines()[-1])
-    return result
-
+        return run_child(source, CHILD, scratch, str(messages), str(gap_ms))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -168,17 +160,12 @@ def main() -> None:
     options = parser.parse_args()
     sources = [str(Path(source).resolve()) for source in options.sources.split(",")]
     runs: dict[str, list[dict[str, object]]] = {source: [] for source in sources}
-    for _ in range(options.rounds):
-        for source in sources:
+    for index in range(options.rounds):
+        for source in rotated(sources, index):
             result = one_run(source, options.messages, options.gap_ms)
             runs[source].append(result)
             print(json.dumps({"source": Path(source).name, **result}), flush=True)
-    for source in sources:
-        for field in ("cpu_us_per_msg", "latency_ms_mean", "latency_ms_p99"):
-            values = [float(str(run[field])) for run in runs[source]]
-            print(f"{Path(source).name} {field}: median {statistics.median(values):.3f} "
-                  f"(runs {', '.join(f'{value:g}' for value in values)})")
-
+    print_medians(runs, ("cpu_us_per_msg", "latency_ms_mean", "latency_ms_p99"))
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Broker CPU per message of a queue's consume path without a socket: acquire + ack.
 
-Run: ``python bench/amqp/window_cost.py --sources A,B [--messages 40000] [--rounds 5]``
+Run: ``python -m bench.amqp.window_cost --sources A,B [--messages 40000] [--rounds 5]``
 (a plain script). For each checkout in turn (A, B, A, B, ...) a child process with
 ``PYTHONPATH`` at that checkout opens a Broker on the OS file system and SQLite in a
 scratch directory, publishes ``--messages`` 1 KiB messages with the four headers an
@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from bench.ab import print_medians, rotated, run_child
 
 CHILD = r'''
 import asyncio, json, random, sys, time
@@ -78,13 +76,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "log"))
 
 def one_run(source: str, messages: int, records_from: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="window-cost-") as scratch:
-        output = subprocess.run([sys.executable, "-c", CHILD, scratch, str(messages),
-                                 records_from],
-                                env={**os.environ, "PYTHONPATH": source}, cwd=source,
-                                check=True, capture_output=True, text=True).stdout
-    result: dict[str, float] = json.loads(output.splitlines()[-1])
-    return result
-
+        return run_child(source, CHILD, scratch, str(messages), records_from)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -96,17 +88,13 @@ def main() -> None:
                         "(a backlog); cache: published records are served from it")
     options = parser.parse_args()
     sources = [str(Path(source).resolve()) for source in options.sources.split(",")]
-    runs: dict[str, list[float]] = {source: [] for source in sources}
-    for _ in range(options.rounds):
-        for source in sources:
+    runs: dict[str, list[dict[str, float]]] = {source: [] for source in sources}
+    for index in range(options.rounds):
+        for source in rotated(sources, index):
             result = one_run(source, options.messages, options.records_from)
-            runs[source].append(result["cpu_us_per_msg"])
+            runs[source].append(result)
             print(json.dumps({"source": source, **result}), flush=True)
-    for source in sources:
-        values = runs[source]
-        print(f"{Path(source).name}: median {statistics.median(values):.2f} µs/msg "
-              f"(runs {', '.join(f'{value:.2f}' for value in values)})")
-
+    print_medians(runs, ("cpu_us_per_msg",))
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.ab import rotated
 from bench.measure import CpuMeter
 from conveyor import Client
 from conveyor.client import encode_message
@@ -80,7 +81,7 @@ def main() -> None:
                         for _ in range(options.stored // 1000):
                             client.publish_batch(f"{way}-{batch}", documents)
                     for index in range(options.slices):
-                        order = WAYS if index % 2 == 0 else WAYS[::-1]  # ABBA
+                        order = rotated(WAYS, index)
                         for way in order:
                             result = run_slice(client, f"{way}-{batch}", batch,
                                                way == "carried", options.slice,

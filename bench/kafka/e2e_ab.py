@@ -20,9 +20,7 @@ Run:  .venv/bin/python -m bench.kafka.e2e_ab --base DIR [--rounds 4] [--seconds 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.ab import medians, rotated, write_report
 from bench.kafka import timed
 from bench.kafka.throughput import (
     RunningBroker,
@@ -40,7 +39,6 @@ from bench.kafka.throughput import (
     measured,
     wait_for_port,
 )
-from bench.measure import provenance
 
 HERE = Path(__file__).resolve().parents[2]
 RESULTS = HERE / "bench" / "results" / "kafka_e2e_ab.json"
@@ -131,12 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict[str, Any]]] = {"base": [], "this": [], "disk": []}
     with tempfile.TemporaryDirectory(prefix="kafka-e2e-ab-") as directory:
         for index in range(options.rounds):
-            disk = timed.disk_sync_latency(Path(directory), RATE_PER_S, options.disk_seconds)
-            disk["load_1m"] = round(os.getloadavg()[0], 2)
-            runs["disk"].append(disk)
-            print(f"r{index} disk", disk, flush=True)
-            order = ("base", "this") if index % 2 == 0 else ("this", "base")
-            for name in order:
+            runs["disk"].append(timed.disk_round(Path(directory), index, RATE_PER_S,
+                                                 options.disk_seconds))
+            for name in rotated(("base", "this"), index):
                 workdir = Path(directory) / f"{name}-r{index}"
                 workdir.mkdir()
                 trace = None
@@ -150,19 +145,14 @@ def main(argv: list[str] | None = None) -> None:
                     *FIELDS[options.phase], "broker_cpu_us_per_record", "fsync",
                     "load_1m")}, flush=True)
                 time.sleep(0.5)
-    summary = {name: {field: round(statistics.median(run[field] for run in values), 3)
-                      for field in (FIELDS["e2e"] if name == "disk"
-                                    else FIELDS[options.phase])}
-               for name, values in runs.items() if values}
-    report = {**provenance([sys.executable, "-m", "bench.kafka.e2e_ab", *argv]),
-              "settings": {"rounds": options.rounds, "seconds": options.seconds,
-                           "rate_per_s": RATE_PER_S, "base": str(options.base),
-                           "phase": options.phase, "producers": options.producers},
-              "median": summary, "runs": runs}
-    print(json.dumps(summary), flush=True)
-    options.output.parent.mkdir(parents=True, exist_ok=True)
-    options.output.write_text(json.dumps(report, indent=1) + "\n")
-
+    disk_runs = runs.pop("disk")
+    summary = {**medians(runs, FIELDS[options.phase]),
+               **medians({"disk": disk_runs}, FIELDS["e2e"])}
+    runs["disk"] = disk_runs
+    write_report(options.output, "bench.kafka.e2e_ab", argv,
+                 {"rounds": options.rounds, "seconds": options.seconds,
+                  "rate_per_s": RATE_PER_S, "base": str(options.base),
+                  "phase": options.phase, "producers": options.producers}, summary, runs)
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,20 +89,18 @@ def child(directory: str, seconds: float) -> None:
 
 
 def run_tree(tree: Path, directory: Path, seconds: float) -> dict[str, Any]:
+    from bench.ab import run_child
+
     code = ("import sys; from bench.kafka.sync_path_ab import child; "
             f"child({str(directory)!r}, {seconds})")
-    environment = {**os.environ, "PYTHONPATH": f"{tree}:{HERE}"}
     load = os.getloadavg()[0]
-    output = subprocess.run([sys.executable, "-c", code], cwd=tree, env=environment,
-                            check=True, capture_output=True, text=True).stdout
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    result = run_child(tree, code, with_bench=True)
     result["load_1m"] = round(load, 2)
     return result
 
-
 def main(argv: list[str] | None = None) -> None:
+    from bench.ab import medians, rotated, write_report
     from bench.kafka import timed
-    from bench.measure import provenance
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", type=Path, required=True)
@@ -116,30 +113,22 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict[str, Any]]] = {"base": [], "this": [], "disk": []}
     with tempfile.TemporaryDirectory(prefix="kafka-sync-path-") as directory:
         for index in range(options.rounds):
-            disk = timed.disk_sync_latency(Path(directory), RATE_PER_S, options.seconds)
-            disk["load_1m"] = round(os.getloadavg()[0], 2)
-            runs["disk"].append(disk)
-            print(f"r{index} disk", disk, flush=True)
-            order = ("base", "this") if index % 2 == 0 else ("this", "base")
-            for name in order:
+            runs["disk"].append(timed.disk_round(Path(directory), index, RATE_PER_S,
+                                                 options.seconds))
+            for name in rotated(("base", "this"), index):
                 data = Path(directory) / f"{name}-r{index}"
                 data.mkdir()
                 result = run_tree(trees[name], data, options.seconds)
                 runs[name].append(result)
                 print(f"r{index} {name}", result, flush=True)
     fields = ("p50_ms", "p99_ms", "max_ms")
-    summary = {name: {field: round(statistics.median(run[field] for run in values), 3)
-                      for field in (*fields, *(("fdatasyncs_per_append", "cpu_us_per_append")
-                                               if name != "disk" else ()))}
-               for name, values in runs.items()}
-    report = {**provenance([sys.executable, "-m", "bench.kafka.sync_path_ab", *argv]),
-              "settings": {"rounds": options.rounds, "seconds": options.seconds,
-                           "rate_per_s": RATE_PER_S, "base": str(options.base)},
-              "median": summary, "runs": runs}
-    print(json.dumps(summary), flush=True)
-    options.output.parent.mkdir(parents=True, exist_ok=True)
-    options.output.write_text(json.dumps(report, indent=1) + "\n")
-
+    disk_runs = runs.pop("disk")
+    summary = {**medians(runs, (*fields, "fdatasyncs_per_append", "cpu_us_per_append")),
+               **medians({"disk": disk_runs}, fields)}
+    runs["disk"] = disk_runs
+    write_report(options.output, "bench.kafka.sync_path_ab", argv,
+                 {"rounds": options.rounds, "seconds": options.seconds,
+                  "rate_per_s": RATE_PER_S, "base": str(options.base)}, summary, runs)
 
 if __name__ == "__main__":
     main()

@@ -298,6 +298,14 @@ def disk_log_write_mb_per_s(directory: Path, files: int = 4, megabytes_per_sync:
     return round(sum(written) / elapsed / 1e6, 1)
 
 
+def disk_round(directory: Path, index: int, rate_per_s: int, seconds: float) -> dict[str, Any]:
+    """An A/B round's disk floor (``disk_sync_latency``) with the load average, printed."""
+    disk = disk_sync_latency(directory, rate_per_s, seconds)
+    disk["load_1m"] = round(os.getloadavg()[0], 2)
+    print(f"r{index} disk", disk, flush=True)
+    return disk
+
+
 def disk_sync_latency(directory: Path, rate_per_s: int = 1000,
                       seconds: float = 10.0) -> dict[str, Any]:
     """The disk's own latency floor for the e2e aim: an append of 100 B (``pwrite`` at
