@@ -1,7 +1,7 @@
 """AMQP 0-9-1 benchmark: Conveyor beside RabbitMQ (classic and quorum queues), one run.
 
 Run:  .venv/bin/python -m bench.amqp [--quick] [--systems rabbitmq-classic,rabbitmq-quorum,conveyor]
-      [--publishers 2] [--consumers 2] [--client pika|aio-pika] [--profile DIR]
+      [--publishers 2] [--consumers 2] [--client pika|aio-pika] [--profile DIR] [--perf]
 
 System ``conveyor-pg`` (not in the default list; bench/postgres.py runs it beside
 ``conveyor``): Conveyor with ``--storage postgresql://`` on an embedded PostgreSQL started
@@ -59,6 +59,7 @@ from bench.amqp import profile
 from bench.amqp.brokers import RunningBroker, conveyor_node, rabbitmq_available, rabbitmq_node
 from bench.amqp.clients import Coordination, WorkerSpec, worker_main
 from bench.measure import CLIENT_BOUND_PCT, summarise
+from bench.perf_split import format_split, perf_split
 from bench.pgmeter import PostgresMeter, embedded_postgres
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "amqp.json"
@@ -277,18 +278,18 @@ def bench_system(system: str, options: argparse.Namespace, workdir: Path,
                           prefetch=options.prefetch, ack_every=options.ack_every)
         result: dict[str, Any] = {"broker": broker.name, "version": broker.version,
                                   "queue_arguments": arguments}
-        with profiling(broker, options.profile, system, "e2e_latency", result):
+        with profiling(broker, options, system, "e2e_latency", result):
             snapshot = postgres.start() if postgres is not None else None
             result["e2e_latency"] = latency_phase(broker, base, options)
             _add_postgres(result["e2e_latency"], postgres, snapshot, "received")
         print(f"{system}: latency {result['e2e_latency']}", flush=True)
-        with profiling(broker, options.profile, system, "publish", result):
+        with profiling(broker, options, system, "publish", result):
             snapshot = postgres.start() if postgres is not None else None
             result["publish"] = publish_phase(broker, base, options)
             _add_postgres(result["publish"], postgres, snapshot, "confirmed")
         print(f"{system}: publish {result['publish']}", flush=True)
         topped_up = top_up(broker, base, options)
-        with profiling(broker, options.profile, system, "consume", result):
+        with profiling(broker, options, system, "consume", result):
             snapshot = postgres.start() if postgres is not None else None
             result["consume"] = consume_phase(broker, base, options,
                                               result["publish"]["confirmed"] + topped_up)
@@ -320,13 +321,23 @@ def start_system(system: str, workdir: Path, storage: str | None = None
 
 
 @contextmanager
-def profiling(broker: RunningBroker, directory: Path | None, system: str, phase: str,
+def profiling(broker: RunningBroker, options: argparse.Namespace, system: str, phase: str,
               result: dict[str, Any]) -> Iterator[None]:
     """With ``--profile DIR``: py-spy the Conveyor broker during ``phase``; the summary goes
-    into ``result["profile"][phase]`` and the collapsed stacks to DIR."""
-    if directory is None or not system.startswith("conveyor"):
+    into ``result["profile"][phase]`` and the collapsed stacks to DIR. With ``--perf``
+    instead: its CPU by thread and library (bench/perf_split.py) into
+    ``result["perf"][phase]``."""
+    directory: Path | None = options.profile
+    if not system.startswith("conveyor") or (directory is None and not options.perf):
         yield
         return
+    if options.perf:
+        with perf_split(broker.pid) as split:
+            yield
+        result.setdefault("perf", {})[phase] = split.summary
+        print(format_split(f"{system} {phase} perf", split.summary), flush=True)
+        return
+    assert directory is not None
     path = directory / f"{system}-{phase}.collapsed.txt"
     with profile.record(broker.pid, path) as recording:
         yield
@@ -455,6 +466,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--message-bytes", type=int, default=1024)
     parser.add_argument("--profile", type=Path, default=None,
                         help="directory for a py-spy profile of the Conveyor broker")
+    parser.add_argument("--perf", action="store_true",
+                        help="the Conveyor broker's CPU by thread and library (perf)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="repeat every system, interleaved; report medians")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -550,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
             "ack": "each" if options.ack_every <= 1 else f"multiple every {options.ack_every}",
             "latency_rate_per_s": options.rate, "latency_seconds": options.latency_seconds,
             "rounds": options.rounds, "quick": options.quick,
-            "profiled": options.profile is not None,
+            "profiled": options.profile is not None or options.perf,
             "durability": "rabbitmq confirms persistent messages after fsync (classic: message "
                           "store, quorum: WAL); conveyor default fsync=always",
             "cpu_pct": "100 = one core; broker includes its child processes; client is the "
