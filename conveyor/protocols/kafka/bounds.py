@@ -143,7 +143,9 @@ def _merge_fixed(steps: list[Step]) -> tuple[Step, ...]:
     return tuple(merged)
 
 
-_PLANS: Final[dict[tuple[type[Any], bool], _Plan]] = {}  # (class, flexible) -> plan
+# (class, flexible) -> plan. Bounded: only kio's schema classes of the served versions
+# (messages.SUPPORTED_VERSIONS) and their nested entities ever reach it.
+_PLANS: Final[dict[tuple[type[Any], bool], _Plan]] = {}
 
 
 def _plan(cls: type[Any], flexible: bool) -> _Plan:
