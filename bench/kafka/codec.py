@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import struct
 import timeit
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,18 @@ def kio_fetch(version: int, partitions: int, records: bytes) -> Any:
                throttle_time=ZERO, error_code=ErrorCode.none)
 
 
+def e2e_requests() -> tuple[bytes, bytes]:
+    """A flexible Produce v9 body with one 170 B batch (one 100 B record) and a Fetch
+    v12 body for one partition, as librdkafka sends them in the e2e phase."""
+    produce = b"\x00" + struct.pack(">hi", -1, 30000)  # null transactional_id, acks, timeout
+    produce += b"\x02\x06bench\x02" + struct.pack(">i", 0)  # one topic, one partition
+    produce += bytes([171]) + b"\x01" + b"r" * 170 + b"\x00\x00\x00"  # records; tag sections
+    fetch = struct.pack(">iiiibii", -1, 500, 1, 52428800, 0, 0, -1)
+    fetch += b"\x02\x06bench\x02" + struct.pack(">iiqiqi", 0, -1, 100, -1, -1, 1048576)
+    fetch += b"\x00\x00\x01\x01\x00"  # tag sections, no forgotten topics, rack "", tags
+    return produce, fetch
+
+
 def per_call_us(function: Any, number: int) -> float:
     best = min(timeit.repeat(function, number=number, repeat=5))
     return round(best / number * 1e6, 2)
@@ -92,6 +105,11 @@ def main() -> None:
     produce_request += len(records).to_bytes(4, "big") + records
     results["produce_v7_parse_1MiB_kio_us"] = per_call_us(
         lambda: parse_body(0, 7, produce_request), 200)
+    # The e2e phase's two requests per record (bounds check + kio's reader).
+    small_produce, small_fetch = e2e_requests()
+    results["produce_v9_parse_170B_us"] = per_call_us(
+        lambda: parse_body(0, 9, small_produce), 20000)
+    results["fetch_v12_parse_us"] = per_call_us(lambda: parse_body(1, 12, small_fetch), 20000)
     for name, value in results.items():
         print(f"{name:55s} {value:10.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -150,3 +150,39 @@ def test_null_where_the_schema_allows_it_passes() -> None:
     body = sample_body(request_class(0, 3))
     assert body[:2] == b"\x00\x02"
     check_bounds(request_class(0, 3), struct.pack(">h", -1) + body[4:])
+
+
+# The compiled plans (one per class and encoding) walk nested optional entities, tagged
+# fields and merged runs of fixed-size fields; these pin each of those paths.
+
+def test_an_absent_optional_entity_is_skipped_and_a_present_one_is_walked() -> None:
+    cls = request_class(75, 0)  # DescribeTopicPartitions v0: an optional ``cursor`` entity
+    body = sample_body(cls)
+    marker = body.index(b"\x01\x03ab")  # cursor present, its topic_name 'ab'
+    check_bounds(cls, body)
+    check_bounds(cls, body[:marker] + b"\xff" + b"\x00")  # absent, then the tag section
+    too_long = body[:marker + 1] + b"\x7f" + body[marker + 2:]  # topic_name of 126 bytes
+    with pytest.raises(InvalidRequestError, match="topic_name runs past the request body"):
+        check_bounds(cls, too_long)
+    with pytest.raises(InvalidRequestError, match="length runs past the request body"):
+        check_bounds(cls, body[:marker])  # the marker itself is missing
+
+
+def test_a_known_tagged_field_is_walked_within_its_own_size() -> None:
+    cls = request_class(1, 12)  # Fetch v12: tag 0 is ``cluster_id``, a nullable string
+    untagged = sample_body(cls)[:-1]  # without the (empty) tag section
+    check_bounds(cls, untagged + b"\x01\x00\x03\x03ab")  # cluster_id 'ab'
+    check_bounds(cls, untagged + b"\x01\x00\x01\x00")  # cluster_id null: allowed
+    check_bounds(cls, untagged + b"\x01\x05\x02\x7f\x7f")  # an unknown tag: skipped
+    # A length that fits in the body but not in the tag's 3 bytes is refused.
+    with pytest.raises(InvalidRequestError, match="cluster_id runs past the request body"):
+        check_bounds(cls, untagged + b"\x01\x00\x03\x0aab" + b"\x00" * 20)
+    with pytest.raises(InvalidRequestError, match="tagged field runs past the request body"):
+        check_bounds(cls, untagged + b"\x01\x00\x09\x03ab")
+
+
+def test_a_short_run_of_fixed_fields_names_the_field_that_does_not_fit() -> None:
+    cls = request_class(1, 12)  # Fetch v12: replica_id, max_wait, min_bytes, ... (int32s)
+    with pytest.raises(InvalidRequestError, match="min_bytes runs past") as refused:
+        check_bounds(cls, sample_body(cls)[:10])
+    assert refused.value.details == {"position": 8, "size_bytes": 4, "left_bytes": 2}
