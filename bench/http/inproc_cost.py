@@ -17,7 +17,9 @@ load falls on every kind alike. One ``HttpConnection`` is fed the request bytes 
 
 ``http`` minus ``direct`` is what HTTP adds to a publish (its layer, plus whatever the
 two paths' loop turns cost differently). Prints µs per request per kind: the loop
-thread's CPU and the other threads' CPU, with the load average.
+thread's CPU, the other threads' CPU and the wall time of one request in lockstep (the
+round trip without a socket: for a publish, mostly the wait for its fdatasync), with the
+load average.
 
 Run:  .venv/bin/python -m bench.http.inproc_cost [--requests 3000] [--block 100]
 """
@@ -108,6 +110,7 @@ async def measure(requests: int, block: int) -> dict[str, dict[str, float]]:
                     await runs["direct" if kind == "direct" else "http"]()
             loop_s = dict.fromkeys(KINDS, 0.0)
             others_s = dict.fromkeys(KINDS, 0.0)
+            wall_s = dict.fromkeys(KINDS, 0.0)
             blocks = max(1, requests // block)
             try:
                 for _ in range(blocks):
@@ -115,9 +118,11 @@ async def measure(requests: int, block: int) -> dict[str, dict[str, float]]:
                         broker.publish = (  # type: ignore[method-assign]
                             stub_publish if kind == "http_stub" else real_publish)
                         thread_started, process_started = time.thread_time(), time.process_time()
+                        wall_started = time.perf_counter()
                         for _ in range(block):
                             await runs[kind]()
                         thread_s = time.thread_time() - thread_started
+                        wall_s[kind] += time.perf_counter() - wall_started
                         loop_s[kind] += thread_s
                         others_s[kind] += time.process_time() - process_started - thread_s
             finally:
@@ -125,7 +130,8 @@ async def measure(requests: int, block: int) -> dict[str, dict[str, float]]:
                 connection.connection_lost(None)
             count = blocks * block
             return {kind: {"loop_us": round(loop_s[kind] / count * 1e6, 1),
-                           "other_threads_us": round(others_s[kind] / count * 1e6, 1)}
+                           "other_threads_us": round(others_s[kind] / count * 1e6, 1),
+                           "wall_us": round(wall_s[kind] / count * 1e6, 1)}
                     for kind in KINDS}
 
 
