@@ -2,9 +2,11 @@
 
 For a shared machine: the figure to trust is the comparison within the same minutes.
 Each round runs ``--base`` (e.g. main, unpacked with ``git archive <commit> | tar -x -C
-DIR``) and then this tree, each in a fresh process with its own ``PYTHONPATH`` (so its
-broker and its ``conveyor.Client``), each on a fresh broker: publish batch 1 for
-``--seconds``, acquire + ack at batches of 100 and 1000 (``--stored`` messages stored per
+DIR``) and this tree, first one then the other in turn (ABBA), each in a fresh process
+with its own ``PYTHONPATH`` (so its broker and its ``conveyor.Client``), each on a fresh
+broker: publish batch 1 for ``--seconds`` from one client, then from ``--clients``
+client processes at once, each its own connection (``publish_1_clients``; client CPU is
+all of them), acquire + ack at batches of 100 and 1000 (``--stored`` messages stored per
 queue first, drained or stopped after ``--seconds``) as two requests per cycle and, in a
 tree whose client has ``acquire(ack=)``, as one (``acquire_carried_*``), then
 ``bench.http.run``'s e2e phase at ``--rate``. Per phase: msg/s, broker and client CPU per
@@ -12,7 +14,7 @@ message (µs); medians over rounds and each round are printed and written to
 bench/results/http_ab_trees.json.
 
 Run:  .venv/bin/python -m bench.http.ab_trees --base DIR [--rounds 3] [--seconds 5]
-      [--stored 60000] [--rate 200]
+      [--stored 60000] [--rate 200] [--clients 4]
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parents[2]
 RESULTS = HERE / "bench" / "results" / "http_ab_trees.json"
-PHASES = ("publish_1", "acquire_ack_100", "acquire_ack_1000", "acquire_carried_100",
-          "acquire_carried_1000")
+PHASES = ("publish_1", "publish_1_clients", "acquire_ack_100", "acquire_ack_1000",
+          "acquire_carried_100", "acquire_carried_1000")
 
 
-def run_tree(seconds: float, stored: int, rate: int) -> dict[str, Any]:
+def run_tree(seconds: float, stored: int, rate: int, clients: int) -> dict[str, Any]:
     """In the tree under test (its PYTHONPATH): one broker, every phase."""
     import bench.http.run as runner
     from conveyor import Client
@@ -45,7 +47,7 @@ def run_tree(seconds: float, stored: int, rate: int) -> dict[str, Any]:
     def per_message(result: dict[str, Any]) -> dict[str, Any]:
         count = max(1, result["messages"])
         for name, percent in (("broker", result["broker_cpu_pct"]),
-                              ("client", result["client_cpu_pct"][0])):
+                              ("client", sum(result["client_cpu_pct"]))):
             result[f"{name}_cpu_us_per_msg"] = round(
                 percent * result["wall_s"] / 100 / count * 1e6, 1)
         return result
@@ -64,6 +66,10 @@ def run_tree(seconds: float, stored: int, rate: int) -> dict[str, Any]:
                 one = [encode_message(runner.VALUE)]
                 out["publish_1"] = per_message(runner.timed(
                     seconds, lambda: len(client.publish_batch("p1", one))))
+                if clients > 1:  # one process per client (client CPU: all of them)
+                    client.create_queue("p-clients")
+                    out["publish_1_clients"] = per_message(runner.clients_phase(
+                        "conveyor", url, "p-clients", seconds, clients))
                 # acks carried by the acquire: only a tree whose client has ``ack=``
                 carries = "ack" in inspect.signature(client.acquire).parameters
                 for phase, batch in [("acquire_ack", 100), ("acquire_ack", 1000)] + (
@@ -110,22 +116,28 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--stored", type=int, default=60_000)
     parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=4,
+                        help="publish batch 1 from this many client processes too (1: not)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:  # inside one tree: print its figures
-        print("RESULT " + json.dumps(run_tree(options.seconds, options.stored, options.rate)))
+        print("RESULT " + json.dumps(run_tree(options.seconds, options.stored, options.rate,
+                                              options.clients)))
         return
     if options.base is None:
         parser.error("--base DIR is required")
     trees = {"base": options.base.resolve(), "this": HERE}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for index in range(options.rounds):
-        for name, tree in trees.items():
+        # ABBA: the tree that runs first alternates (a neighbour's load that rises or
+        # falls through a round does not always favour the same tree)
+        order = list(trees.items()) if index % 2 == 0 else list(trees.items())[::-1]
+        for name, tree in order:
             # the child script is this file, run against the tree under test
             child = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--child",
                  "--seconds", str(options.seconds), "--stored", str(options.stored),
-                 "--rate", str(options.rate)],
+                 "--rate", str(options.rate), "--clients", str(options.clients)],
                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                 capture_output=True, text=True, check=False)
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
