@@ -379,11 +379,22 @@ class Segment:
         self._recent_last_offsets.clear()
 
     def read_end(self, start: int, first_size: int, bytes_max: int, end: int) -> int:
-        """End of the longest run of whole batches from ``start`` within bytes_max (>= 1)."""
+        """End of the longest run of whole batches from ``start`` within bytes_max (>= 1).
+
+        The recent-batch memo answers when it holds the batch after the first one."""
         result = start + first_size
         target = min(start + bytes_max, end)
         if target <= result:
             return result
+        if self._recent and not self.damage.jumps:
+            recent = self._recent
+            index = bisect.bisect_left(recent, (result,))  # the batch starting at result
+            if index < len(recent) and recent[index][0] == result:
+                for position, header in recent[index:]:  # contiguous: no scan needed
+                    if position + header.size_bytes > target:
+                        break
+                    result = position + header.size_bytes
+                return result
         _, scan_from = self.offset_index.lookup_position(target)
         scan_from = max(scan_from, result)
         if scan_from > result:

@@ -74,6 +74,11 @@ def assert_same_answers(segment: Segment) -> None:
     for end in [0, *boundaries(segment)]:
         for offset in range(segment.base_offset, segment.next_offset + 2):
             assert segment.find_batch(offset, end) == fresh.find_batch(offset, end), (offset, end)
+    ends = boundaries(segment)
+    for start, first_end in zip([0, *ends], ends, strict=False):
+        for bytes_max in (1, 150, 400, 1_000, 10_000):
+            assert segment.read_end(start, first_end - start, bytes_max, ends[-1]) == \
+                fresh.read_end(start, first_end - start, bytes_max, ends[-1]), (start, bytes_max)
 
 
 def test_answers_match_the_index_and_scan_way() -> None:
