@@ -162,9 +162,10 @@ class Segment:
                 raise StorageFullError("disk full", path=self.log_path, position=start) from error
             raise StorageError("write failed", path=self.log_path, reason=str(error)) from error
         recent, last_offsets = self._recent, self._recent_last_offsets
-        # whatever cut or rewrote the file emptied the memo (rebuild, set_aside_tail)
-        assert not recent or recent[-1][0] + recent[-1][1].size_bytes == start, \
-            "recent-batch memo does not end where this append starts"
+        # whatever cut or rewrote the file emptied the memo (rebuild, set_aside_tail); if
+        # it still does not end here, it is dropped, not trusted (the index answers)
+        if recent and recent[-1][0] + recent[-1][1].size_bytes != start:
+            self.forget_recent()
         if len(recent) >= RECENT_BATCHES_MAX:
             del recent[:RECENT_BATCHES_MAX // 2], last_offsets[:RECENT_BATCHES_MAX // 2]
         for relative, header in batches:

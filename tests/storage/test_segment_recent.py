@@ -160,3 +160,16 @@ def test_sealing_empties_the_memo() -> None:
     _, header = segment.find_batch(segment.next_offset - 1, segment.size_bytes) or (0, None)
     assert header is not None and header.last_offset == segment.next_offset - 1
     assert fs.preads > before  # the index + scan way
+
+
+def test_a_memo_that_does_not_end_at_the_append_is_dropped() -> None:
+    """Should the memo ever not end where an append starts (a change that forgot to
+    empty it), the append drops it instead of failing: the index answers meanwhile."""
+    rng = seeded_rng()
+    segment = new_segment()
+    append_batches(segment, rng, 6)
+    segment._recent.pop()  # the memo now ends one batch before the file does
+    segment._recent_last_offsets.pop()
+    append_batches(segment, rng, 3)
+    assert len(segment._recent) == 3, "only the batches appended since are remembered"
+    assert_same_answers(segment)
