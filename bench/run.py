@@ -222,7 +222,8 @@ def _format(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
-def summary(names: list[str], outcomes: dict[str, tuple[int, float]]) -> str:
+def summary(names: list[str], outcomes: dict[str, tuple[int, float]],
+            markdown: bool = False) -> str:
     header = ("suite", "measure", "unit", "conveyor", "peer", "peer value", "conveyor/peer",
               "better")
     rows: list[tuple[str, ...]] = [header]
@@ -243,6 +244,10 @@ def summary(names: list[str], outcomes: dict[str, tuple[int, float]]) -> str:
             ratio = f"{ours / theirs:.2f}" if ours and theirs else "-"
             rows.append((name, measure, unit, _format(ours), peer, _format(theirs), ratio,
                          better))
+    if markdown:  # the README's table
+        lines = [f"| {' | '.join(row)} |" for row in rows]
+        lines.insert(1, "|" + "---|" * len(header))
+        return "\n".join(lines)
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]
@@ -258,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run of each suite")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing: print the table from the existing results")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the summary as a Markdown table (the README's)")
     options = parser.parse_args(argv)
     names = options.names or list(SUITES)
     unknown = [name for name in names if name not in SUITES]
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         outcomes[name] = (0, 0.0) if options.summary_only else run_suite(name, options.quick)
     print("\n=== summary (ratios are within one run; absolute numbers depend on the machine)")
-    print(summary(names, outcomes))
+    print(summary(names, outcomes, options.markdown))
     for name, (code, seconds) in outcomes.items():
         if not options.summary_only:
             print(f"{name}: {'ok' if code == 0 else f'exit {code}'} in {seconds:.0f} s")
