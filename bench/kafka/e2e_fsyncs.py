@@ -1,9 +1,9 @@
 """Does a bad e2e round come with slow fdatasyncs? Kafka e2e rounds (1,000 msg/s, 100 B,
-fsync=always, the suite's e2e phase) on one broker, its fdatasync histogram
+fsync=always, the suite's e2e phase, 10 s a round) on one broker, its fdatasync histogram
 (``conveyor_storage_fsync_seconds`` on ``/metrics``) scraped before and after each: per
 round p50/p99/max and how many fdatasyncs took longer than each bucket from 10 ms up.
 
-Run:  .venv/bin/python -m bench.kafka.e2e_fsyncs [--rounds 8] [--seconds 8]
+Run:  .venv/bin/python -m bench.kafka.e2e_fsyncs [--rounds 8] [--seconds 10]
       [--output bench/results/kafka_e2e_fsyncs.json]
 """
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
     options = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv

@@ -122,10 +122,9 @@ def main(argv: list[str] | None = None) -> None:
                 runs[name].append(result)
                 print(f"r{index} {name}", result, flush=True)
     fields = ("p50_ms", "p99_ms", "max_ms")
-    disk_runs = runs.pop("disk")
-    summary = {**medians(runs, (*fields, "fdatasyncs_per_append", "cpu_us_per_append")),
-               **medians({"disk": disk_runs}, fields)}
-    runs["disk"] = disk_runs
+    of_trees = {name: values for name, values in runs.items() if name != "disk"}
+    summary = {**medians(of_trees, (*fields, "fdatasyncs_per_append", "cpu_us_per_append")),
+               **medians({"disk": runs["disk"]}, fields)}
     write_report(options.output, "bench.kafka.sync_path_ab", argv,
                  {"rounds": options.rounds, "seconds": options.seconds,
                   "rate_per_s": RATE_PER_S, "base": str(options.base)}, summary, runs)
